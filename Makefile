@@ -1,0 +1,38 @@
+# make demo: convert the embedded sample and train ResNet-18 on it (CPU, a few minutes).
+# make test: the test suite (CPU).
+# Both first install what is missing: the system packages ffcv builds against, then .venv.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_PACKAGES := libopencv-dev libturbojpeg0-dev pkg-config
+
+.PHONY: setup sysdeps demo test clean
+
+setup: $(VENV)/.installed
+
+sysdeps:
+	@if pkg-config --exists opencv4 libturbojpeg 2>/dev/null; then \
+	  echo "system packages present: $(APT_PACKAGES)"; \
+	else \
+	  echo "+ $(SUDO) apt-get update && $(SUDO) apt-get install -y $(APT_PACKAGES)"; \
+	  $(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y $(APT_PACKAGES); \
+	fi
+
+$(VENV)/.installed: requirements.txt
+	@$(MAKE) --no-print-directory sysdeps
+	@[ -x $(PY) ] || { echo "+ $(PYTHON) -m venv $(VENV)"; $(PYTHON) -m venv $(VENV); }
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -r requirements.txt
+	touch $@
+
+demo: setup
+	$(PY) write_beton.py --data-dir demo/imagenette_sample --split train --max-res 128 --out demo_out/train_128.beton
+	$(PY) write_beton.py --data-dir demo/imagenette_sample --split val --max-res 128 --out demo_out/val_128.beton
+	$(PY) train_imagenet.py --config demo/rn18_demo.yaml
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf demo_out

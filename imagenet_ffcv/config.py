@@ -1,0 +1,155 @@
+"""The configuration of ``train_imagenet.py``: ffcv-imagenet's sections and keys, read with fastargs.
+
+Sources, later ones winning: defaults < ``--config FILE.yaml`` (repeatable) < ``--section.key=value``.
+A key that is not in the schema, in a file or on the command line, is an error naming it (fastargs
+alone ignores it silently), and so is a value of the wrong type.
+
+Everything is declared on a fresh ``fastargs.Config`` per call: nothing global is touched, so a test
+can build several configs in one process.
+"""
+import argparse
+import os
+from types import SimpleNamespace
+
+import yaml
+from fastargs import Config, Param, Section
+from fastargs.validation import And, OneOf
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema; the message names the key."""
+
+
+def _schema(config: Config) -> None:
+    def section(name, desc, **params):
+        Section(name, desc, config_descriptor=config).params(**params)
+
+    section('data', 'datasets and loading',
+            train_dataset=Param(str, 'training .beton file', required=True),
+            val_dataset=Param(str, 'validation .beton file', required=True),
+            num_workers=Param(int, 'loader threads per process', default=os.cpu_count()),
+            in_memory=Param(int, '1: memory-map the file, shared page cache (data fits in RAM); '
+                                 '0: ffcv process cache with prefetch', default=1),
+            gpu=Param(int, 'ignored (kept so ffcv-imagenet configs load): the device is '
+                           'cuda:LOCAL_RANK', default=0))
+    section('model', 'network',
+            arch=Param(str, 'torchvision classification model name', default='resnet50'),
+            pretrained=Param(int, 'must be 0: training starts from random weights', default=0))
+    section('resolution', 'progressive resizing of training crops (pixels, epochs)',
+            min_res=Param(int, 'side of training crops until start_ramp (px)', default=160),
+            max_res=Param(int, 'side of training crops from end_ramp on (px)', default=192),
+            end_ramp=Param(int, 'epoch at which max_res is reached', default=0),
+            start_ramp=Param(int, 'last epoch at min_res', default=0))
+    section('lr', 'learning-rate schedule',
+            lr=Param(float, 'peak LR (cyclic) or initial LR (step), for ref_batch_size images '
+                            'per step when ref_batch_size is set', default=0.5),
+            lr_schedule_type=Param(OneOf(['cyclic', 'step']), 'cyclic (triangular) or step',
+                                   default='cyclic'),
+            lr_peak_epoch=Param(float, 'cyclic: epoch at which the LR peaks', default=2),
+            step_ratio=Param(float, 'step: LR multiplier at each step', default=0.1),
+            step_length=Param(int, 'step: epochs between steps', default=30),
+            ref_batch_size=Param(int, 'global batch (images per step) lr was tuned for; the LR '
+                                      'used is lr * batch_size * world_size / ref_batch_size. '
+                                      '0: use lr as is', default=0))
+    section('logging', 'outputs',
+            folder=Param(str, 'runs are written to FOLDER/<run id>/', required=True),
+            log_level=Param(int, '0: validate only after the last epoch; 1: after every epoch',
+                            default=1))
+    section('validation', 'evaluation',
+            batch_size=Param(int, 'validation batch per process', default=512),
+            resolution=Param(int, 'side of the centre crop (px)', default=256),
+            lr_tta=Param(int, '1: average the logits of the image and its left-right flip',
+                         default=1))
+    section('training', 'optimisation',
+            eval_only=Param(int, 'must be 0 for now', default=0),
+            batch_size=Param(int, 'training batch per process (images)', default=512),
+            optimizer=Param(And(str, OneOf(['sgd'])), 'sgd (with momentum)', default='sgd'),
+            momentum=Param(float, 'SGD momentum', default=0.9),
+            weight_decay=Param(float, 'L2 weight decay', default=5e-5),
+            bn_wd=Param(int, '0: no weight decay on normalisation layers nor biases', default=0),
+            epochs=Param(int, 'number of epochs', default=16),
+            label_smoothing=Param(float, 'label smoothing (Szegedy et al. 2016)', default=0.1),
+            use_blurpool=Param(int, '1: BlurPool before strided convs (Zhang 2019)', default=1),
+            channels_last=Param(int, '1: NHWC memory format for the model', default=1),
+            distributed=Param(int, 'ignored (kept for ffcv-imagenet configs): launch with '
+                                   'torchrun for several processes', default=0),
+            seed=Param(int, 'seed of weights init and data order', default=0))
+    section('dist', 'kept so ffcv-imagenet configs load; torchrun sets the real values',
+            world_size=Param(int, 'number of GPUs the config was written for', default=1),
+            address=Param(str, 'ignored: use torchrun --rdzv-endpoint', default='localhost'),
+            port=Param(str, 'ignored: use torchrun --rdzv-endpoint', default='12355'))
+
+
+def _flatten(tree: dict, prefix=()) -> dict:
+    flat = {}
+    for key, value in tree.items():
+        path = prefix + (str(key),)
+        if isinstance(value, dict):
+            flat.update(_flatten(value, path))
+        else:
+            flat[path] = value
+    return flat
+
+
+def _nest(flat: dict) -> dict:
+    tree = {}
+    for path, value in flat.items():
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return tree
+
+
+def load_config(argv: list) -> SimpleNamespace:
+    """Parse ``argv`` (e.g. ``['--config', 'rn50_configs/rn50_16_epochs.yaml',
+    '--training.epochs=2']``) into ``cfg.section.key`` values, checked against the schema.
+
+    Raises ConfigError naming each unknown key, missing required key or badly typed value, and
+    FileNotFoundError for a missing config file.
+    """
+    config = Config()
+    _schema(config)
+    known = {'.'.join(path): param for path, param in config.entries.items()}
+
+    parser = argparse.ArgumentParser(prog='train_imagenet.py', allow_abbrev=False,
+                                     description='Train an ImageNet classifier from .beton files.')
+    parser.add_argument('--config', '--config-file', '-C', action='append', default=[],
+                        help='YAML or JSON config file (repeatable; later ones win)')
+    for name, param in known.items():
+        parser.add_argument(f'--{name}', default=None, help=param.desc)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        raise ConfigError(f'unknown argument(s) {" ".join(unknown)}; valid keys: {", ".join(known)}')
+
+    for fname in args.config:
+        with open(fname) as f:
+            content = yaml.safe_load(f) or {}
+        if not isinstance(content, dict):
+            raise ConfigError(f'{fname}: expected a mapping of sections, got {type(content).__name__}')
+        bad = ['.'.join(p) for p in _flatten(content) if '.'.join(p) not in known]
+        if bad:
+            raise ConfigError(f'{fname}: unknown key(s) {", ".join(bad)}; valid keys: '
+                              f'{", ".join(known)}')
+        config.collect(content)
+    overrides = {k: v for k, v in vars(args).items() if k != 'config' and v is not None}
+    config.collect(_nest({tuple(k.split('.')): v for k, v in overrides.items()}))
+
+    errors = config.validate(mode='errordict')
+    if errors:
+        lines = []
+        for path, _ in errors.items():
+            name = '.'.join(path)
+            got = config.content.get(path)
+            lines.append(f'{name}: required, not set' if got is None else
+                         f'{name}: got {got!r}, expected {config.entries[path].checker.help()}')
+        raise ConfigError('invalid configuration:\n  ' + '\n  '.join(lines))
+
+    values = {path: config[path] for path in config.entries}
+    return SimpleNamespace(**{section: SimpleNamespace(**keys)
+                              for section, keys in _nest(values).items()})
+
+
+def to_dict(cfg: SimpleNamespace) -> dict:
+    """``{'section': {'key': value}}``, for params.json."""
+    return {section: dict(vars(keys)) for section, keys in vars(cfg).items()}

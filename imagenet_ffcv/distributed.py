@@ -1,0 +1,88 @@
+"""torchrun's environment, read once into a record (as timm's ``utils/distributed.py`` does).
+
+Launch lines::
+
+    python train_imagenet.py --config ...                                   # one process
+    torchrun --nproc_per_node=8 train_imagenet.py --config ...              # one node, 8 GPUs
+    torchrun --nnodes=2 --node-rank=0 --nproc_per_node=8 \\
+        --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 train_imagenet.py ... # node 0 of 2
+"""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in the job.
+
+    rank: global rank, 0..world_size-1. local_rank: rank on this node (picks the GPU; the global rank
+    is never taken for a GPU index). device: ``cuda:<local_rank>`` when CUDA is available, else cpu.
+    """
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_primary(self) -> bool:
+        """True on the one process (rank 0) that writes logs, weights and tables."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def from_env(environ=None) -> DistInfo:
+    """Read RANK, WORLD_SIZE and LOCAL_RANK as set by torchrun; absent means one process.
+
+    Raises ValueError naming the variable when one is set but not a non-negative integer.
+    """
+    environ = os.environ if environ is None else environ
+
+    def read(name, default):
+        value = environ.get(name, default)
+        try:
+            number = int(value)
+        except (TypeError, ValueError):
+            raise ValueError(f'environment variable {name}={value!r} must be an integer') from None
+        if number < 0:
+            raise ValueError(f'environment variable {name}={value!r} must be >= 0')
+        return number
+
+    rank, world_size, local_rank = read('RANK', 0), read('WORLD_SIZE', 1), read('LOCAL_RANK', 0)
+    if rank >= world_size:
+        raise ValueError(f'RANK={rank} is not below WORLD_SIZE={world_size}')
+    device = torch.device(f'cuda:{local_rank}' if torch.cuda.is_available() else 'cpu')
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+
+
+def setup(info: DistInfo) -> None:
+    """Join the process group (NCCL on CUDA, gloo on CPU) when there is more than one process.
+
+    MASTER_ADDR/MASTER_PORT come from torchrun's rendezvous (``env://``).
+    """
+    if info.device.type == 'cuda':
+        torch.cuda.set_device(info.device)
+    if info.distributed and not dist.is_initialized():
+        backend = 'nccl' if info.device.type == 'cuda' else 'gloo'
+        kwargs = {'device_id': info.device} if backend == 'nccl' else {}
+        dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size,
+                                **kwargs)
+
+
+def cleanup() -> None:
+    """Leave the process group if one was joined."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
+    """Sum a float64/int64 tensor over all ranks (identity in a single process). Returns a new tensor."""
+    values = values.clone()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values

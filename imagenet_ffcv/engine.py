@@ -1,0 +1,79 @@
+"""One training epoch and one evaluation pass. The same code runs on CPU (fp32) and CUDA (bf16)."""
+import time
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from . import distributed
+from .metrics import topk_correct
+
+
+def train_one_epoch(*, model, loader, optimizer, loss_fn, lr_at, epoch: int, amp_dtype=None,
+                    show_progress: bool = True) -> dict:
+    """Train ``model`` on every batch of ``loader`` once.
+
+    lr_at: function of the fractional epoch ``epoch + (i + 0.5) / len(loader)`` giving the LR of
+    iteration ``i``; it is set on every parameter group before each step.
+    amp_dtype: ``torch.bfloat16`` for mixed precision on CUDA, None for full precision.
+    Batches: float images (B, 3, H, W) and int64 labels (B,) on the model's device.
+    Returns ``{'train_loss': mean loss per image, 'images': images this process trained on,
+    'seconds': wall time, 'lr': LR of the last step}``.
+    """
+    model.train()
+    iterations = len(loader)
+    device = next(model.parameters()).device
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    images = 0
+    lr = 0.0
+    bar = tqdm(loader, desc=f'epoch {epoch}', disable=not show_progress, leave=False,
+               dynamic_ncols=True)
+    start = time.perf_counter()
+    for i, (x, y) in enumerate(bar):
+        lr = lr_at(epoch + (i + 0.5) / iterations)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = loss_fn(model(x), y)
+        loss.backward()
+        optimizer.step()
+        loss_sum += loss.detach().double() * y.shape[0]
+        images += y.shape[0]
+        if show_progress and (i % 10 == 0 or i == iterations - 1):  # .item() syncs the device
+            elapsed = time.perf_counter() - start
+            bar.set_postfix(loss=f'{loss.item():.3f}', lr=f'{lr:.3g}',
+                            img_per_s=f'{images / elapsed:.0f}')
+    seconds = time.perf_counter() - start
+    return {'train_loss': float(loss_sum) / max(images, 1), 'images': images, 'seconds': seconds,
+            'lr': lr}
+
+
+@torch.no_grad()
+def evaluate(*, model, loader, amp_dtype=None, flip_tta: bool = True) -> dict:
+    """Top-1, top-5 and cross-entropy of ``model`` over ``loader``, summed over all ranks.
+
+    Each rank passes its own disjoint part of the val set (see ``data.val_loader``), so every image
+    counts once. Pass the plain model, not the DDP wrapper: ranks may see different batch counts.
+    flip_tta: logits are the mean of those of the image and of its left-right flip; the loss
+    (without label smoothing) is taken on those mean logits, averaged per image.
+    Returns ``{'top_1', 'top_5'}`` as fractions in [0, 1], ``'val_loss'`` and ``'count'`` (images).
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, loss, count
+    for x, y in loader:
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            logits = model(x)
+            if flip_tta:
+                logits = (logits + model(torch.flip(x, dims=[3]))) / 2
+        logits = logits.float()
+        top1, top5 = topk_correct(logits, y, ks=(1, 5))
+        loss = F.cross_entropy(logits, y, reduction='sum')
+        sums += torch.stack([torch.tensor(float(top1), dtype=torch.float64, device=device),
+                             torch.tensor(float(top5), dtype=torch.float64, device=device),
+                             loss.double(), torch.tensor(float(y.shape[0]), dtype=torch.float64,
+                                                         device=device)])
+    top1, top5, loss, count = distributed.all_reduce_sum(sums).tolist()
+    n = max(count, 1)
+    return {'top_1': top1 / n, 'top_5': top5 / n, 'val_loss': loss / n, 'count': int(count)}

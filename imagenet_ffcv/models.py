@@ -1,0 +1,85 @@
+"""Models from torchvision by name, BlurPool, and the weight-decay parameter groups."""
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+
+class BlurPoolConv2d(nn.Module):
+    """A 3x3 binomial blur ([1, 2, 1] x [1, 2, 1] / 16, stride 1, per channel) before a strided conv.
+
+    Zhang, "Making Convolutional Networks Shift-Invariant Again" (ICML 2019), applied as
+    ffcv-imagenet does: in front of every conv with stride > 1 and at least 16 input channels.
+    Input and output: float tensors (N, C, H, W), the output shaped as ``conv``'s.
+    """
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        kernel = torch.tensor([[1., 2., 1.], [2., 4., 2.], [1., 2., 1.]]) / 16.0
+        self.conv = conv
+        self.register_buffer('blur_filter', kernel.expand(conv.in_channels, 1, 3, 3).clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        blurred = F.conv2d(x, self.blur_filter.to(x.dtype), padding=1, groups=self.conv.in_channels)
+        return self.conv(blurred)
+
+
+def apply_blurpool(model: nn.Module) -> nn.Module:
+    """Wrap, in place, each ``nn.Conv2d`` with stride > 1 and >= 16 input channels in
+    :class:`BlurPoolConv2d`. Returns ``model``."""
+    for name, child in model.named_children():
+        if isinstance(child, nn.Conv2d) and max(child.stride) > 1 and child.in_channels >= 16:
+            setattr(model, name, BlurPoolConv2d(child))
+        else:
+            apply_blurpool(child)
+    return model
+
+
+def build_model(*, arch: str, num_classes: int, use_blurpool: bool, channels_last: bool) -> nn.Module:
+    """A randomly initialised torchvision classification model.
+
+    arch: a name from ``torchvision.models.list_models(module=torchvision.models)``, e.g.
+    ``'resnet50'``, ``'resnet18'``. Raises ValueError listing the valid names for an unknown one.
+    The model takes float (N, 3, H, W) images and returns (N, num_classes) logits.
+    """
+    valid = torchvision.models.list_models(module=torchvision.models)
+    if arch not in valid:
+        raise ValueError(f'model.arch={arch!r} is not a torchvision classification model; '
+                         f'valid names: {", ".join(valid)}')
+    model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    if use_blurpool:
+        apply_blurpool(model)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+
+
+def param_groups(model: nn.Module, *, weight_decay: float, bn_wd: bool) -> list:
+    """Parameter groups for the optimizer: ``[{'params': decayed, 'weight_decay': weight_decay},
+    {'params': not_decayed, 'weight_decay': 0.0}]``.
+
+    With ``bn_wd`` false, the parameters of normalisation layers (found by module type:
+    BatchNorm, GroupNorm, LayerNorm) and every other 1-d parameter (biases, found by tensor rank
+    as in nanoGPT) get no weight decay; with ``bn_wd`` true every parameter is decayed.
+    Names are never used: ffcv-imagenet's ``'bn' in name`` misses ResNet's ``downsample.1``.
+    """
+    decayed, not_decayed = [], []
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            if not p.requires_grad:
+                continue
+            no_decay = isinstance(module, NORM_TYPES) or p.ndim <= 1
+            (not_decayed if no_decay and not bn_wd else decayed).append(p)
+    return [{'params': decayed, 'weight_decay': weight_decay},
+            {'params': not_decayed, 'weight_decay': 0.0}]
+
+
+def unwrapped_state_dict(model: nn.Module) -> dict:
+    """The state dict of ``model`` without DDP's ``module.`` prefix (or ``torch.compile``'s
+    ``_orig_mod.``), loadable into the plain torchvision model of the same arch."""
+    while hasattr(model, 'module') or hasattr(model, '_orig_mod'):
+        model = getattr(model, 'module', None) or getattr(model, '_orig_mod')
+    return {k: v.detach().cpu() for k, v in model.state_dict().items()}
