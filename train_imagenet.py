@@ -111,6 +111,7 @@ def train(cfg, dist, wall_start) -> dict:
         images = stats['images'] * dist.world_size
         images_total += images
         train_seconds += stats['seconds']
+        distributed.broadcast_buffers(plain_model)  # BN statistics of rank 0 on every rank
         val = None
         if cfg.logging.log_level > 0 or epoch == epochs - 1:
             val = engine.evaluate(model=plain_model, loader=val_loader, amp_dtype=amp_dtype,
@@ -131,7 +132,8 @@ def train(cfg, dist, wall_start) -> dict:
     summary = {'run_dir': str(run_dir) if run_dir else None, 'arch': cfg.model.arch,
                'epochs': epochs, 'top_1': val['top_1'], 'top_5': val['top_5'],
                'val_count': val['count'], 'wall_time_s': time.perf_counter() - wall_start,
-               'train_img_per_s': images_total / max(train_seconds, 1e-9)}
+               'train_img_per_s': images_total / max(train_seconds, 1e-9),
+               'weights_sha256': models.state_sha256(plain_model)}
     if dist.is_primary:
         torch.save(models.unwrapped_state_dict(model), run_dir / 'final_weights.pt')
         print(format_table([[summary['arch'], epochs, f'{100 * summary["top_1"]:.2f} %',

@@ -146,8 +146,33 @@ def load_config(argv: list) -> SimpleNamespace:
         raise ConfigError('invalid configuration:\n  ' + '\n  '.join(lines))
 
     values = {path: config[path] for path in config.entries}
-    return SimpleNamespace(**{section: SimpleNamespace(**keys)
-                              for section, keys in _nest(values).items()})
+    cfg = SimpleNamespace(**{section: SimpleNamespace(**keys)
+                             for section, keys in _nest(values).items()})
+    _check_consistency(cfg)
+    return cfg
+
+
+def _check_consistency(cfg) -> None:
+    """Rules between keys, checked before any work starts; raises ConfigError naming the keys."""
+    problems = []
+    for key in ('training.epochs', 'training.batch_size', 'validation.batch_size',
+                'validation.resolution', 'resolution.min_res', 'lr.step_length'):
+        section, name = key.split('.')
+        if getattr(getattr(cfg, section), name) < 1:
+            problems.append(f'{key} must be >= 1')
+    if cfg.resolution.min_res > cfg.resolution.max_res:
+        problems.append(f'resolution.min_res={cfg.resolution.min_res} is above '
+                        f'resolution.max_res={cfg.resolution.max_res}')
+    if cfg.resolution.start_ramp > cfg.resolution.end_ramp:
+        problems.append(f'resolution.start_ramp={cfg.resolution.start_ramp} is after '
+                        f'resolution.end_ramp={cfg.resolution.end_ramp}')
+    if cfg.lr.lr_schedule_type == 'cyclic' and not 0 <= cfg.lr.lr_peak_epoch <= cfg.training.epochs:
+        problems.append(f'lr.lr_peak_epoch={cfg.lr.lr_peak_epoch} must lie in '
+                        f'[0, training.epochs={cfg.training.epochs}]')
+    if cfg.lr.ref_batch_size < 0:
+        problems.append(f'lr.ref_batch_size={cfg.lr.ref_batch_size} must be >= 0 (0: no scaling)')
+    if problems:
+        raise ConfigError('invalid configuration:\n  ' + '\n  '.join(problems))
 
 
 def to_dict(cfg: SimpleNamespace) -> dict:

@@ -267,7 +267,7 @@ def _image_tail(device):
 def _label_pipeline(device):
     from ffcv.fields.basics import IntDecoder
     from ffcv.transforms import Squeeze, ToDevice, ToTensor
-    ops = [IntDecoder(), ToTensor(), Squeeze()]
+    ops = [IntDecoder(), ToTensor(), Squeeze(1)]  # (B, 1) -> (B,), also for a last batch of 1
     return ops + [ToDevice(device, non_blocking=True)] if device.type == 'cuda' else ops
 
 

@@ -86,3 +86,13 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
+
+
+def broadcast_buffers(model: torch.nn.Module, src: int = 0) -> None:
+    """Copy every buffer (BatchNorm running mean/var, ...) of ``model`` from rank ``src`` to all
+    ranks. DDP broadcasts buffers at the start of each forward, so after the last training step the
+    running statistics differ per rank; call this before evaluating or saving. No-op in one process.
+    """
+    if dist.is_available() and dist.is_initialized():
+        for buffer in model.buffers():
+            dist.broadcast(buffer.data, src=src)

@@ -1,34 +1,43 @@
 """Models from torchvision by name, BlurPool, and the weight-decay parameter groups."""
+import hashlib
+
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
 
 
-class BlurPoolConv2d(nn.Module):
-    """A 3x3 binomial blur ([1, 2, 1] x [1, 2, 1] / 16, stride 1, per channel) before a strided conv.
+class BlurPoolConv2d(nn.Conv2d):
+    """A strided conv preceded by a 3x3 binomial blur ([1, 2, 1] x [1, 2, 1] / 16, stride 1, per
+    channel): Zhang, "Making Convolutional Networks Shift-Invariant Again" (ICML 2019), applied as
+    ffcv-imagenet does, before every conv with stride > 1 and at least 16 input channels.
 
-    Zhang, "Making Convolutional Networks Shift-Invariant Again" (ICML 2019), applied as
-    ffcv-imagenet does: in front of every conv with stride > 1 and at least 16 input channels.
-    Input and output: float tensors (N, C, H, W), the output shaped as ``conv``'s.
+    A subclass of ``nn.Conv2d`` with the same parameters and a non-persistent filter, so state dicts
+    keep torchvision's keys: they load into the plain model (call :func:`apply_blurpool` on it to
+    evaluate as trained). Input and output: float (N, C, H, W) as the wrapped conv's.
     """
 
     def __init__(self, conv: nn.Conv2d):
-        super().__init__()
+        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
+                         padding=conv.padding, dilation=conv.dilation, groups=conv.groups,
+                         bias=conv.bias is not None, padding_mode=conv.padding_mode,
+                         device=conv.weight.device, dtype=conv.weight.dtype)
+        self.weight = conv.weight
+        self.bias = conv.bias
         kernel = torch.tensor([[1., 2., 1.], [2., 4., 2.], [1., 2., 1.]]) / 16.0
-        self.conv = conv
-        self.register_buffer('blur_filter', kernel.expand(conv.in_channels, 1, 3, 3).clone())
+        self.register_buffer('blur_filter', kernel.expand(conv.in_channels, 1, 3, 3).clone(),
+                             persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        blurred = F.conv2d(x, self.blur_filter.to(x.dtype), padding=1, groups=self.conv.in_channels)
-        return self.conv(blurred)
+        blurred = F.conv2d(x, self.blur_filter.to(x.dtype), padding=1, groups=self.in_channels)
+        return super().forward(blurred)
 
 
 def apply_blurpool(model: nn.Module) -> nn.Module:
-    """Wrap, in place, each ``nn.Conv2d`` with stride > 1 and >= 16 input channels in
-    :class:`BlurPoolConv2d`. Returns ``model``."""
+    """Replace, in place, each ``nn.Conv2d`` with stride > 1 and >= 16 input channels by a
+    :class:`BlurPoolConv2d` sharing its parameters. Returns ``model``."""
     for name, child in model.named_children():
-        if isinstance(child, nn.Conv2d) and max(child.stride) > 1 and child.in_channels >= 16:
+        if (type(child) is nn.Conv2d and max(child.stride) > 1 and child.in_channels >= 16):
             setattr(model, name, BlurPoolConv2d(child))
         else:
             apply_blurpool(child)
@@ -83,3 +92,14 @@ def unwrapped_state_dict(model: nn.Module) -> dict:
     while hasattr(model, 'module') or hasattr(model, '_orig_mod'):
         model = getattr(model, 'module', None) or getattr(model, '_orig_mod')
     return {k: v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def state_sha256(model: nn.Module) -> str:
+    """SHA-256 of every tensor of the model's state dict (names, dtypes and bytes, in order):
+    equal hashes mean bit-identical weights and buffers, e.g. across the ranks of a DDP run."""
+    digest = hashlib.sha256()
+    for name, tensor in unwrapped_state_dict(model).items():
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()

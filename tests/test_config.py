@@ -1,0 +1,262 @@
+"""Configuration: the shipped YAML recipes, ffcv-imagenet's own files, and the error messages."""
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from imagenet_ffcv.config import ConfigError, load_config, to_dict
+
+REPO = Path(__file__).resolve().parents[1]
+RN50 = sorted((REPO / 'rn50_configs').glob('*.yaml'))
+RN18 = sorted((REPO / 'rn18_configs').glob('*.yaml'))
+DATA = ['--data.train_dataset=x', '--data.val_dataset=y']
+SECTIONS = {'data', 'model', 'resolution', 'lr', 'logging', 'validation', 'training', 'dist'}
+
+# ffcv-imagenet's rn18 88-epoch file as published (data.gpu, lr_tta: true, no ref_batch_size).
+ORIGINAL_FFCV_IMAGENET = """\
+data:
+  gpu: 0
+  in_memory: 1
+  num_workers: 12
+dist:
+  world_size: 1
+logging:
+  folder: /tmp/
+  log_level: 0
+lr:
+  lr: 0.5
+  lr_peak_epoch: 2
+  lr_schedule_type: cyclic
+model:
+  arch: resnet18
+resolution:
+  end_ramp: 76
+  max_res: 192
+  min_res: 160
+  start_ramp: 65
+training:
+  batch_size: 1024
+  bn_wd: 0
+  distributed: 0
+  epochs: 88
+  label_smoothing: 0.1
+  momentum: 0.9
+  optimizer: sgd
+  weight_decay: 5e-5
+  use_blurpool: 1
+validation:
+  lr_tta: true
+  resolution: 256
+"""
+
+
+def _load(path, *extra):
+    return load_config(['--config', str(path), *DATA, *extra])
+
+
+def _write(tmp_path, text, name='cfg.yaml'):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_all_recipe_files_found():
+    """Six rn50 and six rn18 recipes ship (16, 24, 32, 40, 56, 88 epochs)."""
+    epochs = [16, 24, 32, 40, 56, 88]
+    assert [p.name for p in RN50] == sorted(f'rn50_{e}_epochs.yaml' for e in epochs)
+    assert [p.name for p in RN18] == sorted(f'rn18_{e}_epochs.yaml' for e in epochs)
+
+
+@pytest.mark.parametrize('path', RN50 + RN18, ids=lambda p: p.name)
+def test_recipe_loads_with_expected_values(path):
+    """Every recipe loads; arch, epochs (from the name), lr, ref batch, batch and wd per family."""
+    cfg = _load(path)
+    family, epochs = re.fullmatch(r'(rn\d+)_(\d+)_epochs\.yaml', path.name).groups()
+    assert cfg.training.epochs == int(epochs)
+    assert cfg.data.train_dataset == 'x' and cfg.data.val_dataset == 'y'
+    assert cfg.logging.folder == 'runs'
+    assert cfg.lr.lr_schedule_type == 'cyclic'
+    assert cfg.lr.lr_peak_epoch == 2
+    assert (cfg.resolution.min_res, cfg.resolution.max_res) == (160, 192)
+    assert 0 < cfg.resolution.start_ramp < cfg.resolution.end_ramp < cfg.training.epochs
+    assert cfg.training.use_blurpool == 1 and cfg.training.bn_wd == 0
+    assert isinstance(cfg.training.weight_decay, float)
+    if family == 'rn50':
+        assert cfg.model.arch == 'resnet50'
+        assert cfg.lr.lr == pytest.approx(1.7) and cfg.lr.ref_batch_size == 4096
+        assert cfg.training.batch_size == 512 and cfg.dist.world_size == 8
+        assert cfg.training.weight_decay == pytest.approx(1e-4)
+    else:
+        assert cfg.model.arch == 'resnet18'
+        assert cfg.lr.lr == pytest.approx(0.5) and cfg.lr.ref_batch_size == 1024
+        assert cfg.training.batch_size == 1024 and cfg.dist.world_size == 1
+        assert cfg.training.weight_decay == pytest.approx(5e-5)
+    # the global batch the LR was tuned for is the one the file describes
+    assert cfg.training.batch_size * cfg.dist.world_size == cfg.lr.ref_batch_size
+
+
+def test_rn50_16_values():
+    """rn50_16: resnet50, lr 1.7 for 4096, batch 512, ramp 11..13, wd 1e-4 (YAML '1e-4' -> float)."""
+    cfg = _load(REPO / 'rn50_configs' / 'rn50_16_epochs.yaml')
+    assert cfg.model.arch == 'resnet50'
+    assert cfg.lr.lr == pytest.approx(1.7)
+    assert cfg.lr.ref_batch_size == 4096
+    assert cfg.training.batch_size == 512
+    assert (cfg.resolution.start_ramp, cfg.resolution.end_ramp) == (11, 13)
+    assert cfg.training.weight_decay == pytest.approx(1e-4)
+    assert cfg.training.epochs == 16
+    assert cfg.training.label_smoothing == pytest.approx(0.1)
+    assert cfg.training.momentum == pytest.approx(0.9)
+    assert cfg.validation.resolution == 256 and cfg.validation.lr_tta == 1
+
+
+def test_rn18_88_values():
+    """rn18_88: lr 0.5 for 1024, wd 5e-5, ramp 65..76, 88 epochs."""
+    cfg = _load(REPO / 'rn18_configs' / 'rn18_88_epochs.yaml')
+    assert cfg.model.arch == 'resnet18'
+    assert cfg.lr.lr == pytest.approx(0.5)
+    assert cfg.lr.ref_batch_size == 1024
+    assert cfg.training.weight_decay == pytest.approx(5e-5)
+    assert (cfg.resolution.start_ramp, cfg.resolution.end_ramp) == (65, 76)
+    assert cfg.training.epochs == 88
+
+
+def test_demo_config_loads_without_overrides():
+    """demo/rn18_demo.yaml sets the datasets and folder itself: loads with no other argument."""
+    cfg = load_config(['--config', str(REPO / 'demo' / 'rn18_demo.yaml')])
+    assert cfg.model.arch == 'resnet18'
+    assert cfg.data.train_dataset == 'demo_out/train_128.beton'
+    assert cfg.training.epochs == 18 and cfg.training.batch_size == 32
+    assert (cfg.resolution.min_res, cfg.resolution.max_res) == (64, 96)
+    assert cfg.lr.ref_batch_size == 0  # default: no scaling
+
+
+def test_original_ffcv_imagenet_config_loads_unchanged(tmp_path):
+    """ffcv-imagenet's own file (data.gpu, lr_tta: true) loads as is."""
+    cfg = _load(_write(tmp_path, ORIGINAL_FFCV_IMAGENET))
+    assert cfg.data.gpu == 0
+    assert cfg.validation.lr_tta == 1  # YAML true read as the int flag 1
+    assert cfg.logging.folder == '/tmp/' and cfg.logging.log_level == 0
+    assert cfg.model.arch == 'resnet18'
+    assert cfg.training.epochs == 88 and cfg.training.batch_size == 1024
+    assert cfg.training.weight_decay == pytest.approx(5e-5)
+    assert cfg.training.distributed == 0
+    assert cfg.lr.lr == pytest.approx(0.5) and cfg.lr.ref_batch_size == 0
+    assert (cfg.resolution.start_ramp, cfg.resolution.end_ramp) == (65, 76)
+
+
+def test_unknown_key_in_yaml_raises_naming_it(tmp_path):
+    """training.warmup_epochs in a file is a ConfigError naming it (fastargs alone ignores it)."""
+    path = _write(tmp_path, 'training:\n  epochs: 4\n  warmup_epochs: 5\nlogging:\n  folder: r\n')
+    with pytest.raises(ConfigError) as info:
+        _load(path)
+    assert 'training.warmup_epochs' in str(info.value)
+
+
+def test_unknown_section_in_yaml_raises_naming_it(tmp_path):
+    """A whole unknown section (optim.lr) is named too."""
+    path = _write(tmp_path, 'optim:\n  lr: 0.1\nlogging:\n  folder: r\n')
+    with pytest.raises(ConfigError, match=r'optim\.lr'):
+        _load(path)
+
+
+def test_unknown_cli_override_raises_naming_it():
+    """--training.foo=1 is a ConfigError naming it."""
+    with pytest.raises(ConfigError) as info:
+        load_config([*DATA, '--logging.folder=r', '--training.foo=1'])
+    assert 'training.foo' in str(info.value)
+
+
+def test_bad_type_raises_naming_key():
+    """--training.epochs=abc is a ConfigError naming training.epochs and the bad value."""
+    with pytest.raises(ConfigError) as info:
+        load_config([*DATA, '--logging.folder=r', '--training.epochs=abc'])
+    msg = str(info.value)
+    assert 'training.epochs' in msg and 'abc' in msg
+    assert 'data.train_dataset' not in msg  # only the bad key is reported
+
+
+def test_bad_choice_raises_naming_key():
+    """--lr.lr_schedule_type=cosine is not one of cyclic/step."""
+    with pytest.raises(ConfigError, match='lr.lr_schedule_type'):
+        load_config([*DATA, '--logging.folder=r', '--lr.lr_schedule_type=cosine'])
+
+
+def test_missing_required_key_raises_naming_it():
+    """Without data.train_dataset the error names it as required, and only it."""
+    with pytest.raises(ConfigError) as info:
+        load_config(['--config', str(REPO / 'rn18_configs' / 'rn18_16_epochs.yaml'),
+                     '--data.val_dataset=y'])
+    msg = str(info.value)
+    assert 'data.train_dataset' in msg and 'required' in msg
+    assert 'data.val_dataset' not in msg
+
+
+def test_missing_config_file_raises_file_not_found(tmp_path):
+    """A config path that does not exist is a FileNotFoundError."""
+    with pytest.raises(FileNotFoundError):
+        _load(tmp_path / 'nope.yaml')
+
+
+def test_cli_override_beats_file():
+    """--training.epochs=3 wins over the file's 16, and arrives as an int."""
+    cfg = _load(REPO / 'rn50_configs' / 'rn50_16_epochs.yaml', '--training.epochs=3')
+    assert cfg.training.epochs == 3 and isinstance(cfg.training.epochs, int)
+    cfg = _load(REPO / 'rn50_configs' / 'rn50_16_epochs.yaml', '--lr.lr=0.8')
+    assert cfg.lr.lr == pytest.approx(0.8)
+
+
+def test_later_config_file_wins(tmp_path):
+    """A second --config overrides the first for the keys it sets, the rest is kept."""
+    extra = _write(tmp_path, 'training:\n  epochs: 5\n', 'extra.yaml')
+    cfg = load_config(['--config', str(REPO / 'rn50_configs' / 'rn50_16_epochs.yaml'),
+                       '--config', str(extra), *DATA])
+    assert cfg.training.epochs == 5
+    assert cfg.model.arch == 'resnet50' and cfg.lr.lr == pytest.approx(1.7)
+
+
+def test_defaults_without_file():
+    """With only the required keys, defaults apply (16 epochs, resnet50, cyclic, no LR scaling)."""
+    cfg = load_config([*DATA, '--logging.folder=r'])
+    assert cfg.training.epochs == 16 and cfg.model.arch == 'resnet50'
+    assert cfg.lr.lr_schedule_type == 'cyclic' and cfg.lr.ref_batch_size == 0
+
+
+def test_to_dict_round_trip(tmp_path):
+    """to_dict gives {'section': {...}} with every section; written back as YAML it loads the same."""
+    cfg = _load(REPO / 'rn18_configs' / 'rn18_88_epochs.yaml', '--training.epochs=3')
+    d = to_dict(cfg)
+    assert set(d) == SECTIONS
+    assert d['training']['epochs'] == 3
+    assert d['model'] == {'arch': 'resnet18', 'pretrained': 0}
+    json.dumps(d)  # params.json: serialisable
+    path = _write(tmp_path, yaml.safe_dump(d), 'round.yaml')
+    again = load_config(['--config', str(path)])
+    assert to_dict(again) == d
+
+
+def test_train_imagenet_rejects_unknown_key():
+    """train_imagenet.py exits non-zero and names training.nope on stderr."""
+    proc = subprocess.run(
+        [sys.executable, 'train_imagenet.py', '--config', 'rn18_configs/rn18_16_epochs.yaml',
+         '--training.nope=1'],
+        cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert 'training.nope' in proc.stderr
+    assert 'Traceback' not in proc.stderr  # a clean message, not a crash
+
+
+def test_inconsistent_keys_are_rejected_before_any_work():
+    """The LR peak after the last epoch, and a resolution ramp that runs backwards, are errors
+    naming the keys, raised by load_config (not as a traceback in the middle of epoch 0)."""
+    base = ['--data.train_dataset=x', '--data.val_dataset=y', '--logging.folder=z']
+    with pytest.raises(ConfigError, match=r'lr\.lr_peak_epoch=2\.0 must lie in \[0, training\.epochs=1\]'):
+        load_config(base + ['--training.epochs=1'])
+    with pytest.raises(ConfigError, match='resolution.start_ramp'):
+        load_config(base + ['--resolution.start_ramp=5', '--resolution.end_ramp=3'])
+    with pytest.raises(ConfigError, match='training.batch_size must be >= 1'):
+        load_config(base + ['--training.batch_size=0'])

@@ -1,0 +1,214 @@
+"""The converter (write_beton.py / imagenet_ffcv.data) and the loaders, on real JPEGs."""
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import PYTHON, REPO, SAMPLE, SHARED_DATA, run_env
+from imagenet_ffcv import data
+
+
+def beton_metadata(path):
+    from ffcv.reader import Reader
+    md = Reader(str(path)).metadata
+    return md['f0']['width'].astype(int), md['f0']['height'].astype(int), md['f1'].astype(int)
+
+
+def decode_all(path):
+    """Every image of a beton whose images share one size, decoded as stored: (N, H, W, 3) uint8."""
+    from ffcv.fields.rgb_image import SimpleRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import ToTensor
+    from ffcv.fields.basics import IntDecoder
+    loader = Loader(str(path), batch_size=8, num_workers=1, order=OrderOption.SEQUENTIAL,
+                    drop_last=False, pipelines={'image': [SimpleRGBImageDecoder(), ToTensor()],
+                                                'label': [IntDecoder(), ToTensor()]})
+    return np.concatenate([x.numpy().copy() for x, _ in loader])
+
+
+def sample_images(n):
+    return sorted((SAMPLE / 'train').glob('*/*.JPEG'))[:n]
+
+
+def expected_size(w, h, max_res):
+    """The shorter-side rule, worked independently of the code under test."""
+    if min(w, h) <= max_res:
+        return w, h
+    if w < h:
+        return max_res, round(h * max_res / w)
+    return round(w * max_res / h), max_res
+
+
+@pytest.fixture
+def aspect_tree(tmp_path):
+    """train/ and val/ with real photos stretched to ImageNet-like sizes and colour modes."""
+    sources = sample_images(8)
+    specs = [  # (class, size, mode, format)
+        ('n01', (500, 375), 'RGB', 'JPEG'), ('n01', (375, 500), 'RGB', 'JPEG'),
+        ('n01', (1200, 900), 'RGB', 'JPEG'), ('n02', (200, 150), 'RGB', 'JPEG'),
+        ('n02', (640, 256), 'L', 'JPEG'), ('n02', (300, 1000), 'CMYK', 'JPEG'),
+        ('n03', (320, 480), 'RGB', 'PNG'), ('n03', (257, 256), 'RGB', 'JPEG')]
+    expected = []
+    for i, ((wnid, size, mode, fmt), src) in enumerate(zip(specs, sources)):
+        for split in ('train', 'val'):
+            folder = tmp_path / split / wnid
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.open(src).convert('RGB').resize(size).convert(mode).save(
+                folder / f'img{i}.JPEG', format=fmt, quality=95)
+        expected.append((wnid, size))
+    return tmp_path, expected
+
+
+def test_shorter_side_size():
+    assert data.shorter_side_size(500, 375, 256) == (341, 256)
+    assert data.shorter_side_size(375, 500, 256) == (256, 341)
+    assert data.shorter_side_size(200, 150, 256) == (200, 150)  # never upscaled
+    assert data.shorter_side_size(256, 1000, 256) == (256, 1000)
+
+
+def test_shorter_side_rule_and_labels(aspect_tree, tmp_path):
+    root, expected = aspect_tree
+    classes = data.find_classes(root / 'train')
+    assert classes == ['n01', 'n02', 'n03']
+    samples = data.list_samples(root / 'train', classes)
+    data.write_beton(samples, tmp_path / 'out.beton', max_res=256, num_workers=2)
+    widths, heights, labels = beton_metadata(tmp_path / 'out.beton')
+    for (wnid, (w, h)), width, height, label in zip(expected, widths, heights, labels):
+        assert (width, height) == expected_size(w, h, 256), (wnid, w, h)
+        assert label == classes.index(wnid)
+    assert min(widths.min(), heights.min()) == 150  # the small image kept its size
+
+
+@pytest.mark.skipif(not (SHARED_DATA / 'imagewoof320').is_dir(),
+                    reason='needs ../shared/data/imagewoof320 (real aspect ratios); the generated '
+                           'aspect-ratio images of test_shorter_side_rule_and_labels still run')
+def test_shorter_side_rule_on_imagewoof320(tmp_path):
+    root = SHARED_DATA / 'imagewoof320'
+    classes = data.find_classes(root / 'train')
+    samples = data.list_samples(root / 'val', classes)
+    data.write_beton(samples, tmp_path / 'woof.beton', max_res=256, num_workers=2)
+    widths, heights, labels = beton_metadata(tmp_path / 'woof.beton')
+    for (path, label), w, h, stored_label in zip(samples, widths, heights, labels):
+        assert (w, h) == expected_size(*Image.open(path).size, 256), path
+        assert stored_label == label == classes.index(path.split('/')[-2])
+
+
+@pytest.mark.parametrize('write_mode,tolerance', [('raw', 1.5), ('jpg', 4.0)])
+def test_pixels_match_pil_reference(tmp_path, write_mode, tolerance):
+    """Stored pixels are PIL's RGB conversion + antialiased resize of the original file (the
+    draft-mode decode of big JPEGs and the JPEG re-encoding stay within a small error)."""
+    folder = tmp_path / 'train' / 'n01'
+    folder.mkdir(parents=True)
+    references = []
+    for i, src in enumerate(sample_images(6)):
+        im = Image.open(src).convert('RGB').resize((1200, 900), Image.Resampling.BICUBIC)
+        if i == 0:
+            im = im.convert('L')  # a grayscale JPEG, as 39 of the shared images are
+        im.save(folder / f'{i}.JPEG', quality=95)
+        ref = Image.open(folder / f'{i}.JPEG').convert('RGB').resize(
+            (341, 256), Image.Resampling.BILINEAR)
+        references.append(np.asarray(ref, dtype=np.float64))
+    samples = data.list_samples(tmp_path / 'train', ['n01'])
+    data.write_beton(samples, tmp_path / 'x.beton', max_res=256, write_mode=write_mode,
+                     num_workers=1)
+    decoded = decode_all(tmp_path / 'x.beton')
+    assert decoded.shape == (6, 256, 341, 3)
+    for got, ref in zip(decoded, references):
+        assert np.abs(got - ref).mean() < tolerance
+    gray = decoded[0].astype(int)
+    assert (gray[..., 0] == gray[..., 1]).all() and (gray[..., 1] == gray[..., 2]).all() \
+        if write_mode == 'raw' else np.abs(gray[..., 0] - gray[..., 2]).mean() < 2
+
+
+def test_val_split_missing_a_class_keeps_train_indices(aspect_tree, tmp_path):
+    root, _ = aspect_tree
+    for f in (root / 'val' / 'n01').iterdir():
+        f.unlink()
+    (root / 'val' / 'n01').rmdir()
+    classes = data.find_classes(root / 'train')
+    samples = data.list_samples(root / 'val', classes)
+    assert {label for _, label in samples} == {1, 2}
+    data.write_beton(samples, tmp_path / 'val.beton', max_res=64, num_workers=1)
+    *_, labels = beton_metadata(tmp_path / 'val.beton')
+    assert sorted(set(labels.tolist())) == [1, 2]
+    assert labels.tolist() == [label for _, label in samples]
+
+
+def test_val_folder_unknown_to_train_is_an_error(aspect_tree):
+    root, _ = aspect_tree
+    (root / 'val' / 'n99').mkdir()
+    with pytest.raises(ValueError, match='n99'):
+        data.list_samples(root / 'val', data.find_classes(root / 'train'))
+
+
+def test_unreadable_image_fails_cleanly_and_keeps_previous_file(aspect_tree, tmp_path):
+    root, _ = aspect_tree
+    classes = data.find_classes(root / 'train')
+    out_dir = tmp_path / 'out'
+    out = out_dir / 'train.beton'
+    data.write_beton(data.list_samples(root / 'train', classes), out, max_res=64, num_workers=2)
+    before = out.read_bytes()
+    bad = root / 'train' / 'n02' / 'truncated.JPEG'
+    bad.write_bytes((root / 'train' / 'n01' / 'img0.JPEG').read_bytes()[:300])
+    (root / 'train' / 'n03' / 'empty.JPEG').write_bytes(b'')
+    with pytest.raises(data.UnreadableImagesError) as err:
+        data.write_beton(data.list_samples(root / 'train', classes), out, max_res=64, num_workers=2)
+    assert {p.split('/')[-1] for p, _ in err.value.failures} == {'truncated.JPEG', 'empty.JPEG'}
+    assert 'truncated.JPEG' in str(err.value)
+    assert out.read_bytes() == before  # the previous complete file is untouched
+    assert sorted(p.name for p in out_dir.iterdir()) == ['train.beton']  # no temporary left
+
+
+def test_write_beton_cli(tmp_path):
+    out = tmp_path / 'b' / 'train_64.beton'
+    proc = subprocess.run([PYTHON, 'write_beton.py', '--data-dir', str(SAMPLE), '--split', 'val',
+                           '--max-res', '64', '--out', str(out), '--subset', '20',
+                           '--num-workers', '2'], cwd=REPO, env=run_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert '20 images' in proc.stdout and 'img/s' in proc.stdout
+    rows = [line.split('\t') for line in data.class_list_path(out).read_text().splitlines()]
+    assert rows[0] == ['0', 'n01440764', 'tench'] and len(rows) == 10
+    assert data.num_samples(out) == 20
+    missing = subprocess.run([PYTHON, 'write_beton.py', '--data-dir', str(tmp_path / 'nowhere'),
+                              '--split', 'train'], cwd=REPO, env=run_env(), capture_output=True,
+                             text=True, timeout=300)
+    assert missing.returncode != 0 and 'nowhere' in missing.stderr
+
+
+def test_loaders_on_cpu(sample_betons):
+    """Train batches: normalised float32, channels_last, resolution changed between epochs without
+    a new loader; val slices across ranks cover every image exactly once."""
+    cpu = torch.device('cpu')
+    loader, decoder = data.train_loader(path=sample_betons['train'], batch_size=32, num_workers=2,
+                                        res=32, in_memory=True, device=cpu, distributed=False,
+                                        seed=0)
+    shapes = set()
+    for res in (32, 48):
+        decoder.output_size = (res, res)
+        for x, y in loader:
+            shapes.add(tuple(x.shape))
+            assert x.dtype == torch.float32 and y.dtype == torch.int64
+            assert x.is_contiguous(memory_format=torch.channels_last)
+    assert shapes == {(32, 3, 32, 32), (32, 3, 48, 48)}
+    assert len(loader) == 340 // 32
+    assert abs(float(x.mean())) < 1.0 and 0.5 < float(x.std()) < 1.5  # normalised
+    labels = []
+    for rank in range(3):
+        val = data.val_loader(path=sample_betons['val'], batch_size=16, num_workers=2, res=32,
+                              device=cpu, rank=rank, world_size=3)
+        labels.append(torch.cat([y.clone() for _, y in val]))
+    assert sum(len(l) for l in labels) == 100
+    assert sorted(torch.cat(labels).tolist()) == sorted(np.repeat(np.arange(10), 10).tolist())
+
+
+def test_gpu_pipeline_order_is_well_formed():
+    """On CUDA, NormalizeImage goes after ToDevice/ToTorchImage; on CPU before ToTensor (a JIT op
+    after a non-JIT one hangs ffcv 1.0.2's Loader)."""
+    from ffcv.transforms import NormalizeImage, ToDevice, ToTensor, ToTorchImage
+    gpu_ops = [type(op) for op in data._image_tail(torch.device('cuda:0'))]
+    cpu_ops = [type(op) for op in data._image_tail(torch.device('cpu'))]
+    assert gpu_ops == [ToTensor, ToDevice, ToTorchImage, NormalizeImage]
+    assert cpu_ops == [NormalizeImage, ToTensor, ToTorchImage]

@@ -1,0 +1,273 @@
+"""Models: weight-decay groups, BlurPool, build_model, state-dict helpers."""
+import copy
+from collections import Counter
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from imagenet_ffcv import models
+from imagenet_ffcv.models import BlurPoolConv2d
+
+
+@pytest.fixture(scope='module')
+def rn50_blur():
+    """The resnet50 of the rn50 recipes: blurpool, channels_last, 10 classes."""
+    torch.manual_seed(0)
+    return models.build_model(arch='resnet50', num_classes=10, use_blurpool=True, channels_last=True)
+
+
+@pytest.fixture(scope='module')
+def rn18_blur():
+    """A resnet18 with blurpool (NCHW), 10 classes."""
+    torch.manual_seed(1)
+    return models.build_model(arch='resnet18', num_classes=10, use_blurpool=True, channels_last=False)
+
+
+def _strided_convs(model):
+    """Number of plain Conv2d with stride > 1 and at least 16 input channels."""
+    return sum(1 for m in model.modules()
+               if type(m) is nn.Conv2d and max(m.stride) > 1 and m.in_channels >= 16)
+
+
+# ----------------------------------------------------------------------------- param_groups
+def test_param_groups_bn_and_biases_not_decayed(rn50_blur):
+    """bn_wd=False: downsample BatchNorm (layer1.0.downsample[1]) and fc.bias in the wd=0 group."""
+    decayed, not_decayed = models.param_groups(rn50_blur, weight_decay=1e-4, bn_wd=False)
+    assert decayed['weight_decay'] == 1e-4
+    assert not_decayed['weight_decay'] == 0.0
+    dec = {id(p) for p in decayed['params']}
+    nodec = {id(p) for p in not_decayed['params']}
+    ds_bn = rn50_blur.layer1[0].downsample[1]
+    assert isinstance(ds_bn, nn.BatchNorm2d)
+    for p in (ds_bn.weight, ds_bn.bias, rn50_blur.fc.bias, rn50_blur.bn1.weight,
+              rn50_blur.layer4[2].bn3.bias):
+        assert id(p) in nodec and id(p) not in dec
+    for p in (rn50_blur.conv1.weight, rn50_blur.layer1[0].downsample[0].weight,
+              rn50_blur.layer2[0].conv2.weight, rn50_blur.fc.weight):
+        assert id(p) in dec and id(p) not in nodec
+
+
+def test_param_groups_resnet50_counts(rn50_blur):
+    """ResNet-50 has 53 convs + fc.weight = 54 decayed; 53 BNs x 2 + fc.bias = 107 not decayed."""
+    decayed, not_decayed = models.param_groups(rn50_blur, weight_decay=1e-4, bn_wd=False)
+    assert len(decayed['params']) == 54
+    assert len(not_decayed['params']) == 107
+
+
+def test_param_groups_every_parameter_exactly_once(rn50_blur):
+    """The groups partition model.parameters(): no parameter missing nor repeated."""
+    for bn_wd in (False, True):
+        groups = models.param_groups(rn50_blur, weight_decay=1e-4, bn_wd=bn_wd)
+        counts = Counter(id(p) for g in groups for p in g['params'])
+        assert set(counts) == {id(p) for p in rn50_blur.parameters()}
+        assert set(counts.values()) == {1}
+        assert sum(counts.values()) == len(list(rn50_blur.parameters()))
+
+
+def test_param_groups_bn_wd_decays_everything(rn50_blur):
+    """bn_wd=True: every parameter in the decayed group, the wd=0 group is empty."""
+    decayed, not_decayed = models.param_groups(rn50_blur, weight_decay=5e-5, bn_wd=True)
+    assert decayed['weight_decay'] == 5e-5
+    assert len(decayed['params']) == len(list(rn50_blur.parameters())) == 161
+    assert not_decayed['params'] == []
+
+
+def test_param_groups_skip_frozen_parameters():
+    """Parameters with requires_grad=False are left out of both groups."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    model[0].weight.requires_grad_(False)
+    decayed, not_decayed = models.param_groups(model, weight_decay=0.1, bn_wd=False)
+    assert decayed['params'] == []
+    assert {id(p) for p in not_decayed['params']} == {id(model[0].bias), id(model[1].weight),
+                                                     id(model[1].bias)}
+
+
+# ----------------------------------------------------------------------------- BlurPool
+def test_blurpool_count_resnet50(rn50_blur):
+    """One BlurPoolConv2d per strided conv with >= 16 input channels of the plain resnet50."""
+    expected = _strided_convs(torchvision.models.resnet50(num_classes=10))
+    assert expected > 0
+    assert sum(isinstance(m, BlurPoolConv2d) for m in rn50_blur.modules()) == expected
+    assert _strided_convs(rn50_blur) == 0  # none left unwrapped
+
+
+def test_blurpool_count_resnet18(rn18_blur):
+    """One BlurPoolConv2d per strided conv with >= 16 input channels of the plain resnet18."""
+    expected = _strided_convs(torchvision.models.resnet18(num_classes=10))
+    assert expected > 0
+    assert sum(isinstance(m, BlurPoolConv2d) for m in rn18_blur.modules()) == expected
+    assert _strided_convs(rn18_blur) == 0
+
+
+def test_blurpool_leaves_stem_conv_alone(rn18_blur):
+    """conv1 (stride 2 but 3 input channels) stays a plain Conv2d."""
+    assert type(rn18_blur.conv1) is nn.Conv2d
+    assert isinstance(rn18_blur.layer2[0].conv1, BlurPoolConv2d)
+
+
+def test_blurpool_state_dict_loads_into_plain_torchvision_and_matches(rn18_blur):
+    """strict load into torchvision resnet18; after apply_blurpool both give identical outputs."""
+    plain = torchvision.models.resnet18(num_classes=10)
+    sd = rn18_blur.state_dict()
+    assert not any('blur_filter' in k for k in sd)
+    plain.load_state_dict(sd, strict=True)
+    models.apply_blurpool(plain)
+    rn18_blur.eval()
+    plain.eval()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = rn18_blur(x), plain(x)
+    assert a.shape == (2, 10)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_blurpool_conv_output_differs_from_plain_conv():
+    """The wrapped conv shares its parameters, yet blurs first: outputs differ on a random input."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 8, 3, stride=2, padding=1)
+    blur = BlurPoolConv2d(conv)
+    assert blur.weight is conv.weight and blur.bias is conv.bias
+    x = torch.randn(1, 16, 8, 8)
+    with torch.no_grad():
+        y_plain, y_blur = conv(x), blur(x)
+    assert y_plain.shape == y_blur.shape == (1, 8, 4, 4)
+    assert (y_plain - y_blur).abs().max() > 1e-3
+
+
+def test_blurpool_kernel_is_binomial_3x3():
+    """With an identity 1x1 conv, a unit impulse comes out as [[1,2,1],[2,4,2],[1,2,1]] / 16."""
+    conv = nn.Conv2d(1, 1, 1, bias=False)
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+    blur = BlurPoolConv2d(conv)
+    x = torch.zeros(1, 1, 5, 5)
+    x[0, 0, 2, 2] = 1.0
+    with torch.no_grad():
+        y = blur(x)[0, 0]
+    expected = torch.zeros(5, 5)
+    expected[1:4, 1:4] = torch.tensor([[1., 2., 1.], [2., 4., 2.], [1., 2., 1.]]) / 16
+    torch.testing.assert_close(y, expected)
+
+
+def test_blurpool_conv_strided_values_on_constant_interior():
+    """A constant image stays constant under the blur away from the zero-padded border."""
+    conv = nn.Conv2d(1, 1, 1, stride=2, bias=False)
+    with torch.no_grad():
+        conv.weight.fill_(2.0)
+    blur = BlurPoolConv2d(conv)
+    with torch.no_grad():
+        y = blur(torch.full((1, 1, 7, 7), 3.0))[0, 0]
+    assert y.shape == (4, 4)
+    # interior sampled pixels (2,2), (2,4), (4,2), (4,4) of the input: 3 * 2 = 6
+    torch.testing.assert_close(y[1:3, 1:3], torch.full((2, 2), 6.0))
+    # corner (0,0): 4 of the 16 kernel weights fall inside -> 3 * 9/16 * 2
+    assert y[0, 0].item() == pytest.approx(3 * 9 / 16 * 2)
+
+
+# ----------------------------------------------------------------------------- build_model
+def test_build_model_unknown_arch_lists_valid_names():
+    """An unknown arch is a ValueError naming it and listing valid names (e.g. resnet50)."""
+    with pytest.raises(ValueError) as info:
+        models.build_model(arch='no_such_net', num_classes=10, use_blurpool=False,
+                           channels_last=False)
+    msg = str(info.value)
+    assert 'no_such_net' in msg
+    assert 'resnet50' in msg and 'resnet18' in msg
+
+
+def test_build_model_channels_last_and_classes(rn50_blur):
+    """channels_last=True puts conv weights in NHWC; the head has num_classes outputs."""
+    assert rn50_blur.fc.out_features == 10
+    w = rn50_blur.conv1.weight
+    assert w.is_contiguous(memory_format=torch.channels_last)
+    assert not w.is_contiguous()
+
+
+# ----------------------------------------------------------------------------- state-dict helpers
+class Wrapper(nn.Module):
+    """Stands in for DistributedDataParallel: the real model under ``.module``."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+
+class Compiled(nn.Module):
+    """Stands in for torch.compile's OptimizedModule: the real model under ``._orig_mod``."""
+
+    def __init__(self, module):
+        super().__init__()
+        self._orig_mod = module
+
+
+def _small():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
+
+
+def test_unwrapped_state_dict_strips_module_prefix():
+    """A wrapper's 'module.' prefix is removed: keys and values equal the inner model's."""
+    inner = _small()
+    wrapped = Wrapper(inner)
+    assert all(k.startswith('module.') for k in wrapped.state_dict())
+    sd = models.unwrapped_state_dict(wrapped)
+    assert list(sd) == list(inner.state_dict())
+    assert '0.weight' in sd and '1.running_mean' in sd
+    for k, v in inner.state_dict().items():
+        assert torch.equal(sd[k], v)
+    fresh = _small()
+    fresh.load_state_dict(sd, strict=True)
+
+
+def test_unwrapped_state_dict_strips_nested_wrappers():
+    """DDP around torch.compile ('module._orig_mod.') is unwrapped down to the plain keys."""
+    inner = _small()
+    sd = models.unwrapped_state_dict(Wrapper(Compiled(inner)))
+    assert list(sd) == list(inner.state_dict())
+
+
+def test_unwrapped_state_dict_is_detached_cpu_copy_keys():
+    """Values are detached (no grad) CPU tensors."""
+    sd = models.unwrapped_state_dict(_small())
+    assert all(v.device.type == 'cpu' and not v.requires_grad for v in sd.values())
+
+
+def test_state_sha256_equal_for_identical_weights():
+    """A deepcopy hashes the same (and a wrapped model hashes as its inner model)."""
+    a = _small()
+    b = copy.deepcopy(a)
+    h = models.state_sha256(a)
+    assert len(h) == 64 and int(h, 16) >= 0
+    assert models.state_sha256(b) == h
+    assert models.state_sha256(Wrapper(b)) == h
+
+
+def test_state_sha256_changes_with_one_element():
+    """Changing a single weight element changes the hash; changing it back restores it."""
+    a = _small()
+    b = copy.deepcopy(a)
+    h = models.state_sha256(a)
+    with torch.no_grad():
+        b[3].weight[1, 2] += 1e-3
+    assert models.state_sha256(b) != h
+    with torch.no_grad():
+        b[3].weight[1, 2] = a[3].weight[1, 2]
+    assert models.state_sha256(b) == h
+
+
+def test_state_sha256_changes_with_buffer():
+    """BatchNorm running statistics (buffers) are part of the hash."""
+    a = _small()
+    b = copy.deepcopy(a)
+    b[1].running_mean[0] = 0.5
+    assert models.state_sha256(a) != models.state_sha256(b)
+
+
+def test_state_sha256_independent_of_memory_format():
+    """Same values in NHWC memory format hash the same (bytes are taken in logical order)."""
+    a = _small()
+    b = copy.deepcopy(a).to(memory_format=torch.channels_last)
+    assert b[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert models.state_sha256(a) == models.state_sha256(b)

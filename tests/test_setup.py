@@ -1,0 +1,93 @@
+"""Set-up files: the pins of requirements.txt and environment.yml agree and match the install."""
+import re
+from importlib.metadata import version
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+PIN = re.compile(r'^([A-Za-z0-9][A-Za-z0-9._-]*)==([A-Za-z0-9.+!-]+)$')
+
+
+def _norm(name: str) -> str:
+    """PEP 503 normalised project name."""
+    return re.sub(r'[-_.]+', '-', name).lower()
+
+
+def _requirements() -> dict:
+    pins = {}
+    for line in (REPO / 'requirements.txt').read_text().splitlines():
+        line = line.split('#', 1)[0].strip()
+        if not line:
+            continue
+        m = PIN.match(line)
+        assert m, f'requirements.txt: not an exact name==version pin: {line!r}'
+        pins[_norm(m.group(1))] = m.group(2)
+    return pins
+
+
+def _environment_pip() -> dict:
+    env = yaml.safe_load((REPO / 'environment.yml').read_text())
+    pip_lists = [d['pip'] for d in env['dependencies'] if isinstance(d, dict) and 'pip' in d]
+    assert len(pip_lists) == 1, 'environment.yml: expected one pip: list'
+    pins = {}
+    for line in pip_lists[0]:
+        m = PIN.match(str(line).strip())
+        assert m, f'environment.yml: not an exact name==version pin: {line!r}'
+        pins[_norm(m.group(1))] = m.group(2)
+    return pins
+
+
+def test_requirements_and_environment_pins_identical():
+    """requirements.txt and environment.yml's pip list pin the same name==version set."""
+    req, env = _requirements(), _environment_pip()
+    assert len(req) >= 5
+    assert set(req.items()) == set(env.items())
+
+
+def test_environment_yml_uses_pip_for_python_packages():
+    """environment.yml is named imagenet-ffcv, uses conda-forge and installs pip."""
+    env = yaml.safe_load((REPO / 'environment.yml').read_text())
+    assert env['name'] == 'imagenet-ffcv'
+    assert 'conda-forge' in env['channels']
+    assert 'pip' in env['dependencies']
+
+
+@pytest.mark.parametrize('name, pinned', [('torch', '2.14.1'), ('torchvision', '0.29.1'),
+                                          ('ffcv', '1.0.2')])
+def test_core_pins(name, pinned):
+    """torch, torchvision and ffcv are pinned to the versions the project was built with."""
+    assert _requirements().get(name) == pinned
+    assert _environment_pip().get(name) == pinned
+
+
+@pytest.mark.parametrize('name', ['numpy', 'numba', 'fastargs', 'torch'])
+def test_installed_version_matches_pin(name):
+    """The installed version (local suffix like +cu130 stripped) is the pinned one."""
+    installed = version(name).split('+', 1)[0]
+    assert installed == _requirements()[name]
+
+
+def test_ci_runs_make_test():
+    """.ci/run runs exactly `make test` (the README's test command)."""
+    commands = [line.strip() for line in (REPO / '.ci' / 'run').read_text().splitlines()
+                if line.strip() and not line.lstrip().startswith('#')]
+    assert 'make test' in commands
+
+
+def test_makefile_has_demo_and_test_targets():
+    """The Makefile defines the demo and test targets; test runs pytest on tests/."""
+    text = (REPO / 'Makefile').read_text()
+    assert re.search(r'^demo:', text, re.M) and re.search(r'^test:', text, re.M)
+    assert re.search(r'^\t.*-m pytest .*tests', text, re.M)
+
+
+def test_readme_shows_make_demo_and_make_test():
+    """README.md shows the `make demo` and `make test` commands."""
+    readme = REPO / 'README.md'
+    if not readme.exists():
+        pytest.skip('README.md not written yet')
+    lines = [line.strip().lstrip('$ ').strip() for line in readme.read_text().splitlines()]
+    assert 'make demo' in lines
+    assert 'make test' in lines

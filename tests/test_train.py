@@ -1,0 +1,100 @@
+"""train_imagenet.py end to end on CPU: a short run, its outputs, and a 2-process torchrun run."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import torchvision
+
+from conftest import REPO, run_env
+import train_imagenet
+from imagenet_ffcv import config, data, engine, models
+
+
+def small_config(betons, folder, *extra):
+    return config.load_config([
+        f'--data.train_dataset={betons["train"]}', f'--data.val_dataset={betons["val"]}',
+        '--data.num_workers=2', f'--logging.folder={folder}', '--model.arch=resnet18',
+        '--training.batch_size=32', '--validation.batch_size=64', '--validation.resolution=32',
+        '--lr.lr=0.1', '--lr.lr_peak_epoch=1', *extra])
+
+
+@pytest.fixture(scope='module')
+def short_run(sample_betons, tmp_path_factory):
+    folder = tmp_path_factory.mktemp('runs')
+    cfg = small_config(sample_betons, folder, '--training.epochs=6', '--resolution.min_res=32',
+                       '--resolution.max_res=64', '--resolution.start_ramp=3',
+                       '--resolution.end_ramp=5', '--lr.ref_batch_size=64')
+    summary = train_imagenet.main(cfg)
+    return summary, cfg
+
+
+def test_short_run_learns_and_logs(short_run):
+    summary, cfg = short_run
+    run_dir = summary['run_dir']
+    log = [json.loads(line) for line in open(f'{run_dir}/log.jsonl')]
+    assert [r['epoch'] for r in log] == list(range(6))
+    for key in ('train_loss', 'top_1', 'top_5', 'val_loss', 'lr', 'res', 'epoch_time_s',
+                'train_img_per_s'):
+        assert all(r[key] is not None for r in log), key
+    assert log[-1]['train_loss'] < log[0]['train_loss'] - 0.1  # the loss goes down
+    assert [r['res'] for r in log] == [32, 32, 32, 32, 64, 64]  # 48 rounds to 64 (multiple of 32)
+    assert all(r['val_count'] == 100 for r in log)
+    assert log[-1]['lr'] < log[1]['lr']  # cyclic: decaying towards 0 after the peak
+    params = json.load(open(f'{run_dir}/params.json'))
+    assert params['training']['epochs'] == 6 and params['model']['arch'] == 'resnet18'
+    assert params['derived']['lr_used'] == pytest.approx(0.1 * 32 / 64)  # linear scaling
+    assert summary['top_1'] == log[-1]['top_1']
+
+
+def test_saved_weights_load_into_torchvision_and_give_logged_top1(short_run, sample_betons):
+    summary, cfg = short_run
+    state = torch.load(f'{summary["run_dir"]}/final_weights.pt', weights_only=True)
+    assert not any(k.startswith('module.') for k in state)
+    model = torchvision.models.resnet18(num_classes=10)
+    model.load_state_dict(state)  # strict: same keys as the plain torchvision model
+    models.apply_blurpool(model)  # the run trained with BlurPool
+    model = model.to(memory_format=torch.channels_last)
+    val = data.val_loader(path=sample_betons['val'], batch_size=64, num_workers=2, res=32,
+                          device=torch.device('cpu'))
+    result = engine.evaluate(model=model, loader=val, flip_tta=True)
+    assert result['count'] == 100
+    assert result['top_1'] == summary['top_1']
+
+
+def test_cli_trains_and_prints_results_table(sample_betons, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, 'train_imagenet.py', '--config', 'rn18_configs/rn18_16_epochs.yaml',
+         f'--data.train_dataset={sample_betons["train"]}',
+         f'--data.val_dataset={sample_betons["val"]}', '--data.num_workers=2',
+         '--training.epochs=1', '--lr.lr_peak_epoch=0.5', '--training.batch_size=64', '--resolution.min_res=32',
+         '--resolution.max_res=32', '--validation.resolution=32', f'--logging.folder={tmp_path}'],
+        cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert '| arch' in proc.stdout and 'top-1' in proc.stdout and 'resnet18' in proc.stdout
+    assert '-> 0.03125 used' in proc.stdout  # lr 0.5 for batch 1024, scaled to batch 64
+
+
+def test_torchrun_two_processes_stay_in_sync(sample_betons, tmp_path):
+    """Two ranks (gloo on CPU) end with bit-identical weights and BN statistics, and validation
+    counts each of the 100 val images exactly once."""
+    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
+                '--master_port=29533']
+    proc = subprocess.run(
+        torchrun + ['tests/torchrun_main.py', str(tmp_path), f'--data.train_dataset={sample_betons["train"]}',
+                    f'--data.val_dataset={sample_betons["val"]}', '--data.num_workers=1',
+                    f'--logging.folder={tmp_path}', '--model.arch=resnet18',
+                    '--training.batch_size=16', '--training.epochs=1', '--lr.lr_peak_epoch=0.5', '--resolution.min_res=32',
+                    '--resolution.max_res=32', '--validation.resolution=32',
+                    '--validation.batch_size=32'],
+        cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rank0 = json.loads((tmp_path / 'rank0.json').read_text())
+    rank1 = json.loads((tmp_path / 'rank1.json').read_text())
+    assert rank0['weights_sha256'] == rank1['weights_sha256']
+    assert rank0['val_count'] == rank1['val_count'] == 100
+    assert rank0['top_1'] == rank1['top_1']
+    log = [json.loads(line) for line in open(f'{rank0["run_dir"]}/log.jsonl')]
+    assert len(log) == 1 and log[0]['val_count'] == 100
+    assert rank1['run_dir'] is None  # only rank 0 writes
