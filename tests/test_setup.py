@@ -85,9 +85,7 @@ def test_makefile_has_demo_and_test_targets():
 
 def test_readme_shows_make_demo_and_make_test():
     """README.md shows the `make demo` and `make test` commands."""
-    readme = REPO / 'README.md'
-    if not readme.exists():
-        pytest.skip('README.md not written yet')
-    lines = [line.strip().lstrip('$ ').strip() for line in readme.read_text().splitlines()]
-    assert 'make demo' in lines
-    assert 'make test' in lines
+    lines = [line.strip().lstrip('$ ') for line in (REPO / 'README.md').read_text().splitlines()]
+    first_commands = [line.split('#')[0].strip() for line in lines[:6]]
+    assert 'make demo' in first_commands  # among the README's first lines
+    assert 'make test' in first_commands
