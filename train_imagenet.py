@@ -23,8 +23,7 @@ from pathlib import Path
 
 import torch
 
-from imagenet_ffcv import config, data, distributed, engine, models, schedules
-from imagenet_ffcv.metrics import format_table
+from imagenet_ffcv import config, data, distributed, engine, metrics, models, schedules
 
 
 def main(cfg) -> dict:
@@ -81,7 +80,9 @@ def train(cfg, dist, wall_start) -> dict:
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.training.label_smoothing)
     lr_at = lambda t: schedules.lr_at(  # noqa: E731
         t, schedule=cfg.lr.lr_schedule_type, lr=lr, epochs=epochs, peak_epoch=cfg.lr.lr_peak_epoch,
-        step_ratio=cfg.lr.step_ratio, step_length=cfg.lr.step_length)
+        step_ratio=cfg.lr.step_ratio, step_length=cfg.lr.step_length,
+        step_fractions=schedules.parse_fractions(cfg.lr.step_fractions),
+        poly_power=cfg.lr.poly_power, warmup_epochs=cfg.lr.warmup_epochs)
 
     # Run folder, written by rank 0 only.
     run_dir = None
@@ -100,8 +101,9 @@ def train(cfg, dist, wall_start) -> dict:
               f'lr {cfg.lr.lr:g} in the config (for a global batch of '
               f'{cfg.lr.ref_batch_size or "any size: no scaling"}) -> {lr:g} used')
 
-    # Epochs.
-    images_total, train_seconds = 0, 0.0
+    # Epochs. Validation after every epoch (log_level 1, or a top-1 target set) or the last one.
+    target = cfg.training.target_top1
+    images_total, train_seconds, reached = 0, 0.0, None
     for epoch in range(epochs):
         res = res_at(epoch)
         decoder.output_size = (res, res)
@@ -112,15 +114,21 @@ def train(cfg, dist, wall_start) -> dict:
         images_total += images
         train_seconds += stats['seconds']
         distributed.broadcast_buffers(plain_model)  # BN statistics of rank 0 on every rank
-        val = None
-        if cfg.logging.log_level > 0 or epoch == epochs - 1:
-            val = engine.evaluate(model=plain_model, loader=val_loader, amp_dtype=amp_dtype,
-                                  flip_tta=bool(cfg.validation.lr_tta))
+        val = {}
+        if cfg.logging.log_level > 0 or target > 0 or epoch == epochs - 1:
+            val = metrics.with_error_rates(engine.evaluate(
+                model=plain_model, loader=val_loader, amp_dtype=amp_dtype,
+                flip_tta=bool(cfg.validation.lr_tta)))
+            val['val_count'] = val.pop('count')
+            final_val = val
+        if target > 0 and val['top_1'] >= target:
+            reached = {'epoch': epoch, 'time_to_target_s': time.perf_counter() - wall_start}
+        if reached or epoch == epochs - 1:
+            if cfg.validation.ten_crop:
+                val.update(ten_crop_eval(cfg, dist, plain_model, amp_dtype))
         if dist.is_primary:
-            record = {'epoch': epoch, 'train_loss': stats['train_loss'],
-                      'top_1': val['top_1'] if val else None, 'top_5': val['top_5'] if val else None,
-                      'val_loss': val['val_loss'] if val else None, 'val_count': val and val['count'],
-                      'lr': stats['lr'], 'res': res, 'epoch_time_s': stats['seconds'],
+            record = {'epoch': epoch, 'train_loss': stats['train_loss'], **val, 'lr': stats['lr'],
+                      'res': res, 'epoch_time_s': stats['seconds'],
                       'train_img_per_s': images / stats['seconds'],
                       'wall_time_s': time.perf_counter() - wall_start}
             with open(run_dir / 'log.jsonl', 'a') as f:
@@ -128,20 +136,32 @@ def train(cfg, dist, wall_start) -> dict:
             top1 = f'{val["top_1"]:.4f}' if val else '-'
             print(f'epoch {epoch}: res {res}, train loss {stats["train_loss"]:.4f}, top-1 {top1}, '
                   f'{record["train_img_per_s"]:.0f} img/s, {stats["seconds"]:.1f} s', flush=True)
+        if reached:
+            break
 
     summary = {'run_dir': str(run_dir) if run_dir else None, 'arch': cfg.model.arch,
-               'epochs': epochs, 'top_1': val['top_1'], 'top_5': val['top_5'],
-               'val_count': val['count'], 'wall_time_s': time.perf_counter() - wall_start,
+               'epochs': epoch + 1, **final_val, 'flip_tta': bool(cfg.validation.lr_tta),
+               'target_top1': target or None,
+               'target_reached_epoch': reached and reached['epoch'],
+               'time_to_target_s': reached and reached['time_to_target_s'],
+               'wall_time_s': time.perf_counter() - wall_start,
                'train_img_per_s': images_total / max(train_seconds, 1e-9),
                'weights_sha256': models.state_sha256(plain_model)}
     if dist.is_primary:
         torch.save(models.unwrapped_state_dict(model), run_dir / 'final_weights.pt')
-        print(format_table([[summary['arch'], epochs, f'{100 * summary["top_1"]:.2f} %',
-                             f'{100 * summary["top_5"]:.2f} %', f'{summary["wall_time_s"]:.0f} s',
-                             f'{summary["train_img_per_s"]:.0f}']],
-                           ['arch', 'epochs', 'top-1', 'top-5', 'wall time', 'train img/s']))
+        print(metrics.results_table(summary))
     return summary
 
+
+def ten_crop_eval(cfg, dist, model, amp_dtype) -> dict:
+    """10-crop top-1/top-5 (and error rates) of ``model``, keys suffixed ``_10crop``."""
+    loader = data.val_loader(path=cfg.data.val_dataset, batch_size=cfg.validation.batch_size,
+                             num_workers=cfg.data.num_workers, res=cfg.validation.resolution,
+                             device=dist.device, rank=dist.rank, world_size=dist.world_size,
+                             crop_ratio=1.0)
+    result = metrics.with_error_rates(engine.evaluate(model=model, loader=loader,
+                                                      amp_dtype=amp_dtype, ten_crop=True))
+    return {f'{k}_10crop': v for k, v in result.items() if k != 'count'}
 
 if __name__ == '__main__':
     try:

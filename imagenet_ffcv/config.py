@@ -15,6 +15,8 @@ import yaml
 from fastargs import Config, Param, Section
 from fastargs.validation import And, OneOf
 
+from . import schedules
+
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema; the message names the key."""
@@ -43,11 +45,16 @@ def _schema(config: Config) -> None:
     section('lr', 'learning-rate schedule',
             lr=Param(float, 'peak LR (cyclic) or initial LR (step), for ref_batch_size images '
                             'per step when ref_batch_size is set', default=0.5),
-            lr_schedule_type=Param(OneOf(['cyclic', 'step']), 'cyclic (triangular) or step',
-                                   default='cyclic'),
+            lr_schedule_type=Param(OneOf(['cyclic', 'step', 'poly']),
+                                   'cyclic (triangular), step or poly', default='cyclic'),
             lr_peak_epoch=Param(float, 'cyclic: epoch at which the LR peaks', default=2),
             step_ratio=Param(float, 'step: LR multiplier at each step', default=0.1),
             step_length=Param(int, 'step: epochs between steps', default=30),
+            step_fractions=Param(str, "step: steps at these fractions of training instead of "
+                                      "every step_length epochs, e.g. '1/3,2/3'", default=''),
+            poly_power=Param(float, 'poly: exponent of (1 - t / epochs)', default=1.0),
+            warmup_epochs=Param(float, 'linear warm-up from 0 over this many epochs (any '
+                                       'schedule); 0: none', default=0.0),
             ref_batch_size=Param(int, 'global batch (images per step) lr was tuned for; the LR '
                                       'used is lr * batch_size * world_size / ref_batch_size. '
                                       '0: use lr as is', default=0))
@@ -59,7 +66,9 @@ def _schema(config: Config) -> None:
             batch_size=Param(int, 'validation batch per process', default=512),
             resolution=Param(int, 'side of the centre crop (px)', default=256),
             lr_tta=Param(int, '1: average the logits of the image and its left-right flip',
-                         default=1))
+                         default=1),
+            ten_crop=Param(int, '1: also report 10-crop accuracy (corners + centre of the central '
+                                'square, and their flips) after the last epoch', default=0))
     section('training', 'optimisation',
             eval_only=Param(int, 'must be 0 for now', default=0),
             batch_size=Param(int, 'training batch per process (images)', default=512),
@@ -73,7 +82,9 @@ def _schema(config: Config) -> None:
             channels_last=Param(int, '1: NHWC memory format for the model', default=1),
             distributed=Param(int, 'ignored (kept for ffcv-imagenet configs): launch with '
                                    'torchrun for several processes', default=0),
-            seed=Param(int, 'seed of weights init and data order', default=0))
+            seed=Param(int, 'seed of weights init and data order', default=0),
+            target_top1=Param(float, 'stop at the first epoch whose validation top-1 reaches this '
+                                     'fraction (e.g. 0.6); 0: train all epochs', default=0.0))
     section('dist', 'kept so ffcv-imagenet configs load; torchrun sets the real values',
             world_size=Param(int, 'number of GPUs the config was written for', default=1),
             address=Param(str, 'ignored: use torchrun --rdzv-endpoint', default='localhost'),
@@ -169,6 +180,16 @@ def _check_consistency(cfg) -> None:
     if cfg.lr.lr_schedule_type == 'cyclic' and not 0 <= cfg.lr.lr_peak_epoch <= cfg.training.epochs:
         problems.append(f'lr.lr_peak_epoch={cfg.lr.lr_peak_epoch} must lie in '
                         f'[0, training.epochs={cfg.training.epochs}]')
+    try:
+        schedules.parse_fractions(cfg.lr.step_fractions)
+    except ValueError as e:
+        problems.append(f'lr.step_fractions={cfg.lr.step_fractions!r}: {e}')
+    if cfg.lr.warmup_epochs < 0 or cfg.lr.warmup_epochs > cfg.training.epochs:
+        problems.append(f'lr.warmup_epochs={cfg.lr.warmup_epochs} must lie in '
+                        f'[0, training.epochs={cfg.training.epochs}]')
+    if not 0 <= cfg.training.target_top1 <= 1:
+        problems.append(f'training.target_top1={cfg.training.target_top1} must be a fraction in '
+                        f'[0, 1] (0: off), e.g. 0.6 for 60 %')
     if cfg.lr.ref_batch_size < 0:
         problems.append(f'lr.ref_batch_size={cfg.lr.ref_batch_size} must be >= 0 (0: no scaling)')
     if problems:

@@ -302,8 +302,9 @@ def train_loader(*, path, batch_size: int, num_workers: int, res: int, in_memory
 
 
 def val_loader(*, path, batch_size: int, num_workers: int, res: int, device, rank: int = 0,
-               world_size: int = 1):
-    """The validation loader: centre crop (224/256 of the shorter side) resized to ``res`` x ``res``.
+               world_size: int = 1, crop_ratio: float = DEFAULT_CROP_RATIO):
+    """The validation loader: centre crop (``crop_ratio`` of the shorter side, 224/256 by default;
+    1.0 gives the whole central square, for 10-crop evaluation) resized to ``res`` x ``res``.
 
     Each of ``world_size`` ranks reads the disjoint slice ``rank::world_size`` of the samples, in
     order, keeping the last partial batch, so across ranks every image is seen exactly once (ffcv's
@@ -315,7 +316,7 @@ def val_loader(*, path, batch_size: int, num_workers: int, res: int, device, ran
     path = _check_beton(path)
     # uint64 as ffcv's own default: int64 indices meet its uint64 ones and numba sees float64.
     indices = np.arange(rank, num_samples(path), world_size, dtype=np.uint64)
-    decoder = CenterCropRGBImageDecoder((res, res), ratio=DEFAULT_CROP_RATIO)
+    decoder = CenterCropRGBImageDecoder((res, res), ratio=crop_ratio)
     return Loader(path, batch_size=batch_size, num_workers=num_workers, order=OrderOption.SEQUENTIAL,
                   drop_last=False, indices=indices,
                   pipelines={'image': [decoder] + _image_tail(device),

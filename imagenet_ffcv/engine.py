@@ -3,9 +3,11 @@ import time
 
 import torch
 import torch.nn.functional as F
+import torchvision.transforms.functional as TF
 from tqdm import tqdm
 
 from . import distributed
+from .data import DEFAULT_CROP_RATIO
 from .metrics import topk_correct
 
 
@@ -50,30 +52,36 @@ def train_one_epoch(*, model, loader, optimizer, loss_fn, lr_at, epoch: int, amp
 
 
 @torch.no_grad()
-def evaluate(*, model, loader, amp_dtype=None, flip_tta: bool = True) -> dict:
+def evaluate(*, model, loader, amp_dtype=None, flip_tta: bool = True, ten_crop: bool = False) -> dict:
     """Top-1, top-5 and cross-entropy of ``model`` over ``loader``, summed over all ranks.
 
     Each rank passes its own disjoint part of the val set (see ``data.val_loader``), so every image
     counts once. Pass the plain model, not the DDP wrapper: ranks may see different batch counts.
     flip_tta: logits are the mean of those of the image and of its left-right flip; the loss
     (without label smoothing) is taken on those mean logits, averaged per image.
+    ten_crop: instead, the mean logits of 10 views (Krizhevsky et al. 2012): the four corner crops
+    and the centre crop, each ``224/256`` of the side of the square input, and their flips. Feed it
+    whole central squares (``data.val_loader(..., crop_ratio=1.0)``).
     Returns ``{'top_1', 'top_5'}`` as fractions in [0, 1], ``'val_loss'`` and ``'count'`` (images).
     """
     model.eval()
     device = next(model.parameters()).device
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # top-1 hits, top-5 hits, loss, count
+    hits1 = hits5 = count = 0
+    loss_sum = 0.0
     for x, y in loader:
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            logits = model(x)
-            if flip_tta:
-                logits = (logits + model(torch.flip(x, dims=[3]))) / 2
+            if ten_crop:
+                side = round(x.shape[-1] * DEFAULT_CROP_RATIO)
+                logits = sum(model(view) for view in TF.ten_crop(x, [side, side])) / 10
+            else:
+                logits = model(x)
+                if flip_tta:
+                    logits = (logits + model(torch.flip(x, dims=[3]))) / 2
         logits = logits.float()
         top1, top5 = topk_correct(logits, y, ks=(1, 5))
-        loss = F.cross_entropy(logits, y, reduction='sum')
-        sums += torch.stack([torch.tensor(float(top1), dtype=torch.float64, device=device),
-                             torch.tensor(float(top5), dtype=torch.float64, device=device),
-                             loss.double(), torch.tensor(float(y.shape[0]), dtype=torch.float64,
-                                                         device=device)])
+        hits1, hits5, count = hits1 + top1, hits5 + top5, count + y.shape[0]
+        loss_sum += float(F.cross_entropy(logits, y, reduction='sum'))
+    sums = torch.tensor([hits1, hits5, loss_sum, count], dtype=torch.float64, device=device)
     top1, top5, loss, count = distributed.all_reduce_sum(sums).tolist()
     n = max(count, 1)
     return {'top_1': top1 / n, 'top_5': top5 / n, 'val_loss': loss / n, 'count': int(count)}

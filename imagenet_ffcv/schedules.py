@@ -30,14 +30,62 @@ def step_lr(t: float, *, lr: float, step_ratio: float, step_length: float) -> fl
     return lr * step_ratio ** math.floor(t / step_length)
 
 
-def lr_at(t: float, *, schedule: str, lr: float, epochs: int, peak_epoch: float,
-          step_ratio: float, step_length: float) -> float:
-    """The LR of the named schedule (``'cyclic'`` or ``'step'``) at fractional epoch ``t``."""
+def multistep_lr(t: float, *, lr: float, step_ratio: float, milestones) -> float:
+    """Step LR at given epochs: ``lr * step_ratio ** (number of milestones <= t)``. The classic
+    ResNet-50 recipe (He et al. 2015; torchvision's reference) divides by 10 at epochs 30 and 60 of
+    90, i.e. at 1/3 and 2/3 of training. Units: ``t`` and ``milestones`` in epochs."""
+    return lr * step_ratio ** sum(1 for m in milestones if t >= m)
+
+
+def poly_lr(t: float, *, lr: float, epochs: int, power: float) -> float:
+    """Polynomial decay, as Caffe's ``lr_policy: "poly"``: ``lr * (1 - t / epochs) ** power``, 0 from
+    ``t = epochs`` on. Units: ``t`` in epochs (Caffe counts iterations; the ratio is the same)."""
+    return lr * max(0.0, 1.0 - t / epochs) ** power
+
+
+def warmup_factor(t: float, *, warmup_epochs: float) -> float:
+    """Linear warm-up (Goyal et al. 2017): the schedule's LR is multiplied by ``t / warmup_epochs``
+    during the first ``warmup_epochs`` epochs, then by 1. ``warmup_epochs`` 0: no warm-up."""
+    return 1.0 if warmup_epochs <= 0 or t >= warmup_epochs else t / warmup_epochs
+
+
+def parse_fractions(text: str) -> list:
+    """``'1/3, 2/3'`` or ``'0.5'`` -> sorted list of floats, each in (0, 1); ``''`` -> [].
+    Raises ValueError naming the bad item."""
+    from fractions import Fraction
+    values = []
+    for item in filter(None, (part.strip() for part in text.split(','))):
+        try:
+            value = float(Fraction(item))
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(f'{item!r} is not a fraction such as 1/3 or 0.5') from None
+        if not 0 < value < 1:
+            raise ValueError(f'{item!r} must lie strictly between 0 and 1')
+        values.append(value)
+    return sorted(values)
+
+
+def lr_at(t: float, *, schedule: str, lr: float, epochs: int, peak_epoch: float = 2,
+          step_ratio: float = 0.1, step_length: float = 30, step_fractions=(),
+          poly_power: float = 1.0, warmup_epochs: float = 0.0) -> float:
+    """The LR at fractional epoch ``t`` of the named schedule, times the warm-up factor.
+
+    schedule: ``'cyclic'`` (:func:`cyclic_lr`), ``'step'`` (:func:`multistep_lr` at
+    ``step_fractions`` of ``epochs`` when given, else :func:`step_lr` every ``step_length`` epochs)
+    or ``'poly'`` (:func:`poly_lr`). Raises ValueError for another name.
+    """
     if schedule == 'cyclic':
-        return cyclic_lr(t, lr=lr, epochs=epochs, peak_epoch=peak_epoch)
-    if schedule == 'step':
-        return step_lr(t, lr=lr, step_ratio=step_ratio, step_length=step_length)
-    raise ValueError(f"lr.lr_schedule_type={schedule!r}: expected 'cyclic' or 'step'")
+        value = cyclic_lr(t, lr=lr, epochs=epochs, peak_epoch=peak_epoch)
+    elif schedule == 'step' and step_fractions:
+        value = multistep_lr(t, lr=lr, step_ratio=step_ratio,
+                             milestones=[f * epochs for f in step_fractions])
+    elif schedule == 'step':
+        value = step_lr(t, lr=lr, step_ratio=step_ratio, step_length=step_length)
+    elif schedule == 'poly':
+        value = poly_lr(t, lr=lr, epochs=epochs, power=poly_power)
+    else:
+        raise ValueError(f"lr.lr_schedule_type={schedule!r}: expected 'cyclic', 'step' or 'poly'")
+    return value * warmup_factor(t, warmup_epochs=warmup_epochs)
 
 
 def scaled_lr(lr: float, *, batch_size: int, world_size: int, ref_batch_size: int) -> float:

@@ -129,9 +129,10 @@ def test_demo_config_loads_without_overrides():
     """demo/rn18_demo.yaml sets the datasets and folder itself: loads with no other argument."""
     cfg = load_config(['--config', str(REPO / 'demo' / 'rn18_demo.yaml')])
     assert cfg.model.arch == 'resnet18'
-    assert cfg.data.train_dataset == 'demo_out/train_128.beton'
-    assert cfg.training.epochs == 18 and cfg.training.batch_size == 32
-    assert (cfg.resolution.min_res, cfg.resolution.max_res) == (64, 96)
+    makefile = (REPO / 'Makefile').read_text()  # the demo trains on what `make demo` writes
+    assert f'--out {cfg.data.train_dataset}' in makefile
+    assert f'--out {cfg.data.val_dataset}' in makefile
+    assert cfg.resolution.min_res <= cfg.resolution.max_res <= 128  # within the betons' 128 px
     assert cfg.lr.ref_batch_size == 0  # default: no scaling
 
 
