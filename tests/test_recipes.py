@@ -1,0 +1,145 @@
+"""Classic-recipe parity: poly / fraction-step LR with warm-up, any torchvision model, 10-crop
+evaluation, stopping at a top-1 target, error rates, and the classic recipe configs."""
+import json
+
+import pytest
+import torch
+
+from conftest import REPO
+import train_imagenet
+from imagenet_ffcv import config, engine, metrics, models, schedules
+
+
+def test_poly_lr_values():
+    assert schedules.poly_lr(0, lr=1.0, epochs=10, power=2) == 1.0
+    assert schedules.poly_lr(5, lr=1.0, epochs=10, power=2) == pytest.approx(0.25)
+    assert schedules.poly_lr(7.5, lr=0.4, epochs=10, power=1) == pytest.approx(0.1)
+    assert schedules.poly_lr(10, lr=1.0, epochs=10, power=2) == 0.0
+    assert schedules.poly_lr(12, lr=1.0, epochs=10, power=2) == 0.0
+
+
+def test_step_at_fractions_of_training_is_the_classic_30_60_of_90():
+    fractions = schedules.parse_fractions('1/3, 2/3')
+    lr = lambda t: schedules.lr_at(t, schedule='step', lr=0.1, epochs=90,  # noqa: E731
+                                   step_ratio=0.1, step_fractions=fractions)
+    assert lr(0) == pytest.approx(0.1) and lr(29.99) == pytest.approx(0.1)
+    assert lr(30) == pytest.approx(0.01) and lr(59.99) == pytest.approx(0.01)
+    assert lr(60) == pytest.approx(0.001) and lr(89.99) == pytest.approx(0.001)
+
+
+def test_parse_fractions_rejects_bad_items():
+    assert schedules.parse_fractions('') == []
+    assert schedules.parse_fractions('0.75, 1/4') == [0.25, 0.75]
+    for bad in ('1/0', 'abc', '1.5', '0'):
+        with pytest.raises(ValueError, match=repr(bad).replace('.', r'\.')):
+            schedules.parse_fractions(bad)
+
+
+def test_linear_warmup_applies_to_every_schedule():
+    for schedule in ('cyclic', 'step', 'poly'):
+        base = schedules.lr_at(5.0, schedule=schedule, lr=0.8, epochs=20, peak_epoch=2)
+        warm = schedules.lr_at(1.25, schedule=schedule, lr=0.8, epochs=20, peak_epoch=2,
+                               warmup_epochs=5)
+        cold = schedules.lr_at(1.25, schedule=schedule, lr=0.8, epochs=20, peak_epoch=2)
+        assert warm == pytest.approx(cold * 1.25 / 5), schedule
+        assert schedules.lr_at(5.0, schedule=schedule, lr=0.8, epochs=20, peak_epoch=2,
+                               warmup_epochs=5) == pytest.approx(base), schedule
+    assert schedules.lr_at(0.0, schedule='step', lr=0.8, epochs=20, warmup_epochs=5) == 0.0
+
+
+@pytest.mark.parametrize('arch', ['alexnet', 'mobilenet_v3_large', 'efficientnet_b0',
+                                  'convnext_tiny', 'vgg11_bn', 'resnet50'])
+def test_torchvision_architectures_take_a_cpu_step(arch):
+    """Any torchvision classifier by name: 7 classes from the data, BlurPool and channels_last on,
+    one SGD step on tiny images changes the weights and keeps the loss finite."""
+    torch.manual_seed(0)
+    model = models.build_model(arch=arch, num_classes=7, use_blurpool=True, channels_last=True)
+    optimizer = torch.optim.SGD(models.param_groups(model, weight_decay=5e-5, bn_wd=False),
+                                lr=0.01, momentum=0.9)
+    x = torch.randn(2, 3, 64, 64).to(memory_format=torch.channels_last)
+    y = torch.tensor([0, 6])
+    before = [p.detach().clone() for p in model.parameters()]
+    model.train()
+    logits = model(x)
+    assert logits.shape == (2, 7)
+    loss = torch.nn.functional.cross_entropy(logits, y)
+    loss.backward()
+    optimizer.step()
+    assert torch.isfinite(loss)
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+def test_ten_crop_averages_corners_centre_and_flips():
+    """engine.evaluate(ten_crop=True) gives the logits' mean over the 4 corner crops, the centre
+    crop (224/256 of the side) and their left-right flips, worked out here by slicing."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(),
+                                torch.nn.LazyLinear(5)).eval()
+    x = torch.randn(3, 3, 32, 32)
+    c = 28  # round(32 * 224 / 256)
+    crops = [x[..., :c, :c], x[..., :c, -c:], x[..., -c:, :c], x[..., -c:, -c:],
+             x[..., 2:2 + c, 2:2 + c]]
+    views = crops + [v.flip(-1) for v in crops]
+    with torch.no_grad():
+        expected = sum(model(v) for v in views) / 10
+    y = expected.argmax(1)
+    y_wrong = expected.argmin(1)
+    assert engine.evaluate(model=model, loader=[(x, y)], ten_crop=True)['top_1'] == 1.0
+    assert engine.evaluate(model=model, loader=[(x, y_wrong)], ten_crop=True)['top_1'] == 0.0
+    loss = torch.nn.functional.cross_entropy(expected, y).item()
+    assert engine.evaluate(model=model, loader=[(x, y)], ten_crop=True)['val_loss'] == \
+        pytest.approx(loss, rel=1e-5)
+
+
+def test_results_table_gives_accuracy_and_error_rates():
+    summary = metrics.with_error_rates({'top_1': 0.7612, 'top_5': 0.9287})
+    assert summary['top_1_err'] == pytest.approx(0.2388)
+    summary.update(arch='resnet50', epochs=90, wall_time_s=100.0, train_img_per_s=2500.0,
+                   top_1_10crop=0.775, top_5_10crop=0.935, top_1_err_10crop=0.225,
+                   top_5_err_10crop=0.065, target_top1=0.6, target_reached_epoch=7,
+                   time_to_target_s=3600.0)
+    table = metrics.results_table(summary)
+    assert 'top-1 err' in table and '23.88 %' in table and '76.12 %' in table
+    assert '10-crop' in table and '77.50 %' in table
+    assert 'reached at epoch 7' in table and '3600 s' in table
+
+
+def test_stop_at_target_top1_with_ten_crop_and_error_rates(sample_betons, tmp_path, capsys):
+    """The run ends at the first epoch whose top-1 reaches the target, with weights, log (error
+    rates, 10-crop on the last line) and a results table that gives the time to accuracy."""
+    target = 0.12
+    cfg = config.load_config([
+        f'--data.train_dataset={sample_betons["train"]}', f'--data.val_dataset={sample_betons["val"]}',
+        '--data.num_workers=2', f'--logging.folder={tmp_path}', '--model.arch=resnet18',
+        '--training.batch_size=32', '--validation.batch_size=64', '--validation.resolution=32',
+        '--resolution.min_res=32', '--resolution.max_res=32', '--lr.lr=0.1',
+        '--lr.lr_schedule_type=poly', '--lr.warmup_epochs=1', '--training.epochs=4',
+        f'--training.target_top1={target}', '--validation.ten_crop=1'])
+    summary = train_imagenet.main(cfg)
+    log = [json.loads(line) for line in open(f'{summary["run_dir"]}/log.jsonl')]
+    tops = [r['top_1'] for r in log]
+    first = next((i for i, t in enumerate(tops) if t >= target), None)
+    assert summary['target_reached_epoch'] == first
+    assert len(log) == (first + 1 if first is not None else 4)
+    assert all(t < target for t in tops[:-1])  # it did not run past the target
+    for r in log:
+        assert r['top_1_err'] == pytest.approx(1 - r['top_1'])
+    assert 0 <= log[-1]['top_1_10crop'] <= 1  # 10-crop once, for the final weights
+    assert all('top_1_10crop' not in r for r in log[:-1])
+    assert (tmp_path / summary['run_dir'] / 'final_weights.pt').exists()
+    out = capsys.readouterr().out
+    assert '10-crop' in out and 'top-1 err' in out
+    assert ('reached at epoch' in out) == (first is not None)
+
+
+def test_classic_recipe_configs_load():
+    base = ['--data.train_dataset=x', '--data.val_dataset=y']
+    step = config.load_config(['--config', str(REPO / 'rn50_configs/rn50_step_90_epochs.yaml')] + base)
+    assert (step.lr.lr, step.lr.ref_batch_size, step.training.weight_decay) == (0.1, 256, 1e-4)
+    lr = lambda t: schedules.lr_at(t, schedule=step.lr.lr_schedule_type, lr=step.lr.lr,  # noqa
+                                   epochs=step.training.epochs, step_ratio=step.lr.step_ratio,
+                                   step_fractions=schedules.parse_fractions(step.lr.step_fractions))
+    assert [lr(t) for t in (29.5, 30.5, 60.5)] == pytest.approx([0.1, 0.01, 0.001])
+    assert step.resolution.min_res == step.resolution.max_res == 224
+    target = config.load_config(['--config', str(REPO / 'rn50_configs/rn50_60pct_target.yaml')] + base)
+    assert target.training.target_top1 == 0.6 and target.model.arch == 'resnet50'
