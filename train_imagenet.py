@@ -46,6 +46,7 @@ def main(cfg) -> dict:
 def train(cfg, dist, wall_start) -> dict:
     device = dist.device
     amp_dtype = torch.bfloat16 if device.type == 'cuda' else None  # fp32 on CPU
+    torch.backends.cudnn.benchmark = device.type == 'cuda'  # fixed shapes within an epoch
     torch.manual_seed(cfg.training.seed)  # same initial weights on every rank
 
     # Data: the resolution changes per epoch through the decoder, without rebuilding the loader.
@@ -61,7 +62,7 @@ def train(cfg, dist, wall_start) -> dict:
         path=cfg.data.val_dataset, batch_size=cfg.validation.batch_size,
         num_workers=cfg.data.num_workers, res=cfg.validation.resolution, device=device,
         rank=dist.rank, world_size=dist.world_size)
-    num_classes = data.num_classes(cfg.data.train_dataset)
+    num_classes = data.num_classes(cfg.data.train_dataset, val_path=cfg.data.val_dataset)
 
     # Model and optimiser.
     model = models.build_model(arch=cfg.model.arch, num_classes=num_classes,
@@ -78,10 +79,10 @@ def train(cfg, dist, wall_start) -> dict:
                             bn_wd=bool(cfg.training.bn_wd)),
         lr=lr, momentum=cfg.training.momentum)
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.training.label_smoothing)
+    step_fractions = schedules.parse_fractions(cfg.lr.step_fractions)
     lr_at = lambda t: schedules.lr_at(  # noqa: E731
         t, schedule=cfg.lr.lr_schedule_type, lr=lr, epochs=epochs, peak_epoch=cfg.lr.lr_peak_epoch,
-        step_ratio=cfg.lr.step_ratio, step_length=cfg.lr.step_length,
-        step_fractions=schedules.parse_fractions(cfg.lr.step_fractions),
+        step_ratio=cfg.lr.step_ratio, step_length=cfg.lr.step_length, step_fractions=step_fractions,
         poly_power=cfg.lr.poly_power, warmup_epochs=cfg.lr.warmup_epochs)
 
     # Run folder, written by rank 0 only.

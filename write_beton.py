@@ -1,12 +1,24 @@
 """Convert ImageNet-style class folders (DATA_DIR/{train,val}/<wnid>/*.JPEG) to an FFCV .beton file.
 
+Also reads Kaggle's ImageNet tree (DATA_DIR/ILSVRC/Data/CLS-LOC/{train,val} with flat val images
+labelled by DATA_DIR/LOC_val_solution.csv) and the raw ILSVRC-2012 tars without extracting them
+(DATA_DIR/ILSVRC2012_img_train.tar of per-class <wnid>.tar, ILSVRC2012_img_val.tar, labelled by
+DATA_DIR/LOC_val_solution.csv); --layout picks one, by default it is detected.
+
 Each image is resized so its shorter side is at most --max-res pixels (aspect ratio kept, never
 upscaled), the role of the classic `convert -resize "256^>"` step. Class i is the i-th wnid folder of
 the sorted *train* split, for both splits; the class list is written beside the .beton
 (train_256.beton -> train_256.classes.tsv).
 
+Files that cannot be decoded (truncated, empty, not an image, unreadable) are skipped and listed
+with the reason in NAME.skipped.tsv beside the .beton; --strict makes any of them an error (nothing
+written). The free space of the target folder is checked first. The file is written as the dot
+file .NAME.partial-PID and renamed when complete; temporaries of killed runs are removed by the
+next run into the same folder.
+
     python write_beton.py --data-dir $IMAGENET_DIR --split train --max-res 256
     python write_beton.py --data-dir $IMAGENET_DIR --split val --max-res 256
+    python write_beton.py --verify betons/val_256.beton    # read back and decode every record
 """
 import argparse
 import os
@@ -22,7 +34,12 @@ def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--data-dir', default=os.environ.get('IMAGENET_DIR'),
                    help='folder holding train/ and val/ (default: $IMAGENET_DIR)')
-    p.add_argument('--split', required=True, choices=['train', 'val'])
+    p.add_argument('--split', choices=['train', 'val'])
+    p.add_argument('--layout', choices=('auto',) + data.LAYOUTS, default='auto',
+                   help='input layout: folders (train/<wnid>/, val/<wnid>/), kaggle '
+                        '(ILSVRC/Data/CLS-LOC/ + LOC_val_solution.csv), tars '
+                        '(ILSVRC2012_img_{train,val}.tar read in place + LOC_val_solution.csv); '
+                        'auto: detected from --data-dir')
     p.add_argument('--max-res', type=int, default=256, help='shorter side at most this (px)')
     p.add_argument('--out', default=None, help='output file (default betons/{split}_{max_res}.beton)')
     p.add_argument('--write-mode', choices=['jpg', 'raw', 'proportion'], default='jpg',
@@ -32,7 +49,17 @@ def parse_args(argv):
     p.add_argument('--num-workers', type=int, default=0, help='processes (default: all cores)')
     p.add_argument('--subset', type=int, default=0,
                    help='write a random N images (seed 0) instead of all, e.g. for a quick trial')
+    p.add_argument('--strict', action='store_true',
+                   help='fail (writing nothing) if any image cannot be decoded, instead of '
+                        'skipping it and listing it in NAME.skipped.tsv')
+    p.add_argument('--verify', metavar='FILE', default=None,
+                   help='only read FILE back: counts, images per class, sizes, decode every '
+                        'record; exit 1 on any problem')
     args = p.parse_args(argv)
+    if args.verify:
+        return args
+    if not args.split:
+        p.error('--split is required (unless --verify FILE)')
     if not args.data_dir:
         p.error('--data-dir is required when $IMAGENET_DIR is not set')
     if args.max_res < 1:
@@ -43,9 +70,7 @@ def parse_args(argv):
 
 def main(args) -> dict:
     """Write the .beton and its class list; returns the writer's stats plus 'classes'."""
-    root = Path(args.data_dir)
-    classes = data.find_classes(root / 'train')
-    samples = data.list_samples(root / args.split, classes)
+    classes, samples, names = data.load_split(Path(args.data_dir), args.split, args.layout)
     if args.subset:
         keep = np.random.default_rng(0).choice(len(samples), min(args.subset, len(samples)),
                                                replace=False)
@@ -53,17 +78,66 @@ def main(args) -> dict:
     stats = data.write_beton(samples, args.out, max_res=args.max_res, write_mode=args.write_mode,
                              jpeg_quality=args.jpeg_quality,
                              compress_probability=args.compress_probability,
-                             num_workers=args.num_workers)
-    data.write_class_list(data.class_list_path(args.out), classes)
-    stats['classes'] = len({label for _, label in samples})
-    print(f'{args.out}: {stats["images"]} images, {stats["classes"]} classes, '
-          f'{stats["bytes"] / 1e6:.1f} MB, {stats["img_per_s"]:.0f} img/s '
+                             num_workers=args.num_workers,
+                             skip_unreadable=not args.strict)
+    data.write_class_list(data.class_list_path(args.out), classes, names)
+    skipped = {path for path, _ in _read_report(stats['skipped_report'])}
+    stats['classes'] = len({label for path, label in samples if path not in skipped})
+    skipped_note = (f', {stats["skipped"]} skipped (listed in {stats["skipped_report"]})'
+                    if stats['skipped'] else ', 0 skipped')
+    print(f'{args.out}: {stats["images"]} images, {stats["classes"]} classes'
+          f'{skipped_note}, {stats["bytes"] / 1e6:.1f} MB, {stats["img_per_s"]:.0f} img/s '
           f'({stats["seconds"]:.1f} s); classes in {data.class_list_path(args.out)}')
+    if stats['skipped']:
+        print(f'write_beton.py: warning: {stats["skipped"]} file(s) could not be decoded and were '
+              f'skipped; see {stats["skipped_report"]}', file=sys.stderr)
     return stats
 
 
-if __name__ == '__main__':
+def _read_report(path):
+    if not path:
+        return []
+    with open(path) as f:
+        return [tuple(line.rstrip('\n').split('\t', 1)) for line in f if line.strip()]
+
+
+def verify(path) -> int:
+    """Print a summary of the .beton at ``path``; 0 if every record reads back, else 1."""
+    report = data.verify_beton(path)
+    names = {}
+    if data.class_list_path(path).exists():
+        names = dict(enumerate(data.read_class_list(data.class_list_path(path))))
+    print(f'{path}: {report["images"]} images, {len(report["per_class"])} classes, '
+          f'{report["bytes"] / 1e6:.1f} MB ({report["modes"]["jpg"]} JPEG, '
+          f'{report["modes"]["raw"]} raw)')
+    print('images per class: ' + ', '.join(f'{k}{"/" + names[k] if k in names else ""}: {v}'
+                                            for k, v in report['per_class'].items()))
+    print('shorter side (px): ' + ', '.join(f'{k}: {v}' for k, v in report['short_side'].items()))
+    if report['problems']:
+        for line in report['problems'][:20]:
+            print(f'  {line}', file=sys.stderr)
+        more = len(report['problems']) - 20
+        print(f'write_beton.py: {path}: {len(report["problems"])} problem(s)'
+              f'{f" ({more} not shown)" if more > 0 else ""}', file=sys.stderr)
+        return 1
+    print(f'{path}: OK, every record decodes')
+    return 0
+
+
+def cli(argv) -> int:
+    """The command line: returns the exit status, with a one-line message instead of a traceback
+    for expected failures (missing folders, bad images with --strict, no space, bad .beton)."""
+    args = parse_args(argv)
     try:
-        main(parse_args(sys.argv[1:]))
-    except (FileNotFoundError, ValueError, data.UnreadableImagesError) as e:
-        sys.exit(f'write_beton.py: {e}')
+        if args.verify:
+            return verify(args.verify)
+        main(args)
+        return 0
+    except (FileNotFoundError, ValueError, OSError, data.UnreadableImagesError,
+            data.CorruptBetonError) as e:
+        print(f'write_beton.py: {e}', file=sys.stderr)
+        return 1
+
+
+if __name__ == '__main__':
+    sys.exit(cli(sys.argv[1:]))

@@ -98,3 +98,15 @@ def test_torchrun_two_processes_stay_in_sync(sample_betons, tmp_path):
     log = [json.loads(line) for line in open(f'{rank0["run_dir"]}/log.jsonl')]
     assert len(log) == 1 and log[0]['val_count'] == 100
     assert rank1['run_dir'] is None  # only rank 0 writes
+
+
+def test_train_and_val_betons_from_different_class_lists_are_refused(sample_betons, tmp_path):
+    """A val .beton written from another train split (other class list) would shift labels."""
+    import shutil
+    val = tmp_path / 'val.beton'
+    shutil.copy(sample_betons['val'], val)
+    classes = data.read_class_list(data.class_list_path(sample_betons['val']))
+    data.write_class_list(data.class_list_path(val), classes[1:] + classes[:1])
+    with pytest.raises(ValueError, match='differ'):
+        data.num_classes(sample_betons['train'], val_path=val)
+    assert data.num_classes(sample_betons['train'], val_path=sample_betons['val']) == 10

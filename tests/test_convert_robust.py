@@ -1,0 +1,402 @@
+"""The converter on bad and unusual inputs: odd colour modes, undecodable files (skipped or
+--strict), --verify, the free-space check, and a kill -9 in the middle of a write."""
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFile, ImageOps
+
+from conftest import PYTHON, REPO, SAMPLE, run_env
+from imagenet_ffcv import data
+import write_beton
+
+
+def sample_images(n):
+    return sorted((SAMPLE / 'train').glob('*/*.JPEG'))[:n]
+
+
+def photo(size, i=0):
+    return Image.open(sample_images(i + 1)[i]).convert('RGB').resize(size)
+
+
+def stored_raw_images(path):
+    """Every image of a raw-mode .beton as stored, read without ffcv's loader: [(H, W, 3)], labels."""
+    from ffcv.reader import Reader
+    reader = Reader(str(path))
+    md = reader.metadata
+    blob = np.fromfile(path, dtype=np.uint8)
+    images = []
+    for rec in md['f0']:
+        assert rec['mode'] == 1  # raw
+        w, h, ptr = int(rec['width']), int(rec['height']), int(rec['data_ptr'])
+        images.append(blob[ptr:ptr + 3 * w * h].reshape(h, w, 3))
+    return images, md['f1'].astype(int).tolist()
+
+
+def make_unusual(folder):
+    """Decodable but unusual files; returns {name: expected (H, W, 3) uint8 at full size}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    expected = {}
+    # CMYK JPEG: must equal PIL's own RGB conversion of the same file
+    photo((60, 40), 0).convert('CMYK').save(folder / 'cmyk.JPEG', quality=95)
+    expected['cmyk.JPEG'] = np.asarray(Image.open(folder / 'cmyk.JPEG').convert('RGB'))
+    # grayscale JPEG
+    photo((50, 70), 1).convert('L').save(folder / 'gray.JPEG', quality=95)
+    g = np.asarray(Image.open(folder / 'gray.JPEG'))
+    expected['gray.JPEG'] = np.repeat(g[..., None], 3, axis=2)
+    # palette PNG (with a transparent index) and RGBA PNG, both named .JPEG as in ImageNet
+    pal = photo((40, 30), 2).convert('P', palette=Image.Palette.ADAPTIVE, colors=16)
+    pal.info['transparency'] = 0
+    pal.save(folder / 'palette.JPEG', format='PNG', transparency=0)
+    expected['palette.JPEG'] = np.asarray(Image.open(folder / 'palette.JPEG').convert('RGB'))
+    rgba = photo((30, 30), 3).convert('RGBA')
+    rgba.putalpha(Image.linear_gradient('L').resize((30, 30)))
+    rgba.save(folder / 'alpha.png')
+    expected['alpha.png'] = np.asarray(rgba.convert('RGB'))
+    # EXIF orientation 6 (rotate 90 degrees clockwise to display): 40x20 stored -> 20x40 shown
+    stored = np.zeros((20, 40, 3), np.uint8)
+    stored[:, :20] = (255, 0, 0)  # left half red
+    stored[:, 20:] = (0, 0, 255)  # right half blue
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(folder / 'rotated.JPEG', quality=100, exif=exif)
+    expected['rotated.JPEG'] = np.asarray(ImageOps.exif_transpose(
+        Image.open(folder / 'rotated.JPEG')).convert('RGB'))
+    # 16-bit grayscale PNG: a full 0..65535 ramp must become 0..255, not be clipped to 255
+    ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (16, 1))
+    Image.fromarray(ramp).save(folder / 'deep.png')
+    expected['deep.png'] = np.repeat((ramp >> 8).astype(np.uint8)[..., None], 3, axis=2)
+    # a very small image
+    photo((20, 20), 4).save(folder / 'tiny.JPEG', quality=95)
+    expected['tiny.JPEG'] = np.asarray(Image.open(folder / 'tiny.JPEG').convert('RGB'))
+    return expected
+
+
+def make_bad(folder, good_jpeg):
+    """Undecodable files; returns their names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    raw = good_jpeg.read_bytes()
+    (folder / 'truncated.JPEG').write_bytes(raw[:len(raw) // 2])
+    (folder / 'zero.JPEG').write_bytes(b'')
+    (folder / 'notes.jpg').write_text('not an image\n')
+    names = {'truncated.JPEG', 'zero.JPEG', 'notes.jpg'}
+    if os.geteuid() != 0:  # root reads a chmod 000 file anyway
+        locked = folder / 'locked.JPEG'
+        locked.write_bytes(raw)
+        locked.chmod(0)
+        names.add('locked.JPEG')
+    return names
+
+
+def test_unusual_files_decode_to_correct_rgb(tmp_path):
+    expected = make_unusual(tmp_path)
+    for name, ref in expected.items():
+        got = data.load_image(tmp_path / name, max_res=1000)
+        assert got.dtype == np.uint8 and got.shape == ref.shape, name
+        assert np.array_equal(got, ref), name
+    rotated = data.load_image(tmp_path / 'rotated.JPEG', max_res=1000)
+    assert rotated.shape == (40, 20, 3)  # portrait after the EXIF rotation
+    assert rotated[2, 10, 0] > 200 and rotated[2, 10, 2] < 60   # top: red (was left)
+    assert rotated[37, 10, 2] > 200 and rotated[37, 10, 0] < 60  # bottom: blue (was right)
+    deep = data.load_image(tmp_path / 'deep.png', max_res=1000)
+    assert deep[0, 0, 0] == 0 and deep[0, -1, 0] == 255 and deep[0, 32, 0] == 130
+    assert len(np.unique(deep)) == 64  # PIL's convert('RGB') would leave mostly 255s
+    # EXIF rotation is applied before the shorter-side resize
+    assert data.load_image(tmp_path / 'rotated.JPEG', max_res=10).shape == (20, 10, 3)
+
+
+def test_truncated_jpeg_is_detected(tmp_path):
+    src = sample_images(1)[0]
+    raw = src.read_bytes()
+    bad = tmp_path / 'cut.JPEG'
+    bad.write_bytes(raw[:int(len(raw) * 0.6)])
+    with Image.open(bad) as im:  # the header is intact: opening alone does not notice
+        assert im.size == Image.open(src).size
+    previous = ImageFile.LOAD_TRUNCATED_IMAGES
+    try:
+        ImageFile.LOAD_TRUNCATED_IMAGES = True  # even if another library switched it on
+        with pytest.raises(OSError, match='truncated'):
+            data.load_image(bad, max_res=64)
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
+def test_bad_files_skipped_labels_kept_and_reported(tmp_path):
+    root = tmp_path / 'data'
+    expected = make_unusual(root / 'train' / 'n01')
+    bad = make_bad(root / 'train' / 'n02', sample_images(1)[0])
+    (root / 'train' / 'n03').mkdir()
+    for i, src in enumerate(sample_images(3)):
+        Image.open(src).save(root / 'train' / 'n02' / f'ok{i}.JPEG')
+        Image.open(src).save(root / 'train' / 'n03' / f'ok{i}.JPEG')
+    classes = data.find_classes(root / 'train')
+    samples = data.list_samples(root / 'train', classes)
+    out = tmp_path / 'out' / 'train.beton'
+    stats = data.write_beton(samples, out, max_res=1000, write_mode='raw', num_workers=2,
+                             skip_unreadable=True)
+    assert stats['skipped'] == len(bad) and stats['images'] == len(samples) - len(bad)
+    report = data.skipped_report_path(out)
+    assert report.name == 'train.skipped.tsv' and stats['skipped_report'] == str(report)
+    rows = [line.split('\t') for line in report.read_text().splitlines()]
+    assert {r[0].split('/')[-1] for r in rows} == bad and all(r[1] for r in rows)
+    images, labels = stored_raw_images(out)
+    kept = [(p, l) for p, l in samples if p.split('/')[-1] not in bad]
+    assert labels == [l for _, l in kept]  # no label shift
+    for (path, _), img in zip(kept, images):
+        name = path.split('/')[-1]
+        if name in expected:
+            assert np.array_equal(img, expected[name]), name
+        else:
+            assert np.array_equal(img, np.asarray(Image.open(path).convert('RGB'))), name
+    assert sorted(p.name for p in out.parent.iterdir()) == ['train.beton', 'train.skipped.tsv']
+    # a later clean run removes the stale report
+    data.write_beton(kept, out, max_res=64, num_workers=1, skip_unreadable=True)
+    assert not report.exists()
+
+
+def test_cli_skips_by_default_and_strict_fails(tmp_path, capsys):
+    root = tmp_path / 'data'
+    for i, src in enumerate(sample_images(4)):
+        (root / 'train' / f'n0{i % 2}').mkdir(parents=True, exist_ok=True)
+        Image.open(src).save(root / 'train' / f'n0{i % 2}' / f'{i}.JPEG')
+    (root / 'train' / 'n00' / 'zero.JPEG').write_bytes(b'')
+    out = tmp_path / 'b' / 'train_32.beton'
+    args = ['--data-dir', str(root), '--split', 'train', '--max-res', '32', '--out', str(out),
+            '--num-workers', '1']
+    assert write_beton.cli(args + ['--strict']) != 0
+    err = capsys.readouterr().err
+    assert 'zero.JPEG' in err and 'Traceback' not in err
+    assert not out.exists()
+    assert [p.name for p in out.parent.iterdir()] == []
+    assert write_beton.cli(args) == 0
+    captured = capsys.readouterr()
+    assert '4 images, 2 classes, 1 skipped' in captured.out
+    assert 'train_32.skipped.tsv' in captured.out and 'zero.JPEG' not in captured.out
+    assert 'zero.JPEG' in data.skipped_report_path(out).read_text()
+    assert data.num_samples(out) == 4
+
+
+def test_split_folder_problems_are_named(tmp_path):
+    root = tmp_path / 'data'
+    for wnid in ('n01', 'n02', 'n03'):
+        (root / 'train' / wnid).mkdir(parents=True)
+    src = sample_images(1)[0]
+    for wnid in ('n01', 'n03'):
+        (root / 'train' / wnid / 'a.JPEG').write_bytes(src.read_bytes())
+    (root / 'train' / 'n02' / 'readme.txt').write_text('no images here')
+    classes = data.find_classes(root / 'train')
+    with pytest.warns(UserWarning, match='n02'):  # the class folder with no images
+        samples = data.list_samples(root / 'train', classes)
+    assert [l for _, l in samples] == [0, 2]
+    (root / 'val' / 'n03').mkdir(parents=True)
+    (root / 'val' / 'n03' / 'b.JPEG').write_bytes(src.read_bytes())
+    with pytest.warns(UserWarning, match='n01, n02'):  # classes missing from val
+        assert [l for _, l in data.list_samples(root / 'val', classes)] == [2]
+    (root / 'empty').mkdir()
+    with pytest.raises(ValueError, match='empty'):
+        data.list_samples(root / 'empty', classes)
+    with pytest.raises(FileNotFoundError, match='nowhere'):
+        data.list_samples(root / 'nowhere', classes)
+    with pytest.raises(ValueError, match='no class folders'):
+        data.find_classes(root / 'empty')
+
+
+def test_verify(tmp_path, capsys):
+    root = tmp_path / 'data'
+    for i, src in enumerate(sample_images(6)):
+        (root / 'train' / f'n0{i % 3}').mkdir(parents=True, exist_ok=True)
+        Image.open(src).resize((100 + 20 * i, 90)).save(root / 'train' / f'n0{i % 3}' / f'{i}.JPEG')
+    out = tmp_path / 'v.beton'
+    assert write_beton.cli(['--data-dir', str(root), '--split', 'train', '--max-res', '64',
+                            '--out', str(out), '--num-workers', '1']) == 0
+    capsys.readouterr()
+    assert write_beton.cli(['--verify', str(out)]) == 0
+    text = capsys.readouterr().out
+    assert '6 images, 3 classes' in text and '(6 JPEG, 0 raw)' in text
+    assert '0/n00: 2, 1/n01: 2, 2/n02: 2' in text and '64-127: 6' in text and 'OK' in text
+    report = data.verify_beton(out)
+    assert report['per_class'] == {0: 2, 1: 2, 2: 2} and not report['problems']
+
+    # a JPEG record with garbage inside -> a problem naming the record
+    from ffcv.reader import Reader
+    md = Reader(str(out)).metadata
+    blob = bytearray(out.read_bytes())
+    ptr = int(md['f0']['data_ptr'][3])
+    blob[ptr:ptr + 40] = b'\x00' * 40  # wipes the JPEG's SOI marker and header
+    broken = tmp_path / 'broken.beton'
+    broken.write_bytes(bytes(blob))
+    assert write_beton.cli(['--verify', str(broken)]) == 1
+    err = capsys.readouterr().err
+    assert 'record 3' in err and '1 problem' in err and 'Traceback' not in err
+
+    for n in (30, 2000):  # truncated: in the header, or before the end of the data
+        cut = tmp_path / f'cut{n}.beton'
+        cut.write_bytes(out.read_bytes()[:n])
+        assert write_beton.cli(['--verify', str(cut)]) == 1
+        err = capsys.readouterr().err
+        assert str(cut) in err and 'Traceback' not in err
+    cut = tmp_path / 'cut_end.beton'
+    cut.write_bytes(out.read_bytes()[:int(md['f0']['data_ptr'].max()) + 10])
+    assert write_beton.cli(['--verify', str(cut)]) == 1
+    assert write_beton.cli(['--verify', str(tmp_path / 'missing.beton')]) == 1
+    assert 'missing.beton' in capsys.readouterr().err
+
+
+def test_not_enough_disk_space(tmp_path, monkeypatch, capsys):
+    import shutil
+    from collections import namedtuple
+    root = tmp_path / 'data'
+    (root / 'train' / 'n01').mkdir(parents=True)
+    for i, src in enumerate(sample_images(5)):
+        Image.open(src).resize((400, 300)).save(root / 'train' / 'n01' / f'{i}.JPEG')
+    samples = data.list_samples(root / 'train', ['n01'])
+    raw = data.estimate_beton_bytes(samples, max_res=256, write_mode='raw')
+    jpg = data.estimate_beton_bytes(samples, max_res=256, write_mode='jpg')
+    assert raw >= 5 * 341 * 256 * 3 and jpg < raw
+    usage = namedtuple('usage', 'total used free')
+    monkeypatch.setattr(shutil, 'disk_usage', lambda p: usage(10 ** 9, 10 ** 9 - 10 ** 6, 10 ** 6))
+    out = tmp_path / 'o' / 'train.beton'
+    out.parent.mkdir()
+    out.write_bytes(b'previous')
+    assert write_beton.cli(['--data-dir', str(root), '--split', 'train', '--out', str(out),
+                            '--write-mode', 'raw', '--num-workers', '1']) == 1
+    err = capsys.readouterr().err
+    assert 'GB free' in err and str(out.parent) in err and 'Traceback' not in err
+    assert out.read_bytes() == b'previous'
+    assert sorted(p.name for p in out.parent.iterdir()) == ['train.beton']
+    monkeypatch.setattr(shutil, 'disk_usage', lambda p: usage(10 ** 12, 0, 10 ** 12))
+    assert write_beton.cli(['--data-dir', str(root), '--split', 'train', '--out', str(out),
+                            '--write-mode', 'raw', '--num-workers', '1']) == 0
+    assert data.num_samples(out) == 5
+
+
+def test_kill_9_leaves_no_file_and_keeps_previous(tmp_path):
+    root = tmp_path / 'data'
+    sources = sorted((SAMPLE / 'train').glob('*/*.JPEG'))
+    for wnid in ('n01', 'n02'):
+        (root / 'train' / wnid).mkdir(parents=True)
+    for k in range(8):  # 8 x 340 links to the demo photos: several seconds of raw writing
+        for i, src in enumerate(sources):
+            (root / 'train' / f'n0{1 + i % 2}' / f'{k}_{i}.JPEG').symlink_to(src)
+    out = tmp_path / 'out' / 'train.beton'
+    small = data.list_samples(root / 'train', ['n01', 'n02'])[:6]
+    data.write_beton(small, out, max_res=32, num_workers=1)
+    previous = out.read_bytes()
+
+    proc = subprocess.Popen([PYTHON, 'write_beton.py', '--data-dir', str(root), '--split', 'train',
+                             '--max-res', '160', '--write-mode', 'raw', '--out', str(out),
+                             '--num-workers', '2'], cwd=REPO, env=run_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        partial = []
+        while not partial and time.time() < deadline and proc.poll() is None:
+            partial = list(out.parent.glob('.train.beton.partial-*'))
+            time.sleep(0.05)
+        assert partial, 'the writer never started writing'
+        time.sleep(1.0)  # well inside the write
+        assert proc.poll() is None, 'the writer finished before it could be killed'
+        os.killpg(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert out.read_bytes() == previous  # the complete previous file is untouched
+    leftovers = [p.name for p in out.parent.iterdir() if p.name != 'train.beton']
+    assert leftovers and all(name.startswith('.') for name in leftovers)  # hidden temporaries
+    assert not data.class_list_path(out).exists() and not data.skipped_report_path(out).exists()
+    # the next run into the folder removes the dead writer's temporaries
+    data.write_beton(small, out, max_res=32, num_workers=1)
+    assert sorted(p.name for p in out.parent.iterdir()) == ['train.beton']
+
+
+# ----------------------------------------------------------------------------------------------
+# Input layouts: the same images as class folders, Kaggle's CLS-LOC tree and the raw tars
+# ----------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def three_layouts(tmp_path):
+    """The same demo images (3 classes, 3 train + 2 val each) in the three layouts."""
+    import io
+    import tarfile
+    wnids = sorted(p.name for p in (SAMPLE / 'train').iterdir())[:3]
+    picks = {split: {w: sorted((SAMPLE / split / w).glob('*.JPEG'))[:n] for w in wnids}
+             for split, n in (('train', 3), ('val', 2))}
+    folders, kaggle, tars = tmp_path / 'folders', tmp_path / 'kaggle', tmp_path / 'tars'
+    cls_loc = kaggle / 'ILSVRC' / 'Data' / 'CLS-LOC'
+    for split in ('train', 'val'):
+        for w, files in picks[split].items():
+            for f in files:
+                for dest in (folders / split / w, cls_loc / 'train' / w if split == 'train'
+                             else cls_loc / 'val'):
+                    dest.mkdir(parents=True, exist_ok=True)
+                    (dest / f.name).write_bytes(f.read_bytes())
+    # the val labels list the images in another order than the files' and carries box tokens
+    rows = [f'{f.stem},{w} 1 2 30 40 {w} 5 6 70 80' for w in reversed(wnids)
+            for f in picks['val'][w]]
+    solution = 'ImageId,PredictionString\n' + '\n'.join(rows) + '\n'
+    mapping = ''.join(f'{w} name{i}, other\n' for i, w in enumerate(wnids))
+    for root in (kaggle, tars):
+        root.mkdir(exist_ok=True)
+        (root / 'LOC_val_solution.csv').write_text(solution)
+        (root / 'LOC_synset_mapping.txt').write_text(mapping)
+
+    def add(tf, name, payload):
+        info = tarfile.TarInfo(name)
+        info.size = len(payload)
+        tf.addfile(info, io.BytesIO(payload))
+
+    with tarfile.open(tars / 'ILSVRC2012_img_train.tar', 'w') as outer:
+        for w in reversed(wnids):  # archive order must not matter
+            buf = io.BytesIO()
+            with tarfile.open(fileobj=buf, mode='w') as inner:
+                for f in reversed(picks['train'][w]):
+                    add(inner, f.name, f.read_bytes())
+            add(outer, f'{w}.tar', buf.getvalue())
+    with tarfile.open(tars / 'ILSVRC2012_img_val.tar', 'w') as tf:
+        for w in wnids:
+            for f in picks['val'][w]:
+                add(tf, f.name, f.read_bytes())
+    return {'folders': folders, 'kaggle': kaggle, 'tars': tars}, wnids
+
+
+def test_layouts_detected_and_give_identical_betons(three_layouts, tmp_path):
+    roots, wnids = three_layouts
+    for layout, root in roots.items():
+        assert data.detect_layout(root) == layout
+    with pytest.raises(FileNotFoundError, match='no known input layout'):
+        data.detect_layout(tmp_path / 'nowhere')
+    for split, n in (('train', 9), ('val', 6)):
+        results = {}
+        for layout, root in roots.items():
+            classes, samples, names = data.load_split(root, split)
+            assert classes == wnids and len(samples) == n
+            assert [l for _, l in samples] == sorted(l for _, l in samples)
+            # the tars are read in place: no file was extracted
+            assert all((data.TAR_REF_SEP in p) == (layout == 'tars') for p, _ in samples)
+            out = tmp_path / layout / f'{split}.beton'
+            args = ['--data-dir', str(root), '--split', split, '--max-res', '32', '--out',
+                    str(out), '--num-workers', '1', '--write-mode', 'raw']
+            assert write_beton.cli(args if layout == 'folders' else args + ['--layout', layout]) == 0
+            images, labels = stored_raw_images(out)
+            results[layout] = (labels, [img.tobytes() for img in images],
+                               data.class_list_path(out).read_text())
+        assert results['folders'] == results['kaggle'] == results['tars'], split
+        assert sorted(set(results['tars'][0])) == [0, 1, 2]
+    # names: imagenet_wnids.tsv first, LOC_synset_mapping.txt for wnids it lacks
+    assert data.synset_mapping_names(roots['kaggle'])[wnids[1]] == 'name1'
+    data.write_class_list(tmp_path / 'c.tsv', ['n00000001', wnids[0]], {'n00000001': 'thing'})
+    assert (tmp_path / 'c.tsv').read_text() == f'0\tn00000001\tthing\n1\t{wnids[0]}\ttench\n'
+
+
+def test_kaggle_val_image_without_label_is_an_error(three_layouts):
+    roots, _ = three_layouts
+    val = roots['kaggle'] / 'ILSVRC' / 'Data' / 'CLS-LOC' / 'val'
+    (val / 'ILSVRC2012_val_99999999.JPEG').write_bytes(next(val.iterdir()).read_bytes())
+    with pytest.raises(ValueError, match='ILSVRC2012_val_99999999'):
+        data.load_split(roots['kaggle'], 'val')
