@@ -116,13 +116,51 @@ def _val_solution(path) -> dict:
     import csv
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f'{path}: val labels not found (Kaggle LOC_val_solution.csv: '
-                                f'ImageId,PredictionString)')
+        raise FileNotFoundError(f'{path}: val labels not found: put Kaggle\'s LOC_val_solution.csv '
+                                f'(ImageId,PredictionString) or the devkit {DEVKIT_TAR} there')
     with open(path, newline='') as f:
         rows = list(csv.reader(f))
     if not rows or rows[0][:2] != ['ImageId', 'PredictionString']:
         raise ValueError(f'{path}: expected the header ImageId,PredictionString')
     return {r[0]: r[1].split()[0] for r in rows[1:] if len(r) >= 2 and r[1].split()}
+
+
+DEVKIT_TAR = 'ILSVRC2012_devkit_t12.tar.gz'
+
+
+def _devkit_val_solution(path) -> dict:
+    """ImageId -> wnid from the ILSVRC-2012 devkit archive, read in place: ``data/meta.mat`` maps
+    ILSVRC2012_ID -> WNID for the leaf synsets (``num_children == 0``: the 1,000 classes) and
+    ``data/ILSVRC2012_validation_ground_truth.txt`` gives one ILSVRC2012_ID a line, line i for
+    ``ILSVRC2012_val_{i:08d}`` (i from 1). As torchvision's ``datasets.imagenet`` parses it."""
+    import io
+    import tarfile
+
+    import scipy.io
+
+    with tarfile.open(path) as tf:
+        def read(suffix):
+            member = next((m for m in tf.getmembers() if m.name.endswith(suffix)), None)
+            if member is None:
+                raise ValueError(f'{path}: no {suffix} inside: not the ILSVRC-2012 devkit')
+            return tf.extractfile(member).read()
+        synsets = scipy.io.loadmat(io.BytesIO(read('data/meta.mat')), squeeze_me=True)['synsets']
+        truth = read('data/ILSVRC2012_validation_ground_truth.txt').decode().split()
+    id_to_wnid = {int(s['ILSVRC2012_ID']): str(s['WNID']) for s in synsets
+                  if int(s['num_children']) == 0}
+    try:
+        return {f'ILSVRC2012_val_{i:08d}': id_to_wnid[int(t)] for i, t in enumerate(truth, 1)}
+    except KeyError as e:
+        raise ValueError(f'{path}: ground truth names ILSVRC2012_ID {e} not in meta.mat') from None
+
+
+def _val_labels(root) -> dict:
+    """ImageId -> wnid for flat val images: LOC_val_solution.csv (Kaggle) when present, else the
+    devkit archive ILSVRC2012_devkit_t12.tar.gz. FileNotFoundError naming both when neither is."""
+    root = Path(root)
+    if (root / 'LOC_val_solution.csv').is_file() or not (root / DEVKIT_TAR).is_file():
+        return _val_solution(root / 'LOC_val_solution.csv')
+    return _devkit_val_solution(root / DEVKIT_TAR)
 
 
 def synset_mapping_names(root) -> dict:
@@ -203,7 +241,7 @@ def load_split(root, split: str, layout: str = 'auto'):
             raise FileNotFoundError(f'{val_dir}: split folder not found')
         files = [(e.name, str(val_dir / e.name)) for e in os.scandir(val_dir)
                  if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)]
-        return classes, _flat_val_samples(files, _val_solution(root / 'LOC_val_solution.csv'),
+        return classes, _flat_val_samples(files, _val_labels(root),
                                           classes, val_dir), names
     # raw tars, read in place: the outer train tar holds one uncompressed <wnid>.tar per class
     train_tar = root / TRAIN_TAR
@@ -231,7 +269,7 @@ def load_split(root, split: str, layout: str = 'auto'):
         raise FileNotFoundError(f'{val_tar}: val split archive not found')
     files = [(n, _tar_ref(val_tar, n, o, s)) for n, o, s in _tar_members(val_tar)
              if n.lower().endswith(IMAGE_EXTENSIONS)]
-    return classes, _flat_val_samples(files, _val_solution(root / 'LOC_val_solution.csv'),
+    return classes, _flat_val_samples(files, _val_labels(root),
                                       classes, val_tar), names
 
 

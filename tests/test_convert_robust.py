@@ -400,3 +400,48 @@ def test_kaggle_val_image_without_label_is_an_error(three_layouts):
     (val / 'ILSVRC2012_val_99999999.JPEG').write_bytes(next(val.iterdir()).read_bytes())
     with pytest.raises(ValueError, match='ILSVRC2012_val_99999999'):
         data.load_split(roots['kaggle'], 'val')
+
+
+def test_raw_tars_with_devkit_labels_match_the_csv_labels(three_layouts, tmp_path):
+    """Without LOC_val_solution.csv the val labels come from the devkit archive (meta.mat + the
+    ground-truth list in val-file order), read in place; they equal the CSV's labels."""
+    import io
+    import shutil
+    import tarfile
+
+    import numpy as np
+    import scipy.io
+    roots, wnids = three_layouts
+    expected = data.load_split(roots['tars'], 'val')[1]
+    devkit_root = tmp_path / 'tars_devkit'
+    shutil.copytree(roots['tars'], devkit_root)
+    (devkit_root / 'LOC_val_solution.csv').unlink()
+    with pytest.raises(FileNotFoundError, match='ILSVRC2012_devkit_t12.tar.gz'):
+        data.load_split(devkit_root, 'val')
+    # ILSVRC2012_ID 1..3 for the three classes (leaves), 1001 for a parent synset (not a class)
+    synsets = np.zeros(4, dtype=[('ILSVRC2012_ID', 'O'), ('WNID', 'O'), ('words', 'O'),
+                                 ('gloss', 'O'), ('num_children', 'O')])
+    for i, (sid, wnid, children) in enumerate([(3, wnids[2], 0), (1, wnids[0], 0),
+                                               (1001, 'n00001740', 2), (2, wnids[1], 0)]):
+        synsets[i] = (sid, wnid, wnid, '', children)
+    meta = io.BytesIO()
+    scipy.io.savemat(meta, {'synsets': synsets})
+    truth = {}
+    for w in wnids:
+        for f in (SAMPLE / 'val' / w).glob('*.JPEG'):
+            truth[int(f.stem.rsplit('_', 1)[1])] = wnids.index(w) + 1
+    lines = '\n'.join(str(truth.get(i, 1 + i % 3)) for i in range(1, max(truth) + 1))
+
+    def add(tf, name, payload):
+        info = tarfile.TarInfo(name)
+        info.size = len(payload)
+        tf.addfile(info, io.BytesIO(payload))
+
+    with tarfile.open(devkit_root / 'ILSVRC2012_devkit_t12.tar.gz', 'w:gz') as tf:
+        add(tf, 'ILSVRC2012_devkit_t12/data/meta.mat', meta.getvalue())
+        add(tf, 'ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt',
+            lines.encode() + b'\n')
+    classes, samples, _ = data.load_split(devkit_root, 'val')
+    assert classes == wnids
+    assert [(p.split('::')[1], l) for p, l in samples] == \
+        [(p.split('::')[1], l) for p, l in expected]
