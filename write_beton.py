@@ -81,7 +81,7 @@ def main(args) -> dict:
                              num_workers=args.num_workers,
                              skip_unreadable=not args.strict)
     data.write_class_list(data.class_list_path(args.out), classes, names)
-    skipped = {path for path, _ in _read_report(stats['skipped_report'])}
+    skipped = {path for path, _ in stats['skipped_files']}
     stats['classes'] = len({label for path, label in samples if path not in skipped})
     skipped_note = (f', {stats["skipped"]} skipped (listed in {stats["skipped_report"]})'
                     if stats['skipped'] else ', 0 skipped')
@@ -92,13 +92,6 @@ def main(args) -> dict:
         print(f'write_beton.py: warning: {stats["skipped"]} file(s) could not be decoded and were '
               f'skipped; see {stats["skipped_report"]}', file=sys.stderr)
     return stats
-
-
-def _read_report(path):
-    if not path:
-        return []
-    with open(path) as f:
-        return [tuple(line.rstrip('\n').split('\t', 1)) for line in f if line.strip()]
 
 
 def verify(path) -> int:

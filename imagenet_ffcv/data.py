@@ -563,7 +563,8 @@ def write_beton(samples: list, out, *, max_res: int, write_mode: str = 'jpg',
     writing nothing; with ``skip_unreadable=True`` they are left out (the other images keep their
     labels), listed as ``path<TAB>reason`` in ``skipped_report_path(out)``, and counted in
     ``'skipped'``. Only then is the file written a second time, without them.
-    Returns ``{'images', 'skipped', 'skipped_report', 'bytes', 'seconds', 'img_per_s'}``.
+    Returns ``{'images', 'skipped', 'skipped_files': [(path, reason)], 'skipped_report', 'bytes',
+    'seconds', 'img_per_s'}``.
     """
     from ffcv.fields import IntField, RGBImageField
 
@@ -604,9 +605,9 @@ def write_beton(samples: list, out, *, max_res: int, write_mode: str = 'jpg',
                 raise UnreadableImagesError(sorted(skipped.values()))
         else:
             raise UnreadableImagesError(sorted(skipped.values()))
+        skipped_files = [skipped[i] for i in sorted(skipped)]
         if skipped:
-            _atomic_write_text(report, ''.join(f'{p}\t{r}\n' for p, r in
-                                               (skipped[i] for i in sorted(skipped))))
+            _atomic_write_text(report, ''.join(f'{p}\t{r}\n' for p, r in skipped_files))
         else:
             report.unlink(missing_ok=True)  # a stale report of an earlier run would mislead
         os.replace(tmp, out)
@@ -614,7 +615,7 @@ def write_beton(samples: list, out, *, max_res: int, write_mode: str = 'jpg',
         tmp.unlink(missing_ok=True)
         failures_path.unlink(missing_ok=True)
     seconds = time.perf_counter() - start
-    return {'images': len(indices), 'skipped': len(skipped),
+    return {'images': len(indices), 'skipped': len(skipped), 'skipped_files': skipped_files,
             'skipped_report': str(report) if skipped else None, 'bytes': out.stat().st_size,
             'seconds': seconds, 'img_per_s': len(indices) / seconds}
 
