@@ -32,11 +32,17 @@ def _schema(config: Config) -> None:
             num_workers=Param(int, 'loader threads per process', default=os.cpu_count()),
             in_memory=Param(int, '1: memory-map the file, shared page cache (data fits in RAM); '
                                  '0: ffcv process cache with prefetch', default=1),
+            min_crop_scale=Param(float, 'random-resized crop: smallest crop area as a fraction '
+                                        'of the image (torchvision: 0.08)', default=0.08),
+            flip_prob=Param(float, 'probability of the left-right flip of training images',
+                            default=0.5),
             gpu=Param(int, 'ignored (kept so ffcv-imagenet configs load): the device is '
                            'cuda:LOCAL_RANK', default=0))
     section('model', 'network',
             arch=Param(str, 'torchvision classification model name', default='resnet50'),
-            pretrained=Param(int, 'must be 0: training starts from random weights', default=0))
+            pretrained=Param(int, 'must be 0: training starts from random weights', default=0),
+            weights=Param(str, 'with training.eval_only=1: the checkpoint.pt or final_weights.pt '
+                               'to evaluate', default=''))
     section('resolution', 'progressive resizing of training crops (pixels, epochs)',
             min_res=Param(int, 'side of training crops until start_ramp (px)', default=160),
             max_res=Param(int, 'side of training crops from end_ramp on (px)', default=192),
@@ -70,7 +76,7 @@ def _schema(config: Config) -> None:
             ten_crop=Param(int, '1: also report 10-crop accuracy (corners + centre of the central '
                                 'square, and their flips) after the last epoch', default=0))
     section('training', 'optimisation',
-            eval_only=Param(int, 'must be 0 for now', default=0),
+            eval_only=Param(int, '1: only evaluate model.weights on the val set', default=0),
             batch_size=Param(int, 'training batch per process (images)', default=512),
             optimizer=Param(And(str, OneOf(['sgd'])), 'sgd (with momentum)', default='sgd'),
             momentum=Param(float, 'SGD momentum', default=0.9),
@@ -85,10 +91,20 @@ def _schema(config: Config) -> None:
             seed=Param(int, 'seed of weights init and data order', default=0),
             target_top1=Param(float, 'stop at the first epoch whose validation top-1 reaches this '
                                      'fraction (e.g. 0.6); 0: train all epochs', default=0.0))
+    section('checkpoint', 'checkpoints (RUN_DIR/checkpoint.pt, rewritten atomically) and resume',
+            resume=Param(str, "'auto': continue the latest unfinished run under logging.folder "
+                              "(start a new one if there is none); a checkpoint.pt path: "
+                              "continue that run; '': a new run", default=''),
+            every_iters=Param(int, 'also write a checkpoint every this many iterations within an '
+                                   'epoch; 0: only at the end of each epoch', default=0),
+            force=Param(int, '1: resume even if the config changes the schedule (epochs, LR, '
+                             'resolution, batch, model, seed)', default=0))
     section('dist', 'kept so ffcv-imagenet configs load; torchrun sets the real values',
             world_size=Param(int, 'number of GPUs the config was written for', default=1),
             address=Param(str, 'ignored: use torchrun --rdzv-endpoint', default='localhost'),
-            port=Param(str, 'ignored: use torchrun --rdzv-endpoint', default='12355'))
+            port=Param(str, 'ignored: use torchrun --rdzv-endpoint', default='12355'),
+            timeout_s=Param(int, 'seconds a collective waits for the other ranks before this '
+                                 'rank fails (a dead or hung rank)', default=300))
 
 
 def _flatten(tree: dict, prefix=()) -> dict:
@@ -127,6 +143,8 @@ def load_config(argv: list) -> SimpleNamespace:
                                      description='Train an ImageNet classifier from .beton files.')
     parser.add_argument('--config', '--config-file', '-C', action='append', default=[],
                         help='YAML or JSON config file (repeatable; later ones win)')
+    parser.add_argument('--resume', dest='checkpoint.resume', default=None,
+                        help="shorthand for --checkpoint.resume: 'auto' or a checkpoint.pt path")
     for name, param in known.items():
         parser.add_argument(f'--{name}', default=None, help=param.desc)
     args, unknown = parser.parse_known_args(argv)
@@ -190,6 +208,23 @@ def _check_consistency(cfg) -> None:
     if not 0 <= cfg.training.target_top1 <= 1:
         problems.append(f'training.target_top1={cfg.training.target_top1} must be a fraction in '
                         f'[0, 1] (0: off), e.g. 0.6 for 60 %')
+    if not 0 < cfg.data.min_crop_scale <= 1:
+        problems.append(f'data.min_crop_scale={cfg.data.min_crop_scale} must lie in (0, 1]')
+    if not 0 <= cfg.data.flip_prob <= 1:
+        problems.append(f'data.flip_prob={cfg.data.flip_prob} must lie in [0, 1]')
+    if cfg.checkpoint.every_iters < 0:
+        problems.append(f'checkpoint.every_iters={cfg.checkpoint.every_iters} must be >= 0 '
+                        '(0: only at the end of each epoch)')
+    if cfg.dist.timeout_s < 1:
+        problems.append(f'dist.timeout_s={cfg.dist.timeout_s} must be >= 1 (seconds)')
+    if cfg.training.eval_only and not cfg.model.weights:
+        problems.append('training.eval_only=1 needs model.weights=PATH (a checkpoint.pt or '
+                        'final_weights.pt)')
+    if cfg.model.weights and not cfg.training.eval_only:
+        problems.append(f'model.weights={cfg.model.weights} is only read with '
+                        'training.eval_only=1; to continue a run use --resume')
+    if cfg.training.eval_only and cfg.checkpoint.resume:
+        problems.append('checkpoint.resume and training.eval_only=1 exclude each other')
     if cfg.lr.ref_batch_size < 0:
         problems.append(f'lr.ref_batch_size={cfg.lr.ref_batch_size} must be >= 0 (0: no scaling)')
     if problems:

@@ -323,6 +323,14 @@ def read_class_list(path) -> list:
     return [row[1] for row in rows]
 
 
+def read_class_names(path) -> list:
+    """``[(wnid, name), ...]`` in index order from a class list (name '' when it has none)."""
+    wnids = read_class_list(path)
+    with open(path) as f:
+        names = [(line.rstrip('\n').split('\t') + [''])[2] for line in f if line.strip()]
+    return list(zip(wnids, names))
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f'.{path.name}.partial-{os.getpid()}')
     tmp.write_text(text)
@@ -390,6 +398,24 @@ def load_image(path, max_res: int) -> np.ndarray:
         if a.ndim != 3 or a.shape[2] != 3 or a.dtype != np.uint8 or 0 in a.shape:
             raise ValueError(f'decoded to an unusable array {a.dtype} {a.shape}')
         return a
+
+
+def load_eval_image(path, *, res: int, max_res: int = 256,
+                    crop_ratio: float = DEFAULT_CROP_RATIO):
+    """One image file as the validation loader feeds it to the model, for prediction: decoded as
+    the converter stores it (shorter side at most ``max_res``, :func:`load_image`), the central
+    square of side ``int(crop_ratio * shorter side)`` (ffcv's ``CenterCropRGBImageDecoder``),
+    resized to ``res`` x ``res`` with OpenCV's area interpolation (as ffcv), normalised with the
+    ImageNet mean/std. Returns a float32 tensor (3, res, res). Raises as :func:`load_image`."""
+    import cv2
+    import torch
+    a = load_image(path, max_res)
+    height, width = a.shape[:2]
+    side = int(crop_ratio * min(height, width))
+    top, left = (height - side) // 2, (width - side) // 2
+    a = cv2.resize(a[top:top + side, left:left + side], (res, res), interpolation=cv2.INTER_AREA)
+    a = (a.astype(np.float32) - IMAGENET_MEAN.astype(np.float32)) / IMAGENET_STD.astype(np.float32)
+    return torch.from_numpy(a).permute(2, 0, 1).contiguous()
 
 
 def resize_rgb(a: np.ndarray, size: tuple) -> np.ndarray:
@@ -766,7 +792,8 @@ def _label_pipeline(device):
 
 
 def train_loader(*, path, batch_size: int, num_workers: int, res: int, in_memory: bool, device,
-                 distributed: bool, seed: int, order: str = 'random'):
+                 distributed: bool, seed: int, order: str = 'random',
+                 min_crop_scale: float = 0.08, flip_prob: float = 0.5):
     """The training loader: random-resized crop to ``res`` x ``res`` pixels + horizontal flip +
     normalisation, as ffcv-imagenet. Returns ``(loader, decoder)``; set ``decoder.output_size =
     (res, res)`` between epochs to change the resolution without rebuilding the loader.
@@ -775,6 +802,10 @@ def train_loader(*, path, batch_size: int, num_workers: int, res: int, in_memory
     channels_last memory, normalised with ImageNet mean/std; labels int64 (B,). ``batch_size`` is per
     process; the last incomplete batch is dropped. ``order``: 'random' (full shuffle, the only one
     ffcv allows with ``distributed``) or 'quasi_random' (shuffles within pages, for data > RAM).
+    ``min_crop_scale``: smallest crop area, as a fraction of the image (Szegedy et al. 2015 and
+    torchvision: 0.08); the aspect ratio is drawn from [3/4, 4/3]. 1.0 on square images gives the
+    whole image. ``flip_prob``: probability of the left-right flip (0: no flip op). With both at
+    1.0 and 0 on square images, batches are fixed by ``seed`` and the epoch alone: runs repeat.
     The loader's buffers are reused: consume a batch before fetching ``batches_ahead + 2`` more.
     """
     from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
@@ -786,11 +817,12 @@ def train_loader(*, path, batch_size: int, num_workers: int, res: int, in_memory
         raise ValueError(f"order={order!r}: expected 'random' or 'quasi_random'")
     if distributed and order != 'random':
         raise ValueError("ffcv supports only order='random' with distributed=True")
-    decoder = RandomResizedCropRGBImageDecoder((res, res))
+    decoder = RandomResizedCropRGBImageDecoder((res, res), scale=(min_crop_scale, 1.0))
+    flip = [RandomHorizontalFlip(flip_prob)] if flip_prob > 0 else []
     loader = Loader(_check_beton(path), batch_size=batch_size, num_workers=num_workers,
                     order=orders[order], os_cache=bool(in_memory), drop_last=True,
                     distributed=distributed, seed=seed,
-                    pipelines={'image': [decoder, RandomHorizontalFlip()] + _image_tail(device),
+                    pipelines={'image': [decoder] + flip + _image_tail(device),
                                'label': _label_pipeline(device)})
     return loader, decoder
 

@@ -8,6 +8,7 @@ Launch lines::
         --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 train_imagenet.py ... # node 0 of 2
 """
 import os
+from datetime import timedelta
 from dataclasses import dataclass
 
 import torch
@@ -60,10 +61,13 @@ def from_env(environ=None) -> DistInfo:
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
-def setup(info: DistInfo) -> None:
+def setup(info: DistInfo, timeout_s: float = 300) -> None:
     """Join the process group (NCCL on CUDA, gloo on CPU) when there is more than one process.
 
-    MASTER_ADDR/MASTER_PORT come from torchrun's rendezvous (``env://``).
+    MASTER_ADDR/MASTER_PORT come from torchrun's rendezvous (``env://``). timeout_s: how long a
+    collective waits for the other ranks before raising on this rank, so that a rank that died or
+    hangs makes the others fail within that bound instead of waiting for ever (gloo also fails at
+    once when a peer's connection closes).
     """
     if info.device.type == 'cuda':
         torch.cuda.set_device(info.device)
@@ -71,7 +75,7 @@ def setup(info: DistInfo) -> None:
         backend = 'nccl' if info.device.type == 'cuda' else 'gloo'
         kwargs = {'device_id': info.device} if backend == 'nccl' else {}
         dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size,
-                                **kwargs)
+                                timeout=timedelta(seconds=timeout_s), **kwargs)
 
 
 def cleanup() -> None:
@@ -96,3 +100,22 @@ def broadcast_buffers(model: torch.nn.Module, src: int = 0) -> None:
     if dist.is_available() and dist.is_initialized():
         for buffer in model.buffers():
             dist.broadcast(buffer.data, src=src)
+
+
+def all_reduce_min(values: torch.Tensor) -> list:
+    """Element-wise minimum of an int64 tensor over all ranks, as a list of ints (the values
+    themselves in a single process). Synchronises the device."""
+    values = values.clone()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(values, op=dist.ReduceOp.MIN)
+    return values.tolist()
+
+
+def broadcast_object(obj, src: int = 0):
+    """``obj`` as rank ``src`` has it (any picklable object), on every rank; ``obj`` itself in a
+    single process."""
+    if dist.is_available() and dist.is_initialized():
+        box = [obj]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+    return obj

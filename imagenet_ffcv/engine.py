@@ -11,27 +11,54 @@ from .data import DEFAULT_CROP_RATIO
 from .metrics import topk_correct
 
 
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; ``epoch`` and ``iteration`` locate the first such
+    step. The weights are spoilt from that step on: resume from the last checkpoint instead."""
+
+    def __init__(self, epoch: int, iteration: int):
+        self.epoch, self.iteration = epoch, iteration
+        super().__init__(f'non-finite training loss at epoch {epoch}, iteration {iteration}: '
+                         'stopped without saving; the last checkpoint is the last good state '
+                         '(lower the LR, or check the data, then resume from it)')
+
+
 def train_one_epoch(*, model, loader, optimizer, loss_fn, lr_at, epoch: int, amp_dtype=None,
-                    show_progress: bool = True) -> dict:
+                    show_progress: bool = True, start_iteration: int = 0, check_every: int = 10,
+                    stop_requested=lambda: False, checkpoint_every: int = 0,
+                    save_checkpoint=None) -> dict:
     """Train ``model`` on every batch of ``loader`` once.
 
     lr_at: function of the fractional epoch ``epoch + (i + 0.5) / len(loader)`` giving the LR of
     iteration ``i``; it is set on every parameter group before each step.
     amp_dtype: ``torch.bfloat16`` for mixed precision on CUDA, None for full precision.
     Batches: float images (B, 3, H, W) and int64 labels (B,) on the model's device.
+    start_iteration: resume within the epoch: batches ``0..start_iteration-1`` are read (the
+    loader's order is fixed by its seed and epoch) but not trained on again.
+
+    Every ``check_every`` iterations, and at the last one, the ranks agree (one small all-reduce,
+    which also syncs the device) on two things: a non-finite loss on any rank since the last check
+    raises :class:`NonFiniteLossError`; ``stop_requested()`` true on any rank (a signal, see
+    ``checkpoint.StopRequest``) ends the epoch there, with ``'stopped'`` true. Then, every
+    ``checkpoint_every`` iterations (0: never) except the last, ``save_checkpoint(i + 1)`` is
+    called with the number of iterations done.
+
     Returns ``{'train_loss': mean loss per image, 'images': images this process trained on,
-    'seconds': wall time, 'lr': LR of the last step}``.
+    'seconds': wall time, 'lr': LR of the last step, 'iterations_done': iterations of the epoch
+    trained (``len(loader)`` unless stopped early), 'stopped': the ranks agreed to stop}``.
     """
     model.train()
     iterations = len(loader)
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    images = 0
+    first_bad = torch.full((), iterations, dtype=torch.int64, device=device)  # none yet
+    images, done, stopped = 0, start_iteration, False
     lr = 0.0
     bar = tqdm(loader, desc=f'epoch {epoch}', disable=not show_progress, leave=False,
                dynamic_ncols=True)
     start = time.perf_counter()
     for i, (x, y) in enumerate(bar):
+        if i < start_iteration:
+            continue  # trained on before the checkpoint this run resumed from
         lr = lr_at(epoch + (i + 0.5) / iterations)
         for group in optimizer.param_groups:
             group['lr'] = lr
@@ -40,15 +67,31 @@ def train_one_epoch(*, model, loader, optimizer, loss_fn, lr_at, epoch: int, amp
             loss = loss_fn(model(x), y)
         loss.backward()
         optimizer.step()
-        loss_sum += loss.detach().double() * y.shape[0]
+        loss = loss.detach()
+        # Recorded on the device, without a sync: the first iteration whose loss is not finite.
+        first_bad = torch.where(torch.isfinite(loss) | (first_bad < iterations), first_bad, i)
+        loss_sum += loss.double() * y.shape[0]
         images += y.shape[0]
-        if show_progress and (i % 10 == 0 or i == iterations - 1):  # .item() syncs the device
-            elapsed = time.perf_counter() - start
-            bar.set_postfix(loss=f'{loss.item():.3f}', lr=f'{lr:.3g}',
-                            img_per_s=f'{images / elapsed:.0f}')
-    seconds = time.perf_counter() - start
-    return {'train_loss': float(loss_sum) / max(images, 1), 'images': images, 'seconds': seconds,
-            'lr': lr}
+        done = i + 1
+        if (done % check_every == 0 or done == iterations
+                or (checkpoint_every and done % checkpoint_every == 0)):
+            bad, stop = distributed.all_reduce_min(
+                torch.stack([first_bad, torch.tensor(0 if stop_requested() else 1, device=device)]))
+            if bad < iterations:
+                raise NonFiniteLossError(epoch, bad)
+            if show_progress:
+                elapsed = time.perf_counter() - start
+                bar.set_postfix(loss=f'{float(loss):.3f}', lr=f'{lr:.3g}',
+                                img_per_s=f'{images / elapsed:.0f}')
+            if stop == 0:
+                stopped = True
+                break
+            if checkpoint_every and done % checkpoint_every == 0 and done < iterations:
+                save_checkpoint(done)
+    bar.close()
+    return {'train_loss': float(loss_sum) / max(images, 1), 'images': images,
+            'seconds': time.perf_counter() - start, 'lr': lr, 'iterations_done': done,
+            'stopped': stopped}
 
 
 @torch.no_grad()

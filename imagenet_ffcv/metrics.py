@@ -1,4 +1,7 @@
-"""Top-k counts and the end-of-run results table."""
+"""Top-k counts, model size and cost, the end-of-run results table and the run plot."""
+import json
+from pathlib import Path
+
 import torch
 
 
@@ -30,19 +33,23 @@ def with_error_rates(result: dict) -> dict:
 
 
 def results_table(summary: dict) -> str:
-    """The end-of-run table (Markdown): arch, epochs, top-1/top-5 accuracy and error (%), wall time,
-    train img/s; a second row for 10-crop results and a last line for a top-1 target when present."""
+    """The end-of-run table (Markdown): arch, epochs, top-1/top-5 accuracy and error (%),
+    parameters (millions) and GMACs per image at the validation resolution, wall time, train
+    img/s; a second row for 10-crop results and a last line for a top-1 target when present."""
     pct = lambda x: f'{100 * x:.2f} %'  # noqa: E731
-    headers = ['arch', 'eval', 'epochs', 'top-1', 'top-5', 'top-1 err', 'top-5 err', 'wall time',
-               'train img/s']
-    rows = [[summary['arch'], 'centre' + (' + flip' if summary.get('flip_tta', True) else ''),
+    number = lambda key, fmt: format(summary[key], fmt) if summary.get(key) is not None else '-'  # noqa: E731
+    headers = ['arch', 'eval', 'epochs', 'top-1', 'top-5', 'top-1 err', 'top-5 err', 'params (M)',
+               'GMACs', 'wall time', 'train img/s']
+    rows = [[summary['arch'], f'centre {summary.get("val_res", "")} px'.replace('  ', ' ')
+             + (' + flip' if summary.get('flip_tta', True) else ''),
              summary['epochs'], pct(summary['top_1']), pct(summary['top_5']),
-             pct(summary['top_1_err']), pct(summary['top_5_err']),
-             f'{summary["wall_time_s"]:.0f} s', f'{summary["train_img_per_s"]:.0f}']]
+             pct(summary['top_1_err']), pct(summary['top_5_err']), number('params_m', '.2f'),
+             number('gmacs', '.3g'), f'{summary["wall_time_s"]:.0f} s',
+             number('train_img_per_s', '.0f')]]
     if 'top_1_10crop' in summary:
         rows.append([summary['arch'], '10-crop', summary['epochs'], pct(summary['top_1_10crop']),
                      pct(summary['top_5_10crop']), pct(summary['top_1_err_10crop']),
-                     pct(summary['top_5_err_10crop']), '', ''])
+                     pct(summary['top_5_err_10crop']), '', '', '', ''])
     table = format_table(rows, headers)
     if summary.get('target_top1'):
         if summary.get('target_reached_epoch') is not None:
@@ -52,3 +59,52 @@ def results_table(summary: dict) -> str:
         else:
             table += f'\ntarget top-1 {pct(summary["target_top1"])} not reached'
     return table
+
+
+@torch.no_grad()
+def model_complexity(model: torch.nn.Module, res: int) -> dict:
+    """Size and cost of ``model`` on one (1, 3, res, res) image: ``{'params_m': parameters in
+    millions, 'gmacs': multiply-accumulates in billions}``.
+
+    The operations are counted by torch's own ``torch.utils.flop_counter.FlopCounterMode`` (which
+    counts 2 FLOPs per multiply-accumulate of convolutions and matrix products, and nothing for
+    BatchNorm, ReLU or pooling) while one forward pass runs, in eval mode; BlurPool's depthwise blur
+    convolutions are counted too. ResNet-50 at 224 px: 25.56 M, 4.09 GMACs, as torchvision lists.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(torch.zeros(1, 3, res, res, device=device))
+    model.train(was_training)
+    return {'params_m': sum(p.numel() for p in model.parameters()) / 1e6,
+            'gmacs': counter.get_total_flops() / 2 / 1e9}
+
+
+def plot_log(log_path, png_path) -> None:
+    """Plot a run's ``log.jsonl`` (one JSON record per epoch, see train_imagenet.py) into a PNG of
+    four panels against the epoch: train loss, validation top-1 (%), LR at the end of the epoch
+    and training resolution (px). Epochs without validation leave gaps in the top-1 panel."""
+    import matplotlib
+    matplotlib.use('Agg')  # files only, no display
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    epochs = [r['epoch'] for r in records]
+    panels = [('train loss', [r['train_loss'] for r in records]),
+              ('top-1 (%)', [100 * r['top_1'] if 'top_1' in r else float('nan') for r in records]),
+              ('LR', [r['lr'] for r in records]),
+              ('resolution (px)', [r['res'] for r in records])]
+    fig, axes = plt.subplots(2, 2, figsize=(9, 6), sharex=True)
+    for ax, (title, values) in zip(axes.flat, panels):
+        ax.plot(epochs, values, marker='o', markersize=3)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    for ax in axes[1]:
+        ax.set_xlabel('epoch')
+    fig.suptitle(Path(log_path).parent.name)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)

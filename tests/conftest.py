@@ -32,3 +32,25 @@ def run_env():
     """Environment for subprocesses: the repo on PYTHONPATH, no tqdm noise."""
     env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED='1')
     return env
+
+
+def small_config(betons, folder, *extra):
+    """A ResNet-18 config on the sample betons at 32 px, small batches, 2 loader threads."""
+    from imagenet_ffcv import config
+    return config.load_config([
+        f'--data.train_dataset={betons["train"]}', f'--data.val_dataset={betons["val"]}',
+        '--data.num_workers=2', f'--logging.folder={folder}', '--model.arch=resnet18',
+        '--training.batch_size=32', '--validation.batch_size=64', '--validation.resolution=32',
+        '--lr.lr=0.1', '--lr.lr_peak_epoch=1', *extra])
+
+
+@pytest.fixture(scope='session')
+def short_run(sample_betons, tmp_path_factory):
+    """A 6-epoch ResNet-18 run on the sample (32 -> 64 px): ``(summary, cfg)``."""
+    import train_imagenet
+    folder = tmp_path_factory.mktemp('runs')
+    cfg = small_config(sample_betons, folder, '--training.epochs=6', '--resolution.min_res=32',
+                       '--resolution.max_res=64', '--resolution.start_ramp=3',
+                       '--resolution.end_ramp=5', '--lr.ref_batch_size=64')
+    summary = train_imagenet.main(cfg)
+    return summary, cfg

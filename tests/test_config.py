@@ -16,7 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 RN50 = sorted((REPO / 'rn50_configs').glob('rn50_[0-9]*_epochs.yaml'))
 RN18 = sorted((REPO / 'rn18_configs').glob('rn18_[0-9]*_epochs.yaml'))
 DATA = ['--data.train_dataset=x', '--data.val_dataset=y']
-SECTIONS = {'data', 'model', 'resolution', 'lr', 'logging', 'validation', 'training', 'dist'}
+SECTIONS = {'data', 'model', 'resolution', 'lr', 'logging', 'validation', 'training', 'checkpoint',
+            'dist'}
 
 # ffcv-imagenet's rn18 88-epoch file as published (data.gpu, lr_tta: true, no ref_batch_size).
 ORIGINAL_FFCV_IMAGENET = """\
@@ -235,7 +236,7 @@ def test_to_dict_round_trip(tmp_path):
     d = to_dict(cfg)
     assert set(d) == SECTIONS
     assert d['training']['epochs'] == 3
-    assert d['model'] == {'arch': 'resnet18', 'pretrained': 0}
+    assert d['model'] == {'arch': 'resnet18', 'pretrained': 0, 'weights': ''}
     json.dumps(d)  # params.json: serialisable
     path = _write(tmp_path, yaml.safe_dump(d), 'round.yaml')
     again = load_config(['--config', str(path)])
@@ -263,3 +264,28 @@ def test_inconsistent_keys_are_rejected_before_any_work():
         load_config(base + ['--resolution.start_ramp=5', '--resolution.end_ramp=3'])
     with pytest.raises(ConfigError, match='training.batch_size must be >= 1'):
         load_config(base + ['--training.batch_size=0'])
+
+
+def test_resume_eval_and_fault_keys():
+    """--resume is shorthand for checkpoint.resume; eval_only and model.weights go together;
+    checkpoint.every_iters, dist.timeout_s, data.min_crop_scale and data.flip_prob are
+    range-checked."""
+    base = ['--data.train_dataset=x', '--data.val_dataset=y', '--logging.folder=z']
+    assert load_config(base + ['--resume', 'auto']).checkpoint.resume == 'auto'
+    assert load_config(base + ['--checkpoint.resume=runs/a/checkpoint.pt']).checkpoint.resume == \
+        'runs/a/checkpoint.pt'
+    cfg = load_config(base)
+    assert (cfg.checkpoint.resume, cfg.checkpoint.every_iters, cfg.dist.timeout_s) == ('', 0, 300)
+    assert (cfg.data.min_crop_scale, cfg.data.flip_prob) == (0.08, 0.5)
+    with pytest.raises(ConfigError, match='needs model.weights'):
+        load_config(base + ['--training.eval_only=1'])
+    with pytest.raises(ConfigError, match='model.weights=w.pt is only read with training.eval_only=1'):
+        load_config(base + ['--model.weights=w.pt'])
+    with pytest.raises(ConfigError, match='exclude each other'):
+        load_config(base + ['--training.eval_only=1', '--model.weights=w.pt', '--resume=auto'])
+    for bad, key in (('--checkpoint.every_iters=-1', 'checkpoint.every_iters'),
+                     ('--dist.timeout_s=0', 'dist.timeout_s'),
+                     ('--data.min_crop_scale=0', 'data.min_crop_scale'),
+                     ('--data.flip_prob=1.5', 'data.flip_prob')):
+        with pytest.raises(ConfigError, match=key):
+            load_config(base + [bad])

@@ -12,24 +12,6 @@ import train_imagenet
 from imagenet_ffcv import config, data, engine, models
 
 
-def small_config(betons, folder, *extra):
-    return config.load_config([
-        f'--data.train_dataset={betons["train"]}', f'--data.val_dataset={betons["val"]}',
-        '--data.num_workers=2', f'--logging.folder={folder}', '--model.arch=resnet18',
-        '--training.batch_size=32', '--validation.batch_size=64', '--validation.resolution=32',
-        '--lr.lr=0.1', '--lr.lr_peak_epoch=1', *extra])
-
-
-@pytest.fixture(scope='module')
-def short_run(sample_betons, tmp_path_factory):
-    folder = tmp_path_factory.mktemp('runs')
-    cfg = small_config(sample_betons, folder, '--training.epochs=6', '--resolution.min_res=32',
-                       '--resolution.max_res=64', '--resolution.start_ramp=3',
-                       '--resolution.end_ramp=5', '--lr.ref_batch_size=64')
-    summary = train_imagenet.main(cfg)
-    return summary, cfg
-
-
 def test_short_run_learns_and_logs(short_run):
     summary, cfg = short_run
     run_dir = summary['run_dir']

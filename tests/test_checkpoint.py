@@ -1,0 +1,140 @@
+"""Checkpoint files, resume look-up, config comparison, signals and the training loop's checks
+(non-finite loss, stop requests, checkpoints within an epoch), on CPU without ffcv."""
+import json
+import os
+import signal
+
+import pytest
+import torch
+from torch import nn
+
+from imagenet_ffcv import checkpoint, engine
+
+
+def test_save_replaces_atomically_and_a_failed_save_keeps_the_previous_file(tmp_path):
+    path = tmp_path / 'checkpoint.pt'
+    checkpoint.save({'format': 1, 'epoch': 1}, path)
+    checkpoint.save({'format': 1, 'epoch': 2}, path)
+    assert torch.load(path, weights_only=False)['epoch'] == 2
+    with pytest.raises(Exception):
+        checkpoint.save({'format': 1, 'epoch': 3, 'bad': lambda: 0}, path)  # cannot be pickled
+    assert torch.load(path, weights_only=False)['epoch'] == 2  # the previous one, intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['checkpoint.pt']  # no partial file
+
+
+def test_load_names_the_file_for_foreign_or_truncated_files(tmp_path):
+    weights = tmp_path / 'final_weights.pt'
+    torch.save({'fc.weight': torch.zeros(2, 2)}, weights)
+    with pytest.raises(checkpoint.CheckpointError, match='final_weights.pt.*cannot be resumed'):
+        checkpoint.load(weights)
+    good = tmp_path / 'checkpoint.pt'
+    checkpoint.save({'format': 1, 'model': {'w': torch.ones(1000)}}, good)
+    truncated = tmp_path / 'truncated.pt'
+    truncated.write_bytes(good.read_bytes()[:500])
+    with pytest.raises(checkpoint.CheckpointError, match='truncated.pt: cannot read'):
+        checkpoint.load(truncated)
+
+
+def test_resume_auto_picks_the_latest_unfinished_run(tmp_path):
+    assert checkpoint.resolve_resume('', tmp_path) is None
+    assert checkpoint.resolve_resume('auto', tmp_path) is None  # nothing yet: a new run
+    for name in ('a', 'b', 'c'):
+        (tmp_path / name).mkdir()
+        checkpoint.save({'format': 1}, tmp_path / name / 'checkpoint.pt')
+    os.utime(tmp_path / 'a' / 'checkpoint.pt', (1, 1))  # oldest
+    (tmp_path / 'c' / 'final_weights.pt').write_bytes(b'')  # c finished
+    assert checkpoint.resolve_resume('auto', tmp_path) == tmp_path / 'b' / 'checkpoint.pt'
+    with pytest.raises(checkpoint.CheckpointError, match='no-such.pt: no such file'):
+        checkpoint.resolve_resume(str(tmp_path / 'no-such.pt'), tmp_path)
+
+
+def test_schedule_changes_are_listed_and_harmless_changes_are_not():
+    saved = {'training': {'epochs': 16, 'batch_size': 512, 'eval_only': 0},
+             'lr': {'lr': 0.5}, 'data': {'num_workers': 8, 'train_dataset': 'a'},
+             'derived': {'world_size': 8, 'device': 'cuda:0'}}
+    same_schedule = json.loads(json.dumps(saved))
+    same_schedule['data'] = {'num_workers': 2, 'train_dataset': '/moved/a'}
+    same_schedule['derived']['device'] = 'cuda:3'
+    assert checkpoint.schedule_changes(saved, same_schedule) == []
+    changed = json.loads(json.dumps(saved))
+    changed['training']['epochs'] = 88
+    changed['derived']['world_size'] = 4  # a different global batch
+    assert checkpoint.schedule_changes(saved, changed) == ['derived.world_size: 8 -> 4',
+                                                            'training.epochs: 16 -> 88']
+
+
+def test_rng_state_round_trip():
+    state = checkpoint.rng_state()
+    a = (torch.rand(3), __import__('numpy').random.rand(), __import__('random').random())
+    checkpoint.set_rng_state(state)
+    b = (torch.rand(3), __import__('numpy').random.rand(), __import__('random').random())
+    assert torch.equal(a[0], b[0]) and a[1:] == b[1:]
+
+
+def test_sigterm_sets_the_stop_flag_and_handlers_are_restored():
+    before = signal.getsignal(signal.SIGTERM)
+    with checkpoint.StopRequest() as stop:
+        assert not stop
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop and stop.exit_code == 143 and stop.name == 'SIGTERM'
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+class NaNAt(nn.Module):
+    """Cross-entropy, except NaN at call number ``at`` (0-based)."""
+
+    def __init__(self, at):
+        super().__init__()
+        self.at, self.calls = at, 0
+
+    def forward(self, logits, y):
+        loss = nn.functional.cross_entropy(logits, y)
+        self.calls += 1
+        return loss * float('nan') if self.calls - 1 == self.at else loss
+
+
+def _tiny(iterations=25):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
+    batches = [(torch.randn(4, 3, 2, 2), torch.randint(0, 3, (4,))) for _ in range(iterations)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    return model, batches, optimizer
+
+
+def test_non_finite_loss_names_epoch_and_iteration():
+    model, batches, optimizer = _tiny()
+    with pytest.raises(engine.NonFiniteLossError, match='epoch 3, iteration 13') as info:
+        engine.train_one_epoch(model=model, loader=batches, optimizer=optimizer,
+                               loss_fn=NaNAt(13), lr_at=lambda t: 0.1, epoch=3,
+                               show_progress=False, check_every=10)
+    assert (info.value.epoch, info.value.iteration) == (3, 13)
+    # Found at the next check (16 iterations done), before the checkpoint at 16 is written.
+    model, batches, optimizer = _tiny()
+    saved = []
+    with pytest.raises(engine.NonFiniteLossError):
+        engine.train_one_epoch(model=model, loader=batches, optimizer=optimizer,
+                               loss_fn=NaNAt(13), lr_at=lambda t: 0.1, epoch=0,
+                               show_progress=False, checkpoint_every=4, save_checkpoint=saved.append)
+    assert saved == [4, 8, 12]
+
+
+def test_stop_request_ends_the_epoch_at_the_next_check_and_resume_skips_done_batches():
+    model, batches, optimizer = _tiny()
+    saved = []
+    lrs = []
+
+    def lr_at(t):
+        lrs.append(t)
+        return 0.1
+    stats = engine.train_one_epoch(
+        model=model, loader=batches, optimizer=optimizer, loss_fn=nn.CrossEntropyLoss(),
+        lr_at=lr_at, epoch=0, show_progress=False, check_every=5, checkpoint_every=6,
+        save_checkpoint=saved.append, stop_requested=lambda: len(lrs) >= 7)
+    assert stats['stopped'] and stats['iterations_done'] == 10 and stats['images'] == 40
+    assert saved == [6]
+    lrs.clear()
+    stats = engine.train_one_epoch(
+        model=model, loader=batches, optimizer=optimizer, loss_fn=nn.CrossEntropyLoss(),
+        lr_at=lr_at, epoch=2, show_progress=False, start_iteration=10)
+    assert not stats['stopped'] and stats['iterations_done'] == 25 and stats['images'] == 60
+    assert lrs[0] == pytest.approx(2 + 10.5 / 25)  # the schedule continues where it stopped

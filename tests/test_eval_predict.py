@@ -1,0 +1,107 @@
+"""Using trained weights: --training.eval_only, predict.py, the parameter/GMAC count and the run's
+plot, from the short run of conftest.py."""
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torchvision
+from PIL import Image
+
+from conftest import REPO, SAMPLE, run_env, small_config
+import predict
+import train_imagenet
+from imagenet_ffcv import data, metrics
+
+
+def eval_config(sample_betons, tmp_path, weights):
+    return small_config(sample_betons, tmp_path, '--training.eval_only=1',
+                        f'--model.weights={weights}')
+
+
+@pytest.mark.parametrize('name', ['final_weights.pt', 'checkpoint.pt'])
+def test_eval_only_gives_the_logged_top1_and_top5(short_run, sample_betons, tmp_path, name):
+    summary, cfg = short_run
+    weights = Path(summary['run_dir']) / name
+    result = train_imagenet.main(eval_config(sample_betons, tmp_path, weights))
+    assert result['val_count'] == 100
+    assert (result['top_1'], result['top_5']) == (summary['top_1'], summary['top_5'])
+    assert result['val_loss'] == pytest.approx(summary['val_loss'], rel=1e-6)
+    assert list(tmp_path.iterdir()) == []  # evaluation writes no run folder
+
+
+def test_eval_only_names_missing_or_unfitting_weights(short_run, sample_betons, tmp_path):
+    from imagenet_ffcv import checkpoint, config
+    with pytest.raises(checkpoint.CheckpointError, match='nope.pt: no such weights file'):
+        train_imagenet.main(eval_config(sample_betons, tmp_path, tmp_path / 'nope.pt'))
+    with pytest.raises(config.ConfigError, match='needs model.weights'):
+        small_config(sample_betons, tmp_path, '--training.eval_only=1')
+    other = tmp_path / 'resnet34.pt'
+    import torch
+    torch.save(torchvision.models.resnet34(num_classes=10).state_dict(), other)
+    with pytest.raises(checkpoint.CheckpointError, match='do not fit resnet18 with 10 classes'):
+        train_imagenet.main(eval_config(sample_betons, tmp_path, other))
+
+
+def test_model_complexity_counts_resnet50_as_torchvision_lists_it():
+    meta = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.meta
+    size = metrics.model_complexity(torchvision.models.resnet50(), 224)
+    assert size['params_m'] * 1e6 == meta['num_params']
+    assert size['gmacs'] == pytest.approx(meta['_ops'], rel=1e-3)  # 4.089 GMACs
+    # Cost grows with the square of the side; BlurPool adds its blur convolutions.
+    assert metrics.model_complexity(torchvision.models.resnet50(), 448)['gmacs'] == \
+        pytest.approx(4 * size['gmacs'], rel=0.01)
+
+
+def test_results_table_and_plot_of_the_run(short_run):
+    summary, cfg = short_run
+    assert summary['params_m'] == pytest.approx(11.18, abs=0.01)  # resnet18, 10 classes
+    assert 0 < summary['gmacs'] < 0.1  # 32 px images
+    table = metrics.results_table(summary)
+    assert 'params (M)' in table and 'GMACs' in table and '11.18' in table
+    with Image.open(Path(summary['run_dir']) / 'progress.png') as png:
+        assert png.format == 'PNG' and png.size[0] >= 600
+
+
+def test_predict_prints_named_top5_and_agrees_with_validation(short_run):
+    summary, cfg = short_run
+    weights = Path(summary['run_dir']) / 'final_weights.pt'
+    files = sorted((SAMPLE / 'val').glob('*/*.JPEG'))
+    classes = data.find_classes(SAMPLE / 'train')
+    names = dict(data.read_class_names(Path(summary['run_dir']) / 'classes.tsv'))
+    # As stored in the sample betons (shorter side 64), the top-1 over the 100 val images is
+    # close to the one validation measured through ffcv (another JPEG decoder and resizer).
+    results = predict.predict(files, weights=weights, max_res=64)
+    hits = sum(r[0][0] == f.parent.name for r, f in zip(results, files))
+    assert abs(hits / len(files) - summary['top_1']) <= 0.05
+    for r in results:
+        assert len(r) == 5 and [p for *_, p in r] == sorted([p for *_, p in r], reverse=True)
+        assert 0 < sum(p for *_, p in r) <= 1 + 1e-6 and r[0][1] == names[r[0][0]]
+
+    proc = subprocess.run([sys.executable, 'predict.py', str(files[0]), str(files[-1]),
+                           '--weights', str(weights), '--top', '3'],
+                          cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0] == str(files[0]) and lines[4] == str(files[-1]) and len(lines) == 8
+    known = set(names.values())
+    for line in lines[1:4] + lines[5:8]:
+        m = re.fullmatch(r'(.+) \(score = (0\.\d{5}|1\.00000)\)', line)
+        assert m and m.group(1) in known, line
+    assert names[classes[0]] == 'tench'  # names from the ILSVRC-2012 list
+
+
+def test_predict_names_a_bad_image_and_a_missing_class_list(short_run, tmp_path):
+    summary, cfg = short_run
+    bad = tmp_path / 'bad.jpg'
+    bad.write_bytes(b'not a jpeg')
+    proc = subprocess.run([sys.executable, 'predict.py', str(bad), '--weights',
+                           str(Path(summary['run_dir']) / 'final_weights.pt')],
+                          cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and 'bad.jpg: cannot decode' in proc.stderr
+    import shutil
+    lone = tmp_path / 'final_weights.pt'
+    shutil.copy(Path(summary['run_dir']) / 'final_weights.pt', lone)
+    with pytest.raises(FileNotFoundError, match='--classes'):
+        predict.predict([bad], weights=lone)

@@ -1,0 +1,109 @@
+"""Multi-process faults with torchrun on CPU (gloo): two "nodes" on localhost, a rank that dies, a
+rank that hangs. Each run trains ResNet-18 at 32 px on the sample betons."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from conftest import REPO, run_env
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('localhost', 0))
+        return s.getsockname()[1]
+
+
+def trainer_args(betons, out, *extra):
+    return ['tests/torchrun_main.py', str(out), f'--data.train_dataset={betons["train"]}',
+            f'--data.val_dataset={betons["val"]}', '--data.num_workers=1',
+            f'--logging.folder={out}', '--model.arch=resnet18', '--training.batch_size=16',
+            '--lr.lr_peak_epoch=0.5', '--resolution.min_res=32', '--resolution.max_res=32',
+            '--validation.resolution=32', '--validation.batch_size=32', *extra]
+
+
+def node(node_rank, port, args):
+    """One torchrun launcher, node ``node_rank`` of 2, one process, c10d rendezvous on localhost
+    (the README's multi-node launch line)."""
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nnodes=2', f'--node-rank={node_rank}',
+           '--nproc_per_node=1', '--rdzv-backend=c10d', f'--rdzv-endpoint=localhost:{port}',
+           '--rdzv-id=test'] + args
+    return subprocess.Popen(cmd, cwd=REPO, env=run_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def wait_for(path, timeout=300):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert time.time() < deadline, f'{path} did not appear'
+        time.sleep(0.2)
+
+
+def wait_training(out, timeout=300):
+    """Wait until rank 0 has logged its first epoch (both ranks are in the training loop)."""
+    deadline = time.time() + timeout
+    while not list(out.glob('*/log.jsonl')):
+        assert time.time() < deadline, 'training did not start'
+        time.sleep(0.2)
+
+
+def test_two_nodes_on_localhost_train_in_sync(sample_betons, tmp_path):
+    port = free_port()
+    args = trainer_args(sample_betons, tmp_path, '--training.epochs=1')
+    nodes = [node(0, port, args), node(1, port, args)]
+    outs = [p.communicate(timeout=600)[0] for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], outs[0][-2000:] + outs[1][-2000:]
+    ranks = [json.loads((tmp_path / f'rank{r}.json').read_text()) for r in (0, 1)]
+    assert ranks[0]['weights_sha256'] == ranks[1]['weights_sha256']
+    assert ranks[0]['val_count'] == ranks[1]['val_count'] == 100
+
+
+def test_a_dead_rank_makes_the_job_fail_quickly(sample_betons, tmp_path):
+    """SIGKILL one of two ranks (one launcher, two processes): the job ends non-zero, not hangs."""
+    proc = subprocess.Popen(
+        [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
+         f'--master_port={free_port()}'] + trainer_args(sample_betons, tmp_path,
+                                                        '--training.epochs=50'),
+        cwd=REPO, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)
+    try:
+        wait_training(tmp_path)
+        os.kill(int((tmp_path / 'pid1').read_text()), signal.SIGKILL)
+        killed = time.time()
+        proc.communicate(timeout=120)
+        assert proc.returncode != 0 and time.time() - killed < 120
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_a_hung_rank_makes_the_other_node_fail_within_the_timeout(sample_betons, tmp_path):
+    """SIGSTOP the process of node 1 (alive, connections open, never answering): node 0's rank
+    gives up after dist.timeout_s (20 s here) and its launcher exits non-zero, where the default
+    gloo timeout would keep it waiting for 30 minutes."""
+    port = free_port()
+    args = trainer_args(sample_betons, tmp_path, '--training.epochs=50', '--dist.timeout_s=20')
+    nodes = [node(0, port, args), node(1, port, args)]
+    try:
+        wait_training(tmp_path)
+        wait_for(tmp_path / 'pid1')
+        stopped_pid = int((tmp_path / 'pid1').read_text())
+        # c10d assigns ranks by arrival: wait on the launcher that is not rank 1's parent.
+        parent = int(open(f'/proc/{stopped_pid}/stat').read().rsplit(')', 1)[1].split()[1])
+        [other] = [p for p in nodes if p.pid != parent]
+        os.kill(stopped_pid, signal.SIGSTOP)
+        stopped = time.time()
+        out = other.communicate(timeout=120)[0]
+        assert other.returncode != 0 and time.time() - stopped < 120
+        assert 'Timed out' in out or 'timed out' in out.lower(), out[-3000:]
+    finally:
+        for p in nodes:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+        try:
+            os.kill(stopped_pid, signal.SIGKILL)
+        except (ProcessLookupError, UnboundLocalError):
+            pass

@@ -1,0 +1,144 @@
+"""Runs that survive: SIGKILL mid-epoch then --resume, SIGTERM (pre-emption), a changed config
+refused, a non-finite loss. Real train_imagenet.py processes on the sample betons (CPU).
+
+Training crops are the whole (square) image and there is no flip here (``data.min_crop_scale=1``,
+``data.flip_prob=0``): ffcv draws crops and flips from numba's generator, which no seed controls, and
+two runs with the same seed then differ by up to ten points of top-1 on this small sample. Without
+them the batches depend only on the seed and the epoch, so a resumed run must end with exactly the
+weights of an uninterrupted one: a stricter test than "within 3 points".
+"""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import REPO, run_env, small_config
+import train_imagenet
+from imagenet_ffcv import checkpoint
+
+EPOCHS = 6
+RUN = ['--training.epochs=6', '--lr.lr=0.05', '--lr.lr_peak_epoch=2', '--logging.log_level=0',
+       '--data.min_crop_scale=1', '--data.flip_prob=0', '--resolution.min_res=32',
+       '--resolution.max_res=64', '--resolution.start_ramp=3', '--resolution.end_ramp=5']
+
+
+def cli(betons, folder, *extra):
+    return [sys.executable, 'train_imagenet.py', f'--data.train_dataset={betons["train"]}',
+            f'--data.val_dataset={betons["val"]}', '--data.num_workers=2',
+            f'--logging.folder={folder}', '--model.arch=resnet18', '--training.batch_size=32',
+            '--validation.batch_size=64', '--validation.resolution=32', *RUN, *extra]
+
+
+def start(args):
+    return subprocess.Popen(args, cwd=REPO, env=run_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def read_until(proc, text, timeout=300):
+    """Lines of ``proc``'s output up to the first containing ``text``."""
+    lines, deadline = [], time.time() + timeout
+    for line in proc.stdout:
+        lines.append(line)
+        if text in line:
+            return lines
+        assert time.time() < deadline, f'{text!r} not seen in time:\n' + ''.join(lines[-20:])
+    raise AssertionError(f'process ended before {text!r}:\n' + ''.join(lines[-30:]))
+
+
+def log_of(run_dir):
+    return [json.loads(line) for line in open(run_dir / 'log.jsonl')]
+
+
+@pytest.fixture(scope='module')
+def uninterrupted(sample_betons, tmp_path_factory):
+    folder = tmp_path_factory.mktemp('uninterrupted')
+    summary = train_imagenet.main(small_config(sample_betons, folder, *RUN))
+    return summary, log_of(folder / os.listdir(folder)[0])
+
+
+def test_sigkill_mid_epoch_then_resume_finishes_like_an_uninterrupted_run(
+        sample_betons, tmp_path, uninterrupted):
+    proc = start(cli(sample_betons, tmp_path, '--checkpoint.every_iters=2', '--resume', 'auto'))
+    read_until(proc, '=> checkpoint: epoch 3, iteration 4')
+    os.killpg(proc.pid, signal.SIGKILL)  # no chance to clean up
+    proc.wait(timeout=60)
+    [run_dir] = [p for p in tmp_path.iterdir() if p.is_dir()]
+    state = checkpoint.load(run_dir / 'checkpoint.pt')  # complete, even though killed
+    assert state['epoch'] == 3 and 4 <= state['iteration'] < 10
+    assert not (run_dir / 'final_weights.pt').exists()
+
+    # The same command line again: it finds the checkpoint and continues the run.
+    proc = subprocess.run(cli(sample_betons, tmp_path, '--checkpoint.every_iters=2', '--resume',
+                              'auto'), cwd=REPO, env=run_env(), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f'=> resuming {run_dir} at epoch 3, iteration {state["iteration"]}' in proc.stdout
+    log = log_of(run_dir)
+    assert [r['epoch'] for r in log] == list(range(EPOCHS))  # each epoch once
+    summary, reference = uninterrupted
+    # Same position in the LR and resolution schedules, epoch by epoch.
+    assert [r['lr'] for r in log] == [r['lr'] for r in reference]
+    assert [r['res'] for r in log] == [r['res'] for r in reference]
+    assert abs(log[-1]['top_1'] - summary['top_1']) <= 0.03, (log[-1]['top_1'], summary['top_1'])
+    # Stricter: the same weights, bit for bit (model, optimizer state and schedule all restored).
+    resumed = torch.load(run_dir / 'final_weights.pt', weights_only=True)
+    expected = torch.load(Path(summary['run_dir']) / 'final_weights.pt', weights_only=True)
+    assert resumed.keys() == expected.keys()
+    assert all(torch.equal(resumed[k], expected[k]) for k in expected)
+    assert log[-1]['top_1'] == summary['top_1']
+    assert (run_dir / 'progress.png').exists()
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_143(sample_betons, tmp_path):
+    proc = start(cli(sample_betons, tmp_path, '--checkpoint.every_iters=3'))
+    read_until(proc, '=> checkpoint: epoch 1, iteration 3')
+    sent = time.time()
+    os.kill(proc.pid, signal.SIGTERM)
+    out = proc.communicate(timeout=120)[0]
+    assert time.time() - sent < 30  # finishes the step, saves, exits: no waiting for the epoch
+    assert proc.returncode == 128 + signal.SIGTERM, out[-2000:]
+    assert 'stopped by SIGTERM' in out and '--resume auto' in out
+    [run_dir] = [p for p in tmp_path.iterdir() if p.is_dir()]
+    state = checkpoint.load(run_dir / 'checkpoint.pt')
+    assert state['epoch'] == 1 and 3 < state['iteration'] < 10  # after the last periodic one
+    assert [r['epoch'] for r in log_of(run_dir)] == [0]
+    assert not (run_dir / 'final_weights.pt').exists()
+
+
+def test_resuming_with_a_different_schedule_is_refused_unless_forced(sample_betons, tmp_path):
+    run_dir = tmp_path / 'run'
+    run_dir.mkdir()
+    cfg = small_config(sample_betons, tmp_path, *RUN)
+    resolved = {**{s: dict(vars(v)) for s, v in vars(cfg).items()},
+                'derived': {'world_size': 1, 'global_batch_size': 32, 'lr_used': 0.05,
+                            'num_classes': 10, 'device': 'cpu'}}
+    checkpoint.save({'format': 1, 'config': resolved}, run_dir / 'checkpoint.pt')
+    cfg = small_config(sample_betons, tmp_path, *RUN, '--training.epochs=20', '--lr.lr=0.1',
+                       f'--resume={run_dir / "checkpoint.pt"}')
+    with pytest.raises(checkpoint.CheckpointError) as info:
+        train_imagenet.main(cfg)
+    message = str(info.value)
+    assert 'training.epochs: 10 -> 20' in message and 'lr.lr: 0.05 -> 0.1' in message
+    assert 'checkpoint.force=1' in message
+
+
+def test_non_finite_loss_stops_naming_epoch_and_iteration_and_keeps_the_checkpoint(
+        sample_betons, tmp_path):
+    """Epoch 0 trains normally; the step schedule then multiplies the LR by 1e12."""
+    proc = subprocess.run(cli(sample_betons, tmp_path, '--training.epochs=3',
+                              '--lr.lr_schedule_type=step', '--lr.step_length=1',
+                              '--lr.step_ratio=1e12', '--training.label_smoothing=0'),
+                          cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1
+    assert 'non-finite training loss at epoch 1, iteration' in proc.stderr
+    [run_dir] = [p for p in tmp_path.iterdir() if p.is_dir()]
+    state = checkpoint.load(run_dir / 'checkpoint.pt')
+    assert (state['epoch'], state['iteration']) == (1, 0)  # the end of epoch 0: last good state
+    assert all(torch.isfinite(t).all() for t in state['model'].values() if t.is_floating_point())
+    assert not (run_dir / 'final_weights.pt').exists()
