@@ -124,7 +124,7 @@ def test_resuming_with_a_different_schedule_is_refused_unless_forced(sample_beto
     with pytest.raises(checkpoint.CheckpointError) as info:
         train_imagenet.main(cfg)
     message = str(info.value)
-    assert 'training.epochs: 10 -> 20' in message and 'lr.lr: 0.05 -> 0.1' in message
+    assert 'training.epochs: 6 -> 20' in message and 'lr.lr: 0.05 -> 0.1' in message
     assert 'checkpoint.force=1' in message
 
 
