@@ -404,16 +404,17 @@ def load_eval_image(path, *, res: int, max_res: int = 256,
                     crop_ratio: float = DEFAULT_CROP_RATIO):
     """One image file as the validation loader feeds it to the model, for prediction: decoded as
     the converter stores it (shorter side at most ``max_res``, :func:`load_image`), the central
-    square of side ``int(crop_ratio * shorter side)`` (ffcv's ``CenterCropRGBImageDecoder``),
-    resized to ``res`` x ``res`` with OpenCV's area interpolation (as ffcv), normalised with the
-    ImageNet mean/std. Returns a float32 tensor (3, res, res). Raises as :func:`load_image`."""
+    square of side ``int(crop_ratio * shorter side)`` (ffcv's ``get_center_crop``), resized to
+    ``res`` x ``res`` bilinearly (area interpolation for a shrink of 2 or more, where the loader
+    decodes DCT-scaled; see ``decoders``), normalised with the ImageNet mean/std. Returns a float32 tensor (3, res, res). Raises as :func:`load_image`."""
     import cv2
     import torch
     a = load_image(path, max_res)
     height, width = a.shape[:2]
     side = int(crop_ratio * min(height, width))
     top, left = (height - side) // 2, (width - side) // 2
-    a = cv2.resize(a[top:top + side, left:left + side], (res, res), interpolation=cv2.INTER_AREA)
+    a = cv2.resize(a[top:top + side, left:left + side], (res, res),
+                   interpolation=cv2.INTER_LINEAR if side < 2 * res else cv2.INTER_AREA)
     a = (a.astype(np.float32) - IMAGENET_MEAN.astype(np.float32)) / IMAGENET_STD.astype(np.float32)
     return torch.from_numpy(a).permute(2, 0, 1).contiguous()
 
@@ -770,18 +771,23 @@ def _check_beton(path) -> str:
     return str(path)
 
 
-def _image_tail(device):
-    """The ops after the decoder (and flip). On CPU ``NormalizeImage`` is a numba (JIT) op and must
-    come before the non-JIT ``ToTensor``: ffcv 1.0.2 loops forever on a JIT op after a non-JIT one
-    (ffcv issue #396). On CUDA it runs on the device, after ``ToDevice``/``ToTorchImage``.
-    Either way the images come out as float (N, 3, H, W) tensors in channels_last memory."""
+def _image_pipeline(device, decoder_for):
+    """``[decoder, ...]`` producing float (N, 3, H, W) batches normalised with ImageNet mean/std, in
+    channels_last memory. ``decoder_for(normalize)`` makes the decoder (see ``decoders``): on CPU
+    it writes normalised float32 itself; on CUDA it writes uint8 (4x less to copy to the device)
+    and the batch is normalised there, to float16."""
     import torch
-    from ffcv.transforms import NormalizeImage, ToDevice, ToTensor, ToTorchImage
+    from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
+
+    from .decoders import normalize_on_device
     if device.type == 'cuda':
-        return [ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(),
-                NormalizeImage(IMAGENET_MEAN, IMAGENET_STD, np.float16)]
+        decoder = decoder_for(False)
+        return decoder, [decoder, ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(),
+                         normalize_on_device(mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                                             dtype=torch.float16)]
     assert device == torch.device('cpu'), device
-    return [NormalizeImage(IMAGENET_MEAN, IMAGENET_STD, np.float32), ToTensor(), ToTorchImage()]
+    decoder = decoder_for(True)
+    return decoder, [decoder, ToTensor(), ToTorchImage()]
 
 
 def _label_pipeline(device):
@@ -808,22 +814,22 @@ def train_loader(*, path, batch_size: int, num_workers: int, res: int, in_memory
     1.0 and 0 on square images, batches are fixed by ``seed`` and the epoch alone: runs repeat.
     The loader's buffers are reused: consume a batch before fetching ``batches_ahead + 2`` more.
     """
-    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
-    from ffcv.transforms import RandomHorizontalFlip
+
+    from .decoders import random_resized_crop_decoder
 
     orders = {'random': OrderOption.RANDOM, 'quasi_random': OrderOption.QUASI_RANDOM}
     if order not in orders:
         raise ValueError(f"order={order!r}: expected 'random' or 'quasi_random'")
     if distributed and order != 'random':
         raise ValueError("ffcv supports only order='random' with distributed=True")
-    decoder = RandomResizedCropRGBImageDecoder((res, res), scale=(min_crop_scale, 1.0))
-    flip = [RandomHorizontalFlip(flip_prob)] if flip_prob > 0 else []
+    decoder, image_pipeline = _image_pipeline(device, lambda normalize: random_resized_crop_decoder(
+        (res, res), scale=(min_crop_scale, 1.0), flip_prob=flip_prob, normalize=normalize,
+        mean=IMAGENET_MEAN, std=IMAGENET_STD))
     loader = Loader(_check_beton(path), batch_size=batch_size, num_workers=num_workers,
                     order=orders[order], os_cache=bool(in_memory), drop_last=True,
                     distributed=distributed, seed=seed,
-                    pipelines={'image': [decoder] + flip + _image_tail(device),
-                               'label': _label_pipeline(device)})
+                    pipelines={'image': image_pipeline, 'label': _label_pipeline(device)})
     return loader, decoder
 
 
@@ -836,14 +842,15 @@ def val_loader(*, path, batch_size: int, num_workers: int, res: int, device, ran
     order, keeping the last partial batch, so across ranks every image is seen exactly once (ffcv's
     own ``distributed=True`` pads with repeated samples). Batches as in :func:`train_loader`.
     """
-    from ffcv.fields.rgb_image import CenterCropRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
+
+    from .decoders import center_crop_decoder
 
     path = _check_beton(path)
     # uint64 as ffcv's own default: int64 indices meet its uint64 ones and numba sees float64.
     indices = np.arange(rank, num_samples(path), world_size, dtype=np.uint64)
-    decoder = CenterCropRGBImageDecoder((res, res), ratio=crop_ratio)
+    _, image_pipeline = _image_pipeline(device, lambda normalize: center_crop_decoder(
+        (res, res), ratio=crop_ratio, normalize=normalize, mean=IMAGENET_MEAN, std=IMAGENET_STD))
     return Loader(path, batch_size=batch_size, num_workers=num_workers, order=OrderOption.SEQUENTIAL,
                   drop_last=False, indices=indices,
-                  pipelines={'image': [decoder] + _image_tail(device),
-                             'label': _label_pipeline(device)})
+                  pipelines={'image': image_pipeline, 'label': _label_pipeline(device)})

@@ -205,10 +205,21 @@ def test_loaders_on_cpu(sample_betons):
 
 
 def test_gpu_pipeline_order_is_well_formed():
-    """On CUDA, NormalizeImage goes after ToDevice/ToTorchImage; on CPU before ToTensor (a JIT op
-    after a non-JIT one hangs ffcv 1.0.2's Loader)."""
-    from ffcv.transforms import NormalizeImage, ToDevice, ToTensor, ToTorchImage
-    gpu_ops = [type(op) for op in data._image_tail(torch.device('cuda:0'))]
-    cpu_ops = [type(op) for op in data._image_tail(torch.device('cpu'))]
-    assert gpu_ops == [ToTensor, ToDevice, ToTorchImage, NormalizeImage]
-    assert cpu_ops == [NormalizeImage, ToTensor, ToTorchImage]
+    """On CUDA the decoder writes uint8 and the batch is normalised on the device after
+    ToDevice/ToTorchImage (with torch, not ffcv's cupy kernel); on CPU the decoder normalises and
+    nothing JIT-compiled follows a non-JIT op (that hangs ffcv 1.0.2's Loader)."""
+    from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
+
+    from imagenet_ffcv import decoders
+    made = []
+
+    def decoder_for(normalize):
+        made.append(normalize)
+        return decoders.center_crop_decoder((32, 32), ratio=1.0, normalize=normalize,
+                                            mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD)
+    decoder, gpu_ops = data._image_pipeline(torch.device('cuda:0'), decoder_for)
+    assert [type(op) for op in gpu_ops[1:-1]] == [ToTensor, ToDevice, ToTorchImage]
+    assert gpu_ops[0] is decoder and type(gpu_ops[-1]).__name__ == 'NormalizeOnDevice'
+    decoder, cpu_ops = data._image_pipeline(torch.device('cpu'), decoder_for)
+    assert cpu_ops[0] is decoder and [type(op) for op in cpu_ops[1:]] == [ToTensor, ToTorchImage]
+    assert made == [False, True]

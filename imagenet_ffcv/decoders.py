@@ -1,0 +1,383 @@
+"""FFCV image decoders that do the whole per-image job in one pass: random-resized (or centre) crop,
+resize, left-right flip and, on CPU, normalisation to float32.
+
+Where ffcv's ``RandomResizedCropRGBImageDecoder`` decodes the whole JPEG, resizes the crop with
+OpenCV's INTER_AREA and leaves flip and normalisation to two more passes over the batch, these
+decoders
+- decode only the crop's rectangle (libjpeg-turbo partial decompression, ``jpeg_region.c``), and
+  when the crop is at least twice the output size, decode it DCT-scaled by 1/2, 1/4 or 1/8, so that
+  what is left is a shrink of less than 2 (the idea of TensorFlow's ``decode_and_crop_jpeg`` and of
+  DALI's ROI decoding);
+- resample bilinearly (pixel centres aligned, as OpenCV's INTER_LINEAR and torchvision's
+  ``antialias=False``; an image stored raw and shrunk by k >= 2 is averaged over k x k samples) and
+  write the flipped, normalised pixel straight into the batch.
+``benchmarks/bench_loader.py`` measures the difference. If the C part cannot be built (no C
+compiler or libjpeg headers), the whole image is decoded with ffcv's own (DCT-scaled) decoder
+instead, with a warning.
+
+Both decoders keep ffcv's interface: ``output_size`` may be changed between epochs.
+"""
+import ctypes
+import functools
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import warnings
+from dataclasses import replace
+from pathlib import Path
+
+import numba
+import numpy as np
+
+SOURCE = Path(__file__).with_name('jpeg_region.c')
+MARGIN = 2  # decoded rows/columns beyond the sampled ones, where partial decoding may differ
+
+
+class JpegLibraryError(RuntimeError):
+    """The C region decoder could not be built or loaded; the message says what is missing."""
+
+
+def library_path() -> Path:
+    """Where the compiled ``jpeg_region.c`` lives: beside it, named by the source's hash (so an
+    edited source is rebuilt), or under ``~/.cache/imagenet_ffcv`` if the package is read-only."""
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    name = f'_jpeg_region-{digest}.so'
+    here = SOURCE.parent
+    if os.access(here, os.W_OK):
+        return here / name
+    return Path.home() / '.cache' / 'imagenet_ffcv' / name
+
+
+def build_library() -> Path:
+    """Compile ``jpeg_region.c`` into a shared library if it is not built yet; returns its path.
+
+    Uses ``$CC`` (default ``cc``) and links libjpeg(-turbo) (``apt-get install libjpeg-dev``; ffcv
+    itself builds against libturbojpeg). The library is written to a temporary name and renamed,
+    so processes building at the same time (torchrun) never load a half-written file.
+    Raises JpegLibraryError naming the command and its error output on failure.
+    """
+    path = library_path()
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cc = os.environ.get('CC', 'cc')
+    if shutil.which(cc) is None:
+        raise JpegLibraryError(f'no C compiler ({cc}) to build {SOURCE.name}; install gcc')
+    fd, tmp = tempfile.mkstemp(suffix='.so', dir=path.parent)
+    os.close(fd)
+    cmd = [cc, '-O2', '-shared', '-fPIC', str(SOURCE), '-o', tmp, '-ljpeg', '-lpthread']
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        os.unlink(tmp)
+        raise JpegLibraryError(f'building {SOURCE.name} failed ({" ".join(cmd)}); install the '
+                               f'libjpeg headers (apt-get install libjpeg-dev):\n{result.stderr}')
+    os.replace(tmp, path)
+    return path
+
+
+_decode_region_c = None
+
+
+def region_decoder():
+    """The ctypes function ``decode_region`` of ``jpeg_region.c`` (built on first use), or None
+    with a warning if it cannot be built."""
+    global _decode_region_c
+    if _decode_region_c is None:
+        try:
+            lib = ctypes.CDLL(str(build_library()))
+        except (JpegLibraryError, OSError) as e:
+            warnings.warn(f'{e}\nfalling back to decoding whole JPEGs with ffcv (slower)',
+                          stacklevel=2)
+            _decode_region_c = False
+            return None
+        fn = lib.decode_region
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_uint64,
+                       ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32,
+                       ctypes.c_uint32, ctypes.c_void_p]
+        fn.restype = ctypes.c_int
+        _decode_region_c = fn
+    return _decode_region_c or None
+
+
+def decode_region(jpeg: np.ndarray, *, top: int, left: int, height: int, width: int,
+                  denom: int = 1) -> tuple:
+    """Decode rows ``top .. top+height-1`` and columns ``left .. left+width-1`` (coordinates in the
+    image scaled by 1/``denom``, ``denom`` in 1, 2, 4, 8) of a JPEG given as a uint8 array.
+
+    Returns ``(pixels, first_column)``: uint8 (height, W', 3) RGB rows holding at least the asked
+    columns, and the image column of their first one (libjpeg widens the crop to its block grid).
+    Raises ValueError for a corrupt JPEG or a rectangle outside the image, JpegLibraryError if
+    the C part cannot be built. For tests and benchmarks; the decoders call it from numba.
+    """
+    fn = region_decoder()
+    if fn is None:
+        raise JpegLibraryError(f'{SOURCE.name} is not built (see the warning above)')
+    jpeg = np.ascontiguousarray(jpeg, dtype=np.uint8)
+    capacity = height * (left + width + 64) * 3
+    out = np.empty(capacity, np.uint8)
+    info = np.zeros(2, np.int64)
+    code = fn(jpeg.ctypes.data, jpeg.size, out.ctypes.data, capacity, top, left, height, width,
+              denom, info.ctypes.data)
+    if code != 0:
+        raise ValueError(f'decode_region failed with code {code} (-1 corrupt JPEG, -2 rectangle '
+                         f'outside the image, -3 data ended early)')
+    return out[:height * info[1] * 3].reshape(height, int(info[1]), 3), int(info[0])
+
+
+@numba.njit(nogil=True, fastmath=True, error_model='numpy')  # compiled at its first call
+def _taps(start, step, k, out_n, src_n):
+    """Source indices and weights, 2 per sample and k samples per output pixel, of a bilinear
+    resampling of pixels ``start .. start + out_n * step`` (pixel-centre aligned, clamped to the
+    edge). Returns int64 and float32 arrays (out_n, 2 k); each row's weights sum to 1."""
+    index = np.empty((out_n, 2 * k), np.int64)
+    weight = np.empty((out_n, 2 * k), np.float32)
+    for o in range(out_n):
+        for s in range(k):
+            f = start + (o + (s + 0.5) / k) * step - 0.5
+            f = min(max(f, 0.0), src_n - 1.0)
+            i = min(int(f), src_n - 2) if src_n > 1 else 0
+            w = f - i
+            index[o, 2 * s], index[o, 2 * s + 1] = i, min(i + 1, src_n - 1)
+            weight[o, 2 * s], weight[o, 2 * s + 1] = (1 - w) / k, w / k
+    return index, weight
+
+
+def resample(src, y0, x0, crop_h, crop_w, dst, flip, mean, inv_std, normalize):
+    """Resample the rectangle of ``src`` (uint8 (H, W, 3)) with top-left corner (``y0``, ``x0``)
+    and size ``crop_h`` x ``crop_w`` (floats, pixel units) bilinearly into ``dst`` (out_h, out_w, 3),
+    pixel centres aligned (as OpenCV's INTER_LINEAR); left-right flipped if ``flip``. A shrink by
+    k >= 2 along an axis averages k samples along it (antialiasing for raw-stored images; JPEGs
+    arrive DCT-scaled to a shrink below 2). ``normalize``: write ``(v - mean) * inv_std`` (dst
+    float32), else the rounded value (dst uint8). Compiled with numba by the decoders.
+
+    Per output row: blend the source rows (contiguous, vectorised), then gather the columns.
+    """
+    out_h, out_w = dst.shape[0], dst.shape[1]
+    sy, sx = crop_h / out_h, crop_w / out_w
+    row_index, row_weight = _taps(y0, sy, max(1, int(sy)), out_h, src.shape[0])
+    col_index, col_weight = _taps(x0, sx, max(1, int(sx)), out_w, src.shape[1])
+    lo, hi = col_index.min(), col_index.max() + 1  # the source columns used
+    col_index -= lo
+    col_index *= 3
+    n = (hi - lo) * 3
+    row = np.empty(n, np.float32)
+    two_col_taps = col_index.shape[1] == 2
+    m0, m1, m2 = mean[0], mean[1], mean[2]
+    i0, i1, i2 = inv_std[0], inv_std[1], inv_std[2]
+    for oy in range(out_h):
+        if row_index.shape[1] == 2:  # the common case, written out so that it vectorises
+            w0, w1 = row_weight[oy, 0], row_weight[oy, 1]
+            s0 = src[row_index[oy, 0]].reshape(-1)[lo * 3:hi * 3]
+            s1 = src[row_index[oy, 1]].reshape(-1)[lo * 3:hi * 3]
+            for e in range(n):
+                row[e] = w0 * s0[e] + w1 * s1[e]
+        else:
+            row[:] = 0
+            for t in range(row_index.shape[1]):
+                w = row_weight[oy, t]
+                source = src[row_index[oy, t]].reshape(-1)[lo * 3:hi * 3]
+                for e in range(n):
+                    row[e] += w * source[e]
+        out = dst[oy].reshape(-1)
+        for ox in range(out_w):
+            if two_col_taps:
+                c0, c1 = col_index[ox, 0], col_index[ox, 1]
+                w0, w1 = col_weight[ox, 0], col_weight[ox, 1]
+                a0 = w0 * row[c0] + w1 * row[c1]
+                a1 = w0 * row[c0 + 1] + w1 * row[c1 + 1]
+                a2 = w0 * row[c0 + 2] + w1 * row[c1 + 2]
+            else:
+                a0 = a1 = a2 = np.float32(0.0)
+                for t in range(col_index.shape[1]):
+                    c, w = col_index[ox, t], col_weight[ox, t]
+                    a0 += w * row[c]
+                    a1 += w * row[c + 1]
+                    a2 += w * row[c + 2]
+            d = 3 * (out_w - 1 - ox if flip else ox)
+            if normalize:
+                out[d] = (a0 - m0) * i0
+                out[d + 1] = (a1 - m1) * i1
+                out[d + 2] = (a2 - m2) * i2
+            else:
+                out[d] = min(a0 + 0.5, 255.0)
+                out[d + 1] = min(a1 + 0.5, 255.0)
+                out[d + 2] = min(a2 + 0.5, 255.0)
+
+
+def dct_scale(shrink: float) -> int:
+    """The JPEG DCT scaling denominator (1, 2, 4 or 8) that leaves a shrink below 2."""
+    denom = 1
+    while denom < 8 and shrink >= 2 * denom:
+        denom *= 2
+    return denom
+
+
+@functools.lru_cache(maxsize=None)
+def _make_decoder_base():
+    """Build the ffcv Operation class (ffcv is imported only when a decoder is made)."""
+    from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder
+    from ffcv.libffcv import imdecode
+    from ffcv.pipeline.allocation_query import AllocationQuery
+    from ffcv.pipeline.compiler import Compiler
+
+    # A subclass of ffcv's decoder class for RGBImageField: ffcv takes the first op of a pipeline
+    # as the field's decoder only if it is one.
+    class CropResizeDecoder(SimpleRGBImageDecoder):
+        """Decode, crop, resize, flip (and normalise) :class:`ffcv.fields.RGBImageField` images.
+
+        crop: a numba-compilable ``f(height, width, scale, ratio) -> (top, left, h, w)`` (ffcv's
+        ``get_random_crop`` or ``get_center_crop``). Output per image: float32 (H, W, 3)
+        normalised with ``mean``/``std`` (0-255 units) when ``normalize``, else uint8 (H, W, 3).
+        """
+
+        def __init__(self, output_size, *, crop, scale, ratio, flip_prob: float,
+                     normalize: bool, mean, std):
+            super().__init__()
+            self.output_size = tuple(output_size)
+            self.crop, self.scale, self.ratio = crop, scale, ratio
+            self.flip_prob, self.normalize = float(flip_prob), bool(normalize)
+            self.mean = np.asarray(mean, np.float32)
+            self.inv_std = (1 / np.asarray(std, np.float64)).astype(np.float32)
+
+        def declare_state_and_memory(self, previous_state):
+            max_h = np.uint64(self.metadata['height'].max())
+            max_w = np.uint64(self.metadata['width'].max())
+            dtype = np.dtype(np.float32 if self.normalize else np.uint8)
+            shape = (self.output_size[0], self.output_size[1], 3)
+            return (replace(previous_state, jit_mode=True, shape=shape, dtype=dtype),
+                    (AllocationQuery(shape, dtype),
+                     AllocationQuery((max_h * max_w * np.uint64(3),), np.dtype('<u1')),
+                     AllocationQuery((2,), np.dtype('<i8'))))
+
+        def generate_code(self):
+            mem_read = self.memory_read
+            my_range = Compiler.get_iterator()
+            crop_at = Compiler.compile(self.crop)
+            resample_c = Compiler.compile(resample)
+            jpg = IMAGE_MODES['jpg']
+            scale = np.array(self.scale, np.float64)
+            ratio = (np.array(self.ratio, np.float64) if isinstance(self.ratio, tuple)
+                     else float(self.ratio))
+            flip_prob, normalize = self.flip_prob, self.normalize
+            mean, inv_std = self.mean, self.inv_std
+            region_c = region_decoder()
+            if region_c is not None:
+                def read_region(data, buf, top, left, rows, cols, denom, info, height, width):
+                    return region_c(data.ctypes.data, data.size, buf.ctypes.data, buf.size, top,
+                                    left, rows, cols, denom, info.ctypes.data)
+            else:  # the whole (DCT-scaled) image through ffcv's decoder
+                imdecode_c = Compiler.compile(imdecode)
+
+                def read_region(data, buf, top, left, rows, cols, denom, info, height, width):
+                    info[0] = 0
+                    info[1] = cols
+                    return imdecode_c(data, buf, height, width, height, width, 0, 0, 1, denom,
+                                      False, False)
+            read_region_c = Compiler.compile(read_region)
+            partial = region_c is not None
+
+            def decode(batch_indices, my_storage, metadata, storage_state):
+                destination, temp, info = my_storage
+                out_h, out_w = destination.shape[1], destination.shape[2]
+                for k in my_range(len(batch_indices)):
+                    field = metadata[batch_indices[k]]
+                    data = mem_read(field['data_ptr'], storage_state)
+                    height, width = np.int64(field['height']), np.int64(field['width'])
+                    i, j, h, w = crop_at(height, width, scale, ratio)
+                    flip = flip_prob > 0 and np.random.rand() < flip_prob
+                    if field['mode'] != jpg:
+                        resample_c(data.reshape(height, width, 3), i, j, h, w, destination[k],
+                                   flip, mean, inv_std, normalize)
+                        continue
+                    shrink = min(h / out_h, w / out_w)
+                    denom = 1
+                    while denom < 8 and shrink >= 2 * denom:
+                        denom *= 2
+                    scaled_h, scaled_w = (height + denom - 1) // denom, (width + denom - 1) // denom
+                    y0, x0, ch, cw = i / denom, j / denom, h / denom, w / denom
+                    if partial:
+                        top = max(0, int(y0) - MARGIN)
+                        bottom = min(scaled_h, int(np.ceil(y0 + ch)) + MARGIN)
+                        left = max(0, int(x0) - MARGIN)
+                        right = min(scaled_w, int(np.ceil(x0 + cw)) + MARGIN)
+                    else:
+                        top, bottom, left, right = 0, scaled_h, 0, scaled_w
+                    rows = bottom - top
+                    code = read_region_c(data, temp[k], top, left, rows, right - left, denom,
+                                         info[k], height, width)
+                    if code < 0:  # corrupt record (write_beton.py --verify finds it): zeros
+                        destination[k][:] = 0
+                        continue
+                    decoded_w = info[k, 1]
+                    src = temp[k][:rows * decoded_w * 3].reshape(rows, decoded_w, 3)
+                    resample_c(src, y0 - top, x0 - info[k, 0], ch, cw, destination[k], flip,
+                               mean, inv_std, normalize)
+                return destination[:len(batch_indices)]
+
+            decode.is_parallel = True
+            return decode
+
+    return CropResizeDecoder
+
+
+def random_resized_crop_decoder(output_size, *, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                                flip_prob: float = 0.5, normalize: bool, mean, std):
+    """Training decoder: random-resized crop (Szegedy et al. 2015, as torchvision's
+    ``RandomResizedCrop``: area fraction from ``scale``, aspect ratio log-uniform in ``ratio``,
+    centre crop after 10 failed draws; ffcv's ``get_random_crop``) to ``output_size`` (H, W) px,
+    then a left-right flip with probability ``flip_prob``. Output as :class:`CropResizeDecoder`."""
+    from ffcv.fields.rgb_image import get_random_crop
+    return _make_decoder_base()(output_size, crop=get_random_crop, scale=scale, ratio=ratio,
+                                flip_prob=flip_prob, normalize=normalize, mean=mean, std=std)
+
+
+def center_crop_decoder(output_size, *, ratio: float, normalize: bool, mean, std):
+    """Validation decoder: the central square of side ``ratio`` x the shorter side (224/256 is
+    the classic centre crop), resized to ``output_size`` (H, W) px; ffcv's ``get_center_crop``."""
+    from ffcv.fields.rgb_image import get_center_crop
+    return _make_decoder_base()(output_size, crop=get_center_crop, scale=(0.0, 0.0), ratio=ratio,
+                                flip_prob=0.0, normalize=normalize, mean=mean, std=std)
+
+
+@functools.lru_cache(maxsize=None)
+def _normalize_class():
+    import torch
+    from ffcv.pipeline.operation import Operation
+
+    class NormalizeOnDevice(Operation):
+        """``(x - mean) / std`` of a uint8 (B, 3, H, W) torch batch, on the batch's device, as
+        ``dtype``; the memory format (channels_last) is kept. Plain torch: ffcv's own
+        ``NormalizeImage`` needs cupy on CUDA."""
+
+        def __init__(self, mean, std, dtype):
+            super().__init__()
+            self.mean = torch.tensor(np.asarray(mean), dtype=torch.float32).view(1, 3, 1, 1)
+            self.inv_std = 1 / torch.tensor(np.asarray(std), dtype=torch.float32).view(1, 3, 1, 1)
+            self.dtype = dtype
+
+        def declare_state_and_memory(self, previous_state):
+            return replace(previous_state, jit_mode=False, dtype=self.dtype), None
+
+        def generate_code(self):
+            constants = {}
+            dtype = self.dtype
+
+            def normalize(images, _):
+                if images.device not in constants:
+                    constants[images.device] = (self.mean.to(images.device),
+                                                self.inv_std.to(images.device))
+                mean, inv_std = constants[images.device]
+                return ((images.to(torch.float32) - mean) * inv_std).to(dtype)
+
+            return normalize
+
+    return NormalizeOnDevice
+
+
+def normalize_on_device(*, mean, std, dtype):
+    """ffcv pipeline op: normalise a uint8 (B, 3, H, W) batch on its device to ``dtype``
+    (``(x - mean) / std``, mean/std in 0-255 units); for the CUDA pipeline, after ``ToDevice`` and
+    ``ToTorchImage``."""
+    return _normalize_class()(mean, std, dtype)

@@ -1,0 +1,187 @@
+"""The fused decoders (imagenet_ffcv/decoders.py): region decoding, resampling, flip, normalisation,
+and the loaders built on them, against independent references (full decodes, OpenCV)."""
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from conftest import SAMPLE
+from imagenet_ffcv import data, decoders
+
+MEAN, STD = data.IMAGENET_MEAN, data.IMAGENET_STD
+
+
+def jpeg_bytes(a, quality=90):
+    ok, buf = cv2.imencode('.jpg', cv2.cvtColor(a, cv2.COLOR_RGB2BGR),
+                           [cv2.IMWRITE_JPEG_QUALITY, quality])
+    assert ok
+    return buf.reshape(-1)
+
+
+@pytest.fixture(scope='module')
+def photo():
+    """A real 4:3 photo, 341 x 256 after the converter's resize, as uint8 RGB and as JPEG."""
+    path = sorted((SAMPLE / 'train').glob('*/*.JPEG'))[0]
+    a = cv2.resize(data.load_image(path, 256), (341, 256), interpolation=cv2.INTER_AREA)
+    return a, jpeg_bytes(a)
+
+
+def compiled_resample():
+    import numba
+    return numba.njit(decoders.resample)
+
+
+@pytest.mark.parametrize('denom', [1, 2, 4])
+def test_region_decode_equals_the_full_decode_inside_the_margin(photo, denom):
+    _, jpeg = photo
+    height, width = -(-256 // denom), -(-341 // denom)
+    full, first = decoders.decode_region(jpeg, top=0, left=0, height=height, width=width,
+                                         denom=denom)
+    assert first == 0 and full.shape == (height, width, 3)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        h, w = rng.integers(8, height // 2), rng.integers(8, width // 2)
+        top, left = rng.integers(0, height - h), rng.integers(0, width - w)
+        part, first = decoders.decode_region(jpeg, top=top, left=left, height=h, width=w,
+                                             denom=denom)
+        assert first <= left and first + part.shape[1] >= left + w
+        m = decoders.MARGIN
+        inner = part[m:h - m, left - first + m:left - first + w - m]
+        np.testing.assert_array_equal(inner, full[top + m:top + h - m, left + m:left + w - m])
+
+
+def test_region_decode_names_bad_input(photo):
+    _, jpeg = photo
+    with pytest.raises(ValueError, match='outside the image'):
+        decoders.decode_region(jpeg, top=250, left=0, height=10, width=10)
+    with pytest.raises(ValueError, match='corrupt'):
+        decoders.decode_region(np.frombuffer(b'not a jpeg at all' * 10, np.uint8), top=0, left=0,
+                               height=1, width=1)
+
+
+@pytest.mark.parametrize('crop, size', [((10, 20, 200, 180), (160, 160)),   # shrink < 2
+                                        ((0, 0, 256, 341), (192, 256)),     # whole image
+                                        ((30, 40, 90, 100), (160, 160))])   # upscale
+def test_resample_matches_opencv_bilinear_and_flips_and_normalises(photo, crop, size):
+    a, _ = photo
+    top, left, h, w = crop
+    resample = compiled_resample()
+    out = np.empty((*size, 3), np.uint8)
+    resample(a, float(top), float(left), float(h), float(w), out, False, MEAN.astype(np.float32),
+             (1 / STD).astype(np.float32), False)
+    ref = cv2.resize(a[top:top + h, left:left + w], size[::-1], interpolation=cv2.INTER_LINEAR)
+    # OpenCV rounds its weights to 11 bits; on the border, where an upscale samples just outside
+    # the crop, it repeats the crop's edge and we read the image beyond it.
+    assert np.abs(out.astype(int) - ref.astype(int))[1:-1, 1:-1].max() <= 2
+    flipped = np.empty_like(out)
+    resample(a, float(top), float(left), float(h), float(w), flipped, True,
+             MEAN.astype(np.float32), (1 / STD).astype(np.float32), False)
+    np.testing.assert_array_equal(flipped, out[:, ::-1])
+    normed = np.empty(out.shape, np.float32)
+    resample(a, float(top), float(left), float(h), float(w), normed, False,
+             MEAN.astype(np.float32), (1 / STD).astype(np.float32), True)
+    # the uint8 output is rounded: up to half a grey level over the smallest std
+    np.testing.assert_allclose(normed, (out.astype(np.float32) - MEAN) / STD, atol=0.51 / STD.min())
+
+
+def test_resample_averages_big_shrinks(photo):
+    """A shrink by an integer k >= 2 averages k x k pixels: OpenCV's INTER_AREA exactly."""
+    a, _ = photo
+    out = np.empty((64, 85, 3), np.uint8)
+    compiled_resample()(a, 0.0, 0.0, 256.0, 340.0, out, False, MEAN.astype(np.float32),
+                        (1 / STD).astype(np.float32), False)
+    ref = cv2.resize(a[:, :340], (85, 64), interpolation=cv2.INTER_AREA)
+    assert np.abs(out.astype(int) - ref.astype(int)).max() <= 1
+
+
+def test_dct_scale_leaves_a_shrink_below_two():
+    assert [decoders.dct_scale(s) for s in (0.5, 1.0, 1.99, 2.0, 3.9, 4.0, 8.5, 40)] == \
+        [1, 1, 1, 2, 2, 4, 8, 8]
+
+
+@pytest.fixture(scope='module')
+def betons(tmp_path_factory):
+    """Eight demo photos at shorter side 256, as JPEG and as raw pixels."""
+    out = tmp_path_factory.mktemp('dec')
+    classes = data.find_classes(SAMPLE / 'train')
+    samples = data.list_samples(SAMPLE / 'train', classes)[::40][:8]
+    paths = {}
+    for mode in ('jpg', 'raw'):
+        paths[mode] = out / f'{mode}.beton'
+        data.write_beton(samples, paths[mode], max_res=256, write_mode=mode, num_workers=1)
+    return paths
+
+
+def stored_images(path):
+    """The stored images of a beton decoded whole with ffcv's own decoder (uint8 HWC)."""
+    from ffcv.libffcv import imdecode
+    from ffcv.reader import Reader
+    reader = Reader(str(path))
+    raw = np.fromfile(path, np.uint8)
+    sizes = {int(r['ptr']): int(r['size']) for r in reader.alloc_table}
+    images = []
+    for m in reader.metadata['f0']:
+        h, w, ptr = int(m['height']), int(m['width']), int(m['data_ptr'])
+        blob = raw[ptr:ptr + sizes[ptr]]
+        if m['mode'] == 0:
+            a = np.empty((h, w, 3), np.uint8)
+            imdecode(blob, a, h, w, h, w, 0, 0, 1, 1, False, False)
+        else:
+            a = blob[:h * w * 3].reshape(h, w, 3)
+        images.append(a)
+    return images
+
+
+@pytest.mark.parametrize('mode, res', [('jpg', 64), ('jpg', 224), ('raw', 64), ('raw', 224)])
+def test_val_loader_is_the_centre_crop_of_the_stored_image(betons, mode, res):
+    """Centre crop (224/256 of the shorter side), resized, normalised: against OpenCV on the
+    stored image (bilinear below a shrink of 2, area above, where the loader decodes DCT-scaled)."""
+    loader = data.val_loader(path=betons[mode], batch_size=4, num_workers=2, res=res,
+                             device=torch.device('cpu'))
+    got = torch.cat([x.clone() for x, _ in loader]).permute(0, 2, 3, 1).numpy()
+    for a, x in zip(stored_images(betons[mode]), got):
+        side = int(data.DEFAULT_CROP_RATIO * min(a.shape[:2]))
+        top, left = (a.shape[0] - side) // 2, (a.shape[1] - side) // 2
+        interp = cv2.INTER_LINEAR if side < 2 * res else cv2.INTER_AREA
+        ref = cv2.resize(a[top:top + side, left:left + side], (res, res), interpolation=interp)
+        pixels = x * STD.astype(np.float32) + MEAN.astype(np.float32)
+        # The loader samples the pixels just outside the crop where OpenCV repeats the crop's
+        # edge: compare inside a 1-pixel border. DCT scaling (JPEG) and k x k sampling (raw) are
+        # close to, not equal to, a box filter.
+        diff = np.abs(pixels - ref)[1:-1, 1:-1]
+        max_diff, mean_diff = (2.5, 0.6) if interp == cv2.INTER_LINEAR else (60, 6)
+        assert diff.max() <= max_diff and diff.mean() <= mean_diff, (diff.max(), diff.mean())
+
+
+def test_train_loader_whole_image_crops_flip_and_fallback_agree(betons, monkeypatch):
+    """With min_crop_scale=1 a 4:3 image gives its central 4:3-clipped crop; flip_prob=1 mirrors
+    it; the fallback (whole-image decode by ffcv, when the C part cannot be built) gives the
+    same pixels as the region decoder."""
+    def batch(flip_prob):
+        loader, _ = data.train_loader(path=betons['jpg'], batch_size=8, num_workers=2, res=96,
+                                      in_memory=True, device=torch.device('cpu'),
+                                      distributed=False, seed=0, min_crop_scale=1.0,
+                                      flip_prob=flip_prob)
+        x, y = next(iter(loader))
+        return x.clone(), y.clone()
+    plain, labels = batch(0.0)
+    flipped, labels_f = batch(1.0)
+    order = torch.argsort(labels)  # same images, possibly another order
+    assert torch.equal(labels[order], labels_f[torch.argsort(labels_f)])
+    assert plain.is_contiguous(memory_format=torch.channels_last) and plain.dtype == torch.float32
+    torch.testing.assert_close(flipped[torch.argsort(labels_f)], plain[order].flip(3))
+
+    monkeypatch.setattr(decoders, '_decode_region_c', False)  # as if the build had failed
+    fallback, labels_b = batch(0.0)
+    torch.testing.assert_close(fallback[torch.argsort(labels_b)], plain[order], atol=1e-5,
+                               rtol=0)
+
+
+def test_normalize_on_device_keeps_channels_last():
+    op = decoders.normalize_on_device(mean=MEAN, std=STD, dtype=torch.float16)
+    x = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8).contiguous(
+        memory_format=torch.channels_last)
+    y = op.generate_code()(x, None)
+    assert y.dtype == torch.float16 and y.is_contiguous(memory_format=torch.channels_last)
+    ref = (x.float() - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(y.float(), ref.float(), atol=2e-3, rtol=2e-3)
