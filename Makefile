@@ -1,18 +1,19 @@
 # make demo: convert the embedded sample and train ResNet-18 on it (CPU, a few minutes).
 # make test: the test suite (CPU).
+# make bench: loader, training-loop and writer benchmarks (tables; CSV + PNG in bench-results/).
 # Both first install what is missing: the system packages ffcv builds against, then .venv.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := libopencv-dev libturbojpeg0-dev pkg-config
+APT_PACKAGES := libopencv-dev libturbojpeg0-dev libjpeg-dev pkg-config
 
-.PHONY: setup sysdeps demo test clean
+.PHONY: setup sysdeps demo test bench clean
 
 setup: $(VENV)/.installed
 
 sysdeps:
-	@if pkg-config --exists opencv4 libturbojpeg 2>/dev/null; then \
+	@if pkg-config --exists opencv4 libturbojpeg libjpeg 2>/dev/null; then \
 	  echo "system packages present: $(APT_PACKAGES)"; \
 	else \
 	  echo "+ $(SUDO) apt-get update && $(SUDO) apt-get install -y $(APT_PACKAGES)"; \
@@ -33,6 +34,11 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) benchmarks/bench_loader.py
+	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_writer.py
 
 clean:
 	rm -rf demo_out

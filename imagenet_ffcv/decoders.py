@@ -277,6 +277,7 @@ def _make_decoder_base():
                                       False, False)
             read_region_c = Compiler.compile(read_region)
             partial = region_c is not None
+            pool_size = numba.config.NUMBA_NUM_THREADS
 
             def decode(batch_indices, my_storage, metadata, storage_state):
                 destination, temp, info = my_storage
@@ -305,13 +306,19 @@ def _make_decoder_base():
                     else:
                         top, bottom, left, right = 0, scaled_h, 0, scaled_w
                     rows = bottom - top
-                    code = read_region_c(data, temp[k], top, left, rows, right - left, denom,
+                    # One decode buffer per thread rather than per image, so that it stays in the
+                    # CPU cache (thread ids are below the pool size; small batches: per image).
+                    slot = np.int64(k)
+                    if len(temp) >= pool_size:
+                        slot = np.int64(numba.get_thread_id())
+                    buf = temp[slot]
+                    code = read_region_c(data, buf, top, left, rows, right - left, denom,
                                          info[k], height, width)
                     if code < 0:  # corrupt record (write_beton.py --verify finds it): zeros
                         destination[k][:] = 0
                         continue
                     decoded_w = info[k, 1]
-                    src = temp[k][:rows * decoded_w * 3].reshape(rows, decoded_w, 3)
+                    src = buf[:rows * decoded_w * 3].reshape(rows, decoded_w, 3)
                     resample_c(src, y0 - top, x0 - info[k, 0], ch, cw, destination[k], flip,
                                mean, inv_std, normalize)
                 return destination[:len(batch_indices)]

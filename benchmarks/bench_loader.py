@@ -1,0 +1,310 @@
+"""Loader throughput, side by side on the same images, cores and batch size, after a warm-up:
+
+1. our training pipeline (``data.train_loader``: random-resized crop + flip + normalise, float32
+   NCHW tensors as the trainer gets them) against ffcv 1.0.2's stock decoder and ops, and against
+   torchvision's reference pipeline (``ImageFolder`` + ``RandomResizedCrop``,
+   ``RandomHorizontalFlip``, ``PILToTensor``, ``ConvertImageDtype``, ``Normalize`` in a
+   ``DataLoader`` with as many workers) reading the original JPEGs, at 160, 192 and 224 px;
+2. the limit: bare libjpeg-turbo decode of the same stored JPEGs, one thread, times the cores;
+3. ablations on the main set at 160 px: write mode, --max-res, JPEG quality, traversal order,
+   os_cache, loader threads, batch size: img/s, bytes on disk per image, peak RSS.
+
+    python benchmarks/bench_loader.py            # make bench runs it; about 5 minutes on 2 cores
+
+Data: ../shared/data/imagewoof320 (the main set: real aspect ratios) and imagenette, each pooled
+(train + val) and repeated to at least --min-samples images; the embedded demo sample when
+../shared is absent. Prints Markdown tables; writes bench-results/loader.csv and loader.png.
+"""
+import argparse
+import gc
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import (RESULTS, PeakRSS, image_sets, machine_line, markdown_table, pooled_samples,
+                    time_epochs, write_csv)
+from imagenet_ffcv import data
+
+CPU = torch.device('cpu')
+STORAGE = {'write_mode': 'jpg', 'max_res': 256, 'jpeg_quality': 90}  # write_beton.py's defaults
+
+
+def write(samples, folder, **storage) -> Path:
+    """The samples as a beton with the given storage settings (cached within the run)."""
+    storage = {**STORAGE, **storage}
+    out = Path(folder) / ('_'.join(f'{k}-{v}' for k, v in storage.items()) + '.beton')
+    if not out.exists():
+        data.write_beton(samples, out, num_workers=os.cpu_count(), **storage)
+    return out
+
+
+def ours(path, *, res, workers, batch_size, in_memory=1, order='random'):
+    """The trainer's loader: ``(loader, decoder)``."""
+    return data.train_loader(path=path, batch_size=batch_size, num_workers=workers, res=res,
+                             in_memory=in_memory, device=CPU, distributed=False, seed=0,
+                             order=order)
+
+
+def ffcv_stock(path, *, res, workers, batch_size):
+    """ffcv 1.0.2's own decoder, flip and NormalizeImage (ffcv-imagenet's pipeline, in the CPU
+    order that does not hang): ``(loader, decoder)``."""
+    from ffcv.fields.basics import IntDecoder
+    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
+    from ffcv.loader import Loader, OrderOption
+    from ffcv.transforms import (NormalizeImage, RandomHorizontalFlip, Squeeze, ToTensor,
+                                 ToTorchImage)
+    decoder = RandomResizedCropRGBImageDecoder((res, res))
+    image = [decoder, RandomHorizontalFlip(),
+             NormalizeImage(data.IMAGENET_MEAN, data.IMAGENET_STD, np.float32), ToTensor(),
+             ToTorchImage()]
+    loader = Loader(str(path), batch_size=batch_size, num_workers=workers, seed=0,
+                    order=OrderOption.RANDOM, os_cache=True, drop_last=True,
+                    pipelines={'image': image, 'label': [IntDecoder(), ToTensor(), Squeeze(1)]})
+    return loader, decoder
+
+
+def torchvision_loader(root, n_images, *, res, workers, batch_size):
+    """torchvision's reference classification pipeline on the original JPEGs (train + val
+    ImageFolders, repeated to ``n_images``), workers kept between epochs."""
+    from torch.utils.data import ConcatDataset, DataLoader, Subset
+    from torchvision import transforms as T
+    from torchvision.datasets import ImageFolder
+    transform = T.Compose([T.RandomResizedCrop(res), T.RandomHorizontalFlip(), T.PILToTensor(),
+                           T.ConvertImageDtype(torch.float),
+                           T.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])])
+    folders = ConcatDataset([ImageFolder(Path(root) / s, transform=transform)
+                             for s in ('train', 'val') if (Path(root) / s).is_dir()])
+    indices = [i % len(folders) for i in range(n_images)]
+    return DataLoader(Subset(folders, indices), batch_size=batch_size, shuffle=True,
+                      num_workers=workers, drop_last=True, persistent_workers=True)
+
+
+def epoch_of(loader):
+    def run():
+        n = 0
+        for _, y in loader:
+            n += len(y)
+        return n
+    return run
+
+
+def stored_bytes_per_image(path) -> float:
+    """Mean bytes of the stored image records (the file itself also holds ffcv's preallocated
+    pages, which dominate the size of a small file)."""
+    from ffcv.reader import Reader
+    reader = Reader(str(path))
+    sizes = {int(r['ptr']): int(r['size']) for r in reader.alloc_table}
+    return float(np.mean([sizes[int(p)] for p in reader.metadata['f0']['data_ptr']]))
+
+
+def stored_jpegs(path) -> list:
+    """The JPEG records of a beton as uint8 arrays with their height and width."""
+    from ffcv.reader import Reader
+    reader = Reader(str(path))
+    raw = np.fromfile(path, np.uint8)
+    sizes = {int(r['ptr']): int(r['size']) for r in reader.alloc_table}
+    return [(raw[int(m['data_ptr']):int(m['data_ptr']) + sizes[int(m['data_ptr'])]],
+             int(m['height']), int(m['width']))
+            for m in reader.metadata['f0'] if m['mode'] == 0]
+
+
+def decode_limit(path, runs: int) -> dict:
+    """Bare decode of every stored JPEG with libjpeg-turbo (ffcv's ``imdecode``: TurboJPEG, fast
+    IDCT), one thread, median of ``runs`` passes after one warm-up pass; img/s x cores."""
+    from ffcv.libffcv import imdecode
+    images = stored_jpegs(path)
+    buf = np.empty(max(h * w * 3 for _, h, w in images), np.uint8)
+
+    def run():
+        for blob, h, w in images:
+            imdecode(blob, buf, h, w, h, w, 0, 0, 1, 1, False, False)
+        return len(images)
+    single = time_epochs(run, runs)
+    return {'img_per_s': round(single['img_per_s'] * os.cpu_count(), 1),
+            'spread': round(single['spread'] * os.cpu_count(), 1),
+            'single_thread_img_per_s': single['img_per_s']}
+
+
+def measure(make, res_list, runs) -> list:
+    """img/s of a loader made by ``make()`` (returns ``(loader, decoder)``) at each resolution;
+    the decoder's ``output_size`` changes between them, as in the trainer."""
+    loader, decoder = make()
+    results = []
+    for res in res_list:
+        decoder.output_size = (res, res)
+        results.append({'res': res, **time_epochs(epoch_of(loader), runs)})
+    del loader, decoder
+    gc.collect()
+    return results
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('--sets', default='imagewoof320,imagenette',
+                   help='names under ../shared/data; the first is the main set')
+    p.add_argument('--res', default='160,192,224')
+    p.add_argument('--min-samples', type=int, default=3000,
+                   help='images per epoch (short epochs understate ffcv: each starts empty)')
+    p.add_argument('--batch-size', type=int, default=256)
+    p.add_argument('--runs', type=int, default=3, help='timed epochs per row (median)')
+    p.add_argument('--no-ablations', action='store_true')
+    p.add_argument('--out', default=str(RESULTS))
+    args = p.parse_args()
+    res_list = [int(r) for r in args.res.split(',')]
+    workers, bs = os.cpu_count(), args.batch_size
+    sets = image_sets(args.sets.split(','))
+    started = time.perf_counter()
+    print(machine_line())
+    rows = []
+    with tempfile.TemporaryDirectory(prefix='bench_loader_') as tmp:
+        for name, root in sets.items():
+            samples = pooled_samples(root, args.min_samples)
+            folder = Path(tmp) / name
+            folder.mkdir()
+            beton = write(samples, folder)
+            n_bytes = stored_bytes_per_image(beton)
+            source_bytes = np.mean([os.path.getsize(s) for s, _ in samples])
+            common = {'data': name, 'workers': workers, 'batch_size': bs, 'images': len(samples),
+                      **STORAGE, 'order': 'random', 'in_memory': 1, 'ablation': ''}
+            print(f'\n{name}: {len(samples)} images from {root}; stored {n_bytes / 1e3:.1f} kB '
+                  f'per image (original JPEGs {source_bytes / 1e3:.1f} kB)', flush=True)
+            limit = decode_limit(beton, args.runs)
+            rows.append({**common, 'pipeline': 'decode_limit', 'res': '',
+                         'bytes_per_image': round(n_bytes), **limit})
+            for pipeline, make in (
+                    ('ffcv', lambda: ours(beton, res=res_list[0], workers=workers, batch_size=bs)),
+                    ('ffcv_stock', lambda: ffcv_stock(beton, res=res_list[0], workers=workers,
+                                                      batch_size=bs))):
+                for r in measure(make, res_list, args.runs):
+                    rows.append({**common, 'pipeline': pipeline, 'bytes_per_image': round(n_bytes),
+                                 **r})
+            for res in res_list:
+                loader = torchvision_loader(root, len(samples), res=res, workers=workers,
+                                            batch_size=bs)
+                r = time_epochs(epoch_of(loader), args.runs)
+                del loader
+                rows.append({**common, 'pipeline': 'torchvision', 'res': res, 'write_mode': '',
+                             'max_res': '', 'jpeg_quality': '',
+                             'bytes_per_image': round(source_bytes), **r})
+            print(f'  measured in {time.perf_counter() - started:.0f} s so far', flush=True)
+
+        if not args.no_ablations:
+            name, root = next(iter(sets.items()))
+            rows += ablations(name, root, Path(tmp) / name, args, res_list[0])
+
+    for row in rows:  # ratios against torchvision and the decode limit of the same set
+        same = [r for r in rows if r['data'] == row['data'] and r['ablation'] == '']
+        tv = [r for r in same if r['pipeline'] == 'torchvision' and r['res'] == row['res']]
+        limit = [r for r in same if r['pipeline'] == 'decode_limit']
+        if row['pipeline'] not in ('decode_limit', 'torchvision'):
+            if tv:
+                row['x_torchvision'] = round(row['img_per_s'] / tv[0]['img_per_s'], 2)
+            row['pct_of_decode_limit'] = round(100 * row['img_per_s'] / limit[0]['img_per_s'], 1)
+
+    out = Path(args.out)
+    write_csv(out / 'loader.csv', rows)
+    print_tables(rows, res_list)
+    plot(rows, out / 'loader.png')
+    print(f'\nwrote {out / "loader.csv"} and {out / "loader.png"} in '
+          f'{time.perf_counter() - started:.0f} s')
+
+
+def ablations(name, root, folder, args, res) -> list:
+    """One storage or pipeline choice changed at a time from the defaults, at ``res`` px."""
+    samples = pooled_samples(root, args.min_samples)
+    workers, bs = os.cpu_count(), args.batch_size
+    base = {'data': name, 'pipeline': 'ffcv', 'res': res, 'workers': workers, 'batch_size': bs,
+            'images': len(samples), **STORAGE, 'order': 'random', 'in_memory': 1}
+    variants = [('defaults', {}, {})]
+    variants += [(f'write_mode={m}', {'write_mode': m}, {}) for m in ('raw', 'proportion')]
+    variants += [(f'max_res={m}', {'max_res': m}, {}) for m in (160, 512)]
+    variants += [(f'jpeg_quality={q}', {'jpeg_quality': q}, {}) for q in (75, 95)]
+    variants += [('order=quasi_random', {}, {'order': 'quasi_random'}),
+                 ('in_memory=0 (ffcv process cache)', {}, {'in_memory': 0})]
+    variants += [(f'workers={w}', {}, {'workers': w}) for w in range(1, workers)]
+    variants += [(f'batch_size={b}', {}, {'batch_size': b}) for b in (64, 128, 512) if b != bs]
+    rows = []
+    print(f'\nablations on {name} at {res} px:', flush=True)
+    for label, storage, loading in variants:
+        beton = write(samples, folder, **storage)
+        settings = {'workers': workers, 'batch_size': bs, 'in_memory': 1, 'order': 'random',
+                    **loading}
+        gc.collect()
+        with PeakRSS() as whole:  # loader construction and buffers included
+            r = measure(lambda: ours(beton, res=res, **settings), [res], args.runs)[0]
+        rows.append({**base, **storage, **settings, 'ablation': label, **r,
+                     'peak_rss_mb': round(whole.peak_mb),
+                     'bytes_per_image': round(stored_bytes_per_image(beton))})
+        print(f'  {label}: {r["img_per_s"]:.0f} img/s', flush=True)
+    return rows
+
+
+def print_tables(rows, res_list):
+    for name in dict.fromkeys(r['data'] for r in rows):
+        main = [r for r in rows if r['data'] == name and r['ablation'] == '']
+        if not main:
+            continue
+        print(f'\n### Loader throughput: {name} ({main[0]["images"]} images, {main[0]["workers"]} '
+              f'workers, batch {main[0]["batch_size"]}; median of the timed epochs)\n')
+        order = {'ffcv': 0, 'ffcv_stock': 1, 'torchvision': 2, 'decode_limit': 3}
+        main.sort(key=lambda r: (order[r['pipeline']], str(r['res'])))
+        print(markdown_table(main, [
+            ('pipeline', 'pipeline', ''), ('res', 'res', ''), ('img_per_s', 'img/s', ',.0f'),
+            ('spread', 'spread', ',.0f'), ('x_torchvision', 'x torchvision', '.2f'),
+            ('pct_of_decode_limit', '% of decode limit', '.0f'),
+            ('bytes_per_image', 'bytes/image', ',d'), ('peak_rss_mb', 'peak RSS MB', ',d')]))
+    ablation = [r for r in rows if r['ablation']]
+    if ablation:
+        print(f'\n### Ablations: {ablation[0]["data"]}, ours at {ablation[0]["res"]} px, one '
+              f'setting changed at a time\n')
+        print(markdown_table(ablation, [
+            ('ablation', 'setting', ''), ('img_per_s', 'img/s', ',.0f'),
+            ('spread', 'spread', ',.0f'), ('pct_of_decode_limit', '% of decode limit', '.0f'),
+            ('bytes_per_image', 'bytes/image', ',d'), ('peak_rss_mb', 'peak RSS MB', ',d')]))
+        print('\n(decode limit: the default storage\'s; peak RSS: the whole process, loader '
+              'buffers included)')
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    main = [r for r in rows if not r['ablation'] and r['pipeline'] != 'decode_limit']
+    ablation = [r for r in rows if r['ablation']]
+    fig, axes = plt.subplots(1, 2 if ablation else 1, figsize=(13 if ablation else 7, 4.5),
+                             squeeze=False)
+    ax = axes[0][0]
+    groups = list(dict.fromkeys((r['data'], r['res']) for r in main))
+    pipelines = list(dict.fromkeys(r['pipeline'] for r in main))
+    width = 0.8 / len(pipelines)
+    for k, pipeline in enumerate(pipelines):
+        values = [next((r['img_per_s'] for r in main if (r['data'], r['res']) == g
+                        and r['pipeline'] == pipeline), 0) for g in groups]
+        ax.bar(np.arange(len(groups)) + k * width, values, width, label=pipeline)
+    for i, name in enumerate(dict.fromkeys(g[0] for g in groups)):
+        limit = [r for r in rows if r['data'] == name and r['pipeline'] == 'decode_limit']
+        xs = [j for j, g in enumerate(groups) if g[0] == name]
+        ax.hlines(limit[0]['img_per_s'], xs[0] - 0.2, xs[-1] + 0.8, colors='k',
+                  linestyles='dashed', label='decode limit' if i == 0 else None)
+    ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2,
+                  [f'{d}\n{r} px' for d, r in groups], fontsize=8)
+    ax.set_ylabel('img/s')
+    ax.set_title('loader throughput')
+    ax.legend(fontsize=8)
+    if ablation:
+        ax = axes[0][1]
+        ax.barh([r['ablation'] for r in ablation], [r['img_per_s'] for r in ablation])
+        ax.invert_yaxis()
+        ax.set_xlabel('img/s')
+        ax.set_title(f'ablations ({ablation[0]["data"]}, {ablation[0]["res"]} px)')
+        ax.tick_params(axis='y', labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+if __name__ == '__main__':
+    main()
