@@ -291,7 +291,7 @@ def plot(rows, path):
         ax.hlines(limit[0]['img_per_s'], xs[0] - 0.2, xs[-1] + 0.8, colors='k',
                   linestyles='dashed', label='decode limit' if i == 0 else None)
     ax.set_xticks(np.arange(len(groups)) + 0.4 - width / 2,
-                  [f'{d}\n{r} px' for d, r in groups], fontsize=8)
+                  [f'{d}\n{r} px' for d, r in groups], fontsize=7, rotation=30)
     ax.set_ylabel('img/s')
     ax.set_title('loader throughput')
     ax.legend(fontsize=8)

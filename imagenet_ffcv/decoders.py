@@ -206,6 +206,7 @@ def resample(src, y0, x0, crop_h, crop_w, dst, flip, mean, inv_std, normalize):
                 out[d + 2] = min(a2 + 0.5, 255.0)
 
 
+@numba.njit(nogil=True)  # also called by the decoders' compiled code
 def dct_scale(shrink: float) -> int:
     """The JPEG DCT scaling denominator (1, 2, 4 or 8) that leaves a shrink below 2."""
     denom = 1
@@ -292,10 +293,7 @@ def _make_decoder_base():
                         resample_c(data.reshape(height, width, 3), i, j, h, w, destination[k],
                                    flip, mean, inv_std, normalize)
                         continue
-                    shrink = min(h / out_h, w / out_w)
-                    denom = 1
-                    while denom < 8 and shrink >= 2 * denom:
-                        denom *= 2
+                    denom = dct_scale(min(h / out_h, w / out_w))
                     scaled_h, scaled_w = (height + denom - 1) // denom, (width + denom - 1) // denom
                     y0, x0, ch, cw = i / denom, j / denom, h / denom, w / denom
                     if partial:
