@@ -406,7 +406,8 @@ def load_eval_image(path, *, res: int, max_res: int = 256,
     the converter stores it (shorter side at most ``max_res``, :func:`load_image`), the central
     square of side ``int(crop_ratio * shorter side)`` (ffcv's ``get_center_crop``), resized to
     ``res`` x ``res`` bilinearly (area interpolation for a shrink of 2 or more, where the loader
-    decodes DCT-scaled; see ``decoders``), normalised with the ImageNet mean/std. Returns a float32 tensor (3, res, res). Raises as :func:`load_image`."""
+    decodes DCT-scaled; see ``decoders``), normalised with the ImageNet mean/std.
+    Returns a float32 tensor (3, res, res). Raises as :func:`load_image`."""
     import cv2
     import torch
     a = load_image(path, max_res)
@@ -801,7 +802,8 @@ def train_loader(*, path, batch_size: int, num_workers: int, res: int, in_memory
                  distributed: bool, seed: int, order: str = 'random',
                  min_crop_scale: float = 0.08, flip_prob: float = 0.5):
     """The training loader: random-resized crop to ``res`` x ``res`` pixels + horizontal flip +
-    normalisation, as ffcv-imagenet. Returns ``(loader, decoder)``; set ``decoder.output_size =
+    normalisation, as ffcv-imagenet, done in one pass by ``decoders.random_resized_crop_decoder``
+    (region decode, bilinear resample; ``benchmarks/bench_loader.py`` measures it). Returns ``(loader, decoder)``; set ``decoder.output_size =
     (res, res)`` between epochs to change the resolution without rebuilding the loader.
 
     Batches are ``(images, labels)``: images float32 on CPU / float16 on CUDA, (B, 3, res, res) in
@@ -810,7 +812,7 @@ def train_loader(*, path, batch_size: int, num_workers: int, res: int, in_memory
     ffcv allows with ``distributed``) or 'quasi_random' (shuffles within pages, for data > RAM).
     ``min_crop_scale``: smallest crop area, as a fraction of the image (Szegedy et al. 2015 and
     torchvision: 0.08); the aspect ratio is drawn from [3/4, 4/3]. 1.0 on square images gives the
-    whole image. ``flip_prob``: probability of the left-right flip (0: no flip op). With both at
+    whole image. ``flip_prob``: probability of the left-right flip (0: none). With both at
     1.0 and 0 on square images, batches are fixed by ``seed`` and the epoch alone: runs repeat.
     The loader's buffers are reused: consume a batch before fetching ``batches_ahead + 2`` more.
     """
