@@ -10,7 +10,6 @@ else the embedded demo sample (224x224). Each run is repeated --runs times; the 
 import argparse
 import csv
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -20,6 +19,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from common import machine_line  # noqa: E402
 from imagenet_ffcv import data  # noqa: E402
 
 
@@ -87,7 +87,7 @@ def main():
                          'workers': args.workers, 'seconds': round(median, 3),
                          'img_per_s': round(len(samples) / median, 1),
                          'spread_s': round(max(times) - min(times), 3), 'bytes': size})
-    print(f'\nmachine: {platform.node()}, {os.cpu_count()} cores, Python {platform.python_version()}')
+    print(f'\n{machine_line()}')
     print(f'data: {root} x {args.repeat} = {len(samples)} images; median of {args.runs} runs\n')
     print('| writer | images | workers | s (median) | spread s | img/s | MB |')
     print('|---|---|---|---|---|---|---|')
