@@ -22,63 +22,60 @@ from pathlib import Path
 
 import torch
 
-from imagenet_ffcv import checkpoint, data, models
+from imagenet_ffcv import checkpoint, engine
+from imagenet_ffcv.classes import read_class_names
+from imagenet_ffcv.images import load_eval_image
 
 
 def predict(paths: list, *, weights, top: int = 5, classes_path=None, res=None, arch='resnet50',
             blurpool: bool = True, max_res: int = 256, batch_size: int = 64, device=None) -> list:
     """Top-``top`` predictions for each image file.
 
-    Returns one list per image of ``(wnid, name, probability)`` tuples, most probable first
-    (probabilities from the softmax of the logits, averaged over the image and its flip when the
-    run evaluated with flip TTA). ``res`` defaults to the run's ``validation.resolution``; ``arch``
-    and ``blurpool`` are used only when no config is saved with the weights. Class names come from
-    ``classes_path`` (a .classes.tsv), else those saved with the weights. Raises checkpoint.CheckpointError for
+    Returns one list per image of ``(wnid, name, probability)`` tuples, most probable first:
+    probabilities from the softmax of the logits, which are averaged over the image and its flip
+    when the run evaluated with flip TTA (``engine.flip_tta_logits``, the rule validation uses, so
+    the top-1 class is the one eval-only counts). ``res`` defaults to the run's
+    ``validation.resolution``; ``arch`` and ``blurpool`` are used only when no config is saved with
+    the weights (``checkpoint.load_model``). Class names come from ``classes_path`` (a
+    .classes.tsv), else those saved with the weights. Raises checkpoint.CheckpointError for
     unusable weights, FileNotFoundError for a missing class list, OSError/ValueError naming an
     image that cannot be decoded.
     """
-    weights = Path(weights)
-    state, trained, classes = checkpoint.load_weights(weights)
-    if classes_path:
-        classes = data.read_class_names(classes_path)
-    if not classes:
-        raise FileNotFoundError(f'no class list for {weights}: none saved with it and no '
-                                'classes.tsv beside it; pass --classes TRAIN.classes.tsv '
-                                '(written by write_beton.py beside the .beton)')
-    if trained:
-        arch = trained['model']['arch']
-        blurpool, channels_last = trained['training']['use_blurpool'], trained['training']['channels_last']
-        res = res or trained['validation']['resolution']
-        flip_tta = bool(trained['validation']['lr_tta'])
-    else:
-        channels_last, flip_tta, res = True, True, res or 224
+    classes = read_class_names(classes_path) if classes_path else None
+    saved = checkpoint.load_model(Path(weights), num_classes=len(classes) if classes else None,
+                                  arch=arch, use_blurpool=blurpool)
+    classes = classes or saved.classes
+    res = res or (saved.config['validation']['resolution'] if saved.config else 224)
+    flip_tta = bool(saved.config['validation']['lr_tta']) if saved.config else True
     device = device or torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    model = models.build_model(arch=arch, num_classes=len(classes), use_blurpool=bool(blurpool),
-                               channels_last=bool(channels_last))
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise checkpoint.CheckpointError(f'{weights}: the weights do not fit {arch} with '
-                                         f'{len(classes)} classes: {str(e).splitlines()[0]}') from None
-    model = model.to(device).eval()
+    model = saved.model.to(device).eval()
     results = []
     for start in range(0, len(paths), batch_size):
-        chunk = paths[start:start + batch_size]
-        images = []
-        for path in chunk:
-            try:
-                images.append(data.load_eval_image(path, res=res, max_res=max_res))
-            except (OSError, ValueError) as e:
-                raise type(e)(f'{path}: cannot decode the image ({e})') from e
+        images = [load_image_or_raise(path, res=res, max_res=max_res)
+                  for path in paths[start:start + batch_size]]
         x = torch.stack(images).to(device, memory_format=torch.channels_last)
-        with torch.no_grad():
-            probs = model(x).float().softmax(dim=1)
-            if flip_tta:
-                probs = (probs + model(torch.flip(x, dims=[3])).float().softmax(dim=1)) / 2
-        p, idx = probs.topk(min(top, len(classes)), dim=1)
-        for row_p, row_idx in zip(p.tolist(), idx.tolist()):
-            results.append([(*classes[i], pi) for pi, i in zip(row_p, row_idx)])
+        results += classify(model, x, classes=classes, top=top, flip_tta=flip_tta)
     return results
+
+
+@torch.no_grad()
+def classify(model, x: torch.Tensor, *, classes: list, top: int, flip_tta: bool) -> list:
+    """The ``top`` most probable classes of each image of ``x`` (float (N, 3, H, W), prepared as
+    the val loader prepares it): per image a list of ``(wnid, name, probability)``, the softmax of
+    ``engine.flip_tta_logits`` (validation's rule, so the first class is the one eval-only counts
+    as the prediction). ``classes``: ``[(wnid, name), ...]`` in index order."""
+    probs = engine.flip_tta_logits(model, x, flip_tta).float().softmax(dim=1)
+    p, idx = probs.topk(min(top, len(classes)), dim=1)
+    return [[(*classes[i], pi) for pi, i in zip(row_p, row_idx)]
+            for row_p, row_idx in zip(p.tolist(), idx.tolist())]
+
+
+def load_image_or_raise(path, *, res: int, max_res: int) -> torch.Tensor:
+    """``images.load_eval_image``, its error naming the file."""
+    try:
+        return load_eval_image(path, res=res, max_res=max_res)
+    except (OSError, ValueError) as e:
+        raise type(e)(f'{path}: cannot decode the image ({e})') from e
 
 
 def main(argv=None) -> int:

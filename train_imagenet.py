@@ -12,21 +12,23 @@ Two nodes (run on each, NODE_RANK 0 and 1):
         --rdzv-endpoint=$HOST0:29500 train_imagenet.py --config ...
 
 Any key can be overridden as --section.key=value (see imagenet_ffcv/config.py for the schema).
-Writes LOGGING_FOLDER/<run id>/{params.json, log.jsonl, final_weights.pt}.
+Writes LOGGING_FOLDER/<run id>/{params.json, log.jsonl, checkpoint.pt, final_weights.pt} (run_dir).
+
+The run, top to bottom: main -> train: build (loaders, model, optimizer, schedules) -> restore (from
+a checkpoint) -> open the run folder -> fit (the epochs) -> summarize.
 """
-import json
-import shutil
 import sys
 import time
-import uuid
-from datetime import datetime
-from pathlib import Path
+from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from tqdm import tqdm
 
-from imagenet_ffcv import (checkpoint, config, data, distributed, engine, metrics, models,
+from imagenet_ffcv import (checkpoint, config, distributed, engine, loaders, metrics, models,
                            schedules)
+from imagenet_ffcv.classes import class_list_path, read_class_names
+from imagenet_ffcv.run_dir import RunDir, code_version
 
 
 def main(cfg) -> dict:
@@ -48,260 +50,333 @@ def main(cfg) -> dict:
         distributed.cleanup()
 
 
-def train(cfg, dist, wall_start) -> dict:
-    device = dist.device
-    amp_dtype = torch.bfloat16 if device.type == 'cuda' else None  # fp32 on CPU
-    torch.backends.cudnn.benchmark = device.type == 'cuda'  # fixed shapes within an epoch
-    torch.manual_seed(cfg.training.seed)  # same initial weights on every rank
+@dataclass
+class Progress:
+    """Where a run stands; saved in its checkpoint. ``epoch``/``iteration``: the next step to
+    train; ``best_top1``: the best validation top-1 so far (fraction); ``images``,
+    ``train_seconds``: trained so far over all ranks; ``wall_time_s``: wall time of the processes
+    before this one (a resumed run counts from its first start)."""
+    epoch: int = 0
+    iteration: int = 0
+    best_top1: float = None
+    images: int = 0
+    train_seconds: float = 0.0
+    wall_time_s: float = 0.0
 
-    # Resume: rank 0 picks the checkpoint, every rank reads it (the run folder must be on a
-    # filesystem all nodes share).
+
+@dataclass
+class Run:
+    """Everything a training run is made of, built once by :func:`build`."""
+    cfg: object
+    dist: distributed.DistInfo
+    train_loader: object
+    decoder: object  # the train decoder: its output_size sets the epoch's resolution
+    val_loader: object
+    model: torch.nn.Module  # DistributedDataParallel around model_without_ddp when distributed
+    model_without_ddp: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # fp16 loss scaling, else None
+    loss_fn: torch.nn.Module
+    precision: engine.Precision
+    lr_at: partial  # fractional epoch -> LR
+    res_at: partial  # epoch -> training resolution (px)
+    classes: list  # [(wnid, name)] of the training .beton, or None
+    resolved: dict  # the resolved config, as params.json and the checkpoint hold it
+    wall_start: float
+    progress: Progress = field(default_factory=Progress)
+    run_dir: RunDir = None  # on rank 0
+    final_val: dict = None  # the last validation's results
+    reached: dict = None  # {'epoch', 'time_to_target_s'} once validation top-1 reached the target
+
+
+def train(cfg, dist, wall_start) -> dict:
+    """Train from scratch, or from the checkpoint ``checkpoint.resume`` names; see :func:`main`."""
+    # Rank 0 picks the checkpoint, every rank reads it (the run folder must be on a filesystem
+    # all nodes share).
     resume_path = distributed.broadcast_object(
         checkpoint.resolve_resume(cfg.checkpoint.resume, cfg.logging.folder)
         if dist.is_primary else None)
     saved = checkpoint.load(resume_path) if resume_path else None
-
-    # Data: the resolution changes per epoch through the decoder, without rebuilding the loader.
-    epochs = cfg.training.epochs
-    res_at = lambda epoch: schedules.resolution_at(  # noqa: E731
-        epoch, min_res=cfg.resolution.min_res, max_res=cfg.resolution.max_res,
-        start_ramp=cfg.resolution.start_ramp, end_ramp=cfg.resolution.end_ramp)
-    train_loader, decoder = data.train_loader(
-        path=cfg.data.train_dataset, batch_size=cfg.training.batch_size,
-        num_workers=cfg.data.num_workers, res=res_at(0), in_memory=cfg.data.in_memory,
-        device=device, distributed=dist.distributed, seed=cfg.training.seed,
-        min_crop_scale=cfg.data.min_crop_scale, flip_prob=cfg.data.flip_prob)
-    val_loader = data.val_loader(
-        path=cfg.data.val_dataset, batch_size=cfg.validation.batch_size,
-        num_workers=cfg.data.num_workers, res=cfg.validation.resolution, device=device,
-        rank=dist.rank, world_size=dist.world_size)
-    num_classes = data.num_classes(cfg.data.train_dataset, val_path=cfg.data.val_dataset)
-    class_list = data.class_list_path(cfg.data.train_dataset)
-    classes = data.read_class_names(class_list) if class_list.exists() else None
-
-    # Model and optimiser.
-    model = models.build_model(arch=cfg.model.arch, num_classes=num_classes,
-                               use_blurpool=bool(cfg.training.use_blurpool),
-                               channels_last=bool(cfg.training.channels_last)).to(device)
-    plain_model = model
-    lr = schedules.scaled_lr(cfg.lr.lr, batch_size=cfg.training.batch_size,
-                             world_size=dist.world_size, ref_batch_size=cfg.lr.ref_batch_size)
-    optimizer = torch.optim.SGD(
-        models.param_groups(plain_model, weight_decay=cfg.training.weight_decay,
-                            bn_wd=bool(cfg.training.bn_wd)),
-        lr=lr, momentum=cfg.training.momentum)
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=cfg.training.label_smoothing)
-    step_fractions = schedules.parse_fractions(cfg.lr.step_fractions)
-    lr_at = lambda t: schedules.lr_at(  # noqa: E731
-        t, schedule=cfg.lr.lr_schedule_type, lr=lr, epochs=epochs, peak_epoch=cfg.lr.lr_peak_epoch,
-        step_ratio=cfg.lr.step_ratio, step_length=cfg.lr.step_length, step_fractions=step_fractions,
-        poly_power=cfg.lr.poly_power, warmup_epochs=cfg.lr.warmup_epochs)
-    resolved = config.to_dict(cfg)
-    resolved['derived'] = {'world_size': dist.world_size, 'global_batch_size':
-                           cfg.training.batch_size * dist.world_size, 'lr_used': lr,
-                           'num_classes': num_classes, 'device': str(device)}
-
-    # Where the run starts: from scratch, or where the checkpoint left it.
-    start_epoch, start_iteration, best_top1 = 0, 0, None
-    progress = {'images': 0, 'train_seconds': 0.0, 'wall_time_s': 0.0}
+    run = build(cfg, dist, wall_start)
     if saved:
-        changes = checkpoint.schedule_changes(saved['config'], resolved)
-        if changes and not cfg.checkpoint.force:
-            raise checkpoint.CheckpointError(
-                f'{resume_path}: this config changes the schedule of the run being resumed:\n  '
-                + '\n  '.join(changes) + '\nresume with the config of the run, or set '
-                'checkpoint.force=1 to continue anyway')
-        plain_model.load_state_dict(saved['model'])
-        optimizer.load_state_dict(saved['optimizer'])
-        checkpoint.set_rng_state(saved['rng'])
-        start_epoch, start_iteration = saved['epoch'], saved['iteration']
-        best_top1, progress = saved['best_top1'], saved['progress']
-        wall_start -= progress['wall_time_s']  # wall time and time to accuracy span the restarts
-        train_loader.next_epoch = start_epoch  # ffcv's order of an epoch depends on seed + epoch
+        restore(run, saved, resume_path)
+    if dist.is_primary:
+        run.run_dir = open_run_dir(run, resume_path)
+    stop = fit(run)
+    if stop:
+        return stopped_summary(run, stop)
+    return summarize(run)
+
+
+def build(cfg, dist, wall_start) -> Run:
+    """Loaders, model, optimizer, loss and schedules of a new run, on ``dist.device``."""
+    device = dist.device
+    precision = engine.resolve_precision(cfg.training.amp, device)
+    torch.backends.cudnn.benchmark = device.type == 'cuda'  # fixed shapes within an epoch
+    torch.manual_seed(cfg.training.seed)  # same initial weights on every rank
+    res_at = partial(schedules.resolution_at, **config.resolution_kwargs(cfg))
+    train_loader, decoder = loaders.train_loader(
+        path=cfg.data.train_dataset, batch_size=cfg.training.batch_size,
+        num_workers=cfg.data.num_workers, res=res_at(0), os_cache=cfg.data.in_memory,
+        device=device, distributed=dist.distributed, seed=cfg.training.seed,
+        min_crop_scale=cfg.data.min_crop_scale, flip_prob=cfg.data.flip_prob,
+        dtype=precision.input_dtype)
+    val_loader = make_val_loader(cfg, dist, precision)
+    num_classes = loaders.num_classes(cfg.data.train_dataset, val_path=cfg.data.val_dataset)
+    class_list = class_list_path(cfg.data.train_dataset)
+    model_without_ddp = models.build_model(
+        arch=cfg.model.arch, num_classes=num_classes, use_blurpool=bool(cfg.training.use_blurpool),
+        channels_last=bool(cfg.training.channels_last)).to(device)
+    model = model_without_ddp
     if dist.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == 'cuda' else None)
+    lr = schedules.scaled_lr(cfg.lr.lr, batch_size=cfg.training.batch_size,
+                             world_size=dist.world_size, ref_batch_size=cfg.lr.ref_batch_size)
+    resolved = {**config.to_dict(cfg), 'derived': {
+        'world_size': dist.world_size, 'global_batch_size': cfg.training.batch_size * dist.world_size,
+        'lr_used': lr, 'num_classes': num_classes, 'device': str(device), 'amp': precision.name},
+        'code': code_version()}
+    return Run(
+        cfg=cfg, dist=dist, train_loader=train_loader, decoder=decoder, val_loader=val_loader,
+        model=model, model_without_ddp=model_without_ddp,
+        optimizer=make_optimizer(cfg, model_without_ddp, lr),
+        scaler=torch.amp.GradScaler(device.type) if precision.loss_scaling else None,
+        loss_fn=torch.nn.CrossEntropyLoss(label_smoothing=cfg.training.label_smoothing),
+        precision=precision, lr_at=partial(schedules.lr_at, lr=lr, **config.lr_schedule_kwargs(cfg)),
+        res_at=res_at, classes=read_class_names(class_list) if class_list.exists() else None,
+        resolved=resolved, wall_start=wall_start)
 
-    # Run folder, written by rank 0 only.
-    run_dir = None
-    if dist.is_primary:
-        if saved:
-            run_dir = resume_path.parent
-            keep_log_until(run_dir / 'log.jsonl', start_epoch)
-            for partial in run_dir.glob('.*.partial-*'):  # left by a kill during a save
-                partial.unlink()
-            print(f'=> resuming {run_dir} at epoch {start_epoch}, iteration {start_iteration}')
-        else:
-            run_id = datetime.now().strftime('%Y%m%d-%H%M%S-') + uuid.uuid4().hex[:6]
-            run_dir = Path(cfg.logging.folder) / run_id
-            run_dir.mkdir(parents=True)
-            (run_dir / 'params.json').write_text(json.dumps(resolved, indent=2))
-            if class_list.exists():
-                shutil.copy(class_list, run_dir / 'classes.tsv')  # for predict.py
-            print(f'=> run folder {run_dir}')
-        print(f'=> {cfg.model.arch}, {num_classes} classes, {dist.world_size} process(es) on '
-              f'{device.type}, global batch {cfg.training.batch_size * dist.world_size}; '
-              f'lr {cfg.lr.lr:g} in the config (for a global batch of '
-              f'{cfg.lr.ref_batch_size or "any size: no scaling"}) -> {lr:g} used')
 
-    def save_checkpoint(epoch, iteration):
-        """Rank 0 writes where the run stands: ``iteration`` iterations of ``epoch`` done."""
-        if dist.is_primary:
-            checkpoint.save({
-                'format': checkpoint.FORMAT, 'model': models.unwrapped_state_dict(model),
-                'optimizer': optimizer.state_dict(), 'scaler': None, 'epoch': epoch,
-                'iteration': iteration, 'rng': checkpoint.rng_state(), 'config': resolved,
-                'best_top1': best_top1, 'classes': classes,
-                'progress': {**progress, 'wall_time_s': time.perf_counter() - wall_start}},
-                run_dir / checkpoint.CHECKPOINT_NAME)
-            if iteration:  # within an epoch (the end of an epoch shows in the epoch's line)
-                tqdm.write(f'=> checkpoint: epoch {epoch}, iteration {iteration}')
+def make_optimizer(cfg, model, lr: float) -> torch.optim.Optimizer:
+    """The optimizer ``training.optimizer`` names (sgd: SGD with ``training.momentum``), over the
+    weight-decay groups of ``models.param_groups``."""
+    groups = models.param_groups(model, weight_decay=cfg.training.weight_decay,
+                                 bn_wd=bool(cfg.training.bn_wd))
+    if cfg.training.optimizer == 'sgd':
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.training.momentum)
+    raise config.ConfigError(f'training.optimizer={cfg.training.optimizer!r}: expected sgd')
 
-    # Epochs. Validation after every epoch (log_level 1, or a top-1 target set) or the last one.
-    # A signal (SIGTERM, Ctrl-C) ends the current step, writes a checkpoint and returns.
-    target = cfg.training.target_top1
-    final_val, reached, interrupted, epoch = None, None, False, start_epoch - 1
+
+def make_val_loader(cfg, dist, precision, crop_ratio=None):
+    """This rank's part of the val set at ``validation.resolution`` (centre crop; ``crop_ratio``
+    1.0: whole central squares, for 10-crop)."""
+    kwargs = {} if crop_ratio is None else {'crop_ratio': crop_ratio}
+    return loaders.val_loader(path=cfg.data.val_dataset, batch_size=cfg.validation.batch_size,
+                              num_workers=cfg.data.num_workers, res=cfg.validation.resolution,
+                              device=dist.device, rank=dist.rank, world_size=dist.world_size,
+                              dtype=precision.input_dtype, **kwargs)
+
+
+def restore(run: Run, saved: dict, resume_path) -> None:
+    """Continue where the checkpoint ``saved`` left its run: weights, optimizer (and loss scaler),
+    random states and progress. Raises CheckpointError when this config changes the run's schedule
+    (unless ``checkpoint.force``)."""
+    changes = checkpoint.schedule_changes(saved['config'], run.resolved)
+    if changes and not run.cfg.checkpoint.force:
+        raise checkpoint.CheckpointError(
+            f'{resume_path}: this config changes the schedule of the run being resumed:\n  '
+            + '\n  '.join(changes) + '\nresume with the config of the run, or set '
+            'checkpoint.force=1 to continue anyway')
+    run.model_without_ddp.load_state_dict(saved['model'])
+    run.optimizer.load_state_dict(saved['optimizer'])
+    if run.scaler is not None and saved.get('scaler'):
+        run.scaler.load_state_dict(saved['scaler'])
+    checkpoint.set_rng_state(saved['rng'])
+    run.progress = Progress(epoch=saved['epoch'], iteration=saved['iteration'],
+                            best_top1=saved['best_top1'], **saved['progress'])
+    run.wall_start -= run.progress.wall_time_s  # wall time and time to accuracy span restarts
+    run.train_loader.next_epoch = run.progress.epoch  # ffcv's order depends on seed + epoch
+
+
+def open_run_dir(run: Run, resume_path) -> RunDir:
+    """Rank 0: the folder of the resumed run, or a new one; prints the run's header."""
+    cfg, progress = run.cfg, run.progress
+    if resume_path:
+        run_dir = RunDir.reopen(resume_path, epoch=progress.epoch)
+        print(f'=> resuming {run_dir.path} at epoch {progress.epoch}, iteration '
+              f'{progress.iteration}')
+    else:
+        run_dir = RunDir.create(cfg.logging.folder, params=run.resolved,
+                                class_list=class_list_path(cfg.data.train_dataset))
+        print(f'=> run folder {run_dir.path}')
+    derived = run.resolved['derived']
+    print(f'=> {cfg.model.arch}, {derived["num_classes"]} classes, {run.dist.world_size} '
+          f'process(es) on {run.dist.device.type}, {run.precision.name}, global batch '
+          f'{derived["global_batch_size"]}; lr {cfg.lr.lr:g} in the config (for a global batch of '
+          f'{cfg.lr.ref_batch_size or "any size: no scaling"}) -> {derived["lr_used"]:g} used')
+    return run_dir
+
+
+def save_checkpoint(run: Run, epoch: int, iteration: int) -> None:
+    """Rank 0 writes where the run stands: ``iteration`` iterations of ``epoch`` done."""
+    if not run.dist.is_primary:
+        return
+    progress = run.progress
+    state = {'format': checkpoint.FORMAT, 'model': models.unwrapped_state_dict(run.model),
+             'optimizer': run.optimizer.state_dict(), 'epoch': epoch, 'iteration': iteration,
+             'rng': checkpoint.rng_state(), 'config': run.resolved,
+             'best_top1': progress.best_top1, 'classes': run.classes,
+             'progress': {'images': progress.images, 'train_seconds': progress.train_seconds,
+                          'wall_time_s': time.perf_counter() - run.wall_start}}
+    if run.scaler is not None:
+        state['scaler'] = run.scaler.state_dict()
+    checkpoint.save(state, run.run_dir.checkpoint)
+    if iteration:  # within an epoch (the end of an epoch shows in the epoch's line)
+        tqdm.write(f'=> checkpoint: epoch {epoch}, iteration {iteration}')
+
+
+def fit(run: Run):
+    """Train the epochs from ``run.progress`` on, validating as configured and writing a
+    checkpoint after each. A signal (SIGTERM, Ctrl-C) ends the current step, writes a checkpoint
+    and returns the ``checkpoint.StopRequest`` (None when training ends, at the last epoch or at
+    the top-1 target)."""
+    cfg, progress = run.cfg, run.progress
+    first_epoch = progress.epoch
     with checkpoint.StopRequest() as stop:
-        for epoch in range(start_epoch, epochs):
-            res = res_at(epoch)
-            decoder.output_size = (res, res)
+        for epoch in range(first_epoch, cfg.training.epochs):
+            res = run.res_at(epoch)
+            run.decoder.output_size = (res, res)
             stats = engine.train_one_epoch(
-                model=model, loader=train_loader, optimizer=optimizer, loss_fn=loss_fn,
-                lr_at=lr_at, epoch=epoch, amp_dtype=amp_dtype, show_progress=dist.is_primary,
-                start_iteration=start_iteration if epoch == start_epoch else 0,
-                stop_requested=lambda: bool(stop), checkpoint_every=cfg.checkpoint.every_iters,
-                save_checkpoint=lambda done: save_checkpoint(epoch, done))
-            images = stats['images'] * dist.world_size
-            progress['images'] += images
-            progress['train_seconds'] += stats['seconds']
-            if stats['iterations_done'] < len(train_loader):  # stopped within the epoch
-                save_checkpoint(epoch, stats['iterations_done'])
-                interrupted = True
-                break
-            distributed.broadcast_buffers(plain_model)  # BN statistics of rank 0 on every rank
-            val = {}
-            if cfg.logging.log_level > 0 or target > 0 or epoch == epochs - 1:
-                val = validate(cfg, dist, plain_model, val_loader, amp_dtype)
-                final_val = val
-                best_top1 = max(best_top1 or 0.0, val['top_1'])
-            if target > 0 and val['top_1'] >= target:
-                reached = {'epoch': epoch, 'time_to_target_s': time.perf_counter() - wall_start}
-            if (reached or epoch == epochs - 1) and cfg.validation.ten_crop:
-                val.update(ten_crop_eval(cfg, dist, plain_model, amp_dtype))
-            if dist.is_primary:
-                record = {'epoch': epoch, 'train_loss': stats['train_loss'], **val,
-                          'lr': stats['lr'], 'res': res, 'epoch_time_s': stats['seconds'],
-                          'train_img_per_s': images / stats['seconds'],
-                          'wall_time_s': time.perf_counter() - wall_start}
-                with open(run_dir / 'log.jsonl', 'a') as f:
-                    f.write(json.dumps(record) + '\n')
-                top1 = f'{val["top_1"]:.4f}' if val else '-'
-                print(f'epoch {epoch}: res {res}, train loss {stats["train_loss"]:.4f}, top-1 '
-                      f'{top1}, {record["train_img_per_s"]:.0f} img/s, {stats["seconds"]:.1f} s',
-                      flush=True)
-            save_checkpoint(epoch + 1, 0)
-            interrupted = stats['stopped'] and epoch < epochs - 1
-            if reached or interrupted:
-                break
-    if interrupted:
-        if dist.is_primary:
-            print(f'=> stopped by {stop.name}: '
-                  f'checkpoint {run_dir / checkpoint.CHECKPOINT_NAME} written; continue with '
-                  f'--resume auto (or --resume {run_dir / checkpoint.CHECKPOINT_NAME})', flush=True)
-        return {'run_dir': str(run_dir) if run_dir else None, 'stopped': True,
-                'exit_code': stop.exit_code}
-    if final_val is None:  # resumed from the checkpoint written after the last epoch
-        final_val = validate(cfg, dist, plain_model, val_loader, amp_dtype)
+                model=run.model, loader=run.train_loader, optimizer=run.optimizer,
+                loss_fn=run.loss_fn, lr_at=run.lr_at, epoch=epoch,
+                amp_dtype=run.precision.amp_dtype, scaler=run.scaler,
+                show_progress=run.dist.is_primary,
+                start_iteration=progress.iteration if epoch == first_epoch else 0,
+                stop_requested=stop.__bool__, checkpoint_every=cfg.checkpoint.every_iters,
+                save_checkpoint=partial(save_checkpoint, run, epoch))
+            progress.images += stats['images'] * run.dist.world_size
+            progress.train_seconds += stats['seconds']
+            if stats['iterations_done'] < len(run.train_loader):  # stopped within the epoch
+                save_checkpoint(run, epoch, stats['iterations_done'])
+                return stop
+            distributed.broadcast_buffers(run.model_without_ddp)  # rank 0's BN statistics
+            val = end_of_epoch_eval(run, epoch)
+            log_epoch(run, epoch, res, stats, val)
+            save_checkpoint(run, epoch + 1, 0)
+            if run.reached:
+                return None
+            if stats['stopped'] and epoch < cfg.training.epochs - 1:
+                return stop
+    return None
 
-    summary = {'run_dir': str(run_dir) if run_dir else None, 'arch': cfg.model.arch,
-               'epochs': epoch + 1, **final_val, 'flip_tta': bool(cfg.validation.lr_tta),
-               'val_res': cfg.validation.resolution, 'target_top1': target or None,
-               'target_reached_epoch': reached and reached['epoch'],
-               'time_to_target_s': reached and reached['time_to_target_s'],
-               'wall_time_s': time.perf_counter() - wall_start,
-               'train_img_per_s': progress['images'] / max(progress['train_seconds'], 1e-9),
-               'weights_sha256': models.state_sha256(plain_model),
-               **metrics.model_complexity(plain_model, cfg.validation.resolution)}
-    if dist.is_primary:
-        checkpoint.save(models.unwrapped_state_dict(model), run_dir / 'final_weights.pt')
-        metrics.plot_log(run_dir / 'log.jsonl', run_dir / 'progress.png')
+
+def end_of_epoch_eval(run: Run, epoch: int) -> dict:
+    """Validation after ``epoch``: after every epoch with ``logging.log_level`` 1 (ffcv-imagenet's
+    name for it) or a top-1 target, else after the last one only; 10-crop too (if asked for) at the
+    end. Records the best top-1 and the epoch that reaches the target. Returns the metrics ({} when
+    not validated)."""
+    cfg, last = run.cfg, epoch == run.cfg.training.epochs - 1
+    validate_every_epoch, target = bool(cfg.logging.log_level), cfg.training.target_top1
+    if not (validate_every_epoch or target > 0 or last):
+        return {}
+    val = validate(cfg, run.model_without_ddp, run.val_loader, run.precision)
+    run.final_val = val
+    run.progress.best_top1 = max(run.progress.best_top1 or 0.0, val['top_1'])
+    if target > 0 and val['top_1'] >= target:
+        run.reached = {'epoch': epoch, 'time_to_target_s': time.perf_counter() - run.wall_start}
+    if (run.reached or last) and cfg.validation.ten_crop:
+        val.update(ten_crop_eval(cfg, run.dist, run.model_without_ddp, run.precision))
+    return val
+
+
+def log_epoch(run: Run, epoch: int, res: int, stats: dict, val: dict) -> None:
+    """Rank 0: the epoch's record in log.jsonl, and its line on the console."""
+    if not run.dist.is_primary:
+        return
+    images = stats['images'] * run.dist.world_size
+    record = {'epoch': epoch, 'train_loss': stats['train_loss'], **val, 'lr': stats['lr'],
+              'res': res, 'epoch_time_s': stats['seconds'],
+              'train_img_per_s': images / stats['seconds'],
+              'wall_time_s': time.perf_counter() - run.wall_start}
+    run.run_dir.append_log(record)
+    top1 = f'{val["top_1"]:.4f}' if val else '-'
+    print(f'epoch {epoch}: res {res}, train loss {stats["train_loss"]:.4f}, top-1 {top1}, '
+          f'{record["train_img_per_s"]:.0f} img/s, {stats["seconds"]:.1f} s', flush=True)
+
+
+def stopped_summary(run: Run, stop) -> dict:
+    """The summary of a run stopped by a signal, its checkpoint written."""
+    run_dir = run.run_dir
+    if run_dir:
+        print(f'=> stopped by {stop.name}: checkpoint {run_dir.checkpoint} written; continue with '
+              f'--resume auto (or --resume {run_dir.checkpoint})', flush=True)
+    return {'run_dir': str(run_dir.path) if run_dir else None, 'stopped': True,
+            'exit_code': stop.exit_code}
+
+
+def summarize(run: Run) -> dict:
+    """The end of a finished run: final metrics, speed, size and cost of the model; rank 0 writes
+    final_weights.pt and progress.png and prints the results table."""
+    cfg, model = run.cfg, run.model_without_ddp
+    if run.final_val is None:  # resumed from the checkpoint written after the last epoch
+        run.final_val = validate(cfg, model, run.val_loader, run.precision)
+    reached, progress = run.reached or {}, run.progress
+    summary = {'run_dir': str(run.run_dir.path) if run.run_dir else None, 'arch': cfg.model.arch,
+               'epochs': reached.get('epoch', cfg.training.epochs - 1) + 1, **run.final_val,
+               'flip_tta': bool(cfg.validation.lr_tta), 'val_res': cfg.validation.resolution,
+               'target_top1': cfg.training.target_top1 or None,
+               'target_reached_epoch': reached.get('epoch'),
+               'time_to_target_s': reached.get('time_to_target_s'),
+               'wall_time_s': time.perf_counter() - run.wall_start,
+               'train_img_per_s': progress.images / max(progress.train_seconds, 1e-9),
+               'weights_sha256': models.state_sha256(model),
+               **metrics.model_complexity(model, cfg.validation.resolution)}
+    if run.run_dir:
+        checkpoint.save(models.unwrapped_state_dict(model), run.run_dir.final_weights)
+        metrics.plot_log(run.run_dir.log, run.run_dir.plot)
         print(metrics.results_table(summary))
     return summary
 
 
-def validate(cfg, dist, model, loader, amp_dtype) -> dict:
-    """Centre-crop top-1/top-5, loss and error rates of ``model`` on the val set (all ranks)."""
-    val = metrics.with_error_rates(engine.evaluate(model=model, loader=loader, amp_dtype=amp_dtype,
-                                                   flip_tta=bool(cfg.validation.lr_tta)))
+def validate(cfg, model, loader, precision) -> dict:
+    """Centre-crop top-1/top-5, loss and error rates of ``model`` on the val set (all ranks), with
+    flip TTA when ``validation.lr_tta`` (ffcv-imagenet's name) is set."""
+    val = metrics.with_error_rates(engine.evaluate(
+        model=model, loader=loader, amp_dtype=precision.amp_dtype,
+        flip_tta=bool(cfg.validation.lr_tta)))
     val['val_count'] = val.pop('count')
     return val
 
 
-def ten_crop_eval(cfg, dist, model, amp_dtype) -> dict:
+def ten_crop_eval(cfg, dist, model, precision) -> dict:
     """10-crop top-1/top-5 (and error rates) of ``model``, keys suffixed ``_10crop``."""
-    loader = data.val_loader(path=cfg.data.val_dataset, batch_size=cfg.validation.batch_size,
-                             num_workers=cfg.data.num_workers, res=cfg.validation.resolution,
-                             device=dist.device, rank=dist.rank, world_size=dist.world_size,
-                             crop_ratio=1.0)
+    loader = make_val_loader(cfg, dist, precision, crop_ratio=1.0)
     result = metrics.with_error_rates(engine.evaluate(model=model, loader=loader,
-                                                      amp_dtype=amp_dtype, ten_crop=True))
+                                                      amp_dtype=precision.amp_dtype,
+                                                      ten_crop=True))
     return {f'{k}_10crop': v for k, v in result.items() if k != 'count'}
 
 
 def evaluate_weights(cfg, dist) -> dict:
     """``training.eval_only=1``: the validation top-1/top-5 of ``model.weights`` (a checkpoint or a
     final_weights.pt), computed as the training run computes it. The model is rebuilt as it was
-    trained (arch, BlurPool, channels_last from the config saved with the weights, when there is
-    one); validation settings come from ``cfg``."""
-    state, trained, _ = checkpoint.load_weights(cfg.model.weights)
-    arch, blurpool, channels_last = (cfg.model.arch, cfg.training.use_blurpool,
-                                     cfg.training.channels_last)
-    if trained:
-        arch, blurpool, channels_last = (trained['model']['arch'],
-                                         trained['training']['use_blurpool'],
-                                         trained['training']['channels_last'])
-    num_classes = data.num_classes(cfg.data.val_dataset)
-    model = models.build_model(arch=arch, num_classes=num_classes, use_blurpool=bool(blurpool),
-                               channels_last=bool(channels_last)).to(dist.device)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise checkpoint.CheckpointError(
-            f'{cfg.model.weights}: the weights do not fit {arch} with {num_classes} classes (the '
-            f'class count of {cfg.data.val_dataset}): {str(e).splitlines()[0]}') from None
-    amp_dtype = torch.bfloat16 if dist.device.type == 'cuda' else None
-    val_loader = data.val_loader(
-        path=cfg.data.val_dataset, batch_size=cfg.validation.batch_size,
-        num_workers=cfg.data.num_workers, res=cfg.validation.resolution, device=dist.device,
-        rank=dist.rank, world_size=dist.world_size)
+    trained (``checkpoint.load_model``: arch, BlurPool, channels_last from the config saved with
+    the weights, when there is one); validation settings come from ``cfg``."""
+    saved = checkpoint.load_model(
+        cfg.model.weights, num_classes=loaders.num_classes(cfg.data.val_dataset),
+        arch=cfg.model.arch, use_blurpool=bool(cfg.training.use_blurpool),
+        channels_last=bool(cfg.training.channels_last))
+    model = saved.model.to(dist.device)
+    precision = engine.resolve_precision(cfg.training.amp, dist.device)
     start = time.perf_counter()
-    summary = {'weights': str(cfg.model.weights), 'arch': arch, 'epochs': '-',
-               **validate(cfg, dist, model, val_loader, amp_dtype),
+    summary = {'weights': str(cfg.model.weights), 'arch': saved.arch, 'epochs': '-',
+               **validate(cfg, model, make_val_loader(cfg, dist, precision), precision),
                'flip_tta': bool(cfg.validation.lr_tta), 'val_res': cfg.validation.resolution,
                'wall_time_s': time.perf_counter() - start, 'train_img_per_s': None,
                **metrics.model_complexity(model, cfg.validation.resolution)}
     if cfg.validation.ten_crop:
-        summary.update(ten_crop_eval(cfg, dist, model, amp_dtype))
+        summary.update(ten_crop_eval(cfg, dist, model, precision))
     if dist.is_primary:
         print(f'=> evaluated {cfg.model.weights} on {cfg.data.val_dataset} '
-              f'({summary["val_count"]} images)')
+              f'({summary["val_count"]} images, {precision.name})')
         print(metrics.results_table(summary))
     return summary
 
 
-def keep_log_until(log_path: Path, epoch: int) -> None:
-    """Drop the records of ``log.jsonl`` from ``epoch`` on (written after the checkpoint being
-    resumed from), so that every epoch appears once after the resume."""
-    if log_path.exists():
-        lines = [line for line in log_path.read_text().splitlines()
-                 if line.strip() and json.loads(line)['epoch'] < epoch]
-        log_path.write_text(''.join(line + '\n' for line in lines))
-
-
 if __name__ == '__main__':
     try:
-        cfg = config.load_config(sys.argv[1:])
-        summary = main(cfg)
+        summary = main(config.load_config(sys.argv[1:]))
     except (config.ConfigError, FileNotFoundError, checkpoint.CheckpointError,
             engine.NonFiniteLossError) as e:
         sys.exit(f'train_imagenet.py: {e}')

@@ -27,7 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from imagenet_ffcv import data
+from imagenet_ffcv.classes import class_list_path, read_class_list, write_class_list
+from imagenet_ffcv.sources import LAYOUTS, load_split
+from imagenet_ffcv.verify import CorruptBetonError, verify_beton
+from imagenet_ffcv.writer import UnreadableImagesError, write_beton
 
 
 def parse_args(argv):
@@ -35,7 +38,7 @@ def parse_args(argv):
     p.add_argument('--data-dir', default=os.environ.get('IMAGENET_DIR'),
                    help='folder holding train/ and val/ (default: $IMAGENET_DIR)')
     p.add_argument('--split', choices=['train', 'val'])
-    p.add_argument('--layout', choices=('auto',) + data.LAYOUTS, default='auto',
+    p.add_argument('--layout', choices=('auto',) + LAYOUTS, default='auto',
                    help='input layout: folders (train/<wnid>/, val/<wnid>/), kaggle '
                         '(ILSVRC/Data/CLS-LOC/ + LOC_val_solution.csv), tars '
                         '(ILSVRC2012_img_{train,val}.tar read in place + LOC_val_solution.csv); '
@@ -70,24 +73,23 @@ def parse_args(argv):
 
 def main(args) -> dict:
     """Write the .beton and its class list; returns the writer's stats plus 'classes'."""
-    classes, samples, names = data.load_split(Path(args.data_dir), args.split, args.layout)
+    classes, samples, names = load_split(Path(args.data_dir), args.split, args.layout)
     if args.subset:
         keep = np.random.default_rng(0).choice(len(samples), min(args.subset, len(samples)),
                                                replace=False)
         samples = [samples[i] for i in sorted(keep)]
-    stats = data.write_beton(samples, args.out, max_res=args.max_res, write_mode=args.write_mode,
-                             jpeg_quality=args.jpeg_quality,
-                             compress_probability=args.compress_probability,
-                             num_workers=args.num_workers,
-                             skip_unreadable=not args.strict)
-    data.write_class_list(data.class_list_path(args.out), classes, names)
+    stats = write_beton(samples, args.out, max_res=args.max_res, write_mode=args.write_mode,
+                        jpeg_quality=args.jpeg_quality,
+                        compress_probability=args.compress_probability,
+                        num_workers=args.num_workers, skip_unreadable=not args.strict)
+    write_class_list(class_list_path(args.out), classes, names)
     skipped = {path for path, _ in stats['skipped_files']}
     stats['classes'] = len({label for path, label in samples if path not in skipped})
     skipped_note = (f', {stats["skipped"]} skipped (listed in {stats["skipped_report"]})'
                     if stats['skipped'] else ', 0 skipped')
     print(f'{args.out}: {stats["images"]} images, {stats["classes"]} classes'
           f'{skipped_note}, {stats["bytes"] / 1e6:.1f} MB, {stats["img_per_s"]:.0f} img/s '
-          f'({stats["seconds"]:.1f} s); classes in {data.class_list_path(args.out)}')
+          f'({stats["seconds"]:.1f} s); classes in {class_list_path(args.out)}')
     if stats['skipped']:
         print(f'write_beton.py: warning: {stats["skipped"]} file(s) could not be decoded and were '
               f'skipped; see {stats["skipped_report"]}', file=sys.stderr)
@@ -96,10 +98,10 @@ def main(args) -> dict:
 
 def verify(path) -> int:
     """Print a summary of the .beton at ``path``; 0 if every record reads back, else 1."""
-    report = data.verify_beton(path)
+    report = verify_beton(path)
     names = {}
-    if data.class_list_path(path).exists():
-        names = dict(enumerate(data.read_class_list(data.class_list_path(path))))
+    if class_list_path(path).exists():
+        names = dict(enumerate(read_class_list(class_list_path(path))))
     print(f'{path}: {report["images"]} images, {len(report["per_class"])} classes, '
           f'{report["bytes"] / 1e6:.1f} MB ({report["modes"]["jpg"]} JPEG, '
           f'{report["modes"]["raw"]} raw)')
@@ -126,8 +128,8 @@ def cli(argv) -> int:
             return verify(args.verify)
         main(args)
         return 0
-    except (FileNotFoundError, ValueError, OSError, data.UnreadableImagesError,
-            data.CorruptBetonError) as e:
+    except (FileNotFoundError, ValueError, OSError, UnreadableImagesError,
+            CorruptBetonError) as e:
         print(f'write_beton.py: {e}', file=sys.stderr)
         return 1
 

@@ -1,6 +1,6 @@
 """Loader throughput, side by side on the same images, cores and batch size, after a warm-up:
 
-1. our training pipeline (``data.train_loader``: random-resized crop + flip + normalise, float32
+1. our training pipeline (``loaders.train_loader``: random-resized crop + flip + normalise, float32
    NCHW tensors as the trainer gets them) against ffcv 1.0.2's stock decoder and ops, and against
    torchvision's reference pipeline (``ImageFolder`` + ``RandomResizedCrop``,
    ``RandomHorizontalFlip``, ``PILToTensor``, ``ConvertImageDtype``, ``Normalize`` in a
@@ -27,7 +27,9 @@ import torch
 
 from common import (RESULTS, PeakRSS, image_sets, machine_line, markdown_table, pooled_samples,
                     time_epochs, write_csv)
-from imagenet_ffcv import data
+from imagenet_ffcv import loaders
+from imagenet_ffcv.constants import IMAGENET_MEAN, IMAGENET_STD
+from imagenet_ffcv.writer import write_beton
 
 CPU = torch.device('cpu')
 STORAGE = {'write_mode': 'jpg', 'max_res': 256, 'jpeg_quality': 90}  # write_beton.py's defaults
@@ -38,15 +40,15 @@ def write(samples, folder, **storage) -> Path:
     storage = {**STORAGE, **storage}
     out = Path(folder) / ('_'.join(f'{k}-{v}' for k, v in storage.items()) + '.beton')
     if not out.exists():
-        data.write_beton(samples, out, num_workers=os.cpu_count(), **storage)
+        write_beton(samples, out, num_workers=os.cpu_count(), **storage)
     return out
 
 
 def ours(path, *, res, workers, batch_size, in_memory=1, order='random'):
     """The trainer's loader: ``(loader, decoder)``."""
-    return data.train_loader(path=path, batch_size=batch_size, num_workers=workers, res=res,
-                             in_memory=in_memory, device=CPU, distributed=False, seed=0,
-                             order=order)
+    return loaders.train_loader(path=path, batch_size=batch_size, num_workers=workers, res=res,
+                                os_cache=in_memory, device=CPU, distributed=False, seed=0,
+                                order=order)
 
 
 def ffcv_stock(path, *, res, workers, batch_size):
@@ -59,7 +61,7 @@ def ffcv_stock(path, *, res, workers, batch_size):
                                  ToTorchImage)
     decoder = RandomResizedCropRGBImageDecoder((res, res))
     image = [decoder, RandomHorizontalFlip(),
-             NormalizeImage(data.IMAGENET_MEAN, data.IMAGENET_STD, np.float32), ToTensor(),
+             NormalizeImage(IMAGENET_MEAN, IMAGENET_STD, np.float32), ToTensor(),
              ToTorchImage()]
     loader = Loader(str(path), batch_size=batch_size, num_workers=workers, seed=0,
                     order=OrderOption.RANDOM, os_cache=True, drop_last=True,

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from common import RESULTS, image_sets, machine_line, markdown_table, pooled_samples, write_csv
-from imagenet_ffcv import data, engine, models
+from imagenet_ffcv import engine, loaders, models
+from imagenet_ffcv.writer import write_beton
 
 
 class Batches:
@@ -77,14 +78,14 @@ def main():
     rows = []
     with tempfile.TemporaryDirectory(prefix='bench_train_') as tmp:
         beton = Path(tmp) / 'train.beton'
-        data.write_beton(samples, beton, max_res=256, num_workers=os.cpu_count())
+        write_beton(samples, beton, max_res=256, num_workers=os.cpu_count())
         model = models.build_model(arch=arch, num_classes=1000, use_blurpool=True,
                                    channels_last=True).to(device)
         optimizer = torch.optim.SGD(models.param_groups(model, weight_decay=5e-5, bn_wd=False),
                                     lr=0.01, momentum=0.9)
-        loader, decoder = data.train_loader(path=beton, batch_size=bs, num_workers=args.workers,
-                                            res=res_list[0], in_memory=True, device=device,
-                                            distributed=False, seed=0)
+        loader, decoder = loaders.train_loader(
+            path=beton, batch_size=bs, num_workers=args.workers, res=res_list[0], os_cache=True,
+            device=device, distributed=False, seed=0)
         for res in res_list:
             decoder.output_size = (res, res)
             x, y = next(iter(loader))  # one real batch, kept for the synthetic feed

@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from common import machine_line  # noqa: E402
-from imagenet_ffcv import data  # noqa: E402
+from imagenet_ffcv.sources import find_classes, list_samples  # noqa: E402
+from imagenet_ffcv.writer import write_beton  # noqa: E402
 
 
 class RepeatedImageFolder:
@@ -39,8 +40,7 @@ class RepeatedImageFolder:
 
 
 def run_ours(samples, out, workers):
-    data.write_beton(samples, out, max_res=256, write_mode='jpg', jpeg_quality=90,
-                     num_workers=workers)
+    write_beton(samples, out, max_res=256, write_mode='jpg', jpeg_quality=90, num_workers=workers)
 
 
 def run_baseline(root, repeat, out, workers):
@@ -65,8 +65,8 @@ def main():
     args = p.parse_args()
 
     root = Path(args.data_dir) / args.split
-    classes = data.find_classes(Path(args.data_dir) / 'train')
-    samples = data.list_samples(root, classes) * args.repeat
+    classes = find_classes(Path(args.data_dir) / 'train')
+    samples = list_samples(root, classes) * args.repeat
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name, fn in (('ours (shorter side 256, draft)',

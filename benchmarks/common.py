@@ -32,12 +32,12 @@ def image_sets(names) -> dict:
 def pooled_samples(root, min_samples: int) -> list:
     """All (path, label) pairs of root/train and root/val, repeated until there are at least
     ``min_samples`` (the sets are small; the loader cannot tell repeats apart)."""
-    from imagenet_ffcv import data
-    classes = data.find_classes(Path(root) / 'train')
+    from imagenet_ffcv.sources import find_classes, list_samples
+    classes = find_classes(Path(root) / 'train')
     pool = []
     for split in ('train', 'val'):
         if (Path(root) / split).is_dir():
-            pool += data.list_samples(Path(root) / split, classes)
+            pool += list_samples(Path(root) / split, classes)
     return pool * -(-min_samples // len(pool))
 
 
@@ -113,16 +113,12 @@ def time_epochs(run_epoch, runs: int) -> dict:
 
 
 def markdown_table(rows: list, columns: list) -> str:
-    """A Markdown table of ``rows`` (dicts) with ``columns``: (key, header, format) triples."""
-    lines = ['| ' + ' | '.join(h for _, h, _ in columns) + ' |',
-             '|' + '---|' * len(columns)]
-    for r in rows:
-        cells = []
-        for key, _, fmt in columns:
-            v = r.get(key)
-            cells.append('' if v is None or v == '' else format(v, fmt) if fmt else str(v))
-        lines.append('| ' + ' | '.join(cells) + ' |')
-    return '\n'.join(lines)
+    """A Markdown table (``metrics.format_table``) of ``rows`` (dicts) with ``columns``:
+    (key, header, format) triples; a missing or empty value gives an empty cell."""
+    from imagenet_ffcv.metrics import format_table
+    cells = [['' if r.get(key) in (None, '') else format(r[key], fmt) if fmt else str(r[key])
+              for key, _, fmt in columns] for r in rows]
+    return format_table(cells, [header for _, header, _ in columns])
 
 
 def write_csv(path, rows: list) -> None:

@@ -3,8 +3,8 @@ written on pre-emption (SIGTERM) or Ctrl-C.
 
 A checkpoint is one ``torch.save`` file, ``RUN_DIR/checkpoint.pt``, holding::
 
-    {'format': 1, 'model': state dict (no DDP prefix), 'optimizer': SGD state dict,
-     'scaler': None (bf16 autocast needs no loss scaling), 'epoch': epoch to continue,
+    {'format': 1, 'model': state dict (no DDP prefix), 'optimizer': the optimizer's state dict,
+     'scaler': torch.amp.GradScaler state (only with fp16 mixed precision), 'epoch': epoch to continue,
      'iteration': first iteration of that epoch not yet trained (0: the epoch starts afresh),
      'rng': {'torch', 'cuda', 'numpy', 'python'}, 'config': the resolved config (params.json),
      'best_top1': best validation top-1 so far (fraction) or None, 'classes': class wnids,
@@ -14,22 +14,29 @@ Like nanoGPT's ``ckpt.pt``, the config travels inside the checkpoint, so a check
 enough to rebuild and evaluate its model.
 """
 import json
-import os
 import random
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-CHECKPOINT_NAME = 'checkpoint.pt'
+from .classes import read_class_names
+from .config import flatten
+from .files import atomic_write
+from .models import build_model
+from .run_dir import CHECKPOINT_NAME, latest_unfinished_checkpoint
+
 FORMAT = 1
 
 # Config keys that may change between a run and its resumption: how data is read, what is logged
 # and how validation is done. Any other difference (epochs, LR, resolution schedule, batch, model,
 # seed, ...) changes the schedule the run is half-way through and is refused unless forced.
-RESUMABLE_CHANGES = ('data.', 'logging.', 'validation.', 'checkpoint.', 'dist.',
-                     'training.eval_only', 'training.target_top1', 'derived.device')
+# The mixed precision (a device property) and the code version may change as well.
+RESUMABLE_CHANGES = ('data.', 'logging.', 'validation.', 'checkpoint.', 'dist.', 'code.',
+                     'training.eval_only', 'training.target_top1', 'training.amp',
+                     'derived.device', 'derived.amp')
 
 
 class CheckpointError(Exception):
@@ -41,16 +48,8 @@ def save(state: dict, path) -> None:
     """Write ``state`` to ``path`` atomically: a temporary file in the same folder, flushed to disk,
     then renamed over ``path``. A crash or kill at any moment leaves either the previous complete
     file or the new complete file at ``path``, never a partial one."""
-    path = Path(path)
-    tmp = path.with_name(f'.{path.name}.partial-{os.getpid()}')
-    try:
-        with open(tmp, 'wb') as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path, 'wb') as f:
+        torch.save(state, f)
 
 
 def load(path) -> dict:
@@ -69,42 +68,24 @@ def load(path) -> dict:
     return state
 
 
-def find_latest(folder):
-    """The most recently written ``checkpoint.pt`` among the run folders ``folder/*/`` whose run is
-    unfinished (no ``final_weights.pt`` beside it), or None when there is none."""
-    candidates = [p for p in Path(folder).glob(f'*/{CHECKPOINT_NAME}')
-                  if not (p.parent / 'final_weights.pt').exists()]
-    return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
-
-
 def resolve_resume(resume: str, folder):
     """The checkpoint ``--resume`` names: '' -> None (a new run); 'auto' -> :func:`find_latest` of
     the logging folder (None when there is none, so the same command line starts a run and resumes
-    it after a pre-emption); anything else is a path, which must exist (CheckpointError)."""
+    it after a pre-emption; see ``run_dir.latest_unfinished_checkpoint``); anything else is a path, which must exist (CheckpointError)."""
     if not resume:
         return None
     if resume == 'auto':
-        return find_latest(folder)
+        return latest_unfinished_checkpoint(folder)
     if not Path(resume).is_file():
         raise CheckpointError(f'checkpoint.resume={resume}: no such file; give a checkpoint.pt '
                               f'path or "auto" (the latest unfinished run under {folder})')
     return Path(resume)
 
 
-def _flat(tree: dict, prefix='') -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f'{prefix}{key}.'))
-        else:
-            out[f'{prefix}{key}'] = value
-    return out
-
-
 def schedule_changes(saved: dict, current: dict) -> list:
     """``['key: saved -> current', ...]`` for each config key (``{'section': {'key': value}}``
     dicts, ``derived`` included) that differs and is not in :data:`RESUMABLE_CHANGES`."""
-    old, new = _flat(saved), _flat(current)
+    old, new = flatten(saved), flatten(current)
     return [f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in sorted(set(old) | set(new))
             if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES)]
 
@@ -175,7 +156,6 @@ def load_weights(path):
     and classes inside) or a ``final_weights.pt`` (config from the ``params.json`` and classes from
     the ``classes.tsv`` beside it, each None when absent). ``classes``: ``[(wnid, name), ...]``.
     Raises CheckpointError naming the file when it is missing or holds no state dict."""
-    from .data import read_class_names
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f'{path}: no such weights file; give a run\'s checkpoint.pt or '
@@ -192,3 +172,55 @@ def load_weights(path):
     params, classes = path.with_name('params.json'), path.with_name('classes.tsv')
     return (state, json.loads(params.read_text()) if params.is_file() else None,
             read_class_names(classes) if classes.is_file() else None)
+
+
+# The config keys that define a trained model's structure, (section, key) -> build_model's argument
+# (as nanoGPT's list of model_args): the one place a saved run is turned back into a model.
+MODEL_KEYS = {('model', 'arch'): 'arch', ('training', 'use_blurpool'): 'use_blurpool',
+              ('training', 'channels_last'): 'channels_last'}
+
+
+@dataclass
+class SavedModel:
+    """A model rebuilt from saved weights: ``model`` (on the CPU, weights loaded, train mode),
+    ``config`` the run's resolved config (None when none was saved), ``classes``
+    ``[(wnid, name), ...]`` saved with the weights (or None), ``arch`` its name."""
+    model: torch.nn.Module
+    config: dict
+    classes: list
+    arch: str
+
+
+def load_model(path, *, num_classes: int = None, arch: str = 'resnet50', use_blurpool: bool = True,
+               channels_last: bool = True) -> SavedModel:
+    """The model saved at ``path`` (a checkpoint or a final_weights.pt, see :func:`load_weights`),
+    rebuilt as it was trained: arch, BlurPool and channels_last come from the config saved with the
+    weights (:data:`MODEL_KEYS`); the keyword values are used only when no config is saved.
+    ``num_classes``: the class count to build for (e.g. the val .beton's); None takes the length
+    of the class list saved with the weights. Used by ``train_imagenet.py`` (eval-only) and
+    ``predict.py``.
+
+    Raises CheckpointError naming the file when it is missing or unreadable, or when the weights
+    do not fit the model (another arch or class count), and FileNotFoundError when
+    ``num_classes`` is None and no class list is saved with the weights.
+    """
+    state, saved_config, classes = load_weights(path)
+    structure = {'arch': arch, 'use_blurpool': use_blurpool, 'channels_last': channels_last}
+    if saved_config:
+        structure = {name: saved_config[section][key]
+                     for (section, key), name in MODEL_KEYS.items()}
+    if num_classes is None:
+        if not classes:
+            raise FileNotFoundError(f'no class list for {path}: none saved with it and no '
+                                    'classes.tsv beside it; pass --classes TRAIN.classes.tsv '
+                                    '(written by write_beton.py beside the .beton)')
+        num_classes = len(classes)
+    model = build_model(arch=structure['arch'], num_classes=num_classes,
+                        use_blurpool=bool(structure['use_blurpool']),
+                        channels_last=bool(structure['channels_last']))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f'{path}: the weights do not fit {structure["arch"]} with '
+                              f'{num_classes} classes: {str(e).splitlines()[0]}') from None
+    return SavedModel(model=model, config=saved_config, classes=classes, arch=structure['arch'])

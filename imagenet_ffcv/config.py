@@ -23,15 +23,22 @@ class ConfigError(ValueError):
 
 
 def _schema(config: Config) -> None:
+    """Declare every section and key on ``config``."""
     def section(name, desc, **params):
         Section(name, desc, config_descriptor=config).params(**params)
 
+    _data_and_model_sections(section)
+    _training_sections(section)
+
+
+def _data_and_model_sections(section) -> None:
     section('data', 'datasets and loading',
             train_dataset=Param(str, 'training .beton file', required=True),
             val_dataset=Param(str, 'validation .beton file', required=True),
             num_workers=Param(int, 'loader threads per process', default=os.cpu_count()),
-            in_memory=Param(int, '1: memory-map the file, shared page cache (data fits in RAM); '
-                                 '0: ffcv process cache with prefetch', default=1),
+            in_memory=Param(int, "ffcv's os_cache (ffcv-imagenet's name): 1: memory-map the "
+                                 'file and share the OS page cache (data fits in RAM); 0: '
+                                 "ffcv's own process cache with prefetch", default=1),
             min_crop_scale=Param(float, 'random-resized crop: smallest crop area as a fraction '
                                         'of the image (torchvision: 0.08)', default=0.08),
             flip_prob=Param(float, 'probability of the left-right flip of training images',
@@ -64,21 +71,28 @@ def _schema(config: Config) -> None:
             ref_batch_size=Param(int, 'global batch (images per step) lr was tuned for; the LR '
                                       'used is lr * batch_size * world_size / ref_batch_size. '
                                       '0: use lr as is', default=0))
+
+
+def _training_sections(section) -> None:
     section('logging', 'outputs',
             folder=Param(str, 'runs are written to FOLDER/<run id>/', required=True),
-            log_level=Param(int, '0: validate only after the last epoch; 1: after every epoch',
-                            default=1))
+            log_level=Param(int, 'validate every epoch (ffcv-imagenet\'s name): 1: after every '
+                                 'epoch; 0: only after the last one', default=1))
     section('validation', 'evaluation',
             batch_size=Param(int, 'validation batch per process', default=512),
             resolution=Param(int, 'side of the centre crop (px)', default=256),
-            lr_tta=Param(int, '1: average the logits of the image and its left-right flip',
-                         default=1),
+            lr_tta=Param(int, 'left-right flip test-time augmentation (ffcv-imagenet\'s name): '
+                              '1: average the logits of the image and of its flip', default=1),
             ten_crop=Param(int, '1: also report 10-crop accuracy (corners + centre of the central '
                                 'square, and their flips) after the last epoch', default=0))
     section('training', 'optimisation',
             eval_only=Param(int, '1: only evaluate model.weights on the val set', default=0),
             batch_size=Param(int, 'training batch per process (images)', default=512),
             optimizer=Param(And(str, OneOf(['sgd'])), 'sgd (with momentum)', default='sgd'),
+            amp=Param(OneOf(['auto', 'bf16', 'fp16', 'off']),
+                      'mixed precision on CUDA: auto (bf16 where the GPU has it, else fp16), bf16, '
+                      'fp16 (with loss scaling) or off (fp32); CPU: auto means off',
+                      default='auto'),
             momentum=Param(float, 'SGD momentum', default=0.9),
             weight_decay=Param(float, 'L2 weight decay', default=5e-5),
             bn_wd=Param(int, '0: no weight decay on normalisation layers nor biases', default=0),
@@ -107,14 +121,14 @@ def _schema(config: Config) -> None:
                                  'rank fails (a dead or hung rank)', default=300))
 
 
-def _flatten(tree: dict, prefix=()) -> dict:
+def flatten(tree: dict, prefix: str = '') -> dict:
+    """``{'section': {'key': value}}`` (any depth) -> ``{'section.key': value}``."""
     flat = {}
     for key, value in tree.items():
-        path = prefix + (str(key),)
         if isinstance(value, dict):
-            flat.update(_flatten(value, path))
+            flat.update(flatten(value, f'{prefix}{key}.'))
         else:
-            flat[path] = value
+            flat[f'{prefix}{key}'] = value
     return flat
 
 
@@ -156,7 +170,7 @@ def load_config(argv: list) -> SimpleNamespace:
             content = yaml.safe_load(f) or {}
         if not isinstance(content, dict):
             raise ConfigError(f'{fname}: expected a mapping of sections, got {type(content).__name__}')
-        bad = ['.'.join(p) for p in _flatten(content) if '.'.join(p) not in known]
+        bad = [key for key in flatten(content) if key not in known]
         if bad:
             raise ConfigError(f'{fname}: unknown key(s) {", ".join(bad)}; valid keys: '
                               f'{", ".join(known)}')
@@ -234,3 +248,22 @@ def _check_consistency(cfg) -> None:
 def to_dict(cfg: SimpleNamespace) -> dict:
     """``{'section': {'key': value}}``, for params.json."""
     return {section: dict(vars(keys)) for section, keys in vars(cfg).items()}
+
+
+# Adapters from the config to the components (as timm's ``scheduler_kwargs``): the trainer never
+# lists a schedule's arguments, and the schedules never read config keys.
+
+def lr_schedule_kwargs(cfg: SimpleNamespace) -> dict:
+    """The keyword arguments of ``schedules.lr_at`` but ``lr`` (scaled by the trainer), from the
+    ``lr`` and ``training`` sections."""
+    return {'schedule': cfg.lr.lr_schedule_type, 'epochs': cfg.training.epochs,
+            'peak_epoch': cfg.lr.lr_peak_epoch, 'step_ratio': cfg.lr.step_ratio,
+            'step_length': cfg.lr.step_length,
+            'step_fractions': schedules.parse_fractions(cfg.lr.step_fractions),
+            'poly_power': cfg.lr.poly_power, 'warmup_epochs': cfg.lr.warmup_epochs}
+
+
+def resolution_kwargs(cfg: SimpleNamespace) -> dict:
+    """The keyword arguments of ``schedules.resolution_at``, from the ``resolution`` section."""
+    return {'min_res': cfg.resolution.min_res, 'max_res': cfg.resolution.max_res,
+            'start_ramp': cfg.resolution.start_ramp, 'end_ramp': cfg.resolution.end_ramp}

@@ -18,7 +18,6 @@ instead, with a warning.
 Both decoders keep ffcv's interface: ``output_size`` may be changed between epochs.
 """
 import ctypes
-import functools
 import hashlib
 import os
 import shutil
@@ -30,6 +29,11 @@ from pathlib import Path
 
 import numba
 import numpy as np
+from ffcv.fields.rgb_image import (IMAGE_MODES, SimpleRGBImageDecoder, get_center_crop,
+                                   get_random_crop)
+from ffcv.libffcv import imdecode
+from ffcv.pipeline.allocation_query import AllocationQuery
+from ffcv.pipeline.compiler import Compiler
 
 SOURCE = Path(__file__).with_name('jpeg_region.c')
 MARGIN = 2  # decoded rows/columns beyond the sampled ones, where partial decoding may differ
@@ -215,116 +219,124 @@ def dct_scale(shrink: float) -> int:
     return denom
 
 
-@functools.lru_cache(maxsize=None)
-def _make_decoder_base():
-    """Build the ffcv Operation class (ffcv is imported only when a decoder is made)."""
-    from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder
-    from ffcv.libffcv import imdecode
-    from ffcv.pipeline.allocation_query import AllocationQuery
-    from ffcv.pipeline.compiler import Compiler
+@numba.njit(nogil=True)  # called by the decoders' compiled code
+def jpeg_window(height, width, i, j, h, w, out_h, out_w, partial):
+    """What to decode of a ``height`` x ``width`` JPEG for the crop (``i``, ``j``, ``h``, ``w``)
+    (top, left, height, width in px) resized to ``out_h`` x ``out_w``: the DCT scale ``denom``, the
+    rows ``top .. top + rows`` and columns ``left .. left + cols`` of the image scaled by
+    1/``denom`` (the crop plus MARGIN, or the whole scaled image when not ``partial``), and the crop
+    in scaled units ``(y0, x0, ch, cw)``. Returns the tuple (denom, top, left, rows, cols, y0, x0,
+    ch, cw)."""
+    denom = dct_scale(min(h / out_h, w / out_w))
+    scaled_h, scaled_w = (height + denom - 1) // denom, (width + denom - 1) // denom
+    y0, x0, ch, cw = i / denom, j / denom, h / denom, w / denom
+    if partial:
+        top = max(0, int(y0) - MARGIN)
+        bottom = min(scaled_h, int(np.ceil(y0 + ch)) + MARGIN)
+        left = max(0, int(x0) - MARGIN)
+        right = min(scaled_w, int(np.ceil(x0 + cw)) + MARGIN)
+    else:
+        top, bottom, left, right = 0, scaled_h, 0, scaled_w
+    return denom, top, left, bottom - top, right - left, y0, x0, ch, cw
 
-    # A subclass of ffcv's decoder class for RGBImageField: ffcv takes the first op of a pipeline
-    # as the field's decoder only if it is one.
-    class CropResizeDecoder(SimpleRGBImageDecoder):
-        """Decode, crop, resize, flip (and normalise) :class:`ffcv.fields.RGBImageField` images.
 
-        crop: a numba-compilable ``f(height, width, scale, ratio) -> (top, left, h, w)`` (ffcv's
-        ``get_random_crop`` or ``get_center_crop``). Output per image: float32 (H, W, 3)
-        normalised with ``mean``/``std`` (0-255 units) when ``normalize``, else uint8 (H, W, 3).
-        """
+def _region_reader():
+    """``read_region(data, buf, top, left, rows, cols, denom, info, height, width) -> code`` for
+    the decoders' compiled code: ``jpeg_region.c``'s partial decode, or (when it cannot be built)
+    ffcv's whole-image decode at the DCT scale. Returns ``(read_region, partial)``."""
+    region_c = region_decoder()
+    if region_c is not None:
+        def read_region(data, buf, top, left, rows, cols, denom, info, height, width):
+            return region_c(data.ctypes.data, data.size, buf.ctypes.data, buf.size, top,
+                            left, rows, cols, denom, info.ctypes.data)
+        return read_region, True
+    imdecode_c = Compiler.compile(imdecode)
 
-        def __init__(self, output_size, *, crop, scale, ratio, flip_prob: float,
-                     normalize: bool, mean, std):
-            super().__init__()
-            self.output_size = tuple(output_size)
-            self.crop, self.scale, self.ratio = crop, scale, ratio
-            self.flip_prob, self.normalize = float(flip_prob), bool(normalize)
-            self.mean = np.asarray(mean, np.float32)
-            self.inv_std = (1 / np.asarray(std, np.float64)).astype(np.float32)
+    def read_whole(data, buf, top, left, rows, cols, denom, info, height, width):
+        info[0] = 0
+        info[1] = cols
+        return imdecode_c(data, buf, height, width, height, width, 0, 0, 1, denom, False, False)
+    return read_whole, False
 
-        def declare_state_and_memory(self, previous_state):
-            max_h = np.uint64(self.metadata['height'].max())
-            max_w = np.uint64(self.metadata['width'].max())
-            dtype = np.dtype(np.float32 if self.normalize else np.uint8)
-            shape = (self.output_size[0], self.output_size[1], 3)
-            return (replace(previous_state, jit_mode=True, shape=shape, dtype=dtype),
-                    (AllocationQuery(shape, dtype),
-                     AllocationQuery((max_h * max_w * np.uint64(3),), np.dtype('<u1')),
-                     AllocationQuery((2,), np.dtype('<i8'))))
 
-        def generate_code(self):
-            mem_read = self.memory_read
-            my_range = Compiler.get_iterator()
-            crop_at = Compiler.compile(self.crop)
-            resample_c = Compiler.compile(resample)
-            jpg = IMAGE_MODES['jpg']
-            scale = np.array(self.scale, np.float64)
-            ratio = (np.array(self.ratio, np.float64) if isinstance(self.ratio, tuple)
-                     else float(self.ratio))
-            flip_prob, normalize = self.flip_prob, self.normalize
-            mean, inv_std = self.mean, self.inv_std
-            region_c = region_decoder()
-            if region_c is not None:
-                def read_region(data, buf, top, left, rows, cols, denom, info, height, width):
-                    return region_c(data.ctypes.data, data.size, buf.ctypes.data, buf.size, top,
-                                    left, rows, cols, denom, info.ctypes.data)
-            else:  # the whole (DCT-scaled) image through ffcv's decoder
-                imdecode_c = Compiler.compile(imdecode)
+# A subclass of ffcv's decoder class for RGBImageField: ffcv takes the first op of a pipeline as
+# the field's decoder only if it is one.
+class CropResizeDecoder(SimpleRGBImageDecoder):
+    """Decode, crop, resize, flip (and normalise) :class:`ffcv.fields.RGBImageField` images.
 
-                def read_region(data, buf, top, left, rows, cols, denom, info, height, width):
-                    info[0] = 0
-                    info[1] = cols
-                    return imdecode_c(data, buf, height, width, height, width, 0, 0, 1, denom,
-                                      False, False)
-            read_region_c = Compiler.compile(read_region)
-            partial = region_c is not None
-            pool_size = numba.config.NUMBA_NUM_THREADS
+    crop: a numba-compilable ``f(height, width, scale, ratio) -> (top, left, h, w)`` (ffcv's
+    ``get_random_crop`` or ``get_center_crop``). Output per image: float32 (H, W, 3) normalised
+    with ``mean``/``std`` (0-255 units) when ``normalize``, else uint8 (H, W, 3).
+    """
 
-            def decode(batch_indices, my_storage, metadata, storage_state):
-                destination, temp, info = my_storage
-                out_h, out_w = destination.shape[1], destination.shape[2]
-                for k in my_range(len(batch_indices)):
-                    field = metadata[batch_indices[k]]
-                    data = mem_read(field['data_ptr'], storage_state)
-                    height, width = np.int64(field['height']), np.int64(field['width'])
-                    i, j, h, w = crop_at(height, width, scale, ratio)
-                    flip = flip_prob > 0 and np.random.rand() < flip_prob
-                    if field['mode'] != jpg:
-                        resample_c(data.reshape(height, width, 3), i, j, h, w, destination[k],
-                                   flip, mean, inv_std, normalize)
-                        continue
-                    denom = dct_scale(min(h / out_h, w / out_w))
-                    scaled_h, scaled_w = (height + denom - 1) // denom, (width + denom - 1) // denom
-                    y0, x0, ch, cw = i / denom, j / denom, h / denom, w / denom
-                    if partial:
-                        top = max(0, int(y0) - MARGIN)
-                        bottom = min(scaled_h, int(np.ceil(y0 + ch)) + MARGIN)
-                        left = max(0, int(x0) - MARGIN)
-                        right = min(scaled_w, int(np.ceil(x0 + cw)) + MARGIN)
-                    else:
-                        top, bottom, left, right = 0, scaled_h, 0, scaled_w
-                    rows = bottom - top
-                    # One decode buffer per thread rather than per image, so that it stays in the
-                    # CPU cache (thread ids are below the pool size; small batches: per image).
-                    slot = np.int64(k)
-                    if len(temp) >= pool_size:
-                        slot = np.int64(numba.get_thread_id())
-                    buf = temp[slot]
-                    code = read_region_c(data, buf, top, left, rows, right - left, denom,
-                                         info[k], height, width)
-                    if code < 0:  # corrupt record (write_beton.py --verify finds it): zeros
-                        destination[k][:] = 0
-                        continue
-                    decoded_w = info[k, 1]
-                    src = buf[:rows * decoded_w * 3].reshape(rows, decoded_w, 3)
-                    resample_c(src, y0 - top, x0 - info[k, 0], ch, cw, destination[k], flip,
+    def __init__(self, output_size, *, crop, scale, ratio, flip_prob: float, normalize: bool,
+                 mean, std):
+        super().__init__()
+        self.output_size = tuple(output_size)
+        self.crop, self.scale, self.ratio = crop, scale, ratio
+        self.flip_prob, self.normalize = float(flip_prob), bool(normalize)
+        self.mean = np.asarray(mean, np.float32)
+        self.inv_std = (1 / np.asarray(std, np.float64)).astype(np.float32)
+
+    def declare_state_and_memory(self, previous_state):
+        max_h = np.uint64(self.metadata['height'].max())
+        max_w = np.uint64(self.metadata['width'].max())
+        dtype = np.dtype(np.float32 if self.normalize else np.uint8)
+        shape = (self.output_size[0], self.output_size[1], 3)
+        return (replace(previous_state, jit_mode=True, shape=shape, dtype=dtype),
+                (AllocationQuery(shape, dtype),
+                 AllocationQuery((max_h * max_w * np.uint64(3),), np.dtype('<u1')),
+                 AllocationQuery((2,), np.dtype('<i8'))))
+
+    def generate_code(self):
+        mem_read = self.memory_read
+        my_range = Compiler.get_iterator()
+        crop_at = Compiler.compile(self.crop)
+        resample_c = Compiler.compile(resample)
+        jpg = IMAGE_MODES['jpg']
+        scale = np.array(self.scale, np.float64)
+        ratio = (np.array(self.ratio, np.float64) if isinstance(self.ratio, tuple)
+                 else float(self.ratio))
+        flip_prob, normalize = self.flip_prob, self.normalize
+        mean, inv_std = self.mean, self.inv_std
+        read_region, partial = _region_reader()
+        read_region_c = Compiler.compile(read_region)
+        pool_size = numba.config.NUMBA_NUM_THREADS
+
+        def decode(batch_indices, my_storage, metadata, storage_state):
+            destination, temp, info = my_storage
+            out_h, out_w = destination.shape[1], destination.shape[2]
+            for k in my_range(len(batch_indices)):
+                field = metadata[batch_indices[k]]
+                data = mem_read(field['data_ptr'], storage_state)
+                height, width = np.int64(field['height']), np.int64(field['width'])
+                i, j, h, w = crop_at(height, width, scale, ratio)
+                flip = flip_prob > 0 and np.random.rand() < flip_prob
+                if field['mode'] != jpg:
+                    resample_c(data.reshape(height, width, 3), i, j, h, w, destination[k], flip,
                                mean, inv_std, normalize)
-                return destination[:len(batch_indices)]
+                    continue
+                denom, top, left, rows, cols, y0, x0, ch, cw = jpeg_window(
+                    height, width, i, j, h, w, out_h, out_w, partial)
+                # One decode buffer per thread rather than per image, so that it stays in the
+                # CPU cache (thread ids are below the pool size; small batches: per image).
+                slot = np.int64(k)
+                if len(temp) >= pool_size:
+                    slot = np.int64(numba.get_thread_id())
+                buf = temp[slot]
+                code = read_region_c(data, buf, top, left, rows, cols, denom, info[k], height,
+                                     width)
+                if code < 0:  # corrupt record (write_beton.py --verify finds it): zeros
+                    destination[k][:] = 0
+                    continue
+                decoded_w = info[k, 1]
+                src = buf[:rows * decoded_w * 3].reshape(rows, decoded_w, 3)
+                resample_c(src, y0 - top, x0 - info[k, 0], ch, cw, destination[k], flip, mean,
+                           inv_std, normalize)
+            return destination[:len(batch_indices)]
 
-            decode.is_parallel = True
-            return decode
-
-    return CropResizeDecoder
+        decode.is_parallel = True
+        return decode
 
 
 def random_resized_crop_decoder(output_size, *, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
@@ -333,56 +345,12 @@ def random_resized_crop_decoder(output_size, *, scale=(0.08, 1.0), ratio=(3 / 4,
     ``RandomResizedCrop``: area fraction from ``scale``, aspect ratio log-uniform in ``ratio``,
     centre crop after 10 failed draws; ffcv's ``get_random_crop``) to ``output_size`` (H, W) px,
     then a left-right flip with probability ``flip_prob``. Output as :class:`CropResizeDecoder`."""
-    from ffcv.fields.rgb_image import get_random_crop
-    return _make_decoder_base()(output_size, crop=get_random_crop, scale=scale, ratio=ratio,
-                                flip_prob=flip_prob, normalize=normalize, mean=mean, std=std)
+    return CropResizeDecoder(output_size, crop=get_random_crop, scale=scale, ratio=ratio,
+                             flip_prob=flip_prob, normalize=normalize, mean=mean, std=std)
 
 
 def center_crop_decoder(output_size, *, ratio: float, normalize: bool, mean, std):
     """Validation decoder: the central square of side ``ratio`` x the shorter side (224/256 is
     the classic centre crop), resized to ``output_size`` (H, W) px; ffcv's ``get_center_crop``."""
-    from ffcv.fields.rgb_image import get_center_crop
-    return _make_decoder_base()(output_size, crop=get_center_crop, scale=(0.0, 0.0), ratio=ratio,
-                                flip_prob=0.0, normalize=normalize, mean=mean, std=std)
-
-
-@functools.lru_cache(maxsize=None)
-def _normalize_class():
-    import torch
-    from ffcv.pipeline.operation import Operation
-
-    class NormalizeOnDevice(Operation):
-        """``(x - mean) / std`` of a uint8 (B, 3, H, W) torch batch, on the batch's device, as
-        ``dtype``; the memory format (channels_last) is kept. Plain torch: ffcv's own
-        ``NormalizeImage`` needs cupy on CUDA."""
-
-        def __init__(self, mean, std, dtype):
-            super().__init__()
-            self.mean = torch.tensor(np.asarray(mean), dtype=torch.float32).view(1, 3, 1, 1)
-            self.inv_std = 1 / torch.tensor(np.asarray(std), dtype=torch.float32).view(1, 3, 1, 1)
-            self.dtype = dtype
-
-        def declare_state_and_memory(self, previous_state):
-            return replace(previous_state, jit_mode=False, dtype=self.dtype), None
-
-        def generate_code(self):
-            constants = {}
-            dtype = self.dtype
-
-            def normalize(images, _):
-                if images.device not in constants:
-                    constants[images.device] = (self.mean.to(images.device),
-                                                self.inv_std.to(images.device))
-                mean, inv_std = constants[images.device]
-                return ((images.to(torch.float32) - mean) * inv_std).to(dtype)
-
-            return normalize
-
-    return NormalizeOnDevice
-
-
-def normalize_on_device(*, mean, std, dtype):
-    """ffcv pipeline op: normalise a uint8 (B, 3, H, W) batch on its device to ``dtype``
-    (``(x - mean) / std``, mean/std in 0-255 units); for the CUDA pipeline, after ``ToDevice`` and
-    ``ToTorchImage``."""
-    return _normalize_class()(mean, std, dtype)
+    return CropResizeDecoder(output_size, crop=get_center_crop, scale=(0.0, 0.0), ratio=ratio,
+                             flip_prob=0.0, normalize=normalize, mean=mean, std=std)

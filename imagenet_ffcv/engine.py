@@ -1,5 +1,7 @@
-"""One training epoch and one evaluation pass. The same code runs on CPU (fp32) and CUDA (bf16)."""
+"""One training epoch and one evaluation pass, and the mixed precision they run in. The same code
+runs on CPU (fp32) and CUDA (bf16, or fp16 with loss scaling)."""
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -7,8 +9,57 @@ import torchvision.transforms.functional as TF
 from tqdm import tqdm
 
 from . import distributed
-from .data import DEFAULT_CROP_RATIO
+from .constants import DEFAULT_CROP_RATIO
 from .metrics import topk_correct
+
+
+AMP_CHOICES = ('auto', 'bf16', 'fp16', 'off')
+
+
+@dataclass(frozen=True)
+class Precision:
+    """The mixed precision of a run: ``name`` 'bf16', 'fp16' or 'fp32'; ``amp_dtype`` the
+    autocast dtype (None: full precision); ``loss_scaling`` whether a ``torch.amp.GradScaler``
+    scales the loss (fp16 only); ``input_dtype`` the dtype the loader delivers images in on CUDA
+    (the autocast dtype, float32 without autocast; CPU batches are always float32)."""
+    name: str
+    amp_dtype: torch.dtype = None
+    loss_scaling: bool = False
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        return self.amp_dtype or torch.float32
+
+
+def resolve_precision(amp: str, device: torch.device) -> Precision:
+    """The precision ``training.amp`` asks for on ``device``: 'auto' is bf16 on a GPU that has it
+    (``torch.cuda.is_bf16_supported()``: Ampere and later), fp16 with loss scaling on older ones
+    (V100, T4), and fp32 on CPU; 'bf16', 'fp16' and 'off' (fp32) are taken as given, on any
+    device. Mixed-precision training as Micikevicius et al., "Mixed Precision Training" (2018),
+    through ``torch.autocast`` and ``torch.amp.GradScaler``. Raises ValueError for another name."""
+    if amp not in AMP_CHOICES:
+        raise ValueError(f'amp={amp!r}: expected one of {", ".join(AMP_CHOICES)}')
+    if amp == 'auto':
+        if device.type != 'cuda':
+            amp = 'off'
+        else:
+            amp = 'bf16' if torch.cuda.is_bf16_supported() else 'fp16'
+    if amp == 'bf16':
+        return Precision('bf16', torch.bfloat16)
+    if amp == 'fp16':
+        return Precision('fp16', torch.float16, loss_scaling=True)
+    return Precision('fp32')
+
+
+def flip_tta_logits(model, x: torch.Tensor, flip_tta: bool = True) -> torch.Tensor:
+    """Logits of ``model`` for images ``x`` (float (N, 3, H, W)): with ``flip_tta``, the mean of
+    the logits of the images and of their left-right flips (test-time augmentation, as
+    ffcv-imagenet's validation), else the logits of the images. The one rule shared by validation
+    and ``predict.py`` (which takes the softmax of these logits). Returns (N, classes)."""
+    logits = model(x)
+    if flip_tta:
+        logits = (logits + model(torch.flip(x, dims=[3]))) / 2
+    return logits
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -22,15 +73,35 @@ class NonFiniteLossError(FloatingPointError):
                          '(lower the LR, or check the data, then resume from it)')
 
 
+def train_step(*, model, x, y, optimizer, loss_fn, amp_dtype=None, scaler=None) -> torch.Tensor:
+    """One SGD step on the batch ``x`` (float (B, 3, H, W)), ``y`` (int64 (B,)): forward under
+    autocast to ``amp_dtype`` (None: full precision), backward, optimizer step. With ``scaler`` (a
+    ``torch.amp.GradScaler``, for fp16) the loss is scaled before the backward pass and the step
+    skipped when the gradients overflow, as ``torch.amp`` documents. Returns the detached loss
+    (a 0-d tensor on the device; no device sync)."""
+    device_type = x.device.type
+    optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
+        loss = loss_fn(model(x), y)
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
+    return loss.detach()
+
+
 def train_one_epoch(*, model, loader, optimizer, loss_fn, lr_at, epoch: int, amp_dtype=None,
-                    show_progress: bool = True, start_iteration: int = 0, check_every: int = 10,
-                    stop_requested=lambda: False, checkpoint_every: int = 0,
+                    scaler=None, show_progress: bool = True, start_iteration: int = 0,
+                    check_every: int = 10, stop_requested=None, checkpoint_every: int = 0,
                     save_checkpoint=None) -> dict:
-    """Train ``model`` on every batch of ``loader`` once.
+    """Train ``model`` on every batch of ``loader`` once, with :func:`train_step`.
 
     lr_at: function of the fractional epoch ``epoch + (i + 0.5) / len(loader)`` giving the LR of
     iteration ``i``; it is set on every parameter group before each step.
-    amp_dtype: ``torch.bfloat16`` for mixed precision on CUDA, None for full precision.
+    amp_dtype, scaler: the mixed precision (see :class:`Precision` and :func:`train_step`).
     Batches: float images (B, 3, H, W) and int64 labels (B,) on the model's device.
     start_iteration: resume within the epoch: batches ``0..start_iteration-1`` are read (the
     loader's order is fixed by its seed and epoch) but not trained on again.
@@ -38,9 +109,9 @@ def train_one_epoch(*, model, loader, optimizer, loss_fn, lr_at, epoch: int, amp
     Every ``check_every`` iterations, and at the last one, the ranks agree (one small all-reduce,
     which also syncs the device) on two things: a non-finite loss on any rank since the last check
     raises :class:`NonFiniteLossError`; ``stop_requested()`` true on any rank (a signal, see
-    ``checkpoint.StopRequest``) ends the epoch there, with ``'stopped'`` true. Then, every
-    ``checkpoint_every`` iterations (0: never) except the last, ``save_checkpoint(i + 1)`` is
-    called with the number of iterations done.
+    ``checkpoint.StopRequest``; None: never) ends the epoch there, with ``'stopped'`` true. Then,
+    every ``checkpoint_every`` iterations (0: never) except the last, ``save_checkpoint(i + 1)``
+    is called with the number of iterations done.
 
     Returns ``{'train_loss': mean loss per image, 'images': images this process trained on,
     'seconds': wall time, 'lr': LR of the last step, 'iterations_done': iterations of the epoch
@@ -51,8 +122,7 @@ def train_one_epoch(*, model, loader, optimizer, loss_fn, lr_at, epoch: int, amp
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     first_bad = torch.full((), iterations, dtype=torch.int64, device=device)  # none yet
-    images, done, stopped = 0, start_iteration, False
-    lr = 0.0
+    images, done, stopped, lr = 0, start_iteration, False, 0.0
     bar = tqdm(loader, desc=f'epoch {epoch}', disable=not show_progress, leave=False,
                dynamic_ncols=True)
     start = time.perf_counter()
@@ -62,31 +132,27 @@ def train_one_epoch(*, model, loader, optimizer, loss_fn, lr_at, epoch: int, amp
         lr = lr_at(epoch + (i + 0.5) / iterations)
         for group in optimizer.param_groups:
             group['lr'] = lr
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss = loss_fn(model(x), y)
-        loss.backward()
-        optimizer.step()
-        loss = loss.detach()
+        loss = train_step(model=model, x=x, y=y, optimizer=optimizer, loss_fn=loss_fn,
+                          amp_dtype=amp_dtype, scaler=scaler)
         # Recorded on the device, without a sync: the first iteration whose loss is not finite.
         first_bad = torch.where(torch.isfinite(loss) | (first_bad < iterations), first_bad, i)
         loss_sum += loss.double() * y.shape[0]
         images += y.shape[0]
         done = i + 1
-        if (done % check_every == 0 or done == iterations
-                or (checkpoint_every and done % checkpoint_every == 0)):
-            bad, stop = distributed.all_reduce_min(
-                torch.stack([first_bad, torch.tensor(0 if stop_requested() else 1, device=device)]))
+        checkpoint_due = bool(checkpoint_every) and done % checkpoint_every == 0
+        if done % check_every == 0 or done == iterations or checkpoint_due:
+            stop_here = bool(stop_requested and stop_requested())
+            bad, go_on = distributed.all_reduce_min(
+                torch.stack([first_bad, torch.tensor(0 if stop_here else 1, device=device)]))
             if bad < iterations:
                 raise NonFiniteLossError(epoch, bad)
             if show_progress:
-                elapsed = time.perf_counter() - start
                 bar.set_postfix(loss=f'{float(loss):.3f}', lr=f'{lr:.3g}',
-                                img_per_s=f'{images / elapsed:.0f}')
-            if stop == 0:
+                                img_per_s=f'{images / (time.perf_counter() - start):.0f}')
+            if go_on == 0:
                 stopped = True
                 break
-            if checkpoint_every and done % checkpoint_every == 0 and done < iterations:
+            if checkpoint_due and done < iterations:
                 save_checkpoint(done)
     bar.close()
     return {'train_loss': float(loss_sum) / max(images, 1), 'images': images,
@@ -98,13 +164,13 @@ def train_one_epoch(*, model, loader, optimizer, loss_fn, lr_at, epoch: int, amp
 def evaluate(*, model, loader, amp_dtype=None, flip_tta: bool = True, ten_crop: bool = False) -> dict:
     """Top-1, top-5 and cross-entropy of ``model`` over ``loader``, summed over all ranks.
 
-    Each rank passes its own disjoint part of the val set (see ``data.val_loader``), so every image
+    Each rank passes its own disjoint part of the val set (see ``loaders.val_loader``), so every image
     counts once. Pass the plain model, not the DDP wrapper: ranks may see different batch counts.
     flip_tta: logits are the mean of those of the image and of its left-right flip; the loss
     (without label smoothing) is taken on those mean logits, averaged per image.
     ten_crop: instead, the mean logits of 10 views (Krizhevsky et al. 2012): the four corner crops
     and the centre crop, each ``224/256`` of the side of the square input, and their flips. Feed it
-    whole central squares (``data.val_loader(..., crop_ratio=1.0)``).
+    whole central squares (``loaders.val_loader(..., crop_ratio=1.0)``).
     Returns ``{'top_1', 'top_5'}`` as fractions in [0, 1], ``'val_loss'`` and ``'count'`` (images).
     """
     model.eval()
@@ -117,9 +183,7 @@ def evaluate(*, model, loader, amp_dtype=None, flip_tta: bool = True, ten_crop: 
                 side = round(x.shape[-1] * DEFAULT_CROP_RATIO)
                 logits = sum(model(view) for view in TF.ten_crop(x, [side, side])) / 10
             else:
-                logits = model(x)
-                if flip_tta:
-                    logits = (logits + model(torch.flip(x, dims=[3]))) / 2
+                logits = flip_tta_logits(model, x, flip_tta)
         logits = logits.float()
         top1, top5 = topk_correct(logits, y, ks=(1, 5))
         hits1, hits5, count = hits1 + top1, hits5 + top5, count + y.shape[0]

@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 
 def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> list:
@@ -71,7 +72,6 @@ def model_complexity(model: torch.nn.Module, res: int) -> dict:
     BatchNorm, ReLU or pooling) while one forward pass runs, in eval mode; BlurPool's depthwise blur
     convolutions are counted too. ResNet-50 at 224 px: 25.56 M, 4.09 GMACs, as torchvision lists.
     """
-    from torch.utils.flop_counter import FlopCounterMode
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -87,7 +87,7 @@ def plot_log(log_path, png_path) -> None:
     """Plot a run's ``log.jsonl`` (one JSON record per epoch, see train_imagenet.py) into a PNG of
     four panels against the epoch: train loss, validation top-1 (%), LR at the end of the epoch
     and training resolution (px). Epochs without validation leave gaps in the top-1 panel."""
-    import matplotlib
+    import matplotlib  # heavy, and only needed here
     matplotlib.use('Agg')  # files only, no display
     import matplotlib.pyplot as plt
 

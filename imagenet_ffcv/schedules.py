@@ -1,9 +1,14 @@
 """Learning-rate and resolution schedules: pure functions of an explicit (fractional) epoch.
 
+They check only what a direct caller could get wrong in their own arguments; the rules between
+config keys are checked in ``config`` before a run starts, and ``config.lr_schedule_kwargs`` /
+``config.resolution_kwargs`` turn the config into their arguments.
+
 An epoch value ``t`` is ``epoch + (iteration + 0.5) / iterations_per_epoch`` during training, so
 the LR is updated every iteration and never sits at exactly 0 on the first or last step.
 """
 import math
+from fractions import Fraction
 
 
 def cyclic_lr(t: float, *, lr: float, epochs: int, peak_epoch: float) -> float:
@@ -12,7 +17,7 @@ def cyclic_lr(t: float, *, lr: float, epochs: int, peak_epoch: float) -> float:
     "Super-Convergence" (2017). Units: ``t`` and ``peak_epoch`` in epochs. Returns the LR.
     """
     if not 0 <= peak_epoch <= epochs:
-        raise ValueError(f'lr.lr_peak_epoch={peak_epoch} must lie in [0, training.epochs={epochs}]')
+        raise ValueError(f'peak_epoch={peak_epoch} must lie in [0, epochs={epochs}]')
     if t <= peak_epoch:
         return lr * t / peak_epoch if peak_epoch > 0 else lr
     if t >= epochs:
@@ -26,7 +31,7 @@ def step_lr(t: float, *, lr: float, step_ratio: float, step_length: float) -> fl
     As in He et al., "Deep Residual Learning" (2015). Units: ``t`` and ``step_length`` in epochs.
     """
     if step_length <= 0:
-        raise ValueError(f'lr.step_length={step_length} must be > 0')
+        raise ValueError(f'step_length={step_length} must be > 0')
     return lr * step_ratio ** math.floor(t / step_length)
 
 
@@ -52,7 +57,6 @@ def warmup_factor(t: float, *, warmup_epochs: float) -> float:
 def parse_fractions(text: str) -> list:
     """``'1/3, 2/3'`` or ``'0.5'`` -> sorted list of floats, each in (0, 1); ``''`` -> [].
     Raises ValueError naming the bad item."""
-    from fractions import Fraction
     values = []
     for item in filter(None, (part.strip() for part in text.split(','))):
         try:
@@ -84,7 +88,7 @@ def lr_at(t: float, *, schedule: str, lr: float, epochs: int, peak_epoch: float 
     elif schedule == 'poly':
         value = poly_lr(t, lr=lr, epochs=epochs, power=poly_power)
     else:
-        raise ValueError(f"lr.lr_schedule_type={schedule!r}: expected 'cyclic', 'step' or 'poly'")
+        raise ValueError(f"schedule={schedule!r}: expected 'cyclic', 'step' or 'poly'")
     return value * warmup_factor(t, warmup_epochs=warmup_epochs)
 
 
@@ -98,7 +102,7 @@ def scaled_lr(lr: float, *, batch_size: int, world_size: int, ref_batch_size: in
     if ref_batch_size == 0:
         return lr
     if ref_batch_size < 0:
-        raise ValueError(f'lr.ref_batch_size={ref_batch_size} must be >= 0 (0: no scaling)')
+        raise ValueError(f'ref_batch_size={ref_batch_size} must be >= 0 (0: no scaling)')
     return lr * batch_size * world_size / ref_batch_size
 
 
@@ -108,7 +112,7 @@ def resolution_at(epoch: int, *, min_res: int, max_res: int, start_ramp: int, en
     Returns the side in pixels of the square training crops for ``epoch`` (0-based).
     """
     if min_res > max_res:
-        raise ValueError(f'resolution.min_res={min_res} is above resolution.max_res={max_res}')
+        raise ValueError(f'min_res={min_res} is above max_res={max_res}')
     if epoch <= start_ramp:
         return min_res
     if epoch >= end_ramp:

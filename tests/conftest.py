@@ -16,15 +16,16 @@ sys.path.insert(0, str(REPO))
 @pytest.fixture(scope='session')
 def sample_betons(tmp_path_factory):
     """train.beton (340 images) and val.beton (100 images) of the demo sample, shorter side 64."""
-    from imagenet_ffcv import data
+    from imagenet_ffcv import sources, writer
+    from imagenet_ffcv.classes import class_list_path, write_class_list
     out = tmp_path_factory.mktemp('betons')
-    classes = data.find_classes(SAMPLE / 'train')
+    classes = sources.find_classes(SAMPLE / 'train')
     paths = {}
     for split in ('train', 'val'):
         paths[split] = out / f'{split}.beton'
-        data.write_beton(data.list_samples(SAMPLE / split, classes), paths[split], max_res=64,
+        writer.write_beton(sources.list_samples(SAMPLE / split, classes), paths[split], max_res=64,
                          num_workers=2)
-        data.write_class_list(data.class_list_path(paths[split]), classes)
+        write_class_list(class_list_path(paths[split]), classes)
     return paths
 
 

@@ -10,7 +10,8 @@ import pytest
 from PIL import Image, ImageFile, ImageOps
 
 from conftest import PYTHON, REPO, SAMPLE, run_env
-from imagenet_ffcv import data
+from imagenet_ffcv import images, loaders, sources, verify, writer
+from imagenet_ffcv.classes import class_list_path, write_class_list
 import write_beton
 
 
@@ -94,18 +95,18 @@ def make_bad(folder, good_jpeg):
 def test_unusual_files_decode_to_correct_rgb(tmp_path):
     expected = make_unusual(tmp_path)
     for name, ref in expected.items():
-        got = data.load_image(tmp_path / name, max_res=1000)
+        got = images.load_image(tmp_path / name, max_res=1000)
         assert got.dtype == np.uint8 and got.shape == ref.shape, name
         assert np.array_equal(got, ref), name
-    rotated = data.load_image(tmp_path / 'rotated.JPEG', max_res=1000)
+    rotated = images.load_image(tmp_path / 'rotated.JPEG', max_res=1000)
     assert rotated.shape == (40, 20, 3)  # portrait after the EXIF rotation
     assert rotated[2, 10, 0] > 200 and rotated[2, 10, 2] < 60   # top: red (was left)
     assert rotated[37, 10, 2] > 200 and rotated[37, 10, 0] < 60  # bottom: blue (was right)
-    deep = data.load_image(tmp_path / 'deep.png', max_res=1000)
+    deep = images.load_image(tmp_path / 'deep.png', max_res=1000)
     assert deep[0, 0, 0] == 0 and deep[0, -1, 0] == 255 and deep[0, 32, 0] == 130
     assert len(np.unique(deep)) == 64  # PIL's convert('RGB') would leave mostly 255s
     # EXIF rotation is applied before the shorter-side resize
-    assert data.load_image(tmp_path / 'rotated.JPEG', max_res=10).shape == (20, 10, 3)
+    assert images.load_image(tmp_path / 'rotated.JPEG', max_res=10).shape == (20, 10, 3)
 
 
 def test_truncated_jpeg_is_detected(tmp_path):
@@ -119,7 +120,7 @@ def test_truncated_jpeg_is_detected(tmp_path):
     try:
         ImageFile.LOAD_TRUNCATED_IMAGES = True  # even if another library switched it on
         with pytest.raises(OSError, match='truncated'):
-            data.load_image(bad, max_res=64)
+            images.load_image(bad, max_res=64)
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
@@ -132,13 +133,13 @@ def test_bad_files_skipped_labels_kept_and_reported(tmp_path):
     for i, src in enumerate(sample_images(3)):
         Image.open(src).save(root / 'train' / 'n02' / f'ok{i}.JPEG')
         Image.open(src).save(root / 'train' / 'n03' / f'ok{i}.JPEG')
-    classes = data.find_classes(root / 'train')
-    samples = data.list_samples(root / 'train', classes)
+    classes = sources.find_classes(root / 'train')
+    samples = sources.list_samples(root / 'train', classes)
     out = tmp_path / 'out' / 'train.beton'
-    stats = data.write_beton(samples, out, max_res=1000, write_mode='raw', num_workers=2,
+    stats = writer.write_beton(samples, out, max_res=1000, write_mode='raw', num_workers=2,
                              skip_unreadable=True)
     assert stats['skipped'] == len(bad) and stats['images'] == len(samples) - len(bad)
-    report = data.skipped_report_path(out)
+    report = writer.skipped_report_path(out)
     assert report.name == 'train.skipped.tsv' and stats['skipped_report'] == str(report)
     rows = [line.split('\t') for line in report.read_text().splitlines()]
     assert {r[0].split('/')[-1] for r in rows} == bad and all(r[1] for r in rows)
@@ -153,7 +154,7 @@ def test_bad_files_skipped_labels_kept_and_reported(tmp_path):
             assert np.array_equal(img, np.asarray(Image.open(path).convert('RGB'))), name
     assert sorted(p.name for p in out.parent.iterdir()) == ['train.beton', 'train.skipped.tsv']
     # a later clean run removes the stale report
-    data.write_beton(kept, out, max_res=64, num_workers=1, skip_unreadable=True)
+    writer.write_beton(kept, out, max_res=64, num_workers=1, skip_unreadable=True)
     assert not report.exists()
 
 
@@ -175,8 +176,8 @@ def test_cli_skips_by_default_and_strict_fails(tmp_path, capsys):
     captured = capsys.readouterr()
     assert '4 images, 2 classes, 1 skipped' in captured.out
     assert 'train_32.skipped.tsv' in captured.out and 'zero.JPEG' not in captured.out
-    assert 'zero.JPEG' in data.skipped_report_path(out).read_text()
-    assert data.num_samples(out) == 4
+    assert 'zero.JPEG' in writer.skipped_report_path(out).read_text()
+    assert loaders.num_samples(out) == 4
 
 
 def test_split_folder_problems_are_named(tmp_path):
@@ -187,21 +188,21 @@ def test_split_folder_problems_are_named(tmp_path):
     for wnid in ('n01', 'n03'):
         (root / 'train' / wnid / 'a.JPEG').write_bytes(src.read_bytes())
     (root / 'train' / 'n02' / 'readme.txt').write_text('no images here')
-    classes = data.find_classes(root / 'train')
+    classes = sources.find_classes(root / 'train')
     with pytest.warns(UserWarning, match='n02'):  # the class folder with no images
-        samples = data.list_samples(root / 'train', classes)
+        samples = sources.list_samples(root / 'train', classes)
     assert [l for _, l in samples] == [0, 2]
     (root / 'val' / 'n03').mkdir(parents=True)
     (root / 'val' / 'n03' / 'b.JPEG').write_bytes(src.read_bytes())
     with pytest.warns(UserWarning, match='n01, n02'):  # classes missing from val
-        assert [l for _, l in data.list_samples(root / 'val', classes)] == [2]
+        assert [l for _, l in sources.list_samples(root / 'val', classes)] == [2]
     (root / 'empty').mkdir()
     with pytest.raises(ValueError, match='empty'):
-        data.list_samples(root / 'empty', classes)
+        sources.list_samples(root / 'empty', classes)
     with pytest.raises(FileNotFoundError, match='nowhere'):
-        data.list_samples(root / 'nowhere', classes)
+        sources.list_samples(root / 'nowhere', classes)
     with pytest.raises(ValueError, match='no class folders'):
-        data.find_classes(root / 'empty')
+        sources.find_classes(root / 'empty')
 
 
 def test_verify(tmp_path, capsys):
@@ -217,7 +218,7 @@ def test_verify(tmp_path, capsys):
     text = capsys.readouterr().out
     assert '6 images, 3 classes' in text and '(6 JPEG, 0 raw)' in text
     assert '0/n00: 2, 1/n01: 2, 2/n02: 2' in text and '64-127: 6' in text and 'OK' in text
-    report = data.verify_beton(out)
+    report = verify.verify_beton(out)
     assert report['per_class'] == {0: 2, 1: 2, 2: 2} and not report['problems']
 
     # a JPEG record with garbage inside -> a problem naming the record
@@ -252,9 +253,9 @@ def test_not_enough_disk_space(tmp_path, monkeypatch, capsys):
     (root / 'train' / 'n01').mkdir(parents=True)
     for i, src in enumerate(sample_images(5)):
         Image.open(src).resize((400, 300)).save(root / 'train' / 'n01' / f'{i}.JPEG')
-    samples = data.list_samples(root / 'train', ['n01'])
-    raw = data.estimate_beton_bytes(samples, max_res=256, write_mode='raw')
-    jpg = data.estimate_beton_bytes(samples, max_res=256, write_mode='jpg')
+    samples = sources.list_samples(root / 'train', ['n01'])
+    raw = writer.estimate_beton_bytes(samples, max_res=256, write_mode='raw')
+    jpg = writer.estimate_beton_bytes(samples, max_res=256, write_mode='jpg')
     assert raw >= 5 * 341 * 256 * 3 and jpg < raw
     usage = namedtuple('usage', 'total used free')
     monkeypatch.setattr(shutil, 'disk_usage', lambda p: usage(10 ** 9, 10 ** 9 - 10 ** 6, 10 ** 6))
@@ -270,20 +271,20 @@ def test_not_enough_disk_space(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(shutil, 'disk_usage', lambda p: usage(10 ** 12, 0, 10 ** 12))
     assert write_beton.cli(['--data-dir', str(root), '--split', 'train', '--out', str(out),
                             '--write-mode', 'raw', '--num-workers', '1']) == 0
-    assert data.num_samples(out) == 5
+    assert loaders.num_samples(out) == 5
 
 
 def test_kill_9_leaves_no_file_and_keeps_previous(tmp_path):
     root = tmp_path / 'data'
-    sources = sorted((SAMPLE / 'train').glob('*/*.JPEG'))
+    photos = sorted((SAMPLE / 'train').glob('*/*.JPEG'))
     for wnid in ('n01', 'n02'):
         (root / 'train' / wnid).mkdir(parents=True)
     for k in range(8):  # 8 x 340 links to the demo photos: several seconds of raw writing
-        for i, src in enumerate(sources):
+        for i, src in enumerate(photos):
             (root / 'train' / f'n0{1 + i % 2}' / f'{k}_{i}.JPEG').symlink_to(src)
     out = tmp_path / 'out' / 'train.beton'
-    small = data.list_samples(root / 'train', ['n01', 'n02'])[:6]
-    data.write_beton(small, out, max_res=32, num_workers=1)
+    small = sources.list_samples(root / 'train', ['n01', 'n02'])[:6]
+    writer.write_beton(small, out, max_res=32, num_workers=1)
     previous = out.read_bytes()
 
     proc = subprocess.Popen([PYTHON, 'write_beton.py', '--data-dir', str(root), '--split', 'train',
@@ -309,9 +310,9 @@ def test_kill_9_leaves_no_file_and_keeps_previous(tmp_path):
     assert out.read_bytes() == previous  # the complete previous file is untouched
     leftovers = [p.name for p in out.parent.iterdir() if p.name != 'train.beton']
     assert leftovers and all(name.startswith('.') for name in leftovers)  # hidden temporaries
-    assert not data.class_list_path(out).exists() and not data.skipped_report_path(out).exists()
+    assert not class_list_path(out).exists() and not writer.skipped_report_path(out).exists()
     # the next run into the folder removes the dead writer's temporaries
-    data.write_beton(small, out, max_res=32, num_workers=1)
+    writer.write_beton(small, out, max_res=32, num_workers=1)
     assert sorted(p.name for p in out.parent.iterdir()) == ['train.beton']
 
 
@@ -368,29 +369,29 @@ def three_layouts(tmp_path):
 def test_layouts_detected_and_give_identical_betons(three_layouts, tmp_path):
     roots, wnids = three_layouts
     for layout, root in roots.items():
-        assert data.detect_layout(root) == layout
+        assert sources.detect_layout(root) == layout
     with pytest.raises(FileNotFoundError, match='no known input layout'):
-        data.detect_layout(tmp_path / 'nowhere')
+        sources.detect_layout(tmp_path / 'nowhere')
     for split, n in (('train', 9), ('val', 6)):
         results = {}
         for layout, root in roots.items():
-            classes, samples, names = data.load_split(root, split)
+            classes, samples, names = sources.load_split(root, split)
             assert classes == wnids and len(samples) == n
             assert [l for _, l in samples] == sorted(l for _, l in samples)
             # the tars are read in place: no file was extracted
-            assert all((data.TAR_REF_SEP in p) == (layout == 'tars') for p, _ in samples)
+            assert all((sources.TAR_REF_SEP in p) == (layout == 'tars') for p, _ in samples)
             out = tmp_path / layout / f'{split}.beton'
             args = ['--data-dir', str(root), '--split', split, '--max-res', '32', '--out',
                     str(out), '--num-workers', '1', '--write-mode', 'raw']
             assert write_beton.cli(args if layout == 'folders' else args + ['--layout', layout]) == 0
             images, labels = stored_raw_images(out)
             results[layout] = (labels, [img.tobytes() for img in images],
-                               data.class_list_path(out).read_text())
+                               class_list_path(out).read_text())
         assert results['folders'] == results['kaggle'] == results['tars'], split
         assert sorted(set(results['tars'][0])) == [0, 1, 2]
     # names: imagenet_wnids.tsv first, LOC_synset_mapping.txt for wnids it lacks
-    assert data.synset_mapping_names(roots['kaggle'])[wnids[1]] == 'name1'
-    data.write_class_list(tmp_path / 'c.tsv', ['n00000001', wnids[0]], {'n00000001': 'thing'})
+    assert sources.synset_mapping_names(roots['kaggle'])[wnids[1]] == 'name1'
+    write_class_list(tmp_path / 'c.tsv', ['n00000001', wnids[0]], {'n00000001': 'thing'})
     assert (tmp_path / 'c.tsv').read_text() == f'0\tn00000001\tthing\n1\t{wnids[0]}\ttench\n'
 
 
@@ -399,7 +400,7 @@ def test_kaggle_val_image_without_label_is_an_error(three_layouts):
     val = roots['kaggle'] / 'ILSVRC' / 'Data' / 'CLS-LOC' / 'val'
     (val / 'ILSVRC2012_val_99999999.JPEG').write_bytes(next(val.iterdir()).read_bytes())
     with pytest.raises(ValueError, match='ILSVRC2012_val_99999999'):
-        data.load_split(roots['kaggle'], 'val')
+        sources.load_split(roots['kaggle'], 'val')
 
 
 def test_raw_tars_with_devkit_labels_match_the_csv_labels(three_layouts, tmp_path):
@@ -412,12 +413,12 @@ def test_raw_tars_with_devkit_labels_match_the_csv_labels(three_layouts, tmp_pat
     import numpy as np
     import scipy.io
     roots, wnids = three_layouts
-    expected = data.load_split(roots['tars'], 'val')[1]
+    expected = sources.load_split(roots['tars'], 'val')[1]
     devkit_root = tmp_path / 'tars_devkit'
     shutil.copytree(roots['tars'], devkit_root)
     (devkit_root / 'LOC_val_solution.csv').unlink()
     with pytest.raises(FileNotFoundError, match='ILSVRC2012_devkit_t12.tar.gz'):
-        data.load_split(devkit_root, 'val')
+        sources.load_split(devkit_root, 'val')
     # ILSVRC2012_ID 1..3 for the three classes (leaves), 1001 for a parent synset (not a class)
     synsets = np.zeros(4, dtype=[('ILSVRC2012_ID', 'O'), ('WNID', 'O'), ('words', 'O'),
                                  ('gloss', 'O'), ('num_children', 'O')])
@@ -441,7 +442,7 @@ def test_raw_tars_with_devkit_labels_match_the_csv_labels(three_layouts, tmp_pat
         add(tf, 'ILSVRC2012_devkit_t12/data/meta.mat', meta.getvalue())
         add(tf, 'ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt',
             lines.encode() + b'\n')
-    classes, samples, _ = data.load_split(devkit_root, 'val')
+    classes, samples, _ = sources.load_split(devkit_root, 'val')
     assert classes == wnids
     assert [(p.split('::')[1], l) for p, l in samples] == \
         [(p.split('::')[1], l) for p, l in expected]

@@ -1,4 +1,4 @@
-"""The converter (write_beton.py / imagenet_ffcv.data) and the loaders, on real JPEGs."""
+"""The converter (write_beton.py: sources, images, writer) and the loaders, on real JPEGs."""
 import subprocess
 
 import numpy as np
@@ -7,7 +7,8 @@ import torch
 from PIL import Image
 
 from conftest import PYTHON, REPO, SAMPLE, SHARED_DATA, run_env
-from imagenet_ffcv import data
+from imagenet_ffcv import constants, images, loaders, sources, writer
+from imagenet_ffcv.classes import class_list_path
 
 
 def beton_metadata(path):
@@ -62,18 +63,18 @@ def aspect_tree(tmp_path):
 
 
 def test_shorter_side_size():
-    assert data.shorter_side_size(500, 375, 256) == (341, 256)
-    assert data.shorter_side_size(375, 500, 256) == (256, 341)
-    assert data.shorter_side_size(200, 150, 256) == (200, 150)  # never upscaled
-    assert data.shorter_side_size(256, 1000, 256) == (256, 1000)
+    assert images.shorter_side_size(500, 375, 256) == (341, 256)
+    assert images.shorter_side_size(375, 500, 256) == (256, 341)
+    assert images.shorter_side_size(200, 150, 256) == (200, 150)  # never upscaled
+    assert images.shorter_side_size(256, 1000, 256) == (256, 1000)
 
 
 def test_shorter_side_rule_and_labels(aspect_tree, tmp_path):
     root, expected = aspect_tree
-    classes = data.find_classes(root / 'train')
+    classes = sources.find_classes(root / 'train')
     assert classes == ['n01', 'n02', 'n03']
-    samples = data.list_samples(root / 'train', classes)
-    data.write_beton(samples, tmp_path / 'out.beton', max_res=256, num_workers=2)
+    samples = sources.list_samples(root / 'train', classes)
+    writer.write_beton(samples, tmp_path / 'out.beton', max_res=256, num_workers=2)
     widths, heights, labels = beton_metadata(tmp_path / 'out.beton')
     for (wnid, (w, h)), width, height, label in zip(expected, widths, heights, labels):
         assert (width, height) == expected_size(w, h, 256), (wnid, w, h)
@@ -86,9 +87,9 @@ def test_shorter_side_rule_and_labels(aspect_tree, tmp_path):
                            'aspect-ratio images of test_shorter_side_rule_and_labels still run')
 def test_shorter_side_rule_on_imagewoof320(tmp_path):
     root = SHARED_DATA / 'imagewoof320'
-    classes = data.find_classes(root / 'train')
-    samples = data.list_samples(root / 'val', classes)
-    data.write_beton(samples, tmp_path / 'woof.beton', max_res=256, num_workers=2)
+    classes = sources.find_classes(root / 'train')
+    samples = sources.list_samples(root / 'val', classes)
+    writer.write_beton(samples, tmp_path / 'woof.beton', max_res=256, num_workers=2)
     widths, heights, labels = beton_metadata(tmp_path / 'woof.beton')
     for (path, label), w, h, stored_label in zip(samples, widths, heights, labels):
         assert (w, h) == expected_size(*Image.open(path).size, 256), path
@@ -110,8 +111,8 @@ def test_pixels_match_pil_reference(tmp_path, write_mode, tolerance):
         ref = Image.open(folder / f'{i}.JPEG').convert('RGB').resize(
             (341, 256), Image.Resampling.BILINEAR)
         references.append(np.asarray(ref, dtype=np.float64))
-    samples = data.list_samples(tmp_path / 'train', ['n01'])
-    data.write_beton(samples, tmp_path / 'x.beton', max_res=256, write_mode=write_mode,
+    samples = sources.list_samples(tmp_path / 'train', ['n01'])
+    writer.write_beton(samples, tmp_path / 'x.beton', max_res=256, write_mode=write_mode,
                      num_workers=1)
     decoded = decode_all(tmp_path / 'x.beton')
     assert decoded.shape == (6, 256, 341, 3)
@@ -127,10 +128,10 @@ def test_val_split_missing_a_class_keeps_train_indices(aspect_tree, tmp_path):
     for f in (root / 'val' / 'n01').iterdir():
         f.unlink()
     (root / 'val' / 'n01').rmdir()
-    classes = data.find_classes(root / 'train')
-    samples = data.list_samples(root / 'val', classes)
+    classes = sources.find_classes(root / 'train')
+    samples = sources.list_samples(root / 'val', classes)
     assert {label for _, label in samples} == {1, 2}
-    data.write_beton(samples, tmp_path / 'val.beton', max_res=64, num_workers=1)
+    writer.write_beton(samples, tmp_path / 'val.beton', max_res=64, num_workers=1)
     *_, labels = beton_metadata(tmp_path / 'val.beton')
     assert sorted(set(labels.tolist())) == [1, 2]
     assert labels.tolist() == [label for _, label in samples]
@@ -140,21 +141,21 @@ def test_val_folder_unknown_to_train_is_an_error(aspect_tree):
     root, _ = aspect_tree
     (root / 'val' / 'n99').mkdir()
     with pytest.raises(ValueError, match='n99'):
-        data.list_samples(root / 'val', data.find_classes(root / 'train'))
+        sources.list_samples(root / 'val', sources.find_classes(root / 'train'))
 
 
 def test_unreadable_image_fails_cleanly_and_keeps_previous_file(aspect_tree, tmp_path):
     root, _ = aspect_tree
-    classes = data.find_classes(root / 'train')
+    classes = sources.find_classes(root / 'train')
     out_dir = tmp_path / 'out'
     out = out_dir / 'train.beton'
-    data.write_beton(data.list_samples(root / 'train', classes), out, max_res=64, num_workers=2)
+    writer.write_beton(sources.list_samples(root / 'train', classes), out, max_res=64, num_workers=2)
     before = out.read_bytes()
     bad = root / 'train' / 'n02' / 'truncated.JPEG'
     bad.write_bytes((root / 'train' / 'n01' / 'img0.JPEG').read_bytes()[:300])
     (root / 'train' / 'n03' / 'empty.JPEG').write_bytes(b'')
-    with pytest.raises(data.UnreadableImagesError) as err:
-        data.write_beton(data.list_samples(root / 'train', classes), out, max_res=64, num_workers=2)
+    with pytest.raises(writer.UnreadableImagesError) as err:
+        writer.write_beton(sources.list_samples(root / 'train', classes), out, max_res=64, num_workers=2)
     assert {p.split('/')[-1] for p, _ in err.value.failures} == {'truncated.JPEG', 'empty.JPEG'}
     assert 'truncated.JPEG' in str(err.value)
     assert out.read_bytes() == before  # the previous complete file is untouched
@@ -169,9 +170,9 @@ def test_write_beton_cli(tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert '20 images' in proc.stdout and 'img/s' in proc.stdout
-    rows = [line.split('\t') for line in data.class_list_path(out).read_text().splitlines()]
+    rows = [line.split('\t') for line in class_list_path(out).read_text().splitlines()]
     assert rows[0] == ['0', 'n01440764', 'tench'] and len(rows) == 10
-    assert data.num_samples(out) == 20
+    assert loaders.num_samples(out) == 20
     missing = subprocess.run([PYTHON, 'write_beton.py', '--data-dir', str(tmp_path / 'nowhere'),
                               '--split', 'train'], cwd=REPO, env=run_env(), capture_output=True,
                              text=True, timeout=300)
@@ -182,8 +183,8 @@ def test_loaders_on_cpu(sample_betons):
     """Train batches: normalised float32, channels_last, resolution changed between epochs without
     a new loader; val slices across ranks cover every image exactly once."""
     cpu = torch.device('cpu')
-    loader, decoder = data.train_loader(path=sample_betons['train'], batch_size=32, num_workers=2,
-                                        res=32, in_memory=True, device=cpu, distributed=False,
+    loader, decoder = loaders.train_loader(path=sample_betons['train'], batch_size=32, num_workers=2,
+                                        res=32, os_cache=True, device=cpu, distributed=False,
                                         seed=0)
     shapes = set()
     for res in (32, 48):
@@ -197,7 +198,7 @@ def test_loaders_on_cpu(sample_betons):
     assert abs(float(x.mean())) < 1.0 and 0.5 < float(x.std()) < 1.5  # normalised
     labels = []
     for rank in range(3):
-        val = data.val_loader(path=sample_betons['val'], batch_size=16, num_workers=2, res=32,
+        val = loaders.val_loader(path=sample_betons['val'], batch_size=16, num_workers=2, res=32,
                               device=cpu, rank=rank, world_size=3)
         labels.append(torch.cat([y.clone() for _, y in val]))
     assert sum(len(l) for l in labels) == 100
@@ -206,20 +207,21 @@ def test_loaders_on_cpu(sample_betons):
 
 def test_gpu_pipeline_order_is_well_formed():
     """On CUDA the decoder writes uint8 and the batch is normalised on the device after
-    ToDevice/ToTorchImage (with torch, not ffcv's cupy kernel); on CPU the decoder normalises and
-    nothing JIT-compiled follows a non-JIT op (that hangs ffcv 1.0.2's Loader)."""
+    ToDevice/ToTorchImage (with torch, not ffcv's cupy kernel), to the dtype asked for; on CPU the
+    decoder normalises and nothing JIT-compiled follows a non-JIT op (that hangs ffcv 1.0.2's
+    Loader)."""
     from ffcv.transforms import ToDevice, ToTensor, ToTorchImage
 
     from imagenet_ffcv import decoders
-    made = []
-
-    def decoder_for(normalize):
-        made.append(normalize)
-        return decoders.center_crop_decoder((32, 32), ratio=1.0, normalize=normalize,
-                                            mean=data.IMAGENET_MEAN, std=data.IMAGENET_STD)
-    decoder, gpu_ops = data._image_pipeline(torch.device('cuda:0'), decoder_for)
+    decoder, gpu_ops = loaders.image_pipeline(decoders.center_crop_decoder,
+                                              device=torch.device('cuda:0'), dtype=torch.bfloat16,
+                                              output_size=(32, 32), ratio=1.0)
     assert [type(op) for op in gpu_ops[1:-1]] == [ToTensor, ToDevice, ToTorchImage]
-    assert gpu_ops[0] is decoder and type(gpu_ops[-1]).__name__ == 'NormalizeOnDevice'
-    decoder, cpu_ops = data._image_pipeline(torch.device('cpu'), decoder_for)
+    assert gpu_ops[0] is decoder and not decoder.normalize
+    assert isinstance(gpu_ops[-1], loaders.NormalizeOnDevice)
+    assert gpu_ops[-1].dtype == torch.bfloat16
+    decoder, cpu_ops = loaders.image_pipeline(decoders.center_crop_decoder,
+                                              device=torch.device('cpu'), output_size=(32, 32),
+                                              ratio=1.0)
     assert cpu_ops[0] is decoder and [type(op) for op in cpu_ops[1:]] == [ToTensor, ToTorchImage]
-    assert made == [False, True]
+    assert decoder.normalize and decoder.output_size == (32, 32)

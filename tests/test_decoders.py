@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from conftest import SAMPLE
-from imagenet_ffcv import data, decoders
+from imagenet_ffcv import constants, decoders, images, loaders, sources, writer
 
-MEAN, STD = data.IMAGENET_MEAN, data.IMAGENET_STD
+MEAN, STD = constants.IMAGENET_MEAN, constants.IMAGENET_STD
 
 
 def jpeg_bytes(a, quality=90):
@@ -22,7 +22,7 @@ def jpeg_bytes(a, quality=90):
 def photo():
     """A real 4:3 photo, 341 x 256 after the converter's resize, as uint8 RGB and as JPEG."""
     path = sorted((SAMPLE / 'train').glob('*/*.JPEG'))[0]
-    a = cv2.resize(data.load_image(path, 256), (341, 256), interpolation=cv2.INTER_AREA)
+    a = cv2.resize(images.load_image(path, 256), (341, 256), interpolation=cv2.INTER_AREA)
     return a, jpeg_bytes(a)
 
 
@@ -103,12 +103,12 @@ def test_dct_scale_leaves_a_shrink_below_two():
 def betons(tmp_path_factory):
     """Eight demo photos at shorter side 256, as JPEG and as raw pixels."""
     out = tmp_path_factory.mktemp('dec')
-    classes = data.find_classes(SAMPLE / 'train')
-    samples = data.list_samples(SAMPLE / 'train', classes)[::40][:8]
+    classes = sources.find_classes(SAMPLE / 'train')
+    samples = sources.list_samples(SAMPLE / 'train', classes)[::40][:8]
     paths = {}
     for mode in ('jpg', 'raw'):
         paths[mode] = out / f'{mode}.beton'
-        data.write_beton(samples, paths[mode], max_res=256, write_mode=mode, num_workers=1)
+        writer.write_beton(samples, paths[mode], max_res=256, write_mode=mode, num_workers=1)
     return paths
 
 
@@ -136,11 +136,11 @@ def stored_images(path):
 def test_val_loader_is_the_centre_crop_of_the_stored_image(betons, mode, res):
     """Centre crop (224/256 of the shorter side), resized, normalised: against OpenCV on the
     stored image (bilinear below a shrink of 2, area above, where the loader decodes DCT-scaled)."""
-    loader = data.val_loader(path=betons[mode], batch_size=4, num_workers=2, res=res,
+    loader = loaders.val_loader(path=betons[mode], batch_size=4, num_workers=2, res=res,
                              device=torch.device('cpu'))
     got = torch.cat([x.clone() for x, _ in loader]).permute(0, 2, 3, 1).numpy()
     for a, x in zip(stored_images(betons[mode]), got):
-        side = int(data.DEFAULT_CROP_RATIO * min(a.shape[:2]))
+        side = int(constants.DEFAULT_CROP_RATIO * min(a.shape[:2]))
         top, left = (a.shape[0] - side) // 2, (a.shape[1] - side) // 2
         interp = cv2.INTER_LINEAR if side < 2 * res else cv2.INTER_AREA
         ref = cv2.resize(a[top:top + side, left:left + side], (res, res), interpolation=interp)
@@ -158,8 +158,8 @@ def test_train_loader_whole_image_crops_flip_and_fallback_agree(betons, monkeypa
     it; the fallback (whole-image decode by ffcv, when the C part cannot be built) gives the
     same pixels as the region decoder."""
     def batch(flip_prob):
-        loader, _ = data.train_loader(path=betons['jpg'], batch_size=8, num_workers=2, res=96,
-                                      in_memory=True, device=torch.device('cpu'),
+        loader, _ = loaders.train_loader(path=betons['jpg'], batch_size=8, num_workers=2, res=96,
+                                      os_cache=True, device=torch.device('cpu'),
                                       distributed=False, seed=0, min_crop_scale=1.0,
                                       flip_prob=flip_prob)
         x, y = next(iter(loader))
@@ -178,7 +178,7 @@ def test_train_loader_whole_image_crops_flip_and_fallback_agree(betons, monkeypa
 
 
 def test_normalize_on_device_keeps_channels_last():
-    op = decoders.normalize_on_device(mean=MEAN, std=STD, dtype=torch.float16)
+    op = loaders.NormalizeOnDevice(MEAN, STD, torch.float16)
     x = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8).contiguous(
         memory_format=torch.channels_last)
     y = op.generate_code()(x, None)

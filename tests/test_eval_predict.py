@@ -6,13 +6,15 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import torchvision
 from PIL import Image
 
 from conftest import REPO, SAMPLE, run_env, small_config
 import predict
 import train_imagenet
-from imagenet_ffcv import data, metrics
+from imagenet_ffcv import engine, metrics, sources
+from imagenet_ffcv.classes import read_class_names
 
 
 def eval_config(sample_betons, tmp_path, weights):
@@ -38,7 +40,6 @@ def test_eval_only_names_missing_or_unfitting_weights(short_run, sample_betons, 
     with pytest.raises(config.ConfigError, match='needs model.weights'):
         small_config(sample_betons, tmp_path, '--training.eval_only=1')
     other = tmp_path / 'resnet34.pt'
-    import torch
     torch.save(torchvision.models.resnet34(num_classes=10).state_dict(), other)
     with pytest.raises(checkpoint.CheckpointError, match='do not fit resnet18 with 10 classes'):
         train_imagenet.main(eval_config(sample_betons, tmp_path, other))
@@ -68,8 +69,8 @@ def test_predict_prints_named_top5_and_agrees_with_validation(short_run):
     summary, cfg = short_run
     weights = Path(summary['run_dir']) / 'final_weights.pt'
     files = sorted((SAMPLE / 'val').glob('*/*.JPEG'))
-    classes = data.find_classes(SAMPLE / 'train')
-    names = dict(data.read_class_names(Path(summary['run_dir']) / 'classes.tsv'))
+    classes = sources.find_classes(SAMPLE / 'train')
+    names = dict(read_class_names(Path(summary['run_dir']) / 'classes.tsv'))
     # As stored in the sample betons (shorter side 64), the top-1 over the 100 val images is
     # close to the one validation measured through ffcv (another JPEG decoder and resizer).
     results = predict.predict(files, weights=weights, max_res=64)
@@ -105,3 +106,38 @@ def test_predict_names_a_bad_image_and_a_missing_class_list(short_run, tmp_path)
     shutil.copy(Path(summary['run_dir']) / 'final_weights.pt', lone)
     with pytest.raises(FileNotFoundError, match='--classes'):
         predict.predict([bad], weights=lone)
+
+
+class FlipSensitive(torch.nn.Module):
+    """Logits [2, 6 s, 0] where s = +1 for an image bright on its left half, -1 for its flip. The
+    mean of the two logits picks class 0; the mean of the two softmaxes would pick class 1
+    (0.449 against 0.490)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(6.0))
+
+    def forward(self, x):
+        half = x.shape[-1] // 2
+        s = x[..., :half].mean(dim=(1, 2, 3)) - x[..., half:].mean(dim=(1, 2, 3))
+        return torch.stack([torch.full_like(s, 2.0), self.scale * s, torch.zeros_like(s)], dim=1)
+
+
+def test_predict_and_eval_only_share_the_flip_tta_rule():
+    """predict.py's top-1 is the class validation counts as the prediction for the same image, even
+    where averaging probabilities (predict's old rule) would pick another class."""
+    model = FlipSensitive().eval()
+    x = torch.zeros(1, 3, 8, 8)
+    x[..., :4] = 1.0
+    logits, flipped = model(x), model(torch.flip(x, dims=[3]))
+    by_probs = (logits.softmax(1) + flipped.softmax(1)).argmax(1).item()
+    by_logits = (logits + flipped).argmax(1).item()
+    assert (by_probs, by_logits) == (1, 0)  # the two rules disagree on this image
+    classes = [('n0', 'zero'), ('n1', 'one'), ('n2', 'two')]
+    [top] = predict.classify(model, x, classes=classes, top=3, flip_tta=True)
+    assert top[0][:2] == ('n0', 'zero')
+    for label, hit in ((0, 1.0), (1, 0.0)):
+        result = engine.evaluate(model=model, loader=[(x, torch.tensor([label]))], flip_tta=True)
+        assert result['top_1'] == hit
+    # Without flip TTA both take the plain logits: class 1.
+    assert predict.classify(model, x, classes=classes, top=1, flip_tta=False)[0][0][0] == 'n1'

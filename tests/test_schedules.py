@@ -63,8 +63,8 @@ def test_cyclic_lr_peak_at_epochs_is_a_pure_ramp():
 
 @pytest.mark.parametrize('peak', [-0.5, 16.01, 20])
 def test_cyclic_lr_peak_outside_range_raises(peak):
-    """peak_epoch outside [0, epochs] is a ValueError naming lr.lr_peak_epoch."""
-    with pytest.raises(ValueError, match='lr_peak_epoch'):
+    """peak_epoch outside [0, epochs] is a ValueError naming it."""
+    with pytest.raises(ValueError, match='peak_epoch'):
         cyclic_lr(1.0, lr=0.5, epochs=16, peak_epoch=peak)
 
 

@@ -9,7 +9,8 @@ import torchvision
 
 from conftest import REPO, run_env
 import train_imagenet
-from imagenet_ffcv import config, data, engine, models
+from imagenet_ffcv import config, engine, loaders, models
+from imagenet_ffcv.classes import class_list_path, read_class_list, write_class_list
 
 
 def test_short_run_learns_and_logs(short_run):
@@ -27,6 +28,8 @@ def test_short_run_learns_and_logs(short_run):
     params = json.load(open(f'{run_dir}/params.json'))
     assert params['training']['epochs'] == 6 and params['model']['arch'] == 'resnet18'
     assert params['derived']['lr_used'] == pytest.approx(0.1 * 32 / 64)  # linear scaling
+    assert params['derived']['amp'] == 'fp32'  # training.amp=auto on CPU
+    assert set(params['code']) == {'git_commit', 'git_dirty'}  # the code that produced the run
     assert summary['top_1'] == log[-1]['top_1']
 
 
@@ -38,7 +41,7 @@ def test_saved_weights_load_into_torchvision_and_give_logged_top1(short_run, sam
     model.load_state_dict(state)  # strict: same keys as the plain torchvision model
     models.apply_blurpool(model)  # the run trained with BlurPool
     model = model.to(memory_format=torch.channels_last)
-    val = data.val_loader(path=sample_betons['val'], batch_size=64, num_workers=2, res=32,
+    val = loaders.val_loader(path=sample_betons['val'], batch_size=64, num_workers=2, res=32,
                           device=torch.device('cpu'))
     result = engine.evaluate(model=model, loader=val, flip_tta=True)
     assert result['count'] == 100
@@ -87,8 +90,8 @@ def test_train_and_val_betons_from_different_class_lists_are_refused(sample_beto
     import shutil
     val = tmp_path / 'val.beton'
     shutil.copy(sample_betons['val'], val)
-    classes = data.read_class_list(data.class_list_path(sample_betons['val']))
-    data.write_class_list(data.class_list_path(val), classes[1:] + classes[:1])
+    classes = read_class_list(class_list_path(sample_betons['val']))
+    write_class_list(class_list_path(val), classes[1:] + classes[:1])
     with pytest.raises(ValueError, match='differ'):
-        data.num_classes(sample_betons['train'], val_path=val)
-    assert data.num_classes(sample_betons['train'], val_path=sample_betons['val']) == 10
+        loaders.num_classes(sample_betons['train'], val_path=val)
+    assert loaders.num_classes(sample_betons['train'], val_path=sample_betons['val']) == 10

@@ -1,0 +1,48 @@
+"""Class lists: the ``index<TAB>wnid<TAB>name`` file written beside every .beton (and copied into
+every run folder as ``classes.tsv``), and the names of the 1,000 ILSVRC-2012 wnids.
+
+Class ``i`` is the ``i``-th wnid of the sorted train split (see ``sources``).
+"""
+from pathlib import Path
+
+from .files import write_text_atomic
+
+WNID_NAMES_FILE = Path(__file__).with_name('imagenet_wnids.tsv')
+
+
+def wnid_names() -> dict:
+    """wnid -> short human-readable name for the 1,000 ILSVRC-2012 classes."""
+    with open(WNID_NAMES_FILE) as f:
+        return dict(line.rstrip('\n').split('\t', 1) for line in f if line.strip())
+
+
+def class_list_path(beton_path) -> Path:
+    """Where the class list of a .beton lives: ``train_256.beton`` -> ``train_256.classes.tsv``."""
+    beton_path = Path(beton_path)
+    return beton_path.with_name(beton_path.stem + '.classes.tsv')
+
+
+def write_class_list(path, classes: list, extra_names: dict = None) -> None:
+    """Write ``index<TAB>wnid<TAB>name`` lines: names from imagenet_wnids.tsv, else from
+    ``extra_names`` (e.g. LOC_synset_mapping.txt), else empty."""
+    names = {**(extra_names or {}), **wnid_names()}
+    lines = [f'{i}\t{wnid}\t{names.get(wnid, "")}\n' for i, wnid in enumerate(classes)]
+    write_text_atomic(path, ''.join(lines))
+
+
+def read_class_list(path) -> list:
+    """The wnids of a class list written by :func:`write_class_list`, index order."""
+    with open(path) as f:
+        rows = [line.rstrip('\n').split('\t') for line in f if line.strip()]
+    for i, row in enumerate(rows):
+        if int(row[0]) != i:
+            raise ValueError(f'{path}: line {i + 1} has index {row[0]}, expected {i}')
+    return [row[1] for row in rows]
+
+
+def read_class_names(path) -> list:
+    """``[(wnid, name), ...]`` in index order from a class list (name '' when it has none)."""
+    wnids = read_class_list(path)
+    with open(path) as f:
+        names = [(line.rstrip('\n').split('\t') + [''])[2] for line in f if line.strip()]
+    return list(zip(wnids, names))

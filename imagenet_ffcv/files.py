@@ -1,0 +1,84 @@
+"""Files written so that a crash never leaves half of one: the one atomic-write helper, and the
+one clean-up of the temporaries a killed process leaves behind.
+
+Every file of the tool that must never be seen half-written (a .beton, a checkpoint, the final
+weights, a class list, the skipped-files report, params.json) is first written to the hidden
+temporary ``.NAME.partial-PID`` in the same folder, flushed to disk and renamed over ``NAME``
+(``os.replace`` is atomic within a filesystem). A crash or ``kill -9`` at any moment leaves either
+the previous complete file or the new complete one at ``NAME``, plus possibly a temporary, which
+:func:`remove_stale_temporaries` deletes once its process no longer runs.
+"""
+import contextlib
+import os
+from pathlib import Path
+
+TEMPORARY_KINDS = ('partial', 'failures')  # .NAME.partial-PID, .NAME.failures-PID (the writer's)
+
+
+def temporary_path(path, kind: str = 'partial') -> Path:
+    """``DIR/.NAME.<kind>-PID`` for ``DIR/NAME``: a hidden temporary of this process."""
+    path = Path(path)
+    return path.with_name(f'.{path.name}.{kind}-{os.getpid()}')
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path for the caller to write ``path`` through (e.g. a library that takes
+    a file name); when the block ends without an exception it is renamed over ``path``. The
+    temporary is removed in every case. Raises what the block raises."""
+    path = Path(path)
+    tmp = temporary_path(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_write(path, mode: str = 'w'):
+    """Yield a file open for writing (``mode`` 'w' or 'wb'); when the block ends without an
+    exception the data is flushed to disk (fsync) and the file renamed over ``path``, else
+    ``path`` is left as it was. Raises what the block or the filesystem raises (OSError: disk
+    full, no permission...)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def write_text_atomic(path, text: str) -> None:
+    """Write ``text`` to ``path`` with :func:`atomic_write`."""
+    with atomic_write(path) as f:
+        f.write(text)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this PID runs on this machine (signal 0: nothing is sent)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it runs, as another user
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder, name: str = '*') -> list:
+    """Delete the temporaries ``.NAME.partial-PID`` and ``.NAME.failures-PID`` in ``folder`` (of
+    the file ``name``, or of any file for ``'*'``) whose process no longer runs on this machine;
+    those of running processes (another writer, another rank) are kept. Returns the removed
+    paths. A folder on a filesystem shared between machines may hold temporaries of processes
+    on other machines: run writers of one folder on one machine."""
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for kind in TEMPORARY_KINDS:
+        for tmp in folder.glob(f'.{name}.{kind}-*'):
+            pid = tmp.name.rsplit('-', 1)[-1]
+            if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+                tmp.unlink(missing_ok=True)
+                removed.append(tmp)
+    return removed

@@ -1,0 +1,176 @@
+"""The FFCV loaders of training and validation, and their pipelines: our fused decoders
+(``decoders``) write each batch; on CUDA the uint8 batch is normalised on the device.
+
+The last op of each image pipeline leaves (B, 3, H, W) images normalised with the ImageNet
+mean/std, in channels_last memory: float32 on CPU (the decoder normalises), ``dtype`` on CUDA.
+"""
+from pathlib import Path
+
+import numpy as np
+import torch
+from ffcv.fields.basics import IntDecoder
+from ffcv.loader import Loader, OrderOption
+from ffcv.pipeline.operation import Operation
+from ffcv.reader import Reader
+from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
+
+from .classes import class_list_path, read_class_list
+from .constants import DEFAULT_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
+from .decoders import center_crop_decoder, random_resized_crop_decoder
+
+ORDERS = {'random': OrderOption.RANDOM, 'quasi_random': OrderOption.QUASI_RANDOM}
+
+
+def num_samples(beton_path) -> int:
+    """Number of samples stored in a .beton file (reads only its header)."""
+    return Reader(str(beton_path)).num_samples
+
+
+def num_classes(beton_path, val_path=None) -> int:
+    """Classes of a dataset: the length of the class list beside the .beton when there is one,
+    else 1 + the largest stored label.
+
+    With ``val_path``, the class lists beside the two files must be the same (both written from the
+    same train split); otherwise ValueError names both files, since labels would not match.
+    """
+    classes = class_list_path(beton_path)
+    if val_path is not None and classes.exists() and class_list_path(val_path).exists():
+        if read_class_list(classes) != read_class_list(class_list_path(val_path)):
+            raise ValueError(f'{classes} and {class_list_path(val_path)} differ: the two .beton '
+                             f'files were written from different train splits, so their class '
+                             f'indices do not match; write both from the same --data-dir')
+    if classes.exists():
+        return len(read_class_list(classes))
+    return int(Reader(str(beton_path)).metadata['f1'].max()) + 1
+
+
+def _check_beton(path) -> str:
+    if not Path(path).is_file():
+        raise FileNotFoundError(f'{path}: .beton file not found; write it with write_beton.py')
+    return str(path)
+
+
+class NormalizeOnDevice(Operation):
+    """ffcv pipeline op for the CUDA pipeline, after ``ToDevice`` and ``ToTorchImage``:
+    ``(x - mean) / std`` of a uint8 (B, 3, H, W) torch batch (mean/std in 0-255 units, computed in
+    float32) on the batch's device, returned as ``dtype``; the memory format (channels_last) is
+    kept. Plain torch: ffcv's own ``NormalizeImage`` needs cupy on CUDA.
+
+    Stream safety: ffcv runs this op on one of its side streams, so the output is allocated on
+    that stream, outside ffcv's ring of buffers (which ffcv guards with events). The output is
+    marked as used by the default stream (``Tensor.record_stream``), where the training loop
+    reads it: the caching allocator then reuses its memory only after the default stream's work
+    queued before its release is done, however long the consumer keeps the batch.
+    """
+
+    def __init__(self, mean, std, dtype):
+        super().__init__()
+        self.mean = torch.tensor(np.asarray(mean), dtype=torch.float32).view(1, 3, 1, 1)
+        self.inv_std = 1 / torch.tensor(np.asarray(std), dtype=torch.float32).view(1, 3, 1, 1)
+        self.dtype = dtype
+
+    def declare_state_and_memory(self, previous_state):
+        return replace(previous_state, jit_mode=False, dtype=self.dtype), None
+
+    def constants_on(self, device) -> tuple:
+        """``(mean, inv_std)`` on ``device``; copied there once, and complete before any stream
+        reads them."""
+        if self.mean.device != device:
+            self.mean, self.inv_std = self.mean.to(device), self.inv_std.to(device)
+            if device.type == 'cuda':
+                torch.cuda.current_stream(device).synchronize()
+        return self.mean, self.inv_std
+
+    def generate_code(self):
+        dtype = self.dtype
+
+        def normalize(images, _):
+            mean, inv_std = self.constants_on(images.device)
+            out = ((images.to(torch.float32) - mean) * inv_std).to(dtype)
+            if out.is_cuda:
+                out.record_stream(torch.cuda.default_stream(out.device))
+            return out
+
+        return normalize
+
+
+def image_pipeline(make_decoder, *, device, dtype=torch.float16, **decoder_args) -> tuple:
+    """``(decoder, ops)``: the ffcv image pipeline around ``make_decoder(normalize=...,
+    mean=..., std=..., **decoder_args)`` (``decoders.random_resized_crop_decoder`` or
+    ``center_crop_decoder``). On CPU the decoder writes normalised float32 itself; on CUDA it
+    writes uint8 (4x less to copy to the device) and :class:`NormalizeOnDevice` normalises the
+    batch there, to ``dtype`` (the mixed-precision dtype, or float32 without it).
+
+    On CPU nothing JIT-compiled may follow a non-JIT op: that hangs ffcv 1.0.2's Loader."""
+    if device.type == 'cuda':
+        decoder = make_decoder(normalize=False, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                               **decoder_args)
+        return decoder, [decoder, ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(),
+                         NormalizeOnDevice(IMAGENET_MEAN, IMAGENET_STD, dtype)]
+    if device.type != 'cpu':
+        raise ValueError(f'device={device}: the loaders run on cpu or cuda')
+    decoder = make_decoder(normalize=True, mean=IMAGENET_MEAN, std=IMAGENET_STD, **decoder_args)
+    return decoder, [decoder, ToTensor(), ToTorchImage()]
+
+
+def label_pipeline(device) -> list:
+    """int64 (B,) labels, on ``device``."""
+    ops = [IntDecoder(), ToTensor(), Squeeze(1)]  # (B, 1) -> (B,), also for a last batch of 1
+    return ops + [ToDevice(device, non_blocking=True)] if device.type == 'cuda' else ops
+
+
+def train_loader(*, path, batch_size: int, num_workers: int, res: int, os_cache: bool, device,
+                 distributed: bool, seed: int, order: str = 'random',
+                 min_crop_scale: float = 0.08, flip_prob: float = 0.5,
+                 dtype=torch.float16) -> tuple:
+    """The training loader: random-resized crop to ``res`` x ``res`` pixels + horizontal flip +
+    normalisation, as ffcv-imagenet, done in one pass by ``decoders.random_resized_crop_decoder``
+    (region decode, bilinear resample; ``benchmarks/bench_loader.py`` measures it). Returns
+    ``(loader, decoder)``; set ``decoder.output_size = (res, res)`` between epochs to change the
+    resolution without rebuilding the loader.
+
+    Batches are ``(images, labels)``: images (B, 3, res, res) in channels_last memory, normalised
+    with ImageNet mean/std, float32 on CPU and ``dtype`` on CUDA; labels int64 (B,).
+    ``batch_size`` is per process; the last incomplete batch is dropped. ``os_cache``: memory-map
+    the file and share the OS page cache (data that fits in RAM), else ffcv's own process cache.
+    ``order``: 'random' (full shuffle, the only one ffcv allows with ``distributed``) or
+    'quasi_random' (shuffles within pages, for data > RAM).
+    ``min_crop_scale``: smallest crop area, as a fraction of the image (Szegedy et al. 2015 and
+    torchvision: 0.08); the aspect ratio is drawn from [3/4, 4/3]. 1.0 on square images gives the
+    whole image. ``flip_prob``: probability of the left-right flip (0: none). With both at
+    1.0 and 0 on square images, batches are fixed by ``seed`` and the epoch alone: runs repeat.
+    The loader's buffers are reused: consume a batch before fetching ``batches_ahead + 2`` more.
+    Raises FileNotFoundError for a missing file, ValueError for a bad ``order``.
+    """
+    if order not in ORDERS:
+        raise ValueError(f"order={order!r}: expected 'random' or 'quasi_random'")
+    if distributed and order != 'random':
+        raise ValueError("ffcv supports only order='random' with distributed=True")
+    decoder, images = image_pipeline(random_resized_crop_decoder, device=device, dtype=dtype,
+                                     output_size=(res, res), scale=(min_crop_scale, 1.0),
+                                     flip_prob=flip_prob)
+    loader = Loader(_check_beton(path), batch_size=batch_size, num_workers=num_workers,
+                    order=ORDERS[order], os_cache=bool(os_cache), drop_last=True,
+                    distributed=distributed, seed=seed,
+                    pipelines={'image': images, 'label': label_pipeline(device)})
+    return loader, decoder
+
+
+def val_loader(*, path, batch_size: int, num_workers: int, res: int, device, rank: int = 0,
+               world_size: int = 1, crop_ratio: float = DEFAULT_CROP_RATIO,
+               dtype=torch.float16):
+    """The validation loader: centre crop (``crop_ratio`` of the shorter side, 224/256 by default;
+    1.0 gives the whole central square, for 10-crop evaluation) resized to ``res`` x ``res``.
+
+    Each of ``world_size`` ranks reads the disjoint slice ``rank::world_size`` of the samples, in
+    order, keeping the last partial batch, so across ranks every image is seen exactly once (ffcv's
+    own ``distributed=True`` pads with repeated samples). Batches as in :func:`train_loader`.
+    """
+    path = _check_beton(path)
+    # uint64 as ffcv's own default: int64 indices meet its uint64 ones and numba sees float64.
+    indices = np.arange(rank, num_samples(path), world_size, dtype=np.uint64)
+    _, images = image_pipeline(center_crop_decoder, device=device, dtype=dtype,
+                               output_size=(res, res), ratio=crop_ratio)
+    return Loader(path, batch_size=batch_size, num_workers=num_workers,
+                  order=OrderOption.SEQUENTIAL, drop_last=False, indices=indices,
+                  pipelines={'image': images, 'label': label_pipeline(device)})

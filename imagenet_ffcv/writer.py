@@ -1,0 +1,196 @@
+"""Writing .beton files: decoding every input image (``images``), the skipped-files report, the
+disk-space estimate, and the write under a temporary name renamed into place (``files``)."""
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+from ffcv.fields import IntField, RGBImageField
+from ffcv.writer import DatasetWriter
+from PIL import Image
+
+from .files import atomic_path, remove_stale_temporaries, temporary_path, write_text_atomic
+from .images import load_image, shorter_side_size
+from .sources import open_image_source, source_size
+
+
+class ImageFiles:
+    """An indexable dataset for ``ffcv``'s ``DatasetWriter.from_indexed_dataset``.
+
+    ``self[i]`` returns ``((H, W, 3) uint8 array, label)``. It never raises: ffcv's writer waits
+    forever for a worker that died. A file that cannot be decoded is appended to ``failures_path``
+    as ``index<TAB>path<TAB>reason`` and stands in as a 1x1 black image; the caller checks that
+    file (see :func:`read_failures`).
+    """
+
+    def __init__(self, samples: list, *, max_res: int, failures_path):
+        self.samples = samples
+        self.max_res = max_res
+        self.failures_path = str(failures_path)
+
+    def __len__(self):
+        return len(self.samples)
+
+    def __getitem__(self, i):
+        path, label = self.samples[i]
+        try:
+            return load_image(path, self.max_res), label
+        except Exception as e:  # any decoder error: reported, never a hang of the writer
+            reason = f'{type(e).__name__}: {e}'.replace('\n', ' ').replace('\t', ' ')
+            with open(self.failures_path, 'a') as f:  # O_APPEND: whole lines from each process
+                f.write(f'{i}\t{path}\t{reason}\n')
+            return np.zeros((1, 1, 3), np.uint8), label
+
+
+class UnreadableImagesError(Exception):
+    """Images that could not be decoded; ``failures`` is a list of ``(path, reason)``."""
+
+    def __init__(self, failures):
+        self.failures = failures
+        listed = '\n'.join(f'  {p}: {r}' for p, r in failures[:20])
+        more = f'\n  ... and {len(failures) - 20} more' if len(failures) > 20 else ''
+        super().__init__(f'{len(failures)} image(s) could not be decoded; nothing was written. '
+                         f'Remove or replace them and run again:\n{listed}{more}')
+
+
+class InsufficientSpaceError(OSError):
+    """The target folder has less free space than the estimated size of the .beton."""
+
+
+def read_failures(failures_path) -> dict:
+    """``{index: (path, reason)}`` from a failures file written by :class:`ImageFiles`."""
+    failures = {}
+    if Path(failures_path).exists():
+        with open(failures_path) as f:
+            for line in f:
+                if line.strip():
+                    i, path, reason = line.rstrip('\n').split('\t', 2)
+                    failures[int(i)] = (path, reason)
+    return failures
+
+
+def skipped_report_path(beton_path) -> Path:
+    """Where skipped files are listed: ``train_256.beton`` -> ``train_256.skipped.tsv``."""
+    beton_path = Path(beton_path)
+    return beton_path.with_name(beton_path.stem + '.skipped.tsv')
+
+
+def estimate_beton_bytes(samples: list, *, max_res: int, write_mode: str = 'jpg',
+                         compress_probability: float = 0.5, sample_size: int = 64) -> int:
+    """A generous estimate of the .beton size, from the headers of up to ``sample_size`` evenly
+    spaced files: raw images take ``3 * W * H`` bytes after the resize; JPEGs at most the input
+    file's bytes per pixel (times 1.5 for re-encoding at another quality) times the output pixels,
+    capped at the raw size. Plus ffcv's per-sample metadata and page padding."""
+    if not samples:
+        return 0
+    picks = np.unique(np.linspace(0, len(samples) - 1, min(sample_size, len(samples))).astype(int))
+    raw_total = jpg_total = 0.0
+    counted = 0
+    for i in picks:
+        path = samples[i][0]
+        try:
+            with open_image_source(path) as f, Image.open(f) as im:
+                w, h = shorter_side_size(*im.size, max_res)
+                in_pixels = im.size[0] * im.size[1]
+            file_bytes = source_size(path)
+        except Exception:  # undecodable files are dealt with by the writer
+            continue
+        raw = 3 * w * h
+        raw_total += raw
+        jpg_total += min(raw, 1.5 * file_bytes * (w * h) / max(1, in_pixels) + 1024)
+        counted += 1
+    if not counted:
+        return 0
+    p = {'jpg': 1.0, 'raw': 0.0}.get(write_mode, compress_probability)
+    per_image = (p * jpg_total + (1 - p) * raw_total) / counted
+    return int(len(samples) * (per_image + 64) * 1.1) + 8 * 2 ** 20
+
+
+def check_free_space(out, needed: int) -> None:
+    """Raise InsufficientSpaceError if the folder of ``out`` has less than ``needed`` bytes free."""
+    folder = Path(out).parent
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise InsufficientSpaceError(
+            f'{folder}: {free / 1e9:.2f} GB free, but the .beton needs about {needed / 1e9:.2f} GB '
+            f'(estimated from a sample of the images); free some space or choose another --out')
+
+
+def _write_once(samples, tmp, fields, num_workers, chunksize, failures_path, max_res, indices):
+    failures_path.unlink(missing_ok=True)
+    writer = DatasetWriter(str(tmp), fields, num_workers=max(1, min(num_workers, len(indices))))
+    dataset = ImageFiles(samples, max_res=max_res, failures_path=failures_path)
+    writer.from_indexed_dataset(dataset, indices=np.asarray(indices), chunksize=chunksize)
+    return read_failures(failures_path)
+
+
+def write_beton(samples: list, out, *, max_res: int, write_mode: str = 'jpg',
+                jpeg_quality: int = 90, compress_probability: float = 0.5,
+                num_workers: int = 0, chunksize: int = 100, skip_unreadable: bool = False,
+                check_space: bool = True) -> dict:
+    """Write ``(path, label)`` samples to the FFCV file ``out``, shorter side at most ``max_res``.
+
+    Fields: ``image`` (``RGBImageField``, ``write_mode`` 'jpg' | 'raw' | 'proportion', the last
+    storing a JPEG with probability ``compress_probability`` and raw pixels otherwise) and
+    ``label`` (``IntField``). ``num_workers`` processes (0: all cores) decode and encode.
+
+    The file is written under a temporary name (``.NAME.partial-PID``, a dot file) in the folder
+    of ``out`` and renamed into place only when complete: a crash or kill leaves no file at ``out``
+    (or the previous complete one). Temporaries of killed runs are removed by the next run.
+    Before writing, the free space of that folder is checked against an estimate
+    (InsufficientSpaceError; ``check_space=False`` skips it).
+
+    Files that cannot be decoded: with ``skip_unreadable=False`` raise UnreadableImagesError,
+    writing nothing; with ``skip_unreadable=True`` they are left out (the other images keep their
+    labels), listed as ``path<TAB>reason`` in ``skipped_report_path(out)``, and counted in
+    ``'skipped'``. Only then is the file written a second time, without them.
+    Returns ``{'images', 'skipped', 'skipped_files': [(path, reason)], 'skipped_report', 'bytes',
+    'seconds', 'img_per_s'}``.
+    """
+    if write_mode not in ('jpg', 'raw', 'proportion'):
+        raise ValueError(f"write_mode={write_mode!r}: expected 'jpg', 'raw' or 'proportion'")
+    if not samples:
+        raise ValueError('no images to write')
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out.parent, out.name)
+    num_workers = num_workers or os.cpu_count()
+    if check_space:  # + one partly filled 8 MiB ffcv page per worker
+        check_free_space(out, estimate_beton_bytes(samples, max_res=max_res, write_mode=write_mode,
+                                                   compress_probability=compress_probability)
+                         + num_workers * 8 * 2 ** 20)
+    failures_path = temporary_path(out, 'failures')
+    report = skipped_report_path(out)
+    fields = {
+        'image': RGBImageField(write_mode=write_mode, max_resolution=None,
+                               jpeg_quality=jpeg_quality, compress_probability=compress_probability),
+        'label': IntField(),
+    }
+    start = time.perf_counter()
+    skipped = {}
+    indices = list(range(len(samples)))
+    try:
+        with atomic_path(out) as tmp:
+            for _ in range(3):  # a file may turn unreadable between passes: retry a few times
+                failures = _write_once(samples, tmp, fields, num_workers, chunksize,
+                                       failures_path, max_res, indices)
+                if not failures:
+                    break
+                skipped.update(failures)
+                indices = [i for i in indices if i not in skipped]
+                if not skip_unreadable or not indices:
+                    raise UnreadableImagesError(sorted(skipped.values()))
+            else:
+                raise UnreadableImagesError(sorted(skipped.values()))
+            skipped_files = [skipped[i] for i in sorted(skipped)]
+            if skipped:
+                write_text_atomic(report, ''.join(f'{p}\t{r}\n' for p, r in skipped_files))
+            else:
+                report.unlink(missing_ok=True)  # a stale report of an earlier run would mislead
+    finally:
+        failures_path.unlink(missing_ok=True)
+    seconds = time.perf_counter() - start
+    return {'images': len(indices), 'skipped': len(skipped), 'skipped_files': skipped_files,
+            'skipped_report': str(report) if skipped else None, 'bytes': out.stat().st_size,
+            'seconds': seconds, 'img_per_s': len(indices) / seconds}

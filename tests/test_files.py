@@ -1,0 +1,92 @@
+"""The one atomic-write helper and the one PID-aware clean-up of temporaries (imagenet_ffcv/files.py),
+and the run folder that uses them (imagenet_ffcv/run_dir.py)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+from imagenet_ffcv import files
+from imagenet_ffcv.run_dir import RunDir, code_version, latest_unfinished_checkpoint
+
+
+def dead_pid() -> int:
+    """The PID of a process that has exited (and been reaped)."""
+    proc = subprocess.Popen([sys.executable, '-c', 'pass'])
+    proc.wait()
+    return proc.pid
+
+
+def test_atomic_write_replaces_whole_or_keeps_the_previous_file(tmp_path):
+    path = tmp_path / 'params.json'
+    files.write_text_atomic(path, 'first')
+    files.write_text_atomic(path, 'second')
+    assert path.read_text() == 'second'
+    with pytest.raises(RuntimeError):
+        with files.atomic_write(path) as f:
+            f.write('half of a third')
+            raise RuntimeError('crash while writing')
+    assert path.read_text() == 'second'
+    assert [p.name for p in tmp_path.iterdir()] == ['params.json']  # no temporary left
+
+
+def test_atomic_path_renames_only_on_success(tmp_path):
+    path = tmp_path / 'train.beton'
+    with files.atomic_path(path) as tmp:
+        assert tmp.name == f'.train.beton.partial-{os.getpid()}'
+        tmp.write_bytes(b'complete')
+    assert path.read_bytes() == b'complete'
+    with pytest.raises(ValueError):
+        with files.atomic_path(path) as tmp:
+            tmp.write_bytes(b'partial')
+            raise ValueError
+    assert path.read_bytes() == b'complete' and len(list(tmp_path.iterdir())) == 1
+
+
+def test_stale_temporaries_of_dead_processes_go_and_those_of_live_ones_stay(tmp_path):
+    dead, alive = dead_pid(), os.getppid()  # the parent of pytest runs for sure
+    stale = [tmp_path / f'.checkpoint.pt.partial-{dead}', tmp_path / f'.x.beton.failures-{dead}']
+    kept = [tmp_path / f'.checkpoint.pt.partial-{alive}', tmp_path / f'.mine.partial-{os.getpid()}',
+            tmp_path / 'checkpoint.pt', tmp_path / '.partial-notapid']
+    for p in stale + kept:
+        p.write_text('')
+    assert sorted(files.remove_stale_temporaries(tmp_path)) == sorted(stale)
+    assert sorted(tmp_path.iterdir()) == sorted(kept)
+    # Limited to one file's temporaries:
+    other = tmp_path / f'.other.partial-{dead}'
+    other.write_text('')
+    assert files.remove_stale_temporaries(tmp_path, 'checkpoint.pt') == []
+    assert other.exists()
+
+
+def test_reopening_a_run_cuts_the_log_and_keeps_a_live_writers_temporary(tmp_path):
+    run = RunDir.create(tmp_path, params={'training': {'epochs': 3}})
+    assert json.loads(run.params.read_text())['training']['epochs'] == 3
+    for epoch in range(3):
+        run.append_log({'epoch': epoch, 'top_1': epoch / 10})
+    live = run.path / f'.checkpoint.pt.partial-{os.getppid()}'
+    dead = run.path / f'.checkpoint.pt.partial-{dead_pid()}'
+    live.write_text('')
+    dead.write_text('')
+    run.checkpoint.write_text('')
+    again = RunDir.reopen(run.checkpoint, epoch=2)
+    assert [r['epoch'] for r in again.read_log()] == [0, 1]
+    assert live.exists() and not dead.exists()
+    assert latest_unfinished_checkpoint(tmp_path) == run.checkpoint
+    run.final_weights.write_text('')
+    assert run.is_finished and latest_unfinished_checkpoint(tmp_path) is None
+
+
+def test_code_version_names_the_checkout(tmp_path):
+    version = code_version()
+    head = subprocess.run(['git', '-C', str(REPO), 'rev-parse', 'HEAD'], capture_output=True,
+                          text=True)
+    if head.returncode != 0:
+        assert version == {'git_commit': None, 'git_dirty': None}
+        pytest.skip('not a git checkout: nothing more to compare')
+    assert version['git_commit'] == head.stdout.strip()
+    status = subprocess.run(['git', '-C', str(REPO), 'status', '--porcelain',
+                             '--untracked-files=no'], capture_output=True, text=True)
+    assert version['git_dirty'] == bool(status.stdout.strip())

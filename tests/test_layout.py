@@ -1,0 +1,61 @@
+"""The code stays readable in one sitting: no package module over 400 lines, no function (nested ones
+counted within their parent, decorators included) over 80 lines in the package or the entry scripts,
+and imports at the top of modules except the heavy optional ones listed here."""
+import ast
+from pathlib import Path
+
+from conftest import REPO
+
+PACKAGE = sorted((REPO / 'imagenet_ffcv').glob('*.py'))
+ENTRY_SCRIPTS = [REPO / name for name in ('train_imagenet.py', 'write_beton.py', 'predict.py')]
+MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 80
+# Imports that stay inside a function: heavy, and only that function needs them.
+LATE_IMPORTS_ALLOWED = {('sources.py', 'scipy.io'), ('metrics.py', 'matplotlib'),
+                        ('metrics.py', 'matplotlib.pyplot')}
+
+
+def functions(path: Path):
+    tree = ast.parse(path.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            yield node
+
+
+def function_lines(node) -> int:
+    first = min([d.lineno for d in node.decorator_list] + [node.lineno])
+    return node.end_lineno - first + 1
+
+
+def test_no_module_over_400_lines():
+    long = {p.name: n for p in PACKAGE if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert long == {}
+
+
+def test_no_function_over_80_lines():
+    long = [f'{p.name}:{node.lineno} {node.name} ({function_lines(node)} lines)'
+            for p in PACKAGE + ENTRY_SCRIPTS for node in functions(p)
+            if function_lines(node) > MAX_FUNCTION_LINES]
+    assert long == []
+
+
+def test_imports_are_at_the_top_of_package_modules():
+    late = set()
+    for path in PACKAGE:
+        for fn in functions(path):
+            for node in ast.walk(fn):
+                if isinstance(node, ast.Import):
+                    late |= {(path.name, alias.name) for alias in node.names}
+                elif isinstance(node, ast.ImportFrom):
+                    late.add((path.name, node.module))
+    assert late <= LATE_IMPORTS_ALLOWED, late - LATE_IMPORTS_ALLOWED
+
+
+def test_the_data_module_is_split_by_concern():
+    """Each concern of the former data.py has its module; none imports the writer but the writer's
+    users (the loaders and the engine reach the constants without it)."""
+    names = {p.stem for p in PACKAGE}
+    assert {'sources', 'classes', 'images', 'writer', 'verify', 'loaders', 'constants',
+            'files'} <= names and 'data' not in names
+    for module in ('loaders', 'engine', 'decoders', 'images', 'checkpoint'):
+        source = (REPO / 'imagenet_ffcv' / f'{module}.py').read_text()
+        assert 'from .writer' not in source and 'import writer' not in source, module
