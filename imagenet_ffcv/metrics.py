@@ -33,12 +33,17 @@ def with_error_rates(result: dict) -> dict:
     return {**result, 'top_1_err': 1 - result['top_1'], 'top_5_err': 1 - result['top_5']}
 
 
+def pct(fraction: float) -> str:
+    """A fraction as a percentage with two decimals: 0.7612 -> '76.12 %'."""
+    return f'{100 * fraction:.2f} %'
+
+
 def results_table(summary: dict) -> str:
     """The end-of-run table (Markdown): arch, epochs, top-1/top-5 accuracy and error (%),
     parameters (millions) and GMACs per image at the validation resolution, wall time, train
     img/s; a second row for 10-crop results and a last line for a top-1 target when present."""
-    pct = lambda x: f'{100 * x:.2f} %'  # noqa: E731
-    number = lambda key, fmt: format(summary[key], fmt) if summary.get(key) is not None else '-'  # noqa: E731
+    def number(key, fmt):
+        return format(summary[key], fmt) if summary.get(key) is not None else '-'
     headers = ['arch', 'eval', 'epochs', 'top-1', 'top-5', 'top-1 err', 'top-5 err', 'params (M)',
                'GMACs', 'wall time', 'train img/s']
     rows = [[summary['arch'], f'centre {summary.get("val_res", "")} px'.replace('  ', ' ')

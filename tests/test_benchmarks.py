@@ -4,7 +4,11 @@ import csv
 import re
 import subprocess
 
+import pytest
+
 from conftest import PYTHON, REPO, run_env
+
+pytestmark = pytest.mark.slow
 
 
 def test_bench_loader_writes_the_contract_csv_and_a_chart(tmp_path):

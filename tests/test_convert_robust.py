@@ -274,6 +274,7 @@ def test_not_enough_disk_space(tmp_path, monkeypatch, capsys):
     assert loaders.num_samples(out) == 5
 
 
+@pytest.mark.slow
 def test_kill_9_leaves_no_file_and_keeps_previous(tmp_path):
     root = tmp_path / 'data'
     photos = sorted((SAMPLE / 'train').glob('*/*.JPEG'))

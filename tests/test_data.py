@@ -162,6 +162,7 @@ def test_unreadable_image_fails_cleanly_and_keeps_previous_file(aspect_tree, tmp
     assert sorted(p.name for p in out_dir.iterdir()) == ['train.beton']  # no temporary left
 
 
+@pytest.mark.slow
 def test_write_beton_cli(tmp_path):
     out = tmp_path / 'b' / 'train_64.beton'
     proc = subprocess.run([PYTHON, 'write_beton.py', '--data-dir', str(SAMPLE), '--split', 'val',

@@ -65,6 +65,7 @@ def test_results_table_and_plot_of_the_run(short_run):
         assert png.format == 'PNG' and png.size[0] >= 600
 
 
+@pytest.mark.slow
 def test_predict_prints_named_top5_and_agrees_with_validation(short_run):
     summary, cfg = short_run
     weights = Path(summary['run_dir']) / 'final_weights.pt'
@@ -93,6 +94,7 @@ def test_predict_prints_named_top5_and_agrees_with_validation(short_run):
     assert names[classes[0]] == 'tench'  # names from the ILSVRC-2012 list
 
 
+@pytest.mark.slow
 def test_predict_names_a_bad_image_and_a_missing_class_list(short_run, tmp_path):
     summary, cfg = short_run
     bad = tmp_path / 'bad.jpg'

@@ -8,7 +8,11 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import REPO, run_env
+
+pytestmark = pytest.mark.slow
 
 
 def free_port():
