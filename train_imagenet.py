@@ -323,7 +323,8 @@ def summarize(run: Run) -> dict:
                'weights_sha256': models.state_sha256(model),
                **metrics.model_complexity(model, cfg.validation.resolution)}
     if run.run_dir:
-        checkpoint.save(models.unwrapped_state_dict(model), run.run_dir.final_weights)
+        checkpoint.save_final_weights(models.unwrapped_state_dict(model), run.run_dir.final_weights,
+                                      config=run.resolved, classes=run.classes)
         metrics.plot_log(run.run_dir.log, run.run_dir.plot)
         print(metrics.results_table(summary))
     return summary

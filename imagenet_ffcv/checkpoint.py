@@ -12,23 +12,38 @@ A checkpoint is one ``torch.save`` file, ``RUN_DIR/checkpoint.pt``, holding::
 
 Like nanoGPT's ``ckpt.pt``, the config travels inside the checkpoint, so a checkpoint alone is
 enough to rebuild and evaluate its model.
+
+Loading never runs code: every file is read with ``torch.load(weights_only=True)``, which builds
+tensors and plain values only (a pickle that would call a function is refused with CheckpointError).
+Checkpoints hold nothing else (the numpy RNG state is stored as a tensor). The final weights are also
+written as ``final_weights.safetensors`` (safetensors: tensors only, no pickle at all), which
+eval-only and ``predict.py`` read as well.
 """
 import json
+import pickle
 import random
 import signal
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import safetensors
+import safetensors.torch
 import torch
 
 from .classes import read_class_names
 from .config import flatten
-from .files import atomic_write
+from .files import atomic_path, atomic_write
 from .models import build_model
 from .run_dir import CHECKPOINT_NAME, latest_unfinished_checkpoint
 
 FORMAT = 1
+# What a checkpoint written before the numpy RNG state was stored as a tensor needs besides tensors:
+# numpy arrays, rebuilt from their bytes (no other code can run through these).
+NUMPY_ARRAY_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+                       getattr(np, '_core', None) and np._core.multiarray._reconstruct
+                       or np.core.multiarray._reconstruct]
+SAFETENSORS_FORMAT = 'imagenet_ffcv final weights'
 
 # Config keys that may change between a run and its resumption: how data is read, what is logged
 # and how validation is done. Any other difference (epochs, LR, resolution schedule, batch, model,
@@ -52,16 +67,35 @@ def save(state: dict, path) -> None:
         torch.save(state, f)
 
 
+def safe_torch_load(path, what: str = 'file'):
+    """``torch.load`` of ``path`` onto the CPU that builds tensors and plain values only
+    (``weights_only=True``, plus numpy arrays for checkpoints of earlier versions). Raises
+    CheckpointError naming the file when it holds anything else (a pickle that would run code on
+    loading: refused, nothing of it runs) or cannot be read (truncated, not a torch file)."""
+    try:
+        with torch.serialization.safe_globals(NUMPY_ARRAY_GLOBALS):
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        lines = [line for line in str(e).splitlines() if 'global' in line.lower()
+                 or 'but got' in line] or str(e).strip().splitlines()[-1:]
+        first = lines[0].strip()[:300]
+        raise CheckpointError(
+            f'{path}: refused: the {what} holds Python objects other than tensors and plain values '
+            f'({first}); loading it could run code, so it was not loaded. Use weights written by '
+            f'this tool (checkpoint.pt, final_weights.pt or final_weights.safetensors), or convert '
+            f'a trusted file to a plain state dict of tensors') from None
+    except Exception as e:  # truncated or foreign file: torch raises several types
+        raise CheckpointError(f'{path}: cannot read the {what} ({type(e).__name__}: {e})') from e
+
+
 def load(path) -> dict:
-    """Read a checkpoint written by :func:`save` onto the CPU. Raises CheckpointError naming the
-    file when it is missing, unreadable or not one of ours (e.g. a bare ``final_weights.pt``)."""
+    """Read a checkpoint written by :func:`save` onto the CPU, without running code
+    (:func:`safe_torch_load`). Raises CheckpointError naming the file when it is missing,
+    unreadable, unsafe or not one of ours (e.g. a bare ``final_weights.pt``)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f'{path}: checkpoint not found')
-    try:
-        state = torch.load(path, map_location='cpu', weights_only=False)
-    except Exception as e:  # truncated or foreign file: torch raises several types
-        raise CheckpointError(f'{path}: cannot read the checkpoint ({type(e).__name__}: {e})') from e
+    state = safe_torch_load(path, 'checkpoint')
     if not isinstance(state, dict) or state.get('format') != FORMAT:
         raise CheckpointError(f'{path}: not a checkpoint of this tool (no format={FORMAT} record); '
                               'final_weights.pt holds weights only and cannot be resumed')
@@ -91,17 +125,24 @@ def schedule_changes(saved: dict, current: dict) -> list:
 
 
 def rng_state() -> dict:
-    """The random states of torch (CPU and CUDA), numpy's global generator and Python's random."""
-    return {'torch': torch.get_rng_state(), 'numpy': np.random.get_state(),
+    """The random states of torch (CPU and CUDA), numpy's global generator (its key as an int64
+    tensor, so the checkpoint holds no numpy object) and Python's random."""
+    name, key, pos, has_gauss, cached_gaussian = np.random.get_state()
+    return {'torch': torch.get_rng_state(),
+            'numpy': (name, torch.from_numpy(key.astype(np.int64)), pos, has_gauss,
+                      cached_gaussian),
             'python': random.getstate(),
             'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict) -> None:
-    """Restore what :func:`rng_state` returned. (ffcv's random crops draw from numba's own
-    generator, which cannot be saved: crops after a resume differ from an uninterrupted run.)"""
+    """Restore what :func:`rng_state` returned (also the numpy array of earlier checkpoints).
+    The training crops do not depend on these: they are a function of the seed, the epoch and the
+    sample (``decoders``)."""
     torch.set_rng_state(state['torch'])
-    np.random.set_state(state['numpy'])
+    name, key, pos, has_gauss, cached_gaussian = state['numpy']
+    np.random.set_state((name, np.asarray(key).astype(np.uint32), pos, has_gauss,
+                         cached_gaussian))
     random.setstate(state['python'])
     if state.get('cuda') is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state['cuda'])
@@ -150,28 +191,63 @@ class StopRequest:
         return 128 + (self.signum or signal.SIGTERM)
 
 
+def save_final_weights(state_dict: dict, path, *, config: dict = None, classes=None) -> Path:
+    """Write the final weights twice, atomically: ``path`` (``torch.save`` of the state dict, as
+    torchvision's keys) and ``path`` with the suffix ``.safetensors`` (safetensors; the config and
+    class list in its metadata as JSON, so the file alone rebuilds the model). Returns the second
+    path. Raises OSError (disk full, no permission) naming the file."""
+    path = Path(path)
+    save(state_dict, path)
+    tensors = {k: v.contiguous() for k, v in state_dict.items()}
+    metadata = {'format': SAFETENSORS_FORMAT, 'config': json.dumps(config),
+                'classes': json.dumps(classes)}
+    safe_path = path.with_suffix('.safetensors')
+    with atomic_path(safe_path) as tmp:
+        safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
+    return safe_path
+
+
+def _load_safetensors(path) -> tuple:
+    """``(state_dict, config or None, classes or None)`` of a .safetensors weights file."""
+    try:
+        state = safetensors.torch.load_file(str(path), device='cpu')
+        with safetensors.safe_open(str(path), framework='pt') as f:
+            metadata = f.metadata() or {}
+    except Exception as e:
+        raise CheckpointError(f'{path}: cannot read the weights ({type(e).__name__}: {e})') from e
+    config = json.loads(metadata['config']) if metadata.get('config') else None
+    classes = json.loads(metadata['classes']) if metadata.get('classes') else None
+    return state, config, [tuple(c) for c in classes] if classes else None
+
+
 def load_weights(path):
     """The model weights in ``path``, the config they were trained with and the class list, for
     evaluation and prediction: ``(state_dict, config, classes)``. ``path`` is a checkpoint (config
-    and classes inside) or a ``final_weights.pt`` (config from the ``params.json`` and classes from
-    the ``classes.tsv`` beside it, each None when absent). ``classes``: ``[(wnid, name), ...]``.
-    Raises CheckpointError naming the file when it is missing or holds no state dict."""
+    and classes inside), a ``final_weights.pt`` (config from the ``params.json`` and classes from
+    the ``classes.tsv`` beside it, each None when absent) or a ``final_weights.safetensors``
+    (both in its metadata, else beside it). ``classes``: ``[(wnid, name), ...]``. Nothing in the
+    file can run code (:func:`safe_torch_load`, safetensors).
+    Raises CheckpointError naming the file when it is missing, unsafe or holds no state dict."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f'{path}: no such weights file; give a run\'s checkpoint.pt or '
-                              'final_weights.pt')
-    try:
-        state = torch.load(path, map_location='cpu', weights_only=False)
-    except Exception as e:
-        raise CheckpointError(f'{path}: cannot read the weights ({type(e).__name__}: {e})') from e
-    if isinstance(state, dict) and state.get('format') == FORMAT:
-        classes = [tuple(c) for c in state['classes']] if state.get('classes') else None
-        return state['model'], state['config'], classes
+        raise CheckpointError(f'{path}: no such weights file; give a run\'s checkpoint.pt, '
+                              'final_weights.pt or final_weights.safetensors')
+    config = classes = None
+    if path.suffix == '.safetensors':
+        state, config, classes = _load_safetensors(path)
+    else:
+        state = safe_torch_load(path, 'weights file')
+        if isinstance(state, dict) and state.get('format') == FORMAT:
+            classes = [tuple(c) for c in state['classes']] if state.get('classes') else None
+            return state['model'], state['config'], classes
     if not (isinstance(state, dict) and state and all(torch.is_tensor(v) for v in state.values())):
         raise CheckpointError(f'{path}: neither a checkpoint nor a state dict of tensors')
-    params, classes = path.with_name('params.json'), path.with_name('classes.tsv')
-    return (state, json.loads(params.read_text()) if params.is_file() else None,
-            read_class_names(classes) if classes.is_file() else None)
+    params, class_list = path.with_name('params.json'), path.with_name('classes.tsv')
+    if config is None and params.is_file():
+        config = json.loads(params.read_text())
+    if classes is None and class_list.is_file():
+        classes = read_class_names(class_list)
+    return state, config, classes
 
 
 # The config keys that define a trained model's structure, (section, key) -> build_model's argument

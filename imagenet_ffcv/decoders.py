@@ -15,7 +15,9 @@ decoders
 compiler or libjpeg headers), the whole image is decoded with ffcv's own (DCT-scaled) decoder
 instead, with a warning.
 
-Both decoders keep ffcv's interface: ``output_size`` may be changed between epochs.
+Both decoders keep ffcv's interface: ``output_size`` may be changed between epochs. The crop and the
+flip of each image are a pure function of (seed, epoch, sample index) (``crops``): ``epoch`` is set
+before each epoch (``loaders.Loader`` does it), so runs with the same seed see the same images.
 """
 import ctypes
 import hashlib
@@ -29,11 +31,12 @@ from pathlib import Path
 
 import numba
 import numpy as np
-from ffcv.fields.rgb_image import (IMAGE_MODES, SimpleRGBImageDecoder, get_center_crop,
-                                   get_random_crop)
+from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder
 from ffcv.libffcv import imdecode
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
+
+from .crops import center_crop, flipped, random_resized_crop, sample_key
 
 SOURCE = Path(__file__).with_name('jpeg_region.c')
 MARGIN = 2  # decoded rows/columns beyond the sampled ones, where partial decoding may differ
@@ -264,19 +267,35 @@ def _region_reader():
 class CropResizeDecoder(SimpleRGBImageDecoder):
     """Decode, crop, resize, flip (and normalise) :class:`ffcv.fields.RGBImageField` images.
 
-    crop: a numba-compilable ``f(height, width, scale, ratio) -> (top, left, h, w)`` (ffcv's
-    ``get_random_crop`` or ``get_center_crop``). Output per image: float32 (H, W, 3) normalised
-    with ``mean``/``std`` (0-255 units) when ``normalize``, else uint8 (H, W, 3).
+    crop: a numba-compiled ``f(height, width, scale, ratio, key) -> (top, left, h, w)``
+    (``crops.random_resized_crop`` or ``crops.center_crop``); ``key`` is ``crops.sample_key(seed,
+    epoch, sample index)``, which also decides the flip. Output per image: float32 (H, W, 3)
+    normalised with ``mean``/``std`` (0-255 units) when ``normalize``, else uint8 (H, W, 3).
     """
 
     def __init__(self, output_size, *, crop, scale, ratio, flip_prob: float, normalize: bool,
-                 mean, std):
+                 mean, std, seed: int = 0):
         super().__init__()
         self.output_size = tuple(output_size)
         self.crop, self.scale, self.ratio = crop, scale, ratio
         self.flip_prob, self.normalize = float(flip_prob), bool(normalize)
         self.mean = np.asarray(mean, np.float32)
         self.inv_std = (1 / np.asarray(std, np.float64)).astype(np.float32)
+        if seed < 0:
+            raise ValueError(f'seed={seed} must be >= 0')
+        self.seed = int(seed)
+        # The epoch, read by the compiled code at each batch: numba freezes the arrays a compiled
+        # function captures, so it copies the value from this array's address (ctypes.memmove).
+        self._epoch_cell = np.zeros(1, np.int64)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch whose crops are drawn (set before iterating the loader for that epoch)."""
+        return int(self._epoch_cell[0])
+
+    @epoch.setter
+    def epoch(self, value: int) -> None:
+        self._epoch_cell[0] = value
 
     def declare_state_and_memory(self, previous_state):
         max_h = np.uint64(self.metadata['height'].max())
@@ -291,7 +310,7 @@ class CropResizeDecoder(SimpleRGBImageDecoder):
     def generate_code(self):
         mem_read = self.memory_read
         my_range = Compiler.get_iterator()
-        crop_at = Compiler.compile(self.crop)
+        crop_at = self.crop  # already compiled (crops)
         resample_c = Compiler.compile(resample)
         jpg = IMAGE_MODES['jpg']
         scale = np.array(self.scale, np.float64)
@@ -302,16 +321,20 @@ class CropResizeDecoder(SimpleRGBImageDecoder):
         read_region, partial = _region_reader()
         read_region_c = Compiler.compile(read_region)
         pool_size = numba.config.NUMBA_NUM_THREADS
+        seed, epoch_address, memmove = self.seed, self._epoch_cell.ctypes.data, ctypes.memmove
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, temp, info = my_storage
             out_h, out_w = destination.shape[1], destination.shape[2]
+            epoch = np.zeros(1, np.int64)
+            memmove(epoch.ctypes.data, epoch_address, 8)
             for k in my_range(len(batch_indices)):
                 field = metadata[batch_indices[k]]
                 data = mem_read(field['data_ptr'], storage_state)
                 height, width = np.int64(field['height']), np.int64(field['width'])
-                i, j, h, w = crop_at(height, width, scale, ratio)
-                flip = flip_prob > 0 and np.random.rand() < flip_prob
+                key = sample_key(seed, epoch[0], batch_indices[k])
+                i, j, h, w = crop_at(height, width, scale, ratio, key)
+                flip = flipped(key, flip_prob)
                 if field['mode'] != jpg:
                     resample_c(data.reshape(height, width, 3), i, j, h, w, destination[k], flip,
                                mean, inv_std, normalize)
@@ -340,17 +363,20 @@ class CropResizeDecoder(SimpleRGBImageDecoder):
 
 
 def random_resized_crop_decoder(output_size, *, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
-                                flip_prob: float = 0.5, normalize: bool, mean, std):
+                                flip_prob: float = 0.5, normalize: bool, mean, std,
+                                seed: int = 0):
     """Training decoder: random-resized crop (Szegedy et al. 2015, as torchvision's
     ``RandomResizedCrop``: area fraction from ``scale``, aspect ratio log-uniform in ``ratio``,
-    centre crop after 10 failed draws; ffcv's ``get_random_crop``) to ``output_size`` (H, W) px,
-    then a left-right flip with probability ``flip_prob``. Output as :class:`CropResizeDecoder`."""
-    return CropResizeDecoder(output_size, crop=get_random_crop, scale=scale, ratio=ratio,
-                             flip_prob=flip_prob, normalize=normalize, mean=mean, std=std)
+    the whole image clamped to the ratio range after 10 failed draws; ``crops``) to
+    ``output_size`` (H, W) px, then a left-right flip with probability ``flip_prob``, both drawn
+    from (``seed``, epoch, sample index). Output as :class:`CropResizeDecoder`."""
+    return CropResizeDecoder(output_size, crop=random_resized_crop, scale=scale, ratio=ratio,
+                             flip_prob=flip_prob, normalize=normalize, mean=mean, std=std,
+                             seed=seed)
 
 
 def center_crop_decoder(output_size, *, ratio: float, normalize: bool, mean, std):
     """Validation decoder: the central square of side ``ratio`` x the shorter side (224/256 is
     the classic centre crop), resized to ``output_size`` (H, W) px; ffcv's ``get_center_crop``."""
-    return CropResizeDecoder(output_size, crop=get_center_crop, scale=(0.0, 0.0), ratio=ratio,
+    return CropResizeDecoder(output_size, crop=center_crop, scale=(0.0, 0.0), ratio=ratio,
                              flip_prob=0.0, normalize=normalize, mean=mean, std=std)

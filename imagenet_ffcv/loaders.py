@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from ffcv.fields.basics import IntDecoder
-from ffcv.loader import Loader, OrderOption
+import ffcv.loader
+from ffcv.loader import OrderOption
 from ffcv.pipeline.operation import Operation
 from ffcv.reader import Reader
 from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
@@ -42,6 +43,22 @@ def num_classes(beton_path, val_path=None) -> int:
     if classes.exists():
         return len(read_class_list(classes))
     return int(Reader(str(beton_path)).metadata['f1'].max()) + 1
+
+
+class Loader(ffcv.loader.Loader):
+    """ffcv's ``Loader`` that tells its ``decoder`` (a ``decoders.CropResizeDecoder``) which epoch
+    it is about to decode, so that the crops and flips of an epoch are a function of the seed, that
+    epoch and the sample (``crops``), like the order ffcv draws from ``seed + epoch``. Setting
+    ``next_epoch`` (as a resumed run does) sets both."""
+
+    def __init__(self, *args, decoder=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.decoder = decoder
+
+    def __iter__(self):
+        if self.decoder is not None:
+            self.decoder.epoch = self.next_epoch
+        return super().__iter__()
 
 
 def _check_beton(path) -> str:
@@ -137,8 +154,9 @@ def train_loader(*, path, batch_size: int, num_workers: int, res: int, os_cache:
     'quasi_random' (shuffles within pages, for data > RAM).
     ``min_crop_scale``: smallest crop area, as a fraction of the image (Szegedy et al. 2015 and
     torchvision: 0.08); the aspect ratio is drawn from [3/4, 4/3]. 1.0 on square images gives the
-    whole image. ``flip_prob``: probability of the left-right flip (0: none). With both at
-    1.0 and 0 on square images, batches are fixed by ``seed`` and the epoch alone: runs repeat.
+    whole image. ``flip_prob``: probability of the left-right flip (0: none). The order, the
+    crops and the flips are functions of ``seed`` and the epoch (``seed`` >= 0): runs with the
+    same seed see the same batches, also after a resume.
     The loader's buffers are reused: consume a batch before fetching ``batches_ahead + 2`` more.
     Raises FileNotFoundError for a missing file, ValueError for a bad ``order``.
     """
@@ -148,10 +166,10 @@ def train_loader(*, path, batch_size: int, num_workers: int, res: int, os_cache:
         raise ValueError("ffcv supports only order='random' with distributed=True")
     decoder, images = image_pipeline(random_resized_crop_decoder, device=device, dtype=dtype,
                                      output_size=(res, res), scale=(min_crop_scale, 1.0),
-                                     flip_prob=flip_prob)
+                                     flip_prob=flip_prob, seed=seed)
     loader = Loader(_check_beton(path), batch_size=batch_size, num_workers=num_workers,
                     order=ORDERS[order], os_cache=bool(os_cache), drop_last=True,
-                    distributed=distributed, seed=seed,
+                    distributed=distributed, seed=seed, decoder=decoder,
                     pipelines={'image': images, 'label': label_pipeline(device)})
     return loader, decoder
 

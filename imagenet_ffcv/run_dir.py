@@ -3,7 +3,8 @@
 - ``params.json``: the resolved config, with the code's git commit (written once, atomically);
 - ``classes.tsv``: the class list of the training .beton (for ``predict.py``);
 - ``log.jsonl``: one JSON record per epoch, appended; on resume, cut back to the checkpoint's epoch;
-- ``checkpoint.pt``: where the run stands (``checkpoint``); ``final_weights.pt`` once it finished;
+- ``checkpoint.pt``: where the run stands (``checkpoint``); ``final_weights.pt`` and
+  ``final_weights.safetensors`` once it finished;
 - ``progress.png``: the run's plot.
 
 A run is *finished* when ``final_weights.pt`` exists; ``--resume auto`` picks the latest
@@ -33,6 +34,7 @@ class RunDir:
         self.log = self.path / 'log.jsonl'
         self.checkpoint = self.path / CHECKPOINT_NAME
         self.final_weights = self.path / FINAL_WEIGHTS_NAME
+        self.final_safetensors = self.final_weights.with_suffix('.safetensors')
         self.plot = self.path / 'progress.png'
 
     @classmethod

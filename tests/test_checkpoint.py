@@ -3,7 +3,9 @@
 import json
 import os
 import signal
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -138,3 +140,69 @@ def test_stop_request_ends_the_epoch_at_the_next_check_and_resume_skips_done_bat
         lr_at=lr_at, epoch=2, show_progress=False, start_iteration=10)
     assert not stats['stopped'] and stats['iterations_done'] == 25 and stats['images'] == 60
     assert lrs[0] == pytest.approx(2 + 10.5 / 25)  # the schedule continues where it stopped
+
+
+class Payload:
+    """Unpickling this object calls ``Path.touch(marker)``: a stand-in for any code a weights
+    file from someone else could run when loaded with pickle."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.marker),))
+
+
+def hostile_file(tmp_path, name='final_weights.pt'):
+    """A weights file whose pickle creates ``tmp_path / 'pwned'`` when loaded unsafely; checked to
+    really do so, so that the tests below test something."""
+    marker = tmp_path / 'pwned'
+    path = tmp_path / name
+    torch.save({'format': 1, 'model': {'fc.weight': torch.zeros(2, 2)}, 'x': Payload(marker)},
+               path)
+    torch.load(path, weights_only=False)  # what the code did before: it runs the payload
+    assert marker.exists()
+    marker.unlink()
+    return path, marker
+
+
+def test_loading_never_runs_the_code_a_pickle_holds(tmp_path):
+    path, marker = hostile_file(tmp_path)
+    for load in (checkpoint.load, checkpoint.load_weights, checkpoint.load_model):
+        with pytest.raises(checkpoint.CheckpointError, match='final_weights.pt: refused'):
+            load(path)
+    assert not marker.exists()
+
+
+def test_checkpoints_hold_only_tensors_and_plain_values_and_old_ones_still_load(tmp_path):
+    state = {'format': 1, 'model': {'w': torch.ones(3)}, 'rng': checkpoint.rng_state()}
+    checkpoint.save(state, tmp_path / 'new.pt')
+    torch.load(tmp_path / 'new.pt', weights_only=True)  # no numpy objects, no extra globals
+    # A checkpoint of the earlier format kept numpy's RNG state as a numpy array.
+    old = {'format': 1, 'model': {'w': torch.ones(3)},
+           'rng': {**checkpoint.rng_state(), 'numpy': np.random.get_state()}}
+    torch.save(old, tmp_path / 'old.pt')
+    loaded = checkpoint.load(tmp_path / 'old.pt')
+    np.random.set_state(old['rng']['numpy'])
+    expected = np.random.rand(3)
+    checkpoint.set_rng_state(loaded['rng'])
+    assert np.array_equal(np.random.rand(3), expected)
+    checkpoint.set_rng_state(checkpoint.load(tmp_path / 'new.pt')['rng'])  # the new format too
+
+
+def test_final_weights_as_safetensors_carry_config_and_classes(tmp_path):
+    model = nn.Linear(4, 3)
+    config = {'model': {'arch': 'resnet18'}, 'validation': {'resolution': 32}}
+    classes = [('n01', 'one'), ('n02', 'two'), ('n03', 'three')]
+    safe = checkpoint.save_final_weights(model.state_dict(), tmp_path / 'final_weights.pt',
+                                         config=config, classes=classes)
+    assert safe == tmp_path / 'final_weights.safetensors'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['final_weights.pt',
+                                                          'final_weights.safetensors']
+    state, saved_config, saved_classes = checkpoint.load_weights(safe)
+    assert saved_config == config and saved_classes == classes
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert safe.read_bytes()[8:9] == b'{'  # a JSON header, no pickle
+    (tmp_path / 'bad.safetensors').write_bytes(b'not a safetensors file')
+    with pytest.raises(checkpoint.CheckpointError, match='bad.safetensors: cannot read'):
+        checkpoint.load_weights(tmp_path / 'bad.safetensors')

@@ -22,7 +22,7 @@ def eval_config(sample_betons, tmp_path, weights):
                         f'--model.weights={weights}')
 
 
-@pytest.mark.parametrize('name', ['final_weights.pt', 'checkpoint.pt'])
+@pytest.mark.parametrize('name', ['final_weights.pt', 'checkpoint.pt', 'final_weights.safetensors'])
 def test_eval_only_gives_the_logged_top1_and_top5(short_run, sample_betons, tmp_path, name):
     summary, cfg = short_run
     weights = Path(summary['run_dir']) / name
@@ -143,3 +143,18 @@ def test_predict_and_eval_only_share_the_flip_tta_rule():
         assert result['top_1'] == hit
     # Without flip TTA both take the plain logits: class 1.
     assert predict.classify(model, x, classes=classes, top=1, flip_tta=False)[0][0][0] == 'n1'
+
+
+def test_a_weights_file_that_would_run_code_is_refused_by_predict_eval_and_resume(
+        sample_betons, tmp_path, capsys):
+    from test_checkpoint import hostile_file
+    from imagenet_ffcv import checkpoint
+    path, marker = hostile_file(tmp_path, 'checkpoint.pt')
+    image = sorted((SAMPLE / 'val').glob('*/*.JPEG'))[0]
+    assert predict.main([str(image), '--weights', str(path)]) == 1
+    assert 'checkpoint.pt: refused' in capsys.readouterr().err
+    with pytest.raises(checkpoint.CheckpointError, match='checkpoint.pt: refused'):
+        train_imagenet.main(eval_config(sample_betons, tmp_path / 'runs', path))
+    with pytest.raises(checkpoint.CheckpointError, match='checkpoint.pt: refused'):
+        train_imagenet.main(small_config(sample_betons, tmp_path / 'runs', f'--resume={path}'))
+    assert not marker.exists()

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torchvision
 
-from conftest import REPO, run_env
+from conftest import REPO, run_env, small_config
 import train_imagenet
 from imagenet_ffcv import config, engine, loaders, models
 from imagenet_ffcv.classes import class_list_path, read_class_list, write_class_list
@@ -97,3 +97,18 @@ def test_train_and_val_betons_from_different_class_lists_are_refused(sample_beto
     with pytest.raises(ValueError, match='differ'):
         loaders.num_classes(sample_betons['train'], val_path=val)
     assert loaders.num_classes(sample_betons['train'], val_path=sample_betons['val']) == 10
+
+
+def test_the_same_seed_gives_bit_identical_weights(sample_betons, tmp_path):
+    """Random crops and flips on (torchvision's defaults): two runs with one seed end with the same
+    weights, bit for bit (crops.py draws them from the seed; test_crops.py shows that another seed
+    or epoch draws other crops)."""
+    def run(name):
+        cfg = small_config(sample_betons, tmp_path / name, '--training.epochs=1',
+                           '--lr.lr_peak_epoch=0.5', '--resolution.min_res=32',
+                           '--resolution.max_res=32', '--training.seed=7')
+        assert cfg.data.min_crop_scale == 0.08 and cfg.data.flip_prob == 0.5
+        return train_imagenet.main(cfg)
+    first, again = run('first'), run('again')
+    assert first['weights_sha256'] == again['weights_sha256']
+    assert first['val_loss'] == again['val_loss']
