@@ -29,6 +29,7 @@ from imagenet_ffcv import (checkpoint, config, distributed, engine, loaders, met
                            schedules)
 from imagenet_ffcv.classes import class_list_path, read_class_names
 from imagenet_ffcv.run_dir import RunDir, code_version
+from imagenet_ffcv.verify import CorruptBetonError
 
 
 def main(cfg) -> dict:
@@ -121,6 +122,11 @@ def build(cfg, dist, wall_start) -> Run:
         device=device, distributed=dist.distributed, seed=cfg.training.seed,
         min_crop_scale=cfg.data.min_crop_scale, flip_prob=cfg.data.flip_prob,
         dtype=precision.input_dtype)
+    if len(train_loader) == 0:
+        raise config.ConfigError(
+            f'training.batch_size={cfg.training.batch_size} x {dist.world_size} process(es) is '
+            f'more than the {loaders.num_samples(cfg.data.train_dataset)} images of '
+            f'{cfg.data.train_dataset}: no full batch to train on; lower training.batch_size')
     val_loader = make_val_loader(cfg, dist, precision)
     num_classes = loaders.num_classes(cfg.data.train_dataset, val_path=cfg.data.val_dataset)
     class_list = class_list_path(cfg.data.train_dataset)
@@ -379,6 +385,6 @@ if __name__ == '__main__':
     try:
         summary = main(config.load_config(sys.argv[1:]))
     except (config.ConfigError, FileNotFoundError, checkpoint.CheckpointError,
-            engine.NonFiniteLossError) as e:
+            engine.NonFiniteLossError, CorruptBetonError) as e:
         sys.exit(f'train_imagenet.py: {e}')
     sys.exit(summary.get('exit_code', 0))

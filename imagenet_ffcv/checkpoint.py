@@ -62,9 +62,21 @@ class CheckpointError(Exception):
 def save(state: dict, path) -> None:
     """Write ``state`` to ``path`` atomically: a temporary file in the same folder, flushed to disk,
     then renamed over ``path``. A crash or kill at any moment leaves either the previous complete
-    file or the new complete file at ``path``, never a partial one."""
-    with atomic_write(path, 'wb') as f:
-        torch.save(state, f)
+    file or the new complete file at ``path``, never a partial one. Raises CheckpointError naming
+    the file and the cause when it cannot be written (disk full, no permission): the previous
+    file is then intact."""
+    try:
+        with atomic_write(path, 'wb') as f:
+            torch.save(state, f)
+    except (OSError, RuntimeError) as e:
+        # torch.save's zip writer reports a failed write as a RuntimeError raised while it
+        # handles the OSError
+        cause = e if isinstance(e, OSError) else e.__context__
+        if not isinstance(cause, OSError):
+            raise
+        raise CheckpointError(f'{path}: could not be written ({cause.strerror or cause}); the '
+                              f'previous {Path(path).name} is intact: free some space or fix the '
+                              f'folder, then resume') from e
 
 
 def safe_torch_load(path, what: str = 'file'):

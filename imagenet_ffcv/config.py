@@ -226,6 +226,9 @@ def _check_consistency(cfg) -> None:
         problems.append(f'data.min_crop_scale={cfg.data.min_crop_scale} must lie in (0, 1]')
     if not 0 <= cfg.data.flip_prob <= 1:
         problems.append(f'data.flip_prob={cfg.data.flip_prob} must lie in [0, 1]')
+    if cfg.data.num_workers < 1:
+        problems.append(f'data.num_workers={cfg.data.num_workers} must be >= 1 (loader threads '
+                        'per process)')
     if cfg.checkpoint.every_iters < 0:
         problems.append(f'checkpoint.every_iters={cfg.checkpoint.every_iters} must be >= 0 '
                         '(0: only at the end of each epoch)')

@@ -74,8 +74,26 @@ def setup(info: DistInfo, timeout_s: float = 300) -> None:
     if info.distributed and not dist.is_initialized():
         backend = 'nccl' if info.device.type == 'cuda' else 'gloo'
         kwargs = {'device_id': info.device} if backend == 'nccl' else {}
-        dist.init_process_group(backend=backend, rank=info.rank, world_size=info.world_size,
-                                timeout=timedelta(seconds=timeout_s), **kwargs)
+        timeout = timedelta(seconds=timeout_s)
+        dist.init_process_group(backend=backend, store=restart_store(info, timeout),
+                                rank=info.rank, world_size=info.world_size, timeout=timeout,
+                                **kwargs)
+
+
+def restart_store(info: DistInfo, timeout: timedelta, environ=None):
+    """The key-value store the ranks meet in (MASTER_ADDR:MASTER_PORT, torchrun's own store when
+    it serves one, else one hosted by rank 0), with its keys under a prefix of the restart attempt
+    (TORCHELASTIC_RESTART_COUNT). Without the prefix, the workers torchrun starts again after one
+    died (``--max-restarts``) can read the addresses their predecessors published in the same
+    store and fail with "Gloo connectFullMesh failed ... Connection refused" (seen with torch
+    2.14's c10d rendezvous): ``tests/test_faults.py`` restarts a killed worker."""
+    environ = os.environ if environ is None else environ
+    agent_store = environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True'
+    store = dist.TCPStore(environ.get('MASTER_ADDR', 'localhost'),
+                          int(environ.get('MASTER_PORT', 29500)), info.world_size,
+                          is_master=not agent_store and info.rank == 0, timeout=timeout)
+    attempt = environ.get('TORCHELASTIC_RESTART_COUNT', '0')
+    return dist.PrefixStore(f'/imagenet_ffcv/attempt_{attempt}', store)
 
 
 def cleanup() -> None:

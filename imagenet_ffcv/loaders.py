@@ -4,8 +4,6 @@
 The last op of each image pipeline leaves (B, 3, H, W) images normalised with the ImageNet
 mean/std, in channels_last memory: float32 on CPU (the decoder normalises), ``dtype`` on CUDA.
 """
-from pathlib import Path
-
 import numpy as np
 import torch
 from ffcv.fields.basics import IntDecoder
@@ -18,6 +16,7 @@ from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
 from .classes import class_list_path, read_class_list
 from .constants import DEFAULT_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
 from .decoders import center_crop_decoder, random_resized_crop_decoder
+from .verify import check_beton
 
 ORDERS = {'random': OrderOption.RANDOM, 'quasi_random': OrderOption.QUASI_RANDOM}
 
@@ -59,12 +58,6 @@ class Loader(ffcv.loader.Loader):
         if self.decoder is not None:
             self.decoder.epoch = self.next_epoch
         return super().__iter__()
-
-
-def _check_beton(path) -> str:
-    if not Path(path).is_file():
-        raise FileNotFoundError(f'{path}: .beton file not found; write it with write_beton.py')
-    return str(path)
 
 
 class NormalizeOnDevice(Operation):
@@ -158,16 +151,21 @@ def train_loader(*, path, batch_size: int, num_workers: int, res: int, os_cache:
     crops and the flips are functions of ``seed`` and the epoch (``seed`` >= 0): runs with the
     same seed see the same batches, also after a resume.
     The loader's buffers are reused: consume a batch before fetching ``batches_ahead + 2`` more.
-    Raises FileNotFoundError for a missing file, ValueError for a bad ``order``.
+    Raises FileNotFoundError for a missing file, ``verify.CorruptBetonError`` for a file that is
+    not a complete .beton (``verify.check_beton``), ValueError for a bad ``order`` or for
+    ``num_workers`` < 1.
     """
     if order not in ORDERS:
         raise ValueError(f"order={order!r}: expected 'random' or 'quasi_random'")
     if distributed and order != 'random':
         raise ValueError("ffcv supports only order='random' with distributed=True")
+    if num_workers < 1:
+        raise ValueError(f'num_workers={num_workers}: the loader needs at least 1 thread')
+    check_beton(path)
     decoder, images = image_pipeline(random_resized_crop_decoder, device=device, dtype=dtype,
                                      output_size=(res, res), scale=(min_crop_scale, 1.0),
                                      flip_prob=flip_prob, seed=seed)
-    loader = Loader(_check_beton(path), batch_size=batch_size, num_workers=num_workers,
+    loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers,
                     order=ORDERS[order], os_cache=bool(os_cache), drop_last=True,
                     distributed=distributed, seed=seed, decoder=decoder,
                     pipelines={'image': images, 'label': label_pipeline(device)})
@@ -184,11 +182,12 @@ def val_loader(*, path, batch_size: int, num_workers: int, res: int, device, ran
     order, keeping the last partial batch, so across ranks every image is seen exactly once (ffcv's
     own ``distributed=True`` pads with repeated samples). Batches as in :func:`train_loader`.
     """
-    path = _check_beton(path)
+    if num_workers < 1:
+        raise ValueError(f'num_workers={num_workers}: the loader needs at least 1 thread')
     # uint64 as ffcv's own default: int64 indices meet its uint64 ones and numba sees float64.
-    indices = np.arange(rank, num_samples(path), world_size, dtype=np.uint64)
+    indices = np.arange(rank, check_beton(path), world_size, dtype=np.uint64)
     _, images = image_pipeline(center_crop_decoder, device=device, dtype=dtype,
                                output_size=(res, res), ratio=crop_ratio)
-    return Loader(path, batch_size=batch_size, num_workers=num_workers,
+    return Loader(str(path), batch_size=batch_size, num_workers=num_workers,
                   order=OrderOption.SEQUENTIAL, drop_last=False, indices=indices,
                   pipelines={'image': images, 'label': label_pipeline(device)})

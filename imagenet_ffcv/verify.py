@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 from ffcv.reader import Reader
+from ffcv.types import ALLOC_TABLE_TYPE, HeaderType
 from PIL import Image
 
 from .classes import class_list_path, read_class_list
@@ -51,8 +52,39 @@ def verify_beton(path, *, decode: bool = True) -> dict:
             'short_side': _short_side_histogram(images), 'modes': modes, 'problems': problems}
 
 
+def check_beton(path) -> int:
+    """The checks a loader makes before it opens ``path`` (cheap: header, metadata and allocation
+    table, no image decoded): it exists, is a .beton, is not truncated (every record's data lies
+    inside the file and is in the allocation table) and holds samples. Returns the number of
+    samples. Raises FileNotFoundError, or CorruptBetonError saying what is wrong and what to do."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'{path}: .beton file not found; write it with write_beton.py')
+    reader, images, _ = _open(path)
+    if len(images) == 0:
+        raise CorruptBetonError(f'{path}: holds no samples; write it again with write_beton.py')
+    alloc = reader.alloc_table
+    table_ptr = int(reader.header['alloc_table_ptr'])
+    table_bytes = path.stat().st_size - table_ptr
+    missing = np.setdiff1d(images['data_ptr'], alloc['ptr'])
+    if table_bytes % ALLOC_TABLE_TYPE.itemsize or len(missing) or (
+            len(alloc) and int((alloc['ptr'] + alloc['size']).max()) > table_ptr):
+        raise CorruptBetonError(f'{path}: truncated or damaged (its allocation table does not '
+                                f'cover its {len(images)} records); copy it again or write it '
+                                f'again with write_beton.py (--verify FILE checks a copy)')
+    return len(images)
+
+
 def _open(path):
     """``(reader, image metadata, int64 labels)``; CorruptBetonError when unreadable."""
+    size = Path(path).stat().st_size
+    if size >= HeaderType.itemsize:
+        header = np.fromfile(path, dtype=HeaderType, count=1)[0]
+        if header['alloc_table_ptr'] > size:
+            raise CorruptBetonError(
+                f'{path}: truncated: {size} bytes, but its header places the allocation table at '
+                f'byte {header["alloc_table_ptr"]}; copy it again or write it again with '
+                f'write_beton.py')
     try:
         reader = Reader(str(path))
         md = reader.metadata

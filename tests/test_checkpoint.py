@@ -206,3 +206,33 @@ def test_final_weights_as_safetensors_carry_config_and_classes(tmp_path):
     (tmp_path / 'bad.safetensors').write_bytes(b'not a safetensors file')
     with pytest.raises(checkpoint.CheckpointError, match='bad.safetensors: cannot read'):
         checkpoint.load_weights(tmp_path / 'bad.safetensors')
+
+
+def test_a_full_disk_while_saving_keeps_the_previous_checkpoint_and_names_the_file(tmp_path):
+    """The disk fills up (simulated with a file-size limit, RLIMIT_FSIZE) while a checkpoint is
+    written: the error names the file and the cause, and the previous checkpoint is intact."""
+    import subprocess
+    import sys
+    from conftest import REPO
+    path = tmp_path / 'checkpoint.pt'
+    checkpoint.save({'format': 1, 'model': {'w': torch.zeros(10)}}, path)
+    before = path.read_bytes()
+    code = f"""
+import resource, signal, sys
+import torch
+sys.path.insert(0, {str(REPO)!r})
+from imagenet_ffcv import checkpoint
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+try:
+    checkpoint.save({{'format': 1, 'model': {{'w': torch.zeros(1_000_000)}}}}, {str(path)!r})
+except checkpoint.CheckpointError as e:
+    print(e)
+    sys.exit(3)
+"""
+    proc = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert 'checkpoint.pt: could not be written (File too large)' in proc.stdout
+    assert path.read_bytes() == before and checkpoint.load(path)['model']['w'].shape == (10,)
+    assert list(tmp_path.iterdir()) == [path]  # no temporary left

@@ -226,3 +226,33 @@ def test_gpu_pipeline_order_is_well_formed():
                                               ratio=1.0)
     assert cpu_ops[0] is decoder and [type(op) for op in cpu_ops[1:]] == [ToTensor, ToTorchImage]
     assert decoder.normalize and decoder.output_size == (32, 32)
+
+
+def test_a_truncated_file_or_not_a_beton_is_a_clear_error_at_loader_creation(sample_betons,
+                                                                            tmp_path):
+    from imagenet_ffcv.verify import CorruptBetonError
+    cpu = torch.device('cpu')
+    data = sample_betons['val'].read_bytes()
+    cases = {'half.beton': data[:len(data) // 2], 'cut.beton': data[:-10],
+             'text.beton': b'hello, not a beton\n' * 100}
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        for make in (lambda p: loaders.val_loader(path=p, batch_size=8, num_workers=1, res=32,
+                                                  device=cpu),
+                     lambda p: loaders.train_loader(path=p, batch_size=8, num_workers=1, res=32,
+                                                    os_cache=True, device=cpu,
+                                                    distributed=False, seed=0)):
+            with pytest.raises(CorruptBetonError, match=f'{name}: (truncated|not a readable)'):
+                make(tmp_path / name)
+    assert loaders.num_samples(sample_betons['val']) == 100  # the intact file passes the check
+
+
+def test_a_batch_larger_than_the_dataset_or_no_loader_thread_is_refused(sample_betons, tmp_path):
+    import train_imagenet
+    from conftest import small_config
+    from imagenet_ffcv.config import ConfigError
+    with pytest.raises(ConfigError, match='more than the 340 images'):
+        train_imagenet.main(small_config(sample_betons, tmp_path, '--training.batch_size=512'))
+    with pytest.raises(ConfigError, match='data.num_workers=0 must be >= 1'):
+        small_config(sample_betons, tmp_path, '--data.num_workers=0')
+    assert list(tmp_path.iterdir()) == []  # no run folder for a run that cannot start

@@ -111,3 +111,52 @@ def test_a_hung_rank_makes_the_other_node_fail_within_the_timeout(sample_betons,
             os.kill(stopped_pid, signal.SIGKILL)
         except (ProcessLookupError, UnboundLocalError):
             pass
+
+
+def test_torchrun_restarts_a_killed_worker_and_the_run_ends_as_an_uninterrupted_one(
+        sample_betons, tmp_path):
+    """The long-job launch line (README): torchrun --max-restarts=1 ... --resume auto with
+    checkpoints within epochs. One worker is killed mid-epoch; torchrun restarts both, they resume
+    from the last checkpoint, and the job ends with exit 0, each epoch logged once, and the final
+    weights of an uninterrupted run (the batches are a function of the seed: crops.py)."""
+    def launch(out, *extra):
+        return subprocess.Popen(
+            [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
+             '--max-restarts=1', '--rdzv-backend=c10d', f'--rdzv-endpoint=localhost:{free_port()}']
+            + trainer_args(sample_betons, out, '--training.epochs=2', '--resume=auto',
+                           '--checkpoint.every_iters=3', '--lr.lr=0.1', *extra),
+            cwd=REPO, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            start_new_session=True)
+    reference_dir, killed_dir = tmp_path / 'reference', tmp_path / 'killed'
+    reference_dir.mkdir()
+    killed_dir.mkdir()
+    reference = launch(reference_dir)
+    out = reference.communicate(timeout=600)[0]
+    assert reference.returncode == 0, out[-3000:]
+
+    proc = launch(killed_dir)
+    try:
+        checkpoint_file = wait_for_glob(killed_dir, '*/checkpoint.pt')
+        first_pid = int((killed_dir / 'pid1').read_text())
+        os.kill(first_pid, signal.SIGKILL)
+        out = proc.communicate(timeout=600)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, out[-3000:]
+    assert int((killed_dir / 'pid1').read_text()) != first_pid  # a new worker finished the job
+    assert '=> resuming' in out
+    [run_dir] = [p for p in killed_dir.iterdir() if p.is_dir()]
+    assert run_dir == checkpoint_file.parent
+    log = [json.loads(line) for line in open(run_dir / 'log.jsonl')]
+    assert [r['epoch'] for r in log] == [0, 1]
+    ranks = [json.loads((d / 'rank0.json').read_text()) for d in (reference_dir, killed_dir)]
+    assert ranks[0]['weights_sha256'] == ranks[1]['weights_sha256']
+
+
+def wait_for_glob(folder, pattern, timeout=300):
+    deadline = time.time() + timeout
+    while not list(folder.glob(pattern)):
+        assert time.time() < deadline, f'no {pattern} in {folder}'
+        time.sleep(0.1)
+    return next(folder.glob(pattern))
