@@ -250,7 +250,8 @@ def fit(run: Run):
                 show_progress=run.dist.is_primary,
                 start_iteration=progress.iteration if epoch == first_epoch else 0,
                 stop_requested=stop.__bool__, checkpoint_every=cfg.checkpoint.every_iters,
-                save_checkpoint=partial(save_checkpoint, run, epoch))
+                save_checkpoint=partial(save_checkpoint, run, epoch),
+                corrupt_record=run.train_loader.corrupt_record)
             progress.images += stats['images'] * run.dist.world_size
             progress.train_seconds += stats['seconds']
             if stats['iterations_done'] < len(run.train_loader):  # stopped within the epoch
@@ -341,7 +342,7 @@ def validate(cfg, model, loader, precision) -> dict:
     flip TTA when ``validation.lr_tta`` (ffcv-imagenet's name) is set."""
     val = metrics.with_error_rates(engine.evaluate(
         model=model, loader=loader, amp_dtype=precision.amp_dtype,
-        flip_tta=bool(cfg.validation.lr_tta)))
+        flip_tta=bool(cfg.validation.lr_tta), corrupt_record=loader.corrupt_record))
     val['val_count'] = val.pop('count')
     return val
 
@@ -349,9 +350,9 @@ def validate(cfg, model, loader, precision) -> dict:
 def ten_crop_eval(cfg, dist, model, precision) -> dict:
     """10-crop top-1/top-5 (and error rates) of ``model``, keys suffixed ``_10crop``."""
     loader = make_val_loader(cfg, dist, precision, crop_ratio=1.0)
-    result = metrics.with_error_rates(engine.evaluate(model=model, loader=loader,
-                                                      amp_dtype=precision.amp_dtype,
-                                                      ten_crop=True))
+    result = metrics.with_error_rates(engine.evaluate(
+        model=model, loader=loader, amp_dtype=precision.amp_dtype, ten_crop=True,
+        corrupt_record=loader.corrupt_record))
     return {f'{k}_10crop': v for k, v in result.items() if k != 'count'}
 
 
@@ -385,6 +386,6 @@ if __name__ == '__main__':
     try:
         summary = main(config.load_config(sys.argv[1:]))
     except (config.ConfigError, FileNotFoundError, checkpoint.CheckpointError,
-            engine.NonFiniteLossError, CorruptBetonError) as e:
+            engine.NonFiniteLossError, engine.CorruptRecordError, CorruptBetonError) as e:
         sys.exit(f'train_imagenet.py: {e}')
     sys.exit(summary.get('exit_code', 0))

@@ -129,7 +129,7 @@ def decode_region(jpeg: np.ndarray, *, top: int, left: int, height: int, width: 
               denom, info.ctypes.data)
     if code != 0:
         raise ValueError(f'decode_region failed with code {code} (-1 corrupt JPEG, -2 rectangle '
-                         f'outside the image, -3 data ended early)')
+                         f'outside the image, -3 data ended early, -5 corrupt data)')
     return out[:height * info[1] * 3].reshape(height, int(info[1]), 3), int(info[0])
 
 
@@ -287,6 +287,9 @@ class CropResizeDecoder(SimpleRGBImageDecoder):
         # The epoch, read by the compiled code at each batch: numba freezes the arrays a compiled
         # function captures, so it copies the value from this array's address (ctypes.memmove).
         self._epoch_cell = np.zeros(1, np.int64)
+        # Written the same way by the compiled code: the index of a sample whose JPEG record did
+        # not decode (-1: none), which comes out as a black image.
+        self._corrupt_cell = np.full(1, -1, np.int64)
 
     @property
     def epoch(self) -> int:
@@ -296,6 +299,13 @@ class CropResizeDecoder(SimpleRGBImageDecoder):
     @epoch.setter
     def epoch(self, value: int) -> None:
         self._epoch_cell[0] = value
+
+    @property
+    def corrupt_sample(self):
+        """The index (in the .beton) of a sample whose JPEG record did not decode since this
+        decoder was made (corrupt bytes: it came out black), or None."""
+        index = int(self._corrupt_cell[0])
+        return None if index < 0 else index
 
     def declare_state_and_memory(self, previous_state):
         max_h = np.uint64(self.metadata['height'].max())
@@ -322,6 +332,7 @@ class CropResizeDecoder(SimpleRGBImageDecoder):
         read_region_c = Compiler.compile(read_region)
         pool_size = numba.config.NUMBA_NUM_THREADS
         seed, epoch_address, memmove = self.seed, self._epoch_cell.ctypes.data, ctypes.memmove
+        corrupt_address = self._corrupt_cell.ctypes.data
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, temp, info = my_storage
@@ -349,8 +360,10 @@ class CropResizeDecoder(SimpleRGBImageDecoder):
                 buf = temp[slot]
                 code = read_region_c(data, buf, top, left, rows, cols, denom, info[k], height,
                                      width)
-                if code < 0:  # corrupt record (write_beton.py --verify finds it): zeros
+                if code < 0:  # corrupt record (write_beton.py --verify finds it): zeros, and noted
                     destination[k][:] = 0
+                    info[k, 0] = batch_indices[k]
+                    memmove(corrupt_address, info[k].ctypes.data, 8)
                     continue
                 decoded_w = info[k, 1]
                 src = buf[:rows * decoded_w * 3].reshape(rows, decoded_w, 3)

@@ -73,6 +73,17 @@ class NonFiniteLossError(FloatingPointError):
                          '(lower the LR, or check the data, then resume from it)')
 
 
+class CorruptRecordError(ValueError):
+    """A sample of the .beton did not decode (corrupt bytes in its record); the message names the
+    file and the sample on the rank that met it."""
+
+
+def _raise_if_corrupt(message, corrupt_on_any_rank: bool) -> None:
+    if corrupt_on_any_rank:
+        raise CorruptRecordError(message or 'a sample of a .beton did not decode on another rank '
+                                 '(its message names it); stopped')
+
+
 def train_step(*, model, x, y, optimizer, loss_fn, amp_dtype=None, scaler=None) -> torch.Tensor:
     """One SGD step on the batch ``x`` (float (B, 3, H, W)), ``y`` (int64 (B,)): forward under
     autocast to ``amp_dtype`` (None: full precision), backward, optimizer step. With ``scaler`` (a
@@ -96,7 +107,7 @@ def train_step(*, model, x, y, optimizer, loss_fn, amp_dtype=None, scaler=None) 
 def train_one_epoch(*, model, loader, optimizer, loss_fn, lr_at, epoch: int, amp_dtype=None,
                     scaler=None, show_progress: bool = True, start_iteration: int = 0,
                     check_every: int = 10, stop_requested=None, checkpoint_every: int = 0,
-                    save_checkpoint=None) -> dict:
+                    save_checkpoint=None, corrupt_record=None) -> dict:
     """Train ``model`` on every batch of ``loader`` once, with :func:`train_step`.
 
     lr_at: function of the fractional epoch ``epoch + (i + 0.5) / len(loader)`` giving the LR of
@@ -109,9 +120,11 @@ def train_one_epoch(*, model, loader, optimizer, loss_fn, lr_at, epoch: int, amp
     Every ``check_every`` iterations, and at the last one, the ranks agree (one small all-reduce,
     which also syncs the device) on two things: a non-finite loss on any rank since the last check
     raises :class:`NonFiniteLossError`; ``stop_requested()`` true on any rank (a signal, see
-    ``checkpoint.StopRequest``; None: never) ends the epoch there, with ``'stopped'`` true. Then,
-    every ``checkpoint_every`` iterations (0: never) except the last, ``save_checkpoint(i + 1)``
-    is called with the number of iterations done.
+    ``checkpoint.StopRequest``; None: never) ends the epoch there, with ``'stopped'`` true; a
+    message from ``corrupt_record()`` on any rank (a sample that did not decode, see
+    ``loaders.Loader.corrupt_record``) raises :class:`CorruptRecordError`. Then, every
+    ``checkpoint_every`` iterations (0: never) except the last, ``save_checkpoint(i + 1)`` is
+    called with the number of iterations done.
 
     Returns ``{'train_loss': mean loss per image, 'images': images this process trained on,
     'seconds': wall time, 'lr': LR of the last step, 'iterations_done': iterations of the epoch
@@ -142,8 +155,11 @@ def train_one_epoch(*, model, loader, optimizer, loss_fn, lr_at, epoch: int, amp
         checkpoint_due = bool(checkpoint_every) and done % checkpoint_every == 0
         if done % check_every == 0 or done == iterations or checkpoint_due:
             stop_here = bool(stop_requested and stop_requested())
-            bad, go_on = distributed.all_reduce_min(
-                torch.stack([first_bad, torch.tensor(0 if stop_here else 1, device=device)]))
+            corrupt = corrupt_record() if corrupt_record else None
+            bad, go_on, intact = distributed.all_reduce_min(torch.stack([
+                first_bad, torch.tensor(0 if stop_here else 1, device=device),
+                torch.tensor(0 if corrupt else 1, device=device)]))
+            _raise_if_corrupt(corrupt, intact == 0)
             if bad < iterations:
                 raise NonFiniteLossError(epoch, bad)
             if show_progress:
@@ -161,7 +177,8 @@ def train_one_epoch(*, model, loader, optimizer, loss_fn, lr_at, epoch: int, amp
 
 
 @torch.no_grad()
-def evaluate(*, model, loader, amp_dtype=None, flip_tta: bool = True, ten_crop: bool = False) -> dict:
+def evaluate(*, model, loader, amp_dtype=None, flip_tta: bool = True, ten_crop: bool = False,
+             corrupt_record=None) -> dict:
     """Top-1, top-5 and cross-entropy of ``model`` over ``loader``, summed over all ranks.
 
     Each rank passes its own disjoint part of the val set (see ``loaders.val_loader``), so every image
@@ -171,6 +188,7 @@ def evaluate(*, model, loader, amp_dtype=None, flip_tta: bool = True, ten_crop: 
     ten_crop: instead, the mean logits of 10 views (Krizhevsky et al. 2012): the four corner crops
     and the centre crop, each ``224/256`` of the side of the square input, and their flips. Feed it
     whole central squares (``loaders.val_loader(..., crop_ratio=1.0)``).
+    corrupt_record: as in :func:`train_one_epoch`, checked at the end (CorruptRecordError).
     Returns ``{'top_1', 'top_5'}`` as fractions in [0, 1], ``'val_loss'`` and ``'count'`` (images).
     """
     model.eval()
@@ -188,7 +206,10 @@ def evaluate(*, model, loader, amp_dtype=None, flip_tta: bool = True, ten_crop: 
         top1, top5 = topk_correct(logits, y, ks=(1, 5))
         hits1, hits5, count = hits1 + top1, hits5 + top5, count + y.shape[0]
         loss_sum += float(F.cross_entropy(logits, y, reduction='sum'))
-    sums = torch.tensor([hits1, hits5, loss_sum, count], dtype=torch.float64, device=device)
-    top1, top5, loss, count = distributed.all_reduce_sum(sums).tolist()
+    corrupt = corrupt_record() if corrupt_record else None
+    sums = torch.tensor([hits1, hits5, loss_sum, count, bool(corrupt)], dtype=torch.float64,
+                        device=device)
+    top1, top5, loss, count, corrupt_ranks = distributed.all_reduce_sum(sums).tolist()
+    _raise_if_corrupt(corrupt, corrupt_ranks > 0)
     n = max(count, 1)
     return {'top_1': top1 / n, 'top_5': top5 / n, 'val_loss': loss / n, 'count': int(count)}

@@ -20,7 +20,8 @@ struct error_manager { struct jpeg_error_mgr pub; jmp_buf jump; };
 struct decoder { struct jpeg_decompress_struct cinfo; struct error_manager err; };
 
 static void on_error(j_common_ptr cinfo) { longjmp(((struct error_manager *)cinfo->err)->jump, 1); }
-static void on_message(j_common_ptr cinfo, int level) { (void)cinfo; (void)level; }
+/* Warnings (level -1: corrupt data, which libjpeg replaces with grey) are counted, not printed. */
+static void on_message(j_common_ptr cinfo, int level) { if (level < 0) cinfo->err->num_warnings++; }
 
 static pthread_key_t key;
 static pthread_once_t key_once = PTHREAD_ONCE_INIT;
@@ -53,7 +54,8 @@ static struct decoder *thread_decoder(void) {
  * (fast integer IDCT, as ffcv) into `dst`: `height` rows of info[1] pixels, 3 bytes each.
  * info[0] <- the first decoded column (<= left), info[1] <- the decoded width.
  * Returns 0; -1 for a corrupt JPEG, -2 if the rectangle needs more than `capacity` bytes or lies
- * outside the scaled image, -3 if the data ended early, -4 if out of memory. */
+ * outside the scaled image, -3 if the data ended early, -4 if out of memory, -5 if the decoded
+ * part held corrupt data (libjpeg warned and filled it in). */
 int decode_region(const uint8_t *src, uint64_t size, uint8_t *dst, uint64_t capacity,
                   uint32_t top, uint32_t left, uint32_t height, uint32_t width,
                   uint32_t denom, int64_t *info) {
@@ -64,6 +66,7 @@ int decode_region(const uint8_t *src, uint64_t size, uint8_t *dst, uint64_t capa
         jpeg_abort_decompress(c);
         return -1;
     }
+    c->err->num_warnings = 0;
     jpeg_mem_src(c, src, (unsigned long)size);
     jpeg_read_header(c, TRUE);
     c->out_color_space = JCS_RGB;
@@ -99,5 +102,5 @@ int decode_region(const uint8_t *src, uint64_t size, uint8_t *dst, uint64_t capa
     info[0] = xoffset;
     info[1] = c->output_width;
     jpeg_abort_decompress(c);
-    return 0;
+    return c->err->num_warnings ? -5 : 0;
 }

@@ -59,6 +59,16 @@ class Loader(ffcv.loader.Loader):
             self.decoder.epoch = self.next_epoch
         return super().__iter__()
 
+    def corrupt_record(self):
+        """A message naming the sample of this loader's file whose image record did not decode
+        (its bytes are corrupt: it came out as a black image), or None when every one decoded."""
+        index = self.decoder.corrupt_sample if self.decoder is not None else None
+        if index is None:
+            return None
+        return (f'{self.fname}: sample {index} does not decode (corrupt bytes in its image '
+                f'record); write_beton.py --verify {self.fname} lists every such record: write '
+                f'the .beton again, or copy it again if the copy is to blame')
+
 
 class NormalizeOnDevice(Operation):
     """ffcv pipeline op for the CUDA pipeline, after ``ToDevice`` and ``ToTorchImage``:
@@ -186,8 +196,8 @@ def val_loader(*, path, batch_size: int, num_workers: int, res: int, device, ran
         raise ValueError(f'num_workers={num_workers}: the loader needs at least 1 thread')
     # uint64 as ffcv's own default: int64 indices meet its uint64 ones and numba sees float64.
     indices = np.arange(rank, check_beton(path), world_size, dtype=np.uint64)
-    _, images = image_pipeline(center_crop_decoder, device=device, dtype=dtype,
-                               output_size=(res, res), ratio=crop_ratio)
+    decoder, images = image_pipeline(center_crop_decoder, device=device, dtype=dtype,
+                                     output_size=(res, res), ratio=crop_ratio)
     return Loader(str(path), batch_size=batch_size, num_workers=num_workers,
-                  order=OrderOption.SEQUENTIAL, drop_last=False, indices=indices,
+                  order=OrderOption.SEQUENTIAL, drop_last=False, indices=indices, decoder=decoder,
                   pipelines={'image': images, 'label': label_pipeline(device)})

@@ -9,6 +9,7 @@ from ffcv.types import ALLOC_TABLE_TYPE, HeaderType
 from PIL import Image
 
 from .classes import class_list_path, read_class_list
+from .decoders import decode_region, region_decoder
 
 SHORT_SIDE_EDGES = [0, 32, 64, 128, 160, 192, 224, 256, 320, 384, 512, 10 ** 9]  # px buckets
 
@@ -122,10 +123,13 @@ def _check_record(i, image, sizes: dict, data, modes: dict, decode: bool):
         if decode:
             try:
                 with Image.open(io.BytesIO(bytes(data[ptr:ptr + nbytes]))) as im:
-                    im.load()
+                    im.load()  # PIL only warns about corrupt data: the region decoder counts it
                     if im.size != (w, h):
                         return (f'record {i}: JPEG is {im.size[0]}x{im.size[1]}, metadata says '
                                 f'{w}x{h}')
+                if region_decoder() is not None:
+                    decode_region(np.asarray(data[ptr:ptr + nbytes]), top=0, left=0, height=h,
+                                  width=w)
             except Exception as e:
                 return f'record {i}: JPEG does not decode ({type(e).__name__}: {e})'
     else:

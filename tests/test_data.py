@@ -256,3 +256,43 @@ def test_a_batch_larger_than_the_dataset_or_no_loader_thread_is_refused(sample_b
     with pytest.raises(ConfigError, match='data.num_workers=0 must be >= 1'):
         small_config(sample_betons, tmp_path, '--data.num_workers=0')
     assert list(tmp_path.iterdir()) == []  # no run folder for a run that cannot start
+
+
+def corrupt_copy(beton, out, index):
+    """A copy of ``beton`` whose record ``index`` has an end-of-image marker written early in its
+    entropy-coded data (bytes damaged in a copy): the JPEG still parses, but its data ends."""
+    from ffcv.reader import Reader
+    out.write_bytes(beton.read_bytes())
+    ptr = int(Reader(str(beton)).metadata['f0']['data_ptr'][index])
+    data = bytearray(out.read_bytes())
+    scan = data.index(b'\xff\xda', ptr)  # start of scan
+    data[scan + 40:scan + 42] = b'\xff\xd9'
+    out.write_bytes(bytes(data))
+    return out
+
+
+def test_a_corrupt_record_is_named_by_verify_validation_and_training(sample_betons, tmp_path):
+    from torch import nn
+
+    from imagenet_ffcv import engine
+    from imagenet_ffcv.verify import verify_beton
+    val = corrupt_copy(sample_betons['val'], tmp_path / 'val.beton', 7)
+    assert [p for p in verify_beton(val)['problems'] if p.startswith('record 7:')]
+    assert len(verify_beton(val)['problems']) == 1
+    cpu = torch.device('cpu')
+    model = nn.Sequential(nn.Flatten(), nn.LazyLinear(10))
+    loader = loaders.val_loader(path=val, batch_size=16, num_workers=2, res=32, device=cpu)
+    with pytest.raises(engine.CorruptRecordError, match=r'val.beton: sample 7 does not decode'):
+        engine.evaluate(model=model, loader=loader, corrupt_record=loader.corrupt_record)
+    intact = loaders.val_loader(path=sample_betons['val'], batch_size=16, num_workers=2, res=32,
+                                device=cpu)
+    engine.evaluate(model=model, loader=intact, corrupt_record=intact.corrupt_record)
+
+    train = corrupt_copy(sample_betons['train'], tmp_path / 'train.beton', 123)
+    loader, _ = loaders.train_loader(path=train, batch_size=34, num_workers=2, res=32,
+                                     os_cache=True, device=cpu, distributed=False, seed=0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with pytest.raises(engine.CorruptRecordError, match=r'train.beton: sample 123 does not decode'):
+        engine.train_one_epoch(model=model, loader=loader, optimizer=optimizer,
+                               loss_fn=nn.CrossEntropyLoss(), lr_at=lambda t: 0.01, epoch=0,
+                               show_progress=False, corrupt_record=loader.corrupt_record)
