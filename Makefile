@@ -1,6 +1,8 @@
 # make demo: convert the embedded sample and train ResNet-18 on it (CPU, a few minutes).
 # make test: the test suite (CPU).
 # make bench: loader, training-loop and writer benchmarks (tables; CSV + PNG in bench-results/).
+# make carry: .carry/ (ffcv, our JPEG decoder library, the check's images) for an offline GPU machine.
+# make gpu-check: the one-shot CUDA check (benchmarks/gpu_check.sh; bench-results/gpu.md, gpu.csv).
 # Both first install what is missing: the system packages ffcv builds against, then .venv.
 PYTHON ?= python3
 VENV := .venv
@@ -8,7 +10,7 @@ PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := libopencv-dev libturbojpeg0-dev libjpeg-dev pkg-config
 
-.PHONY: setup sysdeps demo test bench clean
+.PHONY: setup sysdeps demo test bench carry gpu-check clean
 
 setup: $(VENV)/.installed
 
@@ -39,6 +41,13 @@ bench: setup
 	$(PY) benchmarks/bench_loader.py
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_writer.py
+
+carry: setup
+	bash benchmarks/make_carry.sh
+
+# No set-up first: on the lent GPU machine there is no .venv (gpu_check.sh uses .carry there).
+gpu-check:
+	bash benchmarks/gpu_check.sh
 
 clean:
 	rm -rf demo_out

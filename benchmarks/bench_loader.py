@@ -51,21 +51,30 @@ def ours(path, *, res, workers, batch_size, in_memory=1, order='random'):
                                 order=order)
 
 
-def ffcv_stock(path, *, res, workers, batch_size):
-    """ffcv 1.0.2's own decoder, flip and NormalizeImage (ffcv-imagenet's pipeline, in the CPU
-    order that does not hang): ``(loader, decoder)``."""
+def ffcv_stock(path, *, res, workers, batch_size, device=CPU):
+    """ffcv 1.0.2's own decoder, flip and NormalizeImage, as ffcv-imagenet's training pipeline:
+    ``(loader, decoder)``. On CPU in the order that does not hang (NormalizeImage before
+    ToTensor, float32); on CUDA ffcv-imagenet's GPU order (``..., ToTensor(), ToDevice(device),
+    ToTorchImage(), NormalizeImage(mean, std, np.float16)``, whose kernel needs cupy), giving
+    float16 (B, 3, res, res) channels_last batches and int64 (B,) labels on the device."""
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
     from ffcv.loader import Loader, OrderOption
-    from ffcv.transforms import (NormalizeImage, RandomHorizontalFlip, Squeeze, ToTensor,
-                                 ToTorchImage)
+    from ffcv.transforms import (NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice,
+                                 ToTensor, ToTorchImage)
     decoder = RandomResizedCropRGBImageDecoder((res, res))
-    image = [decoder, RandomHorizontalFlip(),
-             NormalizeImage(IMAGENET_MEAN, IMAGENET_STD, np.float32), ToTensor(),
-             ToTorchImage()]
+    label = [IntDecoder(), ToTensor(), Squeeze(1)]
+    if device.type == 'cuda':
+        image = [decoder, RandomHorizontalFlip(), ToTensor(), ToDevice(device, non_blocking=True),
+                 ToTorchImage(), NormalizeImage(IMAGENET_MEAN, IMAGENET_STD, np.float16)]
+        label.append(ToDevice(device, non_blocking=True))
+    else:
+        image = [decoder, RandomHorizontalFlip(),
+                 NormalizeImage(IMAGENET_MEAN, IMAGENET_STD, np.float32), ToTensor(),
+                 ToTorchImage()]
     loader = Loader(str(path), batch_size=batch_size, num_workers=workers, seed=0,
                     order=OrderOption.RANDOM, os_cache=True, drop_last=True,
-                    pipelines={'image': image, 'label': [IntDecoder(), ToTensor(), Squeeze(1)]})
+                    pipelines={'image': image, 'label': label})
     return loader, decoder
 
 

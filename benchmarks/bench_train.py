@@ -1,13 +1,21 @@
 """Training-loop throughput: the trainer's step (``engine.train_one_epoch``: SGD, label smoothing,
-channels_last, BlurPool, bf16 autocast on CUDA) fed by our loader, against the same step fed with
-one synthetic batch already in place (no loading at all: the limit of the loop). Their ratio is
-the fraction of the limit the data path lets the loop reach.
+channels_last, BlurPool, mixed precision as ``training.amp=auto`` picks it: bf16 on a recent GPU,
+fp32 on CPU) fed by a loader, against the same step fed with one synthetic batch already in place
+(no loading at all: the limit of the loop). Their ratio is the fraction of the limit the data path
+lets the loop reach.
 
     python benchmarks/bench_train.py                  # CPU: ResNet-18, 128 px (make bench)
-    python benchmarks/bench_train.py --device cuda    # one GPU: ResNet-50 at 160 and 192 px, batch 256
+    python benchmarks/bench_train.py --device cuda    # one GPU: ResNet-50 at 160 and 192 px,
+                                                      # batch 256, ours and ffcv's stock loader
+
+Feeds (``--feeds``): ``synthetic`` (one random normalised batch on the device, reused),
+``ours`` (``loaders.train_loader``), ``ffcv_stock`` (ffcv-imagenet's pipeline with ffcv 1.0.2's
+own decoder, ``bench_loader.ffcv_stock``; on CUDA its NormalizeImage needs cupy). A feed that
+fails gives a row with its error instead of stopping the others.
 
 Data: the main set of bench_loader (../shared/data/imagewoof320, or the embedded sample), stored
-as write_beton.py does by default. Prints a Markdown table; writes bench-results/train.csv.
+as write_beton.py does by default, or ``--beton FILE`` (at least batch x (warm-up + steps + 1)
+samples). Prints a Markdown table; writes bench-results/train.csv.
 """
 import argparse
 import os
@@ -17,9 +25,13 @@ from pathlib import Path
 
 import torch
 
+from bench_loader import ffcv_stock
 from common import RESULTS, image_sets, machine_line, markdown_table, pooled_samples, write_csv
 from imagenet_ffcv import engine, loaders, models
 from imagenet_ffcv.writer import write_beton
+
+FEEDS = {'synthetic': 'synthetic (no loading)', 'ours': 'our loader',
+         'ffcv_stock': 'ffcv stock loader'}
 
 
 class Batches:
@@ -38,7 +50,8 @@ class Batches:
 
 
 def steps_per_s(model, optimizer, batches, amp_dtype, device) -> tuple:
-    """Run the trainer's epoch function over ``batches``; returns (img/s, seconds)."""
+    """Run the trainer's epoch function over ``batches``; returns (img/s, seconds), the device
+    synchronised before and after the timed region."""
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
     if device.type == 'cuda':
         torch.cuda.synchronize()
@@ -52,6 +65,79 @@ def steps_per_s(model, optimizer, batches, amp_dtype, device) -> tuple:
     return stats['images'] / seconds, seconds
 
 
+def synthetic_batch(*, batch_size, res, device, dtype) -> tuple:
+    """A random normalised batch already on ``device``: images ``dtype`` (B, 3, res, res) in
+    channels_last, as the loaders deliver them, and int64 (B,) labels in [0, 1000)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(batch_size, 3, res, res, generator=g).to(device, dtype)
+    y = torch.randint(0, 1000, (batch_size,), generator=g).to(device)
+    return x.contiguous(memory_format=torch.channels_last), y
+
+
+def make_loader(feed, beton, *, res, batch_size, workers, device, dtype) -> tuple:
+    """``(loader, decoder)`` of a real feed: 'ours' or 'ffcv_stock'."""
+    if feed == 'ours':
+        return loaders.train_loader(path=beton, batch_size=batch_size, num_workers=workers,
+                                    res=res, os_cache=True, device=device, distributed=False,
+                                    seed=0, dtype=dtype)
+    return ffcv_stock(beton, res=res, workers=workers, batch_size=batch_size, device=device)
+
+
+def measure(*, beton, feeds, arch, res_list, batch_size, steps, warmup, workers, device,
+            amp='auto') -> list:
+    """One row per (res, feed): img/s of ``steps`` timed steps after ``warmup`` steps (numba
+    compiles a loader at its first batch, cudnn picks its algorithms on the first steps), and
+    for the real feeds the percentage of the synthetic feed at the same res."""
+    precision = engine.resolve_precision(amp, device)
+    torch.backends.cudnn.benchmark = device.type == 'cuda'
+    model = models.build_model(arch=arch, num_classes=1000, use_blurpool=True,
+                               channels_last=True).to(device)
+    optimizer = torch.optim.SGD(models.param_groups(model, weight_decay=5e-5, bn_wd=False),
+                                lr=0.01, momentum=0.9)
+    made = {}  # feed -> (loader, decoder), or the exception its construction raised
+    rows = []
+    for res in res_list:
+        common = {'arch': arch, 'device': str(device), 'res': res, 'batch_size': batch_size,
+                  'steps': steps, 'workers': workers, 'precision': precision.name}
+        limit = None
+        for feed in feeds:
+            row = {**common, 'feed': FEEDS[feed]}
+            try:
+                if feed == 'synthetic':
+                    x, y = synthetic_batch(batch_size=batch_size, res=res, device=device,
+                                           dtype=precision.input_dtype)
+                    batches = iter([(x, y)] * (warmup + steps))
+                else:
+                    if feed not in made:
+                        try:
+                            made[feed] = make_loader(feed, beton, res=res,
+                                                     batch_size=batch_size, workers=workers,
+                                                     device=device, dtype=precision.input_dtype)
+                        except Exception as e:  # noqa: BLE001 - reported in the row
+                            made[feed] = e
+                    if isinstance(made[feed], Exception):
+                        raise made[feed]
+                    loader, decoder = made[feed]
+                    decoder.output_size = (res, res)
+                    batches = iter(loader)  # warm-up, then the timed steps, in one pass
+                steps_per_s(model, optimizer, Batches(batches, warmup), precision.amp_dtype,
+                            device)
+                rate, _ = steps_per_s(model, optimizer, Batches(batches, steps),
+                                      precision.amp_dtype, device)
+            except Exception as e:  # noqa: BLE001 - one failing feed must not hide the others
+                rows.append({**row, 'error': f'{type(e).__name__}: {e}'.splitlines()[0][:200]})
+                print(f'  {res} px, {feed}: failed: {rows[-1]["error"]}', flush=True)
+                continue
+            row['img_per_s'] = round(rate, 1)
+            if feed == 'synthetic':
+                limit = rate
+            elif limit:
+                row['pct_of_synthetic'] = round(100 * rate / limit, 1)
+            rows.append(row)
+            print(f'  {res} px, {feed}: {rate:.1f} img/s', flush=True)
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--device', default='cpu')
@@ -59,6 +145,12 @@ def main():
     p.add_argument('--res', help='default: 128 on CPU, 160,192 on CUDA')
     p.add_argument('--batch-size', type=int, help='default: 32 on CPU, 256 on CUDA')
     p.add_argument('--steps', type=int, help='timed steps per row; default: 8 on CPU, 100 on CUDA')
+    p.add_argument('--warmup', type=int, help='untimed steps first; default: 2 on CPU, 10 on CUDA')
+    p.add_argument('--feeds', help=f'comma-separated, from {", ".join(FEEDS)}; default: '
+                                   'synthetic,ours on CPU, all three on CUDA')
+    p.add_argument('--amp', default='auto', choices=engine.AMP_CHOICES,
+                   help='mixed precision as training.amp (auto: bf16 on a recent GPU, fp32 on CPU)')
+    p.add_argument('--beton', help='read this .beton instead of writing the pooled main set')
     p.add_argument('--workers', type=int, default=os.cpu_count(), help='loader threads')
     p.add_argument('--out', default=str(RESULTS))
     args = p.parse_args()
@@ -68,49 +160,33 @@ def main():
     res_list = [int(r) for r in (args.res or ('160,192' if cuda else '128')).split(',')]
     bs = args.batch_size or (256 if cuda else 32)
     steps = args.steps or (100 if cuda else 8)
-    warmup = 10 if cuda else 2
-    amp_dtype = torch.bfloat16 if cuda else None
-    torch.backends.cudnn.benchmark = cuda
+    warmup = args.warmup if args.warmup is not None else (10 if cuda else 2)
+    feeds = (args.feeds or ('synthetic,ours,ffcv_stock' if cuda else 'synthetic,ours')).split(',')
+    unknown = [f for f in feeds if f not in FEEDS]
+    if unknown:
+        p.error(f'--feeds: unknown {", ".join(unknown)}; expected some of {", ".join(FEEDS)}')
     print(machine_line())
 
-    name, root = next(iter(image_sets(['imagewoof320']).items()))
-    samples = pooled_samples(root, bs * (steps + warmup) + bs)
-    rows = []
     with tempfile.TemporaryDirectory(prefix='bench_train_') as tmp:
-        beton = Path(tmp) / 'train.beton'
-        write_beton(samples, beton, max_res=256, num_workers=os.cpu_count())
-        model = models.build_model(arch=arch, num_classes=1000, use_blurpool=True,
-                                   channels_last=True).to(device)
-        optimizer = torch.optim.SGD(models.param_groups(model, weight_decay=5e-5, bn_wd=False),
-                                    lr=0.01, momentum=0.9)
-        loader, decoder = loaders.train_loader(
-            path=beton, batch_size=bs, num_workers=args.workers, res=res_list[0], os_cache=True,
-            device=device, distributed=False, seed=0)
-        for res in res_list:
-            decoder.output_size = (res, res)
-            x, y = next(iter(loader))  # one real batch, kept for the synthetic feed
-            x, y = x.clone(), y.clone()
-            synthetic = [(x, y)] * (steps + warmup)
-            steps_per_s(model, optimizer, Batches(synthetic, warmup), amp_dtype, device)
-            limit, _ = steps_per_s(model, optimizer, Batches(synthetic, steps), amp_dtype, device)
-            # The real loop: warm-up steps, then the timed steps, in one pass of the loader.
-            real_batches = iter(loader)
-            steps_per_s(model, optimizer, Batches(real_batches, warmup), amp_dtype, device)
-            real, _ = steps_per_s(model, optimizer, Batches(real_batches, steps), amp_dtype,
-                                  device)
-            common = {'data': name, 'arch': arch, 'device': str(device), 'res': res,
-                      'batch_size': bs, 'steps': steps, 'workers': args.workers,
-                      'precision': 'bf16' if cuda else 'fp32'}
-            rows.append({**common, 'feed': 'synthetic (no loading)', 'img_per_s': round(limit, 1)})
-            rows.append({**common, 'feed': 'our loader', 'img_per_s': round(real, 1),
-                         'pct_of_synthetic': round(100 * real / limit, 1)})
-            print(f'  {res} px: synthetic {limit:.1f} img/s, real {real:.1f} img/s', flush=True)
+        if args.beton:
+            name, beton = Path(args.beton).stem, Path(args.beton)
+        else:
+            name, root = next(iter(image_sets(['imagewoof320']).items()))
+            beton = Path(tmp) / 'train.beton'
+            write_beton(pooled_samples(root, bs * (steps + warmup) + bs), beton, max_res=256,
+                        num_workers=os.cpu_count())
+        rows = measure(beton=beton, feeds=feeds, arch=arch, res_list=res_list, batch_size=bs,
+                       steps=steps, warmup=warmup, workers=args.workers, device=device,
+                       amp=args.amp)
+    rows = [{'data': name, **r} for r in rows]
 
     print(f'\n### Training loop: {arch} on {device}, batch {bs}, {steps} timed steps after '
           f'{warmup} warm-up steps\n')
-    print(markdown_table(rows, [('res', 'res', ''), ('feed', 'fed by', ''),
-                                ('precision', 'precision', ''), ('img_per_s', 'img/s', ',.1f'),
-                                ('pct_of_synthetic', '% of synthetic', '.0f')]))
+    columns = [('res', 'res', ''), ('feed', 'fed by', ''), ('precision', 'precision', ''),
+               ('img_per_s', 'img/s', ',.1f'), ('pct_of_synthetic', '% of synthetic', '.0f')]
+    if any('error' in r for r in rows):
+        columns.append(('error', 'error', ''))
+    print(markdown_table(rows, columns))
     write_csv(Path(args.out) / 'train.csv', rows)
     print(f'\nwrote {Path(args.out) / "train.csv"}')
 
