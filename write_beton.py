@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from imagenet_ffcv.classes import class_list_path, read_class_list, write_class_list
-from imagenet_ffcv.sources import LAYOUTS, load_split
+from imagenet_ffcv.sources import KAGGLE_DIR, LAYOUTS, load_split
 from imagenet_ffcv.verify import CorruptBetonError, verify_beton
 from imagenet_ffcv.writer import UnreadableImagesError, write_beton
 
@@ -71,8 +71,19 @@ def parse_args(argv):
     return args
 
 
+def check_out_outside_inputs(out, data_dir) -> None:
+    """ValueError when ``out`` lies inside a split folder of ``data_dir`` (train/, val/ or Kaggle's
+    CLS-LOC tree): the next run would take its folder for a class, or its files for images."""
+    out = Path(out).resolve()
+    for inputs in (Path(data_dir) / 'train', Path(data_dir) / 'val', Path(data_dir) / KAGGLE_DIR):
+        if inputs.resolve() in out.parents:
+            raise ValueError(f'--out {out} is inside the input folder {inputs}: write the .beton '
+                             f'outside it (e.g. {Path(data_dir).resolve().parent / "betons"})')
+
+
 def main(args) -> dict:
     """Write the .beton and its class list; returns the writer's stats plus 'classes'."""
+    check_out_outside_inputs(args.out, args.data_dir)
     classes, samples, names = load_split(Path(args.data_dir), args.split, args.layout)
     if args.subset:
         keep = np.random.default_rng(0).choice(len(samples), min(args.subset, len(samples)),

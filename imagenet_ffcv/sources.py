@@ -31,7 +31,7 @@ def find_classes(train_dir) -> list:
     if not train_dir.is_dir():
         raise FileNotFoundError(f'{train_dir}: train split folder not found (expected '
                                 f'<data-dir>/train/<wnid>/*.JPEG); set --data-dir')
-    classes = sorted(e.name for e in os.scandir(train_dir) if e.is_dir())
+    classes = sorted(e.name for e in os.scandir(train_dir) if _kind(e) == 'dir')
     if not classes:
         raise ValueError(f'{train_dir}: no class folders (expected {train_dir}/<wnid>/*.JPEG)')
     return classes
@@ -42,26 +42,36 @@ def list_samples(split_dir, classes: list) -> list:
 
     ``classes`` is the train split's class list (see :func:`find_classes`); a folder of
     ``split_dir`` that is not in it raises ValueError naming the folder, since its images would
-    have no label. Files whose extension is not in IMAGE_EXTENSIONS are ignored.
+    have no label. Files whose extension is not in IMAGE_EXTENSIONS are ignored; entries with an
+    image name that are not readable files (broken or looping symbolic links) are left out with
+    a warning naming them. Two class folders that are the same folder (a symbolic link to
+    another class) raise ValueError naming both: their images would carry two labels.
     """
     split_dir = Path(split_dir)
     if not split_dir.is_dir():
         raise FileNotFoundError(f'{split_dir}: split folder not found')
     class_to_idx = {wnid: i for i, wnid in enumerate(classes)}
-    folders = sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+    folders = sorted(e.name for e in os.scandir(split_dir) if _kind(e) == 'dir')
     unknown = [f for f in folders if f not in class_to_idx]
     if unknown:
         raise ValueError(f'{split_dir}: class folder(s) {", ".join(unknown[:5])} are not in the '
                          f'train split, so their images have no class index; remove them or add '
                          f'the class to train/')
-    samples, empty = [], []
+    _check_distinct_folders(split_dir, folders)
+    samples, empty, unreadable = [], [], []
     for wnid in sorted(folders, key=class_to_idx.get):
         folder = split_dir / wnid
-        files = sorted(e.name for e in os.scandir(folder)
-                       if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS))
+        entries = [e for e in os.scandir(folder) if e.name.lower().endswith(IMAGE_EXTENSIONS)]
+        kinds = {e.name: _kind(e) for e in entries}
+        files = sorted(name for name, kind in kinds.items() if kind == 'file')
+        unreadable += [str(folder / name) for name, kind in kinds.items() if kind is None]
         if not files:
             empty.append(str(folder))
         samples.extend((str(folder / f), class_to_idx[wnid]) for f in files)
+    if unreadable:
+        warnings.warn(f'{len(unreadable)} entries with an image name are not readable files '
+                      f'(broken or looping symbolic links), left out: {", ".join(unreadable[:5])}'
+                      f'{" ..." if len(unreadable) > 5 else ""}', stacklevel=2)
     if samples and empty:
         warnings.warn(f'{len(empty)} class folder(s) with no images (extensions '
                       f'{", ".join(IMAGE_EXTENSIONS)}): {", ".join(empty[:5])}'
@@ -75,6 +85,26 @@ def list_samples(split_dir, classes: list) -> list:
     if not samples:
         raise ValueError(f'{split_dir}: no images found (extensions {", ".join(IMAGE_EXTENSIONS)})')
     return samples
+
+
+def _kind(entry):
+    """'file', 'dir' or None (a broken or looping symbolic link: stat fails) of a folder entry."""
+    try:
+        return 'file' if entry.is_file() else 'dir' if entry.is_dir() else None
+    except OSError:  # ELOOP: a symbolic link to itself
+        return None
+
+
+def _check_distinct_folders(split_dir, folders) -> None:
+    """ValueError naming two class folders of ``split_dir`` that resolve to the same folder."""
+    seen = {}
+    for name in folders:
+        real = os.path.realpath(split_dir / name)
+        if real in seen:
+            raise ValueError(f'{split_dir}: class folders {seen[real]} and {name} are the same '
+                             f'folder ({real}; a symbolic link?): their images would carry two '
+                             f'labels; remove one of them')
+        seen[real] = name
 
 
 def detect_layout(root) -> str:

@@ -447,3 +447,31 @@ def test_raw_tars_with_devkit_labels_match_the_csv_labels(three_layouts, tmp_pat
     assert classes == wnids
     assert [(p.split('::')[1], l) for p, l in samples] == \
         [(p.split('::')[1], l) for p, l in expected]
+
+
+def test_symlinked_class_folders_and_looping_links_are_refused_or_reported(tmp_path, capsys):
+    root = tmp_path / 'data'
+    photos = sorted((SAMPLE / 'train').glob('*/*.JPEG'))[:6]
+    for i, wnid in enumerate(('n01', 'n02')):
+        (root / 'train' / wnid).mkdir(parents=True)
+        for photo in photos[3 * i:3 * i + 3]:
+            (root / 'train' / wnid / photo.name).symlink_to(photo)
+    (root / 'train' / 'n01' / 'loop.JPEG').symlink_to(root / 'train' / 'n01' / 'loop.JPEG')
+    with pytest.warns(UserWarning, match='not readable files.*loop.JPEG'):
+        samples = sources.list_samples(root / 'train', ['n01', 'n02'])
+    assert [label for _, label in samples] == [0, 0, 0, 1, 1, 1]  # the others keep their labels
+    (root / 'train' / 'n03').symlink_to(root / 'train' / 'n01')  # one class folder twice
+    with pytest.raises(ValueError, match='class folders n01 and n03 are the same folder'):
+        sources.list_samples(root / 'train', ['n01', 'n02', 'n03'])
+    assert write_beton.cli(['--data-dir', str(root), '--split', 'train']) == 1
+    assert 'are the same folder' in capsys.readouterr().err
+
+
+def test_out_inside_the_input_tree_is_refused(tmp_path, capsys):
+    import shutil
+    root = tmp_path / 'data'
+    shutil.copytree(SAMPLE / 'val', root / 'train')
+    out = root / 'train' / 'betons' / 'train.beton'
+    assert write_beton.cli(['--data-dir', str(root), '--split', 'train', '--out', str(out)]) == 1
+    assert 'is inside the input folder' in capsys.readouterr().err
+    assert not out.parent.exists()
