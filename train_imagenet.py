@@ -367,6 +367,7 @@ def evaluate_weights(cfg, dist) -> dict:
         channels_last=bool(cfg.training.channels_last))
     model = saved.model.to(dist.device)
     precision = engine.resolve_precision(cfg.training.amp, dist.device)
+    torch.backends.cudnn.benchmark = dist.device.type == 'cuda'  # fixed shapes
     start = time.perf_counter()
     summary = {'weights': str(cfg.model.weights), 'arch': saved.arch, 'epochs': '-',
                **validate(cfg, model, make_val_loader(cfg, dist, precision), precision),

@@ -144,7 +144,7 @@ def rng_state() -> dict:
             'numpy': (name, torch.from_numpy(key.astype(np.int64)), pos, has_gauss,
                       cached_gaussian),
             'python': random.getstate(),
-            'cuda': torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+            'cuda': torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(state: dict) -> None:
@@ -156,8 +156,11 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state((name, np.asarray(key).astype(np.uint32), pos, has_gauss,
                          cached_gaussian))
     random.setstate(state['python'])
-    if state.get('cuda') is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state['cuda'])
+    cuda = state.get('cuda')
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):  # earlier checkpoints: every visible GPU's state
+            cuda = cuda[min(torch.cuda.current_device(), len(cuda) - 1)]
+        torch.cuda.set_rng_state(cuda)  # this process's GPU (the run may have fewer now)
 
 
 class StopRequest:

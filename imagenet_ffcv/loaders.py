@@ -4,6 +4,8 @@
 The last op of each image pipeline leaves (B, 3, H, W) images normalised with the ImageNet
 mean/std, in channels_last memory: float32 on CPU (the decoder normalises), ``dtype`` on CUDA.
 """
+from dataclasses import replace
+
 import numpy as np
 import torch
 from ffcv.fields.basics import IntDecoder
@@ -80,7 +82,11 @@ class NormalizeOnDevice(Operation):
     that stream, outside ffcv's ring of buffers (which ffcv guards with events). The output is
     marked as used by the default stream (``Tensor.record_stream``), where the training loop
     reads it: the caching allocator then reuses its memory only after the default stream's work
-    queued before its release is done, however long the consumer keeps the batch.
+    queued before its release is done, however long the consumer keeps the batch. And the loader
+    thread waits here until the side stream has done this batch's work (the copy from the pinned
+    host buffer included): ffcv 1.0.2 decodes the batch after next-but-four into the same host
+    buffer without waiting for that asynchronous copy, which waits for the training loop's stream,
+    so a loader running more than its ring ahead of the GPU would overwrite pixels not yet copied.
     """
 
     def __init__(self, mean, std, dtype):
@@ -109,12 +115,13 @@ class NormalizeOnDevice(Operation):
             out = ((images.to(torch.float32) - mean) * inv_std).to(dtype)
             if out.is_cuda:
                 out.record_stream(torch.cuda.default_stream(out.device))
+                torch.cuda.current_stream(out.device).synchronize()  # the host buffer is free
             return out
 
         return normalize
 
 
-def image_pipeline(make_decoder, *, device, dtype=torch.float16, **decoder_args) -> tuple:
+def image_pipeline(make_decoder, *, device, dtype=torch.float32, **decoder_args) -> tuple:
     """``(decoder, ops)``: the ffcv image pipeline around ``make_decoder(normalize=...,
     mean=..., std=..., **decoder_args)`` (``decoders.random_resized_crop_decoder`` or
     ``center_crop_decoder``). On CPU the decoder writes normalised float32 itself; on CUDA it
@@ -142,7 +149,7 @@ def label_pipeline(device) -> list:
 def train_loader(*, path, batch_size: int, num_workers: int, res: int, os_cache: bool, device,
                  distributed: bool, seed: int, order: str = 'random',
                  min_crop_scale: float = 0.08, flip_prob: float = 0.5,
-                 dtype=torch.float16) -> tuple:
+                 dtype=torch.float32) -> tuple:
     """The training loader: random-resized crop to ``res`` x ``res`` pixels + horizontal flip +
     normalisation, as ffcv-imagenet, done in one pass by ``decoders.random_resized_crop_decoder``
     (region decode, bilinear resample; ``benchmarks/bench_loader.py`` measures it). Returns
@@ -184,7 +191,7 @@ def train_loader(*, path, batch_size: int, num_workers: int, res: int, os_cache:
 
 def val_loader(*, path, batch_size: int, num_workers: int, res: int, device, rank: int = 0,
                world_size: int = 1, crop_ratio: float = DEFAULT_CROP_RATIO,
-               dtype=torch.float16):
+               dtype=torch.float32):
     """The validation loader: centre crop (``crop_ratio`` of the shorter side, 224/256 by default;
     1.0 gives the whole central square, for 10-crop evaluation) resized to ``res`` x ``res``.
 

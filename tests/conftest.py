@@ -31,7 +31,8 @@ def sample_betons(tmp_path_factory):
 
 def run_env():
     """Environment for subprocesses: the repo on PYTHONPATH, no tqdm noise."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED='1')
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get('PYTHONPATH')]))
+    env = dict(os.environ, PYTHONPATH=path, PYTHONUNBUFFERED='1')
     return env
 
 

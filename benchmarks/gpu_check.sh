@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The one-shot GPU check (benchmarks/gpu_check.py), with what it needs set up first:
+#   bash benchmarks/gpu_check.sh [gpu_check.py options, e.g. --only learn,eval_only,predict]
+# (make gpu-check). On the lent GPU machine (Python 3.12 with torch, no ffcv, no network) bring
+# .carry along (make carry): ffcv is then taken from .carry/activate.sh and, if jpeg_region.c
+# cannot be compiled there, our region decoder from .carry/lib. On a CUDA machine with the
+# project's .venv, the .venv is used. Whole run: at most GPU_CHECK_BUDGET_S (450) + 30 seconds.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+budget=${GPU_CHECK_BUDGET_S:-440}
+
+# Python with ffcv: the project's .venv when it has it, else python3 (+ .carry's ffcv if needed).
+if [ -x .venv/bin/python ] && .venv/bin/python -c 'import ffcv' 2>/dev/null; then
+  py=.venv/bin/python
+else
+  py=python3
+  if ! "$py" -c 'import ffcv' 2>/dev/null; then
+    if [ -f .carry/activate.sh ]; then
+      source .carry/activate.sh  # unpacks to /tmp/ffcv-carry, sets PYTHONPATH, LD_LIBRARY_PATH
+    else
+      echo "gpu_check.sh: ffcv is not importable and there is no .carry/ (run 'make carry' on" \
+           "a machine with the project's .venv and bring .carry along)" >&2
+    fi
+  fi
+fi
+
+# Pinned dependencies the GPU machine lacks (safetensors, an abi3 wheel): .carry/python.
+if [ -d .carry/python ] && ! "$py" -c 'import safetensors' 2>/dev/null; then
+  export PYTHONPATH=$PWD/.carry/python${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+# Our region decoder: decoders.library_path() looks for _jpeg_region-<source hash>.so beside
+# jpeg_region.c (or in ~/.cache/imagenet_ffcv when the package is read-only); put the one built
+# by make carry there, and its libjpeg on the library path, unless one is there already.
+if [ -d .carry/lib ]; then
+  export LD_LIBRARY_PATH=$PWD/.carry/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+  want=_jpeg_region-$(sha256sum imagenet_ffcv/jpeg_region.c | cut -c1-12).so
+  dest=imagenet_ffcv
+  [ -w "$dest" ] || dest=$HOME/.cache/imagenet_ffcv
+  if [ -f ".carry/lib/$want" ]; then
+    mkdir -p "$dest" && { [ -f "$dest/$want" ] || cp ".carry/lib/$want" "$dest/"; }
+  else
+    echo "gpu_check.sh: warning: .carry/lib has no $want (jpeg_region.c changed since make" \
+         "carry?); the decoder is built here if a C compiler and libjpeg headers exist," \
+         "else the slower fallback runs" >&2
+  fi
+fi
+
+echo "gpu_check.sh: $("$py" --version 2>&1) at $(command -v "$py"); budget $budget s"
+timeout -k 10 $((budget + 20)) "$py" benchmarks/gpu_check.py --budget-s "$budget" "$@"
+status=$?
+[ $status -eq 124 ] && echo "gpu_check.sh: killed after $((budget + 20)) s" \
+  "(bench-results/gpu.md holds the steps that finished)" >&2
+exit $status

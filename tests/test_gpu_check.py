@@ -1,0 +1,53 @@
+"""benchmarks/gpu_check.py, the one-shot check for the lent GPU machine, in its CPU mode: the
+report's contract (gpu.md with the card, date and commit and one table row per result; gpu.csv;
+copies in $OUT), a step past its time limit reported as such, and steps skipped once the budget is
+spent. The GPU numbers themselves come from the GPU machine only."""
+import csv
+import os
+import re
+import subprocess
+
+import pytest
+
+from conftest import PYTHON, REPO, run_env
+
+pytestmark = pytest.mark.slow
+
+
+def gpu_check(tmp_path, *args):
+    out, copies = tmp_path / 'results', tmp_path / 'OUT'
+    copies.mkdir(exist_ok=True)
+    result = subprocess.run(
+        [PYTHON, str(REPO / 'benchmarks' / 'gpu_check.py'), '--device', 'cpu', '--out', str(out),
+         '--work', str(tmp_path / 'work'), *args],
+        env=dict(run_env(), PYTHONPATH=os.pathsep.join(
+            p for p in (str(REPO), os.environ.get('PYTHONPATH', '')) if p), OUT=str(copies)),
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    rows = list(csv.DictReader(open(out / 'gpu.csv')))
+    return result, (out / 'gpu.md').read_text(), rows, copies
+
+
+def test_the_report_names_machine_date_commit_and_has_a_row_per_step(tmp_path):
+    result, md, rows, copies = gpu_check(tmp_path, '--only', 'machine,tests')
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert re.search(r'^## GPU check: no GPU \(CPU dry run\), \d{4}-\d\d-\d\d \d\d:\d\d, commit '
+                     r'\S+', md, re.M)
+    assert re.search(r'^- decoder: (region|FALLBACK)', md, re.M)
+    assert re.search(r'^\| step +\| setting +\| img/s +\| ratio +\| result +\| s +\|$', md, re.M)
+    assert [r['step'] for r in rows] == ['machine', 'tests']
+    assert {'step', 'setting', 'status', 'result', 'seconds'} <= set(rows[0])
+    assert rows[0]['status'] in ('ok', 'warning')
+    # On a machine without a GPU every CUDA test is skipped, and the count says so.
+    assert rows[1]['status'] == 'ok' and re.fullmatch(r'\d+ skipped', rows[1]['result'])
+    assert md in result.stdout  # the same report printed at the end
+    assert sorted(p.name for p in copies.iterdir()) == ['gpu-logs.txt', 'gpu.csv', 'gpu.md']
+
+
+def test_a_step_past_its_limit_is_reported_and_the_budget_skips_steps(tmp_path):
+    result, md, rows, _ = gpu_check(tmp_path, '--only', 'machine', '--timeout', 'machine=2')
+    assert result.returncode == 1  # a step failed
+    assert rows[0]['status'] == 'timeout' and 'TIMEOUT after 2 s' in rows[0]['result']
+    assert '### machine: last lines of its log' in md
+    result, md, rows, _ = gpu_check(tmp_path, '--only', 'machine', '--budget-s', '5')
+    assert result.returncode == 0  # nothing failed
+    assert rows[0]['status'] == 'skipped' and 'not run' in rows[0]['result']
