@@ -1,13 +1,12 @@
-"""Shared pieces of the ImageNet-on-FFCV tool: one module per concern.
+"""Shared pieces of the ImageNet-on-FFCV tool: one module per concern (README: "Where things are").
 
-- ``config``: the fastargs schema of ``train_imagenet.py`` (ffcv-imagenet's sections and keys).
-- ``data``: class lists, the shorter-side resize, the .beton writer dataset and the FFCV loaders.
-- ``models``: torchvision models by name, BlurPool, weight-decay parameter groups.
-- ``schedules``: learning-rate and resolution schedules as pure functions of the epoch.
-- ``engine``: one training epoch and one evaluation pass.
-- ``metrics``: top-k counts, the results table, parameters/GMACs and the run's plot.
-- ``distributed``: torchrun's environment and process-group set-up.
-- ``checkpoint``: atomic checkpoints, ``--resume``, SIGTERM/Ctrl-C handling.
+Data: ``sources`` (input layouts, samples and labels), ``classes`` (class lists), ``images``
+(decoding to RGB, the shorter-side resize), ``writer`` (writing .beton files), ``verify`` (reading
+them back), ``loaders`` (the FFCV loaders), ``decoders`` (the fused crop/resize/flip/normalise
+decoders), ``crops`` (crops and flips from seed, epoch and sample), ``constants``.
+Training: ``config`` (the schema), ``models``, ``schedules``, ``engine`` (training step and epoch,
+evaluation, mixed precision), ``metrics``, ``distributed`` (torchrun), ``checkpoint`` (checkpoints,
+resume, safe loading), ``run_dir`` (the run folder), ``files`` (atomic writes).
 
 Importing any module touches neither the disk nor global state.
 """
