@@ -117,6 +117,18 @@ def check_free_space(out, needed: int) -> None:
             f'(estimated from a sample of the images); free some space or choose another --out')
 
 
+def _check_writable(out) -> None:
+    """OSError naming the folder of ``out`` when no file can be created there (no permission, a
+    read-only or immutable folder), before any image is read."""
+    probe = temporary_path(out)
+    try:
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise OSError(e.errno, f'{out.parent}: cannot write the .beton there ({e.strerror}); '
+                               f'choose another --out or make the folder writable') from None
+
+
 def _write_once(samples, tmp, fields, num_workers, chunksize, failures_path, max_res, indices):
     failures_path.unlink(missing_ok=True)
     writer = DatasetWriter(str(tmp), fields, num_workers=max(1, min(num_workers, len(indices))))
@@ -154,6 +166,7 @@ def write_beton(samples: list, out, *, max_res: int, write_mode: str = 'jpg',
         raise ValueError('no images to write')
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    _check_writable(out)
     remove_stale_temporaries(out.parent, out.name)
     num_workers = num_workers or os.cpu_count()
     if check_space:  # + one partly filled 8 MiB ffcv page per worker

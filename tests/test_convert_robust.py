@@ -475,3 +475,45 @@ def test_out_inside_the_input_tree_is_refused(tmp_path, capsys):
     assert write_beton.cli(['--data-dir', str(root), '--split', 'train', '--out', str(out)]) == 1
     assert 'is inside the input folder' in capsys.readouterr().err
     assert not out.parent.exists()
+
+
+def test_an_unwritable_output_folder_is_a_clear_error_before_any_work(tmp_path, capsys):
+    """An immutable folder (chattr +i: refused even to root, as the tests run)."""
+    folder = tmp_path / 'readonly'
+    folder.mkdir()
+    if subprocess.run(['chattr', '+i', str(folder)], capture_output=True).returncode != 0:
+        pytest.skip('chattr +i is not available on this filesystem')
+    try:
+        code = write_beton.cli(['--data-dir', str(SAMPLE), '--split', 'val', '--max-res', '32',
+                                '--out', str(folder / 'val.beton'), '--num-workers', '1'])
+    finally:
+        subprocess.run(['chattr', '-i', str(folder)])
+    assert code == 1
+    assert f'{folder}: cannot write the .beton there' in capsys.readouterr().err
+    assert list(folder.iterdir()) == []
+
+
+@pytest.mark.slow
+def test_a_split_of_100000_tiny_files_is_listed_and_written(tmp_path):
+    """10 classes of 10,000 tiny JPEGs (hard links): listed in well under a second, written with
+    every label in place."""
+    import io
+
+    from ffcv.reader import Reader
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new('RGB', (4, 3), (200, 10, 10)).save(buf, 'JPEG')
+    for c in range(10):
+        folder = tmp_path / 'data' / 'train' / f'n{c:02d}'
+        folder.mkdir(parents=True)
+        (folder / '00000.JPEG').write_bytes(buf.getvalue())
+        for i in range(1, 10_000):
+            os.link(folder / '00000.JPEG', folder / f'{i:05d}.JPEG')
+    start = time.perf_counter()
+    classes, samples, _ = sources.load_split(tmp_path / 'data', 'train')
+    assert len(samples) == 100_000 and time.perf_counter() - start < 10
+    out = tmp_path / 'train.beton'
+    stats = writer.write_beton(samples, out, max_res=256, num_workers=2)
+    assert stats['images'] == 100_000 and stats['skipped'] == 0
+    labels = Reader(str(out)).metadata['f1']
+    assert (labels == np.repeat(np.arange(10), 10_000)).all()
