@@ -72,9 +72,16 @@ def two_node_run(sample_betons, tmp_path_factory):
 
 
 def test_two_nodes_on_localhost_train_in_sync(two_node_run):
+    """The two ranks end with bit-identical weights and BN statistics; validation counts each of
+    the 100 val images exactly once; only rank 0 writes a run folder, with one epoch logged."""
     ranks = two_node_run
     assert ranks[0]['weights_sha256'] == ranks[1]['weights_sha256']
     assert ranks[0]['val_count'] == ranks[1]['val_count'] == 100
+    assert ranks[0]['top_1'] == ranks[1]['top_1']
+    writers = [r for r in ranks if r['run_dir'] is not None]
+    assert len(writers) == 1  # rank 0, whichever node it ran on
+    log = [json.loads(line) for line in open(f'{writers[0]["run_dir"]}/log.jsonl')]
+    assert len(log) == 1 and log[0]['val_count'] == 100
 
 
 def test_a_dead_rank_makes_the_job_fail_quickly(sample_betons, tmp_path):

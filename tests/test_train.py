@@ -7,7 +7,7 @@ import pytest
 import torch
 import torchvision
 
-from conftest import REPO, run_env, small_config
+from conftest import REPO, run_env
 import train_imagenet
 from imagenet_ffcv import config, engine, loaders, models
 from imagenet_ffcv.classes import class_list_path, read_class_list, write_class_list
@@ -62,31 +62,6 @@ def test_cli_trains_and_prints_results_table(sample_betons, tmp_path):
     assert '-> 0.03125 used' in proc.stdout  # lr 0.5 for batch 1024, scaled to batch 64
 
 
-@pytest.mark.slow
-def test_torchrun_two_processes_stay_in_sync(sample_betons, tmp_path):
-    """Two ranks (gloo on CPU) end with bit-identical weights and BN statistics, and validation
-    counts each of the 100 val images exactly once."""
-    torchrun = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
-                '--master_port=29533']
-    proc = subprocess.run(
-        torchrun + ['tests/torchrun_main.py', str(tmp_path), f'--data.train_dataset={sample_betons["train"]}',
-                    f'--data.val_dataset={sample_betons["val"]}', '--data.num_workers=1',
-                    f'--logging.folder={tmp_path}', '--model.arch=resnet18',
-                    '--training.batch_size=16', '--training.epochs=1', '--lr.lr_peak_epoch=0.5', '--resolution.min_res=32',
-                    '--resolution.max_res=32', '--validation.resolution=32',
-                    '--validation.batch_size=32'],
-        cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rank0 = json.loads((tmp_path / 'rank0.json').read_text())
-    rank1 = json.loads((tmp_path / 'rank1.json').read_text())
-    assert rank0['weights_sha256'] == rank1['weights_sha256']
-    assert rank0['val_count'] == rank1['val_count'] == 100
-    assert rank0['top_1'] == rank1['top_1']
-    log = [json.loads(line) for line in open(f'{rank0["run_dir"]}/log.jsonl')]
-    assert len(log) == 1 and log[0]['val_count'] == 100
-    assert rank1['run_dir'] is None  # only rank 0 writes
-
-
 def test_train_and_val_betons_from_different_class_lists_are_refused(sample_betons, tmp_path):
     """A val .beton written from another train split (other class list) would shift labels."""
     import shutil
@@ -97,18 +72,3 @@ def test_train_and_val_betons_from_different_class_lists_are_refused(sample_beto
     with pytest.raises(ValueError, match='differ'):
         loaders.num_classes(sample_betons['train'], val_path=val)
     assert loaders.num_classes(sample_betons['train'], val_path=sample_betons['val']) == 10
-
-
-def test_the_same_seed_gives_bit_identical_weights(sample_betons, tmp_path):
-    """Random crops and flips on (torchvision's defaults): two runs with one seed end with the same
-    weights, bit for bit (crops.py draws them from the seed; test_crops.py shows that another seed
-    or epoch draws other crops)."""
-    def run(name):
-        cfg = small_config(sample_betons, tmp_path / name, '--training.epochs=1',
-                           '--lr.lr_peak_epoch=0.5', '--resolution.min_res=32',
-                           '--resolution.max_res=32', '--training.seed=7')
-        assert cfg.data.min_crop_scale == 0.08 and cfg.data.flip_prob == 0.5
-        return train_imagenet.main(cfg)
-    first, again = run('first'), run('again')
-    assert first['weights_sha256'] == again['weights_sha256']
-    assert first['val_loss'] == again['val_loss']
