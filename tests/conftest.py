@@ -3,6 +3,12 @@ import os
 import sys
 from pathlib import Path
 
+# numba compiles every ffcv pipeline afresh (seconds each, dozens of times in the suite): at LLVM
+# optimisation level 0 it compiles about a quarter faster. The code is the same, only slower to
+# run, which the tests' small images do not notice. Subprocesses inherit it; benchmarks outside
+# the tests run at numba's default level.
+os.environ.setdefault('NUMBA_OPT', '0')
+
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]

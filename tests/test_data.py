@@ -284,9 +284,7 @@ def test_a_corrupt_record_is_named_by_verify_validation_and_training(sample_beto
     loader = loaders.val_loader(path=val, batch_size=16, num_workers=2, res=32, device=cpu)
     with pytest.raises(engine.CorruptRecordError, match=r'val.beton: sample 7 does not decode'):
         engine.evaluate(model=model, loader=loader, corrupt_record=loader.corrupt_record)
-    intact = loaders.val_loader(path=sample_betons['val'], batch_size=16, num_workers=2, res=32,
-                                device=cpu)
-    engine.evaluate(model=model, loader=intact, corrupt_record=intact.corrupt_record)
+    # (Intact betons raise nothing: every training and validation test reads them this way.)
 
     train = corrupt_copy(sample_betons['train'], tmp_path / 'train.beton', 123)
     loader, _ = loaders.train_loader(path=train, batch_size=34, num_workers=2, res=32,
