@@ -245,6 +245,20 @@ def test_a_truncated_file_or_not_a_beton_is_a_clear_error_at_loader_creation(sam
             with pytest.raises(CorruptBetonError, match=f'{name}: (truncated|not a readable)'):
                 make(tmp_path / name)
     assert loaders.num_samples(sample_betons['val']) == 100  # the intact file passes the check
+    empty = empty_beton(sample_betons['val'], tmp_path / 'empty.beton')
+    with pytest.raises(CorruptBetonError, match='empty.beton: holds no samples'):
+        loaders.val_loader(path=empty, batch_size=8, num_workers=1, res=32, device=cpu)
+
+
+def empty_beton(beton, out):
+    """A valid .beton of 0 samples (ffcv's writer cannot make one): ``beton``'s header and field
+    descriptions, with 0 samples and an empty allocation table."""
+    from ffcv.types import FieldDescType, HeaderType
+    header = np.fromfile(beton, dtype=HeaderType, count=1)
+    end = HeaderType.itemsize + int(header['num_fields'][0]) * FieldDescType.itemsize
+    header['num_samples'], header['alloc_table_ptr'] = 0, end
+    out.write_bytes(header.tobytes() + beton.read_bytes()[HeaderType.itemsize:end])
+    return out
 
 
 def test_a_batch_larger_than_the_dataset_or_no_loader_thread_is_refused(sample_betons, tmp_path):
