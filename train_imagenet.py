@@ -12,7 +12,8 @@ Two nodes (run on each, NODE_RANK 0 and 1):
         --rdzv-endpoint=$HOST0:29500 train_imagenet.py --config ...
 
 Any key can be overridden as --section.key=value (see imagenet_ffcv/config.py for the schema).
-Writes LOGGING_FOLDER/<run id>/{params.json, log.jsonl, checkpoint.pt, final_weights.pt} (run_dir).
+Writes LOGGING_FOLDER/<run id>/{params.json, log.jsonl, checkpoint.pt, final_weights.pt, ...}
+(see imagenet_ffcv/run_dir.py).
 
 The run, top to bottom: main -> train: build (loaders, model, optimizer, schedules) -> restore (from
 a checkpoint) -> open the run folder -> fit (the epochs) -> summarize.
@@ -26,8 +27,12 @@ import torch
 from tqdm import tqdm
 
 from imagenet_ffcv import (checkpoint, config, distributed, engine, loaders, metrics, models,
-                           schedules)
+                           optimizers, schedules)
 from imagenet_ffcv.classes import class_list_path, read_class_names
+from imagenet_ffcv.ema import make_ema
+from imagenet_ffcv.loggers import LiveLog
+from imagenet_ffcv.mixup import batch_mixer
+from imagenet_ffcv.optional import MissingPackageError, require
 from imagenet_ffcv.run_dir import RunDir, code_version
 from imagenet_ffcv.verify import CorruptBetonError
 
@@ -54,12 +59,14 @@ def main(cfg) -> dict:
 @dataclass
 class Progress:
     """Where a run stands; saved in its checkpoint. ``epoch``/``iteration``: the next step to
-    train; ``best_top1``: the best validation top-1 so far (fraction); ``images``,
+    train; ``best_top1``, ``best_epoch``: the best validation top-1 so far (fraction) and the
+    epoch after which it was measured; ``images``,
     ``train_seconds``: trained so far over all ranks; ``wall_time_s``: wall time of the processes
     before this one (a resumed run counts from its first start)."""
     epoch: int = 0
     iteration: int = 0
     best_top1: float = None
+    best_epoch: int = None
     images: int = 0
     train_seconds: float = 0.0
     wall_time_s: float = 0.0
@@ -77,6 +84,7 @@ class Run:
     model_without_ddp: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler  # fp16 loss scaling, else None
+    options: engine.StepOptions  # gradient clipping, MixUp/CutMix, EMA
     loss_fn: torch.nn.Module
     precision: engine.Precision
     lr_at: partial  # fractional epoch -> LR
@@ -86,6 +94,7 @@ class Run:
     wall_start: float
     progress: Progress = field(default_factory=Progress)
     run_dir: RunDir = None  # on rank 0
+    live_log: LiveLog = None  # TensorBoard / W&B, on rank 0
     final_val: dict = None  # the last validation's results
     reached: dict = None  # {'epoch', 'time_to_target_s'} once validation top-1 reached the target
 
@@ -103,14 +112,31 @@ def train(cfg, dist, wall_start) -> dict:
         restore(run, saved, resume_path)
     if dist.is_primary:
         run.run_dir = open_run_dir(run, resume_path)
-    stop = fit(run)
-    if stop:
-        return stopped_summary(run, stop)
-    return summarize(run)
+        run.live_log = LiveLog(
+            run.run_dir.path, tensorboard=bool(cfg.logging.tensorboard),
+            wandb_project=cfg.logging.wandb_project, run_name=run.run_dir.path.name,
+            config=run.resolved, resume_step=global_step(run, run.progress.epoch,
+                                                         run.progress.iteration))
+    try:
+        stop = fit(run)
+        if stop:
+            return stopped_summary(run, stop)
+        return summarize(run)
+    finally:
+        if run.live_log:
+            run.live_log.close()
+
+
+def global_step(run, epoch: int, iterations_done: int) -> int:
+    """The number of iterations trained after ``iterations_done`` of ``epoch`` (TensorBoard's
+    and W&B's step)."""
+    return epoch * len(run.train_loader) + iterations_done
 
 
 def build(cfg, dist, wall_start) -> Run:
     """Loaders, model, optimizer, loss and schedules of a new run, on ``dist.device``."""
+    if cfg.logging.wandb_project:  # fail now, before any work or run folder
+        require('wandb', f'logging.wandb_project={cfg.logging.wandb_project!r}')
     device = dist.device
     precision = engine.resolve_precision(cfg.training.amp, device)
     torch.backends.cudnn.benchmark = device.type == 'cuda'  # fixed shapes within an epoch
@@ -133,10 +159,13 @@ def build(cfg, dist, wall_start) -> Run:
     model_without_ddp = models.build_model(
         arch=cfg.model.arch, num_classes=num_classes, use_blurpool=bool(cfg.training.use_blurpool),
         channels_last=bool(cfg.training.channels_last)).to(device)
+    ema = make_ema(model_without_ddp, cfg.training.ema_decay) if cfg.training.ema_decay else None
     model = model_without_ddp
     if dist.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == 'cuda' else None)
+    if cfg.training.compile:
+        model = models.compile_model(model)
     lr = schedules.scaled_lr(cfg.lr.lr, batch_size=cfg.training.batch_size,
                              world_size=dist.world_size, ref_batch_size=cfg.lr.ref_batch_size)
     resolved = {**config.to_dict(cfg), 'derived': {
@@ -146,22 +175,20 @@ def build(cfg, dist, wall_start) -> Run:
     return Run(
         cfg=cfg, dist=dist, train_loader=train_loader, decoder=decoder, val_loader=val_loader,
         model=model, model_without_ddp=model_without_ddp,
-        optimizer=make_optimizer(cfg, model_without_ddp, lr),
+        optimizer=optimizers.make_optimizer(
+            cfg.training.optimizer, models.param_groups(
+                model_without_ddp, weight_decay=cfg.training.weight_decay,
+                bn_wd=bool(cfg.training.bn_wd)),
+            lr=lr, momentum=cfg.training.momentum, betas=config.parse_betas(cfg.training.betas)),
         scaler=torch.amp.GradScaler(device.type) if precision.loss_scaling else None,
+        options=engine.StepOptions(
+            clip_grad_norm=cfg.training.clip_grad_norm, ema=ema, ema_every=cfg.training.ema_every,
+            mix=batch_mixer(num_classes=num_classes, mixup_alpha=cfg.training.mixup_alpha,
+                            cutmix_alpha=cfg.training.cutmix_alpha)),
         loss_fn=torch.nn.CrossEntropyLoss(label_smoothing=cfg.training.label_smoothing),
         precision=precision, lr_at=partial(schedules.lr_at, lr=lr, **config.lr_schedule_kwargs(cfg)),
         res_at=res_at, classes=read_class_names(class_list) if class_list.exists() else None,
         resolved=resolved, wall_start=wall_start)
-
-
-def make_optimizer(cfg, model, lr: float) -> torch.optim.Optimizer:
-    """The optimizer ``training.optimizer`` names (sgd: SGD with ``training.momentum``), over the
-    weight-decay groups of ``models.param_groups``."""
-    groups = models.param_groups(model, weight_decay=cfg.training.weight_decay,
-                                 bn_wd=bool(cfg.training.bn_wd))
-    if cfg.training.optimizer == 'sgd':
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.training.momentum)
-    raise config.ConfigError(f'training.optimizer={cfg.training.optimizer!r}: expected sgd')
 
 
 def make_val_loader(cfg, dist, precision, crop_ratio=None):
@@ -176,8 +203,8 @@ def make_val_loader(cfg, dist, precision, crop_ratio=None):
 
 def restore(run: Run, saved: dict, resume_path) -> None:
     """Continue where the checkpoint ``saved`` left its run: weights, optimizer (and loss scaler),
-    random states and progress. Raises CheckpointError when this config changes the run's schedule
-    (unless ``checkpoint.force``)."""
+    EMA, random states and progress. Raises CheckpointError when this config changes the run's
+    schedule (unless ``checkpoint.force``)."""
     changes = checkpoint.schedule_changes(saved['config'], run.resolved)
     if changes and not run.cfg.checkpoint.force:
         raise checkpoint.CheckpointError(
@@ -188,6 +215,10 @@ def restore(run: Run, saved: dict, resume_path) -> None:
     run.optimizer.load_state_dict(saved['optimizer'])
     if run.scaler is not None and saved.get('scaler'):
         run.scaler.load_state_dict(saved['scaler'])
+    if run.options.ema is not None and saved.get('ema'):
+        run.options.ema.load_state_dict(saved['ema'])
+    elif run.options.ema is not None and run.dist.is_primary:
+        print(f'=> {resume_path} holds no EMA: it starts from the weights at the next update')
     checkpoint.set_rng_state(saved['rng'])
     run.progress = Progress(epoch=saved['epoch'], iteration=saved['iteration'],
                             best_top1=saved['best_top1'], **saved['progress'])
@@ -224,9 +255,12 @@ def save_checkpoint(run: Run, epoch: int, iteration: int) -> None:
              'rng': checkpoint.rng_state(), 'config': run.resolved,
              'best_top1': progress.best_top1, 'classes': run.classes,
              'progress': {'images': progress.images, 'train_seconds': progress.train_seconds,
+                          'best_epoch': progress.best_epoch,
                           'wall_time_s': time.perf_counter() - run.wall_start}}
     if run.scaler is not None:
         state['scaler'] = run.scaler.state_dict()
+    if run.options.ema is not None:
+        state['ema'] = run.options.ema.state_dict()
     checkpoint.save(state, run.run_dir.checkpoint)
     if iteration:  # within an epoch (the end of an epoch shows in the epoch's line)
         tqdm.write(f'=> checkpoint: epoch {epoch}, iteration {iteration}')
@@ -246,18 +280,24 @@ def fit(run: Run):
             stats = engine.train_one_epoch(
                 model=run.model, loader=run.train_loader, optimizer=run.optimizer,
                 loss_fn=run.loss_fn, lr_at=run.lr_at, epoch=epoch,
-                amp_dtype=run.precision.amp_dtype, scaler=run.scaler,
+                amp_dtype=run.precision.amp_dtype, scaler=run.scaler, options=run.options,
                 show_progress=run.dist.is_primary,
                 start_iteration=progress.iteration if epoch == first_epoch else 0,
                 stop_requested=stop.__bool__, checkpoint_every=cfg.checkpoint.every_iters,
                 save_checkpoint=partial(save_checkpoint, run, epoch),
-                corrupt_record=run.train_loader.corrupt_record)
+                corrupt_record=run.train_loader.corrupt_record,
+                log_every=cfg.logging.every_iters if run.live_log else 0,
+                log_train=partial(log_train, run, epoch),
+                iterations_after=len(run.train_loader) * schedules.remaining_work(
+                    epoch, epochs=cfg.training.epochs, res_at=run.res_at))
             progress.images += stats['images'] * run.dist.world_size
             progress.train_seconds += stats['seconds']
             if stats['iterations_done'] < len(run.train_loader):  # stopped within the epoch
                 save_checkpoint(run, epoch, stats['iterations_done'])
                 return stop
             distributed.broadcast_buffers(run.model_without_ddp)  # rank 0's BN statistics
+            if run.options.ema is not None:
+                distributed.broadcast_buffers(run.options.ema.module)
             val = end_of_epoch_eval(run, epoch)
             log_epoch(run, epoch, res, stats, val)
             save_checkpoint(run, epoch + 1, 0)
@@ -271,20 +311,42 @@ def fit(run: Run):
 def end_of_epoch_eval(run: Run, epoch: int) -> dict:
     """Validation after ``epoch``: after every epoch with ``logging.log_level`` 1 (ffcv-imagenet's
     name for it) or a top-1 target, else after the last one only; 10-crop too (if asked for) at the
-    end. Records the best top-1 and the epoch that reaches the target. Returns the metrics ({} when
-    not validated)."""
-    cfg, last = run.cfg, epoch == run.cfg.training.epochs - 1
+    end. Records the best top-1 (and with ``checkpoint.keep_best`` writes its weights) and the
+    epoch that reaches the target. Returns the metrics ({} when not validated)."""
+    cfg, last, progress = run.cfg, epoch == run.cfg.training.epochs - 1, run.progress
     validate_every_epoch, target = bool(cfg.logging.log_level), cfg.training.target_top1
     if not (validate_every_epoch or target > 0 or last):
         return {}
-    val = validate(cfg, run.model_without_ddp, run.val_loader, run.precision)
+    val = validate_run(run)
     run.final_val = val
-    run.progress.best_top1 = max(run.progress.best_top1 or 0.0, val['top_1'])
+    if progress.best_top1 is None or val['top_1'] > progress.best_top1:
+        progress.best_top1, progress.best_epoch = val['top_1'], epoch
+        if cfg.checkpoint.keep_best and run.run_dir:
+            checkpoint.save_final_weights(
+                models.unwrapped_state_dict(run.model_without_ddp), run.run_dir.best_weights,
+                config=run.resolved, classes=run.classes)
     if target > 0 and val['top_1'] >= target:
         run.reached = {'epoch': epoch, 'time_to_target_s': time.perf_counter() - run.wall_start}
     if (run.reached or last) and cfg.validation.ten_crop:
         val.update(ten_crop_eval(cfg, run.dist, run.model_without_ddp, run.precision))
     return val
+
+
+def validate_run(run: Run) -> dict:
+    """:func:`validate` of the model, and of its EMA (keys suffixed ``_ema``) when there is one."""
+    primary = run.dist.is_primary
+    val = validate(run.cfg, run.model_without_ddp, run.val_loader, run.precision,
+                   progress='val' if primary else '')
+    if run.options.ema is not None:
+        ema_val = validate(run.cfg, run.options.ema.module, run.val_loader, run.precision,
+                           progress='val (EMA)' if primary else '')
+        val.update({f'{k}_ema': v for k, v in ema_val.items() if k != 'val_count'})
+    return val
+
+
+def log_train(run: Run, epoch: int, iterations_done: int, values: dict) -> None:
+    """Rank 0: the train loss, LR and img/s of an iteration, to TensorBoard / W&B."""
+    run.live_log.train_scalars(global_step(run, epoch, iterations_done), values)
 
 
 def log_epoch(run: Run, epoch: int, res: int, stats: dict, val: dict) -> None:
@@ -297,7 +359,11 @@ def log_epoch(run: Run, epoch: int, res: int, stats: dict, val: dict) -> None:
               'train_img_per_s': images / stats['seconds'],
               'wall_time_s': time.perf_counter() - run.wall_start}
     run.run_dir.append_log(record)
+    metrics.plot_log(run.run_dir.log, run.run_dir.plot)
+    run.live_log.epoch_scalars(epoch, record, step=global_step(run, epoch + 1, 0))
     top1 = f'{val["top_1"]:.4f}' if val else '-'
+    if 'top_1_ema' in val:
+        top1 += f' (EMA {val["top_1_ema"]:.4f})'
     print(f'epoch {epoch}: res {res}, train loss {stats["train_loss"]:.4f}, top-1 {top1}, '
           f'{record["train_img_per_s"]:.0f} img/s, {stats["seconds"]:.1f} s', flush=True)
 
@@ -314,10 +380,11 @@ def stopped_summary(run: Run, stop) -> dict:
 
 def summarize(run: Run) -> dict:
     """The end of a finished run: final metrics, speed, size and cost of the model; rank 0 writes
-    final_weights.pt and progress.png and prints the results table."""
+    final_weights_ema.pt (with an EMA), then final_weights.pt (the run is finished), and prints the
+    results table."""
     cfg, model = run.cfg, run.model_without_ddp
     if run.final_val is None:  # resumed from the checkpoint written after the last epoch
-        run.final_val = validate(cfg, model, run.val_loader, run.precision)
+        run.final_val = validate_run(run)
     reached, progress = run.reached or {}, run.progress
     summary = {'run_dir': str(run.run_dir.path) if run.run_dir else None, 'arch': cfg.model.arch,
                'epochs': reached.get('epoch', cfg.training.epochs - 1) + 1, **run.final_val,
@@ -329,20 +396,27 @@ def summarize(run: Run) -> dict:
                'train_img_per_s': progress.images / max(progress.train_seconds, 1e-9),
                'weights_sha256': models.state_sha256(model),
                **metrics.model_complexity(model, cfg.validation.resolution)}
+    if cfg.checkpoint.keep_best:
+        summary.update(best_top1=progress.best_top1, best_epoch=progress.best_epoch)
+    if run.run_dir and run.options.ema is not None:
+        checkpoint.save_final_weights(models.unwrapped_state_dict(run.options.ema),
+                                      run.run_dir.final_weights_ema, config=run.resolved,
+                                      classes=run.classes)
     if run.run_dir:
         checkpoint.save_final_weights(models.unwrapped_state_dict(model), run.run_dir.final_weights,
                                       config=run.resolved, classes=run.classes)
-        metrics.plot_log(run.run_dir.log, run.run_dir.plot)
         print(metrics.results_table(summary))
     return summary
 
 
-def validate(cfg, model, loader, precision) -> dict:
+def validate(cfg, model, loader, precision, progress: str = '') -> dict:
     """Centre-crop top-1/top-5, loss and error rates of ``model`` on the val set (all ranks), with
-    flip TTA when ``validation.lr_tta`` (ffcv-imagenet's name) is set."""
+    flip TTA when ``validation.lr_tta`` (ffcv-imagenet's name) is set; ``progress``: the label of
+    a progress bar ('': none)."""
     val = metrics.with_error_rates(engine.evaluate(
         model=model, loader=loader, amp_dtype=precision.amp_dtype,
-        flip_tta=bool(cfg.validation.lr_tta), corrupt_record=loader.corrupt_record))
+        flip_tta=bool(cfg.validation.lr_tta), corrupt_record=loader.corrupt_record,
+        progress=progress))
     val['val_count'] = val.pop('count')
     return val
 
@@ -352,7 +426,7 @@ def ten_crop_eval(cfg, dist, model, precision) -> dict:
     loader = make_val_loader(cfg, dist, precision, crop_ratio=1.0)
     result = metrics.with_error_rates(engine.evaluate(
         model=model, loader=loader, amp_dtype=precision.amp_dtype, ten_crop=True,
-        corrupt_record=loader.corrupt_record))
+        corrupt_record=loader.corrupt_record, progress='10-crop' if dist.is_primary else ''))
     return {f'{k}_10crop': v for k, v in result.items() if k != 'count'}
 
 
@@ -370,7 +444,8 @@ def evaluate_weights(cfg, dist) -> dict:
     torch.backends.cudnn.benchmark = dist.device.type == 'cuda'  # fixed shapes
     start = time.perf_counter()
     summary = {'weights': str(cfg.model.weights), 'arch': saved.arch, 'epochs': '-',
-               **validate(cfg, model, make_val_loader(cfg, dist, precision), precision),
+               **validate(cfg, model, make_val_loader(cfg, dist, precision), precision,
+                          progress='val' if dist.is_primary else ''),
                'flip_tta': bool(cfg.validation.lr_tta), 'val_res': cfg.validation.resolution,
                'wall_time_s': time.perf_counter() - start, 'train_img_per_s': None,
                **metrics.model_complexity(model, cfg.validation.resolution)}
@@ -386,7 +461,7 @@ def evaluate_weights(cfg, dist) -> dict:
 if __name__ == '__main__':
     try:
         summary = main(config.load_config(sys.argv[1:]))
-    except (config.ConfigError, FileNotFoundError, checkpoint.CheckpointError,
+    except (config.ConfigError, FileNotFoundError, checkpoint.CheckpointError, MissingPackageError,
             engine.NonFiniteLossError, engine.CorruptRecordError, CorruptBetonError) as e:
         sys.exit(f'train_imagenet.py: {e}')
     sys.exit(summary.get('exit_code', 0))

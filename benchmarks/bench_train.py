@@ -7,11 +7,17 @@ lets the loop reach.
     python benchmarks/bench_train.py                  # CPU: ResNet-18, 128 px (make bench)
     python benchmarks/bench_train.py --device cuda    # one GPU: ResNet-50 at 160 and 192 px,
                                                       # batch 256, ours and ffcv's stock loader
+    python benchmarks/bench_train.py --compile 0      # eager only (no torch.compile rows)
 
 Feeds (``--feeds``): ``synthetic`` (one random normalised batch on the device, reused),
 ``ours`` (``loaders.train_loader``), ``ffcv_stock`` (ffcv-imagenet's pipeline with ffcv 1.0.2's
 own decoder, ``bench_loader.ffcv_stock``; on CUDA its NormalizeImage needs cupy). A feed that
 fails gives a row with its error instead of stopping the others.
+
+Compile (``--compile``, default ``0,1``): every row is measured with the eager model (0), then
+with ``models.compile_model`` of it (1: torch.compile with static shapes, so it compiles again at
+each res). The first step of each row is timed alone (``first_step_s``: with compile 1 it is
+mostly the compile time) and never counted in img/s; the timed steps follow the warm-up.
 
 Data: the main set of bench_loader (../shared/data/imagewoof320, or the embedded sample), stored
 as write_beton.py does by default, or ``--beton FILE`` (at least batch x (warm-up + steps + 1)
@@ -83,11 +89,43 @@ def make_loader(feed, beton, *, res, batch_size, workers, device, dtype) -> tupl
     return ffcv_stock(beton, res=res, workers=workers, batch_size=batch_size, device=device)
 
 
+def feed_batches(feed, made, beton, *, res, batch_size, workers, device, dtype, n):
+    """An iterator over (images, labels) batches of ``feed`` at ``res``: the synthetic batch ``n``
+    times, or a real feed's loader (made once per feed and kept in ``made``, which also keeps the
+    exception its construction raised: raised again here, for every row of that feed)."""
+    if feed == 'synthetic':
+        x, y = synthetic_batch(batch_size=batch_size, res=res, device=device, dtype=dtype)
+        return iter([(x, y)] * n)
+    if feed not in made:
+        try:
+            made[feed] = make_loader(feed, beton, res=res, batch_size=batch_size, workers=workers,
+                                     device=device, dtype=dtype)
+        except Exception as e:  # noqa: BLE001 - reported in the row
+            made[feed] = e
+    if isinstance(made[feed], Exception):
+        raise made[feed]
+    loader, decoder = made[feed]
+    decoder.output_size = (res, res)
+    return iter(loader)  # warm-up, then the timed steps, in one pass
+
+
+def timed_steps(net, optimizer, batches, *, warmup, steps, amp_dtype, device) -> dict:
+    """``{'img_per_s', 'first_step_s'}``: the first step timed alone (it compiles: torch.compile at
+    a new shape, numba for a loader, cudnn's algorithm search), ``warmup - 1`` more untimed steps,
+    then the img/s of ``steps`` timed steps."""
+    _, first = steps_per_s(net, optimizer, Batches(batches, 1), amp_dtype, device)
+    if warmup > 1:
+        steps_per_s(net, optimizer, Batches(batches, warmup - 1), amp_dtype, device)
+    rate, _ = steps_per_s(net, optimizer, Batches(batches, steps), amp_dtype, device)
+    return {'img_per_s': round(rate, 1), 'first_step_s': round(first, 2)}
+
+
 def measure(*, beton, feeds, arch, res_list, batch_size, steps, warmup, workers, device,
-            amp='auto') -> list:
-    """One row per (res, feed): img/s of ``steps`` timed steps after ``warmup`` steps (numba
-    compiles a loader at its first batch, cudnn picks its algorithms on the first steps), and
-    for the real feeds the percentage of the synthetic feed at the same res."""
+            amp='auto', compile_modes=(0,)) -> list:
+    """One row per (compile, res, feed): img/s of ``steps`` timed steps after ``max(warmup, 1)``
+    untimed ones (the first, timed alone as ``first_step_s``, compiles), and for the real feeds
+    the percentage of the synthetic feed at the same res and compile setting. ``compile_modes``:
+    0 the eager model, 1 ``models.compile_model`` of it (the same weights, trained on)."""
     precision = engine.resolve_precision(amp, device)
     torch.backends.cudnn.benchmark = device.type == 'cuda'
     model = models.build_model(arch=arch, num_classes=1000, use_blurpool=True,
@@ -96,45 +134,34 @@ def measure(*, beton, feeds, arch, res_list, batch_size, steps, warmup, workers,
                                 lr=0.01, momentum=0.9)
     made = {}  # feed -> (loader, decoder), or the exception its construction raised
     rows = []
-    for res in res_list:
-        common = {'arch': arch, 'device': str(device), 'res': res, 'batch_size': batch_size,
-                  'steps': steps, 'workers': workers, 'precision': precision.name}
-        limit = None
-        for feed in feeds:
-            row = {**common, 'feed': FEEDS[feed]}
-            try:
+    for compiled in compile_modes:
+        net = models.compile_model(model) if compiled else model
+        for res in res_list:
+            common = {'arch': arch, 'device': str(device), 'res': res, 'batch_size': batch_size,
+                      'steps': steps, 'workers': workers, 'precision': precision.name,
+                      'compile': int(compiled)}
+            limit = None
+            for feed in feeds:
+                row = {**common, 'feed': FEEDS[feed]}
+                try:
+                    batches = feed_batches(feed, made, beton, res=res, batch_size=batch_size,
+                                           workers=workers, device=device,
+                                           dtype=precision.input_dtype,
+                                           n=max(warmup, 1) + steps)
+                    row.update(timed_steps(net, optimizer, batches, warmup=warmup, steps=steps,
+                                           amp_dtype=precision.amp_dtype, device=device))
+                except Exception as e:  # noqa: BLE001 - one failing feed must not hide the others
+                    rows.append({**row, 'error': f'{type(e).__name__}: {e}'.splitlines()[0][:200]})
+                    print(f'  {res} px, {feed}, compile {compiled}: failed: {rows[-1]["error"]}',
+                          flush=True)
+                    continue
                 if feed == 'synthetic':
-                    x, y = synthetic_batch(batch_size=batch_size, res=res, device=device,
-                                           dtype=precision.input_dtype)
-                    batches = iter([(x, y)] * (warmup + steps))
-                else:
-                    if feed not in made:
-                        try:
-                            made[feed] = make_loader(feed, beton, res=res,
-                                                     batch_size=batch_size, workers=workers,
-                                                     device=device, dtype=precision.input_dtype)
-                        except Exception as e:  # noqa: BLE001 - reported in the row
-                            made[feed] = e
-                    if isinstance(made[feed], Exception):
-                        raise made[feed]
-                    loader, decoder = made[feed]
-                    decoder.output_size = (res, res)
-                    batches = iter(loader)  # warm-up, then the timed steps, in one pass
-                steps_per_s(model, optimizer, Batches(batches, warmup), precision.amp_dtype,
-                            device)
-                rate, _ = steps_per_s(model, optimizer, Batches(batches, steps),
-                                      precision.amp_dtype, device)
-            except Exception as e:  # noqa: BLE001 - one failing feed must not hide the others
-                rows.append({**row, 'error': f'{type(e).__name__}: {e}'.splitlines()[0][:200]})
-                print(f'  {res} px, {feed}: failed: {rows[-1]["error"]}', flush=True)
-                continue
-            row['img_per_s'] = round(rate, 1)
-            if feed == 'synthetic':
-                limit = rate
-            elif limit:
-                row['pct_of_synthetic'] = round(100 * rate / limit, 1)
-            rows.append(row)
-            print(f'  {res} px, {feed}: {rate:.1f} img/s', flush=True)
+                    limit = row['img_per_s']
+                elif limit:
+                    row['pct_of_synthetic'] = round(100 * row['img_per_s'] / limit, 1)
+                rows.append(row)
+                print(f'  {res} px, {feed}, compile {compiled}: {row["img_per_s"]:.1f} img/s '
+                      f'(first step {row["first_step_s"]:.1f} s)', flush=True)
     return rows
 
 
@@ -145,7 +172,12 @@ def main():
     p.add_argument('--res', help='default: 128 on CPU, 160,192 on CUDA')
     p.add_argument('--batch-size', type=int, help='default: 32 on CPU, 256 on CUDA')
     p.add_argument('--steps', type=int, help='timed steps per row; default: 8 on CPU, 100 on CUDA')
-    p.add_argument('--warmup', type=int, help='untimed steps first; default: 2 on CPU, 10 on CUDA')
+    p.add_argument('--warmup', type=int, help='untimed steps first (at least 1: the first step '
+                                              'compiles); default: 2 on CPU, 10 on CUDA')
+    p.add_argument('--compile', default='0,1',
+                   help='comma-separated: 0 the eager model, 1 models.compile_model '
+                        '(torch.compile, static shapes: compiles at the first step of each res); '
+                        'default: both')
     p.add_argument('--feeds', help=f'comma-separated, from {", ".join(FEEDS)}; default: '
                                    'synthetic,ours on CPU, all three on CUDA')
     p.add_argument('--amp', default='auto', choices=engine.AMP_CHOICES,
@@ -165,6 +197,10 @@ def main():
     unknown = [f for f in feeds if f not in FEEDS]
     if unknown:
         p.error(f'--feeds: unknown {", ".join(unknown)}; expected some of {", ".join(FEEDS)}')
+    compile_modes = [c.strip() for c in args.compile.split(',')]
+    if not compile_modes or set(compile_modes) - {'0', '1'}:
+        p.error(f'--compile: {args.compile!r}; expected 0, 1 or 0,1')
+    compile_modes = [int(c) for c in compile_modes]
     print(machine_line())
 
     with tempfile.TemporaryDirectory(prefix='bench_train_') as tmp:
@@ -173,17 +209,19 @@ def main():
         else:
             name, root = next(iter(image_sets(['imagewoof320']).items()))
             beton = Path(tmp) / 'train.beton'
-            write_beton(pooled_samples(root, bs * (steps + warmup) + bs), beton, max_res=256,
-                        num_workers=os.cpu_count())
+            write_beton(pooled_samples(root, bs * (steps + max(warmup, 1)) + bs), beton,
+                        max_res=256, num_workers=os.cpu_count())
         rows = measure(beton=beton, feeds=feeds, arch=arch, res_list=res_list, batch_size=bs,
                        steps=steps, warmup=warmup, workers=args.workers, device=device,
-                       amp=args.amp)
+                       amp=args.amp, compile_modes=compile_modes)
     rows = [{'data': name, **r} for r in rows]
 
     print(f'\n### Training loop: {arch} on {device}, batch {bs}, {steps} timed steps after '
-          f'{warmup} warm-up steps\n')
+          f'{max(warmup, 1)} warm-up steps (the first one, which compiles, timed alone)\n')
     columns = [('res', 'res', ''), ('feed', 'fed by', ''), ('precision', 'precision', ''),
-               ('img_per_s', 'img/s', ',.1f'), ('pct_of_synthetic', '% of synthetic', '.0f')]
+               ('compile', 'compile', ''), ('img_per_s', 'img/s', ',.1f'),
+               ('pct_of_synthetic', '% of synthetic', '.0f'),
+               ('first_step_s', 'first step s', '.1f')]
     if any('error' in r for r in rows):
         columns.append(('error', 'error', ''))
     print(markdown_table(rows, columns))

@@ -48,10 +48,10 @@ SAFETENSORS_FORMAT = 'imagenet_ffcv final weights'
 # Config keys that may change between a run and its resumption: how data is read, what is logged
 # and how validation is done. Any other difference (epochs, LR, resolution schedule, batch, model,
 # seed, ...) changes the schedule the run is half-way through and is refused unless forced.
-# The mixed precision (a device property) and the code version may change as well.
+# The mixed precision (a device property), torch.compile and the code version may change as well.
 RESUMABLE_CHANGES = ('data.', 'logging.', 'validation.', 'checkpoint.', 'dist.', 'code.',
                      'training.eval_only', 'training.target_top1', 'training.amp',
-                     'derived.device', 'derived.amp')
+                     'training.compile', 'derived.device', 'derived.amp')
 
 
 class CheckpointError(Exception):

@@ -16,6 +16,7 @@ from fastargs import Config, Param, Section
 from fastargs.validation import And, OneOf
 
 from . import schedules
+from .optimizers import OPTIMIZERS
 
 
 class ConfigError(ValueError):
@@ -46,7 +47,8 @@ def _data_and_model_sections(section) -> None:
             gpu=Param(int, 'ignored (kept so ffcv-imagenet configs load): the device is '
                            'cuda:LOCAL_RANK', default=0))
     section('model', 'network',
-            arch=Param(str, 'torchvision classification model name', default='resnet50'),
+            arch=Param(str, "torchvision classification model name, or 'timm:<name>' (a timm "
+                            'model; needs the optional timm package)', default='resnet50'),
             pretrained=Param(int, 'must be 0: training starts from random weights', default=0),
             weights=Param(str, 'with training.eval_only=1: the checkpoint.pt or final_weights.pt '
                                'to evaluate', default=''))
@@ -58,8 +60,11 @@ def _data_and_model_sections(section) -> None:
     section('lr', 'learning-rate schedule',
             lr=Param(float, 'peak LR (cyclic) or initial LR (step), for ref_batch_size images '
                             'per step when ref_batch_size is set', default=0.5),
-            lr_schedule_type=Param(OneOf(['cyclic', 'step', 'poly']),
-                                   'cyclic (triangular), step or poly', default='cyclic'),
+            lr_schedule_type=Param(OneOf(list(schedules.LR_SCHEDULES)),
+                                   'cyclic (triangular), step, poly or cosine',
+                                   default='cyclic'),
+            min_lr=Param(float, 'cosine: the LR at the end of training (not scaled with the '
+                                'batch)', default=0.0),
             lr_peak_epoch=Param(float, 'cyclic: epoch at which the LR peaks', default=2),
             step_ratio=Param(float, 'step: LR multiplier at each step', default=0.1),
             step_length=Param(int, 'step: epochs between steps', default=30),
@@ -77,7 +82,12 @@ def _training_sections(section) -> None:
     section('logging', 'outputs',
             folder=Param(str, 'runs are written to FOLDER/<run id>/', required=True),
             log_level=Param(int, 'validate every epoch (ffcv-imagenet\'s name): 1: after every '
-                                 'epoch; 0: only after the last one', default=1))
+                                 'epoch; 0: only after the last one', default=1),
+            tensorboard=Param(int, '1: TensorBoard event files in RUN_DIR/tensorboard', default=0),
+            wandb_project=Param(str, 'Weights & Biases project to log to (needs the optional '
+                                     "wandb package); '': off", default=''),
+            every_iters=Param(int, 'TensorBoard/W&B: train loss, LR and img/s every this many '
+                                   'iterations', default=50))
     section('validation', 'evaluation',
             batch_size=Param(int, 'validation batch per process', default=512),
             resolution=Param(int, 'side of the centre crop (px)', default=256),
@@ -88,12 +98,17 @@ def _training_sections(section) -> None:
     section('training', 'optimisation',
             eval_only=Param(int, '1: only evaluate model.weights on the val set', default=0),
             batch_size=Param(int, 'training batch per process (images)', default=512),
-            optimizer=Param(And(str, OneOf(['sgd'])), 'sgd (with momentum)', default='sgd'),
+            optimizer=Param(And(str, OneOf(list(OPTIMIZERS))),
+                            'sgd (with momentum), adamw, or lamb (needs the optional timm package)',
+                            default='sgd'),
             amp=Param(OneOf(['auto', 'bf16', 'fp16', 'off']),
                       'mixed precision on CUDA: auto (bf16 where the GPU has it, else fp16), bf16, '
                       'fp16 (with loss scaling) or off (fp32); CPU: auto means off',
                       default='auto'),
             momentum=Param(float, 'SGD momentum', default=0.9),
+            betas=Param(str, "adamw/lamb: the betas 'beta1,beta2'", default='0.9,0.999'),
+            clip_grad_norm=Param(float, 'clip the global gradient norm to this value; 0: off',
+                                 default=0.0),
             weight_decay=Param(float, 'L2 weight decay', default=5e-5),
             bn_wd=Param(int, '0: no weight decay on normalisation layers nor biases', default=0),
             epochs=Param(int, 'number of epochs', default=16),
@@ -104,7 +119,16 @@ def _training_sections(section) -> None:
                                    'torchrun for several processes', default=0),
             seed=Param(int, 'seed of weights init and data order', default=0),
             target_top1=Param(float, 'stop at the first epoch whose validation top-1 reaches this '
-                                     'fraction (e.g. 0.6); 0: train all epochs', default=0.0))
+                                     'fraction (e.g. 0.6); 0: train all epochs', default=0.0),
+            ema_decay=Param(float, 'EMA of the weights (and BN buffers): the weight of the old '
+                                   'average at each update, e.g. 0.9998; 0: off', default=0.0),
+            ema_every=Param(int, 'update the EMA every this many iterations', default=1),
+            mixup_alpha=Param(float, 'MixUp Beta(alpha, alpha) (Zhang et al. 2018); 0: off',
+                              default=0.0),
+            cutmix_alpha=Param(float, 'CutMix Beta(alpha, alpha) (Yun et al. 2019); 0: off; with '
+                                      'mixup_alpha too, one of the two per batch', default=0.0),
+            compile=Param(int, '1: torch.compile the model (recompiles once per resolution)',
+                          default=0))
     section('checkpoint', 'checkpoints (RUN_DIR/checkpoint.pt, rewritten atomically) and resume',
             resume=Param(str, "'auto': continue the latest unfinished run under logging.folder "
                               "(start a new one if there is none); a checkpoint.pt path: "
@@ -112,7 +136,9 @@ def _training_sections(section) -> None:
             every_iters=Param(int, 'also write a checkpoint every this many iterations within an '
                                    'epoch; 0: only at the end of each epoch', default=0),
             force=Param(int, '1: resume even if the config changes the schedule (epochs, LR, '
-                             'resolution, batch, model, seed)', default=0))
+                             'resolution, batch, model, seed)', default=0),
+            keep_best=Param(int, '1: RUN_DIR/best_weights.pt holds the weights of the epoch with '
+                                 'the best validation top-1 so far', default=0))
     section('dist', 'kept so ffcv-imagenet configs load; torchrun sets the real values',
             world_size=Param(int, 'number of GPUs the config was written for', default=1),
             address=Param(str, 'ignored: use torchrun --rdzv-endpoint', default='localhost'),
@@ -142,6 +168,22 @@ def _nest(flat: dict) -> dict:
     return tree
 
 
+def _add_key_arguments(parser: argparse.ArgumentParser, config: Config) -> None:
+    """One ``--section.key`` option per key, grouped by section in ``--help``, each help text
+    ending with the key's default. The options default to None: only given ones override."""
+    groups = {}
+    for path, param in config.entries.items():
+        section = param.section
+        if section.ns not in groups:
+            groups[section.ns] = parser.add_argument_group(
+                f'{".".join(section.ns)}: {section.desc}')
+        default = ('required' if param.required else
+                   f"default: {param.default!r}" if isinstance(param.default, str) else
+                   f'default: {param.default}')
+        groups[section.ns].add_argument(f'--{".".join(path)}', default=None, metavar='VALUE',
+                                        help=f'{param.desc} ({default})'.replace('%', '%%'))
+
+
 def load_config(argv: list) -> SimpleNamespace:
     """Parse ``argv`` (e.g. ``['--config', 'rn50_configs/rn50_16_epochs.yaml',
     '--training.epochs=2']``) into ``cfg.section.key`` values, checked against the schema.
@@ -154,13 +196,14 @@ def load_config(argv: list) -> SimpleNamespace:
     known = {'.'.join(path): param for path, param in config.entries.items()}
 
     parser = argparse.ArgumentParser(prog='train_imagenet.py', allow_abbrev=False,
+                                     usage='%(prog)s [--config FILE.yaml ...] '
+                                           '[--section.key=VALUE ...] [--resume auto|PATH]',
                                      description='Train an ImageNet classifier from .beton files.')
     parser.add_argument('--config', '--config-file', '-C', action='append', default=[],
                         help='YAML or JSON config file (repeatable; later ones win)')
     parser.add_argument('--resume', dest='checkpoint.resume', default=None,
                         help="shorthand for --checkpoint.resume: 'auto' or a checkpoint.pt path")
-    for name, param in known.items():
-        parser.add_argument(f'--{name}', default=None, help=param.desc)
+    _add_key_arguments(parser, config)
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         raise ConfigError(f'unknown argument(s) {" ".join(unknown)}; valid keys: {", ".join(known)}')
@@ -242,10 +285,48 @@ def _check_consistency(cfg) -> None:
                         'training.eval_only=1; to continue a run use --resume')
     if cfg.training.eval_only and cfg.checkpoint.resume:
         problems.append('checkpoint.resume and training.eval_only=1 exclude each other')
+    problems += _option_problems(cfg)
     if cfg.lr.ref_batch_size < 0:
         problems.append(f'lr.ref_batch_size={cfg.lr.ref_batch_size} must be >= 0 (0: no scaling)')
     if problems:
         raise ConfigError('invalid configuration:\n  ' + '\n  '.join(problems))
+
+
+def _option_problems(cfg) -> list:
+    """The rules of the optional training features (EMA, MixUp/CutMix, cosine, AdamW, clipping)."""
+    problems = []
+    t = cfg.training
+    if not 0 <= t.ema_decay < 1:
+        problems.append(f'training.ema_decay={t.ema_decay} must lie in [0, 1) (0: off), e.g. '
+                        '0.9998')
+    if t.ema_every < 1:
+        problems.append(f'training.ema_every={t.ema_every} must be >= 1 (iterations)')
+    for key in ('mixup_alpha', 'cutmix_alpha', 'clip_grad_norm'):
+        if getattr(t, key) < 0:
+            problems.append(f'training.{key}={getattr(t, key)} must be >= 0 (0: off)')
+    try:
+        parse_betas(t.betas)
+    except ValueError as e:
+        problems.append(f'training.betas={t.betas!r}: {e}')
+    if not 0 <= cfg.lr.min_lr <= cfg.lr.lr:
+        problems.append(f'lr.min_lr={cfg.lr.min_lr} must lie in [0, lr.lr={cfg.lr.lr}]')
+    if cfg.lr.min_lr and cfg.lr.lr_schedule_type != 'cosine':
+        problems.append(f'lr.min_lr={cfg.lr.min_lr} is only used by lr.lr_schedule_type=cosine')
+    if cfg.logging.every_iters < 1:
+        problems.append(f'logging.every_iters={cfg.logging.every_iters} must be >= 1')
+    return problems
+
+
+def parse_betas(text: str) -> tuple:
+    """``'0.9,0.999'`` -> ``(0.9, 0.999)``, each in [0, 1). Raises ValueError saying what is
+    expected."""
+    try:
+        betas = tuple(float(part) for part in text.split(','))
+    except ValueError:
+        raise ValueError("expected two numbers 'beta1,beta2', e.g. '0.9,0.999'") from None
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ValueError("expected two numbers in [0, 1) 'beta1,beta2', e.g. '0.9,0.999'")
+    return betas
 
 
 def to_dict(cfg: SimpleNamespace) -> dict:
@@ -263,7 +344,8 @@ def lr_schedule_kwargs(cfg: SimpleNamespace) -> dict:
             'peak_epoch': cfg.lr.lr_peak_epoch, 'step_ratio': cfg.lr.step_ratio,
             'step_length': cfg.lr.step_length,
             'step_fractions': schedules.parse_fractions(cfg.lr.step_fractions),
-            'poly_power': cfg.lr.poly_power, 'warmup_epochs': cfg.lr.warmup_epochs}
+            'poly_power': cfg.lr.poly_power, 'warmup_epochs': cfg.lr.warmup_epochs,
+            'min_lr': cfg.lr.min_lr}
 
 
 def resolution_kwargs(cfg: SimpleNamespace) -> dict:

@@ -2,6 +2,7 @@
 runs on CPU (fp32) and CUDA (bf16, or fp16 with loss scaling)."""
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -84,35 +85,78 @@ def _raise_if_corrupt(message, corrupt_on_any_rank: bool) -> None:
                                  '(its message names it); stopped')
 
 
-def train_step(*, model, x, y, optimizer, loss_fn, amp_dtype=None, scaler=None) -> torch.Tensor:
-    """One SGD step on the batch ``x`` (float (B, 3, H, W)), ``y`` (int64 (B,)): forward under
-    autocast to ``amp_dtype`` (None: full precision), backward, optimizer step. With ``scaler`` (a
-    ``torch.amp.GradScaler``, for fp16) the loss is scaled before the backward pass and the step
-    skipped when the gradients overflow, as ``torch.amp`` documents. Returns the detached loss
-    (a 0-d tensor on the device; no device sync)."""
+@dataclass
+class StepOptions:
+    """The optional parts of a training step, all off by default.
+
+    clip_grad_norm: clip the global L2 norm of the gradients to this value before the step
+    (``torch.nn.utils.clip_grad_norm_``, after unscaling under fp16); 0: off.
+    mix: a batch transform ``(x, y) -> (x, soft targets float (B, classes))``, e.g.
+    ``mixup.batch_mixer``'s MixUp/CutMix, applied to each batch on its device; None: off.
+    ema: a ``torch.optim.swa_utils.AveragedModel`` of the model, updated from the model's
+    parameters and buffers every ``ema_every`` iterations (see ``ema.make_ema``); None: off.
+    """
+    clip_grad_norm: float = 0.0
+    mix: Callable = None
+    ema: torch.nn.Module = None
+    ema_every: int = 1
+
+
+def _agree(first_bad, iterations: int, epoch: int, stop_requested, corrupt_record) -> bool:
+    """The ranks' check of :func:`train_one_epoch` (one all-reduce): raises CorruptRecordError
+    or NonFiniteLossError when any rank met one; returns False when any rank asks to stop."""
+    device = first_bad.device
+    stop_here = bool(stop_requested and stop_requested())
+    corrupt = corrupt_record() if corrupt_record else None
+    bad, go_on, intact = distributed.all_reduce_min(torch.stack([
+        first_bad, torch.tensor(0 if stop_here else 1, device=device),
+        torch.tensor(0 if corrupt else 1, device=device)]))
+    _raise_if_corrupt(corrupt, intact == 0)
+    if bad < iterations:
+        raise NonFiniteLossError(epoch, int(bad))
+    return bool(go_on)
+
+
+def train_step(*, model, x, y, optimizer, loss_fn, amp_dtype=None, scaler=None,
+               clip_grad_norm: float = 0.0, mix=None) -> torch.Tensor:
+    """One optimizer step on the batch ``x`` (float (B, 3, H, W)), ``y`` (int64 (B,)): forward
+    under autocast to ``amp_dtype`` (None: full precision), backward, optimizer step. With
+    ``scaler`` (a ``torch.amp.GradScaler``, for fp16) the loss is scaled before the backward pass
+    and the step skipped when the gradients overflow, as ``torch.amp`` documents.
+    mix, clip_grad_norm: see :class:`StepOptions`; the loss then takes the soft targets.
+    Returns the detached loss (a 0-d tensor on the device; no device sync)."""
     device_type = x.device.type
     optimizer.zero_grad(set_to_none=True)
+    if mix is not None:
+        x, y = mix(x, y)
     with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
         loss = loss_fn(model(x), y)
     if scaler is not None:
         scaler.scale(loss).backward()
+        if clip_grad_norm:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
         scaler.step(optimizer)
         scaler.update()
     else:
         loss.backward()
+        if clip_grad_norm:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
         optimizer.step()
     return loss.detach()
 
 
 def train_one_epoch(*, model, loader, optimizer, loss_fn, lr_at, epoch: int, amp_dtype=None,
-                    scaler=None, show_progress: bool = True, start_iteration: int = 0,
-                    check_every: int = 10, stop_requested=None, checkpoint_every: int = 0,
-                    save_checkpoint=None, corrupt_record=None) -> dict:
+                    scaler=None, options: StepOptions = None, show_progress: bool = True,
+                    start_iteration: int = 0, check_every: int = 10, stop_requested=None,
+                    checkpoint_every: int = 0, save_checkpoint=None, corrupt_record=None,
+                    log_every: int = 0, log_train=None, iterations_after: float = 0.0) -> dict:
     """Train ``model`` on every batch of ``loader`` once, with :func:`train_step`.
 
     lr_at: function of the fractional epoch ``epoch + (i + 0.5) / len(loader)`` giving the LR of
     iteration ``i``; it is set on every parameter group before each step.
     amp_dtype, scaler: the mixed precision (see :class:`Precision` and :func:`train_step`).
+    options: clipping, MixUp/CutMix and EMA (:class:`StepOptions`; None: all off).
     Batches: float images (B, 3, H, W) and int64 labels (B,) on the model's device.
     start_iteration: resume within the epoch: batches ``0..start_iteration-1`` are read (the
     loader's order is fixed by its seed and epoch) but not trained on again.
@@ -124,13 +168,18 @@ def train_one_epoch(*, model, loader, optimizer, loss_fn, lr_at, epoch: int, amp
     message from ``corrupt_record()`` on any rank (a sample that did not decode, see
     ``loaders.Loader.corrupt_record``) raises :class:`CorruptRecordError`. Then, every
     ``checkpoint_every`` iterations (0: never) except the last, ``save_checkpoint(i + 1)`` is
-    called with the number of iterations done.
+    called with the number of iterations done, and every ``log_every`` iterations (0: never)
+    ``log_train(iterations_done, {'loss', 'lr', 'img_per_s'})`` (the loss of that iteration).
+    iterations_after: the work of the epochs after this one, in iterations of this epoch (see
+    ``schedules.remaining_work``): the progress bar's ``eta`` is the time left for the whole run
+    at this epoch's speed (validation not counted).
 
     Returns ``{'train_loss': mean loss per image, 'images': images this process trained on,
     'seconds': wall time, 'lr': LR of the last step, 'iterations_done': iterations of the epoch
     trained (``len(loader)`` unless stopped early), 'stopped': the ranks agreed to stop}``.
     """
     model.train()
+    options = options or StepOptions()
     iterations = len(loader)
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -146,26 +195,28 @@ def train_one_epoch(*, model, loader, optimizer, loss_fn, lr_at, epoch: int, amp
         for group in optimizer.param_groups:
             group['lr'] = lr
         loss = train_step(model=model, x=x, y=y, optimizer=optimizer, loss_fn=loss_fn,
-                          amp_dtype=amp_dtype, scaler=scaler)
+                          amp_dtype=amp_dtype, scaler=scaler, mix=options.mix,
+                          clip_grad_norm=options.clip_grad_norm)
         # Recorded on the device, without a sync: the first iteration whose loss is not finite.
         first_bad = torch.where(torch.isfinite(loss) | (first_bad < iterations), first_bad, i)
         loss_sum += loss.double() * y.shape[0]
         images += y.shape[0]
         done = i + 1
+        if options.ema is not None and done % options.ema_every == 0:
+            options.ema.update_parameters(model)
         checkpoint_due = bool(checkpoint_every) and done % checkpoint_every == 0
-        if done % check_every == 0 or done == iterations or checkpoint_due:
-            stop_here = bool(stop_requested and stop_requested())
-            corrupt = corrupt_record() if corrupt_record else None
-            bad, go_on, intact = distributed.all_reduce_min(torch.stack([
-                first_bad, torch.tensor(0 if stop_here else 1, device=device),
-                torch.tensor(0 if corrupt else 1, device=device)]))
-            _raise_if_corrupt(corrupt, intact == 0)
-            if bad < iterations:
-                raise NonFiniteLossError(epoch, bad)
+        log_due = bool(log_every) and done % log_every == 0
+        if done % check_every == 0 or done == iterations or checkpoint_due or log_due:
+            go_on = _agree(first_bad, iterations, epoch, stop_requested, corrupt_record)
+            seconds = time.perf_counter() - start
+            if log_due and log_train:
+                log_train(done, {'loss': float(loss), 'lr': lr, 'img_per_s': images / seconds})
             if show_progress:
+                eta = (iterations - done + iterations_after) * seconds / (done - start_iteration)
                 bar.set_postfix(loss=f'{float(loss):.3f}', lr=f'{lr:.3g}',
-                                img_per_s=f'{images / (time.perf_counter() - start):.0f}')
-            if go_on == 0:
+                                img_per_s=f'{images / seconds:.0f}',
+                                eta=tqdm.format_interval(eta))
+            if not go_on:
                 stopped = True
                 break
             if checkpoint_due and done < iterations:
@@ -178,7 +229,7 @@ def train_one_epoch(*, model, loader, optimizer, loss_fn, lr_at, epoch: int, amp
 
 @torch.no_grad()
 def evaluate(*, model, loader, amp_dtype=None, flip_tta: bool = True, ten_crop: bool = False,
-             corrupt_record=None) -> dict:
+             corrupt_record=None, progress: str = '') -> dict:
     """Top-1, top-5 and cross-entropy of ``model`` over ``loader``, summed over all ranks.
 
     Each rank passes its own disjoint part of the val set (see ``loaders.val_loader``), so every image
@@ -189,13 +240,15 @@ def evaluate(*, model, loader, amp_dtype=None, flip_tta: bool = True, ten_crop: 
     and the centre crop, each ``224/256`` of the side of the square input, and their flips. Feed it
     whole central squares (``loaders.val_loader(..., crop_ratio=1.0)``).
     corrupt_record: as in :func:`train_one_epoch`, checked at the end (CorruptRecordError).
+    progress: the label of a progress bar ('' : none).
     Returns ``{'top_1', 'top_5'}`` as fractions in [0, 1], ``'val_loss'`` and ``'count'`` (images).
     """
     model.eval()
     device = next(model.parameters()).device
     hits1 = hits5 = count = 0
     loss_sum = 0.0
-    for x, y in loader:
+    for x, y in tqdm(loader, desc=progress, disable=not progress, leave=False,
+                     dynamic_ncols=True):
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             if ten_crop:
                 side = round(x.shape[-1] * DEFAULT_CROP_RATIO)

@@ -41,7 +41,8 @@ def pct(fraction: float) -> str:
 def results_table(summary: dict) -> str:
     """The end-of-run table (Markdown): arch, epochs, top-1/top-5 accuracy and error (%),
     parameters (millions) and GMACs per image at the validation resolution, wall time, train
-    img/s; a second row for 10-crop results and a last line for a top-1 target when present."""
+    img/s; rows for the EMA weights and 10-crop results and lines for the best epoch (with
+    ``checkpoint.keep_best``) and a top-1 target when present."""
     def number(key, fmt):
         return format(summary[key], fmt) if summary.get(key) is not None else '-'
     headers = ['arch', 'eval', 'epochs', 'top-1', 'top-5', 'top-1 err', 'top-5 err', 'params (M)',
@@ -52,11 +53,18 @@ def results_table(summary: dict) -> str:
              pct(summary['top_1_err']), pct(summary['top_5_err']), number('params_m', '.2f'),
              number('gmacs', '.3g'), f'{summary["wall_time_s"]:.0f} s',
              number('train_img_per_s', '.0f')]]
+    if 'top_1_ema' in summary:
+        rows.append([summary['arch'], 'EMA weights, as above', summary['epochs'],
+                     pct(summary['top_1_ema']), pct(summary['top_5_ema']),
+                     pct(1 - summary['top_1_ema']), pct(1 - summary['top_5_ema']), '', '', '', ''])
     if 'top_1_10crop' in summary:
         rows.append([summary['arch'], '10-crop', summary['epochs'], pct(summary['top_1_10crop']),
                      pct(summary['top_5_10crop']), pct(summary['top_1_err_10crop']),
                      pct(summary['top_5_err_10crop']), '', '', '', ''])
     table = format_table(rows, headers)
+    if summary.get('best_epoch') is not None:
+        table += (f'\nbest top-1 {pct(summary["best_top1"])} after epoch {summary["best_epoch"]}'
+                  ' (best_weights.pt)')
     if summary.get('target_top1'):
         if summary.get('target_reached_epoch') is not None:
             table += (f'\ntarget top-1 {pct(summary["target_top1"])} reached at epoch '

@@ -1,10 +1,13 @@
-"""Models from torchvision by name, BlurPool, and the weight-decay parameter groups."""
+"""Models from torchvision (or timm) by name, BlurPool, torch.compile, and the weight-decay
+parameter groups."""
 import hashlib
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
+
+from .optional import require
 
 
 class BlurPoolConv2d(nn.Conv2d):
@@ -44,23 +47,78 @@ def apply_blurpool(model: nn.Module) -> nn.Module:
     return model
 
 
+TIMM_PREFIX = 'timm:'  # timm is optional (requirements-extras.txt), imported only for such an arch
+
+
 def build_model(*, arch: str, num_classes: int, use_blurpool: bool, channels_last: bool) -> nn.Module:
-    """A randomly initialised torchvision classification model.
+    """A randomly initialised classification model, in train mode, on the CPU, float32.
 
     arch: a name from ``torchvision.models.list_models(module=torchvision.models)``, e.g.
-    ``'resnet50'``, ``'resnet18'``. Raises ValueError listing the valid names for an unknown one.
-    The model takes float (N, 3, H, W) images and returns (N, num_classes) logits.
+    ``'resnet50'``, ``'resnet18'``; or ``'timm:<name>'`` with a name from ``timm.list_models()``,
+    e.g. ``'timm:resnet50d'``, ``'timm:convnext_atto'``, built by
+    ``timm.create_model(name, pretrained=False, num_classes=num_classes)`` (timm is optional:
+    ``requirements-extras.txt``). ``use_blurpool``: :func:`apply_blurpool` (strided plain
+    ``nn.Conv2d`` with >= 16 input channels; timm's own conv subclasses, e.g. ``Conv2dSame``, are
+    left alone). ``channels_last``: parameters and buffers in NHWC memory format.
+    The model takes float (N, 3, H, W) images and returns float (N, num_classes) logits.
+
+    Raises ValueError naming the arch for an unknown torchvision name (listing the valid ones) or
+    an unknown timm name (pointing at ``timm.list_models()``), and ``optional.MissingPackageError``
+    (an ImportError) saying how to install timm when a ``timm:`` arch is asked for without it.
     """
-    valid = torchvision.models.list_models(module=torchvision.models)
-    if arch not in valid:
-        raise ValueError(f'model.arch={arch!r} is not a torchvision classification model; '
-                         f'valid names: {", ".join(valid)}')
-    model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
+    if arch.startswith(TIMM_PREFIX):
+        model = _timm_model(arch[len(TIMM_PREFIX):], num_classes=num_classes)
+    else:
+        valid = torchvision.models.list_models(module=torchvision.models)
+        if arch not in valid:
+            raise ValueError(f'model.arch={arch!r} is not a torchvision classification model '
+                             f'nor {TIMM_PREFIX}<name> (a timm model, e.g. timm:resnet50d); '
+                             f'valid torchvision names: {", ".join(valid)}')
+        model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
     if use_blurpool:
         apply_blurpool(model)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def _timm_model(name: str, *, num_classes: int) -> nn.Module:
+    """``timm.create_model(name, pretrained=False, num_classes=num_classes)``; the errors of
+    :func:`build_model`. Only names in timm's registry (a pretrained tag such as
+    ``resnet50.a1_in1k`` is accepted); ``hf-hub:`` and other sources, which download, are not."""
+    timm = require('timm', f'model.arch={TIMM_PREFIX + name!r}')
+    if not name or ':' in name or not timm.is_model(name):
+        raise ValueError(f'model.arch={TIMM_PREFIX + name!r}: {name!r} is not a timm model '
+                         f'(timm {timm.__version__}); see timm.list_models(), e.g. '
+                         "timm.list_models('resnet*')")
+    return timm.create_model(name, pretrained=False, num_classes=num_classes)
+
+
+# torch._dynamo keeps this many compiled versions of a function before it runs it eagerly from
+# then on, with only a warning (``torch._dynamo.config.recompile_limit``, 8 by default in torch
+# 2.14; ``cache_size_limit`` before torch 2.6). With static shapes a training run needs one per
+# (resolution, train/eval mode, batch size): 16 ramp resolutions, validation and its smaller last
+# batch already pass 8.
+RECOMPILE_LIMIT = 64
+
+
+def compile_model(model: nn.Module, *, recompile_limit: int = RECOMPILE_LIMIT) -> nn.Module:
+    """``torch.compile(model, dynamic=False)``: an ``OptimizedModule`` wrapping ``model`` (same
+    parameters, same inputs and outputs), compiled at its first call with static shapes, so
+    progressive resizing recompiles once per new input shape (resolution or batch size) and per
+    train/eval mode. Compiling is lazy: the first call at each shape takes seconds to minutes.
+
+    Sets torch._dynamo's ``recompile_limit`` (a process-wide setting) to at least
+    ``recompile_limit``, so that a run with many resolutions is not silently left in eager mode.
+
+    The wrapper's state dict keys carry the prefix ``_orig_mod.``: save and load the state of the
+    uncompiled ``model`` (or :func:`unwrapped_state_dict`, which strips the prefix), never that of
+    the wrapper.
+    """
+    config = torch._dynamo.config  # imported by this attribute access (torch imports it lazily)
+    name = 'recompile_limit' if hasattr(config, 'recompile_limit') else 'cache_size_limit'
+    setattr(config, name, max(getattr(config, name), recompile_limit))
+    return torch.compile(model, dynamic=False)
 
 
 NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)

@@ -36,6 +36,8 @@ class RunDir:
         self.final_weights = self.path / FINAL_WEIGHTS_NAME
         self.final_safetensors = self.final_weights.with_suffix('.safetensors')
         self.plot = self.path / 'progress.png'
+        self.final_weights_ema = self.path / 'final_weights_ema.pt'  # training.ema_decay > 0
+        self.best_weights = self.path / 'best_weights.pt'  # checkpoint.keep_best=1
 
     @classmethod
     def create(cls, folder, *, params: dict, class_list=None) -> 'RunDir':

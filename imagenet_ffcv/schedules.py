@@ -48,6 +48,24 @@ def poly_lr(t: float, *, lr: float, epochs: int, power: float) -> float:
     return lr * max(0.0, 1.0 - t / epochs) ** power
 
 
+def cosine_lr(t: float, *, lr: float, epochs: int, min_lr: float = 0.0,
+              warmup_epochs: float = 0.0) -> float:
+    """Cosine annealing without restarts (Loshchilov & Hutter, "SGDR", 2017; torchvision's
+    reference: warm-up, then ``CosineAnnealingLR(T_max=epochs - warmup_epochs, eta_min=min_lr)``):
+    ``lr`` until ``warmup_epochs`` (the warm-up factor of :func:`lr_at` ramps it there), then
+    ``min_lr + (lr - min_lr) * (1 + cos(pi * (t - warmup_epochs) / (epochs - warmup_epochs))) / 2``,
+    which is ``min_lr`` from ``t = epochs`` on. Units: ``t`` and ``warmup_epochs`` in epochs.
+    Raises ValueError when ``min_lr`` is negative or above ``lr``."""
+    if not 0 <= min_lr <= lr:
+        raise ValueError(f'min_lr={min_lr} must lie in [0, lr={lr}]')
+    if t <= warmup_epochs:
+        return lr
+    if t >= epochs:
+        return min_lr
+    progress = (t - warmup_epochs) / (epochs - warmup_epochs)
+    return min_lr + (lr - min_lr) * (1 + math.cos(math.pi * progress)) / 2
+
+
 def warmup_factor(t: float, *, warmup_epochs: float) -> float:
     """Linear warm-up (Goyal et al. 2017): the schedule's LR is multiplied by ``t / warmup_epochs``
     during the first ``warmup_epochs`` epochs, then by 1. ``warmup_epochs`` 0: no warm-up."""
@@ -69,14 +87,18 @@ def parse_fractions(text: str) -> list:
     return sorted(values)
 
 
+LR_SCHEDULES = ('cyclic', 'step', 'poly', 'cosine')
+
+
 def lr_at(t: float, *, schedule: str, lr: float, epochs: int, peak_epoch: float = 2,
           step_ratio: float = 0.1, step_length: float = 30, step_fractions=(),
-          poly_power: float = 1.0, warmup_epochs: float = 0.0) -> float:
+          poly_power: float = 1.0, warmup_epochs: float = 0.0, min_lr: float = 0.0) -> float:
     """The LR at fractional epoch ``t`` of the named schedule, times the warm-up factor.
 
     schedule: ``'cyclic'`` (:func:`cyclic_lr`), ``'step'`` (:func:`multistep_lr` at
-    ``step_fractions`` of ``epochs`` when given, else :func:`step_lr` every ``step_length`` epochs)
-    or ``'poly'`` (:func:`poly_lr`). Raises ValueError for another name.
+    ``step_fractions`` of ``epochs`` when given, else :func:`step_lr` every ``step_length`` epochs),
+    ``'poly'`` (:func:`poly_lr`) or ``'cosine'`` (:func:`cosine_lr`, down to ``min_lr``; the
+    other schedules ignore ``min_lr``). Raises ValueError for another name.
     """
     if schedule == 'cyclic':
         value = cyclic_lr(t, lr=lr, epochs=epochs, peak_epoch=peak_epoch)
@@ -87,8 +109,10 @@ def lr_at(t: float, *, schedule: str, lr: float, epochs: int, peak_epoch: float 
         value = step_lr(t, lr=lr, step_ratio=step_ratio, step_length=step_length)
     elif schedule == 'poly':
         value = poly_lr(t, lr=lr, epochs=epochs, power=poly_power)
+    elif schedule == 'cosine':
+        value = cosine_lr(t, lr=lr, epochs=epochs, min_lr=min_lr, warmup_epochs=warmup_epochs)
     else:
-        raise ValueError(f"schedule={schedule!r}: expected 'cyclic', 'step' or 'poly'")
+        raise ValueError(f'schedule={schedule!r}: expected one of {", ".join(LR_SCHEDULES)}')
     return value * warmup_factor(t, warmup_epochs=warmup_epochs)
 
 
@@ -104,6 +128,15 @@ def scaled_lr(lr: float, *, batch_size: int, world_size: int, ref_batch_size: in
     if ref_batch_size < 0:
         raise ValueError(f'ref_batch_size={ref_batch_size} must be >= 0 (0: no scaling)')
     return lr * batch_size * world_size / ref_batch_size
+
+
+def remaining_work(epoch: int, *, epochs: int, res_at) -> float:
+    """The cost of epochs ``epoch + 1 .. epochs - 1`` in epochs at ``epoch``'s resolution: the sum
+    of ``(res_at(e) / res_at(epoch)) ** 2`` (the work of an epoch grows with the pixels per
+    image). ``res_at``: epoch -> side in pixels, e.g. :func:`resolution_at` with its arguments.
+    Multiplied by the seconds of this epoch, it estimates the time left after it."""
+    res = res_at(epoch)
+    return sum((res_at(e) / res) ** 2 for e in range(epoch + 1, epochs))
 
 
 def resolution_at(epoch: int, *, min_res: int, max_res: int, start_ramp: int, end_ramp: int) -> int:

@@ -26,3 +26,19 @@ def test_bench_loader_writes_the_contract_csv_and_a_chart(tmp_path):
     assert float(ours['x_torchvision']) > 0 and float(ours['pct_of_decode_limit']) > 0
     assert re.search(r'^\| ffcv +\| 64 +\|', result.stdout, re.M)  # the Markdown table
     assert (tmp_path / 'loader.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+def test_bench_train_writes_its_rows_with_the_compile_column(tmp_path):
+    """bench_train.py at its smallest, eager only (compiling even a small torchvision model takes
+    30-70 s on 2 cores; compiled = eager is tested in test_models.py): one row, with the compile
+    column, img/s and the first step's seconds (where torch.compile's time goes when on)."""
+    result = subprocess.run(
+        [PYTHON, str(REPO / 'benchmarks' / 'bench_train.py'), '--res', '32', '--batch-size', '8',
+         '--steps', '1', '--warmup', '1', '--feeds', 'synthetic', '--compile', '0',
+         '--workers', '2', '--out', str(tmp_path)],
+        env=run_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / 'train.csv')))
+    assert [(r['compile'], r['feed']) for r in rows] == [('0', 'synthetic (no loading)')]
+    assert float(rows[0]['img_per_s']) > 0 and float(rows[0]['first_step_s']) > 0
+    assert re.search(r'^\| 32 +\| synthetic \(no loading\) +\| fp32 +\| 0 +\|', result.stdout, re.M)

@@ -185,9 +185,9 @@ def test_bad_type_raises_naming_key():
 
 
 def test_bad_choice_raises_naming_key():
-    """--lr.lr_schedule_type=cosine is not one of cyclic/step."""
+    """--lr.lr_schedule_type=linear is not one of cyclic/step/poly/cosine."""
     with pytest.raises(ConfigError, match='lr.lr_schedule_type'):
-        load_config([*DATA, '--logging.folder=r', '--lr.lr_schedule_type=cosine'])
+        load_config([*DATA, '--logging.folder=r', '--lr.lr_schedule_type=linear'])
 
 
 def test_missing_required_key_raises_naming_it():
@@ -289,3 +289,81 @@ def test_resume_eval_and_fault_keys():
                      ('--data.flip_prob=1.5', 'data.flip_prob')):
         with pytest.raises(ConfigError, match=key):
             load_config(base + [bad])
+
+
+# ----------------------------------------------------------------------------- training options
+# The keys the training options added (issue 13), at their defaults: every one off.
+OPTION_DEFAULTS = {
+    'lr.min_lr': 0.0, 'training.betas': '0.9,0.999', 'training.clip_grad_norm': 0.0,
+    'training.ema_decay': 0.0, 'training.ema_every': 1, 'training.mixup_alpha': 0.0,
+    'training.cutmix_alpha': 0.0, 'training.compile': 0, 'checkpoint.keep_best': 0,
+    'logging.tensorboard': 0, 'logging.wandb_project': '', 'logging.every_iters': 50}
+
+
+def test_shipped_configs_resolve_as_before_the_training_options():
+    """Every shipped config resolves to the values it had before the options existed (a snapshot
+    taken at commit 5d627f8, tests/data/shipped_configs_resolved.json), plus the new keys at
+    their off defaults."""
+    from imagenet_ffcv.config import flatten
+    snapshot = json.loads((REPO / 'tests' / 'data' / 'shipped_configs_resolved.json').read_text())
+    assert len(snapshot['resolved']) == 15
+    for name, before in snapshot['resolved'].items():
+        now = flatten(to_dict(load_config(['--config', str(REPO / name),
+                                           *snapshot['overrides']])))
+        assert now == {**before, **OPTION_DEFAULTS}, name
+
+
+def test_ema_cosine_recipe_is_the_88_epoch_recipe_with_ema_and_cosine():
+    from imagenet_ffcv.config import flatten
+    base = flatten(to_dict(_load(REPO / 'rn50_configs' / 'rn50_88_epochs.yaml')))
+    ema = flatten(to_dict(_load(REPO / 'rn50_configs' / 'rn50_88_epochs_ema_cosine.yaml')))
+    changed = {k: ema[k] for k in base if base[k] != ema[k]}
+    assert changed == {'lr.lr_schedule_type': 'cosine', 'lr.warmup_epochs': 2.0,
+                       'training.ema_decay': 0.9965, 'training.ema_every': 4,
+                       'checkpoint.keep_best': 1}
+    text = (REPO / 'rn50_configs' / 'rn50_88_epochs_ema_cosine.yaml').read_text()
+    assert 'NOT been measured' in text
+
+
+@pytest.mark.parametrize('override, message', [
+    ('--training.ema_decay=1', r'training.ema_decay=1.0 must lie in \[0, 1\)'),
+    ('--training.ema_every=0', 'training.ema_every=0 must be >= 1'),
+    ('--training.mixup_alpha=-1', 'training.mixup_alpha=-1.0 must be >= 0'),
+    ('--training.clip_grad_norm=-0.5', 'training.clip_grad_norm=-0.5 must be >= 0'),
+    ('--training.betas=0.9', "training.betas='0.9': expected two numbers"),
+    ('--training.betas=a,b', "training.betas='a,b': expected two numbers"),
+    ('--lr.min_lr=0.1', 'lr.min_lr=0.1 is only used by lr.lr_schedule_type=cosine'),
+    ('--training.optimizer=adam', 'training.optimizer'),
+    ('--logging.every_iters=0', 'logging.every_iters=0 must be >= 1')])
+def test_option_keys_are_checked_naming_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(['--data.train_dataset=x', '--data.val_dataset=y', '--logging.folder=z',
+                     override])
+
+
+def test_option_keys_load_when_valid():
+    cfg = load_config(['--data.train_dataset=x', '--data.val_dataset=y', '--logging.folder=z',
+                       '--lr.lr_schedule_type=cosine', '--lr.min_lr=0.01',
+                       '--training.optimizer=adamw', '--training.betas=0.8,0.95',
+                       '--training.ema_decay=0.999', '--training.mixup_alpha=0.2'])
+    assert (cfg.lr.lr_schedule_type, cfg.lr.min_lr, cfg.training.optimizer) == \
+        ('cosine', 0.01, 'adamw')
+    from imagenet_ffcv.config import parse_betas
+    assert parse_betas(cfg.training.betas) == (0.8, 0.95)
+
+
+def test_help_groups_keys_by_section_and_shows_each_default(capsys):
+    with pytest.raises(SystemExit) as info:
+        load_config(['--help'])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    headings = [line.split(':')[0] for line in out.splitlines()
+                if line and not line.startswith(' ') and line.endswith(':')]
+    assert headings[1:] == ['data', 'model', 'resolution', 'lr', 'logging', 'validation',
+                            'training', 'checkpoint', 'dist']  # after 'options'
+    flat = ' '.join(out.split())
+    assert '--training.ema_decay VALUE EMA of the weights' in flat
+    assert "(default: 'resnet50')" in flat and '(default: 0.08)' in flat
+    assert 'training .beton file (required)' in flat
+    lr_section = out.split('\nlr: ')[1].split('\nlogging: ')[0]
+    assert '--lr.min_lr' in lr_section and '--training.' not in lr_section

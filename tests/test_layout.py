@@ -12,6 +12,7 @@ MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 80
 # Imports that stay inside a function: heavy, and only that function needs them.
 LATE_IMPORTS_ALLOWED = {('sources.py', 'scipy.io'), ('metrics.py', 'matplotlib'),
                         ('metrics.py', 'matplotlib.pyplot')}
+# The optional packages (timm, wandb) are imported through optional.require, nowhere else.
 
 
 def functions(path: Path):
@@ -48,6 +49,14 @@ def test_imports_are_at_the_top_of_package_modules():
                 elif isinstance(node, ast.ImportFrom):
                     late.add((path.name, node.module))
     assert late <= LATE_IMPORTS_ALLOWED, late - LATE_IMPORTS_ALLOWED
+
+
+def test_optional_packages_are_imported_only_through_optional_require():
+    for path in PACKAGE + ENTRY_SCRIPTS:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ''] if isinstance(node, ast.ImportFrom) else [])
+            assert not [n for n in names if n.split('.')[0] in ('timm', 'wandb')], path.name
 
 
 def test_the_data_module_is_split_by_concern():

@@ -1,5 +1,7 @@
-"""Models: weight-decay groups, BlurPool, build_model, state-dict helpers."""
+"""Models: weight-decay groups, BlurPool, build_model (torchvision and timm), compile_model,
+state-dict helpers."""
 import copy
+import sys
 from collections import Counter
 
 import pytest
@@ -7,7 +9,7 @@ import torch
 import torchvision
 from torch import nn
 
-from imagenet_ffcv import models
+from imagenet_ffcv import checkpoint, models
 from imagenet_ffcv.models import BlurPoolConv2d
 
 
@@ -175,6 +177,7 @@ def test_build_model_unknown_arch_lists_valid_names():
     msg = str(info.value)
     assert 'no_such_net' in msg
     assert 'resnet50' in msg and 'resnet18' in msg
+    assert 'timm:<name>' in msg
 
 
 def test_build_model_channels_last_and_classes(rn50_blur):
@@ -183,6 +186,117 @@ def test_build_model_channels_last_and_classes(rn50_blur):
     w = rn50_blur.conv1.weight
     assert w.is_contiguous(memory_format=torch.channels_last)
     assert not w.is_contiguous()
+
+
+# ----------------------------------------------------------------------------- timm models
+def test_timm_model_builds_and_its_state_dict_loads_into_timm():
+    """timm:resnet10t with BlurPool and channels_last: (N, 7) logits at 64 px; its state dict
+    loads strictly into timm.create_model('resnet10t'), which after apply_blurpool gives the same
+    logits."""
+    timm = pytest.importorskip('timm')
+    torch.manual_seed(0)
+    model = models.build_model(arch='timm:resnet10t', num_classes=7, use_blurpool=True,
+                               channels_last=True)
+    assert sum(isinstance(m, BlurPoolConv2d) for m in model.modules()) > 0
+    assert _strided_convs(model) == 0
+    assert model.conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    plain = timm.create_model('resnet10t', pretrained=False, num_classes=7)
+    plain.load_state_dict(model.state_dict(), strict=True)
+    models.apply_blurpool(plain)
+    model.eval()
+    plain.eval()
+    with torch.no_grad():
+        out = model(x)
+        assert out.shape == (2, 7) and out.dtype == torch.float32
+        torch.testing.assert_close(out, plain(x))
+
+
+def test_timm_model_rebuilt_by_checkpoint_load_model(tmp_path):
+    """Final weights of a timm:resnet10t run come back through checkpoint.load_model (which calls
+    build_model): from the .safetensors with its config, and from the .pt with keyword values."""
+    pytest.importorskip('timm')
+    torch.manual_seed(0)
+    model = models.build_model(arch='timm:resnet10t', num_classes=3, use_blurpool=True,
+                               channels_last=True).eval()
+    config = {'model': {'arch': 'timm:resnet10t'},
+              'training': {'use_blurpool': 1, 'channels_last': 1}}
+    classes = [(f'n{i:08d}', f'class {i}') for i in range(3)]
+    safe = checkpoint.save_final_weights(models.unwrapped_state_dict(model),
+                                         tmp_path / 'final_weights.pt', config=config,
+                                         classes=classes)
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = model(x)
+    for saved in (checkpoint.load_model(safe),
+                  checkpoint.load_model(tmp_path / 'final_weights.pt', num_classes=3,
+                                        arch='timm:resnet10t', use_blurpool=True,
+                                        channels_last=True)):
+        assert saved.arch == 'timm:resnet10t'
+        with torch.no_grad():
+            torch.testing.assert_close(saved.model.eval()(x), expected, rtol=0, atol=0)
+
+
+def test_timm_missing_names_the_package_and_the_extras(monkeypatch):
+    """Without timm (a None entry in sys.modules makes its import fail) a timm: arch is an
+    ImportError naming timm and requirements-extras.txt; torchvision archs still build."""
+    monkeypatch.setitem(sys.modules, 'timm', None)
+    with pytest.raises(ImportError) as info:
+        models.build_model(arch='timm:resnet10t', num_classes=10, use_blurpool=False,
+                           channels_last=False)
+    msg = str(info.value)
+    assert 'timm' in msg and 'requirements-extras.txt' in msg and 'timm==1.0.31' in msg
+    models.build_model(arch='resnet18', num_classes=10, use_blurpool=False, channels_last=False)
+
+
+@pytest.mark.parametrize('arch', ['timm:no_such_net', 'timm:', 'timm:hf-hub:someone/some_net'])
+def test_timm_unknown_name_is_a_value_error(arch):
+    """An unknown timm name (or another source, which would download) is a ValueError naming the
+    arch and pointing at timm.list_models()."""
+    pytest.importorskip('timm')
+    with pytest.raises(ValueError) as info:
+        models.build_model(arch=arch, num_classes=10, use_blurpool=False, channels_last=False)
+    assert repr(arch) in str(info.value) and 'timm.list_models()' in str(info.value)
+
+
+# ----------------------------------------------------------------------------- compile_model
+def _loss_and_grads(model, x, y):
+    """Cross-entropy of one forward pass and the gradients of its backward: (loss, {name: grad})."""
+    model.zero_grad(set_to_none=True)
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    named = getattr(model, '_orig_mod', model).named_parameters()
+    return loss.detach(), {name: p.grad.clone() for name, p in named}
+
+
+def test_compile_model_matches_eager_at_two_resolutions():
+    """A small ResNet-like net (conv, BatchNorm, a strided conv under BlurPool, channels_last,
+    10 classes; ResNet-18 itself takes ~80 s to compile on 2 cores), batch 4: the compiled model's
+    loss and gradients equal eager's from the same weights at 32 px, then again at 48 px (a
+    recompile); the recompile limit is raised; the unwrapped state dict has the eager keys."""
+    torch.manual_seed(0)
+    eager = models.apply_blurpool(nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+        nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)))
+    assert isinstance(eager[3], models.BlurPoolConv2d)
+    eager = eager.to(memory_format=torch.channels_last)
+    compiled = models.compile_model(copy.deepcopy(eager))
+    assert torch._dynamo.config.recompile_limit >= models.RECOMPILE_LIMIT
+    g = torch.Generator().manual_seed(0)
+    for res in (32, 48):
+        x = torch.randn(4, 3, res, res, generator=g).contiguous(memory_format=torch.channels_last)
+        y = torch.randint(0, 10, (4,), generator=g)
+        loss, grads = _loss_and_grads(eager, x, y)
+        loss_c, grads_c = _loss_and_grads(compiled, x, y)
+        assert loss_c.item() == pytest.approx(loss.item(), rel=1e-4)
+        assert grads_c.keys() == grads.keys()
+        for name, grad in grads.items():
+            scale = max(1.0, grad.abs().max().item())  # inductor reorders float sums
+            torch.testing.assert_close(grads_c[name], grad, rtol=1e-3, atol=1e-4 * scale,
+                                       msg=name)
+    assert all(k.startswith('_orig_mod.') for k in compiled.state_dict())
+    assert list(models.unwrapped_state_dict(compiled)) == list(eager.state_dict())
 
 
 # ----------------------------------------------------------------------------- state-dict helpers

@@ -1,4 +1,6 @@
 """Learning-rate and resolution schedules: values worked out by hand."""
+import math
+
 import pytest
 
 from imagenet_ffcv.schedules import cyclic_lr, lr_at, resolution_at, scaled_lr, step_lr
@@ -114,8 +116,34 @@ def test_lr_at_dispatches_to_step():
 
 def test_lr_at_unknown_schedule_raises():
     """An unknown schedule name is a ValueError naming it."""
-    with pytest.raises(ValueError, match='cosine'):
-        lr_at(1.0, schedule='cosine', **ALL)
+    with pytest.raises(ValueError, match='linear'):
+        lr_at(1.0, schedule='linear', **ALL)
+
+
+# ----------------------------------------------------------------------------- cosine
+def test_cosine_warms_up_then_halves_midway_and_ends_at_min_lr():
+    """Warm-up over 2 epochs to lr 0.4, cosine over the 8 epochs after it down to min_lr 0.01:
+    half-way between lr and min_lr at epoch 6, min_lr at the end and after it."""
+    kwargs = dict(schedule='cosine', lr=0.4, epochs=10, warmup_epochs=2, min_lr=0.01)
+    assert lr_at(1.0, **kwargs) == pytest.approx(0.2)  # linear warm-up
+    assert lr_at(2.0, **kwargs) == pytest.approx(0.4)
+    assert lr_at(6.0, **kwargs) == pytest.approx((0.4 + 0.01) / 2)
+    assert lr_at(4.0, **kwargs) == pytest.approx(0.01 + 0.39 * (1 + math.cos(math.pi / 4)) / 2)
+    assert lr_at(10.0, **kwargs) == pytest.approx(0.01)
+    assert lr_at(11.0, **kwargs) == pytest.approx(0.01)
+    last_step = lr_at(10 - 0.5 / 100, **kwargs)  # the last of 100 iterations per epoch
+    assert 0.01 < last_step < 0.01 + 1e-6
+    values = [lr_at(2 + k / 10, **kwargs) for k in range(81)]
+    assert all(a >= b for a, b in zip(values, values[1:]))  # decreasing after the warm-up
+
+
+def test_cosine_min_lr_above_lr_raises():
+    with pytest.raises(ValueError, match='min_lr=0.5'):
+        lr_at(1.0, schedule='cosine', lr=0.1, epochs=4, min_lr=0.5)
+
+
+def test_min_lr_is_ignored_by_the_other_schedules():
+    assert lr_at(16.0, schedule='cyclic', min_lr=0.3, **ALL) == 0.0
 
 
 # ----------------------------------------------------------------------------- scaled_lr

@@ -15,14 +15,14 @@ def _norm(name: str) -> str:
     return re.sub(r'[-_.]+', '-', name).lower()
 
 
-def _requirements() -> dict:
+def _requirements(name: str = 'requirements.txt') -> dict:
     pins = {}
-    for line in (REPO / 'requirements.txt').read_text().splitlines():
+    for line in (REPO / name).read_text().splitlines():
         line = line.split('#', 1)[0].strip()
         if not line:
             continue
         m = PIN.match(line)
-        assert m, f'requirements.txt: not an exact name==version pin: {line!r}'
+        assert m, f'{name}: not an exact name==version pin: {line!r}'
         pins[_norm(m.group(1))] = m.group(2)
     return pins
 
@@ -62,11 +62,24 @@ def test_core_pins(name, pinned):
     assert _environment_pip().get(name) == pinned
 
 
-@pytest.mark.parametrize('name', ['numpy', 'numba', 'fastargs', 'torch'])
+@pytest.mark.parametrize('name', ['numpy', 'numba', 'fastargs', 'torch', 'tensorboard'])
 def test_installed_version_matches_pin(name):
     """The installed version (local suffix like +cu130 stripped) is the pinned one."""
     installed = version(name).split('+', 1)[0]
     assert installed == _requirements()[name]
+
+
+def test_extras_are_exact_pins_apart_from_requirements():
+    """requirements-extras.txt (optional integrations, installed only on request, so never checked
+    against the install) pins exact versions of packages that requirements.txt does not name, and
+    environment.yml lists the same pins in a comment."""
+    extras = _requirements('requirements-extras.txt')
+    assert {'timm', 'wandb'} <= set(extras)
+    assert not set(extras) & set(_requirements())
+    commented = {m.group(1) for line in (REPO / 'environment.yml').read_text().splitlines()
+                 if (m := re.match(r'^\s*#\s*-\s*(\S+==\S+)\s*$', line))}
+    assert {f'{name}=={pin}' for name, pin in extras.items()} <= commented
+    assert not set(extras) & set(_environment_pip())
 
 
 def test_ci_runs_make_test():

@@ -1,0 +1,25 @@
+"""The optimizers ``training.optimizer`` names, over the weight-decay groups of
+``models.param_groups`` (each group carries its own ``weight_decay``)."""
+import torch
+
+from .optional import require
+
+OPTIMIZERS = ('sgd', 'adamw', 'lamb')
+
+
+def make_optimizer(name: str, groups: list, *, lr: float, momentum: float = 0.9,
+                   betas: tuple = (0.9, 0.999)) -> torch.optim.Optimizer:
+    """``'sgd'``: ``torch.optim.SGD`` with ``momentum`` (heavy ball, PyTorch's form; no Nesterov);
+    ``'adamw'``: ``torch.optim.AdamW`` (Loshchilov & Hutter, "Decoupled Weight Decay
+    Regularization", 2019) with ``betas``; ``'lamb'``: timm's ``timm.optim.Lamb`` (You et al.,
+    "Large Batch Optimization for Deep Learning", 2020) with ``betas``, from the optional timm
+    package. ``lr`` is the initial LR (the schedule sets it every iteration).
+    Raises ValueError for another name, MissingPackageError for lamb without timm."""
+    if name == 'sgd':
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    if name == 'adamw':
+        return torch.optim.AdamW(groups, lr=lr, betas=betas)
+    if name == 'lamb':
+        timm_optim = require('timm.optim', "training.optimizer='lamb'")
+        return timm_optim.Lamb(groups, lr=lr, betas=betas)
+    raise ValueError(f'optimizer={name!r}: expected one of {", ".join(OPTIMIZERS)}')
