@@ -37,7 +37,11 @@ demo: setup
 test: setup
 	$(PY) -m pytest -q tests
 
+# DALI (its CPU pipeline is a peer in bench_loader) is installed here only, never by setup or test;
+# pinned with requirements.txt as constraints so that it moves none of the project's pins.
+DALI_PIN := nvidia-dali-cuda130==2.4.0
 bench: setup
+	$(PY) -m pip install -q -c requirements.txt $(DALI_PIN) || echo "DALI not installed: its rows are skipped"
 	$(PY) benchmarks/bench_loader.py
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_writer.py

@@ -1,21 +1,27 @@
 """Loader throughput, side by side on the same images, cores and batch size, after a warm-up:
 
 1. our training pipeline (``loaders.train_loader``: random-resized crop + flip + normalise, float32
-   NCHW tensors as the trainer gets them) against ffcv 1.0.2's stock decoder and ops, and against
+   NCHW tensors as the trainer gets them) against ffcv 1.0.2's stock decoder and ops, against
    torchvision's reference pipeline (``ImageFolder`` + ``RandomResizedCrop``,
    ``RandomHorizontalFlip``, ``PILToTensor``, ``ConvertImageDtype``, ``Normalize`` in a
-   ``DataLoader`` with as many workers) reading the original JPEGs, at 160, 192 and 224 px;
+   ``DataLoader`` with as many workers) reading the original JPEGs, and against NVIDIA DALI's CPU
+   pipeline (``dali``, ``dali_antialias``: file reader + ROI random-crop decode + resize +
+   crop_mirror_normalize, reading the JPEG records the beton holds written out as files), at 160,
+   192 and 224 px;
 2. the limit: bare libjpeg-turbo decode of the same stored JPEGs, one thread, times the cores;
 3. ablations on the main set at 160 px: write mode, --max-res, JPEG quality, traversal order,
    os_cache, loader threads, batch size: img/s, bytes on disk per image, peak RSS.
 
-    python benchmarks/bench_loader.py            # make bench runs it; about 5 minutes on 2 cores
+    python benchmarks/bench_loader.py            # make bench runs it; about 7 minutes on 2 cores
 
 Data: ../shared/data/imagewoof320 (the main set: real aspect ratios) and imagenette, each pooled
 (train + val) and repeated to at least --min-samples images; the embedded demo sample when
-../shared is absent. Prints Markdown tables; writes bench-results/loader.csv and loader.png.
+../shared is absent. DALI (``nvidia-dali-cuda130==2.4.0``, which ``make bench`` installs) is
+optional: without it its rows are skipped with one line (``--peers`` picks the loaders measured
+beside ours). Prints Markdown tables; writes bench-results/loader.csv and loader.png.
 """
 import argparse
+import functools
 import gc
 import os
 import tempfile
@@ -33,6 +39,10 @@ from imagenet_ffcv.writer import write_beton
 
 CPU = torch.device('cpu')
 STORAGE = {'write_mode': 'jpg', 'max_res': 256, 'jpeg_quality': 90}  # write_beton.py's defaults
+DALI_PIN = 'nvidia-dali-cuda130==2.4.0'  # the Makefile's bench target installs this one
+PEERS = ('ffcv_stock', 'torchvision', 'dali')  # measured beside ours; dali = dali + dali_antialias
+ORDER = {'ffcv': 0, 'ffcv_stock': 1, 'dali': 2, 'dali_antialias': 3, 'torchvision': 4,
+         'decode_limit': 5}  # row order of the printed table
 
 
 def write(samples, folder, **storage) -> Path:
@@ -103,6 +113,70 @@ def epoch_of(loader):
     return run
 
 
+def dali_missing():
+    """None when DALI can be imported, else the line that says its rows are skipped."""
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return (f'DALI ({DALI_PIN.replace("==", " ")}) not installed: its rows are skipped; '
+                f'make bench installs it')
+    return None
+
+
+def dali_files(beton, folder) -> Path:
+    """The beton's JPEG records (the exact bytes our loader decodes) as ``label/index.jpg`` files
+    under ``folder``, the layout DALI's file reader takes (labels = sorted folder order)."""
+    from ffcv.reader import Reader
+    reader = Reader(str(beton))
+    raw = np.fromfile(beton, np.uint8)
+    sizes = {int(r['ptr']): int(r['size']) for r in reader.alloc_table}
+    folder = Path(folder)
+    for i, (image, label) in enumerate(zip(reader.metadata['f0'], reader.metadata['f1'])):
+        assert image['mode'] == 0, 'DALI rows need JPEG storage'
+        ptr = int(image['data_ptr'])
+        (folder / f'{int(label):05d}').mkdir(parents=True, exist_ok=True)
+        raw[ptr:ptr + sizes[ptr]].tofile(folder / f'{int(label):05d}' / f'{i:07d}.jpg')
+    return folder
+
+
+def dali_loader(files, *, res, workers, batch_size, antialias):
+    """NVIDIA DALI's CPU pipeline as a user would write it for ImageNet training without a GPU
+    (``device_id=None``): file reader (shuffled) -> ROI random-crop decode (area [0.08, 1], ratio
+    [3/4, 4/3], as torchvision's) -> bilinear resize to res x res (with or without DALI's
+    antialias) -> random mirror + normalise to float32 CHW, iterated by the PyTorch plugin's
+    ``DALIGenericIterator`` into CPU torch tensors ({'data': (B, 3, res, res), 'label': (B, 1)});
+    the last partial batch is dropped, as ours."""
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.plugin.base_iterator import LastBatchPolicy
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator
+
+    @pipeline_def(batch_size=batch_size, num_threads=workers, device_id=None, seed=0)
+    def pipeline():
+        jpegs, labels = fn.readers.file(file_root=str(files), random_shuffle=True, name='reader')
+        images = fn.decoders.image_random_crop(jpegs, device='cpu', output_type=types.RGB,
+                                               random_area=[0.08, 1.0],
+                                               random_aspect_ratio=[3 / 4, 4 / 3])
+        images = fn.resize(images, resize_x=res, resize_y=res, interp_type=types.INTERP_LINEAR,
+                           antialias=antialias)
+        images = fn.crop_mirror_normalize(images, dtype=types.FLOAT, output_layout='CHW',
+                                          mean=IMAGENET_MEAN.tolist(),  # already x 255
+                                          std=IMAGENET_STD.tolist(),
+                                          mirror=fn.random.coin_flip())
+        return images, labels
+
+    return DALIGenericIterator([pipeline()], ['data', 'label'], reader_name='reader',
+                               last_batch_policy=LastBatchPolicy.DROP, auto_reset=True)
+
+
+def dali_epoch(loader):
+    def run():
+        n = 0
+        for (batch,) in loader:
+            n += len(batch['label'])
+        return n
+    return run
+
+
 def stored_bytes_per_image(path) -> float:
     """Mean bytes of the stored image records (the file itself also holds ffcv's preallocated
     pages, which dominate the size of a small file)."""
@@ -163,13 +237,28 @@ def main():
     p.add_argument('--batch-size', type=int, default=256)
     p.add_argument('--runs', type=int, default=3, help='timed epochs per row (median)')
     p.add_argument('--no-ablations', action='store_true')
+    p.add_argument('--peers', default=','.join(PEERS),
+                   help=f'loaders measured beside ours, of {",".join(PEERS)} (dali: DALI\'s CPU '
+                        f'pipeline without and with antialias, when DALI is installed)')
     p.add_argument('--out', default=str(RESULTS))
     args = p.parse_args()
     res_list = [int(r) for r in args.res.split(',')]
+    peers = [name for name in args.peers.split(',') if name]
+    unknown = set(peers) - set(PEERS)
+    if unknown:
+        p.error(f'--peers: unknown {",".join(sorted(unknown))} (choose from {",".join(PEERS)})')
     workers, bs = os.cpu_count(), args.batch_size
     sets = image_sets(args.sets.split(','))
     started = time.perf_counter()
     print(machine_line())
+    if 'dali' in peers:
+        missing = dali_missing()
+        if missing:
+            print(missing)
+            peers.remove('dali')
+        else:
+            from importlib.metadata import version
+            print(f'DALI {version(DALI_PIN.split("==")[0])}, CPU pipeline (device_id=None)')
     rows = []
     with tempfile.TemporaryDirectory(prefix='bench_loader_') as tmp:
         for name, root in sets.items():
@@ -186,35 +275,52 @@ def main():
             limit = decode_limit(beton, args.runs)
             rows.append({**common, 'pipeline': 'decode_limit', 'res': '',
                          'bytes_per_image': round(n_bytes), **limit})
-            for pipeline, make in (
-                    ('ffcv', lambda: ours(beton, res=res_list[0], workers=workers, batch_size=bs)),
-                    ('ffcv_stock', lambda: ffcv_stock(beton, res=res_list[0], workers=workers,
-                                                      batch_size=bs))):
+            ffcv_makers = {'ffcv': ours, 'ffcv_stock': ffcv_stock}
+            for pipeline, make in ffcv_makers.items():
+                if pipeline != 'ffcv' and pipeline not in peers:
+                    continue
+                make = functools.partial(make, beton, res=res_list[0], workers=workers,
+                                         batch_size=bs)
                 for r in measure(make, res_list, args.runs):
                     rows.append({**common, 'pipeline': pipeline, 'bytes_per_image': round(n_bytes),
                                  **r})
-            for res in res_list:
-                loader = torchvision_loader(root, len(samples), res=res, workers=workers,
-                                            batch_size=bs)
-                r = time_epochs(epoch_of(loader), args.runs)
-                del loader
-                rows.append({**common, 'pipeline': 'torchvision', 'res': res, 'write_mode': '',
-                             'max_res': '', 'jpeg_quality': '',
-                             'bytes_per_image': round(source_bytes), **r})
+            if 'dali' in peers:  # the same JPEG bytes, read from files
+                files = dali_files(beton, folder / 'dali_files')
+                for pipeline, antialias in (('dali', False), ('dali_antialias', True)):
+                    for res in res_list:
+                        loader = dali_loader(files, res=res, workers=workers, batch_size=bs,
+                                             antialias=antialias)
+                        r = time_epochs(dali_epoch(loader), args.runs)
+                        del loader
+                        gc.collect()
+                        rows.append({**common, 'pipeline': pipeline, 'res': res,
+                                     'bytes_per_image': round(n_bytes), **r})
+            if 'torchvision' in peers:
+                for res in res_list:
+                    loader = torchvision_loader(root, len(samples), res=res, workers=workers,
+                                                batch_size=bs)
+                    r = time_epochs(epoch_of(loader), args.runs)
+                    del loader
+                    rows.append({**common, 'pipeline': 'torchvision', 'res': res, 'write_mode': '',
+                                 'max_res': '', 'jpeg_quality': '',
+                                 'bytes_per_image': round(source_bytes), **r})
             print(f'  measured in {time.perf_counter() - started:.0f} s so far', flush=True)
 
         if not args.no_ablations:
             name, root = next(iter(sets.items()))
             rows += ablations(name, root, Path(tmp) / name, args, res_list[0])
 
-    for row in rows:  # ratios against torchvision and the decode limit of the same set
+    for row in rows:  # ratios against torchvision, DALI and the decode limit of the same set
         same = [r for r in rows if r['data'] == row['data'] and r['ablation'] == '']
         tv = [r for r in same if r['pipeline'] == 'torchvision' and r['res'] == row['res']]
+        dali = [r for r in same if r['pipeline'] == 'dali' and r['res'] == row['res']]
         limit = [r for r in same if r['pipeline'] == 'decode_limit']
         if row['pipeline'] not in ('decode_limit', 'torchvision'):
             if tv:
                 row['x_torchvision'] = round(row['img_per_s'] / tv[0]['img_per_s'], 2)
             row['pct_of_decode_limit'] = round(100 * row['img_per_s'] / limit[0]['img_per_s'], 1)
+        if row['pipeline'] == 'ffcv' and dali:
+            row['x_dali'] = round(row['img_per_s'] / dali[0]['img_per_s'], 2)
 
     out = Path(args.out)
     write_csv(out / 'loader.csv', rows)
@@ -261,11 +367,11 @@ def print_tables(rows, res_list):
             continue
         print(f'\n### Loader throughput: {name} ({main[0]["images"]} images, {main[0]["workers"]} '
               f'workers, batch {main[0]["batch_size"]}; median of the timed epochs)\n')
-        order = {'ffcv': 0, 'ffcv_stock': 1, 'torchvision': 2, 'decode_limit': 3}
-        main.sort(key=lambda r: (order[r['pipeline']], str(r['res'])))
+        main.sort(key=lambda r: (ORDER.get(r['pipeline'], len(ORDER)), str(r['res'])))
         print(markdown_table(main, [
             ('pipeline', 'pipeline', ''), ('res', 'res', ''), ('img_per_s', 'img/s', ',.0f'),
             ('spread', 'spread', ',.0f'), ('x_torchvision', 'x torchvision', '.2f'),
+            ('x_dali', 'x DALI', '.2f'),
             ('pct_of_decode_limit', '% of decode limit', '.0f'),
             ('bytes_per_image', 'bytes/image', ',d'), ('peak_rss_mb', 'peak RSS MB', ',d')]))
     ablation = [r for r in rows if r['ablation']]

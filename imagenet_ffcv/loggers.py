@@ -40,8 +40,6 @@ import numbers
 import re
 from pathlib import Path
 
-from torch.utils.tensorboard import SummaryWriter
-
 from .optional import require
 
 _WANDB_ID_BAD_CHARS = re.compile(r"[^A-Za-z0-9_.\-]")  # W&B refuses :;,#?/' in a run id
@@ -87,8 +85,10 @@ class LiveLog:
             self._wandb_run = self._start_wandb(wandb_project, run_name, config)
         if tensorboard:
             try:
-                self._writer = SummaryWriter(log_dir=str(self.folder / 'tensorboard'),
-                                             purge_step=resume_step or None)
+                tensorboard_module = require('torch.utils.tensorboard', 'logging.tensorboard=1',
+                                             package='tensorboard')
+                self._writer = tensorboard_module.SummaryWriter(
+                    log_dir=str(self.folder / 'tensorboard'), purge_step=resume_step or None)
                 if config is not None and resume_step == 0:
                     text = json.dumps(config, indent=2, default=str)
                     self._writer.add_text('config', f'```json\n{text}\n```', global_step=0)

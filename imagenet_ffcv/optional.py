@@ -1,12 +1,13 @@
-"""The optional integrations (timm, W&B), imported only when a config asks for them.
-
-They are pinned in ``requirements-extras.txt`` (at the repository root), which ``make`` never
-installs.
+"""Packages imported only when a config asks for them: the optional integrations (timm, W&B,
+pinned in ``requirements-extras.txt``, which ``make`` never installs) and TensorBoard (pinned in
+``requirements.txt``, but absent from some machines, e.g. a bare GPU box; a run that does not log to
+it must not need it).
 """
 import importlib
 from pathlib import Path
 
-EXTRAS_FILE = Path(__file__).resolve().parents[1] / 'requirements-extras.txt'
+REPO = Path(__file__).resolve().parents[1]
+EXTRAS_FILE = REPO / 'requirements-extras.txt'
 
 
 class MissingPackageError(ImportError):
@@ -14,27 +15,31 @@ class MissingPackageError(ImportError):
     the config key that needs it and the install command."""
 
 
-def pinned(package: str) -> str:
-    """``'name==version'`` for ``package`` as ``requirements-extras.txt`` pins it, or the bare
-    name when the file or the pin is absent."""
-    try:
-        lines = EXTRAS_FILE.read_text().splitlines()
-    except OSError:
-        return package
-    pins = [line.strip() for line in lines if line.strip().startswith(f'{package}==')]
-    return pins[0] if pins else package
+def pinned(package: str) -> tuple:
+    """``('name==version', requirements file name)`` for ``package`` as ``requirements.txt`` or
+    ``requirements-extras.txt`` pins it; ``(package, extras file name)`` when neither does."""
+    for path in (REPO / 'requirements.txt', EXTRAS_FILE):
+        try:
+            lines = path.read_text().splitlines()
+        except OSError:
+            continue
+        pins = [line.strip() for line in lines if line.strip().startswith(f'{package}==')]
+        if pins:
+            return pins[0], path.name
+    return package, EXTRAS_FILE.name
 
 
-def require(module: str, needed_for: str):
-    """The module ``module`` (e.g. ``'timm'``, ``'timm.optim'``, ``'wandb'``), imported now.
-    ``needed_for`` names what asked for it (e.g. ``"model.arch='timm:convnext_tiny'"``). Raises
-    MissingPackageError when it is not installed (or fails to import), naming the package, the
-    key and how to install it."""
+def require(module: str, needed_for: str, package: str = None):
+    """The module ``module`` (e.g. ``'timm'``, ``'timm.optim'``, ``'wandb'``,
+    ``'torch.utils.tensorboard'``), imported now. ``needed_for`` names what asked for it (e.g.
+    ``"model.arch='timm:convnext_tiny'"``); ``package``: the pip package that provides it (default:
+    the module's top-level name). Raises MissingPackageError when it is not installed (or fails to
+    import), naming the package, the key and how to install it."""
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        package = module.split('.')[0]
+        pin, requirements = pinned(package or module.split('.')[0])
+        name = pin.split('==')[0]
         raise MissingPackageError(
-            f'{needed_for} needs the optional package {package!r}, which is not installed '
-            f'({e}); install the optional integrations with: pip install -r '
-            f'{EXTRAS_FILE.name} (or pip install {pinned(package)})') from e
+            f'{needed_for} needs the package {name!r}, which is not installed ({e}): '
+            f'pip install {pin} (or pip install -r {requirements})') from e

@@ -1,13 +1,15 @@
 """The CUDA path, on a GPU (skipped without one; ``benchmarks/gpu_check.sh`` runs these on the lent
 GPU machine): the CUDA loaders against the CPU ones, stream safety of their batches, a training step
-in bf16 and fp16, checkpoints moving between CUDA and CPU, eval-only and ``predict.py`` on CUDA
-against CPU.
+in bf16 and fp16, torch.compile and the training options (EMA, MixUp/CutMix, AdamW, clipping) on
+CUDA, checkpoints moving between CUDA and CPU, eval-only and ``predict.py`` on CUDA against CPU.
 
 Loader batches come from ``loaders.val_loader`` (centre crop: the same pixels on every pass) on the
 demo sample betons (shorter side 64). A CPU process inside a CUDA test is a subprocess with
 ``CUDA_VISIBLE_DEVICES=''`` (``distributed.from_env`` then picks the CPU), started with this
 process's PYTHONPATH (where ffcv may come from ``.carry``).
 """
+import copy
+import importlib.util
 import json
 import os
 import shutil
@@ -30,6 +32,7 @@ pytestmark = [pytest.mark.cuda,
 
 CPU, CUDA = torch.device('cpu'), torch.device('cuda', 0)
 RES = 48  # px; the sample betons store shorter side 64
+TENSORBOARD = importlib.util.find_spec('tensorboard') is not None
 SLEEP_CYCLES = 20_000_000  # torch.cuda._sleep: about 10-20 ms of GPU time (1-2 GHz clocks)
 
 
@@ -233,6 +236,51 @@ def test_a_training_step_on_cuda_lowers_the_loss_on_a_fixed_batch(amp):
     assert losses[2] < losses[1] < losses[0], losses
     assert all(p.dtype == torch.float32 and bool(torch.isfinite(p).all())
                for p in model.parameters())
+
+
+def test_a_compiled_training_step_on_cuda_matches_eager():
+    """models.compile_model (training.compile=1) on CUDA, fp32: the loss and gradients of one step
+    equal eager's from the same weights (a small conv + BN + BlurPool net: compiling is the test,
+    not the model)."""
+    torch.manual_seed(0)
+    eager = models.apply_blurpool(torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+        torch.nn.Conv2d(16, 32, 3, stride=2, padding=1), torch.nn.BatchNorm2d(32),
+        torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+        torch.nn.Linear(32, 10))).to(CUDA).to(memory_format=torch.channels_last)
+    compiled = models.compile_model(copy.deepcopy(eager))
+    x = torch.randn(8, 3, 32, 32, device=CUDA).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (8,), device=CUDA)
+    results = []
+    for net in (eager, compiled):
+        net.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(net(x), y)
+        loss.backward()
+        results.append((float(loss), [p.grad.clone() for p in net.parameters()]))
+    (loss, grads), (loss_c, grads_c) = results
+    assert loss_c == pytest.approx(loss, rel=1e-4)
+    for g, g_c in zip(grads, grads_c):
+        torch.testing.assert_close(g_c, g, rtol=1e-3, atol=1e-4 * max(1.0, float(g.abs().max())))
+
+
+def test_a_run_with_the_training_options_on_cuda(sample_betons, tmp_path):
+    """EMA, MixUp/CutMix, AdamW, cosine, gradient clipping, keep_best and TensorBoard (where
+    installed) together on CUDA (bf16, or fp16 with the scaler's unscale-then-clip): the run finishes, every weights file
+    is finite, the EMA is validated and the event file is written."""
+    cfg = small_config(sample_betons, tmp_path, '--training.epochs=2', '--lr.lr=0.002',
+                       '--lr.lr_schedule_type=cosine', '--training.optimizer=adamw',
+                       '--training.clip_grad_norm=2', '--training.ema_decay=0.9',
+                       '--training.mixup_alpha=0.2', '--training.cutmix_alpha=1.0',
+                       '--checkpoint.keep_best=1', f'--logging.tensorboard={int(TENSORBOARD)}',
+                       '--logging.every_iters=4')
+    summary = train_imagenet.main(cfg)
+    run_dir = Path(summary['run_dir'])
+    for name in ('final_weights.pt', 'final_weights_ema.pt', 'best_weights.pt'):
+        state = torch.load(run_dir / name, weights_only=True)
+        assert all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
+    assert 0 <= summary['top_1_ema'] <= 1 and summary['best_epoch'] in (0, 1)
+    if TENSORBOARD:  # the lent GPU machine may not have the package
+        assert list((run_dir / 'tensorboard').glob('events.out.tfevents.*'))
 
 
 def run_config(sample_betons, folder):

@@ -207,3 +207,16 @@ def test_wandb_offline_run_holds_the_values(tmp_path, monkeypatch):
     assert (run.run_id, run.project, run.display_name) == ('2026-01-x', 'proj', '2026/01:x')
     config = {item.key: json.loads(item.value_json) for item in run.config.update}
     assert config['model'] == {'arch': 'resnet18'} and config['data'] == {'path': str(REPO)}
+
+
+def test_tensorboard_is_needed_only_when_asked_for(tmp_path, monkeypatch):
+    """Without the tensorboard package (a bare GPU machine) a run that does not log to it works;
+    one that asks for it stops with an error naming the package, its pin and the key."""
+    monkeypatch.setitem(sys.modules, 'torch.utils.tensorboard', None)
+    log = LiveLog(tmp_path / 'run', tensorboard=False)
+    log.epoch_scalars(0, {'top_1': 0.5})
+    assert not log.active and not (tmp_path / 'run').exists()
+    with pytest.raises(MissingPackageError, match=r"logging.tensorboard=1 needs the package "
+                                                  r"'tensorboard'.*tensorboard==2\.21\.0.*"
+                                                  r"requirements\.txt"):
+        LiveLog(tmp_path / 'run', tensorboard=True)

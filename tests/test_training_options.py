@@ -298,6 +298,6 @@ def test_wandb_asked_for_but_missing_stops_before_any_work(sample_betons, tmp_pa
     monkeypatch.setitem(sys.modules, 'wandb', None)
     cfg = small_config(sample_betons, tmp_path, '--logging.wandb_project=imagenet')
     with pytest.raises(MissingPackageError, match=r"logging.wandb_project='imagenet' needs the "
-                                                  r"optional package 'wandb'.*requirements-extras"):
+                                                  r"package 'wandb'.*requirements-extras"):
         train_imagenet.main(cfg)
     assert list(tmp_path.iterdir()) == []  # no run folder
