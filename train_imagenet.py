@@ -147,7 +147,7 @@ def build(cfg, dist, wall_start) -> Run:
         num_workers=cfg.data.num_workers, res=res_at(0), os_cache=cfg.data.in_memory,
         device=device, distributed=dist.distributed, seed=cfg.training.seed,
         min_crop_scale=cfg.data.min_crop_scale, flip_prob=cfg.data.flip_prob,
-        dtype=precision.input_dtype)
+        dtype=precision.input_dtype, decoder=cfg.data.decoder)
     if len(train_loader) == 0:
         raise config.ConfigError(
             f'training.batch_size={cfg.training.batch_size} x {dist.world_size} process(es) is '
@@ -198,7 +198,7 @@ def make_val_loader(cfg, dist, precision, crop_ratio=None):
     return loaders.val_loader(path=cfg.data.val_dataset, batch_size=cfg.validation.batch_size,
                               num_workers=cfg.data.num_workers, res=cfg.validation.resolution,
                               device=dist.device, rank=dist.rank, world_size=dist.world_size,
-                              dtype=precision.input_dtype, **kwargs)
+                              dtype=precision.input_dtype, decoder=cfg.data.decoder, **kwargs)
 
 
 def restore(run: Run, saved: dict, resume_path) -> None:
@@ -239,7 +239,8 @@ def open_run_dir(run: Run, resume_path) -> RunDir:
         print(f'=> run folder {run_dir.path}')
     derived = run.resolved['derived']
     print(f'=> {cfg.model.arch}, {derived["num_classes"]} classes, {run.dist.world_size} '
-          f'process(es) on {run.dist.device.type}, {run.precision.name}, global batch '
+          f'process(es) on {run.dist.device.type}, {run.precision.name}, decoder '
+          f'{cfg.data.decoder}, global batch '
           f'{derived["global_batch_size"]}; lr {cfg.lr.lr:g} in the config (for a global batch of '
           f'{cfg.lr.ref_batch_size or "any size: no scaling"}) -> {derived["lr_used"]:g} used')
     return run_dir

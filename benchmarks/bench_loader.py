@@ -370,8 +370,8 @@ def print_tables(rows, res_list):
         main.sort(key=lambda r: (ORDER.get(r['pipeline'], len(ORDER)), str(r['res'])))
         print(markdown_table(main, [
             ('pipeline', 'pipeline', ''), ('res', 'res', ''), ('img_per_s', 'img/s', ',.0f'),
-            ('spread', 'spread', ',.0f'), ('x_torchvision', 'x torchvision', '.2f'),
-            ('x_dali', 'x DALI', '.2f'),
+            ('spread', 'spread', ',.0f'), ('x_torchvision', 'x torchvision', '.2f')]
+            + [('x_dali', 'x DALI', '.2f')] * any('x_dali' in r for r in main) + [
             ('pct_of_decode_limit', '% of decode limit', '.0f'),
             ('bytes_per_image', 'bytes/image', ',d'), ('peak_rss_mb', 'peak RSS MB', ',d')]))
     ablation = [r for r in rows if r['ablation']]

@@ -44,6 +44,10 @@ def _data_and_model_sections(section) -> None:
                                         'of the image (torchvision: 0.08)', default=0.08),
             flip_prob=Param(float, 'probability of the left-right flip of training images',
                             default=0.5),
+            decoder=Param(OneOf(['fused', 'fused_aa', 'ffcv']),
+                          "image decoder: 'fused' (ours: region decode + bilinear), 'fused_aa' "
+                          "(ours, antialiased for every shrink) or 'ffcv' (ffcv's stock decoders, "
+                          'INTER_AREA resize, as ffcv-imagenet)', default='fused'),
             gpu=Param(int, 'ignored (kept so ffcv-imagenet configs load): the device is '
                            'cuda:LOCAL_RANK', default=0))
     section('model', 'network',

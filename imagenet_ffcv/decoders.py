@@ -9,11 +9,11 @@ decoders
   what is left is a shrink of less than 2 (the idea of TensorFlow's ``decode_and_crop_jpeg`` and of
   DALI's ROI decoding);
 - resample bilinearly (pixel centres aligned, as OpenCV's INTER_LINEAR and torchvision's
-  ``antialias=False``; an image stored raw and shrunk by k >= 2 is averaged over k x k samples) and
-  write the flipped, normalised pixel straight into the batch.
-``benchmarks/bench_loader.py`` measures the difference. If the C part cannot be built (no C
-compiler or libjpeg headers), the whole image is decoded with ffcv's own (DCT-scaled) decoder
-instead, with a warning.
+  ``antialias=False``; an image stored raw and shrunk by k >= 2 is averaged over k x k samples;
+  ``antialias``: 2 x 2 samples for the shrinks in (1, 2) too) and write the flipped, normalised
+  pixel straight into the batch. ``benchmarks/bench_loader.py`` measures the difference.
+If the C part cannot be built (no C compiler or libjpeg headers), the whole image is decoded with
+ffcv's own (DCT-scaled) decoder instead, with a warning.
 
 Both decoders keep ffcv's interface: ``output_size`` may be changed between epochs. The crop and the
 flip of each image are a pure function of (seed, epoch, sample index) (``crops``): ``epoch`` is set
@@ -151,20 +151,22 @@ def _taps(start, step, k, out_n, src_n):
     return index, weight
 
 
-def resample(src, y0, x0, crop_h, crop_w, dst, flip, mean, inv_std, normalize):
+def resample(src, y0, x0, crop_h, crop_w, dst, flip, mean, inv_std, normalize, antialias=False):
     """Resample the rectangle of ``src`` (uint8 (H, W, 3)) with top-left corner (``y0``, ``x0``)
     and size ``crop_h`` x ``crop_w`` (floats, pixel units) bilinearly into ``dst`` (out_h, out_w, 3),
     pixel centres aligned (as OpenCV's INTER_LINEAR); left-right flipped if ``flip``. A shrink by
-    k >= 2 along an axis averages k samples along it (antialiasing for raw-stored images; JPEGs
-    arrive DCT-scaled to a shrink below 2). ``normalize``: write ``(v - mean) * inv_std`` (dst
-    float32), else the rounded value (dst uint8). Compiled with numba by the decoders.
+    k >= 2 along an axis averages k samples along it (JPEGs arrive DCT-scaled to a shrink below 2);
+    ``antialias``: ceil(shrink) samples, so 2 in (1, 2) too. ``normalize``: write ``(v - mean) *
+    inv_std`` (dst float32), else the rounded value (dst uint8). Compiled with numba.
 
     Per output row: blend the source rows (contiguous, vectorised), then gather the columns.
     """
     out_h, out_w = dst.shape[0], dst.shape[1]
     sy, sx = crop_h / out_h, crop_w / out_w
-    row_index, row_weight = _taps(y0, sy, max(1, int(sy)), out_h, src.shape[0])
-    col_index, col_weight = _taps(x0, sx, max(1, int(sx)), out_w, src.shape[1])
+    ky = max(1, int(np.ceil(sy - 1e-6)) if antialias else int(sy))
+    kx = max(1, int(np.ceil(sx - 1e-6)) if antialias else int(sx))
+    row_index, row_weight = _taps(y0, sy, ky, out_h, src.shape[0])
+    col_index, col_weight = _taps(x0, sx, kx, out_w, src.shape[1])
     lo, hi = col_index.min(), col_index.max() + 1  # the source columns used
     col_index -= lo
     col_index *= 3
@@ -274,8 +276,9 @@ class CropResizeDecoder(SimpleRGBImageDecoder):
     """
 
     def __init__(self, output_size, *, crop, scale, ratio, flip_prob: float, normalize: bool,
-                 mean, std, seed: int = 0):
+                 mean, std, seed: int = 0, antialias: bool = False):
         super().__init__()
+        self.antialias = bool(antialias)  # see resample
         self.output_size = tuple(output_size)
         self.crop, self.scale, self.ratio = crop, scale, ratio
         self.flip_prob, self.normalize = float(flip_prob), bool(normalize)
@@ -284,8 +287,8 @@ class CropResizeDecoder(SimpleRGBImageDecoder):
         if seed < 0:
             raise ValueError(f'seed={seed} must be >= 0')
         self.seed = int(seed)
-        # The epoch, read by the compiled code at each batch: numba freezes the arrays a compiled
-        # function captures, so it copies the value from this array's address (ctypes.memmove).
+        # The epoch, read by the compiled code at each batch from this array's address (numba
+        # freezes captured arrays, so it copies the value with ctypes.memmove).
         self._epoch_cell = np.zeros(1, np.int64)
         # Written the same way by the compiled code: the index of a sample whose JPEG record did
         # not decode (-1: none), which comes out as a black image.
@@ -326,7 +329,7 @@ class CropResizeDecoder(SimpleRGBImageDecoder):
         scale = np.array(self.scale, np.float64)
         ratio = (np.array(self.ratio, np.float64) if isinstance(self.ratio, tuple)
                  else float(self.ratio))
-        flip_prob, normalize = self.flip_prob, self.normalize
+        flip_prob, normalize, antialias = self.flip_prob, self.normalize, self.antialias
         mean, inv_std = self.mean, self.inv_std
         read_region, partial = _region_reader()
         read_region_c = Compiler.compile(read_region)
@@ -348,7 +351,7 @@ class CropResizeDecoder(SimpleRGBImageDecoder):
                 flip = flipped(key, flip_prob)
                 if field['mode'] != jpg:
                     resample_c(data.reshape(height, width, 3), i, j, h, w, destination[k], flip,
-                               mean, inv_std, normalize)
+                               mean, inv_std, normalize, antialias)
                     continue
                 denom, top, left, rows, cols, y0, x0, ch, cw = jpeg_window(
                     height, width, i, j, h, w, out_h, out_w, partial)
@@ -368,7 +371,7 @@ class CropResizeDecoder(SimpleRGBImageDecoder):
                 decoded_w = info[k, 1]
                 src = buf[:rows * decoded_w * 3].reshape(rows, decoded_w, 3)
                 resample_c(src, y0 - top, x0 - info[k, 0], ch, cw, destination[k], flip, mean,
-                           inv_std, normalize)
+                           inv_std, normalize, antialias)
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True
@@ -377,7 +380,7 @@ class CropResizeDecoder(SimpleRGBImageDecoder):
 
 def random_resized_crop_decoder(output_size, *, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
                                 flip_prob: float = 0.5, normalize: bool, mean, std,
-                                seed: int = 0):
+                                seed: int = 0, antialias: bool = False):
     """Training decoder: random-resized crop (Szegedy et al. 2015, as torchvision's
     ``RandomResizedCrop``: area fraction from ``scale``, aspect ratio log-uniform in ``ratio``,
     the whole image clamped to the ratio range after 10 failed draws; ``crops``) to
@@ -385,11 +388,13 @@ def random_resized_crop_decoder(output_size, *, scale=(0.08, 1.0), ratio=(3 / 4,
     from (``seed``, epoch, sample index). Output as :class:`CropResizeDecoder`."""
     return CropResizeDecoder(output_size, crop=random_resized_crop, scale=scale, ratio=ratio,
                              flip_prob=flip_prob, normalize=normalize, mean=mean, std=std,
-                             seed=seed)
+                             seed=seed, antialias=antialias)
 
 
-def center_crop_decoder(output_size, *, ratio: float, normalize: bool, mean, std):
+def center_crop_decoder(output_size, *, ratio: float, normalize: bool, mean, std,
+                        antialias: bool = False):
     """Validation decoder: the central square of side ``ratio`` x the shorter side (224/256 is
     the classic centre crop), resized to ``output_size`` (H, W) px; ffcv's ``get_center_crop``."""
     return CropResizeDecoder(output_size, crop=center_crop, scale=(0.0, 0.0), ratio=ratio,
-                             flip_prob=0.0, normalize=normalize, mean=mean, std=std)
+                             flip_prob=0.0, normalize=normalize, mean=mean, std=std,
+                             antialias=antialias)

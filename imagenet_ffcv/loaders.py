@@ -1,5 +1,8 @@
 """The FFCV loaders of training and validation, and their pipelines: our fused decoders
 (``decoders``) write each batch; on CUDA the uint8 batch is normalised on the device.
+``decoder`` (``data.decoder``) picks the decoder: 'fused' (ours), 'fused_aa' (ours, antialiased
+for every shrink) or 'ffcv' (ffcv 1.0.2's stock decoders, flip and normalisation, as
+ffcv-imagenet: whole-image decode and OpenCV INTER_AREA resize).
 
 The last op of each image pipeline leaves (B, 3, H, W) images normalised with the ImageNet
 mean/std, in channels_last memory: float32 on CPU (the decoder normalises), ``dtype`` on CUDA.
@@ -9,11 +12,13 @@ from dataclasses import replace
 import numpy as np
 import torch
 from ffcv.fields.basics import IntDecoder
+from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
 import ffcv.loader
 from ffcv.loader import OrderOption
 from ffcv.pipeline.operation import Operation
 from ffcv.reader import Reader
-from ffcv.transforms import Squeeze, ToDevice, ToTensor, ToTorchImage
+from ffcv.transforms import (NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor,
+                             ToTorchImage)
 
 from .classes import class_list_path, read_class_list
 from .constants import DEFAULT_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
@@ -21,6 +26,7 @@ from .decoders import center_crop_decoder, random_resized_crop_decoder
 from .verify import check_beton
 
 ORDERS = {'random': OrderOption.RANDOM, 'quasi_random': OrderOption.QUASI_RANDOM}
+DECODERS = ('fused', 'fused_aa', 'ffcv')
 
 
 def num_samples(beton_path) -> int:
@@ -140,6 +146,25 @@ def image_pipeline(make_decoder, *, device, dtype=torch.float32, **decoder_args)
     return decoder, [decoder, ToTensor(), ToTorchImage()]
 
 
+def ffcv_image_pipeline(decoder, *, device, dtype=torch.float32, flip_prob: float = 0.0) -> list:
+    """ffcv-imagenet's image pipeline around one of ffcv's own decoders: ``decoder``, a
+    left-right flip with probability ``flip_prob`` (ffcv's ``RandomHorizontalFlip``; 0: none), and
+    normalisation: ffcv's ``NormalizeImage`` on CPU (float32), :class:`NormalizeOnDevice` on CUDA
+    (ffcv's GPU kernel needs cupy). Batches as :func:`image_pipeline`'s. Its random draws are
+    ffcv's, not a function of the seed and the epoch: a resumed run sees other crops."""
+    ops = [decoder] + ([RandomHorizontalFlip(flip_prob)] if flip_prob else [])
+    if device.type == 'cuda':
+        return ops + [ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(),
+                      NormalizeOnDevice(IMAGENET_MEAN, IMAGENET_STD, dtype)]
+    return ops + [NormalizeImage(np.asarray(IMAGENET_MEAN), np.asarray(IMAGENET_STD), np.float32),
+                  ToTensor(), ToTorchImage()]
+
+
+def _check_decoder(decoder: str) -> None:
+    if decoder not in DECODERS:
+        raise ValueError(f'decoder={decoder!r}: expected one of {", ".join(DECODERS)}')
+
+
 def label_pipeline(device) -> list:
     """int64 (B,) labels, on ``device``."""
     ops = [IntDecoder(), ToTensor(), Squeeze(1)]  # (B, 1) -> (B,), also for a last batch of 1
@@ -149,7 +174,7 @@ def label_pipeline(device) -> list:
 def train_loader(*, path, batch_size: int, num_workers: int, res: int, os_cache: bool, device,
                  distributed: bool, seed: int, order: str = 'random',
                  min_crop_scale: float = 0.08, flip_prob: float = 0.5,
-                 dtype=torch.float32) -> tuple:
+                 dtype=torch.float32, decoder: str = 'fused') -> tuple:
     """The training loader: random-resized crop to ``res`` x ``res`` pixels + horizontal flip +
     normalisation, as ffcv-imagenet, done in one pass by ``decoders.random_resized_crop_decoder``
     (region decode, bilinear resample; ``benchmarks/bench_loader.py`` measures it). Returns
@@ -166,12 +191,14 @@ def train_loader(*, path, batch_size: int, num_workers: int, res: int, os_cache:
     torchvision: 0.08); the aspect ratio is drawn from [3/4, 4/3]. 1.0 on square images gives the
     whole image. ``flip_prob``: probability of the left-right flip (0: none). The order, the
     crops and the flips are functions of ``seed`` and the epoch (``seed`` >= 0): runs with the
-    same seed see the same batches, also after a resume.
+    same seed see the same batches, also after a resume (not with ``decoder='ffcv'``).
+    ``decoder``: 'fused', 'fused_aa' or 'ffcv' (see the module's docstring).
     The loader's buffers are reused: consume a batch before fetching ``batches_ahead + 2`` more.
     Raises FileNotFoundError for a missing file, ``verify.CorruptBetonError`` for a file that is
-    not a complete .beton (``verify.check_beton``), ValueError for a bad ``order`` or for
-    ``num_workers`` < 1.
+    not a complete .beton (``verify.check_beton``), ValueError for a bad ``order`` or
+    ``decoder`` or for ``num_workers`` < 1.
     """
+    _check_decoder(decoder)
     if order not in ORDERS:
         raise ValueError(f"order={order!r}: expected 'random' or 'quasi_random'")
     if distributed and order != 'random':
@@ -179,32 +206,48 @@ def train_loader(*, path, batch_size: int, num_workers: int, res: int, os_cache:
     if num_workers < 1:
         raise ValueError(f'num_workers={num_workers}: the loader needs at least 1 thread')
     check_beton(path)
-    decoder, images = image_pipeline(random_resized_crop_decoder, device=device, dtype=dtype,
-                                     output_size=(res, res), scale=(min_crop_scale, 1.0),
-                                     flip_prob=flip_prob, seed=seed)
+    if decoder == 'ffcv':
+        ours = None
+        image_decoder = RandomResizedCropRGBImageDecoder((res, res), scale=(min_crop_scale, 1.0))
+        images = ffcv_image_pipeline(image_decoder, device=device, dtype=dtype,
+                                     flip_prob=flip_prob)
+    else:
+        ours, images = image_pipeline(random_resized_crop_decoder, device=device, dtype=dtype,
+                                      output_size=(res, res), scale=(min_crop_scale, 1.0),
+                                      flip_prob=flip_prob, seed=seed,
+                                      antialias=decoder == 'fused_aa')
+        image_decoder = ours
     loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers,
                     order=ORDERS[order], os_cache=bool(os_cache), drop_last=True,
-                    distributed=distributed, seed=seed, decoder=decoder,
+                    distributed=distributed, seed=seed, decoder=ours,
                     pipelines={'image': images, 'label': label_pipeline(device)})
-    return loader, decoder
+    return loader, image_decoder
 
 
 def val_loader(*, path, batch_size: int, num_workers: int, res: int, device, rank: int = 0,
                world_size: int = 1, crop_ratio: float = DEFAULT_CROP_RATIO,
-               dtype=torch.float32):
+               dtype=torch.float32, decoder: str = 'fused'):
     """The validation loader: centre crop (``crop_ratio`` of the shorter side, 224/256 by default;
     1.0 gives the whole central square, for 10-crop evaluation) resized to ``res`` x ``res``.
 
     Each of ``world_size`` ranks reads the disjoint slice ``rank::world_size`` of the samples, in
     order, keeping the last partial batch, so across ranks every image is seen exactly once (ffcv's
-    own ``distributed=True`` pads with repeated samples). Batches as in :func:`train_loader`.
+    own ``distributed=True`` pads with repeated samples). Batches and ``decoder`` as in
+    :func:`train_loader`.
     """
+    _check_decoder(decoder)
     if num_workers < 1:
         raise ValueError(f'num_workers={num_workers}: the loader needs at least 1 thread')
     # uint64 as ffcv's own default: int64 indices meet its uint64 ones and numba sees float64.
     indices = np.arange(rank, check_beton(path), world_size, dtype=np.uint64)
-    decoder, images = image_pipeline(center_crop_decoder, device=device, dtype=dtype,
-                                     output_size=(res, res), ratio=crop_ratio)
+    if decoder == 'ffcv':
+        ours = None
+        images = ffcv_image_pipeline(CenterCropRGBImageDecoder((res, res), ratio=crop_ratio),
+                                     device=device, dtype=dtype)
+    else:
+        ours, images = image_pipeline(center_crop_decoder, device=device, dtype=dtype,
+                                      output_size=(res, res), ratio=crop_ratio,
+                                      antialias=decoder == 'fused_aa')
     return Loader(str(path), batch_size=batch_size, num_workers=num_workers,
-                  order=OrderOption.SEQUENTIAL, drop_last=False, indices=indices, decoder=decoder,
+                  order=OrderOption.SEQUENTIAL, drop_last=False, indices=indices, decoder=ours,
                   pipelines={'image': images, 'label': label_pipeline(device)})

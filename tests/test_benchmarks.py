@@ -4,6 +4,7 @@ import csv
 import importlib.util
 import re
 import subprocess
+import sys
 
 import pytest
 
@@ -19,7 +20,7 @@ def _dali_installed() -> bool:
         return False
 
 
-def test_bench_loader_writes_the_contract_csv_and_a_chart(tmp_path):
+def test_bench_loader_writes_the_contract_csv_and_a_chart(tmp_path, monkeypatch):
     """Ours and its peers at the smallest; DALI's rows where DALI is installed (make bench
     installs it, CI does not), else the line that says they are skipped."""
     result = subprocess.run(
@@ -36,6 +37,10 @@ def test_bench_loader_writes_the_contract_csv_and_a_chart(tmp_path):
     if _dali_installed():
         pipelines |= {'dali', 'dali_antialias'}
         assert skipped not in result.stdout
+        monkeypatch.syspath_prepend(str(REPO / 'benchmarks'))  # and where it is missing:
+        monkeypatch.setitem(sys.modules, 'nvidia.dali', None)  # (import raises ImportError)
+        from bench_loader import dali_missing
+        assert dali_missing() == skipped
     else:
         assert skipped in result.stdout
     assert {r['pipeline'] for r in rows} == pipelines

@@ -292,12 +292,14 @@ def test_resume_eval_and_fault_keys():
 
 
 # ----------------------------------------------------------------------------- training options
-# The keys the training options added (issue 13), at their defaults: every one off.
+# The keys added since (the training options of issue 13, the decoder choice of issue 15), at
+# their defaults: every option off, today's decoder.
 OPTION_DEFAULTS = {
     'lr.min_lr': 0.0, 'training.betas': '0.9,0.999', 'training.clip_grad_norm': 0.0,
     'training.ema_decay': 0.0, 'training.ema_every': 1, 'training.mixup_alpha': 0.0,
     'training.cutmix_alpha': 0.0, 'training.compile': 0, 'checkpoint.keep_best': 0,
-    'logging.tensorboard': 0, 'logging.wandb_project': '', 'logging.every_iters': 50}
+    'logging.tensorboard': 0, 'logging.wandb_project': '', 'logging.every_iters': 50,
+    'data.decoder': 'fused'}
 
 
 def test_shipped_configs_resolve_as_before_the_training_options():
