@@ -131,17 +131,15 @@ def train_step(*, model, x, y, optimizer, loss_fn, amp_dtype=None, scaler=None,
         x, y = mix(x, y)
     with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
         loss = loss_fn(model(x), y)
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    if clip_grad_norm:
+        if scaler is not None:
+            scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
     if scaler is not None:
-        scaler.scale(loss).backward()
-        if clip_grad_norm:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
         scaler.step(optimizer)
         scaler.update()
     else:
-        loss.backward()
-        if clip_grad_norm:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad_norm)
         optimizer.step()
     return loss.detach()
 
