@@ -1,7 +1,8 @@
 # make demo: convert the embedded sample and train ResNet-18 on it (CPU, a few minutes).
 # make test: the test suite (CPU).
-# make bench: loader, training-loop, writer and decoder-quality benchmarks (tables; CSV + PNG in
-# bench-results/). The decoder parity study (about an hour) is separate: benchmarks/decoder_parity.py.
+# make bench: loader (and where its time goes), training-loop, writer and decoder-quality benchmarks
+# (tables; CSV + PNG in bench-results/). The decoder parity study (about an hour) is separate:
+# benchmarks/decoder_parity.py.
 # make carry: .carry/ (ffcv, our JPEG decoder library, the check's images) for an offline GPU machine.
 # make gpu-check: the one-shot CUDA check (benchmarks/gpu_check.sh; bench-results/gpu.md, gpu.csv).
 # Both first install what is missing: the system packages ffcv builds against, then .venv.
@@ -44,6 +45,7 @@ DALI_PIN := nvidia-dali-cuda130==2.4.0
 bench: setup
 	$(PY) -m pip install -q -c requirements.txt $(DALI_PIN) || echo "DALI not installed: its rows are skipped"
 	$(PY) benchmarks/bench_loader.py
+	$(PY) benchmarks/loader_profile.py
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_writer.py
 	$(PY) benchmarks/decoder_quality.py

@@ -63,13 +63,14 @@ def ours(path, *, res, workers, batch_size, in_memory=1, order='random'):
 
 def ffcv_stock(path, *, res, workers, batch_size, device=CPU):
     """ffcv 1.0.2's own decoder, flip and NormalizeImage, as ffcv-imagenet's training pipeline:
-    ``(loader, decoder)``. On CPU in the order that does not hang (NormalizeImage before
+    ``(loader, decoder)``, in ``loaders.Loader`` (ffcv's, keeping the batch buffers between
+    epochs, as ours does: both are measured in the steady state of a long epoch). On CPU in the order that does not hang (NormalizeImage before
     ToTensor, float32); on CUDA ffcv-imagenet's GPU order (``..., ToTensor(), ToDevice(device),
     ToTorchImage(), NormalizeImage(mean, std, np.float16)``, whose kernel needs cupy), giving
     float16 (B, 3, res, res) channels_last batches and int64 (B,) labels on the device."""
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
-    from ffcv.loader import Loader, OrderOption
+    from ffcv.loader import OrderOption
     from ffcv.transforms import (NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice,
                                  ToTensor, ToTorchImage)
     decoder = RandomResizedCropRGBImageDecoder((res, res))
@@ -82,9 +83,9 @@ def ffcv_stock(path, *, res, workers, batch_size, device=CPU):
         image = [decoder, RandomHorizontalFlip(),
                  NormalizeImage(IMAGENET_MEAN, IMAGENET_STD, np.float32), ToTensor(),
                  ToTorchImage()]
-    loader = Loader(str(path), batch_size=batch_size, num_workers=workers, seed=0,
-                    order=OrderOption.RANDOM, os_cache=True, drop_last=True,
-                    pipelines={'image': image, 'label': label})
+    loader = loaders.Loader(str(path), batch_size=batch_size, num_workers=workers, seed=0,
+                            order=OrderOption.RANDOM, os_cache=True, drop_last=True,
+                            pipelines={'image': image, 'label': label})
     return loader, decoder
 
 

@@ -41,7 +41,7 @@ from PIL import Image
 from common import RESULTS, image_sets, machine_line, markdown_table, write_csv
 from ffcv.fields.rgb_image import encode_jpeg
 from ffcv.libffcv import imdecode, resize_crop
-from imagenet_ffcv import decoders
+from imagenet_ffcv import decoders, resampling
 from imagenet_ffcv.crops import random_resized_crop, sample_key
 from imagenet_ffcv.images import load_image
 from imagenet_ffcv.sources import find_classes, list_samples
@@ -54,7 +54,7 @@ MAX_RES, QUALITY = 256, 90  # write_beton.py's defaults (--max-res, --jpeg-quali
 RANGES = (('< 1', 0.0, 1.0), ('1-2', 1.0, 2.0), ('>= 2', 2.0, math.inf))
 ZEROS = np.zeros(3, np.float32)
 # As the loader compiles it (ffcv's Compiler.compile): one compilation, reused for both antialias
-resample_c = numba.njit(fastmath=True, nogil=True, error_model='numpy')(decoders.resample)
+resample_c = numba.njit(fastmath=True, nogil=True, error_model='numpy')(resampling.resample)
 
 
 def stored_jpegs(root, limit: int) -> list:

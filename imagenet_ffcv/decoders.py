@@ -11,7 +11,8 @@ decoders
 - resample bilinearly (pixel centres aligned, as OpenCV's INTER_LINEAR and torchvision's
   ``antialias=False``; an image stored raw and shrunk by k >= 2 is averaged over k x k samples;
   ``antialias``: 2 x 2 samples for the shrinks in (1, 2) too) and write the flipped, normalised
-  pixel straight into the batch. ``benchmarks/bench_loader.py`` measures the difference.
+  pixel straight into the batch (``resampling``). ``benchmarks/bench_loader.py`` measures the
+  difference.
 If the C part cannot be built (no C compiler or libjpeg headers), the whole image is decoded with
 ffcv's own (DCT-scaled) decoder instead, with a warning.
 
@@ -37,6 +38,7 @@ from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 
 from .crops import center_crop, flipped, random_resized_crop, sample_key
+from .resampling import resample
 
 SOURCE = Path(__file__).with_name('jpeg_region.c')
 MARGIN = 2  # decoded rows/columns beyond the sampled ones, where partial decoding may differ
@@ -131,88 +133,6 @@ def decode_region(jpeg: np.ndarray, *, top: int, left: int, height: int, width: 
         raise ValueError(f'decode_region failed with code {code} (-1 corrupt JPEG, -2 rectangle '
                          f'outside the image, -3 data ended early, -5 corrupt data)')
     return out[:height * info[1] * 3].reshape(height, int(info[1]), 3), int(info[0])
-
-
-@numba.njit(nogil=True, fastmath=True, error_model='numpy')  # compiled at its first call
-def _taps(start, step, k, out_n, src_n):
-    """Source indices and weights, 2 per sample and k samples per output pixel, of a bilinear
-    resampling of pixels ``start .. start + out_n * step`` (pixel-centre aligned, clamped to the
-    edge). Returns int64 and float32 arrays (out_n, 2 k); each row's weights sum to 1."""
-    index = np.empty((out_n, 2 * k), np.int64)
-    weight = np.empty((out_n, 2 * k), np.float32)
-    for o in range(out_n):
-        for s in range(k):
-            f = start + (o + (s + 0.5) / k) * step - 0.5
-            f = min(max(f, 0.0), src_n - 1.0)
-            i = min(int(f), src_n - 2) if src_n > 1 else 0
-            w = f - i
-            index[o, 2 * s], index[o, 2 * s + 1] = i, min(i + 1, src_n - 1)
-            weight[o, 2 * s], weight[o, 2 * s + 1] = (1 - w) / k, w / k
-    return index, weight
-
-
-def resample(src, y0, x0, crop_h, crop_w, dst, flip, mean, inv_std, normalize, antialias=False):
-    """Resample the rectangle of ``src`` (uint8 (H, W, 3)) with top-left corner (``y0``, ``x0``)
-    and size ``crop_h`` x ``crop_w`` (floats, pixel units) bilinearly into ``dst`` (out_h, out_w, 3),
-    pixel centres aligned (as OpenCV's INTER_LINEAR); left-right flipped if ``flip``. A shrink by
-    k >= 2 along an axis averages k samples along it (JPEGs arrive DCT-scaled to a shrink below 2);
-    ``antialias``: ceil(shrink) samples, so 2 in (1, 2) too. ``normalize``: write ``(v - mean) *
-    inv_std`` (dst float32), else the rounded value (dst uint8). Compiled with numba.
-
-    Per output row: blend the source rows (contiguous, vectorised), then gather the columns.
-    """
-    out_h, out_w = dst.shape[0], dst.shape[1]
-    sy, sx = crop_h / out_h, crop_w / out_w
-    ky = max(1, int(np.ceil(sy - 1e-6)) if antialias else int(sy))
-    kx = max(1, int(np.ceil(sx - 1e-6)) if antialias else int(sx))
-    row_index, row_weight = _taps(y0, sy, ky, out_h, src.shape[0])
-    col_index, col_weight = _taps(x0, sx, kx, out_w, src.shape[1])
-    lo, hi = col_index.min(), col_index.max() + 1  # the source columns used
-    col_index -= lo
-    col_index *= 3
-    n = (hi - lo) * 3
-    row = np.empty(n, np.float32)
-    two_col_taps = col_index.shape[1] == 2
-    m0, m1, m2 = mean[0], mean[1], mean[2]
-    i0, i1, i2 = inv_std[0], inv_std[1], inv_std[2]
-    for oy in range(out_h):
-        if row_index.shape[1] == 2:  # the common case, written out so that it vectorises
-            w0, w1 = row_weight[oy, 0], row_weight[oy, 1]
-            s0 = src[row_index[oy, 0]].reshape(-1)[lo * 3:hi * 3]
-            s1 = src[row_index[oy, 1]].reshape(-1)[lo * 3:hi * 3]
-            for e in range(n):
-                row[e] = w0 * s0[e] + w1 * s1[e]
-        else:
-            row[:] = 0
-            for t in range(row_index.shape[1]):
-                w = row_weight[oy, t]
-                source = src[row_index[oy, t]].reshape(-1)[lo * 3:hi * 3]
-                for e in range(n):
-                    row[e] += w * source[e]
-        out = dst[oy].reshape(-1)
-        for ox in range(out_w):
-            if two_col_taps:
-                c0, c1 = col_index[ox, 0], col_index[ox, 1]
-                w0, w1 = col_weight[ox, 0], col_weight[ox, 1]
-                a0 = w0 * row[c0] + w1 * row[c1]
-                a1 = w0 * row[c0 + 1] + w1 * row[c1 + 1]
-                a2 = w0 * row[c0 + 2] + w1 * row[c1 + 2]
-            else:
-                a0 = a1 = a2 = np.float32(0.0)
-                for t in range(col_index.shape[1]):
-                    c, w = col_index[ox, t], col_weight[ox, t]
-                    a0 += w * row[c]
-                    a1 += w * row[c + 1]
-                    a2 += w * row[c + 2]
-            d = 3 * (out_w - 1 - ox if flip else ox)
-            if normalize:
-                out[d] = (a0 - m0) * i0
-                out[d + 1] = (a1 - m1) * i1
-                out[d + 2] = (a2 - m2) * i2
-            else:
-                out[d] = min(a0 + 0.5, 255.0)
-                out[d + 1] = min(a1 + 0.5, 255.0)
-                out[d + 2] = min(a2 + 0.5, 255.0)
 
 
 @numba.njit(nogil=True)  # also called by the decoders' compiled code

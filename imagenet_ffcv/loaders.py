@@ -7,6 +7,7 @@ ffcv-imagenet: whole-image decode and OpenCV INTER_AREA resize).
 The last op of each image pipeline leaves (B, 3, H, W) images normalised with the ImageNet
 mean/std, in channels_last memory: float32 on CPU (the decoder normalises), ``dtype`` on CUDA.
 """
+import weakref
 from dataclasses import replace
 
 import numpy as np
@@ -15,6 +16,7 @@ from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
 import ffcv.loader
 from ffcv.loader import OrderOption
+from ffcv.pipeline.graph import Graph
 from ffcv.pipeline.operation import Operation
 from ffcv.reader import Reader
 from ffcv.transforms import (NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor,
@@ -56,16 +58,52 @@ class Loader(ffcv.loader.Loader):
     """ffcv's ``Loader`` that tells its ``decoder`` (a ``decoders.CropResizeDecoder``) which epoch
     it is about to decode, so that the crops and flips of an epoch are a function of the seed, that
     epoch and the sample (``crops``), like the order ffcv draws from ``seed + epoch``. Setting
-    ``next_epoch`` (as a resumed run does) sets both."""
+    ``next_epoch`` (as a resumed run does) sets both.
+
+    It also keeps the batch buffers from one epoch to the next. ffcv 1.0.2 allocates them anew for
+    every epoch (a ring of ``batches_ahead + 2`` batches per pipeline op: 393 MB of float32 at
+    batch 256 and 160 px), and the first writes into fresh memory fault in every page: 10-35 % of
+    the time of an epoch of 3,000-4,000 images on 2 cores (``benchmarks/loader_profile.py``), plus
+    pinning on CUDA. They are reused when the shapes are the same and the last epoch's iterator has ended;
+    on CUDA the device is synchronised first, so that no queued kernel still reads them. A batch
+    is valid until the next one is fetched or the next epoch starts (ffcv: until the next one).
+    """
 
     def __init__(self, *args, decoder=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.decoder = decoder
+        self._buffers = None  # (shapes key, ffcv's buffers) of the last epoch
+        self._last_epoch = None  # weak reference to the last epoch's iterator (a thread)
+        self.graph.allocate_memory = self._epoch_buffers  # what each epoch's iterator calls
 
     def __iter__(self):
         if self.decoder is not None:
             self.decoder.epoch = self.next_epoch
-        return super().__iter__()
+        if self._buffers is not None and not self._last_epoch_ended():
+            self._buffers = None  # still producing into them: this epoch gets its own
+        elif self._buffers is not None and torch.cuda.is_initialized():
+            torch.cuda.synchronize()
+        iterator = super().__iter__()
+        self._last_epoch = weakref.ref(iterator)
+        return iterator
+
+    def _last_epoch_ended(self) -> bool:
+        iterator = self._last_epoch()
+        if iterator is None:  # collected: a running thread is never collected
+            return True
+        if not iterator.terminate_event.is_set():  # not exhausted nor closed: may still produce
+            return False
+        iterator.join(timeout=10)  # closed: it ends after the batch it is decoding
+        return not iterator.is_alive()
+
+    def _epoch_buffers(self, batch_size: int, slots: int):
+        """ffcv's ``Graph.allocate_memory(batch_size, slots)``, or the last epoch's buffers when
+        the pipeline asks for the same shapes (``output_size`` may have changed)."""
+        key = (batch_size, slots, repr(self.graph.collect_requirements()[0]))
+        if self._buffers is None or self._buffers[0] != key:
+            self._buffers = None  # the old ones can be freed before the new ones are made
+            self._buffers = (key, Graph.allocate_memory(self.graph, batch_size, slots))
+        return self._buffers[1]
 
     def corrupt_record(self):
         """A message naming the sample of this loader's file whose image record did not decode

@@ -52,6 +52,26 @@ def test_bench_loader_writes_the_contract_csv_and_a_chart(tmp_path, monkeypatch)
     assert (tmp_path / 'loader.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
 
+def test_loader_profile_splits_the_time_per_image(monkeypatch):
+    """loader_profile.py's steps on the embedded sample's JPEGs, in this process (bench_loader's
+    test runs the loader): each step's µs per image, and the fraction of the pixels decoded for
+    random-resized crops (below 1)."""
+    monkeypatch.syspath_prepend(str(REPO / 'benchmarks'))
+    import numpy as np
+    from loader_profile import stage_costs
+    from imagenet_ffcv.images import load_image
+    from ffcv.fields.rgb_image import encode_jpeg
+    jpegs = []
+    for path in sorted((REPO / 'demo' / 'imagenette_sample' / 'train').glob('*/*'))[:8]:
+        pixels = np.ascontiguousarray(load_image(path, 256))
+        jpegs.append((encode_jpeg(pixels, 90), *pixels.shape[:2]))
+    costs = stage_costs(jpegs, res=64, crops=2, runs=1)
+    assert set(costs) == {'whole_decode_us', 'region_decode_us', 'decoded_fraction',
+                          'resample_f32_us', 'resample_u8_us'}
+    assert all(0 < costs[k] < 1e5 for k in costs if k.endswith('_us')), costs
+    assert 0 < costs['decoded_fraction'] < 1
+
+
 def test_bench_train_writes_its_rows_with_the_compile_column(tmp_path):
     """bench_train.py at its smallest, eager only (compiling even a small torchvision model takes
     30-70 s on 2 cores; compiled = eager is tested in test_models.py): one row, with the compile

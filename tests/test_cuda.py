@@ -214,6 +214,27 @@ def test_batches_survive_a_consumer_far_behind_the_host(stream_loader):
     assert_same_sums(sums, reference)
 
 
+def test_the_next_epoch_does_not_overwrite_what_the_gpu_still_reads(stream_loader,
+                                                                     sample_betons):
+    """``loaders.Loader`` hands an epoch's buffers to the next epoch (the labels are ffcv's device
+    buffers, read by the training loop itself). Two epochs back to back, every batch read behind
+    a slow kernel and the host never waiting: the next epoch starts while the GPU still has the
+    last epoch's reads queued, and every image and label arrives as the synchronised pass saw it."""
+    from ffcv.reader import Reader
+    loader, reference = stream_loader
+    labels = torch.as_tensor(Reader(str(sample_betons['train'])).metadata['f1'].astype('int64'))
+    sums = {}
+    for epoch in range(2):
+        for i, (x, y) in enumerate(loader):
+            torch.cuda._sleep(SLEEP_CYCLES)
+            sums[epoch, i] = checksums(x), y.clone()
+    torch.cuda.synchronize()
+    for epoch in range(2):
+        assert_same_sums({i: sums[epoch, i][0] for i in range(len(reference))}, reference)
+        got = torch.cat([sums[epoch, i][1].cpu() for i in range(len(reference))])
+        assert torch.equal(got, labels[:len(got)]), f'epoch {epoch}: labels changed'
+
+
 # --- training step, checkpoints, eval-only, predict ------------------------------------------
 
 @pytest.mark.parametrize('amp', ['bf16', 'fp16'])

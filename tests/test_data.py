@@ -1,4 +1,5 @@
 """The converter (write_beton.py: sources, images, writer) and the loaders, on real JPEGs."""
+import functools
 import subprocess
 
 import numpy as np
@@ -204,6 +205,44 @@ def test_loaders_on_cpu(sample_betons):
         labels.append(torch.cat([y.clone() for _, y in val]))
     assert sum(len(l) for l in labels) == 100
     assert sorted(torch.cat(labels).tolist()) == sorted(np.repeat(np.arange(10), 10).tolist())
+
+
+def test_the_loader_reuses_its_batch_buffers_across_epochs_without_changing_the_batches(
+        sample_betons):
+    """Epochs share ffcv's batch buffers (same memory) when the shapes are the same and the last
+    epoch has ended; a new resolution, or an epoch still being produced (abandoned before its
+    end), gets new ones. The batches are those of the same epoch decoded into new buffers, as
+    ffcv 1.0.2 does for every epoch."""
+    from ffcv.pipeline.graph import Graph
+    loader, decoder = loaders.train_loader(path=sample_betons['train'], batch_size=32,
+                                           num_workers=2, res=32, os_cache=True,
+                                           device=torch.device('cpu'), distributed=False, seed=3)
+
+    def epoch():
+        batches = [(x.clone(), y.clone(), x.data_ptr()) for x, y in loader]
+        return (torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]),
+                {b[2] for b in batches})
+
+    x0, _, memory0 = epoch()
+    x1, y1, memory1 = epoch()
+    assert memory1 == memory0  # the same ring of buffers
+    assert not torch.equal(x0, x1)  # other crops and order: a real second epoch
+    loader.next_epoch = 1  # epoch 1 again, into new buffers (ffcv's own allocation)
+    reuse, loader.graph.allocate_memory = (loader.graph.allocate_memory,
+                                           functools.partial(Graph.allocate_memory, loader.graph))
+    again_x1, again_y1, again_memory = epoch()
+    assert again_memory.isdisjoint(memory0)
+    assert torch.equal(x1, again_x1) and torch.equal(y1, again_y1)
+
+    loader.graph.allocate_memory = reuse
+    decoder.output_size = (48, 48)
+    x2, _, memory2 = epoch()
+    assert x2.shape[-1] == 48 and memory2.isdisjoint(memory0)
+    abandoned = iter(loader)
+    next(abandoned)  # its thread goes on producing into its buffers
+    _, _, memory4 = epoch()
+    assert memory4.isdisjoint(memory2)
+    abandoned.close()
 
 
 def test_gpu_pipeline_order_is_well_formed():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import SAMPLE
-from imagenet_ffcv import constants, decoders, images, loaders, sources, writer
+from imagenet_ffcv import constants, decoders, images, loaders, resampling, sources, writer
 
 MEAN, STD = constants.IMAGENET_MEAN, constants.IMAGENET_STD
 
@@ -28,7 +28,7 @@ def photo():
 
 def compiled_resample():
     import numba
-    return numba.njit(decoders.resample)
+    return numba.njit(resampling.resample)
 
 
 @pytest.mark.parametrize('denom', [1, 2, 4])

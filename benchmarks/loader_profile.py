@@ -1,0 +1,163 @@
+"""Where the loader's time goes, per image: our decoder's two steps timed alone on one thread,
+against the whole-image decode that defines the decode limit, and the loader itself.
+
+For every stored JPEG of a set (as ``write_beton.py`` stores it by default: shorter side 256, q90)
+and the random-resized crops the training decoder draws (``crops``, ``--crops`` per image), at
+each resolution, one thread, median of ``--runs`` passes after a warm-up pass:
+
+- ``whole decode``: ffcv's ``imdecode`` of the whole JPEG (TurboJPEG, fast IDCT): the unit of
+  ``bench_loader.py``'s decode limit (img/s = cores / this);
+- ``region decode``: ``jpeg_region.c`` on the crop's window (``decoders.jpeg_window``), and the
+  fraction of the image's pixels it decodes (the rows above it are still entropy-decoded);
+- ``resample``: ``resampling.resample`` of that region into the batch: float32 normalised (the CPU
+  path) and uint8 (the CUDA path, normalised on the device);
+- ``loader``: ``loaders.train_loader`` at ``--res-loader`` with all cores, in µs per image per
+  thread (cores / img/s), and what is left over the two steps (the crop draw, ffcv's batch
+  assembly, the threads); also with ffcv 1.0.2's own buffer handling (every epoch's batch
+  buffers allocated anew), which ``loaders.Loader`` replaces.
+
+    python benchmarks/loader_profile.py           # make bench runs it; about 2 minutes on 2 cores
+
+Data: ../shared/data/imagewoof320 and imagenette (train + val; repeated to --min-samples for the
+loader), else the embedded demo sample. Prints a Markdown table; writes
+bench-results/loader_profile.csv.
+"""
+import argparse
+import functools
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numba
+import numpy as np
+
+from bench_loader import STORAGE, epoch_of, ours, stored_jpegs, write
+from common import (RESULTS, image_sets, machine_line, markdown_table, pooled_samples,
+                    time_epochs, write_csv)
+from ffcv.libffcv import imdecode
+from ffcv.pipeline.graph import Graph
+from imagenet_ffcv import decoders, resampling
+from imagenet_ffcv.constants import IMAGENET_MEAN, IMAGENET_STD
+from imagenet_ffcv.crops import random_resized_crop, sample_key
+
+SCALE, RATIO = np.array((0.08, 1.0)), np.array((3 / 4, 4 / 3))  # the training crop's ranges
+# As the loader compiles it (ffcv's Compiler.compile)
+resample_c = numba.njit(fastmath=True, nogil=True, error_model='numpy')(resampling.resample)
+
+
+def median_us(run, n_images: int, runs: int) -> float:
+    """Median µs per image of ``run()`` (which handles ``n_images``) over ``runs`` timed passes
+    after one warm-up pass."""
+    run()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return 1e6 * statistics.median(times) / n_images
+
+
+def stage_costs(jpegs, res: int, crops: int, runs: int) -> dict:
+    """µs per image of each step, one thread, for ``crops`` random-resized crops of each JPEG."""
+    buffer = np.empty(max(h * w * 3 for _, h, w in jpegs), np.uint8)
+    jobs = []
+    for c in range(crops):
+        for k, (jpeg, h, w) in enumerate(jpegs):
+            i, j, ch, cw = random_resized_crop(h, w, SCALE, RATIO, np.uint64(sample_key(0, c, k)))
+            jobs.append((jpeg, h, w, decoders.jpeg_window(h, w, i, j, ch, cw, res, res, True)))
+    regions = []
+    for jpeg, _, _, (denom, top, left, rows, cols, y0, x0, ch, cw) in jobs:
+        pixels, first = decoders.decode_region(jpeg, top=top, left=left, height=rows, width=cols,
+                                               denom=denom)
+        regions.append((pixels.copy(), y0 - top, x0 - first, ch, cw))
+    read = decoders.region_decoder()
+    info = np.zeros(2, np.int64)
+
+    def whole():
+        for jpeg, h, w in jpegs:
+            imdecode(jpeg, buffer, h, w, h, w, 0, 0, 1, 1, False, False)
+
+    def region():
+        for jpeg, _, _, (denom, top, left, rows, cols, *_) in jobs:
+            read(jpeg.ctypes.data, jpeg.size, buffer.ctypes.data, buffer.size, top, left, rows,
+                 cols, denom, info.ctypes.data)
+
+    def resample(dtype):
+        out = np.empty((res, res, 3), dtype)
+        mean, inv_std = IMAGENET_MEAN.astype(np.float32), (1 / IMAGENET_STD).astype(np.float32)
+        return lambda: [resample_c(*r, out, False, mean, inv_std, dtype == np.float32, False)
+                        for r in regions]
+
+    decoded = np.mean([p.shape[0] * p.shape[1] / (-(-h // d[0]) * -(-w // d[0]))
+                       for (p, *_), (_, h, w, d) in zip(regions, jobs)])  # of the scaled image
+    return {'whole_decode_us': median_us(whole, len(jpegs), runs),
+            'region_decode_us': median_us(region, len(jobs), runs),
+            'decoded_fraction': decoded,
+            'resample_f32_us': median_us(resample(np.float32), len(jobs), runs),
+            'resample_u8_us': median_us(resample(np.uint8), len(jobs), runs)}
+
+
+def loader_img_per_s(beton, res: int, runs: int) -> tuple:
+    """img/s of the training loader (all cores, batch 256, CPU) in the steady state of a long
+    epoch, then with every epoch's buffers allocated anew, as ffcv 1.0.2 does (same loader, so
+    compiled once)."""
+    loader, _ = ours(beton, res=res, workers=os.cpu_count(), batch_size=256)
+    steady = time_epochs(epoch_of(loader), runs)['img_per_s']
+    loader.graph.allocate_memory = functools.partial(Graph.allocate_memory, loader.graph)
+    return steady, time_epochs(epoch_of(loader), runs)['img_per_s']
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('--sets', default='imagewoof320,imagenette')
+    p.add_argument('--res', default='160,192,224')
+    p.add_argument('--res-loader', type=int, default=160, help='0: no loader rows')
+    p.add_argument('--crops', type=int, default=4, help='crops per image and resolution')
+    p.add_argument('--runs', type=int, default=3)
+    p.add_argument('--min-samples', type=int, default=3000, help='images per loader epoch')
+    p.add_argument('--out', default=str(RESULTS))
+    args = p.parse_args()
+    started = time.perf_counter()
+    cores = os.cpu_count()
+    print(machine_line())
+    rows = []
+    with tempfile.TemporaryDirectory(prefix='loader_profile_') as tmp:
+        for name, root in image_sets(args.sets.split(',')).items():
+            folder = Path(tmp) / name
+            folder.mkdir()
+            (folder / 'pooled').mkdir()
+            jpegs = stored_jpegs(write(pooled_samples(root, 1), folder))
+            pooled = write(pooled_samples(root, args.min_samples), folder / 'pooled')
+            for res in [int(r) for r in args.res.split(',')]:
+                row = {'data': name, 'images': len(jpegs), 'res': res, 'threads': cores,
+                       **STORAGE, **stage_costs(jpegs, res, args.crops, args.runs)}
+                row['steps_us'] = row['region_decode_us'] + row['resample_f32_us']
+                if res == args.res_loader:
+                    rates = loader_img_per_s(pooled, res, 3)
+                    for key, rate in zip(('loader', 'loader_fresh_buffers'), rates):
+                        row[f'{key}_img_per_s'] = rate
+                        row[f'{key}_us'] = 1e6 * cores / rate
+                    row['other_us'] = row['loader_us'] - row['steps_us']
+                    row['pct_of_decode_limit'] = 100 * row['whole_decode_us'] / row['loader_us']
+                rows.append(row)
+                print(f'  {name} {res} px done ({time.perf_counter() - started:.0f} s)',
+                      flush=True)
+    write_csv(Path(args.out) / 'loader_profile.csv', rows)
+    print(f'\n### Where the loader\'s time goes (µs per image, one thread; loader: {cores} '
+          f'threads, batch 256, per thread)\n')
+    print(markdown_table(rows, [
+        ('data', 'data', ''), ('res', 'res', ''), ('whole_decode_us', 'whole decode', '.0f'),
+        ('region_decode_us', 'region decode', '.0f'),
+        ('decoded_fraction', 'pixels decoded', '.2f'),
+        ('resample_f32_us', 'resample f32', '.0f'), ('resample_u8_us', 'resample u8', '.0f'),
+        ('steps_us', 'region + f32', '.0f'), ('loader_us', 'loader', '.0f'),
+        ('other_us', 'other', '.0f'), ('pct_of_decode_limit', '% of limit', '.0f'),
+        ('loader_fresh_buffers_us', 'loader, ffcv buffers', '.0f')]))
+    print(f'\nwrote {Path(args.out) / "loader_profile.csv"} in '
+          f'{time.perf_counter() - started:.0f} s')
+
+
+if __name__ == '__main__':
+    main()

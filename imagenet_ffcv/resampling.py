@@ -1,0 +1,111 @@
+"""Bilinear resampling of a decoded crop into the batch, fused with the flip and the normalisation:
+the last step of the decoders (``decoders``), in numba.
+
+Pixel centres aligned, as OpenCV's INTER_LINEAR and torchvision's ``antialias=False``; a shrink by
+k >= 2 along an axis averages k x k samples (``antialias``: also 2 x 2 for the shrinks in (1, 2)).
+``benchmarks/decoder_quality.py`` compares it with PIL's LANCZOS; ``bench_loader.py`` times it.
+"""
+import numba
+import numpy as np
+
+
+@numba.njit(nogil=True, fastmath=True, error_model='numpy')  # compiled at its first call
+def _taps(start, step, k, out_n, src_n):
+    """Source indices and weights, 2 per sample and k samples per output pixel, of a bilinear
+    resampling of pixels ``start .. start + out_n * step`` (pixel-centre aligned, clamped to the
+    edge). Returns int64 and float32 arrays (out_n, 2 k); each row's weights sum to 1."""
+    index = np.empty((out_n, 2 * k), np.int64)
+    weight = np.empty((out_n, 2 * k), np.float32)
+    for o in range(out_n):
+        for s in range(k):
+            f = start + (o + (s + 0.5) / k) * step - 0.5
+            f = min(max(f, 0.0), src_n - 1.0)
+            i = min(int(f), src_n - 2) if src_n > 1 else 0
+            w = f - i
+            index[o, 2 * s], index[o, 2 * s + 1] = i, min(i + 1, src_n - 1)
+            weight[o, 2 * s], weight[o, 2 * s + 1] = (1 - w) / k, w / k
+    return index, weight
+
+
+@numba.njit(nogil=True, fastmath=True, error_model='numpy', inline='always')
+def _two_taps(row, col_index, col_weight, out):
+    """``out`` (out_w * 3) <- the 2-tap blend of the pixels of ``row`` (float32, 3 per pixel) at
+    ``col_index`` (element offsets) with ``col_weight``: resample's common case."""
+    for ox in range(out.shape[0] // 3):
+        c0, c1 = col_index[ox, 0], col_index[ox, 1]
+        w0, w1 = col_weight[ox, 0], col_weight[ox, 1]
+        out[3 * ox] = w0 * row[c0] + w1 * row[c1]
+        out[3 * ox + 1] = w0 * row[c0 + 1] + w1 * row[c1 + 1]
+        out[3 * ox + 2] = w0 * row[c0 + 2] + w1 * row[c1 + 2]
+
+
+def resample(src, y0, x0, crop_h, crop_w, dst, flip, mean, inv_std, normalize, antialias=False):
+    """Resample the rectangle of ``src`` (uint8 (H, W, 3)) with top-left corner (``y0``, ``x0``)
+    and size ``crop_h`` x ``crop_w`` (floats, pixel units) bilinearly into ``dst`` (out_h, out_w, 3),
+    pixel centres aligned (as OpenCV's INTER_LINEAR); left-right flipped if ``flip``. A shrink by
+    k >= 2 along an axis averages k samples along it (JPEGs arrive DCT-scaled to a shrink below 2);
+    ``antialias``: ceil(shrink) samples, so 2 in (1, 2) too. ``normalize``: write ``(v - mean) *
+    inv_std`` (dst float32), else the rounded value (dst uint8). Compiled with numba.
+
+    Per output row: blend the source rows (contiguous, vectorised; normalised there, since the
+    column weights sum to 1), then gather the columns (the flip is folded into their order, and
+    the common 2-tap case has a loop of its own, 1.5-2x faster than the general one).
+    """
+    out_h, out_w = dst.shape[0], dst.shape[1]
+    sy, sx = crop_h / out_h, crop_w / out_w
+    ky = max(1, int(np.ceil(sy - 1e-6)) if antialias else int(sy))
+    kx = max(1, int(np.ceil(sx - 1e-6)) if antialias else int(sx))
+    row_index, row_weight = _taps(y0, sy, ky, out_h, src.shape[0])
+    col_index, col_weight = _taps(x0, sx, kx, out_w, src.shape[1])
+    if flip:  # output column ox takes the taps of column out_w - 1 - ox
+        col_index, col_weight = col_index[::-1].copy(), col_weight[::-1].copy()
+    lo, hi = col_index.min(), col_index.max() + 1  # the source columns used
+    col_index -= lo
+    col_index *= 3
+    n = (hi - lo) * 3
+    gain = np.ones(n, np.float32)  # per element of a row: v * gain - offset normalises
+    offset = np.zeros(n, np.float32)
+    if normalize:
+        for e in range(n):
+            gain[e] = inv_std[e % 3]
+            offset[e] = mean[e % 3] * inv_std[e % 3]
+    row, line = np.empty(n, np.float32), np.empty(3 * out_w, np.float32)
+    two_col_taps = col_index.shape[1] == 2
+    for oy in range(out_h):
+        if row_index.shape[1] == 2:  # the common case, written out so that it vectorises
+            w0, w1 = row_weight[oy, 0], row_weight[oy, 1]
+            s0 = src[row_index[oy, 0]].reshape(-1)[lo * 3:hi * 3]
+            s1 = src[row_index[oy, 1]].reshape(-1)[lo * 3:hi * 3]
+            for e in range(n):
+                row[e] = (w0 * s0[e] + w1 * s1[e]) * gain[e] - offset[e]
+        else:
+            row[:] = 0
+            for t in range(row_index.shape[1]):
+                w = row_weight[oy, t]
+                source = src[row_index[oy, t]].reshape(-1)[lo * 3:hi * 3]
+                for e in range(n):
+                    row[e] += w * source[e]
+            for e in range(n):
+                row[e] = row[e] * gain[e] - offset[e]
+        out = dst[oy].reshape(-1)
+        if two_col_taps and normalize:
+            _two_taps(row, col_index, col_weight, out)
+            continue
+        if two_col_taps:  # to uint8: a convex blend of 0-255 values + 0.5 truncates to its rounding
+            _two_taps(row, col_index, col_weight, line)
+            for e in range(3 * out_w):  # one vectorised conversion
+                out[e] = line[e] + np.float32(0.5)
+            continue
+        for ox in range(out_w):
+            a0 = a1 = a2 = np.float32(0.0)
+            for t in range(col_index.shape[1]):
+                c, w = col_index[ox, t], col_weight[ox, t]
+                a0 += w * row[c]
+                a1 += w * row[c + 1]
+                a2 += w * row[c + 2]
+            if normalize:
+                out[3 * ox], out[3 * ox + 1], out[3 * ox + 2] = a0, a1, a2
+            else:
+                out[3 * ox] = min(a0 + 0.5, 255.0)
+                out[3 * ox + 1] = min(a1 + 0.5, 255.0)
+                out[3 * ox + 2] = min(a2 + 0.5, 255.0)
