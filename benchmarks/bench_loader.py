@@ -10,9 +10,9 @@
    main set only), at 160, 192 and 224 px;
 2. the limit: bare libjpeg-turbo decode of the same stored JPEGs, one thread, times the cores;
 3. ablations on the main set at 160 px: write mode, --max-res, JPEG quality, traversal order,
-   os_cache, loader threads, batch size: img/s, bytes on disk per image, peak RSS.
+   os_cache, loader threads, batch 128: img/s, bytes on disk per image, peak RSS.
 
-    python benchmarks/bench_loader.py            # make bench runs it; about 6.5 minutes on 2 cores
+    python benchmarks/bench_loader.py    # make bench runs it; about 6 minutes on 2 cores (7 with DALI)
 
 Data: ../shared/data/imagewoof320 (the main set: real aspect ratios) and imagenette, each pooled
 (train + val) and repeated to at least --min-samples images; the embedded demo sample when
@@ -346,7 +346,7 @@ def ablations(name, root, folder, args, res) -> list:
     variants += [('order=quasi_random', {}, {'order': 'quasi_random'}),
                  ('in_memory=0 (ffcv process cache)', {}, {'in_memory': 0})]
     variants += [(f'workers={w}', {}, {'workers': w}) for w in range(1, workers)]
-    variants += [(f'batch_size={b}', {}, {'batch_size': b}) for b in (64, 128, 512) if b != bs]
+    variants += [(f'batch_size={b}', {}, {'batch_size': b}) for b in (128,) if b != bs]
     rows = []
     print(f'\nablations on {name} at {res} px:', flush=True)
     for label, storage, loading in variants:

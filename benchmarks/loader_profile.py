@@ -14,9 +14,10 @@ each resolution, one thread, median of ``--runs`` passes after a warm-up pass:
 - ``loader``: ``loaders.train_loader`` at ``--res-loader`` with all cores, in µs per image per
   thread (cores / img/s), and what is left over the two steps (the crop draw, ffcv's batch
   assembly, the threads); also with ffcv 1.0.2's own buffer handling (every epoch's batch
-  buffers allocated anew), which ``loaders.Loader`` replaces.
+  buffers allocated anew), which ``loaders.Loader`` replaces: epochs of the two kinds alternate
+  (``--runs`` + 2 each, medians), so that a noisy machine's slow minutes hit both.
 
-    python benchmarks/loader_profile.py           # make bench runs it; about 2 minutes on 2 cores
+    python benchmarks/loader_profile.py           # make bench runs it; about 1.5 minutes on 2 cores
 
 Data: ../shared/data/imagewoof320 and imagenette (train + val; repeated to --min-samples for the
 loader), else the embedded demo sample. Prints a Markdown table; writes
@@ -35,7 +36,7 @@ import numpy as np
 
 from bench_loader import STORAGE, epoch_of, ours, stored_jpegs, write
 from common import (RESULTS, image_sets, machine_line, markdown_table, pooled_samples,
-                    time_epochs, write_csv)
+                    write_csv)
 from ffcv.libffcv import imdecode
 from ffcv.pipeline.graph import Graph
 from imagenet_ffcv import decoders, resampling
@@ -101,12 +102,22 @@ def stage_costs(jpegs, res: int, crops: int, runs: int) -> dict:
 
 def loader_img_per_s(beton, res: int, runs: int) -> tuple:
     """img/s of the training loader (all cores, batch 256, CPU) in the steady state of a long
-    epoch, then with every epoch's buffers allocated anew, as ffcv 1.0.2 does (same loader, so
-    compiled once)."""
+    epoch, and with every epoch's buffers allocated anew, as ffcv 1.0.2 does: the same loader
+    (compiled once), after a warm-up epoch, the two kinds of epoch alternating ``runs`` times each
+    (so that a VM's slower minutes hit both), medians."""
     loader, _ = ours(beton, res=res, workers=os.cpu_count(), batch_size=256)
-    steady = time_epochs(epoch_of(loader), runs)['img_per_s']
-    loader.graph.allocate_memory = functools.partial(Graph.allocate_memory, loader.graph)
-    return steady, time_epochs(epoch_of(loader), runs)['img_per_s']
+    reuse = loader.graph.allocate_memory
+    fresh = functools.partial(Graph.allocate_memory, loader.graph)
+    run = epoch_of(loader)
+    run()
+    rates = {reuse: [], fresh: []}
+    for _ in range(runs):
+        for allocate in rates:
+            loader.graph.allocate_memory = allocate
+            start = time.perf_counter()
+            images = run()
+            rates[allocate].append(images / (time.perf_counter() - start))
+    return statistics.median(rates[reuse]), statistics.median(rates[fresh])
 
 
 def main():
@@ -135,7 +146,7 @@ def main():
                        **STORAGE, **stage_costs(jpegs, res, args.crops, args.runs)}
                 row['steps_us'] = row['region_decode_us'] + row['resample_f32_us']
                 if res == args.res_loader:
-                    rates = loader_img_per_s(pooled, res, 3)
+                    rates = loader_img_per_s(pooled, res, args.runs + 2)
                     for key, rate in zip(('loader', 'loader_fresh_buffers'), rates):
                         row[f'{key}_img_per_s'] = rate
                         row[f'{key}_us'] = 1e6 * cores / rate
