@@ -12,7 +12,7 @@
 3. ablations on the main set at 160 px: write mode, --max-res, JPEG quality, traversal order,
    os_cache, loader threads, batch 128: img/s, bytes on disk per image, peak RSS.
 
-    python benchmarks/bench_loader.py    # make bench runs it; about 6 minutes on 2 cores (7 with DALI)
+    python benchmarks/bench_loader.py    # make bench runs it; 6-7 minutes on 2 cores with DALI
 
 Data: ../shared/data/imagewoof320 (the main set: real aspect ratios) and imagenette, each pooled
 (train + val) and repeated to at least --min-samples images; the embedded demo sample when
@@ -64,28 +64,24 @@ def ours(path, *, res, workers, batch_size, in_memory=1, order='random'):
 def ffcv_stock(path, *, res, workers, batch_size, device=CPU):
     """ffcv 1.0.2's own decoder, flip and NormalizeImage, as ffcv-imagenet's training pipeline:
     ``(loader, decoder)``, in ``loaders.Loader`` (ffcv's, keeping the batch buffers between
-    epochs, as ours does: both are measured in the steady state of a long epoch). On CPU in the order that does not hang (NormalizeImage before
-    ToTensor, float32); on CUDA ffcv-imagenet's GPU order (``..., ToTensor(), ToDevice(device),
-    ToTorchImage(), NormalizeImage(mean, std, np.float16)``, whose kernel needs cupy), giving
-    float16 (B, 3, res, res) channels_last batches and int64 (B,) labels on the device."""
-    from ffcv.fields.basics import IntDecoder
+    epochs, as ours does: both are measured in the steady state of a long epoch). On CPU
+    ``loaders.ffcv_image_pipeline`` (the ``data.decoder=ffcv`` pipeline); on CUDA ffcv-imagenet's
+    GPU order (``..., ToTensor(), ToDevice(device), ToTorchImage(), NormalizeImage(mean, std,
+    np.float16)``, whose kernel needs cupy), giving float16 (B, 3, res, res) channels_last batches
+    and int64 (B,) labels on the device."""
     from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
     from ffcv.loader import OrderOption
-    from ffcv.transforms import (NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice,
-                                 ToTensor, ToTorchImage)
+    from ffcv.transforms import (NormalizeImage, RandomHorizontalFlip, ToDevice, ToTensor,
+                                 ToTorchImage)
     decoder = RandomResizedCropRGBImageDecoder((res, res))
-    label = [IntDecoder(), ToTensor(), Squeeze(1)]
     if device.type == 'cuda':
         image = [decoder, RandomHorizontalFlip(), ToTensor(), ToDevice(device, non_blocking=True),
                  ToTorchImage(), NormalizeImage(IMAGENET_MEAN, IMAGENET_STD, np.float16)]
-        label.append(ToDevice(device, non_blocking=True))
     else:
-        image = [decoder, RandomHorizontalFlip(),
-                 NormalizeImage(IMAGENET_MEAN, IMAGENET_STD, np.float32), ToTensor(),
-                 ToTorchImage()]
+        image = loaders.ffcv_image_pipeline(decoder, device=device, flip_prob=0.5)
     loader = loaders.Loader(str(path), batch_size=batch_size, num_workers=workers, seed=0,
                             order=OrderOption.RANDOM, os_cache=True, drop_last=True,
-                            pipelines={'image': image, 'label': label})
+                            pipelines={'image': image, 'label': loaders.label_pipeline(device)})
     return loader, decoder
 
 

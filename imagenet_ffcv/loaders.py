@@ -63,10 +63,11 @@ class Loader(ffcv.loader.Loader):
     It also keeps the batch buffers from one epoch to the next. ffcv 1.0.2 allocates them anew for
     every epoch (a ring of ``batches_ahead + 2`` batches per pipeline op: 393 MB of float32 at
     batch 256 and 160 px), and the first writes into fresh memory fault in every page: about 20 %
-    of the time of an epoch of 3,000-4,000 images on 2 cores (``benchmarks/loader_profile.py``), plus
-    pinning on CUDA. They are reused when the shapes are the same and the last epoch's iterator has ended;
-    on CUDA the device is synchronised first, so that no queued kernel still reads them. A batch
-    is valid until the next one is fetched or the next epoch starts (ffcv: until the next one).
+    of the time of an epoch of 3,000-4,000 images on 2 cores (``benchmarks/loader_profile.py``),
+    plus pinning on CUDA. They are reused when the shapes are the same and the last epoch's
+    iterator has ended; on CUDA the device is synchronised first, so that no queued kernel still
+    reads them. A batch is valid until the next one is fetched or the next epoch starts (ffcv:
+    until the next one).
     """
 
     def __init__(self, *args, decoder=None, **kwargs):

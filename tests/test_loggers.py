@@ -16,6 +16,9 @@ from imagenet_ffcv import loggers
 from imagenet_ffcv.loggers import LiveLog
 from imagenet_ffcv.optional import MissingPackageError
 
+NO_WANDB = ('wandb is optional (requirements-extras.txt): .venv/bin/pip install -r '
+            'requirements-extras.txt runs this test')
+
 CONFIG = {'model': {'arch': 'resnet18'}, 'lr': {'lr': 0.5}, 'data': {'path': REPO}}
 
 
@@ -141,7 +144,7 @@ def wandb_records(path) -> list:
     """The records of an offline run's ``.wandb`` file (W&B's internal format: a 7-byte header,
     then LevelDB-log chunks in 32 KiB blocks, each a protobuf Record); skips the test when the
     format is not the one expected."""
-    pb = pytest.importorskip('wandb.proto.wandb_internal_pb2')
+    pb = pytest.importorskip('wandb.proto.wandb_internal_pb2', reason=NO_WANDB)
     data = path.read_bytes()
     if not data.startswith(b':W&B'):
         pytest.skip(f'{path.name}: this wandb version writes a .wandb format this test cannot '
@@ -180,7 +183,7 @@ def test_wandb_offline_run_holds_the_values(tmp_path, monkeypatch):
     """An offline W&B run in the run folder: one step axis (the iteration), epoch values in the
     row of their step with an 'epoch' metric, a step below the last one raised to it, the config
     saved. Skipped without wandb (an optional package)."""
-    pytest.importorskip('wandb')
+    pytest.importorskip('wandb', reason=NO_WANDB)
     for name in ('WANDB_CONFIG_DIR', 'WANDB_CACHE_DIR', 'WANDB_DATA_DIR'):
         monkeypatch.setenv(name, str(tmp_path / name.lower()))
     monkeypatch.setenv('WANDB_MODE', 'offline')

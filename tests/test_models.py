@@ -13,6 +13,9 @@ from imagenet_ffcv import checkpoint, models
 from imagenet_ffcv.models import BlurPoolConv2d
 
 
+NO_TIMM = ('timm is optional (requirements-extras.txt): .venv/bin/pip install -r '
+           'requirements-extras.txt runs this test')
+
 @pytest.fixture(scope='module')
 def rn50_blur():
     """The resnet50 of the rn50 recipes: blurpool, channels_last, 10 classes."""
@@ -193,7 +196,7 @@ def test_timm_model_builds_and_its_state_dict_loads_into_timm():
     """timm:resnet10t with BlurPool and channels_last: (N, 7) logits at 64 px; its state dict
     loads strictly into timm.create_model('resnet10t'), which after apply_blurpool gives the same
     logits."""
-    timm = pytest.importorskip('timm')
+    timm = pytest.importorskip('timm', reason=NO_TIMM)
     torch.manual_seed(0)
     model = models.build_model(arch='timm:resnet10t', num_classes=7, use_blurpool=True,
                                channels_last=True)
@@ -215,7 +218,7 @@ def test_timm_model_builds_and_its_state_dict_loads_into_timm():
 def test_timm_model_rebuilt_by_checkpoint_load_model(tmp_path):
     """Final weights of a timm:resnet10t run come back through checkpoint.load_model (which calls
     build_model): from the .safetensors with its config, and from the .pt with keyword values."""
-    pytest.importorskip('timm')
+    pytest.importorskip('timm', reason=NO_TIMM)
     torch.manual_seed(0)
     model = models.build_model(arch='timm:resnet10t', num_classes=3, use_blurpool=True,
                                channels_last=True).eval()
@@ -253,7 +256,7 @@ def test_timm_missing_names_the_package_and_the_extras(monkeypatch):
 def test_timm_unknown_name_is_a_value_error(arch):
     """An unknown timm name (or another source, which would download) is a ValueError naming the
     arch and pointing at timm.list_models()."""
-    pytest.importorskip('timm')
+    pytest.importorskip('timm', reason=NO_TIMM)
     with pytest.raises(ValueError) as info:
         models.build_model(arch=arch, num_classes=10, use_blurpool=False, channels_last=False)
     assert repr(arch) in str(info.value) and 'timm.list_models()' in str(info.value)
