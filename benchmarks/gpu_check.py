@@ -260,22 +260,32 @@ def failure_row(rc, seconds, limit, log) -> dict:
 
 def run_tests(args, work, limit, log) -> list:
     """``pytest -m cuda tests/test_cuda.py``: counts of passed/failed/skipped/xfailed tests and
-    the names of the failing ones."""
+    the names of the failing ones. With pytest-xdist, 4 test processes share the GPU: one after
+    the other the 19 tests took about 290 s on an H100 (2026-11-26), mostly numba compiling each
+    loader's pipeline and two runs in CPU processes, which the check's budget cannot hold."""
     cmd = [PYTHON, '-m', 'pytest', '-m', 'cuda', 'tests/test_cuda.py', '-q', '-rfEsxX',
-           '-p', 'no:cacheprovider']
+           '-p', 'no:cacheprovider', '--durations=8']
     probe = subprocess.run([PYTHON, '-c', 'import pytest, importlib.util as u; '
-                                          'print(u.find_spec("pytest_timeout") is not None)'],
+                                          'print(*(u.find_spec(m) is not None for m in '
+                                          '("pytest_timeout", "xdist")))'],
                            capture_output=True, text=True, env=child_env(), cwd=REPO)
     setting = 'pytest -m cuda tests/test_cuda.py'
     if probe.returncode != 0:
         return [{'setting': setting, 'status': 'skipped',
                  'result': 'pytest is not installed here: CUDA tests not run'}]
-    if probe.stdout.strip() == 'True':  # pytest-timeout: one hanging test fails alone
+    has_timeout, has_xdist = (word == 'True' for word in probe.stdout.split())
+    if has_timeout:  # pytest-timeout: one hanging test fails alone
         cmd += ['--timeout=90']
+    if has_xdist and args.device == 'cuda':
+        cmd += ['-n', '4']
+        setting += ' -n 4'
     rc, seconds = run_process(cmd, timeout_s=limit, log_path=log)
     text = Path(log).read_text(errors='replace')
+    # pytest's summary line; numba's finalizers may print warnings after it at exit
+    summaries = [line for line in text.splitlines()
+                 if re.search(r'\d+ (passed|failed|skipped|errors?)\b.* in [\d.]+s', line)]
     counts = re.findall(r'(\d+) (passed|failed|skipped|xfailed|xpassed|errors?|deselected)',
-                        text.splitlines()[-1] if text.strip() else '')
+                        summaries[-1] if summaries else '')
     summary = ', '.join(f'{n} {what}' for n, what in counts) or 'no summary line'
     failing = re.findall(r'^(?:FAILED|ERROR) (\S+)', text, re.M)
     row = {'setting': setting, 'seconds': round(seconds, 1), 'tests': summary}

@@ -43,13 +43,16 @@ def run_env():
 
 
 def small_config(betons, folder, *extra):
-    """A ResNet-18 config on the sample betons at 32 px, small batches, 2 loader threads."""
+    """A ResNet-18 config on the sample betons at 32 px (training and validation), small
+    batches, 2 loader threads; ``extra`` arguments override these. (At the default 160 px, one
+    CPU epoch of the 340 images took 24 s on 2 cores; at 32 px 8.5 s, mostly numba compiling.)"""
     from imagenet_ffcv import config
     return config.load_config([
         f'--data.train_dataset={betons["train"]}', f'--data.val_dataset={betons["val"]}',
         '--data.num_workers=2', f'--logging.folder={folder}', '--model.arch=resnet18',
         '--training.batch_size=32', '--validation.batch_size=64', '--validation.resolution=32',
-        '--lr.lr=0.1', '--lr.lr_peak_epoch=1', *extra])
+        '--resolution.min_res=32', '--resolution.max_res=32', '--lr.lr=0.1',
+        '--lr.lr_peak_epoch=1', *extra])
 
 
 @pytest.fixture(scope='session')
