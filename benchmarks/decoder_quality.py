@@ -34,7 +34,6 @@ import math
 import time
 
 import cv2
-import numba
 import numpy as np
 from PIL import Image
 
@@ -53,8 +52,7 @@ RATIO = np.array((3 / 4, 4 / 3))
 MAX_RES, QUALITY = 256, 90  # write_beton.py's defaults (--max-res, --jpeg-quality)
 RANGES = (('< 1', 0.0, 1.0), ('1-2', 1.0, 2.0), ('>= 2', 2.0, math.inf))
 ZEROS = np.zeros(3, np.float32)
-# As the loader compiles it (ffcv's Compiler.compile): one compilation, reused for both antialias
-resample_c = numba.njit(fastmath=True, nogil=True, error_model='numpy')(resampling.resample)
+resample_c = resampling.resample  # the loader's own compiled function
 
 
 def stored_jpegs(root, limit: int) -> list:

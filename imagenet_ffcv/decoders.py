@@ -244,7 +244,6 @@ class CropResizeDecoder(SimpleRGBImageDecoder):
         mem_read = self.memory_read
         my_range = Compiler.get_iterator()
         crop_at = self.crop  # already compiled (crops)
-        resample_c = Compiler.compile(resample)
         jpg = IMAGE_MODES['jpg']
         scale = np.array(self.scale, np.float64)
         ratio = (np.array(self.ratio, np.float64) if isinstance(self.ratio, tuple)
@@ -270,7 +269,7 @@ class CropResizeDecoder(SimpleRGBImageDecoder):
                 i, j, h, w = crop_at(height, width, scale, ratio, key)
                 flip = flipped(key, flip_prob)
                 if field['mode'] != jpg:
-                    resample_c(data.reshape(height, width, 3), i, j, h, w, destination[k], flip,
+                    resample(data.reshape(height, width, 3), i, j, h, w, destination[k], flip,
                                mean, inv_std, normalize, antialias)
                     continue
                 denom, top, left, rows, cols, y0, x0, ch, cw = jpeg_window(
@@ -290,7 +289,7 @@ class CropResizeDecoder(SimpleRGBImageDecoder):
                     continue
                 decoded_w = info[k, 1]
                 src = buf[:rows * decoded_w * 3].reshape(rows, decoded_w, 3)
-                resample_c(src, y0 - top, x0 - info[k, 0], ch, cw, destination[k], flip, mean,
+                resample(src, y0 - top, x0 - info[k, 0], ch, cw, destination[k], flip, mean,
                            inv_std, normalize, antialias)
             return destination[:len(batch_indices)]
 

@@ -9,7 +9,9 @@ import numba
 import numpy as np
 
 
-@numba.njit(nogil=True, fastmath=True, error_model='numpy')  # compiled at its first call
+# cache=True: compiled once per machine, not in every process (numba's cache, in __pycache__ beside
+# this file or, where that is read-only, in the user's cache folder; keyed by CPU and source)
+@numba.njit(nogil=True, fastmath=True, error_model='numpy', cache=True)
 def _taps(start, step, k, out_n, src_n):
     """Source indices and weights, 2 per sample and k samples per output pixel, of a bilinear
     resampling of pixels ``start .. start + out_n * step`` (pixel-centre aligned, clamped to the
@@ -39,13 +41,15 @@ def _two_taps(row, col_index, col_weight, out):
         out[3 * ox + 2] = w0 * row[c0 + 2] + w1 * row[c1 + 2]
 
 
+@numba.njit(nogil=True, fastmath=True, error_model='numpy', cache=True)
 def resample(src, y0, x0, crop_h, crop_w, dst, flip, mean, inv_std, normalize, antialias=False):
     """Resample the rectangle of ``src`` (uint8 (H, W, 3)) with top-left corner (``y0``, ``x0``)
     and size ``crop_h`` x ``crop_w`` (floats, pixel units) bilinearly into ``dst`` (out_h, out_w, 3),
     pixel centres aligned (as OpenCV's INTER_LINEAR); left-right flipped if ``flip``. A shrink by
     k >= 2 along an axis averages k samples along it (JPEGs arrive DCT-scaled to a shrink below 2);
     ``antialias``: ceil(shrink) samples, so 2 in (1, 2) too. ``normalize``: write ``(v - mean) *
-    inv_std`` (dst float32), else the rounded value (dst uint8). Compiled with numba.
+    inv_std`` (dst float32), else the rounded value (dst uint8). Compiled by numba at its first call
+    with each argument type, and cached on disk.
 
     Per output row: blend the source rows (contiguous, vectorised; normalised there, since the
     column weights sum to 1), then gather the columns (the flip is folded into their order, and

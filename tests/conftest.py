@@ -1,6 +1,7 @@
 """Shared fixtures: the embedded demo sample and small .beton files written from it once."""
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 # numba compiles every ffcv pipeline afresh (seconds each, dozens of times in the suite): at LLVM
@@ -8,6 +9,11 @@ from pathlib import Path
 # run, which the tests' small images do not notice. Subprocesses inherit it; benchmarks outside
 # the tests run at numba's default level.
 os.environ.setdefault('NUMBA_OPT', '0')
+# Functions compiled with cache=True (resampling.resample) are cached on disk under a key that does
+# not hold the optimisation level: the tests' level-0 code goes to a folder of its own, not to the
+# __pycache__ that training runs and benchmarks load from.
+os.environ.setdefault('NUMBA_CACHE_DIR', os.path.join(tempfile.gettempdir(),
+                                                      f'imagenet_ffcv-tests-numba-{os.getuid()}'))
 
 import pytest
 

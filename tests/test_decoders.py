@@ -26,11 +26,6 @@ def photo():
     return a, jpeg_bytes(a)
 
 
-def compiled_resample():
-    import numba
-    return numba.njit(resampling.resample)
-
-
 @pytest.mark.parametrize('denom', [1, 2, 4])
 def test_region_decode_equals_the_full_decode_inside_the_margin(photo, denom):
     _, jpeg = photo
@@ -65,7 +60,7 @@ def test_region_decode_names_bad_input(photo):
 def test_resample_matches_opencv_bilinear_and_flips_and_normalises(photo, crop, size):
     a, _ = photo
     top, left, h, w = crop
-    resample = compiled_resample()
+    resample = resampling.resample
     out = np.empty((*size, 3), np.uint8)
     resample(a, float(top), float(left), float(h), float(w), out, False, MEAN.astype(np.float32),
              (1 / STD).astype(np.float32), False)
@@ -88,7 +83,7 @@ def test_resample_averages_big_shrinks(photo):
     """A shrink by an integer k >= 2 averages k x k pixels: OpenCV's INTER_AREA exactly."""
     a, _ = photo
     out = np.empty((64, 85, 3), np.uint8)
-    compiled_resample()(a, 0.0, 0.0, 256.0, 340.0, out, False, MEAN.astype(np.float32),
+    resampling.resample(a, 0.0, 0.0, 256.0, 340.0, out, False, MEAN.astype(np.float32),
                         (1 / STD).astype(np.float32), False)
     ref = cv2.resize(a[:, :340], (85, 64), interpolation=cv2.INTER_AREA)
     assert np.abs(out.astype(int) - ref.astype(int)).max() <= 1
@@ -194,7 +189,7 @@ def test_antialiased_resample_is_closer_to_an_antialiased_reference_for_shrinks_
     give the same pixels."""
     from PIL import Image
     a, _ = photo
-    resample = compiled_resample()
+    resample = resampling.resample
     stripes = a.copy()
     stripes[:, ::2] = 255 - stripes[:, ::2]  # high frequencies, where aliasing shows
     ref = np.asarray(Image.fromarray(stripes[:, :320]).resize((200, 160), Image.LANCZOS))
