@@ -9,9 +9,21 @@ import numba
 import numpy as np
 
 
-# cache=True: compiled once per machine, not in every process (numba's cache, in __pycache__ beside
-# this file or, where that is read-only, in the user's cache folder; keyed by CPU and source)
-@numba.njit(nogil=True, fastmath=True, error_model='numpy', cache=True)
+def _compiled(**options):
+    """``numba.njit(**options)`` with numba's on-disk cache (``cache=True``): compiled once per
+    machine, not in every process. The cache lives in ``__pycache__`` beside this file, or where that
+    is read-only in ``NUMBA_CACHE_DIR`` or the user's cache folder, keyed by CPU and source. Where no
+    folder can be written, numba raises RuntimeError at decoration: then no cache, compiled per
+    process."""
+    def decorate(function):
+        try:
+            return numba.njit(cache=True, **options)(function)
+        except RuntimeError:
+            return numba.njit(**options)(function)
+    return decorate
+
+
+@_compiled(nogil=True, fastmath=True, error_model='numpy')
 def _taps(start, step, k, out_n, src_n):
     """Source indices and weights, 2 per sample and k samples per output pixel, of a bilinear
     resampling of pixels ``start .. start + out_n * step`` (pixel-centre aligned, clamped to the
@@ -41,7 +53,7 @@ def _two_taps(row, col_index, col_weight, out):
         out[3 * ox + 2] = w0 * row[c0 + 2] + w1 * row[c1 + 2]
 
 
-@numba.njit(nogil=True, fastmath=True, error_model='numpy', cache=True)
+@_compiled(nogil=True, fastmath=True, error_model='numpy')
 def resample(src, y0, x0, crop_h, crop_w, dst, flip, mean, inv_std, normalize, antialias=False):
     """Resample the rectangle of ``src`` (uint8 (H, W, 3)) with top-left corner (``y0``, ``x0``)
     and size ``crop_h`` x ``crop_w`` (floats, pixel units) bilinearly into ``dst`` (out_h, out_w, 3),

@@ -228,3 +228,51 @@ def test_the_decoder_choice_reaches_the_loaders(sample_betons):
     with pytest.raises(ValueError, match="decoder='bilinear'"):
         loaders.val_loader(path=sample_betons['val'], batch_size=8, num_workers=1, res=32,
                            device=torch.device('cpu'), decoder='bilinear')
+
+
+RESAMPLE_IN_A_NEW_PROCESS = '''
+import sys
+import numpy as np
+if sys.argv[1] == 'no cache folder':  # as on a machine where no cache folder can be written
+    from numba.core import caching
+    caching.CacheImpl._locator_classes = []
+from imagenet_ffcv import resampling
+src = np.arange(9 * 11 * 3, dtype=np.uint8).reshape(9, 11, 3)
+mean, inv_std = np.full(3, 100, np.float32), np.full(3, 0.5, np.float32)
+sums = []
+for dtype, normalize in ((np.float32, True), (np.uint8, False)):
+    out = np.zeros((4, 5, 3), dtype)
+    resampling.resample(src, 0.5, 1.0, 8.0, 9.0, out, True, mean, inv_std, normalize, False)
+    sums.append(float(out.astype(np.float64).sum()))
+stats = resampling.resample.stats
+print(sums, sum(stats.cache_hits.values()), sum(stats.cache_misses.values()), stats.cache_path)
+'''
+
+
+@pytest.mark.slow
+def test_resample_is_compiled_once_per_machine_and_runs_without_a_cache_folder(tmp_path):
+    """resampling.resample is cached on disk: a second process loads both of its compilations
+    (float32 and uint8 output) instead of compiling them. Where no cache folder can be written
+    (numba raises RuntimeError when the function is defined) it still imports, compiled per
+    process, with the same output. numba cannot cache it at NUMBA_OPT=0 (the tests' level), so
+    these processes run at numba's default level, as training does."""
+    import ast
+    import subprocess
+    import sys
+    from conftest import run_env
+    env = {k: v for k, v in run_env().items() if k != 'NUMBA_OPT'}
+    env['NUMBA_CACHE_DIR'] = str(tmp_path / 'numba')
+
+    def run(mode):
+        out = subprocess.run([sys.executable, '-c', RESAMPLE_IN_A_NEW_PROCESS, mode], env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-2000:]
+        sums, rest = out.stdout.strip().split('] ')
+        hits, misses, path = rest.split(' ', 2)
+        return ast.literal_eval(sums + ']'), int(hits), int(misses), path
+
+    first, second, uncached = run('cache'), run('cache'), run('no cache folder')
+    assert first[1:3] == (0, 2) and str(tmp_path / 'numba') in first[3]
+    assert second[1:3] == (2, 0)
+    assert uncached[1:] == (0, 2, 'None')
+    assert first[0] == second[0] == uncached[0]
