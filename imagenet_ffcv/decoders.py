@@ -270,7 +270,7 @@ class CropResizeDecoder(SimpleRGBImageDecoder):
                 flip = flipped(key, flip_prob)
                 if field['mode'] != jpg:
                     resample(data.reshape(height, width, 3), i, j, h, w, destination[k], flip,
-                               mean, inv_std, normalize, antialias)
+                             mean, inv_std, normalize, antialias)
                     continue
                 denom, top, left, rows, cols, y0, x0, ch, cw = jpeg_window(
                     height, width, i, j, h, w, out_h, out_w, partial)
@@ -290,7 +290,7 @@ class CropResizeDecoder(SimpleRGBImageDecoder):
                 decoded_w = info[k, 1]
                 src = buf[:rows * decoded_w * 3].reshape(rows, decoded_w, 3)
                 resample(src, y0 - top, x0 - info[k, 0], ch, cw, destination[k], flip, mean,
-                           inv_std, normalize, antialias)
+                         inv_std, normalize, antialias)
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True

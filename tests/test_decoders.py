@@ -231,6 +231,7 @@ def test_the_decoder_choice_reaches_the_loaders(sample_betons):
 
 
 RESAMPLE_IN_A_NEW_PROCESS = '''
+import json
 import sys
 import numpy as np
 if sys.argv[1] == 'no cache folder':  # as on a machine where no cache folder can be written
@@ -245,7 +246,8 @@ for dtype, normalize in ((np.float32, True), (np.uint8, False)):
     resampling.resample(src, 0.5, 1.0, 8.0, 9.0, out, True, mean, inv_std, normalize, False)
     sums.append(float(out.astype(np.float64).sum()))
 stats = resampling.resample.stats
-print(sums, sum(stats.cache_hits.values()), sum(stats.cache_misses.values()), stats.cache_path)
+print(json.dumps([sums, sum(stats.cache_hits.values()), sum(stats.cache_misses.values()),
+                  stats.cache_path]))
 '''
 
 
@@ -256,7 +258,7 @@ def test_resample_is_compiled_once_per_machine_and_runs_without_a_cache_folder(t
     (numba raises RuntimeError when the function is defined) it still imports, compiled per
     process, with the same output. numba cannot cache it at NUMBA_OPT=0 (the tests' level), so
     these processes run at numba's default level, as training does."""
-    import ast
+    import json
     import subprocess
     import sys
     from conftest import run_env
@@ -267,12 +269,10 @@ def test_resample_is_compiled_once_per_machine_and_runs_without_a_cache_folder(t
         out = subprocess.run([sys.executable, '-c', RESAMPLE_IN_A_NEW_PROCESS, mode], env=env,
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr[-2000:]
-        sums, rest = out.stdout.strip().split('] ')
-        hits, misses, path = rest.split(' ', 2)
-        return ast.literal_eval(sums + ']'), int(hits), int(misses), path
+        return tuple(json.loads(out.stdout))  # (sums, cache hits, cache misses, cache folder)
 
     first, second, uncached = run('cache'), run('cache'), run('no cache folder')
     assert first[1:3] == (0, 2) and str(tmp_path / 'numba') in first[3]
     assert second[1:3] == (2, 0)
-    assert uncached[1:] == (0, 2, 'None')
+    assert uncached[1:] == (0, 2, None)
     assert first[0] == second[0] == uncached[0]
