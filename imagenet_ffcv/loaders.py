@@ -10,12 +10,15 @@ mean/std, in channels_last memory: float32 on CPU (the decoder normalises), ``dt
 import weakref
 from dataclasses import replace
 
+import numba
 import numpy as np
 import torch
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
 import ffcv.loader
 from ffcv.loader import OrderOption
+from ffcv.memory_managers.os_cache import OSCacheManager
+from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.graph import Graph
 from ffcv.pipeline.operation import Operation
 from ffcv.reader import Reader
@@ -29,6 +32,31 @@ from .verify import check_beton
 
 ORDERS = {'random': OrderOption.RANDOM, 'quasi_random': OrderOption.QUASI_RANDOM}
 DECODERS = ('fused', 'fused_aa', 'ffcv')
+
+
+# ffcv 1.0.2's OSCacheManager (``os_cache=True``, our ``data.in_memory=1``) marks its arrays
+# read-only by setting ``mutable = False`` on numba's shared (interned) ``uint8[::1]`` type object.
+# That changes the hash of a type that numba's dictionaries already hold as a key, and numba then
+# raises KeyError on them: "Exception ignored in: <finalize object ...>" from
+# ``dispatcher.finalizer`` whenever a compiled function is collected, or a failed compile (ffcv's
+# loader thread dies, the loader hangs) in a function compiled before. Its state and reader,
+# typed with a read-only array type of their own:
+_READ_ONLY_BYTES = numba.types.Array(numba.uint8, 1, 'C', readonly=True)
+
+
+def _os_cache_state_type(self):
+    return numba.types.Tuple([_READ_ONLY_BYTES, numba.uint64[::1], numba.uint64[::1]])
+
+
+def _os_cache_reader(self):
+    def read(address, mem_state):
+        size = mem_state[2][np.searchsorted(mem_state[1], address)]
+        return mem_state[0][address:address + size]
+    return Compiler.compile(read, _READ_ONLY_BYTES(numba.uint64, self.state_type))
+
+
+OSCacheManager.state_type = property(_os_cache_state_type)
+OSCacheManager.compile_reader = _os_cache_reader
 
 
 def num_samples(beton_path) -> int:

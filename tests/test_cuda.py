@@ -168,11 +168,13 @@ def assert_same_sums(got: dict, reference: list) -> None:
 def test_a_batch_is_not_overwritten_while_the_default_stream_still_reads_it(stream_loader):
     """Each batch is read behind a slow kernel, then dropped at once (as a training loop does)."""
     loader, reference = stream_loader
-    pace, sums = Pace(LAG), {}
+    pace, sums, behind = Pace(LAG), {}, 0
     for i, (x, _) in enumerate(loader):
+        behind += not torch.cuda.current_stream().query()  # the GPU still reads earlier batches
         torch.cuda._sleep(SLEEP_CYCLES)
         sums[i] = checksums(x)
         pace()
+    assert behind > 0, 'no batch arrived while the GPU was busy: the test probed nothing'
     assert_same_sums(sums, reference)
 
 
@@ -207,10 +209,12 @@ def test_batches_survive_a_consumer_far_behind_the_host(stream_loader):
     run yet (it waits for the consumer's stream); NormalizeOnDevice makes the loader thread wait
     for its side stream, so every batch arrives intact."""
     loader, reference = stream_loader
-    sums = {}
+    sums, behind = {}, 0
     for i, (x, _) in enumerate(loader):
+        behind += not torch.cuda.current_stream().query()
         torch.cuda._sleep(SLEEP_CYCLES)
         sums[i] = checksums(x)
+    assert behind > 0, 'no batch arrived while the GPU was busy: the test probed nothing'
     assert_same_sums(sums, reference)
 
 

@@ -130,7 +130,8 @@ def test_val_split_missing_a_class_keeps_train_indices(aspect_tree, tmp_path):
         f.unlink()
     (root / 'val' / 'n01').rmdir()
     classes = sources.find_classes(root / 'train')
-    samples = sources.list_samples(root / 'val', classes)
+    with pytest.warns(UserWarning, match=r'1 of the 3 train classes have no folder here \(n01\)'):
+        samples = sources.list_samples(root / 'val', classes)
     assert {label for _, label in samples} == {1, 2}
     writer.write_beton(samples, tmp_path / 'val.beton', max_res=64, num_workers=1)
     *_, labels = beton_metadata(tmp_path / 'val.beton')
@@ -205,6 +206,20 @@ def test_loaders_on_cpu(sample_betons):
         labels.append(torch.cat([y.clone() for _, y in val]))
     assert sum(len(l) for l in labels) == 100
     assert sorted(torch.cat(labels).tolist()) == sorted(np.repeat(np.arange(10), 10).tolist())
+
+
+def test_an_os_cache_loader_leaves_numbas_shared_array_type_as_it_was(sample_betons):
+    """ffcv 1.0.2's os_cache reader set ``mutable = False`` on numba's interned ``uint8[::1]``
+    type, which corrupted numba's dictionaries keyed by it (KeyError in its dispatchers, and a
+    loader that hangs when a later pipeline compiles against one of them); loaders.py types that
+    reader with its own read-only type. Two loaders, and the type is still the mutable one."""
+    import numba
+    shared = numba.uint8[::1]
+    for res in (32, 64):
+        loader = loaders.val_loader(path=sample_betons['val'], batch_size=16, num_workers=2,
+                                    res=res, device=torch.device('cpu'))
+        assert sum(len(y) for _, y in loader) == 100
+    assert shared.mutable and numba.uint8[::1] is shared
 
 
 def test_the_loader_reuses_its_batch_buffers_across_epochs_without_changing_the_batches(

@@ -21,8 +21,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-def trainer_args(betons, out, *extra):
-    return ['tests/torchrun_main.py', str(out), f'--data.train_dataset={betons["train"]}',
+def trainer_args(betons, out, *extra, signal_at=None):
+    """tests/torchrun_main.py's arguments; ``signal_at``: its ``NAME:EPOCH:STEP:RANK``."""
+    signal_arg = [f'--send-signal={signal_at}'] if signal_at else []
+    return ['tests/torchrun_main.py', str(out), *signal_arg,
+            f'--data.train_dataset={betons["train"]}',
             f'--data.val_dataset={betons["val"]}', '--data.num_workers=1',
             f'--logging.folder={out}', '--model.arch=resnet18', '--training.batch_size=16',
             '--lr.lr_peak_epoch=0.5', '--resolution.min_res=32', '--resolution.max_res=32',
@@ -135,38 +138,21 @@ def test_a_hung_rank_makes_the_other_node_fail_within_the_timeout(sample_betons,
 def test_torchrun_restarts_a_killed_worker_and_the_run_ends_as_an_uninterrupted_one(
         sample_betons, tmp_path, two_node_run):
     """The long-job launch line (README): torchrun --max-restarts=1 ... --resume auto with
-    checkpoints within epochs. One worker is killed mid-epoch; torchrun restarts both, they resume
-    from the last checkpoint, and the job ends with exit 0, each epoch logged once, and the final
+    checkpoints within epochs. Rank 1 is killed (SIGKILL) while it trains step 4 (from 0) of its
+    first attempt, after the checkpoint of iteration 3; torchrun restarts both workers, they resume
+    from that checkpoint, and the job ends with exit 0, each epoch logged once, and the final
     weights of the uninterrupted two-rank run (the batches are a function of the seed: crops.py)."""
-    killed_dir = tmp_path
-    proc = subprocess.Popen(
+    proc = subprocess.run(
         [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--max-restarts=1',
          '--rdzv-backend=c10d', f'--rdzv-endpoint=localhost:{free_port()}']
-        + trainer_args(sample_betons, killed_dir, *TWO_RANKS),
-        cwd=REPO, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True)
-    try:
-        checkpoint_file = wait_for_glob(killed_dir, '*/checkpoint.pt')
-        first_pid = int((killed_dir / 'pid1').read_text())
-        os.kill(first_pid, signal.SIGKILL)
-        out = proc.communicate(timeout=600)[0]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        + trainer_args(sample_betons, tmp_path, *TWO_RANKS, signal_at='SIGKILL:0:4:1'),
+        cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
+    out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
-    assert int((killed_dir / 'pid1').read_text()) != first_pid  # a new worker finished the job
-    assert '=> resuming' in out
-    [run_dir] = [p for p in killed_dir.iterdir() if p.is_dir()]
-    assert run_dir == checkpoint_file.parent
+    [run_dir] = [p for p in tmp_path.iterdir() if p.is_dir()]
+    # the second attempt (the first had no checkpoint to resume from)
+    assert f'=> resuming {run_dir} at epoch 0, iteration 3' in out
     log = [json.loads(line) for line in open(run_dir / 'log.jsonl')]
     assert [r['epoch'] for r in log] == [0]
-    resumed = json.loads((killed_dir / 'rank0.json').read_text())
+    resumed = json.loads((tmp_path / 'rank0.json').read_text())
     assert resumed['weights_sha256'] == two_node_run[0]['weights_sha256']
-
-
-def wait_for_glob(folder, pattern, timeout=300):
-    deadline = time.time() + timeout
-    while not list(folder.glob(pattern)):
-        assert time.time() < deadline, f'no {pattern} in {folder}'
-        time.sleep(0.1)
-    return next(folder.glob(pattern))

@@ -14,14 +14,17 @@ from conftest import PYTHON, REPO, run_env
 pytestmark = pytest.mark.slow
 
 
-def gpu_check(tmp_path, *args):
+def gpu_check(tmp_path, *args, python_path=()):
+    """Run gpu_check.py in CPU mode; ``python_path``: folders put first on its PYTHONPATH (and so
+    on its children's)."""
     out, copies = tmp_path / 'results', tmp_path / 'OUT'
     copies.mkdir(exist_ok=True)
     result = subprocess.run(
         [PYTHON, str(REPO / 'benchmarks' / 'gpu_check.py'), '--device', 'cpu', '--out', str(out),
          '--work', str(tmp_path / 'work'), *args],
         env=dict(run_env(), PYTHONPATH=os.pathsep.join(
-            p for p in (str(REPO), os.environ.get('PYTHONPATH', '')) if p), OUT=str(copies)),
+            p for p in (*map(str, python_path), str(REPO), os.environ.get('PYTHONPATH', ''))
+            if p), OUT=str(copies)),
         cwd=REPO, capture_output=True, text=True, timeout=300)
     rows = list(csv.DictReader(open(out / 'gpu.csv')))
     return result, (out / 'gpu.md').read_text(), rows, copies
@@ -44,7 +47,14 @@ def test_the_report_names_machine_date_commit_and_has_a_row_per_step(tmp_path):
 
 
 def test_a_step_past_its_limit_is_reported_and_the_budget_skips_steps(tmp_path):
-    result, md, rows, _ = gpu_check(tmp_path, '--only', 'machine', '--timeout', 'machine=2')
+    """A step's child that never ends (as one whose ffcv loader hangs): a ``sitecustomize`` on
+    its path makes every step's child process wait forever before it starts."""
+    hang = tmp_path / 'hang'
+    hang.mkdir()
+    (hang / 'sitecustomize.py').write_text(
+        "import sys, time\nif '--child' in sys.argv:\n    time.sleep(3600)\n")
+    result, md, rows, _ = gpu_check(tmp_path, '--only', 'machine', '--timeout', 'machine=2',
+                                    python_path=[hang])
     assert result.returncode == 1  # a step failed
     assert rows[0]['status'] == 'timeout' and 'TIMEOUT after 2 s' in rows[0]['result']
     assert '### machine: last lines of its log' in md

@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -27,26 +26,26 @@ RUN = ['--training.epochs=4', '--lr.lr=0.05', '--lr.lr_peak_epoch=1', '--logging
 
 
 def cli(betons, folder, *extra):
-    return [sys.executable, 'train_imagenet.py', f'--data.train_dataset={betons["train"]}',
-            f'--data.val_dataset={betons["val"]}', '--data.num_workers=2',
-            f'--logging.folder={folder}', '--model.arch=resnet18', '--training.batch_size=32',
-            '--validation.batch_size=64', '--validation.resolution=32', *RUN, *extra]
+    return [sys.executable, 'train_imagenet.py', *train_args(betons, folder, *extra)]
 
 
-def start(args):
-    return subprocess.Popen(args, cwd=REPO, env=run_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+def signalled_cli(signal_at: str, betons, folder, *extra):
+    """The run of :func:`cli`, sent a signal at a known step: ``signal_at`` is
+    ``NAME:EPOCH:STEP`` (tests/torchrun_main.py)."""
+    return [sys.executable, 'tests/torchrun_main.py', str(folder),
+            f'--send-signal={signal_at}:0', *train_args(betons, folder, *extra)]
 
 
-def read_until(proc, text, timeout=300):
-    """Lines of ``proc``'s output up to the first containing ``text``."""
-    lines, deadline = [], time.time() + timeout
-    for line in proc.stdout:
-        lines.append(line)
-        if text in line:
-            return lines
-        assert time.time() < deadline, f'{text!r} not seen in time:\n' + ''.join(lines[-20:])
-    raise AssertionError(f'process ended before {text!r}:\n' + ''.join(lines[-30:]))
+def train_args(betons, folder, *extra):
+    return [f'--data.train_dataset={betons["train"]}', f'--data.val_dataset={betons["val"]}',
+            '--data.num_workers=2', f'--logging.folder={folder}', '--model.arch=resnet18',
+            '--training.batch_size=32', '--validation.batch_size=64',
+            '--validation.resolution=32', *RUN, *extra]
+
+
+def run(args):
+    return subprocess.run(args, cwd=REPO, env=run_env(), capture_output=True, text=True,
+                          timeout=600)
 
 
 def log_of(run_dir):
@@ -63,21 +62,21 @@ def uninterrupted(sample_betons, tmp_path_factory):
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_finishes_like_an_uninterrupted_run(
         sample_betons, tmp_path, uninterrupted):
-    proc = start(cli(sample_betons, tmp_path, '--checkpoint.every_iters=2', '--resume', 'auto'))
-    read_until(proc, '=> checkpoint: epoch 2, iteration 4')
-    os.killpg(proc.pid, signal.SIGKILL)  # no chance to clean up
-    proc.wait(timeout=60)
+    """SIGKILL while step 5 of epoch 2 runs (steps counted from 0): the checkpoint of
+    iteration 4 is the last one, so the resumed run trains step 4 again, then goes on."""
+    killed = run(signalled_cli('SIGKILL:2:5', sample_betons, tmp_path,
+                               '--checkpoint.every_iters=2', '--resume', 'auto'))
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-3000:] + killed.stderr[-3000:]
+    assert '=> checkpoint: epoch 2, iteration 4' in killed.stdout
     [run_dir] = [p for p in tmp_path.iterdir() if p.is_dir()]
     state = checkpoint.load(run_dir / 'checkpoint.pt')  # complete, even though killed
-    assert state['epoch'] == 2 and 4 <= state['iteration'] < 10
+    assert (state['epoch'], state['iteration']) == (2, 4)
     assert not (run_dir / 'final_weights.pt').exists()
 
-    # The same command line again: it finds the checkpoint and continues the run.
-    proc = subprocess.run(cli(sample_betons, tmp_path, '--checkpoint.every_iters=2', '--resume',
-                              'auto'), cwd=REPO, env=run_env(), capture_output=True, text=True,
-                          timeout=600)
+    # train_imagenet.py with the same options: --resume auto finds the checkpoint and continues.
+    proc = run(cli(sample_betons, tmp_path, '--checkpoint.every_iters=2', '--resume', 'auto'))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert f'=> resuming {run_dir} at epoch 2, iteration {state["iteration"]}' in proc.stdout
+    assert f'=> resuming {run_dir} at epoch 2, iteration 4' in proc.stdout
     log = log_of(run_dir)
     assert [r['epoch'] for r in log] == list(range(EPOCHS))  # each epoch once
     summary, reference = uninterrupted
@@ -96,17 +95,17 @@ def test_sigkill_mid_epoch_then_resume_finishes_like_an_uninterrupted_run(
 
 @pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_and_exits_143(sample_betons, tmp_path):
-    proc = start(cli(sample_betons, tmp_path, '--checkpoint.every_iters=3'))
-    read_until(proc, '=> checkpoint: epoch 1, iteration 3')
-    sent = time.time()
-    os.kill(proc.pid, signal.SIGTERM)
-    out = proc.communicate(timeout=120)[0]
-    assert time.time() - sent < 30  # finishes the step, saves, exits: no waiting for the epoch
-    assert proc.returncode == 128 + signal.SIGTERM, out[-2000:]
+    """SIGTERM while step 4 of epoch 1 runs: the ranks agree to stop at their next check (with
+    a checkpoint every 3 iterations, after step 5: 6 iterations done), the checkpoint of that
+    point is written and the process exits 143, without finishing the epoch."""
+    proc = run(signalled_cli('SIGTERM:1:4', sample_betons, tmp_path,
+                             '--checkpoint.every_iters=3'))
+    out = proc.stdout
+    assert proc.returncode == 128 + signal.SIGTERM, out[-2000:] + proc.stderr[-2000:]
     assert 'stopped by SIGTERM' in out and '--resume auto' in out
     [run_dir] = [p for p in tmp_path.iterdir() if p.is_dir()]
     state = checkpoint.load(run_dir / 'checkpoint.pt')
-    assert state['epoch'] == 1 and 3 < state['iteration'] < 10  # after the last periodic one
+    assert (state['epoch'], state['iteration']) == (1, 6)
     assert [r['epoch'] for r in log_of(run_dir)] == [0]
     assert not (run_dir / 'final_weights.pt').exists()
 
@@ -132,10 +131,8 @@ def test_resuming_with_a_different_schedule_is_refused_unless_forced(sample_beto
 def test_non_finite_loss_stops_naming_epoch_and_iteration_and_keeps_the_checkpoint(
         sample_betons, tmp_path):
     """Epoch 0 trains normally; the step schedule then multiplies the LR by 1e12."""
-    proc = subprocess.run(cli(sample_betons, tmp_path, '--training.epochs=2',
-                              '--lr.lr_schedule_type=step', '--lr.step_length=1',
-                              '--lr.step_ratio=1e12', '--training.label_smoothing=0'),
-                          cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
+    proc = run(cli(sample_betons, tmp_path, '--training.epochs=2', '--lr.lr_schedule_type=step',
+                   '--lr.step_length=1', '--lr.step_ratio=1e12', '--training.label_smoothing=0'))
     assert proc.returncode == 1
     assert 'non-finite training loss at epoch 1, iteration' in proc.stderr
     [run_dir] = [p for p in tmp_path.iterdir() if p.is_dir()]
