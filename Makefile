@@ -5,7 +5,9 @@
 # benchmarks/decoder_parity.py.
 # make carry: .carry/ (ffcv, our JPEG decoder library, the check's images) for an offline GPU machine.
 # make gpu-check: the one-shot CUDA check (benchmarks/gpu_check.sh; bench-results/gpu.md, gpu.csv).
-# Both first install what is missing: the system packages ffcv builds against, then .venv.
+# Both first install what is missing: the system packages ffcv and our JPEG region decoder build
+# against, then .venv with the pins of requirements.txt and the package itself (pip install -e .,
+# which builds the decoder; again whenever jpeg_region.c or the packaging files change).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -24,11 +26,12 @@ sysdeps:
 	  $(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y $(APT_PACKAGES); \
 	fi
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml setup.py imagenet_ffcv/jpeg_region.c
 	@$(MAKE) --no-print-directory sysdeps
 	@[ -x $(PY) ] || { echo "+ $(PYTHON) -m venv $(VENV)"; $(PYTHON) -m venv $(VENV); }
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -r requirements.txt
+	$(PY) -m pip install -c requirements.txt -e .
 	touch $@
 
 demo: setup
@@ -58,4 +61,4 @@ gpu-check:
 	bash benchmarks/gpu_check.sh
 
 clean:
-	rm -rf demo_out
+	rm -rf demo_out build *.egg-info

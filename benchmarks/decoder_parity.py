@@ -48,7 +48,7 @@ def write_betons(work: Path) -> dict:
 def run_args(betons, folder, *, decoder, seed, epochs, workers) -> list:
     ramp_end = max(1, epochs - 3)
     return [sys.executable, str(REPO / 'train_imagenet.py'),
-            '--config', str(REPO / 'rn18_configs' / 'rn18_16_epochs.yaml'),
+            '--config', str(REPO / 'imagenet_ffcv' / 'configs' / 'rn18_configs' / 'rn18_16_epochs.yaml'),
             f'--data.train_dataset={betons["train"]}', f'--data.val_dataset={betons["val"]}',
             f'--data.num_workers={workers}', f'--data.decoder={decoder}',
             f'--logging.folder={folder}', '--logging.log_level=0',

@@ -11,7 +11,7 @@ Steps, in order (``STEPS``): the machine (GPU, versions, which JPEG decoder is a
 (``pytest -m cuda tests/test_cuda.py``); the loader alone on the device; the training step
 (``bench_train.py``: ResNet-50, bf16, channels_last, BlurPool) fed by our loader, by a synthetic
 batch already on the GPU (the limit) and by ffcv's stock pipeline; a short ResNet-18 learning run
-on imagenette (``train_imagenet.main``), eval-only of its weights and ``predict.predict``.
+on imagenette (``train.main``), eval-only of its weights and ``predict.predict``.
 
 Each step runs as a child process with its own time limit, inside one overall budget
 (``--budget-s``): an exception inside an ffcv pipeline op leaves ffcv's loader waiting forever, so a
@@ -496,7 +496,7 @@ def write_data(args, work, sizes) -> list:
     from common import pooled_samples
     from imagenet_ffcv import sources
     from imagenet_ffcv.classes import class_list_path, write_class_list
-    from imagenet_ffcv.writer import write_beton
+    from imagenet_ffcv.writer from imagenet_ffcv import write
     root = data_root(args)
     woof = root / 'imagewoof320' if root else REPO / 'demo' / 'imagenette_sample'
     nette = root / 'imagenette' if root else REPO / 'demo' / 'imagenette_sample'
@@ -569,7 +569,7 @@ def learn_argv(work, sizes) -> list:
     recipe) on the imagenette betons, with this check's epochs, batch, sides and LR."""
     lo, hi = sizes.learn_res
     ramp_end = max(1, sizes.learn_epochs - 3)
-    return ['--config', str(REPO / 'rn18_configs' / 'rn18_16_epochs.yaml'),
+    return ['--config', str(REPO / 'imagenet_ffcv' / 'configs' / 'rn18_configs' / 'rn18_16_epochs.yaml'),
             f'--data.train_dataset={work / "imagenette_train.beton"}',
             f'--data.val_dataset={work / "imagenette_val.beton"}',
             f'--data.num_workers={os.cpu_count()}', f'--logging.folder={work / "runs"}',
@@ -584,13 +584,13 @@ def learn_argv(work, sizes) -> list:
 
 
 def learn(args, work, sizes) -> list:
-    """A short ResNet-18 run on imagenette with ``train_imagenet.main``: final top-1 (centre crop
+    """A short ResNet-18 run on imagenette with ``train.main``: final top-1 (centre crop
     + flip TTA), epochs, wall time, whether it passed PASS_TOP1."""
-    import train_imagenet
+    from imagenet_ffcv import train
     from imagenet_ffcv import config
     argv = learn_argv(work, sizes)
     print('train_imagenet.py ' + ' '.join(argv), flush=True)
-    summary = train_imagenet.main(config.load_config(argv))
+    summary = train.main(config.load_config(argv))
     passed = summary['top_1'] > PASS_TOP1
     (work / 'weights.txt').write_text(str(Path(summary['run_dir']) / 'final_weights.pt'))
     sides = '-'.join(str(r) for r in sorted(set(sizes.learn_res)))
@@ -633,12 +633,12 @@ def weights_of(work) -> Path:
 def eval_only(args, work, sizes) -> list:
     """``--training.eval_only=1`` of the learning run's final weights: top-1 against the one the
     run logged (the same loader and precision, so equal or within an image or two)."""
-    import train_imagenet
+    from imagenet_ffcv import train
     from imagenet_ffcv import config
     weights = weights_of(work)
     logged = json.loads((weights.parent / 'log.jsonl').read_text().splitlines()[-1])['top_1']
     start = time.perf_counter()
-    summary = train_imagenet.main(config.load_config(
+    summary = train.main(config.load_config(
         learn_argv(work, sizes) + ['--training.eval_only=1', f'--model.weights={weights}']))
     seconds = time.perf_counter() - start
     diff = round(abs(summary['top_1'] - logged) * summary['val_count'])
@@ -655,7 +655,7 @@ def predict_step(args, work, sizes) -> list:
     many): top-1 against their folders' labels."""
     import torch
 
-    import predict
+    from imagenet_ffcv import predict
     weights = weights_of(work)
     root = data_root(args)
     val = (root / 'imagenette' / 'val') if root else REPO / 'demo' / 'imagenette_sample' / 'val'

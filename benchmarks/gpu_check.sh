@@ -2,8 +2,8 @@
 # The one-shot GPU check (benchmarks/gpu_check.py), with what it needs set up first:
 #   bash benchmarks/gpu_check.sh [gpu_check.py options, e.g. --only learn,eval_only,predict]
 # (make gpu-check). On the lent GPU machine (Python 3.12 with torch, no ffcv, no network) bring
-# .carry along (make carry): ffcv is then taken from .carry/activate.sh and, if jpeg_region.c
-# cannot be compiled there, our region decoder from .carry/lib. On a CUDA machine with the
+# .carry along (make carry): ffcv is then taken from .carry/activate.sh and our region decoder
+# from .carry/lib. On a CUDA machine with the
 # project's .venv, the .venv is used. Whole run: at most GPU_CHECK_BUDGET_S (450) + 30 seconds.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -29,20 +29,18 @@ if [ -d .carry/python ] && ! "$py" -c 'import safetensors' 2>/dev/null; then
   export PYTHONPATH=$PWD/.carry/python${PYTHONPATH:+:$PYTHONPATH}
 fi
 
-# Our region decoder: decoders.library_path() looks for _jpeg_region-<source hash>.so beside
-# jpeg_region.c (or in ~/.cache/imagenet_ffcv when the package is read-only); put the one built
-# by make carry there, and its libjpeg on the library path, unless one is there already.
+# Our region decoder: decoders.library_path() looks for _jpeg_region*.so beside decoders.py (pip
+# install builds it there); put the one built by make carry there, and its libjpeg on the library
+# path, unless one is there already.
 if [ -d .carry/lib ]; then
   export LD_LIBRARY_PATH=$PWD/.carry/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-  want=_jpeg_region-$(sha256sum imagenet_ffcv/jpeg_region.c | cut -c1-12).so
-  dest=imagenet_ffcv
-  [ -w "$dest" ] || dest=$HOME/.cache/imagenet_ffcv
-  if [ -f ".carry/lib/$want" ]; then
-    mkdir -p "$dest" && { [ -f "$dest/$want" ] || cp ".carry/lib/$want" "$dest/"; }
-  else
-    echo "gpu_check.sh: warning: .carry/lib has no $want (jpeg_region.c changed since make" \
-         "carry?); the decoder is built here if a C compiler and libjpeg headers exist," \
-         "else the slower fallback runs" >&2
+  if ! ls imagenet_ffcv/_jpeg_region*.so >/dev/null 2>&1; then
+    if ls .carry/lib/_jpeg_region*.so >/dev/null 2>&1; then
+      cp .carry/lib/_jpeg_region*.so imagenet_ffcv/
+    else
+      echo "gpu_check.sh: warning: .carry/lib has no _jpeg_region*.so (run make carry again);" \
+           "the slower fallback runs" >&2
+    fi
   fi
 fi
 

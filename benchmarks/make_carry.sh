@@ -3,8 +3,9 @@
 #   bash benchmarks/make_carry.sh          # then bring .carry along; there: bash benchmarks/gpu_check.sh
 # - ffcv and its companions and native libraries, packed by ../shared/device/make-carry.sh
 #   (ffcv-carry.tar.gz + activate.sh);
-# - lib/: our region decoder (imagenet_ffcv/_jpeg_region-<hash>.so, built here) and the libjpeg it
-#   links, for a machine without a C compiler or libjpeg headers;
+# - lib/: our region decoder (imagenet_ffcv/_jpeg_region*.so, built here by make setup's
+#   pip install -e .) and the libjpeg it links, for a machine without a C compiler or libjpeg
+#   headers;
 # - data/: the JPEGs of ../shared/data/imagenette (1,500 train + 500 val, 224 x 224) and
 #   imagewoof320 (160); the .beton files are written there (16 cores: seconds), since betons of
 #   these images are bigger than the JPEGs (imagenette train alone: 42 MB);
@@ -24,7 +25,7 @@ mkdir -p "$out/lib" "$out/data"
 mkdir -p "$out/python"
 cp -r "$("$py" -c 'import safetensors, os; print(os.path.dirname(safetensors.__file__))')" "$out/python/"
 
-so=$("$py" -c 'from imagenet_ffcv import decoders; print(decoders.build_library())')
+so=$("$py" -c 'from imagenet_ffcv import decoders; decoders.load_library(); print(decoders.library_path())')
 cp "$so" "$out/lib/"
 ldd "$so" | awk '/libjpeg/ {print $3}' | while read -r lib; do cp -L "$lib" "$out/lib/"; done
 echo "region decoder: $(cd "$out/lib" && ls)"

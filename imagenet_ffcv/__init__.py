@@ -1,12 +1,19 @@
-"""Shared pieces of the ImageNet-on-FFCV tool: one module per concern (README: "Where things are").
+"""Fast ImageNet training with FFCV: one module per concern (README: "Where things are").
 
+Commands: ``write`` (``imagenet-ffcv-write``: class folders -> .beton), ``train``
+(``imagenet-ffcv-train``: training and eval-only), ``predict`` (``imagenet-ffcv-predict``), and
+what they share, ``commands``.
 Data: ``sources`` (input layouts, samples and labels), ``classes`` (class lists), ``images``
 (decoding to RGB, the shorter-side resize), ``writer`` (writing .beton files), ``verify`` (reading
 them back), ``loaders`` (the FFCV loaders), ``decoders`` (the fused crop/resize/flip/normalise
-decoders), ``crops`` (crops and flips from seed, epoch and sample), ``constants``.
-Training: ``config`` (the schema), ``models``, ``schedules``, ``engine`` (training step and epoch,
-evaluation, mixed precision), ``metrics``, ``distributed`` (torchrun), ``checkpoint`` (checkpoints,
-resume, safe loading), ``run_dir`` (the run folder), ``files`` (atomic writes).
+decoders and the JPEG region decoder), ``resampling`` (their bilinear resample), ``crops`` (crops
+and flips from seed, epoch and sample), ``constants``.
+Training: ``config`` and ``config_schema`` (the configuration and its keys), ``models``,
+``optimizers``, ``schedules``, ``engine`` (training step and epoch, evaluation, mixed precision),
+``ema``, ``mixup``, ``evaluate`` (validation and eval-only), ``metrics``, ``distributed``
+(torchrun), ``checkpoint`` (the checkpoint format, resume, safe loading), ``signals``
+(pre-emption and Ctrl-C), ``run_dir`` (the run folder), ``loggers`` (TensorBoard, W&B),
+``optional`` (optional packages), ``files`` (atomic writes).
 
 Importing any module touches neither the disk nor global state.
 """

@@ -1,14 +1,17 @@
-"""Checkpoints: written atomically, found again for ``--resume``, checked against the config, and
-written on pre-emption (SIGTERM) or Ctrl-C.
+"""Checkpoints: the format (written and read here only), written atomically, found again for
+``--resume`` and checked against the config; the final weights (.pt and .safetensors).
 
 A checkpoint is one ``torch.save`` file, ``RUN_DIR/checkpoint.pt``, holding::
 
     {'format': 1, 'model': state dict (no DDP prefix), 'optimizer': the optimizer's state dict,
-     'scaler': torch.amp.GradScaler state (only with fp16 mixed precision), 'epoch': epoch to continue,
+     'scaler': torch.amp.GradScaler state (only with fp16 mixed precision),
+     'ema': the EMA's state dict (AveragedModel: weights, buffers, n_averaged; only with EMA),
+     'epoch': epoch to continue,
      'iteration': first iteration of that epoch not yet trained (0: the epoch starts afresh),
      'rng': {'torch', 'cuda', 'numpy', 'python'}, 'config': the resolved config (params.json),
-     'best_top1': best validation top-1 so far (fraction) or None, 'classes': class wnids,
-     'progress': {'images', 'train_seconds', 'wall_time_s'} accumulated so far}
+     'best_top1': best validation top-1 so far (fraction) or None,
+     'classes': [(wnid, name), ...] of the training .beton, or None,
+     'progress': {'images', 'train_seconds', 'best_epoch', 'wall_time_s'} accumulated so far}
 
 Like nanoGPT's ``ckpt.pt``, the config travels inside the checkpoint, so a checkpoint alone is
 enough to rebuild and evaluate its model.
@@ -17,12 +20,11 @@ Loading never runs code: every file is read with ``torch.load(weights_only=True)
 tensors and plain values only (a pickle that would call a function is refused with CheckpointError).
 Checkpoints hold nothing else (the numpy RNG state is stored as a tensor). The final weights are also
 written as ``final_weights.safetensors`` (safetensors: tensors only, no pickle at all), which
-eval-only and ``predict.py`` read as well.
+eval-only and ``imagenet-ffcv-predict`` read as well.
 """
 import json
 import pickle
 import random
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -136,6 +138,17 @@ def schedule_changes(saved: dict, current: dict) -> list:
             if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES)]
 
 
+def check_schedule(saved: dict, current: dict, *, force: bool, path) -> None:
+    """Raise CheckpointError listing :func:`schedule_changes` between the checkpoint ``saved``
+    (read from ``path``) and the resolved config ``current``, unless there are none or ``force``
+    (``checkpoint.force=1``)."""
+    changes = schedule_changes(saved['config'], current)
+    if changes and not force:
+        raise CheckpointError(f'{path}: this config changes the schedule of the run being '
+                              f'resumed:\n  ' + '\n  '.join(changes) + '\nresume with the config '
+                              'of the run, or set checkpoint.force=1 to continue anyway')
+
+
 def rng_state() -> dict:
     """The random states of torch (CPU and CUDA), numpy's global generator (its key as an int64
     tensor, so the checkpoint holds no numpy object) and Python's random."""
@@ -163,47 +176,36 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(cuda)  # this process's GPU (the run may have fewer now)
 
 
-class StopRequest:
-    """Turns SIGTERM (cluster pre-emption, ``kill``) and the first Ctrl-C (SIGINT) into a flag the
-    training loop polls, so it can finish the current step, write a checkpoint and exit. A second
-    Ctrl-C raises KeyboardInterrupt at once (abandon the step, no checkpoint).
+def training_state(*, model_state: dict, optimizer, epoch: int, iteration: int, config: dict,
+                   classes, best_top1, progress: dict, scaler=None, ema=None) -> dict:
+    """The checkpoint of a run that has trained ``iteration`` iterations of ``epoch`` (the keys of
+    the module docstring): ``model_state`` (the unwrapped model's state dict), the optimizer's,
+    the loss scaler's and the EMA's states (``scaler``, ``ema``: None when the run has none), the
+    random states (:func:`rng_state`), the resolved ``config`` and ``classes``, the best top-1
+    so far and ``progress`` (``{'images', 'train_seconds', 'best_epoch', 'wall_time_s'}``)."""
+    state = {'format': FORMAT, 'model': model_state, 'optimizer': optimizer.state_dict(),
+             'epoch': epoch, 'iteration': iteration, 'rng': rng_state(), 'config': config,
+             'best_top1': best_top1, 'classes': classes, 'progress': progress}
+    if scaler is not None:
+        state['scaler'] = scaler.state_dict()
+    if ema is not None:
+        state['ema'] = ema.state_dict()
+    return state
 
-    Use as a context manager around the training loop; the previous handlers are restored on exit.
-    ``signum`` is the signal received (None while none), ``exit_code`` the conventional 128 + signum.
-    """
 
-    def __init__(self):
-        self.signum = None
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        return False
-
-    def _handle(self, signum, frame):
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signum = signum
-        print(f'\n=> {signal.Signals(signum).name} received: finishing this step, then writing a '
-              'checkpoint (Ctrl-C again to abandon)', flush=True)
-
-    def __bool__(self):
-        return self.signum is not None
-
-    @property
-    def name(self) -> str:
-        """'SIGTERM', 'SIGINT', or 'a signal on another rank' when this rank received none."""
-        return signal.Signals(self.signum).name if self.signum else 'a signal on another rank'
-
-    @property
-    def exit_code(self) -> int:
-        return 128 + (self.signum or signal.SIGTERM)
+def restore_training_state(saved: dict, *, model, optimizer, scaler=None, ema=None) -> bool:
+    """Load a checkpoint written from :func:`training_state` into ``model`` (unwrapped),
+    ``optimizer``, ``scaler`` and ``ema`` (each when the run has one and the checkpoint holds it)
+    and set the random states. Returns False when the run has an EMA that the checkpoint lacks
+    (it then starts from the weights at its next update), else True."""
+    model.load_state_dict(saved['model'])
+    optimizer.load_state_dict(saved['optimizer'])
+    if scaler is not None and saved.get('scaler'):
+        scaler.load_state_dict(saved['scaler'])
+    if ema is not None and saved.get('ema'):
+        ema.load_state_dict(saved['ema'])
+    set_rng_state(saved['rng'])
+    return ema is None or bool(saved.get('ema'))
 
 
 def save_final_weights(state_dict: dict, path, *, config: dict = None, classes=None) -> Path:
@@ -288,8 +290,8 @@ def load_model(path, *, num_classes: int = None, arch: str = 'resnet50', use_blu
     rebuilt as it was trained: arch, BlurPool and channels_last come from the config saved with the
     weights (:data:`MODEL_KEYS`); the keyword values are used only when no config is saved.
     ``num_classes``: the class count to build for (e.g. the val .beton's); None takes the length
-    of the class list saved with the weights. Used by ``train_imagenet.py`` (eval-only) and
-    ``predict.py``.
+    of the class list saved with the weights. Used by ``imagenet-ffcv-train`` (eval-only) and
+    ``imagenet-ffcv-predict``.
 
     Raises CheckpointError naming the file when it is missing or unreadable, or when the weights
     do not fit the model (another arch or class count), and FileNotFoundError when
@@ -304,7 +306,7 @@ def load_model(path, *, num_classes: int = None, arch: str = 'resnet50', use_blu
         if not classes:
             raise FileNotFoundError(f'no class list for {path}: none saved with it and no '
                                     'classes.tsv beside it; pass --classes TRAIN.classes.tsv '
-                                    '(written by write_beton.py beside the .beton)')
+                                    '(written by imagenet-ffcv-write beside the .beton)')
         num_classes = len(classes)
     model = build_model(arch=structure['arch'], num_classes=num_classes,
                         use_blurpool=bool(structure['use_blurpool']),

@@ -1,4 +1,5 @@
-"""The configuration of ``train_imagenet.py``: ffcv-imagenet's sections and keys, read with fastargs.
+"""The configuration of the trainer (``imagenet-ffcv-train``): ffcv-imagenet's sections and keys
+(declared in ``config_schema``), read with fastargs.
 
 Sources, later ones winning: defaults < ``--config FILE.yaml`` (repeatable) < ``--section.key=value``.
 A key that is not in the schema, in a file or on the command line, is an error naming it (fastargs
@@ -8,147 +9,39 @@ Everything is declared on a fresh ``fastargs.Config`` per call: nothing global i
 can build several configs in one process.
 """
 import argparse
-import os
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import yaml
-from fastargs import Config, Param, Section
-from fastargs.validation import And, OneOf
+from fastargs import Config
+from fastargs.validation import And, OneOf, Or
 
 from . import schedules
-from .optimizers import OPTIMIZERS
+from .config_schema import declare
+
+CONFIGS_DIR = Path(__file__).with_name('configs')  # the shipped recipes (rn50_configs/, ...)
 
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the schema; the message names the key."""
 
 
-def _schema(config: Config) -> None:
-    """Declare every section and key on ``config``."""
-    def section(name, desc, **params):
-        Section(name, desc, config_descriptor=config).params(**params)
-
-    _data_and_model_sections(section)
-    _training_sections(section)
-
-
-def _data_and_model_sections(section) -> None:
-    section('data', 'datasets and loading',
-            train_dataset=Param(str, 'training .beton file', required=True),
-            val_dataset=Param(str, 'validation .beton file', required=True),
-            num_workers=Param(int, 'loader threads per process', default=os.cpu_count()),
-            in_memory=Param(int, "ffcv's os_cache (ffcv-imagenet's name): 1: memory-map the "
-                                 'file and share the OS page cache (data fits in RAM); 0: '
-                                 "ffcv's own process cache with prefetch", default=1),
-            min_crop_scale=Param(float, 'random-resized crop: smallest crop area as a fraction '
-                                        'of the image (torchvision: 0.08)', default=0.08),
-            flip_prob=Param(float, 'probability of the left-right flip of training images',
-                            default=0.5),
-            decoder=Param(OneOf(['fused', 'fused_aa', 'ffcv']),
-                          "image decoder: 'fused' (ours: region decode + bilinear), 'fused_aa' "
-                          "(ours, antialiased for every shrink) or 'ffcv' (ffcv's stock decoders, "
-                          'INTER_AREA resize, as ffcv-imagenet)', default='fused'),
-            gpu=Param(int, 'ignored (kept so ffcv-imagenet configs load): the device is '
-                           'cuda:LOCAL_RANK', default=0))
-    section('model', 'network',
-            arch=Param(str, "torchvision classification model name, or 'timm:<name>' (a timm "
-                            'model; needs the optional timm package)', default='resnet50'),
-            pretrained=Param(int, 'must be 0: training starts from random weights', default=0),
-            weights=Param(str, 'with training.eval_only=1: the checkpoint.pt or final_weights.pt '
-                               'to evaluate', default=''))
-    section('resolution', 'progressive resizing of training crops (pixels, epochs)',
-            min_res=Param(int, 'side of training crops until start_ramp (px)', default=160),
-            max_res=Param(int, 'side of training crops from end_ramp on (px)', default=192),
-            end_ramp=Param(int, 'epoch at which max_res is reached', default=0),
-            start_ramp=Param(int, 'last epoch at min_res', default=0))
-    section('lr', 'learning-rate schedule',
-            lr=Param(float, 'peak LR (cyclic) or initial LR (step), for ref_batch_size images '
-                            'per step when ref_batch_size is set', default=0.5),
-            lr_schedule_type=Param(OneOf(list(schedules.LR_SCHEDULES)),
-                                   'cyclic (triangular), step, poly or cosine',
-                                   default='cyclic'),
-            min_lr=Param(float, 'cosine: the LR at the end of training (not scaled with the '
-                                'batch)', default=0.0),
-            lr_peak_epoch=Param(float, 'cyclic: epoch at which the LR peaks', default=2),
-            step_ratio=Param(float, 'step: LR multiplier at each step', default=0.1),
-            step_length=Param(int, 'step: epochs between steps', default=30),
-            step_fractions=Param(str, "step: steps at these fractions of training instead of "
-                                      "every step_length epochs, e.g. '1/3,2/3'", default=''),
-            poly_power=Param(float, 'poly: exponent of (1 - t / epochs)', default=1.0),
-            warmup_epochs=Param(float, 'linear warm-up from 0 over this many epochs (any '
-                                       'schedule); 0: none', default=0.0),
-            ref_batch_size=Param(int, 'global batch (images per step) lr was tuned for; the LR '
-                                      'used is lr * batch_size * world_size / ref_batch_size. '
-                                      '0: use lr as is', default=0))
-
-
-def _training_sections(section) -> None:
-    section('logging', 'outputs',
-            folder=Param(str, 'runs are written to FOLDER/<run id>/', required=True),
-            log_level=Param(int, 'validate every epoch (ffcv-imagenet\'s name): 1: after every '
-                                 'epoch; 0: only after the last one', default=1),
-            tensorboard=Param(int, '1: TensorBoard event files in RUN_DIR/tensorboard', default=0),
-            wandb_project=Param(str, 'Weights & Biases project to log to (needs the optional '
-                                     "wandb package); '': off", default=''),
-            every_iters=Param(int, 'TensorBoard/W&B: train loss, LR and img/s every this many '
-                                   'iterations', default=50))
-    section('validation', 'evaluation',
-            batch_size=Param(int, 'validation batch per process', default=512),
-            resolution=Param(int, 'side of the centre crop (px)', default=256),
-            lr_tta=Param(int, 'left-right flip test-time augmentation (ffcv-imagenet\'s name): '
-                              '1: average the logits of the image and of its flip', default=1),
-            ten_crop=Param(int, '1: also report 10-crop accuracy (corners + centre of the central '
-                                'square, and their flips) after the last epoch', default=0))
-    section('training', 'optimisation',
-            eval_only=Param(int, '1: only evaluate model.weights on the val set', default=0),
-            batch_size=Param(int, 'training batch per process (images)', default=512),
-            optimizer=Param(And(str, OneOf(list(OPTIMIZERS))),
-                            'sgd (with momentum), adamw, or lamb (needs the optional timm package)',
-                            default='sgd'),
-            amp=Param(OneOf(['auto', 'bf16', 'fp16', 'off']),
-                      'mixed precision on CUDA: auto (bf16 where the GPU has it, else fp16), bf16, '
-                      'fp16 (with loss scaling) or off (fp32); CPU: auto means off',
-                      default='auto'),
-            momentum=Param(float, 'SGD momentum', default=0.9),
-            betas=Param(str, "adamw/lamb: the betas 'beta1,beta2'", default='0.9,0.999'),
-            clip_grad_norm=Param(float, 'clip the global gradient norm to this value; 0: off',
-                                 default=0.0),
-            weight_decay=Param(float, 'L2 weight decay', default=5e-5),
-            bn_wd=Param(int, '0: no weight decay on normalisation layers nor biases', default=0),
-            epochs=Param(int, 'number of epochs', default=16),
-            label_smoothing=Param(float, 'label smoothing (Szegedy et al. 2016)', default=0.1),
-            use_blurpool=Param(int, '1: BlurPool before strided convs (Zhang 2019)', default=1),
-            channels_last=Param(int, '1: NHWC memory format for the model', default=1),
-            distributed=Param(int, 'ignored (kept for ffcv-imagenet configs): launch with '
-                                   'torchrun for several processes', default=0),
-            seed=Param(int, 'seed of weights init and data order', default=0),
-            target_top1=Param(float, 'stop at the first epoch whose validation top-1 reaches this '
-                                     'fraction (e.g. 0.6); 0: train all epochs', default=0.0),
-            ema_decay=Param(float, 'EMA of the weights (and BN buffers): the weight of the old '
-                                   'average at each update, e.g. 0.9998; 0: off', default=0.0),
-            ema_every=Param(int, 'update the EMA every this many iterations', default=1),
-            mixup_alpha=Param(float, 'MixUp Beta(alpha, alpha) (Zhang et al. 2018); 0: off',
-                              default=0.0),
-            cutmix_alpha=Param(float, 'CutMix Beta(alpha, alpha) (Yun et al. 2019); 0: off; with '
-                                      'mixup_alpha too, one of the two per batch', default=0.0),
-            compile=Param(int, '1: torch.compile the model (recompiles once per resolution)',
-                          default=0))
-    section('checkpoint', 'checkpoints (RUN_DIR/checkpoint.pt, rewritten atomically) and resume',
-            resume=Param(str, "'auto': continue the latest unfinished run under logging.folder "
-                              "(start a new one if there is none); a checkpoint.pt path: "
-                              "continue that run; '': a new run", default=''),
-            every_iters=Param(int, 'also write a checkpoint every this many iterations within an '
-                                   'epoch; 0: only at the end of each epoch', default=0),
-            force=Param(int, '1: resume even if the config changes the schedule (epochs, LR, '
-                             'resolution, batch, model, seed)', default=0),
-            keep_best=Param(int, '1: RUN_DIR/best_weights.pt holds the weights of the epoch with '
-                                 'the best validation top-1 so far', default=0))
-    section('dist', 'kept so ffcv-imagenet configs load; torchrun sets the real values',
-            world_size=Param(int, 'number of GPUs the config was written for', default=1),
-            address=Param(str, 'ignored: use torchrun --rdzv-endpoint', default='localhost'),
-            port=Param(str, 'ignored: use torchrun --rdzv-endpoint', default='12355'),
-            timeout_s=Param(int, 'seconds a collective waits for the other ranks before this '
-                                 'rank fails (a dead or hung rank)', default=300))
+def config_file(name) -> Path:
+    """The file ``--config NAME`` reads: NAME when it is a file, else the shipped config of that
+    name in imagenet_ffcv/configs (``rn50_configs/rn50_16_epochs.yaml``, ``rn50_16_epochs.yaml`` or
+    ``rn50_16_epochs``), so the recipes load from any directory and from an installed package.
+    Raises FileNotFoundError listing the shipped configs."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    stem = path.name if path.suffix in ('.yaml', '.yml', '.json') else path.name + '.yaml'
+    for candidate in [CONFIGS_DIR / path, *sorted(CONFIGS_DIR.glob(f'*/{stem}'))]:
+        if candidate.is_file():
+            return candidate
+    shipped = ', '.join(f'{p.parent.name}/{p.name}' for p in sorted(CONFIGS_DIR.glob('*/*.yaml')))
+    raise FileNotFoundError(f'--config {name}: no such file, nor a shipped config of that name '
+                            f'(shipped: {shipped})')
 
 
 def flatten(tree: dict, prefix: str = '') -> dict:
@@ -188,6 +81,26 @@ def _add_key_arguments(parser: argparse.ArgumentParser, config: Config) -> None:
                                         help=f'{param.desc} ({default})'.replace('%', '%%'))
 
 
+def build_parser(config: Config = None) -> argparse.ArgumentParser:
+    """The trainer's command line: ``--config``, ``--resume`` and one ``--section.key`` per key of
+    ``config`` (a declared ``fastargs.Config``; None: a new one)."""
+    if config is None:
+        config = Config()
+        declare(config)
+    parser = argparse.ArgumentParser(allow_abbrev=False,
+                                     usage='%(prog)s [--config FILE.yaml ...] '
+                                           '[--section.key=VALUE ...] [--resume auto|PATH]',
+                                     description='Train an ImageNet classifier from .beton files.')
+    parser.add_argument('--config', '--config-file', '-C', action='append', default=[],
+                        help='YAML or JSON config file (repeatable; later ones win): a path, '
+                             'or the name of a shipped config such as '
+                             'rn50_configs/rn50_16_epochs.yaml')
+    parser.add_argument('--resume', dest='checkpoint.resume', default=None,
+                        help="shorthand for --checkpoint.resume: 'auto' or a checkpoint.pt path")
+    _add_key_arguments(parser, config)
+    return parser
+
+
 def load_config(argv: list) -> SimpleNamespace:
     """Parse ``argv`` (e.g. ``['--config', 'rn50_configs/rn50_16_epochs.yaml',
     '--training.epochs=2']``) into ``cfg.section.key`` values, checked against the schema.
@@ -196,23 +109,15 @@ def load_config(argv: list) -> SimpleNamespace:
     FileNotFoundError for a missing config file.
     """
     config = Config()
-    _schema(config)
+    declare(config)
     known = {'.'.join(path): param for path, param in config.entries.items()}
 
-    parser = argparse.ArgumentParser(prog='train_imagenet.py', allow_abbrev=False,
-                                     usage='%(prog)s [--config FILE.yaml ...] '
-                                           '[--section.key=VALUE ...] [--resume auto|PATH]',
-                                     description='Train an ImageNet classifier from .beton files.')
-    parser.add_argument('--config', '--config-file', '-C', action='append', default=[],
-                        help='YAML or JSON config file (repeatable; later ones win)')
-    parser.add_argument('--resume', dest='checkpoint.resume', default=None,
-                        help="shorthand for --checkpoint.resume: 'auto' or a checkpoint.pt path")
-    _add_key_arguments(parser, config)
+    parser = build_parser(config)
     args, unknown = parser.parse_known_args(argv)
     if unknown:
         raise ConfigError(f'unknown argument(s) {" ".join(unknown)}; valid keys: {", ".join(known)}')
 
-    for fname in args.config:
+    for fname in map(config_file, args.config):
         with open(fname) as f:
             content = yaml.safe_load(f) or {}
         if not isinstance(content, dict):
@@ -273,9 +178,9 @@ def _check_consistency(cfg) -> None:
         problems.append(f'data.min_crop_scale={cfg.data.min_crop_scale} must lie in (0, 1]')
     if not 0 <= cfg.data.flip_prob <= 1:
         problems.append(f'data.flip_prob={cfg.data.flip_prob} must lie in [0, 1]')
-    if cfg.data.num_workers < 1:
+    if cfg.data.num_workers != 'auto' and cfg.data.num_workers < 1:
         problems.append(f'data.num_workers={cfg.data.num_workers} must be >= 1 (loader threads '
-                        'per process)')
+                        "per process) or 'auto'")
     if cfg.checkpoint.every_iters < 0:
         problems.append(f'checkpoint.every_iters={cfg.checkpoint.every_iters} must be >= 0 '
                         '(0: only at the end of each epoch)')
@@ -352,7 +257,84 @@ def lr_schedule_kwargs(cfg: SimpleNamespace) -> dict:
             'min_lr': cfg.lr.min_lr}
 
 
+def train_loader_kwargs(cfg: SimpleNamespace) -> dict:
+    """The keyword arguments of ``loaders.train_loader`` that the config sets (the trainer adds
+    the threads, resolution, device, dtype and whether it is distributed)."""
+    return {'path': cfg.data.train_dataset, 'batch_size': cfg.training.batch_size,
+            'os_cache': bool(cfg.data.in_memory), 'seed': cfg.training.seed,
+            'min_crop_scale': cfg.data.min_crop_scale, 'flip_prob': cfg.data.flip_prob,
+            'decoder': cfg.data.decoder}
+
+
+def val_loader_kwargs(cfg: SimpleNamespace) -> dict:
+    """The keyword arguments of ``loaders.val_loader`` that the config sets."""
+    return {'path': cfg.data.val_dataset, 'batch_size': cfg.validation.batch_size,
+            'res': cfg.validation.resolution, 'decoder': cfg.data.decoder}
+
+
+def model_kwargs(cfg: SimpleNamespace) -> dict:
+    """The keyword arguments of ``models.build_model`` (and ``checkpoint.load_model``) but the
+    class count."""
+    return {'arch': cfg.model.arch, 'use_blurpool': bool(cfg.training.use_blurpool),
+            'channels_last': bool(cfg.training.channels_last)}
+
+
+def optimizer_kwargs(cfg: SimpleNamespace) -> dict:
+    """The keyword arguments of ``optimizers.make_optimizer`` but the groups and the LR."""
+    return {'name': cfg.training.optimizer, 'momentum': cfg.training.momentum,
+            'betas': parse_betas(cfg.training.betas)}
+
+
+def param_group_kwargs(cfg: SimpleNamespace) -> dict:
+    """The keyword arguments of ``models.param_groups`` but the model."""
+    return {'weight_decay': cfg.training.weight_decay, 'bn_wd': bool(cfg.training.bn_wd)}
+
+
 def resolution_kwargs(cfg: SimpleNamespace) -> dict:
     """The keyword arguments of ``schedules.resolution_at``, from the ``resolution`` section."""
     return {'min_res': cfg.resolution.min_res, 'max_res': cfg.resolution.max_res,
             'start_ramp': cfg.resolution.start_ramp, 'end_ramp': cfg.resolution.end_ramp}
+
+
+def _type_text(checker) -> str:
+    """A checker's type in words, choices sorted (fastargs keeps them in a set)."""
+    if isinstance(checker, OneOf):
+        return 'one of ' + ', '.join(f'`{v}`' for v in sorted(map(str, checker.possible_values)))
+    if isinstance(checker, (And, Or)):
+        parts = [_type_text(c) for c in checker.checkers]
+        parts = [p for p in parts if p != 'a string'] if isinstance(checker, And) else parts
+        return (' and ' if isinstance(checker, And) else ' or ').join(parts)
+    return checker.help()
+
+
+def markdown() -> str:
+    """docs/configuration.md: every key of the schema by section, with its type, default and
+    meaning, as ``--help`` lists them."""
+    config = Config()
+    declare(config)
+    lines = ['# Configuration', '',
+             'Every key of the trainer (`imagenet-ffcv-train`, `train_imagenet.py`), by section. Set '
+             'them in a YAML file given with `--config FILE.yaml` (repeatable; later files win) or '
+             'on the command line as `--section.key=value` (wins over files). An unknown key, a '
+             'wrongly typed value or keys that contradict each other are errors naming the key. '
+             'ffcv-imagenet\'s configs load unchanged.', '',
+             'Generated from `imagenet_ffcv/config_schema.py` by '
+             '`python -m imagenet_ffcv.config --markdown > docs/configuration.md`; '
+             '`tests/test_docs.py` fails when this file and the schema differ.']
+    section = None
+    for path, param in config.entries.items():
+        if param.section.ns != section:
+            section = param.section.ns
+            lines += ['', f'## `{".".join(section)}`: {param.section.desc}', '',
+                      '| key | type | default | meaning |', '|---|---|---|---|']
+        default = ('required' if param.required else "`''`" if param.default == '' else
+                   f'`{param.default}`')
+        lines.append(f'| `{".".join(path)}` | {_type_text(param.checker)} | {default} | '
+                     f'{param.desc.replace("|", "/")} |')
+    return '\n'.join(lines) + '\n'
+
+
+if __name__ == '__main__':
+    if sys.argv[1:] != ['--markdown']:
+        sys.exit('usage: python -m imagenet_ffcv.config --markdown > docs/configuration.md')
+    print(markdown(), end='')

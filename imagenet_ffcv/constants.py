@@ -1,4 +1,4 @@
-"""Constants shared by the loaders, the engine and ``predict.py`` (as timm's ``data/constants.py``),
+"""Constants shared by the loaders, the engine and ``imagenet-ffcv-predict`` (as timm's ``data/constants.py``),
 importable without the writer or ffcv."""
 import numpy as np
 

@@ -13,8 +13,8 @@ decoders
   ``antialias``: 2 x 2 samples for the shrinks in (1, 2) too) and write the flipped, normalised
   pixel straight into the batch (``resampling``). ``benchmarks/bench_loader.py`` measures the
   difference.
-If the C part cannot be built (no C compiler or libjpeg headers), the whole image is decoded with
-ffcv's own (DCT-scaled) decoder instead, with a warning.
+The C part is built when the package is installed (setup.py); if it is missing (or older than its
+source), the whole image is decoded with ffcv's own (DCT-scaled) decoder instead, with a warning.
 
 Both decoders keep ffcv's interface: ``output_size`` may be changed between epochs. The crop and the
 flip of each image are a pure function of (seed, epoch, sample index) (``crops``): ``epoch`` is set
@@ -22,12 +22,9 @@ before each epoch (``loaders.Loader`` does it), so runs with the same seed see t
 """
 import ctypes
 import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
 import warnings
 from dataclasses import replace
+from importlib.machinery import EXTENSION_SUFFIXES
 from pathlib import Path
 
 import numba
@@ -42,61 +39,57 @@ from .resampling import resample
 
 SOURCE = Path(__file__).with_name('jpeg_region.c')
 MARGIN = 2  # decoded rows/columns beyond the sampled ones, where partial decoding may differ
+REBUILD = ('reinstall the package to build it (pip install -e . in a checkout, which make setup '
+           'does; it needs the libjpeg headers: apt-get install libjpeg-dev pkg-config)')
 
 
 class JpegLibraryError(RuntimeError):
-    """The C region decoder could not be built or loaded; the message says what is missing."""
+    """The C region decoder is not built or does not match its source; the message says what to
+    do."""
 
 
 def library_path() -> Path:
-    """Where the compiled ``jpeg_region.c`` lives: beside it, named by the source's hash (so an
-    edited source is rebuilt), or under ``~/.cache/imagenet_ffcv`` if the package is read-only."""
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
-    name = f'_jpeg_region-{digest}.so'
-    here = SOURCE.parent
-    if os.access(here, os.W_OK):
-        return here / name
-    return Path.home() / '.cache' / 'imagenet_ffcv' / name
+    """The region decoder built from ``jpeg_region.c`` at install time (setup.py): the
+    ``_jpeg_region`` library beside this module, for this Python's extension suffix first, else
+    any one (a copy brought to another machine, e.g. by ``make carry``). Raises JpegLibraryError
+    when there is none."""
+    here = Path(__file__).parent
+    candidates = [here / f'_jpeg_region{suffix}' for suffix in EXTENSION_SUFFIXES]
+    candidates += sorted(here.glob('_jpeg_region*.so'))
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise JpegLibraryError(f'the JPEG region decoder is not built (no _jpeg_region*.so in '
+                           f'{here}); {REBUILD}')
 
 
-def build_library() -> Path:
-    """Compile ``jpeg_region.c`` into a shared library if it is not built yet; returns its path.
-
-    Uses ``$CC`` (default ``cc``) and links libjpeg(-turbo) (``apt-get install libjpeg-dev``; ffcv
-    itself builds against libturbojpeg). The library is written to a temporary name and renamed,
-    so processes building at the same time (torchrun) never load a half-written file.
-    Raises JpegLibraryError naming the command and its error output on failure.
-    """
+def load_library() -> ctypes.CDLL:
+    """The region decoder library, loaded; JpegLibraryError when it is missing, cannot be
+    loaded, or was built from another version of ``jpeg_region.c`` than the one beside it."""
     path = library_path()
-    if path.exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    cc = os.environ.get('CC', 'cc')
-    if shutil.which(cc) is None:
-        raise JpegLibraryError(f'no C compiler ({cc}) to build {SOURCE.name}; install gcc')
-    fd, tmp = tempfile.mkstemp(suffix='.so', dir=path.parent)
-    os.close(fd)
-    cmd = [cc, '-O2', '-shared', '-fPIC', str(SOURCE), '-o', tmp, '-ljpeg', '-lpthread']
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0:
-        os.unlink(tmp)
-        raise JpegLibraryError(f'building {SOURCE.name} failed ({" ".join(cmd)}); install the '
-                               f'libjpeg headers (apt-get install libjpeg-dev):\n{result.stderr}')
-    os.replace(tmp, path)
-    return path
+    try:
+        lib = ctypes.CDLL(str(path))
+        built_from = lib.jpeg_region_source_sha256
+    except (OSError, AttributeError) as e:
+        raise JpegLibraryError(f'{path}: cannot be loaded ({e}); {REBUILD}') from None
+    built_from.restype = ctypes.c_char_p
+    if SOURCE.is_file() and built_from().decode() != hashlib.sha256(
+            SOURCE.read_bytes()).hexdigest():
+        raise JpegLibraryError(f'{path} was built from another version of {SOURCE}; {REBUILD}')
+    return lib
 
 
 _decode_region_c = None
 
 
 def region_decoder():
-    """The ctypes function ``decode_region`` of ``jpeg_region.c`` (built on first use), or None
-    with a warning if it cannot be built."""
+    """The ctypes function ``decode_region`` of the built ``jpeg_region.c``, or None with a
+    warning if it is not built (see :func:`load_library`)."""
     global _decode_region_c
     if _decode_region_c is None:
         try:
-            lib = ctypes.CDLL(str(build_library()))
-        except (JpegLibraryError, OSError) as e:
+            lib = load_library()
+        except JpegLibraryError as e:
             warnings.warn(f'{e}\nfalling back to decoding whole JPEGs with ffcv (slower)',
                           stacklevel=2)
             _decode_region_c = False
@@ -118,11 +111,11 @@ def decode_region(jpeg: np.ndarray, *, top: int, left: int, height: int, width: 
     Returns ``(pixels, first_column)``: uint8 (height, W', 3) RGB rows holding at least the asked
     columns, and the image column of their first one (libjpeg widens the crop to its block grid).
     Raises ValueError for a corrupt JPEG or a rectangle outside the image, JpegLibraryError if
-    the C part cannot be built. For tests and benchmarks; the decoders call it from numba.
+    the C part is not built. For tests and benchmarks; the decoders call it from numba.
     """
     fn = region_decoder()
     if fn is None:
-        raise JpegLibraryError(f'{SOURCE.name} is not built (see the warning above)')
+        raise JpegLibraryError(f'{SOURCE.name} is not built (see the warning above); {REBUILD}')
     jpeg = np.ascontiguousarray(jpeg, dtype=np.uint8)
     capacity = height * (left + width + 64) * 3
     out = np.empty(capacity, np.uint8)
@@ -282,7 +275,7 @@ class CropResizeDecoder(SimpleRGBImageDecoder):
                 buf = temp[slot]
                 code = read_region_c(data, buf, top, left, rows, cols, denom, info[k], height,
                                      width)
-                if code < 0:  # corrupt record (write_beton.py --verify finds it): zeros, and noted
+                if code < 0:  # corrupt record (imagenet-ffcv-write --verify finds it): zeros, and noted
                     destination[k][:] = 0
                     info[k, 0] = batch_indices[k]
                     memmove(corrupt_address, info[k].ctypes.data, 8)

@@ -2,10 +2,10 @@
 
 Launch lines::
 
-    python train_imagenet.py --config ...                                   # one process
-    torchrun --nproc_per_node=8 train_imagenet.py --config ...              # one node, 8 GPUs
+    imagenet-ffcv-train --config ...                                        # one process
+    torchrun --nproc_per_node=8 -m imagenet_ffcv.train --config ...         # one node, 8 GPUs
     torchrun --nnodes=2 --node-rank=0 --nproc_per_node=8 \\
-        --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 train_imagenet.py ... # node 0 of 2
+        --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 -m imagenet_ffcv.train ... # node 0 of 2
 """
 import os
 from datetime import timedelta
@@ -21,11 +21,13 @@ class DistInfo:
 
     rank: global rank, 0..world_size-1. local_rank: rank on this node (picks the GPU; the global rank
     is never taken for a GPU index). device: ``cuda:<local_rank>`` when CUDA is available, else cpu.
+    local_world_size: the processes of the job on this node.
     """
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
+    local_world_size: int = 1
 
     @property
     def is_primary(self) -> bool:
@@ -38,7 +40,8 @@ class DistInfo:
 
 
 def from_env(environ=None) -> DistInfo:
-    """Read RANK, WORLD_SIZE and LOCAL_RANK as set by torchrun; absent means one process.
+    """Read RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE as set by torchrun; absent means one
+    process.
 
     Raises ValueError naming the variable when one is set but not a non-negative integer.
     """
@@ -58,7 +61,20 @@ def from_env(environ=None) -> DistInfo:
     if rank >= world_size:
         raise ValueError(f'RANK={rank} is not below WORLD_SIZE={world_size}')
     device = torch.device(f'cuda:{local_rank}' if torch.cuda.is_available() else 'cpu')
-    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
+                    local_world_size=max(1, read('LOCAL_WORLD_SIZE', 1)))
+
+
+def loader_threads(num_workers, info: DistInfo) -> int:
+    """The loader threads of this process for ``data.num_workers``: an int as it is; 'auto': the
+    cores this process may use (``os.sched_getaffinity``, which follows taskset, cgroups' cpusets
+    and SLURM's binding) divided by the processes of the job on this node, less one for the
+    training loop itself, and at least 1."""
+    if num_workers != 'auto':
+        return int(num_workers)
+    cores = (len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
+             else os.cpu_count() or 1)
+    return max(1, cores // info.local_world_size - 1)
 
 
 def setup(info: DistInfo, timeout_s: float = 300) -> None:

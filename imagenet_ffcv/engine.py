@@ -56,7 +56,7 @@ def flip_tta_logits(model, x: torch.Tensor, flip_tta: bool = True) -> torch.Tens
     """Logits of ``model`` for images ``x`` (float (N, 3, H, W)): with ``flip_tta``, the mean of
     the logits of the images and of their left-right flips (test-time augmentation, as
     ffcv-imagenet's validation), else the logits of the images. The one rule shared by validation
-    and ``predict.py`` (which takes the softmax of these logits). Returns (N, classes)."""
+    and ``imagenet-ffcv-predict`` (which takes the softmax of these logits). Returns (N, classes)."""
     logits = model(x)
     if flip_tta:
         logits = (logits + model(torch.flip(x, dims=[3]))) / 2
@@ -162,7 +162,7 @@ def train_one_epoch(*, model, loader, optimizer, loss_fn, lr_at, epoch: int, amp
     Every ``check_every`` iterations, and at the last one, the ranks agree (one small all-reduce,
     which also syncs the device) on two things: a non-finite loss on any rank since the last check
     raises :class:`NonFiniteLossError`; ``stop_requested()`` true on any rank (a signal, see
-    ``checkpoint.StopRequest``; None: never) ends the epoch there, with ``'stopped'`` true; a
+    ``signals.StopRequest``; None: never) ends the epoch there, with ``'stopped'`` true; a
     message from ``corrupt_record()`` on any rank (a sample that did not decode, see
     ``loaders.Loader.corrupt_record``) raises :class:`CorruptRecordError`. Then, every
     ``checkpoint_every`` iterations (0: never) except the last, ``save_checkpoint(i + 1)`` is

@@ -1,5 +1,5 @@
 """Decoding any input image to RGB, and the shorter-side resize: what the writer stores and what
-``predict.py`` feeds the model (the way the validation loader prepares an image)."""
+``imagenet-ffcv-predict`` feeds the model (the way the validation loader prepares an image)."""
 import cv2
 import numpy as np
 import torch

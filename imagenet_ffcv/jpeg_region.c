@@ -6,8 +6,9 @@
  * boundary) are not transformed. Pixels two or more rows/columns inside the decoded rectangle equal
  * those of a full decode; the caller asks for a margin of 2 around what it samples.
  *
- * Built by imagenet_ffcv/decoders.py (cc -O2 -shared -fPIC jpeg_region.c -ljpeg) and called from
- * numba through ctypes. One decompressor per thread, kept for the thread's lifetime.
+ * Built at install time (setup.py: a setuptools Extension linked against libjpeg, found with
+ * pkg-config) and called from numba through ctypes (imagenet_ffcv/decoders.py). One decompressor
+ * per thread, kept for the thread's lifetime.
  */
 #include <stdio.h>
 #include <stdint.h>
@@ -15,6 +16,13 @@
 #include <setjmp.h>
 #include <pthread.h>
 #include <jpeglib.h>
+
+/* The SHA-256 of this file when it was built (setup.py defines it), so that a library older than
+ * its source is noticed (decoders.py compares). */
+#ifndef JPEG_REGION_SOURCE_SHA256
+#define JPEG_REGION_SOURCE_SHA256 "unknown"
+#endif
+const char *jpeg_region_source_sha256(void) { return JPEG_REGION_SOURCE_SHA256; }
 
 struct error_manager { struct jpeg_error_mgr pub; jmp_buf jump; };
 struct decoder { struct jpeg_decompress_struct cinfo; struct error_manager err; };

@@ -55,8 +55,10 @@ def _os_cache_reader(self):
     return Compiler.compile(read, _READ_ONLY_BYTES(numba.uint64, self.state_type))
 
 
-OSCacheManager.state_type = property(_os_cache_state_type)
-OSCacheManager.compile_reader = _os_cache_reader
+def _fix_os_cache_reader() -> None:
+    """Put the reader above in ffcv's OSCacheManager (once; done when a loader is made)."""
+    OSCacheManager.state_type = property(_os_cache_state_type)
+    OSCacheManager.compile_reader = _os_cache_reader
 
 
 def num_samples(beton_path) -> int:
@@ -99,6 +101,7 @@ class Loader(ffcv.loader.Loader):
     """
 
     def __init__(self, *args, decoder=None, **kwargs):
+        _fix_os_cache_reader()
         super().__init__(*args, **kwargs)
         self.decoder = decoder
         self._buffers = None  # (shapes key, ffcv's buffers) of the last epoch
@@ -141,7 +144,7 @@ class Loader(ffcv.loader.Loader):
         if index is None:
             return None
         return (f'{self.fname}: sample {index} does not decode (corrupt bytes in its image '
-                f'record); write_beton.py --verify {self.fname} lists every such record: write '
+                f'record); imagenet-ffcv-write --verify {self.fname} lists every such record: write '
                 f'the .beton again, or copy it again if the copy is to blame')
 
 

@@ -97,7 +97,7 @@ def model_complexity(model: torch.nn.Module, res: int) -> dict:
 
 
 def plot_log(log_path, png_path) -> None:
-    """Plot a run's ``log.jsonl`` (one JSON record per epoch, see train_imagenet.py) into a PNG of
+    """Plot a run's ``log.jsonl`` (one JSON record per epoch, see imagenet-ffcv-train) into a PNG of
     four panels against the epoch: train loss, validation top-1 (%), LR at the end of the epoch
     and training resolution (px). Epochs without validation leave gaps in the top-1 panel."""
     import matplotlib  # heavy, and only needed here

@@ -1,7 +1,7 @@
 """A run's folder, ``LOGGING_FOLDER/<run id>/``, and everything in it:
 
 - ``params.json``: the resolved config, with the code's git commit (written once, atomically);
-- ``classes.tsv``: the class list of the training .beton (for ``predict.py``);
+- ``classes.tsv``: the class list of the training .beton (for ``imagenet-ffcv-predict``);
 - ``log.jsonl``: one JSON record per epoch, appended; on resume, cut back to the checkpoint's epoch;
 - ``checkpoint.pt``: where the run stands (``checkpoint``); ``final_weights.pt`` and
   ``final_weights.safetensors`` once it finished;

@@ -1,5 +1,5 @@
 """Reading a .beton back without ffcv's JIT-compiled loader: every record's bounds, and every
-image decoded (``write_beton.py --verify``)."""
+image decoded (``imagenet-ffcv-write --verify``)."""
 import io
 from pathlib import Path
 
@@ -60,10 +60,10 @@ def check_beton(path) -> int:
     samples. Raises FileNotFoundError, or CorruptBetonError saying what is wrong and what to do."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f'{path}: .beton file not found; write it with write_beton.py')
+        raise FileNotFoundError(f'{path}: .beton file not found; write it with imagenet-ffcv-write')
     reader, images, _ = _open(path)
     if len(images) == 0:
-        raise CorruptBetonError(f'{path}: holds no samples; write it again with write_beton.py')
+        raise CorruptBetonError(f'{path}: holds no samples; write it again with imagenet-ffcv-write')
     alloc = reader.alloc_table
     table_ptr = int(reader.header['alloc_table_ptr'])
     table_bytes = path.stat().st_size - table_ptr
@@ -72,7 +72,7 @@ def check_beton(path) -> int:
             len(alloc) and int((alloc['ptr'] + alloc['size']).max()) > table_ptr):
         raise CorruptBetonError(f'{path}: truncated or damaged (its allocation table does not '
                                 f'cover its {len(images)} records); copy it again or write it '
-                                f'again with write_beton.py (--verify FILE checks a copy)')
+                                f'again with imagenet-ffcv-write (--verify FILE checks a copy)')
     return len(images)
 
 
@@ -85,7 +85,7 @@ def _open(path):
             raise CorruptBetonError(
                 f'{path}: truncated: {size} bytes, but its header places the allocation table at '
                 f'byte {header["alloc_table_ptr"]}; copy it again or write it again with '
-                f'write_beton.py')
+                f'imagenet-ffcv-write')
     try:
         reader = Reader(str(path))
         md = reader.metadata

@@ -65,11 +65,11 @@ def small_config(betons, folder, *extra):
 @pytest.fixture(scope='session')
 def short_run(sample_betons, tmp_path_factory):
     """A 6-epoch ResNet-18 run on the sample (32 -> 64 px): ``(summary, cfg)``."""
-    import train_imagenet
+    from imagenet_ffcv import train
     folder = tmp_path_factory.mktemp('runs')
     cfg = small_config(sample_betons, folder, '--training.epochs=6', '--resolution.min_res=32',
                        '--resolution.max_res=64', '--resolution.start_ramp=3',
                        '--resolution.end_ramp=5', '--lr.ref_batch_size=64',
                        '--lr.lr=0.05')  # 0.025 used: at 0.05 the loss rose too far after warm-up
-    summary = train_imagenet.main(cfg)
+    summary = train.main(cfg)
     return summary, cfg

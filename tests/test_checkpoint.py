@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from imagenet_ffcv import checkpoint, engine
+from imagenet_ffcv import checkpoint, engine, signals
 
 
 def test_save_replaces_atomically_and_a_failed_save_keeps_the_previous_file(tmp_path):
@@ -75,7 +75,7 @@ def test_rng_state_round_trip():
 
 def test_sigterm_sets_the_stop_flag_and_handlers_are_restored():
     before = signal.getsignal(signal.SIGTERM)
-    with checkpoint.StopRequest() as stop:
+    with signals.StopRequest() as stop:
         assert not stop
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop and stop.exit_code == 143 and stop.name == 'SIGTERM'

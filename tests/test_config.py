@@ -13,8 +13,8 @@ from imagenet_ffcv.config import ConfigError, load_config, to_dict
 REPO = Path(__file__).resolve().parents[1]
 # ffcv-imagenet's recipes; the classic ones (rn50_step_90_epochs, rn50_60pct_target) are tested in
 # test_recipes.py.
-RN50 = sorted((REPO / 'rn50_configs').glob('rn50_[0-9]*_epochs.yaml'))
-RN18 = sorted((REPO / 'rn18_configs').glob('rn18_[0-9]*_epochs.yaml'))
+RN50 = sorted((REPO / 'imagenet_ffcv' / 'configs' / 'rn50_configs').glob('rn50_[0-9]*_epochs.yaml'))
+RN18 = sorted((REPO / 'imagenet_ffcv' / 'configs' / 'rn18_configs').glob('rn18_[0-9]*_epochs.yaml'))
 DATA = ['--data.train_dataset=x', '--data.val_dataset=y']
 SECTIONS = {'data', 'model', 'resolution', 'lr', 'logging', 'validation', 'training', 'checkpoint',
             'dist'}
@@ -104,7 +104,7 @@ def test_recipe_loads_with_expected_values(path):
 
 def test_rn50_16_values():
     """rn50_16: resnet50, lr 1.7 for 4096, batch 512, ramp 11..13, wd 1e-4 (YAML '1e-4' -> float)."""
-    cfg = _load(REPO / 'rn50_configs' / 'rn50_16_epochs.yaml')
+    cfg = _load(REPO / 'imagenet_ffcv' / 'configs' / 'rn50_configs' / 'rn50_16_epochs.yaml')
     assert cfg.model.arch == 'resnet50'
     assert cfg.lr.lr == pytest.approx(1.7)
     assert cfg.lr.ref_batch_size == 4096
@@ -119,7 +119,7 @@ def test_rn50_16_values():
 
 def test_rn18_88_values():
     """rn18_88: lr 0.5 for 1024, wd 5e-5, ramp 65..76, 88 epochs."""
-    cfg = _load(REPO / 'rn18_configs' / 'rn18_88_epochs.yaml')
+    cfg = _load(REPO / 'imagenet_ffcv' / 'configs' / 'rn18_configs' / 'rn18_88_epochs.yaml')
     assert cfg.model.arch == 'resnet18'
     assert cfg.lr.lr == pytest.approx(0.5)
     assert cfg.lr.ref_batch_size == 1024
@@ -193,7 +193,7 @@ def test_bad_choice_raises_naming_key():
 def test_missing_required_key_raises_naming_it():
     """Without data.train_dataset the error names it as required, and only it."""
     with pytest.raises(ConfigError) as info:
-        load_config(['--config', str(REPO / 'rn18_configs' / 'rn18_16_epochs.yaml'),
+        load_config(['--config', str(REPO / 'imagenet_ffcv' / 'configs' / 'rn18_configs' / 'rn18_16_epochs.yaml'),
                      '--data.val_dataset=y'])
     msg = str(info.value)
     assert 'data.train_dataset' in msg and 'required' in msg
@@ -208,16 +208,16 @@ def test_missing_config_file_raises_file_not_found(tmp_path):
 
 def test_cli_override_beats_file():
     """--training.epochs=3 wins over the file's 16, and arrives as an int."""
-    cfg = _load(REPO / 'rn50_configs' / 'rn50_16_epochs.yaml', '--training.epochs=3')
+    cfg = _load(REPO / 'imagenet_ffcv' / 'configs' / 'rn50_configs' / 'rn50_16_epochs.yaml', '--training.epochs=3')
     assert cfg.training.epochs == 3 and isinstance(cfg.training.epochs, int)
-    cfg = _load(REPO / 'rn50_configs' / 'rn50_16_epochs.yaml', '--lr.lr=0.8')
+    cfg = _load(REPO / 'imagenet_ffcv' / 'configs' / 'rn50_configs' / 'rn50_16_epochs.yaml', '--lr.lr=0.8')
     assert cfg.lr.lr == pytest.approx(0.8)
 
 
 def test_later_config_file_wins(tmp_path):
     """A second --config overrides the first for the keys it sets, the rest is kept."""
     extra = _write(tmp_path, 'training:\n  epochs: 5\n', 'extra.yaml')
-    cfg = load_config(['--config', str(REPO / 'rn50_configs' / 'rn50_16_epochs.yaml'),
+    cfg = load_config(['--config', str(REPO / 'imagenet_ffcv' / 'configs' / 'rn50_configs' / 'rn50_16_epochs.yaml'),
                        '--config', str(extra), *DATA])
     assert cfg.training.epochs == 5
     assert cfg.model.arch == 'resnet50' and cfg.lr.lr == pytest.approx(1.7)
@@ -232,7 +232,7 @@ def test_defaults_without_file():
 
 def test_to_dict_round_trip(tmp_path):
     """to_dict gives {'section': {...}} with every section; written back as YAML it loads the same."""
-    cfg = _load(REPO / 'rn18_configs' / 'rn18_88_epochs.yaml', '--training.epochs=3')
+    cfg = _load(REPO / 'imagenet_ffcv' / 'configs' / 'rn18_configs' / 'rn18_88_epochs.yaml', '--training.epochs=3')
     d = to_dict(cfg)
     assert set(d) == SECTIONS
     assert d['training']['epochs'] == 3
@@ -317,13 +317,13 @@ def test_shipped_configs_resolve_as_before_the_training_options():
 
 def test_ema_cosine_recipe_is_the_88_epoch_recipe_with_ema_and_cosine():
     from imagenet_ffcv.config import flatten
-    base = flatten(to_dict(_load(REPO / 'rn50_configs' / 'rn50_88_epochs.yaml')))
-    ema = flatten(to_dict(_load(REPO / 'rn50_configs' / 'rn50_88_epochs_ema_cosine.yaml')))
+    base = flatten(to_dict(_load(REPO / 'imagenet_ffcv' / 'configs' / 'rn50_configs' / 'rn50_88_epochs.yaml')))
+    ema = flatten(to_dict(_load(REPO / 'imagenet_ffcv' / 'configs' / 'rn50_configs' / 'rn50_88_epochs_ema_cosine.yaml')))
     changed = {k: ema[k] for k in base if base[k] != ema[k]}
     assert changed == {'lr.lr_schedule_type': 'cosine', 'lr.warmup_epochs': 2.0,
                        'training.ema_decay': 0.9965, 'training.ema_every': 4,
                        'checkpoint.keep_best': 1}
-    text = (REPO / 'rn50_configs' / 'rn50_88_epochs_ema_cosine.yaml').read_text()
+    text = (REPO / 'imagenet_ffcv' / 'configs' / 'rn50_configs' / 'rn50_88_epochs_ema_cosine.yaml').read_text()
     assert 'NOT been measured' in text
 
 

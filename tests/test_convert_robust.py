@@ -10,9 +10,8 @@ import pytest
 from PIL import Image, ImageFile, ImageOps
 
 from conftest import PYTHON, REPO, SAMPLE, run_env
-from imagenet_ffcv import images, loaders, sources, verify, writer
+from imagenet_ffcv import images, loaders, sources, verify, write, writer
 from imagenet_ffcv.classes import class_list_path, write_class_list
-import write_beton
 
 
 def sample_images(n):
@@ -167,12 +166,12 @@ def test_cli_skips_by_default_and_strict_fails(tmp_path, capsys):
     out = tmp_path / 'b' / 'train_32.beton'
     args = ['--data-dir', str(root), '--split', 'train', '--max-res', '32', '--out', str(out),
             '--num-workers', '1']
-    assert write_beton.cli(args + ['--strict']) != 0
+    assert write.cli(args + ['--strict']) != 0
     err = capsys.readouterr().err
     assert 'zero.JPEG' in err and 'Traceback' not in err
     assert not out.exists()
     assert [p.name for p in out.parent.iterdir()] == []
-    assert write_beton.cli(args) == 0
+    assert write.cli(args) == 0
     captured = capsys.readouterr()
     assert '4 images, 2 classes, 1 skipped' in captured.out
     assert 'train_32.skipped.tsv' in captured.out and 'zero.JPEG' not in captured.out
@@ -211,10 +210,10 @@ def test_verify(tmp_path, capsys):
         (root / 'train' / f'n0{i % 3}').mkdir(parents=True, exist_ok=True)
         Image.open(src).resize((100 + 20 * i, 90)).save(root / 'train' / f'n0{i % 3}' / f'{i}.JPEG')
     out = tmp_path / 'v.beton'
-    assert write_beton.cli(['--data-dir', str(root), '--split', 'train', '--max-res', '64',
+    assert write.cli(['--data-dir', str(root), '--split', 'train', '--max-res', '64',
                             '--out', str(out), '--num-workers', '1']) == 0
     capsys.readouterr()
-    assert write_beton.cli(['--verify', str(out)]) == 0
+    assert write.cli(['--verify', str(out)]) == 0
     text = capsys.readouterr().out
     assert '6 images, 3 classes' in text and '(6 JPEG, 0 raw)' in text
     assert '0/n00: 2, 1/n01: 2, 2/n02: 2' in text and '64-127: 6' in text and 'OK' in text
@@ -229,20 +228,20 @@ def test_verify(tmp_path, capsys):
     blob[ptr:ptr + 40] = b'\x00' * 40  # wipes the JPEG's SOI marker and header
     broken = tmp_path / 'broken.beton'
     broken.write_bytes(bytes(blob))
-    assert write_beton.cli(['--verify', str(broken)]) == 1
+    assert write.cli(['--verify', str(broken)]) == 1
     err = capsys.readouterr().err
     assert 'record 3' in err and '1 problem' in err and 'Traceback' not in err
 
     for n in (30, 2000):  # truncated: in the header, or before the end of the data
         cut = tmp_path / f'cut{n}.beton'
         cut.write_bytes(out.read_bytes()[:n])
-        assert write_beton.cli(['--verify', str(cut)]) == 1
+        assert write.cli(['--verify', str(cut)]) == 1
         err = capsys.readouterr().err
         assert str(cut) in err and 'Traceback' not in err
     cut = tmp_path / 'cut_end.beton'
     cut.write_bytes(out.read_bytes()[:int(md['f0']['data_ptr'].max()) + 10])
-    assert write_beton.cli(['--verify', str(cut)]) == 1
-    assert write_beton.cli(['--verify', str(tmp_path / 'missing.beton')]) == 1
+    assert write.cli(['--verify', str(cut)]) == 1
+    assert write.cli(['--verify', str(tmp_path / 'missing.beton')]) == 1
     assert 'missing.beton' in capsys.readouterr().err
 
 
@@ -262,14 +261,14 @@ def test_not_enough_disk_space(tmp_path, monkeypatch, capsys):
     out = tmp_path / 'o' / 'train.beton'
     out.parent.mkdir()
     out.write_bytes(b'previous')
-    assert write_beton.cli(['--data-dir', str(root), '--split', 'train', '--out', str(out),
+    assert write.cli(['--data-dir', str(root), '--split', 'train', '--out', str(out),
                             '--write-mode', 'raw', '--num-workers', '1']) == 1
     err = capsys.readouterr().err
     assert 'GB free' in err and str(out.parent) in err and 'Traceback' not in err
     assert out.read_bytes() == b'previous'
     assert sorted(p.name for p in out.parent.iterdir()) == ['train.beton']
     monkeypatch.setattr(shutil, 'disk_usage', lambda p: usage(10 ** 12, 0, 10 ** 12))
-    assert write_beton.cli(['--data-dir', str(root), '--split', 'train', '--out', str(out),
+    assert write.cli(['--data-dir', str(root), '--split', 'train', '--out', str(out),
                             '--write-mode', 'raw', '--num-workers', '1']) == 0
     assert loaders.num_samples(out) == 5
 
@@ -419,7 +418,7 @@ def test_layouts_detected_and_give_identical_betons(three_layouts, tmp_path):
             out = tmp_path / layout / f'{split}.beton'
             args = ['--data-dir', str(root), '--split', split, '--max-res', '32', '--out',
                     str(out), '--num-workers', '1', '--write-mode', 'raw']
-            assert write_beton.cli(args if layout == 'folders' else args + ['--layout', layout]) == 0
+            assert write.cli(args if layout == 'folders' else args + ['--layout', layout]) == 0
             images, labels = stored_raw_images(out)
             results[layout] = (labels, [img.tobytes() for img in images],
                                class_list_path(out).read_text())
@@ -498,7 +497,7 @@ def test_symlinked_class_folders_and_looping_links_are_refused_or_reported(tmp_p
     (root / 'train' / 'n03').symlink_to(root / 'train' / 'n01')  # one class folder twice
     with pytest.raises(ValueError, match='class folders n01 and n03 are the same folder'):
         sources.list_samples(root / 'train', ['n01', 'n02', 'n03'])
-    assert write_beton.cli(['--data-dir', str(root), '--split', 'train']) == 1
+    assert write.cli(['--data-dir', str(root), '--split', 'train']) == 1
     assert 'are the same folder' in capsys.readouterr().err
 
 
@@ -507,7 +506,7 @@ def test_out_inside_the_input_tree_is_refused(tmp_path, capsys):
     root = tmp_path / 'data'
     shutil.copytree(SAMPLE / 'val', root / 'train')
     out = root / 'train' / 'betons' / 'train.beton'
-    assert write_beton.cli(['--data-dir', str(root), '--split', 'train', '--out', str(out)]) == 1
+    assert write.cli(['--data-dir', str(root), '--split', 'train', '--out', str(out)]) == 1
     assert 'is inside the input folder' in capsys.readouterr().err
     assert not out.parent.exists()
 
@@ -519,7 +518,7 @@ def test_an_unwritable_output_folder_is_a_clear_error_before_any_work(tmp_path, 
     if subprocess.run(['chattr', '+i', str(folder)], capture_output=True).returncode != 0:
         pytest.skip('chattr +i is not available on this filesystem')
     try:
-        code = write_beton.cli(['--data-dir', str(SAMPLE), '--split', 'val', '--max-res', '32',
+        code = write.cli(['--data-dir', str(SAMPLE), '--split', 'val', '--max-res', '32',
                                 '--out', str(folder / 'val.beton'), '--num-workers', '1'])
     finally:
         subprocess.run(['chattr', '-i', str(folder)])

@@ -22,10 +22,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import predict
-import train_imagenet
 from conftest import REPO, SAMPLE, small_config
-from imagenet_ffcv import checkpoint, config, constants, engine, loaders, models
+from imagenet_ffcv import (checkpoint, config, constants, engine, loaders, models, predict,
+                           train)
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')]
@@ -298,7 +297,7 @@ def test_a_run_with_the_training_options_on_cuda(sample_betons, tmp_path):
                        '--training.mixup_alpha=0.2', '--training.cutmix_alpha=1.0',
                        '--checkpoint.keep_best=1', f'--logging.tensorboard={int(TENSORBOARD)}',
                        '--logging.every_iters=4')
-    summary = train_imagenet.main(cfg)
+    summary = train.main(cfg)
     run_dir = Path(summary['run_dir'])
     for name in ('final_weights.pt', 'final_weights_ema.pt', 'best_weights.pt'):
         state = torch.load(run_dir / name, weights_only=True)
@@ -319,7 +318,7 @@ def run_config(sample_betons, folder):
 def cuda_run(sample_betons, tmp_path_factory):
     """The run of :func:`run_config` on CUDA (bf16 where the GPU has it): ``(summary, cfg)``."""
     cfg = run_config(sample_betons, tmp_path_factory.mktemp('cuda_runs'))
-    summary = train_imagenet.main(cfg)
+    summary = train.main(cfg)
     assert summary['epochs'] == 1, 'the 1 % top-1 target was not met after one epoch'
     return summary, cfg
 
@@ -343,7 +342,7 @@ def test_a_checkpoint_written_on_cpu_resumes_on_cuda(sample_betons, tmp_path):
     run_on_cpu(cli_args(cfg))
     [ckpt] = (tmp_path / 'runs').glob('*/checkpoint.pt')
     assert checkpoint.load(ckpt)['config']['derived']['device'] == 'cpu'
-    summary = train_imagenet.main(config.load_config(cli_args(
+    summary = train.main(config.load_config(cli_args(
         cfg, **{'training.target_top1': 0.0, 'checkpoint.resume': ckpt})))
     assert Path(summary['run_dir']) == ckpt.parent and log_epochs(ckpt.parent) == [0, 1]
     resumed = checkpoint.load(ckpt)
@@ -377,7 +376,7 @@ def test_eval_only_on_cuda_gives_the_cpu_top1(cuda_run, sample_betons, tmp_path)
     that error (and one more)."""
     summary, cfg = cuda_run
     weights = Path(summary['run_dir']) / 'final_weights.pt'
-    on_cuda = train_imagenet.main(config.load_config(cli_args(
+    on_cuda = train.main(config.load_config(cli_args(
         cfg, **{'training.eval_only': 1, 'model.weights': weights,
                 'training.target_top1': 0.0, 'logging.folder': tmp_path})))
     cpu, cuda, labels = logits_on_both(weights, sample_betons['val'], cfg.validation.resolution)

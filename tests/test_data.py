@@ -316,11 +316,11 @@ def empty_beton(beton, out):
 
 
 def test_a_batch_larger_than_the_dataset_or_no_loader_thread_is_refused(sample_betons, tmp_path):
-    import train_imagenet
+    from imagenet_ffcv import train
     from conftest import small_config
     from imagenet_ffcv.config import ConfigError
     with pytest.raises(ConfigError, match='more than the 340 images'):
-        train_imagenet.main(small_config(sample_betons, tmp_path, '--training.batch_size=512'))
+        train.main(small_config(sample_betons, tmp_path, '--training.batch_size=512'))
     with pytest.raises(ConfigError, match='data.num_workers=0 must be >= 1'):
         small_config(sample_betons, tmp_path, '--data.num_workers=0')
     assert list(tmp_path.iterdir()) == []  # no run folder for a run that cannot start

@@ -11,9 +11,7 @@ import torchvision
 from PIL import Image
 
 from conftest import REPO, SAMPLE, run_env, small_config
-import predict
-import train_imagenet
-from imagenet_ffcv import engine, metrics, sources
+from imagenet_ffcv import engine, metrics, predict, sources, train
 from imagenet_ffcv.classes import read_class_names
 
 
@@ -26,7 +24,7 @@ def eval_config(sample_betons, tmp_path, weights):
 def test_eval_only_gives_the_logged_top1_and_top5(short_run, sample_betons, tmp_path, name):
     summary, cfg = short_run
     weights = Path(summary['run_dir']) / name
-    result = train_imagenet.main(eval_config(sample_betons, tmp_path, weights))
+    result = train.main(eval_config(sample_betons, tmp_path, weights))
     assert result['val_count'] == 100
     assert (result['top_1'], result['top_5']) == (summary['top_1'], summary['top_5'])
     assert result['val_loss'] == pytest.approx(summary['val_loss'], rel=1e-6)
@@ -36,13 +34,13 @@ def test_eval_only_gives_the_logged_top1_and_top5(short_run, sample_betons, tmp_
 def test_eval_only_names_missing_or_unfitting_weights(short_run, sample_betons, tmp_path):
     from imagenet_ffcv import checkpoint, config
     with pytest.raises(checkpoint.CheckpointError, match='nope.pt: no such weights file'):
-        train_imagenet.main(eval_config(sample_betons, tmp_path, tmp_path / 'nope.pt'))
+        train.main(eval_config(sample_betons, tmp_path, tmp_path / 'nope.pt'))
     with pytest.raises(config.ConfigError, match='needs model.weights'):
         small_config(sample_betons, tmp_path, '--training.eval_only=1')
     other = tmp_path / 'resnet34.pt'
     torch.save(torchvision.models.resnet34(num_classes=10).state_dict(), other)
     with pytest.raises(checkpoint.CheckpointError, match='do not fit resnet18 with 10 classes'):
-        train_imagenet.main(eval_config(sample_betons, tmp_path, other))
+        train.main(eval_config(sample_betons, tmp_path, other))
 
 
 def test_model_complexity_counts_resnet50_as_torchvision_lists_it():
@@ -151,10 +149,10 @@ def test_a_weights_file_that_would_run_code_is_refused_by_predict_eval_and_resum
     from imagenet_ffcv import checkpoint
     path, marker = hostile_file(tmp_path, 'checkpoint.pt')
     image = sorted((SAMPLE / 'val').glob('*/*.JPEG'))[0]
-    assert predict.main([str(image), '--weights', str(path)]) == 1
+    assert predict.cli([str(image), '--weights', str(path)]) == 1
     assert 'checkpoint.pt: refused' in capsys.readouterr().err
     with pytest.raises(checkpoint.CheckpointError, match='checkpoint.pt: refused'):
-        train_imagenet.main(eval_config(sample_betons, tmp_path / 'runs', path))
+        train.main(eval_config(sample_betons, tmp_path / 'runs', path))
     with pytest.raises(checkpoint.CheckpointError, match='checkpoint.pt: refused'):
-        train_imagenet.main(small_config(sample_betons, tmp_path / 'runs', f'--resume={path}'))
+        train.main(small_config(sample_betons, tmp_path / 'runs', f'--resume={path}'))
     assert not marker.exists()

@@ -5,9 +5,8 @@ import pytest
 import torch
 from torch import nn
 
-import train_imagenet
 from conftest import small_config
-from imagenet_ffcv import checkpoint, distributed, engine
+from imagenet_ffcv import checkpoint, distributed, engine, train
 from imagenet_ffcv.run_dir import RunDir
 
 
@@ -68,23 +67,23 @@ def test_fp16_overflow_skips_the_step_and_halves_the_scale():
 def test_the_loss_scaler_is_saved_in_the_checkpoint_and_restored(sample_betons, tmp_path):
     cfg = small_config(sample_betons, tmp_path, '--training.amp=fp16')
     dist = distributed.from_env({})
-    run = train_imagenet.build(cfg, dist, wall_start=0.0)
+    run = train.build(cfg, dist, wall_start=0.0)
     assert run.precision.name == 'fp16' and run.scaler is not None
     assert run.resolved['derived']['amp'] == 'fp16' and run.resolved['training']['amp'] == 'fp16'
     run.scaler.scale(torch.ones(()))  # the scaler's state starts at its first use
     run.scaler.update(new_scale=1024.0)  # a state a fresh scaler would not have
     run.run_dir = RunDir.create(tmp_path, params=run.resolved)
-    train_imagenet.save_checkpoint(run, 1, 0)
+    train.save_checkpoint(run, 1, 0)
     saved = checkpoint.load(run.run_dir.checkpoint)
     assert saved['scaler']['scale'] == 1024.0
 
-    again = train_imagenet.build(cfg, dist, wall_start=0.0)
+    again = train.build(cfg, dist, wall_start=0.0)
     assert again.scaler.get_scale() == 65536.0
-    train_imagenet.restore(again, saved, run.run_dir.checkpoint)
+    train.restore(again, saved, run.run_dir.checkpoint)
     assert again.scaler.get_scale() == 1024.0 and again.progress.epoch == 1
 
     # Without loss scaling (bf16, fp32) the checkpoint has no scaler entry.
-    plain = train_imagenet.build(small_config(sample_betons, tmp_path), dist, wall_start=0.0)
+    plain = train.build(small_config(sample_betons, tmp_path), dist, wall_start=0.0)
     plain.run_dir = run.run_dir
-    train_imagenet.save_checkpoint(plain, 1, 0)
+    train.save_checkpoint(plain, 1, 0)
     assert 'scaler' not in checkpoint.load(run.run_dir.checkpoint)

@@ -6,8 +6,7 @@ import pytest
 import torch
 
 from conftest import REPO
-import train_imagenet
-from imagenet_ffcv import config, engine, metrics, models, schedules
+from imagenet_ffcv import config, engine, metrics, models, schedules, train
 
 
 def test_poly_lr_values():
@@ -115,7 +114,7 @@ def test_stop_at_target_top1_with_ten_crop_and_error_rates(sample_betons, tmp_pa
         '--resolution.min_res=32', '--resolution.max_res=32', '--lr.lr=0.1',
         '--lr.lr_schedule_type=poly', '--lr.warmup_epochs=1', '--training.epochs=4',
         f'--training.target_top1={target}', '--validation.ten_crop=1'])
-    summary = train_imagenet.main(cfg)
+    summary = train.main(cfg)
     log = [json.loads(line) for line in open(f'{summary["run_dir"]}/log.jsonl')]
     tops = [r['top_1'] for r in log]
     first = next((i for i, t in enumerate(tops) if t >= target), None)
@@ -134,12 +133,12 @@ def test_stop_at_target_top1_with_ten_crop_and_error_rates(sample_betons, tmp_pa
 
 def test_classic_recipe_configs_load():
     base = ['--data.train_dataset=x', '--data.val_dataset=y']
-    step = config.load_config(['--config', str(REPO / 'rn50_configs/rn50_step_90_epochs.yaml')] + base)
+    step = config.load_config(['--config', str(REPO / 'imagenet_ffcv/configs/rn50_configs/rn50_step_90_epochs.yaml')] + base)
     assert (step.lr.lr, step.lr.ref_batch_size, step.training.weight_decay) == (0.1, 256, 1e-4)
     lr = lambda t: schedules.lr_at(t, schedule=step.lr.lr_schedule_type, lr=step.lr.lr,  # noqa
                                    epochs=step.training.epochs, step_ratio=step.lr.step_ratio,
                                    step_fractions=schedules.parse_fractions(step.lr.step_fractions))
     assert [lr(t) for t in (29.5, 30.5, 60.5)] == pytest.approx([0.1, 0.01, 0.001])
     assert step.resolution.min_res == step.resolution.max_res == 224
-    target = config.load_config(['--config', str(REPO / 'rn50_configs/rn50_60pct_target.yaml')] + base)
+    target = config.load_config(['--config', str(REPO / 'imagenet_ffcv/configs/rn50_configs/rn50_60pct_target.yaml')] + base)
     assert target.training.target_top1 == 0.6 and target.model.arch == 'resnet50'

@@ -16,8 +16,7 @@ import pytest
 import torch
 
 from conftest import REPO, run_env, small_config
-import train_imagenet
-from imagenet_ffcv import checkpoint
+from imagenet_ffcv import checkpoint, train
 
 EPOCHS = 4  # at 32, 32, 64, 64 px: the kill falls in epoch 2, the first at 64 px
 RUN = ['--training.epochs=4', '--lr.lr=0.05', '--lr.lr_peak_epoch=1', '--logging.log_level=0',
@@ -55,7 +54,7 @@ def log_of(run_dir):
 @pytest.fixture(scope='module')
 def uninterrupted(sample_betons, tmp_path_factory):
     folder = tmp_path_factory.mktemp('uninterrupted')
-    summary = train_imagenet.main(small_config(sample_betons, folder, *RUN))
+    summary = train.main(small_config(sample_betons, folder, *RUN))
     return summary, log_of(folder / os.listdir(folder)[0])
 
 
@@ -121,7 +120,7 @@ def test_resuming_with_a_different_schedule_is_refused_unless_forced(sample_beto
     cfg = small_config(sample_betons, tmp_path, *RUN, '--training.epochs=20', '--lr.lr=0.1',
                        f'--resume={run_dir / "checkpoint.pt"}')
     with pytest.raises(checkpoint.CheckpointError) as info:
-        train_imagenet.main(cfg)
+        train.main(cfg)
     message = str(info.value)
     assert 'training.epochs: 4 -> 20' in message and 'lr.lr: 0.05 -> 0.1' in message
     assert 'checkpoint.force=1' in message

@@ -102,3 +102,42 @@ def test_readme_shows_make_demo_and_make_test():
     first_commands = [line.split('#')[0].strip() for line in lines[:6]]
     assert 'make demo' in first_commands  # among the README's first lines
     assert 'make test' in first_commands
+
+
+def _pyproject() -> dict:
+    import tomllib
+    return tomllib.loads((REPO / 'pyproject.toml').read_text())
+
+
+def test_pyproject_ranges_admit_the_exact_pins():
+    """Every dependency of pyproject.toml (and of its timm/wandb/tensorboard/test extras) is pinned
+    in requirements.txt or requirements-extras.txt, and the pin satisfies the package's range:
+    `pip install -e .` after `pip install -r requirements.txt` changes nothing."""
+    from packaging.requirements import Requirement
+    project = _pyproject()['project']
+    pins = {**_requirements(), **_requirements('requirements-extras.txt')}
+    extras = project['optional-dependencies']
+    wanted = project['dependencies'] + [r for name in ('timm', 'wandb', 'tensorboard', 'test')
+                                        for r in extras[name]]
+    for line in wanted:
+        req = Requirement(line)
+        name = _norm(req.name)
+        assert name in pins, f'{req.name} has no exact pin'
+        assert req.specifier.contains(pins[name], prereleases=True), (line, pins[name])
+    # and nothing pinned for the package itself is missing from pyproject.toml but pytest
+    named = {_norm(Requirement(r).name) for r in wanted}
+    assert set(_requirements()) - named == set()
+
+
+def test_the_commands_and_the_license_are_declared():
+    """The three console scripts point at the package's cli functions; the licence is
+    Apache-2.0 with its text in LICENSE."""
+    import importlib
+    project = _pyproject()['project']
+    for script, target in project['scripts'].items():
+        module, function = target.split(':')
+        assert callable(getattr(importlib.import_module(module), function)), script
+    assert set(project['scripts']) == {'imagenet-ffcv-write', 'imagenet-ffcv-train',
+                                       'imagenet-ffcv-predict'}
+    assert project['license'] == 'Apache-2.0'
+    assert 'Apache License' in (REPO / 'LICENSE').read_text()[:200]

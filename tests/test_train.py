@@ -8,8 +8,7 @@ import torch
 import torchvision
 
 from conftest import REPO, run_env
-import train_imagenet
-from imagenet_ffcv import config, engine, loaders, models
+from imagenet_ffcv import config, engine, loaders, models, train
 from imagenet_ffcv.classes import class_list_path, read_class_list, write_class_list
 
 

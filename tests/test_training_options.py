@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-import train_imagenet
 from conftest import small_config
-from imagenet_ffcv import checkpoint, distributed, engine, models, optimizers, schedules
+from imagenet_ffcv import (checkpoint, distributed, engine, models, optimizers, schedules,
+                           train)
 from imagenet_ffcv.ema import make_ema
 from imagenet_ffcv.mixup import batch_mixer
 from imagenet_ffcv.optional import MissingPackageError
@@ -205,7 +205,7 @@ OPTIONS = ['--training.epochs=3', '--resolution.min_res=32', '--resolution.max_r
 def options_run(sample_betons, tmp_path_factory):
     """3 epochs of ResNet-18 on the sample (10 iterations each) with every stateful option on."""
     folder = tmp_path_factory.mktemp('options')
-    summary = train_imagenet.main(small_config(sample_betons, folder, *OPTIONS))
+    summary = train.main(small_config(sample_betons, folder, *OPTIONS))
     run_dir = Path(summary['run_dir'])
     return summary, run_dir, [json.loads(line) for line in open(run_dir / 'log.jsonl')]
 
@@ -230,7 +230,7 @@ def test_keep_best_holds_the_weights_of_the_best_epoch(options_run, sample_beton
     summary, run_dir, log = options_run
     best = max(range(len(log)), key=lambda e: (log[e]['top_1'], -e))
     assert (summary['best_epoch'], summary['best_top1']) == (best, log[best]['top_1'])
-    result = train_imagenet.main(small_config(
+    result = train.main(small_config(
         sample_betons, tmp_path, '--training.eval_only=1',
         f'--model.weights={run_dir / "best_weights.pt"}'))
     assert result['top_1'] == log[best]['top_1']
@@ -257,11 +257,11 @@ def test_resume_with_every_option_ends_like_the_uninterrupted_run(options_run, s
     order (a function of the seed: crops.py) all continue, so the weights, the EMA and the best
     weights end bit for bit as the uninterrupted run's, each epoch logged once."""
     summary, run_dir, log = options_run
-    first = train_imagenet.main(small_config(sample_betons, tmp_path, *OPTIONS,
+    first = train.main(small_config(sample_betons, tmp_path, *OPTIONS,
                                              '--training.target_top1=0.001'))
     assert first['target_reached_epoch'] == 0
     saved = Path(first['run_dir']) / 'checkpoint.pt'
-    resumed = train_imagenet.main(small_config(sample_betons, tmp_path, *OPTIONS,
+    resumed = train.main(small_config(sample_betons, tmp_path, *OPTIONS,
                                                f'--resume={saved}'))
     for name in ('final_weights.pt', 'final_weights_ema.pt', 'best_weights.pt'):
         got = torch.load(Path(resumed['run_dir']) / name, weights_only=True)
@@ -287,7 +287,7 @@ def test_training_compile_wraps_the_model_and_checkpoints_keep_torchvision_keys(
     """training.compile=1: the trained module is torch.compile's wrapper of the plain model (the
     compilation itself, lazy, is tested in test_models.py); what is saved has torchvision's keys."""
     cfg = small_config(sample_betons, tmp_path, '--training.compile=1')
-    run = train_imagenet.build(cfg, distributed.from_env(), 0.0)
+    run = train.build(cfg, distributed.from_env(), 0.0)
     assert run.model is not run.model_without_ddp
     assert run.model._orig_mod is run.model_without_ddp
     assert list(models.unwrapped_state_dict(run.model)) == \
@@ -299,5 +299,5 @@ def test_wandb_asked_for_but_missing_stops_before_any_work(sample_betons, tmp_pa
     cfg = small_config(sample_betons, tmp_path, '--logging.wandb_project=imagenet')
     with pytest.raises(MissingPackageError, match=r"logging.wandb_project='imagenet' needs the "
                                                   r"package 'wandb'.*requirements-extras"):
-        train_imagenet.main(cfg)
+        train.main(cfg)
     assert list(tmp_path.iterdir()) == []  # no run folder

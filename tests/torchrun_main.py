@@ -1,4 +1,4 @@
-"""Runs train_imagenet.main in this process (alone, or as one rank under torchrun) for the tests
+"""Runs train.main in this process (alone, or as one rank under torchrun) for the tests
 that stop or kill a run: writes this rank's process id to OUT_DIR/pid<RANK> when it starts and its
 summary (weights hash, val count, top-1) to OUT_DIR/rank<RANK>.json at the end, and exits with the
 run's exit code.
@@ -49,6 +49,6 @@ if __name__ == '__main__':
         name, epoch, step, signal_rank = args.pop(0).split('=', 1)[1].split(':')
         if rank == signal_rank and os.environ.get('TORCHELASTIC_RESTART_COUNT', '0') == '0':
             signal_at(name, int(epoch), int(step))
-    summary = train_imagenet.main(config.load_config(args))
+    summary = train.main(config.load_config(args))
     (out_dir / f'rank{rank}.json').write_text(json.dumps(summary))
     sys.exit(summary.get('exit_code', 0))

@@ -1,0 +1,140 @@
+"""The config schema: every section and key of the trainer's configuration, with its type,
+default and meaning (ffcv-imagenet's sections and keys, plus ours). Read by ``config`` (parsing,
+``--help``) and rendered as docs/configuration.md (``python -m imagenet_ffcv.config --markdown``).
+"""
+from fastargs import Param, Section
+from fastargs.validation import And, Int, OneOf, Or
+
+from . import schedules
+from .optimizers import OPTIMIZERS
+
+
+def declare(config) -> None:
+    """Declare every section and key on ``config`` (a fresh ``fastargs.Config``)."""
+    def section(name, desc, **params):
+        Section(name, desc, config_descriptor=config).params(**params)
+
+    _data_and_model_sections(section)
+    _training_sections(section)
+
+
+def _data_and_model_sections(section) -> None:
+    section('data', 'datasets and loading',
+            train_dataset=Param(str, 'training .beton file', required=True),
+            val_dataset=Param(str, 'validation .beton file', required=True),
+            num_workers=Param(Or(Int(), OneOf(['auto'])),
+                              "loader threads per process; 'auto': the cores this process may "
+                              'use, divided by the processes on this node (torchrun), less one '
+                              'for the training loop itself (at least 1)', default='auto'),
+            in_memory=Param(int, "ffcv's os_cache (ffcv-imagenet's name): 1: memory-map the "
+                                 'file and share the OS page cache (data fits in RAM); 0: '
+                                 "ffcv's own process cache with prefetch", default=1),
+            min_crop_scale=Param(float, 'random-resized crop: smallest crop area as a fraction '
+                                        'of the image (torchvision: 0.08)', default=0.08),
+            flip_prob=Param(float, 'probability of the left-right flip of training images',
+                            default=0.5),
+            decoder=Param(OneOf(['fused', 'fused_aa', 'ffcv']),
+                          "image decoder: 'fused' (ours: region decode + bilinear), 'fused_aa' "
+                          "(ours, antialiased for every shrink) or 'ffcv' (ffcv's stock decoders, "
+                          'INTER_AREA resize, as ffcv-imagenet)', default='fused'),
+            gpu=Param(int, 'ignored (kept so ffcv-imagenet configs load): the device is '
+                           'cuda:LOCAL_RANK', default=0))
+    section('model', 'network',
+            arch=Param(str, "torchvision classification model name, or 'timm:<name>' (a timm "
+                            'model; needs the optional timm package)', default='resnet50'),
+            pretrained=Param(int, 'must be 0: training starts from random weights', default=0),
+            weights=Param(str, 'with training.eval_only=1: the checkpoint.pt or final_weights.pt '
+                               'to evaluate', default=''))
+    section('resolution', 'progressive resizing of training crops (pixels, epochs)',
+            min_res=Param(int, 'side of training crops until start_ramp (px)', default=160),
+            max_res=Param(int, 'side of training crops from end_ramp on (px)', default=192),
+            end_ramp=Param(int, 'epoch at which max_res is reached', default=0),
+            start_ramp=Param(int, 'last epoch at min_res', default=0))
+    section('lr', 'learning-rate schedule',
+            lr=Param(float, 'peak LR (cyclic) or initial LR (step), for ref_batch_size images '
+                            'per step when ref_batch_size is set', default=0.5),
+            lr_schedule_type=Param(OneOf(list(schedules.LR_SCHEDULES)),
+                                   'cyclic (triangular), step, poly or cosine',
+                                   default='cyclic'),
+            min_lr=Param(float, 'cosine: the LR at the end of training (not scaled with the '
+                                'batch)', default=0.0),
+            lr_peak_epoch=Param(float, 'cyclic: epoch at which the LR peaks', default=2),
+            step_ratio=Param(float, 'step: LR multiplier at each step', default=0.1),
+            step_length=Param(int, 'step: epochs between steps', default=30),
+            step_fractions=Param(str, "step: steps at these fractions of training instead of "
+                                      "every step_length epochs, e.g. '1/3,2/3'", default=''),
+            poly_power=Param(float, 'poly: exponent of (1 - t / epochs)', default=1.0),
+            warmup_epochs=Param(float, 'linear warm-up from 0 over this many epochs (any '
+                                       'schedule); 0: none', default=0.0),
+            ref_batch_size=Param(int, 'global batch (images per step) lr was tuned for; the LR '
+                                      'used is lr * batch_size * world_size / ref_batch_size. '
+                                      '0: use lr as is', default=0))
+
+
+def _training_sections(section) -> None:
+    section('logging', 'outputs',
+            folder=Param(str, 'runs are written to FOLDER/<run id>/', required=True),
+            log_level=Param(int, 'validate every epoch (ffcv-imagenet\'s name): 1: after every '
+                                 'epoch; 0: only after the last one', default=1),
+            tensorboard=Param(int, '1: TensorBoard event files in RUN_DIR/tensorboard', default=0),
+            wandb_project=Param(str, 'Weights & Biases project to log to (needs the optional '
+                                     "wandb package); '': off", default=''),
+            every_iters=Param(int, 'TensorBoard/W&B: train loss, LR and img/s every this many '
+                                   'iterations', default=50))
+    section('validation', 'evaluation',
+            batch_size=Param(int, 'validation batch per process', default=512),
+            resolution=Param(int, 'side of the centre crop (px)', default=256),
+            lr_tta=Param(int, 'left-right flip test-time augmentation (ffcv-imagenet\'s name): '
+                              '1: average the logits of the image and of its flip', default=1),
+            ten_crop=Param(int, '1: also report 10-crop accuracy (corners + centre of the central '
+                                'square, and their flips) after the last epoch', default=0))
+    section('training', 'optimisation',
+            eval_only=Param(int, '1: only evaluate model.weights on the val set', default=0),
+            batch_size=Param(int, 'training batch per process (images)', default=512),
+            optimizer=Param(And(str, OneOf(list(OPTIMIZERS))),
+                            'sgd (with momentum), adamw, or lamb (needs the optional timm package)',
+                            default='sgd'),
+            amp=Param(OneOf(['auto', 'bf16', 'fp16', 'off']),
+                      'mixed precision on CUDA: auto (bf16 where the GPU has it, else fp16), bf16, '
+                      'fp16 (with loss scaling) or off (fp32); CPU: auto means off',
+                      default='auto'),
+            momentum=Param(float, 'SGD momentum', default=0.9),
+            betas=Param(str, "adamw/lamb: the betas 'beta1,beta2'", default='0.9,0.999'),
+            clip_grad_norm=Param(float, 'clip the global gradient norm to this value; 0: off',
+                                 default=0.0),
+            weight_decay=Param(float, 'L2 weight decay', default=5e-5),
+            bn_wd=Param(int, '0: no weight decay on normalisation layers nor biases', default=0),
+            epochs=Param(int, 'number of epochs', default=16),
+            label_smoothing=Param(float, 'label smoothing (Szegedy et al. 2016)', default=0.1),
+            use_blurpool=Param(int, '1: BlurPool before strided convs (Zhang 2019)', default=1),
+            channels_last=Param(int, '1: NHWC memory format for the model', default=1),
+            distributed=Param(int, 'ignored (kept for ffcv-imagenet configs): launch with '
+                                   'torchrun for several processes', default=0),
+            seed=Param(int, 'seed of weights init and data order', default=0),
+            target_top1=Param(float, 'stop at the first epoch whose validation top-1 reaches this '
+                                     'fraction (e.g. 0.6); 0: train all epochs', default=0.0),
+            ema_decay=Param(float, 'EMA of the weights (and BN buffers): the weight of the old '
+                                   'average at each update, e.g. 0.9998; 0: off', default=0.0),
+            ema_every=Param(int, 'update the EMA every this many iterations', default=1),
+            mixup_alpha=Param(float, 'MixUp Beta(alpha, alpha) (Zhang et al. 2018); 0: off',
+                              default=0.0),
+            cutmix_alpha=Param(float, 'CutMix Beta(alpha, alpha) (Yun et al. 2019); 0: off; with '
+                                      'mixup_alpha too, one of the two per batch', default=0.0),
+            compile=Param(int, '1: torch.compile the model (recompiles once per resolution)',
+                          default=0))
+    section('checkpoint', 'checkpoints (RUN_DIR/checkpoint.pt, rewritten atomically) and resume',
+            resume=Param(str, "'auto': continue the latest unfinished run under logging.folder "
+                              "(start a new one if there is none); a checkpoint.pt path: "
+                              "continue that run; '': a new run", default=''),
+            every_iters=Param(int, 'also write a checkpoint every this many iterations within an '
+                                   'epoch; 0: only at the end of each epoch', default=0),
+            force=Param(int, '1: resume even if the config changes the schedule (epochs, LR, '
+                             'resolution, batch, model, seed)', default=0),
+            keep_best=Param(int, '1: RUN_DIR/best_weights.pt holds the weights of the epoch with '
+                                 'the best validation top-1 so far', default=0))
+    section('dist', 'kept so ffcv-imagenet configs load; torchrun sets the real values',
+            world_size=Param(int, 'number of GPUs the config was written for', default=1),
+            address=Param(str, 'ignored: use torchrun --rdzv-endpoint', default='localhost'),
+            port=Param(str, 'ignored: use torchrun --rdzv-endpoint', default='12355'),
+            timeout_s=Param(int, 'seconds a collective waits for the other ranks before this '
+                                 'rank fails (a dead or hung rank)', default=300))

@@ -1,0 +1,65 @@
+"""Validation as the trainer does it (centre crop, flip TTA, 10-crop), and eval-only
+(``training.eval_only=1``): the top-1/top-5 of saved weights on a val .beton."""
+import time
+
+import torch
+
+from . import checkpoint, config, distributed, engine, loaders, metrics
+
+
+def make_val_loader(cfg, dist, precision, crop_ratio=None):
+    """This rank's part of the val set at ``validation.resolution`` (centre crop; ``crop_ratio``
+    1.0: whole central squares, for 10-crop)."""
+    kwargs = {} if crop_ratio is None else {'crop_ratio': crop_ratio}
+    return loaders.val_loader(**config.val_loader_kwargs(cfg),
+                              num_workers=distributed.loader_threads(cfg.data.num_workers, dist),
+                              device=dist.device, rank=dist.rank, world_size=dist.world_size,
+                              dtype=precision.input_dtype, **kwargs)
+
+
+def validate(cfg, model, loader, precision, progress: str = '') -> dict:
+    """Centre-crop top-1/top-5, loss and error rates of ``model`` on the val set (all ranks), with
+    flip TTA when ``validation.lr_tta`` (ffcv-imagenet's name) is set; ``progress``: the label of
+    a progress bar ('': none)."""
+    val = metrics.with_error_rates(engine.evaluate(
+        model=model, loader=loader, amp_dtype=precision.amp_dtype,
+        flip_tta=bool(cfg.validation.lr_tta), corrupt_record=loader.corrupt_record,
+        progress=progress))
+    val['val_count'] = val.pop('count')
+    return val
+
+
+def ten_crop_eval(cfg, dist, model, precision) -> dict:
+    """10-crop top-1/top-5 (and error rates) of ``model``, keys suffixed ``_10crop``."""
+    loader = make_val_loader(cfg, dist, precision, crop_ratio=1.0)
+    result = metrics.with_error_rates(engine.evaluate(
+        model=model, loader=loader, amp_dtype=precision.amp_dtype, ten_crop=True,
+        corrupt_record=loader.corrupt_record, progress='10-crop' if dist.is_primary else ''))
+    return {f'{k}_10crop': v for k, v in result.items() if k != 'count'}
+
+
+def evaluate_weights(cfg, dist) -> dict:
+    """``training.eval_only=1``: the validation top-1/top-5 of ``model.weights`` (a checkpoint or a
+    final_weights.pt), computed as the training run computes it. The model is rebuilt as it was
+    trained (``checkpoint.load_model``: arch, BlurPool, channels_last from the config saved with
+    the weights, when there is one); validation settings come from ``cfg``."""
+    saved = checkpoint.load_model(
+        cfg.model.weights, num_classes=loaders.num_classes(cfg.data.val_dataset),
+        **config.model_kwargs(cfg))
+    model = saved.model.to(dist.device)
+    precision = engine.resolve_precision(cfg.training.amp, dist.device)
+    torch.backends.cudnn.benchmark = dist.device.type == 'cuda'  # fixed shapes
+    start = time.perf_counter()
+    summary = {'weights': str(cfg.model.weights), 'arch': saved.arch, 'epochs': '-',
+               **validate(cfg, model, make_val_loader(cfg, dist, precision), precision,
+                          progress='val' if dist.is_primary else ''),
+               'flip_tta': bool(cfg.validation.lr_tta), 'val_res': cfg.validation.resolution,
+               'wall_time_s': time.perf_counter() - start, 'train_img_per_s': None,
+               **metrics.model_complexity(model, cfg.validation.resolution)}
+    if cfg.validation.ten_crop:
+        summary.update(ten_crop_eval(cfg, dist, model, precision))
+    if dist.is_primary:
+        print(f'=> evaluated {cfg.model.weights} on {cfg.data.val_dataset} '
+              f'({summary["val_count"]} images, {precision.name})')
+        print(metrics.results_table(summary))
+    return summary

@@ -1,0 +1,118 @@
+"""Classify image files with trained weights: the top-5 classes with names and probabilities; the
+``imagenet-ffcv-predict`` command (also ``python -m imagenet_ffcv.predict``, ``predict.py``).
+
+    imagenet-ffcv-predict photo.jpg more/*.JPEG --weights runs/<run id>/final_weights.pt
+    imagenet-ffcv-predict photo.jpg --weights runs/<run id>/checkpoint.pt --top 3
+
+Prints, for each image, as TensorFlow's classify_image.py does::
+
+    photo.jpg
+    giant panda (score = 0.88493)
+    lesser panda (score = 0.00878)
+    ...
+
+The model is rebuilt as it was trained (arch, BlurPool, channels_last) from the config saved with the
+weights (inside a checkpoint, or params.json beside final_weights.pt), and each image is prepared as
+the validation loader prepares it (centre crop of 224/256 of the shorter side, resized to the run's
+validation resolution, flip TTA when the run used it). Class names come from the checkpoint or the
+run folder's classes.tsv (the class list written beside the training .beton), or --classes.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from . import checkpoint, engine
+from .classes import read_class_names
+from .commands import command_name
+from .images import load_eval_image
+
+
+def predict(paths: list, *, weights, top: int = 5, classes_path=None, res=None, arch='resnet50',
+            blurpool: bool = True, max_res: int = 256, batch_size: int = 64, device=None) -> list:
+    """Top-``top`` predictions for each image file.
+
+    Returns one list per image of ``(wnid, name, probability)`` tuples, most probable first:
+    probabilities from the softmax of the logits, which are averaged over the image and its flip
+    when the run evaluated with flip TTA (``engine.flip_tta_logits``, the rule validation uses, so
+    the top-1 class is the one eval-only counts). ``res`` defaults to the run's
+    ``validation.resolution``; ``arch`` and ``blurpool`` are used only when no config is saved with
+    the weights (``checkpoint.load_model``). Class names come from ``classes_path`` (a
+    .classes.tsv), else those saved with the weights. Raises checkpoint.CheckpointError for
+    unusable weights, FileNotFoundError for a missing class list, OSError/ValueError naming an
+    image that cannot be decoded.
+    """
+    classes = read_class_names(classes_path) if classes_path else None
+    saved = checkpoint.load_model(Path(weights), num_classes=len(classes) if classes else None,
+                                  arch=arch, use_blurpool=blurpool)
+    classes = classes or saved.classes
+    res = res or (saved.config['validation']['resolution'] if saved.config else 224)
+    flip_tta = bool(saved.config['validation']['lr_tta']) if saved.config else True
+    device = device or torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    model = saved.model.to(device).eval()
+    results = []
+    for start in range(0, len(paths), batch_size):
+        images = [load_image_or_raise(path, res=res, max_res=max_res)
+                  for path in paths[start:start + batch_size]]
+        x = torch.stack(images).to(device, memory_format=torch.channels_last)
+        results += classify(model, x, classes=classes, top=top, flip_tta=flip_tta)
+    return results
+
+
+@torch.no_grad()
+def classify(model, x: torch.Tensor, *, classes: list, top: int, flip_tta: bool) -> list:
+    """The ``top`` most probable classes of each image of ``x`` (float (N, 3, H, W), prepared as
+    the val loader prepares it): per image a list of ``(wnid, name, probability)``, the softmax of
+    ``engine.flip_tta_logits`` (validation's rule, so the first class is the one eval-only counts
+    as the prediction). ``classes``: ``[(wnid, name), ...]`` in index order."""
+    probs = engine.flip_tta_logits(model, x, flip_tta).float().softmax(dim=1)
+    p, idx = probs.topk(min(top, len(classes)), dim=1)
+    return [[(*classes[i], pi) for pi, i in zip(row_p, row_idx)]
+            for row_p, row_idx in zip(p.tolist(), idx.tolist())]
+
+
+def load_image_or_raise(path, *, res: int, max_res: int) -> torch.Tensor:
+    """``images.load_eval_image``, its error naming the file."""
+    try:
+        return load_eval_image(path, res=res, max_res=max_res)
+    except (OSError, ValueError) as e:
+        raise type(e)(f'{path}: cannot decode the image ({e})') from e
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The options of ``imagenet-ffcv-predict``."""
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('images', nargs='+', help='image files (JPEG, PNG, ...)')
+    parser.add_argument('--weights', required=True, help='checkpoint.pt or final_weights.pt')
+    parser.add_argument('--top', type=int, default=5, help='classes shown per image')
+    parser.add_argument('--classes', help='class list (.classes.tsv) when the run has none')
+    parser.add_argument('--res', type=int, help="input side in px (default: the run's "
+                                                "validation resolution)")
+    parser.add_argument('--arch', default='resnet50', help='model when no config is saved')
+    parser.add_argument('--blurpool', type=int, default=1, choices=(0, 1),
+                        help='1: the weights were trained with BlurPool (when no config is saved)')
+    return parser
+
+
+def cli(argv=None) -> int:
+    """The command line (``argv``, default ``sys.argv[1:]``): prints each image's top classes;
+    returns the exit status (1, with a one-line message, for a file that cannot be read)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        results = predict(args.images, weights=args.weights, top=args.top,
+                          classes_path=args.classes, res=args.res, arch=args.arch,
+                          blurpool=bool(args.blurpool))
+    except (checkpoint.CheckpointError, FileNotFoundError, OSError, ValueError) as e:
+        print(f'{command_name("predict")}: {e}', file=sys.stderr)
+        return 1
+    for path, top in zip(args.images, results):
+        print(path)
+        for wnid, name, p in top:
+            print(f'{name or wnid} (score = {p:.5f})')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(cli())

@@ -1,0 +1,46 @@
+"""Pre-emption and Ctrl-C: SIGTERM and SIGINT turned into a request the training loop polls, so a
+run stops after its current step with a checkpoint written (exit status 128 + the signal)."""
+import signal
+
+
+class StopRequest:
+    """Turns SIGTERM (cluster pre-emption, ``kill``) and the first Ctrl-C (SIGINT) into a flag the
+    training loop polls, so it can finish the current step, write a checkpoint and exit. A second
+    Ctrl-C raises KeyboardInterrupt at once (abandon the step, no checkpoint).
+
+    Use as a context manager around the training loop; the previous handlers are restored on exit.
+    ``signum`` is the signal received (None while none), ``exit_code`` the conventional 128 + signum.
+    """
+
+    def __init__(self):
+        self.signum = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        return False
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f'\n=> {signal.Signals(signum).name} received: finishing this step, then writing a '
+              'checkpoint (Ctrl-C again to abandon)', flush=True)
+
+    def __bool__(self):
+        return self.signum is not None
+
+    @property
+    def name(self) -> str:
+        """'SIGTERM', 'SIGINT', or 'a signal on another rank' when this rank received none."""
+        return signal.Signals(self.signum).name if self.signum else 'a signal on another rank'
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + (self.signum or signal.SIGTERM)

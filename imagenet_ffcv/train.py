@@ -1,0 +1,398 @@
+"""Train a torchvision ResNet (or any classification model) on ImageNet .beton files with FFCV:
+the ``imagenet-ffcv-train`` command (also ``python -m imagenet_ffcv.train``, ``train_imagenet.py``).
+
+    imagenet-ffcv-train --config rn50_configs/rn50_16_epochs.yaml \\
+        --data.train_dataset=betons/train_256.beton --data.val_dataset=betons/val_256.beton
+    torchrun --nproc_per_node=8 -m imagenet_ffcv.train --config rn50_configs/rn50_16_epochs.yaml ...
+
+Any key can be overridden as --section.key=value (``--help``, docs/configuration.md). A run writes
+LOGGING_FOLDER/<run id>/{params.json, log.jsonl, checkpoint.pt, final_weights.pt, ...} (run_dir).
+
+The run, top to bottom: main -> train: build (loaders, model, optimizer, schedules) -> restore (from
+a checkpoint) -> open the run folder -> fit (the epochs) -> summarize. Eval-only: ``evaluate``.
+"""
+import sys
+import time
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+from tqdm import tqdm
+
+from . import checkpoint, config, distributed, engine, loaders, metrics, models, optimizers, schedules
+from .classes import class_list_path, read_class_names
+from .commands import command_name
+from .ema import make_ema
+from .evaluate import evaluate_weights, make_val_loader, ten_crop_eval, validate
+from .loggers import LiveLog
+from .mixup import batch_mixer
+from .optional import MissingPackageError, require
+from .run_dir import RunDir, code_version
+from .signals import StopRequest
+from .verify import CorruptBetonError
+
+
+
+def main(cfg) -> dict:
+    """Run the training described by ``cfg`` (from ``config.load_config``), or with
+    ``training.eval_only=1`` evaluate ``model.weights``; returns the summary (run folder, final
+    top-1/top-5, wall time, ...) on every rank. A run stopped by SIGTERM/Ctrl-C returns after writing
+    its checkpoint, with ``summary['exit_code']`` = 128 + the signal number."""
+    if cfg.model.pretrained:
+        raise config.ConfigError('model.pretrained=1: pretrained weights cannot be fetched here; '
+                                 'training starts from random weights (set it to 0)')
+    wall_start = time.perf_counter()
+    dist = distributed.from_env()
+    distributed.setup(dist, timeout_s=cfg.dist.timeout_s)
+    try:
+        if cfg.training.eval_only:
+            return evaluate_weights(cfg, dist)
+        return train(cfg, dist, wall_start)
+    finally:
+        distributed.cleanup()
+
+
+@dataclass
+class Progress:
+    """Where a run stands; saved in its checkpoint. ``epoch``/``iteration``: the next step to
+    train; ``best_top1``, ``best_epoch``: the best validation top-1 so far (fraction) and the
+    epoch after which it was measured; ``images``,
+    ``train_seconds``: trained so far over all ranks; ``wall_time_s``: wall time of the processes
+    before this one (a resumed run counts from its first start)."""
+    epoch: int = 0
+    iteration: int = 0
+    best_top1: float = None
+    best_epoch: int = None
+    images: int = 0
+    train_seconds: float = 0.0
+    wall_time_s: float = 0.0
+
+
+@dataclass
+class Run:
+    """Everything a training run is made of, built once by :func:`build`."""
+    cfg: object
+    dist: distributed.DistInfo
+    train_loader: object
+    decoder: object  # the train decoder: its output_size sets the epoch's resolution
+    val_loader: object
+    model: torch.nn.Module  # DistributedDataParallel around model_without_ddp when distributed
+    model_without_ddp: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler  # fp16 loss scaling, else None
+    options: engine.StepOptions  # gradient clipping, MixUp/CutMix, EMA
+    loss_fn: torch.nn.Module
+    precision: engine.Precision
+    lr_at: partial  # fractional epoch -> LR
+    res_at: partial  # epoch -> training resolution (px)
+    classes: list  # [(wnid, name)] of the training .beton, or None
+    resolved: dict  # the resolved config, as params.json and the checkpoint hold it
+    wall_start: float
+    progress: Progress = field(default_factory=Progress)
+    run_dir: RunDir = None  # on rank 0
+    live_log: LiveLog = None  # TensorBoard / W&B, on rank 0
+    final_val: dict = None  # the last validation's results
+    reached: dict = None  # {'epoch', 'time_to_target_s'} once validation top-1 reached the target
+
+
+def train(cfg, dist, wall_start) -> dict:
+    """Train from scratch, or from the checkpoint ``checkpoint.resume`` names; see :func:`main`."""
+    # Rank 0 picks the checkpoint, every rank reads it (the run folder must be on a filesystem
+    # all nodes share).
+    resume_path = distributed.broadcast_object(
+        checkpoint.resolve_resume(cfg.checkpoint.resume, cfg.logging.folder)
+        if dist.is_primary else None)
+    saved = checkpoint.load(resume_path) if resume_path else None
+    run = build(cfg, dist, wall_start)
+    if saved:
+        restore(run, saved, resume_path)
+    if dist.is_primary:
+        run.run_dir = open_run_dir(run, resume_path)
+        run.live_log = LiveLog(
+            run.run_dir.path, tensorboard=bool(cfg.logging.tensorboard),
+            wandb_project=cfg.logging.wandb_project, run_name=run.run_dir.path.name,
+            config=run.resolved, resume_step=global_step(run, run.progress.epoch,
+                                                         run.progress.iteration))
+    try:
+        stop = fit(run)
+        if stop:
+            return stopped_summary(run, stop)
+        return summarize(run)
+    finally:
+        if run.live_log:
+            run.live_log.close()
+
+
+def global_step(run, epoch: int, iterations_done: int) -> int:
+    """The number of iterations trained after ``iterations_done`` of ``epoch`` (TensorBoard's
+    and W&B's step)."""
+    return epoch * len(run.train_loader) + iterations_done
+
+
+def build(cfg, dist, wall_start) -> Run:
+    """Loaders, model, optimizer, loss and schedules of a new run, on ``dist.device``."""
+    if cfg.logging.wandb_project:  # fail now, before any work or run folder
+        require('wandb', f'logging.wandb_project={cfg.logging.wandb_project!r}')
+    device = dist.device
+    precision = engine.resolve_precision(cfg.training.amp, device)
+    torch.backends.cudnn.benchmark = device.type == 'cuda'  # fixed shapes within an epoch
+    torch.manual_seed(cfg.training.seed)  # same initial weights on every rank
+    res_at = partial(schedules.resolution_at, **config.resolution_kwargs(cfg))
+    threads = distributed.loader_threads(cfg.data.num_workers, dist)
+    train_loader, decoder = loaders.train_loader(
+        **config.train_loader_kwargs(cfg), num_workers=threads, res=res_at(0), device=device,
+        distributed=dist.distributed, dtype=precision.input_dtype)
+    if len(train_loader) == 0:
+        raise config.ConfigError(
+            f'training.batch_size={cfg.training.batch_size} x {dist.world_size} process(es) is '
+            f'more than the {loaders.num_samples(cfg.data.train_dataset)} images of '
+            f'{cfg.data.train_dataset}: no full batch to train on; lower training.batch_size')
+    val_loader = make_val_loader(cfg, dist, precision)
+    num_classes = loaders.num_classes(cfg.data.train_dataset, val_path=cfg.data.val_dataset)
+    class_list = class_list_path(cfg.data.train_dataset)
+    model_without_ddp = models.build_model(**config.model_kwargs(cfg),
+                                           num_classes=num_classes).to(device)
+    ema = make_ema(model_without_ddp, cfg.training.ema_decay) if cfg.training.ema_decay else None
+    model = model_without_ddp
+    if dist.distributed:
+        model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == 'cuda' else None)
+    if cfg.training.compile:
+        model = models.compile_model(model)
+    lr = schedules.scaled_lr(cfg.lr.lr, batch_size=cfg.training.batch_size,
+                             world_size=dist.world_size, ref_batch_size=cfg.lr.ref_batch_size)
+    resolved = {**config.to_dict(cfg), 'derived': {
+        'world_size': dist.world_size, 'global_batch_size': cfg.training.batch_size * dist.world_size,
+        'lr_used': lr, 'num_classes': num_classes, 'device': str(device), 'amp': precision.name,
+        'loader_threads': threads},
+        'code': code_version()}
+    return Run(
+        cfg=cfg, dist=dist, train_loader=train_loader, decoder=decoder, val_loader=val_loader,
+        model=model, model_without_ddp=model_without_ddp,
+        optimizer=optimizers.make_optimizer(
+            **config.optimizer_kwargs(cfg), lr=lr,
+            groups=models.param_groups(model_without_ddp, **config.param_group_kwargs(cfg))),
+        scaler=torch.amp.GradScaler(device.type) if precision.loss_scaling else None,
+        options=engine.StepOptions(
+            clip_grad_norm=cfg.training.clip_grad_norm, ema=ema, ema_every=cfg.training.ema_every,
+            mix=batch_mixer(num_classes=num_classes, mixup_alpha=cfg.training.mixup_alpha,
+                            cutmix_alpha=cfg.training.cutmix_alpha)),
+        loss_fn=torch.nn.CrossEntropyLoss(label_smoothing=cfg.training.label_smoothing),
+        precision=precision, lr_at=partial(schedules.lr_at, lr=lr, **config.lr_schedule_kwargs(cfg)),
+        res_at=res_at, classes=read_class_names(class_list) if class_list.exists() else None,
+        resolved=resolved, wall_start=wall_start)
+
+
+def restore(run: Run, saved: dict, resume_path) -> None:
+    """Continue where the checkpoint ``saved`` left its run: weights, optimizer (and loss scaler),
+    EMA, random states and progress. Raises CheckpointError when this config changes the run's
+    schedule (unless ``checkpoint.force``)."""
+    checkpoint.check_schedule(saved, run.resolved, force=bool(run.cfg.checkpoint.force),
+                              path=resume_path)
+    has_ema = checkpoint.restore_training_state(
+        saved, model=run.model_without_ddp, optimizer=run.optimizer, scaler=run.scaler,
+        ema=run.options.ema)
+    if not has_ema and run.dist.is_primary:
+        print(f'=> {resume_path} holds no EMA: it starts from the weights at the next update')
+    run.progress = Progress(epoch=saved['epoch'], iteration=saved['iteration'],
+                            best_top1=saved['best_top1'], **saved['progress'])
+    run.wall_start -= run.progress.wall_time_s  # wall time and time to accuracy span restarts
+    run.train_loader.next_epoch = run.progress.epoch  # ffcv's order depends on seed + epoch
+
+
+def open_run_dir(run: Run, resume_path) -> RunDir:
+    """Rank 0: the folder of the resumed run, or a new one; prints the run's header."""
+    cfg, progress = run.cfg, run.progress
+    if resume_path:
+        run_dir = RunDir.reopen(resume_path, epoch=progress.epoch)
+        print(f'=> resuming {run_dir.path} at epoch {progress.epoch}, iteration '
+              f'{progress.iteration}')
+    else:
+        run_dir = RunDir.create(cfg.logging.folder, params=run.resolved,
+                                class_list=class_list_path(cfg.data.train_dataset))
+        print(f'=> run folder {run_dir.path}')
+    derived = run.resolved['derived']
+    print(f'=> {cfg.model.arch}, {derived["num_classes"]} classes, {run.dist.world_size} '
+          f'process(es) on {run.dist.device.type}, {run.precision.name}, decoder '
+          f'{cfg.data.decoder} with {derived["loader_threads"]} loader thread(s), global batch '
+          f'{derived["global_batch_size"]}; lr {cfg.lr.lr:g} in the config (for a global batch of '
+          f'{cfg.lr.ref_batch_size or "any size: no scaling"}) -> {derived["lr_used"]:g} used')
+    return run_dir
+
+
+def save_checkpoint(run: Run, epoch: int, iteration: int) -> None:
+    """Rank 0 writes where the run stands: ``iteration`` iterations of ``epoch`` done."""
+    if not run.dist.is_primary:
+        return
+    progress = run.progress
+    state = checkpoint.training_state(
+        model_state=models.unwrapped_state_dict(run.model), optimizer=run.optimizer, epoch=epoch,
+        iteration=iteration, config=run.resolved, classes=run.classes,
+        best_top1=progress.best_top1, scaler=run.scaler, ema=run.options.ema,
+        progress={'images': progress.images, 'train_seconds': progress.train_seconds,
+                  'best_epoch': progress.best_epoch,
+                  'wall_time_s': time.perf_counter() - run.wall_start})
+    checkpoint.save(state, run.run_dir.checkpoint)
+    if iteration:  # within an epoch (the end of an epoch shows in the epoch's line)
+        tqdm.write(f'=> checkpoint: epoch {epoch}, iteration {iteration}')
+
+
+def fit(run: Run):
+    """Train the epochs from ``run.progress`` on, validating as configured and writing a
+    checkpoint after each. A signal (SIGTERM, Ctrl-C) ends the current step, writes a checkpoint
+    and returns the ``signals.StopRequest`` (None when training ends, at the last epoch or at
+    the top-1 target)."""
+    cfg, progress = run.cfg, run.progress
+    first_epoch = progress.epoch
+    with StopRequest() as stop:
+        for epoch in range(first_epoch, cfg.training.epochs):
+            res = run.res_at(epoch)
+            run.decoder.output_size = (res, res)
+            stats = engine.train_one_epoch(
+                model=run.model, loader=run.train_loader, optimizer=run.optimizer,
+                loss_fn=run.loss_fn, lr_at=run.lr_at, epoch=epoch,
+                amp_dtype=run.precision.amp_dtype, scaler=run.scaler, options=run.options,
+                show_progress=run.dist.is_primary,
+                start_iteration=progress.iteration if epoch == first_epoch else 0,
+                stop_requested=stop.__bool__, checkpoint_every=cfg.checkpoint.every_iters,
+                save_checkpoint=partial(save_checkpoint, run, epoch),
+                corrupt_record=run.train_loader.corrupt_record,
+                log_every=cfg.logging.every_iters if run.live_log else 0,
+                log_train=partial(log_train, run, epoch),
+                iterations_after=len(run.train_loader) * schedules.remaining_work(
+                    epoch, epochs=cfg.training.epochs, res_at=run.res_at))
+            progress.images += stats['images'] * run.dist.world_size
+            progress.train_seconds += stats['seconds']
+            if stats['iterations_done'] < len(run.train_loader):  # stopped within the epoch
+                save_checkpoint(run, epoch, stats['iterations_done'])
+                return stop
+            distributed.broadcast_buffers(run.model_without_ddp)  # rank 0's BN statistics
+            if run.options.ema is not None:
+                distributed.broadcast_buffers(run.options.ema.module)
+            val = end_of_epoch_eval(run, epoch)
+            log_epoch(run, epoch, res, stats, val)
+            save_checkpoint(run, epoch + 1, 0)
+            if run.reached:
+                return None
+            if stats['stopped'] and epoch < cfg.training.epochs - 1:
+                return stop
+    return None
+
+
+def end_of_epoch_eval(run: Run, epoch: int) -> dict:
+    """Validation after ``epoch``: after every epoch with ``logging.log_level`` 1 (ffcv-imagenet's
+    name for it) or a top-1 target, else after the last one only; 10-crop too (if asked for) at the
+    end. Records the best top-1 (and with ``checkpoint.keep_best`` writes its weights) and the
+    epoch that reaches the target. Returns the metrics ({} when not validated)."""
+    cfg, last, progress = run.cfg, epoch == run.cfg.training.epochs - 1, run.progress
+    validate_every_epoch, target = bool(cfg.logging.log_level), cfg.training.target_top1
+    if not (validate_every_epoch or target > 0 or last):
+        return {}
+    val = validate_run(run)
+    run.final_val = val
+    if progress.best_top1 is None or val['top_1'] > progress.best_top1:
+        progress.best_top1, progress.best_epoch = val['top_1'], epoch
+        if cfg.checkpoint.keep_best and run.run_dir:
+            checkpoint.save_final_weights(
+                models.unwrapped_state_dict(run.model_without_ddp), run.run_dir.best_weights,
+                config=run.resolved, classes=run.classes)
+    if target > 0 and val['top_1'] >= target:
+        run.reached = {'epoch': epoch, 'time_to_target_s': time.perf_counter() - run.wall_start}
+    if (run.reached or last) and cfg.validation.ten_crop:
+        val.update(ten_crop_eval(cfg, run.dist, run.model_without_ddp, run.precision))
+    return val
+
+
+def validate_run(run: Run) -> dict:
+    """:func:`validate` of the model, and of its EMA (keys suffixed ``_ema``) when there is one."""
+    primary = run.dist.is_primary
+    val = validate(run.cfg, run.model_without_ddp, run.val_loader, run.precision,
+                   progress='val' if primary else '')
+    if run.options.ema is not None:
+        ema_val = validate(run.cfg, run.options.ema.module, run.val_loader, run.precision,
+                           progress='val (EMA)' if primary else '')
+        val.update({f'{k}_ema': v for k, v in ema_val.items() if k != 'val_count'})
+    return val
+
+
+def log_train(run: Run, epoch: int, iterations_done: int, values: dict) -> None:
+    """Rank 0: the train loss, LR and img/s of an iteration, to TensorBoard / W&B."""
+    run.live_log.train_scalars(global_step(run, epoch, iterations_done), values)
+
+
+def log_epoch(run: Run, epoch: int, res: int, stats: dict, val: dict) -> None:
+    """Rank 0: the epoch's record in log.jsonl, and its line on the console."""
+    if not run.dist.is_primary:
+        return
+    images = stats['images'] * run.dist.world_size
+    record = {'epoch': epoch, 'train_loss': stats['train_loss'], **val, 'lr': stats['lr'],
+              'res': res, 'epoch_time_s': stats['seconds'],
+              'train_img_per_s': images / stats['seconds'],
+              'wall_time_s': time.perf_counter() - run.wall_start}
+    run.run_dir.append_log(record)
+    metrics.plot_log(run.run_dir.log, run.run_dir.plot)
+    run.live_log.epoch_scalars(epoch, record, step=global_step(run, epoch + 1, 0))
+    top1 = f'{val["top_1"]:.4f}' if val else '-'
+    if 'top_1_ema' in val:
+        top1 += f' (EMA {val["top_1_ema"]:.4f})'
+    print(f'epoch {epoch}: res {res}, train loss {stats["train_loss"]:.4f}, top-1 {top1}, '
+          f'{record["train_img_per_s"]:.0f} img/s, {stats["seconds"]:.1f} s', flush=True)
+
+
+def stopped_summary(run: Run, stop) -> dict:
+    """The summary of a run stopped by a signal, its checkpoint written."""
+    run_dir = run.run_dir
+    if run_dir:
+        print(f'=> stopped by {stop.name}: checkpoint {run_dir.checkpoint} written; continue with '
+              f'--resume auto (or --resume {run_dir.checkpoint})', flush=True)
+    return {'run_dir': str(run_dir.path) if run_dir else None, 'stopped': True,
+            'exit_code': stop.exit_code}
+
+
+def summarize(run: Run) -> dict:
+    """The end of a finished run: final metrics, speed, size and cost of the model; rank 0 writes
+    final_weights_ema.pt (with an EMA), then final_weights.pt (the run is finished), and prints the
+    results table."""
+    cfg, model = run.cfg, run.model_without_ddp
+    if run.final_val is None:  # resumed from the checkpoint written after the last epoch
+        run.final_val = validate_run(run)
+    reached, progress = run.reached or {}, run.progress
+    summary = {'run_dir': str(run.run_dir.path) if run.run_dir else None, 'arch': cfg.model.arch,
+               'epochs': reached.get('epoch', cfg.training.epochs - 1) + 1, **run.final_val,
+               'flip_tta': bool(cfg.validation.lr_tta), 'val_res': cfg.validation.resolution,
+               'target_top1': cfg.training.target_top1 or None,
+               'target_reached_epoch': reached.get('epoch'),
+               'time_to_target_s': reached.get('time_to_target_s'),
+               'wall_time_s': time.perf_counter() - run.wall_start,
+               'train_img_per_s': progress.images / max(progress.train_seconds, 1e-9),
+               'weights_sha256': models.state_sha256(model),
+               **metrics.model_complexity(model, cfg.validation.resolution)}
+    if cfg.checkpoint.keep_best:
+        summary.update(best_top1=progress.best_top1, best_epoch=progress.best_epoch)
+    if run.run_dir and run.options.ema is not None:
+        checkpoint.save_final_weights(models.unwrapped_state_dict(run.options.ema),
+                                      run.run_dir.final_weights_ema, config=run.resolved,
+                                      classes=run.classes)
+    if run.run_dir:
+        checkpoint.save_final_weights(models.unwrapped_state_dict(model), run.run_dir.final_weights,
+                                      config=run.resolved, classes=run.classes)
+        print(metrics.results_table(summary))
+    return summary
+
+
+def cli(argv=None) -> int:
+    """The command line: train (or evaluate) as ``argv`` says (default ``sys.argv[1:]``); returns
+    the exit status, with a one-line message instead of a traceback for expected failures (a bad
+    config key, a missing file, a checkpoint that cannot be resumed, a non-finite loss, a corrupt
+    record)."""
+    try:
+        summary = main(config.load_config(sys.argv[1:] if argv is None else argv))
+    except (config.ConfigError, FileNotFoundError, checkpoint.CheckpointError, MissingPackageError,
+            engine.NonFiniteLossError, engine.CorruptRecordError, CorruptBetonError) as e:
+        print(f'{command_name("train")}: {e}', file=sys.stderr)
+        return 1
+    return summary.get('exit_code', 0)
+
+
+if __name__ == '__main__':
+    sys.exit(cli())

@@ -1,0 +1,159 @@
+"""Convert ImageNet-style class folders (DATA_DIR/{train,val}/<wnid>/*.JPEG) to an FFCV .beton file:
+the ``imagenet-ffcv-write`` command (also ``python -m imagenet_ffcv.write``, ``write_beton.py``).
+
+Also reads Kaggle's ImageNet tree (DATA_DIR/ILSVRC/Data/CLS-LOC/{train,val} with flat val images
+labelled by DATA_DIR/LOC_val_solution.csv) and the raw ILSVRC-2012 tars without extracting them
+(DATA_DIR/ILSVRC2012_img_train.tar of per-class <wnid>.tar, ILSVRC2012_img_val.tar, labelled by
+DATA_DIR/LOC_val_solution.csv); --layout picks one, by default it is detected.
+
+Each image is resized so its shorter side is at most --max-res pixels (aspect ratio kept, never
+upscaled), the role of the classic `convert -resize "256^>"` step. Class i is the i-th wnid folder of
+the sorted *train* split, for both splits; the class list is written beside the .beton
+(train_256.beton -> train_256.classes.tsv).
+
+Files that cannot be decoded (truncated, empty, not an image, unreadable) are skipped and listed
+with the reason in NAME.skipped.tsv beside the .beton; --strict makes any of them an error (nothing
+written). The free space of the target folder is checked first. The file is written as the dot
+file .NAME.partial-PID and renamed when complete; temporaries of killed runs are removed by the
+next run into the same folder.
+
+    imagenet-ffcv-write --data-dir $IMAGENET_DIR --split train --max-res 256
+    imagenet-ffcv-write --data-dir $IMAGENET_DIR --split val --max-res 256
+    imagenet-ffcv-write --verify betons/val_256.beton    # read back and decode every record
+"""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .classes import class_list_path, read_class_list, write_class_list
+from .commands import command_name
+from .sources import KAGGLE_DIR, LAYOUTS, load_split
+from .verify import CorruptBetonError, verify_beton
+from .writer import UnreadableImagesError, write_beton
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The converter's options."""
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('--data-dir', default=os.environ.get('IMAGENET_DIR'),
+                   help='folder holding train/ and val/ (default: $IMAGENET_DIR)')
+    p.add_argument('--split', choices=['train', 'val'])
+    p.add_argument('--layout', choices=('auto',) + LAYOUTS, default='auto',
+                   help='input layout: folders (train/<wnid>/, val/<wnid>/), kaggle '
+                        '(ILSVRC/Data/CLS-LOC/ + LOC_val_solution.csv), tars '
+                        '(ILSVRC2012_img_{train,val}.tar read in place + LOC_val_solution.csv); '
+                        'auto: detected from --data-dir')
+    p.add_argument('--max-res', type=int, default=256, help='shorter side at most this (px)')
+    p.add_argument('--out', default=None, help='output file (default betons/{split}_{max_res}.beton)')
+    p.add_argument('--write-mode', choices=['jpg', 'raw', 'proportion'], default='jpg',
+                   help='jpg: JPEG; raw: pixels; proportion: JPEG with --compress-probability')
+    p.add_argument('--jpeg-quality', type=int, default=90)
+    p.add_argument('--compress-probability', type=float, default=0.5)
+    p.add_argument('--num-workers', type=int, default=0, help='processes (default: all cores)')
+    p.add_argument('--subset', type=int, default=0,
+                   help='write a random N images (seed 0) instead of all, e.g. for a quick trial')
+    p.add_argument('--strict', action='store_true',
+                   help='fail (writing nothing) if any image cannot be decoded, instead of '
+                        'skipping it and listing it in NAME.skipped.tsv')
+    p.add_argument('--verify', metavar='FILE', default=None,
+                   help='only read FILE back: counts, images per class, sizes, decode every '
+                        'record; exit 1 on any problem')
+    return p
+
+
+def parse_args(argv):
+    """The converter's options from ``argv``, checked (argparse exits with status 2 on errors)."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.verify:
+        return args
+    if not args.split:
+        p.error('--split is required (unless --verify FILE)')
+    if not args.data_dir:
+        p.error('--data-dir is required when $IMAGENET_DIR is not set')
+    if args.max_res < 1:
+        p.error(f'--max-res {args.max_res}: must be >= 1')
+    args.out = args.out or f'betons/{args.split}_{args.max_res}.beton'
+    return args
+
+
+def check_out_outside_inputs(out, data_dir) -> None:
+    """ValueError when ``out`` lies inside a split folder of ``data_dir`` (train/, val/ or Kaggle's
+    CLS-LOC tree): the next run would take its folder for a class, or its files for images."""
+    out = Path(out).resolve()
+    for inputs in (Path(data_dir) / 'train', Path(data_dir) / 'val', Path(data_dir) / KAGGLE_DIR):
+        if inputs.resolve() in out.parents:
+            raise ValueError(f'--out {out} is inside the input folder {inputs}: write the .beton '
+                             f'outside it (e.g. {Path(data_dir).resolve().parent / "betons"})')
+
+
+def main(args) -> dict:
+    """Write the .beton and its class list; returns the writer's stats plus 'classes'."""
+    check_out_outside_inputs(args.out, args.data_dir)
+    classes, samples, names = load_split(Path(args.data_dir), args.split, args.layout)
+    if args.subset:
+        keep = np.random.default_rng(0).choice(len(samples), min(args.subset, len(samples)),
+                                               replace=False)
+        samples = [samples[i] for i in sorted(keep)]
+    stats = write_beton(samples, args.out, max_res=args.max_res, write_mode=args.write_mode,
+                        jpeg_quality=args.jpeg_quality,
+                        compress_probability=args.compress_probability,
+                        num_workers=args.num_workers, skip_unreadable=not args.strict)
+    write_class_list(class_list_path(args.out), classes, names)
+    skipped = {path for path, _ in stats['skipped_files']}
+    stats['classes'] = len({label for path, label in samples if path not in skipped})
+    skipped_note = (f', {stats["skipped"]} skipped (listed in {stats["skipped_report"]})'
+                    if stats['skipped'] else ', 0 skipped')
+    print(f'{args.out}: {stats["images"]} images, {stats["classes"]} classes'
+          f'{skipped_note}, {stats["bytes"] / 1e6:.1f} MB, {stats["img_per_s"]:.0f} img/s '
+          f'({stats["seconds"]:.1f} s); classes in {class_list_path(args.out)}')
+    if stats['skipped']:
+        print(f'{command_name("write")}: warning: {stats["skipped"]} file(s) could not be decoded and were '
+              f'skipped; see {stats["skipped_report"]}', file=sys.stderr)
+    return stats
+
+
+def verify(path) -> int:
+    """Print a summary of the .beton at ``path``; 0 if every record reads back, else 1."""
+    report = verify_beton(path)
+    names = {}
+    if class_list_path(path).exists():
+        names = dict(enumerate(read_class_list(class_list_path(path))))
+    print(f'{path}: {report["images"]} images, {len(report["per_class"])} classes, '
+          f'{report["bytes"] / 1e6:.1f} MB ({report["modes"]["jpg"]} JPEG, '
+          f'{report["modes"]["raw"]} raw)')
+    print('images per class: ' + ', '.join(f'{k}{"/" + names[k] if k in names else ""}: {v}'
+                                            for k, v in report['per_class'].items()))
+    print('shorter side (px): ' + ', '.join(f'{k}: {v}' for k, v in report['short_side'].items()))
+    if report['problems']:
+        for line in report['problems'][:20]:
+            print(f'  {line}', file=sys.stderr)
+        more = len(report['problems']) - 20
+        print(f'{command_name("write")}: {path}: {len(report["problems"])} problem(s)'
+              f'{f" ({more} not shown)" if more > 0 else ""}', file=sys.stderr)
+        return 1
+    print(f'{path}: OK, every record decodes')
+    return 0
+
+
+def cli(argv=None) -> int:
+    """The command line (``argv``, default ``sys.argv[1:]``): returns the exit status, with a
+    one-line message instead of a traceback for expected failures (missing folders, bad images
+    with --strict, no space, bad .beton)."""
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        if args.verify:
+            return verify(args.verify)
+        main(args)
+        return 0
+    except (FileNotFoundError, ValueError, OSError, UnreadableImagesError,
+            CorruptBetonError) as e:
+        print(f'{command_name("write")}: {e}', file=sys.stderr)
+        return 1
+
+
+if __name__ == '__main__':
+    sys.exit(cli())
