@@ -11,6 +11,7 @@ import os
 from datetime import timedelta
 from dataclasses import dataclass
 
+import numba
 import torch
 import torch.distributed as dist
 
@@ -66,15 +67,17 @@ def from_env(environ=None) -> DistInfo:
 
 
 def loader_threads(num_workers, info: DistInfo) -> int:
-    """The loader threads of this process for ``data.num_workers``: an int as it is; 'auto': the
-    cores this process may use (``os.sched_getaffinity``, which follows taskset, cgroups' cpusets
-    and SLURM's binding) divided by the processes of the job on this node, less one for the
-    training loop itself, and at least 1."""
+    """The loader threads of this process for ``data.num_workers``: an int as it is, but at most
+    the threads numba may start on this machine (``NUMBA_NUM_THREADS``, its CPU count; ffcv
+    fails beyond it, so a config written for a bigger machine still runs); 'auto': the cores this
+    process may use (``os.sched_getaffinity``, which follows taskset, cgroups' cpusets and SLURM's
+    binding) divided by the processes of the job on this node, less one for the training loop
+    itself, and at least 1."""
     if num_workers != 'auto':
-        return int(num_workers)
+        return max(1, min(int(num_workers), numba.config.NUMBA_NUM_THREADS))
     cores = (len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
              else os.cpu_count() or 1)
-    return max(1, cores // info.local_world_size - 1)
+    return max(1, min(cores // info.local_world_size - 1, numba.config.NUMBA_NUM_THREADS))
 
 
 def setup(info: DistInfo, timeout_s: float = 300) -> None:

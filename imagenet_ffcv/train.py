@@ -214,7 +214,8 @@ def open_run_dir(run: Run, resume_path) -> RunDir:
     derived = run.resolved['derived']
     print(f'=> {cfg.model.arch}, {derived["num_classes"]} classes, {run.dist.world_size} '
           f'process(es) on {run.dist.device.type}, {run.precision.name}, decoder '
-          f'{cfg.data.decoder} with {derived["loader_threads"]} loader thread(s), global batch '
+          f'{cfg.data.decoder} with {derived["loader_threads"]} loader thread(s) (data.num_workers='
+          f'{cfg.data.num_workers}), global batch '
           f'{derived["global_batch_size"]}; lr {cfg.lr.lr:g} in the config (for a global batch of '
           f'{cfg.lr.ref_batch_size or "any size: no scaling"}) -> {derived["lr_used"]:g} used')
     return run_dir

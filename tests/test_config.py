@@ -1,5 +1,6 @@
 """Configuration: the shipped YAML recipes, ffcv-imagenet's own files, and the error messages."""
 import json
+import os
 import re
 import subprocess
 import sys
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from imagenet_ffcv.config import ConfigError, load_config, to_dict
+from imagenet_ffcv.config import ConfigError, config_file, load_config, to_dict
 
 REPO = Path(__file__).resolve().parents[1]
 # ffcv-imagenet's recipes; the classic ones (rn50_step_90_epochs, rn50_60pct_target) are tested in
@@ -369,3 +370,46 @@ def test_help_groups_keys_by_section_and_shows_each_default(capsys):
     assert 'training .beton file (required)' in flat
     lr_section = out.split('\nlr: ')[1].split('\nlogging: ')[0]
     assert '--lr.min_lr' in lr_section and '--training.' not in lr_section
+
+
+def test_num_workers_auto_shares_this_process_cores_among_the_node_processes(monkeypatch):
+    """data.num_workers=auto: the cores this process may use / the node's processes - 1 (at
+    least 1); a number is taken as it is, but capped at the threads numba may start (a config
+    written for a 12-core machine runs on 2 cores)."""
+    import numba
+    import torch
+    from imagenet_ffcv import distributed
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(16)))
+    monkeypatch.setattr(numba.config, 'NUMBA_NUM_THREADS', 16)
+
+    def node(processes):
+        return distributed.DistInfo(rank=0, world_size=2 * processes, local_rank=0,
+                                    device=torch.device('cpu'), local_world_size=processes)
+    assert [distributed.loader_threads('auto', node(n)) for n in (1, 4, 8, 16)] == [15, 3, 1, 1]
+    assert distributed.loader_threads(12, node(1)) == 12
+    monkeypatch.setattr(numba.config, 'NUMBA_NUM_THREADS', 2)
+    assert distributed.loader_threads(12, node(1)) == 2
+    assert distributed.loader_threads('auto', node(1)) == 2
+    env = {'RANK': '5', 'WORLD_SIZE': '8', 'LOCAL_RANK': '1', 'LOCAL_WORLD_SIZE': '4'}
+    assert distributed.from_env(env).local_world_size == 4
+    assert load_config(['--data.train_dataset=a', '--data.val_dataset=b',
+                        '--logging.folder=c']).data.num_workers == 'auto'
+    assert load_config(['--data.train_dataset=a', '--data.val_dataset=b', '--logging.folder=c',
+                        '--data.num_workers=3']).data.num_workers == 3
+
+
+def test_a_shipped_config_is_found_by_name_from_any_directory(tmp_path, monkeypatch):
+    """--config takes a file that exists, else a shipped config by folder/file, file or stem;
+    anything else is an error listing the shipped ones."""
+    monkeypatch.chdir(tmp_path)
+    shipped = REPO / 'imagenet_ffcv' / 'configs' / 'rn50_configs' / 'rn50_16_epochs.yaml'
+    for name in ('rn50_configs/rn50_16_epochs.yaml', 'rn50_16_epochs.yaml', 'rn50_16_epochs'):
+        assert config_file(name).resolve() == shipped.resolve()
+    assert load_config(['--config', 'rn50_16_epochs', *DATA,
+                        '--logging.folder=x']).training.epochs == 16
+    mine = tmp_path / 'rn50_configs' / 'rn50_16_epochs.yaml'
+    mine.parent.mkdir()
+    mine.write_text('training:\n  epochs: 3\n')
+    assert config_file('rn50_configs/rn50_16_epochs.yaml') == Path('rn50_configs/rn50_16_epochs.yaml')
+    with pytest.raises(FileNotFoundError, match=r'nope\.yaml.*rn18_configs/rn18_16_epochs\.yaml'):
+        load_config(['--config', 'nope.yaml'])
