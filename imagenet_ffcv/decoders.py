@@ -4,8 +4,9 @@ resize, left-right flip and, on CPU, normalisation to float32.
 Where ffcv's ``RandomResizedCropRGBImageDecoder`` decodes the whole JPEG, resizes the crop with
 OpenCV's INTER_AREA and leaves flip and normalisation to two more passes over the batch, these
 decoders
-- decode only the crop's rectangle (libjpeg-turbo partial decompression, ``jpeg_region.c``), and
-  when the crop is at least twice the output size, decode it DCT-scaled by 1/2, 1/4 or 1/8, so that
+- decode only the crop's rectangle (``jpeg_region.c``: of a JPEG with restart markers, as the
+  converter writes them, only the intervals the rectangle covers; of any other, libjpeg-turbo's
+  partial decompression), and when the crop is at least twice the output size, decode it DCT-scaled by 1/2, 1/4 or 1/8, so that
   what is left is a shrink of less than 2 (the idea of TensorFlow's ``decode_and_crop_jpeg`` and of
   DALI's ROI decoding);
 - resample bilinearly (pixel centres aligned, as OpenCV's INTER_LINEAR and torchvision's
@@ -82,6 +83,16 @@ def load_library() -> ctypes.CDLL:
 _decode_region_c = None
 
 
+def _c_function(lib: ctypes.CDLL, name: str):
+    """``decode_region`` or ``decode_region_scanlines`` of ``lib``, typed for ctypes."""
+    fn = getattr(lib, name)
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_uint64,
+                   ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32,
+                   ctypes.c_uint32, ctypes.c_void_p]
+    fn.restype = ctypes.c_int
+    return fn
+
+
 def region_decoder():
     """The ctypes function ``decode_region`` of the built ``jpeg_region.c``, or None with a
     warning if it is not built (see :func:`load_library`)."""
@@ -94,19 +105,16 @@ def region_decoder():
                           stacklevel=2)
             _decode_region_c = False
             return None
-        fn = lib.decode_region
-        fn.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_uint64,
-                       ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32,
-                       ctypes.c_uint32, ctypes.c_void_p]
-        fn.restype = ctypes.c_int
-        _decode_region_c = fn
+        _decode_region_c = _c_function(lib, 'decode_region')
     return _decode_region_c or None
 
 
 def decode_region(jpeg: np.ndarray, *, top: int, left: int, height: int, width: int,
-                  denom: int = 1) -> tuple:
+                  denom: int = 1, restart_markers: bool = True) -> tuple:
     """Decode rows ``top .. top+height-1`` and columns ``left .. left+width-1`` (coordinates in the
     image scaled by 1/``denom``, ``denom`` in 1, 2, 4, 8) of a JPEG given as a uint8 array.
+    ``restart_markers=False``: decode it as a JPEG without restart markers is decoded
+    (libjpeg-turbo's partial decompression) even when it has them, for comparisons.
 
     Returns ``(pixels, first_column)``: uint8 (height, W', 3) RGB rows holding at least the asked
     columns, and the image column of their first one (libjpeg widens the crop to its block grid).
@@ -116,6 +124,8 @@ def decode_region(jpeg: np.ndarray, *, top: int, left: int, height: int, width: 
     fn = region_decoder()
     if fn is None:
         raise JpegLibraryError(f'{SOURCE.name} is not built (see the warning above); {REBUILD}')
+    if not restart_markers:
+        fn = _c_function(load_library(), 'decode_region_scanlines')
     jpeg = np.ascontiguousarray(jpeg, dtype=np.uint8)
     capacity = height * (left + width + 64) * 3
     out = np.empty(capacity, np.uint8)

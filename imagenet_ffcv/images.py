@@ -1,5 +1,6 @@
-"""Decoding any input image to RGB, and the shorter-side resize: what the writer stores and what
-``imagenet-ffcv-predict`` feeds the model (the way the validation loader prepares an image)."""
+"""Decoding any input image to RGB, the shorter-side resize and the JPEG encoding: what the writer
+stores and what ``imagenet-ffcv-predict`` feeds the model (the way the validation loader prepares
+an image)."""
 import cv2
 import numpy as np
 import torch
@@ -100,3 +101,40 @@ def resize_rgb(a: np.ndarray, size: tuple) -> np.ndarray:
     scale = min(size[0] / a.shape[1], size[1] / a.shape[0])
     interpolation = cv2.INTER_LINEAR if scale >= 0.5 else cv2.INTER_AREA
     return cv2.resize(a, size, interpolation=interpolation)
+
+
+# The writer's default --restart-interval, in MCUs (see encode_jpeg).
+DEFAULT_RESTART_INTERVAL = 4
+MCU_WIDTH = 16  # px: OpenCV's JPEGs of colour images are 4:2:0, MCUs of 16 x 16 px
+
+
+def restart_interval_for(width: int, restart_interval: int) -> int:
+    """MCUs per restart interval in the stored JPEG of an image ``width`` px wide: the largest
+    divisor of its MCU columns (``MCU_WIDTH`` px each) that is at most ``restart_interval``, so
+    that every MCU row starts an interval and the region decoder can leave out columns as well as
+    rows (``jpeg_region.c``). 0 for 0 (no restart markers)."""
+    if restart_interval < 0:
+        raise ValueError(f'restart_interval={restart_interval}: must be >= 0 (0: no markers)')
+    columns = -(-width // MCU_WIDTH)
+    return max((n for n in range(1, min(restart_interval, columns) + 1) if columns % n == 0),
+               default=0)
+
+
+def encode_jpeg(rgb: np.ndarray, *, quality: int, restart_interval: int) -> np.ndarray:
+    """The JPEG record the writer stores for (H, W, 3) uint8 RGB pixels, as a 1-D uint8 array:
+    OpenCV's ``imencode`` (its libjpeg-turbo; baseline, 4:2:0, standard Huffman tables) at
+    ``quality`` (0-100), with a restart marker every ``restart_interval_for(W,
+    restart_interval)`` MCUs. ``restart_interval=0``: no markers, the bytes of ffcv's own
+    ``encode_jpeg`` (the records of .beton files written before markers were the default).
+
+    Any JPEG decoder reads the result, to the same pixels with or without markers; the markers
+    cost bytes (about 2 % at the default on imagewoof320: docs/performance.md). The one function
+    that turns pixels into stored bytes: the writer calls it for every JPEG record, and the same
+    OpenCV build reproduces a record byte for byte. Raises ValueError if OpenCV cannot encode."""
+    interval = restart_interval_for(rgb.shape[1], restart_interval)
+    ok, encoded = cv2.imencode('.jpg', cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
+                               [cv2.IMWRITE_JPEG_QUALITY, int(quality),
+                                cv2.IMWRITE_JPEG_RST_INTERVAL, interval])
+    if not ok:
+        raise ValueError(f'OpenCV could not encode a {rgb.shape} {rgb.dtype} image as JPEG')
+    return encoded.reshape(-1)

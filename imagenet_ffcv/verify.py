@@ -20,8 +20,10 @@ class CorruptBetonError(Exception):
 
 def verify_beton(path, *, decode: bool = True) -> dict:
     """Read a .beton back without ffcv's (JIT-compiled) loader: header, metadata, allocation
-    table, every record's bounds, and (``decode``) every image decoded with PIL (JPEG) or
-    checked for size (raw). Labels are checked against the class list beside the file, if any.
+    table, every record's bounds, and (``decode``) every image decoded with PIL and with the
+    loaders' region decoder (JPEG: a record whose restart markers are damaged or missing is a
+    problem) or checked for size (raw). Labels are checked against the class list beside the
+    file, if any.
 
     Returns ``{'images', 'bytes', 'per_class': {label: n}, 'short_side': {bucket: n},
     'modes': {'jpg': n, 'raw': n}, 'problems': [str]}``; raises FileNotFoundError for a missing
@@ -127,7 +129,7 @@ def _check_record(i, image, sizes: dict, data, modes: dict, decode: bool):
                     if im.size != (w, h):
                         return (f'record {i}: JPEG is {im.size[0]}x{im.size[1]}, metadata says '
                                 f'{w}x{h}')
-                if region_decoder() is not None:
+                if region_decoder() is not None:  # as the loaders read it: through its markers
                     decode_region(np.asarray(data[ptr:ptr + nbytes]), top=0, left=0, height=h,
                                   width=w)
             except Exception as e:

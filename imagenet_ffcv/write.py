@@ -30,6 +30,7 @@ import numpy as np
 
 from .classes import class_list_path, read_class_list, write_class_list
 from .commands import command_name
+from .images import DEFAULT_RESTART_INTERVAL
 from .sources import KAGGLE_DIR, LAYOUTS, load_split
 from .verify import CorruptBetonError, verify_beton
 from .writer import UnreadableImagesError, write_beton
@@ -51,6 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--write-mode', choices=['jpg', 'raw', 'proportion'], default='jpg',
                    help='jpg: JPEG; raw: pixels; proportion: JPEG with --compress-probability')
     p.add_argument('--jpeg-quality', type=int, default=90)
+    p.add_argument('--restart-interval', type=int, default=DEFAULT_RESTART_INTERVAL, metavar='N',
+                   help='a restart marker in each stored JPEG at most every N MCUs (16 x 16 px '
+                        'blocks; per image the largest divisor of its MCU columns up to N), so '
+                        'that the training and validation loaders decode only the blocks a crop '
+                        'covers; the records stay standard JPEGs. Smaller N: faster crops, more '
+                        'bytes. 0: no markers (the files written before). '
+                        f'Default: {DEFAULT_RESTART_INTERVAL}')
     p.add_argument('--compress-probability', type=float, default=0.5)
     p.add_argument('--num-workers', type=int, default=0, help='processes (default: all cores)')
     p.add_argument('--subset', type=int, default=0,
@@ -76,6 +84,8 @@ def parse_args(argv):
         p.error('--data-dir is required when $IMAGENET_DIR is not set')
     if args.max_res < 1:
         p.error(f'--max-res {args.max_res}: must be >= 1')
+    if args.restart_interval < 0:
+        p.error(f'--restart-interval {args.restart_interval}: must be >= 0 (0: no markers)')
     args.out = args.out or f'betons/{args.split}_{args.max_res}.beton'
     return args
 
@@ -101,6 +111,7 @@ def main(args) -> dict:
     stats = write_beton(samples, args.out, max_res=args.max_res, write_mode=args.write_mode,
                         jpeg_quality=args.jpeg_quality,
                         compress_probability=args.compress_probability,
+                        restart_interval=args.restart_interval,
                         num_workers=args.num_workers, skip_unreadable=not args.strict)
     write_class_list(class_list_path(args.out), classes, names)
     skipped = {path for path, _ in stats['skipped_files']}

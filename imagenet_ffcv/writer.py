@@ -1,5 +1,7 @@
-"""Writing .beton files: decoding every input image (``images``), the skipped-files report, the
-disk-space estimate, and the write under a temporary name renamed into place (``files``)."""
+"""Writing .beton files: decoding every input image (``images``), encoding the records, the
+skipped-files report, the disk-space estimate, and the write under a temporary name renamed into
+place (``files``)."""
+import functools
 import os
 import shutil
 import time
@@ -7,11 +9,12 @@ from pathlib import Path
 
 import numpy as np
 from ffcv.fields import IntField, RGBImageField
+from ffcv.fields.rgb_image import IMAGE_MODES
 from ffcv.writer import DatasetWriter
 from PIL import Image
 
 from .files import atomic_path, remove_stale_temporaries, temporary_path, write_text_atomic
-from .images import load_image, shorter_side_size
+from .images import DEFAULT_RESTART_INTERVAL, encode_jpeg, load_image, shorter_side_size
 from .sources import open_image_source, source_size
 
 
@@ -41,6 +44,41 @@ class ImageFiles:
             with open(self.failures_path, 'a') as f:  # O_APPEND: whole lines from each process
                 f.write(f'{i}\t{path}\t{reason}\n')
             return np.zeros((1, 1, 3), np.uint8), label
+
+
+def encode_image(destination, image: np.ndarray, malloc, *, write_mode: str, jpeg_quality: int,
+                 compress_probability: float, restart_interval: int) -> None:
+    """One image record, as ffcv's ``RGBImageField.encode`` writes it, with the JPEG bytes of
+    ``images.encode_jpeg`` (restart markers): ``destination`` (the record's metadata row) gets
+    ``mode``, ``height``, ``width`` and ``data_ptr``; the bytes go to the storage that
+    ``malloc(nbytes)`` returns. ``image``: (H, W, 3) uint8 RGB. ``write_mode`` 'jpg' stores a
+    JPEG, 'raw' the pixels, 'proportion' a JPEG with probability ``compress_probability`` (drawn
+    from numpy's global generator, as ffcv does)."""
+    as_jpeg = write_mode == 'jpg' or (write_mode == 'proportion'
+                                      and np.random.rand() < compress_probability)
+    if as_jpeg:
+        data = encode_jpeg(image, quality=jpeg_quality, restart_interval=restart_interval)
+    else:
+        data = np.ascontiguousarray(image).reshape(-1)
+    destination['mode'] = IMAGE_MODES['jpg' if as_jpeg else 'raw']
+    destination['height'], destination['width'] = image.shape[:2]
+    destination['data_ptr'], storage = malloc(data.nbytes)
+    storage[:] = data
+
+
+def image_field(*, write_mode: str, jpeg_quality: int, compress_probability: float,
+                restart_interval: int) -> RGBImageField:
+    """The ``image`` field of our .beton files: an ffcv ``RGBImageField`` (ffcv records the
+    field's class in the file, and its readers know only its own) whose records are written by
+    :func:`encode_image`. That function is an attribute of this instance, so it travels with the
+    field to ffcv's writer processes however they are started."""
+    field = RGBImageField(write_mode=write_mode, max_resolution=None, jpeg_quality=jpeg_quality,
+                          compress_probability=compress_probability)
+    field.encode = functools.partial(encode_image, write_mode=write_mode,
+                                     jpeg_quality=jpeg_quality,
+                                     compress_probability=compress_probability,
+                                     restart_interval=restart_interval)
+    return field
 
 
 class UnreadableImagesError(Exception):
@@ -139,13 +177,16 @@ def _write_once(samples, tmp, fields, num_workers, chunksize, failures_path, max
 
 def write_beton(samples: list, out, *, max_res: int, write_mode: str = 'jpg',
                 jpeg_quality: int = 90, compress_probability: float = 0.5,
-                num_workers: int = 0, chunksize: int = 100, skip_unreadable: bool = False,
+                restart_interval: int = DEFAULT_RESTART_INTERVAL, num_workers: int = 0,
+                chunksize: int = 100, skip_unreadable: bool = False,
                 check_space: bool = True) -> dict:
     """Write ``(path, label)`` samples to the FFCV file ``out``, shorter side at most ``max_res``.
 
     Fields: ``image`` (``RGBImageField``, ``write_mode`` 'jpg' | 'raw' | 'proportion', the last
     storing a JPEG with probability ``compress_probability`` and raw pixels otherwise) and
-    ``label`` (``IntField``). ``num_workers`` processes (0: all cores) decode and encode.
+    ``label`` (``IntField``). JPEGs are encoded by ``images.encode_jpeg`` at ``jpeg_quality``
+    with a restart marker at most every ``restart_interval`` MCUs (0: none). ``num_workers``
+    processes (0: all cores) decode and encode.
 
     The file is written under a temporary name (``.NAME.partial-PID``, a dot file) in the folder
     of ``out`` and renamed into place only when complete: a crash or kill leaves no file at ``out``
@@ -164,6 +205,8 @@ def write_beton(samples: list, out, *, max_res: int, write_mode: str = 'jpg',
         raise ValueError(f"write_mode={write_mode!r}: expected 'jpg', 'raw' or 'proportion'")
     if not samples:
         raise ValueError('no images to write')
+    if restart_interval < 0:
+        raise ValueError(f'restart_interval={restart_interval}: must be >= 0 (0: no markers)')
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     _check_writable(out)
@@ -176,8 +219,9 @@ def write_beton(samples: list, out, *, max_res: int, write_mode: str = 'jpg',
     failures_path = temporary_path(out, 'failures')
     report = skipped_report_path(out)
     fields = {
-        'image': RGBImageField(write_mode=write_mode, max_resolution=None,
-                               jpeg_quality=jpeg_quality, compress_probability=compress_probability),
+        'image': image_field(write_mode=write_mode, jpeg_quality=jpeg_quality,
+                             compress_probability=compress_probability,
+                             restart_interval=restart_interval),
         'label': IntField(),
     }
     start = time.perf_counter()

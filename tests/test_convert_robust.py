@@ -179,6 +179,53 @@ def test_cli_skips_by_default_and_strict_fails(tmp_path, capsys):
     assert loaders.num_samples(out) == 4
 
 
+def stored_records(path) -> list:
+    """The image records of a .beton as bytes, in sample order."""
+    from ffcv.reader import Reader
+    reader = Reader(str(path))
+    sizes = dict(zip(reader.alloc_table['ptr'].tolist(), reader.alloc_table['size'].tolist()))
+    blob = path.read_bytes()
+    return [blob[int(r['data_ptr']):int(r['data_ptr']) + sizes[int(r['data_ptr'])]]
+            for r in reader.metadata['f0']]
+
+
+def test_records_are_encode_jpeg_of_the_stored_pixels_with_restart_markers(tmp_path, capsys):
+    """Each JPEG record is images.encode_jpeg of the pixels images.load_image gives (byte for
+    byte), with a DRI segment by default; --restart-interval 0 writes ffcv's own encode_jpeg
+    bytes, without markers (the files written before); a negative interval is refused."""
+    from ffcv.fields.rgb_image import encode_jpeg
+    root = tmp_path / 'data'
+    for i, src in enumerate(sample_images(4)):  # widths 120, 150, 180, 210: 8 to 14 MCU columns
+        (root / 'train' / f'n0{i % 2}').mkdir(parents=True, exist_ok=True)
+        Image.open(src).convert('RGB').resize((120 + 30 * i, 100)).save(
+            root / 'train' / f'n0{i % 2}' / f'{i}.JPEG')
+    samples = sources.list_samples(root / 'train', sources.find_classes(root / 'train'))
+    pixels = [images.load_image(path, 256) for path, _ in samples]
+    for interval in (images.DEFAULT_RESTART_INTERVAL, 1, 0):
+        out = tmp_path / f'rst{interval}.beton'
+        assert write.cli(['--data-dir', str(root), '--split', 'train', '--out', str(out),
+                          '--num-workers', '2', '--restart-interval', str(interval)]) == 0
+        records = stored_records(out)
+        assert records == [images.encode_jpeg(a, quality=90, restart_interval=interval).tobytes()
+                           for a in pixels]
+        assert all((b'\xff\xdd' in r) == (interval > 0) for r in records)
+    assert records == [encode_jpeg(a, 90).tobytes() for a in pixels]
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        write.cli(['--data-dir', str(root), '--split', 'train', '--restart-interval', '-1'])
+    assert '--restart-interval -1: must be >= 0' in capsys.readouterr().err
+
+
+def test_restart_interval_for_divides_the_mcu_columns():
+    """The largest divisor of the MCU columns (16 px) up to the interval asked for."""
+    interval = images.restart_interval_for
+    assert [interval(341, n) for n in (0, 1, 2, 3, 4, 10, 11, 30)] == [0, 1, 2, 2, 2, 2, 11, 22]
+    assert [interval(256, n) for n in (3, 4, 8, 100)] == [2, 4, 8, 16]
+    assert interval(23 * 16, 4) == 1 and interval(1, 4) == 1  # a prime number of columns; 1 px
+    with pytest.raises(ValueError, match='restart_interval=-1'):
+        interval(341, -1)
+
+
 def test_split_folder_problems_are_named(tmp_path):
     root = tmp_path / 'data'
     for wnid in ('n01', 'n02', 'n03'):

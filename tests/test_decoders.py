@@ -1,5 +1,7 @@
 """The fused decoders (imagenet_ffcv/decoders.py): region decoding, resampling, flip, normalisation,
 and the loaders built on them, against independent references (full decodes, OpenCV)."""
+import re
+
 import cv2
 import numpy as np
 import pytest
@@ -228,6 +230,186 @@ def test_the_decoder_choice_reaches_the_loaders(sample_betons):
     with pytest.raises(ValueError, match="decoder='bilinear'"):
         loaders.val_loader(path=sample_betons['val'], batch_size=8, num_workers=1, res=32,
                            device=torch.device('cpu'), decoder='bilinear')
+
+
+# JPEGs with restart markers (images.encode_jpeg, the converter's records)
+# ----------------------------------------------------------------------------------------------
+
+def restart_markers(jpeg) -> list:
+    """Offsets of the restart markers (0xFFD0 to 0xFFD7) after a JPEG's SOS segment, in order."""
+    data = bytes(jpeg)
+    sos = data.index(b'\xff\xda')
+    scan = sos + 2 + int.from_bytes(data[sos + 2:sos + 4], 'big')
+    return [scan + m.start() for m in re.finditer(rb'\xff[\xd0-\xd7]', data[scan:])]
+
+
+def encode_rst(a, interval, sampling=None):
+    """JPEG q90 of a (H, W, 3) RGB or (H, W) grey array with OpenCV, a restart marker every
+    ``interval`` MCUs (0: none), chroma ``sampling`` (an OpenCV IMWRITE_JPEG_SAMPLING_FACTOR_*;
+    None: OpenCV's 4:2:0)."""
+    params = [cv2.IMWRITE_JPEG_QUALITY, 90, cv2.IMWRITE_JPEG_RST_INTERVAL, interval]
+    if sampling is not None:
+        params += [cv2.IMWRITE_JPEG_SAMPLING_FACTOR, sampling]
+    ok, buf = cv2.imencode('.jpg', a if a.ndim == 2 else cv2.cvtColor(a, cv2.COLOR_RGB2BGR),
+                           params)
+    assert ok
+    return buf.reshape(-1)
+
+
+def rectangles(height, width, n, seed):
+    """``n`` random (top, left, rows, cols) inside a height x width image, after the whole image
+    and the four one-pixel corners (each touching two edges)."""
+    rng = np.random.default_rng(seed)
+    out = [(0, 0, height, width), (0, 0, 1, 1), (0, width - 1, 1, 1), (height - 1, 0, 1, 1),
+           (height - 1, width - 1, 1, 1)]
+    for _ in range(n):
+        rows, cols = int(rng.integers(1, height + 1)), int(rng.integers(1, width + 1))
+        out.append((int(rng.integers(0, height - rows + 1)), int(rng.integers(0, width - cols + 1)),
+                    rows, cols))
+    return out
+
+
+CASES = {  # name -> (pixels from the photo, encoder(pixels, interval), intervals in MCUs)
+    # the converter's records: 341 px = 22 MCU columns: intervals of 2 (the default), 1, and one
+    # of whole rows
+    'stored 4:2:0': (lambda a: a, lambda a, n: images.encode_jpeg(a, quality=90,
+                                                                  restart_interval=n),
+                     [images.DEFAULT_RESTART_INTERVAL, 1, 22]),
+    # intervals that do not divide a row (3, 7 MCUs: rows from where an interval starts), one of
+    # several rows (40); a size that is no multiple of the MCU
+    'odd 4:2:0': (lambda a: a[3:250, 5:338], encode_rst, [3, 7, 40]),
+    '4:4:4': (lambda a: a[:201, :97], lambda a, n: encode_rst(
+        a, n, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444), [1, 4, 5]),
+    '4:2:2': (lambda a: a[:99, :250], lambda a, n: encode_rst(
+        a, n, cv2.IMWRITE_JPEG_SAMPLING_FACTOR_422), [1, 2, 16]),
+    'grey': (lambda a: np.ascontiguousarray(a[:173, :203, 1]), encode_rst, [1, 2, 13])}
+
+
+@pytest.mark.parametrize('case', list(CASES))
+def test_a_region_decoded_through_restart_markers_equals_todays_region_decode(photo, case):
+    """jpeg_region.c's marker way gives, bit for bit, the pixels and first column of libjpeg's
+    partial decompression of the same JPEG and of the JPEG of the same pixels without markers,
+    for rectangles anywhere (the whole image, each corner, random ones) at every DCT scale."""
+    make, encode, intervals = CASES[case]
+    a = make(photo[0])
+    plain = encode(a, 0)
+    assert not restart_markers(plain)
+    for n in intervals:
+        jpeg = encode(a, n)
+        assert restart_markers(jpeg)
+        for denom in (1, 2, 4, 8):
+            height, width = -(-a.shape[0] // denom), -(-a.shape[1] // denom)
+            for top, left, rows, cols in rectangles(height, width, 25, seed=n * 10 + denom):
+                window = dict(top=top, left=left, height=rows, width=cols, denom=denom)
+                got, first = decoders.decode_region(jpeg, **window)
+                scanned, scanned_first = decoders.decode_region(jpeg, restart_markers=False,
+                                                                **window)
+                plain_pixels, plain_first = decoders.decode_region(plain, **window)
+                assert first == scanned_first == plain_first, (n, window)
+                np.testing.assert_array_equal(got, scanned, err_msg=str((n, window)))
+                np.testing.assert_array_equal(got, plain_pixels, err_msg=str((n, window)))
+
+
+def test_restart_markers_change_no_decoded_pixel(photo):
+    """The records stay standard JPEGs: ffcv's own decoder, OpenCV and Pillow decode a record
+    with markers to the pixels of the record without them."""
+    import io
+
+    from ffcv.libffcv import imdecode
+    from PIL import Image
+    a, _ = photo
+    decoded = []
+    for n in (0, images.DEFAULT_RESTART_INTERVAL):
+        jpeg = images.encode_jpeg(a, quality=90, restart_interval=n)
+        ffcv_pixels = np.empty_like(a)
+        imdecode(jpeg, ffcv_pixels, *a.shape[:2], *a.shape[:2], 0, 0, 1, 1, False, False)
+        decoded.append([ffcv_pixels, cv2.imdecode(jpeg, cv2.IMREAD_COLOR)[:, :, ::-1],
+                        np.asarray(Image.open(io.BytesIO(jpeg.tobytes())).convert('RGB'))])
+    for without, with_markers in zip(*decoded):
+        np.testing.assert_array_equal(without, with_markers)
+    assert np.abs(decoded[1][0].astype(int) - a).mean() < 3  # and they are the photo
+
+
+def without_intervals(jpeg, intervals):
+    """``jpeg`` with the data of the given restart intervals (numbered from 0) removed, their
+    markers kept: libjpeg finds each of them empty, corrupt data."""
+    data = bytearray(jpeg)
+    markers = restart_markers(jpeg)
+    sos = data.index(b'\xff\xda')
+    scan = sos + 2 + int.from_bytes(data[sos + 2:sos + 4], 'big')
+    for k in sorted(intervals, reverse=True):  # interval k: after marker k - 1, up to marker k
+        del data[markers[k - 1] + 2 if k else scan:markers[k]]
+    return np.frombuffer(bytes(data), np.uint8)
+
+
+def test_the_marker_way_reads_only_the_intervals_a_region_covers(photo):
+    """Damage in MCU row 0, and left of a region in the region's own rows: the marker way never
+    reads it and decodes the region as from the intact JPEG; libjpeg's partial decompression
+    entropy-decodes both and reports the corrupt data."""
+    a, _ = photo
+    jpeg = images.encode_jpeg(a, quality=90, restart_interval=images.DEFAULT_RESTART_INTERVAL)
+    n = images.restart_interval_for(a.shape[1], images.DEFAULT_RESTART_INTERVAL)
+    per_row = 22 // n  # intervals in an MCU row of the 341 px photo
+    damaged = without_intervals(jpeg, [0, 8 * per_row])  # rows 0 and 8, their first columns
+    window = dict(top=8 * 16 + 5, left=12 * 16 + 3, height=100, width=120)  # MCU columns 12-19
+    got, first = decoders.decode_region(damaged, **window)
+    intact, intact_first = decoders.decode_region(jpeg, **window)
+    assert first == intact_first
+    np.testing.assert_array_equal(got, intact)
+    with pytest.raises(ValueError, match='corrupt'):
+        decoders.decode_region(damaged, restart_markers=False, **window)
+
+
+def damaged_markers(jpeg) -> dict:
+    """Copies of a JPEG with restart markers whose markers are damaged or missing."""
+    data = bytes(jpeg)
+    markers = restart_markers(jpeg)
+    renumbered = bytearray(data)
+    renumbered[markers[30] + 1] = 0xD0 + (30 + 1) % 8
+    stripped = bytearray(data)
+    for m in reversed(markers):
+        del stripped[m:m + 2]
+    dri = data.index(b'\xff\xdd')
+    return {'one marker renumbered': bytes(renumbered), 'markers removed': bytes(stripped),
+            'DRI segment removed': data[:dri] + data[dri + 6:],
+            'data cut at marker 40': data[:markers[40]] + b'\xff\xd9'}
+
+
+def test_damaged_or_missing_restart_markers_are_reported_never_decoded_wrong(photo):
+    """A JPEG whose markers are not where its headers say is decoded the other way, where
+    libjpeg reports the damage: a ValueError, never pixels decoded from the wrong intervals."""
+    a, _ = photo
+    jpeg = images.encode_jpeg(a, quality=90, restart_interval=images.DEFAULT_RESTART_INTERVAL)
+    for name, damaged in damaged_markers(jpeg).items():
+        damaged = np.frombuffer(damaged, np.uint8)
+        for window in (dict(top=120, left=100, height=100, width=100),  # below the damage
+                       dict(top=0, left=0, height=256, width=341)):
+            with pytest.raises(ValueError, match='corrupt|ended early'):
+                decoders.decode_region(damaged, **window)
+                pytest.fail(f'{name}: decoded {window}')
+
+
+def test_a_record_with_damaged_markers_is_named_by_verify_and_the_loader(betons, tmp_path):
+    """The record's index, from imagenet-ffcv-write --verify and from the loader."""
+    from ffcv.reader import Reader
+
+    from imagenet_ffcv import verify
+    reader = Reader(str(betons['jpg']))
+    ptr = int(reader.metadata['f0']['data_ptr'][3])
+    size = int(reader.alloc_table['size'][reader.alloc_table['ptr'] == ptr][0])
+    data = bytearray(betons['jpg'].read_bytes())
+    record = bytes(data[ptr:ptr + size])
+    marker = restart_markers(record)[5]
+    data[ptr + marker + 1] ^= 1  # RST5 -> RST4: the record's length stays
+    damaged = tmp_path / 'damaged.beton'
+    damaged.write_bytes(bytes(data))
+    problems = verify.verify_beton(damaged)['problems']
+    assert len(problems) == 1 and problems[0].startswith('record 3: JPEG does not decode')
+    loader = loaders.val_loader(path=damaged, batch_size=8, num_workers=1, res=64,
+                                device=torch.device('cpu'))
+    for _ in loader:
+        pass
+    assert 'sample 3 does not decode' in loader.corrupt_record()
 
 
 RESAMPLE_IN_A_NEW_PROCESS = '''
