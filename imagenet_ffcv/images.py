@@ -128,9 +128,10 @@ def encode_jpeg(rgb: np.ndarray, *, quality: int, restart_interval: int) -> np.n
     ``encode_jpeg`` (the records of .beton files written before markers were the default).
 
     Any JPEG decoder reads the result, to the same pixels with or without markers; the markers
-    cost bytes (about 2 % at the default on imagewoof320: docs/performance.md). The one function
-    that turns pixels into stored bytes: the writer calls it for every JPEG record, and the same
-    OpenCV build reproduces a record byte for byte. Raises ValueError if OpenCV cannot encode."""
+    cost bytes (+1.9 % at the default interval on imagewoof320 at shorter side 256, q90; table in
+    docs/converting.md). The one function that turns pixels into stored bytes: the writer calls it
+    for every JPEG record, and the same OpenCV build reproduces a record byte for byte. Raises
+    ValueError if OpenCV cannot encode."""
     interval = restart_interval_for(rgb.shape[1], restart_interval)
     ok, encoded = cv2.imencode('.jpg', cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR),
                                [cv2.IMWRITE_JPEG_QUALITY, int(quality),

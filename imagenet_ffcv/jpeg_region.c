@@ -154,17 +154,17 @@ static int read_layout(const uint8_t *src, uint64_t size, struct layout *l) {
     for (;;) {
         if (p + 4 > size || src[p] != 0xFF) return 0;
         uint8_t marker = src[p + 1];
-        if (marker == 0xFF) {  /* fill byte */
-            p++;
+        if (marker == 0xFF || marker == 0x01) {  /* a fill byte; TEM, which has no length */
+            p += marker == 0xFF ? 1 : 2;
             continue;
         }
         uint32_t length = (uint32_t)src[p + 2] << 8 | src[p + 3];  /* counts itself, not the marker */
         if (length < 2 || p + 2 + length > size) return 0;
-        const uint8_t *s = src + p + 4;
+        const uint8_t *s = src + p + 4;  /* length - 2 bytes */
         if (marker == 0xC0 || marker == 0xC1) {
+            if (length < 8) return 0;
             components = s[5];
-            if (length < 8 || s[0] != 8 || components < 1 || components > 4 ||
-                length != 8 + 3 * components)
+            if (s[0] != 8 || components < 1 || components > 4 || length != 8 + 3 * components)
                 return 0;
             l->sof = p;
             l->height = (uint32_t)s[1] << 8 | s[2];
@@ -181,8 +181,8 @@ static int read_layout(const uint8_t *src, uint64_t size, struct layout *l) {
         } else if (marker == 0xDD) {
             if (length != 4) return 0;
             l->interval = (uint32_t)s[0] << 8 | s[1];
-        } else if (marker == 0xDA) {
-            if (components == 0 || s[0] != components) return 0;  /* no SOF, or several scans */
+        } else if (marker == 0xDA) {  /* no SOF before it, or not every component in it */
+            if (components == 0 || length != 6 + 2 * components || s[0] != components) return 0;
             l->data = p + 2 + length;
             break;
         }
