@@ -1,6 +1,7 @@
 """The code stays readable in one sitting: no package module over 400 lines, no function (nested ones
-counted within their parent, decorators included) over 80 lines in the package or the entry scripts,
-and imports at the top of modules except the heavy optional ones listed here."""
+counted within their parent, decorators included) over 80 lines in the package, the entry scripts or
+the benchmarks, imports at the top of modules except the heavy optional ones listed here, and no
+benchmark importing another (what they share lives in the package or in benchmarks/common.py)."""
 import ast
 import functools
 import gc
@@ -10,6 +11,7 @@ from conftest import REPO
 
 PACKAGE = sorted((REPO / 'imagenet_ffcv').glob('*.py'))
 ENTRY_SCRIPTS = [REPO / name for name in ('train_imagenet.py', 'write_beton.py', 'predict.py')]
+BENCHMARKS = sorted((REPO / 'benchmarks').glob('*.py'))
 MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 80
 # Imports that stay inside a function: heavy, and only that function needs them.
 LATE_IMPORTS_ALLOWED = {('sources.py', 'scipy.io'), ('metrics.py', 'matplotlib'),
@@ -23,8 +25,8 @@ def parse(path: Path) -> ast.Module:
     """``ast.parse`` of the file. CPython 3.11 keeps the AST constructor's recursion count in
     process-wide state (python/cpython#106905), so another thread using it at the same moment, or
     a finalizer run by the garbage collector mid-parse, can make a correct parse raise SystemError
-    "AST constructor recursion depth mismatch" (seen once in CI, with loader threads of earlier
-    tests alive): the collector is off while parsing, and that one error is retried."""
+    "AST constructor recursion depth mismatch" (in CI, with loader threads of earlier tests still
+    alive): the collector is off while parsing, and that one error is retried."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -58,7 +60,7 @@ def test_no_module_over_400_lines():
 
 def test_no_function_over_80_lines():
     long = [f'{p.name}:{node.lineno} {node.name} ({function_lines(node)} lines)'
-            for p in PACKAGE + ENTRY_SCRIPTS for node in functions(p)
+            for p in PACKAGE + ENTRY_SCRIPTS + BENCHMARKS for node in functions(p)
             if function_lines(node) > MAX_FUNCTION_LINES]
     assert long == []
 
@@ -84,8 +86,25 @@ def test_optional_packages_are_imported_only_through_optional_require():
                         or n.startswith('torch.utils.tensorboard')], path.name
 
 
-def test_the_data_module_is_split_by_concern():
-    """Each concern of the former data.py has its module; none imports the writer but the writer's
+def test_benchmarks_import_no_other_benchmark():
+    """A benchmark imports benchmarks/common.py and the package, never another benchmark (at the
+    top or inside a function)."""
+    others = {p.stem for p in BENCHMARKS} - {'common'}
+    found = []
+    for path in BENCHMARKS:
+        for node in ast.walk(parse(path)):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ''] if isinstance(node, ast.ImportFrom) and not node.level
+                     else [])
+            found += [f'{path.name}:{node.lineno} imports {n}' for n in names
+                      if n.split('.')[0] in others]
+    assert {p.stem for p in BENCHMARKS} >= {'common', 'bench_loader', 'bench_train'}
+    assert found == []
+
+
+def test_the_data_concerns_have_a_module_each():
+    """Sources, classes, images, writer, verify, loaders, constants and files each have their
+    module, and there is no catch-all ``data`` module; none imports the writer but the writer's
     users (the loaders and the engine reach the constants without it)."""
     names = {p.stem for p in PACKAGE}
     assert {'sources', 'classes', 'images', 'writer', 'verify', 'loaders', 'constants',
