@@ -26,9 +26,9 @@ import time
 from pathlib import Path
 
 from common import RESULTS, SHARED_DATA, machine_line, markdown_table, write_csv
+from imagenet_ffcv.constants import DECODERS
 
 REPO = Path(__file__).resolve().parents[1]
-DECODERS = ('fused', 'fused_aa', 'ffcv')
 
 
 def write_betons(work: Path) -> dict:

@@ -41,11 +41,11 @@ from common import RESULTS, image_sets, machine_line, markdown_table, write_csv
 from ffcv.fields.rgb_image import encode_jpeg
 from ffcv.libffcv import imdecode, resize_crop
 from imagenet_ffcv import decoders, resampling
+from imagenet_ffcv.constants import DECODERS
 from imagenet_ffcv.crops import random_resized_crop, sample_key
 from imagenet_ffcv.images import load_image
 from imagenet_ffcv.sources import find_classes, list_samples
 
-DECODERS = ('fused', 'fused_aa', 'ffcv')
 RESOLUTIONS = (160, 192, 224)
 SCALE = np.array((0.08, 1.0))
 RATIO = np.array((3 / 4, 4 / 3))

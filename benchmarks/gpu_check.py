@@ -496,7 +496,7 @@ def write_data(args, work, sizes) -> list:
     from common import pooled_samples
     from imagenet_ffcv import sources
     from imagenet_ffcv.classes import class_list_path, write_class_list
-    from imagenet_ffcv.writer from imagenet_ffcv import write
+    from imagenet_ffcv.writer import write_beton
     root = data_root(args)
     woof = root / 'imagewoof320' if root else REPO / 'demo' / 'imagenette_sample'
     nette = root / 'imagenette' if root else REPO / 'demo' / 'imagenette_sample'

@@ -26,12 +26,11 @@ from ffcv.transforms import (NormalizeImage, RandomHorizontalFlip, Squeeze, ToDe
                              ToTorchImage)
 
 from .classes import class_list_path, read_class_list
-from .constants import DEFAULT_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
+from .constants import DECODERS, DEFAULT_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
 from .decoders import center_crop_decoder, random_resized_crop_decoder
 from .verify import check_beton
 
 ORDERS = {'random': OrderOption.RANDOM, 'quasi_random': OrderOption.QUASI_RANDOM}
-DECODERS = ('fused', 'fused_aa', 'ffcv')
 
 
 # ffcv 1.0.2's OSCacheManager (``os_cache=True``, our ``data.in_memory=1``) marks its arrays

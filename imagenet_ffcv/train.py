@@ -19,17 +19,17 @@ from functools import partial
 import torch
 from tqdm import tqdm
 
-from . import checkpoint, config, distributed, engine, loaders, metrics, models, optimizers, schedules
+from . import (checkpoint, config, distributed, engine, loaders, metrics, models, optimizers,
+               schedules, weights)
 from .classes import class_list_path, read_class_names
 from .commands import command_name
 from .ema import make_ema
+from .errors import ImagenetFfcvError
 from .evaluate import evaluate_weights, make_val_loader, ten_crop_eval, validate
 from .loggers import LiveLog
 from .mixup import batch_mixer
-from .optional import MissingPackageError, require
 from .run_dir import RunDir, code_version
 from .signals import StopRequest
-from .verify import CorruptBetonError
 
 
 
@@ -131,8 +131,7 @@ def global_step(run, epoch: int, iterations_done: int) -> int:
 
 def build(cfg, dist, wall_start) -> Run:
     """Loaders, model, optimizer, loss and schedules of a new run, on ``dist.device``."""
-    if cfg.logging.wandb_project:  # fail now, before any work or run folder
-        require('wandb', f'logging.wandb_project={cfg.logging.wandb_project!r}')
+    config.check_optional_packages(cfg)  # fail now, before any work or run folder
     device = dist.device
     precision = engine.resolve_precision(cfg.training.amp, device)
     torch.backends.cudnn.benchmark = device.type == 'cuda'  # fixed shapes within an epoch
@@ -187,8 +186,8 @@ def restore(run: Run, saved: dict, resume_path) -> None:
     """Continue where the checkpoint ``saved`` left its run: weights, optimizer (and loss scaler),
     EMA, random states and progress. Raises CheckpointError when this config changes the run's
     schedule (unless ``checkpoint.force``)."""
-    checkpoint.check_schedule(saved, run.resolved, force=bool(run.cfg.checkpoint.force),
-                              path=resume_path)
+    config.check_resumable(saved['config'], run.resolved, force=bool(run.cfg.checkpoint.force),
+                           path=resume_path)
     has_ema = checkpoint.restore_training_state(
         saved, model=run.model_without_ddp, optimizer=run.optimizer, scaler=run.scaler,
         ema=run.options.ema)
@@ -253,13 +252,14 @@ def fit(run: Run):
                 model=run.model, loader=run.train_loader, optimizer=run.optimizer,
                 loss_fn=run.loss_fn, lr_at=run.lr_at, epoch=epoch,
                 amp_dtype=run.precision.amp_dtype, scaler=run.scaler, options=run.options,
+                hooks=engine.EpochHooks(
+                    stop_requested=stop.__bool__, corrupt_record=run.train_loader.corrupt_record,
+                    save_checkpoint=partial(save_checkpoint, run, epoch),
+                    checkpoint_every=cfg.checkpoint.every_iters,
+                    log_train=partial(log_train, run, epoch),
+                    log_every=cfg.logging.every_iters if run.live_log else 0),
                 show_progress=run.dist.is_primary,
                 start_iteration=progress.iteration if epoch == first_epoch else 0,
-                stop_requested=stop.__bool__, checkpoint_every=cfg.checkpoint.every_iters,
-                save_checkpoint=partial(save_checkpoint, run, epoch),
-                corrupt_record=run.train_loader.corrupt_record,
-                log_every=cfg.logging.every_iters if run.live_log else 0,
-                log_train=partial(log_train, run, epoch),
                 iterations_after=len(run.train_loader) * schedules.remaining_work(
                     epoch, epochs=cfg.training.epochs, res_at=run.res_at))
             progress.images += stats['images'] * run.dist.world_size
@@ -294,7 +294,7 @@ def end_of_epoch_eval(run: Run, epoch: int) -> dict:
     if progress.best_top1 is None or val['top_1'] > progress.best_top1:
         progress.best_top1, progress.best_epoch = val['top_1'], epoch
         if cfg.checkpoint.keep_best and run.run_dir:
-            checkpoint.save_final_weights(
+            weights.save_final_weights(
                 models.unwrapped_state_dict(run.model_without_ddp), run.run_dir.best_weights,
                 config=run.resolved, classes=run.classes)
     if target > 0 and val['top_1'] >= target:
@@ -371,11 +371,11 @@ def summarize(run: Run) -> dict:
     if cfg.checkpoint.keep_best:
         summary.update(best_top1=progress.best_top1, best_epoch=progress.best_epoch)
     if run.run_dir and run.options.ema is not None:
-        checkpoint.save_final_weights(models.unwrapped_state_dict(run.options.ema),
+        weights.save_final_weights(models.unwrapped_state_dict(run.options.ema),
                                       run.run_dir.final_weights_ema, config=run.resolved,
                                       classes=run.classes)
     if run.run_dir:
-        checkpoint.save_final_weights(models.unwrapped_state_dict(model), run.run_dir.final_weights,
+        weights.save_final_weights(models.unwrapped_state_dict(model), run.run_dir.final_weights,
                                       config=run.resolved, classes=run.classes)
         print(metrics.results_table(summary))
     return summary
@@ -388,8 +388,7 @@ def cli(argv=None) -> int:
     record)."""
     try:
         summary = main(config.load_config(sys.argv[1:] if argv is None else argv))
-    except (config.ConfigError, FileNotFoundError, checkpoint.CheckpointError, MissingPackageError,
-            engine.NonFiniteLossError, engine.CorruptRecordError, CorruptBetonError) as e:
+    except (ImagenetFfcvError, FileNotFoundError) as e:
         print(f'{command_name("train")}: {e}', file=sys.stderr)
         return 1
     return summary.get('exit_code', 0)

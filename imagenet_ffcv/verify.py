@@ -10,11 +10,12 @@ from PIL import Image
 
 from .classes import class_list_path, read_class_list
 from .decoders import decode_region, region_decoder
+from .errors import ImagenetFfcvError
 
 SHORT_SIDE_EDGES = [0, 32, 64, 128, 160, 192, 224, 256, 320, 384, 512, 10 ** 9]  # px buckets
 
 
-class CorruptBetonError(Exception):
+class CorruptBetonError(ImagenetFfcvError):
     """A .beton file that cannot be read back completely."""
 
 

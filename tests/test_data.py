@@ -361,4 +361,5 @@ def test_a_corrupt_record_is_named_by_verify_validation_and_training(sample_beto
     with pytest.raises(engine.CorruptRecordError, match=r'train.beton: sample 123 does not decode'):
         engine.train_one_epoch(model=model, loader=loader, optimizer=optimizer,
                                loss_fn=nn.CrossEntropyLoss(), lr_at=lambda t: 0.01, epoch=0,
-                               show_progress=False, corrupt_record=loader.corrupt_record)
+                               show_progress=False,
+                               hooks=engine.EpochHooks(corrupt_record=loader.corrupt_record))
