@@ -307,13 +307,13 @@ def train_loader_kwargs(cfg: SimpleNamespace) -> dict:
     return {'path': cfg.data.train_dataset, 'batch_size': cfg.training.batch_size,
             'os_cache': bool(cfg.data.in_memory), 'seed': cfg.training.seed,
             'min_crop_scale': cfg.data.min_crop_scale, 'flip_prob': cfg.data.flip_prob,
-            'decoder': cfg.data.decoder}
+            'decoder_name': cfg.data.decoder}
 
 
 def val_loader_kwargs(cfg: SimpleNamespace) -> dict:
     """The keyword arguments of ``loaders.val_loader`` that the config sets."""
     return {'path': cfg.data.val_dataset, 'batch_size': cfg.validation.batch_size,
-            'res': cfg.validation.resolution, 'decoder': cfg.data.decoder}
+            'res': cfg.validation.resolution, 'decoder_name': cfg.data.decoder}
 
 
 def model_kwargs(cfg: SimpleNamespace) -> dict:

@@ -74,7 +74,7 @@ class Run:
     cfg: object
     dist: distributed.DistInfo
     train_loader: object
-    decoder: object  # the train decoder: its output_size sets the epoch's resolution
+    train_decoder: object  # its output_size sets the epoch's resolution
     val_loader: object
     model: torch.nn.Module  # DistributedDataParallel around model_without_ddp when distributed
     model_without_ddp: torch.nn.Module
@@ -138,7 +138,7 @@ def build(cfg, dist, wall_start) -> Run:
     torch.manual_seed(cfg.training.seed)  # same initial weights on every rank
     res_at = partial(schedules.resolution_at, **config.resolution_kwargs(cfg))
     threads = distributed.loader_threads(cfg.data.num_workers, dist)
-    train_loader, decoder = loaders.train_loader(
+    train_loader, train_decoder = loaders.train_loader(
         **config.train_loader_kwargs(cfg), num_workers=threads, res=res_at(0), device=device,
         distributed=dist.distributed, dtype=precision.input_dtype)
     if len(train_loader) == 0:
@@ -166,7 +166,8 @@ def build(cfg, dist, wall_start) -> Run:
         'loader_threads': threads},
         'code': code_version()}
     return Run(
-        cfg=cfg, dist=dist, train_loader=train_loader, decoder=decoder, val_loader=val_loader,
+        cfg=cfg, dist=dist, train_loader=train_loader, train_decoder=train_decoder,
+        val_loader=val_loader,
         model=model, model_without_ddp=model_without_ddp,
         optimizer=optimizers.make_optimizer(
             **config.optimizer_kwargs(cfg), lr=lr,
@@ -247,7 +248,7 @@ def fit(run: Run):
     with StopRequest() as stop:
         for epoch in range(first_epoch, cfg.training.epochs):
             res = run.res_at(epoch)
-            run.decoder.output_size = (res, res)
+            run.train_decoder.output_size = (res, res)
             stats = engine.train_one_epoch(
                 model=run.model, loader=run.train_loader, optimizer=run.optimizer,
                 loss_fn=run.loss_fn, lr_at=run.lr_at, epoch=epoch,

@@ -213,21 +213,21 @@ def test_the_decoder_choice_reaches_the_loaders(sample_betons):
     our layout: float32 (B, 3, res, res), channels_last, normalised; an unknown name is refused."""
     _, fused_aa = loaders.train_loader(path=sample_betons['train'], batch_size=16, num_workers=2,
                                        res=48, os_cache=True, device=torch.device('cpu'),
-                                       distributed=False, seed=0, decoder='fused_aa')
+                                       distributed=False, seed=0, decoder_name='fused_aa')
     assert isinstance(fused_aa, decoders.CropResizeDecoder) and fused_aa.antialias
     loader, stock = loaders.train_loader(path=sample_betons['train'], batch_size=16,
                                          num_workers=2, res=48, os_cache=True,
                                          device=torch.device('cpu'), distributed=False, seed=0,
-                                         decoder='ffcv')
+                                         decoder_name='ffcv')
     assert type(stock).__name__ == 'RandomResizedCropRGBImageDecoder'
     x, y = next(iter(loader))
     assert x.shape == (16, 3, 48, 48) and x.dtype == torch.float32 and y.shape == (16,)
     assert x.is_contiguous(memory_format=torch.channels_last)
     assert abs(float(x.mean())) < 1.0 and 0.5 < float(x.std()) < 1.5  # normalised
     assert loader.corrupt_record() is None
-    with pytest.raises(ValueError, match="decoder='bilinear'"):
+    with pytest.raises(ValueError, match="decoder_name='bilinear'"):
         loaders.val_loader(path=sample_betons['val'], batch_size=8, num_workers=1, res=32,
-                           device=torch.device('cpu'), decoder='bilinear')
+                           device=torch.device('cpu'), decoder_name='bilinear')
 
 
 RESAMPLE_IN_A_NEW_PROCESS = '''

@@ -86,8 +86,9 @@ def test_optional_packages_are_imported_only_through_optional_require():
 
 
 def test_the_data_module_is_split_by_concern():
-    """Each concern of the former data.py has its module; none imports the writer but the writer's
-    users (the loaders and the engine reach the constants without it)."""
+    """The data path has one module per concern (sources, classes, images, writer, verify,
+    loaders, constants, files; no catch-all data module); none imports the writer but the
+    writer's users (the loaders and the engine reach the constants without it)."""
     names = {p.stem for p in PACKAGE}
     assert {'sources', 'classes', 'images', 'writer', 'verify', 'loaders', 'constants',
             'files'} <= names and 'data' not in names
@@ -141,3 +142,9 @@ def test_each_choice_list_is_typed_in_its_home_only():
                            for home, names in choices
                            if len(items & names) >= 2 and path.name != home]
     assert copies == []
+
+
+def test_the_package_docstring_names_every_module():
+    import imagenet_ffcv
+    names = [p.stem for p in PACKAGE if not p.stem.startswith('_')]
+    assert [n for n in names if f'``{n}``' not in imagenet_ffcv.__doc__] == []
