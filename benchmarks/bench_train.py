@@ -50,6 +50,7 @@ from common import (RESULTS, alternate, epoch_of, ffcv_stock_loader, image_sets,
                     markdown_table, our_loader, pooled_samples, stored_beton, time_runs,
                     write_csv)
 from imagenet_ffcv import engine, models
+from imagenet_ffcv.constants import PRECISIONS
 
 FEEDS = {'synthetic': 'synthetic (no loading)', 'ours': 'our loader',
          'ffcv_stock': 'ffcv stock loader'}
@@ -276,7 +277,7 @@ def parse_args(argv):
                         'default: both')
     p.add_argument('--feeds', help=f'comma-separated, from {", ".join(FEEDS)}; default: '
                                    'synthetic,ours on CPU, all three on CUDA')
-    p.add_argument('--amp', default='auto', choices=engine.AMP_CHOICES,
+    p.add_argument('--amp', default='auto', choices=PRECISIONS,
                    help='mixed precision as training.amp (auto: bf16 on a recent GPU, fp32 on CPU)')
     p.add_argument('--beton', help='read this .beton instead of writing the pooled main set')
     p.add_argument('--workers', type=int, default=os.cpu_count(), help='loader threads')

@@ -28,8 +28,7 @@ from pathlib import Path
 
 from common import (REPO, RESULTS, SHARED_DATA, machine_line, markdown_table, resnet18_run_args,
                     write_csv)
-
-DECODERS = ('fused', 'fused_aa', 'ffcv')
+from imagenet_ffcv.constants import DECODERS
 
 
 def write_betons(work: Path) -> dict:

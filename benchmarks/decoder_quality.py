@@ -2,14 +2,14 @@
 output is to a high-quality resize of the same crop rectangle.
 
 For every image, stored as ``imagenet-ffcv-write`` stores it by default (shorter side 256 with
-``images.load_image``, JPEG q90 with ffcv's ``encode_jpeg``, as ``RGBImageField`` writes it), and
+``images.load_image``, JPEG q90 with ``images.stored_jpeg``, as ``RGBImageField`` writes it), and
 for the same random-resized crop rectangles (``crops.random_resized_crop``, scale (0.08, 1), ratio
 (3/4, 4/3), keys ``crops.sample_key(seed, crop number, image number)``), at 160, 192 and 224 px:
 
 - reference: PIL's full decode of the stored JPEG, ``Image.resize((res, res), Image.LANCZOS,
   box=(left, top, right, bottom))`` (exact rectangle, ``reducing_gap`` off);
-- ``fused``: our decoder's steps, as ``decoders.CropResizeDecoder.generate_code`` runs them:
-  ``jpeg_window`` (partial), ``decode_region`` of the window, ``resample(antialias=False)``;
+- ``fused``: ``decoders.decode_crop``, the compiled steps ``decoders.CropResizeDecoder`` runs
+  (``jpeg_window`` (partial), the region decode of the window, ``resample(antialias=False)``);
 - ``fused_aa``: the same with ``antialias=True``;
 - ``ffcv``: ffcv 1.0.2's ``RandomResizedCropRGBImageDecoder`` for the same rectangle, through
   ffcv's own native functions: ``libffcv.imdecode`` of the whole JPEG at full size (scale 1/1,
@@ -38,21 +38,18 @@ import numpy as np
 from PIL import Image
 
 from common import RESULTS, STORAGE, image_sets, machine_line, markdown_table, write_csv
-from ffcv.fields.rgb_image import encode_jpeg
 from ffcv.libffcv import imdecode, resize_crop
-from imagenet_ffcv import decoders, resampling
+from imagenet_ffcv import decoders
+from imagenet_ffcv.constants import DECODERS
 from imagenet_ffcv.crops import random_resized_crop, sample_key
-from imagenet_ffcv.images import load_image
+from imagenet_ffcv.images import load_image, stored_jpeg
 from imagenet_ffcv.sources import find_classes, list_samples
 
-DECODERS = ('fused', 'fused_aa', 'ffcv')
 RESOLUTIONS = (160, 192, 224)
 SCALE = np.array((0.08, 1.0))
 RATIO = np.array((3 / 4, 4 / 3))
 MAX_RES, QUALITY = STORAGE['max_res'], STORAGE['jpeg_quality']  # imagenet-ffcv-write's defaults
 RANGES = (('< 1', 0.0, 1.0), ('1-2', 1.0, 2.0), ('>= 2', 2.0, math.inf))
-ZEROS = np.zeros(3, np.float32)
-resample_c = resampling.resample  # the loader's own compiled function
 
 
 def stored_jpegs(root, limit: int) -> list:
@@ -61,19 +58,14 @@ def stored_jpegs(root, limit: int) -> list:
     classes = find_classes(root / 'train')
     paths = [p for split in ('train', 'val') if (root / split).is_dir()
              for p, _ in list_samples(root / split, classes)]
-    return [encode_jpeg(load_image(p, MAX_RES), QUALITY) for p in paths[:limit]]
+    return [stored_jpeg(load_image(p, MAX_RES), QUALITY) for p in paths[:limit]]
 
 
 def fused(jpeg, height, width, crop, res, antialias):
-    """Our decoder's output for one crop (no flip, uint8), step by step as generate_code."""
-    i, j, h, w = crop
-    denom, top, left, rows, cols, y0, x0, ch, cw = decoders.jpeg_window(
-        height, width, i, j, h, w, res, res, True)
-    src, first = decoders.decode_region(jpeg, top=top, left=left, height=rows, width=cols,
-                                        denom=denom)
-    dst = np.empty((res, res, 3), np.uint8)
-    resample_c(src, y0 - top, x0 - first, ch, cw, dst, False, ZEROS, ZEROS, False, antialias)
-    return dst
+    """Our decoder's output for one crop (no flip, uint8): ``decoders.decode_crop``, the loaders'
+    own compiled steps."""
+    return decoders.decode_crop(jpeg, height=height, width=width, crop=crop, size=(res, res),
+                                normalize=False, antialias=antialias)
 
 
 def ffcv_stock(jpeg, height, width, crop, res):

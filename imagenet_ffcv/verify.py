@@ -11,6 +11,7 @@ from PIL import Image
 
 from .classes import class_list_path, read_class_list
 from .decoders import decode_region, region_decoder
+from .errors import ImagenetFfcvError
 
 SHORT_SIDE_EDGES = [0, 32, 64, 128, 160, 192, 224, 256, 320, 384, 512, 10 ** 9]  # px buckets
 JPEG_MODE, RAW_MODE = 0, 1  # a record's 'mode': how ffcv's RGBImageField stored the image
@@ -18,7 +19,7 @@ RECORD_TYPE = np.dtype([('mode', np.uint8), ('height', np.int64), ('width', np.i
                         ('data_ptr', np.int64), ('size', np.int64), ('label', np.int64)])
 
 
-class CorruptBetonError(Exception):
+class CorruptBetonError(ImagenetFfcvError):
     """A .beton file that cannot be read back completely."""
 
 

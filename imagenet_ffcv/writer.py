@@ -10,6 +10,7 @@ from ffcv.fields import IntField, RGBImageField
 from ffcv.writer import DatasetWriter
 from PIL import Image
 
+from .errors import ImagenetFfcvError
 from .files import atomic_path, remove_stale_temporaries, temporary_path, write_text_atomic
 from .images import load_image, shorter_side_size
 from .sources import open_image_source, source_size
@@ -43,7 +44,7 @@ class ImageFiles:
             return np.zeros((1, 1, 3), np.uint8), label
 
 
-class UnreadableImagesError(Exception):
+class UnreadableImagesError(ImagenetFfcvError):
     """Images that could not be decoded; ``failures`` is a list of ``(path, reason)``."""
 
     def __init__(self, failures):
@@ -54,7 +55,7 @@ class UnreadableImagesError(Exception):
                          f'Remove or replace them and run again:\n{listed}{more}')
 
 
-class InsufficientSpaceError(OSError):
+class InsufficientSpaceError(ImagenetFfcvError, OSError):
     """The target folder has less free space than the estimated size of the .beton."""
 
 

@@ -3,6 +3,7 @@ counted within their parent, decorators included) over 80 lines in the package, 
 the benchmarks, imports at the top of modules except the heavy optional ones listed here, and no
 benchmark importing another (what they share lives in the package or in benchmarks/common.py)."""
 import ast
+import re
 import functools
 import gc
 from pathlib import Path
@@ -112,3 +113,56 @@ def test_the_data_concerns_have_a_module_each():
     for module in ('loaders', 'engine', 'decoders', 'images', 'checkpoint'):
         source = (REPO / 'imagenet_ffcv' / f'{module}.py').read_text()
         assert 'from .writer' not in source and 'import writer' not in source, module
+
+
+# Where config keys may be named in code: the config and its schema, and the two modules that read
+# the config (the trainer and its validation); every other module takes plain arguments.
+CONFIG_READERS = {'config.py', 'config_schema.py', 'train.py', 'evaluate.py'}
+KEY = re.compile(r'\b(data|model|resolution|lr|logging|validation|training|checkpoint|dist)'
+                 r'\.[a-z_]+(?![a-z_(])')
+
+
+def string_constants(path: Path):
+    """The string literals of a module that are not docstrings: ``(line, text)``."""
+    tree = parse(path)
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr)
+                  and isinstance(node.body[0].value, ast.Constant)}
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Constant) and isinstance(node.value, str)
+                and id(node) not in docstrings):
+            yield node.lineno, node.value
+
+
+def test_config_keys_are_named_only_where_the_config_is_read():
+    named = [f'{p.name}:{line} {m.group(0)}' for p in PACKAGE if p.name not in CONFIG_READERS
+             for line, text in string_constants(p) for m in KEY.finditer(text)
+             if not m.group(0).endswith(('.pt', '.py', '.json', '.tsv'))]
+    assert named == []
+
+
+def test_each_choice_list_is_typed_in_its_home_only():
+    """The decoder names, precisions, LR schedules and optimizers are typed once (constants.py,
+    schedules.py, optimizers.py); everything else imports them. A list, tuple or set literal
+    holding two or more of one list's names elsewhere is a second copy."""
+    from imagenet_ffcv import constants, optimizers, schedules
+    homes = {'constants.py': [constants.DECODERS, constants.PRECISIONS],
+             'schedules.py': [tuple(schedules.LR_SCHEDULES)],
+             'optimizers.py': [optimizers.OPTIMIZERS]}
+    choices = [(home, set(names)) for home, lists in homes.items() for names in lists]
+    copies = []
+    for path in PACKAGE + sorted((REPO / 'benchmarks').glob('*.py')):
+        for node in ast.walk(parse(path)):
+            if isinstance(node, (ast.List, ast.Tuple, ast.Set)):
+                items = {e.value for e in node.elts if isinstance(e, ast.Constant)}
+                copies += [f'{path.name}:{node.lineno} {sorted(items & names)}'
+                           for home, names in choices
+                           if len(items & names) >= 2 and path.name != home]
+    assert copies == []
+
+
+def test_the_package_docstring_names_every_module():
+    import imagenet_ffcv
+    names = [p.stem for p in PACKAGE if not p.stem.startswith('_')]
+    assert [n for n in names if f'``{n}``' not in imagenet_ffcv.__doc__] == []
