@@ -31,58 +31,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import (RESULTS, PeakRSS, image_sets, machine_line, markdown_table, pooled_samples,
-                    time_epochs, write_csv)
-from imagenet_ffcv import loaders
+from common import (RESULTS, STORAGE, PeakRSS, epoch_of, ffcv_stock_loader, image_sets,
+                    machine_line, markdown_table, our_loader, pooled_samples, stored_beton,
+                    stored_jpegs, time_epochs, write_csv)
+from imagenet_ffcv import verify
 from imagenet_ffcv.constants import IMAGENET_MEAN, IMAGENET_STD
-from imagenet_ffcv.writer import write_beton
 
-CPU = torch.device('cpu')
-STORAGE = {'write_mode': 'jpg', 'max_res': 256, 'jpeg_quality': 90}  # write_beton.py's defaults
 DALI_PIN = 'nvidia-dali-cuda130==2.4.0'  # the Makefile's bench target installs this one
 PEERS = ('ffcv_stock', 'torchvision', 'dali')  # measured beside ours; dali = dali + dali_antialias
 ORDER = {'ffcv': 0, 'ffcv_stock': 1, 'dali': 2, 'dali_antialias': 3, 'torchvision': 4,
          'decode_limit': 5}  # row order of the printed table
-
-
-def write(samples, folder, **storage) -> Path:
-    """The samples as a beton with the given storage settings (cached within the run)."""
-    storage = {**STORAGE, **storage}
-    out = Path(folder) / ('_'.join(f'{k}-{v}' for k, v in storage.items()) + '.beton')
-    if not out.exists():
-        write_beton(samples, out, num_workers=os.cpu_count(), **storage)
-    return out
-
-
-def ours(path, *, res, workers, batch_size, in_memory=1, order='random'):
-    """The trainer's loader: ``(loader, decoder)``."""
-    return loaders.train_loader(path=path, batch_size=batch_size, num_workers=workers, res=res,
-                                os_cache=in_memory, device=CPU, distributed=False, seed=0,
-                                order=order)
-
-
-def ffcv_stock(path, *, res, workers, batch_size, device=CPU):
-    """ffcv 1.0.2's own decoder, flip and NormalizeImage, as ffcv-imagenet's training pipeline:
-    ``(loader, decoder)``, in ``loaders.Loader`` (ffcv's, keeping the batch buffers between
-    epochs, as ours does: both are measured in the steady state of a long epoch). On CPU
-    ``loaders.ffcv_image_pipeline`` (the ``data.decoder=ffcv`` pipeline); on CUDA ffcv-imagenet's
-    GPU order (``..., ToTensor(), ToDevice(device), ToTorchImage(), NormalizeImage(mean, std,
-    np.float16)``, whose kernel needs cupy), giving float16 (B, 3, res, res) channels_last batches
-    and int64 (B,) labels on the device."""
-    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
-    from ffcv.loader import OrderOption
-    from ffcv.transforms import (NormalizeImage, RandomHorizontalFlip, ToDevice, ToTensor,
-                                 ToTorchImage)
-    decoder = RandomResizedCropRGBImageDecoder((res, res))
-    if device.type == 'cuda':
-        image = [decoder, RandomHorizontalFlip(), ToTensor(), ToDevice(device, non_blocking=True),
-                 ToTorchImage(), NormalizeImage(IMAGENET_MEAN, IMAGENET_STD, np.float16)]
-    else:
-        image = loaders.ffcv_image_pipeline(decoder, device=device, flip_prob=0.5)
-    loader = loaders.Loader(str(path), batch_size=batch_size, num_workers=workers, seed=0,
-                            order=OrderOption.RANDOM, os_cache=True, drop_last=True,
-                            pipelines={'image': image, 'label': loaders.label_pipeline(device)})
-    return loader, decoder
+FFCV_LOADERS = {'ffcv': our_loader, 'ffcv_stock': ffcv_stock_loader}
 
 
 def torchvision_loader(root, n_images, *, res, workers, batch_size):
@@ -101,15 +60,6 @@ def torchvision_loader(root, n_images, *, res, workers, batch_size):
                       num_workers=workers, drop_last=True, persistent_workers=True)
 
 
-def epoch_of(loader):
-    def run():
-        n = 0
-        for _, y in loader:
-            n += len(y)
-        return n
-    return run
-
-
 def dali_missing():
     """None when DALI can be imported, else the line that says its rows are skipped."""
     try:
@@ -123,16 +73,13 @@ def dali_missing():
 def dali_files(beton, folder) -> Path:
     """The beton's JPEG records (the exact bytes our loader decodes) as ``label/index.jpg`` files
     under ``folder``, the layout DALI's file reader takes (labels = sorted folder order)."""
-    from ffcv.reader import Reader
-    reader = Reader(str(beton))
-    raw = np.fromfile(beton, np.uint8)
-    sizes = {int(r['ptr']): int(r['size']) for r in reader.alloc_table}
+    data = verify.file_bytes(beton)
     folder = Path(folder)
-    for i, (image, label) in enumerate(zip(reader.metadata['f0'], reader.metadata['f1'])):
-        assert image['mode'] == 0, 'DALI rows need JPEG storage'
-        ptr = int(image['data_ptr'])
-        (folder / f'{int(label):05d}').mkdir(parents=True, exist_ok=True)
-        raw[ptr:ptr + sizes[ptr]].tofile(folder / f'{int(label):05d}' / f'{i:07d}.jpg')
+    for i, record in enumerate(verify.records(beton)):
+        assert record['mode'] == verify.JPEG_MODE, 'DALI rows need JPEG storage'
+        label = folder / f'{int(record["label"]):05d}'
+        label.mkdir(parents=True, exist_ok=True)
+        verify.record_bytes(data, record).tofile(label / f'{i:07d}.jpg')
     return folder
 
 
@@ -177,21 +124,7 @@ def dali_epoch(loader):
 def stored_bytes_per_image(path) -> float:
     """Mean bytes of the stored image records (the file itself also holds ffcv's preallocated
     pages, which dominate the size of a small file)."""
-    from ffcv.reader import Reader
-    reader = Reader(str(path))
-    sizes = {int(r['ptr']): int(r['size']) for r in reader.alloc_table}
-    return float(np.mean([sizes[int(p)] for p in reader.metadata['f0']['data_ptr']]))
-
-
-def stored_jpegs(path) -> list:
-    """The JPEG records of a beton as uint8 arrays with their height and width."""
-    from ffcv.reader import Reader
-    reader = Reader(str(path))
-    raw = np.fromfile(path, np.uint8)
-    sizes = {int(r['ptr']): int(r['size']) for r in reader.alloc_table}
-    return [(raw[int(m['data_ptr']):int(m['data_ptr']) + sizes[int(m['data_ptr'])]],
-             int(m['height']), int(m['width']))
-            for m in reader.metadata['f0'] if m['mode'] == 0]
+    return float(np.mean(verify.records(path)['size']))
 
 
 def decode_limit(path, runs: int) -> dict:
@@ -224,7 +157,35 @@ def measure(make, res_list, runs) -> list:
     return results
 
 
-def main():
+def main(argv=None):
+    args = parse_args(argv)
+    res_list, peers = args.res_list, args.peer_list
+    sets = image_sets(args.sets.split(','))
+    started = time.perf_counter()
+    print(machine_line())
+    if 'dali' in peers and not dali_available():
+        peers.remove('dali')
+    rows = []
+    with tempfile.TemporaryDirectory(prefix='bench_loader_') as tmp:
+        for name, root in sets.items():
+            folder = Path(tmp) / name
+            folder.mkdir()
+            rows += measure_set(name, root, folder, args, peers,
+                                main_set=name == next(iter(sets)))
+            print(f'  measured in {time.perf_counter() - started:.0f} s so far', flush=True)
+        if not args.no_ablations:
+            name, root = next(iter(sets.items()))
+            rows += ablations(name, root, Path(tmp) / name, args, res_list[0])
+    add_ratios(rows)
+    out = Path(args.out)
+    write_csv(out / 'loader.csv', rows)
+    print_tables(rows, res_list)
+    plot(rows, out / 'loader.png')
+    print(f'\nwrote {out / "loader.csv"} and {out / "loader.png"} in '
+          f'{time.perf_counter() - started:.0f} s')
+
+
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--sets', default='imagewoof320,imagenette',
                    help='names under ../shared/data; the first is the main set')
@@ -239,77 +200,73 @@ def main():
                         f'pipeline without and with antialias, on the main set, when DALI is '
                         f'installed)')
     p.add_argument('--out', default=str(RESULTS))
-    args = p.parse_args()
-    res_list = [int(r) for r in args.res.split(',')]
-    peers = [name for name in args.peers.split(',') if name]
-    unknown = set(peers) - set(PEERS)
+    args = p.parse_args(argv)
+    args.res_list = [int(r) for r in args.res.split(',')]
+    args.peer_list = [name for name in args.peers.split(',') if name]
+    unknown = set(args.peer_list) - set(PEERS)
     if unknown:
         p.error(f'--peers: unknown {",".join(sorted(unknown))} (choose from {",".join(PEERS)})')
+    return args
+
+
+def dali_available() -> bool:
+    """Whether DALI can be measured; prints its version, or the line saying its rows are
+    skipped."""
+    missing = dali_missing()
+    if missing:
+        print(missing)
+        return False
+    from importlib.metadata import version
+    print(f'DALI {version(DALI_PIN.split("==")[0])}, CPU pipeline (device_id=None)')
+    return True
+
+
+def measure_set(name, root, folder, args, peers, *, main_set: bool) -> list:
+    """The rows of one image set: the decode limit, ours and ffcv's stock loader on its beton,
+    DALI's CPU pipeline on the same JPEG bytes (on the main set only: 50 s a set), torchvision on
+    the original JPEGs; the peers as ``peers`` asks."""
+    samples = pooled_samples(root, args.min_samples)
+    beton = stored_beton(samples, folder)
+    n_bytes = round(stored_bytes_per_image(beton))
+    source_bytes = np.mean([os.path.getsize(s) for s, _ in samples])
     workers, bs = os.cpu_count(), args.batch_size
-    sets = image_sets(args.sets.split(','))
-    started = time.perf_counter()
-    print(machine_line())
-    if 'dali' in peers:
-        missing = dali_missing()
-        if missing:
-            print(missing)
-            peers.remove('dali')
-        else:
-            from importlib.metadata import version
-            print(f'DALI {version(DALI_PIN.split("==")[0])}, CPU pipeline (device_id=None)')
-    rows = []
-    with tempfile.TemporaryDirectory(prefix='bench_loader_') as tmp:
-        for name, root in sets.items():
-            samples = pooled_samples(root, args.min_samples)
-            folder = Path(tmp) / name
-            folder.mkdir()
-            beton = write(samples, folder)
-            n_bytes = stored_bytes_per_image(beton)
-            source_bytes = np.mean([os.path.getsize(s) for s, _ in samples])
-            common = {'data': name, 'workers': workers, 'batch_size': bs, 'images': len(samples),
-                      **STORAGE, 'order': 'random', 'in_memory': 1, 'ablation': ''}
-            print(f'\n{name}: {len(samples)} images from {root}; stored {n_bytes / 1e3:.1f} kB '
-                  f'per image (original JPEGs {source_bytes / 1e3:.1f} kB)', flush=True)
-            limit = decode_limit(beton, args.runs)
-            rows.append({**common, 'pipeline': 'decode_limit', 'res': '',
-                         'bytes_per_image': round(n_bytes), **limit})
-            ffcv_makers = {'ffcv': ours, 'ffcv_stock': ffcv_stock}
-            for pipeline, make in ffcv_makers.items():
-                if pipeline != 'ffcv' and pipeline not in peers:
-                    continue
-                make = functools.partial(make, beton, res=res_list[0], workers=workers,
-                                         batch_size=bs)
-                for r in measure(make, res_list, args.runs):
-                    rows.append({**common, 'pipeline': pipeline, 'bytes_per_image': round(n_bytes),
-                                 **r})
-            if 'dali' in peers and name == next(iter(sets)):  # main set only (+50 s a set)
-                # the same JPEG bytes as ours, read from files
-                files = dali_files(beton, folder / 'dali_files')
-                for pipeline, antialias in (('dali', False), ('dali_antialias', True)):
-                    for res in res_list:
-                        loader = dali_loader(files, res=res, workers=workers, batch_size=bs,
-                                             antialias=antialias)
-                        r = time_epochs(dali_epoch(loader), args.runs)
-                        del loader
-                        gc.collect()
-                        rows.append({**common, 'pipeline': pipeline, 'res': res,
-                                     'bytes_per_image': round(n_bytes), **r})
-            if 'torchvision' in peers:
-                for res in res_list:
-                    loader = torchvision_loader(root, len(samples), res=res, workers=workers,
-                                                batch_size=bs)
-                    r = time_epochs(epoch_of(loader), args.runs)
-                    del loader
-                    rows.append({**common, 'pipeline': 'torchvision', 'res': res, 'write_mode': '',
-                                 'max_res': '', 'jpeg_quality': '',
-                                 'bytes_per_image': round(source_bytes), **r})
-            print(f'  measured in {time.perf_counter() - started:.0f} s so far', flush=True)
+    base = {'data': name, 'workers': workers, 'batch_size': bs, 'images': len(samples),
+            **STORAGE, 'order': 'random', 'in_memory': 1, 'ablation': ''}
+    print(f'\n{name}: {len(samples)} images from {root}; stored {n_bytes / 1e3:.1f} kB '
+          f'per image (original JPEGs {source_bytes / 1e3:.1f} kB)', flush=True)
+    rows = [{**base, 'pipeline': 'decode_limit', 'res': '', 'bytes_per_image': n_bytes,
+             **decode_limit(beton, args.runs)}]
+    for pipeline, make in FFCV_LOADERS.items():
+        if pipeline == 'ffcv' or pipeline in peers:
+            make = functools.partial(make, beton, res=args.res_list[0], workers=workers,
+                                     batch_size=bs)
+            rows += [{**base, 'pipeline': pipeline, 'bytes_per_image': n_bytes, **r}
+                     for r in measure(make, args.res_list, args.runs)]
+    if 'dali' in peers and main_set:
+        files = dali_files(beton, folder / 'dali_files')
+        for pipeline, antialias in (('dali', False), ('dali_antialias', True)):
+            for res in args.res_list:
+                loader = dali_loader(files, res=res, workers=workers, batch_size=bs,
+                                     antialias=antialias)
+                rows.append({**base, 'pipeline': pipeline, 'res': res, 'bytes_per_image': n_bytes,
+                             **time_epochs(dali_epoch(loader), args.runs)})
+                del loader
+                gc.collect()
+    if 'torchvision' in peers:
+        for res in args.res_list:
+            loader = torchvision_loader(root, len(samples), res=res, workers=workers,
+                                        batch_size=bs)
+            rows.append({**base, 'pipeline': 'torchvision', 'res': res, 'write_mode': '',
+                         'max_res': '', 'jpeg_quality': '', 'bytes_per_image': round(source_bytes),
+                         **time_epochs(epoch_of(loader), args.runs)})
+            del loader
+    return rows
 
-        if not args.no_ablations:
-            name, root = next(iter(sets.items()))
-            rows += ablations(name, root, Path(tmp) / name, args, res_list[0])
 
-    for row in rows:  # ratios against torchvision, DALI and the decode limit of the same set
+def add_ratios(rows) -> None:
+    """Each row's img/s against torchvision's, DALI's and the decode limit of the same set (and
+    resolution)."""
+    for row in rows:
         same = [r for r in rows if r['data'] == row['data'] and r['ablation'] == '']
         tv = [r for r in same if r['pipeline'] == 'torchvision' and r['res'] == row['res']]
         dali = [r for r in same if r['pipeline'] == 'dali' and r['res'] == row['res']]
@@ -320,13 +277,6 @@ def main():
             row['pct_of_decode_limit'] = round(100 * row['img_per_s'] / limit[0]['img_per_s'], 1)
         if row['pipeline'] == 'ffcv' and dali:
             row['x_dali'] = round(row['img_per_s'] / dali[0]['img_per_s'], 2)
-
-    out = Path(args.out)
-    write_csv(out / 'loader.csv', rows)
-    print_tables(rows, res_list)
-    plot(rows, out / 'loader.png')
-    print(f'\nwrote {out / "loader.csv"} and {out / "loader.png"} in '
-          f'{time.perf_counter() - started:.0f} s')
 
 
 def ablations(name, root, folder, args, res) -> list:
@@ -346,12 +296,12 @@ def ablations(name, root, folder, args, res) -> list:
     rows = []
     print(f'\nablations on {name} at {res} px:', flush=True)
     for label, storage, loading in variants:
-        beton = write(samples, folder, **storage)
+        beton = stored_beton(samples, folder, **storage)
         settings = {'workers': workers, 'batch_size': bs, 'in_memory': 1, 'order': 'random',
                     **loading}
         gc.collect()
         with PeakRSS() as whole:  # loader construction and buffers included
-            r = measure(lambda: ours(beton, res=res, **settings), [res], args.runs)[0]
+            r = measure(lambda: our_loader(beton, res=res, **settings), [res], args.runs)[0]
         rows.append({**base, **storage, **settings, 'ablation': label, **r,
                      'peak_rss_mb': round(whole.peak_mb),
                      'bytes_per_image': round(stored_bytes_per_image(beton))})

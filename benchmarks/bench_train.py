@@ -11,64 +11,75 @@ lets the loop reach.
 
 Feeds (``--feeds``): ``synthetic`` (one random normalised batch on the device, reused),
 ``ours`` (``loaders.train_loader``), ``ffcv_stock`` (ffcv-imagenet's pipeline with ffcv 1.0.2's
-own decoder, ``bench_loader.ffcv_stock``; on CUDA its NormalizeImage needs cupy). A feed that
+own decoder, ``common.ffcv_stock_loader``; on CUDA its NormalizeImage needs cupy). A feed that
 fails gives a row with its error instead of stopping the others.
+
+Method, for each compile setting and side: one common warm-up, then the feeds timed in turn.
+- Warm-up: the model and optimizer are built once; each real feed's loader runs one whole epoch
+  on its own (numba compiles its pipeline, its batch buffers are allocated, the file is paged
+  in); then each feed's first step is timed alone (``first_step_s``: with compile 1 mostly
+  torch.compile's time at this side, on CUDA also cuDNN's algorithm search) and never counted,
+  and ``--warmup`` - 1 more steps run untimed.
+- Timed: ``--windows`` rounds of one window of ``--steps`` steps per feed, the feeds' order
+  reversed every other round (synthetic, ours, ours, synthetic, ...), so that a slower spell of
+  the machine and the cost of going first fall on every feed alike. A feed's img/s is the median
+  of its windows, ``spread`` their max - min. Real loaders go on from epoch to epoch.
+
+A real feed cannot outrun the synthetic one, the same step with no loading at all: a ratio above
+MAX_RATIO (1.05, ``pct_of_synthetic`` above 105) is a measurement error to explain, and the row's
+``warning`` says so, as does a WARNING line after the table.
 
 Compile (``--compile``, default ``0,1``): every row is measured with the eager model (0), then
 with ``models.compile_model`` of it (1: torch.compile with static shapes, so it compiles again at
-each res). The first step of each row is timed alone (``first_step_s``: with compile 1 it is
-mostly the compile time) and never counted in img/s; the timed steps follow the warm-up.
+each res).
 
 Data: the main set of bench_loader (../shared/data/imagewoof320, or the embedded sample), stored
-as write_beton.py does by default, or ``--beton FILE`` (at least batch x (warm-up + steps + 1)
-samples). Prints a Markdown table; writes bench-results/train.csv.
+as imagenet-ffcv-write does by default, or ``--beton FILE`` (at least one batch). Prints a
+Markdown table; writes bench-results/train.csv.
 """
 import argparse
+import itertools
 import os
 import tempfile
-import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
-from bench_loader import ffcv_stock
-from common import RESULTS, image_sets, machine_line, markdown_table, pooled_samples, write_csv
-from imagenet_ffcv import engine, loaders, models
-from imagenet_ffcv.writer import write_beton
+from common import (RESULTS, alternate, epoch_of, ffcv_stock_loader, image_sets, machine_line,
+                    markdown_table, our_loader, pooled_samples, stored_beton, time_runs,
+                    write_csv)
+from imagenet_ffcv import engine, models
+from imagenet_ffcv.constants import PRECISIONS
 
 FEEDS = {'synthetic': 'synthetic (no loading)', 'ours': 'our loader',
          'ffcv_stock': 'ffcv stock loader'}
+MAX_RATIO = 1.05  # real / synthetic img/s above this is a measurement error
 
 
 class Batches:
-    """The first ``n`` batches of ``loader`` (the engine takes ``len`` of what it is given)."""
+    """The next ``n`` batches of ``batches`` (an iterator; the engine takes ``len`` of what it is
+    given)."""
 
-    def __init__(self, loader, n):
-        self.loader, self.n = loader, n
+    def __init__(self, batches, n):
+        self.batches, self.n = batches, n
 
     def __len__(self):
         return self.n
 
     def __iter__(self):
-        batches = iter(self.loader)  # an iterator passed in goes on where it stopped
         for _ in range(self.n):
-            yield next(batches)
+            yield next(self.batches)
 
 
-def steps_per_s(model, optimizer, batches, amp_dtype, device) -> tuple:
-    """Run the trainer's epoch function over ``batches``; returns (img/s, seconds), the device
-    synchronised before and after the timed region."""
-    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    stats = engine.train_one_epoch(model=model, loader=batches, optimizer=optimizer,
-                                   loss_fn=loss_fn, lr_at=lambda t: 0.01, epoch=0,
-                                   amp_dtype=amp_dtype, show_progress=False)
-    if device.type == 'cuda':
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    return stats['images'] / seconds, seconds
+def train_steps(net, optimizer, batches, n, *, amp_dtype) -> int:
+    """``n`` steps of the trainer's epoch function on the next batches of ``batches``; returns
+    the images trained on."""
+    stats = engine.train_one_epoch(model=net, loader=Batches(batches, n), optimizer=optimizer,
+                                   loss_fn=torch.nn.CrossEntropyLoss(label_smoothing=0.1),
+                                   lr_at=lambda t: 0.01, epoch=0, amp_dtype=amp_dtype,
+                                   show_progress=False)
+    return stats['images']
 
 
 def synthetic_batch(*, batch_size, res, device, dtype) -> tuple:
@@ -83,19 +94,27 @@ def synthetic_batch(*, batch_size, res, device, dtype) -> tuple:
 def make_loader(feed, beton, *, res, batch_size, workers, device, dtype) -> tuple:
     """``(loader, decoder)`` of a real feed: 'ours' or 'ffcv_stock'."""
     if feed == 'ours':
-        return loaders.train_loader(path=beton, batch_size=batch_size, num_workers=workers,
-                                    res=res, os_cache=True, device=device, distributed=False,
-                                    seed=0, dtype=dtype)
-    return ffcv_stock(beton, res=res, workers=workers, batch_size=batch_size, device=device)
+        return our_loader(beton, res=res, workers=workers, batch_size=batch_size, device=device,
+                          dtype=dtype)
+    return ffcv_stock_loader(beton, res=res, workers=workers, batch_size=batch_size,
+                             device=device)
 
 
-def feed_batches(feed, made, beton, *, res, batch_size, workers, device, dtype, n):
-    """An iterator over (images, labels) batches of ``feed`` at ``res``: the synthetic batch ``n``
-    times, or a real feed's loader (made once per feed and kept in ``made``, which also keeps the
-    exception its construction raised: raised again here, for every row of that feed)."""
+def endless(loader):
+    """The batches of ``loader``, epoch after epoch (each epoch run to its end, so that the next
+    one reuses its buffers)."""
+    while True:
+        yield from loader
+
+
+def feed_stream(feed, made, beton, *, res, batch_size, workers, device, dtype):
+    """An endless iterator over (images, labels) batches of ``feed`` at ``res``: the synthetic
+    batch again and again, or a real feed's loader after one whole epoch at ``res`` on its own
+    (its warm-up). Loaders are made once per feed and kept in ``made``, which also keeps the
+    exception a construction raised: raised again here, for every row of that feed."""
     if feed == 'synthetic':
-        x, y = synthetic_batch(batch_size=batch_size, res=res, device=device, dtype=dtype)
-        return iter([(x, y)] * n)
+        return itertools.repeat(synthetic_batch(batch_size=batch_size, res=res, device=device,
+                                                dtype=dtype))
     if feed not in made:
         try:
             made[feed] = make_loader(feed, beton, res=res, batch_size=batch_size, workers=workers,
@@ -106,125 +125,204 @@ def feed_batches(feed, made, beton, *, res, batch_size, workers, device, dtype, 
         raise made[feed]
     loader, decoder = made[feed]
     decoder.output_size = (res, res)
-    return iter(loader)  # warm-up, then the timed steps, in one pass
+    epoch_of(loader)()
+    return endless(loader)
 
 
-def timed_steps(net, optimizer, batches, *, warmup, steps, amp_dtype, device) -> dict:
-    """``{'img_per_s', 'first_step_s'}``: the first step timed alone (it compiles: torch.compile at
-    a new shape, numba for a loader, cudnn's algorithm search), ``warmup - 1`` more untimed steps,
-    then the img/s of ``steps`` timed steps."""
-    _, first = steps_per_s(net, optimizer, Batches(batches, 1), amp_dtype, device)
-    if warmup > 1:
-        steps_per_s(net, optimizer, Batches(batches, warmup - 1), amp_dtype, device)
-    rate, _ = steps_per_s(net, optimizer, Batches(batches, steps), amp_dtype, device)
-    return {'img_per_s': round(rate, 1), 'first_step_s': round(first, 2)}
+def error_text(e: Exception) -> str:
+    return f'{type(e).__name__}: {e}'.splitlines()[0][:200]
 
 
-def measure(*, beton, feeds, arch, res_list, batch_size, steps, warmup, workers, device,
-            amp='auto', compile_modes=(0,)) -> list:
-    """One row per (compile, res, feed): img/s of ``steps`` timed steps after ``max(warmup, 1)``
-    untimed ones (the first, timed alone as ``first_step_s``, compiles), and for the real feeds
-    the percentage of the synthetic feed at the same res and compile setting. ``compile_modes``:
-    0 the eager model, 1 ``models.compile_model`` of it (the same weights, trained on)."""
+def measure_side(step, streams, *, steps, warmup, windows, sync) -> dict:
+    """feed -> ``{'img_per_s', 'spread', 'windows', 'first_step_s'}`` (or ``{'error'}``) of the
+    feeds whose batches ``streams`` gives (feed -> a batch iterator, or the exception that made
+    it fail), ``step(batches, n)`` training on them: each feed's first step timed alone and
+    ``warmup - 1`` more, then ``windows`` alternating windows of ``steps`` steps per feed."""
+    results = {feed: {'error': error_text(s)} for feed, s in streams.items()
+               if isinstance(s, Exception)}
+    for feed, batches in streams.items():
+        if feed in results:
+            continue
+        try:
+            first = time_runs(lambda: step(batches, 1), repeats=1, warmup=0, sync=sync)
+            results[feed] = {'first_step_s': round(first.median_s, 2)}
+            if warmup > 1:
+                step(batches, warmup - 1)
+        except Exception as e:  # noqa: BLE001 - one failing feed must not hide the others
+            results[feed] = {'error': error_text(e)}
+
+    def window(feed):
+        def run():
+            if 'error' in results[feed]:
+                return 0
+            try:
+                return step(streams[feed], steps)
+            except Exception as e:  # noqa: BLE001 - as above
+                results[feed] = {'error': error_text(e)}
+                return 0
+        return run
+    timed = [feed for feed in streams if 'error' not in results[feed]]
+    timings = alternate({feed: window(feed) for feed in timed}, repeats=windows, warmup=0,
+                        sync=sync)
+    for feed, timing in timings.items():
+        if 'error' not in results[feed]:
+            results[feed] = {'img_per_s': round(timing.rate, 1),
+                             'spread': round(timing.rate_spread, 1),
+                             'windows': len(timing.rates), **results[feed]}
+    return results
+
+
+def measure(*, beton, feeds, arch, res_list, batch_size, steps, warmup, windows, workers,
+            device, amp='auto', compile_modes=(0,)) -> list:
+    """One row per (compile, res, feed), as the module's docstring describes, with each real
+    feed's ``pct_of_synthetic`` and ``warning`` (:func:`compare_to_synthetic`).
+    ``compile_modes``: 0 the eager model, 1 ``models.compile_model`` of it (the same weights,
+    trained on)."""
     precision = engine.resolve_precision(amp, device)
     torch.backends.cudnn.benchmark = device.type == 'cuda'
     model = models.build_model(arch=arch, num_classes=1000, use_blurpool=True,
                                channels_last=True).to(device)
     optimizer = torch.optim.SGD(models.param_groups(model, weight_decay=5e-5, bn_wd=False),
                                 lr=0.01, momentum=0.9)
+    sync = torch.cuda.synchronize if device.type == 'cuda' else None
     made = {}  # feed -> (loader, decoder), or the exception its construction raised
     rows = []
     for compiled in compile_modes:
         net = models.compile_model(model) if compiled else model
+        step = partial(train_steps, net, optimizer, amp_dtype=precision.amp_dtype)
         for res in res_list:
+            streams = {}
+            for feed in feeds:
+                try:
+                    streams[feed] = feed_stream(feed, made, beton, res=res, batch_size=batch_size,
+                                                workers=workers, device=device,
+                                                dtype=precision.input_dtype)
+                except Exception as e:  # noqa: BLE001 - reported in the row
+                    streams[feed] = e
+            results = measure_side(step, streams, steps=steps, warmup=max(warmup, 1),
+                                   windows=windows, sync=sync)
+            for stream in streams.values():
+                if hasattr(stream, 'close'):
+                    stream.close()  # ends the loader's epoch (and its thread)
             common = {'arch': arch, 'device': str(device), 'res': res, 'batch_size': batch_size,
                       'steps': steps, 'workers': workers, 'precision': precision.name,
                       'compile': int(compiled)}
-            limit = None
+            rows += [{**common, 'feed': FEEDS[feed], **results[feed]} for feed in feeds]
             for feed in feeds:
-                row = {**common, 'feed': FEEDS[feed]}
-                try:
-                    batches = feed_batches(feed, made, beton, res=res, batch_size=batch_size,
-                                           workers=workers, device=device,
-                                           dtype=precision.input_dtype,
-                                           n=max(warmup, 1) + steps)
-                    row.update(timed_steps(net, optimizer, batches, warmup=warmup, steps=steps,
-                                           amp_dtype=precision.amp_dtype, device=device))
-                except Exception as e:  # noqa: BLE001 - one failing feed must not hide the others
-                    rows.append({**row, 'error': f'{type(e).__name__}: {e}'.splitlines()[0][:200]})
-                    print(f'  {res} px, {feed}, compile {compiled}: failed: {rows[-1]["error"]}',
-                          flush=True)
-                    continue
-                if feed == 'synthetic':
-                    limit = row['img_per_s']
-                elif limit:
-                    row['pct_of_synthetic'] = round(100 * row['img_per_s'] / limit, 1)
-                rows.append(row)
-                print(f'  {res} px, {feed}, compile {compiled}: {row["img_per_s"]:.1f} img/s '
-                      f'(first step {row["first_step_s"]:.1f} s)', flush=True)
+                r = results[feed]
+                print(f'  {res} px, {feed}, compile {compiled}: ' + (
+                    f'failed: {r["error"]}' if 'error' in r else
+                    f'{r["img_per_s"]:.1f} img/s (spread {r["spread"]:.1f}, {r["windows"]} '
+                    f'windows; first step {r["first_step_s"]:.1f} s)'), flush=True)
+    compare_to_synthetic(rows)
     return rows
 
 
-def main():
+def compare_to_synthetic(rows) -> None:
+    """Set each measured row's ``pct_of_synthetic`` (a real feed's img/s as a percentage of the
+    synthetic feed's at the same res and compile setting, when that was measured) and
+    ``warning``: empty, or why the row cannot be right (a real feed above MAX_RATIO x the
+    synthetic one)."""
+    limit = {(r['res'], r['compile']): r['img_per_s'] for r in rows
+             if r['feed'] == FEEDS['synthetic'] and r.get('img_per_s')}
+    for r in rows:
+        if 'img_per_s' not in r:
+            continue
+        r['warning'] = ''
+        synthetic = limit.get((r['res'], r['compile']))
+        if r['feed'] == FEEDS['synthetic'] or not synthetic:
+            continue
+        r['pct_of_synthetic'] = round(100 * r['img_per_s'] / synthetic, 1)
+        if r['img_per_s'] > MAX_RATIO * synthetic:
+            r['warning'] = (f'{r["feed"]} at {r["pct_of_synthetic"]:.0f} % of synthetic '
+                            f'({r["img_per_s"]:.1f} vs {synthetic:.1f} img/s): above '
+                            f'{100 * MAX_RATIO:.0f} %, a measurement error')
+
+
+def print_results(rows, header: str) -> None:
+    """The Markdown table of ``rows`` under ``header``, then a WARNING line for each row whose
+    ratio to synthetic cannot be right."""
+    print(f'\n{header}\n')
+    columns = [('res', 'res', ''), ('feed', 'fed by', ''), ('precision', 'precision', ''),
+               ('compile', 'compile', ''), ('img_per_s', 'img/s', ',.1f'),
+               ('spread', 'spread', ',.1f'), ('pct_of_synthetic', '% of synthetic', '.0f'),
+               ('first_step_s', 'first step s', '.1f')]
+    if any(r.get('warning') for r in rows):
+        columns.append(('warning', 'warning', ''))
+    if any('error' in r for r in rows):
+        columns.append(('error', 'error', ''))
+    print(markdown_table(rows, columns))
+    for r in rows:
+        if r.get('warning'):
+            print(f'\nWARNING: {r["res"]} px, compile {r["compile"]}: {r["warning"]}. A loader '
+                  f'cannot feed the step faster than a batch already in place: look for what '
+                  f'else ran on the machine, then rerun with more --windows or --steps.')
+
+
+def parse_args(argv):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--device', default='cpu')
     p.add_argument('--arch', help='default: resnet18 on CPU, resnet50 on CUDA')
     p.add_argument('--res', help='default: 128 on CPU, 160,192 on CUDA')
     p.add_argument('--batch-size', type=int, help='default: 32 on CPU, 256 on CUDA')
-    p.add_argument('--steps', type=int, help='timed steps per row; default: 8 on CPU, 100 on CUDA')
-    p.add_argument('--warmup', type=int, help='untimed steps first (at least 1: the first step '
-                                              'compiles); default: 2 on CPU, 10 on CUDA')
+    p.add_argument('--steps', type=int,
+                   help='timed steps per window; default: 8 on CPU, 100 on CUDA')
+    p.add_argument('--windows', type=int, default=3,
+                   help='timed windows per feed, the feeds alternating (median and spread)')
+    p.add_argument('--warmup', type=int, help='untimed steps per feed first (at least 1: the '
+                                              'first step compiles); default: 2 on CPU, 10 on CUDA')
     p.add_argument('--compile', default='0,1',
                    help='comma-separated: 0 the eager model, 1 models.compile_model '
                         '(torch.compile, static shapes: compiles at the first step of each res); '
                         'default: both')
     p.add_argument('--feeds', help=f'comma-separated, from {", ".join(FEEDS)}; default: '
                                    'synthetic,ours on CPU, all three on CUDA')
-    p.add_argument('--amp', default='auto', choices=engine.AMP_CHOICES,
+    p.add_argument('--amp', default='auto', choices=PRECISIONS,
                    help='mixed precision as training.amp (auto: bf16 on a recent GPU, fp32 on CPU)')
     p.add_argument('--beton', help='read this .beton instead of writing the pooled main set')
     p.add_argument('--workers', type=int, default=os.cpu_count(), help='loader threads')
     p.add_argument('--out', default=str(RESULTS))
-    args = p.parse_args()
-    device = torch.device(args.device)
-    cuda = device.type == 'cuda'
-    arch = args.arch or ('resnet50' if cuda else 'resnet18')
-    res_list = [int(r) for r in (args.res or ('160,192' if cuda else '128')).split(',')]
-    bs = args.batch_size or (256 if cuda else 32)
-    steps = args.steps or (100 if cuda else 8)
-    warmup = args.warmup if args.warmup is not None else (10 if cuda else 2)
-    feeds = (args.feeds or ('synthetic,ours,ffcv_stock' if cuda else 'synthetic,ours')).split(',')
-    unknown = [f for f in feeds if f not in FEEDS]
+    args = p.parse_args(argv)
+    cuda = torch.device(args.device).type == 'cuda'
+    args.arch = args.arch or ('resnet50' if cuda else 'resnet18')
+    args.res_list = [int(r) for r in (args.res or ('160,192' if cuda else '128')).split(',')]
+    args.batch_size = args.batch_size or (256 if cuda else 32)
+    args.steps = args.steps or (100 if cuda else 8)
+    args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 2)
+    args.feeds = (args.feeds or ('synthetic,ours,ffcv_stock' if cuda else 'synthetic,ours')
+                  ).split(',')
+    unknown = [f for f in args.feeds if f not in FEEDS]
     if unknown:
         p.error(f'--feeds: unknown {", ".join(unknown)}; expected some of {", ".join(FEEDS)}')
-    compile_modes = [c.strip() for c in args.compile.split(',')]
-    if not compile_modes or set(compile_modes) - {'0', '1'}:
+    if args.windows < 1:
+        p.error('--windows: at least 1')
+    modes = [c.strip() for c in args.compile.split(',')]
+    if not modes or set(modes) - {'0', '1'}:
         p.error(f'--compile: {args.compile!r}; expected 0, 1 or 0,1')
-    compile_modes = [int(c) for c in compile_modes]
-    print(machine_line())
+    args.compile_modes = [int(c) for c in modes]
+    return args
 
+
+def main(argv=None):
+    args = parse_args(argv)
+    device, bs = torch.device(args.device), args.batch_size
+    print(machine_line())
     with tempfile.TemporaryDirectory(prefix='bench_train_') as tmp:
         if args.beton:
             name, beton = Path(args.beton).stem, Path(args.beton)
-        else:
+        else:  # one epoch: the warm-up steps and one window, plus a batch
             name, root = next(iter(image_sets(['imagewoof320']).items()))
-            beton = Path(tmp) / 'train.beton'
-            write_beton(pooled_samples(root, bs * (steps + max(warmup, 1)) + bs), beton,
-                        max_res=256, num_workers=os.cpu_count())
-        rows = measure(beton=beton, feeds=feeds, arch=arch, res_list=res_list, batch_size=bs,
-                       steps=steps, warmup=warmup, workers=args.workers, device=device,
-                       amp=args.amp, compile_modes=compile_modes)
+            beton = stored_beton(pooled_samples(root, bs * (args.steps + max(args.warmup, 1) + 1)),
+                                 tmp)
+        rows = measure(beton=beton, feeds=args.feeds, arch=args.arch, res_list=args.res_list,
+                       batch_size=bs, steps=args.steps, warmup=args.warmup,
+                       windows=args.windows, workers=args.workers, device=device,
+                       amp=args.amp, compile_modes=args.compile_modes)
     rows = [{'data': name, **r} for r in rows]
-
-    print(f'\n### Training loop: {arch} on {device}, batch {bs}, {steps} timed steps after '
-          f'{max(warmup, 1)} warm-up steps (the first one, which compiles, timed alone)\n')
-    columns = [('res', 'res', ''), ('feed', 'fed by', ''), ('precision', 'precision', ''),
-               ('compile', 'compile', ''), ('img_per_s', 'img/s', ',.1f'),
-               ('pct_of_synthetic', '% of synthetic', '.0f'),
-               ('first_step_s', 'first step s', '.1f')]
-    if any('error' in r for r in rows):
-        columns.append(('error', 'error', ''))
-    print(markdown_table(rows, columns))
+    print_results(rows, f'### Training loop: {args.arch} on {device}, batch {bs}; per feed the '
+                        f'median of {args.windows} windows of {args.steps} steps, the feeds '
+                        f'alternating, after a common warm-up (each loader\'s first epoch, then '
+                        f'{max(args.warmup, 1)} steps per feed, the first one timed alone)')
     write_csv(Path(args.out) / 'train.csv', rows)
     print(f'\nwrote {Path(args.out) / "train.csv"}')
 

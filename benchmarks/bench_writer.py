@@ -8,20 +8,13 @@ Default data: ../shared/data/imagewoof320 (real aspect ratios, shorter side 320)
 else the embedded demo sample (224x224). Each run is repeated --runs times; the median is shown.
 """
 import argparse
-import csv
 import os
-import statistics
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from common import machine_line  # noqa: E402
-from imagenet_ffcv.sources import find_classes, list_samples  # noqa: E402
-from imagenet_ffcv.writer import write_beton  # noqa: E402
+from common import DEMO, RESULTS, SHARED_DATA, STORAGE, machine_line, time_runs, write_csv
+from imagenet_ffcv.sources import find_classes, list_samples
+from imagenet_ffcv.writer import write_beton
 
 
 class RepeatedImageFolder:
@@ -40,53 +33,58 @@ class RepeatedImageFolder:
 
 
 def run_ours(samples, out, workers):
-    write_beton(samples, out, max_res=256, write_mode='jpg', jpeg_quality=90, num_workers=workers)
+    write_beton(samples, out, num_workers=workers, **STORAGE)
 
 
 def run_baseline(root, repeat, out, workers):
     from ffcv.fields import IntField, RGBImageField
     from ffcv.writer import DatasetWriter
-    writer = DatasetWriter(str(out), {'image': RGBImageField(write_mode='jpg', max_resolution=256,
-                                                             jpeg_quality=90),
-                                      'label': IntField()}, num_workers=workers)
+    image = RGBImageField(write_mode=STORAGE['write_mode'], max_resolution=STORAGE['max_res'],
+                          jpeg_quality=STORAGE['jpeg_quality'])
+    writer = DatasetWriter(str(out), {'image': image, 'label': IntField()}, num_workers=workers)
     writer.from_indexed_dataset(RepeatedImageFolder(root, repeat), chunksize=100)
 
 
-def main():
+def time_writer(write, folder, n_images: int, runs: int) -> dict:
+    """``write(out)`` once to warm up (imports, page cache), then ``runs`` times timed, each into
+    a new file: the median seconds and img/s, the spread of the seconds, the file's bytes."""
+    outs = (Path(folder) / f'{k}.beton' for k in range(runs + 1))
+
+    def run():
+        write(next(outs))
+        return n_images
+    timing = time_runs(run, repeats=runs)
+    size = (Path(folder) / f'{runs}.beton').stat().st_size
+    for k in range(runs + 1):
+        (Path(folder) / f'{k}.beton').unlink()
+    return {'seconds': round(timing.median_s, 3), 'img_per_s': round(n_images / timing.median_s, 1),
+            'spread_s': round(timing.spread_s, 3), 'bytes': size}
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    shared = REPO.parent / 'shared' / 'data' / 'imagewoof320'
-    p.add_argument('--data-dir', default=str(shared if shared.is_dir() else
-                                             REPO / 'demo' / 'imagenette_sample'))
+    shared = SHARED_DATA / 'imagewoof320'
+    p.add_argument('--data-dir', default=str(shared if shared.is_dir() else DEMO))
     p.add_argument('--split', default='train')
     p.add_argument('--repeat', type=int, default=10, help='pass over the images this many times')
     p.add_argument('--workers', type=int, default=os.cpu_count())
     p.add_argument('--runs', type=int, default=3)
-    p.add_argument('--csv', default=str(REPO / 'bench-results' / 'writer.csv'))
-    args = p.parse_args()
+    p.add_argument('--csv', default=str(RESULTS / 'writer.csv'))
+    args = p.parse_args(argv)
 
     root = Path(args.data_dir) / args.split
     classes = find_classes(Path(args.data_dir) / 'train')
     samples = list_samples(root, classes) * args.repeat
+    writers = {'ours (shorter side 256, draft)':
+               lambda out: run_ours(samples, out, args.workers),
+               'ffcv ImageFolder (longer side 256)':
+               lambda out: run_baseline(root, args.repeat, out, args.workers)}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, fn in (('ours (shorter side 256, draft)',
-                          lambda out: run_ours(samples, out, args.workers)),
-                         ('ffcv ImageFolder (longer side 256)',
-                          lambda out: run_baseline(root, args.repeat, out, args.workers))):
-            fn(Path(tmp) / 'warmup.beton')  # imports, page cache
-            times = []
-            for r in range(args.runs):
-                out = Path(tmp) / f'{r}.beton'
-                start = time.perf_counter()
-                fn(out)
-                times.append(time.perf_counter() - start)
-                size = out.stat().st_size
-                out.unlink()
-            median = statistics.median(times)
+        for name, write in writers.items():
             rows.append({'data': Path(args.data_dir).name, 'writer': name, 'images': len(samples),
-                         'workers': args.workers, 'seconds': round(median, 3),
-                         'img_per_s': round(len(samples) / median, 1),
-                         'spread_s': round(max(times) - min(times), 3), 'bytes': size})
+                         'workers': args.workers,
+                         **time_writer(write, tmp, len(samples), args.runs)})
     print(f'\n{machine_line()}')
     print(f'data: {root} x {args.repeat} = {len(samples)} images; median of {args.runs} runs\n')
     print('| writer | images | workers | s (median) | spread s | img/s | MB |')
@@ -95,11 +93,7 @@ def main():
         print(f'| {r["writer"]} | {r["images"]} | {r["workers"]} | {r["seconds"]:.2f} | '
               f'{r["spread_s"]:.2f} | {r["img_per_s"]:.0f} | {r["bytes"] / 1e6:.1f} |')
     print(f'\nratio ours / baseline: {rows[0]["img_per_s"] / rows[1]["img_per_s"]:.2f}')
-    Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
-    with open(args.csv, 'w', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(args.csv, rows)
 
 
 if __name__ == '__main__':

@@ -1,6 +1,9 @@
-"""What the benchmarks share: the image sets, the machine line, timing, peak memory and tables.
+"""What the benchmarks share: the image sets and how they are stored, the loaders measured, the
+machine line, timing, peak memory, tables, and the ResNet-18 learning run's command line.
 
-Not a framework: plain functions, each used by at least two of the benchmark scripts.
+Not a framework: plain functions, each used by at least two of the benchmark scripts. The
+benchmarks import this module and the package, never each other. Nothing heavy (torch, ffcv, the
+package) is imported here at import time: gpu_check.py's parent process imports this module.
 """
 import csv
 import os
@@ -9,6 +12,7 @@ import statistics
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -16,6 +20,10 @@ sys.path.insert(0, str(REPO))
 SHARED_DATA = REPO.parent / 'shared' / 'data'
 DEMO = REPO / 'demo' / 'imagenette_sample'
 RESULTS = REPO / 'bench-results'
+# How imagenet-ffcv-write stores images by default
+STORAGE = {'write_mode': 'jpg', 'max_res': 256, 'jpeg_quality': 90}
+# ffcv-imagenet's ResNet-18 recipe, shipped in imagenet_ffcv/configs
+RN18_RECIPE = 'rn18_configs/rn18_16_epochs.yaml'
 
 
 def image_sets(names) -> dict:
@@ -97,20 +105,185 @@ class PeakRSS:
         self._thread.join()
 
 
+@dataclass
+class Timing:
+    """The timed calls of one function: the ``seconds`` each took and the ``units`` of work (images)
+    each returned."""
+    seconds: list = field(default_factory=list)
+    units: list = field(default_factory=list)
+
+    @property
+    def rates(self) -> list:
+        """units/s of each call."""
+        return [u / s for u, s in zip(self.units, self.seconds)]
+
+    @property
+    def rate(self) -> float:
+        """The median units/s (img/s) of the calls."""
+        return statistics.median(self.rates)
+
+    @property
+    def rate_spread(self) -> float:
+        """max - min of the calls' units/s."""
+        return max(self.rates) - min(self.rates)
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def spread_s(self) -> float:
+        """max - min of the calls' seconds."""
+        return max(self.seconds) - min(self.seconds)
+
+
+def alternate(runs: dict, *, repeats: int, warmup: int = 1, sync=None) -> dict:
+    """Time several functions in turn, so that a noisy machine's slow minutes fall on all of them.
+
+    ``runs``: name -> function doing one unit of measurement (an epoch, a window of training
+    steps) and returning the work it did (images). Each is called ``warmup`` times, untimed, in
+    the order of ``runs``; then ``repeats`` rounds call each once, timed: in the order of
+    ``runs`` in even rounds and in reverse in odd ones (A B, B A, A B, ...), so that a steady
+    drift and the cost of going first fall on all alike. ``sync`` (e.g. the device's
+    ``synchronize``) is called before each timed call and, inside the timed region, after it.
+    Returns name -> :class:`Timing`, every one with ``repeats`` calls.
+    """
+    names = list(runs)
+    for name in names:
+        for _ in range(warmup):
+            runs[name]()
+    timings = {name: Timing() for name in names}
+    for r in range(repeats):
+        for name in names if r % 2 == 0 else names[::-1]:
+            if sync:
+                sync()
+            start = time.perf_counter()
+            units = runs[name]()
+            if sync:
+                sync()
+            timings[name].seconds.append(time.perf_counter() - start)
+            timings[name].units.append(units)
+    return timings
+
+
+def time_runs(run, *, repeats: int, warmup: int = 1, sync=None) -> Timing:
+    """``run()`` (returns the work it did, e.g. images) called ``warmup`` times untimed, then
+    ``repeats`` times timed (see :func:`alternate`)."""
+    return alternate({'run': run}, repeats=repeats, warmup=warmup, sync=sync)['run']
+
+
 def time_epochs(run_epoch, runs: int) -> dict:
     """Call ``run_epoch()`` (returns the images it produced) once to warm up (compilation, page
     cache, worker start), then ``runs`` times timed. Returns the median img/s, the spread
     (max - min img/s) and the peak RSS of the timed runs."""
     run_epoch()
-    rates = []
     with PeakRSS() as rss:
-        for _ in range(runs):
-            start = time.perf_counter()
-            images = run_epoch()
-            rates.append(images / (time.perf_counter() - start))
-    return {'img_per_s': round(statistics.median(rates), 1),
-            'spread': round(max(rates) - min(rates), 1), 'peak_rss_mb': round(rss.peak_mb)}
+        timing = time_runs(run_epoch, repeats=runs, warmup=0)
+    return {'img_per_s': round(timing.rate, 1), 'spread': round(timing.rate_spread, 1),
+            'peak_rss_mb': round(rss.peak_mb)}
 
+
+def epoch_of(loader):
+    """A function running one epoch of ``loader`` (batches of (images, labels)) and returning
+    the number of images it gave."""
+    def run():
+        n = 0
+        for _, y in loader:
+            n += len(y)
+        return n
+    return run
+
+
+# ---------------------------------------------------------------------------------------------
+# The stored sets, the loaders measured on them, the learning run.
+
+def stored_beton(samples, folder, **storage) -> Path:
+    """The samples written as a beton with STORAGE, changed by ``storage`` (write_mode, max_res,
+    jpeg_quality), under ``folder``; written once, named by its settings."""
+    from imagenet_ffcv.writer import write_beton
+    storage = {**STORAGE, **storage}
+    out = Path(folder) / ('_'.join(f'{k}-{v}' for k, v in storage.items()) + '.beton')
+    if not out.exists():
+        write_beton(samples, out, num_workers=os.cpu_count(), **storage)
+    return out
+
+
+def stored_jpegs(path) -> list:
+    """The JPEG records of a beton as ``(uint8 array, height, width)``, read with
+    ``verify.records``."""
+    from imagenet_ffcv import verify
+    data = verify.file_bytes(path)
+    return [(verify.record_bytes(data, r), int(r['height']), int(r['width']))
+            for r in verify.records(path) if r['mode'] == verify.JPEG_MODE]
+
+
+def our_loader(path, *, res, workers, batch_size, in_memory=1, order='random', device=None,
+               dtype=None):
+    """The trainer's training loader (``loaders.train_loader``: random-resized crop, flip,
+    normalise) on the CPU, or on ``device`` with ``dtype`` images: ``(loader, decoder)``."""
+    import torch
+
+    from imagenet_ffcv import loaders
+    return loaders.train_loader(path=path, batch_size=batch_size, num_workers=workers, res=res,
+                                os_cache=in_memory, device=device or torch.device('cpu'),
+                                distributed=False, seed=0, order=order,
+                                dtype=dtype or torch.float32)
+
+
+def ffcv_stock_loader(path, *, res, workers, batch_size, device=None):
+    """ffcv 1.0.2's own decoder, flip and NormalizeImage, as ffcv-imagenet's training pipeline:
+    ``(loader, decoder)``, in ``loaders.Loader`` (ffcv's, keeping the batch buffers between
+    epochs, as ours does: both are measured in the steady state of a long epoch). On CPU
+    ``loaders.ffcv_image_pipeline`` (the ``data.decoder=ffcv`` pipeline); on CUDA ffcv-imagenet's
+    GPU order (``..., ToTensor(), ToDevice(device), ToTorchImage(), NormalizeImage(mean, std,
+    np.float16)``, whose kernel needs cupy), giving float16 (B, 3, res, res) channels_last batches
+    and int64 (B,) labels on the device."""
+    import numpy as np
+    import torch
+    from ffcv.fields.rgb_image import RandomResizedCropRGBImageDecoder
+    from ffcv.loader import OrderOption
+    from ffcv.transforms import (NormalizeImage, RandomHorizontalFlip, ToDevice, ToTensor,
+                                 ToTorchImage)
+
+    from imagenet_ffcv import loaders
+    from imagenet_ffcv.constants import IMAGENET_MEAN, IMAGENET_STD
+    device = device or torch.device('cpu')
+    decoder = RandomResizedCropRGBImageDecoder((res, res))
+    if device.type == 'cuda':
+        image = [decoder, RandomHorizontalFlip(), ToTensor(), ToDevice(device, non_blocking=True),
+                 ToTorchImage(), NormalizeImage(IMAGENET_MEAN, IMAGENET_STD, np.float16)]
+    else:
+        image = loaders.ffcv_image_pipeline(decoder, device=device, flip_prob=0.5)
+    loader = loaders.Loader(str(path), batch_size=batch_size, num_workers=workers, seed=0,
+                            order=OrderOption.RANDOM, os_cache=True, drop_last=True,
+                            pipelines={'image': image, 'label': loaders.label_pipeline(device)})
+    return loader, decoder
+
+
+def resnet18_run_args(*, train, val, folder, epochs: int, batch_size: int, res: tuple,
+                      val_res: int, val_batch_size: int, lr_per_256: float = 0.2,
+                      workers: int = None) -> list:
+    """imagenet-ffcv-train's options for a short ResNet-18 learning run on imagenette's betons
+    (``train``, ``val``; runs under ``folder``): ffcv-imagenet's 16-epoch ResNet-18 recipe
+    (RN18_RECIPE: BlurPool, label smoothing 0.1, SGD, cyclic LR, flip TTA) for ``epochs``
+    epochs of ``batch_size`` images, the LR ``lr_per_256`` per 256 images peaking at epoch 2, the
+    side ramping from ``res[0]`` to ``res[1]`` px over the 3 epochs that end 3 epochs before the
+    last, validation at ``val_res`` px in batches of ``val_batch_size``, ``workers`` loader
+    threads (default: every core)."""
+    low, high = res
+    ramp_end = max(1, epochs - 3)
+    return ['--config', RN18_RECIPE, f'--data.train_dataset={train}',
+            f'--data.val_dataset={val}', f'--data.num_workers={workers or os.cpu_count()}',
+            f'--logging.folder={folder}', f'--training.epochs={epochs}',
+            f'--training.batch_size={batch_size}', f'--lr.lr={lr_per_256}',
+            '--lr.ref_batch_size=256', f'--lr.lr_peak_epoch={min(2, epochs)}',
+            f'--resolution.min_res={low}', f'--resolution.max_res={high}',
+            f'--resolution.start_ramp={max(0, ramp_end - 3)}', f'--resolution.end_ramp={ramp_end}',
+            f'--validation.resolution={val_res}', f'--validation.batch_size={val_batch_size}']
+
+
+# ---------------------------------------------------------------------------------------------
+# Output.
 
 def markdown_table(rows: list, columns: list) -> str:
     """A Markdown table (``metrics.format_table``) of ``rows`` (dicts) with ``columns``:

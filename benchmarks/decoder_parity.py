@@ -1,16 +1,17 @@
 """Does the decoder change top-1? The same recipe trained with each ``data.decoder`` and several
-seeds, on the shared imagenette betons (issue 15, part 1):
+seeds, on the shared imagenette betons:
 
     python benchmarks/decoder_parity.py                      # 3 decoders x 3 seeds, ~1 h on 2 cores
     python benchmarks/decoder_parity.py --seeds 0 --epochs 2 # a quick look
 
-Recipe: ResNet-18 (BlurPool, label smoothing 0.1, SGD, cyclic LR peaking at epoch 2), 12 epochs at
-96 px, ramping to 128 px over epochs 6-9, batch 64, validation at 128 px (centre crop 224/256 of the
-shorter side, flip TTA) after the last epoch. Decoders: ``fused`` (ours: region decode, DCT scaling,
-bilinear), ``fused_aa`` (ours, 2 x 2 samples for shrinks in (1, 2) too) and ``ffcv`` (ffcv's stock
-RandomResizedCropRGBImageDecoder: whole decode, INTER_AREA), each for training and validation.
+Recipe (``common.resnet18_run_args``): ResNet-18 (BlurPool, label smoothing 0.1, SGD, cyclic LR
+peaking at epoch 2), 12 epochs at 96 px, ramping to 128 px over epochs 6-9, batch 64, validation
+at 128 px (centre crop 224/256 of the shorter side, flip TTA) after the last epoch. Decoders:
+``fused`` (ours: region decode, DCT scaling, bilinear), ``fused_aa`` (ours, 2 x 2 samples for
+shrinks in (1, 2) too) and ``ffcv`` (ffcv's stock RandomResizedCropRGBImageDecoder: whole decode,
+INTER_AREA), each for training and validation.
 
-Each run is a train_imagenet.py process of its own. Writes one row per run to
+Each run is an ``imagenet-ffcv-train`` process of its own. Writes one row per run to
 bench-results/decoder_parity.csv (``decoder, seed, top_1, top_5, img_per_s, wall_time_s, ...``) and
 prints the per-decoder mean, standard deviation and standard error, and each decoder's difference
 from ``ffcv`` against twice the standard error of that difference (the noise).
@@ -25,20 +26,19 @@ import sys
 import time
 from pathlib import Path
 
-from common import RESULTS, SHARED_DATA, machine_line, markdown_table, write_csv
-
-REPO = Path(__file__).resolve().parents[1]
-DECODERS = ('fused', 'fused_aa', 'ffcv')
+from common import (REPO, RESULTS, SHARED_DATA, machine_line, markdown_table, resnet18_run_args,
+                    write_csv)
+from imagenet_ffcv.constants import DECODERS
 
 
 def write_betons(work: Path) -> dict:
-    """imagenette's train and val splits as .beton files (write_beton.py's defaults: shorter side
-    256 (imagenette is 224 x 224, kept), JPEG q90), written once into ``work``."""
+    """imagenette's train and val splits as .beton files (imagenet-ffcv-write's defaults: shorter
+    side 256 (imagenette is 224 x 224, kept), JPEG q90), written once into ``work``."""
     paths = {}
     for split in ('train', 'val'):
         out = work / f'imagenette_{split}.beton'
         if not out.exists():
-            subprocess.run([sys.executable, str(REPO / 'write_beton.py'), '--data-dir',
+            subprocess.run([sys.executable, '-m', 'imagenet_ffcv.write', '--data-dir',
                             str(SHARED_DATA / 'imagenette'), '--split', split, '--out', str(out)],
                            cwd=REPO, check=True)
         paths[split] = out
@@ -46,17 +46,12 @@ def write_betons(work: Path) -> dict:
 
 
 def run_args(betons, folder, *, decoder, seed, epochs, workers) -> list:
-    ramp_end = max(1, epochs - 3)
-    return [sys.executable, str(REPO / 'train_imagenet.py'),
-            '--config', str(REPO / 'imagenet_ffcv' / 'configs' / 'rn18_configs' / 'rn18_16_epochs.yaml'),
-            f'--data.train_dataset={betons["train"]}', f'--data.val_dataset={betons["val"]}',
-            f'--data.num_workers={workers}', f'--data.decoder={decoder}',
-            f'--logging.folder={folder}', '--logging.log_level=0',
-            f'--training.epochs={epochs}', '--training.batch_size=64', f'--training.seed={seed}',
-            '--lr.lr=0.2', '--lr.ref_batch_size=256', f'--lr.lr_peak_epoch={min(2, epochs)}',
-            '--resolution.min_res=96', '--resolution.max_res=128',
-            f'--resolution.start_ramp={max(0, ramp_end - 3)}', f'--resolution.end_ramp={ramp_end}',
-            '--validation.resolution=128', '--validation.batch_size=100']
+    """The command line of one run: the recipe with ``decoder`` and ``seed``."""
+    return [sys.executable, '-m', 'imagenet_ffcv.train',
+            *resnet18_run_args(train=betons['train'], val=betons['val'], folder=folder,
+                               epochs=epochs, batch_size=64, res=(96, 128), val_res=128,
+                               val_batch_size=100, lr_per_256=0.2, workers=workers),
+            f'--data.decoder={decoder}', f'--training.seed={seed}', '--logging.log_level=0']
 
 
 def one_run(betons, work, *, decoder, seed, epochs, workers) -> dict:

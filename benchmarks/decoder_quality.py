@@ -1,15 +1,15 @@
 """Image quality of the three training decoders (``data.decoder``): how close each one's uint8
-output is to a high-quality resize of the same crop rectangle (issue 15, part 1).
+output is to a high-quality resize of the same crop rectangle.
 
-For every image, stored as ``write_beton.py`` stores it by default (shorter side 256 with
-``images.load_image``, JPEG q90 with ffcv's ``encode_jpeg``, as ``RGBImageField`` writes it), and
+For every image, stored as ``imagenet-ffcv-write`` stores it by default (shorter side 256 with
+``images.load_image``, JPEG q90 with restart markers by ``images.encode_jpeg``), and
 for the same random-resized crop rectangles (``crops.random_resized_crop``, scale (0.08, 1), ratio
 (3/4, 4/3), keys ``crops.sample_key(seed, crop number, image number)``), at 160, 192 and 224 px:
 
 - reference: PIL's full decode of the stored JPEG, ``Image.resize((res, res), Image.LANCZOS,
   box=(left, top, right, bottom))`` (exact rectangle, ``reducing_gap`` off);
-- ``fused``: our decoder's steps, as ``decoders.CropResizeDecoder.generate_code`` runs them:
-  ``jpeg_window`` (partial), ``decode_region`` of the window, ``resample(antialias=False)``;
+- ``fused``: ``decoders.decode_crop``, the compiled steps ``decoders.CropResizeDecoder`` runs
+  (``jpeg_window`` (partial), the region decode of the window, ``resample(antialias=False)``);
 - ``fused_aa``: the same with ``antialias=True``;
 - ``ffcv``: ffcv 1.0.2's ``RandomResizedCropRGBImageDecoder`` for the same rectangle, through
   ffcv's own native functions: ``libffcv.imdecode`` of the whole JPEG at full size (scale 1/1,
@@ -37,42 +37,37 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from common import RESULTS, image_sets, machine_line, markdown_table, write_csv
-from ffcv.fields.rgb_image import encode_jpeg
+from common import RESULTS, STORAGE, image_sets, machine_line, markdown_table, write_csv
 from ffcv.libffcv import imdecode, resize_crop
-from imagenet_ffcv import decoders, resampling
+from imagenet_ffcv import decoders
+from imagenet_ffcv.constants import DECODERS
 from imagenet_ffcv.crops import random_resized_crop, sample_key
-from imagenet_ffcv.images import load_image
+from imagenet_ffcv.images import DEFAULT_RESTART_INTERVAL, encode_jpeg, load_image
 from imagenet_ffcv.sources import find_classes, list_samples
 
-DECODERS = ('fused', 'fused_aa', 'ffcv')
 RESOLUTIONS = (160, 192, 224)
 SCALE = np.array((0.08, 1.0))
 RATIO = np.array((3 / 4, 4 / 3))
-MAX_RES, QUALITY = 256, 90  # write_beton.py's defaults (--max-res, --jpeg-quality)
+MAX_RES, QUALITY = STORAGE['max_res'], STORAGE['jpeg_quality']  # imagenet-ffcv-write's defaults
 RANGES = (('< 1', 0.0, 1.0), ('1-2', 1.0, 2.0), ('>= 2', 2.0, math.inf))
-ZEROS = np.zeros(3, np.float32)
-resample_c = resampling.resample  # the loader's own compiled function
 
 
 def stored_jpegs(root, limit: int) -> list:
-    """The images of root/train and root/val as write_beton.py stores them: JPEG bytes (uint8)."""
+    """The images of root/train and root/val as imagenet-ffcv-write stores them: JPEG bytes
+    (uint8)."""
     classes = find_classes(root / 'train')
     paths = [p for split in ('train', 'val') if (root / split).is_dir()
              for p, _ in list_samples(root / split, classes)]
-    return [encode_jpeg(load_image(p, MAX_RES), QUALITY) for p in paths[:limit]]
+    return [encode_jpeg(load_image(p, MAX_RES), quality=QUALITY,
+                        restart_interval=DEFAULT_RESTART_INTERVAL)
+            for p in paths[:limit]]
 
 
 def fused(jpeg, height, width, crop, res, antialias):
-    """Our decoder's output for one crop (no flip, uint8), step by step as generate_code."""
-    i, j, h, w = crop
-    denom, top, left, rows, cols, y0, x0, ch, cw = decoders.jpeg_window(
-        height, width, i, j, h, w, res, res, True)
-    src, first = decoders.decode_region(jpeg, top=top, left=left, height=rows, width=cols,
-                                        denom=denom)
-    dst = np.empty((res, res, 3), np.uint8)
-    resample_c(src, y0 - top, x0 - first, ch, cw, dst, False, ZEROS, ZEROS, False, antialias)
-    return dst
+    """Our decoder's output for one crop (no flip, uint8): ``decoders.decode_crop``, the loaders'
+    own compiled steps."""
+    return decoders.decode_crop(jpeg, height=height, width=width, crop=crop, size=(res, res),
+                                normalize=False, antialias=antialias)
 
 
 def ffcv_stock(jpeg, height, width, crop, res):
@@ -101,10 +96,34 @@ def main():
     start = time.perf_counter()
     (name, root), = image_sets(['imagewoof320']).items()
     jpegs = stored_jpegs(root, args.max_images)
-    # (decoder, res, shrink, mad, psnr, mad and psnr vs the fast-DCT reference, mad vs ffcv)
-    results = []
-    decode_mad = []  # per image: fast-DCT decode vs PIL's decode, MAD
-    area_mismatch = 0  # ffcv's resize_crop vs cv2.resize INTER_AREA: pixels that differ
+    results, decode_mad, area_mismatch = measure(jpegs, args.crops, args.seed)
+    rows = summary_rows(results)
+    seconds = time.perf_counter() - start
+    print(f'{machine_line()}\n{name}: {len(jpegs)} images stored as imagenet-ffcv-write does '
+          f'(shorter side {MAX_RES}, JPEG q{QUALITY}), {args.crops} random-resized crops each '
+          f'(seed {args.seed}); reference: PIL LANCZOS of the crop from the full decode; shrink = '
+          f'max(crop h, w) / res; {seconds:.0f} s\n')
+    print(markdown_table(rows, [('decoder', 'decoder', ''), ('res', 'res', ''),
+                                ('shrink', 'shrink', ''), ('crops', 'crops', ''),
+                                ('mad', 'MAD', '.2f'), ('psnr_db', 'PSNR dB', '.2f'),
+                                ('mad_same_decode', 'MAD, same decode', '.2f'),
+                                ('psnr_same_decode', 'PSNR dB, same decode', '.2f'),
+                                ('mad_vs_ffcv', 'MAD vs ffcv', '.2f')]))
+    print(f'\nsame decode: the reference resized from the fast-DCT decode the decoders start '
+          f'from (resampling error only); the two decodes differ by MAD '
+          f'{np.mean(decode_mad):.2f} on the whole image')
+    print(f'\nffcv resize_crop vs cv2.resize INTER_AREA: {area_mismatch} differing values')
+    write_csv(RESULTS / 'decoder_quality.csv', rows)
+    print(f'wrote {RESULTS / "decoder_quality.csv"}')
+
+
+def measure(jpegs, crops: int, seed: int) -> tuple:
+    """Every decoder's output for ``crops`` random-resized crops of each JPEG at each resolution,
+    against the references: ``(results, decode_mad, area_mismatch)``, results as tuples (decoder,
+    res, shrink, MAD, PSNR, MAD and PSNR against the fast-DCT reference, MAD against ffcv);
+    decode_mad per image, the fast-DCT decode against PIL's (MAD); area_mismatch, the values where
+    ffcv's resize_crop differs from cv2.resize INTER_AREA."""
+    results, decode_mad, area_mismatch = [], [], 0
     for n, jpeg in enumerate(jpegs):
         with Image.open(io.BytesIO(jpeg.tobytes())) as im:
             ref_image = im.convert('RGB')
@@ -114,9 +133,9 @@ def main():
         imdecode(jpeg, fast, height, width, height, width, 0, 0, 1, 1, False, False)
         fast_image = Image.fromarray(fast)
         decode_mad.append(compare(fast, np.asarray(ref_image, np.float64))[0])
-        for c in range(args.crops):
-            key = np.uint64(sample_key(args.seed, c, n))
-            crop = random_resized_crop(height, width, SCALE, RATIO, key)
+        for c in range(crops):
+            crop = random_resized_crop(height, width, SCALE, RATIO,
+                                       np.uint64(sample_key(seed, c, n)))
             i, j, h, w = crop
             for res in RESOLUTIONS:
                 box = (j, i, j + w, i + h)
@@ -134,38 +153,25 @@ def main():
                     results.append((decoder, res, max(h, w) / res, *compare(outs[decoder], ref),
                                     *compare(outs[decoder], ref_fast),
                                     compare(outs[decoder], stock.astype(np.float64))[0]))
+    return results, decode_mad, area_mismatch
+
+
+def summary_rows(results) -> list:
+    """Per decoder, resolution and shrink range (and all crops): the mean of each metric."""
     rows = []
     for decoder in DECODERS:
         for res in RESOLUTIONS:
             for label, lo, hi in (('all', 0.0, math.inf),) + RANGES:
                 sel = [r for r in results if r[0] == decoder and r[1] == res and lo <= r[2] < hi]
-                if sel:
-                    rows.append({'decoder': decoder, 'res': res, 'shrink': label,
-                                 'crops': len(sel),
-                                 'mad': round(float(np.mean([r[3] for r in sel])), 3),
-                                 'psnr_db': round(float(np.mean([r[4] for r in sel])), 2),
-                                 'mad_same_decode': round(float(np.mean([r[5] for r in sel])), 3),
-                                 'psnr_same_decode': round(float(np.mean([r[6] for r in sel])),
-                                                           2),
-                                 'mad_vs_ffcv': (round(float(np.mean([r[7] for r in sel])), 3)
-                                                 if decoder != 'ffcv' else None)})
-    seconds = time.perf_counter() - start
-    print(f'{machine_line()}\n{name}: {len(jpegs)} images stored as write_beton.py does (shorter '
-          f'side {MAX_RES}, JPEG q{QUALITY}), {args.crops} random-resized crops each (seed '
-          f'{args.seed}); reference: PIL LANCZOS of the crop from the full decode; shrink = '
-          f'max(crop h, w) / res; {seconds:.0f} s\n')
-    print(markdown_table(rows, [('decoder', 'decoder', ''), ('res', 'res', ''),
-                                ('shrink', 'shrink', ''), ('crops', 'crops', ''),
-                                ('mad', 'MAD', '.2f'), ('psnr_db', 'PSNR dB', '.2f'),
-                                ('mad_same_decode', 'MAD, same decode', '.2f'),
-                                ('psnr_same_decode', 'PSNR dB, same decode', '.2f'),
-                                ('mad_vs_ffcv', 'MAD vs ffcv', '.2f')]))
-    print(f'\nsame decode: the reference resized from the fast-DCT decode the decoders start '
-          f'from (resampling error only); the two decodes differ by MAD '
-          f'{np.mean(decode_mad):.2f} on the whole image')
-    print(f'\nffcv resize_crop vs cv2.resize INTER_AREA: {area_mismatch} differing values')
-    write_csv(RESULTS / 'decoder_quality.csv', rows)
-    print(f'wrote {RESULTS / "decoder_quality.csv"}')
+                if not sel:
+                    continue
+                mean = [float(np.mean([r[k] for r in sel])) for k in range(3, 8)]
+                rows.append({'decoder': decoder, 'res': res, 'shrink': label, 'crops': len(sel),
+                             'mad': round(mean[0], 3), 'psnr_db': round(mean[1], 2),
+                             'mad_same_decode': round(mean[2], 3),
+                             'psnr_same_decode': round(mean[3], 2),
+                             'mad_vs_ffcv': round(mean[4], 3) if decoder != 'ffcv' else None})
+    return rows
 
 
 if __name__ == '__main__':

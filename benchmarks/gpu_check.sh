@@ -3,8 +3,8 @@
 #   bash benchmarks/gpu_check.sh [gpu_check.py options, e.g. --only learn,eval_only,predict]
 # (make gpu-check). On the lent GPU machine (Python 3.12 with torch, no ffcv, no network) bring
 # .carry along (make carry): ffcv is then taken from .carry/activate.sh and our region decoder
-# from .carry/lib. On a CUDA machine with the
-# project's .venv, the .venv is used. Whole run: at most GPU_CHECK_BUDGET_S (450) + 30 seconds.
+# from .carry/lib. On a CUDA machine with the project's .venv, the .venv is used. Whole run: at
+# most GPU_CHECK_BUDGET_S (default 440) + 30 seconds.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 budget=${GPU_CHECK_BUDGET_S:-440}

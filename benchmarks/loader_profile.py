@@ -1,14 +1,22 @@
 """Where the loader's time goes, per image: our decoder's two steps timed alone on one thread,
 against the whole-image decode that defines the decode limit, and the loader itself.
 
-For every stored JPEG of a set (as ``write_beton.py`` stores it by default: shorter side 256, q90)
-and the random-resized crops the training decoder draws (``crops``, ``--crops`` per image), at
-each resolution, one thread, median of ``--runs`` passes after a warm-up pass:
+For every stored JPEG of a set (as ``imagenet-ffcv-write`` stores it by default: shorter side 256,
+q90) and the random-resized crops the training decoder draws (``crops``, ``--crops`` per image),
+at each resolution, one thread, median of ``--runs`` passes after a warm-up pass:
 
 - ``whole decode``: ffcv's ``imdecode`` of the whole JPEG (TurboJPEG, fast IDCT): the unit of
-  ``bench_loader.py``'s decode limit (img/s = cores / this);
-- ``region decode``: ``jpeg_region.c`` on the crop's window (``decoders.jpeg_window``), and the
-  fraction of the image's pixels it decodes (the rows above it are still entropy-decoded);
+  ``bench_loader.py``'s decode limit (img/s = cores / this), on the same stored bytes (restart
+  markers included);
+- ``region decode``: ``jpeg_region.c``'s ``decode_region`` on the crop's window
+  (``decoders.jpeg_window``), and the fraction of the image's pixels in the window; split into
+  its steps for JPEGs with restart markers: ``intervals`` (the markers found and the covered
+  intervals copied into a small JPEG: ``region_jpeg``), ``entropy`` (Huffman decoding of that
+  small JPEG alone: ``entropy_decode``) and the rest (IDCT, upsampling, colour conversion: region
+  decode - intervals - entropy); and, for comparison, ``no markers``: the same windows decoded
+  by libjpeg-turbo's partial decompression (``decode_region_scanlines``, the way of JPEGs without
+  markers), which entropy-decodes every row above the window and the window's rows in full
+  width;
 - ``resample``: ``resampling.resample`` of that region into the batch: float32 normalised (the CPU
   path) and uint8 (the CUDA path, normalised on the device);
 - ``loader``: ``loaders.train_loader`` at ``--res-loader`` with all cores, in µs per image per
@@ -26,16 +34,17 @@ bench-results/loader_profile.csv.
 import argparse
 import functools
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
+import ctypes
+
 import numpy as np
 
-from bench_loader import STORAGE, epoch_of, ours, stored_jpegs, write
-from common import (RESULTS, image_sets, machine_line, markdown_table, pooled_samples,
-                    write_csv)
+from common import (RESULTS, STORAGE, alternate, epoch_of, image_sets, machine_line,
+                    markdown_table, our_loader, pooled_samples, stored_beton, stored_jpegs,
+                    time_runs, write_csv)
 from ffcv.libffcv import imdecode
 from ffcv.pipeline.graph import Graph
 from imagenet_ffcv import decoders, resampling
@@ -44,18 +53,21 @@ from imagenet_ffcv.crops import random_resized_crop, sample_key
 
 SCALE, RATIO = np.array((0.08, 1.0)), np.array((3 / 4, 4 / 3))  # the training crop's ranges
 resample_c = resampling.resample  # the loader's own compiled function
+REGION_ARGS = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32,
+               ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p]
 
 
-def median_us(run, n_images: int, runs: int) -> float:
-    """Median µs per image of ``run()`` (which handles ``n_images``) over ``runs`` timed passes
-    after one warm-up pass."""
-    run()
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return 1e6 * statistics.median(times) / n_images
+def c_function(name: str, argtypes: list, restype):
+    """The function ``name`` of the built ``jpeg_region.c`` (``decoders.load_library``)."""
+    fn = getattr(decoders.load_library(), name)
+    fn.argtypes, fn.restype = argtypes, restype
+    return fn
+
+
+def median_us(run, runs: int) -> float:
+    """Median µs per image of ``run()`` (returns the images it handled) over ``runs`` timed
+    passes after one warm-up pass."""
+    return 1e6 / time_runs(run, repeats=runs).rate
 
 
 def stage_costs(jpegs, res: int, crops: int, runs: int) -> dict:
@@ -72,30 +84,58 @@ def stage_costs(jpegs, res: int, crops: int, runs: int) -> dict:
                                                denom=denom)
         regions.append((pixels.copy(), y0 - top, x0 - first, ch, cw))
     read = decoders.region_decoder()
+    scanlines = c_function('decode_region_scanlines', REGION_ARGS, ctypes.c_int)
+    region_jpeg = c_function('region_jpeg', REGION_ARGS, ctypes.c_int64)
+    entropy_decode = c_function('entropy_decode', [ctypes.c_void_p, ctypes.c_uint64], ctypes.c_int)
     info = np.zeros(2, np.int64)
+    small = []  # the small JPEGs of the marker way
+    for jpeg, _, _, (denom, top, left, rows, cols, *_) in jobs:
+        n = region_jpeg(jpeg.ctypes.data, jpeg.size, buffer.ctypes.data, buffer.size, top, left,
+                        rows, cols, denom, info.ctypes.data)
+        if n > 0:
+            small.append(buffer[:n].copy())
 
     def whole():
         for jpeg, h, w in jpegs:
             imdecode(jpeg, buffer, h, w, h, w, 0, 0, 1, 1, False, False)
+        return len(jpegs)
 
-    def region():
-        for jpeg, _, _, (denom, top, left, rows, cols, *_) in jobs:
-            read(jpeg.ctypes.data, jpeg.size, buffer.ctypes.data, buffer.size, top, left, rows,
-                 cols, denom, info.ctypes.data)
+    def region(fn):
+        def run():
+            for jpeg, _, _, (denom, top, left, rows, cols, *_) in jobs:
+                fn(jpeg.ctypes.data, jpeg.size, buffer.ctypes.data, buffer.size, top, left, rows,
+                   cols, denom, info.ctypes.data)
+            return len(jobs)
+        return run
+
+    def entropy():
+        for jpeg in small:
+            entropy_decode(jpeg.ctypes.data, jpeg.size)
+        return len(jobs)  # per crop (0 µs when no JPEG has markers)
 
     def resample(dtype):
         out = np.empty((res, res, 3), dtype)
         mean, inv_std = IMAGENET_MEAN.astype(np.float32), (1 / IMAGENET_STD).astype(np.float32)
-        return lambda: [resample_c(*r, out, False, mean, inv_std, dtype == np.float32, False)
-                        for r in regions]
+
+        def run():
+            for r in regions:
+                resample_c(*r, out, False, mean, inv_std, dtype == np.float32, False)
+            return len(regions)
+        return run
 
     decoded = np.mean([p.shape[0] * p.shape[1] / (-(-h // d[0]) * -(-w // d[0]))
                        for (p, *_), (_, h, w, d) in zip(regions, jobs)])  # of the scaled image
-    return {'whole_decode_us': median_us(whole, len(jpegs), runs),
-            'region_decode_us': median_us(region, len(jobs), runs),
-            'decoded_fraction': decoded,
-            'resample_f32_us': median_us(resample(np.float32), len(jobs), runs),
-            'resample_u8_us': median_us(resample(np.uint8), len(jobs), runs)}
+    costs = {'whole_decode_us': median_us(whole, runs),
+             'region_decode_us': median_us(region(read), runs),
+             'no_markers_us': median_us(region(scanlines), runs),
+             'marker_way_fraction': len(small) / len(jobs),
+             'intervals_us': median_us(region(region_jpeg), runs),
+             'entropy_us': median_us(entropy, runs) if small else 0.0,
+             'decoded_fraction': decoded,
+            'resample_f32_us': median_us(resample(np.float32), runs),
+             'resample_u8_us': median_us(resample(np.uint8), runs)}
+    costs['idct_us'] = costs['region_decode_us'] - costs['intervals_us'] - costs['entropy_us']
+    return costs
 
 
 def loader_img_per_s(beton, res: int, runs: int) -> tuple:
@@ -103,19 +143,19 @@ def loader_img_per_s(beton, res: int, runs: int) -> tuple:
     epoch, and with every epoch's buffers allocated anew, as ffcv 1.0.2 does: the same loader
     (compiled once), after a warm-up epoch, the two kinds of epoch alternating ``runs`` times each
     (so that a VM's slower minutes hit both), medians."""
-    loader, _ = ours(beton, res=res, workers=os.cpu_count(), batch_size=256)
+    loader, _ = our_loader(beton, res=res, workers=os.cpu_count(), batch_size=256)
     reuse = loader.graph.allocate_memory
     fresh = functools.partial(Graph.allocate_memory, loader.graph)
-    run = epoch_of(loader)
-    run()
-    rates = {reuse: [], fresh: []}
-    for _ in range(runs):
-        for allocate in rates:
+
+    def epoch_with(allocate):
+        def run():
             loader.graph.allocate_memory = allocate
-            start = time.perf_counter()
-            images = run()
-            rates[allocate].append(images / (time.perf_counter() - start))
-    return statistics.median(rates[reuse]), statistics.median(rates[fresh])
+            return epoch_of(loader)()
+        return run
+    epoch_of(loader)()  # warm-up: numba compiles the pipeline
+    timings = alternate({'reuse': epoch_with(reuse), 'fresh': epoch_with(fresh)},
+                        repeats=runs, warmup=0)
+    return timings['reuse'].rate, timings['fresh'].rate
 
 
 def main():
@@ -137,8 +177,8 @@ def main():
             folder = Path(tmp) / name
             folder.mkdir()
             (folder / 'pooled').mkdir()
-            jpegs = stored_jpegs(write(pooled_samples(root, 1), folder))
-            pooled = write(pooled_samples(root, args.min_samples), folder / 'pooled')
+            jpegs = stored_jpegs(stored_beton(pooled_samples(root, 1), folder))
+            pooled = stored_beton(pooled_samples(root, args.min_samples), folder / 'pooled')
             for res in [int(r) for r in args.res.split(',')]:
                 row = {'data': name, 'images': len(jpegs), 'res': res, 'threads': cores,
                        **STORAGE, **stage_costs(jpegs, res, args.crops, args.runs)}
@@ -158,8 +198,9 @@ def main():
           f'threads, batch 256, per thread)\n')
     print(markdown_table(rows, [
         ('data', 'data', ''), ('res', 'res', ''), ('whole_decode_us', 'whole decode', '.0f'),
-        ('region_decode_us', 'region decode', '.0f'),
-        ('decoded_fraction', 'pixels decoded', '.2f'),
+        ('region_decode_us', 'region decode', '.0f'), ('intervals_us', 'intervals', '.0f'),
+        ('entropy_us', 'entropy', '.0f'), ('idct_us', 'IDCT, colour', '.0f'),
+        ('no_markers_us', 'no markers', '.0f'), ('decoded_fraction', 'pixels decoded', '.2f'),
         ('resample_f32_us', 'resample f32', '.0f'), ('resample_u8_us', 'resample u8', '.0f'),
         ('steps_us', 'region + f32', '.0f'), ('loader_us', 'loader', '.0f'),
         ('other_us', 'other', '.0f'), ('pct_of_decode_limit', '% of limit', '.0f'),

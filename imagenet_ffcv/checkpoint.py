@@ -1,5 +1,5 @@
-"""Checkpoints: the format (written and read here only), written atomically, found again for
-``--resume`` and checked against the config; the final weights (.pt and .safetensors).
+"""Checkpoints: the format (written and read here only), written atomically, read without running
+code, and found again for ``--resume``. (Final weights, and models rebuilt from them: ``weights``.)
 
 A checkpoint is one ``torch.save`` file, ``RUN_DIR/checkpoint.pt``, holding::
 
@@ -14,30 +14,22 @@ A checkpoint is one ``torch.save`` file, ``RUN_DIR/checkpoint.pt``, holding::
      'progress': {'images', 'train_seconds', 'best_epoch', 'wall_time_s'} accumulated so far}
 
 Like nanoGPT's ``ckpt.pt``, the config travels inside the checkpoint, so a checkpoint alone is
-enough to rebuild and evaluate its model.
+enough to rebuild and evaluate its model. Whether a config may resume it: ``config.check_resumable``.
 
 Loading never runs code: every file is read with ``torch.load(weights_only=True)``, which builds
 tensors and plain values only (a pickle that would call a function is refused with CheckpointError).
-Checkpoints hold nothing else (the numpy RNG state is stored as a tensor). The final weights are also
-written as ``final_weights.safetensors`` (safetensors: tensors only, no pickle at all), which
-eval-only and ``imagenet-ffcv-predict`` read as well.
+Checkpoints hold nothing else (the numpy RNG state is stored as a tensor).
 """
-import json
 import pickle
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import safetensors
-import safetensors.torch
 import torch
 
-from .classes import read_class_names
-from .config import flatten
-from .files import atomic_path, atomic_write
-from .models import build_model
-from .run_dir import CHECKPOINT_NAME, latest_unfinished_checkpoint
+from .errors import ImagenetFfcvError
+from .files import atomic_write
+from .run_dir import latest_unfinished_checkpoint
 
 FORMAT = 1
 # What a checkpoint written before the numpy RNG state was stored as a tensor needs besides tensors:
@@ -45,18 +37,8 @@ FORMAT = 1
 NUMPY_ARRAY_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)),
                        getattr(np, '_core', None) and np._core.multiarray._reconstruct
                        or np.core.multiarray._reconstruct]
-SAFETENSORS_FORMAT = 'imagenet_ffcv final weights'
 
-# Config keys that may change between a run and its resumption: how data is read, what is logged
-# and how validation is done. Any other difference (epochs, LR, resolution schedule, batch, model,
-# seed, ...) changes the schedule the run is half-way through and is refused unless forced.
-# The mixed precision (a device property), torch.compile and the code version may change as well.
-RESUMABLE_CHANGES = ('data.', 'logging.', 'validation.', 'checkpoint.', 'dist.', 'code.',
-                     'training.eval_only', 'training.target_top1', 'training.amp',
-                     'training.compile', 'derived.device', 'derived.amp')
-
-
-class CheckpointError(Exception):
+class CheckpointError(ImagenetFfcvError):
     """A checkpoint that cannot be found, read or resumed with this config; the message says why
     and what to do."""
 
@@ -125,28 +107,9 @@ def resolve_resume(resume: str, folder):
     if resume == 'auto':
         return latest_unfinished_checkpoint(folder)
     if not Path(resume).is_file():
-        raise CheckpointError(f'checkpoint.resume={resume}: no such file; give a checkpoint.pt '
-                              f'path or "auto" (the latest unfinished run under {folder})')
+        raise CheckpointError(f'--resume {resume}: no such file; give a checkpoint.pt path or '
+                              f'"auto" (the latest unfinished run under {folder})')
     return Path(resume)
-
-
-def schedule_changes(saved: dict, current: dict) -> list:
-    """``['key: saved -> current', ...]`` for each config key (``{'section': {'key': value}}``
-    dicts, ``derived`` included) that differs and is not in :data:`RESUMABLE_CHANGES`."""
-    old, new = flatten(saved), flatten(current)
-    return [f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in sorted(set(old) | set(new))
-            if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES)]
-
-
-def check_schedule(saved: dict, current: dict, *, force: bool, path) -> None:
-    """Raise CheckpointError listing :func:`schedule_changes` between the checkpoint ``saved``
-    (read from ``path``) and the resolved config ``current``, unless there are none or ``force``
-    (``checkpoint.force=1``)."""
-    changes = schedule_changes(saved['config'], current)
-    if changes and not force:
-        raise CheckpointError(f'{path}: this config changes the schedule of the run being '
-                              f'resumed:\n  ' + '\n  '.join(changes) + '\nresume with the config '
-                              'of the run, or set checkpoint.force=1 to continue anyway')
 
 
 def rng_state() -> dict:
@@ -206,114 +169,3 @@ def restore_training_state(saved: dict, *, model, optimizer, scaler=None, ema=No
         ema.load_state_dict(saved['ema'])
     set_rng_state(saved['rng'])
     return ema is None or bool(saved.get('ema'))
-
-
-def save_final_weights(state_dict: dict, path, *, config: dict = None, classes=None) -> Path:
-    """Write the final weights twice, atomically: ``path`` (``torch.save`` of the state dict, as
-    torchvision's keys) and ``path`` with the suffix ``.safetensors`` (safetensors; the config and
-    class list in its metadata as JSON, so the file alone rebuilds the model). Returns the second
-    path. Raises OSError (disk full, no permission) naming the file."""
-    path = Path(path)
-    save(state_dict, path)
-    tensors = {k: v.contiguous() for k, v in state_dict.items()}
-    metadata = {'format': SAFETENSORS_FORMAT, 'config': json.dumps(config),
-                'classes': json.dumps(classes)}
-    safe_path = path.with_suffix('.safetensors')
-    with atomic_path(safe_path) as tmp:
-        safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
-    return safe_path
-
-
-def _load_safetensors(path) -> tuple:
-    """``(state_dict, config or None, classes or None)`` of a .safetensors weights file."""
-    try:
-        state = safetensors.torch.load_file(str(path), device='cpu')
-        with safetensors.safe_open(str(path), framework='pt') as f:
-            metadata = f.metadata() or {}
-    except Exception as e:
-        raise CheckpointError(f'{path}: cannot read the weights ({type(e).__name__}: {e})') from e
-    config = json.loads(metadata['config']) if metadata.get('config') else None
-    classes = json.loads(metadata['classes']) if metadata.get('classes') else None
-    return state, config, [tuple(c) for c in classes] if classes else None
-
-
-def load_weights(path):
-    """The model weights in ``path``, the config they were trained with and the class list, for
-    evaluation and prediction: ``(state_dict, config, classes)``. ``path`` is a checkpoint (config
-    and classes inside), a ``final_weights.pt`` (config from the ``params.json`` and classes from
-    the ``classes.tsv`` beside it, each None when absent) or a ``final_weights.safetensors``
-    (both in its metadata, else beside it). ``classes``: ``[(wnid, name), ...]``. Nothing in the
-    file can run code (:func:`safe_torch_load`, safetensors).
-    Raises CheckpointError naming the file when it is missing, unsafe or holds no state dict."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f'{path}: no such weights file; give a run\'s checkpoint.pt, '
-                              'final_weights.pt or final_weights.safetensors')
-    config = classes = None
-    if path.suffix == '.safetensors':
-        state, config, classes = _load_safetensors(path)
-    else:
-        state = safe_torch_load(path, 'weights file')
-        if isinstance(state, dict) and state.get('format') == FORMAT:
-            classes = [tuple(c) for c in state['classes']] if state.get('classes') else None
-            return state['model'], state['config'], classes
-    if not (isinstance(state, dict) and state and all(torch.is_tensor(v) for v in state.values())):
-        raise CheckpointError(f'{path}: neither a checkpoint nor a state dict of tensors')
-    params, class_list = path.with_name('params.json'), path.with_name('classes.tsv')
-    if config is None and params.is_file():
-        config = json.loads(params.read_text())
-    if classes is None and class_list.is_file():
-        classes = read_class_names(class_list)
-    return state, config, classes
-
-
-# The config keys that define a trained model's structure, (section, key) -> build_model's argument
-# (as nanoGPT's list of model_args): the one place a saved run is turned back into a model.
-MODEL_KEYS = {('model', 'arch'): 'arch', ('training', 'use_blurpool'): 'use_blurpool',
-              ('training', 'channels_last'): 'channels_last'}
-
-
-@dataclass
-class SavedModel:
-    """A model rebuilt from saved weights: ``model`` (on the CPU, weights loaded, train mode),
-    ``config`` the run's resolved config (None when none was saved), ``classes``
-    ``[(wnid, name), ...]`` saved with the weights (or None), ``arch`` its name."""
-    model: torch.nn.Module
-    config: dict
-    classes: list
-    arch: str
-
-
-def load_model(path, *, num_classes: int = None, arch: str = 'resnet50', use_blurpool: bool = True,
-               channels_last: bool = True) -> SavedModel:
-    """The model saved at ``path`` (a checkpoint or a final_weights.pt, see :func:`load_weights`),
-    rebuilt as it was trained: arch, BlurPool and channels_last come from the config saved with the
-    weights (:data:`MODEL_KEYS`); the keyword values are used only when no config is saved.
-    ``num_classes``: the class count to build for (e.g. the val .beton's); None takes the length
-    of the class list saved with the weights. Used by ``imagenet-ffcv-train`` (eval-only) and
-    ``imagenet-ffcv-predict``.
-
-    Raises CheckpointError naming the file when it is missing or unreadable, or when the weights
-    do not fit the model (another arch or class count), and FileNotFoundError when
-    ``num_classes`` is None and no class list is saved with the weights.
-    """
-    state, saved_config, classes = load_weights(path)
-    structure = {'arch': arch, 'use_blurpool': use_blurpool, 'channels_last': channels_last}
-    if saved_config:
-        structure = {name: saved_config[section][key]
-                     for (section, key), name in MODEL_KEYS.items()}
-    if num_classes is None:
-        if not classes:
-            raise FileNotFoundError(f'no class list for {path}: none saved with it and no '
-                                    'classes.tsv beside it; pass --classes TRAIN.classes.tsv '
-                                    '(written by imagenet-ffcv-write beside the .beton)')
-        num_classes = len(classes)
-    model = build_model(arch=structure['arch'], num_classes=num_classes,
-                        use_blurpool=bool(structure['use_blurpool']),
-                        channels_last=bool(structure['channels_last']))
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise CheckpointError(f'{path}: the weights do not fit {structure["arch"]} with '
-                              f'{num_classes} classes: {str(e).splitlines()[0]}') from None
-    return SavedModel(model=model, config=saved_config, classes=classes, arch=structure['arch'])

@@ -19,11 +19,20 @@ from fastargs.validation import And, OneOf, Or
 
 from . import schedules
 from .config_schema import declare
+from .errors import ImagenetFfcvError
+from .optional import require
 
 CONFIGS_DIR = Path(__file__).with_name('configs')  # the shipped recipes (rn50_configs/, ...)
+# Keys that may change between a run and its resumption: how data is read, what is logged and how
+# validation is done. Any other difference (epochs, LR, resolution schedule, batch, model, seed,
+# ...) changes the schedule the run is half-way through and is refused unless forced. The mixed
+# precision (a device property), torch.compile and the code version may change as well.
+RESUMABLE_CHANGES = ('data.', 'logging.', 'validation.', 'checkpoint.', 'dist.', 'code.',
+                     'training.eval_only', 'training.target_top1', 'training.amp',
+                     'training.compile', 'derived.device', 'derived.amp', 'derived.loader_threads')
 
 
-class ConfigError(ValueError):
+class ConfigError(ImagenetFfcvError, ValueError):
     """A config file or override that does not fit the schema; the message names the key."""
 
 
@@ -247,14 +256,49 @@ def to_dict(cfg: SimpleNamespace) -> dict:
 # lists a schedule's arguments, and the schedules never read config keys.
 
 def lr_schedule_kwargs(cfg: SimpleNamespace) -> dict:
-    """The keyword arguments of ``schedules.lr_at`` but ``lr`` (scaled by the trainer), from the
-    ``lr`` and ``training`` sections."""
+    """The keyword arguments of ``schedules.lr_at`` but ``lr`` (scaled by the trainer): the
+    schedule's name, ``epochs``, ``warmup_epochs`` and the schedule's own arguments."""
+    own = {'cyclic': {'peak_epoch': cfg.lr.lr_peak_epoch},
+           'step': {'step_ratio': cfg.lr.step_ratio, 'step_length': cfg.lr.step_length,
+                    'step_fractions': schedules.parse_fractions(cfg.lr.step_fractions)},
+           'poly': {'power': cfg.lr.poly_power},
+           'cosine': {'min_lr': cfg.lr.min_lr},
+           'linear': {}}
     return {'schedule': cfg.lr.lr_schedule_type, 'epochs': cfg.training.epochs,
-            'peak_epoch': cfg.lr.lr_peak_epoch, 'step_ratio': cfg.lr.step_ratio,
-            'step_length': cfg.lr.step_length,
-            'step_fractions': schedules.parse_fractions(cfg.lr.step_fractions),
-            'poly_power': cfg.lr.poly_power, 'warmup_epochs': cfg.lr.warmup_epochs,
-            'min_lr': cfg.lr.min_lr}
+            'warmup_epochs': cfg.lr.warmup_epochs, **own[cfg.lr.lr_schedule_type]}
+
+
+def schedule_changes(saved: dict, current: dict) -> list:
+    """``['key: saved -> current', ...]`` for each config key (``{'section': {'key': value}}``
+    dicts, ``derived`` included) that differs and is not in :data:`RESUMABLE_CHANGES`."""
+    old, new = flatten(saved), flatten(current)
+    return [f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in sorted(set(old) | set(new))
+            if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES)]
+
+
+def check_resumable(saved: dict, current: dict, *, force: bool, path) -> None:
+    """Raise ConfigError listing :func:`schedule_changes` between the resolved config ``saved``
+    with the checkpoint ``path`` and the resolved config ``current``, unless there are none or
+    ``force`` (``checkpoint.force=1``)."""
+    changes = schedule_changes(saved, current)
+    if changes and not force:
+        raise ConfigError(f'{path}: this config changes the schedule of the run being resumed:\n  '
+                          + '\n  '.join(changes) + '\nresume with the config of the run, or set '
+                          'checkpoint.force=1 to continue anyway')
+
+
+def check_optional_packages(cfg: SimpleNamespace) -> None:
+    """Import now the optional packages ``cfg`` asks for (a timm model or LAMB: timm; W&B: wandb;
+    TensorBoard), so that a missing one stops the run before any work, with
+    ``optional.MissingPackageError`` naming the key, the package and how to install it."""
+    if cfg.model.arch.startswith('timm:'):
+        require('timm', f'model.arch={cfg.model.arch!r}')
+    if cfg.training.optimizer == 'lamb':
+        require('timm.optim', "training.optimizer='lamb'", package='timm')
+    if cfg.logging.wandb_project:
+        require('wandb', f'logging.wandb_project={cfg.logging.wandb_project!r}')
+    if cfg.logging.tensorboard:
+        require('torch.utils.tensorboard', 'logging.tensorboard=1', package='tensorboard')
 
 
 def train_loader_kwargs(cfg: SimpleNamespace) -> dict:
@@ -263,20 +307,33 @@ def train_loader_kwargs(cfg: SimpleNamespace) -> dict:
     return {'path': cfg.data.train_dataset, 'batch_size': cfg.training.batch_size,
             'os_cache': bool(cfg.data.in_memory), 'seed': cfg.training.seed,
             'min_crop_scale': cfg.data.min_crop_scale, 'flip_prob': cfg.data.flip_prob,
-            'decoder': cfg.data.decoder}
+            'decoder_name': cfg.data.decoder}
 
 
 def val_loader_kwargs(cfg: SimpleNamespace) -> dict:
     """The keyword arguments of ``loaders.val_loader`` that the config sets."""
     return {'path': cfg.data.val_dataset, 'batch_size': cfg.validation.batch_size,
-            'res': cfg.validation.resolution, 'decoder': cfg.data.decoder}
+            'res': cfg.validation.resolution, 'decoder_name': cfg.data.decoder}
 
 
 def model_kwargs(cfg: SimpleNamespace) -> dict:
-    """The keyword arguments of ``models.build_model`` (and ``checkpoint.load_model``) but the
+    """The keyword arguments of ``models.build_model`` (and ``weights.load_model``) but the
     class count."""
     return {'arch': cfg.model.arch, 'use_blurpool': bool(cfg.training.use_blurpool),
             'channels_last': bool(cfg.training.channels_last)}
+
+
+def saved_model_kwargs(saved: dict) -> dict:
+    """:func:`model_kwargs` of a saved run's resolved config (``{'section': {'key': value}}``, as
+    params.json and checkpoints hold it): the one place a saved run is turned back into a model."""
+    return {'arch': saved['model']['arch'], 'use_blurpool': bool(saved['training']['use_blurpool']),
+            'channels_last': bool(saved['training']['channels_last'])}
+
+
+def saved_eval_kwargs(saved: dict) -> dict:
+    """How a saved run validated: ``{'res': side in px, 'flip_tta': bool}`` from its resolved
+    config, for predict."""
+    return {'res': saved['validation']['resolution'], 'flip_tta': bool(saved['validation']['lr_tta'])}
 
 
 def optimizer_kwargs(cfg: SimpleNamespace) -> dict:

@@ -6,6 +6,7 @@ from fastargs import Param, Section
 from fastargs.validation import And, Int, OneOf, Or
 
 from . import schedules
+from .constants import DECODERS, PRECISIONS
 from .optimizers import OPTIMIZERS
 
 
@@ -33,7 +34,7 @@ def _data_and_model_sections(section) -> None:
                                         'of the image (torchvision: 0.08)', default=0.08),
             flip_prob=Param(float, 'probability of the left-right flip of training images',
                             default=0.5),
-            decoder=Param(OneOf(['fused', 'fused_aa', 'ffcv']),
+            decoder=Param(OneOf(DECODERS),
                           "image decoder: 'fused' (ours: region decode + bilinear), 'fused_aa' "
                           "(ours, antialiased for every shrink) or 'ffcv' (ffcv's stock decoders, "
                           'INTER_AREA resize, as ffcv-imagenet)', default='fused'),
@@ -54,8 +55,8 @@ def _data_and_model_sections(section) -> None:
             lr=Param(float, 'peak LR (cyclic) or initial LR (step), for ref_batch_size images '
                             'per step when ref_batch_size is set', default=0.5),
             lr_schedule_type=Param(OneOf(list(schedules.LR_SCHEDULES)),
-                                   'cyclic (triangular), step, poly or cosine',
-                                   default='cyclic'),
+                                   'the LR schedule by name: ' + ', '.join(schedules.LR_SCHEDULES)
+                                   + ' (imagenet_ffcv/schedules.py)', default='cyclic'),
             min_lr=Param(float, 'cosine: the LR at the end of training (not scaled with the '
                                 'batch)', default=0.0),
             lr_peak_epoch=Param(float, 'cyclic: epoch at which the LR peaks', default=2),
@@ -94,7 +95,7 @@ def _training_sections(section) -> None:
             optimizer=Param(And(str, OneOf(list(OPTIMIZERS))),
                             'sgd (with momentum), adamw, or lamb (needs the optional timm package)',
                             default='sgd'),
-            amp=Param(OneOf(['auto', 'bf16', 'fp16', 'off']),
+            amp=Param(OneOf(PRECISIONS),
                       'mixed precision on CUDA: auto (bf16 where the GPU has it, else fp16), bf16, '
                       'fp16 (with loss scaling) or off (fp32); CPU: auto means off',
                       default='auto'),

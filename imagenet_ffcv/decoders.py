@@ -35,7 +35,9 @@ from ffcv.libffcv import imdecode
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 
+from .constants import DEFAULT_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
 from .crops import center_crop, flipped, random_resized_crop, sample_key
+from .errors import ImagenetFfcvError
 from .resampling import resample
 
 SOURCE = Path(__file__).with_name('jpeg_region.c')
@@ -44,7 +46,7 @@ REBUILD = ('reinstall the package to build it (pip install -e . in a checkout, w
            'does; it needs the libjpeg headers: apt-get install libjpeg-dev pkg-config)')
 
 
-class JpegLibraryError(RuntimeError):
+class JpegLibraryError(ImagenetFfcvError, RuntimeError):
     """The C region decoder is not built or does not match its source; the message says what to
     do."""
 
@@ -187,6 +189,92 @@ def _region_reader():
     return read_whole, False
 
 
+def _image_decoder(read_region, partial: bool):
+    """``decode_image(data, is_jpeg, height, width, i, j, h, w, buf, info, out, flip, mean,
+    inv_std, normalize, antialias) -> code``: one stored image record (JPEG bytes, or raw pixels
+    when not ``is_jpeg``) of ``height`` x ``width`` px, its crop (``i``, ``j``, ``h``, ``w``: top,
+    left, height, width in px) decoded (``jpeg_window``, ``read_region`` into ``buf``, a uint8
+    buffer of at least ``height * width * 3``; ``info``: int64 (2,)) and resampled into ``out``
+    ((H, W, 3), float32 when ``normalize`` else uint8; ``resampling.resample``). Returns 0, or
+    the negative code of a JPEG that did not decode (``out`` is then left as it was). Both the
+    loaders' decoders and :func:`decode_crop` run it: the one path from stored bytes to pixels."""
+    def decode_image(data, is_jpeg, height, width, i, j, h, w, buf, info, out, flip, mean,
+                     inv_std, normalize, antialias):
+        if not is_jpeg:
+            resample(data.reshape(height, width, 3), i, j, h, w, out, flip, mean, inv_std,
+                     normalize, antialias)
+            return 0
+        denom, top, left, rows, cols, y0, x0, ch, cw = jpeg_window(
+            height, width, i, j, h, w, out.shape[0], out.shape[1], partial)
+        code = read_region(data, buf, top, left, rows, cols, denom, info, height, width)
+        if code < 0:
+            return code
+        decoded_w = info[1]
+        src = buf[:rows * decoded_w * 3].reshape(rows, decoded_w, 3)
+        resample(src, y0 - top, x0 - info[0], ch, cw, out, flip, mean, inv_std, normalize,
+                 antialias)
+        return 0
+    return decode_image
+
+
+_python_decoders = {}  # partial (bool) -> decode_image compiled for calls from Python
+
+
+def normalization(mean, std) -> tuple:
+    """``(mean, inv_std)`` as the decoders use them: float32 (3,) arrays, ``inv_std`` = 1 / std
+    computed in float64 (0-255 pixel units)."""
+    return (np.asarray(mean, np.float32),
+            (1 / np.asarray(std, np.float64)).astype(np.float32))
+
+
+def decode_crop(record: np.ndarray, *, height: int, width: int, crop: tuple, size: tuple,
+                flip: bool = False, normalize: bool = True, mean=IMAGENET_MEAN,
+                std=IMAGENET_STD, antialias: bool = False, is_jpeg: bool = True) -> np.ndarray:
+    """The pixels the loaders' decoders write for one stored image record: ``record`` the JPEG
+    bytes (uint8 (N,); raw RGB pixels (height * width * 3,) when not ``is_jpeg``) of a
+    ``height`` x ``width`` px image, ``crop`` ``(top, left, h, w)`` in px, resized to ``size``
+    ``(H, W)``, flipped left-right when ``flip``, normalised with ``mean``/``std`` (0-255 units)
+    when ``normalize``. Returns (H, W, 3) float32 (normalised) or uint8. The same compiled steps
+    as the loaders (``_image_decoder``), so the result equals the loader's batch row bit for bit.
+    Raises ValueError for a JPEG that does not decode."""
+    read_region, partial = _region_reader()
+    if partial not in _python_decoders:
+        # compiled as the loaders compile it (ffcv's Compiler: the same numba options)
+        _python_decoders[partial] = Compiler.compile(
+            _image_decoder(Compiler.compile(read_region), partial))
+    mean32, inv_std = normalization(mean, std)
+    out = np.empty((*size, 3), np.float32 if normalize else np.uint8)
+    code = _python_decoders[partial](
+        np.ascontiguousarray(record, np.uint8), is_jpeg, np.int64(height), np.int64(width),
+        *(np.int64(v) for v in crop), np.empty(height * width * 3, np.uint8),
+        np.zeros(2, np.int64), out, bool(flip), mean32, inv_std, bool(normalize), bool(antialias))
+    if code < 0:
+        raise ValueError(f'the JPEG record does not decode (code {code})')
+    return out
+
+
+def center_crop_pixels(record: np.ndarray, *, height: int, width: int, res: int,
+                       ratio: float = DEFAULT_CROP_RATIO, **options) -> np.ndarray:
+    """:func:`decode_crop` of the validation crop (``crops.center_crop``: the central square of
+    ``ratio`` x the shorter side) resized to ``res`` x ``res``: what the val loader (and
+    :func:`center_crop_decoder`) gives for this record. ``options``: those of decode_crop."""
+    crop = center_crop(height, width, np.zeros(2), float(ratio), np.uint64(0))
+    return decode_crop(record, height=height, width=width, crop=crop, size=(res, res), **options)
+
+
+def random_crop_pixels(record: np.ndarray, *, height: int, width: int, res: int, seed: int,
+                       epoch: int, index: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
+                       flip_prob: float = 0.5, **options) -> np.ndarray:
+    """:func:`decode_crop` of the training crop and flip of sample ``index`` in ``epoch`` for
+    ``seed`` (``crops.random_resized_crop``, ``crops.flipped``) resized to ``res`` x ``res``: what
+    the train loader (and :func:`random_resized_crop_decoder`) gives for this record."""
+    key = sample_key(seed, epoch, index)
+    crop = random_resized_crop(height, width, np.array(scale, np.float64),
+                               np.array(ratio, np.float64), key)
+    return decode_crop(record, height=height, width=width, crop=crop, size=(res, res),
+                       flip=flipped(key, flip_prob), **options)
+
+
 # A subclass of ffcv's decoder class for RGBImageField: ffcv takes the first op of a pipeline as
 # the field's decoder only if it is one.
 class CropResizeDecoder(SimpleRGBImageDecoder):
@@ -205,8 +293,7 @@ class CropResizeDecoder(SimpleRGBImageDecoder):
         self.output_size = tuple(output_size)
         self.crop, self.scale, self.ratio = crop, scale, ratio
         self.flip_prob, self.normalize = float(flip_prob), bool(normalize)
-        self.mean = np.asarray(mean, np.float32)
-        self.inv_std = (1 / np.asarray(std, np.float64)).astype(np.float32)
+        self.mean, self.inv_std = normalization(mean, std)
         if seed < 0:
             raise ValueError(f'seed={seed} must be >= 0')
         self.seed = int(seed)
@@ -254,14 +341,13 @@ class CropResizeDecoder(SimpleRGBImageDecoder):
         flip_prob, normalize, antialias = self.flip_prob, self.normalize, self.antialias
         mean, inv_std = self.mean, self.inv_std
         read_region, partial = _region_reader()
-        read_region_c = Compiler.compile(read_region)
+        decode_image = Compiler.compile(_image_decoder(Compiler.compile(read_region), partial))
         pool_size = numba.config.NUMBA_NUM_THREADS
         seed, epoch_address, memmove = self.seed, self._epoch_cell.ctypes.data, ctypes.memmove
         corrupt_address = self._corrupt_cell.ctypes.data
 
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, temp, info = my_storage
-            out_h, out_w = destination.shape[1], destination.shape[2]
             epoch = np.zeros(1, np.int64)
             memmove(epoch.ctypes.data, epoch_address, 8)
             for k in my_range(len(batch_indices)):
@@ -270,30 +356,18 @@ class CropResizeDecoder(SimpleRGBImageDecoder):
                 height, width = np.int64(field['height']), np.int64(field['width'])
                 key = sample_key(seed, epoch[0], batch_indices[k])
                 i, j, h, w = crop_at(height, width, scale, ratio, key)
-                flip = flipped(key, flip_prob)
-                if field['mode'] != jpg:
-                    resample(data.reshape(height, width, 3), i, j, h, w, destination[k], flip,
-                             mean, inv_std, normalize, antialias)
-                    continue
-                denom, top, left, rows, cols, y0, x0, ch, cw = jpeg_window(
-                    height, width, i, j, h, w, out_h, out_w, partial)
                 # One decode buffer per thread rather than per image, so that it stays in the
                 # CPU cache (thread ids are below the pool size; small batches: per image).
                 slot = np.int64(k)
                 if len(temp) >= pool_size:
                     slot = np.int64(numba.get_thread_id())
-                buf = temp[slot]
-                code = read_region_c(data, buf, top, left, rows, cols, denom, info[k], height,
-                                     width)
-                if code < 0:  # corrupt record (imagenet-ffcv-write --verify finds it): zeros, and noted
+                code = decode_image(data, field['mode'] == jpg, height, width, i, j, h, w,
+                                    temp[slot], info[k], destination[k], flipped(key, flip_prob),
+                                    mean, inv_std, normalize, antialias)
+                if code < 0:  # corrupt record (imagenet-ffcv-write --verify finds it): zeros, noted
                     destination[k][:] = 0
                     info[k, 0] = batch_indices[k]
                     memmove(corrupt_address, info[k].ctypes.data, 8)
-                    continue
-                decoded_w = info[k, 1]
-                src = buf[:rows * decoded_w * 3].reshape(rows, decoded_w, 3)
-                resample(src, y0 - top, x0 - info[k, 0], ch, cw, destination[k], flip, mean,
-                         inv_std, normalize, antialias)
             return destination[:len(batch_indices)]
 
         decode.is_parallel = True

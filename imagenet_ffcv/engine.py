@@ -10,11 +10,11 @@ import torchvision.transforms.functional as TF
 from tqdm import tqdm
 
 from . import distributed
-from .constants import DEFAULT_CROP_RATIO
+from .constants import DEFAULT_CROP_RATIO, PRECISIONS
+from .errors import ImagenetFfcvError
 from .metrics import topk_correct
 
 
-AMP_CHOICES = ('auto', 'bf16', 'fp16', 'off')
 
 
 @dataclass(frozen=True)
@@ -38,8 +38,8 @@ def resolve_precision(amp: str, device: torch.device) -> Precision:
     (V100, T4), and fp32 on CPU; 'bf16', 'fp16' and 'off' (fp32) are taken as given, on any
     device. Mixed-precision training as Micikevicius et al., "Mixed Precision Training" (2018),
     through ``torch.autocast`` and ``torch.amp.GradScaler``. Raises ValueError for another name."""
-    if amp not in AMP_CHOICES:
-        raise ValueError(f'amp={amp!r}: expected one of {", ".join(AMP_CHOICES)}')
+    if amp not in PRECISIONS:
+        raise ValueError(f'amp={amp!r}: expected one of {", ".join(PRECISIONS)}')
     if amp == 'auto':
         if device.type != 'cuda':
             amp = 'off'
@@ -63,7 +63,7 @@ def flip_tta_logits(model, x: torch.Tensor, flip_tta: bool = True) -> torch.Tens
     return logits
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(ImagenetFfcvError, FloatingPointError):
     """The training loss became NaN or infinite; ``epoch`` and ``iteration`` locate the first such
     step. The weights are spoilt from that step on: resume from the last checkpoint instead."""
 
@@ -74,7 +74,7 @@ class NonFiniteLossError(FloatingPointError):
                          '(lower the LR, or check the data, then resume from it)')
 
 
-class CorruptRecordError(ValueError):
+class CorruptRecordError(ImagenetFfcvError, ValueError):
     """A sample of the .beton did not decode (corrupt bytes in its record); the message names the
     file and the sample on the rank that met it."""
 
@@ -100,6 +100,28 @@ class StepOptions:
     mix: Callable = None
     ema: torch.nn.Module = None
     ema_every: int = 1
+
+
+@dataclass
+class EpochHooks:
+    """What :func:`train_one_epoch` calls back between steps, and how often.
+
+    stop_requested: ``() -> bool``, true once this rank is asked to stop (a signal, see
+    ``signals.StopRequest``); corrupt_record: ``() -> message or None`` (a sample that did not
+    decode, see ``loaders.Loader.corrupt_record``); None: never. The ranks agree on both (and on a
+    non-finite loss) every ``check_every`` iterations, at the last one, and at each checkpoint or
+    log iteration.
+    save_checkpoint: ``(iterations done) -> None``, every ``checkpoint_every`` iterations (0:
+    never) except the last. log_train: ``(iterations done, {'loss', 'lr', 'img_per_s'}) -> None``
+    every ``log_every`` iterations (0: never), with the loss of that iteration.
+    """
+    stop_requested: Callable = None
+    corrupt_record: Callable = None
+    check_every: int = 10
+    save_checkpoint: Callable = None
+    checkpoint_every: int = 0
+    log_train: Callable = None
+    log_every: int = 0
 
 
 def _agree(first_bad, iterations: int, epoch: int, stop_requested, corrupt_record) -> bool:
@@ -145,29 +167,22 @@ def train_step(*, model, x, y, optimizer, loss_fn, amp_dtype=None, scaler=None,
 
 
 def train_one_epoch(*, model, loader, optimizer, loss_fn, lr_at, epoch: int, amp_dtype=None,
-                    scaler=None, options: StepOptions = None, show_progress: bool = True,
-                    start_iteration: int = 0, check_every: int = 10, stop_requested=None,
-                    checkpoint_every: int = 0, save_checkpoint=None, corrupt_record=None,
-                    log_every: int = 0, log_train=None, iterations_after: float = 0.0) -> dict:
+                    scaler=None, options: StepOptions = None, hooks: EpochHooks = None,
+                    show_progress: bool = True, start_iteration: int = 0,
+                    iterations_after: float = 0.0) -> dict:
     """Train ``model`` on every batch of ``loader`` once, with :func:`train_step`.
 
     lr_at: function of the fractional epoch ``epoch + (i + 0.5) / len(loader)`` giving the LR of
     iteration ``i``; it is set on every parameter group before each step.
     amp_dtype, scaler: the mixed precision (see :class:`Precision` and :func:`train_step`).
     options: clipping, MixUp/CutMix and EMA (:class:`StepOptions`; None: all off).
+    hooks: stop requests, corrupt records, checkpoints and live logs (:class:`EpochHooks`; None:
+    none). A non-finite loss on any rank raises :class:`NonFiniteLossError` at the next check, a
+    corrupt record :class:`CorruptRecordError`; a stop request ends the epoch there, with
+    ``'stopped'`` true.
     Batches: float images (B, 3, H, W) and int64 labels (B,) on the model's device.
     start_iteration: resume within the epoch: batches ``0..start_iteration-1`` are read (the
     loader's order is fixed by its seed and epoch) but not trained on again.
-
-    Every ``check_every`` iterations, and at the last one, the ranks agree (one small all-reduce,
-    which also syncs the device) on two things: a non-finite loss on any rank since the last check
-    raises :class:`NonFiniteLossError`; ``stop_requested()`` true on any rank (a signal, see
-    ``signals.StopRequest``; None: never) ends the epoch there, with ``'stopped'`` true; a
-    message from ``corrupt_record()`` on any rank (a sample that did not decode, see
-    ``loaders.Loader.corrupt_record``) raises :class:`CorruptRecordError`. Then, every
-    ``checkpoint_every`` iterations (0: never) except the last, ``save_checkpoint(i + 1)`` is
-    called with the number of iterations done, and every ``log_every`` iterations (0: never)
-    ``log_train(iterations_done, {'loss', 'lr', 'img_per_s'})`` (the loss of that iteration).
     iterations_after: the work of the epochs after this one, in iterations of this epoch (see
     ``schedules.remaining_work``): the progress bar's ``eta`` is the time left for the whole run
     at this epoch's speed (validation not counted).
@@ -177,7 +192,7 @@ def train_one_epoch(*, model, loader, optimizer, loss_fn, lr_at, epoch: int, amp
     trained (``len(loader)`` unless stopped early), 'stopped': the ranks agreed to stop}``.
     """
     model.train()
-    options = options or StepOptions()
+    options, hooks = options or StepOptions(), hooks or EpochHooks()
     iterations = len(loader)
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -202,13 +217,15 @@ def train_one_epoch(*, model, loader, optimizer, loss_fn, lr_at, epoch: int, amp
         done = i + 1
         if options.ema is not None and done % options.ema_every == 0:
             options.ema.update_parameters(model)
-        checkpoint_due = bool(checkpoint_every) and done % checkpoint_every == 0
-        log_due = bool(log_every) and done % log_every == 0
-        if done % check_every == 0 or done == iterations or checkpoint_due or log_due:
-            go_on = _agree(first_bad, iterations, epoch, stop_requested, corrupt_record)
+        checkpoint_due = bool(hooks.checkpoint_every) and done % hooks.checkpoint_every == 0
+        log_due = bool(hooks.log_every) and done % hooks.log_every == 0
+        if done % hooks.check_every == 0 or done == iterations or checkpoint_due or log_due:
+            go_on = _agree(first_bad, iterations, epoch, hooks.stop_requested,
+                           hooks.corrupt_record)
             seconds = time.perf_counter() - start
-            if log_due and log_train:
-                log_train(done, {'loss': float(loss), 'lr': lr, 'img_per_s': images / seconds})
+            if log_due and hooks.log_train:
+                hooks.log_train(done, {'loss': float(loss), 'lr': lr,
+                                       'img_per_s': images / seconds})
             if show_progress:
                 eta = (iterations - done + iterations_after) * seconds / (done - start_iteration)
                 bar.set_postfix(loss=f'{float(loss):.3f}', lr=f'{lr:.3g}',
@@ -218,7 +235,7 @@ def train_one_epoch(*, model, loader, optimizer, loss_fn, lr_at, epoch: int, amp
                 stopped = True
                 break
             if checkpoint_due and done < iterations:
-                save_checkpoint(done)
+                hooks.save_checkpoint(done)
     bar.close()
     return {'train_loss': float(loss_sum) / max(images, 1), 'images': images,
             'seconds': time.perf_counter() - start, 'lr': lr, 'iterations_done': done,

@@ -4,7 +4,7 @@ import time
 
 import torch
 
-from . import checkpoint, config, distributed, engine, loaders, metrics
+from . import config, distributed, engine, loaders, metrics, weights
 
 
 def make_val_loader(cfg, dist, precision, crop_ratio=None):
@@ -41,9 +41,9 @@ def ten_crop_eval(cfg, dist, model, precision) -> dict:
 def evaluate_weights(cfg, dist) -> dict:
     """``training.eval_only=1``: the validation top-1/top-5 of ``model.weights`` (a checkpoint or a
     final_weights.pt), computed as the training run computes it. The model is rebuilt as it was
-    trained (``checkpoint.load_model``: arch, BlurPool, channels_last from the config saved with
+    trained (``weights.load_model``: arch, BlurPool, channels_last from the config saved with
     the weights, when there is one); validation settings come from ``cfg``."""
-    saved = checkpoint.load_model(
+    saved = weights.load_model(
         cfg.model.weights, num_classes=loaders.num_classes(cfg.data.val_dataset),
         **config.model_kwargs(cfg))
     model = saved.model.to(dist.device)

@@ -1,12 +1,10 @@
 """Decoding any input image to RGB, the shorter-side resize and the JPEG encoding: what the writer
-stores and what ``imagenet-ffcv-predict`` feeds the model (the way the validation loader prepares
-an image)."""
+stores, and what ``imagenet-ffcv-predict`` stores the same way before it decodes the image as the
+validation loader does (``decoders.center_crop_pixels``)."""
 import cv2
 import numpy as np
-import torch
 from PIL import Image, ImageFile, ImageOps
 
-from .constants import DEFAULT_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
 from .sources import open_image_source
 
 
@@ -70,24 +68,6 @@ def load_image(path, max_res: int) -> np.ndarray:
         if a.ndim != 3 or a.shape[2] != 3 or a.dtype != np.uint8 or 0 in a.shape:
             raise ValueError(f'decoded to an unusable array {a.dtype} {a.shape}')
         return a
-
-
-def load_eval_image(path, *, res: int, max_res: int = 256,
-                    crop_ratio: float = DEFAULT_CROP_RATIO):
-    """One image file as the validation loader feeds it to the model, for prediction: decoded as
-    the converter stores it (shorter side at most ``max_res``, :func:`load_image`), the central
-    square of side ``int(crop_ratio * shorter side)`` (ffcv's ``get_center_crop``), resized to
-    ``res`` x ``res`` bilinearly (area interpolation for a shrink of 2 or more, where the loader
-    decodes DCT-scaled; see ``decoders``), normalised with the ImageNet mean/std.
-    Returns a float32 tensor (3, res, res). Raises as :func:`load_image`."""
-    a = load_image(path, max_res)
-    height, width = a.shape[:2]
-    side = int(crop_ratio * min(height, width))
-    top, left = (height - side) // 2, (width - side) // 2
-    a = cv2.resize(a[top:top + side, left:left + side], (res, res),
-                   interpolation=cv2.INTER_LINEAR if side < 2 * res else cv2.INTER_AREA)
-    a = (a.astype(np.float32) - IMAGENET_MEAN.astype(np.float32)) / IMAGENET_STD.astype(np.float32)
-    return torch.from_numpy(a).permute(2, 0, 1).contiguous()
 
 
 def resize_rgb(a: np.ndarray, size: tuple) -> np.ndarray:

@@ -219,13 +219,14 @@ static uint32_t span(uint32_t first, uint32_t last, uint32_t count, uint32_t uni
     return last + 1 == count ? total - first * unit : (last + 1 - first) * unit;
 }
 
-/* The marker way: the same contract as decode_region, for a JPEG whose layout `l` was read.
- * Returns 1 (and nothing decoded) when the markers are not where the layout says: the caller
- * then decodes the JPEG the other way, where libjpeg judges the damage. */
-static int decode_intervals(struct decoder *d, const uint8_t *src, uint64_t size,
-                            const struct layout *l, uint8_t *dst, uint64_t capacity, uint32_t top,
-                            uint32_t left, uint32_t height, uint32_t width, uint32_t denom,
-                            int64_t *info) {
+/* The first step of the marker way, for a JPEG whose layout `l` was read: build in d->small the
+ * small JPEG of the intervals that cover the rectangle (the arguments as for decode_region).
+ * Returns its length in bytes, with *row0_px and *col0_px the image row and column (scaled px) of
+ * its top-left pixel; 0 (and nothing built) when the markers are not where the layout says;
+ * -2 for a rectangle outside the scaled image; -4 if out of memory. */
+static int64_t small_jpeg(struct decoder *d, const uint8_t *src, uint64_t size,
+                          const struct layout *l, uint32_t top, uint32_t left, uint32_t height,
+                          uint32_t width, uint32_t denom, uint32_t *row0_px, uint32_t *col0_px) {
     if (height == 0 || width == 0 || top + height > (l->height + denom - 1) / denom ||
         left + width > (l->width + denom - 1) / denom)
         return -2;
@@ -276,9 +277,9 @@ static int decode_intervals(struct decoder *d, const uint8_t *src, uint64_t size
     uint64_t length = l->data, start = l->data, copied = 0;
     for (uint64_t k = 0; k <= last; k++) {
         uint64_t end = next_marker(src, size, start);
-        if (end + 1 >= size) return 1;  /* the data ends before the interval does */
+        if (end + 1 >= size) return 0;  /* the data ends before the interval does */
         uint8_t code = src[end + 1];
-        if (k + 1 < intervals ? code != 0xD0 + (k & 7) : code != 0xD9) return 1;
+        if (k + 1 < intervals ? code != 0xD0 + (k & 7) : code != 0xD9) return 0;
         int wanted = k >= first;
         if (wanted && columns) {
             uint64_t col = k % per_row_intervals * n;
@@ -293,9 +294,25 @@ static int decode_intervals(struct decoder *d, const uint8_t *src, uint64_t size
         start = end + 2;
     }
     out[length - 1] = 0xD9;  /* the last interval's marker becomes EOI */
-    int code = decode_scanlines(d, out, length, dst, capacity, top - first_row * mh,
-                                left - first_col * mw, height, width, denom, info);
-    if (code == 0) info[0] += first_col * mw;
+    *row0_px = first_row * mh;
+    *col0_px = first_col * mw;
+    return (int64_t)length;
+}
+
+/* The marker way: the same contract as decode_region, for a JPEG whose layout `l` was read: the
+ * small JPEG (small_jpeg), decoded by libjpeg-turbo's partial decompression. Returns 1 (and
+ * nothing decoded) when the markers are not where the layout says: the caller then decodes the
+ * JPEG the other way, where libjpeg judges the damage. */
+static int decode_intervals(struct decoder *d, const uint8_t *src, uint64_t size,
+                            const struct layout *l, uint8_t *dst, uint64_t capacity, uint32_t top,
+                            uint32_t left, uint32_t height, uint32_t width, uint32_t denom,
+                            int64_t *info) {
+    uint32_t row0, col0;
+    int64_t length = small_jpeg(d, src, size, l, top, left, height, width, denom, &row0, &col0);
+    if (length <= 0) return length == 0 ? 1 : (int)length;
+    int code = decode_scanlines(d, d->small, (uint64_t)length, dst, capacity, top - row0,
+                                left - col0, height, width, denom, info);
+    if (code == 0) info[0] += col0;
     return code;
 }
 
@@ -330,4 +347,47 @@ int decode_region_scanlines(const uint8_t *src, uint64_t size, uint8_t *dst, uin
     struct decoder *d = thread_decoder();
     if (d == NULL) return -4;
     return decode_scanlines(d, src, size, dst, capacity, top, left, height, width, denom, info);
+}
+
+/* For profiling the marker way step by step (benchmarks/loader_profile.py): the small JPEG that
+ * decode_region decodes for this rectangle (the arguments as for decode_region), copied to `dst`.
+ * Returns its length in bytes, with info[0], info[1] <- the image row and column (scaled px) of
+ * its top-left pixel; 0 for a JPEG that decode_region decodes the other way (no restart markers,
+ * or not where its headers say); -2 if it needs more than `capacity` bytes or the rectangle lies
+ * outside the scaled image; -4 if out of memory. */
+int64_t region_jpeg(const uint8_t *src, uint64_t size, uint8_t *dst, uint64_t capacity,
+                    uint32_t top, uint32_t left, uint32_t height, uint32_t width, uint32_t denom,
+                    int64_t *info) {
+    struct decoder *d = thread_decoder();
+    if (d == NULL) return -4;
+    struct layout l;
+    if (!((denom == 1 || denom == 2 || denom == 4 || denom == 8) && read_layout(src, size, &l)))
+        return 0;
+    uint32_t row0, col0;
+    int64_t length = small_jpeg(d, src, size, &l, top, left, height, width, denom, &row0, &col0);
+    if (length <= 0) return length;
+    if ((uint64_t)length > capacity) return -2;
+    memcpy(dst, d->small, (uint64_t)length);
+    info[0] = row0;
+    info[1] = col0;
+    return length;
+}
+
+/* For profiling: the entropy decoding of the whole JPEG `src` alone (libjpeg's
+ * jpeg_read_coefficients: Huffman decoding into DCT coefficients, no IDCT, no upsampling, no
+ * colour conversion). Returns 0; -1 for a corrupt JPEG, -5 if it held corrupt data. */
+int entropy_decode(const uint8_t *src, uint64_t size) {
+    struct decoder *d = thread_decoder();
+    if (d == NULL) return -4;
+    struct jpeg_decompress_struct *c = &d->cinfo;
+    if (setjmp(d->err.jump)) {
+        jpeg_abort_decompress(c);
+        return -1;
+    }
+    c->err->num_warnings = 0;
+    jpeg_mem_src(c, src, (unsigned long)size);
+    jpeg_read_header(c, TRUE);
+    jpeg_read_coefficients(c);
+    jpeg_abort_decompress(c);
+    return c->err->num_warnings ? -5 : 0;
 }

@@ -1,6 +1,6 @@
 """The FFCV loaders of training and validation, and their pipelines: our fused decoders
 (``decoders``) write each batch; on CUDA the uint8 batch is normalised on the device.
-``decoder`` (``data.decoder``) picks the decoder: 'fused' (ours), 'fused_aa' (ours, antialiased
+``decoder_name`` (``data.decoder``) picks the decoder: 'fused' (ours), 'fused_aa' (ours, antialiased
 for every shrink) or 'ffcv' (ffcv 1.0.2's stock decoders, flip and normalisation, as
 ffcv-imagenet: whole-image decode and OpenCV INTER_AREA resize).
 
@@ -26,12 +26,11 @@ from ffcv.transforms import (NormalizeImage, RandomHorizontalFlip, Squeeze, ToDe
                              ToTorchImage)
 
 from .classes import class_list_path, read_class_list
-from .constants import DEFAULT_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
+from .constants import DECODERS, DEFAULT_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
 from .decoders import center_crop_decoder, random_resized_crop_decoder
 from .verify import check_beton
 
 ORDERS = {'random': OrderOption.RANDOM, 'quasi_random': OrderOption.QUASI_RANDOM}
-DECODERS = ('fused', 'fused_aa', 'ffcv')
 
 
 # ffcv 1.0.2's OSCacheManager (``os_cache=True``, our ``data.in_memory=1``) marks its arrays
@@ -230,9 +229,9 @@ def ffcv_image_pipeline(decoder, *, device, dtype=torch.float32, flip_prob: floa
                   ToTensor(), ToTorchImage()]
 
 
-def _check_decoder(decoder: str) -> None:
-    if decoder not in DECODERS:
-        raise ValueError(f'decoder={decoder!r}: expected one of {", ".join(DECODERS)}')
+def _check_decoder_name(decoder_name: str) -> None:
+    if decoder_name not in DECODERS:
+        raise ValueError(f'decoder_name={decoder_name!r}: expected one of {", ".join(DECODERS)}')
 
 
 def label_pipeline(device) -> list:
@@ -244,7 +243,7 @@ def label_pipeline(device) -> list:
 def train_loader(*, path, batch_size: int, num_workers: int, res: int, os_cache: bool, device,
                  distributed: bool, seed: int, order: str = 'random',
                  min_crop_scale: float = 0.08, flip_prob: float = 0.5,
-                 dtype=torch.float32, decoder: str = 'fused') -> tuple:
+                 dtype=torch.float32, decoder_name: str = 'fused') -> tuple:
     """The training loader: random-resized crop to ``res`` x ``res`` pixels + horizontal flip +
     normalisation, as ffcv-imagenet, done in one pass by ``decoders.random_resized_crop_decoder``
     (region decode, bilinear resample; ``benchmarks/bench_loader.py`` measures it). Returns
@@ -261,14 +260,15 @@ def train_loader(*, path, batch_size: int, num_workers: int, res: int, os_cache:
     torchvision: 0.08); the aspect ratio is drawn from [3/4, 4/3]. 1.0 on square images gives the
     whole image. ``flip_prob``: probability of the left-right flip (0: none). The order, the
     crops and the flips are functions of ``seed`` and the epoch (``seed`` >= 0): runs with the
-    same seed see the same batches, also after a resume (not with ``decoder='ffcv'``).
-    ``decoder``: 'fused', 'fused_aa' or 'ffcv' (see the module's docstring).
+    same seed see the same batches, also after a resume (not with ``decoder_name='ffcv'``).
+    ``decoder_name``: 'fused', 'fused_aa' or 'ffcv' (``constants.DECODERS``; see the module's
+    docstring).
     The loader's buffers are reused: consume a batch before fetching ``batches_ahead + 2`` more.
     Raises FileNotFoundError for a missing file, ``verify.CorruptBetonError`` for a file that is
     not a complete .beton (``verify.check_beton``), ValueError for a bad ``order`` or
-    ``decoder`` or for ``num_workers`` < 1.
+    ``decoder_name`` or for ``num_workers`` < 1.
     """
-    _check_decoder(decoder)
+    _check_decoder_name(decoder_name)
     if order not in ORDERS:
         raise ValueError(f"order={order!r}: expected 'random' or 'quasi_random'")
     if distributed and order != 'random':
@@ -276,7 +276,7 @@ def train_loader(*, path, batch_size: int, num_workers: int, res: int, os_cache:
     if num_workers < 1:
         raise ValueError(f'num_workers={num_workers}: the loader needs at least 1 thread')
     check_beton(path)
-    if decoder == 'ffcv':
+    if decoder_name == 'ffcv':
         ours = None
         image_decoder = RandomResizedCropRGBImageDecoder((res, res), scale=(min_crop_scale, 1.0))
         images = ffcv_image_pipeline(image_decoder, device=device, dtype=dtype,
@@ -285,7 +285,7 @@ def train_loader(*, path, batch_size: int, num_workers: int, res: int, os_cache:
         ours, images = image_pipeline(random_resized_crop_decoder, device=device, dtype=dtype,
                                       output_size=(res, res), scale=(min_crop_scale, 1.0),
                                       flip_prob=flip_prob, seed=seed,
-                                      antialias=decoder == 'fused_aa')
+                                      antialias=decoder_name == 'fused_aa')
         image_decoder = ours
     loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers,
                     order=ORDERS[order], os_cache=bool(os_cache), drop_last=True,
@@ -296,28 +296,28 @@ def train_loader(*, path, batch_size: int, num_workers: int, res: int, os_cache:
 
 def val_loader(*, path, batch_size: int, num_workers: int, res: int, device, rank: int = 0,
                world_size: int = 1, crop_ratio: float = DEFAULT_CROP_RATIO,
-               dtype=torch.float32, decoder: str = 'fused'):
+               dtype=torch.float32, decoder_name: str = 'fused'):
     """The validation loader: centre crop (``crop_ratio`` of the shorter side, 224/256 by default;
     1.0 gives the whole central square, for 10-crop evaluation) resized to ``res`` x ``res``.
 
     Each of ``world_size`` ranks reads the disjoint slice ``rank::world_size`` of the samples, in
     order, keeping the last partial batch, so across ranks every image is seen exactly once (ffcv's
-    own ``distributed=True`` pads with repeated samples). Batches and ``decoder`` as in
+    own ``distributed=True`` pads with repeated samples). Batches and ``decoder_name`` as in
     :func:`train_loader`.
     """
-    _check_decoder(decoder)
+    _check_decoder_name(decoder_name)
     if num_workers < 1:
         raise ValueError(f'num_workers={num_workers}: the loader needs at least 1 thread')
     # uint64 as ffcv's own default: int64 indices meet its uint64 ones and numba sees float64.
     indices = np.arange(rank, check_beton(path), world_size, dtype=np.uint64)
-    if decoder == 'ffcv':
+    if decoder_name == 'ffcv':
         ours = None
         images = ffcv_image_pipeline(CenterCropRGBImageDecoder((res, res), ratio=crop_ratio),
                                      device=device, dtype=dtype)
     else:
         ours, images = image_pipeline(center_crop_decoder, device=device, dtype=dtype,
                                       output_size=(res, res), ratio=crop_ratio,
-                                      antialias=decoder == 'fused_aa')
+                                      antialias=decoder_name == 'fused_aa')
     return Loader(str(path), batch_size=batch_size, num_workers=num_workers,
                   order=OrderOption.SEQUENTIAL, drop_last=False, indices=indices, decoder=ours,
                   pipelines={'image': images, 'label': label_pipeline(device)})

@@ -85,7 +85,7 @@ class LiveLog:
             self._wandb_run = self._start_wandb(wandb_project, run_name, config)
         if tensorboard:
             try:
-                tensorboard_module = require('torch.utils.tensorboard', 'logging.tensorboard=1',
+                tensorboard_module = require('torch.utils.tensorboard', 'TensorBoard logging',
                                              package='tensorboard')
                 self._writer = tensorboard_module.SummaryWriter(
                     log_dir=str(self.folder / 'tensorboard'), purge_step=resume_step or None)
@@ -99,7 +99,7 @@ class LiveLog:
     def _start_wandb(self, project: str, run_name: str, config):
         """``wandb.init`` for this run, its files under ``folder/wandb/``. wandb is imported
         here only (an optional package, ``requirements-extras.txt``)."""
-        wandb = require('wandb', needed_for=f'logging.wandb_project={project!r}')
+        wandb = require('wandb', needed_for=f'W&B logging (project {project!r})')
         self.folder.mkdir(parents=True, exist_ok=True)  # W&B falls back to a temp dir without it
         return wandb.init(project=project, name=run_name or None, id=wandb_run_id(run_name),
                           resume='allow', config=config, dir=str(self.folder))

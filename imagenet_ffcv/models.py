@@ -71,7 +71,7 @@ def build_model(*, arch: str, num_classes: int, use_blurpool: bool, channels_las
     else:
         valid = torchvision.models.list_models(module=torchvision.models)
         if arch not in valid:
-            raise ValueError(f'model.arch={arch!r} is not a torchvision classification model '
+            raise ValueError(f'arch={arch!r} is not a torchvision classification model '
                              f'nor {TIMM_PREFIX}<name> (a timm model, e.g. timm:resnet50d); '
                              f'valid torchvision names: {", ".join(valid)}')
         model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
@@ -86,9 +86,9 @@ def _timm_model(name: str, *, num_classes: int) -> nn.Module:
     """``timm.create_model(name, pretrained=False, num_classes=num_classes)``; the errors of
     :func:`build_model`. Only names in timm's registry (a pretrained tag such as
     ``resnet50.a1_in1k`` is accepted); ``hf-hub:`` and other sources, which download, are not."""
-    timm = require('timm', f'model.arch={TIMM_PREFIX + name!r}')
+    timm = require('timm', f'the timm model {name!r}')
     if not name or ':' in name or not timm.is_model(name):
-        raise ValueError(f'model.arch={TIMM_PREFIX + name!r}: {name!r} is not a timm model '
+        raise ValueError(f'arch={TIMM_PREFIX + name!r}: {name!r} is not a timm model '
                          f'(timm {timm.__version__}); see timm.list_models(), e.g. '
                          "timm.list_models('resnet*')")
     return timm.create_model(name, pretrained=False, num_classes=num_classes)

@@ -20,6 +20,6 @@ def make_optimizer(name: str, groups: list, *, lr: float, momentum: float = 0.9,
     if name == 'adamw':
         return torch.optim.AdamW(groups, lr=lr, betas=betas)
     if name == 'lamb':
-        timm_optim = require('timm.optim', "training.optimizer='lamb'")
+        timm_optim = require('timm.optim', 'the LAMB optimizer', package='timm')
         return timm_optim.Lamb(groups, lr=lr, betas=betas)
     raise ValueError(f'optimizer={name!r}: expected one of {", ".join(OPTIMIZERS)}')

@@ -6,11 +6,14 @@ it must not need it).
 import importlib
 from pathlib import Path
 
+from .errors import ImagenetFfcvError
+
 REPO = Path(__file__).resolve().parents[1]
 EXTRAS_FILE = REPO / 'requirements-extras.txt'
+EXTRAS = ('timm', 'wandb', 'tensorboard')  # the package's extras of the same names (pyproject.toml)
 
 
-class MissingPackageError(ImportError):
+class MissingPackageError(ImagenetFfcvError, ImportError):
     """An optional package a config asks for is not installed; the message names the package,
     the config key that needs it and the install command."""
 
@@ -32,14 +35,16 @@ def pinned(package: str) -> tuple:
 def require(module: str, needed_for: str, package: str = None):
     """The module ``module`` (e.g. ``'timm'``, ``'timm.optim'``, ``'wandb'``,
     ``'torch.utils.tensorboard'``), imported now. ``needed_for`` names what asked for it (e.g.
-    ``"model.arch='timm:convnext_tiny'"``); ``package``: the pip package that provides it (default:
-    the module's top-level name). Raises MissingPackageError when it is not installed (or fails to
-    import), naming the package, the key and how to install it."""
+    ``"model.arch='timm:convnext_tiny'"``, ``'TensorBoard logging'``); ``package``: the pip package
+    that provides it (default: the module's top-level name). Raises MissingPackageError when it is
+    not installed (or fails to import), naming the package, what asked for it and how to install
+    it (its pin, and the package's extra of that name where there is one)."""
     try:
         return importlib.import_module(module)
     except ImportError as e:
         pin, requirements = pinned(package or module.split('.')[0])
         name = pin.split('==')[0]
+        extra = f", or pip install 'imagenet-ffcv[{name}]'" if name in EXTRAS else ''
         raise MissingPackageError(
             f'{needed_for} needs the package {name!r}, which is not installed ({e}): '
-            f'pip install {pin} (or pip install -r {requirements})') from e
+            f'pip install {pin} (or pip install -r {requirements}{extra})') from e

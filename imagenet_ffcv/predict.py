@@ -12,10 +12,13 @@ Prints, for each image, as TensorFlow's classify_image.py does::
     ...
 
 The model is rebuilt as it was trained (arch, BlurPool, channels_last) from the config saved with the
-weights (inside a checkpoint, or params.json beside final_weights.pt), and each image is prepared as
-the validation loader prepares it (centre crop of 224/256 of the shorter side, resized to the run's
-validation resolution, flip TTA when the run used it). Class names come from the checkpoint or the
-run folder's classes.tsv (the class list written beside the training .beton), or --classes.
+weights (inside a checkpoint, or params.json beside final_weights.pt). Each image goes the way a val
+image goes: stored as ``imagenet-ffcv-write`` stores it (RGB, shorter side at most --max-res, JPEG
+at --jpeg-quality with a restart marker every --restart-interval MCUs: the converter's defaults),
+then decoded by the val loader's own code (the centre crop of 224/256 of the shorter side at the
+run's validation resolution), with flip TTA when the run used it. Class names come from the
+checkpoint or the run folder's classes.tsv (the class list written beside the training .beton), or
+--classes.
 """
 import argparse
 import sys
@@ -23,41 +26,70 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, engine
+from . import config, engine
+from .checkpoint import CheckpointError
 from .classes import read_class_names
 from .commands import command_name
-from .images import load_eval_image
+from .decoders import center_crop_pixels
+from .images import DEFAULT_RESTART_INTERVAL, encode_jpeg, load_image
+from .weights import load_model
 
 
-def predict(paths: list, *, weights, top: int = 5, classes_path=None, res=None, arch='resnet50',
-            blurpool: bool = True, max_res: int = 256, batch_size: int = 64, device=None) -> list:
+def predict(paths: list, *, weights, top: int = 5, classes_path=None, res=None,
+            arch='resnet50', blurpool: bool = True, max_res: int = 256, jpeg_quality: int = 90,
+            restart_interval: int = DEFAULT_RESTART_INTERVAL, batch_size: int = 64,
+            device=None) -> list:
     """Top-``top`` predictions for each image file.
 
     Returns one list per image of ``(wnid, name, probability)`` tuples, most probable first:
     probabilities from the softmax of the logits, which are averaged over the image and its flip
     when the run evaluated with flip TTA (``engine.flip_tta_logits``, the rule validation uses, so
-    the top-1 class is the one eval-only counts). ``res`` defaults to the run's
-    ``validation.resolution``; ``arch`` and ``blurpool`` are used only when no config is saved with
-    the weights (``checkpoint.load_model``). Class names come from ``classes_path`` (a
-    .classes.tsv), else those saved with the weights. Raises checkpoint.CheckpointError for
-    unusable weights, FileNotFoundError for a missing class list, OSError/ValueError naming an
-    image that cannot be decoded.
+    the top-1 class is the one eval-only counts). Each image is :func:`image_record` then
+    :func:`model_input`. ``res`` defaults to the run's ``validation.resolution``; ``arch`` and
+    ``blurpool`` are used only when no config is saved with the weights (``weights.load_model``).
+    Class names come from ``classes_path`` (a .classes.tsv), else those saved with the weights.
+    Raises CheckpointError for unusable weights, FileNotFoundError for a missing class list,
+    OSError/ValueError naming an image that cannot be decoded.
     """
     classes = read_class_names(classes_path) if classes_path else None
-    saved = checkpoint.load_model(Path(weights), num_classes=len(classes) if classes else None,
-                                  arch=arch, use_blurpool=blurpool)
+    saved = load_model(Path(weights), num_classes=len(classes) if classes else None,
+                        arch=arch, use_blurpool=blurpool)
     classes = classes or saved.classes
-    res = res or (saved.config['validation']['resolution'] if saved.config else 224)
-    flip_tta = bool(saved.config['validation']['lr_tta']) if saved.config else True
+    evaluated = (config.saved_eval_kwargs(saved.config) if saved.config
+                 else {'res': 224, 'flip_tta': True})
+    res = res or evaluated['res']
     device = device or torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     model = saved.model.to(device).eval()
     results = []
     for start in range(0, len(paths), batch_size):
-        images = [load_image_or_raise(path, res=res, max_res=max_res)
+        images = [model_input(*image_record(path, max_res=max_res, jpeg_quality=jpeg_quality,
+                                            restart_interval=restart_interval), res=res)
                   for path in paths[start:start + batch_size]]
         x = torch.stack(images).to(device, memory_format=torch.channels_last)
-        results += classify(model, x, classes=classes, top=top, flip_tta=flip_tta)
+        results += classify(model, x, classes=classes, top=top, flip_tta=evaluated['flip_tta'])
     return results
+
+
+def image_record(path, *, max_res: int = 256, jpeg_quality: int = 90,
+                 restart_interval: int = DEFAULT_RESTART_INTERVAL) -> tuple:
+    """The image file at ``path`` as ``imagenet-ffcv-write --max-res MAX_RES --jpeg-quality Q
+    --restart-interval N`` stores it: ``(JPEG bytes uint8 (N,), height, width)``
+    (``images.load_image``, ``images.encode_jpeg``). Raises OSError/ValueError naming the file
+    when it cannot be decoded."""
+    try:
+        pixels = load_image(path, max_res)
+    except (OSError, ValueError) as e:
+        raise type(e)(f'{path}: cannot decode the image ({e})') from e
+    record = encode_jpeg(pixels, quality=jpeg_quality, restart_interval=restart_interval)
+    return record, pixels.shape[0], pixels.shape[1]
+
+
+def model_input(record, height: int, width: int, *, res: int) -> torch.Tensor:
+    """A stored JPEG record as the CPU val loader feeds it to the model: float32 (3, res, res),
+    the centre crop decoded, resized and normalised by the loader's own code
+    (``decoders.center_crop_pixels``), equal to the loader's batch row."""
+    pixels = center_crop_pixels(record, height=height, width=width, res=res)
+    return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
 @torch.no_grad()
@@ -72,14 +104,6 @@ def classify(model, x: torch.Tensor, *, classes: list, top: int, flip_tta: bool)
             for row_p, row_idx in zip(p.tolist(), idx.tolist())]
 
 
-def load_image_or_raise(path, *, res: int, max_res: int) -> torch.Tensor:
-    """``images.load_eval_image``, its error naming the file."""
-    try:
-        return load_eval_image(path, res=res, max_res=max_res)
-    except (OSError, ValueError) as e:
-        raise type(e)(f'{path}: cannot decode the image ({e})') from e
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The options of ``imagenet-ffcv-predict``."""
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
@@ -92,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--arch', default='resnet50', help='model when no config is saved')
     parser.add_argument('--blurpool', type=int, default=1, choices=(0, 1),
                         help='1: the weights were trained with BlurPool (when no config is saved)')
+    parser.add_argument('--max-res', type=int, default=256,
+                        help='shorter side (px) images are stored at first, as the .beton the '
+                             "run validated on (imagenet-ffcv-write's --max-res)")
+    parser.add_argument('--jpeg-quality', type=int, default=90,
+                        help="JPEG quality they are stored at (imagenet-ffcv-write's)")
+    parser.add_argument('--restart-interval', type=int, default=DEFAULT_RESTART_INTERVAL,
+                        help="MCUs between restart markers (imagenet-ffcv-write's)")
     return parser
 
 
@@ -103,8 +134,9 @@ def cli(argv=None) -> int:
     try:
         results = predict(args.images, weights=args.weights, top=args.top,
                           classes_path=args.classes, res=args.res, arch=args.arch,
-                          blurpool=bool(args.blurpool))
-    except (checkpoint.CheckpointError, FileNotFoundError, OSError, ValueError) as e:
+                          blurpool=bool(args.blurpool), max_res=args.max_res,
+                          jpeg_quality=args.jpeg_quality, restart_interval=args.restart_interval)
+    except (CheckpointError, FileNotFoundError, OSError, ValueError) as e:
         print(f'{command_name("predict")}: {e}', file=sys.stderr)
         return 1
     for path, top in zip(args.images, results):

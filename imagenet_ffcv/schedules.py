@@ -2,7 +2,8 @@
 
 They check only what a direct caller could get wrong in their own arguments; the rules between
 config keys are checked in ``config`` before a run starts, and ``config.lr_schedule_kwargs`` /
-``config.resolution_kwargs`` turn the config into their arguments.
+``config.resolution_kwargs`` turn the config into their arguments. A new LR schedule is a function
+here, its entry in :data:`LR_SCHEDULES` and its own arguments in ``config.lr_schedule_kwargs``.
 
 An epoch value ``t`` is ``epoch + (iteration + 0.5) / iterations_per_epoch`` during training, so
 the LR is updated every iteration and never sits at exactly 0 on the first or last step.
@@ -11,10 +12,12 @@ import math
 from fractions import Fraction
 
 
-def cyclic_lr(t: float, *, lr: float, epochs: int, peak_epoch: float) -> float:
+def cyclic_lr(t: float, *, lr: float, epochs: int, peak_epoch: float,
+              warmup_epochs: float = 0.0) -> float:
     """Triangular ("cyclic", one cycle) LR: linear from 0 at t=0 up to ``lr`` at ``peak_epoch``,
     then linear down to 0 at t=``epochs``. As ffcv-imagenet's ``get_cyclic_lr`` and Smith,
     "Super-Convergence" (2017). Units: ``t`` and ``peak_epoch`` in epochs. Returns the LR.
+    ``warmup_epochs``: the warm-up factor of :func:`lr_at` applies on top; unused here.
     """
     if not 0 <= peak_epoch <= epochs:
         raise ValueError(f'peak_epoch={peak_epoch} must lie in [0, epochs={epochs}]')
@@ -25,26 +28,27 @@ def cyclic_lr(t: float, *, lr: float, epochs: int, peak_epoch: float) -> float:
     return lr * (epochs - t) / (epochs - peak_epoch)
 
 
-def step_lr(t: float, *, lr: float, step_ratio: float, step_length: float) -> float:
-    """Step LR: ``lr * step_ratio ** floor(t / step_length)``. It steps (no ramp between steps):
-    e.g. lr=0.1, step_ratio=0.1, step_length=30 gives 0.1 for t<30, 0.01 for 30<=t<60, ...
-    As in He et al., "Deep Residual Learning" (2015). Units: ``t`` and ``step_length`` in epochs.
+def step_lr(t: float, *, lr: float, epochs: int, step_ratio: float, step_length: float = 30,
+            step_fractions=(), warmup_epochs: float = 0.0) -> float:
+    """Step LR: ``lr * step_ratio ** n``, n the number of steps taken by ``t``: one every
+    ``step_length`` epochs, or one at each of ``step_fractions`` of ``epochs`` when given (the
+    classic ResNet-50 recipe, He et al. 2015 and torchvision's reference, divides by 10 at 1/3 and
+    2/3 of 90 epochs). It steps (no ramp between steps): lr=0.1, step_ratio=0.1, step_length=30
+    gives 0.1 for t<30, 0.01 for 30<=t<60, ... Units: ``t`` and ``step_length`` in epochs.
+    ``warmup_epochs``: applied by :func:`lr_at`; unused here. Raises ValueError when
+    ``step_length`` <= 0 and no fractions are given.
     """
+    if step_fractions:
+        return lr * step_ratio ** sum(1 for f in step_fractions if t >= f * epochs)
     if step_length <= 0:
         raise ValueError(f'step_length={step_length} must be > 0')
     return lr * step_ratio ** math.floor(t / step_length)
 
 
-def multistep_lr(t: float, *, lr: float, step_ratio: float, milestones) -> float:
-    """Step LR at given epochs: ``lr * step_ratio ** (number of milestones <= t)``. The classic
-    ResNet-50 recipe (He et al. 2015; torchvision's reference) divides by 10 at epochs 30 and 60 of
-    90, i.e. at 1/3 and 2/3 of training. Units: ``t`` and ``milestones`` in epochs."""
-    return lr * step_ratio ** sum(1 for m in milestones if t >= m)
-
-
-def poly_lr(t: float, *, lr: float, epochs: int, power: float) -> float:
+def poly_lr(t: float, *, lr: float, epochs: int, power: float, warmup_epochs: float = 0.0) -> float:
     """Polynomial decay, as Caffe's ``lr_policy: "poly"``: ``lr * (1 - t / epochs) ** power``, 0 from
-    ``t = epochs`` on. Units: ``t`` in epochs (Caffe counts iterations; the ratio is the same)."""
+    ``t = epochs`` on. Units: ``t`` in epochs (Caffe counts iterations; the ratio is the same).
+    ``warmup_epochs``: applied by :func:`lr_at`; unused here."""
     return lr * max(0.0, 1.0 - t / epochs) ** power
 
 
@@ -64,6 +68,16 @@ def cosine_lr(t: float, *, lr: float, epochs: int, min_lr: float = 0.0,
         return min_lr
     progress = (t - warmup_epochs) / (epochs - warmup_epochs)
     return min_lr + (lr - min_lr) * (1 + math.cos(math.pi * progress)) / 2
+
+
+def linear_lr(t: float, *, lr: float, epochs: int, warmup_epochs: float = 0.0) -> float:
+    """Linear decay to zero over the whole run, the budget-aware schedule of Li, Yumer and
+    Ramanan, "Budgeted Training: Rethinking Deep Neural Network Training Under Resource
+    Constraints" (ICLR 2020): ``lr`` until ``warmup_epochs`` (the warm-up factor of :func:`lr_at`
+    ramps it there), then linear down to 0 at ``t = epochs``. Units: epochs."""
+    if t <= warmup_epochs:
+        return lr
+    return lr * max(0.0, epochs - t) / (epochs - warmup_epochs)
 
 
 def warmup_factor(t: float, *, warmup_epochs: float) -> float:
@@ -87,32 +101,22 @@ def parse_fractions(text: str) -> list:
     return sorted(values)
 
 
-LR_SCHEDULES = ('cyclic', 'step', 'poly', 'cosine')
+# The LR schedules by name (lr.lr_schedule_type), as timm's scheduler factory: each takes
+# ``(t, *, lr, epochs, warmup_epochs, **its own arguments)``; config.lr_schedule_kwargs gives them.
+LR_SCHEDULES = {'cyclic': cyclic_lr, 'step': step_lr, 'poly': poly_lr, 'cosine': cosine_lr,
+                'linear': linear_lr}
 
 
-def lr_at(t: float, *, schedule: str, lr: float, epochs: int, peak_epoch: float = 2,
-          step_ratio: float = 0.1, step_length: float = 30, step_fractions=(),
-          poly_power: float = 1.0, warmup_epochs: float = 0.0, min_lr: float = 0.0) -> float:
-    """The LR at fractional epoch ``t`` of the named schedule, times the warm-up factor.
-
-    schedule: ``'cyclic'`` (:func:`cyclic_lr`), ``'step'`` (:func:`multistep_lr` at
-    ``step_fractions`` of ``epochs`` when given, else :func:`step_lr` every ``step_length`` epochs),
-    ``'poly'`` (:func:`poly_lr`) or ``'cosine'`` (:func:`cosine_lr`, down to ``min_lr``; the
-    other schedules ignore ``min_lr``). Raises ValueError for another name.
-    """
-    if schedule == 'cyclic':
-        value = cyclic_lr(t, lr=lr, epochs=epochs, peak_epoch=peak_epoch)
-    elif schedule == 'step' and step_fractions:
-        value = multistep_lr(t, lr=lr, step_ratio=step_ratio,
-                             milestones=[f * epochs for f in step_fractions])
-    elif schedule == 'step':
-        value = step_lr(t, lr=lr, step_ratio=step_ratio, step_length=step_length)
-    elif schedule == 'poly':
-        value = poly_lr(t, lr=lr, epochs=epochs, power=poly_power)
-    elif schedule == 'cosine':
-        value = cosine_lr(t, lr=lr, epochs=epochs, min_lr=min_lr, warmup_epochs=warmup_epochs)
-    else:
+def lr_at(t: float, *, schedule: str, lr: float, epochs: int, warmup_epochs: float = 0.0,
+          **arguments) -> float:
+    """The LR at fractional epoch ``t`` of the schedule named ``schedule`` (a key of
+    :data:`LR_SCHEDULES`, called with ``lr``, ``epochs``, ``warmup_epochs`` and its own
+    ``arguments``), times the warm-up factor. Raises ValueError for an unknown name and TypeError
+    for an argument the schedule does not take."""
+    if schedule not in LR_SCHEDULES:
         raise ValueError(f'schedule={schedule!r}: expected one of {", ".join(LR_SCHEDULES)}')
+    value = LR_SCHEDULES[schedule](t, lr=lr, epochs=epochs, warmup_epochs=warmup_epochs,
+                                   **arguments)
     return value * warmup_factor(t, warmup_epochs=warmup_epochs)
 
 

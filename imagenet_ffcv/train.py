@@ -19,17 +19,17 @@ from functools import partial
 import torch
 from tqdm import tqdm
 
-from . import checkpoint, config, distributed, engine, loaders, metrics, models, optimizers, schedules
+from . import (checkpoint, config, distributed, engine, loaders, metrics, models, optimizers,
+               schedules, weights)
 from .classes import class_list_path, read_class_names
 from .commands import command_name
 from .ema import make_ema
+from .errors import ImagenetFfcvError
 from .evaluate import evaluate_weights, make_val_loader, ten_crop_eval, validate
 from .loggers import LiveLog
 from .mixup import batch_mixer
-from .optional import MissingPackageError, require
 from .run_dir import RunDir, code_version
 from .signals import StopRequest
-from .verify import CorruptBetonError
 
 
 
@@ -74,7 +74,7 @@ class Run:
     cfg: object
     dist: distributed.DistInfo
     train_loader: object
-    decoder: object  # the train decoder: its output_size sets the epoch's resolution
+    train_decoder: object  # its output_size sets the epoch's resolution
     val_loader: object
     model: torch.nn.Module  # DistributedDataParallel around model_without_ddp when distributed
     model_without_ddp: torch.nn.Module
@@ -131,15 +131,14 @@ def global_step(run, epoch: int, iterations_done: int) -> int:
 
 def build(cfg, dist, wall_start) -> Run:
     """Loaders, model, optimizer, loss and schedules of a new run, on ``dist.device``."""
-    if cfg.logging.wandb_project:  # fail now, before any work or run folder
-        require('wandb', f'logging.wandb_project={cfg.logging.wandb_project!r}')
+    config.check_optional_packages(cfg)  # fail now, before any work or run folder
     device = dist.device
     precision = engine.resolve_precision(cfg.training.amp, device)
     torch.backends.cudnn.benchmark = device.type == 'cuda'  # fixed shapes within an epoch
     torch.manual_seed(cfg.training.seed)  # same initial weights on every rank
     res_at = partial(schedules.resolution_at, **config.resolution_kwargs(cfg))
     threads = distributed.loader_threads(cfg.data.num_workers, dist)
-    train_loader, decoder = loaders.train_loader(
+    train_loader, train_decoder = loaders.train_loader(
         **config.train_loader_kwargs(cfg), num_workers=threads, res=res_at(0), device=device,
         distributed=dist.distributed, dtype=precision.input_dtype)
     if len(train_loader) == 0:
@@ -167,7 +166,8 @@ def build(cfg, dist, wall_start) -> Run:
         'loader_threads': threads},
         'code': code_version()}
     return Run(
-        cfg=cfg, dist=dist, train_loader=train_loader, decoder=decoder, val_loader=val_loader,
+        cfg=cfg, dist=dist, train_loader=train_loader, train_decoder=train_decoder,
+        val_loader=val_loader,
         model=model, model_without_ddp=model_without_ddp,
         optimizer=optimizers.make_optimizer(
             **config.optimizer_kwargs(cfg), lr=lr,
@@ -187,8 +187,8 @@ def restore(run: Run, saved: dict, resume_path) -> None:
     """Continue where the checkpoint ``saved`` left its run: weights, optimizer (and loss scaler),
     EMA, random states and progress. Raises CheckpointError when this config changes the run's
     schedule (unless ``checkpoint.force``)."""
-    checkpoint.check_schedule(saved, run.resolved, force=bool(run.cfg.checkpoint.force),
-                              path=resume_path)
+    config.check_resumable(saved['config'], run.resolved, force=bool(run.cfg.checkpoint.force),
+                           path=resume_path)
     has_ema = checkpoint.restore_training_state(
         saved, model=run.model_without_ddp, optimizer=run.optimizer, scaler=run.scaler,
         ema=run.options.ema)
@@ -248,18 +248,19 @@ def fit(run: Run):
     with StopRequest() as stop:
         for epoch in range(first_epoch, cfg.training.epochs):
             res = run.res_at(epoch)
-            run.decoder.output_size = (res, res)
+            run.train_decoder.output_size = (res, res)
             stats = engine.train_one_epoch(
                 model=run.model, loader=run.train_loader, optimizer=run.optimizer,
                 loss_fn=run.loss_fn, lr_at=run.lr_at, epoch=epoch,
                 amp_dtype=run.precision.amp_dtype, scaler=run.scaler, options=run.options,
+                hooks=engine.EpochHooks(
+                    stop_requested=stop.__bool__, corrupt_record=run.train_loader.corrupt_record,
+                    save_checkpoint=partial(save_checkpoint, run, epoch),
+                    checkpoint_every=cfg.checkpoint.every_iters,
+                    log_train=partial(log_train, run, epoch),
+                    log_every=cfg.logging.every_iters if run.live_log else 0),
                 show_progress=run.dist.is_primary,
                 start_iteration=progress.iteration if epoch == first_epoch else 0,
-                stop_requested=stop.__bool__, checkpoint_every=cfg.checkpoint.every_iters,
-                save_checkpoint=partial(save_checkpoint, run, epoch),
-                corrupt_record=run.train_loader.corrupt_record,
-                log_every=cfg.logging.every_iters if run.live_log else 0,
-                log_train=partial(log_train, run, epoch),
                 iterations_after=len(run.train_loader) * schedules.remaining_work(
                     epoch, epochs=cfg.training.epochs, res_at=run.res_at))
             progress.images += stats['images'] * run.dist.world_size
@@ -294,7 +295,7 @@ def end_of_epoch_eval(run: Run, epoch: int) -> dict:
     if progress.best_top1 is None or val['top_1'] > progress.best_top1:
         progress.best_top1, progress.best_epoch = val['top_1'], epoch
         if cfg.checkpoint.keep_best and run.run_dir:
-            checkpoint.save_final_weights(
+            weights.save_final_weights(
                 models.unwrapped_state_dict(run.model_without_ddp), run.run_dir.best_weights,
                 config=run.resolved, classes=run.classes)
     if target > 0 and val['top_1'] >= target:
@@ -371,11 +372,11 @@ def summarize(run: Run) -> dict:
     if cfg.checkpoint.keep_best:
         summary.update(best_top1=progress.best_top1, best_epoch=progress.best_epoch)
     if run.run_dir and run.options.ema is not None:
-        checkpoint.save_final_weights(models.unwrapped_state_dict(run.options.ema),
+        weights.save_final_weights(models.unwrapped_state_dict(run.options.ema),
                                       run.run_dir.final_weights_ema, config=run.resolved,
                                       classes=run.classes)
     if run.run_dir:
-        checkpoint.save_final_weights(models.unwrapped_state_dict(model), run.run_dir.final_weights,
+        weights.save_final_weights(models.unwrapped_state_dict(model), run.run_dir.final_weights,
                                       config=run.resolved, classes=run.classes)
         print(metrics.results_table(summary))
     return summary
@@ -388,8 +389,7 @@ def cli(argv=None) -> int:
     record)."""
     try:
         summary = main(config.load_config(sys.argv[1:] if argv is None else argv))
-    except (config.ConfigError, FileNotFoundError, checkpoint.CheckpointError, MissingPackageError,
-            engine.NonFiniteLossError, engine.CorruptRecordError, CorruptBetonError) as e:
+    except (ImagenetFfcvError, FileNotFoundError) as e:
         print(f'{command_name("train")}: {e}', file=sys.stderr)
         return 1
     return summary.get('exit_code', 0)

@@ -1,5 +1,6 @@
-"""Reading a .beton back without ffcv's JIT-compiled loader: every record's bounds, and every
-image decoded (``imagenet-ffcv-write --verify``)."""
+"""Reading a .beton back without ffcv's JIT-compiled loader: its records (:func:`records`,
+:func:`record_bytes`), every record's bounds, and every image decoded (``imagenet-ffcv-write
+--verify``)."""
 import io
 from pathlib import Path
 
@@ -10,12 +11,57 @@ from PIL import Image
 
 from .classes import class_list_path, read_class_list
 from .decoders import decode_region, region_decoder
+from .errors import ImagenetFfcvError
 
 SHORT_SIDE_EDGES = [0, 32, 64, 128, 160, 192, 224, 256, 320, 384, 512, 10 ** 9]  # px buckets
+JPEG_MODE, RAW_MODE = 0, 1  # a record's 'mode': how ffcv's RGBImageField stored the image
+RECORD_TYPE = np.dtype([('mode', np.uint8), ('height', np.int64), ('width', np.int64),
+                        ('data_ptr', np.int64), ('size', np.int64), ('label', np.int64)])
 
 
-class CorruptBetonError(Exception):
+class CorruptBetonError(ImagenetFfcvError):
     """A .beton file that cannot be read back completely."""
+
+
+def records(path) -> np.ndarray:
+    """The samples of a .beton, read from its header, metadata and allocation table (no image
+    decoded): a structured array of RECORD_TYPE, one element per sample, in sample order:
+
+    - ``mode`` (uint8): JPEG_MODE (0) for a JPEG, RAW_MODE (1) for raw RGB pixels (uint8,
+      height x width x 3, row-major);
+    - ``height``, ``width`` (int64): the stored image's size in pixels;
+    - ``data_ptr`` (int64): the byte offset of the image's record in the file;
+    - ``size`` (int64): the record's length in bytes, from ffcv's allocation table; -1 when the
+      table has no entry at ``data_ptr`` (a damaged file);
+    - ``label`` (int64): the class index.
+
+    A record's bytes: ``record_bytes(file_bytes(path), r)``. Raises FileNotFoundError for a
+    missing file and CorruptBetonError for one that is not a readable .beton (truncated: its
+    allocation table lies past its end; metadata missing; not ffcv's image and label fields).
+    Records are not checked against the file's length: :func:`record_bytes` does that.
+    """
+    return _read(path)[1]
+
+
+def file_bytes(path) -> np.ndarray:
+    """The whole file as a read-only uint8 array (memory-mapped), for :func:`record_bytes`."""
+    if Path(path).stat().st_size == 0:
+        return np.zeros(0, np.uint8)
+    return np.memmap(path, dtype=np.uint8, mode='r')
+
+
+def record_bytes(data, record) -> np.ndarray:
+    """The stored bytes of one record (an element of :func:`records`) as a uint8 array: a view of
+    ``data``, the whole file (:func:`file_bytes`). A JPEG's bytes, or raw pixels (reshape to
+    (height, width, 3)). Raises CorruptBetonError when the allocation table has no entry for the
+    record or its bytes run past the end of ``data`` (a truncated copy)."""
+    ptr, size = int(record['data_ptr']), int(record['size'])
+    if size < 0:
+        raise CorruptBetonError(f'data pointer {ptr} not in the allocation table')
+    if ptr + size > len(data):
+        raise CorruptBetonError(f'data at {ptr}+{size} beyond the end of the file ({len(data)} '
+                                f'bytes; truncated?)')
+    return np.asarray(data[ptr:ptr + size])
 
 
 def verify_beton(path, *, decode: bool = True) -> dict:
@@ -30,29 +76,26 @@ def verify_beton(path, *, decode: bool = True) -> dict:
     file and CorruptBetonError when the file cannot be parsed at all.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f'{path}: no such .beton file')
+    reader, recs = _read(path)
     size = path.stat().st_size
-    reader, images, labels = _open(path)
+    labels = recs['label']
     problems = []
-    alloc = reader.alloc_table
-    sizes = dict(zip(alloc['ptr'].tolist(), alloc['size'].tolist()))
-    if alloc.size == 0 or reader.header['alloc_table_ptr'] > size:
+    if reader.alloc_table.size == 0 or reader.header['alloc_table_ptr'] > size:
         problems.append('allocation table missing (file truncated?)')
-    data = np.memmap(path, dtype=np.uint8, mode='r') if size else np.zeros(0, np.uint8)
+    data = file_bytes(path)
     n_classes = None
     if class_list_path(path).exists():
         n_classes = len(read_class_list(class_list_path(path)))
     modes = {'jpg': 0, 'raw': 0}
-    for i in range(len(images)):
+    for i, record in enumerate(recs):
         if labels[i] < 0 or (n_classes is not None and labels[i] >= n_classes):
             problems.append(f'record {i}: label {labels[i]} outside 0..{(n_classes or 1) - 1}')
-        problem = _check_record(i, images[i], sizes, data, modes, decode)
+        problem = _check_record(i, record, data, modes, decode)
         if problem:
             problems.append(problem)
     per_class = {int(k): int(v) for k, v in zip(*np.unique(labels, return_counts=True))}
-    return {'images': len(images), 'bytes': size, 'per_class': per_class,
-            'short_side': _short_side_histogram(images), 'modes': modes, 'problems': problems}
+    return {'images': len(recs), 'bytes': size, 'per_class': per_class,
+            'short_side': _short_side_histogram(recs), 'modes': modes, 'problems': problems}
 
 
 def check_beton(path) -> int:
@@ -63,19 +106,39 @@ def check_beton(path) -> int:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f'{path}: .beton file not found; write it with imagenet-ffcv-write')
-    reader, images, _ = _open(path)
-    if len(images) == 0:
+    reader, recs = _read(path)
+    if len(recs) == 0:
         raise CorruptBetonError(f'{path}: holds no samples; write it again with imagenet-ffcv-write')
     alloc = reader.alloc_table
     table_ptr = int(reader.header['alloc_table_ptr'])
     table_bytes = path.stat().st_size - table_ptr
-    missing = np.setdiff1d(images['data_ptr'], alloc['ptr'])
-    if table_bytes % ALLOC_TABLE_TYPE.itemsize or len(missing) or (
+    if table_bytes % ALLOC_TABLE_TYPE.itemsize or (recs['size'] < 0).any() or (
             len(alloc) and int((alloc['ptr'] + alloc['size']).max()) > table_ptr):
         raise CorruptBetonError(f'{path}: truncated or damaged (its allocation table does not '
-                                f'cover its {len(images)} records); copy it again or write it '
+                                f'cover its {len(recs)} records); copy it again or write it '
                                 f'again with imagenet-ffcv-write (--verify FILE checks a copy)')
-    return len(images)
+    return len(recs)
+
+
+def _read(path) -> tuple:
+    """``(reader, records)`` (see :func:`records`); FileNotFoundError, CorruptBetonError."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f'{path}: no such .beton file')
+    reader, images, labels = _open(path)
+    alloc = reader.alloc_table
+    ptrs = images['data_ptr'].astype(np.int64)
+    sizes = np.full(len(ptrs), -1, np.int64)  # -1: no entry in the allocation table
+    if len(alloc):
+        order = np.argsort(alloc['ptr'])
+        table_ptrs = alloc['ptr'][order].astype(np.int64)
+        at = np.minimum(np.searchsorted(table_ptrs, ptrs), len(table_ptrs) - 1)
+        found = table_ptrs[at] == ptrs
+        sizes[found] = alloc['size'][order][at[found]].astype(np.int64)
+    recs = np.zeros(len(images), RECORD_TYPE)
+    recs['mode'], recs['height'], recs['width'] = images['mode'], images['height'], images['width']
+    recs['data_ptr'], recs['size'], recs['label'] = ptrs, sizes, labels
+    return reader, recs
 
 
 def _open(path):
@@ -104,34 +167,30 @@ def _open(path):
         raise CorruptBetonError(f'{path}: not a readable .beton file ({type(e).__name__}: {e})')
 
 
-def _check_record(i, image, sizes: dict, data, modes: dict, decode: bool):
+def _check_record(i, record, data, modes: dict, decode: bool):
     """The problem of record ``i`` (a str), or None; counts its mode in ``modes``."""
-    w, h, mode = int(image['width']), int(image['height']), int(image['mode'])
-    ptr = int(image['data_ptr'])
+    w, h, mode = int(record['width']), int(record['height']), int(record['mode'])
     if w < 1 or h < 1:
         return f'record {i}: image size {w}x{h}'
-    if ptr not in sizes:
-        return f'record {i}: data pointer {ptr} not in the allocation table'
-    nbytes = int(sizes[ptr])
-    if ptr + nbytes > len(data):
-        return (f'record {i}: data at {ptr}+{nbytes} beyond the end of the file ({len(data)} '
-                f'bytes; truncated?)')
-    if mode == 1:
+    try:
+        blob = record_bytes(data, record)
+    except CorruptBetonError as e:
+        return f'record {i}: {e}'
+    if mode == RAW_MODE:
         modes['raw'] += 1
-        if nbytes < 3 * w * h:
-            return f'record {i}: raw image {w}x{h} needs {3 * w * h} bytes, has {nbytes}'
-    elif mode == 0:
+        if blob.size < 3 * w * h:
+            return f'record {i}: raw image {w}x{h} needs {3 * w * h} bytes, has {blob.size}'
+    elif mode == JPEG_MODE:
         modes['jpg'] += 1
         if decode:
             try:
-                with Image.open(io.BytesIO(bytes(data[ptr:ptr + nbytes]))) as im:
+                with Image.open(io.BytesIO(blob.tobytes())) as im:
                     im.load()  # PIL only warns about corrupt data: the region decoder counts it
                     if im.size != (w, h):
                         return (f'record {i}: JPEG is {im.size[0]}x{im.size[1]}, metadata says '
                                 f'{w}x{h}')
                 if region_decoder() is not None:  # as the loaders read it: through its markers
-                    decode_region(np.asarray(data[ptr:ptr + nbytes]), top=0, left=0, height=h,
-                                  width=w)
+                    decode_region(blob, top=0, left=0, height=h, width=w)
             except Exception as e:
                 return f'record {i}: JPEG does not decode ({type(e).__name__}: {e})'
     else:
@@ -139,9 +198,9 @@ def _check_record(i, image, sizes: dict, data, modes: dict, decode: bool):
     return None
 
 
-def _short_side_histogram(images) -> dict:
+def _short_side_histogram(recs) -> dict:
     """``{'lo-hi': n}`` of the stored images' shorter sides (px), over SHORT_SIDE_EDGES."""
-    short = np.minimum(images['width'].astype(int), images['height'].astype(int))
+    short = np.minimum(recs['width'], recs['height'])
     hist = {}
     for lo, hi in zip(SHORT_SIDE_EDGES[:-1], SHORT_SIDE_EDGES[1:]):
         n = int(((short >= lo) & (short < hi)).sum())

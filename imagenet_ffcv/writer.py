@@ -13,6 +13,7 @@ from ffcv.fields.rgb_image import IMAGE_MODES
 from ffcv.writer import DatasetWriter
 from PIL import Image
 
+from .errors import ImagenetFfcvError
 from .files import atomic_path, remove_stale_temporaries, temporary_path, write_text_atomic
 from .images import DEFAULT_RESTART_INTERVAL, encode_jpeg, load_image, shorter_side_size
 from .sources import open_image_source, source_size
@@ -81,7 +82,7 @@ def image_field(*, write_mode: str, jpeg_quality: int, compress_probability: flo
     return field
 
 
-class UnreadableImagesError(Exception):
+class UnreadableImagesError(ImagenetFfcvError):
     """Images that could not be decoded; ``failures`` is a list of ``(path, reason)``."""
 
     def __init__(self, failures):
@@ -92,7 +93,7 @@ class UnreadableImagesError(Exception):
                          f'Remove or replace them and run again:\n{listed}{more}')
 
 
-class InsufficientSpaceError(OSError):
+class InsufficientSpaceError(ImagenetFfcvError, OSError):
     """The target folder has less free space than the estimated size of the .beton."""
 
 

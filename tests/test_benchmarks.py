@@ -2,6 +2,7 @@
 numbers themselves are for the tables, not for tests)."""
 import csv
 import importlib.util
+import itertools
 import re
 import subprocess
 import sys
@@ -53,36 +54,128 @@ def test_bench_loader_writes_the_contract_csv_and_a_chart(tmp_path, monkeypatch)
 
 
 def test_loader_profile_splits_the_time_per_image(monkeypatch):
-    """loader_profile.py's steps on the embedded sample's JPEGs, in this process (bench_loader's
-    test runs the loader): each step's µs per image, and the fraction of the pixels decoded for
-    random-resized crops (below 1)."""
+    """loader_profile.py's steps on the embedded sample's JPEGs stored with restart markers, in
+    this process (bench_loader's test runs the loader): each step's µs per image, every crop
+    decoded the marker way, and the fraction of the pixels decoded for random-resized crops
+    (below 1). Without markers no crop goes the marker way (and no small JPEG is entropy-decoded)."""
     monkeypatch.syspath_prepend(str(REPO / 'benchmarks'))
     import numpy as np
     from loader_profile import stage_costs
-    from imagenet_ffcv.images import load_image
-    from ffcv.fields.rgb_image import encode_jpeg
-    jpegs = []
-    for path in sorted((REPO / 'demo' / 'imagenette_sample' / 'train').glob('*/*'))[:8]:
-        pixels = np.ascontiguousarray(load_image(path, 256))
-        jpegs.append((encode_jpeg(pixels, 90), *pixels.shape[:2]))
-    costs = stage_costs(jpegs, res=64, crops=2, runs=1)
-    assert set(costs) == {'whole_decode_us', 'region_decode_us', 'decoded_fraction',
-                          'resample_f32_us', 'resample_u8_us'}
-    assert all(0 < costs[k] < 1e5 for k in costs if k.endswith('_us')), costs
-    assert 0 < costs['decoded_fraction'] < 1
+    from imagenet_ffcv.images import encode_jpeg, load_image
+    paths = sorted((REPO / 'demo' / 'imagenette_sample' / 'train').glob('*/*'))[:8]
+    pixels = [np.ascontiguousarray(load_image(path, 256)) for path in paths]
+    for interval in (4, 0):
+        jpegs = [(encode_jpeg(a, quality=90, restart_interval=interval), *a.shape[:2])
+                 for a in pixels]
+        costs = stage_costs(jpegs, res=64, crops=2, runs=1)
+        assert set(costs) == {'whole_decode_us', 'region_decode_us', 'no_markers_us',
+                              'marker_way_fraction', 'intervals_us', 'entropy_us', 'idct_us',
+                              'decoded_fraction', 'resample_f32_us', 'resample_u8_us'}
+        assert all(0 < costs[k] < 1e5 for k in ('whole_decode_us', 'region_decode_us',
+                                                 'no_markers_us', 'resample_f32_us',
+                                                 'resample_u8_us')), costs
+        assert 0 < costs['decoded_fraction'] < 1
+        assert costs['marker_way_fraction'] == (1.0 if interval else 0.0), costs
+    assert costs['entropy_us'] == 0.0
 
 
-def test_bench_train_writes_its_rows_with_the_compile_column(tmp_path):
+def test_bench_train_times_both_feeds_over_the_same_windows(tmp_path):
     """bench_train.py at its smallest, eager only (compiling even a small torchvision model takes
-    30-70 s on 2 cores; compiled = eager is tested in test_models.py): one row, with the compile
-    column, img/s and the first step's seconds (where torch.compile's time goes when on)."""
+    30-70 s on 2 cores; compiled = eager is tested in test_models.py): a row per feed with the
+    compile column, the median img/s of as many windows for each feed, their spread, the first
+    step's seconds (where torch.compile's time goes when on), the loader's percentage of the
+    synthetic feed, and the warning column (whatever this machine's timing, a warning in a row
+    comes with its WARNING line)."""
     result = subprocess.run(
         [PYTHON, str(REPO / 'benchmarks' / 'bench_train.py'), '--res', '32', '--batch-size', '8',
-         '--steps', '1', '--warmup', '1', '--feeds', 'synthetic', '--compile', '0',
-         '--workers', '2', '--out', str(tmp_path)],
+         '--steps', '1', '--warmup', '1', '--windows', '2', '--feeds', 'synthetic,ours',
+         '--compile', '0', '--workers', '2', '--out', str(tmp_path)],
         env=run_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / 'train.csv')))
-    assert [(r['compile'], r['feed']) for r in rows] == [('0', 'synthetic (no loading)')]
-    assert float(rows[0]['img_per_s']) > 0 and float(rows[0]['first_step_s']) > 0
-    assert re.search(r'^\| 32 +\| synthetic \(no loading\) +\| fp32 +\| 0 +\|', result.stdout, re.M)
+    assert [(r['compile'], r['feed']) for r in rows] == [('0', 'synthetic (no loading)'),
+                                                         ('0', 'our loader')]
+    assert [r['windows'] for r in rows] == ['2', '2']
+    for r in rows:
+        assert float(r['img_per_s']) > 0 and float(r['spread']) >= 0
+        assert float(r['first_step_s']) > 0
+    assert float(rows[1]['pct_of_synthetic']) > 0 and rows[0]['pct_of_synthetic'] == ''
+    assert ('WARNING:' in result.stdout) == bool(rows[1]['warning'])
+    assert re.search(r'^\| 32 +\| synthetic \(no loading\) +\| fp32 +\| 0 +\|', result.stdout,
+                     re.M)
+
+
+@pytest.fixture
+def benchmarks(monkeypatch):
+    """The benchmarks folder on the path, as when a benchmark runs."""
+    monkeypatch.syspath_prepend(str(REPO / 'benchmarks'))
+
+
+def test_alternate_times_each_function_in_turn_after_the_warm_up(benchmarks):
+    """common.alternate: the warm-up calls first, then rounds in the given order and in reverse
+    (A B, B A, ...), the same number of timed calls for each, with the work each returned."""
+    from common import alternate
+    calls = []
+
+    def run(name, images):
+        def call():
+            calls.append(name)
+            return images
+        return call
+    timings = alternate({'a': run('a', 8), 'b': run('b', 16)}, repeats=3, warmup=2)
+    assert calls == ['a', 'a', 'b', 'b'] + ['a', 'b', 'b', 'a', 'a', 'b']
+    assert [len(t.seconds) for t in timings.values()] == [3, 3]
+    assert timings['a'].units == [8] * 3 and timings['b'].units == [16] * 3
+    assert all(s > 0 for t in timings.values() for s in t.seconds)
+
+
+def test_bench_train_alternates_the_feeds_after_a_common_warm_up(benchmarks):
+    """bench_train.measure_side with a stubbed training step (no model, no timing guessed): each
+    feed's first step and warm-up before any timed window, then windows alternating between the
+    feeds, as many for each; a feed whose loader failed, or that fails in a window, gets its
+    error and does not stop the others."""
+    import bench_train
+    calls = []
+
+    def step(batches, n):
+        calls.append((next(batches), n))
+        if calls[-1][0] == 'broken' and len(calls) > 6:
+            raise RuntimeError('the loader broke')
+        return 8 * n
+    streams = {'synthetic': itertools.repeat('synthetic'), 'ours': itertools.repeat('ours'),
+               'ffcv_stock': ValueError('no cupy')}
+    results = bench_train.measure_side(step, streams, steps=5, warmup=3, windows=4, sync=None)
+    assert calls == [('synthetic', 1), ('synthetic', 2), ('ours', 1), ('ours', 2)] + [
+        (feed, 5) for feed in ('synthetic', 'ours', 'ours', 'synthetic') * 2]
+    assert results['synthetic']['windows'] == results['ours']['windows'] == 4
+    assert {'img_per_s', 'spread', 'first_step_s'} <= set(results['ours'])
+    assert results['ffcv_stock'] == {'error': 'ValueError: no cupy'}
+
+    calls.clear()
+    streams = {'synthetic': itertools.repeat('synthetic'), 'broken': itertools.repeat('broken')}
+    results = bench_train.measure_side(step, streams, steps=1, warmup=1, windows=3, sync=None)
+    assert results['broken'] == {'error': 'RuntimeError: the loader broke'}
+    assert results['synthetic']['windows'] == 3
+
+
+def test_a_loader_faster_than_the_synthetic_feed_is_flagged(benchmarks, capsys):
+    """A real feed above 1.05 x the synthetic one (here 89.4 against 51.7 img/s, 173 %)
+    is a measurement error: the row's warning column and a WARNING line say so; at or below 1.05
+    there is none. Stubbed rows, no timing."""
+    import bench_train
+    common = {'res': 128, 'compile': 0, 'precision': 'fp32'}
+    rows = [{**common, 'feed': 'synthetic (no loading)', 'img_per_s': 51.7},
+            {**common, 'feed': 'our loader', 'img_per_s': 89.4},
+            {**common, 'compile': 1, 'feed': 'synthetic (no loading)', 'img_per_s': 50.0},
+            {**common, 'compile': 1, 'feed': 'our loader', 'img_per_s': 52.5},
+            {**common, 'compile': 1, 'feed': 'ffcv stock loader', 'error': 'ValueError: x'}]
+    bench_train.compare_to_synthetic(rows)
+    assert rows[1]['pct_of_synthetic'] == 172.9 and '173 % of synthetic' in rows[1]['warning']
+    assert rows[3]['pct_of_synthetic'] == 105.0 and rows[3]['warning'] == ''
+    assert rows[0]['warning'] == rows[2]['warning'] == '' and 'warning' not in rows[4]
+    bench_train.print_results(rows, '### header')
+    out = capsys.readouterr().out
+    assert len(re.findall(r'^WARNING: 128 px, compile 0: our loader at 173 % of synthetic '
+                          r'\(89\.4 vs 51\.7 img/s\)', out, re.M)) == 1
+    assert 'compile 1:' not in out
+    assert re.search(r'^\| res +\|.*\| warning +\| error +\|$', out, re.M)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from imagenet_ffcv import checkpoint, engine, signals
+from imagenet_ffcv import checkpoint, config, engine, signals, weights
 
 
 def test_save_replaces_atomically_and_a_failed_save_keeps_the_previous_file(tmp_path):
@@ -57,11 +57,11 @@ def test_schedule_changes_are_listed_and_harmless_changes_are_not():
     same_schedule = json.loads(json.dumps(saved))
     same_schedule['data'] = {'num_workers': 2, 'train_dataset': '/moved/a'}
     same_schedule['derived']['device'] = 'cuda:3'
-    assert checkpoint.schedule_changes(saved, same_schedule) == []
+    assert config.schedule_changes(saved, same_schedule) == []
     changed = json.loads(json.dumps(saved))
     changed['training']['epochs'] = 88
     changed['derived']['world_size'] = 4  # a different global batch
-    assert checkpoint.schedule_changes(saved, changed) == ['derived.world_size: 8 -> 4',
+    assert config.schedule_changes(saved, changed) == ['derived.world_size: 8 -> 4',
                                                             'training.epochs: 16 -> 88']
 
 
@@ -108,7 +108,7 @@ def test_non_finite_loss_names_epoch_and_iteration():
     with pytest.raises(engine.NonFiniteLossError, match='epoch 3, iteration 13') as info:
         engine.train_one_epoch(model=model, loader=batches, optimizer=optimizer,
                                loss_fn=NaNAt(13), lr_at=lambda t: 0.1, epoch=3,
-                               show_progress=False, check_every=10)
+                               show_progress=False, hooks=engine.EpochHooks(check_every=10))
     assert (info.value.epoch, info.value.iteration) == (3, 13)
     # Found at the next check (16 iterations done), before the checkpoint at 16 is written.
     model, batches, optimizer = _tiny()
@@ -116,7 +116,8 @@ def test_non_finite_loss_names_epoch_and_iteration():
     with pytest.raises(engine.NonFiniteLossError):
         engine.train_one_epoch(model=model, loader=batches, optimizer=optimizer,
                                loss_fn=NaNAt(13), lr_at=lambda t: 0.1, epoch=0,
-                               show_progress=False, checkpoint_every=4, save_checkpoint=saved.append)
+                               show_progress=False, hooks=engine.EpochHooks(
+                                   checkpoint_every=4, save_checkpoint=saved.append))
     assert saved == [4, 8, 12]
 
 
@@ -130,8 +131,9 @@ def test_stop_request_ends_the_epoch_at_the_next_check_and_resume_skips_done_bat
         return 0.1
     stats = engine.train_one_epoch(
         model=model, loader=batches, optimizer=optimizer, loss_fn=nn.CrossEntropyLoss(),
-        lr_at=lr_at, epoch=0, show_progress=False, check_every=5, checkpoint_every=6,
-        save_checkpoint=saved.append, stop_requested=lambda: len(lrs) >= 7)
+        lr_at=lr_at, epoch=0, show_progress=False, hooks=engine.EpochHooks(
+            check_every=5, checkpoint_every=6, save_checkpoint=saved.append,
+            stop_requested=lambda: len(lrs) >= 7))
     assert stats['stopped'] and stats['iterations_done'] == 10 and stats['images'] == 40
     assert saved == [6]
     lrs.clear()
@@ -168,7 +170,7 @@ def hostile_file(tmp_path, name='final_weights.pt'):
 
 def test_loading_never_runs_the_code_a_pickle_holds(tmp_path):
     path, marker = hostile_file(tmp_path)
-    for load in (checkpoint.load, checkpoint.load_weights, checkpoint.load_model):
+    for load in (checkpoint.load, weights.load_weights, weights.load_model):
         with pytest.raises(checkpoint.CheckpointError, match='final_weights.pt: refused'):
             load(path)
     assert not marker.exists()
@@ -194,18 +196,18 @@ def test_final_weights_as_safetensors_carry_config_and_classes(tmp_path):
     model = nn.Linear(4, 3)
     config = {'model': {'arch': 'resnet18'}, 'validation': {'resolution': 32}}
     classes = [('n01', 'one'), ('n02', 'two'), ('n03', 'three')]
-    safe = checkpoint.save_final_weights(model.state_dict(), tmp_path / 'final_weights.pt',
+    safe = weights.save_final_weights(model.state_dict(), tmp_path / 'final_weights.pt',
                                          config=config, classes=classes)
     assert safe == tmp_path / 'final_weights.safetensors'
     assert sorted(p.name for p in tmp_path.iterdir()) == ['final_weights.pt',
                                                           'final_weights.safetensors']
-    state, saved_config, saved_classes = checkpoint.load_weights(safe)
+    state, saved_config, saved_classes = weights.load_weights(safe)
     assert saved_config == config and saved_classes == classes
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert safe.read_bytes()[8:9] == b'{'  # a JSON header, no pickle
     (tmp_path / 'bad.safetensors').write_bytes(b'not a safetensors file')
     with pytest.raises(checkpoint.CheckpointError, match='bad.safetensors: cannot read'):
-        checkpoint.load_weights(tmp_path / 'bad.safetensors')
+        weights.load_weights(tmp_path / 'bad.safetensors')
 
 
 def test_a_full_disk_while_saving_keeps_the_previous_checkpoint_and_names_the_file(tmp_path):

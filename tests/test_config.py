@@ -186,9 +186,9 @@ def test_bad_type_raises_naming_key():
 
 
 def test_bad_choice_raises_naming_key():
-    """--lr.lr_schedule_type=linear is not one of cyclic/step/poly/cosine."""
+    """--lr.lr_schedule_type=exponential is not one of the schedules."""
     with pytest.raises(ConfigError, match='lr.lr_schedule_type'):
-        load_config([*DATA, '--logging.folder=r', '--lr.lr_schedule_type=linear'])
+        load_config([*DATA, '--logging.folder=r', '--lr.lr_schedule_type=exponential'])
 
 
 def test_missing_required_key_raises_naming_it():
@@ -293,8 +293,8 @@ def test_resume_eval_and_fault_keys():
 
 
 # ----------------------------------------------------------------------------- training options
-# The keys added since (the training options of issue 13, the decoder choice of issue 15), at
-# their defaults: every option off, today's decoder.
+# The keys that tests/data/shipped_configs_resolved.json does not record (the training options and
+# the decoder choice), at their defaults: every option off, our fused decoder.
 OPTION_DEFAULTS = {
     'lr.min_lr': 0.0, 'training.betas': '0.9,0.999', 'training.clip_grad_norm': 0.0,
     'training.ema_decay': 0.0, 'training.ema_every': 1, 'training.mixup_alpha': 0.0,
@@ -303,10 +303,10 @@ OPTION_DEFAULTS = {
     'data.decoder': 'fused'}
 
 
-def test_shipped_configs_resolve_as_before_the_training_options():
-    """Every shipped config resolves to the values it had before the options existed (a snapshot
-    taken at commit 5d627f8, tests/data/shipped_configs_resolved.json), plus the new keys at
-    their off defaults."""
+def test_shipped_configs_resolve_to_their_recorded_values_with_every_option_off():
+    """Every shipped config resolves to the values recorded for it in
+    tests/data/shipped_configs_resolved.json, and every key not recorded there to its off default:
+    an option never changes a shipped recipe unless its file asks for it."""
     from imagenet_ffcv.config import flatten
     snapshot = json.loads((REPO / 'tests' / 'data' / 'shipped_configs_resolved.json').read_text())
     assert len(snapshot['resolved']) == 15

@@ -1,5 +1,6 @@
 """The converter on bad and unusual inputs: odd colour modes, undecodable files (skipped or
 --strict), --verify, the free-space check, and a kill -9 in the middle of a write."""
+import io
 import os
 import signal
 import subprocess
@@ -23,17 +24,15 @@ def photo(size, i=0):
 
 
 def stored_raw_images(path):
-    """Every image of a raw-mode .beton as stored, read without ffcv's loader: [(H, W, 3)], labels."""
-    from ffcv.reader import Reader
-    reader = Reader(str(path))
-    md = reader.metadata
-    blob = np.fromfile(path, dtype=np.uint8)
+    """Every image of a raw-mode .beton as stored, read with ``verify.records`` (no ffcv loader):
+    [(H, W, 3)], labels."""
+    data = verify.file_bytes(path)
     images = []
-    for rec in md['f0']:
-        assert rec['mode'] == 1  # raw
-        w, h, ptr = int(rec['width']), int(rec['height']), int(rec['data_ptr'])
-        images.append(blob[ptr:ptr + 3 * w * h].reshape(h, w, 3))
-    return images, md['f1'].astype(int).tolist()
+    for rec in verify.records(path):
+        assert rec['mode'] == verify.RAW_MODE
+        h, w = int(rec['height']), int(rec['width'])
+        images.append(verify.record_bytes(data, rec)[:3 * w * h].reshape(h, w, 3))
+    return images, verify.records(path)['label'].tolist()
 
 
 def make_unusual(folder):
@@ -181,12 +180,8 @@ def test_cli_skips_by_default_and_strict_fails(tmp_path, capsys):
 
 def stored_records(path) -> list:
     """The image records of a .beton as bytes, in sample order."""
-    from ffcv.reader import Reader
-    reader = Reader(str(path))
-    sizes = dict(zip(reader.alloc_table['ptr'].tolist(), reader.alloc_table['size'].tolist()))
-    blob = path.read_bytes()
-    return [blob[int(r['data_ptr']):int(r['data_ptr']) + sizes[int(r['data_ptr'])]]
-            for r in reader.metadata['f0']]
+    data = verify.file_bytes(path)
+    return [verify.record_bytes(data, r).tobytes() for r in verify.records(path)]
 
 
 def test_records_are_encode_jpeg_of_the_stored_pixels_with_restart_markers(tmp_path, capsys):
@@ -268,10 +263,9 @@ def test_verify(tmp_path, capsys):
     assert report['per_class'] == {0: 2, 1: 2, 2: 2} and not report['problems']
 
     # a JPEG record with garbage inside -> a problem naming the record
-    from ffcv.reader import Reader
-    md = Reader(str(out)).metadata
+    records = verify.records(out)
     blob = bytearray(out.read_bytes())
-    ptr = int(md['f0']['data_ptr'][3])
+    ptr = int(records['data_ptr'][3])
     blob[ptr:ptr + 40] = b'\x00' * 40  # wipes the JPEG's SOI marker and header
     broken = tmp_path / 'broken.beton'
     broken.write_bytes(bytes(blob))
@@ -286,10 +280,42 @@ def test_verify(tmp_path, capsys):
         err = capsys.readouterr().err
         assert str(cut) in err and 'Traceback' not in err
     cut = tmp_path / 'cut_end.beton'
-    cut.write_bytes(out.read_bytes()[:int(md['f0']['data_ptr'].max()) + 10])
+    cut.write_bytes(out.read_bytes()[:int(records['data_ptr'].max()) + 10])
     assert write.cli(['--verify', str(cut)]) == 1
     assert write.cli(['--verify', str(tmp_path / 'missing.beton')]) == 1
     assert 'missing.beton' in capsys.readouterr().err
+
+
+def test_records_give_each_sample_its_size_label_and_bytes(tmp_path):
+    """``verify.records``: per sample the stored image's mode, height, width, byte range and
+    label; ``record_bytes`` the JPEG itself; a missing, truncated or damaged file raises."""
+    classes = sources.find_classes(SAMPLE / 'train')
+    samples = sources.list_samples(SAMPLE / 'train', classes)[::50][:6]
+    out = tmp_path / 'r.beton'
+    writer.write_beton(samples, out, max_res=64, num_workers=1)
+    records = verify.records(out)
+    assert records.dtype == verify.RECORD_TYPE and len(records) == len(samples)
+    assert records['label'].tolist() == [label for _, label in samples]
+    assert (records['mode'] == verify.JPEG_MODE).all() and (records['size'] > 0).all()
+    assert (np.minimum(records['height'], records['width']) == 64).all()
+    data = verify.file_bytes(out)
+    for rec in records:
+        jpeg = verify.record_bytes(data, rec)
+        assert jpeg.dtype == np.uint8 and jpeg.size == rec['size']
+        with Image.open(io.BytesIO(jpeg.tobytes())) as im:
+            assert im.size == (rec['width'], rec['height'])
+    with pytest.raises(verify.CorruptBetonError, match='beyond the end of the file'):
+        verify.record_bytes(data[:int(records['data_ptr'][-1]) + 10], records[-1])
+    damaged = records[-1].copy()
+    damaged['size'] = -1
+    with pytest.raises(verify.CorruptBetonError, match='not in the allocation table'):
+        verify.record_bytes(data, damaged)
+    with pytest.raises(FileNotFoundError):
+        verify.records(tmp_path / 'missing.beton')
+    cut = tmp_path / 'cut.beton'
+    cut.write_bytes(out.read_bytes()[:int(records['data_ptr'].max()) + 10])
+    with pytest.raises(verify.CorruptBetonError, match='truncated'):
+        verify.records(cut)
 
 
 def test_not_enough_disk_space(tmp_path, monkeypatch, capsys):

@@ -24,7 +24,7 @@ import torch
 
 from conftest import REPO, SAMPLE, small_config
 from imagenet_ffcv import (checkpoint, config, constants, engine, loaders, models, predict,
-                           train)
+                           train, weights)
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')]
@@ -356,8 +356,8 @@ def logits_on_both(weights, val_beton, res) -> tuple:
     validation's flip TTA rule, on the CPU in fp32 (what eval-only computes on a CPU machine) and
     on CUDA in the precision ``training.amp=auto`` picks there, from the same CPU batches."""
     precision = engine.resolve_precision('auto', CUDA)
-    on_cpu = checkpoint.load_model(weights, num_classes=10).model.eval()
-    on_cuda = checkpoint.load_model(weights, num_classes=10).model.to(CUDA).eval()
+    on_cpu = weights.load_model(weights, num_classes=10).model.eval()
+    on_cuda = weights.load_model(weights, num_classes=10).model.to(CUDA).eval()
     cpu, cuda, labels = [], [], []
     for x, y in batches_of(loaders.val_loader(path=val_beton, batch_size=64, num_workers=2,
                                               res=res, device=CPU)):

@@ -8,14 +8,13 @@ import torch
 from PIL import Image
 
 from conftest import PYTHON, REPO, SAMPLE, SHARED_DATA, run_env
-from imagenet_ffcv import constants, images, loaders, sources, writer
+from imagenet_ffcv import constants, images, loaders, sources, verify, writer
 from imagenet_ffcv.classes import class_list_path
 
 
 def beton_metadata(path):
-    from ffcv.reader import Reader
-    md = Reader(str(path)).metadata
-    return md['f0']['width'].astype(int), md['f0']['height'].astype(int), md['f1'].astype(int)
+    r = verify.records(path)
+    return r['width'].astype(int), r['height'].astype(int), r['label'].astype(int)
 
 
 def decode_all(path):
@@ -329,9 +328,8 @@ def test_a_batch_larger_than_the_dataset_or_no_loader_thread_is_refused(sample_b
 def corrupt_copy(beton, out, index):
     """A copy of ``beton`` whose record ``index`` has an end-of-image marker written early in its
     entropy-coded data (bytes damaged in a copy): the JPEG still parses, but its data ends."""
-    from ffcv.reader import Reader
     out.write_bytes(beton.read_bytes())
-    ptr = int(Reader(str(beton)).metadata['f0']['data_ptr'][index])
+    ptr = int(verify.records(beton)['data_ptr'][index])
     data = bytearray(out.read_bytes())
     scan = data.index(b'\xff\xda', ptr)  # start of scan
     data[scan + 40:scan + 42] = b'\xff\xd9'
@@ -361,4 +359,5 @@ def test_a_corrupt_record_is_named_by_verify_validation_and_training(sample_beto
     with pytest.raises(engine.CorruptRecordError, match=r'train.beton: sample 123 does not decode'):
         engine.train_one_epoch(model=model, loader=loader, optimizer=optimizer,
                                loss_fn=nn.CrossEntropyLoss(), lr_at=lambda t: 0.01, epoch=0,
-                               show_progress=False, corrupt_record=loader.corrupt_record)
+                               show_progress=False,
+                               hooks=engine.EpochHooks(corrupt_record=loader.corrupt_record))

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from conftest import SAMPLE
-from imagenet_ffcv import constants, decoders, images, loaders, resampling, sources, writer
+from imagenet_ffcv import (constants, decoders, images, loaders, resampling, sources, verify,
+                           writer)
 
 MEAN, STD = constants.IMAGENET_MEAN, constants.IMAGENET_STD
 
@@ -112,15 +113,11 @@ def betons(tmp_path_factory):
 def stored_images(path):
     """The stored images of a beton decoded whole with ffcv's own decoder (uint8 HWC)."""
     from ffcv.libffcv import imdecode
-    from ffcv.reader import Reader
-    reader = Reader(str(path))
-    raw = np.fromfile(path, np.uint8)
-    sizes = {int(r['ptr']): int(r['size']) for r in reader.alloc_table}
+    data = verify.file_bytes(path)
     images = []
-    for m in reader.metadata['f0']:
-        h, w, ptr = int(m['height']), int(m['width']), int(m['data_ptr'])
-        blob = raw[ptr:ptr + sizes[ptr]]
-        if m['mode'] == 0:
+    for r in verify.records(path):
+        h, w, blob = int(r['height']), int(r['width']), verify.record_bytes(data, r)
+        if r['mode'] == verify.JPEG_MODE:
             a = np.empty((h, w, 3), np.uint8)
             imdecode(blob, a, h, w, h, w, 0, 0, 1, 1, False, False)
         else:
@@ -215,21 +212,21 @@ def test_the_decoder_choice_reaches_the_loaders(sample_betons):
     our layout: float32 (B, 3, res, res), channels_last, normalised; an unknown name is refused."""
     _, fused_aa = loaders.train_loader(path=sample_betons['train'], batch_size=16, num_workers=2,
                                        res=48, os_cache=True, device=torch.device('cpu'),
-                                       distributed=False, seed=0, decoder='fused_aa')
+                                       distributed=False, seed=0, decoder_name='fused_aa')
     assert isinstance(fused_aa, decoders.CropResizeDecoder) and fused_aa.antialias
     loader, stock = loaders.train_loader(path=sample_betons['train'], batch_size=16,
                                          num_workers=2, res=48, os_cache=True,
                                          device=torch.device('cpu'), distributed=False, seed=0,
-                                         decoder='ffcv')
+                                         decoder_name='ffcv')
     assert type(stock).__name__ == 'RandomResizedCropRGBImageDecoder'
     x, y = next(iter(loader))
     assert x.shape == (16, 3, 48, 48) and x.dtype == torch.float32 and y.shape == (16,)
     assert x.is_contiguous(memory_format=torch.channels_last)
     assert abs(float(x.mean())) < 1.0 and 0.5 < float(x.std()) < 1.5  # normalised
     assert loader.corrupt_record() is None
-    with pytest.raises(ValueError, match="decoder='bilinear'"):
+    with pytest.raises(ValueError, match="decoder_name='bilinear'"):
         loaders.val_loader(path=sample_betons['val'], batch_size=8, num_workers=1, res=32,
-                           device=torch.device('cpu'), decoder='bilinear')
+                           device=torch.device('cpu'), decoder_name='bilinear')
 
 
 # JPEGs with restart markers (images.encode_jpeg, the converter's records)

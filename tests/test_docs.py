@@ -76,7 +76,7 @@ def test_repository_paths_exist(doc):
 
 def is_key_or_known_name(name: str) -> bool:
     """A schema key, a file name (``checkpoint.pt``), or a function of the package module of that
-    name (``checkpoint.load_model``)."""
+    name (``weights.load_model``)."""
     section, attribute = name.split('.', 1)
     if name in KEYS or attribute in ('pt', 'safetensors', 'json', 'jsonl', 'tsv', 'yaml', 'py', 'md'):
         return True

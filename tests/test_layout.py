@@ -1,7 +1,9 @@
 """The code stays readable in one sitting: no package module over 400 lines, no function (nested ones
-counted within their parent, decorators included) over 80 lines in the package or the entry scripts,
-and imports at the top of modules except the heavy optional ones listed here."""
+counted within their parent, decorators included) over 80 lines in the package, the entry scripts or
+the benchmarks, imports at the top of modules except the heavy optional ones listed here, and no
+benchmark importing another (what they share lives in the package or in benchmarks/common.py)."""
 import ast
+import re
 import functools
 import gc
 from pathlib import Path
@@ -10,6 +12,7 @@ from conftest import REPO
 
 PACKAGE = sorted((REPO / 'imagenet_ffcv').glob('*.py'))
 ENTRY_SCRIPTS = [REPO / name for name in ('train_imagenet.py', 'write_beton.py', 'predict.py')]
+BENCHMARKS = sorted((REPO / 'benchmarks').glob('*.py'))
 MAX_MODULE_LINES, MAX_FUNCTION_LINES = 400, 80
 # Imports that stay inside a function: heavy, and only that function needs them.
 LATE_IMPORTS_ALLOWED = {('sources.py', 'scipy.io'), ('metrics.py', 'matplotlib'),
@@ -23,8 +26,8 @@ def parse(path: Path) -> ast.Module:
     """``ast.parse`` of the file. CPython 3.11 keeps the AST constructor's recursion count in
     process-wide state (python/cpython#106905), so another thread using it at the same moment, or
     a finalizer run by the garbage collector mid-parse, can make a correct parse raise SystemError
-    "AST constructor recursion depth mismatch" (seen once in CI, with loader threads of earlier
-    tests alive): the collector is off while parsing, and that one error is retried."""
+    "AST constructor recursion depth mismatch" (in CI, with loader threads of earlier tests still
+    alive): the collector is off while parsing, and that one error is retried."""
     enabled = gc.isenabled()
     gc.disable()
     try:
@@ -58,7 +61,7 @@ def test_no_module_over_400_lines():
 
 def test_no_function_over_80_lines():
     long = [f'{p.name}:{node.lineno} {node.name} ({function_lines(node)} lines)'
-            for p in PACKAGE + ENTRY_SCRIPTS for node in functions(p)
+            for p in PACKAGE + ENTRY_SCRIPTS + BENCHMARKS for node in functions(p)
             if function_lines(node) > MAX_FUNCTION_LINES]
     assert long == []
 
@@ -84,8 +87,25 @@ def test_optional_packages_are_imported_only_through_optional_require():
                         or n.startswith('torch.utils.tensorboard')], path.name
 
 
-def test_the_data_module_is_split_by_concern():
-    """Each concern of the former data.py has its module; none imports the writer but the writer's
+def test_benchmarks_import_no_other_benchmark():
+    """A benchmark imports benchmarks/common.py and the package, never another benchmark (at the
+    top or inside a function)."""
+    others = {p.stem for p in BENCHMARKS} - {'common'}
+    found = []
+    for path in BENCHMARKS:
+        for node in ast.walk(parse(path)):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                     [node.module or ''] if isinstance(node, ast.ImportFrom) and not node.level
+                     else [])
+            found += [f'{path.name}:{node.lineno} imports {n}' for n in names
+                      if n.split('.')[0] in others]
+    assert {p.stem for p in BENCHMARKS} >= {'common', 'bench_loader', 'bench_train'}
+    assert found == []
+
+
+def test_the_data_concerns_have_a_module_each():
+    """Sources, classes, images, writer, verify, loaders, constants and files each have their
+    module, and there is no catch-all ``data`` module; none imports the writer but the writer's
     users (the loaders and the engine reach the constants without it)."""
     names = {p.stem for p in PACKAGE}
     assert {'sources', 'classes', 'images', 'writer', 'verify', 'loaders', 'constants',
@@ -93,3 +113,56 @@ def test_the_data_module_is_split_by_concern():
     for module in ('loaders', 'engine', 'decoders', 'images', 'checkpoint'):
         source = (REPO / 'imagenet_ffcv' / f'{module}.py').read_text()
         assert 'from .writer' not in source and 'import writer' not in source, module
+
+
+# Where config keys may be named in code: the config and its schema, and the two modules that read
+# the config (the trainer and its validation); every other module takes plain arguments.
+CONFIG_READERS = {'config.py', 'config_schema.py', 'train.py', 'evaluate.py'}
+KEY = re.compile(r'\b(data|model|resolution|lr|logging|validation|training|checkpoint|dist)'
+                 r'\.[a-z_]+(?![a-z_(])')
+
+
+def string_constants(path: Path):
+    """The string literals of a module that are not docstrings: ``(line, text)``."""
+    tree = parse(path)
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr)
+                  and isinstance(node.body[0].value, ast.Constant)}
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Constant) and isinstance(node.value, str)
+                and id(node) not in docstrings):
+            yield node.lineno, node.value
+
+
+def test_config_keys_are_named_only_where_the_config_is_read():
+    named = [f'{p.name}:{line} {m.group(0)}' for p in PACKAGE if p.name not in CONFIG_READERS
+             for line, text in string_constants(p) for m in KEY.finditer(text)
+             if not m.group(0).endswith(('.pt', '.py', '.json', '.tsv'))]
+    assert named == []
+
+
+def test_each_choice_list_is_typed_in_its_home_only():
+    """The decoder names, precisions, LR schedules and optimizers are typed once (constants.py,
+    schedules.py, optimizers.py); everything else imports them. A list, tuple or set literal
+    holding two or more of one list's names elsewhere is a second copy."""
+    from imagenet_ffcv import constants, optimizers, schedules
+    homes = {'constants.py': [constants.DECODERS, constants.PRECISIONS],
+             'schedules.py': [tuple(schedules.LR_SCHEDULES)],
+             'optimizers.py': [optimizers.OPTIMIZERS]}
+    choices = [(home, set(names)) for home, lists in homes.items() for names in lists]
+    copies = []
+    for path in PACKAGE + sorted((REPO / 'benchmarks').glob('*.py')):
+        for node in ast.walk(parse(path)):
+            if isinstance(node, (ast.List, ast.Tuple, ast.Set)):
+                items = {e.value for e in node.elts if isinstance(e, ast.Constant)}
+                copies += [f'{path.name}:{node.lineno} {sorted(items & names)}'
+                           for home, names in choices
+                           if len(items & names) >= 2 and path.name != home]
+    assert copies == []
+
+
+def test_the_package_docstring_names_every_module():
+    import imagenet_ffcv
+    names = [p.stem for p in PACKAGE if not p.stem.startswith('_')]
+    assert [n for n in names if f'``{n}``' not in imagenet_ffcv.__doc__] == []

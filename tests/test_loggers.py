@@ -136,7 +136,7 @@ def test_missing_wandb_names_the_package_and_the_extras_file(tmp_path, monkeypat
     assert isinstance(caught.value, MissingPackageError)
     message = str(caught.value)
     assert "'wandb'" in message and 'pip install -r requirements-extras.txt' in message
-    assert "logging.wandb_project='proj'" in message  # the config key that asked for it
+    assert "W&B logging (project 'proj')" in message  # what asked for it
     assert not folder.exists()
 
 
@@ -220,7 +220,7 @@ def test_tensorboard_is_needed_only_when_asked_for(tmp_path, monkeypatch):
     log = LiveLog(tmp_path / 'run', tensorboard=False)
     log.epoch_scalars(0, {'top_1': 0.5})
     assert not log.active and not (tmp_path / 'run').exists()
-    with pytest.raises(MissingPackageError, match=r"logging.tensorboard=1 needs the package "
+    with pytest.raises(MissingPackageError, match=r"TensorBoard logging needs the package "
                                                   r"'tensorboard'.*tensorboard==2\.21\.0.*"
                                                   r"requirements\.txt"):
         LiveLog(tmp_path / 'run', tensorboard=True)

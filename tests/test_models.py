@@ -9,7 +9,7 @@ import torch
 import torchvision
 from torch import nn
 
-from imagenet_ffcv import checkpoint, models
+from imagenet_ffcv import checkpoint, models, weights
 from imagenet_ffcv.models import BlurPoolConv2d
 
 
@@ -216,7 +216,7 @@ def test_timm_model_builds_and_its_state_dict_loads_into_timm():
 
 
 def test_timm_model_rebuilt_by_checkpoint_load_model(tmp_path):
-    """Final weights of a timm:resnet10t run come back through checkpoint.load_model (which calls
+    """Final weights of a timm:resnet10t run come back through weights.load_model (which calls
     build_model): from the .safetensors with its config, and from the .pt with keyword values."""
     pytest.importorskip('timm', reason=NO_TIMM)
     torch.manual_seed(0)
@@ -225,14 +225,14 @@ def test_timm_model_rebuilt_by_checkpoint_load_model(tmp_path):
     config = {'model': {'arch': 'timm:resnet10t'},
               'training': {'use_blurpool': 1, 'channels_last': 1}}
     classes = [(f'n{i:08d}', f'class {i}') for i in range(3)]
-    safe = checkpoint.save_final_weights(models.unwrapped_state_dict(model),
+    safe = weights.save_final_weights(models.unwrapped_state_dict(model),
                                          tmp_path / 'final_weights.pt', config=config,
                                          classes=classes)
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = model(x)
-    for saved in (checkpoint.load_model(safe),
-                  checkpoint.load_model(tmp_path / 'final_weights.pt', num_classes=3,
+    for saved in (weights.load_model(safe),
+                  weights.load_model(tmp_path / 'final_weights.pt', num_classes=3,
                                         arch='timm:resnet10t', use_blurpool=True,
                                         channels_last=True)):
         assert saved.arch == 'timm:resnet10t'

@@ -35,15 +35,18 @@ def test_parse_fractions_rejects_bad_items():
 
 
 def test_linear_warmup_applies_to_every_schedule():
-    for schedule in ('cyclic', 'step', 'poly'):
-        base = schedules.lr_at(5.0, schedule=schedule, lr=0.8, epochs=20, peak_epoch=2)
-        warm = schedules.lr_at(1.25, schedule=schedule, lr=0.8, epochs=20, peak_epoch=2,
-                               warmup_epochs=5)
-        cold = schedules.lr_at(1.25, schedule=schedule, lr=0.8, epochs=20, peak_epoch=2)
+    own = {'cyclic': {'peak_epoch': 2}, 'step': {'step_ratio': 0.1, 'step_length': 30},
+           'poly': {'power': 1.0}}
+    for schedule, args in own.items():
+        base = schedules.lr_at(5.0, schedule=schedule, lr=0.8, epochs=20, **args)
+        warm = schedules.lr_at(1.25, schedule=schedule, lr=0.8, epochs=20, warmup_epochs=5,
+                               **args)
+        cold = schedules.lr_at(1.25, schedule=schedule, lr=0.8, epochs=20, **args)
         assert warm == pytest.approx(cold * 1.25 / 5), schedule
-        assert schedules.lr_at(5.0, schedule=schedule, lr=0.8, epochs=20, peak_epoch=2,
-                               warmup_epochs=5) == pytest.approx(base), schedule
-    assert schedules.lr_at(0.0, schedule='step', lr=0.8, epochs=20, warmup_epochs=5) == 0.0
+        assert schedules.lr_at(5.0, schedule=schedule, lr=0.8, epochs=20, warmup_epochs=5,
+                               **args) == pytest.approx(base), schedule
+    assert schedules.lr_at(0.0, schedule='step', lr=0.8, epochs=20, warmup_epochs=5,
+                           **own['step']) == 0.0
 
 
 @pytest.mark.parametrize('arch', ['alexnet', 'mobilenet_v3_large', 'efficientnet_b0',
@@ -135,9 +138,7 @@ def test_classic_recipe_configs_load():
     base = ['--data.train_dataset=x', '--data.val_dataset=y']
     step = config.load_config(['--config', str(REPO / 'imagenet_ffcv/configs/rn50_configs/rn50_step_90_epochs.yaml')] + base)
     assert (step.lr.lr, step.lr.ref_batch_size, step.training.weight_decay) == (0.1, 256, 1e-4)
-    lr = lambda t: schedules.lr_at(t, schedule=step.lr.lr_schedule_type, lr=step.lr.lr,  # noqa
-                                   epochs=step.training.epochs, step_ratio=step.lr.step_ratio,
-                                   step_fractions=schedules.parse_fractions(step.lr.step_fractions))
+    lr = lambda t: schedules.lr_at(t, lr=step.lr.lr, **config.lr_schedule_kwargs(step))  # noqa
     assert [lr(t) for t in (29.5, 30.5, 60.5)] == pytest.approx([0.1, 0.01, 0.001])
     assert step.resolution.min_res == step.resolution.max_res == 224
     target = config.load_config(['--config', str(REPO / 'imagenet_ffcv/configs/rn50_configs/rn50_60pct_target.yaml')] + base)

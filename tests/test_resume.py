@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import REPO, run_env, small_config
-from imagenet_ffcv import checkpoint, train
+from imagenet_ffcv import checkpoint, config, train
 
 EPOCHS = 4  # at 32, 32, 64, 64 px: the kill falls in epoch 2, the first at 64 px
 RUN = ['--training.epochs=4', '--lr.lr=0.05', '--lr.lr_peak_epoch=1', '--logging.log_level=0',
@@ -119,7 +119,7 @@ def test_resuming_with_a_different_schedule_is_refused_unless_forced(sample_beto
     checkpoint.save({'format': 1, 'config': resolved}, run_dir / 'checkpoint.pt')
     cfg = small_config(sample_betons, tmp_path, *RUN, '--training.epochs=20', '--lr.lr=0.1',
                        f'--resume={run_dir / "checkpoint.pt"}')
-    with pytest.raises(checkpoint.CheckpointError) as info:
+    with pytest.raises(config.ConfigError) as info:
         train.main(cfg)
     message = str(info.value)
     assert 'training.epochs: 4 -> 20' in message and 'lr.lr: 0.05 -> 0.1' in message

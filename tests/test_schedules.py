@@ -71,7 +71,7 @@ def test_cyclic_lr_peak_outside_range_raises(peak):
 
 
 # ----------------------------------------------------------------------------- step
-STEP = dict(lr=0.1, step_ratio=0.1, step_length=30)
+STEP = dict(lr=0.1, epochs=90, step_ratio=0.1, step_length=30)
 
 
 def test_step_lr_really_steps():
@@ -94,30 +94,60 @@ def test_step_lr_constant_for_run_shorter_than_step_length():
 def test_step_lr_nonpositive_step_length_raises():
     """step_length <= 0 is a ValueError (would divide by zero)."""
     with pytest.raises(ValueError, match='step_length'):
-        step_lr(1.0, lr=0.1, step_ratio=0.1, step_length=0)
+        step_lr(1.0, lr=0.1, epochs=90, step_ratio=0.1, step_length=0)
 
 
 # ----------------------------------------------------------------------------- lr_at
-ALL = dict(lr=0.5, epochs=16, peak_epoch=2, step_ratio=0.1, step_length=5)
+ALL = dict(lr=0.5, epochs=16)
 
 
 def test_lr_at_dispatches_to_cyclic():
     """schedule='cyclic' gives the triangle: 0.25 at t=1, 0.5 at t=2."""
-    assert lr_at(1.0, schedule='cyclic', **ALL) == pytest.approx(0.25)
-    assert lr_at(2.0, schedule='cyclic', **ALL) == pytest.approx(0.5)
+    assert lr_at(1.0, schedule='cyclic', peak_epoch=2, **ALL) == pytest.approx(0.25)
+    assert lr_at(2.0, schedule='cyclic', peak_epoch=2, **ALL) == pytest.approx(0.5)
 
 
 def test_lr_at_dispatches_to_step():
     """schedule='step' with step_length 5: 0.5 at t=1, 0.05 at t=5, 0.005 at t=12."""
-    assert lr_at(1.0, schedule='step', **ALL) == pytest.approx(0.5)
-    assert lr_at(5.0, schedule='step', **ALL) == pytest.approx(0.05)
-    assert lr_at(12.0, schedule='step', **ALL) == pytest.approx(0.005)
+    step = dict(schedule='step', step_ratio=0.1, step_length=5, **ALL)
+    assert lr_at(1.0, **step) == pytest.approx(0.5)
+    assert lr_at(5.0, **step) == pytest.approx(0.05)
+    assert lr_at(12.0, **step) == pytest.approx(0.005)
 
 
 def test_lr_at_unknown_schedule_raises():
     """An unknown schedule name is a ValueError naming it."""
-    with pytest.raises(ValueError, match='linear'):
-        lr_at(1.0, schedule='linear', **ALL)
+    with pytest.raises(ValueError, match='exponential'):
+        lr_at(1.0, schedule='exponential', **ALL)
+
+
+def test_a_schedule_takes_only_its_own_arguments():
+    """Each schedule is called with its own arguments: another schedule's is a TypeError."""
+    with pytest.raises(TypeError, match='min_lr'):
+        lr_at(1.0, schedule='cyclic', peak_epoch=2, min_lr=0.3, **ALL)
+
+
+# ----------------------------------------------------------------------------- linear
+def test_linear_decays_to_zero_over_the_whole_run_after_the_warm_up():
+    """Budgeted training (Li et al. 2020): warm-up over 2 epochs to 0.4, then a straight line to 0
+    at epoch 10 (0.2 half-way, at epoch 6); without warm-up the line starts at t=0."""
+    kwargs = dict(schedule='linear', lr=0.4, epochs=10, warmup_epochs=2)
+    assert lr_at(1.0, **kwargs) == pytest.approx(0.2)
+    assert [lr_at(t, **kwargs) for t in (2.0, 6.0, 9.0, 10.0, 11.0)] == pytest.approx(
+        [0.4, 0.2, 0.05, 0.0, 0.0])
+    assert lr_at(2.5, schedule='linear', lr=0.4, epochs=10) == pytest.approx(0.3)
+    values = [lr_at(2 + k / 10, **kwargs) for k in range(81)]
+    steps = [a - b for a, b in zip(values, values[1:])]
+    assert steps == pytest.approx([0.4 / 80] * 80)  # the same decrease every tenth of an epoch
+
+
+def test_the_linear_schedule_is_a_config_choice():
+    """lr.lr_schedule_type=linear reaches the schedule through the config's adapter."""
+    from imagenet_ffcv import config
+    cfg = config.load_config(['--data.train_dataset=a', '--data.val_dataset=b',
+                              '--logging.folder=c', '--lr.lr_schedule_type=linear',
+                              '--lr.lr=0.4', '--training.epochs=10', '--lr.warmup_epochs=2'])
+    assert lr_at(6.0, lr=cfg.lr.lr, **config.lr_schedule_kwargs(cfg)) == pytest.approx(0.2)
 
 
 # ----------------------------------------------------------------------------- cosine
@@ -140,10 +170,6 @@ def test_cosine_warms_up_then_halves_midway_and_ends_at_min_lr():
 def test_cosine_min_lr_above_lr_raises():
     with pytest.raises(ValueError, match='min_lr=0.5'):
         lr_at(1.0, schedule='cosine', lr=0.1, epochs=4, min_lr=0.5)
-
-
-def test_min_lr_is_ignored_by_the_other_schedules():
-    assert lr_at(16.0, schedule='cyclic', min_lr=0.3, **ALL) == 0.0
 
 
 # ----------------------------------------------------------------------------- scaled_lr

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from conftest import small_config
-from imagenet_ffcv import (checkpoint, distributed, engine, models, optimizers, schedules,
-                           train)
+from imagenet_ffcv import (checkpoint, config, distributed, engine, models, optimizers,
+                           schedules, train)
 from imagenet_ffcv.ema import make_ema
 from imagenet_ffcv.mixup import batch_mixer
 from imagenet_ffcv.optional import MissingPackageError
@@ -164,7 +164,8 @@ def test_train_scalars_are_logged_every_n_iterations_with_the_loss_of_that_step(
     logged = []
     engine.train_one_epoch(model=model, loader=data, optimizer=torch.optim.SGD(
         model.parameters(), lr=0.1), loss_fn=nn.CrossEntropyLoss(), lr_at=lambda t: 0.1 * t,
-        epoch=0, show_progress=False, log_every=5, log_train=lambda i, v: logged.append((i, v)))
+        epoch=0, show_progress=False,
+        hooks=engine.EpochHooks(log_every=5, log_train=lambda i, v: logged.append((i, v))))
     assert [i for i, _ in logged] == [5, 10]
     assert logged[0][1]['lr'] == pytest.approx(0.1 * 4.5 / 12)
     assert logged[0][1]['loss'] > 0 and logged[0][1]['img_per_s'] > 0
@@ -278,7 +279,7 @@ def test_resume_with_every_option_ends_like_the_uninterrupted_run(options_run, s
 def test_compile_may_change_on_resume_but_the_stateful_options_may_not():
     saved = {'training': {'compile': 0, 'ema_decay': 0.0, 'mixup_alpha': 0.0}}
     now = {'training': {'compile': 1, 'ema_decay': 0.999, 'mixup_alpha': 0.2}}
-    assert checkpoint.schedule_changes(saved, now) == [
+    assert config.schedule_changes(saved, now) == [
         'training.ema_decay: 0.0 -> 0.999', 'training.mixup_alpha: 0.0 -> 0.2']
 
 

@@ -1,0 +1,127 @@
+"""Trained weights: ``final_weights.pt`` and ``final_weights.safetensors`` written atomically, read
+back from either or from a checkpoint without running code, and the model rebuilt from them as it
+was trained (eval-only, predict).
+
+``final_weights.pt`` is a state dict with torchvision's keys (``torch.load(weights_only=True)``
+reads it); ``final_weights.safetensors`` holds the same tensors (no pickle at all) with the run's
+config and class list in its metadata, so the file alone rebuilds the model.
+"""
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import safetensors
+import safetensors.torch
+import torch
+
+from .checkpoint import FORMAT, CheckpointError, safe_torch_load, save
+from .classes import read_class_names
+from .config import saved_model_kwargs
+from .files import atomic_path
+from .models import build_model
+
+SAFETENSORS_FORMAT = 'imagenet_ffcv final weights'
+
+
+def save_final_weights(state_dict: dict, path, *, config: dict = None, classes=None) -> Path:
+    """Write the final weights twice, atomically: ``path`` (``torch.save`` of the state dict, as
+    torchvision's keys) and ``path`` with the suffix ``.safetensors`` (safetensors; the config and
+    class list in its metadata as JSON, so the file alone rebuilds the model). Returns the second
+    path. Raises OSError (disk full, no permission) naming the file."""
+    path = Path(path)
+    save(state_dict, path)
+    tensors = {k: v.contiguous() for k, v in state_dict.items()}
+    metadata = {'format': SAFETENSORS_FORMAT, 'config': json.dumps(config),
+                'classes': json.dumps(classes)}
+    safe_path = path.with_suffix('.safetensors')
+    with atomic_path(safe_path) as tmp:
+        safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
+    return safe_path
+
+
+def _load_safetensors(path) -> tuple:
+    """``(state_dict, config or None, classes or None)`` of a .safetensors weights file."""
+    try:
+        state = safetensors.torch.load_file(str(path), device='cpu')
+        with safetensors.safe_open(str(path), framework='pt') as f:
+            metadata = f.metadata() or {}
+    except Exception as e:
+        raise CheckpointError(f'{path}: cannot read the weights ({type(e).__name__}: {e})') from e
+    config = json.loads(metadata['config']) if metadata.get('config') else None
+    classes = json.loads(metadata['classes']) if metadata.get('classes') else None
+    return state, config, [tuple(c) for c in classes] if classes else None
+
+
+def load_weights(path):
+    """The model weights in ``path``, the config they were trained with and the class list, for
+    evaluation and prediction: ``(state_dict, config, classes)``. ``path`` is a checkpoint (config
+    and classes inside), a ``final_weights.pt`` (config from the ``params.json`` and classes from
+    the ``classes.tsv`` beside it, each None when absent) or a ``final_weights.safetensors``
+    (both in its metadata, else beside it). ``classes``: ``[(wnid, name), ...]``. Nothing in the
+    file can run code (:func:`safe_torch_load`, safetensors).
+    Raises CheckpointError naming the file when it is missing, unsafe or holds no state dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f'{path}: no such weights file; give a run\'s checkpoint.pt, '
+                              'final_weights.pt or final_weights.safetensors')
+    config = classes = None
+    if path.suffix == '.safetensors':
+        state, config, classes = _load_safetensors(path)
+    else:
+        state = safe_torch_load(path, 'weights file')
+        if isinstance(state, dict) and state.get('format') == FORMAT:
+            classes = [tuple(c) for c in state['classes']] if state.get('classes') else None
+            return state['model'], state['config'], classes
+    if not (isinstance(state, dict) and state and all(torch.is_tensor(v) for v in state.values())):
+        raise CheckpointError(f'{path}: neither a checkpoint nor a state dict of tensors')
+    params, class_list = path.with_name('params.json'), path.with_name('classes.tsv')
+    if config is None and params.is_file():
+        config = json.loads(params.read_text())
+    if classes is None and class_list.is_file():
+        classes = read_class_names(class_list)
+    return state, config, classes
+
+
+@dataclass
+class SavedModel:
+    """A model rebuilt from saved weights: ``model`` (on the CPU, weights loaded, train mode),
+    ``config`` the run's resolved config (None when none was saved), ``classes``
+    ``[(wnid, name), ...]`` saved with the weights (or None), ``arch`` its name."""
+    model: torch.nn.Module
+    config: dict
+    classes: list
+    arch: str
+
+
+def load_model(path, *, num_classes: int = None, arch: str = 'resnet50', use_blurpool: bool = True,
+               channels_last: bool = True) -> SavedModel:
+    """The model saved at ``path`` (a checkpoint or a final_weights.pt, see :func:`load_weights`),
+    rebuilt as it was trained: arch, BlurPool and channels_last come from the config saved with the
+    weights (``config.saved_model_kwargs``); the keyword values are used only when no config is saved.
+    ``num_classes``: the class count to build for (e.g. the val .beton's); None takes the length
+    of the class list saved with the weights. Used by ``imagenet-ffcv-train`` (eval-only) and
+    ``imagenet-ffcv-predict``.
+
+    Raises CheckpointError naming the file when it is missing or unreadable, or when the weights
+    do not fit the model (another arch or class count), and FileNotFoundError when
+    ``num_classes`` is None and no class list is saved with the weights.
+    """
+    state, saved_config, classes = load_weights(path)
+    structure = {'arch': arch, 'use_blurpool': use_blurpool, 'channels_last': channels_last}
+    if saved_config:
+        structure = saved_model_kwargs(saved_config)
+    if num_classes is None:
+        if not classes:
+            raise FileNotFoundError(f'no class list for {path}: none saved with it and no '
+                                    'classes.tsv beside it; pass --classes TRAIN.classes.tsv '
+                                    '(written by imagenet-ffcv-write beside the .beton)')
+        num_classes = len(classes)
+    model = build_model(arch=structure['arch'], num_classes=num_classes,
+                        use_blurpool=bool(structure['use_blurpool']),
+                        channels_last=bool(structure['channels_last']))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f'{path}: the weights do not fit {structure["arch"]} with '
+                              f'{num_classes} classes: {str(e).splitlines()[0]}') from None
+    return SavedModel(model=model, config=saved_config, classes=classes, arch=structure['arch'])
