@@ -9,8 +9,8 @@
    crop_mirror_normalize, reading the JPEG records the beton holds written out as files; on the
    main set only), at 160, 192 and 224 px;
 2. the limit: bare libjpeg-turbo decode of the same stored JPEGs, one thread, times the cores;
-3. ablations on the main set at 160 px: write mode, --max-res, JPEG quality, traversal order,
-   os_cache, loader threads, batch 128: img/s, bytes on disk per image, peak RSS.
+3. ablations on the main set at 160 px: write mode, --max-res, JPEG quality, restart markers,
+   traversal order, os_cache, loader threads, batch 128: img/s, bytes on disk per image, peak RSS.
 
     python benchmarks/bench_loader.py    # make bench runs it; 6-7 minutes on 2 cores with DALI
 
@@ -289,6 +289,7 @@ def ablations(name, root, folder, args, res) -> list:
     variants += [(f'write_mode={m}', {'write_mode': m}, {}) for m in ('raw', 'proportion')]
     variants += [(f'max_res={m}', {'max_res': m}, {}) for m in (160, 512)]
     variants += [(f'jpeg_quality={q}', {'jpeg_quality': q}, {}) for q in (75, 95)]
+    variants += [('restart_interval=0 (no markers)', {'restart_interval': 0}, {})]
     variants += [('order=quasi_random', {}, {'order': 'quasi_random'}),
                  ('in_memory=0 (ffcv process cache)', {}, {'in_memory': 0})]
     variants += [(f'workers={w}', {}, {'workers': w}) for w in range(1, workers)]
