@@ -99,14 +99,17 @@ def test_dct_scale_leaves_a_shrink_below_two():
 
 @pytest.fixture(scope='module')
 def betons(tmp_path_factory):
-    """Eight demo photos at shorter side 256, as JPEG and as raw pixels."""
+    """Eight demo photos at shorter side 256, as JPEG (with restart markers, the default), as JPEG
+    without markers (``jpg_no_markers``: the .beton files written before) and as raw pixels."""
     out = tmp_path_factory.mktemp('dec')
     classes = sources.find_classes(SAMPLE / 'train')
     samples = sources.list_samples(SAMPLE / 'train', classes)[::40][:8]
     paths = {}
-    for mode in ('jpg', 'raw'):
-        paths[mode] = out / f'{mode}.beton'
-        writer.write_beton(samples, paths[mode], max_res=256, write_mode=mode, num_workers=1)
+    for name, mode, interval in (('jpg', 'jpg', images.DEFAULT_RESTART_INTERVAL),
+                                 ('jpg_no_markers', 'jpg', 0), ('raw', 'raw', 0)):
+        paths[name] = out / f'{name}.beton'
+        writer.write_beton(samples, paths[name], max_res=256, write_mode=mode,
+                           restart_interval=interval, num_workers=1)
     return paths
 
 
@@ -169,6 +172,23 @@ def test_train_loader_whole_image_crops_flip_and_fallback_agree(betons, monkeypa
     fallback, labels_b = batch(0.0)
     torch.testing.assert_close(fallback[torch.argsort(labels_b)], plain[order], atol=1e-5,
                                rtol=0)
+
+
+def test_betons_with_and_without_restart_markers_load_to_the_same_batches(betons):
+    """A .beton written before restart markers (``--restart-interval 0``) still loads, and its
+    train and val batches equal those of the same images stored with markers, bit for bit: the
+    markers change which bytes are decoded, not the pixels."""
+    def batches(path):
+        train, _ = loaders.train_loader(path=path, batch_size=4, num_workers=2, res=72,
+                                        os_cache=True, device=torch.device('cpu'),
+                                        distributed=False, seed=3)
+        val = loaders.val_loader(path=path, batch_size=4, num_workers=2, res=72,
+                                 device=torch.device('cpu'))
+        return [(x.clone(), y.clone()) for loader in (train, val) for x, y in loader]
+    with_markers, without = batches(betons['jpg']), batches(betons['jpg_no_markers'])
+    assert len(with_markers) == len(without) == 4
+    for (x, y), (x0, y0) in zip(with_markers, without):
+        assert torch.equal(y, y0) and torch.equal(x, x0)
 
 
 def test_normalize_on_device_keeps_channels_last():
