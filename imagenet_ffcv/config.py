@@ -257,15 +257,15 @@ def to_dict(cfg: SimpleNamespace) -> dict:
 
 def lr_schedule_kwargs(cfg: SimpleNamespace) -> dict:
     """The keyword arguments of ``schedules.lr_at`` but ``lr`` (scaled by the trainer): the
-    schedule's name, ``epochs``, ``warmup_epochs`` and the schedule's own arguments."""
+    schedule's name, ``epochs``, ``warmup_epochs`` and the schedule's own arguments (none for a
+    schedule not listed here, such as ``linear``)."""
     own = {'cyclic': {'peak_epoch': cfg.lr.lr_peak_epoch},
            'step': {'step_ratio': cfg.lr.step_ratio, 'step_length': cfg.lr.step_length,
                     'step_fractions': schedules.parse_fractions(cfg.lr.step_fractions)},
            'poly': {'power': cfg.lr.poly_power},
-           'cosine': {'min_lr': cfg.lr.min_lr},
-           'linear': {}}
+           'cosine': {'min_lr': cfg.lr.min_lr}}
     return {'schedule': cfg.lr.lr_schedule_type, 'epochs': cfg.training.epochs,
-            'warmup_epochs': cfg.lr.warmup_epochs, **own[cfg.lr.lr_schedule_type]}
+            'warmup_epochs': cfg.lr.warmup_epochs, **own.get(cfg.lr.lr_schedule_type, {})}
 
 
 def schedule_changes(saved: dict, current: dict) -> list:
