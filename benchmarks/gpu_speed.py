@@ -8,7 +8,8 @@ it is set) and prints the Markdown table.
     python benchmarks/gpu_speed.py --device cpu   # the same flow on CPU with tiny sizes (dry run)
     bash benchmarks/gpu_speed.sh --sections compile,cudagraphs   # some sections again
 
-Sections, in order (``SECTIONS``: expected seconds on one H100 with 16 cores / limit):
+Sections, in order (``SECTIONS``; seconds: estimated duration on one H100 with 16 cores, from the
+first GPU check's timings, not yet measured / the section's limit):
 - ``machine`` (10 / 60): card, versions, which JPEG decoder is active, numba's threading layer.
 - ``data`` (25 / 90): imagewoof320 + imagenette (train + val) pooled and repeated to 20,480 images
   in one .beton (``.carry/data``, else ../shared/data, else the embedded demo sample); imagenette
