@@ -62,14 +62,35 @@ def pooled_sets(min_samples: int) -> tuple:
     return name, pool * -(-min_samples // len(pool))
 
 
-def with_cpu_time(run, cpu_seconds: list):
-    """``run`` that also appends the process's CPU seconds (user + system, all threads) of each
-    call to ``cpu_seconds``."""
+def thread_cpu_seconds() -> dict:
+    """Thread id -> CPU seconds (user + system) of each thread of this process, from
+    /proc/self/task (empty where there is no /proc)."""
+    tick, seconds = os.sysconf('SC_CLK_TCK'), {}
+    try:
+        tasks = os.listdir('/proc/self/task')
+    except OSError:
+        return seconds
+    for task in tasks:
+        try:
+            fields = Path(f'/proc/self/task/{task}/stat').read_text().rsplit(')', 1)[1].split()
+        except OSError:
+            continue  # the thread ended
+        seconds[task] = (int(fields[11]) + int(fields[12])) / tick
+    return seconds
+
+
+def with_cpu_time(run, cpu: list):
+    """``run`` that also appends to ``cpu`` the process's CPU seconds (user + system, all threads)
+    of each call and the CPU seconds of each thread that worked in it (above 2 % of the total),
+    largest first."""
     def call():
-        before = os.times()
+        before, threads_before = os.times(), thread_cpu_seconds()
         images = run()
-        after = os.times()
-        cpu_seconds.append(after.user - before.user + after.system - before.system)
+        after, threads_after = os.times(), thread_cpu_seconds()
+        total = after.user - before.user + after.system - before.system
+        per_thread = sorted((t - threads_before.get(k, 0.0) for k, t in threads_after.items()),
+                            reverse=True)
+        cpu.append((total, [round(t, 2) for t in per_thread if t > 0.02 * total]))
         return images
     return call
 
@@ -77,8 +98,10 @@ def with_cpu_time(run, cpu_seconds: list):
 def loader_epochs(beton, *, res, threads, batch_sizes, epochs) -> list:
     """One row per (threads, batch): img/s (median of ``epochs`` alternating timed epochs after
     one warm-up epoch each), spread (img/s), seconds per epoch, images per epoch, CPU µs per
-    image and ``cores_used`` (the process's CPU seconds over wall seconds: below the threads
-    asked for when other processes shared the cores)."""
+    image, ``cores_used`` (the process's CPU seconds over wall seconds: below the threads asked
+    for when other processes shared the cores) and ``thread_cpu_s`` (the CPU seconds of each
+    thread that worked in the median epoch: with 2 threads, one number when one thread did all
+    the decoding)."""
     runs, cpu = {}, {}
     for n in threads:
         for b in batch_sizes:
@@ -88,13 +111,15 @@ def loader_epochs(beton, *, res, threads, batch_sizes, epochs) -> list:
     timings = alternate(runs, repeats=epochs, warmup=1)
     rows = []
     for (n, b), t in timings.items():
-        cpu_s = cpu[(n, b)][1:]  # the timed epochs (the first call was the warm-up)
+        cpu_s = [c for c, _ in cpu[(n, b)][1:]]  # the timed epochs (the first was the warm-up)
+        median = sorted(range(len(t.seconds)), key=t.seconds.__getitem__)[len(t.seconds) // 2]
         rows.append({'threads': n, 'batch': b, 'img_per_s': round(t.rate, 1),
                      'spread': round(t.rate_spread, 1), 'epoch_s': round(t.median_s, 2),
                      'images': t.units[0], 'epochs': len(t.units),
                      'cpu_us_per_image': round(1e6 * statistics.median(cpu_s) / t.units[0], 1),
                      'cores_used': round(statistics.median(
-                         c / w for c, w in zip(cpu_s, t.seconds)), 2)})
+                         c / w for c, w in zip(cpu_s, t.seconds)), 2),
+                     'thread_cpu_s': ' '.join(map(str, cpu[(n, b)][1 + median][1]))})
     return rows
 
 
@@ -213,7 +238,8 @@ def report(name, rows, fits, costs, sim, layer) -> None:
                                 ('img_per_s', 'img/s', ',.0f'), ('spread', 'spread', ',.0f'),
                                 ('epoch_s', 'epoch s', '.2f'),
                                 ('cpu_us_per_image', 'CPU µs/image', '.0f'),
-                                ('cores_used', 'cores used', '.2f')]))
+                                ('cores_used', 'cores used', '.2f'),
+                                ('thread_cpu_s', 'CPU s per busy thread', '')]))
     fixed = fixed_cost_per_batch(rows)
     if fixed is not None:
         print(f'\nCPU per batch that does not grow with the batch (1 thread, batch '
