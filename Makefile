@@ -5,6 +5,7 @@
 # benchmarks/decoder_parity.py.
 # make carry: .carry/ (ffcv, our JPEG decoder library, the check's images) for an offline GPU machine.
 # make gpu-check: the one-shot CUDA check (benchmarks/gpu_check.sh; bench-results/gpu.md, gpu.csv).
+# make gpu-speed: the GPU speed measurement (benchmarks/gpu_speed.sh; bench-results/gpu_speed.md, .csv).
 # Both first install what is missing: the system packages ffcv and our JPEG region decoder build
 # against, then .venv with the pins of requirements.txt and the package itself (pip install -e .,
 # which builds the decoder; again whenever jpeg_region.c or the packaging files change).
@@ -14,7 +15,7 @@ PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := libopencv-dev libturbojpeg0-dev libjpeg-dev pkg-config
 
-.PHONY: setup sysdeps demo test bench carry gpu-check clean
+.PHONY: setup sysdeps demo test bench carry gpu-check gpu-speed clean
 
 setup: $(VENV)/.installed
 
@@ -59,6 +60,9 @@ carry: setup
 # No set-up first: on the lent GPU machine there is no .venv (gpu_check.sh uses .carry there).
 gpu-check:
 	bash benchmarks/gpu_check.sh
+
+gpu-speed:
+	bash benchmarks/gpu_speed.sh
 
 clean:
 	rm -rf demo_out build *.egg-info

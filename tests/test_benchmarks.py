@@ -179,3 +179,50 @@ def test_a_loader_faster_than_the_synthetic_feed_is_flagged(benchmarks, capsys):
                           r'\(89\.4 vs 51\.7 img/s\)', out, re.M)) == 1
     assert 'compile 1:' not in out
     assert re.search(r'^\| res +\|.*\| warning +\| error +\|$', out, re.M)
+
+
+def test_gpu_speed_dry_run_writes_the_csv_and_the_table(tmp_path):
+    """gpu_speed.py --device cpu with one measuring section (variants: SGD foreach, fused and
+    for-loop, batch 8 and 16, on the dry run's 2-conv model) besides machine and data; the other
+    sections' flow is the same child machinery (compiling and the learning run take minutes on 2
+    cores). The CSV's columns, one row per variant, and the Markdown header (card, date, commit)."""
+    out = tmp_path / 'out'
+    result = subprocess.run(
+        [PYTHON, str(REPO / 'benchmarks' / 'gpu_speed.py'), '--device', 'cpu', '--sections',
+         'variants', '--budget-s', '300', '--work', str(tmp_path / 'work'), '--out', str(out)],
+        env=run_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    rows = list(csv.DictReader(open(out / 'gpu_speed.csv')))
+    assert [r['section'] for r in rows] == ['machine', 'data'] + ['variants'] * 4
+    assert {'section', 'setting', 'status', 'img_per_s', 'spread', 'model', 'mode', 'res',
+            'batch', 'feed', 'optimizer', 'result'} <= set(rows[0])
+    variants = rows[2:]
+    assert [(r['optimizer'], r['batch']) for r in variants] == [
+        ('foreach', '8'), ('fused', '8'), ('for_loop', '8'), ('foreach', '16')]
+    assert all(r['status'] == 'ok' and float(r['img_per_s']) > 0 for r in variants)
+    md = (out / 'gpu_speed.md').read_text()
+    assert re.match(r'## GPU speed: no GPU \(CPU dry run\), \d{4}-\d\d-\d\d \d\d:\d\d, commit ',
+                    md)
+    assert re.search(r'^\| variants +\| tiny, eager, 64 px, batch 16, SGD foreach', md, re.M)
+
+
+def test_loader_scaling_fits_amdahl_and_schedules_a_batch(benchmarks):
+    """loader_scaling's arithmetic on stubbed figures (no timing): s = 2 t2 / t1 - 1 and its
+    16-thread prediction; the fixed CPU per batch from batch 256 against 1,024; a batch of one
+    slow image and 15 fast ones ends later with static chunks than with dynamic ones."""
+    import numpy as np
+    from loader_scaling import amdahl, fixed_cost_per_batch, makespan
+    rows = [{'threads': 1, 'batch': 256, 'img_per_s': 1000.0, 'cpu_us_per_image': 1004.0,
+             'cores_used': 1.0},
+            {'threads': 1, 'batch': 1024, 'img_per_s': 1000.0, 'cpu_us_per_image': 1001.0,
+             'cores_used': 1.0},
+            {'threads': 2, 'batch': 256, 'img_per_s': 1600.0, 'cpu_us_per_image': 1004.0,
+             'cores_used': 2.0}]
+    assert fixed_cost_per_batch(rows) == 1.02  # (4 - 1) µs / (1/256 - 1/1024) = 1,024 µs
+    (fit,) = amdahl(rows, 16)
+    assert fit['serial_fraction'] == 0.25  # 2 * (1/1600) / (1/1000) - 1
+    assert fit['predicted_efficiency'] == round(1 / (0.25 + 0.75 / 16) / 16, 3)
+    costs = np.array([16.0] + [1.0] * 31)
+    assert makespan(costs, 16, 0) == 17.0  # chunks of 2: the slow image and the next one
+    assert makespan(costs, 16, 1) == 16.0
+    assert makespan(costs, 16, 4) == 19.0
