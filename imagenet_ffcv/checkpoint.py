@@ -98,14 +98,16 @@ def load(path) -> dict:
     return state
 
 
-def resolve_resume(resume: str, folder):
-    """The checkpoint ``--resume`` names: '' -> None (a new run); 'auto' -> :func:`find_latest` of
-    the logging folder (None when there is none, so the same command line starts a run and resumes
-    it after a pre-emption; see ``run_dir.latest_unfinished_checkpoint``); anything else is a path, which must exist (CheckpointError)."""
+def resolve_resume(resume: str, folder, run_name: str = ''):
+    """The checkpoint ``--resume`` names: '' -> None (a new run); 'auto' -> the latest unfinished
+    checkpoint of the run named ``run_name`` ('' : of the unnamed runs) under the logging folder
+    ``folder`` (``run_dir.latest_unfinished_checkpoint``; None when there is none, so the same
+    command line starts a run and resumes it after a pre-emption); anything else is a path, which
+    must exist (CheckpointError)."""
     if not resume:
         return None
     if resume == 'auto':
-        return latest_unfinished_checkpoint(folder)
+        return latest_unfinished_checkpoint(folder, run_name)
     if not Path(resume).is_file():
         raise CheckpointError(f'--resume {resume}: no such file; give a checkpoint.pt path or '
                               f'"auto" (the latest unfinished run under {folder})')

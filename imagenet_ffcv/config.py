@@ -15,12 +15,12 @@ from types import SimpleNamespace
 
 import yaml
 from fastargs import Config
-from fastargs.validation import And, OneOf, Or
 
 from . import schedules
-from .config_schema import declare
+from .config_schema import declare, markdown  # markdown: docs/configuration.md
 from .errors import ImagenetFfcvError
 from .optional import require
+from .run_dir import RUN_NAME
 
 CONFIGS_DIR = Path(__file__).with_name('configs')  # the shipped recipes (rn50_configs/, ...)
 # Keys that may change between a run and its resumption: how data is read, what is logged and how
@@ -201,6 +201,9 @@ def _check_consistency(cfg) -> None:
     if cfg.model.weights and not cfg.training.eval_only:
         problems.append(f'model.weights={cfg.model.weights} is only read with '
                         'training.eval_only=1; to continue a run use --resume')
+    if cfg.model.pretrained:
+        problems.append('model.pretrained=1: pretrained weights cannot be fetched here; training '
+                        'starts from random weights (set it to 0)')
     if cfg.training.eval_only and cfg.checkpoint.resume:
         problems.append('checkpoint.resume and training.eval_only=1 exclude each other')
     problems += _option_problems(cfg)
@@ -232,6 +235,9 @@ def _option_problems(cfg) -> list:
         problems.append(f'lr.min_lr={cfg.lr.min_lr} is only used by lr.lr_schedule_type=cosine')
     if cfg.logging.every_iters < 1:
         problems.append(f'logging.every_iters={cfg.logging.every_iters} must be >= 1')
+    if cfg.logging.run_name and not RUN_NAME.fullmatch(cfg.logging.run_name):
+        problems.append(f'logging.run_name={cfg.logging.run_name!r}: use letters, digits, '
+                        "'.', '_' and '-' only, starting with a letter or digit (it names a folder)")
     return problems
 
 
@@ -351,44 +357,6 @@ def resolution_kwargs(cfg: SimpleNamespace) -> dict:
     """The keyword arguments of ``schedules.resolution_at``, from the ``resolution`` section."""
     return {'min_res': cfg.resolution.min_res, 'max_res': cfg.resolution.max_res,
             'start_ramp': cfg.resolution.start_ramp, 'end_ramp': cfg.resolution.end_ramp}
-
-
-def _type_text(checker) -> str:
-    """A checker's type in words, choices sorted (fastargs keeps them in a set)."""
-    if isinstance(checker, OneOf):
-        return 'one of ' + ', '.join(f'`{v}`' for v in sorted(map(str, checker.possible_values)))
-    if isinstance(checker, (And, Or)):
-        parts = [_type_text(c) for c in checker.checkers]
-        parts = [p for p in parts if p != 'a string'] if isinstance(checker, And) else parts
-        return (' and ' if isinstance(checker, And) else ' or ').join(parts)
-    return checker.help()
-
-
-def markdown() -> str:
-    """docs/configuration.md: every key of the schema by section, with its type, default and
-    meaning, as ``--help`` lists them."""
-    config = Config()
-    declare(config)
-    lines = ['# Configuration', '',
-             'Every key of the trainer (`imagenet-ffcv-train`, `train_imagenet.py`), by section. Set '
-             'them in a YAML file given with `--config FILE.yaml` (repeatable; later files win) or '
-             'on the command line as `--section.key=value` (wins over files). An unknown key, a '
-             'wrongly typed value or keys that contradict each other are errors naming the key. '
-             'ffcv-imagenet\'s configs load unchanged.', '',
-             'Generated from `imagenet_ffcv/config_schema.py` by '
-             '`python -m imagenet_ffcv.config --markdown > docs/configuration.md`; '
-             '`tests/test_docs.py` fails when this file and the schema differ.']
-    section = None
-    for path, param in config.entries.items():
-        if param.section.ns != section:
-            section = param.section.ns
-            lines += ['', f'## `{".".join(section)}`: {param.section.desc}', '',
-                      '| key | type | default | meaning |', '|---|---|---|---|']
-        default = ('required' if param.required else "`''`" if param.default == '' else
-                   f'`{param.default}`')
-        lines.append(f'| `{".".join(path)}` | {_type_text(param.checker)} | {default} | '
-                     f'{param.desc.replace("|", "/")} |')
-    return '\n'.join(lines) + '\n'
 
 
 if __name__ == '__main__':

@@ -2,12 +2,50 @@
 default and meaning (ffcv-imagenet's sections and keys, plus ours). Read by ``config`` (parsing,
 ``--help``) and rendered as docs/configuration.md (``python -m imagenet_ffcv.config --markdown``).
 """
-from fastargs import Param, Section
+from fastargs import Config, Param, Section
 from fastargs.validation import And, Int, OneOf, Or
 
 from . import schedules
 from .constants import DECODERS, PRECISIONS
 from .optimizers import OPTIMIZERS
+
+
+def _type_text(checker) -> str:
+    """A checker's type in words, choices sorted (fastargs keeps them in a set)."""
+    if isinstance(checker, OneOf):
+        return 'one of ' + ', '.join(f'`{v}`' for v in sorted(map(str, checker.possible_values)))
+    if isinstance(checker, (And, Or)):
+        parts = [_type_text(c) for c in checker.checkers]
+        parts = [p for p in parts if p != 'a string'] if isinstance(checker, And) else parts
+        return (' and ' if isinstance(checker, And) else ' or ').join(parts)
+    return checker.help()
+
+
+def markdown() -> str:
+    """docs/configuration.md: every key of the schema by section, with its type, default and
+    meaning, as ``--help`` lists them."""
+    config = Config()
+    declare(config)
+    lines = ['# Configuration', '',
+             'Every key of the trainer (`imagenet-ffcv-train`, `train_imagenet.py`), by section. Set '
+             'them in a YAML file given with `--config FILE.yaml` (repeatable; later files win) or '
+             'on the command line as `--section.key=value` (wins over files). An unknown key, a '
+             'wrongly typed value or keys that contradict each other are errors naming the key. '
+             'ffcv-imagenet\'s configs load unchanged.', '',
+             'Generated from `imagenet_ffcv/config_schema.py` by '
+             '`python -m imagenet_ffcv.config --markdown > docs/configuration.md`; '
+             '`tests/test_docs.py` fails when this file and the schema differ.']
+    section = None
+    for path, param in config.entries.items():
+        if param.section.ns != section:
+            section = param.section.ns
+            lines += ['', f'## `{".".join(section)}`: {param.section.desc}', '',
+                      '| key | type | default | meaning |', '|---|---|---|---|']
+        default = ('required' if param.required else "`''`" if param.default == '' else
+                   f'`{param.default}`')
+        lines.append(f'| `{".".join(path)}` | {_type_text(param.checker)} | {default} | '
+                     f'{param.desc.replace("|", "/")} |')
+    return '\n'.join(lines) + '\n'
 
 
 def declare(config) -> None:
@@ -75,6 +113,10 @@ def _data_and_model_sections(section) -> None:
 def _training_sections(section) -> None:
     section('logging', 'outputs',
             folder=Param(str, 'runs are written to FOLDER/<run id>/', required=True),
+            run_name=Param(str, "the run's name (letters, digits, '.', '_', '-'): its folder is "
+                                'FOLDER/<run_name>-<run id>/ and --resume auto continues only a '
+                                "run of this name; give each job sharing FOLDER its own; '': "
+                                'unnamed (--resume auto continues unnamed runs only)', default=''),
             log_level=Param(int, 'validate every epoch (ffcv-imagenet\'s name): 1: after every '
                                  'epoch; 0: only after the last one', default=1),
             tensorboard=Param(int, '1: TensorBoard event files in RUN_DIR/tensorboard', default=0),
@@ -124,8 +166,9 @@ def _training_sections(section) -> None:
             compile=Param(int, '1: torch.compile the model (recompiles once per resolution)',
                           default=0))
     section('checkpoint', 'checkpoints (RUN_DIR/checkpoint.pt, rewritten atomically) and resume',
-            resume=Param(str, "'auto': continue the latest unfinished run under logging.folder "
-                              "(start a new one if there is none); a checkpoint.pt path: "
+            resume=Param(str, "'auto': continue the latest unfinished run of logging.run_name "
+                              'under logging.folder (start a new one if there is none); a '
+                              "checkpoint.pt path: "
                               "continue that run; '': a new run", default=''),
             every_iters=Param(int, 'also write a checkpoint every this many iterations within an '
                                    'epoch; 0: only at the end of each epoch', default=0),

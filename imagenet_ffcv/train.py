@@ -25,12 +25,11 @@ from .classes import class_list_path, read_class_names
 from .commands import command_name
 from .ema import make_ema
 from .errors import ImagenetFfcvError
-from .evaluate import evaluate_weights, make_val_loader, ten_crop_eval, validate
+from .evaluate import evaluate_weights, make_val_loader, ten_crop_eval, validate_with_ema
 from .loggers import LiveLog
 from .mixup import batch_mixer
-from .run_dir import RunDir, code_version
+from .run_dir import RunDir, RunLockedError, code_version
 from .signals import StopRequest
-
 
 
 def main(cfg) -> dict:
@@ -38,9 +37,6 @@ def main(cfg) -> dict:
     ``training.eval_only=1`` evaluate ``model.weights``; returns the summary (run folder, final
     top-1/top-5, wall time, ...) on every rank. A run stopped by SIGTERM/Ctrl-C returns after writing
     its checkpoint, with ``summary['exit_code']`` = 128 + the signal number."""
-    if cfg.model.pretrained:
-        raise config.ConfigError('model.pretrained=1: pretrained weights cannot be fetched here; '
-                                 'training starts from random weights (set it to 0)')
     wall_start = time.perf_counter()
     dist = distributed.from_env()
     distributed.setup(dist, timeout_s=cfg.dist.timeout_s)
@@ -99,15 +95,20 @@ def train(cfg, dist, wall_start) -> dict:
     """Train from scratch, or from the checkpoint ``checkpoint.resume`` names; see :func:`main`."""
     # Rank 0 picks the checkpoint, every rank reads it (the run folder must be on a filesystem
     # all nodes share).
-    resume_path = distributed.broadcast_object(
-        checkpoint.resolve_resume(cfg.checkpoint.resume, cfg.logging.folder)
-        if dist.is_primary else None)
+    resume_path = distributed.broadcast_object(checkpoint.resolve_resume(
+        cfg.checkpoint.resume, cfg.logging.folder, cfg.logging.run_name) if dist.is_primary else None)
     saved = checkpoint.load(resume_path) if resume_path else None
     run = build(cfg, dist, wall_start)
     if saved:
         restore(run, saved, resume_path)
+    locked = None
+    try:
+        run.run_dir = open_run_dir(run, resume_path) if dist.is_primary else None
+    except RunLockedError as e:
+        locked = e
+    if locked := distributed.broadcast_object(locked):  # every rank stops, not only rank 0
+        raise locked
     if dist.is_primary:
-        run.run_dir = open_run_dir(run, resume_path)
         run.live_log = LiveLog(
             run.run_dir.path, tensorboard=bool(cfg.logging.tensorboard),
             wandb_project=cfg.logging.wandb_project, run_name=run.run_dir.path.name,
@@ -121,6 +122,8 @@ def train(cfg, dist, wall_start) -> dict:
     finally:
         if run.live_log:
             run.live_log.close()
+        if run.run_dir:
+            run.run_dir.unlock()
 
 
 def global_step(run, epoch: int, iterations_done: int) -> int:
@@ -209,7 +212,8 @@ def open_run_dir(run: Run, resume_path) -> RunDir:
               f'{progress.iteration}')
     else:
         run_dir = RunDir.create(cfg.logging.folder, params=run.resolved,
-                                class_list=class_list_path(cfg.data.train_dataset))
+                                class_list=class_list_path(cfg.data.train_dataset),
+                                run_name=cfg.logging.run_name)
         print(f'=> run folder {run_dir.path}')
     derived = run.resolved['derived']
     print(f'=> {cfg.model.arch}, {derived["num_classes"]} classes, {run.dist.world_size} '
@@ -306,15 +310,9 @@ def end_of_epoch_eval(run: Run, epoch: int) -> dict:
 
 
 def validate_run(run: Run) -> dict:
-    """:func:`validate` of the model, and of its EMA (keys suffixed ``_ema``) when there is one."""
-    primary = run.dist.is_primary
-    val = validate(run.cfg, run.model_without_ddp, run.val_loader, run.precision,
-                   progress='val' if primary else '')
-    if run.options.ema is not None:
-        ema_val = validate(run.cfg, run.options.ema.module, run.val_loader, run.precision,
-                           progress='val (EMA)' if primary else '')
-        val.update({f'{k}_ema': v for k, v in ema_val.items() if k != 'val_count'})
-    return val
+    """:func:`validate_with_ema` of the run's model and EMA."""
+    return validate_with_ema(run.cfg, run.model_without_ddp, run.options.ema, run.val_loader,
+                             run.precision, show_progress=run.dist.is_primary)
 
 
 def log_train(run: Run, epoch: int, iterations_done: int, values: dict) -> None:

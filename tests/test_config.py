@@ -287,9 +287,13 @@ def test_resume_eval_and_fault_keys():
     for bad, key in (('--checkpoint.every_iters=-1', 'checkpoint.every_iters'),
                      ('--dist.timeout_s=0', 'dist.timeout_s'),
                      ('--data.min_crop_scale=0', 'data.min_crop_scale'),
-                     ('--data.flip_prob=1.5', 'data.flip_prob')):
+                     ('--data.flip_prob=1.5', 'data.flip_prob'),
+                     ('--logging.run_name=a/b', 'logging.run_name'),
+                     ('--logging.run_name=..', 'logging.run_name'),
+                     ('--model.pretrained=1', 'model.pretrained')):
         with pytest.raises(ConfigError, match=key):
             load_config(base + [bad])
+    assert load_config(base + ['--logging.run_name=rn50_a.1-x']).logging.run_name == 'rn50_a.1-x'
 
 
 # ----------------------------------------------------------------------------- training options
@@ -300,7 +304,7 @@ OPTION_DEFAULTS = {
     'training.ema_decay': 0.0, 'training.ema_every': 1, 'training.mixup_alpha': 0.0,
     'training.cutmix_alpha': 0.0, 'training.compile': 0, 'checkpoint.keep_best': 0,
     'logging.tensorboard': 0, 'logging.wandb_project': '', 'logging.every_iters': 50,
-    'data.decoder': 'fused'}
+    'logging.run_name': '', 'data.decoder': 'fused'}
 
 
 def test_shipped_configs_resolve_to_their_recorded_values_with_every_option_off():
