@@ -190,6 +190,8 @@ def _check_consistency(cfg) -> None:
     if cfg.data.num_workers != 'auto' and cfg.data.num_workers < 1:
         problems.append(f'data.num_workers={cfg.data.num_workers} must be >= 1 (loader threads '
                         "per process) or 'auto'")
+    if cfg.checkpoint.keep_last < 0:
+        problems.append(f'checkpoint.keep_last={cfg.checkpoint.keep_last} must be >= 0 (0: off)')
     if cfg.checkpoint.every_iters < 0:
         problems.append(f'checkpoint.every_iters={cfg.checkpoint.every_iters} must be >= 0 '
                         '(0: only at the end of each epoch)')

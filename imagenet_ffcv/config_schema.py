@@ -175,7 +175,10 @@ def _training_sections(section) -> None:
             force=Param(int, '1: resume even if the config changes the schedule (epochs, LR, '
                              'resolution, batch, model, seed)', default=0),
             keep_best=Param(int, '1: RUN_DIR/best_weights.pt holds the weights of the epoch with '
-                                 'the best validation top-1 so far', default=0))
+                                 'the best validation top-1 so far', default=0),
+            keep_last=Param(int, 'also keep the checkpoints of the last N epochs as '
+                                 'RUN_DIR/checkpoint_epoch_<epochs done>.pt (older ones deleted '
+                                 'once the new one is complete); 0: off', default=0))
     section('dist', 'kept so ffcv-imagenet configs load; torchrun sets the real values',
             world_size=Param(int, 'number of GPUs the config was written for', default=1),
             address=Param(str, 'ignored: use torchrun --rdzv-endpoint', default='localhost'),

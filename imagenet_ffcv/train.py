@@ -238,6 +238,9 @@ def save_checkpoint(run: Run, epoch: int, iteration: int) -> None:
                   'best_epoch': progress.best_epoch,
                   'wall_time_s': time.perf_counter() - run.wall_start})
     checkpoint.save(state, run.run_dir.checkpoint)
+    if not iteration and run.cfg.checkpoint.keep_last:  # the end of an epoch
+        checkpoint.keep_history(run.run_dir.checkpoint, epochs_done=epoch,
+                                keep_last=run.cfg.checkpoint.keep_last)
     if iteration:  # within an epoch (the end of an epoch shows in the epoch's line)
         tqdm.write(f'=> checkpoint: epoch {epoch}, iteration {iteration}')
 

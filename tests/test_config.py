@@ -304,7 +304,7 @@ OPTION_DEFAULTS = {
     'training.ema_decay': 0.0, 'training.ema_every': 1, 'training.mixup_alpha': 0.0,
     'training.cutmix_alpha': 0.0, 'training.compile': 0, 'checkpoint.keep_best': 0,
     'logging.tensorboard': 0, 'logging.wandb_project': '', 'logging.every_iters': 50,
-    'logging.run_name': '', 'data.decoder': 'fused'}
+    'logging.run_name': '', 'checkpoint.keep_last': 0, 'data.decoder': 'fused'}
 
 
 def test_shipped_configs_resolve_to_their_recorded_values_with_every_option_off():

@@ -199,7 +199,8 @@ OPTIONS = ['--training.epochs=3', '--resolution.min_res=32', '--resolution.max_r
            '--lr.lr=0.002', '--training.optimizer=adamw', '--training.weight_decay=0.05',
            '--training.clip_grad_norm=2', '--training.ema_decay=0.9', '--training.ema_every=2',
            '--training.mixup_alpha=0.2', '--training.cutmix_alpha=1.0',
-           '--checkpoint.keep_best=1', '--logging.tensorboard=1', '--logging.every_iters=4']
+           '--checkpoint.keep_best=1', '--checkpoint.keep_last=2', '--logging.tensorboard=1',
+           '--logging.every_iters=4']
 
 
 @pytest.fixture(scope='module')
@@ -274,6 +275,16 @@ def test_resume_with_every_option_ends_like_the_uninterrupted_run(options_run, s
         (summary['top_1'], summary['top_1_ema'], summary['best_epoch'])
     log_lines = (Path(first['run_dir']) / 'log.jsonl').read_text().splitlines()
     assert [json.loads(line)['epoch'] for line in log_lines] == [0, 1, 2]
+    # checkpoint.keep_last=2: the checkpoints after epochs 2 and 3 (epoch 1's deleted after the
+    # resume), each as the uninterrupted run's
+    for folder in (run_dir, Path(resumed['run_dir'])):
+        assert sorted(p.name for p in folder.glob('checkpoint_epoch_*.pt')) == [
+            'checkpoint_epoch_2.pt', 'checkpoint_epoch_3.pt']
+    for epochs_done in (2, 3):
+        got, expected = (checkpoint.load(folder / f'checkpoint_epoch_{epochs_done}.pt')
+                         for folder in (Path(resumed['run_dir']), run_dir))
+        assert got['epoch'] == expected['epoch'] == epochs_done
+        assert all(torch.equal(got['model'][k], expected['model'][k]) for k in expected['model'])
 
 
 def test_compile_may_change_on_resume_but_the_stateful_options_may_not():
