@@ -159,7 +159,8 @@ def load_config(argv: list) -> SimpleNamespace:
 def _check_consistency(cfg) -> None:
     """Rules between keys, checked before any work starts; raises ConfigError naming the keys."""
     problems = []
-    for key in ('training.epochs', 'training.batch_size', 'validation.batch_size',
+    for key in ('training.epochs', 'training.batch_size', 'training.grad_accum_steps',
+                'validation.batch_size',
                 'validation.resolution', 'resolution.min_res', 'lr.step_length'):
         section, name = key.split('.')
         if getattr(getattr(cfg, section), name) < 1:
@@ -342,6 +343,11 @@ def saved_eval_kwargs(saved: dict) -> dict:
     """How a saved run validated: ``{'res': side in px, 'flip_tta': bool}`` from its resolved
     config, for predict."""
     return {'res': saved['validation']['resolution'], 'flip_tta': bool(saved['validation']['lr_tta'])}
+
+
+def images_per_step(cfg: SimpleNamespace) -> int:
+    """The images of one optimizer step on one process: the batch times the batches accumulated."""
+    return cfg.training.batch_size * cfg.training.grad_accum_steps
 
 
 def optimizer_kwargs(cfg: SimpleNamespace) -> dict:

@@ -106,7 +106,8 @@ def _data_and_model_sections(section) -> None:
             warmup_epochs=Param(float, 'linear warm-up from 0 over this many epochs (any '
                                        'schedule); 0: none', default=0.0),
             ref_batch_size=Param(int, 'global batch (images per step) lr was tuned for; the LR '
-                                      'used is lr * batch_size * world_size / ref_batch_size. '
+                                      'used is lr * batch_size * world_size * grad_accum_steps / '
+                                      'ref_batch_size. '
                                       '0: use lr as is', default=0))
 
 
@@ -134,6 +135,10 @@ def _training_sections(section) -> None:
     section('training', 'optimisation',
             eval_only=Param(int, '1: only evaluate model.weights on the val set', default=0),
             batch_size=Param(int, 'training batch per process (images)', default=512),
+            grad_accum_steps=Param(int, 'gradient accumulation: one optimizer step per this many '
+                                        'batches (their summed gradients), e.g. an 8-GPU global '
+                                        'batch on 2 GPUs with 4; the LR scaling counts '
+                                        'batch_size x world_size x grad_accum_steps', default=1),
             optimizer=Param(And(str, OneOf(list(OPTIMIZERS))),
                             'sgd (with momentum), adamw, or lamb (needs the optional timm package)',
                             default='sgd'),

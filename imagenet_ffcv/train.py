@@ -51,10 +51,10 @@ def main(cfg) -> dict:
 @dataclass
 class Progress:
     """Where a run stands; saved in its checkpoint. ``epoch``/``iteration``: the next step to
-    train; ``best_top1``, ``best_epoch``: the best validation top-1 so far (fraction) and the
-    epoch after which it was measured; ``images``,
-    ``train_seconds``: trained so far over all ranks; ``wall_time_s``: wall time of the processes
-    before this one (a resumed run counts from its first start)."""
+    train; ``best_top1``, ``best_epoch``: the best validation top-1 so far (fraction) and the epoch
+    after which it was measured; ``images``, ``train_seconds``: trained so far over all ranks;
+    ``wall_time_s``: wall time of the processes before this one (a resumed run counts from its
+    first start)."""
     epoch: int = 0
     iteration: int = 0
     best_top1: float = None
@@ -161,23 +161,23 @@ def build(cfg, dist, wall_start) -> Run:
             model, device_ids=[device.index] if device.type == 'cuda' else None)
     if cfg.training.compile:
         model = models.compile_model(model)
-    lr = schedules.scaled_lr(cfg.lr.lr, batch_size=cfg.training.batch_size,
+    lr = schedules.scaled_lr(cfg.lr.lr, batch_size=config.images_per_step(cfg),
                              world_size=dist.world_size, ref_batch_size=cfg.lr.ref_batch_size)
     resolved = {**config.to_dict(cfg), 'derived': {
-        'world_size': dist.world_size, 'global_batch_size': cfg.training.batch_size * dist.world_size,
-        'lr_used': lr, 'num_classes': num_classes, 'device': str(device), 'amp': precision.name,
-        'loader_threads': threads},
+        'world_size': dist.world_size, 'lr_used': lr, 'num_classes': num_classes,
+        'global_batch_size': config.images_per_step(cfg) * dist.world_size,
+        'device': str(device), 'amp': precision.name, 'loader_threads': threads},
         'code': code_version()}
     return Run(
         cfg=cfg, dist=dist, train_loader=train_loader, train_decoder=train_decoder,
-        val_loader=val_loader,
-        model=model, model_without_ddp=model_without_ddp,
+        val_loader=val_loader, model=model, model_without_ddp=model_without_ddp,
         optimizer=optimizers.make_optimizer(
             **config.optimizer_kwargs(cfg), lr=lr,
             groups=models.param_groups(model_without_ddp, **config.param_group_kwargs(cfg))),
         scaler=torch.amp.GradScaler(device.type) if precision.loss_scaling else None,
         options=engine.StepOptions(
             clip_grad_norm=cfg.training.clip_grad_norm, ema=ema, ema_every=cfg.training.ema_every,
+            grad_accum_steps=cfg.training.grad_accum_steps,
             mix=batch_mixer(num_classes=num_classes, mixup_alpha=cfg.training.mixup_alpha,
                             cutmix_alpha=cfg.training.cutmix_alpha)),
         loss_fn=torch.nn.CrossEntropyLoss(label_smoothing=cfg.training.label_smoothing),
