@@ -296,10 +296,16 @@ def check_resumable(saved: dict, current: dict, *, force: bool, path) -> None:
                           'checkpoint.force=1 to continue anyway')
 
 
-def check_optional_packages(cfg: SimpleNamespace) -> None:
-    """Import now the optional packages ``cfg`` asks for (a timm model or LAMB: timm; W&B: wandb;
-    TensorBoard), so that a missing one stops the run before any work, with
-    ``optional.MissingPackageError`` naming the key, the package and how to install it."""
+def check_runnable(cfg: SimpleNamespace, device) -> None:
+    """Fail now, before any work or run folder, when ``cfg`` asks for what this run cannot do:
+    a key the ``device`` (``torch.device``) cannot run (``training.sync_bn`` off CUDA: ConfigError),
+    or an optional package that is missing. Those are imported now (a timm model or LAMB: timm;
+    W&B: wandb; TensorBoard), ``optional.MissingPackageError`` naming the key, the package and how
+    to install it."""
+    if cfg.training.sync_bn and device.type != 'cuda':
+        raise ConfigError(f'training.sync_bn=1: torch.nn.SyncBatchNorm runs on CUDA GPUs only, and '
+                          f'this run is on {device.type}; set training.sync_bn=0 (one process '
+                          'gains nothing from it)')
     if cfg.model.arch.startswith('timm:'):
         require('timm', f'model.arch={cfg.model.arch!r}')
     if cfg.training.optimizer == 'lamb':
@@ -343,6 +349,12 @@ def saved_eval_kwargs(saved: dict) -> dict:
     """How a saved run validated: ``{'res': side in px, 'flip_tta': bool}`` from its resolved
     config, for predict."""
     return {'res': saved['validation']['resolution'], 'flip_tta': bool(saved['validation']['lr_tta'])}
+
+
+def step_option_kwargs(cfg: SimpleNamespace) -> dict:
+    """The keyword arguments of ``engine.StepOptions`` but the EMA model and the batch mixer."""
+    return {'clip_grad_norm': cfg.training.clip_grad_norm, 'ema_every': cfg.training.ema_every,
+            'grad_accum_steps': cfg.training.grad_accum_steps}
 
 
 def images_per_step(cfg: SimpleNamespace) -> int:

@@ -55,6 +55,7 @@ def declare(config) -> None:
 
     _data_and_model_sections(section)
     _training_sections(section)
+    _checkpoint_sections(section)
 
 
 def _data_and_model_sections(section) -> None:
@@ -168,8 +169,14 @@ def _training_sections(section) -> None:
                               default=0.0),
             cutmix_alpha=Param(float, 'CutMix Beta(alpha, alpha) (Yun et al. 2019); 0: off; with '
                                       'mixup_alpha too, one of the two per batch', default=0.0),
+            sync_bn=Param(int, '1: torch.nn.SyncBatchNorm: BatchNorm statistics over the batches '
+                               'of all processes, for small batches per GPU (CUDA only)',
+                          default=0),
             compile=Param(int, '1: torch.compile the model (recompiles once per resolution)',
                           default=0))
+
+
+def _checkpoint_sections(section) -> None:
     section('checkpoint', 'checkpoints (RUN_DIR/checkpoint.pt, rewritten atomically) and resume',
             resume=Param(str, "'auto': continue the latest unfinished run of logging.run_name "
                               'under logging.folder (start a new one if there is none); a '

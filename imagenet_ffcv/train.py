@@ -127,15 +127,14 @@ def train(cfg, dist, wall_start) -> dict:
 
 
 def global_step(run, epoch: int, iterations_done: int) -> int:
-    """The number of iterations trained after ``iterations_done`` of ``epoch`` (TensorBoard's
-    and W&B's step)."""
+    """Iterations trained after ``iterations_done`` of ``epoch``: TensorBoard's, W&B's step."""
     return epoch * len(run.train_loader) + iterations_done
 
 
 def build(cfg, dist, wall_start) -> Run:
     """Loaders, model, optimizer, loss and schedules of a new run, on ``dist.device``."""
-    config.check_optional_packages(cfg)  # fail now, before any work or run folder
     device = dist.device
+    config.check_runnable(cfg, device)  # fail now, before any work or run folder
     precision = engine.resolve_precision(cfg.training.amp, device)
     torch.backends.cudnn.benchmark = device.type == 'cuda'  # fixed shapes within an epoch
     torch.manual_seed(cfg.training.seed)  # same initial weights on every rank
@@ -154,6 +153,8 @@ def build(cfg, dist, wall_start) -> Run:
     class_list = class_list_path(cfg.data.train_dataset)
     model_without_ddp = models.build_model(**config.model_kwargs(cfg),
                                            num_classes=num_classes).to(device)
+    if cfg.training.sync_bn:  # BatchNorm statistics over the batches of all ranks
+        model_without_ddp = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model_without_ddp)
     ema = make_ema(model_without_ddp, cfg.training.ema_decay) if cfg.training.ema_decay else None
     model = model_without_ddp
     if dist.distributed:
@@ -176,10 +177,9 @@ def build(cfg, dist, wall_start) -> Run:
             groups=models.param_groups(model_without_ddp, **config.param_group_kwargs(cfg))),
         scaler=torch.amp.GradScaler(device.type) if precision.loss_scaling else None,
         options=engine.StepOptions(
-            clip_grad_norm=cfg.training.clip_grad_norm, ema=ema, ema_every=cfg.training.ema_every,
-            grad_accum_steps=cfg.training.grad_accum_steps,
-            mix=batch_mixer(num_classes=num_classes, mixup_alpha=cfg.training.mixup_alpha,
-                            cutmix_alpha=cfg.training.cutmix_alpha)),
+            **config.step_option_kwargs(cfg), ema=ema, mix=batch_mixer(
+                num_classes=num_classes, mixup_alpha=cfg.training.mixup_alpha,
+                cutmix_alpha=cfg.training.cutmix_alpha)),
         loss_fn=torch.nn.CrossEntropyLoss(label_smoothing=cfg.training.label_smoothing),
         precision=precision, lr_at=partial(schedules.lr_at, lr=lr, **config.lr_schedule_kwargs(cfg)),
         res_at=res_at, classes=read_class_names(class_list) if class_list.exists() else None,

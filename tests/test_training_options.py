@@ -378,6 +378,15 @@ def test_training_compile_wraps_the_model_and_checkpoints_keep_torchvision_keys(
         list(run.model_without_ddp.state_dict())
 
 
+def test_sync_bn_off_cuda_is_refused_before_any_work(sample_betons, tmp_path):
+    """SyncBatchNorm runs on CUDA only (its CUDA test: tests/test_cuda.py)."""
+    cfg = small_config(sample_betons, tmp_path, '--training.sync_bn=1')
+    with pytest.raises(config.ConfigError, match=r'training.sync_bn=1: torch.nn.SyncBatchNorm '
+                                                 r'runs on CUDA GPUs only.*this run is on cpu'):
+        train.main(cfg)
+    assert list(tmp_path.iterdir()) == []  # no run folder
+
+
 def test_wandb_asked_for_but_missing_stops_before_any_work(sample_betons, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, 'wandb', None)
     cfg = small_config(sample_betons, tmp_path, '--logging.wandb_project=imagenet')
