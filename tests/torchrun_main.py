@@ -19,8 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import train_imagenet  # noqa: E402
-from imagenet_ffcv import config, engine  # noqa: E402
+from imagenet_ffcv import config, engine, train  # noqa: E402
 
 
 def signal_at(name: str, epoch: int, step: int) -> None:
