@@ -13,6 +13,10 @@ A checkpoint is one ``torch.save`` file, ``RUN_DIR/checkpoint.pt``, holding::
      'classes': [(wnid, name), ...] of the training .beton, or None,
      'progress': {'images', 'train_seconds', 'best_epoch', 'wall_time_s'} accumulated so far}
 
+With ``checkpoint.keep_last=N`` the checkpoints written at the ends of the last N epochs stay
+beside it as ``RUN_DIR/checkpoint_epoch_<epochs done>.pt`` (:func:`keep_history`, timm's
+``--checkpoint-hist``); each is a complete checkpoint that ``--resume`` takes.
+
 Like nanoGPT's ``ckpt.pt``, the config travels inside the checkpoint, so a checkpoint alone is
 enough to rebuild and evaluate its model. Whether a config may resume it: ``config.check_resumable``.
 
@@ -20,18 +24,22 @@ Loading never runs code: every file is read with ``torch.load(weights_only=True)
 tensors and plain values only (a pickle that would call a function is refused with CheckpointError).
 Checkpoints hold nothing else (the numpy RNG state is stored as a tensor).
 """
+import os
 import pickle
 import random
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .errors import ImagenetFfcvError
-from .files import atomic_write
+from .files import atomic_path, atomic_write
 from .run_dir import latest_unfinished_checkpoint
 
 FORMAT = 1
+HISTORY = re.compile(r'checkpoint_epoch_(\d+)\.pt')  # keep_history's files
 # What a checkpoint written before the numpy RNG state was stored as a tensor needs besides tensors:
 # numpy arrays, rebuilt from their bytes (no other code can run through these).
 NUMPY_ARRAY_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)),
@@ -61,6 +69,27 @@ def save(state: dict, path) -> None:
         raise CheckpointError(f'{path}: could not be written ({cause.strerror or cause}); the '
                               f'previous {Path(path).name} is intact: free some space or fix the '
                               f'folder, then resume') from e
+
+
+def keep_history(latest, *, epochs_done: int, keep_last: int) -> Path:
+    """Keep the complete checkpoint ``latest`` (just written by :func:`save`) also as
+    ``checkpoint_epoch_<epochs_done>.pt`` beside it (a hard link, as the next :func:`save` renames
+    a new file over ``latest``; an atomic copy where the filesystem has no hard links), then delete
+    the oldest such files (by time written) beyond ``keep_last`` (>= 1): a file is deleted only
+    once the new one is in place. Returns the new file's path. Raises OSError when it cannot be
+    made; nothing is deleted then."""
+    latest = Path(latest)
+    path = latest.with_name(f'checkpoint_epoch_{epochs_done}.pt')
+    with atomic_path(path) as tmp:
+        try:
+            os.link(latest, tmp)
+        except OSError:
+            shutil.copyfile(latest, tmp)
+    history = sorted((p for p in latest.parent.iterdir() if HISTORY.fullmatch(p.name)),
+                     key=lambda p: (p.stat().st_mtime, int(HISTORY.fullmatch(p.name)[1])))
+    for old in history[:-keep_last]:
+        old.unlink(missing_ok=True)
+    return path
 
 
 def safe_torch_load(path, what: str = 'file'):
@@ -98,14 +127,16 @@ def load(path) -> dict:
     return state
 
 
-def resolve_resume(resume: str, folder):
-    """The checkpoint ``--resume`` names: '' -> None (a new run); 'auto' -> :func:`find_latest` of
-    the logging folder (None when there is none, so the same command line starts a run and resumes
-    it after a pre-emption; see ``run_dir.latest_unfinished_checkpoint``); anything else is a path, which must exist (CheckpointError)."""
+def resolve_resume(resume: str, folder, run_name: str = ''):
+    """The checkpoint ``--resume`` names: '' -> None (a new run); 'auto' -> the latest unfinished
+    checkpoint of the run named ``run_name`` ('' : of the unnamed runs) under the logging folder
+    ``folder`` (``run_dir.latest_unfinished_checkpoint``; None when there is none, so the same
+    command line starts a run and resumes it after a pre-emption); anything else is a path, which
+    must exist (CheckpointError)."""
     if not resume:
         return None
     if resume == 'auto':
-        return latest_unfinished_checkpoint(folder)
+        return latest_unfinished_checkpoint(folder, run_name)
     if not Path(resume).is_file():
         raise CheckpointError(f'--resume {resume}: no such file; give a checkpoint.pt path or '
                               f'"auto" (the latest unfinished run under {folder})')

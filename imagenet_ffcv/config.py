@@ -15,12 +15,12 @@ from types import SimpleNamespace
 
 import yaml
 from fastargs import Config
-from fastargs.validation import And, OneOf, Or
 
 from . import schedules
-from .config_schema import declare
+from .config_schema import declare, markdown  # markdown: docs/configuration.md
 from .errors import ImagenetFfcvError
 from .optional import require
+from .run_dir import RUN_NAME
 
 CONFIGS_DIR = Path(__file__).with_name('configs')  # the shipped recipes (rn50_configs/, ...)
 # Keys that may change between a run and its resumption: how data is read, what is logged and how
@@ -159,7 +159,8 @@ def load_config(argv: list) -> SimpleNamespace:
 def _check_consistency(cfg) -> None:
     """Rules between keys, checked before any work starts; raises ConfigError naming the keys."""
     problems = []
-    for key in ('training.epochs', 'training.batch_size', 'validation.batch_size',
+    for key in ('training.epochs', 'training.batch_size', 'training.grad_accum_steps',
+                'validation.batch_size',
                 'validation.resolution', 'resolution.min_res', 'lr.step_length'):
         section, name = key.split('.')
         if getattr(getattr(cfg, section), name) < 1:
@@ -190,6 +191,8 @@ def _check_consistency(cfg) -> None:
     if cfg.data.num_workers != 'auto' and cfg.data.num_workers < 1:
         problems.append(f'data.num_workers={cfg.data.num_workers} must be >= 1 (loader threads '
                         "per process) or 'auto'")
+    if cfg.checkpoint.keep_last < 0:
+        problems.append(f'checkpoint.keep_last={cfg.checkpoint.keep_last} must be >= 0 (0: off)')
     if cfg.checkpoint.every_iters < 0:
         problems.append(f'checkpoint.every_iters={cfg.checkpoint.every_iters} must be >= 0 '
                         '(0: only at the end of each epoch)')
@@ -201,6 +204,9 @@ def _check_consistency(cfg) -> None:
     if cfg.model.weights and not cfg.training.eval_only:
         problems.append(f'model.weights={cfg.model.weights} is only read with '
                         'training.eval_only=1; to continue a run use --resume')
+    if cfg.model.pretrained:
+        problems.append('model.pretrained=1: pretrained weights cannot be fetched here; training '
+                        'starts from random weights (set it to 0)')
     if cfg.training.eval_only and cfg.checkpoint.resume:
         problems.append('checkpoint.resume and training.eval_only=1 exclude each other')
     problems += _option_problems(cfg)
@@ -232,6 +238,9 @@ def _option_problems(cfg) -> list:
         problems.append(f'lr.min_lr={cfg.lr.min_lr} is only used by lr.lr_schedule_type=cosine')
     if cfg.logging.every_iters < 1:
         problems.append(f'logging.every_iters={cfg.logging.every_iters} must be >= 1')
+    if cfg.logging.run_name and not RUN_NAME.fullmatch(cfg.logging.run_name):
+        problems.append(f'logging.run_name={cfg.logging.run_name!r}: use letters, digits, '
+                        "'.', '_' and '-' only, starting with a letter or digit (it names a folder)")
     return problems
 
 
@@ -287,10 +296,16 @@ def check_resumable(saved: dict, current: dict, *, force: bool, path) -> None:
                           'checkpoint.force=1 to continue anyway')
 
 
-def check_optional_packages(cfg: SimpleNamespace) -> None:
-    """Import now the optional packages ``cfg`` asks for (a timm model or LAMB: timm; W&B: wandb;
-    TensorBoard), so that a missing one stops the run before any work, with
-    ``optional.MissingPackageError`` naming the key, the package and how to install it."""
+def check_runnable(cfg: SimpleNamespace, device) -> None:
+    """Fail now, before any work or run folder, when ``cfg`` asks for what this run cannot do:
+    a key the ``device`` (``torch.device``) cannot run (``training.sync_bn`` off CUDA: ConfigError),
+    or an optional package that is missing. Those are imported now (a timm model or LAMB: timm;
+    W&B: wandb; TensorBoard), ``optional.MissingPackageError`` naming the key, the package and how
+    to install it."""
+    if cfg.training.sync_bn and device.type != 'cuda':
+        raise ConfigError(f'training.sync_bn=1: torch.nn.SyncBatchNorm runs on CUDA GPUs only, and '
+                          f'this run is on {device.type}; set training.sync_bn=0 (one process '
+                          'gains nothing from it)')
     if cfg.model.arch.startswith('timm:'):
         require('timm', f'model.arch={cfg.model.arch!r}')
     if cfg.training.optimizer == 'lamb':
@@ -336,6 +351,17 @@ def saved_eval_kwargs(saved: dict) -> dict:
     return {'res': saved['validation']['resolution'], 'flip_tta': bool(saved['validation']['lr_tta'])}
 
 
+def step_option_kwargs(cfg: SimpleNamespace) -> dict:
+    """The keyword arguments of ``engine.StepOptions`` but the EMA model and the batch mixer."""
+    return {'clip_grad_norm': cfg.training.clip_grad_norm, 'ema_every': cfg.training.ema_every,
+            'grad_accum_steps': cfg.training.grad_accum_steps}
+
+
+def images_per_step(cfg: SimpleNamespace) -> int:
+    """The images of one optimizer step on one process: the batch times the batches accumulated."""
+    return cfg.training.batch_size * cfg.training.grad_accum_steps
+
+
 def optimizer_kwargs(cfg: SimpleNamespace) -> dict:
     """The keyword arguments of ``optimizers.make_optimizer`` but the groups and the LR."""
     return {'name': cfg.training.optimizer, 'momentum': cfg.training.momentum,
@@ -351,44 +377,6 @@ def resolution_kwargs(cfg: SimpleNamespace) -> dict:
     """The keyword arguments of ``schedules.resolution_at``, from the ``resolution`` section."""
     return {'min_res': cfg.resolution.min_res, 'max_res': cfg.resolution.max_res,
             'start_ramp': cfg.resolution.start_ramp, 'end_ramp': cfg.resolution.end_ramp}
-
-
-def _type_text(checker) -> str:
-    """A checker's type in words, choices sorted (fastargs keeps them in a set)."""
-    if isinstance(checker, OneOf):
-        return 'one of ' + ', '.join(f'`{v}`' for v in sorted(map(str, checker.possible_values)))
-    if isinstance(checker, (And, Or)):
-        parts = [_type_text(c) for c in checker.checkers]
-        parts = [p for p in parts if p != 'a string'] if isinstance(checker, And) else parts
-        return (' and ' if isinstance(checker, And) else ' or ').join(parts)
-    return checker.help()
-
-
-def markdown() -> str:
-    """docs/configuration.md: every key of the schema by section, with its type, default and
-    meaning, as ``--help`` lists them."""
-    config = Config()
-    declare(config)
-    lines = ['# Configuration', '',
-             'Every key of the trainer (`imagenet-ffcv-train`, `train_imagenet.py`), by section. Set '
-             'them in a YAML file given with `--config FILE.yaml` (repeatable; later files win) or '
-             'on the command line as `--section.key=value` (wins over files). An unknown key, a '
-             'wrongly typed value or keys that contradict each other are errors naming the key. '
-             'ffcv-imagenet\'s configs load unchanged.', '',
-             'Generated from `imagenet_ffcv/config_schema.py` by '
-             '`python -m imagenet_ffcv.config --markdown > docs/configuration.md`; '
-             '`tests/test_docs.py` fails when this file and the schema differ.']
-    section = None
-    for path, param in config.entries.items():
-        if param.section.ns != section:
-            section = param.section.ns
-            lines += ['', f'## `{".".join(section)}`: {param.section.desc}', '',
-                      '| key | type | default | meaning |', '|---|---|---|---|']
-        default = ('required' if param.required else "`''`" if param.default == '' else
-                   f'`{param.default}`')
-        lines.append(f'| `{".".join(path)}` | {_type_text(param.checker)} | {default} | '
-                     f'{param.desc.replace("|", "/")} |')
-    return '\n'.join(lines) + '\n'
 
 
 if __name__ == '__main__':

@@ -2,12 +2,50 @@
 default and meaning (ffcv-imagenet's sections and keys, plus ours). Read by ``config`` (parsing,
 ``--help``) and rendered as docs/configuration.md (``python -m imagenet_ffcv.config --markdown``).
 """
-from fastargs import Param, Section
+from fastargs import Config, Param, Section
 from fastargs.validation import And, Int, OneOf, Or
 
 from . import schedules
 from .constants import DECODERS, PRECISIONS
 from .optimizers import OPTIMIZERS
+
+
+def _type_text(checker) -> str:
+    """A checker's type in words, choices sorted (fastargs keeps them in a set)."""
+    if isinstance(checker, OneOf):
+        return 'one of ' + ', '.join(f'`{v}`' for v in sorted(map(str, checker.possible_values)))
+    if isinstance(checker, (And, Or)):
+        parts = [_type_text(c) for c in checker.checkers]
+        parts = [p for p in parts if p != 'a string'] if isinstance(checker, And) else parts
+        return (' and ' if isinstance(checker, And) else ' or ').join(parts)
+    return checker.help()
+
+
+def markdown() -> str:
+    """docs/configuration.md: every key of the schema by section, with its type, default and
+    meaning, as ``--help`` lists them."""
+    config = Config()
+    declare(config)
+    lines = ['# Configuration', '',
+             'Every key of the trainer (`imagenet-ffcv-train`, `train_imagenet.py`), by section. Set '
+             'them in a YAML file given with `--config FILE.yaml` (repeatable; later files win) or '
+             'on the command line as `--section.key=value` (wins over files). An unknown key, a '
+             'wrongly typed value or keys that contradict each other are errors naming the key. '
+             'ffcv-imagenet\'s configs load unchanged.', '',
+             'Generated from `imagenet_ffcv/config_schema.py` by '
+             '`python -m imagenet_ffcv.config --markdown > docs/configuration.md`; '
+             '`tests/test_docs.py` fails when this file and the schema differ.']
+    section = None
+    for path, param in config.entries.items():
+        if param.section.ns != section:
+            section = param.section.ns
+            lines += ['', f'## `{".".join(section)}`: {param.section.desc}', '',
+                      '| key | type | default | meaning |', '|---|---|---|---|']
+        default = ('required' if param.required else "`''`" if param.default == '' else
+                   f'`{param.default}`')
+        lines.append(f'| `{".".join(path)}` | {_type_text(param.checker)} | {default} | '
+                     f'{param.desc.replace("|", "/")} |')
+    return '\n'.join(lines) + '\n'
 
 
 def declare(config) -> None:
@@ -17,6 +55,7 @@ def declare(config) -> None:
 
     _data_and_model_sections(section)
     _training_sections(section)
+    _checkpoint_sections(section)
 
 
 def _data_and_model_sections(section) -> None:
@@ -68,13 +107,18 @@ def _data_and_model_sections(section) -> None:
             warmup_epochs=Param(float, 'linear warm-up from 0 over this many epochs (any '
                                        'schedule); 0: none', default=0.0),
             ref_batch_size=Param(int, 'global batch (images per step) lr was tuned for; the LR '
-                                      'used is lr * batch_size * world_size / ref_batch_size. '
+                                      'used is lr * batch_size * world_size * grad_accum_steps / '
+                                      'ref_batch_size. '
                                       '0: use lr as is', default=0))
 
 
 def _training_sections(section) -> None:
     section('logging', 'outputs',
             folder=Param(str, 'runs are written to FOLDER/<run id>/', required=True),
+            run_name=Param(str, "the run's name (letters, digits, '.', '_', '-'): its folder is "
+                                'FOLDER/<run_name>-<run id>/ and --resume auto continues only a '
+                                "run of this name; give each job sharing FOLDER its own; '': "
+                                'unnamed (--resume auto continues unnamed runs only)', default=''),
             log_level=Param(int, 'validate every epoch (ffcv-imagenet\'s name): 1: after every '
                                  'epoch; 0: only after the last one', default=1),
             tensorboard=Param(int, '1: TensorBoard event files in RUN_DIR/tensorboard', default=0),
@@ -92,6 +136,10 @@ def _training_sections(section) -> None:
     section('training', 'optimisation',
             eval_only=Param(int, '1: only evaluate model.weights on the val set', default=0),
             batch_size=Param(int, 'training batch per process (images)', default=512),
+            grad_accum_steps=Param(int, 'gradient accumulation: one optimizer step per this many '
+                                        'batches (their summed gradients), e.g. an 8-GPU global '
+                                        'batch on 2 GPUs with 4; the LR scaling counts '
+                                        'batch_size x world_size x grad_accum_steps', default=1),
             optimizer=Param(And(str, OneOf(list(OPTIMIZERS))),
                             'sgd (with momentum), adamw, or lamb (needs the optional timm package)',
                             default='sgd'),
@@ -121,18 +169,28 @@ def _training_sections(section) -> None:
                               default=0.0),
             cutmix_alpha=Param(float, 'CutMix Beta(alpha, alpha) (Yun et al. 2019); 0: off; with '
                                       'mixup_alpha too, one of the two per batch', default=0.0),
+            sync_bn=Param(int, '1: torch.nn.SyncBatchNorm: BatchNorm statistics over the batches '
+                               'of all processes, for small batches per GPU (CUDA only)',
+                          default=0),
             compile=Param(int, '1: torch.compile the model (recompiles once per resolution)',
                           default=0))
+
+
+def _checkpoint_sections(section) -> None:
     section('checkpoint', 'checkpoints (RUN_DIR/checkpoint.pt, rewritten atomically) and resume',
-            resume=Param(str, "'auto': continue the latest unfinished run under logging.folder "
-                              "(start a new one if there is none); a checkpoint.pt path: "
+            resume=Param(str, "'auto': continue the latest unfinished run of logging.run_name "
+                              'under logging.folder (start a new one if there is none); a '
+                              "checkpoint.pt path: "
                               "continue that run; '': a new run", default=''),
             every_iters=Param(int, 'also write a checkpoint every this many iterations within an '
                                    'epoch; 0: only at the end of each epoch', default=0),
             force=Param(int, '1: resume even if the config changes the schedule (epochs, LR, '
                              'resolution, batch, model, seed)', default=0),
             keep_best=Param(int, '1: RUN_DIR/best_weights.pt holds the weights of the epoch with '
-                                 'the best validation top-1 so far', default=0))
+                                 'the best validation top-1 so far', default=0),
+            keep_last=Param(int, 'also keep the checkpoints of the last N epochs as '
+                                 'RUN_DIR/checkpoint_epoch_<epochs done>.pt (older ones deleted '
+                                 'once the new one is complete); 0: off', default=0))
     section('dist', 'kept so ffcv-imagenet configs load; torchrun sets the real values',
             world_size=Param(int, 'number of GPUs the config was written for', default=1),
             address=Param(str, 'ignored: use torchrun --rdzv-endpoint', default='localhost'),

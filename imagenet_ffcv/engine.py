@@ -1,5 +1,6 @@
 """One training epoch and one evaluation pass, and the mixed precision they run in. The same code
 runs on CPU (fp32) and CUDA (bf16, or fp16 with loss scaling)."""
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -94,12 +95,19 @@ class StepOptions:
     mix: a batch transform ``(x, y) -> (x, soft targets float (B, classes))``, e.g.
     ``mixup.batch_mixer``'s MixUp/CutMix, applied to each batch on its device; None: off.
     ema: a ``torch.optim.swa_utils.AveragedModel`` of the model, updated from the model's
-    parameters and buffers every ``ema_every`` iterations (see ``ema.make_ema``); None: off.
+    parameters and buffers every ``ema_every`` optimizer steps (see ``ema.make_ema``); None: off.
+    grad_accum_steps: gradient accumulation (timm's ``--grad-accum-steps``): the gradients of this
+    many consecutive batches are summed, each loss divided by the group's batch count, before one
+    optimizer step, so the step is that of one batch that many times larger (without BatchNorm;
+    BatchNorm normalizes each batch alone). Under DDP only the group's last backward pass
+    all-reduces (``no_sync``). The LR, clipping, the loss scaler and the EMA step once per
+    optimizer step; the last group of an epoch may hold fewer batches.
     """
     clip_grad_norm: float = 0.0
     mix: Callable = None
     ema: torch.nn.Module = None
     ema_every: int = 1
+    grad_accum_steps: int = 1
 
 
 @dataclass
@@ -139,21 +147,31 @@ def _agree(first_bad, iterations: int, epoch: int, stop_requested, corrupt_recor
     return bool(go_on)
 
 
-def train_step(*, model, x, y, optimizer, loss_fn, amp_dtype=None, scaler=None,
-               clip_grad_norm: float = 0.0, mix=None) -> torch.Tensor:
-    """One optimizer step on the batch ``x`` (float (B, 3, H, W)), ``y`` (int64 (B,)): forward
-    under autocast to ``amp_dtype`` (None: full precision), backward, optimizer step. With
-    ``scaler`` (a ``torch.amp.GradScaler``, for fp16) the loss is scaled before the backward pass
-    and the step skipped when the gradients overflow, as ``torch.amp`` documents.
-    mix, clip_grad_norm: see :class:`StepOptions`; the loss then takes the soft targets.
-    Returns the detached loss (a 0-d tensor on the device; no device sync)."""
-    device_type = x.device.type
-    optimizer.zero_grad(set_to_none=True)
+def forward_backward(*, model, x, y, loss_fn, amp_dtype=None, scaler=None, mix=None,
+                     loss_divisor: int = 1, sync: bool = True) -> torch.Tensor:
+    """Forward and backward pass on the batch ``x`` (float (B, 3, H, W)), ``y`` (int64 (B,)),
+    adding the gradients of ``loss / loss_divisor`` to the parameters' ``.grad``: the forward pass
+    under autocast to ``amp_dtype`` (None: full precision), the loss scaled by ``scaler`` (a
+    ``torch.amp.GradScaler``, for fp16) when given. ``sync`` False: inside the model's
+    ``no_sync()`` (DistributedDataParallel keeps the gradients local until a pass with ``sync``;
+    a model without ``no_sync`` is unaffected). mix: see :class:`StepOptions`; the loss then takes
+    the soft targets. Returns the detached loss, not divided (a 0-d tensor; no device sync)."""
     if mix is not None:
         x, y = mix(x, y)
-    with torch.autocast(device_type, dtype=amp_dtype, enabled=amp_dtype is not None):
-        loss = loss_fn(model(x), y)
-    (scaler.scale(loss) if scaler is not None else loss).backward()
+    no_sync = getattr(model, 'no_sync', None) if not sync else None
+    with no_sync() if no_sync else contextlib.nullcontext():
+        with torch.autocast(x.device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = loss_fn(model(x), y)
+        part = loss / loss_divisor if loss_divisor != 1 else loss
+        (scaler.scale(part) if scaler is not None else part).backward()
+    return loss.detach()
+
+
+def optimizer_step(*, model, optimizer, scaler=None, clip_grad_norm: float = 0.0) -> None:
+    """One optimizer step on the gradients the parameters hold: clipped to the global norm
+    ``clip_grad_norm`` first (0: off; ``torch.nn.utils.clip_grad_norm_``, after unscaling under
+    fp16); with ``scaler`` the step is skipped when the gradients overflow, then the scale
+    updated, as ``torch.amp`` documents."""
     if clip_grad_norm:
         if scaler is not None:
             scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
@@ -163,29 +181,52 @@ def train_step(*, model, x, y, optimizer, loss_fn, amp_dtype=None, scaler=None,
         scaler.update()
     else:
         optimizer.step()
-    return loss.detach()
+
+
+def train_step(*, model, x, y, optimizer, loss_fn, amp_dtype=None, scaler=None,
+               clip_grad_norm: float = 0.0, mix=None) -> torch.Tensor:
+    """One optimizer step on one batch: gradients zeroed, :func:`forward_backward`,
+    :func:`optimizer_step` (see those for the arguments). Returns the detached loss."""
+    optimizer.zero_grad(set_to_none=True)
+    loss = forward_backward(model=model, x=x, y=y, loss_fn=loss_fn, amp_dtype=amp_dtype,
+                            scaler=scaler, mix=mix)
+    optimizer_step(model=model, optimizer=optimizer, scaler=scaler, clip_grad_norm=clip_grad_norm)
+    return loss
+
+
+def _start_step(optimizer, lr: float) -> float:
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    optimizer.zero_grad(set_to_none=True)
+    return lr
+
+
+def _show(bar, *, loss, lr: float, img_per_s: float, eta_s: float) -> None:
+    bar.set_postfix(loss=f'{float(loss):.3f}', lr=f'{lr:.3g}', img_per_s=f'{img_per_s:.0f}',
+                    eta=tqdm.format_interval(eta_s))
 
 
 def train_one_epoch(*, model, loader, optimizer, loss_fn, lr_at, epoch: int, amp_dtype=None,
                     scaler=None, options: StepOptions = None, hooks: EpochHooks = None,
                     show_progress: bool = True, start_iteration: int = 0,
                     iterations_after: float = 0.0) -> dict:
-    """Train ``model`` on every batch of ``loader`` once, with :func:`train_step`.
+    """Train ``model`` on every batch of ``loader`` once: :func:`forward_backward` on each batch,
+    :func:`optimizer_step` after every ``options.grad_accum_steps`` of them.
 
-    lr_at: function of the fractional epoch ``epoch + (i + 0.5) / len(loader)`` giving the LR of
-    iteration ``i``; it is set on every parameter group before each step.
-    amp_dtype, scaler: the mixed precision (see :class:`Precision` and :func:`train_step`).
-    options: clipping, MixUp/CutMix and EMA (:class:`StepOptions`; None: all off).
+    lr_at: function of the fractional epoch giving the LR; the optimizer step over iterations
+    ``a..b-1`` takes ``lr_at(epoch + (a + b) / 2 / len(loader))`` (one batch a step: ``(i + 0.5) /
+    len(loader)``), set on every parameter group before its first batch.
+    amp_dtype, scaler: the mixed precision (see :class:`Precision` and :func:`forward_backward`).
+    options: clipping, MixUp/CutMix, EMA, gradient accumulation (:class:`StepOptions`; None: off).
     hooks: stop requests, corrupt records, checkpoints and live logs (:class:`EpochHooks`; None:
-    none). A non-finite loss on any rank raises :class:`NonFiniteLossError` at the next check, a
-    corrupt record :class:`CorruptRecordError`; a stop request ends the epoch there, with
-    ``'stopped'`` true.
+    none), their periods in iterations, run after the optimizer step that reaches one. A
+    non-finite loss on any rank raises :class:`NonFiniteLossError` at the next check, a corrupt
+    record :class:`CorruptRecordError`; a stop request ends the epoch there, ``'stopped'`` true.
     Batches: float images (B, 3, H, W) and int64 labels (B,) on the model's device.
     start_iteration: resume within the epoch: batches ``0..start_iteration-1`` are read (the
     loader's order is fixed by its seed and epoch) but not trained on again.
-    iterations_after: the work of the epochs after this one, in iterations of this epoch (see
-    ``schedules.remaining_work``): the progress bar's ``eta`` is the time left for the whole run
-    at this epoch's speed (validation not counted).
+    iterations_after: the work of the later epochs, in iterations of this one
+    (``schedules.remaining_work``): the bar's ``eta`` is the run's time left at this speed.
 
     Returns ``{'train_loss': mean loss per image, 'images': images this process trained on,
     'seconds': wall time, 'lr': LR of the last step, 'iterations_done': iterations of the epoch
@@ -200,26 +241,33 @@ def train_one_epoch(*, model, loader, optimizer, loss_fn, lr_at, epoch: int, amp
     images, done, stopped, lr = 0, start_iteration, False, 0.0
     bar = tqdm(loader, desc=f'epoch {epoch}', disable=not show_progress, leave=False,
                dynamic_ncols=True)
+    accum, step_end = options.grad_accum_steps, start_iteration  # the last step's end
     start = time.perf_counter()
     for i, (x, y) in enumerate(bar):
         if i < start_iteration:
             continue  # trained on before the checkpoint this run resumed from
-        lr = lr_at(epoch + (i + 0.5) / iterations)
-        for group in optimizer.param_groups:
-            group['lr'] = lr
-        loss = train_step(model=model, x=x, y=y, optimizer=optimizer, loss_fn=loss_fn,
-                          amp_dtype=amp_dtype, scaler=scaler, mix=options.mix,
-                          clip_grad_norm=options.clip_grad_norm)
+        group = min(accum, iterations - step_end)  # the batches of this optimizer step
+        if i == step_end:  # a new optimizer step: its LR, at its middle, and no gradients yet
+            lr = _start_step(optimizer, lr_at(epoch + (step_end + group / 2) / iterations))
+        loss = forward_backward(model=model, x=x, y=y, loss_fn=loss_fn, amp_dtype=amp_dtype,
+                                scaler=scaler, mix=options.mix, loss_divisor=group,
+                                sync=i + 1 == step_end + group)
         # Recorded on the device, without a sync: the first iteration whose loss is not finite.
         first_bad = torch.where(torch.isfinite(loss) | (first_bad < iterations), first_bad, i)
         loss_sum += loss.double() * y.shape[0]
-        images += y.shape[0]
-        done = i + 1
-        if options.ema is not None and done % options.ema_every == 0:
+        images, done = images + y.shape[0], i + 1
+        if done < step_end + group:  # accumulating; hooks and checks follow optimizer steps
+            continue
+        optimizer_step(model=model, optimizer=optimizer, scaler=scaler,
+                       clip_grad_norm=options.clip_grad_norm)
+        if options.ema is not None and -(-done // accum) % options.ema_every == 0:
             options.ema.update_parameters(model)
-        checkpoint_due = bool(hooks.checkpoint_every) and done % hooks.checkpoint_every == 0
-        log_due = bool(hooks.log_every) and done % hooks.log_every == 0
-        if done % hooks.check_every == 0 or done == iterations or checkpoint_due or log_due:
+        # due: a multiple of its period (in iterations) was reached in this optimizer step
+        checkpoint_due, log_due, check_due = (
+            bool(every) and done // every != step_end // every
+            for every in (hooks.checkpoint_every, hooks.log_every, hooks.check_every))
+        step_end = done
+        if done == iterations or check_due or checkpoint_due or log_due:
             go_on = _agree(first_bad, iterations, epoch, hooks.stop_requested,
                            hooks.corrupt_record)
             seconds = time.perf_counter() - start
@@ -227,10 +275,8 @@ def train_one_epoch(*, model, loader, optimizer, loss_fn, lr_at, epoch: int, amp
                 hooks.log_train(done, {'loss': float(loss), 'lr': lr,
                                        'img_per_s': images / seconds})
             if show_progress:
-                eta = (iterations - done + iterations_after) * seconds / (done - start_iteration)
-                bar.set_postfix(loss=f'{float(loss):.3f}', lr=f'{lr:.3g}',
-                                img_per_s=f'{images / seconds:.0f}',
-                                eta=tqdm.format_interval(eta))
+                _show(bar, loss=loss, lr=lr, img_per_s=images / seconds, eta_s=seconds * (
+                    iterations - done + iterations_after) / (done - start_iteration))
             if not go_on:
                 stopped = True
                 break

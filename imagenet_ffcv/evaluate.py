@@ -29,6 +29,17 @@ def validate(cfg, model, loader, precision, progress: str = '') -> dict:
     return val
 
 
+def validate_with_ema(cfg, model, ema, loader, precision, show_progress: bool = True) -> dict:
+    """:func:`validate` of ``model``, and of ``ema`` (an ``AveragedModel``; keys suffixed
+    ``_ema``) when it is not None."""
+    val = validate(cfg, model, loader, precision, progress='val' if show_progress else '')
+    if ema is not None:
+        ema_val = validate(cfg, ema.module, loader, precision,
+                           progress='val (EMA)' if show_progress else '')
+        val.update({f'{k}_ema': v for k, v in ema_val.items() if k != 'val_count'})
+    return val
+
+
 def ten_crop_eval(cfg, dist, model, precision) -> dict:
     """10-crop top-1/top-5 (and error rates) of ``model``, keys suffixed ``_10crop``."""
     loader = make_val_loader(cfg, dist, precision, crop_ratio=1.0)

@@ -5,23 +5,34 @@
 - ``log.jsonl``: one JSON record per epoch, appended; on resume, cut back to the checkpoint's epoch;
 - ``checkpoint.pt``: where the run stands (``checkpoint``); ``final_weights.pt`` and
   ``final_weights.safetensors`` once it finished;
-- ``progress.png``: the run's plot.
+- ``progress.png``: the run's plot;
+- ``checkpoint_epoch_<N>.pt``: the checkpoints after epoch N (``checkpoint.keep_history``);
+- ``lock``: ``{"pid", "host"}`` of the job writing the run, while it runs (:meth:`RunDir.lock`).
 
 A run is *finished* when ``final_weights.pt`` exists; ``--resume auto`` picks the latest
-unfinished one (:func:`latest_unfinished_checkpoint`).
+unfinished one of the same run name (:func:`latest_unfinished_checkpoint`).
 """
 import json
+import os
+import re
 import shutil
+import socket
 import subprocess
 import uuid
 from datetime import datetime
 from pathlib import Path
 
-from .files import remove_stale_temporaries, write_text_atomic
+from .errors import ImagenetFfcvError
+from .files import pid_alive, remove_stale_temporaries, temporary_path, write_text_atomic
 
 CHECKPOINT_NAME = 'checkpoint.pt'
 FINAL_WEIGHTS_NAME = 'final_weights.pt'
 REPO = Path(__file__).resolve().parents[1]
+RUN_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9._-]*')  # a run name is one folder-name component
+
+
+class RunLockedError(ImagenetFfcvError):
+    """Another live job writes the run folder; the message names it (PID and host)."""
 
 
 class RunDir:
@@ -38,14 +49,17 @@ class RunDir:
         self.plot = self.path / 'progress.png'
         self.final_weights_ema = self.path / 'final_weights_ema.pt'  # training.ema_decay > 0
         self.best_weights = self.path / 'best_weights.pt'  # checkpoint.keep_best=1
+        self.lock_file = self.path / 'lock'
 
     @classmethod
-    def create(cls, folder, *, params: dict, class_list=None) -> 'RunDir':
-        """A new run folder ``folder/<date-time-random>/`` holding ``params.json`` (``params``)
-        and, when ``class_list`` exists, a copy of it as ``classes.tsv``."""
+    def create(cls, folder, *, params: dict, class_list=None, run_name: str = '') -> 'RunDir':
+        """A new run folder ``folder/[<run_name>-]<date-time-random>/``, locked by this process
+        (:meth:`lock`), holding ``params.json`` (``params``, which should hold the run name) and,
+        when ``class_list`` exists, a copy of it as ``classes.tsv``."""
         run_id = datetime.now().strftime('%Y%m%d-%H%M%S-') + uuid.uuid4().hex[:6]
-        run = cls(Path(folder) / run_id)
+        run = cls(Path(folder) / (f'{run_name}-{run_id}' if run_name else run_id))
         run.path.mkdir(parents=True)
+        run.lock()
         write_text_atomic(run.params, json.dumps(params, indent=2))
         if class_list is not None and Path(class_list).exists():
             shutil.copy(class_list, run.classes)
@@ -55,8 +69,10 @@ class RunDir:
     def reopen(cls, checkpoint_path, *, epoch: int) -> 'RunDir':
         """The folder of the run being resumed from ``checkpoint_path`` at ``epoch``: the log
         records of ``epoch`` on are dropped (they were written after that checkpoint, and will be
-        written again), and temporaries left by a killed save are removed."""
+        written again), and temporaries left by a killed save are removed. It is locked first
+        (:meth:`lock`): RunLockedError when another live job writes it, and nothing is touched."""
         run = cls(Path(checkpoint_path).parent)
+        run.lock()
         run.keep_log_until(epoch)
         remove_stale_temporaries(run.path)
         return run
@@ -64,6 +80,59 @@ class RunDir:
     @property
     def is_finished(self) -> bool:
         return self.final_weights.exists()
+
+    @property
+    def run_name(self) -> str:
+        """The run name its ``params.json`` holds ('' when unnamed or without params.json)."""
+        if not self.params.exists():
+            return ''
+        return json.loads(self.params.read_text()).get('logging', {}).get('run_name', '')
+
+    def lock_holder(self):
+        """``{'pid', 'host'}`` of the job holding the run's lock, or None when unlocked."""
+        try:
+            return json.loads(self.lock_file.read_text())
+        except FileNotFoundError:
+            return None
+        except ValueError:  # not written by this tool: refused as held by an unknown job
+            return {}
+
+    def lock(self) -> None:
+        """Mark the run as written by this process: ``RUN_DIR/lock`` holds ``{"pid", "host"}``,
+        made complete then linked into place (``os.link`` fails when the name exists, so of two
+        jobs one only gets the lock). A lock of a process that no longer runs on this host is
+        taken over (a killed job's), with a message. Raises RunLockedError naming the holder when
+        it is alive, or on another host (where this process cannot tell; delete the lock file if
+        that job has ended). Two jobs taking over the same dead job's lock at the same instant
+        may both succeed."""
+        me = {'pid': os.getpid(), 'host': socket.gethostname()}
+        tmp = temporary_path(self.lock_file)
+        tmp.write_text(json.dumps(me))
+        try:
+            while True:
+                try:
+                    os.link(tmp, self.lock_file)
+                    return
+                except FileExistsError:
+                    holder = self.lock_holder()
+                if holder is not None and holder != me and (
+                        holder.get('host') != me['host'] or pid_alive(holder.get('pid'))):
+                    raise RunLockedError(
+                        f'{self.path}: another job writes this run (PID {holder.get("pid")} on '
+                        f'{holder.get("host")}, {self.lock_file}); give this job its own run '
+                        'name, or wait for that one to end (if it has ended on '
+                        'another host, delete the lock file)')
+                if holder is not None and holder != me:
+                    print(f'=> {self.path}: taking over the lock of PID {holder["pid"]} on '
+                          f'{holder["host"]}, which no longer runs')
+                self.lock_file.unlink(missing_ok=True)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def unlock(self) -> None:
+        """Remove the lock if this process holds it."""
+        if self.lock_holder() == {'pid': os.getpid(), 'host': socket.gethostname()}:
+            self.lock_file.unlink(missing_ok=True)
 
     def append_log(self, record: dict) -> None:
         """Append one epoch's record (a JSON line) to ``log.jsonl``."""
@@ -84,11 +153,12 @@ class RunDir:
             write_text_atomic(self.log, ''.join(json.dumps(r) + '\n' for r in kept))
 
 
-def latest_unfinished_checkpoint(folder):
+def latest_unfinished_checkpoint(folder, run_name: str = ''):
     """The most recently written ``checkpoint.pt`` among the run folders ``folder/*/`` whose run
-    is unfinished (no ``final_weights.pt`` beside it), or None when there is none."""
+    is unfinished (no ``final_weights.pt`` beside it) and named ``run_name`` (in its params.json;
+    '' : unnamed runs only), or None when there is none."""
     candidates = [p for p in Path(folder).glob(f'*/{CHECKPOINT_NAME}')
-                  if not RunDir(p.parent).is_finished]
+                  if not RunDir(p.parent).is_finished and RunDir(p.parent).run_name == run_name]
     return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
 
 

@@ -25,12 +25,11 @@ from .classes import class_list_path, read_class_names
 from .commands import command_name
 from .ema import make_ema
 from .errors import ImagenetFfcvError
-from .evaluate import evaluate_weights, make_val_loader, ten_crop_eval, validate
+from .evaluate import evaluate_weights, make_val_loader, ten_crop_eval, validate_with_ema
 from .loggers import LiveLog
 from .mixup import batch_mixer
-from .run_dir import RunDir, code_version
+from .run_dir import RunDir, RunLockedError, code_version
 from .signals import StopRequest
-
 
 
 def main(cfg) -> dict:
@@ -38,9 +37,6 @@ def main(cfg) -> dict:
     ``training.eval_only=1`` evaluate ``model.weights``; returns the summary (run folder, final
     top-1/top-5, wall time, ...) on every rank. A run stopped by SIGTERM/Ctrl-C returns after writing
     its checkpoint, with ``summary['exit_code']`` = 128 + the signal number."""
-    if cfg.model.pretrained:
-        raise config.ConfigError('model.pretrained=1: pretrained weights cannot be fetched here; '
-                                 'training starts from random weights (set it to 0)')
     wall_start = time.perf_counter()
     dist = distributed.from_env()
     distributed.setup(dist, timeout_s=cfg.dist.timeout_s)
@@ -55,10 +51,10 @@ def main(cfg) -> dict:
 @dataclass
 class Progress:
     """Where a run stands; saved in its checkpoint. ``epoch``/``iteration``: the next step to
-    train; ``best_top1``, ``best_epoch``: the best validation top-1 so far (fraction) and the
-    epoch after which it was measured; ``images``,
-    ``train_seconds``: trained so far over all ranks; ``wall_time_s``: wall time of the processes
-    before this one (a resumed run counts from its first start)."""
+    train; ``best_top1``, ``best_epoch``: the best validation top-1 so far (fraction) and the epoch
+    after which it was measured; ``images``, ``train_seconds``: trained so far over all ranks;
+    ``wall_time_s``: wall time of the processes before this one (a resumed run counts from its
+    first start)."""
     epoch: int = 0
     iteration: int = 0
     best_top1: float = None
@@ -99,15 +95,20 @@ def train(cfg, dist, wall_start) -> dict:
     """Train from scratch, or from the checkpoint ``checkpoint.resume`` names; see :func:`main`."""
     # Rank 0 picks the checkpoint, every rank reads it (the run folder must be on a filesystem
     # all nodes share).
-    resume_path = distributed.broadcast_object(
-        checkpoint.resolve_resume(cfg.checkpoint.resume, cfg.logging.folder)
-        if dist.is_primary else None)
+    resume_path = distributed.broadcast_object(checkpoint.resolve_resume(
+        cfg.checkpoint.resume, cfg.logging.folder, cfg.logging.run_name) if dist.is_primary else None)
     saved = checkpoint.load(resume_path) if resume_path else None
     run = build(cfg, dist, wall_start)
     if saved:
         restore(run, saved, resume_path)
+    locked = None
+    try:
+        run.run_dir = open_run_dir(run, resume_path) if dist.is_primary else None
+    except RunLockedError as e:
+        locked = e
+    if locked := distributed.broadcast_object(locked):  # every rank stops, not only rank 0
+        raise locked
     if dist.is_primary:
-        run.run_dir = open_run_dir(run, resume_path)
         run.live_log = LiveLog(
             run.run_dir.path, tensorboard=bool(cfg.logging.tensorboard),
             wandb_project=cfg.logging.wandb_project, run_name=run.run_dir.path.name,
@@ -121,18 +122,19 @@ def train(cfg, dist, wall_start) -> dict:
     finally:
         if run.live_log:
             run.live_log.close()
+        if run.run_dir:
+            run.run_dir.unlock()
 
 
 def global_step(run, epoch: int, iterations_done: int) -> int:
-    """The number of iterations trained after ``iterations_done`` of ``epoch`` (TensorBoard's
-    and W&B's step)."""
+    """Iterations trained after ``iterations_done`` of ``epoch``: TensorBoard's, W&B's step."""
     return epoch * len(run.train_loader) + iterations_done
 
 
 def build(cfg, dist, wall_start) -> Run:
     """Loaders, model, optimizer, loss and schedules of a new run, on ``dist.device``."""
-    config.check_optional_packages(cfg)  # fail now, before any work or run folder
     device = dist.device
+    config.check_runnable(cfg, device)  # fail now, before any work or run folder
     precision = engine.resolve_precision(cfg.training.amp, device)
     torch.backends.cudnn.benchmark = device.type == 'cuda'  # fixed shapes within an epoch
     torch.manual_seed(cfg.training.seed)  # same initial weights on every rank
@@ -151,6 +153,8 @@ def build(cfg, dist, wall_start) -> Run:
     class_list = class_list_path(cfg.data.train_dataset)
     model_without_ddp = models.build_model(**config.model_kwargs(cfg),
                                            num_classes=num_classes).to(device)
+    if cfg.training.sync_bn:  # BatchNorm statistics over the batches of all ranks
+        model_without_ddp = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model_without_ddp)
     ema = make_ema(model_without_ddp, cfg.training.ema_decay) if cfg.training.ema_decay else None
     model = model_without_ddp
     if dist.distributed:
@@ -158,25 +162,24 @@ def build(cfg, dist, wall_start) -> Run:
             model, device_ids=[device.index] if device.type == 'cuda' else None)
     if cfg.training.compile:
         model = models.compile_model(model)
-    lr = schedules.scaled_lr(cfg.lr.lr, batch_size=cfg.training.batch_size,
+    lr = schedules.scaled_lr(cfg.lr.lr, batch_size=config.images_per_step(cfg),
                              world_size=dist.world_size, ref_batch_size=cfg.lr.ref_batch_size)
     resolved = {**config.to_dict(cfg), 'derived': {
-        'world_size': dist.world_size, 'global_batch_size': cfg.training.batch_size * dist.world_size,
-        'lr_used': lr, 'num_classes': num_classes, 'device': str(device), 'amp': precision.name,
-        'loader_threads': threads},
+        'world_size': dist.world_size, 'lr_used': lr, 'num_classes': num_classes,
+        'global_batch_size': config.images_per_step(cfg) * dist.world_size,
+        'device': str(device), 'amp': precision.name, 'loader_threads': threads},
         'code': code_version()}
     return Run(
         cfg=cfg, dist=dist, train_loader=train_loader, train_decoder=train_decoder,
-        val_loader=val_loader,
-        model=model, model_without_ddp=model_without_ddp,
+        val_loader=val_loader, model=model, model_without_ddp=model_without_ddp,
         optimizer=optimizers.make_optimizer(
             **config.optimizer_kwargs(cfg), lr=lr,
             groups=models.param_groups(model_without_ddp, **config.param_group_kwargs(cfg))),
         scaler=torch.amp.GradScaler(device.type) if precision.loss_scaling else None,
         options=engine.StepOptions(
-            clip_grad_norm=cfg.training.clip_grad_norm, ema=ema, ema_every=cfg.training.ema_every,
-            mix=batch_mixer(num_classes=num_classes, mixup_alpha=cfg.training.mixup_alpha,
-                            cutmix_alpha=cfg.training.cutmix_alpha)),
+            **config.step_option_kwargs(cfg), ema=ema, mix=batch_mixer(
+                num_classes=num_classes, mixup_alpha=cfg.training.mixup_alpha,
+                cutmix_alpha=cfg.training.cutmix_alpha)),
         loss_fn=torch.nn.CrossEntropyLoss(label_smoothing=cfg.training.label_smoothing),
         precision=precision, lr_at=partial(schedules.lr_at, lr=lr, **config.lr_schedule_kwargs(cfg)),
         res_at=res_at, classes=read_class_names(class_list) if class_list.exists() else None,
@@ -209,7 +212,8 @@ def open_run_dir(run: Run, resume_path) -> RunDir:
               f'{progress.iteration}')
     else:
         run_dir = RunDir.create(cfg.logging.folder, params=run.resolved,
-                                class_list=class_list_path(cfg.data.train_dataset))
+                                class_list=class_list_path(cfg.data.train_dataset),
+                                run_name=cfg.logging.run_name)
         print(f'=> run folder {run_dir.path}')
     derived = run.resolved['derived']
     print(f'=> {cfg.model.arch}, {derived["num_classes"]} classes, {run.dist.world_size} '
@@ -234,6 +238,9 @@ def save_checkpoint(run: Run, epoch: int, iteration: int) -> None:
                   'best_epoch': progress.best_epoch,
                   'wall_time_s': time.perf_counter() - run.wall_start})
     checkpoint.save(state, run.run_dir.checkpoint)
+    if not iteration and run.cfg.checkpoint.keep_last:  # the end of an epoch
+        checkpoint.keep_history(run.run_dir.checkpoint, epochs_done=epoch,
+                                keep_last=run.cfg.checkpoint.keep_last)
     if iteration:  # within an epoch (the end of an epoch shows in the epoch's line)
         tqdm.write(f'=> checkpoint: epoch {epoch}, iteration {iteration}')
 
@@ -306,15 +313,9 @@ def end_of_epoch_eval(run: Run, epoch: int) -> dict:
 
 
 def validate_run(run: Run) -> dict:
-    """:func:`validate` of the model, and of its EMA (keys suffixed ``_ema``) when there is one."""
-    primary = run.dist.is_primary
-    val = validate(run.cfg, run.model_without_ddp, run.val_loader, run.precision,
-                   progress='val' if primary else '')
-    if run.options.ema is not None:
-        ema_val = validate(run.cfg, run.options.ema.module, run.val_loader, run.precision,
-                           progress='val (EMA)' if primary else '')
-        val.update({f'{k}_ema': v for k, v in ema_val.items() if k != 'val_count'})
-    return val
+    """:func:`validate_with_ema` of the run's model and EMA."""
+    return validate_with_ema(run.cfg, run.model_without_ddp, run.options.ema, run.val_loader,
+                             run.precision, show_progress=run.dist.is_primary)
 
 
 def log_train(run: Run, epoch: int, iterations_done: int, values: dict) -> None:

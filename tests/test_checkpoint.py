@@ -238,3 +238,23 @@ except checkpoint.CheckpointError as e:
     assert 'checkpoint.pt: could not be written (File too large)' in proc.stdout
     assert path.read_bytes() == before and checkpoint.load(path)['model']['w'].shape == (10,)
     assert list(tmp_path.iterdir()) == [path]  # no temporary left
+
+
+def test_keep_history_keeps_the_last_n_epoch_checkpoints_and_deletes_only_after_the_new_one(
+        tmp_path):
+    latest = tmp_path / 'checkpoint.pt'
+    for epoch in range(1, 5):
+        checkpoint.save({'format': 1, 'epoch': epoch}, latest)
+        path = checkpoint.keep_history(latest, epochs_done=epoch, keep_last=2)
+        assert path == tmp_path / f'checkpoint_epoch_{epoch}.pt'
+        os.utime(path, (epoch, epoch))  # written in this order, a second apart
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        'checkpoint.pt', 'checkpoint_epoch_3.pt', 'checkpoint_epoch_4.pt']
+    checkpoint.save({'format': 1, 'epoch': 5}, latest)  # the next save leaves the history as it was
+    assert [checkpoint.load(tmp_path / f'checkpoint_epoch_{e}.pt')['epoch'] for e in (3, 4)] == \
+        [3, 4]
+    latest.unlink()  # the new one cannot be made: nothing is deleted
+    with pytest.raises(OSError):
+        checkpoint.keep_history(latest, epochs_done=5, keep_last=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        'checkpoint_epoch_3.pt', 'checkpoint_epoch_4.pt']

@@ -287,9 +287,17 @@ def test_resume_eval_and_fault_keys():
     for bad, key in (('--checkpoint.every_iters=-1', 'checkpoint.every_iters'),
                      ('--dist.timeout_s=0', 'dist.timeout_s'),
                      ('--data.min_crop_scale=0', 'data.min_crop_scale'),
-                     ('--data.flip_prob=1.5', 'data.flip_prob')):
+                     ('--data.flip_prob=1.5', 'data.flip_prob'),
+                     ('--logging.run_name=a/b', 'logging.run_name'),
+                     ('--logging.run_name=..', 'logging.run_name'),
+                     ('--model.pretrained=1', 'model.pretrained'),
+                     ('--training.grad_accum_steps=0', 'training.grad_accum_steps')):
         with pytest.raises(ConfigError, match=key):
             load_config(base + [bad])
+    assert load_config(base + ['--logging.run_name=rn50_a.1-x']).logging.run_name == 'rn50_a.1-x'
+    from imagenet_ffcv.config import images_per_step  # the LR scaling's batch counts accumulation
+    assert images_per_step(load_config(base + ['--training.batch_size=16',
+                                               '--training.grad_accum_steps=4'])) == 64
 
 
 # ----------------------------------------------------------------------------- training options
@@ -300,6 +308,8 @@ OPTION_DEFAULTS = {
     'training.ema_decay': 0.0, 'training.ema_every': 1, 'training.mixup_alpha': 0.0,
     'training.cutmix_alpha': 0.0, 'training.compile': 0, 'checkpoint.keep_best': 0,
     'logging.tensorboard': 0, 'logging.wandb_project': '', 'logging.every_iters': 50,
+    'logging.run_name': '', 'checkpoint.keep_last': 0, 'training.grad_accum_steps': 1,
+    'training.sync_bn': 0,
     'data.decoder': 'fused'}
 
 

@@ -23,8 +23,8 @@ import pytest
 import torch
 
 from conftest import REPO, SAMPLE, small_config
-from imagenet_ffcv import (checkpoint, config, constants, engine, loaders, models, predict,
-                           train, weights)
+from imagenet_ffcv import (checkpoint, config, constants, distributed, engine, loaders, models,
+                           predict, train, weights)
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')]
@@ -305,6 +305,24 @@ def test_a_run_with_the_training_options_on_cuda(sample_betons, tmp_path):
     assert 0 <= summary['top_1_ema'] <= 1 and summary['best_epoch'] in (0, 1)
     if TENSORBOARD:  # the lent GPU machine may not have the package
         assert list((run_dir / 'tensorboard').glob('events.out.tfevents.*'))
+
+
+def test_sync_bn_trains_with_synchronized_batchnorm_and_saves_torchvision_keys(sample_betons,
+                                                                             tmp_path):
+    """training.sync_bn=1: every BatchNorm of the model is torch.nn.SyncBatchNorm (DDP then
+    reduces its statistics over the ranks; one process computes them alone), the run finishes
+    with finite weights, and final_weights.pt loads into torchvision's plain ResNet-18."""
+    import torchvision
+    cfg = small_config(sample_betons, tmp_path, '--training.epochs=1', '--training.sync_bn=1',
+                       '--training.use_blurpool=0')
+    run = train.build(cfg, distributed.from_env(), 0.0)
+    kinds = {type(m) for m in run.model_without_ddp.modules()
+             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)}
+    assert kinds == {torch.nn.SyncBatchNorm}
+    summary = train.main(cfg)
+    state = torch.load(Path(summary['run_dir']) / 'final_weights.pt', weights_only=True)
+    assert all(bool(torch.isfinite(v).all()) for v in state.values() if v.is_floating_point())
+    torchvision.models.resnet18(num_classes=10).load_state_dict(state)
 
 
 def run_config(sample_betons, folder):

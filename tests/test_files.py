@@ -2,6 +2,7 @@
 and the run folder that uses them (imagenet_ffcv/run_dir.py)."""
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -9,7 +10,8 @@ import pytest
 
 from conftest import REPO
 from imagenet_ffcv import files
-from imagenet_ffcv.run_dir import RunDir, code_version, latest_unfinished_checkpoint
+from imagenet_ffcv.run_dir import (RunDir, RunLockedError, code_version,
+                                   latest_unfinished_checkpoint)
 
 
 def dead_pid() -> int:
@@ -77,6 +79,45 @@ def test_reopening_a_run_cuts_the_log_and_keeps_a_live_writers_temporary(tmp_pat
     assert latest_unfinished_checkpoint(tmp_path) == run.checkpoint
     run.final_weights.write_text('')
     assert run.is_finished and latest_unfinished_checkpoint(tmp_path) is None
+
+
+def test_a_run_folder_is_locked_by_its_job_and_a_dead_jobs_lock_is_taken_over(tmp_path):
+    """The lock names this process; a live process's lock, or one from another host, refuses
+    the run (naming the holder) before anything in the folder changes; a dead process's lock is
+    taken over; unlock removes this process's lock."""
+    host = socket.gethostname()
+    run = RunDir.create(tmp_path, params={'logging': {'run_name': 'a'}}, run_name='a')
+    assert run.path.name.startswith('a-') and run.run_name == 'a'
+    assert run.lock_holder() == {'pid': os.getpid(), 'host': host}
+    for epoch in range(3):
+        run.append_log({'epoch': epoch})
+    live = subprocess.Popen([sys.executable, '-c', 'import sys; sys.stdin.read()'],
+                            stdin=subprocess.PIPE)
+    try:
+        for holder in ({'pid': live.pid, 'host': host}, {'pid': 1, 'host': 'elsewhere'}):
+            run.lock_file.write_text(json.dumps(holder))
+            with pytest.raises(RunLockedError, match=f'PID {holder["pid"]} on {holder["host"]}'):
+                RunDir.reopen(run.checkpoint, epoch=1)
+            assert len(run.read_log()) == 3 and run.lock_holder() == holder  # untouched
+    finally:
+        live.communicate(b'')
+    run.lock_file.write_text(json.dumps({'pid': dead_pid(), 'host': host}))
+    again = RunDir.reopen(run.checkpoint, epoch=1)
+    assert again.lock_holder() == {'pid': os.getpid(), 'host': host}
+    assert [r['epoch'] for r in again.read_log()] == [0]
+    again.unlock()
+    assert not again.lock_file.exists()
+
+
+def test_resume_auto_continues_only_a_run_of_its_own_name(tmp_path):
+    runs = {name: RunDir.create(tmp_path, params={'logging': {'run_name': name}}, run_name=name)
+            for name in ('a', 'b', '')}
+    for run in runs.values():
+        run.checkpoint.write_text('')
+    os.utime(runs['a'].checkpoint, (1, 1))  # the oldest: the newest unnamed run would hide it
+    assert {name: latest_unfinished_checkpoint(tmp_path, name) for name in ('a', 'b', '', 'c')} \
+        == {'a': runs['a'].checkpoint, 'b': runs['b'].checkpoint, '': runs[''].checkpoint,
+            'c': None}
 
 
 def test_code_version_names_the_checkout(tmp_path):

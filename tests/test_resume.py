@@ -8,6 +8,7 @@ an uninterrupted one.
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 
 from conftest import REPO, run_env, small_config
 from imagenet_ffcv import checkpoint, config, train
+from imagenet_ffcv.run_dir import RunLockedError
 
 EPOCHS = 4  # at 32, 32, 64, 64 px: the kill falls in epoch 2, the first at 64 px
 RUN = ['--training.epochs=4', '--lr.lr=0.05', '--lr.lr_peak_epoch=1', '--logging.log_level=0',
@@ -139,3 +141,36 @@ def test_non_finite_loss_stops_naming_epoch_and_iteration_and_keeps_the_checkpoi
     assert (state['epoch'], state['iteration']) == (1, 0)  # the end of epoch 0: last good state
     assert all(torch.isfinite(t).all() for t in state['model'].values() if t.is_floating_point())
     assert not (run_dir / 'final_weights.pt').exists()
+
+
+def test_two_jobs_sharing_a_folder_continue_only_their_own_run(sample_betons, tmp_path, capsys):
+    """Jobs 'a' and 'b' in one logging.folder, both with --resume auto: b does not adopt a's
+    unfinished run; a, while its lock names a live process (another job on the same run), is
+    refused naming it, the run untouched; once that process is dead, a continues its own run."""
+    def job(name):
+        return train.main(small_config(sample_betons, tmp_path, '--training.epochs=1',
+                                       '--logging.log_level=0', f'--logging.run_name={name}',
+                                       '--resume=auto'))
+    run_a = Path(job('a')['run_dir'])
+    for name in ('final_weights.pt', 'final_weights.safetensors'):
+        (run_a / name).unlink()  # a is unfinished: its job was stopped before the end
+    saved = (run_a / 'checkpoint.pt').read_bytes()
+    run_b = Path(job('b')['run_dir'])
+    assert run_b != run_a and run_b.name.startswith('b-') and run_a.name.startswith('a-')
+    assert (run_a / 'checkpoint.pt').read_bytes() == saved and not (run_a / 'lock').exists()
+
+    other = subprocess.Popen([sys.executable, '-c', 'import sys; sys.stdin.read()'],
+                             stdin=subprocess.PIPE)
+    try:
+        (run_a / 'lock').write_text(json.dumps({'pid': other.pid, 'host': socket.gethostname()}))
+        with pytest.raises(RunLockedError, match=f'PID {other.pid} on {socket.gethostname()}'):
+            job('a')
+        assert (run_a / 'checkpoint.pt').read_bytes() == saved and len(log_of(run_a)) == 1
+    finally:
+        other.communicate(b'')  # that job ends without unlocking (killed)
+    capsys.readouterr()
+    assert Path(job('a')['run_dir']) == run_a
+    out = capsys.readouterr().out
+    assert f'taking over the lock of PID {other.pid}' in out and f'=> resuming {run_a}' in out
+    assert (run_a / 'final_weights.pt').exists() and not (run_a / 'lock').exists()
+    assert sorted(p.name[0] for p in tmp_path.iterdir()) == ['a', 'b']

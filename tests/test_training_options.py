@@ -1,6 +1,8 @@
 """The optional training features, each on a tiny model where the expected result can be computed
 by hand: EMA (torch.optim.swa_utils), MixUp/CutMix (torchvision.transforms.v2), gradient clipping,
-AdamW/LAMB, the live log cadence and the progress bars (validation, whole-run ETA)."""
+AdamW/LAMB, gradient accumulation, the live log cadence and the progress bars (validation, whole-run
+ETA)."""
+import contextlib
 import copy
 import json
 import sys
@@ -64,6 +66,71 @@ def test_ema_is_the_hand_computed_average_of_parameters_and_buffers_every_k_iter
         torch.testing.assert_close(got[k], expected[k], rtol=1e-5, atol=1e-6)
     assert any(not torch.allclose(got[k], final[k]) for k in got)  # not the model's weights
     assert not torch.allclose(got['1.running_mean'], final['1.running_mean'])
+
+
+class NoSyncRecorder(nn.Module):
+    """A model with DistributedDataParallel's ``no_sync()``: records, for each forward pass,
+    whether it ran inside it."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net, self.inside, self.passes = net, False, []
+
+    @contextlib.contextmanager
+    def no_sync(self):
+        self.inside = True
+        yield
+        self.inside = False
+
+    def forward(self, x):
+        self.passes.append(self.inside)
+        return self.net(x)
+
+
+@pytest.mark.parametrize('batch_count', [8, 5])
+def test_grad_accum_4_x_16_gives_the_update_of_one_batch_of_64(batch_count):
+    """Without BatchNorm, 4 accumulated batches of 16 step as one batch of 64 (to float64
+    tolerance): SGD with momentum and weight decay, gradient clipping on the summed gradients,
+    the EMA and the LR once per optimizer step, at the same fractional epochs; DDP's all-reduce
+    only on each step's last batch; checkpoints after a step only. With 5 batches the last step
+    holds one batch, of 16."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                        nn.Linear(4, 5)).double()
+    x, y = torch.randn(16 * batch_count, 3, 6, 6, dtype=torch.float64), \
+        torch.randint(0, 5, (16 * batch_count,))
+    small = [(x[i:i + 16], y[i:i + 16]) for i in range(0, len(x), 16)]
+    large = [(x[i:i + 64], y[i:i + 64]) for i in range(0, len(x), 64)]
+    # 5 batches: the steps' middles differ from the large batches' (their sizes do), so a
+    # constant LR
+    lr_at = (lambda t: 0.5 / (1 + t)) if batch_count == 8 else (lambda t: 0.3)
+    results = {}
+    for accum, data in ((4, small), (1, large)):
+        model = NoSyncRecorder(copy.deepcopy(net))
+        ema, times, saved = make_ema(model.net, 0.5), [], []
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+        for epoch in range(2):
+            engine.train_one_epoch(
+                model=model, loader=data, optimizer=optimizer, loss_fn=nn.CrossEntropyLoss(),
+                lr_at=lambda t: times.append(t) or lr_at(t), epoch=epoch,
+                show_progress=False, hooks=engine.EpochHooks(save_checkpoint=saved.append,
+                                                             checkpoint_every=2),
+                options=engine.StepOptions(clip_grad_norm=0.05, ema=ema, grad_accum_steps=accum))
+        results[accum] = model, ema, times, saved
+    (model, ema, times, saved), (ref, ref_ema, ref_times, ref_saved) = results[4], results[1]
+    for got, expected in ((model.net, ref.net), (ema.module, ref_ema.module)):
+        for a, b in zip(got.parameters(), expected.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert int(ema.n_averaged) == int(ref_ema.n_averaged) == 4  # two steps an epoch
+    assert not torch.equal(next(model.net.parameters()), next(net.parameters()))
+    if batch_count == 8:
+        assert times == ref_times == [0.25, 0.75, 1.25, 1.75]
+        assert model.passes == [True, True, True, False] * 4 and ref.passes == [False] * 4
+        assert saved == [4, 4] and ref_saved == []  # 2 iterations reached after a step only
+    else:
+        assert times == [0.4, 0.9, 1.4, 1.9]  # (0 + 4) / 2 / 5, (4 + 5) / 2 / 5, ...
+        assert model.passes == [True, True, True, False, False] * 2
+        assert saved == [4, 4]
 
 
 def test_ema_decay_outside_0_1_is_refused():
@@ -199,12 +266,14 @@ OPTIONS = ['--training.epochs=3', '--resolution.min_res=32', '--resolution.max_r
            '--lr.lr=0.002', '--training.optimizer=adamw', '--training.weight_decay=0.05',
            '--training.clip_grad_norm=2', '--training.ema_decay=0.9', '--training.ema_every=2',
            '--training.mixup_alpha=0.2', '--training.cutmix_alpha=1.0',
-           '--checkpoint.keep_best=1', '--logging.tensorboard=1', '--logging.every_iters=4']
+           '--training.grad_accum_steps=2', '--checkpoint.keep_best=1', '--checkpoint.keep_last=2',
+           '--logging.tensorboard=1', '--logging.every_iters=4']
 
 
 @pytest.fixture(scope='module')
 def options_run(sample_betons, tmp_path_factory):
-    """3 epochs of ResNet-18 on the sample (10 iterations each) with every stateful option on."""
+    """3 epochs of ResNet-18 on the sample (10 iterations each, 2 a step) with every stateful
+    option on."""
     folder = tmp_path_factory.mktemp('options')
     summary = train.main(small_config(sample_betons, folder, *OPTIONS))
     run_dir = Path(summary['run_dir'])
@@ -220,10 +289,14 @@ def test_a_run_with_every_option_reports_and_saves_the_ema_and_ends_at_min_lr(op
     assert ema.keys() == model.keys() and (run_dir / 'final_weights_ema.safetensors').exists()
     assert not torch.equal(ema['fc.weight'], model['fc.weight'])
     state = checkpoint.load(run_dir / 'checkpoint.pt')
-    assert int(state['ema']['n_averaged']) == 3 * 10 // 2
+    # 10 batches an epoch, 2 accumulated: 5 optimizer steps, the EMA after steps 2 and 4
+    assert int(state['ema']['n_averaged']) == 3 * 2
     assert 'exp_avg_sq' in next(iter(state['optimizer']['state'].values()))  # AdamW's
-    # the last step (t = 3 - 0.05 epochs) is a hair above min_lr
-    assert 0.0005 < log[-1]['lr'] < 0.0005 * 1.01
+    assert int(state['optimizer']['state'][0]['step']) == 3 * 5
+    # the last step (batches 8 and 9, t = 3 - 0.1 epochs) is a hair above min_lr
+    assert log[-1]['lr'] == pytest.approx(schedules.lr_at(
+        2.9, schedule='cosine', lr=0.002, epochs=3, warmup_epochs=1, min_lr=0.0005), rel=1e-12)
+    assert 0.0005 < log[-1]['lr'] < 0.0005 * 1.02
 
 
 def test_keep_best_holds_the_weights_of_the_best_epoch(options_run, sample_betons, tmp_path):
@@ -274,6 +347,16 @@ def test_resume_with_every_option_ends_like_the_uninterrupted_run(options_run, s
         (summary['top_1'], summary['top_1_ema'], summary['best_epoch'])
     log_lines = (Path(first['run_dir']) / 'log.jsonl').read_text().splitlines()
     assert [json.loads(line)['epoch'] for line in log_lines] == [0, 1, 2]
+    # checkpoint.keep_last=2: the checkpoints after epochs 2 and 3 (epoch 1's deleted after the
+    # resume), each as the uninterrupted run's
+    for folder in (run_dir, Path(resumed['run_dir'])):
+        assert sorted(p.name for p in folder.glob('checkpoint_epoch_*.pt')) == [
+            'checkpoint_epoch_2.pt', 'checkpoint_epoch_3.pt']
+    for epochs_done in (2, 3):
+        got, expected = (checkpoint.load(folder / f'checkpoint_epoch_{epochs_done}.pt')
+                         for folder in (Path(resumed['run_dir']), run_dir))
+        assert got['epoch'] == expected['epoch'] == epochs_done
+        assert all(torch.equal(got['model'][k], expected['model'][k]) for k in expected['model'])
 
 
 def test_compile_may_change_on_resume_but_the_stateful_options_may_not():
@@ -293,6 +376,15 @@ def test_training_compile_wraps_the_model_and_checkpoints_keep_torchvision_keys(
     assert run.model._orig_mod is run.model_without_ddp
     assert list(models.unwrapped_state_dict(run.model)) == \
         list(run.model_without_ddp.state_dict())
+
+
+def test_sync_bn_off_cuda_is_refused_before_any_work(sample_betons, tmp_path):
+    """SyncBatchNorm runs on CUDA only (its CUDA test: tests/test_cuda.py)."""
+    cfg = small_config(sample_betons, tmp_path, '--training.sync_bn=1')
+    with pytest.raises(config.ConfigError, match=r'training.sync_bn=1: torch.nn.SyncBatchNorm '
+                                                 r'runs on CUDA GPUs only.*this run is on cpu'):
+        train.main(cfg)
+    assert list(tmp_path.iterdir()) == []  # no run folder
 
 
 def test_wandb_asked_for_but_missing_stops_before_any_work(sample_betons, tmp_path, monkeypatch):

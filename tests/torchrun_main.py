@@ -7,8 +7,9 @@ run's exit code.
     torchrun --nproc_per_node=2 tests/torchrun_main.py OUT_DIR ...
 
 ``--send-signal=SIGKILL:2:5:0`` sends signal NAME to rank RANK's own process while it trains step
-STEP (counted from 0 within the epoch) of epoch EPOCH, on torchrun's first attempt only: a test
-then knows where the run was when the signal arrived, rather than guessing it from the time.
+STEP (a batch, counted from 0 within the epoch) of epoch EPOCH, on torchrun's first attempt only:
+a test then knows where the run was when the signal arrived, rather than guessing it from the
+time.
 """
 import json
 import os
@@ -25,7 +26,7 @@ def signal_at(name: str, epoch: int, step: int) -> None:
     """Make ``engine``'s training loop send ``name`` to this process as step ``step`` of ``epoch``
     starts (a resumed epoch counts the steps it skips)."""
     where = {'epoch': None, 'step': 0}
-    train_one_epoch, train_step = engine.train_one_epoch, engine.train_step
+    train_one_epoch, forward_backward = engine.train_one_epoch, engine.forward_backward
 
     def counting_epoch(**kwargs):
         where.update(epoch=kwargs['epoch'], step=kwargs.get('start_iteration', 0))
@@ -35,9 +36,9 @@ def signal_at(name: str, epoch: int, step: int) -> None:
         if (where['epoch'], where['step']) == (epoch, step):
             os.kill(os.getpid(), getattr(signal, name))
         where['step'] += 1
-        return train_step(**kwargs)
+        return forward_backward(**kwargs)
 
-    engine.train_one_epoch, engine.train_step = counting_epoch, signalling_step
+    engine.train_one_epoch, engine.forward_backward = counting_epoch, signalling_step
 
 
 if __name__ == '__main__':
