@@ -201,12 +201,11 @@ def _check_consistency(cfg) -> None:
     if cfg.training.eval_only and not cfg.model.weights:
         problems.append('training.eval_only=1 needs model.weights=PATH (a checkpoint.pt or '
                         'final_weights.pt)')
-    if cfg.model.weights and not cfg.training.eval_only:
-        problems.append(f'model.weights={cfg.model.weights} is only read with '
-                        'training.eval_only=1; to continue a run use --resume')
+    if cfg.model.reset_head and not cfg.model.weights:
+        problems.append('model.reset_head=1 needs model.weights=PATH (the weights to fine-tune)')
     if cfg.model.pretrained:
-        problems.append('model.pretrained=1: pretrained weights cannot be fetched here; training '
-                        'starts from random weights (set it to 0)')
+        problems.append('model.pretrained=1: weights are never fetched from the network; set it '
+                        'to 0 and start from a file with model.weights=PATH')
     if cfg.training.eval_only and cfg.checkpoint.resume:
         problems.append('checkpoint.resume and training.eval_only=1 exclude each other')
     problems += _option_problems(cfg)
@@ -355,6 +354,15 @@ def step_option_kwargs(cfg: SimpleNamespace) -> dict:
     """The keyword arguments of ``engine.StepOptions`` but the EMA model and the batch mixer."""
     return {'clip_grad_norm': cfg.training.clip_grad_norm, 'ema_every': cfg.training.ema_every,
             'grad_accum_steps': cfg.training.grad_accum_steps}
+
+
+def check_batches(cfg: SimpleNamespace, loader, world_size: int) -> None:
+    """Raise ConfigError when the training ``loader`` (an ffcv ``Loader``) has no full batch."""
+    if len(loader) == 0:
+        raise ConfigError(f'training.batch_size={cfg.training.batch_size} x {world_size} '
+                          f'process(es) is more than the {loader.reader.num_samples} images of '
+                          f'{cfg.data.train_dataset}: no full batch to train on; lower '
+                          'training.batch_size')
 
 
 def images_per_step(cfg: SimpleNamespace) -> int:

@@ -82,9 +82,15 @@ def _data_and_model_sections(section) -> None:
     section('model', 'network',
             arch=Param(str, "torchvision classification model name, or 'timm:<name>' (a timm "
                             'model; needs the optional timm package)', default='resnet50'),
-            pretrained=Param(int, 'must be 0: training starts from random weights', default=0),
-            weights=Param(str, 'with training.eval_only=1: the checkpoint.pt or final_weights.pt '
-                               'to evaluate', default=''))
+            pretrained=Param(int, 'must be 0: weights are never fetched from the network (start '
+                                  'from a file with model.weights)', default=0),
+            weights=Param(str, 'training: start from these weights (fine-tuning): a checkpoint.pt, '
+                               'final_weights.pt/.safetensors or a torchvision state dict file; '
+                               "the checkpoint wins on --resume. With training.eval_only=1: the "
+                               "weights to evaluate. '': random initialisation", default=''),
+            reset_head=Param(int, 'with model.weights: 1: the classifier (last Linear layer) '
+                                  'starts newly initialised; 0: loaded, unless the class count '
+                                  'differs (then new, with a message)', default=0))
     section('resolution', 'progressive resizing of training crops (pixels, epochs)',
             min_res=Param(int, 'side of training crops until start_ramp (px)', default=160),
             max_res=Param(int, 'side of training crops from end_ramp on (px)', default=192),

@@ -50,11 +50,10 @@ def main(cfg) -> dict:
 
 @dataclass
 class Progress:
-    """Where a run stands; saved in its checkpoint. ``epoch``/``iteration``: the next step to
-    train; ``best_top1``, ``best_epoch``: the best validation top-1 so far (fraction) and the epoch
-    after which it was measured; ``images``, ``train_seconds``: trained so far over all ranks;
-    ``wall_time_s``: wall time of the processes before this one (a resumed run counts from its
-    first start)."""
+    """Where a run stands (in its checkpoint): ``epoch``/``iteration`` the next step to train;
+    ``best_top1``/``best_epoch`` the best validation top-1 so far (fraction) and its epoch;
+    ``images``, ``train_seconds`` trained so far over all ranks; ``wall_time_s`` wall time of the
+    processes before this one (a resumed run counts from its first start)."""
     epoch: int = 0
     iteration: int = 0
     best_top1: float = None
@@ -143,16 +142,17 @@ def build(cfg, dist, wall_start) -> Run:
     train_loader, train_decoder = loaders.train_loader(
         **config.train_loader_kwargs(cfg), num_workers=threads, res=res_at(0), device=device,
         distributed=dist.distributed, dtype=precision.input_dtype)
-    if len(train_loader) == 0:
-        raise config.ConfigError(
-            f'training.batch_size={cfg.training.batch_size} x {dist.world_size} process(es) is '
-            f'more than the {loaders.num_samples(cfg.data.train_dataset)} images of '
-            f'{cfg.data.train_dataset}: no full batch to train on; lower training.batch_size')
+    config.check_batches(cfg, train_loader, dist.world_size)
     val_loader = make_val_loader(cfg, dist, precision)
     num_classes = loaders.num_classes(cfg.data.train_dataset, val_path=cfg.data.val_dataset)
     class_list = class_list_path(cfg.data.train_dataset)
-    model_without_ddp = models.build_model(**config.model_kwargs(cfg),
-                                           num_classes=num_classes).to(device)
+    model_without_ddp = models.build_model(**config.model_kwargs(cfg), num_classes=num_classes)
+    if cfg.model.weights:  # fine-tuning (on --resume, the checkpoint's weights replace these)
+        loaded = weights.init_from(model_without_ddp, cfg.model.weights,
+                                   reset_head=bool(cfg.model.reset_head))
+        if dist.is_primary:
+            print(loaded)
+    model_without_ddp.to(device)
     if cfg.training.sync_bn:  # BatchNorm statistics over the batches of all ranks
         model_without_ddp = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model_without_ddp)
     ema = make_ema(model_without_ddp, cfg.training.ema_decay) if cfg.training.ema_decay else None

@@ -1,6 +1,6 @@
 """Trained weights: ``final_weights.pt`` and ``final_weights.safetensors`` written atomically, read
 back from either or from a checkpoint without running code, and the model rebuilt from them as it
-was trained (eval-only, predict).
+was trained (eval-only, predict) or started from them (fine-tuning: :func:`init_from`).
 
 ``final_weights.pt`` is a state dict with torchvision's keys (``torch.load(weights_only=True)``
 reads it); ``final_weights.safetensors`` holds the same tensors (no pickle at all) with the run's
@@ -125,3 +125,39 @@ def load_model(path, *, num_classes: int = None, arch: str = 'resnet50', use_blu
         raise CheckpointError(f'{path}: the weights do not fit {structure["arch"]} with '
                               f'{num_classes} classes: {str(e).splitlines()[0]}') from None
     return SavedModel(model=model, config=saved_config, classes=classes, arch=structure['arch'])
+
+
+def classifier_keys(model: torch.nn.Module) -> set:
+    """The state-dict keys of ``model``'s classifier: its last ``nn.Linear`` (torchvision's
+    ResNet ``fc``, VGG's and EfficientNet's ``classifier.N``, timm's ``head.fc`` or ``fc``), or
+    an empty set when it has none."""
+    names = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    if not names:
+        return set()
+    return {f'{names[-1]}.{k}' for k in ('weight', 'bias')} & set(model.state_dict())
+
+
+def init_from(model: torch.nn.Module, path, *, reset_head: bool) -> str:
+    """Start ``model`` (built for the dataset's classes) from the weights in ``path`` (a
+    checkpoint, ``final_weights.pt`` / ``.safetensors``, or a plain torchvision state dict saved
+    with ``torch.save``; read by :func:`load_weights`, nothing in it runs), as fine-tuning does
+    (timm's ``--initial-checkpoint``; the weights are never fetched from the network). The
+    classifier (:func:`classifier_keys`) keeps its fresh initialisation when ``reset_head``, or
+    when its shape in the file differs (another class count). Returns a line saying what was
+    loaded. Raises CheckpointError naming the file and the keys when any other weight is missing,
+    extra or of another shape (another architecture)."""
+    state = load_weights(path)[0]
+    own, head = model.state_dict(), classifier_keys(model)
+    wrong_shape = {k for k in state.keys() & own.keys() if state[k].shape != own[k].shape}
+    reset = head if reset_head or (wrong_shape & head) else set()
+    missing = sorted(own.keys() - state.keys() - reset)
+    extra, wrong_shape = sorted(state.keys() - own.keys()), sorted(wrong_shape - reset)
+    if missing or extra or wrong_shape:
+        raise CheckpointError(
+            f'{path}: the weights do not fit this model (another architecture?): missing '
+            f'{missing[:5] or "none"}, unexpected {extra[:5] or "none"}, other shapes '
+            f'{wrong_shape[:5] or "none"}')
+    model.load_state_dict({k: v for k, v in state.items() if k not in reset}, strict=False)
+    why = ('as asked' if reset_head else 'the class count differs') if reset else ''
+    return (f'=> started from {path} ({len(state) - len(reset)} tensors)' +
+            (f'; classifier {", ".join(sorted(reset))} newly initialised ({why})' if reset else ''))

@@ -237,7 +237,7 @@ def test_to_dict_round_trip(tmp_path):
     d = to_dict(cfg)
     assert set(d) == SECTIONS
     assert d['training']['epochs'] == 3
-    assert d['model'] == {'arch': 'resnet18', 'pretrained': 0, 'weights': ''}
+    assert d['model'] == {'arch': 'resnet18', 'pretrained': 0, 'weights': '', 'reset_head': 0}
     json.dumps(d)  # params.json: serialisable
     path = _write(tmp_path, yaml.safe_dump(d), 'round.yaml')
     again = load_config(['--config', str(path)])
@@ -280,8 +280,7 @@ def test_resume_eval_and_fault_keys():
     assert (cfg.data.min_crop_scale, cfg.data.flip_prob) == (0.08, 0.5)
     with pytest.raises(ConfigError, match='needs model.weights'):
         load_config(base + ['--training.eval_only=1'])
-    with pytest.raises(ConfigError, match='model.weights=w.pt is only read with training.eval_only=1'):
-        load_config(base + ['--model.weights=w.pt'])
+    assert load_config(base + ['--model.weights=w.pt']).model.weights == 'w.pt'  # fine-tuning
     with pytest.raises(ConfigError, match='exclude each other'):
         load_config(base + ['--training.eval_only=1', '--model.weights=w.pt', '--resume=auto'])
     for bad, key in (('--checkpoint.every_iters=-1', 'checkpoint.every_iters'),
@@ -309,7 +308,7 @@ OPTION_DEFAULTS = {
     'training.cutmix_alpha': 0.0, 'training.compile': 0, 'checkpoint.keep_best': 0,
     'logging.tensorboard': 0, 'logging.wandb_project': '', 'logging.every_iters': 50,
     'logging.run_name': '', 'checkpoint.keep_last': 0, 'training.grad_accum_steps': 1,
-    'training.sync_bn': 0,
+    'training.sync_bn': 0, 'model.reset_head': 0,
     'data.decoder': 'fused'}
 
 
