@@ -260,6 +260,24 @@ def ffcv_stock_loader(path, *, res, workers, batch_size, device=None):
     return loader, decoder
 
 
+def learn_run_samples(nette, *, train_images: int, val_images: int) -> dict:
+    """The learning run's samples: ``{'imagenette_train.beton': [(path, label)],
+    'imagenette_val.beton': [...]}`` from the imagenette folder ``nette``, each split a random subset (seed 0) of
+    ``train_images`` / ``val_images`` (0: all), in file order."""
+    import numpy as np
+
+    from imagenet_ffcv import sources
+    classes = sources.find_classes(Path(nette) / 'train')
+    rng = np.random.default_rng(0)
+    jobs = {}
+    for split, n in (('train', train_images), ('val', val_images)):
+        samples = sources.list_samples(Path(nette) / split, classes)
+        if n and n < len(samples):
+            samples = [samples[i] for i in sorted(rng.choice(len(samples), n, replace=False))]
+        jobs[f'imagenette_{split}.beton'] = samples
+    return jobs
+
+
 def resnet18_run_args(*, train, val, folder, epochs: int, batch_size: int, res: tuple,
                       val_res: int, val_batch_size: int, lr_per_256: float = 0.2,
                       workers: int = None) -> list:

@@ -32,7 +32,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import REPO, RESULTS, SHARED_DATA, markdown_table, resnet18_run_args, write_csv
+from common import (REPO, RESULTS, SHARED_DATA, learn_run_samples, markdown_table,
+                    resnet18_run_args, write_csv)
 
 CARRY = REPO / '.carry'
 PYTHON = sys.executable
@@ -491,8 +492,6 @@ def write_data(args, work, sizes) -> list:
     """The .beton files of the later steps, as imagenet-ffcv-write writes them (JPEG q90, shorter
     side at most 256): imagewoof320 pooled to the loader's and the training step's sizes,
     imagenette train and val with their class lists."""
-    import numpy as np
-
     from common import pooled_samples
     from imagenet_ffcv import sources
     from imagenet_ffcv.classes import class_list_path, write_class_list
@@ -503,13 +502,9 @@ def write_data(args, work, sizes) -> list:
     train_samples = sizes.train_batch * (sizes.train_warmup + sizes.train_steps + 1)
     jobs = [('loader.beton', pooled_samples(woof, sizes.loader_samples)),
             ('train.beton', pooled_samples(woof, train_samples))]
+    jobs += learn_run_samples(nette, train_images=sizes.learn_train_images,
+                              val_images=sizes.learn_val_images).items()
     classes = sources.find_classes(nette / 'train')
-    rng = np.random.default_rng(0)
-    for split, n in (('train', sizes.learn_train_images), ('val', sizes.learn_val_images)):
-        samples = sources.list_samples(nette / split, classes)
-        if n and n < len(samples):
-            samples = [samples[i] for i in sorted(rng.choice(len(samples), n, replace=False))]
-        jobs.append((f'imagenette_{split}.beton', samples))
     start, images = time.perf_counter(), 0
     for name, samples in jobs:
         write_beton(samples, work / name, max_res=256, num_workers=os.cpu_count())

@@ -9,40 +9,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 budget=${GPU_CHECK_BUDGET_S:-440}
 
-# Python with ffcv: the project's .venv when it has it, else python3 (+ .carry's ffcv if needed).
-if [ -x .venv/bin/python ] && .venv/bin/python -c 'import ffcv' 2>/dev/null; then
-  py=.venv/bin/python
-else
-  py=python3
-  if ! "$py" -c 'import ffcv' 2>/dev/null; then
-    if [ -f .carry/activate.sh ]; then
-      source .carry/activate.sh  # unpacks to /tmp/ffcv-carry, sets PYTHONPATH, LD_LIBRARY_PATH
-    else
-      echo "gpu_check.sh: ffcv is not importable and there is no .carry/ (run 'make carry' on" \
-           "a machine with the project's .venv and bring .carry along)" >&2
-    fi
-  fi
-fi
-
-# Pinned dependencies the GPU machine lacks (safetensors, an abi3 wheel): .carry/python.
-if [ -d .carry/python ] && ! "$py" -c 'import safetensors' 2>/dev/null; then
-  export PYTHONPATH=$PWD/.carry/python${PYTHONPATH:+:$PYTHONPATH}
-fi
-
-# Our region decoder: decoders.library_path() looks for _jpeg_region*.so beside decoders.py (pip
-# install builds it there); put the one built by make carry there, and its libjpeg on the library
-# path, unless one is there already.
-if [ -d .carry/lib ]; then
-  export LD_LIBRARY_PATH=$PWD/.carry/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
-  if ! ls imagenet_ffcv/_jpeg_region*.so >/dev/null 2>&1; then
-    if ls .carry/lib/_jpeg_region*.so >/dev/null 2>&1; then
-      cp .carry/lib/_jpeg_region*.so imagenet_ffcv/
-    else
-      echo "gpu_check.sh: warning: .carry/lib has no _jpeg_region*.so (run make carry again);" \
-           "the slower fallback runs" >&2
-    fi
-  fi
-fi
+name=gpu_check.sh
+source benchmarks/carry_env.sh  # sets $py: Python with ffcv, .carry's decoder
 
 echo "gpu_check.sh: $("$py" --version 2>&1) at $(command -v "$py"); budget $budget s"
 timeout -k 10 $((budget + 20)) "$py" benchmarks/gpu_check.py --budget-s "$budget" "$@"

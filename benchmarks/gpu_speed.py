@@ -54,7 +54,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import REPO, RESULTS, SHARED_DATA, markdown_table, write_csv
+from common import REPO, RESULTS, SHARED_DATA, learn_run_samples, markdown_table, write_csv
 
 CARRY = REPO / '.carry'
 
@@ -325,8 +325,6 @@ def machine_info(args, work, sizes, rows) -> None:
 def write_data(args, work, sizes, rows) -> None:
     """speed.beton (imagewoof320 + imagenette, train + val, pooled and repeated to
     ``sizes.samples``) and imagenette_train/val.beton with their class lists."""
-    import numpy as np
-
     from common import DEMO, pooled_samples
     from imagenet_ffcv import sources
     from imagenet_ffcv.classes import class_list_path, write_class_list
@@ -336,13 +334,9 @@ def write_data(args, work, sizes, rows) -> None:
     pool = [s for folder in sets for s in pooled_samples(folder, 1)]
     jobs = [('speed.beton', pool * -(-sizes.samples // len(pool)))]
     nette = root / 'imagenette' if root else DEMO
+    jobs += learn_run_samples(nette, train_images=sizes.learn_train_images,
+                              val_images=sizes.learn_val_images).items()
     classes = sources.find_classes(nette / 'train')
-    rng = np.random.default_rng(0)
-    for split, n in (('train', sizes.learn_train_images), ('val', sizes.learn_val_images)):
-        samples = sources.list_samples(nette / split, classes)
-        if n and n < len(samples):
-            samples = [samples[i] for i in sorted(rng.choice(len(samples), n, replace=False))]
-        jobs.append((f'imagenette_{split}.beton', samples))
     start = time.perf_counter()
     for name, samples in jobs:
         write_beton(samples, work / name, max_res=256, num_workers=os.cpu_count())
