@@ -1,8 +1,8 @@
 # make demo: convert the embedded sample and train ResNet-18 on it (CPU, a few minutes).
 # make test: the test suite (CPU).
-# make bench: loader (and where its time goes), training-loop, writer and decoder-quality benchmarks
-# (tables; CSV + PNG in bench-results/). The decoder parity study (about an hour) is separate:
-# benchmarks/decoder_parity.py.
+# make bench: loader (and where its time goes), training-loop, augmentation, writer and
+# decoder-quality benchmarks (tables; CSV + PNG in bench-results/). The decoder parity study (about
+# an hour) is separate: benchmarks/decoder_parity.py.
 # make carry: .carry/ (ffcv, our JPEG decoder library, the check's images) for an offline GPU machine.
 # make gpu-check: the one-shot CUDA check (benchmarks/gpu_check.sh; bench-results/gpu.md, gpu.csv).
 # make gpu-speed: the GPU speed measurement (benchmarks/gpu_speed.sh; bench-results/gpu_speed.md, .csv).
@@ -51,6 +51,7 @@ bench: setup
 	$(PY) benchmarks/bench_loader.py
 	$(PY) benchmarks/loader_profile.py
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_augment.py
 	$(PY) benchmarks/bench_writer.py
 	$(PY) benchmarks/decoder_quality.py
 

@@ -20,6 +20,7 @@ sys.path.insert(0, str(REPO))
 SHARED_DATA = REPO.parent / 'shared' / 'data'
 DEMO = REPO / 'demo' / 'imagenette_sample'
 RESULTS = REPO / 'bench-results'
+CARRY = REPO / '.carry'  # make carry: what an offline GPU machine needs (make_carry.sh)
 # How imagenet-ffcv-write stores images by default
 STORAGE = {'write_mode': 'jpg', 'max_res': 256, 'jpeg_quality': 90}
 # ffcv-imagenet's ResNet-18 recipe, shipped in imagenet_ffcv/configs
@@ -69,7 +70,23 @@ def machine_line() -> str:
     gpu = f', GPU {torch.cuda.get_device_name(0)}' if torch.cuda.is_available() else ''
     return (f'{platform.node()}: {os.cpu_count()} cores ({cpu}){gpu}, Python '
             f'{platform.python_version()}, torch {torch.__version__}, ffcv {ffcv_version}, '
-            f'numba {numba.__version__}, {time.strftime("%Y-%m-%d")}')
+            f'numba {numba.__version__}, {time.strftime("%Y-%m-%d")}, commit {commit()}')
+
+
+def commit() -> str:
+    """The git commit of the code (``run_dir.code_version``, with '+ uncommitted changes' when
+    tracked files differ), or, where the tree travelled without .git, the one make_carry.sh
+    recorded in .carry/COMMIT."""
+    from imagenet_ffcv.run_dir import code_version
+    version = code_version()
+    if version['git_commit']:
+        return version['git_commit'][:7] + (' (+ uncommitted changes)' if version['git_dirty']
+                                            else '')
+    if (CARRY / 'COMMIT').exists():
+        head, *changed = (CARRY / 'COMMIT').read_text().splitlines()
+        return head + (f' (+ {len(changed)} changed files)' if changed else '') + \
+            ' (as recorded by make carry)'
+    return 'unknown (no git, no .carry/COMMIT)'
 
 
 class PeakRSS:

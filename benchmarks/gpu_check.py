@@ -32,10 +32,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import (REPO, RESULTS, SHARED_DATA, learn_run_samples, markdown_table,
+from common import (CARRY, REPO, RESULTS, SHARED_DATA, commit, learn_run_samples, markdown_table,
                     resnet18_run_args, write_csv)
 
-CARRY = REPO / '.carry'
 PYTHON = sys.executable
 
 
@@ -402,22 +401,6 @@ class Report:
             for name in ('gpu.md', 'gpu.csv', 'gpu-logs.txt'):
                 shutil.copy(self.out / name, Path(os.environ['OUT']) / name)
         return text
-
-
-def commit() -> str:
-    """The git commit of the code (``run_dir.code_version``, with '+ uncommitted changes' when
-    tracked files differ), or, where the tree travelled without .git, the one make_carry.sh
-    recorded in .carry/COMMIT."""
-    from imagenet_ffcv.run_dir import code_version
-    version = code_version()
-    if version['git_commit']:
-        return version['git_commit'][:7] + (' (+ uncommitted changes)' if version['git_dirty']
-                                            else '')
-    if (CARRY / 'COMMIT').exists():
-        head, *changed = (CARRY / 'COMMIT').read_text().splitlines()
-        return head + (f' (+ {len(changed)} changed files)' if changed else '') + \
-            ' (as recorded by make carry)'
-    return 'unknown (no git, no .carry/COMMIT)'
 
 
 _smi = None

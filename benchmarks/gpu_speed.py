@@ -54,9 +54,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import REPO, RESULTS, SHARED_DATA, learn_run_samples, markdown_table, write_csv
-
-CARRY = REPO / '.carry'
+from common import (CARRY, REPO, RESULTS, SHARED_DATA, commit, learn_run_samples, markdown_table,
+                    write_csv)
 
 
 @dataclass(frozen=True)
@@ -253,18 +252,6 @@ def write_report(rows, args, started) -> str:
     return text
 
 
-def commit() -> str:
-    """The code's commit (``run_dir.code_version``), else the one .carry/COMMIT recorded."""
-    from imagenet_ffcv.run_dir import code_version
-    version = code_version()
-    if version['git_commit']:
-        return version['git_commit'][:7] + (' (+ uncommitted changes)' if version['git_dirty']
-                                            else '')
-    if (CARRY / 'COMMIT').exists():
-        return (CARRY / 'COMMIT').read_text().split()[0] + ' (as recorded by make carry)'
-    return 'unknown'
-
-
 # ---------------------------------------------------------------------------------------------
 # The children.
 
@@ -294,7 +281,6 @@ def data_root(args):
         if (root / 'imagenette' / 'train').is_dir() and (root / 'imagewoof320' / 'train').is_dir():
             return root
     return None
-
 
 
 def machine_info(args, work, sizes, rows) -> None:

@@ -10,9 +10,10 @@ decoders and the JPEG region decoder), ``resampling`` (their bilinear resample),
 and flips from seed, epoch and sample), ``constants``.
 Training: ``config`` and ``config_schema`` (the configuration and its keys), ``models``,
 ``optimizers``, ``schedules``, ``engine`` (training step and epoch, evaluation, mixed precision),
-``ema``, ``mixup``, ``evaluate`` (validation and eval-only), ``metrics``, ``distributed``
-(torchrun), ``checkpoint`` (the checkpoint format, resume, safe loading), ``weights`` (final
-weights, models rebuilt from them), ``signals`` (pre-emption and Ctrl-C), ``run_dir`` (the run
+``ema``, ``augment`` (RandAugment, TrivialAugmentWide, Random Erasing), ``mixup``, ``evaluate``
+(validation and eval-only), ``metrics``, ``distributed`` (torchrun), ``checkpoint`` (the
+checkpoint format, resume, safe loading), ``weights`` (final weights, models rebuilt from them),
+``signals`` (pre-emption and Ctrl-C), ``run_dir`` (the run
 folder), ``loggers`` (TensorBoard, W&B), ``optional`` (optional packages), ``files`` (atomic
 writes), ``errors`` (the base exception).
 

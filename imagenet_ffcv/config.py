@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import yaml
 from fastargs import Config
 
-from . import schedules
+from . import augment, schedules
 from .config_schema import declare, markdown  # markdown: docs/configuration.md
 from .errors import ImagenetFfcvError
 from .optional import require
@@ -228,6 +228,10 @@ def _option_problems(cfg) -> list:
         if getattr(t, key) < 0:
             problems.append(f'training.{key}={getattr(t, key)} must be >= 0 (0: off)')
     try:
+        step_option_kwargs(cfg)  # augment.batch_augmenter checks its keys
+    except ValueError as e:
+        problems.append(f'training.{e}')  # the message starts with the key
+    try:
         parse_betas(t.betas)
     except ValueError as e:
         problems.append(f'training.betas={t.betas!r}: {e}')
@@ -352,8 +356,11 @@ def saved_eval_kwargs(saved: dict) -> dict:
 
 def step_option_kwargs(cfg: SimpleNamespace) -> dict:
     """The keyword arguments of ``engine.StepOptions`` but the EMA model and the batch mixer."""
-    return {'clip_grad_norm': cfg.training.clip_grad_norm, 'ema_every': cfg.training.ema_every,
-            'grad_accum_steps': cfg.training.grad_accum_steps}
+    t = cfg.training
+    return {'clip_grad_norm': t.clip_grad_norm, 'ema_every': t.ema_every,
+            'grad_accum_steps': t.grad_accum_steps, 'augment': augment.batch_augmenter(
+                auto_augment=t.auto_augment, ra_magnitude=t.ra_magnitude,
+                random_erase=t.random_erase)}
 
 
 def check_batches(cfg: SimpleNamespace, loader, world_size: int) -> None:

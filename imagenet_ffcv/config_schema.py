@@ -175,6 +175,13 @@ def _training_sections(section) -> None:
                               default=0.0),
             cutmix_alpha=Param(float, 'CutMix Beta(alpha, alpha) (Yun et al. 2019); 0: off; with '
                                       'mixup_alpha too, one of the two per batch', default=0.0),
+            auto_augment=Param(str, "per-image auto-augmentation (torchvision v2): 'ra' "
+                                    "(RandAugment, Cubuk et al. 2020), 'ta_wide' "
+                                    "(TrivialAugmentWide, Muller and Hutter 2021); '': off",
+                               default=''),
+            ra_magnitude=Param(int, 'magnitude of the RandAugment ops, 0-30', default=9),
+            random_erase=Param(float, 'probability of Random Erasing per image (Zhong et al. '
+                                      '2020); 0: off', default=0.0),
             sync_bn=Param(int, '1: torch.nn.SyncBatchNorm: BatchNorm statistics over the batches '
                                'of all processes, for small batches per GPU (CUDA only)',
                           default=0),

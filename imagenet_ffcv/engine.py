@@ -92,6 +92,9 @@ class StepOptions:
 
     clip_grad_norm: clip the global L2 norm of the gradients to this value before the step
     (``torch.nn.utils.clip_grad_norm_``, after unscaling under fp16); 0: off.
+    augment: a per-image transform of the batch ``x -> x`` (float (B, 3, H, W), normalised), e.g.
+    ``augment.batch_augmenter``'s RandAugment/TrivialAugmentWide/RandomErasing, applied to each
+    batch on its device before ``mix``; None: off.
     mix: a batch transform ``(x, y) -> (x, soft targets float (B, classes))``, e.g.
     ``mixup.batch_mixer``'s MixUp/CutMix, applied to each batch on its device; None: off.
     ema: a ``torch.optim.swa_utils.AveragedModel`` of the model, updated from the model's
@@ -104,6 +107,7 @@ class StepOptions:
     optimizer step; the last group of an epoch may hold fewer batches.
     """
     clip_grad_norm: float = 0.0
+    augment: Callable = None
     mix: Callable = None
     ema: torch.nn.Module = None
     ema_every: int = 1
@@ -147,15 +151,18 @@ def _agree(first_bad, iterations: int, epoch: int, stop_requested, corrupt_recor
     return bool(go_on)
 
 
-def forward_backward(*, model, x, y, loss_fn, amp_dtype=None, scaler=None, mix=None,
-                     loss_divisor: int = 1, sync: bool = True) -> torch.Tensor:
+def forward_backward(*, model, x, y, loss_fn, amp_dtype=None, scaler=None, augment=None,
+                     mix=None, loss_divisor: int = 1, sync: bool = True) -> torch.Tensor:
     """Forward and backward pass on the batch ``x`` (float (B, 3, H, W)), ``y`` (int64 (B,)),
     adding the gradients of ``loss / loss_divisor`` to the parameters' ``.grad``: the forward pass
     under autocast to ``amp_dtype`` (None: full precision), the loss scaled by ``scaler`` (a
     ``torch.amp.GradScaler``, for fp16) when given. ``sync`` False: inside the model's
     ``no_sync()`` (DistributedDataParallel keeps the gradients local until a pass with ``sync``;
-    a model without ``no_sync`` is unaffected). mix: see :class:`StepOptions`; the loss then takes
-    the soft targets. Returns the detached loss, not divided (a 0-d tensor; no device sync)."""
+    a model without ``no_sync`` is unaffected). augment, mix: see :class:`StepOptions` (augment
+    first); with mix the loss takes the soft targets. Returns the detached loss, not divided (a 0-d
+    tensor; no device sync)."""
+    if augment is not None:
+        x = augment(x)
     if mix is not None:
         x, y = mix(x, y)
     no_sync = getattr(model, 'no_sync', None) if not sync else None
@@ -217,7 +224,7 @@ def train_one_epoch(*, model, loader, optimizer, loss_fn, lr_at, epoch: int, amp
     ``a..b-1`` takes ``lr_at(epoch + (a + b) / 2 / len(loader))`` (one batch a step: ``(i + 0.5) /
     len(loader)``), set on every parameter group before its first batch.
     amp_dtype, scaler: the mixed precision (see :class:`Precision` and :func:`forward_backward`).
-    options: clipping, MixUp/CutMix, EMA, gradient accumulation (:class:`StepOptions`; None: off).
+    options: clipping, augmentation, mixing, EMA, accumulation (:class:`StepOptions`; None: off).
     hooks: stop requests, corrupt records, checkpoints and live logs (:class:`EpochHooks`; None:
     none), their periods in iterations, run after the optimizer step that reaches one. A
     non-finite loss on any rank raises :class:`NonFiniteLossError` at the next check, a corrupt
@@ -250,8 +257,8 @@ def train_one_epoch(*, model, loader, optimizer, loss_fn, lr_at, epoch: int, amp
         if i == step_end:  # a new optimizer step: its LR, at its middle, and no gradients yet
             lr = _start_step(optimizer, lr_at(epoch + (step_end + group / 2) / iterations))
         loss = forward_backward(model=model, x=x, y=y, loss_fn=loss_fn, amp_dtype=amp_dtype,
-                                scaler=scaler, mix=options.mix, loss_divisor=group,
-                                sync=i + 1 == step_end + group)
+                                scaler=scaler, augment=options.augment, mix=options.mix,
+                                loss_divisor=group, sync=i + 1 == step_end + group)
         # Recorded on the device, without a sync: the first iteration whose loss is not finite.
         first_bad = torch.where(torch.isfinite(loss) | (first_bad < iterations), first_bad, i)
         loss_sum += loss.double() * y.shape[0]

@@ -308,7 +308,8 @@ OPTION_DEFAULTS = {
     'training.cutmix_alpha': 0.0, 'training.compile': 0, 'checkpoint.keep_best': 0,
     'logging.tensorboard': 0, 'logging.wandb_project': '', 'logging.every_iters': 50,
     'logging.run_name': '', 'checkpoint.keep_last': 0, 'training.grad_accum_steps': 1,
-    'training.sync_bn': 0, 'model.reset_head': 0,
+    'training.sync_bn': 0, 'model.reset_head': 0, 'training.auto_augment': '',
+    'training.ra_magnitude': 9, 'training.random_erase': 0.0,
     'data.decoder': 'fused'}
 
 

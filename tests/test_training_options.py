@@ -267,15 +267,26 @@ OPTIONS = ['--training.epochs=3', '--resolution.min_res=32', '--resolution.max_r
            '--training.clip_grad_norm=2', '--training.ema_decay=0.9', '--training.ema_every=2',
            '--training.mixup_alpha=0.2', '--training.cutmix_alpha=1.0',
            '--training.grad_accum_steps=2', '--checkpoint.keep_best=1', '--checkpoint.keep_last=2',
-           '--logging.tensorboard=1', '--logging.every_iters=4']
+           '--training.auto_augment=ta_wide', '--training.random_erase=0.25',
+           '--logging.run_name=every-option', '--logging.tensorboard=1', '--logging.every_iters=4']
 
 
 @pytest.fixture(scope='module')
-def options_run(sample_betons, tmp_path_factory):
+def options(tmp_path_factory):
+    """OPTIONS, starting from the weights of a 7-class ResNet-18 (model.weights: fine-tuning)."""
+    path = tmp_path_factory.mktemp('start') / 'start.pt'
+    torch.manual_seed(7)
+    torch.save(models.build_model(arch='resnet18', num_classes=7, use_blurpool=False,
+                                  channels_last=False).state_dict(), path)
+    return [*OPTIONS, f'--model.weights={path}']
+
+
+@pytest.fixture(scope='module')
+def options_run(sample_betons, tmp_path_factory, options):
     """3 epochs of ResNet-18 on the sample (10 iterations each, 2 a step) with every stateful
     option on."""
     folder = tmp_path_factory.mktemp('options')
-    summary = train.main(small_config(sample_betons, folder, *OPTIONS))
+    summary = train.main(small_config(sample_betons, folder, *options))
     run_dir = Path(summary['run_dir'])
     return summary, run_dir, [json.loads(line) for line in open(run_dir / 'log.jsonl')]
 
@@ -323,20 +334,19 @@ def test_tensorboard_holds_the_train_and_val_scalars(options_run):
         pytest.approx([r['top_1_ema'] for r in log])
 
 
-def test_resume_with_every_option_ends_like_the_uninterrupted_run(options_run, sample_betons,
-                                                                  tmp_path):
+def test_resume_with_every_option_ends_like_the_uninterrupted_run(options_run, options,
+                                                                  sample_betons, tmp_path):
     """Stopped after epoch 0 (a top-1 target of 0.1 %: any hit on the val set reaches it; the
-    target may change on resume), then resumed from its checkpoint with the target off: AdamW's
-    moments, the EMA, the MixUp/CutMix random state, the best epoch, and the crops, flips and
+    target may change on resume), then resumed from its checkpoint with the target off: AdamW's moments, the EMA, the random state of
+    TrivialAugmentWide, Random Erasing and MixUp/CutMix, the best epoch, and the crops, flips and
     order (a function of the seed: crops.py) all continue, so the weights, the EMA and the best
     weights end bit for bit as the uninterrupted run's, each epoch logged once."""
     summary, run_dir, log = options_run
-    first = train.main(small_config(sample_betons, tmp_path, *OPTIONS,
-                                             '--training.target_top1=0.001'))
+    first = train.main(small_config(sample_betons, tmp_path, *options,
+                                    '--training.target_top1=0.001'))
     assert first['target_reached_epoch'] == 0
     saved = Path(first['run_dir']) / 'checkpoint.pt'
-    resumed = train.main(small_config(sample_betons, tmp_path, *OPTIONS,
-                                               f'--resume={saved}'))
+    resumed = train.main(small_config(sample_betons, tmp_path, *options, f'--resume={saved}'))
     for name in ('final_weights.pt', 'final_weights_ema.pt', 'best_weights.pt'):
         got = torch.load(Path(resumed['run_dir']) / name, weights_only=True)
         expected = torch.load(run_dir / name, weights_only=True)
