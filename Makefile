@@ -40,8 +40,11 @@ demo: setup
 	$(PY) write_beton.py --data-dir demo/imagenette_sample --split val --max-res 128 --out demo_out/val_128.beton
 	$(PY) train_imagenet.py --config demo/rn18_demo.yaml
 
+# Two pytest processes (pytest-xdist), each test file in one of them (its module fixtures built
+# once): on CI's 2 cores the suite takes about three quarters of the time of one process, which
+# leaves a core idle while one test compiles, imports or waits on its subprocesses.
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
 # DALI (its CPU pipeline is a peer in bench_loader) is installed here only, never by setup or test;
 # pinned with requirements.txt as constraints so that it moves none of the project's pins.

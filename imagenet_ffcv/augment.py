@@ -63,5 +63,6 @@ def batch_augmenter(*, auto_augment: str = '', ra_magnitude: int = 9, random_era
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    return (torch.channels_last if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
-            and not x.is_contiguous() else torch.contiguous_format)
+    """The loader's layout of ``x``: channels_last (NHWC) when it is stored so, else NCHW."""
+    nhwc = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if nhwc and not x.is_contiguous() else torch.contiguous_format
