@@ -17,7 +17,7 @@ import yaml
 from fastargs import Config
 
 from . import augment, schedules
-from .config_schema import declare, markdown  # markdown: docs/configuration.md
+from .config_schema import declared, defaults, markdown  # markdown: docs/configuration.md
 from .errors import ImagenetFfcvError
 from .optional import require
 from .run_dir import RUN_NAME
@@ -93,9 +93,7 @@ def _add_key_arguments(parser: argparse.ArgumentParser, config: Config) -> None:
 def build_parser(config: Config = None) -> argparse.ArgumentParser:
     """The trainer's command line: ``--config``, ``--resume`` and one ``--section.key`` per key of
     ``config`` (a declared ``fastargs.Config``; None: a new one)."""
-    if config is None:
-        config = Config()
-        declare(config)
+    config = declared() if config is None else config
     parser = argparse.ArgumentParser(allow_abbrev=False,
                                      usage='%(prog)s [--config FILE.yaml ...] '
                                            '[--section.key=VALUE ...] [--resume auto|PATH]',
@@ -117,8 +115,7 @@ def load_config(argv: list) -> SimpleNamespace:
     Raises ConfigError naming each unknown key, missing required key or badly typed value, and
     FileNotFoundError for a missing config file.
     """
-    config = Config()
-    declare(config)
+    config = declared()
     known = {'.'.join(path): param for path, param in config.entries.items()}
 
     parser = build_parser(config)
@@ -281,10 +278,12 @@ def lr_schedule_kwargs(cfg: SimpleNamespace) -> dict:
 
 
 def schedule_changes(saved: dict, current: dict) -> list:
-    """``['key: saved -> current', ...]`` for each config key (``{'section': {'key': value}}``
-    dicts, ``derived`` included) that differs and is not in :data:`RESUMABLE_CHANGES`."""
-    old, new = flatten(saved), flatten(current)
-    return [f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in sorted(set(old) | set(new))
+    """``['key: saved -> current', ...]`` for each key of the configs (``{'section': {'key':
+    value}}``, ``derived`` too) that differs and is not in :data:`RESUMABLE_CHANGES`; a key
+    ``saved`` lacks (it is older than the key) counts as its default, what its run did."""
+    was, new = flatten(saved), flatten(current)
+    old = {**defaults(), **was}
+    return [f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in sorted(was.keys() | new.keys())
             if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES)]
 
 

@@ -24,8 +24,7 @@ def _type_text(checker) -> str:
 def markdown() -> str:
     """docs/configuration.md: every key of the schema by section, with its type, default and
     meaning, as ``--help`` lists them."""
-    config = Config()
-    declare(config)
+    config = declared()
     lines = ['# Configuration', '',
              'Every key of the trainer (`imagenet-ffcv-train`, `train_imagenet.py`), by section. Set '
              'them in a YAML file given with `--config FILE.yaml` (repeatable; later files win) or '
@@ -46,6 +45,18 @@ def markdown() -> str:
         lines.append(f'| `{".".join(path)}` | {_type_text(param.checker)} | {default} | '
                      f'{param.desc.replace("|", "/")} |')
     return '\n'.join(lines) + '\n'
+
+
+def defaults() -> dict:
+    """``{'section.key': default}`` for every key of the schema (None where a key is required)."""
+    return {'.'.join(path): param.default for path, param in declared().entries.items()}
+
+
+def declared() -> Config:
+    """A fresh ``fastargs.Config`` with every section and key declared (:func:`declare`)."""
+    config = Config()
+    declare(config)
+    return config
 
 
 def declare(config) -> None:

@@ -65,6 +65,18 @@ def test_schedule_changes_are_listed_and_harmless_changes_are_not():
                                                             'training.epochs: 16 -> 88']
 
 
+def test_a_key_older_checkpoints_lack_counts_as_its_default():
+    """A checkpoint written before a key existed (its config lacks it) resumes with the key at
+    its default, the behaviour its run had, and is refused with the key set otherwise."""
+    saved = {'training': {'epochs': 16, 'batch_size': 512}}
+    now = json.loads(json.dumps(saved))
+    now['training'].update(auto_augment='', grad_accum_steps=1, sync_bn=0)
+    assert config.schedule_changes(saved, now) == []
+    now['training'].update(auto_augment='ra', grad_accum_steps=2)
+    assert config.schedule_changes(saved, now) == ["training.auto_augment: '' -> 'ra'",
+                                                   'training.grad_accum_steps: 1 -> 2']
+
+
 def test_rng_state_round_trip():
     state = checkpoint.rng_state()
     a = (torch.rand(3), __import__('numpy').random.rand(), __import__('random').random())
