@@ -47,12 +47,15 @@ def batch_augmenter(*, auto_augment: str = '', ra_magnitude: int = 9, random_era
     erase = v2.RandomErasing(p=random_erase, value=0) if random_erase > 0 else None
     if auto is None and erase is None:
         return None
+    mean_std = {torch.device('cpu'): tuple(torch.tensor(v / 255, dtype=torch.float32).view(3, 1, 1)
+                                           for v in (IMAGENET_MEAN, IMAGENET_STD))}
 
     def augment(x: torch.Tensor) -> torch.Tensor:
         out = x.float()
         if auto is not None:
-            mean, std = (torch.tensor(v / 255, dtype=torch.float32, device=x.device).view(3, 1, 1)
-                         for v in (IMAGENET_MEAN, IMAGENET_STD))
+            if x.device not in mean_std:  # copied to each device once, not per batch
+                mean_std[x.device] = tuple(t.to(x.device) for t in mean_std[torch.device('cpu')])
+            mean, std = mean_std[x.device]
             images = (out * std + mean).clamp_(0, 1)
             out = (torch.stack([auto(image) for image in images]) - mean) / std
         if erase is not None:
