@@ -53,10 +53,6 @@ from imagenet_ffcv.crops import random_resized_crop, sample_key
 
 SCALE, RATIO = np.array((0.08, 1.0)), np.array((3 / 4, 4 / 3))  # the training crop's ranges
 resample_c = resampling.resample  # the loader's own compiled function
-REGION_ARGS = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32,
-               ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p]
-
-
 def c_function(name: str, argtypes: list, restype):
     """The function ``name`` of the built ``jpeg_region.c`` (``decoders.load_library``)."""
     fn = getattr(decoders.load_library(), name)
@@ -84,8 +80,8 @@ def stage_costs(jpegs, res: int, crops: int, runs: int) -> dict:
                                                denom=denom)
         regions.append((pixels.copy(), y0 - top, x0 - first, ch, cw))
     read = decoders.region_decoder()
-    scanlines = c_function('decode_region_scanlines', REGION_ARGS, ctypes.c_int)
-    region_jpeg = c_function('region_jpeg', REGION_ARGS, ctypes.c_int64)
+    scanlines = c_function('decode_region_scanlines', decoders.REGION_ARGTYPES, ctypes.c_int)
+    region_jpeg = c_function('region_jpeg', decoders.REGION_ARGTYPES, ctypes.c_int64)
     entropy_decode = c_function('entropy_decode', [ctypes.c_void_p, ctypes.c_uint64], ctypes.c_int)
     info = np.zeros(2, np.int64)
     small = []  # the small JPEGs of the marker way

@@ -6,9 +6,9 @@ OpenCV's INTER_AREA and leaves flip and normalisation to two more passes over th
 decoders
 - decode only the crop's rectangle (``jpeg_region.c``: of a JPEG with restart markers, as the
   converter writes them, only the intervals the rectangle covers; of any other, libjpeg-turbo's
-  partial decompression), and when the crop is at least twice the output size, decode it DCT-scaled by 1/2, 1/4 or 1/8, so that
-  what is left is a shrink of less than 2 (the idea of TensorFlow's ``decode_and_crop_jpeg`` and of
-  DALI's ROI decoding);
+  partial decompression), and when the crop is at least twice the output size, decode it
+  DCT-scaled by 1/2, 1/4 or 1/8, so that what is left is a shrink of less than 2 (the idea of
+  TensorFlow's ``decode_and_crop_jpeg`` and of DALI's ROI decoding);
 - resample bilinearly (pixel centres aligned, as OpenCV's INTER_LINEAR and torchvision's
   ``antialias=False``; an image stored raw and shrunk by k >= 2 is averaged over k x k samples;
   ``antialias``: 2 x 2 samples for the shrinks in (1, 2) too) and write the flipped, normalised
@@ -22,6 +22,7 @@ flip of each image are a pure function of (seed, epoch, sample index) (``crops``
 before each epoch (``loaders.Loader`` does it), so runs with the same seed see the same images.
 """
 import ctypes
+import functools
 import hashlib
 import warnings
 from dataclasses import replace
@@ -85,13 +86,18 @@ def load_library() -> ctypes.CDLL:
 _decode_region_c = None
 
 
-def _c_function(lib: ctypes.CDLL, name: str):
-    """``decode_region`` or ``decode_region_scanlines`` of ``lib``, typed for ctypes."""
-    fn = getattr(lib, name)
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_uint64,
+# The arguments of jpeg_region.c's region functions: src, size, dst, capacity, top, left, ..., info
+REGION_ARGTYPES = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_uint64,
                    ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32,
                    ctypes.c_uint32, ctypes.c_void_p]
-    fn.restype = ctypes.c_int
+
+
+@functools.cache
+def _c_function(name: str):
+    """``decode_region`` or ``decode_region_scanlines`` of the built library (:func:`load_library`),
+    typed for ctypes; loaded once per name."""
+    fn = getattr(load_library(), name)
+    fn.argtypes, fn.restype = REGION_ARGTYPES, ctypes.c_int
     return fn
 
 
@@ -101,13 +107,11 @@ def region_decoder():
     global _decode_region_c
     if _decode_region_c is None:
         try:
-            lib = load_library()
+            _decode_region_c = _c_function('decode_region')
         except JpegLibraryError as e:
             warnings.warn(f'{e}\nfalling back to decoding whole JPEGs with ffcv (slower)',
                           stacklevel=2)
             _decode_region_c = False
-            return None
-        _decode_region_c = _c_function(lib, 'decode_region')
     return _decode_region_c or None
 
 
@@ -127,7 +131,7 @@ def decode_region(jpeg: np.ndarray, *, top: int, left: int, height: int, width: 
     if fn is None:
         raise JpegLibraryError(f'{SOURCE.name} is not built (see the warning above); {REBUILD}')
     if not restart_markers:
-        fn = _c_function(load_library(), 'decode_region_scanlines')
+        fn = _c_function('decode_region_scanlines')
     jpeg = np.ascontiguousarray(jpeg, dtype=np.uint8)
     capacity = height * (left + width + 64) * 3
     out = np.empty(capacity, np.uint8)
