@@ -3,9 +3,9 @@ found with pkg-config, so that an installed package needs no compiler at run tim
 itself is described in pyproject.toml.
 
 The library is loaded with ctypes (imagenet_ffcv/decoders.py), not imported: it defines no Python
-module, only ``decode_region``, ``decode_region_scanlines``, the profiling steps ``region_jpeg`` and
-``entropy_decode``, and ``jpeg_region_source_sha256`` (the SHA-256 of the source it was built from,
-so that a library older than its source is noticed).
+module, only ``decode_region``, ``decode_region_scanlines``, ``resample_bilinear``, the profiling
+steps ``region_jpeg`` and ``entropy_decode``, and ``jpeg_region_source_sha256`` (the SHA-256 of the
+source it was built from, so that a library older than its source is noticed).
 """
 import hashlib
 import os
@@ -64,5 +64,5 @@ class BuildRegionDecoder(build_ext):
 digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()
 setup(ext_modules=[Extension('imagenet_ffcv._jpeg_region', sources=[str(SOURCE)],
                              define_macros=[('JPEG_REGION_SOURCE_SHA256', f'"{digest}"')],
-                             extra_compile_args=['-O2'], libraries=['pthread'])],
+                             extra_compile_args=['-O3'], libraries=['pthread'])],
       cmdclass={'build_ext': BuildRegionDecoder})

@@ -11,14 +11,16 @@ at each resolution, one thread, median of ``--runs`` passes after a warm-up pass
 - ``region decode``: ``jpeg_region.c``'s ``decode_region`` on the crop's window
   (``decoders.jpeg_window``), and the fraction of the image's pixels in the window; split into
   its steps for JPEGs with restart markers: ``intervals`` (the markers found and the covered
-  intervals copied into a small JPEG: ``region_jpeg``), ``entropy`` (Huffman decoding of that
-  small JPEG alone: ``entropy_decode``) and the rest (IDCT, upsampling, colour conversion: region
-  decode - intervals - entropy); and, for comparison, ``no markers``: the same windows decoded
+  intervals copied into a small JPEG: ``region_jpeg``), ``entropy`` (that small JPEG's headers
+  read, its decompression started and its Huffman data decoded by jpeg_region.c's own decoder,
+  alone: ``entropy_decode``) and the rest (IDCT, upsampling, colour conversion: region decode -
+  intervals - entropy); and, for comparison, ``no markers``: the same windows decoded
   by libjpeg-turbo's partial decompression (``decode_region_scanlines``, the way of JPEGs without
   markers), which entropy-decodes every row above the window and the window's rows in full
   width;
-- ``resample``: ``resampling.resample`` of that region into the batch: float32 normalised (the CPU
-  path) and uint8 (the CUDA path, normalised on the device);
+- ``resample``: the loaders' resample of that region into the batch (``decoders.resampler``:
+  ``resampling.resample``'s taps, applied in C when there are 2 per axis): float32 normalised
+  (the CPU path) and uint8 (the CUDA path, normalised on the device);
 - ``loader``: ``loaders.train_loader`` at ``--res-loader`` with all cores, in µs per image per
   thread (cores / img/s), and what is left over the two steps (the crop draw, ffcv's batch
   assembly, the threads); also with ffcv 1.0.2's own buffer handling (every epoch's batch
@@ -47,12 +49,14 @@ from common import (RESULTS, STORAGE, alternate, epoch_of, image_sets, machine_l
                     time_runs, write_csv)
 from ffcv.libffcv import imdecode
 from ffcv.pipeline.graph import Graph
-from imagenet_ffcv import decoders, resampling
+from imagenet_ffcv import decoders
 from imagenet_ffcv.constants import IMAGENET_MEAN, IMAGENET_STD
 from imagenet_ffcv.crops import random_resized_crop, sample_key
 
 SCALE, RATIO = np.array((0.08, 1.0)), np.array((3 / 4, 4 / 3))  # the training crop's ranges
-resample_c = resampling.resample  # the loader's own compiled function
+resample_c = decoders.resampler()  # the loaders' own resample (C for 2 taps per axis)
+
+
 def c_function(name: str, argtypes: list, restype):
     """The function ``name`` of the built ``jpeg_region.c`` (``decoders.load_library``)."""
     fn = getattr(decoders.load_library(), name)

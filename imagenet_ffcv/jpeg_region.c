@@ -13,14 +13,17 @@
  *   in its djpeg -crop and TensorFlow's decode_and_crop_jpeg): rows above the rectangle are
  *   entropy-decoded but not transformed, rows below it are not read at all, and columns outside
  *   it (to the iMCU boundary) are not transformed.
- * The marker way ends in the second on the small JPEG, at the same first column: both give the
- * same pixels (tests/test_decoders.py). Pixels two or more rows/columns inside the decoded
- * rectangle equal those of a full decode; the caller asks for a margin of 2 around what it
- * samples.
+ * The marker way ends in the second on the small JPEG, at the same first column, with one change:
+ * the small JPEG's Huffman data is decoded by this file's own decoder (decode_huffman_mcu, put in
+ * libjpeg's slot for it), because libjpeg-turbo decodes the Huffman data of any JPEG with restart
+ * markers on its slow path. Both ways give the same pixels (tests/test_decoders.py). Pixels two
+ * or more rows/columns inside the decoded rectangle equal those of a full decode; the caller asks
+ * for a margin of 2 around what it samples.
  *
  * Built at install time (setup.py: a setuptools Extension linked against libjpeg, found with
- * pkg-config) and called from numba through ctypes (imagenet_ffcv/decoders.py). One decompressor
- * and one buffer for the small JPEG per thread, kept for the thread's lifetime.
+ * pkg-config) and called from numba through ctypes (imagenet_ffcv/decoders.py). One decompressor,
+ * one buffer for the small JPEG and one set of Huffman lookup tables per thread, kept for the
+ * thread's lifetime.
  */
 #include <stdio.h>
 #include <stdint.h>
@@ -37,13 +40,276 @@
 #endif
 const char *jpeg_region_source_sha256(void) { return JPEG_REGION_SOURCE_SHA256; }
 
+/* ---- Huffman decoding of baseline JPEG data: the entropy step of the marker way ----------------
+ *
+ * libjpeg-turbo decodes the Huffman data of any JPEG with restart markers on its slow path (its
+ * fast path, decode_mcu_fast in jdhuff.c, is for JPEGs without them). The marker way decodes
+ * the small JPEG's data with the decoder below instead, in libjpeg's own slot for it (the
+ * entropy module's decode_mcu, one MCU of DCT coefficients per call; IDCT, upsampling and colour
+ * conversion stay libjpeg-turbo's). It follows JPEG (ITU-T T.81) F.2.2 as libjpeg does, so the
+ * coefficients are the same; data it finds corrupt (a code no table has, a restart marker out of
+ * place, data that ends early or goes on past an interval's end) makes the region decode fall back
+ * to libjpeg, which judges the JPEG. Its speed comes from two lookup tables per Huffman table,
+ * indexed by the next LOOKUP_BITS bits (as stb_image and libjpeg-turbo's fast path): the symbol
+ * and code length of the short codes, and for the AC table the run and the signed value of the
+ * short codes whose value bits fit too. */
+#define LOOKUP_BITS 10
+#define INLINE static inline __attribute__((always_inline))
+
+struct huffman_table {
+    uint8_t bits[17], values[256];  /* the JHUFF_TBL it was built from (counts per length) */
+    int built;
+    uint16_t lookup[1 << LOOKUP_BITS];  /* code length << 8 | symbol; 0: a longer code */
+    int32_t ac_lookup[1 << LOOKUP_BITS];  /* value << 16 | run << 8 | bits used; 0: not short */
+    uint32_t max_code[17];  /* per length l: (largest code of length l + 1) << (32 - l) */
+    int32_t offset[17];     /* per length: index in values of the code 0 of that length */
+};
+
+/* The reader of the entropy-coded data: bits most significant first in `acc`, `count` of them,
+ * `padding` of which are zeros standing for data past a marker or the end. */
+struct bit_reader {
+    const uint8_t *p, *end;
+    uint64_t acc;
+    int count, padding;
+};
+
+/* Build `t` from libjpeg's JHUFF_TBL `h` (JPEG's BITS and HUFFVAL lists, T.81 Annex C). Returns
+ * 0; -1 for a table whose codes do not fit their lengths. */
+static int build_table(struct huffman_table *t, const JHUFF_TBL *h, int ac) {
+    memcpy(t->bits, h->bits, 17);
+    memcpy(t->values, h->huffval, 256);
+    t->built = 0;
+    memset(t->lookup, 0, sizeof t->lookup);
+    memset(t->ac_lookup, 0, sizeof t->ac_lookup);
+    uint32_t code = 0;
+    int k = 0;
+    for (int l = 1; l <= 16; l++) {
+        t->offset[l] = k - (int)code;
+        for (int i = 0; i < h->bits[l]; i++, k++, code++) {
+            if (k >= 256 || code >= (1u << l)) return -1;
+            if (l <= LOOKUP_BITS) {  /* every LOOKUP_BITS-bit string starting with this code */
+                uint32_t first = code << (LOOKUP_BITS - l), n = 1u << (LOOKUP_BITS - l);
+                for (uint32_t j = first; j < first + n; j++) {
+                    uint8_t symbol = h->huffval[k];
+                    t->lookup[j] = (uint16_t)(l << 8 | symbol);
+                    int run = symbol >> 4, size = symbol & 15;
+                    if (ac && size && l + size <= LOOKUP_BITS) {
+                        int raw = (int)(j >> (LOOKUP_BITS - l - size)) & ((1 << size) - 1);
+                        int value = raw < (1 << (size - 1)) ? raw - (1 << size) + 1 : raw;
+                        t->ac_lookup[j] = (int32_t)((uint32_t)value << 16 | run << 8 | (l + size));
+                    }
+                }
+            }
+        }
+        t->max_code[l] = code == (1u << l) ? 0xFFFFFFFFu : code << (32 - l);
+        code <<= 1;
+    }
+    t->built = 1;
+    return 0;
+}
+
+/* Top up `r->acc` to at least 57 bits: eight bytes at once when none of them is 0xFF, else byte
+ * by byte, un-stuffing 0xFF00 and stopping at a marker (zeros after it, counted in padding). */
+INLINE void refill(struct bit_reader *r) {
+    if (r->end - r->p >= 8) {
+        uint64_t w;
+        memcpy(&w, r->p, 8);
+        uint64_t x = ~w;  /* a byte of w is 0xFF where a byte of x is 0 */
+        if (!((x - 0x0101010101010101ull) & ~x & 0x8080808080808080ull)) {
+            int take = (64 - r->count) >> 3;
+            r->acc |= __builtin_bswap64(w) >> r->count;
+            r->p += take;
+            r->count += take * 8;
+            return;
+        }
+    }
+    while (r->count <= 56) {
+        uint32_t byte = 0;
+        if (r->p < r->end && r->p[0] != 0xFF) {
+            byte = *r->p++;
+        } else if (r->p + 1 < r->end && r->p[0] == 0xFF && r->p[1] == 0x00) {
+            byte = 0xFF;
+            r->p += 2;
+        } else {
+            r->padding += 8;  /* a marker (left unread) or the end of the data */
+        }
+        r->acc |= (uint64_t)byte << (56 - r->count);
+        r->count += 8;
+    }
+}
+
+/* The next Huffman symbol of table `t`; -1 for a code that is not in it. */
+INLINE int decode_symbol(struct bit_reader *r, const struct huffman_table *t) {
+    uint32_t entry = t->lookup[r->acc >> (64 - LOOKUP_BITS)];
+    if (entry) {
+        r->acc <<= entry >> 8;
+        r->count -= entry >> 8;
+        return entry & 255;
+    }
+    uint32_t top = (uint32_t)(r->acc >> 32);
+    int l = LOOKUP_BITS + 1;
+    while (l <= 16 && top >= t->max_code[l]) l++;
+    if (l > 16) return -1;
+    int symbol = t->offset[l] + (int)(top >> (32 - l));
+    r->acc <<= l;
+    r->count -= l;
+    return t->values[symbol & 255];
+}
+
+/* The next `size` bits (1-15) as a signed value (T.81 F.2.2.1, EXTEND). */
+INLINE int signed_bits(struct bit_reader *r, int size) {
+    int raw = (int)(r->acc >> (64 - size));
+    r->acc <<= size;
+    r->count -= size;
+    return raw < (1 << (size - 1)) ? raw - (1 << size) + 1 : raw;
+}
+
+/* Zigzag order to natural order, with 16 entries past the end for corrupt runs (as libjpeg). */
+static const uint8_t natural_order[80] = {
+    0, 1, 8, 16, 9, 2, 3, 10, 17, 24, 32, 25, 18, 11, 4, 5, 12, 19, 26, 33, 40, 48, 41, 34, 27,
+    20, 13, 6, 7, 14, 21, 28, 35, 42, 49, 56, 57, 50, 43, 36, 29, 22, 15, 23, 30, 37, 44, 51, 58,
+    59, 52, 45, 38, 31, 39, 46, 53, 60, 61, 54, 47, 55, 62, 63,
+    63, 63, 63, 63, 63, 63, 63, 63, 63, 63, 63, 63, 63, 63, 63, 63};
+
+/* Decode one 8 x 8 block into `block` (zeroed by the caller), DC predicted from `*dc`. Returns 0;
+ * -1 for a code not in its table. */
+INLINE int decode_block(struct bit_reader *r, JCOEF *block, const struct huffman_table *dc_table,
+                               const struct huffman_table *ac_table, int *dc) {
+    if (r->count < 32) refill(r);
+    int s = decode_symbol(r, dc_table);
+    if (s < 0) return -1;
+    if (s) *dc += signed_bits(r, s);
+    block[0] = (JCOEF)*dc;
+    for (int k = 1; k < 64; k++) {
+        if (r->count < 32) refill(r);
+        int32_t fast = ac_table->ac_lookup[r->acc >> (64 - LOOKUP_BITS)];
+        if (fast) {
+            int used = fast & 255;
+            r->acc <<= used;
+            r->count -= used;
+            k += (fast >> 8) & 15;
+            block[natural_order[k]] = (JCOEF)(fast >> 16);
+            continue;
+        }
+        int rs = decode_symbol(r, ac_table);
+        if (rs < 0) return -1;
+        int run = rs >> 4, size = rs & 15;
+        if (size) {
+            k += run;
+            block[natural_order[k]] = (JCOEF)signed_bits(r, size);
+        } else if (run == 15) {
+            k += 15;
+        } else {
+            break;  /* end of block */
+        }
+    }
+    return 0;
+}
+
+/* ---- The decoder of each thread -------------------------------------------------------------- */
 struct error_manager { struct jpeg_error_mgr pub; jmp_buf jump; };
 struct decoder {
-    struct jpeg_decompress_struct cinfo;
+    struct jpeg_decompress_struct cinfo;  /* first: decode_huffman_mcu finds the rest from it */
     struct error_manager err;
     uint8_t *small;           /* the small JPEG of the marker way; grown, never shrunk */
     uint64_t small_capacity;  /* bytes */
+    struct huffman_table tables[8];  /* DC 0-3, AC 0-3, as the last JPEG's */
+    struct bit_reader reader;
+    int dc[4];                /* the DC predictions, per component of the scan */
+    uint32_t mcus_left;       /* in the restart interval */
+    uint64_t mcus_left_in_scan;
+    uint32_t restarts;        /* markers passed */
+    int huffman_failed;       /* decode_huffman_mcu found the data corrupt */
+    float *row;               /* resample_bilinear's blended source row; grown, never shrunk */
+    uint64_t row_capacity;    /* floats */
 };
+
+/* libjpeg's entropy module as jpegint.h declares it (unchanged from IJG libjpeg 6b to
+ * libjpeg-turbo 3): the marker way puts decode_huffman_mcu in its decode_mcu slot. */
+struct entropy_module {
+    void (*start_pass)(j_decompress_ptr cinfo);
+    boolean (*decode_mcu)(j_decompress_ptr cinfo, JBLOCKROW *MCU_data);
+    boolean insufficient_data;
+};
+
+/* Fail the decode from inside libjpeg: back to decode_scanlines' setjmp, noting that the data
+ * (not libjpeg) was found corrupt, so that the caller decodes the JPEG with libjpeg instead. */
+static void huffman_failed(struct decoder *d) {
+    d->huffman_failed = 1;
+    longjmp(d->err.jump, 1);
+}
+
+/* The end of a restart interval (or of the scan): the data read up to its last bits (fewer than
+ * 8 left, the padding), then its marker, the next RSTn (read, and the DC predictions reset) or,
+ * after the scan's last MCU, any marker (the small JPEG's EOI). Anything else is corrupt data:
+ * libjpeg warns of data left before a marker, a marker out of place or data that ends early. */
+static void end_interval(struct decoder *d, struct bit_reader *r) {
+    if (r->count < r->padding || r->count - r->padding >= 8 || r->end - r->p < 2 ||
+        r->p[0] != 0xFF)
+        huffman_failed(d);
+    if (d->mcus_left_in_scan == 0) {
+        if (r->p[1] == 0x00 || r->p[1] == 0xFF) huffman_failed(d);
+        return;
+    }
+    if (r->p[1] != 0xD0 + (d->restarts & 7)) huffman_failed(d);
+    r->p += 2;
+    r->acc = 0;
+    r->count = r->padding = 0;
+    memset(d->dc, 0, sizeof d->dc);
+    d->restarts++;
+    d->mcus_left = d->cinfo.restart_interval;
+}
+
+/* libjpeg's decode_mcu: the next MCU's blocks (zeroed by libjpeg; NULL: decoded and dropped). */
+static boolean decode_huffman_mcu(j_decompress_ptr c, JBLOCKROW *blocks) {
+    struct decoder *d = (struct decoder *)c;  /* cinfo is its first member */
+    struct bit_reader reader = d->reader, *r = &reader;  /* a local copy, kept in registers */
+    JBLOCK scratch;
+    for (int b = 0; b < c->blocks_in_MCU; b++) {
+        int component = c->MCU_membership[b];
+        jpeg_component_info *info = c->cur_comp_info[component];
+        JCOEF *block = blocks ? blocks[b][0] : scratch;
+        if (decode_block(r, block, &d->tables[info->dc_tbl_no], &d->tables[4 + info->ac_tbl_no],
+                         &d->dc[component]))
+            huffman_failed(d);
+    }
+    if (r->count < r->padding) huffman_failed(d);  /* it read past a marker or the end */
+    d->mcus_left_in_scan--;
+    if (--d->mcus_left == 0 || d->mcus_left_in_scan == 0) end_interval(d, r);
+    d->reader = reader;
+    return TRUE;
+}
+
+/* Put decode_huffman_mcu in libjpeg's slot for the JPEG just started in `d->cinfo` (a baseline
+ * scan of every component with restart markers, its data `size` bytes at `data`), its tables
+ * built unless the same as the last JPEG's. Returns 0; -1 (nothing changed) if a table cannot
+ * be built. */
+static int use_huffman_decoder(struct decoder *d, const uint8_t *data, uint64_t size) {
+    struct jpeg_decompress_struct *c = &d->cinfo;
+    for (int k = 0; k < 8; k++) {
+        JHUFF_TBL *h = k < 4 ? c->dc_huff_tbl_ptrs[k] : c->ac_huff_tbl_ptrs[k - 4];
+        struct huffman_table *t = &d->tables[k];
+        if (h == NULL) {
+            t->built = 0;
+            continue;
+        }
+        if (!(t->built && !memcmp(t->bits, h->bits, 17) && !memcmp(t->values, h->huffval, 256)) &&
+            build_table(t, h, k >= 4))
+            return -1;
+    }
+    for (int b = 0; b < c->blocks_in_MCU; b++) {
+        jpeg_component_info *info = c->cur_comp_info[c->MCU_membership[b]];
+        if (!d->tables[info->dc_tbl_no].built || !d->tables[4 + info->ac_tbl_no].built) return -1;
+    }
+    d->reader = (struct bit_reader){data, data + size, 0, 0, 0};
+    memset(d->dc, 0, sizeof d->dc);
+    d->restarts = 0;
+    d->mcus_left = c->restart_interval ? c->restart_interval : UINT32_MAX;
+    d->mcus_left_in_scan = (uint64_t)c->MCUs_per_row * c->MCU_rows_in_scan;
+    ((struct entropy_module *)c->entropy)->decode_mcu = decode_huffman_mcu;
+    return 0;
+}
+
 
 static void on_error(j_common_ptr cinfo) { longjmp(((struct error_manager *)cinfo->err)->jump, 1); }
 /* Warnings (level -1: corrupt data, which libjpeg replaces with grey) are counted, not printed. */
@@ -56,6 +322,7 @@ static void destroy_decoder(void *p) {
     struct decoder *d = p;
     jpeg_destroy_decompress(&d->cinfo);
     free(d->small);
+    free(d->row);
     free(d);
 }
 
@@ -83,11 +350,14 @@ static struct decoder *thread_decoder(void) {
  * Returns 0; -1 for a corrupt JPEG, -2 if the rectangle needs more than `capacity` bytes or lies
  * outside the scaled image, -3 if the data ended early, -4 if out of memory, -5 if the decoded
  * part held corrupt data (libjpeg warned and filled it in).
- * This is libjpeg-turbo's partial decompression, whether or not the JPEG has restart markers. */
+ * This is libjpeg-turbo's partial decompression, whether or not the JPEG has restart markers.
+ * `data`: 0, or the offset of the entropy-coded data of a JPEG that read_layout accepted, to be
+ * decoded by decode_huffman_mcu (-1 and d->huffman_failed set if it finds the data corrupt). */
 static int decode_scanlines(struct decoder *d, const uint8_t *src, uint64_t size, uint8_t *dst,
                             uint64_t capacity, uint32_t top, uint32_t left, uint32_t height,
-                            uint32_t width, uint32_t denom, int64_t *info) {
+                            uint32_t width, uint32_t denom, int64_t *info, uint64_t data) {
     struct jpeg_decompress_struct *c = &d->cinfo;
+    d->huffman_failed = 0;
     if (setjmp(d->err.jump)) {
         jpeg_abort_decompress(c);
         return -1;
@@ -100,6 +370,8 @@ static int decode_scanlines(struct decoder *d, const uint8_t *src, uint64_t size
     c->scale_num = 1;
     c->scale_denom = denom;
     jpeg_start_decompress(c);
+    if (data)
+        use_huffman_decoder(d, src + data, size - data);
     if (top + height > c->output_height || left + width > c->output_width || height == 0) {
         jpeg_abort_decompress(c);
         return -2;
@@ -300,9 +572,10 @@ static int64_t small_jpeg(struct decoder *d, const uint8_t *src, uint64_t size,
 }
 
 /* The marker way: the same contract as decode_region, for a JPEG whose layout `l` was read: the
- * small JPEG (small_jpeg), decoded by libjpeg-turbo's partial decompression. Returns 1 (and
- * nothing decoded) when the markers are not where the layout says: the caller then decodes the
- * JPEG the other way, where libjpeg judges the damage. */
+ * small JPEG (small_jpeg), decoded by libjpeg-turbo's partial decompression with its Huffman data
+ * decoded by decode_huffman_mcu. Returns 1 (and nothing decoded) when the markers are not where
+ * the layout says or the Huffman data is corrupt: the caller then decodes the JPEG the other
+ * way, where libjpeg judges the damage. */
 static int decode_intervals(struct decoder *d, const uint8_t *src, uint64_t size,
                             const struct layout *l, uint8_t *dst, uint64_t capacity, uint32_t top,
                             uint32_t left, uint32_t height, uint32_t width, uint32_t denom,
@@ -311,7 +584,8 @@ static int decode_intervals(struct decoder *d, const uint8_t *src, uint64_t size
     int64_t length = small_jpeg(d, src, size, l, top, left, height, width, denom, &row0, &col0);
     if (length <= 0) return length == 0 ? 1 : (int)length;
     int code = decode_scanlines(d, d->small, (uint64_t)length, dst, capacity, top - row0,
-                                left - col0, height, width, denom, info);
+                                left - col0, height, width, denom, info, l->data);
+    if (code == -1 && d->huffman_failed) return 1;  /* libjpeg judges the JPEG */
     if (code == 0) info[0] += col0;
     return code;
 }
@@ -336,7 +610,8 @@ int decode_region(const uint8_t *src, uint64_t size, uint8_t *dst, uint64_t capa
                                     denom, info);
         if (code != 1) return code;
     }
-    return decode_scanlines(d, src, size, dst, capacity, top, left, height, width, denom, info);
+    return decode_scanlines(d, src, size, dst, capacity, top, left, height, width, denom, info,
+                            0);
 }
 
 /* decode_region without the marker way: libjpeg-turbo's partial decompression of any JPEG, for
@@ -346,7 +621,75 @@ int decode_region_scanlines(const uint8_t *src, uint64_t size, uint8_t *dst, uin
                             uint32_t denom, int64_t *info) {
     struct decoder *d = thread_decoder();
     if (d == NULL) return -4;
-    return decode_scanlines(d, src, size, dst, capacity, top, left, height, width, denom, info);
+    return decode_scanlines(d, src, size, dst, capacity, top, left, height, width, denom, info,
+                            0);
+}
+
+/* ---- The resample's common case ---------------------------------------------------------------
+ *
+ * Four floats at once, in the compiler's generic vectors (SSE on x86-64, NEON on ARM): an RGB
+ * pixel and one float more, loaded and stored unaligned. */
+typedef float f32x4 __attribute__((vector_size(16)));
+static inline f32x4 load4(const float *p) { f32x4 v; memcpy(&v, p, sizeof v); return v; }
+
+/* Bilinear resampling with 2 taps per axis (imagenet_ffcv/resampling.py computes the taps and
+ * says when there are 2: a shrink below 2 without antialias, the loaders' common case) of the
+ * uint8 RGB image `src` (rows of `stride` bytes) into `dst`: `out_h` rows of `out_w` RGB pixels,
+ * float32 (v - mean[c]) * inv_std[c] when `normalize`, else uint8 rounded. Output row oy blends
+ * source rows row_index[2 oy], row_index[2 oy + 1] with row_weight[2 oy], row_weight[2 oy + 1];
+ * output pixel ox the pixels that start at elements col_index[2 ox], col_index[2 ox + 1] of that
+ * blend (element offsets in a source row, 3 per pixel, all in [first, first + count)) with
+ * col_weight[2 ox], col_weight[2 ox + 1]; a flip is in the order of the column taps. Per output
+ * row: the two source rows blended over the columns used (vectorised by the compiler), then the
+ * pixels taken 4 floats at a time, each store writing one float into the next pixel (written
+ * next); the row's last pixel one float at a time. Returns 0; -4 if out of memory. */
+int resample_bilinear(const uint8_t *src, uint64_t stride, const int64_t *row_index,
+                      const float *row_weight, const int64_t *col_index, const float *col_weight,
+                      uint64_t first, uint64_t count, void *dst, uint64_t out_h, uint64_t out_w,
+                      const float *mean, const float *inv_std, int normalize) {
+    struct decoder *d = thread_decoder();
+    if (d == NULL) return -4;
+    uint64_t floats = count + 4 + 3 * out_w + 1;  /* the blended row, then the uint8 path's line */
+    if (d->row_capacity < floats) {
+        float *grown = realloc(d->row, floats * sizeof *grown);
+        if (grown == NULL) return -4;
+        d->row = grown;
+        d->row_capacity = floats;
+    }
+    float *row = d->row - first;  /* row[e] for the elements e of a source row in use */
+    float *line = d->row + count + 4;  /* an output row before its conversion to uint8 */
+    memset(d->row + count, 0, 4 * sizeof *row);  /* read, never used: the 4th float of the last pixel */
+    f32x4 gain = {1, 1, 1, 0}, offset = {0, 0, 0, 0};
+    if (normalize)
+        for (int c = 0; c < 3; c++) {
+            gain[c] = inv_std[c];
+            offset[c] = mean[c] * inv_std[c];
+        }
+    for (uint64_t oy = 0; oy < out_h; oy++) {
+        const uint8_t *s0 = src + row_index[2 * oy] * stride;
+        const uint8_t *s1 = src + row_index[2 * oy + 1] * stride;
+        float w0 = row_weight[2 * oy], w1 = row_weight[2 * oy + 1];
+        for (uint64_t e = first; e < first + count; e++)
+            row[e] = w0 * s0[e] + w1 * s1[e];
+        float *out = normalize ? (float *)dst + oy * out_w * 3 : line;
+        uint64_t ox = 0;
+        for (; ox + 1 < out_w; ox++) {
+            f32x4 v = col_weight[2 * ox] * load4(row + col_index[2 * ox]) +
+                      col_weight[2 * ox + 1] * load4(row + col_index[2 * ox + 1]);
+            v = v * gain - offset;
+            memcpy(out + 3 * ox, &v, sizeof v);
+        }
+        for (int c = 0; c < 3; c++)  /* the last pixel: no next pixel to write into */
+            out[3 * ox + c] = (col_weight[2 * ox] * row[col_index[2 * ox] + c] +
+                               col_weight[2 * ox + 1] * row[col_index[2 * ox + 1] + c]) * gain[c] -
+                              offset[c];
+        if (!normalize) {  /* a convex blend of 0-255 values: + 0.5 truncates to its rounding */
+            uint8_t *pixels = (uint8_t *)dst + oy * out_w * 3;
+            for (uint64_t e = 0; e < 3 * out_w; e++)
+                pixels[e] = (uint8_t)(int32_t)(line[e] + 0.5f);
+        }
+    }
+    return 0;
 }
 
 /* For profiling the marker way step by step (benchmarks/loader_profile.py): the small JPEG that
@@ -373,13 +716,17 @@ int64_t region_jpeg(const uint8_t *src, uint64_t size, uint8_t *dst, uint64_t ca
     return length;
 }
 
-/* For profiling: the entropy decoding of the whole JPEG `src` alone (libjpeg's
- * jpeg_read_coefficients: Huffman decoding into DCT coefficients, no IDCT, no upsampling, no
- * colour conversion). Returns 0; -1 for a corrupt JPEG, -5 if it held corrupt data. */
+/* For profiling: the entropy step of decode_region for the whole JPEG `src` alone: its headers
+ * read and the decompression started (as decode_region does), then every MCU's Huffman data
+ * decoded (no IDCT, no upsampling, no colour conversion), by decode_huffman_mcu for a JPEG with
+ * restart markers (read_layout), by libjpeg's own decoder for any other. Returns 0; -1 for a
+ * corrupt JPEG, -5 if it held corrupt data. */
 int entropy_decode(const uint8_t *src, uint64_t size) {
     struct decoder *d = thread_decoder();
     if (d == NULL) return -4;
     struct jpeg_decompress_struct *c = &d->cinfo;
+    struct layout l;
+    int markers = read_layout(src, size, &l);
     if (setjmp(d->err.jump)) {
         jpeg_abort_decompress(c);
         return -1;
@@ -387,7 +734,14 @@ int entropy_decode(const uint8_t *src, uint64_t size) {
     c->err->num_warnings = 0;
     jpeg_mem_src(c, src, (unsigned long)size);
     jpeg_read_header(c, TRUE);
-    jpeg_read_coefficients(c);
+    c->out_color_space = JCS_RGB;
+    c->dct_method = JDCT_IFAST;
+    jpeg_start_decompress(c);
+    if (markers)
+        use_huffman_decoder(d, src + l.data, size - l.data);
+    struct entropy_module *entropy = (struct entropy_module *)c->entropy;
+    for (uint64_t m = (uint64_t)c->MCUs_per_row * c->MCU_rows_in_scan; m > 0; m--)
+        entropy->decode_mcu(c, NULL);
     jpeg_abort_decompress(c);
     return c->err->num_warnings ? -5 : 0;
 }

@@ -1,5 +1,7 @@
 """Bilinear resampling of a decoded crop into the batch, fused with the flip and the normalisation:
-the last step of the decoders (``decoders``), in numba.
+the last step of the decoders (``decoders``), in numba. Its common case (2 taps per axis) also runs
+in C (``jpeg_region.c``'s ``resample_bilinear``, with the taps of :func:`taps`), which the decoders
+use where the C part is built (``decoders.resampler``).
 
 Pixel centres aligned, as OpenCV's INTER_LINEAR and torchvision's ``antialias=False``; a shrink by
 k >= 2 along an axis averages k x k samples (``antialias``: also 2 x 2 for the shrinks in (1, 2)).
@@ -54,30 +56,44 @@ def _two_taps(row, col_index, col_weight, out):
 
 
 @_compiled(nogil=True, fastmath=True, error_model='numpy')
+def taps(src_h, src_w, y0, x0, crop_h, crop_w, out_h, out_w, flip, antialias):
+    """The taps of :func:`resample` for the rectangle (``y0``, ``x0``, ``crop_h``, ``crop_w``:
+    floats, pixel units) of a ``src_h`` x ``src_w`` image resampled to ``out_h`` x ``out_w``:
+    ``(row_index, row_weight, col_index, col_weight)``, int64 and float32 arrays (out_h, 2 ky)
+    and (out_w, 2 kx), ``col_index`` in elements of a source row (3 per pixel), the columns in
+    flipped order if ``flip``. A shrink by k >= 2 along an axis averages k samples along it;
+    ``antialias``: ceil(shrink) samples, so 2 in (1, 2) too; else 1 sample (2 taps)."""
+    sy, sx = crop_h / out_h, crop_w / out_w
+    ky = max(1, int(np.ceil(sy - 1e-6)) if antialias else int(sy))
+    kx = max(1, int(np.ceil(sx - 1e-6)) if antialias else int(sx))
+    row_index, row_weight = _taps(y0, sy, ky, out_h, src_h)
+    col_index, col_weight = _taps(x0, sx, kx, out_w, src_w)
+    if flip:  # output column ox takes the taps of column out_w - 1 - ox
+        col_index, col_weight = col_index[::-1].copy(), col_weight[::-1].copy()
+    col_index *= 3
+    return row_index, row_weight, col_index, col_weight
+
+
+@_compiled(nogil=True, fastmath=True, error_model='numpy')
 def resample(src, y0, x0, crop_h, crop_w, dst, flip, mean, inv_std, normalize, antialias=False):
     """Resample the rectangle of ``src`` (uint8 (H, W, 3)) with top-left corner (``y0``, ``x0``)
     and size ``crop_h`` x ``crop_w`` (floats, pixel units) bilinearly into ``dst`` (out_h, out_w, 3),
     pixel centres aligned (as OpenCV's INTER_LINEAR); left-right flipped if ``flip``. A shrink by
     k >= 2 along an axis averages k samples along it (JPEGs arrive DCT-scaled to a shrink below 2);
-    ``antialias``: ceil(shrink) samples, so 2 in (1, 2) too. ``normalize``: write ``(v - mean) *
-    inv_std`` (dst float32), else the rounded value (dst uint8). Compiled by numba at its first call
-    with each argument type, and cached on disk.
+    ``antialias``: ceil(shrink) samples, so 2 in (1, 2) too (:func:`taps`). ``normalize``: write
+    ``(v - mean) * inv_std`` (dst float32), else the rounded value (dst uint8). Compiled by numba
+    at its first call with each argument type, and cached on disk. The loaders' decoders run the
+    common case (2 taps per axis) in C with the same taps (``decoders.resampler``).
 
     Per output row: blend the source rows (contiguous, vectorised; normalised there, since the
     column weights sum to 1), then gather the columns (the flip is folded into their order, and
     the common 2-tap case has a loop of its own, 1.5-2x faster than the general one).
     """
     out_h, out_w = dst.shape[0], dst.shape[1]
-    sy, sx = crop_h / out_h, crop_w / out_w
-    ky = max(1, int(np.ceil(sy - 1e-6)) if antialias else int(sy))
-    kx = max(1, int(np.ceil(sx - 1e-6)) if antialias else int(sx))
-    row_index, row_weight = _taps(y0, sy, ky, out_h, src.shape[0])
-    col_index, col_weight = _taps(x0, sx, kx, out_w, src.shape[1])
-    if flip:  # output column ox takes the taps of column out_w - 1 - ox
-        col_index, col_weight = col_index[::-1].copy(), col_weight[::-1].copy()
-    lo, hi = col_index.min(), col_index.max() + 1  # the source columns used
-    col_index -= lo
-    col_index *= 3
+    row_index, row_weight, col_index, col_weight = taps(
+        src.shape[0], src.shape[1], y0, x0, crop_h, crop_w, out_h, out_w, flip, antialias)
+    lo, hi = col_index.min() // 3, col_index.max() // 3 + 1  # the source columns used
+    col_index -= lo * 3
     n = (hi - lo) * 3
     gain = np.ones(n, np.float32)  # per element of a row: v * gain - offset normalises
     offset = np.zeros(n, np.float32)

@@ -92,6 +92,38 @@ def test_resample_averages_big_shrinks(photo):
     assert np.abs(out.astype(int) - ref.astype(int)).max() <= 1
 
 
+@pytest.mark.parametrize('normalize', [True, False])
+def test_the_decoders_resample_in_c_as_resampling_resample_does(photo, normalize):
+    """The decoders run resample's common case (2 taps per axis) in jpeg_region.c: the same pixels
+    as resampling.resample (float32: within rounding; uint8: the rounding of a few pixels one grey
+    level apart) for random crops, both flips, enlarged and shrunk, one-pixel-wide sources and
+    outputs; shrinks by 2 or more (more taps) go to resampling.resample itself."""
+    a, _ = photo
+    resample_image = decoders.resampler()
+    assert resample_image is not resampling.resample  # the C part is built
+    mean, inv_std = decoders.normalization(MEAN, STD)
+    rng = np.random.default_rng(1)
+    cases = [(a, (0.0, 0.0, 256.0, 341.0), (224, 224)), (a[:, :1], (0.0, 0.0, 256.0, 1.0), (5, 3)),
+             (a, (10.0, 20.0, 30.0, 40.0), (1, 1)), (a, (0.0, 0.0, 256.0, 341.0), (64, 64))]
+    for _ in range(40):
+        h, w = rng.uniform(8, 256), rng.uniform(8, 341)
+        crop = (rng.uniform(0, 256 - h), rng.uniform(0, 341 - w), h, w)
+        cases.append((a, crop, tuple(int(v) for v in rng.integers(1, 300, 2))))
+    for src, crop, size in cases:
+        src = np.ascontiguousarray(src)
+        for flip in (False, True):
+            dtype = np.float32 if normalize else np.uint8
+            expected, got = np.zeros((*size, 3), dtype), np.ones((*size, 3), dtype)
+            resampling.resample(src, *crop, expected, flip, mean, inv_std, normalize, False)
+            resample_image(src, *crop, got, flip, mean, inv_std, normalize, False)
+            if normalize:
+                np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+            else:
+                differ = got != expected
+                assert np.abs(got.astype(int) - expected).max() <= 1
+                assert differ.mean() < 1e-3, (crop, size, differ.mean())
+
+
 def test_dct_scale_leaves_a_shrink_below_two():
     assert [decoders.dct_scale(s) for s in (0.5, 1.0, 1.99, 2.0, 3.9, 4.0, 8.5, 40)] == \
         [1, 1, 1, 2, 2, 4, 8, 8]
@@ -404,6 +436,43 @@ def test_damaged_or_missing_restart_markers_are_reported_never_decoded_wrong(pho
             with pytest.raises(ValueError, match='corrupt|ended early'):
                 decoders.decode_region(damaged, **window)
                 pytest.fail(f'{name}: decoded {window}')
+
+
+def test_damaged_huffman_data_in_a_region_is_judged_as_libjpeg_judges_it(photo):
+    """The marker way decodes the Huffman data of the intervals it reads with jpeg_region.c's own
+    decoder. One byte of those intervals changed at random (400 times): either both it and
+    libjpeg's partial decompression refuse the JPEG, or both decode it to the same pixels."""
+    a, _ = photo
+    jpeg = images.encode_jpeg(a, quality=90, restart_interval=images.DEFAULT_RESTART_INTERVAL)
+    n = images.restart_interval_for(a.shape[1], images.DEFAULT_RESTART_INTERVAL)
+    per_row = 22 // n  # intervals in an MCU row of the 341 px photo
+    markers = restart_markers(jpeg)
+    window = dict(top=5 * 16 + 5, left=6 * 16 + 3, height=90, width=120)  # MCU rows 5-10, cols 6-13
+    covered = [(markers[k - 1] + 2, markers[k]) for row in range(5, 11)
+               for k in range(row * per_row + 6 // n, row * per_row + 13 // n + 1)]
+    rng = np.random.default_rng(0)
+    outcomes = {'both refuse': 0, 'same pixels': 0}
+    for _ in range(400):
+        start, end = covered[rng.integers(len(covered))]
+        damaged = jpeg.copy()
+        at = int(rng.integers(start, end))
+        damaged[at] ^= np.uint8(rng.integers(1, 256))
+        try:
+            got = decoders.decode_region(damaged, **window)
+        except ValueError:
+            got = None
+        try:
+            libjpeg = decoders.decode_region(damaged, restart_markers=False, **window)
+        except ValueError:
+            libjpeg = None
+        assert (got is None) == (libjpeg is None), at
+        if got is None:
+            outcomes['both refuse'] += 1
+        else:
+            assert got[1] == libjpeg[1]
+            np.testing.assert_array_equal(got[0], libjpeg[0], err_msg=str(at))
+            outcomes['same pixels'] += 1
+    assert min(outcomes.values()) >= 40, outcomes  # both cases were seen
 
 
 def test_a_record_with_damaged_markers_is_named_by_verify_and_the_loader(betons, tmp_path):
