@@ -220,7 +220,7 @@ struct decoder {
     uint64_t mcus_left_in_scan;
     uint32_t restarts;        /* markers passed */
     int huffman_failed;       /* decode_huffman_mcu found the data corrupt */
-    float *row;               /* resample_bilinear's blended source row; grown, never shrunk */
+    float *row;               /* resample_bilinear's buffer; grown, never shrunk */
     uint64_t row_capacity;    /* floats */
 };
 
@@ -649,22 +649,26 @@ int resample_bilinear(const uint8_t *src, uint64_t stride, const int64_t *row_in
                       const float *mean, const float *inv_std, int normalize) {
     struct decoder *d = thread_decoder();
     if (d == NULL) return -4;
-    uint64_t floats = count + 4 + 3 * out_w + 1;  /* the blended row, then the uint8 path's line */
+    /* In the thread's buffer: each output column's two weights as vectors, times the channels'
+     * gain; the blended source row; the uint8 path's output row before its conversion. */
+    uint64_t floats = 8 * out_w + count + 4 + 3 * out_w + 1;
     if (d->row_capacity < floats) {
         float *grown = realloc(d->row, floats * sizeof *grown);
         if (grown == NULL) return -4;
         d->row = grown;
         d->row_capacity = floats;
     }
-    float *row = d->row - first;  /* row[e] for the elements e of a source row in use */
-    float *line = d->row + count + 4;  /* an output row before its conversion to uint8 */
-    memset(d->row + count, 0, 4 * sizeof *row);  /* read, never used: the 4th float of the last pixel */
-    f32x4 gain = {1, 1, 1, 0}, offset = {0, 0, 0, 0};
-    if (normalize)
-        for (int c = 0; c < 3; c++) {
-            gain[c] = inv_std[c];
-            offset[c] = mean[c] * inv_std[c];
+    float *weights = d->row, *row = d->row + 8 * out_w - first, *line = row + first + count + 4;
+    memset(row + first + count, 0, 4 * sizeof *row);  /* read, never used: the 4th float of the last pixel */
+    f32x4 offset = {0, 0, 0, 0};
+    for (int c = 0; c < 3; c++) {
+        float gain = normalize ? inv_std[c] : 1;
+        offset[c] = normalize ? mean[c] * inv_std[c] : 0;
+        for (uint64_t t = 0; t < 2 * out_w; t++) {
+            weights[4 * t + c] = col_weight[t] * gain;
+            weights[4 * t + 3] = 0;
         }
+    }
     for (uint64_t oy = 0; oy < out_h; oy++) {
         const uint8_t *s0 = src + row_index[2 * oy] * stride;
         const uint8_t *s1 = src + row_index[2 * oy + 1] * stride;
@@ -674,15 +678,13 @@ int resample_bilinear(const uint8_t *src, uint64_t stride, const int64_t *row_in
         float *out = normalize ? (float *)dst + oy * out_w * 3 : line;
         uint64_t ox = 0;
         for (; ox + 1 < out_w; ox++) {
-            f32x4 v = col_weight[2 * ox] * load4(row + col_index[2 * ox]) +
-                      col_weight[2 * ox + 1] * load4(row + col_index[2 * ox + 1]);
-            v = v * gain - offset;
+            f32x4 v = load4(weights + 8 * ox) * load4(row + col_index[2 * ox]) +
+                      load4(weights + 8 * ox + 4) * load4(row + col_index[2 * ox + 1]) - offset;
             memcpy(out + 3 * ox, &v, sizeof v);
         }
         for (int c = 0; c < 3; c++)  /* the last pixel: no next pixel to write into */
-            out[3 * ox + c] = (col_weight[2 * ox] * row[col_index[2 * ox] + c] +
-                               col_weight[2 * ox + 1] * row[col_index[2 * ox + 1] + c]) * gain[c] -
-                              offset[c];
+            out[3 * ox + c] = weights[8 * ox + c] * row[col_index[2 * ox] + c] +
+                              weights[8 * ox + 4 + c] * row[col_index[2 * ox + 1] + c] - offset[c];
         if (!normalize) {  /* a convex blend of 0-255 values: + 0.5 truncates to its rounding */
             uint8_t *pixels = (uint8_t *)dst + oy * out_w * 3;
             for (uint64_t e = 0; e < 3 * out_w; e++)
