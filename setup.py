@@ -2,7 +2,7 @@
 found with pkg-config, so that an installed package needs no compiler at run time. The package
 itself is described in pyproject.toml.
 
-The library is loaded with ctypes (imagenet_ffcv/decoders.py), not imported: it defines no Python
+The library is loaded with ctypes (imagenet_ffcv/jpeg_region.py), not imported: it defines no Python
 module, only ``decode_region``, ``decode_region_scanlines``, ``resample_bilinear``, the profiling
 steps ``region_jpeg`` and ``entropy_decode``, and ``jpeg_region_source_sha256`` (the SHA-256 of the
 source it was built from, so that a library older than its source is noticed).

@@ -23,7 +23,7 @@ if [ -d .carry/python ] && ! "$py" -c 'import safetensors' 2>/dev/null; then
   export PYTHONPATH=$PWD/.carry/python${PYTHONPATH:+:$PYTHONPATH}
 fi
 
-# Our region decoder: decoders.library_path() looks for _jpeg_region*.so beside decoders.py (pip
+# Our region decoder: jpeg_region.library_path() looks for _jpeg_region*.so beside jpeg_region.py (pip
 # install builds it there); put the one built by make carry there, and its libjpeg on the library
 # path, unless one is there already.
 if [ -d .carry/lib ]; then

@@ -443,7 +443,7 @@ def machine_info(args, work, sizes) -> list:
     import torch
 
     import ffcv
-    from imagenet_ffcv import decoders
+    from imagenet_ffcv import jpeg_region
     cuda = torch.cuda.is_available()
     if args.device == 'cuda' and not cuda:
         raise SystemExit('torch.cuda.is_available() is False: no usable GPU here')
@@ -456,10 +456,10 @@ def machine_info(args, work, sizes) -> list:
     versions = (f'Python {platform.python_version()}, torch {torch.__version__}, CUDA '
                 f'{torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, numba '
                 f'{numba.__version__}{extra}, {os.cpu_count()} CPU cores')
-    active = decoders.region_decoder() is not None
+    active = jpeg_region.region_decoder() is not None
     jpeg = [line.split()[-1] for line in Path('/proc/self/maps').read_text().splitlines()
             if 'libjpeg.so' in line]
-    decoder = (f'region (libjpeg-turbo partial decode: {decoders.library_path().name}, '
+    decoder = (f'region (libjpeg-turbo partial decode: {jpeg_region.library_path().name}, '
                f'libjpeg {jpeg[0] if jpeg else "?"})' if active else
                'FALLBACK: whole-image decode by ffcv (about half as fast); the C part could '
                'not be built or loaded (see this step\'s log)')

@@ -291,7 +291,7 @@ def machine_info(args, work, sizes, rows) -> None:
     import torch
 
     from common import machine_line
-    from imagenet_ffcv import decoders
+    from imagenet_ffcv import jpeg_region
     if args.device == 'cuda' and not torch.cuda.is_available():
         raise SystemExit('torch.cuda.is_available() is False: no usable GPU here')
     card = torch.cuda.get_device_name(0) if args.device == 'cuda' else 'no GPU (CPU dry run)'
@@ -303,7 +303,7 @@ def machine_info(args, work, sizes, rows) -> None:
             s += a[i]
         return s
     total(np.ones(64))
-    decoder = 'region' if decoders.region_decoder() is not None else 'FALLBACK (whole-image)'
+    decoder = 'region' if jpeg_region.region_decoder() is not None else 'FALLBACK (whole-image)'
     rows.add(setting=card, card=card, result=f'{machine_line()}; CUDA {torch.version.cuda}; '
              f'decoder {decoder}; numba threading layer {numba.threading_layer()}')
 

@@ -40,8 +40,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import ctypes
-
 import numpy as np
 
 from common import (RESULTS, STORAGE, alternate, epoch_of, image_sets, machine_line,
@@ -49,19 +47,12 @@ from common import (RESULTS, STORAGE, alternate, epoch_of, image_sets, machine_l
                     time_runs, write_csv)
 from ffcv.libffcv import imdecode
 from ffcv.pipeline.graph import Graph
-from imagenet_ffcv import decoders
+from imagenet_ffcv import decoders, jpeg_region
 from imagenet_ffcv.constants import IMAGENET_MEAN, IMAGENET_STD
 from imagenet_ffcv.crops import random_resized_crop, sample_key
 
 SCALE, RATIO = np.array((0.08, 1.0)), np.array((3 / 4, 4 / 3))  # the training crop's ranges
 resample_c = decoders.resampler()  # the loaders' own resample (C for 2 taps per axis)
-
-
-def c_function(name: str, argtypes: list, restype):
-    """The function ``name`` of the built ``jpeg_region.c`` (``decoders.load_library``)."""
-    fn = getattr(decoders.load_library(), name)
-    fn.argtypes, fn.restype = argtypes, restype
-    return fn
 
 
 def median_us(run, runs: int) -> float:
@@ -80,13 +71,13 @@ def stage_costs(jpegs, res: int, crops: int, runs: int) -> dict:
             jobs.append((jpeg, h, w, decoders.jpeg_window(h, w, i, j, ch, cw, res, res, True)))
     regions = []
     for jpeg, _, _, (denom, top, left, rows, cols, y0, x0, ch, cw) in jobs:
-        pixels, first = decoders.decode_region(jpeg, top=top, left=left, height=rows, width=cols,
+        pixels, first = jpeg_region.decode_region(jpeg, top=top, left=left, height=rows, width=cols,
                                                denom=denom)
         regions.append((pixels.copy(), y0 - top, x0 - first, ch, cw))
-    read = decoders.region_decoder()
-    scanlines = c_function('decode_region_scanlines', decoders.REGION_ARGTYPES, ctypes.c_int)
-    region_jpeg = c_function('region_jpeg', decoders.REGION_ARGTYPES, ctypes.c_int64)
-    entropy_decode = c_function('entropy_decode', [ctypes.c_void_p, ctypes.c_uint64], ctypes.c_int)
+    read = jpeg_region.region_decoder()
+    scanlines = jpeg_region.c_function('decode_region_scanlines')
+    region_jpeg = jpeg_region.c_function('region_jpeg')
+    entropy_decode = jpeg_region.c_function('entropy_decode')
     info = np.zeros(2, np.int64)
     small = []  # the small JPEGs of the marker way
     for jpeg, _, _, (denom, top, left, rows, cols, *_) in jobs:

@@ -6,8 +6,9 @@ what they share, ``commands``.
 Data: ``sources`` (input layouts, samples and labels), ``classes`` (class lists), ``images``
 (decoding to RGB, the shorter-side resize), ``writer`` (writing .beton files), ``verify`` (reading
 them back), ``loaders`` (the FFCV loaders), ``decoders`` (the fused crop/resize/flip/normalise
-decoders and the JPEG region decoder), ``resampling`` (their bilinear resample), ``crops`` (crops
-and flips from seed, epoch and sample), ``constants``.
+decoders), ``jpeg_region`` (their C part, ``jpeg_region.c``: the JPEG region decoder and the
+common case of the resample), ``resampling`` (their bilinear resample), ``crops`` (crops and flips
+from seed, epoch and sample), ``constants``.
 Training: ``config`` and ``config_schema`` (the configuration and its keys), ``models``,
 ``optimizers``, ``schedules``, ``engine`` (training step and epoch, evaluation, mixed precision),
 ``ema``, ``augment`` (RandAugment, TrivialAugmentWide, Random Erasing), ``mixup``, ``evaluate``

@@ -14,20 +14,16 @@ decoders
   ``antialias``: 2 x 2 samples for the shrinks in (1, 2) too) and write the flipped, normalised
   pixel straight into the batch (``resampling``). ``benchmarks/bench_loader.py`` measures the
   difference.
-The C part is built when the package is installed (setup.py); if it is missing (or older than its
-source), the whole image is decoded with ffcv's own (DCT-scaled) decoder instead, with a warning.
+The C part is built when the package is installed (setup.py) and loaded by ``jpeg_region``; if it is
+missing (or older than its source), the whole image is decoded with ffcv's own (DCT-scaled) decoder
+instead, with a warning.
 
 Both decoders keep ffcv's interface: ``output_size`` may be changed between epochs. The crop and the
 flip of each image are a pure function of (seed, epoch, sample index) (``crops``): ``epoch`` is set
 before each epoch (``loaders.Loader`` does it), so runs with the same seed see the same images.
 """
 import ctypes
-import functools
-import hashlib
-import warnings
 from dataclasses import replace
-from importlib.machinery import EXTENSION_SUFFIXES
-from pathlib import Path
 
 import numba
 import numpy as np
@@ -36,121 +32,14 @@ from ffcv.libffcv import imdecode
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
 
+from . import resampling
 from .constants import DEFAULT_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
 from .crops import center_crop, flipped, random_resized_crop, sample_key
-from .errors import ImagenetFfcvError
-from . import resampling
+from .jpeg_region import c_function, region_decoder
 from .resampling import resample
 
-SOURCE = Path(__file__).with_name('jpeg_region.c')
 MARGIN = 2  # decoded rows/columns beyond the sampled ones, where partial decoding may differ
 PARALLEL_CHUNK = 4  # images a loader thread takes at a time (the rest of a batch: as it gets free)
-REBUILD = ('reinstall the package to build it (pip install -e . in a checkout, which make setup '
-           'does; it needs the libjpeg headers: apt-get install libjpeg-dev pkg-config)')
-
-
-class JpegLibraryError(ImagenetFfcvError, RuntimeError):
-    """The C region decoder is not built or does not match its source; the message says what to
-    do."""
-
-
-def library_path() -> Path:
-    """The region decoder built from ``jpeg_region.c`` at install time (setup.py): the
-    ``_jpeg_region`` library beside this module, for this Python's extension suffix first, else
-    any one (a copy brought to another machine, e.g. by ``make carry``). Raises JpegLibraryError
-    when there is none."""
-    here = Path(__file__).parent
-    candidates = [here / f'_jpeg_region{suffix}' for suffix in EXTENSION_SUFFIXES]
-    candidates += sorted(here.glob('_jpeg_region*.so'))
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise JpegLibraryError(f'the JPEG region decoder is not built (no _jpeg_region*.so in '
-                           f'{here}); {REBUILD}')
-
-
-def load_library() -> ctypes.CDLL:
-    """The region decoder library, loaded; JpegLibraryError when it is missing, cannot be
-    loaded, or was built from another version of ``jpeg_region.c`` than the one beside it."""
-    path = library_path()
-    try:
-        lib = ctypes.CDLL(str(path))
-        built_from = lib.jpeg_region_source_sha256
-    except (OSError, AttributeError) as e:
-        raise JpegLibraryError(f'{path}: cannot be loaded ({e}); {REBUILD}') from None
-    built_from.restype = ctypes.c_char_p
-    if SOURCE.is_file() and built_from().decode() != hashlib.sha256(
-            SOURCE.read_bytes()).hexdigest():
-        raise JpegLibraryError(f'{path} was built from another version of {SOURCE}; {REBUILD}')
-    return lib
-
-
-_decode_region_c = None
-
-
-# The arguments of jpeg_region.c's region functions: src, size, dst, capacity, top, left, ..., info
-REGION_ARGTYPES = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_uint64,
-                   ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_uint32,
-                   ctypes.c_uint32, ctypes.c_void_p]
-# ... and of its resample_bilinear: src, stride, row_index, row_weight, col_index, col_weight,
-# first, count, dst, out_h, out_w, mean, inv_std, normalize
-RESAMPLE_ARGTYPES = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_void_p,
-                     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64,
-                     ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64, ctypes.c_void_p,
-                     ctypes.c_void_p, ctypes.c_int]
-
-
-@functools.cache
-def _c_function(name: str):
-    """``decode_region``, ``decode_region_scanlines`` or ``resample_bilinear`` of the built library
-    (:func:`load_library`), typed for ctypes; loaded once per name."""
-    fn = getattr(load_library(), name)
-    fn.argtypes = RESAMPLE_ARGTYPES if name == 'resample_bilinear' else REGION_ARGTYPES
-    fn.restype = ctypes.c_int
-    return fn
-
-
-def region_decoder():
-    """The ctypes function ``decode_region`` of the built ``jpeg_region.c``, or None with a
-    warning if it is not built (see :func:`load_library`)."""
-    global _decode_region_c
-    if _decode_region_c is None:
-        try:
-            _decode_region_c = _c_function('decode_region')
-        except JpegLibraryError as e:
-            warnings.warn(f'{e}\nfalling back to decoding whole JPEGs with ffcv (slower)',
-                          stacklevel=2)
-            _decode_region_c = False
-    return _decode_region_c or None
-
-
-def decode_region(jpeg: np.ndarray, *, top: int, left: int, height: int, width: int,
-                  denom: int = 1, restart_markers: bool = True) -> tuple:
-    """Decode rows ``top .. top+height-1`` and columns ``left .. left+width-1`` (coordinates in the
-    image scaled by 1/``denom``, ``denom`` in 1, 2, 4, 8) of a JPEG given as a uint8 array.
-    ``restart_markers=False``: decode it as a JPEG without restart markers is decoded
-    (libjpeg-turbo's partial decompression) even when it has them, for comparisons.
-
-    Returns ``(pixels, first_column)``: uint8 (height, W', 3) RGB rows holding at least the asked
-    columns, and the image column of their first one (libjpeg widens the crop to its block grid).
-    Raises ValueError for a corrupt JPEG or a rectangle outside the image, JpegLibraryError if
-    the C part is not built. For tests and benchmarks; the decoders call it from numba.
-    """
-    fn = region_decoder()
-    if fn is None:
-        raise JpegLibraryError(f'{SOURCE.name} is not built (see the warning above); {REBUILD}')
-    if not restart_markers:
-        fn = _c_function('decode_region_scanlines')
-    jpeg = np.ascontiguousarray(jpeg, dtype=np.uint8)
-    capacity = height * (left + width + 64) * 3
-    out = np.empty(capacity, np.uint8)
-    info = np.zeros(2, np.int64)
-    code = fn(jpeg.ctypes.data, jpeg.size, out.ctypes.data, capacity, top, left, height, width,
-              denom, info.ctypes.data)
-    if code != 0:
-        raise ValueError(f'decode_region failed with code {code} (-1 corrupt JPEG, -2 rectangle '
-                         f'outside the image, -3 data ended early, -5 corrupt data)')
-    return out[:height * info[1] * 3].reshape(height, int(info[1]), 3), int(info[0])
 
 
 @numba.njit(nogil=True)  # also called by the decoders' compiled code
@@ -210,7 +99,7 @@ def resampler():
     where the C part is not built, by ``resampling.resample`` itself. Returns the number of taps."""
     if region_decoder() is None:
         return resample
-    kernel, taps = _c_function('resample_bilinear'), resampling.taps
+    kernel, taps = c_function('resample_bilinear'), resampling.taps
 
     def resample_image(src, y0, x0, crop_h, crop_w, out, flip, mean, inv_std, normalize,
                        antialias):

@@ -1,6 +1,7 @@
-/* Decode one rectangle of a JPEG with libjpeg-turbo, optionally DCT-scaled by 1/2, 1/4 or 1/8.
+/* Decode one rectangle of a JPEG with libjpeg-turbo, optionally DCT-scaled by 1/2, 1/4 or 1/8;
+ * and resample a decoded rectangle bilinearly into the batch (resample_bilinear, at the end).
  *
- * Two ways, chosen per JPEG:
+ * Two ways to decode, chosen per JPEG:
  * - Restart markers (a DRI segment; the converter writes them, imagenet_ffcv/images.py
  *   encode_jpeg): the entropy-coded data is cut into intervals of a fixed number of MCUs, each
  *   decodable on its own (the DC predictions restart at each marker). The decoder finds the
@@ -21,9 +22,9 @@
  * for a margin of 2 around what it samples.
  *
  * Built at install time (setup.py: a setuptools Extension linked against libjpeg, found with
- * pkg-config) and called from numba through ctypes (imagenet_ffcv/decoders.py). One decompressor,
- * one buffer for the small JPEG and one set of Huffman lookup tables per thread, kept for the
- * thread's lifetime.
+ * pkg-config), loaded with ctypes (imagenet_ffcv/jpeg_region.py) and called from numba
+ * (imagenet_ffcv/decoders.py). One decompressor, one buffer for the small JPEG, one set of Huffman
+ * lookup tables and one resample buffer per thread, kept for the thread's lifetime.
  */
 #include <stdio.h>
 #include <stdint.h>
@@ -37,7 +38,7 @@
 #endif
 
 /* The SHA-256 of this file when it was built (setup.py defines it), so that a library older than
- * its source is noticed (decoders.py compares). */
+ * its source is noticed (jpeg_region.py compares). */
 #ifndef JPEG_REGION_SOURCE_SHA256
 #define JPEG_REGION_SOURCE_SHA256 "unknown"
 #endif
@@ -618,7 +619,7 @@ int decode_region(const uint8_t *src, uint64_t size, uint8_t *dst, uint64_t capa
 }
 
 /* decode_region without the marker way: libjpeg-turbo's partial decompression of any JPEG, for
- * comparisons (decoders.decode_region(restart_markers=False)). */
+ * comparisons (jpeg_region.decode_region(restart_markers=False)). */
 int decode_region_scanlines(const uint8_t *src, uint64_t size, uint8_t *dst, uint64_t capacity,
                             uint32_t top, uint32_t left, uint32_t height, uint32_t width,
                             uint32_t denom, int64_t *info) {
@@ -633,6 +634,7 @@ int decode_region_scanlines(const uint8_t *src, uint64_t size, uint8_t *dst, uin
  * Four floats at once, in the compiler's generic vectors (SSE on x86-64, NEON on ARM): an RGB
  * pixel and one float more, loaded and stored unaligned. */
 typedef float f32x4 __attribute__((vector_size(16)));
+static inline f32x4 load4(const float *p) { f32x4 v; memcpy(&v, p, sizeof v); return v; }
 
 /* dst[0 .. n) <- line[0 .. n): on x86-64 with streaming stores from the first 16-byte boundary,
  * which write the batch without reading it into the cache first (the batch is not read again
@@ -647,7 +649,6 @@ static void stream_floats(float *dst, const float *line, uint64_t n) {
     memcpy(dst, line, n * sizeof *dst);
 #endif
 }
-static inline f32x4 load4(const float *p) { f32x4 v; memcpy(&v, p, sizeof v); return v; }
 
 /* Bilinear resampling with 2 taps per axis (imagenet_ffcv/resampling.py computes the taps and
  * says when there are 2: a shrink below 2 without antialias, the loaders' common case) of the
@@ -658,8 +659,9 @@ static inline f32x4 load4(const float *p) { f32x4 v; memcpy(&v, p, sizeof v); re
  * blend (element offsets in a source row, 3 per pixel, all in [first, first + count)) with
  * col_weight[2 ox], col_weight[2 ox + 1]; a flip is in the order of the column taps. Per output
  * row: the two source rows blended over the columns used (vectorised by the compiler), then the
- * pixels taken 4 floats at a time, each store writing one float into the next pixel (written
- * next); the row's last pixel one float at a time. Returns 0; -4 if out of memory. */
+ * pixels taken 4 floats at a time into a row buffer, each store writing one float into the next
+ * pixel (written next), the row's last pixel one float at a time; then the row to `dst`
+ * (stream_floats; uint8: rounded). Returns 0; -4 if out of memory. */
 int resample_bilinear(const uint8_t *src, uint64_t stride, const int64_t *row_index,
                       const float *row_weight, const int64_t *col_index, const float *col_weight,
                       uint64_t first, uint64_t count, void *dst, uint64_t out_h, uint64_t out_w,

@@ -10,7 +10,7 @@ from ffcv.types import ALLOC_TABLE_TYPE, HeaderType
 from PIL import Image
 
 from .classes import class_list_path, read_class_list
-from .decoders import decode_region, region_decoder
+from .jpeg_region import decode_region, region_decoder
 from .errors import ImagenetFfcvError
 
 SHORT_SIDE_EDGES = [0, 32, 64, 128, 160, 192, 224, 256, 320, 384, 512, 10 ** 9]  # px buckets

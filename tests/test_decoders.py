@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from conftest import SAMPLE
-from imagenet_ffcv import (constants, decoders, images, loaders, resampling, sources, verify,
-                           writer)
+from imagenet_ffcv import (constants, decoders, images, jpeg_region, loaders, resampling, sources,
+                           verify, writer)
 
 MEAN, STD = constants.IMAGENET_MEAN, constants.IMAGENET_STD
 
@@ -33,14 +33,14 @@ def photo():
 def test_region_decode_equals_the_full_decode_inside_the_margin(photo, denom):
     _, jpeg = photo
     height, width = -(-256 // denom), -(-341 // denom)
-    full, first = decoders.decode_region(jpeg, top=0, left=0, height=height, width=width,
+    full, first = jpeg_region.decode_region(jpeg, top=0, left=0, height=height, width=width,
                                          denom=denom)
     assert first == 0 and full.shape == (height, width, 3)
     rng = np.random.default_rng(0)
     for _ in range(20):
         h, w = rng.integers(8, height // 2), rng.integers(8, width // 2)
         top, left = rng.integers(0, height - h), rng.integers(0, width - w)
-        part, first = decoders.decode_region(jpeg, top=top, left=left, height=h, width=w,
+        part, first = jpeg_region.decode_region(jpeg, top=top, left=left, height=h, width=w,
                                              denom=denom)
         assert first <= left and first + part.shape[1] >= left + w
         m = decoders.MARGIN
@@ -51,9 +51,9 @@ def test_region_decode_equals_the_full_decode_inside_the_margin(photo, denom):
 def test_region_decode_names_bad_input(photo):
     _, jpeg = photo
     with pytest.raises(ValueError, match='outside the image'):
-        decoders.decode_region(jpeg, top=250, left=0, height=10, width=10)
+        jpeg_region.decode_region(jpeg, top=250, left=0, height=10, width=10)
     with pytest.raises(ValueError, match='corrupt'):
-        decoders.decode_region(np.frombuffer(b'not a jpeg at all' * 10, np.uint8), top=0, left=0,
+        jpeg_region.decode_region(np.frombuffer(b'not a jpeg at all' * 10, np.uint8), top=0, left=0,
                                height=1, width=1)
 
 
@@ -200,7 +200,7 @@ def test_train_loader_whole_image_crops_flip_and_fallback_agree(betons, monkeypa
     assert plain.is_contiguous(memory_format=torch.channels_last) and plain.dtype == torch.float32
     torch.testing.assert_close(flipped[torch.argsort(labels_f)], plain[order].flip(3))
 
-    monkeypatch.setattr(decoders, '_decode_region_c', False)  # as if the build had failed
+    monkeypatch.setattr(jpeg_region, '_decode_region_c', False)  # as if the build had failed
     fallback, labels_b = batch(0.0)
     torch.testing.assert_close(fallback[torch.argsort(labels_b)], plain[order], atol=1e-5,
                                rtol=0)
@@ -350,10 +350,10 @@ def test_a_region_decoded_through_restart_markers_equals_todays_region_decode(ph
             height, width = -(-a.shape[0] // denom), -(-a.shape[1] // denom)
             for top, left, rows, cols in rectangles(height, width, 25, seed=n * 10 + denom):
                 window = dict(top=top, left=left, height=rows, width=cols, denom=denom)
-                got, first = decoders.decode_region(jpeg, **window)
-                scanned, scanned_first = decoders.decode_region(jpeg, restart_markers=False,
+                got, first = jpeg_region.decode_region(jpeg, **window)
+                scanned, scanned_first = jpeg_region.decode_region(jpeg, restart_markers=False,
                                                                 **window)
-                plain_pixels, plain_first = decoders.decode_region(plain, **window)
+                plain_pixels, plain_first = jpeg_region.decode_region(plain, **window)
                 assert first == scanned_first == plain_first, (n, window)
                 np.testing.assert_array_equal(got, scanned, err_msg=str((n, window)))
                 np.testing.assert_array_equal(got, plain_pixels, err_msg=str((n, window)))
@@ -401,12 +401,12 @@ def test_the_marker_way_reads_only_the_intervals_a_region_covers(photo):
     per_row = 22 // n  # intervals in an MCU row of the 341 px photo
     damaged = without_intervals(jpeg, [0, 8 * per_row])  # rows 0 and 8, their first columns
     window = dict(top=8 * 16 + 5, left=12 * 16 + 3, height=100, width=120)  # MCU columns 12-19
-    got, first = decoders.decode_region(damaged, **window)
-    intact, intact_first = decoders.decode_region(jpeg, **window)
+    got, first = jpeg_region.decode_region(damaged, **window)
+    intact, intact_first = jpeg_region.decode_region(jpeg, **window)
     assert first == intact_first
     np.testing.assert_array_equal(got, intact)
     with pytest.raises(ValueError, match='corrupt'):
-        decoders.decode_region(damaged, restart_markers=False, **window)
+        jpeg_region.decode_region(damaged, restart_markers=False, **window)
 
 
 def damaged_markers(jpeg) -> dict:
@@ -434,7 +434,7 @@ def test_damaged_or_missing_restart_markers_are_reported_never_decoded_wrong(pho
         for window in (dict(top=120, left=100, height=100, width=100),  # below the damage
                        dict(top=0, left=0, height=256, width=341)):
             with pytest.raises(ValueError, match='corrupt|ended early'):
-                decoders.decode_region(damaged, **window)
+                jpeg_region.decode_region(damaged, **window)
                 pytest.fail(f'{name}: decoded {window}')
 
 
@@ -458,11 +458,11 @@ def test_damaged_huffman_data_in_a_region_is_judged_as_libjpeg_judges_it(photo):
         at = int(rng.integers(start, end))
         damaged[at] ^= np.uint8(rng.integers(1, 256))
         try:
-            got = decoders.decode_region(damaged, **window)
+            got = jpeg_region.decode_region(damaged, **window)
         except ValueError:
             got = None
         try:
-            libjpeg = decoders.decode_region(damaged, restart_markers=False, **window)
+            libjpeg = jpeg_region.decode_region(damaged, restart_markers=False, **window)
         except ValueError:
             libjpeg = None
         assert (got is None) == (libjpeg is None), at
