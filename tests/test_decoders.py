@@ -513,16 +513,17 @@ for dtype, normalize in ((np.float32, True), (np.uint8, False)):
     out = np.zeros((4, 5, 3), dtype)
     resampling.resample(src, 0.5, 1.0, 8.0, 9.0, out, True, mean, inv_std, normalize, False)
     sums.append(float(out.astype(np.float64).sum()))
-stats = resampling.resample.stats
-print(json.dumps([sums, sum(stats.cache_hits.values()), sum(stats.cache_misses.values()),
-                  stats.cache_path]))
+sums.append(float(resampling.taps(9, 11, 0.5, 1.0, 8.0, 9.0, 4, 5, True, False)[3].sum()))
+print(json.dumps([sums] + [[sum(f.stats.cache_hits.values()), sum(f.stats.cache_misses.values()),
+                             f.stats.cache_path] for f in (resampling.resample, resampling.taps)]))
 '''
 
 
 @pytest.mark.slow
 def test_resample_is_compiled_once_per_machine_and_runs_without_a_cache_folder(tmp_path):
     """resampling.resample is cached on disk: a second process loads both of its compilations
-    (float32 and uint8 output) instead of compiling them. Where no cache folder can be written
+    (float32 and uint8 output) instead of compiling them, and the one of resampling.taps (which
+    resample and the decoders call). Where no cache folder can be written
     (numba raises RuntimeError when the function is defined) it still imports, compiled per
     process, with the same output. numba cannot cache it at NUMBA_OPT=0 (the tests' level), so
     these processes run at numba's default level, as training does."""
@@ -537,10 +538,12 @@ def test_resample_is_compiled_once_per_machine_and_runs_without_a_cache_folder(t
         out = subprocess.run([sys.executable, '-c', RESAMPLE_IN_A_NEW_PROCESS, mode], env=env,
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 0, out.stderr[-2000:]
-        return tuple(json.loads(out.stdout))  # (sums, cache hits, cache misses, cache folder)
+        # (sums, [cache hits, cache misses, cache folder] of resample, the same of taps)
+        return json.loads(out.stdout)
 
     first, second, uncached = run('cache'), run('cache'), run('no cache folder')
-    assert first[1:3] == (0, 2) and str(tmp_path / 'numba') in first[3]
-    assert second[1:3] == (2, 0)
-    assert uncached[1:] == (0, 2, None)
+    assert first[1][:2] == [0, 2] and str(tmp_path / 'numba') in first[1][2]
+    assert first[2][:2] == [0, 1] and str(tmp_path / 'numba') in first[2][2]
+    assert second[1][:2] == [2, 0] and second[2][:2] == [1, 0]
+    assert uncached[1:] == [[0, 2, None], [0, 1, None]]
     assert first[0] == second[0] == uncached[0]
