@@ -43,18 +43,6 @@ def _taps(start, step, k, out_n, src_n):
     return index, weight
 
 
-@numba.njit(nogil=True, fastmath=True, error_model='numpy', inline='always')
-def _two_taps(row, col_index, col_weight, out):
-    """``out`` (out_w * 3) <- the 2-tap blend of the pixels of ``row`` (float32, 3 per pixel) at
-    ``col_index`` (element offsets) with ``col_weight``: resample's common case."""
-    for ox in range(out.shape[0] // 3):
-        c0, c1 = col_index[ox, 0], col_index[ox, 1]
-        w0, w1 = col_weight[ox, 0], col_weight[ox, 1]
-        out[3 * ox] = w0 * row[c0] + w1 * row[c1]
-        out[3 * ox + 1] = w0 * row[c0 + 1] + w1 * row[c1 + 1]
-        out[3 * ox + 2] = w0 * row[c0 + 2] + w1 * row[c1 + 2]
-
-
 @_compiled(nogil=True, fastmath=True, error_model='numpy')
 def taps(src_h, src_w, y0, x0, crop_h, crop_w, out_h, out_w, flip, antialias):
     """The taps of :func:`resample` for the rectangle (``y0``, ``x0``, ``crop_h``, ``crop_w``:
@@ -86,8 +74,8 @@ def resample(src, y0, x0, crop_h, crop_w, dst, flip, mean, inv_std, normalize, a
     common case (2 taps per axis) in C with the same taps (``decoders.resampler``).
 
     Per output row: blend the source rows (contiguous, vectorised; normalised there, since the
-    column weights sum to 1), then gather the columns (the flip is folded into their order, and
-    the common 2-tap case has a loop of its own, 1.5-2x faster than the general one).
+    column weights sum to 1), then gather the columns (the flip is folded into their order). One
+    loop for any number of taps: the common case of 2 per axis, where speed counts, runs in C.
     """
     out_h, out_w = dst.shape[0], dst.shape[1]
     row_index, row_weight, col_index, col_weight = taps(
@@ -101,33 +89,17 @@ def resample(src, y0, x0, crop_h, crop_w, dst, flip, mean, inv_std, normalize, a
         for e in range(n):
             gain[e] = inv_std[e % 3]
             offset[e] = mean[e % 3] * inv_std[e % 3]
-    row, line = np.empty(n, np.float32), np.empty(3 * out_w, np.float32)
-    two_col_taps = col_index.shape[1] == 2
+    row = np.empty(n, np.float32)
     for oy in range(out_h):
-        if row_index.shape[1] == 2:  # the common case, written out so that it vectorises
-            w0, w1 = row_weight[oy, 0], row_weight[oy, 1]
-            s0 = src[row_index[oy, 0]].reshape(-1)[lo * 3:hi * 3]
-            s1 = src[row_index[oy, 1]].reshape(-1)[lo * 3:hi * 3]
+        row[:] = 0
+        for t in range(row_index.shape[1]):
+            w = row_weight[oy, t]
+            source = src[row_index[oy, t]].reshape(-1)[lo * 3:hi * 3]
             for e in range(n):
-                row[e] = (w0 * s0[e] + w1 * s1[e]) * gain[e] - offset[e]
-        else:
-            row[:] = 0
-            for t in range(row_index.shape[1]):
-                w = row_weight[oy, t]
-                source = src[row_index[oy, t]].reshape(-1)[lo * 3:hi * 3]
-                for e in range(n):
-                    row[e] += w * source[e]
-            for e in range(n):
-                row[e] = row[e] * gain[e] - offset[e]
+                row[e] += w * source[e]
+        for e in range(n):
+            row[e] = row[e] * gain[e] - offset[e]
         out = dst[oy].reshape(-1)
-        if two_col_taps and normalize:
-            _two_taps(row, col_index, col_weight, out)
-            continue
-        if two_col_taps:  # to uint8: a convex blend of 0-255 values + 0.5 truncates to its rounding
-            _two_taps(row, col_index, col_weight, line)
-            for e in range(3 * out_w):  # one vectorised conversion
-                out[e] = line[e] + np.float32(0.5)
-            continue
         for ox in range(out_w):
             a0 = a1 = a2 = np.float32(0.0)
             for t in range(col_index.shape[1]):
