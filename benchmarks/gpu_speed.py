@@ -33,6 +33,11 @@ first GPU check's timings, not yet measured / the section's limit):
   (``common.resnet18_run_args``): top-1 and wall time.
 - ``cudagraphs`` (70 / 120): ``mode='reduce-overhead'`` (CUDA graphs) at 160 px, real and
   synthetic.
+- ``schedule`` (45 / 90): our training loader alone at every core, 160 px, batch 256, with the
+  loader's schedule (``decoders.PARALLEL_CHUNK``: images a thread takes at a time as it gets
+  free) against each of ``Sizes.loader_chunks`` (0: numba's static split of each batch into one
+  chunk per thread), alternating epochs after one warm-up epoch each: whether the default chosen
+  on 2 cores (benchmarks/loader_scaling.py) holds at 16 threads.
 - ``max_autotune`` (not run unless named in ``--sections``: its kernel search takes minutes):
   ``mode='max-autotune'`` at 160 px.
 
@@ -70,6 +75,7 @@ class Sizes:
     loader_res: int
     loader_threads: tuple
     loader_epochs: int
+    loader_chunks: tuple
     big: str
     small: str
     step_res: tuple
@@ -90,7 +96,7 @@ class Sizes:
 
 SIZES = {
     'cuda': Sizes(samples=20480, loader_batch=256, loader_res=160, loader_threads=(16, 8, 4, 2, 1),
-                  loader_epochs=2, big='resnet50', small='resnet18', step_res=(160, 192, 224),
+                  loader_epochs=2, loader_chunks=(0, 4), big='resnet50', small='resnet18', step_res=(160, 192, 224),
                   step_batch=256, step_steps=30, step_windows=2, step_warmup=4,
                   variant_batches=(('foreach', 256), ('fused', 256), ('for_loop', 256),
                                    ('foreach', 512)),
@@ -98,7 +104,7 @@ SIZES = {
                   learn_res=(160, 192), learn_val_res=224, learn_train_images=0,
                   learn_val_images=0),
     'cpu': Sizes(samples=512, loader_batch=32, loader_res=64, loader_threads=(2, 1),
-                 loader_epochs=1, big='tiny', small='tiny', step_res=(64,), step_batch=8,
+                 loader_epochs=1, loader_chunks=(0, 4), big='tiny', small='tiny', step_res=(64,), step_batch=8,
                  step_steps=2, step_windows=2, step_warmup=1,
                  variant_batches=(('foreach', 8), ('fused', 8), ('for_loop', 8), ('foreach', 16)),
                  curve_steps=6, curve_batches=2, learn_epochs=1, learn_batch=32,
@@ -119,7 +125,7 @@ class Section:
 
 SECTIONS = [Section('machine', 60, 10), Section('data', 90, 20), Section('loader', 130, 40),
             Section('eager', 90, 30), Section('variants', 60, 15), Section('compile', 200, 60),
-            Section('learn', 90, 40), Section('cudagraphs', 120, 40),
+            Section('learn', 90, 40), Section('cudagraphs', 120, 40), Section('schedule', 90, 30),
             Section('max_autotune', 300, 120)]
 DEFAULT_SECTIONS = [s.name for s in SECTIONS if s.name != 'max_autotune']
 
@@ -216,7 +222,7 @@ def add_ratios(rows) -> None:
     for r in rows:
         if r.get('feed') == 'real' and key(r) in synthetic:
             r['ratio'] = round(r['img_per_s'] / synthetic[key(r)], 3)
-        if r.get('section') == 'loader' and one and r.get('img_per_s'):
+        if r.get('section') in ('loader', 'schedule') and one and r.get('img_per_s'):
             r['ratio'] = round(r['img_per_s'] / r['threads'] / one, 3)
 
 
@@ -338,19 +344,13 @@ def loader_scaling(args, work, sizes, rows) -> None:
     compiles), then ``sizes.loader_epochs`` timed epochs; median img/s and spread."""
     import torch
 
-    from common import our_loader, time_runs
+    from common import epoch_of, our_loader, time_runs
     device, dtype = device_and_dtype(args)
     sync = torch.cuda.synchronize if device.type == 'cuda' else None
     for threads in sizes.loader_threads:
         loader, _ = our_loader(work / 'speed.beton', res=sizes.loader_res, workers=threads,
                                batch_size=sizes.loader_batch, device=device, dtype=dtype)
-
-        def epoch():
-            n = 0
-            for _, y in loader:
-                n += y.shape[0]
-            return n
-        t = time_runs(epoch, repeats=sizes.loader_epochs, sync=sync)
+        t = time_runs(epoch_of(loader), repeats=sizes.loader_epochs, sync=sync)
         rows.add(setting=f'loader, {sizes.loader_res} px, batch {sizes.loader_batch}, '
                          f'{threads} threads, epochs of {t.units[0]:,} images',
                  threads=threads, res=sizes.loader_res, batch=sizes.loader_batch,
@@ -358,6 +358,35 @@ def loader_scaling(args, work, sizes, rows) -> None:
                  result=f'{t.rate / threads:,.0f} img/s per thread; median of {len(t.rates)} '
                         f'epochs')
         del loader
+
+
+def loader_schedules(args, work, sizes, rows) -> None:
+    """Our training loader alone on the device at every core, with the loader's schedule
+    (``decoders.PARALLEL_CHUNK``) and each of ``sizes.loader_chunks``: one warm-up epoch each,
+    then ``sizes.loader_epochs + 1`` rounds of alternating timed epochs; median img/s, spread."""
+    import torch
+
+    from common import alternate, epoch_of, our_loader
+    from imagenet_ffcv import decoders
+    device, dtype = device_and_dtype(args)
+    sync = torch.cuda.synchronize if device.type == 'cuda' else None
+    threads, default, runs = os.cpu_count(), decoders.PARALLEL_CHUNK, {}
+    for chunk in dict.fromkeys((default, *sizes.loader_chunks)):
+        decoders.PARALLEL_CHUNK = chunk  # read when the loader generates its code
+        loader, _ = our_loader(work / 'speed.beton', res=sizes.loader_res, workers=threads,
+                               batch_size=sizes.loader_batch, device=device, dtype=dtype)
+        runs[chunk] = epoch_of(loader)
+    decoders.PARALLEL_CHUNK = default
+    for chunk, t in alternate(runs, repeats=sizes.loader_epochs + 1, warmup=1,
+                              sync=sync).items():
+        schedule = ('static split (numba default)' if chunk == 0 else
+                    f'{chunk} image(s) at a time') + (" (the loader's)" if chunk == default else '')
+        rows.add(setting=f'loader, {sizes.loader_res} px, batch {sizes.loader_batch}, {threads} '
+                         f'threads, {schedule}', threads=threads, chunk=chunk,
+                 res=sizes.loader_res, batch=sizes.loader_batch, img_per_s=round(t.rate, 1),
+                 spread=round(t.rate_spread, 1),
+                 result=f'{t.rate / threads:,.0f} img/s per thread; median of {len(t.rates)} '
+                        f'alternating epochs of {t.units[0]:,} images')
 
 
 def device_and_dtype(args) -> tuple:
@@ -621,7 +650,7 @@ def learn(args, work, sizes, rows) -> None:
 
 CHILDREN = {'machine': machine_info, 'data': write_data, 'loader': loader_scaling,
             'eager': eager, 'variants': variants, 'compile': compile_default, 'learn': learn,
-            'cudagraphs': compile_mode('reduce-overhead'),
+            'cudagraphs': compile_mode('reduce-overhead'), 'schedule': loader_schedules,
             'max_autotune': compile_mode('max-autotune')}
 
 if __name__ == '__main__':

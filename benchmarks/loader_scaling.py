@@ -5,9 +5,12 @@ to ``--predict-threads`` (16: the lent GPU machine's cores).
 1. Loader epochs (``loaders.train_loader``, random-resized crop + flip + normalise, float32 on the
    CPU) at ``--res`` px with 1 and 2 threads, batch 256 and 1,024, on long epochs (``--min-samples``
    images: ../shared/data/imagewoof320 and imagenette, train + val, pooled and repeated; else the
-   embedded demo sample, with a note). The four loaders alternate epoch by epoch (one untimed
+   embedded demo sample, with a note). The loaders alternate epoch by epoch (one untimed
    warm-up epoch each, then ``--epochs`` timed rounds, order reversed every other round); img/s
-   is the median of a loader's epochs, ``spread`` their max - min.
+   is the median of a loader's epochs, ``spread`` their max - min. Beside them, in the same
+   alternation, the most threads at the smallest batch with each schedule of ``--chunks``
+   (``decoders.PARALLEL_CHUNK``: images a thread takes at a time as it gets free; 0 numba's
+   static split into one equal chunk per thread), against the loader's own.
 2. Amdahl fit per batch size: with t1, t2 the seconds per image at 1 and 2 threads, the serial
    fraction is ``s = 2 t2 / t1 - 1`` (t_n = t1 (s + (1 - s) / n)), the serial time per batch
    ``s * t1 * batch`` (ms), the predicted speedup at n threads ``1 / (s + (1 - s) / n)`` and the
@@ -21,10 +24,11 @@ to ``--predict-threads`` (16: the lent GPU machine's cores).
    least of 3 timings per image, µs, Python's call overhead included), then batches drawn from
    that cost distribution and scheduled on ``--predict-threads`` threads: numba's default
    (``prange`` splits a batch into one equal static chunk per thread, the batch ends when the
-   slowest chunk does) against dynamic chunks of 1 and 4 images (``numba.set_parallel_chunksize``:
-   a free thread takes the next chunk). Efficiency = (total work / threads) / the batch's time.
+   slowest chunk does) against dynamic chunks of the loader's and ``--chunks``' sizes
+   (``numba.set_parallel_chunksize``: a free thread takes the next chunk). Efficiency = (total
+   work / threads) / the batch's time.
 
-    python benchmarks/loader_scaling.py        # about 3 minutes on 2 cores (20,480-image epochs)
+    python benchmarks/loader_scaling.py        # about 2.5 minutes on 2 idle cores
 
 Prints Markdown tables and numba's threading layer; writes bench-results/loader_scaling.csv.
 """
@@ -95,31 +99,35 @@ def with_cpu_time(run, cpu: list):
     return call
 
 
-def loader_epochs(beton, *, res, threads, batch_sizes, epochs) -> list:
-    """One row per (threads, batch): img/s (median of ``epochs`` alternating timed epochs after
+def loader_epochs(beton, *, res, configs, epochs) -> list:
+    """One row per (threads, batch, chunk) of ``configs`` (chunk: ``decoders.PARALLEL_CHUNK`` for
+    that loader): img/s (median of ``epochs`` alternating timed epochs after
     one warm-up epoch each), spread (img/s), seconds per epoch, images per epoch, CPU µs per
     image, ``cores_used`` (the process's CPU seconds over wall seconds: below the threads asked
     for when other processes shared the cores) and ``thread_cpu_s`` (the CPU seconds of each
     thread that worked in the median epoch: with 2 threads, one number when one thread did all
     the decoding)."""
-    runs, cpu = {}, {}
-    for n in threads:
-        for b in batch_sizes:
-            loader, _ = our_loader(beton, res=res, workers=n, batch_size=b)
-            cpu[(n, b)] = []
-            runs[(n, b)] = with_cpu_time(epoch_of(loader), cpu[(n, b)])
+    runs, cpu, default = {}, {}, decoders.PARALLEL_CHUNK
+    try:
+        for config in configs:
+            decoders.PARALLEL_CHUNK = config[2]  # read when the loader generates its code
+            loader, _ = our_loader(beton, res=res, workers=config[0], batch_size=config[1])
+            cpu[config] = []
+            runs[config] = with_cpu_time(epoch_of(loader), cpu[config])
+    finally:
+        decoders.PARALLEL_CHUNK = default
     timings = alternate(runs, repeats=epochs, warmup=1)
     rows = []
-    for (n, b), t in timings.items():
-        cpu_s = [c for c, _ in cpu[(n, b)][1:]]  # the timed epochs (the first was the warm-up)
+    for (n, b, chunk), t in timings.items():
+        cpu_s = [c for c, _ in cpu[(n, b, chunk)][1:]]  # the timed epochs (the first: warm-up)
         median = sorted(range(len(t.seconds)), key=t.seconds.__getitem__)[len(t.seconds) // 2]
-        rows.append({'threads': n, 'batch': b, 'img_per_s': round(t.rate, 1),
+        rows.append({'threads': n, 'batch': b, 'chunk': chunk, 'img_per_s': round(t.rate, 1),
                      'spread': round(t.rate_spread, 1), 'epoch_s': round(t.median_s, 2),
                      'images': t.units[0], 'epochs': len(t.units),
                      'cpu_us_per_image': round(1e6 * statistics.median(cpu_s) / t.units[0], 1),
                      'cores_used': round(statistics.median(
                          c / w for c, w in zip(cpu_s, t.seconds)), 2),
-                     'thread_cpu_s': ' '.join(map(str, cpu[(n, b)][1 + median][1]))})
+                     'thread_cpu_s': ' '.join(map(str, cpu[(n, b, chunk)][1 + median][1]))})
     return rows
 
 
@@ -196,17 +204,22 @@ def makespan(costs, threads: int, chunk: int) -> float:
     return max(free)
 
 
-def imbalance(costs, *, threads: int, batch_sizes, batches: int = 400) -> list:
-    """Per batch size and schedule: the mean efficiency of ``batches`` batches drawn (with
-    replacement, seed 0) from ``costs`` on ``threads`` threads."""
+def schedule_name(chunk: int) -> str:
+    name = 'static (numba default)' if chunk == 0 else f'dynamic, chunk {chunk}'
+    return name + (" (the loader's)" if chunk == decoders.PARALLEL_CHUNK else '')
+
+
+def imbalance(costs, *, threads: int, batch_sizes, chunks=(0, 1, 4), batches: int = 400) -> list:
+    """Per batch size and schedule (``chunks``, as :func:`makespan`): the mean efficiency of
+    ``batches`` batches drawn (with replacement, seed 0) from ``costs`` on ``threads`` threads."""
     rng = np.random.default_rng(0)
     rows = []
     for b in batch_sizes:
         draws = [rng.choice(costs, b) for _ in range(batches)]
-        for chunk, name in ((0, 'static (numba default)'), (1, 'dynamic, chunk 1'),
-                            (4, 'dynamic, chunk 4')):
+        for chunk in chunks:
             eff = [d.sum() / threads / makespan(d, threads, chunk) for d in draws]
-            rows.append({'batch': b, 'threads': threads, 'schedule': name,
+            rows.append({'batch': b, 'threads': threads, 'chunk': chunk,
+                         'schedule': schedule_name(chunk),
                          'efficiency': round(statistics.mean(eff), 3),
                          'worst_batch': round(min(eff), 3)})
     return rows
@@ -219,6 +232,9 @@ def parse_args(argv):
     p.add_argument('--batch-sizes', default='256,1024', help='comma-separated')
     p.add_argument('--min-samples', type=int, default=20480, help='images per epoch (at least)')
     p.add_argument('--epochs', type=int, default=3, help='timed epochs per loader')
+    p.add_argument('--chunks', default='0,4',
+                   help="comma-separated schedules besides the loader's (decoders.PARALLEL_CHUNK): "
+                        "images a thread takes at a time, 0 numba's static split")
     p.add_argument('--predict-threads', type=int, default=16)
     p.add_argument('--sim-images', type=int, default=2000,
                    help='JPEGs timed one by one for the imbalance simulation')
@@ -227,6 +243,8 @@ def parse_args(argv):
     args = p.parse_args(argv)
     args.threads = [int(n) for n in args.threads.split(',')]
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(',')]
+    args.chunks = [int(c) for c in args.chunks.split(',') if c != ''
+                   and int(c) != decoders.PARALLEL_CHUNK]
     return args
 
 
@@ -234,12 +252,16 @@ def report(name, rows, fits, costs, sim, layer) -> None:
     """The three Markdown tables and the lines around them."""
     print(f'\n### Loader epochs: {name}, {rows[0]["images"]:,} images, median of '
           f'{rows[0]["epochs"]} alternating epochs\n')
+    for r in rows:
+        r['schedule'] = schedule_name(r['chunk'])
     print(markdown_table(rows, [('threads', 'threads', ''), ('batch', 'batch', ''),
+                                ('schedule', 'schedule', ''),
                                 ('img_per_s', 'img/s', ',.0f'), ('spread', 'spread', ',.0f'),
                                 ('epoch_s', 'epoch s', '.2f'),
                                 ('cpu_us_per_image', 'CPU µs/image', '.0f'),
                                 ('cores_used', 'cores used', '.2f'),
                                 ('thread_cpu_s', 'CPU s per busy thread', '')]))
+    rows = [r for r in rows if r['chunk'] == decoders.PARALLEL_CHUNK]
     fixed = fixed_cost_per_batch(rows)
     if fixed is not None:
         print(f'\nCPU per batch that does not grow with the batch (1 thread, batch '
@@ -282,17 +304,21 @@ def main(argv=None):
         name, samples = pooled_sets(args.min_samples)
         (folder / f'{name}-{len(samples)}').mkdir(exist_ok=True)
         beton = stored_beton(samples, folder / f'{name}-{len(samples)}')
-        rows = loader_epochs(beton, res=args.res, threads=args.threads,
-                             batch_sizes=args.batch_sizes, epochs=args.epochs)
+        default = decoders.PARALLEL_CHUNK
+        configs = ([(n, b, default) for n in args.threads for b in args.batch_sizes]
+                   + [(max(args.threads), min(args.batch_sizes), c) for c in args.chunks])
+        rows = loader_epochs(beton, res=args.res, configs=configs, epochs=args.epochs)
         layer = numba.threading_layer()
         costs = image_costs(beton, res=args.res, images=args.sim_images)
-    fits = amdahl(rows, args.predict_threads)
-    sim = imbalance(costs, threads=args.predict_threads, batch_sizes=args.batch_sizes)
+    own = [r for r in rows if r['chunk'] == default]  # the fit: the loader's own schedule
+    fits = amdahl(own, args.predict_threads)
+    sim = imbalance(costs, threads=args.predict_threads, batch_sizes=args.batch_sizes,
+                    chunks=sorted({0, default, *args.chunks}))
     report(name, rows, fits, costs, sim, layer)
     write_csv(Path(args.out) / 'loader_scaling.csv',
               [{'table': 'epochs', 'data': name, 'res': args.res, **r} for r in rows]
               + [{'table': 'amdahl', 'data': name, 'res': args.res,
-                  'fixed_ms_per_batch': fixed_cost_per_batch(rows), **r} for r in fits]
+                  'fixed_ms_per_batch': fixed_cost_per_batch(own), **r} for r in fits]
               + [{'table': 'imbalance', 'data': name, 'res': args.res, **r} for r in sim])
     print(f'\nwrote {Path(args.out) / "loader_scaling.csv"} ({time.perf_counter() - start:.0f} s)')
 

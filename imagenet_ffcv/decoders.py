@@ -39,7 +39,7 @@ from .jpeg_region import c_function, region_decoder
 from .resampling import resample
 
 MARGIN = 2  # decoded rows/columns beyond the sampled ones, where partial decoding may differ
-PARALLEL_CHUNK = 4  # images a loader thread takes at a time (the rest of a batch: as it gets free)
+PARALLEL_CHUNK = 1  # images a loader thread takes at a time as it gets free (0: numba's static split)
 
 
 @numba.njit(nogil=True)  # also called by the decoders' compiled code
@@ -286,7 +286,8 @@ class CropResizeDecoder(SimpleRGBImageDecoder):
             epoch = np.zeros(1, np.int64)
             memmove(epoch.ctypes.data, epoch_address, 8)
             # The threads take PARALLEL_CHUNK images at a time as they get free (numba's dynamic
-            # scheduling), not an equal share each: crops cost 0.1-1x of a whole image to decode
+            # scheduling), not an equal share each: crops cost 0.1-1x of a whole image to decode,
+            # and the batch waits for its last image (benchmarks/loader_scaling.py measures it)
             previous_chunk = numba.set_parallel_chunksize(chunk)
             for k in my_range(len(batch_indices)):
                 field = metadata[batch_indices[k]]

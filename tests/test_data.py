@@ -259,6 +259,29 @@ def test_the_loader_reuses_its_batch_buffers_across_epochs_without_changing_the_
     abandoned.close()
 
 
+def test_a_training_epoch_does_not_depend_on_the_threads_or_how_they_share_a_batch(
+        sample_betons, monkeypatch):
+    """Crops and flips are keyed by (seed, epoch, image) and each thread decodes into a buffer of
+    its own, so 1 thread with numba's static split (chunk 0) and 2 threads taking 1 image (the
+    default) or 3 images at a time as they get free (``decoders.PARALLEL_CHUNK``) give the same
+    epoch, bit for bit."""
+    from imagenet_ffcv import decoders
+
+    def epoch(threads, chunk):
+        monkeypatch.setattr(decoders, 'PARALLEL_CHUNK', chunk)
+        loader, _ = loaders.train_loader(path=sample_betons['train'], batch_size=32,
+                                         num_workers=threads, res=32, os_cache=True,
+                                         device=torch.device('cpu'), distributed=False, seed=5)
+        batches = [(x.clone(), y.clone()) for x, y in loader]
+        return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+
+    x, y = epoch(1, 0)
+    assert len(y) == 320 and float(x.std()) > 0.5
+    for threads, chunk in ((2, 1), (2, 3)):
+        other_x, other_y = epoch(threads, chunk)
+        assert torch.equal(other_x, x) and torch.equal(other_y, y), (threads, chunk)
+
+
 def test_gpu_pipeline_order_is_well_formed():
     """On CUDA the decoder writes uint8 and the batch is normalised on the device after
     ToDevice/ToTorchImage (with torch, not ffcv's cupy kernel), to the dtype asked for; on CPU the
