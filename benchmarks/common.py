@@ -211,6 +211,47 @@ def epoch_of(loader):
     return run
 
 
+def timed_stages(loader, log: list) -> None:
+    """Wrap each stage of ``loader``'s compiled pipeline (ffcv 1.0.2: ``loader.code`` is
+    ``([(stage, outputs), ...], outputs)``, generated when the loader is made) so that every call
+    appends ``(stage index, start s, end s)`` to ``log``. ffcv's iterator thread runs a batch's
+    stages one after another; the images' decode is the parallel one."""
+    stages, outputs = loader.code
+
+    def timed(index, stage):
+        def call(**kwargs):
+            start = time.perf_counter()
+            result = stage(**kwargs)
+            log.append((index, start, time.perf_counter()))
+            return result
+        return call
+    loader.code = ([(timed(i, stage), out) for i, (stage, out) in enumerate(stages)], outputs)
+
+
+def batch_parts(log) -> tuple:
+    """From one epoch's :func:`timed_stages` log: ``(decode ms, serial ms)``, medians over its
+    batches of the longest stage (the parallel decode) and of the time from its end to its next
+    start (the rest of the pipeline and ffcv's per-batch Python, on one thread while the decode
+    threads wait: the serial part per batch)."""
+    decode = max({i for i, _, _ in log}, key=lambda i: sum(e - s for j, s, e in log if j == i))
+    calls = [(s, e) for i, s, e in log if i == decode]
+    return (1e3 * statistics.median(e - s for s, e in calls),
+            1e3 * statistics.median(s2 - e1 for (_, e1), (s2, _) in zip(calls, calls[1:])))
+
+
+def with_batch_parts(run, loader, parts: list):
+    """``run`` (an epoch of ``loader``) that also appends the epoch's :func:`batch_parts`."""
+    log = []
+    timed_stages(loader, log)
+
+    def call():
+        log.clear()
+        images = run()
+        parts.append(batch_parts(log))
+        return images
+    return call
+
+
 # ---------------------------------------------------------------------------------------------
 # The stored sets, the loaders measured on them, the learning run.
 

@@ -16,7 +16,9 @@ first GPU check's timings, not yet measured / the section's limit):
   train and val betons for the learning run.
 - ``loader`` (95 / 130): our training loader alone at 160 px, batch 256, bf16 on the GPU, at 16, 8,
   4, 2 and 1 threads: one warm-up epoch then 2 timed epochs of 20,480 images each; img/s, img/s
-  per thread, and that per-thread rate over the 1-thread rate (the target: >= 0.8 at 16).
+  per thread, and that per-thread rate over the 1-thread rate (the target: >= 0.8 at 16); per
+  batch, the parallel decode's ms and the serial ms of ffcv's iterator thread outside it (the
+  copy to the GPU and the normalisation there included).
 - ``eager`` (45 / 90): the training step (``engine.train_step``: SGD, label smoothing 0.1, bf16,
   channels_last, BlurPool) of ResNet-50 at 160/192/224 px and ResNet-18 at 160 px, batch 256,
   fed by a synthetic batch already on the GPU and by our loader (every core): per feed its first
@@ -341,22 +343,30 @@ def write_data(args, work, sizes, rows) -> None:
 
 def loader_scaling(args, work, sizes, rows) -> None:
     """Our training loader alone on the device at each thread count: one warm-up epoch (numba
-    compiles), then ``sizes.loader_epochs`` timed epochs; median img/s and spread."""
+    compiles), then ``sizes.loader_epochs`` timed epochs; median img/s and spread, and per batch
+    the parallel decode's ms and the serial ms of ffcv's iterator thread outside it (the copy to
+    the device and normalisation included; ``common.batch_parts``)."""
+    import statistics
+
     import torch
 
-    from common import epoch_of, our_loader, time_runs
+    from common import epoch_of, our_loader, time_runs, with_batch_parts
     device, dtype = device_and_dtype(args)
     sync = torch.cuda.synchronize if device.type == 'cuda' else None
     for threads in sizes.loader_threads:
         loader, _ = our_loader(work / 'speed.beton', res=sizes.loader_res, workers=threads,
                                batch_size=sizes.loader_batch, device=device, dtype=dtype)
-        t = time_runs(epoch_of(loader), repeats=sizes.loader_epochs, sync=sync)
+        parts = []
+        t = time_runs(with_batch_parts(epoch_of(loader), loader, parts),
+                      repeats=sizes.loader_epochs, sync=sync)
+        decode_ms, serial_ms = (statistics.median(p[k] for p in parts[1:]) for k in (0, 1))
         rows.add(setting=f'loader, {sizes.loader_res} px, batch {sizes.loader_batch}, '
                          f'{threads} threads, epochs of {t.units[0]:,} images',
                  threads=threads, res=sizes.loader_res, batch=sizes.loader_batch,
                  img_per_s=round(t.rate, 1), spread=round(t.rate_spread, 1),
+                 decode_ms=round(decode_ms, 3), serial_ms=round(serial_ms, 3),
                  result=f'{t.rate / threads:,.0f} img/s per thread; median of {len(t.rates)} '
-                        f'epochs')
+                        f'epochs; per batch: decode {decode_ms:.2f} ms, serial {serial_ms:.3f} ms')
         del loader
 
 

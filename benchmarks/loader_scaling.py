@@ -10,7 +10,11 @@ to ``--predict-threads`` (16: the lent GPU machine's cores).
    is the median of a loader's epochs, ``spread`` their max - min. Beside them, in the same
    alternation, the most threads at the smallest batch with each schedule of ``--chunks``
    (``decoders.PARALLEL_CHUNK``: images a thread takes at a time as it gets free; 0 numba's
-   static split into one equal chunk per thread), against the loader's own.
+   static split into one equal chunk per thread), against the loader's own. Each epoch also
+   times the pipeline's stages in ffcv's iterator thread: per batch, the parallel decode stage
+   (``decode ms``) and the time from its end to the next batch's (``serial ms``: labels,
+   ToTensor, ToTorchImage and ffcv's per-batch Python, on one thread while the decode threads
+   wait), medians over the batches.
 2. Amdahl fit per batch size: with t1, t2 the seconds per image at 1 and 2 threads, the serial
    fraction is ``s = 2 t2 / t1 - 1`` (t_n = t1 (s + (1 - s) / n)), the serial time per batch
    ``s * t1 * batch`` (ms), the predicted speedup at n threads ``1 / (s + (1 - s) / n)`` and the
@@ -27,6 +31,10 @@ to ``--predict-threads`` (16: the lent GPU machine's cores).
    slowest chunk does) against dynamic chunks of the loader's and ``--chunks``' sizes
    (``numba.set_parallel_chunksize``: a free thread takes the next chunk). Efficiency = (total
    work / threads) / the batch's time.
+4. Prediction from the measured parts: the 1-thread decode stage D shared by n threads at the
+   simulated efficiency e of the loader's schedule, then the serial ms g:
+   ``(D / n) / (D / (n e) + g)`` per core, which the noise of 1- against 2-thread wall times (the
+   fit of 2) does not blur.
 
     python benchmarks/loader_scaling.py        # about 2.5 minutes on 2 idle cores
 
@@ -45,7 +53,7 @@ import numpy as np
 
 from common import (DEMO, RESULTS, SHARED_DATA, alternate, epoch_of, machine_line,
                     markdown_table, our_loader, pooled_samples, stored_beton, stored_jpegs,
-                    write_csv)
+                    with_batch_parts, write_csv)
 from imagenet_ffcv import decoders
 from imagenet_ffcv.crops import random_resized_crop, sample_key
 
@@ -101,19 +109,21 @@ def with_cpu_time(run, cpu: list):
 
 def loader_epochs(beton, *, res, configs, epochs) -> list:
     """One row per (threads, batch, chunk) of ``configs`` (chunk: ``decoders.PARALLEL_CHUNK`` for
-    that loader): img/s (median of ``epochs`` alternating timed epochs after
-    one warm-up epoch each), spread (img/s), seconds per epoch, images per epoch, CPU µs per
-    image, ``cores_used`` (the process's CPU seconds over wall seconds: below the threads asked
-    for when other processes shared the cores) and ``thread_cpu_s`` (the CPU seconds of each
-    thread that worked in the median epoch: with 2 threads, one number when one thread did all
-    the decoding)."""
-    runs, cpu, default = {}, {}, decoders.PARALLEL_CHUNK
+    that loader): img/s (median of ``epochs`` alternating timed epochs after one warm-up epoch
+    each), spread (img/s), seconds per epoch, images per epoch, CPU µs per image, ``cores_used``
+    (the process's CPU seconds over wall seconds: below the threads asked for when other
+    processes shared the cores), ``decode_ms`` and ``serial_ms`` (per batch, the medians of the
+    timed epochs' ``common.batch_parts``) and ``thread_cpu_s`` (the CPU seconds of each thread
+    that worked in the median epoch: with 2 threads, one number when one thread did all the
+    decoding)."""
+    runs, cpu, parts, default = {}, {}, {}, decoders.PARALLEL_CHUNK
     try:
         for config in configs:
             decoders.PARALLEL_CHUNK = config[2]  # read when the loader generates its code
             loader, _ = our_loader(beton, res=res, workers=config[0], batch_size=config[1])
-            cpu[config] = []
-            runs[config] = with_cpu_time(epoch_of(loader), cpu[config])
+            cpu[config], parts[config] = [], []
+            runs[config] = with_cpu_time(with_batch_parts(epoch_of(loader), loader,
+                                                          parts[config]), cpu[config])
     finally:
         decoders.PARALLEL_CHUNK = default
     timings = alternate(runs, repeats=epochs, warmup=1)
@@ -127,6 +137,10 @@ def loader_epochs(beton, *, res, configs, epochs) -> list:
                      'cpu_us_per_image': round(1e6 * statistics.median(cpu_s) / t.units[0], 1),
                      'cores_used': round(statistics.median(
                          c / w for c, w in zip(cpu_s, t.seconds)), 2),
+                     'decode_ms': round(statistics.median(
+                         d for d, _ in parts[(n, b, chunk)][1:]), 3),
+                     'serial_ms': round(statistics.median(
+                         g for _, g in parts[(n, b, chunk)][1:]), 3),
                      'thread_cpu_s': ' '.join(map(str, cpu[(n, b, chunk)][1 + median][1]))})
     return rows
 
@@ -172,6 +186,29 @@ def amdahl(rows, predict_threads: int) -> list:
                      'serial_fraction_cpu': None if s_cpu is None else round(s_cpu, 4),
                      'predicted_efficiency_cpu': None if s_cpu is None
                      else round(efficiency(s_cpu), 3)})
+    return fits
+
+
+def predict(rows, sim, threads: int) -> list:
+    """Per batch size, the per-core efficiency at ``threads`` threads from the measured parts of a
+    batch: the 1-thread decode stage D (ms) shared by the threads at the simulated efficiency e of
+    the loader's schedule (``sim``), then the serial ms g measured with the most threads:
+    (D / n) / (D / (n e) + g); and the img/s it gives (n x the 1-thread img/s x that)."""
+    own = decoders.PARALLEL_CHUNK
+    fits = []
+    for b in sorted({r['batch'] for r in rows}):
+        by_threads = {r['threads']: r for r in rows if r['batch'] == b and r['chunk'] == own}
+        e = next((x['efficiency'] for x in sim if x['batch'] == b and x['chunk'] == own), None)
+        if 1 not in by_threads or e is None:
+            continue
+        most = by_threads[max(by_threads)]
+        d, g = by_threads[1]['decode_ms'], most['serial_ms']
+        efficiency = (d / threads) / (d / (threads * e) + g)
+        fits.append({'batch': b, 'decode_ms_1': d, 'serial_ms': g,
+                     'serial_ms_threads': most['threads'], 'imbalance_efficiency': e,
+                     'threads': threads, 'predicted_efficiency': round(efficiency, 3),
+                     'predicted_img_per_s': round(threads * by_threads[1]['img_per_s']
+                                                  * efficiency)})
     return fits
 
 
@@ -248,8 +285,8 @@ def parse_args(argv):
     return args
 
 
-def report(name, rows, fits, costs, sim, layer) -> None:
-    """The three Markdown tables and the lines around them."""
+def report(name, rows, fits, costs, sim, parts, layer) -> None:
+    """The four Markdown tables and the lines around them."""
     print(f'\n### Loader epochs: {name}, {rows[0]["images"]:,} images, median of '
           f'{rows[0]["epochs"]} alternating epochs\n')
     for r in rows:
@@ -260,6 +297,8 @@ def report(name, rows, fits, costs, sim, layer) -> None:
                                 ('epoch_s', 'epoch s', '.2f'),
                                 ('cpu_us_per_image', 'CPU µs/image', '.0f'),
                                 ('cores_used', 'cores used', '.2f'),
+                                ('decode_ms', 'decode ms/batch', '.2f'),
+                                ('serial_ms', 'serial ms/batch', '.3f'),
                                 ('thread_cpu_s', 'CPU s per busy thread', '')]))
     rows = [r for r in rows if r['chunk'] == decoders.PARALLEL_CHUNK]
     fixed = fixed_cost_per_batch(rows)
@@ -291,6 +330,16 @@ def report(name, rows, fits, costs, sim, layer) -> None:
     print(markdown_table(sim, [('batch', 'batch', ''), ('threads', 'threads', ''),
                                ('schedule', 'schedule', ''), ('efficiency', 'efficiency', '.3f'),
                                ('worst_batch', 'worst batch', '.3f')]))
+    if parts:
+        print(f'\n### Prediction for {parts[0]["threads"]} threads from the measured parts of a '
+              f'batch: (D / n) / (D / (n e) + g)\n')
+        print(markdown_table(parts, [
+            ('batch', 'batch', ''), ('decode_ms_1', 'D: decode ms at 1 thread', '.2f'),
+            ('serial_ms', 'g: serial ms', '.3f'),
+            ('serial_ms_threads', 'g measured at threads', ''),
+            ('imbalance_efficiency', "e: imbalance, the loader's schedule", '.3f'),
+            ('predicted_efficiency', 'per-core efficiency', '.2f'),
+            ('predicted_img_per_s', 'img/s', ',.0f')]))
     print(f'\nnumba threading layer after the loader epochs: {layer}')
 
 
@@ -314,12 +363,14 @@ def main(argv=None):
     fits = amdahl(own, args.predict_threads)
     sim = imbalance(costs, threads=args.predict_threads, batch_sizes=args.batch_sizes,
                     chunks=sorted({0, default, *args.chunks}))
-    report(name, rows, fits, costs, sim, layer)
+    parts = predict(rows, sim, args.predict_threads)
+    report(name, rows, fits, costs, sim, parts, layer)
     write_csv(Path(args.out) / 'loader_scaling.csv',
               [{'table': 'epochs', 'data': name, 'res': args.res, **r} for r in rows]
               + [{'table': 'amdahl', 'data': name, 'res': args.res,
                   'fixed_ms_per_batch': fixed_cost_per_batch(own), **r} for r in fits]
-              + [{'table': 'imbalance', 'data': name, 'res': args.res, **r} for r in sim])
+              + [{'table': 'imbalance', 'data': name, 'res': args.res, **r} for r in sim]
+              + [{'table': 'prediction', 'data': name, 'res': args.res, **r} for r in parts])
     print(f'\nwrote {Path(args.out) / "loader_scaling.csv"} ({time.perf_counter() - start:.0f} s)')
 
 

@@ -226,3 +226,32 @@ def test_loader_scaling_fits_amdahl_and_schedules_a_batch(benchmarks):
     assert makespan(costs, 16, 0) == 17.0  # chunks of 2: the slow image and the next one
     assert makespan(costs, 16, 1) == 16.0
     assert makespan(costs, 16, 4) == 19.0
+
+
+def test_loader_scaling_splits_a_batch_into_decode_and_serial_parts_and_predicts_from_them(
+        benchmarks):
+    """batch_parts on a stubbed stage log (no timing): the longest stage is the decode, the
+    serial part runs from its end to its next start; predict's (D / n) / (D / (n e) + g) from the
+    1-thread decode and the most threads' serial part, at the loader's schedule's imbalance."""
+    from common import batch_parts
+    from imagenet_ffcv import decoders
+    from loader_scaling import predict
+    log = []  # three batches: decode (stage 0) 10 ms, labels (stage 1) 1 ms, 1 ms of Python
+    for b in range(3):
+        start = 0.012 * b
+        log += [(0, start, start + 0.010), (1, start + 0.010, start + 0.011)]
+    decode_ms, serial_ms = batch_parts(log)
+    assert round(decode_ms, 6) == 10.0 and round(serial_ms, 6) == 2.0
+    own = decoders.PARALLEL_CHUNK
+    rows = [{'threads': 1, 'batch': 256, 'chunk': own, 'img_per_s': 100.0, 'decode_ms': 32.0,
+             'serial_ms': 9.0},
+            {'threads': 2, 'batch': 256, 'chunk': own, 'img_per_s': 190.0, 'decode_ms': 16.0,
+             'serial_ms': 0.5},
+            {'threads': 2, 'batch': 256, 'chunk': own + 1, 'img_per_s': 1.0, 'decode_ms': 1.0,
+             'serial_ms': 99.0}]
+    sim = [{'batch': 256, 'chunk': own, 'efficiency': 0.8},
+           {'batch': 256, 'chunk': own + 1, 'efficiency': 0.1}]
+    (fit,) = predict(rows, sim, 16)
+    assert (fit['decode_ms_1'], fit['serial_ms'], fit['serial_ms_threads']) == (32.0, 0.5, 2)
+    assert fit['predicted_efficiency'] == 0.667  # D / n = 2 ms: 2 / (2 / 0.8 + 0.5)
+    assert fit['predicted_img_per_s'] == round(16 * 100 * 2 / 3)
