@@ -35,11 +35,13 @@ first GPU check's timings, not yet measured / the section's limit):
   (``common.resnet18_run_args``): top-1 and wall time.
 - ``cudagraphs`` (70 / 120): ``mode='reduce-overhead'`` (CUDA graphs) at 160 px, real and
   synthetic.
-- ``schedule`` (45 / 90): our training loader alone at every core, 160 px, batch 256, with the
-  loader's schedule (``decoders.PARALLEL_CHUNK``: images a thread takes at a time as it gets
-  free) against each of ``Sizes.loader_chunks`` (0: numba's static split of each batch into one
-  chunk per thread), alternating epochs after one warm-up epoch each: whether the default chosen
-  on 2 cores (benchmarks/loader_scaling.py) holds at 16 threads.
+- ``loader_options`` (60 / 100): our training loader alone at every core, 160 px, batch 256,
+  with its defaults against other thread schedules (``Sizes.loader_chunks`` for
+  ``decoders.PARALLEL_CHUNK``, images a thread takes at a time as it gets free; 0: numba's static
+  split of each batch into one chunk per thread) and against ``loaders.COPY_WAIT='slot'`` (the
+  loader thread waits for a batch's copy to the GPU only before reusing its host buffer),
+  alternating epochs after one warm-up epoch each: whether the defaults chosen on 2 cores
+  (benchmarks/loader_scaling.py) hold at 16 threads, and what the per-batch wait costs.
 - ``max_autotune`` (not run unless named in ``--sections``: its kernel search takes minutes):
   ``mode='max-autotune'`` at 160 px.
 
@@ -127,7 +129,7 @@ class Section:
 
 SECTIONS = [Section('machine', 60, 10), Section('data', 90, 20), Section('loader', 130, 40),
             Section('eager', 90, 30), Section('variants', 60, 15), Section('compile', 200, 60),
-            Section('learn', 90, 40), Section('cudagraphs', 120, 40), Section('schedule', 90, 30),
+            Section('learn', 90, 40), Section('cudagraphs', 120, 40), Section('loader_options', 100, 30),
             Section('max_autotune', 300, 120)]
 DEFAULT_SECTIONS = [s.name for s in SECTIONS if s.name != 'max_autotune']
 
@@ -224,7 +226,7 @@ def add_ratios(rows) -> None:
     for r in rows:
         if r.get('feed') == 'real' and key(r) in synthetic:
             r['ratio'] = round(r['img_per_s'] / synthetic[key(r)], 3)
-        if r.get('section') in ('loader', 'schedule') and one and r.get('img_per_s'):
+        if r.get('section') in ('loader', 'loader_options') and one and r.get('img_per_s'):
             r['ratio'] = round(r['img_per_s'] / r['threads'] / one, 3)
 
 
@@ -370,30 +372,37 @@ def loader_scaling(args, work, sizes, rows) -> None:
         del loader
 
 
-def loader_schedules(args, work, sizes, rows) -> None:
-    """Our training loader alone on the device at every core, with the loader's schedule
-    (``decoders.PARALLEL_CHUNK``) and each of ``sizes.loader_chunks``: one warm-up epoch each,
-    then ``sizes.loader_epochs + 1`` rounds of alternating timed epochs; median img/s, spread."""
+def loader_options(args, work, sizes, rows) -> None:
+    """Our training loader alone on the device at every core with its defaults, with each of
+    ``sizes.loader_chunks`` (``decoders.PARALLEL_CHUNK``) and with ``loaders.COPY_WAIT='slot'``:
+    one warm-up epoch each, then ``sizes.loader_epochs + 1`` rounds of alternating timed epochs;
+    median img/s, spread."""
     import torch
 
     from common import alternate, epoch_of, our_loader
-    from imagenet_ffcv import decoders
+    from imagenet_ffcv import decoders, loaders
     device, dtype = device_and_dtype(args)
     sync = torch.cuda.synchronize if device.type == 'cuda' else None
-    threads, default, runs = os.cpu_count(), decoders.PARALLEL_CHUNK, {}
-    for chunk in dict.fromkeys((default, *sizes.loader_chunks)):
-        decoders.PARALLEL_CHUNK = chunk  # read when the loader generates its code
-        loader, _ = our_loader(work / 'speed.beton', res=sizes.loader_res, workers=threads,
-                               batch_size=sizes.loader_batch, device=device, dtype=dtype)
-        runs[chunk] = epoch_of(loader)
-    decoders.PARALLEL_CHUNK = default
-    for chunk, t in alternate(runs, repeats=sizes.loader_epochs + 1, warmup=1,
-                              sync=sync).items():
-        schedule = ('static split (numba default)' if chunk == 0 else
-                    f'{chunk} image(s) at a time') + (" (the loader's)" if chunk == default else '')
+    threads, runs = os.cpu_count(), {}
+    defaults = (decoders.PARALLEL_CHUNK, loaders.COPY_WAIT)
+    options = [defaults] + [(c, defaults[1]) for c in sizes.loader_chunks if c != defaults[0]]
+    options += [(defaults[0], wait) for wait in ('batch', 'slot') if wait != defaults[1]]
+    try:
+        for option in options:  # both are read when the loader is made
+            decoders.PARALLEL_CHUNK, loaders.COPY_WAIT = option
+            loader, _ = our_loader(work / 'speed.beton', res=sizes.loader_res, workers=threads,
+                                   batch_size=sizes.loader_batch, device=device, dtype=dtype)
+            runs[option] = epoch_of(loader)
+    finally:
+        decoders.PARALLEL_CHUNK, loaders.COPY_WAIT = defaults
+    for (chunk, wait), t in alternate(runs, repeats=sizes.loader_epochs + 1, warmup=1,
+                                      sync=sync).items():
+        schedule = 'static split (numba default)' if chunk == 0 else f'{chunk} image(s) at a time'
         rows.add(setting=f'loader, {sizes.loader_res} px, batch {sizes.loader_batch}, {threads} '
-                         f'threads, {schedule}', threads=threads, chunk=chunk,
-                 res=sizes.loader_res, batch=sizes.loader_batch, img_per_s=round(t.rate, 1),
+                         f'threads, {schedule}, COPY_WAIT={wait}'
+                         + (' (the defaults)' if (chunk, wait) == defaults else ''),
+                 threads=threads, chunk=chunk, copy_wait=wait, res=sizes.loader_res,
+                 batch=sizes.loader_batch, img_per_s=round(t.rate, 1),
                  spread=round(t.rate_spread, 1),
                  result=f'{t.rate / threads:,.0f} img/s per thread; median of {len(t.rates)} '
                         f'alternating epochs of {t.units[0]:,} images')
@@ -660,7 +669,7 @@ def learn(args, work, sizes, rows) -> None:
 
 CHILDREN = {'machine': machine_info, 'data': write_data, 'loader': loader_scaling,
             'eager': eager, 'variants': variants, 'compile': compile_default, 'learn': learn,
-            'cudagraphs': compile_mode('reduce-overhead'), 'schedule': loader_schedules,
+            'cudagraphs': compile_mode('reduce-overhead'), 'loader_options': loader_options,
             'max_autotune': compile_mode('max-autotune')}
 
 if __name__ == '__main__':

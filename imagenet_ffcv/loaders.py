@@ -17,6 +17,7 @@ from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
 import ffcv.loader
 from ffcv.loader import OrderOption
+from ffcv.loader.epoch_iterator import IS_CUDA, EpochIterator
 from ffcv.memory_managers.os_cache import OSCacheManager
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.graph import Graph
@@ -31,6 +32,11 @@ from .decoders import center_crop_decoder, random_resized_crop_decoder
 from .verify import check_beton
 
 ORDERS = {'random': OrderOption.RANDOM, 'quasi_random': OrderOption.QUASI_RANDOM}
+# On CUDA, when the loader thread waits for a batch's asynchronous copy out of its pinned host
+# buffer before decoding into that buffer again (``EpochIterator``): 'batch', right after queuing
+# each batch (the decode threads idle meanwhile); 'slot', only before decoding into the same slot
+# of ffcv's ring again, batches_ahead + 1 batches later. A loader keeps the value it was made with.
+COPY_WAIT = 'batch'
 
 
 # ffcv 1.0.2's OSCacheManager (``os_cache=True``, our ``data.in_memory=1``) marks its arrays
@@ -96,11 +102,15 @@ class Loader(ffcv.loader.Loader):
     plus pinning on CUDA. They are reused when the shapes are the same and the last epoch's
     iterator has ended; on CUDA the device is synchronised first, so that no queued kernel still
     reads them. A batch is valid until the next one is fetched or the next epoch starts (ffcv:
-    until the next one).
+    until the next one). On CUDA its epoch iterator waits for each batch's copy out of the pinned
+    host buffer before decoding into that buffer again (``COPY_WAIT``).
     """
 
     def __init__(self, *args, decoder=None, **kwargs):
         _fix_os_cache_reader()
+        if COPY_WAIT not in ('batch', 'slot'):
+            raise ValueError(f"loaders.COPY_WAIT={COPY_WAIT!r}: expected 'batch' or 'slot'")
+        self.copy_wait = COPY_WAIT
         super().__init__(*args, **kwargs)
         self.decoder = decoder
         self._buffers = None  # (shapes key, ffcv's buffers) of the last epoch
@@ -114,7 +124,13 @@ class Loader(ffcv.loader.Loader):
             self._buffers = None  # still producing into them: this epoch gets its own
         elif self._buffers is not None and torch.cuda.is_initialized():
             torch.cuda.synchronize()
-        iterator = super().__iter__()
+        # ffcv 1.0.2's Loader.__iter__, with the epoch iterator below
+        Compiler.set_num_threads(self.num_workers)
+        order = self.next_traversal_order()[:len(self) * self.batch_size]
+        self.next_epoch += 1
+        if self.code is None or self.recompile:
+            self.generate_code()
+        iterator = _EpochIterator(self, order)
         self._last_epoch = weakref.ref(iterator)
         return iterator
 
@@ -147,6 +163,32 @@ class Loader(ffcv.loader.Loader):
                 f'the .beton again, or copy it again if the copy is to blame')
 
 
+class _EpochIterator(EpochIterator):
+    """ffcv 1.0.2's epoch iterator (a thread decoding batch after batch into a ring of
+    ``batches_ahead + 2`` slots, each with its CUDA side stream) that also keeps the pinned host
+    buffers safe: ffcv decodes into a slot again without waiting for the asynchronous copy of the
+    slot's last batch to the GPU, which itself waits for the consumer's stream, so a loader
+    running ahead of the GPU would overwrite pixels not yet copied. With ``copy_wait`` 'batch'
+    the thread waits for the slot's side stream after each batch; with 'slot', before it decodes
+    into that slot again (an event recorded after the slot's last batch)."""
+
+    def __init__(self, loader, order):
+        self._copied = [None] * (loader.batches_ahead + 2)  # per slot: its last batch's event
+        super().__init__(loader, order)  # starts the thread
+
+    def run_pipeline(self, b_ix, batch_indices, batch_slot, cuda_event):
+        if self._copied[batch_slot] is not None:
+            self._copied[batch_slot].synchronize()
+        result = super().run_pipeline(b_ix, batch_indices, batch_slot, cuda_event)
+        if IS_CUDA:
+            stream = self.cuda_streams[batch_slot]
+            if self.loader.copy_wait == 'batch':
+                stream.synchronize()
+            else:
+                self._copied[batch_slot] = stream.record_event()
+        return result
+
+
 class NormalizeOnDevice(Operation):
     """ffcv pipeline op for the CUDA pipeline, after ``ToDevice`` and ``ToTorchImage``:
     ``(x - mean) / std`` of a uint8 (B, 3, H, W) torch batch (mean/std in 0-255 units, computed in
@@ -157,11 +199,8 @@ class NormalizeOnDevice(Operation):
     that stream, outside ffcv's ring of buffers (which ffcv guards with events). The output is
     marked as used by the default stream (``Tensor.record_stream``), where the training loop
     reads it: the caching allocator then reuses its memory only after the default stream's work
-    queued before its release is done, however long the consumer keeps the batch. And the loader
-    thread waits here until the side stream has done this batch's work (the copy from the pinned
-    host buffer included): ffcv 1.0.2 decodes the batch after next-but-four into the same host
-    buffer without waiting for that asynchronous copy, which waits for the training loop's stream,
-    so a loader running more than its ring ahead of the GPU would overwrite pixels not yet copied.
+    queued before its release is done, however long the consumer keeps the batch. The pinned
+    host buffer the batch was copied from is guarded by :class:`Loader`'s epoch iterator.
     """
 
     def __init__(self, mean, std, dtype):
@@ -190,7 +229,6 @@ class NormalizeOnDevice(Operation):
             out = ((images.to(torch.float32) - mean) * inv_std).to(dtype)
             if out.is_cuda:
                 out.record_stream(torch.cuda.default_stream(out.device))
-                torch.cuda.current_stream(out.device).synchronize()  # the host buffer is free
             return out
 
         return normalize

@@ -116,9 +116,10 @@ def test_cuda_val_batches_equal_the_cpu_ones(sample_betons, cpu_val_batches, dty
 #
 # Each test reads batches on the default stream behind a slow kernel (torch.cuda._sleep) and
 # compares per-image sums with those of a pass that synchronised after every batch. The host is
-# kept at most LAG batches ahead of the default stream, except in the last test, which lets it
+# kept at most LAG batches ahead of the default stream, except in the last two tests, which let it
 # run ahead without limit (ffcv alone does not guard its pinned host buffers against that;
-# NormalizeOnDevice does).
+# loaders.Loader's epoch iterator does). Each runs with the loader thread waiting for the copy
+# out of the host buffer after each batch and before reusing the slot (loaders.COPY_WAIT).
 
 LAG = 2
 
@@ -144,12 +145,18 @@ class Pace:
             self.events.popleft().synchronize()
 
 
-@pytest.fixture(scope='module')
-def stream_loader(sample_betons):
+@pytest.fixture(scope='module', params=['batch', 'slot'])
+def stream_loader(sample_betons, request):
     """The CUDA val loader over the 340 sample train images in batches of 16 (22 batches, several
-    times ffcv's ring), and the reference sums: each batch summed, then the device synchronised."""
-    loader = loaders.val_loader(path=sample_betons['train'], batch_size=16, num_workers=2,
-                                res=RES, device=CUDA, dtype=torch.bfloat16)
+    times ffcv's ring), made with ``loaders.COPY_WAIT`` = the param, and the reference sums: each
+    batch summed, then the device synchronised."""
+    default, loaders.COPY_WAIT = loaders.COPY_WAIT, request.param
+    try:
+        loader = loaders.val_loader(path=sample_betons['train'], batch_size=16, num_workers=2,
+                                    res=RES, device=CUDA, dtype=torch.bfloat16)
+    finally:
+        loaders.COPY_WAIT = default
+    assert loader.copy_wait == request.param
     reference = []
     for x, _ in loader:
         reference.append(checksums(x))
@@ -206,8 +213,9 @@ def test_batches_held_longer_than_ffcv_ring_stay_intact(stream_loader, extra):
 def test_batches_survive_a_consumer_far_behind_the_host(stream_loader):
     """As the first stream test, with no limit on how far the host runs ahead of the GPU: ffcv
     1.0.2 alone would decode into a pinned host buffer whose asynchronous copy to the GPU has not
-    run yet (it waits for the consumer's stream); NormalizeOnDevice makes the loader thread wait
-    for its side stream, so every batch arrives intact."""
+    run yet (it waits for the consumer's stream); loaders.Loader's epoch iterator makes the loader
+    thread wait for that copy before it decodes into the buffer again, so every batch arrives
+    intact."""
     loader, reference = stream_loader
     sums, behind = {}, 0
     for i, (x, _) in enumerate(loader):

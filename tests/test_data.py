@@ -282,6 +282,13 @@ def test_a_training_epoch_does_not_depend_on_the_threads_or_how_they_share_a_bat
         assert torch.equal(other_x, x) and torch.equal(other_y, y), (threads, chunk)
 
 
+def test_an_unknown_copy_wait_is_refused_when_the_loader_is_made(sample_betons, monkeypatch):
+    monkeypatch.setattr(loaders, 'COPY_WAIT', 'never')
+    with pytest.raises(ValueError, match=r"loaders.COPY_WAIT='never': expected 'batch' or 'slot'"):
+        loaders.val_loader(path=sample_betons['val'], batch_size=16, num_workers=1, res=32,
+                           device=torch.device('cpu'))
+
+
 def test_gpu_pipeline_order_is_well_formed():
     """On CUDA the decoder writes uint8 and the batch is normalised on the device after
     ToDevice/ToTorchImage (with torch, not ffcv's cupy kernel), to the dtype asked for; on CPU the
