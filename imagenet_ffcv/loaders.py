@@ -33,9 +33,10 @@ from .verify import check_beton
 
 ORDERS = {'random': OrderOption.RANDOM, 'quasi_random': OrderOption.QUASI_RANDOM}
 # On CUDA, when the loader thread waits for a batch's asynchronous copy out of its pinned host
-# buffer before decoding into that buffer again (``EpochIterator``): 'batch', right after queuing
-# each batch (the decode threads idle meanwhile); 'slot', only before decoding into the same slot
-# of ffcv's ring again, batches_ahead + 1 batches later. A loader keeps the value it was made with.
+# buffer before decoding into that buffer again (``_EpochIterator``): 'batch', once the batch's
+# work is queued and before the batch is handed on (the decode threads idle meanwhile); 'slot',
+# only before decoding into the same slot of ffcv's ring again, when it comes round
+# batches_ahead + 2 batches later. A loader keeps the value it was made with.
 COPY_WAIT = 'batch'
 
 
@@ -177,7 +178,7 @@ class _EpochIterator(EpochIterator):
         super().__init__(loader, order)  # starts the thread
 
     def run_pipeline(self, b_ix, batch_indices, batch_slot, cuda_event):
-        if self._copied[batch_slot] is not None:
+        if self._copied[batch_slot] is not None:  # 'slot': the slot's last batch is copied out
             self._copied[batch_slot].synchronize()
         result = super().run_pipeline(b_ix, batch_indices, batch_slot, cuda_event)
         if IS_CUDA:

@@ -215,15 +215,20 @@ def test_batches_survive_a_consumer_far_behind_the_host(stream_loader):
     1.0.2 alone would decode into a pinned host buffer whose asynchronous copy to the GPU has not
     run yet (it waits for the consumer's stream); loaders.Loader's epoch iterator makes the loader
     thread wait for that copy before it decodes into the buffer again, so every batch arrives
-    intact."""
+    intact, its labels (copied from a pinned host buffer too) included."""
+    from ffcv.reader import Reader
     loader, reference = stream_loader
-    sums, behind = {}, 0
-    for i, (x, _) in enumerate(loader):
+    sums, labels, behind = {}, [], 0
+    for i, (x, y) in enumerate(loader):
         behind += not torch.cuda.current_stream().query()
         torch.cuda._sleep(SLEEP_CYCLES)
         sums[i] = checksums(x)
+        labels.append(y.clone())
     assert behind > 0, 'no batch arrived while the GPU was busy: the test probed nothing'
     assert_same_sums(sums, reference)
+    stored = Reader(str(loader.fname)).metadata['f1'].astype('int64')
+    got = torch.cat(labels).cpu()
+    assert torch.equal(got, torch.as_tensor(stored[:len(got)])), 'labels changed before read'
 
 
 def test_the_next_epoch_does_not_overwrite_what_the_gpu_still_reads(stream_loader,
