@@ -239,6 +239,12 @@ def batch_parts(log) -> tuple:
             1e3 * statistics.median(s2 - e1 for (_, e1), (s2, _) in zip(calls, calls[1:])))
 
 
+def median_parts(parts) -> tuple:
+    """``(decode ms, serial ms)``: the medians of the timed epochs' :func:`batch_parts` (all but
+    the first of ``parts``, the warm-up epoch)."""
+    return tuple(statistics.median(p[k] for p in parts[1:]) for k in (0, 1))
+
+
 def with_batch_parts(run, loader, parts: list):
     """``run`` (an epoch of ``loader``) that also appends the epoch's :func:`batch_parts`."""
     log = []
@@ -276,16 +282,29 @@ def stored_jpegs(path) -> list:
 
 
 def our_loader(path, *, res, workers, batch_size, in_memory=1, order='random', device=None,
-               dtype=None):
+               dtype=None, chunk=None, copy_wait=None):
     """The trainer's training loader (``loaders.train_loader``: random-resized crop, flip,
-    normalise) on the CPU, or on ``device`` with ``dtype`` images: ``(loader, decoder)``."""
+    normalise) on the CPU, or on ``device`` with ``dtype`` images: ``(loader, decoder)``.
+    ``chunk`` / ``copy_wait``: ``decoders.PARALLEL_CHUNK`` / ``loaders.COPY_WAIT`` for this loader
+    (both are read when a loader is made; set meanwhile, then restored); None: the defaults."""
     import torch
 
-    from imagenet_ffcv import loaders
-    return loaders.train_loader(path=path, batch_size=batch_size, num_workers=workers, res=res,
-                                os_cache=in_memory, device=device or torch.device('cpu'),
-                                distributed=False, seed=0, order=order,
-                                dtype=dtype or torch.float32)
+    from imagenet_ffcv import decoders, loaders
+    defaults = decoders.PARALLEL_CHUNK, loaders.COPY_WAIT
+    try:
+        decoders.PARALLEL_CHUNK = defaults[0] if chunk is None else chunk
+        loaders.COPY_WAIT = copy_wait or defaults[1]
+        return loaders.train_loader(path=path, batch_size=batch_size, num_workers=workers,
+                                    res=res, os_cache=in_memory,
+                                    device=device or torch.device('cpu'), distributed=False,
+                                    seed=0, order=order, dtype=dtype or torch.float32)
+    finally:
+        decoders.PARALLEL_CHUNK, loaders.COPY_WAIT = defaults
+
+
+def schedule_name(chunk: int) -> str:
+    """How the loader's threads share a batch with ``decoders.PARALLEL_CHUNK`` = ``chunk``."""
+    return 'static split (numba default)' if chunk == 0 else f'{chunk} image(s) at a time'
 
 
 def ffcv_stock_loader(path, *, res, workers, batch_size, device=None):

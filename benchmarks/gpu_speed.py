@@ -100,16 +100,17 @@ class Sizes:
 
 SIZES = {
     'cuda': Sizes(samples=20480, loader_batch=256, loader_res=160, loader_threads=(16, 8, 4, 2, 1),
-                  loader_epochs=2, loader_chunks=(0, 4), big='resnet50', small='resnet18', step_res=(160, 192, 224),
-                  step_batch=256, step_steps=30, step_windows=2, step_warmup=4,
+                  loader_epochs=2, loader_chunks=(0, 4), big='resnet50', small='resnet18',
+                  step_res=(160, 192, 224), step_batch=256, step_steps=30, step_windows=2,
+                  step_warmup=4,
                   variant_batches=(('foreach', 256), ('fused', 256), ('for_loop', 256),
                                    ('foreach', 512)),
                   curve_steps=100, curve_batches=8, learn_epochs=16, learn_batch=64,
                   learn_res=(160, 192), learn_val_res=224, learn_train_images=0,
                   learn_val_images=0),
     'cpu': Sizes(samples=512, loader_batch=32, loader_res=64, loader_threads=(2, 1),
-                 loader_epochs=1, loader_chunks=(0, 4), big='tiny', small='tiny', step_res=(64,), step_batch=8,
-                 step_steps=2, step_windows=2, step_warmup=1,
+                 loader_epochs=1, loader_chunks=(0, 4), big='tiny', small='tiny', step_res=(64,),
+                 step_batch=8, step_steps=2, step_windows=2, step_warmup=1,
                  variant_batches=(('foreach', 8), ('fused', 8), ('for_loop', 8), ('foreach', 16)),
                  curve_steps=6, curve_batches=2, learn_epochs=1, learn_batch=32,
                  learn_res=(64, 64), learn_val_res=64, learn_train_images=320,
@@ -129,8 +130,8 @@ class Section:
 
 SECTIONS = [Section('machine', 60, 10), Section('data', 90, 20), Section('loader', 130, 40),
             Section('eager', 90, 30), Section('variants', 60, 15), Section('compile', 200, 60),
-            Section('learn', 90, 40), Section('cudagraphs', 120, 40), Section('loader_options', 100, 30),
-            Section('max_autotune', 300, 120)]
+            Section('learn', 90, 40), Section('cudagraphs', 120, 40),
+            Section('loader_options', 100, 30), Section('max_autotune', 300, 120)]
 DEFAULT_SECTIONS = [s.name for s in SECTIONS if s.name != 'max_autotune']
 
 
@@ -348,11 +349,9 @@ def loader_scaling(args, work, sizes, rows) -> None:
     compiles), then ``sizes.loader_epochs`` timed epochs; median img/s and spread, and per batch
     the parallel decode's ms and the serial ms of ffcv's iterator thread outside it (the copy to
     the device and normalisation included; ``common.batch_parts``)."""
-    import statistics
-
     import torch
 
-    from common import epoch_of, our_loader, time_runs, with_batch_parts
+    from common import epoch_of, median_parts, our_loader, time_runs, with_batch_parts
     device, dtype = device_and_dtype(args)
     sync = torch.cuda.synchronize if device.type == 'cuda' else None
     for threads in sizes.loader_threads:
@@ -361,7 +360,7 @@ def loader_scaling(args, work, sizes, rows) -> None:
         parts = []
         t = time_runs(with_batch_parts(epoch_of(loader), loader, parts),
                       repeats=sizes.loader_epochs, sync=sync)
-        decode_ms, serial_ms = (statistics.median(p[k] for p in parts[1:]) for k in (0, 1))
+        decode_ms, serial_ms = median_parts(parts)
         rows.add(setting=f'loader, {sizes.loader_res} px, batch {sizes.loader_batch}, '
                          f'{threads} threads, epochs of {t.units[0]:,} images',
                  threads=threads, res=sizes.loader_res, batch=sizes.loader_batch,
@@ -379,7 +378,7 @@ def loader_options(args, work, sizes, rows) -> None:
     median img/s, spread."""
     import torch
 
-    from common import alternate, epoch_of, our_loader
+    from common import alternate, epoch_of, our_loader, schedule_name
     from imagenet_ffcv import decoders, loaders
     device, dtype = device_and_dtype(args)
     sync = torch.cuda.synchronize if device.type == 'cuda' else None
@@ -387,19 +386,15 @@ def loader_options(args, work, sizes, rows) -> None:
     defaults = (decoders.PARALLEL_CHUNK, loaders.COPY_WAIT)
     options = [defaults] + [(c, defaults[1]) for c in sizes.loader_chunks if c != defaults[0]]
     options += [(defaults[0], wait) for wait in ('batch', 'slot') if wait != defaults[1]]
-    try:
-        for option in options:  # both are read when the loader is made
-            decoders.PARALLEL_CHUNK, loaders.COPY_WAIT = option
-            loader, _ = our_loader(work / 'speed.beton', res=sizes.loader_res, workers=threads,
-                                   batch_size=sizes.loader_batch, device=device, dtype=dtype)
-            runs[option] = epoch_of(loader)
-    finally:
-        decoders.PARALLEL_CHUNK, loaders.COPY_WAIT = defaults
+    for chunk, wait in options:
+        loader, _ = our_loader(work / 'speed.beton', res=sizes.loader_res, workers=threads,
+                               batch_size=sizes.loader_batch, device=device, dtype=dtype,
+                               chunk=chunk, copy_wait=wait)
+        runs[chunk, wait] = epoch_of(loader)
     for (chunk, wait), t in alternate(runs, repeats=sizes.loader_epochs + 1, warmup=1,
                                       sync=sync).items():
-        schedule = 'static split (numba default)' if chunk == 0 else f'{chunk} image(s) at a time'
         rows.add(setting=f'loader, {sizes.loader_res} px, batch {sizes.loader_batch}, {threads} '
-                         f'threads, {schedule}, COPY_WAIT={wait}'
+                         f'threads, {schedule_name(chunk)}, COPY_WAIT={wait}'
                          + (' (the defaults)' if (chunk, wait) == defaults else ''),
                  threads=threads, chunk=chunk, copy_wait=wait, res=sizes.loader_res,
                  batch=sizes.loader_batch, img_per_s=round(t.rate, 1),

@@ -52,8 +52,8 @@ import numba
 import numpy as np
 
 from common import (DEMO, RESULTS, SHARED_DATA, alternate, epoch_of, machine_line,
-                    markdown_table, our_loader, pooled_samples, stored_beton, stored_jpegs,
-                    with_batch_parts, write_csv)
+                    markdown_table, median_parts, our_loader, pooled_samples, schedule_name,
+                    stored_beton, stored_jpegs, with_batch_parts, write_csv)
 from imagenet_ffcv import decoders
 from imagenet_ffcv.crops import random_resized_crop, sample_key
 
@@ -116,31 +116,26 @@ def loader_epochs(beton, *, res, configs, epochs) -> list:
     timed epochs' ``common.batch_parts``) and ``thread_cpu_s`` (the CPU seconds of each thread
     that worked in the median epoch: with 2 threads, one number when one thread did all the
     decoding)."""
-    runs, cpu, parts, default = {}, {}, {}, decoders.PARALLEL_CHUNK
-    try:
-        for config in configs:
-            decoders.PARALLEL_CHUNK = config[2]  # read when the loader generates its code
-            loader, _ = our_loader(beton, res=res, workers=config[0], batch_size=config[1])
-            cpu[config], parts[config] = [], []
-            runs[config] = with_cpu_time(with_batch_parts(epoch_of(loader), loader,
-                                                          parts[config]), cpu[config])
-    finally:
-        decoders.PARALLEL_CHUNK = default
+    runs, cpu, parts = {}, {}, {}
+    for config in configs:
+        loader, _ = our_loader(beton, res=res, workers=config[0], batch_size=config[1],
+                               chunk=config[2])
+        cpu[config], parts[config] = [], []
+        runs[config] = with_cpu_time(with_batch_parts(epoch_of(loader), loader, parts[config]),
+                                     cpu[config])
     timings = alternate(runs, repeats=epochs, warmup=1)
     rows = []
     for (n, b, chunk), t in timings.items():
         cpu_s = [c for c, _ in cpu[(n, b, chunk)][1:]]  # the timed epochs (the first: warm-up)
         median = sorted(range(len(t.seconds)), key=t.seconds.__getitem__)[len(t.seconds) // 2]
+        decode_ms, serial_ms = median_parts(parts[(n, b, chunk)])
         rows.append({'threads': n, 'batch': b, 'chunk': chunk, 'img_per_s': round(t.rate, 1),
                      'spread': round(t.rate_spread, 1), 'epoch_s': round(t.median_s, 2),
                      'images': t.units[0], 'epochs': len(t.units),
                      'cpu_us_per_image': round(1e6 * statistics.median(cpu_s) / t.units[0], 1),
                      'cores_used': round(statistics.median(
                          c / w for c, w in zip(cpu_s, t.seconds)), 2),
-                     'decode_ms': round(statistics.median(
-                         d for d, _ in parts[(n, b, chunk)][1:]), 3),
-                     'serial_ms': round(statistics.median(
-                         g for _, g in parts[(n, b, chunk)][1:]), 3),
+                     'decode_ms': round(decode_ms, 3), 'serial_ms': round(serial_ms, 3),
                      'thread_cpu_s': ' '.join(map(str, cpu[(n, b, chunk)][1 + median][1]))})
     return rows
 
@@ -241,9 +236,9 @@ def makespan(costs, threads: int, chunk: int) -> float:
     return max(free)
 
 
-def schedule_name(chunk: int) -> str:
-    name = 'static (numba default)' if chunk == 0 else f'dynamic, chunk {chunk}'
-    return name + (" (the loader's)" if chunk == decoders.PARALLEL_CHUNK else '')
+def loaders_schedule(chunk: int) -> str:
+    """:func:`common.schedule_name`, marked when it is the loader's."""
+    return schedule_name(chunk) + (" (the loader's)" if chunk == decoders.PARALLEL_CHUNK else '')
 
 
 def imbalance(costs, *, threads: int, batch_sizes, chunks=(0, 1, 4), batches: int = 400) -> list:
@@ -256,7 +251,7 @@ def imbalance(costs, *, threads: int, batch_sizes, chunks=(0, 1, 4), batches: in
         for chunk in chunks:
             eff = [d.sum() / threads / makespan(d, threads, chunk) for d in draws]
             rows.append({'batch': b, 'threads': threads, 'chunk': chunk,
-                         'schedule': schedule_name(chunk),
+                         'schedule': loaders_schedule(chunk),
                          'efficiency': round(statistics.mean(eff), 3),
                          'worst_batch': round(min(eff), 3)})
     return rows
@@ -290,7 +285,7 @@ def report(name, rows, fits, costs, sim, parts, layer) -> None:
     print(f'\n### Loader epochs: {name}, {rows[0]["images"]:,} images, median of '
           f'{rows[0]["epochs"]} alternating epochs\n')
     for r in rows:
-        r['schedule'] = schedule_name(r['chunk'])
+        r['schedule'] = loaders_schedule(r['chunk'])
     print(markdown_table(rows, [('threads', 'threads', ''), ('batch', 'batch', ''),
                                 ('schedule', 'schedule', ''),
                                 ('img_per_s', 'img/s', ',.0f'), ('spread', 'spread', ',.0f'),

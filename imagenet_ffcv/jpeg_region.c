@@ -679,14 +679,15 @@ int resample_bilinear(const uint8_t *src, uint64_t stride, const int64_t *row_in
     }
     float *weights = d->row, *row = d->row + 8 * out_w - first, *line = row + first + count + 4;
     memset(row + first + count, 0, 4 * sizeof *row);  /* read, never used: the 4th float of the last pixel */
-    f32x4 offset = {0, 0, 0, 0};
-    for (int c = 0; c < 3; c++) {
-        float gain = normalize ? inv_std[c] : 1;
-        offset[c] = normalize ? mean[c] * inv_std[c] : 0;
-        for (uint64_t t = 0; t < 2 * out_w; t++) {
-            weights[4 * t + c] = col_weight[t] * gain;
-            weights[4 * t + 3] = 0;
+    f32x4 gain = {1, 1, 1, 0}, offset = {0, 0, 0, 0};
+    if (normalize)
+        for (int c = 0; c < 3; c++) {
+            gain[c] = inv_std[c];
+            offset[c] = mean[c] * inv_std[c];
         }
+    for (uint64_t t = 0; t < 2 * out_w; t++) {
+        f32x4 w = col_weight[t] * gain;
+        memcpy(weights + 4 * t, &w, sizeof w);
     }
     for (uint64_t oy = 0; oy < out_h; oy++) {
         const uint8_t *s0 = src + row_index[2 * oy] * stride;

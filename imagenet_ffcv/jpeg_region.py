@@ -101,8 +101,8 @@ def decode_region(jpeg: np.ndarray, *, top: int, left: int, height: int, width: 
                   denom: int = 1, restart_markers: bool = True) -> tuple:
     """Decode rows ``top .. top+height-1`` and columns ``left .. left+width-1`` (coordinates in the
     image scaled by 1/``denom``, ``denom`` in 1, 2, 4, 8) of a JPEG given as a uint8 array.
-    ``restart_markers=False``: decode it as a JPEG without restart markers is decoded
-    (libjpeg-turbo's partial decompression) even when it has them, for comparisons.
+    ``restart_markers=False``: decode it the way a JPEG without restart markers is decoded
+    (libjpeg-turbo's partial decompression), even when it has them, for comparisons.
 
     Returns ``(pixels, first_column)``: uint8 (height, W', 3) RGB rows holding at least the asked
     columns, and the image column of their first one (libjpeg widens the crop to its block grid).
