@@ -143,3 +143,33 @@ def test_the_commands_and_the_license_are_declared():
                                        'imagenet-ffcv-predict'}
     assert project['license'] == 'Apache-2.0'
     assert 'Apache License' in (REPO / 'LICENSE').read_text()[:200]
+
+
+def test_the_wheel_ships_the_configs_and_the_decoder_without_setuptools_warnings(tmp_path):
+    """`pip wheel` of the package's files (copied, so the checkout is not written) builds without
+    setuptools' BuildBackendWarning or deprecation warnings (its warning that the config folders
+    are absent from `packages` meant a later setuptools would stop shipping them), and the wheel
+    holds every shipped config, the wnid table and the built JPEG region decoder."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+    src = tmp_path / 'src'
+    for name in ('pyproject.toml', 'setup.py', 'README.md', 'LICENSE'):
+        (src / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / name, src / name)
+    shutil.copytree(REPO / 'imagenet_ffcv', src / 'imagenet_ffcv',
+                    ignore=shutil.ignore_patterns('__pycache__', '*.so'))
+    built = subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation',
+                            '--no-cache-dir', '-w', str(tmp_path / 'dist'), str(src)],
+                           capture_output=True, text=True, timeout=300)
+    log = built.stdout + built.stderr
+    assert built.returncode == 0, log[-3000:]
+    assert 'Warning' not in log, log[-3000:]
+    wheel, = (tmp_path / 'dist').glob('imagenet_ffcv-*.whl')
+    names = set(zipfile.ZipFile(wheel).namelist())
+    configs = {f'imagenet_ffcv/{p.relative_to(REPO / "imagenet_ffcv").as_posix()}'
+               for p in (REPO / 'imagenet_ffcv' / 'configs').glob('*/*.yaml')}
+    assert len(configs) >= 10 and configs <= names, sorted(configs - names)
+    assert 'imagenet_ffcv/imagenet_wnids.tsv' in names
+    assert any(n.startswith('imagenet_ffcv/_jpeg_region') and n.endswith('.so') for n in names)
