@@ -23,9 +23,9 @@ if [ -d .carry/python ] && ! "$py" -c 'import safetensors' 2>/dev/null; then
   export PYTHONPATH=$PWD/.carry/python${PYTHONPATH:+:$PYTHONPATH}
 fi
 
-# Our region decoder: jpeg_region.library_path() looks for _jpeg_region*.so beside jpeg_region.py (pip
-# install builds it there); put the one built by make carry there, and its libjpeg on the library
-# path, unless one is there already.
+# Our region decoder: jpeg_region.library_path() looks for _jpeg_region*.so beside jpeg_region.py
+# (pip install builds it there); put the one built by make carry there, and its libjpeg on the
+# library path, unless one is there already.
 if [ -d .carry/lib ]; then
   export LD_LIBRARY_PATH=$PWD/.carry/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
   if ! ls imagenet_ffcv/_jpeg_region*.so >/dev/null 2>&1; then

@@ -71,8 +71,8 @@ def stage_costs(jpegs, res: int, crops: int, runs: int) -> dict:
             jobs.append((jpeg, h, w, decoders.jpeg_window(h, w, i, j, ch, cw, res, res, True)))
     regions = []
     for jpeg, _, _, (denom, top, left, rows, cols, y0, x0, ch, cw) in jobs:
-        pixels, first = jpeg_region.decode_region(jpeg, top=top, left=left, height=rows, width=cols,
-                                               denom=denom)
+        pixels, first = jpeg_region.decode_region(jpeg, top=top, left=left, height=rows,
+                                                  width=cols, denom=denom)
         regions.append((pixels.copy(), y0 - top, x0 - first, ch, cw))
     read = jpeg_region.region_decoder()
     scanlines = jpeg_region.c_function('decode_region_scanlines')

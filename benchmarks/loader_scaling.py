@@ -129,7 +129,8 @@ def loader_epochs(beton, *, res, configs, epochs) -> list:
         cpu_s = [c for c, _ in cpu[(n, b, chunk)][1:]]  # the timed epochs (the first: warm-up)
         median = sorted(range(len(t.seconds)), key=t.seconds.__getitem__)[len(t.seconds) // 2]
         decode_ms, serial_ms = median_parts(parts[(n, b, chunk)])
-        rows.append({'threads': n, 'batch': b, 'chunk': chunk, 'img_per_s': round(t.rate, 1),
+        rows.append({'threads': n, 'batch': b, 'chunk': chunk, 'schedule': loaders_schedule(chunk),
+                     'img_per_s': round(t.rate, 1),
                      'spread': round(t.rate_spread, 1), 'epoch_s': round(t.median_s, 2),
                      'images': t.units[0], 'epochs': len(t.units),
                      'cpu_us_per_image': round(1e6 * statistics.median(cpu_s) / t.units[0], 1),
@@ -284,8 +285,6 @@ def report(name, rows, fits, costs, sim, parts, layer) -> None:
     """The four Markdown tables and the lines around them."""
     print(f'\n### Loader epochs: {name}, {rows[0]["images"]:,} images, median of '
           f'{rows[0]["epochs"]} alternating epochs\n')
-    for r in rows:
-        r['schedule'] = loaders_schedule(r['chunk'])
     print(markdown_table(rows, [('threads', 'threads', ''), ('batch', 'batch', ''),
                                 ('schedule', 'schedule', ''),
                                 ('img_per_s', 'img/s', ',.0f'), ('spread', 'spread', ',.0f'),

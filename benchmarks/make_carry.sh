@@ -25,7 +25,8 @@ mkdir -p "$out/lib" "$out/data"
 mkdir -p "$out/python"
 cp -r "$("$py" -c 'import safetensors, os; print(os.path.dirname(safetensors.__file__))')" "$out/python/"
 
-so=$("$py" -c 'from imagenet_ffcv import jpeg_region; jpeg_region.load_library(); print(jpeg_region.library_path())')
+find_so='from imagenet_ffcv import jpeg_region as j; j.load_library(); print(j.library_path())'
+so=$("$py" -c "$find_so")
 cp "$so" "$out/lib/"
 ldd "$so" | awk '/libjpeg/ {print $3}' | while read -r lib; do cp -L "$lib" "$out/lib/"; done
 echo "region decoder: $(cd "$out/lib" && ls)"

@@ -39,7 +39,7 @@ from .jpeg_region import c_function, region_decoder
 from .resampling import resample
 
 MARGIN = 2  # decoded rows/columns beyond the sampled ones, where partial decoding may differ
-PARALLEL_CHUNK = 1  # images a loader thread takes at a time as it gets free (0: numba's static split)
+PARALLEL_CHUNK = 1  # images a loader thread takes at a time as it gets free (0: a static split)
 
 
 @numba.njit(nogil=True)  # also called by the decoders' compiled code

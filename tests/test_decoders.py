@@ -34,14 +34,14 @@ def test_region_decode_equals_the_full_decode_inside_the_margin(photo, denom):
     _, jpeg = photo
     height, width = -(-256 // denom), -(-341 // denom)
     full, first = jpeg_region.decode_region(jpeg, top=0, left=0, height=height, width=width,
-                                         denom=denom)
+                                            denom=denom)
     assert first == 0 and full.shape == (height, width, 3)
     rng = np.random.default_rng(0)
     for _ in range(20):
         h, w = rng.integers(8, height // 2), rng.integers(8, width // 2)
         top, left = rng.integers(0, height - h), rng.integers(0, width - w)
         part, first = jpeg_region.decode_region(jpeg, top=top, left=left, height=h, width=w,
-                                             denom=denom)
+                                                denom=denom)
         assert first <= left and first + part.shape[1] >= left + w
         m = decoders.MARGIN
         inner = part[m:h - m, left - first + m:left - first + w - m]
@@ -53,8 +53,8 @@ def test_region_decode_names_bad_input(photo):
     with pytest.raises(ValueError, match='outside the image'):
         jpeg_region.decode_region(jpeg, top=250, left=0, height=10, width=10)
     with pytest.raises(ValueError, match='corrupt'):
-        jpeg_region.decode_region(np.frombuffer(b'not a jpeg at all' * 10, np.uint8), top=0, left=0,
-                               height=1, width=1)
+        jpeg_region.decode_region(np.frombuffer(b'not a jpeg at all' * 10, np.uint8), top=0,
+                                  left=0, height=1, width=1)
 
 
 @pytest.mark.parametrize('crop, size', [((10, 20, 200, 180), (160, 160)),   # shrink < 2
@@ -352,7 +352,7 @@ def test_a_region_decoded_through_restart_markers_equals_todays_region_decode(ph
                 window = dict(top=top, left=left, height=rows, width=cols, denom=denom)
                 got, first = jpeg_region.decode_region(jpeg, **window)
                 scanned, scanned_first = jpeg_region.decode_region(jpeg, restart_markers=False,
-                                                                **window)
+                                                                   **window)
                 plain_pixels, plain_first = jpeg_region.decode_region(plain, **window)
                 assert first == scanned_first == plain_first, (n, window)
                 np.testing.assert_array_equal(got, scanned, err_msg=str((n, window)))

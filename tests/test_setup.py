@@ -1,5 +1,9 @@
 """Set-up files: the pins of requirements.txt and environment.yml agree and match the install."""
 import re
+import shutil
+import subprocess
+import sys
+import zipfile
 from importlib.metadata import version
 from pathlib import Path
 
@@ -150,18 +154,15 @@ def test_the_wheel_ships_the_configs_and_the_decoder_without_setuptools_warnings
     setuptools' BuildBackendWarning or deprecation warnings (its warning that the config folders
     are absent from `packages` meant a later setuptools would stop shipping them), and the wheel
     holds every shipped config, the wnid table and the built JPEG region decoder."""
-    import shutil
-    import subprocess
-    import sys
-    import zipfile
     src = tmp_path / 'src'
+    src.mkdir()
     for name in ('pyproject.toml', 'setup.py', 'README.md', 'LICENSE'):
-        (src / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / name, src / name)
     shutil.copytree(REPO / 'imagenet_ffcv', src / 'imagenet_ffcv',
                     ignore=shutil.ignore_patterns('__pycache__', '*.so'))
-    built = subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation',
-                            '--no-cache-dir', '-w', str(tmp_path / 'dist'), str(src)],
+    built = subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps',
+                            '--no-build-isolation', '--no-cache-dir', '-w', str(tmp_path / 'dist'),
+                            str(src)],
                            capture_output=True, text=True, timeout=300)
     log = built.stdout + built.stderr
     assert built.returncode == 0, log[-3000:]
