@@ -206,6 +206,26 @@ def test_train_loader_whole_image_crops_flip_and_fallback_agree(betons, monkeypa
                                rtol=0)
 
 
+def test_every_loader_calls_one_decode_image_compiled_once_per_process(betons, monkeypatch):
+    """The per-image decode (decoders.compiled_image_decoder) is compiled at the first loader's
+    first batch; a second loader on the same kind of data calls that function with no new
+    compilation."""
+    monkeypatch.setattr(decoders, '_compiled_decoders', {})  # as in a new process
+
+    def first_batch():
+        loader, _ = loaders.train_loader(path=betons['jpg'], batch_size=4, num_workers=2, res=64,
+                                         os_cache=False, device=torch.device('cpu'),
+                                         distributed=False, seed=0)
+        return next(iter(loader))[0].clone()
+    first = first_batch()
+    [decode_image] = decoders._compiled_decoders.values()
+    signatures = list(decode_image.signatures)
+    assert len(signatures) == 1
+    assert torch.equal(first_batch(), first)
+    assert list(decoders._compiled_decoders.values()) == [decode_image]
+    assert decode_image.signatures == signatures
+
+
 def test_betons_with_and_without_restart_markers_load_to_the_same_batches(betons):
     """A .beton written before restart markers (``--restart-interval 0``) still loads, and its
     train and val batches equal those of the same images stored with markers, bit for bit: the
