@@ -158,7 +158,7 @@ def compiled_image_decoder():
     resampler, compiled with ffcv's Compiler (the loaders' numba options), made once per process
     (per kind of region reader): every loader's decoder and :func:`decode_crop` call this one
     function, so numba compiles it for each argument type at its first call only, not again for
-    each loader (a second loader's first batch: 3.5 s instead of 5.3 s on the 2-core VM)."""
+    each loader."""
     read_region, partial = _region_reader()
     if partial not in _compiled_decoders:
         _compiled_decoders[partial] = Compiler.compile(_image_decoder(
@@ -182,8 +182,7 @@ def decode_crop(record: np.ndarray, *, height: int, width: int, crop: tuple, siz
     ``(H, W)``, flipped left-right when ``flip``, normalised with ``mean``/``std`` (0-255 units)
     when ``normalize``. Returns (H, W, 3) float32 (normalised) or uint8. The loaders' compiled
     function (:func:`compiled_image_decoder`), so the result equals the loader's batch row bit for
-    bit.
-    Raises ValueError for a JPEG that does not decode."""
+    bit. Raises ValueError for a JPEG that does not decode."""
     mean32, inv_std = normalization(mean, std)
     out = np.empty((*size, 3), np.float32 if normalize else np.uint8)
     code = compiled_image_decoder()(
