@@ -15,6 +15,12 @@ os.environ.setdefault('NUMBA_OPT', '0')
 # itself, and warns so; with its cache, level 3 still made test_resume.py 10 % slower.)
 os.environ.setdefault('NUMBA_CACHE_DIR', os.path.join(tempfile.gettempdir(),
                                                       f'imagenet_ffcv-tests-numba-{os.getuid()}'))
+# make test runs two pytest processes, and tests start training processes, on the same cores:
+# torch's OpenMP threads (libgomp) spin for a while after each parallel region by default, taking
+# the cores that the other processes wait for; 'PASSIVE' makes them sleep instead (docs/
+# reliability.md has the suite's times). libgomp reads it when torch loads it, so it is set
+# before anything imports torch; subprocesses inherit it.
+os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 
 import pytest
 
