@@ -4,6 +4,15 @@ import sys
 import tempfile
 from pathlib import Path
 
+# numba reads the two settings below when it is imported, so nothing may import it before this
+# file runs (pytest does, to parse pytest.ini, if a filterwarnings line names a numba warning
+# class): this process would compile at numba's default level while the runs it starts compile at
+# level 0, and their results would differ in the last bit.
+if 'numba' in sys.modules:
+    raise RuntimeError('numba was imported before tests/conftest.py set NUMBA_OPT and '
+                       'NUMBA_CACHE_DIR, which it reads at import (a filterwarnings line of '
+                       'pytest.ini that names a numba warning class imports it): see conftest.py')
+
 # numba compiles every ffcv pipeline afresh (seconds each, dozens of times in the suite): at LLVM
 # optimisation level 0 it compiles about a quarter faster. The code is the same, only slower to
 # run, which the tests' small images do not notice. Subprocesses inherit it; benchmarks outside
