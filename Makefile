@@ -41,8 +41,9 @@ demo: setup
 	$(PY) train_imagenet.py --config demo/rn18_demo.yaml
 
 # Two pytest processes (pytest-xdist), each test file in one of them (its module fixtures built
-# once): on CI's 2 cores the suite takes about three quarters of the time of one process, which
-# leaves a core idle while one test compiles, imports or waits on its subprocesses.
+# once): on CI's 2 cores the suite takes about two thirds of the time of one process (360 s against
+# 551 s, docs/reliability.md), which leaves a core idle while a test compiles, imports or waits on
+# its subprocesses.
 test: setup
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
 
