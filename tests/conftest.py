@@ -14,9 +14,10 @@ if 'numba' in sys.modules:
                        'pytest.ini that names a numba warning class imports it): see conftest.py')
 
 # numba compiles every ffcv pipeline afresh (seconds each, dozens of times in the suite): at LLVM
-# optimisation level 0 it compiles about a quarter faster. The code is the same, only slower to
-# run, which the tests' small images do not notice. Subprocesses inherit it; benchmarks outside
-# the tests run at numba's default level.
+# optimisation level 0 it compiles about a quarter faster. The code runs slower, which the tests'
+# small images do not notice, and its fastmath functions may differ from the default level's in
+# the last bit: every process of the tests uses level 0 (subprocesses inherit it); benchmarks
+# outside the tests run at numba's default level.
 os.environ.setdefault('NUMBA_OPT', '0')
 # Functions compiled with cache=True (resampling's) are cached on disk under a key that does not
 # hold the optimisation level: the tests' level-0 code goes to a folder of its own, not to the
@@ -26,8 +27,8 @@ os.environ.setdefault('NUMBA_CACHE_DIR', os.path.join(tempfile.gettempdir(),
                                                       f'imagenet_ffcv-tests-numba-{os.getuid()}'))
 # make test runs two pytest processes, and tests start training processes, on the same cores:
 # torch's OpenMP threads (libgomp) spin for a while after each parallel region by default, taking
-# the cores that the other processes wait for; 'PASSIVE' makes them sleep instead (docs/
-# reliability.md has the suite's times). libgomp reads it when torch loads it, so it is set
+# the cores that the other processes wait for; 'PASSIVE' makes them sleep instead
+# (docs/reliability.md has the suite's times). libgomp reads it when torch loads it, so it is set
 # before anything imports torch; subprocesses inherit it.
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 
