@@ -159,8 +159,9 @@ def compiled_image_decoder():
     (per kind of region reader): every loader's decoder and :func:`decode_crop` call this one
     function, so numba compiles it for each argument type at its first call only, not again for
     each loader."""
-    read_region, partial = _region_reader()
+    partial = region_decoder() is not None  # as _region_reader decides, without making one
     if partial not in _compiled_decoders:
+        read_region, partial = _region_reader()
         _compiled_decoders[partial] = Compiler.compile(_image_decoder(
             Compiler.compile(read_region), partial, resampler()))
     return _compiled_decoders[partial]
