@@ -304,7 +304,7 @@ def our_loader(path, *, res, workers, batch_size, in_memory=1, order='random', d
 
 def schedule_name(chunk: int) -> str:
     """How the loader's threads share a batch with ``decoders.PARALLEL_CHUNK`` = ``chunk``."""
-    return 'static split (numba default)' if chunk == 0 else f'{chunk} image(s) at a time'
+    return 'equal shares' if chunk == 0 else f'{chunk} image(s) at a time'
 
 
 def ffcv_stock_loader(path, *, res, workers, batch_size, device=None):

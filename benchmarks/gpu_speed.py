@@ -37,8 +37,8 @@ first GPU check's timings, not yet measured / the section's limit):
   synthetic.
 - ``loader_options`` (60 / 100): our training loader alone at every core, 160 px, batch 256,
   with its defaults against other thread schedules (``Sizes.loader_chunks`` for
-  ``decoders.PARALLEL_CHUNK``, images a thread takes at a time as it gets free; 0: numba's static
-  split of each batch into one chunk per thread) and against ``loaders.COPY_WAIT='slot'`` (the
+  ``decoders.PARALLEL_CHUNK``, images a thread takes at a time as it gets free; 0: one equal
+  share of each batch per thread) and against ``loaders.COPY_WAIT='slot'`` (the
   loader thread waits for a batch's copy to the GPU only before reusing its host buffer),
   alternating epochs after one warm-up epoch each: whether the defaults chosen on 2 cores
   (benchmarks/loader_scaling.py) hold at 16 threads, and what the per-batch wait costs.

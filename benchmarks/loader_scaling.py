@@ -9,8 +9,8 @@ to ``--predict-threads`` (16: the lent GPU machine's cores).
    warm-up epoch each, then ``--epochs`` timed rounds, order reversed every other round); img/s
    is the median of a loader's epochs, ``spread`` their max - min. Beside them, in the same
    alternation, the most threads at the smallest batch with each schedule of ``--chunks``
-   (``decoders.PARALLEL_CHUNK``: images a thread takes at a time as it gets free; 0 numba's
-   static split into one equal chunk per thread), against the loader's own. Each epoch also
+   (``decoders.PARALLEL_CHUNK``: images a thread takes at a time as it gets free; 0: one equal
+   share per thread), against the loader's own. Each epoch also
    times the pipeline's stages in ffcv's iterator thread: per batch, the parallel decode stage
    (``decode ms``) and the time from its end to the next batch's (``serial ms``: labels,
    ToTensor, ToTorchImage and ffcv's per-batch Python, on one thread while the decode threads
@@ -26,10 +26,9 @@ to ``--predict-threads`` (16: the lent GPU machine's cores).
 3. Imbalance: each of ``--sim-images`` stored JPEGs decoded once into a random-resized crop at
    ``--res`` px on one thread (``decoders.decode_crop``, the loader's compiled per-image code; the
    least of 3 timings per image, µs, Python's call overhead included), then batches drawn from
-   that cost distribution and scheduled on ``--predict-threads`` threads: numba's default
-   (``prange`` splits a batch into one equal static chunk per thread, the batch ends when the
-   slowest chunk does) against dynamic chunks of the loader's and ``--chunks``' sizes
-   (``numba.set_parallel_chunksize``: a free thread takes the next chunk). Efficiency = (total
+   that cost distribution and scheduled on ``--predict-threads`` threads: one equal share per
+   thread (the batch ends when the slowest share does) against chunks of the loader's and
+   ``--chunks``' sizes taken as threads get free (``decoders.take_images``). Efficiency = (total
    work / threads) / the batch's time.
 4. Prediction from the measured parts: the 1-thread decode stage D shared by n threads at the
    simulated efficiency e of the loader's schedule, then the serial ms g:
@@ -226,11 +225,10 @@ def image_costs(beton, *, res: int, images: int) -> np.ndarray:
 
 
 def makespan(costs, threads: int, chunk: int) -> float:
-    """When the last of ``threads`` threads ends a batch of images costing ``costs``: chunk 0 is
-    numba's default (one equal static chunk per thread), chunk c > 0 dynamic chunks of c images
-    taken in order by whichever thread is free first."""
-    if chunk == 0:
-        return max(float(c.sum()) for c in np.array_split(costs, threads))
+    """When the last of ``threads`` threads ends a batch of images costing ``costs``, as
+    ``decoders.take_images`` shares it: chunks of ``chunk`` images (0: one equal share per
+    thread) taken in order by whichever thread is free first."""
+    chunk = chunk or -(-len(costs) // threads)
     free = [0.0] * threads
     for start in range(0, len(costs), chunk):
         heapq.heappush(free, heapq.heappop(free) + float(costs[start:start + chunk].sum()))
@@ -267,7 +265,7 @@ def parse_args(argv):
     p.add_argument('--epochs', type=int, default=3, help='timed epochs per loader')
     p.add_argument('--chunks', default='0,4',
                    help="comma-separated schedules besides the loader's (decoders.PARALLEL_CHUNK): "
-                        "images a thread takes at a time, 0 numba's static split")
+                        "images a thread takes at a time, 0 one equal share per thread")
     p.add_argument('--predict-threads', type=int, default=16)
     p.add_argument('--sim-images', type=int, default=2000,
                    help='JPEGs timed one by one for the imbalance simulation')

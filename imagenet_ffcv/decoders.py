@@ -31,6 +31,8 @@ from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder
 from ffcv.libffcv import imdecode
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.compiler import Compiler
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 from . import resampling
 from .constants import DEFAULT_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
@@ -39,7 +41,7 @@ from .jpeg_region import c_function, region_decoder
 from .resampling import resample
 
 MARGIN = 2  # decoded rows/columns beyond the sampled ones, where partial decoding may differ
-PARALLEL_CHUNK = 1  # images a loader thread takes at a time as it gets free (0: a static split)
+PARALLEL_CHUNK = 1  # images a loader thread takes at a time as it gets free (0: equal shares)
 
 
 @numba.njit(nogil=True)  # also called by the decoders' compiled code
@@ -49,6 +51,32 @@ def dct_scale(shrink: float) -> int:
     while denom < 8 and shrink >= 2 * denom:
         denom *= 2
     return denom
+
+
+@intrinsic
+def fetch_add(typingctx, counter, value):
+    """``counter[0] += value`` in one atomic step (LLVM's ``atomicrmw add``) in compiled code,
+    returning the value before: ``counter`` an int64 array, ``value`` an int64."""
+    def codegen(context, builder, signature, args):
+        array_type = signature.args[0]
+        array = context.make_array(array_type)(context, builder, args[0])
+        first = cgutils.get_item_pointer(context, builder, array_type, array,
+                                         [context.get_constant(numba.types.intp, 0)])
+        return builder.atomic_rmw('add', first, args[1], 'monotonic')
+    return numba.types.int64(counter, numba.types.int64), codegen
+
+
+@numba.njit(nogil=True)  # called by the decoders' compiled code
+def take_images(counter, chunk, count):
+    """The next ``chunk`` images of a batch of ``count`` for the thread that asks: ``(first,
+    last)``, the images ``first .. last - 1``; none left when ``first >= last``. ``counter`` (int64
+    array of one element, 0 at the batch's start) is shared by the batch's threads, which so take
+    images as they get free (OpenMP's ``schedule(dynamic, chunk)``) whatever numba's threading
+    layer: numba's own dynamic scheduling (``numba.set_parallel_chunksize``) works with TBB only,
+    its OpenMP and workqueue layers split a loop into one equal share per thread
+    (docs/performance.md, Threads; tests/test_data.py holds the loader to it under each)."""
+    first = fetch_add(counter, chunk)
+    return first, min(first + chunk, count)
 
 
 @numba.njit(nogil=True)  # called by the decoders' compiled code
@@ -288,34 +316,45 @@ class CropResizeDecoder(SimpleRGBImageDecoder):
         corrupt_address = self._corrupt_cell.ctypes.data
         chunk = PARALLEL_CHUNK
 
+        @numba.njit(nogil=True)
+        def decode_one(k, batch_indices, metadata, storage_state, destination, temp, info, epoch):
+            field = metadata[batch_indices[k]]
+            data = mem_read(field['data_ptr'], storage_state)
+            height, width = np.int64(field['height']), np.int64(field['width'])
+            key = sample_key(seed, epoch, batch_indices[k])
+            i, j, h, w = crop_at(height, width, scale, ratio, key)
+            # One decode buffer per thread rather than per image, so that it stays in the CPU
+            # cache (thread ids are below the pool size; small batches: per image).
+            slot = np.int64(k)
+            if len(temp) >= pool_size:
+                slot = np.int64(numba.get_thread_id())
+            code = decode_image(data, field['mode'] == jpg, height, width, i, j, h, w, temp[slot],
+                                info[k], destination[k], flipped(key, flip_prob), mean, inv_std,
+                                normalize, antialias)
+            if code < 0:  # corrupt record (imagenet-ffcv-write --verify finds it): zeros, noted
+                destination[k][:] = 0
+                info[k, 0] = batch_indices[k]
+                memmove(corrupt_address, info[k].ctypes.data, 8)
+
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, temp, info = my_storage
             epoch = np.zeros(1, np.int64)
             memmove(epoch.ctypes.data, epoch_address, 8)
-            # The threads take PARALLEL_CHUNK images at a time as they get free (numba's dynamic
-            # scheduling), not an equal share each: crops cost 0.1-1x of a whole image to decode,
-            # and the batch waits for its last image (benchmarks/loader_scaling.py measures it)
-            previous_chunk = numba.set_parallel_chunksize(chunk)
-            for k in my_range(len(batch_indices)):
-                field = metadata[batch_indices[k]]
-                data = mem_read(field['data_ptr'], storage_state)
-                height, width = np.int64(field['height']), np.int64(field['width'])
-                key = sample_key(seed, epoch[0], batch_indices[k])
-                i, j, h, w = crop_at(height, width, scale, ratio, key)
-                # One decode buffer per thread rather than per image, so that it stays in the
-                # CPU cache (thread ids are below the pool size; small batches: per image).
-                slot = np.int64(k)
-                if len(temp) >= pool_size:
-                    slot = np.int64(numba.get_thread_id())
-                code = decode_image(data, field['mode'] == jpg, height, width, i, j, h, w,
-                                    temp[slot], info[k], destination[k], flipped(key, flip_prob),
-                                    mean, inv_std, normalize, antialias)
-                if code < 0:  # corrupt record (imagenet-ffcv-write --verify finds it): zeros, noted
-                    destination[k][:] = 0
-                    info[k, 0] = batch_indices[k]
-                    memmove(corrupt_address, info[k].ctypes.data, 8)
-            numba.set_parallel_chunksize(previous_chunk)
-            return destination[:len(batch_indices)]
+            # The threads take PARALLEL_CHUNK images at a time as they get free, not an equal
+            # share each: crops cost 0.1-1x of a whole image to decode, and the batch waits for
+            # its last image (benchmarks/loader_scaling.py measures it)
+            count = len(batch_indices)
+            workers = min(numba.get_num_threads(), count)
+            share = chunk if chunk > 0 else -(-count // workers)
+            counter = np.zeros(1, np.int64)
+            for _ in my_range(workers):
+                first, last = take_images(counter, share, count)
+                while first < last:
+                    for k in range(first, last):
+                        decode_one(k, batch_indices, metadata, storage_state, destination, temp,
+                                   info, epoch[0])
+                    first, last = take_images(counter, share, count)
+            return destination[:count]
 
         decode.is_parallel = True
         return decode

@@ -1,5 +1,6 @@
 """The converter (write_beton.py: sources, images, writer) and the loaders, on real JPEGs."""
 import functools
+import json
 import subprocess
 
 import numpy as np
@@ -263,7 +264,7 @@ def test_a_training_epoch_does_not_depend_on_the_threads_or_how_they_share_a_bat
         sample_betons, monkeypatch):
     """Crops and flips are keyed by (seed, epoch, image) and each thread decodes into a buffer of
     its own, so 1 thread and 2 threads taking 3 images at a time as they get free
-    (``decoders.PARALLEL_CHUNK``; numba's dynamic scheduling, as with the default 1) give the same
+    (``decoders.PARALLEL_CHUNK``; ``decoders.take_images``, as with the default 1) give the same
     epoch, bit for bit."""
     from imagenet_ffcv import decoders
 
@@ -279,6 +280,70 @@ def test_a_training_epoch_does_not_depend_on_the_threads_or_how_they_share_a_bat
     assert len(y) == 320 and float(x.std()) > 0.5
     other_x, other_y = epoch(2, 3)
     assert torch.equal(other_x, x) and torch.equal(other_y, y)
+
+
+# Run in a process of its own per numba threading layer (chosen before the first parallel loop):
+# image 0 is held until every other image of the batch is done, so the batch finishes only if the
+# other thread takes the images that a static split would have left to image 0's thread. Then,
+# when given a beton, the training loader's epoch with 2 threads against 1 under the same layer.
+THREADING_LAYER_RUN = """
+import json, sys, numba, numpy as np, torch
+from imagenet_ffcv import decoders, loaders
+from imagenet_ffcv.decoders import fetch_add, take_images
+
+@numba.njit(parallel=True)
+def share(count, chunk, spins_allowed):
+    counter, done, who = np.zeros(1, np.int64), np.zeros(1, np.int64), np.full(count, -1)
+    held = np.zeros(1, np.int64)
+    for _ in numba.prange(numba.get_num_threads()):
+        first, last = take_images(counter, chunk, count)
+        while first < last:
+            for k in range(first, last):
+                spins = 0
+                while k == 0 and fetch_add(done, 0) < count - 1 and spins < spins_allowed:
+                    spins += 1
+                held[0] += spins
+                who[k] = numba.get_thread_id()
+                fetch_add(done, 1)
+            first, last = take_images(counter, chunk, count)
+    return who, held[0]
+
+numba.set_num_threads(2)
+who, spins = share(16, 1, 10 ** 9)
+
+def epoch(threads):
+    loader, _ = loaders.train_loader(path=sys.argv[1], batch_size=32, num_workers=threads, res=32,
+                                     os_cache=True, device=torch.device('cpu'), distributed=False,
+                                     seed=5)
+    return torch.cat([x.clone() for x, _ in loader])
+
+print(json.dumps({'layer': numba.threading_layer(), 'who': who.tolist(), 'spins': int(spins),
+                  'same_epoch': len(sys.argv) < 3 or torch.equal(epoch(1), epoch(2))}))
+"""
+
+
+@pytest.mark.parametrize('layer', ['workqueue', 'omp'])
+def test_loader_threads_take_images_as_they_get_free_with_every_threading_layer(
+        sample_betons, layer):
+    """numba's own dynamic scheduling (``set_parallel_chunksize``) works with its TBB layer only:
+    its OpenMP and workqueue layers split a loop into equal shares. The loaders' threads share a
+    batch through ``decoders.take_images`` instead, so with those layers too a thread that is
+    held up on one image leaves the others to the free thread. The loader's epoch with 2 threads
+    is checked against 1 thread under workqueue (under this machine's default layer by the test
+    above)."""
+    epoch = [str(sample_betons['train']), 'epoch'] if layer == 'workqueue' else []
+    proc = subprocess.run([PYTHON, '-c', THREADING_LAYER_RUN] + epoch,
+                          capture_output=True, text=True, timeout=300,
+                          env={**run_env(), 'NUMBA_THREADING_LAYER': layer}, cwd=REPO)
+    if proc.returncode and 'No threading layer could be loaded' in proc.stderr:
+        pytest.skip(f'numba cannot load its {layer} threading layer here')
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    found = json.loads(proc.stdout.splitlines()[-1])
+    who = found['who']  # the thread that took each image
+    assert found['layer'] == layer and sorted(set(who)) == [0, 1]
+    assert who.count(who[0]) == 1  # image 0's thread took no other image
+    assert found['spins'] < 10 ** 9  # image 0 was let go by the others being done, not the limit
+    assert found['same_epoch']
 
 
 def test_an_unknown_copy_wait_is_refused_when_the_loader_is_made(sample_betons, monkeypatch):
