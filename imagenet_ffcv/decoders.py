@@ -23,7 +23,7 @@ flip of each image are a pure function of (seed, epoch, sample index) (``crops``
 before each epoch (``loaders.Loader`` does it), so runs with the same seed see the same images.
 """
 import ctypes
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import numba
 import numpy as np
@@ -245,6 +245,16 @@ def random_crop_pixels(record: np.ndarray, *, height: int, width: int, res: int,
                        flip=flipped(key, flip_prob), **options)
 
 
+@dataclass(frozen=True)
+class ScratchQuery(AllocationQuery):
+    """ffcv's AllocationQuery for a decoder's scratch memory: host memory that the decoder's
+    threads use one ``shape`` row each (``rows``: at most that many are used, the thread pool's
+    size) and that never goes to the GPU. ``loaders.Loader`` allocates it as ``rows`` rows (fewer
+    for a smaller batch) of plain, unpinned memory per slot of its ring; ffcv 1.0.2 allocates every
+    query as one row per image of the batch, pinned on a CUDA machine."""
+    rows: int = 1
+
+
 # A subclass of ffcv's decoder class for RGBImageField: ffcv takes the first op of a pipeline as
 # the field's decoder only if it is one.
 class CropResizeDecoder(SimpleRGBImageDecoder):
@@ -297,7 +307,8 @@ class CropResizeDecoder(SimpleRGBImageDecoder):
         shape = (self.output_size[0], self.output_size[1], 3)
         return (replace(previous_state, jit_mode=True, shape=shape, dtype=dtype),
                 (AllocationQuery(shape, dtype),
-                 AllocationQuery((max_h * max_w * np.uint64(3),), np.dtype('<u1')),
+                 ScratchQuery((max_h * max_w * np.uint64(3),), np.dtype('<u1'),
+                              rows=numba.config.NUMBA_NUM_THREADS),
                  AllocationQuery((2,), np.dtype('<i8'))))
 
     def generate_code(self):

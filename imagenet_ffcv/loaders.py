@@ -8,6 +8,8 @@ The last op of each image pipeline leaves (B, 3, H, W) images normalised with th
 mean/std, in channels_last memory: float32 on CPU (the decoder normalises), ``dtype`` on CUDA.
 """
 import weakref
+from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import replace
 
 import numba
@@ -19,8 +21,8 @@ import ffcv.loader
 from ffcv.loader import OrderOption
 from ffcv.loader.epoch_iterator import IS_CUDA, EpochIterator
 from ffcv.memory_managers.os_cache import OSCacheManager
+from ffcv.pipeline.allocation_query import AllocationQuery, allocate_query
 from ffcv.pipeline.compiler import Compiler
-from ffcv.pipeline.graph import Graph
 from ffcv.pipeline.operation import Operation
 from ffcv.reader import Reader
 from ffcv.transforms import (NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor,
@@ -28,7 +30,7 @@ from ffcv.transforms import (NormalizeImage, RandomHorizontalFlip, Squeeze, ToDe
 
 from .classes import class_list_path, read_class_list
 from .constants import DECODERS, DEFAULT_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
-from .decoders import center_crop_decoder, random_resized_crop_decoder
+from .decoders import ScratchQuery, center_crop_decoder, random_resized_crop_decoder
 from .verify import check_beton
 
 ORDERS = {'random': OrderOption.RANDOM, 'quasi_random': OrderOption.QUASI_RANDOM}
@@ -100,11 +102,12 @@ class Loader(ffcv.loader.Loader):
     every epoch (a ring of ``batches_ahead + 2`` batches per pipeline op: 393 MB of float32 at
     batch 256 and 160 px), and the first writes into fresh memory fault in every page: about 20 %
     of the time of an epoch of 3,000-4,000 images on 2 cores (``benchmarks/loader_profile.py``),
-    plus pinning on CUDA. They are reused when the shapes are the same and the last epoch's
-    iterator has ended; on CUDA the device is synchronised first, so that no queued kernel still
-    reads them. A batch is valid until the next one is fetched or the next epoch starts (ffcv:
-    until the next one). On CUDA its epoch iterator waits for each batch's copy out of the pinned
-    host buffer before decoding into that buffer again (``COPY_WAIT``).
+    plus pinning on CUDA. They are made by :func:`allocate` (a decoder's scratch memory: a row
+    per thread, not per image, unpinned) and reused when the shapes are the same and the last
+    epoch's iterator has ended; on CUDA the device is synchronised first, so that no queued
+    kernel still reads them. A batch is valid until the next one is fetched or the next epoch
+    starts (ffcv: until the next one). On CUDA its epoch iterator waits for each batch's copy out
+    of the pinned host buffer before decoding into that buffer again (``COPY_WAIT``).
     """
 
     def __init__(self, *args, decoder=None, **kwargs):
@@ -145,12 +148,13 @@ class Loader(ffcv.loader.Loader):
         return not iterator.is_alive()
 
     def _epoch_buffers(self, batch_size: int, slots: int):
-        """ffcv's ``Graph.allocate_memory(batch_size, slots)``, or the last epoch's buffers when
-        the pipeline asks for the same shapes (``output_size`` may have changed)."""
+        """The pipeline's buffers for ``slots`` batches of ``batch_size`` (:func:`allocate`), or
+        the last epoch's when the pipeline asks for the same shapes (``output_size`` may have
+        changed)."""
         key = (batch_size, slots, repr(self.graph.collect_requirements()[0]))
         if self._buffers is None or self._buffers[0] != key:
             self._buffers = None  # the old ones can be freed before the new ones are made
-            self._buffers = (key, Graph.allocate_memory(self.graph, batch_size, slots))
+            self._buffers = (key, allocate(self.graph, batch_size, slots))
         return self._buffers[1]
 
     def corrupt_record(self):
@@ -162,6 +166,28 @@ class Loader(ffcv.loader.Loader):
         return (f'{self.fname}: sample {index} does not decode (corrupt bytes in its image '
                 f'record); imagenet-ffcv-write --verify {self.fname} lists every such record: write '
                 f'the .beton again, or copy it again if the copy is to blame')
+
+
+def allocate(graph, batch_size: int, slots: int) -> dict:
+    """ffcv 1.0.2's ``Graph.allocate_memory``: each op's AllocationQuery as ``slots`` x
+    ``batch_size`` rows, pinned on a CUDA machine; except a decoder's
+    ``decoders.ScratchQuery``, which gets ``slots`` x min(``batch_size``, its rows) rows of
+    unpinned memory. That scratch is a whole image's pixels per row (the largest height x the
+    largest width of the .beton x 3 bytes: 0.52 MB for imagewoof320 at shorter side 256); one row
+    per image would pin 0.67 GB at batch 256 for that small set, and more for sets with more
+    extreme aspect ratios, per training process."""
+    def one(query):
+        if isinstance(query, ScratchQuery):
+            return np.empty((slots, min(batch_size, query.rows), *query.shape), query.dtype)
+        return allocate_query(query, batch_size, slots)
+
+    buffers = defaultdict(dict)
+    for kind, requirements in graph.collect_requirements()[0].items():
+        for node_id, query in requirements.items():
+            buffers[kind][node_id] = (one(query) if isinstance(query, AllocationQuery) else
+                                      tuple(map(one, query)) if isinstance(query, Sequence) else
+                                      None)
+    return buffers
 
 
 class _EpochIterator(EpochIterator):

@@ -260,6 +260,35 @@ def test_the_loader_reuses_its_batch_buffers_across_epochs_without_changing_the_
     abandoned.close()
 
 
+def test_the_decoders_scratch_memory_has_a_row_per_thread_not_per_image(sample_betons):
+    """The decoder's scratch memory (a whole image's pixels per row: the .beton's largest height x
+    largest width x 3 bytes) comes as min(batch, numba's thread pool) rows per slot of the ring,
+    where ffcv 1.0.2 allocates (and on CUDA pins) one per image. A batch smaller than the pool
+    decodes each image in a row of its own: batches of 1 give the batches of 16."""
+    import numba
+    from ffcv.pipeline.graph import Graph
+
+    from imagenet_ffcv.decoders import ScratchQuery
+
+    def loader_of(batch_size):
+        return loaders.val_loader(path=sample_betons['val'], batch_size=batch_size, num_workers=2,
+                                  res=32, device=torch.device('cpu'))
+
+    loader = loader_of(16)
+    queries = loader.graph.collect_requirements()[0]['operation']
+    (node,) = [n for n, q in queries.items() if isinstance(q, tuple)
+               and any(isinstance(part, ScratchQuery) for part in q)]
+    slots = loader.batches_ahead + 2
+    pixels, scratch, _ = loaders.allocate(loader.graph, 16, slots)['operation'][node]
+    _, ffcv_scratch, _ = Graph.allocate_memory(loader.graph, 16, slots)['operation'][node]
+    widths, heights, _ = beton_metadata(sample_betons['val'])
+    row = int(heights.max()) * int(widths.max()) * 3
+    assert pixels.shape[:2] == (slots, 16) and ffcv_scratch.shape == (slots, 16, row)
+    assert scratch.shape == (slots, min(16, numba.config.NUMBA_NUM_THREADS), row)
+    one_by_one = torch.cat([x.clone() for x, _ in loader_of(1)])
+    assert torch.equal(one_by_one, torch.cat([x.clone() for x, _ in loader]))
+
+
 def test_a_training_epoch_does_not_depend_on_the_threads_or_how_they_share_a_batch(
         sample_betons, monkeypatch):
     """Crops and flips are keyed by (seed, epoch, image) and each thread decodes into a buffer of
