@@ -74,7 +74,7 @@ def take_images(counter, chunk, count):
     images as they get free (OpenMP's ``schedule(dynamic, chunk)``) whatever numba's threading
     layer: numba's own dynamic scheduling (``numba.set_parallel_chunksize``) works with TBB only,
     its OpenMP and workqueue layers split a loop into one equal share per thread
-    (docs/performance.md, Threads; tests/test_data.py holds the loader to it under each)."""
+    (docs/performance.md, Threads; tests/test_data.py runs this function under each)."""
     first = fetch_add(counter, chunk)
     return first, min(first + chunk, count)
 
