@@ -65,6 +65,16 @@ def run_env():
     return env
 
 
+def decoder_node(loader):
+    """The id of the image decoder's op in ``loader``'s pipeline graph: the op whose memory
+    request holds a ``decoders.ScratchQuery``."""
+    from imagenet_ffcv.decoders import ScratchQuery
+    queries = loader.graph.collect_requirements()[0]['operation']
+    (node,) = [n for n, q in queries.items()
+               if isinstance(q, tuple) and any(isinstance(part, ScratchQuery) for part in q)]
+    return node
+
+
 def small_config(betons, folder, *extra):
     """A ResNet-18 config on the sample betons at 32 px (training and validation), small
     batches, 2 loader threads; ``extra`` arguments override these. (At the default 160 px, one

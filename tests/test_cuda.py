@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import REPO, SAMPLE, small_config
+from conftest import REPO, SAMPLE, decoder_node, small_config
 from imagenet_ffcv import (checkpoint, config, constants, distributed, engine, loaders, models,
                            predict, train, weights)
 
@@ -104,6 +104,18 @@ def test_cuda_val_batches_equal_the_cpu_ones(sample_betons, cpu_val_batches, dty
     loader = loaders.val_loader(path=sample_betons['val'], batch_size=32, num_workers=2, res=RES,
                                 device=CUDA, dtype=dtype)
     check_against_cpu(batches_of(loader), cpu_val_batches, dtype, 'cuda')
+
+
+def test_the_host_batch_is_pinned_and_the_decoders_scratch_is_not(sample_betons):
+    """The decoder's uint8 batch, which is copied to the GPU, sits in pinned host memory (so the
+    copy is asynchronous); its scratch memory (a whole image per row, never copied) does not:
+    ``loaders.allocate`` gives it a row per thread, unpinned."""
+    loader = loaders.val_loader(path=sample_betons['val'], batch_size=32, num_workers=2, res=RES,
+                                device=CUDA)
+    pixels, scratch, _ = loaders.allocate(loader.graph, 32, loader.batches_ahead + 2)[
+        'operation'][decoder_node(loader)]
+    assert torch.from_numpy(pixels).is_pinned()
+    assert not torch.from_numpy(scratch).is_pinned()
 
 
 # --- stream safety ---------------------------------------------------------------------------

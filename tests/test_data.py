@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import PYTHON, REPO, SAMPLE, SHARED_DATA, run_env
+from conftest import PYTHON, REPO, SAMPLE, SHARED_DATA, decoder_node, run_env
 from imagenet_ffcv import constants, images, loaders, sources, verify, writer
 from imagenet_ffcv.classes import class_list_path
 
@@ -268,17 +268,12 @@ def test_the_decoders_scratch_memory_has_a_row_per_thread_not_per_image(sample_b
     import numba
     from ffcv.pipeline.graph import Graph
 
-    from imagenet_ffcv.decoders import ScratchQuery
-
     def loader_of(batch_size):
         return loaders.val_loader(path=sample_betons['val'], batch_size=batch_size, num_workers=2,
                                   res=32, device=torch.device('cpu'))
 
     loader = loader_of(16)
-    queries = loader.graph.collect_requirements()[0]['operation']
-    (node,) = [n for n, q in queries.items() if isinstance(q, tuple)
-               and any(isinstance(part, ScratchQuery) for part in q)]
-    slots = loader.batches_ahead + 2
+    node, slots = decoder_node(loader), loader.batches_ahead + 2
     pixels, scratch, _ = loaders.allocate(loader.graph, 16, slots)['operation'][node]
     _, ffcv_scratch, _ = Graph.allocate_memory(loader.graph, 16, slots)['operation'][node]
     widths, heights, _ = beton_metadata(sample_betons['val'])
