@@ -249,9 +249,9 @@ def random_crop_pixels(record: np.ndarray, *, height: int, width: int, res: int,
 class ScratchQuery(AllocationQuery):
     """ffcv's AllocationQuery for a decoder's scratch memory: host memory that the decoder's
     threads use one ``shape`` row each (``rows``: at most that many are used, the thread pool's
-    size) and that never goes to the GPU. ``loaders.Loader`` allocates it as ``rows`` rows (fewer
-    for a smaller batch) of plain, unpinned memory per slot of its ring; ffcv 1.0.2 allocates every
-    query as one row per image of the batch, pinned on a CUDA machine."""
+    size) and that never goes to the GPU. ``loaders.allocate`` gives it ``rows`` rows (fewer for a
+    smaller batch) of plain, unpinned memory per slot of the loader's ring; ffcv 1.0.2 allocates
+    every query as one row per image of the batch, pinned on a CUDA machine."""
     rows: int = 1
 
 

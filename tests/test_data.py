@@ -346,7 +346,8 @@ def test_loader_threads_take_images_as_they_get_free_with_every_threading_layer(
     proc = subprocess.run([PYTHON, '-c', THREADING_LAYER_RUN], capture_output=True, text=True,
                           timeout=300, env={**run_env(), 'NUMBA_THREADING_LAYER': layer}, cwd=REPO)
     if proc.returncode and 'No threading layer could be loaded' in proc.stderr:
-        pytest.skip(f'numba cannot load its {layer} threading layer here')
+        pytest.skip(f'numba cannot load its {layer} threading layer on this machine (omp needs '
+                    f'GNU OpenMP, libgomp.so.1): the loader does not use it here')
     assert proc.returncode == 0, proc.stderr[-2000:]
     found = json.loads(proc.stdout.splitlines()[-1])
     who = found['who']  # the thread that took each image
