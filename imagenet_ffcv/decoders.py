@@ -27,6 +27,7 @@ from dataclasses import dataclass, replace
 
 import numba
 import numpy as np
+from . import ffcv_import  # noqa: F401  (first: ffcv without its import-time compiling)
 from ffcv.fields.rgb_image import IMAGE_MODES, SimpleRGBImageDecoder
 from ffcv.libffcv import imdecode
 from ffcv.pipeline.allocation_query import AllocationQuery

@@ -15,6 +15,7 @@ from dataclasses import replace
 import numba
 import numpy as np
 import torch
+from . import ffcv_import  # noqa: F401  (first: ffcv without its import-time compiling)
 from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
 import ffcv.loader

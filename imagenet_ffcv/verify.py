@@ -5,6 +5,7 @@ import io
 from pathlib import Path
 
 import numpy as np
+from . import ffcv_import  # noqa: F401  (first: ffcv without its import-time compiling)
 from ffcv.reader import Reader
 from ffcv.types import ALLOC_TABLE_TYPE, HeaderType
 from PIL import Image

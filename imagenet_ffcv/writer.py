@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from . import ffcv_import  # noqa: F401  (first: ffcv without its import-time compiling)
 from ffcv.fields import IntField, RGBImageField
 from ffcv.fields.rgb_image import IMAGE_MODES
 from ffcv.writer import DatasetWriter

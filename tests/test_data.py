@@ -222,6 +222,32 @@ def test_an_os_cache_loader_leaves_numbas_shared_array_type_as_it_was(sample_bet
     assert shared.mutable and numba.uint8[::1] is shared
 
 
+# Each package module that uses ffcv, imported first in a fresh process: ffcv's image modes are a
+# dict, numba's typed Dict is numba's again, and none of its dictionary code was compiled.
+FFCV_IMPORT_RUN = """
+import importlib, sys
+importlib.import_module(sys.argv[1])
+import numba.typed
+from numba.typed import typeddict
+from ffcv.fields import rgb_image
+compiled = sorted(name for name in dir(typeddict)
+                  if getattr(getattr(typeddict, name), 'signatures', None))
+print(type(rgb_image.IMAGE_MODES).__name__, numba.typed.Dict is typeddict.Dict, compiled)
+"""
+
+
+@pytest.mark.parametrize('module', ['loaders', 'writer'])  # the trainer's, the converter's
+def test_importing_ffcv_through_the_package_compiles_no_numba_dictionary(module):
+    """ffcv 1.0.2 fills a numba typed Dict of its two image modes when imported (2-3 s of
+    compiling in every process); the package imports ffcv with a dict in its place
+    (``ffcv_import``), which ffcv and the package read from Python only. The modes, and what
+    the writer and the loaders do with them, are those of the rest of this file's tests;
+    test_layout.py checks that every module using ffcv imports ``ffcv_import`` first."""
+    proc = subprocess.run([PYTHON, '-c', FFCV_IMPORT_RUN, f'imagenet_ffcv.{module}'],
+                          capture_output=True, text=True, env=run_env(), cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ['dict', 'True', '[]']
+
 def test_the_loader_reuses_its_batch_buffers_across_epochs_without_changing_the_batches(
         sample_betons):
     """Epochs share ffcv's batch buffers (same memory) when the shapes are the same and the last

@@ -87,6 +87,27 @@ def test_optional_packages_are_imported_only_through_optional_require():
                         or n.startswith('torch.utils.tensorboard')], path.name
 
 
+def test_package_modules_import_ffcv_import_before_ffcv():
+    """A package module that imports ffcv imports ``ffcv_import`` (ffcv without the numba
+    compiling its import does) before it, since whichever module a process imports first imports
+    ffcv for the whole process (test_data.py checks what the import then does)."""
+    def imports_ffcv(node):
+        return (isinstance(node, ast.Import) and any(a.name.split('.')[0] == 'ffcv'
+                                                     for a in node.names)
+                or isinstance(node, ast.ImportFrom) and not node.level
+                and (node.module or '').split('.')[0] == 'ffcv')
+    using = []
+    for path in PACKAGE:
+        body = parse(path).body
+        first = next((i for i, node in enumerate(body) if imports_ffcv(node)), None)
+        if first is not None and path.name != 'ffcv_import.py':
+            using.append(path.name)
+            assert any(isinstance(node, ast.ImportFrom) and node.level == 1
+                       and [a.name for a in node.names] == ['ffcv_import']
+                       for node in body[:first]), path.name
+    assert {'decoders.py', 'loaders.py', 'verify.py', 'writer.py'} <= set(using)
+
+
 def test_benchmarks_import_no_other_benchmark():
     """A benchmark imports benchmarks/common.py and the package, never another benchmark (at the
     top or inside a function)."""
