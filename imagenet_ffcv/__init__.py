@@ -9,7 +9,7 @@ them back), ``loaders`` (the FFCV loaders), ``decoders`` (the fused crop/resize/
 decoders), ``jpeg_region`` (their C part, ``jpeg_region.c``: the JPEG region decoder and the
 common case of the resample), ``resampling`` (their bilinear resample), ``crops`` (crops and flips
 from seed, epoch and sample), ``constants``, ``ffcv_import`` (ffcv imported without the numba
-compiling its import does; imported first by the modules that use ffcv).
+compiling that importing it sets off; imported first by the modules that use ffcv).
 Training: ``config`` and ``config_schema`` (the configuration and its keys), ``models``,
 ``optimizers``, ``schedules``, ``engine`` (training step and epoch, evaluation, mixed precision),
 ``ema``, ``augment`` (RandAugment, TrivialAugmentWide, Random Erasing), ``mixup``, ``evaluate``

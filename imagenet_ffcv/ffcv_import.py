@@ -1,15 +1,14 @@
-"""ffcv imported without the numba compiling its import does: the package's modules import this
-module before they import anything of ffcv.
+"""ffcv imported without the numba compiling that importing it sets off: the package's modules
+import this module before anything of ffcv.
 
 ffcv 1.0.2's ``ffcv/fields/rgb_image.py`` keeps its two image modes ('jpg': 0, 'raw': 1) in a numba
-typed ``Dict`` filled when the module is imported. Filling it compiles numba's dictionary code for
-those types: 2.4 s at numba's optimisation level 0, 3.0 s at the default level, in every process
-that imports ffcv (each converter, training process and rank) on a 2-core VM (2026-12-06,
-``docs/ffcv-notes.md``). ffcv reads the modes only from Python (``IMAGE_MODES[...]`` in its
-decoders' ``generate_code`` and its writer, and so do ``decoders`` and ``writer``), where a
-``dict`` gives the same, so ffcv is imported here with ``numba.typed.Dict`` standing for ``dict``,
-and numba's class is put back as soon as the import ends. If ffcv was imported before this module,
-its typed ``Dict`` stays and works as before.
+typed ``Dict``, filled when the module is imported. Filling it compiles numba's dictionary code for
+those types, in every process that imports ffcv (each converter, training process and rank), and
+the first read compiles more (``docs/ffcv-notes.md`` has the times). ffcv reads the modes only in
+Python (``IMAGE_MODES[...]`` in its decoders' ``generate_code`` and in ``RGBImageField.encode``),
+and so do ``decoders`` and ``writer``, where a ``dict`` gives the same. So ffcv is imported here
+with ``numba.typed.Dict`` set to ``dict``, and numba's class is put back as soon as the import
+ends. If ffcv was imported before this module, its typed ``Dict`` stays and works as before.
 """
 import sys
 

@@ -240,13 +240,15 @@ print(type(rgb_image.IMAGE_MODES).__name__, numba.typed.Dict is typeddict.Dict, 
 def test_importing_ffcv_through_the_package_compiles_no_numba_dictionary(module):
     """ffcv 1.0.2 fills a numba typed Dict of its two image modes when imported (2-3 s of
     compiling in every process); the package imports ffcv with a dict in its place
-    (``ffcv_import``), which ffcv and the package read from Python only. The modes, and what
-    the writer and the loaders do with them, are those of the rest of this file's tests;
-    test_layout.py checks that every module using ffcv imports ``ffcv_import`` first."""
+    (``ffcv_import``), which ffcv and the package read in Python only. The converter and the
+    training runs that this suite starts, and its pytest processes when a module of the package
+    is the first to import ffcv, read the modes from that dict; test_layout.py checks that every
+    module using ffcv imports ``ffcv_import`` first."""
     proc = subprocess.run([PYTHON, '-c', FFCV_IMPORT_RUN, f'imagenet_ffcv.{module}'],
                           capture_output=True, text=True, env=run_env(), cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split() == ['dict', 'True', '[]']
+
 
 def test_the_loader_reuses_its_batch_buffers_across_epochs_without_changing_the_batches(
         sample_betons):
