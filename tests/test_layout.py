@@ -49,6 +49,16 @@ def functions(path: Path):
             yield node
 
 
+def imported_modules(node) -> list:
+    """The modules that an absolute import statement names (``import a.b``, ``from a.b import
+    c``: 'a.b'); [] for a relative import or any other node."""
+    if isinstance(node, ast.Import):
+        return [alias.name for alias in node.names]
+    if isinstance(node, ast.ImportFrom) and not node.level:
+        return [node.module]
+    return []
+
+
 def function_lines(node) -> int:
     first = min([d.lineno for d in node.decorator_list] + [node.lineno])
     return node.end_lineno - first + 1
@@ -81,9 +91,8 @@ def test_imports_are_at_the_top_of_package_modules():
 def test_optional_packages_are_imported_only_through_optional_require():
     for path in PACKAGE + ENTRY_SCRIPTS:
         for node in ast.walk(parse(path)):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
-                     [node.module or ''] if isinstance(node, ast.ImportFrom) else [])
-            assert not [n for n in names if n.split('.')[0] in ('timm', 'wandb', 'tensorboard')
+            assert not [n for n in imported_modules(node)
+                        if n.split('.')[0] in ('timm', 'wandb', 'tensorboard')
                         or n.startswith('torch.utils.tensorboard')], path.name
 
 
@@ -92,17 +101,13 @@ def test_package_modules_import_ffcv_import_before_ffcv():
     the numba compiling that importing it sets off) at its top, above that line: whichever module
     a process imports first imports ffcv for the whole process (test_data.py checks what the
     import then does)."""
-    def imports_ffcv(node):
-        return (isinstance(node, ast.Import) and any(a.name.split('.')[0] == 'ffcv'
-                                                     for a in node.names)
-                or isinstance(node, ast.ImportFrom) and not node.level
-                and (node.module or '').split('.')[0] == 'ffcv')
     using = []
     for path in PACKAGE:
         if path.name == 'ffcv_import.py':  # the module that imports ffcv for the others
             continue
         tree = parse(path)
-        lines = [node.lineno for node in ast.walk(tree) if imports_ffcv(node)]
+        lines = [node.lineno for node in ast.walk(tree)
+                 if any(n.split('.')[0] == 'ffcv' for n in imported_modules(node))]
         if lines:
             using.append(path.name)
             assert any(isinstance(node, ast.ImportFrom) and node.level == 1
@@ -118,10 +123,7 @@ def test_benchmarks_import_no_other_benchmark():
     found = []
     for path in BENCHMARKS:
         for node in ast.walk(parse(path)):
-            names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
-                     [node.module or ''] if isinstance(node, ast.ImportFrom) and not node.level
-                     else [])
-            found += [f'{path.name}:{node.lineno} imports {n}' for n in names
+            found += [f'{path.name}:{node.lineno} imports {n}' for n in imported_modules(node)
                       if n.split('.')[0] in others]
     assert {p.stem for p in BENCHMARKS} >= {'common', 'bench_loader', 'bench_train'}
     assert found == []
