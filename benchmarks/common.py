@@ -154,16 +154,19 @@ class Timing:
         return max(self.seconds) - min(self.seconds)
 
 
-def alternate(runs: dict, *, repeats: int, warmup: int = 1, sync=None) -> dict:
+def alternate(runs: dict, *, repeats: int, warmup: int = 1, sync=None, settle=None) -> dict:
     """Time several functions in turn, so that a noisy machine's slow minutes fall on all of them.
 
     ``runs``: name -> function doing one unit of measurement (an epoch, a window of training
     steps) and returning the work it did (images). Each is called ``warmup`` times, untimed, in
     the order of ``runs``; then ``repeats`` rounds call each once, timed: in the order of
     ``runs`` in even rounds and in reverse in odd ones (A B, B A, A B, ...), so that a steady
-    drift and the cost of going first fall on all alike. ``sync`` (e.g. the device's
-    ``synchronize``) is called before each timed call and, inside the timed region, after it.
-    Returns name -> :class:`Timing`, every one with ``repeats`` calls.
+    drift and the cost of going first fall on all alike. ``settle``: name -> function called
+    untimed just before each timed call of that name (e.g. training steps using up the batches
+    a loader made ready while another run was timed, so that the timed window starts in the
+    steady state). ``sync`` (e.g. the device's ``synchronize``) is called before each timed call
+    and, inside the timed region, after it. Returns name -> :class:`Timing`, every one with
+    ``repeats`` calls.
     """
     names = list(runs)
     for name in names:
@@ -172,6 +175,8 @@ def alternate(runs: dict, *, repeats: int, warmup: int = 1, sync=None) -> dict:
     timings = {name: Timing() for name in names}
     for r in range(repeats):
         for name in names if r % 2 == 0 else names[::-1]:
+            if settle and name in settle:
+                settle[name]()
             if sync:
                 sync()
             start = time.perf_counter()

@@ -8,33 +8,30 @@ it is set) and prints the Markdown table.
     python benchmarks/gpu_speed.py --device cpu   # the same flow on CPU with tiny sizes (dry run)
     bash benchmarks/gpu_speed.sh --sections compile,cudagraphs   # some sections again
 
-Sections, in order (``SECTIONS``; seconds: estimated duration on one H100 with 16 cores, from the
-first GPU check's timings, not yet measured / the section's limit):
+Sections, in order of need (``SECTIONS``; seconds: estimated duration on one H100 with 16 cores,
+from the first GPU check's timings, not yet measured / the section's limit):
 - ``machine`` (10 / 60): card, versions, which JPEG decoder is active, numba's threading layer.
 - ``data`` (25 / 90): imagewoof320 + imagenette (train + val) pooled and repeated to 20,480 images
   in one .beton (``.carry/data``, else ../shared/data, else the embedded demo sample); imagenette
   train and val betons for the learning run.
-- ``loader`` (95 / 130): our training loader alone at 160 px, batch 256, bf16 on the GPU, at 16, 8,
-  4, 2 and 1 threads: one warm-up epoch then 2 timed epochs of 20,480 images each; img/s, img/s
-  per thread, and that per-thread rate over the 1-thread rate (the target: >= 0.8 at 16); per
-  batch, the parallel decode's ms and the serial ms of ffcv's iterator thread outside it (the
-  copy to the GPU and the normalisation there included).
+- ``loader`` (95 / 130): our training loader alone at 160 px, batch 256, bf16 on the GPU, at 16, 1,
+  8, 4 and 2 threads (the two the target compares first: a section cut short loses the 2-thread
+  row, not the 1-thread one that every ratio needs): one warm-up epoch then 2 timed epochs of
+  20,480 images each; img/s, img/s per thread, and that per-thread rate over the 1-thread rate
+  (the target: >= 0.8 at 16); per batch, the parallel decode's ms and the serial ms of ffcv's
+  iterator thread outside it (the copy to the GPU and the normalisation there included).
 - ``eager`` (45 / 90): the training step (``engine.train_step``: SGD, label smoothing 0.1, bf16,
-  channels_last, BlurPool) of ResNet-50 at 160/192/224 px and ResNet-18 at 160 px, batch 256,
-  fed by a synthetic batch already on the GPU and by our loader (every core): per feed its first
-  step alone, 4 more untimed, then 2 alternating windows of 30 steps; img/s is the median window.
-- ``variants`` (20 / 60): ResNet-50 at 160 px, synthetic: SGD ``foreach`` (torch's default on
-  CUDA, the trainer's), ``fused`` and the for-loop, at batch 256, and ``foreach`` at batch 512.
+  channels_last, BlurPool) of ResNet-50 at 160/224/192 px (192 last: the side a section cut short
+  loses) and ResNet-18 at 160 px, batch 256, fed by a synthetic batch already on the GPU and by
+  our loader (every core): per feed its first step alone, 4 more untimed, then 2 alternating
+  windows of 30 steps, each after 4 untimed steps of its feed (they use up the batches the
+  loader made ready meanwhile); img/s is the median window.
 - ``compile`` (150 / 200): ``torch.compile`` (mode default, static shapes, as
   ``training.compile=1``): first a 100-step loss curve of ResNet-50 at 160 px on 8 real batches
   cycled, eager twice (the run-to-run noise) and compiled once from the same weights (its row's
   first step s: the 100 compiled steps, the compile at 160 px included); then the compiled
-  model's real and synthetic rows at 160/192/224 px, whose first step at 192 and 224 px is the
+  model's real and synthetic rows at 160/224/192 px, whose first step at 224 and 192 px is the
   recompile at a new side.
-- ``learn`` (50 / 90): ``train.main`` on imagenette, ResNet-18, 16 epochs, the trainer's defaults
-  (``common.resnet18_run_args``): top-1 and wall time.
-- ``cudagraphs`` (70 / 120): ``mode='reduce-overhead'`` (CUDA graphs) at 160 px, real and
-  synthetic.
 - ``loader_options`` (60 / 100): our training loader alone at every core, 160 px, batch 256,
   with its defaults against other thread schedules (``Sizes.loader_chunks`` for
   ``decoders.PARALLEL_CHUNK``, images a thread takes at a time as it gets free; 0: one equal
@@ -42,6 +39,12 @@ first GPU check's timings, not yet measured / the section's limit):
   loader thread waits for a batch's copy to the GPU only before reusing its host buffer),
   alternating epochs after one warm-up epoch each: whether the defaults chosen on 2 cores
   (benchmarks/loader_scaling.py) hold at 16 threads, and what the per-batch wait costs.
+- ``variants`` (20 / 60): ResNet-50 at 160 px, synthetic: SGD ``foreach`` (torch's default on
+  CUDA, the trainer's), ``fused`` and the for-loop, at batch 256, and ``foreach`` at batch 512.
+- ``cudagraphs`` (70 / 120): ``mode='reduce-overhead'`` (CUDA graphs) at 160 px, real and
+  synthetic.
+- ``learn`` (50 / 90): ``train.main`` on imagenette, ResNet-18, 16 epochs, the trainer's defaults
+  (``common.resnet18_run_args``): top-1 and wall time.
 - ``max_autotune`` (not run unless named in ``--sections``: its kernel search takes minutes):
   ``mode='max-autotune'`` at 160 px.
 
@@ -99,9 +102,9 @@ class Sizes:
 
 
 SIZES = {
-    'cuda': Sizes(samples=20480, loader_batch=256, loader_res=160, loader_threads=(16, 8, 4, 2, 1),
+    'cuda': Sizes(samples=20480, loader_batch=256, loader_res=160, loader_threads=(16, 1, 8, 4, 2),
                   loader_epochs=2, loader_chunks=(0, 4), big='resnet50', small='resnet18',
-                  step_res=(160, 192, 224), step_batch=256, step_steps=30, step_windows=2,
+                  step_res=(160, 224, 192), step_batch=256, step_steps=30, step_windows=2,
                   step_warmup=4,
                   variant_batches=(('foreach', 256), ('fused', 256), ('for_loop', 256),
                                    ('foreach', 512)),
@@ -129,9 +132,10 @@ class Section:
 
 
 SECTIONS = [Section('machine', 60, 10), Section('data', 90, 20), Section('loader', 130, 40),
-            Section('eager', 90, 30), Section('variants', 60, 15), Section('compile', 200, 60),
-            Section('learn', 90, 40), Section('cudagraphs', 120, 40),
-            Section('loader_options', 100, 30), Section('max_autotune', 300, 120)]
+            Section('eager', 90, 30), Section('compile', 200, 60),
+            Section('loader_options', 100, 30), Section('variants', 60, 15),
+            Section('cudagraphs', 120, 40), Section('learn', 90, 40),
+            Section('max_autotune', 300, 120)]
 DEFAULT_SECTIONS = [s.name for s in SECTIONS if s.name != 'max_autotune']
 
 
@@ -510,7 +514,10 @@ def real(loader, decoder, res):
 def measure_feeds(trainer, feeds: dict, sizes, sync) -> dict:
     """feed -> (Timing of its windows, first step s): each feed's first step alone, then
     ``sizes.step_warmup`` more, then ``sizes.step_windows`` alternating windows of
-    ``sizes.step_steps`` steps."""
+    ``sizes.step_steps`` steps, each after ``sizes.step_warmup`` untimed steps of its feed. Those
+    use up the batches (ffcv's ``batches_ahead``, 3, and the one being copied) that the loader
+    made ready while the other feed's window was timed: without them a loader slower than the
+    step would read up to 4 in 30 steps (13 %) fast."""
     from common import alternate, time_runs
     first = {}
     for name, batches in feeds.items():
@@ -519,7 +526,9 @@ def measure_feeds(trainer, feeds: dict, sizes, sync) -> dict:
         trainer.steps(batches, sizes.step_warmup)
     runs = {name: (lambda b=batches: trainer.steps(b, sizes.step_steps))
             for name, batches in feeds.items()}
-    timings = alternate(runs, repeats=sizes.step_windows, warmup=0, sync=sync)
+    settle = {name: (lambda b=batches: trainer.steps(b, sizes.step_warmup))
+              for name, batches in feeds.items()}
+    timings = alternate(runs, repeats=sizes.step_windows, warmup=0, sync=sync, settle=settle)
     return {name: (timings[name], first[name]) for name in feeds}
 
 

@@ -129,6 +129,24 @@ def test_alternate_times_each_function_in_turn_after_the_warm_up(benchmarks):
     assert all(s > 0 for t in timings.values() for s in t.seconds)
 
 
+def test_alternate_settles_each_run_untimed_before_its_timed_calls(benchmarks):
+    """common.alternate's ``settle``: called just before each timed call of its run, before the
+    ``sync`` that opens the timed region (so outside it); not before the warm-up calls, and not
+    for a run without one."""
+    from common import alternate
+    calls = []
+
+    def run(name):
+        def call():
+            calls.append(name)
+            return 1
+        return call
+    alternate({'a': run('a'), 'b': run('b')}, repeats=2, warmup=1, sync=run('sync'),
+              settle={'a': run('settle a')})
+    assert calls == ['a', 'b'] + ['settle a', 'sync', 'a', 'sync', 'sync', 'b', 'sync'] + [
+        'sync', 'b', 'sync', 'settle a', 'sync', 'a', 'sync']
+
+
 def test_bench_train_alternates_the_feeds_after_a_common_warm_up(benchmarks):
     """bench_train.measure_side with a stubbed training step (no model, no timing guessed): each
     feed's first step and warm-up before any timed window, then windows alternating between the
