@@ -11,6 +11,7 @@ else
   if ! "$py" -c 'import ffcv' 2>/dev/null; then
     if [ -f .carry/activate.sh ]; then
       source .carry/activate.sh  # unpacks to /tmp/ffcv-carry, sets PYTHONPATH, LD_LIBRARY_PATH
+      [ -d .carry/meta ] && export PYTHONPATH=$PYTHONPATH:$PWD/.carry/meta  # ffcv's version
     else
       echo "$name: ffcv is not importable and there is no .carry/ (run 'make carry' on" \
            "a machine with the project's .venv and bring .carry along)" >&2

@@ -9,6 +9,7 @@
 # - data/: the JPEGs of ../shared/data/imagenette (1,500 train + 500 val, 224 x 224) and
 #   imagewoof320 (160); the .beton files are written there (16 cores: seconds), since betons of
 #   these images are bigger than the JPEGs (imagenette train alone: 42 MB);
+# - meta/: ffcv's package metadata (its version, for the reports);
 # - COMMIT: the git commit (and uncommitted changes) the .carry was made from.
 # Everything that travels must stay under 64 MiB; the total is printed at the end.
 set -euo pipefail
@@ -24,6 +25,12 @@ mkdir -p "$out/lib" "$out/data"
 # safetensors (a pinned dependency; abi3 wheel, so it loads under 3.12 as well): python/
 mkdir -p "$out/python"
 cp -r "$("$py" -c 'import safetensors, os; print(os.path.dirname(safetensors.__file__))')" "$out/python/"
+
+# ffcv's metadata (the carried ffcv has none): meta/, so that the reports name its version
+ffcv_meta='from importlib.metadata import distribution as d; print(d("ffcv").read_text("METADATA"))'
+ffcv_version=$("$py" -c 'from importlib.metadata import version; print(version("ffcv"))')
+mkdir -p "$out/meta/ffcv-$ffcv_version.dist-info"
+"$py" -c "$ffcv_meta" > "$out/meta/ffcv-$ffcv_version.dist-info/METADATA"
 
 find_so='from imagenet_ffcv import jpeg_region as j; j.load_library(); print(j.library_path())'
 so=$("$py" -c "$find_so")
