@@ -42,7 +42,8 @@ from the first GPU check's timings, not yet measured / the section's limit):
 - ``variants`` (20 / 60): ResNet-50 at 160 px, synthetic: SGD ``foreach`` (torch's default on
   CUDA, the trainer's), ``fused`` and the for-loop, at batch 256, and ``foreach`` at batch 512.
 - ``cudagraphs`` (70 / 120): ``mode='reduce-overhead'`` (CUDA graphs) at 160 px, real and
-  synthetic.
+  synthetic, and how many compiled graphs ran without CUDA graphs (inductor's
+  ``cudagraph_skips``; the CPU dry run counts 1, its CPU graph).
 - ``learn`` (50 / 90): ``train.main`` on imagenette, ResNet-18, 16 epochs, the trainer's defaults
   (``common.resnet18_run_args``): top-1 and wall time.
 - ``max_autotune`` (not run unless named in ``--sections``: its kernel search takes minutes):
@@ -452,8 +453,9 @@ def compiled(model, mode: str):
     import torch
 
     from imagenet_ffcv import models
-    net = models.compile_model(model)
-    return net if mode == 'default' else torch.compile(model, dynamic=False, mode=mode)
+    if mode == 'default':
+        return models.compile_model(model)
+    return torch.compile(model, dynamic=False, mode=mode)
 
 
 class Trainer:
@@ -642,15 +644,24 @@ def compile_default(args, work, sizes, rows) -> None:
 
 
 def compile_mode(mode):
-    """A section: the big model compiled with ``mode`` at the first side, real and synthetic."""
+    """A section: the big model compiled with ``mode`` at the first side, real and synthetic;
+    with 'reduce-overhead', then how many compiled graphs ran without CUDA graphs (torch
+    inductor's ``cudagraph_skips`` counter: its rows would otherwise look like mode default's)."""
     def section(args, work, sizes, rows) -> None:
         import torch
+        from torch._dynamo.utils import counters
         device, dtype = device_and_dtype(args)
         torch.backends.cudnn.benchmark = device.type == 'cuda'
         net = build(sizes.big, device)
         step_rows(rows, Trainer(compiled(net, mode), sgd(net, 'foreach'), device),
                   model=sizes.big, mode=mode, res_list=sizes.step_res[:1], sizes=sizes,
                   loader=our_feed(work, sizes, device, dtype))
+        if mode == 'reduce-overhead':
+            skips = counters['inductor']['cudagraph_skips']
+            rows.add(setting=f'{sizes.big}, {mode}: compiled graphs run without CUDA graphs',
+                     model=sizes.big, mode=mode, cudagraph_skips=skips,
+                     result=f'{skips} (torch inductor counter cudagraph_skips; 0: every '
+                            'compiled graph was captured)')
     return section
 
 
