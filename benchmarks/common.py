@@ -162,11 +162,11 @@ def alternate(runs: dict, *, repeats: int, warmup: int = 1, sync=None, settle=No
     the order of ``runs``; then ``repeats`` rounds call each once, timed: in the order of
     ``runs`` in even rounds and in reverse in odd ones (A B, B A, A B, ...), so that a steady
     drift and the cost of going first fall on all alike. ``settle``: name -> function called
-    untimed just before each timed call of that name (e.g. training steps using up the batches
-    a loader made ready while another run was timed, so that the timed window starts in the
-    steady state). ``sync`` (e.g. the device's ``synchronize``) is called before each timed call
-    and, inside the timed region, after it. Returns name -> :class:`Timing`, every one with
-    ``repeats`` calls.
+    untimed just before each timed call of that name, before the ``sync`` that opens the timed
+    region (e.g. training steps using up the batches a loader made ready while another run was
+    timed, so that the timed window measures the loader). ``sync`` (e.g. the device's
+    ``synchronize``) is called before each timed call and, inside the timed region, after it.
+    Returns name -> :class:`Timing`, every one with ``repeats`` calls.
     """
     names = list(runs)
     for name in names:

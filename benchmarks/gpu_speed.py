@@ -20,13 +20,13 @@ from the first GPU check's timings, not yet measured / the section's limit):
   20,480 images each; img/s, img/s per thread, and that per-thread rate over the 1-thread rate
   (the target: >= 0.8 at 16); per batch, the parallel decode's ms and the serial ms of ffcv's
   iterator thread outside it (the copy to the GPU and the normalisation there included).
-- ``eager`` (45 / 90): the training step (``engine.train_step``: SGD, label smoothing 0.1, bf16,
-  channels_last, BlurPool) of ResNet-50 at 160/224/192 px (192 last: the side a section cut short
-  loses) and ResNet-18 at 160 px, batch 256, fed by a synthetic batch already on the GPU and by
-  our loader (every core): per feed its first step alone, 4 more untimed, then 2 alternating
-  windows of 30 steps, each after 4 untimed steps of its feed (they use up the batches the
-  loader made ready meanwhile); img/s is the median window.
-- ``compile`` (150 / 200): ``torch.compile`` (mode default, static shapes, as
+- ``eager`` (60 / 90): the training step (``engine.train_step``: SGD, label smoothing 0.1, bf16,
+  channels_last, BlurPool) of ResNet-50 at 160/224/192 px, then ResNet-18 at 160 px, batch 256,
+  fed by a synthetic batch already on the GPU and by our loader (every core): per feed its first
+  step alone, 4 more untimed, then 2 alternating windows of 30 steps, the real feed's each after
+  40 untimed steps (they use up the batches the loader made ready meanwhile,
+  ``measure_feeds``); img/s is the median window.
+- ``compile`` (165 / 200): ``torch.compile`` (mode default, static shapes, as
   ``training.compile=1``): first a 100-step loss curve of ResNet-50 at 160 px on 8 real batches
   cycled, eager twice (the run-to-run noise) and compiled once from the same weights (its row's
   first step s: the 100 compiled steps, the compile at 160 px included); then the compiled
@@ -75,7 +75,8 @@ from common import (CARRY, REPO, RESULTS, SHARED_DATA, commit, learn_run_samples
 class Sizes:
     """The work of each section. samples: images per loader epoch; loader_*: batch, side (px),
     threads, timed epochs; big/small: the two models; step_*: sides (px), batch, steps per timed
-    window, windows, untimed steps after the first; variant_batches: (SGD implementation, batch);
+    window, windows, untimed steps after the first, untimed steps of the real feed before each of
+    its windows (``measure_feeds``); variant_batches: (SGD implementation, batch);
     curve_*: loss-curve steps and real batches cycled; learn_*: the learning run (epochs, batch,
     sides (min, max px), validation side, images taken from imagenette train/val, 0: all)."""
     samples: int
@@ -91,6 +92,7 @@ class Sizes:
     step_steps: int
     step_windows: int
     step_warmup: int
+    step_settle: int
     variant_batches: tuple
     curve_steps: int
     curve_batches: int
@@ -106,7 +108,7 @@ SIZES = {
     'cuda': Sizes(samples=20480, loader_batch=256, loader_res=160, loader_threads=(16, 1, 8, 4, 2),
                   loader_epochs=2, loader_chunks=(0, 4), big='resnet50', small='resnet18',
                   step_res=(160, 224, 192), step_batch=256, step_steps=30, step_windows=2,
-                  step_warmup=4,
+                  step_warmup=4, step_settle=40,
                   variant_batches=(('foreach', 256), ('fused', 256), ('for_loop', 256),
                                    ('foreach', 512)),
                   curve_steps=100, curve_batches=8, learn_epochs=16, learn_batch=64,
@@ -114,7 +116,7 @@ SIZES = {
                   learn_val_images=0),
     'cpu': Sizes(samples=512, loader_batch=32, loader_res=64, loader_threads=(2, 1),
                  loader_epochs=1, loader_chunks=(0, 4), big='tiny', small='tiny', step_res=(64,),
-                 step_batch=8, step_steps=2, step_windows=2, step_warmup=1,
+                 step_batch=8, step_steps=2, step_windows=2, step_warmup=1, step_settle=1,
                  variant_batches=(('foreach', 8), ('fused', 8), ('for_loop', 8), ('foreach', 16)),
                  curve_steps=6, curve_batches=2, learn_epochs=1, learn_batch=32,
                  learn_res=(64, 64), learn_val_res=64, learn_train_images=320,
@@ -126,7 +128,8 @@ CURVE_TOLERANCE = 0.02  # compiled vs eager: mean |loss difference| / mean eager
 @dataclass(frozen=True)
 class Section:
     """One section: ``limit_s`` its own time limit, ``min_s`` the least time worth starting it
-    with (later sections keep that much of the budget for themselves)."""
+    with. Sections run in ``SECTIONS``' order, the order of need: each may use the whole budget
+    left, up to its limit, and what the budget cannot give comes off the last ones."""
     name: str
     limit_s: int
     min_s: int
@@ -153,9 +156,8 @@ def main(argv=None) -> int:
     print(f'gpu_speed: device {args.device}, budget {args.budget_s:.0f} s, sections '
           f'{", ".join(s.name for s in sections)}; work folder {work}', flush=True)
     rows = []
-    for i, section in enumerate(sections):
-        left = deadline - time.time() - sum(s.min_s for s in sections[i + 1:])
-        limit = min(section.limit_s, left)
+    for section in sections:
+        limit = min(section.limit_s, deadline - time.time())
         if limit < section.min_s:
             rows.append({'section': section.name, 'status': 'skipped',
                          'result': f'not run: {max(0, deadline - time.time()):.0f} s left'})
@@ -516,10 +518,12 @@ def real(loader, decoder, res):
 def measure_feeds(trainer, feeds: dict, sizes, sync) -> dict:
     """feed -> (Timing of its windows, first step s): each feed's first step alone, then
     ``sizes.step_warmup`` more, then ``sizes.step_windows`` alternating windows of
-    ``sizes.step_steps`` steps, each after ``sizes.step_warmup`` untimed steps of its feed. Those
-    use up the batches (ffcv's ``batches_ahead``, 3, and the one being copied) that the loader
-    made ready while the other feed's window was timed: without them a loader slower than the
-    step would read up to 4 in 30 steps (13 %) fast."""
+    ``sizes.step_steps`` steps; the real feed's windows each after ``sizes.step_settle`` untimed
+    steps of it. While the synthetic feed's window is timed the loader makes up to 4 batches
+    ready (ffcv's ``batches_ahead``, 3, and the one being copied), which the next steps use at
+    the step's speed; a loader at a fraction r < 1 of the step's rate refills meanwhile, so they
+    last about 4 / (1 - r) steps: 40 at r = 0.9. Untimed, those steps let the window measure the
+    loader; timed, a loader at r = 0.9 would read as keeping up."""
     from common import alternate, time_runs
     first = {}
     for name, batches in feeds.items():
@@ -528,8 +532,7 @@ def measure_feeds(trainer, feeds: dict, sizes, sync) -> dict:
         trainer.steps(batches, sizes.step_warmup)
     runs = {name: (lambda b=batches: trainer.steps(b, sizes.step_steps))
             for name, batches in feeds.items()}
-    settle = {name: (lambda b=batches: trainer.steps(b, sizes.step_warmup))
-              for name, batches in feeds.items()}
+    settle = {'real': lambda: trainer.steps(feeds['real'], sizes.step_settle)}
     timings = alternate(runs, repeats=sizes.step_windows, warmup=0, sync=sync, settle=settle)
     return {name: (timings[name], first[name]) for name in feeds}
 

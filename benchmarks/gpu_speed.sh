@@ -5,7 +5,7 @@
 # On the lent GPU machine (Python 3.12 with torch, no ffcv, no network) bring .carry along (make
 # carry): ffcv is then taken from .carry/activate.sh and our region decoder from .carry/lib. On a
 # machine with the project's .venv, the .venv is used. Whole run: at most GPU_SPEED_BUDGET_S
-# (default 450) + 30 seconds, under the GPU machine's 8 minutes per command.
+# (default 450) + 30 seconds, under the GPU machine's 10 minutes per command.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 budget=${GPU_SPEED_BUDGET_S:-450}
