@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -260,10 +261,12 @@ def failure_row(rc, seconds, limit, log) -> dict:
 
 def run_tests(args, work, limit, log) -> list:
     """``pytest -m cuda tests/test_cuda.py``: counts of passed/failed/skipped/xfailed tests and
-    the names of the failing ones. With pytest-xdist, 4 test processes share the GPU: one after
-    the other the tests take about 290 s on an H100, mostly numba compiling each loader's
-    pipeline and two runs in CPU processes, more than the check's budget holds."""
-    cmd = [PYTHON, '-m', 'pytest', '-m', 'cuda', 'tests/test_cuda.py', '-q', '-rfEsxX',
+    the names of the failing ones; cut at its limit, those of the tests that finished (from the
+    per-test lines of ``-v``, :func:`pytest_outcomes`). With pytest-xdist, 4 test processes
+    share the GPU: one after the other the tests take about 290 s on an H100, mostly numba
+    compiling each loader's pipeline and two runs in CPU processes, more than the check's
+    budget holds."""
+    cmd = [PYTHON, '-m', 'pytest', '-m', 'cuda', 'tests/test_cuda.py', '-v', '-rfEsxX',
            '-p', 'no:cacheprovider', '--durations=8']
     probe = subprocess.run([PYTHON, '-c', 'import pytest, importlib.util as u; '
                                           'print(*(u.find_spec(m) is not None for m in '
@@ -289,13 +292,32 @@ def run_tests(args, work, limit, log) -> list:
     summary = ', '.join(f'{n} {what}' for n, what in counts) or 'no summary line'
     failing = re.findall(r'^(?:FAILED|ERROR) (\S+)', text, re.M)
     row = {'setting': setting, 'seconds': round(seconds, 1), 'tests': summary}
-    if rc is None:
-        return [{**row, 'status': 'timeout', 'result': f'TIMEOUT after {limit:.0f} s '
-                 f'({log_tail(log, 1)[:120]})'}]
+    if rc is None:  # no summary line: what each finished test's line said
+        outcomes = pytest_outcomes(text)
+        done = ', '.join(f'{n} {what.lower()}' for what, n in Counter(outcomes.values()).items())
+        failing = [t.split('::')[-1] for t, what in outcomes.items() if what in ('FAILED', 'ERROR')]
+        return [{**row, 'tests': done, 'status': 'timeout',
+                 'result': f'TIMEOUT after {limit:.0f} s, with {done or "no test"} finished'
+                           + (f'; failing: {", ".join(failing)}' if failing else '')}]
     status = 'ok' if rc == 0 else 'failed'
     result = summary + (f'; failing: {", ".join(f.split("::")[-1] for f in failing)}'
                         if failing else '')
     return [{**row, 'status': status, 'result': result}]
+
+
+# pytest -v's line for each finished test: 'tests/t.py::name PASSED  [ 50%]' in one process,
+# '[gw0] [ 50%] PASSED tests/t.py::name' with pytest-xdist.
+OUTCOMES = 'PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS'
+OUTCOME_LINE = re.compile(rf'^\[gw\d+\] \[ *\d+%\] (?P<xdist>{OUTCOMES}) (?P<xdist_id>\S+::\S+)'
+                          rf'|^(?P<id>\S+::\S+) (?P<outcome>{OUTCOMES})\b', re.M)
+
+
+def pytest_outcomes(text: str) -> dict:
+    """Test id -> outcome ('PASSED', 'FAILED', 'ERROR', 'SKIPPED', 'XFAIL', 'XPASS') from the
+    per-test lines of ``pytest -v`` output, in one process or with pytest-xdist: what a run cut
+    at its limit, which prints no summary line, had finished."""
+    return {m['xdist_id'] or m['id']: m['xdist'] or m['outcome']
+            for m in OUTCOME_LINE.finditer(text)}
 
 
 def run_bench_train(step, args, work, limit, log) -> list:

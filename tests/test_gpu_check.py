@@ -61,3 +61,30 @@ def test_a_step_past_its_limit_is_reported_and_the_budget_skips_steps(tmp_path):
     result, md, rows, _ = gpu_check(tmp_path, '--only', 'machine', '--budget-s', '5')
     assert result.returncode == 0  # nothing failed
     assert rows[0]['status'] == 'skipped' and 'not run' in rows[0]['result']
+
+
+@pytest.mark.parametrize('processes', [[], ['-n', '2']], ids=['one process', 'xdist'])
+def test_the_tests_finished_before_a_cut_are_read_from_pytest_lines(tmp_path, monkeypatch,
+                                                                     processes):
+    """gpu_check.pytest_outcomes on real ``pytest -v`` output (one process, and pytest-xdist's
+    '[gw0] [ 50%] PASSED ...' lines): each finished test with its outcome, a teardown error
+    after a pass counted as the error, the short summary's lines not counted twice."""
+    monkeypatch.syspath_prepend(str(REPO / 'benchmarks'))
+    import gpu_check
+    (tmp_path / 'test_sample.py').write_text(
+        'import pytest\n\n'
+        '@pytest.fixture\ndef broken_teardown():\n    yield\n    raise RuntimeError("teardown")\n\n'
+        'def test_passes():\n    pass\n\n'
+        'def test_fails():\n    assert False\n\n'
+        'def test_skips():\n    pytest.skip("no GPU")\n\n'
+        'def test_teardown_fails(broken_teardown):\n    pass\n\n'
+        '@pytest.mark.parametrize("side", [160, 224])\ndef test_sides(side):\n    pass\n')
+    result = subprocess.run([PYTHON, '-m', 'pytest', '-v', '-rfEsxX', '-p', 'no:cacheprovider',
+                             *processes, 'test_sample.py'], cwd=tmp_path, capture_output=True,
+                            text=True, env=run_env(), timeout=120)
+    assert result.returncode == 1, result.stdout[-2000:]
+    assert gpu_check.pytest_outcomes(result.stdout) == {
+        'test_sample.py::test_passes': 'PASSED', 'test_sample.py::test_fails': 'FAILED',
+        'test_sample.py::test_skips': 'SKIPPED',
+        'test_sample.py::test_teardown_fails': 'ERROR',
+        'test_sample.py::test_sides[160]': 'PASSED', 'test_sample.py::test_sides[224]': 'PASSED'}
