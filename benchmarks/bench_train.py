@@ -23,7 +23,11 @@ Method, for each compile setting and side: one common warm-up, then the feeds ti
 - Timed: ``--windows`` rounds of one window of ``--steps`` steps per feed, the feeds' order
   reversed every other round (synthetic, ours, ours, synthetic, ...), so that a slower spell of
   the machine and the cost of going first fall on every feed alike. A feed's img/s is the median
-  of its windows, ``spread`` their max - min. Real loaders go on from epoch to epoch.
+  of its windows, ``spread`` their max - min. Real loaders go on from epoch to epoch. While a
+  window is timed the other feeds' loaders make up to 4 batches ready, which the next window
+  takes at the step's speed: a loader near the step's rate reads up to 4 / ``--steps`` fast
+  (``common.measure_feeds``) unless ``--settle`` untimed steps come first. On CPU the loader
+  outruns the step and keeps that many ready anyway (default 0).
 
 A real feed cannot outrun the synthetic one, the same step with no loading at all: a ratio above
 MAX_RATIO (1.05, ``pct_of_synthetic`` above 105) is a measurement error to explain, and the row's
@@ -46,8 +50,8 @@ from pathlib import Path
 
 import torch
 
-from common import (RESULTS, alternate, epoch_of, ffcv_stock_loader, image_sets, machine_line,
-                    markdown_table, our_loader, pooled_samples, stored_beton, time_runs,
+from common import (RESULTS, epoch_of, ffcv_stock_loader, image_sets, machine_line,
+                    markdown_table, measure_feeds, our_loader, pooled_samples, stored_beton,
                     write_csv)
 from imagenet_ffcv import engine, models
 from imagenet_ffcv.constants import PRECISIONS
@@ -129,55 +133,13 @@ def feed_stream(feed, made, beton, *, res, batch_size, workers, device, dtype):
     return endless(loader)
 
 
-def error_text(e: Exception) -> str:
-    return f'{type(e).__name__}: {e}'.splitlines()[0][:200]
-
-
-def measure_side(step, streams, *, steps, warmup, windows, sync) -> dict:
-    """feed -> ``{'img_per_s', 'spread', 'windows', 'first_step_s'}`` (or ``{'error'}``) of the
-    feeds whose batches ``streams`` gives (feed -> a batch iterator, or the exception that made
-    it fail), ``step(batches, n)`` training on them: each feed's first step timed alone and
-    ``warmup - 1`` more, then ``windows`` alternating windows of ``steps`` steps per feed."""
-    results = {feed: {'error': error_text(s)} for feed, s in streams.items()
-               if isinstance(s, Exception)}
-    for feed, batches in streams.items():
-        if feed in results:
-            continue
-        try:
-            first = time_runs(lambda: step(batches, 1), repeats=1, warmup=0, sync=sync)
-            results[feed] = {'first_step_s': round(first.median_s, 2)}
-            if warmup > 1:
-                step(batches, warmup - 1)
-        except Exception as e:  # noqa: BLE001 - one failing feed must not hide the others
-            results[feed] = {'error': error_text(e)}
-
-    def window(feed):
-        def run():
-            if 'error' in results[feed]:
-                return 0
-            try:
-                return step(streams[feed], steps)
-            except Exception as e:  # noqa: BLE001 - as above
-                results[feed] = {'error': error_text(e)}
-                return 0
-        return run
-    timed = [feed for feed in streams if 'error' not in results[feed]]
-    timings = alternate({feed: window(feed) for feed in timed}, repeats=windows, warmup=0,
-                        sync=sync)
-    for feed, timing in timings.items():
-        if 'error' not in results[feed]:
-            results[feed] = {'img_per_s': round(timing.rate, 1),
-                             'spread': round(timing.rate_spread, 1),
-                             'windows': len(timing.rates), **results[feed]}
-    return results
-
-
 def measure(*, beton, feeds, arch, res_list, batch_size, steps, warmup, windows, workers,
-            device, amp='auto', compile_modes=(0,)) -> list:
+            device, amp='auto', compile_modes=(0,), settle=0) -> list:
     """One row per (compile, res, feed), as the module's docstring describes, with each real
     feed's ``pct_of_synthetic`` and ``warning`` (:func:`compare_to_synthetic`).
     ``compile_modes``: 0 the eager model, 1 ``models.compile_model`` of it (the same weights,
-    trained on)."""
+    trained on). ``settle``: untimed steps of a real feed before each of its windows
+    (``common.measure_feeds``)."""
     precision = engine.resolve_precision(amp, device)
     torch.backends.cudnn.benchmark = device.type == 'cuda'
     model = models.build_model(arch=arch, num_classes=1000, use_blurpool=True,
@@ -199,8 +161,9 @@ def measure(*, beton, feeds, arch, res_list, batch_size, steps, warmup, windows,
                                                 dtype=precision.input_dtype)
                 except Exception as e:  # noqa: BLE001 - reported in the row
                     streams[feed] = e
-            results = measure_side(step, streams, steps=steps, warmup=max(warmup, 1),
-                                   windows=windows, sync=sync)
+            results = measure_feeds(step, streams, steps=steps, warmup=max(warmup, 1),
+                                    windows=windows, sync=sync,
+                                    settle={f: settle for f in streams if f != 'synthetic'})
             for stream in streams.values():
                 if hasattr(stream, 'close'):
                     stream.close()  # ends the loader's epoch (and its thread)
@@ -271,6 +234,9 @@ def parse_args(argv):
                    help='timed windows per feed, the feeds alternating (median and spread)')
     p.add_argument('--warmup', type=int, help='untimed steps per feed first (at least 1: the '
                                               'first step compiles); default: 2 on CPU, 10 on CUDA')
+    p.add_argument('--settle', type=int, default=0,
+                   help='untimed steps of a real feed before each of its windows (the batches '
+                        'its loader made ready meanwhile; common.measure_feeds); default 0')
     p.add_argument('--compile', default='0,1',
                    help='comma-separated: 0 the eager model, 1 models.compile_model '
                         '(torch.compile, static shapes: compiles at the first step of each res); '
@@ -317,12 +283,14 @@ def main(argv=None):
         rows = measure(beton=beton, feeds=args.feeds, arch=args.arch, res_list=args.res_list,
                        batch_size=bs, steps=args.steps, warmup=args.warmup,
                        windows=args.windows, workers=args.workers, device=device,
-                       amp=args.amp, compile_modes=args.compile_modes)
+                       amp=args.amp, compile_modes=args.compile_modes, settle=args.settle)
     rows = [{'data': name, **r} for r in rows]
     print_results(rows, f'### Training loop: {args.arch} on {device}, batch {bs}; per feed the '
                         f'median of {args.windows} windows of {args.steps} steps, the feeds '
                         f'alternating, after a common warm-up (each loader\'s first epoch, then '
-                        f'{max(args.warmup, 1)} steps per feed, the first one timed alone)')
+                        f'{max(args.warmup, 1)} steps per feed, the first one timed alone)'
+                        + (f'; {args.settle} untimed steps of a real feed before each of its '
+                           f'windows' if args.settle else ''))
     write_csv(Path(args.out) / 'train.csv', rows)
     print(f'\nwrote {Path(args.out) / "train.csv"}')
 

@@ -194,6 +194,60 @@ def time_runs(run, *, repeats: int, warmup: int = 1, sync=None) -> Timing:
     return alternate({'run': run}, repeats=repeats, warmup=warmup, sync=sync)['run']
 
 
+def error_text(e: Exception) -> str:
+    """An exception as one short line for a table row."""
+    return f'{type(e).__name__}: {e}'.splitlines()[0][:200]
+
+
+def measure_feeds(step, streams, *, steps, warmup, windows, sync=None, settle=None) -> dict:
+    """The training step fed by each feed, alternately (the real-against-synthetic measurement
+    of bench_train and gpu_speed). ``streams``: feed -> a batch iterator, or the exception that
+    made it fail; ``step(batches, n)`` trains on the next ``n`` batches and returns the images.
+    Each feed's first step is timed alone (``first_step_s``) and ``warmup - 1`` more run
+    untimed; then ``windows`` alternating windows of ``steps`` steps per feed, each after
+    ``settle[feed]`` untimed steps of its feed (none for a feed not in ``settle``): a loader
+    makes batches ready while another feed's window is timed, up to 4 in ffcv 1.0.2 (its
+    ``batches_ahead``, 3, and the one being copied), and at a fraction r of the step's rate it
+    takes about 4 / (1 - r) steps to use them up (40 at r = 0.9); a window taking them at the
+    step's speed would read such a loader as keeping up.
+    Returns feed -> ``{'img_per_s', 'spread', 'windows', 'first_step_s'}`` (median img/s of the
+    windows, max - min) or ``{'error'}``: one failing feed does not stop the others."""
+    results = {feed: {'error': error_text(s)} for feed, s in streams.items()
+               if isinstance(s, Exception)}
+    for feed, batches in streams.items():
+        if feed in results:
+            continue
+        try:
+            first = time_runs(lambda: step(batches, 1), repeats=1, warmup=0, sync=sync)
+            results[feed] = {'first_step_s': round(first.median_s, 2)}
+            if warmup > 1:
+                step(batches, warmup - 1)
+        except Exception as e:  # noqa: BLE001 - one failing feed must not hide the others
+            results[feed] = {'error': error_text(e)}
+
+    def guarded(feed, n):
+        def run():
+            if 'error' in results[feed]:
+                return 0
+            try:
+                return step(streams[feed], n)
+            except Exception as e:  # noqa: BLE001 - as above
+                results[feed] = {'error': error_text(e)}
+                return 0
+        return run
+    timed = [feed for feed in streams if 'error' not in results[feed]]
+    timings = alternate({feed: guarded(feed, steps) for feed in timed}, repeats=windows,
+                        warmup=0, sync=sync,
+                        settle={feed: guarded(feed, n) for feed, n in (settle or {}).items()
+                                if feed in timed and n > 0})
+    for feed, timing in timings.items():
+        if 'error' not in results[feed]:
+            results[feed] = {'img_per_s': round(timing.rate, 1),
+                             'spread': round(timing.rate_spread, 1),
+                             'windows': len(timing.rates), **results[feed]}
+    return results
+
+
 def time_epochs(run_epoch, runs: int) -> dict:
     """Call ``run_epoch()`` (returns the images it produced) once to warm up (compilation, page
     cache, worker start), then ``runs`` times timed. Returns the median img/s, the spread

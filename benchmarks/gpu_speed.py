@@ -25,7 +25,7 @@ from the first GPU check's timings, not yet measured / the section's limit):
   fed by a synthetic batch already on the GPU and by our loader (every core): per feed its first
   step alone, 4 more untimed, then 2 alternating windows of 30 steps, the real feed's each after
   40 untimed steps (they use up the batches the loader made ready meanwhile,
-  ``measure_feeds``); img/s is the median window.
+  ``common.measure_feeds``); img/s is the median window.
 - ``compile`` (165 / 200): ``torch.compile`` (mode default, static shapes, as
   ``training.compile=1``): first a 100-step loss curve of ResNet-50 at 160 px on 8 real batches
   cycled, eager twice (the run-to-run noise) and compiled once from the same weights (its row's
@@ -76,7 +76,7 @@ class Sizes:
     """The work of each section. samples: images per loader epoch; loader_*: batch, side (px),
     threads, timed epochs; big/small: the two models; step_*: sides (px), batch, steps per timed
     window, windows, untimed steps after the first, untimed steps of the real feed before each of
-    its windows (``measure_feeds``); variant_batches: (SGD implementation, batch);
+    its windows (``common.measure_feeds``); variant_batches: (SGD implementation, batch);
     curve_*: loss-curve steps and real batches cycled; learn_*: the learning run (epochs, batch,
     sides (min, max px), validation side, images taken from imagenette train/val, 0: all)."""
     samples: int
@@ -515,45 +515,35 @@ def real(loader, decoder, res):
     return endless()
 
 
-def measure_feeds(trainer, feeds: dict, sizes, sync) -> dict:
-    """feed -> (Timing of its windows, first step s): each feed's first step alone, then
-    ``sizes.step_warmup`` more, then ``sizes.step_windows`` alternating windows of
-    ``sizes.step_steps`` steps; the real feed's windows each after ``sizes.step_settle`` untimed
-    steps of it. While the synthetic feed's window is timed the loader makes up to 4 batches
-    ready (ffcv's ``batches_ahead``, 3, and the one being copied), which the next steps use at
-    the step's speed; a loader at a fraction r < 1 of the step's rate refills meanwhile, so they
-    last about 4 / (1 - r) steps: 40 at r = 0.9. Untimed, those steps let the window measure the
-    loader; timed, a loader at r = 0.9 would read as keeping up."""
-    from common import alternate, time_runs
-    first = {}
-    for name, batches in feeds.items():
-        first[name] = time_runs(lambda: trainer.steps(batches, 1), repeats=1, warmup=0,
-                                sync=sync).median_s
-        trainer.steps(batches, sizes.step_warmup)
-    runs = {name: (lambda b=batches: trainer.steps(b, sizes.step_steps))
-            for name, batches in feeds.items()}
-    settle = {'real': lambda: trainer.steps(feeds['real'], sizes.step_settle)}
-    timings = alternate(runs, repeats=sizes.step_windows, warmup=0, sync=sync, settle=settle)
-    return {name: (timings[name], first[name]) for name in feeds}
-
-
 def step_rows(rows, trainer, *, model, mode, res_list, sizes, loader, optimizer='foreach',
               batch=None) -> None:
     """Real and synthetic rows of ``trainer`` at each side (``loader``: (loader, decoder) of
-    our training loader at the step's batch)."""
+    our training loader at the step's batch), by ``common.measure_feeds``: each feed's first step
+    alone, ``sizes.step_warmup`` more, then ``sizes.step_windows`` alternating windows of
+    ``sizes.step_steps`` steps, the real feed's each after ``sizes.step_settle`` untimed steps
+    (the batches its loader made ready meanwhile); a feed that fails gives a failed row."""
     import torch
+
+    from common import measure_feeds
     device, dtype = trainer.device, trainer.dtype
     sync = torch.cuda.synchronize if device.type == 'cuda' else None
     batch = batch or sizes.step_batch
     for res in res_list:
         feeds = {'synthetic': synthetic(batch, res, device, dtype),
                  'real': real(*loader, res)}
-        for feed, (t, first) in measure_feeds(trainer, feeds, sizes, sync).items():
-            rows.add(setting=f'{model}, {mode}, {res} px, batch {batch}, SGD {optimizer}, '
-                             f'{feed}', model=model, mode=mode, res=res, batch=batch, feed=feed,
-                     optimizer=optimizer, img_per_s=round(t.rate, 1),
-                     spread=round(t.rate_spread, 1), first_step_s=round(first, 2),
-                     result=f'median of {len(t.rates)} windows of {sizes.step_steps} steps')
+        results = measure_feeds(trainer.steps, feeds, steps=sizes.step_steps,
+                                warmup=sizes.step_warmup + 1, windows=sizes.step_windows,
+                                sync=sync, settle={'real': sizes.step_settle})
+        for feed, r in results.items():
+            row = dict(setting=f'{model}, {mode}, {res} px, batch {batch}, SGD {optimizer}, '
+                               f'{feed}', model=model, mode=mode, res=res, batch=batch,
+                       feed=feed, optimizer=optimizer)
+            if 'error' in r:
+                rows.add(**row, status='failed', result=f'FAILED: {r["error"]}')
+                continue
+            rows.add(**row, img_per_s=r['img_per_s'], spread=r['spread'],
+                     first_step_s=r['first_step_s'],
+                     result=f'median of {r["windows"]} windows of {sizes.step_steps} steps')
         feeds['real'].close()  # ends the loader's epoch
 
 

@@ -147,12 +147,13 @@ def test_alternate_settles_each_run_untimed_before_its_timed_calls(benchmarks):
         'sync', 'b', 'sync', 'settle a', 'sync', 'a', 'sync']
 
 
-def test_bench_train_alternates_the_feeds_after_a_common_warm_up(benchmarks):
-    """bench_train.measure_side with a stubbed training step (no model, no timing guessed): each
-    feed's first step and warm-up before any timed window, then windows alternating between the
-    feeds, as many for each; a feed whose loader failed, or that fails in a window, gets its
+def test_measure_feeds_alternates_the_feeds_after_a_common_warm_up(benchmarks):
+    """common.measure_feeds (bench_train's and gpu_speed's measurement) with a stubbed training
+    step (no model, no timing guessed): each feed's first step and warm-up before any timed
+    window, then windows alternating between the feeds, as many for each, a settled feed's each
+    after its untimed steps; a feed whose loader failed, or that fails in a window, gets its
     error and does not stop the others."""
-    import bench_train
+    from common import measure_feeds
     calls = []
 
     def step(batches, n):
@@ -162,16 +163,18 @@ def test_bench_train_alternates_the_feeds_after_a_common_warm_up(benchmarks):
         return 8 * n
     streams = {'synthetic': itertools.repeat('synthetic'), 'ours': itertools.repeat('ours'),
                'ffcv_stock': ValueError('no cupy')}
-    results = bench_train.measure_side(step, streams, steps=5, warmup=3, windows=4, sync=None)
+    results = measure_feeds(step, streams, steps=5, warmup=3, windows=4,
+                            settle={'ours': 7, 'ffcv_stock': 7})
+    window = {'synthetic': [('synthetic', 5)], 'ours': [('ours', 7), ('ours', 5)]}
     assert calls == [('synthetic', 1), ('synthetic', 2), ('ours', 1), ('ours', 2)] + [
-        (feed, 5) for feed in ('synthetic', 'ours', 'ours', 'synthetic') * 2]
+        call for feed in ('synthetic', 'ours', 'ours', 'synthetic') * 2 for call in window[feed]]
     assert results['synthetic']['windows'] == results['ours']['windows'] == 4
     assert {'img_per_s', 'spread', 'first_step_s'} <= set(results['ours'])
     assert results['ffcv_stock'] == {'error': 'ValueError: no cupy'}
 
     calls.clear()
     streams = {'synthetic': itertools.repeat('synthetic'), 'broken': itertools.repeat('broken')}
-    results = bench_train.measure_side(step, streams, steps=1, warmup=1, windows=3, sync=None)
+    results = measure_feeds(step, streams, steps=1, warmup=1, windows=3)
     assert results['broken'] == {'error': 'RuntimeError: the loader broke'}
     assert results['synthetic']['windows'] == 3
 
