@@ -25,7 +25,7 @@ Method, for each compile setting and side: one common warm-up, then the feeds ti
   the machine and the cost of going first fall on every feed alike. A feed's img/s is the median
   of its windows, ``spread`` their max - min. Real loaders go on from epoch to epoch. While a
   window is timed the other feeds' loaders make up to 4 batches ready, which the next window
-  takes at the step's speed: a loader near the step's rate reads up to 4 / ``--steps`` fast
+  takes at the step's speed: a loader slower than the step reads up to about 4 / ``--steps`` fast
   (``common.measure_feeds``) unless ``--settle`` untimed steps come first. On CPU the loader
   outruns the step and keeps that many ready anyway (default 0).
 

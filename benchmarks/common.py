@@ -209,7 +209,8 @@ def measure_feeds(step, streams, *, steps, warmup, windows, sync=None, settle=No
     makes batches ready while another feed's window is timed, up to 4 in ffcv 1.0.2 (its
     ``batches_ahead``, 3, and the one being copied), and at a fraction r of the step's rate it
     takes about 4 / (1 - r) steps to use them up (40 at r = 0.9); a window taking them at the
-    step's speed would read such a loader as keeping up.
+    step's speed reads such a loader up to about 4 / ``steps`` fast, and as keeping up when
+    those 4 / (1 - r) steps are as many as the window's.
     Returns feed -> ``{'img_per_s', 'spread', 'windows', 'first_step_s'}`` (median img/s of the
     windows, max - min) or ``{'error'}``: one failing feed does not stop the others."""
     results = {feed: {'error': error_text(s)} for feed, s in streams.items()

@@ -290,17 +290,20 @@ def run_tests(args, work, limit, log) -> list:
     counts = re.findall(r'(\d+) (passed|failed|skipped|xfailed|xpassed|errors?|deselected)',
                         summaries[-1] if summaries else '')
     summary = ', '.join(f'{n} {what}' for n, what in counts) or 'no summary line'
-    failing = re.findall(r'^(?:FAILED|ERROR) (\S+)', text, re.M)
+    # the short summary's lines (a test's own output printed above it may look the same)
+    failing = re.findall(r'^(?:FAILED|ERROR) (\S+)', text.rpartition('short test summary')[2],
+                         re.M)
     row = {'setting': setting, 'seconds': round(seconds, 1), 'tests': summary}
     if rc is None:  # no summary line: what each finished test's line said
         outcomes = pytest_outcomes(text)
         done = ', '.join(f'{n} {what.lower()}' for what, n in Counter(outcomes.values()).items())
-        failing = [t.split('::')[-1] for t, what in outcomes.items() if what in ('FAILED', 'ERROR')]
+        failing = [t.split('::', 1)[-1] for t, what in outcomes.items()
+                   if what in ('FAILED', 'ERROR')]
         return [{**row, 'tests': done, 'status': 'timeout',
                  'result': f'TIMEOUT after {limit:.0f} s, with {done or "no test"} finished'
                            + (f'; failing: {", ".join(failing)}' if failing else '')}]
     status = 'ok' if rc == 0 else 'failed'
-    result = summary + (f'; failing: {", ".join(f.split("::")[-1] for f in failing)}'
+    result = summary + (f'; failing: {", ".join(f.split("::", 1)[-1] for f in failing)}'
                         if failing else '')
     return [{**row, 'status': status, 'result': result}]
 
@@ -308,8 +311,8 @@ def run_tests(args, work, limit, log) -> list:
 # pytest -v's line for each finished test: 'tests/t.py::name PASSED  [ 50%]' in one process,
 # '[gw0] [ 50%] PASSED tests/t.py::name' with pytest-xdist.
 OUTCOMES = 'PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS'
-OUTCOME_LINE = re.compile(rf'^\[gw\d+\] \[ *\d+%\] (?P<xdist>{OUTCOMES}) (?P<xdist_id>\S+::\S+)'
-                          rf'|^(?P<id>\S+::\S+) (?P<outcome>{OUTCOMES})\b', re.M)
+OUTCOME_LINE = re.compile(rf'^\[gw\d+\] \[ *\d+%\] (?P<xdist>{OUTCOMES}) (?P<xdist_id>\S+::.+?) *$'
+                          rf'|^(?P<id>\S+::.+?) (?P<outcome>{OUTCOMES})\b', re.M)
 
 
 def pytest_outcomes(text: str) -> dict:

@@ -232,7 +232,7 @@ def add_ratios(rows) -> None:
     one = next((r['img_per_s'] for r in rows if r.get('section') == 'loader'
                 and r.get('threads') == 1 and r.get('img_per_s')), None)
     for r in rows:
-        if r.get('feed') == 'real' and key(r) in synthetic:
+        if r.get('feed') == 'real' and r.get('img_per_s') and key(r) in synthetic:
             r['ratio'] = round(r['img_per_s'] / synthetic[key(r)], 3)
         if r.get('section') in ('loader', 'loader_options') and one and r.get('img_per_s'):
             r['ratio'] = round(r['img_per_s'] / r['threads'] / one, 3)

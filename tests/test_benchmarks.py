@@ -179,6 +179,24 @@ def test_measure_feeds_alternates_the_feeds_after_a_common_warm_up(benchmarks):
     assert results['synthetic']['windows'] == 3
 
 
+def test_gpu_speed_ratios_skip_a_failed_feed_and_use_the_one_thread_loader_row(benchmarks):
+    """gpu_speed.add_ratios on stubbed rows: a real feed's img/s over the synthetic one's at the
+    same section, model, mode, side and batch; a loader row's img/s per thread over the 1-thread
+    row's; a failed real feed (no img/s, as step_rows adds it) gets no ratio and breaks
+    nothing."""
+    import gpu_speed
+    step = {'section': 'eager', 'model': 'resnet50', 'mode': 'eager', 'batch': 256}
+    rows = [{**step, 'res': 160, 'feed': 'synthetic', 'img_per_s': 6800.0},
+            {**step, 'res': 160, 'feed': 'real', 'img_per_s': 6732.0},
+            {**step, 'res': 224, 'feed': 'synthetic', 'img_per_s': 3500.0},
+            {**step, 'res': 224, 'feed': 'real', 'status': 'failed', 'result': 'FAILED: x'},
+            {'section': 'loader', 'threads': 16, 'img_per_s': 32000.0},
+            {'section': 'loader', 'threads': 1, 'img_per_s': 2500.0}]
+    gpu_speed.add_ratios(rows)
+    assert rows[1]['ratio'] == 0.99 and 'ratio' not in rows[0] and 'ratio' not in rows[3]
+    assert rows[4]['ratio'] == 0.8 and rows[5]['ratio'] == 1.0
+
+
 def test_a_loader_faster_than_the_synthetic_feed_is_flagged(benchmarks, capsys):
     """A real feed above 1.05 x the synthetic one (here 89.4 against 51.7 img/s, 173 %)
     is a measurement error: the row's warning column and a WARNING line say so; at or below 1.05

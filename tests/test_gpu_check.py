@@ -68,7 +68,8 @@ def test_the_tests_finished_before_a_cut_are_read_from_pytest_lines(tmp_path, mo
                                                                      processes):
     """gpu_check.pytest_outcomes on real ``pytest -v`` output (one process, and pytest-xdist's
     '[gw0] [ 50%] PASSED ...' lines): each finished test with its outcome, a teardown error
-    after a pass counted as the error, the short summary's lines not counted twice."""
+    after a pass counted as the error, ids with a space or '::' whole, and neither the short
+    summary's lines nor a test's printed output taken for a test's line."""
     monkeypatch.syspath_prepend(str(REPO / 'benchmarks'))
     import gpu_check
     (tmp_path / 'test_sample.py').write_text(
@@ -78,7 +79,9 @@ def test_the_tests_finished_before_a_cut_are_read_from_pytest_lines(tmp_path, mo
         'def test_fails():\n    assert False\n\n'
         'def test_skips():\n    pytest.skip("no GPU")\n\n'
         'def test_teardown_fails(broken_teardown):\n    pass\n\n'
-        '@pytest.mark.parametrize("side", [160, 224])\ndef test_sides(side):\n    pass\n')
+        '@pytest.mark.parametrize("side", [160, 224])\ndef test_sides(side):\n    pass\n\n'
+        '@pytest.mark.parametrize("name", ["a b", "x::y"])\ndef test_names(name):\n'
+        '    print("FAILED test_sample.py::test_bogus")\n    assert name == "a b"\n')
     result = subprocess.run([PYTHON, '-m', 'pytest', '-v', '-rfEsxX', '-p', 'no:cacheprovider',
                              *processes, 'test_sample.py'], cwd=tmp_path, capture_output=True,
                             text=True, env=run_env(), timeout=120)
@@ -87,4 +90,5 @@ def test_the_tests_finished_before_a_cut_are_read_from_pytest_lines(tmp_path, mo
         'test_sample.py::test_passes': 'PASSED', 'test_sample.py::test_fails': 'FAILED',
         'test_sample.py::test_skips': 'SKIPPED',
         'test_sample.py::test_teardown_fails': 'ERROR',
-        'test_sample.py::test_sides[160]': 'PASSED', 'test_sample.py::test_sides[224]': 'PASSED'}
+        'test_sample.py::test_sides[160]': 'PASSED', 'test_sample.py::test_sides[224]': 'PASSED',
+        'test_sample.py::test_names[a b]': 'PASSED', 'test_sample.py::test_names[x::y]': 'FAILED'}
