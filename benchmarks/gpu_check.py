@@ -290,9 +290,6 @@ def run_tests(args, work, limit, log) -> list:
     counts = re.findall(r'(\d+) (passed|failed|skipped|xfailed|xpassed|errors?|deselected)',
                         summaries[-1] if summaries else '')
     summary = ', '.join(f'{n} {what}' for n, what in counts) or 'no summary line'
-    # the short summary's lines (a test's own output printed above it may look the same)
-    failing = re.findall(r'^(?:FAILED|ERROR) (\S+)', text.rpartition('short test summary')[2],
-                         re.M)
     row = {'setting': setting, 'seconds': round(seconds, 1), 'tests': summary}
     if rc is None:  # no summary line: what each finished test's line said
         outcomes = pytest_outcomes(text)
@@ -302,6 +299,9 @@ def run_tests(args, work, limit, log) -> list:
         return [{**row, 'tests': done, 'status': 'timeout',
                  'result': f'TIMEOUT after {limit:.0f} s, with {done or "no test"} finished'
                            + (f'; failing: {", ".join(failing)}' if failing else '')}]
+    # the short summary's lines (a test's own output printed above it may look the same)
+    failing = re.findall(r'^(?:FAILED|ERROR) (\S+)', text.rpartition('short test summary')[2],
+                         re.M)
     status = 'ok' if rc == 0 else 'failed'
     result = summary + (f'; failing: {", ".join(f.split("::", 1)[-1] for f in failing)}'
                         if failing else '')

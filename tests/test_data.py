@@ -352,7 +352,7 @@ def share(count, chunk, spins_allowed):
                 spins = 0
                 while k == 0 and fetch_add(done, 0) < count - 1 and spins < spins_allowed:
                     spins += 1
-                held[0] += spins
+                fetch_add(held, spins)
                 who[k] = numba.get_thread_id()
                 fetch_add(done, 1)
             first, last = take_images(counter, chunk, count)
