@@ -261,18 +261,21 @@ class ScratchQuery(AllocationQuery):
 class CropResizeDecoder(SimpleRGBImageDecoder):
     """Decode, crop, resize, flip (and normalise) :class:`ffcv.fields.RGBImageField` images.
 
-    crop: a numba-compiled ``f(height, width, scale, ratio, key) -> (top, left, h, w)``
-    (``crops.random_resized_crop`` or ``crops.center_crop``); ``key`` is ``crops.sample_key(seed,
-    epoch, sample index)``, which also decides the flip. Output per image: float32 (H, W, 3)
-    normalised with ``mean``/``std`` (0-255 units) when ``normalize``, else uint8 (H, W, 3).
+    center: the crop is ``crops.center_crop`` (``ratio`` a float), else
+    ``crops.random_resized_crop`` (``scale`` and ``ratio`` pairs), drawn from the key
+    ``crops.sample_key(seed, epoch, sample index)``, which also decides the flip. Output per
+    image: float32 (H, W, 3) normalised with ``mean``/``std`` (0-255 units) when ``normalize``,
+    else uint8 (H, W, 3).
     """
 
-    def __init__(self, output_size, *, crop, scale, ratio, flip_prob: float, normalize: bool,
-                 mean, std, seed: int = 0, antialias: bool = False):
+    def __init__(self, output_size, *, center: bool, scale, ratio, flip_prob: float,
+                 normalize: bool, mean, std, seed: int = 0, antialias: bool = False):
         super().__init__()
         self.antialias = bool(antialias)  # see resample
         self.output_size = tuple(output_size)
-        self.crop, self.scale, self.ratio = crop, scale, ratio
+        self.center = bool(center)
+        self.scale = np.array(scale, np.float64)
+        self.ratio = np.array(ratio, np.float64).reshape(-1)  # (1,) for the centre crop
         self.flip_prob, self.normalize = float(flip_prob), bool(normalize)
         self.mean, self.inv_std = normalization(mean, std)
         if seed < 0:
@@ -313,63 +316,106 @@ class CropResizeDecoder(SimpleRGBImageDecoder):
                  AllocationQuery((2,), np.dtype('<i8'))))
 
     def generate_code(self):
-        mem_read = self.memory_read
-        my_range = Compiler.get_iterator()
-        crop_at = self.crop  # already compiled (crops)
-        jpg = IMAGE_MODES['jpg']
-        scale = np.array(self.scale, np.float64)
-        ratio = (np.array(self.ratio, np.float64) if isinstance(self.ratio, tuple)
-                 else float(self.ratio))
-        flip_prob, normalize, antialias = self.flip_prob, self.normalize, self.antialias
-        mean, inv_std = self.mean, self.inv_std
-        decode_image = compiled_image_decoder()
-        pool_size = numba.config.NUMBA_NUM_THREADS
-        seed, epoch_address, memmove = self.seed, self._epoch_cell.ctypes.data, ctypes.memmove
-        corrupt_address = self._corrupt_cell.ctypes.data
-        chunk = PARALLEL_CHUNK
+        decode_batch = batch_decoder(parallel=Compiler.num_threads > 1)
+        mem_read = self.memory_read  # compiled once per process (loaders._reader)
+        scale, ratio, flip_prob = self.scale, self.ratio, self.flip_prob
+        mean, inv_std, epoch_address = self.mean, self.inv_std, self._epoch_cell.ctypes.data
+        normalize, antialias = self.normalize, self.antialias  # compile-time choices
+        # The integers as an array's elements: numba types an integer or bool constant as its
+        # value (a literal), and would compile decode_batch again for each seed, address or crop
+        ints = np.array([self.seed, self.center, PARALLEL_CHUNK, self._corrupt_cell.ctypes.data],
+                        np.int64)
+        memmove = ctypes.memmove
 
-        @numba.njit(nogil=True)
-        def decode_one(k, batch_indices, metadata, storage_state, destination, temp, info, epoch):
-            field = metadata[batch_indices[k]]
-            data = mem_read(field['data_ptr'], storage_state)
-            height, width = np.int64(field['height']), np.int64(field['width'])
-            key = sample_key(seed, epoch, batch_indices[k])
-            i, j, h, w = crop_at(height, width, scale, ratio, key)
-            # One decode buffer per thread rather than per image, so that it stays in the CPU
-            # cache (thread ids are below the pool size; small batches: per image).
-            slot = np.int64(k)
-            if len(temp) >= pool_size:
-                slot = np.int64(numba.get_thread_id())
-            code = decode_image(data, field['mode'] == jpg, height, width, i, j, h, w, temp[slot],
-                                info[k], destination[k], flipped(key, flip_prob), mean, inv_std,
-                                normalize, antialias)
-            if code < 0:  # corrupt record (imagenet-ffcv-write --verify finds it): zeros, noted
-                destination[k][:] = 0
-                info[k, 0] = batch_indices[k]
-                memmove(corrupt_address, info[k].ctypes.data, 8)
-
+        # Compiled for each loader (a small function: its constants are this decoder's); the
+        # work is decode_batch's, compiled once per process
         def decode(batch_indices, my_storage, metadata, storage_state):
             destination, temp, info = my_storage
             epoch = np.zeros(1, np.int64)
             memmove(epoch.ctypes.data, epoch_address, 8)
-            # The threads take PARALLEL_CHUNK images at a time as they get free, not an equal
-            # share each: crops cost 0.1-1x of a whole image to decode, and the batch waits for
-            # its last image (benchmarks/loader_scaling.py measures it)
-            count = len(batch_indices)
-            workers = min(numba.get_num_threads(), count)
-            share = chunk if chunk > 0 else -(-count // workers)
-            counter = np.zeros(1, np.int64)
-            for _ in my_range(workers):
-                first, last = take_images(counter, share, count)
-                while first < last:
-                    for k in range(first, last):
-                        decode_one(k, batch_indices, metadata, storage_state, destination, temp,
-                                   info, epoch[0])
-                    first, last = take_images(counter, share, count)
-            return destination[:count]
+            decode_batch(batch_indices, metadata, storage_state, destination, temp, info, mem_read,
+                         ints[1] != 0, scale, ratio, ints[0], epoch[0], flip_prob, mean, inv_std,
+                         normalize, antialias, ints[2], ints[3])
+            return destination[:len(batch_indices)]
 
-        decode.is_parallel = True
         return decode
+
+
+_batch_decoders = {}  # (parallel, partial) -> decode_batch, compiled
+
+
+def batch_decoder(parallel: bool):
+    """``decode_batch(batch_indices, metadata, storage_state, destination, temp, info, mem_read,
+    center, scale, ratio, seed, epoch, flip_prob, mean, inv_std, normalize, antialias, chunk,
+    corrupt_address)``, the work of :class:`CropResizeDecoder`'s compiled code for one batch:
+    each image of ``batch_indices`` (uint64 (B,), sample indices) read with ``mem_read`` (ffcv's
+    memory manager's reader, from ``metadata`` and ``storage_state``), cropped (``center``: as
+    :class:`CropResizeDecoder`), flipped and resampled into ``destination[k]`` by
+    :func:`compiled_image_decoder`, with a row of ``temp`` (per thread; per image for a batch
+    smaller than numba's thread pool) and of ``info`` as its scratch. A record that does not
+    decode comes out as zeros, and its sample index is written to the int64 at
+    ``corrupt_address``. With ``parallel``, the images are shared among the loader's threads,
+    ``chunk`` at a time as they get free (:func:`take_images`; 0: an equal share each).
+
+    Compiled with ffcv's Compiler's options, once per process for each ``parallel`` (and kind
+    of region reader): every loader, train or val, calls it with its own values as arguments, so
+    numba compiles the batch loop, the largest piece of a loader's code (4 s on 2 cores), at the
+    first loader's first batch, and again only for another memory manager's reader, output
+    dtype (``normalize``) or ``antialias``, not for each loader (``tests/test_decoders.py``)."""
+    partial = region_decoder() is not None
+    if (parallel, partial) in _batch_decoders:
+        return _batch_decoders[parallel, partial]
+    decode_image = compiled_image_decoder()
+    jpg, pool_size, memmove = IMAGE_MODES['jpg'], numba.config.NUMBA_NUM_THREADS, ctypes.memmove
+    my_range = numba.prange if parallel else range
+
+    @numba.njit(nogil=True)
+    def decode_one(k, batch_indices, metadata, storage_state, destination, temp, info, mem_read,
+                   center, scale, ratio, seed, epoch, flip_prob, mean, inv_std, normalize,
+                   antialias, corrupt_address):
+        field = metadata[batch_indices[k]]
+        data = mem_read(field['data_ptr'], storage_state)
+        height, width = np.int64(field['height']), np.int64(field['width'])
+        key = sample_key(seed, epoch, batch_indices[k])
+        if center:
+            i, j, h, w = center_crop(height, width, scale, ratio[0], key)
+        else:
+            i, j, h, w = random_resized_crop(height, width, scale, ratio, key)
+        # One decode buffer per thread rather than per image, so that it stays in the CPU
+        # cache (thread ids are below the pool size; small batches: per image).
+        slot = np.int64(k)
+        if len(temp) >= pool_size:
+            slot = np.int64(numba.get_thread_id())
+        code = decode_image(data, field['mode'] == jpg, height, width, i, j, h, w, temp[slot],
+                            info[k], destination[k], flipped(key, flip_prob), mean, inv_std,
+                            normalize, antialias)
+        if code < 0:  # corrupt record (imagenet-ffcv-write --verify finds it): zeros, noted
+            destination[k][:] = 0
+            info[k, 0] = batch_indices[k]
+            memmove(corrupt_address, info[k].ctypes.data, 8)
+
+    def decode_batch(batch_indices, metadata, storage_state, destination, temp, info, mem_read,
+                     center, scale, ratio, seed, epoch, flip_prob, mean, inv_std, normalize,
+                     antialias, chunk, corrupt_address):
+        # The threads take `chunk` images at a time as they get free, not an equal share each:
+        # crops cost 0.1-1x of a whole image to decode, and the batch waits for its last image
+        # (benchmarks/loader_scaling.py measures it)
+        count = len(batch_indices)
+        workers = min(numba.get_num_threads(), count)
+        share = chunk if chunk > 0 else -(-count // workers)
+        counter = np.zeros(1, np.int64)
+        for _ in my_range(workers):
+            first, last = take_images(counter, share, count)
+            while first < last:
+                for k in range(first, last):
+                    decode_one(k, batch_indices, metadata, storage_state, destination, temp,
+                               info, mem_read, center, scale, ratio, seed, epoch, flip_prob,
+                               mean, inv_std, normalize, antialias, corrupt_address)
+                first, last = take_images(counter, share, count)
+
+    decode_batch.is_parallel = parallel
+    _batch_decoders[parallel, partial] = Compiler.compile(decode_batch)
+    return _batch_decoders[parallel, partial]
 
 
 def random_resized_crop_decoder(output_size, *, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
@@ -380,7 +426,7 @@ def random_resized_crop_decoder(output_size, *, scale=(0.08, 1.0), ratio=(3 / 4,
     the whole image clamped to the ratio range after 10 failed draws; ``crops``) to
     ``output_size`` (H, W) px, then a left-right flip with probability ``flip_prob``, both drawn
     from (``seed``, epoch, sample index). Output as :class:`CropResizeDecoder`."""
-    return CropResizeDecoder(output_size, crop=random_resized_crop, scale=scale, ratio=ratio,
+    return CropResizeDecoder(output_size, center=False, scale=scale, ratio=ratio,
                              flip_prob=flip_prob, normalize=normalize, mean=mean, std=std,
                              seed=seed, antialias=antialias)
 
@@ -389,6 +435,6 @@ def center_crop_decoder(output_size, *, ratio: float, normalize: bool, mean, std
                         antialias: bool = False):
     """Validation decoder: the central square of side ``ratio`` x the shorter side (224/256 is
     the classic centre crop), resized to ``output_size`` (H, W) px; ffcv's ``get_center_crop``."""
-    return CropResizeDecoder(output_size, crop=center_crop, scale=(0.0, 0.0), ratio=ratio,
+    return CropResizeDecoder(output_size, center=True, scale=(0.0, 0.0), ratio=ratio,
                              flip_prob=0.0, normalize=normalize, mean=mean, std=std,
                              antialias=antialias)

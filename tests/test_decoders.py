@@ -206,24 +206,40 @@ def test_train_loader_whole_image_crops_flip_and_fallback_agree(betons, monkeypa
                                rtol=0)
 
 
-def test_every_loader_calls_one_decode_image_compiled_once_per_process(betons, monkeypatch):
-    """The per-image decode (decoders.compiled_image_decoder) is compiled at the first loader's
-    first batch; a second loader on the same kind of data calls that function with no new
-    compilation."""
+def test_loaders_share_one_batch_loop_compiled_once_per_process(betons, monkeypatch):
+    """The loaders' work (decoders.batch_decoder's batch loop and the per-image
+    decoders.compiled_image_decoder it calls) is compiled at the first loader's first batch; later
+    loaders with the same kind of data and reader, train or val, whatever their seed, call the
+    same compiled code with no new compilation (only their own small wrapper is compiled), and a
+    loader made again gives the same batch."""
     monkeypatch.setattr(decoders, '_compiled_decoders', {})  # as in a new process
+    monkeypatch.setattr(decoders, '_batch_decoders', {})
+    monkeypatch.setattr(loaders, '_readers', {})
 
-    def first_batch():
+    def first_batch(seed, os_cache):
         loader, _ = loaders.train_loader(path=betons['jpg'], batch_size=4, num_workers=2, res=64,
-                                         os_cache=False, device=torch.device('cpu'),
-                                         distributed=False, seed=0)
+                                         os_cache=os_cache, device=torch.device('cpu'),
+                                         distributed=False, seed=seed)
         return next(iter(loader))[0].clone()
-    first = first_batch()
-    [decode_image] = decoders._compiled_decoders.values()
-    signatures = list(decode_image.signatures)
-    assert len(signatures) == 1
-    assert torch.equal(first_batch(), first)
-    assert list(decoders._compiled_decoders.values()) == [decode_image]
-    assert decode_image.signatures == signatures
+
+    def signatures():
+        return {key: list(f.signatures) for compiled in (decoders._compiled_decoders,
+                                                         decoders._batch_decoders)
+                for key, f in compiled.items()}
+
+    for os_cache in (False, True):  # ffcv's two memory managers
+        first = first_batch(0, os_cache)
+        compiled = signatures()
+        assert len(decoders._batch_decoders) == 1 and len(decoders._compiled_decoders) == 1
+        assert not torch.equal(first_batch(1, os_cache), first)  # another seed: other crops
+        assert torch.equal(first_batch(0, os_cache), first)
+        assert signatures() == compiled
+    [decode_batch] = decoders._batch_decoders.values()
+    assert len(decode_batch.signatures) == 2  # one per reader
+    val = loaders.val_loader(path=betons['jpg'], batch_size=4, num_workers=2, res=64,
+                             device=torch.device('cpu'))  # the centre crop, os_cache
+    next(iter(val))
+    assert signatures() == compiled
 
 
 def test_betons_with_and_without_restart_markers_load_to_the_same_batches(betons):
