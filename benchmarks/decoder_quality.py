@@ -8,7 +8,7 @@ for the same random-resized crop rectangles (``crops.random_resized_crop``, scal
 
 - reference: PIL's full decode of the stored JPEG, ``Image.resize((res, res), Image.LANCZOS,
   box=(left, top, right, bottom))`` (exact rectangle, ``reducing_gap`` off);
-- ``fused``: ``decoders.decode_crop``, the compiled steps ``decoders.CropResizeDecoder`` runs
+- ``fused``: ``image_decode.decode_crop``, the compiled steps ``decoders.CropResizeDecoder`` runs
   (``jpeg_window`` (partial), the region decode of the window, ``resample(antialias=False)``);
 - ``fused_aa``: the same with ``antialias=True``;
 - ``ffcv``: ffcv 1.0.2's ``RandomResizedCropRGBImageDecoder`` for the same rectangle, through
@@ -39,7 +39,7 @@ from PIL import Image
 
 from common import RESULTS, STORAGE, image_sets, machine_line, markdown_table, write_csv
 from ffcv.libffcv import imdecode, resize_crop
-from imagenet_ffcv import decoders
+from imagenet_ffcv import image_decode
 from imagenet_ffcv.constants import DECODERS
 from imagenet_ffcv.crops import random_resized_crop, sample_key
 from imagenet_ffcv.images import DEFAULT_RESTART_INTERVAL, encode_jpeg, load_image
@@ -64,10 +64,10 @@ def stored_jpegs(root, limit: int) -> list:
 
 
 def fused(jpeg, height, width, crop, res, antialias):
-    """Our decoder's output for one crop (no flip, uint8): ``decoders.decode_crop``, the loaders'
-    own compiled steps."""
-    return decoders.decode_crop(jpeg, height=height, width=width, crop=crop, size=(res, res),
-                                normalize=False, antialias=antialias)
+    """Our decoder's output for one crop (no flip, uint8): ``image_decode.decode_crop``, the
+    loaders' own compiled steps."""
+    return image_decode.decode_crop(jpeg, height=height, width=width, crop=crop,
+                                    size=(res, res), normalize=False, antialias=antialias)
 
 
 def ffcv_stock(jpeg, height, width, crop, res):

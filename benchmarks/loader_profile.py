@@ -9,7 +9,7 @@ at each resolution, one thread, median of ``--runs`` passes after a warm-up pass
   ``bench_loader.py``'s decode limit (img/s = cores / this), on the same stored bytes (restart
   markers included);
 - ``region decode``: ``jpeg_region.c``'s ``decode_region`` on the crop's window
-  (``decoders.jpeg_window``), and the fraction of the image's pixels in the window; split into
+  (``image_decode.jpeg_window``), and the fraction of the image's pixels in the window; split into
   its steps for JPEGs with restart markers: ``intervals`` (the markers found and the covered
   intervals copied into a small JPEG: ``region_jpeg``), ``entropy`` (that small JPEG's headers
   read, its decompression started and its Huffman data decoded by jpeg_region.c's own decoder,
@@ -18,7 +18,7 @@ at each resolution, one thread, median of ``--runs`` passes after a warm-up pass
   by libjpeg-turbo's partial decompression (``decode_region_scanlines``, the way of JPEGs without
   markers), which entropy-decodes every row above the window and the window's rows in full
   width;
-- ``resample``: the loaders' resample of that region into the batch (``decoders.resampler``:
+- ``resample``: the loaders' resample of that region into the batch (``image_decode.resampler``:
   ``resampling.resample``'s taps, applied in C when there are 2 per axis): float32 normalised
   (the CPU path) and uint8 (the CUDA path, normalised on the device);
 - ``loader``: ``loaders.train_loader`` at ``--res-loader`` with all cores, in µs per image per
@@ -47,12 +47,12 @@ from common import (RESULTS, STORAGE, alternate, epoch_of, image_sets, machine_l
                     time_runs, write_csv)
 from ffcv.libffcv import imdecode
 from ffcv.pipeline.graph import Graph
-from imagenet_ffcv import decoders, jpeg_region
+from imagenet_ffcv import image_decode, jpeg_region
 from imagenet_ffcv.constants import IMAGENET_MEAN, IMAGENET_STD
 from imagenet_ffcv.crops import random_resized_crop, sample_key
 
 SCALE, RATIO = np.array((0.08, 1.0)), np.array((3 / 4, 4 / 3))  # the training crop's ranges
-resample_c = decoders.resampler()  # the loaders' own resample (C for 2 taps per axis)
+resample_c = image_decode.resampler()  # the loaders' own resample (C for 2 taps per axis)
 
 
 def median_us(run, runs: int) -> float:
@@ -68,7 +68,7 @@ def stage_costs(jpegs, res: int, crops: int, runs: int) -> dict:
     for c in range(crops):
         for k, (jpeg, h, w) in enumerate(jpegs):
             i, j, ch, cw = random_resized_crop(h, w, SCALE, RATIO, np.uint64(sample_key(0, c, k)))
-            jobs.append((jpeg, h, w, decoders.jpeg_window(h, w, i, j, ch, cw, res, res, True)))
+            jobs.append((jpeg, h, w, image_decode.jpeg_window(h, w, i, j, ch, cw, res, res, True)))
     regions = []
     for jpeg, _, _, (denom, top, left, rows, cols, y0, x0, ch, cw) in jobs:
         pixels, first = jpeg_region.decode_region(jpeg, top=top, left=left, height=rows,

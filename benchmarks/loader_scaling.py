@@ -24,8 +24,8 @@ to ``--predict-threads`` (16: the lent GPU machine's cores).
    and a WARNING line says so. The CPU per batch that does not grow with the batch (1 thread,
    batch 256 against 1,024, in CPU time) is printed beside the fit.
 3. Imbalance: each of ``--sim-images`` stored JPEGs decoded once into a random-resized crop at
-   ``--res`` px on one thread (``decoders.decode_crop``, the loader's compiled per-image code; the
-   least of 3 timings per image, µs, Python's call overhead included), then batches drawn from
+   ``--res`` px on one thread (``image_decode.decode_crop``, the loader's compiled per-image code;
+   the least of 3 timings per image, µs, Python's call overhead included), then batches drawn from
    that cost distribution and scheduled on ``--predict-threads`` threads: one equal share per
    thread (the batch ends when the slowest share does) against chunks of the loader's and
    ``--chunks``' sizes taken as threads get free (``decoders.take_images``). Efficiency = (total
@@ -53,7 +53,7 @@ import numpy as np
 from common import (DEMO, RESULTS, SHARED_DATA, alternate, epoch_of, machine_line,
                     markdown_table, median_parts, our_loader, pooled_samples, schedule_name,
                     stored_beton, stored_jpegs, with_batch_parts, write_csv)
-from imagenet_ffcv import decoders
+from imagenet_ffcv import decoders, image_decode
 from imagenet_ffcv.crops import random_resized_crop, sample_key
 
 SCALE, RATIO = np.array((0.08, 1.0)), np.array((3 / 4, 4 / 3))  # the training crop's ranges
@@ -214,12 +214,12 @@ def image_costs(beton, *, res: int, images: int) -> np.ndarray:
     crops = [random_resized_crop(h, w, SCALE, RATIO, np.uint64(sample_key(0, 0, k)))
              for k, (_, h, w) in enumerate(jpegs)]
     jpeg, h, w = jpegs[0]
-    decoders.decode_crop(jpeg, height=h, width=w, crop=crops[0], size=(res, res))  # compiles
+    image_decode.decode_crop(jpeg, height=h, width=w, crop=crops[0], size=(res, res))  # compiles
     times = np.empty((3, len(jpegs)))
     for r in range(3):
         for k, ((jpeg, h, w), crop) in enumerate(zip(jpegs, crops)):
             start = time.perf_counter()
-            decoders.decode_crop(jpeg, height=h, width=w, crop=crop, size=(res, res))
+            image_decode.decode_crop(jpeg, height=h, width=w, crop=crop, size=(res, res))
             times[r, k] = time.perf_counter() - start
     return 1e6 * times.min(axis=0)
 

@@ -1,6 +1,6 @@
 """Decoding any input image to RGB, the shorter-side resize and the JPEG encoding: what the writer
 stores, and what ``imagenet-ffcv-predict`` stores the same way before it decodes the image as the
-validation loader does (``decoders.center_crop_pixels``)."""
+validation loader does (``image_decode.center_crop_pixels``)."""
 import cv2
 import numpy as np
 from PIL import Image, ImageFile, ImageOps

@@ -30,7 +30,7 @@ from . import config, engine
 from .checkpoint import CheckpointError
 from .classes import read_class_names
 from .commands import command_name
-from .decoders import center_crop_pixels
+from .image_decode import center_crop_pixels
 from .images import DEFAULT_RESTART_INTERVAL, encode_jpeg, load_image
 from .weights import load_model
 
@@ -87,7 +87,7 @@ def image_record(path, *, max_res: int = 256, jpeg_quality: int = 90,
 def model_input(record, height: int, width: int, *, res: int) -> torch.Tensor:
     """A stored JPEG record as the CPU val loader feeds it to the model: float32 (3, res, res),
     the centre crop decoded, resized and normalised by the loader's own code
-    (``decoders.center_crop_pixels``), equal to the loader's batch row."""
+    (``image_decode.center_crop_pixels``), equal to the loader's batch row."""
     pixels = center_crop_pixels(record, height=height, width=width, res=res)
     return torch.from_numpy(pixels).permute(2, 0, 1)
 

@@ -1,7 +1,7 @@
 """Bilinear resampling of a decoded crop into the batch, fused with the flip and the normalisation:
 the last step of the decoders (``decoders``), in numba. Its common case (2 taps per axis) also runs
 in C (``jpeg_region.c``'s ``resample_bilinear``, with the taps of :func:`taps`), which the decoders
-use where the C part is built (``decoders.resampler``).
+use where the C part is built (``image_decode.resampler``).
 
 Pixel centres aligned, as OpenCV's INTER_LINEAR and torchvision's ``antialias=False``; a shrink by
 k >= 2 along an axis averages k x k samples (``antialias``: also 2 x 2 for the shrinks in (1, 2)).
@@ -71,7 +71,7 @@ def resample(src, y0, x0, crop_h, crop_w, dst, flip, mean, inv_std, normalize, a
     ``antialias``: ceil(shrink) samples, so 2 in (1, 2) too (:func:`taps`). ``normalize``: write
     ``(v - mean) * inv_std`` (dst float32), else the rounded value (dst uint8). Compiled by numba
     at its first call with each argument type, and cached on disk. The loaders' decoders run the
-    common case (2 taps per axis) in C with the same taps (``decoders.resampler``).
+    common case (2 taps per axis) in C with the same taps (``image_decode.resampler``).
 
     Per output row: blend the source rows (contiguous, vectorised; normalised there, since the
     column weights sum to 1), then gather the columns (the flip is folded into their order). One

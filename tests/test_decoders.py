@@ -1,5 +1,6 @@
-"""The fused decoders (imagenet_ffcv/decoders.py): region decoding, resampling, flip, normalisation,
-and the loaders built on them, against independent references (full decodes, OpenCV)."""
+"""The fused decoders (imagenet_ffcv/decoders.py, image_decode.py): region decoding, resampling,
+flip, normalisation, and the loaders built on them, against independent references (full decodes,
+OpenCV)."""
 import re
 
 import cv2
@@ -8,8 +9,8 @@ import pytest
 import torch
 
 from conftest import SAMPLE
-from imagenet_ffcv import (constants, decoders, images, jpeg_region, loaders, resampling, sources,
-                           verify, writer)
+from imagenet_ffcv import (constants, decoders, image_decode, images, jpeg_region, loaders,
+                           memory_readers, resampling, sources, verify, writer)
 
 MEAN, STD = constants.IMAGENET_MEAN, constants.IMAGENET_STD
 
@@ -43,7 +44,7 @@ def test_region_decode_equals_the_full_decode_inside_the_margin(photo, denom):
         part, first = jpeg_region.decode_region(jpeg, top=top, left=left, height=h, width=w,
                                                 denom=denom)
         assert first <= left and first + part.shape[1] >= left + w
-        m = decoders.MARGIN
+        m = image_decode.MARGIN
         inner = part[m:h - m, left - first + m:left - first + w - m]
         np.testing.assert_array_equal(inner, full[top + m:top + h - m, left + m:left + w - m])
 
@@ -99,9 +100,9 @@ def test_the_decoders_resample_in_c_as_resampling_resample_does(photo, normalize
     level apart) for random crops, both flips, enlarged and shrunk, one-pixel-wide sources and
     outputs; shrinks by 2 or more (more taps) go to resampling.resample itself."""
     a, _ = photo
-    resample_image = decoders.resampler()
+    resample_image = image_decode.resampler()
     assert resample_image is not resampling.resample  # the C part is built
-    mean, inv_std = decoders.normalization(MEAN, STD)
+    mean, inv_std = image_decode.normalization(MEAN, STD)
     rng = np.random.default_rng(1)
     cases = [(a, (0.0, 0.0, 256.0, 341.0), (224, 224)), (a[:, :1], (0.0, 0.0, 256.0, 1.0), (5, 3)),
              (a, (10.0, 20.0, 30.0, 40.0), (1, 1)), (a, (0.0, 0.0, 256.0, 341.0), (64, 64))]
@@ -125,7 +126,7 @@ def test_the_decoders_resample_in_c_as_resampling_resample_does(photo, normalize
 
 
 def test_dct_scale_leaves_a_shrink_below_two():
-    assert [decoders.dct_scale(s) for s in (0.5, 1.0, 1.99, 2.0, 3.9, 4.0, 8.5, 40)] == \
+    assert [image_decode.dct_scale(s) for s in (0.5, 1.0, 1.99, 2.0, 3.9, 4.0, 8.5, 40)] == \
         [1, 1, 1, 2, 2, 4, 8, 8]
 
 
@@ -208,13 +209,13 @@ def test_train_loader_whole_image_crops_flip_and_fallback_agree(betons, monkeypa
 
 def test_loaders_share_one_batch_loop_compiled_once_per_process(betons, monkeypatch):
     """The loaders' work (decoders.batch_decoder's batch loop and the per-image
-    decoders.compiled_image_decoder it calls) is compiled at the first loader's first batch; later
-    loaders with the same kind of data and reader, train or val, whatever their seed, call the
+    image_decode.compiled_image_decoder it calls) is compiled at the first loader's first batch;
+    later loaders with the same kind of data and reader, train or val, whatever their seed, call the
     same compiled code with no new compilation (only their own small wrapper is compiled), and a
     loader made again gives the same batch."""
-    monkeypatch.setattr(decoders, '_compiled_decoders', {})  # as in a new process
+    monkeypatch.setattr(image_decode, "_compiled_decoders", {})  # as in a new process
     monkeypatch.setattr(decoders, '_batch_decoders', {})
-    monkeypatch.setattr(loaders, '_readers', {})
+    monkeypatch.setattr(memory_readers, '_readers', {})
 
     def first_batch(seed, os_cache):
         loader, _ = loaders.train_loader(path=betons['jpg'], batch_size=4, num_workers=2, res=64,
@@ -223,14 +224,14 @@ def test_loaders_share_one_batch_loop_compiled_once_per_process(betons, monkeypa
         return next(iter(loader))[0].clone()
 
     def signatures():
-        return {key: list(f.signatures) for compiled in (decoders._compiled_decoders,
+        return {key: list(f.signatures) for compiled in (image_decode._compiled_decoders,
                                                          decoders._batch_decoders)
                 for key, f in compiled.items()}
 
     for os_cache in (False, True):  # ffcv's two memory managers
         first = first_batch(0, os_cache)
         compiled = signatures()
-        assert len(decoders._batch_decoders) == 1 and len(decoders._compiled_decoders) == 1
+        assert len(decoders._batch_decoders) == 1 and len(image_decode._compiled_decoders) == 1
         assert not torch.equal(first_batch(1, os_cache), first)  # another seed: other crops
         assert torch.equal(first_batch(0, os_cache), first)
         assert signatures() == compiled

@@ -1,0 +1,62 @@
+"""The readers of ffcv 1.0.2's memory managers (``read(address, mem_state)``: a sample's bytes,
+from the .beton in memory), which the loaders' decoders call for each image; :func:`install` puts
+them in ffcv's two managers, and ``loaders.Loader`` does so.
+
+ffcv compiles a new reader for each loader, and the decoders' batch loop, compiled once per process
+for each reader it is given (``decoders.batch_decoder``), would then be compiled again with it: 4 s
+per loader on 2 cores. These are compiled once per process.
+"""
+import numba
+import numpy as np
+from . import ffcv_import  # noqa: F401  (first: ffcv without its import-time compiling)
+from ffcv.memory_managers import OSCacheManager, ProcessCacheManager
+from ffcv.pipeline.compiler import Compiler
+
+# ffcv's OSCacheManager (``os_cache=True``, our ``data.in_memory=1``) also marks its arrays
+# read-only by setting ``mutable = False`` on numba's shared (interned) ``uint8[::1]`` type object.
+# That changes the hash of a type that numba's dictionaries already hold as a key, and numba then
+# raises KeyError on them: "Exception ignored in: <finalize object ...>" from
+# ``dispatcher.finalizer`` whenever a compiled function is collected, or a failed compile (ffcv's
+# loader thread dies, the loader hangs) in a function compiled before. Its state and reader,
+# typed with a read-only array type of their own:
+_READ_ONLY_BYTES = numba.types.Array(numba.uint8, 1, 'C', readonly=True)
+
+
+def _os_cache_state_type(self):
+    return numba.types.Tuple([_READ_ONLY_BYTES, numba.uint64[::1], numba.uint64[::1]])
+
+
+def _os_cache_read(address, mem_state):
+    size = mem_state[2][np.searchsorted(mem_state[1], address)]
+    return mem_state[0][address:address + size]
+
+
+def _process_cache_read(address, mem_state):
+    # ffcv's ProcessCacheManager reader, with the page size taken from its pages array (slots,
+    # page size) rather than frozen into each loader's reader
+    size = mem_state[2][np.searchsorted(mem_state[1], address)]
+    page_size = np.uint64(mem_state[0].shape[1])
+    page = address // page_size
+    offset = address - page * page_size
+    return mem_state[0][mem_state[3][page], offset:offset + size]
+
+
+_readers = {}  # memory manager class -> its reader, compiled
+
+
+def _reader(self):
+    """A memory manager's ``compile_reader``: one reader per process for each kind of manager."""
+    kind = type(self)
+    if kind not in _readers:
+        _readers[kind] = (
+            Compiler.compile(_os_cache_read, _READ_ONLY_BYTES(numba.uint64, self.state_type))
+            if isinstance(self, OSCacheManager) else Compiler.compile(_process_cache_read))
+    return _readers[kind]
+
+
+def install() -> None:
+    """Put the state type and readers above in ffcv's memory managers (done when a loader is
+    made)."""
+    OSCacheManager.state_type = property(_os_cache_state_type)
+    OSCacheManager.compile_reader = _reader
+    ProcessCacheManager.compile_reader = _reader
