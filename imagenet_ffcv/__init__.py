@@ -7,9 +7,10 @@ Data: ``sources`` (input layouts, samples and labels), ``classes`` (class lists)
 (decoding to RGB, the shorter-side resize), ``writer`` (writing .beton files), ``verify`` (reading
 them back), ``loaders`` (the FFCV loaders), ``memory_readers`` (ffcv's readers of the .beton in
 memory, compiled once per process), ``decoders`` (the fused crop/resize/flip/normalise
-decoders), ``image_decode`` (their path from one stored image to its crop's pixels), ``jpeg_region`` (their C part, ``jpeg_region.c``: the JPEG region decoder and the
-common case of the resample), ``resampling`` (their bilinear resample), ``crops`` (crops and flips
-from seed, epoch and sample), ``constants``, ``ffcv_import`` (ffcv imported without the numba
+decoders), ``image_decode`` (the decoders' path from one stored image to its crop's pixels),
+``jpeg_region`` (the decoders' C part, ``jpeg_region.c``: the JPEG region decoder and the common
+case of the resample), ``resampling`` (their bilinear resample), ``crops`` (crops and flips from
+seed, epoch and sample), ``constants``, ``ffcv_import`` (ffcv imported without the numba
 compiling that importing it sets off; imported first by the modules that use ffcv).
 Training: ``config`` and ``config_schema`` (the configuration and its keys), ``models``,
 ``optimizers``, ``schedules``, ``engine`` (training step and epoch, evaluation, mixed precision),

@@ -76,7 +76,8 @@ class CropResizeDecoder(SimpleRGBImageDecoder):
     ``crops.random_resized_crop`` (``scale`` and ``ratio`` pairs), drawn from the key
     ``crops.sample_key(seed, epoch, sample index)``, which also decides the flip. Output per
     image: float32 (H, W, 3) normalised with ``mean``/``std`` (0-255 units) when ``normalize``,
-    else uint8 (H, W, 3).
+    else uint8 (H, W, 3). Raises ValueError for a ``ratio`` of the other crop's form or a
+    ``seed`` outside [0, 2^63).
     """
 
     def __init__(self, output_size, *, center: bool, scale, ratio, flip_prob: float,
@@ -87,10 +88,13 @@ class CropResizeDecoder(SimpleRGBImageDecoder):
         self.center = bool(center)
         self.scale = np.array(scale, np.float64)
         self.ratio = np.array(ratio, np.float64).reshape(-1)  # (1,) for the centre crop
+        if self.ratio.shape != ((1,) if self.center else (2,)):
+            raise ValueError(f'ratio={ratio!r}: expected ' + (
+                'a float for the centre crop' if self.center else '(low, high) aspect ratios'))
         self.flip_prob, self.normalize = float(flip_prob), bool(normalize)
         self.mean, self.inv_std = normalization(mean, std)
-        if seed < 0:
-            raise ValueError(f'seed={seed} must be >= 0')
+        if not 0 <= seed < 2 ** 63:
+            raise ValueError(f'seed={seed} must be >= 0 and < 2**63')
         self.seed = int(seed)
         # The epoch, read by the compiled code at each batch from this array's address (numba
         # freezes captured arrays, so it copies the value with ctypes.memmove).
@@ -132,10 +136,10 @@ class CropResizeDecoder(SimpleRGBImageDecoder):
         scale, ratio, flip_prob = self.scale, self.ratio, self.flip_prob
         mean, inv_std, epoch_address = self.mean, self.inv_std, self._epoch_cell.ctypes.data
         normalize, antialias = self.normalize, self.antialias  # compile-time choices
-        # The integers as an array's elements: numba types an integer or bool constant as its
-        # value (a literal), and would compile decode_batch again for each seed, address or crop
-        ints = np.array([self.seed, self.center, PARALLEL_CHUNK, self._corrupt_cell.ctypes.data],
-                        np.int64)
+        # As numpy scalars: numba types a Python int or bool constant as its value (a literal),
+        # and would compile decode_batch again for each seed, chunk, address or crop
+        seed, chunk, center = np.int64(self.seed), np.int64(PARALLEL_CHUNK), np.bool_(self.center)
+        corrupt_address = np.int64(self._corrupt_cell.ctypes.data)
         memmove = ctypes.memmove
 
         # Compiled for each loader (a small function: its constants are this decoder's); the
@@ -145,8 +149,8 @@ class CropResizeDecoder(SimpleRGBImageDecoder):
             epoch = np.zeros(1, np.int64)
             memmove(epoch.ctypes.data, epoch_address, 8)
             decode_batch(batch_indices, metadata, storage_state, destination, temp, info, mem_read,
-                         ints[1] != 0, scale, ratio, ints[0], epoch[0], flip_prob, mean, inv_std,
-                         normalize, antialias, ints[2], ints[3])
+                         center, scale, ratio, seed, epoch[0], flip_prob, mean, inv_std,
+                         normalize, antialias, chunk, corrupt_address)
             return destination[:len(batch_indices)]
 
         return decode
@@ -162,16 +166,16 @@ def batch_decoder(parallel: bool):
     each image of ``batch_indices`` (uint64 (B,), sample indices) read with ``mem_read`` (ffcv's
     memory manager's reader, from ``metadata`` and ``storage_state``), cropped (``center``: as
     :class:`CropResizeDecoder`), flipped and resampled into ``destination[k]`` by
-    :func:`compiled_image_decoder`, with a row of ``temp`` (per thread; per image for a batch
-    smaller than numba's thread pool) and of ``info`` as its scratch. A record that does not
+    :func:`compiled_image_decoder`, with a row of ``temp`` (per thread; per image when the
+    loader's batch size is below numba's thread pool) and of ``info`` as its scratch. A record that does not
     decode comes out as zeros, and its sample index is written to the int64 at
     ``corrupt_address``. With ``parallel``, the images are shared among the loader's threads,
     ``chunk`` at a time as they get free (:func:`take_images`; 0: an equal share each).
 
     Compiled with ffcv's Compiler's options, once per process for each ``parallel`` (and kind
     of region reader): every loader, train or val, calls it with its own values as arguments, so
-    numba compiles the batch loop, the largest piece of a loader's code (4 s on 2 cores), at the
-    first loader's first batch, and again only for another memory manager's reader, output
+    numba compiles the batch loop, the largest piece of a loader's code that is compiled per
+    process and not cached on disk (4 s on 2 cores), at the first loader's first batch, and again only for another memory manager's reader, output
     dtype (``normalize``) or ``antialias``, not for each loader (``tests/test_decoders.py``)."""
     partial = region_decoder() is not None
     if (parallel, partial) in _batch_decoders:

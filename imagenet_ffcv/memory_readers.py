@@ -12,7 +12,7 @@ from . import ffcv_import  # noqa: F401  (first: ffcv without its import-time co
 from ffcv.memory_managers import OSCacheManager, ProcessCacheManager
 from ffcv.pipeline.compiler import Compiler
 
-# ffcv's OSCacheManager (``os_cache=True``, our ``data.in_memory=1``) also marks its arrays
+# ffcv's OSCacheManager (``os_cache=True``, our ``data.in_memory=1``) marks its arrays
 # read-only by setting ``mutable = False`` on numba's shared (interned) ``uint8[::1]`` type object.
 # That changes the hash of a type that numba's dictionaries already hold as a key, and numba then
 # raises KeyError on them: "Exception ignored in: <finalize object ...>" from
@@ -44,13 +44,16 @@ def _process_cache_read(address, mem_state):
 _readers = {}  # memory manager class -> its reader, compiled
 
 
-def _reader(self):
-    """A memory manager's ``compile_reader``: one reader per process for each kind of manager."""
+def _compile_reader(self):
+    """A memory manager's ``compile_reader``: one reader per process for each of ffcv's two
+    managers."""
     kind = type(self)
     if kind not in _readers:
-        _readers[kind] = (
-            Compiler.compile(_os_cache_read, _READ_ONLY_BYTES(numba.uint64, self.state_type))
-            if isinstance(self, OSCacheManager) else Compiler.compile(_process_cache_read))
+        if isinstance(self, OSCacheManager):
+            _readers[kind] = Compiler.compile(
+                _os_cache_read, _READ_ONLY_BYTES(numba.uint64, self.state_type))
+        else:  # a ProcessCacheManager (install puts this method in those two only)
+            _readers[kind] = Compiler.compile(_process_cache_read)
     return _readers[kind]
 
 
@@ -58,5 +61,5 @@ def install() -> None:
     """Put the state type and readers above in ffcv's memory managers (done when a loader is
     made)."""
     OSCacheManager.state_type = property(_os_cache_state_type)
-    OSCacheManager.compile_reader = _reader
-    ProcessCacheManager.compile_reader = _reader
+    OSCacheManager.compile_reader = _compile_reader
+    ProcessCacheManager.compile_reader = _compile_reader

@@ -210,16 +210,18 @@ def test_train_loader_whole_image_crops_flip_and_fallback_agree(betons, monkeypa
 def test_loaders_share_one_batch_loop_compiled_once_per_process(betons, monkeypatch):
     """The loaders' work (decoders.batch_decoder's batch loop and the per-image
     image_decode.compiled_image_decoder it calls) is compiled at the first loader's first batch;
-    later loaders with the same kind of data and reader, train or val, whatever their seed, call the
-    same compiled code with no new compilation (only their own small wrapper is compiled), and a
-    loader made again gives the same batch."""
-    monkeypatch.setattr(image_decode, "_compiled_decoders", {})  # as in a new process
+    later loaders with the same kind of data and reader, train or val, whatever their seed and
+    decoders.PARALLEL_CHUNK, call the same compiled code with no new compilation (only their own
+    small wrapper is compiled), and a loader made again gives the same batch. Loaders with one
+    thread share the loop's serial version the same way."""
+    monkeypatch.setattr(image_decode, '_compiled_decoders', {})  # as in a new process
     monkeypatch.setattr(decoders, '_batch_decoders', {})
     monkeypatch.setattr(memory_readers, '_readers', {})
 
-    def first_batch(seed, os_cache):
-        loader, _ = loaders.train_loader(path=betons['jpg'], batch_size=4, num_workers=2, res=64,
-                                         os_cache=os_cache, device=torch.device('cpu'),
+    def first_batch(seed, os_cache, threads=2, chunk=decoders.PARALLEL_CHUNK):
+        monkeypatch.setattr(decoders, 'PARALLEL_CHUNK', chunk)
+        loader, _ = loaders.train_loader(path=betons['jpg'], batch_size=4, num_workers=threads,
+                                         res=64, os_cache=os_cache, device=torch.device('cpu'),
                                          distributed=False, seed=seed)
         return next(iter(loader))[0].clone()
 
@@ -233,6 +235,7 @@ def test_loaders_share_one_batch_loop_compiled_once_per_process(betons, monkeypa
         compiled = signatures()
         assert len(decoders._batch_decoders) == 1 and len(image_decode._compiled_decoders) == 1
         assert not torch.equal(first_batch(1, os_cache), first)  # another seed: other crops
+        assert torch.equal(first_batch(0, os_cache, chunk=3), first)
         assert torch.equal(first_batch(0, os_cache), first)
         assert signatures() == compiled
     [decode_batch] = decoders._batch_decoders.values()
@@ -241,6 +244,26 @@ def test_loaders_share_one_batch_loop_compiled_once_per_process(betons, monkeypa
                              device=torch.device('cpu'))  # the centre crop, os_cache
     next(iter(val))
     assert signatures() == compiled
+
+    assert torch.equal(first_batch(0, True, threads=1), first)  # the serial loop: compiled
+    assert len(decoders._batch_decoders) == 2
+    compiled = signatures()
+    first_batch(1, True, threads=1)
+    assert signatures() == compiled
+
+
+@pytest.mark.parametrize('center, ratio, seed, message', [
+    (False, 1.0, 0, r'ratio=1.0: expected \(low, high\) aspect ratios'),
+    (True, (0.75, 1.33), 0, r'ratio=\(0.75, 1.33\): expected a float for the centre crop'),
+    (False, (0.75, 1.33), -1, r'seed=-1 must be >= 0 and < 2\*\*63'),
+    (False, (0.75, 1.33), 2 ** 63, r'seed=9223372036854775808 must be >= 0 and < 2\*\*63')])
+def test_a_decoder_refuses_a_ratio_of_the_other_crop_or_a_seed_out_of_range(center, ratio, seed,
+                                                                            message):
+    """The compiled crops would read past a ratio of the wrong length and cannot hold such a
+    seed: the decoder refuses them when it is made, naming the value."""
+    with pytest.raises(ValueError, match=message):
+        decoders.CropResizeDecoder((64, 64), center=center, scale=(0.08, 1.0), ratio=ratio,
+                                   flip_prob=0.5, normalize=True, mean=MEAN, std=STD, seed=seed)
 
 
 def test_betons_with_and_without_restart_markers_load_to_the_same_batches(betons):
