@@ -27,10 +27,11 @@ mkdir -p "$out/python"
 cp -r "$("$py" -c 'import safetensors, os; print(os.path.dirname(safetensors.__file__))')" "$out/python/"
 
 # ffcv's metadata (the carried ffcv has none): meta/, so that the reports name its version
-ffcv_meta='from importlib.metadata import distribution as d; print(d("ffcv").read_text("METADATA"))'
-ffcv_version=$("$py" -c 'from importlib.metadata import version; print(version("ffcv"))')
+ffcv_meta=$("$py" -c 'from importlib.metadata import distribution as d
+print(d("ffcv").read_text("METADATA"))')
+ffcv_version=$(sed -n 's/^Version: //p' <<< "$ffcv_meta" | head -n 1)
 mkdir -p "$out/meta/ffcv-$ffcv_version.dist-info"
-"$py" -c "$ffcv_meta" > "$out/meta/ffcv-$ffcv_version.dist-info/METADATA"
+printf '%s\n' "$ffcv_meta" > "$out/meta/ffcv-$ffcv_version.dist-info/METADATA"
 
 find_so='from imagenet_ffcv import jpeg_region as j; j.load_library(); print(j.library_path())'
 so=$("$py" -c "$find_so")
