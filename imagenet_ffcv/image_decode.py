@@ -201,7 +201,7 @@ def random_crop_pixels(record: np.ndarray, *, height: int, width: int, res: int,
     """:func:`decode_crop` of the training crop and flip of sample ``index`` in ``epoch`` for
     ``seed`` (``crops.random_resized_crop``, ``crops.flipped``) resized to ``res`` x ``res``: what
     the train loader (and :func:`random_resized_crop_decoder`) gives for this record."""
-    key = sample_key(seed, epoch, index)
+    key = np.uint64(sample_key(seed, epoch, index))  # numba returns it as a Python int
     crop = random_resized_crop(height, width, np.array(scale, np.float64),
                                np.array(ratio, np.float64), key)
     return decode_crop(record, height=height, width=width, crop=crop, size=(res, res),

@@ -183,6 +183,28 @@ def test_val_loader_is_the_centre_crop_of_the_stored_image(betons, mode, res):
         assert diff.max() <= max_diff and diff.mean() <= mean_diff, (diff.max(), diff.mean())
 
 
+@pytest.mark.parametrize('mode', ['jpg', 'raw'])
+def test_train_loader_rows_are_random_crop_pixels_of_their_records(betons, mode):
+    """Each row of a training batch equals image_decode.random_crop_pixels of its record (the
+    crop and flip of its seed, epoch and sample index), bit for bit, in the first and the second
+    epoch: the loaders' batch loop and the one-record path give the same pixels."""
+    loader, _ = loaders.train_loader(path=betons[mode], batch_size=4, num_workers=2, res=56,
+                                     os_cache=True, device=torch.device('cpu'),
+                                     distributed=False, seed=5)
+    data, stored = verify.file_bytes(betons[mode]), verify.records(betons[mode])
+    for epoch in (0, 1):
+        order = loader.next_traversal_order()  # the sample indices the epoch's rows hold
+        rows = torch.cat([x.clone() for x, _ in loader]).permute(0, 2, 3, 1).numpy()
+        assert len(rows) == len(order) == 8
+        for row, index in zip(rows, order):
+            m = stored[index]
+            want = image_decode.random_crop_pixels(
+                verify.record_bytes(data, m), height=int(m['height']), width=int(m['width']),
+                res=56, seed=5, epoch=epoch, index=int(index),
+                is_jpeg=bool(m['mode'] == verify.JPEG_MODE))
+            assert np.array_equal(row, want), (epoch, index)
+
+
 def test_train_loader_whole_image_crops_flip_and_fallback_agree(betons, monkeypatch):
     """With min_crop_scale=1 a 4:3 image gives its central 4:3-clipped crop; flip_prob=1 mirrors
     it; the fallback (whole-image decode by ffcv, when the C part cannot be built) gives the
