@@ -263,9 +263,10 @@ def run_tests(args, work, limit, log) -> list:
     """``pytest -m cuda tests/test_cuda.py``: counts of passed/failed/skipped/xfailed tests and
     the names of the failing ones; cut at its limit, those of the tests that finished (from the
     per-test lines of ``-v``, :func:`pytest_outcomes`). With pytest-xdist, 4 test processes
-    share the GPU: one after the other the tests take about 290 s on an H100, mostly numba
-    compiling each loader's pipeline and two runs in CPU processes, more than the check's
-    budget holds."""
+    share the GPU: one after the other the tests took about 290 s on an H100 at the first check,
+    mostly numba compiling each loader's pipeline (since compiled once per process,
+    ``decoders.batch_decoder``) and two runs in CPU processes, more than the check's budget
+    holds."""
     cmd = [PYTHON, '-m', 'pytest', '-m', 'cuda', 'tests/test_cuda.py', '-v', '-rfEsxX',
            '-p', 'no:cacheprovider', '--durations=8']
     probe = subprocess.run([PYTHON, '-c', 'import pytest, importlib.util as u; '

@@ -27,7 +27,6 @@ from numba.extending import intrinsic
 
 from .crops import center_crop, flipped, random_resized_crop, sample_key
 from .image_decode import compiled_image_decoder, normalization
-from .jpeg_region import region_decoder
 
 PARALLEL_CHUNK = 1  # images a loader thread takes at a time as it gets free (0: equal shares)
 
@@ -156,7 +155,7 @@ class CropResizeDecoder(SimpleRGBImageDecoder):
         return decode
 
 
-_batch_decoders = {}  # (parallel, partial) -> decode_batch, compiled
+_batch_decoders = {}  # (parallel, the decode_image it calls) -> decode_batch, compiled
 
 
 def batch_decoder(parallel: bool):
@@ -167,20 +166,20 @@ def batch_decoder(parallel: bool):
     memory manager's reader, from ``metadata`` and ``storage_state``), cropped (``center``: as
     :class:`CropResizeDecoder`), flipped and resampled into ``destination[k]`` by
     :func:`compiled_image_decoder`, with a row of ``temp`` (per thread; per image when the
-    loader's batch size is below numba's thread pool) and of ``info`` as its scratch. A record that does not
-    decode comes out as zeros, and its sample index is written to the int64 at
+    loader's batch size is below numba's thread pool) and of ``info`` as its scratch. A record
+    that does not decode comes out as zeros, and its sample index is written to the int64 at
     ``corrupt_address``. With ``parallel``, the images are shared among the loader's threads,
     ``chunk`` at a time as they get free (:func:`take_images`; 0: an equal share each).
 
     Compiled with ffcv's Compiler's options, once per process for each ``parallel`` (and kind
     of region reader): every loader, train or val, calls it with its own values as arguments, so
     numba compiles the batch loop, the largest piece of a loader's code that is compiled per
-    process and not cached on disk (4 s on 2 cores), at the first loader's first batch, and again only for another memory manager's reader, output
-    dtype (``normalize``) or ``antialias``, not for each loader (``tests/test_decoders.py``)."""
-    partial = region_decoder() is not None
-    if (parallel, partial) in _batch_decoders:
-        return _batch_decoders[parallel, partial]
-    decode_image = compiled_image_decoder()
+    process and not cached on disk (4 s on 2 cores), at the first loader's first batch, and
+    again only for another memory manager's reader, output dtype (``normalize``) or
+    ``antialias``, not for each loader (``tests/test_decoders.py``)."""
+    decode_image = compiled_image_decoder()  # one per process and kind of region reader
+    if (parallel, decode_image) in _batch_decoders:
+        return _batch_decoders[parallel, decode_image]
     jpg, pool_size, memmove = IMAGE_MODES['jpg'], numba.config.NUMBA_NUM_THREADS, ctypes.memmove
     my_range = numba.prange if parallel else range
 
@@ -229,8 +228,8 @@ def batch_decoder(parallel: bool):
                 first, last = take_images(counter, share, count)
 
     decode_batch.is_parallel = parallel
-    _batch_decoders[parallel, partial] = Compiler.compile(decode_batch)
-    return _batch_decoders[parallel, partial]
+    _batch_decoders[parallel, decode_image] = Compiler.compile(decode_batch)
+    return _batch_decoders[parallel, decode_image]
 
 
 def random_resized_crop_decoder(output_size, *, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),
