@@ -130,14 +130,14 @@ class CropResizeDecoder(SimpleRGBImageDecoder):
                  AllocationQuery((2,), np.dtype('<i8'))))
 
     def generate_code(self):
-        decode_batch = batch_decoder(parallel=Compiler.num_threads > 1)
+        decode_batch = batch_decoder(parallel=Compiler.num_threads > 1, normalize=self.normalize)
         mem_read = self.memory_read  # compiled once per process (memory_readers)
         scale, ratio, flip_prob = self.scale, self.ratio, self.flip_prob
         mean, inv_std, epoch_address = self.mean, self.inv_std, self._epoch_cell.ctypes.data
-        normalize, antialias = self.normalize, self.antialias  # compile-time choices
         # As numpy scalars: numba types a Python int or bool constant as its value (a literal),
-        # and would compile decode_batch again for each seed, chunk, address or crop
+        # and would compile decode_batch again for each seed, chunk, address, crop or antialias
         seed, chunk, center = np.int64(self.seed), np.int64(PARALLEL_CHUNK), np.bool_(self.center)
+        antialias = np.bool_(self.antialias)
         corrupt_address = np.int64(self._corrupt_cell.ctypes.data)
         memmove = ctypes.memmove
 
@@ -149,7 +149,7 @@ class CropResizeDecoder(SimpleRGBImageDecoder):
             memmove(epoch.ctypes.data, epoch_address, 8)
             decode_batch(batch_indices, metadata, storage_state, destination, temp, info, mem_read,
                          center, scale, ratio, seed, epoch[0], flip_prob, mean, inv_std,
-                         normalize, antialias, chunk, corrupt_address)
+                         antialias, chunk, corrupt_address)
             return destination[:len(batch_indices)]
 
         return decode
@@ -158,35 +158,38 @@ class CropResizeDecoder(SimpleRGBImageDecoder):
 _batch_decoders = {}  # (parallel, the decode_image it calls) -> decode_batch, compiled
 
 
-def batch_decoder(parallel: bool):
+def batch_decoder(parallel: bool, normalize: bool):
     """``decode_batch(batch_indices, metadata, storage_state, destination, temp, info, mem_read,
-    center, scale, ratio, seed, epoch, flip_prob, mean, inv_std, normalize, antialias, chunk,
+    center, scale, ratio, seed, epoch, flip_prob, mean, inv_std, antialias, chunk,
     corrupt_address)``, the work of :class:`CropResizeDecoder`'s compiled code for one batch:
     each image of ``batch_indices`` (uint64 (B,), sample indices) read with ``mem_read`` (ffcv's
     memory manager's reader, from ``metadata`` and ``storage_state``), cropped (``center``: as
-    :class:`CropResizeDecoder`), flipped and resampled into ``destination[k]`` by
+    :class:`CropResizeDecoder`), flipped and resampled into ``destination[k]`` (C-contiguous
+    (B, H, W, 3), float32 normalised when ``normalize``, else uint8) by
     :func:`compiled_image_decoder`, with a row of ``temp`` (per thread; per image when the
     loader's batch size is below numba's thread pool) and of ``info`` as its scratch. A record
     that does not decode comes out as zeros, and its sample index is written to the int64 at
     ``corrupt_address``. With ``parallel``, the images are shared among the loader's threads,
     ``chunk`` at a time as they get free (:func:`take_images`; 0: an equal share each).
 
-    Compiled with ffcv's Compiler's options, once per process for each ``parallel`` (and kind
-    of region reader): every loader, train or val, calls it with its own values as arguments, so
-    numba compiles the batch loop, the largest piece of a loader's code that is compiled per
-    process and not cached on disk (4 s on 2 cores), at the first loader's first batch, and
-    again only for another memory manager's reader, output dtype (``normalize``) or
-    ``antialias``, not for each loader (``tests/test_decoders.py``)."""
-    decode_image = compiled_image_decoder()  # one per process and kind of region reader
-    if (parallel, decode_image) in _batch_decoders:
-        return _batch_decoders[parallel, decode_image]
+    Compiled with ffcv's Compiler's options, once per process for each ``parallel`` and
+    ``normalize`` (and kind of region reader): every loader, train or val, calls it with its own
+    values as arguments, so numba compiles the batch loop at the first loader's first batch and
+    again only for another memory manager's reader, not for each loader
+    (``tests/test_decoders.py``). It calls the per-image C function by its address: linked in,
+    its code would be optimised again by LLVM in the batch loop, its parallel body, each
+    loader's wrapper and ffcv's pipeline (docs/ffcv-notes.md)."""
+    image_decoder = compiled_image_decoder(normalize)  # one per process, region reader, dtype
+    if (parallel, image_decoder) in _batch_decoders:
+        return _batch_decoders[parallel, image_decoder]
+    decode_image = image_decoder.ctypes  # called by its address, not linked
     jpg, pool_size, memmove = IMAGE_MODES['jpg'], numba.config.NUMBA_NUM_THREADS, ctypes.memmove
     my_range = numba.prange if parallel else range
 
     @numba.njit(nogil=True)
     def decode_one(k, batch_indices, metadata, storage_state, destination, temp, info, mem_read,
-                   center, scale, ratio, seed, epoch, flip_prob, mean, inv_std, normalize,
-                   antialias, corrupt_address):
+                   center, scale, ratio, seed, epoch, flip_prob, mean, inv_std, antialias,
+                   corrupt_address):
         field = metadata[batch_indices[k]]
         data = mem_read(field['data_ptr'], storage_state)
         height, width = np.int64(field['height']), np.int64(field['width'])
@@ -200,17 +203,20 @@ def batch_decoder(parallel: bool):
         slot = np.int64(k)
         if len(temp) >= pool_size:
             slot = np.int64(numba.get_thread_id())
-        code = decode_image(data, field['mode'] == jpg, height, width, i, j, h, w, temp[slot],
-                            info[k], destination[k], flipped(key, flip_prob), mean, inv_std,
-                            normalize, antialias)
+        out = destination[k]
+        code = decode_image(data.ctypes.data, data.size, field['mode'] == jpg, height, width,
+                            i, j, h, w, temp[slot].ctypes.data, temp.shape[1],
+                            info[k].ctypes.data, out.ctypes.data, out.shape[0], out.shape[1],
+                            flipped(key, flip_prob), mean.ctypes.data, inv_std.ctypes.data,
+                            antialias)
         if code < 0:  # corrupt record (imagenet-ffcv-write --verify finds it): zeros, noted
             destination[k][:] = 0
             info[k, 0] = batch_indices[k]
             memmove(corrupt_address, info[k].ctypes.data, 8)
 
     def decode_batch(batch_indices, metadata, storage_state, destination, temp, info, mem_read,
-                     center, scale, ratio, seed, epoch, flip_prob, mean, inv_std, normalize,
-                     antialias, chunk, corrupt_address):
+                     center, scale, ratio, seed, epoch, flip_prob, mean, inv_std, antialias,
+                     chunk, corrupt_address):
         # The threads take `chunk` images at a time as they get free, not an equal share each:
         # crops cost 0.1-1x of a whole image to decode, and the batch waits for its last image
         # (benchmarks/loader_scaling.py measures it)
@@ -224,12 +230,12 @@ def batch_decoder(parallel: bool):
                 for k in range(first, last):
                     decode_one(k, batch_indices, metadata, storage_state, destination, temp,
                                info, mem_read, center, scale, ratio, seed, epoch, flip_prob,
-                               mean, inv_std, normalize, antialias, corrupt_address)
+                               mean, inv_std, antialias, corrupt_address)
                 first, last = take_images(counter, share, count)
 
     decode_batch.is_parallel = parallel
-    _batch_decoders[parallel, decode_image] = Compiler.compile(decode_batch)
-    return _batch_decoders[parallel, decode_image]
+    _batch_decoders[parallel, image_decoder] = Compiler.compile(decode_batch)
+    return _batch_decoders[parallel, image_decoder]
 
 
 def random_resized_crop_decoder(output_size, *, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3),

@@ -109,31 +109,58 @@ def resampler():
     return Compiler.compile(resample_image)
 
 
-def _image_decoder(read_region, partial: bool, resample_image):
-    """``decode_image(data, is_jpeg, height, width, i, j, h, w, buf, info, out, flip, mean,
-    inv_std, normalize, antialias) -> code``: one stored image record (JPEG bytes, or raw pixels
-    when not ``is_jpeg``) of ``height`` x ``width`` px, its crop (``i``, ``j``, ``h``, ``w``: top,
-    left, height, width in px) decoded (``jpeg_window``, ``read_region`` into ``buf``, a uint8
-    buffer of at least ``height * width * 3``; ``info``: int64 (2,)) and resampled into ``out``
-    ((H, W, 3), float32 when ``normalize`` else uint8; ``resample_image``, from
-    :func:`resampler`). Returns 0, or the negative code of a JPEG that did not decode (``out`` is
-    then left as it was). Both the loaders' decoders and :func:`decode_crop` run it: the one path
-    from stored bytes to pixels. (Raw pixels are resampled where they are stored, not copied
-    into ``buf`` first: the copy would let one ``resample_image`` compile serve both kinds, 1.6-2.5
-    s less compiling per process on 2 cores, but cost raw records about 10 % of the loader's
-    rate.)"""
-    def decode_image(data, is_jpeg, height, width, i, j, h, w, buf, info, out, flip, mean,
-                     inv_std, normalize, antialias):
+# What decode_image takes, its arrays by address (a C function's signature): compiled as a C
+# function, it is called by its address from the loaders' compiled code. Linked into that code
+# instead, it would be optimised again by LLVM in each function that calls it (the batch loop, its
+# parallel body, each loader's wrapper, ffcv's pipeline): about 7 s more at a process's first
+# loader and 1 s at each later one (2-core VM; docs/ffcv-notes.md).
+_pointer, _int, _bool = numba.types.voidptr, numba.types.int64, numba.types.boolean
+DECODE_SIGNATURE = _int(_pointer, _int, _bool, _int, _int, _int, _int, _int, _int, _pointer, _int,
+                        _pointer, _pointer, _int, _int, _bool, _pointer, _pointer, _bool)
+BAD_RECORD = -100  # decode_image's code for a record too short for its image
+
+
+def _image_decoder(read_region, partial: bool, resample_image, out_dtype):
+    """``decode_image(data, size, is_jpeg, height, width, i, j, h, w, buf, buf_size, info, out,
+    out_h, out_w, flip, mean, inv_std, antialias) -> code``, the arrays given by their addresses
+    (:data:`DECODE_SIGNATURE`): one stored image record (``size`` bytes: JPEG, or raw pixels when
+    not ``is_jpeg``) of ``height`` x ``width`` px, its crop (``i``, ``j``, ``h``, ``w``: top, left,
+    height, width in px) decoded (``jpeg_window``, ``read_region`` into ``buf``, a uint8 buffer of
+    ``buf_size`` bytes, at least ``height * width * 3``; ``info``: int64 (2,)) and resampled into
+    ``out`` (``out_dtype`` (out_h, out_w, 3): float32 normalised with ``mean`` and ``inv_std``
+    (float32 (3,)), or uint8; ``resample_image``, from :func:`resampler`). Returns 0, or a
+    negative code for a record that did not decode (``out`` is then left as it was): the JPEG
+    decoder's, or :data:`BAD_RECORD` for a raw record shorter than its pixels or a decoded
+    region larger than ``buf`` (checked, since a C function cannot raise).
+
+    Both the loaders' decoders and :func:`decode_crop` run it: the one path from stored bytes to
+    pixels. (Raw pixels are resampled where they are stored, not copied into ``buf`` first: the
+    copy would let one ``resample_image`` compile serve both kinds, 1.6-2.5 s less compiling per
+    process on 2 cores, but cost raw records about 10 % of the loader's rate.)"""
+    normalize = out_dtype == np.float32
+
+    def decode_image(data_p, size, is_jpeg, height, width, i, j, h, w, buf_p, buf_size, info_p,
+                     out_p, out_h, out_w, flip, mean_p, inv_std_p, antialias):
+        data = numba.carray(data_p, (size,), np.uint8)
+        buf = numba.carray(buf_p, (buf_size,), np.uint8)
+        info = numba.carray(info_p, (2,), np.int64)
+        out = numba.carray(out_p, (out_h, out_w, 3), out_dtype)
+        mean = numba.carray(mean_p, (3,), np.float32)
+        inv_std = numba.carray(inv_std_p, (3,), np.float32)
         if not is_jpeg:
-            resample_image(data.reshape(height, width, 3), i, j, h, w, out, flip, mean, inv_std,
-                           normalize, antialias)
+            if size < height * width * 3:
+                return BAD_RECORD
+            resample_image(data[:height * width * 3].reshape(height, width, 3), i, j, h, w, out,
+                           flip, mean, inv_std, normalize, antialias)
             return 0
         denom, top, left, rows, cols, y0, x0, ch, cw = jpeg_window(
-            height, width, i, j, h, w, out.shape[0], out.shape[1], partial)
+            height, width, i, j, h, w, out_h, out_w, partial)
         code = read_region(data, buf, top, left, rows, cols, denom, info, height, width)
         if code < 0:
             return code
         decoded_w = info[1]
+        if rows * decoded_w * 3 > buf_size:
+            return BAD_RECORD
         src = buf[:rows * decoded_w * 3].reshape(rows, decoded_w, 3)
         resample_image(src, y0 - top, x0 - info[0], ch, cw, out, flip, mean, inv_std, normalize,
                        antialias)
@@ -141,21 +168,23 @@ def _image_decoder(read_region, partial: bool, resample_image):
     return decode_image
 
 
-_compiled_decoders = {}  # partial (bool: the region reader's kind) -> decode_image, compiled
+_compiled_decoders = {}  # (partial: the region reader's kind, normalize) -> decode_image
 
 
-def compiled_image_decoder():
+def compiled_image_decoder(normalize: bool):
     """The ``decode_image`` of :func:`_image_decoder` for this process's region reader and
-    resampler, compiled with ffcv's Compiler (the loaders' numba options), made once per process
-    (per kind of region reader): every loader's decoder and :func:`decode_crop` call this one
-    function, so numba compiles it for each argument type at its first call only, not again for
-    each loader."""
-    partial = region_decoder() is not None  # as _region_reader decides, without making one
-    if partial not in _compiled_decoders:
+    resampler, writing float32 normalised pixels when ``normalize``, else uint8: a numba
+    ``cfunc`` (C function; call its ``.ctypes``) compiled with ffcv's numba options, made once per
+    process (per kind of region reader and output dtype): every loader's decoder and
+    :func:`decode_crop` call this one function, compiled once."""
+    key = (region_decoder() is not None, bool(normalize))  # as _region_reader decides
+    if key not in _compiled_decoders:
         read_region, partial = _region_reader()
-        _compiled_decoders[partial] = Compiler.compile(_image_decoder(
-            Compiler.compile(read_region), partial, resampler()))
-    return _compiled_decoders[partial]
+        decode_image = _image_decoder(Compiler.compile(read_region), partial, resampler(),
+                                      np.float32 if normalize else np.uint8)
+        _compiled_decoders[key] = numba.cfunc(DECODE_SIGNATURE, fastmath=True,
+                                              error_model='numpy')(decode_image)
+    return _compiled_decoders[key]
 
 
 def normalization(mean, std) -> tuple:
@@ -174,15 +203,20 @@ def decode_crop(record: np.ndarray, *, height: int, width: int, crop: tuple, siz
     ``(H, W)``, flipped left-right when ``flip``, normalised with ``mean``/``std`` (0-255 units)
     when ``normalize``. Returns (H, W, 3) float32 (normalised) or uint8. The loaders' compiled
     function (:func:`compiled_image_decoder`), so the result equals the loader's batch row bit for
-    bit. Raises ValueError for a JPEG that does not decode."""
+    bit. Raises ValueError for a record that does not decode (a corrupt JPEG, or raw pixels too
+    short for the image)."""
     mean32, inv_std = normalization(mean, std)
     out = np.empty((*size, 3), np.float32 if normalize else np.uint8)
-    code = compiled_image_decoder()(
-        np.ascontiguousarray(record, np.uint8), is_jpeg, np.int64(height), np.int64(width),
-        *(np.int64(v) for v in crop), np.empty(height * width * 3, np.uint8),
-        np.zeros(2, np.int64), out, bool(flip), mean32, inv_std, bool(normalize), bool(antialias))
+    record = np.ascontiguousarray(record, np.uint8)
+    buf, info = np.empty(height * width * 3, np.uint8), np.zeros(2, np.int64)
+    code = compiled_image_decoder(normalize).ctypes(
+        record.ctypes.data, record.size, bool(is_jpeg), int(height), int(width),
+        *(int(v) for v in crop), buf.ctypes.data, buf.size, info.ctypes.data, out.ctypes.data,
+        int(size[0]), int(size[1]), bool(flip), mean32.ctypes.data, inv_std.ctypes.data,
+        bool(antialias))
     if code < 0:
-        raise ValueError(f'the JPEG record does not decode (code {code})')
+        problem = 'too short for its image' if code == BAD_RECORD else 'a corrupt JPEG'
+        raise ValueError(f'the record does not decode (code {code}: {problem})')
     return out
 
 

@@ -183,6 +183,21 @@ def test_val_loader_is_the_centre_crop_of_the_stored_image(betons, mode, res):
         assert diff.max() <= max_diff and diff.mean() <= mean_diff, (diff.max(), diff.mean())
 
 
+def test_decode_crop_refuses_a_raw_record_too_short_for_its_image():
+    """A raw record shorter than height x width x 3 bytes gives ValueError (the per-image C
+    function returns image_decode.BAD_RECORD, since it cannot raise) instead of being read past
+    its end; one with bytes to spare gives the pixels of its first height x width x 3."""
+    pixels = np.random.default_rng(0).integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    args = dict(height=6, width=8, crop=(1, 2, 4, 4), size=(4, 4), normalize=False,
+                is_jpeg=False)
+    exact = image_decode.decode_crop(pixels.reshape(-1), **args)
+    np.testing.assert_array_equal(exact, pixels[1:5, 2:6])  # the crop at its own size
+    longer = np.concatenate([pixels.reshape(-1), np.full(5, 255, np.uint8)])
+    np.testing.assert_array_equal(image_decode.decode_crop(longer, **args), exact)
+    with pytest.raises(ValueError, match='too short for its image'):
+        image_decode.decode_crop(pixels.reshape(-1)[:-1], **args)
+
+
 @pytest.mark.parametrize('mode', ['jpg', 'raw'])
 def test_train_loader_rows_are_random_crop_pixels_of_their_records(betons, mode):
     """Each row of a training batch equals image_decode.random_crop_pixels of its record (the
@@ -235,7 +250,9 @@ def test_loaders_share_one_batch_loop_compiled_once_per_process(betons, monkeypa
     later loaders with the same kind of data and reader, train or val, whatever their seed and
     decoders.PARALLEL_CHUNK, call the same compiled code with no new compilation (only their own
     small wrapper is compiled), and a loader made again gives the same batch. Loaders with one
-    thread share the loop's serial version the same way."""
+    thread share the loop's serial version the same way. The batch loop calls the per-image C
+    function by its address: none of its code (image_decode, resampling) is linked into the
+    loop's, where LLVM would optimise it again."""
     monkeypatch.setattr(image_decode, '_compiled_decoders', {})  # as in a new process
     monkeypatch.setattr(decoders, '_batch_decoders', {})
     monkeypatch.setattr(memory_readers, '_readers', {})
@@ -247,10 +264,9 @@ def test_loaders_share_one_batch_loop_compiled_once_per_process(betons, monkeypa
                                          distributed=False, seed=seed)
         return next(iter(loader))[0].clone()
 
-    def signatures():
-        return {key: list(f.signatures) for compiled in (image_decode._compiled_decoders,
-                                                         decoders._batch_decoders)
-                for key, f in compiled.items()}
+    def signatures():  # the per-image C functions made, and the batch loops' signatures
+        return (set(image_decode._compiled_decoders),
+                {key: list(f.signatures) for key, f in decoders._batch_decoders.items()})
 
     for os_cache in (False, True):  # ffcv's two memory managers
         first = first_batch(0, os_cache)
@@ -262,6 +278,11 @@ def test_loaders_share_one_batch_loop_compiled_once_per_process(betons, monkeypa
         assert signatures() == compiled
     [decode_batch] = decoders._batch_decoders.values()
     assert len(decode_batch.signatures) == 2  # one per reader
+    for signature in decode_batch.signatures:  # the per-image C function called, not linked in
+        defined = re.findall(r'^define [^@]*@"?([^"(\s]+)', decode_batch.inspect_llvm(signature),
+                             re.M)
+        assert any('take_images' in name for name in defined)
+        assert not [name for name in defined if 'image_decode' in name or 'resampling' in name]
     val = loaders.val_loader(path=betons['jpg'], batch_size=4, num_workers=2, res=64,
                              device=torch.device('cpu'))  # the centre crop, os_cache
     next(iter(val))
