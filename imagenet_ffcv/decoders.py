@@ -26,7 +26,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .crops import center_crop, flipped, random_resized_crop, sample_key
-from .image_decode import compiled_image_decoder, normalization
+from .image_decode import DECODED, compiled_image_decoder, normalization
 
 PARALLEL_CHUNK = 1  # images a loader thread takes at a time as it gets free (0: equal shares)
 
@@ -98,7 +98,7 @@ class CropResizeDecoder(SimpleRGBImageDecoder):
         # The epoch, read by the compiled code at each batch from this array's address (numba
         # freezes captured arrays, so it copies the value with ctypes.memmove).
         self._epoch_cell = np.zeros(1, np.int64)
-        # Written the same way by the compiled code: the index of a sample whose JPEG record did
+        # Written the same way by the compiled code: the index of a sample whose image record did
         # not decode (-1: none), which comes out as a black image.
         self._corrupt_cell = np.full(1, -1, np.int64)
 
@@ -113,7 +113,7 @@ class CropResizeDecoder(SimpleRGBImageDecoder):
 
     @property
     def corrupt_sample(self):
-        """The index (in the .beton) of a sample whose JPEG record did not decode since this
+        """The index (in the .beton) of a sample whose image record did not decode since this
         decoder was made (corrupt bytes: it came out black), or None."""
         index = int(self._corrupt_cell[0])
         return None if index < 0 else index
@@ -203,13 +203,15 @@ def batch_decoder(parallel: bool, normalize: bool):
         slot = np.int64(k)
         if len(temp) >= pool_size:
             slot = np.int64(numba.get_thread_id())
+        # Passed by address: every array is a view of an argument (mem_read's record too, a view
+        # of storage_state), so it outlives the call whenever numba frees the view itself
         out = destination[k]
         code = decode_image(data.ctypes.data, data.size, field['mode'] == jpg, height, width,
                             i, j, h, w, temp[slot].ctypes.data, temp.shape[1],
                             info[k].ctypes.data, out.ctypes.data, out.shape[0], out.shape[1],
                             flipped(key, flip_prob), mean.ctypes.data, inv_std.ctypes.data,
                             antialias)
-        if code < 0:  # corrupt record (imagenet-ffcv-write --verify finds it): zeros, noted
+        if code != DECODED:  # corrupt record (imagenet-ffcv-write --verify finds it): zeros, noted
             destination[k][:] = 0
             info[k, 0] = batch_indices[k]
             memmove(corrupt_address, info[k].ctypes.data, 8)

@@ -117,7 +117,10 @@ def resampler():
 _pointer, _int, _bool = numba.types.voidptr, numba.types.int64, numba.types.boolean
 DECODE_SIGNATURE = _int(_pointer, _int, _bool, _int, _int, _int, _int, _int, _int, _pointer, _int,
                         _pointer, _pointer, _int, _int, _bool, _pointer, _pointer, _bool)
-BAD_RECORD = -100  # decode_image's code for a record too short for its image
+# decode_image's code for success; not 0, which a C function returns when code in it raised
+# (numba prints the exception and returns a zeroed value)
+DECODED = 1
+BAD_RECORD = -100  # decode_image's code for a record too short for its image or its buffer
 
 
 def _image_decoder(read_region, partial: bool, resample_image, out_dtype):
@@ -128,10 +131,11 @@ def _image_decoder(read_region, partial: bool, resample_image, out_dtype):
     height, width in px) decoded (``jpeg_window``, ``read_region`` into ``buf``, a uint8 buffer of
     ``buf_size`` bytes, at least ``height * width * 3``; ``info``: int64 (2,)) and resampled into
     ``out`` (``out_dtype`` (out_h, out_w, 3): float32 normalised with ``mean`` and ``inv_std``
-    (float32 (3,)), or uint8; ``resample_image``, from :func:`resampler`). Returns 0, or a
-    negative code for a record that did not decode (``out`` is then left as it was): the JPEG
-    decoder's, or :data:`BAD_RECORD` for a raw record shorter than its pixels or a decoded
-    region larger than ``buf`` (checked, since a C function cannot raise).
+    (float32 (3,)), or uint8; ``resample_image``, from :func:`resampler`). Returns
+    :data:`DECODED`, or a negative code for a record that did not decode (``out`` is then left
+    as it was): the JPEG decoder's, or :data:`BAD_RECORD` for a raw record shorter than its
+    pixels or a decoded region larger than ``buf`` (checked, since a C function cannot raise:
+    where its code raises all the same, numba prints the exception and it returns 0).
 
     Both the loaders' decoders and :func:`decode_crop` run it: the one path from stored bytes to
     pixels. (Raw pixels are resampled where they are stored, not copied into ``buf`` first: the
@@ -152,7 +156,7 @@ def _image_decoder(read_region, partial: bool, resample_image, out_dtype):
                 return BAD_RECORD
             resample_image(data[:height * width * 3].reshape(height, width, 3), i, j, h, w, out,
                            flip, mean, inv_std, normalize, antialias)
-            return 0
+            return DECODED
         denom, top, left, rows, cols, y0, x0, ch, cw = jpeg_window(
             height, width, i, j, h, w, out_h, out_w, partial)
         code = read_region(data, buf, top, left, rows, cols, denom, info, height, width)
@@ -164,7 +168,7 @@ def _image_decoder(read_region, partial: bool, resample_image, out_dtype):
         src = buf[:rows * decoded_w * 3].reshape(rows, decoded_w, 3)
         resample_image(src, y0 - top, x0 - info[0], ch, cw, out, flip, mean, inv_std, normalize,
                        antialias)
-        return 0
+        return DECODED
     return decode_image
 
 
@@ -188,10 +192,15 @@ def compiled_image_decoder(normalize: bool):
 
 
 def normalization(mean, std) -> tuple:
-    """``(mean, inv_std)`` as the decoders use them: float32 (3,) arrays, ``inv_std`` = 1 / std
-    computed in float64 (0-255 pixel units)."""
-    return (np.asarray(mean, np.float32),
-            (1 / np.asarray(std, np.float64)).astype(np.float32))
+    """``(mean, inv_std)`` as the decoders use them: C-contiguous float32 (3,) arrays (the
+    per-image C function reads 3 values at their address), ``inv_std`` = 1 / std computed in
+    float64 (0-255 pixel units). Raises ValueError unless ``mean`` and ``std`` hold 3 values, one
+    per RGB channel."""
+    for name, value in (('mean', mean), ('std', std)):
+        if np.shape(value) != (3,):
+            raise ValueError(f'{name}={value!r}: expected 3 values, one per RGB channel')
+    return (np.ascontiguousarray(mean, np.float32),
+            np.ascontiguousarray(1 / np.asarray(std, np.float64), np.float32))
 
 
 def decode_crop(record: np.ndarray, *, height: int, width: int, crop: tuple, size: tuple,
@@ -204,7 +213,9 @@ def decode_crop(record: np.ndarray, *, height: int, width: int, crop: tuple, siz
     when ``normalize``. Returns (H, W, 3) float32 (normalised) or uint8. The loaders' compiled
     function (:func:`compiled_image_decoder`), so the result equals the loader's batch row bit for
     bit. Raises ValueError for a record that does not decode (a corrupt JPEG, or raw pixels too
-    short for the image)."""
+    short for the image) and for a ``size`` without 2 sides of at least 1 px."""
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f'size={size!r}: expected (H, W), each at least 1 px')
     mean32, inv_std = normalization(mean, std)
     out = np.empty((*size, 3), np.float32 if normalize else np.uint8)
     record = np.ascontiguousarray(record, np.uint8)
@@ -214,8 +225,9 @@ def decode_crop(record: np.ndarray, *, height: int, width: int, crop: tuple, siz
         *(int(v) for v in crop), buf.ctypes.data, buf.size, info.ctypes.data, out.ctypes.data,
         int(size[0]), int(size[1]), bool(flip), mean32.ctypes.data, inv_std.ctypes.data,
         bool(antialias))
-    if code < 0:
-        problem = 'too short for its image' if code == BAD_RECORD else 'a corrupt JPEG'
+    if code != DECODED:
+        problem = ('an error in the compiled code, printed above' if code == 0 else
+                   'a corrupt JPEG' if is_jpeg else 'raw pixels too short for the image')
         raise ValueError(f'the record does not decode (code {code}: {problem})')
     return out
 

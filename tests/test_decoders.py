@@ -194,8 +194,28 @@ def test_decode_crop_refuses_a_raw_record_too_short_for_its_image():
     np.testing.assert_array_equal(exact, pixels[1:5, 2:6])  # the crop at its own size
     longer = np.concatenate([pixels.reshape(-1), np.full(5, 255, np.uint8)])
     np.testing.assert_array_equal(image_decode.decode_crop(longer, **args), exact)
-    with pytest.raises(ValueError, match='too short for its image'):
+    with pytest.raises(ValueError, match='raw pixels too short for the image'):
         image_decode.decode_crop(pixels.reshape(-1)[:-1], **args)
+
+
+@pytest.mark.filterwarnings('ignore::pytest.PytestUnraisableExceptionWarning')
+def test_the_per_image_c_function_reports_an_error_inside_it_as_a_failed_decode():
+    """Code inside the per-image C function that raises (here: taps of an image 0 px wide) makes
+    it return 0, which the loaders and decode_crop take as a failed decode, not as
+    image_decode.DECODED: the image would otherwise keep an earlier batch's pixels."""
+    pixels = np.zeros(6 * 8 * 3, np.uint8)
+    out, buf, info = np.zeros((4, 1, 3), np.uint8), np.zeros(6 * 8 * 3, np.uint8), np.zeros(2)
+    mean, inv_std = image_decode.normalization(MEAN, STD)
+    decode_image = image_decode.compiled_image_decoder(False).ctypes
+    arguments = [pixels.ctypes.data, pixels.size, False, 6, 8, 1, 2, 4, 4, buf.ctypes.data,
+                 buf.size, info.ctypes.data, out.ctypes.data, 4, 1, False, mean.ctypes.data,
+                 inv_std.ctypes.data, False]
+    assert decode_image(*arguments) == image_decode.DECODED
+    arguments[14] = 0  # out_w: no column to resample, and taps' col_index.min() raises
+    assert decode_image(*arguments) == 0 != image_decode.DECODED
+    with pytest.raises(ValueError, match='each at least 1 px'):
+        image_decode.decode_crop(pixels, height=6, width=8, crop=(1, 2, 4, 4), size=(4, 0),
+                                 is_jpeg=False)
 
 
 @pytest.mark.parametrize('mode', ['jpg', 'raw'])
@@ -278,10 +298,11 @@ def test_loaders_share_one_batch_loop_compiled_once_per_process(betons, monkeypa
         assert signatures() == compiled
     [decode_batch] = decoders._batch_decoders.values()
     assert len(decode_batch.signatures) == 2  # one per reader
+    [image_decoder] = image_decode._compiled_decoders.values()
     for signature in decode_batch.signatures:  # the per-image C function called, not linked in
-        defined = re.findall(r'^define [^@]*@"?([^"(\s]+)', decode_batch.inspect_llvm(signature),
-                             re.M)
-        assert any('take_images' in name for name in defined)
+        ir = decode_batch.inspect_llvm(signature)
+        assert f'numba.dynamic.globals.{image_decoder.address:x}' in ir  # numba's name for it
+        defined = re.findall(r'^define [^@]*@"?([^"(\s]+)', ir, re.M)
         assert not [name for name in defined if 'image_decode' in name or 'resampling' in name]
     val = loaders.val_loader(path=betons['jpg'], batch_size=4, num_workers=2, res=64,
                              device=torch.device('cpu'))  # the centre crop, os_cache
