@@ -212,7 +212,7 @@ def batch_decoder(parallel: bool, normalize: bool):
                             flipped(key, flip_prob), mean.ctypes.data, inv_std.ctypes.data,
                             antialias)
         if code != DECODED:  # corrupt record (imagenet-ffcv-write --verify finds it): zeros, noted
-            destination[k][:] = 0
+            out[:] = 0
             info[k, 0] = batch_indices[k]
             memmove(corrupt_address, info[k].ctypes.data, 8)
 

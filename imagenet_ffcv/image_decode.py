@@ -120,7 +120,7 @@ DECODE_SIGNATURE = _int(_pointer, _int, _bool, _int, _int, _int, _int, _int, _in
 # decode_image's code for success; not 0, which a C function returns when code in it raised
 # (numba prints the exception and returns a zeroed value)
 DECODED = 1
-BAD_RECORD = -100  # decode_image's code for a record too short for its image or its buffer
+BAD_RECORD = -100  # decode_image's code for a raw record too short for its image
 
 
 def _image_decoder(read_region, partial: bool, resample_image, out_dtype):
@@ -134,8 +134,7 @@ def _image_decoder(read_region, partial: bool, resample_image, out_dtype):
     (float32 (3,)), or uint8; ``resample_image``, from :func:`resampler`). Returns
     :data:`DECODED`, or a negative code for a record that did not decode (``out`` is then left
     as it was): the JPEG decoder's, or :data:`BAD_RECORD` for a raw record shorter than its
-    pixels or a decoded region larger than ``buf`` (checked, since a C function cannot raise:
-    where its code raises all the same, numba prints the exception and it returns 0).
+    pixels; 0 where code in it raised (numba prints the exception: a C function cannot raise).
 
     Both the loaders' decoders and :func:`decode_crop` run it: the one path from stored bytes to
     pixels. (Raw pixels are resampled where they are stored, not copied into ``buf`` first: the
@@ -163,8 +162,6 @@ def _image_decoder(read_region, partial: bool, resample_image, out_dtype):
         if code < 0:
             return code
         decoded_w = info[1]
-        if rows * decoded_w * 3 > buf_size:
-            return BAD_RECORD
         src = buf[:rows * decoded_w * 3].reshape(rows, decoded_w, 3)
         resample_image(src, y0 - top, x0 - info[0], ch, cw, out, flip, mean, inv_std, normalize,
                        antialias)
