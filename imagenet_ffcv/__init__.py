@@ -5,13 +5,14 @@ Commands: ``write`` (``imagenet-ffcv-write``: class folders -> .beton), ``train`
 what they share, ``commands``.
 Data: ``sources`` (input layouts, samples and labels), ``classes`` (class lists), ``images``
 (decoding to RGB, the shorter-side resize), ``writer`` (writing .beton files), ``verify`` (reading
-them back), ``loaders`` (the FFCV loaders), ``memory_readers`` (ffcv's readers of the .beton in
-memory, compiled once per process), ``decoders`` (the fused crop/resize/flip/normalise
-decoders), ``image_decode`` (the decoders' path from one stored image to its crop's pixels),
-``jpeg_region`` (the decoders' C part, ``jpeg_region.c``: the JPEG region decoder and the common
-case of the resample), ``resampling`` (their bilinear resample), ``crops`` (crops and flips from
-seed, epoch and sample), ``constants``, ``ffcv_import`` (ffcv imported without the numba
-compiling that importing it sets off; imported first by the modules that use ffcv).
+them back), ``loaders`` (the FFCV loaders), ``epoch_iterator`` (the thread decoding a loader's
+epoch), ``memory_readers`` (ffcv's readers of the .beton in memory, compiled once per process),
+``decoders`` (the fused crop/resize/flip/normalise decoders), ``image_decode`` (the decoders' path
+from one stored image to its crop's pixels), ``jpeg_region`` (the decoders' C part,
+``jpeg_region.c``: the JPEG region decoder and the common case of the resample), ``resampling``
+(their bilinear resample), ``crops`` (crops and flips from seed, epoch and sample), ``constants``,
+``ffcv_import`` (ffcv imported without the numba compiling that importing it sets off; imported
+first by the modules that use ffcv).
 Training: ``config`` and ``config_schema`` (the configuration and its keys), ``models``,
 ``optimizers``, ``schedules``, ``engine`` (training step and epoch, evaluation, mixed precision),
 ``ema``, ``augment`` (RandAugment, TrivialAugmentWide, Random Erasing), ``mixup``, ``evaluate``

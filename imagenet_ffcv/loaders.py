@@ -19,7 +19,6 @@ from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
 import ffcv.loader
 from ffcv.loader import OrderOption
-from ffcv.loader.epoch_iterator import IS_CUDA, EpochIterator
 from ffcv.pipeline.allocation_query import AllocationQuery, allocate_query
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
@@ -31,11 +30,12 @@ from .classes import class_list_path, read_class_list
 from .constants import DECODERS, DEFAULT_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
 from . import memory_readers
 from .decoders import ScratchQuery, center_crop_decoder, random_resized_crop_decoder
+from .epoch_iterator import EpochIterator
 from .verify import check_beton
 
 ORDERS = {'random': OrderOption.RANDOM, 'quasi_random': OrderOption.QUASI_RANDOM}
 # On CUDA, when the loader thread waits for a batch's asynchronous copy out of its pinned host
-# buffer before decoding into that buffer again (``_EpochIterator``): 'batch', once the batch's
+# buffer before decoding into that buffer again (``epoch_iterator``): 'batch', once the batch's
 # work is queued and before the batch is handed on (the decode threads idle meanwhile); 'slot',
 # only before decoding into the same slot of ffcv's ring again, when it comes round
 # batches_ahead + 2 batches later. A loader keeps the value it was made with.
@@ -101,13 +101,13 @@ class Loader(ffcv.loader.Loader):
             self._buffers = None  # still producing into them: this epoch gets its own
         elif self._buffers is not None and torch.cuda.is_initialized():
             torch.cuda.synchronize()
-        # ffcv 1.0.2's Loader.__iter__, with the epoch iterator below
+        # ffcv 1.0.2's Loader.__iter__, with our epoch iterator (``epoch_iterator``)
         Compiler.set_num_threads(self.num_workers)
         order = self.next_traversal_order()[:len(self) * self.batch_size]
         self.next_epoch += 1
         if self.code is None or self.recompile:
             self.generate_code()
-        iterator = _EpochIterator(self, order)
+        iterator = EpochIterator(self, order)
         self._last_epoch = weakref.ref(iterator)
         return iterator
 
@@ -115,10 +115,9 @@ class Loader(ffcv.loader.Loader):
         iterator = self._last_epoch()
         if iterator is None:  # collected: a running thread is never collected
             return True
-        if not iterator.terminate_event.is_set():  # not exhausted nor closed: may still produce
-            return False
-        iterator.join(timeout=10)  # closed: it ends after the batch it is decoding
-        return not iterator.is_alive()
+        # not exhausted nor closed, or closed but not yet stopped (close waits for it): may
+        # still produce
+        return iterator.terminate_event.is_set() and not iterator.is_alive()
 
     def _epoch_buffers(self, batch_size: int, slots: int):
         """The pipeline's buffers for ``slots`` batches of ``batch_size`` (:func:`allocate`), or
@@ -161,32 +160,6 @@ def allocate(graph, batch_size: int, slots: int) -> dict:
                                       tuple(map(one, query)) if isinstance(query, Sequence) else
                                       None)
     return buffers
-
-
-class _EpochIterator(EpochIterator):
-    """ffcv 1.0.2's epoch iterator (a thread decoding batch after batch into a ring of
-    ``batches_ahead + 2`` slots, each with its CUDA side stream) that also keeps the pinned host
-    buffers safe: ffcv decodes into a slot again without waiting for the asynchronous copy of the
-    slot's last batch to the GPU, which itself waits for the consumer's stream, so a loader
-    running ahead of the GPU would overwrite pixels not yet copied. With ``copy_wait`` 'batch'
-    the thread waits for the slot's side stream after each batch; with 'slot', before it decodes
-    into that slot again (an event recorded after the slot's last batch)."""
-
-    def __init__(self, loader, order):
-        self._copied = [None] * (loader.batches_ahead + 2)  # per slot: its last batch's event
-        super().__init__(loader, order)  # starts the thread
-
-    def run_pipeline(self, b_ix, batch_indices, batch_slot, cuda_event):
-        if self._copied[batch_slot] is not None:  # 'slot': the slot's last batch is copied out
-            self._copied[batch_slot].synchronize()
-        result = super().run_pipeline(b_ix, batch_indices, batch_slot, cuda_event)
-        if IS_CUDA:
-            stream = self.cuda_streams[batch_slot]
-            if self.loader.copy_wait == 'batch':
-                stream.synchronize()
-            else:
-                self._copied[batch_slot] = stream.record_event()
-        return result
 
 
 class NormalizeOnDevice(Operation):

@@ -2,6 +2,8 @@
 import functools
 import json
 import subprocess
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -389,6 +391,98 @@ def test_an_unknown_copy_wait_is_refused_when_the_loader_is_made(sample_betons, 
     with pytest.raises(ValueError, match=r"loaders.COPY_WAIT='never': expected 'batch' or 'slot'"):
         loaders.val_loader(path=sample_betons['val'], batch_size=16, num_workers=1, res=32,
                            device=torch.device('cpu'))
+
+
+def next_within(iterator, seconds):
+    """``next(iterator)`` or what it raised, taken in a thread; pytest.fail after ``seconds``
+    (a loader waiting for ever would hang the suite instead)."""
+    got = []
+
+    def take():
+        try:
+            got.append(next(iterator))
+        except BaseException as e:  # noqa: BLE001 - returned to the test
+            got.append(e)
+    taker = threading.Thread(target=take, daemon=True)
+    taker.start()
+    taker.join(seconds)
+    if not got:
+        pytest.fail(f'next() still waiting after {seconds} s')
+    return got[0]
+
+
+def test_closing_an_epoch_returns_once_its_thread_has_stopped(sample_betons):
+    """``close`` on an epoch left after its first batch: its thread has ended when close returns
+    (ffcv's close only asks it to stop), and the epoch gives no more batches."""
+    loader, _ = loaders.train_loader(path=sample_betons['train'], batch_size=16, num_workers=2,
+                                     res=32, os_cache=True, device=torch.device('cpu'),
+                                     distributed=False, seed=0)
+    epoch = iter(loader)
+    next(epoch)
+    time.sleep(0.2)  # the thread fills the queue and waits for a place
+    epoch.close()
+    assert not epoch.is_alive()
+    with pytest.raises(StopIteration):
+        next(epoch)
+
+
+def test_an_error_in_the_loader_thread_is_raised_by_the_consumers_next(sample_betons,
+                                                                        monkeypatch):
+    """An exception while the thread decodes a batch is raised where the batches are taken (the
+    batches before it first); ffcv's thread dies with it, and the consumer waits for ever."""
+    from imagenet_ffcv import epoch_iterator
+    decode = epoch_iterator.EpochIterator.run_pipeline
+
+    def fail_at_the_third_batch(self, b_ix, *args):
+        if b_ix == 2:
+            raise MemoryError('no memory for batch 2')
+        return decode(self, b_ix, *args)
+    monkeypatch.setattr(epoch_iterator.EpochIterator, 'run_pipeline', fail_at_the_third_batch)
+    loader = loaders.val_loader(path=sample_betons['val'], batch_size=16, num_workers=2, res=32,
+                                device=torch.device('cpu'))
+    epoch = iter(loader)
+    taken = [next_within(epoch, 60) for _ in range(3)]
+    assert all(isinstance(t, tuple) and len(t) == 2 for t in taken[:2])  # (images, labels)
+    assert isinstance(taken[2], MemoryError) and str(taken[2]) == 'no memory for batch 2'
+    assert not epoch.is_alive()
+    assert isinstance(next_within(epoch, 60), StopIteration)
+
+
+EXIT_WITH_A_BUSY_LOADER = """
+import sys, threading, time
+import torch
+from imagenet_ffcv import epoch_iterator, loaders
+
+decode, busy = epoch_iterator.EpochIterator.run_pipeline, threading.Event()
+
+def decode_then_torch_code(self, b_ix, *args):
+    result = decode(self, b_ix, *args)
+    if b_ix >= 1:  # inside torch code (which releases the GIL) for a second
+        busy.set()
+        x, end = torch.zeros(8, 8, 3), time.monotonic() + 1
+        while time.monotonic() < end:
+            x.permute(2, 0, 1)
+    return result
+
+epoch_iterator.EpochIterator.run_pipeline = decode_then_torch_code
+loader = loaders.val_loader(path=sys.argv[1], batch_size=16, num_workers=2, res=32,
+                            device=torch.device('cpu'))
+epoch = iter(loader)
+next(epoch)
+busy.wait()
+print('exiting', flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_a_process_ends_cleanly_while_its_loader_thread_is_in_torch_code(sample_betons):
+    """A program that leaves an epoch unfinished and ends while the loader's thread is inside torch
+    code: without the epoch closed at exit it aborts (-6, 'terminate called without an active
+    exception': python/cpython#87135), as bench_train.py once did in the suite."""
+    result = subprocess.run([PYTHON, '-c', EXIT_WITH_A_BUSY_LOADER, str(sample_betons['val'])],
+                            env=run_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[-1] == 'exiting'
 
 
 def test_gpu_pipeline_order_is_well_formed():

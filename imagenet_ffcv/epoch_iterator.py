@@ -1,0 +1,145 @@
+"""The thread that decodes one epoch of a loader: ffcv 1.0.2's ``EpochIterator`` (batch after batch
+into a ring of ``batches_ahead + 2`` slots, each with its CUDA side stream, handed on through a
+queue of ``batches_ahead``), which also
+
+- keeps the pinned host buffers safe on CUDA: ffcv decodes into a slot again without waiting for
+  the asynchronous copy of the slot's last batch to the GPU, which itself waits for the consumer's
+  stream, so a loader running ahead of the GPU would overwrite pixels not yet copied. With the
+  loader's ``copy_wait`` 'batch' the thread waits for the slot's side stream after each batch;
+  with 'slot', before it decodes into that slot again (an event recorded after the slot's last
+  batch; ``loaders.COPY_WAIT``);
+- stops when asked: ``close`` returns once the thread has left its pipeline (ffcv's only asks it
+  to stop, and its thread may go on with a batch or two), and an epoch still running when the
+  process ends is closed first (``atexit``). A daemon thread inside torch code, which releases
+  the GIL, when the interpreter finalises makes the process abort ("terminate called without an
+  active exception": CPython ends such a thread with ``pthread_exit``, whose unwinding meets a C++
+  destructor that may not throw; python/cpython#87135, until Python 3.14);
+- hands on its error: an exception in the thread is raised by the consumer's next ``next``, where
+  ffcv's thread dies with it and leaves the consumer waiting for ever.
+"""
+import atexit
+import sys
+import threading
+import weakref
+from queue import Full
+
+import torch
+from . import ffcv_import  # noqa: F401  (first: ffcv without its import-time compiling)
+from ffcv.loader.epoch_iterator import IS_CUDA
+from ffcv.loader.epoch_iterator import EpochIterator as FfcvEpochIterator
+from ffcv.pipeline.compiler import Compiler
+
+PUT_WAIT_S = 0.5  # while the queue is full, the thread looks for a close this often (as ffcv)
+CLOSE_WAIT_S = 10.0  # close waits this long at most for the thread to finish its batch
+_running = weakref.WeakSet()  # epochs made in this process whose thread may still run
+_atexit_registered = False
+
+
+class EpochIterator(FfcvEpochIterator):
+    """An epoch of ``loader`` in ``order`` (the module's docstring says what it adds to ffcv's);
+    a thread, started when made. Iterating gives the batches; ``close`` ends the epoch early."""
+
+    def __init__(self, loader, order):
+        self._copied = [None] * (loader.batches_ahead + 2)  # per slot: its last batch's event
+        _close_at_exit(self)
+        super().__init__(loader, order)  # starts the thread
+
+    def run(self):
+        """ffcv 1.0.2's loop: decode each batch into the next slot of the ring and hand it on,
+        then None at the end of the epoch. It stops before a batch once closed, and hands on an
+        exception instead of the batch."""
+        slots = self.loader.batches_ahead + 2
+        events = [None] * slots  # per slot: the consumer's stream when it took the slot's batch
+        try:
+            Compiler.set_num_threads(self.loader.num_workers)
+            for b_ix, batch_indices in enumerate(self.iter_ixes):
+                if self.terminate_event.is_set():
+                    return
+                slot = b_ix % slots
+                result = self.run_pipeline(b_ix, batch_indices, slot, events[slot])
+                if not self._hand_on((slot, result)):
+                    return
+                if IS_CUDA:  # ffcv: handing on this batch means that the consumer took the
+                    # batch of the slot batches_ahead + 1 back, so its work is queued on the
+                    # consumer's stream: decoding into that slot again waits for it
+                    event = torch.cuda.Event()
+                    event.record(self.current_stream)
+                    events[(slot - self.loader.batches_ahead - 1) % slots] = event
+        except Exception as e:  # noqa: BLE001 - raised in the consumer by __next__
+            self._hand_on(e)
+            return
+        self._hand_on(None)
+
+    def _hand_on(self, item) -> bool:
+        """Put ``item`` on the queue, waiting while it is full; False if closed meanwhile."""
+        while not self.terminate_event.is_set():
+            try:
+                self.output_queue.put(item, timeout=PUT_WAIT_S)
+                return True
+            except Full:
+                pass
+        return False
+
+    def run_pipeline(self, b_ix, batch_indices, batch_slot, cuda_event):
+        if self._copied[batch_slot] is not None:  # 'slot': the slot's last batch is copied out
+            self._copied[batch_slot].synchronize()
+        result = super().run_pipeline(b_ix, batch_indices, batch_slot, cuda_event)
+        if IS_CUDA:
+            stream = self.cuda_streams[batch_slot]
+            if self.loader.copy_wait == 'batch':
+                stream.synchronize()
+            else:
+                self._copied[batch_slot] = stream.record_event()
+        return result
+
+    def __next__(self):
+        """The next batch (a tuple of the pipelines' outputs).
+
+        Raises:
+            StopIteration: at the end of the epoch, or once closed.
+            Exception: what the thread raised while decoding (the epoch is closed).
+        """
+        if self.terminate_event.is_set():
+            raise StopIteration
+        item = self.output_queue.get()
+        if item is None or isinstance(item, Exception):
+            self.close()
+            if item is None:
+                raise StopIteration
+            raise item
+        slot, result = item
+        if IS_CUDA:  # the batch's copy to the device, queued on the slot's side stream
+            self.current_stream.wait_stream(self.cuda_streams[slot])
+        return result
+
+    def close(self):
+        """End the epoch: the thread stops before its next batch, and this returns once it has
+        (it finishes the batch it is decoding; at most CLOSE_WAIT_S), then leaves ffcv's memory
+        context of the epoch. Called again, or from the thread itself, it waits for nothing."""
+        self.terminate_event.set()
+        if (not sys.is_finalizing() and self.is_alive()
+                and threading.current_thread() is not self):
+            self.join(CLOSE_WAIT_S)
+        if not self.closed and not self.is_alive():  # nothing reads the epoch's memory now
+            self.closed = True
+            self.memory_context.__exit__(None, None, None)
+
+
+def _close_at_exit(iterator) -> None:
+    """Keep ``iterator`` in the epochs that :func:`close_running_epochs` closes when the process
+    ends (registered with ``atexit`` by the first epoch of the process)."""
+    global _atexit_registered
+    if not _atexit_registered:
+        atexit.register(close_running_epochs)
+        _atexit_registered = True
+    _running.add(iterator)
+
+
+def close_running_epochs() -> None:
+    """Close every epoch of this process whose thread still runs: all asked to stop at once,
+    then each waited for (``EpochIterator.close``)."""
+    epochs = [e for e in list(_running) if e.is_alive()]
+    for epoch in epochs:
+        epoch.terminate_event.set()
+    for epoch in epochs:
+        epoch.close()
