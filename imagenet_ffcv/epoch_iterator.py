@@ -8,20 +8,22 @@ queue of ``batches_ahead``), which also
   loader's ``copy_wait`` 'batch' the thread waits for the slot's side stream after each batch;
   with 'slot', before it decodes into that slot again (an event recorded after the slot's last
   batch; ``loaders.COPY_WAIT``);
-- stops when asked: ``close`` returns once the thread has left its pipeline (ffcv's only asks it
-  to stop, and its thread may go on with a batch or two), and an epoch still running when the
-  process ends is closed first (``atexit``). A daemon thread inside torch code, which releases
-  the GIL, when the interpreter finalises makes the process abort ("terminate called without an
-  active exception": CPython ends such a thread with ``pthread_exit``, whose unwinding meets a C++
-  destructor that may not throw; python/cpython#87135, until Python 3.14);
+- stops when asked: ``close`` returns once the thread has ended (at most CLOSE_WAIT_S; ffcv's
+  only asks it to stop, and its thread goes on decoding until its queue is full), and an epoch
+  still running when the process ends is closed first (``atexit``). A daemon thread inside torch
+  code, which releases the GIL, when the interpreter finalises makes the process abort
+  ("terminate called without an active exception": CPython ends such a thread with
+  ``pthread_exit``, whose unwinding meets a C++ destructor that may not throw;
+  python/cpython#87135, until Python 3.14);
 - hands on its error: an exception in the thread is raised by the consumer's next ``next``, where
-  ffcv's thread dies with it and leaves the consumer waiting for ever.
+  ffcv's thread dies with it and leaves the consumer waiting for ever; a consumer never waits on
+  a thread that has ended.
 """
 import atexit
 import sys
 import threading
 import weakref
-from queue import Full
+from queue import Empty, Full
 
 import torch
 from . import ffcv_import  # noqa: F401  (first: ffcv without its import-time compiling)
@@ -29,8 +31,8 @@ from ffcv.loader.epoch_iterator import IS_CUDA
 from ffcv.loader.epoch_iterator import EpochIterator as FfcvEpochIterator
 from ffcv.pipeline.compiler import Compiler
 
-PUT_WAIT_S = 0.5  # while the queue is full, the thread looks for a close this often (as ffcv)
-CLOSE_WAIT_S = 10.0  # close waits this long at most for the thread to finish its batch
+WAIT_S = 0.5  # while waiting on the queue, each side looks this often whether the other has ended
+CLOSE_WAIT_S = 10.0  # close waits this long at most for the thread to end
 _running = weakref.WeakSet()  # epochs made in this process whose thread may still run
 _atexit_registered = False
 
@@ -41,8 +43,10 @@ class EpochIterator(FfcvEpochIterator):
 
     def __init__(self, loader, order):
         self._copied = [None] * (loader.batches_ahead + 2)  # per slot: its last batch's event
-        _close_at_exit(self)
+        self._finished = threading.Event()  # set when the thread has left its pipeline for good
+        self._leaving = threading.Lock()  # one thread leaves the memory context
         super().__init__(loader, order)  # starts the thread
+        _close_at_exit(self)
 
     def run(self):
         """ffcv 1.0.2's loop: decode each batch into the next slot of the ring and hand it on,
@@ -65,16 +69,26 @@ class EpochIterator(FfcvEpochIterator):
                     event = torch.cuda.Event()
                     event.record(self.current_stream)
                     events[(slot - self.loader.batches_ahead - 1) % slots] = event
-        except Exception as e:  # noqa: BLE001 - raised in the consumer by __next__
+            self._hand_on(None)
+        except BaseException as e:  # noqa: BLE001 - raised in the consumer by __next__
+            if isinstance(e, StopIteration):  # would end the consumer's loop as if done
+                e = RuntimeError(f'the loader thread raised StopIteration: {e!r}')
             self._hand_on(e)
-            return
-        self._hand_on(None)
+        finally:
+            self._finished.set()
+            if self.terminate_event.is_set():  # closed: a close that gave up waiting left this
+                self._leave_memory_context()
+
+    def has_stopped(self) -> bool:
+        """True once the thread has left its pipeline for good (at the end of the epoch, closed,
+        or after an error): it writes into the epoch's buffers no more."""
+        return self._finished.is_set()
 
     def _hand_on(self, item) -> bool:
         """Put ``item`` on the queue, waiting while it is full; False if closed meanwhile."""
         while not self.terminate_event.is_set():
             try:
-                self.output_queue.put(item, timeout=PUT_WAIT_S)
+                self.output_queue.put(item, timeout=WAIT_S)
                 return True
             except Full:
                 pass
@@ -98,11 +112,19 @@ class EpochIterator(FfcvEpochIterator):
         Raises:
             StopIteration: at the end of the epoch, or once closed.
             Exception: what the thread raised while decoding (the epoch is closed).
+            RuntimeError: the thread ended without handing anything on.
         """
-        if self.terminate_event.is_set():
-            raise StopIteration
-        item = self.output_queue.get()
-        if item is None or isinstance(item, Exception):
+        while True:
+            if self.terminate_event.is_set():
+                raise StopIteration
+            try:
+                item = self.output_queue.get(timeout=WAIT_S)
+                break
+            except Empty:
+                if self._finished.is_set() and self.output_queue.empty():  # nothing will come
+                    self.close()
+                    raise RuntimeError('the loader thread ended without finishing the epoch')
+        if item is None or isinstance(item, BaseException):
             self.close()
             if item is None:
                 raise StopIteration
@@ -115,14 +137,19 @@ class EpochIterator(FfcvEpochIterator):
     def close(self):
         """End the epoch: the thread stops before its next batch, and this returns once it has
         (it finishes the batch it is decoding; at most CLOSE_WAIT_S), then leaves ffcv's memory
-        context of the epoch. Called again, or from the thread itself, it waits for nothing."""
+        context of the epoch (or the thread does, when it stops later). Called from the thread
+        itself (the last reference to the epoch can go there), it waits for nothing."""
         self.terminate_event.set()
-        if (not sys.is_finalizing() and self.is_alive()
-                and threading.current_thread() is not self):
+        if not sys.is_finalizing() and self.is_alive() and threading.get_ident() != self.ident:
             self.join(CLOSE_WAIT_S)
-        if not self.closed and not self.is_alive():  # nothing reads the epoch's memory now
-            self.closed = True
-            self.memory_context.__exit__(None, None, None)
+        if self._finished.is_set() or not self.is_alive():  # nothing reads the epoch's memory
+            self._leave_memory_context()
+
+    def _leave_memory_context(self):
+        with self._leaving:
+            if not self.closed:
+                self.closed = True
+                self.memory_context.__exit__(None, None, None)
 
 
 def _close_at_exit(iterator) -> None:
@@ -137,9 +164,13 @@ def _close_at_exit(iterator) -> None:
 
 def close_running_epochs() -> None:
     """Close every epoch of this process whose thread still runs: all asked to stop at once,
-    then each waited for (``EpochIterator.close``)."""
-    epochs = [e for e in list(_running) if e.is_alive()]
+    then each waited for (``EpochIterator.close``); one that fails to close is reported on
+    stderr and the others are still closed."""
+    epochs = [e for e in list(_running) if not e.has_stopped()]
     for epoch in epochs:
         epoch.terminate_event.set()
     for epoch in epochs:
-        epoch.close()
+        try:
+            epoch.close()
+        except Exception as e:  # noqa: BLE001 - the others must still stop
+            print(f'imagenet_ffcv: closing a loader epoch at exit: {e!r}', file=sys.stderr)

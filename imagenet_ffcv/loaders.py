@@ -115,9 +115,7 @@ class Loader(ffcv.loader.Loader):
         iterator = self._last_epoch()
         if iterator is None:  # collected: a running thread is never collected
             return True
-        # not exhausted nor closed, or closed but not yet stopped (close waits for it): may
-        # still produce
-        return iterator.terminate_event.is_set() and not iterator.is_alive()
+        return iterator.has_stopped()  # else still producing into them, or may
 
     def _epoch_buffers(self, batch_size: int, slots: int):
         """The pipeline's buffers for ``slots`` batches of ``batch_size`` (:func:`allocate`), or

@@ -16,9 +16,9 @@ from ffcv.pipeline.compiler import Compiler
 # read-only by setting ``mutable = False`` on numba's shared (interned) ``uint8[::1]`` type object.
 # That changes the hash of a type that numba's dictionaries already hold as a key, and numba then
 # raises KeyError on them: "Exception ignored in: <finalize object ...>" from
-# ``dispatcher.finalizer`` whenever a compiled function is collected, or a failed compile (ffcv's
-# loader thread dies, the loader hangs) in a function compiled before. Its state and reader,
-# typed with a read-only array type of their own:
+# ``dispatcher.finalizer`` whenever a compiled function is collected, or a failed compile (in
+# the loader's thread: ffcv's loader then hangs, ours raises it) in a function compiled before.
+# Its state and reader, typed with a read-only array type of their own:
 _READ_ONLY_BYTES = numba.types.Array(numba.uint8, 1, 'C', readonly=True)
 
 

@@ -281,8 +281,9 @@ def test_the_loader_reuses_its_batch_buffers_across_epochs_without_changing_the_
 
     loader.graph.allocate_memory = reuse
     decoder.output_size = (48, 48)
+    ring = loader._buffers  # held here: freed, its memory could hold the new ring by chance
     x2, _, memory2 = epoch()
-    assert x2.shape[-1] == 48 and memory2.isdisjoint(memory0)
+    assert x2.shape[-1] == 48 and memory2.isdisjoint(memory0) and loader._buffers is not ring
     abandoned = iter(loader)
     next(abandoned)  # its thread goes on producing into its buffers
     _, _, memory4 = epoch()
@@ -419,7 +420,7 @@ def test_closing_an_epoch_returns_once_its_thread_has_stopped(sample_betons):
                                      distributed=False, seed=0)
     epoch = iter(loader)
     next(epoch)
-    time.sleep(0.2)  # the thread fills the queue and waits for a place
+    time.sleep(0.2)  # the thread decodes ahead meanwhile
     epoch.close()
     assert not epoch.is_alive()
     with pytest.raises(StopIteration):
@@ -446,6 +447,43 @@ def test_an_error_in_the_loader_thread_is_raised_by_the_consumers_next(sample_be
     assert isinstance(taken[2], MemoryError) and str(taken[2]) == 'no memory for batch 2'
     assert not epoch.is_alive()
     assert isinstance(next_within(epoch, 60), StopIteration)
+
+
+def test_an_epoch_dropped_before_its_end_leaves_its_memory_when_its_thread_ends(sample_betons,
+                                                                             monkeypatch):
+    """An epoch whose iterator is dropped after its first batch (``next(iter(loader))``) while its
+    thread still decodes: the last reference goes in that thread when it ends, and the epoch then
+    leaves ffcv's memory context there, without waiting on its own thread (which would be
+    CLOSE_WAIT_S, an hour here)."""
+    from imagenet_ffcv import epoch_iterator
+    monkeypatch.setattr(epoch_iterator, 'CLOSE_WAIT_S', 3600)
+    decode, leave = (epoch_iterator.EpochIterator.run_pipeline,
+                     epoch_iterator.EpochIterator._leave_memory_context)
+    dropped, left = threading.Event(), []
+
+    def decode_once_dropped(self, b_ix, *args):
+        if b_ix == 1:  # the last batch of the epoch
+            dropped.wait(60)
+        return decode(self, b_ix, *args)
+
+    def record(self):  # (the epoch's thread, the thread leaving), for every epoch
+        left.append((self.ident, threading.get_ident()))
+        leave(self)
+    monkeypatch.setattr(epoch_iterator.EpochIterator, 'run_pipeline', decode_once_dropped)
+    monkeypatch.setattr(epoch_iterator.EpochIterator, '_leave_memory_context', record)
+    loader = loaders.val_loader(path=sample_betons['val'], batch_size=64, num_workers=2, res=32,
+                                device=torch.device('cpu'))  # 2 batches
+    next(iter(loader))
+    epoch = loader._last_epoch  # a weak reference
+    thread = epoch().ident
+    dropped.set()
+    for _ in range(600):
+        if epoch() is None:
+            break
+        time.sleep(0.1)
+    assert epoch() is None, 'the epoch was not collected within 60 s'
+    assert [e for e in left if e[0] == thread] == [(thread, thread)]  # once, by its thread
+    assert not [t for t in threading.enumerate() if isinstance(t, threading._DummyThread)]
 
 
 EXIT_WITH_A_BUSY_LOADER = """
