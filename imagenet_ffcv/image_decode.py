@@ -137,9 +137,10 @@ def _image_decoder(read_region, partial: bool, resample_image, out_dtype):
     pixels; 0 where code in it raised (numba prints the exception: a C function cannot raise).
 
     Both the loaders' decoders and :func:`decode_crop` run it: the one path from stored bytes to
-    pixels. (Raw pixels are resampled where they are stored, not copied into ``buf`` first: the
-    copy would let one ``resample_image`` compile serve both kinds, 1.6-2.5 s less compiling per
-    process on 2 cores, but cost raw records about 10 % of the loader's rate.)"""
+    pixels. Raw pixels are resampled where they are stored, not copied into ``buf`` first (the
+    copy cost raw records about 10 % of the loader's rate), with the crop given as floats, as
+    the JPEG path gives it, so that ``resample_image`` (and the ``resampling`` functions it calls)
+    is compiled once for both kinds."""
     normalize = out_dtype == np.float32
 
     def decode_image(data_p, size, is_jpeg, height, width, i, j, h, w, buf_p, buf_size, info_p,
@@ -153,8 +154,10 @@ def _image_decoder(read_region, partial: bool, resample_image, out_dtype):
         if not is_jpeg:
             if size < height * width * 3:
                 return BAD_RECORD
-            resample_image(data[:height * width * 3].reshape(height, width, 3), i, j, h, w, out,
-                           flip, mean, inv_std, normalize, antialias)
+            # the crop as floats, as for a JPEG below: one compile of resample_image serves both
+            resample_image(data[:height * width * 3].reshape(height, width, 3), float(i),
+                           float(j), float(h), float(w), out, flip, mean, inv_std, normalize,
+                           antialias)
             return DECODED
         denom, top, left, rows, cols, y0, x0, ch, cw = jpeg_window(
             height, width, i, j, h, w, out_h, out_w, partial)
