@@ -466,8 +466,9 @@ def test_an_epoch_dropped_before_its_end_leaves_its_memory_when_its_thread_ends(
             dropped.wait(60)
         return decode(self, b_ix, *args)
 
-    def record(self):  # (the epoch's thread, the thread leaving), for every epoch
-        left.append((self.ident, threading.get_ident()))
+    def record(self):  # (the epoch's thread name, the thread leaving), for every epoch: names
+        # are unique in a process, where a new thread may get the id of one that has ended
+        left.append((self.name, threading.get_ident()))
         leave(self)
     monkeypatch.setattr(epoch_iterator.EpochIterator, 'run_pipeline', decode_once_dropped)
     monkeypatch.setattr(epoch_iterator.EpochIterator, '_leave_memory_context', record)
@@ -475,14 +476,14 @@ def test_an_epoch_dropped_before_its_end_leaves_its_memory_when_its_thread_ends(
                                 device=torch.device('cpu'))  # 2 batches
     next(iter(loader))
     epoch = loader._last_epoch  # a weak reference
-    thread = epoch().ident
+    name, thread = epoch().name, epoch().ident
     dropped.set()
     for _ in range(600):
         if epoch() is None:
             break
         time.sleep(0.1)
     assert epoch() is None, 'the epoch was not collected within 60 s'
-    assert [e for e in left if e[0] == thread] == [(thread, thread)]  # once, by its thread
+    assert [e for e in left if e[0] == name] == [(name, thread)]  # once, by its own thread
     assert not [t for t in threading.enumerate() if isinstance(t, threading._DummyThread)]
 
 
