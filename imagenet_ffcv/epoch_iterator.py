@@ -63,9 +63,9 @@ class EpochIterator(FfcvEpochIterator):
                 result = self.run_pipeline(b_ix, batch_indices, slot, events[slot])
                 if not self._hand_on((slot, result)):
                     return
-                if IS_CUDA:  # ffcv: handing on this batch means that the consumer took the
-                    # batch of the slot batches_ahead + 1 back, so its work is queued on the
-                    # consumer's stream: decoding into that slot again waits for it
+                if IS_CUDA:  # ffcv: handing on batch b means that the consumer has taken batch
+                    # b - batches_ahead, so its work on batch b - batches_ahead - 1 (in the slot
+                    # after this one) is queued on its stream: decoding into that slot waits for it
                     event = torch.cuda.Event()
                     event.record(self.current_stream)
                     events[(slot - self.loader.batches_ahead - 1) % slots] = event
@@ -121,14 +121,19 @@ class EpochIterator(FfcvEpochIterator):
                 item = self.output_queue.get(timeout=WAIT_S)
                 break
             except Empty:
-                if self._finished.is_set() and self.output_queue.empty():  # nothing will come
+                if (self._finished.is_set() and self.output_queue.empty()
+                        and not self.terminate_event.is_set()):  # nothing will come
                     self.close()
                     raise RuntimeError('the loader thread ended without finishing the epoch')
-        if item is None or isinstance(item, BaseException):
+        if item is None:
             self.close()
-            if item is None:
-                raise StopIteration
-            raise item
+            raise StopIteration
+        if isinstance(item, BaseException):
+            self.close()
+            try:
+                raise item
+            finally:  # else this frame, in the exception's traceback, would hold it: a cycle
+                del item
         slot, result = item
         if IS_CUDA:  # the batch's copy to the device, queued on the slot's side stream
             self.current_stream.wait_stream(self.cuda_streams[slot])
@@ -166,7 +171,7 @@ def close_running_epochs() -> None:
     """Close every epoch of this process whose thread still runs: all asked to stop at once,
     then each waited for (``EpochIterator.close``); one that fails to close is reported on
     stderr and the others are still closed."""
-    epochs = [e for e in list(_running) if not e.has_stopped()]
+    epochs = [e for e in list(_running) if e.is_alive()]
     for epoch in epochs:
         epoch.terminate_event.set()
     for epoch in epochs:

@@ -115,7 +115,9 @@ class Loader(ffcv.loader.Loader):
         iterator = self._last_epoch()
         if iterator is None:  # collected: a running thread is never collected
             return True
-        return iterator.has_stopped()  # else still producing into them, or may
+        # at its end, closed or failed (not a batch left that its consumer may still take), and
+        # no longer decoding into them
+        return iterator.terminate_event.is_set() and iterator.has_stopped()
 
     def _epoch_buffers(self, batch_size: int, slots: int):
         """The pipeline's buffers for ``slots`` batches of ``batch_size`` (:func:`allocate`), or

@@ -412,6 +412,15 @@ def next_within(iterator, seconds):
     return got[0]
 
 
+def wait_until(condition, what, seconds=60):
+    """Poll ``condition()`` until it is true; pytest.fail naming ``what`` after ``seconds``."""
+    for _ in range(int(seconds * 10)):
+        if condition():
+            return
+        time.sleep(0.1)
+    pytest.fail(f'{what}: not within {seconds} s')
+
+
 def test_closing_an_epoch_returns_once_its_thread_has_stopped(sample_betons):
     """``close`` on an epoch left after its first batch: its thread has ended when close returns
     (ffcv's close only asks it to stop), and the epoch gives no more batches."""
@@ -420,7 +429,6 @@ def test_closing_an_epoch_returns_once_its_thread_has_stopped(sample_betons):
                                      distributed=False, seed=0)
     epoch = iter(loader)
     next(epoch)
-    time.sleep(0.2)  # the thread decodes ahead meanwhile
     epoch.close()
     assert not epoch.is_alive()
     with pytest.raises(StopIteration):
@@ -474,17 +482,34 @@ def test_an_epoch_dropped_before_its_end_leaves_its_memory_when_its_thread_ends(
     monkeypatch.setattr(epoch_iterator.EpochIterator, '_leave_memory_context', record)
     loader = loaders.val_loader(path=sample_betons['val'], batch_size=64, num_workers=2, res=32,
                                 device=torch.device('cpu'))  # 2 batches
+    dummies = {t for t in threading.enumerate() if isinstance(t, threading._DummyThread)}
     next(iter(loader))
     epoch = loader._last_epoch  # a weak reference
     name, thread = epoch().name, epoch().ident
     dropped.set()
-    for _ in range(600):
-        if epoch() is None:
-            break
-        time.sleep(0.1)
-    assert epoch() is None, 'the epoch was not collected within 60 s'
+    wait_until(lambda: epoch() is None, 'the epoch collected')
     assert [e for e in left if e[0] == name] == [(name, thread)]  # once, by its own thread
-    assert not [t for t in threading.enumerate() if isinstance(t, threading._DummyThread)]
+    assert {t for t in threading.enumerate() if isinstance(t, threading._DummyThread)} == dummies
+
+
+def test_a_new_epoch_leaves_the_batches_not_yet_taken_of_the_last_one_as_they_were(
+        sample_betons):
+    """An epoch whose thread has decoded all its batches, its consumer not having taken them all,
+    and a new epoch that has decoded all of its own meanwhile: the last batch of the first, taken
+    then, is the batch decoded for it, not one the new epoch wrote into the same buffers (they
+    are reused only once an epoch was run to its end or closed)."""
+    loader, _ = loaders.train_loader(path=sample_betons['train'], batch_size=160, num_workers=2,
+                                     res=32, os_cache=True, device=torch.device('cpu'),
+                                     distributed=False, seed=0)  # 2 batches an epoch
+    expected = [x.clone() for x, _ in loader][1]  # epoch 0's second batch
+    loader.next_epoch = 0  # epoch 0 again
+    first = iter(loader)
+    next(first)
+    wait_until(first.has_stopped, 'the first epoch decoded')  # its last batch, then the end
+    second = iter(loader)  # epoch 1
+    wait_until(second.has_stopped, 'the second epoch decoded')
+    assert torch.equal(next(first)[0], expected)
+    second.close()
 
 
 EXIT_WITH_A_BUSY_LOADER = """

@@ -316,13 +316,12 @@ def test_loaders_share_one_batch_loop_compiled_once_per_process(betons, monkeypa
     assert signatures() == compiled
 
 
-def test_raw_and_jpeg_records_share_one_compile_of_the_resample(monkeypatch):
+def test_raw_and_jpeg_records_share_one_compile_of_the_resample():
     """The per-image C function gives resample_image the crop as floats for a raw record as for a
     JPEG, so that it (and resampling.taps and _taps, which it calls) is compiled into the C
     function once, not once per kind of record: 1.5-1.7 s less compiling per process and output
     dtype at numba level 0, 1.3-1.4 s at the default level (2-core VM). The pixels are the same
     (the tests above compare both kinds with OpenCV)."""
-    monkeypatch.setattr(image_decode, '_compiled_decoders', {})  # as in a new process
     ir = image_decode.compiled_image_decoder(False).inspect_llvm()
     defined = re.findall(r'^define [^@]*@"?([^"(\s]+)', ir, re.M)
     for function in ('image_decode9resampler12_3clocals_3e14resample_image',
