@@ -146,6 +146,7 @@ class EpochIterator(FfcvEpochIterator):
         itself (the last reference to the epoch can go there), it waits for nothing."""
         self.terminate_event.set()
         if not sys.is_finalizing() and self.is_alive() and threading.get_ident() != self.ident:
+            _empty(self.output_queue)  # a thread waiting for a place in it goes on at once
             self.join(CLOSE_WAIT_S)
         if self._finished.is_set() or not self.is_alive():  # nothing reads the epoch's memory
             self._leave_memory_context()
@@ -155,6 +156,15 @@ class EpochIterator(FfcvEpochIterator):
             if not self.closed:
                 self.closed = True
                 self.memory_context.__exit__(None, None, None)
+
+
+def _empty(queue) -> None:
+    """Take every item out of ``queue`` (batches nobody will read, once closed)."""
+    try:
+        while True:
+            queue.get_nowait()
+    except Empty:
+        pass
 
 
 def _close_at_exit(iterator) -> None:
