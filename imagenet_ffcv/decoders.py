@@ -26,7 +26,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .crops import center_crop, flipped, random_resized_crop, sample_key
-from .image_decode import DECODED, compiled_image_decoder, normalization
+from .image_decode import DECODED, compiled_image_decoder, normalization, output_dtype
 
 PARALLEL_CHUNK = 1  # images a loader thread takes at a time as it gets free (0: equal shares)
 
@@ -121,7 +121,7 @@ class CropResizeDecoder(SimpleRGBImageDecoder):
     def declare_state_and_memory(self, previous_state):
         max_h = np.uint64(self.metadata['height'].max())
         max_w = np.uint64(self.metadata['width'].max())
-        dtype = np.dtype(np.float32 if self.normalize else np.uint8)
+        dtype = output_dtype(self.normalize)
         shape = (self.output_size[0], self.output_size[1], 3)
         return (replace(previous_state, jit_mode=True, shape=shape, dtype=dtype),
                 (AllocationQuery(shape, dtype),

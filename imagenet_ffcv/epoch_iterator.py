@@ -22,7 +22,6 @@ queue of ``batches_ahead``), which also
 import atexit
 import sys
 import threading
-import weakref
 from queue import Empty, Full
 
 import torch
@@ -33,8 +32,7 @@ from ffcv.pipeline.compiler import Compiler
 
 WAIT_S = 0.5  # while waiting on the queue, each side looks this often whether the other has ended
 CLOSE_WAIT_S = 10.0  # close waits this long at most for the thread to end
-_running = weakref.WeakSet()  # epochs made in this process whose thread may still run
-_atexit_registered = False
+_atexit_registered = False  # close_running_epochs, by the first epoch of the process
 
 
 class EpochIterator(FfcvEpochIterator):
@@ -46,7 +44,10 @@ class EpochIterator(FfcvEpochIterator):
         self._finished = threading.Event()  # set when the thread has left its pipeline for good
         self._leaving = threading.Lock()  # one thread leaves the memory context
         super().__init__(loader, order)  # starts the thread
-        _close_at_exit(self)
+        global _atexit_registered
+        if not _atexit_registered:
+            atexit.register(close_running_epochs)
+            _atexit_registered = True
 
     def run(self):
         """ffcv 1.0.2's loop: decode each batch into the next slot of the ring and hand it on,
@@ -167,21 +168,11 @@ def _empty(queue) -> None:
         pass
 
 
-def _close_at_exit(iterator) -> None:
-    """Keep ``iterator`` in the epochs that :func:`close_running_epochs` closes when the process
-    ends (registered with ``atexit`` by the first epoch of the process)."""
-    global _atexit_registered
-    if not _atexit_registered:
-        atexit.register(close_running_epochs)
-        _atexit_registered = True
-    _running.add(iterator)
-
-
 def close_running_epochs() -> None:
-    """Close every epoch of this process whose thread still runs: all asked to stop at once,
-    then each waited for (``EpochIterator.close``); one that fails to close is reported on
-    stderr and the others are still closed."""
-    epochs = [e for e in list(_running) if e.is_alive()]
+    """Close every epoch of this process whose thread still runs (registered with ``atexit`` by
+    the first epoch): all asked to stop at once, then each waited for (``EpochIterator.close``);
+    one that fails to close is reported on stderr and the others are still closed."""
+    epochs = [t for t in threading.enumerate() if isinstance(t, EpochIterator)]
     for epoch in epochs:
         epoch.terminate_event.set()
     for epoch in epochs:

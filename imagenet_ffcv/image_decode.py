@@ -123,15 +123,20 @@ DECODED = 1
 BAD_RECORD = -100  # decode_image's code for a raw record too short for its image
 
 
-def _image_decoder(read_region, partial: bool, resample_image, out_dtype):
+def output_dtype(normalize: bool) -> np.dtype:
+    """The dtype of the decoders' pixels: float32 normalised when ``normalize``, else uint8."""
+    return np.dtype(np.float32 if normalize else np.uint8)
+
+
+def _image_decoder(read_region, partial: bool, resample_image, normalize: bool):
     """``decode_image(data, size, is_jpeg, height, width, i, j, h, w, buf, buf_size, info, out,
     out_h, out_w, flip, mean, inv_std, antialias) -> code``, the arrays given by their addresses
     (:data:`DECODE_SIGNATURE`): one stored image record (``size`` bytes: JPEG, or raw pixels when
     not ``is_jpeg``) of ``height`` x ``width`` px, its crop (``i``, ``j``, ``h``, ``w``: top, left,
     height, width in px) decoded (``jpeg_window``, ``read_region`` into ``buf``, a uint8 buffer of
     ``buf_size`` bytes, at least ``height * width * 3``; ``info``: int64 (2,)) and resampled into
-    ``out`` (``out_dtype`` (out_h, out_w, 3): float32 normalised with ``mean`` and ``inv_std``
-    (float32 (3,)), or uint8; ``resample_image``, from :func:`resampler`). Returns
+    ``out`` (:func:`output_dtype` (out_h, out_w, 3): float32 normalised with ``mean`` and
+    ``inv_std`` (float32 (3,)) when ``normalize``, else uint8; ``resample_image``, from :func:`resampler`). Returns
     :data:`DECODED`, or a negative code for a record that did not decode (``out`` is then left
     as it was): the JPEG decoder's, or :data:`BAD_RECORD` for a raw record shorter than its
     pixels; 0 where code in it raised (numba prints the exception: a C function cannot raise).
@@ -141,7 +146,7 @@ def _image_decoder(read_region, partial: bool, resample_image, out_dtype):
     copy cost raw records about 10 % of the loader's rate), with the crop given as floats, as
     the JPEG path gives it, so that ``resample_image`` (and the ``resampling`` functions it calls)
     is compiled once for both kinds."""
-    normalize = out_dtype == np.float32
+    out_dtype = output_dtype(normalize).type  # the scalar type, as numba.carray takes it
 
     def decode_image(data_p, size, is_jpeg, height, width, i, j, h, w, buf_p, buf_size, info_p,
                      out_p, out_h, out_w, flip, mean_p, inv_std_p, antialias):
@@ -185,7 +190,7 @@ def compiled_image_decoder(normalize: bool):
     if key not in _compiled_decoders:
         read_region, partial = _region_reader()
         decode_image = _image_decoder(Compiler.compile(read_region), partial, resampler(),
-                                      np.float32 if normalize else np.uint8)
+                                      bool(normalize))
         _compiled_decoders[key] = numba.cfunc(DECODE_SIGNATURE, fastmath=True,
                                               error_model='numpy')(decode_image)
     return _compiled_decoders[key]
@@ -217,7 +222,7 @@ def decode_crop(record: np.ndarray, *, height: int, width: int, crop: tuple, siz
     if len(size) != 2 or min(size) < 1:
         raise ValueError(f'size={size!r}: expected (H, W), each at least 1 px')
     mean32, inv_std = normalization(mean, std)
-    out = np.empty((*size, 3), np.float32 if normalize else np.uint8)
+    out = np.empty((*size, 3), output_dtype(normalize))
     record = np.ascontiguousarray(record, np.uint8)
     buf, info = np.empty(height * width * 3, np.uint8), np.zeros(2, np.int64)
     code = compiled_image_decoder(normalize).ctypes(

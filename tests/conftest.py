@@ -32,7 +32,7 @@ os.environ.setdefault('NUMBA_CACHE_DIR', os.path.join(tempfile.gettempdir(),
 # before anything imports torch; subprocesses inherit it.
 os.environ.setdefault('OMP_WAIT_POLICY', 'PASSIVE')
 # A process the tests start that crashes or aborts prints every thread's Python stack to its
-# stderr, which the failing test shows (docs/reliability.md: an abort seen once, cause unknown).
+# stderr, which the failing test shows (docs/reliability.md: an abort at exit seen once).
 os.environ.setdefault('PYTHONFAULTHANDLER', '1')
 
 import pytest

@@ -264,6 +264,11 @@ def test_train_loader_whole_image_crops_flip_and_fallback_agree(betons, monkeypa
                                rtol=0)
 
 
+def defined_functions(ir: str) -> list:
+    """The names of the functions that LLVM code ``ir`` defines (numba's mangled names)."""
+    return re.findall(r'^define [^@]*@"?([^"(\s]+)', ir, re.M)
+
+
 def test_loaders_share_one_batch_loop_compiled_once_per_process(betons, monkeypatch):
     """The loaders' work (decoders.batch_decoder's batch loop and the per-image
     image_decode.compiled_image_decoder it calls) is compiled at the first loader's first batch;
@@ -302,7 +307,7 @@ def test_loaders_share_one_batch_loop_compiled_once_per_process(betons, monkeypa
     for signature in decode_batch.signatures:  # the per-image C function called, not linked in
         ir = decode_batch.inspect_llvm(signature)
         assert f'numba.dynamic.globals.{image_decoder.address:x}' in ir  # numba's name for it
-        defined = re.findall(r'^define [^@]*@"?([^"(\s]+)', ir, re.M)
+        defined = defined_functions(ir)
         assert not [name for name in defined if 'image_decode' in name or 'resampling' in name]
     val = loaders.val_loader(path=betons['jpg'], batch_size=4, num_workers=2, res=64,
                              device=torch.device('cpu'))  # the centre crop, os_cache
@@ -323,7 +328,7 @@ def test_raw_and_jpeg_records_share_one_compile_of_the_resample():
     dtype at numba level 0, 1.3-1.4 s at the default level (2-core VM). The pixels are the same
     (the tests above compare both kinds with OpenCV)."""
     ir = image_decode.compiled_image_decoder(False).inspect_llvm()
-    defined = re.findall(r'^define [^@]*@"?([^"(\s]+)', ir, re.M)
+    defined = defined_functions(ir)
     for function in ('image_decode9resampler12_3clocals_3e14resample_image',
                      'resampling4taps', 'resampling5_taps'):  # numba's mangled names
         assert len([name for name in defined if function in name]) == 1, function
