@@ -1,6 +1,7 @@
 """One training epoch and one evaluation pass, and the mixed precision they run in. The same code
 runs on CPU (fp32) and CUDA (bf16, or fp16 with loss scaling)."""
 import contextlib
+import itertools
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -213,6 +214,14 @@ def _show(bar, *, loss, lr: float, img_per_s: float, eta_s: float) -> None:
                     eta=tqdm.format_interval(eta_s))
 
 
+def _batches_from(loader, first: int):
+    """The batches of ``loader`` from batch ``first`` on; the ones before are not decoded where
+    the loader can start there (``loaders.Loader.epoch_from``)."""
+    if hasattr(loader, 'epoch_from'):
+        return loader.epoch_from(first)
+    return itertools.islice(loader, first, None)
+
+
 def train_one_epoch(*, model, loader, optimizer, loss_fn, lr_at, epoch: int, amp_dtype=None,
                     scaler=None, options: StepOptions = None, hooks: EpochHooks = None,
                     show_progress: bool = True, start_iteration: int = 0,
@@ -230,8 +239,9 @@ def train_one_epoch(*, model, loader, optimizer, loss_fn, lr_at, epoch: int, amp
     non-finite loss on any rank raises :class:`NonFiniteLossError` at the next check, a corrupt
     record :class:`CorruptRecordError`; a stop request ends the epoch there, ``'stopped'`` true.
     Batches: float images (B, 3, H, W) and int64 labels (B,) on the model's device.
-    start_iteration: resume within the epoch: batches ``0..start_iteration-1`` are read (the
-    loader's order is fixed by its seed and epoch) but not trained on again.
+    start_iteration: resume within the epoch: batches ``0..start_iteration-1`` are not trained
+    on again (the loader's order is fixed by its seed and epoch). A loader with ``epoch_from``
+    (``loaders.Loader``) does not decode them; from any other iterable they are read and dropped.
     iterations_after: the work of the later epochs, in iterations of this one
     (``schedules.remaining_work``): the bar's ``eta`` is the run's time left at this speed.
 
@@ -246,13 +256,12 @@ def train_one_epoch(*, model, loader, optimizer, loss_fn, lr_at, epoch: int, amp
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     first_bad = torch.full((), iterations, dtype=torch.int64, device=device)  # none yet
     images, done, stopped, lr = 0, start_iteration, False, 0.0
-    bar = tqdm(loader, desc=f'epoch {epoch}', disable=not show_progress, leave=False,
+    bar = tqdm(_batches_from(loader, start_iteration), desc=f'epoch {epoch}', total=iterations,
+               initial=start_iteration, disable=not show_progress, leave=False,
                dynamic_ncols=True)
     accum, step_end = options.grad_accum_steps, start_iteration  # the last step's end
     start = time.perf_counter()
-    for i, (x, y) in enumerate(bar):
-        if i < start_iteration:
-            continue  # trained on before the checkpoint this run resumed from
+    for i, (x, y) in enumerate(bar, start_iteration):
         group = min(accum, iterations - step_end)  # the batches of this optimizer step
         if i == step_end:  # a new optimizer step: its LR, at its middle, and no gradients yet
             lr = _start_step(optimizer, lr_at(epoch + (step_end + group / 2) / iterations))

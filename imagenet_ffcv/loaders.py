@@ -69,7 +69,8 @@ class Loader(ffcv.loader.Loader):
     """ffcv's ``Loader`` that tells its ``decoder`` (a ``decoders.CropResizeDecoder``) which epoch
     it is about to decode, so that the crops and flips of an epoch are a function of the seed, that
     epoch and the sample (``crops``), like the order ffcv draws from ``seed + epoch``. Setting
-    ``next_epoch`` (as a resumed run does) sets both.
+    ``next_epoch`` (as a resumed run does) sets both; ``epoch_from`` starts an epoch at one of its
+    batches without decoding the batches before it.
 
     It also keeps the batch buffers from one epoch to the next. ffcv 1.0.2 allocates them anew for
     every epoch (a ring of ``batches_ahead + 2`` batches per pipeline op: 393 MB of float32 at
@@ -95,6 +96,16 @@ class Loader(ffcv.loader.Loader):
         self.graph.allocate_memory = self._epoch_buffers  # what each epoch's iterator calls
 
     def __iter__(self):
+        return self.epoch_from(0)
+
+    def epoch_from(self, first_batch: int):
+        """The next epoch from its batch ``first_batch`` on (0 to ``len(self)``): the batches that
+        iterating the loader would give after its first ``first_batch``, which are not decoded.
+        A run resumed within an epoch starts there (``engine.train_one_epoch``). Raises
+        ValueError for a ``first_batch`` out of that range."""
+        if not 0 <= first_batch <= len(self):
+            raise ValueError(f'first_batch={first_batch}: expected 0 to {len(self)}, the batches '
+                             f'of an epoch of {self.fname}')
         if self.decoder is not None:
             self.decoder.epoch = self.next_epoch
         if self._buffers is not None and not self._last_epoch_ended():
@@ -103,7 +114,8 @@ class Loader(ffcv.loader.Loader):
             torch.cuda.synchronize()
         # ffcv 1.0.2's Loader.__iter__, with our epoch iterator (``epoch_iterator``)
         Compiler.set_num_threads(self.num_workers)
-        order = self.next_traversal_order()[:len(self) * self.batch_size]
+        order = self.next_traversal_order()[first_batch * self.batch_size:
+                                             len(self) * self.batch_size]
         self.next_epoch += 1
         if self.code is None or self.recompile:
             self.generate_code()

@@ -156,6 +156,36 @@ def test_stop_request_ends_the_epoch_at_the_next_check_and_resume_skips_done_bat
     assert lrs[0] == pytest.approx(2 + 10.5 / 25)  # the schedule continues where it stopped
 
 
+class StartableBatches(list):
+    """Batches that an epoch can start at one of (as ``loaders.Loader.epoch_from``); it
+    records which batches were read."""
+
+    def epoch_from(self, first_batch):
+        self.read = list(range(first_batch, len(self)))
+        return iter(self[first_batch:])
+
+
+def test_a_resumed_epoch_starts_the_loader_at_its_batch_and_trains_as_on_any_iterable():
+    """With ``start_iteration``, a loader with ``epoch_from`` is started there (the batches before
+    are not read at all); the LR, the counts and the weights are those of a plain list, whose
+    first batches are read and dropped."""
+    results = []
+    for kind in (list, StartableBatches):
+        model, batches, optimizer = _tiny()
+        batches, lrs = kind(batches), []
+        stats = engine.train_one_epoch(
+            model=model, loader=batches, optimizer=optimizer, loss_fn=nn.CrossEntropyLoss(),
+            lr_at=lambda t: lrs.append(t) or 0.1, epoch=2, show_progress=False,
+            start_iteration=10)
+        results.append((stats['iterations_done'], stats['images'], lrs,
+                        [p.detach().clone() for p in model.parameters()]))
+    assert batches.read == list(range(10, 25))
+    (done, images, lrs, weights), (done_s, images_s, lrs_s, weights_s) = results
+    assert (done, images) == (done_s, images_s) == (25, 60) and lrs == lrs_s
+    assert lrs[0] == pytest.approx(2 + 10.5 / 25)
+    assert all(torch.equal(a, b) for a, b in zip(weights, weights_s))
+
+
 class Payload:
     """Unpickling this object calls ``Path.touch(marker)``: a stand-in for any code a weights
     file from someone else could run when loaded with pickle."""

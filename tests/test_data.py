@@ -512,6 +512,34 @@ def test_a_new_epoch_leaves_the_batches_not_yet_taken_of_the_last_one_as_they_we
     second.close()
 
 
+def test_an_epoch_started_at_a_batch_gives_the_rest_of_the_epoch_and_decodes_only_that(
+        sample_betons, monkeypatch):
+    """``epoch_from(k)`` (a run resumed within an epoch): the batches k.. of the epoch that
+    iterating the loader gives (same samples, crops and flips), and its thread decodes only
+    them; the loader goes on to the next epoch after it."""
+    from imagenet_ffcv import epoch_iterator
+    loader, _ = loaders.train_loader(path=sample_betons['train'], batch_size=32, num_workers=2,
+                                     res=32, os_cache=True, device=torch.device('cpu'),
+                                     distributed=False, seed=5)  # 340 images: 10 batches
+    loader.next_epoch = 2
+    whole = [(x.clone(), y.clone()) for x, y in loader]
+    decode, decoded = epoch_iterator.EpochIterator.run_pipeline, []
+
+    def counting(self, b_ix, batch_indices, *args):
+        decoded.append(len(batch_indices))
+        return decode(self, b_ix, batch_indices, *args)
+    monkeypatch.setattr(epoch_iterator.EpochIterator, 'run_pipeline', counting)
+    loader.next_epoch = 2
+    rest = [(x.clone(), y.clone()) for x, y in loader.epoch_from(7)]
+    assert decoded == [32] * 3 and len(whole) == 10
+    assert len(rest) == 3 and loader.next_epoch == 3
+    assert all(torch.equal(x, x0) and torch.equal(y, y0)
+               for (x, y), (x0, y0) in zip(rest, whole[7:]))
+    assert list(loader.epoch_from(10)) == [] and loader.next_epoch == 4
+    with pytest.raises(ValueError, match='first_batch=11: expected 0 to 10'):
+        loader.epoch_from(11)
+
+
 EXIT_WITH_A_BUSY_LOADER = """
 import sys, threading, time
 import torch
