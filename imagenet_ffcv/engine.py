@@ -216,10 +216,13 @@ def _show(bar, *, loss, lr: float, img_per_s: float, eta_s: float) -> None:
 
 def _batches_from(loader, first: int):
     """The batches of ``loader`` from batch ``first`` on; the ones before are not decoded where
-    the loader can start there (``loaders.Loader.epoch_from``)."""
+    the loader can start there (``loaders.Loader.epoch_from``). A generator: closed or dropped
+    before its end (a stop, an error), it closes the loader's epoch, whose thread then stops
+    decoding and leaves its buffers to the next epoch (``yield from`` calls its ``close``)."""
     if hasattr(loader, 'epoch_from'):
-        return loader.epoch_from(first)
-    return itertools.islice(loader, first, None)
+        yield from loader.epoch_from(first)
+    else:
+        yield from itertools.islice(loader, first, None)
 
 
 def train_one_epoch(*, model, loader, optimizer, loss_fn, lr_at, epoch: int, amp_dtype=None,
@@ -324,8 +327,8 @@ def evaluate(*, model, loader, amp_dtype=None, flip_tta: bool = True, ten_crop: 
     device = next(model.parameters()).device
     hits1 = hits5 = count = 0
     loss_sum = 0.0
-    for x, y in tqdm(loader, desc=progress, disable=not progress, leave=False,
-                     dynamic_ncols=True):
+    for x, y in tqdm(_batches_from(loader, 0), desc=progress, total=len(loader),
+                     disable=not progress, leave=False, dynamic_ncols=True):
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             if ten_crop:
                 side = round(x.shape[-1] * DEFAULT_CROP_RATIO)

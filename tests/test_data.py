@@ -540,6 +540,31 @@ def test_an_epoch_started_at_a_batch_gives_the_rest_of_the_epoch_and_decodes_onl
         loader.epoch_from(11)
 
 
+def test_a_training_epoch_stopped_early_or_failed_closes_its_loader_epoch(sample_betons):
+    """``engine.train_one_epoch`` stopped after its first step (a stop request), or failing in
+    it, leaves no loader thread decoding: the epoch was closed, its buffers free for the next.
+    With a progress bar (rank 0): tqdm closes what it iterates only when the bar is disabled."""
+    from imagenet_ffcv import engine
+    loader, _ = loaders.train_loader(path=sample_betons['train'], batch_size=16, num_workers=2,
+                                     res=32, os_cache=True, device=torch.device('cpu'),
+                                     distributed=False, seed=0)  # 21 batches an epoch
+    model = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(3, 10))
+
+    def epoch(loss_fn):
+        return engine.train_one_epoch(
+            model=model, loader=loader, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            loss_fn=loss_fn, lr_at=lambda t: 0.1, epoch=0, show_progress=True,
+            hooks=engine.EpochHooks(stop_requested=lambda: True, check_every=1))
+
+    stats = epoch(torch.nn.CrossEntropyLoss())
+    assert stats['stopped'] and stats['iterations_done'] == 1
+    assert loader._last_epoch() is None or not loader._last_epoch().is_alive()
+    with pytest.raises(ZeroDivisionError):
+        epoch(lambda logits, y: 1 / 0)
+    assert loader._last_epoch() is None or not loader._last_epoch().is_alive()
+
+
 EXIT_WITH_A_BUSY_LOADER = """
 import sys, threading, time
 import torch
