@@ -214,15 +214,25 @@ def _show(bar, *, loss, lr: float, img_per_s: float, eta_s: float) -> None:
                     eta=tqdm.format_interval(eta_s))
 
 
-def _batches_from(loader, first: int):
-    """The batches of ``loader`` from batch ``first`` on; the ones before are not decoded where
-    the loader can start there (``loaders.Loader.epoch_from``). A generator: closed or dropped
-    before its end (a stop, an error), it closes the loader's epoch, whose thread then stops
-    decoding and leaves its buffers to the next epoch (``yield from`` calls its ``close``)."""
-    if hasattr(loader, 'epoch_from'):
-        yield from loader.epoch_from(first)
-    else:
-        yield from itertools.islice(loader, first, None)
+@contextlib.contextmanager
+def _progress(loader, first: int, *, desc: str, show: bool):
+    """A tqdm bar (shown when ``show``) over the batches of ``loader`` from batch ``first`` on;
+    the ones before are not decoded where the loader can start there
+    (``loaders.Loader.epoch_from``). Leaving the block (at the end, a stop or an error) closes
+    the bar and the loader's epoch, whose thread then stops decoding and leaves its buffers to
+    the next epoch (tqdm closes what it iterates only when the bar is disabled). A ``first``
+    past the epoch's end (a resume forced past a change of batch size or GPUs) gives none."""
+    first = min(first, len(loader))
+    batches = (loader.epoch_from(first) if hasattr(loader, 'epoch_from') else
+               itertools.islice(loader, first, None))
+    bar = tqdm(batches, desc=desc, total=len(loader), initial=first, disable=not show,
+               leave=False, dynamic_ncols=True)
+    try:
+        yield bar
+    finally:
+        bar.close()
+        if hasattr(batches, 'close'):
+            batches.close()
 
 
 def train_one_epoch(*, model, loader, optimizer, loss_fn, lr_at, epoch: int, amp_dtype=None,
@@ -259,49 +269,46 @@ def train_one_epoch(*, model, loader, optimizer, loss_fn, lr_at, epoch: int, amp
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     first_bad = torch.full((), iterations, dtype=torch.int64, device=device)  # none yet
     images, done, stopped, lr = 0, start_iteration, False, 0.0
-    bar = tqdm(_batches_from(loader, start_iteration), desc=f'epoch {epoch}', total=iterations,
-               initial=start_iteration, disable=not show_progress, leave=False,
-               dynamic_ncols=True)
     accum, step_end = options.grad_accum_steps, start_iteration  # the last step's end
     start = time.perf_counter()
-    for i, (x, y) in enumerate(bar, start_iteration):
-        group = min(accum, iterations - step_end)  # the batches of this optimizer step
-        if i == step_end:  # a new optimizer step: its LR, at its middle, and no gradients yet
-            lr = _start_step(optimizer, lr_at(epoch + (step_end + group / 2) / iterations))
-        loss = forward_backward(model=model, x=x, y=y, loss_fn=loss_fn, amp_dtype=amp_dtype,
-                                scaler=scaler, augment=options.augment, mix=options.mix,
-                                loss_divisor=group, sync=i + 1 == step_end + group)
-        # Recorded on the device, without a sync: the first iteration whose loss is not finite.
-        first_bad = torch.where(torch.isfinite(loss) | (first_bad < iterations), first_bad, i)
-        loss_sum += loss.double() * y.shape[0]
-        images, done = images + y.shape[0], i + 1
-        if done < step_end + group:  # accumulating; hooks and checks follow optimizer steps
-            continue
-        optimizer_step(model=model, optimizer=optimizer, scaler=scaler,
-                       clip_grad_norm=options.clip_grad_norm)
-        if options.ema is not None and -(-done // accum) % options.ema_every == 0:
-            options.ema.update_parameters(model)
-        # due: a multiple of its period (in iterations) was reached in this optimizer step
-        checkpoint_due, log_due, check_due = (
-            bool(every) and done // every != step_end // every
-            for every in (hooks.checkpoint_every, hooks.log_every, hooks.check_every))
-        step_end = done
-        if done == iterations or check_due or checkpoint_due or log_due:
-            go_on = _agree(first_bad, iterations, epoch, hooks.stop_requested,
-                           hooks.corrupt_record)
-            seconds = time.perf_counter() - start
-            if log_due and hooks.log_train:
-                hooks.log_train(done, {'loss': float(loss), 'lr': lr,
-                                       'img_per_s': images / seconds})
-            if show_progress:
-                _show(bar, loss=loss, lr=lr, img_per_s=images / seconds, eta_s=seconds * (
-                    iterations - done + iterations_after) / (done - start_iteration))
-            if not go_on:
-                stopped = True
-                break
-            if checkpoint_due and done < iterations:
-                hooks.save_checkpoint(done)
-    bar.close()
+    with _progress(loader, start_iteration, desc=f'epoch {epoch}', show=show_progress) as bar:
+        for i, (x, y) in enumerate(bar, start_iteration):
+            group = min(accum, iterations - step_end)  # the batches of this optimizer step
+            if i == step_end:  # a new optimizer step: its LR, at its middle, and no gradients yet
+                lr = _start_step(optimizer, lr_at(epoch + (step_end + group / 2) / iterations))
+            loss = forward_backward(model=model, x=x, y=y, loss_fn=loss_fn, amp_dtype=amp_dtype,
+                                    scaler=scaler, augment=options.augment, mix=options.mix,
+                                    loss_divisor=group, sync=i + 1 == step_end + group)
+            # Recorded on the device, without a sync: the first iteration whose loss is not finite.
+            first_bad = torch.where(torch.isfinite(loss) | (first_bad < iterations), first_bad, i)
+            loss_sum += loss.double() * y.shape[0]
+            images, done = images + y.shape[0], i + 1
+            if done < step_end + group:  # accumulating; hooks and checks follow optimizer steps
+                continue
+            optimizer_step(model=model, optimizer=optimizer, scaler=scaler,
+                           clip_grad_norm=options.clip_grad_norm)
+            if options.ema is not None and -(-done // accum) % options.ema_every == 0:
+                options.ema.update_parameters(model)
+            # due: a multiple of its period (in iterations) was reached in this optimizer step
+            checkpoint_due, log_due, check_due = (
+                bool(every) and done // every != step_end // every
+                for every in (hooks.checkpoint_every, hooks.log_every, hooks.check_every))
+            step_end = done
+            if done == iterations or check_due or checkpoint_due or log_due:
+                go_on = _agree(first_bad, iterations, epoch, hooks.stop_requested,
+                               hooks.corrupt_record)
+                seconds = time.perf_counter() - start
+                if log_due and hooks.log_train:
+                    hooks.log_train(done, {'loss': float(loss), 'lr': lr,
+                                           'img_per_s': images / seconds})
+                if show_progress:
+                    _show(bar, loss=loss, lr=lr, img_per_s=images / seconds, eta_s=seconds * (
+                        iterations - done + iterations_after) / (done - start_iteration))
+                if not go_on:
+                    stopped = True
+                    break
+                if checkpoint_due and done < iterations:
+                    hooks.save_checkpoint(done)
     return {'train_loss': float(loss_sum) / max(images, 1), 'images': images,
             'seconds': time.perf_counter() - start, 'lr': lr, 'iterations_done': done,
             'stopped': stopped}
@@ -310,7 +317,8 @@ def train_one_epoch(*, model, loader, optimizer, loss_fn, lr_at, epoch: int, amp
 @torch.no_grad()
 def evaluate(*, model, loader, amp_dtype=None, flip_tta: bool = True, ten_crop: bool = False,
              corrupt_record=None, progress: str = '') -> dict:
-    """Top-1, top-5 and cross-entropy of ``model`` over ``loader``, summed over all ranks.
+    """Top-1, top-5 and cross-entropy of ``model`` over ``loader`` (batches, with a length),
+    summed over all ranks.
 
     Each rank passes its own disjoint part of the val set (see ``loaders.val_loader``), so every image
     counts once. Pass the plain model, not the DDP wrapper: ranks may see different batch counts.
@@ -327,18 +335,18 @@ def evaluate(*, model, loader, amp_dtype=None, flip_tta: bool = True, ten_crop: 
     device = next(model.parameters()).device
     hits1 = hits5 = count = 0
     loss_sum = 0.0
-    for x, y in tqdm(_batches_from(loader, 0), desc=progress, total=len(loader),
-                     disable=not progress, leave=False, dynamic_ncols=True):
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            if ten_crop:
-                side = round(x.shape[-1] * DEFAULT_CROP_RATIO)
-                logits = sum(model(view) for view in TF.ten_crop(x, [side, side])) / 10
-            else:
-                logits = flip_tta_logits(model, x, flip_tta)
-        logits = logits.float()
-        top1, top5 = topk_correct(logits, y, ks=(1, 5))
-        hits1, hits5, count = hits1 + top1, hits5 + top5, count + y.shape[0]
-        loss_sum += float(F.cross_entropy(logits, y, reduction='sum'))
+    with _progress(loader, 0, desc=progress, show=bool(progress)) as batches:
+        for x, y in batches:
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                if ten_crop:
+                    side = round(x.shape[-1] * DEFAULT_CROP_RATIO)
+                    logits = sum(model(view) for view in TF.ten_crop(x, [side, side])) / 10
+                else:
+                    logits = flip_tta_logits(model, x, flip_tta)
+            logits = logits.float()
+            top1, top5 = topk_correct(logits, y, ks=(1, 5))
+            hits1, hits5, count = hits1 + top1, hits5 + top5, count + y.shape[0]
+            loss_sum += float(F.cross_entropy(logits, y, reduction='sum'))
     corrupt = corrupt_record() if corrupt_record else None
     sums = torch.tensor([hits1, hits5, loss_sum, count, bool(corrupt)], dtype=torch.float64,
                         device=device)

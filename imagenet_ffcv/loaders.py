@@ -106,6 +106,9 @@ class Loader(ffcv.loader.Loader):
         if not 0 <= first_batch <= len(self):
             raise ValueError(f'first_batch={first_batch}: expected 0 to {len(self)}, the batches '
                              f'of an epoch of {self.fname}')
+        if first_batch == len(self):  # no batch left (ffcv's process cache fails on none)
+            self.next_epoch += 1
+            return iter(())
         if self.decoder is not None:
             self.decoder.epoch = self.next_epoch
         if self._buffers is not None and not self._last_epoch_ended():
@@ -283,7 +286,9 @@ def train_loader(*, path, batch_size: int, num_workers: int, res: int, os_cache:
     torchvision: 0.08); the aspect ratio is drawn from [3/4, 4/3]. 1.0 on square images gives the
     whole image. ``flip_prob``: probability of the left-right flip (0: none). The order, the
     crops and the flips are functions of ``seed`` and the epoch (``seed`` >= 0): runs with the
-    same seed see the same batches, also after a resume (not with ``decoder_name='ffcv'``).
+    same seed see the same batches, also after a resume (not with ``decoder_name='ffcv'``, nor
+    with 'quasi_random', which shuffles ffcv 1.0.2's table of pages in place, so that an
+    epoch's order depends on the epochs drawn before it in the process).
     ``decoder_name``: 'fused', 'fused_aa' or 'ffcv' (``constants.DECODERS``; see the module's
     docstring).
     The loader's buffers are reused: consume a batch before fetching ``batches_ahead + 2`` more.

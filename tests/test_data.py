@@ -512,14 +512,15 @@ def test_a_new_epoch_leaves_the_batches_not_yet_taken_of_the_last_one_as_they_we
     second.close()
 
 
+@pytest.mark.parametrize('os_cache', [True, False])  # the OS's page cache, ffcv's own cache
 def test_an_epoch_started_at_a_batch_gives_the_rest_of_the_epoch_and_decodes_only_that(
-        sample_betons, monkeypatch):
+        sample_betons, monkeypatch, os_cache):
     """``epoch_from(k)`` (a run resumed within an epoch): the batches k.. of the epoch that
     iterating the loader gives (same samples, crops and flips), and its thread decodes only
     them; the loader goes on to the next epoch after it."""
     from imagenet_ffcv import epoch_iterator
     loader, _ = loaders.train_loader(path=sample_betons['train'], batch_size=32, num_workers=2,
-                                     res=32, os_cache=True, device=torch.device('cpu'),
+                                     res=32, os_cache=os_cache, device=torch.device('cpu'),
                                      distributed=False, seed=5)  # 340 images: 10 batches
     loader.next_epoch = 2
     whole = [(x.clone(), y.clone()) for x, y in loader]
@@ -560,9 +561,28 @@ def test_a_training_epoch_stopped_early_or_failed_closes_its_loader_epoch(sample
     stats = epoch(torch.nn.CrossEntropyLoss())
     assert stats['stopped'] and stats['iterations_done'] == 1
     assert loader._last_epoch() is None or not loader._last_epoch().is_alive()
-    with pytest.raises(ZeroDivisionError):
+    with pytest.raises(ZeroDivisionError) as failed:
         epoch(lambda logits, y: 1 / 0)
-    assert loader._last_epoch() is None or not loader._last_epoch().is_alive()
+    # closed while the error's traceback, which holds train_one_epoch's frame, is still kept
+    assert failed.tb is not None and not loader._last_epoch().is_alive()
+
+
+def test_a_resume_forced_past_the_epochs_end_trains_nothing_more_in_that_epoch(sample_betons):
+    """A checkpoint's iteration past the end of this run's epoch (``checkpoint.force`` after a
+    change of batch size or GPUs): the epoch trains on nothing more and counts as done, with no
+    error and no batch decoded."""
+    from imagenet_ffcv import engine
+    loader, _ = loaders.train_loader(path=sample_betons['train'], batch_size=64, num_workers=2,
+                                     res=32, os_cache=False, device=torch.device('cpu'),
+                                     distributed=False, seed=0)  # 5 batches an epoch
+    model = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(3, 10))
+    stats = engine.train_one_epoch(
+        model=model, loader=loader, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        loss_fn=torch.nn.CrossEntropyLoss(), lr_at=lambda t: 0.1, epoch=0, show_progress=True,
+        start_iteration=8)
+    assert stats['images'] == 0 and stats['iterations_done'] >= len(loader) == 5
+    assert loader.next_epoch == 1 and loader._last_epoch is None  # no epoch thread made
 
 
 EXIT_WITH_A_BUSY_LOADER = """
