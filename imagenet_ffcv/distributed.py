@@ -75,9 +75,16 @@ def loader_threads(num_workers, info: DistInfo) -> int:
     itself, and at least 1."""
     if num_workers != 'auto':
         return max(1, min(int(num_workers), numba.config.NUMBA_NUM_THREADS))
-    cores = (len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
-             else os.cpu_count() or 1)
-    return max(1, min(cores // info.local_world_size - 1, numba.config.NUMBA_NUM_THREADS))
+    return max(1, min(usable_cores() // info.local_world_size - 1,
+                      numba.config.NUMBA_NUM_THREADS))
+
+
+def usable_cores() -> int:
+    """The cores this process may use (``os.sched_getaffinity``: taskset, cgroups' cpusets,
+    SLURM's binding), not all of the machine's."""
+    if hasattr(os, 'sched_getaffinity'):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 def setup(info: DistInfo, timeout_s: float = 300) -> None:
@@ -119,6 +126,11 @@ def cleanup() -> None:
     """Leave the process group if one was joined."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def processes() -> int:
+    """The processes of the job (the process group's world size; 1 outside one)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:

@@ -122,11 +122,13 @@ class EpochHooks:
     stop_requested: ``() -> bool``, true once this rank is asked to stop (a signal, see
     ``signals.StopRequest``); corrupt_record: ``() -> message or None`` (a sample that did not
     decode, see ``loaders.Loader.corrupt_record``); None: never. The ranks agree on both (and on a
-    non-finite loss) every ``check_every`` iterations, at the last one, and at each checkpoint or
-    log iteration.
+    non-finite loss) every ``check_every`` iterations, at the last one, and at each checkpoint
+    iteration; these must be the same on every rank (each is a collective). ``log_every`` may
+    differ (live logs are rank 0's): a log iteration is no check.
     save_checkpoint: ``(iterations done) -> None``, every ``checkpoint_every`` iterations (0:
     never) except the last. log_train: ``(iterations done, {'loss', 'lr', 'img_per_s'}) -> None``
-    every ``log_every`` iterations (0: never), with the loss of that iteration.
+    every ``log_every`` iterations (0: never), with this rank's loss of that iteration and the
+    img/s of all processes (this one's x their number).
     """
     stop_requested: Callable = None
     corrupt_record: Callable = None
@@ -294,15 +296,16 @@ def train_one_epoch(*, model, loader, optimizer, loss_fn, lr_at, epoch: int, amp
                 bool(every) and done // every != step_end // every
                 for every in (hooks.checkpoint_every, hooks.log_every, hooks.check_every))
             step_end = done
-            if done == iterations or check_due or checkpoint_due or log_due:
-                go_on = _agree(first_bad, iterations, epoch, hooks.stop_requested,
-                               hooks.corrupt_record)
+            agree_due = done == iterations or check_due or checkpoint_due  # alike on all ranks
+            if agree_due or log_due:  # (not agree_due: True, without the collective)
+                go_on = not agree_due or _agree(first_bad, iterations, epoch,
+                                                hooks.stop_requested, hooks.corrupt_record)
                 seconds = time.perf_counter() - start
+                img_per_s = images * distributed.processes() / seconds
                 if log_due and hooks.log_train:
-                    hooks.log_train(done, {'loss': float(loss), 'lr': lr,
-                                           'img_per_s': images / seconds})
+                    hooks.log_train(done, {'loss': float(loss), 'lr': lr, 'img_per_s': img_per_s})
                 if show_progress:
-                    _show(bar, loss=loss, lr=lr, img_per_s=images / seconds, eta_s=seconds * (
+                    _show(bar, loss=loss, lr=lr, img_per_s=img_per_s, eta_s=seconds * (
                         iterations - done + iterations_after) / (done - start_iteration))
                 if not go_on:
                     stopped = True

@@ -156,6 +156,33 @@ def test_stop_request_ends_the_epoch_at_the_next_check_and_resume_skips_done_bat
     assert lrs[0] == pytest.approx(2 + 10.5 / 25)  # the schedule continues where it stopped
 
 
+def test_rank_0s_live_logs_leave_the_ranks_checks_where_the_other_ranks_have_them(monkeypatch):
+    """The ranks' check is a collective (an all-reduce), so every rank must reach it at the same
+    iterations; only rank 0 has live logs. With logs every 25 iterations and checks every 10 (60
+    iterations), the all-reduces come after the same iterations as without logs (an extra one on
+    rank 0 alone would pair with another collective of the others, or hang)."""
+    def run(log_every):
+        model, batches, optimizer = _tiny(60)
+        calls, met, logged = [], [], []
+        monkeypatch.setattr(engine.distributed, 'all_reduce_min',
+                            lambda values: met.append(len(calls)) or values.tolist())
+
+        def loss_fn(logits, y):
+            calls.append(1)
+            return nn.functional.cross_entropy(logits, y)
+        engine.train_one_epoch(
+            model=model, loader=batches, optimizer=optimizer, loss_fn=loss_fn,
+            lr_at=lambda t: 0.1, epoch=0, show_progress=False, hooks=engine.EpochHooks(
+                check_every=10, log_every=log_every,
+                log_train=lambda done, values: logged.append((done, sorted(values)))))
+        return met, logged
+
+    without_logs, _ = run(0)
+    with_logs, logged = run(25)
+    assert without_logs == with_logs == [10, 20, 30, 40, 50, 60]
+    assert logged == [(25, ['img_per_s', 'loss', 'lr']), (50, ['img_per_s', 'loss', 'lr'])]
+
+
 class StartableBatches(list):
     """Batches that an epoch can start at one of (as ``loaders.Loader.epoch_from``); it
     records which batches were read."""
