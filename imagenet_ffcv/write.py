@@ -48,7 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                         '(ILSVRC2012_img_{train,val}.tar read in place + LOC_val_solution.csv); '
                         'auto: detected from --data-dir')
     p.add_argument('--max-res', type=int, default=256, help='shorter side at most this (px)')
-    p.add_argument('--out', default=None, help='output file (default betons/{split}_{max_res}.beton)')
+    p.add_argument('--out', default=None,
+                   help='output file (default betons/{split}_{max_res}.beton; an existing '
+                        'folder: that name in it)')
     p.add_argument('--write-mode', choices=['jpg', 'raw', 'proportion'], default='jpg',
                    help='jpg: JPEG; raw: pixels; proportion: JPEG with --compress-probability')
     p.add_argument('--jpeg-quality', type=int, default=90)
@@ -60,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                         'bytes. 0: no markers (the files written before). '
                         f'Default: {DEFAULT_RESTART_INTERVAL}')
     p.add_argument('--compress-probability', type=float, default=0.5)
-    p.add_argument('--num-workers', type=int, default=0, help='processes (default: all cores)')
+    p.add_argument('--num-workers', type=int, default=0, help='processes (default: the cores this process may use)')
     p.add_argument('--subset', type=int, default=0,
                    help='write a random N images (seed 0) instead of all, e.g. for a quick trial')
     p.add_argument('--strict', action='store_true',
@@ -86,7 +88,10 @@ def parse_args(argv):
         p.error(f'--max-res {args.max_res}: must be >= 1')
     if args.restart_interval < 0:
         p.error(f'--restart-interval {args.restart_interval}: must be >= 0 (0: no markers)')
-    args.out = args.out or f'betons/{args.split}_{args.max_res}.beton'
+    name = f'{args.split}_{args.max_res}.beton'
+    args.out = args.out or f'betons/{name}'
+    if Path(args.out).is_dir():  # an existing folder: the file of that name in it
+        args.out = str(Path(args.out) / name)
     return args
 
 

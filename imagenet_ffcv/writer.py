@@ -14,6 +14,7 @@ from ffcv.fields.rgb_image import IMAGE_MODES
 from ffcv.writer import DatasetWriter
 from PIL import Image
 
+from .distributed import usable_cores
 from .errors import ImagenetFfcvError
 from .files import atomic_path, remove_stale_temporaries, temporary_path, write_text_atomic
 from .images import DEFAULT_RESTART_INTERVAL, encode_jpeg, load_image, shorter_side_size
@@ -25,8 +26,9 @@ class ImageFiles:
 
     ``self[i]`` returns ``((H, W, 3) uint8 array, label)``. It never raises: ffcv's writer waits
     forever for a worker that died. A file that cannot be decoded is appended to ``failures_path``
-    as ``index<TAB>path<TAB>reason`` and stands in as a 1x1 black image; the caller checks that
-    file (see :func:`read_failures`).
+    as ``index<TAB>reason`` (any file name: the reason's characters that UTF-8 cannot hold, as
+    in a name that is not UTF-8, are written as escapes) and stands in as a 1x1 black image; the
+    caller checks that file (see :func:`read_failures`).
     """
 
     def __init__(self, samples: list, *, max_res: int, failures_path):
@@ -43,8 +45,9 @@ class ImageFiles:
             return load_image(path, self.max_res), label
         except Exception as e:  # any decoder error: reported, never a hang of the writer
             reason = f'{type(e).__name__}: {e}'.replace('\n', ' ').replace('\t', ' ')
-            with open(self.failures_path, 'a') as f:  # O_APPEND: whole lines from each process
-                f.write(f'{i}\t{path}\t{reason}\n')
+            # O_APPEND: whole lines from each process
+            with open(self.failures_path, 'a', encoding='utf-8', errors='backslashreplace') as f:
+                f.write(f'{i}\t{reason}\n')
             return np.zeros((1, 1, 3), np.uint8), label
 
 
@@ -88,7 +91,7 @@ class UnreadableImagesError(ImagenetFfcvError):
 
     def __init__(self, failures):
         self.failures = failures
-        listed = '\n'.join(f'  {p}: {r}' for p, r in failures[:20])
+        listed = '\n'.join(f'  {shown_path(p)}: {r}' for p, r in failures[:20])
         more = f'\n  ... and {len(failures) - 20} more' if len(failures) > 20 else ''
         super().__init__(f'{len(failures)} image(s) could not be decoded; nothing was written. '
                          f'Remove or replace them and run again:\n{listed}{more}')
@@ -98,16 +101,23 @@ class InsufficientSpaceError(ImagenetFfcvError, OSError):
     """The target folder has less free space than the estimated size of the .beton."""
 
 
-def read_failures(failures_path) -> dict:
-    """``{index: (path, reason)}`` from a failures file written by :class:`ImageFiles`."""
+def read_failures(failures_path, samples: list) -> dict:
+    """``{index: (path, reason)}`` from a failures file written by :class:`ImageFiles` for
+    ``samples`` (``(path, label)`` pairs)."""
     failures = {}
     if Path(failures_path).exists():
-        with open(failures_path) as f:
+        with open(failures_path, encoding='utf-8') as f:
             for line in f:
                 if line.strip():
-                    i, path, reason = line.rstrip('\n').split('\t', 2)
-                    failures[int(i)] = (path, reason)
+                    i, reason = line.rstrip('\n').split('\t', 1)
+                    failures[int(i)] = (samples[int(i)][0], reason)
     return failures
+
+
+def shown_path(path) -> str:
+    """``path`` as text any file or terminal can hold: the bytes of a name that is not UTF-8
+    as escapes (``caf\\xe9.jpg``)."""
+    return os.fsencode(path).decode('utf-8', 'backslashreplace')
 
 
 def skipped_report_path(beton_path) -> Path:
@@ -174,7 +184,7 @@ def _write_once(samples, tmp, fields, num_workers, chunksize, failures_path, max
     writer = DatasetWriter(str(tmp), fields, num_workers=max(1, min(num_workers, len(indices))))
     dataset = ImageFiles(samples, max_res=max_res, failures_path=failures_path)
     writer.from_indexed_dataset(dataset, indices=np.asarray(indices), chunksize=chunksize)
-    return read_failures(failures_path)
+    return read_failures(failures_path, samples)
 
 
 def write_beton(samples: list, out, *, max_res: int, write_mode: str = 'jpg',
@@ -188,7 +198,7 @@ def write_beton(samples: list, out, *, max_res: int, write_mode: str = 'jpg',
     storing a JPEG with probability ``compress_probability`` and raw pixels otherwise) and
     ``label`` (``IntField``). JPEGs are encoded by ``images.encode_jpeg`` at ``jpeg_quality``
     with a restart marker at most every ``restart_interval`` MCUs (0: none). ``num_workers``
-    processes (0: all cores) decode and encode.
+    processes (0: the cores it may use, ``distributed.usable_cores``) decode and encode.
 
     The file is written under a temporary name (``.NAME.partial-PID``, a dot file) in the folder
     of ``out`` and renamed into place only when complete: a crash or kill leaves no file at ``out``
@@ -210,10 +220,13 @@ def write_beton(samples: list, out, *, max_res: int, write_mode: str = 'jpg',
     if restart_interval < 0:
         raise ValueError(f'restart_interval={restart_interval}: must be >= 0 (0: no markers)')
     out = Path(out)
+    if out.is_dir():
+        raise IsADirectoryError(f'{out} is a folder: give the path of the .beton file to write, '
+                                f'e.g. {out / "train_256.beton"}')
     out.parent.mkdir(parents=True, exist_ok=True)
     _check_writable(out)
     remove_stale_temporaries(out.parent, out.name)
-    num_workers = num_workers or os.cpu_count()
+    num_workers = num_workers or usable_cores()
     if check_space:  # + one partly filled 8 MiB ffcv page per worker
         check_free_space(out, estimate_beton_bytes(samples, max_res=max_res, write_mode=write_mode,
                                                    compress_probability=compress_probability)
@@ -244,7 +257,8 @@ def write_beton(samples: list, out, *, max_res: int, write_mode: str = 'jpg',
                 raise UnreadableImagesError(sorted(skipped.values()))
             skipped_files = [skipped[i] for i in sorted(skipped)]
             if skipped:
-                write_text_atomic(report, ''.join(f'{p}\t{r}\n' for p, r in skipped_files))
+                write_text_atomic(report, ''.join(f'{shown_path(p)}\t{r}\n'
+                                                  for p, r in skipped_files))
             else:
                 report.unlink(missing_ok=True)  # a stale report of an earlier run would mislead
     finally:

@@ -600,6 +600,65 @@ def test_an_unwritable_output_folder_is_a_clear_error_before_any_work(tmp_path, 
     assert list(folder.iterdir()) == []
 
 
+def test_an_out_that_is_a_folder_gets_the_default_name_in_it_or_an_error_before_any_work(
+        tmp_path, monkeypatch):
+    """--out naming an existing folder: the CLI writes {split}_{max_res}.beton in it; the library
+    (given a folder as the file) refuses before reading an image, where the rename at the end
+    used to fail after the whole conversion."""
+    folder = tmp_path / 'betons'
+    folder.mkdir()
+    args = write.parse_args(['--data-dir', str(SAMPLE), '--split', 'val', '--max-res', '32',
+                             '--out', str(folder)])
+    assert args.out == str(folder / 'val_32.beton')
+    def no_image(*args):  # an Exception, as a bad file raises: a BaseException kills ffcv's
+        raise AssertionError('an image was read')  # worker, and its writer waits for ever
+    monkeypatch.setattr(writer, 'load_image', no_image)
+    samples = sources.list_samples(SAMPLE / 'val', sources.find_classes(SAMPLE / 'train'))
+    with pytest.raises(IsADirectoryError, match=f'{folder} is a folder: give the path of the'):
+        writer.write_beton(samples, folder, max_res=32, num_workers=1)
+    assert list(folder.iterdir()) == []
+
+
+def test_the_writer_starts_a_process_per_core_it_may_use_not_per_core_of_the_machine(
+        tmp_path, monkeypatch):
+    """num_workers 0: as many writer processes as this process's CPU affinity allows (taskset,
+    cgroups, SLURM), not os.cpu_count()."""
+    started = []
+    monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0})
+    real = writer.DatasetWriter
+    monkeypatch.setattr(writer, 'DatasetWriter', lambda path, fields, num_workers: (
+        started.append(num_workers) or real(path, fields, num_workers=num_workers)))
+    samples = sources.list_samples(SAMPLE / 'val', sources.find_classes(SAMPLE / 'train'))[:3]
+    stats = writer.write_beton(samples, tmp_path / 'val.beton', max_res=16, num_workers=0)
+    assert started == [1] and stats['images'] == 3 and os.cpu_count() >= 1
+
+
+WRITE_WITH_A_BAD_FILE = """
+import sys
+from imagenet_ffcv import sources, writer
+samples = sources.list_samples(sys.argv[1], sources.find_classes(sys.argv[1]))
+stats = writer.write_beton(samples, sys.argv[2], max_res=32, num_workers=1, skip_unreadable=True)
+print(stats['images'], stats['skipped'])
+"""
+
+
+def test_a_bad_file_whose_name_is_not_utf8_is_skipped_and_reported_not_a_hang(tmp_path):
+    """A file that does not decode, named in Latin-1 (a name that is not UTF-8, as in old zip
+    files): skipped and listed in the report, its name's byte as an escape; reporting it used
+    to kill ffcv's worker, and ffcv's writer then waits for ever (a subprocess, with a limit)."""
+    root = tmp_path / 'train'
+    (root / 'n01').mkdir(parents=True)
+    Image.open(sample_images(1)[0]).save(root / 'n01' / 'ok.JPEG')
+    with open(os.path.join(os.fsencode(root / 'n01'), b'caf\xe9.JPEG'), 'wb') as f:
+        f.write(b'not an image')
+    proc = subprocess.run([PYTHON, '-c', WRITE_WITH_A_BAD_FILE, str(root),
+                           str(tmp_path / 'out.beton')], capture_output=True, text=True,
+                          env=run_env(), timeout=300)
+    assert proc.returncode == 0 and proc.stdout.split() == ['1', '1'], proc.stderr[-3000:]
+    report = (tmp_path / 'out.skipped.tsv').read_text()
+    assert report.startswith(f'{root}/n01/caf\\xe9.JPEG\tUnidentifiedImageError'), report
+
+
 @pytest.mark.slow
 def test_a_split_of_100000_tiny_files_is_listed_and_written(tmp_path, monkeypatch):
     """10 classes of 10,000 tiny JPEGs (hard links): listed from the folder entries alone (no
