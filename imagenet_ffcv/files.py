@@ -24,12 +24,19 @@ def temporary_path(path, kind: str = 'partial') -> Path:
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path for the caller to write ``path`` through (e.g. a library that takes
-    a file name); when the block ends without an exception it is renamed over ``path``. The
-    temporary is removed in every case. Raises what the block raises."""
+    a file name); when the block ends without an exception the file is flushed to disk (fsync:
+    else a power cut after the rename may leave a short file at ``path`` on some filesystems,
+    XFS for one) and renamed over ``path``. The temporary is removed in every case. Raises what
+    the block or the filesystem raises (OSError: disk full, no permission...)."""
     path = Path(path)
     tmp = temporary_path(path)
     try:
         yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -37,15 +44,12 @@ def atomic_path(path):
 
 @contextlib.contextmanager
 def atomic_write(path, mode: str = 'w'):
-    """Yield a file open for writing (``mode`` 'w' or 'wb'); when the block ends without an
-    exception the data is flushed to disk (fsync) and the file renamed over ``path``, else
-    ``path`` is left as it was. Raises what the block or the filesystem raises (OSError: disk
-    full, no permission...)."""
+    """Yield a file open for writing (``mode`` 'w' or 'wb'), written to ``path`` by
+    :func:`atomic_path` when the block ends without an exception, else ``path`` is left as it
+    was. Raises what the block or the filesystem raises."""
     with atomic_path(path) as tmp:
         with open(tmp, mode) as f:
             yield f
-            f.flush()
-            os.fsync(f.fileno())
 
 
 def write_text_atomic(path, text: str) -> None:

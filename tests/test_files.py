@@ -21,6 +21,23 @@ def dead_pid() -> int:
     return proc.pid
 
 
+def test_a_file_written_through_atomic_path_is_on_disk_before_it_takes_the_name(tmp_path,
+                                                                                monkeypatch):
+    """``atomic_path`` (the .beton's way, through a library that takes a file name) flushes the
+    written temporary to disk before renaming it: fsync on the temporary, then the rename."""
+    events = []
+    fsync, replace = os.fsync, os.replace
+    monkeypatch.setattr(os, 'fsync', lambda fd: events.append(
+        ('fsync', os.readlink(f'/proc/self/fd/{fd}'))) or fsync(fd))
+    monkeypatch.setattr(os, 'replace', lambda a, b: events.append(('replace', str(a))) or
+                        replace(a, b))
+    target = tmp_path / 'data.beton'
+    with files.atomic_path(target) as tmp:
+        tmp.write_bytes(b'x' * 100)
+    assert events == [('fsync', str(tmp)), ('replace', str(tmp))]
+    assert target.read_bytes() == b'x' * 100
+
+
 def test_atomic_write_replaces_whole_or_keeps_the_previous_file(tmp_path):
     path = tmp_path / 'params.json'
     files.write_text_atomic(path, 'first')
