@@ -70,9 +70,11 @@ def random_resized_crop(height, width, scale, ratio, key):
 
 @numba.njit(nogil=True)
 def center_crop(height, width, scale, ratio, key):
-    """The central square of side ``int(ratio * shorter side)`` (ffcv's ``get_center_crop``;
-    ``ratio`` a float, e.g. 224/256; ``scale`` and ``key`` unused). Returns ``(top, left, h, w)``."""
-    side = int(ratio * min(height, width))
+    """The central square of side ``int(ratio * shorter side)``, at least 1 (ffcv's
+    ``get_center_crop``, whose side 0 for a 1-pixel side would spread one point over the whole
+    output; ``ratio`` a float, e.g. 224/256; ``scale`` and ``key`` unused). Returns ``(top, left,
+    h, w)``."""
+    side = max(1, int(ratio * min(height, width)))
     return (height - side) // 2, (width - side) // 2, side, side
 
 

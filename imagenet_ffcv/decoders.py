@@ -99,7 +99,8 @@ class CropResizeDecoder(SimpleRGBImageDecoder):
         # freezes captured arrays, so it copies the value with ctypes.memmove).
         self._epoch_cell = np.zeros(1, np.int64)
         # Written the same way by the compiled code: the index of a sample whose image record did
-        # not decode (-1: none), which comes out as a black image.
+        # not decode (-1: none), which comes out as zeros (black in uint8; the mean colour once
+        # normalised).
         self._corrupt_cell = np.full(1, -1, np.int64)
 
     @property
@@ -114,7 +115,7 @@ class CropResizeDecoder(SimpleRGBImageDecoder):
     @property
     def corrupt_sample(self):
         """The index (in the .beton) of a sample whose image record did not decode since this
-        decoder was made (corrupt bytes: it came out black), or None."""
+        decoder was made (corrupt bytes: it came out as zeros), or None."""
         index = int(self._corrupt_cell[0])
         return None if index < 0 else index
 

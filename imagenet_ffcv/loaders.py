@@ -146,7 +146,7 @@ class Loader(ffcv.loader.Loader):
 
     def corrupt_record(self):
         """A message naming the sample of this loader's file whose image record did not decode
-        (its bytes are corrupt: it came out as a black image), or None when every one decoded."""
+        (its bytes are corrupt: it came out as zeros), or None when every one decoded."""
         index = self.decoder.corrupt_sample if self.decoder is not None else None
         if index is None:
             return None

@@ -59,3 +59,10 @@ def test_crops_lie_inside_the_image_with_torchvisions_distribution(height, width
 
 def test_centre_crop_is_ffcvs():
     assert crops.center_crop(256, 341, SCALE, 224 / 256, np.uint64(5)) == (16, 58, 224, 224)
+
+
+def test_the_centre_crop_of_an_image_with_a_1_pixel_side_is_its_central_pixel_not_empty():
+    """ffcv's arithmetic gives side int(0.875 * 1) = 0 there: an empty crop, whose one sampled
+    point fills the whole output."""
+    assert crops.center_crop(1, 6, SCALE, 224 / 256, np.uint64(0)) == (0, 2, 1, 1)
+    assert crops.center_crop(7, 1, SCALE, 224 / 256, np.uint64(0)) == (3, 0, 1, 1)
