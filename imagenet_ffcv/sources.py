@@ -33,8 +33,23 @@ def find_classes(train_dir) -> list:
                                 f'<data-dir>/train/<wnid>/*.JPEG); set --data-dir')
     classes = sorted(e.name for e in os.scandir(train_dir) if _kind(e) == 'dir')
     if not classes:
+        _raise_if_flat(train_dir)
         raise ValueError(f'{train_dir}: no class folders (expected {train_dir}/<wnid>/*.JPEG)')
     return classes
+
+
+def _raise_if_flat(split_dir) -> None:
+    """ValueError when the images of ``split_dir`` lie in it, not in class folders (ImageNet's
+    val tar as extracted), saying how to give them labels."""
+    loose = sorted(e.name for e in os.scandir(split_dir)
+             if e.name.lower().endswith(IMAGE_EXTENSIONS) and _kind(e) == 'file')
+    if loose:
+        raise ValueError(
+            f'{split_dir}: {len(loose)} images lie in the folder itself ({", ".join(loose[:3])}'
+            f'{" ..." if len(loose) > 3 else ""}), not in class folders <wnid>/, so they have no '
+            f'labels. ImageNet val as extracted from {VAL_TAR}: move them into wnid folders '
+            f'(the valprep.sh of PyTorch\'s ImageNet example), or convert from the raw tars '
+            f'(--layout tars) or from Kaggle\'s tree with LOC_val_solution.csv (--layout kaggle)')
 
 
 def list_samples(split_dir, classes: list) -> list:
@@ -42,8 +57,8 @@ def list_samples(split_dir, classes: list) -> list:
 
     ``classes`` is the train split's class list (see :func:`find_classes`); a folder of
     ``split_dir`` that is not in it raises ValueError naming the folder, since its images would
-    have no label. Files whose extension is not in IMAGE_EXTENSIONS are ignored; entries with an
-    image name that are not readable files (broken or looping symbolic links) are left out with
+    have no label. Files whose extension is not in IMAGE_EXTENSIONS are left out with a warning
+    naming them (hidden files silently); entries with an image name that are not readable files (broken or looping symbolic links) are left out with
     a warning naming them. Two class folders that are the same folder (a symbolic link to
     another class) raise ValueError naming both: their images would carry two labels.
     """
@@ -58,10 +73,13 @@ def list_samples(split_dir, classes: list) -> list:
                          f'train split, so their images have no class index; remove them or add '
                          f'the class to train/')
     _check_distinct_folders(split_dir, folders)
-    samples, empty, unreadable = [], [], []
+    samples, empty, unreadable, other = [], [], [], []
     for wnid in sorted(folders, key=class_to_idx.get):
         folder = split_dir / wnid
-        entries = [e for e in os.scandir(folder) if e.name.lower().endswith(IMAGE_EXTENSIONS)]
+        listing = list(os.scandir(folder))
+        entries = [e for e in listing if e.name.lower().endswith(IMAGE_EXTENSIONS)]
+        other += [folder / e.name for e in listing if not e.name.startswith('.')
+                  and not e.name.lower().endswith(IMAGE_EXTENSIONS) and _kind(e) == 'file']
         kinds = {e.name: _kind(e) for e in entries}
         files = sorted(name for name, kind in kinds.items() if kind == 'file')
         unreadable += [str(folder / name) for name, kind in kinds.items() if kind is None]
@@ -72,6 +90,11 @@ def list_samples(split_dir, classes: list) -> list:
         warnings.warn(f'{len(unreadable)} entries with an image name are not readable files '
                       f'(broken or looping symbolic links), left out: {", ".join(unreadable[:5])}'
                       f'{" ..." if len(unreadable) > 5 else ""}', stacklevel=2)
+    if other:
+        warnings.warn(f'{len(other)} files whose extension is not one of '
+                      f'{", ".join(IMAGE_EXTENSIONS)} left out: {", ".join(map(str, other[:5]))}'
+                      f'{" ..." if len(other) > 5 else ""}; convert them to one of those to '
+                      f'keep them', stacklevel=2)
     if samples and empty:
         warnings.warn(f'{len(empty)} class folder(s) with no images (extensions '
                       f'{", ".join(IMAGE_EXTENSIONS)}): {", ".join(empty[:5])}'
@@ -83,6 +106,7 @@ def list_samples(split_dir, classes: list) -> list:
                       f'folder here ({", ".join(absent[:5])}{" ..." if len(absent) > 5 else ""}); '
                       f'the other classes keep their train indices', stacklevel=2)
     if not samples:
+        _raise_if_flat(split_dir)
         raise ValueError(f'{split_dir}: no images found (extensions {", ".join(IMAGE_EXTENSIONS)})')
     return samples
 

@@ -600,6 +600,27 @@ def test_an_unwritable_output_folder_is_a_clear_error_before_any_work(tmp_path, 
     assert list(folder.iterdir()) == []
 
 
+def test_a_split_of_loose_images_says_how_to_label_them_and_other_files_are_named(tmp_path):
+    """ImageNet val as extracted from its tar (images in val/ itself, no class folders): an error
+    naming valprep and the layouts that label them, not "no images found"; files with another
+    extension in a class folder are left out with a warning naming them."""
+    root = tmp_path / 'data'
+    (root / 'train' / 'n01').mkdir(parents=True)
+    (root / 'val').mkdir()
+    for i, src in enumerate(sample_images(3)):
+        Image.open(src).save(root / 'train' / 'n01' / f'{i}.JPEG')
+        Image.open(src).save(root / 'val' / f'ILSVRC2012_val_{i:08d}.JPEG')
+    Image.open(src).save(root / 'train' / 'n01' / 'clip.gif')
+    (root / 'train' / 'n01' / '.DS_Store').write_bytes(b'')
+    classes = sources.find_classes(root / 'train')
+    with pytest.raises(ValueError, match=r'3 images lie in the folder itself \(ILSVRC2012_val_0+'
+                                         r'\.JPEG, .*valprep\.sh.*--layout tars.*--layout kaggle'):
+        sources.list_samples(root / 'val', classes)
+    with pytest.warns(UserWarning, match=r"^1 files whose extension .* left out: \S*/n01/clip.gif;"):
+        samples = sources.list_samples(root / 'train', classes)
+    assert [p.rsplit('/', 1)[-1] for p, _ in samples] == ['0.JPEG', '1.JPEG', '2.JPEG']
+
+
 def test_an_out_that_is_a_folder_gets_the_default_name_in_it_or_an_error_before_any_work(
         tmp_path, monkeypatch):
     """--out naming an existing folder: the CLI writes {split}_{max_res}.beton in it; the library
