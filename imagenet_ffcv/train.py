@@ -107,13 +107,13 @@ def train(cfg, dist, wall_start) -> dict:
         locked = e
     if locked := distributed.broadcast_object(locked):  # every rank stops, not only rank 0
         raise locked
-    if dist.is_primary:
-        run.live_log = LiveLog(
-            run.run_dir.path, tensorboard=bool(cfg.logging.tensorboard),
-            wandb_project=cfg.logging.wandb_project, run_name=run.run_dir.path.name,
-            config=run.resolved, resume_step=global_step(run, run.progress.epoch,
-                                                         run.progress.iteration))
-    try:
+    try:  # the run folder's lock is given back however this ends (W&B failing to start too)
+        if dist.is_primary:
+            run.live_log = LiveLog(
+                run.run_dir.path, tensorboard=bool(cfg.logging.tensorboard),
+                wandb_project=cfg.logging.wandb_project, run_name=run.run_dir.path.name,
+                config=run.resolved, resume_step=global_step(run, run.progress.epoch,
+                                                             run.progress.iteration))
         stop = fit(run)
         if stop:
             return stopped_summary(run, stop)

@@ -61,6 +61,26 @@ def test_cli_trains_and_prints_results_table(sample_betons, tmp_path):
     assert '-> 0.03125 used' in proc.stdout  # lr 0.5 for batch 1024, scaled to batch 64
 
 
+def test_live_logs_that_fail_to_start_leave_the_run_folder_unlocked(sample_betons, tmp_path,
+                                                                     monkeypatch):
+    """W&B failing to start (e.g. offline without an API key) after the run folder was made and
+    locked: the error comes out, and the folder's lock is given back, so that --resume on any
+    machine can continue it (a lock left by a job on another host is refused)."""
+    from imagenet_ffcv import train
+
+    def wandb_fails(*args, **kwargs):
+        raise RuntimeError('wandb.init failed')
+    monkeypatch.setattr(train, 'LiveLog', wandb_fails)
+    with pytest.raises(RuntimeError, match='wandb.init failed'):
+        train.cli(['--config', 'rn18_configs/rn18_16_epochs.yaml',
+                   f'--data.train_dataset={sample_betons["train"]}',
+                   f'--data.val_dataset={sample_betons["val"]}', '--data.num_workers=2',
+                   '--training.epochs=1', '--lr.lr_peak_epoch=0.5', '--training.batch_size=64',
+                   f'--logging.folder={tmp_path}'])
+    [run_dir] = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert (run_dir / 'params.json').exists() and not (run_dir / 'lock').exists()
+
+
 def test_train_and_val_betons_from_different_class_lists_are_refused(sample_betons, tmp_path):
     """A val .beton written from another train split (other class list) would shift labels."""
     import shutil
