@@ -9,6 +9,7 @@ train indices. Every layout gives the same classes, labels and order for the sam
 import csv
 import io
 import os
+import re
 import tarfile
 import warnings
 from pathlib import Path
@@ -19,6 +20,8 @@ TRAIN_TAR, VAL_TAR = 'ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar'
 KAGGLE_DIR = Path('ILSVRC') / 'Data' / 'CLS-LOC'
 # A file inside an uncompressed tar: '<tar path>::<member name>@<byte offset>+<size>'.
 TAR_REF_SEP = '::'
+TAR_REF = re.compile(r'(?P<tar>.*\.tar)::(?P<member>.+)@(?P<offset>\d+)\+(?P<size>\d+)',
+                     re.DOTALL)
 DEVKIT_TAR = 'ILSVRC2012_devkit_t12.tar.gz'
 
 
@@ -302,21 +305,13 @@ def load_split(root, split: str, layout: str = 'auto'):
 
 
 def open_image_source(path):
-    """A file object for a sample: the file itself, or the bytes of a tar member reference."""
+    """A file object for a sample: the file itself, or the bytes of a tar member reference
+    (``_tar_ref``'s form: a ``.tar`` path, ``::``, the member, ``@offset+size``; a folder whose
+    name holds ``::`` is no tar)."""
     path = str(path)
-    if TAR_REF_SEP in path:
-        tar_path, rest = path.split(TAR_REF_SEP, 1)
-        offset, size = rest.rsplit('@', 1)[1].split('+')
-        with open(tar_path, 'rb') as f:
-            f.seek(int(offset))
-            return io.BytesIO(f.read(int(size)))
+    ref = TAR_REF.fullmatch(path)
+    if ref:
+        with open(ref['tar'], 'rb') as f:
+            f.seek(int(ref['offset']))
+            return io.BytesIO(f.read(int(ref['size'])))
     return open(path, 'rb')
-
-
-def source_size(path) -> int:
-    """Bytes of a sample: of the file, or of the tar member a reference names."""
-    path = str(path)
-    if TAR_REF_SEP in path:
-        return int(path.rsplit('+', 1)[1])
-    return os.path.getsize(path)
-

@@ -638,6 +638,16 @@ def test_a_split_of_loose_images_says_how_to_label_them_and_other_files_are_name
     assert [p.rsplit('/', 1)[-1] for p, _ in samples] == ['0.JPEG', '1.JPEG', '2.JPEG']
 
 
+def test_images_under_a_folder_whose_name_holds_the_tar_separator_are_read_as_files(tmp_path):
+    """'::' separates a tar from its member in the tars layout's references; a folder named
+    'run::1' is no tar: its images are read (they failed as unreadable before)."""
+    folder = tmp_path / 'run::1' / 'train' / 'n01'
+    folder.mkdir(parents=True)
+    Image.open(sample_images(1)[0]).save(folder / 'a.JPEG')
+    [(path, label)] = sources.list_samples(folder.parent, ['n01'])
+    assert images.load_image(path, max_res=32).shape[0] == 32 and label == 0
+
+
 def test_an_out_that_is_a_folder_gets_the_default_name_in_it_or_an_error_before_any_work(
         tmp_path, monkeypatch):
     """--out naming an existing folder: the CLI writes {split}_{max_res}.beton in it; the library
