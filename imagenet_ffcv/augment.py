@@ -12,8 +12,8 @@ applied after normalisation, as in torchvision's references and timm).
 
 The loader's batches come normalised (``loaders``); the auto-augment op works on the image in [0, 1]
 (mean and std undone, then redone), on the batch's device. Each image gets its own draws, from
-torch's global CPU generator (seeded by ``training.seed``, saved in checkpoints, like MixUp's), so a
-resumed run draws what the uninterrupted one drew.
+torch's global CPU generator (seeded by ``training.seed`` + the rank, saved in checkpoints for each
+rank, like MixUp's), so a resumed run draws what the uninterrupted one drew.
 """
 import torch
 from torchvision.transforms import v2

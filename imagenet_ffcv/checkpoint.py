@@ -8,7 +8,9 @@ A checkpoint is one ``torch.save`` file, ``RUN_DIR/checkpoint.pt``, holding::
      'ema': the EMA's state dict (AveragedModel: weights, buffers, n_averaged; only with EMA),
      'epoch': epoch to continue,
      'iteration': first iteration of that epoch not yet trained (0: the epoch starts afresh),
-     'rng': {'torch', 'cuda', 'numpy', 'python'}, 'config': the resolved config (params.json),
+     'rng': rank 0's random states {'torch', 'cuda', 'numpy', 'python'},
+     'rng_other_ranks': [the same of rank 1, rank 2, ...] (only when the run had several),
+     'config': the resolved config (params.json),
      'best_top1': best validation top-1 so far (fraction) or None,
      'classes': [(wnid, name), ...] of the training .beton, or None,
      'progress': {'images', 'train_seconds', 'best_epoch', 'wall_time_s'} accumulated so far}
@@ -171,15 +173,21 @@ def set_rng_state(state: dict) -> None:
 
 
 def training_state(*, model_state: dict, optimizer, epoch: int, iteration: int, config: dict,
-                   classes, best_top1, progress: dict, scaler=None, ema=None) -> dict:
+                   classes, best_top1, progress: dict, scaler=None, ema=None,
+                   rng: list = None) -> dict:
     """The checkpoint of a run that has trained ``iteration`` iterations of ``epoch`` (the keys of
     the module docstring): ``model_state`` (the unwrapped model's state dict), the optimizer's,
     the loss scaler's and the EMA's states (``scaler``, ``ema``: None when the run has none), the
-    random states (:func:`rng_state`), the resolved ``config`` and ``classes``, the best top-1
-    so far and ``progress`` (``{'images', 'train_seconds', 'best_epoch', 'wall_time_s'}``)."""
+    random states of every rank in rank order (``rng``: :func:`rng_state` of each, as
+    ``distributed.all_gather_object`` gives them; None: this process's alone), the resolved
+    ``config`` and ``classes``, the best top-1 so far and ``progress`` (``{'images',
+    'train_seconds', 'best_epoch', 'wall_time_s'}``)."""
+    rng = rng or [rng_state()]
     state = {'format': FORMAT, 'model': model_state, 'optimizer': optimizer.state_dict(),
-             'epoch': epoch, 'iteration': iteration, 'rng': rng_state(), 'config': config,
+             'epoch': epoch, 'iteration': iteration, 'rng': rng[0], 'config': config,
              'best_top1': best_top1, 'classes': classes, 'progress': progress}
+    if len(rng) > 1:
+        state['rng_other_ranks'] = rng[1:]
     if scaler is not None:
         state['scaler'] = scaler.state_dict()
     if ema is not None:
@@ -187,16 +195,20 @@ def training_state(*, model_state: dict, optimizer, epoch: int, iteration: int, 
     return state
 
 
-def restore_training_state(saved: dict, *, model, optimizer, scaler=None, ema=None) -> bool:
+def restore_training_state(saved: dict, *, model, optimizer, scaler=None, ema=None,
+                           rank: int = 0) -> bool:
     """Load a checkpoint written from :func:`training_state` into ``model`` (unwrapped),
     ``optimizer``, ``scaler`` and ``ema`` (each when the run has one and the checkpoint holds it)
-    and set the random states. Returns False when the run has an EMA that the checkpoint lacks
-    (it then starts from the weights at its next update), else True."""
+    and set the random states that rank ``rank`` had (a rank the checkpoint's run did not have
+    keeps its own). Returns False when the run has an EMA that the checkpoint lacks (it then
+    starts from the weights at its next update), else True."""
     model.load_state_dict(saved['model'])
     optimizer.load_state_dict(saved['optimizer'])
     if scaler is not None and saved.get('scaler'):
         scaler.load_state_dict(saved['scaler'])
     if ema is not None and saved.get('ema'):
         ema.load_state_dict(saved['ema'])
-    set_rng_state(saved['rng'])
+    states = [saved['rng'], *saved.get('rng_other_ranks', [])]
+    if rank < len(states):
+        set_rng_state(states[rank])
     return ema is None or bool(saved.get('ema'))

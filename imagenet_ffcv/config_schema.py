@@ -176,7 +176,8 @@ def _training_sections(section) -> None:
             channels_last=Param(int, '1: NHWC memory format for the model', default=1),
             distributed=Param(int, 'ignored (kept for ffcv-imagenet configs): launch with '
                                    'torchrun for several processes', default=0),
-            seed=Param(int, 'seed of weights init and data order', default=0),
+            seed=Param(int, 'seed of weights init, data order, crops and flips; rank r draws its '
+                               'MixUp/CutMix and augmentation randomness from seed + r', default=0),
             target_top1=Param(float, 'stop at the first epoch whose validation top-1 reaches this '
                                      'fraction (e.g. 0.6); 0: train all epochs', default=0.0),
             ema_decay=Param(float, 'EMA of the weights (and BN buffers): the weight of the old '

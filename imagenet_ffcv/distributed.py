@@ -160,6 +160,16 @@ def all_reduce_min(values: torch.Tensor) -> list:
     return values.tolist()
 
 
+def all_gather_object(obj) -> list:
+    """``obj`` of every rank (any picklable object), in rank order; ``[obj]`` in a single
+    process."""
+    if dist.is_available() and dist.is_initialized():
+        gathered = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, obj)
+        return gathered
+    return [obj]
+
+
 def broadcast_object(obj, src: int = 0):
     """``obj`` as rank ``src`` has it (any picklable object), on every rank; ``obj`` itself in a
     single process."""

@@ -4,7 +4,8 @@ MixUp (Zhang et al., "mixup: Beyond Empirical Risk Minimization", 2018) blends e
 another of the batch; CutMix (Yun et al., "CutMix", 2019) pastes a rectangle of it. Both mix the
 one-hot labels in the same proportion, drawn from Beta(alpha, alpha) once per batch; with both on,
 one of the two is picked per batch, as timm and torchvision's reference do. The random draws come
-from torch's global CPU generator (seeded by ``training.seed``, saved in checkpoints).
+from torch's global CPU generator (seeded by ``training.seed`` + the rank, so that each rank
+draws its own, saved in checkpoints).
 """
 from torchvision.transforms import v2
 

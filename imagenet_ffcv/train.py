@@ -51,9 +51,8 @@ def main(cfg) -> dict:
 @dataclass
 class Progress:
     """Where a run stands (in its checkpoint): ``epoch``/``iteration`` the next step to train;
-    ``best_top1``/``best_epoch`` the best validation top-1 so far (fraction) and its epoch;
-    ``images``, ``train_seconds`` trained so far over all ranks; ``wall_time_s`` wall time of the
-    processes before this one (a resumed run counts from its first start)."""
+    ``best_top1``/``best_epoch`` the best val top-1 so far (fraction) and its epoch; ``images``,
+    ``train_seconds`` so far over all ranks; ``wall_time_s`` of the processes before this one."""
     epoch: int = 0
     iteration: int = 0
     best_top1: float = None
@@ -92,8 +91,7 @@ class Run:
 
 def train(cfg, dist, wall_start) -> dict:
     """Train from scratch, or from the checkpoint ``checkpoint.resume`` names; see :func:`main`."""
-    # Rank 0 picks the checkpoint, every rank reads it (the run folder must be on a filesystem
-    # all nodes share).
+    # Rank 0 picks the checkpoint, every rank reads it (the run folder is on a shared filesystem)
     resume_path = distributed.broadcast_object(checkpoint.resolve_resume(
         cfg.checkpoint.resume, cfg.logging.folder, cfg.logging.run_name) if dist.is_primary else None)
     saved = checkpoint.load(resume_path) if resume_path else None
@@ -136,7 +134,7 @@ def build(cfg, dist, wall_start) -> Run:
     config.check_runnable(cfg, device)  # fail now, before any work or run folder
     precision = engine.resolve_precision(cfg.training.amp, device)
     torch.backends.cudnn.benchmark = device.type == 'cuda'  # fixed shapes within an epoch
-    torch.manual_seed(cfg.training.seed)  # same initial weights on every rank
+    torch.manual_seed(cfg.training.seed)  # the same initial weights on every rank
     res_at = partial(schedules.resolution_at, **config.resolution_kwargs(cfg))
     threads = distributed.loader_threads(cfg.data.num_workers, dist)
     train_loader, train_decoder = loaders.train_loader(
@@ -152,6 +150,7 @@ def build(cfg, dist, wall_start) -> Run:
                                    reset_head=bool(cfg.model.reset_head))
         if dist.is_primary:
             print(loaded)
+    torch.manual_seed(cfg.training.seed + dist.rank)  # then each rank its own draws, as timm
     model_without_ddp.to(device)
     if cfg.training.sync_bn:  # BatchNorm statistics over the batches of all ranks
         model_without_ddp = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model_without_ddp)
@@ -194,7 +193,7 @@ def restore(run: Run, saved: dict, resume_path) -> None:
                            path=resume_path)
     has_ema = checkpoint.restore_training_state(
         saved, model=run.model_without_ddp, optimizer=run.optimizer, scaler=run.scaler,
-        ema=run.options.ema)
+        ema=run.options.ema, rank=run.dist.rank)
     if not has_ema and run.dist.is_primary:
         print(f'=> {resume_path} holds no EMA: it starts from the weights at the next update')
     run.progress = Progress(epoch=saved['epoch'], iteration=saved['iteration'],
@@ -226,14 +225,15 @@ def open_run_dir(run: Run, resume_path) -> RunDir:
 
 
 def save_checkpoint(run: Run, epoch: int, iteration: int) -> None:
-    """Rank 0 writes where the run stands: ``iteration`` iterations of ``epoch`` done."""
+    """Rank 0 writes where the run stands (``iteration`` of ``epoch`` done), each rank's RNG too."""
+    rng = distributed.all_gather_object(checkpoint.rng_state())
     if not run.dist.is_primary:
         return
     progress = run.progress
     state = checkpoint.training_state(
         model_state=models.unwrapped_state_dict(run.model), optimizer=run.optimizer, epoch=epoch,
         iteration=iteration, config=run.resolved, classes=run.classes,
-        best_top1=progress.best_top1, scaler=run.scaler, ema=run.options.ema,
+        best_top1=progress.best_top1, scaler=run.scaler, ema=run.options.ema, rng=rng,
         progress={'images': progress.images, 'train_seconds': progress.train_seconds,
                   'best_epoch': progress.best_epoch,
                   'wall_time_s': time.perf_counter() - run.wall_start})

@@ -77,6 +77,29 @@ def test_a_key_older_checkpoints_lack_counts_as_its_default():
                                                    'training.grad_accum_steps: 1 -> 2']
 
 
+def test_each_ranks_random_states_are_kept_and_given_back_to_that_rank():
+    """A checkpoint of a 2-rank run holds both ranks' random states (training_state's ``rng``,
+    gathered from every rank); restoring gives rank r its own, and a rank the run did not have
+    keeps the one it has."""
+    model = nn.Linear(2, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    states = []
+    for seed in (10, 11):  # rank 0's and rank 1's generators
+        torch.manual_seed(seed)
+        states.append(checkpoint.rng_state())
+    saved = checkpoint.training_state(model_state=model.state_dict(), optimizer=optimizer,
+                                      epoch=1, iteration=0, config={}, classes=None,
+                                      best_top1=None, progress={}, rng=states)
+    draws = {}
+    for rank in (0, 1, 2):
+        torch.manual_seed(99)
+        checkpoint.restore_training_state(saved, model=model, optimizer=optimizer, rank=rank)
+        draws[rank] = torch.rand(3)
+    for rank, seed in ((0, 10), (1, 11), (2, 99)):
+        torch.manual_seed(seed)
+        assert torch.equal(draws[rank], torch.rand(3)), rank
+
+
 def test_rng_state_round_trip():
     state = checkpoint.rng_state()
     a = (torch.rand(3), __import__('numpy').random.rand(), __import__('random').random())

@@ -60,7 +60,8 @@ def wait_training(out, timeout=300):
 
 # One epoch of two ranks, with checkpoints within the epoch and --resume auto (the long-job launch
 # line): the two-node run below, and the reference of the restart test.
-TWO_RANKS = ('--training.epochs=1', '--lr.lr=0.1', '--checkpoint.every_iters=3', '--resume=auto')
+TWO_RANKS = ('--training.epochs=1', '--lr.lr=0.1', '--checkpoint.every_iters=3', '--resume=auto',
+             '--training.mixup_alpha=0.2')  # random draws on each rank, kept across a restart
 
 
 @pytest.fixture(scope='module')
@@ -76,10 +77,12 @@ def two_node_run(sample_betons, tmp_path_factory):
 
 
 def test_two_nodes_on_localhost_train_in_sync(two_node_run):
-    """The two ranks end with bit-identical weights and BN statistics; validation counts each of
-    the 100 val images exactly once; only rank 0 writes a run folder, with one epoch logged."""
+    """The two ranks end with bit-identical weights and BN statistics, each having drawn its own
+    random numbers (MixUp); validation counts each of the 100 val images exactly once; only rank
+    0 writes a run folder, with one epoch logged."""
     ranks = two_node_run
     assert ranks[0]['weights_sha256'] == ranks[1]['weights_sha256']
+    assert ranks[0]['next_random'] != ranks[1]['next_random']  # each rank its own draws
     assert ranks[0]['val_count'] == ranks[1]['val_count'] == 100
     assert ranks[0]['top_1'] == ranks[1]['top_1']
     writers = [r for r in ranks if r['run_dir'] is not None]

@@ -1,7 +1,7 @@
 """Runs train.main in this process (alone, or as one rank under torchrun) for the tests
 that stop or kill a run: writes this rank's process id to OUT_DIR/pid<RANK> when it starts and its
-summary (weights hash, val count, top-1) to OUT_DIR/rank<RANK>.json at the end, and exits with the
-run's exit code.
+summary (weights hash, val count, top-1, a draw of torch's generator after the run) to
+OUT_DIR/rank<RANK>.json at the end, and exits with the run's exit code.
 
     python tests/torchrun_main.py OUT_DIR [--send-signal=NAME:EPOCH:STEP:RANK] --section.key=...
     torchrun --nproc_per_node=2 tests/torchrun_main.py OUT_DIR ...
@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
 
 from imagenet_ffcv import config, engine, train  # noqa: E402
 
@@ -50,5 +52,6 @@ if __name__ == '__main__':
         if rank == signal_rank and os.environ.get('TORCHELASTIC_RESTART_COUNT', '0') == '0':
             signal_at(name, int(epoch), int(step))
     summary = train.main(config.load_config(args))
+    summary['next_random'] = torch.rand(()).item()  # the rank's generator after the run
     (out_dir / f'rank{rank}.json').write_text(json.dumps(summary))
     sys.exit(summary.get('exit_code', 0))
