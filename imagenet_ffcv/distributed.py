@@ -15,6 +15,8 @@ import numba
 import torch
 import torch.distributed as dist
 
+from .errors import ImagenetFfcvError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -81,7 +83,7 @@ def loader_threads(num_workers, info: DistInfo) -> int:
 
 def usable_cores() -> int:
     """The cores this process may use (``os.sched_getaffinity``: taskset, cgroups' cpusets,
-    SLURM's binding), not all of the machine's."""
+    SLURM's binding; not a CPU quota such as docker's --cpus), not all of the machine's."""
     if hasattr(os, 'sched_getaffinity'):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
@@ -158,6 +160,28 @@ def all_reduce_min(values: torch.Tensor) -> list:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(values, op=dist.ReduceOp.MIN)
     return values.tolist()
+
+
+class RankZeroError(ImagenetFfcvError):
+    """What rank 0 raised in :func:`on_rank_0`, as the other ranks see it."""
+
+
+def on_rank_0(fn):
+    """``fn()`` on rank 0 (every rank calls this; the others get None). An exception it raises is
+    raised on rank 0 and, as :class:`RankZeroError` naming it, on every other rank, which would
+    otherwise wait in its next collective until the timeout (or until torchrun stops it)."""
+    result, error = None, None
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        try:
+            result = fn()
+        except Exception as e:  # noqa: BLE001 - raised below, on every rank
+            error = e
+    failed = broadcast_object(None if error is None else f'{type(error).__name__}: {error}')
+    if error is not None:
+        raise error
+    if failed is not None:
+        raise RankZeroError(f'rank 0 failed: {failed}')
+    return result
 
 
 def all_gather_object(obj) -> list:

@@ -222,9 +222,7 @@ def _progress(loader, first: int, *, desc: str, show: bool):
     the ones before are not decoded where the loader can start there
     (``loaders.Loader.epoch_from``). Leaving the block (at the end, a stop or an error) closes
     the bar and the loader's epoch, whose thread then stops decoding and leaves its buffers to
-    the next epoch (tqdm closes what it iterates only when the bar is disabled). A ``first``
-    past the epoch's end (a resume forced past a change of batch size or GPUs) gives none."""
-    first = min(first, len(loader))
+    the next epoch (tqdm closes what it iterates only when the bar is disabled)."""
     batches = (loader.epoch_from(first) if hasattr(loader, 'epoch_from') else
                itertools.islice(loader, first, None))
     bar = tqdm(batches, desc=desc, total=len(loader), initial=first, disable=not show,
@@ -257,6 +255,7 @@ def train_one_epoch(*, model, loader, optimizer, loss_fn, lr_at, epoch: int, amp
     start_iteration: resume within the epoch: batches ``0..start_iteration-1`` are not trained
     on again (the loader's order is fixed by its seed and epoch). A loader with ``epoch_from``
     (``loaders.Loader``) does not decode them; from any other iterable they are read and dropped.
+    Past the epoch's end (a resume forced past a change of batch size or GPUs): the epoch is done.
     iterations_after: the work of the later epochs, in iterations of this one
     (``schedules.remaining_work``): the bar's ``eta`` is the run's time left at this speed.
 
@@ -267,6 +266,7 @@ def train_one_epoch(*, model, loader, optimizer, loss_fn, lr_at, epoch: int, amp
     model.train()
     options, hooks = options or StepOptions(), hooks or EpochHooks()
     iterations = len(loader)
+    start_iteration = min(start_iteration, iterations)
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     first_bad = torch.full((), iterations, dtype=torch.int64, device=device)  # none yet

@@ -47,12 +47,14 @@ def _raise_if_flat(split_dir) -> None:
     loose = sorted(e.name for e in os.scandir(split_dir)
              if e.name.lower().endswith(IMAGE_EXTENSIONS) and _kind(e) == 'file')
     if loose:
+        how = (f'ImageNet val as extracted from {VAL_TAR}: move them into wnid folders (the '
+               f'valprep.sh of PyTorch\'s ImageNet example), or convert' if split_dir.name == 'val'
+               else 'Move them into one folder per class, or convert ImageNet')
         raise ValueError(
             f'{split_dir}: {len(loose)} images lie in the folder itself ({", ".join(loose[:3])}'
             f'{" ..." if len(loose) > 3 else ""}), not in class folders <wnid>/, so they have no '
-            f'labels. ImageNet val as extracted from {VAL_TAR}: move them into wnid folders '
-            f'(the valprep.sh of PyTorch\'s ImageNet example), or convert from the raw tars '
-            f'(--layout tars) or from Kaggle\'s tree with LOC_val_solution.csv (--layout kaggle)')
+            f'labels. {how} from the raw tars (--layout tars) or from Kaggle\'s tree with '
+            f'LOC_val_solution.csv (--layout kaggle)')
 
 
 def list_samples(split_dir, classes: list) -> list:
@@ -61,8 +63,8 @@ def list_samples(split_dir, classes: list) -> list:
     ``classes`` is the train split's class list (see :func:`find_classes`); a folder of
     ``split_dir`` that is not in it raises ValueError naming the folder, since its images would
     have no label. Files whose extension is not in IMAGE_EXTENSIONS are left out with a warning
-    naming them (hidden files silently); entries with an image name that are not readable files (broken or looping symbolic links) are left out with
-    a warning naming them. Two class folders that are the same folder (a symbolic link to
+    naming them (hidden files silently), and so are entries with an image name that are not
+    readable files (broken or looping symbolic links). Two class folders that are the same folder (a symbolic link to
     another class) raise ValueError naming both: their images would carry two labels.
     """
     split_dir = Path(split_dir)

@@ -28,7 +28,7 @@ from .errors import ImagenetFfcvError
 from .evaluate import evaluate_weights, make_val_loader, ten_crop_eval, validate_with_ema
 from .loggers import LiveLog
 from .mixup import batch_mixer
-from .run_dir import RunDir, RunLockedError, code_version
+from .run_dir import RunDir, code_version
 from .signals import StopRequest
 
 
@@ -91,27 +91,22 @@ class Run:
 
 def train(cfg, dist, wall_start) -> dict:
     """Train from scratch, or from the checkpoint ``checkpoint.resume`` names; see :func:`main`."""
-    # Rank 0 picks the checkpoint, every rank reads it (the run folder is on a shared filesystem)
-    resume_path = distributed.broadcast_object(checkpoint.resolve_resume(
-        cfg.checkpoint.resume, cfg.logging.folder, cfg.logging.run_name) if dist.is_primary else None)
+    # Rank 0 picks the checkpoint, every rank reads it (the run folder is on a shared filesystem);
+    # what fails on rank 0 alone (a missing checkpoint, a locked run folder) stops every rank.
+    resume_path = distributed.broadcast_object(distributed.on_rank_0(lambda: (
+        checkpoint.resolve_resume(cfg.checkpoint.resume, cfg.logging.folder,
+                                  cfg.logging.run_name))))
     saved = checkpoint.load(resume_path) if resume_path else None
     run = build(cfg, dist, wall_start)
     if saved:
         restore(run, saved, resume_path)
-    locked = None
-    try:
-        run.run_dir = open_run_dir(run, resume_path) if dist.is_primary else None
-    except RunLockedError as e:
-        locked = e
-    if locked := distributed.broadcast_object(locked):  # every rank stops, not only rank 0
-        raise locked
+    run.run_dir = distributed.on_rank_0(partial(open_run_dir, run, resume_path))
     try:  # the run folder's lock is given back however this ends (W&B failing to start too)
-        if dist.is_primary:
-            run.live_log = LiveLog(
-                run.run_dir.path, tensorboard=bool(cfg.logging.tensorboard),
-                wandb_project=cfg.logging.wandb_project, run_name=run.run_dir.path.name,
-                config=run.resolved, resume_step=global_step(run, run.progress.epoch,
-                                                             run.progress.iteration))
+        run.live_log = distributed.on_rank_0(lambda: LiveLog(
+            run.run_dir.path, tensorboard=bool(cfg.logging.tensorboard),
+            wandb_project=cfg.logging.wandb_project, run_name=run.run_dir.path.name,
+            config=run.resolved, resume_step=global_step(run, run.progress.epoch,
+                                                         run.progress.iteration)))
         stop = fit(run)
         if stop:
             return stopped_summary(run, stop)
@@ -150,7 +145,8 @@ def build(cfg, dist, wall_start) -> Run:
                                    reset_head=bool(cfg.model.reset_head))
         if dist.is_primary:
             print(loaded)
-    torch.manual_seed(cfg.training.seed + dist.rank)  # then each rank its own draws, as timm
+    if dist.rank:  # each other rank its own draws (as timm); rank 0 goes on with the seed's
+        torch.manual_seed(cfg.training.seed + dist.rank)
     model_without_ddp.to(device)
     if cfg.training.sync_bn:  # BatchNorm statistics over the batches of all ranks
         model_without_ddp = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model_without_ddp)

@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                         'bytes. 0: no markers (the files written before). '
                         f'Default: {DEFAULT_RESTART_INTERVAL}')
     p.add_argument('--compress-probability', type=float, default=0.5)
-    p.add_argument('--num-workers', type=int, default=0, help='processes (default: the cores this process may use)')
+    p.add_argument('--num-workers', type=int, default=0,
+                   help='processes (default: the cores this process may use)')
     p.add_argument('--subset', type=int, default=0,
                    help='write a random N images (seed 0) instead of all, e.g. for a quick trial')
     p.add_argument('--strict', action='store_true',

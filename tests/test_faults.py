@@ -91,6 +91,42 @@ def test_two_nodes_on_localhost_train_in_sync(two_node_run):
     assert len(log) == 1 and log[0]['val_count'] == 100
 
 
+ON_RANK_0 = """
+import torch.distributed
+from imagenet_ffcv import distributed
+info = distributed.from_env()
+distributed.setup(info, timeout_s=60)
+
+
+def fails():
+    raise ValueError('no such checkpoint')
+
+
+try:
+    distributed.on_rank_0(fails)
+except Exception as e:
+    print(f'rank {info.rank}: {type(e).__name__}: {e}', flush=True)
+print(f'rank {info.rank}: {distributed.on_rank_0(lambda: 42)}', flush=True)
+torch.distributed.barrier()
+distributed.cleanup()
+"""
+
+
+def test_what_fails_on_rank_0_alone_is_raised_on_every_rank(tmp_path):
+    """distributed.on_rank_0 (the trainer's checkpoint lookup, run folder and live logs): rank 0's
+    error is raised there and, naming it, on rank 1, which would otherwise wait in its next
+    collective; a result comes back on rank 0 only."""
+    script = tmp_path / 'on_rank_0.py'
+    script.write_text(ON_RANK_0)
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
+                           f'--master_port={free_port()}', str(script)], cwd=REPO, env=run_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    lines = set(proc.stdout.splitlines())
+    assert {'rank 0: ValueError: no such checkpoint', 'rank 0: 42', 'rank 1: None',
+            'rank 1: RankZeroError: rank 0 failed: ValueError: no such checkpoint'} <= lines
+
+
 def test_a_dead_rank_makes_the_job_fail_quickly(sample_betons, tmp_path):
     """SIGKILL one of two ranks (one launcher, two processes): the job ends non-zero, not hangs."""
     proc = subprocess.Popen(
