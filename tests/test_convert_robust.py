@@ -633,9 +633,12 @@ def test_a_split_of_loose_images_says_how_to_label_them_and_other_files_are_name
     with pytest.raises(ValueError, match=r'3 images lie in the folder itself \(ILSVRC2012_val_0+'
                                          r'\.JPEG, .*valprep\.sh.*--layout tars.*--layout kaggle'):
         sources.list_samples(root / 'val', classes)
-    with pytest.raises(ValueError, match=r'images lie in the folder itself .*Move them into one '
+    flat_train = tmp_path / 'flat' / 'train'  # a train split of loose images: no val advice
+    flat_train.mkdir(parents=True)
+    Image.open(src).save(flat_train / 'a.JPEG')
+    with pytest.raises(ValueError, match=r'1 images lie in the folder itself .*Move them into one '
                                          r'folder per class, or convert ImageNet from the raw tars'):
-        sources.find_classes(root / 'val')  # as a train split: no val advice
+        sources.find_classes(flat_train)
     with pytest.warns(UserWarning, match=r"^1 files whose extension .* left out: \S*/n01/clip.gif;"):
         samples = sources.list_samples(root / 'train', classes)
     assert [p.rsplit('/', 1)[-1] for p, _ in samples] == ['0.JPEG', '1.JPEG', '2.JPEG']
