@@ -124,21 +124,26 @@ def restart_store(info: DistInfo, timeout: timedelta, environ=None):
     return dist.PrefixStore(f'/imagenet_ffcv/attempt_{attempt}', store)
 
 
+def _joined() -> bool:
+    """Whether this process is in a process group (:func:`setup` joined one)."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def cleanup() -> None:
     """Leave the process group if one was joined."""
-    if dist.is_available() and dist.is_initialized():
+    if _joined():
         dist.destroy_process_group()
 
 
 def processes() -> int:
     """The processes of the job (the process group's world size; 1 outside one)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return dist.get_world_size() if _joined() else 1
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     """Sum a float64/int64 tensor over all ranks (identity in a single process). Returns a new tensor."""
     values = values.clone()
-    if dist.is_available() and dist.is_initialized():
+    if _joined():
         dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values
 
@@ -148,7 +153,7 @@ def broadcast_buffers(model: torch.nn.Module, src: int = 0) -> None:
     ranks. DDP broadcasts buffers at the start of each forward, so after the last training step the
     running statistics differ per rank; call this before evaluating or saving. No-op in one process.
     """
-    if dist.is_available() and dist.is_initialized():
+    if _joined():
         for buffer in model.buffers():
             dist.broadcast(buffer.data, src=src)
 
@@ -157,7 +162,7 @@ def all_reduce_min(values: torch.Tensor) -> list:
     """Element-wise minimum of an int64 tensor over all ranks, as a list of ints (the values
     themselves in a single process). Synchronises the device."""
     values = values.clone()
-    if dist.is_available() and dist.is_initialized():
+    if _joined():
         dist.all_reduce(values, op=dist.ReduceOp.MIN)
     return values.tolist()
 
@@ -171,7 +176,7 @@ def on_rank_0(fn):
     raised on rank 0 and, as :class:`RankZeroError` naming it, on every other rank, which would
     otherwise wait in its next collective until the timeout (or until torchrun stops it)."""
     result, error = None, None
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+    if not _joined() or dist.get_rank() == 0:
         try:
             result = fn()
         except Exception as e:  # noqa: BLE001 - raised below, on every rank
@@ -187,7 +192,7 @@ def on_rank_0(fn):
 def all_gather_object(obj) -> list:
     """``obj`` of every rank (any picklable object), in rank order; ``[obj]`` in a single
     process."""
-    if dist.is_available() and dist.is_initialized():
+    if _joined():
         gathered = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, obj)
         return gathered
@@ -197,7 +202,7 @@ def all_gather_object(obj) -> list:
 def broadcast_object(obj, src: int = 0):
     """``obj`` as rank ``src`` has it (any picklable object), on every rank; ``obj`` itself in a
     single process."""
-    if dist.is_available() and dist.is_initialized():
+    if _joined():
         box = [obj]
         dist.broadcast_object_list(box, src=src)
         return box[0]

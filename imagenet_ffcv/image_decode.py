@@ -136,10 +136,11 @@ def _image_decoder(read_region, partial: bool, resample_image, normalize: bool):
     height, width in px) decoded (``jpeg_window``, ``read_region`` into ``buf``, a uint8 buffer of
     ``buf_size`` bytes, at least ``height * width * 3``; ``info``: int64 (2,)) and resampled into
     ``out`` (:func:`output_dtype` (out_h, out_w, 3): float32 normalised with ``mean`` and
-    ``inv_std`` (float32 (3,)) when ``normalize``, else uint8; ``resample_image``, from :func:`resampler`). Returns
-    :data:`DECODED`, or a negative code for a record that did not decode (``out`` is then left
-    as it was): the JPEG decoder's, or :data:`BAD_RECORD` for a raw record shorter than its
-    pixels; 0 where code in it raised (numba prints the exception: a C function cannot raise).
+    ``inv_std`` (float32 (3,)) when ``normalize``, else uint8; ``resample_image``, from
+    :func:`resampler`). Returns :data:`DECODED`, or a negative code for a record that did not
+    decode (``out`` is then left as it was): the JPEG decoder's, or :data:`BAD_RECORD` for a raw
+    record shorter than its pixels; 0 where code in it raised (numba prints the exception: a C
+    function cannot raise).
 
     Both the loaders' decoders and :func:`decode_crop` run it: the one path from stored bytes to
     pixels. Raw pixels are resampled where they are stored, not copied into ``buf`` first (the

@@ -20,8 +20,8 @@ TRAIN_TAR, VAL_TAR = 'ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar'
 KAGGLE_DIR = Path('ILSVRC') / 'Data' / 'CLS-LOC'
 # A file inside an uncompressed tar: '<tar path>::<member name>@<byte offset>+<size>'.
 TAR_REF_SEP = '::'
-TAR_REF = re.compile(r'(?P<tar>.*\.tar)::(?P<member>.+)@(?P<offset>\d+)\+(?P<size>\d+)',
-                     re.DOTALL)
+TAR_REF = re.compile(rf'(?P<tar>.*\.tar){re.escape(TAR_REF_SEP)}(?P<member>.+)'
+                     r'@(?P<offset>\d+)\+(?P<size>\d+)', re.DOTALL)
 DEVKIT_TAR = 'ILSVRC2012_devkit_t12.tar.gz'
 
 
@@ -45,7 +45,7 @@ def _raise_if_flat(split_dir) -> None:
     """ValueError when the images of ``split_dir`` lie in it, not in class folders (ImageNet's
     val tar as extracted), saying how to give them labels."""
     loose = sorted(e.name for e in os.scandir(split_dir)
-             if e.name.lower().endswith(IMAGE_EXTENSIONS) and _kind(e) == 'file')
+                   if e.name.lower().endswith(IMAGE_EXTENSIONS) and _kind(e) == 'file')
     if loose:
         how = (f'ImageNet val as extracted from {VAL_TAR}: move them into wnid folders (the '
                f'valprep.sh of PyTorch\'s ImageNet example), or convert' if split_dir.name == 'val'
@@ -64,8 +64,9 @@ def list_samples(split_dir, classes: list) -> list:
     ``split_dir`` that is not in it raises ValueError naming the folder, since its images would
     have no label. Files whose extension is not in IMAGE_EXTENSIONS are left out with a warning
     naming them (hidden files silently), and so are entries with an image name that are not
-    readable files (broken or looping symbolic links). Two class folders that are the same folder (a symbolic link to
-    another class) raise ValueError naming both: their images would carry two labels.
+    readable files (broken or looping symbolic links). Two class folders that are the same
+    folder (a symbolic link to another class) raise ValueError naming both: their images would
+    carry two labels.
     """
     split_dir = Path(split_dir)
     if not split_dir.is_dir():

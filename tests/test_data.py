@@ -394,6 +394,20 @@ def test_an_unknown_copy_wait_is_refused_when_the_loader_is_made(sample_betons, 
                            device=torch.device('cpu'))
 
 
+def small_train_loader(sample_betons, *, batch_size, os_cache=True, seed=0):
+    """The training loader of the demo sample's 340 images at 32 px, 2 threads, on the CPU."""
+    loader, _ = loaders.train_loader(path=sample_betons['train'], batch_size=batch_size,
+                                     num_workers=2, res=32, os_cache=os_cache,
+                                     device=torch.device('cpu'), distributed=False, seed=seed)
+    return loader
+
+
+def tiny_classifier():
+    """A model that trains on those batches in a few milliseconds (10 classes)."""
+    return torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                               torch.nn.Linear(3, 10))
+
+
 def next_within(iterator, seconds):
     """``next(iterator)`` or what it raised, taken in a thread; pytest.fail after ``seconds``
     (a loader waiting for ever would hang the suite instead)."""
@@ -424,9 +438,7 @@ def wait_until(condition, what, seconds=60):
 def test_closing_an_epoch_returns_once_its_thread_has_stopped(sample_betons):
     """``close`` on an epoch left after its first batch: its thread has ended when close returns
     (ffcv's close only asks it to stop), and the epoch gives no more batches."""
-    loader, _ = loaders.train_loader(path=sample_betons['train'], batch_size=16, num_workers=2,
-                                     res=32, os_cache=True, device=torch.device('cpu'),
-                                     distributed=False, seed=0)
+    loader = small_train_loader(sample_betons, batch_size=16)
     epoch = iter(loader)
     next(epoch)
     epoch.close()
@@ -498,9 +510,7 @@ def test_a_new_epoch_leaves_the_batches_not_yet_taken_of_the_last_one_as_they_we
     and a new epoch that has decoded all of its own meanwhile: the last batch of the first, taken
     then, is the batch decoded for it, not one the new epoch wrote into the same buffers (they
     are reused only once an epoch was run to its end or closed)."""
-    loader, _ = loaders.train_loader(path=sample_betons['train'], batch_size=160, num_workers=2,
-                                     res=32, os_cache=True, device=torch.device('cpu'),
-                                     distributed=False, seed=0)  # 2 batches an epoch
+    loader = small_train_loader(sample_betons, batch_size=160)  # 2 batches an epoch
     expected = [x.clone() for x, _ in loader][1]  # epoch 0's second batch
     loader.next_epoch = 0  # epoch 0 again
     first = iter(loader)
@@ -519,9 +529,8 @@ def test_an_epoch_started_at_a_batch_gives_the_rest_of_the_epoch_and_decodes_onl
     iterating the loader gives (same samples, crops and flips), and its thread decodes only
     them; the loader goes on to the next epoch after it."""
     from imagenet_ffcv import epoch_iterator
-    loader, _ = loaders.train_loader(path=sample_betons['train'], batch_size=32, num_workers=2,
-                                     res=32, os_cache=os_cache, device=torch.device('cpu'),
-                                     distributed=False, seed=5)  # 340 images: 10 batches
+    loader = small_train_loader(sample_betons, batch_size=32, os_cache=os_cache,
+                                seed=5)  # 340 images: 10 batches
     loader.next_epoch = 2
     whole = [(x.clone(), y.clone()) for x, y in loader]
     decode, decoded = epoch_iterator.EpochIterator.run_pipeline, []
@@ -546,11 +555,8 @@ def test_a_training_epoch_stopped_early_or_failed_closes_its_loader_epoch(sample
     it, leaves no loader thread decoding: the epoch was closed, its buffers free for the next.
     With a progress bar (rank 0): tqdm closes what it iterates only when the bar is disabled."""
     from imagenet_ffcv import engine
-    loader, _ = loaders.train_loader(path=sample_betons['train'], batch_size=16, num_workers=2,
-                                     res=32, os_cache=True, device=torch.device('cpu'),
-                                     distributed=False, seed=0)  # 21 batches an epoch
-    model = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
-                                torch.nn.Linear(3, 10))
+    loader = small_train_loader(sample_betons, batch_size=16)  # 21 batches an epoch
+    model = tiny_classifier()
 
     def epoch(loss_fn):
         return engine.train_one_epoch(
@@ -572,11 +578,8 @@ def test_a_resume_forced_past_the_epochs_end_trains_nothing_more_in_that_epoch(s
     change of batch size or GPUs): the epoch trains on nothing more and counts as done, with no
     error and no batch decoded."""
     from imagenet_ffcv import engine
-    loader, _ = loaders.train_loader(path=sample_betons['train'], batch_size=64, num_workers=2,
-                                     res=32, os_cache=False, device=torch.device('cpu'),
-                                     distributed=False, seed=0)  # 5 batches an epoch
-    model = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
-                                torch.nn.Linear(3, 10))
+    loader = small_train_loader(sample_betons, batch_size=64, os_cache=False)  # 5 batches
+    model = tiny_classifier()
     stats = engine.train_one_epoch(
         model=model, loader=loader, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
         loss_fn=torch.nn.CrossEntropyLoss(), lr_at=lambda t: 0.1, epoch=0, show_progress=True,
