@@ -8,6 +8,8 @@ Launch lines::
         --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 -m imagenet_ffcv.train ... # node 0 of 2
 """
 import os
+import socket
+import time
 from datetime import timedelta
 from dataclasses import dataclass
 
@@ -108,20 +110,54 @@ def setup(info: DistInfo, timeout_s: float = 300) -> None:
                                 **kwargs)
 
 
+# The key, in torchrun's own store, under which rank 0 publishes the address of the store it hosts.
+STORE_ADDRESS_KEY = '/imagenet_ffcv/store_address'
+
+
 def restart_store(info: DistInfo, timeout: timedelta, environ=None):
-    """The key-value store the ranks meet in (MASTER_ADDR:MASTER_PORT, torchrun's own store when
-    it serves one, else one hosted by rank 0), with its keys under a prefix of the restart attempt
-    (TORCHELASTIC_RESTART_COUNT). Without the prefix, the workers torchrun starts again after one
-    died (``--max-restarts``) can read the addresses their predecessors published in the same
-    store and fail with "Gloo connectFullMesh failed ... Connection refused" (seen with torch
-    2.14's c10d rendezvous): ``tests/test_faults.py`` restarts a killed worker."""
+    """The key-value store the ranks meet in: a new one each time the job's workers start, hosted
+    by rank 0.
+
+    Without torchrun's own store, rank 0 hosts it at MASTER_ADDR:MASTER_PORT. With it
+    (TORCHELASTIC_USE_AGENT_STORE, torchrun's c10d and static rendezvous), torchrun serves a store
+    at that address that outlives its workers: after a restart (``--max-restarts``) the new workers
+    would read the addresses their predecessors published there and fail ("Gloo connectFullMesh
+    failed ... Connection refused"; NCCL reads an old unique id). A key prefix of
+    TORCHELASTIC_RESTART_COUNT does not keep attempts apart across nodes: each node's torchrun
+    counts only the failures of its own workers, so a node restarted for another node's failure
+    keeps its count (pytorch/pytorch#108158, #135712). So rank 0 hosts a new store on a free port
+    and publishes its address in torchrun's store; the other ranks wait until the published address
+    answers. An address left by the workers before a restart does not answer: torchrun stops every
+    worker of every node before the new workers start. ``tests/test_faults.py`` restarts a killed
+    worker on one node and on two.
+
+    Raises torch.distributed.DistStoreError when rank 0 publishes no address within ``timeout``,
+    TimeoutError when the address it published does not answer within it.
+    """
     environ = os.environ if environ is None else environ
-    agent_store = environ.get('TORCHELASTIC_USE_AGENT_STORE') == 'True'
-    store = dist.TCPStore(environ.get('MASTER_ADDR', 'localhost'),
-                          int(environ.get('MASTER_PORT', 29500)), info.world_size,
-                          is_master=not agent_store and info.rank == 0, timeout=timeout)
-    attempt = environ.get('TORCHELASTIC_RESTART_COUNT', '0')
-    return dist.PrefixStore(f'/imagenet_ffcv/attempt_{attempt}', store)
+    host, port = environ.get('MASTER_ADDR', 'localhost'), int(environ.get('MASTER_PORT', 29500))
+    if environ.get('TORCHELASTIC_USE_AGENT_STORE') != 'True':
+        return dist.TCPStore(host, port, info.world_size, is_master=info.rank == 0,
+                             timeout=timeout)
+    torchrun_store = dist.TCPStore(host, port, is_master=False, timeout=timeout)
+    if info.rank == 0:  # on the node of torchrun's store (the rendezvous's rank 0)
+        store = dist.TCPStore(host, 0, info.world_size, is_master=True, timeout=timeout,
+                              wait_for_workers=False)
+        torchrun_store.set(STORE_ADDRESS_KEY, f'{host}:{store.port}')
+        return store
+    deadline = time.monotonic() + timeout.total_seconds()
+    while True:
+        address = torchrun_store.get(STORE_ADDRESS_KEY).decode()
+        store_host, store_port = address.rsplit(':', 1)
+        try:  # a plain connection first: TCPStore logs every failed try with a stack trace
+            socket.create_connection((store_host, int(store_port)), timeout=5).close()
+            return dist.TCPStore(store_host, int(store_port), info.world_size, is_master=False,
+                                 timeout=timeout)
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f'rank {info.rank}: the store rank 0 published at {address} did '
+                                   f'not answer within {timeout}: did rank 0 fail to start?')
+            time.sleep(0.2)
 
 
 def _joined() -> bool:

@@ -22,10 +22,12 @@ def free_port():
         return s.getsockname()[1]
 
 
-def trainer_args(betons, out, *extra, signal_at=None):
-    """tests/torchrun_main.py's arguments; ``signal_at``: its ``NAME:EPOCH:STEP:RANK``."""
-    signal_arg = [f'--send-signal={signal_at}'] if signal_at else []
-    return ['tests/torchrun_main.py', str(out), *signal_arg,
+def trainer_args(betons, out, *extra, signal_at=None, pause_at=None):
+    """tests/torchrun_main.py's arguments; ``signal_at``: its ``NAME:EPOCH:STEP:RANK``,
+    ``pause_at``: its ``SECONDS:EPOCH:STEP:RANK``."""
+    actions = ([f'--send-signal={signal_at}'] if signal_at else []) + (
+        [f'--pause={pause_at}'] if pause_at else [])
+    return ['tests/torchrun_main.py', str(out), *actions,
             f'--data.train_dataset={betons["train"]}',
             f'--data.val_dataset={betons["val"]}', '--data.num_workers=1',
             f'--logging.folder={out}', '--model.arch=resnet18', '--training.batch_size=16',
@@ -33,12 +35,12 @@ def trainer_args(betons, out, *extra, signal_at=None):
             '--validation.resolution=32', '--validation.batch_size=32', *extra]
 
 
-def node(node_rank, port, args):
+def node(node_rank, port, args, *torchrun_options):
     """One torchrun launcher, node ``node_rank`` of 2, one process, c10d rendezvous on localhost
     (the README's multi-node launch line)."""
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nnodes=2', f'--node-rank={node_rank}',
            '--nproc_per_node=1', '--rdzv-backend=c10d', f'--rdzv-endpoint=localhost:{port}',
-           '--rdzv-id=test'] + args
+           '--rdzv-id=test', *torchrun_options] + args
     return subprocess.Popen(cmd, cwd=REPO, env=run_env(), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
@@ -177,24 +179,32 @@ def test_a_hung_rank_makes_the_other_node_fail_within_the_timeout(sample_betons,
             pass
 
 
-def test_torchrun_restarts_a_killed_worker_and_the_run_ends_as_an_uninterrupted_one(
+def test_torchrun_restarts_a_killed_worker_on_either_node_and_the_run_ends_as_an_uninterrupted_one(
         sample_betons, tmp_path, two_node_run):
-    """The long-job launch line (README): torchrun --max-restarts=1 ... --resume auto with
-    checkpoints within epochs. Rank 1 is killed (SIGKILL) while it trains step 4 (from 0) of its
-    first attempt, after the checkpoint of iteration 3; torchrun restarts both workers, they resume
-    from that checkpoint, and the job ends with exit 0, each epoch logged once, and the final
-    weights of the uninterrupted two-rank run (the batches are a function of the seed: crops.py)."""
-    proc = subprocess.run(
-        [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2', '--max-restarts=1',
-         '--rdzv-backend=c10d', f'--rdzv-endpoint=localhost:{free_port()}']
-        + trainer_args(sample_betons, tmp_path, *TWO_RANKS, signal_at='SIGKILL:0:4:1'),
-        cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-3000:]
+    """The long-job launch line (README) on two nodes: torchrun --max-restarts=1 ... --resume auto
+    with checkpoints within epochs. Rank 1 is killed (SIGKILL) while it trains step 4 (from 0) of
+    the first attempt, after the checkpoint of iteration 3, and rank 0 is then busy outside any
+    collective: so the killed rank's launcher restarts its worker for its failure
+    (TORCHELASTIC_RESTART_COUNT 1), the other launcher for the other node's (a membership change,
+    which keeps its count at 0), and the new workers of both still meet at once. They resume from
+    that checkpoint, and the job ends with exit 0, each epoch logged once, and the final weights of
+    the uninterrupted two-node run (the batches are a function of the seed: crops.py)."""
+    port = free_port()
+    args = trainer_args(sample_betons, tmp_path, *TWO_RANKS, signal_at='SIGKILL:0:4:1',
+                        pause_at='120:0:4:0')
+    nodes = [node(n, port, args, '--max-restarts=1') for n in (0, 1)]
+    try:
+        outs = [p.communicate(timeout=600)[0] for p in nodes]
+    finally:
+        for p in nodes:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert [p.returncode for p in nodes] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
+    ranks = [json.loads((tmp_path / f'rank{r}.json').read_text()) for r in (0, 1)]
+    assert sorted(r['restart_count'] for r in ranks) == [0, 1]  # one start after the first
     [run_dir] = [p for p in tmp_path.iterdir() if p.is_dir()]
-    # the second attempt (the first had no checkpoint to resume from)
-    assert f'=> resuming {run_dir} at epoch 0, iteration 3' in out
+    assert f'=> resuming {run_dir} at epoch 0, iteration 3' in outs[0] + outs[1]
     log = [json.loads(line) for line in open(run_dir / 'log.jsonl')]
     assert [r['epoch'] for r in log] == [0]
-    resumed = json.loads((tmp_path / 'rank0.json').read_text())
-    assert resumed['weights_sha256'] == two_node_run[0]['weights_sha256']
+    assert ranks[0]['weights_sha256'] == ranks[1]['weights_sha256']
+    assert ranks[0]['weights_sha256'] == two_node_run[0]['weights_sha256']

@@ -1,4 +1,5 @@
-"""train_imagenet.py end to end on CPU: a short run, its outputs, and a 2-process torchrun run."""
+"""train_imagenet.py end to end on CPU: a short run, its outputs and its CLI (the torchrun runs are
+in test_faults.py)."""
 import json
 import subprocess
 import sys

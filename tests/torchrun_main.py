@@ -3,18 +3,23 @@ that stop or kill a run: writes this rank's process id to OUT_DIR/pid<RANK> when
 summary (weights hash, val count, top-1, a draw of torch's generator after the run) to
 OUT_DIR/rank<RANK>.json at the end, and exits with the run's exit code.
 
-    python tests/torchrun_main.py OUT_DIR [--send-signal=NAME:EPOCH:STEP:RANK] --section.key=...
+    python tests/torchrun_main.py OUT_DIR [--send-signal=NAME:EPOCH:STEP:RANK]
+        [--pause=SECONDS:EPOCH:STEP:RANK] --section.key=...
     torchrun --nproc_per_node=2 tests/torchrun_main.py OUT_DIR ...
 
 ``--send-signal=SIGKILL:2:5:0`` sends signal NAME to rank RANK's own process while it trains step
-STEP (a batch, counted from 0 within the epoch) of epoch EPOCH, on torchrun's first attempt only:
-a test then knows where the run was when the signal arrived, rather than guessing it from the
-time.
+STEP (a batch, counted from 0 within the epoch) of epoch EPOCH, at the job's first start only (no
+pid file of that rank in OUT_DIR yet; TORCHELASTIC_RESTART_COUNT is per node): a test then knows
+where the run was when the signal arrived, rather than guessing it from the time.
+``--pause=120:2:5:1`` makes rank RANK wait there instead, outside any collective (busy, not dead,
+while another rank dies), until SECONDS have passed or SIGTERM (torchrun stopping it) has come, on
+which it exits at once with 128 + 15.
 """
 import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -24,9 +29,16 @@ import torch  # noqa: E402
 from imagenet_ffcv import config, engine, train  # noqa: E402
 
 
-def signal_at(name: str, epoch: int, step: int) -> None:
-    """Make ``engine``'s training loop send ``name`` to this process as step ``step`` of ``epoch``
-    starts (a resumed epoch counts the steps it skips)."""
+def pause(seconds: float) -> None:
+    """Wait ``seconds`` outside any collective, or until SIGTERM comes: then exit with 143."""
+    previous = signal.signal(signal.SIGTERM, lambda *_: os._exit(128 + signal.SIGTERM))
+    time.sleep(seconds)
+    signal.signal(signal.SIGTERM, previous)
+
+
+def at_step(action, epoch: int, step: int) -> None:
+    """Make ``engine``'s training loop call ``action()`` as step ``step`` of ``epoch`` starts (a
+    resumed epoch counts the steps it skips)."""
     where = {'epoch': None, 'step': 0}
     train_one_epoch, forward_backward = engine.train_one_epoch, engine.forward_backward
 
@@ -34,24 +46,31 @@ def signal_at(name: str, epoch: int, step: int) -> None:
         where.update(epoch=kwargs['epoch'], step=kwargs.get('start_iteration', 0))
         return train_one_epoch(**kwargs)
 
-    def signalling_step(**kwargs):
+    def acting_step(**kwargs):
         if (where['epoch'], where['step']) == (epoch, step):
-            os.kill(os.getpid(), getattr(signal, name))
+            action()
         where['step'] += 1
         return forward_backward(**kwargs)
 
-    engine.train_one_epoch, engine.forward_backward = counting_epoch, signalling_step
+    engine.train_one_epoch, engine.forward_backward = counting_epoch, acting_step
 
 
 if __name__ == '__main__':
     out_dir, args = Path(sys.argv[1]), sys.argv[2:]
     rank = os.environ.get('RANK', '0')
+    first_start = not (out_dir / f'pid{rank}').exists()
     (out_dir / f'pid{rank}').write_text(str(os.getpid()))
-    if args and args[0].startswith('--send-signal='):
-        name, epoch, step, signal_rank = args.pop(0).split('=', 1)[1].split(':')
-        if rank == signal_rank and os.environ.get('TORCHELASTIC_RESTART_COUNT', '0') == '0':
-            signal_at(name, int(epoch), int(step))
+    while args and args[0].startswith(('--send-signal=', '--pause=')):
+        option, value = args.pop(0).split('=', 1)
+        what, epoch, step, action_rank = value.split(':')
+        if option == '--send-signal':
+            action = lambda name=what: os.kill(os.getpid(), getattr(signal, name))  # noqa: E731
+        else:
+            action = lambda seconds=float(what): pause(seconds)  # noqa: E731
+        if rank == action_rank and first_start:
+            at_step(action, int(epoch), int(step))
     summary = train.main(config.load_config(args))
     summary['next_random'] = torch.rand(()).item()  # the rank's generator after the run
+    summary['restart_count'] = int(os.environ.get('TORCHELASTIC_RESTART_COUNT', '0'))
     (out_dir / f'rank{rank}.json').write_text(json.dumps(summary))
     sys.exit(summary.get('exit_code', 0))
