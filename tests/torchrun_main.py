@@ -13,7 +13,9 @@ pid file of that rank in OUT_DIR yet; TORCHELASTIC_RESTART_COUNT is per node): a
 where the run was when the signal arrived, rather than guessing it from the time.
 ``--pause=120:2:5:1`` makes rank RANK wait there instead, outside any collective (busy, not dead,
 while another rank dies), until SECONDS have passed or SIGTERM (torchrun stopping it) has come, on
-which it exits at once with 128 + 15.
+which it exits at once with 128 + 15. With both, the signal waits until every rank named by
+``--pause`` is in its pause (OUT_DIR/paused<RANK>), so that none of them is still in a collective
+of the step before.
 """
 import json
 import os
@@ -29,11 +31,20 @@ import torch  # noqa: E402
 from imagenet_ffcv import config, engine, train  # noqa: E402
 
 
-def pause(seconds: float) -> None:
-    """Wait ``seconds`` outside any collective, or until SIGTERM comes: then exit with 143."""
+def pause(seconds: float, marker: Path) -> None:
+    """Write ``marker``, then wait ``seconds`` outside any collective, or until SIGTERM comes: then
+    exit with 143."""
     previous = signal.signal(signal.SIGTERM, lambda *_: os._exit(128 + signal.SIGTERM))
+    marker.touch()
     time.sleep(seconds)
     signal.signal(signal.SIGTERM, previous)
+
+
+def send_signal(name: str, after: list) -> None:
+    """Send signal ``name`` to this process once every path in ``after`` exists."""
+    while not all(path.exists() for path in after):
+        time.sleep(0.05)
+    os.kill(os.getpid(), getattr(signal, name))
 
 
 def at_step(action, epoch: int, step: int) -> None:
@@ -60,13 +71,16 @@ if __name__ == '__main__':
     rank = os.environ.get('RANK', '0')
     first_start = not (out_dir / f'pid{rank}').exists()
     (out_dir / f'pid{rank}').write_text(str(os.getpid()))
+    actions = []
     while args and args[0].startswith(('--send-signal=', '--pause=')):
         option, value = args.pop(0).split('=', 1)
-        what, epoch, step, action_rank = value.split(':')
+        actions.append((option, *value.split(':')))
+    paused = [out_dir / f'paused{r}' for option, *_, r in actions if option == '--pause']
+    for option, what, epoch, step, action_rank in actions:
         if option == '--send-signal':
-            action = lambda name=what: os.kill(os.getpid(), getattr(signal, name))  # noqa: E731
+            action = lambda name=what: send_signal(name, paused)  # noqa: E731
         else:
-            action = lambda seconds=float(what): pause(seconds)  # noqa: E731
+            action = lambda s=float(what): pause(s, out_dir / f'paused{rank}')  # noqa: E731
         if rank == action_rank and first_start:
             at_step(action, int(epoch), int(step))
     summary = train.main(config.load_config(args))
