@@ -16,18 +16,20 @@ from types import SimpleNamespace
 import yaml
 from fastargs import Config
 
-from . import augment, schedules
+from . import augment, optimizers, schedules
 from .config_schema import declared, defaults, markdown  # markdown: docs/configuration.md
 from .errors import ImagenetFfcvError
 from .optional import require
 from .run_dir import RUN_NAME
 
 CONFIGS_DIR = Path(__file__).with_name('configs')  # the shipped recipes (rn50_configs/, ...)
-# Keys that may change between a run and its resumption: how data is read, what is logged and how
-# validation is done. Any other difference (epochs, LR, resolution schedule, batch, model, seed,
-# ...) changes the schedule the run is half-way through and is refused unless forced. The mixed
-# precision (a device property), torch.compile and the code version may change as well.
-RESUMABLE_CHANGES = ('data.', 'logging.', 'validation.', 'checkpoint.', 'dist.', 'code.',
+# Keys that may change between a run and its resumption: where the data is and how it is read (not
+# the crops, flips or decoder), what is logged and how validation is done. Any other difference
+# (epochs, LR, resolution schedule, augmentation, batch, model, seed, ...) changes the run half-way
+# through and is refused unless forced. The mixed precision, torch.compile and code may change too.
+RESUMABLE_CHANGES = ('data.train_dataset', 'data.val_dataset', 'data.num_workers',
+                     'data.in_memory', 'data.gpu', 'logging.', 'validation.', 'checkpoint.',
+                     'dist.', 'code.',
                      'training.eval_only', 'training.target_top1', 'training.amp',
                      'training.compile', 'derived.device', 'derived.amp', 'derived.loader_threads')
 
@@ -62,16 +64,6 @@ def flatten(tree: dict, prefix: str = '') -> dict:
         else:
             flat[f'{prefix}{key}'] = value
     return flat
-
-
-def _nest(flat: dict) -> dict:
-    tree = {}
-    for path, value in flat.items():
-        node = tree
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = value
-    return tree
 
 
 def _add_key_arguments(parser: argparse.ArgumentParser, config: Config) -> None:
@@ -134,7 +126,7 @@ def load_config(argv: list) -> SimpleNamespace:
                               f'{", ".join(known)}')
         config.collect(content)
     overrides = {k: v for k, v in vars(args).items() if k != 'config' and v is not None}
-    config.collect(_nest({tuple(k.split('.')): v for k, v in overrides.items()}))
+    config.collect(overrides)  # fastargs splits the dotted keys
 
     errors = config.validate(mode='errordict')
     if errors:
@@ -146,9 +138,10 @@ def load_config(argv: list) -> SimpleNamespace:
                          f'{name}: got {got!r}, expected {config.entries[path].checker.help()}')
         raise ConfigError('invalid configuration:\n  ' + '\n  '.join(lines))
 
-    values = {path: config[path] for path in config.entries}
-    cfg = SimpleNamespace(**{section: SimpleNamespace(**keys)
-                             for section, keys in _nest(values).items()})
+    sections = {}
+    for section, key in config.entries:  # every key is section.key
+        sections.setdefault(section, {})[key] = config[section, key]
+    cfg = SimpleNamespace(**{name: SimpleNamespace(**keys) for name, keys in sections.items()})
     _check_consistency(cfg)
     return cfg
 
@@ -178,6 +171,10 @@ def _check_consistency(cfg) -> None:
     if cfg.lr.warmup_epochs < 0 or cfg.lr.warmup_epochs > cfg.training.epochs:
         problems.append(f'lr.warmup_epochs={cfg.lr.warmup_epochs} must lie in '
                         f'[0, training.epochs={cfg.training.epochs}]')
+    elif cfg.lr.lr_schedule_type == 'cyclic' and cfg.lr.warmup_epochs > cfg.lr.lr_peak_epoch:
+        problems.append(f'lr.warmup_epochs={cfg.lr.warmup_epochs} is after lr.lr_peak_epoch='
+                        f'{cfg.lr.lr_peak_epoch}: the cyclic ramp times the warm-up would never '
+                        'reach lr.lr; lengthen the ramp with lr.lr_peak_epoch instead')
     if not 0 <= cfg.training.target_top1 <= 1:
         problems.append(f'training.target_top1={cfg.training.target_top1} must be a fraction in '
                         f'[0, 1] (0: off), e.g. 0.6 for 60 %')
@@ -220,7 +217,7 @@ def _option_problems(cfg) -> list:
         problems.append(f'training.ema_decay={t.ema_decay} must lie in [0, 1) (0: off), e.g. '
                         '0.9998')
     if t.ema_every < 1:
-        problems.append(f'training.ema_every={t.ema_every} must be >= 1 (iterations)')
+        problems.append(f'training.ema_every={t.ema_every} must be >= 1 (optimizer steps)')
     for key in ('mixup_alpha', 'cutmix_alpha', 'clip_grad_norm'):
         if getattr(t, key) < 0:
             problems.append(f'training.{key}={getattr(t, key)} must be >= 0 (0: off)')
@@ -229,7 +226,7 @@ def _option_problems(cfg) -> list:
     except ValueError as e:
         problems.append(f'training.{e}')  # the message starts with the key
     try:
-        parse_betas(t.betas)
+        optimizers.parse_betas(t.betas)
     except ValueError as e:
         problems.append(f'training.betas={t.betas!r}: {e}')
     if not 0 <= cfg.lr.min_lr <= cfg.lr.lr:
@@ -242,18 +239,6 @@ def _option_problems(cfg) -> list:
         problems.append(f'logging.run_name={cfg.logging.run_name!r}: use letters, digits, '
                         "'.', '_' and '-' only, starting with a letter or digit (it names a folder)")
     return problems
-
-
-def parse_betas(text: str) -> tuple:
-    """``'0.9,0.999'`` -> ``(0.9, 0.999)``, each in [0, 1). Raises ValueError saying what is
-    expected."""
-    try:
-        betas = tuple(float(part) for part in text.split(','))
-    except ValueError:
-        raise ValueError("expected two numbers 'beta1,beta2', e.g. '0.9,0.999'") from None
-    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-        raise ValueError("expected two numbers in [0, 1) 'beta1,beta2', e.g. '0.9,0.999'")
-    return betas
 
 
 def to_dict(cfg: SimpleNamespace) -> dict:
@@ -333,6 +318,17 @@ def val_loader_kwargs(cfg: SimpleNamespace) -> dict:
             'res': cfg.validation.resolution, 'decoder_name': cfg.data.decoder}
 
 
+def lr_used(cfg: SimpleNamespace, world_size: int) -> float:
+    """The LR the run uses (its peak): ``lr.lr`` scaled to the global batch of ``world_size``
+    processes (``schedules.scaled_lr``). Raises ConfigError when lr.min_lr (not scaled) is above."""
+    lr = schedules.scaled_lr(cfg.lr.lr, batch_size=images_per_step(cfg), world_size=world_size,
+                             ref_batch_size=cfg.lr.ref_batch_size)
+    if cfg.lr.min_lr > lr:
+        raise ConfigError(f'lr.min_lr={cfg.lr.min_lr} is above the LR used, {lr:.6g} (lr.lr '
+                          f'scaled by lr.ref_batch_size to {world_size} process(es)): lower it')
+    return lr
+
+
 def model_kwargs(cfg: SimpleNamespace) -> dict:
     """The keyword arguments of ``models.build_model`` (and ``weights.load_model``) but the
     class count."""
@@ -379,7 +375,7 @@ def images_per_step(cfg: SimpleNamespace) -> int:
 def optimizer_kwargs(cfg: SimpleNamespace) -> dict:
     """The keyword arguments of ``optimizers.make_optimizer`` but the groups and the LR."""
     return {'name': cfg.training.optimizer, 'momentum': cfg.training.momentum,
-            'betas': parse_betas(cfg.training.betas)}
+            'betas': optimizers.parse_betas(cfg.training.betas)}
 
 
 def param_group_kwargs(cfg: SimpleNamespace) -> dict:

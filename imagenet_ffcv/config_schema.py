@@ -114,7 +114,7 @@ def _data_and_model_sections(section) -> None:
                                    'the LR schedule by name: ' + ', '.join(schedules.LR_SCHEDULES)
                                    + ' (imagenet_ffcv/schedules.py)', default='cyclic'),
             min_lr=Param(float, 'cosine: the LR at the end of training (not scaled with the '
-                                'batch)', default=0.0),
+                                'batch; at most the LR used)', default=0.0),
             lr_peak_epoch=Param(float, 'cyclic: epoch at which the LR peaks', default=2),
             step_ratio=Param(float, 'step: LR multiplier at each step', default=0.1),
             step_length=Param(int, 'step: epochs between steps', default=30),
@@ -122,7 +122,8 @@ def _data_and_model_sections(section) -> None:
                                       "every step_length epochs, e.g. '1/3,2/3'", default=''),
             poly_power=Param(float, 'poly: exponent of (1 - t / epochs)', default=1.0),
             warmup_epochs=Param(float, 'linear warm-up from 0 over this many epochs (any '
-                                       'schedule); 0: none', default=0.0),
+                                       'schedule; cyclic: at most lr_peak_epoch, its own ramp '
+                                       'being multiplied by it); 0: none', default=0.0),
             ref_batch_size=Param(int, 'global batch (images per step) lr was tuned for; the LR '
                                       'used is lr * batch_size * world_size * grad_accum_steps / '
                                       'ref_batch_size. '
@@ -148,8 +149,9 @@ def _training_sections(section) -> None:
             resolution=Param(int, 'side of the centre crop (px)', default=256),
             lr_tta=Param(int, 'left-right flip test-time augmentation (ffcv-imagenet\'s name): '
                               '1: average the logits of the image and of its flip', default=1),
-            ten_crop=Param(int, '1: also report 10-crop accuracy (corners + centre of the central '
-                                'square, and their flips) after the last epoch', default=0))
+            ten_crop=Param(int, '1: also report 10-crop accuracy after the last epoch: views '
+                                'of resolution px (corners + centre of the central square at '
+                                '256/224 of that, and their flips)', default=0))
     section('training', 'optimisation',
             eval_only=Param(int, '1: only evaluate model.weights on the val set', default=0),
             batch_size=Param(int, 'training batch per process (images)', default=512),
@@ -182,7 +184,8 @@ def _training_sections(section) -> None:
                                      'fraction (e.g. 0.6); 0: train all epochs', default=0.0),
             ema_decay=Param(float, 'EMA of the weights (and BN buffers): the weight of the old '
                                    'average at each update, e.g. 0.9998; 0: off', default=0.0),
-            ema_every=Param(int, 'update the EMA every this many iterations', default=1),
+            ema_every=Param(int, 'update the EMA every this many optimizer steps (iterations '
+                                 'divided by grad_accum_steps)', default=1),
             mixup_alpha=Param(float, 'MixUp Beta(alpha, alpha) (Zhang et al. 2018); 0: off',
                               default=0.0),
             cutmix_alpha=Param(float, 'CutMix Beta(alpha, alpha) (Yun et al. 2019); 0: off; with '

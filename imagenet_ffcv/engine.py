@@ -58,10 +58,12 @@ def flip_tta_logits(model, x: torch.Tensor, flip_tta: bool = True) -> torch.Tens
     """Logits of ``model`` for images ``x`` (float (N, 3, H, W)): with ``flip_tta``, the mean of
     the logits of the images and of their left-right flips (test-time augmentation, as
     ffcv-imagenet's validation), else the logits of the images. The one rule shared by validation
-    and ``imagenet-ffcv-predict`` (which takes the softmax of these logits). Returns (N, classes)."""
-    logits = model(x)
+    and ``imagenet-ffcv-predict`` (which takes the softmax of these logits). Returns float32
+    (N, classes): the views are averaged in float32, not in autocast's bfloat16 (8 significant
+    bits: logits near 200 come in steps of 1)."""
+    logits = model(x).float()
     if flip_tta:
-        logits = (logits + model(torch.flip(x, dims=[3]))) / 2
+        logits = (logits + model(torch.flip(x, dims=[3])).float()) / 2
     return logits
 
 
@@ -329,7 +331,8 @@ def evaluate(*, model, loader, amp_dtype=None, flip_tta: bool = True, ten_crop: 
     (without label smoothing) is taken on those mean logits, averaged per image.
     ten_crop: instead, the mean logits of 10 views (Krizhevsky et al. 2012): the four corner crops
     and the centre crop, each ``224/256`` of the side of the square input, and their flips. Feed it
-    whole central squares (``loaders.val_loader(..., crop_ratio=1.0)``).
+    whole central squares (``loaders.val_loader(..., crop_ratio=1.0)``) of ``256/224`` times the
+    views' side (views of 224 px from squares of 256: torchvision's Resize(256), TenCrop(224)).
     corrupt_record: as in :func:`train_one_epoch`, checked at the end (CorruptRecordError).
     progress: the label of a progress bar ('' : none).
     Returns ``{'top_1', 'top_5'}`` as fractions in [0, 1], ``'val_loss'`` and ``'count'`` (images).
@@ -343,10 +346,10 @@ def evaluate(*, model, loader, amp_dtype=None, flip_tta: bool = True, ten_crop: 
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 if ten_crop:
                     side = round(x.shape[-1] * DEFAULT_CROP_RATIO)
-                    logits = sum(model(view) for view in TF.ten_crop(x, [side, side])) / 10
+                    views = TF.ten_crop(x, [side, side])
+                    logits = sum(model(view).float() for view in views) / 10  # float32 sums
                 else:
                     logits = flip_tta_logits(model, x, flip_tta)
-            logits = logits.float()
             top1, top5 = topk_correct(logits, y, ks=(1, 5))
             hits1, hits5, count = hits1 + top1, hits5 + top5, count + y.shape[0]
             loss_sum += float(F.cross_entropy(logits, y, reduction='sum'))

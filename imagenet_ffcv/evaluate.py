@@ -5,16 +5,18 @@ import time
 import torch
 
 from . import config, distributed, engine, loaders, metrics, weights
+from .constants import DEFAULT_CROP_RATIO
 
 
-def make_val_loader(cfg, dist, precision, crop_ratio=None):
+def make_val_loader(cfg, dist, precision, crop_ratio=None, res=None):
     """This rank's part of the val set at ``validation.resolution`` (centre crop; ``crop_ratio``
-    1.0: whole central squares, for 10-crop)."""
+    1.0: whole central squares, for 10-crop; ``res``: another output side, px)."""
     kwargs = {} if crop_ratio is None else {'crop_ratio': crop_ratio}
-    return loaders.val_loader(**config.val_loader_kwargs(cfg),
+    kwargs.update({} if res is None else {'res': res})
+    return loaders.val_loader(**{**config.val_loader_kwargs(cfg), **kwargs},
                               num_workers=distributed.loader_threads(cfg.data.num_workers, dist),
                               device=dist.device, rank=dist.rank, world_size=dist.world_size,
-                              dtype=precision.input_dtype, **kwargs)
+                              dtype=precision.input_dtype)
 
 
 def validate(cfg, model, loader, precision, progress: str = '') -> dict:
@@ -41,8 +43,11 @@ def validate_with_ema(cfg, model, ema, loader, precision, show_progress: bool = 
 
 
 def ten_crop_eval(cfg, dist, model, precision) -> dict:
-    """10-crop top-1/top-5 (and error rates) of ``model``, keys suffixed ``_10crop``."""
-    loader = make_val_loader(cfg, dist, precision, crop_ratio=1.0)
+    """10-crop top-1/top-5 (and error rates) of ``model``, keys suffixed ``_10crop``: views of
+    ``validation.resolution`` px (the side of the centre-crop validation's images), cut from whole
+    central squares of 256/224 times that side (``engine.evaluate``)."""
+    square = round(cfg.validation.resolution / DEFAULT_CROP_RATIO)
+    loader = make_val_loader(cfg, dist, precision, crop_ratio=1.0, res=square)
     result = metrics.with_error_rates(engine.evaluate(
         model=model, loader=loader, amp_dtype=precision.amp_dtype, ten_crop=True,
         corrupt_record=loader.corrupt_record, progress='10-crop' if dist.is_primary else ''))

@@ -23,3 +23,15 @@ def make_optimizer(name: str, groups: list, *, lr: float, momentum: float = 0.9,
         timm_optim = require('timm.optim', 'the LAMB optimizer', package='timm')
         return timm_optim.Lamb(groups, lr=lr, betas=betas)
     raise ValueError(f'optimizer={name!r}: expected one of {", ".join(OPTIMIZERS)}')
+
+
+def parse_betas(text: str) -> tuple:
+    """``'0.9,0.999'`` -> ``(0.9, 0.999)``, each in [0, 1). Raises ValueError saying what is
+    expected."""
+    try:
+        betas = tuple(float(part) for part in text.split(','))
+    except ValueError:
+        raise ValueError("expected two numbers 'beta1,beta2', e.g. '0.9,0.999'") from None
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ValueError("expected two numbers in [0, 1) 'beta1,beta2', e.g. '0.9,0.999'")
+    return betas

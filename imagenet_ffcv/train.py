@@ -157,8 +157,7 @@ def build(cfg, dist, wall_start) -> Run:
             model, device_ids=[device.index] if device.type == 'cuda' else None)
     if cfg.training.compile:
         model = models.compile_model(model)
-    lr = schedules.scaled_lr(cfg.lr.lr, batch_size=config.images_per_step(cfg),
-                             world_size=dist.world_size, ref_batch_size=cfg.lr.ref_batch_size)
+    lr = config.lr_used(cfg, dist.world_size)
     resolved = {**config.to_dict(cfg), 'derived': {
         'world_size': dist.world_size, 'lr_used': lr, 'num_classes': num_classes,
         'global_batch_size': config.images_per_step(cfg) * dist.world_size,

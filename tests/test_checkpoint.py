@@ -63,6 +63,12 @@ def test_schedule_changes_are_listed_and_harmless_changes_are_not():
     changed['derived']['world_size'] = 4  # a different global batch
     assert config.schedule_changes(saved, changed) == ['derived.world_size: 8 -> 4',
                                                             'training.epochs: 16 -> 88']
+    # the batches' crops, flips and decoder are the run's, unlike how its data is read
+    changed = json.loads(json.dumps(saved))
+    changed['data'].update(min_crop_scale=0.35, flip_prob=0.0, decoder='ffcv')
+    assert config.schedule_changes(saved, changed) == [
+        "data.decoder: 'fused' -> 'ffcv'", 'data.flip_prob: 0.5 -> 0.0',
+        'data.min_crop_scale: 0.08 -> 0.35']
 
 
 def test_a_key_older_checkpoints_lack_counts_as_its_default():

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from imagenet_ffcv import config
 from imagenet_ffcv.config import ConfigError, config_file, load_config, to_dict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -346,6 +347,7 @@ def test_ema_cosine_recipe_is_the_88_epoch_recipe_with_ema_and_cosine():
     ('--training.betas=0.9', "training.betas='0.9': expected two numbers"),
     ('--training.betas=a,b', "training.betas='a,b': expected two numbers"),
     ('--lr.min_lr=0.1', 'lr.min_lr=0.1 is only used by lr.lr_schedule_type=cosine'),
+    ('--lr.warmup_epochs=3', 'lr.warmup_epochs=3.0 is after lr.lr_peak_epoch=2'),  # cyclic
     ('--training.optimizer=adam', 'training.optimizer'),
     ('--logging.every_iters=0', 'logging.every_iters=0 must be >= 1')])
 def test_option_keys_are_checked_naming_the_key(override, message):
@@ -361,7 +363,7 @@ def test_option_keys_load_when_valid():
                        '--training.ema_decay=0.999', '--training.mixup_alpha=0.2'])
     assert (cfg.lr.lr_schedule_type, cfg.lr.min_lr, cfg.training.optimizer) == \
         ('cosine', 0.01, 'adamw')
-    from imagenet_ffcv.config import parse_betas
+    from imagenet_ffcv.optimizers import parse_betas
     assert parse_betas(cfg.training.betas) == (0.8, 0.95)
 
 
@@ -423,3 +425,15 @@ def test_a_shipped_config_is_found_by_name_from_any_directory(tmp_path, monkeypa
     assert config_file('rn50_configs/rn50_16_epochs.yaml') == Path('rn50_configs/rn50_16_epochs.yaml')
     with pytest.raises(FileNotFoundError, match=r'nope\.yaml.*rn18_configs/rn18_16_epochs\.yaml'):
         load_config(['--config', 'nope.yaml'])
+
+
+def test_min_lr_above_the_lr_the_batch_scaling_gives_is_refused_before_training():
+    """lr.min_lr is not scaled with the batch: a recipe's lr for a global batch of 4096, run on
+    one process of 256 images, uses 1/16 of lr.lr, below a min_lr the config alone allows."""
+    args = ['--data.train_dataset=x', '--data.val_dataset=y', '--logging.folder=z',
+            '--lr.lr_schedule_type=cosine', '--lr.lr=1.7', '--lr.ref_batch_size=4096',
+            '--training.batch_size=256']
+    assert config.lr_used(load_config(args + ['--lr.min_lr=0.1']), world_size=16) == 1.7
+    assert config.lr_used(load_config(args + ['--lr.min_lr=0.1']), world_size=1) == 1.7 / 16
+    with pytest.raises(ConfigError, match=r'lr.min_lr=0.2 is above the LR used, 0.10625'):
+        config.lr_used(load_config(args + ['--lr.min_lr=0.2']), world_size=1)

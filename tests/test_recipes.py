@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import REPO
-from imagenet_ffcv import config, engine, metrics, models, schedules, train
+from imagenet_ffcv import config, distributed, engine, evaluate, metrics, models, schedules, train
 
 
 def test_poly_lr_values():
@@ -93,6 +93,38 @@ def test_ten_crop_averages_corners_centre_and_flips():
         pytest.approx(loss, rel=1e-5)
 
 
+def test_ten_crop_views_have_the_side_of_the_centre_crop_validation(sample_betons, tmp_path):
+    """evaluate.ten_crop_eval cuts views of validation.resolution px, the side of the centre-crop
+    validation's images (from central squares of 256/224 that side, as torchvision's Resize(256)
+    then TenCrop(224)), and its centre view shows what the centre-crop validation shows."""
+    cfg = config.load_config([
+        f'--data.train_dataset={sample_betons["train"]}',
+        f'--data.val_dataset={sample_betons["val"]}',
+        '--data.num_workers=1', '--validation.resolution=48', '--validation.batch_size=100',
+        f'--logging.folder={tmp_path}'])
+    seen = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bias = torch.nn.Parameter(torch.zeros(10))
+
+        def forward(self, x):
+            seen.append(x.clone())
+            return self.bias.expand(x.shape[0], 10)
+
+    dist = distributed.from_env({})
+    precision = engine.resolve_precision(cfg.training.amp, dist.device)
+    evaluate.ten_crop_eval(cfg, dist, Recorder(), precision)
+    assert len(seen) == 10 and {tuple(v.shape[1:]) for v in seen} == {(3, 48, 48)}
+    corner, centre_view = seen[0], seen[4]  # torchvision's order: 4 corners, centre, flips
+    seen.clear()
+    evaluate.validate(cfg, Recorder(), evaluate.make_val_loader(cfg, dist, precision), precision)
+    centre_crop = seen[0]  # then its flip
+    # the same part of each image, resampled otherwise (0.20 here, against 0.65 for a corner)
+    assert (centre_view - centre_crop).abs().mean() < 0.5 * (corner - centre_crop).abs().mean()
+
+
 def test_results_table_gives_accuracy_and_error_rates():
     summary = metrics.with_error_rates({'top_1': 0.7612, 'top_5': 0.9287})
     assert summary['top_1_err'] == pytest.approx(0.2388)
@@ -143,3 +175,15 @@ def test_classic_recipe_configs_load():
     assert step.resolution.min_res == step.resolution.max_res == 224
     target = config.load_config(['--config', str(REPO / 'imagenet_ffcv/configs/rn50_configs/rn50_60pct_target.yaml')] + base)
     assert target.training.target_top1 == 0.6 and target.model.arch == 'resnet50'
+
+
+def test_flip_tta_averages_bfloat16_logits_in_float32():
+    """Under bf16 autocast a model's logits are bfloat16 (8 significant bits: steps of 2 between
+    256 and 512); the flip TTA's mean is taken in float32, so 256 and 258 average to 257."""
+    def model(x):  # the logit of each image: its top-left pixel, as bfloat16
+        return x[:, 0, 0, :1].to(torch.bfloat16)
+
+    x = torch.zeros(1, 3, 4, 4)
+    x[..., 0], x[..., -1] = 256.0, 258.0  # the flip brings the last column first
+    logits = engine.flip_tta_logits(model, x)
+    assert logits.dtype == torch.float32 and logits.item() == 257.0
