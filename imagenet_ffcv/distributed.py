@@ -151,9 +151,11 @@ def restart_store(info: DistInfo, timeout: timedelta, environ=None):
         store_host, store_port = address.rsplit(':', 1)
         try:  # a plain connection first: TCPStore logs every failed try with a stack trace
             socket.create_connection((store_host, int(store_port)), timeout=5).close()
-            return dist.TCPStore(store_host, int(store_port), info.world_size, is_master=False,
-                                 timeout=timeout)
-        except OSError:
+            store = dist.TCPStore(store_host, int(store_port), info.world_size, is_master=False,
+                                  timeout=timedelta(seconds=10))  # not another server's port
+            store.set_timeout(timeout)
+            return store
+        except (OSError, dist.DistError):
             if time.monotonic() > deadline:
                 raise TimeoutError(f'rank {info.rank}: the store rank 0 published at {address} did '
                                    f'not answer within {timeout}: did rank 0 fail to start?')
