@@ -15,7 +15,7 @@ import safetensors.torch
 import torch
 
 from .checkpoint import FORMAT, CheckpointError, safe_torch_load, save
-from .classes import read_class_names
+from .classes import class_list_path, read_class_list, read_class_names
 from .config import saved_model_kwargs
 from .files import atomic_path
 from .models import build_model
@@ -93,20 +93,25 @@ class SavedModel:
     arch: str
 
 
-def load_model(path, *, num_classes: int = None, arch: str = 'resnet50', use_blurpool: bool = True,
-               channels_last: bool = True) -> SavedModel:
+def load_model(path, *, num_classes: int = None, beton=None, arch: str = 'resnet50',
+               use_blurpool: bool = True, channels_last: bool = True) -> SavedModel:
     """The model saved at ``path`` (a checkpoint or a final_weights.pt, see :func:`load_weights`),
     rebuilt as it was trained: arch, BlurPool and channels_last come from the config saved with the
     weights (``config.saved_model_kwargs``); the keyword values are used only when no config is saved.
     ``num_classes``: the class count to build for (e.g. the val .beton's); None takes the length
-    of the class list saved with the weights. Used by ``imagenet-ffcv-train`` (eval-only) and
+    of the class list saved with the weights. ``beton``: the .beton the model is evaluated on;
+    when both it and the weights have a class list, the wnids must be the same, in the same order
+    (:func:`check_classes`). Used by ``imagenet-ffcv-train`` (eval-only) and
     ``imagenet-ffcv-predict``.
 
-    Raises CheckpointError naming the file when it is missing or unreadable, or when the weights
-    do not fit the model (another arch or class count), and FileNotFoundError when
+    Raises CheckpointError naming the file when it is missing or unreadable, when its classes are
+    not ``beton``'s, or when the weights do not fit the model (another arch or class count), and
+    FileNotFoundError when
     ``num_classes`` is None and no class list is saved with the weights.
     """
     state, saved_config, classes = load_weights(path)
+    if beton is not None:
+        check_classes(path, classes, beton)
     structure = {'arch': arch, 'use_blurpool': use_blurpool, 'channels_last': channels_last}
     if saved_config:
         structure = saved_model_kwargs(saved_config)
@@ -125,6 +130,25 @@ def load_model(path, *, num_classes: int = None, arch: str = 'resnet50', use_blu
         raise CheckpointError(f'{path}: the weights do not fit {structure["arch"]} with '
                               f'{num_classes} classes: {str(e).splitlines()[0]}') from None
     return SavedModel(model=model, config=saved_config, classes=classes, arch=structure['arch'])
+
+
+def check_classes(path, classes, beton) -> None:
+    """Raise CheckpointError naming both files when ``classes`` (``[(wnid, name), ...]`` saved
+    with the weights at ``path``) and the class list beside ``beton`` (``classes.class_list_path``)
+    name other wnids or another order: class ``i`` of the model would not be label ``i`` of the
+    .beton. Nothing is checked when either list is missing (None, or no file)."""
+    beton_list = class_list_path(beton)
+    if not classes or not beton_list.is_file():
+        return
+    theirs, ours = read_class_list(beton_list), [wnid for wnid, _ in classes]
+    if theirs != ours:
+        at = next((i for i, pair in enumerate(zip(ours, theirs)) if pair[0] != pair[1]),
+                  min(len(ours), len(theirs)))
+        raise CheckpointError(
+            f'{path} was trained on other classes than {beton} has ({beton_list}): '
+            f'{len(ours)} and {len(theirs)} classes, first difference at index {at}; its labels '
+            'would not match the predictions. Evaluate on a .beton written from the same train '
+            'split as the run (the class list in the run folder is classes.tsv)')
 
 
 def classifier_keys(model: torch.nn.Module) -> set:

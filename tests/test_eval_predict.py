@@ -12,7 +12,8 @@ from PIL import Image
 
 from conftest import REPO, SAMPLE, run_env, small_config
 from imagenet_ffcv import engine, loaders, metrics, predict, sources, train, verify
-from imagenet_ffcv.classes import read_class_names
+from imagenet_ffcv.classes import (class_list_path, read_class_list, read_class_names,
+                                   write_class_list)
 
 
 def eval_config(sample_betons, tmp_path, weights):
@@ -41,6 +42,24 @@ def test_eval_only_names_missing_or_unfitting_weights(short_run, sample_betons, 
     torch.save(torchvision.models.resnet34(num_classes=10).state_dict(), other)
     with pytest.raises(checkpoint.CheckpointError, match='do not fit resnet18 with 10 classes'):
         train.main(eval_config(sample_betons, tmp_path, other))
+
+
+def test_eval_only_refuses_weights_trained_on_other_classes(short_run, sample_betons, tmp_path):
+    """A val .beton of as many classes, but others (here: the same wnids rotated by one), is
+    refused naming both files, instead of giving chance top-1."""
+    import shutil
+    from imagenet_ffcv.checkpoint import CheckpointError
+    summary, cfg = short_run
+    val = tmp_path / 'other_val.beton'
+    shutil.copy(sample_betons['val'], val)
+    wnids = read_class_list(class_list_path(sample_betons['val']))
+    write_class_list(class_list_path(val), wnids[1:] + wnids[:1])
+    betons = {'train': sample_betons['train'], 'val': val}
+    for name in ('final_weights.pt', 'checkpoint.pt', 'final_weights.safetensors'):
+        weights = Path(summary['run_dir']) / name
+        with pytest.raises(CheckpointError, match=f'{name} was trained on other classes than '
+                                                  f'.*other_val.beton has .*other_val.classes.tsv'):
+            train.main(eval_config(betons, tmp_path / 'runs', weights))
 
 
 def test_model_complexity_counts_resnet50_as_torchvision_lists_it():
