@@ -52,13 +52,42 @@ def _load_safetensors(path) -> tuple:
     return state, config, [tuple(c) for c in classes] if classes else None
 
 
+WRAPPER_PREFIXES = ('module.', '_orig_mod.')  # DistributedDataParallel's, torch.compile's
+
+
+def unwrapped(state: dict) -> dict:
+    """``state`` (a state dict) with torchvision's keys: the prefix that DistributedDataParallel
+    (``module.``) or ``torch.compile`` (``_orig_mod.``) puts before every key removed, also when
+    one wraps the other (ffcv-imagenet's final weights carry ``module.``). Keys are kept as they
+    are when any key lacks the prefix."""
+    for prefix in WRAPPER_PREFIXES:
+        if state and all(k.startswith(prefix) for k in state):
+            return unwrapped({k[len(prefix):]: v for k, v in state.items()})
+    return state
+
+
+def mismatch(state: dict, own: dict, ignore=frozenset()) -> str:
+    """What keeps the state dict ``state`` from loading into a model whose state dict is ``own``,
+    the keys in ``ignore`` aside: ``'missing [...], unexpected [...], other shapes [...]'`` (at
+    most 5 keys each), or '' when every key is there with its shape."""
+    missing = sorted(own.keys() - state.keys() - ignore)
+    extra = sorted(state.keys() - own.keys() - ignore)
+    wrong_shape = sorted(k for k in (state.keys() & own.keys()) - ignore
+                         if state[k].shape != own[k].shape)
+    if not (missing or extra or wrong_shape):
+        return ''
+    return (f'missing {missing[:5] or "none"}, unexpected {extra[:5] or "none"}, other shapes '
+            f'{wrong_shape[:5] or "none"}')
+
+
 def load_weights(path):
     """The model weights in ``path``, the config they were trained with and the class list, for
     evaluation and prediction: ``(state_dict, config, classes)``. ``path`` is a checkpoint (config
     and classes inside), a ``final_weights.pt`` (config from the ``params.json`` and classes from
     the ``classes.tsv`` beside it, each None when absent) or a ``final_weights.safetensors``
-    (both in its metadata, else beside it). ``classes``: ``[(wnid, name), ...]``. Nothing in the
-    file can run code (:func:`safe_torch_load`, safetensors).
+    (both in its metadata, else beside it). ``classes``: ``[(wnid, name), ...]``. A state dict
+    saved from a DDP or compiled model has its keys' prefix removed (:func:`unwrapped`). Nothing
+    in the file can run code (:func:`safe_torch_load`, safetensors).
     Raises CheckpointError naming the file when it is missing, unsafe or holds no state dict."""
     path = Path(path)
     if not path.is_file():
@@ -74,6 +103,7 @@ def load_weights(path):
             return state['model'], state['config'], classes
     if not (isinstance(state, dict) and state and all(torch.is_tensor(v) for v in state.values())):
         raise CheckpointError(f'{path}: neither a checkpoint nor a state dict of tensors')
+    state = unwrapped(state)
     params, class_list = path.with_name('params.json'), path.with_name('classes.tsv')
     if config is None and params.is_file():
         config = json.loads(params.read_text())
@@ -124,11 +154,11 @@ def load_model(path, *, num_classes: int = None, beton=None, arch: str = 'resnet
     model = build_model(arch=structure['arch'], num_classes=num_classes,
                         use_blurpool=bool(structure['use_blurpool']),
                         channels_last=bool(structure['channels_last']))
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
+    problems = mismatch(state, model.state_dict())
+    if problems:
         raise CheckpointError(f'{path}: the weights do not fit {structure["arch"]} with '
-                              f'{num_classes} classes: {str(e).splitlines()[0]}') from None
+                              f'{num_classes} classes: {problems}')
+    model.load_state_dict(state)
     return SavedModel(model=model, config=saved_config, classes=classes, arch=structure['arch'])
 
 
@@ -172,15 +202,12 @@ def init_from(model: torch.nn.Module, path, *, reset_head: bool) -> str:
     extra or of another shape (another architecture)."""
     state = load_weights(path)[0]
     own, head = model.state_dict(), classifier_keys(model)
-    wrong_shape = {k for k in state.keys() & own.keys() if state[k].shape != own[k].shape}
-    reset = head if reset_head or (wrong_shape & head) else set()
-    missing = sorted(own.keys() - state.keys() - reset)
-    extra, wrong_shape = sorted(state.keys() - own.keys()), sorted(wrong_shape - reset)
-    if missing or extra or wrong_shape:
+    head_differs = any(k in state and state[k].shape != own[k].shape for k in head)
+    reset = head if reset_head or head_differs else set()
+    problems = mismatch(state, own, ignore=reset)
+    if problems:
         raise CheckpointError(
-            f'{path}: the weights do not fit this model (another architecture?): missing '
-            f'{missing[:5] or "none"}, unexpected {extra[:5] or "none"}, other shapes '
-            f'{wrong_shape[:5] or "none"}')
+            f'{path}: the weights do not fit this model (another architecture?): {problems}')
     model.load_state_dict({k: v for k, v in state.items() if k not in reset}, strict=False)
     why = ('as asked' if reset_head else 'the class count differs') if reset else ''
     return (f'=> started from {path} ({len(state) - len(reset)} tensors)' +
