@@ -16,11 +16,11 @@ import torch
 
 from .checkpoint import FORMAT, CheckpointError, safe_torch_load, save
 from .classes import class_list_path, read_class_list, read_class_names
-from .config import saved_model_kwargs
+from .config import saved_eval_kwargs, saved_model_kwargs
 from .files import atomic_path
 from .models import build_model
 
-SAFETENSORS_FORMAT = 'imagenet_ffcv final weights'
+SAFETENSORS_FORMAT = 'imagenet_ffcv final weights'  # the metadata's 'format': config and classes
 
 
 def save_final_weights(state_dict: dict, path, *, config: dict = None, classes=None) -> Path:
@@ -47,9 +47,55 @@ def _load_safetensors(path) -> tuple:
             metadata = f.metadata() or {}
     except Exception as e:
         raise CheckpointError(f'{path}: cannot read the weights ({type(e).__name__}: {e})') from e
-    config = json.loads(metadata['config']) if metadata.get('config') else None
-    classes = json.loads(metadata['classes']) if metadata.get('classes') else None
-    return state, config, [tuple(c) for c in classes] if classes else None
+    if metadata.get('format') != SAFETENSORS_FORMAT:  # not written by save_final_weights
+        return state, None, None
+    config = _parsed_json(metadata.get('config') or 'null', f"{path}'s metadata 'config'")
+    classes = _parsed_json(metadata.get('classes') or 'null', f"{path}'s metadata 'classes'")
+    return state, checked_config(config, path), checked_classes(classes, path)
+
+
+DAMAGED = ("use the run's final_weights.pt with its params.json and classes.tsv, or give a file "
+           'without the damaged part and the model options (predict: --arch, --blurpool, --classes)')
+
+
+def _parsed_json(text: str, source: str):
+    """The value of the JSON ``text`` read from ``source`` (named in the error); CheckpointError
+    when it is not JSON."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f'{source} is not valid JSON ({e}); {DAMAGED}') from None
+
+
+def checked_config(config, source):
+    """``config`` (None, or a run's resolved config, ``{'section': {'key': value}}``, read from
+    ``source``) when it holds what rebuilds and evaluates the model
+    (``config.saved_model_kwargs``, ``config.saved_eval_kwargs``). Raises CheckpointError naming
+    ``source`` otherwise."""
+    if config is None:
+        return None
+    try:
+        saved_model_kwargs(config)
+        saved_eval_kwargs(config)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(
+            f'{source}: the saved config is not a resolved config of this tool '
+            f'({type(e).__name__}: {e}); {DAMAGED}') from None
+    return config
+
+
+def checked_classes(classes, source):
+    """``classes`` (None, or ``[[wnid, name], ...]`` read from ``source``) as ``[(wnid, name),
+    ...]``. Raises CheckpointError naming ``source`` when an entry is not a pair of strings."""
+    if classes is None:
+        return None
+    pairs = isinstance(classes, list) and all(
+        isinstance(c, (list, tuple)) and len(c) == 2 and all(isinstance(v, str) for v in c)
+        for c in classes)
+    if not pairs:
+        raise CheckpointError(f'{source}: the saved class list is not [[wnid, name], ...]; '
+                              f'{DAMAGED}')
+    return [tuple(c) for c in classes]
 
 
 WRAPPER_PREFIXES = ('module.', '_orig_mod.')  # DistributedDataParallel's, torch.compile's
@@ -85,10 +131,13 @@ def load_weights(path):
     evaluation and prediction: ``(state_dict, config, classes)``. ``path`` is a checkpoint (config
     and classes inside), a ``final_weights.pt`` (config from the ``params.json`` and classes from
     the ``classes.tsv`` beside it, each None when absent) or a ``final_weights.safetensors``
-    (both in its metadata, else beside it). ``classes``: ``[(wnid, name), ...]``. A state dict
+    (both in its metadata when :func:`save_final_weights` wrote it, else beside it). ``classes``:
+    ``[(wnid, name), ...]``. A state dict
     saved from a DDP or compiled model has its keys' prefix removed (:func:`unwrapped`). Nothing
     in the file can run code (:func:`safe_torch_load`, safetensors).
-    Raises CheckpointError naming the file when it is missing, unsafe or holds no state dict."""
+    Raises CheckpointError naming the file when it is missing, unsafe or holds no state dict, or
+    when its config or class list is not what this tool saves (:func:`checked_config`,
+    :func:`checked_classes`)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f'{path}: no such weights file; give a run\'s checkpoint.pt, '
@@ -106,7 +155,7 @@ def load_weights(path):
     state = unwrapped(state)
     params, class_list = path.with_name('params.json'), path.with_name('classes.tsv')
     if config is None and params.is_file():
-        config = json.loads(params.read_text())
+        config = checked_config(_parsed_json(params.read_text(), str(params)), params)
     if classes is None and class_list.is_file():
         classes = read_class_names(class_list)
     return state, config, classes

@@ -286,7 +286,8 @@ def test_checkpoints_hold_only_tensors_and_plain_values_and_old_ones_still_load(
 
 def test_final_weights_as_safetensors_carry_config_and_classes(tmp_path):
     model = nn.Linear(4, 3)
-    config = {'model': {'arch': 'resnet18'}, 'validation': {'resolution': 32}}
+    config = {'model': {'arch': 'resnet18'}, 'training': {'use_blurpool': 1, 'channels_last': 1},
+              'validation': {'resolution': 32, 'lr_tta': 1}}
     classes = [('n01', 'one'), ('n02', 'two'), ('n03', 'three')]
     safe = weights.save_final_weights(model.state_dict(), tmp_path / 'final_weights.pt',
                                          config=config, classes=classes)
@@ -300,6 +301,52 @@ def test_final_weights_as_safetensors_carry_config_and_classes(tmp_path):
     (tmp_path / 'bad.safetensors').write_bytes(b'not a safetensors file')
     with pytest.raises(checkpoint.CheckpointError, match='bad.safetensors: cannot read'):
         weights.load_weights(tmp_path / 'bad.safetensors')
+
+
+GOOD_CONFIG = {'model': {'arch': 'resnet18'}, 'training': {'use_blurpool': 1, 'channels_last': 1},
+               'validation': {'resolution': 32, 'lr_tta': 1}}
+
+
+@pytest.mark.parametrize('key, value, error', [
+    ('config', '{"model": ', "final_weights.safetensors's metadata 'config' is not valid JSON"),
+    ('config', '{"foo": 1}', r"final_weights.safetensors: the saved config is not a resolved "
+                             r"config of this tool \(KeyError: 'model'\)"),
+    ('config', '[1]', 'final_weights.safetensors: the saved config is not a resolved config'),
+    ('classes', '[["n01"], ["n02", "two"]]', 'final_weights.safetensors: the saved class list is '
+                                             r'not \[\[wnid, name\], ...\]'),
+    ('classes', '{"n01": "one"}', 'final_weights.safetensors: the saved class list is not'),
+])
+def test_damaged_safetensors_metadata_is_an_error_naming_the_file(tmp_path, key, value, error):
+    import safetensors.torch
+    path = tmp_path / 'final_weights.safetensors'
+    metadata = {'format': weights.SAFETENSORS_FORMAT, 'config': json.dumps(GOOD_CONFIG),
+                'classes': json.dumps([['n01', 'one'], ['n02', 'two']]), key: value}
+    safetensors.torch.save_file(nn.Linear(4, 2).state_dict(), str(path), metadata=metadata)
+    with pytest.raises(checkpoint.CheckpointError, match=error):
+        weights.load_weights(path)
+
+
+def test_metadata_of_safetensors_not_written_by_this_tool_is_not_used(tmp_path):
+    import safetensors.torch
+    path = tmp_path / 'other.safetensors'
+    safetensors.torch.save_file(nn.Linear(4, 2).state_dict(), str(path),
+                                metadata={'config': '{"foo": 1}', 'classes': '[1, 2]'})
+    state, config, classes = weights.load_weights(path)
+    assert (config, classes) == (None, None) and state.keys() == {'weight', 'bias'}
+
+
+@pytest.mark.parametrize('text, error', [
+    ('{"model": ', r'params.json is not valid JSON \(Expecting value: line 1 column 11'),
+    ('{"model": {"arch": "resnet18"}}', r"params.json: the saved config is not a resolved config "
+                                        r"of this tool \(KeyError: 'training'\)"),
+])
+def test_a_damaged_params_json_beside_final_weights_is_an_error_naming_it(tmp_path, text, error):
+    torch.save(nn.Linear(4, 2).state_dict(), tmp_path / 'final_weights.pt')
+    (tmp_path / 'params.json').write_text(text)
+    with pytest.raises(checkpoint.CheckpointError, match=error):
+        weights.load_weights(tmp_path / 'final_weights.pt')
+    (tmp_path / 'params.json').write_text(json.dumps(GOOD_CONFIG))
+    assert weights.load_weights(tmp_path / 'final_weights.pt')[1] == GOOD_CONFIG
 
 
 def test_a_full_disk_while_saving_keeps_the_previous_checkpoint_and_names_the_file(tmp_path):
