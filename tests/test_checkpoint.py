@@ -268,6 +268,27 @@ def test_loading_never_runs_the_code_a_pickle_holds(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize('content', [b'<!DOCTYPE html><html>404 Not Found</html>',
+                                     bytes(range(7, 200)), b''])
+def test_a_file_that_is_not_a_torch_file_is_not_called_unsafe(tmp_path, content):
+    """An HTML error page saved by a failed download, garbage, or an empty file is named as not a
+    PyTorch file; a real unsafe pickle is still refused as one, and both torch.save formats load."""
+    path = tmp_path / 'final_weights.pt'
+    path.write_bytes(content)
+    for load in (checkpoint.load, weights.load_weights):
+        with pytest.raises(checkpoint.CheckpointError,
+                           match='final_weights.pt: not a PyTorch file .*re-download it'):
+            load(path)
+    (tmp_path / 'hostile').mkdir()
+    hostile, _ = hostile_file(tmp_path / 'hostile')
+    with pytest.raises(checkpoint.CheckpointError, match='final_weights.pt: refused'):
+        weights.load_weights(hostile)
+    state = nn.Linear(2, 2).state_dict()
+    for zipped in (True, False):
+        torch.save(state, path, _use_new_zipfile_serialization=zipped)
+        assert torch.equal(weights.load_weights(path)[0]['weight'], state['weight'])
+
+
 def test_checkpoints_hold_only_tensors_and_plain_values_and_old_ones_still_load(tmp_path):
     state = {'format': 1, 'model': {'w': torch.ones(3)}, 'rng': checkpoint.rng_state()}
     checkpoint.save(state, tmp_path / 'new.pt')
