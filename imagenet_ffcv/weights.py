@@ -54,7 +54,7 @@ def _load_safetensors(path) -> tuple:
     return state, checked_config(config, path), checked_classes(classes, path)
 
 
-DAMAGED = ("use the run's final_weights.pt with its params.json and classes.tsv, or give a file "
+DAMAGED = ("use the run's final_weights.pt with its params.json and classes.tsv, or a file "
            'without the damaged part and the model options (predict: --arch, --blurpool, --classes)')
 
 
