@@ -135,6 +135,42 @@ def test_predict_sees_what_validation_sees(sample_betons):
         assert np.array_equal(jpeg, record), k
 
 
+def test_predict_resizes_as_the_runs_decoder(sample_betons, tmp_path, monkeypatch, capsys):
+    """The model inputs predict builds for weights of a data.decoder=fused_aa run are that run's
+    val loader rows bit for bit (antialiased shrinks: not the plain fused decoder's rows); for a
+    data.decoder=ffcv run predict says on stderr that it resizes otherwise."""
+    from imagenet_ffcv import models, weights
+    rows = {}
+    for decoder in ('fused', 'fused_aa'):
+        loader = loaders.val_loader(path=sample_betons['val'], batch_size=50, num_workers=2,
+                                    res=40, device=torch.device('cpu'), decoder_name=decoder)
+        rows[decoder] = torch.cat([x.clone() for x, _ in loader])
+    assert not torch.equal(rows['fused'], rows['fused_aa'])  # the shrink 56 -> 40 px differs
+    classes = read_class_names(class_list_path(sample_betons['val']))
+    model = models.build_model(arch='resnet18', num_classes=len(classes), use_blurpool=False,
+                               channels_last=False)
+    seen = []
+    classify = predict.classify
+    monkeypatch.setattr(predict, 'classify', lambda model, x, **kw: seen.append(x) or classify(
+        model, x, **kw))
+    files = [p for p, _ in sources.list_samples(SAMPLE / 'val', sources.find_classes(
+        SAMPLE / 'train'))]
+    for decoder in ('fused_aa', 'ffcv'):
+        run_config = {'model': {'arch': 'resnet18'}, 'data': {'decoder': decoder},
+                      'training': {'use_blurpool': 0, 'channels_last': 0},
+                      'validation': {'resolution': 40, 'lr_tta': 0}}
+        (tmp_path / decoder).mkdir()
+        path = weights.save_final_weights(model.state_dict(), tmp_path / decoder / 'final.pt',
+                                          config=run_config, classes=classes)
+        seen.clear()
+        predict.predict(files if decoder == 'fused_aa' else files[:1], weights=path, max_res=64)
+        if decoder == 'fused_aa':
+            assert torch.equal(torch.cat(seen), rows['fused_aa'])
+            assert 'note' not in capsys.readouterr().err
+        else:
+            assert "validated with ffcv's decoder" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_predict_names_a_bad_image_and_a_missing_class_list(short_run, tmp_path):
     summary, cfg = short_run
