@@ -59,6 +59,8 @@ def predict(paths: list, *, weights, top: int = 5, classes_path=None, res=None,
     saved = load_model(Path(weights), num_classes=len(classes) if classes else None,
                         arch=arch, use_blurpool=blurpool)
     classes = classes or saved.classes
+    if saved.assumed:
+        print(saved.assumed, file=sys.stderr)
     evaluated = (config.saved_eval_kwargs(saved.config) if saved.config
                  else {'res': 224, 'flip_tta': True, 'decoder': 'fused'})
     res, antialias = res or evaluated['res'], antialiased(evaluated['decoder'])

@@ -165,18 +165,22 @@ def load_weights(path):
 class SavedModel:
     """A model rebuilt from saved weights: ``model`` (on the CPU, weights loaded, train mode),
     ``config`` the run's resolved config (None when none was saved), ``classes``
-    ``[(wnid, name), ...]`` saved with the weights (or None), ``arch`` its name."""
+    ``[(wnid, name), ...]`` saved with the weights (or None), ``arch`` its name, ``assumed`` a
+    line saying which arch and BlurPool setting were taken from the caller because no config is
+    saved ('' when one is: the weights load with BlurPool on or off alike, so say it)."""
     model: torch.nn.Module
     config: dict
     classes: list
     arch: str
+    assumed: str = ''
 
 
 def load_model(path, *, num_classes: int = None, beton=None, arch: str = 'resnet50',
                use_blurpool: bool = True, channels_last: bool = True) -> SavedModel:
     """The model saved at ``path`` (a checkpoint or a final_weights.pt, see :func:`load_weights`),
     rebuilt as it was trained: arch, BlurPool and channels_last come from the config saved with the
-    weights (``config.saved_model_kwargs``); the keyword values are used only when no config is saved.
+    weights (``config.saved_model_kwargs``); the keyword values are used only when no config is
+    saved (``SavedModel.assumed`` then names them, for the caller to print).
     ``num_classes``: the class count to build for (e.g. the val .beton's); None takes the length
     of the class list saved with the weights. ``beton``: the .beton the model is evaluated on;
     when both it and the weights have a class list, the wnids must be the same, in the same order
@@ -208,7 +212,12 @@ def load_model(path, *, num_classes: int = None, beton=None, arch: str = 'resnet
         raise CheckpointError(f'{path}: the weights do not fit {structure["arch"]} with '
                               f'{num_classes} classes: {problems}')
     model.load_state_dict(state)
-    return SavedModel(model=model, config=saved_config, classes=classes, arch=structure['arch'])
+    assumed = '' if saved_config else (
+        f'note: no config saved with {path}: built as {structure["arch"]} with BlurPool '
+        f'{"on" if structure["use_blurpool"] else "off"}; if it was trained otherwise, say so '
+        '(predict: --arch, --blurpool; eval-only: --model.arch, --training.use_blurpool)')
+    return SavedModel(model=model, config=saved_config, classes=classes, arch=structure['arch'],
+                      assumed=assumed)
 
 
 def check_classes(path, classes, beton) -> None:

@@ -62,6 +62,26 @@ def test_eval_only_refuses_weights_trained_on_other_classes(short_run, sample_be
             train.main(eval_config(betons, tmp_path / 'runs', weights))
 
 
+def test_weights_without_a_config_say_which_model_was_assumed(short_run, sample_betons, tmp_path,
+                                                             capsys):
+    """BlurPool's filter is not in the state dict, so weights load with it on or off alike: without
+    a saved config, eval-only and predict print the arch and BlurPool setting they assumed."""
+    import shutil
+    summary, cfg = short_run
+    lone = tmp_path / 'lone' / 'final_weights.pt'
+    lone.parent.mkdir()
+    shutil.copy(Path(summary['run_dir']) / 'final_weights.pt', lone)
+    note = f'note: no config saved with {lone}: built as resnet18 with BlurPool '
+    train.main(eval_config(sample_betons, tmp_path / 'runs', lone))
+    assert note + 'on;' in capsys.readouterr().out
+    image = sorted((SAMPLE / 'val').glob('*/*.JPEG'))[0]
+    classes = class_list_path(sample_betons['val'])
+    predict.predict([image], weights=lone, classes_path=classes, arch='resnet18', blurpool=False)
+    assert note + 'off;' in capsys.readouterr().err
+    predict.predict([image], weights=Path(summary['run_dir']) / 'final_weights.pt')
+    assert 'note' not in capsys.readouterr().err  # the run's params.json says how it was built
+
+
 def test_model_complexity_counts_resnet50_as_torchvision_lists_it():
     meta = torchvision.models.ResNet50_Weights.IMAGENET1K_V1.meta
     size = metrics.model_complexity(torchvision.models.resnet50(), 224)
