@@ -207,6 +207,25 @@ def test_predict_names_a_bad_image_and_a_missing_class_list(short_run, tmp_path)
         predict.predict([bad], weights=lone)
 
 
+@pytest.mark.parametrize('text, line', [
+    ('n01440764 tench, Tinca tinca\nn01443537 goldfish\n', 'n01440764 tench, Tinca tinca'),
+    ('0\tn01440764\ttench\n1\n', '1'), ('tench\ngoldfish\n', 'tench')])
+def test_a_class_list_in_another_format_is_named_with_its_line(short_run, tmp_path, capsys, text,
+                                                               line):
+    """--classes synset_words.txt (ILSVRC's 'wnid names' lines), a row without a wnid or a
+    one-name-per-line file: the file, the line and the expected format, not a bare int() or
+    IndexError."""
+    summary, cfg = short_run
+    path = tmp_path / 'synset_words.txt'
+    path.write_text(text)
+    image = sorted((SAMPLE / 'val').glob('*/*.JPEG'))[0]
+    weights = Path(summary['run_dir']) / 'final_weights.pt'
+    assert predict.cli([str(image), '--weights', str(weights), '--classes', str(path)]) == 1
+    n = text.splitlines().index(line) + 1
+    assert f'synset_words.txt: line {n} is {line!r}, expected "{n - 1}<TAB>wnid<TAB>name"' in \
+        capsys.readouterr().err
+
+
 class FlipSensitive(torch.nn.Module):
     """Logits [2, 6 s, 0] where s = +1 for an image bright on its left half, -1 for its flip. The
     mean of the two logits picks class 0; the mean of the two softmaxes would pick class 1
