@@ -51,13 +51,17 @@ def predict(paths: list, *, weights, top: int = 5, classes_path=None, res=None,
     for 'ffcv', with a note on stderr). ``res`` defaults to the run's ``validation.resolution``;
     ``arch`` and ``blurpool`` are used only when no config is saved with the weights
     (``weights.load_model``).
-    Class names come from ``classes_path`` (a .classes.tsv), else those saved with the weights.
+    Class names come from ``classes_path`` (a .classes.tsv; a warning on stderr when its wnids
+    are not those saved with the weights), else those saved with the weights.
     Raises CheckpointError for unusable weights, FileNotFoundError for a missing class list,
     OSError/ValueError naming an image that cannot be decoded.
     """
     classes = read_class_names(classes_path) if classes_path else None
     saved = load_model(Path(weights), num_classes=len(classes) if classes else None,
                         arch=arch, use_blurpool=blurpool)
+    if classes and saved.classes and [w for w, _ in classes] != [w for w, _ in saved.classes]:
+        print(f'warning: {classes_path} names other classes than those saved with {weights}; '
+              f'its names are shown, which may not be what the model predicts', file=sys.stderr)
     classes = classes or saved.classes
     if saved.assumed:
         print(saved.assumed, file=sys.stderr)
@@ -121,9 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     """The options of ``imagenet-ffcv-predict``."""
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('images', nargs='+', help='image files (JPEG, PNG, ...)')
-    parser.add_argument('--weights', required=True, help='checkpoint.pt or final_weights.pt')
+    parser.add_argument('--weights', required=True,
+                        help='checkpoint.pt, final_weights.pt or final_weights.safetensors')
     parser.add_argument('--top', type=int, default=5, help='classes shown per image')
-    parser.add_argument('--classes', help='class list (.classes.tsv) when the run has none')
+    parser.add_argument('--classes', help="class list (.classes.tsv) for the run's classes, "
+                                          "in place of the run's own (a warning when they differ)")
     parser.add_argument('--res', type=int, help="input side in px (default: the run's "
                                                 "validation resolution)")
     parser.add_argument('--arch', default='resnet50', help='model when no config is saved')

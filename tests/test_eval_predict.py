@@ -207,6 +207,21 @@ def test_predict_names_a_bad_image_and_a_missing_class_list(short_run, tmp_path)
         predict.predict([bad], weights=lone)
 
 
+def test_predict_warns_when_classes_replace_other_saved_classes(short_run, tmp_path, capsys):
+    summary, cfg = short_run
+    run_list = Path(summary['run_dir']) / 'classes.tsv'
+    rotated = read_class_list(run_list)
+    write_class_list(tmp_path / 'other.classes.tsv', rotated[1:] + rotated[:1])
+    image = sorted((SAMPLE / 'val').glob('*/*.JPEG'))[0]
+    weights = Path(summary['run_dir']) / 'final_weights.pt'
+    assert predict.cli([str(image), '--weights', str(weights), '--classes', str(run_list)]) == 0
+    assert 'warning' not in capsys.readouterr().err
+    assert predict.cli([str(image), '--weights', str(weights), '--classes',
+                        str(tmp_path / 'other.classes.tsv')]) == 0
+    assert (f'warning: {tmp_path / "other.classes.tsv"} names other classes than those saved '
+            f'with {weights}') in capsys.readouterr().err
+
+
 @pytest.mark.parametrize('text, line', [
     ('n01440764 tench, Tinca tinca\nn01443537 goldfish\n', 'n01440764 tench, Tinca tinca'),
     ('0\tn01440764\ttench\n1\n', '1'), ('tench\ngoldfish\n', 'tench')])
