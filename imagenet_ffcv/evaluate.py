@@ -59,7 +59,7 @@ def evaluate_weights(cfg, dist) -> dict:
         cfg.model.weights, num_classes=loaders.num_classes(cfg.data.val_dataset),
         beton=cfg.data.val_dataset, **config.model_kwargs(cfg))
     if saved.assumed and dist.is_primary:
-        print(saved.assumed)
+        print(f'{saved.assumed} (--model.arch, --training.use_blurpool)')
     model = saved.model.to(dist.device)
     precision = engine.resolve_precision(cfg.training.amp, dist.device)
     torch.backends.cudnn.benchmark = dist.device.type == 'cuda'  # fixed shapes

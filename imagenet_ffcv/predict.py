@@ -64,7 +64,7 @@ def predict(paths: list, *, weights, top: int = 5, classes_path=None, res=None,
               f'its names are shown, which may not be what the model predicts', file=sys.stderr)
     classes = classes or saved.classes
     if saved.assumed:
-        print(saved.assumed, file=sys.stderr)
+        print(f'{saved.assumed} (--arch, --blurpool)', file=sys.stderr)
     evaluated = (config.saved_eval_kwargs(saved.config) if saved.config
                  else {'res': 224, 'flip_tta': True, 'decoder': 'fused'})
     res, antialias = res or evaluated['res'], antialiased(evaluated['decoder'])

@@ -132,9 +132,9 @@ def load_weights(path):
     and classes inside), a ``final_weights.pt`` (config from the ``params.json`` and classes from
     the ``classes.tsv`` beside it, each None when absent) or a ``final_weights.safetensors``
     (both in its metadata when :func:`save_final_weights` wrote it, else beside it). ``classes``:
-    ``[(wnid, name), ...]``. A state dict
-    saved from a DDP or compiled model has its keys' prefix removed (:func:`unwrapped`). Nothing
-    in the file can run code (:func:`safe_torch_load`, safetensors).
+    ``[(wnid, name), ...]``. A state dict saved from a DDP or compiled model has its keys' prefix
+    removed (:func:`unwrapped`). Nothing in the file can run code (:func:`safe_torch_load`,
+    safetensors).
     Raises CheckpointError naming the file when it is missing, unsafe or holds no state dict, or
     when its config or class list is not what this tool saves (:func:`checked_config`,
     :func:`checked_classes`)."""
@@ -167,7 +167,8 @@ class SavedModel:
     ``config`` the run's resolved config (None when none was saved), ``classes``
     ``[(wnid, name), ...]`` saved with the weights (or None), ``arch`` its name, ``assumed`` a
     line saying which arch and BlurPool setting were taken from the caller because no config is
-    saved ('' when one is: the weights load with BlurPool on or off alike, so say it)."""
+    saved, for the caller to end with its options ('' when one is: the weights load with
+    BlurPool on or off alike, so say it)."""
     model: torch.nn.Module
     config: dict
     classes: list
@@ -214,8 +215,7 @@ def load_model(path, *, num_classes: int = None, beton=None, arch: str = 'resnet
     model.load_state_dict(state)
     assumed = '' if saved_config else (
         f'note: no config saved with {path}: built as {structure["arch"]} with BlurPool '
-        f'{"on" if structure["use_blurpool"] else "off"}; if it was trained otherwise, say so '
-        '(predict: --arch, --blurpool; eval-only: --model.arch, --training.use_blurpool)')
+        f'{"on" if structure["use_blurpool"] else "off"}; if it was trained otherwise, say so')
     return SavedModel(model=model, config=saved_config, classes=classes, arch=structure['arch'],
                       assumed=assumed)
 

@@ -73,11 +73,13 @@ def test_weights_without_a_config_say_which_model_was_assumed(short_run, sample_
     shutil.copy(Path(summary['run_dir']) / 'final_weights.pt', lone)
     note = f'note: no config saved with {lone}: built as resnet18 with BlurPool '
     train.main(eval_config(sample_betons, tmp_path / 'runs', lone))
-    assert note + 'on;' in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert note + 'on;' in out and 'say so (--model.arch, --training.use_blurpool)' in out
     image = sorted((SAMPLE / 'val').glob('*/*.JPEG'))[0]
     classes = class_list_path(sample_betons['val'])
     predict.predict([image], weights=lone, classes_path=classes, arch='resnet18', blurpool=False)
-    assert note + 'off;' in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert note + 'off;' in err and 'say so (--arch, --blurpool)' in err
     predict.predict([image], weights=Path(summary['run_dir']) / 'final_weights.pt')
     assert 'note' not in capsys.readouterr().err  # the run's params.json says how it was built
 
