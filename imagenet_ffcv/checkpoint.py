@@ -41,6 +41,9 @@ from .files import atomic_path, atomic_write
 from .run_dir import latest_unfinished_checkpoint
 
 FORMAT = 1
+# How a torch.save file starts: a zip archive (since torch 1.6), or the legacy format's pickle
+# (its PROTO opcode). Anything else (an HTML error page, garbage) is not a torch file at all.
+TORCH_FILE_STARTS = (b'PK\x03\x04', b'\x80')
 HISTORY = re.compile(r'checkpoint_epoch_(\d+)\.pt')  # keep_history's files
 # What a checkpoint written before the numpy RNG state was stored as a tensor needs besides tensors:
 # numpy arrays, rebuilt from their bytes (no other code can run through these).
@@ -98,7 +101,16 @@ def safe_torch_load(path, what: str = 'file'):
     """``torch.load`` of ``path`` onto the CPU that builds tensors and plain values only
     (``weights_only=True``, plus numpy arrays for checkpoints of earlier versions). Raises
     CheckpointError naming the file when it holds anything else (a pickle that would run code on
-    loading: refused, nothing of it runs) or cannot be read (truncated, not a torch file)."""
+    loading: refused, nothing of it runs) or cannot be read (truncated, not a torch file: one that
+    does not start as torch.save's files do, :data:`TORCH_FILE_STARTS`)."""
+    try:
+        with open(path, 'rb') as f:
+            start = f.read(len(TORCH_FILE_STARTS[0]))
+    except OSError as e:
+        raise CheckpointError(f'{path}: cannot read the {what} ({e})') from None
+    if not start.startswith(TORCH_FILE_STARTS):
+        raise CheckpointError(f'{path}: not a PyTorch file (it starts with {start!r}, not as '
+                              'torch.save writes; a failed download? re-download it)')
     try:
         with torch.serialization.safe_globals(NUMPY_ARRAY_GLOBALS):
             return torch.load(path, map_location='cpu', weights_only=True)

@@ -5,6 +5,7 @@ Class ``i`` is the ``i``-th wnid of the sorted train split (see ``sources``).
 """
 from pathlib import Path
 
+from .errors import ImagenetFfcvError
 from .files import write_text_atomic
 
 WNID_NAMES_FILE = Path(__file__).with_name('imagenet_wnids.tsv')
@@ -30,14 +31,26 @@ def write_class_list(path, classes: list, extra_names: dict = None) -> None:
     write_text_atomic(path, ''.join(lines))
 
 
+class ClassListError(ImagenetFfcvError, ValueError):
+    """A class list that is not ``index<TAB>wnid<TAB>name`` lines; the message names the file and
+    the line."""
+
+
 def read_class_list(path) -> list:
-    """The wnids of a class list written by :func:`write_class_list`, index order."""
+    """The wnids of a class list written by :func:`write_class_list`, index order. Raises
+    ClassListError naming the file, the line and the expected format for any other file (e.g.
+    ILSVRC's ``synset_words.txt``, ``wnid name`` lines), OSError when it cannot be read."""
     with open(path) as f:
-        rows = [line.rstrip('\n').split('\t') for line in f if line.strip()]
-    for i, row in enumerate(rows):
-        if int(row[0]) != i:
-            raise ValueError(f'{path}: line {i + 1} has index {row[0]}, expected {i}')
-    return [row[1] for row in rows]
+        lines = [(n, line.rstrip('\n')) for n, line in enumerate(f, 1) if line.strip()]
+    wnids = []
+    for i, (n, line) in enumerate(lines):
+        row = line.split('\t')
+        if len(row) < 2 or not (row[0].strip().isdigit() and int(row[0]) == i):
+            raise ClassListError(
+                f'{path}: line {n} is {line[:80]!r}, expected "{i}<TAB>wnid<TAB>name" (index, '
+                'wnid, name: the .classes.tsv that imagenet-ffcv-write writes beside the .beton)')
+        wnids.append(row[1])
+    return wnids
 
 
 def read_class_names(path) -> list:

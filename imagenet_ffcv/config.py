@@ -344,9 +344,10 @@ def saved_model_kwargs(saved: dict) -> dict:
 
 
 def saved_eval_kwargs(saved: dict) -> dict:
-    """How a saved run validated: ``{'res': side in px, 'flip_tta': bool}`` from its resolved
-    config, for predict."""
-    return {'res': saved['validation']['resolution'], 'flip_tta': bool(saved['validation']['lr_tta'])}
+    """How a saved run validated, for predict: ``{'res': px, 'flip_tta': bool, 'decoder': str}``."""
+    val = saved['validation']
+    return {'res': val['resolution'], 'flip_tta': bool(val['lr_tta']),
+            'decoder': saved.get('data', {}).get('decoder', 'fused')}  # 'fused' before the key
 
 
 def step_option_kwargs(cfg: SimpleNamespace) -> dict:

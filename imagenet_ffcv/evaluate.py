@@ -58,10 +58,13 @@ def evaluate_weights(cfg, dist) -> dict:
     """``training.eval_only=1``: the validation top-1/top-5 of ``model.weights`` (a checkpoint or a
     final_weights.pt), computed as the training run computes it. The model is rebuilt as it was
     trained (``weights.load_model``: arch, BlurPool, channels_last from the config saved with
-    the weights, when there is one); validation settings come from ``cfg``."""
+    the weights, when there is one) and must have been trained on the val .beton's classes
+    (CheckpointError otherwise); validation settings come from ``cfg``."""
     saved = weights.load_model(
         cfg.model.weights, num_classes=loaders.num_classes(cfg.data.val_dataset),
-        **config.model_kwargs(cfg))
+        beton=cfg.data.val_dataset, **config.model_kwargs(cfg))
+    if saved.assumed and dist.is_primary:
+        print(f'{saved.assumed} (--model.arch, --training.use_blurpool)')
     model = saved.model.to(dist.device)
     precision = engine.resolve_precision(cfg.training.amp, dist.device)
     torch.backends.cudnn.benchmark = dist.device.type == 'cuda'  # fixed shapes

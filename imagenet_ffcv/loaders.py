@@ -260,6 +260,13 @@ def _check_decoder_name(decoder_name: str) -> None:
         raise ValueError(f'decoder_name={decoder_name!r}: expected one of {", ".join(DECODERS)}')
 
 
+def antialiased(decoder_name: str) -> bool:
+    """Whether the decoder ``decoder_name`` (``data.decoder``) resizes with the antialiased
+    resample (``resampling.resample(antialias=True)``): 'fused_aa' only. ('ffcv' resizes with
+    OpenCV's INTER_AREA, which nothing else reproduces.)"""
+    return decoder_name == 'fused_aa'
+
+
 def label_pipeline(device) -> list:
     """int64 (B,) labels, on ``device``."""
     ops = [IntDecoder(), ToTensor(), Squeeze(1)]  # (B, 1) -> (B,), also for a last batch of 1
@@ -313,7 +320,7 @@ def train_loader(*, path, batch_size: int, num_workers: int, res: int, os_cache:
         ours, images = image_pipeline(random_resized_crop_decoder, device=device, dtype=dtype,
                                       output_size=(res, res), scale=(min_crop_scale, 1.0),
                                       flip_prob=flip_prob, seed=seed,
-                                      antialias=decoder_name == 'fused_aa')
+                                      antialias=antialiased(decoder_name))
         image_decoder = ours
     loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers,
                     order=ORDERS[order], os_cache=bool(os_cache), drop_last=True,
@@ -345,7 +352,7 @@ def val_loader(*, path, batch_size: int, num_workers: int, res: int, device, ran
     else:
         ours, images = image_pipeline(center_crop_decoder, device=device, dtype=dtype,
                                       output_size=(res, res), ratio=crop_ratio,
-                                      antialias=decoder_name == 'fused_aa')
+                                      antialias=antialiased(decoder_name))
     return Loader(str(path), batch_size=batch_size, num_workers=num_workers,
                   order=OrderOption.SEQUENTIAL, drop_last=False, indices=indices, decoder=ours,
                   pipelines={'image': images, 'label': label_pipeline(device)})

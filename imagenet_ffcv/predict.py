@@ -16,7 +16,8 @@ weights (inside a checkpoint, or params.json beside final_weights.pt). Each imag
 image goes: stored as ``imagenet-ffcv-write`` stores it (RGB, shorter side at most --max-res, JPEG
 at --jpeg-quality with a restart marker every --restart-interval MCUs: the converter's defaults),
 then decoded by the val loader's own code (the centre crop of 224/256 of the shorter side at the
-run's validation resolution), with flip TTA when the run used it. Class names come from the
+run's validation resolution, resized as its data.decoder resizes; the fused decoder's resize for
+'ffcv'), with flip TTA when the run used it. Class names come from the
 checkpoint or the run folder's classes.tsv (the class list written beside the training .beton), or
 --classes.
 """
@@ -32,6 +33,7 @@ from .classes import read_class_names
 from .commands import command_name
 from .image_decode import center_crop_pixels
 from .images import DEFAULT_RESTART_INTERVAL, encode_jpeg, load_image
+from .loaders import antialiased
 from .weights import load_model
 
 
@@ -45,25 +47,38 @@ def predict(paths: list, *, weights, top: int = 5, classes_path=None, res=None,
     probabilities from the softmax of the logits, which are averaged over the image and its flip
     when the run evaluated with flip TTA (``engine.flip_tta_logits``, the rule validation uses, so
     the top-1 class is the one eval-only counts). Each image is :func:`image_record` then
-    :func:`model_input`. ``res`` defaults to the run's ``validation.resolution``; ``arch`` and
-    ``blurpool`` are used only when no config is saved with the weights (``weights.load_model``).
-    Class names come from ``classes_path`` (a .classes.tsv), else those saved with the weights.
+    :func:`model_input`, resized as the run's ``data.decoder`` resizes (the fused decoder's resize
+    for 'ffcv', with a note on stderr). ``res`` defaults to the run's ``validation.resolution``;
+    ``arch`` and ``blurpool`` are used only when no config is saved with the weights
+    (``weights.load_model``).
+    Class names come from ``classes_path`` (a .classes.tsv; a warning on stderr when its wnids
+    are not those saved with the weights), else those saved with the weights.
     Raises CheckpointError for unusable weights, FileNotFoundError for a missing class list,
     OSError/ValueError naming an image that cannot be decoded.
     """
     classes = read_class_names(classes_path) if classes_path else None
     saved = load_model(Path(weights), num_classes=len(classes) if classes else None,
                         arch=arch, use_blurpool=blurpool)
+    if classes and saved.classes and [w for w, _ in classes] != [w for w, _ in saved.classes]:
+        print(f'warning: {classes_path} names other classes than those saved with {weights}; '
+              f'its names are shown, which may not be what the model predicts', file=sys.stderr)
     classes = classes or saved.classes
+    if saved.assumed:
+        print(f'{saved.assumed} (--arch, --blurpool)', file=sys.stderr)
     evaluated = (config.saved_eval_kwargs(saved.config) if saved.config
-                 else {'res': 224, 'flip_tta': True})
-    res = res or evaluated['res']
+                 else {'res': 224, 'flip_tta': True, 'decoder': 'fused'})
+    res, antialias = res or evaluated['res'], antialiased(evaluated['decoder'])
+    if evaluated['decoder'] == 'ffcv':
+        print(f'note: {weights} validated with ffcv\'s decoder (OpenCV INTER_AREA resize); '
+              'predict resizes as the fused decoder does, so its inputs differ slightly from '
+              'those validation saw', file=sys.stderr)
     device = device or torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     model = saved.model.to(device).eval()
     results = []
     for start in range(0, len(paths), batch_size):
         images = [model_input(*image_record(path, max_res=max_res, jpeg_quality=jpeg_quality,
-                                            restart_interval=restart_interval), res=res)
+                                            restart_interval=restart_interval),
+                              res=res, antialias=antialias)
                   for path in paths[start:start + batch_size]]
         x = torch.stack(images).to(device, memory_format=torch.channels_last)
         results += classify(model, x, classes=classes, top=top, flip_tta=evaluated['flip_tta'])
@@ -84,11 +99,13 @@ def image_record(path, *, max_res: int = 256, jpeg_quality: int = 90,
     return record, pixels.shape[0], pixels.shape[1]
 
 
-def model_input(record, height: int, width: int, *, res: int) -> torch.Tensor:
+def model_input(record, height: int, width: int, *, res: int,
+                antialias: bool = False) -> torch.Tensor:
     """A stored JPEG record as the CPU val loader feeds it to the model: float32 (3, res, res),
-    the centre crop decoded, resized and normalised by the loader's own code
+    the centre crop decoded, resized (antialiased for every shrink when ``antialias``, as
+    ``data.decoder=fused_aa``: ``loaders.antialiased``) and normalised by the loader's own code
     (``image_decode.center_crop_pixels``), equal to the loader's batch row."""
-    pixels = center_crop_pixels(record, height=height, width=width, res=res)
+    pixels = center_crop_pixels(record, height=height, width=width, res=res, antialias=antialias)
     return torch.from_numpy(pixels).permute(2, 0, 1)
 
 
@@ -108,9 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     """The options of ``imagenet-ffcv-predict``."""
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('images', nargs='+', help='image files (JPEG, PNG, ...)')
-    parser.add_argument('--weights', required=True, help='checkpoint.pt or final_weights.pt')
+    parser.add_argument('--weights', required=True,
+                        help='checkpoint.pt, final_weights.pt or final_weights.safetensors')
     parser.add_argument('--top', type=int, default=5, help='classes shown per image')
-    parser.add_argument('--classes', help='class list (.classes.tsv) when the run has none')
+    parser.add_argument('--classes', help="class list (.classes.tsv) for the run's classes, "
+                                          "in place of the run's own (a warning when they differ)")
     parser.add_argument('--res', type=int, help="input side in px (default: the run's "
                                                 "validation resolution)")
     parser.add_argument('--arch', default='resnet50', help='model when no config is saved')

@@ -15,12 +15,12 @@ import safetensors.torch
 import torch
 
 from .checkpoint import FORMAT, CheckpointError, safe_torch_load, save
-from .classes import read_class_names
-from .config import saved_model_kwargs
+from .classes import class_list_path, read_class_list, read_class_names
+from .config import saved_eval_kwargs, saved_model_kwargs
 from .files import atomic_path
 from .models import build_model
 
-SAFETENSORS_FORMAT = 'imagenet_ffcv final weights'
+SAFETENSORS_FORMAT = 'imagenet_ffcv final weights'  # the metadata's 'format': config and classes
 
 
 def save_final_weights(state_dict: dict, path, *, config: dict = None, classes=None) -> Path:
@@ -47,9 +47,83 @@ def _load_safetensors(path) -> tuple:
             metadata = f.metadata() or {}
     except Exception as e:
         raise CheckpointError(f'{path}: cannot read the weights ({type(e).__name__}: {e})') from e
-    config = json.loads(metadata['config']) if metadata.get('config') else None
-    classes = json.loads(metadata['classes']) if metadata.get('classes') else None
-    return state, config, [tuple(c) for c in classes] if classes else None
+    if metadata.get('format') != SAFETENSORS_FORMAT:  # not written by save_final_weights
+        return state, None, None
+    config = _parsed_json(metadata.get('config') or 'null', f"{path}'s metadata 'config'")
+    classes = _parsed_json(metadata.get('classes') or 'null', f"{path}'s metadata 'classes'")
+    return state, checked_config(config, path), checked_classes(classes, path)
+
+
+DAMAGED = ("use the run's final_weights.pt with its params.json and classes.tsv, or a file "
+           'without the damaged part and the model options (predict: --arch, --blurpool, --classes)')
+
+
+def _parsed_json(text: str, source: str):
+    """The value of the JSON ``text`` read from ``source`` (named in the error); CheckpointError
+    when it is not JSON."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f'{source} is not valid JSON ({e}); {DAMAGED}') from None
+
+
+def checked_config(config, source):
+    """``config`` (None, or a run's resolved config, ``{'section': {'key': value}}``, read from
+    ``source``) when it holds what rebuilds and evaluates the model
+    (``config.saved_model_kwargs``, ``config.saved_eval_kwargs``). Raises CheckpointError naming
+    ``source`` otherwise."""
+    if config is None:
+        return None
+    try:
+        saved_model_kwargs(config)
+        saved_eval_kwargs(config)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(
+            f'{source}: the saved config is not a resolved config of this tool '
+            f'({type(e).__name__}: {e}); {DAMAGED}') from None
+    return config
+
+
+def checked_classes(classes, source):
+    """``classes`` (None, or ``[[wnid, name], ...]`` read from ``source``) as ``[(wnid, name),
+    ...]``. Raises CheckpointError naming ``source`` when an entry is not a pair of strings."""
+    if classes is None:
+        return None
+    pairs = isinstance(classes, list) and all(
+        isinstance(c, (list, tuple)) and len(c) == 2 and all(isinstance(v, str) for v in c)
+        for c in classes)
+    if not pairs:
+        raise CheckpointError(f'{source}: the saved class list is not [[wnid, name], ...]; '
+                              f'{DAMAGED}')
+    return [tuple(c) for c in classes]
+
+
+WRAPPER_PREFIXES = ('module.', '_orig_mod.')  # DistributedDataParallel's, torch.compile's
+
+
+def unwrapped(state: dict) -> dict:
+    """``state`` (a state dict) with torchvision's keys: the prefix that DistributedDataParallel
+    (``module.``) or ``torch.compile`` (``_orig_mod.``) puts before every key removed, also when
+    one wraps the other (ffcv-imagenet's final weights carry ``module.``). Keys are kept as they
+    are when any key lacks the prefix."""
+    for prefix in WRAPPER_PREFIXES:
+        if state and all(k.startswith(prefix) for k in state):
+            return unwrapped({k[len(prefix):]: v for k, v in state.items()})
+    return state
+
+
+def mismatch(state: dict, own: dict, ignore=frozenset()) -> str:
+    """What keeps the state dict ``state`` from loading into a model whose state dict is ``own``,
+    the keys in ``ignore`` aside: ``'missing [...], unexpected [...], other shapes [...]'`` (at
+    most 5 keys each), or '' when every key is there with its shape."""
+    missing = sorted(own.keys() - state.keys() - ignore)
+    extra = sorted(state.keys() - own.keys() - ignore)
+    wrong_shape = sorted(k for k in (state.keys() & own.keys()) - ignore
+                         if state[k].shape != own[k].shape)
+    if not (missing or extra or wrong_shape):
+        return ''
+    return (f'missing {missing[:5] or "none"}, unexpected {extra[:5] or "none"}, other shapes '
+            f'{wrong_shape[:5] or "none"}')
 
 
 def load_weights(path):
@@ -57,9 +131,13 @@ def load_weights(path):
     evaluation and prediction: ``(state_dict, config, classes)``. ``path`` is a checkpoint (config
     and classes inside), a ``final_weights.pt`` (config from the ``params.json`` and classes from
     the ``classes.tsv`` beside it, each None when absent) or a ``final_weights.safetensors``
-    (both in its metadata, else beside it). ``classes``: ``[(wnid, name), ...]``. Nothing in the
-    file can run code (:func:`safe_torch_load`, safetensors).
-    Raises CheckpointError naming the file when it is missing, unsafe or holds no state dict."""
+    (both in its metadata when :func:`save_final_weights` wrote it, else beside it). ``classes``:
+    ``[(wnid, name), ...]``. A state dict saved from a DDP or compiled model has its keys' prefix
+    removed (:func:`unwrapped`). Nothing in the file can run code (:func:`safe_torch_load`,
+    safetensors).
+    Raises CheckpointError naming the file when it is missing, unsafe or holds no state dict, or
+    when its config or class list is not what this tool saves (:func:`checked_config`,
+    :func:`checked_classes`)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f'{path}: no such weights file; give a run\'s checkpoint.pt, '
@@ -74,9 +152,10 @@ def load_weights(path):
             return state['model'], state['config'], classes
     if not (isinstance(state, dict) and state and all(torch.is_tensor(v) for v in state.values())):
         raise CheckpointError(f'{path}: neither a checkpoint nor a state dict of tensors')
+    state = unwrapped(state)
     params, class_list = path.with_name('params.json'), path.with_name('classes.tsv')
     if config is None and params.is_file():
-        config = json.loads(params.read_text())
+        config = checked_config(_parsed_json(params.read_text(), str(params)), params)
     if classes is None and class_list.is_file():
         classes = read_class_names(class_list)
     return state, config, classes
@@ -86,27 +165,37 @@ def load_weights(path):
 class SavedModel:
     """A model rebuilt from saved weights: ``model`` (on the CPU, weights loaded, train mode),
     ``config`` the run's resolved config (None when none was saved), ``classes``
-    ``[(wnid, name), ...]`` saved with the weights (or None), ``arch`` its name."""
+    ``[(wnid, name), ...]`` saved with the weights (or None), ``arch`` its name, ``assumed`` a
+    line saying which arch and BlurPool setting were taken from the caller because no config is
+    saved, for the caller to end with its options ('' when one is: the weights load with
+    BlurPool on or off alike, so say it)."""
     model: torch.nn.Module
     config: dict
     classes: list
     arch: str
+    assumed: str = ''
 
 
-def load_model(path, *, num_classes: int = None, arch: str = 'resnet50', use_blurpool: bool = True,
-               channels_last: bool = True) -> SavedModel:
+def load_model(path, *, num_classes: int = None, beton=None, arch: str = 'resnet50',
+               use_blurpool: bool = True, channels_last: bool = True) -> SavedModel:
     """The model saved at ``path`` (a checkpoint or a final_weights.pt, see :func:`load_weights`),
     rebuilt as it was trained: arch, BlurPool and channels_last come from the config saved with the
-    weights (``config.saved_model_kwargs``); the keyword values are used only when no config is saved.
+    weights (``config.saved_model_kwargs``); the keyword values are used only when no config is
+    saved (``SavedModel.assumed`` then names them, for the caller to print).
     ``num_classes``: the class count to build for (e.g. the val .beton's); None takes the length
-    of the class list saved with the weights. Used by ``imagenet-ffcv-train`` (eval-only) and
+    of the class list saved with the weights. ``beton``: the .beton the model is evaluated on;
+    when both it and the weights have a class list, the wnids must be the same, in the same order
+    (:func:`check_classes`). Used by ``imagenet-ffcv-train`` (eval-only) and
     ``imagenet-ffcv-predict``.
 
-    Raises CheckpointError naming the file when it is missing or unreadable, or when the weights
-    do not fit the model (another arch or class count), and FileNotFoundError when
+    Raises CheckpointError naming the file when it is missing or unreadable, when its classes are
+    not ``beton``'s, or when the weights do not fit the model (another arch or class count), and
+    FileNotFoundError when
     ``num_classes`` is None and no class list is saved with the weights.
     """
     state, saved_config, classes = load_weights(path)
+    if beton is not None:
+        check_classes(path, classes, beton)
     structure = {'arch': arch, 'use_blurpool': use_blurpool, 'channels_last': channels_last}
     if saved_config:
         structure = saved_model_kwargs(saved_config)
@@ -119,12 +208,35 @@ def load_model(path, *, num_classes: int = None, arch: str = 'resnet50', use_blu
     model = build_model(arch=structure['arch'], num_classes=num_classes,
                         use_blurpool=bool(structure['use_blurpool']),
                         channels_last=bool(structure['channels_last']))
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
+    problems = mismatch(state, model.state_dict())
+    if problems:
         raise CheckpointError(f'{path}: the weights do not fit {structure["arch"]} with '
-                              f'{num_classes} classes: {str(e).splitlines()[0]}') from None
-    return SavedModel(model=model, config=saved_config, classes=classes, arch=structure['arch'])
+                              f'{num_classes} classes: {problems}')
+    model.load_state_dict(state)
+    assumed = '' if saved_config else (
+        f'note: no config saved with {path}: built as {structure["arch"]} with BlurPool '
+        f'{"on" if structure["use_blurpool"] else "off"}; if it was trained otherwise, say so')
+    return SavedModel(model=model, config=saved_config, classes=classes, arch=structure['arch'],
+                      assumed=assumed)
+
+
+def check_classes(path, classes, beton) -> None:
+    """Raise CheckpointError naming both files when ``classes`` (``[(wnid, name), ...]`` saved
+    with the weights at ``path``) and the class list beside ``beton`` (``classes.class_list_path``)
+    name other wnids or another order: class ``i`` of the model would not be label ``i`` of the
+    .beton. Nothing is checked when either list is missing (None, or no file)."""
+    beton_list = class_list_path(beton)
+    if not classes or not beton_list.is_file():
+        return
+    theirs, ours = read_class_list(beton_list), [wnid for wnid, _ in classes]
+    if theirs != ours:
+        at = next((i for i, pair in enumerate(zip(ours, theirs)) if pair[0] != pair[1]),
+                  min(len(ours), len(theirs)))
+        raise CheckpointError(
+            f'{path} was trained on other classes than {beton} has ({beton_list}): '
+            f'{len(ours)} and {len(theirs)} classes, first difference at index {at}; its labels '
+            'would not match the predictions. Evaluate on a .beton written from the same train '
+            'split as the run (the class list in the run folder is classes.tsv)')
 
 
 def classifier_keys(model: torch.nn.Module) -> set:
@@ -148,15 +260,12 @@ def init_from(model: torch.nn.Module, path, *, reset_head: bool) -> str:
     extra or of another shape (another architecture)."""
     state = load_weights(path)[0]
     own, head = model.state_dict(), classifier_keys(model)
-    wrong_shape = {k for k in state.keys() & own.keys() if state[k].shape != own[k].shape}
-    reset = head if reset_head or (wrong_shape & head) else set()
-    missing = sorted(own.keys() - state.keys() - reset)
-    extra, wrong_shape = sorted(state.keys() - own.keys()), sorted(wrong_shape - reset)
-    if missing or extra or wrong_shape:
+    head_differs = any(k in state and state[k].shape != own[k].shape for k in head)
+    reset = head if reset_head or head_differs else set()
+    problems = mismatch(state, own, ignore=reset)
+    if problems:
         raise CheckpointError(
-            f'{path}: the weights do not fit this model (another architecture?): missing '
-            f'{missing[:5] or "none"}, unexpected {extra[:5] or "none"}, other shapes '
-            f'{wrong_shape[:5] or "none"}')
+            f'{path}: the weights do not fit this model (another architecture?): {problems}')
     model.load_state_dict({k: v for k, v in state.items() if k not in reset}, strict=False)
     why = ('as asked' if reset_head else 'the class count differs') if reset else ''
     return (f'=> started from {path} ({len(state) - len(reset)} tensors)' +

@@ -274,6 +274,27 @@ def test_loading_never_runs_the_code_a_pickle_holds(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize('content', [b'<!DOCTYPE html><html>404 Not Found</html>',
+                                     bytes(range(7, 200)), b''])
+def test_a_file_that_is_not_a_torch_file_is_not_called_unsafe(tmp_path, content):
+    """An HTML error page saved by a failed download, garbage, or an empty file is named as not a
+    PyTorch file; a real unsafe pickle is still refused as one, and both torch.save formats load."""
+    path = tmp_path / 'final_weights.pt'
+    path.write_bytes(content)
+    for load in (checkpoint.load, weights.load_weights):
+        with pytest.raises(checkpoint.CheckpointError,
+                           match='final_weights.pt: not a PyTorch file .*re-download it'):
+            load(path)
+    (tmp_path / 'hostile').mkdir()
+    hostile, _ = hostile_file(tmp_path / 'hostile')
+    with pytest.raises(checkpoint.CheckpointError, match='final_weights.pt: refused'):
+        weights.load_weights(hostile)
+    state = nn.Linear(2, 2).state_dict()
+    for zipped in (True, False):
+        torch.save(state, path, _use_new_zipfile_serialization=zipped)
+        assert torch.equal(weights.load_weights(path)[0]['weight'], state['weight'])
+
+
 def test_checkpoints_hold_only_tensors_and_plain_values_and_old_ones_still_load(tmp_path):
     state = {'format': 1, 'model': {'w': torch.ones(3)}, 'rng': checkpoint.rng_state()}
     checkpoint.save(state, tmp_path / 'new.pt')
@@ -292,7 +313,8 @@ def test_checkpoints_hold_only_tensors_and_plain_values_and_old_ones_still_load(
 
 def test_final_weights_as_safetensors_carry_config_and_classes(tmp_path):
     model = nn.Linear(4, 3)
-    config = {'model': {'arch': 'resnet18'}, 'validation': {'resolution': 32}}
+    config = {'model': {'arch': 'resnet18'}, 'training': {'use_blurpool': 1, 'channels_last': 1},
+              'validation': {'resolution': 32, 'lr_tta': 1}}
     classes = [('n01', 'one'), ('n02', 'two'), ('n03', 'three')]
     safe = weights.save_final_weights(model.state_dict(), tmp_path / 'final_weights.pt',
                                          config=config, classes=classes)
@@ -306,6 +328,52 @@ def test_final_weights_as_safetensors_carry_config_and_classes(tmp_path):
     (tmp_path / 'bad.safetensors').write_bytes(b'not a safetensors file')
     with pytest.raises(checkpoint.CheckpointError, match='bad.safetensors: cannot read'):
         weights.load_weights(tmp_path / 'bad.safetensors')
+
+
+GOOD_CONFIG = {'model': {'arch': 'resnet18'}, 'training': {'use_blurpool': 1, 'channels_last': 1},
+               'validation': {'resolution': 32, 'lr_tta': 1}}
+
+
+@pytest.mark.parametrize('key, value, error', [
+    ('config', '{"model": ', "final_weights.safetensors's metadata 'config' is not valid JSON"),
+    ('config', '{"foo": 1}', r"final_weights.safetensors: the saved config is not a resolved "
+                             r"config of this tool \(KeyError: 'model'\)"),
+    ('config', '[1]', 'final_weights.safetensors: the saved config is not a resolved config'),
+    ('classes', '[["n01"], ["n02", "two"]]', 'final_weights.safetensors: the saved class list is '
+                                             r'not \[\[wnid, name\], ...\]'),
+    ('classes', '{"n01": "one"}', 'final_weights.safetensors: the saved class list is not'),
+])
+def test_damaged_safetensors_metadata_is_an_error_naming_the_file(tmp_path, key, value, error):
+    import safetensors.torch
+    path = tmp_path / 'final_weights.safetensors'
+    metadata = {'format': weights.SAFETENSORS_FORMAT, 'config': json.dumps(GOOD_CONFIG),
+                'classes': json.dumps([['n01', 'one'], ['n02', 'two']]), key: value}
+    safetensors.torch.save_file(nn.Linear(4, 2).state_dict(), str(path), metadata=metadata)
+    with pytest.raises(checkpoint.CheckpointError, match=error):
+        weights.load_weights(path)
+
+
+def test_metadata_of_safetensors_not_written_by_this_tool_is_not_used(tmp_path):
+    import safetensors.torch
+    path = tmp_path / 'other.safetensors'
+    safetensors.torch.save_file(nn.Linear(4, 2).state_dict(), str(path),
+                                metadata={'config': '{"foo": 1}', 'classes': '[1, 2]'})
+    state, config, classes = weights.load_weights(path)
+    assert (config, classes) == (None, None) and state.keys() == {'weight', 'bias'}
+
+
+@pytest.mark.parametrize('text, error', [
+    ('{"model": ', r'params.json is not valid JSON \(Expecting value: line 1 column 11'),
+    ('{"model": {"arch": "resnet18"}}', r"params.json: the saved config is not a resolved config "
+                                        r"of this tool \(KeyError: 'training'\)"),
+])
+def test_a_damaged_params_json_beside_final_weights_is_an_error_naming_it(tmp_path, text, error):
+    torch.save(nn.Linear(4, 2).state_dict(), tmp_path / 'final_weights.pt')
+    (tmp_path / 'params.json').write_text(text)
+    with pytest.raises(checkpoint.CheckpointError, match=error):
+        weights.load_weights(tmp_path / 'final_weights.pt')
+    (tmp_path / 'params.json').write_text(json.dumps(GOOD_CONFIG))
+    assert weights.load_weights(tmp_path / 'final_weights.pt')[1] == GOOD_CONFIG
 
 
 def test_a_full_disk_while_saving_keeps_the_previous_checkpoint_and_names_the_file(tmp_path):

@@ -87,6 +87,14 @@ def is_key_or_known_name(name: str) -> bool:
 
 
 @pytest.mark.parametrize('doc', DOCS, ids=lambda p: p.name)
+def test_package_names_exist_where_the_docs_say(doc):
+    """Each ``imagenet_ffcv.<module>.<name>`` of the doc is a name of that module."""
+    named = set(re.findall(r'\bimagenet_ffcv\.(\w+)\.(\w+)', text(doc)))
+    assert sorted(f'{m}.{a}' for m, a in named
+                  if not hasattr(importlib.import_module(f'imagenet_ffcv.{m}'), a)) == []
+
+
+@pytest.mark.parametrize('doc', DOCS, ids=lambda p: p.name)
 def test_config_keys_are_keys_of_the_schema(doc):
     named = re.findall(rf"(?<![\w./-])-*((?:{'|'.join(SECTIONS)})\.[a-z_0-9]+)\b(?!\()",
                        text(doc))  # not a call such as model.load_state_dict(...)

@@ -12,7 +12,8 @@ from PIL import Image
 
 from conftest import REPO, SAMPLE, run_env, small_config
 from imagenet_ffcv import engine, loaders, metrics, predict, sources, train, verify
-from imagenet_ffcv.classes import read_class_names
+from imagenet_ffcv.classes import (class_list_path, read_class_list, read_class_names,
+                                   write_class_list)
 
 
 def eval_config(sample_betons, tmp_path, weights):
@@ -41,6 +42,46 @@ def test_eval_only_names_missing_or_unfitting_weights(short_run, sample_betons, 
     torch.save(torchvision.models.resnet34(num_classes=10).state_dict(), other)
     with pytest.raises(checkpoint.CheckpointError, match='do not fit resnet18 with 10 classes'):
         train.main(eval_config(sample_betons, tmp_path, other))
+
+
+def test_eval_only_refuses_weights_trained_on_other_classes(short_run, sample_betons, tmp_path):
+    """A val .beton of as many classes, but others (here: the same wnids rotated by one), is
+    refused naming both files, instead of giving chance top-1."""
+    import shutil
+    from imagenet_ffcv.checkpoint import CheckpointError
+    summary, cfg = short_run
+    val = tmp_path / 'other_val.beton'
+    shutil.copy(sample_betons['val'], val)
+    wnids = read_class_list(class_list_path(sample_betons['val']))
+    write_class_list(class_list_path(val), wnids[1:] + wnids[:1])
+    betons = {'train': sample_betons['train'], 'val': val}
+    for name in ('final_weights.pt', 'checkpoint.pt', 'final_weights.safetensors'):
+        weights = Path(summary['run_dir']) / name
+        with pytest.raises(CheckpointError, match=f'{name} was trained on other classes than '
+                                                  f'.*other_val.beton has .*other_val.classes.tsv'):
+            train.main(eval_config(betons, tmp_path / 'runs', weights))
+
+
+def test_weights_without_a_config_say_which_model_was_assumed(short_run, sample_betons, tmp_path,
+                                                             capsys):
+    """BlurPool's filter is not in the state dict, so weights load with it on or off alike: without
+    a saved config, eval-only and predict print the arch and BlurPool setting they assumed."""
+    import shutil
+    summary, cfg = short_run
+    lone = tmp_path / 'lone' / 'final_weights.pt'
+    lone.parent.mkdir()
+    shutil.copy(Path(summary['run_dir']) / 'final_weights.pt', lone)
+    note = f'note: no config saved with {lone}: built as resnet18 with BlurPool '
+    train.main(eval_config(sample_betons, tmp_path / 'runs', lone))
+    out = capsys.readouterr().out
+    assert note + 'on;' in out and 'say so (--model.arch, --training.use_blurpool)' in out
+    image = sorted((SAMPLE / 'val').glob('*/*.JPEG'))[0]
+    classes = class_list_path(sample_betons['val'])
+    predict.predict([image], weights=lone, classes_path=classes, arch='resnet18', blurpool=False)
+    err = capsys.readouterr().err
+    assert note + 'off;' in err and 'say so (--arch, --blurpool)' in err
+    predict.predict([image], weights=Path(summary['run_dir']) / 'final_weights.pt')
+    assert 'note' not in capsys.readouterr().err  # the run's params.json says how it was built
 
 
 def test_model_complexity_counts_resnet50_as_torchvision_lists_it():
@@ -116,6 +157,42 @@ def test_predict_sees_what_validation_sees(sample_betons):
         assert np.array_equal(jpeg, record), k
 
 
+def test_predict_resizes_as_the_runs_decoder(sample_betons, tmp_path, monkeypatch, capsys):
+    """The model inputs predict builds for weights of a data.decoder=fused_aa run are that run's
+    val loader rows bit for bit (antialiased shrinks: not the plain fused decoder's rows); for a
+    data.decoder=ffcv run predict says on stderr that it resizes otherwise."""
+    from imagenet_ffcv import models, weights
+    rows = {}
+    for decoder in ('fused', 'fused_aa'):
+        loader = loaders.val_loader(path=sample_betons['val'], batch_size=50, num_workers=2,
+                                    res=40, device=torch.device('cpu'), decoder_name=decoder)
+        rows[decoder] = torch.cat([x.clone() for x, _ in loader])
+    assert not torch.equal(rows['fused'], rows['fused_aa'])  # the shrink 56 -> 40 px differs
+    classes = read_class_names(class_list_path(sample_betons['val']))
+    model = models.build_model(arch='resnet18', num_classes=len(classes), use_blurpool=False,
+                               channels_last=False)
+    seen = []
+    classify = predict.classify
+    monkeypatch.setattr(predict, 'classify', lambda model, x, **kw: seen.append(x) or classify(
+        model, x, **kw))
+    files = [p for p, _ in sources.list_samples(SAMPLE / 'val', sources.find_classes(
+        SAMPLE / 'train'))]
+    for decoder in ('fused_aa', 'ffcv'):
+        run_config = {'model': {'arch': 'resnet18'}, 'data': {'decoder': decoder},
+                      'training': {'use_blurpool': 0, 'channels_last': 0},
+                      'validation': {'resolution': 40, 'lr_tta': 0}}
+        (tmp_path / decoder).mkdir()
+        path = weights.save_final_weights(model.state_dict(), tmp_path / decoder / 'final.pt',
+                                          config=run_config, classes=classes)
+        seen.clear()
+        predict.predict(files if decoder == 'fused_aa' else files[:1], weights=path, max_res=64)
+        if decoder == 'fused_aa':
+            assert torch.equal(torch.cat(seen), rows['fused_aa'])
+            assert 'note' not in capsys.readouterr().err
+        else:
+            assert "validated with ffcv's decoder" in capsys.readouterr().err
+
+
 @pytest.mark.slow
 def test_predict_names_a_bad_image_and_a_missing_class_list(short_run, tmp_path):
     summary, cfg = short_run
@@ -130,6 +207,40 @@ def test_predict_names_a_bad_image_and_a_missing_class_list(short_run, tmp_path)
     shutil.copy(Path(summary['run_dir']) / 'final_weights.pt', lone)
     with pytest.raises(FileNotFoundError, match='--classes'):
         predict.predict([bad], weights=lone)
+
+
+def test_predict_warns_when_classes_replace_other_saved_classes(short_run, tmp_path, capsys):
+    summary, cfg = short_run
+    run_list = Path(summary['run_dir']) / 'classes.tsv'
+    rotated = read_class_list(run_list)
+    write_class_list(tmp_path / 'other.classes.tsv', rotated[1:] + rotated[:1])
+    image = sorted((SAMPLE / 'val').glob('*/*.JPEG'))[0]
+    weights = Path(summary['run_dir']) / 'final_weights.pt'
+    assert predict.cli([str(image), '--weights', str(weights), '--classes', str(run_list)]) == 0
+    assert 'warning' not in capsys.readouterr().err
+    assert predict.cli([str(image), '--weights', str(weights), '--classes',
+                        str(tmp_path / 'other.classes.tsv')]) == 0
+    assert (f'warning: {tmp_path / "other.classes.tsv"} names other classes than those saved '
+            f'with {weights}') in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('text, line', [
+    ('n01440764 tench, Tinca tinca\nn01443537 goldfish\n', 'n01440764 tench, Tinca tinca'),
+    ('0\tn01440764\ttench\n1\n', '1'), ('tench\ngoldfish\n', 'tench')])
+def test_a_class_list_in_another_format_is_named_with_its_line(short_run, tmp_path, capsys, text,
+                                                               line):
+    """--classes synset_words.txt (ILSVRC's 'wnid names' lines), a row without a wnid or a
+    one-name-per-line file: the file, the line and the expected format, not a bare int() or
+    IndexError."""
+    summary, cfg = short_run
+    path = tmp_path / 'synset_words.txt'
+    path.write_text(text)
+    image = sorted((SAMPLE / 'val').glob('*/*.JPEG'))[0]
+    weights = Path(summary['run_dir']) / 'final_weights.pt'
+    assert predict.cli([str(image), '--weights', str(weights), '--classes', str(path)]) == 1
+    n = text.splitlines().index(line) + 1
+    assert f'synset_words.txt: line {n} is {line!r}, expected "{n - 1}<TAB>wnid<TAB>name"' in \
+        capsys.readouterr().err
 
 
 class FlipSensitive(torch.nn.Module):

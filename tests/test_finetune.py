@@ -62,6 +62,38 @@ def test_weights_of_another_architecture_are_refused_naming_the_file(tmp_path):
         weights.init_from(resnet18(10, seed=0), tmp_path / 'resnet34.pt', reset_head=False)
 
 
+@pytest.mark.parametrize('prefix', ['module.', '_orig_mod.', 'module._orig_mod.'])
+def test_ddp_or_compiled_state_dicts_load_for_eval_predict_and_finetuning(tmp_path, prefix):
+    """Keys saved from a DDP (``module.``) or compiled (``_orig_mod.``) model, as ffcv-imagenet's
+    final weights, load into load_model's and init_from's plain model."""
+    source = resnet18(10, seed=0)
+    path = tmp_path / 'wrapped.pt'
+    torch.save({prefix + k: v for k, v in source.state_dict().items()}, path)
+    saved = weights.load_model(path, num_classes=10, arch='resnet18', use_blurpool=False,
+                               channels_last=False)
+    assert_loaded(saved.model, source, head_from_file=True)
+    model = resnet18(10, seed=1)
+    message = weights.init_from(model, path, reset_head=False)
+    assert f'({len(source.state_dict())} tensors)' in message
+    assert_loaded(model, source, head_from_file=True)
+
+
+def test_weights_that_do_not_fit_for_eval_are_refused_naming_the_keys(tmp_path):
+    """load_model's error lists the missing, unexpected and wrongly shaped keys, as init_from's."""
+    torch.manual_seed(0)
+    other = build_model(arch='resnet34', num_classes=7, use_blurpool=False, channels_last=False)
+    state = other.state_dict()
+    del state['layer1.0.bn1.running_mean']
+    torch.save(state, tmp_path / 'resnet34.pt')
+    with pytest.raises(CheckpointError) as info:
+        weights.load_model(tmp_path / 'resnet34.pt', num_classes=10, arch='resnet18',
+                           use_blurpool=False)
+    assert str(info.value).startswith(
+        f"{tmp_path / 'resnet34.pt'}: the weights do not fit resnet18 with 10 classes: missing "
+        "['layer1.0.bn1.running_mean'], unexpected ['layer1.2.bn1.bias', ")
+    assert "other shapes ['fc.bias', 'fc.weight']" in str(info.value)
+
+
 def test_training_starts_from_model_weights(sample_betons, tmp_path):
     """The run's model (10 classes of the sample) starts from a 7-class ResNet-18's weights."""
     source = resnet18(7, seed=3)

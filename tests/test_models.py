@@ -223,7 +223,8 @@ def test_timm_model_rebuilt_by_checkpoint_load_model(tmp_path):
     model = models.build_model(arch='timm:resnet10t', num_classes=3, use_blurpool=True,
                                channels_last=True).eval()
     config = {'model': {'arch': 'timm:resnet10t'},
-              'training': {'use_blurpool': 1, 'channels_last': 1}}
+              'training': {'use_blurpool': 1, 'channels_last': 1},
+              'validation': {'resolution': 64, 'lr_tta': 1}}
     classes = [(f'n{i:08d}', f'class {i}') for i in range(3)]
     safe = weights.save_final_weights(models.unwrapped_state_dict(model),
                                          tmp_path / 'final_weights.pt', config=config,
