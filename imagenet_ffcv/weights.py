@@ -55,7 +55,8 @@ def _load_safetensors(path) -> tuple:
 
 
 DAMAGED = ("use the run's final_weights.pt with its params.json and classes.tsv, or a file "
-           'without the damaged part and the model options (predict: --arch, --blurpool, --classes)')
+           'without the damaged part and the model options (predict: --arch, --blurpool, '
+           '--classes)')
 
 
 def _parsed_json(text: str, source: str):
@@ -104,12 +105,30 @@ WRAPPER_PREFIXES = ('module.', '_orig_mod.')  # DistributedDataParallel's, torch
 def unwrapped(state: dict) -> dict:
     """``state`` (a state dict) with torchvision's keys: the prefix that DistributedDataParallel
     (``module.``) or ``torch.compile`` (``_orig_mod.``) puts before every key removed, also when
-    one wraps the other (ffcv-imagenet's final weights carry ``module.``). Keys are kept as they
-    are when any key lacks the prefix."""
+    one wraps the other (ffcv-imagenet's final weights carry ``module.``), then ffcv-imagenet's
+    BlurPool layout undone (:func:`_unblurred`). Keys are kept as they are when any key lacks the
+    prefix."""
     for prefix in WRAPPER_PREFIXES:
         if state and all(k.startswith(prefix) for k in state):
             return unwrapped({k[len(prefix):]: v for k, v in state.items()})
-    return state
+    return _unblurred(state)
+
+
+BLUR_FILTER = '.blur_filter'
+
+
+def _unblurred(state: dict) -> dict:
+    """``state`` with ffcv-imagenet's BlurPool keys made torchvision's: its ``BlurPoolConv2d``
+    keeps the wrapped conv as ``.conv`` beside a saved ``.blur_filter`` (``layer2.0.conv2.conv.
+    weight``, ``layer2.0.conv2.blur_filter``), ours is the conv itself with an unsaved filter
+    (``models.BlurPoolConv2d``: ``layer2.0.conv2.weight``). The filters are dropped."""
+    blurred = {k[:-len(BLUR_FILTER)] for k in state if k.endswith(BLUR_FILTER)}
+
+    def key(k):
+        module, _, name = k.rpartition('.')
+        wrapper = module[:-len('.conv')]
+        return f'{wrapper}.{name}' if module.endswith('.conv') and wrapper in blurred else k
+    return {key(k): v for k, v in state.items() if not k.endswith(BLUR_FILTER)}
 
 
 def mismatch(state: dict, own: dict, ignore=frozenset()) -> str:

@@ -7,7 +7,7 @@ from conftest import small_config
 from imagenet_ffcv import distributed, train, weights
 from imagenet_ffcv.checkpoint import CheckpointError
 from imagenet_ffcv.config import ConfigError
-from imagenet_ffcv.models import build_model
+from imagenet_ffcv.models import BlurPoolConv2d, build_model
 
 
 def resnet18(num_classes, seed, **kwargs):
@@ -75,6 +75,31 @@ def test_ddp_or_compiled_state_dicts_load_for_eval_predict_and_finetuning(tmp_pa
     model = resnet18(10, seed=1)
     message = weights.init_from(model, path, reset_head=False)
     assert f'({len(source.state_dict())} tensors)' in message
+    assert_loaded(model, source, head_from_file=True)
+
+
+def test_ffcv_imagenets_blurpool_weights_load_for_eval_predict_and_finetuning(tmp_path):
+    """ffcv-imagenet's BlurPool runs save each strided conv as ``<conv>.conv.weight`` beside a
+    ``<conv>.blur_filter`` buffer, under DDP's ``module.``: they load into our BlurPool model
+    (torchvision's keys) with every weight in place."""
+    torch.manual_seed(0)
+    source = build_model(arch='resnet18', num_classes=10, use_blurpool=True, channels_last=False)
+    blurred = [name for name, m in source.named_modules() if isinstance(m, BlurPoolConv2d)]
+    assert blurred  # layer2.0.conv2, layer2.0.downsample.0, ...
+    state = {}
+    for key, value in source.state_dict().items():
+        module, _, name = key.rpartition('.')
+        state['module.' + (f'{module}.conv.{name}' if module in blurred else key)] = value
+    filters = dict(source.named_buffers())
+    for module in blurred:
+        state[f'module.{module}.blur_filter'] = filters[f'{module}.blur_filter']
+    path = tmp_path / 'final_weights.pt'  # no params.json: the model is given
+    torch.save(state, path)
+    saved = weights.load_model(path, num_classes=10, arch='resnet18', use_blurpool=True,
+                               channels_last=False)
+    assert_loaded(saved.model, source, head_from_file=True)
+    model = build_model(arch='resnet18', num_classes=10, use_blurpool=True, channels_last=False)
+    weights.init_from(model, path, reset_head=False)
     assert_loaded(model, source, head_from_file=True)
 
 
