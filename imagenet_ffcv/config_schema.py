@@ -71,7 +71,8 @@ def declare(config) -> None:
 
 def _data_and_model_sections(section) -> None:
     section('data', 'datasets and loading',
-            train_dataset=Param(str, 'training .beton file', required=True),
+            train_dataset=Param(str, 'training .beton file (required, but with '
+                                     'training.eval_only=1)', default=''),
             val_dataset=Param(str, 'validation .beton file', required=True),
             num_workers=Param(Or(Int(), OneOf(['auto'])),
                               "loader threads per process; 'auto': the cores this process may "

@@ -200,6 +200,10 @@ def test_missing_required_key_raises_naming_it():
     msg = str(info.value)
     assert 'data.train_dataset' in msg and 'required' in msg
     assert 'data.val_dataset' not in msg
+    # eval-only reads no training .beton
+    cfg = load_config(['--config', 'rn50_configs/rn50_16_epochs.yaml', '--data.val_dataset=y',
+                       '--training.eval_only=1', '--model.weights=w.pt'])
+    assert cfg.data.train_dataset == '' and cfg.training.eval_only == 1
 
 
 def test_missing_config_file_raises_file_not_found(tmp_path):
@@ -379,7 +383,7 @@ def test_help_groups_keys_by_section_and_shows_each_default(capsys):
     flat = ' '.join(out.split())
     assert '--training.ema_decay VALUE EMA of the weights' in flat
     assert "(default: 'resnet50')" in flat and '(default: 0.08)' in flat
-    assert 'training .beton file (required)' in flat
+    assert "training .beton file (required, but with training.eval_only=1) (default: '')" in flat
     lr_section = out.split('\nlr: ')[1].split('\nlogging: ')[0]
     assert '--lr.min_lr' in lr_section and '--training.' not in lr_section
 
