@@ -17,8 +17,9 @@ from imagenet_ffcv.classes import (class_list_path, read_class_list, read_class_
 
 
 def eval_config(sample_betons, tmp_path, weights):
+    """Eval-only of ``weights`` on the sample's val .beton, with no training .beton (none is read)."""
     return small_config(sample_betons, tmp_path, '--training.eval_only=1',
-                        f'--model.weights={weights}')
+                        f'--model.weights={weights}', '--data.train_dataset=')
 
 
 @pytest.mark.parametrize('name', ['final_weights.pt', 'checkpoint.pt', 'final_weights.safetensors'])
