@@ -38,7 +38,7 @@ import torch
 
 from .errors import ImagenetFfcvError
 from .files import atomic_path, atomic_write
-from .run_dir import latest_unfinished_checkpoint
+from .run_dir import RunDir, latest_checkpoint
 
 FORMAT = 1
 # How a torch.save file starts: a zip archive (since torch 1.6), or the legacy format's pickle
@@ -142,18 +142,23 @@ def load(path) -> dict:
 
 
 def resolve_resume(resume: str, folder, run_name: str = ''):
-    """The checkpoint ``--resume`` names: '' -> None (a new run); 'auto' -> the latest unfinished
-    checkpoint of the run named ``run_name`` ('' : of the unnamed runs) under the logging folder
-    ``folder`` (``run_dir.latest_unfinished_checkpoint``; None when there is none, so the same
-    command line starts a run and resumes it after a pre-emption); anything else is a path, which
-    must exist (CheckpointError)."""
+    """The checkpoint ``--resume`` names: '' -> None (a new run); 'auto' -> the checkpoint of the
+    latest run named ``run_name`` ('' : of the unnamed runs) under the logging folder ``folder``
+    (``run_dir.latest_checkpoint``; None when there is none, so the same command line starts a run
+    and resumes it after a pre-emption). When that run has finished, this says so (the trainer then
+    ends without training: a job chain's later jobs do not train a new run); anything else is a
+    path, which must exist (CheckpointError)."""
     if not resume:
         return None
     if resume == 'auto':
-        return latest_unfinished_checkpoint(folder, run_name)
+        path = latest_checkpoint(folder, run_name)
+        if path and RunDir(path.parent).is_finished:
+            print(f'=> {path.parent} has finished (final_weights.pt): nothing to resume; to train '
+                  'a new run, leave out --resume auto or give the run another name')
+        return path
     if not Path(resume).is_file():
         raise CheckpointError(f'--resume {resume}: no such file; give a checkpoint.pt path or '
-                              f'"auto" (the latest unfinished run under {folder})')
+                              f'"auto" (the latest run under {folder})')
     return Path(resume)
 
 

@@ -9,8 +9,8 @@
 - ``checkpoint_epoch_<N>.pt``: the checkpoints after epoch N (``checkpoint.keep_history``);
 - ``lock``: ``{"pid", "host"}`` of the job writing the run, while it runs (:meth:`RunDir.lock`).
 
-A run is *finished* when ``final_weights.pt`` exists; ``--resume auto`` picks the latest
-unfinished one of the same run name (:func:`latest_unfinished_checkpoint`).
+A run is *finished* when ``final_weights.pt`` exists; ``--resume auto`` picks the latest run of the
+same run name (:func:`latest_checkpoint`), and the trainer ends at once when that run finished.
 """
 import json
 import os
@@ -153,12 +153,12 @@ class RunDir:
             write_text_atomic(self.log, ''.join(json.dumps(r) + '\n' for r in kept))
 
 
-def latest_unfinished_checkpoint(folder, run_name: str = ''):
-    """The most recently written ``checkpoint.pt`` among the run folders ``folder/*/`` whose run
-    is unfinished (no ``final_weights.pt`` beside it) and named ``run_name`` (in its params.json;
-    '' : unnamed runs only), or None when there is none."""
+def latest_checkpoint(folder, run_name: str = ''):
+    """The most recently written ``checkpoint.pt`` among the run folders ``folder/*/`` of the runs
+    named ``run_name`` (in their params.json; '' : unnamed runs only), finished or not, or None
+    when there is none."""
     candidates = [p for p in Path(folder).glob(f'*/{CHECKPOINT_NAME}')
-                  if not RunDir(p.parent).is_finished and RunDir(p.parent).run_name == run_name]
+                  if RunDir(p.parent).run_name == run_name]
     return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
 
 

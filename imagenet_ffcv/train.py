@@ -96,6 +96,8 @@ def train(cfg, dist, wall_start) -> dict:
     resume_path = distributed.broadcast_object(distributed.on_rank_0(lambda: (
         checkpoint.resolve_resume(cfg.checkpoint.resume, cfg.logging.folder,
                                   cfg.logging.run_name))))
+    if resume_path and cfg.checkpoint.resume == 'auto' and RunDir(resume_path.parent).is_finished:
+        return {'run_dir': str(resume_path.parent), 'finished_before': True}  # nothing to train
     saved = checkpoint.load(resume_path) if resume_path else None
     run = build(cfg, dist, wall_start)
     if saved:

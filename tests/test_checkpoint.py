@@ -37,15 +37,20 @@ def test_load_names_the_file_for_foreign_or_truncated_files(tmp_path):
         checkpoint.load(truncated)
 
 
-def test_resume_auto_picks_the_latest_unfinished_run(tmp_path):
+def test_resume_auto_picks_the_latest_run_and_says_when_it_has_finished(tmp_path, capsys):
     assert checkpoint.resolve_resume('', tmp_path) is None
     assert checkpoint.resolve_resume('auto', tmp_path) is None  # nothing yet: a new run
-    for name in ('a', 'b', 'c'):
+    for name, age in (('a', 3), ('b', 2), ('c', 1)):
         (tmp_path / name).mkdir()
         checkpoint.save({'format': 1}, tmp_path / name / 'checkpoint.pt')
-    os.utime(tmp_path / 'a' / 'checkpoint.pt', (1, 1))  # oldest
-    (tmp_path / 'c' / 'final_weights.pt').write_bytes(b'')  # c finished
-    assert checkpoint.resolve_resume('auto', tmp_path) == tmp_path / 'b' / 'checkpoint.pt'
+        os.utime(tmp_path / name / 'checkpoint.pt', (1e9 - age, 1e9 - age))  # c the latest
+    (tmp_path / 'a' / 'final_weights.pt').write_bytes(b'')  # a finished
+    assert checkpoint.resolve_resume('auto', tmp_path) == tmp_path / 'c' / 'checkpoint.pt'
+    assert 'nothing to resume' not in capsys.readouterr().out
+    (tmp_path / 'c' / 'final_weights.pt').write_bytes(b'')  # the latest run finished: not b
+    assert checkpoint.resolve_resume('auto', tmp_path) == tmp_path / 'c' / 'checkpoint.pt'
+    assert f'=> {tmp_path / "c"} has finished (final_weights.pt): nothing to resume' in \
+        capsys.readouterr().out
     with pytest.raises(checkpoint.CheckpointError, match='no-such.pt: no such file'):
         checkpoint.resolve_resume(str(tmp_path / 'no-such.pt'), tmp_path)
 

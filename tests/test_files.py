@@ -11,7 +11,7 @@ import pytest
 from conftest import REPO
 from imagenet_ffcv import files
 from imagenet_ffcv.run_dir import (RunDir, RunLockedError, code_version,
-                                   latest_unfinished_checkpoint)
+                                   latest_checkpoint)
 
 
 def dead_pid() -> int:
@@ -93,9 +93,9 @@ def test_reopening_a_run_cuts_the_log_and_keeps_a_live_writers_temporary(tmp_pat
     again = RunDir.reopen(run.checkpoint, epoch=2)
     assert [r['epoch'] for r in again.read_log()] == [0, 1]
     assert live.exists() and not dead.exists()
-    assert latest_unfinished_checkpoint(tmp_path) == run.checkpoint
+    assert latest_checkpoint(tmp_path) == run.checkpoint
     run.final_weights.write_text('')
-    assert run.is_finished and latest_unfinished_checkpoint(tmp_path) is None
+    assert run.is_finished and latest_checkpoint(tmp_path) == run.checkpoint  # finished or not
 
 
 def test_a_run_folder_is_locked_by_its_job_and_a_dead_jobs_lock_is_taken_over(tmp_path):
@@ -132,7 +132,7 @@ def test_resume_auto_continues_only_a_run_of_its_own_name(tmp_path):
     for run in runs.values():
         run.checkpoint.write_text('')
     os.utime(runs['a'].checkpoint, (1, 1))  # the oldest: the newest unnamed run would hide it
-    assert {name: latest_unfinished_checkpoint(tmp_path, name) for name in ('a', 'b', '', 'c')} \
+    assert {name: latest_checkpoint(tmp_path, name) for name in ('a', 'b', '', 'c')} \
         == {'a': runs['a'].checkpoint, 'b': runs['b'].checkpoint, '': runs[''].checkpoint,
             'c': None}
 

@@ -146,7 +146,8 @@ def test_non_finite_loss_stops_naming_epoch_and_iteration_and_keeps_the_checkpoi
 def test_two_jobs_sharing_a_folder_continue_only_their_own_run(sample_betons, tmp_path, capsys):
     """Jobs 'a' and 'b' in one logging.folder, both with --resume auto: b does not adopt a's
     unfinished run; a, while its lock names a live process (another job on the same run), is
-    refused naming it, the run untouched; once that process is dead, a continues its own run."""
+    refused naming it, the run untouched; once that process is dead, a continues its own run, and
+    once that has finished, a's next job ends at once."""
     def job(name):
         return train.main(small_config(sample_betons, tmp_path, '--training.epochs=1',
                                        '--logging.log_level=0', f'--logging.run_name={name}',
@@ -174,3 +175,9 @@ def test_two_jobs_sharing_a_folder_continue_only_their_own_run(sample_betons, tm
     assert f'taking over the lock of PID {other.pid}' in out and f'=> resuming {run_a}' in out
     assert (run_a / 'final_weights.pt').exists() and not (run_a / 'lock').exists()
     assert sorted(p.name[0] for p in tmp_path.iterdir()) == ['a', 'b']
+    # a has finished: the same job again (a job chain's next one) trains nothing, starts no run
+    weights = (run_a / 'final_weights.pt').read_bytes()
+    assert job('a') == {'run_dir': str(run_a), 'finished_before': True}
+    assert 'nothing to resume' in capsys.readouterr().out
+    assert sorted(p.name[0] for p in tmp_path.iterdir()) == ['a', 'b'] and len(log_of(run_a)) == 1
+    assert (run_a / 'final_weights.pt').read_bytes() == weights
