@@ -8,12 +8,11 @@ from . import config, distributed, engine, loaders, metrics, weights
 from .constants import DEFAULT_CROP_RATIO
 
 
-def make_val_loader(cfg, dist, precision, crop_ratio=None, res=None):
-    """This rank's part of the val set at ``validation.resolution`` (centre crop; ``crop_ratio``
-    1.0: whole central squares, for 10-crop; ``res``: another output side, px)."""
-    kwargs = {} if crop_ratio is None else {'crop_ratio': crop_ratio}
-    kwargs.update({} if res is None else {'res': res})
-    return loaders.val_loader(**{**config.val_loader_kwargs(cfg), **kwargs},
+def make_val_loader(cfg, dist, precision, **overrides):
+    """This rank's part of the val set at ``validation.resolution`` (centre crop); ``overrides``:
+    other ``loaders.val_loader`` arguments (10-crop: ``crop_ratio=1.0``, whole central squares,
+    and their side ``res`` in px)."""
+    return loaders.val_loader(**{**config.val_loader_kwargs(cfg), **overrides},
                               num_workers=distributed.loader_threads(cfg.data.num_workers, dist),
                               device=dist.device, rank=dist.rank, world_size=dist.world_size,
                               dtype=precision.input_dtype)
