@@ -20,6 +20,11 @@ import torch.distributed as dist
 from .errors import ImagenetFfcvError
 
 
+class LaunchError(ImagenetFfcvError, ValueError):
+    """The job was started in a way this process cannot take part in (a launcher's variable that
+    is not a number, several srun tasks without torchrun)."""
+
+
 @dataclass(frozen=True)
 class DistInfo:
     """Where this process sits in the job.
@@ -48,7 +53,10 @@ def from_env(environ=None) -> DistInfo:
     """Read RANK, WORLD_SIZE, LOCAL_RANK and LOCAL_WORLD_SIZE as set by torchrun; absent means one
     process.
 
-    Raises ValueError naming the variable when one is set but not a non-negative integer.
+    Raises LaunchError (a ValueError) naming the variable when one is set but not a non-negative
+    integer, and when srun started several tasks of the command without torchrun
+    (SLURM_STEP_NUM_TASKS > 1 and no RANK): each task would train a whole run of its own, all
+    writing the same run folder.
     """
     environ = os.environ if environ is None else environ
 
@@ -57,14 +65,22 @@ def from_env(environ=None) -> DistInfo:
         try:
             number = int(value)
         except (TypeError, ValueError):
-            raise ValueError(f'environment variable {name}={value!r} must be an integer') from None
+            raise LaunchError(f'environment variable {name}={value!r} must be an integer') from None
         if number < 0:
-            raise ValueError(f'environment variable {name}={value!r} must be >= 0')
+            raise LaunchError(f'environment variable {name}={value!r} must be >= 0')
         return number
+
+    tasks = read('SLURM_STEP_NUM_TASKS', 1)
+    if 'RANK' not in environ and tasks > 1:
+        raise LaunchError(
+            f'srun started {tasks} tasks of this command (SLURM_STEP_NUM_TASKS={tasks}) without '
+            f'torchrun: each would train a whole run of its own into the same run folder. Run one '
+            f"srun task per node that starts torchrun, as the README's SLURM lines do, or srun "
+            f'--ntasks=1 for one process')
 
     rank, world_size, local_rank = read('RANK', 0), read('WORLD_SIZE', 1), read('LOCAL_RANK', 0)
     if rank >= world_size:
-        raise ValueError(f'RANK={rank} is not below WORLD_SIZE={world_size}')
+        raise LaunchError(f'RANK={rank} is not below WORLD_SIZE={world_size}')
     device = torch.device(f'cuda:{local_rank}' if torch.cuda.is_available() else 'cpu')
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
                     local_world_size=max(1, read('LOCAL_WORLD_SIZE', 1)))

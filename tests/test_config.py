@@ -414,6 +414,27 @@ def test_num_workers_auto_shares_this_process_cores_among_the_node_processes(mon
                         '--data.num_workers=3']).data.num_workers == 3
 
 
+def test_several_srun_tasks_without_torchrun_are_refused_before_any_work(tmp_path, monkeypatch,
+                                                                         capsys):
+    """``srun --ntasks=8 imagenet-ffcv-train`` (no torchrun) would start 8 whole runs of their own
+    into one run folder: each task stops at once with a one-line message saying how to launch
+    instead, and writes nothing. One srun task, or tasks that torchrun started (RANK set), run."""
+    from imagenet_ffcv import distributed, train
+    env = {'SLURM_STEP_NUM_TASKS': '8', 'SLURM_PROCID': '3', 'SLURM_LOCALID': '3'}
+    with pytest.raises(distributed.LaunchError, match='srun started 8 tasks.*torchrun'):
+        distributed.from_env(env)
+    assert distributed.from_env({**env, 'SLURM_STEP_NUM_TASKS': '1'}).world_size == 1
+    torchrun = {'RANK': '3', 'WORLD_SIZE': '16', 'LOCAL_RANK': '3', 'LOCAL_WORLD_SIZE': '8'}
+    assert distributed.from_env({**env, **torchrun}).rank == 3
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    args = [*DATA, f'--logging.folder={tmp_path / "runs"}']
+    assert train.cli(args) == 1
+    message = capsys.readouterr().err
+    assert message.count('\n') == 1 and 'SLURM_STEP_NUM_TASKS=8' in message, message
+    assert not (tmp_path / 'runs').exists()
+
+
 def test_a_shipped_config_is_found_by_name_from_any_directory(tmp_path, monkeypatch):
     """--config takes a file that exists, else a shipped config by folder/file, file or stem;
     anything else is an error listing the shipped ones."""
