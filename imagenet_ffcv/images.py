@@ -22,18 +22,21 @@ def shorter_side_size(width: int, height: int, max_res: int) -> tuple:
 
 
 def _to_rgb(im: Image.Image) -> Image.Image:
-    """RGB version of a decoded image. 16-bit and 32-bit integer modes (``I;16*``, ``I``: 16-bit
-    PNG/TIFF) are scaled to 8 bits (``>> 8``), not clipped as PIL's ``convert`` does; float (``F``)
-    images are clipped to 0-255; everything else (L, LA, P, PA, RGBA, CMYK, YCbCr, 1, ...) goes
-    through PIL's ``convert('RGB')``."""
+    """RGB version of a decoded image. Integer modes are scaled to 8 bits, not clipped as PIL's
+    ``convert`` does: 16-bit ones (``I;16*``: 16-bit PNG/TIFF) by ``>> 8``; 32-bit ``I`` (TIFF),
+    whose depth the file does not say, as 8-bit data when its maximum is at most 255, as 16-bit
+    when at most 65535, else by its top 8 bits; negative values become 0. Float (``F``) images
+    are clipped to 0-255; everything else (L, LA, P, PA, RGBA, CMYK, YCbCr, 1, ...) goes through
+    PIL's ``convert('RGB')``."""
     if im.mode == 'RGB':
         return im
     if im.mode.startswith('I'):
         a = np.asarray(im).astype(np.int64)
-        if im.mode == 'I' and a.max(initial=0) > 65535:  # genuine 32-bit data: use the top 8 bits
-            a = a >> max(0, int(a.max()).bit_length() - 8)
-        else:
-            a = a >> 8
+        bits = 16
+        if im.mode == 'I':
+            top = int(a.max(initial=0))
+            bits = 8 if top <= 255 else 16 if top <= 65535 else top.bit_length()
+        a = a >> (bits - 8)
         return Image.fromarray(np.clip(a, 0, 255).astype(np.uint8), 'L').convert('RGB')
     if im.mode == 'F':
         a = np.asarray(im)

@@ -68,6 +68,13 @@ def make_unusual(folder):
     ramp = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (16, 1))
     Image.fromarray(ramp).save(folder / 'deep.png')
     expected['deep.png'] = np.repeat((ramp >> 8).astype(np.uint8)[..., None], 3, axis=2)
+    # 32-bit integer TIFFs (PIL mode 'I', depth unknown) holding 8-bit and 16-bit data: the first
+    # as it is (>> 8 made it black), the second >> 8
+    Image.fromarray((ramp >> 8).astype(np.int32)).save(folder / 'int32_8bit.tif')
+    assert Image.open(folder / 'int32_8bit.tif').mode == 'I'
+    expected['int32_8bit.tif'] = expected['deep.png']
+    Image.fromarray(ramp.astype(np.int32)).save(folder / 'int32_16bit.tif')
+    expected['int32_16bit.tif'] = expected['deep.png']
     # a very small image
     photo((20, 20), 4).save(folder / 'tiny.JPEG', quality=95)
     expected['tiny.JPEG'] = np.asarray(Image.open(folder / 'tiny.JPEG').convert('RGB'))
