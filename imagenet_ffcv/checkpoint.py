@@ -13,7 +13,9 @@ A checkpoint is one ``torch.save`` file, ``RUN_DIR/checkpoint.pt``, holding::
      'config': the resolved config (params.json),
      'best_top1': best validation top-1 so far (fraction) or None,
      'classes': [(wnid, name), ...] of the training .beton, or None,
-     'progress': {'images', 'train_seconds', 'best_epoch', 'wall_time_s'} accumulated so far}
+     'progress': {'images', 'train_seconds', 'best_epoch', 'wall_time_s'} accumulated so far,
+                  'epoch_so_far': within an epoch, rank 0's {'loss_sum', 'images', 'seconds'} of
+                  it up to 'iteration', for its log line; else None}
 
 With ``checkpoint.keep_last=N`` the checkpoints written at the ends of the last N epochs stay
 beside it as ``RUN_DIR/checkpoint_epoch_<epochs done>.pt`` (:func:`keep_history`, timm's
@@ -198,7 +200,7 @@ def training_state(*, model_state: dict, optimizer, epoch: int, iteration: int, 
     random states of every rank in rank order (``rng``: :func:`rng_state` of each, as
     ``distributed.all_gather_object`` gives them; None: this process's alone), the resolved
     ``config`` and ``classes``, the best top-1 so far and ``progress`` (``{'images',
-    'train_seconds', 'best_epoch', 'wall_time_s'}``)."""
+    'train_seconds', 'best_epoch', 'wall_time_s', 'epoch_so_far'}``)."""
     rng = rng or [rng_state()]
     state = {'format': FORMAT, 'model': model_state, 'optimizer': optimizer.state_dict(),
              'epoch': epoch, 'iteration': iteration, 'rng': rng[0], 'config': config,

@@ -127,10 +127,12 @@ class EpochHooks:
     non-finite loss) every ``check_every`` iterations, at the last one, and at each checkpoint
     iteration; these must be the same on every rank (each is a collective). ``log_every`` may
     differ (live logs are rank 0's): a log iteration is no check.
-    save_checkpoint: ``(iterations done) -> None``, every ``checkpoint_every`` iterations (0:
-    never) except the last. log_train: ``(iterations done, {'loss', 'lr', 'img_per_s'}) -> None``
-    every ``log_every`` iterations (0: never), with this rank's loss of that iteration and the
-    img/s of all processes (this one's x their number).
+    save_checkpoint: ``(iterations done, the epoch so far) -> None``, every ``checkpoint_every``
+    iterations (0: never) except the last; the epoch so far: this rank's ``{'loss_sum': float,
+    'images': int, 'seconds': float}`` from the epoch's start, for ``train_one_epoch(so_far=)``.
+    log_train: ``(iterations done, {'loss', 'lr', 'img_per_s'}) -> None`` every ``log_every``
+    iterations (0: never), with this rank's loss of that iteration and the img/s of all processes
+    (this one's x their number).
     """
     stop_requested: Callable = None
     corrupt_record: Callable = None
@@ -237,9 +239,39 @@ def _progress(loader, first: int, *, desc: str, show: bool):
             batches.close()
 
 
+class _Tally:
+    """An epoch's figures as :func:`train_one_epoch` goes, from ``so_far`` on: the loss summed
+    over its images and the first iteration whose loss is not finite (``iterations``: none yet),
+    both kept on the device so that adding needs no sync; the images and the seconds."""
+
+    def __init__(self, so_far: dict, device, iterations: int):
+        so_far = so_far or {'loss_sum': 0.0, 'images': 0, 'seconds': 0.0}
+        self.loss_sum = torch.tensor(so_far['loss_sum'], dtype=torch.float64, device=device)
+        self.iterations = iterations
+        self.first_bad = torch.full((), iterations, dtype=torch.int64, device=device)
+        self.images = self.images_before = so_far['images']
+        self.seconds_before, self.start = so_far['seconds'], time.perf_counter()
+
+    def add(self, loss: torch.Tensor, images: int, iteration: int) -> None:
+        """The loss (a 0-dim tensor, mean over ``images``) of ``iteration``."""
+        self.first_bad = torch.where(torch.isfinite(loss) | (self.first_bad < self.iterations),
+                                     self.first_bad, iteration)
+        self.loss_sum += loss.double() * images
+        self.images += images
+
+    def this_process(self) -> tuple:
+        """(images, seconds) of this process's part of the epoch."""
+        return self.images - self.images_before, time.perf_counter() - self.start
+
+    def figures(self) -> dict:
+        """``{'loss_sum', 'images', 'seconds'}`` of the epoch so far (``so_far`` of a resume)."""
+        return {'loss_sum': float(self.loss_sum), 'images': self.images,
+                'seconds': self.seconds_before + time.perf_counter() - self.start}
+
+
 def train_one_epoch(*, model, loader, optimizer, loss_fn, lr_at, epoch: int, amp_dtype=None,
                     scaler=None, options: StepOptions = None, hooks: EpochHooks = None,
-                    show_progress: bool = True, start_iteration: int = 0,
+                    show_progress: bool = True, start_iteration: int = 0, so_far: dict = None,
                     iterations_after: float = 0.0) -> dict:
     """Train ``model`` on every batch of ``loader`` once: :func:`forward_backward` on each batch,
     :func:`optimizer_step` after every ``options.grad_accum_steps`` of them.
@@ -258,23 +290,23 @@ def train_one_epoch(*, model, loader, optimizer, loss_fn, lr_at, epoch: int, amp
     on again (the loader's order is fixed by its seed and epoch). A loader with ``epoch_from``
     (``loaders.Loader``) does not decode them; from any other iterable they are read and dropped.
     Past the epoch's end (a resume forced past a change of batch size or GPUs): the epoch is done.
+    so_far: the epoch's figures before ``start_iteration`` (what ``hooks.save_checkpoint`` was
+    given with the checkpoint resumed), counted in the returned ones; None: nothing before.
     iterations_after: the work of the later epochs, in iterations of this one
     (``schedules.remaining_work``): the bar's ``eta`` is the run's time left at this speed.
 
-    Returns ``{'train_loss': mean loss per image, 'images': images this process trained on,
-    'seconds': wall time, 'lr': LR of the last step, 'iterations_done': iterations of the epoch
-    trained (``len(loader)`` unless stopped early), 'stopped': the ranks agreed to stop}``.
+    Returns the epoch's figures up to where it ended, ``so_far`` included: ``{'train_loss': mean
+    loss per image, 'images': this process's, 'seconds': wall time, 'lr': the last step's,
+    'iterations_done': ``len(loader)`` unless stopped early, 'stopped': the ranks agreed to stop,
+    'so_far': these figures as a checkpoint holds them}``.
     """
     model.train()
     options, hooks = options or StepOptions(), hooks or EpochHooks()
     iterations = len(loader)
     start_iteration = min(start_iteration, iterations)
-    device = next(model.parameters()).device
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    first_bad = torch.full((), iterations, dtype=torch.int64, device=device)  # none yet
-    images, done, stopped, lr = 0, start_iteration, False, 0.0
+    tally = _Tally(so_far, next(model.parameters()).device, iterations)
+    done, stopped, lr = start_iteration, False, 0.0
     accum, step_end = options.grad_accum_steps, start_iteration  # the last step's end
-    start = time.perf_counter()
     with _progress(loader, start_iteration, desc=f'epoch {epoch}', show=show_progress) as bar:
         for i, (x, y) in enumerate(bar, start_iteration):
             group = min(accum, iterations - step_end)  # the batches of this optimizer step
@@ -283,10 +315,8 @@ def train_one_epoch(*, model, loader, optimizer, loss_fn, lr_at, epoch: int, amp
             loss = forward_backward(model=model, x=x, y=y, loss_fn=loss_fn, amp_dtype=amp_dtype,
                                     scaler=scaler, augment=options.augment, mix=options.mix,
                                     loss_divisor=group, sync=i + 1 == step_end + group)
-            # Recorded on the device, without a sync: the first iteration whose loss is not finite.
-            first_bad = torch.where(torch.isfinite(loss) | (first_bad < iterations), first_bad, i)
-            loss_sum += loss.double() * y.shape[0]
-            images, done = images + y.shape[0], i + 1
+            tally.add(loss, y.shape[0], i)
+            done = i + 1
             if done < step_end + group:  # accumulating; hooks and checks follow optimizer steps
                 continue
             optimizer_step(model=model, optimizer=optimizer, scaler=scaler,
@@ -300,9 +330,9 @@ def train_one_epoch(*, model, loader, optimizer, loss_fn, lr_at, epoch: int, amp
             step_end = done
             agree_due = done == iterations or check_due or checkpoint_due  # alike on all ranks
             if agree_due or log_due:  # (not agree_due: True, without the collective)
-                go_on = not agree_due or _agree(first_bad, iterations, epoch,
+                go_on = not agree_due or _agree(tally.first_bad, iterations, epoch,
                                                 hooks.stop_requested, hooks.corrupt_record)
-                seconds = time.perf_counter() - start
+                images, seconds = tally.this_process()
                 img_per_s = images * distributed.processes() / seconds
                 if log_due and hooks.log_train:
                     hooks.log_train(done, {'loss': float(loss), 'lr': lr, 'img_per_s': img_per_s})
@@ -313,10 +343,11 @@ def train_one_epoch(*, model, loader, optimizer, loss_fn, lr_at, epoch: int, amp
                     stopped = True
                     break
                 if checkpoint_due and done < iterations:
-                    hooks.save_checkpoint(done)
-    return {'train_loss': float(loss_sum) / max(images, 1), 'images': images,
-            'seconds': time.perf_counter() - start, 'lr': lr, 'iterations_done': done,
-            'stopped': stopped}
+                    hooks.save_checkpoint(done, tally.figures())
+    whole = tally.figures()
+    return {'train_loss': whole['loss_sum'] / max(whole['images'], 1), 'images': whole['images'],
+            'seconds': whole['seconds'], 'lr': lr, 'iterations_done': done, 'stopped': stopped,
+            'so_far': whole}
 
 
 @torch.no_grad()

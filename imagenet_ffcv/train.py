@@ -50,9 +50,10 @@ def main(cfg) -> dict:
 
 @dataclass
 class Progress:
-    """Where a run stands (in its checkpoint): ``epoch``/``iteration`` the next step to train;
-    ``best_top1``/``best_epoch`` the best val top-1 so far (fraction) and its epoch; ``images``,
-    ``train_seconds`` so far over all ranks; ``wall_time_s`` of the processes before this one."""
+    """Where a run stands (in its checkpoint): ``epoch``/``iteration`` the next step to train,
+    ``epoch_so_far`` rank 0's figures of that epoch before it (train_one_epoch's ``so_far``);
+    ``best_top1``/``best_epoch`` the best val top-1 (fraction) and its epoch; ``images`` and
+    ``train_seconds`` of the epochs done, all ranks; ``wall_time_s`` of earlier processes."""
     epoch: int = 0
     iteration: int = 0
     best_top1: float = None
@@ -60,6 +61,7 @@ class Progress:
     images: int = 0
     train_seconds: float = 0.0
     wall_time_s: float = 0.0
+    epoch_so_far: dict = None
 
 
 @dataclass
@@ -221,8 +223,8 @@ def open_run_dir(run: Run, resume_path) -> RunDir:
     return run_dir
 
 
-def save_checkpoint(run: Run, epoch: int, iteration: int) -> None:
-    """Rank 0 writes where the run stands (``iteration`` of ``epoch`` done), each rank's RNG too."""
+def save_checkpoint(run: Run, epoch: int, iteration: int, so_far: dict = None) -> None:
+    """Rank 0 writes where the run stands (``iteration``, ``so_far`` of ``epoch``), all RNGs too."""
     rng = distributed.all_gather_object(checkpoint.rng_state())
     if not run.dist.is_primary:
         return
@@ -232,7 +234,7 @@ def save_checkpoint(run: Run, epoch: int, iteration: int) -> None:
         iteration=iteration, config=run.resolved, classes=run.classes,
         best_top1=progress.best_top1, scaler=run.scaler, ema=run.options.ema, rng=rng,
         progress={'images': progress.images, 'train_seconds': progress.train_seconds,
-                  'best_epoch': progress.best_epoch,
+                  'best_epoch': progress.best_epoch, 'epoch_so_far': so_far,
                   'wall_time_s': time.perf_counter() - run.wall_start})
     checkpoint.save(state, run.run_dir.checkpoint)
     if not iteration and run.cfg.checkpoint.keep_last:  # the end of an epoch
@@ -265,13 +267,14 @@ def fit(run: Run):
                     log_every=cfg.logging.every_iters if run.live_log else 0),
                 show_progress=run.dist.is_primary,
                 start_iteration=progress.iteration if epoch == first_epoch else 0,
+                so_far=progress.epoch_so_far if epoch == first_epoch else None,
                 iterations_after=len(run.train_loader) * schedules.remaining_work(
                     epoch, epochs=cfg.training.epochs, res_at=run.res_at))
+            if stats['iterations_done'] < len(run.train_loader):  # stopped within the epoch
+                save_checkpoint(run, epoch, stats['iterations_done'], stats['so_far'])
+                return stop
             progress.images += stats['images'] * run.dist.world_size
             progress.train_seconds += stats['seconds']
-            if stats['iterations_done'] < len(run.train_loader):  # stopped within the epoch
-                save_checkpoint(run, epoch, stats['iterations_done'])
-                return stop
             distributed.broadcast_buffers(run.model_without_ddp)  # rank 0's BN statistics
             if run.options.ema is not None:
                 distributed.broadcast_buffers(run.options.ema.module)

@@ -163,7 +163,8 @@ def test_non_finite_loss_names_epoch_and_iteration():
         engine.train_one_epoch(model=model, loader=batches, optimizer=optimizer,
                                loss_fn=NaNAt(13), lr_at=lambda t: 0.1, epoch=0,
                                show_progress=False, hooks=engine.EpochHooks(
-                                   checkpoint_every=4, save_checkpoint=saved.append))
+                                   checkpoint_every=4,
+                                   save_checkpoint=lambda done, so_far: saved.append(done)))
     assert saved == [4, 8, 12]
 
 
@@ -178,7 +179,8 @@ def test_stop_request_ends_the_epoch_at_the_next_check_and_resume_skips_done_bat
     stats = engine.train_one_epoch(
         model=model, loader=batches, optimizer=optimizer, loss_fn=nn.CrossEntropyLoss(),
         lr_at=lr_at, epoch=0, show_progress=False, hooks=engine.EpochHooks(
-            check_every=5, checkpoint_every=6, save_checkpoint=saved.append,
+            check_every=5, checkpoint_every=6,
+            save_checkpoint=lambda done, so_far: saved.append(done),
             stop_requested=lambda: len(lrs) >= 7))
     assert stats['stopped'] and stats['iterations_done'] == 10 and stats['images'] == 40
     assert saved == [6]
@@ -188,6 +190,36 @@ def test_stop_request_ends_the_epoch_at_the_next_check_and_resume_skips_done_bat
         lr_at=lr_at, epoch=2, show_progress=False, start_iteration=10)
     assert not stats['stopped'] and stats['iterations_done'] == 25 and stats['images'] == 60
     assert lrs[0] == pytest.approx(2 + 10.5 / 25)  # the schedule continues where it stopped
+
+
+def test_an_epoch_resumed_within_reports_the_whole_epochs_loss_images_and_time():
+    """An epoch stopped at iteration 10 of 25 and resumed there with the figures its checkpoint
+    holds (``so_far``) returns the loss and images of the whole epoch, as if never stopped (the
+    epoch's log line); without them it reported iterations 10..24 alone."""
+    model, batches, optimizer = _tiny()
+    whole = engine.train_one_epoch(model=model, loader=batches, optimizer=optimizer,
+                                   loss_fn=nn.CrossEntropyLoss(), lr_at=lambda t: 0.1, epoch=0,
+                                   show_progress=False)
+    model, batches, optimizer = _tiny()
+    checkpoints = []
+    part = engine.train_one_epoch(
+        model=model, loader=batches, optimizer=optimizer, loss_fn=nn.CrossEntropyLoss(),
+        lr_at=lambda t: 0.1, epoch=0, show_progress=False, hooks=engine.EpochHooks(
+            check_every=5, checkpoint_every=6, stop_requested=lambda: bool(checkpoints),
+            save_checkpoint=lambda done, so_far: checkpoints.append((done, so_far))))
+    [(done, so_far)] = checkpoints
+    assert done == 6 and so_far['images'] == 24 and so_far['seconds'] > 0
+    assert part['iterations_done'] == 10 and part['so_far']['images'] == 40
+    rest = engine.train_one_epoch(model=model, loader=batches, optimizer=optimizer,
+                                  loss_fn=nn.CrossEntropyLoss(), lr_at=lambda t: 0.1, epoch=0,
+                                  show_progress=False, start_iteration=10, so_far=part['so_far'])
+    assert rest['images'] == whole['images'] == 100
+    assert rest['train_loss'] == pytest.approx(whole['train_loss'], rel=1e-12)
+    assert rest['seconds'] > part['so_far']['seconds']
+    last_15 = engine.train_one_epoch(model=model, loader=batches, optimizer=optimizer,
+                                     loss_fn=nn.CrossEntropyLoss(), lr_at=lambda t: 0.1, epoch=0,
+                                     show_progress=False, start_iteration=10)
+    assert last_15['images'] == 60
 
 
 def test_rank_0s_live_logs_leave_the_ranks_checks_where_the_other_ranks_have_them(monkeypatch):

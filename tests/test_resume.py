@@ -84,6 +84,9 @@ def test_sigkill_mid_epoch_then_resume_finishes_like_an_uninterrupted_run(
     # Same position in the LR and resolution schedules, epoch by epoch.
     assert [r['lr'] for r in log] == [r['lr'] for r in reference]
     assert [r['res'] for r in log] == [r['res'] for r in reference]
+    # Epoch 2's line covers the whole epoch, the iterations before the kill too.
+    assert [r['train_loss'] for r in log] == pytest.approx([r['train_loss'] for r in reference],
+                                                           rel=1e-9)
     assert abs(log[-1]['top_1'] - summary['top_1']) <= 0.03, (log[-1]['top_1'], summary['top_1'])
     # Stricter: the same weights, bit for bit (model, optimizer state and schedule all restored).
     resumed = torch.load(run_dir / 'final_weights.pt', weights_only=True)

@@ -113,8 +113,8 @@ def test_grad_accum_4_x_16_gives_the_update_of_one_batch_of_64(batch_count):
             engine.train_one_epoch(
                 model=model, loader=data, optimizer=optimizer, loss_fn=nn.CrossEntropyLoss(),
                 lr_at=lambda t: times.append(t) or lr_at(t), epoch=epoch,
-                show_progress=False, hooks=engine.EpochHooks(save_checkpoint=saved.append,
-                                                             checkpoint_every=2),
+                show_progress=False, hooks=engine.EpochHooks(
+                    save_checkpoint=lambda done, so_far: saved.append(done), checkpoint_every=2),
                 options=engine.StepOptions(clip_grad_norm=0.05, ema=ema, grad_accum_steps=accum))
         results[accum] = model, ema, times, saved
     (model, ema, times, saved), (ref, ref_ema, ref_times, ref_saved) = results[4], results[1]
