@@ -1,16 +1,22 @@
 """Writing .beton files: decoding every input image (``images``), encoding the records, the
 skipped-files report, the disk-space estimate, and the write under a temporary name renamed into
 place (``files``)."""
+import ctypes
 import functools
 import os
+import queue
 import shutil
+import signal
 import time
+from multiprocessing import Process, Queue, Value
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 from . import ffcv_import  # noqa: F401  (first: ffcv without its import-time compiling)
 from ffcv.fields import IntField, RGBImageField
 from ffcv.fields.rgb_image import IMAGE_MODES
+from ffcv.memory_allocator import MemoryAllocator
 from ffcv.writer import DatasetWriter
 
 from .distributed import usable_cores
@@ -22,11 +28,11 @@ from .images import DEFAULT_RESTART_INTERVAL, encode_jpeg, load_image
 class ImageFiles:
     """An indexable dataset for ``ffcv``'s ``DatasetWriter.from_indexed_dataset``.
 
-    ``self[i]`` returns ``((H, W, 3) uint8 array, label)``. It never raises: ffcv's writer waits
-    forever for a worker that died. A file that cannot be decoded is appended to ``failures_path``
-    as ``index<TAB>reason`` (any file name: the reason's characters that UTF-8 cannot hold, as
-    in a name that is not UTF-8, are written as escapes) and stands in as a 1x1 black image; the
-    caller checks that file (see :func:`read_failures`).
+    ``self[i]`` returns ``((H, W, 3) uint8 array, label)``. It never raises, so that one bad file
+    does not end the write (:class:`_Writer` stops at a worker's error). A file that cannot be
+    decoded is appended to ``failures_path`` as ``index<TAB>reason`` (any file name: the reason's
+    characters that UTF-8 cannot hold, as in a name that is not UTF-8, are written as escapes)
+    and stands in as a 1x1 black image; the caller checks that file (see :func:`read_failures`).
     """
 
     def __init__(self, samples: list, *, max_res: int, failures_path):
@@ -97,6 +103,70 @@ class UnreadableImagesError(ImagenetFfcvError):
 
 class InsufficientSpaceError(ImagenetFfcvError, OSError):
     """The target folder has less free space than the estimated size of the .beton."""
+
+
+class WriterProcessError(ImagenetFfcvError, ChildProcessError):
+    """A writer process ended before its work was done (killed, crashed, or an error outside the
+    image decoding, such as a full disk); nothing was written."""
+
+
+class _Writer(DatasetWriter):
+    """ffcv's DatasetWriter whose wait for its worker processes ends when one of them dies.
+
+    ffcv 1.0.2 waits for ever for the images of a worker that was killed (the kernel's
+    out-of-memory killer), crashed in a decoder or stopped by an exception outside
+    :class:`ImageFiles` (a full disk, say): its progress bar stops and the command never ends.
+    Here the other workers are stopped and :class:`WriterProcessError` names the one that ended
+    and how."""
+
+    def _write_common(self, num_samples, queue_content, work_fn, extra_worker_args):
+        # ffcv.writer.DatasetWriter._write_common, the waits watching the workers' exit codes
+        self.num_samples = num_samples
+        self.prepare()
+        work, allocations, done = Queue(), Queue(), Value(ctypes.c_uint64, 0)
+        for todo in [*queue_content, *[None] * self.num_workers]:
+            work.put(todo)
+        allocator = MemoryAllocator(self.fname, self.data_region_start, self.page_size)
+        args = (work, self.metadata_sm, self.metadata_type, self.fields, allocator, done,
+                allocations, *extra_worker_args)
+        processes = [Process(target=work_fn, args=args) for _ in range(self.num_workers)]
+        try:
+            for p in processes:
+                p.start()
+            gathered = []  # each worker's allocations, sent as it ends
+            with tqdm(total=num_samples) as bar:
+                while len(gathered) < len(processes):
+                    try:
+                        gathered.append(allocations.get(timeout=0.1))
+                    except queue.Empty:
+                        _check_workers(processes, done.value, num_samples)
+                    bar.update(done.value - bar.n)
+            self.finalize([a for allocated in gathered for a in allocated])
+        finally:
+            for p in processes:
+                if p.is_alive():
+                    p.terminate()
+                if p.pid is not None:
+                    p.join()
+            self.metadata_sm.close()
+            self.metadata_sm.unlink()
+
+
+def _check_workers(processes, done: int, total: int) -> None:
+    """Raises WriterProcessError when one of ``processes`` has ended with an error."""
+    for p in processes:
+        code = p.exitcode
+        if code is None or code == 0:
+            continue
+        if code < 0:
+            how = f'was killed by {signal.Signals(-code).name}'
+            if -code == signal.SIGKILL:
+                how += (' (often the kernel\'s out-of-memory killer: give it more memory or run '
+                        'again with fewer --num-workers)')
+        else:
+            how = f'ended with exit code {code} (its error is printed above)'
+        raise WriterProcessError(f'a writer process (pid {p.pid}) {how} after {done} of {total} '
+                                 f'images; nothing was written')
 
 
 def read_failures(failures_path, samples: list) -> dict:
@@ -179,7 +249,7 @@ def _check_writable(out) -> None:
 
 def _write_once(samples, tmp, fields, num_workers, chunksize, failures_path, max_res, indices):
     failures_path.unlink(missing_ok=True)
-    writer = DatasetWriter(str(tmp), fields, num_workers=max(1, min(num_workers, len(indices))))
+    writer = _Writer(str(tmp), fields, num_workers=max(1, min(num_workers, len(indices))))
     dataset = ImageFiles(samples, max_res=max_res, failures_path=failures_path)
     writer.from_indexed_dataset(dataset, indices=np.asarray(indices), chunksize=chunksize)
     return read_failures(failures_path, samples)

@@ -686,8 +686,8 @@ def test_the_writer_starts_a_process_per_core_it_may_use_not_per_core_of_the_mac
     cgroups, SLURM), not os.cpu_count()."""
     started = []
     monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: {0})
-    real = writer.DatasetWriter
-    monkeypatch.setattr(writer, 'DatasetWriter', lambda path, fields, num_workers: (
+    real = writer._Writer
+    monkeypatch.setattr(writer, '_Writer', lambda path, fields, num_workers: (
         started.append(num_workers) or real(path, fields, num_workers=num_workers)))
     samples = sources.list_samples(SAMPLE / 'val', sources.find_classes(SAMPLE / 'train'))[:3]
     stats = writer.write_beton(samples, tmp_path / 'val.beton', max_res=16, num_workers=0)
@@ -718,6 +718,55 @@ def test_a_bad_file_whose_name_is_not_utf8_is_skipped_and_reported_not_a_hang(tm
     assert proc.returncode == 0 and proc.stdout.split() == ['1', '1'], proc.stderr[-3000:]
     report = (tmp_path / 'out.skipped.tsv').read_text()
     assert report.startswith(f'{root}/n01/caf\\xe9.JPEG\tUnidentifiedImageError'), report
+
+
+# The converter's command, with one image that ends the writer process (not the command's own,
+# which reads a few images for its space estimate) that takes it: argv[1] 'kill', the SIGKILL of
+# the kernel's out-of-memory killer; 'disk-full', an OSError outside the decoding.
+WRITE_WITH_A_WORKER_THAT_ENDS = """
+import errno, os, signal, sys
+from imagenet_ffcv import write, writer
+how, command = sys.argv[1], os.getpid()
+real_load, real_encode = writer.load_image, writer.encode_jpeg
+def load_image(path, max_res):
+    if how == 'kill' and path.endswith('n01/03.png') and os.getpid() != command:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_load(path, max_res)
+def encode_jpeg(rgb, **kwargs):
+    if how == 'disk-full' and rgb[0, 0, 0] == 3 and os.getpid() != command:
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    return real_encode(rgb, **kwargs)
+writer.load_image, writer.encode_jpeg = load_image, encode_jpeg
+sys.exit(write.cli(sys.argv[2:]))
+"""
+
+
+@pytest.mark.parametrize('how', ['kill', 'disk-full'])
+def test_a_writer_process_that_ends_stops_the_command_not_a_hang(tmp_path, how):
+    """A writer process killed (the out-of-memory killer's SIGKILL) or stopped by an error outside
+    the image decoding (a full disk): the command ends with exit 1, naming how the process ended,
+    and leaves no .beton and no temporary behind. ffcv's writer waited for ever for that
+    process's images (the subprocess ran into its limit)."""
+    for i in range(24):
+        folder = tmp_path / 'data' / 'train' / f'n{i % 2:02d}'
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((20, 30, 3), i, np.uint8)).save(folder / f'{i:02d}.png')
+    out = tmp_path / 'betons'
+    out.mkdir()
+    proc = subprocess.run([PYTHON, '-c', WRITE_WITH_A_WORKER_THAT_ENDS, how,
+                           f'--data-dir={tmp_path / "data"}', '--split=train', f'--out={out}',
+                           '--num-workers=2'], capture_output=True, text=True, env=run_env(),
+                          timeout=120)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert last.startswith('imagenet-ffcv-write: a writer process (pid ') or last.startswith(
+        'python -m imagenet_ffcv.write: a writer process'), last
+    expected = ('was killed by SIGKILL (often the kernel\'s out-of-memory killer' if how == 'kill'
+                else 'ended with exit code 1 (its error is printed above)')
+    assert expected in last and 'nothing was written' in last, last
+    if how == 'disk-full':
+        assert 'No space left on device' in proc.stderr  # the worker's own traceback
+    assert os.listdir(out) == []
 
 
 @pytest.mark.slow
