@@ -7,6 +7,7 @@ import os
 import queue
 import shutil
 import signal
+import sys
 import time
 from multiprocessing import Process, Queue, Value
 from pathlib import Path
@@ -117,7 +118,8 @@ class _Writer(DatasetWriter):
     out-of-memory killer), crashed in a decoder or stopped by an exception outside
     :class:`ImageFiles` (a full disk, say): its progress bar stops and the command never ends.
     Here the other workers are stopped and :class:`WriterProcessError` names the one that ended
-    and how."""
+    and how; the work left in the queue is dropped (its feeder thread would keep the command from
+    exiting), and on Linux the workers die with the command (killed, they waited for work)."""
 
     def _write_common(self, num_samples, queue_content, work_fn, extra_worker_args):
         # ffcv.writer.DatasetWriter._write_common, the waits watching the workers' exit codes
@@ -126,10 +128,11 @@ class _Writer(DatasetWriter):
         work, allocations, done = Queue(), Queue(), Value(ctypes.c_uint64, 0)
         for todo in [*queue_content, *[None] * self.num_workers]:
             work.put(todo)
+        work.cancel_join_thread()  # after an error, the chunks no worker took are not waited for
         allocator = MemoryAllocator(self.fname, self.data_region_start, self.page_size)
-        args = (work, self.metadata_sm, self.metadata_type, self.fields, allocator, done,
-                allocations, *extra_worker_args)
-        processes = [Process(target=work_fn, args=args) for _ in range(self.num_workers)]
+        args = (work_fn, os.getpid(), work, self.metadata_sm, self.metadata_type, self.fields,
+                allocator, done, allocations, *extra_worker_args)
+        processes = [Process(target=_worker, args=args) for _ in range(self.num_workers)]
         try:
             for p in processes:
                 p.start()
@@ -150,6 +153,16 @@ class _Writer(DatasetWriter):
                     p.join()
             self.metadata_sm.close()
             self.metadata_sm.unlink()
+
+
+def _worker(work_fn, command: int, *args) -> None:
+    """``work_fn(*args)`` in a writer process that, on Linux, is killed when the command's process
+    ``command`` dies (``prctl(PR_SET_PDEATHSIG)``)."""
+    if sys.platform.startswith('linux'):
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+        if os.getppid() != command:  # it died before that
+            os._exit(1)
+    work_fn(*args)
 
 
 def _check_workers(processes, done: int, total: int) -> None:

@@ -1,5 +1,6 @@
 """The converter on bad and unusual inputs: odd colour modes, undecodable files (skipped or
 --strict), --verify, the free-space check, and a kill -9 in the middle of a write."""
+import contextlib
 import io
 import os
 import signal
@@ -722,15 +723,18 @@ def test_a_bad_file_whose_name_is_not_utf8_is_skipped_and_reported_not_a_hang(tm
 
 # The converter's command, with one image that ends the writer process (not the command's own,
 # which reads a few images for its space estimate) that takes it: argv[1] 'kill', the SIGKILL of
-# the kernel's out-of-memory killer; 'disk-full', an OSError outside the decoding.
+# the kernel's out-of-memory killer; 'disk-full', an OSError outside the decoding; 'slow': none,
+# each image taking 20 ms.
 WRITE_WITH_A_WORKER_THAT_ENDS = """
-import errno, os, signal, sys
+import errno, os, signal, sys, time
 from imagenet_ffcv import write, writer
 how, command = sys.argv[1], os.getpid()
 real_load, real_encode = writer.load_image, writer.encode_jpeg
 def load_image(path, max_res):
-    if how == 'kill' and path.endswith('n01/03.png') and os.getpid() != command:
+    if how == 'kill' and path.endswith('n01/0003.png') and os.getpid() != command:
         os.kill(os.getpid(), signal.SIGKILL)
+    if how == 'slow':
+        time.sleep(0.02)
     return real_load(path, max_res)
 def encode_jpeg(rgb, **kwargs):
     if how == 'disk-full' and rgb[0, 0, 0] == 3 and os.getpid() != command:
@@ -741,16 +745,28 @@ sys.exit(write.cli(sys.argv[2:]))
 """
 
 
+def small_split(root, images: int):
+    """``images`` PNGs of 20 x 30 px in root/train/n00 and n01 (alternately), hard links to 8
+    files of one value each in root/values (image i: value i % 8), named by their index
+    (``0003.png``)."""
+    (root / 'values').mkdir(parents=True)
+    values = [root / 'values' / f'{v}.png' for v in range(8)]
+    for v, path in enumerate(values):
+        Image.fromarray(np.full((20, 30, 3), v, np.uint8)).save(path)
+    for i in range(images):
+        folder = root / 'train' / f'n{i % 2:02d}'
+        folder.mkdir(parents=True, exist_ok=True)
+        os.link(values[i % 8], folder / f'{i:04d}.png')
+
+
 @pytest.mark.parametrize('how', ['kill', 'disk-full'])
 def test_a_writer_process_that_ends_stops_the_command_not_a_hang(tmp_path, how):
     """A writer process killed (the out-of-memory killer's SIGKILL) or stopped by an error outside
     the image decoding (a full disk): the command ends with exit 1, naming how the process ended,
     and leaves no .beton and no temporary behind. ffcv's writer waited for ever for that
-    process's images (the subprocess ran into its limit)."""
-    for i in range(24):
-        folder = tmp_path / 'data' / 'train' / f'n{i % 2:02d}'
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.full((20, 30, 3), i, np.uint8)).save(folder / f'{i:02d}.png')
+    process's images, and then the command waited at its exit for the queue of the chunks no
+    worker took, which outgrows a pipe's 64 KiB with 6,000 images (2.4 KB a chunk of 100)."""
+    small_split(tmp_path / 'data', 6000)
     out = tmp_path / 'betons'
     out.mkdir()
     proc = subprocess.run([PYTHON, '-c', WRITE_WITH_A_WORKER_THAT_ENDS, how,
@@ -767,6 +783,37 @@ def test_a_writer_process_that_ends_stops_the_command_not_a_hang(tmp_path, how):
     if how == 'disk-full':
         assert 'No space left on device' in proc.stderr  # the worker's own traceback
     assert os.listdir(out) == []
+
+
+def test_the_writer_processes_die_with_the_command(tmp_path):
+    """The converter's own process killed (SIGKILL: the out-of-memory killer, a scheduler):
+    its writer processes end too, within seconds. They went on with their work (here 2 minutes of
+    it), then waited for ever for the chunks the dead command had not yet sent, holding their
+    memory and the deleted temporary's disk space."""
+    import psutil
+    small_split(tmp_path / 'data', 6000)
+    command = subprocess.Popen([PYTHON, '-c', WRITE_WITH_A_WORKER_THAT_ENDS, 'slow',
+                                f'--data-dir={tmp_path / "data"}', '--split=train',
+                                f'--out={tmp_path}', '--num-workers=2'], env=run_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers, deadline = [], time.monotonic() + 60
+    try:
+        while len(workers) < 2:  # its children but multiprocessing's resource tracker
+            assert time.monotonic() < deadline and command.poll() is None
+            time.sleep(0.1)
+            workers = [p for p in psutil.Process(command.pid).children()
+                       if 'resource_tracker' not in ' '.join(p.cmdline())]
+        time.sleep(1)  # at work
+        command.kill()
+        command.wait()
+        _, alive = psutil.wait_procs(workers, timeout=10)
+        left = [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+        assert left == [], left
+    finally:
+        command.kill()
+        for p in workers:
+            with contextlib.suppress(psutil.Error):
+                p.kill()
 
 
 @pytest.mark.slow
