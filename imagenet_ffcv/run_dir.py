@@ -7,7 +7,8 @@
   ``final_weights.safetensors`` once it finished;
 - ``progress.png``: the run's plot;
 - ``checkpoint_epoch_<N>.pt``: the checkpoints after epoch N (``checkpoint.keep_history``);
-- ``lock``: ``{"pid", "host"}`` of the job writing the run, while it runs (:meth:`RunDir.lock`).
+- ``lock``: ``{"pid", "host", "job"}`` of the job writing the run, while it runs
+  (:meth:`RunDir.lock`).
 
 A run is *finished* when ``final_weights.pt`` exists; ``--resume auto`` picks the latest run of the
 same run name (:func:`latest_checkpoint`), and the trainer ends at once when that run finished.
@@ -89,25 +90,36 @@ class RunDir:
         return json.loads(self.params.read_text()).get('logging', {}).get('run_name', '')
 
     def lock_holder(self):
-        """``{'pid', 'host'}`` of the job holding the run's lock, or None when unlocked."""
+        """``{'pid', 'host', 'job'}`` of the job holding the run's lock (:func:`lock_identity`),
+        None when unlocked, {} when the lock file is empty (what a power cut can leave of one);
+        a lock this tool did not write reads as ``{'pid': '?', 'host': '?'}``."""
         try:
-            return json.loads(self.lock_file.read_text())
+            text = self.lock_file.read_text()
         except FileNotFoundError:
             return None
-        except ValueError:  # not written by this tool: refused as held by an unknown job
+        if not text.strip():
             return {}
+        try:
+            holder = json.loads(text)
+        except ValueError:
+            holder = None
+        return holder if isinstance(holder, dict) and holder else {'pid': '?', 'host': '?'}
 
     def lock(self) -> None:
-        """Mark the run as written by this process: ``RUN_DIR/lock`` holds ``{"pid", "host"}``,
-        made complete then linked into place (``os.link`` fails when the name exists, so of two
-        jobs one only gets the lock). A lock of a process that no longer runs on this host is
-        taken over (a killed job's), with a message. Raises RunLockedError naming the holder when
-        it is alive, or on another host (where this process cannot tell; delete the lock file if
-        that job has ended). Two jobs taking over the same dead job's lock at the same instant
-        may both succeed."""
-        me = {'pid': os.getpid(), 'host': socket.gethostname()}
+        """Mark the run as written by this process: ``RUN_DIR/lock`` holds
+        :func:`lock_identity`, made complete (and on disk) then linked into place (``os.link``
+        fails when the name exists, so of two jobs one only gets the lock). The lock of a job that
+        has ended (:func:`lock_ended`: an earlier start of this job, a process that no longer runs
+        on this host) is taken over, with a message. Raises RunLockedError naming the holder
+        when it may still run: alive on this host, or on another host with another job id (where
+        this process cannot tell; delete the lock file if that job has ended). Two jobs taking
+        over the same ended job's lock at the same instant may both succeed."""
+        me = lock_identity()
         tmp = temporary_path(self.lock_file)
-        tmp.write_text(json.dumps(me))
+        with open(tmp, 'w') as f:
+            f.write(json.dumps(me))
+            f.flush()
+            os.fsync(f.fileno())
         try:
             while True:
                 try:
@@ -115,23 +127,23 @@ class RunDir:
                     return
                 except FileExistsError:
                     holder = self.lock_holder()
-                if holder is not None and holder != me and (
-                        holder.get('host') != me['host'] or pid_alive(holder.get('pid'))):
+                ended = None if holder is None or holder == me else lock_ended(holder, me)
+                if holder is not None and holder != me and not ended:
                     raise RunLockedError(
                         f'{self.path}: another job writes this run (PID {holder.get("pid")} on '
                         f'{holder.get("host")}, {self.lock_file}); give this job its own run '
                         'name, or wait for that one to end (if it has ended on '
                         'another host, delete the lock file)')
-                if holder is not None and holder != me:
-                    print(f'=> {self.path}: taking over the lock of PID {holder["pid"]} on '
-                          f'{holder["host"]}, which no longer runs')
+                if ended:
+                    print(f'=> {self.path}: taking over the lock of PID {holder.get("pid")} on '
+                          f'{holder.get("host")}: {ended}')
                 self.lock_file.unlink(missing_ok=True)
         finally:
             tmp.unlink(missing_ok=True)
 
     def unlock(self) -> None:
         """Remove the lock if this process holds it."""
-        if self.lock_holder() == {'pid': os.getpid(), 'host': socket.gethostname()}:
+        if self.lock_holder() == lock_identity():
             self.lock_file.unlink(missing_ok=True)
 
     def append_log(self, record: dict) -> None:
@@ -151,6 +163,34 @@ class RunDir:
         if self.log.exists():
             kept = [r for r in self.read_log() if r['epoch'] < epoch]
             write_text_atomic(self.log, ''.join(json.dumps(r) + '\n' for r in kept))
+
+
+def lock_identity(environ=None) -> dict:
+    """What a run's lock holds of this process: ``pid``, ``host`` and ``job``, an id that the
+    earlier starts of this job had too: SLURM's job id (which a requeued job keeps), else
+    torchrun's run id (``--rdzv-id``, which its restarts keep; not its default 'none'), else
+    None."""
+    environ = os.environ if environ is None else environ
+    run_id = environ.get('TORCHELASTIC_RUN_ID', 'none')
+    job = (f'slurm:{environ["SLURM_JOB_ID"]}' if environ.get('SLURM_JOB_ID') else
+           f'torchrun:{run_id}' if run_id != 'none' else None)
+    return {'pid': os.getpid(), 'host': socket.gethostname(), 'job': job}
+
+
+def lock_ended(holder: dict, me: dict):
+    """Why the job that holds a lock (``holder``, :meth:`RunDir.lock_holder`) has ended, as seen by
+    the process ``me`` (:func:`lock_identity`), or None when it may still run. Ended: an empty lock
+    (a power cut as it was written: locks are linked into place complete); an earlier start of
+    this job (the same job id: SLURM requeues a job, and torchrun restarts its workers, only once
+    all of its processes have ended); a PID that no longer runs on this host."""
+    if not holder:
+        return 'its lock file is empty (a power cut as it was written)'
+    if me['job'] and holder.get('job') == me['job']:
+        return f'an earlier start of this job ({me["job"]})'
+    pid = holder.get('pid')
+    if holder.get('host') == me['host'] and isinstance(pid, int) and not pid_alive(pid):
+        return 'it no longer runs'
+    return None
 
 
 def latest_checkpoint(folder, run_name: str = ''):

@@ -98,14 +98,17 @@ def test_reopening_a_run_cuts_the_log_and_keeps_a_live_writers_temporary(tmp_pat
     assert run.is_finished and latest_checkpoint(tmp_path) == run.checkpoint  # finished or not
 
 
-def test_a_run_folder_is_locked_by_its_job_and_a_dead_jobs_lock_is_taken_over(tmp_path):
+def test_a_run_folder_is_locked_by_its_job_and_a_dead_jobs_lock_is_taken_over(tmp_path,
+                                                                             monkeypatch):
     """The lock names this process; a live process's lock, or one from another host, refuses
     the run (naming the holder) before anything in the folder changes; a dead process's lock is
     taken over; unlock removes this process's lock."""
+    monkeypatch.delenv('SLURM_JOB_ID', raising=False)
+    monkeypatch.delenv('TORCHELASTIC_RUN_ID', raising=False)
     host = socket.gethostname()
     run = RunDir.create(tmp_path, params={'logging': {'run_name': 'a'}}, run_name='a')
     assert run.path.name.startswith('a-') and run.run_name == 'a'
-    assert run.lock_holder() == {'pid': os.getpid(), 'host': host}
+    assert run.lock_holder() == {'pid': os.getpid(), 'host': host, 'job': None}
     for epoch in range(3):
         run.append_log({'epoch': epoch})
     live = subprocess.Popen([sys.executable, '-c', 'import sys; sys.stdin.read()'],
@@ -120,10 +123,48 @@ def test_a_run_folder_is_locked_by_its_job_and_a_dead_jobs_lock_is_taken_over(tm
         live.communicate(b'')
     run.lock_file.write_text(json.dumps({'pid': dead_pid(), 'host': host}))
     again = RunDir.reopen(run.checkpoint, epoch=1)
-    assert again.lock_holder() == {'pid': os.getpid(), 'host': host}
+    assert again.lock_holder() == {'pid': os.getpid(), 'host': host, 'job': None}
     assert [r['epoch'] for r in again.read_log()] == [0]
     again.unlock()
     assert not again.lock_file.exists()
+
+
+def test_the_lock_of_an_earlier_start_of_the_same_job_is_taken_over_on_any_host(
+        tmp_path, monkeypatch, capsys):
+    """A job killed without unlocking (SIGKILL, a lost node) and started again on another host,
+    by SLURM's requeue (same SLURM_JOB_ID) or a torchrun restart whose rank 0 lands on another
+    node (same --rdzv-id), takes over its own earlier lock: every such start was refused, for
+    ever, until someone deleted the lock. Another job's lock on another host is still refused,
+    torchrun's default run id 'none' is no job id, and an empty lock (a power cut) is taken
+    over."""
+    monkeypatch.delenv('TORCHELASTIC_RUN_ID', raising=False)
+    monkeypatch.setenv('SLURM_JOB_ID', '4242')
+    run = RunDir.create(tmp_path, params={}, run_name='a')
+    me = run.lock_holder()
+    assert me == {'pid': os.getpid(), 'host': socket.gethostname(), 'job': 'slurm:4242'}
+    earlier = {'pid': 1, 'host': 'node-17', 'job': 'slurm:4242'}
+    run.lock_file.write_text(json.dumps(earlier))
+    RunDir.reopen(run.checkpoint, epoch=0)
+    assert run.lock_holder() == me
+    assert 'taking over the lock of PID 1 on node-17: an earlier start of this job' in \
+        capsys.readouterr().out
+    for other in ({'pid': 1, 'host': 'node-17', 'job': 'slurm:4241'},
+                  {'pid': 1, 'host': 'node-17', 'job': None}, {'pid': 1, 'host': 'node-17'}):
+        run.lock_file.write_text(json.dumps(other))
+        with pytest.raises(RunLockedError, match='PID 1 on node-17'):
+            RunDir.reopen(run.checkpoint, epoch=0)
+    monkeypatch.delenv('SLURM_JOB_ID')
+    monkeypatch.setenv('TORCHELASTIC_RUN_ID', 'none')
+    run.lock_file.write_text(json.dumps({'pid': 1, 'host': 'node-17', 'job': None}))
+    with pytest.raises(RunLockedError):
+        RunDir.reopen(run.checkpoint, epoch=0)
+    monkeypatch.setenv('TORCHELASTIC_RUN_ID', '4243')
+    run.lock_file.write_text(json.dumps({'pid': 1, 'host': 'node-17', 'job': 'torchrun:4243'}))
+    RunDir.reopen(run.checkpoint, epoch=0)
+    run.lock_file.write_text('')
+    RunDir.reopen(run.checkpoint, epoch=0)
+    assert 'its lock file is empty' in capsys.readouterr().out
+    assert run.lock_holder()['job'] == 'torchrun:4243'
 
 
 def test_resume_auto_continues_only_a_run_of_its_own_name(tmp_path):
