@@ -182,15 +182,40 @@ def lock_ended(holder: dict, me: dict):
     the process ``me`` (:func:`lock_identity`), or None when it may still run. Ended: an empty lock
     (a power cut as it was written: locks are linked into place complete); an earlier start of
     this job (the same job id: SLURM requeues a job, and torchrun restarts its workers, only once
-    all of its processes have ended); a PID that no longer runs on this host."""
+    all of its processes have ended); a SLURM job that SLURM says has ended (``squeue``: a job
+    of a chain, ``sbatch --dependency``, killed past its time limit); a PID that no longer runs
+    on this host."""
     if not holder:
         return 'its lock file is empty (a power cut as it was written)'
-    if me['job'] and holder.get('job') == me['job']:
+    job = holder.get('job')
+    if me['job'] and job == me['job']:
         return f'an earlier start of this job ({me["job"]})'
+    if isinstance(job, str) and job.startswith('slurm:') and slurm_job_ended(job[len('slurm:'):]):
+        return f'SLURM job {job[len("slurm:"):]} has ended'
     pid = holder.get('pid')
     if holder.get('host') == me['host'] and isinstance(pid, int) and not pid_alive(pid):
         return 'it no longer runs'
     return None
+
+
+# squeue's states of a job that has ended (it forgets such jobs a few minutes later).
+SLURM_ENDED = {'BOOT_FAIL', 'CANCELLED', 'COMPLETED', 'DEADLINE', 'FAILED', 'NODE_FAIL',
+               'OUT_OF_MEMORY', 'PREEMPTED', 'TIMEOUT'}
+
+
+def slurm_job_ended(job_id: str) -> bool:
+    """Whether SLURM says the job ``job_id`` has ended: ``squeue -h -j ID -o %T`` gives an ended
+    state, or refuses the id of a job it has forgotten. False when it cannot tell (no squeue, no
+    answer within 30 s, another error)."""
+    try:
+        proc = subprocess.run(['squeue', '-h', '-j', job_id, '-o', '%T'], capture_output=True,
+                              text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    if proc.returncode != 0:
+        return 'invalid job id' in proc.stderr.lower()
+    states = set(proc.stdout.split())
+    return bool(states) and states <= SLURM_ENDED
 
 
 def latest_checkpoint(folder, run_name: str = ''):

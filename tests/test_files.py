@@ -167,6 +167,36 @@ def test_the_lock_of_an_earlier_start_of_the_same_job_is_taken_over_on_any_host(
     assert run.lock_holder()['job'] == 'torchrun:4243'
 
 
+def test_the_lock_of_a_slurm_job_that_slurm_says_has_ended_is_taken_over(tmp_path, monkeypatch,
+                                                                         capsys):
+    """The next job of a chain (sbatch --dependency=afterany) after one killed past its time
+    limit: another job id, another host, but squeue says that job has ended (an ended state,
+    or 'Invalid job id' once it forgot the job), so its lock is taken over. A job squeue lists
+    as running or pending, or an answer it cannot read, still refuses the run."""
+    monkeypatch.setenv('SLURM_JOB_ID', '5001')
+    bin_dir = tmp_path / 'bin'
+    bin_dir.mkdir()
+    monkeypatch.setenv('PATH', f'{bin_dir}{os.pathsep}{os.environ["PATH"]}')
+    squeue = bin_dir / 'squeue'
+    run = RunDir.create(tmp_path / 'runs', params={}, run_name='a')
+    earlier = {'pid': 1, 'host': 'node-17', 'job': 'slurm:5000'}
+    for answer, taken in (('echo TIMEOUT', True), ('echo COMPLETED', True),
+                          ('echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1',
+                           True), ('echo RUNNING', False), ('echo PENDING', False),
+                          ('echo "squeue: error: Unable to contact slurm controller" >&2; exit 1',
+                           False)):
+        squeue.write_text(f'#!/bin/sh\n[ "$3" = 5000 ] || exit 2\n{answer}\n')
+        squeue.chmod(0o755)
+        run.lock_file.write_text(json.dumps(earlier))
+        if taken:
+            RunDir.reopen(run.checkpoint, epoch=0)
+            assert 'on node-17: SLURM job 5000 has ended' in capsys.readouterr().out, answer
+            assert run.lock_holder()['job'] == 'slurm:5001'
+        else:
+            with pytest.raises(RunLockedError, match='PID 1 on node-17'):
+                RunDir.reopen(run.checkpoint, epoch=0)
+
+
 def test_resume_auto_continues_only_a_run_of_its_own_name(tmp_path):
     runs = {name: RunDir.create(tmp_path, params={'logging': {'run_name': name}}, run_name=name)
             for name in ('a', 'b', '')}
