@@ -13,7 +13,8 @@ from one stored image to its crop's pixels), ``jpeg_region`` (the decoders' C pa
 (their bilinear resample), ``crops`` (crops and flips from seed, epoch and sample), ``constants``,
 ``ffcv_import`` (ffcv imported without the numba compiling that importing it sets off; imported
 first by the modules that use ffcv).
-Training: ``config`` and ``config_schema`` (the configuration and its keys), ``models``,
+Training: ``config`` and ``config_schema`` (the configuration and its keys), ``preflight``
+(what a run needs of this machine, checked before it starts), ``models``,
 ``optimizers``, ``schedules``, ``engine`` (training step and epoch, evaluation, mixed precision),
 ``ema``, ``augment`` (RandAugment, TrivialAugmentWide, Random Erasing), ``mixup``, ``evaluate``
 (validation and eval-only), ``metrics``, ``distributed`` (torchrun), ``checkpoint`` (the

@@ -19,7 +19,6 @@ from fastargs import Config
 from . import augment, optimizers, schedules
 from .config_schema import declared, defaults, markdown  # markdown: docs/configuration.md
 from .errors import ImagenetFfcvError
-from .optional import require
 from .run_dir import RUN_NAME
 
 CONFIGS_DIR = Path(__file__).with_name('configs')  # the shipped recipes (rn50_configs/, ...)
@@ -283,26 +282,6 @@ def check_resumable(saved: dict, current: dict, *, force: bool, path) -> None:
         raise ConfigError(f'{path}: this config changes the schedule of the run being resumed:\n  '
                           + '\n  '.join(changes) + '\nresume with the config of the run, or set '
                           'checkpoint.force=1 to continue anyway')
-
-
-def check_runnable(cfg: SimpleNamespace, device) -> None:
-    """Fail now, before any work or run folder, when ``cfg`` asks for what this run cannot do:
-    a key the ``device`` (``torch.device``) cannot run (``training.sync_bn`` off CUDA: ConfigError),
-    or an optional package that is missing. Those are imported now (a timm model or LAMB: timm;
-    W&B: wandb; TensorBoard), ``optional.MissingPackageError`` naming the key, the package and how
-    to install it."""
-    if cfg.training.sync_bn and device.type != 'cuda':
-        raise ConfigError(f'training.sync_bn=1: torch.nn.SyncBatchNorm runs on CUDA GPUs only, and '
-                          f'this run is on {device.type}; set training.sync_bn=0 (one process '
-                          'gains nothing from it)')
-    if cfg.model.arch.startswith('timm:'):
-        require('timm', f'model.arch={cfg.model.arch!r}')
-    if cfg.training.optimizer == 'lamb':
-        require('timm.optim', "training.optimizer='lamb'", package='timm')
-    if cfg.logging.wandb_project:
-        require('wandb', f'logging.wandb_project={cfg.logging.wandb_project!r}')
-    if cfg.logging.tensorboard:
-        require('torch.utils.tensorboard', 'logging.tensorboard=1', package='tensorboard')
 
 
 def train_loader_kwargs(cfg: SimpleNamespace) -> dict:

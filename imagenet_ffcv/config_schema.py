@@ -79,8 +79,11 @@ def _data_and_model_sections(section) -> None:
                               'use, divided by the processes on this node (torchrun), less one '
                               'for the training loop itself (at least 1)', default='auto'),
             in_memory=Param(int, "ffcv's os_cache (ffcv-imagenet's name): 1: memory-map the "
-                                 'file and share the OS page cache (data fits in RAM); 0: '
-                                 "ffcv's own process cache with prefetch", default=1),
+                                 'file and share the OS page cache (one copy for all the '
+                                 "processes, given back when memory runs short); 0: ffcv's own "
+                                 'process cache with prefetch, which in a random order holds '
+                                 'about the whole file in each process (refused when that is '
+                                 'more than the memory available)', default=1),
             min_crop_scale=Param(float, 'random-resized crop: smallest crop area as a fraction '
                                         'of the image (torchvision: 0.08)', default=0.08),
             flip_prob=Param(float, 'probability of the left-right flip of training images',

@@ -20,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from . import (checkpoint, config, distributed, engine, loaders, metrics, models, optimizers,
-               schedules, weights)
+               preflight, schedules, weights)
 from .classes import class_list_path, read_class_names
 from .commands import command_name
 from .ema import make_ema
@@ -130,7 +130,7 @@ def global_step(run, epoch: int, iterations_done: int) -> int:
 def build(cfg, dist, wall_start) -> Run:
     """Loaders, model, optimizer, loss and schedules of a new run, on ``dist.device``."""
     device = dist.device
-    config.check_runnable(cfg, device)  # fail now, before any work or run folder
+    preflight.check_runnable(cfg, device, dist.local_world_size)  # before any work
     precision = engine.resolve_precision(cfg.training.amp, device)
     torch.backends.cudnn.benchmark = device.type == 'cuda'  # fixed shapes within an epoch
     torch.manual_seed(cfg.training.seed)  # the same initial weights on every rank

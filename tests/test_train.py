@@ -1,14 +1,16 @@
 """train_imagenet.py end to end on CPU: a short run, its outputs and its CLI (the torchrun runs are
 in test_faults.py)."""
 import json
+import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torchvision
 
-from conftest import REPO, run_env
+from conftest import REPO, run_env, small_config
 from imagenet_ffcv import config, engine, loaders, models, train
 from imagenet_ffcv.classes import class_list_path, read_class_list, write_class_list
 
@@ -92,3 +94,29 @@ def test_train_and_val_betons_from_different_class_lists_are_refused(sample_beto
     with pytest.raises(ValueError, match='differ'):
         loaders.num_classes(sample_betons['train'], val_path=val)
     assert loaders.num_classes(sample_betons['train'], val_path=sample_betons['val']) == 10
+
+
+def test_a_process_cache_larger_than_the_memory_is_refused_before_any_work(sample_betons,
+                                                                           tmp_path, monkeypatch,
+                                                                           capsys):
+    """data.in_memory=0 (ffcv's process cache) keeps about the whole training .beton in each
+    process (random order: every page stays from its first batch to its last), so a file times
+    the node's processes above the available memory is a one-line error before any work,
+    naming data.in_memory=1; it was an out-of-memory kill late in the first epoch."""
+    from imagenet_ffcv import preflight
+    size = os.path.getsize(sample_betons['train'])
+    cfg = small_config(sample_betons, tmp_path, '--data.in_memory=0')
+    with pytest.raises(config.ConfigError, match=r'8 process\(es\).*Set data.in_memory=1'):
+        preflight.check_process_cache(cfg, 8, available=8 * size - 1)
+    preflight.check_process_cache(cfg, 8, available=8 * size)
+    preflight.check_process_cache(small_config(sample_betons, tmp_path, '--data.in_memory=1'), 8,
+                                  available=0)
+    monkeypatch.setattr(preflight.psutil, 'virtual_memory',
+                        lambda: SimpleNamespace(available=size - 1))
+    args = [f'--data.train_dataset={sample_betons["train"]}',
+            f'--data.val_dataset={sample_betons["val"]}', f'--logging.folder={tmp_path / "runs"}',
+            '--data.in_memory=0']
+    assert train.cli(args) == 1
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and 'data.in_memory=0' in err and 'GB are available' in err, err
+    assert not (tmp_path / 'runs').exists()

@@ -1,0 +1,56 @@
+"""What is checked before a run starts, against this machine: the device, the optional packages
+the config asks for, and the memory ffcv's process cache would take. Each check fails before any
+work is done or any run folder is made (rules between keys: ``config``)."""
+import os
+
+import psutil
+
+from .config import ConfigError
+from .optional import require
+
+
+def check_runnable(cfg, device, processes_on_node: int = 1) -> None:
+    """Fail now when ``cfg`` asks for what this run cannot do: a key the ``device``
+    (``torch.device``) cannot run (``training.sync_bn`` off CUDA: ConfigError), memory the
+    training loader's process cache cannot have (:func:`check_process_cache`), or an optional
+    package that is missing. Those are imported now (a timm model or LAMB: timm; W&B: wandb;
+    TensorBoard), ``optional.MissingPackageError`` naming the key, the package and how to install
+    it. ``processes_on_node``: the processes of the job on this machine."""
+    if cfg.training.sync_bn and device.type != 'cuda':
+        raise ConfigError(f'training.sync_bn=1: torch.nn.SyncBatchNorm runs on CUDA GPUs only, and '
+                          f'this run is on {device.type}; set training.sync_bn=0 (one process '
+                          'gains nothing from it)')
+    check_process_cache(cfg, processes_on_node)
+    if cfg.model.arch.startswith('timm:'):
+        require('timm', f'model.arch={cfg.model.arch!r}')
+    if cfg.training.optimizer == 'lamb':
+        require('timm.optim', "training.optimizer='lamb'", package='timm')
+    if cfg.logging.wandb_project:
+        require('wandb', f'logging.wandb_project={cfg.logging.wandb_project!r}')
+    if cfg.logging.tensorboard:
+        require('torch.utils.tensorboard', 'logging.tensorboard=1', package='tensorboard')
+
+
+def check_process_cache(cfg, processes_on_node: int, available: int = None) -> None:
+    """ConfigError when ``data.in_memory=0`` would need more memory than this machine has
+    available now (``available`` bytes; default psutil's ``virtual_memory().available``).
+
+    ffcv's process cache (``os_cache=False``) keeps each 8 MiB page of the .beton in the
+    process's own memory from the first to the last batch that draws an image from it
+    (``ffcv.memory_managers.process_cache.schedule.compute_schedule``); in a random order that
+    is nearly every page for nearly the whole epoch, so each process holds about the whole file
+    (the out-of-memory killer ends the run late in its first epoch). The OS page cache
+    (``data.in_memory=1``) holds the file once for all the processes, and gives pages back when
+    memory runs short."""
+    path = cfg.data.train_dataset
+    if cfg.data.in_memory or not path or not os.path.isfile(path):
+        return  # a missing file is the loader's error to report
+    need = os.path.getsize(path) * processes_on_node
+    available = psutil.virtual_memory().available if available is None else available
+    if need > available:
+        raise ConfigError(
+            f'data.in_memory=0: ffcv\'s process cache keeps about the whole training .beton in '
+            f'the memory of each process (the order is random): {need / 1e9:.1f} GB for '
+            f'{processes_on_node} process(es) on this machine, and {available / 1e9:.1f} GB are '
+            f'available. Set data.in_memory=1: the OS page cache holds the file once for all '
+            f'the processes and gives pages back when memory runs short')
