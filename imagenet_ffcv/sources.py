@@ -234,11 +234,29 @@ def _flat_val_samples(files: list, solution: dict, classes: list, where) -> list
     return [(ref, label) for label, _, ref in sorted(samples)]
 
 
-def _tar_members(tar_path, fileobj=None):
-    """(name, data offset, size) of the regular files of an uncompressed tar (of ``fileobj``
-    from its current position on, the offsets absolute in that file)."""
-    with tarfile.open(tar_path if fileobj is None else None, mode='r:', fileobj=fileobj) as tf:
-        return [(m.name, m.offset_data, m.size) for m in tf if m.isfile()]
+def _tar_members(tar_path, fileobj=None, end: int = None):
+    """(name, data offset, size) of the regular files of an uncompressed tar: the file
+    ``tar_path``, or the one in ``fileobj`` from its current position to byte ``end`` (the offsets
+    absolute in that file). ValueError naming the file for one that is not a complete tar (a
+    download cut short): a header that does not read, a member's data past ``end``, or no room
+    for the two zero blocks every tar ends with (one cut at a member's end reads as complete)."""
+    where = tar_path if fileobj is None else f'{fileobj.name} (the tar at byte {fileobj.tell()})'
+    problem = None
+    try:
+        with tarfile.open(tar_path if fileobj is None else None, mode='r:',
+                          fileobj=fileobj) as tf:
+            members = [(m.name, m.offset_data, m.size) for m in tf if m.isfile()]
+            last = tf.offset  # where its end-of-archive blocks start
+        end = os.path.getsize(tar_path) if end is None else end
+        if last + 2 * tarfile.BLOCKSIZE > end or any(o + s > end for _, o, s in members):
+            problem = f'it ends at byte {end}, before its members and end-of-archive blocks'
+    except tarfile.TarError as e:
+        problem = str(e)
+    if problem:
+        raise ValueError(f'{where}: not a complete tar ({problem}); a download cut short? '
+                         'Compare its size and checksum with those ImageNet gives, and download '
+                         'it again')
+    return members
 
 
 def _tar_ref(tar_path, name, offset, size) -> str:
@@ -291,9 +309,9 @@ def load_split(root, split: str, layout: str = 'auto'):
                     continue
                 label = classes.index(Path(inner).name[:-4])
                 f.seek(offset)  # tarfile reads headers only, offsets absolute in the file
-                files = sorted((Path(n).name, o, s) for n, o, s in _tar_members(None, f)
-                               if n.lower().endswith(IMAGE_EXTENSIONS)
-                               and o + s <= offset + size)
+                files = sorted((Path(n).name, o, s)
+                               for n, o, s in _tar_members(None, f, end=offset + size)
+                               if n.lower().endswith(IMAGE_EXTENSIONS))
                 samples.extend((_tar_ref(train_tar, n, o, s), label) for n, o, s in files)
         if not samples:
             raise ValueError(f'{train_tar}: no images found')

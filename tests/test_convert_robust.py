@@ -536,6 +536,31 @@ def test_kaggle_val_image_without_label_is_an_error(three_layouts):
         sources.load_split(roots['kaggle'], 'val')
 
 
+def test_a_train_tar_cut_short_is_a_one_line_error_naming_it(three_layouts, tmp_path, capsys):
+    """An ILSVRC2012_img_train.tar whose download was cut short: in its first header, in a
+    class's tar's header, inside a class's images, at the end of a class's tar, before the
+    end-of-archive blocks. The converter says the file is not a complete tar and to download it
+    again (exit 1, one line); it was a tarfile.ReadError traceback, or (cut past the first
+    header) a .beton without the images or classes cut off."""
+    import shutil
+    import tarfile
+
+    from imagenet_ffcv import write
+    roots, _ = three_layouts
+    whole = (roots['tars'] / 'ILSVRC2012_img_train.tar').read_bytes()
+    with tarfile.open(roots['tars'] / 'ILSVRC2012_img_train.tar') as tf:
+        (_, _, _), (_, second, size), _ = [(m.name, m.offset_data, m.size) for m in tf]
+        end_blocks = tf.offset
+    for cut in (100, 700, second + size // 2, second + size, end_blocks):
+        root = tmp_path / f'cut{cut}'
+        shutil.copytree(roots['tars'], root)
+        (root / 'ILSVRC2012_img_train.tar').write_bytes(whole[:cut])
+        assert write.cli([f'--data-dir={root}', '--split=train', f'--out={tmp_path}']) == 1, cut
+        err = capsys.readouterr().err
+        assert err.count('\n') == 1 and 'ILSVRC2012_img_train.tar' in err, (cut, err)
+        assert 'not a complete tar' in err and 'download it again' in err, (cut, err)
+
+
 def test_raw_tars_with_devkit_labels_match_the_csv_labels(three_layouts, tmp_path):
     """Without LOC_val_solution.csv the val labels come from the devkit archive (meta.mat + the
     ground-truth list in val-file order), read in place; they equal the CSV's labels."""
