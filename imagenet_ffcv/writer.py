@@ -1,15 +1,16 @@
 """Writing .beton files: decoding every input image (``images``), encoding the records, the
 skipped-files report, the disk-space estimate, and the write under a temporary name renamed into
 place (``files``)."""
+import contextlib
 import ctypes
 import functools
+import multiprocessing
 import os
 import queue
 import shutil
 import signal
 import sys
 import time
-from multiprocessing import Process, Queue, Value
 from pathlib import Path
 
 import numpy as np
@@ -119,31 +120,26 @@ class _Writer(DatasetWriter):
     :class:`ImageFiles` (a full disk, say): its progress bar stops and the command never ends.
     Here the other workers are stopped and :class:`WriterProcessError` names the one that ended
     and how; the work left in the queue is dropped (its feeder thread would keep the command from
-    exiting), and on Linux the workers die with the command (killed, they waited for work)."""
+    exiting), and on Linux the workers die with the command (killed, they waited for work). The
+    workers are forked, as ffcv's writer expects, whatever Python's default start method."""
 
     def _write_common(self, num_samples, queue_content, work_fn, extra_worker_args):
         # ffcv.writer.DatasetWriter._write_common, the waits watching the workers' exit codes
         self.num_samples = num_samples
         self.prepare()
-        work, allocations, done = Queue(), Queue(), Value(ctypes.c_uint64, 0)
+        fork = multiprocessing.get_context('fork')
+        work, allocations, done = fork.Queue(), fork.Queue(), fork.Value(ctypes.c_uint64, 0)
         for todo in [*queue_content, *[None] * self.num_workers]:
             work.put(todo)
         work.cancel_join_thread()  # after an error, the chunks no worker took are not waited for
         allocator = MemoryAllocator(self.fname, self.data_region_start, self.page_size)
         args = (work_fn, os.getpid(), work, self.metadata_sm, self.metadata_type, self.fields,
                 allocator, done, allocations, *extra_worker_args)
-        processes = [Process(target=_worker, args=args) for _ in range(self.num_workers)]
+        processes = [fork.Process(target=_worker, args=args) for _ in range(self.num_workers)]
         try:
             for p in processes:
                 p.start()
-            gathered = []  # each worker's allocations, sent as it ends
-            with tqdm(total=num_samples) as bar:
-                while len(gathered) < len(processes):
-                    try:
-                        gathered.append(allocations.get(timeout=0.1))
-                    except queue.Empty:
-                        _check_workers(processes, done.value, num_samples)
-                    bar.update(done.value - bar.n)
+            gathered = _wait_for_workers(processes, allocations, done, num_samples)
             self.finalize([a for allocated in gathered for a in allocated])
         finally:
             for p in processes:
@@ -163,6 +159,31 @@ def _worker(work_fn, command: int, *args) -> None:
         if os.getppid() != command:  # it died before that
             os._exit(1)
     work_fn(*args)
+
+
+def _wait_for_workers(processes, allocations, done, total: int) -> list:
+    """The allocations each of the writer ``processes`` sends on ``allocations`` as it ends,
+    ``done`` (a shared count) shown in a progress bar of ``total`` images. Raises
+    WriterProcessError once a process has ended with an error, or with exit code 0 without
+    sending its allocations (the others then wait for ever to write their pages after its)."""
+    gathered = []
+    with tqdm(total=total) as bar:
+        while len(gathered) < len(processes):
+            try:
+                gathered.append(allocations.get(timeout=0.1))
+            except queue.Empty:
+                _check_workers(processes, done.value, total)
+                ended = sum(p.exitcode == 0 for p in processes)
+                with contextlib.suppress(queue.Empty):
+                    while len(gathered) < ended:  # sent as they ended, not read yet
+                        gathered.append(allocations.get(timeout=1))
+                if len(gathered) < ended:
+                    raise WriterProcessError(
+                        f'{ended - len(gathered)} writer process(es) ended with exit code 0 '
+                        f'before their work was done, after {done.value} of {total} images; '
+                        'nothing was written')
+            bar.update(done.value - bar.n)
+    return gathered
 
 
 def _check_workers(processes, done: int, total: int) -> None:

@@ -748,16 +748,21 @@ def test_a_bad_file_whose_name_is_not_utf8_is_skipped_and_reported_not_a_hang(tm
 
 # The converter's command, with one image that ends the writer process (not the command's own,
 # which reads a few images for its space estimate) that takes it: argv[1] 'kill', the SIGKILL of
-# the kernel's out-of-memory killer; 'disk-full', an OSError outside the decoding; 'slow': none,
-# each image taking 20 ms.
+# the kernel's out-of-memory killer; 'disk-full', an OSError outside the decoding; 'exit-0', an
+# exit with status 0; 'slow': none, each image taking 20 ms; 'forkserver': none, Python's default
+# start method forkserver (the default from Python 3.14 on).
 WRITE_WITH_A_WORKER_THAT_ENDS = """
-import errno, os, signal, sys, time
+import errno, multiprocessing, os, signal, sys, time
 from imagenet_ffcv import write, writer
 how, command = sys.argv[1], os.getpid()
 real_load, real_encode = writer.load_image, writer.encode_jpeg
+if how == 'forkserver':
+    multiprocessing.set_start_method('forkserver', force=True)
 def load_image(path, max_res):
     if how == 'kill' and path.endswith('n01/0003.png') and os.getpid() != command:
         os.kill(os.getpid(), signal.SIGKILL)
+    if how == 'exit-0' and path.endswith('n01/0003.png') and os.getpid() != command:
+        os._exit(0)
     if how == 'slow':
         time.sleep(0.02)
     return real_load(path, max_res)
@@ -784,10 +789,11 @@ def small_split(root, images: int):
         os.link(values[i % 8], folder / f'{i:04d}.png')
 
 
-@pytest.mark.parametrize('how', ['kill', 'disk-full'])
+@pytest.mark.parametrize('how', ['kill', 'disk-full', 'exit-0'])
 def test_a_writer_process_that_ends_stops_the_command_not_a_hang(tmp_path, how):
-    """A writer process killed (the out-of-memory killer's SIGKILL) or stopped by an error outside
-    the image decoding (a full disk): the command ends with exit 1, naming how the process ended,
+    """A writer process killed (the out-of-memory killer's SIGKILL), stopped by an error outside
+    the image decoding (a full disk) or ended with exit status 0 before its work was done: the
+    command ends with exit 1, naming how the process ended,
     and leaves no .beton and no temporary behind. ffcv's writer waited for ever for that
     process's images, and then the command waited at its exit for the queue of the chunks no
     worker took, which outgrows a pipe's 64 KiB with 6,000 images (2.4 KB a chunk of 100)."""
@@ -800,14 +806,27 @@ def test_a_writer_process_that_ends_stops_the_command_not_a_hang(tmp_path, how):
                           timeout=120)
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 1, proc.stderr[-3000:]
-    assert last.startswith('imagenet-ffcv-write: a writer process (pid ') or last.startswith(
-        'python -m imagenet_ffcv.write: a writer process'), last
-    expected = ('was killed by SIGKILL (often the kernel\'s out-of-memory killer' if how == 'kill'
-                else 'ended with exit code 1 (its error is printed above)')
+    assert last.split(': ', 1)[0] in ('imagenet-ffcv-write', 'python -m imagenet_ffcv.write'), last
+    expected = {'kill': 'was killed by SIGKILL (often the kernel\'s out-of-memory killer',
+                'disk-full': 'ended with exit code 1 (its error is printed above)',
+                'exit-0': '1 writer process(es) ended with exit code 0 before their work was done'
+                }[how]
     assert expected in last and 'nothing was written' in last, last
     if how == 'disk-full':
         assert 'No space left on device' in proc.stderr  # the worker's own traceback
     assert os.listdir(out) == []
+
+
+def test_the_writer_forks_its_processes_whatever_the_default_start_method(tmp_path):
+    """With forkserver as Python's start method (Linux's default from Python 3.14 on) the
+    converter writes the split: its writer processes are forked, as ffcv's writer expects."""
+    small_split(tmp_path / 'data', 40)
+    proc = subprocess.run([PYTHON, '-c', WRITE_WITH_A_WORKER_THAT_ENDS, 'forkserver',
+                           f'--data-dir={tmp_path / "data"}', '--split=train', f'--out={tmp_path}',
+                           '--num-workers=2'], capture_output=True, text=True, env=run_env(),
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert ': 40 images, 2 classes' in proc.stdout, proc.stdout
 
 
 def test_the_writer_processes_die_with_the_command(tmp_path):
