@@ -23,6 +23,7 @@ import uuid
 from datetime import datetime
 from pathlib import Path
 
+from .distributed import START_ENV
 from .errors import ImagenetFfcvError
 from .files import pid_alive, remove_stale_temporaries, temporary_path, write_text_atomic
 
@@ -109,11 +110,11 @@ class RunDir:
         """Mark the run as written by this process: ``RUN_DIR/lock`` holds
         :func:`lock_identity`, made complete (and on disk) then linked into place (``os.link``
         fails when the name exists, so of two jobs one only gets the lock). The lock of a job that
-        has ended (:func:`lock_ended`: an earlier start of this job, a process that no longer runs
-        on this host) is taken over, with a message. Raises RunLockedError naming the holder
-        when it may still run: alive on this host, or on another host with another job id (where
-        this process cannot tell; delete the lock file if that job has ended). Two jobs taking
-        over the same ended job's lock at the same instant may both succeed."""
+        has ended (:func:`lock_ended`: a process that no longer runs on this host, an earlier
+        start of this job, a SLURM job that has ended) is taken over, with a message. Raises
+        RunLockedError naming the holder when it may still run: alive on this host, or on
+        another host and not known to have ended (delete the lock file if that job has ended).
+        Two jobs taking over the same ended job's lock at the same instant may both succeed."""
         me = lock_identity()
         tmp = temporary_path(self.lock_file)
         with open(tmp, 'w') as f:
@@ -166,35 +167,40 @@ class RunDir:
 
 
 def lock_identity(environ=None) -> dict:
-    """What a run's lock holds of this process: ``pid``, ``host`` and ``job``, an id that the
-    earlier starts of this job had too: SLURM's job id (which a requeued job keeps), else
-    torchrun's run id (``--rdzv-id``, which its restarts keep; not its default 'none'), else
-    None."""
+    """What a run's lock holds of this process: ``pid``, ``host``, ``job`` and ``start``. job: an
+    id that every start of this job has: ``slurm:<cluster>:<job id>`` (SLURM_CLUSTER_NAME,
+    SLURM_JOB_ID, which a requeued job keeps), else ``torchrun:<run id>`` (``--rdzv-id``, which
+    its restarts keep; not its default 'none'), else None. start: which start of the job this
+    is, ``[SLURM_RESTART_COUNT, the start of torchrun's workers]`` (``distributed.START_ENV``),
+    0 for each that does not apply; later starts compare greater."""
     environ = os.environ if environ is None else environ
     run_id = environ.get('TORCHELASTIC_RUN_ID', 'none')
-    job = (f'slurm:{environ["SLURM_JOB_ID"]}' if environ.get('SLURM_JOB_ID') else
-           f'torchrun:{run_id}' if run_id != 'none' else None)
-    return {'pid': os.getpid(), 'host': socket.gethostname(), 'job': job}
+    job = (f'slurm:{environ.get("SLURM_CLUSTER_NAME", "")}:{environ["SLURM_JOB_ID"]}'
+           if environ.get('SLURM_JOB_ID') else f'torchrun:{run_id}' if run_id != 'none' else None)
+    start = [int(environ.get('SLURM_RESTART_COUNT') or 0),
+             int(environ.get(START_ENV) or 0)]
+    return {'pid': os.getpid(), 'host': socket.gethostname(), 'job': job, 'start': start}
 
 
 def lock_ended(holder: dict, me: dict):
     """Why the job that holds a lock (``holder``, :meth:`RunDir.lock_holder`) has ended, as seen by
     the process ``me`` (:func:`lock_identity`), or None when it may still run. Ended: an empty lock
-    (a power cut as it was written: locks are linked into place complete); an earlier start of
-    this job (the same job id: SLURM requeues a job, and torchrun restarts its workers, only once
-    all of its processes have ended); a SLURM job that SLURM says has ended (``squeue``: a job
-    of a chain, ``sbatch --dependency``, killed past its time limit); a PID that no longer runs
-    on this host."""
+    (a power cut as it was written: locks are linked into place complete); on this host, a PID
+    that no longer runs (one that does is never taken over); on another, an earlier start of this
+    job (the same job, a lower start: SLURM requeues a job, and torchrun restarts its workers, only
+    once all of its processes have ended), or a job of this SLURM cluster that ``squeue`` says
+    has ended (a job of a chain, ``sbatch --dependency``, killed past its time limit)."""
     if not holder:
         return 'its lock file is empty (a power cut as it was written)'
-    job = holder.get('job')
-    if me['job'] and job == me['job']:
-        return f'an earlier start of this job ({me["job"]})'
-    if isinstance(job, str) and job.startswith('slurm:') and slurm_job_ended(job[len('slurm:'):]):
-        return f'SLURM job {job[len("slurm:"):]} has ended'
-    pid = holder.get('pid')
-    if holder.get('host') == me['host'] and isinstance(pid, int) and not pid_alive(pid):
-        return 'it no longer runs'
+    pid, job, start = holder.get('pid'), holder.get('job'), holder.get('start')
+    if holder.get('host') == me['host']:
+        return 'it no longer runs' if isinstance(pid, int) and not pid_alive(pid) else None
+    if me['job'] and job == me['job'] and isinstance(start, list) and start < me['start']:
+        return f'an earlier start of this job ({job}, start {start} < {me["start"]})'
+    cluster = (me['job'] or '').split(':')[:2]  # ['slurm', cluster] in SLURM
+    if (cluster[0] == 'slurm' and isinstance(job, str) and job.split(':')[:2] == cluster
+            and slurm_job_ended(job.split(':')[2])):
+        return f'SLURM job {job.split(":")[2]} has ended'
     return None
 
 
@@ -204,12 +210,13 @@ SLURM_ENDED = {'BOOT_FAIL', 'CANCELLED', 'COMPLETED', 'DEADLINE', 'FAILED', 'NOD
 
 
 def slurm_job_ended(job_id: str) -> bool:
-    """Whether SLURM says the job ``job_id`` has ended: ``squeue -h -j ID -o %T`` gives an ended
-    state, or refuses the id of a job it has forgotten. False when it cannot tell (no squeue, no
-    answer within 30 s, another error)."""
+    """Whether SLURM says the job ``job_id`` has ended: ``squeue -h -t all -j ID -o %T`` gives an
+    ended state (without ``-t all`` squeue lists running and pending jobs only), or refuses the id
+    of a job it has forgotten (MinJobAge after its end). False when it cannot tell (no squeue,
+    no answer within 30 s, another error, no state)."""
     try:
-        proc = subprocess.run(['squeue', '-h', '-j', job_id, '-o', '%T'], capture_output=True,
-                              text=True, timeout=30)
+        proc = subprocess.run(['squeue', '-h', '-t', 'all', '-j', job_id, '-o', '%T'],
+                              capture_output=True, text=True, timeout=30)
     except (OSError, subprocess.SubprocessError):
         return False
     if proc.returncode != 0:

@@ -6,12 +6,15 @@ import socket
 import subprocess
 import sys
 
+from datetime import timedelta
+
 import pytest
+import torch
 
 from conftest import REPO
-from imagenet_ffcv import files
-from imagenet_ffcv.run_dir import (RunDir, RunLockedError, code_version,
-                                   latest_checkpoint)
+from imagenet_ffcv import distributed, files
+from imagenet_ffcv.run_dir import (RunDir, RunLockedError, code_version, latest_checkpoint,
+                                   lock_identity)
 
 
 def dead_pid() -> int:
@@ -103,12 +106,14 @@ def test_a_run_folder_is_locked_by_its_job_and_a_dead_jobs_lock_is_taken_over(tm
     """The lock names this process; a live process's lock, or one from another host, refuses
     the run (naming the holder) before anything in the folder changes; a dead process's lock is
     taken over; unlock removes this process's lock."""
-    monkeypatch.delenv('SLURM_JOB_ID', raising=False)
-    monkeypatch.delenv('TORCHELASTIC_RUN_ID', raising=False)
+    for name in ('SLURM_JOB_ID', 'SLURM_RESTART_COUNT', 'TORCHELASTIC_RUN_ID',
+                 distributed.START_ENV):
+        monkeypatch.delenv(name, raising=False)
     host = socket.gethostname()
+    me = {'pid': os.getpid(), 'host': host, 'job': None, 'start': [0, 0]}
     run = RunDir.create(tmp_path, params={'logging': {'run_name': 'a'}}, run_name='a')
     assert run.path.name.startswith('a-') and run.run_name == 'a'
-    assert run.lock_holder() == {'pid': os.getpid(), 'host': host, 'job': None}
+    assert run.lock_holder() == me
     for epoch in range(3):
         run.append_log({'epoch': epoch})
     live = subprocess.Popen([sys.executable, '-c', 'import sys; sys.stdin.read()'],
@@ -123,7 +128,7 @@ def test_a_run_folder_is_locked_by_its_job_and_a_dead_jobs_lock_is_taken_over(tm
         live.communicate(b'')
     run.lock_file.write_text(json.dumps({'pid': dead_pid(), 'host': host}))
     again = RunDir.reopen(run.checkpoint, epoch=1)
-    assert again.lock_holder() == {'pid': os.getpid(), 'host': host, 'job': None}
+    assert again.lock_holder() == me
     assert [r['epoch'] for r in again.read_log()] == [0]
     again.unlock()
     assert not again.lock_file.exists()
@@ -132,69 +137,113 @@ def test_a_run_folder_is_locked_by_its_job_and_a_dead_jobs_lock_is_taken_over(tm
 def test_the_lock_of_an_earlier_start_of_the_same_job_is_taken_over_on_any_host(
         tmp_path, monkeypatch, capsys):
     """A job killed without unlocking (SIGKILL, a lost node) and started again on another host,
-    by SLURM's requeue (same SLURM_JOB_ID) or a torchrun restart whose rank 0 lands on another
-    node (same --rdzv-id), takes over its own earlier lock: every such start was refused, for
-    ever, until someone deleted the lock. Another job's lock on another host is still refused,
-    torchrun's default run id 'none' is no job id, and an empty lock (a power cut) is taken
-    over."""
-    monkeypatch.delenv('TORCHELASTIC_RUN_ID', raising=False)
+    by SLURM's requeue (same SLURM_JOB_ID, a higher SLURM_RESTART_COUNT) or a torchrun restart
+    whose rank 0 lands on another node (same --rdzv-id, a later start of the workers), takes over
+    its own earlier lock: every such start was refused, for ever, until someone deleted the
+    lock. The same start of the same job elsewhere (a second training in one allocation),
+    another job, torchrun's default run id 'none', and a live process on this host (whatever its
+    job) are refused; an empty lock (a power cut) is taken over."""
+    for name in ('SLURM_JOB_ID', 'SLURM_CLUSTER_NAME', 'SLURM_RESTART_COUNT', 'TORCHELASTIC_RUN_ID',
+                 distributed.START_ENV):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv('SLURM_JOB_ID', '4242')
+    monkeypatch.setenv('SLURM_CLUSTER_NAME', 'c1')
+    monkeypatch.setenv('SLURM_RESTART_COUNT', '1')
     run = RunDir.create(tmp_path, params={}, run_name='a')
     me = run.lock_holder()
-    assert me == {'pid': os.getpid(), 'host': socket.gethostname(), 'job': 'slurm:4242'}
-    earlier = {'pid': 1, 'host': 'node-17', 'job': 'slurm:4242'}
-    run.lock_file.write_text(json.dumps(earlier))
-    RunDir.reopen(run.checkpoint, epoch=0)
-    assert run.lock_holder() == me
+    assert me == {'pid': os.getpid(), 'host': socket.gethostname(), 'job': 'slurm:c1:4242',
+                  'start': [1, 0]}
+
+    def reopened(holder) -> bool:
+        run.lock_file.write_text(json.dumps(holder))
+        try:
+            RunDir.reopen(run.checkpoint, epoch=0)
+        except RunLockedError as e:
+            assert f'PID {holder.get("pid")} on {holder.get("host")}' in str(e)
+            return False
+        assert run.lock_holder() == lock_identity()
+        return True
+
+    requeued = {'pid': 1, 'host': 'node-17', 'job': 'slurm:c1:4242', 'start': [0, 0]}
+    assert reopened(requeued)
     assert 'taking over the lock of PID 1 on node-17: an earlier start of this job' in \
         capsys.readouterr().out
-    for other in ({'pid': 1, 'host': 'node-17', 'job': 'slurm:4241'},
-                  {'pid': 1, 'host': 'node-17', 'job': None}, {'pid': 1, 'host': 'node-17'}):
-        run.lock_file.write_text(json.dumps(other))
-        with pytest.raises(RunLockedError, match='PID 1 on node-17'):
-            RunDir.reopen(run.checkpoint, epoch=0)
-    monkeypatch.delenv('SLURM_JOB_ID')
+    assert not reopened({**requeued, 'start': [1, 0]})  # a second training of this start
+    assert not reopened({**requeued, 'job': 'slurm:c1:4241'})
+    assert not reopened({**requeued, 'job': 'slurm:c2:4242'})  # another cluster's job 4242
+    assert not reopened({'pid': 1, 'host': 'node-17', 'job': None})
+    assert not reopened({'pid': 1, 'host': 'node-17'})
+    live = subprocess.Popen([sys.executable, '-c', 'import sys; sys.stdin.read()'],
+                            stdin=subprocess.PIPE)
+    try:
+        assert not reopened({**requeued, 'pid': live.pid, 'host': socket.gethostname()})
+    finally:
+        live.communicate(b'')
+    for name in ('SLURM_JOB_ID', 'SLURM_CLUSTER_NAME', 'SLURM_RESTART_COUNT'):
+        monkeypatch.delenv(name)
     monkeypatch.setenv('TORCHELASTIC_RUN_ID', 'none')
-    run.lock_file.write_text(json.dumps({'pid': 1, 'host': 'node-17', 'job': None}))
-    with pytest.raises(RunLockedError):
-        RunDir.reopen(run.checkpoint, epoch=0)
+    assert not reopened({'pid': 1, 'host': 'node-17', 'job': None, 'start': [0, 0]})
     monkeypatch.setenv('TORCHELASTIC_RUN_ID', '4243')
-    run.lock_file.write_text(json.dumps({'pid': 1, 'host': 'node-17', 'job': 'torchrun:4243'}))
-    RunDir.reopen(run.checkpoint, epoch=0)
+    monkeypatch.setenv(distributed.START_ENV, '2')  # torchrun's second start of the workers
+    restarted = {'pid': 1, 'host': 'node-17', 'job': 'torchrun:4243', 'start': [0, 1]}
+    assert reopened(restarted)
+    assert not reopened({**restarted, 'start': [0, 2]})
     run.lock_file.write_text('')
     RunDir.reopen(run.checkpoint, epoch=0)
     assert 'its lock file is empty' in capsys.readouterr().out
     assert run.lock_holder()['job'] == 'torchrun:4243'
 
 
+def test_torchruns_starts_of_the_workers_are_counted_in_its_store():
+    """Rank 0 counts the starts of the job's workers in torchrun's store, which outlives them
+    (TORCHELASTIC_RESTART_COUNT is each node's own count): 1, then 2 after a restart."""
+    import torch.distributed as dist
+    torchrun_store = dist.TCPStore('127.0.0.1', 0, is_master=True, wait_for_workers=False)
+    environ = {'TORCHELASTIC_USE_AGENT_STORE': 'True', 'MASTER_ADDR': '127.0.0.1',
+               'MASTER_PORT': str(torchrun_store.port)}
+    info = distributed.DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device('cpu'))
+    starts = []
+    for _ in range(2):
+        distributed.restart_store(info, timedelta(seconds=10), environ)
+        starts.append(environ[distributed.START_ENV])
+    assert starts == ['1', '2']
+
+
 def test_the_lock_of_a_slurm_job_that_slurm_says_has_ended_is_taken_over(tmp_path, monkeypatch,
                                                                          capsys):
     """The next job of a chain (sbatch --dependency=afterany) after one killed past its time
-    limit: another job id, another host, but squeue says that job has ended (an ended state,
-    or 'Invalid job id' once it forgot the job), so its lock is taken over. A job squeue lists
-    as running or pending, or an answer it cannot read, still refuses the run."""
+    limit: another job id, another host, but squeue (asked with -t all: without it, it lists
+    running and pending jobs only) says that job has ended, or answers 'Invalid job id' once it
+    forgot it; its lock is taken over. A job it lists as running or pending, an answer it cannot
+    read, and a job of another cluster (whose ids squeue here does not know) still refuse the
+    run."""
+    for name in ('SLURM_RESTART_COUNT', 'TORCHELASTIC_RUN_ID', distributed.START_ENV):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv('SLURM_JOB_ID', '5001')
+    monkeypatch.setenv('SLURM_CLUSTER_NAME', 'c1')
     bin_dir = tmp_path / 'bin'
     bin_dir.mkdir()
     monkeypatch.setenv('PATH', f'{bin_dir}{os.pathsep}{os.environ["PATH"]}')
     squeue = bin_dir / 'squeue'
     run = RunDir.create(tmp_path / 'runs', params={}, run_name='a')
-    earlier = {'pid': 1, 'host': 'node-17', 'job': 'slurm:5000'}
+    earlier = {'pid': 1, 'host': 'node-17', 'job': 'slurm:c1:5000', 'start': [0, 0]}
     for answer, taken in (('echo TIMEOUT', True), ('echo COMPLETED', True),
                           ('echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1',
-                           True), ('echo RUNNING', False), ('echo PENDING', False),
+                           True), ('echo RUNNING', False), ('echo PENDING', False), ('', False),
                           ('echo "squeue: error: Unable to contact slurm controller" >&2; exit 1',
                            False)):
-        squeue.write_text(f'#!/bin/sh\n[ "$3" = 5000 ] || exit 2\n{answer}\n')
+        squeue.write_text(f'#!/bin/sh\n[ "$*" = "-h -t all -j 5000 -o %T" ] || exit 2\n'
+                          f'{answer}\n')
         squeue.chmod(0o755)
-        run.lock_file.write_text(json.dumps(earlier))
-        if taken:
-            RunDir.reopen(run.checkpoint, epoch=0)
-            assert 'on node-17: SLURM job 5000 has ended' in capsys.readouterr().out, answer
-            assert run.lock_holder()['job'] == 'slurm:5001'
-        else:
-            with pytest.raises(RunLockedError, match='PID 1 on node-17'):
+        for holder in (earlier, {**earlier, 'job': 'slurm:c2:5000'}):
+            run.lock_file.write_text(json.dumps(holder))
+            if taken and holder is earlier:
                 RunDir.reopen(run.checkpoint, epoch=0)
+                assert 'on node-17: SLURM job 5000 has ended' in capsys.readouterr().out, answer
+                assert run.lock_holder()['job'] == 'slurm:c1:5001'
+            else:
+                with pytest.raises(RunLockedError, match='PID 1 on node-17'):
+                    RunDir.reopen(run.checkpoint, epoch=0)
 
 
 def test_resume_auto_continues_only_a_run_of_its_own_name(tmp_path):
