@@ -13,9 +13,9 @@ A checkpoint is one ``torch.save`` file, ``RUN_DIR/checkpoint.pt``, holding::
      'config': the resolved config (params.json),
      'best_top1': best validation top-1 so far (fraction) or None,
      'classes': [(wnid, name), ...] of the training .beton, or None,
-     'progress': {'images', 'train_seconds', 'best_epoch', 'wall_time_s'} accumulated so far,
+     'progress': {'images', 'train_seconds', 'best_epoch', 'wall_time_s': accumulated so far,
                   'epoch_so_far': within an epoch, rank 0's {'loss_sum', 'images', 'seconds'} of
-                  it up to 'iteration', for its log line; else None}
+                  it up to 'iteration', for its log line; else None}}
 
 With ``checkpoint.keep_last=N`` the checkpoints written at the ends of the last N epochs stay
 beside it as ``RUN_DIR/checkpoint_epoch_<epochs done>.pt`` (:func:`keep_history`, timm's

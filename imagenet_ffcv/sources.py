@@ -238,8 +238,10 @@ def _tar_members(tar_path, fileobj=None, end: int = None):
     """(name, data offset, size) of the regular files of an uncompressed tar: the file
     ``tar_path``, or the one in ``fileobj`` from its current position to byte ``end`` (the offsets
     absolute in that file). ValueError naming the file for one that is not a complete tar (a
-    download cut short): a header that does not read, a member's data past ``end``, or no room
-    for the two zero blocks every tar ends with (one cut at a member's end reads as complete)."""
+    download cut short): a header or a member's data that does not read (tarfile checks the
+    last byte of each member's data), or no room before ``end`` for the two zero blocks every
+    tar ends with (one cut at a member's end reads as complete). A sparse member's size is its
+    expanded size, so members are not checked against ``end``."""
     where = tar_path if fileobj is None else f'{fileobj.name} (the tar at byte {fileobj.tell()})'
     problem = None
     try:
@@ -248,8 +250,8 @@ def _tar_members(tar_path, fileobj=None, end: int = None):
             members = [(m.name, m.offset_data, m.size) for m in tf if m.isfile()]
             last = tf.offset  # where its end-of-archive blocks start
         end = os.path.getsize(tar_path) if end is None else end
-        if last + 2 * tarfile.BLOCKSIZE > end or any(o + s > end for _, o, s in members):
-            problem = f'it ends at byte {end}, before its members and end-of-archive blocks'
+        if last + 2 * tarfile.BLOCKSIZE > end:
+            problem = f'it ends at byte {end}, before its end-of-archive blocks'
     except tarfile.TarError as e:
         problem = str(e)
     if problem:

@@ -561,6 +561,21 @@ def test_a_train_tar_cut_short_is_a_one_line_error_naming_it(three_layouts, tmp_
         assert 'not a complete tar' in err and 'download it again' in err, (cut, err)
 
 
+def test_a_complete_tar_with_a_sparse_member_is_read(tmp_path):
+    """GNU tar's sparse member (``tar -S``) declares its expanded size, larger than the bytes it
+    takes: the tar is complete and reads (a check of members against the file's end refused
+    it)."""
+    import shutil
+    if shutil.which('tar') is None:
+        pytest.skip('no tar command to write a sparse member with')
+    with open(tmp_path / 'holes.bin', 'wb') as f:
+        f.seek(10 * 2 ** 20)
+        f.write(b'x')
+    subprocess.run(['tar', '-S', '-cf', 'sparse.tar', 'holes.bin'], cwd=tmp_path, check=True)
+    assert (tmp_path / 'sparse.tar').stat().st_size < 2 ** 20
+    assert sources._tar_members(tmp_path / 'sparse.tar') == [('holes.bin', 512, 10 * 2 ** 20 + 1)]
+
+
 def test_raw_tars_with_devkit_labels_match_the_csv_labels(three_layouts, tmp_path):
     """Without LOC_val_solution.csv the val labels come from the devkit archive (meta.mat + the
     ground-truth list in val-file order), read in place; they equal the CSV's labels."""
