@@ -2,6 +2,7 @@
 the config asks for, and the memory ffcv's process cache would take. Each check fails before any
 work is done or any run folder is made (rules between keys: ``config``)."""
 import os
+from pathlib import Path
 
 import psutil
 
@@ -32,8 +33,8 @@ def check_runnable(cfg, device, processes_on_node: int = 1) -> None:
 
 
 def check_process_cache(cfg, processes_on_node: int, available: int = None) -> None:
-    """ConfigError when ``data.in_memory=0`` would need more memory than this machine has
-    available now (``available`` bytes; default psutil's ``virtual_memory().available``).
+    """ConfigError when ``data.in_memory=0`` would need more memory than this process may have
+    now (``available`` bytes; default :func:`memory_available`).
 
     ffcv's process cache (``os_cache=False``) keeps each 8 MiB page of the .beton in the
     process's own memory from the first to the last batch that draws an image from it
@@ -46,7 +47,7 @@ def check_process_cache(cfg, processes_on_node: int, available: int = None) -> N
     if cfg.data.in_memory or not path or not os.path.isfile(path):
         return  # a missing file is the loader's error to report
     need = os.path.getsize(path) * processes_on_node
-    available = psutil.virtual_memory().available if available is None else available
+    available = memory_available() if available is None else available
     if need > available:
         raise ConfigError(
             f'data.in_memory=0: ffcv\'s process cache keeps about the whole training .beton in '
@@ -54,3 +55,43 @@ def check_process_cache(cfg, processes_on_node: int, available: int = None) -> N
             f'{processes_on_node} process(es) on this machine, and {available / 1e9:.1f} GB are '
             f'available. Set data.in_memory=1: the OS page cache holds the file once for all '
             f'the processes and gives pages back when memory runs short')
+
+
+# cgroup v2 and v1: the files of a memory limit, of the memory in use, and of the page cache in
+# it that can be given back.
+CGROUP_MEMORY_FILES = {'': ('memory.max', 'memory.current', 'inactive_file'),
+                       'memory': ('memory.limit_in_bytes', 'memory.usage_in_bytes',
+                                  'total_inactive_file')}
+
+
+def memory_available(proc_cgroup='/proc/self/cgroup', root='/sys/fs/cgroup') -> int:
+    """Bytes of memory this process may still take: psutil's ``virtual_memory().available``, or
+    less under a cgroup memory limit (SLURM's ``--mem``, a container's ``--memory``), v2 or v1:
+    the limit less the memory in use but the page cache it may give back (as ``docker stats``
+    counts it), for this process's cgroup and each one above it. ``proc_cgroup``, ``root``: where
+    the kernel says which cgroups this process is in, and where they are mounted."""
+    available = psutil.virtual_memory().available
+    try:
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        return available
+    for line in lines:
+        _, controllers, path = line.split(':', 2)
+        if controllers not in CGROUP_MEMORY_FILES:
+            continue
+        limit_file, usage_file, cache_key = CGROUP_MEMORY_FILES[controllers]
+        top = Path(root, controllers) if controllers else Path(root)
+        folder = top / path.lstrip('/')
+        while True:
+            try:
+                limit = int((folder / limit_file).read_text())
+                used = int((folder / usage_file).read_text())
+                stat = dict(entry.split() for entry in (folder / 'memory.stat').read_text()
+                            .splitlines() if entry.count(' ') == 1)
+                available = min(available, limit - used + int(stat.get(cache_key, 0)))
+            except (OSError, ValueError):  # no such file, or 'max': no limit here
+                pass
+            if folder == top or top not in folder.parents:
+                break
+            folder = folder.parent
+    return max(available, 0)
