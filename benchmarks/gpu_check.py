@@ -469,7 +469,7 @@ def machine_info(args, work, sizes) -> list:
     import torch
 
     import ffcv
-    from imagenet_ffcv import jpeg_region
+    from imagenet_ffcv import engine, jpeg_region
     cuda = torch.cuda.is_available()
     if args.device == 'cuda' and not cuda:
         raise SystemExit('torch.cuda.is_available() is False: no usable GPU here')
@@ -478,7 +478,7 @@ def machine_info(args, work, sizes) -> list:
     if cuda:
         cap = torch.cuda.get_device_capability(0)
         extra = (f', compute capability {cap[0]}.{cap[1]}, bf16 '
-                 f'{"yes" if torch.cuda.is_bf16_supported() else "no"}')
+                 f'{"yes" if engine.native_bf16(torch.device("cuda", 0)) else "no"}')
     versions = (f'Python {platform.python_version()}, torch {torch.__version__}, CUDA '
                 f'{torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, numba '
                 f'{numba.__version__}{extra}, {os.cpu_count()} CPU cores')

@@ -17,8 +17,6 @@ from .errors import ImagenetFfcvError
 from .metrics import topk_correct
 
 
-
-
 @dataclass(frozen=True)
 class Precision:
     """The mixed precision of a run: ``name`` 'bf16', 'fp16' or 'fp32'; ``amp_dtype`` the
@@ -36,22 +34,29 @@ class Precision:
 
 def resolve_precision(amp: str, device: torch.device) -> Precision:
     """The precision ``training.amp`` asks for on ``device``: 'auto' is bf16 on a GPU that has it
-    (``torch.cuda.is_bf16_supported()``: Ampere and later), fp16 with loss scaling on older ones
-    (V100, T4), and fp32 on CPU; 'bf16', 'fp16' and 'off' (fp32) are taken as given, on any
-    device. Mixed-precision training as Micikevicius et al., "Mixed Precision Training" (2018),
-    through ``torch.autocast`` and ``torch.amp.GradScaler``. Raises ValueError for another name."""
+    (:func:`native_bf16`: Ampere and later), fp16 with loss scaling on older ones (V100, T4), and
+    fp32 on CPU; 'bf16', 'fp16' and 'off' (fp32) are taken as given, on any device.
+    Mixed-precision training as Micikevicius et al., "Mixed Precision Training" (2018), through
+    ``torch.autocast`` and ``torch.amp.GradScaler``. Raises ValueError for another name."""
     if amp not in PRECISIONS:
         raise ValueError(f'amp={amp!r}: expected one of {", ".join(PRECISIONS)}')
     if amp == 'auto':
         if device.type != 'cuda':
             amp = 'off'
         else:
-            amp = 'bf16' if torch.cuda.is_bf16_supported() else 'fp16'
+            amp = 'bf16' if native_bf16(device) else 'fp16'
     if amp == 'bf16':
         return Precision('bf16', torch.bfloat16)
     if amp == 'fp16':
         return Precision('fp16', torch.float16, loss_scaling=True)
     return Precision('fp32')
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether the CUDA GPU ``device`` computes in bfloat16 itself: compute capability 8.0
+    (Ampere) or later, or ROCm; not a V100 or T4, where ``torch.cuda.is_bf16_supported()`` is
+    true too (its default ``including_emulation``), but cuDNN has no bfloat16 convolutions."""
+    return bool(torch.version.hip) or torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def flip_tta_logits(model, x: torch.Tensor, flip_tta: bool = True) -> torch.Tensor:

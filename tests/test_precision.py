@@ -11,11 +11,16 @@ from imagenet_ffcv.run_dir import RunDir
 
 
 def test_auto_is_bf16_where_the_gpu_has_it_else_fp16_and_fp32_on_cpu(monkeypatch):
+    """'auto' takes bf16 on compute capability 8.0 and later, fp16 on a V100 or T4, even though
+    torch.cuda.is_bf16_supported() is true there too (it counts emulation: a T4 answers True),
+    and cuDNN has no bf16 convolutions below 8.0."""
     cpu, gpu = torch.device('cpu'), torch.device('cuda', 0)
     assert engine.resolve_precision('auto', cpu) == engine.Precision('fp32')
+    monkeypatch.setattr(torch.version, 'hip', None)
     monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda *a: (9, 0))  # H100
     assert engine.resolve_precision('auto', gpu) == engine.Precision('bf16', torch.bfloat16)
-    monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: False)  # V100, T4
+    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda *a: (7, 5))  # T4
     fp16 = engine.resolve_precision('auto', gpu)
     assert fp16 == engine.Precision('fp16', torch.float16, loss_scaling=True)
     assert fp16.input_dtype == torch.float16
