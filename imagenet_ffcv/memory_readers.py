@@ -1,6 +1,7 @@
 """The readers of ffcv 1.0.2's memory managers (``read(address, mem_state)``: a sample's bytes,
 from the .beton in memory), which the loaders' decoders call for each image; :func:`install` puts
-them in ffcv's two managers, and ``loaders.Loader`` does so.
+them in ffcv's two managers, and ``loaders.Loader`` does so, with the process cache's page
+readers handing their errors on (:func:`_page_reader_run`).
 
 ffcv compiles a new reader for each loader, and the decoders' batch loop, compiled once per process
 for each reader it is given (``decoders.batch_decoder``), would then be compiled again with it: 4 s
@@ -10,6 +11,8 @@ import numba
 import numpy as np
 from . import ffcv_import  # noqa: F401  (first: ffcv without its import-time compiling)
 from ffcv.memory_managers import OSCacheManager, ProcessCacheManager
+from ffcv.memory_managers.process_cache.page_reader import PageReader
+from ffcv.memory_managers.process_cache.schedule import ScheduleExecutor
 from ffcv.pipeline.compiler import Compiler
 
 # ffcv's OSCacheManager (``os_cache=True``, our ``data.in_memory=1``) marks its arrays
@@ -57,9 +60,40 @@ def _compile_reader(self):
     return _readers[kind]
 
 
+_ffcv_page_reader_run = PageReader.run
+
+
+def _page_reader_run(self) -> None:
+    """ffcv's ``PageReader.run`` (a thread of the process cache, ``data.in_memory=0``: it opens
+    the .beton as each epoch starts and reads the pages asked for), handing an error on to the
+    loader (:func:`_load_batch`) instead of dying with it: the loader then waited for ever for
+    its pages (a .beton deleted or unreadable by then)."""
+    try:
+        _ffcv_page_reader_run(self)
+    except Exception as e:  # noqa: BLE001 - raised in the loader's thread by _load_batch
+        self.loaded.put(e)
+
+
+def _load_batch(self, current_batch: int) -> None:
+    """ffcv's ``ScheduleExecutor.load_batch`` (ask for the pages the schedule lets it prefetch,
+    wait for those the batch needs), raising what a page reader handed on."""
+    assert current_batch == self.next_batch
+    for page in self.schedule.can_prefetch_at[current_batch]:
+        self.queries.put((page, self.schedule.page_to_slot[page]))
+    for page in self.schedule.entering_at[current_batch]:
+        while page not in self.loaded:
+            loaded = self.loaded_queue.get()
+            if isinstance(loaded, Exception):
+                raise loaded
+            self.loaded.add(loaded)
+    self.next_batch = current_batch + 1
+
+
 def install() -> None:
-    """Put the state type and readers above in ffcv's memory managers (done when a loader is
-    made)."""
+    """Put the state type and readers above in ffcv's memory managers, and the page readers that
+    hand their errors on in its process cache (done when a loader is made)."""
     OSCacheManager.state_type = property(_os_cache_state_type)
     OSCacheManager.compile_reader = _compile_reader
     ProcessCacheManager.compile_reader = _compile_reader
+    PageReader.run = _page_reader_run
+    ScheduleExecutor.load_batch = _load_batch

@@ -1,6 +1,7 @@
 """The converter (write_beton.py: sources, images, writer) and the loaders, on real JPEGs."""
 import functools
 import json
+import shutil
 import subprocess
 import threading
 import time
@@ -467,6 +468,21 @@ def test_an_error_in_the_loader_thread_is_raised_by_the_consumers_next(sample_be
     assert isinstance(taken[2], MemoryError) and str(taken[2]) == 'no memory for batch 2'
     assert not epoch.is_alive()
     assert isinstance(next_within(epoch, 60), StopIteration)
+
+
+def test_a_beton_gone_before_an_epoch_of_the_process_cache_is_an_error_not_a_hang(
+        sample_betons, tmp_path):
+    """data.in_memory=0 (ffcv's process cache) opens the .beton again as each epoch starts: a
+    file deleted (or unreadable) by then is raised where the batches are taken. ffcv's page
+    reader threads died with the error, and the loader waited for their pages for ever."""
+    copy = tmp_path / 'train.beton'
+    shutil.copy(sample_betons['train'], copy)
+    loader, _ = loaders.train_loader(path=copy, batch_size=32, num_workers=2, res=32,
+                                     os_cache=False, device=torch.device('cpu'),
+                                     distributed=False, seed=0)
+    copy.unlink()
+    got = next_within(iter(loader), 60)
+    assert isinstance(got, FileNotFoundError) and str(copy) in str(got), got
 
 
 def test_an_epoch_dropped_before_its_end_leaves_its_memory_when_its_thread_ends(sample_betons,
