@@ -126,11 +126,8 @@ def setup(info: DistInfo, timeout_s: float = 300) -> None:
                                 **kwargs)
 
 
-# The key, in torchrun's own store, under which rank 0 publishes the address of the store it hosts;
-# the one counting the starts of the job's workers; the variable rank 0 sets to that count.
+# The key, in torchrun's own store, under which rank 0 publishes the address of the store it hosts.
 STORE_ADDRESS_KEY = '/imagenet_ffcv/store_address'
-STARTS_KEY = '/imagenet_ffcv/starts'
-START_ENV = 'IMAGENET_FFCV_START'
 
 
 def restart_store(info: DistInfo, timeout: timedelta, environ=None):
@@ -148,9 +145,7 @@ def restart_store(info: DistInfo, timeout: timedelta, environ=None):
     and publishes its address in torchrun's store; the other ranks wait until the published address
     answers. An address left by the workers before a restart does not answer: torchrun stops every
     worker of every node before the new workers start. ``tests/test_faults.py`` restarts a killed
-    worker on one node and on two. Rank 0 also counts the starts of the job's workers in
-    torchrun's store and sets ``os.environ[START_ENV]`` to this one's (1 for the first; the run
-    folder's lock tells an earlier start of the job from another job by it).
+    worker on one node and on two.
 
     Raises torch.distributed.DistStoreError when rank 0 publishes no address within ``timeout``,
     TimeoutError when the address it published does not answer within it.
@@ -162,7 +157,6 @@ def restart_store(info: DistInfo, timeout: timedelta, environ=None):
                              timeout=timeout)
     torchrun_store = dist.TCPStore(host, port, is_master=False, timeout=timeout)
     if info.rank == 0:  # on the node of torchrun's store (the rendezvous's rank 0)
-        environ[START_ENV] = str(torchrun_store.add(STARTS_KEY, 1))
         store = dist.TCPStore(host, 0, info.world_size, is_master=True, timeout=timeout,
                               wait_for_workers=False)
         torchrun_store.set(STORE_ADDRESS_KEY, f'{host}:{store.port}')

@@ -57,18 +57,19 @@ def check_process_cache(cfg, processes_on_node: int, available: int = None) -> N
             f'the processes and gives pages back when memory runs short')
 
 
-# cgroup v2 and v1: the files of a memory limit, of the memory in use, and of the page cache in
-# it that can be given back.
-CGROUP_MEMORY_FILES = {'': ('memory.max', 'memory.current', 'inactive_file'),
+# cgroup v2 and v1: the files of a memory limit and of the memory in use, and the keys of
+# memory.stat that count the page cache in it, which the kernel gives back before it kills.
+CGROUP_MEMORY_FILES = {'': ('memory.max', 'memory.current', ('active_file', 'inactive_file')),
                        'memory': ('memory.limit_in_bytes', 'memory.usage_in_bytes',
-                                  'total_inactive_file')}
+                                  ('total_active_file', 'total_inactive_file'))}
 
 
 def memory_available(proc_cgroup='/proc/self/cgroup', root='/sys/fs/cgroup') -> int:
     """Bytes of memory this process may still take: psutil's ``virtual_memory().available``, or
     less under a cgroup memory limit (SLURM's ``--mem``, a container's ``--memory``), v2 or v1:
-    the limit less the memory in use but the page cache it may give back (as ``docker stats``
-    counts it), for this process's cgroup and each one above it. ``proc_cgroup``, ``root``: where
+    the limit less the memory in use but its page cache (active or not: a .beton read by several
+    processes is active cache, which the kernel still gives back), for this process's cgroup and
+    each one above it. ``proc_cgroup``, ``root``: where
     the kernel says which cgroups this process is in, and where they are mounted."""
     available = psutil.virtual_memory().available
     try:
@@ -79,7 +80,7 @@ def memory_available(proc_cgroup='/proc/self/cgroup', root='/sys/fs/cgroup') -> 
         _, controllers, path = line.split(':', 2)
         if controllers not in CGROUP_MEMORY_FILES:
             continue
-        limit_file, usage_file, cache_key = CGROUP_MEMORY_FILES[controllers]
+        limit_file, usage_file, cache_keys = CGROUP_MEMORY_FILES[controllers]
         top = Path(root, controllers) if controllers else Path(root)
         folder = top / path.lstrip('/')
         while True:
@@ -88,7 +89,8 @@ def memory_available(proc_cgroup='/proc/self/cgroup', root='/sys/fs/cgroup') -> 
                 used = int((folder / usage_file).read_text())
                 stat = dict(entry.split() for entry in (folder / 'memory.stat').read_text()
                             .splitlines() if entry.count(' ') == 1)
-                available = min(available, limit - used + int(stat.get(cache_key, 0)))
+                cache = sum(int(stat.get(key, 0)) for key in cache_keys)
+                available = min(available, limit - used + cache)
             except (OSError, ValueError):  # no such file, or 'max': no limit here
                 pass
             if folder == top or top not in folder.parents:

@@ -23,7 +23,6 @@ import uuid
 from datetime import datetime
 from pathlib import Path
 
-from .distributed import START_ENV
 from .errors import ImagenetFfcvError
 from .files import pid_alive, remove_stale_temporaries, temporary_path, write_text_atomic
 
@@ -111,7 +110,7 @@ class RunDir:
         :func:`lock_identity`, made complete (and on disk) then linked into place (``os.link``
         fails when the name exists, so of two jobs one only gets the lock). The lock of a job that
         has ended (:func:`lock_ended`: a process that no longer runs on this host, an earlier
-        start of this job, a SLURM job that has ended) is taken over, with a message. Raises
+        start of this SLURM job, a SLURM job that has ended) is taken over, with a message. Raises
         RunLockedError naming the holder when it may still run: alive on this host, or on
         another host and not known to have ended (delete the lock file if that job has ended).
         Two jobs taking over the same ended job's lock at the same instant may both succeed."""
@@ -167,19 +166,14 @@ class RunDir:
 
 
 def lock_identity(environ=None) -> dict:
-    """What a run's lock holds of this process: ``pid``, ``host``, ``job`` and ``start``. job: an
-    id that every start of this job has: ``slurm:<cluster>:<job id>`` (SLURM_CLUSTER_NAME,
-    SLURM_JOB_ID, which a requeued job keeps), else ``torchrun:<run id>`` (``--rdzv-id``, which
-    its restarts keep; not its default 'none'), else None. start: which start of the job this
-    is, ``[SLURM_RESTART_COUNT, the start of torchrun's workers]`` (``distributed.START_ENV``),
-    0 for each that does not apply; later starts compare greater."""
+    """What a run's lock holds of this process: ``pid``, ``host``, ``job`` (in a SLURM job,
+    ``slurm:<SLURM_CLUSTER_NAME>:<SLURM_JOB_ID>``, which a requeued job keeps; else None) and
+    ``start`` (SLURM_RESTART_COUNT: 0, then 1, 2, ... for each requeue)."""
     environ = os.environ if environ is None else environ
-    run_id = environ.get('TORCHELASTIC_RUN_ID', 'none')
     job = (f'slurm:{environ.get("SLURM_CLUSTER_NAME", "")}:{environ["SLURM_JOB_ID"]}'
-           if environ.get('SLURM_JOB_ID') else f'torchrun:{run_id}' if run_id != 'none' else None)
-    start = [int(environ.get('SLURM_RESTART_COUNT') or 0),
-             int(environ.get(START_ENV) or 0)]
-    return {'pid': os.getpid(), 'host': socket.gethostname(), 'job': job, 'start': start}
+           if environ.get('SLURM_JOB_ID') else None)
+    return {'pid': os.getpid(), 'host': socket.gethostname(), 'job': job,
+            'start': int(environ.get('SLURM_RESTART_COUNT') or 0)}
 
 
 def lock_ended(holder: dict, me: dict):
@@ -187,16 +181,18 @@ def lock_ended(holder: dict, me: dict):
     the process ``me`` (:func:`lock_identity`), or None when it may still run. Ended: an empty lock
     (a power cut as it was written: locks are linked into place complete); on this host, a PID
     that no longer runs (one that does is never taken over); on another, an earlier start of this
-    job (the same job, a lower start: SLURM requeues a job, and torchrun restarts its workers, only
-    once all of its processes have ended), or a job of this SLURM cluster that ``squeue`` says
-    has ended (a job of a chain, ``sbatch --dependency``, killed past its time limit)."""
+    SLURM job (the same job, requeued fewer times: SLURM requeues a job only once all of its
+    processes have ended), or a job of this SLURM cluster that ``squeue`` says has ended (a job of
+    a chain, ``sbatch --dependency``, killed past its time limit). Not told apart, and so refused:
+    a second training in one SLURM job, and a torchrun restart whose rank 0 moved to another node
+    (torchrun keeps no count of its starts that holds across nodes)."""
     if not holder:
         return 'its lock file is empty (a power cut as it was written)'
     pid, job, start = holder.get('pid'), holder.get('job'), holder.get('start')
     if holder.get('host') == me['host']:
         return 'it no longer runs' if isinstance(pid, int) and not pid_alive(pid) else None
-    if me['job'] and job == me['job'] and isinstance(start, list) and start < me['start']:
-        return f'an earlier start of this job ({job}, start {start} < {me["start"]})'
+    if me['job'] and job == me['job'] and isinstance(start, int) and start < me['start']:
+        return f'an earlier start of this job ({job}, requeued {start} time(s), now {me["start"]})'
     cluster = (me['job'] or '').split(':')[:2]  # ['slurm', cluster] in SLURM
     if (cluster[0] == 'slurm' and isinstance(job, str) and job.split(':')[:2] == cluster
             and slurm_job_ended(job.split(':')[2])):

@@ -6,13 +6,10 @@ import socket
 import subprocess
 import sys
 
-from datetime import timedelta
-
 import pytest
-import torch
 
 from conftest import REPO
-from imagenet_ffcv import distributed, files
+from imagenet_ffcv import files
 from imagenet_ffcv.run_dir import (RunDir, RunLockedError, code_version, latest_checkpoint,
                                    lock_identity)
 
@@ -106,11 +103,10 @@ def test_a_run_folder_is_locked_by_its_job_and_a_dead_jobs_lock_is_taken_over(tm
     """The lock names this process; a live process's lock, or one from another host, refuses
     the run (naming the holder) before anything in the folder changes; a dead process's lock is
     taken over; unlock removes this process's lock."""
-    for name in ('SLURM_JOB_ID', 'SLURM_RESTART_COUNT', 'TORCHELASTIC_RUN_ID',
-                 distributed.START_ENV):
+    for name in ('SLURM_JOB_ID', 'SLURM_RESTART_COUNT'):
         monkeypatch.delenv(name, raising=False)
     host = socket.gethostname()
-    me = {'pid': os.getpid(), 'host': host, 'job': None, 'start': [0, 0]}
+    me = {'pid': os.getpid(), 'host': host, 'job': None, 'start': 0}
     run = RunDir.create(tmp_path, params={'logging': {'run_name': 'a'}}, run_name='a')
     assert run.path.name.startswith('a-') and run.run_name == 'a'
     assert run.lock_holder() == me
@@ -134,25 +130,22 @@ def test_a_run_folder_is_locked_by_its_job_and_a_dead_jobs_lock_is_taken_over(tm
     assert not again.lock_file.exists()
 
 
-def test_the_lock_of_an_earlier_start_of_the_same_job_is_taken_over_on_any_host(
+def test_the_lock_of_a_requeued_slurm_jobs_earlier_start_is_taken_over_on_any_host(
         tmp_path, monkeypatch, capsys):
-    """A job killed without unlocking (SIGKILL, a lost node) and started again on another host,
-    by SLURM's requeue (same SLURM_JOB_ID, a higher SLURM_RESTART_COUNT) or a torchrun restart
-    whose rank 0 lands on another node (same --rdzv-id, a later start of the workers), takes over
-    its own earlier lock: every such start was refused, for ever, until someone deleted the
-    lock. The same start of the same job elsewhere (a second training in one allocation),
-    another job, torchrun's default run id 'none', and a live process on this host (whatever its
-    job) are refused; an empty lock (a power cut) is taken over."""
-    for name in ('SLURM_JOB_ID', 'SLURM_CLUSTER_NAME', 'SLURM_RESTART_COUNT', 'TORCHELASTIC_RUN_ID',
-                 distributed.START_ENV):
+    """A SLURM job killed without unlocking (SIGKILL, a lost node) and requeued onto another node
+    (same cluster and SLURM_JOB_ID, a higher SLURM_RESTART_COUNT) takes over its own earlier
+    lock: each such start was refused, for ever, until someone deleted the lock. The same start
+    of the same job elsewhere (a second training in one allocation), another job or cluster, a
+    lock without a job, and a live process on this host (whatever its job) are refused; an empty
+    lock (a power cut) is taken over."""
+    for name in ('SLURM_JOB_ID', 'SLURM_CLUSTER_NAME', 'SLURM_RESTART_COUNT'):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv('SLURM_JOB_ID', '4242')
     monkeypatch.setenv('SLURM_CLUSTER_NAME', 'c1')
     monkeypatch.setenv('SLURM_RESTART_COUNT', '1')
     run = RunDir.create(tmp_path, params={}, run_name='a')
-    me = run.lock_holder()
-    assert me == {'pid': os.getpid(), 'host': socket.gethostname(), 'job': 'slurm:c1:4242',
-                  'start': [1, 0]}
+    assert run.lock_holder() == {'pid': os.getpid(), 'host': socket.gethostname(),
+                                 'job': 'slurm:c1:4242', 'start': 1}
 
     def reopened(holder) -> bool:
         run.lock_file.write_text(json.dumps(holder))
@@ -164,49 +157,25 @@ def test_the_lock_of_an_earlier_start_of_the_same_job_is_taken_over_on_any_host(
         assert run.lock_holder() == lock_identity()
         return True
 
-    requeued = {'pid': 1, 'host': 'node-17', 'job': 'slurm:c1:4242', 'start': [0, 0]}
-    assert reopened(requeued)
+    first = {'pid': 1, 'host': 'node-17', 'job': 'slurm:c1:4242', 'start': 0}
+    assert reopened(first)
     assert 'taking over the lock of PID 1 on node-17: an earlier start of this job' in \
         capsys.readouterr().out
-    assert not reopened({**requeued, 'start': [1, 0]})  # a second training of this start
-    assert not reopened({**requeued, 'job': 'slurm:c1:4241'})
-    assert not reopened({**requeued, 'job': 'slurm:c2:4242'})  # another cluster's job 4242
-    assert not reopened({'pid': 1, 'host': 'node-17', 'job': None})
-    assert not reopened({'pid': 1, 'host': 'node-17'})
+    assert not reopened({**first, 'start': 1})  # a second training of this start
+    assert not reopened({**first, 'job': 'slurm:c1:4241'})
+    assert not reopened({**first, 'job': 'slurm:c2:4242'})  # another cluster's job 4242
+    assert not reopened({'pid': 1, 'host': 'node-17', 'job': None, 'start': 0})
+    assert not reopened({'pid': 1, 'host': 'node-17'})  # written before locks held a job
     live = subprocess.Popen([sys.executable, '-c', 'import sys; sys.stdin.read()'],
                             stdin=subprocess.PIPE)
     try:
-        assert not reopened({**requeued, 'pid': live.pid, 'host': socket.gethostname()})
+        assert not reopened({**first, 'pid': live.pid, 'host': socket.gethostname()})
     finally:
         live.communicate(b'')
-    for name in ('SLURM_JOB_ID', 'SLURM_CLUSTER_NAME', 'SLURM_RESTART_COUNT'):
-        monkeypatch.delenv(name)
-    monkeypatch.setenv('TORCHELASTIC_RUN_ID', 'none')
-    assert not reopened({'pid': 1, 'host': 'node-17', 'job': None, 'start': [0, 0]})
-    monkeypatch.setenv('TORCHELASTIC_RUN_ID', '4243')
-    monkeypatch.setenv(distributed.START_ENV, '2')  # torchrun's second start of the workers
-    restarted = {'pid': 1, 'host': 'node-17', 'job': 'torchrun:4243', 'start': [0, 1]}
-    assert reopened(restarted)
-    assert not reopened({**restarted, 'start': [0, 2]})
     run.lock_file.write_text('')
     RunDir.reopen(run.checkpoint, epoch=0)
     assert 'its lock file is empty' in capsys.readouterr().out
-    assert run.lock_holder()['job'] == 'torchrun:4243'
-
-
-def test_torchruns_starts_of_the_workers_are_counted_in_its_store():
-    """Rank 0 counts the starts of the job's workers in torchrun's store, which outlives them
-    (TORCHELASTIC_RESTART_COUNT is each node's own count): 1, then 2 after a restart."""
-    import torch.distributed as dist
-    torchrun_store = dist.TCPStore('127.0.0.1', 0, is_master=True, wait_for_workers=False)
-    environ = {'TORCHELASTIC_USE_AGENT_STORE': 'True', 'MASTER_ADDR': '127.0.0.1',
-               'MASTER_PORT': str(torchrun_store.port)}
-    info = distributed.DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device('cpu'))
-    starts = []
-    for _ in range(2):
-        distributed.restart_store(info, timedelta(seconds=10), environ)
-        starts.append(environ[distributed.START_ENV])
-    assert starts == ['1', '2']
+    assert run.lock_holder() == lock_identity()
 
 
 def test_the_lock_of_a_slurm_job_that_slurm_says_has_ended_is_taken_over(tmp_path, monkeypatch,
@@ -217,8 +186,7 @@ def test_the_lock_of_a_slurm_job_that_slurm_says_has_ended_is_taken_over(tmp_pat
     forgot it; its lock is taken over. A job it lists as running or pending, an answer it cannot
     read, and a job of another cluster (whose ids squeue here does not know) still refuse the
     run."""
-    for name in ('SLURM_RESTART_COUNT', 'TORCHELASTIC_RUN_ID', distributed.START_ENV):
-        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv('SLURM_RESTART_COUNT', raising=False)
     monkeypatch.setenv('SLURM_JOB_ID', '5001')
     monkeypatch.setenv('SLURM_CLUSTER_NAME', 'c1')
     bin_dir = tmp_path / 'bin'
@@ -226,7 +194,7 @@ def test_the_lock_of_a_slurm_job_that_slurm_says_has_ended_is_taken_over(tmp_pat
     monkeypatch.setenv('PATH', f'{bin_dir}{os.pathsep}{os.environ["PATH"]}')
     squeue = bin_dir / 'squeue'
     run = RunDir.create(tmp_path / 'runs', params={}, run_name='a')
-    earlier = {'pid': 1, 'host': 'node-17', 'job': 'slurm:c1:5000', 'start': [0, 0]}
+    earlier = {'pid': 1, 'host': 'node-17', 'job': 'slurm:c1:5000', 'start': 0}
     for answer, taken in (('echo TIMEOUT', True), ('echo COMPLETED', True),
                           ('echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1',
                            True), ('echo RUNNING', False), ('echo PENDING', False), ('', False),

@@ -124,26 +124,28 @@ def test_a_process_cache_larger_than_the_memory_is_refused_before_any_work(sampl
 
 def test_the_memory_available_counts_a_cgroup_limit(tmp_path, monkeypatch):
     """Under a cgroup memory limit (SLURM's --mem, a container's), v2 or v1, the memory this
-    process may take is the limit less what is in use but the page cache it may give back, the
-    least over its cgroup and those above it; psutil alone sees the whole machine's."""
+    process may take is the limit less what is in use but the page cache (active, as a .beton
+    that several ranks read, or inactive), the least over its cgroup and those above it; psutil
+    alone sees the whole machine's."""
     from imagenet_ffcv import preflight
     gib = 2 ** 30
     machine = 100 * gib
     monkeypatch.setattr(preflight.psutil, 'virtual_memory', lambda: SimpleNamespace(
         available=machine))
     v2 = tmp_path / 'v2'
-    for folder, limit, used, cache in (('job_1', 4 * gib, 3 * gib, gib), ('job_1/step_0', 'max',
-                                                                          3 * gib, gib)):
+    for folder, limit in (('job_1', 5 * gib), ('job_1/step_0', 'max')):  # 4 GiB in use
         (v2 / folder).mkdir(parents=True)
         (v2 / folder / 'memory.max').write_text(f'{limit}\n')
-        (v2 / folder / 'memory.current').write_text(f'{used}\n')
-        (v2 / folder / 'memory.stat').write_text(f'anon {used - cache}\ninactive_file {cache}\n')
+        (v2 / folder / 'memory.current').write_text(f'{4 * gib}\n')
+        (v2 / folder / 'memory.stat').write_text(
+            f'anon {2 * gib}\nactive_file {gib}\ninactive_file {gib}\n')
     (tmp_path / 'cgroup2').write_text('0::/job_1/step_0\n')
-    assert preflight.memory_available(tmp_path / 'cgroup2', v2) == min(machine, 2 * gib)
+    assert preflight.memory_available(tmp_path / 'cgroup2', v2) == 3 * gib
     v1 = tmp_path / 'v1'
     (v1 / 'memory' / 'slurm' / 'job_2').mkdir(parents=True)
     for name, value in (('memory.limit_in_bytes', 3 * gib), ('memory.usage_in_bytes', 2 * gib),
-                        ('memory.stat', f'cache {gib}\ntotal_inactive_file {gib // 2}')):
+                        ('memory.stat', f'cache {gib}\ntotal_active_file {gib // 4}\n'
+                                        f'total_inactive_file {gib // 4}')):
         (v1 / 'memory' / 'slurm' / 'job_2' / name).write_text(f'{value}\n')
     (tmp_path / 'cgroup1').write_text('5:cpuset:/\n4:memory:/slurm/job_2\n0::/\n')
     assert preflight.memory_available(tmp_path / 'cgroup1', v1) == min(machine, gib + gib // 2)
