@@ -14,13 +14,14 @@ def test_auto_is_bf16_where_the_gpu_has_it_else_fp16_and_fp32_on_cpu(monkeypatch
     """'auto' takes bf16 on compute capability 8.0 and later, fp16 on a V100 or T4, even though
     torch.cuda.is_bf16_supported() is true there too (it counts emulation: a T4 answers True),
     and cuDNN has no bf16 convolutions below 8.0."""
-    cpu, gpu = torch.device('cpu'), torch.device('cuda', 0)
+    cpu, gpu = torch.device('cpu'), torch.device('cuda', 1)  # this process's GPU: 1 of 0, 1
     assert engine.resolve_precision('auto', cpu) == engine.Precision('fp32')
     monkeypatch.setattr(torch.version, 'hip', None)
     monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: True)
-    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda *a: (9, 0))  # H100
-    assert engine.resolve_precision('auto', gpu) == engine.Precision('bf16', torch.bfloat16)
-    monkeypatch.setattr(torch.cuda, 'get_device_capability', lambda *a: (7, 5))  # T4
+    for other, this, expected in (((7, 5), (9, 0), 'bf16'), ((9, 0), (7, 5), 'fp16')):  # T4, H100
+        monkeypatch.setattr(torch.cuda, 'get_device_capability',
+                            lambda device, caps={0: other, 1: this}: caps[device.index])
+        assert engine.resolve_precision('auto', gpu).name == expected
     fp16 = engine.resolve_precision('auto', gpu)
     assert fp16 == engine.Precision('fp16', torch.float16, loss_scaling=True)
     assert fp16.input_dtype == torch.float16
