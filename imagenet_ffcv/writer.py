@@ -121,24 +121,30 @@ class _Writer(DatasetWriter):
     Here the other workers are stopped and :class:`WriterProcessError` names the one that ended
     and how; the work left in the queue is dropped (its feeder thread would keep the command from
     exiting), and on Linux the workers die with the command (killed, they waited for work). The
-    workers are forked, as ffcv's writer expects, whatever Python's default start method."""
+    workers are forked, as ffcv's writer expects, whatever Python's default start method; once
+    they are, the name of the records' shared table is removed from /dev/shm (they and the
+    command keep it mapped), so that killing them all (a job's end) leaves none behind."""
 
     def _write_common(self, num_samples, queue_content, work_fn, extra_worker_args):
         # ffcv.writer.DatasetWriter._write_common, the waits watching the workers' exit codes
         self.num_samples = num_samples
-        self.prepare()
-        fork = multiprocessing.get_context('fork')
-        work, allocations, done = fork.Queue(), fork.Queue(), fork.Value(ctypes.c_uint64, 0)
-        for todo in [*queue_content, *[None] * self.num_workers]:
-            work.put(todo)
-        work.cancel_join_thread()  # after an error, the chunks no worker took are not waited for
-        allocator = MemoryAllocator(self.fname, self.data_region_start, self.page_size)
-        args = (work_fn, os.getpid(), work, self.metadata_sm, self.metadata_type, self.fields,
-                allocator, done, allocations, *extra_worker_args)
-        processes = [fork.Process(target=_worker, args=args) for _ in range(self.num_workers)]
+        self.prepare()  # makes self.metadata_sm, the records' table the workers fill
+        processes, named = [], True
         try:
+            fork = multiprocessing.get_context('fork')
+            work, allocations, done = fork.Queue(), fork.Queue(), fork.Value(ctypes.c_uint64, 0)
+            for todo in [*queue_content, *[None] * self.num_workers]:
+                work.put(todo)
+            work.cancel_join_thread()  # after an error, the chunks no worker took are dropped
+            allocator = MemoryAllocator(self.fname, self.data_region_start, self.page_size)
+            args = (work_fn, os.getpid(), work, self.metadata_sm, self.metadata_type,
+                    self.fields, allocator, done, allocations, *extra_worker_args)
+            processes = [fork.Process(target=_worker, args=args)
+                         for _ in range(self.num_workers)]
             for p in processes:
                 p.start()
+            self.metadata_sm.unlink()
+            named = False
             gathered = _wait_for_workers(processes, allocations, done, num_samples)
             self.finalize([a for allocated in gathered for a in allocated])
         finally:
@@ -148,7 +154,8 @@ class _Writer(DatasetWriter):
                 if p.pid is not None:
                     p.join()
             self.metadata_sm.close()
-            self.metadata_sm.unlink()
+            if named:
+                self.metadata_sm.unlink()
 
 
 def _worker(work_fn, command: int, *args) -> None:

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -773,6 +774,11 @@ how, command = sys.argv[1], os.getpid()
 real_load, real_encode = writer.load_image, writer.encode_jpeg
 if how == 'forkserver':
     multiprocessing.set_start_method('forkserver', force=True)
+prepare = writer._Writer.prepare
+def prepare_and_say(self):  # the name of the records' shared table in /dev/shm
+    prepare(self)
+    print('table', self.metadata_sm.name, flush=True)
+writer._Writer.prepare = prepare_and_say
 def load_image(path, max_res):
     if how == 'kill' and path.endswith('n01/0003.png') and os.getpid() != command:
         os.kill(os.getpid(), signal.SIGKILL)
@@ -842,6 +848,32 @@ def test_the_writer_forks_its_processes_whatever_the_default_start_method(tmp_pa
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert ': 40 images, 2 classes' in proc.stdout, proc.stdout
+
+
+def test_a_converter_killed_with_its_processes_leaves_nothing_in_dev_shm(tmp_path):
+    """The converter and all its processes killed at once (SIGKILL to its process group, as a
+    job's end or a container's kill does): the records' shared table leaves no file in /dev/shm
+    (a name ffcv's writer kept until its end, which multiprocessing's resource tracker, killed
+    too, could not remove: 24 bytes an image, 30 MB for ImageNet's train split, until reboot)."""
+    small_split(tmp_path / 'data', 2000)
+    command = subprocess.Popen([PYTHON, '-c', WRITE_WITH_A_WORKER_THAT_ENDS, 'slow',
+                                f'--data-dir={tmp_path / "data"}', '--split=train',
+                                f'--out={tmp_path}', '--num-workers=2'], env=run_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                               start_new_session=True)
+    try:
+        line = command.stdout.readline()
+        assert line.startswith('table '), line
+        table = Path('/dev/shm') / line.split()[1].lstrip('/')
+        time.sleep(2)  # at work
+        os.killpg(command.pid, signal.SIGKILL)
+        command.wait()
+        time.sleep(1)
+        assert not table.exists()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(command.pid, signal.SIGKILL)
+        command.wait()
 
 
 def test_the_writer_processes_die_with_the_command(tmp_path):
