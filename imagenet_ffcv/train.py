@@ -105,7 +105,7 @@ def train(cfg, dist, wall_start) -> dict:
     if saved:
         restore(run, saved, resume_path)
     run.run_dir = distributed.on_rank_0(partial(open_run_dir, run, resume_path))
-    try:  # the run folder's lock is given back however this ends (W&B failing to start too)
+    try:  # the lock is given back however this ends (W&B failing to start or finish too)
         run.live_log = distributed.on_rank_0(lambda: LiveLog(
             run.run_dir.path, tensorboard=bool(cfg.logging.tensorboard),
             wandb_project=cfg.logging.wandb_project, run_name=run.run_dir.path.name,
@@ -116,10 +116,10 @@ def train(cfg, dist, wall_start) -> dict:
             return stopped_summary(run, stop)
         return summarize(run)
     finally:
-        if run.live_log:
-            run.live_log.close()
         if run.run_dir:
             run.run_dir.unlock()
+        if run.live_log:
+            run.live_log.close()
 
 
 def global_step(run, epoch: int, iterations_done: int) -> int:

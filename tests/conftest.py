@@ -78,17 +78,22 @@ def decoder_node(loader):
     return node
 
 
+def small_args(betons, folder, *extra) -> list:
+    """The command line of a ResNet-18 run on the sample betons at 32 px (training and
+    validation), small batches, 2 loader threads; ``extra`` arguments override these. (At the
+    default 160 px, one CPU epoch of the 340 images took 24 s on 2 cores; at 32 px 8.5 s, mostly
+    numba compiling.)"""
+    return [f'--data.train_dataset={betons["train"]}', f'--data.val_dataset={betons["val"]}',
+            '--data.num_workers=2', f'--logging.folder={folder}', '--model.arch=resnet18',
+            '--training.batch_size=32', '--validation.batch_size=64',
+            '--validation.resolution=32', '--resolution.min_res=32', '--resolution.max_res=32',
+            '--lr.lr=0.1', '--lr.lr_peak_epoch=1', *extra]
+
+
 def small_config(betons, folder, *extra):
-    """A ResNet-18 config on the sample betons at 32 px (training and validation), small
-    batches, 2 loader threads; ``extra`` arguments override these. (At the default 160 px, one
-    CPU epoch of the 340 images took 24 s on 2 cores; at 32 px 8.5 s, mostly numba compiling.)"""
+    """The config of :func:`small_args`."""
     from imagenet_ffcv import config
-    return config.load_config([
-        f'--data.train_dataset={betons["train"]}', f'--data.val_dataset={betons["val"]}',
-        '--data.num_workers=2', f'--logging.folder={folder}', '--model.arch=resnet18',
-        '--training.batch_size=32', '--validation.batch_size=64', '--validation.resolution=32',
-        '--resolution.min_res=32', '--resolution.max_res=32', '--lr.lr=0.1',
-        '--lr.lr_peak_epoch=1', *extra])
+    return config.load_config(small_args(betons, folder, *extra))
 
 
 @pytest.fixture(scope='session')

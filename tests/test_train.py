@@ -10,7 +10,7 @@ import pytest
 import torch
 import torchvision
 
-from conftest import REPO, run_env, small_config
+from conftest import REPO, run_env, small_args, small_config
 from imagenet_ffcv import config, engine, loaders, models, train
 from imagenet_ffcv.classes import class_list_path, read_class_list, write_class_list
 
@@ -82,6 +82,22 @@ def test_live_logs_that_fail_to_start_leave_the_run_folder_unlocked(sample_beton
                    f'--logging.folder={tmp_path}'])
     [run_dir] = [p for p in tmp_path.iterdir() if p.is_dir()]
     assert (run_dir / 'params.json').exists() and not (run_dir / 'lock').exists()
+
+
+def test_live_logs_that_fail_to_close_leave_the_run_folder_unlocked(sample_betons, tmp_path,
+                                                                    monkeypatch):
+    """W&B or TensorBoard failing as the live logs close (W&B's finish with the network gone):
+    the error comes out, and the run folder's lock was given back before (it was left behind, so
+    that a later --resume on another host was refused)."""
+    from imagenet_ffcv import loggers
+
+    def close_fails(self):
+        raise RuntimeError('wandb.finish failed')
+    monkeypatch.setattr(loggers.LiveLog, 'close', close_fails)
+    with pytest.raises(RuntimeError, match='wandb.finish failed'):
+        train.cli(small_args(sample_betons, tmp_path, '--training.epochs=1'))
+    [run_dir] = [p for p in tmp_path.iterdir() if p.is_dir()]
+    assert (run_dir / 'final_weights.pt').exists() and not (run_dir / 'lock').exists()
 
 
 def test_train_and_val_betons_from_different_class_lists_are_refused(sample_betons, tmp_path):
