@@ -69,8 +69,8 @@ def memory_available(proc_cgroup='/proc/self/cgroup', root='/sys/fs/cgroup') -> 
     less under a cgroup memory limit (SLURM's ``--mem``, a container's ``--memory``), v2 or v1:
     the limit less the memory in use but its page cache (active or not: a .beton read by several
     processes is active cache, which the kernel still gives back), for this process's cgroup and
-    each one above it. ``proc_cgroup``, ``root``: where
-    the kernel says which cgroups this process is in, and where they are mounted."""
+    each one above it. ``proc_cgroup``, ``root``: where the kernel says which cgroups this
+    process is in, and where they are mounted."""
     available = psutil.virtual_memory().available
     try:
         lines = Path(proc_cgroup).read_text().splitlines()
@@ -81,7 +81,7 @@ def memory_available(proc_cgroup='/proc/self/cgroup', root='/sys/fs/cgroup') -> 
         if controllers not in CGROUP_MEMORY_FILES:
             continue
         limit_file, usage_file, cache_keys = CGROUP_MEMORY_FILES[controllers]
-        top = Path(root, controllers) if controllers else Path(root)
+        top = Path(root, controllers)  # v2's controllers are '': the root itself
         folder = top / path.lstrip('/')
         while True:
             try:

@@ -7,7 +7,7 @@
   ``final_weights.safetensors`` once it finished;
 - ``progress.png``: the run's plot;
 - ``checkpoint_epoch_<N>.pt``: the checkpoints after epoch N (``checkpoint.keep_history``);
-- ``lock``: ``{"pid", "host", "job"}`` of the job writing the run, while it runs
+- ``lock``: ``{"pid", "host", "job", "start"}`` of the job writing the run, while it runs
   (:meth:`RunDir.lock`).
 
 A run is *finished* when ``final_weights.pt`` exists; ``--resume auto`` picks the latest run of the
@@ -90,9 +90,10 @@ class RunDir:
         return json.loads(self.params.read_text()).get('logging', {}).get('run_name', '')
 
     def lock_holder(self):
-        """``{'pid', 'host', 'job'}`` of the job holding the run's lock (:func:`lock_identity`),
-        None when unlocked, {} when the lock file is empty (what a power cut can leave of one);
-        a lock this tool did not write reads as ``{'pid': '?', 'host': '?'}``."""
+        """``{'pid', 'host', 'job', 'start'}`` of the job holding the run's lock
+        (:func:`lock_identity`), None when unlocked, {} when the lock file is empty (what a power
+        cut can leave of one); a lock this tool did not write reads as
+        ``{'pid': '?', 'host': '?'}``."""
         try:
             text = self.lock_file.read_text()
         except FileNotFoundError:
@@ -191,12 +192,13 @@ def lock_ended(holder: dict, me: dict):
     pid, job, start = holder.get('pid'), holder.get('job'), holder.get('start')
     if holder.get('host') == me['host']:
         return 'it no longer runs' if isinstance(pid, int) and not pid_alive(pid) else None
-    if me['job'] and job == me['job'] and isinstance(start, int) and start < me['start']:
-        return f'an earlier start of this job ({job}, requeued {start} time(s), now {me["start"]})'
-    cluster = (me['job'] or '').split(':')[:2]  # ['slurm', cluster] in SLURM
-    if (cluster[0] == 'slurm' and isinstance(job, str) and job.split(':')[:2] == cluster
-            and slurm_job_ended(job.split(':')[2])):
-        return f'SLURM job {job.split(":")[2]} has ended'
+    if me['job'] and isinstance(job, str):  # both in SLURM: slurm:<cluster>:<job id>
+        if job == me['job'] and isinstance(start, int) and start < me['start']:
+            return (f'an earlier start of this job ({job}, requeued {start} time(s), now '
+                    f'{me["start"]})')
+        cluster, _, job_id = job.rpartition(':')
+        if cluster == me['job'].rpartition(':')[0] and slurm_job_ended(job_id):
+            return f'SLURM job {job_id} has ended'
     return None
 
 

@@ -129,10 +129,7 @@ def test_a_process_cache_larger_than_the_memory_is_refused_before_any_work(sampl
                                   available=0)
     monkeypatch.setattr(preflight.psutil, 'virtual_memory',
                         lambda: SimpleNamespace(available=size - 1))
-    args = [f'--data.train_dataset={sample_betons["train"]}',
-            f'--data.val_dataset={sample_betons["val"]}', f'--logging.folder={tmp_path / "runs"}',
-            '--data.in_memory=0']
-    assert train.cli(args) == 1
+    assert train.cli(small_args(sample_betons, tmp_path / 'runs', '--data.in_memory=0')) == 1
     err = capsys.readouterr().err
     assert err.count('\n') == 1 and 'data.in_memory=0' in err and 'GB are available' in err, err
     assert not (tmp_path / 'runs').exists()
