@@ -76,7 +76,8 @@ def _data_and_model_sections(section) -> None:
             val_dataset=Param(str, 'validation .beton file', required=True),
             num_workers=Param(Or(Int(), OneOf(['auto'])),
                               "loader threads per process; 'auto': the cores this process may "
-                              'use, divided by the processes on this node (torchrun), less one '
+                              'use, divided by the processes of this node that may use them too '
+                              '(all of them unless each is bound to cores of its own), less one '
                               'for the training loop itself (at least 1)', default='auto'),
             in_memory=Param(int, "ffcv's os_cache (ffcv-imagenet's name): 1: memory-map the "
                                  'file and share the OS page cache (one copy for all the '

@@ -12,6 +12,7 @@ import socket
 import time
 from datetime import timedelta
 from dataclasses import dataclass
+from pathlib import Path
 
 import numba
 import torch
@@ -91,20 +92,47 @@ def loader_threads(num_workers, info: DistInfo) -> int:
     the threads numba may start on this machine (``NUMBA_NUM_THREADS``, its CPU count; ffcv
     fails beyond it, so a config written for a bigger machine still runs); 'auto': the cores this
     process may use (``os.sched_getaffinity``, which follows taskset, cgroups' cpusets and SLURM's
-    binding) divided by the processes of the job on this node, less one for the training loop
-    itself, and at least 1."""
+    binding) divided by the processes that share them (:func:`core_sharers`), less one for the
+    training loop itself, and at least 1. Call it on every rank: 'auto' takes a collective."""
     if num_workers != 'auto':
         return max(1, min(int(num_workers), numba.config.NUMBA_NUM_THREADS))
-    return max(1, min(usable_cores() // info.local_world_size - 1,
-                      numba.config.NUMBA_NUM_THREADS))
+    return max(1, min(usable_cores() // core_sharers(info) - 1, numba.config.NUMBA_NUM_THREADS))
+
+
+def core_sharers(info: DistInfo) -> int:
+    """The processes of the job that may run on this process's cores, itself included: those of
+    this machine whose ``os.sched_getaffinity`` overlaps this one's, gathered from every rank
+    (``all_gather_object``; every rank must call it). A node's processes all share one set of
+    cores unless each is bound to cores of its own (torchrun's ``--numa-binding``, a numactl
+    wrapper): then each set is divided among fewer processes, or none. Without a process group
+    (one process, or before ``setup``): ``info.local_world_size``."""
+    if not (info.distributed and dist.is_initialized()):
+        return info.local_world_size
+    mine = (_machine_id(), sorted(_cores()))
+    everyone = [None] * info.world_size
+    dist.all_gather_object(everyone, mine)
+    return sum(machine == mine[0] and not set(cores).isdisjoint(mine[1])
+               for machine, cores in everyone)
+
+
+def _machine_id() -> str:
+    """What tells this machine's processes from other machines': the kernel's boot id (shared by
+    the containers of one machine, which share its cores), else the host name."""
+    try:
+        return Path('/proc/sys/kernel/random/boot_id').read_text().strip()
+    except OSError:
+        return socket.gethostname()
+
+
+def _cores() -> set:
+    return os.sched_getaffinity(0) if hasattr(os, 'sched_getaffinity') else set(
+        range(os.cpu_count() or 1))
 
 
 def usable_cores() -> int:
     """The cores this process may use (``os.sched_getaffinity``: taskset, cgroups' cpusets,
     SLURM's binding; not a CPU quota such as docker's --cpus), not all of the machine's."""
-    if hasattr(os, 'sched_getaffinity'):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
+    return len(_cores())
 
 
 def setup(info: DistInfo, timeout_s: float = 300) -> None:

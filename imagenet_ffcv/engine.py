@@ -368,7 +368,9 @@ def evaluate(*, model, loader, amp_dtype=None, flip_tta: bool = True, ten_crop: 
     ten_crop: instead, the mean logits of 10 views (Krizhevsky et al. 2012): the four corner crops
     and the centre crop, each ``224/256`` of the side of the square input, and their flips. Feed it
     whole central squares (``loaders.val_loader(..., crop_ratio=1.0)``) of ``256/224`` times the
-    views' side (views of 224 px from squares of 256: torchvision's Resize(256), TenCrop(224)).
+    views' side: views of 224 px from the central 256 x 256 square, as Krizhevsky et al. cut
+    theirs. torchvision's Resize(256) + TenCrop(224) cuts its corners from the whole resized
+    image instead: the same views for a square image, others for the rest.
     corrupt_record: as in :func:`train_one_epoch`, checked at the end (CorruptRecordError).
     progress: the label of a progress bar ('' : none).
     Returns ``{'top_1', 'top_5'}`` as fractions in [0, 1], ``'val_loss'`` and ``'count'`` (images).

@@ -1,5 +1,6 @@
 """Shared fixtures: the embedded demo sample and small .beton files written from it once."""
 import os
+import socket
 import sys
 import tempfile
 from pathlib import Path
@@ -59,6 +60,13 @@ def sample_betons(tmp_path_factory):
                          num_workers=2)
         write_class_list(class_list_path(paths[split]), classes)
     return paths
+
+
+def free_port() -> int:
+    """A TCP port of localhost that is free now (for a process group's store)."""
+    with socket.socket() as s:
+        s.bind(('localhost', 0))
+        return s.getsockname()[1]
 
 
 def run_env():

@@ -410,6 +410,39 @@ def test_num_workers_auto_shares_this_process_cores_among_the_node_processes(mon
     assert distributed.from_env(env).local_world_size == 4
     assert load_config(['--data.train_dataset=a', '--data.val_dataset=b',
                         '--logging.folder=c']).data.num_workers == 'auto'
+
+
+# Two ranks of one machine in a gloo group: loader_threads('auto') for three ways of giving them
+# the 16 cores that os.sched_getaffinity is made to return.
+TWO_RANKS_ON_16_CORES = """
+import os, numba
+from imagenet_ffcv import distributed
+numba.config.NUMBA_NUM_THREADS = 16
+info = distributed.from_env()
+distributed.setup(info, timeout_s=60)
+r = info.rank
+for binding, cores in [('shared', range(16)), ('each its own 8', range(8 * r, 8 * r + 8)),
+                       ('overlapping', range(0, 12) if r == 0 else range(8, 16))]:
+    os.sched_getaffinity = lambda pid: set(cores)
+    print(binding, distributed.loader_threads('auto', info), flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_num_workers_auto_divides_only_the_cores_a_process_shares():
+    """Ranks bound to cores of their own (torchrun --numa-binding, numactl) each keep theirs:
+    8 cores each gave 8 // 2 - 1 = 3 threads (the node's 2 processes assumed to share them), now
+    7; ranks that share all 16 cores or overlap still divide them."""
+    from conftest import free_port, run_env
+    env = dict(run_env(), WORLD_SIZE='2', LOCAL_WORLD_SIZE='2', MASTER_ADDR='localhost',
+               MASTER_PORT=str(free_port()))
+    ranks = [subprocess.Popen([sys.executable, '-c', TWO_RANKS_ON_16_CORES], cwd=REPO,
+                              env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in (0, 1)]
+    outputs = [rank.communicate(timeout=120)[0] for rank in ranks]
+    assert [rank.returncode for rank in ranks] == [0, 0], outputs
+    assert outputs == ['shared 7\neach its own 8 7\noverlapping 5\n',
+                       'shared 7\neach its own 8 7\noverlapping 3\n']
     assert load_config(['--data.train_dataset=a', '--data.val_dataset=b', '--logging.folder=c',
                         '--data.num_workers=3']).data.num_workers == 3
 

@@ -4,22 +4,15 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 
-from conftest import REPO, run_env
+from conftest import REPO, free_port, run_env
 
 pytestmark = pytest.mark.slow
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('localhost', 0))
-        return s.getsockname()[1]
 
 
 def trainer_args(betons, out, *extra, signal_at=None, pause_at=None):
