@@ -219,10 +219,17 @@ def restore_training_state(saved: dict, *, model, optimizer, scaler=None, ema=No
     """Load a checkpoint written from :func:`training_state` into ``model`` (unwrapped),
     ``optimizer``, ``scaler`` and ``ema`` (each when the run has one and the checkpoint holds it)
     and set the random states that rank ``rank`` had (a rank the checkpoint's run did not have
-    keeps its own). Returns False when the run has an EMA that the checkpoint lacks (it then
-    starts from the weights at its next update), else True."""
+    keeps its own). The optimizer keeps its own settings (weight decay, momentum, betas: those
+    of the current config, which differ from the checkpoint's only under ``checkpoint.force=1``)
+    and takes the checkpoint's state (momentum buffers, moments, step counts). Returns False when
+    the run has an EMA that the checkpoint lacks (it then starts from the weights at its next
+    update), else True."""
     model.load_state_dict(saved['model'])
-    optimizer.load_state_dict(saved['optimizer'])
+    settings = [{k: v for k, v in group.items() if k != 'params'}
+                for group in optimizer.param_groups]
+    optimizer.load_state_dict(saved['optimizer'])  # which sets the saved settings too
+    for group, own in zip(optimizer.param_groups, settings):
+        group.update(own)
     if scaler is not None and saved.get('scaler'):
         scaler.load_state_dict(saved['scaler'])
     if ema is not None and saved.get('ema'):

@@ -190,7 +190,8 @@ def _training_sections(section) -> None:
             ema_decay=Param(float, 'EMA of the weights (and BN buffers): the weight of the old '
                                    'average at each update, e.g. 0.9998; 0: off', default=0.0),
             ema_every=Param(int, 'update the EMA every this many optimizer steps (iterations '
-                                 'divided by grad_accum_steps)', default=1),
+                                 'divided by grad_accum_steps), counted over the run, across '
+                                 'epochs', default=1),
             mixup_alpha=Param(float, 'MixUp Beta(alpha, alpha) (Zhang et al. 2018); 0: off',
                               default=0.0),
             cutmix_alpha=Param(float, 'CutMix Beta(alpha, alpha) (Yun et al. 2019); 0: off; with '

@@ -101,18 +101,18 @@ class StepOptions:
     clip_grad_norm: clip the global L2 norm of the gradients to this value before the step
     (``torch.nn.utils.clip_grad_norm_``, after unscaling under fp16); 0: off.
     augment: a per-image transform of the batch ``x -> x`` (float (B, 3, H, W), normalised), e.g.
-    ``augment.batch_augmenter``'s RandAugment/TrivialAugmentWide/RandomErasing, applied to each
-    batch on its device before ``mix``; None: off.
+    ``augment.batch_augmenter``'s RandAugment/TrivialAugmentWide/RandomErasing, on the batch's
+    device before ``mix``; None: off.
     mix: a batch transform ``(x, y) -> (x, soft targets float (B, classes))``, e.g.
     ``mixup.batch_mixer``'s MixUp/CutMix, applied to each batch on its device; None: off.
-    ema: a ``torch.optim.swa_utils.AveragedModel`` of the model, updated from the model's
-    parameters and buffers every ``ema_every`` optimizer steps (see ``ema.make_ema``); None: off.
+    ema: a ``torch.optim.swa_utils.AveragedModel`` of the model, updated from its parameters and
+    buffers every ``ema_every`` optimizer steps of the run, counted across epochs; None: off.
     grad_accum_steps: gradient accumulation (timm's ``--grad-accum-steps``): the gradients of this
     many consecutive batches are summed, each loss divided by the group's batch count, before one
     optimizer step, so the step is that of one batch that many times larger (without BatchNorm;
     BatchNorm normalizes each batch alone). Under DDP only the group's last backward pass
-    all-reduces (``no_sync``). The LR, clipping, the loss scaler and the EMA step once per
-    optimizer step; the last group of an epoch may hold fewer batches.
+    all-reduces (``no_sync``). The LR, clipping, the loss scaler and the EMA step once per optimizer
+    step; the last group of an epoch may hold fewer batches.
     """
     clip_grad_norm: float = 0.0
     augment: Callable = None
@@ -326,7 +326,8 @@ def train_one_epoch(*, model, loader, optimizer, loss_fn, lr_at, epoch: int, amp
                 continue
             optimizer_step(model=model, optimizer=optimizer, scaler=scaler,
                            clip_grad_norm=options.clip_grad_norm)
-            if options.ema is not None and -(-done // accum) % options.ema_every == 0:
+            run_step = epoch * -(-iterations // accum) + -(-done // accum)  # from 1, as done
+            if options.ema is not None and run_step % options.ema_every == 0:
                 options.ema.update_parameters(model)
             # due: a multiple of its period (in iterations) was reached in this optimizer step
             checkpoint_due, log_due, check_due = (
@@ -368,8 +369,7 @@ def evaluate(*, model, loader, amp_dtype=None, flip_tta: bool = True, ten_crop: 
     ten_crop: instead, the mean logits of 10 views (Krizhevsky et al. 2012): the four corner crops
     and the centre crop, each ``224/256`` of the side of the square input, and their flips. Feed it
     whole central squares (``loaders.val_loader(..., crop_ratio=1.0)``) of ``256/224`` times the
-    views' side: views of 224 px from the central 256 x 256 square, as Krizhevsky et al. cut
-    theirs. torchvision's Resize(256) + TenCrop(224) cuts its corners from the whole resized
+    views' side. torchvision's Resize(256) + TenCrop(224) cuts its corners from the whole resized
     image instead: the same views for a square image, others for the rest.
     corrupt_record: as in :func:`train_one_epoch`, checked at the end (CorruptRecordError).
     progress: the label of a progress bar ('' : none).

@@ -111,6 +111,31 @@ def test_each_ranks_random_states_are_kept_and_given_back_to_that_rank():
         assert torch.equal(draws[rank], torch.rand(3)), rank
 
 
+def test_a_forced_resume_trains_with_the_configs_optimizer_settings_and_the_saved_state():
+    """checkpoint.force=1 with another weight decay, momentum or betas: the optimizer takes the
+    checkpoint's state (momentum buffers, Adam's moments and step) and keeps the current config's
+    settings; optimizer.load_state_dict alone gave back the saved settings, so a forced change
+    was logged in params.json but not applied."""
+    model = nn.Linear(2, 2)
+    for make, old, new in ((torch.optim.SGD, dict(momentum=0.9, weight_decay=1e-4),
+                            dict(momentum=0.8, weight_decay=5e-4)),
+                           (torch.optim.AdamW, dict(betas=(0.9, 0.999), weight_decay=0.05),
+                            dict(betas=(0.8, 0.99), weight_decay=0.1))):
+        optimizer = make(model.parameters(), lr=0.1, **old)
+        model(torch.ones(1, 2)).sum().backward()
+        optimizer.step()
+        saved = checkpoint.training_state(model_state=model.state_dict(), optimizer=optimizer,
+                                          epoch=1, iteration=0, config={}, classes=None,
+                                          best_top1=None, progress={})
+        resumed = make(model.parameters(), lr=0.1, **new)
+        checkpoint.restore_training_state(saved, model=model, optimizer=resumed)
+        assert {k: resumed.param_groups[0][k] for k in new} == new
+        state, saved_state = resumed.state[model.weight], optimizer.state[model.weight]
+        assert state.keys() == saved_state.keys() and all(
+            torch.equal(torch.as_tensor(state[k]), torch.as_tensor(saved_state[k]))
+            for k in state)
+
+
 def test_rng_state_round_trip():
     state = checkpoint.rng_state()
     a = (torch.rand(3), __import__('numpy').random.rand(), __import__('random').random())

@@ -37,17 +37,21 @@ def float_state(model):
 
 
 def test_ema_is_the_hand_computed_average_of_parameters_and_buffers_every_k_iterations():
-    """train_one_epoch updates the EMA every ema_every iterations; the result equals
-    ``ema = d * ema + (1 - d) * w`` computed by hand over a copy of the model trained step by step
-    (the first update copies the weights), for the weights and BN's running statistics."""
+    """train_one_epoch updates the EMA every ema_every iterations of the run, counted across
+    epochs (3 epochs of 4 iterations, every 3: after iterations 3, 6, 9 and 12; counted within each
+    epoch, the EMA had 3 updates, and none at all with epochs shorter than ema_every); the result
+    equals ``ema = d * ema + (1 - d) * w`` computed by hand over a copy of the model trained step
+    by step (the first update copies the weights), for the weights and BN's running statistics."""
     decay, every, data = 0.8, 3, batches(12)
     model = tiny_bn_net()
     reference = copy.deepcopy(model)
     ema = make_ema(model, decay)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    engine.train_one_epoch(model=model, loader=data, optimizer=optimizer, loss_fn=nn.CrossEntropyLoss(),
-                           lr_at=lambda t: 0.1, epoch=0, show_progress=False,
-                           options=engine.StepOptions(ema=ema, ema_every=every))
+    for epoch in range(3):
+        engine.train_one_epoch(model=model, loader=data[4 * epoch:4 * epoch + 4],
+                               optimizer=optimizer, loss_fn=nn.CrossEntropyLoss(),
+                               lr_at=lambda t: 0.1, epoch=epoch, show_progress=False,
+                               options=engine.StepOptions(ema=ema, ema_every=every))
     ref_optimizer = torch.optim.SGD(reference.parameters(), lr=0.1, momentum=0.9)
     expected = None
     for i, (x, y) in enumerate(data):
@@ -300,8 +304,9 @@ def test_a_run_with_every_option_reports_and_saves_the_ema_and_ends_at_min_lr(op
     assert ema.keys() == model.keys() and (run_dir / 'final_weights_ema.safetensors').exists()
     assert not torch.equal(ema['fc.weight'], model['fc.weight'])
     state = checkpoint.load(run_dir / 'checkpoint.pt')
-    # 10 batches an epoch, 2 accumulated: 5 optimizer steps, the EMA after steps 2 and 4
-    assert int(state['ema']['n_averaged']) == 3 * 2
+    # 10 batches an epoch, 2 accumulated: 5 optimizer steps an epoch, 15 in the run; the EMA after
+    # every second of the run's steps (counted within epochs, after steps 2 and 4 of each: 6)
+    assert int(state['ema']['n_averaged']) == 15 // 2
     assert 'exp_avg_sq' in next(iter(state['optimizer']['state'].values()))  # AdamW's
     assert int(state['optimizer']['state'][0]['step']) == 3 * 5
     # the last step (batches 8 and 9, t = 3 - 0.1 epochs) is a hair above min_lr
