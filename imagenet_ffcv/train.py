@@ -62,6 +62,7 @@ class Progress:
     train_seconds: float = 0.0
     wall_time_s: float = 0.0
     epoch_so_far: dict = None
+    reached: dict = None  # {'epoch', 'time_to_target_s'} once validation top-1 reached the target
 
 
 @dataclass
@@ -88,7 +89,6 @@ class Run:
     run_dir: RunDir = None  # on rank 0
     live_log: LiveLog = None  # TensorBoard / W&B, on rank 0
     final_val: dict = None  # the last validation's results
-    reached: dict = None  # {'epoch', 'time_to_target_s'} once validation top-1 reached the target
 
 
 def train(cfg, dist, wall_start) -> dict:
@@ -235,7 +235,7 @@ def save_checkpoint(run: Run, epoch: int, iteration: int, so_far: dict = None) -
         best_top1=progress.best_top1, scaler=run.scaler, ema=run.options.ema, rng=rng,
         progress={'images': progress.images, 'train_seconds': progress.train_seconds,
                   'best_epoch': progress.best_epoch, 'epoch_so_far': so_far,
-                  'wall_time_s': time.perf_counter() - run.wall_start})
+                  'wall_time_s': time.perf_counter() - run.wall_start, 'reached': progress.reached})
     checkpoint.save(state, run.run_dir.checkpoint)
     if not iteration and run.cfg.checkpoint.keep_last:  # the end of an epoch
         checkpoint.keep_history(run.run_dir.checkpoint, epochs_done=epoch,
@@ -251,8 +251,8 @@ def fit(run: Run):
     the top-1 target)."""
     cfg, progress = run.cfg, run.progress
     first_epoch = progress.epoch
-    with StopRequest() as stop:
-        for epoch in range(first_epoch, cfg.training.epochs):
+    with StopRequest() as stop:  # no epoch after the one that reached the target (resumed)
+        for epoch in range(first_epoch, cfg.training.epochs if not progress.reached else 0):
             res = run.res_at(epoch)
             run.train_decoder.output_size = (res, res)
             stats = engine.train_one_epoch(
@@ -281,7 +281,7 @@ def fit(run: Run):
             val = end_of_epoch_eval(run, epoch)
             log_epoch(run, epoch, res, stats, val)
             save_checkpoint(run, epoch + 1, 0)
-            if run.reached:
+            if progress.reached:
                 return None
             if stats['stopped'] and epoch < cfg.training.epochs - 1:
                 return stop
@@ -306,8 +306,8 @@ def end_of_epoch_eval(run: Run, epoch: int) -> dict:
                 models.unwrapped_state_dict(run.model_without_ddp), run.run_dir.best_weights,
                 config=run.resolved, classes=run.classes)
     if target > 0 and val['top_1'] >= target:
-        run.reached = {'epoch': epoch, 'time_to_target_s': time.perf_counter() - run.wall_start}
-    if (run.reached or last) and cfg.validation.ten_crop:
+        progress.reached = dict(epoch=epoch, time_to_target_s=time.perf_counter() - run.wall_start)
+    if (progress.reached or last) and cfg.validation.ten_crop:
         val.update(ten_crop_eval(cfg, run.dist, run.model_without_ddp, run.precision))
     return val
 
@@ -359,7 +359,7 @@ def summarize(run: Run) -> dict:
     cfg, model = run.cfg, run.model_without_ddp
     if run.final_val is None:  # resumed from the checkpoint written after the last epoch
         run.final_val = validate_run(run)
-    reached, progress = run.reached or {}, run.progress
+    reached, progress = run.progress.reached or {}, run.progress
     summary = {'run_dir': str(run.run_dir.path) if run.run_dir else None, 'arch': cfg.model.arch,
                'epochs': reached.get('epoch', cfg.training.epochs - 1) + 1, **run.final_val,
                'flip_tta': bool(cfg.validation.lr_tta), 'val_res': cfg.validation.resolution,
