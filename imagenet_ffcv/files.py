@@ -26,8 +26,10 @@ def atomic_path(path):
     """Yield a temporary path for the caller to write ``path`` through (e.g. a library that takes
     a file name); when the block ends without an exception the file is flushed to disk (fsync:
     else a power cut after the rename may leave a short file at ``path`` on some filesystems,
-    XFS for one) and renamed over ``path``. The temporary is removed in every case. Raises what
-    the block or the filesystem raises (OSError: disk full, no permission...)."""
+    XFS for one), given the permissions ``open`` gives a new file (a library may create it
+    private: safetensors writes mode 0600, which colleagues sharing a run folder cannot read)
+    and renamed over ``path``. The temporary is removed in every case. Raises what the block or
+    the filesystem raises (OSError: disk full, no permission...)."""
     path = Path(path)
     tmp = temporary_path(path)
     try:
@@ -37,9 +39,25 @@ def atomic_path(path):
             os.fsync(fd)
         finally:
             os.close(fd)
+        os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def umask() -> int:
+    """This process's umask (from /proc/self/status; else set and set back, which another
+    thread creating a file at that instant would see)."""
+    try:
+        with open('/proc/self/status') as status:
+            for line in status:
+                if line.startswith('Umask:'):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager

@@ -51,6 +51,25 @@ def test_atomic_write_replaces_whole_or_keeps_the_previous_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ['params.json']  # no temporary left
 
 
+def test_files_written_atomically_have_the_permissions_of_a_new_file(tmp_path):
+    """A file that a library creates private (safetensors: mode 0600) through atomic_path gets
+    the mode ``open`` gives a new file under the umask: final_weights.safetensors was 0600, so a
+    colleague sharing the run folder could read final_weights.pt but not it."""
+    import torch
+    from imagenet_ffcv.weights import save_final_weights
+    previous = os.umask(0o027)
+    try:
+        assert files.umask() == 0o027
+        save_final_weights({'w': torch.ones(2)}, tmp_path / 'final_weights.pt')
+        with files.atomic_path(tmp_path / 'private') as tmp:
+            os.close(os.open(tmp, os.O_CREAT | os.O_WRONLY, 0o600))
+    finally:
+        os.umask(previous)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
+    assert modes == {'final_weights.pt': 0o640, 'final_weights.safetensors': 0o640,
+                     'private': 0o640}
+
+
 def test_atomic_path_renames_only_on_success(tmp_path):
     path = tmp_path / 'train.beton'
     with files.atomic_path(path) as tmp:
