@@ -26,15 +26,24 @@ DEVKIT_TAR = 'ILSVRC2012_devkit_t12.tar.gz'
 
 
 def find_classes(train_dir) -> list:
-    """Sorted wnid folder names of a train split: index i of the list is class i.
+    """Sorted wnid folder names of a train split: index i of the list is class i. Hidden folders
+    (``.ipynb_checkpoints``, a name starting with '.') are not classes.
 
-    Raises FileNotFoundError if ``train_dir`` is missing and ValueError if it has no class folder.
+    Raises FileNotFoundError if ``train_dir`` is missing and ValueError if it has no class folder
+    or holds an entry that cannot be read (a broken or looping symbolic link: were it a class
+    folder, every class after it would take the index before its own).
     """
     train_dir = Path(train_dir)
     if not train_dir.is_dir():
         raise FileNotFoundError(f'{train_dir}: train split folder not found (expected '
                                 f'<data-dir>/train/<wnid>/*.JPEG); set --data-dir')
-    classes = sorted(e.name for e in os.scandir(train_dir) if _kind(e) == 'dir')
+    broken = sorted(e.name for e in os.scandir(train_dir)
+                    if _kind(e) is None and not e.name.startswith('.'))
+    if broken:
+        raise ValueError(f'{train_dir}: {", ".join(broken[:5])} cannot be read (a broken or '
+                         f'looping symbolic link?); were it a class folder, the classes after it '
+                         f'would take other indices: fix or remove it')
+    classes, _ = _class_folders(train_dir)
     if not classes:
         _raise_if_flat(train_dir)
         raise ValueError(f'{train_dir}: no class folders (expected {train_dir}/<wnid>/*.JPEG)')
@@ -62,36 +71,42 @@ def list_samples(split_dir, classes: list) -> list:
 
     ``classes`` is the train split's class list (see :func:`find_classes`); a folder of
     ``split_dir`` that is not in it raises ValueError naming the folder, since its images would
-    have no label. Files whose extension is not in IMAGE_EXTENSIONS are left out with a warning
-    naming them (hidden files silently), and so are entries with an image name that are not
-    readable files (broken or looping symbolic links). Two class folders that are the same
-    folder (a symbolic link to another class) raise ValueError naming both: their images would
-    carry two labels.
+    have no label. The images of a class folder's subfolders are the class's too (as
+    torchvision's ImageFolder), each folder listed once (a symbolic link to a folder listed
+    already is left out with a warning). Files whose extension is not in IMAGE_EXTENSIONS are
+    left out with a warning naming them, and so are entries with an image name that are not
+    readable files (broken or looping symbolic links); hidden files and folders (a name
+    starting with '.') are left out silently. Two class folders that are the same folder (a
+    symbolic link to another class) raise ValueError naming both: their images would carry two
+    labels.
     """
     split_dir = Path(split_dir)
     if not split_dir.is_dir():
         raise FileNotFoundError(f'{split_dir}: split folder not found')
     class_to_idx = {wnid: i for i, wnid in enumerate(classes)}
-    folders = sorted(e.name for e in os.scandir(split_dir) if _kind(e) == 'dir')
+    folders, hidden = _class_folders(split_dir)
+    if hidden:
+        warnings.warn(f'{split_dir}: hidden folder(s) {", ".join(hidden[:5])} left out: not '
+                      f'classes', stacklevel=2)
     unknown = [f for f in folders if f not in class_to_idx]
     if unknown:
         raise ValueError(f'{split_dir}: class folder(s) {", ".join(unknown[:5])} are not in the '
                          f'train split, so their images have no class index; remove them or add '
                          f'the class to train/')
     _check_distinct_folders(split_dir, folders)
-    samples, empty, unreadable, other = [], [], [], []
+    samples, empty, unreadable, other, repeated = [], [], [], [], []
+    listed = {os.path.realpath(split_dir / wnid) for wnid in folders}
     for wnid in sorted(folders, key=class_to_idx.get):
         folder = split_dir / wnid
-        listing = list(os.scandir(folder))
-        entries = [e for e in listing if e.name.lower().endswith(IMAGE_EXTENSIONS)]
-        other += [folder / e.name for e in listing if not e.name.startswith('.')
-                  and not e.name.lower().endswith(IMAGE_EXTENSIONS) and _kind(e) == 'file']
-        kinds = {e.name: _kind(e) for e in entries}
-        files = sorted(name for name, kind in kinds.items() if kind == 'file')
-        unreadable += [str(folder / name) for name, kind in kinds.items() if kind is None]
+        files = _images_under(folder, listed, unreadable, other, repeated)
         if not files:
             empty.append(str(folder))
-        samples.extend((str(folder / f), class_to_idx[wnid]) for f in files)
+        samples.extend((f, class_to_idx[wnid]) for f in files)
+    if repeated:
+        warnings.warn(f'{len(repeated)} symbolic link(s) to folders listed already (a class '
+                      f'folder, or a folder reached twice), left out so that no image is listed '
+                      f'twice: {", ".join(repeated[:5])}{" ..." if len(repeated) > 5 else ""}',
+                      stacklevel=2)
     if unreadable:
         warnings.warn(f'{len(unreadable)} entries with an image name are not readable files '
                       f'(broken or looping symbolic links), left out: {", ".join(unreadable[:5])}'
@@ -115,6 +130,43 @@ def list_samples(split_dir, classes: list) -> list:
         _raise_if_flat(split_dir)
         raise ValueError(f'{split_dir}: no images found (extensions {", ".join(IMAGE_EXTENSIONS)})')
     return samples
+
+
+def _class_folders(split_dir) -> tuple:
+    """``(names, hidden)``: the sorted names of the folders in ``split_dir``, and of the hidden
+    ones among them (a name starting with '.'), which are not in ``names``."""
+    names = sorted(e.name for e in os.scandir(split_dir) if _kind(e) == 'dir')
+    return ([n for n in names if not n.startswith('.')],
+            [n for n in names if n.startswith('.')])
+
+
+def _images_under(folder: Path, listed: set, unreadable: list, other: list,
+                  repeated: list) -> list:
+    """The image files in ``folder`` and its subfolders (depth first, by name), as paths. A
+    subfolder whose real path is in ``listed`` (a link to a class folder or to a folder seen
+    before, a loop) goes to ``repeated``; the others are added to it. Non-image files go to
+    ``other``, image names that are not readable files to ``unreadable``; hidden entries
+    nowhere."""
+    files = []
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        path, kind = folder / entry.name, _kind(entry)
+        if entry.name.startswith('.'):
+            continue
+        if kind == 'dir':
+            real = os.path.realpath(path)
+            if real in listed:
+                repeated.append(str(path))
+                continue
+            listed.add(real)
+            files += _images_under(path, listed, unreadable, other, repeated)
+        elif not entry.name.lower().endswith(IMAGE_EXTENSIONS):
+            if kind == 'file':
+                other.append(path)
+        elif kind == 'file':
+            files.append(str(path))
+        else:
+            unreadable.append(str(path))
+    return files
 
 
 def _kind(entry):

@@ -640,6 +640,35 @@ def test_symlinked_class_folders_and_looping_links_are_refused_or_reported(tmp_p
     assert 'are the same folder' in capsys.readouterr().err
 
 
+def test_subfolders_are_their_class_hidden_folders_are_no_class_and_broken_links_are_refused(
+        tmp_path):
+    """A class folder's subfolders hold its images too (as torchvision's ImageFolder; they were
+    left out without a word), each folder once (a link to another class is left out with a
+    warning: its images would carry two labels); hidden folders (Jupyter's .ipynb_checkpoints)
+    and files (macOS's ._ files) are no class and no image (.ipynb_checkpoints was class 0, every
+    label shifted by one); a broken link in train/ is refused (a class folder on a disk that is
+    not mounted dropped out, shifting the classes after it)."""
+    train = tmp_path / 'data' / 'train'
+    photos = iter(sorted((SAMPLE / 'train').glob('*/*.JPEG')))
+    for name in ('a/x.JPEG', 'a/2019/y.JPEG', 'a/2019/deeper/w.JPEG', 'a/.hidden/z.JPEG',
+                 'b/v.JPEG', '.ipynb_checkpoints/u.JPEG'):
+        (train / name).parent.mkdir(parents=True, exist_ok=True)
+        (train / name).symlink_to(next(photos))
+    (train / 'a' / '._x.JPEG').write_bytes(b'\0\5\26\7')  # AppleDouble: not a JPEG
+    (train / 'a' / 'also_b').symlink_to(train / 'b')
+    assert sources.find_classes(train) == ['a', 'b']
+    with pytest.warns(UserWarning) as caught:
+        samples = sources.list_samples(train, ['a', 'b'])
+    assert [(str(Path(p).relative_to(train)), label) for p, label in samples] == [
+        ('a/2019/deeper/w.JPEG', 0), ('a/2019/y.JPEG', 0), ('a/x.JPEG', 0), ('b/v.JPEG', 1)]
+    said = ' '.join(str(w.message) for w in caught)
+    assert 'hidden folder(s) .ipynb_checkpoints left out' in said and 'also_b' in said
+    assert '._x' not in said
+    (train / 'c').symlink_to(tmp_path / 'not_mounted')
+    with pytest.raises(ValueError, match=r'train: c cannot be read \(a broken or looping'):
+        sources.find_classes(train)
+
+
 def test_out_inside_the_input_tree_is_refused(tmp_path, capsys):
     import shutil
     root = tmp_path / 'data'
