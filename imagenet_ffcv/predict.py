@@ -53,8 +53,9 @@ def predict(paths: list, *, weights, top: int = 5, classes_path=None, res=None,
     (``weights.load_model``).
     Class names come from ``classes_path`` (a .classes.tsv; a warning on stderr when its wnids
     are not those saved with the weights), else those saved with the weights.
-    Raises CheckpointError for unusable weights, FileNotFoundError for a missing class list,
-    OSError/ValueError naming an image that cannot be decoded.
+    An image that cannot be read or decoded (or a folder) gives, in its place, its error
+    (OSError or ValueError naming the file); the other images are classified.
+    Raises CheckpointError for unusable weights, FileNotFoundError for a missing class list.
     """
     classes = read_class_names(classes_path) if classes_path else None
     saved = load_model(Path(weights), num_classes=len(classes) if classes else None,
@@ -74,14 +75,20 @@ def predict(paths: list, *, weights, top: int = 5, classes_path=None, res=None,
               'those validation saw', file=sys.stderr)
     device = device or torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     model = saved.model.to(device).eval()
-    results = []
-    for start in range(0, len(paths), batch_size):
-        images = [model_input(*image_record(path, max_res=max_res, jpeg_quality=jpeg_quality,
-                                            restart_interval=restart_interval),
-                              res=res, antialias=antialias)
-                  for path in paths[start:start + batch_size]]
-        x = torch.stack(images).to(device, memory_format=torch.channels_last)
-        results += classify(model, x, classes=classes, top=top, flip_tta=evaluated['flip_tta'])
+    results, batch = [None] * len(paths), {}  # batch: {index in paths: model input}
+    for i, path in enumerate(paths):
+        try:
+            batch[i] = model_input(*image_record(path, max_res=max_res, jpeg_quality=jpeg_quality,
+                                                 restart_interval=restart_interval),
+                                   res=res, antialias=antialias)
+        except (OSError, ValueError) as e:
+            results[i] = e
+        if batch and (len(batch) == batch_size or i == len(paths) - 1):
+            x = torch.stack(list(batch.values())).to(device, memory_format=torch.channels_last)
+            tops = classify(model, x, classes=classes, top=top, flip_tta=evaluated['flip_tta'])
+            for j, top_j in zip(batch, tops):
+                results[j] = top_j
+            batch = {}
     return results
 
 
@@ -94,7 +101,8 @@ def image_record(path, *, max_res: int = 256, jpeg_quality: int = 90,
     try:
         pixels = load_image(path, max_res)
     except (OSError, ValueError) as e:
-        raise type(e)(f'{path}: cannot decode the image ({e})') from e
+        raise (OSError if isinstance(e, OSError) else ValueError)(
+            f'{path}: cannot decode the image ({e})') from e
     record = encode_jpeg(pixels, quality=jpeg_quality, restart_interval=restart_interval)
     return record, pixels.shape[0], pixels.shape[1]
 
@@ -121,13 +129,20 @@ def classify(model, x: torch.Tensor, *, classes: list, top: int, flip_tta: bool)
             for row_p, row_idx in zip(p.tolist(), idx.tolist())]
 
 
+def positive(text: str) -> int:
+    """An int >= 1 for argparse (ArgumentTypeError otherwise)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f'{text!r}: expected a whole number >= 1')
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The options of ``imagenet-ffcv-predict``."""
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('images', nargs='+', help='image files (JPEG, PNG, ...)')
     parser.add_argument('--weights', required=True,
                         help='checkpoint.pt, final_weights.pt or final_weights.safetensors')
-    parser.add_argument('--top', type=int, default=5, help='classes shown per image')
+    parser.add_argument('--top', type=positive, default=5, help='classes shown per image')
     parser.add_argument('--classes', help="class list (.classes.tsv) for the run's classes, "
                                           "in place of the run's own (a warning when they differ)")
     parser.add_argument('--res', type=int, help="input side in px (default: the run's "
@@ -147,7 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cli(argv=None) -> int:
     """The command line (``argv``, default ``sys.argv[1:]``): prints each image's top classes;
-    returns the exit status (1, with a one-line message, for a file that cannot be read)."""
+    returns the exit status: 1, with a one-line message, for unusable weights or class list, and
+    when an image cannot be read (named on stderr, the other images' classes printed)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -159,10 +175,13 @@ def cli(argv=None) -> int:
         print(f'{command_name("predict")}: {e}', file=sys.stderr)
         return 1
     for path, top in zip(args.images, results):
+        if isinstance(top, Exception):
+            print(f'{command_name("predict")}: {top}', file=sys.stderr)
+            continue
         print(path)
         for wnid, name, p in top:
             print(f'{name or wnid} (score = {p:.5f})')
-    return 0
+    return int(any(isinstance(top, Exception) for top in results))
 
 
 if __name__ == '__main__':

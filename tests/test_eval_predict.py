@@ -196,13 +196,23 @@ def test_predict_resizes_as_the_runs_decoder(sample_betons, tmp_path, monkeypatc
 
 @pytest.mark.slow
 def test_predict_names_a_bad_image_and_a_missing_class_list(short_run, tmp_path):
+    """A file that is not an image, and a folder, among images: named on stderr, exit 1, the
+    images' classes printed (nothing was printed before: the first bad file ended the command);
+    --top below 1 is refused."""
     summary, cfg = short_run
     bad = tmp_path / 'bad.jpg'
     bad.write_bytes(b'not a jpeg')
-    proc = subprocess.run([sys.executable, 'predict.py', str(bad), '--weights',
-                           str(Path(summary['run_dir']) / 'final_weights.pt')],
+    good = [str(p) for p in sorted((SAMPLE / 'val').glob('*/*.JPEG'))[:2]]
+    proc = subprocess.run([sys.executable, 'predict.py', good[0], str(bad), str(tmp_path), good[1],
+                           '--weights', str(Path(summary['run_dir']) / 'final_weights.pt')],
                           cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and 'bad.jpg: cannot decode' in proc.stderr
+    assert f'{tmp_path}: cannot decode the image ([Errno 21] Is a directory' in proc.stderr
+    printed = proc.stdout.splitlines()
+    assert [line for line in printed if 'score =' not in line] == good
+    assert len(printed) == 2 + 2 * 5
+    with pytest.raises(SystemExit):
+        predict.cli([good[0], '--weights', 'any.pt', '--top', '0'])
     import shutil
     lone = tmp_path / 'final_weights.pt'
     shutil.copy(Path(summary['run_dir']) / 'final_weights.pt', lone)
