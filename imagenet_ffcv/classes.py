@@ -32,8 +32,8 @@ def write_class_list(path, classes: list, extra_names: dict = None) -> None:
 
 
 class ClassListError(ImagenetFfcvError, ValueError):
-    """A class list that is not ``index<TAB>wnid<TAB>name`` lines; the message names the file and
-    the line."""
+    """A class list that is not ``index<TAB>wnid<TAB>name`` lines (the message names the file and
+    the line), or two that should be the same and are not (naming both)."""
 
 
 def read_class_list(path) -> list:

@@ -219,9 +219,12 @@ def _option_problems(cfg) -> list:
                         '0.9998')
     if t.ema_every < 1:
         problems.append(f'training.ema_every={t.ema_every} must be >= 1 (optimizer steps)')
-    for key in ('mixup_alpha', 'cutmix_alpha', 'clip_grad_norm'):
+    for key in ('mixup_alpha', 'cutmix_alpha', 'clip_grad_norm', 'weight_decay', 'momentum'):
         if getattr(t, key) < 0:
             problems.append(f'training.{key}={getattr(t, key)} must be >= 0 (0: off)')
+    if not 0 <= t.label_smoothing < 1:
+        problems.append(f'training.label_smoothing={t.label_smoothing} must lie in [0, 1) '
+                        '(0: off), e.g. 0.1')
     try:
         step_option_kwargs(cfg)  # augment.batch_augmenter checks its keys
     except ValueError as e:
@@ -230,7 +233,9 @@ def _option_problems(cfg) -> list:
         optimizers.parse_betas(t.betas)
     except ValueError as e:
         problems.append(f'training.betas={t.betas!r}: {e}')
-    if not 0 <= cfg.lr.min_lr <= cfg.lr.lr:
+    if cfg.lr.lr <= 0:
+        problems.append(f'lr.lr={cfg.lr.lr} must be > 0')
+    elif not 0 <= cfg.lr.min_lr <= cfg.lr.lr:
         problems.append(f'lr.min_lr={cfg.lr.min_lr} must lie in [0, lr.lr={cfg.lr.lr}]')
     if cfg.lr.min_lr and cfg.lr.lr_schedule_type != 'cosine':
         problems.append(f'lr.min_lr={cfg.lr.min_lr} is only used by lr.lr_schedule_type=cosine')

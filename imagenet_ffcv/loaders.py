@@ -26,7 +26,7 @@ from ffcv.reader import Reader
 from ffcv.transforms import (NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor,
                              ToTorchImage)
 
-from .classes import class_list_path, read_class_list
+from .classes import ClassListError, class_list_path, read_class_list
 from .constants import DECODERS, DEFAULT_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
 from . import memory_readers
 from .decoders import ScratchQuery, center_crop_decoder, random_resized_crop_decoder
@@ -52,12 +52,13 @@ def num_classes(beton_path, val_path=None) -> int:
     else 1 + the largest stored label.
 
     With ``val_path``, the class lists beside the two files must be the same (both written from the
-    same train split); otherwise ValueError names both files, since labels would not match.
+    same train split); otherwise ClassListError (a ValueError) names both files, since labels
+    would not match.
     """
     classes = class_list_path(beton_path)
     if val_path is not None and classes.exists() and class_list_path(val_path).exists():
         if read_class_list(classes) != read_class_list(class_list_path(val_path)):
-            raise ValueError(f'{classes} and {class_list_path(val_path)} differ: the two .beton '
+            raise ClassListError(f'{classes} and {class_list_path(val_path)} differ: the two .beton '
                              f'files were written from different train splits, so their class '
                              f'indices do not match; write both from the same --data-dir')
     if classes.exists():

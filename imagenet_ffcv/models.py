@@ -7,6 +7,7 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from .errors import ImagenetFfcvError
 from .optional import require
 
 
@@ -50,6 +51,10 @@ def apply_blurpool(model: nn.Module) -> nn.Module:
 TIMM_PREFIX = 'timm:'  # timm is optional (requirements-extras.txt), imported only for such an arch
 
 
+class UnknownArchError(ImagenetFfcvError, ValueError):
+    """``model.arch`` names no model of torchvision or of timm."""
+
+
 def build_model(*, arch: str, num_classes: int, use_blurpool: bool, channels_last: bool) -> nn.Module:
     """A randomly initialised classification model, in train mode, on the CPU, float32.
 
@@ -62,7 +67,7 @@ def build_model(*, arch: str, num_classes: int, use_blurpool: bool, channels_las
     left alone). ``channels_last``: parameters and buffers in NHWC memory format.
     The model takes float (N, 3, H, W) images and returns float (N, num_classes) logits.
 
-    Raises ValueError naming the arch for an unknown torchvision name (listing the valid ones) or
+    Raises UnknownArchError (a ValueError) naming the arch for an unknown torchvision name (listing the valid ones) or
     an unknown timm name (pointing at ``timm.list_models()``), and ``optional.MissingPackageError``
     (an ImportError) saying how to install timm when a ``timm:`` arch is asked for without it.
     """
@@ -71,7 +76,7 @@ def build_model(*, arch: str, num_classes: int, use_blurpool: bool, channels_las
     else:
         valid = torchvision.models.list_models(module=torchvision.models)
         if arch not in valid:
-            raise ValueError(f'arch={arch!r} is not a torchvision classification model '
+            raise UnknownArchError(f'arch={arch!r} is not a torchvision classification model '
                              f'nor {TIMM_PREFIX}<name> (a timm model, e.g. timm:resnet50d); '
                              f'valid torchvision names: {", ".join(valid)}')
         model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
@@ -88,7 +93,7 @@ def _timm_model(name: str, *, num_classes: int) -> nn.Module:
     ``resnet50.a1_in1k`` is accepted); ``hf-hub:`` and other sources, which download, are not."""
     timm = require('timm', f'the timm model {name!r}')
     if not name or ':' in name or not timm.is_model(name):
-        raise ValueError(f'arch={TIMM_PREFIX + name!r}: {name!r} is not a timm model '
+        raise UnknownArchError(f'arch={TIMM_PREFIX + name!r}: {name!r} is not a timm model '
                          f'(timm {timm.__version__}); see timm.list_models(), e.g. '
                          "timm.list_models('resnet*')")
     return timm.create_model(name, pretrained=False, num_classes=num_classes)

@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--num-workers', type=int, default=0,
                    help='processes (default: the cores this process may use)')
     p.add_argument('--subset', type=int, default=0,
-                   help='write a random N images (seed 0) instead of all, e.g. for a quick trial')
+                   help='write a random N images (seed 0) instead of all, e.g. for a quick trial '
+                        '(0: all)')
     p.add_argument('--strict', action='store_true',
                    help='fail (writing nothing) if any image cannot be decoded, instead of '
                         'skipping it and listing it in NAME.skipped.tsv')
@@ -89,6 +90,12 @@ def parse_args(argv):
         p.error(f'--max-res {args.max_res}: must be >= 1')
     if args.restart_interval < 0:
         p.error(f'--restart-interval {args.restart_interval}: must be >= 0 (0: no markers)')
+    if not 1 <= args.jpeg_quality <= 100:
+        p.error(f'--jpeg-quality {args.jpeg_quality}: must lie in [1, 100]')
+    if args.subset < 0:
+        p.error(f'--subset {args.subset}: must be >= 1 (or 0: all the images)')
+    if not 0 <= args.compress_probability <= 1:
+        p.error(f'--compress-probability {args.compress_probability}: must lie in [0, 1]')
     name = f'{args.split}_{args.max_res}.beton'
     args.out = args.out or f'betons/{name}'
     if Path(args.out).is_dir():  # an existing folder: the file of that name in it

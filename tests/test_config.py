@@ -353,7 +353,12 @@ def test_ema_cosine_recipe_is_the_88_epoch_recipe_with_ema_and_cosine():
     ('--lr.min_lr=0.1', 'lr.min_lr=0.1 is only used by lr.lr_schedule_type=cosine'),
     ('--lr.warmup_epochs=3', 'lr.warmup_epochs=3.0 is after lr.lr_peak_epoch=2'),  # cyclic
     ('--training.optimizer=adam', 'training.optimizer'),
-    ('--logging.every_iters=0', 'logging.every_iters=0 must be >= 1')])
+    ('--logging.every_iters=0', 'logging.every_iters=0 must be >= 1'),
+    # a traceback at the first step before, or (weight decay) training with it
+    ('--training.label_smoothing=1.5', r'training.label_smoothing=1.5 must lie in \[0, 1\)'),
+    ('--training.momentum=-1', 'training.momentum=-1.0 must be >= 0'),
+    ('--training.weight_decay=-1', 'training.weight_decay=-1.0 must be >= 0'),
+    ('--lr.lr=-1', 'lr.lr=-1.0 must be > 0')])
 def test_option_keys_are_checked_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(['--data.train_dataset=x', '--data.val_dataset=y', '--logging.folder=z',

@@ -215,9 +215,13 @@ def test_records_are_encode_jpeg_of_the_stored_pixels_with_restart_markers(tmp_p
         assert all((b'\xff\xdd' in r) == (interval > 0) for r in records)
     assert records == [encode_jpeg(a, 90).tobytes() for a in pixels]
     capsys.readouterr()
-    with pytest.raises(SystemExit):
-        write.cli(['--data-dir', str(root), '--split', 'train', '--restart-interval', '-1'])
-    assert '--restart-interval -1: must be >= 0' in capsys.readouterr().err
+    for option, value, message in (('--restart-interval', '-1', 'must be >= 0'),
+                                   ('--jpeg-quality', '150', r'must lie in [1, 100]'),
+                                   ('--subset', '-1', 'must be >= 1 (or 0: all the images)'),
+                                   ('--compress-probability', '2.0', 'must lie in [0, 1]')):
+        with pytest.raises(SystemExit):  # OpenCV used quality 100 for 150, --subset -1 all
+            write.cli(['--data-dir', str(root), '--split', 'train', option, value])
+        assert f'{option} {value}: {message}' in capsys.readouterr().err
 
 
 def test_restart_interval_for_divides_the_mcu_columns():

@@ -173,8 +173,9 @@ def test_blurpool_conv_strided_values_on_constant_interior():
 
 # ----------------------------------------------------------------------------- build_model
 def test_build_model_unknown_arch_lists_valid_names():
-    """An unknown arch is a ValueError naming it and listing valid names (e.g. resnet50)."""
-    with pytest.raises(ValueError) as info:
+    """An unknown arch is an UnknownArchError (which the command prints as one line, not a
+    traceback) naming it and listing valid names (e.g. resnet50)."""
+    with pytest.raises(models.UnknownArchError) as info:
         models.build_model(arch='no_such_net', num_classes=10, use_blurpool=False,
                            channels_last=False)
     msg = str(info.value)
