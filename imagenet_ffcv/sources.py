@@ -191,8 +191,15 @@ def _check_distinct_folders(split_dir, folders) -> None:
 
 def detect_layout(root) -> str:
     """'folders' (root/train/<wnid>/), 'kaggle' (root/ILSVRC/Data/CLS-LOC/ + LOC_val_solution.csv)
-    or 'tars' (root/ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar); FileNotFoundError if none."""
+    or 'tars' (root/ILSVRC2012_img_train.tar, ILSVRC2012_img_val.tar); FileNotFoundError if none
+    (saying so when ``root`` does not exist, or is a split folder itself)."""
     root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f'{root}: no such folder; set --data-dir to the folder that holds '
+                                f'train/ and val/ (or the ImageNet tars)')
+    if root.name in ('train', 'val') and (root.parent / 'train').is_dir():
+        raise FileNotFoundError(f'{root}: this is a split folder; set --data-dir to the folder '
+                                f'that holds it ({root.parent}) and --split {root.name}')
     if (root / 'train').is_dir() or (root / 'val').is_dir():
         return 'folders'
     if (root / KAGGLE_DIR).is_dir():

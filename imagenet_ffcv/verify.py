@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from . import ffcv_import  # noqa: F401  (first: ffcv without its import-time compiling)
 from ffcv.reader import Reader
-from ffcv.types import ALLOC_TABLE_TYPE, HeaderType
+from ffcv.types import ALLOC_TABLE_TYPE, CURRENT_VERSION, HeaderType
 from PIL import Image
 
 from .classes import class_list_path, read_class_list
@@ -147,6 +147,11 @@ def _open(path):
     size = Path(path).stat().st_size
     if size >= HeaderType.itemsize:
         header = np.fromfile(path, dtype=HeaderType, count=1)[0]
+        if header['version'] != CURRENT_VERSION:
+            raise CorruptBetonError(
+                f'{path}: not a .beton file (it does not start with the header of ffcv\'s format '
+                f'version {CURRENT_VERSION}: {Path(path).read_bytes()[:8].hex(" ")}); pass the '
+                f'file imagenet-ffcv-write wrote')
         if header['alloc_table_ptr'] > size:
             raise CorruptBetonError(
                 f'{path}: truncated: {size} bytes, but its header places the allocation table at '

@@ -508,8 +508,14 @@ def test_layouts_detected_and_give_identical_betons(three_layouts, tmp_path):
     roots, wnids = three_layouts
     for layout, root in roots.items():
         assert sources.detect_layout(root) == layout
-    with pytest.raises(FileNotFoundError, match='no known input layout'):
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(FileNotFoundError, match='empty: no known input layout'):
+        sources.detect_layout(tmp_path / 'empty')
+    with pytest.raises(FileNotFoundError, match='nowhere: no such folder'):  # was: no layout
         sources.detect_layout(tmp_path / 'nowhere')
+    with pytest.raises(FileNotFoundError, match=f'this is a split folder.*\\({roots["folders"]}\\) '
+                                                f'and --split train'):
+        sources.detect_layout(roots['folders'] / 'train')
     for split, n in (('train', 9), ('val', 6)):
         results = {}
         for layout, root in roots.items():

@@ -668,16 +668,20 @@ def test_a_truncated_file_or_not_a_beton_is_a_clear_error_at_loader_creation(sam
     from imagenet_ffcv.verify import CorruptBetonError
     cpu = torch.device('cpu')
     data = sample_betons['val'].read_bytes()
-    cases = {'half.beton': data[:len(data) // 2], 'cut.beton': data[:-10],
-             'text.beton': b'hello, not a beton\n' * 100}
-    for name, content in cases.items():
+    photo = (SAMPLE / 'val' / 'n01440764' / 'ILSVRC2012_val_00009111.JPEG').read_bytes()
+    # name: (content, message); a file that is not one was "truncated ... at byte 48281..."
+    cases = {'half.beton': (data[:len(data) // 2], 'truncated'),
+             'cut.beton': (data[:-10], 'truncated'),
+             'text.beton': (b'hello, not a beton\n' * 100, 'not a .beton file'),
+             'photo.jpg': (photo, 'not a .beton file')}
+    for name, (content, message) in cases.items():
         (tmp_path / name).write_bytes(content)
         for make in (lambda p: loaders.val_loader(path=p, batch_size=8, num_workers=1, res=32,
                                                   device=cpu),
                      lambda p: loaders.train_loader(path=p, batch_size=8, num_workers=1, res=32,
                                                     os_cache=True, device=cpu,
                                                     distributed=False, seed=0)):
-            with pytest.raises(CorruptBetonError, match=f'{name}: (truncated|not a readable)'):
+            with pytest.raises(CorruptBetonError, match=f'{name}: {message}'):
                 make(tmp_path / name)
     assert loaders.num_samples(sample_betons['val']) == 100  # the intact file passes the check
     empty = empty_beton(sample_betons['val'], tmp_path / 'empty.beton')
