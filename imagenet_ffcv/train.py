@@ -90,6 +90,10 @@ class Run:
     live_log: LiveLog = None  # TensorBoard / W&B, on rank 0
     final_val: dict = None  # the last validation's results
 
+    def global_step(self, epoch: int, iterations_done: int) -> int:
+        """Iterations trained after ``iterations_done`` of ``epoch``: TensorBoard's, W&B's step."""
+        return epoch * len(self.train_loader) + iterations_done
+
 
 def train(cfg, dist, wall_start) -> dict:
     """Train from scratch, or from the checkpoint ``checkpoint.resume`` names; see :func:`main`."""
@@ -107,10 +111,9 @@ def train(cfg, dist, wall_start) -> dict:
     run.run_dir = distributed.on_rank_0(partial(open_run_dir, run, resume_path))
     try:  # the lock is given back however this ends (W&B failing to start or finish too)
         run.live_log = distributed.on_rank_0(lambda: LiveLog(
-            run.run_dir.path, tensorboard=bool(cfg.logging.tensorboard),
+            run.run_dir.path, tensorboard=bool(cfg.logging.tensorboard), config=run.resolved,
             wandb_project=cfg.logging.wandb_project, run_name=run.run_dir.path.name,
-            config=run.resolved, resume_step=global_step(run, run.progress.epoch,
-                                                         run.progress.iteration)))
+            resume_step=run.global_step(run.progress.epoch, run.progress.iteration)))
         stop = fit(run)
         if stop:
             return stopped_summary(run, stop)
@@ -120,11 +123,6 @@ def train(cfg, dist, wall_start) -> dict:
             run.run_dir.unlock()
         if run.live_log:
             run.live_log.close()
-
-
-def global_step(run, epoch: int, iterations_done: int) -> int:
-    """Iterations trained after ``iterations_done`` of ``epoch``: TensorBoard's, W&B's step."""
-    return epoch * len(run.train_loader) + iterations_done
 
 
 def build(cfg, dist, wall_start) -> Run:
@@ -197,6 +195,8 @@ def restore(run: Run, saved: dict, resume_path) -> None:
         print(f'=> {resume_path} holds no EMA: it starts from the weights at the next update')
     run.progress = Progress(epoch=saved['epoch'], iteration=saved['iteration'],
                             best_top1=saved['best_top1'], **saved['progress'])
+    if saved['config']['training'].get('target_top1') != run.cfg.training.target_top1:
+        run.progress.reached = None  # another target (it may change on resume): not reached yet
     run.wall_start -= run.progress.wall_time_s  # wall time and time to accuracy span restarts
     run.train_loader.next_epoch = run.progress.epoch  # ffcv's order depends on seed + epoch
 
@@ -320,7 +320,7 @@ def validate_run(run: Run) -> dict:
 
 def log_train(run: Run, epoch: int, iterations_done: int, values: dict) -> None:
     """Rank 0: the train loss, LR and img/s of an iteration, to TensorBoard / W&B."""
-    run.live_log.train_scalars(global_step(run, epoch, iterations_done), values)
+    run.live_log.train_scalars(run.global_step(epoch, iterations_done), values)
 
 
 def log_epoch(run: Run, epoch: int, res: int, stats: dict, val: dict) -> None:
@@ -334,7 +334,7 @@ def log_epoch(run: Run, epoch: int, res: int, stats: dict, val: dict) -> None:
               'wall_time_s': time.perf_counter() - run.wall_start}
     run.run_dir.append_log(record)
     metrics.plot_log(run.run_dir.log, run.run_dir.plot)
-    run.live_log.epoch_scalars(epoch, record, step=global_step(run, epoch + 1, 0))
+    run.live_log.epoch_scalars(epoch, record, step=run.global_step(epoch + 1, 0))
     top1 = f'{val["top_1"]:.4f}' if val else '-'
     if 'top_1_ema' in val:
         top1 += f' (EMA {val["top_1_ema"]:.4f})'
