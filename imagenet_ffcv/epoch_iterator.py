@@ -17,7 +17,11 @@ queue of ``batches_ahead``), which also
   python/cpython#87135, until Python 3.14);
 - hands on its error: an exception in the thread is raised by the consumer's next ``next``, where
   ffcv's thread dies with it and leaves the consumer waiting for ever; a consumer never waits on
-  a thread that has ended.
+  a thread that has ended;
+- works on the consumer's GPU: a new thread's current CUDA device is 0, and ffcv's
+  ``torch.cuda.stream`` blocks go back to device 0's stream on leaving, which creates a CUDA
+  context there (about 0.3-0.5 GB, ffcv issue #356): each rank of an 8-GPU node but rank 0 would
+  hold one on GPU 0.
 """
 import atexit
 import sys
@@ -56,6 +60,8 @@ class EpochIterator(FfcvEpochIterator):
         slots = self.loader.batches_ahead + 2
         events = [None] * slots  # per slot: the consumer's stream when it took the slot's batch
         try:
+            if IS_CUDA:
+                torch.cuda.set_device(self.current_stream.device)
             Compiler.set_num_threads(self.loader.num_workers)
             for b_ix, batch_indices in enumerate(self.iter_ixes):
                 if self.terminate_event.is_set():

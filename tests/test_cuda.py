@@ -106,6 +106,26 @@ def test_cuda_val_batches_equal_the_cpu_ones(sample_betons, cpu_val_batches, dty
     check_against_cpu(batches_of(loader), cpu_val_batches, dtype, 'cuda')
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason='needs two CUDA GPUs')
+def test_a_loader_on_the_second_gpu_makes_no_cuda_context_on_the_first(sample_betons):
+    """A rank's loader thread works on the rank's GPU: a loader on cuda:1 (rank 1 of a node)
+    leaves GPU 0 without a CUDA context (ffcv's thread made one there: a new thread's device is
+    0). Run in a process of its own, whose CUDA starts on cuda:1."""
+    script = ('import sys, torch\n'
+              'from imagenet_ffcv import loaders\n'
+              'torch.cuda.set_device(1)\n'
+              'loader = loaders.val_loader(path=sys.argv[1], batch_size=16, num_workers=2, '
+              f'res={RES}, device=torch.device("cuda", 1))\n'
+              'count = sum(len(y) for _, y in loader)\n'
+              'torch.cuda.synchronize(1)\n'
+              'print(count, torch._C._cuda_hasPrimaryContext(0))\n')
+    result = subprocess.run([sys.executable, '-c', script, str(sample_betons['val'])],
+                            capture_output=True, text=True, timeout=300, cwd=REPO,
+                            env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == [str(loaders.num_samples(sample_betons['val'])), 'False']
+
+
 def test_the_host_batch_is_pinned_and_the_decoders_scratch_is_not(sample_betons):
     """The decoder's uint8 batch, which is copied to the GPU, sits in pinned host memory (so the
     copy is asynchronous); its scratch memory (a whole image per row, never copied) does not:
