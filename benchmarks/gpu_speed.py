@@ -1,8 +1,9 @@
 """The GPU box at full speed (issue 26), in one command of at most 8 minutes: how the loader scales
 with threads, the ResNet-50 step eager and compiled (torch.compile modes, SGD implementations,
 batch 256 against 512), real against synthetic feeds, and the ResNet-18 learning run. Writes
-``bench-results/gpu_speed.csv`` and ``gpu_speed.md`` (card, date, commit; copied to ``$OUT`` when
-it is set) and prints the Markdown table.
+``bench-results/gpu_speed.csv`` and ``gpu_speed.md`` (card, date, commit) and
+``gpu_speed-logs.txt`` (the last lines of each section's log: a failure's traceback), copied to
+``$OUT`` when it is set, and prints the Markdown table.
 
     bash benchmarks/gpu_speed.sh                  # on the GPU machine (about 7.5 minutes)
     python benchmarks/gpu_speed.py --device cpu   # the same flow on CPU with tiny sizes (dry run)
@@ -122,13 +123,14 @@ SIZES = {
                  learn_res=(64, 64), learn_val_res=64, learn_train_images=320,
                  learn_val_images=100),
 }
+LOGS, LOG_LINES = 'gpu_speed-logs.txt', 40  # beside the table: the sections' logs' last lines
 CURVE_TOLERANCE = 0.02  # compiled vs eager: mean |loss difference| / mean eager loss
 
 
 @dataclass(frozen=True)
 class Section:
     """One section: ``limit_s`` its own time limit, ``min_s`` the least time worth starting it
-    with. Sections run in ``SECTIONS``' order, the order of need: each may use the whole budget
+    with (at least its estimated duration where it writes its rows only at its end). Sections run in ``SECTIONS``' order, the order of need: each may use the whole budget
     left, up to its limit, and what the budget cannot give comes off the last ones."""
     name: str
     limit_s: int
@@ -137,8 +139,8 @@ class Section:
 
 SECTIONS = [Section('machine', 60, 10), Section('data', 90, 20), Section('loader', 130, 40),
             Section('eager', 90, 30), Section('compile', 200, 60),
-            Section('loader_options', 100, 30), Section('variants', 60, 15),
-            Section('cudagraphs', 120, 40), Section('learn', 90, 40),
+            Section('loader_options', 100, 60), Section('variants', 60, 25),
+            Section('cudagraphs', 120, 70), Section('learn', 90, 50),
             Section('max_autotune', 300, 120)]
 DEFAULT_SECTIONS = [s.name for s in SECTIONS if s.name != 'max_autotune']
 
@@ -156,6 +158,8 @@ def main(argv=None) -> int:
     print(f'gpu_speed: device {args.device}, budget {args.budget_s:.0f} s, sections '
           f'{", ".join(s.name for s in sections)}; work folder {work}', flush=True)
     rows = []
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / LOGS).write_text('')  # each section's log's last lines, as they end
     for section in sections:
         limit = min(section.limit_s, deadline - time.time())
         if limit < section.min_s:
@@ -184,6 +188,8 @@ def parse_args(argv):
                         'all but max_autotune); machine and data always run')
     p.add_argument('--data', help='folder holding imagenette/ and imagewoof320/')
     p.add_argument('--work', help='folder for betons, runs and logs (kept; default: temporary)')
+    p.add_argument('--reuse-data', action='store_true',
+                   help="data: keep the betons an earlier run wrote into --work")
     p.add_argument('--out', default=str(RESULTS), help='where gpu_speed.csv and .md go')
     p.add_argument('--child', help=argparse.SUPPRESS)  # internal: run one section's body
     args = p.parse_args(argv)
@@ -200,7 +206,8 @@ def run_section(section, args, work, limit) -> list:
     log, out = work / f'{section.name}.log', work / f'{section.name}.json'
     out.unlink(missing_ok=True)
     cmd = [sys.executable, __file__, '--child', section.name, '--device', args.device,
-           '--work', str(work)] + (['--data', args.data] if args.data else [])
+           '--work', str(work)] + (['--data', args.data] if args.data else []) + (
+               ['--reuse-data'] if args.reuse_data else [])
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         p for p in (str(REPO), os.environ.get('PYTHONPATH', '')) if p), PYTHONUNBUFFERED='1')
     start = time.time()
@@ -214,9 +221,14 @@ def run_section(section, args, work, limit) -> list:
             proc.wait()
             rc = None
     rows = json.loads(out.read_text()) if out.exists() else []
+    lines = [line.split('\r')[-1] for line in log.read_text(errors='replace').splitlines()]
+    lines = [line for line in lines if line.strip()]
+    with open(Path(args.out) / LOGS, 'a') as f:  # a failure's traceback comes back with the rows
+        f.write(f'==> {section.name} (exit {rc}; None: killed at its limit): last '
+                f'{min(len(lines), LOG_LINES)} of {len(lines)} lines of {log.name}\n'
+                + ''.join(line + '\n' for line in lines[-LOG_LINES:]))
     if rc != 0:
-        tail = [line.split('\r')[-1] for line in log.read_text(errors='replace').splitlines()]
-        tail = [line for line in tail if line.strip()][-1:] or ['']
+        tail = lines[-1:] or ['']
         rows.append({'section': section.name, 'status': 'timeout' if rc is None else 'failed',
                      'seconds': round(time.time() - start, 1),
                      'result': (f'TIMEOUT after {limit:.0f} s' if rc is None else
@@ -243,11 +255,14 @@ def key(r) -> tuple:
 
 
 def write_report(rows, args, started) -> str:
-    """gpu_speed.md (returned) and gpu_speed.csv under ``--out`` (and ``$OUT``)."""
+    """gpu_speed.md (returned), gpu_speed.csv (each row with the card, date and commit) and the
+    sections' logs under ``--out`` (and ``$OUT``)."""
     add_ratios(rows)
     machine = next((r for r in rows if r.get('section') == 'machine' and 'card' in r), {})
+    when = time.strftime('%Y-%m-%d %H:%M', time.localtime(started))
+    stamp = {'card': machine.get('card', ''), 'date': when, 'commit': commit()}
     lines = [f'## GPU speed: {machine.get("card", "(machine section missing)")}, '
-             f'{time.strftime("%Y-%m-%d %H:%M", time.localtime(started))}, commit {commit()}', '',
+             f'{when}, commit {stamp["commit"]}', '',
              f'- {machine.get("result", "")}', f'- device {args.device}, budget '
              f'{args.budget_s:.0f} s, used {time.time() - started:.0f} s', '',
              markdown_table(rows, [('section', 'section', ''), ('setting', 'setting', ''),
@@ -262,10 +277,10 @@ def write_report(rows, args, started) -> str:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / 'gpu_speed.md').write_text(text)
-    write_csv(out / 'gpu_speed.csv', rows)
+    write_csv(out / 'gpu_speed.csv', [{**r, **stamp} for r in rows])
     if os.environ.get('OUT'):
         Path(os.environ['OUT']).mkdir(parents=True, exist_ok=True)
-        for name in ('gpu_speed.md', 'gpu_speed.csv'):
+        for name in ('gpu_speed.md', 'gpu_speed.csv', LOGS):
             shutil.copy(out / name, Path(os.environ['OUT']) / name)
     return text
 
@@ -341,14 +356,18 @@ def write_data(args, work, sizes, rows) -> None:
     jobs += learn_run_samples(nette, train_images=sizes.learn_train_images,
                               val_images=sizes.learn_val_images).items()
     classes = sources.find_classes(nette / 'train')
-    start = time.perf_counter()
+    start, kept = time.perf_counter(), []
     for name, samples in jobs:
+        if args.reuse_data and (work / name).exists():
+            kept.append(name)  # written by an earlier run into the same --work (a second command)
+            continue
         write_beton(samples, work / name, max_res=256, num_workers=os.cpu_count())
         if name.startswith('imagenette'):
             write_class_list(class_list_path(work / name), classes)
     rows.add(setting=f'from {root or "the embedded demo sample"}',
              result=', '.join(f'{n} {len(s):,}' for n, s in jobs)
-             + f' images, written in {time.perf_counter() - start:.0f} s')
+             + f' images, written in {time.perf_counter() - start:.0f} s'
+             + (f' ({", ".join(kept)} kept from an earlier run)' if kept else ''))
 
 
 def loader_scaling(args, work, sizes, rows) -> None:

@@ -224,7 +224,10 @@ def test_gpu_speed_dry_run_writes_the_csv_and_the_table(tmp_path):
     """gpu_speed.py --device cpu with one measuring section (variants: SGD foreach, fused and
     for-loop, batch 8 and 16, on the dry run's 2-conv model) besides machine and data; the other
     sections' flow is the same child machinery (compiling and the learning run take minutes on 2
-    cores). The CSV's columns, one row per variant, and the Markdown header (card, date, commit)."""
+    cores). The CSV's columns, one row per variant, each with the card, date and commit; the
+    Markdown header (card, date, commit); the sections' logs' last lines beside them (a failure's
+    traceback comes back from the GPU machine with the table). A second run with --reuse-data
+    into the same --work keeps the betons."""
     out = tmp_path / 'out'
     result = subprocess.run(
         [PYTHON, str(REPO / 'benchmarks' / 'gpu_speed.py'), '--device', 'cpu', '--sections',
@@ -243,6 +246,20 @@ def test_gpu_speed_dry_run_writes_the_csv_and_the_table(tmp_path):
     assert re.match(r'## GPU speed: no GPU \(CPU dry run\), \d{4}-\d\d-\d\d \d\d:\d\d, commit ',
                     md)
     assert re.search(r'^\| variants +\| tiny, eager, 64 px, batch 16, SGD foreach', md, re.M)
+    assert {(r['card'], r['date'][:4], r['commit']) for r in rows} == {
+        ('no GPU (CPU dry run)', md[len('## GPU speed: no GPU (CPU dry run), '):][:4],
+         md.split('commit ', 1)[1].split('\n', 1)[0])}
+    logs = (out / 'gpu_speed-logs.txt').read_text()
+    assert [line.split(' (')[0] for line in logs.splitlines() if line.startswith('==> ')] == [
+        '==> machine', '==> data', '==> variants']
+    again = subprocess.run(
+        [PYTHON, str(REPO / 'benchmarks' / 'gpu_speed.py'), '--device', 'cpu', '--sections',
+         'machine', '--reuse-data', '--work', str(tmp_path / 'work'), '--out', str(out)],
+        env=run_env(), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    [data] = [r for r in csv.DictReader(open(out / 'gpu_speed.csv')) if r['section'] == 'data']
+    assert data['result'].endswith('(speed.beton, imagenette_train.beton, imagenette_val.beton '
+                                   'kept from an earlier run)'), data['result']
 
 
 def test_loader_scaling_fits_amdahl_and_schedules_a_batch(benchmarks):
