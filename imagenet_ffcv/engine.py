@@ -377,8 +377,7 @@ def evaluate(*, model, loader, amp_dtype=None, flip_tta: bool = True, ten_crop: 
     """
     model.eval()
     device = next(model.parameters()).device
-    hits1 = hits5 = count = 0
-    loss_sum = 0.0
+    sums, count = torch.zeros(3, dtype=torch.float64, device=device), 0  # top-1/5 hits, loss
     with _progress(loader, 0, desc=progress, show=bool(progress)) as batches:
         for x, y in batches:
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
@@ -388,12 +387,11 @@ def evaluate(*, model, loader, amp_dtype=None, flip_tta: bool = True, ten_crop: 
                     logits = sum(model(view).float() for view in views) / 10  # float32 sums
                 else:
                     logits = flip_tta_logits(model, x, flip_tta)
-            top1, top5 = topk_correct(logits, y, ks=(1, 5))
-            hits1, hits5, count = hits1 + top1, hits5 + top5, count + y.shape[0]
-            loss_sum += float(F.cross_entropy(logits, y, reduction='sum'))
+            sums += torch.cat([topk_correct(logits, y, ks=(1, 5)).double(),  # on the device:
+                               F.cross_entropy(logits, y, reduction='sum').double().view(1)])
+            count += y.shape[0]  # no wait for the GPU per batch
     corrupt = corrupt_record() if corrupt_record else None
-    sums = torch.tensor([hits1, hits5, loss_sum, count, bool(corrupt)], dtype=torch.float64,
-                        device=device)
+    sums = torch.cat([sums, sums.new_tensor([count, bool(corrupt)])])
     top1, top5, loss, count, corrupt_ranks = distributed.all_reduce_sum(sums).tolist()
     _raise_if_corrupt(corrupt, corrupt_ranks > 0)
     n = max(count, 1)

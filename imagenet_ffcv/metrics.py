@@ -6,16 +6,17 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 
-def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> list:
+def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> torch.Tensor:
     """Number of samples whose target is among the ``k`` highest logits, for each ``k``.
 
     logits: (N, C) float; target: (N,) int64 class indices. ``k`` larger than C counts every
-    sample. Returns a list of ints, one per ``k``.
+    sample. Returns an int64 tensor (len(ks),) on the logits' device (read without waiting for
+    the GPU: validation adds them up there and reads the sums once).
     """
     maxk = min(max(ks), logits.shape[1])
     top = logits.topk(maxk, dim=1).indices               # (N, maxk)
     hits = top.eq(target.view(-1, 1))                     # (N, maxk) bool
-    return [int(hits[:, :min(k, maxk)].any(dim=1).sum()) for k in ks]
+    return torch.stack([hits[:, :min(k, maxk)].any(dim=1).sum() for k in ks])
 
 
 def format_table(rows: list, headers: list) -> str:

@@ -286,6 +286,31 @@ def test_the_next_epoch_does_not_overwrite_what_the_gpu_still_reads(stream_loade
 
 # --- training step, checkpoints, eval-only, predict ------------------------------------------
 
+def test_validation_waits_for_the_gpu_once_not_at_every_batch():
+    """engine.evaluate sums its top-1/top-5 hits and loss on the device and reads them once: the
+    syncs torch's sync debug mode reports are as many over 6 batches as over 2 (it read three
+    numbers back per batch before, each a wait for the GPU)."""
+    import warnings
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(8, 10)).to(CUDA)
+    batch = (torch.randn(16, 3, 32, 32, device=CUDA), torch.randint(0, 10, (16,), device=CUDA))
+    syncs = {}
+    for n in (2, 6):
+        engine.evaluate(model=model, loader=[batch] * n)  # warm: cuDNN's choices, allocations
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            torch.cuda.set_sync_debug_mode('warn')
+            try:
+                result = engine.evaluate(model=model, loader=[batch] * n)
+            finally:
+                torch.cuda.set_sync_debug_mode('default')
+        syncs[n] = sum('synchroniz' in str(w.message) for w in caught)
+        assert result['count'] == 16 * n
+    assert syncs[6] == syncs[2]
+
+
 @pytest.mark.parametrize('amp', ['bf16', 'fp16'])
 def test_a_training_step_on_cuda_lowers_the_loss_on_a_fixed_batch(amp):
     """engine.train_step with autocast (and a GradScaler for fp16): the loss of a fixed batch is

@@ -15,31 +15,32 @@ TARGET = torch.tensor([1, 4, 0])
 
 def test_topk_correct_top1_top5():
     """Default ks=(1, 5): 1 top-1 hit, 2 top-5 hits."""
-    assert topk_correct(LOGITS, TARGET) == [1, 2]
+    assert topk_correct(LOGITS, TARGET).tolist() == [1, 2]
 
 
 def test_topk_correct_each_k():
     """k=1..6: the hits at ranks 1, 5 and 6 give 1, 1, 1, 1, 2, 3."""
-    assert topk_correct(LOGITS, TARGET, ks=(1, 2, 3, 4, 5, 6)) == [1, 1, 1, 1, 2, 3]
+    assert topk_correct(LOGITS, TARGET, ks=(1, 2, 3, 4, 5, 6)).tolist() == [1, 1, 1, 1, 2, 3]
 
 
 def test_topk_correct_k_larger_than_classes_counts_all():
     """k=10 > 6 classes counts every sample; the other k are unaffected."""
-    assert topk_correct(LOGITS, TARGET, ks=(1, 10)) == [1, 3]
-    assert topk_correct(LOGITS[:, :3], torch.tensor([2, 0, 1]), ks=(5,)) == [3]
+    assert topk_correct(LOGITS, TARGET, ks=(1, 10)).tolist() == [1, 3]
+    assert topk_correct(LOGITS[:, :3], torch.tensor([2, 0, 1]), ks=(5,)).tolist() == [3]
 
 
-def test_topk_correct_returns_ints():
-    """The counts are Python ints (they go into JSON logs and all-reduce sums)."""
-    out = topk_correct(LOGITS, TARGET)
-    assert all(type(v) is int for v in out)
+def test_topk_correct_counts_on_the_logits_device():
+    """The counts are an int64 tensor on the logits' device (validation sums them there and reads
+    the sums once, rather than waiting for the GPU at every batch)."""
+    out = topk_correct(LOGITS.to(torch.float64), TARGET)
+    assert (out.dtype, out.shape, out.device) == (torch.int64, (2,), LOGITS.device)
 
 
 def test_topk_correct_all_wrong_and_all_right():
     """A target never in the top-1 gives 0; argmax targets give N."""
     logits = torch.eye(4)
-    assert topk_correct(logits, torch.tensor([1, 2, 3, 0]), ks=(1,)) == [0]
-    assert topk_correct(logits, torch.tensor([0, 1, 2, 3]), ks=(1,)) == [4]
+    assert topk_correct(logits, torch.tensor([1, 2, 3, 0]), ks=(1,)).tolist() == [0]
+    assert topk_correct(logits, torch.tensor([0, 1, 2, 3]), ks=(1,)).tolist() == [4]
 
 
 def test_format_table_exact():
