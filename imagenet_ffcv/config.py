@@ -193,6 +193,8 @@ def _check_consistency(cfg) -> None:
         problems.append(f'dist.timeout_s={cfg.dist.timeout_s} must be >= 1 (seconds)')
     if not (cfg.data.train_dataset or cfg.training.eval_only):
         problems.append('data.train_dataset: required, not set (the training .beton)')
+    if not cfg.data.val_dataset:
+        problems.append('data.val_dataset: required, not set (the validation .beton)')
     if cfg.training.eval_only and not cfg.model.weights:
         problems.append('training.eval_only=1 needs model.weights=PATH (a checkpoint.pt or '
                         'final_weights.pt)')
