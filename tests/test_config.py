@@ -360,7 +360,6 @@ def test_ema_cosine_recipe_is_the_88_epoch_recipe_with_ema_and_cosine():
     ('--training.weight_decay=-1', 'training.weight_decay=-1.0 must be >= 0'),
     ('--lr.lr=-1', 'lr.lr=-1.0 must be > 0'),
     ('--data.val_dataset=', 'data.val_dataset: required, not set')])  # was '.: .beton ...'
-
 def test_option_keys_are_checked_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(['--data.train_dataset=x', '--data.val_dataset=y', '--logging.folder=z',
