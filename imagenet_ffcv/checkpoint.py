@@ -227,7 +227,12 @@ def restore_training_state(saved: dict, *, model, optimizer, scaler=None, ema=No
     model.load_state_dict(saved['model'])
     settings = [{k: v for k, v in group.items() if k != 'params'}
                 for group in optimizer.param_groups]
-    optimizer.load_state_dict(saved['optimizer'])  # which sets the saved settings too
+    try:
+        optimizer.load_state_dict(saved['optimizer'])  # which sets the saved settings too
+    except ValueError as e:  # other parameter groups: training.bn_wd changed, even if forced
+        raise CheckpointError(f'the checkpoint\'s optimizer state does not fit this run\'s '
+                              f'parameter groups ({e}); resume with the run\'s training.bn_wd '
+                              f'and model') from None
     for group, own in zip(optimizer.param_groups, settings):
         group.update(own)
     if scaler is not None and saved.get('scaler'):

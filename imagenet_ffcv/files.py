@@ -27,8 +27,8 @@ def atomic_path(path):
     a file name); when the block ends without an exception the file is flushed to disk (fsync:
     else a power cut after the rename may leave a short file at ``path`` on some filesystems,
     XFS for one), given the permissions ``open`` gives a new file (a library may create it
-    private: safetensors writes mode 0600, which colleagues sharing a run folder cannot read)
-    and renamed over ``path``. The temporary is removed in every case. Raises what the block or
+    private: safetensors writes mode 0600, which colleagues sharing a run folder cannot read;
+    where the filesystem refuses a chmod the file keeps its mode) and renamed over ``path``. The temporary is removed in every case. Raises what the block or
     the filesystem raises (OSError: disk full, no permission...)."""
     path = Path(path)
     tmp = temporary_path(path)
@@ -39,7 +39,8 @@ def atomic_path(path):
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.chmod(tmp, 0o666 & ~umask())
+        with contextlib.suppress(OSError):  # best effort: some mounts refuse it (CIFS, FUSE)
+            os.chmod(tmp, 0o666 & ~umask())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

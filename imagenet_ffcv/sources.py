@@ -197,15 +197,15 @@ def detect_layout(root) -> str:
     if not root.is_dir():
         raise FileNotFoundError(f'{root}: no such folder; set --data-dir to the folder that holds '
                                 f'train/ and val/ (or the ImageNet tars)')
-    if root.name in ('train', 'val') and (root.parent / 'train').is_dir():
-        raise FileNotFoundError(f'{root}: this is a split folder; set --data-dir to the folder '
-                                f'that holds it ({root.parent}) and --split {root.name}')
     if (root / 'train').is_dir() or (root / 'val').is_dir():
         return 'folders'
     if (root / KAGGLE_DIR).is_dir():
         return 'kaggle'
     if (root / TRAIN_TAR).is_file() or (root / VAL_TAR).is_file():
         return 'tars'
+    if root.name in ('train', 'val') and (root.parent / 'train').is_dir():
+        raise FileNotFoundError(f'{root}: this is a split folder; set --data-dir to the folder '
+                                f'that holds it ({root.parent}) and --split {root.name}')
     raise FileNotFoundError(
         f'{root}: no known input layout: expected train/<wnid>/*.JPEG (class folders), '
         f'{KAGGLE_DIR}/ with LOC_val_solution.csv (Kaggle) or {TRAIN_TAR} / {VAL_TAR} '

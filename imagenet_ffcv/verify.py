@@ -150,7 +150,7 @@ def _open(path):
         if header['version'] != CURRENT_VERSION:
             raise CorruptBetonError(
                 f'{path}: not a .beton file (it does not start with the header of ffcv\'s format '
-                f'version {CURRENT_VERSION}: {Path(path).read_bytes()[:8].hex(" ")}); pass the '
+                f'version {CURRENT_VERSION}: {header.tobytes()[:8].hex(" ")}); pass the '
                 f'file imagenet-ffcv-write wrote')
         if header['alloc_table_ptr'] > size:
             raise CorruptBetonError(

@@ -513,6 +513,9 @@ def test_layouts_detected_and_give_identical_betons(three_layouts, tmp_path):
         sources.detect_layout(tmp_path / 'empty')
     with pytest.raises(FileNotFoundError, match='nowhere: no such folder'):  # was: no layout
         sources.detect_layout(tmp_path / 'nowhere')
+    named_train = tmp_path / 'train'  # a data folder that happens to be called train
+    (named_train / 'train' / 'n01').mkdir(parents=True)
+    assert sources.detect_layout(named_train) == 'folders'
     with pytest.raises(FileNotFoundError, match=f'this is a split folder.*\\({roots["folders"]}\\) '
                                                 f'and --split train'):
         sources.detect_layout(roots['folders'] / 'train')

@@ -70,6 +70,16 @@ def test_files_written_atomically_have_the_permissions_of_a_new_file(tmp_path):
                      'private': 0o640}
 
 
+def test_a_filesystem_that_refuses_chmod_still_gets_the_file(tmp_path, monkeypatch):
+    """Some mounts refuse a chmod (CIFS with another owner: EPERM; FUSE: ENOSYS): the file is
+    written all the same, with the mode it was created with."""
+    def refuse(*args):
+        raise PermissionError(1, 'Operation not permitted')
+    monkeypatch.setattr(os, 'chmod', refuse)
+    files.write_text_atomic(tmp_path / 'params.json', '{}')
+    assert (tmp_path / 'params.json').read_text() == '{}'
+
+
 def test_atomic_path_renames_only_on_success(tmp_path):
     path = tmp_path / 'train.beton'
     with files.atomic_path(path) as tmp:
