@@ -229,10 +229,10 @@ def restore_training_state(saved: dict, *, model, optimizer, scaler=None, ema=No
                 for group in optimizer.param_groups]
     try:
         optimizer.load_state_dict(saved['optimizer'])  # which sets the saved settings too
-    except ValueError as e:  # other parameter groups: training.bn_wd changed, even if forced
+    except ValueError as e:  # other parameter groups (bn_wd changed, even if forced)
         raise CheckpointError(f'the checkpoint\'s optimizer state does not fit this run\'s '
-                              f'parameter groups ({e}); resume with the run\'s training.bn_wd '
-                              f'and model') from None
+                              f'parameter groups ({e}); resume with the run\'s weight decay '
+                              f'groups (bn_wd) and model') from None
     for group, own in zip(optimizer.param_groups, settings):
         group.update(own)
     if scaler is not None and saved.get('scaler'):
