@@ -86,7 +86,11 @@ def test_two_nodes_on_localhost_train_in_sync(two_node_run):
     assert len(log) == 1 and log[0]['val_count'] == 100
 
 
+# Each line is one write to the pipe the two ranks share: print, unbuffered (PYTHONUNBUFFERED),
+# writes the text and its newline apart, and the other rank's line could fall between them (a
+# fresh clone's run read 'rank 0: ...rank 1: ...' and an empty line).
 ON_RANK_0 = """
+import os
 import torch.distributed
 from imagenet_ffcv import distributed
 info = distributed.from_env()
@@ -97,11 +101,15 @@ def fails():
     raise ValueError('no such checkpoint')
 
 
+def say(text):
+    os.write(1, f'rank {info.rank}: {text}\\n'.encode())
+
+
 try:
     distributed.on_rank_0(fails)
 except Exception as e:
-    print(f'rank {info.rank}: {type(e).__name__}: {e}', flush=True)
-print(f'rank {info.rank}: {distributed.on_rank_0(lambda: 42)}', flush=True)
+    say(f'{type(e).__name__}: {e}')
+say(distributed.on_rank_0(lambda: 42))
 torch.distributed.barrier()
 distributed.cleanup()
 """
