@@ -421,7 +421,7 @@ def test_num_workers_auto_shares_this_process_cores_among_the_node_processes(mon
 # Two ranks of one machine in a gloo group: loader_threads('auto') for three ways of giving them
 # the 16 cores that os.sched_getaffinity is made to return.
 TWO_RANKS_ON_16_CORES = """
-import os, numba
+import os, numba, torch.distributed
 from imagenet_ffcv import distributed
 numba.config.NUMBA_NUM_THREADS = 16
 info = distributed.from_env()
@@ -431,6 +431,8 @@ for binding, cores in [('shared', range(16)), ('each its own 8', range(8 * r, 8 
                        ('overlapping', range(0, 12) if r == 0 else range(8, 16))]:
     os.sched_getaffinity = lambda pid: set(cores)
     print(binding, distributed.loader_threads('auto', info), flush=True)
+torch.distributed.barrier()  # rank 0 hosts the store: neither leaves before the other is done
+distributed.cleanup()  # a process group left to the interpreter's exit may abort it
 """
 
 
