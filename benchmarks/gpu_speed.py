@@ -130,8 +130,9 @@ CURVE_TOLERANCE = 0.02  # compiled vs eager: mean |loss difference| / mean eager
 @dataclass(frozen=True)
 class Section:
     """One section: ``limit_s`` its own time limit, ``min_s`` the least time worth starting it
-    with (at least its estimated duration where it writes its rows only at its end). Sections run in ``SECTIONS``' order, the order of need: each may use the whole budget
-    left, up to its limit, and what the budget cannot give comes off the last ones."""
+    with (at least its estimated duration where it writes its rows only at its end). Sections
+    run in ``SECTIONS``' order, the order of need: each may use the whole budget left, up to its
+    limit, and what the budget cannot give comes off the last ones."""
     name: str
     limit_s: int
     min_s: int

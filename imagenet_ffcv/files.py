@@ -28,8 +28,9 @@ def atomic_path(path):
     else a power cut after the rename may leave a short file at ``path`` on some filesystems,
     XFS for one), given the permissions ``open`` gives a new file (a library may create it
     private: safetensors writes mode 0600, which colleagues sharing a run folder cannot read;
-    where the filesystem refuses a chmod the file keeps its mode) and renamed over ``path``. The temporary is removed in every case. Raises what the block or
-    the filesystem raises (OSError: disk full, no permission...)."""
+    where the filesystem refuses a chmod the file keeps its mode) and renamed over ``path``. The
+    temporary is removed in every case. Raises what the block or the filesystem raises (OSError:
+    disk full, no permission...)."""
     path = Path(path)
     tmp = temporary_path(path)
     try:

@@ -58,9 +58,10 @@ def num_classes(beton_path, val_path=None) -> int:
     classes = class_list_path(beton_path)
     if val_path is not None and classes.exists() and class_list_path(val_path).exists():
         if read_class_list(classes) != read_class_list(class_list_path(val_path)):
-            raise ClassListError(f'{classes} and {class_list_path(val_path)} differ: the two .beton '
-                             f'files were written from different train splits, so their class '
-                             f'indices do not match; write both from the same --data-dir')
+            raise ClassListError(f'{classes} and {class_list_path(val_path)} differ: the two '
+                                 f'.beton files were written from different train splits, so '
+                                 f'their class indices do not match; write both from the same '
+                                 f'--data-dir')
     if classes.exists():
         return len(read_class_list(classes))
     return int(Reader(str(beton_path)).metadata['f1'].max()) + 1

@@ -67,9 +67,10 @@ def build_model(*, arch: str, num_classes: int, use_blurpool: bool, channels_las
     left alone). ``channels_last``: parameters and buffers in NHWC memory format.
     The model takes float (N, 3, H, W) images and returns float (N, num_classes) logits.
 
-    Raises UnknownArchError (a ValueError) naming the arch for an unknown torchvision name (listing the valid ones) or
-    an unknown timm name (pointing at ``timm.list_models()``), and ``optional.MissingPackageError``
-    (an ImportError) saying how to install timm when a ``timm:`` arch is asked for without it.
+    Raises UnknownArchError (a ValueError) naming the arch for an unknown torchvision name
+    (listing the valid ones) or an unknown timm name (pointing at ``timm.list_models()``), and
+    ``optional.MissingPackageError`` (an ImportError) saying how to install timm when a ``timm:``
+    arch is asked for without it.
     """
     if arch.startswith(TIMM_PREFIX):
         model = _timm_model(arch[len(TIMM_PREFIX):], num_classes=num_classes)
@@ -77,8 +78,8 @@ def build_model(*, arch: str, num_classes: int, use_blurpool: bool, channels_las
         valid = torchvision.models.list_models(module=torchvision.models)
         if arch not in valid:
             raise UnknownArchError(f'arch={arch!r} is not a torchvision classification model '
-                             f'nor {TIMM_PREFIX}<name> (a timm model, e.g. timm:resnet50d); '
-                             f'valid torchvision names: {", ".join(valid)}')
+                                   f'nor {TIMM_PREFIX}<name> (a timm model, e.g. timm:resnet50d); '
+                                   f'valid torchvision names: {", ".join(valid)}')
         model = torchvision.models.get_model(arch, weights=None, num_classes=num_classes)
     if use_blurpool:
         apply_blurpool(model)
@@ -94,8 +95,8 @@ def _timm_model(name: str, *, num_classes: int) -> nn.Module:
     timm = require('timm', f'the timm model {name!r}')
     if not name or ':' in name or not timm.is_model(name):
         raise UnknownArchError(f'arch={TIMM_PREFIX + name!r}: {name!r} is not a timm model '
-                         f'(timm {timm.__version__}); see timm.list_models(), e.g. '
-                         "timm.list_models('resnet*')")
+                               f'(timm {timm.__version__}); see timm.list_models(), e.g. '
+                               "timm.list_models('resnet*')")
     return timm.create_model(name, pretrained=False, num_classes=num_classes)
 
 

@@ -149,9 +149,9 @@ def _images_under(folder: Path, listed: set, unreadable: list, other: list,
     nowhere."""
     files = []
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-        path, kind = folder / entry.name, _kind(entry)
         if entry.name.startswith('.'):
             continue
+        path, kind = folder / entry.name, _kind(entry)
         if kind == 'dir':
             real = os.path.realpath(path)
             if real in listed:

@@ -135,7 +135,8 @@ def test_a_forced_resume_trains_with_the_configs_optimizer_settings_and_the_save
             torch.equal(torch.as_tensor(state[k]), torch.as_tensor(saved_state[k]))
             for k in state)
     two_groups = torch.optim.SGD([{'params': [model.weight]}, {'params': [model.bias]}], lr=0.1)
-    with pytest.raises(checkpoint.CheckpointError, match="resume with the run's weight decay groups"):
+    with pytest.raises(checkpoint.CheckpointError,
+                       match="resume with the run's weight decay groups"):
         checkpoint.restore_training_state(saved, model=model, optimizer=two_groups)  # forced
 
 
