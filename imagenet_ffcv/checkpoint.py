@@ -4,6 +4,7 @@ code, and found again for ``--resume``. (Final weights, and models rebuilt from 
 A checkpoint is one ``torch.save`` file, ``RUN_DIR/checkpoint.pt``, holding::
 
     {'format': 1, 'model': state dict (no DDP prefix), 'optimizer': the optimizer's state dict,
+     'optimizer_class': the optimizer's class name ('SGD', 'AdamW'; absent in older checkpoints),
      'scaler': torch.amp.GradScaler state (only with fp16 mixed precision),
      'ema': the EMA's state dict (AveragedModel: weights, buffers, n_averaged; only with EMA),
      'epoch': epoch to continue,
@@ -203,6 +204,7 @@ def training_state(*, model_state: dict, optimizer, epoch: int, iteration: int, 
     'train_seconds', 'best_epoch', 'wall_time_s', 'epoch_so_far'}``)."""
     rng = rng or [rng_state()]
     state = {'format': FORMAT, 'model': model_state, 'optimizer': optimizer.state_dict(),
+             'optimizer_class': type(optimizer).__name__,
              'epoch': epoch, 'iteration': iteration, 'rng': rng[0], 'config': config,
              'best_top1': best_top1, 'classes': classes, 'progress': progress}
     if len(rng) > 1:
@@ -223,7 +225,13 @@ def restore_training_state(saved: dict, *, model, optimizer, scaler=None, ema=No
     of the current config, which differ from the checkpoint's only under ``checkpoint.force=1``)
     and takes the checkpoint's state (momentum buffers, moments, step counts). Returns False when
     the run has an EMA that the checkpoint lacks (it then starts from the weights at its next
-    update), else True."""
+    update), else True. Raises CheckpointError when the checkpoint's optimizer is of another class
+    or has other parameter groups (possible under ``checkpoint.force=1``)."""
+    was, now = saved.get('optimizer_class', type(optimizer).__name__), type(optimizer).__name__
+    if was != now:  # SGD's momentum buffers are no state of AdamW's (it failed at its first step)
+        raise CheckpointError(f'the checkpoint\'s optimizer is {was} and this run\'s {now}: its '
+                              f'state does not carry over; resume with the run\'s optimizer, or '
+                              f'start a new run that fine-tunes from the checkpoint\'s weights')
     model.load_state_dict(saved['model'])
     settings = [{k: v for k, v in group.items() if k != 'params'}
                 for group in optimizer.param_groups]

@@ -378,6 +378,19 @@ def resolution_kwargs(cfg: SimpleNamespace) -> dict:
             'start_ramp': cfg.resolution.start_ramp, 'end_ramp': cfg.resolution.end_ramp}
 
 
+def unreached_resolution(cfg: SimpleNamespace):
+    """A warning when the last epoch trains below ``resolution.max_res`` (the ramp ends after
+    ``training.epochs``, as when a quick run shortens a recipe's epochs and keeps its ramp), else
+    None. Not an error: such a run trains, at lower resolutions than the recipe's."""
+    last = schedules.resolution_at(cfg.training.epochs - 1, **resolution_kwargs(cfg))
+    if last >= cfg.resolution.max_res:
+        return None
+    return (f'resolution.end_ramp={cfg.resolution.end_ramp} is after the last epoch '
+            f'(training.epochs={cfg.training.epochs}): training ends at {last} px, not '
+            f'resolution.max_res={cfg.resolution.max_res}; move the ramp (resolution.start_ramp, '
+            f'resolution.end_ramp) with the epochs')
+
+
 if __name__ == '__main__':
     if sys.argv[1:] != ['--markdown']:
         sys.exit('usage: python -m imagenet_ffcv.config --markdown > docs/configuration.md')

@@ -21,7 +21,9 @@ queue of ``batches_ahead``), which also
 - works on the consumer's GPU: a new thread's current CUDA device is 0, and ffcv's
   ``torch.cuda.stream`` blocks go back to device 0's stream on leaving, which creates a CUDA
   context there (about 0.3-0.5 GB, ffcv issue #356): each rank of an 8-GPU node but rank 0 would
-  hold one on GPU 0.
+  hold one on GPU 0;
+- uses the loader's side streams (``loaders.Loader.ring_streams``), the same every epoch, not the
+  new ones ffcv takes for each.
 """
 import atexit
 import sys
@@ -62,6 +64,7 @@ class EpochIterator(FfcvEpochIterator):
         try:
             if IS_CUDA:
                 torch.cuda.set_device(self.current_stream.device)
+                self.cuda_streams = self.loader.ring_streams  # read by __next__ after a batch
             Compiler.set_num_threads(self.loader.num_workers)
             for b_ix, batch_indices in enumerate(self.iter_ixes):
                 if self.terminate_event.is_set():

@@ -19,6 +19,7 @@ from ffcv.fields.basics import IntDecoder
 from ffcv.fields.rgb_image import CenterCropRGBImageDecoder, RandomResizedCropRGBImageDecoder
 import ffcv.loader
 from ffcv.loader import OrderOption
+from ffcv.loader.epoch_iterator import IS_CUDA
 from ffcv.pipeline.allocation_query import AllocationQuery, allocate_query
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
@@ -84,6 +85,12 @@ class Loader(ffcv.loader.Loader):
     kernel still reads them. A batch is valid until the next one is fetched or the next epoch
     starts (ffcv: until the next one). On CUDA its epoch iterator waits for each batch's copy out
     of the pinned host buffer before decoding into that buffer again (``COPY_WAIT``).
+
+    On CUDA it keeps the side streams of ffcv's ring too (``ring_streams``, one per slot, made by
+    the first epoch on the current device). ffcv 1.0.2 takes new ones for every epoch from torch's
+    pool (32 per device, handed out in turn), and torch's caching allocator reuses the memory a
+    stream freed only for that stream: the batches :class:`NormalizeOnDevice` allocates on them
+    kept up to 32 streams' worth of memory reserved, not ``batches_ahead + 2``.
     """
 
     def __init__(self, *args, decoder=None, **kwargs):
@@ -95,6 +102,7 @@ class Loader(ffcv.loader.Loader):
         self.decoder = decoder
         self._buffers = None  # (shapes key, ffcv's buffers) of the last epoch
         self._last_epoch = None  # weak reference to the last epoch's iterator (a thread)
+        self.ring_streams = None  # on CUDA: the side stream of each slot, for every epoch
         self.graph.allocate_memory = self._epoch_buffers  # what each epoch's iterator calls
 
     def __iter__(self):
@@ -117,6 +125,8 @@ class Loader(ffcv.loader.Loader):
             self._buffers = None  # still producing into them: this epoch gets its own
         elif self._buffers is not None and torch.cuda.is_initialized():
             torch.cuda.synchronize()
+        if IS_CUDA and self.ring_streams is None:
+            self.ring_streams = [torch.cuda.Stream() for _ in range(self.batches_ahead + 2)]
         # ffcv 1.0.2's Loader.__iter__, with our epoch iterator (``epoch_iterator``)
         Compiler.set_num_threads(self.num_workers)
         order = self.next_traversal_order()[first_batch * self.batch_size:
@@ -216,7 +226,7 @@ class NormalizeOnDevice(Operation):
 
         def normalize(images, _):
             mean, inv_std = self.constants_on(images.device)
-            out = ((images.to(torch.float32) - mean) * inv_std).to(dtype)
+            out = images.to(torch.float32, copy=True).sub_(mean).mul_(inv_std).to(dtype)
             if out.is_cuda:
                 out.record_stream(torch.cuda.default_stream(out.device))
             return out

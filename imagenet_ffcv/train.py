@@ -115,9 +115,7 @@ def train(cfg, dist, wall_start) -> dict:
             wandb_project=cfg.logging.wandb_project, run_name=run.run_dir.path.name,
             resume_step=run.global_step(run.progress.epoch, run.progress.iteration)))
         stop = fit(run)
-        if stop:
-            return stopped_summary(run, stop)
-        return summarize(run)
+        return stopped_summary(run, stop) if stop else summarize(run)
     finally:
         if run.run_dir:
             run.run_dir.unlock()
@@ -220,6 +218,8 @@ def open_run_dir(run: Run, resume_path) -> RunDir:
           f'{cfg.data.num_workers}), global batch '
           f'{derived["global_batch_size"]}; lr {cfg.lr.lr:g} in the config (for a global batch of '
           f'{cfg.lr.ref_batch_size or "any size: no scaling"}) -> {derived["lr_used"]:g} used')
+    if warning := config.unreached_resolution(cfg):
+        print(f'=> warning: {warning}')
     return run_dir
 
 

@@ -134,10 +134,13 @@ def test_a_forced_resume_trains_with_the_configs_optimizer_settings_and_the_save
         assert state.keys() == saved_state.keys() and all(
             torch.equal(torch.as_tensor(state[k]), torch.as_tensor(saved_state[k]))
             for k in state)
-    two_groups = torch.optim.SGD([{'params': [model.weight]}, {'params': [model.bias]}], lr=0.1)
+    two_groups = torch.optim.AdamW([{'params': [model.weight]}, {'params': [model.bias]}], lr=0.1)
     with pytest.raises(checkpoint.CheckpointError,
                        match="resume with the run's weight decay groups"):
         checkpoint.restore_training_state(saved, model=model, optimizer=two_groups)  # forced
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    with pytest.raises(checkpoint.CheckpointError, match="optimizer is AdamW and this run's SGD"):
+        checkpoint.restore_training_state(saved, model=model, optimizer=sgd)  # forced
 
 
 def test_rng_state_round_trip():

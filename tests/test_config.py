@@ -220,6 +220,19 @@ def test_cli_override_beats_file():
     assert cfg.lr.lr == pytest.approx(0.8)
 
 
+def test_a_ramp_that_ends_after_the_last_epoch_is_warned_of():
+    """The 16-epoch recipe's ramp (160 px to 192 from epoch 11 to 13) cut to 8 epochs never leaves
+    160 px: a warning names the keys and the last epoch's resolution; the whole recipe, and a
+    run whose last epoch reaches max_res on the ramp's end, get none."""
+    recipe = REPO / 'imagenet_ffcv' / 'configs' / 'rn50_configs' / 'rn50_16_epochs.yaml'
+    warning = config.unreached_resolution(_load(recipe, '--training.epochs=8'))
+    assert 'resolution.end_ramp=13' in warning and 'training ends at 160 px' in warning
+    assert 'training.epochs=8' in warning and 'resolution.max_res=192' in warning
+    assert 'ends at 160 px' in config.unreached_resolution(_load(recipe, '--training.epochs=12'))
+    assert config.unreached_resolution(_load(recipe)) is None
+    assert config.unreached_resolution(_load(recipe, '--training.epochs=13')) is None  # 192 px
+
+
 def test_later_config_file_wins(tmp_path):
     """A second --config overrides the first for the keys it sets, the rest is kept."""
     extra = _write(tmp_path, 'training:\n  epochs: 5\n', 'extra.yaml')

@@ -284,6 +284,26 @@ def test_the_next_epoch_does_not_overwrite_what_the_gpu_still_reads(stream_loade
         assert torch.equal(got, labels[:len(got)]), f'epoch {epoch}: labels changed'
 
 
+def test_every_epoch_uses_the_same_side_streams_and_reserves_no_more_memory(sample_betons):
+    """ffcv 1.0.2 takes batches_ahead + 2 new side streams from torch's pool (32 per device) for
+    each epoch, and NormalizeOnDevice's batches are allocated on them; torch's caching allocator
+    keeps a stream's freed memory for that stream, so each epoch reserved more until the pool came
+    round. ``loaders.Loader`` keeps its streams: 20 epochs (100 streams' worth) reserve what the
+    first two did. float32 batches of 64 at 48 px (1.8 MB, each in a 20 MB block of its own)."""
+    loader = loaders.val_loader(path=sample_betons['train'], batch_size=64, num_workers=2,
+                                res=RES, device=CUDA, dtype=torch.float32)
+    streams, reserved = [], []
+    for _ in range(20):
+        epoch = iter(loader)
+        for x, _ in epoch:
+            checksums(x)
+        streams.append([stream.cuda_stream for stream in epoch.cuda_streams])
+        torch.cuda.synchronize()
+        reserved.append(torch.cuda.memory_reserved(CUDA))
+    assert all(handles == streams[0] for handles in streams), streams
+    assert reserved[-1] - reserved[1] < 3 * 20 * 2**20, [r / 2**20 for r in reserved]
+
+
 # --- training step, checkpoints, eval-only, predict ------------------------------------------
 
 def test_validation_waits_for_the_gpu_once_not_at_every_batch():

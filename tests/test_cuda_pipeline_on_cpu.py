@@ -8,7 +8,7 @@ import pytest
 import torch
 from ffcv.transforms import ToDevice
 
-from imagenet_ffcv import loaders
+from imagenet_ffcv import constants, loaders
 from test_cuda import RES, batches_of, check_against_cpu
 
 CPU = torch.device('cpu')
@@ -33,3 +33,17 @@ def test_the_cuda_pipeline_gives_the_cpu_batches(sample_betons, cpu_batches, cud
     loader = loaders.val_loader(path=sample_betons['val'], batch_size=32, num_workers=2, res=RES,
                                 device=torch.device('cuda', 0), dtype=dtype)
     check_against_cpu(batches_of(loader), cpu_batches, dtype, 'cpu')
+
+
+@pytest.mark.parametrize('dtype', [torch.uint8, torch.float32])
+def test_normalize_on_device_leaves_its_input_alone(dtype):
+    """NormalizeOnDevice normalises in a copy of its input (ffcv's ring buffer, in place): a float32
+    input, which ``Tensor.to`` would return itself, is left as it was too."""
+    op = loaders.NormalizeOnDevice(constants.IMAGENET_MEAN, constants.IMAGENET_STD, torch.float32)
+    images = torch.arange(2 * 3 * 4 * 4).reshape(2, 3, 4, 4).to(dtype)
+    before = images.clone()
+    out = op.generate_code()(images, None)
+    mean = torch.tensor(constants.IMAGENET_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(constants.IMAGENET_STD, dtype=torch.float32).view(1, 3, 1, 1)
+    assert torch.equal(images, before)
+    assert torch.allclose(out, (before.float() - mean) / std, atol=1e-5)
