@@ -5,8 +5,33 @@ torchvision's reference ``ExponentialMovingAverage``: after each update,
 ``ema = decay * ema + (1 - decay) * weights``, for the parameters and the buffers (BatchNorm's
 running statistics are averaged too, so the EMA model evaluates without re-estimating them).
 """
+from collections import defaultdict
+
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+
+class EMA(AveragedModel):
+    """torch's ``AveragedModel`` (its state dict, its first update, its averaging function) whose
+    later updates never wait for the GPU: torch's copies the count ``n_averaged`` (a CPU tensor)
+    to the device at each update, a copy that waits for every kernel queued before it, so the GPU
+    idled while the host queued the next step. The count goes to the averaging function as None
+    (``get_ema_multi_avg_fn``'s update does not read it)."""
+
+    def update_parameters(self, model: torch.nn.Module) -> None:
+        """Move the averages towards ``model``'s parameters and buffers (the first update copies
+        them), as ``AveragedModel.update_parameters`` with ``use_buffers=True``."""
+        if self.n_averaged == 0 or self.multi_avg_fn is None:
+            return super().update_parameters(model)
+        groups = defaultdict(lambda: ([], []))  # (device, dtype) -> (averages, model's tensors)
+        for averaged, current in zip([*self.module.parameters(), *self.module.buffers()],
+                                     [*model.parameters(), *model.buffers()], strict=True):
+            group = groups[averaged.device, averaged.dtype]
+            group[0].append(averaged.detach())
+            group[1].append(current.detach().to(averaged.device))
+        for averages, currents in groups.values():
+            self.multi_avg_fn(averages, currents, None)
+        self.n_averaged += 1
 
 
 def make_ema(model: torch.nn.Module, decay: float) -> AveragedModel:
@@ -18,4 +43,4 @@ def make_ema(model: torch.nn.Module, decay: float) -> AveragedModel:
     Raises ValueError unless ``0 < decay < 1``."""
     if not 0 < decay < 1:
         raise ValueError(f'decay={decay} must lie in (0, 1)')
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+    return EMA(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)

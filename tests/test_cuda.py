@@ -331,6 +331,29 @@ def test_validation_waits_for_the_gpu_once_not_at_every_batch():
     assert syncs[6] == syncs[2]
 
 
+def test_an_ema_update_after_the_first_does_not_wait_for_the_gpu():
+    """ema.EMA's updates queue their work without a sync that torch's sync debug mode reports
+    (torch's AveragedModel copies its CPU count to the device at each update, a copy that waits
+    for the GPU): the EMA recipe updates every 4 steps."""
+    import warnings
+    from imagenet_ffcv.ema import make_ema
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8)).to(CUDA)
+    ema = make_ema(model, 0.9)
+    ema.update_parameters(model)  # the first copies the weights
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        torch.cuda.set_sync_debug_mode('warn')
+        try:
+            for _ in range(3):
+                ema.update_parameters(model)
+        finally:
+            torch.cuda.set_sync_debug_mode('default')
+    assert not [str(w.message) for w in caught if 'synchroniz' in str(w.message)]
+    assert int(ema.n_averaged) == 4
+
+
 @pytest.mark.parametrize('amp', ['bf16', 'fp16'])
 def test_a_training_step_on_cuda_lowers_the_loss_on_a_fixed_batch(amp):
     """engine.train_step with autocast (and a GradScaler for fp16): the loss of a fixed batch is

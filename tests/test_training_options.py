@@ -36,6 +36,26 @@ def float_state(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()}
 
 
+def test_the_ema_updates_as_torchs_averaged_model_does():
+    """ema.EMA (updates that do not read the count on the device) gives torch's AveragedModel's
+    averages, bit for bit, over 5 updates between SGD steps: weights, BN running statistics and
+    the integer count of batches BN saw; and the same state dict."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    model = tiny_bn_net()
+    ours = make_ema(model, 0.8)
+    torchs = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.8), use_buffers=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for x, y in batches(5):
+        engine.train_step(model=model, x=x, y=y, optimizer=optimizer, loss_fn=nn.CrossEntropyLoss())
+        ours.update_parameters(model)
+        torchs.update_parameters(model)
+    got, expected = ours.state_dict(), torchs.state_dict()
+    assert got.keys() == expected.keys() and 'module.1.num_batches_tracked' in got
+    assert all(torch.equal(got[k], expected[k]) for k in got), [
+        k for k in got if not torch.equal(got[k], expected[k])]
+    assert int(got['n_averaged']) == 5
+
+
 def test_ema_is_the_hand_computed_average_of_parameters_and_buffers_every_k_iterations():
     """train_one_epoch updates the EMA every ema_every iterations of the run, counted across
     epochs (3 epochs of 4 iterations, every 3: after iterations 3, 6, 9 and 12; counted within each
