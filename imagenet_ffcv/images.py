@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-from .sources import open_image_source
+from .ilsvrc import open_image_source
 
 
 # Images for the writer

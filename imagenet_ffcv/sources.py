@@ -1,28 +1,20 @@
-"""Where the images of a split come from: class folders, Kaggle's CLS-LOC tree or the raw
-ILSVRC-2012 tars (read in place), as ``(path or tar reference, label)`` samples.
+"""Where the images of a split come from: class folders (read here), Kaggle's CLS-LOC tree or the
+raw ILSVRC-2012 tars (read in place; ``ilsvrc``), as ``(path or tar reference, label)`` samples.
 
 Class index convention (as torchvision's ``ImageFolder`` and the ILSVRC-2012 order): the position
 of the wnid folder in the sorted list of the *train* split's folders. The val split is labelled with
 the same map, so a val split that lacks a class, or lists its folders in another order, keeps the
 train indices. Every layout gives the same classes, labels and order for the same images.
 """
-import csv
-import io
 import os
-import re
-import tarfile
 import warnings
 from pathlib import Path
 
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
+from . import ilsvrc
+from .constants import IMAGE_EXTENSIONS
+from .ilsvrc import KAGGLE_DIR, TRAIN_TAR, VAL_TAR
+
 LAYOUTS = ('folders', 'kaggle', 'tars')
-TRAIN_TAR, VAL_TAR = 'ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar'
-KAGGLE_DIR = Path('ILSVRC') / 'Data' / 'CLS-LOC'
-# A file inside an uncompressed tar: '<tar path>::<member name>@<byte offset>+<size>'.
-TAR_REF_SEP = '::'
-TAR_REF = re.compile(rf'(?P<tar>.*\.tar){re.escape(TAR_REF_SEP)}(?P<member>.+)'
-                     r'@(?P<offset>\d+)\+(?P<size>\d+)', re.DOTALL)
-DEVKIT_TAR = 'ILSVRC2012_devkit_t12.tar.gz'
 
 
 def find_classes(train_dir) -> list:
@@ -212,125 +204,6 @@ def detect_layout(root) -> str:
         f'(raw ILSVRC-2012 tars); set --data-dir')
 
 
-def _val_solution(path) -> dict:
-    """ImageId -> wnid from Kaggle's LOC_val_solution.csv (first token of PredictionString)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f'{path}: val labels not found: put Kaggle\'s LOC_val_solution.csv '
-                                f'(ImageId,PredictionString) or the devkit {DEVKIT_TAR} there')
-    with open(path, newline='') as f:
-        rows = list(csv.reader(f))
-    if not rows or rows[0][:2] != ['ImageId', 'PredictionString']:
-        raise ValueError(f'{path}: expected the header ImageId,PredictionString')
-    return {r[0]: r[1].split()[0] for r in rows[1:] if len(r) >= 2 and r[1].split()}
-
-
-def _devkit_val_solution(path) -> dict:
-    """ImageId -> wnid from the ILSVRC-2012 devkit archive, read in place: ``data/meta.mat`` maps
-    ILSVRC2012_ID -> WNID for the leaf synsets (``num_children == 0``: the 1,000 classes) and
-    ``data/ILSVRC2012_validation_ground_truth.txt`` gives one ILSVRC2012_ID a line, line i for
-    ``ILSVRC2012_val_{i:08d}`` (i from 1). As torchvision's ``datasets.imagenet`` parses it."""
-    import scipy.io  # heavy, and only this layout needs it
-
-    with tarfile.open(path) as tf:
-        def read(suffix):
-            member = next((m for m in tf.getmembers() if m.name.endswith(suffix)), None)
-            if member is None:
-                raise ValueError(f'{path}: no {suffix} inside: not the ILSVRC-2012 devkit')
-            return tf.extractfile(member).read()
-        synsets = scipy.io.loadmat(io.BytesIO(read('data/meta.mat')), squeeze_me=True)['synsets']
-        truth = read('data/ILSVRC2012_validation_ground_truth.txt').decode().split()
-    id_to_wnid = {int(s['ILSVRC2012_ID']): str(s['WNID']) for s in synsets
-                  if int(s['num_children']) == 0}
-    try:
-        return {f'ILSVRC2012_val_{i:08d}': id_to_wnid[int(t)] for i, t in enumerate(truth, 1)}
-    except KeyError as e:
-        raise ValueError(f'{path}: ground truth names ILSVRC2012_ID {e} not in meta.mat') from None
-
-
-def _val_labels(root) -> dict:
-    """ImageId -> wnid for flat val images: LOC_val_solution.csv (Kaggle) when present, else the
-    devkit archive ILSVRC2012_devkit_t12.tar.gz. FileNotFoundError naming both when neither is."""
-    root = Path(root)
-    if (root / 'LOC_val_solution.csv').is_file() or not (root / DEVKIT_TAR).is_file():
-        return _val_solution(root / 'LOC_val_solution.csv')
-    return _devkit_val_solution(root / DEVKIT_TAR)
-
-
-def synset_mapping_names(root) -> dict:
-    """wnid -> first name from Kaggle's LOC_synset_mapping.txt ('n01440764 tench, Tinca tinca'),
-    {} when the file is absent."""
-    path = Path(root) / 'LOC_synset_mapping.txt'
-    if not path.is_file():
-        return {}
-    names = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            wnid, _, rest = line.partition(' ')
-            names[wnid] = rest.split(',')[0].strip()
-    return names
-
-
-def _flat_val_samples(files: list, solution: dict, classes: list, where) -> list:
-    """(ref, label) for flat val files named <ImageId>.<ext>, labelled by ``solution``, ordered
-    by class index then file name as :func:`list_samples`."""
-    class_to_idx = {wnid: i for i, wnid in enumerate(classes)}
-    samples, unlabelled = [], []
-    for name, ref in files:
-        image_id = name.rsplit('/', 1)[-1].rsplit('.', 1)[0]
-        wnid = solution.get(image_id)
-        if wnid is None:
-            unlabelled.append(name)
-            continue
-        if wnid not in class_to_idx:
-            raise ValueError(f'{where}: {name} is labelled {wnid}, a class not in the train split')
-        samples.append((class_to_idx[wnid], name.rsplit('/', 1)[-1], ref))
-    if unlabelled:
-        raise ValueError(f'{where}: {len(unlabelled)} val image(s) have no label in '
-                         f'LOC_val_solution.csv: {", ".join(unlabelled[:5])}')
-    if not samples:
-        raise ValueError(f'{where}: no val images found')
-    return [(ref, label) for label, _, ref in sorted(samples)]
-
-
-def _tar_members(tar_path, fileobj=None, end: int = None):
-    """(name, data offset, size) of the regular files of an uncompressed tar: the file
-    ``tar_path``, or the one in ``fileobj`` from its current position to byte ``end`` (the offsets
-    absolute in that file). ValueError naming the file for one that is not a complete tar (a
-    download cut short): a header or a member's data that does not read (tarfile checks the
-    last byte of each member's data), or no room before ``end`` for the two zero blocks every
-    tar ends with (one cut at a member's end reads as complete). A sparse member's size is its
-    expanded size, so members are not checked against ``end``."""
-    where = tar_path if fileobj is None else f'{fileobj.name} (the tar at byte {fileobj.tell()})'
-    problem = None
-    try:
-        with tarfile.open(tar_path if fileobj is None else None, mode='r:',
-                          fileobj=fileobj) as tf:
-            members = [(m.name, m.offset_data, m.size) for m in tf if m.isfile()]
-            last = tf.offset  # where its end-of-archive blocks start
-        end = os.path.getsize(tar_path) if end is None else end
-        if last + 2 * tarfile.BLOCKSIZE > end:
-            problem = f'it ends at byte {end}, before its end-of-archive blocks'
-    except tarfile.TarError as e:
-        problem = str(e)
-    if problem:
-        raise ValueError(f'{where}: not a complete tar ({problem}); a download cut short? '
-                         'Compare its size and checksum with those ImageNet gives, and download '
-                         'it again')
-    return members
-
-
-def _tar_ref(tar_path, name, offset, size) -> str:
-    return f'{tar_path}{TAR_REF_SEP}{name}@{offset}+{size}'
-
-
-def _train_tar_classes(tar_path) -> list:
-    wnids = sorted(Path(n).name[:-4] for n, _, _ in _tar_members(tar_path) if n.endswith('.tar'))
-    if not wnids:
-        raise ValueError(f'{tar_path}: no per-class <wnid>.tar inside')
-    return wnids
-
-
 def load_split(root, split: str, layout: str = 'auto'):
     """``(classes, samples, names)`` of a split in any layout: ``classes`` the sorted train wnids
     (index = class), ``samples`` ``(path or tar reference, label)`` ordered by class then file
@@ -341,59 +214,20 @@ def load_split(root, split: str, layout: str = 'auto'):
     if layout not in LAYOUTS:
         raise ValueError(f'layout={layout!r}: expected auto or one of {", ".join(LAYOUTS)}')
     if layout == 'folders':
+        if not (root / 'train').is_dir() and (root / TRAIN_TAR).is_file():
+            raise FileNotFoundError(f'{root / "train"}: train split folder not found (the class '
+                                    f'list comes from it), but {TRAIN_TAR} is here: --layout '
+                                    f'tars reads the tars in place')
         classes = find_classes(root / 'train')
         return classes, list_samples(root / split, classes), {}
-    names = synset_mapping_names(root)
+    names = ilsvrc.synset_mapping_names(root)
     if layout == 'kaggle':
-        base = root / KAGGLE_DIR
-        classes = find_classes(base / 'train')
-        if split == 'train':
-            return classes, list_samples(base / 'train', classes), names
-        val_dir = base / 'val'
-        if not val_dir.is_dir():
-            raise FileNotFoundError(f'{val_dir}: split folder not found')
-        files = [(e.name, str(val_dir / e.name)) for e in os.scandir(val_dir)
-                 if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)]
-        return classes, _flat_val_samples(files, _val_labels(root),
-                                          classes, val_dir), names
-    # raw tars, read in place: the outer train tar holds one uncompressed <wnid>.tar per class
-    train_tar = root / TRAIN_TAR
-    if not train_tar.is_file():
-        raise FileNotFoundError(f'{train_tar}: needed for the class list (class i = i-th sorted '
-                                f'wnid of the train split)')
-    classes = _train_tar_classes(train_tar)
-    if split == 'train':
-        samples = []
-        with open(train_tar, 'rb') as f:
-            for inner, offset, size in sorted(_tar_members(train_tar)):
-                if not inner.endswith('.tar'):
-                    continue
-                label = classes.index(Path(inner).name[:-4])
-                f.seek(offset)  # tarfile reads headers only, offsets absolute in the file
-                files = sorted((Path(n).name, o, s)
-                               for n, o, s in _tar_members(None, f, end=offset + size)
-                               if n.lower().endswith(IMAGE_EXTENSIONS))
-                samples.extend((_tar_ref(train_tar, n, o, s), label) for n, o, s in files)
-        if not samples:
-            raise ValueError(f'{train_tar}: no images found')
+        train_dir = root / KAGGLE_DIR / 'train'
+        classes = find_classes(train_dir)
+        samples = (list_samples(train_dir, classes) if split == 'train' else
+                   ilsvrc.kaggle_val_samples(root, classes))
         return classes, samples, names
-    val_tar = root / VAL_TAR
-    if not val_tar.is_file():
-        raise FileNotFoundError(f'{val_tar}: val split archive not found')
-    files = [(n, _tar_ref(val_tar, n, o, s)) for n, o, s in _tar_members(val_tar)
-             if n.lower().endswith(IMAGE_EXTENSIONS)]
-    return classes, _flat_val_samples(files, _val_labels(root),
-                                      classes, val_tar), names
-
-
-def open_image_source(path):
-    """A file object for a sample: the file itself, or the bytes of a tar member reference
-    (``_tar_ref``'s form: a ``.tar`` path, ``::``, the member, ``@offset+size``; a folder whose
-    name holds ``::`` is no tar)."""
-    path = str(path)
-    ref = TAR_REF.fullmatch(path)
-    if ref:
-        with open(ref['tar'], 'rb') as f:
-            f.seek(int(ref['offset']))
-            return io.BytesIO(f.read(int(ref['size'])))
-    return open(path, 'rb')
+    classes = ilsvrc.train_tar_classes(root)
+    samples = (ilsvrc.tar_train_samples(root, classes) if split == 'train' else
+               ilsvrc.tar_val_samples(root, classes))
+    return classes, samples, names

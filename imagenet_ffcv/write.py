@@ -31,7 +31,8 @@ import numpy as np
 from .classes import class_list_path, read_class_list, write_class_list
 from .commands import command_name
 from .images import DEFAULT_RESTART_INTERVAL
-from .sources import KAGGLE_DIR, LAYOUTS, load_split
+from .ilsvrc import KAGGLE_DIR
+from .sources import LAYOUTS, load_split
 from .verify import CorruptBetonError, verify_beton
 from .writer import UnreadableImagesError, write_beton
 

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image, ImageFile, ImageOps
 
 from conftest import PYTHON, REPO, SAMPLE, run_env
-from imagenet_ffcv import images, loaders, sources, verify, write, writer
+from imagenet_ffcv import ilsvrc, images, loaders, sources, verify, write, writer
 from imagenet_ffcv.classes import class_list_path, write_class_list
 
 
@@ -526,7 +526,9 @@ def test_layouts_detected_and_give_identical_betons(three_layouts, tmp_path):
             assert classes == wnids and len(samples) == n
             assert [l for _, l in samples] == sorted(l for _, l in samples)
             # the tars are read in place: no file was extracted
-            assert all((sources.TAR_REF_SEP in p) == (layout == 'tars') for p, _ in samples)
+            assert all((ilsvrc.TAR_REF_SEP in p) == (layout == 'tars') for p, _ in samples)
+            if layout == 'tars' and split == 'train':  # a member named with its class's tar
+                assert all(p.split('::')[1].startswith(f'{wnids[l]}.tar/') for p, l in samples)
             out = tmp_path / layout / f'{split}.beton'
             args = ['--data-dir', str(root), '--split', split, '--max-res', '32', '--out',
                     str(out), '--num-workers', '1', '--write-mode', 'raw']
@@ -537,7 +539,7 @@ def test_layouts_detected_and_give_identical_betons(three_layouts, tmp_path):
         assert results['folders'] == results['kaggle'] == results['tars'], split
         assert sorted(set(results['tars'][0])) == [0, 1, 2]
     # names: imagenet_wnids.tsv first, LOC_synset_mapping.txt for wnids it lacks
-    assert sources.synset_mapping_names(roots['kaggle'])[wnids[1]] == 'name1'
+    assert ilsvrc.synset_mapping_names(roots['kaggle'])[wnids[1]] == 'name1'
     write_class_list(tmp_path / 'c.tsv', ['n00000001', wnids[0]], {'n00000001': 'thing'})
     assert (tmp_path / 'c.tsv').read_text() == f'0\tn00000001\tthing\n1\t{wnids[0]}\ttench\n'
 
@@ -548,6 +550,50 @@ def test_kaggle_val_image_without_label_is_an_error(three_layouts):
     (val / 'ILSVRC2012_val_99999999.JPEG').write_bytes(next(val.iterdir()).read_bytes())
     with pytest.raises(ValueError, match='ILSVRC2012_val_99999999'):
         sources.load_split(roots['kaggle'], 'val')
+
+
+def test_hidden_val_files_are_left_out_and_a_missing_label_names_its_file(three_layouts):
+    """A macOS ``._`` copy among Kaggle's flat val images, and a hidden member of the val tar,
+    are left out, as in class folders (they failed the whole split: 'no label'); an image
+    without a label is refused naming the label file the labels came from."""
+    import io
+    import tarfile
+    roots, _ = three_layouts
+    val = roots['kaggle'] / 'ILSVRC' / 'Data' / 'CLS-LOC' / 'val'
+    first = sorted(val.iterdir())[0]
+    (val / f'._{first.name}').write_bytes(b'\x00\x05\x16\x07 AppleDouble')
+    assert len(sources.load_split(roots['kaggle'], 'val')[1]) == 6
+    with tarfile.open(roots['tars'] / 'ILSVRC2012_img_val.tar', 'a') as tf:
+        info = tarfile.TarInfo(f'._{first.name}')
+        info.size = 4
+        tf.addfile(info, io.BytesIO(b'\x00\x05\x16\x07'))
+    assert len(sources.load_split(roots['tars'], 'val')[1]) == 6
+    (val / 'ILSVRC2012_val_99999999.JPEG').write_bytes(first.read_bytes())
+    with pytest.raises(ValueError, match='1 val image.*no label in .*kaggle/LOC_val_solution.csv'):
+        sources.load_split(roots['kaggle'], 'val')
+
+
+def test_half_finished_layouts_say_which_data_dir_or_layout_reads_them(three_layouts, tmp_path):
+    """Kaggle's val images already sorted into class folders: the error names the --data-dir
+    that reads them as class folders (it said 'no val images found'). The raw tars beside an
+    extracted val/ (detected as class folders): the error names --layout tars (it said only
+    'train split folder not found')."""
+    import shutil
+    roots, wnids = three_layouts
+    cls_loc = roots['kaggle'] / 'ILSVRC' / 'Data' / 'CLS-LOC'
+    for f in sorted((cls_loc / 'val').iterdir()):
+        (cls_loc / 'val' / wnids[0]).mkdir(exist_ok=True)
+        f.rename(cls_loc / 'val' / wnids[0] / f.name)
+    with pytest.raises(ValueError, match=f'holds class folders.*--data-dir {cls_loc}'):
+        sources.load_split(roots['kaggle'], 'val')
+    with pytest.warns(UserWarning, match='2 of the 3 train classes have no folder'):
+        assert len(sources.load_split(cls_loc, 'val')[1]) == 6
+    shutil.copytree(roots['folders'] / 'val', roots['tars'] / 'val')
+    for split in ('train', 'val'):
+        with pytest.raises(FileNotFoundError, match='ILSVRC2012_img_train.tar is here: --layout '
+                                                    'tars'):
+            sources.load_split(roots['tars'], split)
+    assert len(sources.load_split(roots['tars'], 'train', 'tars')[1]) == 9
 
 
 def test_a_train_tar_cut_short_is_a_one_line_error_naming_it(three_layouts, tmp_path, capsys):
@@ -587,7 +633,7 @@ def test_a_complete_tar_with_a_sparse_member_is_read(tmp_path):
         f.write(b'x')
     subprocess.run(['tar', '-S', '-cf', 'sparse.tar', 'holes.bin'], cwd=tmp_path, check=True)
     assert (tmp_path / 'sparse.tar').stat().st_size < 2 ** 20
-    assert sources._tar_members(tmp_path / 'sparse.tar') == [('holes.bin', 512, 10 * 2 ** 20 + 1)]
+    assert ilsvrc.tar_members(tmp_path / 'sparse.tar') == [('holes.bin', 512, 10 * 2 ** 20 + 1)]
 
 
 def test_raw_tars_with_devkit_labels_match_the_csv_labels(three_layouts, tmp_path):
@@ -633,6 +679,13 @@ def test_raw_tars_with_devkit_labels_match_the_csv_labels(three_layouts, tmp_pat
     assert classes == wnids
     assert [(p.split('::')[1], l) for p, l in samples] == \
         [(p.split('::')[1], l) for p, l in expected]
+    # a devkit cut short, or an HTML page saved under its name: one error naming it (tracebacks)
+    devkit = (devkit_root / 'ILSVRC2012_devkit_t12.tar.gz').read_bytes()
+    for damaged in (devkit[:len(devkit) // 2], b'<html><body>Not Found</body></html>\n'):
+        (devkit_root / 'ILSVRC2012_devkit_t12.tar.gz').write_bytes(damaged)
+        with pytest.raises(ValueError, match='ILSVRC2012_devkit_t12.tar.gz: does not read as the '
+                                             'ILSVRC-2012 devkit archive.*Download it again'):
+            sources.load_split(devkit_root, 'val')
 
 
 def test_symlinked_class_folders_and_looping_links_are_refused_or_reported(tmp_path, capsys):
