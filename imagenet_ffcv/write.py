@@ -23,6 +23,7 @@ next run into the same folder.
 """
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -51,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--max-res', type=int, default=256, help='shorter side at most this (px)')
     p.add_argument('--out', default=None,
                    help='output file (default betons/{split}_{max_res}.beton; an existing '
-                        'folder: that name in it)')
+                        'folder, or a path ending in /: that name in it)')
     p.add_argument('--write-mode', choices=['jpg', 'raw', 'proportion'], default='jpg',
                    help='jpg: JPEG; raw: pixels; proportion: JPEG with --compress-probability')
     p.add_argument('--jpeg-quality', type=int, default=90)
@@ -99,7 +100,7 @@ def parse_args(argv):
         p.error(f'--compress-probability {args.compress_probability}: must lie in [0, 1]')
     name = f'{args.split}_{args.max_res}.beton'
     args.out = args.out or f'betons/{name}'
-    if Path(args.out).is_dir():  # an existing folder: the file of that name in it
+    if Path(args.out).is_dir() or args.out.endswith(('/', os.sep)):  # a folder: that name in it
         args.out = str(Path(args.out) / name)
     return args
 
@@ -164,11 +165,22 @@ def verify(path) -> int:
     return 0
 
 
+class Terminated(BaseException):
+    """SIGTERM (``kill``, ``timeout``, a SLURM job's end), raised wherever the command is, as
+    Ctrl-C raises KeyboardInterrupt, so that the temporaries are removed on the way out."""
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
 def cli(argv=None) -> int:
     """The command line (``argv``, default ``sys.argv[1:]``): returns the exit status, with a
     one-line message instead of a traceback for expected failures (missing folders, bad images
-    with --strict, no space, bad .beton)."""
+    with --strict, no space, bad .beton) and for Ctrl-C (130) and SIGTERM (143), after which the
+    output is as it was and no temporary is left."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         if args.verify:
             return verify(args.verify)
@@ -178,6 +190,13 @@ def cli(argv=None) -> int:
             CorruptBetonError) as e:
         print(f'{command_name("write")}: {e}', file=sys.stderr)
         return 1
+    except (KeyboardInterrupt, Terminated) as e:
+        stopped = 'SIGTERM' if isinstance(e, Terminated) else 'Ctrl-C'
+        kept = '' if args.verify else f': nothing written, {args.out} is as it was'
+        print(f'{command_name("write")}: stopped by {stopped}{kept}', file=sys.stderr)
+        return 143 if isinstance(e, Terminated) else 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == '__main__':

@@ -165,6 +165,10 @@ def _worker(work_fn, command: int, *args) -> None:
         ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
         if os.getppid() != command:  # it died before that
             os._exit(1)
+    # Ctrl-C reaches every process of the terminal's group: the command stops the workers (each
+    # would print a traceback); SIGTERM kills a worker, not the command's handler it inherited
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     work_fn(*args)
 
 
@@ -288,6 +292,14 @@ def _check_writable(out) -> None:
                                f'choose another --out or make the folder writable') from None
 
 
+def _raise_naming(e: OSError, out: Path):
+    """Raise ``e`` again, naming ``out`` when it names no file (a full disk, a size limit)."""
+    if e.filename is not None or e.errno is None:
+        raise e
+    raise OSError(e.errno, f'writing {out}: {e.strerror}; nothing was written ({out} is as it '
+                           f'was): free space in {out.parent}, or write elsewhere') from e
+
+
 def _write_once(samples, tmp, fields, num_workers, chunksize, failures_path, max_res, indices):
     failures_path.unlink(missing_ok=True)
     writer = _Writer(str(tmp), fields, num_workers=max(1, min(num_workers, len(indices))))
@@ -311,7 +323,9 @@ def write_beton(samples: list, out, *, max_res: int, write_mode: str = 'jpg',
 
     The file is written under a temporary name (``.NAME.partial-PID``, a dot file) in the folder
     of ``out`` and renamed into place only when complete: a crash or kill leaves no file at ``out``
-    (or the previous complete one). Temporaries of killed runs are removed by the next run.
+    (or the previous complete one). Temporaries of killed runs (of any file of that folder) are
+    removed by the next run into it. An OSError without a file name (a full disk) is raised again
+    naming ``out``.
     Before writing, the free space of that folder is checked against an estimate
     (InsufficientSpaceError; ``check_space=False`` skips it).
 
@@ -334,7 +348,7 @@ def write_beton(samples: list, out, *, max_res: int, write_mode: str = 'jpg',
                                 f'e.g. {out / "train_256.beton"}')
     out.parent.mkdir(parents=True, exist_ok=True)
     _check_writable(out)
-    remove_stale_temporaries(out.parent, out.name)
+    remove_stale_temporaries(out.parent)  # of any file: a killed run's may be tens of GB
     num_workers = num_workers or usable_cores()
     encoding = dict(write_mode=write_mode, jpeg_quality=jpeg_quality,
                     compress_probability=compress_probability, restart_interval=restart_interval)
@@ -366,6 +380,8 @@ def write_beton(samples: list, out, *, max_res: int, write_mode: str = 'jpg',
                                                   for p, r in skipped_files))
             else:
                 report.unlink(missing_ok=True)  # a stale report of an earlier run would mislead
+    except OSError as e:
+        _raise_naming(e, out)
     finally:
         failures_path.unlink(missing_ok=True)
     seconds = time.perf_counter() - start

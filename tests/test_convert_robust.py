@@ -1029,3 +1029,71 @@ def test_a_split_of_100000_tiny_files_is_listed_and_written(tmp_path, monkeypatc
     assert stats['images'] == 100_000 and stats['skipped'] == 0
     labels = Reader(str(out)).metadata['f1']
     assert (labels == np.repeat(np.arange(10), 10_000)).all()
+
+
+@pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_ctrl_c_midway_leaves_the_old_file_and_no_temporary(tmp_path, sig):
+    """SIGTERM (``timeout``, ``scancel``, a job's time limit) or Ctrl-C, to the converter and its
+    processes midway: one line saying it stopped, exit 143 or 130, the previous .beton as it was,
+    and no temporary left (SIGTERM left the whole partial file, tens of GB on ImageNet, and
+    Ctrl-C printed tracebacks). A temporary of another file of the folder whose process has ended
+    goes at the next run (only the same file's went)."""
+    small_split(tmp_path / 'data', 2000)
+    out = tmp_path / 'out'
+    out.mkdir()
+    (out / 'train_256.beton').write_bytes(b'the previous file')
+    stale = out / '.val_256.beton.partial-999999999'  # no such PID runs
+    stale.write_bytes(b'left by a killed run')
+    command = subprocess.Popen([PYTHON, '-c', WRITE_WITH_A_WORKER_THAT_ENDS, 'slow',
+                                f'--data-dir={tmp_path / "data"}', '--split=train',
+                                f'--out={out}', '--num-workers=2'], env=run_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        assert command.stdout.readline().startswith('table ')  # writing has started
+        time.sleep(1)
+        assert list(out.glob('.train_256.beton.partial-*')) and not stale.exists()
+        os.killpg(command.pid, sig)  # to every process of the group, as the terminal and SLURM
+        _, err = command.communicate(timeout=60)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(command.pid, signal.SIGKILL)
+        command.wait()
+    assert command.returncode == 128 + sig, err
+    name = 'SIGTERM' if sig == signal.SIGTERM else 'Ctrl-C'
+    assert err.strip().splitlines()[-1].endswith(f': stopped by {name}: nothing written, '
+                                                 f'{out / "train_256.beton"} is as it was'), err
+    assert 'Traceback' not in err, err
+    assert sorted(p.name for p in out.iterdir()) == ['train_256.beton']
+    assert (out / 'train_256.beton').read_bytes() == b'the previous file'
+
+
+def test_out_ending_in_a_slash_is_a_folder_and_a_full_disk_names_the_file(tmp_path, monkeypatch,
+                                                                          capsys):
+    """``--out newdir/`` (not there yet) is a folder for the default name: it wrote a file named
+    newdir, which the other split then overwrote. A write that fails without naming a file (a
+    full disk, a file size limit) names the .beton and says nothing was written (it printed
+    only '[Errno 27] File too large')."""
+    import errno
+    small_split(tmp_path / 'data', 8)
+    val = tmp_path / 'data' / 'val'
+    for wnid in ('n00', 'n01'):
+        (val / wnid).mkdir(parents=True)
+        os.link(tmp_path / 'data' / 'values' / '0.png', val / wnid / 'a.png')
+    for split in ('train', 'val'):
+        assert write.cli([f'--data-dir={tmp_path / "data"}', f'--split={split}', '--max-res=32',
+                          f'--out={tmp_path / "newdir"}/', '--num-workers=1']) == 0
+    assert sorted(p.name for p in (tmp_path / 'newdir').glob('*.beton')) == ['train_32.beton',
+                                                                            'val_32.beton']
+    capsys.readouterr()
+
+    def too_large(*args, **kwargs):
+        raise OSError(errno.EFBIG, 'File too large')
+    monkeypatch.setattr(writer._Writer, 'finalize', too_large)
+    out = tmp_path / 'newdir' / 'train_32.beton'
+    before = out.read_bytes()
+    assert write.cli([f'--data-dir={tmp_path / "data"}', '--split=train', '--max-res=32',
+                      f'--out={out}', '--num-workers=1']) == 1
+    err = capsys.readouterr().err
+    assert f'writing {out}: File too large; nothing was written ({out} is as it was)' in err, err
+    assert out.read_bytes() == before and not list(out.parent.glob('.*partial*'))
