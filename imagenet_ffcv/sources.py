@@ -21,9 +21,10 @@ def find_classes(train_dir) -> list:
     """Sorted wnid folder names of a train split: index i of the list is class i. Hidden folders
     (``.ipynb_checkpoints``, a name starting with '.') are not classes.
 
-    Raises FileNotFoundError if ``train_dir`` is missing and ValueError if it has no class folder
-    or holds an entry that cannot be read (a broken or looping symbolic link: were it a class
-    folder, every class after it would take the index before its own).
+    Raises FileNotFoundError if ``train_dir`` is missing and ValueError if it has no class folder,
+    holds an entry that cannot be read (a broken or looping symbolic link) or a ``NAME.tar``
+    without a folder NAME (a class not extracted): were it a class folder, every class after it
+    would take the index before its own.
     """
     train_dir = Path(train_dir)
     if not train_dir.is_dir():
@@ -36,6 +37,14 @@ def find_classes(train_dir) -> list:
                          f'looping symbolic link?); were it a class folder, the classes after it '
                          f'would take other indices: fix or remove it')
     classes, _ = _class_folders(train_dir)
+    packed = sorted(e.name for e in os.scandir(train_dir) if e.name.endswith('.tar')
+                    and not e.name.startswith('.') and e.name[:-4] not in classes)
+    if packed:  # a class not extracted yet (ImageNet's train tar holds one tar per class)
+        raise ValueError(f'{train_dir}: {", ".join(packed[:5])}{" ..." if len(packed) > 5 else ""} '
+                         f'not extracted: the class would be missing and the classes after it '
+                         f'would take other indices; extract each into a folder of its name '
+                         f'(mkdir {packed[0][:-4]} && tar xf {packed[0]} -C {packed[0][:-4]}) '
+                         f'and remove the tar, or move it out of {train_dir}')
     if not classes:
         _raise_if_flat(train_dir)
         raise ValueError(f'{train_dir}: no class folders (expected {train_dir}/<wnid>/*.JPEG)')
@@ -67,8 +76,9 @@ def list_samples(split_dir, classes: list) -> list:
     torchvision's ImageFolder), each folder listed once (a symbolic link to a folder listed
     already is left out with a warning). Files whose extension is not in IMAGE_EXTENSIONS are
     left out with a warning naming them, and so are entries with an image name that are not
-    readable files (broken or looping symbolic links); hidden files and folders (a name
-    starting with '.') are left out silently. Two class folders that are the same folder (a
+    readable files (broken or looping symbolic links), and files in ``split_dir`` itself, outside
+    the class folders; hidden files and folders (a name starting with '.') are left out
+    silently. Two class folders that are the same folder (a
     symbolic link to another class) raise ValueError naming both: their images would carry two
     labels.
     """
@@ -113,6 +123,13 @@ def list_samples(split_dir, classes: list) -> list:
                       f'{", ".join(IMAGE_EXTENSIONS)}): {", ".join(empty[:5])}'
                       f'{" ..." if len(empty) > 5 else ""}; their classes keep their index but '
                       f'have no samples in this split', stacklevel=2)
+    loose = sorted(e.name for e in os.scandir(split_dir)
+                   if not e.name.startswith('.') and _kind(e) == 'file')
+    if samples and loose:
+        warnings.warn(f'{split_dir}: {len(loose)} file(s) in the split folder itself, outside the '
+                      f'class folders, left out (no class): {", ".join(loose[:5])}'
+                      f'{" ..." if len(loose) > 5 else ""}; move images into their class folder '
+                      f'(an interrupted valprep.sh?) and extract tars into theirs', stacklevel=2)
     absent = [w for w in classes if w not in set(folders)]
     if samples and absent:
         warnings.warn(f'{split_dir}: {len(absent)} of the {len(classes)} train classes have no '

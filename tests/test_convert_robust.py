@@ -688,6 +688,33 @@ def test_raw_tars_with_devkit_labels_match_the_csv_labels(three_layouts, tmp_pat
             sources.load_split(devkit_root, 'val')
 
 
+def test_a_class_left_in_its_tar_is_refused_and_loose_files_are_named(tmp_path):
+    """A train split with one class still in its <wnid>.tar (extraction not finished) is refused,
+    naming the tar and how to extract it (the class was left out without a word, and the classes
+    after it took other indices); a tar whose folder exists is an extracted class's leftover.
+    Images lying in a split folder beside its class folders (an interrupted valprep.sh) are left
+    out with a warning naming them (silently before)."""
+    photos = sorted((SAMPLE / 'train').glob('*/*.JPEG'))[:4]
+    for split in ('train', 'val'):
+        for wnid in ('n01', 'n03'):
+            (tmp_path / split / wnid).mkdir(parents=True)
+            for p in photos[:2]:
+                (tmp_path / split / wnid / p.name).write_bytes(p.read_bytes())
+    (tmp_path / 'train' / 'n02.tar').write_bytes(b'a class tar')
+    with pytest.raises(ValueError, match=r'n02.tar not extracted: the class would be missing.*'
+                                         r'mkdir n02 && tar xf n02.tar -C n02'):
+        sources.find_classes(tmp_path / 'train')
+    (tmp_path / 'train' / 'n02').mkdir()
+    (tmp_path / 'train' / 'n02' / photos[2].name).write_bytes(photos[2].read_bytes())
+    assert sources.find_classes(tmp_path / 'train') == ['n01', 'n02', 'n03']
+    for name in ('ILSVRC2012_val_00000007.JPEG', 'ILSVRC2012_val_00000009.JPEG'):
+        (tmp_path / 'val' / name).write_bytes(photos[3].read_bytes())
+    with pytest.warns(UserWarning, match=r'2 file\(s\) in the split folder itself.*left out \(no '
+                                         r'class\): ILSVRC2012_val_00000007.JPEG, ILSVRC2012_val_'):
+        samples = sources.list_samples(tmp_path / 'val', ['n01', 'n03'])
+    assert len(samples) == 4
+
+
 def test_symlinked_class_folders_and_looping_links_are_refused_or_reported(tmp_path, capsys):
     root = tmp_path / 'data'
     photos = sorted((SAMPLE / 'train').glob('*/*.JPEG'))[:6]
