@@ -138,10 +138,20 @@ def load(path) -> dict:
     if not path.is_file():
         raise CheckpointError(f'{path}: checkpoint not found')
     state = safe_torch_load(path, 'checkpoint')
-    if not isinstance(state, dict) or state.get('format') != FORMAT:
+    if not isinstance(state, dict) or not isinstance(state.get('format'), int):
         raise CheckpointError(f'{path}: not a checkpoint of this tool (no format={FORMAT} record); '
                               'final_weights.pt holds weights only and cannot be resumed')
+    check_format(state, path)
     return state
+
+
+def check_format(state: dict, path) -> None:
+    """CheckpointError naming ``path`` when the checkpoint ``state`` has another format than
+    :data:`FORMAT` (a newer version of this tool wrote it)."""
+    if state['format'] != FORMAT:
+        raise CheckpointError(f'{path}: a checkpoint of format {state["format"]}, written by '
+                              f'another version of this tool; this one reads format {FORMAT}: '
+                              f'upgrade imagenet-ffcv to read it')
 
 
 def resolve_resume(resume: str, folder, run_name: str = ''):

@@ -142,7 +142,7 @@ def build(cfg, dist, wall_start) -> Run:
     model_without_ddp = models.build_model(**config.model_kwargs(cfg), num_classes=num_classes)
     if cfg.model.weights:  # fine-tuning (on --resume, the checkpoint's weights replace these)
         loaded = weights.init_from(model_without_ddp, cfg.model.weights,
-                                   reset_head=bool(cfg.model.reset_head))
+                                   reset_head=bool(cfg.model.reset_head), class_list=class_list)
         if dist.is_primary:
             print(loaded)
     if dist.rank:  # each other rank its own draws (as timm); rank 0 goes on with the seed's

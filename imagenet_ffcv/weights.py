@@ -14,7 +14,7 @@ import safetensors
 import safetensors.torch
 import torch
 
-from .checkpoint import FORMAT, CheckpointError, safe_torch_load, save
+from .checkpoint import CheckpointError, check_format, safe_torch_load, save
 from .classes import class_list_path, read_class_list, read_class_names
 from .config import saved_eval_kwargs, saved_model_kwargs
 from .files import atomic_path
@@ -107,7 +107,9 @@ def unwrapped(state: dict) -> dict:
     (``module.``) or ``torch.compile`` (``_orig_mod.``) puts before every key removed, also when
     one wraps the other (ffcv-imagenet's final weights carry ``module.``), then ffcv-imagenet's
     BlurPool layout undone (:func:`_unblurred`). Keys are kept as they are when any key lacks the
-    prefix."""
+    prefix; an EMA's (``torch.optim.swa_utils.AveragedModel``) count ``n_averaged`` is dropped."""
+    if 'n_averaged' in state:  # an AveragedModel's (EMA's) state dict: module. and the count
+        state = {k: v for k, v in state.items() if k != 'n_averaged'}
     for prefix in WRAPPER_PREFIXES:
         if state and all(k.startswith(prefix) for k in state):
             return unwrapped({k[len(prefix):]: v for k, v in state.items()})
@@ -135,7 +137,8 @@ def mismatch(state: dict, own: dict, ignore=frozenset()) -> str:
     """What keeps the state dict ``state`` from loading into a model whose state dict is ``own``,
     the keys in ``ignore`` aside: ``'missing [...], unexpected [...], other shapes [...]'`` (at
     most 5 keys each), or '' when every key is there with its shape."""
-    missing = sorted(own.keys() - state.keys() - ignore)
+    missing = sorted(k for k in own.keys() - state.keys() - ignore  # older files lack BN's count:
+                     if not k.endswith('.num_batches_tracked'))  # load_state_dict sets it to 0
     extra = sorted(state.keys() - own.keys() - ignore)
     wrong_shape = sorted(k for k in (state.keys() & own.keys()) - ignore
                          if state[k].shape != own[k].shape)
@@ -159,18 +162,20 @@ def load_weights(path):
     :func:`checked_classes`)."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f'{path}: no such weights file; give a run\'s checkpoint.pt, '
-                              'final_weights.pt or final_weights.safetensors')
+        what = 'a folder, not a weights file' if path.is_dir() else 'no such weights file'
+        raise CheckpointError(f'{path}: {what}; give a run\'s checkpoint.pt, final_weights.pt or '
+                              f'final_weights.safetensors, or a state dict saved with torch.save')
     config = classes = None
     if path.suffix == '.safetensors':
         state, config, classes = _load_safetensors(path)
     else:
-        state = safe_torch_load(path, 'weights file')
-        if isinstance(state, dict) and state.get('format') == FORMAT:
-            classes = [tuple(c) for c in state['classes']] if state.get('classes') else None
-            return state['model'], state['config'], classes
-    if not (isinstance(state, dict) and state and all(torch.is_tensor(v) for v in state.values())):
-        raise CheckpointError(f'{path}: neither a checkpoint nor a state dict of tensors')
+        content = safe_torch_load(path, 'weights file')
+        if isinstance(content, dict) and isinstance(content.get('format'), int):  # ours
+            check_format(content, path)
+            return (_state_dict_in(content.get('model'), path),
+                    checked_config(content.get('config'), path),
+                    checked_classes(content.get('classes'), path))
+        state = _state_dict_in(content, path)
     state = unwrapped(state)
     params, class_list = path.with_name('params.json'), path.with_name('classes.tsv')
     if config is None and params.is_file():
@@ -178,6 +183,27 @@ def load_weights(path):
     if classes is None and class_list.is_file():
         classes = read_class_names(class_list)
     return state, config, classes
+
+
+# Where other tools' checkpoints keep the model's state dict (pytorch/examples' and timm's
+# 'state_dict'; others 'model' or 'model_state_dict'), looked for in this order.
+STATE_DICT_KEYS = ('state_dict', 'model', 'model_state_dict')
+
+
+def _state_dict_in(content, path) -> dict:
+    """The state dict of tensors that a weights file's ``content`` is, or holds under one of
+    :data:`STATE_DICT_KEYS`. CheckpointError naming the file and what it holds otherwise."""
+    def tensors(value):
+        return isinstance(value, dict) and value and all(torch.is_tensor(v) for v in value.values())
+    if tensors(content):
+        return content
+    for key in STATE_DICT_KEYS if isinstance(content, dict) else ():
+        if tensors(content.get(key)):
+            return content[key]
+    held = (f'keys {", ".join(map(repr, list(content)[:8]))}' if isinstance(content, dict) else
+            f'a {type(content).__name__}')
+    raise CheckpointError(f'{path}: holds no state dict of tensors ({held}); save the model\'s '
+                          f'state dict alone (torch.save(model.state_dict(), "weights.pt"))')
 
 
 @dataclass
@@ -268,24 +294,30 @@ def classifier_keys(model: torch.nn.Module) -> set:
     return {f'{names[-1]}.{k}' for k in ('weight', 'bias')} & set(model.state_dict())
 
 
-def init_from(model: torch.nn.Module, path, *, reset_head: bool) -> str:
+def init_from(model: torch.nn.Module, path, *, reset_head: bool, class_list=None) -> str:
     """Start ``model`` (built for the dataset's classes) from the weights in ``path`` (a
     checkpoint, ``final_weights.pt`` / ``.safetensors``, or a plain torchvision state dict saved
     with ``torch.save``; read by :func:`load_weights`, nothing in it runs), as fine-tuning does
     (timm's ``--initial-checkpoint``; the weights are never fetched from the network). The
-    classifier (:func:`classifier_keys`) keeps its fresh initialisation when ``reset_head``, or
-    when its shape in the file differs (another class count). Returns a line saying what was
+    classifier (:func:`classifier_keys`) keeps its fresh initialisation when ``reset_head``, when
+    the file has none (a backbone), when its shape in the file differs (another class count), or
+    when the class list saved with the weights names other wnids than ``class_list`` (the
+    dataset's classes.tsv; not compared when either is missing). Returns a line saying what was
     loaded. Raises CheckpointError naming the file and the keys when any other weight is missing,
     extra or of another shape (another architecture)."""
-    state = load_weights(path)[0]
+    state, _, saved = load_weights(path)
     own, head = model.state_dict(), classifier_keys(model)
-    head_differs = any(k in state and state[k].shape != own[k].shape for k in head)
-    reset = head if reset_head or head_differs else set()
+    ours = read_class_list(class_list) if class_list and Path(class_list).is_file() else None
+    why = ('as asked' if reset_head else
+           'the file has none' if head and not head & state.keys() else
+           'the class count differs' if any(k in state and state[k].shape != own[k].shape
+                                            for k in head) else
+           'trained on other classes' if saved and ours and [w for w, _ in saved] != ours else '')
+    reset = head if why else set()
     problems = mismatch(state, own, ignore=reset)
     if problems:
         raise CheckpointError(
             f'{path}: the weights do not fit this model (another architecture?): {problems}')
     model.load_state_dict({k: v for k, v in state.items() if k not in reset}, strict=False)
-    why = ('as asked' if reset_head else 'the class count differs') if reset else ''
-    return (f'=> started from {path} ({len(state) - len(reset)} tensors)' +
+    return (f"=> started from {path} ({len(state.keys() - reset)} tensors)" +
             (f'; classifier {", ".join(sorted(reset))} newly initialised ({why})' if reset else ''))

@@ -103,6 +103,89 @@ def test_ffcv_imagenets_blurpool_weights_load_for_eval_predict_and_finetuning(tm
     assert_loaded(model, source, head_from_file=True)
 
 
+@pytest.mark.parametrize('wrapper', ['state_dict', 'model', 'model_state_dict', 'ema'])
+def test_other_tools_checkpoints_and_old_state_dicts_load(tmp_path, wrapper):
+    """A state dict inside another tool's checkpoint (pytorch/examples' ``{'epoch', 'arch',
+    'state_dict' (DDP keys), 'best_acc1', 'optimizer'}``, timm's, ``{'model': ...}``), an EMA's
+    (AveragedModel: ``module.`` keys and ``n_averaged``), and a state dict without BatchNorm's
+    ``num_batches_tracked`` (PyTorch before 0.4.1, older torchvision files, which
+    load_state_dict takes) load for eval, predict and fine-tuning; they were refused. A file
+    holding none names what it holds."""
+    source = resnet18(10, seed=0)
+    state = {k: v for k, v in source.state_dict().items() if not k.endswith('num_batches_tracked')}
+    content = {
+        'state_dict': {'epoch': 90, 'arch': 'resnet18', 'best_acc1': torch.tensor(69.8),
+                       'state_dict': {f'module.{k}': v for k, v in state.items()},
+                       'optimizer': {'state': {}, 'param_groups': []}},
+        'model': {'model': state, 'epoch': 3},
+        'model_state_dict': {'model_state_dict': state, 'optimizer_state_dict': {}},
+        'ema': {'n_averaged': torch.tensor(7), **{f'module.{k}': v for k, v in state.items()}},
+    }[wrapper]
+    torch.save(content, tmp_path / 'other.pth')
+    saved = weights.load_model(tmp_path / 'other.pth', num_classes=10, arch='resnet18',
+                               use_blurpool=False, channels_last=False)
+    assert_loaded(saved.model, source, head_from_file=True)
+    model = resnet18(10, seed=1)
+    assert f'({len(state)} tensors)' in weights.init_from(model, tmp_path / 'other.pth',
+                                                          reset_head=False)
+    assert_loaded(model, source, head_from_file=True)
+    torch.save({'epoch': 3, 'weights': [1, 2]}, tmp_path / 'none.pth')
+    with pytest.raises(CheckpointError, match=r"none.pth: holds no state dict of tensors \(keys "
+                                              r"'epoch', 'weights'\)"):
+        weights.load_model(tmp_path / 'none.pth', num_classes=10)
+
+
+def test_a_backbone_or_weights_of_other_classes_get_a_new_classifier(tmp_path):
+    """Fine-tuning from a file without the classifier (a backbone) starts a new one, and so does
+    fine-tuning from weights whose saved class list names other wnids than the dataset's, with
+    the same count (the old head was kept without a word; a backbone was 'another
+    architecture?'). The same classes keep the file's head."""
+    source = resnet18(3, seed=0)
+    backbone = {k: v for k, v in source.state_dict().items() if not k.startswith('fc.')}
+    torch.save(backbone, tmp_path / 'backbone.pt')
+    model = resnet18(3, seed=1)
+    assert 'newly initialised (the file has none)' in weights.init_from(
+        model, tmp_path / 'backbone.pt', reset_head=False)
+    assert_loaded(model, source, head_from_file=False)
+    run = tmp_path / 'run'
+    run.mkdir()
+    weights.save_final_weights(source.state_dict(), run / 'final_weights.pt',
+                               classes=[('n01', 'a'), ('n02', 'b'), ('n03', 'c')])
+    for wnids, kept in ((['n01', 'n02', 'n03'], True), (['n03', 'n02', 'n01'], False)):
+        (tmp_path / 'train.classes.tsv').write_text(
+            ''.join(f'{i}\t{w}\tname\n' for i, w in enumerate(wnids)))
+        model = resnet18(3, seed=1)
+        message = weights.init_from(model, run / 'final_weights.safetensors', reset_head=False,
+                                    class_list=tmp_path / 'train.classes.tsv')
+        assert ('newly initialised (trained on other classes)' in message) != kept, message
+        assert_loaded(model, source, head_from_file=kept)
+
+
+def test_a_checkpoint_with_parts_missing_or_of_another_format_is_one_error(tmp_path):
+    """A checkpoint of another format (a newer version), one without its config, or with its
+    classes as bare wnids: CheckpointError naming the file (a KeyError or ValueError traceback,
+    or 'neither a checkpoint nor a state dict'); --resume says the same of another format."""
+    from imagenet_ffcv import checkpoint
+    state = resnet18(10, seed=0).state_dict()
+    good = {'format': 1, 'model': state, 'config': None, 'classes': None}
+    for name, content, error in (
+            ('format2.pt', {**good, 'format': 2}, 'a checkpoint of format 2, written by another '
+                                                   'version of this tool; this one reads format 1'),
+            ('bare_wnids.pt', {**good, 'classes': ['n01', 'n02']}, 'the saved class list is not'),
+            ('no_model.pt', {'format': 1, 'config': None}, 'holds no state dict of tensors')):
+        torch.save(content, tmp_path / name)
+        with pytest.raises(CheckpointError, match=f'{name}: {error}'):
+            weights.load_model(tmp_path / name, num_classes=10, arch='resnet18')
+    with pytest.raises(CheckpointError, match='format2.pt: a checkpoint of format 2'):
+        checkpoint.load(tmp_path / 'format2.pt')
+    torch.save({k: v for k, v in good.items() if k != 'config'}, tmp_path / 'no_config.pt')
+    saved = weights.load_model(tmp_path / 'no_config.pt', num_classes=10, arch='resnet18',
+                               use_blurpool=False, channels_last=False)
+    assert saved.config is None and 'no config saved' in saved.assumed
+    with pytest.raises(CheckpointError, match='a folder, not a weights file'):
+        weights.load_model(tmp_path, num_classes=10)
+
+
 def test_weights_that_do_not_fit_for_eval_are_refused_naming_the_keys(tmp_path):
     """load_model's error lists the missing, unexpected and wrongly shaped keys, as init_from's."""
     torch.manual_seed(0)
