@@ -55,6 +55,8 @@ def predict(paths: list, *, weights, top: int = 5, classes_path=None, res=None,
     are not those saved with the weights), else those saved with the weights.
     An image that cannot be read or decoded (or a folder) gives, in its place, its error
     (OSError or ValueError naming the file); the other images are classified.
+    Without a class list, the 1,000 outputs of an ImageNet model from elsewhere are named as
+    ILSVRC-2012's classes (with a note on stderr; ``weights.load_model``).
     Raises CheckpointError for unusable weights, FileNotFoundError for a missing class list.
     """
     classes = read_class_names(classes_path) if classes_path else None
@@ -66,6 +68,10 @@ def predict(paths: list, *, weights, top: int = 5, classes_path=None, res=None,
     classes = classes or saved.classes
     if saved.assumed:
         print(f'{saved.assumed} (--arch, --blurpool)', file=sys.stderr)
+    if saved.ilsvrc_classes:
+        print(f'note: no class list with {weights}: its 1,000 outputs are named as ILSVRC-2012\'s '
+              'classes in their usual order (sorted wnids); if it was trained on others, pass '
+              '--classes', file=sys.stderr)
     evaluated = (config.saved_eval_kwargs(saved.config) if saved.config
                  else {'res': 224, 'flip_tta': True, 'decoder': 'fused'})
     res, antialias = res or evaluated['res'], antialiased(evaluated['decoder'])

@@ -15,7 +15,7 @@ import safetensors.torch
 import torch
 
 from .checkpoint import CheckpointError, check_format, safe_torch_load, save
-from .classes import class_list_path, read_class_list, read_class_names
+from .classes import class_list_path, read_class_list, read_class_names, wnid_names
 from .config import saved_eval_kwargs, saved_model_kwargs
 from .files import atomic_path
 from .models import build_model
@@ -213,12 +213,14 @@ class SavedModel:
     ``[(wnid, name), ...]`` saved with the weights (or None), ``arch`` its name, ``assumed`` a
     line saying which arch and BlurPool setting were taken from the caller because no config is
     saved, for the caller to end with its options ('' when one is: the weights load with
-    BlurPool on or off alike, so say it)."""
+    BlurPool on or off alike, so say it), ``ilsvrc_classes`` True when no class list came with the
+    weights and ``classes`` are ILSVRC-2012's, taken for a classifier of 1,000 outputs."""
     model: torch.nn.Module
     config: dict
     classes: list
     arch: str
     assumed: str = ''
+    ilsvrc_classes: bool = False
 
 
 def load_model(path, *, num_classes: int = None, beton=None, arch: str = 'resnet50',
@@ -228,15 +230,16 @@ def load_model(path, *, num_classes: int = None, beton=None, arch: str = 'resnet
     weights (``config.saved_model_kwargs``); the keyword values are used only when no config is
     saved (``SavedModel.assumed`` then names them, for the caller to print).
     ``num_classes``: the class count to build for (e.g. the val .beton's); None takes the length
-    of the class list saved with the weights. ``beton``: the .beton the model is evaluated on;
+    of the class list saved with the weights, or, without one, ILSVRC-2012's 1,000 classes (sorted
+    wnids: torchvision's order) when the file's classifier has 1,000 outputs. ``beton``: the .beton the model is evaluated on;
     when both it and the weights have a class list, the wnids must be the same, in the same order
     (:func:`check_classes`). Used by ``imagenet-ffcv-train`` (eval-only) and
     ``imagenet-ffcv-predict``.
 
     Raises CheckpointError naming the file when it is missing or unreadable, when its classes are
     not ``beton``'s, or when the weights do not fit the model (another arch or class count), and
-    FileNotFoundError when
-    ``num_classes`` is None and no class list is saved with the weights.
+    FileNotFoundError when ``num_classes`` is None, no class list is saved with the weights and
+    their classifier has not 1,000 outputs.
     """
     state, saved_config, classes = load_weights(path)
     if beton is not None:
@@ -244,12 +247,13 @@ def load_model(path, *, num_classes: int = None, beton=None, arch: str = 'resnet
     structure = {'arch': arch, 'use_blurpool': use_blurpool, 'channels_last': channels_last}
     if saved_config:
         structure = saved_model_kwargs(saved_config)
-    if num_classes is None:
-        if not classes:
-            raise FileNotFoundError(f'no class list for {path}: none saved with it and no '
-                                    'classes.tsv beside it; pass --classes TRAIN.classes.tsv '
-                                    '(written by imagenet-ffcv-write beside the .beton)')
-        num_classes = len(classes)
+    ilsvrc = num_classes is None and not classes and _outputs(state, structure['arch']) == 1000
+    if num_classes is None and not (classes or ilsvrc):
+        raise FileNotFoundError(f'no class list for {path}: none saved with it and no '
+                                'classes.tsv beside it; pass --classes TRAIN.classes.tsv '
+                                '(written by imagenet-ffcv-write beside the .beton)')
+    classes = sorted(wnid_names().items()) if ilsvrc else classes
+    num_classes = num_classes or len(classes)
     model = build_model(arch=structure['arch'], num_classes=num_classes,
                         use_blurpool=bool(structure['use_blurpool']),
                         channels_last=bool(structure['channels_last']))
@@ -262,7 +266,14 @@ def load_model(path, *, num_classes: int = None, beton=None, arch: str = 'resnet
         f'note: no config saved with {path}: built as {structure["arch"]} with BlurPool '
         f'{"on" if structure["use_blurpool"] else "off"}; if it was trained otherwise, say so')
     return SavedModel(model=model, config=saved_config, classes=classes, arch=structure['arch'],
-                      assumed=assumed)
+                      assumed=assumed, ilsvrc_classes=ilsvrc)
+
+
+def _outputs(state: dict, arch: str) -> int:
+    """The rows of the classifier weight in ``state`` for a model ``arch`` (0 when it lacks it)."""
+    probe = build_model(arch=arch, num_classes=1, use_blurpool=False, channels_last=False)
+    weight = [k for k in classifier_keys(probe) if k.endswith('weight')]
+    return state[weight[0]].shape[0] if weight and weight[0] in state else 0
 
 
 def check_classes(path, classes, beton) -> None:

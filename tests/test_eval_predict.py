@@ -220,6 +220,27 @@ def test_predict_names_a_bad_image_and_a_missing_class_list(short_run, tmp_path)
         predict.predict([bad], weights=lone)
 
 
+def test_predict_names_the_1000_outputs_of_imagenet_weights_from_elsewhere(tmp_path, capsys):
+    """Torchvision-style ImageNet weights without a class list (as a model zoo gives them): their
+    1,000 outputs are named as ILSVRC-2012's classes in sorted-wnid order, with a note; it asked
+    for a --classes file the user may not have (and the shipped list is not in that format)."""
+    from imagenet_ffcv.classes import wnid_names
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=1000)
+    torch.save(model.state_dict(), tmp_path / 'resnet18-imagenet.pth')
+    image = sorted((SAMPLE / 'val').glob('*/*.JPEG'))[0]
+    tops = predict.predict([image], weights=tmp_path / 'resnet18-imagenet.pth', arch='resnet18',
+                           blurpool=False, top=3)
+    wnids, names = sorted(wnid_names()), wnid_names()
+    x = predict.model_input(*predict.image_record(image), res=224, antialias=False)
+    with torch.no_grad():
+        model.eval()
+        logits = (model(x[None]) + model(torch.flip(x[None], dims=[3]))) / 2
+    assert [w for w, _, _ in tops[0]] == [wnids[i] for i in logits[0].topk(3).indices]
+    assert all(name == names[w] for w, name, _ in tops[0])
+    assert "named as ILSVRC-2012's classes in their usual order" in capsys.readouterr().err
+
+
 def test_predict_warns_when_classes_replace_other_saved_classes(short_run, tmp_path, capsys):
     summary, cfg = short_run
     run_list = Path(summary['run_dir']) / 'classes.tsv'
