@@ -29,11 +29,13 @@ Loading never runs code: every file is read with ``torch.load(weights_only=True)
 tensors and plain values only (a pickle that would call a function is refused with CheckpointError).
 Checkpoints hold nothing else (the numpy RNG state is stored as a tensor).
 """
+import argparse
 import os
 import pickle
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +55,9 @@ HISTORY = re.compile(r'checkpoint_epoch_(\d+)\.pt')  # keep_history's files
 NUMPY_ARRAY_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)),
                        getattr(np, '_core', None) and np._core.multiarray._reconstruct
                        or np.core.multiarray._reconstruct]
+# What other tools' checkpoints hold besides: timm's and torchvision's reference scripts save their
+# command line as an argparse.Namespace (rebuilt by setting its attributes: no code runs).
+SAFE_GLOBALS = [*NUMPY_ARRAY_GLOBALS, argparse.Namespace]
 
 class CheckpointError(ImagenetFfcvError):
     """A checkpoint that cannot be found, read or resumed with this config; the message says why
@@ -102,7 +107,8 @@ def keep_history(latest, *, epochs_done: int, keep_last: int) -> Path:
 
 def safe_torch_load(path, what: str = 'file'):
     """``torch.load`` of ``path`` onto the CPU that builds tensors and plain values only
-    (``weights_only=True``, plus numpy arrays for checkpoints of earlier versions). Raises
+    (``weights_only=True``, plus numpy arrays for checkpoints of earlier versions and the
+    ``argparse.Namespace`` of timm's and torchvision's reference checkpoints). Raises
     CheckpointError naming the file when it holds anything else (a pickle that would run code on
     loading: refused, nothing of it runs) or cannot be read (truncated, not a torch file: one that
     does not start as torch.save's files do, :data:`TORCH_FILE_STARTS`)."""
@@ -114,19 +120,23 @@ def safe_torch_load(path, what: str = 'file'):
     if not start.startswith(TORCH_FILE_STARTS):
         raise CheckpointError(f'{path}: not a PyTorch file (it starts with {start!r}, not as '
                               'torch.save writes; a failed download? re-download it)')
+    convert = ('use weights written by this tool (checkpoint.pt, final_weights.pt or '
+               'final_weights.safetensors), or, for a file you trust, save its state dict alone '
+               '(torch.save(model.state_dict(), "weights.pt"))')
     try:
-        with torch.serialization.safe_globals(NUMPY_ARRAY_GLOBALS):
+        with torch.serialization.safe_globals(SAFE_GLOBALS), warnings.catch_warnings():
+            warnings.filterwarnings('ignore', '.*TorchScript archive')  # refused below
             return torch.load(path, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
-        lines = [line for line in str(e).splitlines() if 'global' in line.lower()
-                 or 'but got' in line] or str(e).strip().splitlines()[-1:]
-        first = lines[0].strip()[:300]
+        found = re.findall(r'GLOBAL (\S+)', str(e))
+        held = f'such as {found[0]}' if found else 'not tensors or plain values'
         raise CheckpointError(
-            f'{path}: refused: the {what} holds Python objects other than tensors and plain values '
-            f'({first}); loading it could run code, so it was not loaded. Use weights written by '
-            f'this tool (checkpoint.pt, final_weights.pt or final_weights.safetensors), or convert '
-            f'a trusted file to a plain state dict of tensors') from None
+            f'{path}: refused: the {what} holds Python objects ({held}); loading it could run '
+            f'code, so it was not loaded: {convert}') from None
     except Exception as e:  # truncated or foreign file: torch raises several types
+        if 'TorchScript' in str(e):
+            raise CheckpointError(f'{path}: refused: a TorchScript archive (torch.jit.save), whose '
+                                  f'code would run on loading: {convert}') from None
         raise CheckpointError(f'{path}: cannot read the {what} ({type(e).__name__}: {e})') from e
 
 

@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -340,6 +341,35 @@ def test_loading_never_runs_the_code_a_pickle_holds(tmp_path):
     for load in (checkpoint.load, weights.load_weights, weights.load_model):
         with pytest.raises(checkpoint.CheckpointError, match='final_weights.pt: refused'):
             load(path)
+    assert not marker.exists()
+
+
+def test_timm_and_torchvision_reference_checkpoints_load_and_torchscript_is_refused(tmp_path):
+    """timm's train.py and torchvision's reference scripts save their command line as an
+    argparse.Namespace beside the state dict: such a checkpoint loads (weights only refused it,
+    passing on torch's advice to load it unsafely). A TorchScript archive and a pickle that would
+    run code are refused in one line naming what they hold and how to convert a trusted file,
+    without torch's advice."""
+    import argparse
+    model = nn.Linear(2, 2)
+    args = argparse.Namespace(model='resnet50', lr=0.5, aa='rand-m9', mean=None)
+    torch.save({'epoch': 3, 'arch': 'resnet50', 'state_dict': model.state_dict(), 'args': args,
+                'version': 2}, tmp_path / 'timm.pth.tar')
+    torch.save({'model': model.state_dict(), 'optimizer': {}, 'epoch': 3, 'args': args},
+               tmp_path / 'reference.pth')
+    for name in ('timm.pth.tar', 'reference.pth'):
+        state = weights.load_weights(tmp_path / name)[0]
+        assert torch.equal(state['weight'], model.weight)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # torch.jit's deprecation
+        torch.jit.save(torch.jit.script(model), tmp_path / 'scripted.pt')
+    hostile, marker = hostile_file(tmp_path)
+    for path, held in ((tmp_path / 'scripted.pt', 'a TorchScript archive'),
+                       (hostile, 'the weights file holds Python objects \\(such as ')):
+        with pytest.raises(checkpoint.CheckpointError, match=f'refused: {held}') as info:
+            weights.load_weights(path)
+        assert 'weights_only' not in str(info.value) and '\n' not in str(info.value)
+        assert 'torch.save(model.state_dict(), "weights.pt")' in str(info.value)
     assert not marker.exists()
 
 
