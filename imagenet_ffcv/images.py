@@ -3,7 +3,7 @@ stores, and what ``imagenet-ffcv-predict`` stores the same way before it decodes
 validation loader does (``image_decode.center_crop_pixels``)."""
 import cv2
 import numpy as np
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .ilsvrc import open_image_source
 
@@ -45,6 +45,15 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert('RGB')
 
 
+def _opened(f, path) -> Image.Image:
+    """``Image.open(f)``; PIL's error for data it cannot identify names ``path`` (a tar member's
+    reference, not '<_io.BytesIO object at 0x...>')."""
+    try:
+        return Image.open(f)
+    except UnidentifiedImageError:
+        raise UnidentifiedImageError(f'cannot identify image file {str(path)!r}') from None
+
+
 def load_image(path, max_res: int) -> np.ndarray:
     """Decode an image file to RGB with its shorter side at most ``max_res`` pixels.
 
@@ -57,7 +66,7 @@ def load_image(path, max_res: int) -> np.ndarray:
     completely: a truncated file is an error, never a partly grey image.
     """
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # another library may have switched it on
-    with open_image_source(path) as f, Image.open(f) as im:
+    with open_image_source(path) as f, _opened(f, path) as im:
         size = shorter_side_size(*im.size, max_res)
         if size != im.size:
             im.draft('RGB', size)

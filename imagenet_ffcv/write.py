@@ -4,7 +4,8 @@ the ``imagenet-ffcv-write`` command (also ``python -m imagenet_ffcv.write``, ``w
 Also reads Kaggle's ImageNet tree (DATA_DIR/ILSVRC/Data/CLS-LOC/{train,val} with flat val images
 labelled by DATA_DIR/LOC_val_solution.csv) and the raw ILSVRC-2012 tars without extracting them
 (DATA_DIR/ILSVRC2012_img_train.tar of per-class <wnid>.tar, ILSVRC2012_img_val.tar, labelled by
-DATA_DIR/LOC_val_solution.csv); --layout picks one, by default it is detected.
+DATA_DIR/LOC_val_solution.csv or the devkit ILSVRC2012_devkit_t12.tar.gz); --layout picks one, by
+default it is detected.
 
 Each image is resized so its shorter side is at most --max-res pixels (aspect ratio kept, never
 upscaled), the role of the classic `convert -resize "256^>"` step. Class i is the i-th wnid folder of
@@ -47,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--layout', choices=('auto',) + LAYOUTS, default='auto',
                    help='input layout: folders (train/<wnid>/, val/<wnid>/), kaggle '
                         '(ILSVRC/Data/CLS-LOC/ + LOC_val_solution.csv), tars '
-                        '(ILSVRC2012_img_{train,val}.tar read in place + LOC_val_solution.csv); '
+                        '(ILSVRC2012_img_{train,val}.tar read in place + LOC_val_solution.csv or '
+                        'the devkit ILSVRC2012_devkit_t12.tar.gz); '
                         'auto: detected from --data-dir')
     p.add_argument('--max-res', type=int, default=256, help='shorter side at most this (px)')
     p.add_argument('--out', default=None,

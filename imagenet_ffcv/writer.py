@@ -100,7 +100,8 @@ class UnreadableImagesError(ImagenetFfcvError):
         listed = '\n'.join(f'  {shown_path(p)}: {r}' for p, r in failures[:20])
         more = f'\n  ... and {len(failures) - 20} more' if len(failures) > 20 else ''
         super().__init__(f'{len(failures)} image(s) could not be decoded; nothing was written. '
-                         f'Remove or replace them and run again:\n{listed}{more}')
+                         f'Remove or replace them and run again (or, without --strict, skip and '
+                         f'list them):\n{listed}{more}')
 
 
 class InsufficientSpaceError(ImagenetFfcvError, OSError):

@@ -884,6 +884,23 @@ def test_a_bad_file_whose_name_is_not_utf8_is_skipped_and_reported_not_a_hang(tm
     assert report.startswith(f'{root}/n01/caf\\xe9.JPEG\tUnidentifiedImageError'), report
 
 
+def test_a_tar_member_that_is_no_image_is_named_by_its_reference(tmp_path):
+    """PIL's error for a tar member it cannot identify named '<_io.BytesIO object at 0x...>' in
+    the skipped-files report; it names the member's reference (tar, class tar, member)."""
+    import io
+    import tarfile
+    with tarfile.open(tmp_path / 'n01.tar', 'w') as tf:
+        info = tarfile.TarInfo('bad.JPEG')
+        info.size = 12
+        tf.addfile(info, io.BytesIO(b'not an image'))
+    (name, offset, size), = ilsvrc.tar_members(tmp_path / 'n01.tar')
+    ref = ilsvrc.tar_ref(tmp_path / 'n01.tar', name, offset, size)
+    with pytest.raises(OSError, match=f'cannot identify image file .*n01.tar::bad.JPEG@{offset}') \
+            as info:
+        images.load_image(ref, 32)
+    assert 'BytesIO' not in str(info.value)
+
+
 # The converter's command, with one image that ends the writer process (not the command's own,
 # which reads a few images for its space estimate) that takes it: argv[1] 'kill', the SIGKILL of
 # the kernel's out-of-memory killer; 'disk-full', an OSError outside the decoding; 'exit-0', an
