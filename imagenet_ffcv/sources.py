@@ -244,7 +244,7 @@ def load_split(root, split: str, layout: str = 'auto'):
         samples = (list_samples(train_dir, classes) if split == 'train' else
                    ilsvrc.kaggle_val_samples(root, classes))
         return classes, samples, names
-    classes = ilsvrc.train_tar_classes(root)
+    classes = ilsvrc.train_tar_classes(root, split)
     samples = (ilsvrc.tar_train_samples(root, classes) if split == 'train' else
                ilsvrc.tar_val_samples(root, classes))
     return classes, samples, names

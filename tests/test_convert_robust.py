@@ -636,6 +636,22 @@ def test_a_complete_tar_with_a_sparse_member_is_read(tmp_path):
     assert ilsvrc.tar_members(tmp_path / 'sparse.tar') == [('holes.bin', 512, 10 * 2 ** 20 + 1)]
 
 
+def test_the_val_tar_converts_without_the_train_tar(three_layouts):
+    """Converting val from the raw tars needed ILSVRC2012_img_train.tar (138 GB) for the class
+    list alone: without it, val is labelled with the 1,000 ILSVRC-2012 wnids in sorted order (the
+    whole train split's list), with a warning; each image keeps its wnid. Train still needs it."""
+    roots, wnids = three_layouts
+    _, expected, _ = sources.load_split(roots['tars'], 'val')
+    (roots['tars'] / 'ILSVRC2012_img_train.tar').unlink()
+    with pytest.warns(UserWarning, match='ILSVRC2012_img_train.tar not found: val labelled with '
+                                         'the 1,000 ILSVRC-2012 classes'):
+        classes, samples, _ = sources.load_split(roots['tars'], 'val')
+    assert len(classes) == 1000 and classes == sorted(classes)
+    assert [(p, classes[l]) for p, l in samples] == [(p, wnids[l]) for p, l in expected]
+    with pytest.raises(FileNotFoundError, match='ILSVRC2012_img_train.tar: needed for the class'):
+        sources.load_split(roots['tars'], 'train')
+
+
 def test_raw_tars_with_devkit_labels_match_the_csv_labels(three_layouts, tmp_path):
     """Without LOC_val_solution.csv the val labels come from the devkit archive (meta.mat + the
     ground-truth list in val-file order), read in place; they equal the CSV's labels."""
