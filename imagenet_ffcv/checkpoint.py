@@ -26,7 +26,8 @@ Like nanoGPT's ``ckpt.pt``, the config travels inside the checkpoint, so a check
 enough to rebuild and evaluate its model. Whether a config may resume it: ``config.check_resumable``.
 
 Loading never runs code: every file is read with ``torch.load(weights_only=True)``, which builds
-tensors and plain values only (a pickle that would call a function is refused with CheckpointError).
+tensors and plain values only, and the ``argparse.Namespace`` of other tools' checkpoints (a pickle
+that would call a function is refused with CheckpointError).
 Checkpoints hold nothing else (the numpy RNG state is stored as a tensor).
 """
 import argparse
@@ -148,11 +149,18 @@ def load(path) -> dict:
     if not path.is_file():
         raise CheckpointError(f'{path}: checkpoint not found')
     state = safe_torch_load(path, 'checkpoint')
-    if not isinstance(state, dict) or not isinstance(state.get('format'), int):
+    if not (isinstance(state, dict) and type(state.get('format')) is int):
         raise CheckpointError(f'{path}: not a checkpoint of this tool (no format={FORMAT} record); '
                               'final_weights.pt holds weights only and cannot be resumed')
     check_format(state, path)
     return state
+
+
+def is_checkpoint(content) -> bool:
+    """Whether a loaded weights file's ``content`` is a checkpoint of this tool, of any format: a
+    dict with an integer ``format`` and a ``model`` (another tool's may have a ``format`` of its
+    own beside its ``state_dict``)."""
+    return isinstance(content, dict) and type(content.get('format')) is int and 'model' in content
 
 
 def check_format(state: dict, path) -> None:

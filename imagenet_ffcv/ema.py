@@ -16,12 +16,14 @@ class EMA(AveragedModel):
     later updates never wait for the GPU: torch's copies the count ``n_averaged`` (a CPU tensor)
     to the device at each update, a copy that waits for every kernel queued before it, so the GPU
     idled while the host queued the next step. The count goes to the averaging function as None
-    (``get_ema_multi_avg_fn``'s update does not read it)."""
+    (``get_ema_multi_avg_fn``'s update does not read it). ``n_averaged`` must stay on the CPU (no
+    ``device`` argument): on the GPU its test would wait too. Without ``use_buffers`` or an
+    averaging function every update is torch's."""
 
     def update_parameters(self, model: torch.nn.Module) -> None:
         """Move the averages towards ``model``'s parameters and buffers (the first update copies
         them), as ``AveragedModel.update_parameters`` with ``use_buffers=True``."""
-        if self.n_averaged == 0 or self.multi_avg_fn is None:
+        if self.n_averaged == 0 or self.multi_avg_fn is None or not self.use_buffers:
             return super().update_parameters(model)
         groups = defaultdict(lambda: ([], []))  # (device, dtype) -> (averages, model's tensors)
         for averaged, current in zip([*self.module.parameters(), *self.module.buffers()],

@@ -87,7 +87,7 @@ class Loader(ffcv.loader.Loader):
     of the pinned host buffer before decoding into that buffer again (``COPY_WAIT``).
 
     On CUDA it keeps the side streams of ffcv's ring too (``ring_streams``, one per slot, made by
-    the first epoch on the current device). ffcv 1.0.2 takes new ones for every epoch from torch's
+    the first epoch on the current device, again only if an epoch starts on another). ffcv 1.0.2 takes new ones for every epoch from torch's
     pool (32 per device, handed out in turn), and torch's caching allocator reuses the memory a
     stream freed only for that stream: the batches :class:`NormalizeOnDevice` allocates on them
     kept up to 32 streams' worth of memory reserved, not ``batches_ahead + 2``.
@@ -125,7 +125,8 @@ class Loader(ffcv.loader.Loader):
             self._buffers = None  # still producing into them: this epoch gets its own
         elif self._buffers is not None and torch.cuda.is_initialized():
             torch.cuda.synchronize()
-        if IS_CUDA and self.ring_streams is None:
+        if IS_CUDA and (self.ring_streams is None or  # made once, on the consumer's device
+                        self.ring_streams[0].device != torch.cuda.current_stream().device):
             self.ring_streams = [torch.cuda.Stream() for _ in range(self.batches_ahead + 2)]
         # ffcv 1.0.2's Loader.__iter__, with our epoch iterator (``epoch_iterator``)
         Compiler.set_num_threads(self.num_workers)

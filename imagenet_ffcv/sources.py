@@ -7,6 +7,7 @@ the same map, so a val split that lacks a class, or lists its folders in another
 train indices. Every layout gives the same classes, labels and order for the same images.
 """
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from .constants import IMAGE_EXTENSIONS
 from .ilsvrc import KAGGLE_DIR, TRAIN_TAR, VAL_TAR
 
 LAYOUTS = ('folders', 'kaggle', 'tars')
+WNID_TAR = re.compile(r'n\d{8}\.tar')  # a class's tar inside ImageNet's train tar
 
 
 def find_classes(train_dir) -> list:
@@ -22,9 +24,10 @@ def find_classes(train_dir) -> list:
     (``.ipynb_checkpoints``, a name starting with '.') are not classes.
 
     Raises FileNotFoundError if ``train_dir`` is missing and ValueError if it has no class folder,
-    holds an entry that cannot be read (a broken or looping symbolic link) or a ``NAME.tar``
-    without a folder NAME (a class not extracted): were it a class folder, every class after it
-    would take the index before its own.
+    holds an entry that cannot be read (a broken or looping symbolic link) or a file
+    ``<wnid>.tar`` without a folder ``<wnid>`` (a class of ImageNet's train tar not extracted):
+    were it a class folder, every class after it would take the index before its own. (Other
+    files beside the class folders are named in :func:`list_samples`'s warning.)
     """
     train_dir = Path(train_dir)
     if not train_dir.is_dir():
@@ -37,8 +40,8 @@ def find_classes(train_dir) -> list:
                          f'looping symbolic link?); were it a class folder, the classes after it '
                          f'would take other indices: fix or remove it')
     classes, _ = _class_folders(train_dir)
-    packed = sorted(e.name for e in os.scandir(train_dir) if e.name.endswith('.tar')
-                    and not e.name.startswith('.') and e.name[:-4] not in classes)
+    packed = sorted(e.name for e in os.scandir(train_dir) if WNID_TAR.fullmatch(e.name)
+                    and e.name[:-4] not in classes and _kind(e) == 'file')
     if packed:  # a class not extracted yet (ImageNet's train tar holds one tar per class)
         raise ValueError(f'{train_dir}: {", ".join(packed[:5])}{" ..." if len(packed) > 5 else ""} '
                          f'not extracted: the class would be missing and the classes after it '

@@ -14,7 +14,7 @@ import safetensors
 import safetensors.torch
 import torch
 
-from .checkpoint import CheckpointError, check_format, safe_torch_load, save
+from .checkpoint import CheckpointError, check_format, is_checkpoint, safe_torch_load, save
 from .classes import class_list_path, read_class_list, read_class_names, wnid_names
 from .config import saved_eval_kwargs, saved_model_kwargs
 from .files import atomic_path
@@ -170,7 +170,7 @@ def load_weights(path):
         state, config, classes = _load_safetensors(path)
     else:
         content = safe_torch_load(path, 'weights file')
-        if isinstance(content, dict) and isinstance(content.get('format'), int):  # ours
+        if is_checkpoint(content):
             check_format(content, path)
             return (_state_dict_in(content.get('model'), path),
                     checked_config(content.get('config'), path),
@@ -230,11 +230,11 @@ def load_model(path, *, num_classes: int = None, beton=None, arch: str = 'resnet
     weights (``config.saved_model_kwargs``); the keyword values are used only when no config is
     saved (``SavedModel.assumed`` then names them, for the caller to print).
     ``num_classes``: the class count to build for (e.g. the val .beton's); None takes the length
-    of the class list saved with the weights, or, without one, ILSVRC-2012's 1,000 classes (sorted
-    wnids: torchvision's order) when the file's classifier has 1,000 outputs. ``beton``: the .beton the model is evaluated on;
-    when both it and the weights have a class list, the wnids must be the same, in the same order
-    (:func:`check_classes`). Used by ``imagenet-ffcv-train`` (eval-only) and
-    ``imagenet-ffcv-predict``.
+    of the class list saved with the weights, or, without one, ILSVRC-2012's 1,000 classes
+    (sorted wnids: torchvision's order) when the file's classifier has 1,000 outputs. ``beton``:
+    the .beton the model is evaluated on; when both it and the weights have a class list, the
+    wnids must be the same, in the same order (:func:`check_classes`). Used by
+    ``imagenet-ffcv-train`` (eval-only) and ``imagenet-ffcv-predict``.
 
     Raises CheckpointError naming the file when it is missing or unreadable, when its classes are
     not ``beton``'s, or when the weights do not fit the model (another arch or class count), and

@@ -26,6 +26,7 @@ import argparse
 import os
 import signal
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -173,16 +174,19 @@ class Terminated(BaseException):
 
 
 def _terminate(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one would cut the clean-up short
     raise Terminated
 
 
 def cli(argv=None) -> int:
     """The command line (``argv``, default ``sys.argv[1:]``): returns the exit status, with a
     one-line message instead of a traceback for expected failures (missing folders, bad images
-    with --strict, no space, bad .beton) and for Ctrl-C (130) and SIGTERM (143), after which the
-    output is as it was and no temporary is left."""
+    with --strict, no space, bad .beton) and for SIGTERM (143) and Ctrl-C (after which the process
+    ends by SIGINT, so that a shell's loop stops too), both leaving the output as it was and no
+    temporary. Off the main thread (no signal reaches it) nothing is installed."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    main_thread = threading.current_thread() is threading.main_thread()  # signals reach it only
+    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
         if args.verify:
             return verify(args.verify)
@@ -196,9 +200,13 @@ def cli(argv=None) -> int:
         stopped = 'SIGTERM' if isinstance(e, Terminated) else 'Ctrl-C'
         kept = '' if args.verify else f': nothing written, {args.out} is as it was'
         print(f'{command_name("write")}: stopped by {stopped}{kept}', file=sys.stderr)
+        if main_thread and not isinstance(e, Terminated):  # die of SIGINT, as a shell's loop
+            signal.signal(signal.SIGINT, signal.SIG_DFL)     # of commands expects, to stop too
+            os.kill(os.getpid(), signal.SIGINT)
         return 143 if isinstance(e, Terminated) else 130
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == '__main__':

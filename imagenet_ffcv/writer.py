@@ -3,6 +3,7 @@ skipped-files report, the disk-space estimate, and the write under a temporary n
 place (``files``)."""
 import contextlib
 import ctypes
+import errno
 import functools
 import multiprocessing
 import os
@@ -142,8 +143,13 @@ class _Writer(DatasetWriter):
                     self.fields, allocator, done, allocations, *extra_worker_args)
             processes = [fork.Process(target=_worker, args=args)
                          for _ in range(self.num_workers)]
-            for p in processes:
-                p.start()
+            stopping = {signal.SIGINT, signal.SIGTERM}  # held until each worker has its own
+            held = signal.pthread_sigmask(signal.SIG_BLOCK, stopping)  # handlers (_worker)
+            try:
+                for p in processes:
+                    p.start()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, held)
             self.metadata_sm.unlink()
             named = False
             gathered = _wait_for_workers(processes, allocations, done, num_samples)
@@ -170,6 +176,7 @@ def _worker(work_fn, command: int, *args) -> None:
     # would print a traceback); SIGTERM kills a worker, not the command's handler it inherited
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     work_fn(*args)
 
 
@@ -297,8 +304,10 @@ def _raise_naming(e: OSError, out: Path):
     """Raise ``e`` again, naming ``out`` when it names no file (a full disk, a size limit)."""
     if e.filename is not None or e.errno is None:
         raise e
+    full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
     raise OSError(e.errno, f'writing {out}: {e.strerror}; nothing was written ({out} is as it '
-                           f'was): free space in {out.parent}, or write elsewhere') from e
+                           f'was)' + (f': free space in {out.parent}, or write elsewhere' if full
+                                     else '')) from e
 
 
 def _write_once(samples, tmp, fields, num_workers, chunksize, failures_path, max_res, indices):
@@ -324,9 +333,9 @@ def write_beton(samples: list, out, *, max_res: int, write_mode: str = 'jpg',
 
     The file is written under a temporary name (``.NAME.partial-PID``, a dot file) in the folder
     of ``out`` and renamed into place only when complete: a crash or kill leaves no file at ``out``
-    (or the previous complete one). Temporaries of killed runs (of any file of that folder) are
-    removed by the next run into it. An OSError without a file name (a full disk) is raised again
-    naming ``out``.
+    (or the previous complete one). Temporaries that killed runs left of the same file are
+    removed by the next run. An OSError without a file name (a full disk) is raised again naming
+    ``out``.
     Before writing, the free space of that folder is checked against an estimate
     (InsufficientSpaceError; ``check_space=False`` skips it).
 
@@ -349,7 +358,7 @@ def write_beton(samples: list, out, *, max_res: int, write_mode: str = 'jpg',
                                 f'e.g. {out / "train_256.beton"}')
     out.parent.mkdir(parents=True, exist_ok=True)
     _check_writable(out)
-    remove_stale_temporaries(out.parent)  # of any file: a killed run's may be tens of GB
+    remove_stale_temporaries(out.parent, out.name)  # not others': another node may write them
     num_workers = num_workers or usable_cores()
     encoding = dict(write_mode=write_mode, jpeg_quality=jpeg_quality,
                     compress_probability=compress_probability, restart_interval=restart_interval)

@@ -5,6 +5,7 @@ import io
 import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -712,22 +713,28 @@ def test_a_class_left_in_its_tar_is_refused_and_loose_files_are_named(tmp_path):
     out with a warning naming them (silently before)."""
     photos = sorted((SAMPLE / 'train').glob('*/*.JPEG'))[:4]
     for split in ('train', 'val'):
-        for wnid in ('n01', 'n03'):
+        for wnid in ('n01440764', 'n03417042'):
             (tmp_path / split / wnid).mkdir(parents=True)
             for p in photos[:2]:
                 (tmp_path / split / wnid / p.name).write_bytes(p.read_bytes())
-    (tmp_path / 'train' / 'n02.tar').write_bytes(b'a class tar')
-    with pytest.raises(ValueError, match=r'n02.tar not extracted: the class would be missing.*'
-                                         r'mkdir n02 && tar xf n02.tar -C n02'):
+    (tmp_path / 'train' / 'n02102040.tar').write_bytes(b'a class tar')
+    with pytest.raises(ValueError, match=r'n02102040.tar not extracted: the class would be '
+                                         r'missing.*mkdir n02102040 && tar xf n02102040.tar'):
         sources.find_classes(tmp_path / 'train')
-    (tmp_path / 'train' / 'n02').mkdir()
-    (tmp_path / 'train' / 'n02' / photos[2].name).write_bytes(photos[2].read_bytes())
-    assert sources.find_classes(tmp_path / 'train') == ['n01', 'n02', 'n03']
+    (tmp_path / 'train' / 'n02102040').mkdir()
+    (tmp_path / 'train' / 'n02102040' / photos[2].name).write_bytes(photos[2].read_bytes())
+    wnids = ['n01440764', 'n02102040', 'n03417042']
+    assert sources.find_classes(tmp_path / 'train') == wnids
+    # ImageNet's own train tar left beside its extracted classes is no class: named, not refused
+    (tmp_path / 'train' / 'ILSVRC2012_img_train.tar').write_bytes(b'the whole download')
+    assert sources.find_classes(tmp_path / 'train') == wnids
+    with pytest.warns(UserWarning, match=r'ILSVRC2012_img_train.tar, n02102040.tar; move images'):
+        assert len(sources.list_samples(tmp_path / 'train', wnids)) == 5
     for name in ('ILSVRC2012_val_00000007.JPEG', 'ILSVRC2012_val_00000009.JPEG'):
         (tmp_path / 'val' / name).write_bytes(photos[3].read_bytes())
     with pytest.warns(UserWarning, match=r'2 file\(s\) in the split folder itself.*left out \(no '
                                          r'class\): ILSVRC2012_val_00000007.JPEG, ILSVRC2012_val_'):
-        samples = sources.list_samples(tmp_path / 'val', ['n01', 'n03'])
+        samples = sources.list_samples(tmp_path / 'val', ['n01440764', 'n03417042'])
     assert len(samples) == 4
 
 
@@ -1094,15 +1101,14 @@ def test_a_split_of_100000_tiny_files_is_listed_and_written(tmp_path, monkeypatc
 @pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
 def test_sigterm_or_ctrl_c_midway_leaves_the_old_file_and_no_temporary(tmp_path, sig):
     """SIGTERM (``timeout``, ``scancel``, a job's time limit) or Ctrl-C, to the converter and its
-    processes midway: one line saying it stopped, exit 143 or 130, the previous .beton as it was,
-    and no temporary left (SIGTERM left the whole partial file, tens of GB on ImageNet, and
-    Ctrl-C printed tracebacks). A temporary of another file of the folder whose process has ended
-    goes at the next run (only the same file's went)."""
+    processes midway: one line saying it stopped, exit 143 or death by SIGINT, the previous .beton
+    as it was, and no temporary left (SIGTERM left the whole partial file, tens of GB on ImageNet,
+    and Ctrl-C printed tracebacks); a killed run's temporary of the file is removed too."""
     small_split(tmp_path / 'data', 2000)
     out = tmp_path / 'out'
     out.mkdir()
     (out / 'train_256.beton').write_bytes(b'the previous file')
-    stale = out / '.val_256.beton.partial-999999999'  # no such PID runs
+    stale = out / '.train_256.beton.partial-999999999'  # a killed run's: no such PID runs
     stale.write_bytes(b'left by a killed run')
     command = subprocess.Popen([PYTHON, '-c', WRITE_WITH_A_WORKER_THAT_ENDS, 'slow',
                                 f'--data-dir={tmp_path / "data"}', '--split=train',
@@ -1112,14 +1118,16 @@ def test_sigterm_or_ctrl_c_midway_leaves_the_old_file_and_no_temporary(tmp_path,
     try:
         assert command.stdout.readline().startswith('table ')  # writing has started
         time.sleep(1)
-        assert list(out.glob('.train_256.beton.partial-*')) and not stale.exists()
+        assert [p for p in out.glob('.train_256.beton.partial-*') if p != stale]
+        assert not stale.exists()
         os.killpg(command.pid, sig)  # to every process of the group, as the terminal and SLURM
         _, err = command.communicate(timeout=60)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(command.pid, signal.SIGKILL)
         command.wait()
-    assert command.returncode == 128 + sig, err
+    # Ctrl-C: the command ends by SIGINT (not exit 130), so that a shell's loop stops too
+    assert command.returncode == (143 if sig == signal.SIGTERM else -signal.SIGINT), err
     name = 'SIGTERM' if sig == signal.SIGTERM else 'Ctrl-C'
     assert err.strip().splitlines()[-1].endswith(f': stopped by {name}: nothing written, '
                                                  f'{out / "train_256.beton"} is as it was'), err
@@ -1157,3 +1165,9 @@ def test_out_ending_in_a_slash_is_a_folder_and_a_full_disk_names_the_file(tmp_pa
     err = capsys.readouterr().err
     assert f'writing {out}: File too large; nothing was written ({out} is as it was)' in err, err
     assert out.read_bytes() == before and not list(out.parent.glob('.*partial*'))
+    # off the main thread (a caller's worker thread) no signal handler can be installed: it runs
+    results = []
+    thread = threading.Thread(target=lambda: results.append(write.cli(['--verify', str(out)])))
+    thread.start()
+    thread.join()
+    assert results == [0]  # the file kept as it was reads back whole

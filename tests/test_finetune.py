@@ -184,6 +184,12 @@ def test_a_checkpoint_with_parts_missing_or_of_another_format_is_one_error(tmp_p
     assert saved.config is None and 'no config saved' in saved.assumed
     with pytest.raises(CheckpointError, match='a folder, not a weights file'):
         weights.load_model(tmp_path, num_classes=10)
+    # another tool's checkpoint with a 'format' of its own is no checkpoint of this tool
+    for fmt in (1, 2, True):
+        torch.save({'format': fmt, 'state_dict': state}, tmp_path / 'theirs.pt')
+        model = weights.load_model(tmp_path / 'theirs.pt', num_classes=10, arch='resnet18',
+                                   use_blurpool=False, channels_last=False).model
+        assert torch.equal(model.fc.weight, state['fc.weight'])
 
 
 def test_weights_that_do_not_fit_for_eval_are_refused_naming_the_keys(tmp_path):

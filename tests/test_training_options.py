@@ -15,7 +15,7 @@ from torch import nn
 from conftest import small_config
 from imagenet_ffcv import (checkpoint, config, distributed, engine, models, optimizers,
                            schedules, train)
-from imagenet_ffcv.ema import make_ema
+from imagenet_ffcv.ema import EMA, make_ema
 from imagenet_ffcv.mixup import batch_mixer
 from imagenet_ffcv.optional import MissingPackageError
 
@@ -54,6 +54,15 @@ def test_the_ema_updates_as_torchs_averaged_model_does():
     assert all(torch.equal(got[k], expected[k]) for k in got), [
         k for k in got if not torch.equal(got[k], expected[k])]
     assert int(got['n_averaged']) == 5
+    # without use_buffers, torch's copies the buffers (ours averaged them)
+    ours = EMA(model, multi_avg_fn=get_ema_multi_avg_fn(0.8), use_buffers=False)
+    torchs = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.8), use_buffers=False)
+    for x, y in batches(3):
+        engine.train_step(model=model, x=x, y=y, optimizer=optimizer, loss_fn=nn.CrossEntropyLoss())
+        ours.update_parameters(model)
+        torchs.update_parameters(model)
+    got, expected = ours.state_dict(), torchs.state_dict()
+    assert all(torch.equal(got[k], expected[k]) for k in got)
 
 
 def test_ema_is_the_hand_computed_average_of_parameters_and_buffers_every_k_iterations():
