@@ -1012,17 +1012,23 @@ def test_the_writer_forks_its_processes_whatever_the_default_start_method(tmp_pa
     assert ': 40 images, 2 classes' in proc.stdout, proc.stdout
 
 
+def converter_in_its_group(data_dir, out, stderr=subprocess.DEVNULL) -> subprocess.Popen:
+    """The converter of the train split of ``data_dir`` into ``out`` (WRITE_WITH_A_WORKER_THAT_ENDS
+    'slow', 2 writer processes) in a process group of its own, as a job's command; its stdout
+    piped, whose first line names the records' table in /dev/shm."""
+    return subprocess.Popen([PYTHON, '-c', WRITE_WITH_A_WORKER_THAT_ENDS, 'slow',
+                             f'--data-dir={data_dir}', '--split=train', f'--out={out}',
+                             '--num-workers=2'], env=run_env(), stdout=subprocess.PIPE,
+                            stderr=stderr, text=True, start_new_session=True)
+
+
 def test_a_converter_killed_with_its_processes_leaves_nothing_in_dev_shm(tmp_path):
     """The converter and all its processes killed at once (SIGKILL to its process group, as a
     job's end or a container's kill does): the records' shared table leaves no file in /dev/shm
     (a name ffcv's writer kept until its end, which multiprocessing's resource tracker, killed
     too, could not remove: 24 bytes an image, 30 MB for ImageNet's train split, until reboot)."""
     small_split(tmp_path / 'data', 2000)
-    command = subprocess.Popen([PYTHON, '-c', WRITE_WITH_A_WORKER_THAT_ENDS, 'slow',
-                                f'--data-dir={tmp_path / "data"}', '--split=train',
-                                f'--out={tmp_path}', '--num-workers=2'], env=run_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                               start_new_session=True)
+    command = converter_in_its_group(tmp_path / 'data', tmp_path)
     try:
         line = command.stdout.readline()
         assert line.startswith('table '), line
@@ -1110,11 +1116,7 @@ def test_sigterm_or_ctrl_c_midway_leaves_the_old_file_and_no_temporary(tmp_path,
     (out / 'train_256.beton').write_bytes(b'the previous file')
     stale = out / '.train_256.beton.partial-999999999'  # a killed run's: no such PID runs
     stale.write_bytes(b'left by a killed run')
-    command = subprocess.Popen([PYTHON, '-c', WRITE_WITH_A_WORKER_THAT_ENDS, 'slow',
-                                f'--data-dir={tmp_path / "data"}', '--split=train',
-                                f'--out={out}', '--num-workers=2'], env=run_env(),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
+    command = converter_in_its_group(tmp_path / 'data', out, stderr=subprocess.PIPE)
     try:
         assert command.stdout.readline().startswith('table ')  # writing has started
         time.sleep(1)
