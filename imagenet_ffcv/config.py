@@ -17,7 +17,7 @@ import yaml
 from fastargs import Config
 
 from . import augment, optimizers, schedules
-from .config_schema import declared, defaults, markdown  # markdown: docs/configuration.md
+from .config_schema import declared, defaults, did_you_mean, markdown  # markdown: the docs'
 from .errors import ImagenetFfcvError
 from .run_dir import RUN_NAME
 
@@ -112,17 +112,21 @@ def load_config(argv: list) -> SimpleNamespace:
     parser = build_parser(config)
     args, unknown = parser.parse_known_args(argv)
     if unknown:
-        raise ConfigError(f'unknown argument(s) {" ".join(unknown)}; valid keys: {", ".join(known)}')
+        raise ConfigError(f'unknown argument(s) {" ".join(unknown)}{did_you_mean(unknown, known)}'
+                          f'; valid keys: {", ".join(known)}')
 
     for fname in map(config_file, args.config):
         with open(fname) as f:
-            content = yaml.safe_load(f) or {}
+            try:
+                content = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f'{fname}: not valid YAML: {" ".join(str(e).split())}') from None
         if not isinstance(content, dict):
             raise ConfigError(f'{fname}: expected a mapping of sections, got {type(content).__name__}')
         bad = [key for key in flatten(content) if key not in known]
         if bad:
-            raise ConfigError(f'{fname}: unknown key(s) {", ".join(bad)}; valid keys: '
-                              f'{", ".join(known)}')
+            raise ConfigError(f'{fname}: unknown key(s) {", ".join(bad)}'
+                              f'{did_you_mean(bad, known)}; valid keys: {", ".join(known)}')
         config.collect(content)
     overrides = {k: v for k, v in vars(args).items() if k != 'config' and v is not None}
     config.collect(overrides)  # fastargs splits the dotted keys
@@ -379,16 +383,15 @@ def resolution_kwargs(cfg: SimpleNamespace) -> dict:
 
 
 def unreached_resolution(cfg: SimpleNamespace):
-    """A warning when the last epoch trains below ``resolution.max_res`` (the ramp ends after
-    ``training.epochs``, as when a quick run shortens a recipe's epochs and keeps its ramp), else
-    None. Not an error: such a run trains, at lower resolutions than the recipe's."""
-    last = schedules.resolution_at(cfg.training.epochs - 1, **resolution_kwargs(cfg))
-    if last >= cfg.resolution.max_res:
+    """A warning (not an error) when the last epoch trains below ``resolution.max_res``, else None."""
+    r, epochs = cfg.resolution, cfg.training.epochs
+    last = schedules.resolution_at(epochs - 1, **resolution_kwargs(cfg))
+    if last >= r.max_res:
         return None
-    return (f'resolution.end_ramp={cfg.resolution.end_ramp} is after the last epoch '
-            f'(training.epochs={cfg.training.epochs}): training ends at {last} px, not '
-            f'resolution.max_res={cfg.resolution.max_res}; move the ramp (resolution.start_ramp, '
-            f'resolution.end_ramp) with the epochs')
+    return (f'the last epoch ({epochs - 1}: training.epochs={epochs}) trains at {last} px, not '
+            f'resolution.max_res={r.max_res}: the ramp from resolution.start_ramp={r.start_ramp} '
+            f'(the last epoch at min_res) to resolution.end_ramp={r.end_ramp} does not end before '
+            f'it; move the ramp with the epochs')
 
 
 if __name__ == '__main__':

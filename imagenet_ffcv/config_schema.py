@@ -2,6 +2,8 @@
 default and meaning (ffcv-imagenet's sections and keys, plus ours). Read by ``config`` (parsing,
 ``--help``) and rendered as docs/configuration.md (``python -m imagenet_ffcv.config --markdown``).
 """
+import difflib
+
 from fastargs import Config, Param, Section
 from fastargs.validation import And, Int, OneOf, Or
 
@@ -19,6 +21,14 @@ def _type_text(checker) -> str:
         parts = [p for p in parts if p != 'a string'] if isinstance(checker, And) else parts
         return (' and ' if isinstance(checker, And) else ' or ').join(parts)
     return checker.help()
+
+
+def did_you_mean(unknown: list, known) -> str:
+    """' (did you mean training.epochs?)' for the ``known`` keys closest to the ``unknown`` ones
+    (``--training.epoch=3``, or a file's key), '' when none is close."""
+    names = [name.lstrip('-').split('=')[0] for name in unknown]
+    close = [m for name in names for m in difflib.get_close_matches(name, known, n=1, cutoff=0.8)]
+    return f' (did you mean {", ".join(close)}?)' if close else ''
 
 
 def markdown() -> str:

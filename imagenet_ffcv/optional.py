@@ -38,13 +38,15 @@ def require(module: str, needed_for: str, package: str = None):
     ``"model.arch='timm:convnext_tiny'"``, ``'TensorBoard logging'``); ``package``: the pip package
     that provides it (default: the module's top-level name). Raises MissingPackageError when it is
     not installed (or fails to import), naming the package, what asked for it and how to install
-    it (its pin, and the package's extra of that name where there is one)."""
+    it: its pin, and in a checkout of the project the package's extra of that name where there
+    is one (the package is not on PyPI, so ``pip install 'imagenet-ffcv[wandb]'`` would fail)."""
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        pin, requirements = pinned(package or module.split('.')[0])
+        pin, _ = pinned(package or module.split('.')[0])
         name = pin.split('==')[0]
-        extra = f", or pip install 'imagenet-ffcv[{name}]'" if name in EXTRAS else ''
+        extra = (f" (from a checkout of this project: pip install -e '.[{name}]')"
+                 if name in EXTRAS and (REPO / 'pyproject.toml').is_file() else '')
         raise MissingPackageError(
             f'{needed_for} needs the package {name!r}, which is not installed ({e}): '
-            f'pip install {pin} (or pip install -r {requirements}{extra})') from e
+            f'pip install {pin}{extra}') from e

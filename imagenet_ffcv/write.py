@@ -45,20 +45,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--data-dir', default=os.environ.get('IMAGENET_DIR'),
                    help='folder holding train/ and val/ (default: $IMAGENET_DIR)')
-    p.add_argument('--split', choices=['train', 'val'])
+    p.add_argument('--split', choices=['train', 'val'],
+                   help='which split to convert (the class list always comes from train)')
     p.add_argument('--layout', choices=('auto',) + LAYOUTS, default='auto',
                    help='input layout: folders (train/<wnid>/, val/<wnid>/), kaggle '
                         '(ILSVRC/Data/CLS-LOC/ + LOC_val_solution.csv), tars '
                         '(ILSVRC2012_img_{train,val}.tar read in place + LOC_val_solution.csv or '
                         'the devkit ILSVRC2012_devkit_t12.tar.gz); '
                         'auto: detected from --data-dir')
-    p.add_argument('--max-res', type=int, default=256, help='shorter side at most this (px)')
+    p.add_argument('--max-res', type=int, default=256,
+                   help='shorter side at most this (px; default 256)')
     p.add_argument('--out', default=None,
                    help='output file (default betons/{split}_{max_res}.beton; an existing '
                         'folder, or a path ending in /: that name in it)')
     p.add_argument('--write-mode', choices=['jpg', 'raw', 'proportion'], default='jpg',
                    help='jpg: JPEG; raw: pixels; proportion: JPEG with --compress-probability')
-    p.add_argument('--jpeg-quality', type=int, default=90)
+    p.add_argument('--jpeg-quality', type=int, default=90,
+                   help='quality of the stored JPEGs, 1-100 (default 90)')
     p.add_argument('--restart-interval', type=int, default=DEFAULT_RESTART_INTERVAL, metavar='N',
                    help='a restart marker in each stored JPEG at most every N MCUs (16 x 16 px '
                         'blocks; per image the largest divisor of its MCU columns up to N), so '
@@ -66,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                         'covers; the records stay standard JPEGs. Smaller N: faster crops, more '
                         'bytes. 0: no markers (the files written before). '
                         f'Default: {DEFAULT_RESTART_INTERVAL}')
-    p.add_argument('--compress-probability', type=float, default=0.5)
+    p.add_argument('--compress-probability', type=float, default=0.5,
+                   help='with --write-mode proportion: the share of images stored as JPEG '
+                        '(default 0.5)')
     p.add_argument('--num-workers', type=int, default=0,
                    help='processes (default: the cores this process may use)')
     p.add_argument('--subset', type=int, default=0,

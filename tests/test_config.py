@@ -220,15 +220,35 @@ def test_cli_override_beats_file():
     assert cfg.lr.lr == pytest.approx(0.8)
 
 
+def test_a_typo_in_a_key_gets_a_suggestion_and_bad_yaml_one_line(tmp_path):
+    """An unknown key, on the command line or in a file, is answered with the closest known
+    key (the list of all keys alone was a 1.4 kB line); a config file that is not valid YAML is
+    a ConfigError naming the file and the position (a 40-line traceback)."""
+    with pytest.raises(ConfigError, match=r'--training.epoch=3 \(did you mean training.epochs\?\)'):
+        load_config([*DATA, '--training.epoch=3'])
+    typo = _write(tmp_path, 'lr:\n  lr_peak_epochs: 2\n')
+    with pytest.raises(ConfigError, match=r'lr.lr_peak_epochs \(did you mean lr.lr_peak_epoch\?\)'):
+        load_config(['--config', str(typo), *DATA])
+    bad = _write(tmp_path, 'training:\n  epochs: 3\n bad: 1\n', 'bad.yaml')
+    with pytest.raises(ConfigError, match=r'bad.yaml: not valid YAML: .*line 3, column 2') as info:
+        load_config(['--config', str(bad), *DATA])
+    assert '\n' not in str(info.value)
+
+
 def test_a_ramp_that_ends_after_the_last_epoch_is_warned_of():
     """The 16-epoch recipe's ramp (160 px to 192 from epoch 11 to 13) cut to 8 epochs never leaves
     160 px: a warning names the keys and the last epoch's resolution; the whole recipe, and a
     run whose last epoch reaches max_res on the ramp's end, get none."""
     recipe = REPO / 'imagenet_ffcv' / 'configs' / 'rn50_configs' / 'rn50_16_epochs.yaml'
     warning = config.unreached_resolution(_load(recipe, '--training.epochs=8'))
-    assert 'resolution.end_ramp=13' in warning and 'training ends at 160 px' in warning
-    assert 'training.epochs=8' in warning and 'resolution.max_res=192' in warning
-    assert 'ends at 160 px' in config.unreached_resolution(_load(recipe, '--training.epochs=12'))
+    assert warning.startswith('the last epoch (7: training.epochs=8) trains at 160 px, not '
+                              'resolution.max_res=192: the ramp from resolution.start_ramp=11')
+    assert 'resolution.end_ramp=13' in warning
+    assert 'trains at 160 px' in config.unreached_resolution(_load(recipe, '--training.epochs=12'))
+    # a ramp at epoch 0 (start_ramp, the last epoch at min_res, is 0): a 1-epoch run stays at min
+    assert 'resolution.start_ramp=0 (the last epoch at min_res)' in config.unreached_resolution(
+        _load(recipe, '--training.epochs=1', '--resolution.start_ramp=0', '--resolution.end_ramp=0',
+              '--lr.lr_peak_epoch=1'))
     assert config.unreached_resolution(_load(recipe)) is None
     assert config.unreached_resolution(_load(recipe, '--training.epochs=13')) is None  # 192 px
 

@@ -135,7 +135,8 @@ def test_missing_wandb_names_the_package_and_the_extras_file(tmp_path, monkeypat
         LiveLog(folder, tensorboard=True, wandb_project='proj', run_name='r')
     assert isinstance(caught.value, MissingPackageError)
     message = str(caught.value)
-    assert "'wandb'" in message and 'pip install -r requirements-extras.txt' in message
+    assert "'wandb'" in message and 'pip install wandb==' in message
+    assert "pip install -e '.[wandb]'" in message  # a checkout's extra: the package is not on PyPI
     assert "W&B logging (project 'proj')" in message  # what asked for it
     assert not folder.exists()
 
@@ -221,6 +222,6 @@ def test_tensorboard_is_needed_only_when_asked_for(tmp_path, monkeypatch):
     log.epoch_scalars(0, {'top_1': 0.5})
     assert not log.active and not (tmp_path / 'run').exists()
     with pytest.raises(MissingPackageError, match=r"TensorBoard logging needs the package "
-                                                  r"'tensorboard'.*tensorboard==2\.21\.0.*"
-                                                  r"requirements\.txt"):
+                                                  r"'tensorboard'.*pip install "
+                                                  r"tensorboard==2\.21\.0"):
         LiveLog(tmp_path / 'run', tensorboard=True)

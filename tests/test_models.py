@@ -244,13 +244,13 @@ def test_timm_model_rebuilt_by_checkpoint_load_model(tmp_path):
 
 def test_timm_missing_names_the_package_and_the_extras(monkeypatch):
     """Without timm (a None entry in sys.modules makes its import fail) a timm: arch is an
-    ImportError naming timm and requirements-extras.txt; torchvision archs still build."""
+    ImportError naming timm, its pin and the checkout's extra; torchvision archs still build."""
     monkeypatch.setitem(sys.modules, 'timm', None)
     with pytest.raises(ImportError) as info:
         models.build_model(arch='timm:resnet10t', num_classes=10, use_blurpool=False,
                            channels_last=False)
     msg = str(info.value)
-    assert 'timm' in msg and 'requirements-extras.txt' in msg and 'timm==1.0.31' in msg
+    assert 'pip install timm==1.0.31' in msg and "pip install -e '.[timm]'" in msg
     models.build_model(arch='resnet18', num_classes=10, use_blurpool=False, channels_last=False)
 
 
