@@ -254,8 +254,7 @@ def test_lamb_comes_from_timm_or_names_the_missing_package(monkeypatch):
         lamb = optimizers.make_optimizer('lamb', groups, lr=0.01)
         assert type(lamb).__name__ == 'Lamb' and lamb.param_groups[0]['betas'] == (0.9, 0.999)
     monkeypatch.setitem(sys.modules, 'timm.optim', None)
-    with pytest.raises(MissingPackageError, match=r"'timm'.*requirements-extras.txt|"
-                                                  r"timm.optim.*requirements-extras.txt"):
+    with pytest.raises(MissingPackageError, match=r"'timm'.*pip install timm=="):
         optimizers.make_optimizer('lamb', groups, lr=0.01)
 
 
@@ -435,6 +434,6 @@ def test_wandb_asked_for_but_missing_stops_before_any_work(sample_betons, tmp_pa
     monkeypatch.setitem(sys.modules, 'wandb', None)
     cfg = small_config(sample_betons, tmp_path, '--logging.wandb_project=imagenet')
     with pytest.raises(MissingPackageError, match=r"logging.wandb_project='imagenet' needs the "
-                                                  r"package 'wandb'.*requirements-extras"):
+                                                  r"package 'wandb'.*pip install wandb=="):
         train.main(cfg)
     assert list(tmp_path.iterdir()) == []  # no run folder
