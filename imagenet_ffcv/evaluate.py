@@ -8,12 +8,14 @@ from . import config, distributed, engine, loaders, metrics, weights
 from .constants import DEFAULT_CROP_RATIO
 
 
-def make_val_loader(cfg, dist, precision, **overrides):
-    """This rank's part of the val set at ``validation.resolution`` (centre crop); ``overrides``:
-    other ``loaders.val_loader`` arguments (10-crop: ``crop_ratio=1.0``, whole central squares,
-    and their side ``res`` in px)."""
+def make_val_loader(cfg, dist, precision, threads: int = None, **overrides):
+    """This rank's part of the val set at ``validation.resolution`` (centre crop), read by
+    ``threads`` loader threads (None: ``distributed.loader_threads``, a collective for 'auto');
+    ``overrides``: other ``loaders.val_loader`` arguments (10-crop: ``crop_ratio=1.0``, whole
+    central squares, and their side ``res`` in px)."""
+    threads = threads or distributed.loader_threads(cfg.data.num_workers, dist)
     return loaders.val_loader(**{**config.val_loader_kwargs(cfg), **overrides},
-                              num_workers=distributed.loader_threads(cfg.data.num_workers, dist),
+                              num_workers=threads,
                               device=dist.device, rank=dist.rank, world_size=dist.world_size,
                               dtype=precision.input_dtype)
 

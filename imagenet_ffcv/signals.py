@@ -1,6 +1,48 @@
 """Pre-emption and Ctrl-C: SIGTERM and SIGINT turned into a request the training loop polls, so a
-run stops after its current step with a checkpoint written (exit status 128 + the signal)."""
+run stops after its current step with a checkpoint written (exit status 128 + the signal); for the
+converter, SIGTERM raised as an exception like Ctrl-C's, so that its clean-up runs on the way out.
+"""
+import contextlib
+import os
 import signal
+import threading
+
+
+class Terminated(BaseException):
+    """SIGTERM (``kill``, ``timeout``, a SLURM job's end), raised wherever the main thread is, as
+    Ctrl-C raises KeyboardInterrupt (:func:`sigterm_raises`)."""
+
+
+def _terminate(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one would cut the clean-up short
+    raise Terminated
+
+
+def _on_main_thread() -> bool:
+    return threading.current_thread() is threading.main_thread()  # signals reach it only
+
+
+@contextlib.contextmanager
+def sigterm_raises():
+    """Within the block SIGTERM raises :class:`Terminated`; the previous handler is restored
+    after. Off the main thread (no signal reaches it, and none can be set) nothing changes."""
+    if not _on_main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def end_by_sigint() -> None:
+    """End this process by SIGINT, after its KeyboardInterrupt was handled (clean-up, message):
+    a shell running a loop of commands stops the loop only when one dies of SIGINT. Off the main
+    thread, nothing."""
+    if _on_main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
 
 
 class StopRequest:

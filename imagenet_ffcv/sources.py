@@ -33,14 +33,14 @@ def find_classes(train_dir) -> list:
     if not train_dir.is_dir():
         raise FileNotFoundError(f'{train_dir}: train split folder not found (expected '
                                 f'<data-dir>/train/<wnid>/*.JPEG); set --data-dir')
-    broken = sorted(e.name for e in os.scandir(train_dir)
-                    if _kind(e) is None and not e.name.startswith('.'))
+    entries = list(os.scandir(train_dir))
+    broken = sorted(e.name for e in entries if _kind(e) is None and not e.name.startswith('.'))
     if broken:
         raise ValueError(f'{train_dir}: {", ".join(broken[:5])} cannot be read (a broken or '
                          f'looping symbolic link?); were it a class folder, the classes after it '
                          f'would take other indices: fix or remove it')
-    classes, _ = _class_folders(train_dir)
-    packed = sorted(e.name for e in os.scandir(train_dir) if WNID_TAR.fullmatch(e.name)
+    classes, _ = _class_folders(entries)
+    packed = sorted(e.name for e in entries if WNID_TAR.fullmatch(e.name)
                     and e.name[:-4] not in classes and _kind(e) == 'file')
     if packed:  # a class not extracted yet (ImageNet's train tar holds one tar per class)
         raise ValueError(f'{train_dir}: {", ".join(packed[:5])}{" ..." if len(packed) > 5 else ""} '
@@ -89,7 +89,8 @@ def list_samples(split_dir, classes: list) -> list:
     if not split_dir.is_dir():
         raise FileNotFoundError(f'{split_dir}: split folder not found')
     class_to_idx = {wnid: i for i, wnid in enumerate(classes)}
-    folders, hidden = _class_folders(split_dir)
+    entries = list(os.scandir(split_dir))
+    folders, hidden = _class_folders(entries)
     if hidden:
         warnings.warn(f'{split_dir}: hidden folder(s) {", ".join(hidden[:5])} left out: not '
                       f'classes', stacklevel=2)
@@ -98,9 +99,8 @@ def list_samples(split_dir, classes: list) -> list:
         raise ValueError(f'{split_dir}: class folder(s) {", ".join(unknown[:5])} are not in the '
                          f'train split, so their images have no class index; remove them or add '
                          f'the class to train/')
-    _check_distinct_folders(split_dir, folders)
+    listed = _check_distinct_folders(split_dir, folders)  # real paths: links to them are repeats
     samples, empty, unreadable, other, repeated = [], [], [], [], []
-    listed = {os.path.realpath(split_dir / wnid) for wnid in folders}
     for wnid in sorted(folders, key=class_to_idx.get):
         folder = split_dir / wnid
         files = _images_under(folder, listed, unreadable, other, repeated)
@@ -126,8 +126,7 @@ def list_samples(split_dir, classes: list) -> list:
                       f'{", ".join(IMAGE_EXTENSIONS)}): {", ".join(empty[:5])}'
                       f'{" ..." if len(empty) > 5 else ""}; their classes keep their index but '
                       f'have no samples in this split', stacklevel=2)
-    loose = sorted(e.name for e in os.scandir(split_dir)
-                   if not e.name.startswith('.') and _kind(e) == 'file')
+    loose = sorted(e.name for e in entries if not e.name.startswith('.') and _kind(e) == 'file')
     if samples and loose:
         warnings.warn(f'{split_dir}: {len(loose)} file(s) in the split folder itself, outside the '
                       f'class folders, left out (no class): {", ".join(loose[:5])}'
@@ -144,10 +143,11 @@ def list_samples(split_dir, classes: list) -> list:
     return samples
 
 
-def _class_folders(split_dir) -> tuple:
-    """``(names, hidden)``: the sorted names of the folders in ``split_dir``, and of the hidden
-    ones among them (a name starting with '.'), which are not in ``names``."""
-    names = sorted(e.name for e in os.scandir(split_dir) if _kind(e) == 'dir')
+def _class_folders(entries: list) -> tuple:
+    """``(names, hidden)``: the sorted names of the folders among a split folder's ``entries``
+    (``os.scandir``'s), and of the hidden ones among them (a name starting with '.'), which are
+    not in ``names``."""
+    names = sorted(e.name for e in entries if _kind(e) == 'dir')
     return ([n for n in names if not n.startswith('.')],
             [n for n in names if n.startswith('.')])
 
@@ -189,8 +189,9 @@ def _kind(entry):
         return None
 
 
-def _check_distinct_folders(split_dir, folders) -> None:
-    """ValueError naming two class folders of ``split_dir`` that resolve to the same folder."""
+def _check_distinct_folders(split_dir, folders) -> set:
+    """The real paths of the class ``folders`` of ``split_dir``; ValueError naming two that resolve
+    to the same folder."""
     seen = {}
     for name in folders:
         real = os.path.realpath(split_dir / name)
@@ -199,6 +200,7 @@ def _check_distinct_folders(split_dir, folders) -> None:
                              f'folder ({real}; a symbolic link?): their images would carry two '
                              f'labels; remove one of them')
         seen[real] = name
+    return set(seen)
 
 
 def detect_layout(root) -> str:

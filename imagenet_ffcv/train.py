@@ -136,7 +136,7 @@ def build(cfg, dist, wall_start) -> Run:
         **config.train_loader_kwargs(cfg), num_workers=threads, res=res_at(0), device=device,
         distributed=dist.distributed, dtype=precision.input_dtype)
     config.check_batches(cfg, train_loader, dist.world_size)
-    val_loader = make_val_loader(cfg, dist, precision)
+    val_loader = make_val_loader(cfg, dist, precision, threads)  # the count worked out once
     num_classes = loaders.num_classes(cfg.data.train_dataset, val_path=cfg.data.val_dataset)
     class_list = class_list_path(cfg.data.train_dataset)
     model_without_ddp = models.build_model(**config.model_kwargs(cfg), num_classes=num_classes)

@@ -24,9 +24,7 @@ next run into the same folder.
 """
 import argparse
 import os
-import signal
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +33,7 @@ from .classes import class_list_path, read_class_list, write_class_list
 from .commands import command_name
 from .images import DEFAULT_RESTART_INTERVAL
 from .ilsvrc import KAGGLE_DIR
+from .signals import Terminated, end_by_sigint, sigterm_raises
 from .sources import LAYOUTS, load_split
 from .verify import CorruptBetonError, verify_beton
 from .writer import UnreadableImagesError, write_beton
@@ -173,16 +172,6 @@ def verify(path) -> int:
     return 0
 
 
-class Terminated(BaseException):
-    """SIGTERM (``kill``, ``timeout``, a SLURM job's end), raised wherever the command is, as
-    Ctrl-C raises KeyboardInterrupt, so that the temporaries are removed on the way out."""
-
-
-def _terminate(signum, frame):
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one would cut the clean-up short
-    raise Terminated
-
-
 def cli(argv=None) -> int:
     """The command line (``argv``, default ``sys.argv[1:]``): returns the exit status, with a
     one-line message instead of a traceback for expected failures (missing folders, bad images
@@ -190,13 +179,12 @@ def cli(argv=None) -> int:
     ends by SIGINT, so that a shell's loop stops too), both leaving the output as it was and no
     temporary. Off the main thread (no signal reaches it) nothing is installed."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    main_thread = threading.current_thread() is threading.main_thread()  # signals reach it only
-    previous = signal.signal(signal.SIGTERM, _terminate) if main_thread else None
     try:
-        if args.verify:
-            return verify(args.verify)
-        main(args)
-        return 0
+        with sigterm_raises():
+            if args.verify:
+                return verify(args.verify)
+            main(args)
+            return 0
     except (FileNotFoundError, ValueError, OSError, UnreadableImagesError,
             CorruptBetonError) as e:
         print(f'{command_name("write")}: {e}', file=sys.stderr)
@@ -205,13 +193,10 @@ def cli(argv=None) -> int:
         stopped = 'SIGTERM' if isinstance(e, Terminated) else 'Ctrl-C'
         kept = '' if args.verify else f': nothing written, {args.out} is as it was'
         print(f'{command_name("write")}: stopped by {stopped}{kept}', file=sys.stderr)
-        if main_thread and not isinstance(e, Terminated):  # die of SIGINT, as a shell's loop
-            signal.signal(signal.SIGINT, signal.SIG_DFL)     # of commands expects, to stop too
-            os.kill(os.getpid(), signal.SIGINT)
-        return 143 if isinstance(e, Terminated) else 130
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous)
+        if isinstance(e, Terminated):
+            return 143
+        end_by_sigint()
+        return 130
 
 
 if __name__ == '__main__':
