@@ -1,6 +1,8 @@
 """Decoding any input image to RGB, the shorter-side resize and the JPEG encoding: what the writer
 stores, and what ``imagenet-ffcv-predict`` stores the same way before it decodes the image as the
 validation loader does (``image_decode.center_crop_pixels``)."""
+import threading
+
 import cv2
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -45,13 +47,37 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert('RGB')
 
 
+_PIXEL_LIMIT_LOCK = threading.Lock()
+
+
 def _opened(f, path) -> Image.Image:
     """``Image.open(f)``; PIL's error for data it cannot identify names ``path`` (a tar member's
-    reference, not '<_io.BytesIO object at 0x...>')."""
-    try:
-        return Image.open(f)
-    except UnidentifiedImageError:
-        raise UnidentifiedImageError(f'cannot identify image file {str(path)!r}') from None
+    reference, not '<_io.BytesIO object at 0x...>'). PIL's size limit against decompression bombs
+    is lifted for the open only (no 'DecompressionBombWarning' above 89 MP, no error above 179 MP:
+    a 200 MP phone photo is an image like any other): :func:`load_image` applies the limit to
+    the pixels it decodes instead (:func:`_check_decoded_size`)."""
+    with _PIXEL_LIMIT_LOCK:  # PIL reads its limit from a global at the open
+        limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            return Image.open(f)
+        except UnidentifiedImageError:
+            raise UnidentifiedImageError(f'cannot identify image file {str(path)!r}') from None
+        finally:
+            Image.MAX_IMAGE_PIXELS = limit
+
+
+def _check_decoded_size(im: Image.Image) -> None:
+    """ValueError when decoding ``im`` (after ``draft``, which decodes a JPEG
+    at 1/2, 1/4 or 1/8 of its size) would make more pixels than twice PIL's
+    ``Image.MAX_IMAGE_PIXELS`` (179 MP by default; None: no limit), where PIL refuses a file as a
+    possible decompression bomb: a PNG or TIFF that large takes over 0.5 GB to decode."""
+    limit = Image.MAX_IMAGE_PIXELS
+    width, height = im.size
+    if limit is not None and width * height > 2 * limit:
+        raise ValueError(f'{width} x {height} px ({width * height / 1e6:.0f} MP) to '
+                         f'decode, over the {2 * limit / 1e6:.0f} MP limit against '
+                         f'decompression bombs (PIL.Image.MAX_IMAGE_PIXELS x 2); shrink it '
+                         f'first, or save it as a JPEG (decoded at 1/8 of its size)')
 
 
 def load_image(path, max_res: int) -> np.ndarray:
@@ -61,7 +87,8 @@ def load_image(path, max_res: int) -> np.ndarray:
     16-bit images are scaled to 8 bits (see :func:`_to_rgb`); an EXIF orientation tag is applied
     (``ImageOps.exif_transpose``) before resizing. Large JPEGs are decoded at a reduced DCT scale
     (PIL ``draft``) to no less than the target size, then resized by :func:`resize_rgb`. Images
-    smaller than ``max_res`` are kept as they are.
+    smaller than ``max_res`` are kept as they are. Any image size is read, up to PIL's limit
+    against decompression bombs applied to the pixels decoded (:func:`_check_decoded_size`).
     Returns a (H, W, 3) uint8 array. Raises OSError/ValueError for a file PIL cannot decode
     completely: a truncated file is an error, never a partly grey image.
     """
@@ -70,6 +97,7 @@ def load_image(path, max_res: int) -> np.ndarray:
         size = shorter_side_size(*im.size, max_res)
         if size != im.size:
             im.draft('RGB', size)
+        _check_decoded_size(im)
         im.load()  # decodes everything: raises on truncated or corrupt data
         im = ImageOps.exif_transpose(im) or im
         im = _to_rgb(im)

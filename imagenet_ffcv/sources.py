@@ -8,6 +8,7 @@ train indices. Every layout gives the same classes, labels and order for the sam
 """
 import os
 import re
+import unicodedata
 import warnings
 from pathlib import Path
 
@@ -27,7 +28,8 @@ def find_classes(train_dir) -> list:
     holds an entry that cannot be read (a broken or looping symbolic link) or a file
     ``<wnid>.tar`` without a folder ``<wnid>`` (a class of ImageNet's train tar not extracted):
     were it a class folder, every class after it would take the index before its own. (Other
-    files beside the class folders are named in :func:`list_samples`'s warning.)
+    files beside the class folders are named in :func:`list_samples`'s warning.) ValueError also
+    for a class folder whose name the class list cannot hold (:func:`_check_class_names`).
     """
     train_dir = Path(train_dir)
     if not train_dir.is_dir():
@@ -51,7 +53,28 @@ def find_classes(train_dir) -> list:
     if not classes:
         _raise_if_flat(train_dir)
         raise ValueError(f'{train_dir}: no class folders (expected {train_dir}/<wnid>/*.JPEG)')
+    _check_class_names(train_dir, classes)
     return classes
+
+
+def _check_class_names(train_dir, classes: list) -> None:
+    """ValueError naming the class folders of ``train_dir`` whose names the class list
+    (``classes.tsv``: UTF-8, a line per class, tab-separated) cannot hold, before anything is
+    written: names that are not valid UTF-8 (Python reads their bytes as surrogates: a zip made
+    on Windows, say) and names with a tab or a line break."""
+    def utf8(name):
+        try:
+            return bool(name.encode('utf-8'))
+        except UnicodeEncodeError:
+            return False
+    bad = [repr(name) if utf8(name) else repr(os.fsencode(name)) for name in classes
+           if not utf8(name) or any(c in name for c in '\t\n\r')]
+    if bad:
+        raise ValueError(f'{train_dir}: class folder name(s) {", ".join(bad[:5])} '
+                         f'{"are" if len(bad) > 1 else "is"} not valid UTF-8 or hold a tab or '
+                         f'line break, which the class list (classes.tsv: UTF-8, a line per '
+                         f'class, tab-separated) cannot hold: rename the folder(s) (for names '
+                         f'in another encoding: convmv -f ENCODING -t utf-8 --notest)')
 
 
 def _raise_if_flat(split_dir) -> None:
@@ -96,9 +119,14 @@ def list_samples(split_dir, classes: list) -> list:
                       f'classes', stacklevel=2)
     unknown = [f for f in folders if f not in class_to_idx]
     if unknown:
+        nfc = {unicodedata.normalize('NFC', wnid) for wnid in classes}
+        alike = [f for f in unknown if unicodedata.normalize('NFC', f) in nfc]
         raise ValueError(f'{split_dir}: class folder(s) {", ".join(unknown[:5])} are not in the '
                          f'train split, so their images have no class index; remove them or add '
-                         f'the class to train/')
+                         f'the class to train/' + (
+                             f' ({", ".join(map(ascii, alike[:5]))} differ from a train folder '
+                             f'only in how Unicode writes their accents (NFC or NFD; macOS '
+                             f'writes NFD): rename one of them)' if alike else ''))
     listed = _check_distinct_folders(split_dir, folders)  # real paths: links to them are repeats
     samples, empty, unreadable, other, repeated = [], [], [], [], []
     for wnid in sorted(folders, key=class_to_idx.get):

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -115,6 +116,29 @@ def test_unusual_files_decode_to_correct_rgb(tmp_path):
     assert len(np.unique(deep)) == 64  # PIL's convert('RGB') would leave mostly 255s
     # EXIF rotation is applied before the shorter-side resize
     assert images.load_image(tmp_path / 'rotated.JPEG', max_res=10).shape == (20, 10, 3)
+
+
+def test_a_jpeg_over_pils_pixel_limit_is_read_and_a_png_is_refused_by_its_decoded_size(
+        tmp_path, monkeypatch):
+    """PIL refuses a file of more than twice ``Image.MAX_IMAGE_PIXELS`` (179 MP: a 200 MP phone
+    photo) at the open, as a possible decompression bomb, and warns above it: the converter
+    skipped such photos as undecodable and predict stopped with a traceback. A JPEG is decoded
+    at 1/8 of its size, so the limit now applies to the pixels decoded: the JPEG is read with
+    no warning, and a PNG that large is a ValueError naming its size. (The limit is lowered to
+    25,000 px here, so that 300 x 200 px stands for 200 MP.)"""
+    for suffix in ('jpg', 'png'):
+        photo((300, 200)).save(tmp_path / f'big.{suffix}')
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 25_000)
+    with pytest.raises(Image.DecompressionBombError):  # PIL's own open, as before
+        Image.open(tmp_path / 'big.jpg')
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # no DecompressionBombWarning either
+        assert images.load_image(tmp_path / 'big.jpg', max_res=20).shape == (20, 30, 3)
+    with pytest.raises(ValueError, match=r'300 x 200 px \(0 MP\) to decode, over the 0 MP limit'):
+        images.load_image(tmp_path / 'big.png', max_res=20)
+    assert Image.MAX_IMAGE_PIXELS == 25_000  # restored after the open
+    monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', None)  # PIL's switch for no limit
+    assert images.load_image(tmp_path / 'big.png', max_res=20).shape == (20, 30, 3)
 
 
 def test_truncated_jpeg_is_detected(tmp_path):
@@ -258,6 +282,34 @@ def test_split_folder_problems_are_named(tmp_path):
         sources.list_samples(root / 'nowhere', classes)
     with pytest.raises(ValueError, match='no class folders'):
         sources.find_classes(root / 'empty')
+
+
+def test_class_names_the_class_list_cannot_hold_are_refused_before_any_work(tmp_path, capsys):
+    """A class folder whose name is not UTF-8 (a zip made on Windows) failed only when the class
+    list was written, after the .beton: a .beton with no classes.tsv, which trained without a
+    word and left predict asking for one; a tab in a name made classes.tsv read back as another
+    name. Both are refused by find_classes, naming the folders. A val folder whose name differs
+    from a train folder's only in its Unicode form (macOS writes NFD) is named as such: the two
+    print alike."""
+    train = tmp_path / 'data' / 'train'
+    for name in (b'caf\xe9', b'tab\tname', 'café ☕'.encode()):
+        os.makedirs(os.fsencode(train) + b'/' + name)
+    with pytest.raises(ValueError, match=r"b'caf\\xe9', 'tab\\tname' are not valid UTF-8 or hold "
+                                         r'a tab or line break.*rename'):
+        sources.find_classes(train)
+    assert write.cli(['--data-dir', str(tmp_path / 'data'), '--split', 'train',
+                      '--out', str(tmp_path / 'out.beton')]) == 1
+    assert 'not valid UTF-8' in capsys.readouterr().err
+    assert not list(tmp_path.glob('out*'))
+    for name in (b'caf\xe9', b'tab\tname'):
+        os.rmdir(os.fsencode(train) + b'/' + name)
+    (train / 'caf\u00e9').mkdir()  # NFC, as Linux and Windows write it
+    (tmp_path / 'data' / 'val' / 'cafe\u0301').mkdir(parents=True)  # NFD, as macOS writes it
+    classes = sources.find_classes(train)
+    assert classes == ['caf\u00e9', 'café ☕']
+    with pytest.raises(ValueError, match=r"'cafe\\u0301' differ from a train folder only in how "
+                                         'Unicode writes their accents'):
+        sources.list_samples(tmp_path / 'data' / 'val', classes)
 
 
 def test_verify(tmp_path, capsys):
