@@ -1,14 +1,43 @@
 """What the three commands (``imagenet-ffcv-write``, ``imagenet-ffcv-train``,
-``imagenet-ffcv-predict``) share: the name their messages give the command the user ran."""
+``imagenet-ffcv-predict``) share: the name their messages give the command the user ran, and
+warnings printed as one line."""
+import functools
 import os
 import sys
+import warnings
+
+PACKAGE = os.path.dirname(os.path.abspath(__file__))
 
 
 def command_name(module: str) -> str:
     """The command as the user ran it, for messages: ``imagenet-ffcv-train`` or
-    ``train_imagenet.py`` (the name of the script run), or ``python -m imagenet_ffcv.train`` when
-    run as a module; ``module`` is the command's module name in this package."""
-    name = os.path.basename(sys.argv[0] if sys.argv and sys.argv[0] else '')
-    if not name or name in (f'{module}.py', '-m', '-c'):
+    ``train_imagenet.py`` (the name of the script run, the checkout's ``predict.py`` included),
+    or ``python -m imagenet_ffcv.train`` when run as a module (``sys.argv[0]`` is then the
+    module's file in this package); ``module`` is the command's module name in this package."""
+    argv0 = sys.argv[0] if sys.argv and sys.argv[0] else ''
+    if argv0 in ('', '-m', '-c') or os.path.dirname(os.path.abspath(argv0)) == PACKAGE:
         return f'python -m imagenet_ffcv.{module}'
-    return name
+    return os.path.basename(argv0)
+
+
+def one_line_warnings(module: str):
+    """Decorator of a command's ``cli``: while it runs, the package's warnings print as one line,
+    ``<command>: warning: <message>`` (:func:`command_name`), instead of Python's
+    ``/path/sources.py:272: UserWarning: <message>`` followed by a line of our source code; other
+    libraries' warnings print as Python prints them."""
+    def decorate(cli):
+        @functools.wraps(cli)
+        def wrapped(*args, **kwargs):
+            python_format = warnings.formatwarning
+
+            def formatted(message, category, filename, lineno, line=None):
+                if os.path.abspath(filename).startswith(PACKAGE + os.sep):
+                    return f'{command_name(module)}: warning: {message}\n'
+                return python_format(message, category, filename, lineno, line)
+            warnings.formatwarning = formatted
+            try:
+                return cli(*args, **kwargs)
+            finally:
+                warnings.formatwarning = python_format
+        return wrapped
+    return decorate

@@ -30,7 +30,7 @@ import torch
 from . import config, engine
 from .checkpoint import CheckpointError
 from .classes import read_class_names
-from .commands import command_name
+from .commands import command_name, one_line_warnings
 from .image_decode import center_crop_pixels
 from .images import DEFAULT_RESTART_INTERVAL, encode_jpeg, load_image
 from .loaders import antialiased
@@ -102,11 +102,17 @@ def image_record(path, *, max_res: int = 256, jpeg_quality: int = 90,
                  restart_interval: int = DEFAULT_RESTART_INTERVAL) -> tuple:
     """The image file at ``path`` as ``imagenet-ffcv-write --max-res MAX_RES --jpeg-quality Q
     --restart-interval N`` stores it: ``(JPEG bytes uint8 (N,), height, width)``
-    (``images.load_image``, ``images.encode_jpeg``). Raises OSError/ValueError naming the file
-    when it cannot be decoded."""
+    (``images.load_image``, ``images.encode_jpeg``). Raises OSError naming the file when it is
+    missing or a folder, and OSError/ValueError naming it when it cannot be decoded (whatever
+    PIL raised: its plugins also raise SyntaxError, EOFError, struct.error ...)."""
     try:
         pixels = load_image(path, max_res)
-    except (OSError, ValueError) as e:
+    except FileNotFoundError:
+        raise FileNotFoundError(f'{path}: no such file') from None
+    except IsADirectoryError:
+        raise IsADirectoryError(f'{path}: a folder, not an image; give the images in it '
+                                f'({Path(path) / "*"})') from None
+    except Exception as e:  # any decoder error: named, and the other images still classified
         raise (OSError if isinstance(e, OSError) else ValueError)(
             f'{path}: cannot decode the image ({e})') from e
     record = encode_jpeg(pixels, quality=jpeg_quality, restart_interval=restart_interval)
@@ -144,7 +150,8 @@ def positive(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The options of ``imagenet-ffcv-predict``."""
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser = argparse.ArgumentParser(prog=command_name('predict'),
+                                     description=__doc__.split('\n\n')[0])
     parser.add_argument('images', nargs='+', help='image files (JPEG, PNG, ...)')
     parser.add_argument('--weights', required=True,
                         help='checkpoint.pt, final_weights.pt or final_weights.safetensors')
@@ -166,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@one_line_warnings('predict')
 def cli(argv=None) -> int:
     """The command line (``argv``, default ``sys.argv[1:]``): prints each image's top classes;
     returns the exit status: 1, with a one-line message, for unusable weights or class list, and

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from .classes import class_list_path, read_class_list, write_class_list
-from .commands import command_name
+from .commands import command_name, one_line_warnings
 from .images import DEFAULT_RESTART_INTERVAL
 from .ilsvrc import KAGGLE_DIR
 from .signals import Terminated, end_by_sigint, sigterm_raises
@@ -41,7 +41,7 @@ from .writer import UnreadableImagesError, write_beton
 
 def build_parser() -> argparse.ArgumentParser:
     """The converter's options."""
-    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p = argparse.ArgumentParser(prog=command_name('write'), description=__doc__.split('\n\n')[0])
     p.add_argument('--data-dir', default=os.environ.get('IMAGENET_DIR'),
                    help='folder holding train/ and val/ (default: $IMAGENET_DIR)')
     p.add_argument('--split', choices=['train', 'val'],
@@ -140,7 +140,8 @@ def main(args) -> dict:
     stats['classes'] = len({label for path, label in samples if path not in skipped})
     skipped_note = (f', {stats["skipped"]} skipped (listed in {stats["skipped_report"]})'
                     if stats['skipped'] else ', 0 skipped')
-    print(f'{args.out}: {stats["images"]} images, {stats["classes"]} classes'
+    of_all = f' of {len(classes)}' if stats['classes'] != len(classes) else ''
+    print(f'{args.out}: {stats["images"]} images, {stats["classes"]}{of_all} classes'
           f'{skipped_note}, {stats["bytes"] / 1e6:.1f} MB, {stats["img_per_s"]:.0f} img/s '
           f'({stats["seconds"]:.1f} s); classes in {class_list_path(args.out)}')
     if stats['skipped']:
@@ -172,6 +173,7 @@ def verify(path) -> int:
     return 0
 
 
+@one_line_warnings('write')
 def cli(argv=None) -> int:
     """The command line (``argv``, default ``sys.argv[1:]``): returns the exit status, with a
     one-line message instead of a traceback for expected failures (missing folders, bad images

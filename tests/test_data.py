@@ -183,6 +183,23 @@ def test_write_beton_cli(tmp_path):
                               '--split', 'train'], cwd=REPO, env=run_env(), capture_output=True,
                              text=True, timeout=300)
     assert missing.returncode != 0 and 'nowhere' in missing.stderr
+    # the converter's warnings are one line each, naming the command (they were Python's
+    # 'path/sources.py:272: UserWarning: ...' followed by a line of its source code)
+    tree = tmp_path / 'own' / 'train'
+    for name in ('a', 'b'):
+        (tree / name).mkdir(parents=True)
+    for src in sorted((SAMPLE / 'val' / 'n01440764').glob('*.JPEG'))[:2]:
+        (tree / 'a' / src.name).write_bytes(src.read_bytes())
+    (tree / 'a' / 'notes.txt').write_text('not an image')
+    own = subprocess.run([PYTHON, 'write_beton.py', '--data-dir', str(tree.parent), '--split',
+                          'train', '--max-res', '32', '--out', str(tmp_path / 'own.beton')],
+                         cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=300)
+    assert own.returncode == 0, own.stderr
+    assert ': 2 images, 1 of 2 classes, 0 skipped' in own.stdout
+    warned = [line for line in own.stderr.splitlines() if 'warning' in line.lower()]
+    assert [line.split(':')[:2] for line in warned] == [['write_beton.py', ' warning']] * 2
+    assert 'notes.txt' in warned[0] and f'{tree / "b"}; their classes keep' in warned[1]
+    assert 'UserWarning' not in own.stderr and 'return classes' not in own.stderr
 
 
 def test_loaders_on_cpu(sample_betons):

@@ -195,22 +195,36 @@ def test_predict_resizes_as_the_runs_decoder(sample_betons, tmp_path, monkeypatc
 
 
 @pytest.mark.slow
-def test_predict_names_a_bad_image_and_a_missing_class_list(short_run, tmp_path):
-    """A file that is not an image, and a folder, among images: named on stderr, exit 1, the
-    images' classes printed (nothing was printed before: the first bad file ended the command);
-    --top below 1 is refused."""
+def test_predict_names_a_bad_image_and_a_missing_class_list(short_run, tmp_path, monkeypatch):
+    """A file that is not an image, a folder and a missing file among images: each named on
+    stderr as what it is, exit 1, the images' classes printed (nothing was printed before: the
+    first bad file ended the command); --top below 1 is refused. An error of PIL's that is no
+    OSError or ValueError (its plugins raise SyntaxError, EOFError, ...; and
+    DecompressionBombError stopped the command with a traceback) is named the same way."""
     summary, cfg = short_run
     bad = tmp_path / 'bad.jpg'
     bad.write_bytes(b'not a jpeg')
     good = [str(p) for p in sorted((SAMPLE / 'val').glob('*/*.JPEG'))[:2]]
-    proc = subprocess.run([sys.executable, 'predict.py', good[0], str(bad), str(tmp_path), good[1],
-                           '--weights', str(Path(summary['run_dir']) / 'final_weights.pt')],
+    final = Path(summary['run_dir']) / 'final_weights.pt'
+    proc = subprocess.run([sys.executable, 'predict.py', good[0], str(bad), str(tmp_path),
+                           str(tmp_path / 'gone.jpg'), good[1], '--weights', str(final)],
                           cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 1 and 'bad.jpg: cannot decode' in proc.stderr
-    assert f'{tmp_path}: cannot decode the image ([Errno 21] Is a directory' in proc.stderr
+    assert proc.returncode == 1 and f'predict.py: {bad}: cannot decode' in proc.stderr
+    assert f'{tmp_path}: a folder, not an image; give the images in it ({tmp_path}/*)' in proc.stderr
+    assert f'{tmp_path / "gone.jpg"}: no such file' in proc.stderr
     printed = proc.stdout.splitlines()
     assert [line for line in printed if 'score =' not in line] == good
     assert len(printed) == 2 + 2 * 5
+    load_image = predict.load_image
+
+    def pil_failing_on_the_first(path, max_res):
+        if path == good[0]:
+            raise SyntaxError('broken')  # as PIL's PNG plugin does for a broken file
+        return load_image(path, max_res)
+    monkeypatch.setattr(predict, 'load_image', pil_failing_on_the_first)
+    results = predict.predict([good[0], good[1]], weights=final, max_res=64)
+    assert isinstance(results[0], ValueError) and len(results[1]) == 5
+    assert str(results[0]) == f'{good[0]}: cannot decode the image (broken)'
     with pytest.raises(SystemExit):
         predict.cli([good[0], '--weights', 'any.pt', '--top', '0'])
     import shutil
