@@ -6,7 +6,7 @@
 # make carry: .carry/ (ffcv, our JPEG decoder library, the check's images) for an offline GPU machine.
 # make gpu-check: the one-shot CUDA check (benchmarks/gpu_check.sh; bench-results/gpu.md, gpu.csv).
 # make gpu-speed: the GPU speed measurement (benchmarks/gpu_speed.sh; bench-results/gpu_speed.md, .csv).
-# Both first install what is missing: the system packages ffcv and our JPEG region decoder build
+# demo, test, bench and carry first install what is missing (gpu-check and gpu-speed do not): the system packages ffcv and our JPEG region decoder build
 # against, then .venv with the pins of requirements.txt and the package itself (pip install -e .,
 # which builds the decoder; again whenever jpeg_region.c or the packaging files change).
 PYTHON ?= python3

@@ -115,8 +115,9 @@ def _data_and_model_sections(section) -> None:
                                "the checkpoint wins on --resume. With training.eval_only=1: the "
                                "weights to evaluate. '': random initialisation", default=''),
             reset_head=Param(int, 'with model.weights: 1: the classifier (last Linear layer) '
-                                  'starts newly initialised; 0: loaded, unless the class count '
-                                  'differs (then new, with a message)', default=0))
+                                  'starts newly initialised; 0: loaded, unless the file has none, '
+                                  'its class count differs or its saved class list names other '
+                                  'wnids (then new, with a message)', default=0))
     section('resolution', 'progressive resizing of training crops (pixels, epochs)',
             min_res=Param(int, 'side of training crops until start_ramp (px)', default=160),
             max_res=Param(int, 'side of training crops from end_ramp on (px)', default=192),
@@ -229,7 +230,8 @@ def _checkpoint_sections(section) -> None:
             every_iters=Param(int, 'also write a checkpoint every this many iterations within an '
                                    'epoch; 0: only at the end of each epoch', default=0),
             force=Param(int, '1: resume even if the config changes the schedule (epochs, LR, '
-                             'resolution, batch, model, seed)', default=0),
+                             'resolution, batch, world size, model, seed); another optimizer or '
+                             'bn_wd is refused even so', default=0),
             keep_best=Param(int, '1: RUN_DIR/best_weights.pt holds the weights of the epoch with '
                                  'the best validation top-1 so far', default=0),
             keep_last=Param(int, 'also keep the checkpoints of the last N epochs as '

@@ -15,8 +15,9 @@ Where it writes, in the run folder ``folder``:
 Tags, one place for their names (the keys are the caller's, e.g. ``loss``, ``lr``, ``img_per_s``;
 ``top_1``, ``top_5``, ``val_loss``):
 
-- ``train/<key>``: :meth:`LiveLog.train_scalars`, at step = the global iteration (optimizer steps
-  since the run's first start, counting across resumes);
+- ``train/<key>``: :meth:`LiveLog.train_scalars`, at step = the global iteration (batches since
+  the run's first start, counting across resumes: optimizer steps times
+  ``training.grad_accum_steps``);
 - ``val/<key>``: :meth:`LiveLog.epoch_scalars`; TensorBoard's step is the epoch (0-based), W&B's is
   the global iteration, with the epoch as the metric ``epoch`` (W&B has one step axis, see below);
 - ``config`` (TensorBoard text): the resolved config as a JSON code block, written once, when the

@@ -161,6 +161,18 @@ def test_sigterm_sets_the_stop_flag_and_handlers_are_restored():
     assert signal.getsignal(signal.SIGTERM) is before
 
 
+def test_ctrl_c_sets_the_stop_flag_and_a_second_one_abandons_at_once():
+    """The first Ctrl-C (SIGINT) is a stop request as SIGTERM is (the run ends after its step,
+    with a checkpoint, exit 130); a second raises KeyboardInterrupt at once."""
+    before = signal.getsignal(signal.SIGINT)
+    with signals.StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop and stop.exit_code == 130 and stop.name == 'SIGINT'
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 class NaNAt(nn.Module):
     """Cross-entropy, except NaN at call number ``at`` (0-based)."""
 

@@ -112,6 +112,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_143(sample_betons, tmp_path):
     assert (state['epoch'], state['iteration']) == (1, 6)
     assert [r['epoch'] for r in log_of(run_dir)] == [0]
     assert not (run_dir / 'final_weights.pt').exists()
+    assert not (run_dir / 'lock').exists()  # removed on the way out, as at a run's end
 
 
 def test_resuming_with_a_different_schedule_is_refused_unless_forced(sample_betons, tmp_path):
