@@ -6,6 +6,7 @@ of the wnid folder in the sorted list of the *train* split's folders. The val sp
 the same map, so a val split that lacks a class, or lists its folders in another order, keeps the
 train indices. Every layout gives the same classes, labels and order for the same images.
 """
+import hashlib
 import os
 import re
 import unicodedata
@@ -254,6 +255,27 @@ def detect_layout(root) -> str:
         f'(raw ILSVRC-2012 tars); set --data-dir')
 
 
+def held_out(samples: list, fraction: float, split: str) -> list:
+    """The part of a train split's ``samples`` (``(path, label)``) that ``split`` takes when a share
+    ``fraction`` (0 < fraction < 1) of each class is held out as a validation split: 'val' the
+    held-out images, 'train' the others, in the order of ``samples``. Each class holds out
+    ``round(fraction * n)`` of its n images, at least one when it has two or more; which ones is
+    fixed by a hash (SHA-1) of their file names, so the two splits never share an image, the
+    same files are held out on every machine and in every layout, and adding images to a class
+    moves few of the others."""
+    by_class = {}
+    for i, (path, label) in enumerate(samples):
+        by_class.setdefault(label, []).append(i)
+    chosen = set()
+    for members in by_class.values():
+        count = max(1, round(fraction * len(members))) if len(members) > 1 else 0
+        ranked = sorted(members, key=lambda i: (hashlib.sha1(
+            os.path.basename(str(samples[i][0])).encode('utf-8', 'surrogateescape')).digest(),
+            str(samples[i][0])))
+        chosen.update(ranked[:count])
+    return [s for i, s in enumerate(samples) if (i in chosen) == (split == 'val')]
+
+
 def load_split(root, split: str, layout: str = 'auto'):
     """``(classes, samples, names)`` of a split in any layout: ``classes`` the sorted train wnids
     (index = class), ``samples`` ``(path or tar reference, label)`` ordered by class then file
@@ -269,6 +291,13 @@ def load_split(root, split: str, layout: str = 'auto'):
                                     f'list comes from it), but {TRAIN_TAR} is here: --layout '
                                     f'tars reads the tars in place')
         classes = find_classes(root / 'train')
+        if split == 'val' and not (root / 'val').is_dir():
+            other = [name for name in ('valid', 'validation', 'test') if (root / name).is_dir()]
+            raise FileNotFoundError(
+                f'{root / "val"}: val split folder not found; ' +
+                (f'rename {root / other[0]} to val, or ' if other else '') +
+                'hold out part of train/ as the val split: --holdout 0.1 with --split val and '
+                'the same --holdout with --split train')
         return classes, list_samples(root / split, classes), {}
     names = ilsvrc.synset_mapping_names(root)
     if layout == 'kaggle':

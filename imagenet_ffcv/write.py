@@ -10,7 +10,8 @@ default it is detected.
 Each image is resized so its shorter side is at most --max-res pixels (aspect ratio kept, never
 upscaled), the role of the classic `convert -resize "256^>"` step. Class i is the i-th wnid folder of
 the sorted *train* split, for both splits; the class list is written beside the .beton
-(train_256.beton -> train_256.classes.tsv).
+(train_256.beton -> train_256.classes.tsv). A data set without val/ can hold out a share of each
+class of train/ as its val split (--holdout 0.1, given for both splits).
 
 Files that cannot be decoded (truncated, empty, not an image, unreadable) are skipped and listed
 with the reason in NAME.skipped.tsv beside the .beton; --strict makes any of them an error (nothing
@@ -34,7 +35,7 @@ from .commands import command_name, one_line_warnings
 from .images import DEFAULT_RESTART_INTERVAL
 from .ilsvrc import KAGGLE_DIR
 from .signals import Terminated, end_by_sigint, sigterm_raises
-from .sources import LAYOUTS, load_split
+from .sources import LAYOUTS, held_out, load_split
 from .verify import CorruptBetonError, verify_beton
 from .writer import UnreadableImagesError, write_beton
 
@@ -73,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
                         '(default 0.5)')
     p.add_argument('--num-workers', type=int, default=0,
                    help='processes (default: the cores this process may use)')
+    p.add_argument('--holdout', type=float, default=0, metavar='F',
+                   help='for a data set without val/: hold out a share F of each class\'s train '
+                        'images as the val split (--split val writes them, --split train the '
+                        'others; give the same F to both). The same images every time (by a '
+                        'hash of their file names). 0: off (default)')
     p.add_argument('--subset', type=int, default=0,
                    help='write a random N images (seed 0) instead of all, e.g. for a quick trial '
                         '(0: all)')
@@ -101,6 +107,9 @@ def parse_args(argv):
         p.error(f'--restart-interval {args.restart_interval}: must be >= 0 (0: no markers)')
     if not 1 <= args.jpeg_quality <= 100:
         p.error(f'--jpeg-quality {args.jpeg_quality}: must lie in [1, 100]')
+    if not 0 <= args.holdout < 1:
+        p.error(f'--holdout {args.holdout}: must lie in [0, 1) (0: off; 0.1: a tenth of each '
+                'class)')
     if args.subset < 0:
         p.error(f'--subset {args.subset}: must be >= 1 (or 0: all the images)')
     if not 0 <= args.compress_probability <= 1:
@@ -125,7 +134,11 @@ def check_out_outside_inputs(out, data_dir) -> None:
 def main(args) -> dict:
     """Write the .beton and its class list; returns the writer's stats plus 'classes'."""
     check_out_outside_inputs(args.out, args.data_dir)
-    classes, samples, names = load_split(Path(args.data_dir), args.split, args.layout)
+    if args.holdout:  # both splits come from train/
+        classes, samples, names = load_split(Path(args.data_dir), 'train', args.layout)
+        samples = held_out(samples, args.holdout, args.split)
+    else:
+        classes, samples, names = load_split(Path(args.data_dir), args.split, args.layout)
     if args.subset:
         keep = np.random.default_rng(0).choice(len(samples), min(args.subset, len(samples)),
                                                replace=False)

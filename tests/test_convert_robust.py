@@ -1225,3 +1225,35 @@ def test_out_ending_in_a_slash_is_a_folder_and_a_full_disk_names_the_file(tmp_pa
     thread.start()
     thread.join()
     assert results == [0]  # the file kept as it was reads back whole
+
+def test_a_data_set_without_val_holds_out_a_share_of_each_train_class(tmp_path, capsys):
+    """A data set of class folders with train/ only (common outside ImageNet) had no way to a val
+    split. --holdout F makes one of a share F of each train class, the same for both commands,
+    so the two splits never share an image; --split val without it names --holdout (and a
+    valid/ folder, if there is one)."""
+    data = tmp_path / 'data'
+    small_split(data, 41)  # n00: 21 images, n01: 20
+    (data / 'train' / 'n02').mkdir()
+    os.link(data / 'values' / '0.png', data / 'train' / 'n02' / 'only.png')
+    args = ['--data-dir', str(data), '--max-res', '32', '--num-workers', '1']
+    assert write.cli(args + ['--split', 'val', '--out', str(tmp_path / 'v.beton')]) == 1
+    assert ('val split folder not found; hold out part of train/ as the val split: --holdout 0.1 '
+            'with --split val') in capsys.readouterr().err
+    (data / 'valid').mkdir()
+    assert write.cli(args + ['--split', 'val', '--out', str(tmp_path / 'v.beton')]) == 1
+    assert f'rename {data / "valid"} to val, or hold out' in capsys.readouterr().err
+    for split in ('train', 'val'):
+        assert write.cli(args + ['--split', split, '--holdout', '0.1',
+                                 '--out', str(tmp_path / f'{split}.beton')]) == 0
+    val_labels = verify.records(tmp_path / 'val.beton')['label'].tolist()
+    train_labels = verify.records(tmp_path / 'train.beton')['label'].tolist()
+    assert val_labels == [0, 0, 1, 1]  # round(0.1 x 21), round(0.1 x 20); none of a lone image
+    assert train_labels == [0] * 19 + [1] * 18 + [2]
+    classes = sources.find_classes(data / 'train')
+    samples = sources.list_samples(data / 'train', classes)
+    val, train = (sources.held_out(samples, 0.1, split) for split in ('val', 'train'))
+    assert not set(val) & set(train) and sorted(val + train) == sorted(samples)
+    assert train == [s for s in samples if s not in val]  # the order of samples kept
+    assert sources.held_out(samples[::-1], 0.1, 'val') == val[::-1]  # by name, not position
+    with pytest.raises(SystemExit):
+        write.cli(args + ['--split', 'val', '--holdout', '1'])
