@@ -9,6 +9,7 @@ config and class list in its metadata, so the file alone rebuilds the model.
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import safetensors
 import safetensors.torch
@@ -18,7 +19,7 @@ from .checkpoint import CheckpointError, check_format, is_checkpoint, safe_torch
 from .classes import class_list_path, read_class_list, read_class_names, wnid_names
 from .config import saved_eval_kwargs, saved_model_kwargs
 from .files import atomic_path
-from .models import build_model
+from .models import BlurPoolConv2d, build_model
 
 SAFETENSORS_FORMAT = 'imagenet_ffcv final weights'  # the metadata's 'format': config and classes
 
@@ -148,9 +149,21 @@ def mismatch(state: dict, own: dict, ignore=frozenset()) -> str:
             f'{wrong_shape[:5] or "none"}')
 
 
-def load_weights(path):
+class Weights(NamedTuple):
+    """What :func:`load_weights` reads: ``state`` the state dict (torchvision's keys),
+    ``config`` the run's resolved config and ``classes`` ``[(wnid, name), ...]`` (each None when
+    the file has none), ``blurpool`` whether they were trained with BlurPool: the config's
+    ``training.use_blurpool``, else True for ffcv-imagenet's files (their BlurPool filters are
+    saved), else None (unknown: torchvision's and timm's weights, trained without, look alike)."""
+    state: dict
+    config: dict
+    classes: list
+    blurpool: bool = None
+
+
+def load_weights(path) -> Weights:
     """The model weights in ``path``, the config they were trained with and the class list, for
-    evaluation and prediction: ``(state_dict, config, classes)``. ``path`` is a checkpoint (config
+    evaluation and prediction (:class:`Weights`). ``path`` is a checkpoint (config
     and classes inside), a ``final_weights.pt`` (config from the ``params.json`` and classes from
     the ``classes.tsv`` beside it, each None when absent) or a ``final_weights.safetensors``
     (both in its metadata when :func:`save_final_weights` wrote it, else beside it). ``classes``:
@@ -172,17 +185,25 @@ def load_weights(path):
         content = safe_torch_load(path, 'weights file')
         if is_checkpoint(content):
             check_format(content, path)
-            return (_state_dict_in(content.get('model'), path),
-                    checked_config(content.get('config'), path),
-                    checked_classes(content.get('classes'), path))
+            return _with_blurpool(_state_dict_in(content.get('model'), path),
+                                  checked_config(content.get('config'), path),
+                                  checked_classes(content.get('classes'), path))
         state = _state_dict_in(content, path)
+    blur_filters = any(k.endswith(BLUR_FILTER) for k in state)
     state = unwrapped(state)
     params, class_list = path.with_name('params.json'), path.with_name('classes.tsv')
     if config is None and params.is_file():
         config = checked_config(_parsed_json(params.read_text(), str(params)), params)
     if classes is None and class_list.is_file():
         classes = read_class_names(class_list)
-    return state, config, classes
+    return _with_blurpool(state, config, classes, blur_filters or None)
+
+
+def _with_blurpool(state, config, classes, blurpool=None) -> Weights:
+    """:class:`Weights`, with ``blurpool`` from ``config`` when there is one."""
+    if config:
+        blurpool = saved_model_kwargs(config)['use_blurpool']
+    return Weights(state, config, classes, blurpool)
 
 
 # Where other tools' checkpoints keep the model's state dict (pytorch/examples' and timm's
@@ -241,12 +262,14 @@ def load_model(path, *, num_classes: int = None, beton=None, arch: str = 'resnet
     FileNotFoundError when ``num_classes`` is None, no class list is saved with the weights and
     their classifier has not 1,000 outputs.
     """
-    state, saved_config, classes = load_weights(path)
+    state, saved_config, classes, blurpool = load_weights(path)
     if beton is not None:
         check_classes(path, classes, beton)
     structure = {'arch': arch, 'use_blurpool': use_blurpool, 'channels_last': channels_last}
     if saved_config:
         structure = saved_model_kwargs(saved_config)
+    elif blurpool:  # ffcv-imagenet's BlurPool filters are in the file
+        structure['use_blurpool'] = True
     ilsvrc = num_classes is None and not classes and _outputs(state, structure['arch']) == 1000
     if num_classes is None and not (classes or ilsvrc):
         raise FileNotFoundError(f'no class list for {path}: none saved with it and no '
@@ -264,7 +287,9 @@ def load_model(path, *, num_classes: int = None, beton=None, arch: str = 'resnet
     model.load_state_dict(state)
     assumed = '' if saved_config else (
         f'note: no config saved with {path}: built as {structure["arch"]} with BlurPool '
-        f'{"on" if structure["use_blurpool"] else "off"}; if it was trained otherwise, say so')
+        + ('on, as the BlurPool filters saved in it say; if it is another arch, say so'
+           if blurpool else f'{"on" if structure["use_blurpool"] else "off"}; if it was trained '
+                            f'otherwise, say so'))
     return SavedModel(model=model, config=saved_config, classes=classes, arch=structure['arch'],
                       assumed=assumed, ilsvrc_classes=ilsvrc)
 
@@ -314,9 +339,12 @@ def init_from(model: torch.nn.Module, path, *, reset_head: bool, class_list=None
     the file has none (a backbone), when its shape in the file differs (another class count), or
     when the class list saved with the weights names other wnids than ``class_list`` (the
     dataset's classes.tsv; not compared when either is missing). Returns a line saying what was
-    loaded. Raises CheckpointError naming the file and the keys when any other weight is missing,
-    extra or of another shape (another architecture)."""
-    state, _, saved = load_weights(path)
+    loaded, with a note when ``model`` has BlurPool (``models.BlurPoolConv2d``) and the weights
+    were not or may not have been trained with it (torchvision's and timm's are not: BlurPool
+    then changes what every strided conv sees), or the other way round. Raises CheckpointError
+    naming the file and the keys when any other weight is missing, extra or of another shape
+    (another architecture)."""
+    state, _, saved, trained_blurred = load_weights(path)
     own, head = model.state_dict(), classifier_keys(model)
     ours = read_class_list(class_list) if class_list and Path(class_list).is_file() else None
     why = ('as asked' if reset_head else
@@ -331,4 +359,22 @@ def init_from(model: torch.nn.Module, path, *, reset_head: bool, class_list=None
             f'{path}: the weights do not fit this model (another architecture?): {problems}')
     model.load_state_dict({k: v for k, v in state.items() if k not in reset}, strict=False)
     return (f"=> started from {path} ({len(state.keys() - reset)} tensors)" +
-            (f'; classifier {", ".join(sorted(reset))} newly initialised ({why})' if reset else ''))
+            (f'; classifier {", ".join(sorted(reset))} newly initialised ({why})' if reset else '')
+            + _blurpool_note(model, trained_blurred))
+
+
+def _blurpool_note(model: torch.nn.Module, trained_blurred) -> str:
+    """A line for :func:`init_from` when ``model``'s BlurPool differs from the weights'
+    (``trained_blurred``, :attr:`Weights.blurpool`), or may (unknown, and the model has it); ''
+    otherwise."""
+    blurred = any(isinstance(m, BlurPoolConv2d) for m in model.modules())
+    if trained_blurred is None and blurred:
+        return ('\nnote: this model has BlurPool (training.use_blurpool=1) and the weights file '
+                'saves no config (torchvision\'s and timm\'s weights were trained without it): '
+                'to fine-tune such weights as they were trained, set --training.use_blurpool=0')
+    if trained_blurred is not None and trained_blurred != blurred:
+        was = 'on' if trained_blurred else 'off'
+        return (f'\nnote: the weights were trained with BlurPool {was} and this model has it '
+                f'{"on" if blurred else "off"}: to fine-tune them as they were trained, set '
+                f'--training.use_blurpool={int(trained_blurred)}')
+    return ''

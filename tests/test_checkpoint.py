@@ -432,7 +432,7 @@ def test_final_weights_as_safetensors_carry_config_and_classes(tmp_path):
     assert safe == tmp_path / 'final_weights.safetensors'
     assert sorted(p.name for p in tmp_path.iterdir()) == ['final_weights.pt',
                                                           'final_weights.safetensors']
-    state, saved_config, saved_classes = weights.load_weights(safe)
+    state, saved_config, saved_classes, _ = weights.load_weights(safe)
     assert saved_config == config and saved_classes == classes
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert safe.read_bytes()[8:9] == b'{'  # a JSON header, no pickle
@@ -469,7 +469,7 @@ def test_metadata_of_safetensors_not_written_by_this_tool_is_not_used(tmp_path):
     path = tmp_path / 'other.safetensors'
     safetensors.torch.save_file(nn.Linear(4, 2).state_dict(), str(path),
                                 metadata={'config': '{"foo": 1}', 'classes': '[1, 2]'})
-    state, config, classes = weights.load_weights(path)
+    state, config, classes, _ = weights.load_weights(path)
     assert (config, classes) == (None, None) and state.keys() == {'weight', 'bias'}
 
 

@@ -38,6 +38,11 @@ def test_a_torchvision_state_dict_of_another_class_count_loads_all_but_the_class
     message = weights.init_from(model, tmp_path / 'resnet18.pt', reset_head=False)
     assert 'classifier fc.bias, fc.weight newly initialised (the class count differs)' in message
     assert_loaded(model, source, head_from_file=False, fresh_head=fresh)
+    # the model has BlurPool, the file does not say how it was trained (torchvision's never had)
+    assert message.endswith('to fine-tune such weights as they were trained, set '
+                            '--training.use_blurpool=0')
+    assert 'note' not in weights.init_from(resnet18(5, seed=0), tmp_path / 'resnet18.pt',
+                                           reset_head=False)  # no BlurPool: nothing to say
 
 
 def test_our_safetensors_with_the_same_class_count_loads_the_classifier_unless_reset(tmp_path):
@@ -99,8 +104,19 @@ def test_ffcv_imagenets_blurpool_weights_load_for_eval_predict_and_finetuning(tm
                                channels_last=False)
     assert_loaded(saved.model, source, head_from_file=True)
     model = build_model(arch='resnet18', num_classes=10, use_blurpool=True, channels_last=False)
-    weights.init_from(model, path, reset_head=False)
+    assert 'note' not in weights.init_from(model, path, reset_head=False)
     assert_loaded(model, source, head_from_file=True)
+    # the saved filters say BlurPool was on: eval-only and predict build it so even when told
+    # otherwise (evaluated without it, the weights lose accuracy without a word), and
+    # fine-tuning a model without it says so
+    saved = weights.load_model(path, num_classes=10, arch='resnet18', use_blurpool=False,
+                               channels_last=False)
+    assert any(isinstance(m, BlurPoolConv2d) for m in saved.model.modules())
+    assert 'with BlurPool on, as the BlurPool filters saved in it say' in saved.assumed
+    message = weights.init_from(resnet18(10, seed=1), path, reset_head=False)
+    assert message.endswith('the weights were trained with BlurPool on and this model has it '
+                            'off: to fine-tune them as they were trained, set '
+                            '--training.use_blurpool=1')
 
 
 @pytest.mark.parametrize('wrapper', ['state_dict', 'model', 'model_state_dict', 'ema'])
