@@ -30,7 +30,8 @@ def find_classes(train_dir) -> list:
     ``<wnid>.tar`` without a folder ``<wnid>`` (a class of ImageNet's train tar not extracted):
     were it a class folder, every class after it would take the index before its own. (Other
     files beside the class folders are named in :func:`list_samples`'s warning.) ValueError also
-    for a class folder whose name the class list cannot hold (:func:`_check_class_names`).
+    for a class folder whose name the class list cannot hold (:func:`_check_class_names`); a
+    warning for a single class folder.
     """
     train_dir = Path(train_dir)
     if not train_dir.is_dir():
@@ -55,6 +56,10 @@ def find_classes(train_dir) -> list:
         _raise_if_flat(train_dir)
         raise ValueError(f'{train_dir}: no class folders (expected {train_dir}/<wnid>/*.JPEG)')
     _check_class_names(train_dir, classes)
+    if len(classes) == 1:
+        warnings.warn(f'{train_dir}: one class folder ({classes[0]}): a classifier of one class '
+                      f'learns nothing (every prediction is right); put each class in a folder of '
+                      f'its own', stacklevel=2)
     return classes
 
 

@@ -307,6 +307,9 @@ def test_class_names_the_class_list_cannot_hold_are_refused_before_any_work(tmp_
     (tmp_path / 'data' / 'val' / 'cafe\u0301').mkdir(parents=True)  # NFD, as macOS writes it
     classes = sources.find_classes(train)
     assert classes == ['caf\u00e9', 'café ☕']
+    (tmp_path / 'solo' / 'only').mkdir(parents=True)
+    with pytest.warns(UserWarning, match=r'one class folder \(only\): a classifier of one class'):
+        assert sources.find_classes(tmp_path / 'solo') == ['only']
     with pytest.raises(ValueError, match=r"'cafe\\u0301' differ from a train folder only in how "
                                          'Unicode writes their accents'):
         sources.list_samples(tmp_path / 'data' / 'val', classes)
