@@ -283,7 +283,10 @@ def load_model(path, *, num_classes: int = None, beton=None, arch: str = 'resnet
     problems = mismatch(state, model.state_dict())
     if problems:
         raise CheckpointError(f'{path}: the weights do not fit {structure["arch"]} with '
-                              f'{num_classes} classes: {problems}')
+                              f'{num_classes} classes: {problems}' + ('' if saved_config else
+                              f' ({structure["arch"]} assumed: no config is saved with the '
+                              f'weights; name their arch: predict --arch, eval-only '
+                              f'--model.arch)'))
     model.load_state_dict(state)
     assumed = '' if saved_config else (
         f'note: no config saved with {path}: built as {structure["arch"]} with BlurPool '

@@ -222,6 +222,8 @@ def test_weights_that_do_not_fit_for_eval_are_refused_naming_the_keys(tmp_path):
         f"{tmp_path / 'resnet34.pt'}: the weights do not fit resnet18 with 10 classes: missing "
         "['layer1.0.bn1.running_mean'], unexpected ['layer1.2.bn1.bias', ")
     assert "other shapes ['fc.bias', 'fc.weight']" in str(info.value)
+    assert str(info.value).endswith('(resnet18 assumed: no config is saved with the weights; name '
+                                    'their arch: predict --arch, eval-only --model.arch)')
 
 
 def test_training_starts_from_model_weights(sample_betons, tmp_path):
