@@ -21,10 +21,11 @@ def command_name(module: str) -> str:
 
 
 def one_line_warnings(module: str):
-    """Decorator of a command's ``cli``: while it runs, the package's warnings print as one line,
-    ``<command>: warning: <message>`` (:func:`command_name`), instead of Python's
-    ``/path/sources.py:272: UserWarning: <message>`` followed by a line of our source code; other
-    libraries' warnings print as Python prints them."""
+    """Decorator of a command's ``cli``: while it runs, warnings that Python attributes to the
+    package's code print as one line, ``<command>: warning: <message>`` (:func:`command_name`),
+    instead of ``/path/sources.py:272: UserWarning: <message>`` followed by a line of our source
+    code. Those are the package's own, and another library's whose ``stacklevel`` points at the
+    package's call; other warnings print as Python prints them."""
     def decorate(cli):
         @functools.wraps(cli)
         def wrapped(*args, **kwargs):

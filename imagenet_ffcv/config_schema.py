@@ -57,6 +57,26 @@ def markdown() -> str:
     return '\n'.join(lines) + '\n'
 
 
+# Keys that modules outside the config readers name in their advice (weights.py).
+ARCH_KEY, BLURPOOL_KEY = 'model.arch', 'training.use_blurpool'
+
+
+def nested_ffcv_imagenet_params(params):
+    """The resolved config (``{'section': {'key': value}}``, as our runs save it) of a run of
+    ffcv-imagenet, whose params.json holds fastargs' flat keys (``{'model.arch': 'resnet50',
+    'training.use_blurpool': 1, ...}``, all keys of this schema): its values over this schema's
+    defaults, with ``data.decoder`` 'ffcv' (the only decoder it has). Anything else (our own
+    params.json, which is nested) is returned as it is."""
+    if not (isinstance(params, dict) and params
+            and all(isinstance(k, str) and '.' in k for k in params)):
+        return params
+    nested = {}
+    for key, value in {**defaults(), 'data.decoder': 'ffcv', **params}.items():
+        section, _, name = key.partition('.')
+        nested.setdefault(section, {})[name] = value
+    return nested
+
+
 def defaults() -> dict:
     """``{'section.key': default}`` for every key of the schema (None where a key is required)."""
     return {'.'.join(path): param.default for path, param in declared().entries.items()}

@@ -175,6 +175,13 @@ def tar_ref(tar_path, name, offset, size) -> str:
     return f'{tar_path}{TAR_REF_SEP}{name}@{offset}+{size}'
 
 
+def sample_file_name(path) -> str:
+    """The file name of a sample: a tar member's own (``n01440764_10026.JPEG`` of
+    :func:`tar_ref`'s reference), else the file's: the same for the same image in every layout."""
+    ref = TAR_REF.fullmatch(str(path))
+    return os.path.basename(ref['member'] if ref else str(path))
+
+
 def train_tar_classes(root, split: str = 'train') -> list:
     """The sorted wnids of the per-class tars in ``root``'s ILSVRC2012_img_train.tar (the class
     list of both splits). For the val split without that file (138 GB, not needed to evaluate):

@@ -91,7 +91,7 @@ def region_decoder():
         try:
             _decode_region_c = c_function('decode_region')
         except JpegLibraryError as e:
-            warnings.warn(f'{e}\nfalling back to decoding whole JPEGs with ffcv (slower)',
+            warnings.warn(f'{e}; falling back to decoding whole JPEGs with ffcv (slower)',
                           stacklevel=2)
             _decode_region_c = False
     return _decode_region_c or None

@@ -37,11 +37,19 @@ class BlurPoolConv2d(nn.Conv2d):
         return super().forward(blurred)
 
 
+def takes_blurpool(module: nn.Module) -> bool:
+    """Whether :func:`apply_blurpool` makes ``module`` a :class:`BlurPoolConv2d`, or made it one:
+    a plain ``nn.Conv2d`` (not a subclass such as timm's ``Conv2dSame``) with stride > 1 and at
+    least 16 input channels."""
+    return (type(module) in (nn.Conv2d, BlurPoolConv2d) and max(module.stride) > 1
+            and module.in_channels >= 16)
+
+
 def apply_blurpool(model: nn.Module) -> nn.Module:
-    """Replace, in place, each ``nn.Conv2d`` with stride > 1 and >= 16 input channels by a
+    """Replace, in place, each ``nn.Conv2d`` that :func:`takes_blurpool` by a
     :class:`BlurPoolConv2d` sharing its parameters. Returns ``model``."""
     for name, child in model.named_children():
-        if (type(child) is nn.Conv2d and max(child.stride) > 1 and child.in_channels >= 16):
+        if type(child) is nn.Conv2d and takes_blurpool(child):
             setattr(model, name, BlurPoolConv2d(child))
         else:
             apply_blurpool(child)

@@ -7,6 +7,7 @@ the same map, so a val split that lacks a class, or lists its folders in another
 train indices. Every layout gives the same classes, labels and order for the same images.
 """
 import hashlib
+import math
 import os
 import re
 import unicodedata
@@ -263,20 +264,21 @@ def detect_layout(root) -> str:
 def held_out(samples: list, fraction: float, split: str) -> list:
     """The part of a train split's ``samples`` (``(path, label)``) that ``split`` takes when a share
     ``fraction`` (0 < fraction < 1) of each class is held out as a validation split: 'val' the
-    held-out images, 'train' the others, in the order of ``samples``. Each class holds out
-    ``round(fraction * n)`` of its n images, at least one when it has two or more; which ones is
-    fixed by a hash (SHA-1) of their file names, so the two splits never share an image, the
-    same files are held out on every machine and in every layout, and adding images to a class
-    moves few of the others."""
+    held-out images, 'train' the others, in the order of ``samples``. Each class of n >= 2
+    images holds out ``fraction * n`` of them rounded half up, at least one and at most n - 1 (a
+    class of one image stays in train); which ones is fixed by a hash (SHA-1) of their file names
+    (``ilsvrc.sample_file_name``), so the two splits never share an image, the same files are
+    held out on every machine and in every layout, and adding images to a class moves few of the
+    others."""
     by_class = {}
     for i, (path, label) in enumerate(samples):
         by_class.setdefault(label, []).append(i)
     chosen = set()
     for members in by_class.values():
-        count = max(1, round(fraction * len(members))) if len(members) > 1 else 0
-        ranked = sorted(members, key=lambda i: (hashlib.sha1(
-            os.path.basename(str(samples[i][0])).encode('utf-8', 'surrogateescape')).digest(),
-            str(samples[i][0])))
+        n = len(members)
+        count = min(n - 1, max(1, math.floor(fraction * n + 0.5))) if n > 1 else 0
+        ranked = sorted(members, key=lambda i: (hashlib.sha1(ilsvrc.sample_file_name(
+            samples[i][0]).encode('utf-8', 'surrogateescape')).digest(), str(samples[i][0])))
         chosen.update(ranked[:count])
     return [s for i, s in enumerate(samples) if (i in chosen) == (split == 'val')]
 

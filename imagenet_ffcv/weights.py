@@ -18,8 +18,9 @@ import torch
 from .checkpoint import CheckpointError, check_format, is_checkpoint, safe_torch_load, save
 from .classes import class_list_path, read_class_list, read_class_names, wnid_names
 from .config import saved_eval_kwargs, saved_model_kwargs
+from .config_schema import ARCH_KEY, BLURPOOL_KEY, nested_ffcv_imagenet_params
 from .files import atomic_path
-from .models import BlurPoolConv2d, build_model
+from .models import BlurPoolConv2d, build_model, takes_blurpool
 
 SAFETENSORS_FORMAT = 'imagenet_ffcv final weights'  # the metadata's 'format': config and classes
 
@@ -166,7 +167,8 @@ def load_weights(path) -> Weights:
     evaluation and prediction (:class:`Weights`). ``path`` is a checkpoint (config
     and classes inside), a ``final_weights.pt`` (config from the ``params.json`` and classes from
     the ``classes.tsv`` beside it, each None when absent) or a ``final_weights.safetensors``
-    (both in its metadata when :func:`save_final_weights` wrote it, else beside it). ``classes``:
+    (both in its metadata when :func:`save_final_weights` wrote it, else beside it; a params.json
+    of ffcv-imagenet's, in flat keys, is read as ``config_schema.nested_ffcv_imagenet_params``). ``classes``:
     ``[(wnid, name), ...]``. A state dict saved from a DDP or compiled model has its keys' prefix
     removed (:func:`unwrapped`). Nothing in the file can run code (:func:`safe_torch_load`,
     safetensors).
@@ -193,7 +195,8 @@ def load_weights(path) -> Weights:
     state = unwrapped(state)
     params, class_list = path.with_name('params.json'), path.with_name('classes.tsv')
     if config is None and params.is_file():
-        config = checked_config(_parsed_json(params.read_text(), str(params)), params)
+        config = checked_config(nested_ffcv_imagenet_params(
+            _parsed_json(params.read_text(), str(params))), params)
     if classes is None and class_list.is_file():
         classes = read_class_names(class_list)
     return _with_blurpool(state, config, classes, blur_filters or None)
@@ -286,7 +289,7 @@ def load_model(path, *, num_classes: int = None, beton=None, arch: str = 'resnet
                               f'{num_classes} classes: {problems}' + ('' if saved_config else
                               f' ({structure["arch"]} assumed: no config is saved with the '
                               f'weights; name their arch: predict --arch, eval-only '
-                              f'--model.arch)'))
+                              f'--{ARCH_KEY})'))
     model.load_state_dict(state)
     assumed = '' if saved_config else (
         f'note: no config saved with {path}: built as {structure["arch"]} with BlurPool '
@@ -369,15 +372,19 @@ def init_from(model: torch.nn.Module, path, *, reset_head: bool, class_list=None
 def _blurpool_note(model: torch.nn.Module, trained_blurred) -> str:
     """A line for :func:`init_from` when ``model``'s BlurPool differs from the weights'
     (``trained_blurred``, :attr:`Weights.blurpool`), or may (unknown, and the model has it); ''
-    otherwise."""
-    blurred = any(isinstance(m, BlurPoolConv2d) for m in model.modules())
+    otherwise, and for an arch BlurPool changes nothing of (no conv ``models.takes_blurpool``:
+    SqueezeNet, ViTs)."""
+    convs = [m for m in model.modules() if takes_blurpool(m)]
+    if not convs:
+        return ''
+    blurred = any(isinstance(m, BlurPoolConv2d) for m in convs)
     if trained_blurred is None and blurred:
-        return ('\nnote: this model has BlurPool (training.use_blurpool=1) and the weights file '
-                'saves no config (torchvision\'s and timm\'s weights were trained without it): '
-                'to fine-tune such weights as they were trained, set --training.use_blurpool=0')
+        return (f'\nnote: this model has BlurPool ({BLURPOOL_KEY}=1) and the weights file saves '
+                f'no config (torchvision\'s and timm\'s weights were trained without it): to '
+                f'fine-tune such weights as they were trained, set --{BLURPOOL_KEY}=0')
     if trained_blurred is not None and trained_blurred != blurred:
         was = 'on' if trained_blurred else 'off'
         return (f'\nnote: the weights were trained with BlurPool {was} and this model has it '
                 f'{"on" if blurred else "off"}: to fine-tune them as they were trained, set '
-                f'--training.use_blurpool={int(trained_blurred)}')
+                f'--{BLURPOOL_KEY}={int(trained_blurred)}')
     return ''

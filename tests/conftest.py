@@ -53,9 +53,15 @@ PEAK_DISK_MB = 1539
 
 
 def pytest_sessionstart(session):
-    """Stops the run at once, in one line, when the temporary folder's disk has less room than
-    the suite takes (not after hundreds of 'No space left on device' errors)."""
-    folder = tempfile.gettempdir()
+    """Stops a run of whole test folders at once, in one line, when the disk of the folder its
+    tmp_path folders go in has less room than the suite takes (not after hundreds of 'No space
+    left on device' errors). A run of chosen tests (-k, -m, a file) is not checked."""
+    option = session.config.option
+    if option.keyword or option.markexpr or not all(
+            os.path.isdir(arg) for arg in session.config.args):
+        return
+    folder = option.basetemp or os.environ.get('PYTEST_DEBUG_TEMPROOT') or tempfile.gettempdir()
+    folder = os.path.dirname(os.path.abspath(folder)) if option.basetemp else folder
     free_mb = shutil.disk_usage(folder).free // 2**20
     if free_mb < PEAK_DISK_MB:
         pytest.exit(f'the tests write up to {PEAK_DISK_MB} MB under {folder}, whose disk has '

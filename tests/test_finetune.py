@@ -1,5 +1,7 @@
 """Fine-tuning: training that starts from a weights file (model.weights), the classifier new when
 the class count differs or model.reset_head asks (imagenet_ffcv/weights.py: init_from)."""
+import json
+
 import pytest
 import torch
 
@@ -117,6 +119,32 @@ def test_ffcv_imagenets_blurpool_weights_load_for_eval_predict_and_finetuning(tm
     assert message.endswith('the weights were trained with BlurPool on and this model has it '
                             'off: to fine-tune them as they were trained, set '
                             '--training.use_blurpool=1')
+    # in its run folder, beside ffcv-imagenet's params.json (fastargs' flat keys: it was refused
+    # as 'not a resolved config of this tool'), the model is built as that run says
+    run = tmp_path / 'ffcv_imagenet_run'
+    run.mkdir()
+    torch.save(state, run / 'final_weights.pt')
+    (run / 'params.json').write_text(json.dumps({
+        'model.arch': 'resnet18', 'training.use_blurpool': 1, 'validation.resolution': 256,
+        'validation.lr_tta': True, 'data.train_dataset': '/data/train_400_0.50_90.ffcv'}))
+    saved = weights.load_model(run / 'final_weights.pt', num_classes=10, arch='resnet50',
+                               use_blurpool=False)
+    assert saved.arch == 'resnet18' and saved.assumed == ''
+    assert any(isinstance(m, BlurPoolConv2d) for m in saved.model.modules())
+    assert saved.config['validation']['resolution'] == 256
+    assert saved.config['data']['decoder'] == 'ffcv'
+    assert_loaded(saved.model, source, head_from_file=True)
+    # an arch BlurPool changes nothing of (no strided conv of 16 or more input channels), trained
+    # and fine-tuned with use_blurpool=1: no note (it said the model had BlurPool off)
+    squeeze = build_model(arch='squeezenet1_0', num_classes=10, use_blurpool=True,
+                          channels_last=False)
+    run_config = {'model': {'arch': 'squeezenet1_0'}, 'training': {'use_blurpool': 1,
+                  'channels_last': 0}, 'validation': {'resolution': 224, 'lr_tta': 1}}
+    (tmp_path / 'squeeze').mkdir()
+    path = weights.save_final_weights(squeeze.state_dict(), tmp_path / 'squeeze' / 'final.pt',
+                                      config=run_config)
+    assert weights.load_weights(path).blurpool is True
+    assert 'note' not in weights.init_from(squeeze, path, reset_head=False)
 
 
 @pytest.mark.parametrize('wrapper', ['state_dict', 'model', 'model_state_dict', 'ema'])
