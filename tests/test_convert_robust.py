@@ -1136,7 +1136,8 @@ def test_the_writer_processes_die_with_the_command(tmp_path):
 @pytest.mark.slow
 def test_a_split_of_100000_tiny_files_is_listed_and_written(tmp_path, monkeypatch):
     """10 classes of 10,000 tiny JPEGs (hard links): listed from the folder entries alone (no
-    file is opened; its speed is bench_writer's concern), written with every label in place."""
+    file is opened; its speed is bench_writer's concern); every fifth of them (20,000, in every
+    class: writing all took 30 s of the suite) written with every label in place."""
     import builtins
     import io
 
@@ -1156,10 +1157,10 @@ def test_a_split_of_100000_tiny_files_is_listed_and_written(tmp_path, monkeypatc
     monkeypatch.undo()
     assert len(samples) == 100_000 and opened == []
     out = tmp_path / 'train.beton'
-    stats = writer.write_beton(samples, out, max_res=256, num_workers=2)
-    assert stats['images'] == 100_000 and stats['skipped'] == 0
+    stats = writer.write_beton(samples[::5], out, max_res=256, num_workers=2)
+    assert stats['images'] == 20_000 and stats['skipped'] == 0
     labels = Reader(str(out)).metadata['f1']
-    assert (labels == np.repeat(np.arange(10), 10_000)).all()
+    assert (labels == np.repeat(np.arange(10), 2_000)).all()
 
 
 @pytest.mark.parametrize('sig', [signal.SIGTERM, signal.SIGINT])
