@@ -17,6 +17,7 @@ import yaml
 from fastargs import Config
 
 from . import augment, optimizers, schedules
+from .commands import command_name
 from .config_schema import declared, defaults, did_you_mean, markdown  # markdown: the docs'
 from .errors import ImagenetFfcvError
 from .run_dir import RUN_NAME
@@ -85,7 +86,7 @@ def build_parser(config: Config = None) -> argparse.ArgumentParser:
     """The trainer's command line: ``--config``, ``--resume`` and one ``--section.key`` per key of
     ``config`` (a declared ``fastargs.Config``; None: a new one)."""
     config = declared() if config is None else config
-    parser = argparse.ArgumentParser(allow_abbrev=False,
+    parser = argparse.ArgumentParser(allow_abbrev=False, prog=command_name('train'),
                                      usage='%(prog)s [--config FILE.yaml ...] '
                                            '[--section.key=VALUE ...] [--resume auto|PATH]',
                                      description='Train an ImageNet classifier from .beton files.')
@@ -108,7 +109,6 @@ def load_config(argv: list) -> SimpleNamespace:
     """
     config = declared()
     known = {'.'.join(path): param for path, param in config.entries.items()}
-
     parser = build_parser(config)
     args, unknown = parser.parse_known_args(argv)
     if unknown:

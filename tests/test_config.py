@@ -427,6 +427,20 @@ def test_help_groups_keys_by_section_and_shows_each_default(capsys):
     assert '--lr.min_lr' in lr_section and '--training.' not in lr_section
 
 
+def test_help_names_the_command_as_run(monkeypatch, capsys):
+    """``python -m imagenet_ffcv.train --help`` said 'usage: train.py' (argparse takes the base
+    name of sys.argv[0], the module's file); the console script and the checkout's script give
+    their own names."""
+    for argv0, name in ((str(Path(config.__file__).with_name('train.py')),
+                         'python -m imagenet_ffcv.train'),
+                        ('/venv/bin/imagenet-ffcv-train', 'imagenet-ffcv-train'),
+                        ('train_imagenet.py', 'train_imagenet.py')):
+        monkeypatch.setattr(sys, 'argv', [argv0, '--help'])
+        with pytest.raises(SystemExit):
+            load_config(['--help'])
+        assert capsys.readouterr().out.startswith(f'usage: {name} [--config FILE.yaml ...]')
+
+
 def test_num_workers_auto_shares_this_process_cores_among_the_node_processes(monkeypatch):
     """data.num_workers=auto: the cores this process may use / the node's processes - 1 (at
     least 1); a number is taken as it is, but capped at the threads numba may start (a config
