@@ -1,5 +1,7 @@
-"""Using trained weights: --training.eval_only, predict.py, the parameter/GMAC count and the run's
-plot, from the short run of conftest.py."""
+"""The short run of conftest.py (its log and params.json) and using its weights: torchvision,
+--training.eval_only, predict.py, the parameter/GMAC count and the run's plot. (Every test of the
+short run is in this file, so that the two pytest processes of make test do not both train it.)"""
+import json
 import re
 import subprocess
 import sys
@@ -11,7 +13,7 @@ import torchvision
 from PIL import Image
 
 from conftest import REPO, SAMPLE, run_env, small_config
-from imagenet_ffcv import engine, loaders, metrics, predict, sources, train, verify
+from imagenet_ffcv import engine, loaders, metrics, models, predict, sources, train, verify
 from imagenet_ffcv.classes import (class_list_path, read_class_list, read_class_names,
                                    write_class_list)
 
@@ -20,6 +22,41 @@ def eval_config(sample_betons, tmp_path, weights):
     """Eval-only of ``weights`` on the sample's val .beton, with no training .beton (none is read)."""
     return small_config(sample_betons, tmp_path, '--training.eval_only=1',
                         f'--model.weights={weights}', '--data.train_dataset=')
+
+
+def test_short_run_learns_and_logs(short_run):
+    summary, cfg = short_run
+    run_dir = summary['run_dir']
+    log = [json.loads(line) for line in open(f'{run_dir}/log.jsonl')]
+    assert [r['epoch'] for r in log] == list(range(6))
+    for key in ('train_loss', 'top_1', 'top_5', 'val_loss', 'lr', 'res', 'epoch_time_s',
+                'train_img_per_s'):
+        assert all(r[key] is not None for r in log), key
+    assert log[-1]['train_loss'] < log[0]['train_loss'] - 0.1  # the loss goes down
+    assert [r['res'] for r in log] == [32, 32, 32, 32, 64, 64]  # 48 rounds to 64 (multiple of 32)
+    assert all(r['val_count'] == 100 for r in log)
+    assert log[-1]['lr'] < log[1]['lr']  # cyclic: decaying towards 0 after the peak
+    params = json.load(open(f'{run_dir}/params.json'))
+    assert params['training']['epochs'] == 6 and params['model']['arch'] == 'resnet18'
+    assert params['derived']['lr_used'] == pytest.approx(0.05 * 32 / 64)  # linear scaling
+    assert params['derived']['amp'] == 'fp32'  # training.amp=auto on CPU
+    assert set(params['code']) == {'git_commit', 'git_dirty'}  # the code that produced the run
+    assert summary['top_1'] == log[-1]['top_1']
+
+
+def test_saved_weights_load_into_torchvision_and_give_logged_top1(short_run, sample_betons):
+    summary, cfg = short_run
+    state = torch.load(f'{summary["run_dir"]}/final_weights.pt', weights_only=True)
+    assert not any(k.startswith('module.') for k in state)
+    model = torchvision.models.resnet18(num_classes=10)
+    model.load_state_dict(state)  # strict: same keys as the plain torchvision model
+    models.apply_blurpool(model)  # the run trained with BlurPool
+    model = model.to(memory_format=torch.channels_last)
+    val = loaders.val_loader(path=sample_betons['val'], batch_size=64, num_workers=2, res=32,
+                          device=torch.device('cpu'))
+    result = engine.evaluate(model=model, loader=val, flip_tta=True)
+    assert result['count'] == 100
+    assert result['top_1'] == summary['top_1']
 
 
 @pytest.mark.parametrize('name', ['final_weights.pt', 'checkpoint.pt', 'final_weights.safetensors'])

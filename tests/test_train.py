@@ -1,53 +1,16 @@
-"""train_imagenet.py end to end on CPU: a short run, its outputs and its CLI (the torchrun runs are
-in test_faults.py)."""
-import json
+"""train_imagenet.py end to end on CPU: its CLI, refusals before any work and the live logs (the
+short run of conftest.py and its outputs are in test_eval_predict.py, the one file that uses it:
+each pytest process builds it once; the torchrun runs are in test_faults.py)."""
 import os
 import subprocess
 import sys
 from types import SimpleNamespace
 
 import pytest
-import torch
-import torchvision
 
 from conftest import REPO, run_env, small_args, small_config
-from imagenet_ffcv import config, engine, loaders, models, train
+from imagenet_ffcv import config, loaders, train
 from imagenet_ffcv.classes import class_list_path, read_class_list, write_class_list
-
-
-def test_short_run_learns_and_logs(short_run):
-    summary, cfg = short_run
-    run_dir = summary['run_dir']
-    log = [json.loads(line) for line in open(f'{run_dir}/log.jsonl')]
-    assert [r['epoch'] for r in log] == list(range(6))
-    for key in ('train_loss', 'top_1', 'top_5', 'val_loss', 'lr', 'res', 'epoch_time_s',
-                'train_img_per_s'):
-        assert all(r[key] is not None for r in log), key
-    assert log[-1]['train_loss'] < log[0]['train_loss'] - 0.1  # the loss goes down
-    assert [r['res'] for r in log] == [32, 32, 32, 32, 64, 64]  # 48 rounds to 64 (multiple of 32)
-    assert all(r['val_count'] == 100 for r in log)
-    assert log[-1]['lr'] < log[1]['lr']  # cyclic: decaying towards 0 after the peak
-    params = json.load(open(f'{run_dir}/params.json'))
-    assert params['training']['epochs'] == 6 and params['model']['arch'] == 'resnet18'
-    assert params['derived']['lr_used'] == pytest.approx(0.05 * 32 / 64)  # linear scaling
-    assert params['derived']['amp'] == 'fp32'  # training.amp=auto on CPU
-    assert set(params['code']) == {'git_commit', 'git_dirty'}  # the code that produced the run
-    assert summary['top_1'] == log[-1]['top_1']
-
-
-def test_saved_weights_load_into_torchvision_and_give_logged_top1(short_run, sample_betons):
-    summary, cfg = short_run
-    state = torch.load(f'{summary["run_dir"]}/final_weights.pt', weights_only=True)
-    assert not any(k.startswith('module.') for k in state)
-    model = torchvision.models.resnet18(num_classes=10)
-    model.load_state_dict(state)  # strict: same keys as the plain torchvision model
-    models.apply_blurpool(model)  # the run trained with BlurPool
-    model = model.to(memory_format=torch.channels_last)
-    val = loaders.val_loader(path=sample_betons['val'], batch_size=64, num_workers=2, res=32,
-                          device=torch.device('cpu'))
-    result = engine.evaluate(model=model, loader=val, flip_tta=True)
-    assert result['count'] == 100
-    assert result['top_1'] == summary['top_1']
 
 
 @pytest.mark.slow
