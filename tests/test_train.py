@@ -1,6 +1,6 @@
 """train_imagenet.py end to end on CPU: its CLI, refusals before any work and the live logs (the
-short run of conftest.py and its outputs are in test_eval_predict.py, the one file that uses it:
-each pytest process builds it once; the torchrun runs are in test_faults.py)."""
+short run of conftest.py and its outputs are in test_eval_predict.py, the one file that uses it,
+so that only one pytest process trains it; the torchrun runs are in test_faults.py)."""
 import os
 import subprocess
 import sys
