@@ -55,7 +55,8 @@ def from_env(environ=None) -> DistInfo:
     process.
 
     Raises LaunchError (a ValueError) naming the variable when one is set but not a non-negative
-    integer, and when srun started several tasks of the command without torchrun
+    integer, when LOCAL_RANK is not below the node's visible GPUs (on a machine with CUDA), and
+    when srun started several tasks of the command without torchrun
     (SLURM_STEP_NUM_TASKS > 1 and no RANK): each task would train a whole run of its own, all
     writing the same run folder.
     """
@@ -82,7 +83,11 @@ def from_env(environ=None) -> DistInfo:
     rank, world_size, local_rank = read('RANK', 0), read('WORLD_SIZE', 1), read('LOCAL_RANK', 0)
     if rank >= world_size:
         raise LaunchError(f'RANK={rank} is not below WORLD_SIZE={world_size}')
-    device = torch.device(f'cuda:{local_rank}' if torch.cuda.is_available() else 'cpu')
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus and local_rank >= gpus:  # CUDA's own error: 'invalid device ordinal'
+        raise LaunchError(f'LOCAL_RANK={local_rank}, but this node has {gpus} GPU(s) visible: '
+                          f'start one process per GPU (torchrun --nproc_per_node=gpu)')
+    device = torch.device(f'cuda:{local_rank}' if gpus else 'cpu')
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device,
                     local_world_size=max(1, read('LOCAL_WORLD_SIZE', 1)))
 
@@ -131,8 +136,12 @@ def _cores() -> set:
 
 def usable_cores() -> int:
     """The cores this process may use (``os.sched_getaffinity``: taskset, cgroups' cpusets,
-    SLURM's binding; not a CPU quota such as docker's --cpus), not all of the machine's."""
-    return len(_cores())
+    SLURM's binding; not a CPU quota such as docker's --cpus), not all of the machine's; in a
+    SLURM job step at most its SLURM_CPUS_PER_TASK (``--cpus-per-task``: a cluster that binds no
+    task to its cores leaves every core of the node in the affinity)."""
+    cores = len(_cores())
+    asked = os.environ.get('SLURM_CPUS_PER_TASK', '')
+    return min(cores, int(asked)) if asked.isdigit() and int(asked) > 0 else cores
 
 
 def setup(info: DistInfo, timeout_s: float = 300) -> None:
@@ -269,6 +278,35 @@ def on_rank_0(fn):
     if failed is not None:
         raise RankZeroError(f'rank 0 failed: {failed}')
     return result
+
+
+class NotSharedError(ImagenetFfcvError):
+    """A file rank 0 wrote is not found by another rank: the run folder is on a disk of rank 0's
+    node only."""
+
+
+def check_every_rank_sees(path, wait_s: float = 30) -> None:
+    """Every rank looks for ``path``, a file rank 0 has just written (given on rank 0, None on the
+    others), for up to ``wait_s`` seconds (a network filesystem may show another node's new file
+    late): a run folder on one node's own disk trains without a word until a later start (a
+    requeue) puts rank 0 on another node, which finds no checkpoint there and starts the run
+    over. Raises :class:`NotSharedError` on every rank, naming the ranks and hosts that do not
+    find it, when any does not. Nothing is checked in a single process."""
+    if not _joined():
+        return
+    path = broadcast_object(None if path is None else str(path))
+    if path is None:
+        return
+    deadline = time.monotonic() + wait_s
+    while not os.path.exists(path) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    seen = all_gather_object((os.path.exists(path), socket.gethostname()))
+    blind = [f'rank {rank} on {host}' for rank, (found, host) in enumerate(seen) if not found]
+    if blind:
+        raise NotSharedError(f'{path}, written by rank 0 on {seen[0][1]}, is not found by '
+                             f'{", ".join(blind[:4])}{" ..." if len(blind) > 4 else ""}: the run '
+                             f'folder must be on a filesystem every node shares (a later start '
+                             f'would find no checkpoint on another node and start the run over)')
 
 
 def all_gather_object(obj) -> list:

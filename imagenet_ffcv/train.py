@@ -33,10 +33,9 @@ from .signals import StopRequest
 
 
 def main(cfg) -> dict:
-    """Run the training described by ``cfg`` (from ``config.load_config``), or with
-    ``training.eval_only=1`` evaluate ``model.weights``; returns the summary (run folder, final
-    top-1/top-5, wall time, ...) on every rank. A run stopped by SIGTERM/Ctrl-C returns after writing
-    its checkpoint, with ``summary['exit_code']`` = 128 + the signal number."""
+    """Train as ``cfg`` (``config.load_config``) says, or evaluate ``model.weights`` (eval_only=1);
+    returns the summary (run folder, final top-1/top-5, wall time, ...) on every rank. A run stopped
+    by SIGTERM/Ctrl-C returns after its checkpoint, with ``summary['exit_code']`` = 128 + signal."""
     wall_start = time.perf_counter()
     dist = distributed.from_env()
     distributed.setup(dist, timeout_s=cfg.dist.timeout_s)
@@ -110,12 +109,13 @@ def train(cfg, dist, wall_start) -> dict:
         restore(run, saved, resume_path)
     run.run_dir = distributed.on_rank_0(partial(open_run_dir, run, resume_path))
     try:  # the lock is given back however this ends (W&B failing to start or finish too)
+        distributed.check_every_rank_sees(run.run_dir.params if run.run_dir else None)
         run.live_log = distributed.on_rank_0(lambda: LiveLog(
             run.run_dir.path, tensorboard=bool(cfg.logging.tensorboard), config=run.resolved,
             wandb_project=cfg.logging.wandb_project, run_name=run.run_dir.path.name,
             resume_step=run.global_step(run.progress.epoch, run.progress.iteration)))
         stop = fit(run)
-        return stopped_summary(run, stop) if stop else summarize(run)
+        return summarize(run) if stop is None else stopped_summary(run, stop)  # signalled or not
     finally:
         if run.run_dir:
             run.run_dir.unlock()

@@ -484,6 +484,20 @@ distributed.cleanup()  # a process group left to the interpreter's exit may abor
 
 
 @pytest.mark.slow
+def test_the_usable_cores_are_at_most_the_slurm_tasks_cpus(monkeypatch):
+    """On a SLURM cluster that binds no task to its cores, the affinity holds the whole node:
+    SLURM_CPUS_PER_TASK (--cpus-per-task) caps the count (the loader threads of 'auto', the
+    converter's processes)."""
+    from imagenet_ffcv import distributed
+    monkeypatch.setattr(distributed, '_cores', lambda: set(range(64)))
+    monkeypatch.delenv('SLURM_CPUS_PER_TASK', raising=False)
+    assert distributed.usable_cores() == 64
+    monkeypatch.setenv('SLURM_CPUS_PER_TASK', '16')
+    assert distributed.usable_cores() == 16
+    monkeypatch.setenv('SLURM_CPUS_PER_TASK', '128')  # never more than the affinity
+    assert distributed.usable_cores() == 64
+
+
 def test_num_workers_auto_divides_only_the_cores_a_process_shares():
     """Ranks bound to cores of their own (torchrun --numa-binding, numactl) each keep theirs:
     8 cores each gave 8 // 2 - 1 = 3 threads (the node's 2 processes assumed to share them), now
@@ -500,6 +514,21 @@ def test_num_workers_auto_divides_only_the_cores_a_process_shares():
                        'shared 7\neach its own 8 7\noverlapping 3\n']
     assert load_config(['--data.train_dataset=a', '--data.val_dataset=b', '--logging.folder=c',
                         '--data.num_workers=3']).data.num_workers == 3
+
+
+def test_more_processes_than_the_nodes_gpus_are_refused_naming_both(monkeypatch):
+    """torchrun --nproc_per_node=8 on a node with 4 GPUs: the process of LOCAL_RANK 5 failed in
+    CUDA with 'invalid device ordinal'; it is a LaunchError naming LOCAL_RANK and the GPU count
+    (mocked: no GPU here)."""
+    import torch
+    from imagenet_ffcv import distributed
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: True)
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 4)
+    env = {'RANK': '5', 'WORLD_SIZE': '8', 'LOCAL_RANK': '5', 'LOCAL_WORLD_SIZE': '8'}
+    with pytest.raises(distributed.LaunchError, match=r'LOCAL_RANK=5, but this node has 4 GPU\(s\) '
+                                                      r'visible.*--nproc_per_node=gpu'):
+        distributed.from_env(env)
+    assert distributed.from_env({**env, 'LOCAL_RANK': '3'}).device == torch.device('cuda:3')
 
 
 def test_several_srun_tasks_without_torchrun_are_refused_before_any_work(tmp_path, monkeypatch,

@@ -4,6 +4,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -110,6 +111,17 @@ try:
 except Exception as e:
     say(f'{type(e).__name__}: {e}')
 say(distributed.on_rank_0(lambda: 42))
+shared = os.path.join(os.environ['OUT'], 'params.json')
+if info.rank == 0:
+    open(shared, 'w').close()
+distributed.check_every_rank_sees(shared if info.rank == 0 else None)
+say('all see it')
+if info.rank == 1:  # a run folder on rank 0's node alone, as rank 1's node sees it
+    distributed.os.path.exists = lambda path: False
+try:
+    distributed.check_every_rank_sees(shared if info.rank == 0 else None, wait_s=1)
+except Exception as e:
+    say(f'{type(e).__name__}: {e}')
 torch.distributed.barrier()
 distributed.cleanup()
 """
@@ -118,16 +130,27 @@ distributed.cleanup()
 def test_what_fails_on_rank_0_alone_is_raised_on_every_rank(tmp_path):
     """distributed.on_rank_0 (the trainer's checkpoint lookup, run folder and live logs): rank 0's
     error is raised there and, naming it, on rank 1, which would otherwise wait in its next
-    collective; a result comes back on rank 0 only."""
+    collective; a result comes back on rank 0 only. distributed.check_every_rank_sees (the run
+    folder's params.json, which rank 0 has just written): a rank that does not find it (a run
+    folder on one node's own disk, which a requeue with rank 0 on another node would start over
+    from epoch 0) fails every rank, naming it."""
     script = tmp_path / 'on_rank_0.py'
     script.write_text(ON_RANK_0)
     proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
-                           f'--master_port={free_port()}', str(script)], cwd=REPO, env=run_env(),
-                          capture_output=True, text=True, timeout=300)
+                           f'--master_port={free_port()}', str(script)], cwd=REPO,
+                          env=dict(run_env(), OUT=str(tmp_path)), capture_output=True, text=True,
+                          timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     lines = set(proc.stdout.splitlines())
     assert {'rank 0: ValueError: no such checkpoint', 'rank 0: 42', 'rank 1: None',
-            'rank 1: RankZeroError: rank 0 failed: ValueError: no such checkpoint'} <= lines
+            'rank 1: RankZeroError: rank 0 failed: ValueError: no such checkpoint',
+            'rank 0: all see it', 'rank 1: all see it'} <= lines
+    host = socket.gethostname()
+    error = (f'NotSharedError: {tmp_path / "params.json"}, written by rank 0 on {host}, is not '
+             f'found by rank 1 on {host}: the run folder must be on a filesystem every node shares')
+    assert [line for line in lines if 'NotSharedError' in line and error in line] != []
+    assert {line.split(':')[0] for line in lines if 'NotSharedError' in line} == {'rank 0',
+                                                                                  'rank 1'}
 
 
 def test_a_dead_rank_makes_the_job_fail_quickly(sample_betons, tmp_path):

@@ -97,6 +97,20 @@ def test_sigkill_mid_epoch_then_resume_finishes_like_an_uninterrupted_run(
     assert (run_dir / 'progress.png').exists()
 
 
+def test_a_rank_that_stops_for_another_ranks_signal_ends_as_stopped(sample_betons, tmp_path,
+                                                                     monkeypatch, capsys):
+    """The ranks agree to stop when any of them got SIGTERM (a pre-emption notice that reached
+    one node), and fit returns its StopRequest on each. On a rank that got no signal itself that
+    object is false: the rank went on into the end of a finished run (validation, final weights),
+    and, its peers gone, failed in a collective. It now ends as stopped, exit 143."""
+    from imagenet_ffcv.signals import StopRequest
+    monkeypatch.setattr(train, 'fit', lambda run: StopRequest())  # stopped, no signal here
+    summary = train.main(small_config(sample_betons, tmp_path, '--training.epochs=1'))
+    assert summary['stopped'] and summary['exit_code'] == 143
+    assert 'stopped by a signal on another rank' in capsys.readouterr().out
+    assert not (Path(summary['run_dir']) / 'final_weights.pt').exists()
+
+
 @pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_and_exits_143(sample_betons, tmp_path):
     """SIGTERM while step 4 of epoch 1 runs: the ranks agree to stop at their next check (with
