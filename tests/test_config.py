@@ -364,6 +364,15 @@ def test_shipped_configs_resolve_to_their_recorded_values_with_every_option_off(
         assert now == {**before, **OPTION_DEFAULTS}, name
 
 
+def test_shipped_configs_take_each_process_share_of_the_cores():
+    """The shipped configs' loader threads are 'auto' (ffcv-imagenet's say 12 per process: 96
+    threads for the 8 processes of a 64-core node in training.md's SLURM lines)."""
+    configs = sorted((REPO / 'imagenet_ffcv' / 'configs').glob('rn*_configs/*.yaml'))
+    assert len(configs) == 15
+    assert {path.name: _load(path).data.num_workers for path in configs} == {
+        path.name: 'auto' for path in configs}
+
+
 def test_ema_cosine_recipe_is_the_88_epoch_recipe_with_ema_and_cosine():
     from imagenet_ffcv.config import flatten
     base = flatten(to_dict(_load(REPO / 'imagenet_ffcv' / 'configs' / 'rn50_configs' / 'rn50_88_epochs.yaml')))
