@@ -56,7 +56,14 @@ class RunDir:
     def create(cls, folder, *, params: dict, class_list=None, run_name: str = '') -> 'RunDir':
         """A new run folder ``folder/[<run_name>-]<date-time-random>/``, locked by this process
         (:meth:`lock`), holding ``params.json`` (``params``, which should hold the run name) and,
-        when ``class_list`` exists, a copy of it as ``classes.tsv``."""
+        when ``class_list`` exists, a copy of it as ``classes.tsv``. Prints a note when the latest
+        run of that name in ``folder`` has a checkpoint and is unfinished (a requeued job without
+        ``--resume auto`` starts over without a word)."""
+        previous = latest_checkpoint(folder, run_name) if Path(folder).is_dir() else None
+        if previous and not cls(previous.parent).is_finished:
+            named = f' named {run_name}' if run_name else ''
+            print(f'=> note: {previous.parent}, the latest run{named} here, is unfinished; this '
+                  f'starts a new run (--resume auto continues that one)')
         run_id = datetime.now().strftime('%Y%m%d-%H%M%S-') + uuid.uuid4().hex[:6]
         run = cls(Path(folder) / (f'{run_name}-{run_id}' if run_name else run_id))
         run.path.mkdir(parents=True)

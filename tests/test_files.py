@@ -254,6 +254,23 @@ def test_resume_auto_continues_only_a_run_of_its_own_name(tmp_path):
             'c': None}
 
 
+def test_a_new_run_beside_an_unfinished_one_of_its_name_says_so(tmp_path, capsys):
+    """A job requeued without --resume auto started the run over without a word: a new run
+    whose name's latest run has a checkpoint and no final weights prints a note naming it."""
+    first = RunDir.create(tmp_path, params={'logging': {'run_name': 'a'}}, run_name='a')
+    first.checkpoint.write_text('')
+    capsys.readouterr()
+    RunDir.create(tmp_path, params={'logging': {'run_name': 'b'}}, run_name='b')  # another name
+    assert 'note' not in capsys.readouterr().out
+    RunDir.create(tmp_path, params={'logging': {'run_name': 'a'}}, run_name='a')
+    assert capsys.readouterr().out == (f'=> note: {first.path}, the latest run named a here, is '
+                                       'unfinished; this starts a new run (--resume auto '
+                                       'continues that one)\n')
+    first.final_weights.write_text('')  # finished: nothing to say
+    RunDir.create(tmp_path, params={'logging': {'run_name': 'a'}}, run_name='a')
+    assert 'note' not in capsys.readouterr().out
+
+
 def test_code_version_names_the_checkout(tmp_path):
     version = code_version()
     head = subprocess.run(['git', '-C', str(REPO), 'rev-parse', 'HEAD'], capture_output=True,
