@@ -17,6 +17,12 @@ def wnid_names() -> dict:
         return dict(line.rstrip('\n').split('\t', 1) for line in f if line.strip())
 
 
+def ilsvrc_classes() -> list:
+    """ILSVRC-2012's class list, ``[(wnid, name), ...]`` in sorted-wnid order: the order of the
+    1,000 class folders of its train split (torchvision's class indices)."""
+    return sorted(wnid_names().items())
+
+
 def class_list_path(beton_path) -> Path:
     """Where the class list of a .beton lives: ``train_256.beton`` -> ``train_256.classes.tsv``."""
     beton_path = Path(beton_path)

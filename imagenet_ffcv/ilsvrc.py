@@ -13,7 +13,7 @@ import warnings
 import zlib
 from pathlib import Path
 
-from .classes import wnid_names
+from .classes import ilsvrc_classes
 from .constants import IMAGE_EXTENSIONS
 
 TRAIN_TAR, VAL_TAR = 'ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar'
@@ -192,7 +192,7 @@ def train_tar_classes(root, split: str = 'train') -> list:
     if not train_tar.is_file() and split == 'val':
         warnings.warn(f'{train_tar} not found: val labelled with the 1,000 ILSVRC-2012 classes in '
                       f'sorted wnid order, the class list of the whole train split', stacklevel=2)
-        return sorted(wnid_names())
+        return [wnid for wnid, _ in ilsvrc_classes()]
     if not train_tar.is_file():
         raise FileNotFoundError(f'{train_tar}: needed for the class list (class i = i-th sorted '
                                 f'wnid of the train split)')

@@ -18,9 +18,9 @@ class MissingPackageError(ImagenetFfcvError, ImportError):
     the config key that needs it and the install command."""
 
 
-def pinned(package: str) -> tuple:
-    """``('name==version', requirements file name)`` for ``package`` as ``requirements.txt`` or
-    ``requirements-extras.txt`` pins it; ``(package, extras file name)`` when neither does."""
+def pinned(package: str) -> str:
+    """``'name==version'`` for ``package`` as ``requirements.txt`` or
+    ``requirements-extras.txt`` pins it; ``package`` when neither does."""
     for path in (REPO / 'requirements.txt', EXTRAS_FILE):
         try:
             lines = path.read_text().splitlines()
@@ -28,8 +28,8 @@ def pinned(package: str) -> tuple:
             continue
         pins = [line.strip() for line in lines if line.strip().startswith(f'{package}==')]
         if pins:
-            return pins[0], path.name
-    return package, EXTRAS_FILE.name
+            return pins[0]
+    return package
 
 
 def require(module: str, needed_for: str, package: str = None):
@@ -43,7 +43,7 @@ def require(module: str, needed_for: str, package: str = None):
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        pin, _ = pinned(package or module.split('.')[0])
+        pin = pinned(package or module.split('.')[0])
         name = pin.split('==')[0]
         extra = (f" (from a checkout of this project: pip install -e '.[{name}]')"
                  if name in EXTRAS and (REPO / 'pyproject.toml').is_file() else '')

@@ -54,7 +54,7 @@ def find_classes(train_dir) -> list:
                          f'(mkdir {packed[0][:-4]} && tar xf {packed[0]} -C {packed[0][:-4]}) '
                          f'and remove the tar, or move it out of {train_dir}')
     if not classes:
-        _raise_if_flat(train_dir)
+        _raise_if_flat(train_dir, entries)
         raise ValueError(f'{train_dir}: no class folders (expected {train_dir}/<wnid>/*.JPEG)')
     _check_class_names(train_dir, classes)
     if len(classes) == 1:
@@ -71,9 +71,10 @@ def _check_class_names(train_dir, classes: list) -> None:
     on Windows, say) and names with a tab or a line break."""
     def utf8(name):
         try:
-            return bool(name.encode('utf-8'))
-        except UnicodeEncodeError:
+            name.encode('utf-8')
+        except UnicodeEncodeError:  # surrogates: bytes that are not UTF-8
             return False
+        return True
     bad = [repr(name) if utf8(name) else repr(os.fsencode(name)) for name in classes
            if not utf8(name) or any(c in name for c in '\t\n\r')]
     if bad:
@@ -84,10 +85,11 @@ def _check_class_names(train_dir, classes: list) -> None:
                          f'in another encoding: convmv -f ENCODING -t utf-8 --notest)')
 
 
-def _raise_if_flat(split_dir) -> None:
-    """ValueError when the images of ``split_dir`` lie in it, not in class folders (ImageNet's
-    val tar as extracted), saying how to give them labels."""
-    loose = sorted(e.name for e in os.scandir(split_dir)
+def _raise_if_flat(split_dir, entries: list) -> None:
+    """ValueError when the images of ``split_dir`` (whose ``os.scandir`` entries are ``entries``)
+    lie in it, not in class folders (ImageNet's val tar as extracted), saying how to give them
+    labels."""
+    loose = sorted(e.name for e in entries
                    if e.name.lower().endswith(IMAGE_EXTENSIONS) and _kind(e) == 'file')
     if loose:
         how = (f'ImageNet val as extracted from {VAL_TAR}: move them into wnid folders (the '
@@ -173,7 +175,7 @@ def list_samples(split_dir, classes: list) -> list:
                       f'folder here ({", ".join(absent[:5])}{" ..." if len(absent) > 5 else ""}); '
                       f'the other classes keep their train indices', stacklevel=2)
     if not samples:
-        _raise_if_flat(split_dir)
+        _raise_if_flat(split_dir, entries)
         raise ValueError(f'{split_dir}: no images found (extensions {", ".join(IMAGE_EXTENSIONS)})')
     return samples
 

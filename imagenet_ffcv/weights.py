@@ -16,7 +16,7 @@ import safetensors.torch
 import torch
 
 from .checkpoint import CheckpointError, check_format, is_checkpoint, safe_torch_load, save
-from .classes import class_list_path, read_class_list, read_class_names, wnid_names
+from .classes import class_list_path, ilsvrc_classes, read_class_list, read_class_names
 from .config import saved_eval_kwargs, saved_model_kwargs
 from .config_schema import ARCH_KEY, BLURPOOL_KEY, nested_ffcv_imagenet_params
 from .files import atomic_path
@@ -278,7 +278,7 @@ def load_model(path, *, num_classes: int = None, beton=None, arch: str = 'resnet
         raise FileNotFoundError(f'no class list for {path}: none saved with it and no '
                                 'classes.tsv beside it; pass --classes TRAIN.classes.tsv '
                                 '(written by imagenet-ffcv-write beside the .beton)')
-    classes = sorted(wnid_names().items()) if ilsvrc else classes
+    classes = ilsvrc_classes() if ilsvrc else classes
     num_classes = num_classes or len(classes)
     model = build_model(arch=structure['arch'], num_classes=num_classes,
                         use_blurpool=bool(structure['use_blurpool']),

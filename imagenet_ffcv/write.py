@@ -25,6 +25,7 @@ next run into the same folder.
 """
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -134,11 +135,10 @@ def check_out_outside_inputs(out, data_dir) -> None:
 def main(args) -> dict:
     """Write the .beton and its class list; returns the writer's stats plus 'classes'."""
     check_out_outside_inputs(args.out, args.data_dir)
-    if args.holdout:  # both splits come from train/
-        classes, samples, names = load_split(Path(args.data_dir), 'train', args.layout)
+    read = 'train' if args.holdout else args.split  # --holdout: both splits come from train/
+    classes, samples, names = load_split(Path(args.data_dir), read, args.layout)
+    if args.holdout:
         samples = held_out(samples, args.holdout, args.split)
-    else:
-        classes, samples, names = load_split(Path(args.data_dir), args.split, args.layout)
     if args.subset:
         keep = np.random.default_rng(0).choice(len(samples), min(args.subset, len(samples)),
                                                replace=False)
@@ -209,9 +209,9 @@ def cli(argv=None) -> int:
         kept = '' if args.verify else f': nothing written, {args.out} is as it was'
         print(f'{command_name("write")}: stopped by {stopped}{kept}', file=sys.stderr)
         if isinstance(e, Terminated):
-            return 143
+            return 128 + signal.SIGTERM
         end_by_sigint()
-        return 130
+        return 128 + signal.SIGINT
 
 
 if __name__ == '__main__':

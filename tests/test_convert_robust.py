@@ -296,7 +296,8 @@ def test_class_names_the_class_list_cannot_hold_are_refused_before_any_work(tmp_
         try:
             os.makedirs(os.fsencode(train) + b'/' + name)
         except OSError as e:  # APFS, ZFS with utf8only
-            pytest.skip(f'this filesystem takes no such folder name ({e})')
+            pytest.skip(f'this filesystem refuses folder names that are not UTF-8 ({e}), so no '
+                        f'such class folder can exist here')
     with pytest.raises(ValueError, match=r"b'caf\\xe9', 'tab\\tname' are not valid UTF-8 or hold "
                                          r'a tab or line break.*rename'):
         sources.find_classes(train)
