@@ -55,10 +55,11 @@ def from_env(environ=None) -> DistInfo:
     process.
 
     Raises LaunchError (a ValueError) naming the variable when one is set but not a non-negative
-    integer, when LOCAL_RANK is not below the node's visible GPUs (on a machine with CUDA), and
+    integer, when LOCAL_RANK is not below the node's visible GPUs (on a machine with CUDA),
     when srun started several tasks of the command without torchrun
     (SLURM_STEP_NUM_TASKS > 1 and no RANK): each task would train a whole run of its own, all
-    writing the same run folder.
+    writing the same run folder, and when WORLD_SIZE > 1 is set without RANK (a variable left in
+    the shell: the process would wait for ranks that never come).
     """
     environ = os.environ if environ is None else environ
 
@@ -81,6 +82,10 @@ def from_env(environ=None) -> DistInfo:
             f'--ntasks=1 for one process')
 
     rank, world_size, local_rank = read('RANK', 0), read('WORLD_SIZE', 1), read('LOCAL_RANK', 0)
+    if world_size > 1 and 'RANK' not in environ:
+        raise LaunchError(f'WORLD_SIZE={world_size} is set but RANK is not: torchrun sets both '
+                          f'(and LOCAL_RANK) in each process it starts. Unset WORLD_SIZE to train '
+                          f'in one process, or start the job with torchrun')
     if rank >= world_size:
         raise LaunchError(f'RANK={rank} is not below WORLD_SIZE={world_size}')
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -156,6 +161,9 @@ def setup(info: DistInfo, timeout_s: float = 300) -> None:
         torch.cuda.set_device(info.device)
     if info.distributed and not dist.is_initialized():
         backend = 'nccl' if info.device.type == 'cuda' else 'gloo'
+        if info.is_primary:  # the store waits silently for every rank to connect
+            print(f'=> process group of {info.world_size} ranks ({backend}): waiting up to '
+                  f'{timeout_s:.0f} s (dist.timeout_s) for every rank to join', flush=True)
         kwargs = {'device_id': info.device} if backend == 'nccl' else {}
         timeout = timedelta(seconds=timeout_s)
         dist.init_process_group(backend=backend, store=restart_store(info, timeout),

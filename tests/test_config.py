@@ -519,7 +519,9 @@ def test_num_workers_auto_divides_only_the_cores_a_process_shares():
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in (0, 1)]
     outputs = [rank.communicate(timeout=120)[0] for rank in ranks]
     assert [rank.returncode for rank in ranks] == [0, 0], outputs
-    assert outputs == ['shared 7\neach its own 8 7\noverlapping 5\n',
+    waiting = '=> process group of 2 ranks (gloo): waiting up to 60 s (dist.timeout_s) for every ' \
+              'rank to join\n'  # rank 0's, before the store waits for the other rank
+    assert outputs == [waiting + 'shared 7\neach its own 8 7\noverlapping 5\n',
                        'shared 7\neach its own 8 7\noverlapping 3\n']
     assert load_config(['--data.train_dataset=a', '--data.val_dataset=b', '--logging.folder=c',
                         '--data.num_workers=3']).data.num_workers == 3
@@ -538,6 +540,18 @@ def test_more_processes_than_the_nodes_gpus_are_refused_naming_both(monkeypatch)
                                                       r'visible.*--nproc_per_node=gpu'):
         distributed.from_env(env)
     assert distributed.from_env({**env, 'LOCAL_RANK': '3'}).device == torch.device('cuda:3')
+
+
+def test_a_world_size_left_in_the_shell_is_refused_not_waited_on():
+    """WORLD_SIZE=2 exported in the shell, no torchrun: the process, rank 0 for want of RANK,
+    waited dist.timeout_s (5 minutes) for a rank that never came, printing nothing. It is refused at
+    once, saying what to unset."""
+    from imagenet_ffcv import distributed
+    with pytest.raises(distributed.LaunchError,
+                       match='WORLD_SIZE=2 is set but RANK is not.*Unset WORLD_SIZE'):
+        distributed.from_env({'WORLD_SIZE': '2'})
+    assert distributed.from_env({'WORLD_SIZE': '1'}).world_size == 1
+    assert distributed.from_env({'WORLD_SIZE': '2', 'RANK': '1'}).rank == 1
 
 
 def test_several_srun_tasks_without_torchrun_are_refused_before_any_work(tmp_path, monkeypatch,
