@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -29,13 +30,21 @@ def trainer_args(betons, out, *extra, signal_at=None, pause_at=None):
             '--validation.resolution=32', '--validation.batch_size=32', *extra]
 
 
+def torchrun_env(out, **extra) -> dict:
+    """run_env() with TMPDIR in a folder beside ``out``, which pytest removes: each torchrun start
+    leaves a torchelastic_* folder in TMPDIR (eight in /tmp after each run of the suite)."""
+    tmp = Path(f'{out}-tmp')
+    tmp.mkdir(exist_ok=True)
+    return dict(run_env(), TMPDIR=str(tmp), **extra)
+
+
 def node(node_rank, port, args, *torchrun_options):
     """One torchrun launcher, node ``node_rank`` of 2, one process, c10d rendezvous on localhost
-    (the README's multi-node launch line)."""
+    (the README's multi-node launch line); ``args``: :func:`trainer_args`'s."""
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--nnodes=2', f'--node-rank={node_rank}',
            '--nproc_per_node=1', '--rdzv-backend=c10d', f'--rdzv-endpoint=localhost:{port}',
            '--rdzv-id=test', *torchrun_options] + args
-    return subprocess.Popen(cmd, cwd=REPO, env=run_env(), stdout=subprocess.PIPE,
+    return subprocess.Popen(cmd, cwd=REPO, env=torchrun_env(args[1]), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
@@ -138,8 +147,8 @@ def test_what_fails_on_rank_0_alone_is_raised_on_every_rank(tmp_path):
     script.write_text(ON_RANK_0)
     proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
                            f'--master_port={free_port()}', str(script)], cwd=REPO,
-                          env=dict(run_env(), OUT=str(tmp_path)), capture_output=True, text=True,
-                          timeout=300)
+                          env=torchrun_env(tmp_path, OUT=str(tmp_path)), capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     lines = set(proc.stdout.splitlines())
     assert {'rank 0: ValueError: no such checkpoint', 'rank 0: 42', 'rank 1: None',
@@ -159,8 +168,8 @@ def test_a_dead_rank_makes_the_job_fail_quickly(sample_betons, tmp_path):
         [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
          f'--master_port={free_port()}'] + trainer_args(sample_betons, tmp_path,
                                                         '--training.epochs=50'),
-        cwd=REPO, env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True)
+        cwd=REPO, env=torchrun_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, start_new_session=True)
     try:
         wait_training(tmp_path)
         os.kill(int((tmp_path / 'pid1').read_text()), signal.SIGKILL)
