@@ -163,7 +163,7 @@ def setup(info: DistInfo, timeout_s: float = 300) -> None:
         backend = 'nccl' if info.device.type == 'cuda' else 'gloo'
         if info.is_primary:  # the store waits silently for every rank to connect
             print(f'=> process group of {info.world_size} ranks ({backend}): waiting up to '
-                  f'{timeout_s:.0f} s (dist.timeout_s) for every rank to join', flush=True)
+                  f'{timeout_s:.0f} s for every rank to join', flush=True)
         kwargs = {'device_id': info.device} if backend == 'nccl' else {}
         timeout = timedelta(seconds=timeout_s)
         dist.init_process_group(backend=backend, store=restart_store(info, timeout),

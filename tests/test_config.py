@@ -519,8 +519,7 @@ def test_num_workers_auto_divides_only_the_cores_a_process_shares():
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in (0, 1)]
     outputs = [rank.communicate(timeout=120)[0] for rank in ranks]
     assert [rank.returncode for rank in ranks] == [0, 0], outputs
-    waiting = '=> process group of 2 ranks (gloo): waiting up to 60 s (dist.timeout_s) for every ' \
-              'rank to join\n'  # rank 0's, before the store waits for the other rank
+    waiting = '=> process group of 2 ranks (gloo): waiting up to 60 s for every rank to join\n'  # rank 0's, before the store waits for the other rank
     assert outputs == [waiting + 'shared 7\neach its own 8 7\noverlapping 5\n',
                        'shared 7\neach its own 8 7\noverlapping 3\n']
     assert load_config(['--data.train_dataset=a', '--data.val_dataset=b', '--logging.folder=c',
