@@ -44,7 +44,7 @@ import torch
 
 from .errors import ImagenetFfcvError
 from .files import atomic_path, atomic_write
-from .run_dir import RunDir, latest_checkpoint
+from .run_dir import RunDir, checkpointed_run_names, latest_checkpoint
 
 FORMAT = 1
 # How a torch.save file starts: a zip archive (since torch 1.6), or the legacy format's pickle
@@ -150,8 +150,10 @@ def load(path) -> dict:
         raise CheckpointError(f'{path}: checkpoint not found')
     state = safe_torch_load(path, 'checkpoint')
     if not (isinstance(state, dict) and type(state.get('format')) is int):
-        raise CheckpointError(f'{path}: not a checkpoint of this tool (no format={FORMAT} record); '
-                              'final_weights.pt holds weights only and cannot be resumed')
+        raise CheckpointError(f'{path}: not a checkpoint of this tool (no format={FORMAT} record): '
+                              f'weights alone (final_weights.pt, another tool\'s) cannot be '
+                              f'resumed; to start a run from them, give the file as the model\'s '
+                              f'weights, not to --resume')
     check_format(state, path)
     return state
 
@@ -176,9 +178,11 @@ def resolve_resume(resume: str, folder, run_name: str = ''):
     """The checkpoint ``--resume`` names: '' -> None (a new run); 'auto' -> the checkpoint of the
     latest run named ``run_name`` ('' : of the unnamed runs) under the logging folder ``folder``
     (``run_dir.latest_checkpoint``; None when there is none, so the same command line starts a run
-    and resumes it after a pre-emption). When that run has finished, this says so (the trainer then
-    ends without training: a job chain's later jobs do not train a new run); anything else is a
-    path, which must exist (CheckpointError)."""
+    and resumes it after a pre-emption, and says so, naming the runs of other names that could be
+    resumed: a mistyped folder or run name in a requeued job would start over without a word).
+    When that run has finished, this says so (the trainer then ends without training: a job
+    chain's later jobs do not train a new run); anything else is a checkpoint's path or a run
+    folder holding one, which must exist (CheckpointError)."""
     if not resume:
         return None
     if resume == 'auto':
@@ -186,11 +190,22 @@ def resolve_resume(resume: str, folder, run_name: str = ''):
         if path and RunDir(path.parent).is_finished:
             print(f'=> {path.parent} has finished (final_weights.pt): nothing to resume; to train '
                   'a new run, leave out --resume auto or give the run another name')
+        elif path is None:
+            others = checkpointed_run_names(folder) if Path(folder).is_dir() else []
+            named = f'named {run_name!r}' if run_name else 'without a name'
+            found = ', '.join(f'{n!r}' if n else 'unnamed' for n in others)
+            print(f'=> --resume auto: no run {named} with a checkpoint in {folder}: this starts '
+                  f'a new one' + (f' (runs there with one: {found}; give its run name to resume '
+                                  f'it)' if others else ''), flush=True)
         return path
-    if not Path(resume).is_file():
-        raise CheckpointError(f'--resume {resume}: no such file; give a checkpoint.pt path or '
-                              f'"auto" (the latest run under {folder})')
-    return Path(resume)
+    path = Path(resume)
+    if path.is_dir() and RunDir(path).checkpoint.is_file():  # a run folder
+        path = RunDir(path).checkpoint
+    if not path.is_file():
+        what = 'a folder without a checkpoint.pt' if path.is_dir() else 'no such file'
+        raise CheckpointError(f'--resume {resume}: {what}; give a run folder, its checkpoint.pt '
+                              f'or "auto" (the latest run under {folder})')
+    return path
 
 
 def rng_state() -> dict:

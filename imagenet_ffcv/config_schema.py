@@ -245,8 +245,8 @@ def _checkpoint_sections(section) -> None:
     section('checkpoint', 'checkpoints (RUN_DIR/checkpoint.pt, rewritten atomically) and resume',
             resume=Param(str, "'auto': continue the latest run of logging.run_name under "
                               'logging.folder (start a new one if there is none; end at once if '
-                              "it has finished); a checkpoint.pt path: continue that run; '': a "
-                              'new run', default=''),
+                              "it has finished); a checkpoint.pt path, or a run folder: continue "
+                              "that run; '': a new run", default=''),
             every_iters=Param(int, 'also write a checkpoint every this many iterations within an '
                                    'epoch; 0: only at the end of each epoch', default=0),
             force=Param(int, '1: resume even if the config changes the schedule (epochs, LR, '

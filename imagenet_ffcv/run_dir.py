@@ -239,6 +239,12 @@ def latest_checkpoint(folder, run_name: str = ''):
     return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
 
 
+def checkpointed_run_names(folder) -> list:
+    """The run names (sorted; '' for unnamed runs) of the run folders ``folder/*/`` that hold a
+    ``checkpoint.pt``."""
+    return sorted({RunDir(p.parent).run_name for p in Path(folder).glob(f'*/{CHECKPOINT_NAME}')})
+
+
 def code_version() -> dict:
     """``{'git_commit': SHA or None, 'git_dirty': bool or None}`` of the code that runs: the
     commit of the repository holding this package, and whether its tracked files differ from it

@@ -28,7 +28,8 @@ def test_save_replaces_atomically_and_a_failed_save_keeps_the_previous_file(tmp_
 def test_load_names_the_file_for_foreign_or_truncated_files(tmp_path):
     weights = tmp_path / 'final_weights.pt'
     torch.save({'fc.weight': torch.zeros(2, 2)}, weights)
-    with pytest.raises(checkpoint.CheckpointError, match='final_weights.pt.*cannot be resumed'):
+    with pytest.raises(checkpoint.CheckpointError,
+                       match="final_weights.pt.*cannot be resumed.*as the model's weights"):
         checkpoint.load(weights)
     good = tmp_path / 'checkpoint.pt'
     checkpoint.save({'format': 1, 'model': {'w': torch.ones(1000)}}, good)
@@ -39,8 +40,15 @@ def test_load_names_the_file_for_foreign_or_truncated_files(tmp_path):
 
 
 def test_resume_auto_picks_the_latest_run_and_says_when_it_has_finished(tmp_path, capsys):
+    """--resume auto: the latest run of that name, a note when it has finished, and one when
+    there is none (a mistyped folder or run name in a requeued job started over without a
+    word), naming the runs of other names there. A run folder given to --resume is its
+    checkpoint."""
     assert checkpoint.resolve_resume('', tmp_path) is None
-    assert checkpoint.resolve_resume('auto', tmp_path) is None  # nothing yet: a new run
+    assert checkpoint.resolve_resume('auto', tmp_path / 'typo') is None  # nothing yet: a new run
+    assert capsys.readouterr().out == (f"=> --resume auto: no run without a name with a "
+                                       f"checkpoint in {tmp_path / 'typo'}: this starts a new "
+                                       f"one\n")
     for name, age in (('a', 3), ('b', 2), ('c', 1)):
         (tmp_path / name).mkdir()
         checkpoint.save({'format': 1}, tmp_path / name / 'checkpoint.pt')
@@ -54,6 +62,16 @@ def test_resume_auto_picks_the_latest_run_and_says_when_it_has_finished(tmp_path
         capsys.readouterr().out
     with pytest.raises(checkpoint.CheckpointError, match='no-such.pt: no such file'):
         checkpoint.resolve_resume(str(tmp_path / 'no-such.pt'), tmp_path)
+    assert checkpoint.resolve_resume(str(tmp_path / 'b'), tmp_path) == tmp_path / 'b' / \
+        'checkpoint.pt'
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(checkpoint.CheckpointError, match='empty: a folder without a checkpoint'):
+        checkpoint.resolve_resume(str(tmp_path / 'empty'), tmp_path)
+    (tmp_path / 'b' / 'params.json').write_text(json.dumps({'logging': {'run_name': 'rn50'}}))
+    assert checkpoint.resolve_resume('auto', tmp_path, 'rn5') is None
+    assert capsys.readouterr().out == (f"=> --resume auto: no run named 'rn5' with a checkpoint "
+                                       f"in {tmp_path}: this starts a new one (runs there with "
+                                       f"one: unnamed, 'rn50'; give its run name to resume it)\n")
 
 
 def test_schedule_changes_are_listed_and_harmless_changes_are_not():
