@@ -105,6 +105,9 @@ def check_beton(path) -> int:
     inside the file and is in the allocation table) and holds samples. Returns the number of
     samples. Raises FileNotFoundError, or CorruptBetonError saying what is wrong and what to do."""
     path = Path(path)
+    if path.is_dir():  # a folder of images, most likely: the converter's input
+        raise FileNotFoundError(f'{path}: a folder, not a .beton file; write one from it with '
+                                f'imagenet-ffcv-write --data-dir DIR --split SPLIT --out FILE.beton')
     if not path.is_file():
         raise FileNotFoundError(f'{path}: .beton file not found; write it with imagenet-ffcv-write')
     reader, recs = _read(path)

@@ -704,6 +704,13 @@ def test_a_truncated_file_or_not_a_beton_is_a_clear_error_at_loader_creation(sam
     empty = empty_beton(sample_betons['val'], tmp_path / 'empty.beton')
     with pytest.raises(CorruptBetonError, match='empty.beton: holds no samples'):
         loaders.val_loader(path=empty, batch_size=8, num_workers=1, res=32, device=cpu)
+    # the images' folder given instead of its .beton was ".beton file not found"
+    with pytest.raises(FileNotFoundError, match='val: a folder, not a .beton file; write one '
+                                                'from it with imagenet-ffcv-write --data-dir'):
+        loaders.val_loader(path=SAMPLE / 'val', batch_size=8, num_workers=1, res=32, device=cpu)
+    with pytest.raises(FileNotFoundError, match='nowhere.beton: .beton file not found'):
+        loaders.val_loader(path=tmp_path / 'nowhere.beton', batch_size=8, num_workers=1, res=32,
+                           device=cpu)
 
 
 def empty_beton(beton, out):
