@@ -22,6 +22,7 @@ checkpoint or the run folder's classes.tsv (the class list written beside the tr
 --classes.
 """
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -177,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
 def cli(argv=None) -> int:
     """The command line (``argv``, default ``sys.argv[1:]``): prints each image's top classes;
     returns the exit status: 1, with a one-line message, for unusable weights or class list, and
-    when an image cannot be read (named on stderr, the other images' classes printed)."""
+    when an image cannot be read (named on stderr, the other images' classes printed). A reader
+    that stops early (``| head``) ends the printing without an error."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -188,13 +190,17 @@ def cli(argv=None) -> int:
     except (CheckpointError, FileNotFoundError, OSError, ValueError) as e:
         print(f'{command_name("predict")}: {e}', file=sys.stderr)
         return 1
-    for path, top in zip(args.images, results):
-        if isinstance(top, Exception):
-            print(f'{command_name("predict")}: {top}', file=sys.stderr)
-            continue
-        print(path)
-        for wnid, name, p in top:
-            print(f'{name or wnid} (score = {p:.5f})')
+    try:
+        for path, top in zip(args.images, results):
+            if isinstance(top, Exception):
+                print(f'{command_name("predict")}: {top}', file=sys.stderr)
+                continue
+            print(path)
+            for wnid, name, p in top:
+                print(f'{name or wnid} (score = {p:.5f})')
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader has what it wanted; Python's flush at exit would fail too
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return int(any(isinstance(top, Exception) for top in results))
 
 

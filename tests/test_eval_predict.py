@@ -2,6 +2,7 @@
 --training.eval_only, predict.py, the parameter/GMAC count and the run's plot. (Every test of the
 short run is in this file, so that the two pytest processes of make test do not both train it.)"""
 import json
+import os
 import re
 import subprocess
 import sys
@@ -170,6 +171,15 @@ def test_predict_prints_named_top5_and_agrees_with_validation(short_run):
         m = re.fullmatch(r'(.+) \(score = (0\.\d{5}|1\.00000)\)', line)
         assert m and m.group(1) in known, line
     assert names[classes[0]] == 'tench'  # names from the ILSVRC-2012 list
+    # a reader that has stopped (predict.py ... | head -n 1, once head has its line): no
+    # BrokenPipeError traceback, the status of the predictions
+    read, write = os.pipe()
+    os.close(read)
+    with os.fdopen(write, 'w') as closed:
+        proc = subprocess.run([sys.executable, 'predict.py', str(files[0]), '--weights',
+                               str(weights)], cwd=REPO, env=run_env(), stdout=closed,
+                              stderr=subprocess.PIPE, text=True, timeout=300)
+    assert proc.returncode == 0 and 'Error' not in proc.stderr, proc.stderr[-2000:]
 
 
 def test_predict_sees_what_validation_sees(sample_betons):
