@@ -1,10 +1,13 @@
 """What the three commands (``imagenet-ffcv-write``, ``imagenet-ffcv-train``,
-``imagenet-ffcv-predict``) share: the name their messages give the command the user ran, and
-warnings printed as one line."""
+``imagenet-ffcv-predict``) share: the name their messages give the command the user ran, warnings
+printed as one line, and the one line of a command stopped by Ctrl-C."""
 import functools
 import os
+import signal
 import sys
 import warnings
+
+from .signals import end_by_sigint
 
 PACKAGE = os.path.dirname(os.path.abspath(__file__))
 
@@ -18,6 +21,16 @@ def command_name(module: str) -> str:
     if argv0 in ('', '-m', '-c') or os.path.dirname(os.path.abspath(argv0)) == PACKAGE:
         return f'python -m imagenet_ffcv.{module}'
     return os.path.basename(argv0)
+
+
+def stopped_by_ctrl_c(module: str, what: str = '') -> int:
+    """After a command's KeyboardInterrupt (its clean-up done): ``<command>: stopped by
+    Ctrl-C<what>`` on stderr, in place of a traceback, then the process ends by SIGINT
+    (``signals.end_by_sigint``: a shell running a loop of commands stops the loop only when one
+    dies of SIGINT). Returns 128 + SIGINT where it does not end (off the main thread)."""
+    print(f'{command_name(module)}: stopped by Ctrl-C{what}', file=sys.stderr, flush=True)
+    end_by_sigint()
+    return 128 + signal.SIGINT
 
 
 def one_line_warnings(module: str):

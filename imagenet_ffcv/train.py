@@ -22,7 +22,7 @@ from tqdm import tqdm
 from . import (checkpoint, config, distributed, engine, loaders, metrics, models, optimizers,
                preflight, schedules, weights)
 from .classes import class_list_path, read_class_names
-from .commands import command_name
+from .commands import command_name, stopped_by_ctrl_c
 from .ema import make_ema
 from .errors import ImagenetFfcvError
 from .evaluate import evaluate_weights, make_val_loader, ten_crop_eval, validate_with_ema
@@ -384,15 +384,15 @@ def summarize(run: Run) -> dict:
 
 
 def cli(argv=None) -> int:
-    """The command line: train (or evaluate) as ``argv`` says (default ``sys.argv[1:]``); returns
-    the exit status, with a one-line message instead of a traceback for expected failures (a bad
-    config key, a missing file, a checkpoint that cannot be resumed, a non-finite loss, a corrupt
-    record)."""
+    """Train or evaluate as ``argv`` says (default ``sys.argv[1:]``); returns the exit status, with
+    one line instead of a traceback for expected failures (ImagenetFfcvError, a missing file)."""
     try:
         summary = main(config.load_config(sys.argv[1:] if argv is None else argv))
     except (ImagenetFfcvError, FileNotFoundError) as e:
         print(f'{command_name("train")}: {e}', file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # before the run's own handling of Ctrl-C, or a second Ctrl-C
+        return stopped_by_ctrl_c('train', ' (--resume auto continues from the last checkpoint)')
     return summary.get('exit_code', 0)
 
 

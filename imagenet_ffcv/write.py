@@ -32,10 +32,10 @@ from pathlib import Path
 import numpy as np
 
 from .classes import class_list_path, read_class_list, write_class_list
-from .commands import command_name, one_line_warnings
+from .commands import command_name, one_line_warnings, stopped_by_ctrl_c
 from .images import DEFAULT_RESTART_INTERVAL
 from .ilsvrc import KAGGLE_DIR
-from .signals import Terminated, end_by_sigint, sigterm_raises
+from .signals import Terminated, sigterm_raises
 from .sources import LAYOUTS, held_out, load_split
 from .verify import CorruptBetonError, verify_beton
 from .writer import UnreadableImagesError, write_beton
@@ -205,13 +205,11 @@ def cli(argv=None) -> int:
         print(f'{command_name("write")}: {e}', file=sys.stderr)
         return 1
     except (KeyboardInterrupt, Terminated) as e:
-        stopped = 'SIGTERM' if isinstance(e, Terminated) else 'Ctrl-C'
         kept = '' if args.verify else f': nothing written, {args.out} is as it was'
-        print(f'{command_name("write")}: stopped by {stopped}{kept}', file=sys.stderr)
-        if isinstance(e, Terminated):
-            return 128 + signal.SIGTERM
-        end_by_sigint()
-        return 128 + signal.SIGINT
+        if isinstance(e, KeyboardInterrupt):
+            return stopped_by_ctrl_c('write', kept)
+        print(f'{command_name("write")}: stopped by SIGTERM{kept}', file=sys.stderr)
+        return 128 + signal.SIGTERM
 
 
 if __name__ == '__main__':

@@ -191,6 +191,25 @@ def test_ctrl_c_sets_the_stop_flag_and_a_second_one_abandons_at_once():
     assert signal.getsignal(signal.SIGINT) is before
 
 
+def test_ctrl_c_outside_the_runs_handling_ends_the_trainer_in_one_line(monkeypatch, capsys):
+    """Ctrl-C while the trainer starts (imports, numba compiling) or a second one: the
+    KeyboardInterrupt printed a traceback of some 30 lines. It is one line on stderr, and the
+    process ends by SIGINT (here recorded, not done), else with status 130."""
+    from imagenet_ffcv import commands, train
+    ended = []
+    monkeypatch.setattr(commands, 'end_by_sigint', lambda: ended.append(True))
+
+    def interrupted(cfg):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(train, 'main', interrupted)
+    assert train.cli(['--data.train_dataset=a', '--data.val_dataset=b',
+                      '--logging.folder=c']) == 130
+    err = capsys.readouterr().err
+    assert err.endswith(': stopped by Ctrl-C (--resume auto continues from the last checkpoint)'
+                        '\n') and err.count('\n') == 1, err
+    assert ended == [True]
+
+
 class NaNAt(nn.Module):
     """Cross-entropy, except NaN at call number ``at`` (0-based)."""
 
