@@ -192,7 +192,7 @@ def test_ctrl_c_sets_the_stop_flag_and_a_second_one_abandons_at_once():
 
 
 def test_ctrl_c_outside_the_runs_handling_ends_the_trainer_in_one_line(monkeypatch, capsys):
-    """Ctrl-C while the trainer starts (imports, numba compiling) or a second one: the
+    """Ctrl-C while the trainer starts (numba compiling its loaders) or a second one: the
     KeyboardInterrupt printed a traceback of some 30 lines. It is one line on stderr, and the
     process ends by SIGINT (here recorded, not done), else with status 130."""
     from imagenet_ffcv import commands, train
