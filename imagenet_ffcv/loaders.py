@@ -7,6 +7,8 @@ ffcv-imagenet: whole-image decode and OpenCV INTER_AREA resize).
 The last op of each image pipeline leaves (B, 3, H, W) images normalised with the ImageNet
 mean/std, in channels_last memory: float32 on CPU (the decoder normalises), ``dtype`` on CUDA.
 """
+import os
+import warnings
 import weakref
 from collections import defaultdict
 from collections.abc import Sequence
@@ -32,6 +34,7 @@ from .constants import DECODERS, DEFAULT_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
 from . import memory_readers
 from .decoders import ScratchQuery, center_crop_decoder, random_resized_crop_decoder
 from .epoch_iterator import EpochIterator
+from .sources import check_holdouts
 from .verify import check_beton
 
 ORDERS = {'random': OrderOption.RANDOM, 'quasi_random': OrderOption.QUASI_RANDOM}
@@ -54,9 +57,17 @@ def num_classes(beton_path, val_path=None) -> int:
 
     With ``val_path``, the class lists beside the two files must be the same (both written from the
     same train split); otherwise ClassListError (a ValueError) names both files, since labels
-    would not match.
+    would not match. A validation split held out of train/ must be held out of the training
+    split alike (``sources.check_holdouts``: HoldoutMismatchError); the same file as both splits
+    gives a warning.
     """
     classes = class_list_path(beton_path)
+    if val_path is not None:
+        check_holdouts(beton_path, val_path)
+        if os.path.exists(val_path) and os.path.exists(beton_path) and \
+                os.path.samefile(val_path, beton_path):
+            warnings.warn(f'{val_path} is the training .beton too: top-1 is measured on the '
+                          f'training images')
     if val_path is not None and classes.exists() and class_list_path(val_path).exists():
         if read_class_list(classes) != read_class_list(class_list_path(val_path)):
             raise ClassListError(f'{classes} and {class_list_path(val_path)} differ: the two '

@@ -7,6 +7,7 @@ the same map, so a val split that lacks a class, or lists its folders in another
 train indices. Every layout gives the same classes, labels and order for the same images.
 """
 import hashlib
+import json
 import math
 import os
 import re
@@ -16,6 +17,8 @@ from pathlib import Path
 
 from . import ilsvrc
 from .constants import IMAGE_EXTENSIONS
+from .errors import ImagenetFfcvError
+from .files import write_text_atomic
 from .ilsvrc import KAGGLE_DIR, TRAIN_TAR, VAL_TAR
 
 LAYOUTS = ('folders', 'kaggle', 'tars')
@@ -283,6 +286,43 @@ def held_out(samples: list, fraction: float, split: str) -> list:
             samples[i][0]).encode('utf-8', 'surrogateescape')).digest(), str(samples[i][0])))
         chosen.update(ranked[:count])
     return [s for i, s in enumerate(samples) if (i in chosen) == (split == 'val')]
+
+
+class HoldoutMismatchError(ImagenetFfcvError, ValueError):
+    """A validation .beton held out of train/ with another --holdout than the training .beton's:
+    the two share images."""
+
+
+def holdout_record_path(beton_path) -> Path:
+    """Where the converter records which share of train/ a .beton holds out
+    (:func:`write_holdout_record`): ``val_256.beton`` -> ``val_256.holdout.json``."""
+    beton_path = Path(beton_path)
+    return beton_path.with_name(beton_path.stem + '.holdout.json')
+
+
+def write_holdout_record(beton_path, split: str, fraction: float) -> None:
+    """Write ``{"split": split, "holdout": fraction}`` beside a .beton: the converter's --split and
+    --holdout (0: the split's own images, no share held out)."""
+    write_text_atomic(holdout_record_path(beton_path),
+                      json.dumps({'split': split, 'holdout': fraction}) + '\n')
+
+
+def check_holdouts(train_beton, val_beton) -> None:
+    """HoldoutMismatchError naming both files when ``val_beton`` holds out a share of train/
+    (--holdout F) and ``train_beton`` was written with another --holdout (0: every image of
+    train/, those of the validation split too, which inflates top-1). Betons without a record
+    (written by an older version, or a record unreadable) are not checked."""
+    try:
+        train, val = (json.loads(holdout_record_path(p).read_text())['holdout']
+                      for p in (train_beton, val_beton))
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if val and train != val:
+        raise HoldoutMismatchError(
+            f'{val_beton} holds out {val:g} of each class of train/ (--holdout {val:g}), but '
+            f'{train_beton} was written with --holdout {train:g}, so the two share images and '
+            f'top-1 would be measured on training images: write {train_beton} again with '
+            f'--split train --holdout {val:g}')
 
 
 def load_split(root, split: str, layout: str = 'auto'):

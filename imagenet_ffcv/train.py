@@ -22,7 +22,7 @@ from tqdm import tqdm
 from . import (checkpoint, config, distributed, engine, loaders, metrics, models, optimizers,
                preflight, schedules, weights)
 from .classes import class_list_path, read_class_names
-from .commands import command_name, stopped_by_ctrl_c
+from .commands import command_name, one_line_warnings, stopped_by_ctrl_c
 from .ema import make_ema
 from .errors import ImagenetFfcvError
 from .evaluate import evaluate_weights, make_val_loader, ten_crop_eval, validate_with_ema
@@ -263,7 +263,8 @@ def fit(run: Run):
                     stop_requested=stop.__bool__, corrupt_record=run.train_loader.corrupt_record,
                     save_checkpoint=partial(save_checkpoint, run, epoch),
                     checkpoint_every=cfg.checkpoint.every_iters,
-                    log_train=partial(log_train, run, epoch),
+                    log_train=lambda done, values: run.live_log.train_scalars(  # rank 0's
+                        run.global_step(epoch, done), values),
                     log_every=cfg.logging.every_iters if run.live_log else 0),
                 show_progress=run.dist.is_primary,
                 start_iteration=progress.iteration if epoch == first_epoch else 0,
@@ -316,11 +317,6 @@ def validate_run(run: Run) -> dict:
     """:func:`validate_with_ema` of the run's model and EMA."""
     return validate_with_ema(run.cfg, run.model_without_ddp, run.options.ema, run.val_loader,
                              run.precision, show_progress=run.dist.is_primary)
-
-
-def log_train(run: Run, epoch: int, iterations_done: int, values: dict) -> None:
-    """Rank 0: the train loss, LR and img/s of an iteration, to TensorBoard / W&B."""
-    run.live_log.train_scalars(run.global_step(epoch, iterations_done), values)
 
 
 def log_epoch(run: Run, epoch: int, res: int, stats: dict, val: dict) -> None:
@@ -383,6 +379,7 @@ def summarize(run: Run) -> dict:
     return summary
 
 
+@one_line_warnings('train')
 def cli(argv=None) -> int:
     """Train or evaluate as ``argv`` says (default ``sys.argv[1:]``); returns the exit status, with
     one line instead of a traceback for expected failures (ImagenetFfcvError, a missing file)."""

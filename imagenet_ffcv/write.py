@@ -11,7 +11,8 @@ Each image is resized so its shorter side is at most --max-res pixels (aspect ra
 upscaled), the role of the classic `convert -resize "256^>"` step. Class i is the i-th wnid folder of
 the sorted *train* split, for both splits; the class list is written beside the .beton
 (train_256.beton -> train_256.classes.tsv). A data set without val/ can hold out a share of each
-class of train/ as its val split (--holdout 0.1, given for both splits).
+class of train/ as its val split (--holdout 0.1, given for both splits; NAME.holdout.json beside
+each .beton records its --holdout, and the trainer refuses a pair that differ).
 
 Files that cannot be decoded (truncated, empty, not an image, unreadable) are skipped and listed
 with the reason in NAME.skipped.tsv beside the .beton; --strict makes any of them an error (nothing
@@ -36,7 +37,7 @@ from .commands import command_name, one_line_warnings, stopped_by_ctrl_c
 from .images import DEFAULT_RESTART_INTERVAL
 from .ilsvrc import KAGGLE_DIR
 from .signals import Terminated, sigterm_raises
-from .sources import LAYOUTS, held_out, load_split
+from .sources import LAYOUTS, held_out, load_split, write_holdout_record
 from .verify import CorruptBetonError, verify_beton
 from .writer import UnreadableImagesError, write_beton
 
@@ -149,6 +150,7 @@ def main(args) -> dict:
                         restart_interval=args.restart_interval,
                         num_workers=args.num_workers, skip_unreadable=not args.strict)
     write_class_list(class_list_path(args.out), classes, names)
+    write_holdout_record(args.out, args.split, args.holdout)
     skipped = {path for path, _ in stats['skipped_files']}
     stats['classes'] = len({label for path, label in samples if path not in skipped})
     skipped_note = (f', {stats["skipped"]} skipped (listed in {stats["skipped_report"]})'

@@ -2,6 +2,7 @@
 --strict), --verify, the free-space check, and a kill -9 in the middle of a write."""
 import contextlib
 import io
+import json
 import os
 import signal
 import subprocess
@@ -1277,3 +1278,35 @@ def test_a_data_set_without_val_holds_out_a_share_of_each_train_class(tmp_path, 
     assert len(sources.held_out(files[:5], 0.5, 'val')) == 3  # 2.5 rounded half up, not to even
     with pytest.raises(SystemExit):
         write.cli(args + ['--split', 'val', '--holdout', '1'])
+
+
+def test_a_val_split_held_out_of_a_train_beton_that_holds_it_is_refused(tmp_path, recwarn):
+    """--holdout given to the val command only: the train .beton held every val image, and the
+    trainer measured top-1 on training images without a word. The converter records each
+    .beton's --holdout beside it; the trainer's class check (loaders.num_classes) refuses a pair
+    that differ, naming both files and the command to mend it. The same file as both splits
+    gives a warning. Betons without a record (older ones) pass unchecked."""
+    data = tmp_path / 'data'
+    small_split(data, 20)
+    args = ['--data-dir', str(data), '--max-res', '32', '--num-workers', '1']
+    betons = {name: tmp_path / f'{name}.beton' for name in ('train', 'train_held', 'val')}
+    for name, holdout in (('train', []), ('train_held', ['--holdout', '0.2']),
+                          ('val', ['--holdout', '0.2'])):
+        split = name.split('_')[0]
+        assert write.cli(args + ['--split', split, *holdout, '--out', str(betons[name])]) == 0
+    assert json.loads((tmp_path / 'val.holdout.json').read_text()) == {'split': 'val',
+                                                                       'holdout': 0.2}
+    with pytest.raises(sources.HoldoutMismatchError) as info:
+        loaders.num_classes(betons['train'], val_path=betons['val'])
+    assert str(info.value) == (
+        f"{betons['val']} holds out 0.2 of each class of train/ (--holdout 0.2), but "
+        f"{betons['train']} was written with --holdout 0, so the two share images and top-1 "
+        f"would be measured on training images: write {betons['train']} again with --split "
+        f"train --holdout 0.2")
+    assert loaders.num_classes(betons['train_held'], val_path=betons['val']) == 2
+    assert not recwarn.list
+    (tmp_path / 'train.holdout.json').unlink()  # as an older version wrote it
+    assert loaders.num_classes(betons['train'], val_path=betons['val']) == 2
+    assert loaders.num_classes(betons['train'], val_path=betons['train']) == 2
+    assert [str(w.message) for w in recwarn.list] == [
+        f"{betons['train']} is the training .beton too: top-1 is measured on the training images"]
