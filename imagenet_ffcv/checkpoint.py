@@ -192,9 +192,9 @@ def resolve_resume(resume: str, folder, run_name: str = ''):
                   'a new run, leave out --resume auto or give the run another name')
         elif path is None:
             others = checkpointed_run_names(folder) if Path(folder).is_dir() else []
-            named = f'named {run_name!r}' if run_name else 'without a name'
+            named = f'run named {run_name!r}' if run_name else 'unnamed run'
             found = ', '.join(f'{n!r}' if n else 'unnamed' for n in others)
-            print(f'=> --resume auto: no run {named} with a checkpoint in {folder}: this starts '
+            print(f'=> --resume auto: no {named} with a checkpoint in {folder}: this starts '
                   f'a new one' + (f' (runs there with one: {found}; give its run name to resume '
                                   f'it)' if others else ''), flush=True)
         return path

@@ -46,9 +46,8 @@ def test_resume_auto_picks_the_latest_run_and_says_when_it_has_finished(tmp_path
     checkpoint."""
     assert checkpoint.resolve_resume('', tmp_path) is None
     assert checkpoint.resolve_resume('auto', tmp_path / 'typo') is None  # nothing yet: a new run
-    assert capsys.readouterr().out == (f"=> --resume auto: no run without a name with a "
-                                       f"checkpoint in {tmp_path / 'typo'}: this starts a new "
-                                       f"one\n")
+    assert capsys.readouterr().out == (f"=> --resume auto: no unnamed run with a checkpoint in "
+                                       f"{tmp_path / 'typo'}: this starts a new one\n")
     for name, age in (('a', 3), ('b', 2), ('c', 1)):
         (tmp_path / name).mkdir()
         checkpoint.save({'format': 1}, tmp_path / name / 'checkpoint.pt')
