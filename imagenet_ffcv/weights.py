@@ -284,6 +284,12 @@ def load_model(path, *, num_classes: int = None, beton=None, arch: str = 'resnet
                         use_blurpool=bool(structure['use_blurpool']),
                         channels_last=bool(structure['channels_last']))
     problems = mismatch(state, model.state_dict())
+    head = classifier_keys(model)
+    if problems and head and not mismatch(state, model.state_dict(), ignore=head):
+        raise CheckpointError(  # all but the classifier fits: another class count
+            f'{path}: its classifier has {_outputs(state, structure["arch"])} outputs, but '
+            f'{num_classes} classes are asked for (those of {beton or "the class list given"}): '
+            f'use them on the classes they were trained on, or fine-tune them on these')
     if problems:
         raise CheckpointError(f'{path}: the weights do not fit {structure["arch"]} with '
                               f'{num_classes} classes: {problems}' + ('' if saved_config else

@@ -252,6 +252,17 @@ def test_weights_that_do_not_fit_for_eval_are_refused_naming_the_keys(tmp_path):
     assert "other shapes ['fc.bias', 'fc.weight']" in str(info.value)
     assert str(info.value).endswith('(resnet18 assumed: no config is saved with the weights; name '
                                     'their arch: predict --arch, eval-only --model.arch)')
+    # The right arch, another class count (torchvision's 1,000 ImageNet classes on a 10-class val
+    # .beton): 'other shapes' and 'resnet18 assumed' pointed at the arch, which was right.
+    torch.save(build_model(arch='resnet18', num_classes=1000, use_blurpool=False,
+                           channels_last=False).state_dict(), tmp_path / 'resnet18.pt')
+    with pytest.raises(CheckpointError) as info:
+        weights.load_model(tmp_path / 'resnet18.pt', num_classes=10, arch='resnet18',
+                           beton=tmp_path / 'val.beton')
+    assert str(info.value) == (
+        f"{tmp_path / 'resnet18.pt'}: its classifier has 1000 outputs, but 10 classes are asked "
+        f"for (those of {tmp_path / 'val.beton'}): use them on the classes they were trained on, "
+        f"or fine-tune them on these")
 
 
 def test_training_starts_from_model_weights(sample_betons, tmp_path):
