@@ -55,17 +55,34 @@ def ten_crop_eval(cfg, dist, model, precision) -> dict:
     return {f'{k}_10crop': v for k, v in result.items() if k != 'count'}
 
 
+def validated_otherwise(cfg, saved_config: dict) -> str:
+    """The overrides (``--validation.resolution=32 ...``) that would make ``cfg`` validate as the
+    run whose resolved config is ``saved_config`` validated (its resolution, flip TTA and
+    decoder), '' when it does already."""
+    run = config.saved_eval_kwargs(saved_config)
+    now = {'res': cfg.validation.resolution, 'flip_tta': bool(cfg.validation.lr_tta),
+           'decoder': cfg.data.decoder}
+    keys = {'res': 'validation.resolution', 'flip_tta': 'validation.lr_tta',
+            'decoder': 'data.decoder'}
+    return ' '.join(f'--{keys[k]}={int(v) if isinstance(v, bool) else v}'
+                    for k, v in run.items() if now[k] != v)
+
+
 def evaluate_weights(cfg, dist) -> dict:
     """``training.eval_only=1``: the validation top-1/top-5 of ``model.weights`` (a checkpoint or a
     final_weights.pt), computed as the training run computes it. The model is rebuilt as it was
     trained (``weights.load_model``: arch, BlurPool, channels_last from the config saved with
     the weights, when there is one) and must have been trained on the val .beton's classes
-    (CheckpointError otherwise); validation settings come from ``cfg``."""
+    (CheckpointError otherwise); validation settings come from ``cfg``, with a note naming the
+    overrides that would match the run's (:func:`validated_otherwise`)."""
     saved = weights.load_model(
         cfg.model.weights, num_classes=loaders.num_classes(cfg.data.val_dataset),
         beton=cfg.data.val_dataset, **config.model_kwargs(cfg))
     if saved.assumed and dist.is_primary:
         print(f'{saved.assumed} (--model.arch, --training.use_blurpool)')
+    if saved.config and dist.is_primary and (overrides := validated_otherwise(cfg, saved.config)):
+        print(f'=> note: the run of {cfg.model.weights} validated otherwise; this evaluates as the '
+              f'config given says: add {overrides} to evaluate as it did')
     model = saved.model.to(dist.device)
     precision = engine.resolve_precision(cfg.training.amp, dist.device)
     torch.backends.cudnn.benchmark = dist.device.type == 'cuda'  # fixed shapes

@@ -19,10 +19,10 @@ from imagenet_ffcv.classes import (class_list_path, read_class_list, read_class_
                                    write_class_list)
 
 
-def eval_config(sample_betons, tmp_path, weights):
+def eval_config(sample_betons, tmp_path, weights, *extra):
     """Eval-only of ``weights`` on the sample's val .beton, with no training .beton (none is read)."""
     return small_config(sample_betons, tmp_path, '--training.eval_only=1',
-                        f'--model.weights={weights}', '--data.train_dataset=')
+                        f'--model.weights={weights}', '--data.train_dataset=', *extra)
 
 
 def test_short_run_learns_and_logs(short_run):
@@ -69,6 +69,24 @@ def test_eval_only_gives_the_logged_top1_and_top5(short_run, sample_betons, tmp_
     assert (result['top_1'], result['top_5']) == (summary['top_1'], summary['top_5'])
     assert result['val_loss'] == pytest.approx(summary['val_loss'], rel=1e-6)
     assert list(tmp_path.iterdir()) == []  # evaluation writes no run folder
+
+
+def test_eval_only_names_the_overrides_that_evaluate_as_the_run_validated(short_run,
+                                                                            sample_betons,
+                                                                            tmp_path, capsys):
+    """Eval-only of a run's weights with a config that validates otherwise (the defaults: 256 px;
+    the run validated at 32 px) evaluated at 256 px without a word; it says which overrides would
+    evaluate as the run did, and says nothing when the config matches the run's."""
+    summary, cfg = short_run
+    weights = Path(summary['run_dir']) / 'final_weights.pt'
+    capsys.readouterr()
+    train.main(eval_config(sample_betons, tmp_path, weights))
+    assert 'validated otherwise' not in capsys.readouterr().out
+    train.main(eval_config(sample_betons, tmp_path, weights, '--validation.resolution=48',
+                           '--validation.lr_tta=0'))
+    assert (f'=> note: the run of {weights} validated otherwise; this evaluates as the config '
+            f'given says: add --validation.resolution=32 --validation.lr_tta=1 to evaluate as it '
+            f'did\n') in capsys.readouterr().out
 
 
 def test_eval_only_names_missing_or_unfitting_weights(short_run, sample_betons, tmp_path):
