@@ -95,7 +95,7 @@ def build_parser(config: Config = None) -> argparse.ArgumentParser:
                              'or the name of a shipped config such as '
                              'rn50_configs/rn50_16_epochs.yaml')
     parser.add_argument('--resume', dest='checkpoint.resume', default=None,
-                        help="shorthand for --checkpoint.resume: 'auto' or a checkpoint.pt path")
+                        help="--checkpoint.resume: 'auto', a checkpoint.pt path or a run folder")
     _add_key_arguments(parser, config)
     return parser
 
@@ -275,12 +275,13 @@ def lr_schedule_kwargs(cfg: SimpleNamespace) -> dict:
 
 
 def schedule_changes(saved: dict, current: dict) -> list:
-    """``['key: saved -> current', ...]`` for each key of the configs (``{'section': {'key':
-    value}}``, ``derived`` too) that differs and is not in :data:`RESUMABLE_CHANGES`; a key
-    ``saved`` lacks (it is older than the key) counts as its default, what its run did."""
+    """``['key: saved -> current', ...]`` for each differing key of ``current``'s sections (configs
+    as ``{'section': {'key': value}}``, ``derived`` too) not in :data:`RESUMABLE_CHANGES`; a key
+    ``saved`` lacks (older than the key) counts as its default, what its run did."""
     was, new = flatten(saved), flatten(current)
     old = {**defaults(), **was}
-    return [f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in sorted(was.keys() | new.keys())
+    keys = sorted(k for k in was.keys() | new.keys() if k.split('.')[0] in current)
+    return [f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in keys
             if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES)]
 
 
@@ -322,8 +323,7 @@ def lr_used(cfg: SimpleNamespace, world_size: int) -> float:
 
 
 def model_kwargs(cfg: SimpleNamespace) -> dict:
-    """The keyword arguments of ``models.build_model`` (and ``weights.load_model``) but the
-    class count."""
+    """``models.build_model``'s (and ``weights.load_model``'s) keyword arguments but the classes."""
     return {'arch': cfg.model.arch, 'use_blurpool': bool(cfg.training.use_blurpool),
             'channels_last': bool(cfg.training.channels_last)}
 

@@ -104,6 +104,9 @@ def train(cfg, dist, wall_start) -> dict:
     if resume_path and cfg.checkpoint.resume == 'auto' and RunDir(resume_path.parent).is_finished:
         return {'run_dir': str(resume_path.parent), 'finished_before': True}  # nothing to train
     saved = checkpoint.load(resume_path) if resume_path else None
+    if saved:  # the config's keys now: the loaders' checks (build) would name a changed one first
+        config.check_resumable(saved['config'], config.to_dict(cfg),
+                               force=bool(cfg.checkpoint.force), path=resume_path)
     run = build(cfg, dist, wall_start)
     if saved:
         restore(run, saved, resume_path)

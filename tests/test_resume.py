@@ -130,6 +130,9 @@ def test_sigterm_writes_a_checkpoint_and_exits_143(sample_betons, tmp_path):
 
 
 def test_resuming_with_a_different_schedule_is_refused_unless_forced(sample_betons, tmp_path):
+    """The changed keys are listed before the loaders are built: a batch larger than the training
+    set (the config's default 512, the command line not repeating the run's 32) was refused by
+    the loaders' check first, which told the user to lower training.batch_size."""
     run_dir = tmp_path / 'run'
     run_dir.mkdir()
     cfg = small_config(sample_betons, tmp_path, *RUN)
@@ -138,12 +141,12 @@ def test_resuming_with_a_different_schedule_is_refused_unless_forced(sample_beto
                             'num_classes': 10, 'device': 'cpu'}}
     checkpoint.save({'format': 1, 'config': resolved}, run_dir / 'checkpoint.pt')
     cfg = small_config(sample_betons, tmp_path, *RUN, '--training.epochs=20', '--lr.lr=0.1',
-                       f'--resume={run_dir / "checkpoint.pt"}')
+                       '--training.batch_size=512', f'--resume={run_dir / "checkpoint.pt"}')
     with pytest.raises(config.ConfigError) as info:
         train.main(cfg)
     message = str(info.value)
     assert 'training.epochs: 4 -> 20' in message and 'lr.lr: 0.05 -> 0.1' in message
-    assert 'checkpoint.force=1' in message
+    assert 'training.batch_size: 32 -> 512' in message and 'checkpoint.force=1' in message
 
 
 def test_non_finite_loss_stops_naming_epoch_and_iteration_and_keeps_the_checkpoint(
