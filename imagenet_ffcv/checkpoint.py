@@ -44,7 +44,7 @@ import torch
 
 from .errors import ImagenetFfcvError
 from .files import atomic_path, atomic_write
-from .run_dir import RunDir, checkpointed_run_names, latest_checkpoint
+from .run_dir import RunDir, latest_checkpoint, unfinished_run_names
 
 FORMAT = 1
 # How a torch.save file starts: a zip archive (since torch 1.6), or the legacy format's pickle
@@ -178,8 +178,8 @@ def resolve_resume(resume: str, folder, run_name: str = ''):
     """The checkpoint ``--resume`` names: '' -> None (a new run); 'auto' -> the checkpoint of the
     latest run named ``run_name`` ('' : of the unnamed runs) under the logging folder ``folder``
     (``run_dir.latest_checkpoint``; None when there is none, so the same command line starts a run
-    and resumes it after a pre-emption, and says so, naming the runs of other names that could be
-    resumed: a mistyped folder or run name in a requeued job would start over without a word).
+    and resumes it after a pre-emption, and says so, naming the unfinished runs of other names
+    there: a mistyped folder or run name in a requeued job would start over without a word).
     When that run has finished, this says so (the trainer then ends without training: a job
     chain's later jobs do not train a new run); anything else is a checkpoint's path or a run
     folder holding one, which must exist (CheckpointError)."""
@@ -191,12 +191,12 @@ def resolve_resume(resume: str, folder, run_name: str = ''):
             print(f'=> {path.parent} has finished (final_weights.pt): nothing to resume; to train '
                   'a new run, leave out --resume auto or give the run another name')
         elif path is None:
-            others = checkpointed_run_names(folder) if Path(folder).is_dir() else []
+            others = unfinished_run_names(folder) if Path(folder).is_dir() else []
             named = f'run named {run_name!r}' if run_name else 'unnamed run'
             found = ', '.join(f'{n!r}' if n else 'unnamed' for n in others)
             print(f'=> --resume auto: no {named} with a checkpoint in {folder}: this starts '
-                  f'a new one' + (f' (runs there with one: {found}; give its run name to resume '
-                                  f'it)' if others else ''), flush=True)
+                  f'a new one' + (f' (unfinished runs there: {found}; give its run name to '
+                                  f'resume one)' if others else ''), flush=True)
         return path
     path = Path(resume)
     if path.is_dir() and RunDir(path).checkpoint.is_file():  # a run folder

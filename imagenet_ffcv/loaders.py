@@ -76,6 +76,7 @@ def num_classes(beton_path, val_path=None) -> int:
                                  f'--data-dir')
     if classes.exists():
         return len(read_class_list(classes))
+    check_beton(beton_path)  # a missing file or a folder named as such, not by ffcv's Reader
     return int(Reader(str(beton_path)).metadata['f1'].max()) + 1
 
 

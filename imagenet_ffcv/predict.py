@@ -190,17 +190,17 @@ def cli(argv=None) -> int:
     except (CheckpointError, FileNotFoundError, OSError, ValueError) as e:
         print(f'{command_name("predict")}: {e}', file=sys.stderr)
         return 1
-    try:
-        for path, top in zip(args.images, results):
-            if isinstance(top, Exception):
-                print(f'{command_name("predict")}: {top}', file=sys.stderr)
-                continue
+    for path, top in zip(args.images, results):
+        if isinstance(top, Exception):
+            print(f'{command_name("predict")}: {top}', file=sys.stderr)
+            continue
+        try:
             print(path)
             for wnid, name, p in top:
                 print(f'{name or wnid} (score = {p:.5f})')
-        sys.stdout.flush()
-    except BrokenPipeError:  # the reader has what it wanted; Python's flush at exit would fail too
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.stdout.flush()
+        except BrokenPipeError:  # the reader has what it wanted: the rest goes to /dev/null (the
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # bad images to stderr)
     return int(any(isinstance(top, Exception) for top in results))
 
 

@@ -239,10 +239,11 @@ def latest_checkpoint(folder, run_name: str = ''):
     return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
 
 
-def checkpointed_run_names(folder) -> list:
+def unfinished_run_names(folder) -> list:
     """The run names (sorted; '' for unnamed runs) of the run folders ``folder/*/`` that hold a
-    ``checkpoint.pt``."""
-    return sorted({RunDir(p.parent).run_name for p in Path(folder).glob(f'*/{CHECKPOINT_NAME}')})
+    ``checkpoint.pt`` and no final weights."""
+    return sorted({RunDir(p.parent).run_name for p in Path(folder).glob(f'*/{CHECKPOINT_NAME}')
+                   if not RunDir(p.parent).is_finished})
 
 
 def code_version() -> dict:

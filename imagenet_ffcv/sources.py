@@ -289,8 +289,8 @@ def held_out(samples: list, fraction: float, split: str) -> list:
 
 
 class HoldoutMismatchError(ImagenetFfcvError, ValueError):
-    """A validation .beton held out of train/ with another --holdout than the training .beton's:
-    the two share images."""
+    """A validation .beton written from train/ (a --holdout split with another --holdout than the
+    training .beton's, or --split train): the two share images."""
 
 
 def holdout_record_path(beton_path) -> Path:
@@ -308,21 +308,31 @@ def write_holdout_record(beton_path, split: str, fraction: float) -> None:
 
 
 def check_holdouts(train_beton, val_beton) -> None:
-    """HoldoutMismatchError naming both files when ``val_beton`` holds out a share of train/
-    (--holdout F) and ``train_beton`` was written with another --holdout (0: every image of
-    train/, those of the validation split too, which inflates top-1). Betons without a record
-    (written by an older version, or a record unreadable) are not checked."""
+    """HoldoutMismatchError naming the files when the converter's records beside them
+    (:func:`write_holdout_record`) show that ``val_beton`` holds training images: it was written
+    with --split train, or it holds out a share of train/ (--holdout F) and ``train_beton`` was
+    written with a smaller --holdout (0: every image of train/), which inflates top-1; a larger
+    one leaves some images of train/ in neither split, and is refused too (give both the same F).
+    Betons without a record (written by an older version) or with an unreadable one pass."""
     try:
-        train, val = (json.loads(holdout_record_path(p).read_text())['holdout']
+        train, val = (json.loads(holdout_record_path(p).read_text())
                       for p in (train_beton, val_beton))
+        (train_split, train_f), (val_split, val_f) = ((r['split'], float(r['holdout']))
+                                                      for r in (train, val))
     except (OSError, ValueError, KeyError, TypeError):
         return
-    if val and train != val:
+    if val_split != 'val' or train_split != 'train':
+        wrong, split = (val_beton, val_split) if val_split != 'val' else (train_beton, train_split)
+        raise HoldoutMismatchError(f'{wrong} was written with --split {split}: the training .beton '
+                                   f'takes --split train, the validation one --split val')
+    if val_f and train_f != val_f:
+        effect = ('the two share images and top-1 would be measured on training images'
+                  if train_f < val_f else 'some images of train/ are in neither split')
         raise HoldoutMismatchError(
-            f'{val_beton} holds out {val:g} of each class of train/ (--holdout {val:g}), but '
-            f'{train_beton} was written with --holdout {train:g}, so the two share images and '
-            f'top-1 would be measured on training images: write {train_beton} again with '
-            f'--split train --holdout {val:g}')
+            f'{val_beton} holds out {val_f} of each class of train/ (--holdout {val_f}), but '
+            f'{train_beton} was written with {f"--holdout {train_f}" if train_f else "none"}, '
+            f'so {effect}: write '
+            f'{train_beton} again with --split train --holdout {val_f}')
 
 
 def load_split(root, split: str, layout: str = 'auto'):

@@ -130,6 +130,7 @@ def build(cfg, dist, wall_start) -> Run:
     """Loaders, model, optimizer, loss and schedules of a new run, on ``dist.device``."""
     device = dist.device
     preflight.check_runnable(cfg, device, dist.local_world_size)  # before any work
+    num_classes = loaders.num_classes(cfg.data.train_dataset, val_path=cfg.data.val_dataset)
     precision = engine.resolve_precision(cfg.training.amp, device)
     torch.backends.cudnn.benchmark = device.type == 'cuda'  # fixed shapes within an epoch
     torch.manual_seed(cfg.training.seed)  # the same initial weights on every rank
@@ -140,7 +141,6 @@ def build(cfg, dist, wall_start) -> Run:
         distributed=dist.distributed, dtype=precision.input_dtype)
     config.check_batches(cfg, train_loader, dist.world_size)
     val_loader = make_val_loader(cfg, dist, precision, threads)  # the count worked out once
-    num_classes = loaders.num_classes(cfg.data.train_dataset, val_path=cfg.data.val_dataset)
     class_list = class_list_path(cfg.data.train_dataset)
     model_without_ddp = models.build_model(**config.model_kwargs(cfg), num_classes=num_classes)
     if cfg.model.weights:  # fine-tuning (on --resume, the checkpoint's weights replace these)
@@ -392,7 +392,7 @@ def cli(argv=None) -> int:
         print(f'{command_name("train")}: {e}', file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # before the run's own handling of Ctrl-C, or a second Ctrl-C
-        return stopped_by_ctrl_c('train', ' (--resume auto continues from the last checkpoint)')
+        return stopped_by_ctrl_c('train', ' (a run keeps its last checkpoint: --resume auto)')
     return summary.get('exit_code', 0)
 
 

@@ -105,11 +105,6 @@ def check_beton(path) -> int:
     inside the file and is in the allocation table) and holds samples. Returns the number of
     samples. Raises FileNotFoundError, or CorruptBetonError saying what is wrong and what to do."""
     path = Path(path)
-    if path.is_dir():  # a folder of images, most likely: the converter's input
-        raise FileNotFoundError(f'{path}: a folder, not a .beton file; write one from it with '
-                                f'imagenet-ffcv-write --data-dir DIR --split SPLIT --out FILE.beton')
-    if not path.is_file():
-        raise FileNotFoundError(f'{path}: .beton file not found; write it with imagenet-ffcv-write')
     reader, recs = _read(path)
     if len(recs) == 0:
         raise CorruptBetonError(f'{path}: holds no samples; write it again with imagenet-ffcv-write')
@@ -125,10 +120,16 @@ def check_beton(path) -> int:
 
 
 def _read(path) -> tuple:
-    """``(reader, records)`` (see :func:`records`); FileNotFoundError, CorruptBetonError."""
+    """``(reader, records)`` (see :func:`records`); FileNotFoundError (naming a folder given for
+    a .beton as one: the converter's input, most likely), CorruptBetonError."""
     path = Path(path)
+    if path.is_dir():
+        split = (f'--data-dir {path.parent} --split {path.name}' if path.name in ('train', 'val')
+                 else '--data-dir DIR --split SPLIT')
+        raise FileNotFoundError(f'{path}: a folder, not a .beton file; write one from its images '
+                                f'with imagenet-ffcv-write {split} --out FILE.beton')
     if not path.is_file():
-        raise FileNotFoundError(f'{path}: no such .beton file')
+        raise FileNotFoundError(f'{path}: .beton file not found; write it with imagenet-ffcv-write')
     reader, images, labels = _open(path)
     alloc = reader.alloc_table
     ptrs = images['data_ptr'].astype(np.int64)

@@ -285,7 +285,8 @@ def load_model(path, *, num_classes: int = None, beton=None, arch: str = 'resnet
                         channels_last=bool(structure['channels_last']))
     problems = mismatch(state, model.state_dict())
     head = classifier_keys(model)
-    if problems and head and not mismatch(state, model.state_dict(), ignore=head):
+    if problems and head and head <= state.keys() and not mismatch(state, model.state_dict(),
+                                                                   ignore=head):
         raise CheckpointError(  # all but the classifier fits: another class count
             f'{path}: its classifier has {_outputs(state, structure["arch"])} outputs, but '
             f'{num_classes} classes are asked for (those of {beton or "the class list given"}): '

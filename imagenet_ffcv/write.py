@@ -12,7 +12,7 @@ upscaled), the role of the classic `convert -resize "256^>"` step. Class i is th
 the sorted *train* split, for both splits; the class list is written beside the .beton
 (train_256.beton -> train_256.classes.tsv). A data set without val/ can hold out a share of each
 class of train/ as its val split (--holdout 0.1, given for both splits; NAME.holdout.json beside
-each .beton records its --holdout, and the trainer refuses a pair that differ).
+each .beton records its --split and --holdout, and the trainer refuses a pair that differ).
 
 Files that cannot be decoded (truncated, empty, not an image, unreadable) are skipped and listed
 with the reason in NAME.skipped.tsv beside the .beton; --strict makes any of them an error (nothing

@@ -69,8 +69,11 @@ def test_resume_auto_picks_the_latest_run_and_says_when_it_has_finished(tmp_path
     (tmp_path / 'b' / 'params.json').write_text(json.dumps({'logging': {'run_name': 'rn50'}}))
     assert checkpoint.resolve_resume('auto', tmp_path, 'rn5') is None
     assert capsys.readouterr().out == (f"=> --resume auto: no run named 'rn5' with a checkpoint "
-                                       f"in {tmp_path}: this starts a new one (runs there with "
-                                       f"one: unnamed, 'rn50'; give its run name to resume it)\n")
+                                       f"in {tmp_path}: this starts a new one (unfinished runs "
+                                       f"there: 'rn50'; give its run name to resume one)\n")
+    (tmp_path / 'a' / 'final_weights.pt').unlink()  # a (unnamed) unfinished again
+    checkpoint.resolve_resume('auto', tmp_path, 'rn5')
+    assert "(unfinished runs there: unnamed, 'rn50';" in capsys.readouterr().out
 
 
 def test_schedule_changes_are_listed_and_harmless_changes_are_not():
@@ -204,8 +207,8 @@ def test_ctrl_c_outside_the_runs_handling_ends_the_trainer_in_one_line(monkeypat
     assert train.cli(['--data.train_dataset=a', '--data.val_dataset=b',
                       '--logging.folder=c']) == 130
     err = capsys.readouterr().err
-    assert err.endswith(': stopped by Ctrl-C (--resume auto continues from the last checkpoint)'
-                        '\n') and err.count('\n') == 1, err
+    assert err.endswith(': stopped by Ctrl-C (a run keeps its last checkpoint: --resume auto)\n'
+                        ) and err.count('\n') == 1, err
     assert ended == [True]
 
 

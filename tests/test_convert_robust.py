@@ -1283,27 +1283,36 @@ def test_a_data_set_without_val_holds_out_a_share_of_each_train_class(tmp_path, 
 def test_a_val_split_held_out_of_a_train_beton_that_holds_it_is_refused(tmp_path, recwarn):
     """--holdout given to the val command only: the train .beton held every val image, and the
     trainer measured top-1 on training images without a word. The converter records each
-    .beton's --holdout beside it; the trainer's class check (loaders.num_classes) refuses a pair
-    that differ, naming both files and the command to mend it. The same file as both splits
+    .beton's --split and --holdout beside it; the trainer's class check (loaders.num_classes)
+    refuses a pair that differ, naming the files and the command to mend it, and a val .beton
+    written with --split train (a command copied unchanged). The same file as both splits
     gives a warning. Betons without a record (older ones) pass unchecked."""
     data = tmp_path / 'data'
     small_split(data, 20)
     args = ['--data-dir', str(data), '--max-res', '32', '--num-workers', '1']
-    betons = {name: tmp_path / f'{name}.beton' for name in ('train', 'train_held', 'val')}
-    for name, holdout in (('train', []), ('train_held', ['--holdout', '0.2']),
-                          ('val', ['--holdout', '0.2'])):
-        split = name.split('_')[0]
-        assert write.cli(args + ['--split', split, *holdout, '--out', str(betons[name])]) == 0
+    written = {'train': ('train', '0'), 'train_held': ('train', '0.2'), 'val': ('val', '0.2'),
+               'train_more': ('train', '0.3'), 'val_copied': ('train', '0.2')}
+    betons = {name: tmp_path / f'{name}.beton' for name in written}
+    for name, (split, holdout) in written.items():
+        assert write.cli(args + ['--split', split, '--holdout', holdout,
+                                 '--out', str(betons[name])]) == 0
     assert json.loads((tmp_path / 'val.holdout.json').read_text()) == {'split': 'val',
                                                                        'holdout': 0.2}
     with pytest.raises(sources.HoldoutMismatchError) as info:
         loaders.num_classes(betons['train'], val_path=betons['val'])
     assert str(info.value) == (
         f"{betons['val']} holds out 0.2 of each class of train/ (--holdout 0.2), but "
-        f"{betons['train']} was written with --holdout 0, so the two share images and top-1 "
-        f"would be measured on training images: write {betons['train']} again with --split "
-        f"train --holdout 0.2")
+        f"{betons['train']} was written with none, so the two share images and top-1 would be "
+        f"measured on training images: write {betons['train']} again with --split train "
+        f"--holdout 0.2")
     assert loaders.num_classes(betons['train_held'], val_path=betons['val']) == 2
+    with pytest.raises(sources.HoldoutMismatchError, match=r"train_more.beton was written with "
+                       r"--holdout 0.3, so some images of train/ are in neither split"):
+        loaders.num_classes(betons['train_more'], val_path=betons['val'])
+    with pytest.raises(sources.HoldoutMismatchError, match=r"val_copied.beton was written with "
+                       r"--split train: the training .beton takes --split train, the validation "
+                       r"one --split val"):
+        loaders.num_classes(betons['train_held'], val_path=betons['val_copied'])
     assert not recwarn.list
     (tmp_path / 'train.holdout.json').unlink()  # as an older version wrote it
     assert loaders.num_classes(betons['train'], val_path=betons['val']) == 2

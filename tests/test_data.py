@@ -705,9 +705,15 @@ def test_a_truncated_file_or_not_a_beton_is_a_clear_error_at_loader_creation(sam
     with pytest.raises(CorruptBetonError, match='empty.beton: holds no samples'):
         loaders.val_loader(path=empty, batch_size=8, num_workers=1, res=32, device=cpu)
     # the images' folder given instead of its .beton was ".beton file not found"
-    with pytest.raises(FileNotFoundError, match='val: a folder, not a .beton file; write one '
-                                                'from it with imagenet-ffcv-write --data-dir'):
+    with pytest.raises(FileNotFoundError) as info:
         loaders.val_loader(path=SAMPLE / 'val', batch_size=8, num_workers=1, res=32, device=cpu)
+    assert str(info.value) == (f'{SAMPLE / "val"}: a folder, not a .beton file; write one from '
+                               f'its images with imagenet-ffcv-write --data-dir {SAMPLE} --split '
+                               f'val --out FILE.beton')
+    with pytest.raises(FileNotFoundError, match='n01440764: a folder, not a .beton file; write one '
+                                                'from its images with imagenet-ffcv-write '
+                                                '--data-dir DIR --split SPLIT'):
+        verify.verify_beton(SAMPLE / 'val' / 'n01440764')  # what --verify FOLDER reads
     with pytest.raises(FileNotFoundError, match='nowhere.beton: .beton file not found'):
         loaders.val_loader(path=tmp_path / 'nowhere.beton', batch_size=8, num_workers=1, res=32,
                            device=cpu)

@@ -190,14 +190,15 @@ def test_predict_prints_named_top5_and_agrees_with_validation(short_run):
         assert m and m.group(1) in known, line
     assert names[classes[0]] == 'tench'  # names from the ILSVRC-2012 list
     # a reader that has stopped (predict.py ... | head -n 1, once head has its line): no
-    # BrokenPipeError traceback, the status of the predictions
+    # BrokenPipeError traceback, a bad image after it still named, the status of the predictions
     read, write = os.pipe()
     os.close(read)
     with os.fdopen(write, 'w') as closed:
-        proc = subprocess.run([sys.executable, 'predict.py', str(files[0]), '--weights',
-                               str(weights)], cwd=REPO, env=run_env(), stdout=closed,
+        proc = subprocess.run([sys.executable, 'predict.py', str(files[0]), str(REPO / 'nope.jpg'),
+                               '--weights', str(weights)], cwd=REPO, env=run_env(), stdout=closed,
                               stderr=subprocess.PIPE, text=True, timeout=300)
-    assert proc.returncode == 0 and 'Error' not in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 1 and 'Error' not in proc.stderr, proc.stderr[-2000:]
+    assert 'nope.jpg: no such file' in proc.stderr
 
 
 def test_predict_sees_what_validation_sees(sample_betons):

@@ -263,6 +263,12 @@ def test_weights_that_do_not_fit_for_eval_are_refused_naming_the_keys(tmp_path):
         f"{tmp_path / 'resnet18.pt'}: its classifier has 1000 outputs, but 10 classes are asked "
         f"for (those of {tmp_path / 'val.beton'}): use them on the classes they were trained on, "
         f"or fine-tune them on these")
+    backbone = {k: v for k, v in torch.load(tmp_path / 'resnet18.pt').items()
+                if not k.startswith('fc.')}  # no classifier: not 'a classifier of 0 outputs'
+    torch.save(backbone, tmp_path / 'backbone.pt')
+    with pytest.raises(CheckpointError, match=r"backbone.pt: the weights do not fit resnet18 with "
+                                              r"10 classes: missing \['fc.bias', 'fc.weight'\]"):
+        weights.load_model(tmp_path / 'backbone.pt', num_classes=10, arch='resnet18')
 
 
 def test_training_starts_from_model_weights(sample_betons, tmp_path):
