@@ -28,7 +28,7 @@ RUN = ['--training.epochs=4', '--lr.lr=0.05', '--lr.lr_peak_epoch=1', '--logging
 
 
 def signalled_cli(signal_at: str, betons, folder, *extra):
-    """train_imagenet.py's run of :func:`train_args`, sent a signal at a known step: ``signal_at`` is
+    """The trainer's run of :func:`train_args`, sent a signal at a known step: ``signal_at`` is
     ``NAME:EPOCH:STEP`` (tests/torchrun_main.py)."""
     return [sys.executable, 'tests/torchrun_main.py', str(folder),
             f'--send-signal={signal_at}:0', *train_args(betons, folder, *extra)]
