@@ -33,6 +33,26 @@ def stopped_by_ctrl_c(module: str, what: str = '') -> int:
     return 128 + signal.SIGINT
 
 
+def stops_on_ctrl_c(module: str, what: str = ''):
+    """Decorator of a command's ``cli`` that returns an exit status: a KeyboardInterrupt (Ctrl-C
+    before the command's own handling of it, or a second one) ends it as
+    :func:`stopped_by_ctrl_c` says, with ``what``; a status of 128 + SIGINT (the command stopped
+    for Ctrl-C, its clean-up done) ends the process by SIGINT too, so that a shell loop of
+    commands stops instead of starting the next one."""
+    def decorate(cli):
+        @functools.wraps(cli)
+        def wrapped(*args, **kwargs):
+            try:
+                status = cli(*args, **kwargs)
+            except KeyboardInterrupt:
+                return stopped_by_ctrl_c(module, what)
+            if status == 128 + signal.SIGINT:
+                end_by_sigint()
+            return status
+        return wrapped
+    return decorate
+
+
 def one_line_warnings(module: str):
     """Decorator of a command's ``cli``: while it runs, warnings that Python attributes to the
     package's code print as one line, ``<command>: warning: <message>`` (:func:`command_name`),

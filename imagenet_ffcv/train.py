@@ -22,7 +22,7 @@ from tqdm import tqdm
 from . import (checkpoint, config, distributed, engine, loaders, metrics, models, optimizers,
                preflight, schedules, weights)
 from .classes import class_list_path, read_class_names
-from .commands import command_name, one_line_warnings, stopped_by_ctrl_c
+from .commands import command_name, one_line_warnings, stops_on_ctrl_c
 from .ema import make_ema
 from .errors import ImagenetFfcvError
 from .evaluate import evaluate_weights, make_val_loader, ten_crop_eval, validate_with_ema
@@ -382,6 +382,7 @@ def summarize(run: Run) -> dict:
     return summary
 
 
+@stops_on_ctrl_c('train', ' (a run keeps its last checkpoint: --resume auto)')
 @one_line_warnings('train')
 def cli(argv=None) -> int:
     """Train or evaluate as ``argv`` says (default ``sys.argv[1:]``); returns the exit status, with
@@ -391,8 +392,6 @@ def cli(argv=None) -> int:
     except (ImagenetFfcvError, FileNotFoundError) as e:
         print(f'{command_name("train")}: {e}', file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # before the run's own handling of Ctrl-C, or a second Ctrl-C
-        return stopped_by_ctrl_c('train', ' (a run keeps its last checkpoint: --resume auto)')
     return summary.get('exit_code', 0)
 
 

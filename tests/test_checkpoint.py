@@ -196,7 +196,9 @@ def test_ctrl_c_sets_the_stop_flag_and_a_second_one_abandons_at_once():
 def test_ctrl_c_outside_the_runs_handling_ends_the_trainer_in_one_line(monkeypatch, capsys):
     """Ctrl-C while the trainer starts (numba compiling its loaders) or a second one: the
     KeyboardInterrupt printed a traceback of some 30 lines. It is one line on stderr, and the
-    process ends by SIGINT (here recorded, not done), else with status 130."""
+    process ends by SIGINT (here recorded, not done), else with status 130. A run stopped by the
+    first Ctrl-C (its checkpoint written, status 130) ends by SIGINT too: it exited 130, and a
+    shell loop of runs went on to the next one; SIGTERM's 143 stays a status."""
     from imagenet_ffcv import commands, train
     ended = []
     monkeypatch.setattr(commands, 'end_by_sigint', lambda: ended.append(True))
@@ -210,6 +212,11 @@ def test_ctrl_c_outside_the_runs_handling_ends_the_trainer_in_one_line(monkeypat
     assert err.endswith(': stopped by Ctrl-C (a run keeps its last checkpoint: --resume auto)\n'
                         ) and err.count('\n') == 1, err
     assert ended == [True]
+    for status, ends in ((130, [True]), (143, []), (0, [])):
+        ended.clear()
+        monkeypatch.setattr(train, 'main', lambda cfg: {'exit_code': status})
+        assert train.cli(['--data.train_dataset=a', '--data.val_dataset=b',
+                          '--logging.folder=c']) == status and ended == ends
 
 
 class NaNAt(nn.Module):
