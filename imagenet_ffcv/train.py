@@ -35,7 +35,7 @@ from .signals import StopRequest
 def main(cfg) -> dict:
     """Train as ``cfg`` (``config.load_config``) says, or evaluate ``model.weights`` (eval_only=1);
     returns the summary (run folder, final top-1/top-5, wall time, ...) on every rank. A run stopped
-    by SIGTERM/Ctrl-C returns after its checkpoint, with ``summary['exit_code']`` = 128 + signal."""
+    by a signal (SIGTERM, Ctrl-C), or finished with one in its last steps: exit_code 128 + it."""
     wall_start = time.perf_counter()
     dist = distributed.from_env()
     distributed.setup(dist, timeout_s=cfg.dist.timeout_s)
@@ -117,8 +117,9 @@ def train(cfg, dist, wall_start) -> dict:
             run.run_dir.path, tensorboard=bool(cfg.logging.tensorboard), config=run.resolved,
             wandb_project=cfg.logging.wandb_project, run_name=run.run_dir.path.name,
             resume_step=run.global_step(run.progress.epoch, run.progress.iteration)))
-        stop = fit(run)
-        return summarize(run) if stop is None else stopped_summary(run, stop)  # signalled or not
+        finished, stop = fit(run)
+        summary = summarize(run) if finished else stopped_summary(run, stop)  # signalled or not
+        return {**summary, 'exit_code': stop.exit_code} if stop else summary
     finally:
         if run.run_dir:
             run.run_dir.unlock()
@@ -248,10 +249,10 @@ def save_checkpoint(run: Run, epoch: int, iteration: int, so_far: dict = None) -
 
 
 def fit(run: Run):
-    """Train the epochs from ``run.progress`` on, validating as configured and writing a
-    checkpoint after each. A signal (SIGTERM, Ctrl-C) ends the current step, writes a checkpoint
-    and returns the ``signals.StopRequest`` (None when training ends, at the last epoch or at
-    the top-1 target)."""
+    """Train the epochs from ``run.progress`` on, validating as configured, a checkpoint after
+    each; a signal (SIGTERM, Ctrl-C) ends the current step with a checkpoint. Returns ``(finished,
+    stop)``: whether training ended (last epoch, top-1 target; a signal in the last epoch's final
+    steps or validation lets it end) and the ``signals.StopRequest`` (true when a signal came)."""
     cfg, progress = run.cfg, run.progress
     first_epoch = progress.epoch
     with StopRequest() as stop:  # no epoch after the one that reached the target (resumed)
@@ -276,7 +277,7 @@ def fit(run: Run):
                     epoch, epochs=cfg.training.epochs, res_at=run.res_at))
             if stats['iterations_done'] < len(run.train_loader):  # stopped within the epoch
                 save_checkpoint(run, epoch, stats['iterations_done'], stats['so_far'])
-                return stop
+                return False, stop
             progress.images += stats['images'] * run.dist.world_size
             progress.train_seconds += stats['seconds']
             distributed.broadcast_buffers(run.model_without_ddp)  # rank 0's BN statistics
@@ -286,10 +287,10 @@ def fit(run: Run):
             log_epoch(run, epoch, res, stats, val)
             save_checkpoint(run, epoch + 1, 0)
             if progress.reached:
-                return None
+                return True, stop
             if stats['stopped'] and epoch < cfg.training.epochs - 1:
-                return stop
-    return None
+                return False, stop
+    return True, stop
 
 
 def end_of_epoch_eval(run: Run, epoch: int) -> dict:

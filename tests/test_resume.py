@@ -104,11 +104,29 @@ def test_a_rank_that_stops_for_another_ranks_signal_ends_as_stopped(sample_beton
     object is false: the rank went on into the end of a finished run (validation, final weights),
     and, its peers gone, failed in a collective. It now ends as stopped, exit 143."""
     from imagenet_ffcv.signals import StopRequest
-    monkeypatch.setattr(train, 'fit', lambda run: StopRequest())  # stopped, no signal here
+    monkeypatch.setattr(train, 'fit', lambda run: (False, StopRequest()))  # no signal here
     summary = train.main(small_config(sample_betons, tmp_path, '--training.epochs=1'))
     assert summary['stopped'] and summary['exit_code'] == 143
     assert 'stopped by a signal on another rank' in capsys.readouterr().out
     assert not (Path(summary['run_dir']) / 'final_weights.pt').exists()
+
+
+def test_a_signal_in_the_last_check_window_lets_the_run_finish_and_exit_as_signalled(
+        sample_betons, tmp_path, monkeypatch, capsys):
+    """SIGTERM while step 5 of the last epoch runs (10 steps, checked at the 10th): the epoch
+    ends, then validation and the final weights, as documented; the summary's exit status is now
+    143, where it was 0 (a job script or a shell loop of runs went on as if no signal had come;
+    after Ctrl-C the command ends by SIGINT: commands.stops_on_ctrl_c)."""
+    from torchrun_main import at_step
+    from imagenet_ffcv import engine
+    for name in ('train_one_epoch', 'forward_backward'):  # at_step replaces them: put back after
+        monkeypatch.setattr(engine, name, getattr(engine, name))
+    at_step(lambda: os.kill(os.getpid(), signal.SIGTERM), epoch=1, step=5)
+    summary = train.main(small_config(sample_betons, tmp_path, '--training.epochs=2'))
+    assert summary['exit_code'] == 143 and summary['epochs'] == 2 and 'top_1' in summary
+    assert (Path(summary['run_dir']) / 'final_weights.pt').exists()
+    assert 'SIGTERM received' in capsys.readouterr().out
+    assert [r['epoch'] for r in log_of(Path(summary['run_dir']))] == [0, 1]
 
 
 @pytest.mark.slow
