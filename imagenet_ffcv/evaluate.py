@@ -59,9 +59,7 @@ def validated_otherwise(cfg, saved_config: dict) -> str:
     """The overrides (``--validation.resolution=32 ...``) that would make ``cfg`` validate as the
     run whose resolved config is ``saved_config`` validated (its resolution, flip TTA and
     decoder), '' when it does already."""
-    run = config.saved_eval_kwargs(saved_config)
-    now = {'res': cfg.validation.resolution, 'flip_tta': bool(cfg.validation.lr_tta),
-           'decoder': cfg.data.decoder}
+    run, now = (config.saved_eval_kwargs(c) for c in (saved_config, config.to_dict(cfg)))
     keys = {'res': 'validation.resolution', 'flip_tta': 'validation.lr_tta',
             'decoder': 'data.decoder'}
     return ' '.join(f'--{keys[k]}={int(v) if isinstance(v, bool) else v}'

@@ -186,10 +186,10 @@ def build(cfg, dist, wall_start) -> Run:
 
 def restore(run: Run, saved: dict, resume_path) -> None:
     """Continue where the checkpoint ``saved`` left its run: weights, optimizer (and loss scaler),
-    EMA, random states and progress. Raises CheckpointError when this config changes the run's
-    schedule (unless ``checkpoint.force``)."""
-    config.check_resumable(saved['config'], run.resolved, force=bool(run.cfg.checkpoint.force),
-                           path=resume_path)
+    EMA, random states and progress. ConfigError when the derived values (world size, LR used)
+    change its schedule, unless ``checkpoint.force`` (:func:`train` checked the config's keys)."""
+    config.check_resumable(saved['config'], {'derived': run.resolved['derived']},
+                           force=bool(run.cfg.checkpoint.force), path=resume_path)
     has_ema = checkpoint.restore_training_state(
         saved, model=run.model_without_ddp, optimizer=run.optimizer, scaler=run.scaler,
         ema=run.options.ema, rank=run.dist.rank)

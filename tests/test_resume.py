@@ -165,6 +165,12 @@ def test_resuming_with_a_different_schedule_is_refused_unless_forced(sample_beto
     message = str(info.value)
     assert 'training.epochs: 4 -> 20' in message and 'lr.lr: 0.05 -> 0.1' in message
     assert 'training.batch_size: 32 -> 512' in message and 'checkpoint.force=1' in message
+    # the same config on another number of processes (derived, once the run is built): refused
+    resolved['derived'].update(world_size=2, global_batch_size=64)
+    checkpoint.save({'format': 1, 'config': resolved}, run_dir / 'checkpoint.pt')
+    with pytest.raises(config.ConfigError, match=r'derived.global_batch_size: 64 -> 32'
+                                                 r'\n  derived.world_size: 2 -> 1'):
+        train.main(small_config(sample_betons, tmp_path, *RUN, f'--resume={run_dir}'))
 
 
 def test_non_finite_loss_stops_naming_epoch_and_iteration_and_keeps_the_checkpoint(
