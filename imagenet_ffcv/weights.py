@@ -288,7 +288,7 @@ def load_model(path, *, num_classes: int = None, beton=None, arch: str = 'resnet
     if problems and head and head <= state.keys() and not mismatch(state, model.state_dict(),
                                                                    ignore=head):
         raise CheckpointError(  # all but the classifier fits: another class count
-            f'{path}: its classifier has {_outputs(state, structure["arch"])} outputs, but '
+            f'{path}: its classifier has {max(state[k].shape[0] for k in head)} outputs, but '
             f'{num_classes} classes are asked for (those of {beton or "the class list given"}): '
             f'use them on the classes they were trained on, or fine-tune them on these')
     if problems:
