@@ -153,11 +153,11 @@ def _check_consistency(cfg) -> None:
     """Rules between keys, checked before any work starts; raises ConfigError naming the keys."""
     problems = []
     for key in ('training.epochs', 'training.batch_size', 'training.grad_accum_steps',
-                'validation.batch_size',
-                'validation.resolution', 'resolution.min_res', 'lr.step_length'):
-        section, name = key.split('.')
-        if getattr(getattr(cfg, section), name) < 1:
-            problems.append(f'{key} must be >= 1')
+                'validation.batch_size', 'validation.resolution', 'resolution.min_res',
+                'lr.step_length', 'logging.every_iters', 'dist.timeout_s'):
+        value = getattr(getattr(cfg, key.split('.')[0]), key.split('.')[1])
+        if value < 1:
+            problems.append(f'{key}={value} must be >= 1')
     if cfg.resolution.min_res > cfg.resolution.max_res:
         problems.append(f'resolution.min_res={cfg.resolution.min_res} is above '
                         f'resolution.max_res={cfg.resolution.max_res}')
@@ -193,12 +193,12 @@ def _check_consistency(cfg) -> None:
     if cfg.checkpoint.every_iters < 0:
         problems.append(f'checkpoint.every_iters={cfg.checkpoint.every_iters} must be >= 0 '
                         '(0: only at the end of each epoch)')
-    if cfg.dist.timeout_s < 1:
-        problems.append(f'dist.timeout_s={cfg.dist.timeout_s} must be >= 1 (seconds)')
     if not (cfg.data.train_dataset or cfg.training.eval_only):
         problems.append('data.train_dataset: required, not set (the training .beton)')
     if not cfg.data.val_dataset:
         problems.append('data.val_dataset: required, not set (the validation .beton)')
+    if not (cfg.logging.folder or cfg.training.eval_only):
+        problems.append('logging.folder: required, not set (runs are written to FOLDER/<run id>/)')
     if cfg.training.eval_only and not cfg.model.weights:
         problems.append('training.eval_only=1 needs model.weights=PATH (a checkpoint.pt or '
                         'final_weights.pt)')
@@ -245,8 +245,6 @@ def _option_problems(cfg) -> list:
         problems.append(f'lr.min_lr={cfg.lr.min_lr} must lie in [0, lr.lr={cfg.lr.lr}]')
     if cfg.lr.min_lr and cfg.lr.lr_schedule_type != 'cosine':
         problems.append(f'lr.min_lr={cfg.lr.min_lr} is only used by lr.lr_schedule_type=cosine')
-    if cfg.logging.every_iters < 1:
-        problems.append(f'logging.every_iters={cfg.logging.every_iters} must be >= 1')
     if cfg.logging.run_name and not RUN_NAME.fullmatch(cfg.logging.run_name):
         problems.append(f'logging.run_name={cfg.logging.run_name!r}: use letters, digits, '
                         "'.', '_' and '-' only, starting with a letter or digit (it names a folder)")

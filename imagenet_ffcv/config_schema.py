@@ -168,7 +168,8 @@ def _data_and_model_sections(section) -> None:
 
 def _training_sections(section) -> None:
     section('logging', 'outputs',
-            folder=Param(str, 'runs are written to FOLDER/<run id>/', required=True),
+            folder=Param(str, 'runs are written to FOLDER/<run id>/ (required, but with '
+                              'training.eval_only=1)', default=''),
             run_name=Param(str, "the run's name (letters, digits, '.', '_', '-'): its folder is "
                                 'FOLDER/<run_name>-<run id>/ and --resume auto continues only a '
                                 "run of this name; give each job sharing FOLDER its own; '': "

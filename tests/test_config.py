@@ -206,6 +206,16 @@ def test_missing_required_key_raises_naming_it():
     assert cfg.data.train_dataset == '' and cfg.training.eval_only == 1
 
 
+def test_logging_folder_is_required_to_train_and_not_to_evaluate():
+    """A run needs logging.folder (the error names it); eval-only writes nothing, and loads
+    without one."""
+    with pytest.raises(ConfigError, match='logging.folder: required, not set') as info:
+        load_config(['--data.train_dataset=x', '--data.val_dataset=y'])
+    assert 'data.' not in str(info.value)
+    cfg = load_config(['--data.val_dataset=y', '--training.eval_only=1', '--model.weights=w.pt'])
+    assert cfg.logging.folder == '' and cfg.training.eval_only == 1
+
+
 def test_missing_config_file_raises_file_not_found(tmp_path):
     """A config path that does not exist is a FileNotFoundError."""
     with pytest.raises(FileNotFoundError):
@@ -301,7 +311,7 @@ def test_inconsistent_keys_are_rejected_before_any_work():
         load_config(base + ['--training.epochs=1'])
     with pytest.raises(ConfigError, match='resolution.start_ramp'):
         load_config(base + ['--resolution.start_ramp=5', '--resolution.end_ramp=3'])
-    with pytest.raises(ConfigError, match='training.batch_size must be >= 1'):
+    with pytest.raises(ConfigError, match='training.batch_size=0 must be >= 1'):
         load_config(base + ['--training.batch_size=0'])
 
 
@@ -396,6 +406,7 @@ def test_ema_cosine_recipe_is_the_88_epoch_recipe_with_ema_and_cosine():
     ('--lr.warmup_epochs=3', 'lr.warmup_epochs=3.0 is after lr.lr_peak_epoch=2'),  # cyclic
     ('--training.optimizer=adam', 'training.optimizer'),
     ('--logging.every_iters=0', 'logging.every_iters=0 must be >= 1'),
+    ('--dist.timeout_s=0', 'dist.timeout_s=0 must be >= 1'),
     # a traceback at the first step before, or (weight decay) training with it
     ('--training.label_smoothing=1.5', r'training.label_smoothing=1.5 must lie in \[0, 1\)'),
     ('--training.momentum=-1', 'training.momentum=-1.0 must be >= 0'),

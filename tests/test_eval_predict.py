@@ -64,7 +64,8 @@ def test_saved_weights_load_into_torchvision_and_give_logged_top1(short_run, sam
 def test_eval_only_gives_the_logged_top1_and_top5(short_run, sample_betons, tmp_path, name):
     summary, cfg = short_run
     weights = Path(summary['run_dir']) / name
-    result = train.main(eval_config(sample_betons, tmp_path, weights))
+    # without logging.folder: eval-only writes nothing
+    result = train.main(eval_config(sample_betons, tmp_path, weights, '--logging.folder='))
     assert result['val_count'] == 100
     assert (result['top_1'], result['top_5']) == (summary['top_1'], summary['top_5'])
     assert result['val_loss'] == pytest.approx(summary['val_loss'], rel=1e-6)
