@@ -51,7 +51,7 @@ def num_samples(beton_path) -> int:
     return Reader(str(beton_path)).num_samples
 
 
-def num_classes(beton_path, val_path=None) -> int:
+def num_classes(beton_path, val_path=None, warn: bool = True) -> int:
     """Classes of a dataset: the length of the class list beside the .beton when there is one,
     else 1 + the largest stored label.
 
@@ -59,12 +59,12 @@ def num_classes(beton_path, val_path=None) -> int:
     same train split); otherwise ClassListError (a ValueError) names both files, since labels
     would not match. A validation split held out of train/ must be held out of the training
     split alike (``sources.check_holdouts``: HoldoutMismatchError); the same file as both splits
-    gives a warning.
+    gives a warning, unless not ``warn`` (every rank checks, one warns).
     """
     classes = class_list_path(beton_path)
     if val_path is not None:
         check_holdouts(beton_path, val_path)
-        if os.path.exists(val_path) and os.path.exists(beton_path) and \
+        if warn and os.path.exists(val_path) and os.path.exists(beton_path) and \
                 os.path.samefile(val_path, beton_path):
             warnings.warn(f'{val_path} is the training .beton too: top-1 is measured on the '
                           f'training images')

@@ -129,16 +129,16 @@ def train(cfg, dist, wall_start) -> dict:
 
 def build(cfg, dist, wall_start) -> Run:
     """Loaders, model, optimizer, loss and schedules of a new run, on ``dist.device``."""
-    device = dist.device
-    preflight.check_runnable(cfg, device, dist.local_world_size)  # before any work
-    num_classes = loaders.num_classes(cfg.data.train_dataset, val_path=cfg.data.val_dataset)
-    precision = engine.resolve_precision(cfg.training.amp, device)
-    torch.backends.cudnn.benchmark = device.type == 'cuda'  # fixed shapes within an epoch
+    preflight.check_runnable(cfg, dist.device, dist.local_world_size)  # before any work
+    num_classes = loaders.num_classes(cfg.data.train_dataset, val_path=cfg.data.val_dataset,
+                                      warn=dist.is_primary)  # each rank checks, rank 0 warns
+    precision = engine.resolve_precision(cfg.training.amp, dist.device)
+    torch.backends.cudnn.benchmark = dist.device.type == 'cuda'  # fixed shapes within an epoch
     torch.manual_seed(cfg.training.seed)  # the same initial weights on every rank
     res_at = partial(schedules.resolution_at, **config.resolution_kwargs(cfg))
     threads = distributed.loader_threads(cfg.data.num_workers, dist)
     train_loader, train_decoder = loaders.train_loader(
-        **config.train_loader_kwargs(cfg), num_workers=threads, res=res_at(0), device=device,
+        **config.train_loader_kwargs(cfg), num_workers=threads, res=res_at(0), device=dist.device,
         distributed=dist.distributed, dtype=precision.input_dtype)
     config.check_batches(cfg, train_loader, dist.world_size)
     val_loader = make_val_loader(cfg, dist, precision, threads)  # the count worked out once
@@ -151,21 +151,21 @@ def build(cfg, dist, wall_start) -> Run:
             print(loaded)
     if dist.rank:  # each other rank its own draws (as timm); rank 0 goes on with the seed's
         torch.manual_seed(cfg.training.seed + dist.rank)
-    model_without_ddp.to(device)
+    model_without_ddp.to(dist.device)
     if cfg.training.sync_bn:  # BatchNorm statistics over the batches of all ranks
         model_without_ddp = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model_without_ddp)
     ema = make_ema(model_without_ddp, cfg.training.ema_decay) if cfg.training.ema_decay else None
     model = model_without_ddp
     if dist.distributed:
         model = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == 'cuda' else None)
+            model, device_ids=[dist.device.index] if dist.device.type == 'cuda' else None)
     if cfg.training.compile:
         model = models.compile_model(model)
     lr = config.lr_used(cfg, dist.world_size)
     resolved = {**config.to_dict(cfg), 'derived': {
         'world_size': dist.world_size, 'lr_used': lr, 'num_classes': num_classes,
         'global_batch_size': config.images_per_step(cfg) * dist.world_size,
-        'device': str(device), 'amp': precision.name, 'loader_threads': threads},
+        'device': str(dist.device), 'amp': precision.name, 'loader_threads': threads},
         'code': code_version()}
     return Run(
         cfg=cfg, dist=dist, train_loader=train_loader, train_decoder=train_decoder,
@@ -173,7 +173,7 @@ def build(cfg, dist, wall_start) -> Run:
         optimizer=optimizers.make_optimizer(
             **config.optimizer_kwargs(cfg), lr=lr,
             groups=models.param_groups(model_without_ddp, **config.param_group_kwargs(cfg))),
-        scaler=torch.amp.GradScaler(device.type) if precision.loss_scaling else None,
+        scaler=torch.amp.GradScaler(dist.device.type) if precision.loss_scaling else None,
         options=engine.StepOptions(
             **config.step_option_kwargs(cfg), ema=ema, mix=batch_mixer(
                 num_classes=num_classes, mixup_alpha=cfg.training.mixup_alpha,

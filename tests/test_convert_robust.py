@@ -1319,3 +1319,8 @@ def test_a_val_split_held_out_of_a_train_beton_that_holds_it_is_refused(tmp_path
     assert loaders.num_classes(betons['train'], val_path=betons['train']) == 2
     assert [str(w.message) for w in recwarn.list] == [
         f"{betons['train']} is the training .beton too: top-1 is measured on the training images"]
+    # the trainer's other ranks check as rank 0 does, and leave the warning to it
+    assert loaders.num_classes(betons['train'], val_path=betons['train'], warn=False) == 2
+    assert len(recwarn.list) == 1
+    with pytest.raises(sources.HoldoutMismatchError):
+        loaders.num_classes(betons['train_more'], val_path=betons['val'], warn=False)
