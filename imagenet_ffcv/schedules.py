@@ -145,8 +145,10 @@ def remaining_work(epoch: int, *, epochs: int, res_at) -> float:
 
 def resolution_at(epoch: int, *, min_res: int, max_res: int, start_ramp: int, end_ramp: int) -> int:
     """Progressive resizing (ffcv-imagenet): ``min_res`` up to ``start_ramp``, linear to ``max_res``
-    at ``end_ramp``, then ``max_res``. Values on the ramp are rounded to a multiple of 32 pixels.
-    Returns the side in pixels of the square training crops for ``epoch`` (0-based).
+    at ``end_ramp``, then ``max_res``. Values on the ramp are rounded to a multiple of 32 pixels,
+    kept within ``[min_res, max_res]`` (ffcv-imagenet's rounding alone went past bounds that are not
+    multiples of 32: 192 px between 160 and 180, then back to 180). Returns the side in pixels of
+    the square training crops for ``epoch`` (0-based); it never decreases from epoch to epoch.
     """
     if min_res > max_res:
         raise ValueError(f'min_res={min_res} is above max_res={max_res}')
@@ -155,4 +157,4 @@ def resolution_at(epoch: int, *, min_res: int, max_res: int, start_ramp: int, en
     if epoch >= end_ramp:
         return max_res
     res = min_res + (max_res - min_res) * (epoch - start_ramp) / (end_ramp - start_ramp)
-    return int(round(res / 32)) * 32
+    return min(max_res, max(min_res, int(round(res / 32)) * 32))

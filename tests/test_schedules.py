@@ -222,6 +222,20 @@ def test_resolution_long_ramp_values():
     assert [resolution_at(e, **kw) for e in range(9, 16)] == [128, 128, 160, 192, 224, 256, 256]
 
 
+def test_resolution_stays_within_bounds_that_are_not_multiples_of_32():
+    """The ramp's rounding to 32 px went past bounds that are not multiples of 32 (ffcv-imagenet's
+    formula): 192 px between 160 and 180, then back down to 180; 96 px below a min_res of 100.
+    Now each side lies within the bounds and never decreases."""
+    for kw in (dict(min_res=160, max_res=180, start_ramp=0, end_ramp=10),
+               dict(min_res=100, max_res=200, start_ramp=0, end_ramp=10),
+               dict(min_res=150, max_res=250, start_ramp=2, end_ramp=7)):
+        sides = [resolution_at(e, **kw) for e in range(15)]
+        assert all(kw['min_res'] <= r <= kw['max_res'] for r in sides), (kw, sides)
+        assert sides == sorted(sides), (kw, sides)
+    assert [resolution_at(e, min_res=160, max_res=180, start_ramp=0, end_ramp=10)
+            for e in range(4, 12)] == [160, 160, 160, 160, 180, 180, 180, 180]  # was 192, 192 at 8-9
+
+
 def test_resolution_matches_ffcv_imagenet_formula_for_every_config_shape():
     """Same values as ffcv-imagenet's get_resolution (np.interp + np.round) for all recipe ramps."""
     np = pytest.importorskip('numpy')
