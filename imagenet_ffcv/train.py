@@ -302,7 +302,8 @@ def end_of_epoch_eval(run: Run, epoch: int) -> dict:
     validate_every_epoch, target = bool(cfg.logging.log_level), cfg.training.target_top1
     if not (validate_every_epoch or target > 0 or last):
         return {}
-    val = validate_run(run)
+    val = validate_with_ema(cfg, run.model_without_ddp, run.options.ema, run.val_loader,
+                            run.precision, show_progress=run.dist.is_primary)
     run.final_val = val
     if progress.best_top1 is None or val['top_1'] > progress.best_top1:
         progress.best_top1, progress.best_epoch = val['top_1'], epoch
@@ -310,17 +311,11 @@ def end_of_epoch_eval(run: Run, epoch: int) -> dict:
             weights.save_final_weights(
                 models.unwrapped_state_dict(run.model_without_ddp), run.run_dir.best_weights,
                 config=run.resolved, classes=run.classes)
-    if target > 0 and val['top_1'] >= target:
+    if target > 0 and val['top_1'] >= target and not progress.reached:
         progress.reached = dict(epoch=epoch, time_to_target_s=time.perf_counter() - run.wall_start)
     if (progress.reached or last) and cfg.validation.ten_crop:
         val.update(ten_crop_eval(cfg, run.dist, run.model_without_ddp, run.precision))
     return val
-
-
-def validate_run(run: Run) -> dict:
-    """:func:`validate_with_ema` of the run's model and EMA."""
-    return validate_with_ema(run.cfg, run.model_without_ddp, run.options.ema, run.val_loader,
-                             run.precision, show_progress=run.dist.is_primary)
 
 
 def log_epoch(run: Run, epoch: int, res: int, stats: dict, val: dict) -> None:
@@ -356,10 +351,11 @@ def summarize(run: Run) -> dict:
     """The end of a finished run: final metrics, speed, size and cost of the model; rank 0 writes
     final_weights_ema.pt (with an EMA), then final_weights.pt (the run is finished), and prints the
     results table."""
-    cfg, model = run.cfg, run.model_without_ddp
-    if run.final_val is None:  # resumed from the checkpoint written after the last epoch
-        run.final_val = validate_run(run)
-    reached, progress = run.progress.reached or {}, run.progress
+    cfg, model, progress = run.cfg, run.model_without_ddp, run.progress
+    if run.final_val is None:  # resumed from the checkpoint written after its last epoch
+        run.final_val = end_of_epoch_eval(  # with 10-crop, if asked for
+            run, (progress.reached or {}).get('epoch', cfg.training.epochs - 1))
+    reached = progress.reached or {}
     summary = {'run_dir': str(run.run_dir.path) if run.run_dir else None, 'arch': cfg.model.arch,
                'epochs': reached.get('epoch', cfg.training.epochs - 1) + 1, **run.final_val,
                'flip_tta': bool(cfg.validation.lr_tta), 'val_res': cfg.validation.resolution,

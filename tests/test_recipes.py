@@ -144,7 +144,7 @@ def test_stop_at_target_top1_with_ten_crop_and_error_rates(sample_betons, tmp_pa
     rates, 10-crop on the last line) and a results table that gives the time to accuracy. Killed
     after that epoch's checkpoint but before its final weights, it resumes to the same end and
     trains no further epoch (it trained on to training.epochs before: the checkpoint did not
-    hold the target reached)."""
+    hold the target reached), and ends with the same results, 10-crop too."""
     target = 0.12
     args = [
         f'--data.train_dataset={sample_betons["train"]}', f'--data.val_dataset={sample_betons["val"]}',
@@ -176,6 +176,10 @@ def test_stop_at_target_top1_with_ten_crop_and_error_rates(sample_betons, tmp_pa
     assert [json.loads(line) for line in open(run_dir / 'log.jsonl')] == log
     assert (resumed['target_reached_epoch'], resumed['epochs'], resumed['top_1']) == (
         summary['target_reached_epoch'], summary['epochs'], summary['top_1'])
+    # the resumed end validates as the last epoch did: 10-crop too (it lost those keys), and
+    # the time to the target is the first process's
+    assert (resumed['top_1_10crop'], resumed['time_to_target_s']) == (
+        summary['top_1_10crop'], summary['time_to_target_s'])
 
 
 def test_classic_recipe_configs_load():
