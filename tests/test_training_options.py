@@ -4,6 +4,7 @@ AdamW/LAMB, gradient accumulation, the live log cadence and the progress bars (v
 ETA)."""
 import contextlib
 import copy
+import functools
 import json
 import sys
 from pathlib import Path
@@ -400,6 +401,61 @@ def test_resume_with_every_option_ends_like_the_uninterrupted_run(options_run, o
                          for folder in (Path(resumed['run_dir']), run_dir))
         assert got['epoch'] == expected['epoch'] == epochs_done
         assert all(torch.equal(got['model'][k], expected['model'][k]) for k in expected['model'])
+
+
+def test_a_resume_within_an_epoch_with_every_stateful_option_continues_bit_for_bit(tmp_path):
+    """The trainer's resume test above stops at an epoch's end, and the SIGKILL test of
+    test_resume.py trains without these options: here a stop request within an epoch (iteration
+    4 of 7, gradients accumulated over 2 batches, EMA every 3 optimizer steps, MixUp + CutMix,
+    TrivialAugmentWide + Random Erasing, clipping, a cosine LR with warm-up), a checkpoint
+    through its file, and a resume in a fresh state with other random draws end with the
+    weights and the EMA of the uninterrupted run, bit for bit."""
+    from imagenet_ffcv.augment import batch_augmenter
+    torch.manual_seed(1)
+    data = [(torch.randn(8, 3, 12, 12), torch.randint(0, 3, (8,))) for _ in range(7)]
+    lr_at = functools.partial(schedules.lr_at, schedule='cosine', lr=0.1, epochs=3,
+                              warmup_epochs=0.5)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=0.1)
+
+    def fresh(seed):
+        model = tiny_bn_net()
+        ema = make_ema(model, 0.7)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        options = engine.StepOptions(
+            ema=ema, ema_every=3, grad_accum_steps=2, clip_grad_norm=1.0,
+            mix=batch_mixer(num_classes=3, mixup_alpha=0.4, cutmix_alpha=1.0),
+            augment=batch_augmenter(auto_augment='ta_wide', random_erase=0.3))
+        torch.manual_seed(seed)
+        return model, ema, optimizer, options
+
+    def epoch(model, optimizer, options, e, **kwargs):
+        return engine.train_one_epoch(model=model, loader=data, optimizer=optimizer,
+                                      loss_fn=loss_fn, lr_at=lr_at, epoch=e, options=options,
+                                      show_progress=False, **kwargs)
+
+    model, ema, optimizer, options = fresh(42)
+    for e in range(3):
+        epoch(model, optimizer, options, e)
+    expected = [copy.deepcopy(m.state_dict()) for m in (model, ema)]
+
+    model, ema, optimizer, options = fresh(42)
+    epoch(model, optimizer, options, 0)
+    stats = epoch(model, optimizer, options, 1,
+                  hooks=engine.EpochHooks(stop_requested=lambda: True, check_every=4))
+    assert (stats['iterations_done'], stats['stopped']) == (4, True)
+    checkpoint.save(checkpoint.training_state(
+        model_state=model.state_dict(), optimizer=optimizer, epoch=1, iteration=4, config={},
+        classes=None, best_top1=None, progress={}, ema=ema), tmp_path / 'checkpoint.pt')
+
+    saved = checkpoint.load(tmp_path / 'checkpoint.pt')
+    model, ema, optimizer, options = fresh(123)  # another process: other random draws
+    checkpoint.restore_training_state(saved, model=model, optimizer=optimizer, ema=ema)
+    epoch(model, optimizer, options, 1, start_iteration=saved['iteration'])
+    epoch(model, optimizer, options, 2)
+    for got, want in zip((model.state_dict(), ema.state_dict()), expected):
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in want), [
+            k for k in want if not torch.equal(got[k], want[k])]
 
 
 def test_compile_may_change_on_resume_but_the_stateful_options_may_not():
