@@ -5,7 +5,8 @@ Commands: ``write`` (``imagenet-ffcv-write``: class folders -> .beton), ``train`
 what they share, ``commands``.
 Data: ``sources`` (input layouts, class folders, samples and labels), ``ilsvrc`` (Kaggle's ImageNet
 tree, the raw ILSVRC-2012 tars and the devkit), ``classes`` (class lists), ``images``
-(decoding to RGB, the shorter-side resize), ``writer`` (writing .beton files), ``verify`` (reading
+(decoding to RGB, the shorter-side resize), ``records`` (an image's record in a .beton),
+``writer`` (writing .beton files), ``verify`` (reading
 them back), ``loaders`` (the FFCV loaders), ``epoch_iterator`` (the thread decoding a loader's
 epoch), ``memory_readers`` (ffcv's readers of the .beton in memory, compiled once per process),
 ``decoders`` (the fused crop/resize/flip/normalise decoders), ``image_decode`` (the decoders' path

@@ -1,10 +1,9 @@
-"""Writing .beton files: decoding every input image (``images``), encoding the records, the
-skipped-files report, the disk-space estimate, and the write under a temporary name renamed into
-place (``files``)."""
+"""Writing .beton files: ffcv's writer processes fed the records of the input images
+(``records``), the skipped-files report, the disk-space estimate, and the write under a temporary
+name renamed into place (``files``)."""
 import contextlib
 import ctypes
 import errno
-import functools
 import multiprocessing
 import os
 import queue
@@ -17,8 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 from . import ffcv_import  # noqa: F401  (first: ffcv without its import-time compiling)
-from ffcv.fields import IntField, RGBImageField
-from ffcv.fields.rgb_image import IMAGE_MODES
+from ffcv.fields import IntField
 from ffcv.memory_allocator import MemoryAllocator
 from ffcv.writer import DatasetWriter
 
@@ -26,75 +24,11 @@ from .distributed import usable_cores
 from .errors import ImagenetFfcvError
 from .files import atomic_path, remove_stale_temporaries, temporary_path, write_text_atomic
 from .images import DEFAULT_RESTART_INTERVAL, encode_jpeg, load_image
-
-
-class ImageFiles:
-    """An indexable dataset for ``ffcv``'s ``DatasetWriter.from_indexed_dataset``.
-
-    ``self[i]`` returns ``((H, W, 3) uint8 array, label)``. It never raises, so that one bad file
-    does not end the write (:class:`_Writer` stops at a worker's error). A file that cannot be
-    decoded is appended to ``failures_path`` as ``index<TAB>reason`` (any file name: the reason's
-    characters that UTF-8 cannot hold, as in a name that is not UTF-8, are written as escapes)
-    and stands in as a 1x1 black image; the caller checks that file (see :func:`read_failures`).
-    """
-
-    def __init__(self, samples: list, *, max_res: int, failures_path):
-        self.samples = samples
-        self.max_res = max_res
-        self.failures_path = str(failures_path)
-
-    def __len__(self):
-        return len(self.samples)
-
-    def __getitem__(self, i):
-        path, label = self.samples[i]
-        try:
-            return load_image(path, self.max_res), label
-        except Exception as e:  # any decoder error: reported, never a hang of the writer
-            reason = f'{type(e).__name__}: {e}'.replace('\n', ' ').replace('\t', ' ')
-            # O_APPEND: whole lines from each process
-            with open(self.failures_path, 'a', encoding='utf-8', errors='backslashreplace') as f:
-                f.write(f'{i}\t{reason}\n')
-            return np.zeros((1, 1, 3), np.uint8), label
-
-
-def encode_image(destination, image: np.ndarray, malloc, *, write_mode: str, jpeg_quality: int,
-                 compress_probability: float, restart_interval: int) -> None:
-    """One image record, as ffcv's ``RGBImageField.encode`` writes it, with the JPEG bytes of
-    ``images.encode_jpeg`` (restart markers): ``destination`` (the record's metadata row) gets
-    ``mode``, ``height``, ``width`` and ``data_ptr``; the bytes go to the storage that
-    ``malloc(nbytes)`` returns. ``image``: (H, W, 3) uint8 RGB. ``write_mode`` 'jpg' stores a
-    JPEG, 'raw' the pixels, 'proportion' a JPEG with probability ``compress_probability`` (drawn
-    from numpy's global generator, as ffcv does)."""
-    as_jpeg = write_mode == 'jpg' or (write_mode == 'proportion'
-                                      and np.random.rand() < compress_probability)
-    if as_jpeg:
-        data = encode_jpeg(image, quality=jpeg_quality, restart_interval=restart_interval)
-    else:
-        data = np.ascontiguousarray(image).reshape(-1)
-    destination['mode'] = IMAGE_MODES['jpg' if as_jpeg else 'raw']
-    destination['height'], destination['width'] = image.shape[:2]
-    destination['data_ptr'], storage = malloc(data.nbytes)
-    storage[:] = data
-
-
-def image_field(*, write_mode: str, jpeg_quality: int, compress_probability: float,
-                restart_interval: int) -> RGBImageField:
-    """The ``image`` field of our .beton files: an ffcv ``RGBImageField`` (ffcv records the
-    field's class in the file, and its readers know only its own) whose records are written by
-    :func:`encode_image`. That function is an attribute of this instance, so it travels with the
-    field to ffcv's writer processes however they are started."""
-    field = RGBImageField(write_mode=write_mode, max_resolution=None, jpeg_quality=jpeg_quality,
-                          compress_probability=compress_probability)
-    field.encode = functools.partial(encode_image, write_mode=write_mode,
-                                     jpeg_quality=jpeg_quality,
-                                     compress_probability=compress_probability,
-                                     restart_interval=restart_interval)
-    return field
+from .records import MAX_SIDE, ImageFiles, image_field
 
 
 class UnreadableImagesError(ImagenetFfcvError):
-    """Images that could not be decoded; ``failures`` is a list of ``(path, reason)``."""
+    """Images that could not be decoded or stored; ``failures`` is a list of ``(path, reason)``."""
 
     def __init__(self, failures):
         self.failures = failures
@@ -266,6 +200,8 @@ def estimate_beton_bytes(samples: list, *, max_res: int, write_mode: str = 'jpg'
             image = load_image(samples[i][0], max_res)
         except Exception:  # undecodable files are dealt with by the writer
             continue
+        if max(image.shape[:2]) > MAX_SIDE:  # and so are images it cannot store
+            continue
         raw_total += image.size
         if write_mode != 'raw':
             jpg_total += encode_jpeg(image, quality=jpeg_quality,
@@ -310,10 +246,12 @@ def _raise_naming(e: OSError, out: Path):
                                      else '')) from e
 
 
-def _write_once(samples, tmp, fields, num_workers, chunksize, failures_path, max_res, indices):
+def _write_once(samples, tmp, fields, num_workers, chunksize, failures_path, max_res, indices,
+                encoding):
     failures_path.unlink(missing_ok=True)
     writer = _Writer(str(tmp), fields, num_workers=max(1, min(num_workers, len(indices))))
-    dataset = ImageFiles(samples, max_res=max_res, failures_path=failures_path)
+    dataset = ImageFiles(samples, max_res=max_res, failures_path=failures_path,
+                         encoding=encoding, page_size=writer.page_size)
     writer.from_indexed_dataset(dataset, indices=np.asarray(indices), chunksize=chunksize)
     return read_failures(failures_path, samples)
 
@@ -367,7 +305,7 @@ def write_beton(samples: list, out, *, max_res: int, write_mode: str = 'jpg',
                          + num_workers * 8 * 2 ** 20)
     failures_path = temporary_path(out, 'failures')
     report = skipped_report_path(out)
-    fields = {'image': image_field(**encoding), 'label': IntField()}
+    fields = {'image': image_field(), 'label': IntField()}
     start = time.perf_counter()
     skipped = {}
     indices = list(range(len(samples)))
@@ -375,7 +313,7 @@ def write_beton(samples: list, out, *, max_res: int, write_mode: str = 'jpg',
         with atomic_path(out) as tmp:
             for _ in range(3):  # a file may turn unreadable between passes: retry a few times
                 failures = _write_once(samples, tmp, fields, num_workers, chunksize,
-                                       failures_path, max_res, indices)
+                                       failures_path, max_res, indices, encoding)
                 if not failures:
                     break
                 skipped.update(failures)

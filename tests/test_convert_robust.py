@@ -713,6 +713,24 @@ def test_the_val_tar_converts_without_the_train_tar(three_layouts):
         sources.load_split(roots['tars'], 'train')
 
 
+def test_hidden_tars_in_the_train_tar_are_not_classes(three_layouts):
+    """A train tar packed on macOS holds an AppleDouble ``._<wnid>.tar`` beside each class's
+    tar: it took a class index, shifting every later class (val labelled wrong) and failing
+    train as a tar cut short. Hidden members are left out, as hidden folders are."""
+    import io
+    import tarfile
+    roots, wnids = three_layouts
+    expected = {split: sources.load_split(roots['tars'], split) for split in ('train', 'val')}
+    with tarfile.open(roots['tars'] / 'ILSVRC2012_img_train.tar', 'a') as outer:
+        info = tarfile.TarInfo(f'._{wnids[1]}.tar')
+        info.size = 4
+        outer.addfile(info, io.BytesIO(b'\x00\x05\x16\x07'))
+    for split in ('train', 'val'):
+        classes, samples, _ = sources.load_split(roots['tars'], split)
+        assert classes == wnids == expected[split][0]
+        assert samples == expected[split][1]
+
+
 def test_raw_tars_with_devkit_labels_match_the_csv_labels(three_layouts, tmp_path):
     """Without LOC_val_solution.csv the val labels come from the devkit archive (meta.mat + the
     ground-truth list in val-file order), read in place; they equal the CSV's labels."""
@@ -950,6 +968,34 @@ print(stats['images'], stats['skipped'])
 """
 
 
+@pytest.mark.parametrize('write_mode', ['raw', 'jpg'])
+def test_an_image_whose_record_ffcv_cannot_store_is_skipped_and_named(tmp_path, write_mode):
+    """A panorama of 12,000 x 256 px: its raw record (9.2 MB) is larger than a page of the .beton
+    (8 MiB), and ffcv's writer raised ValueError in its process, ending the whole write without
+    naming the file; an image 65,501 px wide, more than a JPEG holds: OpenCV's error did the same.
+    Each is now skipped and listed as a bad file is, with what to do; the JPEG of the panorama
+    fits, and is written."""
+    small_split(tmp_path / 'data', 4)
+    train = tmp_path / 'data' / 'train'
+    wide, wider = train / 'n00' / 'wide.png', train / 'n01' / 'wider.png'
+    Image.fromarray(np.full((256, 12_000, 3), 90, np.uint8)).save(wide)
+    Image.fromarray(np.full((8, 65_501, 3), 90, np.uint8)).save(wider)
+    samples = sources.list_samples(train, sources.find_classes(train))
+    stats = writer.write_beton(samples, tmp_path / 'out.beton', max_res=256, num_workers=1,
+                               write_mode=write_mode, skip_unreadable=True)
+    skipped = dict(stats['skipped_files'])
+    assert skipped.pop(str(wider)) == ('65501 x 8 px after the resize: a side over 65,500 px, more '
+                                       'than a JPEG holds; crop it')
+    if write_mode == 'raw':
+        assert skipped.pop(str(wide)) == (
+            '12000 x 256 px after the resize: its record (raw, 8.8 MiB) is larger than a page of '
+            'the .beton (8 MiB); crop it, or write with --write-mode jpg')
+    assert skipped == {}
+    assert stats['images'] == (4 if write_mode == 'raw' else 5)
+    widths = loaders.Reader(str(tmp_path / 'out.beton')).metadata['f0']['width']
+    assert sorted(widths) == [30] * 4 + ([12_000] if write_mode == 'jpg' else [])
+
+
 def test_a_bad_file_whose_name_is_not_utf8_is_skipped_and_reported_not_a_hang(tmp_path):
     """A file that does not decode, named in Latin-1 (a name that is not UTF-8, as in old zip
     files): skipped and listed in the report, its name's byte as an escape; reporting it used
@@ -991,9 +1037,12 @@ def test_a_tar_member_that_is_no_image_is_named_by_its_reference(tmp_path):
 # start method forkserver (the default from Python 3.14 on).
 WRITE_WITH_A_WORKER_THAT_ENDS = """
 import errno, multiprocessing, os, signal, sys, time
-from imagenet_ffcv import write, writer
+from imagenet_ffcv import records, write, writer
 how, command = sys.argv[1], os.getpid()
-real_load, real_encode = writer.load_image, writer.encode_jpeg
+# Ctrl-C raises KeyboardInterrupt, as in a terminal, also where pytest runs as a background job
+# (a shell starts those with SIGINT ignored, and Python then leaves it ignored)
+signal.signal(signal.SIGINT, signal.default_int_handler)
+real_load, real_encode = records.load_image, records.encode_jpeg
 if how == 'forkserver':
     multiprocessing.set_start_method('forkserver', force=True)
 prepare = writer._Writer.prepare
@@ -1013,7 +1062,7 @@ def encode_jpeg(rgb, **kwargs):
     if how == 'disk-full' and rgb[0, 0, 0] == 3 and os.getpid() != command:
         raise OSError(errno.ENOSPC, 'No space left on device')
     return real_encode(rgb, **kwargs)
-writer.load_image, writer.encode_jpeg = load_image, encode_jpeg
+records.load_image, records.encode_jpeg = load_image, encode_jpeg
 sys.exit(write.cli(sys.argv[2:]))
 """
 
