@@ -196,10 +196,18 @@ def train_tar_classes(root, split: str = 'train') -> list:
     if not train_tar.is_file():
         raise FileNotFoundError(f'{train_tar}: needed for the class list (class i = i-th sorted '
                                 f'wnid of the train split)')
-    wnids = sorted(Path(n).name[:-4] for n, _, _ in tar_members(train_tar) if n.endswith('.tar'))
+    wnids = sorted(Path(n).name[:-4] for n, _, _ in tar_members(train_tar) if is_class_tar(n))
     if not wnids:
         raise ValueError(f'{train_tar}: no per-class <wnid>.tar inside')
     return wnids
+
+
+def is_class_tar(member: str) -> bool:
+    """Whether a member of ILSVRC2012_img_train.tar is a class's tar (``n01440764.tar``): hidden
+    members (macOS's ``._n01440764.tar``, which took a class index and shifted every later one)
+    are not, as hidden folders are not classes in the folders layout."""
+    name = Path(member).name
+    return name.endswith('.tar') and not name.startswith('.')
 
 
 def tar_train_samples(root, classes: list) -> list:
@@ -208,7 +216,7 @@ def tar_train_samples(root, classes: list) -> list:
     train_tar, samples = Path(root) / TRAIN_TAR, []
     with open(train_tar, 'rb') as f:
         for inner, offset, size in sorted(tar_members(train_tar)):
-            if not inner.endswith('.tar'):
+            if not is_class_tar(inner):
                 continue
             label = classes.index(Path(inner).name[:-4])
             f.seek(offset)  # tarfile reads headers only, offsets absolute in the file
