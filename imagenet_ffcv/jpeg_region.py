@@ -27,15 +27,19 @@ def library_path() -> Path:
     """The region decoder built from ``jpeg_region.c`` at install time (setup.py): the
     ``_jpeg_region`` library beside this module, for this Python's extension suffix first, else
     any one (a copy brought to another machine, e.g. by ``make carry``). Raises JpegLibraryError
-    when there is none."""
+    when there is none, saying too when this is a checkout's package that Python found first
+    because it runs from the checkout's folder (``python -m`` after a ``pip install .``)."""
     here = Path(__file__).parent
     candidates = [here / f'_jpeg_region{suffix}' for suffix in EXTENSION_SUFFIXES]
     candidates += sorted(here.glob('_jpeg_region*.so'))
     for path in candidates:
         if path.is_file():
             return path
+    shadowing = Path.cwd().resolve() == here.parent.resolve()  # '' heads sys.path with -m, -c
     raise JpegLibraryError(f'the JPEG region decoder is not built (no _jpeg_region*.so in '
-                           f'{here}); {REBUILD}')
+                           f'{here}); {REBUILD}' + (f'; or, to use the package pip installed, run '
+                                                    f'from another folder than {here.parent}'
+                                                    if shadowing else ''))
 
 
 def load_library() -> ctypes.CDLL:

@@ -264,6 +264,26 @@ def test_train_loader_whole_image_crops_flip_and_fallback_agree(betons, monkeypa
                                rtol=0)
 
 
+def test_an_unbuilt_decoder_in_a_checkout_run_from_its_folder_says_so(tmp_path, monkeypatch):
+    """After ``pip install .``, ``python -m imagenet_ffcv.train`` run from the checkout's folder
+    imports the checkout's package (the current folder heads sys.path), which has no built
+    decoder; the message says so, and only there."""
+    package = tmp_path / 'checkout' / 'imagenet_ffcv'
+    package.mkdir(parents=True)
+    monkeypatch.setattr(jpeg_region, '__file__', str(package / 'jpeg_region.py'))
+    monkeypatch.chdir(tmp_path / 'checkout')
+    with pytest.raises(jpeg_region.JpegLibraryError) as info:
+        jpeg_region.library_path()
+    assert str(info.value).startswith(f'the JPEG region decoder is not built (no '
+                                      f'_jpeg_region*.so in {package}); reinstall the package')
+    assert str(info.value).endswith(f'; or, to use the package pip installed, run from another '
+                                    f'folder than {package.parent}')
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(jpeg_region.JpegLibraryError) as info:
+        jpeg_region.library_path()
+    assert 'run from another folder' not in str(info.value)
+
+
 def defined_functions(ir: str) -> list:
     """The names of the functions that LLVM code ``ir`` defines (numba's mangled names)."""
     return re.findall(r'^define [^@]*@"?([^"(\s]+)', ir, re.M)

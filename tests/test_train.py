@@ -76,6 +76,25 @@ def test_train_and_val_betons_from_different_class_lists_are_refused(sample_beto
     assert loaders.num_classes(sample_betons['train'], val_path=sample_betons['val']) == 10
 
 
+def test_a_beton_copied_without_its_class_list_trains_with_a_warning(sample_betons, tmp_path,
+                                                                     recwarn):
+    """A .beton copied to scratch without NAME.classes.tsv trained without a word: no class
+    list check against val, no classes.tsv in the run, and predict refusing to name classes at
+    the end. It still trains (labels 0..N-1), with a warning naming the file to copy."""
+    import shutil
+    train = tmp_path / 'copied.beton'
+    shutil.copy(sample_betons['train'], train)
+    assert loaders.num_classes(sample_betons['train'], val_path=sample_betons['val']) == 10
+    assert not recwarn.list
+    assert loaders.num_classes(train, val_path=sample_betons['val']) == 10
+    assert [str(w.message) for w in recwarn.list] == [
+        f'{train}: no class list beside it (copied.classes.tsv, written with it by '
+        'imagenet-ffcv-write): classes are the labels 0..N-1, the run keeps no classes.tsv and '
+        'predict cannot name them; copy it with the .beton']
+    assert loaders.num_classes(train, val_path=sample_betons['val'], warn=False) == 10
+    assert len(recwarn.list) == 1
+
+
 def test_a_process_cache_larger_than_the_memory_is_refused_before_any_work(sample_betons,
                                                                            tmp_path, monkeypatch,
                                                                            capsys):
