@@ -154,7 +154,7 @@ def _check_consistency(cfg) -> None:
     problems = []
     for key in ('training.epochs', 'training.batch_size', 'training.grad_accum_steps',
                 'validation.batch_size', 'validation.resolution', 'resolution.min_res',
-                'lr.step_length', 'logging.every_iters', 'dist.timeout_s'):
+                'lr.step_length', 'logging.every_iters', 'dist.timeout_s', 'training.ema_every'):
         value = getattr(getattr(cfg, key.split('.')[0]), key.split('.')[1])
         if value < 1:
             problems.append(f'{key}={value} must be >= 1')
@@ -188,8 +188,10 @@ def _check_consistency(cfg) -> None:
     if cfg.data.num_workers != 'auto' and cfg.data.num_workers < 1:
         problems.append(f'data.num_workers={cfg.data.num_workers} must be >= 1 (loader threads '
                         "per process) or 'auto'")
-    if cfg.checkpoint.keep_last < 0:
-        problems.append(f'checkpoint.keep_last={cfg.checkpoint.keep_last} must be >= 0 (0: off)')
+    for key in ('checkpoint.keep_last', 'lr.ref_batch_size'):
+        value = getattr(getattr(cfg, key.split('.')[0]), key.split('.')[1])
+        if value < 0:
+            problems.append(f'{key}={value} must be >= 0 (0: off)')
     if cfg.checkpoint.every_iters < 0:
         problems.append(f'checkpoint.every_iters={cfg.checkpoint.every_iters} must be >= 0 '
                         '(0: only at the end of each epoch)')
@@ -210,8 +212,6 @@ def _check_consistency(cfg) -> None:
     if cfg.training.eval_only and cfg.checkpoint.resume:
         problems.append('checkpoint.resume and training.eval_only=1 exclude each other')
     problems += _option_problems(cfg)
-    if cfg.lr.ref_batch_size < 0:
-        problems.append(f'lr.ref_batch_size={cfg.lr.ref_batch_size} must be >= 0 (0: no scaling)')
     if problems:
         raise ConfigError('invalid configuration:\n  ' + '\n  '.join(problems))
 
@@ -223,8 +223,6 @@ def _option_problems(cfg) -> list:
     if not 0 <= t.ema_decay < 1:
         problems.append(f'training.ema_decay={t.ema_decay} must lie in [0, 1) (0: off), e.g. '
                         '0.9998')
-    if t.ema_every < 1:
-        problems.append(f'training.ema_every={t.ema_every} must be >= 1 (optimizer steps)')
     for key in ('mixup_alpha', 'cutmix_alpha', 'clip_grad_norm', 'weight_decay', 'momentum'):
         if getattr(t, key) < 0:
             problems.append(f'training.{key}={getattr(t, key)} must be >= 0 (0: off)')
@@ -291,7 +289,10 @@ def check_resumable(saved: dict, current: dict, *, force: bool, path) -> None:
     if changes and not force:
         raise ConfigError(f'{path}: this config changes the schedule of the run being resumed:\n  '
                           + '\n  '.join(changes) + '\nresume with the config of the run, or set '
-                          'checkpoint.force=1 to continue anyway')
+                          'checkpoint.force=1 to continue anyway' + (
+                              ' (another number of processes always needs it; keep the global '
+                              'batch with training.grad_accum_steps or training.batch_size)'
+                              if any(c.startswith('derived.world_size') for c in changes) else ''))
 
 
 def train_loader_kwargs(cfg: SimpleNamespace) -> dict:

@@ -407,6 +407,8 @@ def test_ema_cosine_recipe_is_the_88_epoch_recipe_with_ema_and_cosine():
     ('--training.optimizer=adam', 'training.optimizer'),
     ('--logging.every_iters=0', 'logging.every_iters=0 must be >= 1'),
     ('--dist.timeout_s=0', 'dist.timeout_s=0 must be >= 1'),
+    ('--checkpoint.keep_last=-1', 'checkpoint.keep_last=-1 must be >= 0'),
+    ('--lr.ref_batch_size=-1', 'lr.ref_batch_size=-1 must be >= 0'),
     # a traceback at the first step before, or (weight decay) training with it
     ('--training.label_smoothing=1.5', r'training.label_smoothing=1.5 must lie in \[0, 1\)'),
     ('--training.momentum=-1', 'training.momentum=-1.0 must be >= 0'),

@@ -169,8 +169,14 @@ def test_resuming_with_a_different_schedule_is_refused_unless_forced(sample_beto
     resolved['derived'].update(world_size=2, global_batch_size=64)
     checkpoint.save({'format': 1, 'config': resolved}, run_dir / 'checkpoint.pt')
     with pytest.raises(config.ConfigError, match=r'derived.global_batch_size: 64 -> 32'
-                                                 r'\n  derived.world_size: 2 -> 1'):
+                                                 r'\n  derived.world_size: 2 -> 1') as info:
         train.main(small_config(sample_betons, tmp_path, *RUN, f'--resume={run_dir}'))
+    # a user kept the global batch with grad_accum_steps, was refused again, and went round: the
+    # message says another process count always needs checkpoint.force=1
+    assert str(info.value).endswith(
+        'set checkpoint.force=1 to continue anyway (another number of processes always needs '
+        'it; keep the global batch with training.grad_accum_steps or training.batch_size)')
+    assert 'another number of processes' not in message
 
 
 def test_non_finite_loss_stops_naming_epoch_and_iteration_and_keeps_the_checkpoint(
