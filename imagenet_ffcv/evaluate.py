@@ -73,11 +73,12 @@ def evaluate_weights(cfg, dist) -> dict:
     the weights, when there is one) and must have been trained on the val .beton's classes
     (CheckpointError otherwise); validation settings come from ``cfg``, with a note naming the
     overrides that would match the run's (:func:`validated_otherwise`)."""
-    saved = weights.load_model(
+    saved = weights.load_model(  # BlurPool as the file says (the config's is for training)
         cfg.model.weights, num_classes=loaders.num_classes(cfg.data.val_dataset),
-        beton=cfg.data.val_dataset, **config.model_kwargs(cfg))
+        beton=cfg.data.val_dataset, **{**config.model_kwargs(cfg), 'use_blurpool': None})
     if saved.assumed and dist.is_primary:
-        print(f'{saved.assumed} (--model.arch, --training.use_blurpool)')
+        print(f'{saved.assumed} (--model.arch; this tool\'s weights say how they were built in '
+              f'final_weights.safetensors, or in the params.json beside final_weights.pt)')
     if saved.config and dist.is_primary and (overrides := validated_otherwise(cfg, saved.config)):
         print(f'=> note: the run of {cfg.model.weights} validated otherwise; this evaluates as the '
               f'config given says: add {overrides} to evaluate as it did')

@@ -39,7 +39,7 @@ from .weights import load_model
 
 
 def predict(paths: list, *, weights, top: int = 5, classes_path=None, res=None,
-            arch='resnet50', blurpool: bool = True, max_res: int = 256, jpeg_quality: int = 90,
+            arch='resnet50', blurpool: bool = None, max_res: int = 256, jpeg_quality: int = 90,
             restart_interval: int = DEFAULT_RESTART_INTERVAL, batch_size: int = 64,
             device=None) -> list:
     """Top-``top`` predictions for each image file.
@@ -162,8 +162,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--res', type=int, help="input side in px (default: the run's "
                                                 "validation resolution)")
     parser.add_argument('--arch', default='resnet50', help='model when no config is saved')
-    parser.add_argument('--blurpool', type=int, default=1, choices=(0, 1),
-                        help='1: the weights were trained with BlurPool (when no config is saved)')
+    parser.add_argument('--blurpool', type=int, choices=(0, 1),
+                        help='1: the weights were trained with BlurPool, 0: without (when no config '
+                             'is saved; default: on when its filters are saved in the file, as '
+                             "ffcv-imagenet's are, else off, as torchvision's and timm's weights)")
     parser.add_argument('--max-res', type=int, default=256,
                         help='shorter side (px) images are stored at first, as the .beton the '
                              "run validated on (imagenet-ffcv-write's --max-res)")
@@ -185,7 +187,7 @@ def cli(argv=None) -> int:
     try:
         results = predict(args.images, weights=args.weights, top=args.top,
                           classes_path=args.classes, res=args.res, arch=args.arch,
-                          blurpool=bool(args.blurpool), max_res=args.max_res,
+                          blurpool=args.blurpool, max_res=args.max_res,
                           jpeg_quality=args.jpeg_quality, restart_interval=args.restart_interval)
     except (CheckpointError, FileNotFoundError, OSError, ValueError) as e:
         print(f'{command_name("predict")}: {e}', file=sys.stderr)

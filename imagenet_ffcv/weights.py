@@ -248,11 +248,13 @@ class SavedModel:
 
 
 def load_model(path, *, num_classes: int = None, beton=None, arch: str = 'resnet50',
-               use_blurpool: bool = True, channels_last: bool = True) -> SavedModel:
+               use_blurpool: bool = None, channels_last: bool = True) -> SavedModel:
     """The model saved at ``path`` (a checkpoint or a final_weights.pt, see :func:`load_weights`),
     rebuilt as it was trained: arch, BlurPool and channels_last come from the config saved with the
     weights (``config.saved_model_kwargs``); the keyword values are used only when no config is
-    saved (``SavedModel.assumed`` then names them, for the caller to print).
+    saved (``SavedModel.assumed`` then names them, for the caller to print). BlurPool then is on
+    when its filters are saved (ffcv-imagenet's files), else ``use_blurpool``, None meaning off
+    (torchvision's and timm's weights, trained without it, lost about half their top-1 with it).
     ``num_classes``: the class count to build for (e.g. the val .beton's); None takes the length
     of the class list saved with the weights, or, without one, ILSVRC-2012's 1,000 classes
     (sorted wnids: torchvision's order) when the file's classifier has 1,000 outputs. ``beton``:
@@ -268,7 +270,7 @@ def load_model(path, *, num_classes: int = None, beton=None, arch: str = 'resnet
     state, saved_config, classes, blurpool = load_weights(path)
     if beton is not None:
         check_classes(path, classes, beton)
-    structure = {'arch': arch, 'use_blurpool': use_blurpool, 'channels_last': channels_last}
+    structure = {'arch': arch, 'use_blurpool': bool(use_blurpool), 'channels_last': channels_last}
     if saved_config:
         structure = saved_model_kwargs(saved_config)
     elif blurpool:  # ffcv-imagenet's BlurPool filters are in the file
@@ -301,8 +303,9 @@ def load_model(path, *, num_classes: int = None, beton=None, arch: str = 'resnet
     assumed = '' if saved_config else (
         f'note: no config saved with {path}: built as {structure["arch"]} with BlurPool '
         + ('on, as the BlurPool filters saved in it say; if it is another arch, say so'
-           if blurpool else f'{"on" if structure["use_blurpool"] else "off"}; if it was trained '
-                            f'otherwise, say so'))
+           if blurpool else f'{"on" if structure["use_blurpool"] else "off"}' + (
+               " (as weights from elsewhere, torchvision's or timm's, are trained)"
+               if use_blurpool is None else '') + '; if it was trained otherwise, say so'))
     return SavedModel(model=model, config=saved_config, classes=classes, arch=structure['arch'],
                       assumed=assumed, ilsvrc_classes=ilsvrc)
 

@@ -14,7 +14,7 @@ import torchvision
 from PIL import Image
 
 from conftest import REPO, SAMPLE, run_env, small_config
-from imagenet_ffcv import engine, loaders, metrics, models, predict, sources, train, verify
+from imagenet_ffcv import engine, loaders, metrics, models, predict, sources, train, verify, weights
 from imagenet_ffcv.classes import (class_list_path, read_class_list, read_class_names,
                                    write_class_list)
 
@@ -132,14 +132,39 @@ def test_weights_without_a_config_say_which_model_was_assumed(short_run, sample_
     note = f'note: no config saved with {lone}: built as resnet18 with BlurPool '
     train.main(eval_config(sample_betons, tmp_path / 'runs', lone))
     out = capsys.readouterr().out
-    assert note + 'on;' in out and 'say so (--model.arch, --training.use_blurpool)' in out
+    assert (note + "off (as weights from elsewhere, torchvision's or timm's, are trained); if it "
+            "was trained otherwise, say so (--model.arch; this tool's weights say how they were "
+            "built in final_weights.safetensors, or in the params.json beside final_weights.pt)"
+            ) in out
     image = sorted((SAMPLE / 'val').glob('*/*.JPEG'))[0]
     classes = class_list_path(sample_betons['val'])
-    predict.predict([image], weights=lone, classes_path=classes, arch='resnet18', blurpool=False)
+    predict.predict([image], weights=lone, classes_path=classes, arch='resnet18', blurpool=True)
     err = capsys.readouterr().err
-    assert note + 'off;' in err and 'say so (--arch, --blurpool)' in err
+    assert note + 'on; if it was trained otherwise, say so (--arch, --blurpool)' in err
+    predict.predict([image], weights=lone, classes_path=classes, arch='resnet18')
+    assert note + "off (as weights from elsewhere" in capsys.readouterr().err
     predict.predict([image], weights=Path(summary['run_dir']) / 'final_weights.pt')
     assert 'note' not in capsys.readouterr().err  # the run's params.json says how it was built
+
+
+def test_weights_from_elsewhere_are_rebuilt_without_blurpool_unless_asked(tmp_path):
+    """A torchvision state dict (no config, no BlurPool filters) was rebuilt with BlurPool, the
+    default of the configs and of predict, and so computed other logits than the model it came
+    from: eval-only and predict gave a much lower top-1. It is rebuilt without, giving the
+    source model's logits; BlurPool only when asked."""
+    source = models.build_model(arch='resnet18', num_classes=10, use_blurpool=False,
+                                channels_last=False).eval()
+    torch.save(source.state_dict(), tmp_path / 'resnet18.pt')
+    x = torch.randn(2, 3, 64, 64)
+    rebuilt = weights.load_model(tmp_path / 'resnet18.pt', num_classes=10, arch='resnet18',
+                                 channels_last=False)
+    assert not any(isinstance(m, models.BlurPoolConv2d) for m in rebuilt.model.modules())
+    with torch.no_grad():
+        assert torch.equal(rebuilt.model.eval()(x), source(x))
+        blurred = weights.load_model(tmp_path / 'resnet18.pt', num_classes=10, arch='resnet18',
+                                     use_blurpool=True, channels_last=False).model.eval()
+        assert any(isinstance(m, models.BlurPoolConv2d) for m in blurred.modules())
+        assert not torch.allclose(blurred(x), source(x), atol=1e-3)
 
 
 def test_model_complexity_counts_resnet50_as_torchvision_lists_it():
