@@ -4,6 +4,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -713,6 +714,23 @@ def test_the_val_tar_converts_without_the_train_tar(three_layouts):
         sources.load_split(roots['tars'], 'train')
 
 
+def test_val_images_the_label_file_lists_but_missing_are_counted_in_a_warning(three_layouts,
+                                                                             recwarn):
+    """Kaggle's val folder unzipped in part converted without a word (an image without a label
+    is an error, a label without its image was nothing). The missing images are counted."""
+    roots, wnids = three_layouts
+    classes, complete, _ = sources.load_split(roots['kaggle'], 'val')
+    assert not recwarn.list and len(complete) == 6
+    val = roots['kaggle'] / 'ILSVRC' / 'Data' / 'CLS-LOC' / 'val'
+    gone = sorted(val.iterdir())[0]
+    gone.unlink()
+    _, samples, _ = sources.load_split(roots['kaggle'], 'val')
+    assert len(samples) == 5
+    assert [str(w.message) for w in recwarn.list] == [
+        f'{val}: 1 of the 6 images LOC_val_solution.csv labels are not there ({gone.stem}): the '
+        f'val split is incomplete (an archive unpacked in part?)']
+
+
 def test_hidden_tars_in_the_train_tar_are_not_classes(three_layouts):
     """A train tar packed on macOS holds an AppleDouble ``._<wnid>.tar`` beside each class's
     tar: it took a class index, shifting every later class (val labelled wrong) and failing
@@ -905,6 +923,13 @@ def test_a_split_of_loose_images_says_how_to_label_them_and_other_files_are_name
     with pytest.raises(ValueError, match=r'3 images lie in the folder itself \(ILSVRC2012_val_0+'
                                          r'\.JPEG, .*valprep\.sh.*--layout tars.*--layout kaggle'):
         sources.list_samples(root / 'val', classes)
+    # Kaggle's tree given by its CLS-LOC folder: the advice names the folder to give (it said
+    # --layout kaggle, which with the same --data-dir looked for CLS-LOC/ILSVRC/Data/CLS-LOC)
+    cls_loc = tmp_path / 'kaggle' / 'ILSVRC' / 'Data' / 'CLS-LOC'
+    shutil.copytree(root, cls_loc)
+    with pytest.raises(ValueError, match=f"with LOC_val_solution.csv \\(--data-dir "
+                                         f"{tmp_path / 'kaggle'} --layout kaggle\\)$"):
+        sources.list_samples(cls_loc / 'val', classes)
     flat_train = tmp_path / 'flat' / 'train'  # a train split of loose images: no val advice
     flat_train.mkdir(parents=True)
     Image.open(src).save(flat_train / 'a.JPEG')
