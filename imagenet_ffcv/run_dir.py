@@ -13,6 +13,7 @@
 A run is *finished* when ``final_weights.pt`` exists; ``--resume auto`` picks the latest run of the
 same run name (:func:`latest_checkpoint`), and the trainer ends at once when that run finished.
 """
+import importlib.metadata
 import json
 import os
 import re
@@ -247,18 +248,24 @@ def unfinished_run_names(folder) -> list:
 
 
 def code_version() -> dict:
-    """``{'git_commit': SHA or None, 'git_dirty': bool or None}`` of the code that runs: the
-    commit of the repository holding this package, and whether its tracked files differ from it
-    (None for both outside a git checkout or without git), as airbench keeps the code with its
-    results."""
+    """``{'version': the installed package's version or None, 'git_commit': SHA or None,
+    'git_dirty': bool or None}`` of the code that runs: the commit of the repository holding this
+    package, and whether its tracked files differ from it (None for both outside a git checkout,
+    as after ``pip install .``, or without git), as airbench keeps the code with its results."""
+    try:
+        version = importlib.metadata.version('imagenet-ffcv')
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+
     def git(*args):
         return subprocess.run(['git', '-C', str(REPO), *args], capture_output=True, text=True,
                               timeout=30)
     try:
         head = git('rev-parse', 'HEAD')
         if head.returncode != 0:
-            return {'git_commit': None, 'git_dirty': None}
+            return {'version': version, 'git_commit': None, 'git_dirty': None}
         status = git('status', '--porcelain', '--untracked-files=no')
-        return {'git_commit': head.stdout.strip(), 'git_dirty': bool(status.stdout.strip())}
+        return {'version': version, 'git_commit': head.stdout.strip(),
+                'git_dirty': bool(status.stdout.strip())}
     except (OSError, subprocess.SubprocessError):
-        return {'git_commit': None, 'git_dirty': None}
+        return {'version': version, 'git_commit': None, 'git_dirty': None}

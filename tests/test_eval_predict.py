@@ -41,7 +41,7 @@ def test_short_run_learns_and_logs(short_run):
     assert params['training']['epochs'] == 6 and params['model']['arch'] == 'resnet18'
     assert params['derived']['lr_used'] == pytest.approx(0.05 * 32 / 64)  # linear scaling
     assert params['derived']['amp'] == 'fp32'  # training.amp=auto on CPU
-    assert set(params['code']) == {'git_commit', 'git_dirty'}  # the code that produced the run
+    assert set(params['code']) == {'version', 'git_commit', 'git_dirty'}  # the run's code
     assert summary['top_1'] == log[-1]['top_1']
 
 

@@ -272,11 +272,18 @@ def test_a_new_run_beside_an_unfinished_one_of_its_name_says_so(tmp_path, capsys
 
 
 def test_code_version_names_the_checkout(tmp_path):
+    """The package's version (after a pip install, outside any checkout, the one record of the
+    code a run used), the checkout's commit and whether it was changed."""
+    import importlib.metadata
     version = code_version()
+    try:  # make setup and CI install the package (pip install -e .)
+        assert version['version'] == importlib.metadata.version('imagenet-ffcv')
+    except importlib.metadata.PackageNotFoundError:
+        assert version['version'] is None  # the package run from a folder, not installed
     head = subprocess.run(['git', '-C', str(REPO), 'rev-parse', 'HEAD'], capture_output=True,
                           text=True)
     if head.returncode != 0:
-        assert version == {'git_commit': None, 'git_dirty': None}
+        assert version == {'version': version['version'], 'git_commit': None, 'git_dirty': None}
         pytest.skip('not a git checkout: nothing more to compare')
     assert version['git_commit'] == head.stdout.strip()
     status = subprocess.run(['git', '-C', str(REPO), 'status', '--porcelain',
