@@ -1,11 +1,12 @@
 """Decoding any input image to RGB, the shorter-side resize and the JPEG encoding: what the writer
 stores, and what ``imagenet-ffcv-predict`` stores the same way before it decodes the image as the
 validation loader does (``image_decode.center_crop_pixels``)."""
+import os
 import threading
 
 import cv2
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from .ilsvrc import open_image_source
 
@@ -61,7 +62,9 @@ def _opened(f, path) -> Image.Image:
         try:
             return Image.open(f)
         except UnidentifiedImageError:
-            raise UnidentifiedImageError(f'cannot identify image file {str(path)!r}') from None
+            empty = f.seek(0, os.SEEK_END) == 0
+            raise UnidentifiedImageError(f'cannot identify image file {str(path)!r}'
+                                         + (': it is empty (0 bytes)' if empty else '')) from None
         finally:
             Image.MAX_IMAGE_PIXELS = limit
 
@@ -86,7 +89,9 @@ def load_image(path, max_res: int) -> np.ndarray:
     Grayscale, CMYK, palette and alpha images are converted to RGB by PIL's ``convert('RGB')``;
     16-bit images are scaled to 8 bits (see :func:`_to_rgb`); an EXIF orientation tag is applied
     (``ImageOps.exif_transpose``) before resizing. Large JPEGs are decoded at a reduced DCT scale
-    (PIL ``draft``) to no less than the target size, then resized by :func:`resize_rgb`. Images
+    (PIL ``draft``) to no less than the target size, then resized by :func:`resize_rgb` to the size
+    :func:`shorter_side_size` gives for the file's own size (not the decoded one: libjpeg rounds a
+    scaled side up, which moved the longer side by up to 4 px). Images
     smaller than ``max_res`` are kept as they are. Any image size is read, up to PIL's limit
     against decompression bombs applied to the pixels decoded (:func:`_check_decoded_size`).
     Returns a (H, W, 3) uint8 array. Raises OSError/ValueError for a file PIL cannot decode
@@ -94,15 +99,16 @@ def load_image(path, max_res: int) -> np.ndarray:
     """
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # another library may have switched it on
     with open_image_source(path) as f, _opened(f, path) as im:
-        size = shorter_side_size(*im.size, max_res)
-        if size != im.size:
-            im.draft('RGB', size)
+        stored = im.size
+        if shorter_side_size(*stored, max_res) != stored:
+            im.draft('RGB', shorter_side_size(*stored, max_res))
         _check_decoded_size(im)
         im.load()  # decodes everything: raises on truncated or corrupt data
+        turned = im.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)  # as exif_transpose
         im = ImageOps.exif_transpose(im) or im
         im = _to_rgb(im)
         a = np.asarray(im)
-        size = shorter_side_size(*im.size, max_res)
+        size = shorter_side_size(*(stored[::-1] if turned else stored), max_res)
         if size != im.size:
             a = resize_rgb(a, size)
         if a.ndim != 3 or a.shape[2] != 3 or a.dtype != np.uint8 or 0 in a.shape:

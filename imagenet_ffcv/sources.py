@@ -136,12 +136,16 @@ def list_samples(split_dir, classes: list) -> list:
     if unknown:
         nfc = {unicodedata.normalize('NFC', wnid) for wnid in classes}
         alike = [f for f in unknown if unicodedata.normalize('NFC', f) in nfc]
+        cased = [f'{f} and train/{c}' for f in unknown for c in classes if f.casefold() ==
+                 c.casefold()]
         raise ValueError(f'{split_dir}: class folder(s) {", ".join(unknown[:5])} are not in the '
                          f'train split, so their images have no class index; remove them or add '
                          f'the class to train/' + (
                              f' ({", ".join(map(ascii, alike[:5]))} differ from a train folder '
                              f'only in how Unicode writes their accents (NFC or NFD; macOS '
-                             f'writes NFD): rename one of them)' if alike else ''))
+                             f'writes NFD): rename one of them)' if alike else '') + (
+                             f' ({", ".join(cased[:5])} differ in case only: rename one)'
+                             if cased else ''))
     listed = _check_distinct_folders(split_dir, folders)  # real paths: links to them are repeats
     samples, empty, unreadable, other, repeated = [], [], [], [], []
     for wnid in sorted(folders, key=class_to_idx.get):

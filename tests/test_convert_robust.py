@@ -120,6 +120,24 @@ def test_unusual_files_decode_to_correct_rgb(tmp_path):
     assert images.load_image(tmp_path / 'rotated.JPEG', max_res=10).shape == (20, 10, 3)
 
 
+def test_a_jpeg_decoded_at_a_reduced_scale_is_stored_at_the_size_of_its_own_pixels(tmp_path):
+    """A 3550 x 563 px JPEG is decoded at half scale (PIL's draft), which libjpeg rounds up to
+    1775 x 282; the size was worked out from that, 1611 x 256, where the same pixels as a PNG
+    (no draft) gave 1614 x 256. Both now give 1614 x 256, turned by the EXIF orientation too."""
+    pixels = np.random.default_rng(0).integers(0, 256, (563, 3550, 3), np.uint8)
+    Image.fromarray(pixels).save(tmp_path / 'wide.JPEG', quality=90)
+    Image.fromarray(pixels).save(tmp_path / 'wide.png')
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees: 563 x 3550
+    Image.fromarray(pixels).save(tmp_path / 'turned.JPEG', quality=90, exif=exif)
+    with Image.open(tmp_path / 'wide.JPEG') as im:
+        im.draft('RGB', (1614, 256))
+        assert im.size == (1775, 282)  # half scale, rounded up
+    for name, shape in (('wide.JPEG', (256, 1614, 3)), ('wide.png', (256, 1614, 3)),
+                        ('turned.JPEG', (1614, 256, 3))):
+        assert images.load_image(tmp_path / name, max_res=256).shape == shape, name
+
+
 def test_a_jpeg_over_pils_pixel_limit_is_read_and_a_png_is_refused_by_its_decoded_size(
         tmp_path, monkeypatch):
     """PIL refuses a file of more than twice ``Image.MAX_IMAGE_PIXELS`` (179 MP: a 200 MP phone
@@ -177,6 +195,9 @@ def test_bad_files_skipped_labels_kept_and_reported(tmp_path):
     assert report.name == 'train.skipped.tsv' and stats['skipped_report'] == str(report)
     rows = [line.split('\t') for line in report.read_text().splitlines()]
     assert {r[0].split('/')[-1] for r in rows} == bad and all(r[1] for r in rows)
+    reasons = {r[0].split('/')[-1]: r[1] for r in rows}
+    assert reasons['zero.JPEG'].endswith('zero.JPEG\': it is empty (0 bytes)')
+    assert 'empty' not in reasons['notes.jpg']
     images, labels = stored_raw_images(out)
     kept = [(p, l) for p, l in samples if p.split('/')[-1] not in bad]
     assert labels == [l for _, l in kept]  # no label shift
@@ -319,6 +340,18 @@ def test_class_names_the_class_list_cannot_hold_are_refused_before_any_work(tmp_
     with pytest.raises(ValueError, match=r"'cafe\\u0301' differ from a train folder only in how "
                                          'Unicode writes their accents'):
         sources.list_samples(tmp_path / 'data' / 'val', classes)
+
+
+def test_a_val_folder_named_as_a_train_folder_in_another_case_is_named_as_such(tmp_path):
+    """val/Fish beside train/fish was refused as a folder train lacks, with no hint at the case."""
+    for split, name in (('train', 'fish'), ('train', 'bird'), ('val', 'Fish')):
+        folder = tmp_path / split / name
+        folder.mkdir(parents=True)
+        Image.new('RGB', (8, 8)).save(folder / 'a.JPEG')
+    classes = sources.find_classes(tmp_path / 'train')
+    with pytest.raises(ValueError, match=r'class folder\(s\) Fish are not in the train split.*'
+                                         r'\(Fish and train/fish differ in case only: rename one\)$'):
+        sources.list_samples(tmp_path / 'val', classes)
 
 
 def test_verify(tmp_path, capsys):
