@@ -208,6 +208,17 @@ def resolve_resume(resume: str, folder, run_name: str = ''):
     return path
 
 
+def weights_in(path) -> Path:
+    """``path`` as a weights file to read (eval-only, predict): a run folder gives its
+    final_weights.pt, or, for a run not finished, its checkpoint.pt; any other path (a file, a
+    folder without either) is returned as it is, for the reader to name."""
+    path = Path(path)
+    if path.is_dir():
+        run = RunDir(path)
+        return next((p for p in (run.final_weights, run.checkpoint) if p.is_file()), path)
+    return path
+
+
 def rng_state() -> dict:
     """The random states of torch (CPU and CUDA), numpy's global generator (its key as an int64
     tensor, so the checkpoint holds no numpy object) and Python's random."""

@@ -130,7 +130,8 @@ def _data_and_model_sections(section) -> None:
                             'model; needs the optional timm package)', default='resnet50'),
             pretrained=Param(int, 'must be 0: weights are never fetched from the network (start '
                                   'from a file with model.weights)', default=0),
-            weights=Param(str, 'training: start from these weights (fine-tuning): a checkpoint.pt, '
+            weights=Param(str, 'training: start from these weights (fine-tuning): a run folder '
+                               '(its final weights, else its checkpoint), a checkpoint.pt, '
                                'final_weights.pt/.safetensors or a torchvision state dict file; '
                                "the checkpoint wins on --resume. With training.eval_only=1: the "
                                "weights to evaluate. '': random initialisation", default=''),

@@ -155,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      description=__doc__.split('\n\n')[0])
     parser.add_argument('images', nargs='+', help='image files (JPEG, PNG, ...)')
     parser.add_argument('--weights', required=True,
-                        help='checkpoint.pt, final_weights.pt or final_weights.safetensors')
+                        help='a run folder (its final weights, else its checkpoint), '
+                             'checkpoint.pt, final_weights.pt or final_weights.safetensors')
     parser.add_argument('--top', type=positive, default=5, help='classes shown per image')
     parser.add_argument('--classes', help="class list (.classes.tsv) for the run's classes, "
                                           "in place of the run's own (a warning when they differ)")

@@ -15,7 +15,8 @@ import safetensors
 import safetensors.torch
 import torch
 
-from .checkpoint import CheckpointError, check_format, is_checkpoint, safe_torch_load, save
+from .checkpoint import (CheckpointError, check_format, is_checkpoint, safe_torch_load, save,
+                         weights_in)
 from .classes import class_list_path, ilsvrc_classes, read_class_list, read_class_names
 from .config import saved_eval_kwargs, saved_model_kwargs
 from .config_schema import ARCH_KEY, BLURPOOL_KEY, nested_ffcv_imagenet_params
@@ -56,9 +57,8 @@ def _load_safetensors(path) -> tuple:
     return state, checked_config(config, path), checked_classes(classes, path)
 
 
-DAMAGED = ("use the run's final_weights.pt with its params.json and classes.tsv, or a file "
-           'without the damaged part and the model options (predict: --arch, --blurpool, '
-           '--classes)')
+DAMAGED = ("use the run's final_weights.pt with its params.json and classes.tsv, or a file without "
+           'the damaged part and the model options (predict: --arch, --blurpool, --classes)')
 
 
 def _parsed_json(text: str, source: str):
@@ -164,22 +164,22 @@ class Weights(NamedTuple):
 
 def load_weights(path) -> Weights:
     """The model weights in ``path``, the config they were trained with and the class list, for
-    evaluation and prediction (:class:`Weights`). ``path`` is a checkpoint (config
-    and classes inside), a ``final_weights.pt`` (config from the ``params.json`` and classes from
-    the ``classes.tsv`` beside it, each None when absent) or a ``final_weights.safetensors``
-    (both in its metadata when :func:`save_final_weights` wrote it, else beside it; a params.json
-    of ffcv-imagenet's, in flat keys, is read as ``config_schema.nested_ffcv_imagenet_params``). ``classes``:
-    ``[(wnid, name), ...]``. A state dict saved from a DDP or compiled model has its keys' prefix
-    removed (:func:`unwrapped`). Nothing in the file can run code (:func:`safe_torch_load`,
-    safetensors).
+    evaluation and prediction (:class:`Weights`). ``path`` is a checkpoint (config and classes
+    inside), a ``final_weights.pt`` (config from the ``params.json`` and classes from the
+    ``classes.tsv`` beside it, each None when absent), a ``final_weights.safetensors`` (both in
+    its metadata when :func:`save_final_weights` wrote it, else beside it; ffcv-imagenet's flat
+    params.json is read as ``config_schema.nested_ffcv_imagenet_params``) or a run folder
+    (``checkpoint.weights_in``). ``classes``: ``[(wnid, name), ...]``. A state dict saved from a DDP
+    or compiled model has its keys' prefix removed (:func:`unwrapped`). Nothing in the file can
+    run code (:func:`safe_torch_load`, safetensors).
     Raises CheckpointError naming the file when it is missing, unsafe or holds no state dict, or
     when its config or class list is not what this tool saves (:func:`checked_config`,
     :func:`checked_classes`)."""
-    path = Path(path)
+    path = weights_in(path)  # a run folder: its final weights, else its checkpoint
     if not path.is_file():
-        what = 'a folder, not a weights file' if path.is_dir() else 'no such weights file'
-        raise CheckpointError(f'{path}: {what}; give a run\'s checkpoint.pt, final_weights.pt or '
-                              f'final_weights.safetensors, or a state dict saved with torch.save')
+        what = 'a folder without a run\'s weights' if path.is_dir() else 'no such weights file'
+        raise CheckpointError(f'{path}: {what}; give a run folder, its checkpoint.pt or '
+                              f'final_weights.pt/.safetensors, or a torch.save state dict')
     config = classes = None
     if path.suffix == '.safetensors':
         state, config, classes = _load_safetensors(path)

@@ -60,7 +60,8 @@ def test_saved_weights_load_into_torchvision_and_give_logged_top1(short_run, sam
     assert result['top_1'] == summary['top_1']
 
 
-@pytest.mark.parametrize('name', ['final_weights.pt', 'checkpoint.pt', 'final_weights.safetensors'])
+@pytest.mark.parametrize('name', ['final_weights.pt', 'checkpoint.pt', 'final_weights.safetensors',
+                                  ''])  # '': the run folder
 def test_eval_only_gives_the_logged_top1_and_top5(short_run, sample_betons, tmp_path, name):
     summary, cfg = short_run
     weights = Path(summary['run_dir']) / name

@@ -226,8 +226,18 @@ def test_a_checkpoint_with_parts_missing_or_of_another_format_is_one_error(tmp_p
     saved = weights.load_model(tmp_path / 'no_config.pt', num_classes=10, arch='resnet18',
                                use_blurpool=False, channels_last=False)
     assert saved.config is None and 'no config saved' in saved.assumed
-    with pytest.raises(CheckpointError, match='a folder, not a weights file'):
+    with pytest.raises(CheckpointError, match="a folder without a run's weights; give a run "
+                                              "folder, its checkpoint.pt or final_weights"):
         weights.load_model(tmp_path, num_classes=10)
+    # a run folder: its checkpoint while it trains, its final weights once finished
+    (tmp_path / 'run').mkdir()
+    torch.save(good, tmp_path / 'run' / 'checkpoint.pt')
+    assert checkpoint.weights_in(tmp_path / 'run') == tmp_path / 'run' / 'checkpoint.pt'
+    assert weights.load_model(tmp_path / 'run', num_classes=10, arch='resnet18',
+                              use_blurpool=False, channels_last=False).config is None
+    torch.save(state, tmp_path / 'run' / 'final_weights.pt')
+    assert checkpoint.weights_in(tmp_path / 'run') == tmp_path / 'run' / 'final_weights.pt'
+    assert checkpoint.weights_in(tmp_path / 'no_config.pt') == tmp_path / 'no_config.pt'
     # another tool's checkpoint with a 'format' of its own is no checkpoint of this tool
     for fmt in (1, 2, True):
         torch.save({'format': fmt, 'state_dict': state}, tmp_path / 'theirs.pt')
