@@ -21,6 +21,7 @@ Training: ``config`` and ``config_schema`` (the configuration and its keys), ``p
 ``ema``, ``augment`` (RandAugment, TrivialAugmentWide, Random Erasing), ``mixup``, ``evaluate``
 (validation and eval-only), ``metrics``, ``distributed`` (torchrun), ``checkpoint`` (the
 checkpoint format, resume, safe loading), ``weights`` (final weights, models rebuilt from them),
+``state_dicts`` (other tools' state dicts made torchvision's),
 ``signals`` (pre-emption and Ctrl-C), ``run_dir`` (the run
 folder), ``loggers`` (TensorBoard, W&B), ``optional`` (optional packages), ``files`` (atomic
 writes), ``errors`` (the base exception).

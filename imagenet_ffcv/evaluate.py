@@ -67,18 +67,20 @@ def validated_otherwise(cfg, saved_config: dict) -> str:
 
 
 def evaluate_weights(cfg, dist) -> dict:
-    """``training.eval_only=1``: the validation top-1/top-5 of ``model.weights`` (a checkpoint or a
-    final_weights.pt), computed as the training run computes it. The model is rebuilt as it was
-    trained (``weights.load_model``: arch, BlurPool, channels_last from the config saved with
-    the weights, when there is one) and must have been trained on the val .beton's classes
+    """``training.eval_only=1``: the validation top-1/top-5 of ``model.weights`` (a run folder, a
+    checkpoint or a final_weights.pt), computed as the training run computes it. The model is
+    rebuilt as it was trained (``weights.load_model``: arch, BlurPool, channels_last from the
+    config saved with the weights, when there is one; else BlurPool off, as weights from
+    elsewhere are trained) and must have been trained on the val .beton's classes
     (CheckpointError otherwise); validation settings come from ``cfg``, with a note naming the
     overrides that would match the run's (:func:`validated_otherwise`)."""
     saved = weights.load_model(  # BlurPool as the file says (the config's is for training)
-        cfg.model.weights, num_classes=loaders.num_classes(cfg.data.val_dataset),
+        cfg.model.weights, num_classes=loaders.num_classes(cfg.data.val_dataset,
+                                                           warn=dist.is_primary),
         beton=cfg.data.val_dataset, **{**config.model_kwargs(cfg), 'use_blurpool': None})
     if saved.assumed and dist.is_primary:
-        print(f'{saved.assumed} (--model.arch; this tool\'s weights say how they were built in '
-              f'final_weights.safetensors, or in the params.json beside final_weights.pt)')
+        print(f'{saved.assumed} (--model.arch; this tool\'s own weights files say how they were '
+              f'built)')
     if saved.config and dist.is_primary and (overrides := validated_otherwise(cfg, saved.config)):
         print(f'=> note: the run of {cfg.model.weights} validated otherwise; this evaluates as the '
               f'config given says: add {overrides} to evaluate as it did')

@@ -3,10 +3,13 @@ back from either or from a checkpoint without running code, and the model rebuil
 was trained (eval-only, predict) or started from them (fine-tuning: :func:`init_from`).
 
 ``final_weights.pt`` is a state dict with torchvision's keys (``torch.load(weights_only=True)``
-reads it); ``final_weights.safetensors`` holds the same tensors (no pickle at all) with the run's
-config and class list in its metadata, so the file alone rebuilds the model.
+reads it, torchvision's models load it); ``final_weights.safetensors`` holds the same tensors (no
+pickle at all). Each holds the run's config and class list as metadata (the .pt in the state
+dict's own ``_metadata``, which ``load_state_dict`` passes to the modules and they ignore), so
+either file alone rebuilds the model as it was trained.
 """
 import json
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -22,20 +25,24 @@ from .config import saved_eval_kwargs, saved_model_kwargs
 from .config_schema import ARCH_KEY, BLURPOOL_KEY, nested_ffcv_imagenet_params
 from .files import atomic_path
 from .models import BlurPoolConv2d, build_model, takes_blurpool
+from .state_dicts import BLUR_FILTER, mismatch, unwrapped
 
 SAFETENSORS_FORMAT = 'imagenet_ffcv final weights'  # the metadata's 'format': config and classes
+METADATA_KEY = 'imagenet_ffcv'  # final_weights.pt: its metadata in the state dict's _metadata['']
 
 
 def save_final_weights(state_dict: dict, path, *, config: dict = None, classes=None) -> Path:
     """Write the final weights twice, atomically: ``path`` (``torch.save`` of the state dict, as
-    torchvision's keys) and ``path`` with the suffix ``.safetensors`` (safetensors; the config and
-    class list in its metadata as JSON, so the file alone rebuilds the model). Returns the second
-    path. Raises OSError (disk full, no permission) naming the file."""
+    torchvision's keys) and ``path`` with the suffix ``.safetensors`` (safetensors), each with the
+    config and class list as JSON metadata (module docstring), so either file alone rebuilds the
+    model. Returns the second path. Raises OSError (disk full, no permission) naming the file."""
     path = Path(path)
-    save(state_dict, path)
-    tensors = {k: v.contiguous() for k, v in state_dict.items()}
     metadata = {'format': SAFETENSORS_FORMAT, 'config': json.dumps(config),
                 'classes': json.dumps(classes)}
+    described = OrderedDict(state_dict)
+    described._metadata = OrderedDict({'': {METADATA_KEY: metadata}})  # the root module's
+    save(described, path)
+    tensors = {k: v.contiguous() for k, v in state_dict.items()}
     safe_path = path.with_suffix('.safetensors')
     with atomic_path(safe_path) as tmp:
         safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
@@ -50,11 +57,17 @@ def _load_safetensors(path) -> tuple:
             metadata = f.metadata() or {}
     except Exception as e:
         raise CheckpointError(f'{path}: cannot read the weights ({type(e).__name__}: {e})') from e
-    if metadata.get('format') != SAFETENSORS_FORMAT:  # not written by save_final_weights
-        return state, None, None
+    return (state, *_described(metadata, path))
+
+
+def _described(metadata, path) -> tuple:
+    """``(config, classes)`` of the metadata :func:`save_final_weights` wrote in ``path``;
+    ``(None, None)`` for other metadata or none (a file not written by it)."""
+    if not isinstance(metadata, dict) or metadata.get('format') != SAFETENSORS_FORMAT:
+        return None, None
     config = _parsed_json(metadata.get('config') or 'null', f"{path}'s metadata 'config'")
     classes = _parsed_json(metadata.get('classes') or 'null', f"{path}'s metadata 'classes'")
-    return state, checked_config(config, path), checked_classes(classes, path)
+    return checked_config(config, path), checked_classes(classes, path)
 
 
 DAMAGED = ("use the run's final_weights.pt with its params.json and classes.tsv, or a file without "
@@ -101,55 +114,6 @@ def checked_classes(classes, source):
     return [tuple(c) for c in classes]
 
 
-WRAPPER_PREFIXES = ('module.', '_orig_mod.')  # DistributedDataParallel's, torch.compile's
-
-
-def unwrapped(state: dict) -> dict:
-    """``state`` (a state dict) with torchvision's keys: the prefix that DistributedDataParallel
-    (``module.``) or ``torch.compile`` (``_orig_mod.``) puts before every key removed, also when
-    one wraps the other (ffcv-imagenet's final weights carry ``module.``), then ffcv-imagenet's
-    BlurPool layout undone (:func:`_unblurred`). Keys are kept as they are when any key lacks the
-    prefix; an EMA's (``torch.optim.swa_utils.AveragedModel``) count ``n_averaged`` is dropped."""
-    if 'n_averaged' in state:  # an AveragedModel's (EMA's) state dict: module. and the count
-        state = {k: v for k, v in state.items() if k != 'n_averaged'}
-    for prefix in WRAPPER_PREFIXES:
-        if state and all(k.startswith(prefix) for k in state):
-            return unwrapped({k[len(prefix):]: v for k, v in state.items()})
-    return _unblurred(state)
-
-
-BLUR_FILTER = '.blur_filter'
-
-
-def _unblurred(state: dict) -> dict:
-    """``state`` with ffcv-imagenet's BlurPool keys made torchvision's: its ``BlurPoolConv2d``
-    keeps the wrapped conv as ``.conv`` beside a saved ``.blur_filter`` (``layer2.0.conv2.conv.
-    weight``, ``layer2.0.conv2.blur_filter``), ours is the conv itself with an unsaved filter
-    (``models.BlurPoolConv2d``: ``layer2.0.conv2.weight``). The filters are dropped."""
-    blurred = {k[:-len(BLUR_FILTER)] for k in state if k.endswith(BLUR_FILTER)}
-
-    def key(k):
-        module, _, name = k.rpartition('.')
-        wrapper = module[:-len('.conv')]
-        return f'{wrapper}.{name}' if module.endswith('.conv') and wrapper in blurred else k
-    return {key(k): v for k, v in state.items() if not k.endswith(BLUR_FILTER)}
-
-
-def mismatch(state: dict, own: dict, ignore=frozenset()) -> str:
-    """What keeps the state dict ``state`` from loading into a model whose state dict is ``own``,
-    the keys in ``ignore`` aside: ``'missing [...], unexpected [...], other shapes [...]'`` (at
-    most 5 keys each), or '' when every key is there with its shape."""
-    missing = sorted(k for k in own.keys() - state.keys() - ignore  # older files lack BN's count:
-                     if not k.endswith('.num_batches_tracked'))  # load_state_dict sets it to 0
-    extra = sorted(state.keys() - own.keys() - ignore)
-    wrong_shape = sorted(k for k in (state.keys() & own.keys()) - ignore
-                         if state[k].shape != own[k].shape)
-    if not (missing or extra or wrong_shape):
-        return ''
-    return (f'missing {missing[:5] or "none"}, unexpected {extra[:5] or "none"}, other shapes '
-            f'{wrong_shape[:5] or "none"}')
-
-
 class Weights(NamedTuple):
     """What :func:`load_weights` reads: ``state`` the state dict (torchvision's keys),
     ``config`` the run's resolved config and ``classes`` ``[(wnid, name), ...]`` (each None when
@@ -165,13 +129,13 @@ class Weights(NamedTuple):
 def load_weights(path) -> Weights:
     """The model weights in ``path``, the config they were trained with and the class list, for
     evaluation and prediction (:class:`Weights`). ``path`` is a checkpoint (config and classes
-    inside), a ``final_weights.pt`` (config from the ``params.json`` and classes from the
-    ``classes.tsv`` beside it, each None when absent), a ``final_weights.safetensors`` (both in
-    its metadata when :func:`save_final_weights` wrote it, else beside it; ffcv-imagenet's flat
-    params.json is read as ``config_schema.nested_ffcv_imagenet_params``) or a run folder
-    (``checkpoint.weights_in``). ``classes``: ``[(wnid, name), ...]``. A state dict saved from a DDP
-    or compiled model has its keys' prefix removed (:func:`unwrapped`). Nothing in the file can
-    run code (:func:`safe_torch_load`, safetensors).
+    inside), a ``final_weights.pt`` or ``.safetensors`` (both in its metadata when
+    :func:`save_final_weights` wrote it; else config from the ``params.json`` and classes from the
+    ``classes.tsv`` beside it, each None when absent; ffcv-imagenet's flat params.json is read as
+    ``config_schema.nested_ffcv_imagenet_params``), a state dict file, or a run folder
+    (``checkpoint.weights_in``). ``classes``: ``[(wnid, name), ...]``. A state dict saved from a
+    DDP or compiled model has its keys' prefix removed (``state_dicts.unwrapped``). Nothing in
+    the file can run code (:func:`safe_torch_load`, safetensors).
     Raises CheckpointError naming the file when it is missing, unsafe or holds no state dict, or
     when its config or class list is not what this tool saves (:func:`checked_config`,
     :func:`checked_classes`)."""
@@ -191,6 +155,9 @@ def load_weights(path) -> Weights:
                                   checked_config(content.get('config'), path),
                                   checked_classes(content.get('classes'), path))
         state = _state_dict_in(content, path)
+        root = getattr(content, '_metadata', {}).get('', {})  # save_final_weights' metadata
+        config, classes = _described(root.get(METADATA_KEY) if isinstance(root, dict) else None,
+                                     path)
     blur_filters = any(k.endswith(BLUR_FILTER) for k in state)
     state = unwrapped(state)
     params, class_list = path.with_name('params.json'), path.with_name('classes.tsv')

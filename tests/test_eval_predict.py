@@ -124,19 +124,25 @@ def test_eval_only_refuses_weights_trained_on_other_classes(short_run, sample_be
 def test_weights_without_a_config_say_which_model_was_assumed(short_run, sample_betons, tmp_path,
                                                              capsys):
     """BlurPool's filter is not in the state dict, so weights load with it on or off alike: without
-    a saved config, eval-only and predict print the arch and BlurPool setting they assumed."""
+    a saved config (a plain state dict), eval-only and predict print the arch and BlurPool
+    setting they assumed. The run's final_weights.pt copied alone carries its config: it
+    evaluates as the run did (it was rebuilt as the arch and BlurPool setting assumed)."""
     import shutil
     summary, cfg = short_run
     lone = tmp_path / 'lone' / 'final_weights.pt'
     lone.parent.mkdir()
     shutil.copy(Path(summary['run_dir']) / 'final_weights.pt', lone)
-    note = f'note: no config saved with {lone}: built as resnet18 with BlurPool '
-    train.main(eval_config(sample_betons, tmp_path / 'runs', lone))
+    result = train.main(eval_config(sample_betons, tmp_path / 'runs', lone))
+    assert 'note' not in capsys.readouterr().out and result['top_1'] == summary['top_1']
+    plain = lone.with_name('plain.pt')
+    torch.save(dict(torch.load(lone, weights_only=True)), plain)  # a state dict, nothing more
+    note = f'note: no config saved with {plain}: built as resnet18 with BlurPool '
+    train.main(eval_config(sample_betons, tmp_path / 'runs', plain))
     out = capsys.readouterr().out
     assert (note + "off (as weights from elsewhere, torchvision's or timm's, are trained); if it "
-            "was trained otherwise, say so (--model.arch; this tool's weights say how they were "
-            "built in final_weights.safetensors, or in the params.json beside final_weights.pt)"
-            ) in out
+            "was trained otherwise, say so (--model.arch; this tool's own weights files say how "
+            "they were built)") in out
+    lone = plain
     image = sorted((SAMPLE / 'val').glob('*/*.JPEG'))[0]
     classes = class_list_path(sample_betons['val'])
     predict.predict([image], weights=lone, classes_path=classes, arch='resnet18', blurpool=True)
@@ -321,10 +327,13 @@ def test_predict_names_a_bad_image_and_a_missing_class_list(short_run, tmp_path,
     with pytest.raises(SystemExit):
         predict.cli([good[0], '--weights', 'any.pt', '--top', '0'])
     import shutil
-    lone = tmp_path / 'final_weights.pt'
+    lone = tmp_path / 'final_weights.pt'  # copied alone: its config and classes are inside
     shutil.copy(Path(summary['run_dir']) / 'final_weights.pt', lone)
+    assert predict.predict([good[1]], weights=lone) == predict.predict([good[1]], weights=final)
+    plain = tmp_path / 'plain.pt'  # a state dict alone: no class list to name its outputs
+    torch.save(dict(torch.load(lone, weights_only=True)), plain)
     with pytest.raises(FileNotFoundError, match='--classes'):
-        predict.predict([bad], weights=lone)
+        predict.predict([bad], weights=plain)
 
 
 def test_predict_names_the_1000_outputs_of_imagenet_weights_from_elsewhere(tmp_path, capsys):

@@ -1,0 +1,51 @@
+"""State dicts of other tools made torchvision's (DistributedDataParallel's and torch.compile's
+key prefixes, ffcv-imagenet's BlurPool layout, an EMA's count), and what keeps one from loading
+into a model: the key rules ``weights`` applies to every file it reads."""
+
+WRAPPER_PREFIXES = ('module.', '_orig_mod.')  # DistributedDataParallel's, torch.compile's
+
+
+def unwrapped(state: dict) -> dict:
+    """``state`` (a state dict) with torchvision's keys: the prefix that DistributedDataParallel
+    (``module.``) or ``torch.compile`` (``_orig_mod.``) puts before every key removed, also when
+    one wraps the other (ffcv-imagenet's final weights carry ``module.``), then ffcv-imagenet's
+    BlurPool layout undone (:func:`_unblurred`). Keys are kept as they are when any key lacks the
+    prefix; an EMA's (``torch.optim.swa_utils.AveragedModel``) count ``n_averaged`` is dropped."""
+    if 'n_averaged' in state:  # an AveragedModel's (EMA's) state dict: module. and the count
+        state = {k: v for k, v in state.items() if k != 'n_averaged'}
+    for prefix in WRAPPER_PREFIXES:
+        if state and all(k.startswith(prefix) for k in state):
+            return unwrapped({k[len(prefix):]: v for k, v in state.items()})
+    return _unblurred(state)
+
+
+BLUR_FILTER = '.blur_filter'
+
+
+def _unblurred(state: dict) -> dict:
+    """``state`` with ffcv-imagenet's BlurPool keys made torchvision's: its ``BlurPoolConv2d``
+    keeps the wrapped conv as ``.conv`` beside a saved ``.blur_filter`` (``layer2.0.conv2.conv.
+    weight``, ``layer2.0.conv2.blur_filter``), ours is the conv itself with an unsaved filter
+    (``models.BlurPoolConv2d``: ``layer2.0.conv2.weight``). The filters are dropped."""
+    blurred = {k[:-len(BLUR_FILTER)] for k in state if k.endswith(BLUR_FILTER)}
+
+    def key(k):
+        module, _, name = k.rpartition('.')
+        wrapper = module[:-len('.conv')]
+        return f'{wrapper}.{name}' if module.endswith('.conv') and wrapper in blurred else k
+    return {key(k): v for k, v in state.items() if not k.endswith(BLUR_FILTER)}
+
+
+def mismatch(state: dict, own: dict, ignore=frozenset()) -> str:
+    """What keeps the state dict ``state`` from loading into a model whose state dict is ``own``,
+    the keys in ``ignore`` aside: ``'missing [...], unexpected [...], other shapes [...]'`` (at
+    most 5 keys each), or '' when every key is there with its shape."""
+    missing = sorted(k for k in own.keys() - state.keys() - ignore  # older files lack BN's count:
+                     if not k.endswith('.num_batches_tracked'))  # load_state_dict sets it to 0
+    extra = sorted(state.keys() - own.keys() - ignore)
+    wrong_shape = sorted(k for k in (state.keys() & own.keys()) - ignore
+                         if state[k].shape != own[k].shape)
+    if not (missing or extra or wrong_shape):
+        return ''
+    return (f'missing {missing[:5] or "none"}, unexpected {extra[:5] or "none"}, other shapes '
+            f'{wrong_shape[:5] or "none"}')
