@@ -209,13 +209,15 @@ def resolve_resume(resume: str, folder, run_name: str = ''):
 
 
 def weights_in(path) -> Path:
-    """``path`` as a weights file to read (eval-only, predict): a run folder gives its
-    final_weights.pt, or, for a run not finished, its checkpoint.pt; any other path (a file, a
-    folder without either) is returned as it is, for the reader to name."""
+    """``path`` as a weights file to read (eval-only, predict, fine-tuning): a run folder gives
+    its final_weights.pt (or .safetensors, when copied alone), or, for a run not finished, its
+    checkpoint.pt; any other path (a file, a folder without these) is returned as it is, for the
+    reader to name."""
     path = Path(path)
     if path.is_dir():
         run = RunDir(path)
-        return next((p for p in (run.final_weights, run.checkpoint) if p.is_file()), path)
+        return next((p for p in (run.final_weights, run.final_safetensors, run.checkpoint)
+                     if p.is_file()), path)
     return path
 
 

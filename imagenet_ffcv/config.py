@@ -202,8 +202,8 @@ def _check_consistency(cfg) -> None:
     if not (cfg.logging.folder or cfg.training.eval_only):
         problems.append('logging.folder: required, not set (runs are written to FOLDER/<run id>/)')
     if cfg.training.eval_only and not cfg.model.weights:
-        problems.append('training.eval_only=1 needs model.weights=PATH (a checkpoint.pt or '
-                        'final_weights.pt)')
+        problems.append('training.eval_only=1 needs model.weights=PATH (a run folder, its '
+                        'checkpoint.pt or final_weights.pt)')
     if cfg.model.reset_head and not cfg.model.weights:
         problems.append('model.reset_head=1 needs model.weights=PATH (the weights to fine-tune)')
     if cfg.model.pretrained:

@@ -104,8 +104,8 @@ def flat_val_samples(files: list, root, classes: list, where) -> list:
     labelled by :func:`val_labels` of ``root``, ordered by class index then file name as
     ``sources.list_samples``. Hidden files (a name starting with '.', such as macOS's ``._``
     copies) are left out. ValueError for a file without a label or labelled with a class that
-    the train split lacks, naming the label file; a warning when images the label file lists are
-    missing (an archive unpacked in part)."""
+    the train split lacks, naming the label file; a warning when images the label file lists in
+    the train split's classes are missing (an archive unpacked in part)."""
     class_to_idx = {wnid: i for i, wnid in enumerate(classes)}
     files = [(name, ref) for name, ref in files if not name.rsplit('/', 1)[-1].startswith('.')]
     if not files:
@@ -125,10 +125,10 @@ def flat_val_samples(files: list, root, classes: list, where) -> list:
     if unlabelled:
         raise ValueError(f'{where}: {len(unlabelled)} val image(s) have no label in {labels}: '
                          f'{", ".join(unlabelled[:5])}')
-    if len(samples) < len(solution):
-        found = {name.rsplit('/', 1)[-1].rsplit('.', 1)[0] for name, _ in files}
-        absent = sorted(solution.keys() - found)
-        warnings.warn(f'{where}: {len(absent)} of the {len(solution)} images {labels.name} labels '
+    listed = {image_id for image_id, wnid in solution.items() if wnid in class_to_idx}
+    absent = sorted(listed - {name.rsplit('/', 1)[-1].rsplit('.', 1)[0] for name, _ in files})
+    if absent:  # of the train split's classes: a subset of ImageNet's classes is no gap
+        warnings.warn(f'{where}: {len(absent)} of the {len(listed)} images {labels.name} labels '
                       f'are not there ({", ".join(absent[:3])}{" ..." if len(absent) > 3 else ""})'
                       f': the val split is incomplete (an archive unpacked in part?)',
                       stacklevel=2)

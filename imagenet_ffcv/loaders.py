@@ -59,9 +59,9 @@ def num_classes(beton_path, val_path=None, warn: bool = True) -> int:
     same train split); otherwise ClassListError (a ValueError) names both files, since labels
     would not match. A validation split held out of train/ must be held out of the training
     split alike (``sources.check_holdouts``: HoldoutMismatchError); the same file as both splits
-    gives a warning, and so does a .beton without its class list (copied without it: the run
-    keeps no classes.tsv, predict names no class), unless not ``warn`` (every rank checks, one
-    warns).
+    gives a warning, and so does a .beton without its class list (copied without it: a run keeps
+    no classes.tsv, predict names no class, eval-only checks none), unless not ``warn`` (every
+    rank checks, one warns).
     """
     classes = class_list_path(beton_path)
     if val_path is not None:
@@ -81,8 +81,8 @@ def num_classes(beton_path, val_path=None, warn: bool = True) -> int:
     check_beton(beton_path)  # a missing file or a folder named as such, not by ffcv's Reader
     if warn:
         warnings.warn(f'{beton_path}: no class list beside it ({classes.name}, written with it by '
-                      f'imagenet-ffcv-write): classes are the labels 0..N-1, the run keeps no '
-                      f'classes.tsv and predict cannot name them; copy it with the .beton')
+                      f'imagenet-ffcv-write): its classes are labels 0..N-1 alone, checked against '
+                      f'no other .beton or weights and named nowhere; copy it with the .beton')
     return int(Reader(str(beton_path)).metadata['f1'].max()) + 1
 
 

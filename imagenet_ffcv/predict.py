@@ -12,7 +12,8 @@ Prints, for each image, as TensorFlow's classify_image.py does::
     ...
 
 The model is rebuilt as it was trained (arch, BlurPool, channels_last) from the config saved with the
-weights (inside a checkpoint, or params.json beside final_weights.pt). Each image goes the way a val
+weights (inside the file, or in params.json beside an older final_weights.pt; --weights may name the
+run folder). Each image goes the way a val
 image goes: stored as ``imagenet-ffcv-write`` stores it (RGB, shorter side at most --max-res, JPEG
 at --jpeg-quality with a restart marker every --restart-interval MCUs: the converter's defaults),
 then decoded by the val loader's own code (the centre crop of 224/256 of the shorter side at the
@@ -164,9 +165,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "validation resolution)")
     parser.add_argument('--arch', default='resnet50', help='model when no config is saved')
     parser.add_argument('--blurpool', type=int, choices=(0, 1),
-                        help='1: the weights were trained with BlurPool, 0: without (when no config '
-                             'is saved; default: on when its filters are saved in the file, as '
-                             "ffcv-imagenet's are, else off, as torchvision's and timm's weights)")
+                        help='1: the weights were trained with BlurPool, 0: without (when no '
+                             'config is saved; default: on when its filters are saved in the '
+                             "file, as ffcv-imagenet's are, else off, as torchvision's and "
+                             "timm's weights)")
     parser.add_argument('--max-res', type=int, default=256,
                         help='shorter side (px) images are stored at first, as the .beton the '
                              "run validated on (imagenet-ffcv-write's --max-res)")

@@ -1,6 +1,6 @@
 """The records of a .beton's images: each input file decoded (``images``), resized and encoded
 into the record ffcv stores, in the converter's writer processes, and what ffcv cannot store
-(a record larger than a page of the file, a side over 65,535 px), reported as a bad file is."""
+(a record larger than a page of the file, a side over 65,500 px), reported as a bad file is."""
 from typing import NamedTuple
 
 import numpy as np
@@ -78,12 +78,15 @@ def make_record(image: np.ndarray, *, write_mode: str, jpeg_quality: int,
 def record_or_problem(image: np.ndarray, page_size: int, **encoding) -> tuple:
     """``(record, None)``: the record of ``image`` (:func:`make_record` with ``encoding``), or
     ``(None, why)`` when ffcv cannot store it, ``why`` naming what to do: a side over
-    :data:`MAX_SIDE` px, or a record larger than one page of the file (``page_size`` bytes). Either
-    ended the whole write in a writer process (OpenCV's and ffcv's errors), naming no file."""
+    :data:`MAX_SIDE` px, or a record larger than one page of the file (``page_size`` bytes; with
+    ``write_mode`` 'proportion' such an image is stored as JPEG instead of raw). Either ended
+    the whole write in a writer process (OpenCV's and ffcv's errors), naming no file."""
     size = f'{image.shape[1]} x {image.shape[0]} px after the resize'
     if max(image.shape[:2]) > MAX_SIDE:
-        return None, f'{size}: a side over {MAX_SIDE:,} px, more than a JPEG holds; crop it'
+        return None, f'{size}: a side over {MAX_SIDE:,} px, more than a record holds; crop it'
     record = make_record(image, **encoding)  # an error here is not the file's: it ends the write
+    if record.data.nbytes > page_size and encoding['write_mode'] == 'proportion':
+        record = make_record(image, **{**encoding, 'write_mode': 'jpg'})  # stored, not skipped
     if record.data.nbytes > page_size:
         return None, (f'{size}: its record ({record.mode}, {record.data.nbytes / 2 ** 20:.1f} MiB) '
                       f'is larger than a page of the .beton ({page_size / 2 ** 20:g} MiB); crop it'

@@ -99,8 +99,9 @@ def _raise_if_flat(split_dir, entries: list) -> None:
                f'valprep.sh of PyTorch\'s ImageNet example), or convert' if split_dir.name == 'val'
                else 'Move them into one folder per class, or convert ImageNet')
         inside = split_dir.resolve().parent  # <root>/ILSVRC/Data/CLS-LOC in Kaggle's tree
-        kaggle = (f'--data-dir {inside.parents[len(KAGGLE_DIR.parts) - 1]} --layout kaggle'
-                  if inside.parts[-len(KAGGLE_DIR.parts):] == KAGGLE_DIR.parts else '--layout kaggle')
+        kaggle = '--layout kaggle'
+        if inside.parts[-len(KAGGLE_DIR.parts):] == KAGGLE_DIR.parts:
+            kaggle = f'--data-dir {inside.parents[len(KAGGLE_DIR.parts) - 1]} {kaggle}'
         raise ValueError(
             f'{split_dir}: {len(loose)} images lie in the folder itself ({", ".join(loose[:3])}'
             f'{" ..." if len(loose) > 3 else ""}), not in class folders <wnid>/, so they have no '

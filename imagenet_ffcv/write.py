@@ -85,8 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help='write a random N images (seed 0) instead of all, e.g. for a quick trial '
                         '(0: all)')
     p.add_argument('--strict', action='store_true',
-                   help='fail (writing nothing) if any image cannot be decoded, instead of '
-                        'skipping it and listing it in NAME.skipped.tsv')
+                   help='fail (writing nothing) if any image cannot be decoded or stored, '
+                        'instead of skipping it and listing it in NAME.skipped.tsv')
     p.add_argument('--verify', metavar='FILE', default=None,
                    help='only read FILE back: counts, images per class, sizes, decode every '
                         'record; exit 1 on any problem')

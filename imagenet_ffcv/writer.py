@@ -34,9 +34,9 @@ class UnreadableImagesError(ImagenetFfcvError):
         self.failures = failures
         listed = '\n'.join(f'  {shown_path(p)}: {r}' for p, r in failures[:20])
         more = f'\n  ... and {len(failures) - 20} more' if len(failures) > 20 else ''
-        super().__init__(f'{len(failures)} image(s) could not be decoded; nothing was written. '
-                         f'Remove or replace them and run again (or, without --strict, skip and '
-                         f'list them):\n{listed}{more}')
+        super().__init__(f'{len(failures)} image(s) could not be decoded or stored; nothing was '
+                         f'written. Remove or replace them and run again (or, without --strict, '
+                         f'skip and list them):\n{listed}{more}')
 
 
 class InsufficientSpaceError(ImagenetFfcvError, OSError):

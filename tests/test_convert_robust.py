@@ -350,7 +350,8 @@ def test_a_val_folder_named_as_a_train_folder_in_another_case_is_named_as_such(t
         Image.new('RGB', (8, 8)).save(folder / 'a.JPEG')
     classes = sources.find_classes(tmp_path / 'train')
     with pytest.raises(ValueError, match=r'class folder\(s\) Fish are not in the train split.*'
-                                         r'\(Fish and train/fish differ in case only: rename one\)$'):
+                                         r'\(Fish and train/fish differ in case only: '
+                                         r'rename one\)$'):
         sources.list_samples(tmp_path / 'val', classes)
 
 
@@ -750,18 +751,24 @@ def test_the_val_tar_converts_without_the_train_tar(three_layouts):
 def test_val_images_the_label_file_lists_but_missing_are_counted_in_a_warning(three_layouts,
                                                                              recwarn):
     """Kaggle's val folder unzipped in part converted without a word (an image without a label
-    is an error, a label without its image was nothing). The missing images are counted."""
+    is an error, a label without its image was nothing). The missing images of the train
+    split's classes are counted; a subset of the classes (train/ and val/ cut alike) is no gap."""
     roots, wnids = three_layouts
     classes, complete, _ = sources.load_split(roots['kaggle'], 'val')
     assert not recwarn.list and len(complete) == 6
-    val = roots['kaggle'] / 'ILSVRC' / 'Data' / 'CLS-LOC' / 'val'
-    gone = sorted(val.iterdir())[0]
+    cls_loc = roots['kaggle'] / 'ILSVRC' / 'Data' / 'CLS-LOC'
+    shutil.rmtree(cls_loc / 'train' / wnids[2])
+    for path, label in complete:
+        if label == 2:
+            os.unlink(path)
+    assert len(sources.load_split(roots['kaggle'], 'val')[1]) == 4 and not recwarn.list
+    gone = sorted((cls_loc / 'val').iterdir())[0]
     gone.unlink()
     _, samples, _ = sources.load_split(roots['kaggle'], 'val')
-    assert len(samples) == 5
+    assert len(samples) == 3
     assert [str(w.message) for w in recwarn.list] == [
-        f'{val}: 1 of the 6 images LOC_val_solution.csv labels are not there ({gone.stem}): the '
-        f'val split is incomplete (an archive unpacked in part?)']
+        f'{cls_loc / "val"}: 1 of the 4 images LOC_val_solution.csv labels are not there '
+        f'({gone.stem}): the val split is incomplete (an archive unpacked in part?)']
 
 
 def test_hidden_tars_in_the_train_tar_are_not_classes(three_layouts):
@@ -1029,13 +1036,13 @@ print(stats['images'], stats['skipped'])
 """
 
 
-@pytest.mark.parametrize('write_mode', ['raw', 'jpg'])
+@pytest.mark.parametrize('write_mode', ['raw', 'jpg', 'proportion'])
 def test_an_image_whose_record_ffcv_cannot_store_is_skipped_and_named(tmp_path, write_mode):
     """A panorama of 12,000 x 256 px: its raw record (9.2 MB) is larger than a page of the .beton
     (8 MiB), and ffcv's writer raised ValueError in its process, ending the whole write without
     naming the file; an image 65,501 px wide, more than a JPEG holds: OpenCV's error did the same.
     Each is now skipped and listed as a bad file is, with what to do; the JPEG of the panorama
-    fits, and is written."""
+    fits, and is written (also where --write-mode proportion draws raw for it: here always)."""
     small_split(tmp_path / 'data', 4)
     train = tmp_path / 'data' / 'train'
     wide, wider = train / 'n00' / 'wide.png', train / 'n01' / 'wider.png'
@@ -1043,18 +1050,21 @@ def test_an_image_whose_record_ffcv_cannot_store_is_skipped_and_named(tmp_path, 
     Image.fromarray(np.full((8, 65_501, 3), 90, np.uint8)).save(wider)
     samples = sources.list_samples(train, sources.find_classes(train))
     stats = writer.write_beton(samples, tmp_path / 'out.beton', max_res=256, num_workers=1,
-                               write_mode=write_mode, skip_unreadable=True)
+                               write_mode=write_mode, compress_probability=0.0,
+                               skip_unreadable=True)
     skipped = dict(stats['skipped_files'])
     assert skipped.pop(str(wider)) == ('65501 x 8 px after the resize: a side over 65,500 px, more '
-                                       'than a JPEG holds; crop it')
+                                       'than a record holds; crop it')
     if write_mode == 'raw':
         assert skipped.pop(str(wide)) == (
             '12000 x 256 px after the resize: its record (raw, 8.8 MiB) is larger than a page of '
             'the .beton (8 MiB); crop it, or write with --write-mode jpg')
     assert skipped == {}
     assert stats['images'] == (4 if write_mode == 'raw' else 5)
-    widths = loaders.Reader(str(tmp_path / 'out.beton')).metadata['f0']['width']
-    assert sorted(widths) == [30] * 4 + ([12_000] if write_mode == 'jpg' else [])
+    records = loaders.Reader(str(tmp_path / 'out.beton')).metadata['f0']
+    assert sorted(records['width']) == [30] * 4 + ([12_000] if write_mode != 'raw' else [])
+    if write_mode == 'proportion':  # raw pixels, the panorama's JPEG
+        assert sorted(records['mode']) == [0] + [1] * 4
 
 
 def test_a_bad_file_whose_name_is_not_utf8_is_skipped_and_reported_not_a_hang(tmp_path):

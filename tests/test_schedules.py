@@ -233,7 +233,7 @@ def test_resolution_stays_within_bounds_that_are_not_multiples_of_32():
         assert all(kw['min_res'] <= r <= kw['max_res'] for r in sides), (kw, sides)
         assert sides == sorted(sides), (kw, sides)
     assert [resolution_at(e, min_res=160, max_res=180, start_ramp=0, end_ramp=10)
-            for e in range(4, 12)] == [160, 160, 160, 160, 180, 180, 180, 180]  # was 192, 192 at 8-9
+            for e in range(4, 12)] == [160, 160, 160, 160, 180, 180, 180, 180]  # 8-9: was 192
 
 
 def test_resolution_matches_ffcv_imagenet_formula_for_every_config_shape():

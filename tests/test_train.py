@@ -89,8 +89,8 @@ def test_a_beton_copied_without_its_class_list_trains_with_a_warning(sample_beto
     assert loaders.num_classes(train, val_path=sample_betons['val']) == 10
     assert [str(w.message) for w in recwarn.list] == [
         f'{train}: no class list beside it (copied.classes.tsv, written with it by '
-        'imagenet-ffcv-write): classes are the labels 0..N-1, the run keeps no classes.tsv and '
-        'predict cannot name them; copy it with the .beton']
+        'imagenet-ffcv-write): its classes are labels 0..N-1 alone, checked against no other '
+        '.beton or weights and named nowhere; copy it with the .beton']
     assert loaders.num_classes(train, val_path=sample_betons['val'], warn=False) == 10
     assert len(recwarn.list) == 1
 
