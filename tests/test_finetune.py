@@ -235,8 +235,10 @@ def test_a_checkpoint_with_parts_missing_or_of_another_format_is_one_error(tmp_p
     assert checkpoint.weights_in(tmp_path / 'run') == tmp_path / 'run' / 'checkpoint.pt'
     assert weights.load_model(tmp_path / 'run', num_classes=10, arch='resnet18',
                               use_blurpool=False, channels_last=False).config is None
-    torch.save(state, tmp_path / 'run' / 'final_weights.pt')
+    weights.save_final_weights(state, tmp_path / 'run' / 'final_weights.pt')
     assert checkpoint.weights_in(tmp_path / 'run') == tmp_path / 'run' / 'final_weights.pt'
+    (tmp_path / 'run' / 'final_weights.pt').unlink()  # the .safetensors copied alone
+    assert checkpoint.weights_in(tmp_path / 'run') == tmp_path / 'run' / 'final_weights.safetensors'
     assert checkpoint.weights_in(tmp_path / 'no_config.pt') == tmp_path / 'no_config.pt'
     # another tool's checkpoint with a 'format' of its own is no checkpoint of this tool
     for fmt in (1, 2, True):
