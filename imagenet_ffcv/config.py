@@ -18,8 +18,8 @@ from fastargs import Config
 
 from . import augment, optimizers, schedules
 from .commands import command_name
-from .config_schema import declared, defaults, did_you_mean, markdown  # markdown: the docs'
-from .errors import ImagenetFfcvError
+from .config_schema import (ConfigError, declared, defaults, did_you_mean, file_values, flatten,
+                            markdown)  # markdown: the docs'
 from .run_dir import RUN_NAME
 
 CONFIGS_DIR = Path(__file__).with_name('configs')  # the shipped recipes (rn50_configs/, ...)
@@ -32,10 +32,6 @@ RESUMABLE_CHANGES = ('data.train_dataset', 'data.val_dataset', 'data.num_workers
                      'dist.', 'code.',
                      'training.eval_only', 'training.target_top1', 'training.amp',
                      'training.compile', 'derived.device', 'derived.amp', 'derived.loader_threads')
-
-
-class ConfigError(ImagenetFfcvError, ValueError):
-    """A config file or override that does not fit the schema; the message names the key."""
 
 
 def config_file(name) -> Path:
@@ -53,17 +49,6 @@ def config_file(name) -> Path:
     shipped = ', '.join(f'{p.parent.name}/{p.name}' for p in sorted(CONFIGS_DIR.glob('*/*.yaml')))
     raise FileNotFoundError(f'--config {name}: no such file, nor a shipped config of that name '
                             f'(shipped: {shipped})')
-
-
-def flatten(tree: dict, prefix: str = '') -> dict:
-    """``{'section': {'key': value}}`` (any depth) -> ``{'section.key': value}``."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f'{prefix}{key}.'))
-        else:
-            flat[f'{prefix}{key}'] = value
-    return flat
 
 
 def _add_key_arguments(parser: argparse.ArgumentParser, config: Config) -> None:
@@ -121,13 +106,7 @@ def load_config(argv: list) -> SimpleNamespace:
                 content = yaml.safe_load(f) or {}
             except yaml.YAMLError as e:
                 raise ConfigError(f'{fname}: not valid YAML: {" ".join(str(e).split())}') from None
-        if not isinstance(content, dict):
-            raise ConfigError(f'{fname}: expected a mapping of sections, got {type(content).__name__}')
-        bad = [key for key in flatten(content) if key not in known]
-        if bad:
-            raise ConfigError(f'{fname}: unknown key(s) {", ".join(bad)}'
-                              f'{did_you_mean(bad, known)}; valid keys: {", ".join(known)}')
-        config.collect(content)
+        config.collect(file_values(content, known, fname))  # ConfigError naming what is wrong
     overrides = {k: v for k, v in vars(args).items() if k != 'config' and v is not None}
     config.collect(overrides)  # fastargs splits the dotted keys
 

@@ -5,11 +5,55 @@ default and meaning (ffcv-imagenet's sections and keys, plus ours). Read by ``co
 import difflib
 
 from fastargs import Config, Param, Section
-from fastargs.validation import And, Int, OneOf, Or
+from fastargs.validation import And, Int, OneOf, Or, Str
 
 from . import schedules
 from .constants import DECODERS, PRECISIONS
+from .errors import ImagenetFfcvError
 from .optimizers import OPTIMIZERS
+
+
+class ConfigError(ImagenetFfcvError, ValueError):
+    """A config file or override that does not fit the schema; the message names the key."""
+
+
+def flatten(tree: dict, prefix: str = '') -> dict:
+    """``{'section': {'key': value}}`` (any depth) -> ``{'section.key': value}``."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f'{prefix}{key}.'))
+        else:
+            flat[f'{prefix}{key}'] = value
+    return flat
+
+
+def file_values(content, params: dict, source) -> dict:
+    """The ``{'section.key': value}`` of a config file's ``content`` (as YAML read it), checked
+    against ``params`` (``{'section.key': Param}``). A section left empty (its keys commented
+    out) holds nothing; a list for a text key (``betas: [0.9, 0.95]``) is joined with commas, as
+    the command line writes it; true/false is 1/0 (ffcv-imagenet's ``lr_tta: true``). Raises
+    ConfigError naming ``source`` for content that is not a mapping, unknown keys, and a number
+    with a fraction for a whole-number key (fastargs took ``epochs: 3.7`` as 3, without a word)."""
+    if not isinstance(content, dict):
+        raise ConfigError(f'{source}: expected a mapping of sections, got {type(content).__name__}')
+    flat = flatten({name: keys for name, keys in content.items() if keys is not None})
+    unknown = [key for key in flat if key not in params]
+    if unknown:
+        raise ConfigError(f'{source}: unknown key(s) {", ".join(unknown)}'
+                          f'{did_you_mean(unknown, params)}; valid keys: {", ".join(params)}')
+    problems = []
+    for key, value in flat.items():
+        checker = params[key].checker
+        kinds = checker.checkers if isinstance(checker, Or) else [checker]
+        if isinstance(value, list) and isinstance(checker, Str):
+            flat[key] = ','.join(map(str, value))
+        elif (isinstance(value, float) and not value.is_integer()
+              and any(isinstance(kind, Int) for kind in kinds)):
+            problems.append(f'{key}: got {value!r}, expected a whole number')
+    if problems:
+        raise ConfigError(f'{source}: ' + '; '.join(problems))
+    return flat
 
 
 def _type_text(checker) -> str:
@@ -103,7 +147,7 @@ def _data_and_model_sections(section) -> None:
     section('data', 'datasets and loading',
             train_dataset=Param(str, 'training .beton file (required, but with '
                                      'training.eval_only=1)', default=''),
-            val_dataset=Param(str, 'validation .beton file', required=True),
+            val_dataset=Param(str, 'validation .beton file (required)', default=''),
             num_workers=Param(Or(Int(), OneOf(['auto'])),
                               "loader threads per process; 'auto': the cores this process may "
                               'use, divided by the processes of this node that may use them too '

@@ -155,6 +155,31 @@ def test_original_ffcv_imagenet_config_loads_unchanged(tmp_path):
     assert (cfg.resolution.start_ramp, cfg.resolution.end_ramp) == (65, 76)
 
 
+def test_a_fraction_for_a_whole_number_key_in_a_file_is_refused_as_on_the_command_line(tmp_path):
+    """``epochs: 3.7`` in a file trained 3 epochs and ``batch_size: 48.9`` took 48, without a word
+    (``--training.epochs=2.5`` was refused); a whole float (16.0) and true/false for a flag load."""
+    path = _write(tmp_path, 'training:\n  epochs: 3.7\n  batch_size: 48.9\n'
+                            'data:\n  num_workers: 2.7\n')
+    with pytest.raises(ConfigError) as info:
+        _load(path)
+    assert str(info.value) == (f'{path}: training.epochs: got 3.7, expected a whole number; '
+                               'training.batch_size: got 48.9, expected a whole number; '
+                               'data.num_workers: got 2.7, expected a whole number')
+    cfg = _load(_write(tmp_path, 'training:\n  epochs: 16.0\nvalidation:\n  lr_tta: false\n'),
+                '--logging.folder=r')
+    assert (cfg.training.epochs, cfg.validation.lr_tta) == (16, 0)
+
+
+def test_yaml_lists_and_empty_sections_load_as_a_user_writes_them(tmp_path):
+    """``betas: [0.9, 0.95]`` was refused ('expected a string': the command line's form is
+    0.9,0.95), and a section whose keys are all commented out was 'unknown key(s) training'."""
+    cfg = _load(_write(tmp_path, 'training:\n  optimizer: adamw\n  betas: [0.8, 0.95]\n'
+                                 'lr:\n  lr_schedule_type: step\n  step_fractions: [0.5, 0.75]\n'
+                                 'validation:\n  # resolution: 224\n'), '--logging.folder=r')
+    assert (cfg.training.betas, cfg.lr.step_fractions) == ('0.8,0.95', '0.5,0.75')
+    assert config.lr_schedule_kwargs(cfg)['step_fractions'] == [0.5, 0.75]
+
+
 def test_unknown_key_in_yaml_raises_naming_it(tmp_path):
     """training.warmup_epochs in a file is a ConfigError naming it (fastargs alone ignores it)."""
     path = _write(tmp_path, 'training:\n  epochs: 4\n  warmup_epochs: 5\nlogging:\n  folder: r\n')
@@ -214,6 +239,13 @@ def test_logging_folder_is_required_to_train_and_not_to_evaluate():
     assert 'data.' not in str(info.value)
     cfg = load_config(['--data.val_dataset=y', '--training.eval_only=1', '--model.weights=w.pt'])
     assert cfg.logging.folder == '' and cfg.training.eval_only == 1
+    # nothing given: every missing key at once (the val .beton came first, alone, then the rest)
+    with pytest.raises(ConfigError) as info:
+        load_config([])
+    assert str(info.value) == (
+        'invalid configuration:\n  data.train_dataset: required, not set (the training .beton)'
+        '\n  data.val_dataset: required, not set (the validation .beton)\n  logging.folder: '
+        'required, not set (runs are written to FOLDER/<run id>/)')
 
 
 def test_missing_config_file_raises_file_not_found(tmp_path):
