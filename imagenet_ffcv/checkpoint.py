@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config_schema import ARCH_KEY, FORCE_KEY
 from .errors import ImagenetFfcvError
 from .files import atomic_path, atomic_write
 from .run_dir import RunDir, latest_checkpoint, unfinished_run_names
@@ -208,6 +209,20 @@ def resolve_resume(resume: str, folder, run_name: str = ''):
     return path
 
 
+def nothing_to_resume(path: Path, resume: str, *, force: bool) -> bool:
+    """Whether resuming from ``path`` (``--resume resume``'s checkpoint) trains nothing: it is a
+    finished run's checkpoint.pt, found by 'auto' (:func:`resolve_resume` said so), or named
+    without ``force`` (``checkpoint.force=1``, which trains such a run further with new
+    settings: more epochs); this says so (it validated again and wrote the final weights anew)."""
+    run = RunDir(path.parent)
+    if not (run.is_finished and path == run.checkpoint) or (force and resume != 'auto'):
+        return False
+    if resume != 'auto':
+        print(f'=> {run.path} has finished (final_weights.pt): nothing to resume; to train it '
+              f'further (more epochs), resume it with the new settings and {FORCE_KEY}=1')
+    return True
+
+
 def weights_in(path) -> Path:
     """``path`` as a weights file to read (eval-only, predict, fine-tuning): a run folder gives
     its final_weights.pt (or .safetensors, when copied alone), or, for a run not finished, its
@@ -281,14 +296,20 @@ def restore_training_state(saved: dict, *, model, optimizer, scaler=None, ema=No
     of the current config, which differ from the checkpoint's only under ``checkpoint.force=1``)
     and takes the checkpoint's state (momentum buffers, moments, step counts). Returns False when
     the run has an EMA that the checkpoint lacks (it then starts from the weights at its next
-    update), else True. Raises CheckpointError when the checkpoint's optimizer is of another class
-    or has other parameter groups (possible under ``checkpoint.force=1``)."""
+    update), else True. Raises CheckpointError when the checkpoint's weights do not fit ``model``
+    (another arch or class count) or its optimizer is of another class or has other parameter
+    groups (each possible under ``checkpoint.force=1``)."""
     was, now = saved.get('optimizer_class', type(optimizer).__name__), type(optimizer).__name__
     if was != now:  # SGD's momentum buffers are no state of AdamW's (it failed at its first step)
         raise CheckpointError(f'the checkpoint\'s optimizer is {was} and this run\'s {now}: its '
                               f'state does not carry over; resume with the run\'s optimizer, or '
                               f'start a new run that fine-tunes from the checkpoint\'s weights')
-    model.load_state_dict(saved['model'])
+    try:
+        model.load_state_dict(saved['model'])
+    except RuntimeError as e:  # torch's error, a traceback of missing and unexpected keys
+        raise CheckpointError(f'the checkpoint\'s weights do not fit this run\'s model ('
+                              f'{" ".join(str(e).split())[:300]}); resume with the run\'s '
+                              f'{ARCH_KEY}, or start a new run that fine-tunes from them') from None
     settings = [{k: v for k, v in group.items() if k != 'params'}
                 for group in optimizer.param_groups]
     try:

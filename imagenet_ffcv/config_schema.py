@@ -101,8 +101,8 @@ def markdown() -> str:
     return '\n'.join(lines) + '\n'
 
 
-# Keys that modules outside the config readers name in their advice (weights.py).
-ARCH_KEY, BLURPOOL_KEY = 'model.arch', 'training.use_blurpool'
+# Keys that modules outside the config readers name in their advice (weights.py, checkpoint.py).
+ARCH_KEY, BLURPOOL_KEY, FORCE_KEY = 'model.arch', 'training.use_blurpool', 'checkpoint.force'
 
 
 def nested_ffcv_imagenet_params(params):

@@ -1,6 +1,8 @@
 """A run's folder, ``LOGGING_FOLDER/<run id>/``, and everything in it:
 
-- ``params.json``: the resolved config, with the code's git commit (written once, atomically);
+- ``params.json``: the resolved config, with the code's version (written atomically at the start,
+  and again at each resume: a forced resume may change it);
+- ``results.json``: the finished run's results (:meth:`RunDir.write_results`);
 - ``classes.tsv``: the class list of the training .beton (for ``imagenet-ffcv-predict``);
 - ``log.jsonl``: one JSON record per epoch, appended; on resume, cut back to the checkpoint's epoch;
 - ``checkpoint.pt``: where the run stands (``checkpoint``); ``final_weights.pt`` and
@@ -43,6 +45,7 @@ class RunDir:
     def __init__(self, path):
         self.path = Path(path)
         self.params = self.path / 'params.json'
+        self.results = self.path / 'results.json'
         self.classes = self.path / 'classes.tsv'
         self.log = self.path / 'log.jsonl'
         self.checkpoint = self.path / CHECKPOINT_NAME
@@ -75,16 +78,24 @@ class RunDir:
         return run
 
     @classmethod
-    def reopen(cls, checkpoint_path, *, epoch: int) -> 'RunDir':
+    def reopen(cls, checkpoint_path, *, epoch: int, params: dict = None) -> 'RunDir':
         """The folder of the run being resumed from ``checkpoint_path`` at ``epoch``: the log
         records of ``epoch`` on are dropped (they were written after that checkpoint, and will be
-        written again), and temporaries left by a killed save are removed. It is locked first
+        written again), temporaries left by a killed save are removed, and ``params.json`` holds
+        ``params`` (when given: the config the run goes on with). It is locked first
         (:meth:`lock`): RunLockedError when another live job writes it, and nothing is touched."""
         run = cls(Path(checkpoint_path).parent)
         run.lock()
         run.keep_log_until(epoch)
         remove_stale_temporaries(run.path)
+        if params is not None:
+            write_text_atomic(run.params, json.dumps(params, indent=2))
         return run
+
+    def write_results(self, summary: dict) -> None:
+        """``results.json``: a finished run's results as the trainer returns them (top-1/top-5,
+        time to the target, best epoch, img/s, parameters, GMACs, ...), written atomically."""
+        write_text_atomic(self.results, json.dumps(summary, indent=2))
 
     @property
     def is_finished(self) -> bool:

@@ -101,8 +101,9 @@ def train(cfg, dist, wall_start) -> dict:
     resume_path = distributed.broadcast_object(distributed.on_rank_0(lambda: (
         checkpoint.resolve_resume(cfg.checkpoint.resume, cfg.logging.folder,
                                   cfg.logging.run_name))))
-    if resume_path and cfg.checkpoint.resume == 'auto' and RunDir(resume_path.parent).is_finished:
-        return {'run_dir': str(resume_path.parent), 'finished_before': True}  # nothing to train
+    if resume_path and checkpoint.nothing_to_resume(resume_path, cfg.checkpoint.resume,
+                                                    force=bool(cfg.checkpoint.force)):
+        return {'run_dir': str(resume_path.parent), 'finished_before': True}
     saved = checkpoint.load(resume_path) if resume_path else None
     if saved:  # the config's keys now: the loaders' checks (build) would name a changed one first
         config.check_resumable(saved['config'], config.to_dict(cfg),
@@ -207,7 +208,7 @@ def open_run_dir(run: Run, resume_path) -> RunDir:
     """Rank 0: the folder of the resumed run, or a new one; prints the run's header."""
     cfg, progress = run.cfg, run.progress
     if resume_path:
-        run_dir = RunDir.reopen(resume_path, epoch=progress.epoch)
+        run_dir = RunDir.reopen(resume_path, epoch=progress.epoch, params=run.resolved)
         print(f'=> resuming {run_dir.path} at epoch {progress.epoch}, iteration '
               f'{progress.iteration}')
     else:
@@ -373,6 +374,7 @@ def summarize(run: Run) -> dict:
                                       run.run_dir.final_weights_ema, config=run.resolved,
                                       classes=run.classes)
     if run.run_dir:
+        run.run_dir.write_results(summary)  # before the final weights: a finished run has both
         weights.save_final_weights(models.unwrapped_state_dict(model), run.run_dir.final_weights,
                                       config=run.resolved, classes=run.classes)
         print(metrics.results_table(summary))

@@ -97,6 +97,37 @@ def test_sigkill_mid_epoch_then_resume_finishes_like_an_uninterrupted_run(
     assert (run_dir / 'progress.png').exists()
 
 
+def test_a_finished_run_resumed_by_path_trains_nothing_unless_forced_further(
+        sample_betons, tmp_path, uninterrupted, capsys):
+    """A finished run keeps its results in results.json (they were printed only). Resumed by its
+    folder, it validated again and wrote its final weights anew (--resume auto said it had
+    finished): now it says so and trains nothing. Forced with more epochs it trains them, and
+    params.json holds the config it went on with (it kept the first start's). A forced resume
+    with another arch is one error (a traceback of missing keys)."""
+    import shutil
+    summary, _ = uninterrupted
+    results = json.loads((Path(summary['run_dir']) / 'results.json').read_text())
+    assert results == json.loads(json.dumps(summary))
+    run_dir = tmp_path / 'run'
+    shutil.copytree(summary['run_dir'], run_dir)
+    before = (run_dir / 'final_weights.pt').stat().st_mtime_ns
+    capsys.readouterr()
+    assert train.main(small_config(sample_betons, tmp_path, *RUN, f'--resume={run_dir}')) == {
+        'run_dir': str(run_dir), 'finished_before': True}
+    assert f'=> {run_dir} has finished (final_weights.pt): nothing to resume' in \
+        capsys.readouterr().out
+    assert (run_dir / 'final_weights.pt').stat().st_mtime_ns == before
+    with pytest.raises(checkpoint.CheckpointError, match="the checkpoint's weights do not fit "
+                                                         "this run's model .*model.arch"):
+        train.main(small_config(sample_betons, tmp_path, *RUN, '--model.arch=resnet34',
+                                '--checkpoint.force=1', f'--resume={run_dir}'))
+    more = train.main(small_config(sample_betons, tmp_path, *RUN, '--training.epochs=5',
+                                   '--checkpoint.force=1', f'--resume={run_dir}'))
+    assert more['epochs'] == 5 and [r['epoch'] for r in log_of(run_dir)] == list(range(5))
+    assert json.loads((run_dir / 'params.json').read_text())['training']['epochs'] == 5
+    assert json.loads((run_dir / 'results.json').read_text())['epochs'] == 5
+
+
 def test_a_rank_that_stops_for_another_ranks_signal_ends_as_stopped(sample_betons, tmp_path,
                                                                      monkeypatch, capsys):
     """The ranks agree to stop when any of them got SIGTERM (a pre-emption notice that reached
