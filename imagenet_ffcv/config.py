@@ -32,6 +32,9 @@ RESUMABLE_CHANGES = ('data.train_dataset', 'data.val_dataset', 'data.num_workers
                      'dist.', 'code.',
                      'training.eval_only', 'training.target_top1', 'training.amp',
                      'training.compile', 'derived.device', 'derived.amp', 'derived.loader_threads')
+# Keys a resume cannot change even with checkpoint.force=1: the optimizer's state, the weights'
+# shapes, the optimizer's parameter groups would not carry over (restore_training_state).
+NOT_FORCEABLE = ('training.optimizer', 'model.arch', 'training.bn_wd', 'derived.num_classes')
 
 
 def config_file(name) -> Path:
@@ -265,13 +268,18 @@ def check_resumable(saved: dict, current: dict, *, force: bool, path) -> None:
     with the checkpoint ``path`` and the resolved config ``current``, unless there are none or
     ``force`` (``checkpoint.force=1``)."""
     changes = schedule_changes(saved, current)
-    if changes and not force:
-        raise ConfigError(f'{path}: this config changes the schedule of the run being resumed:\n  '
-                          + '\n  '.join(changes) + '\nresume with the config of the run, or set '
-                          'checkpoint.force=1 to continue anyway' + (
-                              ' (another number of processes always needs it; keep the global '
-                              'batch with training.grad_accum_steps or training.batch_size)'
-                              if any(c.startswith('derived.world_size') for c in changes) else ''))
+    if not changes or force:
+        return
+    fixed = [c.split(':')[0] for c in changes if c.startswith(NOT_FORCEABLE)]
+    advice = ', or set checkpoint.force=1 to continue anyway'
+    if fixed:
+        advice = (f' ({", ".join(fixed)} cannot change on resume, even forced: to train on from '
+                  f'its weights, start a new run with model.weights={path})')
+    elif any(c.startswith('derived.world_size') for c in changes):
+        advice += (' (another number of processes always needs it; keep the global batch with '
+                   'training.grad_accum_steps or training.batch_size)')
+    raise ConfigError(f'{path}: this config changes the schedule of the run being resumed:\n  '
+                      + '\n  '.join(changes) + '\nresume with the config of the run' + advice)
 
 
 def train_loader_kwargs(cfg: SimpleNamespace) -> dict:

@@ -208,6 +208,14 @@ def test_resuming_with_a_different_schedule_is_refused_unless_forced(sample_beto
         'set checkpoint.force=1 to continue anyway (another number of processes always needs '
         'it; keep the global batch with training.grad_accum_steps or training.batch_size)')
     assert 'another number of processes' not in message
+    # a change that no force carries over is not offered force (it was, then failed forced)
+    with pytest.raises(config.ConfigError) as info:
+        train.main(small_config(sample_betons, tmp_path, *RUN, '--training.optimizer=adamw',
+                                f'--resume={run_dir}'))
+    assert str(info.value).endswith(
+        "\nresume with the config of the run (training.optimizer cannot change on resume, even "
+        f"forced: to train on from its weights, start a new run with model.weights="
+        f"{run_dir / 'checkpoint.pt'})")
 
 
 def test_non_finite_loss_stops_naming_epoch_and_iteration_and_keeps_the_checkpoint(
