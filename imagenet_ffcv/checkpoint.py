@@ -37,6 +37,7 @@ import random
 import re
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,27 @@ from .config_schema import ARCH_KEY, FORCE_KEY
 from .errors import ImagenetFfcvError
 from .files import atomic_path, atomic_write
 from .run_dir import RunDir, latest_checkpoint, unfinished_run_names
+
+@dataclass
+class Progress:
+    """Where a run stands (in its checkpoint): ``epoch``/``iteration`` the next step to train,
+    ``epoch_so_far`` rank 0's figures of that epoch before it (train_one_epoch's ``so_far``);
+    ``best_top1``/``best_epoch`` the best val top-1 (fraction) and its epoch; ``images`` and
+    ``train_seconds`` of the epochs done, all ranks; ``wall_time_s`` of earlier processes."""
+    epoch: int = 0
+    iteration: int = 0
+    best_top1: float = None
+    best_epoch: int = None
+    images: int = 0
+    train_seconds: float = 0.0
+    wall_time_s: float = 0.0
+    epoch_so_far: dict = None
+    reached: dict = None  # {'epoch', 'time_to_target_s'} once validation top-1 reached the target
+
+    def epochs_left(self, epochs: int) -> bool:
+        """Whether a run of ``epochs`` epochs standing here has an epoch left to train."""
+        return self.epoch < epochs and not self.reached
+
 
 FORMAT = 1
 # How a torch.save file starts: a zip archive (since torch 1.6), or the legacy format's pickle
@@ -209,17 +231,18 @@ def resolve_resume(resume: str, folder, run_name: str = ''):
     return path
 
 
-def nothing_to_resume(path: Path, resume: str, *, force: bool) -> bool:
-    """Whether resuming from ``path`` (``--resume resume``'s checkpoint) trains nothing: it is a
-    finished run's checkpoint.pt, found by 'auto' (:func:`resolve_resume` said so), or named
-    without ``force`` (``checkpoint.force=1``, which trains such a run further with new
-    settings: more epochs); this says so (it validated again and wrote the final weights anew)."""
-    run = RunDir(path.parent)
-    if not (run.is_finished and path == run.checkpoint) or (force and resume != 'auto'):
+def nothing_to_resume(path, resume: str, *, epochs_left: bool = True, say: bool = True) -> bool:
+    """Whether resuming from ``path`` (``--resume resume``'s checkpoint, or None) trains nothing:
+    a finished run's, found by 'auto' (:func:`resolve_resume` said so), or named when the config
+    leaves it no epoch to train (not ``epochs_left``: it validated again and wrote the final
+    weights anew), which this says when ``say``. A finished run given more epochs (forced) or
+    another top-1 target trains on."""
+    if not (path and RunDir(path.parent).is_finished) or (resume != 'auto' and epochs_left):
         return False
-    if resume != 'auto':
-        print(f'=> {run.path} has finished (final_weights.pt): nothing to resume; to train it '
-              f'further (more epochs), resume it with the new settings and {FORCE_KEY}=1')
+    if resume != 'auto' and say:
+        print(f'=> {path.parent} has finished (final_weights.pt), and this config leaves it no '
+              f'epoch to train: nothing to resume (to train it further, give more epochs and '
+              f'{FORCE_KEY}=1)')
     return True
 
 

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from . import (checkpoint, config, distributed, engine, loaders, metrics, models, optimizers,
                preflight, schedules, weights)
+from .checkpoint import Progress
 from .classes import class_list_path, read_class_names
 from .commands import command_name, one_line_warnings, stops_on_ctrl_c
 from .ema import make_ema
@@ -45,23 +46,6 @@ def main(cfg) -> dict:
         return train(cfg, dist, wall_start)
     finally:
         distributed.cleanup()
-
-
-@dataclass
-class Progress:
-    """Where a run stands (in its checkpoint): ``epoch``/``iteration`` the next step to train,
-    ``epoch_so_far`` rank 0's figures of that epoch before it (train_one_epoch's ``so_far``);
-    ``best_top1``/``best_epoch`` the best val top-1 (fraction) and its epoch; ``images`` and
-    ``train_seconds`` of the epochs done, all ranks; ``wall_time_s`` of earlier processes."""
-    epoch: int = 0
-    iteration: int = 0
-    best_top1: float = None
-    best_epoch: int = None
-    images: int = 0
-    train_seconds: float = 0.0
-    wall_time_s: float = 0.0
-    epoch_so_far: dict = None
-    reached: dict = None  # {'epoch', 'time_to_target_s'} once validation top-1 reached the target
 
 
 @dataclass
@@ -101,8 +85,7 @@ def train(cfg, dist, wall_start) -> dict:
     resume_path = distributed.broadcast_object(distributed.on_rank_0(lambda: (
         checkpoint.resolve_resume(cfg.checkpoint.resume, cfg.logging.folder,
                                   cfg.logging.run_name))))
-    if resume_path and checkpoint.nothing_to_resume(resume_path, cfg.checkpoint.resume,
-                                                    force=bool(cfg.checkpoint.force)):
+    if checkpoint.nothing_to_resume(resume_path, cfg.checkpoint.resume):  # 'auto', finished
         return {'run_dir': str(resume_path.parent), 'finished_before': True}
     saved = checkpoint.load(resume_path) if resume_path else None
     if saved:  # the config's keys now: the loaders' checks (build) would name a changed one first
@@ -111,6 +94,9 @@ def train(cfg, dist, wall_start) -> dict:
     run = build(cfg, dist, wall_start)
     if saved:
         restore(run, saved, resume_path)
+    if checkpoint.nothing_to_resume(resume_path, cfg.checkpoint.resume, say=dist.is_primary,
+                                    epochs_left=run.progress.epochs_left(cfg.training.epochs)):
+        return {'run_dir': str(resume_path.parent), 'finished_before': True}
     run.run_dir = distributed.on_rank_0(partial(open_run_dir, run, resume_path))
     try:  # the lock is given back however this ends (W&B failing to start or finish too)
         distributed.check_every_rank_sees(run.run_dir.params if run.run_dir else None)

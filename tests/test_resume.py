@@ -100,8 +100,9 @@ def test_sigkill_mid_epoch_then_resume_finishes_like_an_uninterrupted_run(
 def test_a_finished_run_resumed_by_path_trains_nothing_unless_forced_further(
         sample_betons, tmp_path, uninterrupted, capsys):
     """A finished run keeps its results in results.json (they were printed only). Resumed by its
-    folder, it validated again and wrote its final weights anew (--resume auto said it had
-    finished): now it says so and trains nothing. Forced with more epochs it trains them, and
+    folder with no epoch left, it validated again and wrote its final weights anew (--resume auto
+    said it had finished): now it says so and trains nothing (test_training_options' resume test
+    trains on a run finished at its target). Forced with more epochs it trains them, and
     params.json holds the config it went on with (it kept the first start's). A forced resume
     with another arch is one error (a traceback of missing keys)."""
     import shutil
@@ -114,8 +115,8 @@ def test_a_finished_run_resumed_by_path_trains_nothing_unless_forced_further(
     capsys.readouterr()
     assert train.main(small_config(sample_betons, tmp_path, *RUN, f'--resume={run_dir}')) == {
         'run_dir': str(run_dir), 'finished_before': True}
-    assert f'=> {run_dir} has finished (final_weights.pt): nothing to resume' in \
-        capsys.readouterr().out
+    assert (f'=> {run_dir} has finished (final_weights.pt), and this config leaves it no epoch to '
+            'train: nothing to resume') in capsys.readouterr().out
     assert (run_dir / 'final_weights.pt').stat().st_mtime_ns == before
     with pytest.raises(checkpoint.CheckpointError, match="the checkpoint's weights do not fit "
                                                          "this run's model .*model.arch"):
