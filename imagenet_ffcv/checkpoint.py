@@ -43,10 +43,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config_schema import ARCH_KEY, FORCE_KEY
+from .config_schema import ARCH_KEY, FORCE_KEY, TARGET_KEY
 from .errors import ImagenetFfcvError
 from .files import atomic_path, atomic_write
 from .run_dir import RunDir, latest_checkpoint, unfinished_run_names
+
 
 @dataclass
 class Progress:
@@ -231,18 +232,25 @@ def resolve_resume(resume: str, folder, run_name: str = ''):
     return path
 
 
-def nothing_to_resume(path, resume: str, *, epochs_left: bool = True, say: bool = True) -> bool:
+def nothing_to_resume(path, resume: str, *, progress: Progress = None, epochs: int = 0,
+                      say: bool = True) -> bool:
     """Whether resuming from ``path`` (``--resume resume``'s checkpoint, or None) trains nothing:
     a finished run's, found by 'auto' (:func:`resolve_resume` said so), or named when the config
-    leaves it no epoch to train (not ``epochs_left``: it validated again and wrote the final
-    weights anew), which this says when ``say``. A finished run given more epochs (forced) or
-    another top-1 target trains on."""
-    if not (path and RunDir(path.parent).is_finished) or (resume != 'auto' and epochs_left):
+    leaves it no epoch of ``epochs`` to train from ``progress`` (restored from it; None: not yet,
+    nothing to say): it validated again and wrote the final weights anew. This says so when
+    ``say``, with what trains it on: more epochs (forced), another top-1 target."""
+    if not (path and RunDir(path.parent).is_finished):
         return False
-    if resume != 'auto' and say:
+    if resume == 'auto':
+        return True
+    if progress is None or progress.epochs_left(epochs):
+        return False
+    if say:
+        more = f'give more epochs with {FORCE_KEY}=1'
+        how = (f'change or turn off {TARGET_KEY}, which it reached'
+               + (f', and {more}' if progress.epoch >= epochs else '')) if progress.reached else more
         print(f'=> {path.parent} has finished (final_weights.pt), and this config leaves it no '
-              f'epoch to train: nothing to resume (to train it further, give more epochs and '
-              f'{FORCE_KEY}=1)')
+              f'epoch to train: nothing to resume (to train it further, {how})')
     return True
 
 
@@ -332,7 +340,7 @@ def restore_training_state(saved: dict, *, model, optimizer, scaler=None, ema=No
     except RuntimeError as e:  # torch's error, a traceback of missing and unexpected keys
         raise CheckpointError(f'the checkpoint\'s weights do not fit this run\'s model ('
                               f'{" ".join(str(e).split())[:300]}); resume with the run\'s '
-                              f'{ARCH_KEY}, or start a new run that fine-tunes from them') from None
+                              f'{ARCH_KEY} and classes') from None
     settings = [{k: v for k, v in group.items() if k != 'params'}
                 for group in optimizer.param_groups]
     try:

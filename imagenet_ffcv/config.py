@@ -270,11 +270,12 @@ def check_resumable(saved: dict, current: dict, *, force: bool, path) -> None:
     changes = schedule_changes(saved, current)
     if not changes or force:
         return
-    fixed = [c.split(':')[0] for c in changes if c.startswith(NOT_FORCEABLE)]
+    fixed = [c.split(':')[0] for c in changes if c.split(':')[0] in NOT_FORCEABLE]
     advice = ', or set checkpoint.force=1 to continue anyway'
     if fixed:
-        advice = (f' ({", ".join(fixed)} cannot change on resume, even forced: to train on from '
-                  f'its weights, start a new run with model.weights={path})')
+        advice = (f' ({", ".join(fixed)} cannot change on resume, even forced: start a new run; '
+                  f'model.weights={path} starts it from these weights where the arch is the '
+                  f'same, with model.reset_head=1 for other classes)')
     elif any(c.startswith('derived.world_size') for c in changes):
         advice += (' (another number of processes always needs it; keep the global batch with '
                    'training.grad_accum_steps or training.batch_size)')

@@ -5,7 +5,7 @@ default and meaning (ffcv-imagenet's sections and keys, plus ours). Read by ``co
 import difflib
 
 from fastargs import Config, Param, Section
-from fastargs.validation import And, Int, OneOf, Or, Str
+from fastargs.validation import And, Int, OneOf, Or
 
 from . import schedules
 from .constants import DECODERS, PRECISIONS
@@ -28,16 +28,21 @@ def flatten(tree: dict, prefix: str = '') -> dict:
     return flat
 
 
+COMMA_KEYS = ('training.betas', 'lr.step_fractions')  # lists written as text: '0.9,0.999'
+
+
 def file_values(content, params: dict, source) -> dict:
     """The ``{'section.key': value}`` of a config file's ``content`` (as YAML read it), checked
     against ``params`` (``{'section.key': Param}``). A section left empty (its keys commented
     out) holds nothing; a list for a text key (``betas: [0.9, 0.95]``) is joined with commas, as
-    the command line writes it; true/false is 1/0 (ffcv-imagenet's ``lr_tta: true``). Raises
+    the command line writes it (:data:`COMMA_KEYS`); true/false is 1/0 (ffcv-imagenet's ``lr_tta: true``). Raises
     ConfigError naming ``source`` for content that is not a mapping, unknown keys, and a number
     with a fraction for a whole-number key (fastargs took ``epochs: 3.7`` as 3, without a word)."""
     if not isinstance(content, dict):
         raise ConfigError(f'{source}: expected a mapping of sections, got {type(content).__name__}')
-    flat = flatten({name: keys for name, keys in content.items() if keys is not None})
+    sections = {key.split('.')[0] for key in params}
+    flat = flatten({name: keys for name, keys in content.items()
+                    if keys is not None or name not in sections})  # an unknown one is named
     unknown = [key for key in flat if key not in params]
     if unknown:
         raise ConfigError(f'{source}: unknown key(s) {", ".join(unknown)}'
@@ -46,7 +51,7 @@ def file_values(content, params: dict, source) -> dict:
     for key, value in flat.items():
         checker = params[key].checker
         kinds = checker.checkers if isinstance(checker, Or) else [checker]
-        if isinstance(value, list) and isinstance(checker, Str):
+        if isinstance(value, list) and key in COMMA_KEYS:
             flat[key] = ','.join(map(str, value))
         elif (isinstance(value, float) and not value.is_integer()
               and any(isinstance(kind, Int) for kind in kinds)):
@@ -103,6 +108,7 @@ def markdown() -> str:
 
 # Keys that modules outside the config readers name in their advice (weights.py, checkpoint.py).
 ARCH_KEY, BLURPOOL_KEY, FORCE_KEY = 'model.arch', 'training.use_blurpool', 'checkpoint.force'
+TARGET_KEY = 'training.target_top1'
 
 
 def nested_ffcv_imagenet_params(params):
@@ -296,8 +302,8 @@ def _checkpoint_sections(section) -> None:
             every_iters=Param(int, 'also write a checkpoint every this many iterations within an '
                                    'epoch; 0: only at the end of each epoch', default=0),
             force=Param(int, '1: resume even if the config changes the schedule (epochs, LR, '
-                             'resolution, batch, world size, model, seed); another optimizer or '
-                             'bn_wd is refused even so', default=0),
+                             'resolution, batch, world size, BlurPool, seed); another optimizer, '
+                             'arch, class count or bn_wd is refused even so', default=0),
             keep_best=Param(int, '1: RUN_DIR/best_weights.pt holds the weights of the epoch with '
                                  'the best validation top-1 so far', default=0),
             keep_last=Param(int, 'also keep the checkpoints of the last N epochs as '

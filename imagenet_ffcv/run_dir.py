@@ -82,15 +82,35 @@ class RunDir:
         """The folder of the run being resumed from ``checkpoint_path`` at ``epoch``: the log
         records of ``epoch`` on are dropped (they were written after that checkpoint, and will be
         written again), temporaries left by a killed save are removed, and ``params.json`` holds
-        ``params`` (when given: the config the run goes on with). It is locked first
-        (:meth:`lock`): RunLockedError when another live job writes it, and nothing is touched."""
+        ``params`` (when given: the config the run goes on with, under the run's own name, which
+        ``--resume auto`` finds it by). A finished run trained on (more epochs, another target)
+        is no longer finished: its final weights and results are renamed
+        ``<name>_epoch_<N>.<ext>`` (N: the epochs they hold), or a pre-empted job's ``--resume
+        auto`` would find it finished and stop. It is locked first (:meth:`lock`):
+        RunLockedError when another live job writes it, and nothing is touched."""
         run = cls(Path(checkpoint_path).parent)
         run.lock()
+        if run.is_finished:
+            run.keep_finished_aside()
         run.keep_log_until(epoch)
         remove_stale_temporaries(run.path)
         if params is not None:
+            params = {**params, 'logging': {**params.get('logging', {}),
+                                            'run_name': run.run_name}}
             write_text_atomic(run.params, json.dumps(params, indent=2))
         return run
+
+    def keep_finished_aside(self) -> None:
+        """Rename the final weights (EMA's too) and results of a finished run to
+        ``<name>_epoch_<N>.<ext>``, N the epochs in its log: the run is unfinished again."""
+        epochs = max((r['epoch'] + 1 for r in self.read_log()), default=0)
+        finals = [self.final_weights_ema, self.final_weights_ema.with_suffix('.safetensors'),
+                  self.results, self.final_safetensors, self.final_weights]  # the marker last
+        for path in finals:
+            if path.exists():
+                os.replace(path, path.with_name(f'{path.stem}_epoch_{epochs}{path.suffix}'))
+        print(f'=> {self.path} trains on from its finished end: its final weights and results of '
+              f'{epochs} epochs are kept as final_weights_epoch_{epochs}.pt, ...', flush=True)
 
     def write_results(self, summary: dict) -> None:
         """``results.json``: a finished run's results as the trainer returns them (top-1/top-5,

@@ -94,8 +94,8 @@ def train(cfg, dist, wall_start) -> dict:
     run = build(cfg, dist, wall_start)
     if saved:
         restore(run, saved, resume_path)
-    if checkpoint.nothing_to_resume(resume_path, cfg.checkpoint.resume, say=dist.is_primary,
-                                    epochs_left=run.progress.epochs_left(cfg.training.epochs)):
+    if checkpoint.nothing_to_resume(resume_path, cfg.checkpoint.resume, progress=run.progress,
+                                    epochs=cfg.training.epochs, say=dist.is_primary):
         return {'run_dir': str(resume_path.parent), 'finished_before': True}
     run.run_dir = distributed.on_rank_0(partial(open_run_dir, run, resume_path))
     try:  # the lock is given back however this ends (W&B failing to start or finish too)

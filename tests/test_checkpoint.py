@@ -581,3 +581,33 @@ def test_keep_history_keeps_the_last_n_epoch_checkpoints_and_deletes_only_after_
         checkpoint.keep_history(latest, epochs_done=5, keep_last=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         'checkpoint_epoch_3.pt', 'checkpoint_epoch_4.pt']
+
+
+def test_a_finished_run_with_no_epoch_left_says_what_trains_it_on(tmp_path, capsys):
+    """A finished run resumed by path with no epoch left: more epochs (forced) train it on; one
+    that stopped at its top-1 target needs that target changed (it was told to give more epochs,
+    which alone trains nothing)."""
+    (tmp_path / 'final_weights.pt').write_bytes(b'')
+    path = tmp_path / 'checkpoint.pt'
+    path.write_bytes(b'')
+    said = f'=> {tmp_path} has finished (final_weights.pt), and this config leaves it no epoch to '
+    assert checkpoint.nothing_to_resume(path, str(path)) is False  # not restored yet
+    assert checkpoint.nothing_to_resume(path, 'auto')  # resolve_resume said so
+    assert capsys.readouterr().out == ''
+    assert not checkpoint.nothing_to_resume(path, str(path), progress=checkpoint.Progress(epoch=3),
+                                            epochs=4)
+    assert checkpoint.nothing_to_resume(path, str(path), progress=checkpoint.Progress(epoch=4),
+                                        epochs=4)
+    assert capsys.readouterr().out == (said + 'train: nothing to resume (to train it further, '
+                                       'give more epochs with checkpoint.force=1)\n')
+    reached = checkpoint.Progress(epoch=2, reached={'epoch': 1, 'time_to_target_s': 9.0})
+    assert checkpoint.nothing_to_resume(path, str(path), progress=reached, epochs=4)
+    assert capsys.readouterr().out == (said + 'train: nothing to resume (to train it further, '
+                                       'change or turn off training.target_top1, which it '
+                                       'reached)\n')
+    reached.epoch = 4
+    checkpoint.nothing_to_resume(path, str(path), progress=reached, epochs=4)
+    assert capsys.readouterr().out.endswith("which it reached, and give more epochs with "
+                                            "checkpoint.force=1)\n")
+    assert checkpoint.nothing_to_resume(path, str(path), progress=reached, epochs=4, say=False)
+    assert capsys.readouterr().out == ''  # another rank than 0

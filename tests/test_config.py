@@ -178,6 +178,10 @@ def test_yaml_lists_and_empty_sections_load_as_a_user_writes_them(tmp_path):
                                  'validation:\n  # resolution: 224\n'), '--logging.folder=r')
     assert (cfg.training.betas, cfg.lr.step_fractions) == ('0.8,0.95', '0.5,0.75')
     assert config.lr_schedule_kwargs(cfg)['step_fractions'] == [0.5, 0.75]
+    with pytest.raises(ConfigError, match='model.arch: got'):  # a list for another text key
+        _load(_write(tmp_path, 'model:\n  arch: [resnet18, resnet50]\n'), '--logging.folder=r')
+    with pytest.raises(ConfigError, match=r'unknown key\(s\) trainig'):  # mistyped, empty
+        _load(_write(tmp_path, 'trainig:\n'), '--logging.folder=r')
 
 
 def test_unknown_key_in_yaml_raises_naming_it(tmp_path):

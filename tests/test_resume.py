@@ -123,10 +123,20 @@ def test_a_finished_run_resumed_by_path_trains_nothing_unless_forced_further(
         train.main(small_config(sample_betons, tmp_path, *RUN, '--model.arch=resnet34',
                                 '--checkpoint.force=1', f'--resume={run_dir}'))
     more = train.main(small_config(sample_betons, tmp_path, *RUN, '--training.epochs=5',
-                                   '--checkpoint.force=1', f'--resume={run_dir}'))
+                                   '--checkpoint.force=1', '--logging.run_name=other',
+                                   f'--resume={run_dir}'))
     assert more['epochs'] == 5 and [r['epoch'] for r in log_of(run_dir)] == list(range(5))
-    assert json.loads((run_dir / 'params.json').read_text())['training']['epochs'] == 5
+    params = json.loads((run_dir / 'params.json').read_text())
+    assert params['training']['epochs'] == 5
+    assert params['logging']['run_name'] == ''  # the run's own name: --resume auto finds it so
     assert json.loads((run_dir / 'results.json').read_text())['epochs'] == 5
+    # the 4-epoch final weights and results kept aside: while it trained on, the run was not
+    # finished (a pre-empted job's --resume auto found it finished and stopped)
+    assert json.loads((run_dir / 'results_epoch_4.json').read_text())['top_1'] == summary['top_1']
+    kept = torch.load(run_dir / 'final_weights_epoch_4.pt', weights_only=True)
+    expected = torch.load(Path(summary['run_dir']) / 'final_weights.pt', weights_only=True)
+    assert all(torch.equal(kept[k], expected[k]) for k in expected)
+    assert (run_dir / 'final_weights_epoch_4.safetensors').exists()
 
 
 def test_a_rank_that_stops_for_another_ranks_signal_ends_as_stopped(sample_betons, tmp_path,
@@ -215,8 +225,8 @@ def test_resuming_with_a_different_schedule_is_refused_unless_forced(sample_beto
                                 f'--resume={run_dir}'))
     assert str(info.value).endswith(
         "\nresume with the config of the run (training.optimizer cannot change on resume, even "
-        f"forced: to train on from its weights, start a new run with model.weights="
-        f"{run_dir / 'checkpoint.pt'})")
+        f"forced: start a new run; model.weights={run_dir / 'checkpoint.pt'} starts it from these "
+        "weights where the arch is the same, with model.reset_head=1 for other classes)")
 
 
 def test_non_finite_loss_stops_naming_epoch_and_iteration_and_keeps_the_checkpoint(
