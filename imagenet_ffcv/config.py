@@ -133,13 +133,12 @@ def load_config(argv: list) -> SimpleNamespace:
 
 def _check_consistency(cfg) -> None:
     """Rules between keys, checked before any work starts; raises ConfigError naming the keys."""
-    problems = []
+    problems, values = [], flatten(to_dict(cfg))
     for key in ('training.epochs', 'training.batch_size', 'training.grad_accum_steps',
                 'validation.batch_size', 'validation.resolution', 'resolution.min_res',
                 'lr.step_length', 'logging.every_iters', 'dist.timeout_s', 'training.ema_every'):
-        value = getattr(getattr(cfg, key.split('.')[0]), key.split('.')[1])
-        if value < 1:
-            problems.append(f'{key}={value} must be >= 1')
+        if values[key] < 1:
+            problems.append(f'{key}={values[key]} must be >= 1')
     if cfg.resolution.min_res > cfg.resolution.max_res:
         problems.append(f'resolution.min_res={cfg.resolution.min_res} is above '
                         f'resolution.max_res={cfg.resolution.max_res}')
@@ -171,9 +170,8 @@ def _check_consistency(cfg) -> None:
         problems.append(f'data.num_workers={cfg.data.num_workers} must be >= 1 (loader threads '
                         "per process) or 'auto'")
     for key in ('checkpoint.keep_last', 'lr.ref_batch_size'):
-        value = getattr(getattr(cfg, key.split('.')[0]), key.split('.')[1])
-        if value < 0:
-            problems.append(f'{key}={value} must be >= 0 (0: off)')
+        if values[key] < 0:
+            problems.append(f'{key}={values[key]} must be >= 0 (0: off)')
     if cfg.checkpoint.every_iters < 0:
         problems.append(f'checkpoint.every_iters={cfg.checkpoint.every_iters} must be >= 0 '
                         '(0: only at the end of each epoch)')

@@ -34,10 +34,11 @@ COMMA_KEYS = ('training.betas', 'lr.step_fractions')  # lists written as text: '
 def file_values(content, params: dict, source) -> dict:
     """The ``{'section.key': value}`` of a config file's ``content`` (as YAML read it), checked
     against ``params`` (``{'section.key': Param}``). A section left empty (its keys commented
-    out) holds nothing; a list for a text key (``betas: [0.9, 0.95]``) is joined with commas, as
-    the command line writes it (:data:`COMMA_KEYS`); true/false is 1/0 (ffcv-imagenet's ``lr_tta: true``). Raises
-    ConfigError naming ``source`` for content that is not a mapping, unknown keys, and a number
-    with a fraction for a whole-number key (fastargs took ``epochs: 3.7`` as 3, without a word)."""
+    out) holds nothing; a list for a comma key (:data:`COMMA_KEYS`: ``betas: [0.9, 0.95]``) is
+    joined with commas, as the command line writes it; true/false is 1/0 (ffcv-imagenet's
+    ``lr_tta: true``). Raises ConfigError naming ``source`` for content that is not a mapping,
+    unknown keys, and a number with a fraction for a whole-number key (fastargs took
+    ``epochs: 3.7`` as 3, without a word)."""
     if not isinstance(content, dict):
         raise ConfigError(f'{source}: expected a mapping of sections, got {type(content).__name__}')
     sections = {key.split('.')[0] for key in params}

@@ -241,9 +241,10 @@ def fit(run: Run):
     stop)``: whether training ended (last epoch, top-1 target; a signal in the last epoch's final
     steps or validation lets it end) and the ``signals.StopRequest`` (true when a signal came)."""
     cfg, progress = run.cfg, run.progress
-    first_epoch = progress.epoch
-    with StopRequest() as stop:  # no epoch after the one that reached the target (resumed)
-        for epoch in range(first_epoch, cfg.training.epochs if not progress.reached else 0):
+    first_epoch = progress.epoch  # none after the one that reached the target (resumed):
+    end = cfg.training.epochs if progress.epochs_left(cfg.training.epochs) else 0
+    with StopRequest() as stop:
+        for epoch in range(first_epoch, end):
             res = run.res_at(epoch)
             run.train_decoder.output_size = (res, res)
             stats = engine.train_one_epoch(
