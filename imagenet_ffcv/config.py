@@ -97,8 +97,7 @@ def load_config(argv: list) -> SimpleNamespace:
     """
     config = declared()
     known = {'.'.join(path): param for path, param in config.entries.items()}
-    parser = build_parser(config)
-    args, unknown = parser.parse_known_args(argv)
+    args, unknown = build_parser(config).parse_known_args(argv)
     if unknown:
         raise ConfigError(f'unknown argument(s) {" ".join(unknown)}{did_you_mean(unknown, known)}'
                           f'; valid keys: {", ".join(known)}')
@@ -110,8 +109,7 @@ def load_config(argv: list) -> SimpleNamespace:
             except yaml.YAMLError as e:
                 raise ConfigError(f'{fname}: not valid YAML: {" ".join(str(e).split())}') from None
         config.collect(file_values(content, known, fname))  # ConfigError naming what is wrong
-    overrides = {k: v for k, v in vars(args).items() if k != 'config' and v is not None}
-    config.collect(overrides)  # fastargs splits the dotted keys
+    config.collect(_command_line_values(args))  # fastargs splits the dotted keys
 
     errors = config.validate(mode='errordict')
     if errors:
@@ -126,9 +124,20 @@ def load_config(argv: list) -> SimpleNamespace:
     sections = {}
     for section, key in config.entries:  # every key is section.key
         sections.setdefault(section, {})[key] = config[section, key]
-    cfg = SimpleNamespace(**{name: SimpleNamespace(**keys) for name, keys in sections.items()})
+    cfg = from_dict(sections)
     _check_consistency(cfg)
     return cfg
+
+
+def _command_line_values(args: argparse.Namespace) -> dict:
+    """``{'section.key': value}`` of the keys the command line gives (not --config's files)."""
+    return {k: v for k, v in vars(args).items() if k != 'config' and v is not None}
+
+
+def command_line_keys(argv: list) -> frozenset:
+    """The keys ``argv`` sets as ``--section.key=value`` (``--resume``: checkpoint.resume), not
+    through ``--config`` files: eval-only takes the others' validation settings from the run."""
+    return frozenset(_command_line_values(build_parser().parse_known_args(argv)[0]))
 
 
 def _check_consistency(cfg) -> None:
@@ -232,6 +241,11 @@ def _option_problems(cfg) -> list:
 def to_dict(cfg: SimpleNamespace) -> dict:
     """``{'section': {'key': value}}``, for params.json."""
     return {section: dict(vars(keys)) for section, keys in vars(cfg).items()}
+
+
+def from_dict(sections: dict) -> SimpleNamespace:
+    """``cfg.section.key`` from ``{'section': {'key': value}}`` (:func:`to_dict`'s inverse)."""
+    return SimpleNamespace(**{name: SimpleNamespace(**keys) for name, keys in sections.items()})
 
 
 # Adapters from the config to the components (as timm's ``scheduler_kwargs``): the trainer never

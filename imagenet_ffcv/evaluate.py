@@ -55,25 +55,46 @@ def ten_crop_eval(cfg, dist, model, precision) -> dict:
     return {f'{k}_10crop': v for k, v in result.items() if k != 'count'}
 
 
+# The keys of ``config.saved_eval_kwargs``' values.
+EVAL_KEYS = {'res': 'validation.resolution', 'flip_tta': 'validation.lr_tta',
+             'decoder': 'data.decoder'}
+
+
+def validating_as(cfg, saved: dict, keep=frozenset()) -> tuple:
+    """``(cfg', taken)``: a copy of ``cfg`` that validates as the saved run (resolved config
+    ``saved``) did, its resolution, flip TTA and decoder (:data:`EVAL_KEYS`), but for the keys in
+    ``keep`` (the command line's); ``taken``: ``['validation.resolution=64', ...]``, the values
+    that differ from ``cfg``'s."""
+    copy, taken = config.from_dict(config.to_dict(cfg)), []
+    for name, value in config.saved_eval_kwargs(saved).items():
+        key, value = EVAL_KEYS[name], int(value) if isinstance(value, bool) else value
+        section_name, attribute = key.split('.')
+        section = getattr(copy, section_name)
+        if key not in keep and getattr(section, attribute) != value:
+            setattr(section, attribute, value)
+            taken.append(f'{key}={value}')
+    return copy, taken
+
+
 def validated_otherwise(cfg, saved_config: dict) -> str:
-    """The overrides (``--validation.resolution=32 ...``) that would make ``cfg`` validate as the
-    run whose resolved config is ``saved_config`` validated (its resolution, flip TTA and
-    decoder), '' when it does already."""
+    """How the run whose resolved config is ``saved_config`` validated where ``cfg`` validates
+    otherwise (``validation.resolution=32 ...``: its resolution, flip TTA and decoder), '' when
+    they agree."""
     run, now = (config.saved_eval_kwargs(c) for c in (saved_config, config.to_dict(cfg)))
-    keys = {'res': 'validation.resolution', 'flip_tta': 'validation.lr_tta',
-            'decoder': 'data.decoder'}
-    return ' '.join(f'--{keys[k]}={int(v) if isinstance(v, bool) else v}'
+    return ' '.join(f'{EVAL_KEYS[k]}={int(v) if isinstance(v, bool) else v}'
                     for k, v in run.items() if now[k] != v)
 
 
-def evaluate_weights(cfg, dist) -> dict:
+def evaluate_weights(cfg, dist, command_line=frozenset()) -> dict:
     """``training.eval_only=1``: the validation top-1/top-5 of ``model.weights`` (a run folder, a
     checkpoint or a final_weights.pt), computed as the training run computes it. The model is
     rebuilt as it was trained (``weights.load_model``: arch, BlurPool, channels_last from the
     config saved with the weights, when there is one; else BlurPool off, as weights from
     elsewhere are trained) and must have been trained on the val .beton's classes
-    (CheckpointError otherwise); validation settings come from ``cfg``, with a note naming the
-    overrides that would match the run's (:func:`validated_otherwise`)."""
+    (CheckpointError otherwise). It validates as the run did (resolution, flip TTA, decoder from
+    the saved config, :func:`validating_as`) but for the keys in ``command_line`` (the keys
+    given there, ``config.command_line_keys``), and from ``cfg`` for weights without a config;
+    a line names the settings taken from the run, a note those that differ from it."""
     saved = weights.load_model(  # BlurPool as the file says (the config's is for training)
         cfg.model.weights, num_classes=loaders.num_classes(cfg.data.val_dataset,
                                                            warn=dist.is_primary),
@@ -81,9 +102,14 @@ def evaluate_weights(cfg, dist) -> dict:
     if saved.assumed and dist.is_primary:
         print(f'{saved.assumed} (--model.arch; this tool\'s own weights files say how they were '
               f'built)')
-    if saved.config and dist.is_primary and (overrides := validated_otherwise(cfg, saved.config)):
-        print(f'=> note: the run of {cfg.model.weights} validated otherwise; this evaluates as the '
-              f'config given says: add {overrides} to evaluate as it did')
+    if saved.config:
+        cfg, taken = validating_as(cfg, saved.config, keep=command_line)
+        if taken and dist.is_primary:
+            print(f'=> validating as the run of {cfg.model.weights} did: {" ".join(taken)} (its '
+                  f'config; set them on the command line to evaluate otherwise)')
+        if dist.is_primary and (run := validated_otherwise(cfg, saved.config)):
+            print(f'=> note: the run of {cfg.model.weights} validated with {run}; this evaluates '
+                  f'with the command line\'s values')
     model = saved.model.to(dist.device)
     precision = engine.resolve_precision(cfg.training.amp, dist.device)
     torch.backends.cudnn.benchmark = dist.device.type == 'cuda'  # fixed shapes

@@ -33,8 +33,9 @@ from .run_dir import RunDir, code_version
 from .signals import StopRequest
 
 
-def main(cfg) -> dict:
-    """Train as ``cfg`` (``config.load_config``) says, or evaluate ``model.weights`` (eval_only=1);
+def main(cfg, command_line=frozenset()) -> dict:
+    """Train as ``cfg`` (``config.load_config``) says, or evaluate ``model.weights`` (eval_only=1,
+    validating as the run did but for the keys in ``command_line``: ``config.command_line_keys``);
     returns the summary (run folder, final top-1/top-5, wall time, ...) on every rank. A run stopped
     by a signal (SIGTERM, Ctrl-C), or finished with one in its last steps: exit_code 128 + it."""
     wall_start = time.perf_counter()
@@ -42,7 +43,7 @@ def main(cfg) -> dict:
     distributed.setup(dist, timeout_s=cfg.dist.timeout_s)
     try:
         if cfg.training.eval_only:
-            return evaluate_weights(cfg, dist)
+            return evaluate_weights(cfg, dist, command_line)
         return train(cfg, dist, wall_start)
     finally:
         distributed.cleanup()
@@ -373,8 +374,9 @@ def summarize(run: Run) -> dict:
 def cli(argv=None) -> int:
     """Train or evaluate as ``argv`` says (default ``sys.argv[1:]``); returns the exit status, with
     one line instead of a traceback for expected failures (ImagenetFfcvError, a missing file)."""
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        summary = main(config.load_config(sys.argv[1:] if argv is None else argv))
+        summary = main(config.load_config(argv), config.command_line_keys(argv))
     except (ImagenetFfcvError, FileNotFoundError) as e:
         print(f'{command_name("train")}: {e}', file=sys.stderr)
         return 1

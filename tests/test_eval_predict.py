@@ -13,7 +13,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from conftest import REPO, SAMPLE, run_env, small_config
+from conftest import REPO, SAMPLE, run_env, small_args, small_config
 from imagenet_ffcv import engine, loaders, metrics, models, predict, sources, train, verify, weights
 from imagenet_ffcv.classes import (class_list_path, read_class_list, read_class_names,
                                    write_class_list)
@@ -73,22 +73,37 @@ def test_eval_only_gives_the_logged_top1_and_top5(short_run, sample_betons, tmp_
     assert list(tmp_path.iterdir()) == []  # evaluation writes no run folder
 
 
-def test_eval_only_names_the_overrides_that_evaluate_as_the_run_validated(short_run,
-                                                                            sample_betons,
-                                                                            tmp_path, capsys):
-    """Eval-only of a run's weights with a config that validates otherwise (the defaults: 256 px;
-    the run validated at 32 px) evaluated at 256 px without a word; it says which overrides would
-    evaluate as the run did, and says nothing when the config matches the run's."""
-    summary, cfg = short_run
+def test_eval_only_validates_as_the_run_did_but_for_the_command_lines_keys(short_run,
+                                                                           sample_betons,
+                                                                           tmp_path, capsys):
+    """Eval-only took its validation settings from the config files given (here 48 px without
+    flip TTA, the run validated at 32 px with it; the README's recipe says 256 px), so its top-1
+    was not the one the run logged. It validates as the run did, saying so; a key given on the
+    command line still wins, with a note naming the run's value."""
+    from imagenet_ffcv import config
+    summary, _ = short_run
     weights = Path(summary['run_dir']) / 'final_weights.pt'
+    other = tmp_path / 'other.yaml'
+    other.write_text('validation:\n  resolution: 48\n  lr_tta: 0\n')
+    argv = ['--config', str(other), *(a for a in small_args(
+        sample_betons, tmp_path, '--training.eval_only=1', f'--model.weights={weights}',
+        '--data.train_dataset=') if not a.startswith('--validation.resolution='))]
+    given = config.command_line_keys(argv)
+    assert {'model.weights', 'data.val_dataset'} <= given and 'validation.resolution' not in given
     capsys.readouterr()
-    train.main(eval_config(sample_betons, tmp_path, weights))
-    assert 'validated otherwise' not in capsys.readouterr().out
-    train.main(eval_config(sample_betons, tmp_path, weights, '--validation.resolution=48',
-                           '--validation.lr_tta=0'))
-    assert (f'=> note: the run of {weights} validated otherwise; this evaluates as the config '
-            f'given says: add --validation.resolution=32 --validation.lr_tta=1 to evaluate as it '
-            f'did\n') in capsys.readouterr().out
+    result = train.main(config.load_config(argv), given)
+    assert (result['val_res'], result['flip_tta']) == (32, True)
+    assert (result['top_1'], result['top_5']) == (summary['top_1'], summary['top_5'])
+    out = capsys.readouterr().out
+    assert (f'=> validating as the run of {weights} did: validation.resolution=32 '
+            'validation.lr_tta=1 (its config;') in out
+    assert 'note' not in out
+
+    argv.append('--validation.resolution=48')
+    result = train.main(config.load_config(argv), config.command_line_keys(argv))
+    assert (result['val_res'], result['flip_tta']) == (48, True)
+    assert (f'=> note: the run of {weights} validated with validation.resolution=32; this '
+            "evaluates with the command line's values\n") in capsys.readouterr().out
 
 
 def test_eval_only_names_missing_or_unfitting_weights(short_run, sample_betons, tmp_path):
