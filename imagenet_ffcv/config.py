@@ -31,7 +31,8 @@ RESUMABLE_CHANGES = ('data.train_dataset', 'data.val_dataset', 'data.num_workers
                      'data.in_memory', 'data.gpu', 'logging.', 'validation.', 'checkpoint.',
                      'dist.', 'code.',
                      'training.eval_only', 'training.target_top1', 'training.amp',
-                     'training.compile', 'derived.device', 'derived.amp', 'derived.loader_threads')
+                     'training.compile', 'derived.device', 'derived.amp', 'derived.loader_threads',
+                     'derived.val_image_side')
 # Keys a resume cannot change even with checkpoint.force=1: the optimizer's state, the weights'
 # shapes, the optimizer's parameter groups would not carry over (restore_training_state).
 NOT_FORCEABLE = ('training.optimizer', 'model.arch', 'training.bn_wd', 'derived.num_classes')

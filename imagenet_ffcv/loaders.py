@@ -51,6 +51,13 @@ def num_samples(beton_path) -> int:
     return Reader(str(beton_path)).num_samples
 
 
+def largest_shorter_side(beton_path) -> int:
+    """The largest shorter side (px) of the images stored in a .beton (reads its metadata only):
+    the converter's ``--max-res`` when any image reached it, as in ImageNet."""
+    images = Reader(str(beton_path)).metadata['f0']
+    return int(np.minimum(images['height'], images['width']).max())
+
+
 def num_classes(beton_path, val_path=None, warn: bool = True) -> int:
     """Classes of a dataset: the length of the class list beside the .beton when there is one,
     else 1 + the largest stored label.

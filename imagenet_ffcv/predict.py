@@ -40,7 +40,7 @@ from .weights import load_model
 
 
 def predict(paths: list, *, weights, top: int = 5, classes_path=None, res=None,
-            arch='resnet50', blurpool: bool = None, max_res: int = 256, jpeg_quality: int = 90,
+            arch='resnet50', blurpool: bool = None, max_res: int = None, jpeg_quality: int = 90,
             restart_interval: int = DEFAULT_RESTART_INTERVAL, batch_size: int = 64,
             device=None) -> list:
     """Top-``top`` predictions for each image file.
@@ -50,7 +50,9 @@ def predict(paths: list, *, weights, top: int = 5, classes_path=None, res=None,
     when the run evaluated with flip TTA (``engine.flip_tta_logits``, the rule validation uses, so
     the top-1 class is the one eval-only counts). Each image is :func:`image_record` then
     :func:`model_input`, resized as the run's ``data.decoder`` resizes (the fused decoder's resize
-    for 'ffcv', with a note on stderr). ``res`` defaults to the run's ``validation.resolution``;
+    for 'ffcv', with a note on stderr). ``res`` defaults to the run's ``validation.resolution``,
+    ``max_res`` to the largest shorter side stored in its val .beton (else 256, the converter's
+    default);
     ``arch`` and ``blurpool`` are used only when no config is saved with the weights
     (``weights.load_model``).
     Class names come from ``classes_path`` (a .classes.tsv; a warning on stderr when its wnids
@@ -77,6 +79,7 @@ def predict(paths: list, *, weights, top: int = 5, classes_path=None, res=None,
     evaluated = (config.saved_eval_kwargs(saved.config) if saved.config
                  else {'res': 224, 'flip_tta': True, 'decoder': 'fused'})
     res, antialias = res or evaluated['res'], antialiased(evaluated['decoder'])
+    max_res = max_res or (saved.config or {}).get('derived', {}).get('val_image_side') or 256
     if evaluated['decoder'] == 'ffcv':
         print(f'note: {weights} validated with ffcv\'s decoder (OpenCV INTER_AREA resize); '
               'predict resizes as the fused decoder does, so its inputs differ slightly from '
@@ -169,9 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
                              'config is saved; default: on when its filters are saved in the '
                              "file, as ffcv-imagenet's are, else off, as torchvision's and "
                              "timm's weights)")
-    parser.add_argument('--max-res', type=int, default=256,
+    parser.add_argument('--max-res', type=int,
                         help='shorter side (px) images are stored at first, as the .beton the '
-                             "run validated on (imagenet-ffcv-write's --max-res)")
+                             "run validated on (imagenet-ffcv-write's --max-res; default: the "
+                             "largest shorter side in that .beton, saved with the run's config, "
+                             'else 256)')
     parser.add_argument('--jpeg-quality', type=int, default=90,
                         help="JPEG quality they are stored at (imagenet-ffcv-write's)")
     parser.add_argument('--restart-interval', type=int, default=DEFAULT_RESTART_INTERVAL,

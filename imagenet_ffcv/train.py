@@ -153,7 +153,8 @@ def build(cfg, dist, wall_start) -> Run:
     resolved = {**config.to_dict(cfg), 'derived': {
         'world_size': dist.world_size, 'lr_used': lr, 'num_classes': num_classes,
         'global_batch_size': config.images_per_step(cfg) * dist.world_size,
-        'device': str(dist.device), 'amp': precision.name, 'loader_threads': threads},
+        'device': str(dist.device), 'amp': precision.name, 'loader_threads': threads,
+        'val_image_side': loaders.largest_shorter_side(cfg.data.val_dataset)},  # for predict
         'code': code_version()}
     return Run(
         cfg=cfg, dist=dist, train_loader=train_loader, train_decoder=train_decoder,

@@ -218,8 +218,15 @@ def test_predict_prints_named_top5_and_agrees_with_validation(short_run):
     names = dict(read_class_names(Path(summary['run_dir']) / 'classes.tsv'))
     # Stored as the sample betons store them (shorter side 64, q90), the 100 val images give
     # predict exactly the inputs validation had (test_predict_sees_what_validation_sees), in the
-    # same batches of 64: the same top-1, to the image (measured: 0 images apart).
-    results = predict.predict(files, weights=weights, max_res=64)
+    # same batches of 64: the same top-1, to the image (measured: 0 images apart). Predict takes
+    # the 64 px from the run (its val .beton's largest shorter side); at 256 px, its default
+    # before, it stored them larger than validation saw them (the images are 224 px), and the
+    # scores differ.
+    params = json.loads((Path(summary['run_dir']) / 'params.json').read_text())
+    assert params['derived']['val_image_side'] == 64
+    results = predict.predict(files, weights=weights)
+    assert results == predict.predict(files, weights=weights, max_res=64)
+    assert results != predict.predict(files, weights=weights, max_res=256)
     hits = sum(r[0][0] == f.parent.name for r, f in zip(results, files))
     assert hits == round(summary['top_1'] * len(files))
     for r in results:
