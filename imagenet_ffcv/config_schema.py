@@ -227,7 +227,8 @@ def _training_sections(section) -> None:
                                 "run of this name; give each job sharing FOLDER its own; '': "
                                 'unnamed (--resume auto continues unnamed runs only)', default=''),
             log_level=Param(int, 'validate every epoch (ffcv-imagenet\'s name): 1: after every '
-                                 'epoch; 0: only after the last one', default=1),
+                                 'epoch; 0: only after the last one (and after every epoch '
+                                 'while training.target_top1 is set)', default=1),
             tensorboard=Param(int, '1: TensorBoard event files in RUN_DIR/tensorboard', default=0),
             wandb_project=Param(str, 'Weights & Biases project to log to (needs the optional '
                                      "wandb package); '': off", default=''),

@@ -161,12 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--weights', required=True,
                         help='a run folder (its final weights, else its checkpoint), '
                              'checkpoint.pt, final_weights.pt or final_weights.safetensors')
-    parser.add_argument('--top', type=positive, default=5, help='classes shown per image')
+    parser.add_argument('--top', type=positive, default=5,
+                        help='classes shown per image (default 5)')
     parser.add_argument('--classes', help="class list (.classes.tsv) for the run's classes, "
                                           "in place of the run's own (a warning when they differ)")
     parser.add_argument('--res', type=int, help="input side in px (default: the run's "
                                                 "validation resolution)")
-    parser.add_argument('--arch', default='resnet50', help='model when no config is saved')
+    parser.add_argument('--arch', default='resnet50',
+                        help='model when no config is saved (default resnet50)')
     parser.add_argument('--blurpool', type=int, choices=(0, 1),
                         help='1: the weights were trained with BlurPool, 0: without (when no '
                              'config is saved; default: on when its filters are saved in the '
@@ -178,9 +180,11 @@ def build_parser() -> argparse.ArgumentParser:
                              "largest shorter side in that .beton, saved with the run's config, "
                              'else 256)')
     parser.add_argument('--jpeg-quality', type=int, default=90,
-                        help="JPEG quality they are stored at (imagenet-ffcv-write's)")
+                        help="JPEG quality they are stored at (imagenet-ffcv-write's; "
+                             'default 90)')
     parser.add_argument('--restart-interval', type=int, default=DEFAULT_RESTART_INTERVAL,
-                        help="MCUs between restart markers (imagenet-ffcv-write's)")
+                        help="MCUs between restart markers (imagenet-ffcv-write's; default "
+                             f'{DEFAULT_RESTART_INTERVAL})')
     return parser
 
 

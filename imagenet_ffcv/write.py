@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                         'blocks; per image the largest divisor of its MCU columns up to N), so '
                         'that the training and validation loaders decode only the blocks a crop '
                         'covers; the records stay standard JPEGs. Smaller N: faster crops, more '
-                        'bytes. 0: no markers (the files written before). '
+                        'bytes. 0: no markers (as ffcv\'s own writer stores JPEGs). '
                         f'Default: {DEFAULT_RESTART_INTERVAL}')
     p.add_argument('--compress-probability', type=float, default=0.5,
                    help='with --write-mode proportion: the share of images stored as JPEG '
