@@ -10,7 +10,7 @@ from fastargs.validation import And, Int, OneOf, Or
 from . import schedules
 from .constants import DECODERS, PRECISIONS
 from .errors import ImagenetFfcvError
-from .optimizers import OPTIMIZERS
+from .optimizers import OPTIMIZERS, TAKE_BETAS, TAKE_MOMENTUM
 
 
 class ConfigError(ImagenetFfcvError, ValueError):
@@ -62,6 +62,60 @@ def file_values(content, params: dict, source) -> dict:
     return flat
 
 
+class Switch(Int):
+    """fastargs' checker of an on/off key: 0 or 1 (YAML's false/true); another number, which
+    fastargs took as on, is refused."""
+    def check(self, value):
+        value = int(value)  # ValueError for 'yes' or '0.5', as fastargs' Int
+        if value not in (0, 1):
+            raise ValueError(value)
+        return value
+
+    def help(self):
+        return '0 or 1'
+
+
+# Keys that do something only in some set-ups: {key: (the set-up in words, whether the resolved
+# values ({'section.key': value}) are one)}. Set to another value than its default in another
+# set-up, a key is named in a warning (:func:`ignored_settings`).
+USED_ONLY_WITH = {
+    'training.momentum': ('training.optimizer=' + ' or '.join(TAKE_MOMENTUM),
+                          lambda v: v['training.optimizer'] in TAKE_MOMENTUM),
+    'training.betas': ('training.optimizer=' + ' or '.join(TAKE_BETAS),
+                       lambda v: v['training.optimizer'] in TAKE_BETAS),
+    'training.ra_magnitude': ('training.auto_augment=ra',
+                              lambda v: v['training.auto_augment'] == 'ra'),
+    'training.ema_every': ('training.ema_decay > 0', lambda v: v['training.ema_decay'] > 0),
+    'lr.lr_peak_epoch': ('lr.lr_schedule_type=cyclic',
+                         lambda v: v['lr.lr_schedule_type'] == 'cyclic'),
+    'lr.step_ratio': ('lr.lr_schedule_type=step', lambda v: v['lr.lr_schedule_type'] == 'step'),
+    'lr.step_fractions': ('lr.lr_schedule_type=step',
+                          lambda v: v['lr.lr_schedule_type'] == 'step'),
+    'lr.step_length': ('lr.lr_schedule_type=step without lr.step_fractions',
+                       lambda v: v['lr.lr_schedule_type'] == 'step' and not v['lr.step_fractions']),
+    'lr.poly_power': ('lr.lr_schedule_type=poly', lambda v: v['lr.lr_schedule_type'] == 'poly'),
+    'resolution.start_ramp': ('resolution.min_res < resolution.max_res',
+                              lambda v: v['resolution.min_res'] < v['resolution.max_res']),
+    'resolution.end_ramp': ('resolution.min_res < resolution.max_res',
+                            lambda v: v['resolution.min_res'] < v['resolution.max_res']),
+    'logging.every_iters': ('logging.tensorboard=1 or logging.wandb_project',
+                            lambda v: v['logging.tensorboard'] or v['logging.wandb_project']),
+    'checkpoint.force': ('checkpoint.resume', lambda v: v['checkpoint.resume']),
+}
+
+
+def ignored_settings(config: dict) -> list:
+    """A warning for each key of :data:`USED_ONLY_WITH` that the resolved ``config``
+    (``{'section': {'key': value}}``) sets to another value than its default in a set-up that does
+    not use it, e.g. ``training.momentum=0.8 does nothing here: it is used only with
+    training.optimizer=sgd``; [] when there is none (a mistyped key is an error already, this is
+    its quieter cousin: a value that is read by nothing)."""
+    values, default = flatten(config), defaults()
+    return [f'{key}={values[key]!r} does nothing here: it is used only with {setup}'
+            for key, (setup, used) in USED_ONLY_WITH.items()
+            if values[key] != default[key] and not used(values)]
+
+
 def _type_text(checker) -> str:
     """A checker's type in words, choices sorted (fastargs keeps them in a set)."""
     if isinstance(checker, OneOf):
@@ -89,7 +143,9 @@ def markdown() -> str:
              'Every key of the trainer (`imagenet-ffcv-train`, `train_imagenet.py`), by section. Set '
              'them in a YAML file given with `--config FILE.yaml` (repeatable; later files win) or '
              'on the command line as `--section.key=value` (wins over files). An unknown key, a '
-             'wrongly typed value or keys that contradict each other are errors naming the key. '
+             'wrongly typed value or keys that contradict each other are errors naming the key; '
+             'a key set where the run does not read it (a momentum with AdamW) is named in a '
+             'warning in the run\'s header. '
              'ffcv-imagenet\'s configs load unchanged.', '',
              'Generated from `imagenet_ffcv/config_schema.py` by '
              '`python -m imagenet_ffcv.config --markdown > docs/configuration.md`; '
@@ -160,12 +216,12 @@ def _data_and_model_sections(section) -> None:
                               'use, divided by the processes of this node that may use them too '
                               '(all of them unless each is bound to cores of its own), less one '
                               'for the training loop itself (at least 1)', default='auto'),
-            in_memory=Param(int, "ffcv's os_cache (ffcv-imagenet's name): 1: memory-map the "
-                                 'file and share the OS page cache (one copy for all the '
-                                 "processes, given back when memory runs short); 0: ffcv's own "
-                                 'process cache with prefetch, which in a random order holds '
-                                 'about the whole file in each process (refused when that is '
-                                 'more than the memory available)', default=1),
+            in_memory=Param(Switch(), "ffcv's os_cache (ffcv-imagenet's name): 1: memory-map "
+                                      'the file and share the OS page cache (one copy for all the '
+                                      'processes, given back when memory runs short); 0: '
+                                      "ffcv's own process cache with prefetch, which in a random "
+                                      'order holds about the whole file in each process (refused '
+                                      'when that is more than the memory available)', default=1),
             min_crop_scale=Param(float, 'random-resized crop: smallest crop area as a fraction '
                                         'of the image (torchvision: 0.08)', default=0.08),
             flip_prob=Param(float, 'probability of the left-right flip of training images',
@@ -179,17 +235,18 @@ def _data_and_model_sections(section) -> None:
     section('model', 'network',
             arch=Param(str, "torchvision classification model name, or 'timm:<name>' (a timm "
                             'model; needs the optional timm package)', default='resnet50'),
-            pretrained=Param(int, 'must be 0: weights are never fetched from the network (start '
-                                  'from a file with model.weights)', default=0),
+            pretrained=Param(Switch(), 'must be 0: weights are never fetched from the network '
+                                       '(start from a file with model.weights)', default=0),
             weights=Param(str, 'training: start from these weights (fine-tuning): a run folder '
                                '(its final weights, else its checkpoint), a checkpoint.pt, '
                                'final_weights.pt/.safetensors or a torchvision state dict file; '
                                "the checkpoint wins on --resume. With training.eval_only=1: the "
                                "weights to evaluate. '': random initialisation", default=''),
-            reset_head=Param(int, 'with model.weights: 1: the classifier (last Linear layer) '
-                                  'starts newly initialised; 0: loaded, unless the file has none, '
-                                  'its class count differs or its saved class list names other '
-                                  'wnids (then new, with a message)', default=0))
+            reset_head=Param(Switch(), 'with model.weights: 1: the classifier (last Linear '
+                                       'layer) starts newly initialised; 0: loaded, unless the '
+                                       'file has none, its class count differs or its saved class '
+                                       'list names other wnids (then new, with a message)',
+                             default=0))
     section('resolution', 'progressive resizing of training crops (pixels, epochs)',
             min_res=Param(int, 'side of training crops until start_ramp (px)', default=160),
             max_res=Param(int, 'side of training crops from end_ramp on (px)', default=192),
@@ -226,10 +283,11 @@ def _training_sections(section) -> None:
                                 'FOLDER/<run_name>-<run id>/ and --resume auto continues only a '
                                 "run of this name; give each job sharing FOLDER its own; '': "
                                 'unnamed (--resume auto continues unnamed runs only)', default=''),
-            log_level=Param(int, 'validate every epoch (ffcv-imagenet\'s name): 1: after every '
-                                 'epoch; 0: only after the last one (and after every epoch '
-                                 'while training.target_top1 is set)', default=1),
-            tensorboard=Param(int, '1: TensorBoard event files in RUN_DIR/tensorboard', default=0),
+            log_level=Param(Switch(), 'validate every epoch (ffcv-imagenet\'s name): 1: after '
+                                      'every epoch; 0: only after the last one (and after every '
+                                      'epoch while training.target_top1 is set)', default=1),
+            tensorboard=Param(Switch(), '1: TensorBoard event files in RUN_DIR/tensorboard',
+                              default=0),
             wandb_project=Param(str, 'Weights & Biases project to log to (needs the optional '
                                      "wandb package); '': off", default=''),
             every_iters=Param(int, 'TensorBoard/W&B: train loss, LR and img/s every this many '
@@ -237,13 +295,14 @@ def _training_sections(section) -> None:
     section('validation', 'evaluation',
             batch_size=Param(int, 'validation batch per process', default=512),
             resolution=Param(int, 'side of the centre crop (px)', default=256),
-            lr_tta=Param(int, 'left-right flip test-time augmentation (ffcv-imagenet\'s name): '
-                              '1: average the logits of the image and of its flip', default=1),
-            ten_crop=Param(int, '1: also report 10-crop accuracy after the last epoch: views '
-                                'of resolution px (corners + centre of the central square at '
-                                '256/224 of that, and their flips)', default=0))
+            lr_tta=Param(Switch(), 'left-right flip test-time augmentation (ffcv-imagenet\'s '
+                                   'name): 1: average the logits of the image and of its flip',
+                         default=1),
+            ten_crop=Param(Switch(), '1: also report 10-crop accuracy after the last epoch: views '
+                                     'of resolution px (corners + centre of the central square at '
+                                     '256/224 of that, and their flips)', default=0))
     section('training', 'optimisation',
-            eval_only=Param(int, '1: only evaluate model.weights on the val set', default=0),
+            eval_only=Param(Switch(), '1: only evaluate model.weights on the val set', default=0),
             batch_size=Param(int, 'training batch per process (images)', default=512),
             grad_accum_steps=Param(int, 'gradient accumulation: one optimizer step per this many '
                                         'batches (their summed gradients), e.g. an 8-GPU global '
@@ -261,11 +320,13 @@ def _training_sections(section) -> None:
             clip_grad_norm=Param(float, 'clip the global gradient norm to this value; 0: off',
                                  default=0.0),
             weight_decay=Param(float, 'L2 weight decay', default=5e-5),
-            bn_wd=Param(int, '0: no weight decay on normalisation layers nor biases', default=0),
+            bn_wd=Param(Switch(), '0: no weight decay on normalisation layers nor biases',
+                        default=0),
             epochs=Param(int, 'number of epochs', default=16),
             label_smoothing=Param(float, 'label smoothing (Szegedy et al. 2016)', default=0.1),
-            use_blurpool=Param(int, '1: BlurPool before strided convs (Zhang 2019)', default=1),
-            channels_last=Param(int, '1: NHWC memory format for the model', default=1),
+            use_blurpool=Param(Switch(), '1: BlurPool before strided convs (Zhang 2019)',
+                               default=1),
+            channels_last=Param(Switch(), '1: NHWC memory format for the model', default=1),
             distributed=Param(int, 'ignored (kept for ffcv-imagenet configs): launch with '
                                    'torchrun for several processes', default=0),
             seed=Param(int, 'seed of weights init, data order, crops and flips; rank r draws its '
@@ -288,10 +349,11 @@ def _training_sections(section) -> None:
             ra_magnitude=Param(int, 'magnitude of the RandAugment ops, 0-30', default=9),
             random_erase=Param(float, 'probability of Random Erasing per image (Zhong et al. '
                                       '2020); 0: off', default=0.0),
-            sync_bn=Param(int, '1: torch.nn.SyncBatchNorm: BatchNorm statistics over the batches '
-                               'of all processes, for small batches per GPU (CUDA only)',
+            sync_bn=Param(Switch(), '1: torch.nn.SyncBatchNorm: BatchNorm statistics over the '
+                                    'batches of all processes, for small batches per GPU (CUDA '
+                                    'only)',
                           default=0),
-            compile=Param(int, '1: torch.compile the model (recompiles once per resolution)',
+            compile=Param(Switch(), '1: torch.compile the model (recompiles once per resolution)',
                           default=0))
 
 
@@ -303,11 +365,12 @@ def _checkpoint_sections(section) -> None:
                               "that run; '': a new run", default=''),
             every_iters=Param(int, 'also write a checkpoint every this many iterations within an '
                                    'epoch; 0: only at the end of each epoch', default=0),
-            force=Param(int, '1: resume even if the config changes the schedule (epochs, LR, '
-                             'resolution, batch, world size, BlurPool, seed); another optimizer, '
-                             'arch, class count or bn_wd is refused even so', default=0),
-            keep_best=Param(int, '1: RUN_DIR/best_weights.pt holds the weights of the epoch with '
-                                 'the best validation top-1 so far', default=0),
+            force=Param(Switch(), '1: resume even if the config changes the schedule (epochs, '
+                                  'LR, resolution, batch, world size, BlurPool, seed); another '
+                                  'optimizer, arch, class count or bn_wd is refused even so',
+                        default=0),
+            keep_best=Param(Switch(), '1: RUN_DIR/best_weights.pt holds the weights of the epoch '
+                                      'with the best validation top-1 so far', default=0),
             keep_last=Param(int, 'also keep the checkpoints of the last N epochs as '
                                  'RUN_DIR/checkpoint_epoch_<epochs done>.pt (older ones deleted '
                                  'once the new one is complete); 0: off', default=0))

@@ -5,6 +5,7 @@ import torch
 from .optional import require
 
 OPTIMIZERS = ('sgd', 'adamw', 'lamb')
+TAKE_MOMENTUM, TAKE_BETAS = ('sgd',), ('adamw', 'lamb')  # which read training.momentum, .betas
 
 
 def make_optimizer(name: str, groups: list, *, lr: float, momentum: float = 0.9,

@@ -24,6 +24,7 @@ from . import (checkpoint, config, distributed, engine, loaders, metrics, models
 from .checkpoint import Progress
 from .classes import class_list_path, read_class_names
 from .commands import command_name, one_line_warnings, stops_on_ctrl_c
+from .config_schema import ignored_settings
 from .ema import make_ema
 from .errors import ImagenetFfcvError
 from .evaluate import evaluate_weights, make_val_loader, ten_crop_eval, validate_with_ema
@@ -211,8 +212,9 @@ def open_run_dir(run: Run, resume_path) -> RunDir:
           f'{cfg.data.num_workers}), global batch '
           f'{derived["global_batch_size"]}; lr {cfg.lr.lr:g} in the config (for a global batch of '
           f'{cfg.lr.ref_batch_size or "any size: no scaling"}) -> {derived["lr_used"]:g} used')
-    if warning := config.unreached_resolution(cfg):
-        print(f'=> warning: {warning}')
+    for warning in [config.unreached_resolution(cfg), *ignored_settings(run.resolved)]:
+        if warning:
+            print(f'=> warning: {warning}')
     return run_dir
 
 

@@ -299,6 +299,47 @@ def test_a_ramp_that_ends_after_the_last_epoch_is_warned_of():
     assert config.unreached_resolution(_load(recipe, '--training.epochs=13')) is None  # 192 px
 
 
+def test_settings_that_do_nothing_in_the_runs_setup_are_warned_of(tmp_path):
+    """A value read by nothing loaded silently: momentum with AdamW, betas with SGD, a RandAugment
+    magnitude without RandAugment, step_length beside step_fractions, ema_every without EMA. Each
+    is named with the set-up that uses it; a key at its default is not (ffcv-imagenet's configs
+    set momentum: 0.9 whatever the optimizer), and no shipped config gets a warning."""
+    from imagenet_ffcv.config_schema import ignored_settings
+    recipe = REPO / 'imagenet_ffcv' / 'configs' / 'rn50_configs' / 'rn50_16_epochs.yaml'
+    warnings = ignored_settings(to_dict(_load(
+        recipe, '--training.optimizer=adamw', '--training.momentum=0.8', '--training.ema_every=4',
+        '--training.ra_magnitude=15', '--lr.lr_schedule_type=step', '--lr.step_length=10',
+        '--lr.step_fractions=1/2', '--lr.lr_peak_epoch=3')))
+    assert warnings == [
+        'training.momentum=0.8 does nothing here: it is used only with training.optimizer=sgd',
+        'training.ra_magnitude=15 does nothing here: it is used only with training.auto_augment=ra',
+        'training.ema_every=4 does nothing here: it is used only with training.ema_decay > 0',
+        'lr.lr_peak_epoch=3.0 does nothing here: it is used only with lr.lr_schedule_type=cyclic',
+        'lr.step_length=10 does nothing here: it is used only with lr.lr_schedule_type=step '
+        'without lr.step_fractions']
+    assert ignored_settings(to_dict(_load(recipe, '--training.betas=0.9,0.95'))) == [
+        "training.betas='0.9,0.95' does nothing here: it is used only with "
+        'training.optimizer=adamw or lamb']
+    assert ignored_settings(to_dict(_load(recipe, '--training.optimizer=adamw'))) == []
+    shipped = [*sorted((REPO / 'imagenet_ffcv' / 'configs').glob('*/*.yaml')),
+               REPO / 'demo' / 'rn18_demo.yaml', _write(tmp_path, ORIGINAL_FFCV_IMAGENET)]
+    assert len(shipped) == 17
+    assert {p.name: ignored_settings(to_dict(_load(p))) for p in shipped} == {
+        p.name: [] for p in shipped}
+
+
+def test_an_on_off_key_takes_0_or_1_only(tmp_path):
+    """``--validation.lr_tta=2`` or ``use_blurpool: 2`` loaded as on, without a word; they are
+    refused naming the key, while YAML's true/false still load as 1/0."""
+    with pytest.raises(ConfigError, match=r"validation.lr_tta: got '2', expected 0 or 1"):
+        load_config([*DATA, '--logging.folder=r', '--validation.lr_tta=2'])
+    with pytest.raises(ConfigError, match=r'training.use_blurpool: got 2, expected 0 or 1'):
+        _load(_write(tmp_path, 'training:\n  use_blurpool: 2\n'), '--logging.folder=r')
+    cfg = _load(_write(tmp_path, 'training:\n  use_blurpool: false\n  compile: true\n'),
+                '--logging.folder=r')
+    assert (cfg.training.use_blurpool, cfg.training.compile) == (0, 1)
+
+
 def test_later_config_file_wins(tmp_path):
     """A second --config overrides the first for the keys it sets, the rest is kept."""
     extra = _write(tmp_path, 'training:\n  epochs: 5\n', 'extra.yaml')

@@ -148,3 +148,17 @@ def test_the_memory_available_counts_a_cgroup_limit(tmp_path, monkeypatch):
     (tmp_path / 'none').write_text('0::/\n')
     assert preflight.memory_available(tmp_path / 'none', tmp_path / 'empty') == machine
     assert preflight.memory_available(tmp_path / 'missing') == machine
+
+
+def test_the_run_header_warns_of_settings_that_do_nothing(sample_betons, tmp_path, capsys):
+    """The header of a run with AdamW and a momentum (read by SGD only) names the momentum; the
+    rules are config_schema.USED_ONLY_WITH (tests/test_config.py)."""
+    from imagenet_ffcv import distributed
+    run = train.build(small_config(sample_betons, tmp_path, '--training.optimizer=adamw',
+                                   '--training.momentum=0.8'), distributed.from_env(), 0.0)
+    capsys.readouterr()
+    train.open_run_dir(run, None).unlock()
+    out = capsys.readouterr().out
+    assert ('=> warning: training.momentum=0.8 does nothing here: it is used only with '
+            'training.optimizer=sgd\n') in out
+    assert out.count('warning') == 1
