@@ -9,7 +9,7 @@
   ``final_weights.safetensors`` once it finished;
 - ``progress.png``: the run's plot;
 - ``checkpoint_epoch_<N>.pt``: the checkpoints after epoch N (``checkpoint.keep_history``);
-- ``lock``: ``{"pid", "host", "job", "start"}`` of the job writing the run, while it runs
+- ``lock``: ``{"pid", "host", "job", "start", "rdzv"}`` of the job writing the run, while it runs
   (:meth:`RunDir.lock`).
 
 A run is *finished* when ``final_weights.pt`` exists; ``--resume auto`` picks the latest run of the
@@ -150,7 +150,8 @@ class RunDir:
         :func:`lock_identity`, made complete (and on disk) then linked into place (``os.link``
         fails when the name exists, so of two jobs one only gets the lock). The lock of a job that
         has ended (:func:`lock_ended`: a process that no longer runs on this host, an earlier
-        start of this SLURM job, a SLURM job that has ended) is taken over, with a message. Raises
+        start of this SLURM job or of torchrun's workers in it, a SLURM job that has ended) is
+        taken over, with a message. Raises
         RunLockedError naming the holder when it may still run: alive on this host, or on
         another host and not known to have ended (delete the lock file if that job has ended).
         Two jobs taking over the same ended job's lock at the same instant may both succeed."""
@@ -207,13 +208,17 @@ class RunDir:
 
 def lock_identity(environ=None) -> dict:
     """What a run's lock holds of this process: ``pid``, ``host``, ``job`` (in a SLURM job,
-    ``slurm:<SLURM_CLUSTER_NAME>:<SLURM_JOB_ID>``, which a requeued job keeps; else None) and
-    ``start`` (SLURM_RESTART_COUNT: 0, then 1, 2, ... for each requeue)."""
+    ``slurm:<SLURM_CLUSTER_NAME>:<SLURM_JOB_ID>``, which a requeued job keeps; else None),
+    ``start`` (SLURM_RESTART_COUNT: 0, then 1, 2, ... for each requeue) and ``rdzv`` (under
+    torchrun, its ``--rdzv-id``, TORCHELASTIC_RUN_ID, which its restarts keep; None without it or
+    at torchrun's default 'none')."""
     environ = os.environ if environ is None else environ
     job = (f'slurm:{environ.get("SLURM_CLUSTER_NAME", "")}:{environ["SLURM_JOB_ID"]}'
            if environ.get('SLURM_JOB_ID') else None)
+    rdzv = environ.get('TORCHELASTIC_RUN_ID')
     return {'pid': os.getpid(), 'host': socket.gethostname(), 'job': job,
-            'start': int(environ.get('SLURM_RESTART_COUNT') or 0)}
+            'start': int(environ.get('SLURM_RESTART_COUNT') or 0),
+            'rdzv': rdzv if rdzv not in (None, '', 'none') else None}
 
 
 def lock_ended(holder: dict, me: dict):
@@ -222,10 +227,14 @@ def lock_ended(holder: dict, me: dict):
     (a power cut as it was written: locks are linked into place complete); on this host, a PID
     that no longer runs (one that does is never taken over); on another, an earlier start of this
     SLURM job (the same job, requeued fewer times: SLURM requeues a job only once all of its
-    processes have ended), or a job of this SLURM cluster that ``squeue`` says has ended (a job of
-    a chain, ``sbatch --dependency``, killed past its time limit). Not told apart, and so refused:
-    a second training in one SLURM job, and a torchrun restart whose rank 0 moved to another node
-    (torchrun keeps no count of its starts that holds across nodes)."""
+    processes have ended), an earlier start of torchrun's workers in the same start of this SLURM
+    job (the same ``--rdzv-id``: a run's lock is taken by rank 0 only, and torchrun stops every
+    worker of every node before it starts them again, so another rank 0 of this rendezvous has
+    ended), or a job of this SLURM cluster that ``squeue`` says has ended (a job of a chain,
+    ``sbatch --dependency``, killed past its time limit). Not told apart, and so refused: a
+    second training in one SLURM job with no or another ``--rdzv-id``, and a torchrun restart
+    outside SLURM whose rank 0 moved to another node (the same ``--rdzv-id`` could be a second
+    job started by mistake, and there is no job id to tell them apart)."""
     if not holder:
         return 'its lock file is empty (a power cut as it was written)'
     pid, job, start = holder.get('pid'), holder.get('job'), holder.get('start')
@@ -235,6 +244,10 @@ def lock_ended(holder: dict, me: dict):
         if job == me['job'] and isinstance(start, int) and start < me['start']:
             return (f'an earlier start of this job ({job}, requeued {start} time(s), now '
                     f'{me["start"]})')
+        if job == me['job'] and start == me['start'] and me['rdzv'] and \
+                holder.get('rdzv') == me['rdzv']:
+            return (f'an earlier start of torchrun\'s workers in this job ({job}, --rdzv-id '
+                    f'{me["rdzv"]}): torchrun stops them all before it starts them again')
         cluster, _, job_id = job.rpartition(':')
         if cluster == me['job'].rpartition(':')[0] and slurm_job_ended(job_id):
             return f'SLURM job {job_id} has ended'
