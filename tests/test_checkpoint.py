@@ -203,7 +203,7 @@ def test_ctrl_c_outside_the_runs_handling_ends_the_trainer_in_one_line(monkeypat
     ended = []
     monkeypatch.setattr(commands, 'end_by_sigint', lambda: ended.append(True))
 
-    def interrupted(cfg):
+    def interrupted(cfg, command_line):
         raise KeyboardInterrupt
     monkeypatch.setattr(train, 'main', interrupted)
     assert train.cli(['--data.train_dataset=a', '--data.val_dataset=b',
@@ -214,7 +214,7 @@ def test_ctrl_c_outside_the_runs_handling_ends_the_trainer_in_one_line(monkeypat
     assert ended == [True]
     for status, ends in ((130, [True]), (143, []), (0, [])):
         ended.clear()
-        monkeypatch.setattr(train, 'main', lambda cfg: {'exit_code': status})
+        monkeypatch.setattr(train, 'main', lambda cfg, command_line: {'exit_code': status})
         assert train.cli(['--data.train_dataset=a', '--data.val_dataset=b',
                           '--logging.folder=c']) == status and ended == ends
 
