@@ -610,7 +610,7 @@ def precision_name() -> str:
 
 
 def count_of(work, split) -> int:
-    from imagenet_ffcv.loaders import num_samples
+    from imagenet_ffcv.betons import num_samples
     return num_samples(work / f'imagenette_{split}.beton')
 
 

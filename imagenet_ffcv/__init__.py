@@ -7,7 +7,7 @@ Data: ``sources`` (input layouts, class folders, samples and labels), ``ilsvrc``
 tree, the raw ILSVRC-2012 tars and the devkit), ``classes`` (class lists), ``images``
 (decoding to RGB, the shorter-side resize), ``records`` (an image's record in a .beton),
 ``writer`` (writing .beton files), ``verify`` (reading
-them back), ``loaders`` (the FFCV loaders), ``epoch_iterator`` (the thread decoding a loader's
+them back), ``betons`` (what a .beton holds: samples, classes, image sides), ``loaders`` (the FFCV loaders), ``epoch_iterator`` (the thread decoding a loader's
 epoch), ``memory_readers`` (ffcv's readers of the .beton in memory, compiled once per process),
 ``decoders`` (the fused crop/resize/flip/normalise decoders), ``image_decode`` (the decoders' path
 from one stored image to its crop's pixels), ``jpeg_region`` (the decoders' C part,

@@ -60,8 +60,10 @@ def read_class_list(path) -> list:
 
 
 def read_class_names(path) -> list:
-    """``[(wnid, name), ...]`` in index order from a class list (name '' when it has none)."""
-    wnids = read_class_list(path)
+    """``[(wnid, name), ...]`` in index order from a class list; a class without a name gets its
+    ILSVRC-2012 name when its wnid is one (a list written by another tool, ``index<TAB>wnid``),
+    else ''."""
+    wnids, known = read_class_list(path), wnid_names()
     with open(path) as f:
         names = [(line.rstrip('\n').split('\t') + [''])[2] for line in f if line.strip()]
-    return list(zip(wnids, names))
+    return [(wnid, name or known.get(wnid, '')) for wnid, name in zip(wnids, names)]

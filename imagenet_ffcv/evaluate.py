@@ -4,7 +4,7 @@ import time
 
 import torch
 
-from . import config, distributed, engine, loaders, metrics, weights
+from . import betons, config, distributed, engine, loaders, metrics, weights
 from .constants import DEFAULT_CROP_RATIO
 
 
@@ -96,7 +96,7 @@ def evaluate_weights(cfg, dist, command_line=frozenset()) -> dict:
     given there, ``config.command_line_keys``), and from ``cfg`` for weights without a config;
     a line names the settings taken from the run, a note those that differ from it."""
     saved = weights.load_model(  # BlurPool as the file says (the config's is for training)
-        cfg.model.weights, num_classes=loaders.num_classes(cfg.data.val_dataset,
+        cfg.model.weights, num_classes=betons.num_classes(cfg.data.val_dataset,
                                                            warn=dist.is_primary),
         beton=cfg.data.val_dataset, **{**config.model_kwargs(cfg), 'use_blurpool': None})
     if saved.assumed and dist.is_primary:

@@ -7,8 +7,6 @@ ffcv-imagenet: whole-image decode and OpenCV INTER_AREA resize).
 The last op of each image pipeline leaves (B, 3, H, W) images normalised with the ImageNet
 mean/std, in channels_last memory: float32 on CPU (the decoder normalises), ``dtype`` on CUDA.
 """
-import os
-import warnings
 import weakref
 from collections import defaultdict
 from collections.abc import Sequence
@@ -25,16 +23,13 @@ from ffcv.loader.epoch_iterator import IS_CUDA
 from ffcv.pipeline.allocation_query import AllocationQuery, allocate_query
 from ffcv.pipeline.compiler import Compiler
 from ffcv.pipeline.operation import Operation
-from ffcv.reader import Reader
 from ffcv.transforms import (NormalizeImage, RandomHorizontalFlip, Squeeze, ToDevice, ToTensor,
                              ToTorchImage)
 
-from .classes import ClassListError, class_list_path, read_class_list
 from .constants import DECODERS, DEFAULT_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
 from . import memory_readers
 from .decoders import ScratchQuery, center_crop_decoder, random_resized_crop_decoder
 from .epoch_iterator import EpochIterator
-from .sources import check_holdouts
 from .verify import check_beton
 
 ORDERS = {'random': OrderOption.RANDOM, 'quasi_random': OrderOption.QUASI_RANDOM}
@@ -44,53 +39,6 @@ ORDERS = {'random': OrderOption.RANDOM, 'quasi_random': OrderOption.QUASI_RANDOM
 # only before decoding into the same slot of ffcv's ring again, when it comes round
 # batches_ahead + 2 batches later. A loader keeps the value it was made with.
 COPY_WAIT = 'batch'
-
-
-def num_samples(beton_path) -> int:
-    """Number of samples stored in a .beton file (reads only its header)."""
-    return Reader(str(beton_path)).num_samples
-
-
-def largest_shorter_side(beton_path) -> int:
-    """The largest shorter side (px) of the images stored in a .beton (reads its metadata only):
-    the converter's ``--max-res`` when any image reached it, as in ImageNet."""
-    images = Reader(str(beton_path)).metadata['f0']
-    return int(np.minimum(images['height'], images['width']).max())
-
-
-def num_classes(beton_path, val_path=None, warn: bool = True) -> int:
-    """Classes of a dataset: the length of the class list beside the .beton when there is one,
-    else 1 + the largest stored label.
-
-    With ``val_path``, the class lists beside the two files must be the same (both written from the
-    same train split); otherwise ClassListError (a ValueError) names both files, since labels
-    would not match. A validation split held out of train/ must be held out of the training
-    split alike (``sources.check_holdouts``: HoldoutMismatchError); the same file as both splits
-    gives a warning, and so does a .beton without its class list (copied without it: a run keeps
-    no classes.tsv, predict names no class, eval-only checks none), unless not ``warn`` (every
-    rank checks, one warns).
-    """
-    classes = class_list_path(beton_path)
-    if val_path is not None:
-        check_holdouts(beton_path, val_path)
-        if warn and os.path.exists(val_path) and os.path.exists(beton_path) and \
-                os.path.samefile(val_path, beton_path):
-            warnings.warn(f'{val_path} is the training .beton too: top-1 is measured on the '
-                          f'training images')
-    if val_path is not None and classes.exists() and class_list_path(val_path).exists():
-        if read_class_list(classes) != read_class_list(class_list_path(val_path)):
-            raise ClassListError(f'{classes} and {class_list_path(val_path)} differ: the two '
-                                 f'.beton files were written from different train splits, so '
-                                 f'their class indices do not match; write both from the same '
-                                 f'--data-dir')
-    if classes.exists():
-        return len(read_class_list(classes))
-    check_beton(beton_path)  # a missing file or a folder named as such, not by ffcv's Reader
-    if warn:
-        warnings.warn(f'{beton_path}: no class list beside it ({classes.name}, written with it by '
-                      f'imagenet-ffcv-write): its classes are labels 0..N-1 alone, checked against '
-                      f'no other .beton or weights and named nowhere; copy it with the .beton')
-    return int(Reader(str(beton_path)).metadata['f1'].max()) + 1
 
 
 class Loader(ffcv.loader.Loader):

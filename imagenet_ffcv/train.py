@@ -19,8 +19,8 @@ from functools import partial
 import torch
 from tqdm import tqdm
 
-from . import (checkpoint, config, distributed, engine, loaders, metrics, models, optimizers,
-               preflight, schedules, weights)
+from . import (betons, checkpoint, config, distributed, engine, loaders, metrics, models,
+               optimizers, preflight, schedules, weights)
 from .checkpoint import Progress
 from .classes import class_list_path, read_class_names
 from .commands import command_name, one_line_warnings, stops_on_ctrl_c
@@ -119,7 +119,7 @@ def train(cfg, dist, wall_start) -> dict:
 def build(cfg, dist, wall_start) -> Run:
     """Loaders, model, optimizer, loss and schedules of a new run, on ``dist.device``."""
     preflight.check_runnable(cfg, dist.device, dist.local_world_size)  # before any work
-    num_classes = loaders.num_classes(cfg.data.train_dataset, val_path=cfg.data.val_dataset,
+    num_classes = betons.num_classes(cfg.data.train_dataset, val_path=cfg.data.val_dataset,
                                       warn=dist.is_primary)  # each rank checks, rank 0 warns
     precision = engine.resolve_precision(cfg.training.amp, dist.device)
     torch.backends.cudnn.benchmark = dist.device.type == 'cuda'  # fixed shapes within an epoch
@@ -155,7 +155,7 @@ def build(cfg, dist, wall_start) -> Run:
         'world_size': dist.world_size, 'lr_used': lr, 'num_classes': num_classes,
         'global_batch_size': config.images_per_step(cfg) * dist.world_size,
         'device': str(dist.device), 'amp': precision.name, 'loader_threads': threads,
-        'val_image_side': loaders.largest_shorter_side(cfg.data.val_dataset)},  # for predict
+        'val_image_side': betons.largest_shorter_side(cfg.data.val_dataset)},  # for predict
         'code': code_version()}
     return Run(
         cfg=cfg, dist=dist, train_loader=train_loader, train_decoder=train_decoder,

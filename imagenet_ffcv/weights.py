@@ -246,7 +246,9 @@ def load_model(path, *, num_classes: int = None, beton=None, arch: str = 'resnet
     if num_classes is None and not (classes or ilsvrc):
         raise FileNotFoundError(f'no class list for {path}: none saved with it and no '
                                 'classes.tsv beside it; pass --classes TRAIN.classes.tsv '
-                                '(written by imagenet-ffcv-write beside the .beton)')
+                                '(written by imagenet-ffcv-write beside the .beton; for a .beton '
+                                'of another tool, write one: a line "index<TAB>wnid" per class, '
+                                'in label order)')
     classes = ilsvrc_classes() if ilsvrc else classes
     num_classes = num_classes or len(classes)
     model = build_model(arch=structure['arch'], num_classes=num_classes,

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image, ImageFile, ImageOps
 
 from conftest import PYTHON, REPO, SAMPLE, run_env
-from imagenet_ffcv import ilsvrc, images, loaders, sources, verify, write, writer
+from imagenet_ffcv import betons, ilsvrc, images, loaders, sources, verify, write, writer
 from imagenet_ffcv.classes import class_list_path, write_class_list
 
 
@@ -232,7 +232,7 @@ def test_cli_skips_by_default_and_strict_fails(tmp_path, capsys):
     assert '4 images, 2 classes, 1 skipped' in captured.out
     assert 'train_32.skipped.tsv' in captured.out and 'zero.JPEG' not in captured.out
     assert 'zero.JPEG' in writer.skipped_report_path(out).read_text()
-    assert loaders.num_samples(out) == 4
+    assert betons.num_samples(out) == 4
 
 
 def stored_records(path) -> list:
@@ -452,7 +452,7 @@ def test_not_enough_disk_space(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(shutil, 'disk_usage', lambda p: usage(10 ** 12, 0, 10 ** 12))
     assert write.cli(['--data-dir', str(root), '--split', 'train', '--out', str(out),
                             '--write-mode', 'raw', '--num-workers', '1']) == 0
-    assert loaders.num_samples(out) == 5
+    assert betons.num_samples(out) == 5
 
 
 FFCV_PAGE = 8 * 2 ** 20  # ffcv's DatasetWriter writes the images in pages of this many bytes
@@ -1061,7 +1061,7 @@ def test_an_image_whose_record_ffcv_cannot_store_is_skipped_and_named(tmp_path, 
             'the .beton (8 MiB); crop it, or write with --write-mode jpg')
     assert skipped == {}
     assert stats['images'] == (4 if write_mode == 'raw' else 5)
-    records = loaders.Reader(str(tmp_path / 'out.beton')).metadata['f0']
+    records = verify.records(tmp_path / 'out.beton')
     assert sorted(records['width']) == [30] * 4 + ([12_000] if write_mode != 'raw' else [])
     if write_mode == 'proportion':  # raw pixels, the panorama's JPEG
         assert sorted(records['mode']) == [0] + [1] * 4
@@ -1403,7 +1403,7 @@ def test_a_data_set_without_val_holds_out_a_share_of_each_train_class(tmp_path, 
 def test_a_val_split_held_out_of_a_train_beton_that_holds_it_is_refused(tmp_path, recwarn):
     """--holdout given to the val command only: the train .beton held every val image, and the
     trainer measured top-1 on training images without a word. The converter records each
-    .beton's --split and --holdout beside it; the trainer's class check (loaders.num_classes)
+    .beton's --split and --holdout beside it; the trainer's class check (betons.num_classes)
     refuses a pair that differ, naming the files and the command to mend it, and a val .beton
     written with --split train (a command copied unchanged). The same file as both splits
     gives a warning. Betons without a record (older ones) pass unchecked."""
@@ -1419,28 +1419,28 @@ def test_a_val_split_held_out_of_a_train_beton_that_holds_it_is_refused(tmp_path
     assert json.loads((tmp_path / 'val.holdout.json').read_text()) == {'split': 'val',
                                                                        'holdout': 0.2}
     with pytest.raises(sources.HoldoutMismatchError) as info:
-        loaders.num_classes(betons['train'], val_path=betons['val'])
+        betons.num_classes(betons['train'], val_path=betons['val'])
     assert str(info.value) == (
         f"{betons['val']} holds out 0.2 of each class of train/ (--holdout 0.2), but "
         f"{betons['train']} was written with none, so the two share images and top-1 would be "
         f"measured on training images: write {betons['train']} again with --split train "
         f"--holdout 0.2")
-    assert loaders.num_classes(betons['train_held'], val_path=betons['val']) == 2
+    assert betons.num_classes(betons['train_held'], val_path=betons['val']) == 2
     with pytest.raises(sources.HoldoutMismatchError, match=r"train_more.beton was written with "
                        r"--holdout 0.3, so some images of train/ are in neither split"):
-        loaders.num_classes(betons['train_more'], val_path=betons['val'])
+        betons.num_classes(betons['train_more'], val_path=betons['val'])
     with pytest.raises(sources.HoldoutMismatchError, match=r"val_copied.beton was written with "
                        r"--split train: the training .beton takes --split train, the validation "
                        r"one --split val"):
-        loaders.num_classes(betons['train_held'], val_path=betons['val_copied'])
+        betons.num_classes(betons['train_held'], val_path=betons['val_copied'])
     assert not recwarn.list
     (tmp_path / 'train.holdout.json').unlink()  # as an older version wrote it
-    assert loaders.num_classes(betons['train'], val_path=betons['val']) == 2
-    assert loaders.num_classes(betons['train'], val_path=betons['train']) == 2
+    assert betons.num_classes(betons['train'], val_path=betons['val']) == 2
+    assert betons.num_classes(betons['train'], val_path=betons['train']) == 2
     assert [str(w.message) for w in recwarn.list] == [
         f"{betons['train']} is the training .beton too: top-1 is measured on the training images"]
     # the trainer's other ranks check as rank 0 does, and leave the warning to it
-    assert loaders.num_classes(betons['train'], val_path=betons['train'], warn=False) == 2
+    assert betons.num_classes(betons['train'], val_path=betons['train'], warn=False) == 2
     assert len(recwarn.list) == 1
     with pytest.raises(sources.HoldoutMismatchError):
-        loaders.num_classes(betons['train_more'], val_path=betons['val'], warn=False)
+        betons.num_classes(betons['train_more'], val_path=betons['val'], warn=False)

@@ -24,8 +24,8 @@ import pytest
 import torch
 
 from conftest import REPO, SAMPLE, decoder_node, small_config
-from imagenet_ffcv import (checkpoint, config, constants, distributed, engine, loaders, models,
-                           predict, train, weights)
+from imagenet_ffcv import (betons, checkpoint, config, constants, distributed, engine, loaders,
+                           models, predict, train, weights)
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')]
@@ -123,7 +123,7 @@ def test_a_loader_on_the_second_gpu_makes_no_cuda_context_on_the_first(sample_be
                             capture_output=True, text=True, timeout=300, cwd=REPO,
                             env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split() == [str(loaders.num_samples(sample_betons['val'])), 'False']
+    assert result.stdout.split() == [str(betons.num_samples(sample_betons['val'])), 'False']
 
 
 def test_the_host_batch_is_pinned_and_the_decoders_scratch_is_not(sample_betons):

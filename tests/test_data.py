@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from conftest import PYTHON, REPO, SAMPLE, SHARED_DATA, decoder_node, run_env
-from imagenet_ffcv import constants, images, loaders, sources, verify, writer
+from imagenet_ffcv import betons, constants, images, loaders, sources, verify, writer
 from imagenet_ffcv.classes import class_list_path
 
 
@@ -178,7 +178,7 @@ def test_write_beton_cli(tmp_path):
     assert '20 images' in proc.stdout and 'img/s' in proc.stdout
     rows = [line.split('\t') for line in class_list_path(out).read_text().splitlines()]
     assert rows[0] == ['0', 'n01440764', 'tench'] and len(rows) == 10
-    assert loaders.num_samples(out) == 20
+    assert betons.num_samples(out) == 20
     missing = subprocess.run([PYTHON, 'write_beton.py', '--data-dir', str(tmp_path / 'nowhere'),
                               '--split', 'train'], cwd=REPO, env=run_env(), capture_output=True,
                              text=True, timeout=300)
@@ -700,7 +700,7 @@ def test_a_truncated_file_or_not_a_beton_is_a_clear_error_at_loader_creation(sam
                                                     distributed=False, seed=0)):
             with pytest.raises(CorruptBetonError, match=f'{name}: {message}'):
                 make(tmp_path / name)
-    assert loaders.num_samples(sample_betons['val']) == 100  # the intact file passes the check
+    assert betons.num_samples(sample_betons['val']) == 100  # the intact file passes the check
     empty = empty_beton(sample_betons['val'], tmp_path / 'empty.beton')
     with pytest.raises(CorruptBetonError, match='empty.beton: holds no samples'):
         loaders.val_loader(path=empty, batch_size=8, num_workers=1, res=32, device=cpu)
@@ -777,3 +777,14 @@ def test_a_corrupt_record_is_named_by_verify_validation_and_training(sample_beto
                                loss_fn=nn.CrossEntropyLoss(), lr_at=lambda t: 0.01, epoch=0,
                                show_progress=False,
                                hooks=engine.EpochHooks(corrupt_record=loader.corrupt_record))
+
+
+def test_a_class_list_without_names_gets_the_ilsvrc_names_of_its_wnids(tmp_path):
+    """A class list written by another tool (``index<TAB>wnid``, as a user makes one for an
+    ffcv-imagenet .beton) made predict print 'n01440764 (score = ...)' for a wnid whose name this
+    package holds; a name given wins, and a folder that is not a wnid stays nameless."""
+    from imagenet_ffcv.classes import read_class_names
+    path = tmp_path / 'train.classes.tsv'
+    path.write_text('0\tn01440764\n1\tmy_dogs\n2\tn01443537\tgold\n')
+    assert read_class_names(path) == [('n01440764', 'tench'), ('my_dogs', ''),
+                                      ('n01443537', 'gold')]

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import REPO, run_env, small_args, small_config
-from imagenet_ffcv import config, loaders, train
+from conftest import REPO, SAMPLE, run_env, small_args, small_config
+from imagenet_ffcv import betons, config, train
 from imagenet_ffcv.classes import class_list_path, read_class_list, write_class_list
 
 
@@ -72,8 +72,33 @@ def test_train_and_val_betons_from_different_class_lists_are_refused(sample_beto
     write_class_list(class_list_path(val), classes[1:] + classes[:1])
     from imagenet_ffcv.classes import ClassListError  # the command's one line, not a traceback
     with pytest.raises(ClassListError, match='differ'):
-        loaders.num_classes(sample_betons['train'], val_path=val)
-    assert loaders.num_classes(sample_betons['train'], val_path=sample_betons['val']) == 10
+        betons.num_classes(sample_betons['train'], val_path=val)
+    assert betons.num_classes(sample_betons['train'], val_path=sample_betons['val']) == 10
+
+
+def test_a_val_beton_of_more_classes_than_the_training_one_is_refused_at_the_start(sample_betons,
+                                                                                  tmp_path):
+    """ffcv-imagenet's ``write_imagenet.py --subset N`` (the first N images: a few classes) beside
+    a whole val split, neither with a class list: the run trained on and failed at its first
+    validation ("IndexError: Target 3 is out of bounds"; with log_level 0, after the whole run).
+    It is refused at the start naming both files, class list beside the training .beton or not."""
+    import shutil
+    from imagenet_ffcv import sources, writer
+    from imagenet_ffcv.classes import ClassListError
+    val = tmp_path / 'val.beton'
+    shutil.copy(sample_betons['val'], val)
+    train = tmp_path / 'train.beton'
+    classes = sources.find_classes(SAMPLE / 'train')
+    writer.write_beton([s for s in sources.list_samples(SAMPLE / 'train', classes) if s[1] < 3],
+                       train, max_res=32, num_workers=1)
+    message = (f'{val} holds labels up to 9, and {train} has 3 classes (0..2): the val images of '
+               'the others could never be predicted right')
+    with pytest.raises(ClassListError, match=message.replace('(', r'\(').replace(')', r'\)')):
+        betons.num_classes(train, val_path=val, warn=False)
+    write_class_list(class_list_path(train), classes[:3])
+    with pytest.raises(ClassListError, match='holds labels up to 9'):
+        betons.num_classes(train, val_path=val, warn=False)
+    assert betons.num_classes(sample_betons['train'], val_path=val, warn=False) == 10
 
 
 def test_a_beton_copied_without_its_class_list_trains_with_a_warning(sample_betons, tmp_path,
@@ -84,14 +109,14 @@ def test_a_beton_copied_without_its_class_list_trains_with_a_warning(sample_beto
     import shutil
     train = tmp_path / 'copied.beton'
     shutil.copy(sample_betons['train'], train)
-    assert loaders.num_classes(sample_betons['train'], val_path=sample_betons['val']) == 10
+    assert betons.num_classes(sample_betons['train'], val_path=sample_betons['val']) == 10
     assert not recwarn.list
-    assert loaders.num_classes(train, val_path=sample_betons['val']) == 10
+    assert betons.num_classes(train, val_path=sample_betons['val']) == 10
     assert [str(w.message) for w in recwarn.list] == [
         f'{train}: no class list beside it (copied.classes.tsv, written with it by '
         'imagenet-ffcv-write): its classes are labels 0..N-1 alone, checked against no other '
         '.beton or weights and named nowhere; copy it with the .beton']
-    assert loaders.num_classes(train, val_path=sample_betons['val'], warn=False) == 10
+    assert betons.num_classes(train, val_path=sample_betons['val'], warn=False) == 10
     assert len(recwarn.list) == 1
 
 
