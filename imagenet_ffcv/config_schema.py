@@ -116,6 +116,25 @@ def ignored_settings(config: dict) -> list:
             if values[key] != default[key] and not used(values)]
 
 
+def unscaled_recipe(config: dict):
+    """A warning (else None) when the resolved ``config`` (``derived`` included) was written for
+    more processes than the run has (``dist.world_size``, which ffcv-imagenet's launcher started
+    itself with ``training.distributed=1``) and uses its LR as is (``lr.ref_batch_size=0``, as
+    ffcv-imagenet's own configs do): that LR was tuned for the config's global batch."""
+    v = flatten(config)
+    written, now = v['dist.world_size'], v['derived.world_size']
+    batch = v['derived.global_batch_size']
+    if written <= 1 or written == now or v['lr.ref_batch_size']:
+        return None
+    per_process = batch // now
+    return (f'the config was written for dist.world_size={written} processes (a global batch of '
+            f'{written * per_process}) and this run has {now} (global batch {batch}), with '
+            f'lr.lr={v["lr.lr"]:g} used as is (lr.ref_batch_size=0): set '
+            f'lr.ref_batch_size={written * per_process} to scale the LR to this batch, or start '
+            f'{written} processes with torchrun --nproc_per_node={written} (this tool does not '
+            f'start them itself, as ffcv-imagenet\'s training.distributed=1 did)')
+
+
 def _type_text(checker) -> str:
     """A checker's type in words, choices sorted (fastargs keeps them in a set)."""
     if isinstance(checker, OneOf):

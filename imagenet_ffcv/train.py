@@ -24,7 +24,7 @@ from . import (betons, checkpoint, config, distributed, engine, loaders, metrics
 from .checkpoint import Progress
 from .classes import class_list_path, read_class_names
 from .commands import command_name, one_line_warnings, stops_on_ctrl_c
-from .config_schema import ignored_settings
+from .config_schema import ignored_settings, unscaled_recipe
 from .ema import make_ema
 from .errors import ImagenetFfcvError
 from .evaluate import evaluate_weights, make_val_loader, ten_crop_eval, validate_with_ema
@@ -212,7 +212,8 @@ def open_run_dir(run: Run, resume_path) -> RunDir:
           f'{cfg.data.num_workers}), global batch '
           f'{derived["global_batch_size"]}; lr {cfg.lr.lr:g} in the config (for a global batch of '
           f'{cfg.lr.ref_batch_size or "any size: no scaling"}) -> {derived["lr_used"]:g} used')
-    for warning in [config.unreached_resolution(cfg), *ignored_settings(run.resolved)]:
+    for warning in [config.unreached_resolution(cfg), unscaled_recipe(run.resolved),
+                    *ignored_settings(run.resolved)]:
         if warning:
             print(f'=> warning: {warning}')
     return run_dir

@@ -328,6 +328,33 @@ def test_settings_that_do_nothing_in_the_runs_setup_are_warned_of(tmp_path):
         p.name: [] for p in shipped}
 
 
+def test_an_ffcv_imagenet_config_for_8_processes_run_on_fewer_is_warned_of(tmp_path):
+    """ffcv-imagenet's rn50 configs say dist.world_size: 8 and lr 1.7 for that global batch of
+    4096; its launcher started the 8 processes itself (training.distributed=1). Run without
+    torchrun here, such a file trained one process at lr 1.7 with batch 512, without a word. A
+    warning says so and what to set; the same config on 8 processes, the shipped copy (which sets
+    lr.ref_batch_size) and a config for one process get none."""
+    from imagenet_ffcv.config_schema import unscaled_recipe
+    original = _write(tmp_path, ORIGINAL_FFCV_IMAGENET.replace('world_size: 1', 'world_size: 8')
+                      .replace('batch_size: 1024', 'batch_size: 512').replace('lr: 0.5', 'lr: 1.7')
+                      .replace('distributed: 0', 'distributed: 1'))
+
+    def resolved(path, world_size):
+        cfg = _load(path)
+        return {**to_dict(cfg), 'derived': {'world_size': world_size,
+                                            'global_batch_size': 512 * world_size}}
+    assert unscaled_recipe(resolved(original, 1)) == (
+        'the config was written for dist.world_size=8 processes (a global batch of 4096) and '
+        'this run has 1 (global batch 512), with lr.lr=1.7 used as is (lr.ref_batch_size=0): set '
+        'lr.ref_batch_size=4096 to scale the LR to this batch, or start 8 processes with torchrun '
+        "--nproc_per_node=8 (this tool does not start them itself, as ffcv-imagenet's "
+        'training.distributed=1 did)')
+    assert unscaled_recipe(resolved(original, 8)) is None
+    shipped = REPO / 'imagenet_ffcv' / 'configs' / 'rn50_configs' / 'rn50_88_epochs.yaml'
+    assert unscaled_recipe(resolved(shipped, 1)) is None
+    assert unscaled_recipe(resolved(_write(tmp_path, ORIGINAL_FFCV_IMAGENET, 'one.yaml'), 1)) is None
+
+
 def test_an_on_off_key_takes_0_or_1_only(tmp_path):
     """``--validation.lr_tta=2`` or ``use_blurpool: 2`` loaded as on, without a word; they are
     refused naming the key, while YAML's true/false still load as 1/0."""
