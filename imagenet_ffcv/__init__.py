@@ -6,16 +6,18 @@ what they share, ``commands``.
 Data: ``sources`` (input layouts, class folders, samples and labels), ``ilsvrc`` (Kaggle's ImageNet
 tree, the raw ILSVRC-2012 tars and the devkit), ``classes`` (class lists), ``images``
 (decoding to RGB, the shorter-side resize), ``records`` (an image's record in a .beton),
-``writer`` (writing .beton files), ``verify`` (reading
-them back), ``betons`` (what a .beton holds: samples, classes, image sides), ``loaders`` (the FFCV loaders), ``epoch_iterator`` (the thread decoding a loader's
-epoch), ``memory_readers`` (ffcv's readers of the .beton in memory, compiled once per process),
+``writer`` (writing .beton files), ``verify`` (reading them back), ``betons`` (what a .beton holds:
+samples, classes, image sides), ``loaders`` (the FFCV loaders), ``epoch_iterator`` (the thread
+decoding a loader's epoch), ``memory_readers`` (ffcv's readers of the .beton in memory, compiled
+once per process),
 ``decoders`` (the fused crop/resize/flip/normalise decoders), ``image_decode`` (the decoders' path
 from one stored image to its crop's pixels), ``jpeg_region`` (the decoders' C part,
 ``jpeg_region.c``: the JPEG region decoder and the common case of the resample), ``resampling``
 (their bilinear resample), ``crops`` (crops and flips from seed, epoch and sample), ``constants``,
 ``ffcv_import`` (ffcv imported without the numba compiling that importing it sets off; imported
 first by the modules that use ffcv).
-Training: ``config`` and ``config_schema`` (the configuration and its keys), ``preflight``
+Training: ``config`` and ``config_schema`` (the configuration and its keys), ``config_warnings``
+(what a run's header warns of in a config that loads), ``preflight``
 (what a run needs of this machine, checked before it starts), ``models``,
 ``optimizers``, ``schedules``, ``engine`` (training step and epoch, evaluation, mixed precision),
 ``ema``, ``augment`` (RandAugment, TrivialAugmentWide, Random Erasing), ``mixup``, ``evaluate``

@@ -33,11 +33,12 @@ def num_classes(beton_path, val_path=None, warn: bool = True) -> int:
     With ``val_path``, the class lists beside the two files must be the same (both written from the
     same train split), and the val labels below the class count (a val .beton of more classes,
     written without class lists, failed at the first validation, after an epoch or the whole run);
-    otherwise ClassListError (a ValueError) names both files, since labels would not match. A validation split held out of train/ must be held out of the training
-    split alike (``sources.check_holdouts``: HoldoutMismatchError); the same file as both splits
-    gives a warning, and so does a .beton without its class list (copied without it: a run keeps
-    no classes.tsv, predict names no class, eval-only checks none), unless not ``warn`` (every
-    rank checks, one warns).
+    otherwise ClassListError (a ValueError) names both files, since labels would not match. A
+    validation split held out of train/ must be held out of the training split alike
+    (``sources.check_holdouts``: HoldoutMismatchError); the same file as both splits gives a
+    warning, and so does a .beton without its class list (copied without it: a run keeps no
+    classes.tsv, predict names no class, eval-only checks none), unless not ``warn`` (every rank
+    checks, one warns).
     """
     classes = class_list_path(beton_path)
     if val_path is not None:
@@ -62,12 +63,13 @@ def num_classes(beton_path, val_path=None, warn: bool = True) -> int:
                           f'against no other .beton or weights and named nowhere; copy it with '
                           f'the .beton')
         count = _largest_label(beton_path) + 1
-    if val_path is not None and os.path.isfile(val_path) and \
-            (largest := _largest_label(val_path)) >= count:
-        raise ClassListError(f'{val_path} holds labels up to {largest}, and {beton_path} has '
-                             f'{count} classes (0..{count - 1}): the val images of the others '
-                             f'could never be predicted right; write both from the same train '
-                             f'split (all of its classes)')
+    if val_path is not None and os.path.isfile(val_path):
+        check_beton(val_path)  # an empty or damaged file named, as its loader names it
+        if (largest := _largest_label(val_path)) >= count:
+            raise ClassListError(f'{val_path} holds labels up to {largest}, and {beton_path} has '
+                                 f'{count} classes (0..{count - 1}): the val images of the others '
+                                 f'could never be predicted right; write both from the same train '
+                                 f'split (all of its classes)')
     return count
 
 

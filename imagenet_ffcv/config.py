@@ -252,17 +252,25 @@ def from_dict(sections: dict) -> SimpleNamespace:
 # Adapters from the config to the components (as timm's ``scheduler_kwargs``): the trainer never
 # lists a schedule's arguments, and the schedules never read config keys.
 
+# Each schedule's own arguments (``schedules.LR_SCHEDULES``) and the keys that give them; a schedule
+# not listed (linear) has none.
+SCHEDULE_ARGUMENTS = {'cyclic': {'peak_epoch': 'lr.lr_peak_epoch'},
+                      'step': {'step_ratio': 'lr.step_ratio', 'step_length': 'lr.step_length',
+                               'step_fractions': 'lr.step_fractions'},
+                      'poly': {'power': 'lr.poly_power'}, 'cosine': {'min_lr': 'lr.min_lr'}}
+
+
 def lr_schedule_kwargs(cfg: SimpleNamespace) -> dict:
     """The keyword arguments of ``schedules.lr_at`` but ``lr`` (scaled by the trainer): the
     schedule's name, ``epochs``, ``warmup_epochs`` and the schedule's own arguments (none for a
     schedule not listed here, such as ``linear``)."""
-    own = {'cyclic': {'peak_epoch': cfg.lr.lr_peak_epoch},
-           'step': {'step_ratio': cfg.lr.step_ratio, 'step_length': cfg.lr.step_length,
-                    'step_fractions': schedules.parse_fractions(cfg.lr.step_fractions)},
-           'poly': {'power': cfg.lr.poly_power},
-           'cosine': {'min_lr': cfg.lr.min_lr}}
+    values = flatten(to_dict(cfg))
+    own = {name: values[key]
+           for name, key in SCHEDULE_ARGUMENTS.get(cfg.lr.lr_schedule_type, {}).items()}
+    if 'step_fractions' in own:
+        own['step_fractions'] = schedules.parse_fractions(own['step_fractions'])
     return {'schedule': cfg.lr.lr_schedule_type, 'epochs': cfg.training.epochs,
-            'warmup_epochs': cfg.lr.warmup_epochs, **own.get(cfg.lr.lr_schedule_type, {})}
+            'warmup_epochs': cfg.lr.warmup_epochs, **own}
 
 
 def schedule_changes(saved: dict, current: dict) -> list:
@@ -342,6 +350,10 @@ def saved_eval_kwargs(saved: dict) -> dict:
             'decoder': saved.get('data', {}).get('decoder', 'fused')}  # 'fused' before the key
 
 
+EVAL_KEYS = {'res': 'validation.resolution', 'flip_tta': 'validation.lr_tta',
+             'decoder': 'data.decoder'}  # the keys of saved_eval_kwargs' values
+
+
 def step_option_kwargs(cfg: SimpleNamespace) -> dict:
     """The keyword arguments of ``engine.StepOptions`` but the EMA model and the batch mixer."""
     t = cfg.training
@@ -380,18 +392,6 @@ def resolution_kwargs(cfg: SimpleNamespace) -> dict:
     """The keyword arguments of ``schedules.resolution_at``, from the ``resolution`` section."""
     return {'min_res': cfg.resolution.min_res, 'max_res': cfg.resolution.max_res,
             'start_ramp': cfg.resolution.start_ramp, 'end_ramp': cfg.resolution.end_ramp}
-
-
-def unreached_resolution(cfg: SimpleNamespace):
-    """A warning (not an error) when the last epoch trains below ``resolution.max_res``, else None."""
-    r, epochs = cfg.resolution, cfg.training.epochs
-    last = schedules.resolution_at(epochs - 1, **resolution_kwargs(cfg))
-    if last >= r.max_res:
-        return None
-    return (f'the last epoch ({epochs - 1}: training.epochs={epochs}) trains at {last} px, not '
-            f'resolution.max_res={r.max_res}: the ramp from resolution.start_ramp={r.start_ramp} '
-            f'(the last epoch at min_res) to resolution.end_ramp={r.end_ramp} does not end before '
-            f'it; move the ramp with the epochs')
 
 
 if __name__ == '__main__':

@@ -10,7 +10,7 @@ from fastargs.validation import And, Int, OneOf, Or
 from . import schedules
 from .constants import DECODERS, PRECISIONS
 from .errors import ImagenetFfcvError
-from .optimizers import OPTIMIZERS, TAKE_BETAS, TAKE_MOMENTUM
+from .optimizers import OPTIMIZERS
 
 
 class ConfigError(ImagenetFfcvError, ValueError):
@@ -66,73 +66,12 @@ class Switch(Int):
     """fastargs' checker of an on/off key: 0 or 1 (YAML's false/true); another number, which
     fastargs took as on, is refused."""
     def check(self, value):
-        value = int(value)  # ValueError for 'yes' or '0.5', as fastargs' Int
-        if value not in (0, 1):
-            raise ValueError(value)
-        return value
+        if value not in (0, 1) and str(value).strip() not in ('0', '1'):
+            raise ValueError(value)  # 2, 0.5 (file_values names a fraction first), 'yes'
+        return int(value)
 
     def help(self):
         return '0 or 1'
-
-
-# Keys that do something only in some set-ups: {key: (the set-up in words, whether the resolved
-# values ({'section.key': value}) are one)}. Set to another value than its default in another
-# set-up, a key is named in a warning (:func:`ignored_settings`).
-USED_ONLY_WITH = {
-    'training.momentum': ('training.optimizer=' + ' or '.join(TAKE_MOMENTUM),
-                          lambda v: v['training.optimizer'] in TAKE_MOMENTUM),
-    'training.betas': ('training.optimizer=' + ' or '.join(TAKE_BETAS),
-                       lambda v: v['training.optimizer'] in TAKE_BETAS),
-    'training.ra_magnitude': ('training.auto_augment=ra',
-                              lambda v: v['training.auto_augment'] == 'ra'),
-    'training.ema_every': ('training.ema_decay > 0', lambda v: v['training.ema_decay'] > 0),
-    'lr.lr_peak_epoch': ('lr.lr_schedule_type=cyclic',
-                         lambda v: v['lr.lr_schedule_type'] == 'cyclic'),
-    'lr.step_ratio': ('lr.lr_schedule_type=step', lambda v: v['lr.lr_schedule_type'] == 'step'),
-    'lr.step_fractions': ('lr.lr_schedule_type=step',
-                          lambda v: v['lr.lr_schedule_type'] == 'step'),
-    'lr.step_length': ('lr.lr_schedule_type=step without lr.step_fractions',
-                       lambda v: v['lr.lr_schedule_type'] == 'step' and not v['lr.step_fractions']),
-    'lr.poly_power': ('lr.lr_schedule_type=poly', lambda v: v['lr.lr_schedule_type'] == 'poly'),
-    'resolution.start_ramp': ('resolution.min_res < resolution.max_res',
-                              lambda v: v['resolution.min_res'] < v['resolution.max_res']),
-    'resolution.end_ramp': ('resolution.min_res < resolution.max_res',
-                            lambda v: v['resolution.min_res'] < v['resolution.max_res']),
-    'logging.every_iters': ('logging.tensorboard=1 or logging.wandb_project',
-                            lambda v: v['logging.tensorboard'] or v['logging.wandb_project']),
-    'checkpoint.force': ('checkpoint.resume', lambda v: v['checkpoint.resume']),
-}
-
-
-def ignored_settings(config: dict) -> list:
-    """A warning for each key of :data:`USED_ONLY_WITH` that the resolved ``config``
-    (``{'section': {'key': value}}``) sets to another value than its default in a set-up that does
-    not use it, e.g. ``training.momentum=0.8 does nothing here: it is used only with
-    training.optimizer=sgd``; [] when there is none (a mistyped key is an error already, this is
-    its quieter cousin: a value that is read by nothing)."""
-    values, default = flatten(config), defaults()
-    return [f'{key}={values[key]!r} does nothing here: it is used only with {setup}'
-            for key, (setup, used) in USED_ONLY_WITH.items()
-            if values[key] != default[key] and not used(values)]
-
-
-def unscaled_recipe(config: dict):
-    """A warning (else None) when the resolved ``config`` (``derived`` included) was written for
-    more processes than the run has (``dist.world_size``, which ffcv-imagenet's launcher started
-    itself with ``training.distributed=1``) and uses its LR as is (``lr.ref_batch_size=0``, as
-    ffcv-imagenet's own configs do): that LR was tuned for the config's global batch."""
-    v = flatten(config)
-    written, now = v['dist.world_size'], v['derived.world_size']
-    batch = v['derived.global_batch_size']
-    if written <= 1 or written == now or v['lr.ref_batch_size']:
-        return None
-    per_process = batch // now
-    return (f'the config was written for dist.world_size={written} processes (a global batch of '
-            f'{written * per_process}) and this run has {now} (global batch {batch}), with '
-            f'lr.lr={v["lr.lr"]:g} used as is (lr.ref_batch_size=0): set '
-            f'lr.ref_batch_size={written * per_process} to scale the LR to this batch, or start '
-            f'{written} processes with torchrun --nproc_per_node={written} (this tool does not '
-            f'start them itself, as ffcv-imagenet\'s training.distributed=1 did)')
 
 
 def _type_text(checker) -> str:
@@ -221,6 +160,7 @@ def declare(config) -> None:
         Section(name, desc, config_descriptor=config).params(**params)
 
     _data_and_model_sections(section)
+    _output_sections(section)
     _training_sections(section)
     _checkpoint_sections(section)
 
@@ -294,7 +234,7 @@ def _data_and_model_sections(section) -> None:
                                       '0: use lr as is', default=0))
 
 
-def _training_sections(section) -> None:
+def _output_sections(section) -> None:
     section('logging', 'outputs',
             folder=Param(str, 'runs are written to FOLDER/<run id>/ (required, but with '
                               'training.eval_only=1)', default=''),
@@ -302,9 +242,11 @@ def _training_sections(section) -> None:
                                 'FOLDER/<run_name>-<run id>/ and --resume auto continues only a '
                                 "run of this name; give each job sharing FOLDER its own; '': "
                                 'unnamed (--resume auto continues unnamed runs only)', default=''),
-            log_level=Param(Switch(), 'validate every epoch (ffcv-imagenet\'s name): 1: after '
-                                      'every epoch; 0: only after the last one (and after every '
-                                      'epoch while training.target_top1 is set)', default=1),
+            log_level=Param(int, 'validate every epoch (ffcv-imagenet\'s name): 1 (or 2, '
+                                 'ffcv-imagenet\'s loss in its progress bar, which ours always '
+                                 'shows): after every epoch; 0: only after the last one (and '
+                                 'after every epoch while training.target_top1 is set)',
+                            default=1),
             tensorboard=Param(Switch(), '1: TensorBoard event files in RUN_DIR/tensorboard',
                               default=0),
             wandb_project=Param(str, 'Weights & Biases project to log to (needs the optional '
@@ -320,6 +262,9 @@ def _training_sections(section) -> None:
             ten_crop=Param(Switch(), '1: also report 10-crop accuracy after the last epoch: views '
                                      'of resolution px (corners + centre of the central square at '
                                      '256/224 of that, and their flips)', default=0))
+
+
+def _training_sections(section) -> None:
     section('training', 'optimisation',
             eval_only=Param(Switch(), '1: only evaluate model.weights on the val set', default=0),
             batch_size=Param(int, 'training batch per process (images)', default=512),

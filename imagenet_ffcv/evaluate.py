@@ -55,19 +55,20 @@ def ten_crop_eval(cfg, dist, model, precision) -> dict:
     return {f'{k}_10crop': v for k, v in result.items() if k != 'count'}
 
 
-# The keys of ``config.saved_eval_kwargs``' values.
-EVAL_KEYS = {'res': 'validation.resolution', 'flip_tta': 'validation.lr_tta',
-             'decoder': 'data.decoder'}
+def _validation_values(saved: dict) -> dict:
+    """How the run whose resolved config is ``saved`` validated, as config values:
+    ``{'validation.resolution': 32, 'validation.lr_tta': 1, 'data.decoder': 'fused'}``."""
+    return {config.EVAL_KEYS[name]: int(value) if isinstance(value, bool) else value
+            for name, value in config.saved_eval_kwargs(saved).items()}
 
 
 def validating_as(cfg, saved: dict, keep=frozenset()) -> tuple:
     """``(cfg', taken)``: a copy of ``cfg`` that validates as the saved run (resolved config
-    ``saved``) did, its resolution, flip TTA and decoder (:data:`EVAL_KEYS`), but for the keys in
-    ``keep`` (the command line's); ``taken``: ``['validation.resolution=64', ...]``, the values
+    ``saved``) did, its resolution, flip TTA and decoder (``config.EVAL_KEYS``), but for the keys
+    in ``keep`` (the command line's); ``taken``: ``['validation.resolution=64', ...]``, the values
     that differ from ``cfg``'s."""
     copy, taken = config.from_dict(config.to_dict(cfg)), []
-    for name, value in config.saved_eval_kwargs(saved).items():
-        key, value = EVAL_KEYS[name], int(value) if isinstance(value, bool) else value
+    for key, value in _validation_values(saved).items():
         section_name, attribute = key.split('.')
         section = getattr(copy, section_name)
         if key not in keep and getattr(section, attribute) != value:
@@ -80,9 +81,8 @@ def validated_otherwise(cfg, saved_config: dict) -> str:
     """How the run whose resolved config is ``saved_config`` validated where ``cfg`` validates
     otherwise (``validation.resolution=32 ...``: its resolution, flip TTA and decoder), '' when
     they agree."""
-    run, now = (config.saved_eval_kwargs(c) for c in (saved_config, config.to_dict(cfg)))
-    return ' '.join(f'{EVAL_KEYS[k]}={int(v) if isinstance(v, bool) else v}'
-                    for k, v in run.items() if now[k] != v)
+    run, now = (_validation_values(c) for c in (saved_config, config.to_dict(cfg)))
+    return ' '.join(f'{key}={value}' for key, value in run.items() if now[key] != value)
 
 
 def evaluate_weights(cfg, dist, command_line=frozenset()) -> dict:

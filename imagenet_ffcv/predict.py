@@ -14,8 +14,9 @@ Prints, for each image, as TensorFlow's classify_image.py does::
 The model is rebuilt as it was trained (arch, BlurPool, channels_last) from the config saved with the
 weights (inside the file, or in params.json beside an older final_weights.pt; --weights may name the
 run folder). Each image goes the way a val
-image goes: stored as ``imagenet-ffcv-write`` stores it (RGB, shorter side at most --max-res, JPEG
-at --jpeg-quality with a restart marker every --restart-interval MCUs: the converter's defaults),
+image goes: stored as ``imagenet-ffcv-write`` stores it (RGB, shorter side at most --max-res: by
+default the largest in the run's val .beton; JPEG at --jpeg-quality with a restart marker every
+--restart-interval MCUs: the converter's defaults),
 then decoded by the val loader's own code (the centre crop of 224/256 of the shorter side at the
 run's validation resolution, resized as its data.decoder resizes; the fused decoder's resize for
 'ffcv'), with flip TTA when the run used it. Class names come from the

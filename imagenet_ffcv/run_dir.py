@@ -9,7 +9,8 @@
   ``final_weights.safetensors`` once it finished;
 - ``progress.png``: the run's plot;
 - ``checkpoint_epoch_<N>.pt``: the checkpoints after epoch N (``checkpoint.keep_history``);
-- ``lock``: ``{"pid", "host", "job", "start", "rdzv"}`` of the job writing the run, while it runs
+- ``lock``: ``{"pid", "host", "job", "start", "step", "rdzv"}`` of the job writing the run, while it
+  runs
   (:meth:`RunDir.lock`).
 
 A run is *finished* when ``final_weights.pt`` exists; ``--resume auto`` picks the latest run of the
@@ -209,32 +210,34 @@ class RunDir:
 def lock_identity(environ=None) -> dict:
     """What a run's lock holds of this process: ``pid``, ``host``, ``job`` (in a SLURM job,
     ``slurm:<SLURM_CLUSTER_NAME>:<SLURM_JOB_ID>``, which a requeued job keeps; else None),
-    ``start`` (SLURM_RESTART_COUNT: 0, then 1, 2, ... for each requeue) and ``rdzv`` (under
-    torchrun, its ``--rdzv-id``, TORCHELASTIC_RUN_ID, which its restarts keep; None without it or
-    at torchrun's default 'none')."""
+    ``start`` (SLURM_RESTART_COUNT: 0, then 1, 2, ... for each requeue), ``step`` (SLURM_STEP_ID:
+    the ``srun`` of the job that started it, else None) and ``rdzv`` (under torchrun, its
+    ``--rdzv-id``, TORCHELASTIC_RUN_ID, which its restarts keep; None without it or at torchrun's
+    default 'none')."""
     environ = os.environ if environ is None else environ
     job = (f'slurm:{environ.get("SLURM_CLUSTER_NAME", "")}:{environ["SLURM_JOB_ID"]}'
            if environ.get('SLURM_JOB_ID') else None)
     rdzv = environ.get('TORCHELASTIC_RUN_ID')
     return {'pid': os.getpid(), 'host': socket.gethostname(), 'job': job,
             'start': int(environ.get('SLURM_RESTART_COUNT') or 0),
+            'step': environ.get('SLURM_STEP_ID') or None,
             'rdzv': rdzv if rdzv not in (None, '', 'none') else None}
 
 
 def lock_ended(holder: dict, me: dict):
     """Why the job that holds a lock (``holder``, :meth:`RunDir.lock_holder`) has ended, as seen by
     the process ``me`` (:func:`lock_identity`), or None when it may still run. Ended: an empty lock
-    (a power cut as it was written: locks are linked into place complete); on this host, a PID
-    that no longer runs (one that does is never taken over); on another, an earlier start of this
-    SLURM job (the same job, requeued fewer times: SLURM requeues a job only once all of its
-    processes have ended), an earlier start of torchrun's workers in the same start of this SLURM
-    job (the same ``--rdzv-id``: a run's lock is taken by rank 0 only, and torchrun stops every
-    worker of every node before it starts them again, so another rank 0 of this rendezvous has
+    (a power cut as it was written: locks are linked into place complete); on this host, a PID that
+    no longer runs (one that does is never taken over); on another, an earlier start of this SLURM
+    job (the same job, requeued fewer times: SLURM requeues a job only once all of its processes
+    have ended), an earlier start of torchrun's workers in the same ``srun`` step of this start of
+    the SLURM job (the same ``--rdzv-id``: a run's lock is taken by rank 0 only, and torchrun stops
+    every worker of every node before it starts them again, so another rank 0 of this rendezvous has
     ended), or a job of this SLURM cluster that ``squeue`` says has ended (a job of a chain,
-    ``sbatch --dependency``, killed past its time limit). Not told apart, and so refused: a
-    second training in one SLURM job with no or another ``--rdzv-id``, and a torchrun restart
-    outside SLURM whose rank 0 moved to another node (the same ``--rdzv-id`` could be a second
-    job started by mistake, and there is no job id to tell them apart)."""
+    ``sbatch --dependency``, killed past its time limit). Not told apart, and so refused: a second
+    training in one SLURM job (another step, or no or another ``--rdzv-id``), and a torchrun restart
+    outside SLURM whose rank 0 moved to another node (the same ``--rdzv-id`` could be a second job
+    started by mistake, and there is no job id to tell them apart)."""
     if not holder:
         return 'its lock file is empty (a power cut as it was written)'
     pid, job, start = holder.get('pid'), holder.get('job'), holder.get('start')
@@ -244,10 +247,11 @@ def lock_ended(holder: dict, me: dict):
         if job == me['job'] and isinstance(start, int) and start < me['start']:
             return (f'an earlier start of this job ({job}, requeued {start} time(s), now '
                     f'{me["start"]})')
-        if job == me['job'] and start == me['start'] and me['rdzv'] and \
-                holder.get('rdzv') == me['rdzv']:
-            return (f'an earlier start of torchrun\'s workers in this job ({job}, --rdzv-id '
-                    f'{me["rdzv"]}): torchrun stops them all before it starts them again')
+        if job == me['job'] and start == me['start'] and me['step'] and me['rdzv'] and \
+                (holder.get('step'), holder.get('rdzv')) == (me['step'], me['rdzv']):
+            return (f'an earlier start of torchrun\'s workers in this step of the job ({job}, step '
+                    f'{me["step"]}, --rdzv-id {me["rdzv"]}): torchrun stops them all before it '
+                    f'starts them again')
         cluster, _, job_id = job.rpartition(':')
         if cluster == me['job'].rpartition(':')[0] and slurm_job_ended(job_id):
             return f'SLURM job {job_id} has ended'

@@ -24,7 +24,7 @@ from . import (betons, checkpoint, config, distributed, engine, loaders, metrics
 from .checkpoint import Progress
 from .classes import class_list_path, read_class_names
 from .commands import command_name, one_line_warnings, stops_on_ctrl_c
-from .config_schema import ignored_settings, unscaled_recipe
+from .config_warnings import header_warnings
 from .ema import make_ema
 from .errors import ImagenetFfcvError
 from .evaluate import evaluate_weights, make_val_loader, ten_crop_eval, validate_with_ema
@@ -212,10 +212,8 @@ def open_run_dir(run: Run, resume_path) -> RunDir:
           f'{cfg.data.num_workers}), global batch '
           f'{derived["global_batch_size"]}; lr {cfg.lr.lr:g} in the config (for a global batch of '
           f'{cfg.lr.ref_batch_size or "any size: no scaling"}) -> {derived["lr_used"]:g} used')
-    for warning in [config.unreached_resolution(cfg), unscaled_recipe(run.resolved),
-                    *ignored_settings(run.resolved)]:
-        if warning:
-            print(f'=> warning: {warning}')
+    for warning in header_warnings(cfg, run.resolved):
+        print(f'=> warning: {warning}')
     return run_dir
 
 
@@ -287,10 +285,10 @@ def fit(run: Run):
 
 
 def end_of_epoch_eval(run: Run, epoch: int) -> dict:
-    """Validation after ``epoch``: after every epoch with ``logging.log_level`` 1 (ffcv-imagenet's
-    name for it) or a top-1 target, else after the last one only; 10-crop too (if asked for) at the
-    end. Records the best top-1 (and with ``checkpoint.keep_best`` writes its weights) and the
-    epoch that reaches the target. Returns the metrics ({} when not validated)."""
+    """Validation after ``epoch``: after every epoch with ``logging.log_level`` >= 1
+    (ffcv-imagenet's name for it) or a top-1 target, else after the last one only; 10-crop too (if
+    asked for) at the end. Records the best top-1 (and with ``checkpoint.keep_best`` writes its
+    weights) and the epoch that reaches the target. Returns the metrics ({} when not validated)."""
     cfg, last, progress = run.cfg, epoch == run.cfg.training.epochs - 1, run.progress
     validate_every_epoch, target = bool(cfg.logging.log_level), cfg.training.target_top1
     if not (validate_every_epoch or target > 0 or last):

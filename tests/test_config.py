@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from imagenet_ffcv import config
+from imagenet_ffcv import config, config_warnings
 from imagenet_ffcv.config import ConfigError, config_file, load_config, to_dict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -286,17 +286,17 @@ def test_a_ramp_that_ends_after_the_last_epoch_is_warned_of():
     160 px: a warning names the keys and the last epoch's resolution; the whole recipe, and a
     run whose last epoch reaches max_res on the ramp's end, get none."""
     recipe = REPO / 'imagenet_ffcv' / 'configs' / 'rn50_configs' / 'rn50_16_epochs.yaml'
-    warning = config.unreached_resolution(_load(recipe, '--training.epochs=8'))
+    warning = config_warnings.unreached_resolution(_load(recipe, '--training.epochs=8'))
     assert warning.startswith('the last epoch (7: training.epochs=8) trains at 160 px, not '
                               'resolution.max_res=192: the ramp from resolution.start_ramp=11')
     assert 'resolution.end_ramp=13' in warning
-    assert 'trains at 160 px' in config.unreached_resolution(_load(recipe, '--training.epochs=12'))
+    assert 'trains at 160 px' in config_warnings.unreached_resolution(_load(recipe, '--training.epochs=12'))
     # a ramp at epoch 0 (start_ramp, the last epoch at min_res, is 0): a 1-epoch run stays at min
-    assert 'resolution.start_ramp=0 (the last epoch at min_res)' in config.unreached_resolution(
+    assert 'resolution.start_ramp=0 (the last epoch at min_res)' in config_warnings.unreached_resolution(
         _load(recipe, '--training.epochs=1', '--resolution.start_ramp=0', '--resolution.end_ramp=0',
               '--lr.lr_peak_epoch=1'))
-    assert config.unreached_resolution(_load(recipe)) is None
-    assert config.unreached_resolution(_load(recipe, '--training.epochs=13')) is None  # 192 px
+    assert config_warnings.unreached_resolution(_load(recipe)) is None
+    assert config_warnings.unreached_resolution(_load(recipe, '--training.epochs=13')) is None  # 192 px
 
 
 def test_settings_that_do_nothing_in_the_runs_setup_are_warned_of(tmp_path):
@@ -304,19 +304,21 @@ def test_settings_that_do_nothing_in_the_runs_setup_are_warned_of(tmp_path):
     magnitude without RandAugment, step_length beside step_fractions, ema_every without EMA. Each
     is named with the set-up that uses it; a key at its default is not (ffcv-imagenet's configs
     set momentum: 0.9 whatever the optimizer), and no shipped config gets a warning."""
-    from imagenet_ffcv.config_schema import ignored_settings
+    from imagenet_ffcv.config_warnings import ignored_settings
     recipe = REPO / 'imagenet_ffcv' / 'configs' / 'rn50_configs' / 'rn50_16_epochs.yaml'
     warnings = ignored_settings(to_dict(_load(
         recipe, '--training.optimizer=adamw', '--training.momentum=0.8', '--training.ema_every=4',
         '--training.ra_magnitude=15', '--lr.lr_schedule_type=step', '--lr.step_length=10',
         '--lr.step_fractions=1/2', '--lr.lr_peak_epoch=3')))
     assert warnings == [
-        'training.momentum=0.8 does nothing here: it is used only with training.optimizer=sgd',
-        'training.ra_magnitude=15 does nothing here: it is used only with training.auto_augment=ra',
-        'training.ema_every=4 does nothing here: it is used only with training.ema_decay > 0',
         'lr.lr_peak_epoch=3.0 does nothing here: it is used only with lr.lr_schedule_type=cyclic',
         'lr.step_length=10 does nothing here: it is used only with lr.lr_schedule_type=step '
-        'without lr.step_fractions']
+        'without lr.step_fractions (which win)',
+        'training.momentum=0.8 does nothing here: it is used only with training.optimizer=sgd',
+        'training.ra_magnitude=15 does nothing here: it is used only with training.auto_augment=ra',
+        'training.ema_every=4 does nothing here: it is used only with training.ema_decay > 0']
+    assert ignored_settings(to_dict(_load(recipe, '--lr.poly_power=2'))) == [
+        'lr.poly_power=2.0 does nothing here: it is used only with lr.lr_schedule_type=poly']
     assert ignored_settings(to_dict(_load(recipe, '--training.betas=0.9,0.95'))) == [
         "training.betas='0.9,0.95' does nothing here: it is used only with "
         'training.optimizer=adamw or lamb']
@@ -334,22 +336,26 @@ def test_an_ffcv_imagenet_config_for_8_processes_run_on_fewer_is_warned_of(tmp_p
     torchrun here, such a file trained one process at lr 1.7 with batch 512, without a word. A
     warning says so and what to set; the same config on 8 processes, the shipped copy (which sets
     lr.ref_batch_size) and a config for one process get none."""
-    from imagenet_ffcv.config_schema import unscaled_recipe
+    from imagenet_ffcv.config_warnings import unscaled_recipe
     original = _write(tmp_path, ORIGINAL_FFCV_IMAGENET.replace('world_size: 1', 'world_size: 8')
                       .replace('batch_size: 1024', 'batch_size: 512').replace('lr: 0.5', 'lr: 1.7')
                       .replace('distributed: 0', 'distributed: 1'))
 
-    def resolved(path, world_size):
-        cfg = _load(path)
-        return {**to_dict(cfg), 'derived': {'world_size': world_size,
-                                            'global_batch_size': 512 * world_size}}
+    def resolved(path, world_size, accumulation=1):
+        cfg = _load(path, f'--training.grad_accum_steps={accumulation}')
+        return {**to_dict(cfg), 'derived': {
+            'world_size': world_size, 'global_batch_size': 512 * world_size * accumulation}}
     assert unscaled_recipe(resolved(original, 1)) == (
-        'the config was written for dist.world_size=8 processes (a global batch of 4096) and '
-        'this run has 1 (global batch 512), with lr.lr=1.7 used as is (lr.ref_batch_size=0): set '
-        'lr.ref_batch_size=4096 to scale the LR to this batch, or start 8 processes with torchrun '
-        "--nproc_per_node=8 (this tool does not start them itself, as ffcv-imagenet's "
-        'training.distributed=1 did)')
+        'the config was written for dist.world_size=8 processes of training.batch_size=512 (a '
+        "global batch of 4096), and this run's global batch is 512 (1 process(es) x 512 x "
+        'training.grad_accum_steps=1), with lr.lr=1.7 used as is (lr.ref_batch_size=0): set '
+        'lr.ref_batch_size=4096 to scale the LR to this batch, or keep the batch (torchrun '
+        '--nproc_per_node=8, or training.grad_accum_steps; this tool starts no processes itself, '
+        "as ffcv-imagenet's training.distributed=1 did)")
+    assert 'global batch is 2048 (2 process(es) x 512 x training.grad_accum_steps=2)' in \
+        unscaled_recipe(resolved(original, 2, accumulation=2))
     assert unscaled_recipe(resolved(original, 8)) is None
+    assert unscaled_recipe(resolved(original, 1, accumulation=8)) is None  # the recipe's batch
     shipped = REPO / 'imagenet_ffcv' / 'configs' / 'rn50_configs' / 'rn50_88_epochs.yaml'
     assert unscaled_recipe(resolved(shipped, 1)) is None
     assert unscaled_recipe(resolved(_write(tmp_path, ORIGINAL_FFCV_IMAGENET, 'one.yaml'), 1)) is None
@@ -365,6 +371,8 @@ def test_an_on_off_key_takes_0_or_1_only(tmp_path):
     cfg = _load(_write(tmp_path, 'training:\n  use_blurpool: false\n  compile: true\n'),
                 '--logging.folder=r')
     assert (cfg.training.use_blurpool, cfg.training.compile) == (0, 1)
+    # ffcv-imagenet's log_level 2 (validate every epoch, its loss in the bar) still loads
+    assert load_config([*DATA, '--logging.folder=r', '--logging.log_level=2']).logging.log_level == 2
 
 
 def test_later_config_file_wins(tmp_path):

@@ -1412,35 +1412,35 @@ def test_a_val_split_held_out_of_a_train_beton_that_holds_it_is_refused(tmp_path
     args = ['--data-dir', str(data), '--max-res', '32', '--num-workers', '1']
     written = {'train': ('train', '0'), 'train_held': ('train', '0.2'), 'val': ('val', '0.2'),
                'train_more': ('train', '0.3'), 'val_copied': ('train', '0.2')}
-    betons = {name: tmp_path / f'{name}.beton' for name in written}
+    files = {name: tmp_path / f'{name}.beton' for name in written}
     for name, (split, holdout) in written.items():
         assert write.cli(args + ['--split', split, '--holdout', holdout,
-                                 '--out', str(betons[name])]) == 0
+                                 '--out', str(files[name])]) == 0
     assert json.loads((tmp_path / 'val.holdout.json').read_text()) == {'split': 'val',
                                                                        'holdout': 0.2}
     with pytest.raises(sources.HoldoutMismatchError) as info:
-        betons.num_classes(betons['train'], val_path=betons['val'])
+        betons.num_classes(files['train'], val_path=files['val'])
     assert str(info.value) == (
-        f"{betons['val']} holds out 0.2 of each class of train/ (--holdout 0.2), but "
-        f"{betons['train']} was written with none, so the two share images and top-1 would be "
-        f"measured on training images: write {betons['train']} again with --split train "
+        f"{files['val']} holds out 0.2 of each class of train/ (--holdout 0.2), but "
+        f"{files['train']} was written with none, so the two share images and top-1 would be "
+        f"measured on training images: write {files['train']} again with --split train "
         f"--holdout 0.2")
-    assert betons.num_classes(betons['train_held'], val_path=betons['val']) == 2
+    assert betons.num_classes(files['train_held'], val_path=files['val']) == 2
     with pytest.raises(sources.HoldoutMismatchError, match=r"train_more.beton was written with "
                        r"--holdout 0.3, so some images of train/ are in neither split"):
-        betons.num_classes(betons['train_more'], val_path=betons['val'])
+        betons.num_classes(files['train_more'], val_path=files['val'])
     with pytest.raises(sources.HoldoutMismatchError, match=r"val_copied.beton was written with "
                        r"--split train: the training .beton takes --split train, the validation "
                        r"one --split val"):
-        betons.num_classes(betons['train_held'], val_path=betons['val_copied'])
+        betons.num_classes(files['train_held'], val_path=files['val_copied'])
     assert not recwarn.list
     (tmp_path / 'train.holdout.json').unlink()  # as an older version wrote it
-    assert betons.num_classes(betons['train'], val_path=betons['val']) == 2
-    assert betons.num_classes(betons['train'], val_path=betons['train']) == 2
+    assert betons.num_classes(files['train'], val_path=files['val']) == 2
+    assert betons.num_classes(files['train'], val_path=files['train']) == 2
     assert [str(w.message) for w in recwarn.list] == [
-        f"{betons['train']} is the training .beton too: top-1 is measured on the training images"]
+        f"{files['train']} is the training .beton too: top-1 is measured on the training images"]
     # the trainer's other ranks check as rank 0 does, and leave the warning to it
-    assert betons.num_classes(betons['train'], val_path=betons['train'], warn=False) == 2
+    assert betons.num_classes(files['train'], val_path=files['train'], warn=False) == 2
     assert len(recwarn.list) == 1
     with pytest.raises(sources.HoldoutMismatchError):
-        betons.num_classes(betons['train_more'], val_path=betons['val'], warn=False)
+        betons.num_classes(files['train_more'], val_path=files['val'], warn=False)

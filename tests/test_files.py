@@ -132,10 +132,10 @@ def test_a_run_folder_is_locked_by_its_job_and_a_dead_jobs_lock_is_taken_over(tm
     """The lock names this process; a live process's lock, or one from another host, refuses
     the run (naming the holder) before anything in the folder changes; a dead process's lock is
     taken over; unlock removes this process's lock."""
-    for name in ('SLURM_JOB_ID', 'SLURM_RESTART_COUNT', 'TORCHELASTIC_RUN_ID'):
+    for name in ('SLURM_JOB_ID', 'SLURM_RESTART_COUNT', 'SLURM_STEP_ID', 'TORCHELASTIC_RUN_ID'):
         monkeypatch.delenv(name, raising=False)
     host = socket.gethostname()
-    me = {'pid': os.getpid(), 'host': host, 'job': None, 'start': 0, 'rdzv': None}
+    me = {'pid': os.getpid(), 'host': host, 'job': None, 'start': 0, 'step': None, 'rdzv': None}
     run = RunDir.create(tmp_path, params={'logging': {'run_name': 'a'}}, run_name='a')
     assert run.path.name.startswith('a-') and run.run_name == 'a'
     assert run.lock_holder() == me
@@ -166,10 +166,10 @@ def test_the_lock_of_a_requeued_slurm_jobs_earlier_start_is_taken_over_on_any_ho
     lock: each such start was refused, for ever, until someone deleted the lock. The same start
     of the same job elsewhere (a second training in one allocation), another job or cluster, a
     lock without a job, and a live process on this host (whatever its job) are refused; an empty
-    lock (a power cut) is taken over. A torchrun restart within the same start (the same
-    --rdzv-id) takes over its earlier rank 0's lock on another node; it was refused until
-    torchrun's restarts ran out."""
-    for name in ('SLURM_JOB_ID', 'SLURM_CLUSTER_NAME', 'SLURM_RESTART_COUNT',
+    lock (a power cut) is taken over. A torchrun restart within the same start and srun step
+    (the same --rdzv-id) takes over its earlier rank 0's lock on another node; it was refused
+    until torchrun's restarts ran out. Another step of the same allocation is refused."""
+    for name in ('SLURM_JOB_ID', 'SLURM_CLUSTER_NAME', 'SLURM_RESTART_COUNT', 'SLURM_STEP_ID',
                  'TORCHELASTIC_RUN_ID'):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv('SLURM_JOB_ID', '4242')
@@ -177,7 +177,8 @@ def test_the_lock_of_a_requeued_slurm_jobs_earlier_start_is_taken_over_on_any_ho
     monkeypatch.setenv('SLURM_RESTART_COUNT', '1')
     run = RunDir.create(tmp_path, params={}, run_name='a')
     assert run.lock_holder() == {'pid': os.getpid(), 'host': socket.gethostname(),
-                                 'job': 'slurm:c1:4242', 'start': 1, 'rdzv': None}
+                                 'job': 'slurm:c1:4242', 'start': 1, 'step': None,
+                                 'rdzv': None}
 
     def reopened(holder) -> bool:
         run.lock_file.write_text(json.dumps(holder))
@@ -195,15 +196,20 @@ def test_the_lock_of_a_requeued_slurm_jobs_earlier_start_is_taken_over_on_any_ho
         capsys.readouterr().out
     assert not reopened({**first, 'start': 1})  # a second training of this start
     monkeypatch.setenv('TORCHELASTIC_RUN_ID', '4242')  # --rdzv-id=$SLURM_JOB_ID
-    assert reopened({**first, 'start': 1, 'rdzv': '4242'})  # rank 0 of torchrun's last start
+    monkeypatch.setenv('SLURM_STEP_ID', '0')  # the job script's first srun
+    torchrun_start = {**first, 'start': 1, 'step': '0', 'rdzv': '4242'}
+    assert reopened(torchrun_start)  # rank 0 of torchrun's last start
     assert ("taking over the lock of PID 1 on node-17: an earlier start of torchrun's workers "
-            'in this job (slurm:c1:4242, --rdzv-id 4242)') in capsys.readouterr().out
-    assert not reopened({**first, 'start': 1, 'rdzv': '4243'})
-    assert not reopened({**first, 'start': 1, 'rdzv': None})
-    assert not reopened({**first, 'job': 'slurm:c1:4241', 'start': 1, 'rdzv': '4242'})
+            'in this step of the job (slurm:c1:4242, step 0, --rdzv-id 4242)') in \
+        capsys.readouterr().out
+    assert not reopened({**torchrun_start, 'step': '1'})  # another srun of the allocation
+    assert not reopened({**torchrun_start, 'rdzv': '4243'})
+    assert not reopened({**torchrun_start, 'rdzv': None})
+    assert not reopened({**torchrun_start, 'job': 'slurm:c1:4241'})
     monkeypatch.setenv('TORCHELASTIC_RUN_ID', 'none')  # torchrun's default: not told apart
-    assert not reopened({**first, 'start': 1, 'rdzv': None})
+    assert not reopened({**torchrun_start, 'rdzv': None})
     monkeypatch.delenv('TORCHELASTIC_RUN_ID')
+    monkeypatch.delenv('SLURM_STEP_ID')
     assert not reopened({**first, 'job': 'slurm:c1:4241'})
     assert not reopened({**first, 'job': 'slurm:c2:4242'})  # another cluster's job 4242
     assert not reopened({'pid': 1, 'host': 'node-17', 'job': None, 'start': 0})

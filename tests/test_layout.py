@@ -143,7 +143,8 @@ def test_the_data_concerns_have_a_module_each():
 
 # Where config keys may be named in code: the config and its schema, and the two modules that read
 # the config (the trainer and its validation); every other module takes plain arguments.
-CONFIG_READERS = {'config.py', 'config_schema.py', 'preflight.py', 'train.py', 'evaluate.py'}
+CONFIG_READERS = {'config.py', 'config_schema.py', 'config_warnings.py', 'preflight.py', 'train.py',
+                  'evaluate.py'}
 KEY = re.compile(r'\b(data|model|resolution|lr|logging|validation|training|checkpoint|dist)'
                  r'\.[a-z_]+(?![a-z_(])')
 

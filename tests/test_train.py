@@ -99,6 +99,11 @@ def test_a_val_beton_of_more_classes_than_the_training_one_is_refused_at_the_sta
     with pytest.raises(ClassListError, match='holds labels up to 9'):
         betons.num_classes(train, val_path=val, warn=False)
     assert betons.num_classes(sample_betons['train'], val_path=val, warn=False) == 10
+    # a damaged val file is named, as its loader names it, not "file format mismatch"
+    from imagenet_ffcv.verify import CorruptBetonError
+    val.write_bytes(val.read_bytes()[:5000])
+    with pytest.raises(CorruptBetonError, match=f'{val}: '):
+        betons.num_classes(sample_betons['train'], val_path=val, warn=False)
 
 
 def test_a_beton_copied_without_its_class_list_trains_with_a_warning(sample_betons, tmp_path,
@@ -177,7 +182,7 @@ def test_the_memory_available_counts_a_cgroup_limit(tmp_path, monkeypatch):
 
 def test_the_run_header_warns_of_settings_that_do_nothing(sample_betons, tmp_path, capsys):
     """The header of a run with AdamW and a momentum (read by SGD only) names the momentum; the
-    rules are config_schema.USED_ONLY_WITH (tests/test_config.py)."""
+    rules are config_warnings.USED_ONLY_WITH (tests/test_config.py)."""
     from imagenet_ffcv import distributed
     run = train.build(small_config(sample_betons, tmp_path, '--training.optimizer=adamw',
                                    '--training.momentum=0.8'), distributed.from_env(), 0.0)
