@@ -179,7 +179,7 @@ def _check_consistency(cfg) -> None:
     if cfg.data.num_workers != 'auto' and cfg.data.num_workers < 1:
         problems.append(f'data.num_workers={cfg.data.num_workers} must be >= 1 (loader threads '
                         "per process) or 'auto'")
-    for key in ('checkpoint.keep_last', 'lr.ref_batch_size'):
+    for key in ('checkpoint.keep_last', 'lr.ref_batch_size', 'logging.log_level'):
         if values[key] < 0:
             problems.append(f'{key}={values[key]} must be >= 0 (0: off)')
     if cfg.checkpoint.every_iters < 0:

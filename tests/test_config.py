@@ -373,6 +373,8 @@ def test_an_on_off_key_takes_0_or_1_only(tmp_path):
     assert (cfg.training.use_blurpool, cfg.training.compile) == (0, 1)
     # ffcv-imagenet's log_level 2 (validate every epoch, its loss in the bar) still loads
     assert load_config([*DATA, '--logging.folder=r', '--logging.log_level=2']).logging.log_level == 2
+    with pytest.raises(ConfigError, match=r'logging.log_level=-1 must be >= 0'):
+        load_config([*DATA, '--logging.folder=r', '--logging.log_level=-1'])
 
 
 def test_later_config_file_wins(tmp_path):
