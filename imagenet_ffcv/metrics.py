@@ -5,6 +5,8 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from .files import atomic_path
+
 
 def topk_correct(logits: torch.Tensor, target: torch.Tensor, ks=(1, 5)) -> torch.Tensor:
     """Number of samples whose target is among the ``k`` highest logits, for each ``k``.
@@ -120,5 +122,8 @@ def plot_log(log_path, png_path) -> None:
         ax.set_xlabel('epoch')
     fig.suptitle(Path(log_path).parent.name)
     fig.tight_layout()
-    fig.savefig(png_path, dpi=100)
-    plt.close(fig)
+    try:
+        with atomic_path(png_path) as tmp:  # a full disk leaves the last plot, not half of one
+            fig.savefig(tmp, dpi=100, format='png')
+    finally:
+        plt.close(fig)

@@ -9,9 +9,8 @@
   ``final_weights.safetensors`` once it finished;
 - ``progress.png``: the run's plot;
 - ``checkpoint_epoch_<N>.pt``: the checkpoints after epoch N (``checkpoint.keep_history``);
-- ``lock``: ``{"pid", "host", "job", "start", "step", "rdzv"}`` of the job writing the run, while it
-  runs
-  (:meth:`RunDir.lock`).
+- ``lock``: ``{"pid", "pid_started", "host", "job", "start", "step", "rdzv"}`` of the job writing
+  the run, while it runs (:meth:`RunDir.lock`).
 
 A run is *finished* when ``final_weights.pt`` exists; ``--resume auto`` picks the latest run of the
 same run name (:func:`latest_checkpoint`), and the trainer ends at once when that run finished.
@@ -27,6 +26,8 @@ import uuid
 from datetime import datetime
 from pathlib import Path
 
+import psutil
+
 from .errors import ImagenetFfcvError
 from .files import pid_alive, remove_stale_temporaries, temporary_path, write_text_atomic
 
@@ -34,10 +35,15 @@ CHECKPOINT_NAME = 'checkpoint.pt'
 FINAL_WEIGHTS_NAME = 'final_weights.pt'
 REPO = Path(__file__).resolve().parents[1]
 RUN_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9._-]*')  # a run name is one folder-name component
+RUN_FOLDER = re.compile(r'(?:(?P<name>.+)-)?\d{8}-\d{6}-[0-9a-f]{6}')  # [<run_name>-]<run id>
 
 
 class RunLockedError(ImagenetFfcvError):
     """Another live job writes the run folder; the message names it (PID and host)."""
+
+
+class RunLogError(ImagenetFfcvError):
+    """A ``log.jsonl`` line that is not JSON, before its last line; the message names both."""
 
 
 class RunDir:
@@ -124,10 +130,15 @@ class RunDir:
 
     @property
     def run_name(self) -> str:
-        """The run name its ``params.json`` holds ('' when unnamed or without params.json)."""
-        if not self.params.exists():
-            return ''
-        return json.loads(self.params.read_text()).get('logging', {}).get('run_name', '')
+        """The run name its ``params.json`` holds ('' when unnamed); without a readable
+        params.json (deleted, cut short), the one its folder's name holds
+        (``[<run_name>-]<date>-<time>-<random>``), else ''. A damaged params.json of one run
+        stopped every ``--resume auto`` in its logging folder."""
+        try:
+            return json.loads(self.params.read_text()).get('logging', {}).get('run_name', '')
+        except (OSError, ValueError, AttributeError):  # missing, not JSON, not a mapping
+            match = RUN_FOLDER.fullmatch(self.path.name)
+            return (match.group('name') or '') if match else ''
 
     def lock_holder(self):
         """``{'pid', 'host', 'job', 'start'}`` of the job holding the run's lock
@@ -189,15 +200,31 @@ class RunDir:
             self.lock_file.unlink(missing_ok=True)
 
     def append_log(self, record: dict) -> None:
-        """Append one epoch's record (a JSON line) to ``log.jsonl``."""
+        """Append one epoch's record (a JSON line) to ``log.jsonl``, on disk before the epoch's
+        checkpoint is written (so a power cut cannot keep the checkpoint and lose the record)."""
         with open(self.log, 'a') as f:
             f.write(json.dumps(record) + '\n')
+            f.flush()
+            os.fsync(f.fileno())
 
     def read_log(self) -> list:
-        """The records of ``log.jsonl``, in order ([] when there is none)."""
+        """The records of ``log.jsonl``, in order ([] when there is none). A last line cut short
+        (a kill, a full disk or a power cut during its append, before the epoch's checkpoint:
+        the resumed run writes it again) is left out; another line that is not JSON raises
+        RunLogError naming the file and the line."""
         if not self.log.exists():
             return []
-        return [json.loads(line) for line in self.log.read_text().splitlines() if line.strip()]
+        lines = [(n, line) for n, line in enumerate(self.log.read_text().splitlines(), 1)
+                 if line.strip()]
+        records = []
+        for k, (n, line) in enumerate(lines):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if k < len(lines) - 1:
+                    raise RunLogError(f'{self.log}: line {n} is not a JSON record ({line[:60]!r}); '
+                                      'delete that line (the resumed run logs its epoch again)')
+        return records
 
     def keep_log_until(self, epoch: int) -> None:
         """Drop the records of ``log.jsonl`` from ``epoch`` on, so that every epoch appears once
@@ -208,7 +235,8 @@ class RunDir:
 
 
 def lock_identity(environ=None) -> dict:
-    """What a run's lock holds of this process: ``pid``, ``host``, ``job`` (in a SLURM job,
+    """What a run's lock holds of this process: ``pid``, ``pid_started`` (:func:`process_started`:
+    a PID reused by another process is told apart), ``host``, ``job`` (in a SLURM job,
     ``slurm:<SLURM_CLUSTER_NAME>:<SLURM_JOB_ID>``, which a requeued job keeps; else None),
     ``start`` (SLURM_RESTART_COUNT: 0, then 1, 2, ... for each requeue), ``step`` (SLURM_STEP_ID:
     the ``srun`` of the job that started it, else None) and ``rdzv`` (under torchrun, its
@@ -218,31 +246,49 @@ def lock_identity(environ=None) -> dict:
     job = (f'slurm:{environ.get("SLURM_CLUSTER_NAME", "")}:{environ["SLURM_JOB_ID"]}'
            if environ.get('SLURM_JOB_ID') else None)
     rdzv = environ.get('TORCHELASTIC_RUN_ID')
-    return {'pid': os.getpid(), 'host': socket.gethostname(), 'job': job,
+    return {'pid': os.getpid(), 'pid_started': process_started(os.getpid()),
+            'host': socket.gethostname(), 'job': job,
             'start': int(environ.get('SLURM_RESTART_COUNT') or 0),
             'step': environ.get('SLURM_STEP_ID') or None,
             'rdzv': rdzv if rdzv not in (None, '', 'none') else None}
+
+
+def process_started(pid: int):
+    """When the process ``pid`` of this machine started (seconds since the epoch, psutil's
+    ``create_time``), None when it cannot be told (gone, or not ours to see)."""
+    try:
+        return round(psutil.Process(pid).create_time(), 2)
+    except (psutil.Error, OSError):
+        return None
 
 
 def lock_ended(holder: dict, me: dict):
     """Why the job that holds a lock (``holder``, :meth:`RunDir.lock_holder`) has ended, as seen by
     the process ``me`` (:func:`lock_identity`), or None when it may still run. Ended: an empty lock
     (a power cut as it was written: locks are linked into place complete); on this host, a PID that
-    no longer runs (one that does is never taken over); on another, an earlier start of this SLURM
-    job (the same job, requeued fewer times: SLURM requeues a job only once all of its processes
-    have ended), an earlier start of torchrun's workers in the same ``srun`` step of this start of
-    the SLURM job (the same ``--rdzv-id``: a run's lock is taken by rank 0 only, and torchrun stops
-    every worker of every node before it starts them again, so another rank 0 of this rendezvous has
-    ended), or a job of this SLURM cluster that ``squeue`` says has ended (a job of a chain,
-    ``sbatch --dependency``, killed past its time limit). Not told apart, and so refused: a second
-    training in one SLURM job (another step, or no or another ``--rdzv-id``), and a torchrun restart
-    outside SLURM whose rank 0 moved to another node (the same ``--rdzv-id`` could be a second job
-    started by mistake, and there is no job id to tell them apart)."""
+    no longer runs or whose PID another process has taken since (a live one is never taken over); on
+    another, an earlier start of this SLURM job (the same job, requeued fewer times: SLURM requeues
+    a job only once all of its processes have ended), an earlier start of torchrun's workers in the
+    same ``srun`` step of this start of the SLURM job (the same ``--rdzv-id``: a run's lock is taken
+    by rank 0 only, and torchrun stops every worker of every node before it starts them again, so
+    another rank 0 of this rendezvous has ended), or a job of this SLURM cluster that ``squeue``
+    says has ended (a job of a chain, ``sbatch --dependency``, killed past its time limit). Not told
+    apart, and so refused: a second training in one SLURM job (another step, or no or another
+    ``--rdzv-id``), and a torchrun restart outside SLURM whose rank 0 moved to another node (the
+    same ``--rdzv-id`` could be a second job started by mistake, and there is no job id to tell them
+    apart)."""
     if not holder:
         return 'its lock file is empty (a power cut as it was written)'
     pid, job, start = holder.get('pid'), holder.get('job'), holder.get('start')
     if holder.get('host') == me['host']:
-        return 'it no longer runs' if isinstance(pid, int) and not pid_alive(pid) else None
+        if not isinstance(pid, int):
+            return None
+        if not pid_alive(pid):
+            return 'it no longer runs'
+        started, now = holder.get('pid_started'), process_started(pid)
+        if isinstance(started, (int, float)) and now is not None and abs(now - started) > 1:
+            return f'its PID now belongs to another process (started {now - started:+.0f} s later)'
+        return None
     if me['job'] and isinstance(job, str):  # both in SLURM: slurm:<cluster>:<job id>
         if job == me['job'] and isinstance(start, int) and start < me['start']:
             return (f'an earlier start of this job ({job}, requeued {start} time(s), now '

@@ -375,11 +375,12 @@ def summarize(run: Run) -> dict:
 @one_line_warnings('train')
 def cli(argv=None) -> int:
     """Train or evaluate as ``argv`` says (default ``sys.argv[1:]``); returns the exit status, with
-    one line instead of a traceback for expected failures (ImagenetFfcvError, a missing file)."""
+    one line instead of a traceback for expected failures (ImagenetFfcvError, and OSError: a
+    missing file, a full disk, no permission; a run keeps its last checkpoint)."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         summary = main(config.load_config(argv), config.command_line_keys(argv))
-    except (ImagenetFfcvError, FileNotFoundError) as e:
+    except (ImagenetFfcvError, OSError) as e:
         print(f'{command_name("train")}: {e}', file=sys.stderr)
         return 1
     return summary.get('exit_code', 0)

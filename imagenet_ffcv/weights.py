@@ -32,20 +32,23 @@ METADATA_KEY = 'imagenet_ffcv'  # final_weights.pt: its metadata in the state di
 
 
 def save_final_weights(state_dict: dict, path, *, config: dict = None, classes=None) -> Path:
-    """Write the final weights twice, atomically: ``path`` (``torch.save`` of the state dict, as
-    torchvision's keys) and ``path`` with the suffix ``.safetensors`` (safetensors), each with the
-    config and class list as JSON metadata (module docstring), so either file alone rebuilds the
-    model. Returns the second path. Raises OSError (disk full, no permission) naming the file."""
+    """Write the final weights twice, atomically: ``path`` with the suffix ``.safetensors``
+    (safetensors), then ``path`` (``torch.save`` of the state dict, as torchvision's keys), each
+    with the config and class list as JSON metadata (module docstring), so either file alone
+    rebuilds the model. ``path`` last: a run whose ``final_weights.pt`` exists has finished
+    (``run_dir.RunDir.is_finished``), so a run killed between the two is not finished and resumes
+    to write both. Returns the ``.safetensors`` path. Raises OSError (disk full, no permission)
+    naming the file."""
     path = Path(path)
     metadata = {'format': SAFETENSORS_FORMAT, 'config': json.dumps(config),
                 'classes': json.dumps(classes)}
-    described = OrderedDict(state_dict)
-    described._metadata = OrderedDict({'': {METADATA_KEY: metadata}})  # the root module's
-    save(described, path)
     tensors = {k: v.contiguous() for k, v in state_dict.items()}
     safe_path = path.with_suffix('.safetensors')
     with atomic_path(safe_path) as tmp:
         safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
+    described = OrderedDict(state_dict)
+    described._metadata = OrderedDict({'': {METADATA_KEY: metadata}})  # the root module's
+    save(described, path)
     return safe_path
 
 

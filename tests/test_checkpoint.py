@@ -217,6 +217,15 @@ def test_ctrl_c_outside_the_runs_handling_ends_the_trainer_in_one_line(monkeypat
         monkeypatch.setattr(train, 'main', lambda cfg, command_line: {'exit_code': status})
         assert train.cli(['--data.train_dataset=a', '--data.val_dataset=b',
                           '--logging.folder=c']) == status and ended == ends
+    capsys.readouterr()
+
+    def full_disk(cfg, command_line):  # a full disk or a read-only run folder: no traceback
+        raise OSError(28, 'No space left on device', 'runs/x/progress.png')
+    monkeypatch.setattr(train, 'main', full_disk)
+    assert train.cli(['--data.train_dataset=a', '--data.val_dataset=b', '--logging.folder=c']) == 1
+    err = capsys.readouterr().err
+    assert err.endswith(": [Errno 28] No space left on device: 'runs/x/progress.png'\n") and \
+        err.count('\n') == 1, err
 
 
 class NaNAt(nn.Module):

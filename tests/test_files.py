@@ -10,8 +10,8 @@ import pytest
 
 from conftest import REPO
 from imagenet_ffcv import files
-from imagenet_ffcv.run_dir import (RunDir, RunLockedError, code_version, latest_checkpoint,
-                                   lock_identity)
+from imagenet_ffcv.run_dir import (RunDir, RunLockedError, RunLogError, code_version,
+                                   latest_checkpoint, lock_identity, process_started)
 
 
 def dead_pid() -> int:
@@ -68,6 +68,27 @@ def test_files_written_atomically_have_the_permissions_of_a_new_file(tmp_path):
     modes = {p.name: p.stat().st_mode & 0o777 for p in tmp_path.iterdir()}
     assert modes == {'final_weights.pt': 0o640, 'final_weights.safetensors': 0o640,
                      'private': 0o640}
+
+
+def test_a_run_killed_while_its_final_weights_are_written_is_not_finished(tmp_path, monkeypatch):
+    """final_weights.pt marks a run finished; it was written before final_weights.safetensors,
+    so a kill, SIGTERM or full disk between the two left a run 'finished' without its
+    .safetensors for ever. The .safetensors is written first: a failure in it leaves no
+    final_weights.pt, and --resume writes both."""
+    import safetensors.torch
+    import torch
+    from imagenet_ffcv.weights import save_final_weights
+    run = RunDir.create(tmp_path, params={})
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(safetensors.torch, 'save_file', full_disk)
+    with pytest.raises(OSError, match='No space left'):
+        save_final_weights({'w': torch.ones(2)}, run.final_weights)
+    assert not run.is_finished and not run.final_safetensors.exists()
+    monkeypatch.undo()
+    save_final_weights({'w': torch.ones(2)}, run.final_weights)
+    assert run.is_finished and run.final_safetensors.exists()
 
 
 def test_a_filesystem_that_refuses_chmod_still_gets_the_file(tmp_path, monkeypatch):
@@ -135,7 +156,8 @@ def test_a_run_folder_is_locked_by_its_job_and_a_dead_jobs_lock_is_taken_over(tm
     for name in ('SLURM_JOB_ID', 'SLURM_RESTART_COUNT', 'SLURM_STEP_ID', 'TORCHELASTIC_RUN_ID'):
         monkeypatch.delenv(name, raising=False)
     host = socket.gethostname()
-    me = {'pid': os.getpid(), 'host': host, 'job': None, 'start': 0, 'step': None, 'rdzv': None}
+    me = {'pid': os.getpid(), 'pid_started': process_started(os.getpid()), 'host': host,
+          'job': None, 'start': 0, 'step': None, 'rdzv': None}
     run = RunDir.create(tmp_path, params={'logging': {'run_name': 'a'}}, run_name='a')
     assert run.path.name.startswith('a-') and run.run_name == 'a'
     assert run.lock_holder() == me
@@ -144,11 +166,19 @@ def test_a_run_folder_is_locked_by_its_job_and_a_dead_jobs_lock_is_taken_over(tm
     live = subprocess.Popen([sys.executable, '-c', 'import sys; sys.stdin.read()'],
                             stdin=subprocess.PIPE)
     try:
-        for holder in ({'pid': live.pid, 'host': host}, {'pid': 1, 'host': 'elsewhere'}):
+        started = process_started(live.pid)
+        for holder in ({'pid': live.pid, 'host': host},
+                       {'pid': live.pid, 'pid_started': started, 'host': host},
+                       {'pid': 1, 'host': 'elsewhere'}):
             run.lock_file.write_text(json.dumps(holder))
             with pytest.raises(RunLockedError, match=f'PID {holder["pid"]} on {holder["host"]}'):
-                RunDir.reopen(run.checkpoint, epoch=1)
+                RunDir.reopen(run.checkpoint, epoch=3)
             assert len(run.read_log()) == 3 and run.lock_holder() == holder  # untouched
+        # the lock of a process that ended, whose PID a new process took (a container restarted:
+        # PIDs start again from 1): it was refused for ever
+        run.lock_file.write_text(json.dumps({'pid': live.pid, 'pid_started': started - 60,
+                                             'host': host}))
+        assert RunDir.reopen(run.checkpoint, epoch=3).lock_holder() == me
     finally:
         live.communicate(b'')
     run.lock_file.write_text(json.dumps({'pid': dead_pid(), 'host': host}))
@@ -157,6 +187,41 @@ def test_a_run_folder_is_locked_by_its_job_and_a_dead_jobs_lock_is_taken_over(tm
     assert [r['epoch'] for r in again.read_log()] == [0]
     again.unlock()
     assert not again.lock_file.exists()
+
+
+def test_a_log_cut_short_by_a_kill_or_a_full_disk_resumes(tmp_path):
+    """log.jsonl's last line cut mid-record (a kill or a full disk during its append, before the
+    epoch's checkpoint) stopped every resume with a JSONDecodeError traceback: it is left out
+    (the resumed run logs that epoch again); a damaged line before the last is an error naming
+    the file and the line."""
+    run = RunDir.create(tmp_path, params={})
+    for epoch in range(3):
+        run.append_log({'epoch': epoch, 'top_1': 0.5})
+    run.log.write_text(run.log.read_text()[:-12])
+    assert [r['epoch'] for r in run.read_log()] == [0, 1]
+    run.unlock()
+    assert [r['epoch'] for r in RunDir.reopen(run.checkpoint, epoch=2).read_log()] == [0, 1]
+    run.log.write_text('{"epoch": 0}\n{"epo\n{"epoch": 2}\n')
+    with pytest.raises(RunLogError, match=r'log.jsonl: line 2 is not a JSON record'):
+        run.read_log()
+
+
+def test_a_run_whose_params_json_is_damaged_or_gone_is_still_found_by_its_name(tmp_path):
+    """One run's params.json cut short stopped every --resume auto (and every new run) in the
+    logging folder with a JSONDecodeError; one deleted made its run nameless, so --resume auto
+    started over and a resume by path renamed it ''. The name is then read from the folder's."""
+    runs = {name: RunDir.create(tmp_path, params={'logging': {'run_name': name}}, run_name=name)
+            for name in ('a', 'b', '')}
+    for run in runs.values():
+        run.checkpoint.write_text('')
+        run.unlock()
+    runs['a'].params.write_text('{"logging": {"run_na')
+    runs['b'].params.unlink()
+    runs[''].params.write_text('[]')
+    assert [latest_checkpoint(tmp_path, name) for name in ('a', 'b', '')] == [
+        runs[name].checkpoint for name in ('a', 'b', '')]
+    reopened = RunDir.reopen(runs['b'].checkpoint, epoch=0, params={'logging': {}})
+    assert json.loads(reopened.params.read_text())['logging']['run_name'] == 'b'
 
 
 def test_the_lock_of_a_requeued_slurm_jobs_earlier_start_is_taken_over_on_any_host(
@@ -176,9 +241,9 @@ def test_the_lock_of_a_requeued_slurm_jobs_earlier_start_is_taken_over_on_any_ho
     monkeypatch.setenv('SLURM_CLUSTER_NAME', 'c1')
     monkeypatch.setenv('SLURM_RESTART_COUNT', '1')
     run = RunDir.create(tmp_path, params={}, run_name='a')
-    assert run.lock_holder() == {'pid': os.getpid(), 'host': socket.gethostname(),
-                                 'job': 'slurm:c1:4242', 'start': 1, 'step': None,
-                                 'rdzv': None}
+    assert run.lock_holder() == {'pid': os.getpid(), 'pid_started': process_started(os.getpid()),
+                                 'host': socket.gethostname(), 'job': 'slurm:c1:4242', 'start': 1,
+                                 'step': None, 'rdzv': None}
 
     def reopened(holder) -> bool:
         run.lock_file.write_text(json.dumps(holder))
