@@ -168,11 +168,21 @@ def safe_torch_load(path, what: str = 'file'):
 def load(path) -> dict:
     """Read a checkpoint written by :func:`save` onto the CPU, without running code
     (:func:`safe_torch_load`). Raises CheckpointError naming the file when it is missing,
-    unreadable, unsafe or not one of ours (e.g. a bare ``final_weights.pt``)."""
+    unreadable (naming the run's ``checkpoint_epoch_<N>.pt`` beside it, to resume from instead),
+    unsafe or not one of ours (e.g. a bare ``final_weights.pt``)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f'{path}: checkpoint not found')
-    state = safe_torch_load(path, 'checkpoint')
+    try:
+        state = safe_torch_load(path, 'checkpoint')
+    except CheckpointError as e:
+        earlier = sorted((p for p in path.parent.iterdir() if HISTORY.fullmatch(p.name)),
+                         key=lambda p: -int(HISTORY.fullmatch(p.name)[1]))
+        if not earlier:
+            raise
+        raise CheckpointError(f'{e}; the run keeps earlier checkpoints: '
+                              f'{", ".join(p.name for p in earlier)} (the newest may be the same '
+                              f'file; --resume PATH continues from one)') from None
     if not (isinstance(state, dict) and type(state.get('format')) is int):
         raise CheckpointError(f'{path}: not a checkpoint of this tool (no format={FORMAT} record): '
                               f'weights alone (final_weights.pt, another tool\'s) cannot be '

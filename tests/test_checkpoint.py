@@ -35,7 +35,15 @@ def test_load_names_the_file_for_foreign_or_truncated_files(tmp_path):
     checkpoint.save({'format': 1, 'model': {'w': torch.ones(1000)}}, good)
     truncated = tmp_path / 'truncated.pt'
     truncated.write_bytes(good.read_bytes()[:500])
-    with pytest.raises(checkpoint.CheckpointError, match='truncated.pt: cannot read'):
+    with pytest.raises(checkpoint.CheckpointError, match='truncated.pt: cannot read') as info:
+        checkpoint.load(truncated)
+    assert 'earlier checkpoints' not in str(info.value)
+    # with checkpoint.keep_last, the error names the run's earlier checkpoints, newest first
+    for epochs in (1, 2):
+        (tmp_path / f'checkpoint_epoch_{epochs}.pt').write_bytes(good.read_bytes())
+    with pytest.raises(checkpoint.CheckpointError, match=r'truncated.pt: cannot read .*; the run '
+                       r'keeps earlier checkpoints: checkpoint_epoch_2.pt, checkpoint_epoch_1.pt '
+                       r'\(the newest may be the same file; --resume PATH continues from one\)'):
         checkpoint.load(truncated)
 
 
