@@ -176,13 +176,14 @@ def load(path) -> dict:
     try:
         state = safe_torch_load(path, 'checkpoint')
     except CheckpointError as e:
-        earlier = sorted((p for p in path.parent.iterdir() if HISTORY.fullmatch(p.name)),
+        earlier = sorted((p for p in path.parent.iterdir() if HISTORY.fullmatch(p.name)
+                          and not p.samefile(path)),  # the newest is a link to the same file
                          key=lambda p: -int(HISTORY.fullmatch(p.name)[1]))
-        if not earlier:
+        if not earlier or 'refused' in str(e):
             raise
         raise CheckpointError(f'{e}; the run keeps earlier checkpoints: '
-                              f'{", ".join(p.name for p in earlier)} (the newest may be the same '
-                              f'file; --resume PATH continues from one)') from None
+                              f'{", ".join(p.name for p in earlier)} (--resume PATH continues '
+                              f'from one)') from None
     if not (isinstance(state, dict) and type(state.get('format')) is int):
         raise CheckpointError(f'{path}: not a checkpoint of this tool (no format={FORMAT} record): '
                               f'weights alone (final_weights.pt, another tool\'s) cannot be '

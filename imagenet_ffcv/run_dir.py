@@ -9,8 +9,8 @@
   ``final_weights.safetensors`` once it finished;
 - ``progress.png``: the run's plot;
 - ``checkpoint_epoch_<N>.pt``: the checkpoints after epoch N (``checkpoint.keep_history``);
-- ``lock``: ``{"pid", "pid_started", "host", "job", "start", "step", "rdzv"}`` of the job writing
-  the run, while it runs (:meth:`RunDir.lock`).
+- ``lock``: ``{"pid", "host", "job", "start", "step", "rdzv"}`` of the job writing the run, while
+  it runs (:meth:`RunDir.lock`).
 
 A run is *finished* when ``final_weights.pt`` exists; ``--resume auto`` picks the latest run of the
 same run name (:func:`latest_checkpoint`), and the trainer ends at once when that run finished.
@@ -25,8 +25,6 @@ import subprocess
 import uuid
 from datetime import datetime
 from pathlib import Path
-
-import psutil
 
 from .errors import ImagenetFfcvError
 from .files import pid_alive, remove_stale_temporaries, temporary_path, write_text_atomic
@@ -223,7 +221,8 @@ class RunDir:
             except json.JSONDecodeError:
                 if k < len(lines) - 1:
                     raise RunLogError(f'{self.log}: line {n} is not a JSON record ({line[:60]!r}); '
-                                      'delete that line (the resumed run logs its epoch again)')
+                                      'mend or delete that line (its epoch\'s record is lost, not '
+                                      'the training), then resume')
         return records
 
     def keep_log_until(self, epoch: int) -> None:
@@ -235,8 +234,7 @@ class RunDir:
 
 
 def lock_identity(environ=None) -> dict:
-    """What a run's lock holds of this process: ``pid``, ``pid_started`` (:func:`process_started`:
-    a PID reused by another process is told apart), ``host``, ``job`` (in a SLURM job,
+    """What a run's lock holds of this process: ``pid``, ``host``, ``job`` (in a SLURM job,
     ``slurm:<SLURM_CLUSTER_NAME>:<SLURM_JOB_ID>``, which a requeued job keeps; else None),
     ``start`` (SLURM_RESTART_COUNT: 0, then 1, 2, ... for each requeue), ``step`` (SLURM_STEP_ID:
     the ``srun`` of the job that started it, else None) and ``rdzv`` (under torchrun, its
@@ -246,27 +244,17 @@ def lock_identity(environ=None) -> dict:
     job = (f'slurm:{environ.get("SLURM_CLUSTER_NAME", "")}:{environ["SLURM_JOB_ID"]}'
            if environ.get('SLURM_JOB_ID') else None)
     rdzv = environ.get('TORCHELASTIC_RUN_ID')
-    return {'pid': os.getpid(), 'pid_started': process_started(os.getpid()),
-            'host': socket.gethostname(), 'job': job,
+    return {'pid': os.getpid(), 'host': socket.gethostname(), 'job': job,
             'start': int(environ.get('SLURM_RESTART_COUNT') or 0),
             'step': environ.get('SLURM_STEP_ID') or None,
             'rdzv': rdzv if rdzv not in (None, '', 'none') else None}
-
-
-def process_started(pid: int):
-    """When the process ``pid`` of this machine started (seconds since the epoch, psutil's
-    ``create_time``), None when it cannot be told (gone, or not ours to see)."""
-    try:
-        return round(psutil.Process(pid).create_time(), 2)
-    except (psutil.Error, OSError):
-        return None
 
 
 def lock_ended(holder: dict, me: dict):
     """Why the job that holds a lock (``holder``, :meth:`RunDir.lock_holder`) has ended, as seen by
     the process ``me`` (:func:`lock_identity`), or None when it may still run. Ended: an empty lock
     (a power cut as it was written: locks are linked into place complete); on this host, a PID that
-    no longer runs or whose PID another process has taken since (a live one is never taken over); on
+    no longer runs (one that does is never taken over, even if its PID was reused); on
     another, an earlier start of this SLURM job (the same job, requeued fewer times: SLURM requeues
     a job only once all of its processes have ended), an earlier start of torchrun's workers in the
     same ``srun`` step of this start of the SLURM job (the same ``--rdzv-id``: a run's lock is taken
@@ -281,14 +269,7 @@ def lock_ended(holder: dict, me: dict):
         return 'its lock file is empty (a power cut as it was written)'
     pid, job, start = holder.get('pid'), holder.get('job'), holder.get('start')
     if holder.get('host') == me['host']:
-        if not isinstance(pid, int):
-            return None
-        if not pid_alive(pid):
-            return 'it no longer runs'
-        started, now = holder.get('pid_started'), process_started(pid)
-        if isinstance(started, (int, float)) and now is not None and abs(now - started) > 1:
-            return f'its PID now belongs to another process (started {now - started:+.0f} s later)'
-        return None
+        return 'it no longer runs' if isinstance(pid, int) and not pid_alive(pid) else None
     if me['job'] and isinstance(job, str):  # both in SLURM: slurm:<cluster>:<job id>
         if job == me['job'] and isinstance(start, int) and start < me['start']:
             return (f'an earlier start of this job ({job}, requeued {start} time(s), now '

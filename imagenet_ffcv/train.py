@@ -11,6 +11,7 @@ LOGGING_FOLDER/<run id>/{params.json, log.jsonl, checkpoint.pt, final_weights.pt
 The run, top to bottom: main -> train: build (loaders, model, optimizer, schedules) -> restore (from
 a checkpoint) -> open the run folder -> fit (the epochs) -> summarize. Eval-only: ``evaluate``.
 """
+import errno
 import sys
 import time
 from dataclasses import dataclass, field
@@ -371,16 +372,23 @@ def summarize(run: Run) -> dict:
     return summary
 
 
+# OSErrors of the machine, not the code: told in one line even without a file name.
+USER_OS_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
 @stops_on_ctrl_c('train', ' (a run keeps its last checkpoint: --resume auto)')
 @one_line_warnings('train')
 def cli(argv=None) -> int:
     """Train or evaluate as ``argv`` says (default ``sys.argv[1:]``); returns the exit status, with
-    one line instead of a traceback for expected failures (ImagenetFfcvError, and OSError: a
-    missing file, a full disk, no permission; a run keeps its last checkpoint)."""
+    one line instead of a traceback for expected failures (ImagenetFfcvError, and an OSError
+    naming a file or saying the disk is full or not writable: :data:`USER_OS_ERRORS`; a run
+    keeps its last checkpoint)."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         summary = main(config.load_config(argv), config.command_line_keys(argv))
     except (ImagenetFfcvError, OSError) as e:
+        if isinstance(e, OSError) and not (e.filename or e.errno in USER_OS_ERRORS):
+            raise  # an OSError inside the code: its traceback shows where
         print(f'{command_name("train")}: {e}', file=sys.stderr)
         return 1
     return summary.get('exit_code', 0)

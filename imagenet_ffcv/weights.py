@@ -8,6 +8,7 @@ pickle at all). Each holds the run's config and class list as metadata (the .pt 
 dict's own ``_metadata``, which ``load_state_dict`` passes to the modules and they ignore), so
 either file alone rebuilds the model as it was trained.
 """
+import errno
 import json
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -45,7 +46,10 @@ def save_final_weights(state_dict: dict, path, *, config: dict = None, classes=N
     tensors = {k: v.contiguous() for k, v in state_dict.items()}
     safe_path = path.with_suffix('.safetensors')
     with atomic_path(safe_path) as tmp:
-        safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
+        try:
+            safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
+        except safetensors.SafetensorError as e:  # a full disk: not an OSError
+            raise OSError(errno.EIO, f'cannot write the weights ({e})', str(safe_path)) from e
     described = OrderedDict(state_dict)
     described._metadata = OrderedDict({'': {METADATA_KEY: metadata}})  # the root module's
     save(described, path)

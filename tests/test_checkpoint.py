@@ -41,9 +41,10 @@ def test_load_names_the_file_for_foreign_or_truncated_files(tmp_path):
     # with checkpoint.keep_last, the error names the run's earlier checkpoints, newest first
     for epochs in (1, 2):
         (tmp_path / f'checkpoint_epoch_{epochs}.pt').write_bytes(good.read_bytes())
+    os.link(truncated, tmp_path / 'checkpoint_epoch_3.pt')  # keep_history's link to the newest
     with pytest.raises(checkpoint.CheckpointError, match=r'truncated.pt: cannot read .*; the run '
                        r'keeps earlier checkpoints: checkpoint_epoch_2.pt, checkpoint_epoch_1.pt '
-                       r'\(the newest may be the same file; --resume PATH continues from one\)'):
+                       r'\(--resume PATH continues from one\)'):
         checkpoint.load(truncated)
 
 
@@ -234,6 +235,12 @@ def test_ctrl_c_outside_the_runs_handling_ends_the_trainer_in_one_line(monkeypat
     err = capsys.readouterr().err
     assert err.endswith(": [Errno 28] No space left on device: 'runs/x/progress.png'\n") and \
         err.count('\n') == 1, err
+
+    def inside_the_code(cfg, command_line):  # no file, not the machine's: its traceback stays
+        raise OSError(22, 'Invalid argument')
+    monkeypatch.setattr(train, 'main', inside_the_code)
+    with pytest.raises(OSError, match='Invalid argument'):
+        train.cli(['--data.train_dataset=a', '--data.val_dataset=b', '--logging.folder=c'])
 
 
 class NaNAt(nn.Module):
