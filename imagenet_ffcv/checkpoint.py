@@ -168,18 +168,18 @@ def safe_torch_load(path, what: str = 'file'):
 def load(path) -> dict:
     """Read a checkpoint written by :func:`save` onto the CPU, without running code
     (:func:`safe_torch_load`). Raises CheckpointError naming the file when it is missing,
-    unreadable (naming the run's ``checkpoint_epoch_<N>.pt`` beside it, to resume from instead),
-    unsafe or not one of ours (e.g. a bare ``final_weights.pt``)."""
+    unreadable or unsafe (naming the run's ``checkpoint_epoch_<N>.pt`` beside it, to resume from
+    instead), or not one of ours (e.g. a bare ``final_weights.pt``)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f'{path}: checkpoint not found')
     try:
         state = safe_torch_load(path, 'checkpoint')
-    except CheckpointError as e:
+    except CheckpointError as e:  # damaged, or replaced by another file: either way unusable
         earlier = sorted((p for p in path.parent.iterdir() if HISTORY.fullmatch(p.name)
                           and not p.samefile(path)),  # the newest is a link to the same file
                          key=lambda p: -int(HISTORY.fullmatch(p.name)[1]))
-        if not earlier or 'refused' in str(e):
+        if not earlier:
             raise
         raise CheckpointError(f'{e}; the run keeps earlier checkpoints: '
                               f'{", ".join(p.name for p in earlier)} (--resume PATH continues '

@@ -33,7 +33,7 @@ CHECKPOINT_NAME = 'checkpoint.pt'
 FINAL_WEIGHTS_NAME = 'final_weights.pt'
 REPO = Path(__file__).resolve().parents[1]
 RUN_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9._-]*')  # a run name is one folder-name component
-RUN_FOLDER = re.compile(r'(?:(?P<name>.+)-)?\d{8}-\d{6}-[0-9a-f]{6}')  # [<run_name>-]<run id>
+RUN_FOLDER = re.compile(r'(?:(?P<name>.+)-)?\d{8}-\d{6}-[0-9a-f]{6}')  # RunDir.create's names
 
 
 class RunLockedError(ImagenetFfcvError):
@@ -73,7 +73,7 @@ class RunDir:
             named = f' named {run_name}' if run_name else ''
             print(f'=> note: {previous.parent}, the latest run{named} here, is unfinished; this '
                   f'starts a new run (--resume auto continues that one)')
-        run_id = datetime.now().strftime('%Y%m%d-%H%M%S-') + uuid.uuid4().hex[:6]
+        run_id = datetime.now().strftime('%Y%m%d-%H%M%S-') + uuid.uuid4().hex[:6]  # RUN_FOLDER's
         run = cls(Path(folder) / (f'{run_name}-{run_id}' if run_name else run_id))
         run.path.mkdir(parents=True)
         run.lock()
@@ -139,7 +139,7 @@ class RunDir:
             return (match.group('name') or '') if match else ''
 
     def lock_holder(self):
-        """``{'pid', 'host', 'job', 'start'}`` of the job holding the run's lock
+        """``{'pid', 'host', 'job', 'start', 'step', 'rdzv'}`` of the job holding the run's lock
         (:func:`lock_identity`), None when unlocked, {} when the lock file is empty (what a power
         cut can leave of one); a lock this tool did not write reads as
         ``{'pid': '?', 'host': '?'}``."""
