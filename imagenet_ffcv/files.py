@@ -89,6 +89,36 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def process_start(pid: int):
+    """When the process ``pid`` started, in clock ticks since this machine booted (field 22 of
+    Linux's ``/proc/PID/stat``, proc(5)), or None where that cannot be read (no such process in
+    this PID namespace, not Linux). Unlike a start time on the wall clock, it does not move when
+    the clock is set; with :func:`boot_id` it tells a process from a later one given its PID."""
+    try:
+        stat = Path(f'/proc/{pid}/stat').read_text()
+    except OSError:
+        return None
+    return int(stat.rpartition(')')[2].split()[19])  # after the command name, which may hold ')'
+
+
+def boot_id():
+    """This machine's boot id (Linux's ``/proc/sys/kernel/random/boot_id``: a random UUID drawn at
+    each boot, the same in every container of the machine), or None where it cannot be read."""
+    try:
+        return Path('/proc/sys/kernel/random/boot_id').read_text().strip() or None
+    except OSError:
+        return None
+
+
+def pid_namespace():
+    """This process's PID namespace (Linux's ``pid:[<inode>]``; each container has its own), or
+    None where it cannot be read. A PID means a process only within its namespace."""
+    try:
+        return os.readlink('/proc/self/ns/pid')
+    except OSError:
+        return None
+
+
 def remove_stale_temporaries(folder, name: str = '*') -> list:
     """Delete the temporaries ``.NAME.partial-PID`` and ``.NAME.failures-PID`` in ``folder`` (of
     the file ``name``, or of any file for ``'*'``) whose process no longer runs on this machine;

@@ -9,8 +9,7 @@
   ``final_weights.safetensors`` once it finished;
 - ``progress.png``: the run's plot;
 - ``checkpoint_epoch_<N>.pt``: the checkpoints after epoch N (``checkpoint.keep_history``);
-- ``lock``: ``{"pid", "host", "job", "start", "step", "rdzv"}`` of the job writing the run, while
-  it runs (:meth:`RunDir.lock`).
+- ``lock``: who writes the run, while it runs (:meth:`RunDir.lock`, :func:`lock_identity`).
 
 A run is *finished* when ``final_weights.pt`` exists; ``--resume auto`` picks the latest run of the
 same run name (:func:`latest_checkpoint`), and the trainer ends at once when that run finished.
@@ -27,7 +26,8 @@ from datetime import datetime
 from pathlib import Path
 
 from .errors import ImagenetFfcvError
-from .files import pid_alive, remove_stale_temporaries, temporary_path, write_text_atomic
+from .files import (boot_id, pid_alive, pid_namespace, process_start, remove_stale_temporaries,
+                    temporary_path, write_text_atomic)
 
 CHECKPOINT_NAME = 'checkpoint.pt'
 FINAL_WEIGHTS_NAME = 'final_weights.pt'
@@ -139,8 +139,7 @@ class RunDir:
             return (match.group('name') or '') if match else ''
 
     def lock_holder(self):
-        """``{'pid', 'host', 'job', 'start', 'step', 'rdzv'}`` of the job holding the run's lock
-        (:func:`lock_identity`), None when unlocked, {} when the lock file is empty (what a power
+        """What the run's lock holds of the job that holds it (:func:`lock_identity`), None when unlocked, {} when the lock file is empty (what a power
         cut can leave of one); a lock this tool did not write reads as
         ``{'pid': '?', 'host': '?'}``."""
         try:
@@ -159,7 +158,8 @@ class RunDir:
         """Mark the run as written by this process: ``RUN_DIR/lock`` holds
         :func:`lock_identity`, made complete (and on disk) then linked into place (``os.link``
         fails when the name exists, so of two jobs one only gets the lock). The lock of a job that
-        has ended (:func:`lock_ended`: a process that no longer runs on this host, an earlier
+        has ended (:func:`lock_ended`: a process that no longer runs on this host, or has run
+        since the machine restarted, an earlier
         start of this SLURM job or of torchrun's workers in it, a SLURM job that has ended) is
         taken over, with a message. Raises
         RunLockedError naming the holder when it may still run: alive on this host, or on
@@ -184,7 +184,7 @@ class RunDir:
                         f'{self.path}: another job writes this run (PID {holder.get("pid")} on '
                         f'{holder.get("host")}, {self.lock_file}); give this job its own run '
                         'name, or wait for that one to end (if it has ended on '
-                        'another host, delete the lock file)')
+                        'another host or in another container, delete the lock file)')
                 if ended:
                     print(f'=> {self.path}: taking over the lock of PID {holder.get("pid")} on '
                           f'{holder.get("host")}: {ended}')
@@ -234,7 +234,9 @@ class RunDir:
 
 
 def lock_identity(environ=None) -> dict:
-    """What a run's lock holds of this process: ``pid``, ``host``, ``job`` (in a SLURM job,
+    """What a run's lock holds of this process: ``pid``, ``host``, ``boot`` (the machine's boot id,
+    :func:`boot_id`), ``pid_ns`` (its PID namespace, :func:`pid_namespace`), ``started`` (its start
+    in clock ticks since boot, :func:`process_start`), ``job`` (in a SLURM job,
     ``slurm:<SLURM_CLUSTER_NAME>:<SLURM_JOB_ID>``, which a requeued job keeps; else None),
     ``start`` (SLURM_RESTART_COUNT: 0, then 1, 2, ... for each requeue), ``step`` (SLURM_STEP_ID:
     the ``srun`` of the job that started it, else None) and ``rdzv`` (under torchrun, its
@@ -244,7 +246,8 @@ def lock_identity(environ=None) -> dict:
     job = (f'slurm:{environ.get("SLURM_CLUSTER_NAME", "")}:{environ["SLURM_JOB_ID"]}'
            if environ.get('SLURM_JOB_ID') else None)
     rdzv = environ.get('TORCHELASTIC_RUN_ID')
-    return {'pid': os.getpid(), 'host': socket.gethostname(), 'job': job,
+    return {'pid': os.getpid(), 'host': socket.gethostname(), 'boot': boot_id(),
+            'pid_ns': pid_namespace(), 'started': process_start(os.getpid()), 'job': job,
             'start': int(environ.get('SLURM_RESTART_COUNT') or 0),
             'step': environ.get('SLURM_STEP_ID') or None,
             'rdzv': rdzv if rdzv not in (None, '', 'none') else None}
@@ -253,8 +256,8 @@ def lock_identity(environ=None) -> dict:
 def lock_ended(holder: dict, me: dict):
     """Why the job that holds a lock (``holder``, :meth:`RunDir.lock_holder`) has ended, as seen by
     the process ``me`` (:func:`lock_identity`), or None when it may still run. Ended: an empty lock
-    (a power cut as it was written: locks are linked into place complete); on this host, a PID that
-    no longer runs (one that does is never taken over, even if its PID was reused); on
+    (a power cut as it was written: locks are linked into place complete); on this host
+    (:func:`process_ended`), a process that no longer runs; on
     another, an earlier start of this SLURM job (the same job, requeued fewer times: SLURM requeues
     a job only once all of its processes have ended), an earlier start of torchrun's workers in the
     same ``srun`` step of this start of the SLURM job (the same ``--rdzv-id``: a run's lock is taken
@@ -269,7 +272,7 @@ def lock_ended(holder: dict, me: dict):
         return 'its lock file is empty (a power cut as it was written)'
     pid, job, start = holder.get('pid'), holder.get('job'), holder.get('start')
     if holder.get('host') == me['host']:
-        return 'it no longer runs' if isinstance(pid, int) and not pid_alive(pid) else None
+        return process_ended(holder, me)
     if me['job'] and isinstance(job, str):  # both in SLURM: slurm:<cluster>:<job id>
         if job == me['job'] and isinstance(start, int) and start < me['start']:
             return (f'an earlier start of this job ({job}, requeued {start} time(s), now '
@@ -282,6 +285,29 @@ def lock_ended(holder: dict, me: dict):
         cluster, _, job_id = job.rpartition(':')
         if cluster == me['job'].rpartition(':')[0] and slurm_job_ended(job_id):
             return f'SLURM job {job_id} has ended'
+    return None
+
+
+def process_ended(holder: dict, me: dict):
+    """Why the process that holds a lock on this host (``holder``, :meth:`RunDir.lock_holder`) has
+    ended, as seen by the process ``me`` (:func:`lock_identity`), or None when it may still run.
+    Ended: the machine has booted since (another boot id; the same host name on another machine
+    reads the same, and is taken over); its PID runs no process, or another one, started at
+    another time (a PID is reused, after a reboot often at once). In another PID namespace
+    (another container with this host name) its PID means nothing here: None. A lock without
+    ``boot`` and ``started`` (not Linux) is ended only by a PID that runs no process."""
+    pid = holder.get('pid')
+    if not isinstance(pid, int):
+        return None
+    if holder.get('boot') and me['boot'] and holder['boot'] != me['boot']:
+        return 'this machine has restarted since'
+    if holder.get('pid_ns') and me['pid_ns'] and holder['pid_ns'] != me['pid_ns']:
+        return None
+    if not pid_alive(pid):
+        return 'it no longer runs'
+    started = holder.get('started')
+    if isinstance(started, int) and process_start(pid) not in (None, started):
+        return f'PID {pid} is now another process'
     return None
 
 

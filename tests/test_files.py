@@ -10,6 +10,7 @@ import pytest
 
 from conftest import REPO
 from imagenet_ffcv import files
+from imagenet_ffcv.files import boot_id, pid_namespace, process_start
 from imagenet_ffcv.run_dir import (RunDir, RunLockedError, RunLogError, code_version,
                                    latest_checkpoint, lock_identity)
 
@@ -160,7 +161,9 @@ def test_a_run_folder_is_locked_by_its_job_and_a_dead_jobs_lock_is_taken_over(tm
     for name in ('SLURM_JOB_ID', 'SLURM_RESTART_COUNT', 'SLURM_STEP_ID', 'TORCHELASTIC_RUN_ID'):
         monkeypatch.delenv(name, raising=False)
     host = socket.gethostname()
-    me = {'pid': os.getpid(), 'host': host, 'job': None, 'start': 0, 'step': None, 'rdzv': None}
+    me = {'pid': os.getpid(), 'host': host, 'boot': boot_id(), 'pid_ns': pid_namespace(),
+          'started': process_start(os.getpid()), 'job': None, 'start': 0, 'step': None,
+          'rdzv': None}
     run = RunDir.create(tmp_path, params={'logging': {'run_name': 'a'}}, run_name='a')
     assert run.path.name.startswith('a-') and run.run_name == 'a'
     assert run.lock_holder() == me
@@ -182,6 +185,35 @@ def test_a_run_folder_is_locked_by_its_job_and_a_dead_jobs_lock_is_taken_over(tm
     assert [r['epoch'] for r in again.read_log()] == [0]
     again.unlock()
     assert not again.lock_file.exists()
+
+
+@pytest.mark.skipif(process_start(os.getpid()) is None, reason='needs Linux /proc')
+def test_a_lock_whose_pid_another_process_took_or_from_before_a_reboot_is_taken_over(
+        tmp_path, capsys):
+    """A job killed on this host whose PID another process took since (a reboot gives low PIDs
+    again at once) was refused for ever, its PID alive. The lock's start time (clock ticks since
+    boot, which clock steps do not move) tells the two apart, and a lock from before the
+    machine's restart (another boot id) is taken over. The live holder itself, and a PID of
+    another PID namespace (another container of this host name), are refused."""
+    run = RunDir.create(tmp_path, params={}, run_name='a')
+    live = subprocess.Popen([sys.executable, '-c', 'import sys; sys.stdin.read()'],
+                            stdin=subprocess.PIPE)
+    try:
+        holder = {**lock_identity(), 'pid': live.pid, 'started': process_start(live.pid)}
+        for refused in (holder, {**holder, 'pid': dead_pid(), 'pid_ns': 'pid:[1]'}):
+            run.lock_file.write_text(json.dumps(refused))
+            with pytest.raises(RunLockedError, match='or in another container, delete the lock'):
+                RunDir.reopen(run.checkpoint, epoch=0)
+        for ended, why in (({**holder, 'started': holder['started'] - 1},
+                            f'PID {live.pid} is now another process'),
+                           ({**holder, 'boot': 'another'}, 'this machine has restarted since')):
+            run.lock_file.write_text(json.dumps(ended))
+            RunDir.reopen(run.checkpoint, epoch=0)
+            assert f'taking over the lock of PID {live.pid} on {holder["host"]}: {why}' in \
+                capsys.readouterr().out
+            assert run.lock_holder() == lock_identity()
+    finally:
+        live.communicate(b'')
 
 
 def test_a_log_cut_short_by_a_kill_or_a_full_disk_resumes(tmp_path):
@@ -236,8 +268,8 @@ def test_the_lock_of_a_requeued_slurm_jobs_earlier_start_is_taken_over_on_any_ho
     monkeypatch.setenv('SLURM_CLUSTER_NAME', 'c1')
     monkeypatch.setenv('SLURM_RESTART_COUNT', '1')
     run = RunDir.create(tmp_path, params={}, run_name='a')
-    assert run.lock_holder() == {'pid': os.getpid(), 'host': socket.gethostname(),
-                                 'job': 'slurm:c1:4242', 'start': 1, 'step': None, 'rdzv': None}
+    assert run.lock_holder() == {**lock_identity(), 'job': 'slurm:c1:4242', 'start': 1,
+                                 'step': None, 'rdzv': None}
 
     def reopened(holder) -> bool:
         run.lock_file.write_text(json.dumps(holder))
