@@ -167,9 +167,13 @@ def _open(path):
         if len(md) != reader.num_samples:
             raise CorruptBetonError(f'{path}: header says {reader.num_samples} samples, metadata '
                                     f'holds {len(md)} (file truncated?)')
-        if reader.field_names[:2] != ['image', 'label']:
-            raise CorruptBetonError(f'{path}: fields {reader.field_names}, expected image and '
-                                    f'label')
+        fields = [(name, type(handler).__name__) for name, handler in reader.handlers.items()]
+        if fields[:2] != [('image', 'RGBImageField'), ('label', 'IntField')]:
+            raise CorruptBetonError(
+                f'{path}: its fields are {", ".join(f"{n} ({t})" for n, t in fields)}; this tool '
+                'reads .beton files whose first fields are image (RGBImageField) and label '
+                "(IntField), as imagenet-ffcv-write and ffcv-imagenet's write_imagenet.py write "
+                'them: write this one again from its images with imagenet-ffcv-write')
         return reader, md['f0'], md['f1'].astype(np.int64)
     except CorruptBetonError:
         raise

@@ -788,3 +788,23 @@ def test_a_class_list_without_names_gets_the_ilsvrc_names_of_its_wnids(tmp_path)
     path.write_text('0\tn01440764\n1\tmy_dogs\n2\tn01443537\tgold\n')
     assert read_class_names(path) == [('n01440764', 'tench'), ('my_dogs', ''),
                                       ('n01443537', 'gold')]
+
+
+def test_a_beton_with_other_fields_is_refused_naming_them_and_what_to_do(tmp_path):
+    """A .beton written by one's own ffcv script with its fields in another order (label, then
+    image) was refused as "fields ['label', 'image'], expected image and label", with no word of
+    what to do; its fields, their types and the remedy are named."""
+    from ffcv.fields import IntField, RGBImageField
+    from ffcv.writer import DatasetWriter
+    from imagenet_ffcv.verify import CorruptBetonError, check_beton
+    images = [(k, np.full((16, 16, 3), 40 * k, np.uint8)) for k in range(4)]
+    path = tmp_path / 'own.beton'
+    DatasetWriter(str(path), {'label': IntField(), 'image': RGBImageField()},
+                  num_workers=1).from_indexed_dataset(images)
+    with pytest.raises(CorruptBetonError) as info:
+        check_beton(path)  # what the loaders, the trainer and --verify check first
+    assert str(info.value) == (
+        f'{path}: its fields are label (IntField), image (RGBImageField); this tool reads .beton '
+        'files whose first fields are image (RGBImageField) and label (IntField), as '
+        "imagenet-ffcv-write and ffcv-imagenet's write_imagenet.py write them: write this one "
+        'again from its images with imagenet-ffcv-write')
