@@ -270,7 +270,7 @@ def lock_ended(holder: dict, me: dict):
     apart)."""
     if not holder:
         return 'its lock file is empty (a power cut as it was written)'
-    pid, job, start = holder.get('pid'), holder.get('job'), holder.get('start')
+    job, start = holder.get('job'), holder.get('start')
     if holder.get('host') == me['host']:
         return process_ended(holder, me)
     if me['job'] and isinstance(job, str):  # both in SLURM: slurm:<cluster>:<job id>
@@ -291,22 +291,26 @@ def lock_ended(holder: dict, me: dict):
 def process_ended(holder: dict, me: dict):
     """Why the process that holds a lock on this host (``holder``, :meth:`RunDir.lock_holder`) has
     ended, as seen by the process ``me`` (:func:`lock_identity`), or None when it may still run.
-    Ended: the machine has booted since (another boot id; the same host name on another machine
-    reads the same, and is taken over); its PID runs no process, or another one, started at
-    another time (a PID is reused, after a reboot often at once). In another PID namespace
-    (another container with this host name) its PID means nothing here: None. A lock without
-    ``boot`` and ``started`` (not Linux) is ended only by a PID that runs no process."""
+    Ended: its PID is this process's, or runs no process; in its PID namespace (``pid_ns``), also
+    the machine booted since (another boot id) or its PID runs another process, started at
+    another time (a PID is reused, after a reboot often at once). From another PID namespace
+    (a container of this host name: a restarted one, as Kubernetes and ``docker restart`` give,
+    or another one running) its PID is looked up here as if it were this namespace's, so a
+    restarted container continues its run, and two containers of one host name running one run
+    name are not told apart. A lock without ``pid_ns``, ``boot`` and ``started`` (not Linux) is
+    checked by its PID alone."""
     pid = holder.get('pid')
     if not isinstance(pid, int):
         return None
-    if holder.get('boot') and me['boot'] and holder['boot'] != me['boot']:
+    same_ns = not (holder.get('pid_ns') and me['pid_ns'] and holder['pid_ns'] != me['pid_ns'])
+    if same_ns and holder.get('boot') and me['boot'] and holder['boot'] != me['boot']:
         return 'this machine has restarted since'
-    if holder.get('pid_ns') and me['pid_ns'] and holder['pid_ns'] != me['pid_ns']:
-        return None
+    if pid == me['pid']:
+        return f'PID {pid} is now this process'
     if not pid_alive(pid):
         return 'it no longer runs'
     started = holder.get('started')
-    if isinstance(started, int) and process_start(pid) not in (None, started):
+    if same_ns and isinstance(started, int) and process_start(pid) not in (None, started):
         return f'PID {pid} is now another process'
     return None
 

@@ -193,23 +193,29 @@ def test_a_lock_whose_pid_another_process_took_or_from_before_a_reboot_is_taken_
     """A job killed on this host whose PID another process took since (a reboot gives low PIDs
     again at once) was refused for ever, its PID alive. The lock's start time (clock ticks since
     boot, which clock steps do not move) tells the two apart, and a lock from before the
-    machine's restart (another boot id) is taken over. The live holder itself, and a PID of
-    another PID namespace (another container of this host name), are refused."""
+    machine's restart (another boot id) is taken over. The live holder itself is refused. A lock
+    of another PID namespace (a container of this host name) is checked by its PID alone: taken
+    over when that PID runs no process here or is this process's (a restarted container), else
+    refused."""
     run = RunDir.create(tmp_path, params={}, run_name='a')
     live = subprocess.Popen([sys.executable, '-c', 'import sys; sys.stdin.read()'],
                             stdin=subprocess.PIPE)
     try:
         holder = {**lock_identity(), 'pid': live.pid, 'started': process_start(live.pid)}
-        for refused in (holder, {**holder, 'pid': dead_pid(), 'pid_ns': 'pid:[1]'}):
+        other_ns = {**holder, 'pid_ns': 'pid:[1]', 'started': 1, 'boot': 'another'}
+        for refused in (holder, other_ns):
             run.lock_file.write_text(json.dumps(refused))
             with pytest.raises(RunLockedError, match='or in another container, delete the lock'):
                 RunDir.reopen(run.checkpoint, epoch=0)
         for ended, why in (({**holder, 'started': holder['started'] - 1},
                             f'PID {live.pid} is now another process'),
-                           ({**holder, 'boot': 'another'}, 'this machine has restarted since')):
+                           ({**holder, 'boot': 'another'}, 'this machine has restarted since'),
+                           ({**other_ns, 'pid': dead_pid()}, 'it no longer runs'),
+                           ({**other_ns, 'pid': os.getpid()}, f'PID {os.getpid()} is now this '
+                                                                'process')):
             run.lock_file.write_text(json.dumps(ended))
             RunDir.reopen(run.checkpoint, epoch=0)
-            assert f'taking over the lock of PID {live.pid} on {holder["host"]}: {why}' in \
+            assert f'taking over the lock of PID {ended["pid"]} on {holder["host"]}: {why}' in \
                 capsys.readouterr().out
             assert run.lock_holder() == lock_identity()
     finally:
