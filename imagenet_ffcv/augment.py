@@ -19,6 +19,7 @@ import torch
 from torchvision.transforms import v2
 
 from .constants import IMAGENET_MEAN, IMAGENET_STD
+from .errors import InputError
 
 AUTO_AUGMENTS = {'ra': 'RandAugment', 'ta_wide': 'TrivialAugmentWide'}
 NUM_MAGNITUDE_BINS = 31  # torchvision's default for both
@@ -32,12 +33,12 @@ def batch_augmenter(*, auto_augment: str = '', ra_magnitude: int = 9, random_era
     probability of ``v2.RandomErasing`` per image (0: off), applied after the auto-augment op.
     Returns None when all are off. Raises ValueError naming the bad argument."""
     if auto_augment not in ('', *AUTO_AUGMENTS):
-        raise ValueError(f"auto_augment={auto_augment!r}: use '', 'ra' (RandAugment) or 'ta_wide' "
+        raise InputError(f"auto_augment={auto_augment!r}: use '', 'ra' (RandAugment) or 'ta_wide' "
                          '(TrivialAugmentWide)')
     if not 0 <= ra_magnitude < NUM_MAGNITUDE_BINS:
-        raise ValueError(f'ra_magnitude={ra_magnitude}: must be in [0, {NUM_MAGNITUDE_BINS - 1}]')
+        raise InputError(f'ra_magnitude={ra_magnitude}: must be in [0, {NUM_MAGNITUDE_BINS - 1}]')
     if not 0.0 <= random_erase <= 1.0:
-        raise ValueError(f'random_erase={random_erase}: a probability, in [0, 1]')
+        raise InputError(f'random_erase={random_erase}: a probability, in [0, 1]')
     if auto_augment == 'ra':
         auto = v2.RandAugment(magnitude=ra_magnitude, num_magnitude_bins=NUM_MAGNITUDE_BINS)
     elif auto_augment == 'ta_wide':

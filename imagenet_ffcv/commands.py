@@ -1,12 +1,15 @@
 """What the three commands (``imagenet-ffcv-write``, ``imagenet-ffcv-train``,
-``imagenet-ffcv-predict``) share: the name their messages give the command the user ran, warnings
-printed as one line, and the one line of a command stopped by Ctrl-C."""
+``imagenet-ffcv-predict``) share: the name their messages give the command the user ran, which
+errors they tell in one line, warnings printed as one line, and the one line of a command stopped
+by Ctrl-C."""
+import errno
 import functools
 import os
 import signal
 import sys
 import warnings
 
+from .errors import ImagenetFfcvError
 from .signals import end_by_sigint
 
 PACKAGE = os.path.dirname(os.path.abspath(__file__))
@@ -21,6 +24,21 @@ def command_name(module: str) -> str:
     if argv0 in ('', '-m', '-c') or os.path.dirname(os.path.abspath(argv0)) == PACKAGE:
         return f'python -m imagenet_ffcv.{module}'
     return os.path.basename(argv0)
+
+
+# OSErrors of the machine, not the code: told in one line even without a file name (a full disk, a
+# quota, a file-size limit, a read-only folder, a permission, a failing disk).
+USER_OS_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM,
+                  errno.EIO)
+
+
+def is_user_error(e: BaseException) -> bool:
+    """Whether a command tells the error ``e`` in one line, as the user's to mend, rather than by
+    its traceback, as a defect of the code: the tool's own errors (``errors.ImagenetFfcvError``:
+    their messages name the file or key and say what to do), and an OSError that names a file or
+    is the machine's (:data:`USER_OS_ERRORS`)."""
+    return isinstance(e, ImagenetFfcvError) or (
+        isinstance(e, OSError) and bool(e.filename or e.errno in USER_OS_ERRORS))
 
 
 def stopped_by_ctrl_c(module: str, what: str = '') -> int:

@@ -1,7 +1,6 @@
 """The configuration of the trainer (``imagenet-ffcv-train``): ffcv-imagenet's sections and keys
-(declared in ``config_schema``), read with fastargs.
-
-Sources, later ones winning: defaults < ``--config FILE.yaml`` (repeatable) < ``--section.key=value``.
+(declared in ``config_schema``), read with fastargs. Sources, later ones winning: defaults <
+``--config FILE.yaml`` (repeatable) < ``--section.key=value``.
 A key that is not in the schema, in a file or on the command line, is an error naming it (fastargs
 alone ignores it silently), and so is a value of the wrong type.
 
@@ -20,6 +19,7 @@ from . import augment, optimizers, schedules
 from .commands import command_name
 from .config_schema import (ConfigError, declared, defaults, did_you_mean, file_values, flatten,
                             markdown)  # markdown: the docs'
+from .errors import MissingFileError
 from .run_dir import RUN_NAME
 
 CONFIGS_DIR = Path(__file__).with_name('configs')  # the shipped recipes (rn50_configs/, ...)
@@ -51,8 +51,8 @@ def config_file(name) -> Path:
         if candidate.is_file():
             return candidate
     shipped = ', '.join(f'{p.parent.name}/{p.name}' for p in sorted(CONFIGS_DIR.glob('*/*.yaml')))
-    raise FileNotFoundError(f'--config {name}: no such file, nor a shipped config of that name '
-                            f'(shipped: {shipped})')
+    raise MissingFileError(f'--config {name}: no such file, nor a shipped config of that name '
+                           f'(shipped: {shipped})')
 
 
 def _add_key_arguments(parser: argparse.ArgumentParser, config: Config) -> None:

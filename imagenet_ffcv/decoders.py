@@ -26,6 +26,7 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 from .crops import center_crop, flipped, random_resized_crop, sample_key
+from .errors import InputError
 from .image_decode import DECODED, compiled_image_decoder, normalization, output_dtype
 
 PARALLEL_CHUNK = 1  # images a loader thread takes at a time as it gets free (0: equal shares)
@@ -88,12 +89,12 @@ class CropResizeDecoder(SimpleRGBImageDecoder):
         self.scale = np.array(scale, np.float64)
         self.ratio = np.array(ratio, np.float64).reshape(-1)  # (1,) for the centre crop
         if self.ratio.shape != ((1,) if self.center else (2,)):
-            raise ValueError(f'ratio={ratio!r}: expected ' + (
+            raise InputError(f'ratio={ratio!r}: expected ' + (
                 'a float for the centre crop' if self.center else '(low, high) aspect ratios'))
         self.flip_prob, self.normalize = float(flip_prob), bool(normalize)
         self.mean, self.inv_std = normalization(mean, std)
         if not 0 <= seed < 2 ** 63:
-            raise ValueError(f'seed={seed} must be >= 0 and < 2**63')
+            raise InputError(f'seed={seed} must be >= 0 and < 2**63')
         self.seed = int(seed)
         # The epoch, read by the compiled code at each batch from this array's address (numba
         # freezes captured arrays, so it copies the value with ctypes.memmove).

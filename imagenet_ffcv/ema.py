@@ -10,6 +10,8 @@ from collections import defaultdict
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from .errors import InputError
+
 
 class EMA(AveragedModel):
     """torch's ``AveragedModel`` (its state dict, its first update, its averaging function) whose
@@ -44,5 +46,5 @@ def make_ema(model: torch.nn.Module, decay: float) -> AveragedModel:
     the checkpoint, ``models.unwrapped_state_dict(ema)`` is the plain model's state dict.
     Raises ValueError unless ``0 < decay < 1``."""
     if not 0 < decay < 1:
-        raise ValueError(f'decay={decay} must lie in (0, 1)')
+        raise InputError(f'decay={decay} must lie in (0, 1)')
     return EMA(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from . import distributed
 from .constants import DEFAULT_CROP_RATIO, PRECISIONS
-from .errors import ImagenetFfcvError
+from .errors import ImagenetFfcvError, InputError
 from .metrics import topk_correct
 
 
@@ -39,7 +39,7 @@ def resolve_precision(amp: str, device: torch.device) -> Precision:
     Mixed-precision training as Micikevicius et al., "Mixed Precision Training" (2018), through
     ``torch.autocast`` and ``torch.amp.GradScaler``. Raises ValueError for another name."""
     if amp not in PRECISIONS:
-        raise ValueError(f'amp={amp!r}: expected one of {", ".join(PRECISIONS)}')
+        raise InputError(f'amp={amp!r}: expected one of {", ".join(PRECISIONS)}')
     if amp == 'auto':
         if device.type != 'cuda':
             amp = 'off'

@@ -6,3 +6,12 @@ line catches one type and prints its message instead of a traceback."""
 
 class ImagenetFfcvError(Exception):
     """An error of this tool; its message names the file, key or sample and says what to do."""
+
+
+class InputError(ImagenetFfcvError, ValueError):
+    """A value, a file's content or a folder's layout the tool cannot use (a config value out of
+    range, a devkit that does not read, class folders that clash, a folder where a file goes)."""
+
+
+class MissingFileError(ImagenetFfcvError, FileNotFoundError):
+    """A file or folder the tool needs is not there (a .beton, a split folder, a config file)."""

@@ -9,6 +9,7 @@ the previous complete file or the new complete one at ``NAME``, plus possibly a 
 :func:`remove_stale_temporaries` deletes once its process no longer runs.
 """
 import contextlib
+import glob
 import os
 from pathlib import Path
 
@@ -129,8 +130,9 @@ def remove_stale_temporaries(folder, name: str = '*') -> list:
     removed = []
     if not folder.is_dir():
         return removed
+    pattern = '*' if name == '*' else glob.escape(name)  # a name may hold [ ] * ?
     for kind in TEMPORARY_KINDS:
-        for tmp in folder.glob(f'.{name}.{kind}-*'):
+        for tmp in folder.glob(f'.{pattern}.{kind}-*'):
             pid = tmp.name.rsplit('-', 1)[-1]
             if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
                 tmp.unlink(missing_ok=True)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .classes import ilsvrc_classes
 from .constants import IMAGE_EXTENSIONS
+from .errors import InputError, MissingFileError
 
 TRAIN_TAR, VAL_TAR = 'ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar'
 KAGGLE_DIR = Path('ILSVRC') / 'Data' / 'CLS-LOC'
@@ -30,12 +31,12 @@ def val_solution(path) -> dict:
     """ImageId -> wnid from Kaggle's LOC_val_solution.csv (first token of PredictionString)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f'{path}: val labels not found: put Kaggle\'s {KAGGLE_LABELS} '
-                                f'(ImageId,PredictionString) or the devkit {DEVKIT_TAR} there')
-    with open(path, newline='') as f:
+        raise MissingFileError(f'{path}: val labels not found: put Kaggle\'s {KAGGLE_LABELS} '
+                               f'(ImageId,PredictionString) or the devkit {DEVKIT_TAR} there')
+    with open(path, newline='', encoding='utf-8-sig') as f:  # -sig: Excel's byte order mark
         rows = list(csv.reader(f))
     if not rows or rows[0][:2] != ['ImageId', 'PredictionString']:
-        raise ValueError(f'{path}: expected the header ImageId,PredictionString')
+        raise InputError(f'{path}: expected the header ImageId,PredictionString')
     return {r[0]: r[1].split()[0] for r in rows[1:] if len(r) >= 2 and r[1].split()}
 
 
@@ -50,7 +51,7 @@ def devkit_val_solution(path) -> dict:
     def read(tf, suffix):
         member = next((m for m in tf.getmembers() if m.name.endswith(suffix)), None)
         if member is None:
-            raise ValueError(f'{path}: no {suffix} inside: not the ILSVRC-2012 devkit')
+            raise InputError(f'{path}: no {suffix} inside: not the ILSVRC-2012 devkit')
         return tf.extractfile(member).read()
 
     try:
@@ -58,7 +59,7 @@ def devkit_val_solution(path) -> dict:
             meta = read(tf, 'data/meta.mat')
             truth = read(tf, 'data/ILSVRC2012_validation_ground_truth.txt')
     except (tarfile.TarError, EOFError, zlib.error, OSError) as e:  # cut short, an HTML page
-        raise ValueError(f'{path}: does not read as the ILSVRC-2012 devkit archive '
+        raise InputError(f'{path}: does not read as the ILSVRC-2012 devkit archive '
                          f'({" ".join(str(e).split())}); a download cut short? Download it '
                          f'again') from None
     try:
@@ -67,12 +68,12 @@ def devkit_val_solution(path) -> dict:
                       if int(s['num_children']) == 0}
         ids = [int(t) for t in truth.decode().split()]
     except Exception as e:  # noqa: BLE001 - scipy raises many kinds for a damaged .mat
-        raise ValueError(f'{path}: its data/meta.mat or ground truth does not read ({e!r}); '
+        raise InputError(f'{path}: its data/meta.mat or ground truth does not read ({e!r}); '
                          f'download it again') from None
     try:
         return {f'ILSVRC2012_val_{i:08d}': id_to_wnid[t] for i, t in enumerate(ids, 1)}
     except KeyError as e:
-        raise ValueError(f'{path}: ground truth names ILSVRC2012_ID {e} not in meta.mat') from None
+        raise InputError(f'{path}: ground truth names ILSVRC2012_ID {e} not in meta.mat') from None
 
 
 def val_labels(root) -> tuple:
@@ -109,7 +110,7 @@ def flat_val_samples(files: list, root, classes: list, where) -> list:
     class_to_idx = {wnid: i for i, wnid in enumerate(classes)}
     files = [(name, ref) for name, ref in files if not name.rsplit('/', 1)[-1].startswith('.')]
     if not files:
-        raise ValueError(f'{where}: no val images found')
+        raise InputError(f'{where}: no val images found')
     solution, labels = val_labels(root)
     samples, unlabelled = [], []
     for name, ref in files:
@@ -119,11 +120,11 @@ def flat_val_samples(files: list, root, classes: list, where) -> list:
             unlabelled.append(name)
             continue
         if wnid not in class_to_idx:
-            raise ValueError(f'{where}: {name} is labelled {wnid} in {labels}, a class not in the '
+            raise InputError(f'{where}: {name} is labelled {wnid} in {labels}, a class not in the '
                              f'train split')
         samples.append((class_to_idx[wnid], name.rsplit('/', 1)[-1], ref))
     if unlabelled:
-        raise ValueError(f'{where}: {len(unlabelled)} val image(s) have no label in {labels}: '
+        raise InputError(f'{where}: {len(unlabelled)} val image(s) have no label in {labels}: '
                          f'{", ".join(unlabelled[:5])}')
     listed = {image_id for image_id, wnid in solution.items() if wnid in class_to_idx}
     absent = sorted(listed - {name.rsplit('/', 1)[-1].rsplit('.', 1)[0] for name, _ in files})
@@ -141,12 +142,12 @@ def kaggle_val_samples(root, classes: list) -> list:
     ValueError saying which --data-dir reads it."""
     val_dir = Path(root) / KAGGLE_DIR / 'val'
     if not val_dir.is_dir():
-        raise FileNotFoundError(f'{val_dir}: split folder not found')
+        raise MissingFileError(f'{val_dir}: split folder not found')
     entries = list(os.scandir(val_dir))
     files = [(e.name, str(val_dir / e.name)) for e in entries
              if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)]
     if not files and any(e.is_dir() and not e.name.startswith('.') for e in entries):
-        raise ValueError(f'{val_dir}: holds class folders, not the flat val images: set '
+        raise InputError(f'{val_dir}: holds class folders, not the flat val images: set '
                          f'--data-dir {Path(root) / KAGGLE_DIR} (read as class folders)')
     return flat_val_samples(files, root, classes, val_dir)
 
@@ -172,7 +173,7 @@ def tar_members(tar_path, fileobj=None, end: int = None):
     except tarfile.TarError as e:
         problem = str(e)
     if problem:
-        raise ValueError(f'{where}: not a complete tar ({problem}); a download cut short? '
+        raise InputError(f'{where}: not a complete tar ({problem}); a download cut short? '
                          'Compare its size and checksum with those ImageNet gives, and download '
                          'it again')
     return members
@@ -202,11 +203,11 @@ def train_tar_classes(root, split: str = 'train') -> list:
                       f'sorted wnid order, the class list of the whole train split', stacklevel=2)
         return [wnid for wnid, _ in ilsvrc_classes()]
     if not train_tar.is_file():
-        raise FileNotFoundError(f'{train_tar}: needed for the class list (class i = i-th sorted '
-                                f'wnid of the train split)')
+        raise MissingFileError(f'{train_tar}: needed for the class list (class i = i-th sorted '
+                               f'wnid of the train split)')
     wnids = sorted(Path(n).name[:-4] for n, _, _ in tar_members(train_tar) if is_class_tar(n))
     if not wnids:
-        raise ValueError(f'{train_tar}: no per-class <wnid>.tar inside')
+        raise InputError(f'{train_tar}: no per-class <wnid>.tar inside')
     return wnids
 
 
@@ -234,7 +235,7 @@ def tar_train_samples(root, classes: list) -> list:
             samples.extend((tar_ref(train_tar, f'{Path(inner).name}/{n}', o, s), label)
                            for n, o, s in files if not n.startswith('.'))
     if not samples:
-        raise ValueError(f'{train_tar}: no images found')
+        raise InputError(f'{train_tar}: no images found')
     return samples
 
 
@@ -242,7 +243,7 @@ def tar_val_samples(root, classes: list) -> list:
     """The images of ILSVRC2012_img_val.tar, as tar references labelled by :func:`val_labels`."""
     val_tar = Path(root) / VAL_TAR
     if not val_tar.is_file():
-        raise FileNotFoundError(f'{val_tar}: val split archive not found')
+        raise MissingFileError(f'{val_tar}: val split archive not found')
     files = [(n, tar_ref(val_tar, n, o, s)) for n, o, s in tar_members(val_tar)
              if n.lower().endswith(IMAGE_EXTENSIONS)]
     return flat_val_samples(files, root, classes, val_tar)

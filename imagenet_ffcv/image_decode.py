@@ -24,6 +24,7 @@ from ffcv.pipeline.compiler import Compiler
 from . import resampling
 from .constants import DEFAULT_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
 from .crops import center_crop, flipped, random_resized_crop, sample_key
+from .errors import InputError
 from .jpeg_region import c_function, region_decoder
 from .resampling import resample
 
@@ -204,7 +205,7 @@ def normalization(mean, std) -> tuple:
     per RGB channel."""
     for name, value in (('mean', mean), ('std', std)):
         if np.shape(value) != (3,):
-            raise ValueError(f'{name}={value!r}: expected 3 values, one per RGB channel')
+            raise InputError(f'{name}={value!r}: expected 3 values, one per RGB channel')
     return (np.ascontiguousarray(mean, np.float32),
             np.ascontiguousarray(1 / np.asarray(std, np.float64), np.float32))
 
@@ -221,7 +222,7 @@ def decode_crop(record: np.ndarray, *, height: int, width: int, crop: tuple, siz
     bit. Raises ValueError for a record that does not decode (a corrupt JPEG, or raw pixels too
     short for the image) and for a ``size`` without 2 sides of at least 1 px."""
     if len(size) != 2 or min(size) < 1:
-        raise ValueError(f'size={size!r}: expected (H, W), each at least 1 px')
+        raise InputError(f'size={size!r}: expected (H, W), each at least 1 px')
     mean32, inv_std = normalization(mean, std)
     out = np.empty((*size, 3), output_dtype(normalize))
     record = np.ascontiguousarray(record, np.uint8)
@@ -234,7 +235,7 @@ def decode_crop(record: np.ndarray, *, height: int, width: int, crop: tuple, siz
     if code != DECODED:
         problem = ('an error in the compiled code, printed above' if code == 0 else
                    'a corrupt JPEG' if is_jpeg else 'raw pixels too short for the image')
-        raise ValueError(f'the record does not decode (code {code}: {problem})')
+        raise InputError(f'the record does not decode (code {code}: {problem})')
     return out
 
 

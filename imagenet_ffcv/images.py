@@ -8,6 +8,7 @@ import cv2
 import numpy as np
 from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from .errors import InputError
 from .ilsvrc import open_image_source
 
 
@@ -77,7 +78,7 @@ def _check_decoded_size(im: Image.Image) -> None:
     limit = Image.MAX_IMAGE_PIXELS
     width, height = im.size
     if limit is not None and width * height > 2 * limit:
-        raise ValueError(f'{width} x {height} px ({width * height / 1e6:.0f} MP) to '
+        raise InputError(f'{width} x {height} px ({width * height / 1e6:.0f} MP) to '
                          f'decode, over the {2 * limit / 1e6:.0f} MP limit against '
                          f'decompression bombs (PIL.Image.MAX_IMAGE_PIXELS x 2); shrink it '
                          f'first, or save it as a JPEG (decoded at 1/8 of its size)')
@@ -112,7 +113,7 @@ def load_image(path, max_res: int) -> np.ndarray:
         if size != im.size:
             a = resize_rgb(a, size)
         if a.ndim != 3 or a.shape[2] != 3 or a.dtype != np.uint8 or 0 in a.shape:
-            raise ValueError(f'decoded to an unusable array {a.dtype} {a.shape}')
+            raise InputError(f'decoded to an unusable array {a.dtype} {a.shape}')
         return a
 
 
@@ -129,7 +130,10 @@ def resize_rgb(a: np.ndarray, size: tuple) -> np.ndarray:
     return cv2.resize(a, size, interpolation=interpolation)
 
 
-# The writer's default --restart-interval, in MCUs (see encode_jpeg).
+# The writer's defaults, which predict stores its images with too: --max-res (the shorter side, px),
+# --jpeg-quality and --restart-interval (in MCUs, see encode_jpeg).
+DEFAULT_MAX_RES = 256
+DEFAULT_JPEG_QUALITY = 90
 DEFAULT_RESTART_INTERVAL = 4
 MCU_WIDTH = 16  # px: OpenCV's JPEGs of colour images are 4:2:0, MCUs of 16 x 16 px
 
@@ -140,7 +144,7 @@ def restart_interval_for(width: int, restart_interval: int) -> int:
     that every MCU row starts an interval and the region decoder can leave out columns as well as
     rows (``jpeg_region.c``). 0 for 0 (no restart markers)."""
     if restart_interval < 0:
-        raise ValueError(f'restart_interval={restart_interval}: must be >= 0 (0: no markers)')
+        raise InputError(f'restart_interval={restart_interval}: must be >= 0 (0: no markers)')
     columns = -(-width // MCU_WIDTH)
     return max((n for n in range(1, min(restart_interval, columns) + 1) if columns % n == 0),
                default=0)
@@ -163,5 +167,5 @@ def encode_jpeg(rgb: np.ndarray, *, quality: int, restart_interval: int) -> np.n
                                [cv2.IMWRITE_JPEG_QUALITY, int(quality),
                                 cv2.IMWRITE_JPEG_RST_INTERVAL, interval])
     if not ok:
-        raise ValueError(f'OpenCV could not encode a {rgb.shape} {rgb.dtype} image as JPEG')
+        raise InputError(f'OpenCV could not encode a {rgb.shape} {rgb.dtype} image as JPEG')
     return encoded.reshape(-1)

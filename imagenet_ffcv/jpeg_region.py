@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import ImagenetFfcvError
+from .errors import ImagenetFfcvError, InputError
 
 SOURCE = Path(__file__).with_name('jpeg_region.c')
 REBUILD = ('reinstall the package to build it (pip install -e . in a checkout, which make setup '
@@ -125,6 +125,6 @@ def decode_region(jpeg: np.ndarray, *, top: int, left: int, height: int, width: 
     code = fn(jpeg.ctypes.data, jpeg.size, out.ctypes.data, capacity, top, left, height, width,
               denom, info.ctypes.data)
     if code != 0:
-        raise ValueError(f'decode_region failed with code {code} (-1 corrupt JPEG, -2 rectangle '
+        raise InputError(f'decode_region failed with code {code} (-1 corrupt JPEG, -2 rectangle '
                          f'outside the image, -3 data ended early, -5 corrupt data)')
     return out[:height * info[1] * 3].reshape(height, int(info[1]), 3), int(info[0])

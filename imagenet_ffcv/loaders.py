@@ -30,6 +30,7 @@ from .constants import DECODERS, DEFAULT_CROP_RATIO, IMAGENET_MEAN, IMAGENET_STD
 from . import memory_readers
 from .decoders import ScratchQuery, center_crop_decoder, random_resized_crop_decoder
 from .epoch_iterator import EpochIterator
+from .errors import InputError
 from .verify import check_beton
 
 ORDERS = {'random': OrderOption.RANDOM, 'quasi_random': OrderOption.QUASI_RANDOM}
@@ -88,7 +89,7 @@ class Loader(ffcv.loader.Loader):
         A run resumed within an epoch starts there (``engine.train_one_epoch``). Raises
         ValueError for a ``first_batch`` out of that range."""
         if not 0 <= first_batch <= len(self):
-            raise ValueError(f'first_batch={first_batch}: expected 0 to {len(self)}, the batches '
+            raise InputError(f'first_batch={first_batch}: expected 0 to {len(self)}, the batches '
                              f'of an epoch of {self.fname}')
         if first_batch == len(self):  # no batch left (ffcv's process cache fails on none)
             self.next_epoch += 1
@@ -223,7 +224,7 @@ def image_pipeline(make_decoder, *, device, dtype=torch.float32, **decoder_args)
         return decoder, [decoder, ToTensor(), ToDevice(device, non_blocking=True), ToTorchImage(),
                          NormalizeOnDevice(IMAGENET_MEAN, IMAGENET_STD, dtype)]
     if device.type != 'cpu':
-        raise ValueError(f'device={device}: the loaders run on cpu or cuda')
+        raise InputError(f'device={device}: the loaders run on cpu or cuda')
     decoder = make_decoder(normalize=True, mean=IMAGENET_MEAN, std=IMAGENET_STD, **decoder_args)
     return decoder, [decoder, ToTensor(), ToTorchImage()]
 
@@ -244,7 +245,7 @@ def ffcv_image_pipeline(decoder, *, device, dtype=torch.float32, flip_prob: floa
 
 def _check_decoder_name(decoder_name: str) -> None:
     if decoder_name not in DECODERS:
-        raise ValueError(f'decoder_name={decoder_name!r}: expected one of {", ".join(DECODERS)}')
+        raise InputError(f'decoder_name={decoder_name!r}: expected one of {", ".join(DECODERS)}')
 
 
 def antialiased(decoder_name: str) -> bool:
@@ -292,11 +293,11 @@ def train_loader(*, path, batch_size: int, num_workers: int, res: int, os_cache:
     """
     _check_decoder_name(decoder_name)
     if order not in ORDERS:
-        raise ValueError(f"order={order!r}: expected 'random' or 'quasi_random'")
+        raise InputError(f"order={order!r}: expected 'random' or 'quasi_random'")
     if distributed and order != 'random':
-        raise ValueError("ffcv supports only order='random' with distributed=True")
+        raise InputError("ffcv supports only order='random' with distributed=True")
     if num_workers < 1:
-        raise ValueError(f'num_workers={num_workers}: the loader needs at least 1 thread')
+        raise InputError(f'num_workers={num_workers}: the loader needs at least 1 thread')
     check_beton(path)
     if decoder_name == 'ffcv':
         ours = None
@@ -329,7 +330,7 @@ def val_loader(*, path, batch_size: int, num_workers: int, res: int, device, ran
     """
     _check_decoder_name(decoder_name)
     if num_workers < 1:
-        raise ValueError(f'num_workers={num_workers}: the loader needs at least 1 thread')
+        raise InputError(f'num_workers={num_workers}: the loader needs at least 1 thread')
     # uint64 as ffcv's own default: int64 indices meet its uint64 ones and numba sees float64.
     indices = np.arange(rank, check_beton(path), world_size, dtype=np.uint64)
     if decoder_name == 'ffcv':

@@ -9,6 +9,8 @@ draws its own, saved in checkpoints).
 """
 from torchvision.transforms import v2
 
+from .errors import InputError
+
 
 def batch_mixer(*, num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: float = 0.0):
     """A callable ``(x, y) -> (x_mixed, targets)``: ``x`` float (B, 3, H, W) on any device (the
@@ -17,7 +19,7 @@ def batch_mixer(*, num_classes: int, mixup_alpha: float = 0.0, cutmix_alpha: flo
     ``alpha`` 0 turns a method off; returns None when both are off. Raises ValueError for a
     negative alpha."""
     if mixup_alpha < 0 or cutmix_alpha < 0:
-        raise ValueError(f'mixup_alpha={mixup_alpha}, cutmix_alpha={cutmix_alpha}: must be >= 0')
+        raise InputError(f'mixup_alpha={mixup_alpha}, cutmix_alpha={cutmix_alpha}: must be >= 0')
     methods = []
     if mixup_alpha > 0:
         methods.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))

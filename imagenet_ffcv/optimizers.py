@@ -2,6 +2,7 @@
 ``models.param_groups`` (each group carries its own ``weight_decay``)."""
 import torch
 
+from .errors import InputError
 from .optional import require
 
 OPTIMIZERS = ('sgd', 'adamw', 'lamb')
@@ -23,7 +24,7 @@ def make_optimizer(name: str, groups: list, *, lr: float, momentum: float = 0.9,
     if name == 'lamb':
         timm_optim = require('timm.optim', 'the LAMB optimizer', package='timm')
         return timm_optim.Lamb(groups, lr=lr, betas=betas)
-    raise ValueError(f'optimizer={name!r}: expected one of {", ".join(OPTIMIZERS)}')
+    raise InputError(f'optimizer={name!r}: expected one of {", ".join(OPTIMIZERS)}')
 
 
 def parse_betas(text: str) -> tuple:
@@ -32,7 +33,7 @@ def parse_betas(text: str) -> tuple:
     try:
         betas = tuple(float(part) for part in text.split(','))
     except ValueError:
-        raise ValueError("expected two numbers 'beta1,beta2', e.g. '0.9,0.999'") from None
+        raise InputError("expected two numbers 'beta1,beta2', e.g. '0.9,0.999'") from None
     if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
-        raise ValueError("expected two numbers in [0, 1) 'beta1,beta2', e.g. '0.9,0.999'")
+        raise InputError("expected two numbers in [0, 1) 'beta1,beta2', e.g. '0.9,0.999'")
     return betas

@@ -31,17 +31,19 @@ from pathlib import Path
 import torch
 
 from . import config, engine
-from .checkpoint import CheckpointError
 from .classes import read_class_names
-from .commands import command_name, one_line_warnings
+from .commands import command_name, is_user_error, one_line_warnings
+from .errors import InputError, MissingFileError
 from .image_decode import center_crop_pixels
-from .images import DEFAULT_RESTART_INTERVAL, encode_jpeg, load_image
+from .images import (DEFAULT_JPEG_QUALITY, DEFAULT_MAX_RES, DEFAULT_RESTART_INTERVAL, encode_jpeg,
+                     load_image)
 from .loaders import antialiased
 from .weights import load_model
 
 
 def predict(paths: list, *, weights, top: int = 5, classes_path=None, res=None,
-            arch='resnet50', blurpool: bool = None, max_res: int = None, jpeg_quality: int = 90,
+            arch='resnet50', blurpool: bool = None, max_res: int = None,
+            jpeg_quality: int = DEFAULT_JPEG_QUALITY,
             restart_interval: int = DEFAULT_RESTART_INTERVAL, batch_size: int = 64,
             device=None) -> list:
     """Top-``top`` predictions for each image file.
@@ -80,7 +82,8 @@ def predict(paths: list, *, weights, top: int = 5, classes_path=None, res=None,
     evaluated = (config.saved_eval_kwargs(saved.config) if saved.config
                  else {'res': 224, 'flip_tta': True, 'decoder': 'fused'})
     res, antialias = res or evaluated['res'], antialiased(evaluated['decoder'])
-    max_res = max_res or (saved.config or {}).get('derived', {}).get('val_image_side') or 256
+    max_res = (max_res or (saved.config or {}).get('derived', {}).get('val_image_side')
+               or DEFAULT_MAX_RES)
     if evaluated['decoder'] == 'ffcv':
         print(f'note: {weights} validated with ffcv\'s decoder (OpenCV INTER_AREA resize); '
               'predict resizes as the fused decoder does, so its inputs differ slightly from '
@@ -104,7 +107,8 @@ def predict(paths: list, *, weights, top: int = 5, classes_path=None, res=None,
     return results
 
 
-def image_record(path, *, max_res: int = 256, jpeg_quality: int = 90,
+def image_record(path, *, max_res: int = DEFAULT_MAX_RES,
+                 jpeg_quality: int = DEFAULT_JPEG_QUALITY,
                  restart_interval: int = DEFAULT_RESTART_INTERVAL) -> tuple:
     """The image file at ``path`` as ``imagenet-ffcv-write --max-res MAX_RES --jpeg-quality Q
     --restart-interval N`` stores it: ``(JPEG bytes uint8 (N,), height, width)``
@@ -114,10 +118,10 @@ def image_record(path, *, max_res: int = 256, jpeg_quality: int = 90,
     try:
         pixels = load_image(path, max_res)
     except FileNotFoundError:
-        raise FileNotFoundError(f'{path}: no such file') from None
+        raise MissingFileError(f'{path}: no such file') from None
     except IsADirectoryError:
-        raise IsADirectoryError(f'{path}: a folder, not an image; give the images in it '
-                                f'({Path(path) / "*"})') from None
+        raise InputError(f'{path}: a folder, not an image; give the images in it '
+                         f'({Path(path) / "*"})') from None
     except Exception as e:  # any decoder error: named, and the other images still classified
         raise (OSError if isinstance(e, OSError) else ValueError)(
             f'{path}: cannot decode the image ({e})') from e
@@ -179,10 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help='shorter side (px) images are stored at first, as the .beton the '
                              "run validated on (imagenet-ffcv-write's --max-res; default: the "
                              "largest shorter side in that .beton, saved with the run's config, "
-                             'else 256)')
-    parser.add_argument('--jpeg-quality', type=int, default=90,
+                             f'else {DEFAULT_MAX_RES})')
+    parser.add_argument('--jpeg-quality', type=int, default=DEFAULT_JPEG_QUALITY,
                         help="JPEG quality they are stored at (imagenet-ffcv-write's; "
-                             'default 90)')
+                             f'default {DEFAULT_JPEG_QUALITY})')
     parser.add_argument('--restart-interval', type=int, default=DEFAULT_RESTART_INTERVAL,
                         help="MCUs between restart markers (imagenet-ffcv-write's; default "
                              f'{DEFAULT_RESTART_INTERVAL})')
@@ -202,7 +206,9 @@ def cli(argv=None) -> int:
                           classes_path=args.classes, res=args.res, arch=args.arch,
                           blurpool=args.blurpool, max_res=args.max_res,
                           jpeg_quality=args.jpeg_quality, restart_interval=args.restart_interval)
-    except (CheckpointError, FileNotFoundError, OSError, ValueError) as e:
+    except Exception as e:
+        if not is_user_error(e):
+            raise  # a defect of the code: its traceback shows where
         print(f'{command_name("predict")}: {e}', file=sys.stderr)
         return 1
     for path, top in zip(args.images, results):

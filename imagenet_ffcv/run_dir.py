@@ -139,9 +139,9 @@ class RunDir:
             return (match.group('name') or '') if match else ''
 
     def lock_holder(self):
-        """What the run's lock holds of the job that holds it (:func:`lock_identity`), None when unlocked, {} when the lock file is empty (what a power
-        cut can leave of one); a lock this tool did not write reads as
-        ``{'pid': '?', 'host': '?'}``."""
+        """What the run's lock holds of the job that holds it (:func:`lock_identity`), None when
+        unlocked, {} when the lock file is empty (what a power cut can leave of one); a lock this
+        tool did not write reads as ``{'pid': '?', 'host': '?'}``."""
         try:
             text = self.lock_file.read_text()
         except FileNotFoundError:
@@ -354,9 +354,10 @@ def unfinished_run_names(folder) -> list:
 
 def code_version() -> dict:
     """``{'version': the installed package's version or None, 'git_commit': SHA or None,
-    'git_dirty': bool or None}`` of the code that runs: the commit of the repository holding this
-    package, and whether its tracked files differ from it (None for both outside a git checkout,
-    as after ``pip install .``, or without git), as airbench keeps the code with its results."""
+    'git_dirty': bool or None}`` of the code that runs: the commit of the checkout this package
+    is in (the folder above it holds ``.git``), and whether its tracked files differ from it
+    (None for both outside a checkout, as after ``pip install .``, even into a virtual
+    environment inside one, or without git), as airbench keeps the code with its results."""
     try:
         version = importlib.metadata.version('imagenet-ffcv')
     except importlib.metadata.PackageNotFoundError:
@@ -367,7 +368,7 @@ def code_version() -> dict:
                               timeout=30)
     try:
         head = git('rev-parse', 'HEAD')
-        if head.returncode != 0:
+        if head.returncode != 0 or not (REPO / '.git').exists():
             return {'version': version, 'git_commit': None, 'git_dirty': None}
         status = git('status', '--porcelain', '--untracked-files=no')
         return {'version': version, 'git_commit': head.stdout.strip(),

@@ -11,6 +11,8 @@ the LR is updated every iteration and never sits at exactly 0 on the first or la
 import math
 from fractions import Fraction
 
+from .errors import InputError
+
 
 def cyclic_lr(t: float, *, lr: float, epochs: int, peak_epoch: float,
               warmup_epochs: float = 0.0) -> float:
@@ -20,7 +22,7 @@ def cyclic_lr(t: float, *, lr: float, epochs: int, peak_epoch: float,
     ``warmup_epochs``: the warm-up factor of :func:`lr_at` applies on top; unused here.
     """
     if not 0 <= peak_epoch <= epochs:
-        raise ValueError(f'peak_epoch={peak_epoch} must lie in [0, epochs={epochs}]')
+        raise InputError(f'peak_epoch={peak_epoch} must lie in [0, epochs={epochs}]')
     if t <= peak_epoch:
         return lr * t / peak_epoch if peak_epoch > 0 else lr
     if t >= epochs:
@@ -41,7 +43,7 @@ def step_lr(t: float, *, lr: float, epochs: int, step_ratio: float, step_length:
     if step_fractions:
         return lr * step_ratio ** sum(1 for f in step_fractions if t >= f * epochs)
     if step_length <= 0:
-        raise ValueError(f'step_length={step_length} must be > 0')
+        raise InputError(f'step_length={step_length} must be > 0')
     return lr * step_ratio ** math.floor(t / step_length)
 
 
@@ -61,7 +63,7 @@ def cosine_lr(t: float, *, lr: float, epochs: int, min_lr: float = 0.0,
     which is ``min_lr`` from ``t = epochs`` on. Units: ``t`` and ``warmup_epochs`` in epochs.
     Raises ValueError when ``min_lr`` is negative or above ``lr``."""
     if not 0 <= min_lr <= lr:
-        raise ValueError(f'min_lr={min_lr} must lie in [0, lr={lr}]')
+        raise InputError(f'min_lr={min_lr} must lie in [0, lr={lr}]')
     if t <= warmup_epochs:
         return lr
     if t >= epochs:
@@ -94,9 +96,9 @@ def parse_fractions(text: str) -> list:
         try:
             value = float(Fraction(item))
         except (ValueError, ZeroDivisionError):
-            raise ValueError(f'{item!r} is not a fraction such as 1/3 or 0.5') from None
+            raise InputError(f'{item!r} is not a fraction such as 1/3 or 0.5') from None
         if not 0 < value < 1:
-            raise ValueError(f'{item!r} must lie strictly between 0 and 1')
+            raise InputError(f'{item!r} must lie strictly between 0 and 1')
         values.append(value)
     return sorted(values)
 
@@ -114,7 +116,7 @@ def lr_at(t: float, *, schedule: str, lr: float, epochs: int, warmup_epochs: flo
     ``arguments``), times the warm-up factor. Raises ValueError for an unknown name and TypeError
     for an argument the schedule does not take."""
     if schedule not in LR_SCHEDULES:
-        raise ValueError(f'schedule={schedule!r}: expected one of {", ".join(LR_SCHEDULES)}')
+        raise InputError(f'schedule={schedule!r}: expected one of {", ".join(LR_SCHEDULES)}')
     value = LR_SCHEDULES[schedule](t, lr=lr, epochs=epochs, warmup_epochs=warmup_epochs,
                                    **arguments)
     return value * warmup_factor(t, warmup_epochs=warmup_epochs)
@@ -130,7 +132,7 @@ def scaled_lr(lr: float, *, batch_size: int, world_size: int, ref_batch_size: in
     if ref_batch_size == 0:
         return lr
     if ref_batch_size < 0:
-        raise ValueError(f'ref_batch_size={ref_batch_size} must be >= 0 (0: no scaling)')
+        raise InputError(f'ref_batch_size={ref_batch_size} must be >= 0 (0: no scaling)')
     return lr * batch_size * world_size / ref_batch_size
 
 
@@ -151,7 +153,7 @@ def resolution_at(epoch: int, *, min_res: int, max_res: int, start_ramp: int, en
     the square training crops for ``epoch`` (0-based); it never decreases from epoch to epoch.
     """
     if min_res > max_res:
-        raise ValueError(f'min_res={min_res} is above max_res={max_res}')
+        raise InputError(f'min_res={min_res} is above max_res={max_res}')
     if epoch <= start_ramp:
         return min_res
     if epoch >= end_ramp:

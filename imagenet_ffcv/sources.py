@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import ilsvrc
 from .constants import IMAGE_EXTENSIONS
-from .errors import ImagenetFfcvError
+from .errors import ImagenetFfcvError, InputError, MissingFileError
 from .files import write_text_atomic
 from .ilsvrc import KAGGLE_DIR, TRAIN_TAR, VAL_TAR
 
@@ -39,26 +39,26 @@ def find_classes(train_dir) -> list:
     """
     train_dir = Path(train_dir)
     if not train_dir.is_dir():
-        raise FileNotFoundError(f'{train_dir}: train split folder not found (expected '
-                                f'<data-dir>/train/<wnid>/*.JPEG); set --data-dir')
+        raise MissingFileError(f'{train_dir}: train split folder not found (expected '
+                               f'<data-dir>/train/<wnid>/*.JPEG); set --data-dir')
     entries = list(os.scandir(train_dir))
     broken = sorted(e.name for e in entries if _kind(e) is None and not e.name.startswith('.'))
     if broken:
-        raise ValueError(f'{train_dir}: {", ".join(broken[:5])} cannot be read (a broken or '
+        raise InputError(f'{train_dir}: {", ".join(broken[:5])} cannot be read (a broken or '
                          f'looping symbolic link?); were it a class folder, the classes after it '
                          f'would take other indices: fix or remove it')
     classes, _ = _class_folders(entries)
     packed = sorted(e.name for e in entries if WNID_TAR.fullmatch(e.name)
                     and e.name[:-4] not in classes and _kind(e) == 'file')
     if packed:  # a class not extracted yet (ImageNet's train tar holds one tar per class)
-        raise ValueError(f'{train_dir}: {", ".join(packed[:5])}{" ..." if len(packed) > 5 else ""} '
+        raise InputError(f'{train_dir}: {", ".join(packed[:5])}{" ..." if len(packed) > 5 else ""} '
                          f'not extracted: the class would be missing and the classes after it '
                          f'would take other indices; extract each into a folder of its name '
                          f'(mkdir {packed[0][:-4]} && tar xf {packed[0]} -C {packed[0][:-4]}) '
                          f'and remove the tar, or move it out of {train_dir}')
     if not classes:
         _raise_if_flat(train_dir, entries)
-        raise ValueError(f'{train_dir}: no class folders (expected {train_dir}/<wnid>/*.JPEG)')
+        raise InputError(f'{train_dir}: no class folders (expected {train_dir}/<wnid>/*.JPEG)')
     _check_class_names(train_dir, classes)
     if len(classes) == 1:
         warnings.warn(f'{train_dir}: one class folder ({classes[0]}): a classifier of one class '
@@ -81,7 +81,7 @@ def _check_class_names(train_dir, classes: list) -> None:
     bad = [repr(name) if utf8(name) else repr(os.fsencode(name)) for name in classes
            if not utf8(name) or any(c in name for c in '\t\n\r')]
     if bad:
-        raise ValueError(f'{train_dir}: class folder name(s) {", ".join(bad[:5])} '
+        raise InputError(f'{train_dir}: class folder name(s) {", ".join(bad[:5])} '
                          f'{"are" if len(bad) > 1 else "is"} not valid UTF-8 or hold a tab or '
                          f'line break, which the class list (classes.tsv: UTF-8, a line per '
                          f'class, tab-separated) cannot hold: rename the folder(s) (for names '
@@ -102,7 +102,7 @@ def _raise_if_flat(split_dir, entries: list) -> None:
         kaggle = '--layout kaggle'
         if inside.parts[-len(KAGGLE_DIR.parts):] == KAGGLE_DIR.parts:
             kaggle = f'--data-dir {inside.parents[len(KAGGLE_DIR.parts) - 1]} {kaggle}'
-        raise ValueError(
+        raise InputError(
             f'{split_dir}: {len(loose)} images lie in the folder itself ({", ".join(loose[:3])}'
             f'{" ..." if len(loose) > 3 else ""}), not in class folders <wnid>/, so they have no '
             f'labels. {how} from the raw tars (--layout tars) or from Kaggle\'s tree with '
@@ -111,22 +111,20 @@ def _raise_if_flat(split_dir, entries: list) -> None:
 
 def list_samples(split_dir, classes: list) -> list:
     """All images of a split as ``(path, label)`` pairs, ordered by class index then file name.
-
     ``classes`` is the train split's class list (see :func:`find_classes`); a folder of
-    ``split_dir`` that is not in it raises ValueError naming the folder, since its images would
-    have no label. The images of a class folder's subfolders are the class's too (as
-    torchvision's ImageFolder), each folder listed once (a symbolic link to a folder listed
-    already is left out with a warning). Files whose extension is not in IMAGE_EXTENSIONS are
-    left out with a warning naming them, and so are entries with an image name that are not
-    readable files (broken or looping symbolic links), and files in ``split_dir`` itself, outside
-    the class folders; hidden files and folders (a name starting with '.') are left out
-    silently. Two class folders that are the same folder (a
-    symbolic link to another class) raise ValueError naming both: their images would carry two
-    labels.
-    """
+    ``split_dir`` that is not in it raises InputError naming the folder (its images would have
+    no label), and so do two class folders that are the same folder (a symbolic link to another
+    class: its images would carry two labels). The images of a class folder's subfolders are the
+    class's too (as torchvision's ImageFolder), each folder and image listed once: a symbolic
+    link to a folder listed already, or to a folder or image file of the split listed at its own
+    place (in another class, it would carry that class's label too), is left out with a warning.
+    Files whose extension is not in IMAGE_EXTENSIONS are left out with a warning naming them,
+    and so are entries with an image name that are not readable files (broken or looping
+    symbolic links), and files in ``split_dir`` itself, outside the class folders; hidden files
+    and folders (a name starting with '.') are left out silently."""
     split_dir = Path(split_dir)
     if not split_dir.is_dir():
-        raise FileNotFoundError(f'{split_dir}: split folder not found')
+        raise MissingFileError(f'{split_dir}: split folder not found')
     class_to_idx = {wnid: i for i, wnid in enumerate(classes)}
     entries = list(os.scandir(split_dir))
     folders, hidden = _class_folders(entries)
@@ -139,7 +137,7 @@ def list_samples(split_dir, classes: list) -> list:
         alike = [f for f in unknown if unicodedata.normalize('NFC', f) in nfc]
         cased = [f'{f} and train/{c}' for f in unknown for c in classes if f.casefold() ==
                  c.casefold()]
-        raise ValueError(f'{split_dir}: class folder(s) {", ".join(unknown[:5])} are not in the '
+        raise InputError(f'{split_dir}: class folder(s) {", ".join(unknown[:5])} are not in the '
                          f'train split, so their images have no class index; remove them or add '
                          f'the class to train/' + (
                              f' ({", ".join(map(ascii, alike[:5]))} differ from a train folder '
@@ -148,17 +146,19 @@ def list_samples(split_dir, classes: list) -> list:
                              f' ({", ".join(cased[:5])} differ in case only: rename one)'
                              if cased else ''))
     listed = _check_distinct_folders(split_dir, folders)  # real paths: links to them are repeats
+    own = {parent for real in listed for parent, _, _ in os.walk(real)}  # reached without a link
     samples, empty, unreadable, other, repeated = [], [], [], [], []
     for wnid in sorted(folders, key=class_to_idx.get):
         folder = split_dir / wnid
-        files = _images_under(folder, listed, unreadable, other, repeated)
+        files = _images_under(folder, listed, own, (unreadable, other, repeated))
         if not files:
             empty.append(str(folder))
         samples.extend((f, class_to_idx[wnid]) for f in files)
     if repeated:
-        warnings.warn(f'{len(repeated)} symbolic link(s) to folders listed already (a class '
-                      f'folder, or a folder reached twice), left out so that no image is listed '
-                      f'twice: {", ".join(repeated[:5])}{" ..." if len(repeated) > 5 else ""}',
+        warnings.warn(f'{len(repeated)} symbolic link(s) to folders or images listed already or '
+                      f'at their own place in the split (a class folder, a folder reached twice, '
+                      f'an image of another class), left out so that no image is listed twice: '
+                      f'{", ".join(repeated[:5])}{" ..." if len(repeated) > 5 else ""}',
                       stacklevel=2)
     if unreadable:
         warnings.warn(f'{len(unreadable)} entries with an image name are not readable files '
@@ -187,7 +187,7 @@ def list_samples(split_dir, classes: list) -> list:
                       f'the other classes keep their train indices', stacklevel=2)
     if not samples:
         _raise_if_flat(split_dir, entries)
-        raise ValueError(f'{split_dir}: no images found (extensions {", ".join(IMAGE_EXTENSIONS)})')
+        raise InputError(f'{split_dir}: no images found (extensions {", ".join(IMAGE_EXTENSIONS)})')
     return samples
 
 
@@ -200,25 +200,26 @@ def _class_folders(entries: list) -> tuple:
             [n for n in names if n.startswith('.')])
 
 
-def _images_under(folder: Path, listed: set, unreadable: list, other: list,
-                  repeated: list) -> list:
-    """The image files in ``folder`` and its subfolders (depth first, by name), as paths. A
-    subfolder whose real path is in ``listed`` (a link to a class folder or to a folder seen
-    before, a loop) goes to ``repeated``; the others are added to it. Non-image files go to
-    ``other``, image names that are not readable files to ``unreadable``; hidden entries
+def _images_under(folder: Path, listed: set, own: set, left_out: tuple) -> list:
+    """The image files in ``folder`` and its subfolders (depth first, by name), as paths.
+    ``left_out``: the lists ``(unreadable, other, repeated)``. A subfolder whose real path is in
+    ``listed`` (a link to a class folder or to a folder seen before, a loop), and a symbolic link
+    to a folder or file in ``own`` (the split's folders reached without a link, listed at their
+    own place), go to ``repeated``; other subfolders are added to ``listed``. Non-image files go
+    to ``other``, image names that are not readable files to ``unreadable``; hidden entries
     nowhere."""
-    files = []
+    files, (unreadable, other, repeated) = [], left_out
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
         if entry.name.startswith('.'):
             continue
         path, kind = folder / entry.name, _kind(entry)
-        if kind == 'dir':
-            real = os.path.realpath(path)
-            if real in listed:
-                repeated.append(str(path))
-                continue
+        real = os.path.realpath(path) if kind == 'dir' or entry.is_symlink() else None
+        if kind == 'dir' and (real in listed or entry.is_symlink() and real in own) or \
+                kind == 'file' and real and os.path.dirname(real) in own:
+            repeated.append(str(path))
+        elif kind == 'dir':
             listed.add(real)
-            files += _images_under(path, listed, unreadable, other, repeated)
+            files += _images_under(path, listed, own, left_out)
         elif not entry.name.lower().endswith(IMAGE_EXTENSIONS):
             if kind == 'file':
                 other.append(path)
@@ -244,7 +245,7 @@ def _check_distinct_folders(split_dir, folders) -> set:
     for name in folders:
         real = os.path.realpath(split_dir / name)
         if real in seen:
-            raise ValueError(f'{split_dir}: class folders {seen[real]} and {name} are the same '
+            raise InputError(f'{split_dir}: class folders {seen[real]} and {name} are the same '
                              f'folder ({real}; a symbolic link?): their images would carry two '
                              f'labels; remove one of them')
         seen[real] = name
@@ -257,8 +258,8 @@ def detect_layout(root) -> str:
     (saying so when ``root`` does not exist, or is a split folder itself)."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f'{root}: no such folder; set --data-dir to the folder that holds '
-                                f'train/ and val/ (or the ImageNet tars)')
+        raise MissingFileError(f'{root}: no such folder; set --data-dir to the folder that holds '
+                               f'train/ and val/ (or the ImageNet tars)')
     if (root / 'train').is_dir() or (root / 'val').is_dir():
         return 'folders'
     if (root / KAGGLE_DIR).is_dir():
@@ -266,9 +267,9 @@ def detect_layout(root) -> str:
     if (root / TRAIN_TAR).is_file() or (root / VAL_TAR).is_file():
         return 'tars'
     if root.name in ('train', 'val') and (root.parent / 'train').is_dir():
-        raise FileNotFoundError(f'{root}: this is a split folder; set --data-dir to the folder '
-                                f'that holds it ({root.parent}) and --split {root.name}')
-    raise FileNotFoundError(
+        raise MissingFileError(f'{root}: this is a split folder; set --data-dir to the folder '
+                               f'that holds it ({root.parent}) and --split {root.name}')
+    raise MissingFileError(
         f'{root}: no known input layout: expected train/<wnid>/*.JPEG (class folders), '
         f'{KAGGLE_DIR}/ with LOC_val_solution.csv (Kaggle) or {TRAIN_TAR} / {VAL_TAR} '
         f'(raw ILSVRC-2012 tars); set --data-dir')
@@ -350,16 +351,16 @@ def load_split(root, split: str, layout: str = 'auto'):
     root = Path(root)
     layout = detect_layout(root) if layout == 'auto' else layout
     if layout not in LAYOUTS:
-        raise ValueError(f'layout={layout!r}: expected auto or one of {", ".join(LAYOUTS)}')
+        raise InputError(f'layout={layout!r}: expected auto or one of {", ".join(LAYOUTS)}')
     if layout == 'folders':
         if not (root / 'train').is_dir() and (root / TRAIN_TAR).is_file():
-            raise FileNotFoundError(f'{root / "train"}: train split folder not found (the class '
-                                    f'list comes from it), but {TRAIN_TAR} is here: --layout '
-                                    f'tars reads the tars in place')
+            raise MissingFileError(f'{root / "train"}: train split folder not found (the class '
+                                   f'list comes from it), but {TRAIN_TAR} is here: --layout '
+                                   f'tars reads the tars in place')
         classes = find_classes(root / 'train')
         if split == 'val' and not (root / 'val').is_dir():
             other = [name for name in ('valid', 'validation', 'test') if (root / name).is_dir()]
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f'{root / "val"}: val split folder not found; ' +
                 (f'rename {root / other[0]} to val, or ' if other else '') +
                 'hold out part of train/ as the val split: --holdout 0.1 with --split val and '

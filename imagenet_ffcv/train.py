@@ -11,7 +11,6 @@ LOGGING_FOLDER/<run id>/{params.json, log.jsonl, checkpoint.pt, final_weights.pt
 The run, top to bottom: main -> train: build (loaders, model, optimizer, schedules) -> restore (from
 a checkpoint) -> open the run folder -> fit (the epochs) -> summarize. Eval-only: ``evaluate``.
 """
-import errno
 import sys
 import time
 from dataclasses import dataclass, field
@@ -24,10 +23,9 @@ from . import (betons, checkpoint, config, distributed, engine, loaders, metrics
                optimizers, preflight, schedules, weights)
 from .checkpoint import Progress
 from .classes import class_list_path, read_class_names
-from .commands import command_name, one_line_warnings, stops_on_ctrl_c
+from .commands import command_name, is_user_error, one_line_warnings, stops_on_ctrl_c
 from .config_warnings import header_warnings
 from .ema import make_ema
-from .errors import ImagenetFfcvError
 from .evaluate import evaluate_weights, make_val_loader, ten_crop_eval, validate_with_ema
 from .loggers import LiveLog
 from .mixup import batch_mixer
@@ -372,23 +370,18 @@ def summarize(run: Run) -> dict:
     return summary
 
 
-# OSErrors of the machine, not the code: told in one line even without a file name.
-USER_OS_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
-
-
 @stops_on_ctrl_c('train', ' (a run keeps its last checkpoint: --resume auto)')
 @one_line_warnings('train')
 def cli(argv=None) -> int:
     """Train or evaluate as ``argv`` says (default ``sys.argv[1:]``); returns the exit status, with
-    one line instead of a traceback for expected failures (ImagenetFfcvError, and an OSError
-    naming a file or saying the disk is full or not writable: :data:`USER_OS_ERRORS`; a run
-    keeps its last checkpoint)."""
+    one line instead of a traceback for expected failures (``commands.is_user_error``; a run keeps
+    its last checkpoint)."""
     argv = sys.argv[1:] if argv is None else argv
     try:
         summary = main(config.load_config(argv), config.command_line_keys(argv))
-    except (ImagenetFfcvError, OSError) as e:
-        if isinstance(e, OSError) and not (e.filename or e.errno in USER_OS_ERRORS):
-            raise  # an OSError inside the code: its traceback shows where
+    except Exception as e:
+        if not is_user_error(e):
+            raise  # a defect of the code: its traceback shows where
         print(f'{command_name("train")}: {e}', file=sys.stderr)
         return 1
     return summary.get('exit_code', 0)

@@ -12,7 +12,7 @@ from PIL import Image
 
 from .classes import class_list_path, read_class_list
 from .jpeg_region import decode_region, region_decoder
-from .errors import ImagenetFfcvError
+from .errors import ImagenetFfcvError, MissingFileError
 
 SHORT_SIDE_EDGES = [0, 32, 64, 128, 160, 192, 224, 256, 320, 384, 512, 10 ** 9]  # px buckets
 JPEG_MODE, RAW_MODE = 0, 1  # a record's 'mode': how ffcv's RGBImageField stored the image
@@ -126,10 +126,10 @@ def _read(path) -> tuple:
     if path.is_dir():
         split = (f'--data-dir {path.parent} --split {path.name}' if path.name in ('train', 'val')
                  else '--data-dir DIR --split SPLIT')
-        raise FileNotFoundError(f'{path}: a folder, not a .beton file; write one from its images '
-                                f'with imagenet-ffcv-write {split} --out FILE.beton')
+        raise MissingFileError(f'{path}: a folder, not a .beton file; write one from its images '
+                               f'with imagenet-ffcv-write {split} --out FILE.beton')
     if not path.is_file():
-        raise FileNotFoundError(f'{path}: .beton file not found; write it with imagenet-ffcv-write')
+        raise MissingFileError(f'{path}: .beton file not found; write it with imagenet-ffcv-write')
     reader, images, labels = _open(path)
     alloc = reader.alloc_table
     ptrs = images['data_ptr'].astype(np.int64)

@@ -24,8 +24,10 @@ from .checkpoint import (CheckpointError, check_format, is_checkpoint, safe_torc
 from .classes import class_list_path, ilsvrc_classes, read_class_list, read_class_names
 from .config import saved_eval_kwargs, saved_model_kwargs
 from .config_schema import ARCH_KEY, BLURPOOL_KEY, nested_ffcv_imagenet_params
+from .errors import MissingFileError
 from .files import atomic_path
 from .models import BlurPoolConv2d, build_model, takes_blurpool
+from .run_dir import RunDir
 from .state_dicts import BLUR_FILTER, mismatch, unwrapped
 
 SAFETENSORS_FORMAT = 'imagenet_ffcv final weights'  # the metadata's 'format': config and classes
@@ -167,7 +169,8 @@ def load_weights(path) -> Weights:
                                      path)
     blur_filters = any(k.endswith(BLUR_FILTER) for k in state)
     state = unwrapped(state)
-    params, class_list = path.with_name('params.json'), path.with_name('classes.tsv')
+    run = RunDir(path.parent)  # the run folder the file may be in
+    params, class_list = run.params, run.classes
     if config is None and params.is_file():
         config = checked_config(nested_ffcv_imagenet_params(
             _parsed_json(params.read_text(), str(params))), params)
@@ -251,11 +254,11 @@ def load_model(path, *, num_classes: int = None, beton=None, arch: str = 'resnet
         structure['use_blurpool'] = True
     ilsvrc = num_classes is None and not classes and _outputs(state, structure['arch']) == 1000
     if num_classes is None and not (classes or ilsvrc):
-        raise FileNotFoundError(f'no class list for {path}: none saved with it and no '
-                                'classes.tsv beside it; pass --classes TRAIN.classes.tsv '
-                                '(written by imagenet-ffcv-write beside the .beton; for a .beton '
-                                'of another tool, write one: a line "index<TAB>wnid" per class, '
-                                'in label order)')
+        raise MissingFileError(f'no class list for {path}: none saved with it and no '
+                               'classes.tsv beside it; pass --classes TRAIN.classes.tsv '
+                               '(written by imagenet-ffcv-write beside the .beton; for a .beton '
+                               'of another tool, write one: a line "index<TAB>wnid" per class, '
+                               'in label order)')
     classes = ilsvrc_classes() if ilsvrc else classes
     num_classes = num_classes or len(classes)
     model = build_model(arch=structure['arch'], num_classes=num_classes,

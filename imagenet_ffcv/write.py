@@ -33,13 +33,14 @@ from pathlib import Path
 import numpy as np
 
 from .classes import class_list_path, read_class_list, write_class_list
-from .commands import command_name, one_line_warnings, stopped_by_ctrl_c
-from .images import DEFAULT_RESTART_INTERVAL
+from .commands import command_name, is_user_error, one_line_warnings, stopped_by_ctrl_c
+from .errors import InputError
+from .images import DEFAULT_JPEG_QUALITY, DEFAULT_MAX_RES, DEFAULT_RESTART_INTERVAL
 from .ilsvrc import KAGGLE_DIR
 from .signals import Terminated, sigterm_raises
 from .sources import LAYOUTS, held_out, load_split, write_holdout_record
-from .verify import CorruptBetonError, verify_beton
-from .writer import UnreadableImagesError, write_beton
+from .verify import verify_beton
+from .writer import write_beton
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,15 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
                         '(ILSVRC2012_img_{train,val}.tar read in place + LOC_val_solution.csv or '
                         'the devkit ILSVRC2012_devkit_t12.tar.gz); '
                         'auto: detected from --data-dir')
-    p.add_argument('--max-res', type=int, default=256,
-                   help='shorter side at most this (px; default 256)')
+    p.add_argument('--max-res', type=int, default=DEFAULT_MAX_RES,
+                   help=f'shorter side at most this (px; default {DEFAULT_MAX_RES})')
     p.add_argument('--out', default=None,
                    help='output file (default betons/{split}_{max_res}.beton; an existing '
                         'folder, or a path ending in /: that name in it)')
     p.add_argument('--write-mode', choices=['jpg', 'raw', 'proportion'], default='jpg',
                    help='jpg: JPEG; raw: pixels; proportion: JPEG with --compress-probability')
-    p.add_argument('--jpeg-quality', type=int, default=90,
-                   help='quality of the stored JPEGs, 1-100 (default 90)')
+    p.add_argument('--jpeg-quality', type=int, default=DEFAULT_JPEG_QUALITY,
+                   help=f'quality of the stored JPEGs, 1-100 (default {DEFAULT_JPEG_QUALITY})')
     p.add_argument('--restart-interval', type=int, default=DEFAULT_RESTART_INTERVAL, metavar='N',
                    help='a restart marker in each stored JPEG at most every N MCUs (16 x 16 px '
                         'blocks; per image the largest divisor of its MCU columns up to N), so '
@@ -129,7 +130,7 @@ def check_out_outside_inputs(out, data_dir) -> None:
     out = Path(out).resolve()
     for inputs in (Path(data_dir) / 'train', Path(data_dir) / 'val', Path(data_dir) / KAGGLE_DIR):
         if inputs.resolve() in out.parents:
-            raise ValueError(f'--out {out} is inside the input folder {inputs}: write the .beton '
+            raise InputError(f'--out {out} is inside the input folder {inputs}: write the .beton '
                              f'outside it (e.g. {Path(data_dir).resolve().parent / "betons"})')
 
 
@@ -160,8 +161,8 @@ def main(args) -> dict:
           f'{skipped_note}, {stats["bytes"] / 1e6:.1f} MB, {stats["img_per_s"]:.0f} img/s '
           f'({stats["seconds"]:.1f} s); classes in {class_list_path(args.out)}')
     if stats['skipped']:
-        print(f'{command_name("write")}: warning: {stats["skipped"]} file(s) could not be decoded and were '
-              f'skipped; see {stats["skipped_report"]}', file=sys.stderr)
+        print(f'{command_name("write")}: warning: {stats["skipped"]} file(s) could not be decoded '
+              f'and were skipped; see {stats["skipped_report"]}', file=sys.stderr)
     return stats
 
 
@@ -202,8 +203,9 @@ def cli(argv=None) -> int:
                 return verify(args.verify)
             main(args)
             return 0
-    except (FileNotFoundError, ValueError, OSError, UnreadableImagesError,
-            CorruptBetonError) as e:
+    except Exception as e:
+        if not is_user_error(e):
+            raise  # a defect of the code: its traceback shows where
         print(f'{command_name("write")}: {e}', file=sys.stderr)
         return 1
     except (KeyboardInterrupt, Terminated) as e:

@@ -21,22 +21,25 @@ from ffcv.memory_allocator import MemoryAllocator
 from ffcv.writer import DatasetWriter
 
 from .distributed import usable_cores
-from .errors import ImagenetFfcvError
+from .errors import ImagenetFfcvError, InputError
 from .files import atomic_path, remove_stale_temporaries, temporary_path, write_text_atomic
-from .images import DEFAULT_RESTART_INTERVAL, encode_jpeg, load_image
+from .images import DEFAULT_JPEG_QUALITY, DEFAULT_RESTART_INTERVAL, encode_jpeg, load_image
 from .records import MAX_SIDE, ImageFiles, image_field
 
 
 class UnreadableImagesError(ImagenetFfcvError):
-    """Images that could not be decoded or stored; ``failures`` is a list of ``(path, reason)``."""
+    """Images that could not be decoded or stored; ``failures`` is a list of ``(path, reason)``;
+    ``every``: they are all of the split's (skipping them would leave nothing to write)."""
 
-    def __init__(self, failures):
+    def __init__(self, failures, every: bool = False):
         self.failures = failures
         listed = '\n'.join(f'  {shown_path(p)}: {r}' for p, r in failures[:20])
         more = f'\n  ... and {len(failures) - 20} more' if len(failures) > 20 else ''
+        remedy = ('none of the split\'s images could be; check that these are the images you '
+                  'meant' if every else 'Remove or replace them and run again (or, without '
+                  '--strict, skip and list them)')
         super().__init__(f'{len(failures)} image(s) could not be decoded or stored; nothing was '
-                         f'written. Remove or replace them and run again (or, without --strict, '
-                         f'skip and list them):\n{listed}{more}')
+                         f'written. {remedy}:\n{listed}{more}')
 
 
 class InsufficientSpaceError(ImagenetFfcvError, OSError):
@@ -182,7 +185,7 @@ def skipped_report_path(beton_path) -> Path:
 
 
 def estimate_beton_bytes(samples: list, *, max_res: int, write_mode: str = 'jpg',
-                         compress_probability: float = 0.5, jpeg_quality: int = 90,
+                         compress_probability: float = 0.5, jpeg_quality: int = DEFAULT_JPEG_QUALITY,
                          restart_interval: int = DEFAULT_RESTART_INTERVAL,
                          sample_size: int = 64) -> int:
     """A generous estimate of the .beton size: up to ``sample_size`` evenly spaced images made
@@ -224,9 +227,18 @@ def check_free_space(out, needed: int) -> None:
             f'(estimated from a sample of the images); free some space or choose another --out')
 
 
-def _check_writable(out) -> None:
-    """OSError naming the folder of ``out`` when no file can be created there (no permission, a
-    read-only or immutable folder), before any image is read."""
+def _check_out(out: Path) -> None:
+    """Before any image is read: InputError when ``out`` is a folder or a symbolic link (the new
+    file would replace the link, its target keeping the old data); OSError naming the folder of
+    ``out`` (created if missing) when no file can be created there (no permission, a read-only
+    or immutable folder)."""
+    if out.is_dir():
+        raise InputError(f'{out} is a folder: give the path of the .beton file to write, '
+                         f'e.g. {out / "train_256.beton"}')
+    if out.is_symlink():
+        raise InputError(f'{out} is a symbolic link (to {os.readlink(out)}): give the path of '
+                         f'the file itself, {out.resolve()}, or remove the link')
+    out.parent.mkdir(parents=True, exist_ok=True)
     probe = temporary_path(out)
     try:
         probe.touch()
@@ -257,7 +269,7 @@ def _write_once(samples, tmp, fields, num_workers, chunksize, failures_path, max
 
 
 def write_beton(samples: list, out, *, max_res: int, write_mode: str = 'jpg',
-                jpeg_quality: int = 90, compress_probability: float = 0.5,
+                jpeg_quality: int = DEFAULT_JPEG_QUALITY, compress_probability: float = 0.5,
                 restart_interval: int = DEFAULT_RESTART_INTERVAL, num_workers: int = 0,
                 chunksize: int = 100, skip_unreadable: bool = False,
                 check_space: bool = True) -> dict:
@@ -285,17 +297,13 @@ def write_beton(samples: list, out, *, max_res: int, write_mode: str = 'jpg',
     'seconds', 'img_per_s'}``.
     """
     if write_mode not in ('jpg', 'raw', 'proportion'):
-        raise ValueError(f"write_mode={write_mode!r}: expected 'jpg', 'raw' or 'proportion'")
+        raise InputError(f"write_mode={write_mode!r}: expected 'jpg', 'raw' or 'proportion'")
     if not samples:
-        raise ValueError('no images to write')
+        raise InputError('no images to write')
     if restart_interval < 0:
-        raise ValueError(f'restart_interval={restart_interval}: must be >= 0 (0: no markers)')
+        raise InputError(f'restart_interval={restart_interval}: must be >= 0 (0: no markers)')
     out = Path(out)
-    if out.is_dir():
-        raise IsADirectoryError(f'{out} is a folder: give the path of the .beton file to write, '
-                                f'e.g. {out / "train_256.beton"}')
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _check_writable(out)
+    _check_out(out)
     remove_stale_temporaries(out.parent, out.name)  # not others': another node may write them
     num_workers = num_workers or usable_cores()
     encoding = dict(write_mode=write_mode, jpeg_quality=jpeg_quality,
@@ -319,7 +327,7 @@ def write_beton(samples: list, out, *, max_res: int, write_mode: str = 'jpg',
                 skipped.update(failures)
                 indices = [i for i in indices if i not in skipped]
                 if not skip_unreadable or not indices:
-                    raise UnreadableImagesError(sorted(skipped.values()))
+                    raise UnreadableImagesError(sorted(skipped.values()), every=not indices)
             else:
                 raise UnreadableImagesError(sorted(skipped.values()))
             skipped_files = [skipped[i] for i in sorted(skipped)]

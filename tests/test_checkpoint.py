@@ -243,6 +243,35 @@ def test_ctrl_c_outside_the_runs_handling_ends_the_trainer_in_one_line(monkeypat
         train.cli(['--data.train_dataset=a', '--data.val_dataset=b', '--logging.folder=c'])
 
 
+def test_each_command_tells_the_tools_errors_in_one_line_and_a_defects_by_its_traceback(
+        tmp_path, monkeypatch, capsys):
+    """A mistyped --config gave the trainer's traceback (the tool's FileNotFoundError named no
+    file for OSError's check), while predict and write printed any ValueError or OSError in one
+    line, a defect of the code's too. One rule (commands.is_user_error) now serves the three: the
+    tool's own errors and the machine's OSErrors in one line, the others with their traceback."""
+    from imagenet_ffcv import predict, train, write
+    assert train.cli(['--config', str(tmp_path / 'rn50_88_epochs.yml')]) == 1
+    err = capsys.readouterr().err
+    assert f'--config {tmp_path / "rn50_88_epochs.yml"}: no such file' in err and \
+        err.count('\n') == 1, err
+    assert write.cli(['--data-dir', str(tmp_path / 'nowhere'), '--split', 'train', '--out',
+                      str(tmp_path / 'train.beton')]) == 1
+    err = capsys.readouterr().err
+    assert f'{tmp_path / "nowhere"}: no such folder' in err and err.count('\n') == 1, err
+    assert predict.cli([str(tmp_path / 'cat.jpg'), '--weights', str(tmp_path / 'w.pt')]) == 1
+    err = capsys.readouterr().err
+    assert 'w.pt' in err and err.count('\n') == 1, err
+
+    def defect(*args, **kwargs):
+        raise ValueError('a defect of the code')
+    monkeypatch.setattr(write, 'main', defect)
+    monkeypatch.setattr(predict, 'predict', defect)
+    with pytest.raises(ValueError, match='a defect of the code'):
+        write.cli(['--data-dir', str(tmp_path), '--split', 'train', '--out', 'x.beton'])
+    with pytest.raises(ValueError, match='a defect of the code'):
+        predict.cli([str(tmp_path / 'cat.jpg'), '--weights', str(tmp_path / 'w.pt')])
+
+
 class NaNAt(nn.Module):
     """Cross-entropy, except NaN at call number ``at`` (0-based)."""
 

@@ -17,7 +17,7 @@ import pytest
 from PIL import Image, ImageFile, ImageOps
 
 from conftest import PYTHON, REPO, SAMPLE, run_env
-from imagenet_ffcv import betons, ilsvrc, images, loaders, sources, verify, write, writer
+from imagenet_ffcv import betons, errors, ilsvrc, images, loaders, sources, verify, write, writer
 from imagenet_ffcv.classes import class_list_path, write_class_list
 
 
@@ -924,6 +924,29 @@ def test_subfolders_are_their_class_hidden_folders_are_no_class_and_broken_links
         sources.find_classes(train)
 
 
+def test_a_link_into_another_class_leaves_each_image_in_its_own_class(tmp_path):
+    """A link in class a to class b's real subfolder gave that subfolder's images label a, and
+    its real place was left out ("a link ... listed already"); a link in b to a file of a listed
+    it twice, with both labels, without a word. The real places keep their images; the links are
+    left out, named in a warning. Links to images outside the split (a subset made of links)
+    are images as before."""
+    train = tmp_path / 'data' / 'train'
+    photos = iter(sorted((SAMPLE / 'train').glob('*/*.JPEG')))
+    for name in ('a/x.JPEG', 'b/sub/y.JPEG', 'b/z.JPEG'):
+        (train / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(next(photos), train / name)
+    (train / 'a' / 'shortcut').symlink_to(train / 'b' / 'sub')  # before b/sub, by name
+    (train / 'b' / 'also_x.JPEG').symlink_to(train / 'a' / 'x.JPEG')
+    (train / 'b' / 'outside.JPEG').symlink_to(next(photos))
+    with pytest.warns(UserWarning) as caught:
+        samples = sources.list_samples(train, ['a', 'b'])
+    assert [(str(Path(p).relative_to(train)), label) for p, label in samples] == [
+        ('a/x.JPEG', 0), ('b/outside.JPEG', 1), ('b/sub/y.JPEG', 1), ('b/z.JPEG', 1)]
+    [said] = [str(w.message) for w in caught]
+    assert said.startswith('2 symbolic link(s) to folders or images listed already or at their '
+                           'own place') and 'a/shortcut' in said and 'b/also_x.JPEG' in said
+
+
 def test_out_inside_the_input_tree_is_refused(tmp_path, capsys):
     import shutil
     root = tmp_path / 'data'
@@ -1008,9 +1031,19 @@ def test_an_out_that_is_a_folder_gets_the_default_name_in_it_or_an_error_before_
         raise AssertionError('an image was read')  # worker, and its writer waits for ever
     monkeypatch.setattr(writer, 'load_image', no_image)
     samples = sources.list_samples(SAMPLE / 'val', sources.find_classes(SAMPLE / 'train'))
-    with pytest.raises(IsADirectoryError, match=f'{folder} is a folder: give the path of the'):
+    with pytest.raises(errors.InputError, match=f'{folder} is a folder: give the path of the'):
         writer.write_beton(samples, folder, max_res=32, num_workers=1)
     assert list(folder.iterdir()) == []
+    # --out a link to a .beton on another disk: the new file replaced the link, and the jobs that
+    # read the target went on with its old data
+    target = tmp_path / 'fast' / 'val.beton'
+    target.parent.mkdir()
+    target.write_bytes(b'old')
+    (folder / 'val.beton').symlink_to(target)
+    with pytest.raises(errors.InputError, match=f'val.beton is a symbolic link \\(to {target}\\): '
+                                                f'give the path of the file itself, {target}'):
+        writer.write_beton(samples, folder / 'val.beton', max_res=32, num_workers=1)
+    assert (folder / 'val.beton').is_symlink() and target.read_bytes() == b'old'
 
 
 def test_the_writer_starts_a_process_per_core_it_may_use_not_per_core_of_the_machine(
@@ -1444,3 +1477,12 @@ def test_a_val_split_held_out_of_a_train_beton_that_holds_it_is_refused(tmp_path
     assert len(recwarn.list) == 1
     with pytest.raises(sources.HoldoutMismatchError):
         betons.num_classes(files['train_more'], val_path=files['val'], warn=False)
+
+
+def test_kaggles_val_labels_saved_by_excel_read_as_they_are(tmp_path):
+    """LOC_val_solution.csv saved by Excel starts with a byte order mark: it was refused with
+    "expected the header ImageId,PredictionString", the header the user saw in it."""
+    labels = tmp_path / 'LOC_val_solution.csv'
+    labels.write_text('ImageId,PredictionString\r\nILSVRC2012_val_00000001,n01751748 1 2 3 4\r\n',
+                      encoding='utf-8-sig')
+    assert ilsvrc.val_solution(labels) == {'ILSVRC2012_val_00000001': 'n01751748'}

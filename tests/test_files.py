@@ -133,6 +133,11 @@ def test_stale_temporaries_of_dead_processes_go_and_those_of_live_ones_stay(tmp_
     other.write_text('')
     assert files.remove_stale_temporaries(tmp_path, 'checkpoint.pt') == []
     assert other.exists()
+    # a name with glob's characters (train[1].beton) matched no temporary: a killed writer's
+    # hidden .beton, of the data set's size, stayed for ever
+    killed = tmp_path / f'.x[1].beton.partial-{dead}'
+    killed.write_text('')
+    assert files.remove_stale_temporaries(tmp_path, 'x[1].beton') == [killed]
 
 
 def test_reopening_a_run_cuts_the_log_and_keeps_a_live_writers_temporary(tmp_path):
@@ -405,3 +410,19 @@ def test_code_version_names_the_checkout(tmp_path):
     status = subprocess.run(['git', '-C', str(REPO), 'status', '--porcelain',
                              '--untracked-files=no'], capture_output=True, text=True)
     assert version['git_dirty'] == bool(status.stdout.strip())
+
+
+def test_code_version_of_a_package_installed_inside_a_checkout_names_no_commit(tmp_path,
+                                                                               monkeypatch):
+    """``pip install .`` into a virtual environment inside the checkout: git, asked in
+    site-packages, answered with the checkout's commit, which the installed code need not be."""
+    from imagenet_ffcv import run_dir
+    subprocess.run(['git', 'init', '-q', str(tmp_path)], check=True)
+    subprocess.run(['git', '-C', str(tmp_path), '-c', 'user.name=a', '-c', 'user.email=a@b',
+                    'commit', '-q', '--allow-empty', '-m', 'x'], check=True)
+    site_packages = tmp_path / '.venv' / 'lib' / 'python3' / 'site-packages'
+    site_packages.mkdir(parents=True)
+    monkeypatch.setattr(run_dir, 'REPO', site_packages)
+    assert code_version()['git_commit'] is None and code_version()['git_dirty'] is None
+    monkeypatch.setattr(run_dir, 'REPO', tmp_path)
+    assert len(code_version()['git_commit']) == 40

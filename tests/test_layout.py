@@ -76,6 +76,23 @@ def test_no_function_over_80_lines():
     assert long == []
 
 
+def test_the_package_raises_its_own_errors_not_bare_built_in_ones():
+    """Each error the package raises for bad input or a missing file is one of its own
+    (errors.ImagenetFfcvError, and the built-in type a caller expects): the commands tell those
+    in one line (commands.is_user_error) and keep a traceback for the rest, the code's defects.
+    A bare FileNotFoundError (a mistyped --config, a missing .beton) gave the trainer's traceback.
+    The bare raises left: fastargs' checker protocol (config_schema.Switch) and two defects of
+    the code (the loader thread ending early, a wrong loaders.COPY_WAIT)."""
+    bare = ('ValueError', 'FileNotFoundError', 'IsADirectoryError', 'NotADirectoryError',
+            'RuntimeError', 'TypeError', 'KeyError')
+    raised = [f'{p.name} {node.exc.func.id}' for p in PACKAGE
+              for node in ast.walk(parse(p)) if isinstance(node, ast.Raise)
+              and isinstance(node.exc, ast.Call) and isinstance(node.exc.func, ast.Name)
+              and node.exc.func.id in bare]
+    assert sorted(raised) == ['config_schema.py ValueError', 'epoch_iterator.py RuntimeError',
+                              'loaders.py ValueError'], raised
+
+
 def test_imports_are_at_the_top_of_package_modules():
     late = set()
     for path in PACKAGE:
