@@ -24,9 +24,9 @@ Training: ``config`` and ``config_schema`` (the configuration and its keys), ``c
 (validation and eval-only), ``metrics``, ``distributed`` (torchrun), ``checkpoint`` (the
 checkpoint format, resume, safe loading), ``weights`` (final weights, models rebuilt from them),
 ``state_dicts`` (other tools' state dicts made torchvision's),
-``signals`` (pre-emption and Ctrl-C), ``run_dir`` (the run
-folder), ``loggers`` (TensorBoard, W&B), ``optional`` (optional packages), ``files`` (atomic
-writes), ``errors`` (the base exception).
+``signals`` (pre-emption and Ctrl-C), ``run_dir`` (the run folder), ``run_lock`` (its lock:
+which job writes the run), ``loggers`` (TensorBoard, W&B), ``optional`` (optional packages),
+``files`` (atomic writes), ``errors`` (the base exception).
 
 Importing any module touches neither the disk nor global state.
 """

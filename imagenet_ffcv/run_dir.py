@@ -6,10 +6,12 @@
 - ``classes.tsv``: the class list of the training .beton (for ``imagenet-ffcv-predict``);
 - ``log.jsonl``: one JSON record per epoch, appended; on resume, cut back to the checkpoint's epoch;
 - ``checkpoint.pt``: where the run stands (``checkpoint``); ``final_weights.pt`` and
-  ``final_weights.safetensors`` once it finished;
+  ``final_weights.safetensors`` once it finished (and ``final_weights_ema.pt``/``.safetensors``
+  with EMA); ``best_weights.pt`` with ``checkpoint.keep_best``; a finished run resumed for more
+  epochs keeps its earlier final files as ``*_epoch_<N>`` (:meth:`RunDir.reopen`);
 - ``progress.png``: the run's plot;
 - ``checkpoint_epoch_<N>.pt``: the checkpoints after epoch N (``checkpoint.keep_history``);
-- ``lock``: who writes the run, while it runs (:meth:`RunDir.lock`, :func:`lock_identity`).
+- ``lock``: who writes the run, while it runs (``run_lock``).
 
 A run is *finished* when ``final_weights.pt`` exists; ``--resume auto`` picks the latest run of the
 same run name (:func:`latest_checkpoint`), and the trainer ends at once when that run finished.
@@ -19,25 +21,20 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import uuid
 from datetime import datetime
 from pathlib import Path
 
+from . import run_lock
 from .errors import ImagenetFfcvError
-from .files import (boot_id, pid_alive, pid_namespace, process_start, remove_stale_temporaries,
-                    temporary_path, write_text_atomic)
+from .files import remove_stale_temporaries, write_text_atomic
 
 CHECKPOINT_NAME = 'checkpoint.pt'
 FINAL_WEIGHTS_NAME = 'final_weights.pt'
 REPO = Path(__file__).resolve().parents[1]
 RUN_NAME = re.compile(r'[A-Za-z0-9][A-Za-z0-9._-]*')  # a run name is one folder-name component
 RUN_FOLDER = re.compile(r'(?:(?P<name>.+)-)?\d{8}-\d{6}-[0-9a-f]{6}')  # RunDir.create's names
-
-
-class RunLockedError(ImagenetFfcvError):
-    """Another live job writes the run folder; the message names it (PID and host)."""
 
 
 class RunLogError(ImagenetFfcvError):
@@ -130,8 +127,8 @@ class RunDir:
     def run_name(self) -> str:
         """The run name its ``params.json`` holds ('' when unnamed); without a readable
         params.json (deleted, cut short), the one its folder's name holds
-        (``[<run_name>-]<date>-<time>-<random>``), else ''. A damaged params.json of one run
-        stopped every ``--resume auto`` in its logging folder."""
+        (``[<run_name>-]<date>-<time>-<random>``), else '': one run's damaged params.json stops
+        no ``--resume auto`` in its logging folder."""
         try:
             return json.loads(self.params.read_text()).get('logging', {}).get('run_name', '')
         except (OSError, ValueError, AttributeError):  # missing, not JSON, not a mapping
@@ -139,63 +136,17 @@ class RunDir:
             return (match.group('name') or '') if match else ''
 
     def lock_holder(self):
-        """What the run's lock holds of the job that holds it (:func:`lock_identity`), None when
-        unlocked, {} when the lock file is empty (what a power cut can leave of one); a lock this
-        tool did not write reads as ``{'pid': '?', 'host': '?'}``."""
-        try:
-            text = self.lock_file.read_text()
-        except FileNotFoundError:
-            return None
-        if not text.strip():
-            return {}
-        try:
-            holder = json.loads(text)
-        except ValueError:
-            holder = None
-        return holder if isinstance(holder, dict) and holder else {'pid': '?', 'host': '?'}
+        """What the run's lock holds of the job that holds it (``run_lock.read_lock``)."""
+        return run_lock.read_lock(self.lock_file)
 
     def lock(self) -> None:
-        """Mark the run as written by this process: ``RUN_DIR/lock`` holds
-        :func:`lock_identity`, made complete (and on disk) then linked into place (``os.link``
-        fails when the name exists, so of two jobs one only gets the lock). The lock of a job that
-        has ended (:func:`lock_ended`: a process that no longer runs on this host, or has run
-        since the machine restarted, an earlier
-        start of this SLURM job or of torchrun's workers in it, a SLURM job that has ended) is
-        taken over, with a message. Raises
-        RunLockedError naming the holder when it may still run: alive on this host, or on
-        another host and not known to have ended (delete the lock file if that job has ended).
-        Two jobs taking over the same ended job's lock at the same instant may both succeed."""
-        me = lock_identity()
-        tmp = temporary_path(self.lock_file)
-        with open(tmp, 'w') as f:
-            f.write(json.dumps(me))
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            while True:
-                try:
-                    os.link(tmp, self.lock_file)
-                    return
-                except FileExistsError:
-                    holder = self.lock_holder()
-                ended = None if holder is None or holder == me else lock_ended(holder, me)
-                if holder is not None and holder != me and not ended:
-                    raise RunLockedError(
-                        f'{self.path}: another job writes this run (PID {holder.get("pid")} on '
-                        f'{holder.get("host")}, {self.lock_file}); give this job its own run '
-                        'name, or wait for that one to end (if it has ended on '
-                        'another host or in another container, delete the lock file)')
-                if ended:
-                    print(f'=> {self.path}: taking over the lock of PID {holder.get("pid")} on '
-                          f'{holder.get("host")}: {ended}')
-                self.lock_file.unlink(missing_ok=True)
-        finally:
-            tmp.unlink(missing_ok=True)
+        """Lock the run for this process (``run_lock.acquire``: RunLockedError when another job
+        writes it; a lock its ended job left is taken over)."""
+        self._heartbeat = run_lock.acquire(self.lock_file, self.path)
 
     def unlock(self) -> None:
-        """Remove the lock if this process holds it."""
-        if self.lock_holder() == lock_identity():
-            self.lock_file.unlink(missing_ok=True)
+        """Remove the lock if this process holds it (``run_lock.release``)."""
+        run_lock.release(self.lock_file, getattr(self, '_heartbeat', None))
 
     def append_log(self, record: dict) -> None:
         """Append one epoch's record (a JSON line) to ``log.jsonl``, on disk before the epoch's
@@ -231,109 +182,6 @@ class RunDir:
         if self.log.exists():
             kept = [r for r in self.read_log() if r['epoch'] < epoch]
             write_text_atomic(self.log, ''.join(json.dumps(r) + '\n' for r in kept))
-
-
-def lock_identity(environ=None) -> dict:
-    """What a run's lock holds of this process: ``pid``, ``host``, ``boot`` (the machine's boot id,
-    :func:`boot_id`), ``pid_ns`` (its PID namespace, :func:`pid_namespace`), ``started`` (its start
-    in clock ticks since boot, :func:`process_start`), ``job`` (in a SLURM job,
-    ``slurm:<SLURM_CLUSTER_NAME>:<SLURM_JOB_ID>``, which a requeued job keeps; else None),
-    ``start`` (SLURM_RESTART_COUNT: 0, then 1, 2, ... for each requeue), ``step`` (SLURM_STEP_ID:
-    the ``srun`` of the job that started it, else None) and ``rdzv`` (under torchrun, its
-    ``--rdzv-id``, TORCHELASTIC_RUN_ID, which its restarts keep; None without it or at torchrun's
-    default 'none')."""
-    environ = os.environ if environ is None else environ
-    job = (f'slurm:{environ.get("SLURM_CLUSTER_NAME", "")}:{environ["SLURM_JOB_ID"]}'
-           if environ.get('SLURM_JOB_ID') else None)
-    rdzv = environ.get('TORCHELASTIC_RUN_ID')
-    return {'pid': os.getpid(), 'host': socket.gethostname(), 'boot': boot_id(),
-            'pid_ns': pid_namespace(), 'started': process_start(os.getpid()), 'job': job,
-            'start': int(environ.get('SLURM_RESTART_COUNT') or 0),
-            'step': environ.get('SLURM_STEP_ID') or None,
-            'rdzv': rdzv if rdzv not in (None, '', 'none') else None}
-
-
-def lock_ended(holder: dict, me: dict):
-    """Why the job that holds a lock (``holder``, :meth:`RunDir.lock_holder`) has ended, as seen by
-    the process ``me`` (:func:`lock_identity`), or None when it may still run. Ended: an empty lock
-    (a power cut as it was written: locks are linked into place complete); on this host
-    (:func:`process_ended`), a process that no longer runs; on
-    another, an earlier start of this SLURM job (the same job, requeued fewer times: SLURM requeues
-    a job only once all of its processes have ended), an earlier start of torchrun's workers in the
-    same ``srun`` step of this start of the SLURM job (the same ``--rdzv-id``: a run's lock is taken
-    by rank 0 only, and torchrun stops every worker of every node before it starts them again, so
-    another rank 0 of this rendezvous has ended), or a job of this SLURM cluster that ``squeue``
-    says has ended (a job of a chain, ``sbatch --dependency``, killed past its time limit). Not told
-    apart, and so refused: a second training in one SLURM job (another step, or no or another
-    ``--rdzv-id``), and a torchrun restart outside SLURM whose rank 0 moved to another node (the
-    same ``--rdzv-id`` could be a second job started by mistake, and there is no job id to tell them
-    apart)."""
-    if not holder:
-        return 'its lock file is empty (a power cut as it was written)'
-    job, start = holder.get('job'), holder.get('start')
-    if holder.get('host') == me['host']:
-        return process_ended(holder, me)
-    if me['job'] and isinstance(job, str):  # both in SLURM: slurm:<cluster>:<job id>
-        if job == me['job'] and isinstance(start, int) and start < me['start']:
-            return (f'an earlier start of this job ({job}, requeued {start} time(s), now '
-                    f'{me["start"]})')
-        if job == me['job'] and start == me['start'] and me['step'] and me['rdzv'] and \
-                (holder.get('step'), holder.get('rdzv')) == (me['step'], me['rdzv']):
-            return (f'an earlier start of torchrun\'s workers in this step of the job ({job}, step '
-                    f'{me["step"]}, --rdzv-id {me["rdzv"]}): torchrun stops them all before it '
-                    f'starts them again')
-        cluster, _, job_id = job.rpartition(':')
-        if cluster == me['job'].rpartition(':')[0] and slurm_job_ended(job_id):
-            return f'SLURM job {job_id} has ended'
-    return None
-
-
-def process_ended(holder: dict, me: dict):
-    """Why the process that holds a lock on this host (``holder``, :meth:`RunDir.lock_holder`) has
-    ended, as seen by the process ``me`` (:func:`lock_identity`), or None when it may still run.
-    Ended: its PID is this process's, or runs no process; in its PID namespace (``pid_ns``), also
-    the machine booted since (another boot id) or its PID runs another process, started at
-    another time (a PID is reused, after a reboot often at once). From another PID namespace
-    (a container of this host name: a restarted one, as Kubernetes and ``docker restart`` give,
-    or another one running) its PID is looked up here as if it were this namespace's, so a
-    restarted container continues its run, and two containers of one host name running one run
-    name are not told apart. A lock without ``pid_ns``, ``boot`` and ``started`` (not Linux) is
-    checked by its PID alone."""
-    pid = holder.get('pid')
-    if not isinstance(pid, int):
-        return None
-    same_ns = not (holder.get('pid_ns') and me['pid_ns'] and holder['pid_ns'] != me['pid_ns'])
-    if same_ns and holder.get('boot') and me['boot'] and holder['boot'] != me['boot']:
-        return 'this machine has restarted since'
-    if pid == me['pid']:
-        return f'PID {pid} is now this process'
-    if not pid_alive(pid):
-        return 'it no longer runs'
-    started = holder.get('started')
-    if same_ns and isinstance(started, int) and process_start(pid) not in (None, started):
-        return f'PID {pid} is now another process'
-    return None
-
-
-# squeue's states of a job that has ended (it forgets such jobs a few minutes later).
-SLURM_ENDED = {'BOOT_FAIL', 'CANCELLED', 'COMPLETED', 'DEADLINE', 'FAILED', 'NODE_FAIL',
-               'OUT_OF_MEMORY', 'PREEMPTED', 'TIMEOUT'}
-
-
-def slurm_job_ended(job_id: str) -> bool:
-    """Whether SLURM says the job ``job_id`` has ended: ``squeue -h -t all -j ID -o %T`` gives an
-    ended state (without ``-t all`` squeue lists running and pending jobs only), or refuses the id
-    of a job it has forgotten (MinJobAge after its end). False when it cannot tell (no squeue,
-    no answer within 30 s, another error, no state)."""
-    try:
-        proc = subprocess.run(['squeue', '-h', '-t', 'all', '-j', job_id, '-o', '%T'],
-                              capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return False
-    if proc.returncode != 0:
-        return 'invalid job id' in proc.stderr.lower()
-    states = set(proc.stdout.split())
-    return bool(states) and states <= SLURM_ENDED
 
 
 def latest_checkpoint(folder, run_name: str = ''):

@@ -5,14 +5,15 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
 from conftest import REPO
-from imagenet_ffcv import files
+from imagenet_ffcv import files, run_lock
 from imagenet_ffcv.files import boot_id, pid_namespace, process_start
-from imagenet_ffcv.run_dir import (RunDir, RunLockedError, RunLogError, code_version,
-                                   latest_checkpoint, lock_identity)
+from imagenet_ffcv.run_dir import RunDir, RunLogError, code_version, latest_checkpoint
+from imagenet_ffcv.run_lock import RunLockedError, lock_identity
 
 
 def dead_pid() -> int:
@@ -166,7 +167,8 @@ def test_a_run_folder_is_locked_by_its_job_and_a_dead_jobs_lock_is_taken_over(tm
     for name in ('SLURM_JOB_ID', 'SLURM_RESTART_COUNT', 'SLURM_STEP_ID', 'TORCHELASTIC_RUN_ID'):
         monkeypatch.delenv(name, raising=False)
     host = socket.gethostname()
-    me = {'pid': os.getpid(), 'host': host, 'boot': boot_id(), 'pid_ns': pid_namespace(),
+    me = {'pid': os.getpid(), 'host': host, 'heartbeat_s': run_lock.HEARTBEAT_S, 'boot': boot_id(),
+          'pid_ns': pid_namespace(),
           'started': process_start(os.getpid()), 'job': None, 'start': 0, 'step': None,
           'rdzv': None}
     run = RunDir.create(tmp_path, params={'logging': {'run_name': 'a'}}, run_name='a')
@@ -194,27 +196,36 @@ def test_a_run_folder_is_locked_by_its_job_and_a_dead_jobs_lock_is_taken_over(tm
 
 @pytest.mark.skipif(process_start(os.getpid()) is None, reason='needs Linux /proc')
 def test_a_lock_whose_pid_another_process_took_or_from_before_a_reboot_is_taken_over(
-        tmp_path, capsys):
+        tmp_path, monkeypatch, capsys):
     """A job killed on this host whose PID another process took since (a reboot gives low PIDs
     again at once) was refused for ever, its PID alive. The lock's start time (clock ticks since
     boot, which clock steps do not move) tells the two apart, and a lock from before the
-    machine's restart (another boot id) is taken over. The live holder itself is refused. A lock
-    of another PID namespace (a container of this host name) is checked by its PID alone: taken
-    over when that PID runs no process here or is this process's (a restarted container), else
-    refused."""
+    machine's restart (another boot id, in any container) is taken over. The live holder itself
+    is refused. A lock of another PID namespace (a container of this host name) is judged by its
+    heartbeat: one refreshed is refused, whatever its PID (two containers with the host's network
+    run the trainer as the same PID); an older version's, without heartbeat_s, by its PID alone:
+    taken over when that PID runs no process here or is this process's, else refused."""
     run = RunDir.create(tmp_path, params={}, run_name='a')
     live = subprocess.Popen([sys.executable, '-c', 'import sys; sys.stdin.read()'],
                             stdin=subprocess.PIPE)
     try:
         holder = {**lock_identity(), 'pid': live.pid, 'started': process_start(live.pid)}
-        other_ns = {**holder, 'pid_ns': 'pid:[1]', 'started': 1, 'boot': 'another'}
-        for refused in (holder, other_ns):
+        other_ns = {**holder, 'pid_ns': 'pid:[1]', 'started': 1, 'heartbeat_s': 0.1}
+        beating = {**other_ns, 'pid': os.getpid()}  # a live container's, with this PID
+        monkeypatch.setattr(run_lock, 'STALE_BEATS', 300)  # its refresh is seen long before
+        alive = run_lock.Heartbeat(run.lock_file, beating)
+        other_ns.pop('heartbeat_s')  # an older version's: its PID alone tells (a live one here)
+        for refused in (holder, other_ns, beating):
             run.lock_file.write_text(json.dumps(refused))
-            with pytest.raises(RunLockedError, match='or in another container, delete the lock'):
+            if refused is beating:
+                alive.start()
+            with pytest.raises(RunLockedError, match='give this job its own run name'):
                 RunDir.reopen(run.checkpoint, epoch=0)
+        alive.stop()
         for ended, why in (({**holder, 'started': holder['started'] - 1},
                             f'PID {live.pid} is now another process'),
                            ({**holder, 'boot': 'another'}, 'this machine has restarted since'),
+                           ({**beating, 'boot': 'another'}, 'this machine has restarted since'),
                            ({**other_ns, 'pid': dead_pid()}, 'it no longer runs'),
                            ({**other_ns, 'pid': os.getpid()}, f'PID {os.getpid()} is now this '
                                                                 'process')):
@@ -225,6 +236,49 @@ def test_a_lock_whose_pid_another_process_took_or_from_before_a_reboot_is_taken_
             assert run.lock_holder() == lock_identity()
     finally:
         live.communicate(b'')
+
+
+def test_a_lock_that_cannot_be_checked_is_taken_over_once_its_job_stops_refreshing_it(
+        tmp_path, monkeypatch, capsys):
+    """A job's lock on another host outside SLURM (a Kubernetes Job's next pod, a resume on
+    another machine after a crash) was refused for ever: nothing here could tell whether its job
+    ran. A job refreshes its lock's time while it runs; a lock not refreshed for STALE_BEATS
+    periods is taken over (waiting for that when needed), one refreshed is refused, and one
+    without heartbeat_s (another tool's, an older version's) is refused at once, as before."""
+    monkeypatch.setattr(run_lock, 'HEARTBEAT_S', 0.1)
+    run = RunDir.create(tmp_path, params={}, run_name='a')
+    first, waited = run_lock._mtime(run.lock_file), time.monotonic()
+    while run_lock._mtime(run.lock_file) == first and time.monotonic() - waited < 30:
+        time.sleep(0.05)
+    assert run_lock._mtime(run.lock_file) > first  # this job's heartbeat
+    run.unlock()
+    run._heartbeat.join(30)
+    assert not run._heartbeat.is_alive() and not run.lock_file.exists()
+    elsewhere = {'pid': 1, 'host': 'node-17', 'heartbeat_s': 0.1}
+    run.lock_file.write_text(json.dumps(elsewhere))
+    os.utime(run.lock_file, (time.time() - 60, time.time() - 60))  # its job died a minute ago
+    RunDir.reopen(run.checkpoint, epoch=0)
+    assert 'taking over the lock of PID 1 on node-17: its lock was last refreshed 60 s ago' in \
+        capsys.readouterr().out
+    run.unlock()
+    run.lock_file.write_text(json.dumps(elsewhere))  # died just now: taken over after 0.5 s
+    started = time.monotonic()
+    RunDir.reopen(run.checkpoint, epoch=0)
+    assert 0.4 < time.monotonic() - started < 60  # 5 periods of 0.1 s, by the file's clock
+    out = capsys.readouterr().out
+    assert 'cannot be checked from here; waiting up to' in out and 'taking over' in out
+    run.unlock()
+    run.lock_file.write_text(json.dumps(elsewhere))
+    alive = run_lock.Heartbeat(run.lock_file, elsewhere)  # its job runs, on node-17
+    alive.start()
+    monkeypatch.setattr(run_lock, 'STALE_BEATS', 300)  # its refresh is seen long before
+    try:
+        with pytest.raises(RunLockedError, match=r'PID 1 on node-17, .*lock\); give this job its '
+                                                 r'own run name, or wait for that one to end$'):
+            RunDir.reopen(run.checkpoint, epoch=0)
+    finally:
+        alive.stop()
+    assert run.lock_holder() == elsewhere
 
 
 def test_a_log_cut_short_by_a_kill_or_a_full_disk_resumes(tmp_path):

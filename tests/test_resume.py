@@ -19,7 +19,7 @@ import torch
 
 from conftest import REPO, run_env, small_config
 from imagenet_ffcv import checkpoint, config, train
-from imagenet_ffcv.run_dir import RunLockedError
+from imagenet_ffcv.run_lock import RunLockedError
 
 EPOCHS = 4  # at 32, 32, 64, 64 px: the kill falls in epoch 2, the first at 64 px
 RUN = ['--training.epochs=4', '--lr.lr=0.05', '--lr.lr_peak_epoch=1', '--logging.log_level=0',
@@ -169,6 +169,45 @@ def test_a_signal_in_the_last_check_window_lets_the_run_finish_and_exit_as_signa
     assert (Path(summary['run_dir']) / 'final_weights.pt').exists()
     assert 'SIGTERM received' in capsys.readouterr().out
     assert [r['epoch'] for r in log_of(Path(summary['run_dir']))] == [0, 1]
+
+
+def test_a_signal_during_validation_ends_the_run_after_the_epochs_checkpoint(
+        sample_betons, tmp_path, monkeypatch, capsys):
+    """SIGTERM while epoch 0 of 2 validates: the run stops after that epoch's checkpoint, exit
+    143. It went on into epoch 1 until that epoch's first check (here its last step), then
+    validated and finished it: a pre-empted job ran on for 10 more steps, a second checkpoint
+    and, at a check window's end, a whole validation, past its grace time."""
+    validate = train.validate_with_ema
+
+    def signalled(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return validate(*args, **kwargs)
+    monkeypatch.setattr(train, 'validate_with_ema', signalled)
+    summary = train.main(small_config(sample_betons, tmp_path, '--training.epochs=2',
+                                      '--logging.log_level=1'))
+    assert summary['stopped'] and summary['exit_code'] == 143
+    run_dir = Path(summary['run_dir'])
+    state = checkpoint.load(run_dir / 'checkpoint.pt')
+    assert (state['epoch'], state['iteration']) == (1, 0)
+    assert [r['epoch'] for r in log_of(run_dir)] == [0]
+    assert not (run_dir / 'final_weights.pt').exists()
+    assert 'SIGTERM received' in capsys.readouterr().out
+
+
+def test_a_signal_on_another_rank_in_the_last_epoch_ends_every_rank_with_its_status(
+        sample_betons, tmp_path, monkeypatch):
+    """SIGTERM reached another rank only, during the last epoch's validation: the run finishes
+    (final weights), and this rank too ends with 143, where it ended with 0 while the signalled
+    rank ended with 143 (the job's status depended on which rank a launcher reported)."""
+    from imagenet_ffcv import distributed
+    all_reduce_min = distributed.all_reduce_min
+
+    def another_rank_signalled(values):  # fit's one-value check: another rank got SIGTERM
+        return [0] if values.numel() == 1 else all_reduce_min(values)
+    monkeypatch.setattr(distributed, 'all_reduce_min', another_rank_signalled)
+    summary = train.main(small_config(sample_betons, tmp_path, '--training.epochs=1'))
+    assert summary['exit_code'] == 143 and 'top_1' in summary
+    assert (Path(summary['run_dir']) / 'final_weights.pt').exists()
 
 
 @pytest.mark.slow
