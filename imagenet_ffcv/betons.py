@@ -32,7 +32,7 @@ def num_classes(beton_path, val_path=None, warn: bool = True) -> int:
 
     With ``val_path``, the class lists beside the two files must be the same (both written from the
     same train split), and the val labels below the class count (a val .beton of more classes,
-    written without class lists, failed at the first validation, after an epoch or the whole run);
+    written without class lists, would fail at the first validation, after an epoch or the run);
     otherwise ClassListError (a ValueError) names both files, since labels would not match. A
     validation split held out of train/ must be held out of the training split alike
     (``sources.check_holdouts``: HoldoutMismatchError); the same file as both splits gives a

@@ -16,7 +16,9 @@ A checkpoint is one ``torch.save`` file, ``RUN_DIR/checkpoint.pt``, holding::
      'classes': [(wnid, name), ...] of the training .beton, or None,
      'progress': {'images', 'train_seconds', 'best_epoch', 'wall_time_s': accumulated so far,
                   'epoch_so_far': within an epoch, rank 0's {'loss_sum', 'images', 'seconds'} of
-                  it up to 'iteration', for its log line; else None}}
+                  it up to 'iteration', for its log line; else None,
+                  'reached': {'epoch', 'time_to_target_s'} once training.target_top1 was
+                  reached, else None}}
 
 With ``checkpoint.keep_last=N`` the checkpoints written at the ends of the last N epochs stay
 beside it as ``RUN_DIR/checkpoint_epoch_<epochs done>.pt`` (:func:`keep_history`, timm's
@@ -243,18 +245,19 @@ def resolve_resume(resume: str, folder, run_name: str = ''):
     return path
 
 
-def nothing_to_resume(path, resume: str, *, progress: Progress = None, epochs: int = 0,
-                      say: bool = True) -> bool:
-    """Whether resuming from ``path`` (``--resume resume``'s checkpoint, or None) trains nothing:
-    a finished run's, found by 'auto' (:func:`resolve_resume` said so), or named when the config
-    leaves it no epoch of ``epochs`` to train from ``progress`` (restored from it; None: not yet,
-    nothing to say): it validated again and wrote the final weights anew. This says so when
-    ``say``, with what trains it on: more epochs (forced), another top-1 target."""
-    if not (path and RunDir(path.parent).is_finished):
-        return False
-    if resume == 'auto':
-        return True
-    if progress is None or progress.epochs_left(epochs):
+def finished_found_by_auto(path, resume: str) -> bool:
+    """Whether ``--resume auto`` (``resume``) found a finished run, ``path`` its checkpoint
+    (:func:`resolve_resume` said so): the trainer then ends without training, so that a job
+    chain's later jobs start no new run."""
+    return resume == 'auto' and bool(path) and RunDir(path.parent).is_finished
+
+
+def no_epoch_left(path, progress: Progress, epochs: int, say: bool = True) -> bool:
+    """Whether the finished run resumed from its checkpoint ``path`` (None: no run resumed), at
+    ``progress`` (restored from it), has no epoch of ``epochs`` left to train: resuming it would
+    validate again and write its final weights anew. This says so when ``say``, with what trains
+    it on: more epochs (forced), another top-1 target."""
+    if not (path and RunDir(path.parent).is_finished) or progress.epochs_left(epochs):
         return False
     if say:
         more = f'give more epochs with {FORCE_KEY}=1'
@@ -314,7 +317,7 @@ def training_state(*, model_state: dict, optimizer, epoch: int, iteration: int, 
     random states of every rank in rank order (``rng``: :func:`rng_state` of each, as
     ``distributed.all_gather_object`` gives them; None: this process's alone), the resolved
     ``config`` and ``classes``, the best top-1 so far and ``progress`` (``{'images',
-    'train_seconds', 'best_epoch', 'wall_time_s', 'epoch_so_far'}``)."""
+    'train_seconds', 'best_epoch', 'wall_time_s', 'epoch_so_far', 'reached'}``)."""
     rng = rng or [rng_state()]
     state = {'format': FORMAT, 'model': model_state, 'optimizer': optimizer.state_dict(),
              'optimizer_class': type(optimizer).__name__,
@@ -342,7 +345,7 @@ def restore_training_state(saved: dict, *, model, optimizer, scaler=None, ema=No
     (another arch or class count) or its optimizer is of another class or has other parameter
     groups (each possible under ``checkpoint.force=1``)."""
     was, now = saved.get('optimizer_class', type(optimizer).__name__), type(optimizer).__name__
-    if was != now:  # SGD's momentum buffers are no state of AdamW's (it failed at its first step)
+    if was != now:  # SGD's momentum buffers are no state of AdamW's (it would fail at a step)
         raise CheckpointError(f'the checkpoint\'s optimizer is {was} and this run\'s {now}: its '
                               f'state does not carry over; resume with the run\'s optimizer, or '
                               f'start a new run that fine-tunes from the checkpoint\'s weights')

@@ -13,7 +13,7 @@ WNID_NAMES_FILE = Path(__file__).with_name('imagenet_wnids.tsv')
 
 def wnid_names() -> dict:
     """wnid -> short human-readable name for the 1,000 ILSVRC-2012 classes."""
-    with open(WNID_NAMES_FILE) as f:
+    with open(WNID_NAMES_FILE, encoding='utf-8') as f:
         return dict(line.rstrip('\n').split('\t', 1) for line in f if line.strip())
 
 
@@ -45,9 +45,15 @@ class ClassListError(ImagenetFfcvError, ValueError):
 def read_class_list(path) -> list:
     """The wnids of a class list written by :func:`write_class_list`, index order. Raises
     ClassListError naming the file, the line and the expected format for any other file (e.g.
-    ILSVRC's ``synset_words.txt``, ``wnid name`` lines), OSError when it cannot be read."""
-    with open(path) as f:
-        lines = [(n, line.rstrip('\n')) for n, line in enumerate(f, 1) if line.strip()]
+    ILSVRC's ``synset_words.txt``, ``wnid name`` lines, or not UTF-8 text), OSError when it
+    cannot be read."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            lines = [(n, line.rstrip('\n')) for n, line in enumerate(f, 1) if line.strip()]
+    except UnicodeDecodeError as e:
+        raise ClassListError(f'{path}: not UTF-8 text (byte {e.start}), so not a class list: give '
+                             'the .classes.tsv that imagenet-ffcv-write writes beside the .beton'
+                             ) from None
     wnids = []
     for i, (n, line) in enumerate(lines):
         row = line.split('\t')
@@ -64,6 +70,6 @@ def read_class_names(path) -> list:
     ILSVRC-2012 name when its wnid is one (a list written by another tool, ``index<TAB>wnid``),
     else ''."""
     wnids, known = read_class_list(path), wnid_names()
-    with open(path) as f:
+    with open(path, encoding='utf-8') as f:
         names = [(line.rstrip('\n').split('\t') + [''])[2] for line in f if line.strip()]
     return [(wnid, name or known.get(wnid, '')) for wnid, name in zip(wnids, names)]

@@ -12,13 +12,13 @@ import socket
 import time
 from datetime import timedelta
 from dataclasses import dataclass
-from pathlib import Path
 
 import numba
 import torch
 import torch.distributed as dist
 
 from .errors import ImagenetFfcvError
+from .files import boot_id
 
 
 class LaunchError(ImagenetFfcvError, ValueError):
@@ -118,20 +118,12 @@ def core_sharers(info: DistInfo) -> int:
     (one process, or before ``setup``): ``info.local_world_size``."""
     if not (info.distributed and dist.is_initialized()):
         return info.local_world_size
-    mine = (_machine_id(), sorted(_cores()))
+    # the machine: its boot id (shared by its containers, which share its cores), else host name
+    mine = (boot_id() or socket.gethostname(), sorted(_cores()))
     everyone = [None] * info.world_size
     dist.all_gather_object(everyone, mine)
     return sum(machine == mine[0] and not set(cores).isdisjoint(mine[1])
                for machine, cores in everyone)
-
-
-def _machine_id() -> str:
-    """What tells this machine's processes from other machines': the kernel's boot id (shared by
-    the containers of one machine, which share its cores), else the host name."""
-    try:
-        return Path('/proc/sys/kernel/random/boot_id').read_text().strip()
-    except OSError:
-        return socket.gethostname()
 
 
 def _cores() -> set:

@@ -33,8 +33,12 @@ def val_solution(path) -> dict:
     if not path.is_file():
         raise MissingFileError(f'{path}: val labels not found: put Kaggle\'s {KAGGLE_LABELS} '
                                f'(ImageId,PredictionString) or the devkit {DEVKIT_TAR} there')
-    with open(path, newline='', encoding='utf-8-sig') as f:  # -sig: Excel's byte order mark
-        rows = list(csv.reader(f))
+    try:
+        with open(path, newline='', encoding='utf-8-sig') as f:  # -sig: Excel's byte order mark
+            rows = list(csv.reader(f))
+    except UnicodeDecodeError as e:
+        raise InputError(f'{path}: not UTF-8 text (byte {e.start}); save it as UTF-8 CSV, as '
+                         'Kaggle gives it') from None
     if not rows or rows[0][:2] != ['ImageId', 'PredictionString']:
         raise InputError(f'{path}: expected the header ImageId,PredictionString')
     return {r[0]: r[1].split()[0] for r in rows[1:] if len(r) >= 2 and r[1].split()}

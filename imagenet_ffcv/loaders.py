@@ -64,8 +64,8 @@ class Loader(ffcv.loader.Loader):
     the first epoch on the current device, again only if an epoch starts on another). ffcv 1.0.2
     takes new ones for every epoch from torch's pool (32 per device, handed out in turn), and
     torch's caching allocator reuses the memory a stream freed only for that stream: the batches
-    :class:`NormalizeOnDevice` allocates on them kept up to 32 streams' worth of memory reserved,
-    not ``batches_ahead + 2``.
+    :class:`NormalizeOnDevice` allocates on them would keep up to 32 streams' worth of memory
+    reserved, not ``batches_ahead + 2``.
     """
 
     def __init__(self, *args, decoder=None, **kwargs):

@@ -40,6 +40,10 @@ from .images import (DEFAULT_JPEG_QUALITY, DEFAULT_MAX_RES, DEFAULT_RESTART_INTE
 from .loaders import antialiased
 from .weights import load_model
 
+# How weights saved without a config (torchvision's, timm's) are evaluated: centre crops of 224 px,
+# as torchvision's references evaluate them, with flip TTA, as this tool's validation does.
+FOREIGN_WEIGHTS_EVAL = {'res': 224, 'flip_tta': True, 'decoder': 'fused'}
+
 
 def predict(paths: list, *, weights, top: int = 5, classes_path=None, res=None,
             arch='resnet50', blurpool: bool = None, max_res: int = None,
@@ -53,9 +57,9 @@ def predict(paths: list, *, weights, top: int = 5, classes_path=None, res=None,
     when the run evaluated with flip TTA (``engine.flip_tta_logits``, the rule validation uses, so
     the top-1 class is the one eval-only counts). Each image is :func:`image_record` then
     :func:`model_input`, resized as the run's ``data.decoder`` resizes (the fused decoder's resize
-    for 'ffcv', with a note on stderr). ``res`` defaults to the run's ``validation.resolution``,
-    ``max_res`` to the largest shorter side stored in its val .beton (else 256, the converter's
-    default);
+    for 'ffcv', with a note on stderr). ``res`` defaults to the run's ``validation.resolution``
+    (:data:`FOREIGN_WEIGHTS_EVAL` for weights saved without a config), ``max_res`` to the
+    largest shorter side stored in its val .beton (else 256, the converter's default);
     ``arch`` and ``blurpool`` are used only when no config is saved with the weights
     (``weights.load_model``).
     Class names come from ``classes_path`` (a .classes.tsv; a warning on stderr when its wnids
@@ -80,7 +84,7 @@ def predict(paths: list, *, weights, top: int = 5, classes_path=None, res=None,
               'classes in their usual order (sorted wnids); if it was trained on others, pass '
               '--classes', file=sys.stderr)
     evaluated = (config.saved_eval_kwargs(saved.config) if saved.config
-                 else {'res': 224, 'flip_tta': True, 'decoder': 'fused'})
+                 else FOREIGN_WEIGHTS_EVAL)
     res, antialias = res or evaluated['res'], antialiased(evaluated['decoder'])
     max_res = (max_res or (saved.config or {}).get('derived', {}).get('val_image_side')
                or DEFAULT_MAX_RES)
@@ -112,9 +116,9 @@ def image_record(path, *, max_res: int = DEFAULT_MAX_RES,
                  restart_interval: int = DEFAULT_RESTART_INTERVAL) -> tuple:
     """The image file at ``path`` as ``imagenet-ffcv-write --max-res MAX_RES --jpeg-quality Q
     --restart-interval N`` stores it: ``(JPEG bytes uint8 (N,), height, width)``
-    (``images.load_image``, ``images.encode_jpeg``). Raises OSError naming the file when it is
-    missing or a folder, and OSError/ValueError naming it when it cannot be decoded (whatever
-    PIL raised: its plugins also raise SyntaxError, EOFError, struct.error ...)."""
+    (``images.load_image``, ``images.encode_jpeg``). Raises MissingFileError naming the file
+    when it is missing, InputError when it is a folder or cannot be decoded (whatever PIL
+    raised, named: its plugins also raise SyntaxError, EOFError, struct.error ...)."""
     try:
         pixels = load_image(path, max_res)
     except FileNotFoundError:
@@ -123,8 +127,7 @@ def image_record(path, *, max_res: int = DEFAULT_MAX_RES,
         raise InputError(f'{path}: a folder, not an image; give the images in it '
                          f'({Path(path) / "*"})') from None
     except Exception as e:  # any decoder error: named, and the other images still classified
-        raise (OSError if isinstance(e, OSError) else ValueError)(
-            f'{path}: cannot decode the image ({e})') from e
+        raise InputError(f'{path}: cannot decode the image ({e})') from e
     record = encode_jpeg(pixels, quality=jpeg_quality, restart_interval=restart_interval)
     return record, pixels.shape[0], pixels.shape[1]
 
@@ -171,7 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--classes', help="class list (.classes.tsv) for the run's classes, "
                                           "in place of the run's own (a warning when they differ)")
     parser.add_argument('--res', type=int, help="input side in px (default: the run's "
-                                                "validation resolution)")
+                                                "validation resolution; for weights without a "
+                                                f"saved config, {FOREIGN_WEIGHTS_EVAL['res']})")
     parser.add_argument('--arch', default='resnet50',
                         help='model when no config is saved (default resnet50)')
     parser.add_argument('--blurpool', type=int, choices=(0, 1),

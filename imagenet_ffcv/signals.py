@@ -52,10 +52,12 @@ class StopRequest:
 
     Use as a context manager around the training loop; the previous handlers are restored on exit.
     ``signum`` is the signal received (None while none), ``exit_code`` the conventional 128 + signum.
+    True once a signal came, or once the ranks agreed to stop for another rank's (:meth:`agree`).
     """
 
     def __init__(self):
         self.signum = None
+        self.elsewhere = False
         self._previous = {}
 
     def __enter__(self):
@@ -76,7 +78,12 @@ class StopRequest:
               'checkpoint (Ctrl-C again to abandon)', flush=True)
 
     def __bool__(self):
-        return self.signum is not None
+        return self.signum is not None or self.elsewhere
+
+    def agree(self) -> None:
+        """The ranks agreed to stop: this rank too, when the signal reached another one only (so
+        that every rank ends with the same exit status)."""
+        self.elsewhere = True
 
     @property
     def name(self) -> str:

@@ -146,7 +146,7 @@ def list_samples(split_dir, classes: list) -> list:
                              f' ({", ".join(cased[:5])} differ in case only: rename one)'
                              if cased else ''))
     listed = _check_distinct_folders(split_dir, folders)  # real paths: links to them are repeats
-    own = {parent for real in listed for parent, _, _ in os.walk(real)}  # reached without a link
+    own = frozenset(listed)  # the class folders' real paths: what is under them is listed there
     samples, empty, unreadable, other, repeated = [], [], [], [], []
     for wnid in sorted(folders, key=class_to_idx.get):
         folder = split_dir / wnid
@@ -200,22 +200,34 @@ def _class_folders(entries: list) -> tuple:
             [n for n in names if n.startswith('.')])
 
 
-def _images_under(folder: Path, listed: set, own: set, left_out: tuple) -> list:
+def _listed_in_place(real: str, own: frozenset, is_dir: bool) -> bool:
+    """Whether the folder or file whose real path is ``real`` is listed at its own place: under
+    one of the class folders whose real paths are ``own``, with no hidden part, and, a file, with
+    an image's extension."""
+    parts = real.split(os.sep)
+    for k in range(len(parts) - 1, 0, -1):
+        if os.sep.join(parts[:k]) in own:
+            return not any(p.startswith('.') for p in parts[k:]) and (
+                is_dir or parts[-1].lower().endswith(IMAGE_EXTENSIONS))
+    return False
+
+
+def _images_under(folder: Path, listed: set, own: frozenset, left_out: tuple) -> list:
     """The image files in ``folder`` and its subfolders (depth first, by name), as paths.
     ``left_out``: the lists ``(unreadable, other, repeated)``. A subfolder whose real path is in
     ``listed`` (a link to a class folder or to a folder seen before, a loop), and a symbolic link
-    to a folder or file in ``own`` (the split's folders reached without a link, listed at their
-    own place), go to ``repeated``; other subfolders are added to ``listed``. Non-image files go
-    to ``other``, image names that are not readable files to ``unreadable``; hidden entries
-    nowhere."""
+    to a folder or image listed at its own place (:func:`_listed_in_place`; ``own``: the class
+    folders' real paths), go to ``repeated``; other subfolders are added to ``listed``.
+    Non-image files go to ``other``, image names that are not readable files to
+    ``unreadable``; hidden entries nowhere."""
     files, (unreadable, other, repeated) = [], left_out
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
         if entry.name.startswith('.'):
             continue
         path, kind = folder / entry.name, _kind(entry)
         real = os.path.realpath(path) if kind == 'dir' or entry.is_symlink() else None
-        if kind == 'dir' and (real in listed or entry.is_symlink() and real in own) or \
-                kind == 'file' and real and os.path.dirname(real) in own:
+        if kind == 'dir' and real in listed or kind and real and entry.is_symlink() and \
+                _listed_in_place(real, own, kind == 'dir'):
             repeated.append(str(path))
         elif kind == 'dir':
             listed.add(real)

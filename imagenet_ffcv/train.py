@@ -86,7 +86,7 @@ def train(cfg, dist, wall_start) -> dict:
     resume_path = distributed.broadcast_object(distributed.on_rank_0(lambda: (
         checkpoint.resolve_resume(cfg.checkpoint.resume, cfg.logging.folder,
                                   cfg.logging.run_name))))
-    if checkpoint.nothing_to_resume(resume_path, cfg.checkpoint.resume):  # 'auto', finished
+    if checkpoint.finished_found_by_auto(resume_path, cfg.checkpoint.resume):
         return {'run_dir': str(resume_path.parent), 'finished_before': True}
     saved = checkpoint.load(resume_path) if resume_path else None
     if saved:  # the config's keys now: the loaders' checks (build) would name a changed one first
@@ -95,8 +95,8 @@ def train(cfg, dist, wall_start) -> dict:
     run = build(cfg, dist, wall_start)
     if saved:
         restore(run, saved, resume_path)
-    if checkpoint.nothing_to_resume(resume_path, cfg.checkpoint.resume, progress=run.progress,
-                                    epochs=cfg.training.epochs, say=dist.is_primary):
+    if checkpoint.no_epoch_left(resume_path, run.progress, cfg.training.epochs,
+                                say=dist.is_primary):
         return {'run_dir': str(resume_path.parent), 'finished_before': True}
     run.run_dir = distributed.on_rank_0(partial(open_run_dir, run, resume_path))
     try:  # the lock is given back however this ends (W&B failing to start or finish too)
@@ -239,7 +239,8 @@ def save_checkpoint(run: Run, epoch: int, iteration: int, so_far: dict = None) -
 
 def fit(run: Run):
     """Train the epochs from ``run.progress`` on, validating as configured, a checkpoint after
-    each; a signal (SIGTERM, Ctrl-C) ends the current step with a checkpoint. Returns ``(finished,
+    each; a signal (SIGTERM, Ctrl-C) ends the current step with a checkpoint, or, during an
+    epoch's validation or checkpoint, the run after them. Returns ``(finished,
     stop)``: whether training ended (last epoch, top-1 target; a signal in the last epoch's final
     steps or validation lets it end) and the ``signals.StopRequest`` (true when a signal came)."""
     cfg, progress = run.cfg, run.progress
@@ -278,8 +279,13 @@ def fit(run: Run):
             save_checkpoint(run, epoch + 1, 0)
             if progress.reached:
                 return True, stop
-            if stats['stopped'] and epoch < cfg.training.epochs - 1:
-                return False, stop
+            # a signal during validation or the checkpoint ends the run here, on every rank
+            # (stats['stopped'] is the ranks' agreement already: no collective then)
+            if stats['stopped'] or not distributed.all_reduce_min(
+                    torch.tensor([0 if stop else 1], device=run.dist.device))[0]:
+                stop.agree()  # every rank ends with the signal's exit status
+                if epoch < cfg.training.epochs - 1:
+                    return False, stop
     return True, stop
 
 

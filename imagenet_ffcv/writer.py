@@ -28,14 +28,14 @@ from .records import MAX_SIDE, ImageFiles, image_field
 
 
 class UnreadableImagesError(ImagenetFfcvError):
-    """Images that could not be decoded or stored; ``failures`` is a list of ``(path, reason)``;
+    """Images that could not be decoded or stored, ``failures``, a list of ``(path, reason)``;
     ``every``: they are all of the split's (skipping them would leave nothing to write)."""
 
     def __init__(self, failures, every: bool = False):
         self.failures = failures
         listed = '\n'.join(f'  {shown_path(p)}: {r}' for p, r in failures[:20])
         more = f'\n  ... and {len(failures) - 20} more' if len(failures) > 20 else ''
-        remedy = ('none of the split\'s images could be; check that these are the images you '
+        remedy = ('They are all of the split\'s images: check that these are the images you '
                   'meant' if every else 'Remove or replace them and run again (or, without '
                   '--strict, skip and list them)')
         super().__init__(f'{len(failures)} image(s) could not be decoded or stored; nothing was '
@@ -44,6 +44,11 @@ class UnreadableImagesError(ImagenetFfcvError):
 
 class InsufficientSpaceError(ImagenetFfcvError, OSError):
     """The target folder has less free space than the estimated size of the .beton."""
+
+
+class BetonWriteError(ImagenetFfcvError, OSError):
+    """The .beton cannot be written where it goes (no permission, a full disk, a size limit);
+    ``errno`` is the system's, the message names the file or folder and what to do."""
 
 
 class WriterProcessError(ImagenetFfcvError, ChildProcessError):
@@ -185,7 +190,8 @@ def skipped_report_path(beton_path) -> Path:
 
 
 def estimate_beton_bytes(samples: list, *, max_res: int, write_mode: str = 'jpg',
-                         compress_probability: float = 0.5, jpeg_quality: int = DEFAULT_JPEG_QUALITY,
+                         compress_probability: float = 0.5,
+                         jpeg_quality: int = DEFAULT_JPEG_QUALITY,
                          restart_interval: int = DEFAULT_RESTART_INTERVAL,
                          sample_size: int = 64) -> int:
     """A generous estimate of the .beton size: up to ``sample_size`` evenly spaced images made
@@ -244,8 +250,9 @@ def _check_out(out: Path) -> None:
         probe.touch()
         probe.unlink()
     except OSError as e:
-        raise OSError(e.errno, f'{out.parent}: cannot write the .beton there ({e.strerror}); '
-                               f'choose another --out or make the folder writable') from None
+        raise BetonWriteError(e.errno, f'{out.parent}: cannot write the .beton there '
+                                       f'({e.strerror}); choose another --out or make the folder '
+                                       f'writable') from None
 
 
 def _raise_naming(e: OSError, out: Path):
@@ -253,9 +260,9 @@ def _raise_naming(e: OSError, out: Path):
     if e.filename is not None or e.errno is None:
         raise e
     full = e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-    raise OSError(e.errno, f'writing {out}: {e.strerror}; nothing was written ({out} is as it '
-                           f'was)' + (f': free space in {out.parent}, or write elsewhere' if full
-                                     else '')) from e
+    raise BetonWriteError(e.errno, f'writing {out}: {e.strerror}; nothing was written ({out} is '
+                                   f'as it was)' + (f': free space in {out.parent}, or write '
+                                                    f'elsewhere' if full else '')) from e
 
 
 def _write_once(samples, tmp, fields, num_workers, chunksize, failures_path, max_res, indices,

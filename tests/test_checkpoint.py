@@ -644,23 +644,21 @@ def test_a_finished_run_with_no_epoch_left_says_what_trains_it_on(tmp_path, caps
     path = tmp_path / 'checkpoint.pt'
     path.write_bytes(b'')
     said = f'=> {tmp_path} has finished (final_weights.pt), and this config leaves it no epoch to '
-    assert checkpoint.nothing_to_resume(path, str(path)) is False  # not restored yet
-    assert checkpoint.nothing_to_resume(path, 'auto')  # resolve_resume said so
+    assert not checkpoint.finished_found_by_auto(path, str(path))  # by path: restored first
+    assert checkpoint.finished_found_by_auto(path, 'auto')  # resolve_resume said so
     assert capsys.readouterr().out == ''
-    assert not checkpoint.nothing_to_resume(path, str(path), progress=checkpoint.Progress(epoch=3),
-                                            epochs=4)
-    assert checkpoint.nothing_to_resume(path, str(path), progress=checkpoint.Progress(epoch=4),
-                                        epochs=4)
+    assert not checkpoint.no_epoch_left(path, checkpoint.Progress(epoch=3), epochs=4)
+    assert checkpoint.no_epoch_left(path, checkpoint.Progress(epoch=4), epochs=4)
     assert capsys.readouterr().out == (said + 'train: nothing to resume (to train it further, '
                                        'give more epochs with checkpoint.force=1)\n')
     reached = checkpoint.Progress(epoch=2, reached={'epoch': 1, 'time_to_target_s': 9.0})
-    assert checkpoint.nothing_to_resume(path, str(path), progress=reached, epochs=4)
+    assert checkpoint.no_epoch_left(path, reached, epochs=4)
     assert capsys.readouterr().out == (said + 'train: nothing to resume (to train it further, '
                                        'change or turn off training.target_top1, which it '
                                        'reached)\n')
     reached.epoch = 4
-    checkpoint.nothing_to_resume(path, str(path), progress=reached, epochs=4)
+    checkpoint.no_epoch_left(path, reached, epochs=4)
     assert capsys.readouterr().out.endswith("which it reached, and give more epochs with "
                                             "checkpoint.force=1)\n")
-    assert checkpoint.nothing_to_resume(path, str(path), progress=reached, epochs=4, say=False)
+    assert checkpoint.no_epoch_left(path, reached, epochs=4, say=False)
     assert capsys.readouterr().out == ''  # another rank than 0

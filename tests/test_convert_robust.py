@@ -928,8 +928,9 @@ def test_a_link_into_another_class_leaves_each_image_in_its_own_class(tmp_path):
     """A link in class a to class b's real subfolder gave that subfolder's images label a, and
     its real place was left out ("a link ... listed already"); a link in b to a file of a listed
     it twice, with both labels, without a word. The real places keep their images; the links are
-    left out, named in a warning. Links to images outside the split (a subset made of links)
-    are images as before."""
+    left out, named in a warning. Links to images outside the split (a subset made of links),
+    or to files the split does not list at their place (in a hidden folder, of another
+    extension), are images as before."""
     train = tmp_path / 'data' / 'train'
     photos = iter(sorted((SAMPLE / 'train').glob('*/*.JPEG')))
     for name in ('a/x.JPEG', 'b/sub/y.JPEG', 'b/z.JPEG'):
@@ -938,10 +939,17 @@ def test_a_link_into_another_class_leaves_each_image_in_its_own_class(tmp_path):
     (train / 'a' / 'shortcut').symlink_to(train / 'b' / 'sub')  # before b/sub, by name
     (train / 'b' / 'also_x.JPEG').symlink_to(train / 'a' / 'x.JPEG')
     (train / 'b' / 'outside.JPEG').symlink_to(next(photos))
+    for name in ('b/.store/0f3a', 'b/blob.bin'):  # not listed at their place: the links are
+        (train / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(next(photos), train / name)
+    (train / 'a' / 'stored.JPEG').symlink_to(train / 'b' / '.store' / '0f3a')
+    (train / 'a' / 'blob.JPEG').symlink_to(train / 'b' / 'blob.bin')
     with pytest.warns(UserWarning) as caught:
         samples = sources.list_samples(train, ['a', 'b'])
+    caught = [w for w in caught if 'symbolic link' in str(w.message)]  # not blob.bin's
     assert [(str(Path(p).relative_to(train)), label) for p, label in samples] == [
-        ('a/x.JPEG', 0), ('b/outside.JPEG', 1), ('b/sub/y.JPEG', 1), ('b/z.JPEG', 1)]
+        ('a/blob.JPEG', 0), ('a/stored.JPEG', 0), ('a/x.JPEG', 0), ('b/outside.JPEG', 1),
+        ('b/sub/y.JPEG', 1), ('b/z.JPEG', 1)]
     [said] = [str(w.message) for w in caught]
     assert said.startswith('2 symbolic link(s) to folders or images listed already or at their '
                            'own place') and 'a/shortcut' in said and 'b/also_x.JPEG' in said
@@ -1486,3 +1494,17 @@ def test_kaggles_val_labels_saved_by_excel_read_as_they_are(tmp_path):
     labels.write_text('ImageId,PredictionString\r\nILSVRC2012_val_00000001,n01751748 1 2 3 4\r\n',
                       encoding='utf-8-sig')
     assert ilsvrc.val_solution(labels) == {'ILSVRC2012_val_00000001': 'n01751748'}
+    # saved as UTF-16 ("Unicode text"): a UnicodeDecodeError traceback from the command
+    labels.write_text('ImageId,PredictionString\n', encoding='utf-16')
+    with pytest.raises(errors.InputError, match=f'{labels}: not UTF-8 text'):
+        ilsvrc.val_solution(labels)
+
+
+def test_a_class_list_that_is_not_text_is_an_error_naming_it(tmp_path):
+    """A binary or UTF-16 file given as a class list (predict --classes) raised
+    UnicodeDecodeError, which the commands printed as a traceback."""
+    from imagenet_ffcv.classes import ClassListError, read_class_list
+    path = tmp_path / 'classes.tsv'
+    path.write_text('0\tn01440764\ttench\n', encoding='utf-16')
+    with pytest.raises(ClassListError, match=f'{path}: not UTF-8 text .* give the .classes.tsv'):
+        read_class_list(path)

@@ -85,10 +85,12 @@ def test_the_package_raises_its_own_errors_not_bare_built_in_ones():
     the code (the loader thread ending early, a wrong loaders.COPY_WAIT)."""
     bare = ('ValueError', 'FileNotFoundError', 'IsADirectoryError', 'NotADirectoryError',
             'RuntimeError', 'TypeError', 'KeyError')
-    raised = [f'{p.name} {node.exc.func.id}' for p in PACKAGE
-              for node in ast.walk(parse(p)) if isinstance(node, ast.Raise)
-              and isinstance(node.exc, ast.Call) and isinstance(node.exc.func, ast.Name)
-              and node.exc.func.id in bare]
+    def called(node):  # the names a raise calls: E(...), (E if c else F)(...)
+        func = node.exc.func if isinstance(node.exc, ast.Call) else None
+        options = [func.body, func.orelse] if isinstance(func, ast.IfExp) else [func]
+        return [f.id for f in options if isinstance(f, ast.Name)]
+    raised = [f'{p.name} {name}' for p in PACKAGE for node in ast.walk(parse(p))
+              if isinstance(node, ast.Raise) for name in called(node) if name in bare]
     assert sorted(raised) == ['config_schema.py ValueError', 'epoch_iterator.py RuntimeError',
                               'loaders.py ValueError'], raised
 
