@@ -10,6 +10,7 @@ from . import ffcv_import  # noqa: F401  (first: ffcv without its import-time co
 from ffcv.reader import Reader
 
 from .classes import ClassListError, class_list_path, read_class_list
+from .records import IMAGE_METADATA, LABEL_METADATA
 from .sources import check_holdouts
 from .verify import check_beton
 
@@ -22,7 +23,7 @@ def num_samples(beton_path) -> int:
 def largest_shorter_side(beton_path) -> int:
     """The largest shorter side (px) of the images stored in a .beton (reads its metadata only):
     the converter's ``--max-res`` when any image reached it, as in ImageNet."""
-    images = Reader(str(beton_path)).metadata['f0']
+    images = Reader(str(beton_path)).metadata[IMAGE_METADATA]
     return int(np.minimum(images['height'], images['width']).max())
 
 
@@ -75,4 +76,4 @@ def num_classes(beton_path, val_path=None, warn: bool = True) -> int:
 
 def _largest_label(beton_path) -> int:
     """The largest label stored in a .beton (its metadata's label field)."""
-    return int(Reader(str(beton_path)).metadata['f1'].max())
+    return int(Reader(str(beton_path)).metadata[LABEL_METADATA].max())

@@ -31,6 +31,7 @@ from . import memory_readers
 from .decoders import ScratchQuery, center_crop_decoder, random_resized_crop_decoder
 from .epoch_iterator import EpochIterator
 from .errors import InputError
+from .records import IMAGE_FIELD, LABEL_FIELD
 from .verify import check_beton
 
 ORDERS = {'random': OrderOption.RANDOM, 'quasi_random': OrderOption.QUASI_RANDOM}
@@ -313,7 +314,7 @@ def train_loader(*, path, batch_size: int, num_workers: int, res: int, os_cache:
     loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers,
                     order=ORDERS[order], os_cache=bool(os_cache), drop_last=True,
                     distributed=distributed, seed=seed, decoder=ours,
-                    pipelines={'image': images, 'label': label_pipeline(device)})
+                    pipelines={IMAGE_FIELD: images, LABEL_FIELD: label_pipeline(device)})
     return loader, image_decoder
 
 
@@ -343,4 +344,4 @@ def val_loader(*, path, batch_size: int, num_workers: int, res: int, device, ran
                                       antialias=antialiased(decoder_name))
     return Loader(str(path), batch_size=batch_size, num_workers=num_workers,
                   order=OrderOption.SEQUENTIAL, drop_last=False, indices=indices, decoder=ours,
-                  pipelines={'image': images, 'label': label_pipeline(device)})
+                  pipelines={IMAGE_FIELD: images, LABEL_FIELD: label_pipeline(device)})

@@ -12,6 +12,10 @@ from .images import encode_jpeg, load_image
 
 # libjpeg's largest side (JPEG_MAX_DIMENSION), below the 65,535 of ffcv's records (uint16 sides)
 MAX_SIDE = 65_500
+# A .beton's fields, in order (writer.write_beton's), and their columns of ffcv's metadata table,
+# which ffcv names f<field index>.
+IMAGE_FIELD, LABEL_FIELD = 'image', 'label'
+IMAGE_METADATA, LABEL_METADATA = 'f0', 'f1'
 
 
 class Record(NamedTuple):

@@ -13,6 +13,7 @@ from PIL import Image
 from .classes import class_list_path, read_class_list
 from .jpeg_region import decode_region, region_decoder
 from .errors import ImagenetFfcvError, MissingFileError
+from .records import IMAGE_FIELD, IMAGE_METADATA, LABEL_FIELD, LABEL_METADATA
 
 SHORT_SIDE_EDGES = [0, 32, 64, 128, 160, 192, 224, 256, 320, 384, 512, 10 ** 9]  # px buckets
 JPEG_MODE, RAW_MODE = 0, 1  # a record's 'mode': how ffcv's RGBImageField stored the image
@@ -168,13 +169,13 @@ def _open(path):
             raise CorruptBetonError(f'{path}: header says {reader.num_samples} samples, metadata '
                                     f'holds {len(md)} (file truncated?)')
         fields = [(name, type(handler).__name__) for name, handler in reader.handlers.items()]
-        if fields[:2] != [('image', 'RGBImageField'), ('label', 'IntField')]:
+        if fields[:2] != [(IMAGE_FIELD, 'RGBImageField'), (LABEL_FIELD, 'IntField')]:
             raise CorruptBetonError(
                 f'{path}: its fields are {", ".join(f"{n} ({t})" for n, t in fields)}; this tool '
                 'reads .beton files whose first fields are image (RGBImageField) and label '
                 "(IntField), as imagenet-ffcv-write and ffcv-imagenet's write_imagenet.py write "
                 'them: write this one again from its images with imagenet-ffcv-write')
-        return reader, md['f0'], md['f1'].astype(np.int64)
+        return reader, md[IMAGE_METADATA], md[LABEL_METADATA].astype(np.int64)
     except CorruptBetonError:
         raise
     except Exception as e:

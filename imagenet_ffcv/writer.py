@@ -24,7 +24,7 @@ from .distributed import usable_cores
 from .errors import ImagenetFfcvError, InputError
 from .files import atomic_path, remove_stale_temporaries, temporary_path, write_text_atomic
 from .images import DEFAULT_JPEG_QUALITY, DEFAULT_RESTART_INTERVAL, encode_jpeg, load_image
-from .records import MAX_SIDE, ImageFiles, image_field
+from .records import IMAGE_FIELD, LABEL_FIELD, MAX_SIDE, ImageFiles, image_field
 
 
 class UnreadableImagesError(ImagenetFfcvError):
@@ -320,7 +320,7 @@ def write_beton(samples: list, out, *, max_res: int, write_mode: str = 'jpg',
                          + num_workers * 8 * 2 ** 20)
     failures_path = temporary_path(out, 'failures')
     report = skipped_report_path(out)
-    fields = {'image': image_field(), 'label': IntField()}
+    fields = {IMAGE_FIELD: image_field(), LABEL_FIELD: IntField()}
     start = time.perf_counter()
     skipped = {}
     indices = list(range(len(samples)))
