@@ -38,7 +38,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml setup.py imagenet_ffcv/jpeg_
 demo: setup
 	$(PY) write_beton.py --data-dir demo/imagenette_sample --split train --max-res 128 --out demo_out/train_128.beton
 	$(PY) write_beton.py --data-dir demo/imagenette_sample --split val --max-res 128 --out demo_out/val_128.beton
-	$(PY) train_imagenet.py --config demo/rn18_demo.yaml
+	$(PY) train_imagenet.py --config demo_configs/rn18_demo.yaml
 
 # Two pytest processes (pytest-xdist), each test file in one of them (its module fixtures built
 # once): on CI's 2 cores the suite takes about two thirds of the time of one process (360 s against

@@ -48,7 +48,7 @@ import torch
 from .config_schema import ARCH_KEY, FORCE_KEY, TARGET_KEY
 from .errors import ImagenetFfcvError
 from .files import atomic_path, atomic_write
-from .run_dir import RunDir, latest_checkpoint, unfinished_run_names
+from .run_dir import RunDir, latest_checkpoint, restarted_run, unfinished_run_names
 
 
 @dataclass
@@ -146,7 +146,10 @@ def safe_torch_load(path, what: str = 'file'):
         raise CheckpointError(f'{path}: cannot read the {what} ({e})') from None
     if not start.startswith(TORCH_FILE_STARTS):
         raise CheckpointError(f'{path}: not a PyTorch file (it starts with {start!r}, not as '
-                              'torch.save writes; a failed download? re-download it)')
+                              'torch.save writes; ' + (
+                                  'a .beton holds images, not weights: give a run folder or its '
+                                  'final_weights.pt)' if str(path).endswith('.beton') else
+                                  'a failed download? re-download it)'))
     convert = ('use weights written by this tool (checkpoint.pt, final_weights.pt or '
                'final_weights.safetensors), or, for a file you trust, save its state dict alone '
                '(torch.save(model.state_dict(), "weights.pt"))')
@@ -211,8 +214,9 @@ def check_format(state: dict, path) -> None:
                               f'upgrade imagenet-ffcv to read it')
 
 
-def resolve_resume(resume: str, folder, run_name: str = ''):
-    """The checkpoint ``--resume`` names: '' -> None (a new run); 'auto' -> the checkpoint of the
+def resolve_resume(resume: str, folder, run_name: str = '', launch: dict = None):
+    """The checkpoint ``--resume`` names: '' -> None (a new run; on torchrun's restart of the job's
+    workers, ``launch``, its run: ``run_dir.restarted_run``); 'auto' -> the checkpoint of the
     latest run named ``run_name`` ('' : of the unnamed runs) under the logging folder ``folder``
     (``run_dir.latest_checkpoint``; None when there is none, so the same command line starts a run
     and resumes it after a pre-emption, and says so, naming the unfinished runs of other names
@@ -221,7 +225,7 @@ def resolve_resume(resume: str, folder, run_name: str = ''):
     chain's later jobs do not train a new run); anything else is a checkpoint's path or a run
     folder holding one, which must exist (CheckpointError)."""
     if not resume:
-        return None
+        return restarted_run(folder, run_name, launch)
     if resume == 'auto':
         path = latest_checkpoint(folder, run_name)
         if path and RunDir(path.parent).is_finished:

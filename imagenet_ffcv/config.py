@@ -1,11 +1,9 @@
 """The configuration of the trainer (``imagenet-ffcv-train``): ffcv-imagenet's sections and keys
 (declared in ``config_schema``), read with fastargs. Sources, later ones winning: defaults <
-``--config FILE.yaml`` (repeatable) < ``--section.key=value``.
-A key that is not in the schema, in a file or on the command line, is an error naming it (fastargs
-alone ignores it silently), and so is a value of the wrong type.
-
-Everything is declared on a fresh ``fastargs.Config`` per call: nothing global is touched, so a test
-can build several configs in one process.
+``--config FILE.yaml`` (repeatable) < ``--section.key=value``. A key that is not in the schema,
+in a file or on the command line, is an error naming it (fastargs alone ignores it silently), and
+so is a value of the wrong type. Everything is declared on a fresh ``fastargs.Config`` per call:
+nothing global is touched, so a test can build several configs in one process.
 """
 import argparse
 import sys
@@ -156,8 +154,9 @@ def _check_consistency(cfg) -> None:
         problems.append(f'resolution.start_ramp={cfg.resolution.start_ramp} is after '
                         f'resolution.end_ramp={cfg.resolution.end_ramp}')
     if cfg.lr.lr_schedule_type == 'cyclic' and not 0 <= cfg.lr.lr_peak_epoch <= cfg.training.epochs:
-        problems.append(f'lr.lr_peak_epoch={cfg.lr.lr_peak_epoch} must lie in '
-                        f'[0, training.epochs={cfg.training.epochs}]')
+        problems.append(f'lr.lr_peak_epoch={cfg.lr.lr_peak_epoch} must lie in [0, training.epochs='
+                        f'{cfg.training.epochs}] (a shorter run needs its own, e.g. '
+                        f'--lr.lr_peak_epoch={cfg.training.epochs / 8:g})')
     try:
         schedules.parse_fractions(cfg.lr.step_fractions)
     except ValueError as e:

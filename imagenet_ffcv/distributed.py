@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import ImagenetFfcvError
-from .files import boot_id
+from .files import boot_id, process_start
 
 
 class LaunchError(ImagenetFfcvError, ValueError):
@@ -97,6 +97,21 @@ def from_env(environ=None) -> DistInfo:
                     local_world_size=max(1, read('LOCAL_WORLD_SIZE', 1)))
 
 
+def launch_identity(environ=None):
+    """What tells the workers of one torchrun job from another job's, the same across torchrun's
+    restarts of them (``--max-restarts``): ``{'restart': TORCHELASTIC_RESTART_COUNT (0 at the
+    first start), 'rdzv': its --rdzv-id (None for 'none': a static rendezvous), 'agent':
+    '<host>:<PID>:<start>' of torchrun's agent, this process's parent}``; None without
+    torchrun."""
+    environ = os.environ if environ is None else environ
+    if 'TORCHELASTIC_RUN_ID' not in environ:
+        return None
+    rdzv, agent = environ['TORCHELASTIC_RUN_ID'], os.getppid()
+    return {'restart': int(environ.get('TORCHELASTIC_RESTART_COUNT') or 0),
+            'rdzv': rdzv if rdzv not in ('', 'none') else None,
+            'agent': f'{socket.gethostname()}:{agent}:{process_start(agent)}'}
+
+
 def loader_threads(num_workers, info: DistInfo) -> int:
     """The loader threads of this process for ``data.num_workers``: an int as it is, but at most
     the threads numba may start on this machine (``NUMBA_NUM_THREADS``, its CPU count; ffcv
@@ -147,20 +162,36 @@ def setup(info: DistInfo, timeout_s: float = 300) -> None:
     MASTER_ADDR/MASTER_PORT come from torchrun's rendezvous (``env://``). timeout_s: how long a
     collective waits for the other ranks before raising on this rank, so that a rank that died or
     hangs makes the others fail within that bound instead of waiting for ever (gloo also fails at
-    once when a peer's connection closes).
+    once when a peer's connection closes). Rank 0 says that it waits, and so does every rank
+    started without torchrun (RANK and WORLD_SIZE left in the shell: it would wait silently).
+    Raises LaunchError when the ranks do not meet within ``timeout_s``.
     """
     if info.device.type == 'cuda':
         torch.cuda.set_device(info.device)
     if info.distributed and not dist.is_initialized():
         backend = 'nccl' if info.device.type == 'cuda' else 'gloo'
-        if info.is_primary:  # the store waits silently for every rank to connect
-            print(f'=> process group of {info.world_size} ranks ({backend}): waiting up to '
-                  f'{timeout_s:.0f} s for every rank to join', flush=True)
+        address = f'{os.environ.get("MASTER_ADDR", "localhost")}:' \
+                  f'{os.environ.get("MASTER_PORT", 29500)}'
+        torchrun = 'TORCHELASTIC_RUN_ID' in os.environ  # set by torchrun in every worker
+        hint = '' if torchrun else (
+            f'; not started by torchrun: RANK={info.rank} and WORLD_SIZE={info.world_size} come '
+            'from the environment (unset them to train in one process)')
+        if info.is_primary or not torchrun:  # the store waits silently for every rank
+            print(f'=> rank {info.rank}: process group of {info.world_size} ranks ({backend}) at '
+                  f'{address}: waiting up to {timeout_s:.0f} s for every rank to join{hint}',
+                  flush=True)
         kwargs = {'device_id': info.device} if backend == 'nccl' else {}
         timeout = timedelta(seconds=timeout_s)
-        dist.init_process_group(backend=backend, store=restart_store(info, timeout),
-                                rank=info.rank, world_size=info.world_size, timeout=timeout,
-                                **kwargs)
+        try:
+            dist.init_process_group(backend=backend, store=restart_store(info, timeout),
+                                    rank=info.rank, world_size=info.world_size, timeout=timeout,
+                                    **kwargs)
+        except (dist.DistError, TimeoutError) as e:
+            raise LaunchError(
+                f'rank {info.rank}: the process group of {info.world_size} ranks at {address} did '
+                f'not form within {timeout_s:.0f} s ({type(e).__name__}: '
+                f'{str(e).strip().splitlines()[0] if str(e).strip() else "no answer"}){hint}'
+            ) from e
 
 
 # The key, in torchrun's own store, under which rank 0 publishes the address of the store it hosts.
@@ -190,6 +221,10 @@ def restart_store(info: DistInfo, timeout: timedelta, environ=None):
     environ = os.environ if environ is None else environ
     host, port = environ.get('MASTER_ADDR', 'localhost'), int(environ.get('MASTER_PORT', 29500))
     if environ.get('TORCHELASTIC_USE_AGENT_STORE') != 'True':
+        if info.rank != 0:  # a plain connection first: TCPStore logs each failed try's stack
+            _wait_for_answer(host, port, time.monotonic() + timeout.total_seconds(),
+                             f'rank 0\'s store at {host}:{port} did not answer: did rank 0 '
+                             f'start?')
         return dist.TCPStore(host, port, info.world_size, is_master=info.rank == 0,
                              timeout=timeout)
     torchrun_store = dist.TCPStore(host, port, is_master=False, timeout=timeout)
@@ -202,16 +237,30 @@ def restart_store(info: DistInfo, timeout: timedelta, environ=None):
     while True:
         address = torchrun_store.get(STORE_ADDRESS_KEY).decode()
         store_host, store_port = address.rsplit(':', 1)
-        try:  # a plain connection first: TCPStore logs every failed try with a stack trace
-            socket.create_connection((store_host, int(store_port)), timeout=5).close()
+        try:
+            _wait_for_answer(store_host, int(store_port), deadline, f'the store rank 0 published '
+                             f'at {address} did not answer: did rank 0 fail to start?')
             store = dist.TCPStore(store_host, int(store_port), info.world_size, is_master=False,
                                   timeout=timedelta(seconds=10))  # not another server's port
             store.set_timeout(timeout)
             return store
-        except (OSError, dist.DistError):
+        except dist.DistError:
             if time.monotonic() > deadline:
-                raise TimeoutError(f'rank {info.rank}: the store rank 0 published at {address} did '
-                                   f'not answer within {timeout}: did rank 0 fail to start?')
+                raise
+            time.sleep(0.2)
+
+
+def _wait_for_answer(host: str, port: int, deadline: float, message: str) -> None:
+    """Wait until a TCP connection to ``host:port`` opens (a plain connection: TCPStore logs
+    every failed try with a stack trace); TimeoutError(``message``) past ``deadline``
+    (``time.monotonic()``)."""
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=5).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise TimeoutError(message) from None
             time.sleep(0.2)
 
 

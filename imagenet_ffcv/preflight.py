@@ -7,16 +7,24 @@ from pathlib import Path
 import psutil
 
 from .config import ConfigError
+from .errors import MissingFileError
 from .optional import require
 
 
 def check_runnable(cfg, device, processes_on_node: int = 1) -> None:
-    """Fail now when ``cfg`` asks for what this run cannot do: a key the ``device``
+    """Fail now when ``cfg`` asks for what this run cannot do: a .beton that is not there
+    (MissingFileError naming its key: a path from a config file, not typed), a key the ``device``
     (``torch.device``) cannot run (``training.sync_bn`` off CUDA: ConfigError), memory the
     training loader's process cache cannot have (:func:`check_process_cache`), or an optional
     package that is missing. Those are imported now (a timm model or LAMB: timm; W&B: wandb;
     TensorBoard), ``optional.MissingPackageError`` naming the key, the package and how to install
     it. ``processes_on_node``: the processes of the job on this machine."""
+    for key, path in (('data.train_dataset', cfg.data.train_dataset),
+                      ('data.val_dataset', cfg.data.val_dataset)):
+        if not os.path.exists(path):
+            where = '' if os.path.isabs(path) else f', looked for in {os.getcwd()}'
+            raise MissingFileError(f'{key}={path}: .beton file not found{where}; write it with '
+                                   f'imagenet-ffcv-write, or give its path')
     if cfg.training.sync_bn and device.type != 'cuda':
         raise ConfigError(f'training.sync_bn=1: torch.nn.SyncBatchNorm runs on CUDA GPUs only, and '
                           f'this run is on {device.type}; set training.sync_bn=0 (one process '

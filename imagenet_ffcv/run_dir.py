@@ -193,6 +193,31 @@ def latest_checkpoint(folder, run_name: str = ''):
     return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
 
 
+def restarted_run(folder, run_name: str, launch):
+    """On torchrun's restart of this job's workers (``launch``: ``distributed.launch_identity``,
+    its ``restart`` > 0) with no ``--resume``: the checkpoint of the run this job started (the
+    latest of ``run_name`` in ``folder``, whose params.json holds the same torchrun job: the same
+    ``--rdzv-id``, else the same agent), said in a message, as ``--resume auto`` would find it;
+    else None (a new run; on a restart, with a warning). A restart started a new run from epoch
+    0, leaving the job's run behind, unless the command said ``--resume auto``."""
+    if not launch or not launch['restart']:
+        return None
+    path = latest_checkpoint(folder, run_name) if Path(folder).is_dir() else None
+    try:
+        started = json.loads(RunDir(path.parent).params.read_text()).get('launch') if path else None
+    except (OSError, ValueError, AttributeError):
+        started = None
+    key = 'rdzv' if launch['rdzv'] else 'agent'
+    if isinstance(started, dict) and started.get(key) == launch[key]:
+        print(f'=> torchrun restart {launch["restart"]} of this job\'s workers: continuing the run '
+              f'it started, {path.parent}, as --resume auto would', flush=True)
+        return path
+    print(f'=> warning: torchrun restart {launch["restart"]} of this job\'s workers, and no run it '
+          f'started has a checkpoint: this starts a new run (--resume auto continues the latest '
+          f'of its run name)', flush=True)
+    return None
+
+
 def unfinished_run_names(folder) -> list:
     """The run names (sorted; '' for unnamed runs) of the run folders ``folder/*/`` that hold a
     ``checkpoint.pt`` and no final weights."""

@@ -19,8 +19,8 @@ from functools import partial
 import torch
 from tqdm import tqdm
 
-from . import (betons, checkpoint, config, distributed, engine, loaders, metrics, models,
-               optimizers, preflight, schedules, weights)
+from . import (betons, checkpoint, config, distributed, engine, jpeg_region, loaders, metrics,
+               models, optimizers, preflight, schedules, weights)
 from .checkpoint import Progress
 from .classes import class_list_path, read_class_names
 from .commands import command_name, is_user_error, one_line_warnings, stops_on_ctrl_c
@@ -85,7 +85,7 @@ def train(cfg, dist, wall_start) -> dict:
     # what fails on rank 0 alone (a missing checkpoint, a locked run folder) stops every rank.
     resume_path = distributed.broadcast_object(distributed.on_rank_0(lambda: (
         checkpoint.resolve_resume(cfg.checkpoint.resume, cfg.logging.folder,
-                                  cfg.logging.run_name))))
+                                  cfg.logging.run_name, distributed.launch_identity()))))
     if checkpoint.finished_found_by_auto(resume_path, cfg.checkpoint.resume):
         return {'run_dir': str(resume_path.parent), 'finished_before': True}
     saved = checkpoint.load(resume_path) if resume_path else None
@@ -155,7 +155,7 @@ def build(cfg, dist, wall_start) -> Run:
         'global_batch_size': config.images_per_step(cfg) * dist.world_size,
         'device': str(dist.device), 'amp': precision.name, 'loader_threads': threads,
         'val_image_side': betons.largest_shorter_side(cfg.data.val_dataset)},  # for predict
-        'code': code_version()}
+        'code': code_version(), 'launch': distributed.launch_identity()}
     return Run(
         cfg=cfg, dist=dist, train_loader=train_loader, train_decoder=train_decoder,
         val_loader=val_loader, model=model, model_without_ddp=model_without_ddp,
@@ -205,9 +205,11 @@ def open_run_dir(run: Run, resume_path) -> RunDir:
                                 run_name=cfg.logging.run_name)
         print(f'=> run folder {run_dir.path}')
     derived = run.resolved['derived']
+    decoder = cfg.data.decoder + ('' if cfg.data.decoder == 'ffcv' or jpeg_region.region_decoder()
+                                  else ' (whole JPEGs: its C part is not built)')
     print(f'=> {cfg.model.arch}, {derived["num_classes"]} classes, {run.dist.world_size} '
           f'process(es) on {run.dist.device.type}, {run.precision.name}, decoder '
-          f'{cfg.data.decoder} with {derived["loader_threads"]} loader thread(s) (data.num_workers='
+          f'{decoder} with {derived["loader_threads"]} loader thread(s) (data.num_workers='
           f'{cfg.data.num_workers}), global batch '
           f'{derived["global_batch_size"]}; lr {cfg.lr.lr:g} in the config (for a global batch of '
           f'{cfg.lr.ref_batch_size or "any size: no scaling"}) -> {derived["lr_used"]:g} used')

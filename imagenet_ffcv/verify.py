@@ -130,7 +130,9 @@ def _read(path) -> tuple:
         raise MissingFileError(f'{path}: a folder, not a .beton file; write one from its images '
                                f'with imagenet-ffcv-write {split} --out FILE.beton')
     if not path.is_file():
-        raise MissingFileError(f'{path}: .beton file not found; write it with imagenet-ffcv-write')
+        where = '' if path.is_absolute() else f' (looked for in {Path.cwd()})'
+        raise MissingFileError(f'{path}: .beton file not found{where}; write it with '
+                               f'imagenet-ffcv-write')
     reader, images, labels = _open(path)
     alloc = reader.alloc_table
     ptrs = images['data_ptr'].astype(np.int64)

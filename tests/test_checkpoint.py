@@ -503,6 +503,11 @@ def test_a_file_that_is_not_a_torch_file_is_not_called_unsafe(tmp_path, content)
     for zipped in (True, False):
         torch.save(state, path, _use_new_zipfile_serialization=zipped)
         assert torch.equal(weights.load_weights(path)[0]['weight'], state['weight'])
+    beton = tmp_path / 'train_160.beton'  # predict --weights given the data: "re-download it"
+    beton.write_bytes(content)
+    with pytest.raises(checkpoint.CheckpointError, match='a .beton holds images, not weights: '
+                                                         'give a run folder or its final_weights'):
+        weights.load_weights(beton)
 
 
 def test_checkpoints_hold_only_tensors_and_plain_values_and_old_ones_still_load(tmp_path):

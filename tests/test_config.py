@@ -131,8 +131,9 @@ def test_rn18_88_values():
 
 
 def test_demo_config_loads_without_overrides():
-    """demo/rn18_demo.yaml sets the datasets and folder itself: loads with no other argument."""
-    cfg = load_config(['--config', str(REPO / 'demo' / 'rn18_demo.yaml')])
+    """demo_configs/rn18_demo.yaml sets the datasets and folder itself: loads with no other
+    argument; it is shipped, so the README's example runs from an installed package."""
+    cfg = load_config(['--config', 'demo_configs/rn18_demo.yaml'])  # shipped: any directory
     assert cfg.model.arch == 'resnet18'
     makefile = (REPO / 'Makefile').read_text()  # the demo trains on what `make demo` writes
     assert f'--out {cfg.data.train_dataset}' in makefile
@@ -323,8 +324,8 @@ def test_settings_that_do_nothing_in_the_runs_setup_are_warned_of(tmp_path):
         "training.betas='0.9,0.95' does nothing here: it is used only with "
         'training.optimizer=adamw or lamb']
     assert ignored_settings(to_dict(_load(recipe, '--training.optimizer=adamw'))) == []
-    shipped = [*sorted((REPO / 'imagenet_ffcv' / 'configs').glob('*/*.yaml')),
-               REPO / 'demo' / 'rn18_demo.yaml', _write(tmp_path, ORIGINAL_FFCV_IMAGENET)]
+    shipped = [*sorted((REPO / 'imagenet_ffcv' / 'configs').glob('*/*.yaml')),  # the demo's too
+               _write(tmp_path, ORIGINAL_FFCV_IMAGENET)]
     assert len(shipped) == 17
     assert {p.name: ignored_settings(to_dict(_load(p))) for p in shipped} == {
         p.name: [] for p in shipped}
@@ -419,9 +420,12 @@ def test_train_imagenet_rejects_unknown_key():
 
 def test_inconsistent_keys_are_rejected_before_any_work():
     """The LR peak after the last epoch, and a resolution ramp that runs backwards, are errors
-    naming the keys, raised by load_config (not as a traceback in the middle of epoch 0)."""
+    naming the keys, raised by load_config (not as a traceback in the middle of epoch 0); a run
+    shortened with training.epochs alone is told to set the peak too, with a value."""
     base = ['--data.train_dataset=x', '--data.val_dataset=y', '--logging.folder=z']
-    with pytest.raises(ConfigError, match=r'lr\.lr_peak_epoch=2\.0 must lie in \[0, training\.epochs=1\]'):
+    with pytest.raises(ConfigError, match=r'lr\.lr_peak_epoch=2\.0 must lie in \[0, training\.'
+                                          r'epochs=1\] \(a shorter run needs its own, e\.g\. '
+                                          r'--lr\.lr_peak_epoch=0\.125\)'):
         load_config(base + ['--training.epochs=1'])
     with pytest.raises(ConfigError, match='resolution.start_ramp'):
         load_config(base + ['--resolution.start_ramp=5', '--resolution.end_ramp=3'])
@@ -639,14 +643,16 @@ def test_num_workers_auto_divides_only_the_cores_a_process_shares():
     8 cores each gave 8 // 2 - 1 = 3 threads (the node's 2 processes assumed to share them), now
     7; ranks that share all 16 cores or overlap still divide them."""
     from conftest import free_port, run_env
+    port = free_port()
     env = dict(run_env(), WORLD_SIZE='2', LOCAL_WORLD_SIZE='2', MASTER_ADDR='localhost',
-               MASTER_PORT=str(free_port()))
+               MASTER_PORT=str(port), TORCHELASTIC_RUN_ID='none')  # as torchrun starts them
     ranks = [subprocess.Popen([sys.executable, '-c', TWO_RANKS_ON_16_CORES], cwd=REPO,
                               env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in (0, 1)]
     outputs = [rank.communicate(timeout=120)[0] for rank in ranks]
     assert [rank.returncode for rank in ranks] == [0, 0], outputs
-    waiting = '=> process group of 2 ranks (gloo): waiting up to 60 s for every rank to join\n'  # rank 0's, before the store waits for the other rank
+    waiting = (f'=> rank 0: process group of 2 ranks (gloo) at localhost:{port}: waiting up to '
+               '60 s for every rank to join\n')  # rank 0's, before the store waits
     assert outputs == [waiting + 'shared 7\neach its own 8 7\noverlapping 5\n',
                        'shared 7\neach its own 8 7\noverlapping 3\n']
     assert load_config(['--data.train_dataset=a', '--data.val_dataset=b', '--logging.folder=c',
@@ -678,6 +684,26 @@ def test_a_world_size_left_in_the_shell_is_refused_not_waited_on():
         distributed.from_env({'WORLD_SIZE': '2'})
     assert distributed.from_env({'WORLD_SIZE': '1'}).world_size == 1
     assert distributed.from_env({'WORLD_SIZE': '2', 'RANK': '1'}).rank == 1
+
+
+def test_ranks_left_in_the_shell_say_so_and_fail_in_one_line(tmp_path):
+    """RANK=1 WORLD_SIZE=2 left in the shell: plain ``python train_imagenet.py`` waited without a
+    word (rank 1 says nothing while it waits), then failed after dist.timeout_s with the store's
+    traceback. Every rank started without torchrun says what it waits for and where its RANK
+    comes from, and the timeout is one line."""
+    from conftest import free_port, run_env
+    env = dict(run_env(), RANK='1', WORLD_SIZE='2', MASTER_ADDR='localhost',
+               MASTER_PORT=str(free_port()))
+    env.pop('TORCHELASTIC_RUN_ID', None)
+    proc = subprocess.run([sys.executable, 'train_imagenet.py', *DATA,
+                           f'--logging.folder={tmp_path}', '--dist.timeout_s=3'], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert 'rank 1: process group of 2 ranks (gloo) at localhost:' in proc.stdout
+    assert 'not started by torchrun: RANK=1 and WORLD_SIZE=2 come from the environment' in \
+        proc.stdout
+    assert proc.stderr.count('\n') == 1 and 'rank 1: the process group of 2 ranks at ' \
+        'localhost:' in proc.stderr and 'did not form within 3 s' in proc.stderr, proc.stderr
 
 
 def test_several_srun_tasks_without_torchrun_are_refused_before_any_work(tmp_path, monkeypatch,

@@ -418,6 +418,37 @@ def test_the_lock_of_a_slurm_job_that_slurm_says_has_ended_is_taken_over(tmp_pat
                     RunDir.reopen(run.checkpoint, epoch=0)
 
 
+def test_torchruns_restart_without_resume_continues_the_run_its_job_started(tmp_path, capsys):
+    """torchrun --max-restarts without --resume auto: the restarted workers started a new run
+    from epoch 0, leaving the job's run behind. A restart (TORCHELASTIC_RESTART_COUNT > 0)
+    continues the latest run of its name that the same torchrun job started (the same agent, or
+    the same --rdzv-id); another job's run, or a first start, starts a new run as asked."""
+    from imagenet_ffcv import checkpoint, distributed
+    env = {'TORCHELASTIC_RUN_ID': 'none', 'TORCHELASTIC_RESTART_COUNT': '0'}
+    first = distributed.launch_identity(env)
+    assert first['restart'] == 0 and first['rdzv'] is None and \
+        first['agent'].startswith(f'{socket.gethostname()}:{os.getppid()}:')
+    assert distributed.launch_identity({}) is None  # not torchrun
+    run = RunDir.create(tmp_path, params={'logging': {'run_name': 'a'}, 'launch': first},
+                        run_name='a')
+    run.checkpoint.write_text('')
+    run.unlock()
+    restart = distributed.launch_identity({**env, 'TORCHELASTIC_RESTART_COUNT': '1'})
+    assert checkpoint.resolve_resume('', tmp_path, 'a', first) is None  # the first start
+    assert checkpoint.resolve_resume('', tmp_path, 'a', restart) == run.checkpoint
+    assert "torchrun restart 1 of this job's workers: continuing the run it started" in \
+        capsys.readouterr().out
+    another_job = {**restart, 'agent': 'node-2:77:12345'}
+    assert checkpoint.resolve_resume('', tmp_path, 'a', another_job) is None
+    assert 'warning: torchrun restart 1' in capsys.readouterr().out
+    assert checkpoint.resolve_resume('', tmp_path, 'b', restart) is None  # another run name
+    rdzv = {**another_job, 'rdzv': 'job-7'}  # --rdzv-id: rank 0 may restart on another node
+    run.params.write_text(json.dumps({'logging': {'run_name': 'a'}, 'launch': {**first,
+                                                                              'rdzv': 'job-7'}}))
+    assert checkpoint.resolve_resume('', tmp_path, 'a', rdzv) == run.checkpoint
+    assert checkpoint.resolve_resume('', tmp_path, 'a', {**rdzv, 'rdzv': 'job-8'}) is None
+
+
 def test_resume_auto_continues_only_a_run_of_its_own_name(tmp_path):
     runs = {name: RunDir.create(tmp_path, params={'logging': {'run_name': name}}, run_name=name)
             for name in ('a', 'b', '')}

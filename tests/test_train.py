@@ -125,6 +125,20 @@ def test_a_beton_copied_without_its_class_list_trains_with_a_warning(sample_beto
     assert len(recwarn.list) == 1
 
 
+def test_a_beton_that_is_not_there_is_named_by_its_key_and_where_it_was_looked_for(
+        sample_betons, tmp_path, monkeypatch, capsys):
+    """A val .beton forgotten on the command line, its path then from a --config file
+    (demo_out/val_128.beton), was told as ".beton file not found" under a name the user never
+    typed, and a relative path without the folder it was looked for in."""
+    monkeypatch.chdir(tmp_path)
+    args = small_args(sample_betons, tmp_path / 'runs', '--data.val_dataset=demo_out/val.beton')
+    assert train.cli(args) == 1
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and (f'data.val_dataset=demo_out/val.beton: .beton file not '
+                                     f'found, looked for in {tmp_path};') in err, err
+    assert not (tmp_path / 'runs').exists()
+
+
 def test_a_process_cache_larger_than_the_memory_is_refused_before_any_work(sample_betons,
                                                                            tmp_path, monkeypatch,
                                                                            capsys):
@@ -191,4 +205,17 @@ def test_the_run_header_warns_of_settings_that_do_nothing(sample_betons, tmp_pat
     out = capsys.readouterr().out
     assert ('=> warning: training.momentum=0.8 does nothing here: it is used only with '
             'training.optimizer=sgd\n') in out
-    assert out.count('warning') == 1
+    assert out.count('warning') == 1 and ', decoder fused with ' in out
+
+
+def test_the_run_header_says_when_the_region_decoder_is_not_built(sample_betons, tmp_path,
+                                                                   monkeypatch, capsys):
+    """Without the built C part the fused decoders decode whole JPEGs (a warning said so), and
+    the header still said "decoder fused" as if it were."""
+    from imagenet_ffcv import distributed, jpeg_region
+    run = train.build(small_config(sample_betons, tmp_path), distributed.from_env(), 0.0)
+    monkeypatch.setattr(jpeg_region, 'region_decoder', lambda: None)
+    capsys.readouterr()
+    train.open_run_dir(run, None).unlock()
+    assert ', decoder fused (whole JPEGs: its C part is not built) with ' in \
+        capsys.readouterr().out
