@@ -221,10 +221,12 @@ def restart_store(info: DistInfo, timeout: timedelta, environ=None):
     environ = os.environ if environ is None else environ
     host, port = environ.get('MASTER_ADDR', 'localhost'), int(environ.get('MASTER_PORT', 29500))
     if environ.get('TORCHELASTIC_USE_AGENT_STORE') != 'True':
-        if info.rank != 0:  # a plain connection first: TCPStore logs each failed try's stack
-            _wait_for_answer(host, port, time.monotonic() + timeout.total_seconds(),
-                             f'rank 0\'s store at {host}:{port} did not answer: did rank 0 '
-                             f'start?')
+        deadline = time.monotonic() + timeout.total_seconds()
+        while info.rank != 0 and not _answers(host, port):  # TCPStore logs each failed try
+            if time.monotonic() > deadline:
+                raise TimeoutError(f'rank 0\'s store at {host}:{port} did not answer: did rank 0 '
+                                   f'start?')
+            time.sleep(0.2)
         return dist.TCPStore(host, port, info.world_size, is_master=info.rank == 0,
                              timeout=timeout)
     torchrun_store = dist.TCPStore(host, port, is_master=False, timeout=timeout)
@@ -237,31 +239,28 @@ def restart_store(info: DistInfo, timeout: timedelta, environ=None):
     while True:
         address = torchrun_store.get(STORE_ADDRESS_KEY).decode()
         store_host, store_port = address.rsplit(':', 1)
-        try:
-            _wait_for_answer(store_host, int(store_port), deadline, f'the store rank 0 published '
-                             f'at {address} did not answer: did rank 0 fail to start?')
-            store = dist.TCPStore(store_host, int(store_port), info.world_size, is_master=False,
-                                  timeout=timedelta(seconds=10))  # not another server's port
-            store.set_timeout(timeout)
-            return store
+        try:  # an address left before a restart does not answer: read the store again
+            if _answers(store_host, int(store_port)):
+                store = dist.TCPStore(store_host, int(store_port), info.world_size,
+                                      is_master=False, timeout=timedelta(seconds=10))
+                store.set_timeout(timeout)  # (10 s above: not another server's port)
+                return store
         except dist.DistError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f'the store rank 0 published at {address} did not answer: did '
+                               f'rank 0 fail to start?')
+        time.sleep(0.2)
 
 
-def _wait_for_answer(host: str, port: int, deadline: float, message: str) -> None:
-    """Wait until a TCP connection to ``host:port`` opens (a plain connection: TCPStore logs
-    every failed try with a stack trace); TimeoutError(``message``) past ``deadline``
-    (``time.monotonic()``)."""
-    while True:
-        try:
-            socket.create_connection((host, port), timeout=5).close()
-            return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise TimeoutError(message) from None
-            time.sleep(0.2)
+def _answers(host: str, port: int) -> bool:
+    """Whether a TCP connection to ``host:port`` opens (a plain connection, tried before a
+    TCPStore client, which logs every failed try with a stack trace)."""
+    try:
+        socket.create_connection((host, port), timeout=5).close()
+        return True
+    except OSError:
+        return False
 
 
 def _joined() -> bool:
