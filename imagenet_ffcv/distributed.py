@@ -97,17 +97,22 @@ def from_env(environ=None) -> DistInfo:
                     local_world_size=max(1, read('LOCAL_WORLD_SIZE', 1)))
 
 
-def launch_identity(environ=None):
+def launch_identity(environ=None, agree_on: torch.device = None):
     """What tells the workers of one torchrun job from another job's, the same across torchrun's
     restarts of them (``--max-restarts``): ``{'restart': TORCHELASTIC_RESTART_COUNT (0 at the
     first start), 'rdzv': its --rdzv-id (None for 'none': a static rendezvous), 'agent':
     '<host>:<PID>:<start>' of torchrun's agent, this process's parent}``; None without
-    torchrun."""
+    torchrun. ``agree_on`` (the device of a joined process group; a collective, on every rank):
+    ``restart`` is the largest of the ranks' (a node restarted for another node's failure keeps
+    its count: :func:`restart_store`)."""
     environ = os.environ if environ is None else environ
     if 'TORCHELASTIC_RUN_ID' not in environ:
         return None
     rdzv, agent = environ['TORCHELASTIC_RUN_ID'], os.getppid()
-    return {'restart': int(environ.get('TORCHELASTIC_RESTART_COUNT') or 0),
+    restart = int(environ.get('TORCHELASTIC_RESTART_COUNT') or 0)
+    if agree_on is not None and _joined():
+        restart = -all_reduce_min(torch.tensor([-restart], device=agree_on))[0]
+    return {'restart': restart,
             'rdzv': rdzv if rdzv not in ('', 'none') else None,
             'agent': f'{socket.gethostname()}:{agent}:{process_start(agent)}'}
 
@@ -186,7 +191,7 @@ def setup(info: DistInfo, timeout_s: float = 300) -> None:
             dist.init_process_group(backend=backend, store=restart_store(info, timeout),
                                     rank=info.rank, world_size=info.world_size, timeout=timeout,
                                     **kwargs)
-        except (dist.DistError, TimeoutError) as e:
+        except (dist.DistStoreError, dist.DistNetworkError, TimeoutError) as e:
             raise LaunchError(
                 f'rank {info.rank}: the process group of {info.world_size} ranks at {address} did '
                 f'not form within {timeout_s:.0f} s ({type(e).__name__}: '

@@ -80,7 +80,8 @@ class RunDir:
         return run
 
     @classmethod
-    def reopen(cls, checkpoint_path, *, epoch: int, params: dict = None) -> 'RunDir':
+    def reopen(cls, checkpoint_path, *, epoch: int, params: dict = None,
+               loaded_ns: int = None) -> 'RunDir':
         """The folder of the run being resumed from ``checkpoint_path`` at ``epoch``: the log
         records of ``epoch`` on are dropped (they were written after that checkpoint, and will be
         written again), temporaries left by a killed save are removed, and ``params.json`` holds
@@ -89,9 +90,16 @@ class RunDir:
         is no longer finished: its final weights and results are renamed
         ``<name>_epoch_<N>.<ext>`` (N: the epochs they hold), or a pre-empted job's ``--resume
         auto`` would find it finished and stop. It is locked first (:meth:`lock`):
-        RunLockedError when another live job writes it, and nothing is touched."""
+        RunLockedError when another live job writes it, and nothing is touched; so too when the
+        checkpoint is no longer the one loaded, ``loaded_ns`` its ``st_mtime_ns`` then (another
+        job wrote it since, while this one waited for the lock)."""
         run = cls(Path(checkpoint_path).parent)
         run.lock()
+        if loaded_ns is not None and Path(checkpoint_path).stat().st_mtime_ns != loaded_ns:
+            run.unlock()
+            raise run_lock.RunLockedError(
+                f'{checkpoint_path}: written again by another job since this one loaded it (it '
+                f'waited for the run\'s lock); run this job again to continue from it')
         if run.is_finished:
             run.keep_finished_aside()
         run.keep_log_until(epoch)
@@ -122,6 +130,16 @@ class RunDir:
     @property
     def is_finished(self) -> bool:
         return self.final_weights.exists()
+
+    @property
+    def launch(self) -> dict:
+        """What its params.json holds of the torchrun job that started it
+        (``distributed.launch_identity``), else {}."""
+        try:
+            launch = json.loads(self.params.read_text()).get('launch')
+        except (OSError, ValueError, AttributeError):
+            return {}
+        return launch if isinstance(launch, dict) else {}
 
     @property
     def run_name(self) -> str:
@@ -196,19 +214,18 @@ def latest_checkpoint(folder, run_name: str = ''):
 def restarted_run(folder, run_name: str, launch):
     """On torchrun's restart of this job's workers (``launch``: ``distributed.launch_identity``,
     its ``restart`` > 0) with no ``--resume``: the checkpoint of the run this job started (the
-    latest of ``run_name`` in ``folder``, whose params.json holds the same torchrun job: the same
-    ``--rdzv-id``, else the same agent), said in a message, as ``--resume auto`` would find it;
+    latest run of ``run_name`` in ``folder`` whose params.json holds the same torchrun job: the
+    same ``--rdzv-id``, else the same agent; another job's newer run does not hide it), said in a message, as ``--resume auto`` would find it;
     else None (a new run; on a restart, with a warning). A restart started a new run from epoch
     0, leaving the job's run behind, unless the command said ``--resume auto``."""
     if not launch or not launch['restart']:
         return None
-    path = latest_checkpoint(folder, run_name) if Path(folder).is_dir() else None
-    try:
-        started = json.loads(RunDir(path.parent).params.read_text()).get('launch') if path else None
-    except (OSError, ValueError, AttributeError):
-        started = None
     key = 'rdzv' if launch['rdzv'] else 'agent'
-    if isinstance(started, dict) and started.get(key) == launch[key]:
+    path = max((p for p in Path(folder).glob(f'*/{CHECKPOINT_NAME}')
+                if RunDir(p.parent).launch.get(key) == launch[key]
+                and RunDir(p.parent).run_name == run_name),
+               key=lambda p: p.stat().st_mtime, default=None)
+    if path:
         print(f'=> torchrun restart {launch["restart"]} of this job\'s workers: continuing the run '
               f'it started, {path.parent}, as --resume auto would', flush=True)
         return path

@@ -58,12 +58,12 @@ def acquire(lock_file, run_path) -> 'Heartbeat':
     lock at the same instant may both succeed."""
     lock_file, me = Path(lock_file), lock_identity()
     tmp = temporary_path(lock_file)
-    with open(tmp, 'w') as f:
-        f.write(json.dumps(me))
-        f.flush()
-        os.fsync(f.fileno())
     try:
         while True:
+            with open(tmp, 'w') as f:  # each try: another job's clean-up may have removed it
+                f.write(json.dumps(me))
+                f.flush()
+                os.fsync(f.fileno())
             try:
                 os.link(tmp, lock_file)
                 heartbeat = Heartbeat(lock_file, me)
@@ -137,25 +137,30 @@ def heartbeat_stopped(lock_file, holder: dict, *, probe, say=print):
     lock's time, or None when it runs (its time was refreshed) or cannot be judged (a lock
     without ``heartbeat_s``). Ended: not refreshed for ``STALE_BEATS`` periods of its job's
     ``heartbeat_s``, measured against the time of ``probe`` (a file of this process's in the same
-    folder, touched: the filesystem's clock). Waits for that as long as needed (``say`` tells
-    what it waits for), or until the time changes."""
+    folder, touched: the filesystem's clock, a shared one's server on NFS), and not while this
+    process watched it for 2 periods of its own clock (filesystems that take the clients' clocks
+    could be set apart by more than ``STALE_BEATS`` periods). Waits for that as long as needed
+    (``say`` tells what it waits for), or until the time changes."""
     period = holder.get('heartbeat_s')
     if not isinstance(period, (int, float)) or period <= 0:
         return None
-    stale, first = STALE_BEATS * period, _mtime(lock_file)
-    told = False
+    stale, watched, told = STALE_BEATS * period, time.monotonic(), False
+    try:
+        first = _mtime(lock_file)
+    except FileNotFoundError:
+        return 'its lock was removed'
     while True:
-        os.utime(probe)
-        age = _mtime(probe) - first
-        if age >= stale:
+        Path(probe).touch()  # (made again if another job's clean-up removed it)
+        age, watched_s = _mtime(probe) - first, time.monotonic() - watched
+        if age >= stale and watched_s >= 2 * period:
             return (f'its lock was last refreshed {age:.0f} s ago (a running job refreshes it '
                     f'every {period:g} s)')
         if not told:
             say(f'the lock of PID {holder.get("pid")} on {holder.get("host")} cannot be checked '
-                f'from here; waiting up to {stale - age:.0f} s for its job to refresh it (it '
-                f'runs) or not (it has ended)')
+                f'from here; waiting up to {max(stale - age, 2 * period - watched_s):.0f} s for '
+                f'its job to refresh it (it runs) or not (it has ended)')
             told = True
-        time.sleep(min(period / 4, stale - age))
+        time.sleep(period / 4)
         try:
             if _mtime(lock_file) != first:
                 return None
@@ -169,6 +174,8 @@ def known_alive(holder: dict, me: dict) -> bool:
     both starts are known)."""
     pid = holder.get('pid')
     if holder.get('host') != me['host'] or not isinstance(pid, int) or not pid_alive(pid):
+        return False
+    if holder.get('boot') and me['boot'] and holder['boot'] != me['boot']:
         return False
     if holder.get('pid_ns') and me['pid_ns'] and holder['pid_ns'] != me['pid_ns']:
         return False
@@ -237,7 +244,8 @@ def process_ended(holder: dict, me: dict):
     """Why the process that holds a lock on this host (``holder``, :func:`read_lock`) has
     ended, as seen by the process ``me`` (:func:`lock_identity`), or None when it may still run.
     Ended: the machine has booted since (another boot id: one for the whole machine, its
-    containers included); in its PID namespace (``pid_ns``), its PID is this process's, runs no
+    containers included; a lock with ``heartbeat_s`` is judged by it instead, as another machine
+    of this host name would read the same); in its PID namespace (``pid_ns``), its PID is this process's, runs no
     process, or runs another one, started at another time (a PID is reused, after a reboot often
     at once). From another PID namespace (a container of this host name: a restarted one, as
     Kubernetes and ``docker restart`` give, or another one running, with the host's network) its
@@ -248,8 +256,8 @@ def process_ended(holder: dict, me: dict):
     pid = holder.get('pid')
     if not isinstance(pid, int):
         return None
-    if holder.get('boot') and me['boot'] and holder['boot'] != me['boot']:
-        return 'this machine has restarted since'
+    if holder.get('boot') and me['boot'] and holder['boot'] != me['boot']:  # or a namesake
+        return None if holder.get('heartbeat_s') else 'this machine has restarted since'
     same_ns = not (holder.get('pid_ns') and me['pid_ns'] and holder['pid_ns'] != me['pid_ns'])
     if not same_ns and holder.get('heartbeat_s'):
         return None

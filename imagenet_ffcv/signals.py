@@ -57,7 +57,7 @@ class StopRequest:
 
     def __init__(self):
         self.signum = None
-        self.elsewhere = False
+        self.elsewhere = None  # the signal another rank received (agree)
         self._previous = {}
 
     def __enter__(self):
@@ -78,12 +78,13 @@ class StopRequest:
               'checkpoint (Ctrl-C again to abandon)', flush=True)
 
     def __bool__(self):
-        return self.signum is not None or self.elsewhere
+        return self.signum is not None or self.elsewhere is not None
 
-    def agree(self) -> None:
-        """The ranks agreed to stop: this rank too, when the signal reached another one only (so
-        that every rank ends with the same exit status)."""
-        self.elsewhere = True
+    def agree(self, signum: int) -> None:
+        """The ranks agreed to stop for the signal ``signum`` (the largest any rank received):
+        this rank too, when it reached another one only, so that every rank ends with the same
+        exit status."""
+        self.elsewhere = signum
 
     @property
     def name(self) -> str:
@@ -92,4 +93,4 @@ class StopRequest:
 
     @property
     def exit_code(self) -> int:
-        return 128 + (self.signum or signal.SIGTERM)
+        return 128 + (self.signum or self.elsewhere or signal.SIGTERM)

@@ -81,13 +81,14 @@ class Run:
 
 def train(cfg, dist, wall_start) -> dict:
     """Train from scratch, or from the checkpoint ``checkpoint.resume`` names; see :func:`main`."""
-    # Rank 0 picks the checkpoint, every rank reads it (the run folder is on a shared filesystem);
-    # what fails on rank 0 alone (a missing checkpoint, a locked run folder) stops every rank.
+    launch = distributed.launch_identity(agree_on=dist.device)  # on every rank: a collective
+    # Rank 0 picks the checkpoint, every rank reads it; what fails on rank 0 alone stops every rank
     resume_path = distributed.broadcast_object(distributed.on_rank_0(lambda: (
         checkpoint.resolve_resume(cfg.checkpoint.resume, cfg.logging.folder,
-                                  cfg.logging.run_name, distributed.launch_identity()))))
+                                  cfg.logging.run_name, launch))))
     if checkpoint.finished_found_by_auto(resume_path, cfg.checkpoint.resume):
         return {'run_dir': str(resume_path.parent), 'finished_before': True}
+    loaded_ns = resume_path.stat().st_mtime_ns if resume_path else None  # checked once locked
     saved = checkpoint.load(resume_path) if resume_path else None
     if saved:  # the config's keys now: the loaders' checks (build) would name a changed one first
         config.check_resumable(saved['config'], config.to_dict(cfg),
@@ -98,7 +99,7 @@ def train(cfg, dist, wall_start) -> dict:
     if checkpoint.no_epoch_left(resume_path, run.progress, cfg.training.epochs,
                                 say=dist.is_primary):
         return {'run_dir': str(resume_path.parent), 'finished_before': True}
-    run.run_dir = distributed.on_rank_0(partial(open_run_dir, run, resume_path))
+    run.run_dir = distributed.on_rank_0(partial(open_run_dir, run, resume_path, loaded_ns))
     try:  # the lock is given back however this ends (W&B failing to start or finish too)
         distributed.check_every_rank_sees(run.run_dir.params if run.run_dir else None)
         run.live_log = distributed.on_rank_0(lambda: LiveLog(
@@ -192,11 +193,13 @@ def restore(run: Run, saved: dict, resume_path) -> None:
     run.train_loader.next_epoch = run.progress.epoch  # ffcv's order depends on seed + epoch
 
 
-def open_run_dir(run: Run, resume_path) -> RunDir:
-    """Rank 0: the folder of the resumed run, or a new one; prints the run's header."""
+def open_run_dir(run: Run, resume_path, loaded_ns: int = None) -> RunDir:
+    """Rank 0: the folder of the resumed run (its checkpoint as loaded: ``RunDir.reopen``), or a
+    new one; prints the run's header."""
     cfg, progress = run.cfg, run.progress
     if resume_path:
-        run_dir = RunDir.reopen(resume_path, epoch=progress.epoch, params=run.resolved)
+        run_dir = RunDir.reopen(resume_path, epoch=progress.epoch, params=run.resolved,
+                                loaded_ns=loaded_ns)
         print(f'=> resuming {run_dir.path} at epoch {progress.epoch}, iteration '
               f'{progress.iteration}')
     else:
@@ -281,11 +284,11 @@ def fit(run: Run):
             save_checkpoint(run, epoch + 1, 0)
             if progress.reached:
                 return True, stop
-            # a signal during validation or the checkpoint ends the run here, on every rank
-            # (stats['stopped'] is the ranks' agreement already: no collective then)
-            if stats['stopped'] or not distributed.all_reduce_min(
-                    torch.tensor([0 if stop else 1], device=run.dist.device))[0]:
-                stop.agree()  # every rank ends with the signal's exit status
+            # a signal during validation or the checkpoint ends the run here, on every rank, each
+            signum = -distributed.all_reduce_min(  # ending with that signal's exit status
+                torch.tensor([-(stop.signum or 0)], device=run.dist.device))[0]
+            if signum:
+                stop.agree(signum)
                 if epoch < cfg.training.epochs - 1:
                     return False, stop
     return True, stop
@@ -328,9 +331,8 @@ def log_epoch(run: Run, epoch: int, res: int, stats: dict, val: dict) -> None:
     run.run_dir.append_log(record)
     metrics.plot_log(run.run_dir.log, run.run_dir.plot)
     run.live_log.epoch_scalars(epoch, record, step=run.global_step(epoch + 1, 0))
-    top1 = f'{val["top_1"]:.4f}' if val else '-'
-    if 'top_1_ema' in val:
-        top1 += f' (EMA {val["top_1_ema"]:.4f})'
+    top1 = (f'{val["top_1"]:.4f}' if val else '-') + (
+        f' (EMA {val["top_1_ema"]:.4f})' if 'top_1_ema' in val else '')
     print(f'epoch {epoch}: res {res}, train loss {stats["train_loss"]:.4f}, top-1 {top1}, '
           f'{record["train_img_per_s"]:.0f} img/s, {stats["seconds"]:.1f} s', flush=True)
 
@@ -350,10 +352,9 @@ def summarize(run: Run) -> dict:
     final_weights_ema.pt (with an EMA), then final_weights.pt (the run is finished), and prints the
     results table."""
     cfg, model, progress = run.cfg, run.model_without_ddp, run.progress
-    if run.final_val is None:  # resumed from the checkpoint written after its last epoch
-        run.final_val = end_of_epoch_eval(  # with 10-crop, if asked for
-            run, (progress.reached or {}).get('epoch', cfg.training.epochs - 1))
     reached = progress.reached or {}
+    if run.final_val is None:  # resumed from the checkpoint after its last epoch (10-crop too)
+        run.final_val = end_of_epoch_eval(run, reached.get('epoch', cfg.training.epochs - 1))
     summary = {'run_dir': str(run.run_dir.path) if run.run_dir else None, 'arch': cfg.model.arch,
                'epochs': reached.get('epoch', cfg.training.epochs - 1) + 1, **run.final_val,
                'flip_tta': bool(cfg.validation.lr_tta), 'val_res': cfg.validation.resolution,

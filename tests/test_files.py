@@ -200,8 +200,9 @@ def test_a_lock_whose_pid_another_process_took_or_from_before_a_reboot_is_taken_
     """A job killed on this host whose PID another process took since (a reboot gives low PIDs
     again at once) was refused for ever, its PID alive. The lock's start time (clock ticks since
     boot, which clock steps do not move) tells the two apart, and a lock from before the
-    machine's restart (another boot id, in any container) is taken over. The live holder itself
-    is refused. A lock of another PID namespace (a container of this host name) is judged by its
+    machine's restart (another boot id, in any container) is taken over (one with a heartbeat once
+    it is stale: another machine of this host name reads the same). The live holder itself is
+    refused. A lock of another PID namespace (a container of this host name) is judged by its
     heartbeat: one refreshed is refused, whatever its PID (two containers with the host's network
     run the trainer as the same PID); an older version's, without heartbeat_s, by its PID alone:
     taken over when that PID runs no process here or is this process's, else refused."""
@@ -222,10 +223,12 @@ def test_a_lock_whose_pid_another_process_took_or_from_before_a_reboot_is_taken_
             with pytest.raises(RunLockedError, match='give this job its own run name'):
                 RunDir.reopen(run.checkpoint, epoch=0)
         alive.stop()
+        monkeypatch.setattr(run_lock, 'STALE_BEATS', 5)
+        older = {k: v for k, v in holder.items() if k != 'heartbeat_s'}  # an older version's
         for ended, why in (({**holder, 'started': holder['started'] - 1},
                             f'PID {live.pid} is now another process'),
-                           ({**holder, 'boot': 'another'}, 'this machine has restarted since'),
-                           ({**beating, 'boot': 'another'}, 'this machine has restarted since'),
+                           ({**older, 'boot': 'another'}, 'this machine has restarted since'),
+                           ({**beating, 'boot': 'another'}, 'its lock was last refreshed'),
                            ({**other_ns, 'pid': dead_pid()}, 'it no longer runs'),
                            ({**other_ns, 'pid': os.getpid()}, f'PID {os.getpid()} is now this '
                                                                 'process')):
@@ -279,6 +282,25 @@ def test_a_lock_that_cannot_be_checked_is_taken_over_once_its_job_stops_refreshi
     finally:
         alive.stop()
     assert run.lock_holder() == elsewhere
+
+
+def test_a_checkpoint_written_while_the_lock_was_awaited_stops_the_resume_untouched(tmp_path):
+    """A job that loaded a run's checkpoint and then waited for its lock (up to STALE_BEATS
+    periods) took it over once the other job had ended, and went on from the older state it had
+    loaded: the log cut back, a finished run's final weights set aside. It now stops, nothing
+    touched, the lock given back."""
+    run = RunDir.create(tmp_path, params={}, run_name='a')
+    run.checkpoint.write_text('epoch 1')
+    run.append_log({'epoch': 0})
+    run.append_log({'epoch': 1})
+    run.unlock()
+    loaded = run.checkpoint.stat().st_mtime_ns
+    os.utime(run.checkpoint, ns=(loaded + 10**9, loaded + 10**9))  # the other job wrote it again
+    with pytest.raises(RunLockedError, match='written again by another job since this one loaded'):
+        RunDir.reopen(run.checkpoint, epoch=1, loaded_ns=loaded)
+    assert len(run.read_log()) == 2 and not run.lock_file.exists()
+    assert RunDir.reopen(run.checkpoint, epoch=1, loaded_ns=loaded + 10**9).read_log() == [
+        {'epoch': 0}]
 
 
 def test_a_log_cut_short_by_a_kill_or_a_full_disk_resumes(tmp_path):
@@ -441,6 +463,12 @@ def test_torchruns_restart_without_resume_continues_the_run_its_job_started(tmp_
     another_job = {**restart, 'agent': 'node-2:77:12345'}
     assert checkpoint.resolve_resume('', tmp_path, 'a', another_job) is None
     assert 'warning: torchrun restart 1' in capsys.readouterr().out
+    newer = RunDir.create(tmp_path, params={'logging': {'run_name': 'a'}, 'launch': another_job},
+                          run_name='a')  # another job's run of the same name, written later
+    newer.checkpoint.write_text('')
+    newer.unlock()
+    os.utime(run.checkpoint, (1, 1))
+    assert checkpoint.resolve_resume('', tmp_path, 'a', restart) == run.checkpoint
     assert checkpoint.resolve_resume('', tmp_path, 'b', restart) is None  # another run name
     rdzv = {**another_job, 'rdzv': 'job-7'}  # --rdzv-id: rank 0 may restart on another node
     run.params.write_text(json.dumps({'logging': {'run_name': 'a'}, 'launch': {**first,

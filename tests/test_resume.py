@@ -196,17 +196,18 @@ def test_a_signal_during_validation_ends_the_run_after_the_epochs_checkpoint(
 
 def test_a_signal_on_another_rank_in_the_last_epoch_ends_every_rank_with_its_status(
         sample_betons, tmp_path, monkeypatch):
-    """SIGTERM reached another rank only, during the last epoch's validation: the run finishes
-    (final weights), and this rank too ends with 143, where it ended with 0 while the signalled
-    rank ended with 143 (the job's status depended on which rank a launcher reported)."""
+    """Ctrl-C reached another rank only, during the last epoch's validation: the run finishes
+    (final weights), and this rank too ends with that signal's status, 130, where it ended with 0
+    while the signalled rank ended with 130 (the job's status depended on which rank a launcher
+    reported)."""
     from imagenet_ffcv import distributed
     all_reduce_min = distributed.all_reduce_min
 
-    def another_rank_signalled(values):  # fit's one-value check: another rank got SIGTERM
-        return [0] if values.numel() == 1 else all_reduce_min(values)
+    def another_rank_signalled(values):  # fit's one-value check: -(the largest signal number)
+        return [-signal.SIGINT] if values.numel() == 1 else all_reduce_min(values)
     monkeypatch.setattr(distributed, 'all_reduce_min', another_rank_signalled)
     summary = train.main(small_config(sample_betons, tmp_path, '--training.epochs=1'))
-    assert summary['exit_code'] == 143 and 'top_1' in summary
+    assert summary['exit_code'] == 130 and 'top_1' in summary
     assert (Path(summary['run_dir']) / 'final_weights.pt').exists()
 
 
