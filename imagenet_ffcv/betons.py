@@ -17,7 +17,7 @@ from .verify import check_beton
 
 def num_samples(beton_path) -> int:
     """Number of samples stored in a .beton file (reads only its header)."""
-    return Reader(str(beton_path)).num_samples
+    return int(Reader(str(beton_path)).num_samples)
 
 
 def largest_shorter_side(beton_path) -> int:

@@ -27,8 +27,7 @@ CONFIGS_DIR = Path(__file__).with_name('configs')  # the shipped recipes (rn50_c
 # through and is refused unless forced. The mixed precision, torch.compile and code may change too.
 RESUMABLE_CHANGES = ('data.train_dataset', 'data.val_dataset', 'data.num_workers',
                      'data.in_memory', 'data.gpu', 'logging.', 'validation.', 'checkpoint.',
-                     'dist.', 'code.',
-                     'training.eval_only', 'training.target_top1', 'training.amp',
+                     'dist.', 'code.', 'training.eval_only', 'training.target_top1', 'training.amp',
                      'training.compile', 'derived.device', 'derived.amp', 'derived.loader_threads',
                      'derived.val_image_side')
 # Keys a resume cannot change even with checkpoint.force=1: the optimizer's state, the weights'
@@ -275,10 +274,12 @@ def lr_schedule_kwargs(cfg: SimpleNamespace) -> dict:
 def schedule_changes(saved: dict, current: dict) -> list:
     """``['key: saved -> current', ...]`` for each differing key of ``current``'s sections (configs
     as ``{'section': {'key': value}}``, ``derived`` too) not in :data:`RESUMABLE_CHANGES`; a key
-    ``saved`` lacks (older than the key) counts as its default, what its run did."""
+    ``saved`` lacks (older than the key) counts as its default, what its run did; a derived one,
+    as unknown."""
     was, new = flatten(saved), flatten(current)
     old = {**defaults(), **was}
-    keys = sorted(k for k in was.keys() | new.keys() if k.split('.')[0] in current)
+    keys = sorted(k for k in was.keys() | new.keys() if k.split('.')[0] in current
+                  and (k in was or not k.startswith('derived.')))
     return [f'{k}: {old.get(k)!r} -> {new.get(k)!r}' for k in keys
             if old.get(k) != new.get(k) and not k.startswith(RESUMABLE_CHANGES)]
 

@@ -154,6 +154,7 @@ def build(cfg, dist, wall_start) -> Run:
     resolved = {**config.to_dict(cfg), 'derived': {
         'world_size': dist.world_size, 'lr_used': lr, 'num_classes': num_classes,
         'global_batch_size': config.images_per_step(cfg) * dist.world_size,
+        'train_images': betons.num_samples(cfg.data.train_dataset),  # an epoch's length
         'device': str(dist.device), 'amp': precision.name, 'loader_threads': threads,
         'val_image_side': betons.largest_shorter_side(cfg.data.val_dataset)},  # for predict
         'code': code_version(), 'launch': distributed.launch_identity()}
@@ -175,9 +176,8 @@ def build(cfg, dist, wall_start) -> Run:
 
 
 def restore(run: Run, saved: dict, resume_path) -> None:
-    """Continue where the checkpoint ``saved`` left its run: weights, optimizer (and loss scaler),
-    EMA, random states and progress. ConfigError when the derived values (world size, LR used)
-    change its schedule, unless ``checkpoint.force`` (:func:`train` checked the config's keys)."""
+    """Continue where the checkpoint ``saved`` left its run (weights, optimizer, loss scaler, EMA,
+    random states, progress); ConfigError when derived values (world size, ...) change it."""
     config.check_resumable(saved['config'], {'derived': run.resolved['derived']},
                            force=bool(run.cfg.checkpoint.force), path=resume_path)
     has_ema = checkpoint.restore_training_state(

@@ -259,6 +259,15 @@ def test_resuming_with_a_different_schedule_is_refused_unless_forced(sample_beto
         'set checkpoint.force=1 to continue anyway (another number of processes always needs '
         'it; keep the global batch with training.grad_accum_steps or training.batch_size)')
     assert 'another number of processes' not in message
+    # another training set (data.train_dataset may move, its images may not change: the
+    # checkpoint's iteration meant another place in the epoch); an older checkpoint without
+    # the count resumes (above)
+    from imagenet_ffcv import betons
+    resolved['derived'].update(world_size=1, global_batch_size=32, train_images=99)
+    checkpoint.save({'format': 1, 'config': resolved}, run_dir / 'checkpoint.pt')
+    images = betons.num_samples(sample_betons['train'])
+    with pytest.raises(config.ConfigError, match=rf'derived.train_images: 99 -> {images}\n'):
+        train.main(small_config(sample_betons, tmp_path, *RUN, f'--resume={run_dir}'))
     # a change that no force carries over is not offered force (it was, then failed forced)
     with pytest.raises(config.ConfigError) as info:
         train.main(small_config(sample_betons, tmp_path, *RUN, '--training.optimizer=adamw',
