@@ -3,6 +3,7 @@ stores, and what ``imagenet-ffcv-predict`` stores the same way before it decodes
 validation loader does (``image_decode.center_crop_pixels``)."""
 import os
 import threading
+import warnings
 
 import cv2
 import numpy as np
@@ -96,8 +97,20 @@ def load_image(path, max_res: int) -> np.ndarray:
     smaller than ``max_res`` are kept as they are. Any image size is read, up to PIL's limit
     against decompression bombs applied to the pixels decoded (:func:`_check_decoded_size`).
     Returns a (H, W, 3) uint8 array. Raises OSError/ValueError for a file PIL cannot decode
-    completely: a truncated file is an error, never a partly grey image.
+    completely: a truncated file is an error, never a partly grey image. PIL's warnings (corrupt
+    EXIF data, ...) are warned again naming ``path`` (PIL's name no file).
     """
+    caught = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            return _load_image(path, max_res)
+    finally:  # once PIL's are caught no more
+        for w in caught:
+            warnings.warn(f'{path}: {w.message}', w.category, stacklevel=2)
+
+
+def _load_image(path, max_res: int) -> np.ndarray:
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # another library may have switched it on
     with open_image_source(path) as f, _opened(f, path) as im:
         stored = im.size

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import threading
 import time
+import uuid
 from pathlib import Path
 
 from .errors import ImagenetFfcvError
@@ -57,7 +58,8 @@ def acquire(lock_file, run_path) -> 'Heartbeat':
     ``heartbeat_s``: delete it if that job has ended). Two jobs taking over the same ended job's
     lock at the same instant may both succeed."""
     lock_file, me = Path(lock_file), lock_identity()
-    tmp = temporary_path(lock_file)
+    # its own name: two containers on shared storage may run as the same PID
+    tmp = temporary_path(lock_file.with_name(f'{lock_file.name}.{uuid.uuid4().hex[:12]}'))
     try:
         while True:
             with open(tmp, 'w') as f:  # each try: another job's clean-up may have removed it

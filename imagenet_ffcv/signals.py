@@ -75,7 +75,8 @@ class StopRequest:
             raise KeyboardInterrupt
         self.signum = signum
         print(f'\n=> {signal.Signals(signum).name} received: finishing this step, then writing a '
-              'checkpoint (Ctrl-C again to abandon)', flush=True)
+              'checkpoint' + (' (Ctrl-C again to abandon)' if signum == signal.SIGINT else ''),
+              flush=True)
 
     def __bool__(self):
         return self.signum is not None or self.elsewhere is not None

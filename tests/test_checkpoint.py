@@ -190,16 +190,23 @@ def test_sigterm_sets_the_stop_flag_and_handlers_are_restored():
     assert signal.getsignal(signal.SIGTERM) is before
 
 
-def test_ctrl_c_sets_the_stop_flag_and_a_second_one_abandons_at_once():
+def test_ctrl_c_sets_the_stop_flag_and_a_second_one_abandons_at_once(capsys):
     """The first Ctrl-C (SIGINT) is a stop request as SIGTERM is (the run ends after its step,
-    with a checkpoint, exit 130); a second raises KeyboardInterrupt at once."""
+    with a checkpoint, exit 130); a second raises KeyboardInterrupt at once. Only Ctrl-C's
+    message offers a second Ctrl-C (SIGTERM's did too, to a job with no terminal)."""
     before = signal.getsignal(signal.SIGINT)
     with signals.StopRequest() as stop:
         os.kill(os.getpid(), signal.SIGINT)
         assert stop and stop.exit_code == 130 and stop.name == 'SIGINT'
+        assert '(Ctrl-C again to abandon)' in capsys.readouterr().out
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), signal.SIGINT)
     assert signal.getsignal(signal.SIGINT) is before
+    with signals.StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.exit_code == 143
+    assert capsys.readouterr().out == ('\n=> SIGTERM received: finishing this step, then writing '
+                                       'a checkpoint\n')
 
 
 def test_ctrl_c_outside_the_runs_handling_ends_the_trainer_in_one_line(monkeypatch, capsys):

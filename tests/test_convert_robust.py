@@ -1508,3 +1508,17 @@ def test_a_class_list_that_is_not_text_is_an_error_naming_it(tmp_path):
     path.write_text('0\tn01440764\ttench\n', encoding='utf-16')
     with pytest.raises(ClassListError, match=f'{path}: not UTF-8 text .* give the .classes.tsv'):
         read_class_list(path)
+
+
+def test_pils_warnings_about_an_image_name_its_file(tmp_path):
+    """A JPEG with a corrupt EXIF block is stored (its pixels are whole), and PIL's warning
+    "Corrupt EXIF data. Expecting to read 12 bytes but only got 10." named no file: among a
+    million images, the user could not tell which. It is warned again naming the file."""
+    buf = io.BytesIO()
+    Image.fromarray(np.full((40, 60, 3), 120, np.uint8)).save(buf, 'JPEG')
+    exif = b'Exif\0\0II*\0\x08\0\0\0\x05\0' + b'\x12\x01\x03\0\x01\0\0\0\x06\0'  # 5 entries? 1
+    path = tmp_path / 'odd_exif.jpg'
+    path.write_bytes(buf.getvalue()[:2] + b'\xff\xe1' + (len(exif) + 2).to_bytes(2, 'big') + exif
+                     + buf.getvalue()[2:])
+    with pytest.warns(UserWarning, match=f'^{path}: Corrupt EXIF data'):
+        assert images.load_image(path, max_res=32).shape == (32, 48, 3)
