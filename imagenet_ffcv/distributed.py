@@ -177,7 +177,7 @@ def setup(info: DistInfo, timeout_s: float = 300) -> None:
         backend = 'nccl' if info.device.type == 'cuda' else 'gloo'
         address = f'{os.environ.get("MASTER_ADDR", "localhost")}:' \
                   f'{os.environ.get("MASTER_PORT", 29500)}'
-        torchrun = 'TORCHELASTIC_RUN_ID' in os.environ  # set by torchrun in every worker
+        torchrun = launch_identity() is not None
         hint = '' if torchrun else (
             f'; not started by torchrun: RANK={info.rank} and WORLD_SIZE={info.world_size} come '
             'from the environment (unset them to train in one process)')

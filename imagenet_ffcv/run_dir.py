@@ -215,15 +215,16 @@ def restarted_run(folder, run_name: str, launch):
     """On torchrun's restart of this job's workers (``launch``: ``distributed.launch_identity``,
     its ``restart`` > 0) with no ``--resume``: the checkpoint of the run this job started (the
     latest run of ``run_name`` in ``folder`` whose params.json holds the same torchrun job: the
-    same ``--rdzv-id``, else the same agent; another job's newer run does not hide it), said in a message, as ``--resume auto`` would find it;
-    else None (a new run; on a restart, with a warning). A restart started a new run from epoch
-    0, leaving the job's run behind, unless the command said ``--resume auto``."""
+    same ``--rdzv-id``, else the same agent; another job's newer run does not hide it), said in a
+    message, as ``--resume auto`` would find it; else None (a new run; on a restart, with a
+    warning). A restart started a new run from epoch 0, leaving the job's run behind, unless the
+    command said ``--resume auto``."""
     if not launch or not launch['restart']:
         return None
     key = 'rdzv' if launch['rdzv'] else 'agent'
-    path = max((p for p in Path(folder).glob(f'*/{CHECKPOINT_NAME}')
-                if RunDir(p.parent).launch.get(key) == launch[key]
-                and RunDir(p.parent).run_name == run_name),
+    runs = (RunDir(p.parent) for p in Path(folder).glob(f'*/{CHECKPOINT_NAME}'))
+    path = max((run.checkpoint for run in runs
+                if run.launch.get(key) == launch[key] and run.run_name == run_name),
                key=lambda p: p.stat().st_mtime, default=None)
     if path:
         print(f'=> torchrun restart {launch["restart"]} of this job\'s workers: continuing the run '

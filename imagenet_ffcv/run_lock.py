@@ -172,17 +172,15 @@ def heartbeat_stopped(lock_file, holder: dict, *, probe, say=print):
 
 def known_alive(holder: dict, me: dict) -> bool:
     """Whether the process holding a lock (``holder``) is seen running from the process ``me``:
-    on this host, in this PID namespace, its PID running (a process started when it did, where
-    both starts are known)."""
-    pid = holder.get('pid')
-    if holder.get('host') != me['host'] or not isinstance(pid, int) or not pid_alive(pid):
-        return False
-    if holder.get('boot') and me['boot'] and holder['boot'] != me['boot']:
-        return False
-    if holder.get('pid_ns') and me['pid_ns'] and holder['pid_ns'] != me['pid_ns']:
-        return False
-    started = holder.get('started')
-    return not (isinstance(started, int) and process_start(pid) not in (None, started))
+    on this host, of this boot, in this PID namespace, and not ended (:func:`process_ended`)."""
+    return (holder.get('host') == me['host'] and isinstance(holder.get('pid'), int)
+            and not _differ(holder, me, 'boot')
+            and not _differ(holder, me, 'pid_ns') and process_ended(holder, me) is None)
+
+
+def _differ(holder: dict, me: dict, key: str) -> bool:
+    """Whether ``holder`` and ``me`` both know ``key`` (a boot id, a PID namespace) and differ."""
+    return bool(holder.get(key) and me[key] and holder[key] != me[key])
 
 
 def lock_identity(environ=None) -> dict:
@@ -247,20 +245,20 @@ def process_ended(holder: dict, me: dict):
     ended, as seen by the process ``me`` (:func:`lock_identity`), or None when it may still run.
     Ended: the machine has booted since (another boot id: one for the whole machine, its
     containers included; a lock with ``heartbeat_s`` is judged by it instead, as another machine
-    of this host name would read the same); in its PID namespace (``pid_ns``), its PID is this process's, runs no
-    process, or runs another one, started at another time (a PID is reused, after a reboot often
-    at once). From another PID namespace (a container of this host name: a restarted one, as
-    Kubernetes and ``docker restart`` give, or another one running, with the host's network) its
-    PID means nothing here: None, and :func:`heartbeat_stopped` judges it; a lock without
-    ``heartbeat_s`` (an older version's) is then checked by its PID alone, as if it were this
-    namespace's. A lock without ``pid_ns``, ``boot`` and ``started`` (not Linux) is checked by
-    its PID alone."""
+    of this host name would read the same); in its PID namespace (``pid_ns``), its PID is this
+    process's, runs no process, or runs another one, started at another time (a PID is reused,
+    after a reboot often at once). From another PID namespace (a container of this host name: a
+    restarted one, as Kubernetes and ``docker restart`` give, or another one running, with the
+    host's network) its PID means nothing here: None, and :func:`heartbeat_stopped` judges it; a
+    lock without ``heartbeat_s`` (an older version's) is then checked by its PID alone, as if it
+    were this namespace's. A lock without ``pid_ns``, ``boot`` and ``started`` (not Linux) is
+    checked by its PID alone."""
     pid = holder.get('pid')
     if not isinstance(pid, int):
         return None
-    if holder.get('boot') and me['boot'] and holder['boot'] != me['boot']:  # or a namesake
+    if _differ(holder, me, 'boot'):  # or a machine of the same name
         return None if holder.get('heartbeat_s') else 'this machine has restarted since'
-    same_ns = not (holder.get('pid_ns') and me['pid_ns'] and holder['pid_ns'] != me['pid_ns'])
+    same_ns = not _differ(holder, me, 'pid_ns')
     if not same_ns and holder.get('heartbeat_s'):
         return None
     if pid == me['pid']:

@@ -224,9 +224,9 @@ def _images_under(folder: Path, listed: set, own: frozenset, left_out: tuple) ->
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
         if entry.name.startswith('.'):
             continue
-        path, kind = folder / entry.name, _kind(entry)
-        real = os.path.realpath(path) if kind == 'dir' or entry.is_symlink() else None
-        if kind == 'dir' and real in listed or kind and real and entry.is_symlink() and \
+        path, kind, link = folder / entry.name, _kind(entry), entry.is_symlink()
+        real = os.path.realpath(path) if kind == 'dir' or link else None
+        if kind == 'dir' and real in listed or kind and link and \
                 _listed_in_place(real, own, kind == 'dir'):
             repeated.append(str(path))
         elif kind == 'dir':

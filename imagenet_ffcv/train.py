@@ -93,7 +93,7 @@ def train(cfg, dist, wall_start) -> dict:
     if saved:  # the config's keys now: the loaders' checks (build) would name a changed one first
         config.check_resumable(saved['config'], config.to_dict(cfg),
                                force=bool(cfg.checkpoint.force), path=resume_path)
-    run = build(cfg, dist, wall_start)
+    run = build(cfg, dist, wall_start, launch)
     if saved:
         restore(run, saved, resume_path)
     if checkpoint.no_epoch_left(resume_path, run.progress, cfg.training.epochs,
@@ -116,8 +116,8 @@ def train(cfg, dist, wall_start) -> dict:
             run.live_log.close()
 
 
-def build(cfg, dist, wall_start) -> Run:
-    """Loaders, model, optimizer, loss and schedules of a new run, on ``dist.device``."""
+def build(cfg, dist, wall_start, launch: dict = None) -> Run:
+    """A new run's loaders, model, optimizer, loss, schedules (``launch``: its torchrun job's)."""
     preflight.check_runnable(cfg, dist.device, dist.local_world_size)  # before any work
     num_classes = betons.num_classes(cfg.data.train_dataset, val_path=cfg.data.val_dataset,
                                       warn=dist.is_primary)  # each rank checks, rank 0 warns
@@ -154,10 +154,10 @@ def build(cfg, dist, wall_start) -> Run:
     resolved = {**config.to_dict(cfg), 'derived': {
         'world_size': dist.world_size, 'lr_used': lr, 'num_classes': num_classes,
         'global_batch_size': config.images_per_step(cfg) * dist.world_size,
-        'train_images': betons.num_samples(cfg.data.train_dataset),  # an epoch's length
+        'train_images': int(train_loader.reader.num_samples),  # an epoch's length
         'device': str(dist.device), 'amp': precision.name, 'loader_threads': threads,
         'val_image_side': betons.largest_shorter_side(cfg.data.val_dataset)},  # for predict
-        'code': code_version(), 'launch': distributed.launch_identity()}
+        'code': code_version(), 'launch': launch}
     return Run(
         cfg=cfg, dist=dist, train_loader=train_loader, train_decoder=train_decoder,
         val_loader=val_loader, model=model, model_without_ddp=model_without_ddp,
