@@ -10,7 +10,9 @@ DEFAULT_CROP_RATIO = 224 / 256
 # The image decoders (data.decoder): ours (region decode + bilinear), ours antialiased for every
 # shrink, ffcv 1.0.2's stock decoders (loaders.py).
 DECODERS = ('fused', 'fused_aa', 'ffcv')
-# The file extensions of the images the converter reads (lower case; the check ignores case).
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.ppm', '.bmp', '.pgm', '.tif', '.tiff', '.webp')
+# The file extensions of the images the converter reads (lower case; the check ignores case):
+# torchvision ImageFolder's, and JPEG's other names (.jfif: browsers' "Save image as").
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.jpe', '.jfif', '.png', '.ppm', '.bmp', '.pgm', '.tif',
+                    '.tiff', '.webp')
 # The mixed precisions (training.amp) engine.resolve_precision understands.
 PRECISIONS = ('auto', 'bf16', 'fp16', 'off')

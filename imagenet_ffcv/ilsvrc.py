@@ -104,15 +104,29 @@ def synset_mapping_names(root) -> dict:
     return names
 
 
+def warn_not_images(other: list, stacklevel: int = 3) -> None:
+    """Warn that the files ``other`` (paths or names), whose extension is not one of
+    IMAGE_EXTENSIONS, are left out of the split, naming the first five."""
+    if other:
+        warnings.warn(f'{len(other)} files whose extension is not one of '
+                      f'{", ".join(IMAGE_EXTENSIONS)} left out: {", ".join(map(str, other[:5]))}'
+                      f'{" ..." if len(other) > 5 else ""}; convert them to one of those to '
+                      f'keep them', stacklevel=stacklevel)
+
+
 def flat_val_samples(files: list, root, classes: list, where) -> list:
     """(ref, label) for the flat val files ``files`` (``(name, ref)``, named <ImageId>.<ext>),
     labelled by :func:`val_labels` of ``root``, ordered by class index then file name as
     ``sources.list_samples``. Hidden files (a name starting with '.', such as macOS's ``._``
-    copies) are left out. ValueError for a file without a label or labelled with a class that
-    the train split lacks, naming the label file; a warning when images the label file lists in
-    the train split's classes are missing (an archive unpacked in part)."""
+    copies) are left out; so are files whose extension is not an image's, with a warning naming
+    them (:func:`warn_not_images`). ValueError for an image without a label or labelled with a
+    class that the train split lacks, naming the label file; a warning when images the label
+    file lists in the train split's classes are not there (an archive unpacked in part)."""
     class_to_idx = {wnid: i for i, wnid in enumerate(classes)}
     files = [(name, ref) for name, ref in files if not name.rsplit('/', 1)[-1].startswith('.')]
+    present = {name.rsplit('/', 1)[-1].rsplit('.', 1)[0] for name, _ in files}
+    warn_not_images([name for name, _ in files if not name.lower().endswith(IMAGE_EXTENSIONS)])
+    files = [(name, ref) for name, ref in files if name.lower().endswith(IMAGE_EXTENSIONS)]
     if not files:
         raise InputError(f'{where}: no val images found')
     solution, labels = val_labels(root)
@@ -131,7 +145,7 @@ def flat_val_samples(files: list, root, classes: list, where) -> list:
         raise InputError(f'{where}: {len(unlabelled)} val image(s) have no label in {labels}: '
                          f'{", ".join(unlabelled[:5])}')
     listed = {image_id for image_id, wnid in solution.items() if wnid in class_to_idx}
-    absent = sorted(listed - {name.rsplit('/', 1)[-1].rsplit('.', 1)[0] for name, _ in files})
+    absent = sorted(listed - present)
     if absent:  # of the train split's classes: a subset of ImageNet's classes is no gap
         warnings.warn(f'{where}: {len(absent)} of the {len(listed)} images {labels.name} labels '
                       f'are not there ({", ".join(absent[:3])}{" ..." if len(absent) > 3 else ""})'
@@ -148,9 +162,9 @@ def kaggle_val_samples(root, classes: list) -> list:
     if not val_dir.is_dir():
         raise MissingFileError(f'{val_dir}: split folder not found')
     entries = list(os.scandir(val_dir))
-    files = [(e.name, str(val_dir / e.name)) for e in entries
-             if e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS)]
-    if not files and any(e.is_dir() and not e.name.startswith('.') for e in entries):
+    files = [(e.name, str(val_dir / e.name)) for e in entries if e.is_file()]
+    images = any(n.lower().endswith(IMAGE_EXTENSIONS) for n, _ in files)
+    if not images and any(e.is_dir() and not e.name.startswith('.') for e in entries):
         raise InputError(f'{val_dir}: holds class folders, not the flat val images: set '
                          f'--data-dir {Path(root) / KAGGLE_DIR} (read as class folders)')
     return flat_val_samples(files, root, classes, val_dir)
@@ -225,8 +239,9 @@ def is_class_tar(member: str) -> bool:
 
 def tar_train_samples(root, classes: list) -> list:
     """The images of the per-class tars inside ILSVRC2012_img_train.tar, as tar references,
-    labelled by their tar's wnid in ``classes``; hidden members are left out."""
-    train_tar, samples = Path(root) / TRAIN_TAR, []
+    labelled by their tar's wnid in ``classes``; hidden members are left out, and so are
+    members whose extension is not an image's, with a warning (:func:`warn_not_images`)."""
+    train_tar, samples, other = Path(root) / TRAIN_TAR, [], []
     with open(train_tar, 'rb') as f:
         for inner, offset, size in sorted(tar_members(train_tar)):
             if not is_class_tar(inner):
@@ -235,9 +250,12 @@ def tar_train_samples(root, classes: list) -> list:
             f.seek(offset)  # tarfile reads headers only, offsets absolute in the file
             files = sorted((Path(n).name, o, s)
                            for n, o, s in tar_members(None, f, end=offset + size)
-                           if n.lower().endswith(IMAGE_EXTENSIONS))
+                           if not Path(n).name.startswith('.'))
             samples.extend((tar_ref(train_tar, f'{Path(inner).name}/{n}', o, s), label)
-                           for n, o, s in files if not n.startswith('.'))
+                           for n, o, s in files if n.lower().endswith(IMAGE_EXTENSIONS))
+            other += [f'{Path(inner).name}/{n}' for n, _, _ in files
+                      if not n.lower().endswith(IMAGE_EXTENSIONS)]
+    warn_not_images(other)
     if not samples:
         raise InputError(f'{train_tar}: no images found')
     return samples
@@ -248,8 +266,7 @@ def tar_val_samples(root, classes: list) -> list:
     val_tar = Path(root) / VAL_TAR
     if not val_tar.is_file():
         raise MissingFileError(f'{val_tar}: val split archive not found')
-    files = [(n, tar_ref(val_tar, n, o, s)) for n, o, s in tar_members(val_tar)
-             if n.lower().endswith(IMAGE_EXTENSIONS)]
+    files = [(n, tar_ref(val_tar, n, o, s)) for n, o, s in tar_members(val_tar)]
     return flat_val_samples(files, root, classes, val_tar)
 
 

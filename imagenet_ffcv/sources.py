@@ -164,11 +164,7 @@ def list_samples(split_dir, classes: list) -> list:
         warnings.warn(f'{len(unreadable)} entries with an image name are not readable files '
                       f'(broken or looping symbolic links), left out: {", ".join(unreadable[:5])}'
                       f'{" ..." if len(unreadable) > 5 else ""}', stacklevel=2)
-    if other:
-        warnings.warn(f'{len(other)} files whose extension is not one of '
-                      f'{", ".join(IMAGE_EXTENSIONS)} left out: {", ".join(map(str, other[:5]))}'
-                      f'{" ..." if len(other) > 5 else ""}; convert them to one of those to '
-                      f'keep them', stacklevel=2)
+    ilsvrc.warn_not_images(other)
     if samples and empty:
         warnings.warn(f'{len(empty)} class folder(s) with no images (extensions '
                       f'{", ".join(IMAGE_EXTENSIONS)}): {", ".join(empty[:5])}'
@@ -219,9 +215,16 @@ def _images_under(folder: Path, listed: set, own: frozenset, left_out: tuple) ->
     to a folder or image listed at its own place (:func:`_listed_in_place`; ``own``: the class
     folders' real paths), go to ``repeated``; other subfolders are added to ``listed``.
     Non-image files go to ``other``, image names that are not readable files to
-    ``unreadable``; hidden entries nowhere."""
+    ``unreadable``; hidden entries nowhere. A folder that cannot be listed (no permission) is
+    an InputError naming it, before any work: its images would be missing without a trace."""
     files, (unreadable, other, repeated) = [], left_out
-    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+    try:
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError as e:
+        raise InputError(f'{folder}: this folder cannot be listed ({e.strerror}), so its images '
+                         f'would be left out; make it readable (chmod -R a+rX) or move it out '
+                         f'of the split, then convert again') from e
+    for entry in entries:
         if entry.name.startswith('.'):
             continue
         path, kind, link = folder / entry.name, _kind(entry), entry.is_symlink()

@@ -17,7 +17,8 @@ import pytest
 from PIL import Image, ImageFile, ImageOps
 
 from conftest import PYTHON, REPO, SAMPLE, run_env
-from imagenet_ffcv import betons, errors, ilsvrc, images, loaders, sources, verify, write, writer
+from imagenet_ffcv import (betons, constants, errors, ilsvrc, images, loaders, sources, verify,
+                           write, writer)
 from imagenet_ffcv.classes import class_list_path, write_class_list
 
 
@@ -1522,3 +1523,72 @@ def test_pils_warnings_about_an_image_name_its_file(tmp_path):
                      + buf.getvalue()[2:])
     with pytest.warns(UserWarning, match=f'^{path}: Corrupt EXIF data'):
         assert images.load_image(path, max_res=32).shape == (32, 48, 3)
+
+
+def test_jfif_images_are_images_and_other_val_files_are_named_not_counted_missing(three_layouts,
+                                                                                 recwarn):
+    """A JPEG saved as .jfif (browsers' "Save image as") was left out of class folders as 'not an
+    image', and Kaggle's flat val folder dropped it without a word, then counted its label's
+    image 'not there'. It is an image now; a val file with another extension is named as left
+    out, and not counted as missing."""
+    roots, wnids = three_layouts
+    cls_loc = roots['kaggle'] / 'ILSVRC' / 'Data' / 'CLS-LOC'
+    val = sorted((cls_loc / 'val').iterdir())
+    val[0].rename(val[0].with_suffix('.jfif'))
+    val[1].rename(val[1].with_suffix('.txt'))
+    _, samples, _ = sources.load_split(roots['kaggle'], 'val')
+    assert len(samples) == 5 and str(val[0].with_suffix('.jfif')) in {p for p, _ in samples}
+    assert [str(w.message) for w in recwarn.list] == [
+        f'1 files whose extension is not one of {", ".join(constants.IMAGE_EXTENSIONS)} left out: '
+        f'{val[1].stem}.txt; convert them to one of those to keep them']
+    recwarn.clear()
+    train = roots['folders'] / 'train' / wnids[0]
+    first = sorted(train.iterdir())[0]
+    first.rename(first.with_suffix('.jfif'))
+    _, samples, _ = sources.load_split(roots['folders'], 'train')
+    assert len(samples) == 9 and not recwarn.list
+    assert (str(first.with_suffix('.jfif')), 0) in samples
+
+
+def test_a_folder_that_cannot_be_listed_stops_the_listing_naming_it(tmp_path, monkeypatch,
+                                                                    capsys):
+    """A subfolder without read permission stopped the converter with a bare 'Permission
+    denied'; it now says what the folder costs and what to do, before any work. (The tests run
+    as root, who reads any folder: the refusal is simulated.)"""
+    root = tmp_path / 'data'
+    for name in ('a/x.JPEG', 'a/sub/y.JPEG', 'b/z.JPEG'):
+        (root / 'train' / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.open(sample_images(1)[0]).save(root / 'train' / name)
+    scandir = os.scandir
+
+    def refuse(path='.'):
+        if str(path).endswith('sub'):
+            raise PermissionError(13, 'Permission denied', str(path))
+        return scandir(path)
+    monkeypatch.setattr(os, 'scandir', refuse)
+    out = tmp_path / 'train.beton'
+    assert write.cli(['--data-dir', str(root), '--split', 'train', '--out', str(out)]) == 1
+    assert capsys.readouterr().err.strip().endswith(
+        f'{root / "train" / "a" / "sub"}: this folder cannot be listed (Permission denied), so '
+        f'its images would be left out; make it readable (chmod -R a+rX) or move it out of the '
+        f'split, then convert again')
+    assert not out.exists()
+
+
+def test_a_class_tar_member_that_is_no_image_is_named_as_left_out(tmp_path):
+    import tarfile
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode='w') as inner:
+        for name, payload in (('a.JPEG', sample_images(1)[0].read_bytes()), ('notes.txt', b'x')):
+            info = tarfile.TarInfo(name)
+            info.size = len(payload)
+            inner.addfile(info, io.BytesIO(payload))
+    with tarfile.open(tmp_path / ilsvrc.TRAIN_TAR, 'w') as outer:
+        info = tarfile.TarInfo('n01440764.tar')
+        info.size = len(buf.getvalue())
+        outer.addfile(info, io.BytesIO(buf.getvalue()))
+    with pytest.warns(UserWarning, match=r'^1 files whose extension .* left out: '
+                                         r'n01440764\.tar/notes\.txt;'):
+        samples = ilsvrc.tar_train_samples(tmp_path, ['n01440764'])
+    assert [(p.split('::')[1].split('@')[0], label) for p, label in samples] == [
+        ('n01440764.tar/a.JPEG', 0)]

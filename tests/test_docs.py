@@ -125,3 +125,11 @@ def test_options_on_command_lines_are_options_of_that_command(doc):
             if option.startswith('-') and option not in COMMANDS[command] | {'-h', '--help'}:
                 wrong.append(f'{command} {option}')
     assert wrong == []
+
+
+def test_converting_md_lists_the_image_extensions_the_converter_reads():
+    """The list users read is the converter's own (constants.IMAGE_EXTENSIONS)."""
+    from imagenet_ffcv.constants import IMAGE_EXTENSIONS
+    listed = re.search(r'Images are the files named (.*?), in any case', text(
+        REPO / 'docs' / 'converting.md'), re.DOTALL).group(1)
+    assert tuple(re.findall(r'`(\.\w+)`', listed)) == IMAGE_EXTENSIONS
