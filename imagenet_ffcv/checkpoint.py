@@ -67,6 +67,14 @@ class Progress:
     epoch_so_far: dict = None
     reached: dict = None  # {'epoch', 'time_to_target_s'} once validation top-1 reached the target
 
+    def saved(self, epoch_so_far: dict, wall_time_s: float) -> dict:
+        """The checkpoint's ``progress`` (:func:`training_state`), with ``epoch_so_far`` and
+        ``wall_time_s`` (s) as they stand now: ``Progress(epoch=, iteration=, best_top1=,
+        **progress)`` reads it back."""
+        return {'images': self.images, 'train_seconds': self.train_seconds,
+                'best_epoch': self.best_epoch, 'epoch_so_far': epoch_so_far,
+                'wall_time_s': wall_time_s, 'reached': self.reached}
+
     def epochs_left(self, epochs: int) -> bool:
         """Whether a run of ``epochs`` epochs standing here has an epoch left to train."""
         return self.epoch < epochs and not self.reached
@@ -320,8 +328,7 @@ def training_state(*, model_state: dict, optimizer, epoch: int, iteration: int, 
     the loss scaler's and the EMA's states (``scaler``, ``ema``: None when the run has none), the
     random states of every rank in rank order (``rng``: :func:`rng_state` of each, as
     ``distributed.all_gather_object`` gives them; None: this process's alone), the resolved
-    ``config`` and ``classes``, the best top-1 so far and ``progress`` (``{'images',
-    'train_seconds', 'best_epoch', 'wall_time_s', 'epoch_so_far', 'reached'}``)."""
+    ``config`` and ``classes``, the best top-1 so far and ``progress`` (:meth:`Progress.saved`)."""
     rng = rng or [rng_state()]
     state = {'format': FORMAT, 'model': model_state, 'optimizer': optimizer.state_dict(),
              'optimizer_class': type(optimizer).__name__,

@@ -124,7 +124,9 @@ class RunDir:
 
     def write_results(self, summary: dict) -> None:
         """``results.json``: a finished run's results as the trainer returns them (top-1/top-5,
-        time to the target, best epoch, img/s, parameters, GMACs, ...), written atomically."""
+        time to the target, best epoch, img/s, parameters, GMACs, ...), written atomically, once
+        :meth:`check_lock` has found the run's lock still this process's."""
+        self.check_lock()
         write_text_atomic(self.results, json.dumps(summary, indent=2))
 
     @property
@@ -162,13 +164,21 @@ class RunDir:
         writes it; a lock its ended job left is taken over)."""
         self._heartbeat = run_lock.acquire(self.lock_file, self.path)
 
+    def check_lock(self) -> None:
+        """RunLockedError when the lock this process took is now another job's
+        (``run_lock.check_held``); called before each write of the run."""
+        run_lock.check_held(self.lock_file, getattr(self, '_heartbeat', None), self.path)
+
     def unlock(self) -> None:
         """Remove the lock if this process holds it (``run_lock.release``)."""
         run_lock.release(self.lock_file, getattr(self, '_heartbeat', None))
 
     def append_log(self, record: dict) -> None:
         """Append one epoch's record (a JSON line) to ``log.jsonl``, on disk before the epoch's
-        checkpoint is written (so a power cut cannot keep the checkpoint and lose the record)."""
+        checkpoint is written (so a power cut cannot keep the checkpoint and lose the record).
+        RunLockedError, writing nothing, when another job has taken the run's lock over
+        (:meth:`check_lock`)."""
+        self.check_lock()
         with open(self.log, 'a') as f:
             f.write(json.dumps(record) + '\n')
             f.flush()

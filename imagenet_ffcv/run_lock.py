@@ -55,8 +55,10 @@ def acquire(lock_file, run_path) -> 'Heartbeat':
     which waits up to ``STALE_BEATS`` periods for a refresh), is taken over, with a message.
     Returns the started :class:`Heartbeat`. Raises RunLockedError naming the holder when it runs:
     alive on this host, its lock refreshed, or not known to have ended (a lock without
-    ``heartbeat_s``: delete it if that job has ended). Two jobs taking over the same ended job's
-    lock at the same instant may both succeed."""
+    ``heartbeat_s``: delete it if that job has ended). The lock is read again just before it is
+    taken over, so that a job that took it over meanwhile keeps it; two jobs taking it over within
+    that instant may still both succeed: the job that lost it stops at its next write
+    (:func:`check_held`)."""
     lock_file, me = Path(lock_file), lock_identity()
     # its own name: two containers on shared storage may run as the same PID
     tmp = temporary_path(lock_file.with_name(f'{lock_file.name}.{uuid.uuid4().hex[:12]}'))
@@ -85,12 +87,31 @@ def acquire(lock_file, run_path) -> 'Heartbeat':
                     'wait for that one to end' + (
                         '' if holder.get('heartbeat_s') else ' (if it has ended on another '
                         'host or in another container, delete the lock file)'))
+            if ended and read_lock(lock_file) != holder:  # another job took it over meanwhile
+                continue
             if ended:
                 print(f'=> {run_path}: taking over the lock of PID {holder.get("pid")} on '
                       f'{holder.get("host")}: {ended}')
             lock_file.unlink(missing_ok=True)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def check_held(lock_file, heartbeat: 'Heartbeat', run_path) -> None:
+    """RunLockedError, naming the job that holds ``lock_file`` now, when the lock this process
+    took (``heartbeat``'s; None: it took none) is no longer its own: another job took it over
+    (two jobs taking over a dead job's lock at the same instant; the lock deleted by hand while
+    this job ran and taken by another). Called before each write of the run, so that one job
+    only writes it."""
+    if heartbeat is None:
+        return
+    holder = read_lock(lock_file)
+    if holder != heartbeat.me:
+        raise RunLockedError(
+            f'{run_path}: this job\'s lock ({lock_file}) is now held by ' + (
+                f'PID {holder.get("pid")} on {holder.get("host")}' if holder else 'no job') +
+            '; this job stops without writing the run again, so that one job only writes it. '
+            'Resume it (--resume auto) once the other job has ended')
 
 
 def release(lock_file, heartbeat: 'Heartbeat' = None) -> None:
@@ -103,9 +124,10 @@ def release(lock_file, heartbeat: 'Heartbeat' = None) -> None:
 
 class Heartbeat(threading.Thread):
     """Refreshes the time of ``lock_file`` every ``me['heartbeat_s']`` seconds while it holds
-    ``me`` (this process's lock; another job's, once it took the lock over, is left as it is),
-    until :meth:`stop` or the file is gone. A daemon thread: it ends with the process, so a
-    killed job's lock goes stale."""
+    ``me`` (this process's lock; another job's, once it took the lock over, is left as it is,
+    with a warning: the job stops at its next write, :func:`check_held`), until :meth:`stop` or
+    the file is gone. A daemon thread: it ends with the process, so a killed job's lock goes
+    stale."""
 
     def __init__(self, lock_file, me: dict):
         super().__init__(name='run-lock-heartbeat', daemon=True)
@@ -115,7 +137,12 @@ class Heartbeat(threading.Thread):
     def run(self):
         while not self._stop_event.wait(self.me['heartbeat_s']):
             try:
-                if read_lock(self.lock_file) != self.me:
+                holder = read_lock(self.lock_file)
+                if holder is not None and holder != self.me:
+                    print(f'=> warning: {self.lock_file.parent}: another job (PID '
+                          f'{holder.get("pid")} on {holder.get("host")}) has taken over this '
+                          f'job\'s lock; this job stops at its next write', flush=True)
+                if holder != self.me:
                     return
                 os.utime(self.lock_file)
             except FileNotFoundError:

@@ -226,14 +226,12 @@ def save_checkpoint(run: Run, epoch: int, iteration: int, so_far: dict = None) -
     rng = distributed.all_gather_object(checkpoint.rng_state())
     if not run.dist.is_primary:
         return
-    progress = run.progress
     state = checkpoint.training_state(
         model_state=models.unwrapped_state_dict(run.model), optimizer=run.optimizer, epoch=epoch,
         iteration=iteration, config=run.resolved, classes=run.classes,
-        best_top1=progress.best_top1, scaler=run.scaler, ema=run.options.ema, rng=rng,
-        progress={'images': progress.images, 'train_seconds': progress.train_seconds,
-                  'best_epoch': progress.best_epoch, 'epoch_so_far': so_far,
-                  'wall_time_s': time.perf_counter() - run.wall_start, 'reached': progress.reached})
+        best_top1=run.progress.best_top1, scaler=run.scaler, ema=run.options.ema, rng=rng,
+        progress=run.progress.saved(so_far, wall_time_s=time.perf_counter() - run.wall_start))
+    run.run_dir.check_lock()  # another job took the run's lock over: it writes the run, not this
     checkpoint.save(state, run.run_dir.checkpoint)
     if not iteration and run.cfg.checkpoint.keep_last:  # the end of an epoch
         checkpoint.keep_history(run.run_dir.checkpoint, epochs_done=epoch,
@@ -309,6 +307,7 @@ def end_of_epoch_eval(run: Run, epoch: int) -> dict:
     if progress.best_top1 is None or val['top_1'] > progress.best_top1:
         progress.best_top1, progress.best_epoch = val['top_1'], epoch
         if cfg.checkpoint.keep_best and run.run_dir:
+            run.run_dir.check_lock()
             weights.save_final_weights(
                 models.unwrapped_state_dict(run.model_without_ddp), run.run_dir.best_weights,
                 config=run.resolved, classes=run.classes)

@@ -539,3 +539,52 @@ def test_code_version_of_a_package_installed_inside_a_checkout_names_no_commit(t
     assert code_version()['git_commit'] is None and code_version()['git_dirty'] is None
     monkeypatch.setattr(run_dir, 'REPO', tmp_path)
     assert len(code_version()['git_commit']) == 40
+
+
+def test_a_lock_another_job_took_over_meanwhile_is_not_taken_again_and_a_lost_lock_stops_writes(
+        tmp_path, monkeypatch, capsys):
+    """Two jobs that found the same dead job's lock both took it over: the second deleted the
+    lock the first had just made, and both wrote the run. The lock is now read again before it is
+    taken over, so the job that took it first keeps it; and a job whose lock another job has
+    (two take-overs at the same instant; a lock deleted by hand and taken) writes nothing more:
+    its log, checkpoint and results writes stop with RunLockedError naming the holder, and its
+    heartbeat says so at once."""
+    run = RunDir.create(tmp_path, params={}, run_name='a')
+    run.unlock()
+    live = subprocess.Popen([sys.executable, '-c', 'import sys; sys.stdin.read()'],
+                            stdin=subprocess.PIPE)
+    try:
+        winner = {**lock_identity(), 'pid': live.pid, 'started': process_start(live.pid)}
+        run.lock_file.write_text(json.dumps({'pid': 1, 'host': 'node-17'}))
+        judge = run_lock.lock_ended
+
+        def judged_ended_then_taken(holder, me):  # the other job takes it over as this one judges
+            if holder != winner:
+                run.lock_file.write_text(json.dumps(winner))
+                return 'gone (simulated)'
+            return judge(holder, me)
+        monkeypatch.setattr(run_lock, 'lock_ended', judged_ended_then_taken)
+        with pytest.raises(RunLockedError, match=f'PID {live.pid} on {winner["host"]}'):
+            RunDir.reopen(run.checkpoint, epoch=0)
+        assert run.lock_holder() == winner and 'taking over' not in capsys.readouterr().out
+    finally:
+        live.communicate(b'')
+    monkeypatch.undo()
+    run.lock_file.unlink()
+    mine = RunDir.reopen(run.checkpoint, epoch=0)
+    mine.append_log({'epoch': 0})
+    other = {'pid': 1, 'host': 'node-17', 'heartbeat_s': 30}
+    mine.lock_file.write_text(json.dumps(other))
+    for write in (lambda: mine.append_log({'epoch': 1}), lambda: mine.write_results({})):
+        with pytest.raises(RunLockedError, match=r"this job's lock \(.*\) is now held by PID 1 on "
+                                                 r"node-17; this job stops without writing"):
+            write()
+    assert mine.read_log() == [{'epoch': 0}] and not mine.results.exists()
+    beat = run_lock.Heartbeat(mine.lock_file, {**lock_identity(), 'heartbeat_s': 0.05})
+    beat.start()
+    beat.join(30)
+    assert not beat.is_alive() and mine.lock_holder() == other
+    assert 'another job (PID 1 on node-17) has taken over this job\'s lock; this job stops at ' \
+           'its next write' in capsys.readouterr().out
+    mine.unlock()
+    assert mine.lock_holder() == other  # not this job's to remove

@@ -332,3 +332,24 @@ def test_two_jobs_sharing_a_folder_continue_only_their_own_run(sample_betons, tm
     assert 'nothing to resume' in capsys.readouterr().out
     assert sorted(p.name[0] for p in tmp_path.iterdir()) == ['a', 'b'] and len(log_of(run_a)) == 1
     assert (run_a / 'final_weights.pt').read_bytes() == weights
+
+
+def test_a_checkpoint_is_not_written_once_another_job_holds_the_runs_lock(tmp_path):
+    """save_checkpoint asks the run folder whether its lock is still this job's first: a job
+    whose lock another job took over must not write the checkpoint the other job resumes from."""
+    from types import SimpleNamespace
+    from imagenet_ffcv.run_dir import RunDir
+    model = torch.nn.Linear(2, 2)
+    run = SimpleNamespace(
+        dist=SimpleNamespace(is_primary=True), model=model, scaler=None, classes=None,
+        optimizer=torch.optim.SGD(model.parameters(), lr=0.1), resolved={}, wall_start=0.0,
+        progress=checkpoint.Progress(), options=SimpleNamespace(ema=None),
+        cfg=SimpleNamespace(checkpoint=SimpleNamespace(keep_last=0)),
+        run_dir=RunDir.create(tmp_path, params={}, run_name='a'))
+    train.save_checkpoint(run, 1, 0)
+    saved = checkpoint.load(run.run_dir.checkpoint)
+    assert (saved['epoch'], saved['iteration'], saved['progress']['images']) == (1, 0, 0)
+    run.run_dir.lock_file.write_text(json.dumps({'pid': 1, 'host': 'node-17', 'heartbeat_s': 30}))
+    with pytest.raises(RunLockedError, match='is now held by PID 1 on node-17'):
+        train.save_checkpoint(run, 2, 0)
+    assert checkpoint.load(run.run_dir.checkpoint)['epoch'] == 1
