@@ -153,8 +153,9 @@ def safe_torch_load(path, what: str = 'file'):
     except OSError as e:
         raise CheckpointError(f'{path}: cannot read the {what} ({e})') from None
     if not start.startswith(TORCH_FILE_STARTS):
-        raise CheckpointError(f'{path}: not a PyTorch file (it starts with {start!r}, not as '
-                              'torch.save writes; ' + (
+        raise CheckpointError(f'{path}: not a PyTorch file (' + (
+                                  f'it starts with {start!r}' if start else 'it is empty, 0 bytes')
+                              + ', not as torch.save writes; ' + (
                                   'a .beton holds images, not weights: give a run folder or its '
                                   'final_weights.pt)' if str(path).endswith('.beton') else
                                   'a failed download? re-download it)'))
@@ -164,7 +165,9 @@ def safe_torch_load(path, what: str = 'file'):
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS), warnings.catch_warnings():
             warnings.filterwarnings('ignore', '.*TorchScript archive')  # refused below
-            return torch.load(path, map_location='cpu', weights_only=True)
+            warnings.filterwarnings('ignore', 'Detected pickle protocol')  # one refused below
+            with open(path, 'rb') as f:  # (by name, torch reads a .safetensors as one)
+                return torch.load(f, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.findall(r'GLOBAL (\S+)', str(e))
         held = f'such as {found[0]}' if found else 'not tensors or plain values'

@@ -87,9 +87,11 @@ def _type_text(checker) -> str:
 
 def did_you_mean(unknown: list, known) -> str:
     """' (did you mean training.epochs?)' for the ``known`` keys closest to the ``unknown`` ones
-    (``--training.epoch=3``, or a file's key), '' when none is close."""
+    (``--training.epoch=3``, or a file's key; a name without its section, ``--weights``, gives the
+    keys of that name), '' when none is close."""
     names = [name.lstrip('-').split('=')[0] for name in unknown]
-    close = [m for name in names for m in difflib.get_close_matches(name, known, n=1, cutoff=0.8)]
+    close = [m for name in names for m in [k for k in known if k.split('.', 1)[-1] == name]
+             or difflib.get_close_matches(name, known, n=1, cutoff=0.8)]
     return f' (did you mean {", ".join(close)}?)' if close else ''
 
 

@@ -5,6 +5,7 @@ import time
 import torch
 
 from . import betons, config, distributed, engine, loaders, metrics, weights
+from .config_schema import ARCH_KEY, BLURPOOL_KEY
 from .constants import DEFAULT_CROP_RATIO
 
 
@@ -55,20 +56,21 @@ def ten_crop_eval(cfg, dist, model, precision) -> dict:
     return {f'{k}_10crop': v for k, v in result.items() if k != 'count'}
 
 
-def _validation_values(saved: dict) -> dict:
-    """How the run whose resolved config is ``saved`` validated, as config values:
-    ``{'validation.resolution': 32, 'validation.lr_tta': 1, 'data.decoder': 'fused'}``."""
+def _validation_values(evaluated: dict) -> dict:
+    """``evaluated`` (``config.saved_eval_kwargs``' form: ``{'res': 32, 'flip_tta': True,
+    'decoder': 'fused'}``) as config values: ``{'validation.resolution': 32, 'validation.lr_tta': 1,
+    'data.decoder': 'fused'}``."""
     return {config.EVAL_KEYS[name]: int(value) if isinstance(value, bool) else value
-            for name, value in config.saved_eval_kwargs(saved).items()}
+            for name, value in evaluated.items()}
 
 
-def validating_as(cfg, saved: dict, keep=frozenset()) -> tuple:
-    """``(cfg', taken)``: a copy of ``cfg`` that validates as the saved run (resolved config
-    ``saved``) did, its resolution, flip TTA and decoder (``config.EVAL_KEYS``), but for the keys
-    in ``keep`` (the command line's); ``taken``: ``['validation.resolution=64', ...]``, the values
-    that differ from ``cfg``'s."""
+def validating_as(cfg, evaluated: dict, keep=frozenset()) -> tuple:
+    """``(cfg', taken)``: a copy of ``cfg`` that validates as ``evaluated`` says (a saved run's
+    ``config.saved_eval_kwargs``, or ``weights.FOREIGN_WEIGHTS_EVAL``): its resolution, flip TTA
+    and decoder (``config.EVAL_KEYS``), but for the keys in ``keep`` (the command line's);
+    ``taken``: ``['validation.resolution=64', ...]``, the values that differ from ``cfg``'s."""
     copy, taken = config.from_dict(config.to_dict(cfg)), []
-    for key, value in _validation_values(saved).items():
+    for key, value in _validation_values(evaluated).items():
         section_name, attribute = key.split('.')
         section = getattr(copy, section_name)
         if key not in keep and getattr(section, attribute) != value:
@@ -81,7 +83,8 @@ def validated_otherwise(cfg, saved_config: dict) -> str:
     """How the run whose resolved config is ``saved_config`` validated where ``cfg`` validates
     otherwise (``validation.resolution=32 ...``: its resolution, flip TTA and decoder), '' when
     they agree."""
-    run, now = (_validation_values(c) for c in (saved_config, config.to_dict(cfg)))
+    run, now = (_validation_values(config.saved_eval_kwargs(c))
+                for c in (saved_config, config.to_dict(cfg)))
     return ' '.join(f'{key}={value}' for key, value in run.items() if now[key] != value)
 
 
@@ -89,27 +92,34 @@ def evaluate_weights(cfg, dist, command_line=frozenset()) -> dict:
     """``training.eval_only=1``: the validation top-1/top-5 of ``model.weights`` (a run folder, a
     checkpoint or a final_weights.pt), computed as the training run computes it. The model is
     rebuilt as it was trained (``weights.load_model``: arch, BlurPool, channels_last from the
-    config saved with the weights, when there is one; else BlurPool off, as weights from
-    elsewhere are trained) and must have been trained on the val .beton's classes
-    (CheckpointError otherwise). It validates as the run did (resolution, flip TTA, decoder from
-    the saved config, :func:`validating_as`) but for the keys in ``command_line`` (the keys
-    given there, ``config.command_line_keys``), and from ``cfg`` for weights without a config;
-    a line names the settings taken from the run, a note those that differ from it."""
+    config saved with the weights, when there is one; else the config's arch, and BlurPool as
+    the command line says, else off, as weights from elsewhere are trained) and must have been
+    trained on the val .beton's classes (CheckpointError otherwise). It validates as the run did
+    (resolution, flip TTA, decoder from the saved config), or, weights without a config, as
+    predict evaluates them (``weights.FOREIGN_WEIGHTS_EVAL``: torchvision's 224 px centre crops),
+    with :func:`validating_as`, but for the keys in ``command_line`` (the keys given there,
+    ``config.command_line_keys``); a line names the settings so taken, a note those that differ
+    from the run's."""
     saved = weights.load_model(  # BlurPool as the file says (the config's is for training)
         cfg.model.weights, num_classes=betons.num_classes(cfg.data.val_dataset,
                                                            warn=dist.is_primary),
-        beton=cfg.data.val_dataset, **{**config.model_kwargs(cfg), 'use_blurpool': None})
-    if saved.assumed and dist.is_primary:
-        print(f'{saved.assumed} (--model.arch; this tool\'s own weights files say how they were '
-              f'built)')
-    if saved.config:
-        cfg, taken = validating_as(cfg, saved.config, keep=command_line)
-        if taken and dist.is_primary:
-            print(f'=> validating as the run of {cfg.model.weights} did: {" ".join(taken)} (its '
-                  f'config; set them on the command line to evaluate otherwise)')
-        if dist.is_primary and (run := validated_otherwise(cfg, saved.config)):
-            print(f'=> note: the run of {cfg.model.weights} validated with {run}; this evaluates '
-                  f'with the command line\'s values')
+        beton=cfg.data.val_dataset, **{**config.model_kwargs(cfg), 'use_blurpool': (
+            cfg.training.use_blurpool if BLURPOOL_KEY in command_line else None)})
+    for line in (saved.assumed and f'{saved.assumed} (--{ARCH_KEY}, --{BLURPOOL_KEY}; this '
+                 f'tool\'s own weights files say how they were built)', saved.note):
+        if line and dist.is_primary:
+            print(line)
+    cfg, taken = validating_as(cfg, config.saved_eval_kwargs(saved.config) if saved.config
+                               else weights.FOREIGN_WEIGHTS_EVAL, keep=command_line)
+    if taken and dist.is_primary:
+        print(f'=> validating as the run of {cfg.model.weights} did: {" ".join(taken)} (its '
+              f'config; set them on the command line to evaluate otherwise)' if saved.config else
+              f'=> validating {cfg.model.weights} (no config saved with it) as predict and '
+              f'torchvision\'s references evaluate such weights: {" ".join(taken)} (set them on '
+              f'the command line to evaluate otherwise)')
+    if saved.config and dist.is_primary and (run := validated_otherwise(cfg, saved.config)):
+        print(f'=> note: the run of {cfg.model.weights} validated with {run}; this evaluates with '
+              f'the command line\'s values')
     model = saved.model.to(dist.device)
     precision = engine.resolve_precision(cfg.training.amp, dist.device)
     torch.backends.cudnn.benchmark = dist.device.type == 'cuda'  # fixed shapes

@@ -38,12 +38,7 @@ from .image_decode import center_crop_pixels
 from .images import (DEFAULT_JPEG_QUALITY, DEFAULT_MAX_RES, DEFAULT_RESTART_INTERVAL, encode_jpeg,
                      load_image)
 from .loaders import antialiased
-from .weights import load_model
-
-# How weights saved without a config (torchvision's, timm's) are evaluated: centre crops of 224 px,
-# as torchvision's references evaluate them, with flip TTA, as this tool's validation does.
-FOREIGN_WEIGHTS_EVAL = {'res': 224, 'flip_tta': True, 'decoder': 'fused'}
-
+from .weights import FOREIGN_WEIGHTS_EVAL, load_model
 
 def predict(paths: list, *, weights, top: int = 5, classes_path=None, res=None,
             arch='resnet50', blurpool: bool = None, max_res: int = None,
@@ -58,7 +53,7 @@ def predict(paths: list, *, weights, top: int = 5, classes_path=None, res=None,
     the top-1 class is the one eval-only counts). Each image is :func:`image_record` then
     :func:`model_input`, resized as the run's ``data.decoder`` resizes (the fused decoder's resize
     for 'ffcv', with a note on stderr). ``res`` defaults to the run's ``validation.resolution``
-    (:data:`FOREIGN_WEIGHTS_EVAL` for weights saved without a config), ``max_res`` to the
+    (``weights.FOREIGN_WEIGHTS_EVAL`` for weights saved without a config), ``max_res`` to the
     largest shorter side stored in its val .beton (else 256, the converter's default);
     ``arch`` and ``blurpool`` are used only when no config is saved with the weights
     (``weights.load_model``).
@@ -79,6 +74,8 @@ def predict(paths: list, *, weights, top: int = 5, classes_path=None, res=None,
     classes = classes or saved.classes
     if saved.assumed:
         print(f'{saved.assumed} (--arch, --blurpool)', file=sys.stderr)
+    if saved.note:
+        print(saved.note, file=sys.stderr)
     if saved.ilsvrc_classes:
         print(f'note: no class list with {weights}: its 1,000 outputs are named as ILSVRC-2012\'s '
               'classes in their usual order (sorted wnids); if it was trained on others, pass '

@@ -19,8 +19,8 @@ from functools import partial
 import torch
 from tqdm import tqdm
 
-from . import (betons, checkpoint, config, distributed, engine, jpeg_region, loaders, metrics,
-               models, optimizers, preflight, schedules, weights)
+from . import (betons, checkpoint, config, distributed, engine, finetune, jpeg_region, loaders,
+               metrics, models, optimizers, preflight, schedules, weights)
 from .checkpoint import Progress
 from .classes import class_list_path, read_class_names
 from .commands import command_name, is_user_error, one_line_warnings, stops_on_ctrl_c
@@ -134,8 +134,8 @@ def build(cfg, dist, wall_start, launch: dict = None) -> Run:
     class_list = class_list_path(cfg.data.train_dataset)
     model_without_ddp = models.build_model(**config.model_kwargs(cfg), num_classes=num_classes)
     if cfg.model.weights:  # fine-tuning (on --resume, the checkpoint's weights replace these)
-        loaded = weights.init_from(model_without_ddp, cfg.model.weights,
-                                   reset_head=bool(cfg.model.reset_head), class_list=class_list)
+        loaded = finetune.init_from(model_without_ddp, cfg.model.weights,
+                                    reset_head=bool(cfg.model.reset_head), class_list=class_list)
         if dist.is_primary:
             print(loaded)
     if dist.rank:  # each other rank its own draws (as timm); rank 0 goes on with the seed's

@@ -1,6 +1,6 @@
 """Trained weights: ``final_weights.pt`` and ``final_weights.safetensors`` written atomically, read
 back from either or from a checkpoint without running code, and the model rebuilt from them as it
-was trained (eval-only, predict) or started from them (fine-tuning: :func:`init_from`).
+was trained (eval-only, predict); fine-tuning starts from them (``finetune``).
 
 ``final_weights.pt`` is a state dict with torchvision's keys (``torch.load(weights_only=True)``
 reads it, torchvision's models load it); ``final_weights.safetensors`` holds the same tensors (no
@@ -10,6 +10,7 @@ either file alone rebuilds the model as it was trained.
 """
 import errno
 import json
+import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,14 +20,14 @@ import safetensors
 import safetensors.torch
 import torch
 
-from .checkpoint import (CheckpointError, check_format, is_checkpoint, safe_torch_load, save,
-                         weights_in)
+from .checkpoint import (TORCH_FILE_STARTS, CheckpointError, check_format, is_checkpoint,
+                         safe_torch_load, save, weights_in)
 from .classes import class_list_path, ilsvrc_classes, read_class_list, read_class_names
 from .config import saved_eval_kwargs, saved_model_kwargs
-from .config_schema import ARCH_KEY, BLURPOOL_KEY, nested_ffcv_imagenet_params
+from .config_schema import ARCH_KEY, nested_ffcv_imagenet_params
 from .errors import MissingFileError
 from .files import atomic_path
-from .models import BlurPoolConv2d, build_model, takes_blurpool
+from .models import build_model
 from .run_dir import RunDir
 from .state_dicts import BLUR_FILTER, mismatch, unwrapped
 
@@ -128,11 +129,49 @@ class Weights(NamedTuple):
     ``config`` the run's resolved config and ``classes`` ``[(wnid, name), ...]`` (each None when
     the file has none), ``blurpool`` whether they were trained with BlurPool: the config's
     ``training.use_blurpool``, else True for ffcv-imagenet's files (their BlurPool filters are
-    saved), else None (unknown: torchvision's and timm's weights, trained without, look alike)."""
+    saved), else None (unknown: torchvision's and timm's weights, trained without, look alike);
+    ``note`` a line for the user when EMA weights were left aside (:func:`_ema_note`), else ''."""
     state: dict
     config: dict
     classes: list
     blurpool: bool = None
+    note: str = ''
+
+
+# How weights saved without a config (torchvision's, timm's) are evaluated (predict, eval-only):
+# centre crops of 224 px, as torchvision's references evaluate them, with flip TTA, as this tool's
+# validation does (config.saved_eval_kwargs' keys).
+FOREIGN_WEIGHTS_EVAL = {'res': 224, 'flip_tta': True, 'decoder': 'fused'}
+# Where other tools' checkpoints keep EMA weights beside the model's (timm's 'state_dict_ema',
+# torchvision's references' 'model_ema'); this tool's checkpoint: 'ema'.
+EMA_KEYS = ('state_dict_ema', 'model_ema', 'ema')
+# The weights files a run folder holds (run_dir): only these take its params.json and classes.tsv.
+RUN_WEIGHTS = re.compile(r'(final|best)_weights(_ema)?(_epoch_\d+)?\.(pt|safetensors)')
+
+
+def is_safetensors(path) -> bool:
+    """Whether to read the file ``path`` as safetensors: by its first bytes (an 8-byte
+    little-endian header length, then the JSON header's '{'; torch.save's files start as
+    ``checkpoint.TORCH_FILE_STARTS``), whatever its name; one that starts as neither (damaged,
+    empty), by its name."""
+    with open(path, 'rb') as f:
+        start = f.read(9)
+    if len(start) == 9 and start[8:9] == b'{' and int.from_bytes(start[:8], 'little') > 1:
+        return True
+    return Path(path).suffix == '.safetensors' and not start.startswith(TORCH_FILE_STARTS)
+
+
+def _ema_note(given, path, content) -> str:
+    """A line saying the plain weights of ``path`` are used when it (``content``) also holds EMA
+    weights (:data:`EMA_KEYS`), or when ``given`` is a run folder with final EMA weights."""
+    held = [k for k in EMA_KEYS if isinstance(content, dict) and isinstance(content.get(k), dict)]
+    ema_file = RunDir(given).final_weights_ema if Path(given).is_dir() else None
+    if ema_file and ema_file.is_file():
+        return (f'note: {path} holds the plain weights; the run\'s EMA weights are '
+                f'{ema_file}: give that file to use them')
+    return (f'note: {path} also holds EMA weights ({held[0]!r}); the plain weights are used: to '
+            f'use the EMA ones, save them alone (torch.save(torch.load(FILE)[{held[0]!r}], '
+            f'"ema.pt"))' if held else '')
 
 
 def load_weights(path) -> Weights:
@@ -141,20 +180,23 @@ def load_weights(path) -> Weights:
     inside), a ``final_weights.pt`` or ``.safetensors`` (both in its metadata when
     :func:`save_final_weights` wrote it; else config from the ``params.json`` and classes from the
     ``classes.tsv`` beside it, each None when absent; ffcv-imagenet's flat params.json is read as
-    ``config_schema.nested_ffcv_imagenet_params``), a state dict file, or a run folder
-    (``checkpoint.weights_in``). ``classes``: ``[(wnid, name), ...]``. A state dict saved from a
-    DDP or compiled model has its keys' prefix removed (``state_dicts.unwrapped``). Nothing in
-    the file can run code (:func:`safe_torch_load`, safetensors).
+    ``config_schema.nested_ffcv_imagenet_params``; only for the names a run folder's weights have,
+    :data:`RUN_WEIGHTS`: another file that lies in a run folder is not that run's), a state dict
+    file, or a run folder (``checkpoint.weights_in``). safetensors or torch.save is told by the
+    file's first bytes (:func:`is_safetensors`), not its name. ``classes``: ``[(wnid, name),
+    ...]``. A state dict saved from a DDP or compiled model has its keys' prefix removed
+    (``state_dicts.unwrapped``). Nothing in the file can run code (:func:`safe_torch_load`,
+    safetensors). ``note``: EMA weights left aside (:func:`_ema_note`).
     Raises CheckpointError naming the file when it is missing, unsafe or holds no state dict, or
     when its config or class list is not what this tool saves (:func:`checked_config`,
     :func:`checked_classes`)."""
-    path = weights_in(path)  # a run folder: its final weights, else its checkpoint
+    given, path = path, weights_in(path)  # a run folder: its final weights, else its checkpoint
     if not path.is_file():
         what = 'a folder without a run\'s weights' if path.is_dir() else 'no such weights file'
         raise CheckpointError(f'{path}: {what}; give a run folder, its checkpoint.pt or '
                               f'final_weights.pt/.safetensors, or a torch.save state dict')
-    config = classes = None
-    if path.suffix == '.safetensors':
+    config = classes = content = None
+    if is_safetensors(path):
         state, config, classes = _load_safetensors(path)
     else:
         content = safe_torch_load(path, 'weights file')
@@ -162,7 +204,8 @@ def load_weights(path) -> Weights:
             check_format(content, path)
             return _with_blurpool(_state_dict_in(content.get('model'), path),
                                   checked_config(content.get('config'), path),
-                                  checked_classes(content.get('classes'), path))
+                                  checked_classes(content.get('classes'), path),
+                                  note=_ema_note(given, path, content))
         state = _state_dict_in(content, path)
         root = getattr(content, '_metadata', {}).get('', {})  # save_final_weights' metadata
         config, classes = _described(root.get(METADATA_KEY) if isinstance(root, dict) else None,
@@ -171,19 +214,20 @@ def load_weights(path) -> Weights:
     state = unwrapped(state)
     run = RunDir(path.parent)  # the run folder the file may be in
     params, class_list = run.params, run.classes
-    if config is None and params.is_file():
+    if RUN_WEIGHTS.fullmatch(path.name) and config is None and params.is_file():
         config = checked_config(nested_ffcv_imagenet_params(
             _parsed_json(params.read_text(), str(params))), params)
-    if classes is None and class_list.is_file():
+    if RUN_WEIGHTS.fullmatch(path.name) and classes is None and class_list.is_file():
         classes = read_class_names(class_list)
-    return _with_blurpool(state, config, classes, blur_filters or None)
+    return _with_blurpool(state, config, classes, blur_filters or None,
+                          note=_ema_note(given, path, content))
 
 
-def _with_blurpool(state, config, classes, blurpool=None) -> Weights:
+def _with_blurpool(state, config, classes, blurpool=None, note: str = '') -> Weights:
     """:class:`Weights`, with ``blurpool`` from ``config`` when there is one."""
     if config:
         blurpool = saved_model_kwargs(config)['use_blurpool']
-    return Weights(state, config, classes, blurpool)
+    return Weights(state, config, classes, blurpool, note)
 
 
 # Where other tools' checkpoints keep the model's state dict (pytorch/examples' and timm's
@@ -215,13 +259,15 @@ class SavedModel:
     line saying which arch and BlurPool setting were taken from the caller because no config is
     saved, for the caller to end with its options ('' when one is: the weights load with
     BlurPool on or off alike, so say it), ``ilsvrc_classes`` True when no class list came with the
-    weights and ``classes`` are ILSVRC-2012's, taken for a classifier of 1,000 outputs."""
+    weights and ``classes`` are ILSVRC-2012's, taken for a classifier of 1,000 outputs; ``note``
+    a line for the user when EMA weights were left aside (:attr:`Weights.note`), else ''."""
     model: torch.nn.Module
     config: dict
     classes: list
     arch: str
     assumed: str = ''
     ilsvrc_classes: bool = False
+    note: str = ''
 
 
 def load_model(path, *, num_classes: int = None, beton=None, arch: str = 'resnet50',
@@ -244,7 +290,7 @@ def load_model(path, *, num_classes: int = None, beton=None, arch: str = 'resnet
     FileNotFoundError when ``num_classes`` is None, no class list is saved with the weights and
     their classifier has not 1,000 outputs.
     """
-    state, saved_config, classes, blurpool = load_weights(path)
+    state, saved_config, classes, blurpool, note = load_weights(path)
     if beton is not None:
         check_classes(path, classes, beton)
     structure = {'arch': arch, 'use_blurpool': bool(use_blurpool), 'channels_last': channels_last}
@@ -252,7 +298,10 @@ def load_model(path, *, num_classes: int = None, beton=None, arch: str = 'resnet
         structure = saved_model_kwargs(saved_config)
     elif blurpool:  # ffcv-imagenet's BlurPool filters are in the file
         structure['use_blurpool'] = True
-    ilsvrc = num_classes is None and not classes and _outputs(state, structure['arch']) == 1000
+    outputs = _outputs(state, structure['arch'])
+    ilsvrc = num_classes is None and not classes and outputs == 1000
+    headless = num_classes is None and not classes and not outputs  # none where arch has it:
+    num_classes = 1 if headless else num_classes  # the keys that do not fit, said below
     if num_classes is None and not (classes or ilsvrc):
         raise MissingFileError(f'no class list for {path}: none saved with it and no '
                                'classes.tsv beside it; pass --classes TRAIN.classes.tsv '
@@ -273,8 +322,9 @@ def load_model(path, *, num_classes: int = None, beton=None, arch: str = 'resnet
             f'{num_classes} classes are asked for (those of {beton or "the class list given"}): '
             f'use them on the classes they were trained on, or fine-tune them on these')
     if problems:
-        raise CheckpointError(f'{path}: the weights do not fit {structure["arch"]} with '
-                              f'{num_classes} classes: {problems}' + ('' if saved_config else
+        raise CheckpointError(f'{path}: the weights do not fit {structure["arch"]}' + (
+                              '' if headless else f' with {num_classes} classes') +
+                              f': {problems}' + ('' if saved_config else
                               f' ({structure["arch"]} assumed: no config is saved with the '
                               f'weights; name their arch: predict --arch, eval-only '
                               f'--{ARCH_KEY})'))
@@ -286,7 +336,7 @@ def load_model(path, *, num_classes: int = None, beton=None, arch: str = 'resnet
                " (as weights from elsewhere, torchvision's or timm's, are trained)"
                if use_blurpool is None else '') + '; if it was trained otherwise, say so'))
     return SavedModel(model=model, config=saved_config, classes=classes, arch=structure['arch'],
-                      assumed=assumed, ilsvrc_classes=ilsvrc)
+                      assumed=assumed, ilsvrc_classes=ilsvrc, note=note)
 
 
 def _outputs(state: dict, arch: str) -> int:
@@ -323,57 +373,3 @@ def classifier_keys(model: torch.nn.Module) -> set:
     if not names:
         return set()
     return {f'{names[-1]}.{k}' for k in ('weight', 'bias')} & set(model.state_dict())
-
-
-def init_from(model: torch.nn.Module, path, *, reset_head: bool, class_list=None) -> str:
-    """Start ``model`` (built for the dataset's classes) from the weights in ``path`` (a
-    checkpoint, ``final_weights.pt`` / ``.safetensors``, or a plain torchvision state dict saved
-    with ``torch.save``; read by :func:`load_weights`, nothing in it runs), as fine-tuning does
-    (timm's ``--initial-checkpoint``; the weights are never fetched from the network). The
-    classifier (:func:`classifier_keys`) keeps its fresh initialisation when ``reset_head``, when
-    the file has none (a backbone), when its shape in the file differs (another class count), or
-    when the class list saved with the weights names other wnids than ``class_list`` (the
-    dataset's classes.tsv; not compared when either is missing). Returns a line saying what was
-    loaded, with a note when ``model`` has BlurPool (``models.BlurPoolConv2d``) and the weights
-    were not or may not have been trained with it (torchvision's and timm's are not: BlurPool
-    then changes what every strided conv sees), or the other way round. Raises CheckpointError
-    naming the file and the keys when any other weight is missing, extra or of another shape
-    (another architecture)."""
-    state, _, saved, trained_blurred = load_weights(path)
-    own, head = model.state_dict(), classifier_keys(model)
-    ours = read_class_list(class_list) if class_list and Path(class_list).is_file() else None
-    why = ('as asked' if reset_head else
-           'the file has none' if head and not head & state.keys() else
-           'the class count differs' if any(k in state and state[k].shape != own[k].shape
-                                            for k in head) else
-           'trained on other classes' if saved and ours and [w for w, _ in saved] != ours else '')
-    reset = head if why else set()
-    problems = mismatch(state, own, ignore=reset)
-    if problems:
-        raise CheckpointError(
-            f'{path}: the weights do not fit this model (another architecture?): {problems}')
-    model.load_state_dict({k: v for k, v in state.items() if k not in reset}, strict=False)
-    return (f"=> started from {path} ({len(state.keys() - reset)} tensors)" +
-            (f'; classifier {", ".join(sorted(reset))} newly initialised ({why})' if reset else '')
-            + _blurpool_note(model, trained_blurred))
-
-
-def _blurpool_note(model: torch.nn.Module, trained_blurred) -> str:
-    """A line for :func:`init_from` when ``model``'s BlurPool differs from the weights'
-    (``trained_blurred``, :attr:`Weights.blurpool`), or may (unknown, and the model has it); ''
-    otherwise, and for an arch BlurPool changes nothing of (no conv ``models.takes_blurpool``:
-    SqueezeNet, ViTs)."""
-    convs = [m for m in model.modules() if takes_blurpool(m)]
-    if not convs:
-        return ''
-    blurred = any(isinstance(m, BlurPoolConv2d) for m in convs)
-    if trained_blurred is None and blurred:
-        return (f'\nnote: this model has BlurPool ({BLURPOOL_KEY}=1) and the weights file saves '
-                f'no config (torchvision\'s and timm\'s weights were trained without it): to '
-                f'fine-tune such weights as they were trained, set --{BLURPOOL_KEY}=0')
-    if trained_blurred is not None and trained_blurred != blurred:
-        was = 'on' if trained_blurred else 'off'
-        return (f'\nnote: the weights were trained with BlurPool {was} and this model has it '
-                f'{"on" if blurred else "off"}: to fine-tune them as they were trained, set '
-                f'--{BLURPOOL_KEY}={int(trained_blurred)}')
-    return ''

@@ -543,7 +543,7 @@ def test_final_weights_as_safetensors_carry_config_and_classes(tmp_path):
     assert safe == tmp_path / 'final_weights.safetensors'
     assert sorted(p.name for p in tmp_path.iterdir()) == ['final_weights.pt',
                                                           'final_weights.safetensors']
-    state, saved_config, saved_classes, _ = weights.load_weights(safe)
+    state, saved_config, saved_classes, _, _ = weights.load_weights(safe)
     assert saved_config == config and saved_classes == classes
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert safe.read_bytes()[8:9] == b'{'  # a JSON header, no pickle
@@ -580,7 +580,7 @@ def test_metadata_of_safetensors_not_written_by_this_tool_is_not_used(tmp_path):
     path = tmp_path / 'other.safetensors'
     safetensors.torch.save_file(nn.Linear(4, 2).state_dict(), str(path),
                                 metadata={'config': '{"foo": 1}', 'classes': '[1, 2]'})
-    state, config, classes, _ = weights.load_weights(path)
+    state, config, classes, _, _ = weights.load_weights(path)
     assert (config, classes) == (None, None) and state.keys() == {'weight', 'bias'}
 
 
@@ -674,3 +674,59 @@ def test_a_finished_run_with_no_epoch_left_says_what_trains_it_on(tmp_path, caps
                                             "checkpoint.force=1)\n")
     assert checkpoint.no_epoch_left(path, reached, epochs=4, say=False)
     assert capsys.readouterr().out == ''  # another rank than 0
+
+
+def test_weights_are_read_by_content_and_a_file_that_only_lies_in_a_run_folder_is_not_the_runs(
+        tmp_path):
+    """safetensors or torch.save is told by the file's first bytes: a safetensors file named .pt
+    was called 'a failed download', a .pt named .safetensors 'header too large'. A foreign file
+    copied into a run folder took the run's params.json and classes.tsv (its arch, BlurPool and
+    class names) without a word; only the names a run's weights have take them now. EMA weights
+    left aside are named: another tool's beside the plain ones, a run folder's final EMA
+    weights. An empty file says it is empty."""
+    import safetensors.torch
+    state = nn.Linear(2, 2).state_dict()
+    safetensors.torch.save_file(state, str(tmp_path / 'st_as.pt'))
+    torch.save(state, tmp_path / 'pt_as.safetensors')
+    for name in ('st_as.pt', 'pt_as.safetensors'):
+        assert torch.equal(weights.load_weights(tmp_path / name).state['weight'], state['weight'])
+    run = tmp_path / 'run'
+    run.mkdir()
+    (run / 'params.json').write_text(json.dumps({'model.arch': 'resnet18',
+                                                 'training.use_blurpool': 1}))
+    (run / 'classes.tsv').write_text('0\tn01440764\ttench\n1\tn01443537\tgoldfish\n')
+    torch.save(state, run / 'someone_elses.pt')
+    torch.save(state, run / 'final_weights.pt')
+    foreign, own = (weights.load_weights(run / name) for name in ('someone_elses.pt',
+                                                                   'final_weights.pt'))
+    assert (foreign.config, foreign.classes, foreign.blurpool) == (None, None, None)
+    assert own.config['model']['arch'] == 'resnet18' and own.blurpool is True
+    assert own.classes == [('n01440764', 'tench'), ('n01443537', 'goldfish')] and not own.note
+    torch.save(state, run / 'final_weights_ema.pt')
+    assert weights.load_weights(run).note == (
+        f"note: {run / 'final_weights.pt'} holds the plain weights; the run's EMA weights are "
+        f"{run / 'final_weights_ema.pt'}: give that file to use them")
+    ema = {k: v + 1 for k, v in state.items()}
+    torch.save({'model': state, 'model_ema': ema, 'epoch': 3}, tmp_path / 'reference.pth')
+    read = weights.load_weights(tmp_path / 'reference.pth')
+    assert torch.equal(read.state['weight'], state['weight'])
+    assert read.note.startswith("note: ") and "also holds EMA weights ('model_ema'); the plain " \
+        "weights are used: to use the EMA ones, save them alone (torch.save(torch.load(FILE)" \
+        "['model_ema'], \"ema.pt\"))" in read.note
+    (tmp_path / 'empty.pt').write_bytes(b'')
+    with pytest.raises(checkpoint.CheckpointError, match=r'empty.pt: not a PyTorch file \(it is '
+                                                         r'empty, 0 bytes, not as torch.save'):
+        weights.load_weights(tmp_path / 'empty.pt')
+
+
+def test_weights_whose_keys_do_not_fit_say_so_before_asking_for_a_class_list(tmp_path):
+    """Lightning's 'model.' prefix: predict asked for a class list (the classifier was not found,
+    so its outputs could not be counted), sending the user off to write one before it named
+    the keys; the keys that do not fit come first now."""
+    from imagenet_ffcv.models import build_model
+    model = build_model(arch='resnet18', num_classes=3, use_blurpool=False, channels_last=False)
+    torch.save({f'model.{k}': v for k, v in model.state_dict().items()}, tmp_path / 'l.ckpt')
+    with pytest.raises(checkpoint.CheckpointError, match=r"l.ckpt: the weights do not fit "
+                                                         r"resnet18: missing \['bn1.bias'.*"
+                                                         r"unexpected \['model.bn1.bias'"):
+        weights.load_model(tmp_path / 'l.ckpt', arch='resnet18')

@@ -271,6 +271,11 @@ def test_a_typo_in_a_key_gets_a_suggestion_and_bad_yaml_one_line(tmp_path):
     """An unknown key, on the command line or in a file, is answered with the closest known
     key (the list of all keys alone was a 1.4 kB line); a config file that is not valid YAML is
     a ConfigError naming the file and the position (a 40-line traceback)."""
+    with pytest.raises(ConfigError, match=r'--weights w.pt \(did you mean model.weights\?\)'):
+        load_config(['--weights', 'w.pt'])  # a key without its section (predict's option)
+    with pytest.raises(ConfigError, match=r'--batch_size=8 \(did you mean validation.batch_size, '
+                                          r'training.batch_size\?\)'):
+        load_config(['--batch_size=8'])
     with pytest.raises(ConfigError, match=r'--training.epoch=3 \(did you mean training.epochs\?\)'):
         load_config([*DATA, '--training.epoch=3'])
     typo = _write(tmp_path, 'lr:\n  lr_peak_epochs: 2\n')

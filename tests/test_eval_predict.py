@@ -140,8 +140,11 @@ def test_weights_without_a_config_say_which_model_was_assumed(short_run, sample_
                                                              capsys):
     """BlurPool's filter is not in the state dict, so weights load with it on or off alike: without
     a saved config (a plain state dict), eval-only and predict print the arch and BlurPool
-    setting they assumed. The run's final_weights.pt copied alone carries its config: it
-    evaluates as the run did (it was rebuilt as the arch and BlurPool setting assumed)."""
+    setting they assumed, and eval-only validates them as predict does (224 px centre crops, as
+    torchvision's references: it took the config's resolution, so the two disagreed); BlurPool
+    given on eval-only's command line is taken (it was ignored, with no option to turn it on).
+    The run's final_weights.pt copied alone carries its config: it evaluates as the run did (it
+    was rebuilt as the arch and BlurPool setting assumed)."""
     import shutil
     summary, cfg = short_run
     lone = tmp_path / 'lone' / 'final_weights.pt'
@@ -155,8 +158,17 @@ def test_weights_without_a_config_say_which_model_was_assumed(short_run, sample_
     train.main(eval_config(sample_betons, tmp_path / 'runs', plain))
     out = capsys.readouterr().out
     assert (note + "off (as weights from elsewhere, torchvision's or timm's, are trained); if it "
-            "was trained otherwise, say so (--model.arch; this tool's own weights files say how "
-            "they were built)") in out
+            "was trained otherwise, say so (--model.arch, --training.use_blurpool; this tool's own "
+            "weights files say how they were built)") in out
+    assert f'=> validating {plain} (no config saved with it) as predict and torchvision\'s ' \
+           f'references evaluate such weights: validation.resolution=224 (set them' in out
+    assert '| centre 224 px + flip |' in out
+    train.main(eval_config(sample_betons, tmp_path / 'runs', plain, '--training.use_blurpool=1',
+                           '--validation.resolution=64'),
+               frozenset({'training.use_blurpool', 'validation.resolution'}))
+    out = capsys.readouterr().out
+    assert note + 'on; if it was trained otherwise, say so (--model.arch' in out
+    assert 'validating' not in out and '| centre 64 px + flip |' in out
     lone = plain
     image = sorted((SAMPLE / 'val').glob('*/*.JPEG'))[0]
     classes = class_list_path(sample_betons['val'])

@@ -1,12 +1,12 @@
 """Fine-tuning: training that starts from a weights file (model.weights), the classifier new when
-the class count differs or model.reset_head asks (imagenet_ffcv/weights.py: init_from)."""
+the class count differs or model.reset_head asks (imagenet_ffcv/finetune.py: init_from)."""
 import json
 
 import pytest
 import torch
 
 from conftest import small_config
-from imagenet_ffcv import distributed, train, weights
+from imagenet_ffcv import distributed, finetune, train, weights
 from imagenet_ffcv.checkpoint import CheckpointError
 from imagenet_ffcv.config import ConfigError
 from imagenet_ffcv.models import BlurPoolConv2d, build_model
@@ -37,13 +37,13 @@ def test_a_torchvision_state_dict_of_another_class_count_loads_all_but_the_class
     torch.save(source.state_dict(), tmp_path / 'resnet18.pt')  # torchvision's plain format
     model = build_model(arch='resnet18', num_classes=5, use_blurpool=True, channels_last=True)
     fresh = model.fc.weight.detach().clone()
-    message = weights.init_from(model, tmp_path / 'resnet18.pt', reset_head=False)
+    message = finetune.init_from(model, tmp_path / 'resnet18.pt', reset_head=False)
     assert 'classifier fc.bias, fc.weight newly initialised (the class count differs)' in message
     assert_loaded(model, source, head_from_file=False, fresh_head=fresh)
     # the model has BlurPool, the file does not say how it was trained (torchvision's never had)
     assert message.endswith('to fine-tune such weights as they were trained, set '
                             '--training.use_blurpool=0')
-    assert 'note' not in weights.init_from(resnet18(5, seed=0), tmp_path / 'resnet18.pt',
+    assert 'note' not in finetune.init_from(resnet18(5, seed=0), tmp_path / 'resnet18.pt',
                                            reset_head=False)  # no BlurPool: nothing to say
 
 
@@ -51,12 +51,12 @@ def test_our_safetensors_with_the_same_class_count_loads_the_classifier_unless_r
     source = resnet18(10, seed=0)
     weights.save_final_weights(source.state_dict(), tmp_path / 'final_weights.pt')
     kept = resnet18(10, seed=1)
-    message = weights.init_from(kept, tmp_path / 'final_weights.safetensors', reset_head=False)
+    message = finetune.init_from(kept, tmp_path / 'final_weights.safetensors', reset_head=False)
     assert 'newly initialised' not in message
     assert_loaded(kept, source, head_from_file=True)
     reset = resnet18(10, seed=1)
     fresh = reset.fc.weight.detach().clone()
-    assert 'newly initialised (as asked)' in weights.init_from(
+    assert 'newly initialised (as asked)' in finetune.init_from(
         reset, tmp_path / 'final_weights.pt', reset_head=True)
     assert_loaded(reset, source, head_from_file=False, fresh_head=fresh)
 
@@ -66,7 +66,7 @@ def test_weights_of_another_architecture_are_refused_naming_the_file(tmp_path):
     other = build_model(arch='resnet34', num_classes=10, use_blurpool=False, channels_last=False)
     torch.save(other.state_dict(), tmp_path / 'resnet34.pt')
     with pytest.raises(CheckpointError, match=r'resnet34.pt: the weights do not fit this model'):
-        weights.init_from(resnet18(10, seed=0), tmp_path / 'resnet34.pt', reset_head=False)
+        finetune.init_from(resnet18(10, seed=0), tmp_path / 'resnet34.pt', reset_head=False)
 
 
 @pytest.mark.parametrize('prefix', ['module.', '_orig_mod.', 'module._orig_mod.'])
@@ -80,7 +80,7 @@ def test_ddp_or_compiled_state_dicts_load_for_eval_predict_and_finetuning(tmp_pa
                                channels_last=False)
     assert_loaded(saved.model, source, head_from_file=True)
     model = resnet18(10, seed=1)
-    message = weights.init_from(model, path, reset_head=False)
+    message = finetune.init_from(model, path, reset_head=False)
     assert f'({len(source.state_dict())} tensors)' in message
     assert_loaded(model, source, head_from_file=True)
 
@@ -106,7 +106,7 @@ def test_ffcv_imagenets_blurpool_weights_load_for_eval_predict_and_finetuning(tm
                                channels_last=False)
     assert_loaded(saved.model, source, head_from_file=True)
     model = build_model(arch='resnet18', num_classes=10, use_blurpool=True, channels_last=False)
-    assert 'note' not in weights.init_from(model, path, reset_head=False)
+    assert 'note' not in finetune.init_from(model, path, reset_head=False)
     assert_loaded(model, source, head_from_file=True)
     # the saved filters say BlurPool was on: eval-only and predict build it so even when told
     # otherwise (evaluated without it, the weights lose accuracy without a word), and
@@ -115,7 +115,7 @@ def test_ffcv_imagenets_blurpool_weights_load_for_eval_predict_and_finetuning(tm
                                channels_last=False)
     assert any(isinstance(m, BlurPoolConv2d) for m in saved.model.modules())
     assert 'with BlurPool on, as the BlurPool filters saved in it say' in saved.assumed
-    message = weights.init_from(resnet18(10, seed=1), path, reset_head=False)
+    message = finetune.init_from(resnet18(10, seed=1), path, reset_head=False)
     assert message.endswith('the weights were trained with BlurPool on and this model has it '
                             'off: to fine-tune them as they were trained, set '
                             '--training.use_blurpool=1')
@@ -144,7 +144,7 @@ def test_ffcv_imagenets_blurpool_weights_load_for_eval_predict_and_finetuning(tm
     path = weights.save_final_weights(squeeze.state_dict(), tmp_path / 'squeeze' / 'final.pt',
                                       config=run_config)
     assert weights.load_weights(path).blurpool is True
-    assert 'note' not in weights.init_from(squeeze, path, reset_head=False)
+    assert 'note' not in finetune.init_from(squeeze, path, reset_head=False)
 
 
 @pytest.mark.parametrize('wrapper', ['state_dict', 'model', 'model_state_dict', 'ema'])
@@ -170,7 +170,7 @@ def test_other_tools_checkpoints_and_old_state_dicts_load(tmp_path, wrapper):
                                use_blurpool=False, channels_last=False)
     assert_loaded(saved.model, source, head_from_file=True)
     model = resnet18(10, seed=1)
-    assert f'({len(state)} tensors)' in weights.init_from(model, tmp_path / 'other.pth',
+    assert f'({len(state)} tensors)' in finetune.init_from(model, tmp_path / 'other.pth',
                                                           reset_head=False)
     assert_loaded(model, source, head_from_file=True)
     torch.save({'epoch': 3, 'weights': [1, 2]}, tmp_path / 'none.pth')
@@ -188,7 +188,7 @@ def test_a_backbone_or_weights_of_other_classes_get_a_new_classifier(tmp_path):
     backbone = {k: v for k, v in source.state_dict().items() if not k.startswith('fc.')}
     torch.save(backbone, tmp_path / 'backbone.pt')
     model = resnet18(3, seed=1)
-    assert 'newly initialised (the file has none)' in weights.init_from(
+    assert 'newly initialised (the file has none)' in finetune.init_from(
         model, tmp_path / 'backbone.pt', reset_head=False)
     assert_loaded(model, source, head_from_file=False)
     run = tmp_path / 'run'
@@ -199,7 +199,7 @@ def test_a_backbone_or_weights_of_other_classes_get_a_new_classifier(tmp_path):
         (tmp_path / 'train.classes.tsv').write_text(
             ''.join(f'{i}\t{w}\tname\n' for i, w in enumerate(wnids)))
         model = resnet18(3, seed=1)
-        message = weights.init_from(model, run / 'final_weights.safetensors', reset_head=False,
+        message = finetune.init_from(model, run / 'final_weights.safetensors', reset_head=False,
                                     class_list=tmp_path / 'train.classes.tsv')
         assert ('newly initialised (trained on other classes)' in message) != kept, message
         assert_loaded(model, source, head_from_file=kept)
