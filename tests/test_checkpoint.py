@@ -134,7 +134,8 @@ def test_each_ranks_random_states_are_kept_and_given_back_to_that_rank():
     draws = {}
     for rank in (0, 1, 2):
         torch.manual_seed(99)
-        checkpoint.restore_training_state(saved, model=model, optimizer=optimizer, rank=rank)
+        assert checkpoint.restore_training_state(saved, model=model, optimizer=optimizer,
+                                                 rank=rank) is False  # no EMA: said by train
         draws[rank] = torch.rand(3)
     for rank, seed in ((0, 10), (1, 11), (2, 99)):
         torch.manual_seed(seed)
@@ -182,11 +183,23 @@ def test_rng_state_round_trip():
 
 
 def test_sigterm_sets_the_stop_flag_and_handlers_are_restored():
+    """SIGTERM is a stop request, and a second one too (SLURM signals the step and the batch
+    script; a user repeats kill): only Ctrl-C abandons the step. The converter's SIGTERM raises
+    Terminated once (a second is ignored: it would cut the clean-up short); both give the
+    previous handlers back, also when the block ends by an exception."""
     before = signal.getsignal(signal.SIGTERM)
     with signals.StopRequest() as stop:
         assert not stop
         os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGTERM)
         assert stop and stop.exit_code == 143 and stop.name == 'SIGTERM'
+    assert signal.getsignal(signal.SIGTERM) is before
+    with pytest.raises(signals.Terminated), signals.sigterm_raises():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+        finally:
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGTERM)  # ignored: the clean-up runs on
     assert signal.getsignal(signal.SIGTERM) is before
 
 
@@ -641,11 +654,18 @@ def test_keep_history_keeps_the_last_n_epoch_checkpoints_and_deletes_only_after_
     checkpoint.save({'format': 1, 'epoch': 5}, latest)  # the next save leaves the history as it was
     assert [checkpoint.load(tmp_path / f'checkpoint_epoch_{e}.pt')['epoch'] for e in (3, 4)] == \
         [3, 4]
+    # a run resumed from an earlier epoch's file: the abandoned attempt's later epoch 9, written
+    # before epochs 3-5, goes first (by time written), though its number is the highest
+    (tmp_path / 'checkpoint_epoch_9.pt').write_bytes(b'')
+    os.utime(tmp_path / 'checkpoint_epoch_9.pt', (2, 2))
+    checkpoint.keep_history(latest, epochs_done=5, keep_last=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        'checkpoint.pt', 'checkpoint_epoch_4.pt', 'checkpoint_epoch_5.pt']
     latest.unlink()  # the new one cannot be made: nothing is deleted
     with pytest.raises(OSError):
-        checkpoint.keep_history(latest, epochs_done=5, keep_last=1)
+        checkpoint.keep_history(latest, epochs_done=6, keep_last=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        'checkpoint_epoch_3.pt', 'checkpoint_epoch_4.pt']
+        'checkpoint_epoch_4.pt', 'checkpoint_epoch_5.pt']
 
 
 def test_a_finished_run_with_no_epoch_left_says_what_trains_it_on(tmp_path, capsys):

@@ -1011,8 +1011,11 @@ def test_a_split_of_loose_images_says_how_to_label_them_and_other_files_are_name
     with pytest.raises(ValueError, match=r'1 images lie in the folder itself .*Move them into one '
                                          r'folder per class, or convert ImageNet from the raw tars'):
         sources.find_classes(flat_train)
-    with pytest.warns(UserWarning, match=r"^1 files whose extension .* left out: \S*/n01/clip.gif;"):
+    (root / 'train' / '.DS_Store').write_bytes(b'')  # hidden, in the split folder: no word
+    with pytest.warns(UserWarning) as caught:
         samples = sources.list_samples(root / 'train', classes)
+    assert [str(w.message).split(' left out: ')[1].split(';')[0] for w in caught] == [
+        str(root / 'train' / 'n01' / 'clip.gif')]
     assert [p.rsplit('/', 1)[-1] for p, _ in samples] == ['0.JPEG', '1.JPEG', '2.JPEG']
 
 
@@ -1435,6 +1438,10 @@ def test_a_data_set_without_val_holds_out_a_share_of_each_train_class(tmp_path, 
     held = [[ilsvrc.sample_file_name(path) for path, _ in sources.held_out(s, 0.2, 'val')]
             for s in (files, tar)]
     assert held[0] == held[1] and len(held[0]) == 4
+    assert set(held[0]) not in (set(names[:4]), set(sorted(names)[:4]))  # by hash, not order
+    again = [ilsvrc.sample_file_name(p) for p, _ in sources.held_out(
+        [('/d/train/n01/n01_00.JPEG', 0)] + files, 0.2, 'val')]  # one image more, sorting first
+    assert len(again) == 4 and len(set(again) - set(held[0])) <= 1  # the others stay held out
     pairs = [('a/x.png', 0), ('a/y.png', 0), ('b/z.png', 1)]
     assert [label for _, label in sources.held_out(pairs, 0.9, 'train')] == [0, 1]
     assert len(sources.held_out(files[:5], 0.5, 'val')) == 3  # 2.5 rounded half up, not to even

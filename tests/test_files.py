@@ -424,6 +424,7 @@ def test_the_lock_of_a_slurm_job_that_slurm_says_has_ended_is_taken_over(tmp_pat
     for answer, taken in (('echo TIMEOUT', True), ('echo COMPLETED', True),
                           ('echo "slurm_load_jobs error: Invalid job id specified" >&2; exit 1',
                            True), ('echo RUNNING', False), ('echo PENDING', False), ('', False),
+                          ('printf "COMPLETED\\nRUNNING\\n"', False),  # a task still runs
                           ('echo "squeue: error: Unable to contact slurm controller" >&2; exit 1',
                            False)):
         squeue.write_text(f'#!/bin/sh\n[ "$*" = "-h -t all -j 5000 -o %T" ] || exit 2\n'

@@ -390,3 +390,19 @@ def test_state_sha256_independent_of_memory_format():
     b = copy.deepcopy(a).to(memory_format=torch.channels_last)
     assert b[0].weight.is_contiguous(memory_format=torch.channels_last)
     assert models.state_sha256(a) == models.state_sha256(b)
+
+
+def test_unwrapped_keeps_keys_that_only_look_wrapped_or_blurred():
+    """A prefix is removed only when every key has it (a model with a submodule named 'module'
+    keeps its keys), and only ffcv-imagenet's BlurPool convs lose their '.conv' (DenseNet's
+    transition and GoogLeNet's BasicConv2d keep theirs: their weights would not load)."""
+    import torchvision
+    from imagenet_ffcv.state_dicts import unwrapped
+    state = torchvision.models.resnet18(num_classes=3).state_dict()
+    partly = {('module.' + k if k.startswith('fc.') else k): v for k, v in state.items()}
+    assert unwrapped(partly).keys() == partly.keys()
+    for model in (torchvision.models.densenet121(num_classes=3),
+                  torchvision.models.googlenet(num_classes=3, aux_logits=False,
+                                               init_weights=False)):
+        own = model.state_dict()
+        assert any('.conv.' in k for k in own) and list(unwrapped(own)) == list(own)
