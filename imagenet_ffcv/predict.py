@@ -40,6 +40,7 @@ from .images import (DEFAULT_JPEG_QUALITY, DEFAULT_MAX_RES, DEFAULT_RESTART_INTE
 from .loaders import antialiased
 from .weights import FOREIGN_WEIGHTS_EVAL, load_model
 
+
 def predict(paths: list, *, weights, top: int = 5, classes_path=None, res=None,
             arch='resnet50', blurpool: bool = None, max_res: int = None,
             jpeg_quality: int = DEFAULT_JPEG_QUALITY,

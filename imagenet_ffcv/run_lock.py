@@ -99,17 +99,21 @@ def acquire(lock_file, run_path) -> 'Heartbeat':
 
 def check_held(lock_file, heartbeat: 'Heartbeat', run_path) -> None:
     """RunLockedError, naming the job that holds ``lock_file`` now, when the lock this process
-    took (``heartbeat``'s; None: it took none) is no longer its own: another job took it over
+    took (``heartbeat``'s; None: it took none) is now another job's: another job took it over
     (two jobs taking over a dead job's lock at the same instant; the lock deleted by hand while
-    this job ran and taken by another). Called before each write of the run, so that one job
+    this job ran and taken by another). A lock gone, and one that cannot be read (a network
+    filesystem's error), stop nothing. Called before each write of the run, so that one job
     only writes it."""
     if heartbeat is None:
         return
-    holder = read_lock(lock_file)
-    if holder != heartbeat.me:
+    try:
+        holder = read_lock(lock_file)
+    except OSError:  # a network filesystem's hiccup: no other job's lock seen
+        return
+    if holder is not None and holder != heartbeat.me:
         raise RunLockedError(
-            f'{run_path}: this job\'s lock ({lock_file}) is now held by ' + (
-                f'PID {holder.get("pid")} on {holder.get("host")}' if holder else 'no job') +
+            f'{run_path}: this job\'s lock ({lock_file}) is now held by PID '
+            f'{holder.get("pid")} on {holder.get("host")}'
             '; this job stops without writing the run again, so that one job only writes it. '
             'Resume it (--resume auto) once the other job has ended')
 
@@ -138,14 +142,15 @@ class Heartbeat(threading.Thread):
         while not self._stop_event.wait(self.me['heartbeat_s']):
             try:
                 holder = read_lock(self.lock_file)
-                if holder is not None and holder != self.me:
-                    print(f'=> warning: {self.lock_file.parent}: another job (PID '
-                          f'{holder.get("pid")} on {holder.get("host")}) has taken over this '
-                          f'job\'s lock; this job stops at its next write', flush=True)
                 if holder != self.me:
+                    print(f'=> warning: {self.lock_file.parent}: ' + (
+                        'this job\'s lock was removed: another job may take the run over' if
+                        holder is None else f'another job (PID {holder.get("pid")} on '
+                        f'{holder.get("host")}) has taken over this job\'s lock; this job '
+                        f'stops at its next write'), flush=True)
                     return
                 os.utime(self.lock_file)
-            except FileNotFoundError:
+            except FileNotFoundError:  # removed between the read and the refresh
                 return
             except OSError:  # a network filesystem's hiccup: the next period tries again
                 continue

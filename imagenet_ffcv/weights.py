@@ -154,8 +154,11 @@ def is_safetensors(path) -> bool:
     little-endian header length, then the JSON header's '{'; torch.save's files start as
     ``checkpoint.TORCH_FILE_STARTS``), whatever its name; one that starts as neither (damaged,
     empty), by its name."""
-    with open(path, 'rb') as f:
-        start = f.read(9)
+    try:
+        with open(path, 'rb') as f:
+            start = f.read(9)
+    except OSError as e:
+        raise CheckpointError(f'{path}: cannot read the weights file ({e})') from None
     if len(start) == 9 and start[8:9] == b'{' and int.from_bytes(start[:8], 'little') > 1:
         return True
     return Path(path).suffix == '.safetensors' and not start.startswith(TORCH_FILE_STARTS)
@@ -169,9 +172,13 @@ def _ema_note(given, path, content) -> str:
     if ema_file and ema_file.is_file():
         return (f'note: {path} holds the plain weights; the run\'s EMA weights are '
                 f'{ema_file}: give that file to use them')
+    if held == ['ema']:  # this tool's checkpoint
+        return (f'note: {path} also holds EMA weights; the plain weights are used (the run '
+                f'writes its EMA weights as {RunDir(path.parent).final_weights_ema.name} when '
+                f'it finishes)')
     return (f'note: {path} also holds EMA weights ({held[0]!r}); the plain weights are used: to '
-            f'use the EMA ones, save them alone (torch.save(torch.load(FILE)[{held[0]!r}], '
-            f'"ema.pt"))' if held else '')
+            f'use the EMA ones, save them alone (torch.save(torch.load({str(path)!r})'
+            f'[{held[0]!r}], "ema.pt"))' if held else '')
 
 
 def load_weights(path) -> Weights:
@@ -298,9 +305,9 @@ def load_model(path, *, num_classes: int = None, beton=None, arch: str = 'resnet
         structure = saved_model_kwargs(saved_config)
     elif blurpool:  # ffcv-imagenet's BlurPool filters are in the file
         structure['use_blurpool'] = True
-    outputs = _outputs(state, structure['arch'])
-    ilsvrc = num_classes is None and not classes and outputs == 1000
-    headless = num_classes is None and not classes and not outputs  # none where arch has it:
+    outputs = _outputs(state, structure['arch']) if num_classes is None and not classes else None
+    ilsvrc = outputs == 1000
+    headless = outputs == 0  # no classifier where arch has one:
     num_classes = 1 if headless else num_classes  # the keys that do not fit, said below
     if num_classes is None and not (classes or ilsvrc):
         raise MissingFileError(f'no class list for {path}: none saved with it and no '
@@ -339,11 +346,12 @@ def load_model(path, *, num_classes: int = None, beton=None, arch: str = 'resnet
                       assumed=assumed, ilsvrc_classes=ilsvrc, note=note)
 
 
-def _outputs(state: dict, arch: str) -> int:
-    """The rows of the classifier weight in ``state`` for a model ``arch`` (0 when it lacks it)."""
+def _outputs(state: dict, arch: str):
+    """The rows of the classifier weight in ``state`` for a model ``arch``: 0 when ``state``
+    lacks it, None when ``arch`` has no ``nn.Linear`` classifier (SqueezeNet's is a conv)."""
     probe = build_model(arch=arch, num_classes=1, use_blurpool=False, channels_last=False)
     weight = [k for k in classifier_keys(probe) if k.endswith('weight')]
-    return state[weight[0]].shape[0] if weight and weight[0] in state else 0
+    return (state[weight[0]].shape[0] if weight[0] in state else 0) if weight else None
 
 
 def check_classes(path, classes, beton) -> None:

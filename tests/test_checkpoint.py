@@ -730,9 +730,18 @@ def test_weights_are_read_by_content_and_a_file_that_only_lies_in_a_run_folder_i
     torch.save({'model': state, 'model_ema': ema, 'epoch': 3}, tmp_path / 'reference.pth')
     read = weights.load_weights(tmp_path / 'reference.pth')
     assert torch.equal(read.state['weight'], state['weight'])
-    assert read.note.startswith("note: ") and "also holds EMA weights ('model_ema'); the plain " \
-        "weights are used: to use the EMA ones, save them alone (torch.save(torch.load(FILE)" \
-        "['model_ema'], \"ema.pt\"))" in read.note
+    assert read.note == (
+        f"note: {tmp_path / 'reference.pth'} also holds EMA weights ('model_ema'); the plain "
+        f"weights are used: to use the EMA ones, save them alone (torch.save(torch.load("
+        f"{str(tmp_path / 'reference.pth')!r})['model_ema'], \"ema.pt\"))")
+    model = nn.Linear(2, 2)
+    checkpoint.save(checkpoint.training_state(
+        model_state=model.state_dict(), optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        epoch=1, iteration=0, config=None, classes=None, best_top1=None, progress={},
+        ema=torch.optim.swa_utils.AveragedModel(model)), run / 'checkpoint.pt')
+    assert weights.load_weights(run / 'checkpoint.pt').note == (
+        f"note: {run / 'checkpoint.pt'} also holds EMA weights; the plain weights are used (the "
+        f"run writes its EMA weights as final_weights_ema.pt when it finishes)")
     (tmp_path / 'empty.pt').write_bytes(b'')
     with pytest.raises(checkpoint.CheckpointError, match=r'empty.pt: not a PyTorch file \(it is '
                                                          r'empty, 0 bytes, not as torch.save'):
@@ -750,3 +759,8 @@ def test_weights_whose_keys_do_not_fit_say_so_before_asking_for_a_class_list(tmp
                                                          r"resnet18: missing \['bn1.bias'.*"
                                                          r"unexpected \['model.bn1.bias'"):
         weights.load_model(tmp_path / 'l.ckpt', arch='resnet18')
+    squeeze = build_model(arch='squeezenet1_1', num_classes=3, use_blurpool=False,
+                          channels_last=False)  # its classifier is a conv: no class count read
+    torch.save(squeeze.state_dict(), tmp_path / 's.pt')
+    with pytest.raises(FileNotFoundError, match='no class list for .*s.pt: none saved with it'):
+        weights.load_model(tmp_path / 's.pt', arch='squeezenet1_1')

@@ -589,3 +589,13 @@ def test_a_lock_another_job_took_over_meanwhile_is_not_taken_again_and_a_lost_lo
            'its next write' in capsys.readouterr().out
     mine.unlock()
     assert mine.lock_holder() == other  # not this job's to remove
+    mine.lock_file.unlink()
+    again = RunDir.reopen(run.checkpoint, epoch=1)
+    again.lock_file.unlink()  # removed by hand, taken by no job: the job writes on
+    again.append_log({'epoch': 1})
+    assert again.read_log() == [{'epoch': 0}, {'epoch': 1}]
+    beat = run_lock.Heartbeat(again.lock_file, {**lock_identity(), 'heartbeat_s': 0.05})
+    beat.start()
+    beat.join(30)
+    assert "this job's lock was removed: another job may take the run over" in \
+        capsys.readouterr().out
