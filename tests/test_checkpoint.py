@@ -134,12 +134,14 @@ def test_each_ranks_random_states_are_kept_and_given_back_to_that_rank():
     draws = {}
     for rank in (0, 1, 2):
         torch.manual_seed(99)
-        assert checkpoint.restore_training_state(saved, model=model, optimizer=optimizer,
-                                                 rank=rank) is False  # no EMA: said by train
+        checkpoint.restore_training_state(saved, model=model, optimizer=optimizer, rank=rank)
         draws[rank] = torch.rand(3)
     for rank, seed in ((0, 10), (1, 11), (2, 99)):
         torch.manual_seed(seed)
         assert torch.equal(draws[rank], torch.rand(3)), rank
+    ema = torch.optim.swa_utils.AveragedModel(model)  # the run has an EMA, the checkpoint none:
+    assert checkpoint.restore_training_state(saved, model=model, optimizer=optimizer,
+                                             ema=ema) is False  # for train to say so
 
 
 def test_a_forced_resume_trains_with_the_configs_optimizer_settings_and_the_saved_state():
