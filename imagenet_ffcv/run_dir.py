@@ -122,6 +122,15 @@ class RunDir:
         print(f'=> {self.path} trains on from its finished end: its final weights and results of '
               f'{epochs} epochs are kept as final_weights_epoch_{epochs}.pt, ...', flush=True)
 
+    def holds_weights(self, path) -> bool:
+        """Whether ``path`` is one of the weights files a run writes in this folder: the final
+        weights, EMA's and the best (``.pt`` or ``.safetensors``), or their ``_epoch_<N>`` copies
+        (:meth:`keep_finished_aside`)."""
+        path = Path(path)
+        stems = {p.stem for p in (self.final_weights, self.final_weights_ema, self.best_weights)}
+        return (path.parent == self.path and path.suffix in ('.pt', '.safetensors')
+                and re.sub(r'_epoch_\d+$', '', path.stem) in stems)
+
     def write_results(self, summary: dict) -> None:
         """``results.json``: a finished run's results as the trainer returns them (top-1/top-5,
         time to the target, best epoch, img/s, parameters, GMACs, ...), written atomically, once

@@ -367,12 +367,11 @@ def summarize(run: Run) -> dict:
     if cfg.checkpoint.keep_best:
         summary.update(best_top1=progress.best_top1, best_epoch=progress.best_epoch)
     if run.run_dir:
-        run.run_dir.check_lock()  # before the first file a finished run adds
-        if run.options.ema is not None:
+        run.run_dir.write_results(summary)  # (checks the lock) before final_weights.pt, the
+        if run.options.ema is not None:  # mark of a finished run, which comes last
             weights.save_final_weights(models.unwrapped_state_dict(run.options.ema),
                                        run.run_dir.final_weights_ema, config=run.resolved,
                                        classes=run.classes)
-        run.run_dir.write_results(summary)  # before the final weights: a finished run has both
         weights.save_final_weights(models.unwrapped_state_dict(model), run.run_dir.final_weights,
                                       config=run.resolved, classes=run.classes)
         print(metrics.results_table(summary))

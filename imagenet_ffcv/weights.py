@@ -10,7 +10,6 @@ either file alone rebuilds the model as it was trained.
 """
 import errno
 import json
-import re
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,8 +144,6 @@ FOREIGN_WEIGHTS_EVAL = {'res': 224, 'flip_tta': True, 'decoder': 'fused'}
 # Where other tools' checkpoints keep EMA weights beside the model's (timm's 'state_dict_ema',
 # torchvision's references' 'model_ema'); this tool's checkpoint: 'ema'.
 EMA_KEYS = ('state_dict_ema', 'model_ema', 'ema')
-# The weights files a run folder holds (run_dir): only these take its params.json and classes.tsv.
-RUN_WEIGHTS = re.compile(r'(final|best)_weights(_ema)?(_epoch_\d+)?\.(pt|safetensors)')
 
 
 def is_safetensors(path) -> bool:
@@ -187,9 +184,9 @@ def load_weights(path) -> Weights:
     inside), a ``final_weights.pt`` or ``.safetensors`` (both in its metadata when
     :func:`save_final_weights` wrote it; else config from the ``params.json`` and classes from the
     ``classes.tsv`` beside it, each None when absent; ffcv-imagenet's flat params.json is read as
-    ``config_schema.nested_ffcv_imagenet_params``; only for the names a run folder's weights have,
-    :data:`RUN_WEIGHTS`: another file that lies in a run folder is not that run's), a state dict
-    file, or a run folder (``checkpoint.weights_in``). safetensors or torch.save is told by the
+    ``config_schema.nested_ffcv_imagenet_params``; only for a run's own weights files,
+    ``RunDir.holds_weights``: another file that lies in a run folder is not that run's), a state
+    dict file, or a run folder (``checkpoint.weights_in``). safetensors or torch.save is told by the
     file's first bytes (:func:`is_safetensors`), not its name. ``classes``: ``[(wnid, name),
     ...]``. A state dict saved from a DDP or compiled model has its keys' prefix removed
     (``state_dicts.unwrapped``). Nothing in the file can run code (:func:`safe_torch_load`,
@@ -220,11 +217,11 @@ def load_weights(path) -> Weights:
     blur_filters = any(k.endswith(BLUR_FILTER) for k in state)
     state = unwrapped(state)
     run = RunDir(path.parent)  # the run folder the file may be in
-    params, class_list = run.params, run.classes
-    if RUN_WEIGHTS.fullmatch(path.name) and config is None and params.is_file():
+    params, class_list, own = run.params, run.classes, run.holds_weights(path)
+    if own and config is None and params.is_file():
         config = checked_config(nested_ffcv_imagenet_params(
             _parsed_json(params.read_text(), str(params))), params)
-    if RUN_WEIGHTS.fullmatch(path.name) and classes is None and class_list.is_file():
+    if own and classes is None and class_list.is_file():
         classes = read_class_names(class_list)
     return _with_blurpool(state, config, classes, blur_filters or None,
                           note=_ema_note(given, path, content))
