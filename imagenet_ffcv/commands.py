@@ -41,6 +41,24 @@ def is_user_error(e: BaseException) -> bool:
         isinstance(e, OSError) and bool(e.filename or e.errno in USER_OS_ERRORS))
 
 
+def one_line_errors(module: str):
+    """Decorator of a command's ``cli`` that returns an exit status: an exception that is the
+    user's to mend (:func:`is_user_error`) prints as one line, ``<command>: <message>``, on stderr,
+    and the status is 1; any other keeps its traceback (a defect of the code: it shows where)."""
+    def decorate(cli):
+        @functools.wraps(cli)
+        def wrapped(*args, **kwargs):
+            try:
+                return cli(*args, **kwargs)
+            except Exception as e:
+                if not is_user_error(e):
+                    raise
+                print(f'{command_name(module)}: {e}', file=sys.stderr)
+                return 1
+        return wrapped
+    return decorate
+
+
 def stopped_by_ctrl_c(module: str, what: str = '') -> int:
     """After a command's KeyboardInterrupt (its clean-up done): ``<command>: stopped by
     Ctrl-C<what>`` on stderr, in place of a traceback, then the process ends by SIGINT

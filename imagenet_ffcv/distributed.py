@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from .errors import ImagenetFfcvError
 from .files import boot_id, process_start
+from .run_lock import rdzv_id
 
 
 class LaunchError(ImagenetFfcvError, ValueError):
@@ -108,12 +109,11 @@ def launch_identity(environ=None, agree_on: torch.device = None):
     environ = os.environ if environ is None else environ
     if 'TORCHELASTIC_RUN_ID' not in environ:
         return None
-    rdzv, agent = environ['TORCHELASTIC_RUN_ID'], os.getppid()
+    agent = os.getppid()
     restart = int(environ.get('TORCHELASTIC_RESTART_COUNT') or 0)
     if agree_on is not None and _joined():
-        restart = -all_reduce_min(torch.tensor([-restart], device=agree_on))[0]
-    return {'restart': restart,
-            'rdzv': rdzv if rdzv not in ('', 'none') else None,
+        restart = all_reduce_max(torch.tensor([restart], device=agree_on))[0]
+    return {'restart': restart, 'rdzv': rdzv_id(environ),
             'agent': f'{socket.gethostname()}:{agent}:{process_start(agent)}'}
 
 
@@ -175,8 +175,7 @@ def setup(info: DistInfo, timeout_s: float = 300) -> None:
         torch.cuda.set_device(info.device)
     if info.distributed and not dist.is_initialized():
         backend = 'nccl' if info.device.type == 'cuda' else 'gloo'
-        address = f'{os.environ.get("MASTER_ADDR", "localhost")}:' \
-                  f'{os.environ.get("MASTER_PORT", 29500)}'
+        address = '%s:%d' % master_address(os.environ)
         torchrun = launch_identity() is not None
         hint = '' if torchrun else (
             f'; not started by torchrun: RANK={info.rank} and WORLD_SIZE={info.world_size} come '
@@ -224,7 +223,7 @@ def restart_store(info: DistInfo, timeout: timedelta, environ=None):
     TimeoutError when the address it published does not answer within it.
     """
     environ = os.environ if environ is None else environ
-    host, port = environ.get('MASTER_ADDR', 'localhost'), int(environ.get('MASTER_PORT', 29500))
+    host, port = master_address(environ)
     if environ.get('TORCHELASTIC_USE_AGENT_STORE') != 'True':
         deadline = time.monotonic() + timeout.total_seconds()
         while info.rank != 0 and not _answers(host, port):  # TCPStore logs each failed try
@@ -309,6 +308,18 @@ def all_reduce_min(values: torch.Tensor) -> list:
     if _joined():
         dist.all_reduce(values, op=dist.ReduceOp.MIN)
     return values.tolist()
+
+
+def master_address(environ) -> tuple:
+    """``(host, port)`` of rank 0's store: MASTER_ADDR and MASTER_PORT in ``environ``, as
+    torch.distributed's ``env://`` reads them, else localhost:29500."""
+    return environ.get('MASTER_ADDR', 'localhost'), int(environ.get('MASTER_PORT', 29500))
+
+
+def all_reduce_max(values: torch.Tensor) -> list:
+    """Element-wise maximum of an int64 tensor over all ranks, as a list of ints
+    (:func:`all_reduce_min` of the negated values)."""
+    return [-v for v in all_reduce_min(-values)]
 
 
 class RankZeroError(ImagenetFfcvError):

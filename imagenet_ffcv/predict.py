@@ -32,7 +32,7 @@ import torch
 
 from . import config, engine
 from .classes import read_class_names
-from .commands import command_name, is_user_error, one_line_warnings
+from .commands import command_name, one_line_errors, one_line_warnings
 from .errors import InputError, MissingFileError
 from .image_decode import center_crop_pixels
 from .images import (DEFAULT_JPEG_QUALITY, DEFAULT_MAX_RES, DEFAULT_RESTART_INTERVAL, encode_jpeg,
@@ -196,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 @one_line_warnings('predict')
+@one_line_errors('predict')
 def cli(argv=None) -> int:
     """The command line (``argv``, default ``sys.argv[1:]``): prints each image's top classes;
     returns the exit status: 1, with a one-line message, for unusable weights or class list, and
@@ -203,16 +204,10 @@ def cli(argv=None) -> int:
     that stops early (``| head``) ends the printing without an error."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        results = predict(args.images, weights=args.weights, top=args.top,
-                          classes_path=args.classes, res=args.res, arch=args.arch,
-                          blurpool=args.blurpool, max_res=args.max_res,
-                          jpeg_quality=args.jpeg_quality, restart_interval=args.restart_interval)
-    except Exception as e:
-        if not is_user_error(e):
-            raise  # a defect of the code: its traceback shows where
-        print(f'{command_name("predict")}: {e}', file=sys.stderr)
-        return 1
+    results = predict(args.images, weights=args.weights, top=args.top,
+                      classes_path=args.classes, res=args.res, arch=args.arch,
+                      blurpool=args.blurpool, max_res=args.max_res,
+                      jpeg_quality=args.jpeg_quality, restart_interval=args.restart_interval)
     for path, top in zip(args.images, results):
         if isinstance(top, Exception):
             print(f'{command_name("predict")}: {top}', file=sys.stderr)

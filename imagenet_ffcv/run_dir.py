@@ -221,12 +221,13 @@ class RunDir:
             write_text_atomic(self.log, ''.join(json.dumps(r) + '\n' for r in kept))
 
 
-def latest_checkpoint(folder, run_name: str = ''):
+def latest_checkpoint(folder, run_name: str = '', where=None):
     """The most recently written ``checkpoint.pt`` among the run folders ``folder/*/`` of the runs
-    named ``run_name`` (in their params.json; '' : unnamed runs only), finished or not, or None
-    when there is none."""
-    candidates = [p for p in Path(folder).glob(f'*/{CHECKPOINT_NAME}')
-                  if RunDir(p.parent).run_name == run_name]
+    named ``run_name`` (in their params.json; '' : unnamed runs only) for which ``where(RunDir)``
+    holds (None: all), finished or not, or None when there is none."""
+    runs = (RunDir(p.parent) for p in Path(folder).glob(f'*/{CHECKPOINT_NAME}'))
+    candidates = [run.checkpoint for run in runs
+                  if run.run_name == run_name and (where is None or where(run))]
     return max(candidates, key=lambda p: p.stat().st_mtime, default=None)
 
 
@@ -241,10 +242,7 @@ def restarted_run(folder, run_name: str, launch):
     if not launch or not launch['restart']:
         return None
     key = 'rdzv' if launch['rdzv'] else 'agent'
-    runs = (RunDir(p.parent) for p in Path(folder).glob(f'*/{CHECKPOINT_NAME}'))
-    path = max((run.checkpoint for run in runs
-                if run.launch.get(key) == launch[key] and run.run_name == run_name),
-               key=lambda p: p.stat().st_mtime, default=None)
+    path = latest_checkpoint(folder, run_name, where=lambda run: run.launch.get(key) == launch[key])
     if path:
         print(f'=> torchrun restart {launch["restart"]} of this job\'s workers: continuing the run '
               f'it started, {path.parent}, as --resume auto would', flush=True)

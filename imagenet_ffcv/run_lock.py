@@ -75,26 +75,28 @@ def acquire(lock_file, run_path) -> 'Heartbeat':
                 return heartbeat
             except FileExistsError:
                 holder = read_lock(lock_file)
-            ended = None if holder is None or holder == me else lock_ended(holder, me)
-            if holder is not None and holder != me and not ended:
-                ended = None if known_alive(holder, me) else heartbeat_stopped(
-                    lock_file, holder, probe=tmp, say=lambda text: print(
-                        f'=> {run_path}: {text}', flush=True))
-            if holder is not None and holder != me and not ended:
-                raise RunLockedError(
-                    f'{run_path}: another job writes this run (PID {holder.get("pid")} on '
-                    f'{holder.get("host")}, {lock_file}); give this job its own run name, or '
-                    'wait for that one to end' + (
-                        '' if holder.get('heartbeat_s') else ' (if it has ended on another '
-                        'host or in another container, delete the lock file)'))
-            if ended and read_lock(lock_file) != holder:  # another job took it over meanwhile
-                continue
-            if ended:
-                print(f'=> {run_path}: taking over the lock of PID {holder.get("pid")} on '
-                      f'{holder.get("host")}: {ended}')
+            if holder is not None and holder != me:  # another job's (None: gone; own: made again)
+                ended = lock_ended(holder, me) or (
+                    None if known_alive(holder, me) else heartbeat_stopped(
+                        lock_file, holder, probe=tmp,
+                        say=lambda text: print(f'=> {run_path}: {text}', flush=True)))
+                if not ended:
+                    raise RunLockedError(
+                        f'{run_path}: another job writes this run ({_who(holder)}, {lock_file}); '
+                        'give this job its own run name, or wait for that one to end' + (
+                            '' if holder.get('heartbeat_s') else ' (if it has ended on another '
+                            'host or in another container, delete the lock file)'))
+                if read_lock(lock_file) != holder:  # another job took it over meanwhile
+                    continue
+                print(f'=> {run_path}: taking over the lock of {_who(holder)}: {ended}')
             lock_file.unlink(missing_ok=True)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _who(holder: dict) -> str:
+    """'PID <pid> on <host>' of the job a lock names."""
+    return f'PID {holder.get("pid")} on {holder.get("host")}'
 
 
 def check_held(lock_file, heartbeat: 'Heartbeat', run_path) -> None:
@@ -112,9 +114,8 @@ def check_held(lock_file, heartbeat: 'Heartbeat', run_path) -> None:
         return
     if holder is not None and holder != heartbeat.me:
         raise RunLockedError(
-            f'{run_path}: this job\'s lock ({lock_file}) is now held by PID '
-            f'{holder.get("pid")} on {holder.get("host")}'
-            '; this job stops without writing the run again, so that one job only writes it. '
+            f'{run_path}: this job\'s lock ({lock_file}) is now held by {_who(holder)}; this job '
+            'stops without writing the run again, so that one job only writes it. '
             'Resume it (--resume auto) once the other job has ended')
 
 
@@ -122,7 +123,7 @@ def release(lock_file, heartbeat: 'Heartbeat' = None) -> None:
     """Stop ``heartbeat`` and remove ``lock_file`` if this process holds it."""
     if heartbeat is not None:
         heartbeat.stop()
-    if read_lock(lock_file) == lock_identity():
+    if read_lock(lock_file) == (heartbeat.me if heartbeat is not None else lock_identity()):
         Path(lock_file).unlink(missing_ok=True)
 
 
@@ -145,9 +146,8 @@ class Heartbeat(threading.Thread):
                 if holder != self.me:
                     print(f'=> warning: {self.lock_file.parent}: ' + (
                         'this job\'s lock was removed: another job may take the run over' if
-                        holder is None else f'another job (PID {holder.get("pid")} on '
-                        f'{holder.get("host")}) has taken over this job\'s lock; this job '
-                        f'stops at its next write'), flush=True)
+                        holder is None else f'another job ({_who(holder)}) has taken over '
+                        f'this job\'s lock; this job stops at its next write'), flush=True)
                     return
                 os.utime(self.lock_file)
             except FileNotFoundError:  # removed between the read and the refresh
@@ -190,7 +190,7 @@ def heartbeat_stopped(lock_file, holder: dict, *, probe, say=print):
             return (f'its lock was last refreshed {age:.0f} s ago (a running job refreshes it '
                     f'every {period:g} s)')
         if not told:
-            say(f'the lock of PID {holder.get("pid")} on {holder.get("host")} cannot be checked '
+            say(f'the lock of {_who(holder)} cannot be checked '
                 f'from here; waiting up to {max(stale - age, 2 * period - watched_s):.0f} s for '
                 f'its job to refresh it (it runs) or not (it has ended)')
             told = True
@@ -228,13 +228,19 @@ def lock_identity(environ=None) -> dict:
     environ = os.environ if environ is None else environ
     job = (f'slurm:{environ.get("SLURM_CLUSTER_NAME", "")}:{environ["SLURM_JOB_ID"]}'
            if environ.get('SLURM_JOB_ID') else None)
-    rdzv = environ.get('TORCHELASTIC_RUN_ID')
     return {'pid': os.getpid(), 'host': socket.gethostname(), 'heartbeat_s': HEARTBEAT_S,
             'boot': boot_id(),
             'pid_ns': pid_namespace(), 'started': process_start(os.getpid()), 'job': job,
             'start': int(environ.get('SLURM_RESTART_COUNT') or 0),
             'step': environ.get('SLURM_STEP_ID') or None,
-            'rdzv': rdzv if rdzv not in (None, '', 'none') else None}
+            'rdzv': rdzv_id(environ)}
+
+
+def rdzv_id(environ) -> str:
+    """torchrun's ``--rdzv-id`` (TORCHELASTIC_RUN_ID in ``environ``), which its restarts keep;
+    None without torchrun or at its default 'none' (a static rendezvous)."""
+    rdzv = environ.get('TORCHELASTIC_RUN_ID')
+    return rdzv if rdzv not in (None, '', 'none') else None
 
 
 def lock_ended(holder: dict, me: dict):

@@ -23,7 +23,7 @@ from . import (betons, checkpoint, config, distributed, engine, finetune, jpeg_r
                metrics, models, optimizers, preflight, schedules, weights)
 from .checkpoint import Progress
 from .classes import class_list_path, read_class_names
-from .commands import command_name, is_user_error, one_line_warnings, stops_on_ctrl_c
+from .commands import one_line_errors, one_line_warnings, stops_on_ctrl_c
 from .config_warnings import header_warnings
 from .ema import make_ema
 from .evaluate import evaluate_weights, make_val_loader, ten_crop_eval, validate_with_ema
@@ -283,8 +283,8 @@ def fit(run: Run):
             if progress.reached:
                 return True, stop
             # a signal during validation or the checkpoint ends the run here, on every rank, each
-            signum = -distributed.all_reduce_min(  # ending with that signal's exit status
-                torch.tensor([-(stop.signum or 0)], device=run.dist.device))[0]
+            signum = distributed.all_reduce_max(  # ending with that signal's exit status
+                torch.tensor([stop.signum or 0], device=run.dist.device))[0]
             if signum:
                 stop.agree(signum)
                 if epoch < cfg.training.epochs - 1:
@@ -380,18 +380,13 @@ def summarize(run: Run) -> dict:
 
 @stops_on_ctrl_c('train', ' (a run keeps its last checkpoint: --resume auto)')
 @one_line_warnings('train')
+@one_line_errors('train')
 def cli(argv=None) -> int:
     """Train or evaluate as ``argv`` says (default ``sys.argv[1:]``); returns the exit status, with
-    one line instead of a traceback for expected failures (``commands.is_user_error``; a run keeps
+    one line instead of a traceback for expected failures (``commands.one_line_errors``; a run keeps
     its last checkpoint)."""
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        summary = main(config.load_config(argv), config.command_line_keys(argv))
-    except Exception as e:
-        if not is_user_error(e):
-            raise  # a defect of the code: its traceback shows where
-        print(f'{command_name("train")}: {e}', file=sys.stderr)
-        return 1
+    summary = main(config.load_config(argv), config.command_line_keys(argv))
     return summary.get('exit_code', 0)
 
 

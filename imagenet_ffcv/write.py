@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from .classes import class_list_path, read_class_list, write_class_list
-from .commands import command_name, is_user_error, one_line_warnings, stopped_by_ctrl_c
+from .commands import command_name, one_line_errors, one_line_warnings, stopped_by_ctrl_c
 from .errors import InputError
 from .images import DEFAULT_JPEG_QUALITY, DEFAULT_MAX_RES, DEFAULT_RESTART_INTERVAL
 from .ilsvrc import KAGGLE_DIR
@@ -190,6 +190,7 @@ def verify(path) -> int:
 
 
 @one_line_warnings('write')
+@one_line_errors('write')
 def cli(argv=None) -> int:
     """The command line (``argv``, default ``sys.argv[1:]``): returns the exit status, with a
     one-line message instead of a traceback for expected failures (missing folders, bad images
@@ -203,11 +204,6 @@ def cli(argv=None) -> int:
                 return verify(args.verify)
             main(args)
             return 0
-    except Exception as e:
-        if not is_user_error(e):
-            raise  # a defect of the code: its traceback shows where
-        print(f'{command_name("write")}: {e}', file=sys.stderr)
-        return 1
     except (KeyboardInterrupt, Terminated) as e:
         kept = '' if args.verify else f': nothing written, {args.out} is as it was'
         if isinstance(e, KeyboardInterrupt):
