@@ -75,6 +75,16 @@ class Progress:
                 'best_epoch': self.best_epoch, 'epoch_so_far': epoch_so_far,
                 'wall_time_s': wall_time_s, 'reached': self.reached}
 
+    def rebatched(self, was: tuple, now: tuple) -> None:
+        """Move a position saved at ``was = (batch size, processes)`` to ``now``'s (a resume forced
+        past a change of either): the iteration after as many images, rounded down, and rank 0's
+        figures so far as one process's share of ``now``'s (the same mean loss and image count)."""
+        self.iteration = self.iteration * was[0] * was[1] // (now[0] * now[1])
+        if self.epoch_so_far and was[1] != now[1]:
+            share, so_far = was[1] / now[1], self.epoch_so_far
+            self.epoch_so_far = {**so_far, 'images': round(so_far['images'] * share),
+                                 'loss_sum': so_far['loss_sum'] * share}
+
     def epochs_left(self, epochs: int) -> bool:
         """Whether a run of ``epochs`` epochs standing here has an epoch left to train."""
         return self.epoch < epochs and not self.reached

@@ -278,6 +278,52 @@ def test_resuming_with_a_different_schedule_is_refused_unless_forced(sample_beto
         "weights where the arch is the same, with model.reset_head=1 for other classes)")
 
 
+def test_a_resume_forced_to_another_batch_goes_on_after_as_many_images(
+        sample_betons, tmp_path, monkeypatch, capsys):
+    """checkpoint.force=1 past a change of batch size (or of processes: the images of an iteration
+    change with either): the epoch goes on after as many images. It went on at the checkpoint's
+    iteration, here after 4 x 16 images at iteration 4 of 32, skipping 64 images."""
+    from imagenet_ffcv import engine
+    optimizer_step, steps = engine.optimizer_step, []
+
+    def signalled_at_step_4(**kwargs):
+        optimizer_step(**kwargs)
+        steps.append(kwargs['optimizer'])
+        if len(steps) == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(engine, 'optimizer_step', signalled_at_step_4)
+    one_epoch = ('--training.epochs=1', '--checkpoint.every_iters=2')
+    summary = train.main(small_config(sample_betons, tmp_path, *one_epoch,
+                                      '--training.batch_size=16'))
+    run_dir = Path(summary['run_dir'])
+    assert summary['exit_code'] == 143
+    assert checkpoint.load(run_dir / 'checkpoint.pt')['iteration'] == len(steps) == 4
+    capsys.readouterr()
+    summary = train.main(small_config(sample_betons, tmp_path, *one_epoch, '--checkpoint.force=1',
+                                      '--training.batch_size=32', f'--resume={run_dir}'))
+    assert 'stopped' not in summary and (run_dir / 'final_weights.pt').exists()
+    assert ("=> the checkpoint's iteration 4 (16 images x 1 processes) is iteration 2 here "
+            "(32 x 1)") in capsys.readouterr().out
+    assert len(steps) - 4 == 340 // 32 - 2  # the epoch's iterations after the first 64 images
+
+
+def test_a_position_moved_to_other_processes_keeps_the_epochs_mean_loss_and_images():
+    """Rank 0's figures of the epoch so far become one process's share of the new count: the log
+    line's mean loss and the run's images (rank 0's times the processes) stay as they were."""
+    so_far = {'loss_sum': 30.0, 'images': 96, 'seconds': 2.0}
+    two = checkpoint.Progress(iteration=6, epoch_so_far=so_far)
+    two.rebatched(was=(16, 2), now=(32, 1))
+    assert two.iteration == 6 and two.epoch_so_far == {'loss_sum': 60.0, 'images': 192,
+                                                       'seconds': 2.0}
+    four = checkpoint.Progress(iteration=6, epoch_so_far=so_far)
+    four.rebatched(was=(16, 2), now=(16, 3))
+    assert four.iteration == 4 and four.epoch_so_far == {'loss_sum': 20.0, 'images': 64,
+                                                         'seconds': 2.0}
+    same = checkpoint.Progress(iteration=6, epoch_so_far=so_far)
+    same.rebatched(was=(16, 2), now=(16, 2))
+    assert same.iteration == 6 and same.epoch_so_far is so_far
+
+
 def test_non_finite_loss_stops_naming_epoch_and_iteration_and_keeps_the_checkpoint(
         sample_betons, tmp_path, capsys):
     """Epoch 0 trains normally; the step schedule then multiplies the LR by 1e12. The command
