@@ -29,16 +29,13 @@ enough to rebuild and evaluate its model. Whether a config may resume it: ``conf
 
 Loading never runs code: every file is read with ``torch.load(weights_only=True)``, which builds
 tensors and plain values only, and the ``argparse.Namespace`` of other tools' checkpoints (a pickle
-that would call a function is refused with CheckpointError).
+that would call a function is refused with CheckpointError: ``torch_files.safe_torch_load``).
 Checkpoints hold nothing else (the numpy RNG state is stored as a tensor).
 """
-import argparse
 import os
-import pickle
 import random
 import re
 import shutil
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,9 +43,10 @@ import numpy as np
 import torch
 
 from .config_schema import ARCH_KEY, FORCE_KEY, TARGET_KEY
-from .errors import ImagenetFfcvError
+from .errors import CheckpointError
 from .files import atomic_path, atomic_write
 from .run_dir import RunDir, latest_checkpoint, restarted_run, unfinished_run_names
+from .torch_files import safe_torch_load
 
 
 @dataclass
@@ -91,23 +89,7 @@ class Progress:
 
 
 FORMAT = 1
-# How a torch.save file starts: a zip archive (since torch 1.6), or the legacy format's pickle
-# (its PROTO opcode). Anything else (an HTML error page, garbage) is not a torch file at all.
-TORCH_FILE_STARTS = (b'PK\x03\x04', b'\x80')
 HISTORY = re.compile(r'checkpoint_epoch_(\d+)\.pt')  # keep_history's files
-# What a checkpoint written before the numpy RNG state was stored as a tensor needs besides tensors:
-# numpy arrays, rebuilt from their bytes (no other code can run through these).
-NUMPY_ARRAY_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)),
-                       getattr(np, '_core', None) and np._core.multiarray._reconstruct
-                       or np.core.multiarray._reconstruct]
-# What other tools' checkpoints hold besides: timm's and torchvision's reference scripts save their
-# command line as an argparse.Namespace (rebuilt by setting its attributes: no code runs).
-SAFE_GLOBALS = [*NUMPY_ARRAY_GLOBALS, argparse.Namespace]
-
-class CheckpointError(ImagenetFfcvError):
-    """A checkpoint that cannot be found, read or resumed with this config; the message says why
-    and what to do."""
-
 
 def save(state: dict, path) -> None:
     """Write ``state`` to ``path`` atomically: a temporary file in the same folder, flushed to disk,
@@ -148,47 +130,6 @@ def keep_history(latest, *, epochs_done: int, keep_last: int) -> Path:
     for old in history[:-keep_last]:
         old.unlink(missing_ok=True)
     return path
-
-
-def safe_torch_load(path, what: str = 'file'):
-    """``torch.load`` of ``path`` onto the CPU that builds tensors and plain values only
-    (``weights_only=True``, plus numpy arrays for checkpoints of earlier versions and the
-    ``argparse.Namespace`` of timm's and torchvision's reference checkpoints). Raises
-    CheckpointError naming the file when it holds anything else (a pickle that would run code on
-    loading: refused, nothing of it runs) or cannot be read (truncated, not a torch file: one that
-    does not start as torch.save's files do, :data:`TORCH_FILE_STARTS`)."""
-    try:
-        with open(path, 'rb') as f:
-            start = f.read(len(TORCH_FILE_STARTS[0]))
-    except OSError as e:
-        raise CheckpointError(f'{path}: cannot read the {what} ({e})') from None
-    if not start.startswith(TORCH_FILE_STARTS):
-        raise CheckpointError(f'{path}: not a PyTorch file (' + (
-                                  f'it starts with {start!r}' if start else 'it is empty, 0 bytes')
-                              + ', not as torch.save writes; ' + (
-                                  'a .beton holds images, not weights: give a run folder or its '
-                                  'final_weights.pt)' if str(path).endswith('.beton') else
-                                  'a failed download? re-download it)'))
-    convert = ('use weights written by this tool (checkpoint.pt, final_weights.pt or '
-               'final_weights.safetensors), or, for a file you trust, save its state dict alone '
-               '(torch.save(model.state_dict(), "weights.pt"))')
-    try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS), warnings.catch_warnings():
-            warnings.filterwarnings('ignore', '.*TorchScript archive')  # refused below
-            warnings.filterwarnings('ignore', 'Detected pickle protocol')  # one refused below
-            with open(path, 'rb') as f:  # (by name, torch reads a .safetensors as one)
-                return torch.load(f, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.findall(r'GLOBAL (\S+)', str(e))
-        held = f'such as {found[0]}' if found else 'not tensors or plain values'
-        raise CheckpointError(
-            f'{path}: refused: the {what} holds Python objects ({held}); loading it could run '
-            f'code, so it was not loaded: {convert}') from None
-    except Exception as e:  # truncated or foreign file: torch raises several types
-        if 'TorchScript' in str(e):
-            raise CheckpointError(f'{path}: refused: a TorchScript archive (torch.jit.save), whose '
-                                  f'code would run on loading: {convert}') from None
-        raise CheckpointError(f'{path}: cannot read the {what} ({type(e).__name__}: {e})') from e
 
 
 def load(path) -> dict:

@@ -1,4 +1,4 @@
-"""The tool's base exception. Every error the tool raises for bad input, a missing file or
+"""The tool's base exception and the types derived from it that several modules raise. Every error the tool raises for bad input, a missing file or
 package, or a run that cannot go on derives from :class:`ImagenetFfcvError` (and, where one fits,
 from the built-in type a caller would expect: ValueError, ImportError, OSError, ...), so a command
 line catches one type and prints its message instead of a traceback."""
@@ -11,6 +11,11 @@ class ImagenetFfcvError(Exception):
 class InputError(ImagenetFfcvError, ValueError):
     """A value, a file's content or a folder's layout the tool cannot use (a config value out of
     range, a devkit that does not read, class folders that clash, a folder where a file goes)."""
+
+
+class CheckpointError(ImagenetFfcvError):
+    """A checkpoint or weights file that cannot be found, read or used (resumed with this config,
+    loaded into this model); the message says why and what to do."""
 
 
 class MissingFileError(ImagenetFfcvError, FileNotFoundError):

@@ -105,8 +105,11 @@ def evaluate_weights(cfg, dist, command_line=frozenset()) -> dict:
                                                            warn=dist.is_primary),
         beton=cfg.data.val_dataset, **{**config.model_kwargs(cfg), 'use_blurpool': (
             cfg.training.use_blurpool if BLURPOOL_KEY in command_line else None)})
+    given = {f'--{ARCH_KEY}': cfg.model.arch if ARCH_KEY in command_line else None,
+             f'--{BLURPOOL_KEY}': cfg.training.use_blurpool if BLURPOOL_KEY in command_line else None}
     for line in (saved.assumed and f'{saved.assumed} (--{ARCH_KEY}, --{BLURPOOL_KEY}; this '
-                 f'tool\'s own weights files say how they were built)', saved.note):
+                 f'tool\'s own weights files say how they were built)', saved.note,
+                 saved.not_used(cfg.model.weights, given)):
         if line and dist.is_primary:
             print(line)
     cfg, taken = validating_as(cfg, config.saved_eval_kwargs(saved.config) if saved.config

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import CheckpointError
+from .errors import CheckpointError
 from .classes import read_class_list
 from .config_schema import BLURPOOL_KEY
 from .models import BlurPoolConv2d, takes_blurpool

@@ -42,7 +42,7 @@ from .weights import FOREIGN_WEIGHTS_EVAL, load_model
 
 
 def predict(paths: list, *, weights, top: int = 5, classes_path=None, res=None,
-            arch='resnet50', blurpool: bool = None, max_res: int = None,
+            arch: str = None, blurpool: bool = None, max_res: int = None,
             jpeg_quality: int = DEFAULT_JPEG_QUALITY,
             restart_interval: int = DEFAULT_RESTART_INTERVAL, batch_size: int = 64,
             device=None) -> list:
@@ -56,8 +56,8 @@ def predict(paths: list, *, weights, top: int = 5, classes_path=None, res=None,
     for 'ffcv', with a note on stderr). ``res`` defaults to the run's ``validation.resolution``
     (``weights.FOREIGN_WEIGHTS_EVAL`` for weights saved without a config), ``max_res`` to the
     largest shorter side stored in its val .beton (else 256, the converter's default);
-    ``arch`` and ``blurpool`` are used only when no config is saved with the weights
-    (``weights.load_model``).
+    ``arch`` (None: resnet50) and ``blurpool`` are used only when no config is saved with the
+    weights (``weights.load_model``; a note on stderr names those given otherwise).
     Class names come from ``classes_path`` (a .classes.tsv; a warning on stderr when its wnids
     are not those saved with the weights), else those saved with the weights.
     An image that cannot be read or decoded (or a folder) gives, in its place, its error
@@ -75,8 +75,9 @@ def predict(paths: list, *, weights, top: int = 5, classes_path=None, res=None,
     classes = classes or saved.classes
     if saved.assumed:
         print(f'{saved.assumed} (--arch, --blurpool)', file=sys.stderr)
-    if saved.note:
-        print(saved.note, file=sys.stderr)
+    for line in (saved.note, saved.not_used(weights, {'--arch': arch, '--blurpool': blurpool})):
+        if line:
+            print(line, file=sys.stderr)
     if saved.ilsvrc_classes:
         print(f'note: no class list with {weights}: its 1,000 outputs are named as ILSVRC-2012\'s '
               'classes in their usual order (sorted wnids); if it was trained on others, pass '
@@ -174,8 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--res', type=int, help="input side in px (default: the run's "
                                                 "validation resolution; for weights without a "
                                                 f"saved config, {FOREIGN_WEIGHTS_EVAL['res']})")
-    parser.add_argument('--arch', default='resnet50',
-                        help='model when no config is saved (default resnet50)')
+    parser.add_argument('--arch', help='model when no config is saved (default resnet50)')
     parser.add_argument('--blurpool', type=int, choices=(0, 1),
                         help='1: the weights were trained with BlurPool, 0: without (when no '
                              'config is saved; default: on when its filters are saved in the '

@@ -19,15 +19,15 @@ import safetensors
 import safetensors.torch
 import torch
 
-from .checkpoint import (TORCH_FILE_STARTS, CheckpointError, check_format, is_checkpoint,
-                         safe_torch_load, save, weights_in)
+from .checkpoint import check_format, is_checkpoint, save, weights_in
 from .classes import class_list_path, ilsvrc_classes, read_class_list, read_class_names
 from .config import saved_eval_kwargs, saved_model_kwargs
 from .config_schema import ARCH_KEY, nested_ffcv_imagenet_params
-from .errors import MissingFileError
+from .errors import CheckpointError, MissingFileError
 from .files import atomic_path
 from .models import build_model
 from .run_dir import RunDir
+from .torch_files import TORCH_FILE_STARTS, safe_torch_load
 from .state_dicts import BLUR_FILTER, mismatch, unwrapped
 
 SAFETENSORS_FORMAT = 'imagenet_ffcv final weights'  # the metadata's 'format': config and classes
@@ -149,7 +149,7 @@ EMA_KEYS = ('state_dict_ema', 'model_ema', 'ema')
 def is_safetensors(path) -> bool:
     """Whether to read the file ``path`` as safetensors: by its first bytes (an 8-byte
     little-endian header length, then the JSON header's '{'; torch.save's files start as
-    ``checkpoint.TORCH_FILE_STARTS``), whatever its name; one that starts as neither (damaged,
+    ``torch_files.TORCH_FILE_STARTS``), whatever its name; one that starts as neither (damaged,
     empty), by its name."""
     try:
         with open(path, 'rb') as f:
@@ -264,7 +264,8 @@ class SavedModel:
     saved, for the caller to end with its options ('' when one is: the weights load with
     BlurPool on or off alike, so say it), ``ilsvrc_classes`` True when no class list came with the
     weights and ``classes`` are ILSVRC-2012's, taken for a classifier of 1,000 outputs; ``note``
-    a line for the user when EMA weights were left aside (:attr:`Weights.note`), else ''."""
+    a line for the user when EMA weights were left aside (:attr:`Weights.note`), else '';
+    ``use_blurpool`` whether it was built with BlurPool."""
     model: torch.nn.Module
     config: dict
     classes: list
@@ -272,14 +273,28 @@ class SavedModel:
     assumed: str = ''
     ilsvrc_classes: bool = False
     note: str = ''
+    use_blurpool: bool = False
+
+    def not_used(self, path, given: dict) -> str:
+        """A line for the user naming the options in ``given`` (``{option: value}``: the caller's
+        names for the arch and BlurPool, in that order; None: not given) that differ from how the
+        config saved with the weights at ``path`` built the model; '' when none do, or without a
+        saved config (the options are used then)."""
+        differ = [f'{option}={value}' for (option, value), built in zip(
+                  given.items(), (self.arch, self.use_blurpool))
+                  if self.config and value is not None and value != built]
+        return differ and (f'note: {" ".join(differ)} not used: {path} carries its run\'s config, '
+                           f'which builds {self.arch} with BlurPool '
+                           f'{"on" if self.use_blurpool else "off"}') or ''
 
 
-def load_model(path, *, num_classes: int = None, beton=None, arch: str = 'resnet50',
+def load_model(path, *, num_classes: int = None, beton=None, arch: str = None,
                use_blurpool: bool = None, channels_last: bool = True) -> SavedModel:
     """The model saved at ``path`` (a checkpoint or a final_weights.pt, see :func:`load_weights`),
     rebuilt as it was trained: arch, BlurPool and channels_last come from the config saved with the
     weights (``config.saved_model_kwargs``); the keyword values are used only when no config is
-    saved (``SavedModel.assumed`` then names them, for the caller to print). BlurPool then is on
+    saved (``SavedModel.assumed`` then names them, for the caller to print; ``arch`` None: resnet50;
+    ``SavedModel.not_used`` names those that differ from a saved config's). BlurPool then is on
     when its filters are saved (ffcv-imagenet's files), else ``use_blurpool``, None meaning off
     (torchvision's and timm's weights, trained without it, lost about half their top-1 with it).
     ``num_classes``: the class count to build for (e.g. the val .beton's); None takes the length
@@ -297,7 +312,8 @@ def load_model(path, *, num_classes: int = None, beton=None, arch: str = 'resnet
     state, saved_config, classes, blurpool, note = load_weights(path)
     if beton is not None:
         check_classes(path, classes, beton)
-    structure = {'arch': arch, 'use_blurpool': bool(use_blurpool), 'channels_last': channels_last}
+    structure = {'arch': arch or 'resnet50', 'use_blurpool': bool(use_blurpool),
+                 'channels_last': channels_last}
     if saved_config:
         structure = saved_model_kwargs(saved_config)
     elif blurpool:  # ffcv-imagenet's BlurPool filters are in the file
@@ -340,7 +356,8 @@ def load_model(path, *, num_classes: int = None, beton=None, arch: str = 'resnet
                " (as weights from elsewhere, torchvision's or timm's, are trained)"
                if use_blurpool is None else '') + '; if it was trained otherwise, say so'))
     return SavedModel(model=model, config=saved_config, classes=classes, arch=structure['arch'],
-                      assumed=assumed, ilsvrc_classes=ilsvrc, note=note)
+                      assumed=assumed, ilsvrc_classes=ilsvrc, note=note,
+                      use_blurpool=bool(structure['use_blurpool']))
 
 
 def _outputs(state: dict, arch: str):

@@ -2,6 +2,7 @@
 (non-finite loss, stop requests, checkpoints within an epoch), on CPU without ffcv."""
 import json
 import os
+import re
 import signal
 import warnings
 from pathlib import Path
@@ -26,23 +27,29 @@ def test_save_replaces_atomically_and_a_failed_save_keeps_the_previous_file(tmp_
 
 
 def test_load_names_the_file_for_foreign_or_truncated_files(tmp_path):
-    weights = tmp_path / 'final_weights.pt'
-    torch.save({'fc.weight': torch.zeros(2, 2)}, weights)
+    """A file cut short (a copy or download) is called incomplete, as a checkpoint and as weights
+    (read from a file object, torch said 'OSError: [Errno 22] Invalid argument' of it)."""
+    final = tmp_path / 'final_weights.pt'
+    torch.save({'fc.weight': torch.zeros(2, 2)}, final)
     with pytest.raises(checkpoint.CheckpointError,
                        match="final_weights.pt.*cannot be resumed.*as the model's weights"):
-        checkpoint.load(weights)
+        checkpoint.load(final)
     good = tmp_path / 'checkpoint.pt'
     checkpoint.save({'format': 1, 'model': {'w': torch.ones(1000)}}, good)
     truncated = tmp_path / 'truncated.pt'
-    truncated.write_bytes(good.read_bytes()[:500])
-    with pytest.raises(checkpoint.CheckpointError, match='truncated.pt: cannot read') as info:
-        checkpoint.load(truncated)
+    incomplete = (r'truncated.pt: incomplete: the zip archive torch.save writes, without its end '
+                  r'\({:,} bytes; a copy or download cut short\?\): copy or download it again')
+    for size in (500, len(good.read_bytes()) - 30):
+        truncated.write_bytes(good.read_bytes()[:size])
+        for load in (checkpoint.load, weights.load_weights):
+            with pytest.raises(checkpoint.CheckpointError, match=incomplete.format(size)) as info:
+                load(truncated)
     assert 'earlier checkpoints' not in str(info.value)
     # with checkpoint.keep_last, the error names the run's earlier checkpoints, newest first
     for epochs in (1, 2):
         (tmp_path / f'checkpoint_epoch_{epochs}.pt').write_bytes(good.read_bytes())
     os.link(truncated, tmp_path / 'checkpoint_epoch_3.pt')  # keep_history's link to the newest
-    with pytest.raises(checkpoint.CheckpointError, match=r'truncated.pt: cannot read .*; the run '
+    with pytest.raises(checkpoint.CheckpointError, match=r'truncated.pt: incomplete: .*; the run '
                        r'keeps earlier checkpoints: checkpoint_epoch_2.pt, checkpoint_epoch_1.pt '
                        r'\(--resume PATH continues from one\)'):
         checkpoint.load(truncated)
@@ -530,6 +537,13 @@ def test_a_file_that_is_not_a_torch_file_is_not_called_unsafe(tmp_path, content)
     with pytest.raises(checkpoint.CheckpointError, match='a .beton holds images, not weights: '
                                                          'give a run folder or its final_weights'):
         weights.load_weights(beton)
+    config = tmp_path / 'rn50_16_epochs.yaml'  # a config given for the weights: "re-download it"
+    config.write_text('data:\n  in_memory: 1\n')
+    with pytest.raises(checkpoint.CheckpointError, match=re.escape(
+            "rn50_16_epochs.yaml: not a PyTorch file (it is text: 'data:\\n  in_memory: 1\\n', not "
+            "as torch.save writes; a yaml file holds no weights: give a run folder, a checkpoint "
+            "or a weights file)")):
+        weights.load_weights(config)
 
 
 def test_checkpoints_hold_only_tensors_and_plain_values_and_old_ones_still_load(tmp_path):

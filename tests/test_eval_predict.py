@@ -181,6 +181,24 @@ def test_weights_without_a_config_say_which_model_was_assumed(short_run, sample_
     assert 'note' not in capsys.readouterr().err  # the run's params.json says how it was built
 
 
+def test_options_a_saved_config_overrides_are_named(short_run, sample_betons, tmp_path, capsys):
+    """An arch or BlurPool setting given for weights that carry their run's config is not used
+    (the config builds the model): a note says so, in predict and eval-only (they were ignored
+    without a word); one that agrees with the config, or none given, says nothing."""
+    summary, cfg = short_run
+    run_weights = Path(summary['run_dir']) / 'final_weights.pt'
+    image = sorted((SAMPLE / 'val').glob('*/*.JPEG'))[0]
+    predict.predict([image], weights=run_weights, arch='resnet50', blurpool=0)
+    assert (f"note: --arch=resnet50 --blurpool=0 not used: {run_weights} carries its run's "
+            f"config, which builds resnet18 with BlurPool on") in capsys.readouterr().err
+    predict.predict([image], weights=run_weights, arch='resnet18', blurpool=1)
+    assert 'note' not in capsys.readouterr().err
+    train.main(eval_config(sample_betons, tmp_path / 'runs', run_weights,
+                           '--training.use_blurpool=0'), frozenset({'training.use_blurpool'}))
+    assert (f"note: --training.use_blurpool=0 not used: {run_weights} carries its run's config, "
+            f"which builds resnet18 with BlurPool on") in capsys.readouterr().out
+
+
 def test_weights_from_elsewhere_are_rebuilt_without_blurpool_unless_asked(tmp_path):
     """A torchvision state dict (no config, no BlurPool filters) was rebuilt with BlurPool, the
     default of the configs and of predict, and so computed other logits than the model it came

@@ -1,0 +1,84 @@
+"""Reading ``torch.save`` files without running code: checkpoints, final weights and other tools'
+weights files all come through :func:`safe_torch_load`, which tells a file that would run code, a
+damaged or partial one and one that is no torch file at all apart, naming the file."""
+import argparse
+import pickle
+import re
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import CheckpointError
+
+# How a torch.save file starts: a zip archive (since torch 1.6), or the legacy format's pickle
+# (its PROTO opcode). Anything else (an HTML error page, garbage) is not a torch file at all.
+TORCH_FILE_STARTS = (b'PK\x03\x04', b'\x80')
+# What a checkpoint written before the numpy RNG state was stored as a tensor needs besides tensors:
+# numpy arrays, rebuilt from their bytes (no other code can run through these).
+NUMPY_ARRAY_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)),
+                       getattr(np, '_core', None) and np._core.multiarray._reconstruct
+                       or np.core.multiarray._reconstruct]
+# What other tools' checkpoints hold besides: timm's and torchvision's reference scripts save their
+# command line as an argparse.Namespace (rebuilt by setting its attributes: no code runs).
+SAFE_GLOBALS = [*NUMPY_ARRAY_GLOBALS, argparse.Namespace]
+
+
+def safe_torch_load(path, what: str = 'file'):
+    """``torch.load`` of ``path`` onto the CPU that builds tensors and plain values only
+    (``weights_only=True``, plus numpy arrays for checkpoints of earlier versions and the
+    ``argparse.Namespace`` of timm's and torchvision's reference checkpoints). Raises
+    CheckpointError naming the file when it holds anything else (a pickle that would run code on
+    loading: refused, nothing of it runs) or cannot be read: not a torch file (one that does not
+    start as torch.save's files do, :data:`TORCH_FILE_STARTS`: :func:`not_a_torch_file` says
+    what it is), a zip archive without its end (cut short in a copy or download), or damaged."""
+    try:
+        with open(path, 'rb') as f:
+            start = f.read(64)
+        complete = not start.startswith(TORCH_FILE_STARTS[0]) or zipfile.is_zipfile(path)
+    except OSError as e:
+        raise CheckpointError(f'{path}: cannot read the {what} ({e})') from None
+    if not start.startswith(TORCH_FILE_STARTS):
+        raise CheckpointError(not_a_torch_file(path, start))
+    if not complete:  # torch said 'OSError: [Errno 22] Invalid argument' of such a file object
+        raise CheckpointError(f'{path}: incomplete: the zip archive torch.save writes, without '
+                              f'its end ({Path(path).stat().st_size:,} bytes; a copy or download '
+                              'cut short?): copy or download it again')
+    convert = ('use weights written by this tool (checkpoint.pt, final_weights.pt or '
+               'final_weights.safetensors), or, for a file you trust, save its state dict alone '
+               '(torch.save(model.state_dict(), "weights.pt"))')
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS), warnings.catch_warnings():
+            warnings.filterwarnings('ignore', '.*TorchScript archive')  # refused below
+            warnings.filterwarnings('ignore', 'Detected pickle protocol')  # one refused below
+            with open(path, 'rb') as f:  # (by name, torch reads a .safetensors as one)
+                return torch.load(f, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.findall(r'GLOBAL (\S+)', str(e))
+        held = f'such as {found[0]}' if found else 'not tensors or plain values'
+        raise CheckpointError(
+            f'{path}: refused: the {what} holds Python objects ({held}); loading it could run '
+            f'code, so it was not loaded: {convert}') from None
+    except Exception as e:  # damaged or foreign file: torch raises several types
+        if 'TorchScript' in str(e):
+            raise CheckpointError(f'{path}: refused: a TorchScript archive (torch.jit.save), whose '
+                                  f'code would run on loading: {convert}') from None
+        raise CheckpointError(f'{path}: cannot read the {what} ({type(e).__name__}: {e})') from e
+
+
+def not_a_torch_file(path, start: bytes) -> str:
+    """The error's message for ``path``, whose first bytes ``start`` are not a torch.save file's:
+    what it is (empty, text, a .beton) and what to do."""
+    text = start.decode('utf-8', 'replace')
+    found = ('it is empty, 0 bytes' if not start else
+             f'it is text: {text[:40]!r}' if all(c.isprintable() or c.isspace() for c in text)
+             else f'it starts with {start[:4]!r}')
+    suffix = Path(path).suffix.lower()
+    advice = ('a .beton holds images, not weights: give a run folder or its final_weights.pt'
+              if suffix == '.beton' else
+              f'a {suffix[1:]} file holds no weights: give a run folder, a checkpoint or a '
+              'weights file' if suffix in ('.yaml', '.yml', '.json', '.tsv', '.jsonl') else
+              'a failed download? re-download it')
+    return f'{path}: not a PyTorch file ({found}, not as torch.save writes; {advice})'
