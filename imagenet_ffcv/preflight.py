@@ -7,8 +7,8 @@ from pathlib import Path
 import psutil
 
 from .config import ConfigError
-from .errors import MissingFileError
 from .optional import require
+from .verify import check_there
 
 
 def check_runnable(cfg, device, processes_on_node: int = 1) -> None:
@@ -21,10 +21,7 @@ def check_runnable(cfg, device, processes_on_node: int = 1) -> None:
     it. ``processes_on_node``: the processes of the job on this machine."""
     for key, path in (('data.train_dataset', cfg.data.train_dataset),
                       ('data.val_dataset', cfg.data.val_dataset)):
-        if not os.path.exists(path):
-            where = '' if os.path.isabs(path) else f', looked for in {os.getcwd()}'
-            raise MissingFileError(f'{key}={path}: .beton file not found{where}; write it with '
-                                   f'imagenet-ffcv-write, or give its path')
+        check_there(path, key)
     if cfg.training.sync_bn and device.type != 'cuda':
         raise ConfigError(f'training.sync_bn=1: torch.nn.SyncBatchNorm runs on CUDA GPUs only, and '
                           f'this run is on {device.type}; set training.sync_bn=0 (one process '

@@ -120,19 +120,29 @@ def check_beton(path) -> int:
     return len(recs)
 
 
+def check_there(path, key: str = '') -> None:
+    """MissingFileError unless the .beton ``path`` is a file: a folder given for it (the
+    converter's input, most likely: the error gives the command that writes one from it), or
+    nothing there (a relative path: the folder it was looked for in). ``key``: the config key that
+    gave the path (a path from a config file is not one the user typed), named with it."""
+    path = Path(path)
+    named = f'{key}={path}' if key else str(path)
+    if path.is_dir():
+        split = (f'--data-dir {path.parent} --split {path.name}' if path.name in ('train', 'val')
+                 else '--data-dir DIR --split SPLIT')
+        raise MissingFileError(f'{named}: a folder, not a .beton file; write one from its images '
+                               f'with imagenet-ffcv-write {split} --out FILE.beton')
+    if not path.is_file():
+        where = '' if path.is_absolute() else f', looked for in {Path.cwd()}'
+        raise MissingFileError(f'{named}: .beton file not found{where}; write it with '
+                               f'imagenet-ffcv-write, or give its path')
+
+
 def _read(path) -> tuple:
     """``(reader, records)`` (see :func:`records`); FileNotFoundError (naming a folder given for
     a .beton as one: the converter's input, most likely), CorruptBetonError."""
     path = Path(path)
-    if path.is_dir():
-        split = (f'--data-dir {path.parent} --split {path.name}' if path.name in ('train', 'val')
-                 else '--data-dir DIR --split SPLIT')
-        raise MissingFileError(f'{path}: a folder, not a .beton file; write one from its images '
-                               f'with imagenet-ffcv-write {split} --out FILE.beton')
-    if not path.is_file():
-        where = '' if path.is_absolute() else f' (looked for in {Path.cwd()})'
-        raise MissingFileError(f'{path}: .beton file not found{where}; write it with '
-                               f'imagenet-ffcv-write')
+    check_there(path)
     reader, images, labels = _open(path)
     alloc = reader.alloc_table
     ptrs = images['data_ptr'].astype(np.int64)

@@ -137,6 +137,13 @@ def test_a_beton_that_is_not_there_is_named_by_its_key_and_where_it_was_looked_f
     assert err.count('\n') == 1 and (f'data.val_dataset=demo_out/val.beton: .beton file not '
                                      f'found, looked for in {tmp_path};') in err, err
     assert not (tmp_path / 'runs').exists()
+    # the images' folder given for the training .beton: named by its key too (it was not)
+    assert train.cli(small_args(sample_betons, tmp_path / 'runs',
+                                f'--data.train_dataset={SAMPLE / "train"}')) == 1
+    assert (f'data.train_dataset={SAMPLE / "train"}: a folder, not a .beton file; write one from '
+            f'its images with imagenet-ffcv-write --data-dir {SAMPLE} --split train --out '
+            f'FILE.beton\n') in capsys.readouterr().err
+    assert not (tmp_path / 'runs').exists()
 
 
 def test_a_process_cache_larger_than_the_memory_is_refused_before_any_work(sample_betons,
