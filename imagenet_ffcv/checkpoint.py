@@ -75,13 +75,17 @@ class Progress:
 
     def rebatched(self, was: tuple, now: tuple) -> None:
         """Move a position saved at ``was = (batch size, processes)`` to ``now``'s (a resume forced
-        past a change of either): the iteration after as many images, rounded down, and rank 0's
-        figures so far as one process's share of ``now``'s (the same mean loss and image count)."""
+        past a change of either): the iteration after as many images, rounded down (the images
+        after it are trained again), and rank 0's figures so far as one process's share of the
+        images before it, at the same mean loss."""
+        if was == now:
+            return
         self.iteration = self.iteration * was[0] * was[1] // (now[0] * now[1])
-        if self.epoch_so_far and was[1] != now[1]:
-            share, so_far = was[1] / now[1], self.epoch_so_far
-            self.epoch_so_far = {**so_far, 'images': round(so_far['images'] * share),
-                                 'loss_sum': so_far['loss_sum'] * share}
+        so_far = self.epoch_so_far
+        if so_far and so_far['images']:
+            images = self.iteration * now[0]
+            self.epoch_so_far = {**so_far, 'images': images,
+                                 'loss_sum': so_far['loss_sum'] * images / so_far['images']}
 
     def epochs_left(self, epochs: int) -> bool:
         """Whether a run of ``epochs`` epochs standing here has an epoch left to train."""

@@ -1,7 +1,8 @@
-"""The tool's base exception and the types derived from it that several modules raise. Every error the tool raises for bad input, a missing file or
-package, or a run that cannot go on derives from :class:`ImagenetFfcvError` (and, where one fits,
-from the built-in type a caller would expect: ValueError, ImportError, OSError, ...), so a command
-line catches one type and prints its message instead of a traceback."""
+"""The tool's base exception, and the types derived from it that several modules raise. Every
+error the tool raises for bad input, a missing file or package, or a run that cannot go on derives
+from :class:`ImagenetFfcvError` (and, where one fits, from the built-in type a caller would
+expect: ValueError, ImportError, OSError, ...), so a command line catches one type and prints its
+message instead of a traceback."""
 
 
 class ImagenetFfcvError(Exception):

@@ -100,13 +100,13 @@ def evaluate_weights(cfg, dist, command_line=frozenset()) -> dict:
     with :func:`validating_as`, but for the keys in ``command_line`` (the keys given there,
     ``config.command_line_keys``); a line names the settings so taken, a note those that differ
     from the run's."""
+    blurpool = cfg.training.use_blurpool if BLURPOOL_KEY in command_line else None
     saved = weights.load_model(  # BlurPool as the file says (the config's is for training)
         cfg.model.weights, num_classes=betons.num_classes(cfg.data.val_dataset,
                                                            warn=dist.is_primary),
-        beton=cfg.data.val_dataset, **{**config.model_kwargs(cfg), 'use_blurpool': (
-            cfg.training.use_blurpool if BLURPOOL_KEY in command_line else None)})
+        beton=cfg.data.val_dataset, **{**config.model_kwargs(cfg), 'use_blurpool': blurpool})
     given = {f'--{ARCH_KEY}': cfg.model.arch if ARCH_KEY in command_line else None,
-             f'--{BLURPOOL_KEY}': cfg.training.use_blurpool if BLURPOOL_KEY in command_line else None}
+             f'--{BLURPOOL_KEY}': blurpool}
     for line in (saved.assumed and f'{saved.assumed} (--{ARCH_KEY}, --{BLURPOOL_KEY}; this '
                  f'tool\'s own weights files say how they were built)', saved.note,
                  saved.not_used(cfg.model.weights, given)):

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from .errors import CheckpointError
 from .classes import read_class_list
 from .config_schema import BLURPOOL_KEY
+from .errors import CheckpointError
 from .models import BlurPoolConv2d, takes_blurpool
 from .state_dicts import mismatch
 from .weights import classifier_keys, load_weights

@@ -71,9 +71,8 @@ def safe_torch_load(path, what: str = 'file'):
 def not_a_torch_file(path, start: bytes) -> str:
     """The error's message for ``path``, whose first bytes ``start`` are not a torch.save file's:
     what it is (empty, text, a .beton) and what to do."""
-    text = start.decode('utf-8', 'replace')
-    found = ('it is empty, 0 bytes' if not start else
-             f'it is text: {text[:40]!r}' if all(c.isprintable() or c.isspace() for c in text)
+    text = _text(start)
+    found = ('it is empty, 0 bytes' if not start else f'it is text: {text[:40]!r}' if text
              else f'it starts with {start[:4]!r}')
     suffix = Path(path).suffix.lower()
     advice = ('a .beton holds images, not weights: give a run folder or its final_weights.pt'
@@ -82,3 +81,14 @@ def not_a_torch_file(path, start: bytes) -> str:
               'weights file' if suffix in ('.yaml', '.yml', '.json', '.tsv', '.jsonl') else
               'a failed download? re-download it')
     return f'{path}: not a PyTorch file ({found}, not as torch.save writes; {advice})'
+
+
+def _text(start: bytes) -> str:
+    """``start``, a file's first bytes, as UTF-8 text (its BOM left out, and a character cut at
+    the end), or '' when they are not printable text."""
+    try:
+        text = start.decode('utf-8')
+    except UnicodeDecodeError as e:  # a character cut at the end, or not UTF-8
+        text = start[:e.start].decode('utf-8') if e.start >= len(start) - 3 else ''
+    text = text.removeprefix('\ufeff')
+    return text if all(c.isprintable() or c.isspace() for c in text) else ''

@@ -192,7 +192,7 @@ def restore(run: Run, saved: dict, resume_path) -> None:
     run.progress.rebatched(was, now)
     if run.progress.iteration != saved['iteration'] and run.dist.is_primary:
         print(f"=> the checkpoint's iteration {saved['iteration']} ({was[0]} images x {was[1]} "
-              f"processes) is iteration {run.progress.iteration} here ({now[0]} x {now[1]})")
+              f"process(es)) is iteration {run.progress.iteration} here ({now[0]} x {now[1]})")
     if saved['config']['training'].get('target_top1') != run.cfg.training.target_top1:
         run.progress.reached = None  # another target (it may change on resume): not reached yet
     run.wall_start -= run.progress.wall_time_s  # wall time and time to accuracy span restarts

@@ -12,7 +12,7 @@ from PIL import Image
 
 from .classes import class_list_path, read_class_list
 from .jpeg_region import decode_region, region_decoder
-from .errors import ImagenetFfcvError, MissingFileError
+from .errors import ImagenetFfcvError, InputError, MissingFileError
 from .records import IMAGE_FIELD, IMAGE_METADATA, LABEL_FIELD, LABEL_METADATA
 
 SHORT_SIDE_EDGES = [0, 32, 64, 128, 160, 192, 224, 256, 320, 384, 512, 10 ** 9]  # px buckets
@@ -124,9 +124,17 @@ def check_there(path, key: str = '') -> None:
     """MissingFileError unless the .beton ``path`` is a file: a folder given for it (the
     converter's input, most likely: the error gives the command that writes one from it), or
     nothing there (a relative path: the folder it was looked for in). ``key``: the config key that
-    gave the path (a path from a config file is not one the user typed), named with it."""
+    gave the path (a path from a config file is not one the user typed), named with it. InputError
+    for a path this user may not look at."""
     path = Path(path)
     named = f'{key}={path}' if key else str(path)
+    try:
+        path.stat()
+    except PermissionError as e:
+        raise InputError(f'{named}: {e.strerror} (this user may not look into a folder on its '
+                         'path): let it (chmod a+rX), or give another path') from None
+    except OSError:  # not there: said below
+        pass
     if path.is_dir():
         split = (f'--data-dir {path.parent} --split {path.name}' if path.name in ('train', 'val')
                  else '--data-dir DIR --split SPLIT')

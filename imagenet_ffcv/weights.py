@@ -27,8 +27,8 @@ from .errors import CheckpointError, MissingFileError
 from .files import atomic_path
 from .models import build_model
 from .run_dir import RunDir
-from .torch_files import TORCH_FILE_STARTS, safe_torch_load
 from .state_dicts import BLUR_FILTER, mismatch, unwrapped
+from .torch_files import TORCH_FILE_STARTS, safe_torch_load
 
 SAFETENSORS_FORMAT = 'imagenet_ffcv final weights'  # the metadata's 'format': config and classes
 METADATA_KEY = 'imagenet_ffcv'  # final_weights.pt: its metadata in the state dict's _metadata['']
@@ -283,8 +283,8 @@ class SavedModel:
         differ = [f'{option}={value}' for (option, value), built in zip(
                   given.items(), (self.arch, self.use_blurpool))
                   if self.config and value is not None and value != built]
-        return differ and (f'note: {" ".join(differ)} not used: {path} carries its run\'s config, '
-                           f'which builds {self.arch} with BlurPool '
+        return differ and (f'note: {" ".join(differ)} not used: the config saved with {path} '
+                           f'builds {self.arch} with BlurPool '
                            f'{"on" if self.use_blurpool else "off"}') or ''
 
 

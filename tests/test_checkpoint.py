@@ -532,13 +532,17 @@ def test_a_file_that_is_not_a_torch_file_is_not_called_unsafe(tmp_path, content)
     for zipped in (True, False):
         torch.save(state, path, _use_new_zipfile_serialization=zipped)
         assert torch.equal(weights.load_weights(path)[0]['weight'], state['weight'])
+    garbage = tmp_path / 'garbage.pt'  # bytes that do not decode as UTF-8 are not called text
+    garbage.write_bytes(bytes(range(0x81, 0xC1)))  # (0x80 starts a pickle)
+    with pytest.raises(checkpoint.CheckpointError, match=re.escape("(it starts with b'\\x81\\x82")):
+        weights.load_weights(garbage)
     beton = tmp_path / 'train_160.beton'  # predict --weights given the data: "re-download it"
     beton.write_bytes(content)
     with pytest.raises(checkpoint.CheckpointError, match='a .beton holds images, not weights: '
                                                          'give a run folder or its final_weights'):
         weights.load_weights(beton)
     config = tmp_path / 'rn50_16_epochs.yaml'  # a config given for the weights: "re-download it"
-    config.write_text('data:\n  in_memory: 1\n')
+    config.write_text('\ufeffdata:\n  in_memory: 1\n', encoding='utf-8')  # with a BOM
     with pytest.raises(checkpoint.CheckpointError, match=re.escape(
             "rn50_16_epochs.yaml: not a PyTorch file (it is text: 'data:\\n  in_memory: 1\\n', not "
             "as torch.save writes; a yaml file holds no weights: give a run folder, a checkpoint "

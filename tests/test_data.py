@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,8 +13,9 @@ import torch
 from PIL import Image
 
 from conftest import PYTHON, REPO, SAMPLE, SHARED_DATA, decoder_node, run_env
-from imagenet_ffcv import betons, constants, images, loaders, sources, verify, writer
+from imagenet_ffcv import betons, images, loaders, sources, verify, writer
 from imagenet_ffcv.classes import class_list_path
+from imagenet_ffcv.errors import InputError
 
 
 def beton_metadata(path):
@@ -814,3 +816,17 @@ def test_a_beton_with_other_fields_is_refused_naming_them_and_what_to_do(tmp_pat
         'files whose first fields are image (RGBImageField) and label (IntField), as '
         "imagenet-ffcv-write and ffcv-imagenet's write_imagenet.py write them: write this one "
         'again from its images with imagenet-ffcv-write')
+
+
+def test_a_beton_path_this_user_may_not_look_at_is_named_with_its_key(monkeypatch):
+    """A folder on the path without permission to look into it: the check raised PermissionError
+    without the config key (tests run as root, which may look anywhere: stat is made to refuse)."""
+    def refused(self, **kwargs):
+        raise PermissionError(13, 'Permission denied', str(self))
+    with monkeypatch.context() as patched:
+        patched.setattr(Path, 'stat', refused)
+        with pytest.raises(InputError) as info:
+            verify.check_there('/data/locked/val.beton', 'data.val_dataset')
+    assert str(info.value) == ('data.val_dataset=/data/locked/val.beton: Permission denied (this '
+                               'user may not look into a folder on its path): let it (chmod '
+                               'a+rX), or give another path')

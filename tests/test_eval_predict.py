@@ -189,14 +189,14 @@ def test_options_a_saved_config_overrides_are_named(short_run, sample_betons, tm
     run_weights = Path(summary['run_dir']) / 'final_weights.pt'
     image = sorted((SAMPLE / 'val').glob('*/*.JPEG'))[0]
     predict.predict([image], weights=run_weights, arch='resnet50', blurpool=0)
-    assert (f"note: --arch=resnet50 --blurpool=0 not used: {run_weights} carries its run's "
-            f"config, which builds resnet18 with BlurPool on") in capsys.readouterr().err
+    assert (f"note: --arch=resnet50 --blurpool=0 not used: the config saved with {run_weights} "
+            f"builds resnet18 with BlurPool on") in capsys.readouterr().err
     predict.predict([image], weights=run_weights, arch='resnet18', blurpool=1)
     assert 'note' not in capsys.readouterr().err
     train.main(eval_config(sample_betons, tmp_path / 'runs', run_weights,
                            '--training.use_blurpool=0'), frozenset({'training.use_blurpool'}))
-    assert (f"note: --training.use_blurpool=0 not used: {run_weights} carries its run's config, "
-            f"which builds resnet18 with BlurPool on") in capsys.readouterr().out
+    assert (f"note: --training.use_blurpool=0 not used: the config saved with {run_weights} "
+            f"builds resnet18 with BlurPool on") in capsys.readouterr().out
 
 
 def test_weights_from_elsewhere_are_rebuilt_without_blurpool_unless_asked(tmp_path):

@@ -302,14 +302,15 @@ def test_a_resume_forced_to_another_batch_goes_on_after_as_many_images(
     summary = train.main(small_config(sample_betons, tmp_path, *one_epoch, '--checkpoint.force=1',
                                       '--training.batch_size=32', f'--resume={run_dir}'))
     assert 'stopped' not in summary and (run_dir / 'final_weights.pt').exists()
-    assert ("=> the checkpoint's iteration 4 (16 images x 1 processes) is iteration 2 here "
+    assert ("=> the checkpoint's iteration 4 (16 images x 1 process(es)) is iteration 2 here "
             "(32 x 1)") in capsys.readouterr().out
     assert len(steps) - 4 == 340 // 32 - 2  # the epoch's iterations after the first 64 images
 
 
 def test_a_position_moved_to_other_processes_keeps_the_epochs_mean_loss_and_images():
-    """Rank 0's figures of the epoch so far become one process's share of the new count: the log
-    line's mean loss and the run's images (rank 0's times the processes) stay as they were."""
+    """Rank 0's figures of the epoch so far become one process's share of the images before the
+    new iteration: the log line's mean loss stays, and the run's images (rank 0's times the
+    processes) are those before it, the images trained again after it not counted twice."""
     so_far = {'loss_sum': 30.0, 'images': 96, 'seconds': 2.0}
     two = checkpoint.Progress(iteration=6, epoch_so_far=so_far)
     two.rebatched(was=(16, 2), now=(32, 1))
@@ -319,6 +320,11 @@ def test_a_position_moved_to_other_processes_keeps_the_epochs_mean_loss_and_imag
     four.rebatched(was=(16, 2), now=(16, 3))
     assert four.iteration == 4 and four.epoch_so_far == {'loss_sum': 20.0, 'images': 64,
                                                          'seconds': 2.0}
+    rounded = checkpoint.Progress(iteration=7, epoch_so_far={'loss_sum': 28.0, 'images': 112,
+                                                             'seconds': 2.0})
+    rounded.rebatched(was=(16, 1), now=(16, 3))  # 112 images: iteration 2 of 48, 96 before it
+    assert rounded.iteration == 2 and rounded.epoch_so_far == {'loss_sum': 8.0, 'images': 32,
+                                                               'seconds': 2.0}
     same = checkpoint.Progress(iteration=6, epoch_so_far=so_far)
     same.rebatched(was=(16, 2), now=(16, 2))
     assert same.iteration == 6 and same.epoch_so_far is so_far
