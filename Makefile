@@ -36,8 +36,8 @@ $(VENV)/.installed: requirements.txt pyproject.toml setup.py imagenet_ffcv/jpeg_
 	touch $@
 
 demo: setup
-	$(PY) write_beton.py --data-dir demo/imagenette_sample --split train --max-res 128 --out demo_out/train_128.beton
-	$(PY) write_beton.py --data-dir demo/imagenette_sample --split val --max-res 128 --out demo_out/val_128.beton
+	$(PY) write_beton.py --data-dir demo/imagenette_sample --split train --max-res 128 --out demo_out/train_128.beton --overwrite
+	$(PY) write_beton.py --data-dir demo/imagenette_sample --split val --max-res 128 --out demo_out/val_128.beton --overwrite
 	$(PY) train_imagenet.py --config demo_configs/rn18_demo.yaml
 
 # Two pytest processes (pytest-xdist), each test file in one of them (its module fixtures built

@@ -28,6 +28,7 @@ import argparse
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -61,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--out', default=None,
                    help='output file (default betons/{split}_{max_res}.beton; an existing '
                         'folder, or a path ending in /: that name in it)')
+    p.add_argument('--overwrite', action='store_true',
+                   help='replace --out if it exists (without it, an existing --out is refused '
+                        'before any work)')
     p.add_argument('--write-mode', choices=['jpg', 'raw', 'proportion'], default='jpg',
                    help='jpg: JPEG; raw: pixels; proportion: JPEG with --compress-probability')
     p.add_argument('--jpeg-quality', type=int, default=DEFAULT_JPEG_QUALITY,
@@ -134,8 +138,20 @@ def check_out_outside_inputs(out, data_dir) -> None:
                              f'outside it (e.g. {Path(data_dir).resolve().parent / "betons"})')
 
 
+def check_out_is_new(out, overwrite: bool) -> None:
+    """InputError when the file ``out`` exists and ``overwrite`` is off: a wrong --out (the other
+    split's .beton, a class list, the default name of another data set's) was replaced, after
+    hours of converting, without a word."""
+    if os.path.lexists(out) and not overwrite:
+        stat = os.stat(out) if os.path.exists(out) else os.lstat(out)
+        when = time.strftime('%Y-%m-%d %H:%M', time.localtime(stat.st_mtime))
+        raise InputError(f'--out {out} exists ({stat.st_size / 1e6:.1f} MB, modified {when}): '
+                         'give --overwrite to replace it, or another --out')
+
+
 def main(args) -> dict:
     """Write the .beton and its class list; returns the writer's stats plus 'classes'."""
+    check_out_is_new(args.out, args.overwrite)
     check_out_outside_inputs(args.out, args.data_dir)
     read = 'train' if args.holdout else args.split  # --holdout: both splits come from train/
     classes, samples, names = load_split(Path(args.data_dir), read, args.layout)

@@ -445,14 +445,14 @@ def test_not_enough_disk_space(tmp_path, monkeypatch, capsys):
     out.parent.mkdir()
     out.write_bytes(b'previous')
     assert write.cli(['--data-dir', str(root), '--split', 'train', '--out', str(out),
-                            '--write-mode', 'raw', '--num-workers', '1']) == 1
+                      '--overwrite', '--write-mode', 'raw', '--num-workers', '1']) == 1
     err = capsys.readouterr().err
     assert 'GB free' in err and str(out.parent) in err and 'Traceback' not in err
     assert out.read_bytes() == b'previous'
     assert sorted(p.name for p in out.parent.iterdir()) == ['train.beton']
     monkeypatch.setattr(shutil, 'disk_usage', lambda p: usage(10 ** 12, 0, 10 ** 12))
     assert write.cli(['--data-dir', str(root), '--split', 'train', '--out', str(out),
-                            '--write-mode', 'raw', '--num-workers', '1']) == 0
+                      '--overwrite', '--write-mode', 'raw', '--num-workers', '1']) == 0
     assert betons.num_samples(out) == 5
 
 
@@ -533,7 +533,8 @@ def test_kill_9_leaves_no_file_and_keeps_previous(tmp_path):
             for i, src in enumerate(photos):
                 (root / 'train' / f'n0{1 + i % 2}' / f'{k}_{i}.JPEG').symlink_to(src)
         cmd = [PYTHON, 'write_beton.py', '--data-dir', str(root), '--split', 'train',
-               '--max-res', '160', '--write-mode', 'raw', '--out', str(out), '--num-workers', '2']
+               '--max-res', '160', '--write-mode', 'raw', '--out', str(out), '--overwrite',
+               '--num-workers', '2']
         if kill_mid_write(cmd, out, previous):
             landed = True
             break
@@ -966,6 +967,22 @@ def test_out_inside_the_input_tree_is_refused(tmp_path, capsys):
     assert not out.parent.exists()
 
 
+def test_an_existing_out_is_refused_before_any_work_unless_overwrite(tmp_path, capsys):
+    """The val split written over the train .beton (a wrong --out, or two data sets' default
+    names) replaced it, after the whole conversion, without a word."""
+    out = tmp_path / 'train.beton'
+    out.write_bytes(b'hours of converting')
+    os.utime(out, (1.7e9, 1.7e9))
+    args = ['--data-dir', str(SAMPLE), '--split', 'val', '--max-res', '32', '--num-workers', '1',
+            '--out', str(out)]
+    assert write.cli(args) == 1
+    when = time.strftime('%Y-%m-%d %H:%M', time.localtime(1.7e9))
+    assert capsys.readouterr().err.endswith(f': --out {out} exists (0.0 MB, modified {when}): '
+                                            'give --overwrite to replace it, or another --out\n')
+    assert out.read_bytes() == b'hours of converting' and list(tmp_path.iterdir()) == [out]
+    assert write.cli(args + ['--overwrite']) == 0 and betons.num_samples(out) == 100
+
+
 def test_an_unwritable_output_folder_is_a_clear_error_before_any_work(tmp_path, capsys):
     """An immutable folder (chattr +i: refused even to root, as the tests run)."""
     folder = tmp_path / 'readonly'
@@ -1243,8 +1260,9 @@ def converter_in_its_group(data_dir, out, stderr=subprocess.DEVNULL) -> subproce
     piped, whose first line names the records' table in /dev/shm."""
     return subprocess.Popen([PYTHON, '-c', WRITE_WITH_A_WORKER_THAT_ENDS, 'slow',
                              f'--data-dir={data_dir}', '--split=train', f'--out={out}',
-                             '--num-workers=2'], env=run_env(), stdout=subprocess.PIPE,
-                            stderr=stderr, text=True, start_new_session=True)
+                             '--overwrite', '--num-workers=2'], env=run_env(),
+                            stdout=subprocess.PIPE, stderr=stderr, text=True,
+                            start_new_session=True)
 
 
 def test_a_converter_killed_with_its_processes_leaves_nothing_in_dev_shm(tmp_path):
@@ -1389,7 +1407,7 @@ def test_out_ending_in_a_slash_is_a_folder_and_a_full_disk_names_the_file(tmp_pa
     out = tmp_path / 'newdir' / 'train_32.beton'
     before = out.read_bytes()
     assert write.cli([f'--data-dir={tmp_path / "data"}', '--split=train', '--max-res=32',
-                      f'--out={out}', '--num-workers=1']) == 1
+                      f'--out={out}', '--overwrite', '--num-workers=1']) == 1
     err = capsys.readouterr().err
     assert f'writing {out}: File too large; nothing was written ({out} is as it was)' in err, err
     assert out.read_bytes() == before and not list(out.parent.glob('.*partial*'))
