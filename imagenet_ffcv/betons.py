@@ -27,6 +27,13 @@ def largest_shorter_side(beton_path) -> int:
     return int(np.minimum(images['height'], images['width']).max())
 
 
+def _no_class_list(path) -> str:
+    """The warning for the .beton ``path`` without its class list beside it."""
+    return (f'{path}: no class list beside it ({class_list_path(path).name}, written with it by '
+            f'imagenet-ffcv-write): its classes are labels 0..N-1 alone, checked against no other '
+            f'.beton or weights and named nowhere; copy it with the .beton')
+
+
 def num_classes(beton_path, val_path=None, warn: bool = True) -> int:
     """Classes of a dataset: the length of the class list beside the .beton when there is one,
     else 1 + the largest stored label.
@@ -59,13 +66,12 @@ def num_classes(beton_path, val_path=None, warn: bool = True) -> int:
     else:
         check_beton(beton_path)  # a missing file or a folder named as such, not by ffcv's Reader
         if warn:
-            warnings.warn(f'{beton_path}: no class list beside it ({classes.name}, written with it '
-                          f'by imagenet-ffcv-write): its classes are labels 0..N-1 alone, checked '
-                          f'against no other .beton or weights and named nowhere; copy it with '
-                          f'the .beton')
+            warnings.warn(_no_class_list(beton_path))
         count = _largest_label(beton_path) + 1
     if val_path is not None and os.path.isfile(val_path):
         check_beton(val_path)  # an empty or damaged file named, as its loader names it
+        if warn and not class_list_path(val_path).exists():  # (a val .beton of other classes)
+            warnings.warn(_no_class_list(val_path))
         if (largest := _largest_label(val_path)) >= count:
             raise ClassListError(f'{val_path} holds labels up to {largest}, and {beton_path} has '
                                  f'{count} classes (0..{count - 1}): the val images of the others '

@@ -123,6 +123,16 @@ def test_a_beton_copied_without_its_class_list_trains_with_a_warning(sample_beto
         '.beton or weights and named nowhere; copy it with the .beton']
     assert betons.num_classes(train, val_path=sample_betons['val'], warn=False) == 10
     assert len(recwarn.list) == 1
+    # the val .beton copied without its class list: warned of too (a val .beton of another data
+    # set's classes trained on without a word, its top-1 reported)
+    recwarn.clear()
+    val = tmp_path / 'v.beton'
+    shutil.copy(sample_betons['val'], val)
+    assert betons.num_classes(sample_betons['train'], val_path=val) == 10
+    assert [str(w.message) for w in recwarn.list] == [
+        f'{val}: no class list beside it (v.classes.tsv, written with it by imagenet-ffcv-write): '
+        'its classes are labels 0..N-1 alone, checked against no other .beton or weights and '
+        'named nowhere; copy it with the .beton']
 
 
 def test_a_beton_that_is_not_there_is_named_by_its_key_and_where_it_was_looked_for(
