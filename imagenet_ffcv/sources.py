@@ -119,8 +119,8 @@ def list_samples(split_dir, classes: list) -> list:
     link to a folder listed already, or to a folder or image file of the split listed at its own
     place (in another class, it would carry that class's label too), is left out with a warning.
     Files whose extension is not in IMAGE_EXTENSIONS are left out with a warning naming them,
-    and so are entries with an image name that are not readable files (broken or looping
-    symbolic links), and files in ``split_dir`` itself, outside the class folders; hidden files
+    and so are broken or looping symbolic links (to an image or a folder of them) and other
+    entries with an image name that are not files, and files in ``split_dir`` itself, outside the class folders; hidden files
     and folders (a name starting with '.') are left out silently."""
     split_dir = Path(split_dir)
     if not split_dir.is_dir():
@@ -161,8 +161,9 @@ def list_samples(split_dir, classes: list) -> list:
                       f'{", ".join(repeated[:5])}{" ..." if len(repeated) > 5 else ""}',
                       stacklevel=2)
     if unreadable:
-        warnings.warn(f'{len(unreadable)} entries with an image name are not readable files '
-                      f'(broken or looping symbolic links), left out: {", ".join(unreadable[:5])}'
+        warnings.warn(f'{len(unreadable)} entries are neither readable files nor folders (broken '
+                      f'or looping symbolic links: to a disk not mounted?), so the images they '
+                      f'lead to are left out: {", ".join(unreadable[:5])}'
                       f'{" ..." if len(unreadable) > 5 else ""}', stacklevel=2)
     ilsvrc.warn_not_images(other)
     if samples and empty:
@@ -214,8 +215,9 @@ def _images_under(folder: Path, listed: set, own: frozenset, left_out: tuple) ->
     ``listed`` (a link to a class folder or to a folder seen before, a loop), and a symbolic link
     to a folder or image listed at its own place (:func:`_listed_in_place`; ``own``: the class
     folders' real paths), go to ``repeated``; other subfolders are added to ``listed``.
-    Non-image files go to ``other``, image names that are not readable files to
-    ``unreadable``; hidden entries nowhere. A folder that cannot be listed (no permission) is
+    Non-image files go to ``other``; broken or looping symbolic links (whatever their name: one
+    to a folder of images on a disk not mounted) and other entries with an image name that are
+    not files to ``unreadable``; hidden entries nowhere. A folder that cannot be listed (no permission) is
     an InputError naming it, before any work: its images would be missing without a trace."""
     files, (unreadable, other, repeated) = [], left_out
     try:
@@ -235,13 +237,13 @@ def _images_under(folder: Path, listed: set, own: frozenset, left_out: tuple) ->
         elif kind == 'dir':
             listed.add(real)
             files += _images_under(path, listed, own, left_out)
+        elif kind is None:  # a broken or looping link (to an image, or a folder of them)
+            if link or entry.name.lower().endswith(IMAGE_EXTENSIONS):
+                unreadable.append(str(path))
         elif not entry.name.lower().endswith(IMAGE_EXTENSIONS):
-            if kind == 'file':
-                other.append(path)
-        elif kind == 'file':
-            files.append(str(path))
+            other.append(path)
         else:
-            unreadable.append(str(path))
+            files.append(str(path))
     return files
 
 

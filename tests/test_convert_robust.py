@@ -4,6 +4,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -887,7 +888,14 @@ def test_symlinked_class_folders_and_looping_links_are_refused_or_reported(tmp_p
         for photo in photos[3 * i:3 * i + 3]:
             (root / 'train' / wnid / photo.name).symlink_to(photo)
     (root / 'train' / 'n01' / 'loop.JPEG').symlink_to(root / 'train' / 'n01' / 'loop.JPEG')
-    with pytest.warns(UserWarning, match='not readable files.*loop.JPEG'):
+    # without an image name too (a link to a folder of images on a disk not mounted, or a loop):
+    # they were left out without a word
+    (root / 'train' / 'n02' / 'photos').symlink_to(tmp_path / 'unmounted' / 'photos')
+    (root / 'train' / 'n02' / 'loop').symlink_to(root / 'train' / 'n02' / 'loop')
+    with pytest.warns(UserWarning, match=re.escape(
+            '3 entries are neither readable files nor folders (broken or looping symbolic links: '
+            'to a disk not mounted?), so the images they lead to are left out: ') + '.*loop.JPEG, '
+            '.*n02/loop, .*n02/photos$'):
         samples = sources.list_samples(root / 'train', ['n01', 'n02'])
     assert [label for _, label in samples] == [0, 0, 0, 1, 1, 1]  # the others keep their labels
     (root / 'train' / 'n03').symlink_to(root / 'train' / 'n01')  # one class folder twice
