@@ -4,7 +4,8 @@ Commands: ``write`` (``imagenet-ffcv-write``: class folders -> .beton), ``train`
 (``imagenet-ffcv-train``: training and eval-only), ``predict`` (``imagenet-ffcv-predict``), and
 what they share, ``commands``.
 Data: ``sources`` (input layouts, class folders, samples and labels), ``ilsvrc`` (Kaggle's ImageNet
-tree, the raw ILSVRC-2012 tars and the devkit), ``classes`` (class lists), ``images``
+tree, the raw ILSVRC-2012 tars and the devkit), ``holdout`` (a val split held out of train/),
+``classes`` (class lists), ``images``
 (decoding to RGB, the shorter-side resize), ``records`` (an image's record in a .beton),
 ``writer`` (writing .beton files), ``verify`` (reading them back), ``betons`` (what a .beton holds:
 samples, classes, image sides), ``loaders`` (the FFCV loaders), ``epoch_iterator`` (the thread

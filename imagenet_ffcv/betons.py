@@ -11,7 +11,7 @@ from ffcv.reader import Reader
 
 from .classes import ClassListError, class_list_path, read_class_list
 from .records import IMAGE_METADATA, LABEL_METADATA
-from .sources import check_holdouts
+from .holdout import check_holdouts
 from .verify import check_beton
 
 
@@ -43,7 +43,7 @@ def num_classes(beton_path, val_path=None, warn: bool = True) -> int:
     written without class lists, would fail at the first validation, after an epoch or the run);
     otherwise ClassListError (a ValueError) names both files, since labels would not match. A
     validation split held out of train/ must be held out of the training split alike
-    (``sources.check_holdouts``: HoldoutMismatchError); the same file as both splits gives a
+    (``holdout.check_holdouts``: HoldoutMismatchError); the same file as both splits gives a
     warning, and so does a .beton without its class list (copied without it: a run keeps no
     classes.tsv, predict names no class, eval-only checks none), unless not ``warn`` (every rank
     checks, one warns).

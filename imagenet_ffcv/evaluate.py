@@ -7,6 +7,7 @@ import torch
 from . import betons, config, distributed, engine, loaders, metrics, weights
 from .config_schema import ARCH_KEY, BLURPOOL_KEY
 from .constants import DEFAULT_CROP_RATIO
+from .holdout import holdout_record
 
 
 def make_val_loader(cfg, dist, precision, threads: int = None, **overrides):
@@ -99,7 +100,7 @@ def evaluate_weights(cfg, dist, command_line=frozenset()) -> dict:
     predict evaluates them (``weights.FOREIGN_WEIGHTS_EVAL``: torchvision's 224 px centre crops),
     with :func:`validating_as`, but for the keys in ``command_line`` (the keys given there,
     ``config.command_line_keys``); a line names the settings so taken, a note those that differ
-    from the run's."""
+    from the run's, and one a val .beton written with --split train (training images)."""
     blurpool = cfg.training.use_blurpool if BLURPOOL_KEY in command_line else None
     saved = weights.load_model(  # BlurPool as the file says (the config's is for training)
         cfg.model.weights, num_classes=betons.num_classes(cfg.data.val_dataset,
@@ -123,6 +124,10 @@ def evaluate_weights(cfg, dist, command_line=frozenset()) -> dict:
     if saved.config and dist.is_primary and (run := validated_otherwise(cfg, saved.config)):
         print(f'=> note: the run of {cfg.model.weights} validated with {run}; this evaluates with '
               f'the command line\'s values')
+    record = holdout_record(cfg.data.val_dataset)  # (split, holdout) or None
+    if dist.is_primary and record and record[0] == 'train':
+        print(f'=> note: {cfg.data.val_dataset} was written with --split train: top-1 is measured '
+              f'on training images')
     model = saved.model.to(dist.device)
     precision = engine.resolve_precision(cfg.training.amp, dist.device)
     torch.backends.cudnn.benchmark = dist.device.type == 'cuda'  # fixed shapes

@@ -39,7 +39,8 @@ from .errors import InputError
 from .images import DEFAULT_JPEG_QUALITY, DEFAULT_MAX_RES, DEFAULT_RESTART_INTERVAL
 from .ilsvrc import KAGGLE_DIR
 from .signals import Terminated, sigterm_raises
-from .sources import LAYOUTS, held_out, load_split, write_holdout_record
+from .holdout import held_out, write_holdout_record
+from .sources import LAYOUTS, load_split
 from .verify import verify_beton
 from .writer import write_beton
 
@@ -169,16 +170,21 @@ def main(args) -> dict:
     write_class_list(class_list_path(args.out), classes, names)
     write_holdout_record(args.out, args.split, args.holdout)
     skipped = {path for path, _ in stats['skipped_files']}
-    stats['classes'] = len({label for path, label in samples if path not in skipped})
+    kept = {label for path, label in samples if path not in skipped}
+    stats['classes'] = len(kept)
+    emptied = [classes[label] for label in sorted({label for _, label in samples} - kept)]
     skipped_note = (f', {stats["skipped"]} skipped (listed in {stats["skipped_report"]})'
                     if stats['skipped'] else ', 0 skipped')
     of_all = f' of {len(classes)}' if stats['classes'] != len(classes) else ''
-    print(f'{args.out}: {stats["images"]} images, {stats["classes"]}{of_all} classes'
+    print(f'{args.out}: {stats["images"]} images, {stats["classes"]}{of_all} '
+          f'class{"es" if of_all or stats["classes"] != 1 else ""}'
           f'{skipped_note}, {stats["bytes"] / 1e6:.1f} MB, {stats["img_per_s"]:.0f} img/s '
           f'({stats["seconds"]:.1f} s); classes in {class_list_path(args.out)}')
     if stats['skipped']:
         print(f'{command_name("write")}: warning: {stats["skipped"]} file(s) could not be decoded '
-              f'and were skipped; see {stats["skipped_report"]}', file=sys.stderr)
+              f'and were skipped; see {stats["skipped_report"]}' + (
+                  f'; class(es) left with no image by them: {", ".join(emptied[:5])}'
+                  f'{" ..." if len(emptied) > 5 else ""}' if emptied else ''), file=sys.stderr)
     return stats
 
 

@@ -18,7 +18,7 @@ import pytest
 from PIL import Image, ImageFile, ImageOps
 
 from conftest import PYTHON, REPO, SAMPLE, run_env
-from imagenet_ffcv import (betons, constants, errors, ilsvrc, images, loaders, sources, verify,
+from imagenet_ffcv import (betons, constants, errors, holdout, ilsvrc, images, sources, verify,
                            write, writer)
 from imagenet_ffcv.classes import class_list_path, write_class_list
 
@@ -235,6 +235,13 @@ def test_cli_skips_by_default_and_strict_fails(tmp_path, capsys):
     assert 'train_32.skipped.tsv' in captured.out and 'zero.JPEG' not in captured.out
     assert 'zero.JPEG' in writer.skipped_report_path(out).read_text()
     assert betons.num_samples(out) == 4
+    # a class whose every file is skipped is named (the summary counted it, '2 of 3 classes')
+    (root / 'train' / 'n02').mkdir()
+    (root / 'train' / 'n02' / 'only.JPEG').write_bytes(b'not a JPEG')
+    assert write.cli(args + ['--overwrite']) == 0
+    captured = capsys.readouterr()
+    assert '4 images, 2 of 3 classes, 2 skipped' in captured.out
+    assert captured.err.endswith('; class(es) left with no image by them: n02\n')
 
 
 def stored_records(path) -> list:
@@ -1451,26 +1458,26 @@ def test_a_data_set_without_val_holds_out_a_share_of_each_train_class(tmp_path, 
     assert train_labels == [0] * 19 + [1] * 18 + [2]
     classes = sources.find_classes(data / 'train')
     samples = sources.list_samples(data / 'train', classes)
-    val, train = (sources.held_out(samples, 0.1, split) for split in ('val', 'train'))
+    val, train = (holdout.held_out(samples, 0.1, split) for split in ('val', 'train'))
     assert not set(val) & set(train) and sorted(val + train) == sorted(samples)
     assert train == [s for s in samples if s not in val]  # the order of samples kept
-    assert sources.held_out(samples[::-1], 0.1, 'val') == val[::-1]  # by name, not position
+    assert holdout.held_out(samples[::-1], 0.1, 'val') == val[::-1]  # by name, not position
     # the same names held out from the raw tars as from folders (a tar reference holds the
     # member's offset and size, which are not hashed); a class keeps one image in train
     names = [f'n01_{i}.JPEG' for i in range(20)]
     files = [(f'/d/train/n01/{name}', 0) for name in names]
     tar = [(ilsvrc.tar_ref('/d/ILSVRC2012_img_train.tar', f'n01.tar/{name}', 512 * (i + 1), 99),
             0) for i, name in enumerate(names)]
-    held = [[ilsvrc.sample_file_name(path) for path, _ in sources.held_out(s, 0.2, 'val')]
+    held = [[ilsvrc.sample_file_name(path) for path, _ in holdout.held_out(s, 0.2, 'val')]
             for s in (files, tar)]
     assert held[0] == held[1] and len(held[0]) == 4
     assert set(held[0]) not in (set(names[:4]), set(sorted(names)[:4]))  # by hash, not order
-    again = [ilsvrc.sample_file_name(p) for p, _ in sources.held_out(
+    again = [ilsvrc.sample_file_name(p) for p, _ in holdout.held_out(
         [('/d/train/n01/n01_00.JPEG', 0)] + files, 0.2, 'val')]  # one image more, sorting first
     assert len(again) == 4 and len(set(again) - set(held[0])) <= 1  # the others stay held out
     pairs = [('a/x.png', 0), ('a/y.png', 0), ('b/z.png', 1)]
-    assert [label for _, label in sources.held_out(pairs, 0.9, 'train')] == [0, 1]
-    assert len(sources.held_out(files[:5], 0.5, 'val')) == 3  # 2.5 rounded half up, not to even
+    assert [label for _, label in holdout.held_out(pairs, 0.9, 'train')] == [0, 1]
+    assert len(holdout.held_out(files[:5], 0.5, 'val')) == 3  # 2.5 rounded half up, not to even
     with pytest.raises(SystemExit):
         write.cli(args + ['--split', 'val', '--holdout', '1'])
 
@@ -1488,12 +1495,12 @@ def test_a_val_split_held_out_of_a_train_beton_that_holds_it_is_refused(tmp_path
     written = {'train': ('train', '0'), 'train_held': ('train', '0.2'), 'val': ('val', '0.2'),
                'train_more': ('train', '0.3'), 'val_copied': ('train', '0.2')}
     files = {name: tmp_path / f'{name}.beton' for name in written}
-    for name, (split, holdout) in written.items():
-        assert write.cli(args + ['--split', split, '--holdout', holdout,
+    for name, (split, share) in written.items():
+        assert write.cli(args + ['--split', split, '--holdout', share,
                                  '--out', str(files[name])]) == 0
     assert json.loads((tmp_path / 'val.holdout.json').read_text()) == {'split': 'val',
                                                                        'holdout': 0.2}
-    with pytest.raises(sources.HoldoutMismatchError) as info:
+    with pytest.raises(holdout.HoldoutMismatchError) as info:
         betons.num_classes(files['train'], val_path=files['val'])
     assert str(info.value) == (
         f"{files['val']} holds out 0.2 of each class of train/ (--holdout 0.2), but "
@@ -1501,10 +1508,10 @@ def test_a_val_split_held_out_of_a_train_beton_that_holds_it_is_refused(tmp_path
         f"measured on training images: write {files['train']} again with --split train "
         f"--holdout 0.2")
     assert betons.num_classes(files['train_held'], val_path=files['val']) == 2
-    with pytest.raises(sources.HoldoutMismatchError, match=r"train_more.beton was written with "
+    with pytest.raises(holdout.HoldoutMismatchError, match=r"train_more.beton was written with "
                        r"--holdout 0.3, so some images of train/ are in neither split"):
         betons.num_classes(files['train_more'], val_path=files['val'])
-    with pytest.raises(sources.HoldoutMismatchError, match=r"val_copied.beton was written with "
+    with pytest.raises(holdout.HoldoutMismatchError, match=r"val_copied.beton was written with "
                        r"--split train: the training .beton takes --split train, the validation "
                        r"one --split val"):
         betons.num_classes(files['train_held'], val_path=files['val_copied'])
@@ -1517,7 +1524,7 @@ def test_a_val_split_held_out_of_a_train_beton_that_holds_it_is_refused(tmp_path
     # the trainer's other ranks check as rank 0 does, and leave the warning to it
     assert betons.num_classes(files['train'], val_path=files['train'], warn=False) == 2
     assert len(recwarn.list) == 1
-    with pytest.raises(sources.HoldoutMismatchError):
+    with pytest.raises(holdout.HoldoutMismatchError):
         betons.num_classes(files['train_more'], val_path=files['val'], warn=False)
 
 

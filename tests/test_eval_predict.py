@@ -181,10 +181,11 @@ def test_weights_without_a_config_say_which_model_was_assumed(short_run, sample_
     assert 'note' not in capsys.readouterr().err  # the run's params.json says how it was built
 
 
-def test_options_a_saved_config_overrides_are_named(short_run, sample_betons, tmp_path, capsys):
+def test_overridden_options_and_a_training_beton_evaluated_are_named(short_run, sample_betons, tmp_path, capsys):
     """An arch or BlurPool setting given for weights that carry their run's config is not used
     (the config builds the model): a note says so, in predict and eval-only (they were ignored
-    without a word); one that agrees with the config, or none given, says nothing."""
+    without a word); one that agrees with the config, or none given, says nothing. Eval-only on
+    the training .beton says so (it reported top-1 on training images without a word)."""
     summary, cfg = short_run
     run_weights = Path(summary['run_dir']) / 'final_weights.pt'
     image = sorted((SAMPLE / 'val').glob('*/*.JPEG'))[0]
@@ -197,6 +198,17 @@ def test_options_a_saved_config_overrides_are_named(short_run, sample_betons, tm
                            '--training.use_blurpool=0'), frozenset({'training.use_blurpool'}))
     assert (f"note: --training.use_blurpool=0 not used: the config saved with {run_weights} "
             f"builds resnet18 with BlurPool on") in capsys.readouterr().out
+    # the training .beton evaluated: a note (training refuses it as the val .beton)
+    import shutil
+    from imagenet_ffcv import holdout
+    copy = tmp_path / 'train_copy.beton'
+    for source, target in ((sample_betons['train'], copy),
+                           (class_list_path(sample_betons['train']), class_list_path(copy))):
+        shutil.copy(source, target)
+    holdout.write_holdout_record(copy, 'train', 0)
+    train.main(eval_config({**sample_betons, 'val': copy}, tmp_path / 'runs', run_weights))
+    assert (f'=> note: {copy} was written with --split train: top-1 is measured on training '
+            f'images') in capsys.readouterr().out
 
 
 def test_weights_from_elsewhere_are_rebuilt_without_blurpool_unless_asked(tmp_path):
