@@ -31,7 +31,8 @@ def find_classes(train_dir) -> list:
     were it a class folder, every class after it would take the index before its own. (Other
     files beside the class folders are named in :func:`list_samples`'s warning.) ValueError also
     for a class folder whose name the class list cannot hold (:func:`_check_class_names`); a
-    warning for a single class folder.
+    warning for a single class folder, and for class folders whose names look alike
+    (:func:`_warn_alike`).
     """
     train_dir = Path(train_dir)
     if not train_dir.is_dir():
@@ -56,6 +57,7 @@ def find_classes(train_dir) -> list:
         _raise_if_flat(train_dir, entries)
         raise InputError(f'{train_dir}: no class folders (expected {train_dir}/<wnid>/*.JPEG)')
     _check_class_names(train_dir, classes)
+    _warn_alike(train_dir, classes)
     if len(classes) == 1:
         warnings.warn(f'{train_dir}: one class folder ({classes[0]}): a classifier of one class '
                       f'learns nothing (every prediction is right); put each class in a folder of '
@@ -82,6 +84,21 @@ def _check_class_names(train_dir, classes: list) -> None:
                          f'line break, which the class list (classes.tsv: UTF-8, a line per '
                          f'class, tab-separated) cannot hold: rename the folder(s) (for names '
                          f'in another encoding: convmv -f ENCODING -t utf-8 --notest)')
+
+
+def _warn_alike(train_dir, classes: list) -> None:
+    """A warning naming class folders of ``train_dir`` whose names differ only in case, in spaces
+    at their ends or in how Unicode writes their accents (NFC or NFD): each is a class of its own,
+    which the class list and predict show alike."""
+    alike = {}
+    for name in classes:
+        alike.setdefault(unicodedata.normalize('NFC', name).strip().casefold(), []).append(name)
+    groups = [' and '.join(map(ascii, names)) for names in alike.values() if len(names) > 1]
+    if groups:
+        warnings.warn(f'{train_dir}: class folders {"; ".join(groups[:5])} differ only in case, '
+                      f'spaces at their ends or how Unicode writes their accents (NFC or NFD): '
+                      f'each is a class of its own, shown alike in the class list and by predict; '
+                      f'rename or merge them if they are one class', stacklevel=3)
 
 
 def _raise_if_flat(split_dir, entries: list) -> None:

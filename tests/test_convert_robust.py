@@ -349,6 +349,14 @@ def test_class_names_the_class_list_cannot_hold_are_refused_before_any_work(tmp_
     with pytest.raises(ValueError, match=r"'cafe\\u0301' differ from a train folder only in how "
                                          'Unicode writes their accents'):
         sources.list_samples(tmp_path / 'data' / 'val', classes)
+    # train folders that look alike: named in a warning (each a class, shown alike everywhere)
+    for name in ('cafe\u0301', 'Dog', 'dog ', 'dog'):
+        (train / name).mkdir()
+    with pytest.warns(UserWarning, match=re.escape(
+            f"{train}: class folders 'Dog' and 'dog' and 'dog '; 'cafe\\u0301' and 'caf\\xe9' "
+            f"differ only in case, spaces at their ends or how Unicode writes their accents (NFC "
+            f"or NFD): each is a class of its own")):
+        assert len(sources.find_classes(train)) == 6
 
 
 def test_a_val_folder_named_as_a_train_folder_in_another_case_is_named_as_such(tmp_path):
