@@ -170,7 +170,8 @@ def list_samples(split_dir, classes: list) -> list:
     if repeated:
         warnings.warn(f'{len(repeated)} symbolic link(s) to folders or images listed already or '
                       f'at their own place in the split (a class folder, a folder reached twice, '
-                      f'an image of another class), left out so that no image is listed twice: '
+                      f'an image of another class, a folder holding the class folders), left out '
+                      f'so that no image is listed twice: '
                       f'{", ".join(repeated[:5])}{" ..." if len(repeated) > 5 else ""}',
                       stacklevel=2)
     if unreadable:
@@ -225,9 +226,10 @@ def _listed_in_place(real: str, own: frozenset, is_dir: bool) -> bool:
 def _images_under(folder: Path, listed: set, own: frozenset, left_out: tuple) -> list:
     """The image files in ``folder`` and its subfolders (depth first, by name), as paths.
     ``left_out``: the lists ``(unreadable, other, repeated)``. A subfolder whose real path is in
-    ``listed`` (a link to a class folder or to a folder seen before, a loop), and a symbolic link
+    ``listed`` (a link to a class folder or to a folder seen before, a loop), a symbolic link
     to a folder or image listed at its own place (:func:`_listed_in_place`; ``own``: the class
-    folders' real paths), go to ``repeated``; other subfolders are added to ``listed``.
+    folders' real paths), and one to a folder that holds class folders (the split's, one above:
+    the val split's images would take this class), go to ``repeated``; other subfolders are added to ``listed``.
     Non-image files go to ``other``; broken or looping symbolic links (whatever their name: one
     to a folder of images on a disk not mounted) and other entries with an image name that are
     not files to ``unreadable``; hidden entries nowhere. A folder that cannot be listed (no permission) is
@@ -244,7 +246,9 @@ def _images_under(folder: Path, listed: set, own: frozenset, left_out: tuple) ->
             continue
         path, kind, link = folder / entry.name, _kind(entry), entry.is_symlink()
         real = os.path.realpath(path) if kind == 'dir' or link else None
-        if kind == 'dir' and real in listed or kind and link and \
+        encloses = kind == 'dir' and link and any(  # the split's folder, or one above it
+            o.startswith(real.rstrip(os.sep) + os.sep) for o in own)
+        if kind == 'dir' and real in listed or encloses or kind and link and \
                 _listed_in_place(real, own, kind == 'dir'):
             repeated.append(str(path))
         elif kind == 'dir':

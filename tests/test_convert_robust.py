@@ -920,6 +920,25 @@ def test_symlinked_class_folders_and_looping_links_are_refused_or_reported(tmp_p
     assert 'are the same folder' in capsys.readouterr().err
 
 
+def test_a_link_to_a_folder_holding_the_class_folders_is_named_not_walked(tmp_path):
+    """A link in a class folder to the data set's folder took the val split's images into that
+    class, and one to the split's folder was named by the repeats under it, not itself."""
+    root = tmp_path / 'data'
+    photos = sorted((SAMPLE / 'train').glob('*/*.JPEG'))[:4]
+    for i, (split, wnid) in enumerate((('train', 'n01'), ('train', 'n02'), ('val', 'n01'),
+                                       ('val', 'n02'))):
+        (root / split / wnid).mkdir(parents=True)
+        (root / split / wnid / photos[i].name).symlink_to(photos[i])
+    (root / 'train' / 'n01' / 'data').symlink_to(root)
+    (root / 'train' / 'n01' / 'split').symlink_to(root / 'train')
+    with pytest.warns(UserWarning, match=r'2 symbolic link\(s\) to folders or images listed already'
+                                         r'.*left out so that no image is listed twice: '
+                                         r'\S*train/n01/data, \S*train/n01/split$'):
+        samples = sources.list_samples(root / 'train', ['n01', 'n02'])
+    assert [(Path(path).name, label) for path, label in samples] == [(photos[0].name, 0),
+                                                                     (photos[1].name, 1)]
+
+
 def test_subfolders_are_their_class_hidden_folders_are_no_class_and_broken_links_are_refused(
         tmp_path):
     """A class folder's subfolders hold its images too (as torchvision's ImageFolder; they were
