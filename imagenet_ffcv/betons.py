@@ -49,10 +49,11 @@ def num_classes(beton_path, val_path=None, warn: bool = True) -> int:
     checks, one warns).
     """
     classes = class_list_path(beton_path)
+    same = val_path is not None and os.path.exists(val_path) and os.path.exists(beton_path) \
+        and os.path.samefile(val_path, beton_path)
     if val_path is not None:
         check_holdouts(beton_path, val_path)
-        if warn and os.path.exists(val_path) and os.path.exists(beton_path) and \
-                os.path.samefile(val_path, beton_path):
+        if warn and same:
             warnings.warn(f'{val_path} is the training .beton too: top-1 is measured on the '
                           f'training images')
     if val_path is not None and classes.exists() and class_list_path(val_path).exists():
@@ -70,7 +71,7 @@ def num_classes(beton_path, val_path=None, warn: bool = True) -> int:
         count = _largest_label(beton_path) + 1
     if val_path is not None and os.path.isfile(val_path):
         check_beton(val_path)  # an empty or damaged file named, as its loader names it
-        if warn and not class_list_path(val_path).exists():  # (a val .beton of other classes)
+        if warn and not same and not class_list_path(val_path).exists():  # (another data set's?)
             warnings.warn(_no_class_list(val_path))
         if (largest := _largest_label(val_path)) >= count:
             raise ClassListError(f'{val_path} holds labels up to {largest}, and {beton_path} has '

@@ -84,4 +84,5 @@ def check_holdouts(train_beton, val_beton) -> None:
         raise HoldoutMismatchError(
             f'{val_beton} holds out {val_f} of each class of train/ (--holdout {val_f}), but '
             f'{train_beton} was written with {f"--holdout {train_f}" if train_f else "none"}, '
-            f'so {effect}: write {train_beton} again with --split train --holdout {val_f}')
+            f'so {effect}: write {train_beton} again with --split train --holdout {val_f} '
+            f'--overwrite')

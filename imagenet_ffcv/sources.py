@@ -88,17 +88,18 @@ def _check_class_names(train_dir, classes: list) -> None:
 
 def _warn_alike(train_dir, classes: list) -> None:
     """A warning naming class folders of ``train_dir`` whose names differ only in case, in spaces
-    at their ends or in how Unicode writes their accents (NFC or NFD): each is a class of its own,
-    which the class list and predict show alike."""
+    at their ends or in how Unicode writes their accents (NFC or NFD: they print alike): each is
+    a class of its own."""
     alike = {}
     for name in classes:
         alike.setdefault(unicodedata.normalize('NFC', name).strip().casefold(), []).append(name)
     groups = [' and '.join(map(ascii, names)) for names in alike.values() if len(names) > 1]
     if groups:
-        warnings.warn(f'{train_dir}: class folders {"; ".join(groups[:5])} differ only in case, '
-                      f'spaces at their ends or how Unicode writes their accents (NFC or NFD): '
-                      f'each is a class of its own, shown alike in the class list and by predict; '
-                      f'rename or merge them if they are one class', stacklevel=3)
+        warnings.warn(f'{train_dir}: class folders {"; ".join(groups[:5])}'
+                      f'{" ..." if len(groups) > 5 else ""} differ only in case, spaces at their '
+                      f'ends or how Unicode writes their accents (NFC or NFD: they print alike): '
+                      f'each is a class of its own; rename or merge them if they are one class',
+                      stacklevel=3)
 
 
 def _raise_if_flat(split_dir, entries: list) -> None:
@@ -131,8 +132,10 @@ def list_samples(split_dir, classes: list) -> list:
     class's too (as torchvision's ImageFolder), each folder and image listed once: a symbolic
     link to a folder listed already, or to a folder or image file of the split listed at its own
     place (in another class, it would carry that class's label too), is left out with a warning.
+    A link to a folder that holds the class folders (the split's folder, one above it, the other
+    split's: the val split's images would take this class) is left out with a warning too.
     Files whose extension is not in IMAGE_EXTENSIONS are left out with a warning naming them,
-    and so are broken or looping symbolic links (to an image or a folder of them) and other
+    and so are broken or looping symbolic links (to an image or a folder of them), other
     entries with an image name that are not files, and files in ``split_dir`` itself, outside the class folders; hidden files
     and folders (a name starting with '.') are left out silently."""
     split_dir = Path(split_dir)
@@ -144,22 +147,12 @@ def list_samples(split_dir, classes: list) -> list:
     if hidden:
         warnings.warn(f'{split_dir}: hidden folder(s) {", ".join(hidden[:5])} left out: not '
                       f'classes', stacklevel=2)
-    unknown = [f for f in folders if f not in class_to_idx]
-    if unknown:
-        nfc = {unicodedata.normalize('NFC', wnid) for wnid in classes}
-        alike = [f for f in unknown if unicodedata.normalize('NFC', f) in nfc]
-        cased = [f'{f} and train/{c}' for f in unknown for c in classes if f.casefold() ==
-                 c.casefold()]
-        raise InputError(f'{split_dir}: class folder(s) {", ".join(unknown[:5])} are not in the '
-                         f'train split, so their images have no class index; remove them or add '
-                         f'the class to train/' + (
-                             f' ({", ".join(map(ascii, alike[:5]))} differ from a train folder '
-                             f'only in how Unicode writes their accents (NFC or NFD; macOS '
-                             f'writes NFD): rename one of them)' if alike else '') + (
-                             f' ({", ".join(cased[:5])} differ in case only: rename one)'
-                             if cased else ''))
+    _raise_if_unknown(split_dir, folders, classes)
     listed = _check_distinct_folders(split_dir, folders)  # real paths: links to them are repeats
     own = frozenset(listed)  # the class folders' real paths: what is under them is listed there
+    around = split_dir.absolute()  # the split's folder, those above it and the other split's:
+    listed |= {os.path.realpath(p) for p in (around, *around.parents, around.parent / 'train',
+                                             around.parent / 'val')}  # links to them: repeats
     samples, empty, unreadable, other, repeated = [], [], [], [], []
     for wnid in sorted(folders, key=class_to_idx.get):
         folder = split_dir / wnid
@@ -170,8 +163,8 @@ def list_samples(split_dir, classes: list) -> list:
     if repeated:
         warnings.warn(f'{len(repeated)} symbolic link(s) to folders or images listed already or '
                       f'at their own place in the split (a class folder, a folder reached twice, '
-                      f'an image of another class, a folder holding the class folders), left out '
-                      f'so that no image is listed twice: '
+                      f'an image of another class, a folder holding class folders), left out so '
+                      f'that no image is listed twice or with another label: '
                       f'{", ".join(repeated[:5])}{" ..." if len(repeated) > 5 else ""}',
                       stacklevel=2)
     if unreadable:
@@ -202,6 +195,27 @@ def list_samples(split_dir, classes: list) -> list:
     return samples
 
 
+def _raise_if_unknown(split_dir, folders: list, classes: list) -> None:
+    """InputError naming the class ``folders`` of ``split_dir`` that are not among the train
+    split's ``classes`` (their images would have no label), with those that differ from one only
+    in case or in NFC/NFD (they print alike)."""
+    known = set(classes)
+    unknown = [f for f in folders if f not in known]
+    if unknown:
+        nfc = {unicodedata.normalize('NFC', wnid) for wnid in classes}
+        alike = [f for f in unknown if unicodedata.normalize('NFC', f) in nfc]
+        cased = [f'{f} and train/{c}' for f in unknown for c in classes if f.casefold() ==
+                 c.casefold()]
+        raise InputError(f'{split_dir}: class folder(s) {", ".join(unknown[:5])} are not in the '
+                         f'train split, so their images have no class index; remove them or add '
+                         f'the class to train/' + (
+                             f' ({", ".join(map(ascii, alike[:5]))} differ from a train folder '
+                             f'only in how Unicode writes their accents (NFC or NFD; macOS '
+                             f'writes NFD): rename one of them)' if alike else '') + (
+                             f' ({", ".join(cased[:5])} differ in case only: rename one)'
+                             if cased else ''))
+
+
 def _class_folders(entries: list) -> tuple:
     """``(names, hidden)``: the sorted names of the folders among a split folder's ``entries``
     (``os.scandir``'s), and of the hidden ones among them (a name starting with '.'), which are
@@ -226,14 +240,15 @@ def _listed_in_place(real: str, own: frozenset, is_dir: bool) -> bool:
 def _images_under(folder: Path, listed: set, own: frozenset, left_out: tuple) -> list:
     """The image files in ``folder`` and its subfolders (depth first, by name), as paths.
     ``left_out``: the lists ``(unreadable, other, repeated)``. A subfolder whose real path is in
-    ``listed`` (a link to a class folder or to a folder seen before, a loop), a symbolic link
-    to a folder or image listed at its own place (:func:`_listed_in_place`; ``own``: the class
-    folders' real paths), and one to a folder that holds class folders (the split's, one above:
-    the val split's images would take this class), go to ``repeated``; other subfolders are added to ``listed``.
+    ``listed`` (a link to a class folder, to a folder seen before or to one that holds the class
+    folders (:func:`list_samples`), a loop), a symbolic link to a folder or image listed at its
+    own place (:func:`_listed_in_place`; ``own``: the class folders' real paths), and one to a
+    folder above a class folder go to ``repeated``; other subfolders are added to ``listed``.
     Non-image files go to ``other``; broken or looping symbolic links (whatever their name: one
     to a folder of images on a disk not mounted) and other entries with an image name that are
-    not files to ``unreadable``; hidden entries nowhere. A folder that cannot be listed (no permission) is
-    an InputError naming it, before any work: its images would be missing without a trace."""
+    not files to ``unreadable``; hidden entries nowhere. A folder that cannot be listed (no
+    permission) is an InputError naming it, before any work: its images would be missing
+    without a trace."""
     files, (unreadable, other, repeated) = [], left_out
     try:
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
@@ -246,7 +261,7 @@ def _images_under(folder: Path, listed: set, own: frozenset, left_out: tuple) ->
             continue
         path, kind, link = folder / entry.name, _kind(entry), entry.is_symlink()
         real = os.path.realpath(path) if kind == 'dir' or link else None
-        encloses = kind == 'dir' and link and any(  # the split's folder, or one above it
+        encloses = kind == 'dir' and link and any(  # a folder above a class folder
             o.startswith(real.rstrip(os.sep) + os.sep) for o in own)
         if kind == 'dir' and real in listed or encloses or kind and link and \
                 _listed_in_place(real, own, kind == 'dir'):

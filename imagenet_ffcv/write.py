@@ -142,9 +142,10 @@ def check_out_outside_inputs(out, data_dir) -> None:
 def check_out_is_new(out, overwrite: bool) -> None:
     """InputError when the file ``out`` exists and ``overwrite`` is off: a wrong --out (the other
     split's .beton, a class list, the default name of another data set's) was replaced, after
-    hours of converting, without a word."""
-    if os.path.lexists(out) and not overwrite:
-        stat = os.stat(out) if os.path.exists(out) else os.lstat(out)
+    hours of converting, without a word. (A symbolic link or a folder at ``out`` is refused by
+    the writer, overwrite or not.)"""
+    if os.path.isfile(out) and not os.path.islink(out) and not overwrite:
+        stat = os.stat(out)
         when = time.strftime('%Y-%m-%d %H:%M', time.localtime(stat.st_mtime))
         raise InputError(f'--out {out} exists ({stat.st_size / 1e6:.1f} MB, modified {when}): '
                          'give --overwrite to replace it, or another --out')
@@ -152,8 +153,8 @@ def check_out_is_new(out, overwrite: bool) -> None:
 
 def main(args) -> dict:
     """Write the .beton and its class list; returns the writer's stats plus 'classes'."""
-    check_out_is_new(args.out, args.overwrite)
     check_out_outside_inputs(args.out, args.data_dir)
+    check_out_is_new(args.out, args.overwrite)
     read = 'train' if args.holdout else args.split  # --holdout: both splits come from train/
     classes, samples, names = load_split(Path(args.data_dir), read, args.layout)
     if args.holdout:

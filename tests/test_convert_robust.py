@@ -355,7 +355,8 @@ def test_class_names_the_class_list_cannot_hold_are_refused_before_any_work(tmp_
     with pytest.warns(UserWarning, match=re.escape(
             f"{train}: class folders 'Dog' and 'dog' and 'dog '; 'cafe\\u0301' and 'caf\\xe9' "
             f"differ only in case, spaces at their ends or how Unicode writes their accents (NFC "
-            f"or NFD): each is a class of its own")):
+            f"or NFD: they print alike): each is a class of its own; rename or merge them if they "
+            f"are one class")):
         assert len(sources.find_classes(train)) == 6
 
 
@@ -920,20 +921,27 @@ def test_symlinked_class_folders_and_looping_links_are_refused_or_reported(tmp_p
     assert 'are the same folder' in capsys.readouterr().err
 
 
-def test_a_link_to_a_folder_holding_the_class_folders_is_named_not_walked(tmp_path):
-    """A link in a class folder to the data set's folder took the val split's images into that
-    class, and one to the split's folder was named by the repeats under it, not itself."""
+@pytest.mark.parametrize('linked_split', [False, True])
+def test_a_link_to_a_folder_holding_the_class_folders_is_named_not_walked(tmp_path, linked_split):
+    """A link in a class folder to the data set's folder, or to the val split's, took the val
+    split's images into that class, and one to the split's folder was named by the repeats under
+    it, not itself; the same with train/ itself a link to another disk."""
     root = tmp_path / 'data'
     photos = sorted((SAMPLE / 'train').glob('*/*.JPEG'))[:4]
     for i, (split, wnid) in enumerate((('train', 'n01'), ('train', 'n02'), ('val', 'n01'),
                                        ('val', 'n02'))):
         (root / split / wnid).mkdir(parents=True)
         (root / split / wnid / photos[i].name).symlink_to(photos[i])
-    (root / 'train' / 'n01' / 'data').symlink_to(root)
-    (root / 'train' / 'n01' / 'split').symlink_to(root / 'train')
-    with pytest.warns(UserWarning, match=r'2 symbolic link\(s\) to folders or images listed already'
-                                         r'.*left out so that no image is listed twice: '
-                                         r'\S*train/n01/data, \S*train/n01/split$'):
+    if linked_split:
+        (root / 'train').rename(tmp_path / 'other_disk')
+        (root / 'train').symlink_to(tmp_path / 'other_disk')
+    for name, target in (('data', root), ('split', root / 'train'), ('val', root / 'val'),
+                         ('top', Path('/'))):
+        (root / 'train' / 'n01' / name).symlink_to(target)
+    with pytest.warns(UserWarning, match=r'4 symbolic link\(s\) to folders or images listed already'
+                                         r'.*left out so that no image is listed twice or with '
+                                         r'another label: \S*train/n01/data, \S*train/n01/split, '
+                                         r'\S*train/n01/top, \S*train/n01/val$'):
         samples = sources.list_samples(root / 'train', ['n01', 'n02'])
     assert [(Path(path).name, label) for path, label in samples] == [(photos[0].name, 0),
                                                                      (photos[1].name, 1)]
@@ -1017,7 +1025,9 @@ def test_an_existing_out_is_refused_before_any_work_unless_overwrite(tmp_path, c
     os.utime(out, (1.7e9, 1.7e9))
     args = ['--data-dir', str(SAMPLE), '--split', 'val', '--max-res', '32', '--num-workers', '1',
             '--out', str(out)]
-    assert write.cli(args) == 1
+    with pytest.MonkeyPatch.context() as patched:  # before any work: no image listed
+        patched.setattr(write, 'load_split', lambda *a: pytest.fail('the split was read'))
+        assert write.cli(args) == 1
     when = time.strftime('%Y-%m-%d %H:%M', time.localtime(1.7e9))
     assert capsys.readouterr().err.endswith(f': --out {out} exists (0.0 MB, modified {when}): '
                                             'give --overwrite to replace it, or another --out\n')
@@ -1533,7 +1543,7 @@ def test_a_val_split_held_out_of_a_train_beton_that_holds_it_is_refused(tmp_path
         f"{files['val']} holds out 0.2 of each class of train/ (--holdout 0.2), but "
         f"{files['train']} was written with none, so the two share images and top-1 would be "
         f"measured on training images: write {files['train']} again with --split train "
-        f"--holdout 0.2")
+        f"--holdout 0.2 --overwrite")
     assert betons.num_classes(files['train_held'], val_path=files['val']) == 2
     with pytest.raises(holdout.HoldoutMismatchError, match=r"train_more.beton was written with "
                        r"--holdout 0.3, so some images of train/ are in neither split"):

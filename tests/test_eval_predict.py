@@ -4,6 +4,7 @@ short run is in this file, so that the two pytest processes of make test do not 
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,8 @@ import torchvision
 from PIL import Image
 
 from conftest import REPO, SAMPLE, run_env, small_args, small_config
-from imagenet_ffcv import engine, loaders, metrics, models, predict, sources, train, verify, weights
+from imagenet_ffcv import (engine, holdout, loaders, metrics, models, predict, sources, train,
+                           verify, weights)
 from imagenet_ffcv.classes import (class_list_path, read_class_list, read_class_names,
                                    write_class_list)
 
@@ -121,7 +123,6 @@ def test_eval_only_names_missing_or_unfitting_weights(short_run, sample_betons, 
 def test_eval_only_refuses_weights_trained_on_other_classes(short_run, sample_betons, tmp_path):
     """A val .beton of as many classes, but others (here: the same wnids rotated by one), is
     refused naming both files, instead of giving chance top-1."""
-    import shutil
     from imagenet_ffcv.checkpoint import CheckpointError
     summary, cfg = short_run
     val = tmp_path / 'other_val.beton'
@@ -145,7 +146,6 @@ def test_weights_without_a_config_say_which_model_was_assumed(short_run, sample_
     given on eval-only's command line is taken (it was ignored, with no option to turn it on).
     The run's final_weights.pt copied alone carries its config: it evaluates as the run did (it
     was rebuilt as the arch and BlurPool setting assumed)."""
-    import shutil
     summary, cfg = short_run
     lone = tmp_path / 'lone' / 'final_weights.pt'
     lone.parent.mkdir()
@@ -181,7 +181,8 @@ def test_weights_without_a_config_say_which_model_was_assumed(short_run, sample_
     assert 'note' not in capsys.readouterr().err  # the run's params.json says how it was built
 
 
-def test_overridden_options_and_a_training_beton_evaluated_are_named(short_run, sample_betons, tmp_path, capsys):
+def test_overridden_options_and_a_training_beton_evaluated_are_named(short_run, sample_betons,
+                                                                    tmp_path, capsys):
     """An arch or BlurPool setting given for weights that carry their run's config is not used
     (the config builds the model): a note says so, in predict and eval-only (they were ignored
     without a word); one that agrees with the config, or none given, says nothing. Eval-only on
@@ -199,8 +200,6 @@ def test_overridden_options_and_a_training_beton_evaluated_are_named(short_run, 
     assert (f"note: --training.use_blurpool=0 not used: the config saved with {run_weights} "
             f"builds resnet18 with BlurPool on") in capsys.readouterr().out
     # the training .beton evaluated: a note (training refuses it as the val .beton)
-    import shutil
-    from imagenet_ffcv import holdout
     copy = tmp_path / 'train_copy.beton'
     for source, target in ((sample_betons['train'], copy),
                            (class_list_path(sample_betons['train']), class_list_path(copy))):
@@ -390,7 +389,6 @@ def test_predict_names_a_bad_image_and_a_missing_class_list(short_run, tmp_path,
     assert str(results[0]) == f'{good[0]}: cannot decode the image (broken)'
     with pytest.raises(SystemExit):
         predict.cli([good[0], '--weights', 'any.pt', '--top', '0'])
-    import shutil
     lone = tmp_path / 'final_weights.pt'  # copied alone: its config and classes are inside
     shutil.copy(Path(summary['run_dir']) / 'final_weights.pt', lone)
     assert predict.predict([good[1]], weights=lone) == predict.predict([good[1]], weights=final)
