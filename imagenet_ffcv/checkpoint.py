@@ -278,6 +278,22 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(cuda)  # this process's GPU (the run may have fewer now)
 
 
+def saved_progress(saved: dict, now: tuple) -> tuple:
+    """``(Progress, moved)``: where the checkpoint ``saved`` left its run, moved to the batch size
+    and process count ``now`` (:meth:`Progress.rebatched`; a run before ``derived.world_size``
+    is taken to have had as many processes), and ``moved`` a line saying so when the iteration
+    moved, else ''."""
+    progress = Progress(epoch=saved['epoch'], iteration=saved['iteration'],
+                        best_top1=saved['best_top1'], **saved['progress'])
+    config = saved['config']
+    was = (config['training']['batch_size'], config.get('derived', {}).get('world_size', now[1]))
+    progress.rebatched(was, now)
+    moved = '' if progress.iteration == saved['iteration'] else (
+        f"=> the checkpoint's iteration {saved['iteration']} ({was[0]} images x {was[1]} "
+        f"process(es)) is iteration {progress.iteration} here ({now[0]} x {now[1]})")
+    return progress, moved
+
+
 def training_state(*, model_state: dict, optimizer, epoch: int, iteration: int, config: dict,
                    classes, best_top1, progress: dict, scaler=None, ema=None,
                    rng: list = None) -> dict:

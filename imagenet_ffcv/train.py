@@ -185,14 +185,10 @@ def restore(run: Run, saved: dict, resume_path) -> None:
         ema=run.options.ema, rank=run.dist.rank)
     if not has_ema and run.dist.is_primary:
         print(f'=> {resume_path} holds no EMA: it starts from the weights at the next update')
-    run.progress = Progress(epoch=saved['epoch'], iteration=saved['iteration'],
-                            best_top1=saved['best_top1'], **saved['progress'])
-    now, flat = (run.cfg.training.batch_size, run.dist.world_size), config.flatten(saved['config'])
-    was = (flat['training.batch_size'], flat.get('derived.world_size', now[1]))
-    run.progress.rebatched(was, now)
-    if run.progress.iteration != saved['iteration'] and run.dist.is_primary:
-        print(f"=> the checkpoint's iteration {saved['iteration']} ({was[0]} images x {was[1]} "
-              f"process(es)) is iteration {run.progress.iteration} here ({now[0]} x {now[1]})")
+    run.progress, moved = checkpoint.saved_progress(
+        saved, now=(run.cfg.training.batch_size, run.dist.world_size))
+    if moved and run.dist.is_primary:
+        print(moved)
     if saved['config']['training'].get('target_top1') != run.cfg.training.target_top1:
         run.progress.reached = None  # another target (it may change on resume): not reached yet
     run.wall_start -= run.progress.wall_time_s  # wall time and time to accuracy span restarts
