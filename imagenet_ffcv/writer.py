@@ -178,8 +178,8 @@ def read_failures(failures_path, samples: list) -> dict:
 
 
 def shown_path(path) -> str:
-    """``path`` as text any file or terminal can hold: the bytes of a name that is not UTF-8
-    as escapes (``caf\\xe9.jpg``)."""
+    """``path`` (or a message naming one) as text any file or terminal can hold: the bytes of a
+    name that is not UTF-8 as escapes (``caf\\xe9.jpg``)."""
     return os.fsencode(path).decode('utf-8', 'backslashreplace')
 
 
@@ -339,8 +339,9 @@ def write_beton(samples: list, out, *, max_res: int, write_mode: str = 'jpg',
                 raise UnreadableImagesError(sorted(skipped.values()))
             skipped_files = [skipped[i] for i in sorted(skipped)]
             if skipped:
-                write_text_atomic(report, ''.join(f'{shown_path(p)}\t{r}\n'
-                                                  for p, r in skipped_files))
+                write_text_atomic(report, ''.join(  # the path in the reason as in column 1
+                    f'{shown_path(p)}\t{shown_path(r.replace(repr(str(p))[1:-1], str(p)))}\n'
+                    for p, r in skipped_files))
             else:
                 report.unlink(missing_ok=True)  # a stale report of an earlier run would mislead
     except OSError as e:

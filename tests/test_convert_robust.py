@@ -1196,6 +1196,7 @@ def test_a_bad_file_whose_name_is_not_utf8_is_skipped_and_reported_not_a_hang(tm
     assert proc.returncode == 0 and proc.stdout.split() == ['1', '1'], proc.stderr[-3000:]
     report = (tmp_path / 'out.skipped.tsv').read_text()
     assert report.startswith(f'{root}/n01/caf\\xe9.JPEG\tUnidentifiedImageError'), report
+    assert '\\udce9' not in report and report.count('caf\\xe9.JPEG') == 2  # the reason as the path
 
 
 def test_a_tar_member_that_is_no_image_is_named_by_its_reference(tmp_path):
