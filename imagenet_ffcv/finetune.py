@@ -9,9 +9,9 @@ import torch
 from .classes import read_class_list
 from .config_schema import BLURPOOL_KEY
 from .errors import CheckpointError
-from .models import BlurPoolConv2d, takes_blurpool
+from .models import BlurPoolConv2d, classifier_keys, takes_blurpool
 from .state_dicts import mismatch
-from .weights import classifier_keys, load_weights
+from .weights import load_weights
 
 
 def init_from(model: torch.nn.Module, path, *, reset_head: bool, class_list=None) -> str:
@@ -19,7 +19,7 @@ def init_from(model: torch.nn.Module, path, *, reset_head: bool, class_list=None
     checkpoint, ``final_weights.pt`` / ``.safetensors``, or a plain torchvision state dict saved
     with ``torch.save``; read by ``weights.load_weights``, nothing in it runs), as fine-tuning
     does (timm's ``--initial-checkpoint``; the weights are never fetched from the network). The
-    classifier (``weights.classifier_keys``) keeps its fresh initialisation when ``reset_head``,
+    classifier (``models.classifier_keys``) keeps its fresh initialisation when ``reset_head``,
     when the file has none (a backbone), when its shape in the file differs (another class
     count), or when the class list saved with the weights names other wnids than ``class_list``
     (the dataset's classes.tsv; not compared when either is missing). Returns a line saying what

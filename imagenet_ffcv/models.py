@@ -158,6 +158,16 @@ def param_groups(model: nn.Module, *, weight_decay: float, bn_wd: bool) -> list:
             {'params': not_decayed, 'weight_decay': 0.0}]
 
 
+def classifier_keys(model: nn.Module) -> set:
+    """The state-dict keys of ``model``'s classifier: its last ``nn.Linear`` (torchvision's
+    ResNet ``fc``, VGG's and EfficientNet's ``classifier.N``, timm's ``head.fc`` or ``fc``), or
+    an empty set when it has none."""
+    names = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        return set()
+    return {f'{names[-1]}.{k}' for k in ('weight', 'bias')} & set(model.state_dict())
+
+
 def unwrapped_state_dict(model: nn.Module) -> dict:
     """The state dict of ``model`` without DDP's ``module.`` prefix (or ``torch.compile``'s
     ``_orig_mod.``), loadable into the plain torchvision model of the same arch."""

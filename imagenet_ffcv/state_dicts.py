@@ -1,6 +1,13 @@
 """State dicts of other tools made torchvision's (DistributedDataParallel's and torch.compile's
 key prefixes, ffcv-imagenet's BlurPool layout, an EMA's count), and what keeps one from loading
 into a model: the key rules ``weights`` applies to every file it reads."""
+import functools
+import warnings
+
+import torch
+import torchvision
+
+from .models import classifier_keys
 
 WRAPPER_PREFIXES = ('module.', '_orig_mod.')  # DistributedDataParallel's, torch.compile's
 
@@ -49,3 +56,28 @@ def mismatch(state: dict, own: dict, ignore=frozenset()) -> str:
         return ''
     return (f'missing {missing[:5] or "none"}, unexpected {extra[:5] or "none"}, other shapes '
             f'{wrong_shape[:5] or "none"}')
+
+
+def fitting_archs(state: dict) -> list:
+    """The torchvision classification models (``torchvision.models.list_models``) whose state
+    dict ``state`` fits, its classifier's output count aside (:func:`mismatch` ignoring
+    ``models.classifier_keys``): advice for weights that do not fit the arch assumed for them."""
+    return [arch for arch, (own, head) in _torchvision_state_dicts().items()
+            if not mismatch(state, own, ignore=head)]
+
+
+@functools.cache
+def _torchvision_state_dicts() -> dict:
+    """``{arch: (state dict, classifier keys)}`` of torchvision's classification models, built on
+    the meta device, with no memory (65 of them took 6 s on a 2-core VM, once per process);
+    those that cannot be built so (the RegNets) are left out."""
+    found = {}
+    with torch.device('meta'), warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # GoogLeNet's and Inception's about their initialisation
+        for arch in torchvision.models.list_models(module=torchvision.models):
+            try:
+                model = torchvision.models.get_model(arch, weights=None)
+            except NotImplementedError:  # a RegNet: its widths are computed from tensors
+                continue
+            found[arch] = model.state_dict(), classifier_keys(model)
+    return found

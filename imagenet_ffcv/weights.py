@@ -25,9 +25,9 @@ from .config import saved_eval_kwargs, saved_model_kwargs
 from .config_schema import ARCH_KEY, nested_ffcv_imagenet_params
 from .errors import CheckpointError, MissingFileError
 from .files import atomic_path
-from .models import build_model
+from .models import build_model, classifier_keys
 from .run_dir import RunDir
-from .state_dicts import BLUR_FILTER, mismatch, unwrapped
+from .state_dicts import BLUR_FILTER, fitting_archs, mismatch, unwrapped
 from .torch_files import TORCH_FILE_STARTS, safe_torch_load
 
 SAFETENSORS_FORMAT = 'imagenet_ffcv final weights'  # the metadata's 'format': config and classes
@@ -347,7 +347,7 @@ def load_model(path, *, num_classes: int = None, beton=None, arch: str = None,
                               f': {problems}' + ('' if saved_config else
                               f' ({structure["arch"]} assumed: no config is saved with the '
                               f'weights; name their arch: predict --arch, eval-only '
-                              f'--{ARCH_KEY})'))
+                              f'--{ARCH_KEY}' + _fitting(state, structure['arch']) + ')'))
     model.load_state_dict(state)
     assumed = '' if saved_config else (
         f'note: no config saved with {path}: built as {structure["arch"]} with BlurPool '
@@ -368,6 +368,13 @@ def _outputs(state: dict, arch: str):
     return (state[weight[0]].shape[0] if weight[0] in state else 0) if weight else None
 
 
+def _fitting(state: dict, assumed: str) -> str:
+    """'; their keys fit ARCH, ...' (:func:`state_dicts.fitting_archs`), or '' when none does or
+    the arch ``assumed`` does (the class count or a missing classifier is what differs)."""
+    fit = fitting_archs(state)
+    return f'; their keys fit {", ".join(fit)}' if fit and assumed not in fit else ''
+
+
 def check_classes(path, classes, beton) -> None:
     """Raise CheckpointError naming both files when ``classes`` (``[(wnid, name), ...]`` saved
     with the weights at ``path``) and the class list beside ``beton`` (``classes.class_list_path``)
@@ -386,12 +393,3 @@ def check_classes(path, classes, beton) -> None:
             'would not match the predictions. Evaluate on a .beton written from the same train '
             'split as the run (the class list in the run folder is classes.tsv)')
 
-
-def classifier_keys(model: torch.nn.Module) -> set:
-    """The state-dict keys of ``model``'s classifier: its last ``nn.Linear`` (torchvision's
-    ResNet ``fc``, VGG's and EfficientNet's ``classifier.N``, timm's ``head.fc`` or ``fc``), or
-    an empty set when it has none."""
-    names = [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
-    if not names:
-        return set()
-    return {f'{names[-1]}.{k}' for k in ('weight', 'bias')} & set(model.state_dict())

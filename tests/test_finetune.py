@@ -264,6 +264,12 @@ def test_weights_that_do_not_fit_for_eval_are_refused_naming_the_keys(tmp_path):
     assert "other shapes ['fc.bias', 'fc.weight']" in str(info.value)
     assert str(info.value).endswith('(resnet18 assumed: no config is saved with the weights; name '
                                     'their arch: predict --arch, eval-only --model.arch)')
+    # whole, they fit another torchvision arch: named (the user had to guess it from the keys)
+    torch.save(other.state_dict(), tmp_path / 'resnet34.pt')
+    with pytest.raises(CheckpointError) as info:
+        weights.load_model(tmp_path / 'resnet34.pt', num_classes=10, arch='resnet18')
+    assert str(info.value).endswith('name their arch: predict --arch, eval-only --model.arch; '
+                                    'their keys fit resnet34)')
     # The right arch, another class count (torchvision's 1,000 ImageNet classes on a 10-class val
     # .beton): 'other shapes' and 'resnet18 assumed' pointed at the arch, which was right.
     torch.save(build_model(arch='resnet18', num_classes=1000, use_blurpool=False,
