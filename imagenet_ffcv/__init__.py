@@ -17,7 +17,8 @@ from one stored image to its crop's pixels), ``jpeg_region`` (the decoders' C pa
 (their bilinear resample), ``crops`` (crops and flips from seed, epoch and sample), ``constants``,
 ``ffcv_import`` (ffcv imported without the numba compiling that importing it sets off; imported
 first by the modules that use ffcv).
-Training: ``config`` and ``config_schema`` (the configuration and its keys), ``config_warnings``
+Training: ``config`` and ``config_schema`` (the configuration and its keys), ``config_files``
+(``--config`` files: found, read once each key), ``config_warnings``
 (what a run's header warns of in a config that loads), ``preflight``
 (what a run needs of this machine, checked before it starts), ``models``,
 ``optimizers``, ``schedules``, ``engine`` (training step and epoch, evaluation, mixed precision),

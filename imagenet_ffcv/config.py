@@ -6,21 +6,19 @@ so is a value of the wrong type. Everything is declared on a fresh ``fastargs.Co
 nothing global is touched, so a test can build several configs in one process.
 """
 import argparse
+import math
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
-import yaml
 from fastargs import Config
 
-from . import augment, optimizers, schedules
+from . import augment, config_files, optimizers, schedules
 from .commands import command_name
-from .config_schema import (ConfigError, declared, defaults, did_you_mean, file_values, flatten,
+from .config_files import config_file
+from .config_schema import (ConfigError, declared, defaults, did_you_mean, flatten,
                             markdown)  # markdown: the docs'
-from .errors import MissingFileError
 from .run_dir import RUN_NAME
 
-CONFIGS_DIR = Path(__file__).with_name('configs')  # the shipped recipes (rn50_configs/, ...)
 # Keys that may change between a run and its resumption: where the data is and how it is read (not
 # the crops, flips or decoder), what is logged and how validation is done. Any other difference
 # (epochs, LR, resolution schedule, augmentation, batch, model, seed, ...) changes the run half-way
@@ -33,23 +31,6 @@ RESUMABLE_CHANGES = ('data.train_dataset', 'data.val_dataset', 'data.num_workers
 # Keys a resume cannot change even with checkpoint.force=1: the optimizer's state, the weights'
 # shapes, the optimizer's parameter groups would not carry over (restore_training_state).
 NOT_FORCEABLE = ('training.optimizer', 'model.arch', 'training.bn_wd', 'derived.num_classes')
-
-
-def config_file(name) -> Path:
-    """The file ``--config NAME`` reads: NAME when it is a file, else the shipped config of that
-    name in imagenet_ffcv/configs (``rn50_configs/rn50_16_epochs.yaml``, ``rn50_16_epochs.yaml`` or
-    ``rn50_16_epochs``), so the recipes load from any directory and from an installed package.
-    Raises FileNotFoundError listing the shipped configs."""
-    path = Path(name)
-    if path.is_file():
-        return path
-    stem = path.name if path.suffix in ('.yaml', '.yml', '.json') else path.name + '.yaml'
-    for candidate in [CONFIGS_DIR / path, *sorted(CONFIGS_DIR.glob(f'*/{stem}'))]:
-        if candidate.is_file():
-            return candidate
-    shipped = ', '.join(f'{p.parent.name}/{p.name}' for p in sorted(CONFIGS_DIR.glob('*/*.yaml')))
-    raise MissingFileError(f'--config {name}: no such file, nor a shipped config of that name '
-                           f'(shipped: {shipped})')
 
 
 def _add_key_arguments(parser: argparse.ArgumentParser, config: Config) -> None:
@@ -98,15 +79,10 @@ def load_config(argv: list) -> SimpleNamespace:
     args, unknown = build_parser(config).parse_known_args(argv)
     if unknown:
         raise ConfigError(f'unknown argument(s) {" ".join(unknown)}{did_you_mean(unknown, known)}'
-                          f'; valid keys: {", ".join(known)}')
+                          f'; --help lists every key')
 
     for fname in map(config_file, args.config):
-        with open(fname) as f:
-            try:
-                content = yaml.safe_load(f) or {}
-            except yaml.YAMLError as e:
-                raise ConfigError(f'{fname}: not valid YAML: {" ".join(str(e).split())}') from None
-        config.collect(file_values(content, known, fname))  # ConfigError naming what is wrong
+        config.collect(config_files.read(fname, known))  # ConfigError naming what is wrong
     config.collect(_command_line_values(args))  # fastargs splits the dotted keys
 
     errors = config.validate(mode='errordict')
@@ -122,6 +98,10 @@ def load_config(argv: list) -> SimpleNamespace:
     sections = {}
     for section, key in config.entries:  # every key is section.key
         sections.setdefault(section, {})[key] = config[section, key]
+    endless = [f'{k}={v}' for k, v in flatten(sections).items()
+               if isinstance(v, float) and not math.isfinite(v)]
+    if endless:  # fastargs' Float takes 'nan' and 'inf': the run failed as a non-finite loss
+        raise ConfigError(f'{", ".join(endless)}: not a finite number; give a number')
     cfg = from_dict(sections)
     _check_consistency(cfg)
     return cfg
@@ -287,11 +267,11 @@ def schedule_changes(saved: dict, current: dict) -> list:
 def check_resumable(saved: dict, current: dict, *, force: bool, path) -> None:
     """Raise ConfigError listing :func:`schedule_changes` between the resolved config ``saved``
     with the checkpoint ``path`` and the resolved config ``current``, unless there are none or
-    ``force`` (``checkpoint.force=1``)."""
+    ``force`` (``checkpoint.force=1``) and none of them is in :data:`NOT_FORCEABLE`."""
     changes = schedule_changes(saved, current)
-    if not changes or force:
-        return
     fixed = [c.split(':')[0] for c in changes if c.split(':')[0] in NOT_FORCEABLE]
+    if not changes or force and not fixed:  # (forced, those failed later, less clearly)
+        return
     advice = ', or set checkpoint.force=1 to continue anyway'
     if fixed:
         advice = (f' ({", ".join(fixed)} cannot change on resume, even forced: start a new run; '

@@ -35,10 +35,11 @@ def file_values(content, params: dict, source) -> dict:
     """The ``{'section.key': value}`` of a config file's ``content`` (as YAML read it), checked
     against ``params`` (``{'section.key': Param}``). A section left empty (its keys commented
     out) holds nothing; a list for a comma key (:data:`COMMA_KEYS`: ``betas: [0.9, 0.95]``) is
-    joined with commas, as the command line writes it; true/false is 1/0 (ffcv-imagenet's
-    ``lr_tta: true``). Raises ConfigError naming ``source`` for content that is not a mapping,
-    unknown keys, and a number with a fraction for a whole-number key (fastargs took
-    ``epochs: 3.7`` as 3, without a word)."""
+    joined with commas, as the command line writes it; true/false is 1/0 for an on/off key
+    (ffcv-imagenet's ``lr_tta: true``). Raises ConfigError naming ``source`` for content that is
+    not a mapping, unknown keys, and, each taken without a word by fastargs, a number with a
+    fraction for a whole-number key (``epochs: 3.7`` as 3), true/false for another key
+    (``epochs: true`` as 1) and a key with no value (as its default)."""
     if not isinstance(content, dict):
         raise ConfigError(f'{source}: expected a mapping of sections, got {type(content).__name__}')
     sections = {key.split('.')[0] for key in params}
@@ -47,13 +48,19 @@ def file_values(content, params: dict, source) -> dict:
     unknown = [key for key in flat if key not in params]
     if unknown:
         raise ConfigError(f'{source}: unknown key(s) {", ".join(unknown)}'
-                          f'{did_you_mean(unknown, params)}; valid keys: {", ".join(params)}')
+                          f'{did_you_mean(unknown, params)}; docs/configuration.md (or the '
+                          f'trainer\'s --help) lists every key')
     problems = []
     for key, value in flat.items():
         checker = params[key].checker
         kinds = checker.checkers if isinstance(checker, Or) else [checker]
         if isinstance(value, list) and key in COMMA_KEYS:
             flat[key] = ','.join(map(str, value))
+        elif value is None:  # 'epochs:' left blank (or ~): fastargs took the default
+            problems.append(f'{key}: no value; give one, or remove the line for the default')
+        elif isinstance(value, bool) and not any(isinstance(kind, Switch) for kind in kinds):
+            problems.append(f'{key}: got {value!r} (YAML reads yes/no and true/false so), '
+                            f'expected {checker.help()}')
         elif (isinstance(value, float) and not value.is_integer()
               and any(isinstance(kind, Int) for kind in kinds)):
             problems.append(f'{key}: got {value!r}, expected a whole number')
@@ -87,10 +94,12 @@ def _type_text(checker) -> str:
 
 def did_you_mean(unknown: list, known) -> str:
     """' (did you mean training.epochs?)' for the ``known`` keys closest to the ``unknown`` ones
-    (``--training.epoch=3``, or a file's key; a name without its section, ``--weights``, gives the
-    keys of that name), '' when none is close."""
+    (``--training.epoch=3``, or a file's key; a name without its section, ``--weights``, or in
+    another section, ``--training.warmup_epochs``, gives the keys of that name), '' when none is
+    close."""
     names = [name.lstrip('-').split('=')[0] for name in unknown]
-    close = [m for name in names for m in [k for k in known if k.split('.', 1)[-1] == name]
+    close = [m for name in names for m in [k for k in known if k.split('.', 1)[-1] ==
+                                           name.split('.', 1)[-1]]  # in another section
              or difflib.get_close_matches(name, known, n=1, cutoff=0.8)]
     return f' (did you mean {", ".join(close)}?)' if close else ''
 

@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from imagenet_ffcv import config, config_warnings
-from imagenet_ffcv.config import ConfigError, config_file, load_config, to_dict
+from imagenet_ffcv.config import ConfigError, load_config, to_dict
+from imagenet_ffcv.config_files import config_file
 
 REPO = Path(__file__).resolve().parents[1]
 # ffcv-imagenet's recipes; the classic ones (rn50_step_90_epochs, rn50_60pct_target) are tested in
@@ -285,6 +286,54 @@ def test_a_typo_in_a_key_gets_a_suggestion_and_bad_yaml_one_line(tmp_path):
     with pytest.raises(ConfigError, match=r'bad.yaml: not valid YAML: .*line 3, column 2') as info:
         load_config(['--config', str(bad), *DATA])
     assert '\n' not in str(info.value)
+    # a key in another section: that one is named (training.epochs was, and taken set the run's
+    # length), and the message ends without the 71 keys (a 1.5 kB line)
+    with pytest.raises(ConfigError) as info:
+        load_config([*DATA, '--training.warmup_epochs=5'])
+    assert str(info.value) == ('unknown argument(s) --training.warmup_epochs=5 (did you mean '
+                               'lr.warmup_epochs?); --help lists every key')
+    wrong = _write(tmp_path, 'lr:\n  momentum: 0.8\n', 'wrong.yaml')
+    with pytest.raises(ConfigError, match=r'lr.momentum \(did you mean training.momentum\?\); '
+                                          r'docs/configuration.md \(or the trainer\'s --help\) '
+                                          r'lists every key$'):
+        load_config(['--config', str(wrong), *DATA])
+
+
+def test_what_yaml_reads_but_the_user_did_not_mean_is_refused_naming_the_key(tmp_path):
+    """Each was taken without a word: a second training: section replaced the first whole (its
+    weight decay back at the default), a key given twice took the later value, epochs: true ran
+    1 epoch, a blank epochs: the default, and nan or inf a run that failed as a non-finite loss.
+    A file that is not text was a UnicodeDecodeError traceback; UTF-16 (PowerShell's) loads."""
+    twice = _write(tmp_path, 'training:\n  epochs: 4\n  weight_decay: 1e-4\nlr:\n  lr: 0.5\n'
+                             'training:\n  epochs: 3\n', 'twice.yaml')
+    with pytest.raises(ConfigError, match=r"twice.yaml: not valid YAML: .*'training' given twice "
+                                          r'\(lines 1 and 6\): the later would replace the earlier '
+                                          r'whole; give it once'):
+        load_config(['--config', str(twice), *DATA])
+    key_twice = _write(tmp_path, 'lr:\n  lr: 0.5\n  lr: 0.1\n', 'key.yaml')
+    with pytest.raises(ConfigError, match=r"'lr' given twice \(lines 2 and 3\)"):
+        load_config(['--config', str(key_twice), *DATA])
+    for content, said in (('epochs: true', "training.epochs: got True (YAML reads yes/no and "
+                                           "true/false so), expected"),
+                          ('epochs:', 'training.epochs: no value; give one, or remove the line '
+                                      'for the default')):
+        odd = _write(tmp_path, f'training:\n  {content}\n  use_blurpool: yes\n', 'odd.yaml')
+        with pytest.raises(ConfigError, match=re.escape(f'odd.yaml: {said}')):
+            load_config(['--config', str(odd), *DATA])
+    assert load_config(['--config', str(_write(tmp_path, 'training:\n  use_blurpool: yes\n',
+                                               'on.yaml')), *DATA,
+                        '--logging.folder=x']).training.use_blurpool == 1
+    with pytest.raises(ConfigError, match=r'^lr.lr=inf, training.momentum=nan: not a finite '
+                                          r'number; give a number$'):
+        load_config([*DATA, '--lr.lr=inf', '--training.momentum=nan'])
+    utf16 = tmp_path / 'utf16.yaml'
+    utf16.write_text('training:\n  epochs: 3\n', encoding='utf-16')
+    assert load_config(['--config', str(utf16), *DATA,
+                        '--logging.folder=x']).training.epochs == 3
+    beton = tmp_path / 'train.beton'
+    beton.write_bytes(bytes(range(256)))
+    with pytest.raises(ConfigError, match='train.beton: not valid YAML: '):
+        load_config(['--config', str(beton), *DATA])
 
 
 def test_a_ramp_that_ends_after_the_last_epoch_is_warned_of():
@@ -492,7 +541,7 @@ def test_shipped_configs_resolve_to_their_recorded_values_with_every_option_off(
     snapshot = json.loads((REPO / 'tests' / 'data' / 'shipped_configs_resolved.json').read_text())
     assert len(snapshot['resolved']) == 15
     for name, before in snapshot['resolved'].items():
-        now = flatten(to_dict(load_config(['--config', str(REPO / name),
+        now = flatten(to_dict(load_config(['--config', name,
                                            *snapshot['overrides']])))
         assert now == {**before, **OPTION_DEFAULTS}, name
 
@@ -747,6 +796,12 @@ def test_a_shipped_config_is_found_by_name_from_any_directory(tmp_path, monkeypa
     assert config_file('rn50_configs/rn50_16_epochs.yaml') == Path('rn50_configs/rn50_16_epochs.yaml')
     with pytest.raises(FileNotFoundError, match=r'nope\.yaml.*rn18_configs/rn18_16_epochs\.yaml'):
         load_config(['--config', 'nope.yaml'])
+    # a mistyped path to one's own copy: an error (the shipped recipe of its name ran instead)
+    for typo in ('myconfs/rn50_16_epochs.yaml', str(tmp_path / 'myconfs' / 'rn50_16_epochs.yaml')):
+        with pytest.raises(FileNotFoundError) as info:
+            config_file(typo)
+        assert str(info.value) == (f'--config {typo}: no such file (a shipped config has its '
+                                   f'name: rn50_configs/rn50_16_epochs.yaml; give that to use it)')
 
 
 def test_min_lr_above_the_lr_the_batch_scaling_gives_is_refused_before_training():
