@@ -1,6 +1,7 @@
 """Warnings in a run's header about a config that loads but may not do what its author meant:
 keys the run does not read (:func:`ignored_settings`), an LR tuned for another global batch
-(:func:`unscaled_recipe`), a resolution ramp cut short (:func:`unreached_resolution`). What cannot
+(:func:`unscaled_recipe`), a resolution ramp cut short (:func:`unreached_resolution`), images
+stored smaller than the run's resolutions (:func:`upscaled`). What cannot
 run at all is an error of ``config``."""
 from types import SimpleNamespace
 
@@ -85,7 +86,24 @@ def unreached_resolution(cfg: SimpleNamespace):
             f'it; move the ramp with the epochs')
 
 
+def upscaled(cfg: SimpleNamespace, resolved: dict):
+    """A warning when the images stored are smaller than what the run trains or validates at:
+    ``resolution.max_res`` or ``validation.resolution`` above their largest shorter side (the val
+    .beton's, ``derived.val_image_side``, stands for both), else None. (Validation at 256 px of
+    ImageNet stored at 256 upscales its 224 px centre crops, as the recipes mean to: FixRes.)"""
+    side = resolved.get('derived', {}).get('val_image_side')
+    over = [f'{key}={value}' for key, value in (
+        ('resolution.max_res', cfg.resolution.max_res),
+        ('validation.resolution', cfg.validation.resolution)) if side and value > side]
+    if not over:
+        return None
+    return (f'{" and ".join(over)} above the shorter sides {cfg.data.val_dataset} stores (up to '
+            f'{side} px): every image is upscaled, at the cost of those sides without their '
+            f'detail; write the .beton files at a larger --max-res (256, as for ImageNet), or '
+            f'lower the resolutions')
+
+
 def header_warnings(cfg: SimpleNamespace, resolved: dict) -> list:
     """Every warning above for the run of ``cfg`` whose resolved config is ``resolved``."""
     return [w for w in [unreached_resolution(cfg), unscaled_recipe(resolved),
-                        *ignored_settings(resolved)] if w]
+                        upscaled(cfg, resolved), *ignored_settings(resolved)] if w]

@@ -354,6 +354,23 @@ def test_a_ramp_that_ends_after_the_last_epoch_is_warned_of():
     assert config_warnings.unreached_resolution(_load(recipe, '--training.epochs=13')) is None  # 192 px
 
 
+def test_images_stored_smaller_than_the_runs_resolutions_are_warned_of():
+    """The ResNet-50 recipe (192 px, validation at 256) on .beton files written at --max-res 64
+    upscaled every image without a word; at --max-res 256 (ImageNet's, whose 224 px centre crops
+    validation upscales to 256 by design) it warns of nothing."""
+    recipe = REPO / 'imagenet_ffcv' / 'configs' / 'rn50_configs' / 'rn50_16_epochs.yaml'
+    cfg = _load(recipe)
+    assert config_warnings.upscaled(cfg, {'derived': {'val_image_side': 64}}) == (
+        'resolution.max_res=192 and validation.resolution=256 above the shorter sides y stores '
+        '(up to 64 px): every image is upscaled, at the cost of those sides without their '
+        'detail; write the .beton files at a larger --max-res (256, as for ImageNet), or lower '
+        'the resolutions')
+    assert config_warnings.upscaled(cfg, {'derived': {'val_image_side': 160}}).startswith(
+        'resolution.max_res=192 and validation.resolution=256 above the shorter sides y stores '
+        '(up to 160 px)')
+    assert config_warnings.upscaled(cfg, {'derived': {'val_image_side': 256}}) is None
+
+
 def test_settings_that_do_nothing_in_the_runs_setup_are_warned_of(tmp_path):
     """A value read by nothing loaded silently: momentum with AdamW, betas with SGD, a RandAugment
     magnitude without RandAugment, step_length beside step_fractions, ema_every without EMA. Each
