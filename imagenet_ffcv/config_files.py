@@ -51,14 +51,22 @@ class _OnceEach(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+# What a run adds to its config in params.json (train.build): not keys, left out when a run's
+# params.json is given back as --config (it was refused for them).
+RUN_RECORD = ('derived', 'code', 'launch')
+
+
 def read(path, params: dict) -> dict:
     """The ``{'section.key': value}`` of the config file ``path``, checked against ``params``
     (``config_schema.file_values``). Its bytes are YAML's to decode (UTF-8, or UTF-16 with its
     BOM, as PowerShell saves). Raises ConfigError naming the file for content that is not
     YAML text (a .beton given), YAML that does not parse, a section or key given twice, and
-    what ``file_values`` refuses."""
+    what ``file_values`` refuses. The sections a run adds to its params.json (:data:`RUN_RECORD`)
+    are left out: a run's params.json gives its config back."""
     try:
         content = yaml.load(Path(path).read_bytes(), Loader=_OnceEach) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f'{path}: not valid YAML: {" ".join(str(e).split())}') from None
+    if isinstance(content, dict):
+        content = {name: keys for name, keys in content.items() if name not in RUN_RECORD}
     return file_values(content, params, path)

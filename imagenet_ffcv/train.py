@@ -151,7 +151,7 @@ def build(cfg, dist, wall_start, launch: dict = None) -> Run:
     if cfg.training.compile:
         model = models.compile_model(model)
     lr = config.lr_used(cfg, dist.world_size)
-    resolved = {**config.to_dict(cfg), 'derived': {
+    resolved = {**config.to_dict(cfg), 'derived': {  # (config_files.RUN_RECORD's sections)
         'world_size': dist.world_size, 'lr_used': lr, 'num_classes': num_classes,
         'global_batch_size': config.images_per_step(cfg) * dist.world_size,
         'train_images': int(train_loader.reader.num_samples),  # an epoch's length

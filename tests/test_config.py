@@ -299,6 +299,15 @@ def test_a_typo_in_a_key_gets_a_suggestion_and_bad_yaml_one_line(tmp_path):
         load_config(['--config', str(wrong), *DATA])
 
 
+def test_a_runs_params_json_gives_its_config_back(tmp_path):
+    """params.json as --config was refused for the sections a run adds (derived, code, launch)."""
+    cfg = load_config([*DATA, '--logging.folder=x', '--training.epochs=7', '--lr.lr=0.3'])
+    params = tmp_path / 'params.json'
+    params.write_text(json.dumps({**to_dict(cfg), 'derived': {'world_size': 8},
+                                  'code': {'version': '1'}, 'launch': None}))
+    assert to_dict(load_config(['--config', str(params)])) == to_dict(cfg)
+
+
 def test_what_yaml_reads_but_the_user_did_not_mean_is_refused_naming_the_key(tmp_path):
     """Each was taken without a word: a second training: section replaced the first whole (its
     weight decay back at the default), a key given twice took the later value, epochs: true ran
