@@ -2,10 +2,13 @@
 the config asks for, and the memory ffcv's process cache would take. Each check fails before any
 work is done or any run folder is made (rules between keys: ``config``)."""
 import os
+import warnings
 from pathlib import Path
 
 import psutil
+import torch
 
+from . import config, models
 from .config import ConfigError
 from .optional import require
 from .verify import check_there
@@ -35,6 +38,41 @@ def check_runnable(cfg, device, processes_on_node: int = 1) -> None:
         require('wandb', f'logging.wandb_project={cfg.logging.wandb_project!r}')
     if cfg.logging.tensorboard:
         require('torch.utils.tensorboard', 'logging.tensorboard=1', package='tensorboard')
+    check_model_takes(cfg)
+
+
+def check_model_takes(cfg) -> None:
+    """ConfigError when the model cannot take the run's batches: a training batch of
+    ``training.batch_size`` images at ``resolution.min_res`` and ``max_res``, a validation one at
+    ``validation.resolution`` (torchvision's ViTs take 224 px alone; BatchNorm takes no batch of
+    one image in training). Each is a forward pass of the model built on the meta device (no
+    memory, no computing), judged only where one of 2 images at 224 px passes (a RegNet cannot
+    be built so). The run failed at its first batch, after its run folder was made."""
+    sides = (('resolution.min_res', cfg.resolution.min_res, True),
+             ('resolution.max_res', cfg.resolution.max_res, True),
+             ('validation.resolution', cfg.validation.resolution, False))
+
+    def fails(batch: int, side: int, training: bool):
+        try:
+            model.train(training)(torch.empty(batch, 3, side, side, device='meta'))
+        except Exception as e:  # noqa: BLE001 (what the model's code raises: any type)
+            return e
+        return None
+
+    try:
+        with torch.device('meta'), warnings.catch_warnings():
+            warnings.simplefilter('ignore')  # GoogLeNet's and Inception's about initialisation
+            model = models.build_model(**config.model_kwargs(cfg), num_classes=10)
+    except Exception:  # noqa: BLE001 (no conclusion: the check is left to the first batch)
+        return
+    for key, side, training in sides:
+        batch = cfg.training.batch_size if training else 2
+        e = fails(batch, side, training)
+        if e and not fails(2, 224, False):
+            raise ConfigError(f'model.arch={cfg.model.arch} cannot take the run\'s batches of '
+                              f'{batch} image(s) at {key}={side} px ({type(e).__name__}: '
+                              f'{" ".join(str(e).split())[:200]}): give it sides and batches it '
+                              f'takes, or another arch') from None
 
 
 def check_process_cache(cfg, processes_on_node: int, available: int = None) -> None:

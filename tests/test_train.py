@@ -236,3 +236,27 @@ def test_the_run_header_says_when_the_region_decoder_is_not_built(sample_betons,
     train.open_run_dir(run, None).unlock()
     assert ', decoder fused (whole JPEGs: its C part is not built) with ' in \
         capsys.readouterr().out
+
+
+def test_a_model_that_cannot_take_the_runs_batches_is_refused_before_any_work(sample_betons,
+                                                                              tmp_path, capsys):
+    """torchvision's ViT at 32 px (it takes 224 alone), and a ResNet's BatchNorm given batches of
+    one 32 px image, failed with a traceback at the first batch, after the run folder was made;
+    a forward pass on the meta device finds both first. ViT at 224 px passes."""
+    from imagenet_ffcv import config, preflight
+    args = small_args(sample_betons, tmp_path / 'runs', '--model.arch=vit_b_16')
+    assert train.cli(args) == 1
+    err = capsys.readouterr().err
+    assert err.count('\n') == 1 and ("model.arch=vit_b_16 cannot take the run's batches of 32 "
+                                     "image(s) at resolution.min_res=32 px (AssertionError: Wrong "
+                                     "image height! Expected 224 but got 32!): give it sides and "
+                                     "batches it takes, or another arch") in err, err
+    assert not (tmp_path / 'runs').exists()
+    with pytest.raises(config.ConfigError, match=r"resnet18 cannot take the run's batches of 1 "
+                                                 r"image\(s\) at resolution.min_res=32 px "
+                                                 r"\(ValueError: Expected more than 1 value"):
+        preflight.check_model_takes(small_config(sample_betons, tmp_path, '--training.batch_size=1'))
+    preflight.check_model_takes(small_config(sample_betons, tmp_path, '--model.arch=vit_b_16',
+                                             *(f'--{key}=224' for key in (
+                                                 'resolution.min_res', 'resolution.max_res',
+                                                 'validation.resolution'))))
