@@ -1,7 +1,8 @@
 """Warnings in a run's header about a config that loads but may not do what its author meant:
 keys the run does not read (:func:`ignored_settings`), an LR tuned for another global batch
 (:func:`unscaled_recipe`), a resolution ramp cut short (:func:`unreached_resolution`), images
-stored smaller than the run's resolutions (:func:`upscaled`). What cannot
+stored smaller than the run's resolutions (:func:`upscaled`), gradients accumulated past an
+epoch's batches (:func:`accumulated_past_the_epoch`). What cannot
 run at all is an error of ``config``."""
 from types import SimpleNamespace
 
@@ -103,7 +104,22 @@ def upscaled(cfg: SimpleNamespace, resolved: dict):
             f'lower the resolutions')
 
 
+def accumulated_past_the_epoch(cfg: SimpleNamespace, resolved: dict):
+    """A warning when ``training.grad_accum_steps`` is more than the batches of an epoch (each
+    epoch then makes one optimizer step, of fewer batches than asked), else None."""
+    derived, accum = resolved.get('derived', {}), cfg.training.grad_accum_steps
+    images, world = derived.get('train_images'), derived.get('world_size', 1)
+    batches = images // (cfg.training.batch_size * world) if images else None
+    if not batches or accum <= batches:
+        return None
+    return (f'training.grad_accum_steps={accum} is more than the {batches} batches of an epoch '
+            f'({images} images, {cfg.training.batch_size} per process x {world} process(es)): '
+            f'each epoch makes one optimizer step, of {batches} batches, and the global batch '
+            f'and the LR scaled to it count {accum}; lower it to at most {batches}')
+
+
 def header_warnings(cfg: SimpleNamespace, resolved: dict) -> list:
     """Every warning above for the run of ``cfg`` whose resolved config is ``resolved``."""
     return [w for w in [unreached_resolution(cfg), unscaled_recipe(resolved),
-                        upscaled(cfg, resolved), *ignored_settings(resolved)] if w]
+                        upscaled(cfg, resolved), accumulated_past_the_epoch(cfg, resolved),
+                        *ignored_settings(resolved)] if w]

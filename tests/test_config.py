@@ -363,6 +363,20 @@ def test_a_ramp_that_ends_after_the_last_epoch_is_warned_of():
     assert config_warnings.unreached_resolution(_load(recipe, '--training.epochs=13')) is None  # 192 px
 
 
+def test_gradients_accumulated_past_an_epochs_batches_are_warned_of():
+    """grad_accum_steps=100 on 340 images in batches of 16 (21 an epoch) reported a global batch
+    of 1,600 and made one optimizer step an epoch, without a word."""
+    cfg = load_config([*DATA, '--logging.folder=x', '--training.batch_size=16',
+                       '--training.grad_accum_steps=100'])
+    assert config_warnings.accumulated_past_the_epoch(
+        cfg, {'derived': {'train_images': 340, 'world_size': 1}}) == (
+        'training.grad_accum_steps=100 is more than the 21 batches of an epoch (340 images, 16 per '
+        'process x 1 process(es)): each epoch makes one optimizer step, of 21 batches, and the '
+        'global batch and the LR scaled to it count 100; lower it to at most 21')
+    assert config_warnings.accumulated_past_the_epoch(
+        cfg, {'derived': {'train_images': 1600, 'world_size': 1}}) is None
+
+
 def test_images_stored_smaller_than_the_runs_resolutions_are_warned_of():
     """The ResNet-50 recipe (192 px, validation at 256) on .beton files written at --max-res 64
     upscaled every image without a word; at --max-res 256 (ImageNet's, whose 224 px centre crops
