@@ -59,8 +59,8 @@ def file_values(content, params: dict, source) -> dict:
         elif value is None:  # 'epochs:' left blank (or ~): fastargs took the default
             problems.append(f'{key}: no value; give one, or remove the line for the default')
         elif isinstance(value, bool) and not any(isinstance(kind, Switch) for kind in kinds):
-            problems.append(f'{key}: got {value!r} (YAML reads yes/no and true/false so), '
-                            f'expected {checker.help()}')
+            problems.append(f'{key}: got {value!r} (YAML reads yes/no, on/off and true/false '
+                            f'so; quote a word), expected {checker.help()}')
         elif (isinstance(value, float) and not value.is_integer()
               and any(isinstance(kind, Int) for kind in kinds)):
             problems.append(f'{key}: got {value!r}, expected a whole number')
@@ -302,7 +302,7 @@ def _training_sections(section) -> None:
             use_blurpool=Param(Switch(), '1: BlurPool before strided convs (Zhang 2019)',
                                default=1),
             channels_last=Param(Switch(), '1: NHWC memory format for the model', default=1),
-            distributed=Param(int, 'ignored (kept for ffcv-imagenet configs): launch with '
+            distributed=Param(Switch(), 'ignored (kept for ffcv-imagenet configs): launch with '
                                    'torchrun for several processes', default=0),
             seed=Param(int, 'seed of weights init, data order, crops and flips; rank r draws its '
                                'MixUp/CutMix and augmentation randomness from seed + r', default=0),

@@ -100,8 +100,8 @@ def upscaled(cfg: SimpleNamespace, resolved: dict):
         return None
     return (f'{" and ".join(over)} above the shorter sides {cfg.data.val_dataset} stores (up to '
             f'{side} px): every image is upscaled, at the cost of those sides without their '
-            f'detail; write the .beton files at a larger --max-res (256, as for ImageNet), or '
-            f'lower the resolutions')
+            f'detail; lower the resolutions, or, where the images are larger, write the .beton '
+            f'files at a larger --max-res (256, as for ImageNet)')
 
 
 def accumulated_past_the_epoch(cfg: SimpleNamespace, resolved: dict):

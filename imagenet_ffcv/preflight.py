@@ -8,7 +8,7 @@ from pathlib import Path
 import psutil
 import torch
 
-from . import config, models
+from . import config, models, schedules
 from .config import ConfigError
 from .optional import require
 from .verify import check_there
@@ -43,14 +43,16 @@ def check_runnable(cfg, device, processes_on_node: int = 1) -> None:
 
 def check_model_takes(cfg) -> None:
     """ConfigError when the model cannot take the run's batches: a training batch of
-    ``training.batch_size`` images at ``resolution.min_res`` and ``max_res``, a validation one at
+    ``training.batch_size`` images at each side its epochs train at, a validation one at
     ``validation.resolution`` (torchvision's ViTs take 224 px alone; BatchNorm takes no batch of
-    one image in training). Each is a forward pass of the model built on the meta device (no
-    memory, no computing), judged only where one of 2 images at 224 px passes (a RegNet cannot
-    be built so). The run failed at its first batch, after its run folder was made."""
-    sides = (('resolution.min_res', cfg.resolution.min_res, True),
-             ('resolution.max_res', cfg.resolution.max_res, True),
-             ('validation.resolution', cfg.validation.resolution, False))
+    one image in training, SyncBatchNorm's of several processes does). Each is a forward pass of
+    the model built on the meta device (no memory, no computing), judged only where one of 2
+    images at 224 px passes (a RegNet cannot be built so). The run failed at its first batch,
+    after its run folder was made."""
+    trained = sorted({schedules.resolution_at(epoch, **config.resolution_kwargs(cfg))
+                      for epoch in range(cfg.training.epochs)})
+    sides = [*(('training', side, True) for side in trained),
+             ('validation', cfg.validation.resolution, False)]
 
     def fails(batch: int, side: int, training: bool):
         try:
@@ -65,14 +67,15 @@ def check_model_takes(cfg) -> None:
             model = models.build_model(**config.model_kwargs(cfg), num_classes=10)
     except Exception:  # noqa: BLE001 (no conclusion: the check is left to the first batch)
         return
-    for key, side, training in sides:
-        batch = cfg.training.batch_size if training else 2
+    for kind, side, training in sides:
+        batch = max(cfg.training.batch_size, 1 + cfg.training.sync_bn) if training else 2
         e = fails(batch, side, training)
         if e and not fails(2, 224, False):
-            raise ConfigError(f'model.arch={cfg.model.arch} cannot take the run\'s batches of '
-                              f'{batch} image(s) at {key}={side} px ({type(e).__name__}: '
-                              f'{" ".join(str(e).split())[:200]}): give it sides and batches it '
-                              f'takes, or another arch') from None
+            raise ConfigError(f'model.arch={cfg.model.arch} cannot take the run\'s {kind} batches '
+                              f'of {batch} image(s) at {side} px ({type(e).__name__}: '
+                              f'{" ".join(str(e).split())[:200]}): give it sides (resolution.*, '
+                              f'validation.resolution) and batches it takes, or another arch'
+                              ) from None
 
 
 def check_process_cache(cfg, processes_on_node: int, available: int = None) -> None:

@@ -316,22 +316,24 @@ def test_what_yaml_reads_but_the_user_did_not_mean_is_refused_naming_the_key(tmp
     twice = _write(tmp_path, 'training:\n  epochs: 4\n  weight_decay: 1e-4\nlr:\n  lr: 0.5\n'
                              'training:\n  epochs: 3\n', 'twice.yaml')
     with pytest.raises(ConfigError, match=r"twice.yaml: not valid YAML: .*'training' given twice "
-                                          r'\(lines 1 and 6\): the later would replace the earlier '
-                                          r'whole; give it once'):
+                                          r"\(lines 1 and 6\): YAML keeps the later alone \(of a "
+                                          r"section, none of the earlier's keys\); give it once"):
         load_config(['--config', str(twice), *DATA])
     key_twice = _write(tmp_path, 'lr:\n  lr: 0.5\n  lr: 0.1\n', 'key.yaml')
     with pytest.raises(ConfigError, match=r"'lr' given twice \(lines 2 and 3\)"):
         load_config(['--config', str(key_twice), *DATA])
-    for content, said in (('epochs: true', "training.epochs: got True (YAML reads yes/no and "
-                                           "true/false so), expected"),
+    listed = _write(tmp_path, 'training:\n  ? [a, b]\n  : 1\n', 'listed.yaml')  # (a traceback)
+    with pytest.raises(ConfigError, match=r'listed.yaml: not valid YAML: .*unhashable key'):
+        load_config(['--config', str(listed), *DATA])
+    for content, said in (('epochs: true', "training.epochs: got True (YAML reads yes/no, on/off "
+                                           "and true/false so; quote a word), expected"),
                           ('epochs:', 'training.epochs: no value; give one, or remove the line '
                                       'for the default')):
         odd = _write(tmp_path, f'training:\n  {content}\n  use_blurpool: yes\n', 'odd.yaml')
         with pytest.raises(ConfigError, match=re.escape(f'odd.yaml: {said}')):
             load_config(['--config', str(odd), *DATA])
-    assert load_config(['--config', str(_write(tmp_path, 'training:\n  use_blurpool: yes\n',
-                                               'on.yaml')), *DATA,
-                        '--logging.folder=x']).training.use_blurpool == 1
+    on = _write(tmp_path, 'training:\n  use_blurpool: yes\n  distributed: true\n', 'on.yaml')
+    assert load_config(['--config', str(on), *DATA, '--logging.folder=x']).training.use_blurpool == 1
     with pytest.raises(ConfigError, match=r'^lr.lr=inf, training.momentum=nan: not a finite '
                                           r'number; give a number$'):
         load_config([*DATA, '--lr.lr=inf', '--training.momentum=nan'])
@@ -386,8 +388,8 @@ def test_images_stored_smaller_than_the_runs_resolutions_are_warned_of():
     assert config_warnings.upscaled(cfg, {'derived': {'val_image_side': 64}}) == (
         'resolution.max_res=192 and validation.resolution=256 above the shorter sides y stores '
         '(up to 64 px): every image is upscaled, at the cost of those sides without their '
-        'detail; write the .beton files at a larger --max-res (256, as for ImageNet), or lower '
-        'the resolutions')
+        'detail; lower the resolutions, or, where the images are larger, write the .beton files '
+        'at a larger --max-res (256, as for ImageNet)')
     assert config_warnings.upscaled(cfg, {'derived': {'val_image_side': 160}}).startswith(
         'resolution.max_res=192 and validation.resolution=256 above the shorter sides y stores '
         '(up to 160 px)')
@@ -837,7 +839,8 @@ def test_a_shipped_config_is_found_by_name_from_any_directory(tmp_path, monkeypa
     with pytest.raises(FileNotFoundError, match=r'nope\.yaml.*rn18_configs/rn18_16_epochs\.yaml'):
         load_config(['--config', 'nope.yaml'])
     # a mistyped path to one's own copy: an error (the shipped recipe of its name ran instead)
-    for typo in ('myconfs/rn50_16_epochs.yaml', str(tmp_path / 'myconfs' / 'rn50_16_epochs.yaml')):
+    for typo in ('myconfs/rn50_16_epochs.yaml', str(tmp_path / 'myconfs' / 'rn50_16_epochs.yaml'),
+                 './rn50_16_epochs.yaml', 'rn18_configs/rn50_16_epochs.yaml'):
         with pytest.raises(FileNotFoundError) as info:
             config_file(typo)
         assert str(info.value) == (f'--config {typo}: no such file (a shipped config has its '

@@ -247,15 +247,20 @@ def test_a_model_that_cannot_take_the_runs_batches_is_refused_before_any_work(sa
     args = small_args(sample_betons, tmp_path / 'runs', '--model.arch=vit_b_16')
     assert train.cli(args) == 1
     err = capsys.readouterr().err
-    assert err.count('\n') == 1 and ("model.arch=vit_b_16 cannot take the run's batches of 32 "
-                                     "image(s) at resolution.min_res=32 px (AssertionError: Wrong "
-                                     "image height! Expected 224 but got 32!): give it sides and "
-                                     "batches it takes, or another arch") in err, err
+    assert err.count('\n') == 1 and ("model.arch=vit_b_16 cannot take the run's training batches "
+                                     "of 32 image(s) at 32 px (AssertionError: Wrong image "
+                                     "height! Expected 224 but got 32!): give it sides "
+                                     "(resolution.*, validation.resolution) and batches it takes, "
+                                     "or another arch") in err, err
     assert not (tmp_path / 'runs').exists()
-    with pytest.raises(config.ConfigError, match=r"resnet18 cannot take the run's batches of 1 "
-                                                 r"image\(s\) at resolution.min_res=32 px "
+    with pytest.raises(config.ConfigError, match=r"resnet18 cannot take the run's training "
+                                                 r"batches of 1 image\(s\) at 32 px "
                                                  r"\(ValueError: Expected more than 1 value"):
-        preflight.check_model_takes(small_config(sample_betons, tmp_path, '--training.batch_size=1'))
+        preflight.check_model_takes(small_config(sample_betons, tmp_path,
+                                                 '--training.batch_size=1'))
+    # SyncBatchNorm takes batches of one image on each of several processes
+    preflight.check_model_takes(small_config(sample_betons, tmp_path, '--training.batch_size=1',
+                                             '--training.sync_bn=1'))
     preflight.check_model_takes(small_config(sample_betons, tmp_path, '--model.arch=vit_b_16',
                                              *(f'--{key}=224' for key in (
                                                  'resolution.min_res', 'resolution.max_res',
