@@ -333,7 +333,8 @@ def test_what_yaml_reads_but_the_user_did_not_mean_is_refused_naming_the_key(tmp
         with pytest.raises(ConfigError, match=re.escape(f'odd.yaml: {said}')):
             load_config(['--config', str(odd), *DATA])
     on = _write(tmp_path, 'training:\n  use_blurpool: yes\n  distributed: true\n', 'on.yaml')
-    assert load_config(['--config', str(on), *DATA, '--logging.folder=x']).training.use_blurpool == 1
+    cfg = load_config(['--config', str(on), *DATA, '--logging.folder=x'])
+    assert cfg.training.use_blurpool == 1
     with pytest.raises(ConfigError, match=r'^lr.lr=inf, training.momentum=nan: not a finite '
                                           r'number; give a number$'):
         load_config([*DATA, '--lr.lr=inf', '--training.momentum=nan'])
