@@ -65,9 +65,9 @@ RUN_RECORD = ('derived', 'code', 'launch')
 def read(path, params: dict) -> dict:
     """The ``{'section.key': value}`` of the config file ``path``, checked against ``params``
     (``config_schema.file_values``). Its bytes are YAML's to decode (UTF-8, or UTF-16 with its
-    BOM, as PowerShell saves), as far as it reads. Raises ConfigError naming the file for content that is not
-    YAML text (a .beton given), YAML that does not parse, a section or key given twice, and
-    what ``file_values`` refuses. The sections a run adds to its params.json (:data:`RUN_RECORD`)
+    BOM, as PowerShell saves), as far as it reads. Raises ConfigError naming the file for
+    content that is not YAML text (a .beton given), YAML that does not parse, a section or key
+    given twice, and what ``file_values`` refuses. The sections a run adds to its params.json (:data:`RUN_RECORD`)
     are left out: a run's params.json gives its config back."""
     try:
         with open(path, 'rb') as f:  # read as YAML needs it (a .beton given: its first bytes)

@@ -1,6 +1,7 @@
 """Models from torchvision (or timm) by name, BlurPool, torch.compile, and the weight-decay
 parameter groups."""
 import hashlib
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -94,6 +95,15 @@ def build_model(*, arch: str, num_classes: int, use_blurpool: bool, channels_las
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def meta_model(**build_kwargs) -> nn.Module:
+    """:func:`build_model` on the meta device: parameters with shapes and no memory, forward
+    passes that compute shapes alone (checks before a run, advice on weights that do not fit).
+    Raises what building raises (a RegNet cannot be built so: its widths come from tensors)."""
+    with torch.device('meta'), warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # GoogLeNet's and Inception's about their initialisation
+        return build_model(**build_kwargs)
 
 
 def _timm_model(name: str, *, num_classes: int) -> nn.Module:

@@ -2,7 +2,6 @@
 the config asks for, and the memory ffcv's process cache would take. Each check fails before any
 work is done or any run folder is made (rules between keys: ``config``)."""
 import os
-import warnings
 from pathlib import Path
 
 import psutil
@@ -62,9 +61,7 @@ def check_model_takes(cfg) -> None:
         return None
 
     try:
-        with torch.device('meta'), warnings.catch_warnings():
-            warnings.simplefilter('ignore')  # GoogLeNet's and Inception's about initialisation
-            model = models.build_model(**config.model_kwargs(cfg), num_classes=10)
+        model = models.meta_model(**config.model_kwargs(cfg), num_classes=10)
     except Exception:  # noqa: BLE001 (no conclusion: the check is left to the first batch)
         return
     for kind, side, training in sides:

@@ -136,8 +136,9 @@ def list_samples(split_dir, classes: list) -> list:
     split's: the val split's images would take this class) is left out with a warning too.
     Files whose extension is not in IMAGE_EXTENSIONS are left out with a warning naming them,
     and so are broken or looping symbolic links (to an image or a folder of them), other
-    entries with an image name that are not files, and files in ``split_dir`` itself, outside the class folders; hidden files
-    and folders (a name starting with '.') are left out silently."""
+    entries with an image name that are not files, and files in ``split_dir`` itself, outside
+    the class folders; hidden files and folders (a name starting with '.') are left out
+    silently."""
     split_dir = Path(split_dir)
     if not split_dir.is_dir():
         raise MissingFileError(f'{split_dir}: split folder not found')

@@ -2,12 +2,10 @@
 key prefixes, ffcv-imagenet's BlurPool layout, an EMA's count), and what keeps one from loading
 into a model: the key rules ``weights`` applies to every file it reads."""
 import functools
-import warnings
 
-import torch
 import torchvision
 
-from .models import classifier_keys
+from .models import classifier_keys, meta_model
 
 WRAPPER_PREFIXES = ('module.', '_orig_mod.')  # DistributedDataParallel's, torch.compile's
 
@@ -72,12 +70,11 @@ def _torchvision_state_dicts() -> dict:
     the meta device, with no memory (65 of them took 6 s on a 2-core VM, once per process);
     those that cannot be built so (the RegNets) are left out."""
     found = {}
-    with torch.device('meta'), warnings.catch_warnings():
-        warnings.simplefilter('ignore')  # GoogLeNet's and Inception's about their initialisation
-        for arch in torchvision.models.list_models(module=torchvision.models):
-            try:
-                model = torchvision.models.get_model(arch, weights=None)
-            except Exception:  # noqa: BLE001 (a RegNet: its widths are computed from tensors)
-                continue
-            found[arch] = model.state_dict(), classifier_keys(model)
+    for arch in torchvision.models.list_models(module=torchvision.models):
+        try:
+            model = meta_model(arch=arch, num_classes=1000, use_blurpool=False,
+                               channels_last=False)
+        except Exception:  # noqa: BLE001 (a RegNet: its widths are computed from tensors)
+            continue
+        found[arch] = model.state_dict(), classifier_keys(model)
     return found

@@ -281,11 +281,11 @@ class SavedModel:
         config saved with the weights at ``path`` built the model; '' when none do, or without a
         saved config (the options are used then)."""
         differ = [f'{option}={value}' for (option, value), built in zip(
-                  given.items(), (self.arch, self.use_blurpool))
-                  if self.config and value is not None and value != built]
-        return differ and (f'note: {" ".join(differ)} not used: the config saved with {path} '
-                           f'builds {self.arch} with BlurPool '
-                           f'{"on" if self.use_blurpool else "off"}') or ''
+                  given.items(), (self.arch, self.use_blurpool)) if value not in (None, built)]
+        if not (self.config and differ):
+            return ''
+        return (f'note: {" ".join(differ)} not used: the config saved with {path} builds '
+                f'{self.arch} with BlurPool {"on" if self.use_blurpool else "off"}')
 
 
 def load_model(path, *, num_classes: int = None, beton=None, arch: str = None,
