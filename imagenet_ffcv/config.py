@@ -147,6 +147,12 @@ def _check_consistency(cfg) -> None:
         problems.append(f'lr.warmup_epochs={cfg.lr.warmup_epochs} is after lr.lr_peak_epoch='
                         f'{cfg.lr.lr_peak_epoch}: the cyclic ramp times the warm-up would never '
                         'reach lr.lr; lengthen the ramp with lr.lr_peak_epoch instead')
+    elif (cfg.lr.lr_schedule_type in schedules.DECAY_AFTER_WARMUP
+          and cfg.lr.warmup_epochs >= cfg.training.epochs):
+        problems.append(f'lr.warmup_epochs={cfg.lr.warmup_epochs} takes all training.epochs='
+                        f'{cfg.training.epochs}: the {cfg.lr.lr_schedule_type} decay starts after '
+                        f'the warm-up, so the LR would rise to lr.lr and never decay; give a '
+                        f'shorter warm-up (e.g. --lr.warmup_epochs={cfg.training.epochs / 16:g})')
     if not 0 <= cfg.training.target_top1 <= 1:
         problems.append(f'training.target_top1={cfg.training.target_top1} must be a fraction in '
                         f'[0, 1] (0: off), e.g. 0.6 for 60 %')

@@ -70,11 +70,17 @@ def file_values(content, params: dict, source) -> dict:
 
 
 class Switch(Int):
-    """fastargs' checker of an on/off key: 0 or 1 (YAML's false/true); another number, which
-    fastargs took as on, is refused."""
+    """fastargs' checker of an on/off key: 0 or 1, or the words YAML reads as false/true
+    (false/true, no/yes, off/on, any case), so ``--training.bn_wd=true`` means what
+    ``bn_wd: true`` does in a file; another number, which fastargs took as on, is refused."""
+    WORDS = {'false': 0, 'no': 0, 'off': 0, 'true': 1, 'yes': 1, 'on': 1}
+
     def check(self, value):
-        if value not in (0, 1) and str(value).strip() not in ('0', '1'):
-            raise ValueError(value)  # 2, 0.5 (file_values names a fraction first), 'yes'
+        word = str(value).strip().lower()
+        if word in self.WORDS:
+            return self.WORDS[word]
+        if value not in (0, 1) and word not in ('0', '1'):
+            raise ValueError(value)  # 2, 0.5 (file_values names a fraction first), 'maybe'
         return int(value)
 
     def help(self):

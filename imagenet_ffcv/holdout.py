@@ -69,15 +69,20 @@ def check_holdouts(train_beton, val_beton) -> None:
     with --split train, or it holds out a share of train/ (--holdout F) and ``train_beton`` was
     written with a smaller --holdout (0: every image of train/), which inflates top-1; a larger
     one leaves some images of train/ in neither split, and is refused too (give both the same F).
-    Betons without a record (written by an older version) or with an unreadable one pass."""
+    A ``val_beton`` recorded as --split train is refused whatever ``train_beton``'s record; else
+    betons without a record (written by an older version) or with an unreadable one pass."""
     train, val = holdout_record(train_beton), holdout_record(val_beton)
+    if val is not None and val[0] != 'val':  # training images, however train_beton was written
+        raise HoldoutMismatchError(f'{val_beton} was written with --split {val[0]}: it holds '
+                                   f'training images; the validation .beton is written with '
+                                   f'--split val')
     if train is None or val is None:
         return
-    (train_split, train_f), (val_split, val_f) = train, val
-    if val_split != 'val' or train_split != 'train':
-        wrong, split = (val_beton, val_split) if val_split != 'val' else (train_beton, train_split)
-        raise HoldoutMismatchError(f'{wrong} was written with --split {split}: the training .beton '
-                                   f'takes --split train, the validation one --split val')
+    (train_split, train_f), (_, val_f) = train, val
+    if train_split != 'train':
+        raise HoldoutMismatchError(f'{train_beton} was written with --split {train_split}: the '
+                                   f'training .beton takes --split train, the validation one '
+                                   f'--split val')
     if val_f and train_f != val_f:
         effect = ('the two share images and top-1 would be measured on training images'
                   if train_f < val_f else 'some images of train/ are in neither split')

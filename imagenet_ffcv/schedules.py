@@ -107,6 +107,9 @@ def parse_fractions(text: str) -> list:
 # ``(t, *, lr, epochs, warmup_epochs, **its own arguments)``; config.lr_schedule_kwargs gives them.
 LR_SCHEDULES = {'cyclic': cyclic_lr, 'step': step_lr, 'poly': poly_lr, 'cosine': cosine_lr,
                 'linear': linear_lr}
+# The schedules that hold lr.lr through the warm-up and decay only after it (a warm-up as long as
+# the run would never decay: config refuses it).
+DECAY_AFTER_WARMUP = ('cosine', 'linear')
 
 
 def lr_at(t: float, *, schedule: str, lr: float, epochs: int, warmup_epochs: float = 0.0,

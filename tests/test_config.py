@@ -312,7 +312,8 @@ def test_what_yaml_reads_but_the_user_did_not_mean_is_refused_naming_the_key(tmp
     """Each was taken without a word: a second training: section replaced the first whole (its
     weight decay back at the default), a key given twice took the later value, epochs: true ran
     1 epoch, a blank epochs: the default, and nan or inf a run that failed as a non-finite loss.
-    A file that is not text was a UnicodeDecodeError traceback; UTF-16 (PowerShell's) loads."""
+    A file that is not text was a UnicodeDecodeError traceback; UTF-16 (PowerShell's) loads. An
+    empty file (a copy cut short), or one of comments only, ran on the defaults."""
     twice = _write(tmp_path, 'training:\n  epochs: 4\n  weight_decay: 1e-4\nlr:\n  lr: 0.5\n'
                              'training:\n  epochs: 3\n', 'twice.yaml')
     with pytest.raises(ConfigError, match=r"twice.yaml: not valid YAML: .*'training' given twice "
@@ -338,6 +339,11 @@ def test_what_yaml_reads_but_the_user_did_not_mean_is_refused_naming_the_key(tmp
     with pytest.raises(ConfigError, match=r'^lr.lr=inf, training.momentum=nan: not a finite '
                                           r'number; give a number$'):
         load_config([*DATA, '--lr.lr=inf', '--training.momentum=nan'])
+    for content in ('', '# training:\n#   epochs: 3\n\n'):
+        empty = _write(tmp_path, content, 'empty.yaml')
+        with pytest.raises(ConfigError, match=r'empty.yaml: empty \(no sections; nothing but '
+                                              r'comments or blank lines\)'):
+            load_config(['--config', str(empty), *DATA, '--logging.folder=x'])
     utf16 = tmp_path / 'utf16.yaml'
     utf16.write_text('training:\n  epochs: 3\n', encoding='utf-16')
     assert load_config(['--config', str(utf16), *DATA,
@@ -461,7 +467,8 @@ def test_an_ffcv_imagenet_config_for_8_processes_run_on_fewer_is_warned_of(tmp_p
 
 def test_an_on_off_key_takes_0_or_1_only(tmp_path):
     """``--validation.lr_tta=2`` or ``use_blurpool: 2`` loaded as on, without a word; they are
-    refused naming the key, while YAML's true/false still load as 1/0."""
+    refused naming the key, while YAML's true/false still load as 1/0, and the same words on the
+    command line (``--training.bn_wd=true`` was refused where ``bn_wd: true`` loaded)."""
     with pytest.raises(ConfigError, match=r"validation.lr_tta: got '2', expected 0 or 1"):
         load_config([*DATA, '--logging.folder=r', '--validation.lr_tta=2'])
     with pytest.raises(ConfigError, match=r'training.use_blurpool: got 2, expected 0 or 1'):
@@ -469,6 +476,11 @@ def test_an_on_off_key_takes_0_or_1_only(tmp_path):
     cfg = _load(_write(tmp_path, 'training:\n  use_blurpool: false\n  compile: true\n'),
                 '--logging.folder=r')
     assert (cfg.training.use_blurpool, cfg.training.compile) == (0, 1)
+    cfg = load_config([*DATA, '--logging.folder=r', '--training.bn_wd=true',
+                       '--validation.lr_tta=Off', '--training.compile=yes'])
+    assert (cfg.training.bn_wd, cfg.validation.lr_tta, cfg.training.compile) == (1, 0, 1)
+    with pytest.raises(ConfigError, match=r"training.bn_wd: got 'maybe', expected 0 or 1"):
+        load_config([*DATA, '--logging.folder=r', '--training.bn_wd=maybe'])
     # ffcv-imagenet's log_level 2 (validate every epoch, its loss in the bar) still loads
     assert load_config([*DATA, '--logging.folder=r', '--logging.log_level=2']).logging.log_level == 2
     with pytest.raises(ConfigError, match=r'logging.log_level=-1 must be >= 0'):
@@ -634,6 +646,20 @@ def test_option_keys_are_checked_naming_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(['--data.train_dataset=x', '--data.val_dataset=y', '--logging.folder=z',
                      override])
+
+
+def test_a_warm_up_that_takes_the_whole_run_of_a_decaying_schedule_is_refused():
+    """cosine and linear decay after the warm-up: one as long as the run rose to lr.lr and ended
+    there, without a word. A shorter one loads; step and poly, which decay under it, too."""
+    run = ['--data.train_dataset=x', '--data.val_dataset=y', '--logging.folder=z',
+           '--training.epochs=8', '--lr.warmup_epochs=8']
+    for schedule in ('cosine', 'linear'):
+        with pytest.raises(ConfigError, match=rf'lr.warmup_epochs=8.0 takes all training.epochs=8: '
+                                              rf'the {schedule} decay starts after the warm-up'):
+            load_config([*run, f'--lr.lr_schedule_type={schedule}'])
+        assert load_config([*run, f'--lr.lr_schedule_type={schedule}',
+                            '--lr.warmup_epochs=7.5']).lr.warmup_epochs == 7.5
+    assert load_config([*run, '--lr.lr_schedule_type=poly']).lr.warmup_epochs == 8
 
 
 def test_option_keys_load_when_valid():

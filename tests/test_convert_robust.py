@@ -1525,8 +1525,9 @@ def test_a_val_split_held_out_of_a_train_beton_that_holds_it_is_refused(tmp_path
     trainer measured top-1 on training images without a word. The converter records each
     .beton's --split and --holdout beside it; the trainer's class check (betons.num_classes)
     refuses a pair that differ, naming the files and the command to mend it, and a val .beton
-    written with --split train (a command copied unchanged). The same file as both splits
-    gives a warning. Betons without a record (older ones) pass unchecked."""
+    written with --split train (a command copied unchanged), whatever the training .beton's
+    record. The same file as both splits gives a warning. Betons without a record (older ones)
+    pass unchecked."""
     data = tmp_path / 'data'
     small_split(data, 20)
     args = ['--data-dir', str(data), '--max-res', '32', '--num-workers', '1']
@@ -1549,12 +1550,14 @@ def test_a_val_split_held_out_of_a_train_beton_that_holds_it_is_refused(tmp_path
     with pytest.raises(holdout.HoldoutMismatchError, match=r"train_more.beton was written with "
                        r"--holdout 0.3, so some images of train/ are in neither split"):
         betons.num_classes(files['train_more'], val_path=files['val'])
-    with pytest.raises(holdout.HoldoutMismatchError, match=r"val_copied.beton was written with "
-                       r"--split train: the training .beton takes --split train, the validation "
-                       r"one --split val"):
+    copied = (r"val_copied.beton was written with --split train: it holds training images; the "
+              r"validation .beton is written with --split val")
+    with pytest.raises(holdout.HoldoutMismatchError, match=copied):
         betons.num_classes(files['train_held'], val_path=files['val_copied'])
     assert not recwarn.list
     (tmp_path / 'train.holdout.json').unlink()  # as an older version wrote it
+    with pytest.raises(holdout.HoldoutMismatchError, match=copied):  # passed: train unrecorded
+        betons.num_classes(files['train'], val_path=files['val_copied'])
     assert betons.num_classes(files['train'], val_path=files['val']) == 2
     assert betons.num_classes(files['train'], val_path=files['train']) == 2
     assert [str(w.message) for w in recwarn.list] == [
