@@ -154,7 +154,9 @@ def list_samples(split_dir, classes: list) -> list:
     around = split_dir.absolute()  # the split's folder, those above it and the other split's:
     listed |= {os.path.realpath(p) for p in (around, *around.parents, around.parent / 'train',
                                              around.parent / 'val')}  # links to them: repeats
-    samples, empty, unreadable, other, repeated = [], [], [], [], []
+    broken = [e.name for e in entries if _kind(e) is None and not e.name.startswith('.')]
+    samples, empty, other, repeated = [], [], [], []
+    unreadable = [str(split_dir / name) for name in broken]  # a class folder's link, say
     for wnid in sorted(folders, key=class_to_idx.get):
         folder = split_dir / wnid
         files = _images_under(folder, listed, own, (unreadable, other, repeated))
@@ -169,9 +171,12 @@ def list_samples(split_dir, classes: list) -> list:
                       f'{", ".join(repeated[:5])}{" ..." if len(repeated) > 5 else ""}',
                       stacklevel=2)
     if unreadable:
-        warnings.warn(f'{len(unreadable)} entries are neither readable files nor folders (broken '
-                      f'or looping symbolic links: to a disk not mounted?), so the images they '
-                      f'lead to are left out: {", ".join(unreadable[:5])}'
+        warnings.warn(('1 entry is neither a readable file nor a folder (a broken or looping '
+                       'symbolic link: to a disk not mounted?), so the images it leads to are'
+                       if len(unreadable) == 1 else
+                       f'{len(unreadable)} entries are neither readable files nor folders (broken '
+                       f'or looping symbolic links: to a disk not mounted?), so the images they '
+                       f'lead to are') + f' left out: {", ".join(unreadable[:5])}'
                       f'{" ..." if len(unreadable) > 5 else ""}', stacklevel=2)
     ilsvrc.warn_not_images(other)
     if samples and empty:
@@ -185,7 +190,7 @@ def list_samples(split_dir, classes: list) -> list:
                       f'class folders, left out (no class): {", ".join(loose[:5])}'
                       f'{" ..." if len(loose) > 5 else ""}; move images into their class folder '
                       f'(an interrupted valprep.sh?) and extract tars into theirs', stacklevel=2)
-    absent = [w for w in classes if w not in set(folders)]
+    absent = [w for w in classes if w not in set(folders) | set(broken)]  # broken: named above
     if samples and absent:
         warnings.warn(f'{split_dir}: {len(absent)} of the {len(classes)} train classes have no '
                       f'folder here ({", ".join(absent[:5])}{" ..." if len(absent) > 5 else ""}); '

@@ -954,7 +954,8 @@ def test_subfolders_are_their_class_hidden_folders_are_no_class_and_broken_links
     warning: its images would carry two labels); hidden folders (Jupyter's .ipynb_checkpoints)
     and files (macOS's ._ files) are no class and no image (.ipynb_checkpoints was class 0, every
     label shifted by one); a broken link in train/ is refused (a class folder on a disk that is
-    not mounted dropped out, shifting the classes after it)."""
+    not mounted dropped out, shifting the classes after it); one in val/ is named as such (it was
+    "a class with no folder here"), its class left out."""
     train = tmp_path / 'data' / 'train'
     photos = iter(sorted((SAMPLE / 'train').glob('*/*.JPEG')))
     for name in ('a/x.JPEG', 'a/2019/y.JPEG', 'a/2019/deeper/w.JPEG', 'a/.hidden/z.JPEG',
@@ -974,6 +975,15 @@ def test_subfolders_are_their_class_hidden_folders_are_no_class_and_broken_links
     (train / 'c').symlink_to(tmp_path / 'not_mounted')
     with pytest.raises(ValueError, match=r'train: c cannot be read \(a broken or looping'):
         sources.find_classes(train)
+    val = tmp_path / 'data' / 'val'
+    (val / 'a').mkdir(parents=True)
+    (val / 'a' / 'x.JPEG').symlink_to(next(photos))
+    (val / 'b').symlink_to(tmp_path / 'not_mounted')
+    with pytest.warns(UserWarning) as caught:
+        assert [label for _, label in sources.list_samples(val, ['a', 'b'])] == [0]
+    assert [str(w.message) for w in caught] == [
+        f'1 entry is neither a readable file nor a folder (a broken or looping symbolic link: to '
+        f'a disk not mounted?), so the images it leads to are left out: {val / "b"}']
 
 
 def test_a_link_into_another_class_leaves_each_image_in_its_own_class(tmp_path):
