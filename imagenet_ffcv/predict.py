@@ -163,7 +163,7 @@ def positive(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     """The options of ``imagenet-ffcv-predict``."""
     parser = argparse.ArgumentParser(prog=command_name('predict'),
-                                     description=__doc__.split('\n\n')[0])
+                                     description=__doc__.split('\n\n')[0].replace('``', ''))
     parser.add_argument('images', nargs='+', help='image files (JPEG, PNG, ...)')
     parser.add_argument('--weights', required=True,
                         help='a run folder (its final weights, else its checkpoint), '

@@ -47,7 +47,8 @@ from .writer import write_beton
 
 def build_parser() -> argparse.ArgumentParser:
     """The converter's options."""
-    p = argparse.ArgumentParser(prog=command_name('write'), description=__doc__.split('\n\n')[0])
+    p = argparse.ArgumentParser(prog=command_name('write'),
+                                description=__doc__.split('\n\n')[0].replace('``', ''))
     p.add_argument('--data-dir', default=os.environ.get('IMAGENET_DIR'),
                    help='folder holding train/ and val/ (default: $IMAGENET_DIR)')
     p.add_argument('--split', choices=['train', 'val'],

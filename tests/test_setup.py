@@ -3,6 +3,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import zipfile
 from importlib.metadata import version
 from pathlib import Path
@@ -174,3 +175,27 @@ def test_the_wheel_ships_the_configs_and_the_decoder_without_setuptools_warnings
     assert len(configs) >= 10 and configs <= names, sorted(configs - names)
     assert 'imagenet_ffcv/imagenet_wnids.tsv' in names
     assert any(n.startswith('imagenet_ffcv/_jpeg_region') and n.endswith('.so') for n in names)
+
+
+def test_the_sdist_ships_the_docs_the_readme_links_and_no_tests(tmp_path):
+    """The source distribution held the test files (setuptools takes tests/test*.py by default)
+    without conftest.py, tests/data or requirements.txt, so they failed there, and not docs/,
+    which the README links about 15 times. MANIFEST.in grafts docs/ and prunes tests/."""
+    src = tmp_path / 'src'
+    src.mkdir()
+    for name in ('pyproject.toml', 'setup.py', 'README.md', 'LICENSE', 'MANIFEST.in'):
+        shutil.copy(REPO / name, src / name)
+    for folder in ('imagenet_ffcv', 'docs', 'tests'):
+        shutil.copytree(REPO / folder, src / folder,
+                        ignore=shutil.ignore_patterns('__pycache__', '*.so'))
+    built = subprocess.run([sys.executable, '-c', 'import setuptools.build_meta as b; '
+                            'print(b.build_sdist("dist"))'], cwd=src, capture_output=True,
+                           text=True, timeout=300)
+    assert built.returncode == 0, (built.stdout + built.stderr)[-3000:]
+    sdist = src / 'dist' / built.stdout.split()[-1]
+    with tarfile.open(sdist) as tar:
+        names = {name.split('/', 1)[1] for name in tar.getnames() if '/' in name}
+    docs = {f'docs/{p.name}' for p in (REPO / 'docs').glob('*.md')}
+    assert len(docs) >= 5 and docs <= names, sorted(docs - names)
+    assert {'README.md', 'LICENSE', 'imagenet_ffcv/jpeg_region.c', 'setup.py'} <= names
+    assert [n for n in names if n.startswith('tests/')] == []
