@@ -5,7 +5,7 @@ Class ``i`` is the ``i``-th wnid of the sorted train split (see ``sources``).
 """
 from pathlib import Path
 
-from .errors import ImagenetFfcvError
+from .errors import CheckpointError, ImagenetFfcvError
 from .files import write_text_atomic
 
 WNID_NAMES_FILE = Path(__file__).with_name('imagenet_wnids.tsv')
@@ -73,3 +73,22 @@ def read_class_names(path) -> list:
     with open(path, encoding='utf-8') as f:
         names = [(line.rstrip('\n').split('\t') + [''])[2] for line in f if line.strip()]
     return [(wnid, name or known.get(wnid, '')) for wnid, name in zip(wnids, names)]
+
+
+def check_same_classes(path, classes, beton) -> None:
+    """Raise CheckpointError naming both files when ``classes`` (``[(wnid, name), ...]`` saved
+    with the weights at ``path``) and the class list beside ``beton`` (:func:`class_list_path`)
+    name other wnids or another order: class ``i`` of the model would not be label ``i`` of the
+    .beton. Nothing is checked when either list is missing (None, or no file)."""
+    beton_list = class_list_path(beton)
+    if not classes or not beton_list.is_file():
+        return
+    theirs, ours = read_class_list(beton_list), [wnid for wnid, _ in classes]
+    if theirs != ours:
+        at = next((i for i, pair in enumerate(zip(ours, theirs)) if pair[0] != pair[1]),
+                  min(len(ours), len(theirs)))
+        raise CheckpointError(
+            f'{path} was trained on other classes than {beton} has ({beton_list}): '
+            f'{len(ours)} and {len(theirs)} classes, first difference at index {at}; its labels '
+            'would not match the predictions. Evaluate on a .beton written from the same train '
+            'split as the run (the class list in the run folder is classes.tsv)')

@@ -140,7 +140,7 @@ def markdown() -> str:
 
 # Keys that modules outside the config readers name in their advice (weights.py, checkpoint.py).
 ARCH_KEY, BLURPOOL_KEY, FORCE_KEY = 'model.arch', 'training.use_blurpool', 'checkpoint.force'
-TARGET_KEY = 'training.target_top1'
+TARGET_KEY, RESET_HEAD_KEY = 'training.target_top1', 'model.reset_head'
 
 
 def nested_ffcv_imagenet_params(params):

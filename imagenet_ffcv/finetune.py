@@ -7,14 +7,15 @@ from pathlib import Path
 import torch
 
 from .classes import read_class_list
-from .config_schema import BLURPOOL_KEY
+from .config_schema import ARCH_KEY, BLURPOOL_KEY, RESET_HEAD_KEY
 from .errors import CheckpointError
 from .models import BlurPoolConv2d, classifier_keys, takes_blurpool
-from .state_dicts import mismatch
+from .state_dicts import fit_advice, mismatch, without_prefix
 from .weights import load_weights
 
 
-def init_from(model: torch.nn.Module, path, *, reset_head: bool, class_list=None) -> str:
+def init_from(model: torch.nn.Module, path, *, reset_head: bool, class_list=None,
+              arch: str = '') -> str:
     """Start ``model`` (built for the dataset's classes) from the weights in ``path`` (a
     checkpoint, ``final_weights.pt`` / ``.safetensors``, or a plain torchvision state dict saved
     with ``torch.save``; read by ``weights.load_weights``, nothing in it runs), as fine-tuning
@@ -26,11 +27,15 @@ def init_from(model: torch.nn.Module, path, *, reset_head: bool, class_list=None
     was loaded, with a note when ``model`` has BlurPool (``models.BlurPoolConv2d``) and the
     weights were not or may not have been trained with it (torchvision's and timm's are not:
     BlurPool then changes what every strided conv sees), or the other way round, and one when
-    EMA weights were left aside (``weights.Weights.note``). Raises CheckpointError
-    naming the file and the keys when any other weight is missing, extra or of another shape
-    (another architecture)."""
+    EMA weights were left aside (``weights.Weights.note``), and one when the classifier is loaded
+    without class lists to check it by. A prefix that every key shares and that keeps them from
+    fitting (a PyTorch Lightning checkpoint's ``model.``) is removed
+    (``state_dicts.without_prefix``). Raises CheckpointError naming the file and the keys, and
+    the torchvision archs they fit when ``arch`` (the model's name) is not one, when any other
+    weight is missing, extra or of another shape (another architecture)."""
     state, _, saved, trained_blurred, note = load_weights(path)
     own, head = model.state_dict(), classifier_keys(model)
+    state, prefix = without_prefix(state, own, ignore=head)  # Lightning's 'model.'
     ours = read_class_list(class_list) if class_list and Path(class_list).is_file() else None
     why = ('as asked' if reset_head else
            'the file has none' if head and not head & state.keys() else
@@ -41,10 +46,17 @@ def init_from(model: torch.nn.Module, path, *, reset_head: bool, class_list=None
     problems = mismatch(state, own, ignore=reset)
     if problems:
         raise CheckpointError(
-            f'{path}: the weights do not fit this model (another architecture?): {problems}')
+            f'{path}: the weights do not fit this model (another architecture? set --{ARCH_KEY}'
+            f'{fit_advice(state, arch)}): {problems}')
     model.load_state_dict({k: v for k, v in state.items() if k not in reset}, strict=False)
+    kept = head and not reset and not (saved and ours)  # its outputs: whose classes?
     return (f"=> started from {path} ({len(state.keys() - reset)} tensors)" +
             (f'; classifier {", ".join(sorted(reset))} newly initialised ({why})' if reset else '')
+            + (f'; {prefix!r} removed from the start of every key' if prefix else '')
+            + (f'\nnote: the classifier of {path} is loaded, its outputs taken as the dataset\'s '
+               f'classes in their order: no class list came with the '
+               f'{"dataset" if saved else "weights"} to check them by (--{RESET_HEAD_KEY}=1 '
+               f'starts it anew)' if kept else '')
             + _blurpool_note(model, trained_blurred) + (f'\n{note}' if note else ''))
 
 

@@ -56,12 +56,40 @@ def mismatch(state: dict, own: dict, ignore=frozenset()) -> str:
             f'{wrong_shape[:5] or "none"}')
 
 
+def without_prefix(state: dict, own: dict, ignore=frozenset()) -> tuple:
+    """``(state, prefix)``: ``state`` with the dotted prefix that every key of it shares removed
+    (``model.`` of a PyTorch Lightning checkpoint, whose LightningModule holds the network as
+    ``self.model``; ``net.``, ``backbone.``) when that makes it fit ``own`` (:func:`mismatch`
+    with ``ignore``, e.g. the classifier's keys) and it did not fit before; else ``(state, '')``,
+    so a file that does not fit is told by its own keys."""
+    parts = [key.split('.') for key in state]
+    shared = []
+    for names in zip(*parts):  # a prefix leaves each key a name of its own:
+        if len(set(names)) > 1 or len(shared) + 1 >= min(map(len, parts)):
+            break
+        shared.append(names[0])
+    while shared and mismatch(state, own, ignore):
+        prefix = '.'.join(shared) + '.'
+        stripped = {key[len(prefix):]: value for key, value in state.items()}
+        if not mismatch(stripped, own, ignore):
+            return stripped, prefix
+        shared.pop()  # 'model.encoder.' too long: 'model.'
+    return state, ''
+
+
 def fitting_archs(state: dict) -> list:
     """The torchvision classification models (``torchvision.models.list_models``) whose state
     dict ``state`` fits, its classifier's output count aside (:func:`mismatch` ignoring
     ``models.classifier_keys``): advice for weights that do not fit the arch assumed for them."""
     return [arch for arch, (own, head) in _torchvision_state_dicts().items()
             if not mismatch(state, own, ignore=head)]
+
+
+def fit_advice(state: dict, assumed: str) -> str:
+    """'; their keys fit ARCH, ...' (:func:`fitting_archs`), or '' when none does or the arch
+    ``assumed`` does (the class count or a missing classifier is what differs)."""
+    fit = fitting_archs(state)
+    return f'; their keys fit {", ".join(fit)}' if fit and assumed not in fit else ''
 
 
 @functools.cache

@@ -134,7 +134,7 @@ def build(cfg, dist, wall_start, launch: dict = None) -> Run:
     class_list = class_list_path(cfg.data.train_dataset)
     model_without_ddp = models.build_model(**config.model_kwargs(cfg), num_classes=num_classes)
     if cfg.model.weights:  # fine-tuning (on --resume, the checkpoint's weights replace these)
-        loaded = finetune.init_from(model_without_ddp, cfg.model.weights,
+        loaded = finetune.init_from(model_without_ddp, cfg.model.weights, arch=cfg.model.arch,
                                     reset_head=bool(cfg.model.reset_head), class_list=class_list)
         if dist.is_primary:
             print(loaded)

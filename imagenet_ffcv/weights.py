@@ -20,14 +20,14 @@ import safetensors.torch
 import torch
 
 from .checkpoint import check_format, is_checkpoint, save, weights_in
-from .classes import class_list_path, ilsvrc_classes, read_class_list, read_class_names
+from .classes import check_same_classes, ilsvrc_classes, read_class_names
 from .config import saved_eval_kwargs, saved_model_kwargs
 from .config_schema import ARCH_KEY, nested_ffcv_imagenet_params
 from .errors import CheckpointError, MissingFileError
 from .files import atomic_path
-from .models import build_model, classifier_keys
+from .models import build_model, classifier_keys, meta_model
 from .run_dir import RunDir
-from .state_dicts import BLUR_FILTER, fitting_archs, mismatch, unwrapped
+from .state_dicts import BLUR_FILTER, fit_advice, mismatch, unwrapped, without_prefix
 from .torch_files import TORCH_FILE_STARTS, safe_torch_load
 
 SAFETENSORS_FORMAT = 'imagenet_ffcv final weights'  # the metadata's 'format': config and classes
@@ -65,7 +65,14 @@ def _load_safetensors(path) -> tuple:
         with safetensors.safe_open(str(path), framework='pt') as f:
             metadata = f.metadata() or {}
     except Exception as e:
-        raise CheckpointError(f'{path}: cannot read the weights ({type(e).__name__}: {e})') from e
+        with open(path, 'rb') as f:  # the JSON header's length (8 bytes), the header, the data
+            head = f.read(9)
+        cut = head[8:] == b'{' and (8 + int.from_bytes(head[:8], 'little') > path.stat().st_size
+                                    or 'not fully covered' in str(e))  # data cut short
+        raise CheckpointError(f'{path}: ' + (
+            f'incomplete: its header names more bytes than the file holds ({path.stat().st_size:,}'
+            f' bytes; a copy or download cut short?): copy or download it again' if cut else
+            f'cannot read the weights ({type(e).__name__}: {e})')) from e
     return (state, *_described(metadata, path))
 
 
@@ -174,8 +181,9 @@ def _ema_note(given, path, content) -> str:
                 f'writes its EMA weights as {RunDir(path.parent).final_weights_ema.name} when '
                 f'it finishes)')
     return (f'note: {path} also holds EMA weights ({held[0]!r}); the plain weights are used: to '
-            f'use the EMA ones, save them alone (torch.save(torch.load({str(path)!r})'
-            f'[{held[0]!r}], "ema.pt"))' if held else '')
+            f'use the EMA ones, save them alone (python -c \'import argparse, torch; torch.'
+            f'serialization.add_safe_globals([argparse.Namespace]); torch.save(torch.load('
+            f'"{path}")["{held[0]}"], "ema.pt")\')' if held else '')
 
 
 def load_weights(path) -> Weights:
@@ -249,8 +257,9 @@ def _state_dict_in(content, path) -> dict:
     for key in STATE_DICT_KEYS if isinstance(content, dict) else ():
         if tensors(content.get(key)):
             return content[key]
-    held = (f'keys {", ".join(map(repr, list(content)[:8]))}' if isinstance(content, dict) else
-            f'a {type(content).__name__}')
+    held = (f'keys {", ".join(map(repr, list(content)[:8]))}' if content and isinstance(
+            content, dict) else f'an empty {type(content).__name__}' if isinstance(
+            content, (dict, list)) else f'a {type(content).__name__}')
     raise CheckpointError(f'{path}: holds no state dict of tensors ({held}); save the model\'s '
                           f'state dict alone (torch.save(model.state_dict(), "weights.pt"))')
 
@@ -264,7 +273,8 @@ class SavedModel:
     saved, for the caller to end with its options ('' when one is: the weights load with
     BlurPool on or off alike, so say it), ``ilsvrc_classes`` True when no class list came with the
     weights and ``classes`` are ILSVRC-2012's, taken for a classifier of 1,000 outputs; ``note``
-    a line for the user when EMA weights were left aside (:attr:`Weights.note`), else '';
+    lines for the user (EMA weights left aside, :attr:`Weights.note`; a prefix removed from the
+    keys; a classifier taken as the .beton's classes without a class list), else '';
     ``use_blurpool`` whether it was built with BlurPool."""
     model: torch.nn.Module
     config: dict
@@ -301,7 +311,9 @@ def load_model(path, *, num_classes: int = None, beton=None, arch: str = None,
     of the class list saved with the weights, or, without one, ILSVRC-2012's 1,000 classes
     (sorted wnids: torchvision's order) when the file's classifier has 1,000 outputs. ``beton``:
     the .beton the model is evaluated on; when both it and the weights have a class list, the
-    wnids must be the same, in the same order (:func:`check_classes`). Used by
+    wnids must be the same, in the same order (``classes.check_same_classes``). A prefix that
+    every key shares and that keeps them from fitting the arch (a PyTorch Lightning checkpoint's
+    ``model.``) is removed (``state_dicts.without_prefix``). Used by
     ``imagenet-ffcv-train`` (eval-only) and ``imagenet-ffcv-predict``.
 
     Raises CheckpointError naming the file when it is missing or unreadable, when its classes are
@@ -311,14 +323,17 @@ def load_model(path, *, num_classes: int = None, beton=None, arch: str = None,
     """
     state, saved_config, classes, blurpool, note = load_weights(path)
     if beton is not None:
-        check_classes(path, classes, beton)
+        check_same_classes(path, classes, beton)
     structure = {'arch': arch or 'resnet50', 'use_blurpool': bool(use_blurpool),
                  'channels_last': channels_last}
     if saved_config:
         structure = saved_model_kwargs(saved_config)
     elif blurpool:  # ffcv-imagenet's BlurPool filters are in the file
         structure['use_blurpool'] = True
-    outputs = _outputs(state, structure['arch']) if num_classes is None and not classes else None
+    probe = meta_model(arch=structure['arch'], num_classes=1, use_blurpool=False,
+                       channels_last=False)
+    state, prefix = without_prefix(state, probe.state_dict(), ignore=classifier_keys(probe))
+    outputs = _outputs(state, probe) if num_classes is None and not classes else None
     ilsvrc = outputs == 1000
     headless = outputs == 0  # no classifier where arch has one:
     num_classes = 1 if headless else num_classes  # the keys that do not fit, said below
@@ -347,49 +362,37 @@ def load_model(path, *, num_classes: int = None, beton=None, arch: str = None,
                               f': {problems}' + ('' if saved_config else
                               f' ({structure["arch"]} assumed: no config is saved with the '
                               f'weights; name their arch: predict --arch, eval-only '
-                              f'--{ARCH_KEY}' + _fitting(state, structure['arch']) + ')'))
+                              f'--{ARCH_KEY}' + fit_advice(state, structure['arch']) + ')'))
     model.load_state_dict(state)
-    assumed = '' if saved_config else (
-        f'note: no config saved with {path}: built as {structure["arch"]} with BlurPool '
-        + ('on, as the BlurPool filters saved in it say; if it is another arch, say so'
-           if blurpool else f'{"on" if structure["use_blurpool"] else "off"}' + (
-               " (as weights from elsewhere, torchvision's or timm's, are trained)"
-               if use_blurpool is None else '') + '; if it was trained otherwise, say so'))
+    note = '\n'.join(filter(None, (note, prefix and f'note: {prefix!r} removed from the start of '
+                                    f'every key in {path} (a PyTorch Lightning checkpoint\'s, say)',
+                                    beton and not classes and head and (
+                                        f'note: no class list is saved with {path}: its '
+                                        f'classifier\'s {num_classes} outputs are taken as the '
+                                        f'classes of {beton}, in their order'))))
     return SavedModel(model=model, config=saved_config, classes=classes, arch=structure['arch'],
-                      assumed=assumed, ilsvrc_classes=ilsvrc, note=note,
+                      assumed='' if saved_config else _assumed(path, structure, blurpool,
+                                                               use_blurpool),
+                      ilsvrc_classes=ilsvrc, note=note,
                       use_blurpool=bool(structure['use_blurpool']))
 
 
-def _outputs(state: dict, arch: str):
-    """The rows of the classifier weight in ``state`` for a model ``arch``: 0 when ``state``
-    lacks it, None when ``arch`` has no ``nn.Linear`` classifier (SqueezeNet's is a conv)."""
-    probe = build_model(arch=arch, num_classes=1, use_blurpool=False, channels_last=False)
+def _assumed(path, structure: dict, filters_saved: bool, asked) -> str:
+    """:attr:`SavedModel.assumed` of weights saved without a config, built as ``structure``
+    (``build_model``'s arch and use_blurpool) with BlurPool on where its filters are saved
+    (``filters_saved``), else as the caller ``asked`` (None: not asked)."""
+    built = f'note: no config saved with {path}: built as {structure["arch"]} with BlurPool '
+    if filters_saved:
+        return (built + 'on, as the BlurPool filters saved in it say' +
+                (' (not off as asked)' if asked is False else '') + '; if it is another arch, '
+                'say so')
+    return (built + ('on' if structure['use_blurpool'] else 'off') +
+            (" (as weights from elsewhere, torchvision's or timm's, are trained)" if asked is None
+             else '') + '; if it was trained otherwise, say so')
+
+
+def _outputs(state: dict, probe: torch.nn.Module):
+    """The rows of the classifier weight in ``state`` for a model of ``probe``'s arch: 0 when
+    ``state`` lacks it, None when it has no ``nn.Linear`` classifier (SqueezeNet's is a conv)."""
     weight = [k for k in classifier_keys(probe) if k.endswith('weight')]
     return (state[weight[0]].shape[0] if weight[0] in state else 0) if weight else None
-
-
-def _fitting(state: dict, assumed: str) -> str:
-    """'; their keys fit ARCH, ...' (:func:`state_dicts.fitting_archs`), or '' when none does or
-    the arch ``assumed`` does (the class count or a missing classifier is what differs)."""
-    fit = fitting_archs(state)
-    return f'; their keys fit {", ".join(fit)}' if fit and assumed not in fit else ''
-
-
-def check_classes(path, classes, beton) -> None:
-    """Raise CheckpointError naming both files when ``classes`` (``[(wnid, name), ...]`` saved
-    with the weights at ``path``) and the class list beside ``beton`` (``classes.class_list_path``)
-    name other wnids or another order: class ``i`` of the model would not be label ``i`` of the
-    .beton. Nothing is checked when either list is missing (None, or no file)."""
-    beton_list = class_list_path(beton)
-    if not classes or not beton_list.is_file():
-        return
-    theirs, ours = read_class_list(beton_list), [wnid for wnid, _ in classes]
-    if theirs != ours:
-        at = next((i for i, pair in enumerate(zip(ours, theirs)) if pair[0] != pair[1]),
-                  min(len(ours), len(theirs)))
-        raise CheckpointError(
-            f'{path} was trained on other classes than {beton} has ({beton_list}): '
-            f'{len(ours)} and {len(theirs)} classes, first difference at index {at}; its labels '
-            'would not match the predictions. Evaluate on a .beton written from the same train '
-            'split as the run (the class list in the run folder is classes.tsv)')
-

@@ -1,10 +1,14 @@
 """Checkpoint files, resume look-up, config comparison, signals and the training loop's checks
 (non-finite loss, stop requests, checkpoints within an epoch), on CPU without ffcv."""
+import argparse
 import json
 import os
 import re
 import signal
+import subprocess
+import sys
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -747,13 +751,16 @@ def test_weights_are_read_by_content_and_a_file_that_only_lies_in_a_run_folder_i
         f"note: {run / 'final_weights.pt'} holds the plain weights; the run's EMA weights are "
         f"{run / 'final_weights_ema.pt'}: give that file to use them")
     ema = {k: v + 1 for k, v in state.items()}
-    torch.save({'model': state, 'model_ema': ema, 'epoch': 3}, tmp_path / 'reference.pth')
+    torch.save({'model': state, 'model_ema': ema, 'epoch': 3, 'args': argparse.Namespace(lr=1)},
+               tmp_path / 'reference.pth')  # as torchvision's reference scripts save
     read = weights.load_weights(tmp_path / 'reference.pth')
     assert torch.equal(read.state['weight'], state['weight'])
-    assert read.note == (
-        f"note: {tmp_path / 'reference.pth'} also holds EMA weights ('model_ema'); the plain "
-        f"weights are used: to use the EMA ones, save them alone (torch.save(torch.load("
-        f"{str(tmp_path / 'reference.pth')!r})['model_ema'], \"ema.pt\"))")
+    said = (f"note: {tmp_path / 'reference.pth'} also holds EMA weights ('model_ema'); the plain "
+            f"weights are used: to use the EMA ones, save them alone (python -c '")
+    assert read.note.startswith(said) and read.note.endswith("')")
+    # the command it gives works (torch.load refused the file's argparse.Namespace)
+    subprocess.run([sys.executable, '-c', read.note[len(said):-2]], cwd=tmp_path, check=True)
+    assert torch.equal(weights.load_weights(tmp_path / 'ema.pt').state['weight'], ema['weight'])
     model = nn.Linear(2, 2)
     checkpoint.save(checkpoint.training_state(
         model_state=model.state_dict(), optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
@@ -766,19 +773,51 @@ def test_weights_are_read_by_content_and_a_file_that_only_lies_in_a_run_folder_i
     with pytest.raises(checkpoint.CheckpointError, match=r'empty.pt: not a PyTorch file \(it is '
                                                          r'empty, 0 bytes, not as torch.save'):
         weights.load_weights(tmp_path / 'empty.pt')
+    # each was torch's or safetensors' own words ('[enforce fail at inline_container.cc:180]',
+    # 'keys )', 'SafetensorError: ... incomplete metadata, file not fully covered')
+    with zipfile.ZipFile(tmp_path / 'notes.pt', 'w') as archive:
+        archive.writestr('readme.txt', 'not weights')
+    with pytest.raises(checkpoint.CheckpointError,
+                       match=r"notes.pt: a zip archive, not one torch.save writes \(it holds "
+                             r"readme.txt, no data.pkl\)"):
+        weights.load_weights(tmp_path / 'notes.pt')
+    torch.save({}, tmp_path / 'nothing.pt')
+    with pytest.raises(checkpoint.CheckpointError, match=r'nothing.pt: holds no state dict of '
+                                                         r'tensors \(an empty dict\)'):
+        weights.load_weights(tmp_path / 'nothing.pt')
+    whole = (tmp_path / 'st_as.pt').read_bytes()
+    (tmp_path / 'cut.safetensors').write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(checkpoint.CheckpointError, match=r'cut.safetensors: incomplete: its header '
+                                                         r'names more bytes than the file holds'):
+        weights.load_weights(tmp_path / 'cut.safetensors')
 
 
-def test_weights_whose_keys_do_not_fit_say_so_before_asking_for_a_class_list(tmp_path):
-    """Lightning's 'model.' prefix: predict asked for a class list (the classifier was not found,
-    so its outputs could not be counted), sending the user off to write one before it named
-    the keys; the keys that do not fit come first now."""
+def test_a_lightning_checkpoint_loads_and_keys_that_do_not_fit_are_named_first(tmp_path):
+    """A PyTorch Lightning checkpoint (its LightningModule's network as self.model: every key
+    'model.'-prefixed) was refused as another architecture; the prefix is removed, with a note,
+    when that makes the keys fit. A classifier kept without a class list is named with the
+    classes it is taken for. Keys that do not fit are named before a class list is asked for
+    (predict sent the user off to write one first)."""
     from imagenet_ffcv.models import build_model
     model = build_model(arch='resnet18', num_classes=3, use_blurpool=False, channels_last=False)
-    torch.save({f'model.{k}': v for k, v in model.state_dict().items()}, tmp_path / 'l.ckpt')
-    with pytest.raises(checkpoint.CheckpointError, match=r"l.ckpt: the weights do not fit "
+    lightning = tmp_path / 'l.ckpt'
+    torch.save({'state_dict': {f'model.{k}': v for k, v in model.state_dict().items()},
+                'epoch': 3, 'global_step': 30}, lightning)
+    saved = weights.load_model(lightning, arch='resnet18', num_classes=3,
+                               beton=tmp_path / 'val.beton')
+    assert all(torch.equal(saved.model.state_dict()[k], v) for k, v in model.state_dict().items())
+    assert saved.note == (
+        f"note: 'model.' removed from the start of every key in {lightning} (a PyTorch Lightning "
+        f"checkpoint's, say)\nnote: no class list is saved with {lightning}: its classifier's 3 "
+        f"outputs are taken as the classes of {tmp_path / 'val.beton'}, in their order")
+    with pytest.raises(FileNotFoundError, match='no class list for .*l.ckpt: none saved with it'):
+        weights.load_model(lightning, arch='resnet18')  # 3 outputs: whose classes?
+    other = build_model(arch='resnet34', num_classes=3, use_blurpool=False, channels_last=False)
+    torch.save({f'model.{k}': v for k, v in other.state_dict().items()}, tmp_path / 'o.ckpt')
+    with pytest.raises(checkpoint.CheckpointError, match=r"o.ckpt: the weights do not fit "
                                                          r"resnet18: missing \['bn1.bias'.*"
                                                          r"unexpected \['model.bn1.bias'"):
-        weights.load_model(tmp_path / 'l.ckpt', arch='resnet18')
+        weights.load_model(tmp_path / 'o.ckpt', arch='resnet18')
     squeeze = build_model(arch='squeezenet1_1', num_classes=3, use_blurpool=False,
                           channels_last=False)  # its classifier is a conv: no class count read
     torch.save(squeeze.state_dict(), tmp_path / 's.pt')

@@ -61,12 +61,33 @@ def test_our_safetensors_with_the_same_class_count_loads_the_classifier_unless_r
     assert_loaded(reset, source, head_from_file=False, fresh_head=fresh)
 
 
-def test_weights_of_another_architecture_are_refused_naming_the_file(tmp_path):
+def test_weights_of_another_architecture_are_refused_naming_the_file_and_the_arch(tmp_path):
+    """Eval-only and predict named the archs the keys fit; fine-tuning did not, nor the key."""
     torch.manual_seed(0)
     other = build_model(arch='resnet34', num_classes=10, use_blurpool=False, channels_last=False)
     torch.save(other.state_dict(), tmp_path / 'resnet34.pt')
-    with pytest.raises(CheckpointError, match=r'resnet34.pt: the weights do not fit this model'):
-        finetune.init_from(resnet18(10, seed=0), tmp_path / 'resnet34.pt', reset_head=False)
+    with pytest.raises(CheckpointError, match=r'resnet34.pt: the weights do not fit this model '
+                                              r'\(another architecture\? set --model.arch; their '
+                                              r'keys fit resnet34\): missing'):
+        finetune.init_from(resnet18(10, seed=0), tmp_path / 'resnet34.pt', reset_head=False,
+                           arch='resnet18')
+
+
+def test_a_lightning_checkpoint_loads_and_a_kept_classifier_is_named(tmp_path):
+    """A PyTorch Lightning checkpoint (keys 'model.'-prefixed) was refused as another
+    architecture; a classifier of the dataset's class count was kept without a word when no
+    class list came with the weights (one of another data set's 10 classes, say)."""
+    source = resnet18(10, seed=0)
+    path = tmp_path / 'epoch=3.ckpt'
+    torch.save({'state_dict': {f'model.{k}': v for k, v in source.state_dict().items()},
+                'epoch': 3}, path)
+    model = resnet18(10, seed=1)
+    message = finetune.init_from(model, path, reset_head=False)
+    assert_loaded(model, source, head_from_file=True)
+    assert message == (f"=> started from {path} (122 tensors); 'model.' removed from the start of "
+                       f"every key\nnote: the classifier of {path} is loaded, its outputs taken "
+                       f"as the dataset's classes in their order: no class list came with the "
+                       f"weights to check them by (--model.reset_head=1 starts it anew)")
 
 
 @pytest.mark.parametrize('prefix', ['module.', '_orig_mod.', 'module._orig_mod.'])
@@ -106,7 +127,7 @@ def test_ffcv_imagenets_blurpool_weights_load_for_eval_predict_and_finetuning(tm
                                channels_last=False)
     assert_loaded(saved.model, source, head_from_file=True)
     model = build_model(arch='resnet18', num_classes=10, use_blurpool=True, channels_last=False)
-    assert 'note' not in finetune.init_from(model, path, reset_head=False)
+    assert 'BlurPool' not in finetune.init_from(model, path, reset_head=False)
     assert_loaded(model, source, head_from_file=True)
     # the saved filters say BlurPool was on: eval-only and predict build it so even when told
     # otherwise (evaluated without it, the weights lose accuracy without a word), and
@@ -114,7 +135,8 @@ def test_ffcv_imagenets_blurpool_weights_load_for_eval_predict_and_finetuning(tm
     saved = weights.load_model(path, num_classes=10, arch='resnet18', use_blurpool=False,
                                channels_last=False)
     assert any(isinstance(m, BlurPoolConv2d) for m in saved.model.modules())
-    assert 'with BlurPool on, as the BlurPool filters saved in it say' in saved.assumed
+    assert 'with BlurPool on, as the BlurPool filters saved in it say (not off as asked)' in \
+        saved.assumed
     message = finetune.init_from(resnet18(10, seed=1), path, reset_head=False)
     assert message.endswith('the weights were trained with BlurPool on and this model has it '
                             'off: to fine-tune them as they were trained, set '
