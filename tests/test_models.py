@@ -9,7 +9,7 @@ import torch
 import torchvision
 from torch import nn
 
-from imagenet_ffcv import checkpoint, models, weights
+from imagenet_ffcv import models, weights
 from imagenet_ffcv.models import BlurPoolConv2d
 
 
