@@ -75,6 +75,14 @@ def read_class_names(path) -> list:
     return [(wnid, name or known.get(wnid, '')) for wnid, name in zip(wnids, names)]
 
 
+def in_ilsvrc_order(class_list) -> bool:
+    """Whether the class list file ``class_list`` names ILSVRC-2012's 1,000 wnids in sorted order
+    (:func:`ilsvrc_classes`: torchvision's class indices, which weights saved without a class list
+    of 1,000 outputs are taken to have). False when there is no such file."""
+    return (class_list is not None and Path(class_list).is_file()
+            and read_class_list(class_list) == [wnid for wnid, _ in ilsvrc_classes()])
+
+
 def check_same_classes(path, classes, beton) -> None:
     """Raise CheckpointError naming both files when ``classes`` (``[(wnid, name), ...]`` saved
     with the weights at ``path``) and the class list beside ``beton`` (:func:`class_list_path`)

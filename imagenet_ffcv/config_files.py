@@ -67,18 +67,18 @@ def read(path, params: dict) -> dict:
     (``config_schema.file_values``). Its bytes are YAML's to decode (UTF-8, or UTF-16 with its
     BOM, as PowerShell saves), as far as it reads. Raises ConfigError naming the file for
     content that is not YAML text (a .beton given), YAML that does not parse, a section or key
-    given twice, a file with no content (empty, or comments only: a copy cut short would run on
-    the defaults), and what ``file_values`` refuses. The sections a run adds to its params.json
+    given twice, a file with no sections (empty, comments only, ``null`` or ``{}``: a copy cut
+    short would run on the defaults), and what ``file_values`` refuses. The sections a run adds to its params.json
     (:data:`RUN_RECORD`) are left out: a run's params.json gives its config back."""
     try:
         with open(path, 'rb') as f:  # read as YAML needs it (a .beton given: its first bytes)
             content = yaml.load(f, Loader=_OnceEach)
     except yaml.YAMLError as e:
         raise ConfigError(f'{path}: not valid YAML: {" ".join(str(e).split())}') from None
-    if content is None:  # 0 bytes, comments only: a copy cut short ran on the defaults
-        raise ConfigError(f'{path}: empty (no sections; nothing but comments or blank lines): '
-                          f'give the file with its sections, or leave this --config out for the '
-                          f'defaults')
+    if content is None or content == {}:  # a copy cut short, say: it ran on the defaults
+        raise ConfigError(f'{path}: no sections (it is empty, or holds only comments, null or '
+                          f'{{}}): give the file with its sections, or leave this --config out '
+                          f'for the defaults')
     if isinstance(content, dict):
         content = {name: keys for name, keys in content.items() if name not in RUN_RECORD}
     return file_values(content, params, path)

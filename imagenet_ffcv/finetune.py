@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .classes import read_class_list
+from .classes import in_ilsvrc_order, read_class_list
 from .config_schema import ARCH_KEY, BLURPOOL_KEY, RESET_HEAD_KEY
 from .errors import CheckpointError
 from .models import BlurPoolConv2d, classifier_keys, takes_blurpool
@@ -49,7 +49,8 @@ def init_from(model: torch.nn.Module, path, *, reset_head: bool, class_list=None
             f'{path}: the weights do not fit this model (another architecture? set --{ARCH_KEY}'
             f'{fit_advice(state, arch)}): {problems}')
     model.load_state_dict({k: v for k, v in state.items() if k not in reset}, strict=False)
-    kept = head and not reset and not (saved and ours)  # its outputs: whose classes?
+    kept = (head and not reset and not (saved and ours)  # its outputs: whose classes? (not
+            and not in_ilsvrc_order(class_list))  # torchvision's ImageNet weights on ImageNet)
     return (f"=> started from {path} ({len(state.keys() - reset)} tensors)" +
             (f'; classifier {", ".join(sorted(reset))} newly initialised ({why})' if reset else '')
             + (f'; {prefix!r} removed from the start of every key' if prefix else '')

@@ -62,19 +62,31 @@ def without_prefix(state: dict, own: dict, ignore=frozenset()) -> tuple:
     ``self.model``; ``net.``, ``backbone.``) when that makes it fit ``own`` (:func:`mismatch`
     with ``ignore``, e.g. the classifier's keys) and it did not fit before; else ``(state, '')``,
     so a file that does not fit is told by its own keys."""
-    parts = [key.split('.') for key in state]
-    shared = []
-    for names in zip(*parts):  # a prefix leaves each key a name of its own:
-        if len(set(names)) > 1 or len(shared) + 1 >= min(map(len, parts)):
-            break
-        shared.append(names[0])
+    shared = _shared(state)
     while shared and mismatch(state, own, ignore):
         prefix = '.'.join(shared) + '.'
-        stripped = {key[len(prefix):]: value for key, value in state.items()}
+        stripped = _stripped(state, prefix)
         if not mismatch(stripped, own, ignore):
             return stripped, prefix
         shared.pop()  # 'model.encoder.' too long: 'model.'
     return state, ''
+
+
+def _shared(state: dict) -> list:
+    """The names that begin every key of ``state``, leaving each key a name of its own
+    (``['model']`` for ``model.conv1.weight``, ``model.fc.bias``, ...)."""
+    parts = [key.split('.') for key in state]
+    shared = []
+    for names in zip(*parts):
+        if len(set(names)) > 1 or len(shared) + 1 >= min(map(len, parts)):
+            break
+        shared.append(names[0])
+    return shared
+
+
+def _stripped(state: dict, prefix: str) -> dict:
+    """``state`` with ``prefix`` (which begins every key) removed from its keys."""
+    return {key[len(prefix):]: value for key, value in state.items()}
 
 
 def fitting_archs(state: dict) -> list:
@@ -86,9 +98,14 @@ def fitting_archs(state: dict) -> list:
 
 
 def fit_advice(state: dict, assumed: str) -> str:
-    """'; their keys fit ARCH, ...' (:func:`fitting_archs`), or '' when none does or the arch
-    ``assumed`` does (the class count or a missing classifier is what differs)."""
+    """'; their keys fit ARCH, ...' (:func:`fitting_archs`; else, with a prefix that every key
+    shares removed, as :func:`without_prefix` removes it for such an arch), or '' when none does
+    or the arch ``assumed`` does (the class count or a missing classifier is what differs)."""
+    shared = _shared(state)
     fit = fitting_archs(state)
+    while shared and not fit:
+        fit = fitting_archs(_stripped(state, '.'.join(shared) + '.'))
+        shared.pop()
     return f'; their keys fit {", ".join(fit)}' if fit and assumed not in fit else ''
 
 

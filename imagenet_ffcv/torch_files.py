@@ -34,13 +34,13 @@ def safe_torch_load(path, what: str = 'file'):
     loading: refused, nothing of it runs) or cannot be read: not a torch file (one that does not
     start as torch.save's files do, :data:`TORCH_FILE_STARTS`: :func:`not_a_torch_file` says
     what it is), a zip archive without its end (cut short in a copy or download), a zip archive
-    that torch.save did not write (no ``data.pkl`` in it), or damaged."""
+    that torch.save did not write (no ``<folder>/data.pkl`` in it), or damaged."""
     try:
         with open(path, 'rb') as f:
             start = f.read(64)
         zipped = start.startswith(TORCH_FILE_STARTS[0])
         complete = not zipped or zipfile.is_zipfile(path)
-        members = zipfile.ZipFile(path).namelist() if zipped and complete else ['data.pkl']
+        members = zipfile.ZipFile(path).namelist() if zipped and complete else ['t/data.pkl']
     except (OSError, zipfile.BadZipFile) as e:
         raise CheckpointError(f'{path}: cannot read the {what} ({e})') from None
     if not start.startswith(TORCH_FILE_STARTS):
@@ -49,10 +49,11 @@ def safe_torch_load(path, what: str = 'file'):
         raise CheckpointError(f'{path}: incomplete: the zip archive torch.save writes, without '
                               f'its end ({Path(path).stat().st_size:,} bytes; a copy or download '
                               'cut short?): copy or download it again')
-    if not any(name.rpartition('/')[2] == 'data.pkl' for name in members):  # torch.save's pickle
+    top = members[0].split('/')[0] if members else ''  # torch.save: every record in one folder
+    if f'{top}/data.pkl' not in members:  # its pickle
         raise CheckpointError(f'{path}: a zip archive, not one torch.save writes (it holds '
-                              f'{", ".join(members[:3]) or "nothing"}, no data.pkl): give a '
-                              f'weights file or a run folder')
+                              f'{", ".join(members[:3]) or "nothing"}, not a folder of data.pkl '
+                              f'and tensors): give a weights file or a run folder')
     convert = ('use weights written by this tool (checkpoint.pt, final_weights.pt or '
                'final_weights.safetensors), or, for a file you trust, save its state dict alone '
                '(torch.save(model.state_dict(), "weights.pt"))')

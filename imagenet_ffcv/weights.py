@@ -10,6 +10,7 @@ either file alone rebuilds the model as it was trained.
 """
 import errno
 import json
+import shlex
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,8 +21,9 @@ import safetensors.torch
 import torch
 
 from .checkpoint import check_format, is_checkpoint, save, weights_in
-from .classes import check_same_classes, ilsvrc_classes, read_class_names
-from .config import saved_eval_kwargs, saved_model_kwargs
+from .classes import (check_same_classes, class_list_path, ilsvrc_classes, in_ilsvrc_order,
+                      read_class_names)
+from .config import saved_model_kwargs
 from .config_schema import ARCH_KEY, nested_ffcv_imagenet_params
 from .errors import CheckpointError, MissingFileError
 from .files import atomic_path
@@ -29,10 +31,8 @@ from .models import build_model, classifier_keys, meta_model
 from .run_dir import RunDir
 from .state_dicts import BLUR_FILTER, fit_advice, mismatch, unwrapped, without_prefix
 from .torch_files import TORCH_FILE_STARTS, safe_torch_load
-
-SAFETENSORS_FORMAT = 'imagenet_ffcv final weights'  # the metadata's 'format': config and classes
-METADATA_KEY = 'imagenet_ffcv'  # final_weights.pt: its metadata in the state dict's _metadata['']
-
+from .weights_metadata import (METADATA_KEY, SAFETENSORS_FORMAT, checked_classes, checked_config,
+                               described, parsed_json)
 
 def save_final_weights(state_dict: dict, path, *, config: dict = None, classes=None) -> Path:
     """Write the final weights twice, atomically: ``path`` with the suffix ``.safetensors``
@@ -65,69 +65,11 @@ def _load_safetensors(path) -> tuple:
         with safetensors.safe_open(str(path), framework='pt') as f:
             metadata = f.metadata() or {}
     except Exception as e:
-        with open(path, 'rb') as f:  # the JSON header's length (8 bytes), the header, the data
-            head = f.read(9)
-        cut = head[8:] == b'{' and (8 + int.from_bytes(head[:8], 'little') > path.stat().st_size
-                                    or 'not fully covered' in str(e))  # data cut short
         raise CheckpointError(f'{path}: ' + (
             f'incomplete: its header names more bytes than the file holds ({path.stat().st_size:,}'
-            f' bytes; a copy or download cut short?): copy or download it again' if cut else
-            f'cannot read the weights ({type(e).__name__}: {e})')) from e
-    return (state, *_described(metadata, path))
-
-
-def _described(metadata, path) -> tuple:
-    """``(config, classes)`` of the metadata :func:`save_final_weights` wrote in ``path``;
-    ``(None, None)`` for other metadata or none (a file not written by it)."""
-    if not isinstance(metadata, dict) or metadata.get('format') != SAFETENSORS_FORMAT:
-        return None, None
-    config = _parsed_json(metadata.get('config') or 'null', f"{path}'s metadata 'config'")
-    classes = _parsed_json(metadata.get('classes') or 'null', f"{path}'s metadata 'classes'")
-    return checked_config(config, path), checked_classes(classes, path)
-
-
-DAMAGED = ("use the run's final_weights.pt with its params.json and classes.tsv, or a file without "
-           'the damaged part and the model options (predict: --arch, --blurpool, --classes)')
-
-
-def _parsed_json(text: str, source: str):
-    """The value of the JSON ``text`` read from ``source`` (named in the error); CheckpointError
-    when it is not JSON."""
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f'{source} is not valid JSON ({e}); {DAMAGED}') from None
-
-
-def checked_config(config, source):
-    """``config`` (None, or a run's resolved config, ``{'section': {'key': value}}``, read from
-    ``source``) when it holds what rebuilds and evaluates the model
-    (``config.saved_model_kwargs``, ``config.saved_eval_kwargs``). Raises CheckpointError naming
-    ``source`` otherwise."""
-    if config is None:
-        return None
-    try:
-        saved_model_kwargs(config)
-        saved_eval_kwargs(config)
-    except (KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(
-            f'{source}: the saved config is not a resolved config of this tool '
-            f'({type(e).__name__}: {e}); {DAMAGED}') from None
-    return config
-
-
-def checked_classes(classes, source):
-    """``classes`` (None, or ``[[wnid, name], ...]`` read from ``source``) as ``[(wnid, name),
-    ...]``. Raises CheckpointError naming ``source`` when an entry is not a pair of strings."""
-    if classes is None:
-        return None
-    pairs = isinstance(classes, list) and all(
-        isinstance(c, (list, tuple)) and len(c) == 2 and all(isinstance(v, str) for v in c)
-        for c in classes)
-    if not pairs:
-        raise CheckpointError(f'{source}: the saved class list is not [[wnid, name], ...]; '
-                              f'{DAMAGED}')
-    return [tuple(c) for c in classes]
+            f' bytes; a copy or download cut short?): copy or download it again'
+            if _cut_short(path) else f'cannot read the weights ({type(e).__name__}: {e})')) from e
+    return (state, *described(metadata, path))
 
 
 class Weights(NamedTuple):
@@ -151,6 +93,25 @@ FOREIGN_WEIGHTS_EVAL = {'res': 224, 'flip_tta': True, 'decoder': 'fused'}
 # Where other tools' checkpoints keep EMA weights beside the model's (timm's 'state_dict_ema',
 # torchvision's references' 'model_ema'); this tool's checkpoint: 'ema'.
 EMA_KEYS = ('state_dict_ema', 'model_ema', 'ema')
+
+
+def _cut_short(path) -> bool:
+    """Whether the safetensors file ``path`` ends before the bytes its header names: its header
+    (an 8-byte little-endian length, then JSON) or the data after it, up to the largest end of a
+    tensor's ``data_offsets``."""
+    size = path.stat().st_size
+    with open(path, 'rb') as f:
+        length = int.from_bytes(f.read(8), 'little')
+        if f.read(1) != b'{':
+            return False  # no safetensors header at all
+        if 8 + length > size:
+            return True
+        try:
+            header = json.loads(b'{' + f.read(length - 1))
+            ends = [v['data_offsets'][1] for k, v in header.items() if k != '__metadata__']
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            return False
+    return 8 + length + max(ends, default=0) > size
 
 
 def is_safetensors(path) -> bool:
@@ -180,10 +141,11 @@ def _ema_note(given, path, content) -> str:
         return (f'note: {path} also holds EMA weights; the plain weights are used (the run '
                 f'writes its EMA weights as {RunDir(path.parent).final_weights_ema.name} when '
                 f'it finishes)')
-    return (f'note: {path} also holds EMA weights ({held[0]!r}); the plain weights are used: to '
-            f'use the EMA ones, save them alone (python -c \'import argparse, torch; torch.'
-            f'serialization.add_safe_globals([argparse.Namespace]); torch.save(torch.load('
-            f'"{path}")["{held[0]}"], "ema.pt")\')' if held else '')
+    save = (f'import argparse, torch; torch.serialization.add_safe_globals([argparse.Namespace]); '
+            f'torch.save(torch.load({str(path)!r}, map_location="cpu")[{held[0]!r}], "ema.pt")'
+            if held else '')  # (timm's and torchvision's reference scripts save their args)
+    return (f'note: {path} also holds EMA weights ({held[0]!r}); the plain weights are used; to '
+            f'use the EMA ones, save them alone: python -c {shlex.quote(save)}' if held else '')
 
 
 def load_weights(path) -> Weights:
@@ -220,7 +182,7 @@ def load_weights(path) -> Weights:
                                   note=_ema_note(given, path, content))
         state = _state_dict_in(content, path)
         root = getattr(content, '_metadata', {}).get('', {})  # save_final_weights' metadata
-        config, classes = _described(root.get(METADATA_KEY) if isinstance(root, dict) else None,
+        config, classes = described(root.get(METADATA_KEY) if isinstance(root, dict) else None,
                                      path)
     blur_filters = any(k.endswith(BLUR_FILTER) for k in state)
     state = unwrapped(state)
@@ -228,7 +190,7 @@ def load_weights(path) -> Weights:
     params, class_list, own = run.params, run.classes, run.holds_weights(path)
     if own and config is None and params.is_file():
         config = checked_config(nested_ffcv_imagenet_params(
-            _parsed_json(params.read_text(), str(params))), params)
+            parsed_json(params.read_text(), str(params))), params)
     if own and classes is None and class_list.is_file():
         classes = read_class_names(class_list)
     return _with_blurpool(state, config, classes, blur_filters or None,
@@ -364,12 +326,14 @@ def load_model(path, *, num_classes: int = None, beton=None, arch: str = None,
                               f'weights; name their arch: predict --arch, eval-only '
                               f'--{ARCH_KEY}' + fit_advice(state, structure['arch']) + ')'))
     model.load_state_dict(state)
-    note = '\n'.join(filter(None, (note, prefix and f'note: {prefix!r} removed from the start of '
-                                    f'every key in {path} (a PyTorch Lightning checkpoint\'s, say)',
-                                    beton and not classes and head and (
-                                        f'note: no class list is saved with {path}: its '
-                                        f'classifier\'s {num_classes} outputs are taken as the '
-                                        f'classes of {beton}, in their order'))))
+    unchecked = beton and not classes and head and not in_ilsvrc_order(class_list_path(beton))
+    note = '\n'.join(filter(None, (
+        note,
+        prefix and (f'note: {prefix!r} removed from the start of every key in {path} (a PyTorch '
+                    f'Lightning checkpoint\'s, say)'),
+        unchecked and (f'note: no class list is saved with {path}: its classifier\'s '
+                       f'{num_classes} outputs are taken as the classes of {beton}, in their '
+                       f'order'))))
     return SavedModel(model=model, config=saved_config, classes=classes, arch=structure['arch'],
                       assumed='' if saved_config else _assumed(path, structure, blurpool,
                                                                use_blurpool),

@@ -4,6 +4,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -756,10 +757,16 @@ def test_weights_are_read_by_content_and_a_file_that_only_lies_in_a_run_folder_i
     read = weights.load_weights(tmp_path / 'reference.pth')
     assert torch.equal(read.state['weight'], state['weight'])
     said = (f"note: {tmp_path / 'reference.pth'} also holds EMA weights ('model_ema'); the plain "
-            f"weights are used: to use the EMA ones, save them alone (python -c '")
-    assert read.note.startswith(said) and read.note.endswith("')")
-    # the command it gives works (torch.load refused the file's argparse.Namespace)
-    subprocess.run([sys.executable, '-c', read.note[len(said):-2]], cwd=tmp_path, check=True)
+            f"weights are used; to use the EMA ones, save them alone: python -c ")
+    assert read.note.startswith(said)
+    # the command it gives works, as a shell reads it (torch.load refused the file's
+    # argparse.Namespace, and a quote in its path broke the command)
+    quoted = tmp_path / "o'brien" / 'reference.pth'
+    quoted.parent.mkdir()
+    (tmp_path / 'reference.pth').rename(quoted)
+    command = shlex.split(weights.load_weights(quoted).note.split('save them alone: ')[1])
+    assert command[:2] == ['python', '-c']
+    subprocess.run([sys.executable, *command[1:]], cwd=tmp_path, check=True)
     assert torch.equal(weights.load_weights(tmp_path / 'ema.pt').state['weight'], ema['weight'])
     model = nn.Linear(2, 2)
     checkpoint.save(checkpoint.training_state(
@@ -775,12 +782,13 @@ def test_weights_are_read_by_content_and_a_file_that_only_lies_in_a_run_folder_i
         weights.load_weights(tmp_path / 'empty.pt')
     # each was torch's or safetensors' own words ('[enforce fail at inline_container.cc:180]',
     # 'keys )', 'SafetensorError: ... incomplete metadata, file not fully covered')
-    with zipfile.ZipFile(tmp_path / 'notes.pt', 'w') as archive:
-        archive.writestr('readme.txt', 'not weights')
-    with pytest.raises(checkpoint.CheckpointError,
-                       match=r"notes.pt: a zip archive, not one torch.save writes \(it holds "
-                             r"readme.txt, no data.pkl\)"):
-        weights.load_weights(tmp_path / 'notes.pt')
+    for name in ('readme.txt', 'data.pkl'):  # torch reads data.pkl in a folder only
+        with zipfile.ZipFile(tmp_path / 'notes.pt', 'w') as archive:
+            archive.writestr(name, 'not weights')
+        with pytest.raises(checkpoint.CheckpointError,
+                           match=rf"notes.pt: a zip archive, not one torch.save writes \(it holds "
+                                 rf"{name}, not a folder of data.pkl and tensors\)"):
+            weights.load_weights(tmp_path / 'notes.pt')
     torch.save({}, tmp_path / 'nothing.pt')
     with pytest.raises(checkpoint.CheckpointError, match=r'nothing.pt: holds no state dict of '
                                                          r'tensors \(an empty dict\)'):
@@ -790,6 +798,10 @@ def test_weights_are_read_by_content_and_a_file_that_only_lies_in_a_run_folder_i
     with pytest.raises(checkpoint.CheckpointError, match=r'cut.safetensors: incomplete: its header '
                                                          r'names more bytes than the file holds'):
         weights.load_weights(tmp_path / 'cut.safetensors')
+    (tmp_path / 'more.safetensors').write_bytes(whole + bytes(16))  # not cut short: not said so
+    with pytest.raises(checkpoint.CheckpointError, match=r'more.safetensors: cannot read the '
+                                                         r'weights \(SafetensorError'):
+        weights.load_weights(tmp_path / 'more.safetensors')
 
 
 def test_a_lightning_checkpoint_loads_and_keys_that_do_not_fit_are_named_first(tmp_path):
@@ -816,8 +828,9 @@ def test_a_lightning_checkpoint_loads_and_keys_that_do_not_fit_are_named_first(t
     torch.save({f'model.{k}': v for k, v in other.state_dict().items()}, tmp_path / 'o.ckpt')
     with pytest.raises(checkpoint.CheckpointError, match=r"o.ckpt: the weights do not fit "
                                                          r"resnet18: missing \['bn1.bias'.*"
-                                                         r"unexpected \['model.bn1.bias'"):
-        weights.load_model(tmp_path / 'o.ckpt', arch='resnet18')
+                                                         r"unexpected \['model.bn1.bias'.*their "
+                                                         r"keys fit resnet34\)$"):
+        weights.load_model(tmp_path / 'o.ckpt', arch='resnet18')  # (with 'model.': named none)
     squeeze = build_model(arch='squeezenet1_1', num_classes=3, use_blurpool=False,
                           channels_last=False)  # its classifier is a conv: no class count read
     torch.save(squeeze.state_dict(), tmp_path / 's.pt')

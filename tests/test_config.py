@@ -339,10 +339,10 @@ def test_what_yaml_reads_but_the_user_did_not_mean_is_refused_naming_the_key(tmp
     with pytest.raises(ConfigError, match=r'^lr.lr=inf, training.momentum=nan: not a finite '
                                           r'number; give a number$'):
         load_config([*DATA, '--lr.lr=inf', '--training.momentum=nan'])
-    for content in ('', '# training:\n#   epochs: 3\n\n'):
+    for content in ('', '# training:\n#   epochs: 3\n\n', '---\n', 'null\n', '{}\n'):
         empty = _write(tmp_path, content, 'empty.yaml')
-        with pytest.raises(ConfigError, match=r'empty.yaml: empty \(no sections; nothing but '
-                                              r'comments or blank lines\)'):
+        with pytest.raises(ConfigError, match=r'empty.yaml: no sections \(it is empty, or holds '
+                                              r'only comments, null or \{\}\)'):
             load_config(['--config', str(empty), *DATA, '--logging.folder=x'])
     utf16 = tmp_path / 'utf16.yaml'
     utf16.write_text('training:\n  epochs: 3\n', encoding='utf-16')

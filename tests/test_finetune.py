@@ -8,6 +8,7 @@ import torch
 from conftest import small_config
 from imagenet_ffcv import distributed, finetune, train, weights
 from imagenet_ffcv.checkpoint import CheckpointError
+from imagenet_ffcv.classes import ilsvrc_classes
 from imagenet_ffcv.config import ConfigError
 from imagenet_ffcv.models import BlurPoolConv2d, build_model
 
@@ -88,6 +89,16 @@ def test_a_lightning_checkpoint_loads_and_a_kept_classifier_is_named(tmp_path):
                        f"every key\nnote: the classifier of {path} is loaded, its outputs taken "
                        f"as the dataset's classes in their order: no class list came with the "
                        f"weights to check them by (--model.reset_head=1 starts it anew)")
+    # torchvision's ImageNet weights (1,000 outputs in sorted-wnid order) on ImageNet: nothing to
+    # say; on the same 1,000 classes in another order, the note
+    torch.save(resnet18(1000, seed=0).state_dict(), tmp_path / 'tv.pth')
+    wnids = [wnid for wnid, _ in ilsvrc_classes()]
+    for order, noted in ((wnids, False), (wnids[::-1], True)):
+        (tmp_path / 'train.classes.tsv').write_text(''.join(f'{i}\t{w}\n'
+                                                            for i, w in enumerate(order)))
+        message = finetune.init_from(resnet18(1000, seed=1), tmp_path / 'tv.pth', reset_head=False,
+                                     class_list=tmp_path / 'train.classes.tsv')
+        assert ('note: the classifier of' in message) == noted, message
 
 
 @pytest.mark.parametrize('prefix', ['module.', '_orig_mod.', 'module._orig_mod.'])
