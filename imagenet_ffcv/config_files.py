@@ -68,8 +68,9 @@ def read(path, params: dict) -> dict:
     BOM, as PowerShell saves), as far as it reads. Raises ConfigError naming the file for
     content that is not YAML text (a .beton given), YAML that does not parse, a section or key
     given twice, a file with no sections (empty, comments only, ``null`` or ``{}``: a copy cut
-    short would run on the defaults), and what ``file_values`` refuses. The sections a run adds to its params.json
-    (:data:`RUN_RECORD`) are left out: a run's params.json gives its config back."""
+    short would run on the defaults), and what ``file_values`` refuses. The sections a run adds
+    to its params.json (:data:`RUN_RECORD`) are left out: a run's params.json gives its config
+    back."""
     try:
         with open(path, 'rb') as f:  # read as YAML needs it (a .beton given: its first bytes)
             content = yaml.load(f, Loader=_OnceEach)
