@@ -97,6 +97,21 @@ def build_model(*, arch: str, num_classes: int, use_blurpool: bool, channels_las
     return model
 
 
+class ClassSubset(nn.Module):
+    """``model`` with the logits of some of its classes only: ``(N, len(indices))``, its outputs
+    ``indices`` in that order. A model of ILSVRC-2012's 1,000 classes evaluated on a data set of
+    some of them (Imagenette, ImageWoof), as ImageNet-A and ImageNet-R are evaluated (Hendrycks et
+    al. 2021: a 1,000-class model's logits of the 200 classes)."""
+
+    def __init__(self, model: nn.Module, indices: list):
+        super().__init__()
+        self.model = model
+        self.register_buffer('indices', torch.tensor(indices), persistent=False)
+
+    def forward(self, x):
+        return self.model(x).index_select(1, self.indices)
+
+
 def meta_model(**build_kwargs) -> nn.Module:
     """:func:`build_model` on the meta device: parameters with shapes and no memory, forward
     passes that compute shapes alone (checks before a run, advice on weights that do not fit).

@@ -22,12 +22,12 @@ import torch
 
 from .checkpoint import check_format, is_checkpoint, save, weights_in
 from .classes import (check_same_classes, class_list_path, ilsvrc_classes, in_ilsvrc_order,
-                      read_class_names)
+                      read_class_list, read_class_names)
 from .config import saved_model_kwargs
 from .config_schema import ARCH_KEY, nested_ffcv_imagenet_params
 from .errors import CheckpointError, MissingFileError
 from .files import atomic_path
-from .models import build_model, classifier_keys, meta_model
+from .models import ClassSubset, build_model, classifier_keys, meta_model
 from .run_dir import RunDir
 from .state_dicts import BLUR_FILTER, fit_advice, mismatch, unwrapped, without_prefix
 from .torch_files import TORCH_FILE_STARTS, safe_torch_load
@@ -314,6 +314,13 @@ def load_model(path, *, num_classes: int = None, beton=None, arch: str = None,
     head = classifier_keys(model)
     if problems and head and head <= state.keys() and not mismatch(state, model.state_dict(),
                                                                    ignore=head):
+        subset = None if classes else _on_ilsvrc_subset(path, state, structure, beton)
+        if subset:  # ILSVRC-2012's 1,000 classes, evaluated on some of them
+            return SavedModel(model=subset[0], config=saved_config, classes=subset[1],
+                              arch=structure['arch'], assumed='' if saved_config else _assumed(
+                                  path, structure, blurpool, use_blurpool),
+                              note='\n'.join(filter(None, (note, subset[2]))),
+                              use_blurpool=bool(structure['use_blurpool']))
         raise CheckpointError(  # all but the classifier fits: another class count
             f'{path}: its classifier has {max(state[k].shape[0] for k in head)} outputs, but '
             f'{num_classes} classes are asked for (those of {beton or "the class list given"}): '
@@ -339,6 +346,26 @@ def load_model(path, *, num_classes: int = None, beton=None, arch: str = None,
                                                                use_blurpool),
                       ilsvrc_classes=ilsvrc, note=note,
                       use_blurpool=bool(structure['use_blurpool']))
+
+
+def _on_ilsvrc_subset(path, state: dict, structure: dict, beton):
+    """``(model, classes, note)`` for weights of ILSVRC-2012's 1,000 classes saved without a class
+    list, evaluated on ``beton``, a .beton of some of them (its class list names ILSVRC wnids):
+    the 1,000-class model of ``structure`` (``build_model``'s keywords) with only the logits of
+    the .beton's classes, in its order (``models.ClassSubset``). None otherwise."""
+    listed = class_list_path(beton) if beton else None
+    wnids = read_class_list(listed) if listed and listed.is_file() else []
+    index = {wnid: i for i, (wnid, _) in enumerate(ilsvrc_classes())}
+    if not wnids or not set(wnids) <= index.keys() or len(wnids) >= len(index):
+        return None
+    model = build_model(**{**structure, 'num_classes': len(index)})
+    if mismatch(state, model.state_dict()):
+        return None
+    model.load_state_dict(state)
+    return (ClassSubset(model, [index[w] for w in wnids]), read_class_names(listed),
+            f'note: {path} has a classifier of 1,000 outputs and no class list: taken as '
+            f'ILSVRC-2012\'s classes, of which the {len(wnids)} of {beton} are evaluated (their '
+            f'logits alone, as ImageNet-A and -R are)')
 
 
 def _assumed(path, structure: dict, filters_saved: bool, asked) -> str:

@@ -314,6 +314,27 @@ def test_weights_that_do_not_fit_for_eval_are_refused_naming_the_keys(tmp_path):
         f"{tmp_path / 'resnet18.pt'}: its classifier has 1000 outputs, but 10 classes are asked "
         f"for (those of {tmp_path / 'val.beton'}): use them on the classes they were trained on, "
         f"or fine-tune them on these")
+    # ... unless the .beton's classes are ILSVRC's (Imagenette's, ImageWoof's: refused before):
+    # their logits alone, in the .beton's order
+    ilsvrc = [wnid for wnid, _ in ilsvrc_classes()]
+    picked = [999, 0, 217, 482, 491, 497, 566, 569, 571, 574]
+    (tmp_path / 'val.classes.tsv').write_text(''.join(f'{i}\t{ilsvrc[k]}\n'
+                                                      for i, k in enumerate(picked)))
+    saved = weights.load_model(tmp_path / 'resnet18.pt', num_classes=10, arch='resnet18',
+                               use_blurpool=False, beton=tmp_path / 'val.beton')
+    whole = weights.load_model(tmp_path / 'resnet18.pt', arch='resnet18', use_blurpool=False)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(saved.model.eval()(images), whole.model.eval()(images)[:, picked])
+    assert [wnid for wnid, _ in saved.classes] == [ilsvrc[k] for k in picked]
+    assert saved.note == (f"note: {tmp_path / 'resnet18.pt'} has a classifier of 1,000 outputs and "
+                          f"no class list: taken as ILSVRC-2012's classes, of which the 10 of "
+                          f"{tmp_path / 'val.beton'} are evaluated (their logits alone, as "
+                          f"ImageNet-A and -R are)")
+    (tmp_path / 'val.classes.tsv').write_text(''.join(f'{i}\tn{i:08d}\n' for i in range(10)))
+    with pytest.raises(CheckpointError, match='its classifier has 1000 outputs, but 10 classes'):
+        weights.load_model(tmp_path / 'resnet18.pt', num_classes=10, arch='resnet18',
+                           beton=tmp_path / 'val.beton')  # not ILSVRC's classes
     backbone = {k: v for k, v in torch.load(tmp_path / 'resnet18.pt').items()
                 if not k.startswith('fc.')}  # no classifier: not 'a classifier of 0 outputs'
     torch.save(backbone, tmp_path / 'backbone.pt')
