@@ -310,21 +310,11 @@ def load_model(path, *, num_classes: int = None, beton=None, arch: str = None,
     model = build_model(arch=structure['arch'], num_classes=num_classes,
                         use_blurpool=bool(structure['use_blurpool']),
                         channels_last=bool(structure['channels_last']))
-    problems = mismatch(state, model.state_dict())
-    head = classifier_keys(model)
+    problems, head, subset = mismatch(state, model.state_dict()), classifier_keys(model), None
     if problems and head and head <= state.keys() and not mismatch(state, model.state_dict(),
                                                                    ignore=head):
-        subset = None if classes else _on_ilsvrc_subset(path, state, structure, beton)
-        if subset:  # ILSVRC-2012's 1,000 classes, evaluated on some of them
-            return SavedModel(model=subset[0], config=saved_config, classes=subset[1],
-                              arch=structure['arch'], assumed='' if saved_config else _assumed(
-                                  path, structure, blurpool, use_blurpool),
-                              note='\n'.join(filter(None, (note, subset[2]))),
-                              use_blurpool=bool(structure['use_blurpool']))
-        raise CheckpointError(  # all but the classifier fits: another class count
-            f'{path}: its classifier has {max(state[k].shape[0] for k in head)} outputs, but '
-            f'{num_classes} classes are asked for (those of {beton or "the class list given"}): '
-            f'use them on the classes they were trained on, or fine-tune them on these')
+        subset = _ilsvrc_subset(path, state, structure, beton, classes, num_classes)  # or raises
+        model, problems = subset[0], ''  # ILSVRC-2012's 1,000 classes, evaluated on some
     if problems:
         raise CheckpointError(f'{path}: the weights do not fit {structure["arch"]}' + (
                               '' if headless else f' with {num_classes} classes') +
@@ -333,9 +323,13 @@ def load_model(path, *, num_classes: int = None, beton=None, arch: str = None,
                               f'weights; name their arch: predict --arch, eval-only '
                               f'--{ARCH_KEY}' + fit_advice(state, structure['arch']) + ')'))
     model.load_state_dict(state)
+    if subset:
+        model, classes = ClassSubset(model, subset[1]), read_class_names(class_list_path(beton))
     unchecked = beton and not classes and head and not in_ilsvrc_order(class_list_path(beton))
     note = '\n'.join(filter(None, (
-        note,
+        note, subset and (f'note: {path} has a classifier of 1,000 outputs and no class list: '
+                          f'taken as ILSVRC-2012\'s classes, of which the {len(subset[1])} of '
+                          f'{beton} are evaluated (their logits alone, as ImageNet-A and -R are)'),
         prefix and (f'note: {prefix!r} removed from the start of every key in {path} (a PyTorch '
                     f'Lightning checkpoint\'s, say)'),
         unchecked and (f'note: no class list is saved with {path}: its classifier\'s '
@@ -348,24 +342,25 @@ def load_model(path, *, num_classes: int = None, beton=None, arch: str = None,
                       use_blurpool=bool(structure['use_blurpool']))
 
 
-def _on_ilsvrc_subset(path, state: dict, structure: dict, beton):
-    """``(model, classes, note)`` for weights of ILSVRC-2012's 1,000 classes saved without a class
-    list, evaluated on ``beton``, a .beton of some of them (its class list names ILSVRC wnids):
-    the 1,000-class model of ``structure`` (``build_model``'s keywords) with only the logits of
-    the .beton's classes, in its order (``models.ClassSubset``). None otherwise."""
+def _ilsvrc_subset(path, state: dict, structure: dict, beton, saved, num_classes) -> tuple:
+    """``(model, indices)`` for weights whose classifier alone does not fit the class count asked
+    for: weights of ILSVRC-2012's 1,000 classes saved without a class list (``saved`` None),
+    evaluated on ``beton``, a .beton of some of them (its class list names ILSVRC wnids): the
+    1,000-class model of ``structure`` (``build_model``'s keywords) and the indices of the .beton's
+    classes among its outputs, in the .beton's order, for ``models.ClassSubset``. Raises
+    CheckpointError naming both class counts (``num_classes``: the one asked for) otherwise."""
     listed = class_list_path(beton) if beton else None
     wnids = read_class_list(listed) if listed and listed.is_file() else []
     index = {wnid: i for i, (wnid, _) in enumerate(ilsvrc_classes())}
-    if not wnids or not set(wnids) <= index.keys() or len(wnids) >= len(index):
-        return None
     model = build_model(**{**structure, 'num_classes': len(index)})
-    if mismatch(state, model.state_dict()):
-        return None
-    model.load_state_dict(state)
-    return (ClassSubset(model, [index[w] for w in wnids]), read_class_names(listed),
-            f'note: {path} has a classifier of 1,000 outputs and no class list: taken as '
-            f'ILSVRC-2012\'s classes, of which the {len(wnids)} of {beton} are evaluated (their '
-            f'logits alone, as ImageNet-A and -R are)')
+    if (saved or not wnids or not set(wnids) <= index.keys() or len(wnids) >= len(index)
+            or mismatch(state, model.state_dict())):
+        outputs = max(v.shape[0] for k, v in state.items() if k in classifier_keys(model))
+        raise CheckpointError(
+            f'{path}: its classifier has {outputs} outputs, but {num_classes} classes are asked '
+            f'for (those of {beton or "the class list given"}): use them on the '
+            f'classes they were trained on, or fine-tune them on these')
+    return model, [index[w] for w in wnids]
 
 
 def _assumed(path, structure: dict, filters_saved: bool, asked) -> str:
