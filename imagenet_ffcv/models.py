@@ -135,7 +135,7 @@ def _timm_model(name: str, *, num_classes: int) -> nn.Module:
 
 # torch._dynamo keeps this many compiled versions of a function before it runs it eagerly from
 # then on, with only a warning (``torch._dynamo.config.recompile_limit``, 8 by default in torch
-# 2.14; ``cache_size_limit`` before torch 2.6). With static shapes a training run needs one per
+# 2.14). With static shapes a training run needs one per
 # (resolution, train/eval mode, batch size): 16 ramp resolutions, validation and its smaller last
 # batch already pass 8.
 RECOMPILE_LIMIT = 64
@@ -155,8 +155,7 @@ def compile_model(model: nn.Module, *, recompile_limit: int = RECOMPILE_LIMIT) -
     the wrapper.
     """
     config = torch._dynamo.config  # imported by this attribute access (torch imports it lazily)
-    name = 'recompile_limit' if hasattr(config, 'recompile_limit') else 'cache_size_limit'
-    setattr(config, name, max(getattr(config, name), recompile_limit))
+    config.recompile_limit = max(config.recompile_limit, recompile_limit)
     return torch.compile(model, dynamic=False)
 
 

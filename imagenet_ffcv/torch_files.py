@@ -18,9 +18,11 @@ from .errors import CheckpointError
 TORCH_FILE_STARTS = (b'PK\x03\x04', b'\x80')
 # What a checkpoint written before the numpy RNG state was stored as a tensor needs besides tensors:
 # numpy arrays, rebuilt from their bytes (no other code can run through these).
-NUMPY_ARRAY_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)),
-                       getattr(np, '_core', None) and np._core.multiarray._reconstruct
-                       or np.core.multiarray._reconstruct]
+try:  # numpy 2 (numpy 1.26.1-1.26.4 have a numpy._core without multiarray)
+    from numpy._core.multiarray import _reconstruct
+except ImportError:
+    from numpy.core.multiarray import _reconstruct
+NUMPY_ARRAY_GLOBALS = [np.ndarray, np.dtype, type(np.dtype(np.uint32)), _reconstruct]
 # What other tools' checkpoints hold besides: timm's and torchvision's reference scripts save their
 # command line as an argparse.Namespace (rebuilt by setting its attributes: no code runs).
 SAFE_GLOBALS = [*NUMPY_ARRAY_GLOBALS, argparse.Namespace]

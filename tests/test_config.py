@@ -772,7 +772,9 @@ def test_num_workers_auto_divides_only_the_cores_a_process_shares():
     ranks = [subprocess.Popen([sys.executable, '-c', TWO_RANKS_ON_16_CORES], cwd=REPO,
                               env=dict(env, RANK=str(r), LOCAL_RANK=str(r)), text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in (0, 1)]
-    outputs = [rank.communicate(timeout=120)[0] for rank in ranks]
+    outputs = [''.join(line for line in rank.communicate(timeout=120)[0].splitlines(True)
+                       if not line.startswith('[Gloo]'))  # gloo's own (torch 2.8-2.10)
+               for rank in ranks]
     assert [rank.returncode for rank in ranks] == [0, 0], outputs
     waiting = (f'=> rank 0: process group of 2 ranks (gloo) at localhost:{port}: waiting up to '
                '60 s for every rank to join\n')  # rank 0's, before the store waits
