@@ -190,7 +190,8 @@ def list_samples(split_dir, classes: list) -> list:
                       f'class folders, left out (no class): {", ".join(loose[:5])}'
                       f'{" ..." if len(loose) > 5 else ""}; move images into their class folder '
                       f'(an interrupted valprep.sh?) and extract tars into theirs', stacklevel=2)
-    absent = [w for w in classes if w not in set(folders) | set(broken)]  # broken: named above
+    present = {*folders, *broken}  # broken: named above
+    absent = [w for w in classes if w not in present]
     if samples and absent:
         warnings.warn(f'{split_dir}: {len(absent)} of the {len(classes)} train classes have no '
                       f'folder here ({", ".join(absent[:5])}{" ..." if len(absent) > 5 else ""}); '

@@ -62,26 +62,24 @@ def without_prefix(state: dict, own: dict, ignore=frozenset()) -> tuple:
     ``self.model``; ``net.``, ``backbone.``) when that makes it fit ``own`` (:func:`mismatch`
     with ``ignore``, e.g. the classifier's keys) and it did not fit before; else ``(state, '')``,
     so a file that does not fit is told by its own keys."""
-    shared = _shared(state)
-    while shared and mismatch(state, own, ignore):
-        prefix = '.'.join(shared) + '.'
-        stripped = _stripped(state, prefix)
-        if not mismatch(stripped, own, ignore):
-            return stripped, prefix
-        shared.pop()  # 'model.encoder.' too long: 'model.'
+    if mismatch(state, own, ignore):
+        for prefix in _prefixes(state):  # 'model.encoder.' too long: 'model.'
+            stripped = _stripped(state, prefix)
+            if not mismatch(stripped, own, ignore):
+                return stripped, prefix
     return state, ''
 
 
-def _shared(state: dict) -> list:
-    """The names that begin every key of ``state``, leaving each key a name of its own
-    (``['model']`` for ``model.conv1.weight``, ``model.fc.bias``, ...)."""
+def _prefixes(state: dict) -> list:
+    """The dotted prefixes that begin every key of ``state``, longest first, each leaving every
+    key a name of its own (``['model.']`` for ``model.conv1.weight``, ``model.fc.bias``, ...)."""
     parts = [key.split('.') for key in state]
     shared = []
     for names in zip(*parts):
         if len(set(names)) > 1 or len(shared) + 1 >= min(map(len, parts)):
             break
         shared.append(names[0])
-    return shared
+    return ['.'.join(shared[:n]) + '.' for n in range(len(shared), 0, -1)]
 
 
 def _stripped(state: dict, prefix: str) -> dict:
@@ -101,11 +99,11 @@ def fit_advice(state: dict, assumed: str) -> str:
     """'; their keys fit ARCH, ...' (:func:`fitting_archs`; else, with a prefix that every key
     shares removed, as :func:`without_prefix` removes it for such an arch), or '' when none does
     or the arch ``assumed`` does (the class count or a missing classifier is what differs)."""
-    shared = _shared(state)
     fit = fitting_archs(state)
-    while shared and not fit:
-        fit = fitting_archs(_stripped(state, '.'.join(shared) + '.'))
-        shared.pop()
+    for prefix in _prefixes(state):
+        if fit:
+            break
+        fit = fitting_archs(_stripped(state, prefix))
     return f'; their keys fit {", ".join(fit)}' if fit and assumed not in fit else ''
 
 

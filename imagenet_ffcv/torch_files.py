@@ -42,7 +42,10 @@ def safe_torch_load(path, what: str = 'file'):
             start = f.read(64)
         zipped = start.startswith(TORCH_FILE_STARTS[0])
         complete = not zipped or zipfile.is_zipfile(path)
-        members = zipfile.ZipFile(path).namelist() if zipped and complete else ['t/data.pkl']
+        members = ['t/data.pkl']  # a legacy file: no archive to look into
+        if zipped and complete:
+            with zipfile.ZipFile(path) as archive:
+                members = archive.namelist()
     except (OSError, zipfile.BadZipFile) as e:
         raise CheckpointError(f'{path}: cannot read the {what} ({e})') from None
     if not start.startswith(TORCH_FILE_STARTS):

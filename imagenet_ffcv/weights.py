@@ -34,6 +34,7 @@ from .torch_files import TORCH_FILE_STARTS, safe_torch_load
 from .weights_metadata import (METADATA_KEY, SAFETENSORS_FORMAT, checked_classes, checked_config,
                                described, parsed_json)
 
+
 def save_final_weights(state_dict: dict, path, *, config: dict = None, classes=None) -> Path:
     """Write the final weights twice, atomically: ``path`` with the suffix ``.safetensors``
     (safetensors), then ``path`` (``torch.save`` of the state dict, as torchvision's keys), each
@@ -313,8 +314,8 @@ def load_model(path, *, num_classes: int = None, beton=None, arch: str = None,
     problems, head, subset = mismatch(state, model.state_dict()), classifier_keys(model), None
     if problems and head and head <= state.keys() and not mismatch(state, model.state_dict(),
                                                                    ignore=head):
-        subset = _ilsvrc_subset(path, state, structure, beton, classes, num_classes)  # or raises
-        model, problems = subset[0], ''  # ILSVRC-2012's 1,000 classes, evaluated on some
+        subset = _ilsvrc_subset(path, state, structure, beton, classes, num_classes, head)
+        model, problems = subset[0], ''  # ILSVRC-2012's 1,000 classes (else it raised) on some
     if problems:
         raise CheckpointError(f'{path}: the weights do not fit {structure["arch"]}' + (
                               '' if headless else f' with {num_classes} classes') +
@@ -342,25 +343,26 @@ def load_model(path, *, num_classes: int = None, beton=None, arch: str = None,
                       use_blurpool=bool(structure['use_blurpool']))
 
 
-def _ilsvrc_subset(path, state: dict, structure: dict, beton, saved, num_classes) -> tuple:
+def _ilsvrc_subset(path, state: dict, structure: dict, beton, saved, num_classes,
+                   head) -> tuple:
     """``(model, indices)`` for weights whose classifier alone does not fit the class count asked
     for: weights of ILSVRC-2012's 1,000 classes saved without a class list (``saved`` None),
     evaluated on ``beton``, a .beton of some of them (its class list names ILSVRC wnids): the
     1,000-class model of ``structure`` (``build_model``'s keywords) and the indices of the .beton's
     classes among its outputs, in the .beton's order, for ``models.ClassSubset``. Raises
-    CheckpointError naming both class counts (``num_classes``: the one asked for) otherwise."""
+    CheckpointError naming both class counts (``num_classes``: the one asked for; ``head``: the
+    classifier's keys) otherwise."""
     listed = class_list_path(beton) if beton else None
     wnids = read_class_list(listed) if listed and listed.is_file() else []
     index = {wnid: i for i, (wnid, _) in enumerate(ilsvrc_classes())}
-    model = build_model(**{**structure, 'num_classes': len(index)})
-    if (saved or not wnids or not set(wnids) <= index.keys() or len(wnids) >= len(index)
-            or mismatch(state, model.state_dict())):
-        outputs = max(v.shape[0] for k, v in state.items() if k in classifier_keys(model))
+    outputs = max(state[k].shape[0] for k in head)
+    if (saved or outputs != len(index) or not wnids or not set(wnids) <= index.keys()
+            or len(wnids) >= len(index)):
         raise CheckpointError(
             f'{path}: its classifier has {outputs} outputs, but {num_classes} classes are asked '
             f'for (those of {beton or "the class list given"}): use them on the '
             f'classes they were trained on, or fine-tune them on these')
-    return model, [index[w] for w in wnids]
+    return build_model(**{**structure, 'num_classes': len(index)}), [index[w] for w in wnids]
 
 
 def _assumed(path, structure: dict, filters_saved: bool, asked) -> str:
