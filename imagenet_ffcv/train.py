@@ -93,7 +93,7 @@ def train(cfg, dist, wall_start) -> dict:
     if saved:  # the config's keys now: the loaders' checks (build) would name a changed one first
         config.check_resumable(saved['config'], config.to_dict(cfg),
                                force=bool(cfg.checkpoint.force), path=resume_path)
-    run = build(cfg, dist, wall_start, launch)
+    run = build(cfg, dist, wall_start, launch, resuming=saved is not None)
     if saved:
         restore(run, saved, resume_path)
     if checkpoint.no_epoch_left(resume_path, run.progress, cfg.training.epochs,
@@ -116,8 +116,9 @@ def train(cfg, dist, wall_start) -> dict:
             run.live_log.close()
 
 
-def build(cfg, dist, wall_start, launch: dict = None) -> Run:
-    """A new run's loaders, model, optimizer, loss, schedules (``launch``: its torchrun job's)."""
+def build(cfg, dist, wall_start, launch: dict = None, resuming: bool = False) -> Run:
+    """A new run's loaders, model, optimizer, loss, schedules (``launch``: its torchrun job's);
+    ``resuming``: the model is not started from ``model.weights`` (the checkpoint's replace them)."""
     preflight.check_runnable(cfg, dist.device, dist.local_world_size)  # before any work
     num_classes = betons.num_classes(cfg.data.train_dataset, val_path=cfg.data.val_dataset,
                                       warn=dist.is_primary)  # each rank checks, rank 0 warns
@@ -133,7 +134,7 @@ def build(cfg, dist, wall_start, launch: dict = None) -> Run:
     val_loader = make_val_loader(cfg, dist, precision, threads)  # the count worked out once
     class_list = class_list_path(cfg.data.train_dataset)
     model_without_ddp = models.build_model(**config.model_kwargs(cfg), num_classes=num_classes)
-    if cfg.model.weights:  # fine-tuning (on --resume, the checkpoint's weights replace these)
+    if cfg.model.weights and not resuming:  # fine-tuning (the file may be gone by a resume)
         loaded = finetune.init_from(model_without_ddp, cfg.model.weights, arch=cfg.model.arch,
                                     reset_head=bool(cfg.model.reset_head), class_list=class_list)
         if dist.is_primary:

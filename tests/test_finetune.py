@@ -1,12 +1,15 @@
 """Fine-tuning: training that starts from a weights file (model.weights), the classifier new when
 the class count differs or model.reset_head asks (imagenet_ffcv/finetune.py: init_from)."""
 import json
+import os
+import signal
+from pathlib import Path
 
 import pytest
 import torch
 
 from conftest import small_config
-from imagenet_ffcv import distributed, finetune, train, weights
+from imagenet_ffcv import distributed, engine, finetune, train, weights
 from imagenet_ffcv.checkpoint import CheckpointError
 from imagenet_ffcv.classes import ilsvrc_classes
 from imagenet_ffcv.config import ConfigError
@@ -351,6 +354,33 @@ def test_training_starts_from_model_weights(sample_betons, tmp_path):
                       distributed.from_env(), 0.0)
     assert run.model_without_ddp.fc.weight.shape == (10, 512)  # new: the sample has 10 classes
     assert_loaded(run.model_without_ddp, source, head_from_file=False)
+
+
+def test_a_fine_tuning_run_resumes_after_its_starting_weights_file_is_gone(
+        sample_betons, tmp_path, monkeypatch, capsys):
+    """--resume continues from the checkpoint's weights and does not read model.weights: the
+    file the run started from (downloaded to a scratch folder, say) may be gone. The resume
+    loaded it again (to be replaced) and failed when it was missing."""
+    optimizer_step, steps = engine.optimizer_step, []
+
+    def signalled_at_step_1(**kwargs):
+        optimizer_step(**kwargs)
+        steps.append(1)
+        if len(steps) == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+    monkeypatch.setattr(engine, 'optimizer_step', signalled_at_step_1)
+    torch.save(resnet18(7, seed=3).state_dict(), tmp_path / 'start.pt')
+    args = ('--training.epochs=1', '--checkpoint.every_iters=1', '--training.batch_size=128',
+            f'--model.weights={tmp_path}/start.pt')
+    summary = train.main(small_config(sample_betons, tmp_path, *args))
+    assert summary['exit_code'] == 143
+    assert f'=> started from {tmp_path}/start.pt' in capsys.readouterr().out
+    (tmp_path / 'start.pt').unlink()
+    summary = train.main(small_config(sample_betons, tmp_path, *args,
+                                      f'--resume={summary["run_dir"]}'))
+    assert 'exit_code' not in summary and (Path(summary['run_dir']) / 'final_weights.pt').exists()
+    assert 'started from' not in capsys.readouterr().out
+    assert len(steps) == 340 // 128  # the epoch's iterations, each once
 
 
 def test_reset_head_needs_weights_and_pretrained_is_refused(sample_betons, tmp_path):
