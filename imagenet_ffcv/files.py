@@ -126,15 +126,29 @@ def remove_stale_temporaries(folder, name: str = '*') -> list:
     those of running processes (another writer, another rank) are kept. Returns the removed
     paths. A folder on a filesystem shared between machines may hold temporaries of processes
     on other machines: run writers of one folder on one machine."""
-    folder = Path(folder)
     removed = []
+    for tmp, pid in _others_temporaries(folder, name):
+        if not pid_alive(pid):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
+def live_temporaries(folder, name: str) -> list:
+    """``[(path, pid)]``: the temporaries of the file ``name`` in ``folder`` that another process
+    running on this machine holds (another writer of the same file)."""
+    return [(tmp, pid) for tmp, pid in _others_temporaries(folder, name) if pid_alive(pid)]
+
+
+def _others_temporaries(folder, name: str):
+    """Yield ``(path, pid)`` for each temporary in ``folder`` of the file ``name`` (``'*'``: any)
+    that names another process than this one."""
+    folder = Path(folder)
     if not folder.is_dir():
-        return removed
+        return
     pattern = '*' if name == '*' else glob.escape(name)  # a name may hold [ ] * ?
     for kind in TEMPORARY_KINDS:
         for tmp in folder.glob(f'.{pattern}.{kind}-*'):
             pid = tmp.name.rsplit('-', 1)[-1]
-            if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
-                tmp.unlink(missing_ok=True)
-                removed.append(tmp)
-    return removed
+            if pid.isdigit() and int(pid) != os.getpid():
+                yield tmp, int(pid)

@@ -22,7 +22,8 @@ from ffcv.writer import DatasetWriter
 
 from .distributed import usable_cores
 from .errors import ImagenetFfcvError, InputError
-from .files import atomic_path, remove_stale_temporaries, temporary_path, write_text_atomic
+from .files import (atomic_path, live_temporaries, remove_stale_temporaries, temporary_path,
+                    write_text_atomic)
 from .images import DEFAULT_JPEG_QUALITY, DEFAULT_RESTART_INTERVAL, encode_jpeg, load_image
 from .records import IMAGE_FIELD, LABEL_FIELD, MAX_SIDE, ImageFiles, image_field
 
@@ -235,7 +236,9 @@ def check_free_space(out, needed: int) -> None:
 
 def _check_out(out: Path) -> None:
     """Before any image is read: InputError when ``out`` is a folder or a symbolic link (the new
-    file would replace the link, its target keeping the old data); OSError naming the folder of
+    file would replace the link, its target keeping the old data), or when another process on this
+    machine is writing it (its temporary: the later of the two would replace the other's
+    file unseen, after doubling the work); OSError naming the folder of
     ``out`` (created if missing) when no file can be created there (no permission, a read-only
     or immutable folder)."""
     if out.is_dir():
@@ -244,6 +247,10 @@ def _check_out(out: Path) -> None:
     if out.is_symlink():
         raise InputError(f'{out} is a symbolic link (to {os.readlink(out)}): give the path of '
                          f'the file itself, {out.resolve()}, or remove the link')
+    for tmp, pid in live_temporaries(out.parent, out.name):
+        raise InputError(f'{out}: another conversion to this file is running (process {pid}, '
+                         f'writing {tmp}): wait for it to end or choose another --out (if no '
+                         f'conversion runs, delete {tmp})')
     out.parent.mkdir(parents=True, exist_ok=True)
     probe = temporary_path(out)
     try:

@@ -1445,6 +1445,32 @@ def test_sigterm_or_ctrl_c_midway_leaves_the_old_file_and_no_temporary(tmp_path,
     assert (out / 'train_256.beton').read_bytes() == b'the previous file'
 
 
+def test_a_second_conversion_to_a_file_being_written_is_refused_before_any_work(tmp_path):
+    """A conversion started while another process of this machine writes the same .beton (its
+    temporary is there, its PID runs) stops at once, naming that process and its temporary, with
+    --overwrite too: the later of the two replaced the other's file unseen, after doubling the
+    work. Once that process has ended, its temporary is a killed run's: removed, and the file is
+    written."""
+    small_split(tmp_path / 'data', 4)
+    samples = sources.list_samples(tmp_path / 'data' / 'train', ['n00', 'n01'])
+    out = tmp_path / 'train.beton'
+    other = subprocess.Popen(['sleep', '60'])
+    try:
+        tmp = tmp_path / f'.train.beton.partial-{other.pid}'
+        tmp.write_bytes(b'being written')
+        with pytest.raises(errors.InputError) as e:
+            writer.write_beton(samples, out, max_res=256, num_workers=1)
+        assert str(e.value) == (f'{out}: another conversion to this file is running (process '
+                                f'{other.pid}, writing {tmp}): wait for it to end or choose '
+                                f'another --out (if no conversion runs, delete {tmp})')
+        assert not out.exists() and tmp.read_bytes() == b'being written'
+    finally:
+        other.kill()
+        other.wait()
+    assert writer.write_beton(samples, out, max_res=256, num_workers=1)['images'] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['data', 'train.beton']
+
+
 def test_out_ending_in_a_slash_is_a_folder_and_a_full_disk_names_the_file(tmp_path, monkeypatch,
                                                                           capsys):
     """``--out newdir/`` (not there yet) is a folder for the default name: it wrote a file named
