@@ -79,6 +79,12 @@ def write_text_atomic(path, text: str) -> None:
         f.write(text)
 
 
+def shown_path(path) -> str:
+    """``path`` (or a message naming one) as text any file or terminal can hold: the bytes of a
+    name that is not UTF-8 as escapes (``caf\\xe9.jpg``)."""
+    return os.fsencode(path).decode('utf-8', 'backslashreplace')
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process with this PID runs on this machine (signal 0: nothing is sent)."""
     try:

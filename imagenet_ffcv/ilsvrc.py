@@ -106,10 +106,11 @@ def synset_mapping_names(root) -> dict:
 
 def warn_not_images(other: list, stacklevel: int = 3) -> None:
     """Warn that the files ``other`` (paths or names), whose extension is not one of
-    IMAGE_EXTENSIONS, are left out of the split, naming the first five."""
+    IMAGE_EXTENSIONS, are left out, naming the first five."""
     if other:
-        warnings.warn(f'{len(other)} files whose extension is not one of '
-                      f'{", ".join(IMAGE_EXTENSIONS)} left out: {", ".join(map(str, other[:5]))}'
+        files = '1 file' if len(other) == 1 else f'{len(other)} files'
+        warnings.warn(f'{files} whose extension is not one of {", ".join(IMAGE_EXTENSIONS)} '
+                      f'left out: {", ".join(map(str, other[:5]))}'
                       f'{" ..." if len(other) > 5 else ""}; convert them to one of those to '
                       f'keep them', stacklevel=stacklevel)
 

@@ -3,8 +3,12 @@
 
     imagenet-ffcv-predict photo.jpg more/*.JPEG --weights runs/<run id>/final_weights.pt
     imagenet-ffcv-predict photo.jpg --weights runs/<run id>/checkpoint.pt --top 3
+    imagenet-ffcv-predict new_photos/ --weights runs/<run id> --csv predictions.csv
 
-Prints, for each image, as TensorFlow's classify_image.py does::
+A folder stands for the images in it and its subfolders (``sources.images_in``).
+
+Prints, for each image, as TensorFlow's classify_image.py does (with ``--csv``, writes a row per
+image instead: :func:`write_csv`)::
 
     photo.jpg
     giant panda (score = 0.88493)
@@ -24,6 +28,8 @@ checkpoint or the run folder's classes.tsv (the class list written beside the tr
 --classes.
 """
 import argparse
+import csv
+import io
 import os
 import sys
 from pathlib import Path
@@ -33,11 +39,14 @@ import torch
 from . import config, engine
 from .classes import read_class_names
 from .commands import command_name, one_line_errors, one_line_warnings
+from .constants import IMAGE_EXTENSIONS
 from .errors import InputError, MissingFileError
+from .files import shown_path, write_text_atomic
 from .image_decode import center_crop_pixels
 from .images import (DEFAULT_JPEG_QUALITY, DEFAULT_MAX_RES, DEFAULT_RESTART_INTERVAL, encode_jpeg,
                      load_image)
 from .loaders import antialiased
+from .sources import images_in
 from .weights import FOREIGN_WEIGHTS_EVAL, load_model
 
 
@@ -153,6 +162,52 @@ def classify(model, x: torch.Tensor, *, classes: list, top: int, flip_tta: bool)
             for row_p, row_idx in zip(p.tolist(), idx.tolist())]
 
 
+def image_files(args: list) -> tuple:
+    """``(files, empty)``: the command line's image arguments with each folder replaced by the
+    image files in it and its subfolders (``sources.images_in``), and the folders among them that
+    hold none."""
+    files, empty = [], []
+    for arg in args:
+        if os.path.isdir(arg):
+            found = images_in(arg)
+            files += found
+            empty += [] if found else [arg]
+        else:
+            files.append(arg)
+    return files, empty
+
+
+def write_csv(path, files: list, results: list, top: int) -> None:
+    """Write :func:`predict`'s ``results`` for ``files`` to the CSV file ``path`` (written whole or
+    not at all, UTF-8, a header line): a row per image, in order: ``path``, then ``wnid_k``,
+    ``name_k``, ``score_k`` (a probability, 6 decimals) for k = 1 .. ``top``, most probable first
+    (empty past the model's class count), then ``error``: empty, or why the image could not be
+    classified (its other cells empty). A path that is not UTF-8 has its bytes as escapes."""
+    text = io.StringIO()
+    rows = csv.writer(text, lineterminator='\n')
+    rows.writerow(['path', *(f'{col}_{k}' for k in range(1, top + 1)
+                             for col in ('wnid', 'name', 'score')), 'error'])
+    for file, result in zip(files, results):
+        failed = isinstance(result, Exception)
+        cells = [] if failed else [cell for wnid, name, p in result for cell in (wnid, name,
+                                                                                 f'{p:.6f}')]
+        cells += [''] * (3 * top - len(cells))
+        rows.writerow([shown_path(file), *cells, shown_path(str(result)) if failed else ''])
+    write_text_atomic(path, text.getvalue())
+
+
+def check_writable(path) -> None:
+    """InputError, before any work, when the file ``path`` cannot be written: a folder, or in a
+    folder that is missing or not writable."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise InputError(f'--csv {path}: a folder; give the path of the file to write')
+    if not os.path.isdir(folder):
+        raise InputError(f'--csv {path}: the folder {folder} does not exist; create it first')
+    if not os.access(folder, os.W_OK):
+        raise InputError(f'--csv {path}: the folder {folder} is not writable')
+
+
 def positive(text: str) -> int:
     """An int >= 1 for argparse (ArgumentTypeError otherwise)."""
     if not text.isdigit() or int(text) < 1:
@@ -164,7 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The options of ``imagenet-ffcv-predict``."""
     parser = argparse.ArgumentParser(prog=command_name('predict'),
                                      description=__doc__.split('\n\n')[0].replace('``', ''))
-    parser.add_argument('images', nargs='+', help='image files (JPEG, PNG, ...)')
+    parser.add_argument('images', nargs='+',
+                        help='image files (JPEG, PNG, ...), or folders: the image files in them '
+                             'and their subfolders')
     parser.add_argument('--weights', required=True,
                         help='a run folder (its final weights, else its checkpoint), '
                              'checkpoint.pt, final_weights.pt or final_weights.safetensors')
@@ -192,25 +249,47 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--restart-interval', type=int, default=DEFAULT_RESTART_INTERVAL,
                         help="MCUs between restart markers (imagenet-ffcv-write's; default "
                              f'{DEFAULT_RESTART_INTERVAL})')
+    parser.add_argument('--csv', metavar='FILE',
+                        help='write the predictions to FILE, a row per image (path; wnid, name '
+                             'and score of each of the top classes; error), rather than '
+                             'printing them')
     return parser
 
 
 @one_line_warnings('predict')
 @one_line_errors('predict')
 def cli(argv=None) -> int:
-    """The command line (``argv``, default ``sys.argv[1:]``): prints each image's top classes;
-    returns the exit status: 1, with a one-line message, for unusable weights or class list, and
-    when an image cannot be read (named on stderr, the other images' classes printed). A reader
-    that stops early (``| head``) ends the printing without an error."""
+    """The command line (``argv``, default ``sys.argv[1:]``): prints each image's top classes, or
+    writes them to ``--csv`` (:func:`write_csv`) and prints a line saying so; returns the exit
+    status: 1, with a one-line message, for unusable weights or class list, and when an image
+    cannot be read or a folder holds none (each named on stderr, the other images' classes
+    printed or written). A reader that stops early (``| head``) ends the printing without an
+    error."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    results = predict(args.images, weights=args.weights, top=args.top,
+    if args.csv:
+        check_writable(args.csv)
+    files, empty = image_files(args.images)
+    for folder in empty:
+        print(f'{command_name("predict")}: {folder}: no image files in this folder or its '
+              f'subfolders (extensions {", ".join(IMAGE_EXTENSIONS)})', file=sys.stderr)
+    if not files:
+        return 1
+    results = predict(files, weights=args.weights, top=args.top,
                       classes_path=args.classes, res=args.res, arch=args.arch,
                       blurpool=args.blurpool, max_res=args.max_res,
                       jpeg_quality=args.jpeg_quality, restart_interval=args.restart_interval)
-    for path, top in zip(args.images, results):
+    failed = [top for top in results if isinstance(top, Exception)]
+    for error in failed:
+        print(f'{command_name("predict")}: {error}', file=sys.stderr)
+    if args.csv:
+        write_csv(args.csv, files, results, args.top)
+        print(f'=> {len(files) - len(failed)} image(s) classified' + (
+            f', {len(failed)} not (their error column says why)' if failed else '')
+            + f': {args.csv}')
+        return int(bool(failed or empty))
+    for path, top in zip(files, results):
         if isinstance(top, Exception):
-            print(f'{command_name("predict")}: {top}', file=sys.stderr)
             continue
         try:
             print(path)
@@ -219,7 +298,7 @@ def cli(argv=None) -> int:
             sys.stdout.flush()
         except BrokenPipeError:  # the reader has what it wanted: the rest goes to /dev/null (the
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # bad images to stderr)
-    return int(any(isinstance(top, Exception) for top in results))
+    return int(bool(failed or empty))
 
 
 if __name__ == '__main__':

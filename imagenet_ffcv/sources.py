@@ -202,6 +202,23 @@ def list_samples(split_dir, classes: list) -> list:
     return samples
 
 
+def images_in(folder) -> list:
+    """The image files (IMAGE_EXTENSIONS) in ``folder`` and its subfolders, as paths (str), in the
+    order :func:`list_samples` lists a class folder's: depth first, by name, each folder and
+    image once (a symbolic link to one listed already is left out), hidden entries left out.
+    Other files, and broken or looping symbolic links, are left out with a warning naming them.
+    Raises InputError naming a folder that cannot be listed."""
+    real = os.path.realpath(folder)
+    unreadable, other, repeated = [], [], []
+    files = _images_under(Path(folder), {real}, frozenset({real}), (unreadable, other, repeated))
+    ilsvrc.warn_not_images(other)
+    if unreadable:
+        warnings.warn(f'{len(unreadable)} broken or looping symbolic link(s) left out: '
+                      f'{", ".join(unreadable[:5])}{" ..." if len(unreadable) > 5 else ""}',
+                      stacklevel=2)
+    return files
+
+
 def _raise_if_unknown(split_dir, folders: list, classes: list) -> None:
     """InputError naming the class ``folders`` of ``split_dir`` that are not among the train
     split's ``classes`` (their images would have no label), with those that differ from one only

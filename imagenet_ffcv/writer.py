@@ -22,8 +22,8 @@ from ffcv.writer import DatasetWriter
 
 from .distributed import usable_cores
 from .errors import ImagenetFfcvError, InputError
-from .files import (atomic_path, live_temporaries, remove_stale_temporaries, temporary_path,
-                    write_text_atomic)
+from .files import (atomic_path, live_temporaries, remove_stale_temporaries, shown_path,
+                    temporary_path, write_text_atomic)
 from .images import DEFAULT_JPEG_QUALITY, DEFAULT_RESTART_INTERVAL, encode_jpeg, load_image
 from .records import IMAGE_FIELD, LABEL_FIELD, MAX_SIDE, ImageFiles, image_field
 
@@ -176,12 +176,6 @@ def read_failures(failures_path, samples: list) -> dict:
                     i, reason = line.rstrip('\n').split('\t', 1)
                     failures[int(i)] = (samples[int(i)][0], reason)
     return failures
-
-
-def shown_path(path) -> str:
-    """``path`` (or a message naming one) as text any file or terminal can hold: the bytes of a
-    name that is not UTF-8 as escapes (``caf\\xe9.jpg``)."""
-    return os.fsencode(path).decode('utf-8', 'backslashreplace')
 
 
 def skipped_report_path(beton_path) -> Path:

@@ -1656,7 +1656,7 @@ def test_jfif_images_are_images_and_other_val_files_are_named_not_counted_missin
     _, samples, _ = sources.load_split(roots['kaggle'], 'val')
     assert len(samples) == 5 and str(val[0].with_suffix('.jfif')) in {p for p, _ in samples}
     assert [str(w.message) for w in recwarn.list] == [
-        f'1 files whose extension is not one of {", ".join(constants.IMAGE_EXTENSIONS)} left out: '
+        f'1 file whose extension is not one of {", ".join(constants.IMAGE_EXTENSIONS)} left out: '
         f'{val[1].stem}.txt; convert them to one of those to keep them']
     recwarn.clear()
     train = roots['folders'] / 'train' / wnids[0]
@@ -1704,7 +1704,7 @@ def test_a_class_tar_member_that_is_no_image_is_named_as_left_out(tmp_path):
         info = tarfile.TarInfo('n01440764.tar')
         info.size = len(buf.getvalue())
         outer.addfile(info, io.BytesIO(buf.getvalue()))
-    with pytest.warns(UserWarning, match=r'^1 files whose extension .* left out: '
+    with pytest.warns(UserWarning, match=r'^1 file whose extension .* left out: '
                                          r'n01440764\.tar/notes\.txt;'):
         samples = ilsvrc.tar_train_samples(tmp_path, ['n01440764'])
     assert [(p.split('::')[1].split('@')[0], label) for p, label in samples] == [

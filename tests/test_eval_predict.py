@@ -1,6 +1,7 @@
 """The short run of conftest.py (its log and params.json) and using its weights: torchvision,
 --training.eval_only, predict.py, the parameter/GMAC count and the run's plot. (Every test of the
 short run is in this file, so that the two pytest processes of make test do not both train it.)"""
+import csv
 import json
 import os
 import re
@@ -358,9 +359,9 @@ def test_predict_resizes_as_the_runs_decoder(sample_betons, tmp_path, monkeypatc
 
 @pytest.mark.slow
 def test_predict_names_a_bad_image_and_a_missing_class_list(short_run, tmp_path, monkeypatch):
-    """A file that is not an image, a folder and a missing file among images: each named on
-    stderr as what it is, exit 1, the images' classes printed (nothing was printed before: the
-    first bad file ended the command); --top below 1 is refused. An error of PIL's that is no
+    """A file that is not an image, a folder with no images and a missing file among images: each
+    named on stderr as what it is, exit 1, the images' classes printed (nothing was printed
+    before: the first bad file ended the command); --top below 1 is refused. An error of PIL's that is no
     OSError or ValueError (its plugins raise SyntaxError, EOFError, ...; and
     DecompressionBombError stopped the command with a traceback) is named the same way."""
     summary, cfg = short_run
@@ -368,11 +369,12 @@ def test_predict_names_a_bad_image_and_a_missing_class_list(short_run, tmp_path,
     bad.write_bytes(b'not a jpeg')
     good = [str(p) for p in sorted((SAMPLE / 'val').glob('*/*.JPEG'))[:2]]
     final = Path(summary['run_dir']) / 'final_weights.pt'
-    proc = subprocess.run([sys.executable, 'predict.py', good[0], str(bad), str(tmp_path),
+    (tmp_path / 'empty').mkdir()
+    proc = subprocess.run([sys.executable, 'predict.py', good[0], str(bad), str(tmp_path / 'empty'),
                            str(tmp_path / 'gone.jpg'), good[1], '--weights', str(final)],
                           cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and f'predict.py: {bad}: cannot decode' in proc.stderr
-    assert f'{tmp_path}: a folder, not an image; give the images in it ({tmp_path}/*)' in proc.stderr
+    assert f'{tmp_path / "empty"}: no image files in this folder or its subfolders' in proc.stderr
     assert f'{tmp_path / "gone.jpg"}: no such file' in proc.stderr
     printed = proc.stdout.splitlines()
     assert [line for line in printed if 'score =' not in line] == good
@@ -396,6 +398,46 @@ def test_predict_names_a_bad_image_and_a_missing_class_list(short_run, tmp_path,
     torch.save(dict(torch.load(lone, weights_only=True)), plain)
     with pytest.raises(FileNotFoundError, match='--classes'):
         predict.predict([bad], weights=plain)
+
+
+def test_predict_classifies_the_images_of_a_folder_into_a_csv_file(short_run, tmp_path, capsys):
+    """A folder stands for the image files in it and its subfolders (by name; hidden files left
+    out, other files left out and named). --csv writes a row per image, with the classes and
+    scores predict() gives; an image that cannot be decoded has its error there, the others are
+    classified. A --csv in a folder that does not exist is refused before any work (it failed
+    after classifying every image)."""
+    summary, _ = short_run
+    weights = summary['run_dir']
+    photos = tmp_path / 'photos'
+    (photos / 'more').mkdir(parents=True)
+    files = sorted((SAMPLE / 'val').glob('*/*.JPEG'))[:3]
+    shutil.copy(files[0], photos / 'a.JPEG')
+    shutil.copy(files[1], photos / 'more' / 'c.jpg')
+    shutil.copy(files[1], photos / '.hidden.jpg')
+    (photos / 'broken.jpg').write_bytes(b'not a jpeg')
+    (photos / 'notes.txt').write_text('not an image')
+    out = tmp_path / 'predictions.csv'
+    with pytest.warns(UserWarning, match=f'^1 file whose extension .* left out: '
+                                         f'{re.escape(str(photos / "notes.txt"))};'):
+        assert predict.cli([str(photos), str(files[2]), '--weights', weights, '--top', '2',
+                            '--csv', str(out)]) == 1
+    printed = capsys.readouterr()
+    assert printed.out == f'=> 3 image(s) classified, 1 not (their error column says why): {out}\n'
+    assert f': {photos / "broken.jpg"}: cannot decode the image' in printed.err
+    rows = list(csv.reader(out.open()))
+    assert rows[0] == ['path', 'wnid_1', 'name_1', 'score_1', 'wnid_2', 'name_2', 'score_2', 'error']
+    classified = [photos / 'a.JPEG', photos / 'more' / 'c.jpg', files[2]]
+    tops = predict.predict(classified, weights=weights, top=2)
+    assert rows[1:2] + rows[3:] == [
+        [str(path), *(cell for w, n, p in top for cell in (w, n, f'{p:.6f}')), '']
+        for path, top in zip(classified, tops)]
+    assert rows[2][:7] == [str(photos / 'broken.jpg')] + [''] * 6
+    assert rows[2][7].startswith(f'{photos / "broken.jpg"}: cannot decode the image')
+    assert predict.cli([str(files[0]), '--weights', weights,
+                        '--csv', str(tmp_path / 'nowhere' / 'p.csv')]) == 1
+    assert capsys.readouterr().err.endswith(f': --csv {tmp_path / "nowhere" / "p.csv"}: the '
+                                            f'folder {tmp_path / "nowhere"} does not exist; '
+                                            f'create it first\n')
 
 
 def test_predict_names_the_1000_outputs_of_imagenet_weights_from_elsewhere(tmp_path, capsys):
