@@ -11,6 +11,7 @@ the previous complete file or the new complete one at ``NAME``, plus possibly a 
 import contextlib
 import glob
 import os
+import time
 from pathlib import Path
 
 TEMPORARY_KINDS = ('partial', 'failures')  # .NAME.partial-PID, .NAME.failures-PID (the writer's)
@@ -65,11 +66,11 @@ def umask() -> int:
 
 @contextlib.contextmanager
 def atomic_write(path, mode: str = 'w'):
-    """Yield a file open for writing (``mode`` 'w' or 'wb'), written to ``path`` by
-    :func:`atomic_path` when the block ends without an exception, else ``path`` is left as it
-    was. Raises what the block or the filesystem raises."""
+    """Yield a file open for writing (``mode`` 'w', UTF-8 whatever the locale, or 'wb'), written
+    to ``path`` by :func:`atomic_path` when the block ends without an exception, else ``path`` is
+    left as it was. Raises what the block or the filesystem raises."""
     with atomic_path(path) as tmp:
-        with open(tmp, mode) as f:
+        with open(tmp, mode, **({} if 'b' in mode else {'encoding': 'utf-8'})) as f:
             yield f
 
 
@@ -128,22 +129,38 @@ def pid_namespace():
 
 def remove_stale_temporaries(folder, name: str = '*') -> list:
     """Delete the temporaries ``.NAME.partial-PID`` and ``.NAME.failures-PID`` in ``folder`` (of
-    the file ``name``, or of any file for ``'*'``) whose process no longer runs on this machine;
-    those of running processes (another writer, another rank) are kept. Returns the removed
+    the file ``name``, or of any file for ``'*'``) whose process no longer runs on this machine
+    (or started after the temporary was last written: a later process has its PID); those of
+    running processes (another writer, another rank) are kept. Returns the removed
     paths. A folder on a filesystem shared between machines may hold temporaries of processes
     on other machines: run writers of one folder on one machine."""
     removed = []
     for tmp, pid in _others_temporaries(folder, name):
-        if not pid_alive(pid):
+        if not pid_alive(pid) or _started_after(pid, tmp):  # its PID now another process's
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed
 
 
 def live_temporaries(folder, name: str) -> list:
-    """``[(path, pid)]``: the temporaries of the file ``name`` in ``folder`` that another process
-    running on this machine holds (another writer of the same file)."""
-    return [(tmp, pid) for tmp, pid in _others_temporaries(folder, name) if pid_alive(pid)]
+    """``[(path, pid)]``: the temporaries of the file ``name`` in ``folder`` whose process runs on
+    this machine (another writer of the same file) and started before the temporary was last
+    written (a later process given a killed writer's PID is not it; one in another container
+    with the same PID may be taken for it)."""
+    return [(tmp, pid) for tmp, pid in _others_temporaries(folder, name)
+            if pid_alive(pid) and not _started_after(pid, tmp)]
+
+
+def _started_after(pid: int, path) -> bool:
+    """Whether the process ``pid`` started after ``path`` was last modified (False where either
+    cannot be read)."""
+    start, ticks = process_start(pid), os.sysconf('SC_CLK_TCK')
+    try:
+        uptime = float(Path('/proc/uptime').read_text().split()[0])
+        modified = Path(path).stat().st_mtime
+    except (OSError, ValueError, IndexError):
+        return False
+    return start is not None and time.time() - uptime + start / ticks > modified + 1
 
 
 def _others_temporaries(folder, name: str):

@@ -197,11 +197,13 @@ def write_csv(path, files: list, results: list, top: int) -> None:
 
 
 def check_writable(path) -> None:
-    """InputError, before any work, when the file ``path`` cannot be written: a folder, or in a
-    folder that is missing or not writable."""
+    """InputError, before any work, when ``path`` is not a .csv file that can be written: another
+    name (an image's, which ``--csv *.jpg`` gives: it would be replaced by the predictions), a
+    folder, or in a folder that is missing or not writable."""
     folder = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise InputError(f'--csv {path}: a folder; give the path of the file to write')
+    if not path.lower().endswith('.csv') or os.path.isdir(path):
+        raise InputError(f'--csv {path}: give the path of a .csv file to write (is it one of the '
+                         f'images? --csv takes the file name first)')
     if not os.path.isdir(folder):
         raise InputError(f'--csv {path}: the folder {folder} does not exist; create it first')
     if not os.access(folder, os.W_OK):
@@ -250,9 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="MCUs between restart markers (imagenet-ffcv-write's; default "
                              f'{DEFAULT_RESTART_INTERVAL})')
     parser.add_argument('--csv', metavar='FILE',
-                        help='write the predictions to FILE, a row per image (path; wnid, name '
-                             'and score of each of the top classes; error), rather than '
-                             'printing them')
+                        help='write the predictions to FILE (a .csv), a row per image (path; '
+                             'wnid, name and score of each of the top classes; error), rather '
+                             'than printing them')
     return parser
 
 
@@ -292,7 +294,7 @@ def cli(argv=None) -> int:
         if isinstance(top, Exception):
             continue
         try:
-            print(path)
+            print(shown_path(path))
             for wnid, name, p in top:
                 print(f'{name or wnid} (score = {p:.5f})')
             sys.stdout.flush()

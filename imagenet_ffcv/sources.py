@@ -278,8 +278,8 @@ def _images_under(folder: Path, listed: set, own: frozenset, left_out: tuple) ->
         entries = sorted(os.scandir(folder), key=lambda e: e.name)
     except OSError as e:
         raise InputError(f'{folder}: this folder cannot be listed ({e.strerror}), so its images '
-                         f'would be left out; make it readable (chmod -R a+rX) or move it out '
-                         f'of the split, then convert again') from e
+                         f'would be left out; make it readable (chmod -R a+rX) or move it '
+                         f'out, then run again') from e
     for entry in entries:
         if entry.name.startswith('.'):
             continue

@@ -42,7 +42,7 @@ from .signals import Terminated, sigterm_raises
 from .holdout import held_out, write_holdout_record
 from .sources import LAYOUTS, load_split
 from .verify import verify_beton
-from .writer import write_beton
+from .writer import check_not_being_written, write_beton
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,6 +156,7 @@ def main(args) -> dict:
     """Write the .beton and its class list; returns the writer's stats plus 'classes'."""
     check_out_outside_inputs(args.out, args.data_dir)
     check_out_is_new(args.out, args.overwrite)
+    check_not_being_written(args.out)  # and again as it starts writing: listing takes minutes
     read = 'train' if args.holdout else args.split  # --holdout: both splits come from train/
     classes, samples, names = load_split(Path(args.data_dir), read, args.layout)
     if args.holdout:

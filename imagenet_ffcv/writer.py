@@ -230,9 +230,8 @@ def check_free_space(out, needed: int) -> None:
 
 def _check_out(out: Path) -> None:
     """Before any image is read: InputError when ``out`` is a folder or a symbolic link (the new
-    file would replace the link, its target keeping the old data), or when another process on this
-    machine is writing it (its temporary: the later of the two would replace the other's
-    file unseen, after doubling the work); OSError naming the folder of
+    file would replace the link, its target keeping the old data), or is being written
+    (:func:`check_not_being_written`); OSError naming the folder of
     ``out`` (created if missing) when no file can be created there (no permission, a read-only
     or immutable folder)."""
     if out.is_dir():
@@ -241,10 +240,7 @@ def _check_out(out: Path) -> None:
     if out.is_symlink():
         raise InputError(f'{out} is a symbolic link (to {os.readlink(out)}): give the path of '
                          f'the file itself, {out.resolve()}, or remove the link')
-    for tmp, pid in live_temporaries(out.parent, out.name):
-        raise InputError(f'{out}: another conversion to this file is running (process {pid}, '
-                         f'writing {tmp}): wait for it to end or choose another --out (if no '
-                         f'conversion runs, delete {tmp})')
+    check_not_being_written(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     probe = temporary_path(out)
     try:
@@ -254,6 +250,18 @@ def _check_out(out: Path) -> None:
         raise BetonWriteError(e.errno, f'{out.parent}: cannot write the .beton there '
                                        f'({e.strerror}); choose another --out or make the folder '
                                        f'writable') from None
+
+
+def check_not_being_written(out) -> None:
+    """InputError when another process of this machine is writing the .beton ``out``: its
+    temporary is there (``files.live_temporaries``; :func:`write_beton` makes its own as it
+    starts). The later of two conversions to one file replaced the other's file unseen, after
+    doubling the work."""
+    out = Path(out)
+    for tmp, pid in live_temporaries(out.parent, out.name):
+        raise InputError(f'{out}: another conversion to this file is running (process {pid}, '
+                         f'writing {tmp}): wait for it to end or choose another --out (if no '
+                         f'conversion runs, delete {tmp})')
 
 
 def _raise_naming(e: OSError, out: Path):
@@ -291,9 +299,10 @@ def write_beton(samples: list, out, *, max_res: int, write_mode: str = 'jpg',
 
     The file is written under a temporary name (``.NAME.partial-PID``, a dot file) in the folder
     of ``out`` and renamed into place only when complete: a crash or kill leaves no file at ``out``
-    (or the previous complete one). Temporaries that killed runs left of the same file are
-    removed by the next run. An OSError without a file name (a full disk) is raised again naming
-    ``out``.
+    (or the previous complete one). It is made first, so that a conversion of the same file
+    started meanwhile on this machine is refused (InputError, :func:`check_not_being_written`).
+    Temporaries that killed runs left of the same file are removed by the next run. An OSError
+    without a file name (a full disk) is raised again naming ``out``.
     Before writing, the free space of that folder is checked against an estimate
     (InsufficientSpaceError; ``check_space=False`` skips it).
 
@@ -316,17 +325,18 @@ def write_beton(samples: list, out, *, max_res: int, write_mode: str = 'jpg',
     num_workers = num_workers or usable_cores()
     encoding = dict(write_mode=write_mode, jpeg_quality=jpeg_quality,
                     compress_probability=compress_probability, restart_interval=restart_interval)
-    if check_space:  # + one partly filled 8 MiB ffcv page per worker
-        check_free_space(out, estimate_beton_bytes(samples, max_res=max_res, **encoding)
-                         + num_workers * 8 * 2 ** 20)
     failures_path = temporary_path(out, 'failures')
     report = skipped_report_path(out)
     fields = {IMAGE_FIELD: image_field(), LABEL_FIELD: IntField()}
-    start = time.perf_counter()
     skipped = {}
     indices = list(range(len(samples)))
     try:
         with atomic_path(out) as tmp:
+            tmp.touch()  # the name is claimed: a conversion started now is refused (_check_out)
+            if check_space:  # + one partly filled 8 MiB ffcv page per worker
+                check_free_space(out, estimate_beton_bytes(samples, max_res=max_res, **encoding)
+                                 + num_workers * 8 * 2 ** 20)
+            start = time.perf_counter()
             for _ in range(3):  # a file may turn unreadable between passes: retry a few times
                 failures = _write_once(samples, tmp, fields, num_workers, chunksize,
                                        failures_path, max_res, indices, encoding)

@@ -1445,12 +1445,14 @@ def test_sigterm_or_ctrl_c_midway_leaves_the_old_file_and_no_temporary(tmp_path,
     assert (out / 'train_256.beton').read_bytes() == b'the previous file'
 
 
-def test_a_second_conversion_to_a_file_being_written_is_refused_before_any_work(tmp_path):
+def test_a_second_conversion_to_a_file_being_written_is_refused_before_any_work(
+        tmp_path, monkeypatch, capsys):
     """A conversion started while another process of this machine writes the same .beton (its
-    temporary is there, its PID runs) stops at once, naming that process and its temporary, with
-    --overwrite too: the later of the two replaced the other's file unseen, after doubling the
-    work. Once that process has ended, its temporary is a killed run's: removed, and the file is
-    written."""
+    temporary is there, its PID runs) stops at once, before listing the images, naming that
+    process and its temporary, with --overwrite too: the later of the two replaced the other's
+    file unseen, after doubling the work. A conversion makes its temporary before its first slow
+    step. A temporary last written before its PID's process started is a killed run's (the PID
+    taken by a later process): removed, and the file written."""
     small_split(tmp_path / 'data', 4)
     samples = sources.list_samples(tmp_path / 'data' / 'train', ['n00', 'n01'])
     out = tmp_path / 'train.beton'
@@ -1458,17 +1460,34 @@ def test_a_second_conversion_to_a_file_being_written_is_refused_before_any_work(
     try:
         tmp = tmp_path / f'.train.beton.partial-{other.pid}'
         tmp.write_bytes(b'being written')
+        refusal = (f'{out}: another conversion to this file is running (process {other.pid}, '
+                   f'writing {tmp}): wait for it to end or choose another --out (if no '
+                   f'conversion runs, delete {tmp})')
         with pytest.raises(errors.InputError) as e:
             writer.write_beton(samples, out, max_res=256, num_workers=1)
-        assert str(e.value) == (f'{out}: another conversion to this file is running (process '
-                                f'{other.pid}, writing {tmp}): wait for it to end or choose '
-                                f'another --out (if no conversion runs, delete {tmp})')
+        assert str(e.value) == refusal
+        monkeypatch.setattr(write, 'load_split', None)  # refused before listing: never called
+        assert write.cli(['--data-dir', str(tmp_path / 'data'), '--split', 'train',
+                          '--out', str(out), '--overwrite']) == 1
+        assert capsys.readouterr().err.strip().endswith(refusal)
         assert not out.exists() and tmp.read_bytes() == b'being written'
+        past = time.time() - 3600
+        os.utime(tmp, (past, past))  # older than the process that now has its PID
+        seen = []
+
+        def seen_from_another_process(out, needed):
+            seen.append(subprocess.run(
+                [PYTHON, '-c', 'import sys; from imagenet_ffcv import files; '
+                 'print(files.live_temporaries(*sys.argv[1:]))', str(tmp_path), 'train.beton'],
+                cwd=REPO, capture_output=True, text=True).stdout.strip())
+        monkeypatch.setattr(writer, 'check_free_space', seen_from_another_process)
+        assert writer.write_beton(samples, out, max_res=256, num_workers=1)['images'] == 4
+        mine = tmp_path / f'.train.beton.partial-{os.getpid()}'
+        assert seen == [f'[({mine!r}, {os.getpid()})]']  # claimed before the free space check
+        assert sorted(p.name for p in tmp_path.iterdir()) == ['data', 'train.beton']
     finally:
         other.kill()
         other.wait()
-    assert writer.write_beton(samples, out, max_res=256, num_workers=1)['images'] == 4
-    assert sorted(p.name for p in tmp_path.iterdir()) == ['data', 'train.beton']
 
 
 def test_out_ending_in_a_slash_is_a_folder_and_a_full_disk_names_the_file(tmp_path, monkeypatch,
@@ -1687,8 +1706,8 @@ def test_a_folder_that_cannot_be_listed_stops_the_listing_naming_it(tmp_path, mo
     assert write.cli(['--data-dir', str(root), '--split', 'train', '--out', str(out)]) == 1
     assert capsys.readouterr().err.strip().endswith(
         f'{root / "train" / "a" / "sub"}: this folder cannot be listed (Permission denied), so '
-        f'its images would be left out; make it readable (chmod -R a+rX) or move it out of the '
-        f'split, then convert again')
+        f'its images would be left out; make it readable (chmod -R a+rX) or move it out, then '
+        f'run again')
     assert not out.exists()
 
 

@@ -361,8 +361,8 @@ def test_predict_resizes_as_the_runs_decoder(sample_betons, tmp_path, monkeypatc
 def test_predict_names_a_bad_image_and_a_missing_class_list(short_run, tmp_path, monkeypatch):
     """A file that is not an image, a folder with no images and a missing file among images: each
     named on stderr as what it is, exit 1, the images' classes printed (nothing was printed
-    before: the first bad file ended the command); --top below 1 is refused. An error of PIL's that is no
-    OSError or ValueError (its plugins raise SyntaxError, EOFError, ...; and
+    before: the first bad file ended the command); --top below 1 is refused. An error of PIL's
+    that is no OSError or ValueError (its plugins raise SyntaxError, EOFError, ...; and
     DecompressionBombError stopped the command with a traceback) is named the same way."""
     summary, cfg = short_run
     bad = tmp_path / 'bad.jpg'
@@ -400,12 +400,14 @@ def test_predict_names_a_bad_image_and_a_missing_class_list(short_run, tmp_path,
         predict.predict([bad], weights=plain)
 
 
-def test_predict_classifies_the_images_of_a_folder_into_a_csv_file(short_run, tmp_path, capsys):
+def test_predict_classifies_the_images_of_a_folder_into_a_csv_file(short_run, tmp_path, capsys,
+                                                                   monkeypatch):
     """A folder stands for the image files in it and its subfolders (by name; hidden files left
     out, other files left out and named). --csv writes a row per image, with the classes and
     scores predict() gives; an image that cannot be decoded has its error there, the others are
     classified. A --csv in a folder that does not exist is refused before any work (it failed
-    after classifying every image)."""
+    after classifying every image), and so is one that is not a .csv file (``--csv *.jpg`` would
+    have replaced the first image by the predictions)."""
     summary, _ = short_run
     weights = summary['run_dir']
     photos = tmp_path / 'photos'
@@ -425,7 +427,8 @@ def test_predict_classifies_the_images_of_a_folder_into_a_csv_file(short_run, tm
     assert printed.out == f'=> 3 image(s) classified, 1 not (their error column says why): {out}\n'
     assert f': {photos / "broken.jpg"}: cannot decode the image' in printed.err
     rows = list(csv.reader(out.open()))
-    assert rows[0] == ['path', 'wnid_1', 'name_1', 'score_1', 'wnid_2', 'name_2', 'score_2', 'error']
+    assert rows[0] == ['path', 'wnid_1', 'name_1', 'score_1', 'wnid_2', 'name_2', 'score_2',
+                       'error']
     classified = [photos / 'a.JPEG', photos / 'more' / 'c.jpg', files[2]]
     tops = predict.predict(classified, weights=weights, top=2)
     assert rows[1:2] + rows[3:] == [
@@ -433,11 +436,18 @@ def test_predict_classifies_the_images_of_a_folder_into_a_csv_file(short_run, tm
         for path, top in zip(classified, tops)]
     assert rows[2][:7] == [str(photos / 'broken.jpg')] + [''] * 6
     assert rows[2][7].startswith(f'{photos / "broken.jpg"}: cannot decode the image')
+    monkeypatch.setattr(predict, 'predict', None)  # refused before: never called
     assert predict.cli([str(files[0]), '--weights', weights,
                         '--csv', str(tmp_path / 'nowhere' / 'p.csv')]) == 1
     assert capsys.readouterr().err.endswith(f': --csv {tmp_path / "nowhere" / "p.csv"}: the '
                                             f'folder {tmp_path / "nowhere"} does not exist; '
                                             f'create it first\n')
+    image = photos / 'a.JPEG'
+    assert predict.cli(['--csv', str(image), str(files[0]), '--weights', weights]) == 1
+    assert capsys.readouterr().err.endswith(f': --csv {image}: give the path of a .csv file to '
+                                            f'write (is it one of the images? --csv takes the '
+                                            f'file name first)\n')
+    assert image.read_bytes() == files[0].read_bytes()
 
 
 def test_predict_names_the_1000_outputs_of_imagenet_weights_from_elsewhere(tmp_path, capsys):
