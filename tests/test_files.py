@@ -120,6 +120,17 @@ def test_atomic_path_renames_only_on_success(tmp_path):
     assert path.read_bytes() == b'complete' and len(list(tmp_path.iterdir())) == 1
 
 
+def test_text_files_are_written_as_utf8_whatever_the_locale(tmp_path):
+    """Class lists (read as UTF-8), skipped-file reports and predict's CSV hold names that are not
+    ASCII: under an ASCII locale (LC_ALL=C without Python's UTF-8 mode) writing them failed."""
+    env = dict(os.environ, LC_ALL='C', PYTHONUTF8='0', PYTHONCOERCECLOCALE='0')
+    subprocess.run([sys.executable, '-c', 'import sys; from imagenet_ffcv import files; '
+                    'files.write_text_atomic(sys.argv[1], '
+                    '"n02085620\tChihuahua \\u00e0 caf\\u00e9")',  # escapes: argv is ASCII there
+                    str(tmp_path / 'x.tsv')], cwd=REPO, env=env, check=True)
+    assert (tmp_path / 'x.tsv').read_bytes() == 'n02085620\tChihuahua à café'.encode()
+
+
 def test_stale_temporaries_of_dead_processes_go_and_those_of_live_ones_stay(tmp_path):
     dead, alive = dead_pid(), os.getppid()  # the parent of pytest runs for sure
     stale = [tmp_path / f'.checkpoint.pt.partial-{dead}', tmp_path / f'.x.beton.failures-{dead}']
