@@ -152,15 +152,16 @@ def live_temporaries(folder, name: str) -> list:
 
 
 def _started_after(pid: int, path) -> bool:
-    """Whether the process ``pid`` started after ``path`` was last modified (False where either
-    cannot be read)."""
+    """Whether the process ``pid`` started over a minute after ``path`` was last modified (False
+    where either cannot be read; the minute allows for the wall clock being set meanwhile: a live
+    writer's temporary taken for a killed one's would be deleted)."""
     start, ticks = process_start(pid), os.sysconf('SC_CLK_TCK')
     try:
         uptime = float(Path('/proc/uptime').read_text().split()[0])
         modified = Path(path).stat().st_mtime
     except (OSError, ValueError, IndexError):
         return False
-    return start is not None and time.time() - uptime + start / ticks > modified + 1
+    return start is not None and time.time() - uptime + start / ticks > modified + 60
 
 
 def _others_temporaries(folder, name: str):

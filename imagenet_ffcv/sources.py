@@ -206,8 +206,9 @@ def images_in(folder) -> list:
     """The image files (IMAGE_EXTENSIONS) in ``folder`` and its subfolders, as paths (str), in the
     order :func:`list_samples` lists a class folder's: depth first, by name, each folder and
     image once (a symbolic link to one listed already is left out), hidden entries left out.
-    Other files, and broken or looping symbolic links, are left out with a warning naming them.
-    Raises InputError naming a folder that cannot be listed."""
+    Other files, broken or looping symbolic links, and links to images or folders listed already
+    are left out with a warning naming them. Raises InputError naming a folder that cannot be
+    listed."""
     real = os.path.realpath(folder)
     unreadable, other, repeated = [], [], []
     files = _images_under(Path(folder), {real}, frozenset({real}), (unreadable, other, repeated))
@@ -215,6 +216,10 @@ def images_in(folder) -> list:
     if unreadable:
         warnings.warn(f'{len(unreadable)} broken or looping symbolic link(s) left out: '
                       f'{", ".join(unreadable[:5])}{" ..." if len(unreadable) > 5 else ""}',
+                      stacklevel=2)
+    if repeated:
+        warnings.warn(f'{len(repeated)} symbolic link(s) to images or folders listed already left '
+                      f'out: {", ".join(repeated[:5])}{" ..." if len(repeated) > 5 else ""}',
                       stacklevel=2)
     return files
 

@@ -403,7 +403,7 @@ def test_predict_names_a_bad_image_and_a_missing_class_list(short_run, tmp_path,
 def test_predict_classifies_the_images_of_a_folder_into_a_csv_file(short_run, tmp_path, capsys,
                                                                    monkeypatch):
     """A folder stands for the image files in it and its subfolders (by name; hidden files left
-    out, other files left out and named). --csv writes a row per image, with the classes and
+    out, other files and links to images listed already left out and named). --csv writes a row per image, with the classes and
     scores predict() gives; an image that cannot be decoded has its error there, the others are
     classified. A --csv in a folder that does not exist is refused before any work (it failed
     after classifying every image), and so is one that is not a .csv file (``--csv *.jpg`` would
@@ -418,11 +418,14 @@ def test_predict_classifies_the_images_of_a_folder_into_a_csv_file(short_run, tm
     shutil.copy(files[1], photos / '.hidden.jpg')
     (photos / 'broken.jpg').write_bytes(b'not a jpeg')
     (photos / 'notes.txt').write_text('not an image')
+    (photos / 'same.jpg').symlink_to('a.JPEG')
     out = tmp_path / 'predictions.csv'
-    with pytest.warns(UserWarning, match=f'^1 file whose extension .* left out: '
-                                         f'{re.escape(str(photos / "notes.txt"))};'):
+    with pytest.warns(UserWarning) as warned:
         assert predict.cli([str(photos), str(files[2]), '--weights', weights, '--top', '2',
                             '--csv', str(out)]) == 1
+    assert [str(w.message).split(': ')[1].split(';')[0] for w in warned] == [
+        str(photos / 'notes.txt'), str(photos / 'same.jpg')]
+    assert str(warned[0].message).startswith('1 file whose extension is not one of')
     printed = capsys.readouterr()
     assert printed.out == f'=> 3 image(s) classified, 1 not (their error column says why): {out}\n'
     assert f': {photos / "broken.jpg"}: cannot decode the image' in printed.err
