@@ -131,10 +131,9 @@ def remove_stale_temporaries(folder, name: str = '*') -> list:
     """Delete the temporaries ``.NAME.partial-PID`` and ``.NAME.failures-PID`` in ``folder`` (of
     the file ``name``, or of any file for ``'*'``) whose process no longer runs on this machine
     (or started over a minute after the temporary was last written: a later process has its
-    PID, :func:`_started_after`); those of
-    running processes (another writer, another rank) are kept. Returns the removed
-    paths. A folder on a filesystem shared between machines may hold temporaries of processes
-    on other machines: run writers of one folder on one machine."""
+    PID, :func:`_started_after`); those of running processes (another writer, another rank) are
+    kept. Returns the removed paths. A folder on a filesystem shared between machines may hold
+    temporaries of processes on other machines: run writers of one folder on one machine."""
     removed = []
     for tmp, pid in _others_temporaries(folder, name):
         if not pid_alive(pid) or _started_after(pid, tmp):  # its PID now another process's
