@@ -35,6 +35,7 @@ import sys
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from . import config, engine
 from .classes import read_class_names
@@ -73,6 +74,7 @@ def predict(paths: list, *, weights, top: int = 5, classes_path=None, res=None,
     (OSError or ValueError naming the file); the other images are classified.
     Without a class list, the 1,000 outputs of an ImageNet model from elsewhere are named as
     ILSVRC-2012's classes (with a note on stderr; ``weights.load_model``).
+    A progress bar runs on stderr when it is a terminal.
     Raises CheckpointError for unusable weights, FileNotFoundError for a missing class list.
     """
     classes = read_class_names(classes_path) if classes_path else None
@@ -103,7 +105,8 @@ def predict(paths: list, *, weights, top: int = 5, classes_path=None, res=None,
     device = device or torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     model = saved.model.to(device).eval()
     results, batch = [None] * len(paths), {}  # batch: {index in paths: model input}
-    for i, path in enumerate(paths):
+    bar = tqdm(paths, unit='img', leave=False, disable=None)  # on stderr, when a terminal
+    for i, path in enumerate(bar):
         try:
             batch[i] = model_input(*image_record(path, max_res=max_res, jpeg_quality=jpeg_quality,
                                                  restart_interval=restart_interval),
