@@ -129,14 +129,14 @@ def pid_namespace():
 
 def remove_stale_temporaries(folder, name: str = '*') -> list:
     """Delete the temporaries ``.NAME.partial-PID`` and ``.NAME.failures-PID`` in ``folder`` (of
-    the file ``name``, or of any file for ``'*'``) whose process no longer runs on this machine
-    (or started over a minute after the temporary was last written: a later process has its
-    PID, :func:`_started_after`); those of running processes (another writer, another rank) are
-    kept. Returns the removed paths. A folder on a filesystem shared between machines may hold
-    temporaries of processes on other machines: run writers of one folder on one machine."""
+    the file ``name``, or of any file for ``'*'``) whose process no longer runs on this machine;
+    those of running processes (another writer, another rank, or a later process given a killed
+    one's PID: no clock tells them apart in every container) are kept. Returns the removed
+    paths. A folder on a filesystem shared between machines may hold temporaries of processes
+    on other machines: run writers of one folder on one machine."""
     removed = []
     for tmp, pid in _others_temporaries(folder, name):
-        if not pid_alive(pid) or _started_after(pid, tmp):  # its PID now another process's
+        if not pid_alive(pid):
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed
@@ -144,24 +144,28 @@ def remove_stale_temporaries(folder, name: str = '*') -> list:
 
 def live_temporaries(folder, name: str) -> list:
     """``[(path, pid)]``: the temporaries of the file ``name`` in ``folder`` whose process runs on
-    this machine (another writer of the same file) and started before the temporary was last
-    written (a later process given a killed writer's PID is not it; one in another container
-    with the same PID may be taken for it)."""
+    this machine (another writer of the same file) and did not start over a minute after the
+    temporary was last written (:func:`_started_after`: then a later process has a killed
+    writer's PID). Where the clocks disagree (a container's own uptime, a file server's clock)
+    a writer may be missed; one in another container with the same PID may be taken for it."""
     return [(tmp, pid) for tmp, pid in _others_temporaries(folder, name)
             if pid_alive(pid) and not _started_after(pid, tmp)]
 
 
 def _started_after(pid: int, path) -> bool:
     """Whether the process ``pid`` started over a minute after ``path`` was last modified (False
-    where either cannot be read; the minute allows for the wall clock being set meanwhile: a live
-    writer's temporary taken for a killed one's would be deleted)."""
-    start, ticks = process_start(pid), os.sysconf('SC_CLK_TCK')
+    where either cannot be read; the minute allows for the wall clock being set meanwhile). The
+    start is the kernel's (``process_start``, ticks since boot) on the wall clock by way of
+    CLOCK_BOOTTIME."""
+    start = process_start(pid)
     try:
-        uptime = float(Path('/proc/uptime').read_text().split()[0])
         modified = Path(path).stat().st_mtime
-    except (OSError, ValueError, IndexError):
+        since_boot = time.clock_gettime(time.CLOCK_BOOTTIME)
+    except (OSError, AttributeError):  # AttributeError: no CLOCK_BOOTTIME (not Linux)
         return False
-    return start is not None and time.time() - uptime + start / ticks > modified + 60
+    if start is None:
+        return False
+    return time.time() - since_boot + start / os.sysconf('SC_CLK_TCK') > modified + 60
 
 
 def _others_temporaries(folder, name: str):

@@ -105,20 +105,23 @@ def predict(paths: list, *, weights, top: int = 5, classes_path=None, res=None,
     device = device or torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     model = saved.model.to(device).eval()
     results, batch = [None] * len(paths), {}  # batch: {index in paths: model input}
-    bar = tqdm(paths, unit='img', leave=False, disable=None)  # on stderr, when a terminal
-    for i, path in enumerate(bar):
-        try:
-            batch[i] = model_input(*image_record(path, max_res=max_res, jpeg_quality=jpeg_quality,
-                                                 restart_interval=restart_interval),
-                                   res=res, antialias=antialias)
-        except (OSError, ValueError) as e:
-            results[i] = e
-        if batch and (len(batch) == batch_size or i == len(paths) - 1):
-            x = torch.stack(list(batch.values())).to(device, memory_format=torch.channels_last)
-            tops = classify(model, x, classes=classes, top=top, flip_tta=evaluated['flip_tta'])
-            for j, top_j in zip(batch, tops):
-                results[j] = top_j
-            batch = {}
+    with tqdm(paths, unit='img', leave=False, disable=None) as bar:  # stderr, if a terminal
+        for i, path in enumerate(bar):
+            try:
+                batch[i] = model_input(*image_record(path, max_res=max_res,
+                                                     jpeg_quality=jpeg_quality,
+                                                     restart_interval=restart_interval),
+                                       res=res, antialias=antialias)
+            except (OSError, ValueError) as e:
+                results[i] = e
+            if batch and (len(batch) == batch_size or i == len(paths) - 1):
+                x = torch.stack(list(batch.values())).to(device,
+                                                         memory_format=torch.channels_last)
+                tops = classify(model, x, classes=classes, top=top,
+                                flip_tta=evaluated['flip_tta'])
+                for j, top_j in zip(batch, tops):
+                    results[j] = top_j
+                batch = {}
     return results
 
 

@@ -348,13 +348,13 @@ def write_beton(samples: list, out, *, max_res: int, write_mode: str = 'jpg',
                     raise UnreadableImagesError(sorted(skipped.values()), every=not indices)
             else:
                 raise UnreadableImagesError(sorted(skipped.values()))
-            skipped_files = [skipped[i] for i in sorted(skipped)]
-            if skipped:
-                write_text_atomic(report, ''.join(  # the path in the reason as in column 1
-                    f'{shown_path(p)}\t{shown_path(r.replace(repr(str(p))[1:-1], str(p)))}\n'
-                    for p, r in skipped_files))
-            else:
-                report.unlink(missing_ok=True)  # a stale report of an earlier run would mislead
+        skipped_files = [skipped[i] for i in sorted(skipped)]  # once the .beton is in place:
+        if skipped:  # a failed write keeps the previous .beton and its report
+            write_text_atomic(report, ''.join(  # the path in the reason as in column 1
+                f'{shown_path(p)}\t{shown_path(r.replace(repr(str(p))[1:-1], str(p)))}\n'
+                for p, r in skipped_files))
+        else:
+            report.unlink(missing_ok=True)  # a stale report of an earlier run would mislead
     except OSError as e:
         _raise_naming(e, out)
     finally:

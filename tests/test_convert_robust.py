@@ -1451,8 +1451,9 @@ def test_a_second_conversion_to_a_file_being_written_is_refused_before_any_work(
     temporary is there, its PID runs) stops at once, before listing the images, naming that
     process and its temporary, with --overwrite too: the later of the two replaced the other's
     file unseen, after doubling the work. A conversion makes its temporary before its first slow
-    step. A temporary last written before its PID's process started is a killed run's (the PID
-    taken by a later process): removed, and the file written."""
+    step. A temporary last written over a minute before its PID's process started is a killed
+    run's (the PID taken by a later process): not a writer, so the file is written; it is left
+    in place (its PID runs: no clock tells a reused PID in every container)."""
     small_split(tmp_path / 'data', 4)
     samples = sources.list_samples(tmp_path / 'data' / 'train', ['n00', 'n01'])
     out = tmp_path / 'train.beton'
@@ -1484,7 +1485,7 @@ def test_a_second_conversion_to_a_file_being_written_is_refused_before_any_work(
         assert writer.write_beton(samples, out, max_res=256, num_workers=1)['images'] == 4
         mine = tmp_path / f'.train.beton.partial-{os.getpid()}'
         assert seen == [f'[({mine!r}, {os.getpid()})]']  # claimed before the free space check
-        assert sorted(p.name for p in tmp_path.iterdir()) == ['data', 'train.beton']
+        assert sorted(p.name for p in tmp_path.iterdir()) == [tmp.name, 'data', 'train.beton']
     finally:
         other.kill()
         other.wait()

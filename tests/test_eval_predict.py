@@ -403,9 +403,9 @@ def test_predict_names_a_bad_image_and_a_missing_class_list(short_run, tmp_path,
 def test_predict_classifies_the_images_of_a_folder_into_a_csv_file(short_run, tmp_path, capsys,
                                                                    monkeypatch):
     """A folder stands for the image files in it and its subfolders (by name; hidden files left
-    out, other files and links to images listed already left out and named). --csv writes a row per image, with the classes and
-    scores predict() gives; an image that cannot be decoded has its error there, the others are
-    classified. A --csv in a folder that does not exist is refused before any work (it failed
+    out, other files and links to images listed already left out and named). --csv writes a row
+    per image, with the classes and scores predict() gives; an image that cannot be decoded has
+    its error there, the others are classified. A --csv in a folder that does not exist is refused before any work (it failed
     after classifying every image), and so is one that is not a .csv file (``--csv *.jpg`` would
     have replaced the first image by the predictions)."""
     summary, _ = short_run
