@@ -25,7 +25,7 @@ import torch
 
 from conftest import REPO, SAMPLE, decoder_node, small_config
 from imagenet_ffcv import (betons, checkpoint, config, constants, distributed, engine, loaders,
-                           models, predict, train, weights)
+                           models, predict, train)
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')]
