@@ -3,24 +3,39 @@ one clean-up of the temporaries a killed process leaves behind.
 
 Every file of the tool that must never be seen half-written (a .beton, a checkpoint, the final
 weights, a class list, the skipped-files report, params.json) is first written to the hidden
-temporary ``.NAME.partial-PID`` in the same folder, flushed to disk and renamed over ``NAME``
-(``os.replace`` is atomic within a filesystem). A crash or ``kill -9`` at any moment leaves either
-the previous complete file or the new complete one at ``NAME``, plus possibly a temporary, which
-:func:`remove_stale_temporaries` deletes once its process no longer runs.
+temporary ``.NAME.partial-HOST-PID`` in the same folder, flushed to disk and renamed over
+``NAME`` (``os.replace`` is atomic within a filesystem). A crash or ``kill -9`` at any moment leaves
+either the previous complete file or the new complete one at ``NAME``, plus possibly a temporary,
+which :func:`remove_stale_temporaries` deletes once its process no longer runs (another machine's:
+once it has not been written for ``OTHER_MACHINE_STALE_S``).
 """
 import contextlib
 import glob
 import os
+import re
+import socket
 import time
 from pathlib import Path
 
-TEMPORARY_KINDS = ('partial', 'failures')  # .NAME.partial-PID, .NAME.failures-PID (the writer's)
+TEMPORARY_KINDS = ('partial', 'failures')  # .NAME.partial-HOST-PID, .NAME.failures-HOST-PID
+# A temporary of another machine (a node sharing the folder, a container with a host name of its
+# own), whose process cannot be looked up from here, is taken for a live writer's until it has not
+# been written for this long (seconds); the writers write theirs every few seconds.
+OTHER_MACHINE_STALE_S = 600
 
 
 def temporary_path(path, kind: str = 'partial') -> Path:
-    """``DIR/.NAME.<kind>-PID`` for ``DIR/NAME``: a hidden temporary of this process."""
+    """``DIR/.NAME.<kind>-HOST-PID`` for ``DIR/NAME``: a hidden temporary of this process, HOST
+    being :func:`host_name`."""
     path = Path(path)
-    return path.with_name(f'.{path.name}.{kind}-{os.getpid()}')
+    return path.with_name(f'.{path.name}.{kind}-{host_name()}-{os.getpid()}')
+
+
+def host_name() -> str:
+    """This machine's host name (``socket.gethostname()``; a container has its own unless it
+    shares the host's) as temporaries carry it: characters other than letters, digits, ``.``
+    and ``-`` made ``_``."""
+    return re.sub(r'[^A-Za-z0-9.-]', '_', socket.gethostname()) or '_'
 
 
 @contextlib.contextmanager
@@ -128,28 +143,42 @@ def pid_namespace():
 
 
 def remove_stale_temporaries(folder, name: str = '*') -> list:
-    """Delete the temporaries ``.NAME.partial-PID`` and ``.NAME.failures-PID`` in ``folder`` (of
-    the file ``name``, or of any file for ``'*'``) whose process no longer runs on this machine;
-    those of running processes (another writer, another rank, or a later process given a killed
-    one's PID: no clock tells them apart in every container) are kept. Returns the removed
-    paths. A folder on a filesystem shared between machines may hold temporaries of processes
-    on other machines: run writers of one folder on one machine."""
+    """Delete the temporaries ``.NAME.partial-HOST-PID`` and ``.NAME.failures-HOST-PID`` in
+    ``folder`` (of the file ``name``, or of any file for ``'*'``) that no process writes: this
+    machine's whose process no longer runs, another machine's (a folder shared by nodes) not
+    written for ``OTHER_MACHINE_STALE_S``. Those of running processes (another writer, another
+    rank, or a later process given a killed one's PID: no clock tells them apart in every
+    container) are kept. Returns the removed paths."""
     removed = []
-    for tmp, pid in _others_temporaries(folder, name):
-        if not pid_alive(pid):
+    for tmp, pid, host in _others_temporaries(folder, name):
+        stale = (not pid_alive(pid) if host is None  # this machine's
+                 else unwritten_for(tmp) > OTHER_MACHINE_STALE_S)
+        if stale:
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed
 
 
 def live_temporaries(folder, name: str) -> list:
-    """``[(path, pid)]``: the temporaries of the file ``name`` in ``folder`` whose process runs on
-    this machine (another writer of the same file) and did not start over a minute after the
-    temporary was last written (:func:`_started_after`: then a later process has a killed
-    writer's PID). Where the clocks disagree (a container's own uptime, a file server's clock)
-    a writer may be missed; one in another container with the same PID may be taken for it."""
-    return [(tmp, pid) for tmp, pid in _others_temporaries(folder, name)
-            if pid_alive(pid) and not _started_after(pid, tmp)]
+    """``[(path, pid, host)]``: the temporaries of the file ``name`` in ``folder`` that another
+    writer of the same file may be writing. On this machine (``host`` None) their process runs
+    and did not start over a minute after the temporary was last written
+    (:func:`_started_after`: then a later process has a killed writer's PID); of another machine
+    (``host`` its name), whose processes cannot be looked up, they were written within
+    ``OTHER_MACHINE_STALE_S``. Where the clocks disagree (a container's own uptime, a file
+    server's clock) a writer may be missed; one in another container with this host name and the
+    same PID may be taken for it."""
+    return [(tmp, pid, host) for tmp, pid, host in _others_temporaries(folder, name)
+            if (pid_alive(pid) and not _started_after(pid, tmp) if host is None  # this machine's
+                else unwritten_for(tmp) <= OTHER_MACHINE_STALE_S)]
+
+
+def unwritten_for(path) -> float:
+    """Seconds since ``path`` was last modified, by this machine's clock (0 if it is gone)."""
+    try:
+        return time.time() - Path(path).stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def _started_after(pid: int, path) -> bool:
@@ -169,14 +198,16 @@ def _started_after(pid: int, path) -> bool:
 
 
 def _others_temporaries(folder, name: str):
-    """Yield ``(path, pid)`` for each temporary in ``folder`` of the file ``name`` (``'*'``: any)
-    that names another process than this one."""
-    folder = Path(folder)
+    """Yield ``(path, pid, host)`` for each temporary in ``folder`` of the file ``name`` (``'*'``:
+    any) that names another process than this one: ``host`` None for this machine's (and for
+    the ``.NAME.partial-PID`` of earlier versions of this tool), else the other machine's name."""
+    folder, here = Path(folder), host_name()
     if not folder.is_dir():
         return
     pattern = '*' if name == '*' else glob.escape(name)  # a name may hold [ ] * ?
     for kind in TEMPORARY_KINDS:
         for tmp in folder.glob(f'.{pattern}.{kind}-*'):
-            pid = tmp.name.rsplit('-', 1)[-1]
-            if pid.isdigit() and int(pid) != os.getpid():
-                yield tmp, int(pid)
+            host, _, pid = tmp.name.rpartition(f'.{kind}-')[2].rpartition('-')
+            host = None if host in ('', here) else host
+            if pid.isdigit() and (host, int(pid)) != (None, os.getpid()):
+                yield tmp, int(pid), host

@@ -17,8 +17,8 @@ each .beton records its --split and --holdout, and the trainer refuses a pair th
 Files that cannot be decoded (truncated, empty, not an image, unreadable) are skipped and listed
 with the reason in NAME.skipped.tsv beside the .beton; --strict makes any of them an error (nothing
 written). The free space of the target folder is checked first. The file is written as the dot
-file .NAME.partial-PID and renamed when complete; temporaries of killed runs are removed by the
-next run into the same folder.
+file .NAME.partial-HOST-PID and renamed when complete; temporaries of killed runs are removed by
+the next run into the same folder.
 
     imagenet-ffcv-write --data-dir $IMAGENET_DIR --split train --max-res 256
     imagenet-ffcv-write --data-dir $IMAGENET_DIR --split val --max-res 256

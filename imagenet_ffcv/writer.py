@@ -23,7 +23,7 @@ from ffcv.writer import DatasetWriter
 from .distributed import usable_cores
 from .errors import ImagenetFfcvError, InputError
 from .files import (atomic_path, live_temporaries, remove_stale_temporaries, shown_path,
-                    temporary_path, write_text_atomic)
+                    temporary_path, unwritten_for, write_text_atomic)
 from .images import DEFAULT_JPEG_QUALITY, DEFAULT_RESTART_INTERVAL, encode_jpeg, load_image
 from .records import IMAGE_FIELD, LABEL_FIELD, MAX_SIDE, ImageFiles, image_field
 
@@ -253,14 +253,17 @@ def _check_out(out: Path) -> None:
 
 
 def check_not_being_written(out) -> None:
-    """InputError when another process of this machine is writing the .beton ``out``: its
-    temporary is there (``files.live_temporaries``; :func:`write_beton` makes its own as it
-    starts). The later of two conversions to one file replaced the other's file unseen, after
-    doubling the work."""
+    """InputError when another process is writing the .beton ``out``: its temporary is there
+    (``files.live_temporaries``: of a running process of this machine, or written within the last
+    ``files.OTHER_MACHINE_STALE_S`` by another machine sharing the folder; :func:`write_beton`
+    makes its own as it starts). The later of two conversions to one file replaced the other's
+    file unseen, after doubling the work; on another node it deleted the other's temporary."""
     out = Path(out)
-    for tmp, pid in live_temporaries(out.parent, out.name):
-        raise InputError(f'{out}: another conversion to this file is running (process {pid}, '
-                         f'writing {tmp}): wait for it to end or choose another --out (if no '
+    for tmp, pid, host in live_temporaries(out.parent, out.name):
+        writing = (f', writing {tmp}' if host is None else
+                   f' on {host}, which wrote {tmp} {unwritten_for(tmp):.0f} s ago')
+        raise InputError(f'{out}: another conversion to this file is running (process {pid}'
+                         f'{writing}): wait for it to end or choose another --out (if no '
                          f'conversion runs, delete {tmp})')
 
 
@@ -297,10 +300,11 @@ def write_beton(samples: list, out, *, max_res: int, write_mode: str = 'jpg',
     with a restart marker at most every ``restart_interval`` MCUs (0: none). ``num_workers``
     processes (0: the cores it may use, ``distributed.usable_cores``) decode and encode.
 
-    The file is written under a temporary name (``.NAME.partial-PID``, a dot file) in the folder
-    of ``out`` and renamed into place only when complete: a crash or kill leaves no file at ``out``
-    (or the previous complete one). It is made first, so that a conversion of the same file
-    started meanwhile on this machine is refused (InputError, :func:`check_not_being_written`).
+    The file is written under a temporary name (``.NAME.partial-HOST-PID``, a dot file) in the
+    folder of ``out`` and renamed into place only when complete: a crash or kill leaves no file at
+    ``out`` (or the previous complete one). It is made first, so that a conversion of the same
+    file started meanwhile, on this machine or another sharing the folder, is refused
+    (InputError, :func:`check_not_being_written`).
     Temporaries that killed runs left of the same file are removed by the next run. An OSError
     without a file name (a full disk) is raised again naming ``out``.
     Before writing, the free space of that folder is checked against an estimate

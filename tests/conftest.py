@@ -2,6 +2,7 @@
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -90,6 +91,13 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(('localhost', 0))
         return s.getsockname()[1]
+
+
+def dead_pid() -> int:
+    """The PID of a process that has exited (and been reaped)."""
+    proc = subprocess.Popen([sys.executable, '-c', 'pass'])
+    proc.wait()
+    return proc.pid
 
 
 def run_env():

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile, ImageOps
 
-from conftest import PYTHON, REPO, SAMPLE, run_env
-from imagenet_ffcv import (betons, constants, errors, holdout, ilsvrc, images, sources, verify,
-                           write, writer)
+from conftest import PYTHON, REPO, SAMPLE, dead_pid, run_env
+from imagenet_ffcv import (betons, constants, errors, files, holdout, ilsvrc, images, sources,
+                           verify, write, writer)
 from imagenet_ffcv.classes import class_list_path, write_class_list
 
 
@@ -584,8 +584,8 @@ def three_layouts(tmp_path):
     folders, kaggle, tars = tmp_path / 'folders', tmp_path / 'kaggle', tmp_path / 'tars'
     cls_loc = kaggle / 'ILSVRC' / 'Data' / 'CLS-LOC'
     for split in ('train', 'val'):
-        for w, files in picks[split].items():
-            for f in files:
+        for w, images_of_w in picks[split].items():
+            for f in images_of_w:
                 for dest in (folders / split / w, cls_loc / 'train' / w if split == 'train'
                              else cls_loc / 'val'):
                     dest.mkdir(parents=True, exist_ok=True)
@@ -1483,12 +1483,40 @@ def test_a_second_conversion_to_a_file_being_written_is_refused_before_any_work(
                 cwd=REPO, capture_output=True, text=True).stdout.strip())
         monkeypatch.setattr(writer, 'check_free_space', seen_from_another_process)
         assert writer.write_beton(samples, out, max_res=256, num_workers=1)['images'] == 4
-        mine = tmp_path / f'.train.beton.partial-{os.getpid()}'
-        assert seen == [f'[({mine!r}, {os.getpid()})]']  # claimed before the free space check
+        mine = tmp_path / f'.train.beton.partial-{files.host_name()}-{os.getpid()}'
+        assert seen == [f'[({mine!r}, {os.getpid()}, None)]']  # claimed before the space check
         assert sorted(p.name for p in tmp_path.iterdir()) == [tmp.name, 'data', 'train.beton']
     finally:
         other.kill()
         other.wait()
+
+
+def test_another_machines_temporary_is_a_writers_until_unwritten_for_ten_minutes(tmp_path):
+    """A folder shared by nodes: another machine's PID means nothing here. Its temporary (its
+    host name in the name) was deleted as a dead process's, under the conversion writing it; now
+    it is taken for a writer's, and the conversion refused naming the host, until it has not been
+    written for ``files.OTHER_MACHINE_STALE_S`` (then deleted as a killed run's). This machine's
+    temporaries still go by their process."""
+    out, dead = tmp_path / 'train.beton', dead_pid()
+    there = tmp_path / f'.train.beton.partial-gpu-node-07.cluster-{dead}'
+    here = tmp_path / f'.train.beton.partial-{files.host_name()}-{dead}'
+    for tmp in (there, here):
+        tmp.write_bytes(b'written')
+    assert files.remove_stale_temporaries(tmp_path) == [here]
+    assert files.live_temporaries(tmp_path, 'train.beton') == [(there, dead, 'gpu-node-07.cluster')]
+    with pytest.raises(errors.InputError) as e:
+        writer.check_not_being_written(out)
+    assert re.fullmatch(
+        f'{re.escape(str(out))}: another conversion to this file is running \\(process {dead} on '
+        f'gpu-node-07.cluster, which wrote {re.escape(str(there))} [0-9] s ago\\): wait for it to '
+        f'end or choose another --out \\(if no conversion runs, delete {re.escape(str(there))}\\)',
+        str(e.value)), str(e.value)
+    past = time.time() - files.OTHER_MACHINE_STALE_S - 5
+    os.utime(there, (past, past))
+    assert files.live_temporaries(tmp_path, 'train.beton') == []
+    writer.check_not_being_written(out)
+    assert files.remove_stale_temporaries(tmp_path) == [there]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_out_ending_in_a_slash_is_a_folder_and_a_full_disk_names_the_file(tmp_path, monkeypatch,

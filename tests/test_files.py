@@ -9,18 +9,11 @@ import time
 
 import pytest
 
-from conftest import REPO
+from conftest import REPO, dead_pid
 from imagenet_ffcv import files, run_lock
 from imagenet_ffcv.files import boot_id, pid_namespace, process_start
 from imagenet_ffcv.run_dir import RunDir, RunLogError, code_version, latest_checkpoint
 from imagenet_ffcv.run_lock import RunLockedError, lock_identity
-
-
-def dead_pid() -> int:
-    """The PID of a process that has exited (and been reaped)."""
-    proc = subprocess.Popen([sys.executable, '-c', 'pass'])
-    proc.wait()
-    return proc.pid
 
 
 def test_a_file_written_through_atomic_path_is_on_disk_before_it_takes_the_name(tmp_path,
@@ -110,7 +103,7 @@ def test_a_filesystem_that_refuses_chmod_still_gets_the_file(tmp_path, monkeypat
 def test_atomic_path_renames_only_on_success(tmp_path):
     path = tmp_path / 'train.beton'
     with files.atomic_path(path) as tmp:
-        assert tmp.name == f'.train.beton.partial-{os.getpid()}'
+        assert tmp.name == f'.train.beton.partial-{files.host_name()}-{os.getpid()}'
         tmp.write_bytes(b'complete')
     assert path.read_bytes() == b'complete'
     with pytest.raises(ValueError):
