@@ -278,7 +278,11 @@ def _output_sections(section) -> None:
                          default=1),
             ten_crop=Param(Switch(), '1: also report 10-crop accuracy after the last epoch: views '
                                      'of resolution px (corners + centre of the central square at '
-                                     '256/224 of that, and their flips)', default=0))
+                                     '256/224 of that, and their flips)', default=0),
+            results_file=Param(str, 'eval-only: also write the results (the figures of its '
+                                    'table, the weights and the .beton) to this .json file, as '
+                                    "a training run writes RUN_DIR/results.json; '': print them "
+                                    'only', default=''))
 
 
 def _training_sections(section) -> None:

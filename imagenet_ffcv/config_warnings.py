@@ -39,6 +39,8 @@ USED_ONLY_WITH = {
     'logging.every_iters': ('logging.tensorboard=1 or logging.wandb_project',
                             lambda v: v['logging.tensorboard'] or v['logging.wandb_project']),
     'checkpoint.force': ('checkpoint.resume', lambda v: v['checkpoint.resume']),
+    'validation.results_file': ('training.eval_only=1 (a training run writes RUN_DIR/results.json)',
+                                lambda v: v['training.eval_only']),
 }
 
 

@@ -1,5 +1,6 @@
 """Validation as the trainer does it (centre crop, flip TTA, 10-crop), and eval-only
 (``training.eval_only=1``): the top-1/top-5 of saved weights on a val .beton."""
+import json
 import time
 
 import torch
@@ -7,6 +8,7 @@ import torch
 from . import betons, config, distributed, engine, loaders, metrics, weights
 from .config_schema import ARCH_KEY, BLURPOOL_KEY
 from .constants import DEFAULT_CROP_RATIO
+from .files import check_writable_file, write_text_atomic
 from .holdout import holdout_record
 
 
@@ -100,7 +102,13 @@ def evaluate_weights(cfg, dist, command_line=frozenset()) -> dict:
     predict evaluates them (``weights.FOREIGN_WEIGHTS_EVAL``: torchvision's 224 px centre crops),
     with :func:`validating_as`, but for the keys in ``command_line`` (the keys given there,
     ``config.command_line_keys``); a line names the settings so taken, a note those that differ
-    from the run's, and one a val .beton written with --split train (training images)."""
+    from the run's, and one a val .beton written with --split train (training images). Rank 0
+    prints the results table and, with ``validation.results_file``, writes the returned summary
+    there as JSON (a name that is not .json, or a folder that is missing or not writable: an
+    InputError before any work)."""
+    results_file = cfg.validation.results_file
+    if results_file:
+        check_writable_file(results_file, '.json', f'validation.results_file={results_file}')
     blurpool = cfg.training.use_blurpool if BLURPOOL_KEY in command_line else None
     saved = weights.load_model(  # BlurPool as the file says (the config's is for training)
         cfg.model.weights, num_classes=betons.num_classes(cfg.data.val_dataset,
@@ -132,7 +140,8 @@ def evaluate_weights(cfg, dist, command_line=frozenset()) -> dict:
     precision = engine.resolve_precision(cfg.training.amp, dist.device)
     torch.backends.cudnn.benchmark = dist.device.type == 'cuda'  # fixed shapes
     start = time.perf_counter()
-    summary = {'weights': str(cfg.model.weights), 'arch': saved.arch, 'epochs': '-',
+    summary = {'weights': str(cfg.model.weights), 'val_dataset': str(cfg.data.val_dataset),
+               'arch': saved.arch, 'epochs': '-',
                **validate(cfg, model, make_val_loader(cfg, dist, precision), precision,
                           progress='val' if dist.is_primary else ''),
                'flip_tta': bool(cfg.validation.lr_tta), 'val_res': cfg.validation.resolution,
@@ -144,4 +153,7 @@ def evaluate_weights(cfg, dist, command_line=frozenset()) -> dict:
         print(f'=> evaluated {cfg.model.weights} on {cfg.data.val_dataset} '
               f'({summary["val_count"]} images, {precision.name})')
         print(metrics.results_table(summary))
+        if results_file:
+            write_text_atomic(results_file, json.dumps(summary, indent=2))
+            print(f'=> results written to {results_file}')
     return summary

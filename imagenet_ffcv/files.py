@@ -17,6 +17,8 @@ import socket
 import time
 from pathlib import Path
 
+from .errors import InputError
+
 TEMPORARY_KINDS = ('partial', 'failures')  # .NAME.partial-HOST-PID, .NAME.failures-HOST-PID
 # A temporary of another machine (a node sharing the folder, a container with a host name of its
 # own), whose process cannot be looked up from here, is taken for a live writer's until it has not
@@ -93,6 +95,19 @@ def write_text_atomic(path, text: str) -> None:
     """Write ``text`` to ``path`` with :func:`atomic_write`."""
     with atomic_write(path) as f:
         f.write(text)
+
+
+def check_writable_file(path, suffix: str, given: str, hint: str = '') -> None:
+    """InputError, before any work, when ``path`` (``given`` names it in the message: the option
+    or key and its value) is not a file named ``*<suffix>`` that can be written: another name
+    (``hint`` may say whose), a folder, or in a folder that is missing or not writable."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if not str(path).lower().endswith(suffix) or os.path.isdir(path):
+        raise InputError(f'{given}: give the path of a {suffix} file to write{hint}')
+    if not os.path.isdir(folder):
+        raise InputError(f'{given}: the folder {folder} does not exist; create it first')
+    if not os.access(folder, os.W_OK):
+        raise InputError(f'{given}: the folder {folder} is not writable')
 
 
 def shown_path(path) -> str:

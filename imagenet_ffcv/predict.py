@@ -42,7 +42,7 @@ from .classes import read_class_names
 from .commands import command_name, one_line_errors, one_line_warnings
 from .constants import IMAGE_EXTENSIONS
 from .errors import InputError, MissingFileError
-from .files import shown_path, write_text_atomic
+from .files import check_writable_file, shown_path, write_text_atomic
 from .image_decode import center_crop_pixels
 from .images import (DEFAULT_JPEG_QUALITY, DEFAULT_MAX_RES, DEFAULT_RESTART_INTERVAL, encode_jpeg,
                      load_image)
@@ -202,20 +202,6 @@ def write_csv(path, files: list, results: list, top: int) -> None:
     write_text_atomic(path, text.getvalue())
 
 
-def check_writable(path) -> None:
-    """InputError, before any work, when ``path`` is not a .csv file that can be written: another
-    name (an image's, which ``--csv *.jpg`` gives: it would be replaced by the predictions), a
-    folder, or in a folder that is missing or not writable."""
-    folder = os.path.dirname(os.path.abspath(path))
-    if not path.lower().endswith('.csv') or os.path.isdir(path):
-        raise InputError(f'--csv {path}: give the path of a .csv file to write (is it one of the '
-                         f'images? --csv takes the file name first)')
-    if not os.path.isdir(folder):
-        raise InputError(f'--csv {path}: the folder {folder} does not exist; create it first')
-    if not os.access(folder, os.W_OK):
-        raise InputError(f'--csv {path}: the folder {folder} is not writable')
-
-
 def positive(text: str) -> int:
     """An int >= 1 for argparse (ArgumentTypeError otherwise)."""
     if not text.isdigit() or int(text) < 1:
@@ -276,7 +262,8 @@ def cli(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.csv:
-        check_writable(args.csv)
+        check_writable_file(args.csv, '.csv', f'--csv {args.csv}', hint=' (is it one of the '
+                            'images? --csv takes the file name first)')
     files, empty = image_files(args.images)
     for folder in empty:
         print(f'{command_name("predict")}: {folder}: no image files in this folder or its '

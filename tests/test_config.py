@@ -427,6 +427,11 @@ def test_settings_that_do_nothing_in_the_runs_setup_are_warned_of(tmp_path):
         "training.betas='0.9,0.95' does nothing here: it is used only with "
         'training.optimizer=adamw or lamb']
     assert ignored_settings(to_dict(_load(recipe, '--training.optimizer=adamw'))) == []
+    assert ignored_settings(to_dict(_load(recipe, '--validation.results_file=r.json'))) == [
+        "validation.results_file='r.json' does nothing here: it is used only with "
+        'training.eval_only=1 (a training run writes RUN_DIR/results.json)']
+    assert ignored_settings(to_dict(_load(recipe, '--validation.results_file=r.json',
+                                          '--training.eval_only=1', '--model.weights=w.pt'))) == []
     shipped = [*sorted((REPO / 'imagenet_ffcv' / 'configs').glob('*/*.yaml')),  # the demo's too
                _write(tmp_path, ORIGINAL_FFCV_IMAGENET)]
     assert len(shipped) == 17
@@ -585,7 +590,7 @@ OPTION_DEFAULTS = {
     'logging.run_name': '', 'checkpoint.keep_last': 0, 'training.grad_accum_steps': 1,
     'training.sync_bn': 0, 'model.reset_head': 0, 'training.auto_augment': '',
     'training.ra_magnitude': 9, 'training.random_erase': 0.0,
-    'data.decoder': 'fused'}
+    'data.decoder': 'fused', 'validation.results_file': ''}
 
 
 def test_shipped_configs_resolve_to_their_recorded_values_with_every_option_off():

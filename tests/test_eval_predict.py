@@ -16,8 +16,8 @@ import torchvision
 from PIL import Image
 
 from conftest import REPO, SAMPLE, run_env, small_args, small_config
-from imagenet_ffcv import (engine, holdout, loaders, metrics, models, predict, sources, train,
-                           verify, weights)
+from imagenet_ffcv import (engine, errors, holdout, loaders, metrics, models, predict, sources,
+                           train, verify, weights)
 from imagenet_ffcv.classes import (class_list_path, read_class_list, read_class_names,
                                    write_class_list)
 
@@ -66,14 +66,40 @@ def test_saved_weights_load_into_torchvision_and_give_logged_top1(short_run, sam
 @pytest.mark.parametrize('name', ['final_weights.pt', 'checkpoint.pt', 'final_weights.safetensors',
                                   ''])  # '': the run folder
 def test_eval_only_gives_the_logged_top1_and_top5(short_run, sample_betons, tmp_path, name):
+    """Without logging.folder eval-only writes nothing but, with validation.results_file, its
+    results as JSON (the table alone was printed: nothing a script of many evaluations could
+    read)."""
     summary, cfg = short_run
     weights = Path(summary['run_dir']) / name
-    # without logging.folder: eval-only writes nothing
-    result = train.main(eval_config(sample_betons, tmp_path, weights, '--logging.folder='))
+    results_file = tmp_path / 'eval.json'
+    result = train.main(eval_config(sample_betons, tmp_path, weights, '--logging.folder=', *(
+        [f'--validation.results_file={results_file}'] if name == 'checkpoint.pt' else [])))
     assert result['val_count'] == 100
     assert (result['top_1'], result['top_5']) == (summary['top_1'], summary['top_5'])
     assert result['val_loss'] == pytest.approx(summary['val_loss'], rel=1e-6)
+    if name == 'checkpoint.pt':
+        assert json.loads(results_file.read_text()) == result
+        assert result['weights'] == str(weights)
+        assert result['val_dataset'] == str(sample_betons['val'])
+        results_file.unlink()
     assert list(tmp_path.iterdir()) == []  # evaluation writes no run folder
+
+
+def test_a_results_file_that_cannot_be_written_is_refused_before_any_work(sample_betons,
+                                                                          tmp_path):
+    """validation.results_file must be a .json file in a folder that exists: a typo learnt of
+    after the whole val set was evaluated would cost the evaluation."""
+    weights = tmp_path / 'not_read.pt'  # refused before the weights are read
+    for results_file, error in [
+            (tmp_path / 'eval.txt', 'give the path of a .json file to write'),
+            (tmp_path, 'give the path of a .json file to write'),
+            (tmp_path / 'nowhere' / 'eval.json',
+             f'the folder {tmp_path / "nowhere"} does not exist; create it first')]:
+        with pytest.raises(errors.InputError) as e:
+            train.main(eval_config(sample_betons, tmp_path, weights,
+                                   f'--validation.results_file={results_file}'))
+        assert str(e.value) == f'validation.results_file={results_file}: {error}'
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_eval_only_validates_as_the_run_did_but_for_the_command_lines_keys(short_run,
