@@ -1,15 +1,20 @@
 """What the three commands (``imagenet-ffcv-write``, ``imagenet-ffcv-train``,
-``imagenet-ffcv-predict``) share: the name their messages give the command the user ran, which
-errors they tell in one line, warnings printed as one line, and the one line of a command stopped
-by Ctrl-C."""
+``imagenet-ffcv-predict``) share: the name their messages give the command the user ran, their
+``--version``, which errors they tell in one line, warnings printed as one line, and the one line
+of a command stopped by Ctrl-C."""
+import argparse
 import errno
 import functools
+import importlib.metadata
 import os
+import platform
 import signal
 import sys
 import warnings
 
 from .errors import ImagenetFfcvError
+from .jpeg_region import JpegLibraryError, library_path, load_library
+from .run_dir import code_version
 from .signals import end_by_sigint
 
 PACKAGE = os.path.dirname(os.path.abspath(__file__))
@@ -24,6 +29,54 @@ def command_name(module: str) -> str:
     if argv0 in ('', '-m', '-c') or os.path.dirname(os.path.abspath(argv0)) == PACKAGE:
         return f'python -m imagenet_ffcv.{module}'
     return os.path.basename(argv0)
+
+
+# The packages whose versions decide a run's results and speed, in --version's line
+VERSIONED = ('torch', 'torchvision', 'ffcv', 'numba', 'numpy', 'pillow', 'opencv-python')
+
+
+def version_text() -> str:
+    """What ``--version`` prints, as a bug report wants it: this package's version and the git
+    commit of its checkout (with local changes or not; ``run_dir.code_version``, as params.json
+    records them) and its folder; whether the JPEG region decoder is built (its library, else why
+    not: ``jpeg_region.load_library``); Python's version and those of :data:`VERSIONED`."""
+    code = code_version()
+    commit = (f' (git {code["git_commit"][:12]}{", with local changes" if code["git_dirty"] else ""})'
+              if code['git_commit'] else '')
+    try:
+        load_library()
+        decoder = f'built, {library_path()}'
+    except JpegLibraryError as e:
+        decoder = f'not usable: {e}'
+
+    def version(name):
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            return 'not installed'
+    return (f'imagenet-ffcv {code["version"] or "(not installed)"}{commit} in {PACKAGE}\n'
+            f'JPEG region decoder: {decoder}\n'
+            f'Python {platform.python_version()}, '
+            + ', '.join(f'{name} {version(name)}' for name in VERSIONED))
+
+
+class _Version(argparse.Action):
+    """``--version``: print :func:`version_text` and exit 0 (argparse's own version action takes
+    its text when the parser is built, which would run git for every command)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help='print the versions of this tool, its region decoder and the '
+                              'packages it runs on, then exit')
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit()
+
+
+def add_version_option(parser: argparse.ArgumentParser) -> None:
+    """Give a command's ``parser`` the ``--version`` option (:func:`version_text`)."""
+    parser.add_argument('--version', action=_Version)
 
 
 # OSErrors of the machine, not the code: told in one line even without a file name (a full disk, a

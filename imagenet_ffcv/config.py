@@ -13,7 +13,7 @@ from types import SimpleNamespace
 from fastargs import Config
 
 from . import augment, config_files, optimizers, schedules
-from .commands import command_name
+from .commands import add_version_option, command_name
 from .config_files import config_file
 from .config_schema import (ConfigError, declared, defaults, did_you_mean, flatten,
                             markdown)  # markdown: the docs'
@@ -63,6 +63,7 @@ def build_parser(config: Config = None) -> argparse.ArgumentParser:
                              'rn50_configs/rn50_16_epochs.yaml')
     parser.add_argument('--resume', dest='checkpoint.resume', default=None,
                         help="--checkpoint.resume: 'auto', a checkpoint.pt path or a run folder")
+    add_version_option(parser)
     _add_key_arguments(parser, config)
     return parser
 

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from . import config, engine
 from .classes import read_class_names
-from .commands import command_name, one_line_errors, one_line_warnings
+from .commands import add_version_option, command_name, one_line_errors, one_line_warnings
 from .constants import IMAGE_EXTENSIONS
 from .errors import InputError, MissingFileError
 from .files import check_writable_file, shown_path, write_text_atomic
@@ -247,6 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help='write the predictions to FILE (a .csv), a row per image (path; '
                              'wnid, name and score of each of the top classes; error), rather '
                              'than printing them')
+    add_version_option(parser)
     return parser
 
 

@@ -34,7 +34,8 @@ from pathlib import Path
 import numpy as np
 
 from .classes import class_list_path, read_class_list, write_class_list
-from .commands import command_name, one_line_errors, one_line_warnings, stopped_by_ctrl_c
+from .commands import (add_version_option, command_name, one_line_errors, one_line_warnings,
+                       stopped_by_ctrl_c)
 from .errors import InputError
 from .images import DEFAULT_JPEG_QUALITY, DEFAULT_MAX_RES, DEFAULT_RESTART_INTERVAL
 from .ilsvrc import KAGGLE_DIR
@@ -97,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--verify', metavar='FILE', default=None,
                    help='only read FILE back: counts, images per class, sizes, decode every '
                         'record; exit 1 on any problem')
+    add_version_option(p)
     return p
 
 

@@ -199,3 +199,26 @@ def test_the_sdist_ships_the_docs_the_readme_links_and_no_tests(tmp_path):
     assert len(docs) >= 5 and docs <= names, sorted(docs - names)
     assert {'README.md', 'LICENSE', 'imagenet_ffcv/jpeg_region.c', 'setup.py'} <= names
     assert [n for n in names if n.startswith('tests/')] == []
+
+
+@pytest.mark.parametrize('command', ['write', 'train', 'predict'])
+def test_each_command_prints_the_versions_a_bug_report_needs(command, capsys):
+    """``--version`` (each command refused it: an unknown argument, or predict's missing
+    images): this package's version, its checkout's commit, whether the region decoder is built
+    (without it the loader decodes whole JPEGs), Python's and the key packages' versions."""
+    import importlib
+    from imagenet_ffcv import jpeg_region
+    cli = importlib.import_module(f'imagenet_ffcv.{command}').cli
+    with pytest.raises(SystemExit) as e:
+        cli(['--version'])
+    assert e.value.code == 0
+    first, decoder, packages = capsys.readouterr().out.splitlines()
+    assert first.startswith(f'imagenet-ffcv {version("imagenet-ffcv")} ')
+    assert first.endswith(f' in {REPO / "imagenet_ffcv"}')
+    head = subprocess.run(['git', '-C', str(REPO), 'rev-parse', 'HEAD'], capture_output=True,
+                          text=True)
+    if head.returncode == 0 and (REPO / '.git').exists():
+        assert f' (git {head.stdout.strip()[:12]}' in first
+    assert decoder == f'JPEG region decoder: built, {jpeg_region.library_path()}'
+    assert packages.startswith(f'Python {sys.version.split()[0]}, torch {version("torch")}, ')
+    assert f', ffcv {version("ffcv")}, numba {version("numba")}, ' in packages
