@@ -2,14 +2,17 @@
 (``training.eval_only=1``): the top-1/top-5 of saved weights on a val .beton."""
 import json
 import time
+from pathlib import Path
 
 import torch
 
 from . import betons, config, distributed, engine, loaders, metrics, weights
 from .config_schema import ARCH_KEY, BLURPOOL_KEY
 from .constants import DEFAULT_CROP_RATIO
+from .errors import InputError
 from .files import check_writable_file, write_text_atomic
 from .holdout import holdout_record
+from .run_dir import RunDir
 
 
 def make_val_loader(cfg, dist, precision, threads: int = None, **overrides):
@@ -91,6 +94,19 @@ def validated_otherwise(cfg, saved_config: dict) -> str:
     return ' '.join(f'{key}={value}' for key, value in run.items() if now[key] != value)
 
 
+def check_results_file(path) -> None:
+    """InputError naming ``validation.results_file`` when eval-only could not write its results
+    to ``path``: not a .json name, a folder that is missing or not writable
+    (``files.check_writable_file``), or a run folder's own results.json (it would replace that
+    run's results)."""
+    given = f'validation.results_file={path}'
+    check_writable_file(path, '.json', given)
+    run = RunDir(Path(path).parent)
+    if Path(path).name == run.results.name and run.params.is_file():
+        raise InputError(f'{given}: that is the results file of the run {run.path}; give '
+                         f'another name, such as {run.path / "eval.json"}')
+
+
 def evaluate_weights(cfg, dist, command_line=frozenset()) -> dict:
     """``training.eval_only=1``: the validation top-1/top-5 of ``model.weights`` (a run folder, a
     checkpoint or a final_weights.pt), computed as the training run computes it. The model is
@@ -104,11 +120,11 @@ def evaluate_weights(cfg, dist, command_line=frozenset()) -> dict:
     ``config.command_line_keys``); a line names the settings so taken, a note those that differ
     from the run's, and one a val .beton written with --split train (training images). Rank 0
     prints the results table and, with ``validation.results_file``, writes the returned summary
-    there as JSON (a name that is not .json, or a folder that is missing or not writable: an
-    InputError before any work)."""
+    there as JSON, less its training figures (:func:`check_results_file`: an InputError before
+    any work)."""
     results_file = cfg.validation.results_file
     if results_file:
-        check_writable_file(results_file, '.json', f'validation.results_file={results_file}')
+        distributed.on_rank_0(lambda: check_results_file(results_file))
     blurpool = cfg.training.use_blurpool if BLURPOOL_KEY in command_line else None
     saved = weights.load_model(  # BlurPool as the file says (the config's is for training)
         cfg.model.weights, num_classes=betons.num_classes(cfg.data.val_dataset,
@@ -154,6 +170,8 @@ def evaluate_weights(cfg, dist, command_line=frozenset()) -> dict:
               f'({summary["val_count"]} images, {precision.name})')
         print(metrics.results_table(summary))
         if results_file:
-            write_text_atomic(results_file, json.dumps(summary, indent=2))
+            write_text_atomic(results_file, json.dumps(
+                {k: v for k, v in summary.items() if k not in ('epochs', 'train_img_per_s')},
+                indent=2))
             print(f'=> results written to {results_file}')
     return summary

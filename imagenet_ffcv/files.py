@@ -157,17 +157,23 @@ def pid_namespace():
         return None
 
 
-def remove_stale_temporaries(folder, name: str = '*') -> list:
+def remove_stale_temporaries(folder, name: str = '*',
+                             others_stale_s: float = OTHER_MACHINE_STALE_S) -> list:
     """Delete the temporaries ``.NAME.partial-HOST-PID`` and ``.NAME.failures-HOST-PID`` in
     ``folder`` (of the file ``name``, or of any file for ``'*'``) that no process writes: this
     machine's whose process no longer runs, another machine's (a folder shared by nodes) not
-    written for ``OTHER_MACHINE_STALE_S``. Those of running processes (another writer, another
-    rank, or a later process given a killed one's PID: no clock tells them apart in every
-    container) are kept. Returns the removed paths."""
+    written for ``others_stale_s`` seconds by the folder's clock (:func:`unwritten_for`; None:
+    every one, where no other machine may write: a run folder whose lock this process holds).
+    Those of running processes (another writer, another rank, or a later process given a killed
+    one's PID: no clock tells them apart in every container) are kept. Returns the removed
+    paths."""
     removed = []
     for tmp, pid, host in _others_temporaries(folder, name):
-        stale = (not pid_alive(pid) if host is None  # this machine's
-                 else unwritten_for(tmp) > OTHER_MACHINE_STALE_S)
+        if host is None:  # this machine's
+            stale = not pid_alive(pid)
+        else:
+            age = unwritten_for(tmp) if others_stale_s is not None else None
+            stale = others_stale_s is None or (age is not None and age > others_stale_s)
         if stale:
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
@@ -180,20 +186,38 @@ def live_temporaries(folder, name: str) -> list:
     and did not start over a minute after the temporary was last written
     (:func:`_started_after`: then a later process has a killed writer's PID); of another machine
     (``host`` its name), whose processes cannot be looked up, they were written within
-    ``OTHER_MACHINE_STALE_S``. Where the clocks disagree (a container's own uptime, a file
-    server's clock) a writer may be missed; one in another container with this host name and the
-    same PID may be taken for it."""
-    return [(tmp, pid, host) for tmp, pid, host in _others_temporaries(folder, name)
-            if (pid_alive(pid) and not _started_after(pid, tmp) if host is None  # this machine's
-                else unwritten_for(tmp) <= OTHER_MACHINE_STALE_S)]
+    ``OTHER_MACHINE_STALE_S`` by the folder's clock (:func:`unwritten_for`). Where the clocks
+    disagree (a container's own uptime) a writer may be missed; one in another container with
+    this host name and the same PID may be taken for it."""
+    live = []
+    for tmp, pid, host in _others_temporaries(folder, name):
+        if host is None:  # this machine's
+            if pid_alive(pid) and not _started_after(pid, tmp):
+                live.append((tmp, pid, host))
+        elif (age := unwritten_for(tmp)) is not None and age <= OTHER_MACHINE_STALE_S:
+            live.append((tmp, pid, host))
+    return live
 
 
-def unwritten_for(path) -> float:
-    """Seconds since ``path`` was last modified, by this machine's clock (0 if it is gone)."""
+def unwritten_for(path):
+    """Seconds since ``path`` was last modified, measured by the clock that stamps its folder's
+    files (a file server's, on NFS: the modification time of a file this process touches there,
+    so that machines whose clocks disagree agree on the age; this machine's clock where the folder
+    cannot be written); 0 for a time in the future, None when ``path`` is gone."""
+    path = Path(path)
     try:
-        return time.time() - Path(path).stat().st_mtime
+        modified = path.stat().st_mtime
     except OSError:
-        return 0.0
+        return None
+    probe = temporary_path(path.parent / 'clock', 'probe')  # not a kind the clean-ups delete
+    try:
+        probe.touch()
+        now = probe.stat().st_mtime
+    except OSError:
+        now = time.time()
+    finally:
+        probe.unlink(missing_ok=True)
+    return max(0.0, now - modified)
 
 
 def _started_after(pid: int, path) -> bool:

@@ -103,7 +103,8 @@ class RunDir:
         if run.is_finished:
             run.keep_finished_aside()
         run.keep_log_until(epoch)
-        remove_stale_temporaries(run.path)
+        # the lock is held: no other job writes here, whichever node its rank 0 ran on
+        remove_stale_temporaries(run.path, others_stale_s=None)
         if params is not None:
             params = {**params, 'logging': {**params.get('logging', {}),
                                             'run_name': run.run_name}}

@@ -261,7 +261,7 @@ def check_not_being_written(out) -> None:
     out = Path(out)
     for tmp, pid, host in live_temporaries(out.parent, out.name):
         writing = (f', writing {tmp}' if host is None else
-                   f' on {host}, which wrote {tmp} {unwritten_for(tmp):.0f} s ago')
+                   f' on {host}, which wrote {tmp} {unwritten_for(tmp) or 0:.0f} s ago')
         raise InputError(f'{out}: another conversion to this file is running (process {pid}'
                          f'{writing}): wait for it to end or choose another --out (if no '
                          f'conversion runs, delete {tmp})')

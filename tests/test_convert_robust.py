@@ -1491,7 +1491,8 @@ def test_a_second_conversion_to_a_file_being_written_is_refused_before_any_work(
         other.wait()
 
 
-def test_another_machines_temporary_is_a_writers_until_unwritten_for_ten_minutes(tmp_path):
+def test_another_machines_temporary_is_a_writers_until_unwritten_for_ten_minutes(tmp_path,
+                                                                                 monkeypatch):
     """A folder shared by nodes: another machine's PID means nothing here. Its temporary (its
     host name in the name) was deleted as a dead process's, under the conversion writing it; now
     it is taken for a writer's, and the conversion refused naming the host, until it has not been
@@ -1511,6 +1512,12 @@ def test_another_machines_temporary_is_a_writers_until_unwritten_for_ten_minutes
         f'gpu-node-07.cluster, which wrote {re.escape(str(there))} [0-9] s ago\\): wait for it to '
         f'end or choose another --out \\(if no conversion runs, delete {re.escape(str(there))}\\)',
         str(e.value)), str(e.value)
+    # ages by the folder's clock (the file server's): a node whose clock runs ahead took every
+    # other node's temporary for a killed run's, and deleted it
+    monkeypatch.setattr(time, 'time', lambda: os.stat(there).st_mtime + 3600)
+    assert files.live_temporaries(tmp_path, 'train.beton') == [(there, dead, 'gpu-node-07.cluster')]
+    assert files.remove_stale_temporaries(tmp_path) == []
+    monkeypatch.undo()
     past = time.time() - files.OTHER_MACHINE_STALE_S - 5
     os.utime(there, (past, past))
     assert files.live_temporaries(tmp_path, 'train.beton') == []

@@ -77,8 +77,9 @@ def test_eval_only_gives_the_logged_top1_and_top5(short_run, sample_betons, tmp_
     assert result['val_count'] == 100
     assert (result['top_1'], result['top_5']) == (summary['top_1'], summary['top_5'])
     assert result['val_loss'] == pytest.approx(summary['val_loss'], rel=1e-6)
-    if name == 'checkpoint.pt':
-        assert json.loads(results_file.read_text()) == result
+    if name == 'checkpoint.pt':  # the summary less its training figures
+        assert json.loads(results_file.read_text()) == {
+            k: v for k, v in result.items() if k not in ('epochs', 'train_img_per_s')}
         assert result['weights'] == str(weights)
         assert result['val_dataset'] == str(sample_betons['val'])
         results_file.unlink()
@@ -88,18 +89,24 @@ def test_eval_only_gives_the_logged_top1_and_top5(short_run, sample_betons, tmp_
 def test_a_results_file_that_cannot_be_written_is_refused_before_any_work(sample_betons,
                                                                           tmp_path):
     """validation.results_file must be a .json file in a folder that exists: a typo learnt of
-    after the whole val set was evaluated would cost the evaluation."""
+    after the whole val set was evaluated would cost the evaluation. A run folder's own
+    results.json (the obvious place for an evaluation of its weights) would lose the run's."""
     weights = tmp_path / 'not_read.pt'  # refused before the weights are read
+    run = tmp_path / 'run'
+    run.mkdir()
+    (run / 'params.json').write_text('{}')
     for results_file, error in [
             (tmp_path / 'eval.txt', 'give the path of a .json file to write'),
             (tmp_path, 'give the path of a .json file to write'),
             (tmp_path / 'nowhere' / 'eval.json',
-             f'the folder {tmp_path / "nowhere"} does not exist; create it first')]:
+             f'the folder {tmp_path / "nowhere"} does not exist; create it first'),
+            (run / 'results.json', f'that is the results file of the run {run}; give another '
+                                   f'name, such as {run / "eval.json"}')]:
         with pytest.raises(errors.InputError) as e:
             train.main(eval_config(sample_betons, tmp_path, weights,
                                    f'--validation.results_file={results_file}'))
         assert str(e.value) == f'validation.results_file={results_file}: {error}'
-    assert list(tmp_path.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.rglob('*')) == ['params.json', 'run']
 
 
 def test_eval_only_validates_as_the_run_did_but_for_the_command_lines_keys(short_run,

@@ -146,18 +146,22 @@ def test_stale_temporaries_of_dead_processes_go_and_those_of_live_ones_stay(tmp_
 
 
 def test_reopening_a_run_cuts_the_log_and_keeps_a_live_writers_temporary(tmp_path):
+    """A resumed run deletes its killed start's temporaries, of this machine (its PID gone) and
+    of another node (rank 0 moved there, SLURM's requeue): the run's lock is held, so none is a
+    writer's (kept, a checkpoint-sized file stayed for ever)."""
     run = RunDir.create(tmp_path, params={'training': {'epochs': 3}})
     assert json.loads(run.params.read_text())['training']['epochs'] == 3
     for epoch in range(3):
         run.append_log({'epoch': epoch, 'top_1': epoch / 10})
     live = run.path / f'.checkpoint.pt.partial-{os.getppid()}'
     dead = run.path / f'.checkpoint.pt.partial-{dead_pid()}'
-    live.write_text('')
-    dead.write_text('')
+    elsewhere = run.path / f'.checkpoint.pt.partial-other-node-{os.getppid()}'
+    for tmp in (live, dead, elsewhere):
+        tmp.write_text('')
     run.checkpoint.write_text('')
     again = RunDir.reopen(run.checkpoint, epoch=2)
     assert [r['epoch'] for r in again.read_log()] == [0, 1]
-    assert live.exists() and not dead.exists()
+    assert live.exists() and not dead.exists() and not elsewhere.exists()
     assert latest_checkpoint(tmp_path) == run.checkpoint
     run.final_weights.write_text('')
     assert run.is_finished and latest_checkpoint(tmp_path) == run.checkpoint  # finished or not
