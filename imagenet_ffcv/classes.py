@@ -5,10 +5,11 @@ Class ``i`` is the ``i``-th wnid of the sorted train split (see ``sources``).
 """
 from pathlib import Path
 
-from .errors import CheckpointError, ImagenetFfcvError
+from .errors import CheckpointError, ImagenetFfcvError, InputError, MissingFileError
 from .files import write_text_atomic
 
 WNID_NAMES_FILE = Path(__file__).with_name('imagenet_wnids.tsv')
+ILSVRC_CLASSES = 'ilsvrc2012'  # the converter's --classes value for ILSVRC-2012's 1,000 classes
 
 
 def wnid_names() -> dict:
@@ -21,6 +22,46 @@ def ilsvrc_classes() -> list:
     """ILSVRC-2012's class list, ``[(wnid, name), ...]`` in sorted-wnid order: the order of the
     1,000 class folders of its train split (torchvision's class indices)."""
     return sorted(wnid_names().items())
+
+
+def class_list_of(given: str) -> list:
+    """``[(wnid, name), ...]`` of the converter's ``--classes``: ILSVRC-2012's classes for
+    :data:`ILSVRC_CLASSES`, else those of the class list file ``given`` (:func:`read_class_names`:
+    ClassListError for another format, MissingFileError when it is not there)."""
+    if given == ILSVRC_CLASSES:
+        return ilsvrc_classes()
+    if not Path(given).is_file():
+        raise MissingFileError(f'--classes {given}: no such file; give a class list (the '
+                               f'.classes.tsv beside a .beton, a run folder\'s classes.tsv) or '
+                               f'{ILSVRC_CLASSES} for ILSVRC-2012\'s 1,000 classes')
+    return read_class_names(given)
+
+
+def folders_by_class_list(folders: list, class_list: list, split_dir) -> list:
+    """``[(folder, wnid), ...]``: the class ``folders`` of ``split_dir`` labelled by ``class_list``
+    (``[(wnid, name), ...]``, index = class) rather than by their sorted names, in the list's
+    order. A folder is named by a wnid of the list, or by its index in it (``0`` .. ``N-1``:
+    ImageNet-V2's folders, ILSVRC-2012's class indices). Raises InputError naming the folders
+    that are neither (their images would have no label), and two folders of one class."""
+    index = {wnid: i for i, (wnid, _) in enumerate(class_list)}
+
+    def position(name):
+        numbered = name.isdigit() and str(int(name)) == name and int(name) < len(class_list)
+        return index.get(name, int(name) if numbered else None)
+    unknown = [f for f in folders if position(f) is None]
+    if unknown:
+        raise InputError(f'{split_dir}: {", ".join(unknown[:5])}{" ..." if len(unknown) > 5 else ""}'
+                         f': not a class of the list given (--classes): neither a wnid of it nor '
+                         f'an index 0 .. {len(class_list) - 1}; move such folders out, or give '
+                         f'the class list they belong to')
+    by_class = {}
+    for folder in folders:
+        by_class.setdefault(position(folder), []).append(folder)
+    for i, same in sorted(by_class.items()):
+        if len(same) > 1:
+            raise InputError(f'{split_dir}: {" and ".join(same)} are both class {i} '
+                             f'({class_list[i][0]}) of the list given (--classes): keep one')
+    return [(by_class[i][0], class_list[i][0]) for i in sorted(by_class)]
 
 
 def class_list_path(beton_path) -> Path:
@@ -83,16 +124,24 @@ def in_ilsvrc_order(class_list) -> bool:
             and read_class_list(class_list) == [wnid for wnid, _ in ilsvrc_classes()])
 
 
+def some_of(wnids: list, classes: list) -> bool:
+    """Whether ``wnids`` are some of ``classes`` (wnids), fewer and each once: a data set of some
+    of a model's classes, such as ImageNet-A and -R (200 of ILSVRC-2012's), which is evaluated on
+    those classes' logits alone (``models.ClassSubset``)."""
+    return 0 < len(set(wnids)) == len(wnids) < len(classes) and set(wnids) <= set(classes)
+
+
 def check_same_classes(path, classes, beton) -> None:
     """Raise CheckpointError naming both files when ``classes`` (``[(wnid, name), ...]`` saved
     with the weights at ``path``) and the class list beside ``beton`` (:func:`class_list_path`)
     name other wnids or another order: class ``i`` of the model would not be label ``i`` of the
-    .beton. Nothing is checked when either list is missing (None, or no file)."""
+    .beton. Nothing is checked when either list is missing (None, or no file); a .beton of some
+    of the classes (:func:`some_of`) passes: their logits alone are evaluated."""
     beton_list = class_list_path(beton)
     if not classes or not beton_list.is_file():
         return
     theirs, ours = read_class_list(beton_list), [wnid for wnid, _ in classes]
-    if theirs != ours:
+    if theirs != ours and not some_of(theirs, ours):
         at = next((i for i, pair in enumerate(zip(ours, theirs)) if pair[0] != pair[1]),
                   min(len(ours), len(theirs)))
         raise CheckpointError(

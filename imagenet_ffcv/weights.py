@@ -22,7 +22,7 @@ import torch
 
 from .checkpoint import check_format, is_checkpoint, save, weights_in
 from .classes import (check_same_classes, class_list_path, ilsvrc_classes, in_ilsvrc_order,
-                      read_class_list, read_class_names)
+                      read_class_list, read_class_names, some_of)
 from .config import saved_model_kwargs
 from .config_schema import ARCH_KEY, nested_ffcv_imagenet_params
 from .errors import CheckpointError, MissingFileError
@@ -274,7 +274,8 @@ def load_model(path, *, num_classes: int = None, beton=None, arch: str = None,
     of the class list saved with the weights, or, without one, ILSVRC-2012's 1,000 classes
     (sorted wnids: torchvision's order) when the file's classifier has 1,000 outputs. ``beton``:
     the .beton the model is evaluated on; when both it and the weights have a class list, the
-    wnids must be the same, in the same order (``classes.check_same_classes``). A prefix that
+    wnids must be the same, in the same order (``classes.check_same_classes``), or the .beton's
+    some of the weights' (ImageNet-A, -R: ``models.ClassSubset``, with a note). A prefix that
     every key shares and that keeps them from fitting the arch (a PyTorch Lightning checkpoint's
     ``model.``) is removed (``state_dicts.without_prefix``). Used by
     ``imagenet-ffcv-train`` (eval-only) and ``imagenet-ffcv-predict``.
@@ -314,8 +315,8 @@ def load_model(path, *, num_classes: int = None, beton=None, arch: str = None,
     problems, head, subset = mismatch(state, model.state_dict()), classifier_keys(model), None
     if problems and head and head <= state.keys() and not mismatch(state, model.state_dict(),
                                                                    ignore=head):
-        subset = _ilsvrc_subset(path, state, structure, beton, classes, num_classes, head)
-        model, problems = subset[0], ''  # ILSVRC-2012's 1,000 classes (else it raised) on some
+        subset = _class_subset(path, state, structure, beton, classes, num_classes, head)
+        model, problems = subset[0], ''  # all the classes trained (else it raised) on some
     if problems:
         raise CheckpointError(f'{path}: the weights do not fit {structure["arch"]}' + (
                               '' if headless else f' with {num_classes} classes') +
@@ -328,9 +329,7 @@ def load_model(path, *, num_classes: int = None, beton=None, arch: str = None,
         model, classes = ClassSubset(model, subset[1]), read_class_names(class_list_path(beton))
     unchecked = beton and not classes and head and not in_ilsvrc_order(class_list_path(beton))
     note = '\n'.join(filter(None, (
-        note, subset and (f'note: {path} has a classifier of 1,000 outputs and no class list: '
-                          f'taken as ILSVRC-2012\'s classes, of which the {len(subset[1])} of '
-                          f'{beton} are evaluated (their logits alone, as ImageNet-A and -R are)'),
+        note, subset and subset[2],
         prefix and (f'note: {prefix!r} removed from the start of every key in {path} (a PyTorch '
                     f'Lightning checkpoint\'s, say)'),
         unchecked and (f'note: no class list is saved with {path}: its classifier\'s '
@@ -343,26 +342,30 @@ def load_model(path, *, num_classes: int = None, beton=None, arch: str = None,
                       use_blurpool=bool(structure['use_blurpool']))
 
 
-def _ilsvrc_subset(path, state: dict, structure: dict, beton, saved, num_classes,
-                   head) -> tuple:
-    """``(model, indices)`` for weights whose classifier alone does not fit the class count asked
-    for: weights of ILSVRC-2012's 1,000 classes saved without a class list (``saved`` None),
-    evaluated on ``beton``, a .beton of some of them (its class list names ILSVRC wnids): the
-    1,000-class model of ``structure`` (``build_model``'s keywords) and the indices of the .beton's
-    classes among its outputs, in the .beton's order, for ``models.ClassSubset``. Raises
-    CheckpointError naming both class counts (``num_classes``: the one asked for; ``head``: the
-    classifier's keys) otherwise."""
+def _class_subset(path, state: dict, structure: dict, beton, saved, num_classes,
+                  head) -> tuple:
+    """``(model, indices, note)`` for weights whose classifier alone does not fit the class count asked
+    for, evaluated on ``beton``, a .beton of some of the classes they were trained on
+    (``classes.some_of``): those of the class list saved with them (``saved``), or, without one
+    (None), ILSVRC-2012's 1,000 (the .beton's class list names ILSVRC wnids). Returns the model of
+    ``structure`` (``build_model``'s keywords) for all those classes and the indices of the
+    .beton's classes among its outputs, in the .beton's order, for ``models.ClassSubset``, and a
+    note saying so. Raises CheckpointError naming both class counts (``num_classes``: the one
+    asked for; ``head``: the classifier's keys) otherwise."""
     listed = class_list_path(beton) if beton else None
     wnids = read_class_list(listed) if listed and listed.is_file() else []
-    index = {wnid: i for i, (wnid, _) in enumerate(ilsvrc_classes())}
+    index = {wnid: i for i, (wnid, _) in enumerate(saved or ilsvrc_classes())}
     outputs = max(state[k].shape[0] for k in head)
-    if (saved or outputs != len(index) or not wnids or not set(wnids) <= index.keys()
-            or len(wnids) >= len(index)):
+    if outputs != len(index) or not some_of(wnids, list(index)):
         raise CheckpointError(
             f'{path}: its classifier has {outputs} outputs, but {num_classes} classes are asked '
             f'for (those of {beton or "the class list given"}): use them on the '
             f'classes they were trained on, or fine-tune them on these')
-    return build_model(**{**structure, 'num_classes': len(index)}), [index[w] for w in wnids]
+    trained = (f'was trained on {len(saved)} classes' if saved else 'has a classifier of 1,000 '
+               'outputs and no class list: taken as ILSVRC-2012\'s classes')
+    return (build_model(**{**structure, 'num_classes': len(index)}), [index[w] for w in wnids],
+            f'note: {path} {trained}, of which the {len(wnids)} of {beton} are evaluated (their '
+            f'logits alone, as ImageNet-A and -R are)')
 
 
 def _assumed(path, structure: dict, filters_saved: bool, asked) -> str:

@@ -13,6 +13,8 @@ the sorted *train* split, for both splits; the class list is written beside the 
 (train_256.beton -> train_256.classes.tsv). A data set without val/ can hold out a share of each
 class of train/ as its val split (--holdout 0.1, given for both splits; NAME.holdout.json beside
 each .beton records its --split and --holdout, and the trainer refuses a pair that differ).
+--classes FILE labels the class folders by a model's class list instead (a test set of its
+classes: ImageNet-V2, -Sketch, -R, -A, whose folders DATA_DIR/<wnid or index>/ may be given whole).
 
 Files that cannot be decoded (truncated, empty, not an image, unreadable) are skipped and listed
 with the reason in NAME.skipped.tsv beside the .beton; --strict makes any of them an error (nothing
@@ -33,15 +35,16 @@ from pathlib import Path
 
 import numpy as np
 
-from .classes import class_list_path, read_class_list, write_class_list
+from .classes import (ILSVRC_CLASSES, class_list_of, class_list_path, folders_by_class_list,
+                      read_class_list, write_class_list)
 from .commands import (add_version_option, command_name, one_line_errors, one_line_warnings,
                        stopped_by_ctrl_c)
-from .errors import InputError
+from .errors import InputError, MissingFileError
 from .images import DEFAULT_JPEG_QUALITY, DEFAULT_MAX_RES, DEFAULT_RESTART_INTERVAL
 from .ilsvrc import KAGGLE_DIR
 from .signals import Terminated, sigterm_raises
 from .holdout import held_out, write_holdout_record
-from .sources import LAYOUTS, load_split
+from .sources import LAYOUTS, list_samples, load_split
 from .verify import verify_beton
 from .writer import check_not_being_written, write_beton
 
@@ -95,6 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--strict', action='store_true',
                    help='fail (writing nothing) if any image cannot be decoded or stored, '
                         'instead of skipping it and listing it in NAME.skipped.tsv')
+    p.add_argument('--classes', metavar='FILE', default=None,
+                   help='label the class folders by this class list (a .classes.tsv beside a '
+                        f".beton, a run folder's classes.tsv; {ILSVRC_CLASSES}: ILSVRC-2012's "
+                        "1,000) instead of train/'s folders: each folder named by a wnid of it "
+                        "or by its index (ImageNet-V2's 0 .. 999); the split's folder is "
+                        'DATA_DIR/SPLIT, or DATA_DIR itself when there is none (a test set); the '
+                        ".beton's class list: the list's classes that have a folder, in its order")
     p.add_argument('--verify', metavar='FILE', default=None,
                    help='only read FILE back: counts, images per class, sizes, decode every '
                         'record; exit 1 on any problem')
@@ -125,6 +135,8 @@ def parse_args(argv):
         p.error(f'--subset {args.subset}: must be >= 1 (or 0: all the images)')
     if not 0 <= args.compress_probability <= 1:
         p.error(f'--compress-probability {args.compress_probability}: must lie in [0, 1]')
+    if args.classes and args.layout not in ('auto', 'folders'):
+        p.error(f'--classes labels class folders: not --layout {args.layout}')
     name = f'{args.split}_{args.max_res}.beton'
     args.out = args.out or f'betons/{name}'
     if Path(args.out).is_dir() or args.out.endswith(('/', os.sep)):  # a folder: that name in it
@@ -132,11 +144,14 @@ def parse_args(argv):
     return args
 
 
-def check_out_outside_inputs(out, data_dir) -> None:
+def check_out_outside_inputs(out, data_dir, whole: bool = False) -> None:
     """ValueError when ``out`` lies inside a split folder of ``data_dir`` (train/, val/ or Kaggle's
-    CLS-LOC tree): the next run would take its folder for a class, or its files for images."""
+    CLS-LOC tree; ``data_dir`` itself when ``whole``, a test set's class folders): the next run
+    would take its folder for a class, or its files for images."""
     out = Path(out).resolve()
-    for inputs in (Path(data_dir) / 'train', Path(data_dir) / 'val', Path(data_dir) / KAGGLE_DIR):
+    inside = [Path(data_dir)] if whole else []
+    for inputs in (Path(data_dir) / 'train', Path(data_dir) / 'val', Path(data_dir) / KAGGLE_DIR,
+                   *inside):
         if inputs.resolve() in out.parents:
             raise InputError(f'--out {out} is inside the input folder {inputs}: write the .beton '
                              f'outside it (e.g. {Path(data_dir).resolve().parent / "betons"})')
@@ -154,13 +169,39 @@ def check_out_is_new(out, overwrite: bool) -> None:
                          'give --overwrite to replace it, or another --out')
 
 
+def load_by_class_list(root, split: str, given: str) -> tuple:
+    """``(classes, samples, names)`` (as ``sources.load_split``) of a split labelled by the class
+    list ``given`` (``--classes``: ``classes.class_list_of``) rather than by train/'s folders, its
+    folder ``root/split``, or ``root`` itself when there is none (a test set unpacked as
+    ``root/<class>/``: ImageNet-V2, -Sketch, -R, -A). ``classes``: the list's wnids that have a
+    folder there, in the list's order (``classes.folders_by_class_list``), labels their
+    positions."""
+    class_list, root = class_list_of(given), Path(root)
+    split_dir = root / split if (root / split).is_dir() else root
+    if not split_dir.is_dir():
+        raise MissingFileError(f'{split_dir}: no such folder; set --data-dir')
+    folders = sorted(e.name for e in os.scandir(split_dir)
+                     if e.is_dir() and not e.name.startswith('.'))
+    labelled = folders_by_class_list(folders, class_list, split_dir)
+    samples = list_samples(split_dir, [folder for folder, _ in labelled])
+    if len(labelled) < len(class_list):
+        print(f'=> {len(class_list) - len(labelled)} of the {len(class_list)} classes of '
+              f'{given} have no folder in {split_dir}: the .beton\'s class list holds the other '
+              f'{len(labelled)}, and eval-only scores their logits alone (as ImageNet-A and -R '
+              f'are evaluated)', flush=True)
+    return [wnid for _, wnid in labelled], samples, dict(class_list)
+
+
 def main(args) -> dict:
     """Write the .beton and its class list; returns the writer's stats plus 'classes'."""
-    check_out_outside_inputs(args.out, args.data_dir)
+    read = 'train' if args.holdout else args.split  # --holdout: both splits come from train/
+    check_out_outside_inputs(args.out, args.data_dir, whole=bool(args.classes) and not (
+        Path(args.data_dir) / read).is_dir())
     check_out_is_new(args.out, args.overwrite)
     check_not_being_written(args.out)  # and again as it starts writing: listing takes minutes
-    read = 'train' if args.holdout else args.split  # --holdout: both splits come from train/
-    classes, samples, names = load_split(Path(args.data_dir), read, args.layout)
+    classes, samples, names = (load_by_class_list(args.data_dir, read, args.classes)
+                               if args.classes else
+                               load_split(Path(args.data_dir), read, args.layout))
     if args.holdout:
         samples = held_out(samples, args.holdout, args.split)
     if args.subset:

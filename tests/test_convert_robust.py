@@ -20,6 +20,7 @@ from PIL import Image, ImageFile, ImageOps
 from conftest import PYTHON, REPO, SAMPLE, dead_pid, run_env
 from imagenet_ffcv import (betons, constants, errors, files, holdout, ilsvrc, images, sources,
                            verify, write, writer)
+from imagenet_ffcv import classes as classes_module
 from imagenet_ffcv.classes import class_list_path, write_class_list
 
 
@@ -1524,6 +1525,25 @@ def test_another_machines_temporary_is_a_writers_until_unwritten_for_ten_minutes
     writer.check_not_being_written(out)
     assert files.remove_stale_temporaries(tmp_path) == [there]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_folders_labelled_by_a_class_list_are_named_by_wnid_or_index(tmp_path):
+    """--classes: a folder is named by a wnid of the list or by its index (ImageNet-V2's 0 ..
+    999), listed in the list's order; a folder that is neither (an index out of range, one
+    written 07) or a second folder of one class is refused, naming them; so is a missing list."""
+    listed = [('n01', 'a'), ('n02', 'b'), ('n03', 'c')]
+    assert classes_module.folders_by_class_list(['2', 'n01'], listed, tmp_path) == [
+        ('n01', 'n01'), ('2', 'n03')]
+    with pytest.raises(errors.InputError) as e:
+        classes_module.folders_by_class_list(['07', '3', 'n02', 'x'], listed, tmp_path)
+    assert str(e.value) == (f'{tmp_path}: 07, 3, x: not a class of the list given (--classes): '
+                            f'neither a wnid of it nor an index 0 .. 2; move such folders out, or '
+                            f'give the class list they belong to')
+    with pytest.raises(errors.InputError, match=r': 0 and n01 are both class 0 \(n01\) of the'):
+        classes_module.folders_by_class_list(['0', 'n01'], listed, tmp_path)
+    assert len(classes_module.class_list_of('ilsvrc2012')) == 1000
+    with pytest.raises(errors.MissingFileError, match='--classes nowhere.tsv: no such file'):
+        classes_module.class_list_of('nowhere.tsv')
 
 
 def test_out_ending_in_a_slash_is_a_folder_and_a_full_disk_names_the_file(tmp_path, monkeypatch,

@@ -17,7 +17,7 @@ from PIL import Image
 
 from conftest import REPO, SAMPLE, run_env, small_args, small_config
 from imagenet_ffcv import (engine, errors, holdout, loaders, metrics, models, predict, sources,
-                           train, verify, weights)
+                           train, verify, weights, write)
 from imagenet_ffcv.classes import (class_list_path, read_class_list, read_class_names,
                                    write_class_list)
 
@@ -84,6 +84,44 @@ def test_eval_only_gives_the_logged_top1_and_top5(short_run, sample_betons, tmp_
         assert result['val_dataset'] == str(sample_betons['val'])
         results_file.unlink()
     assert list(tmp_path.iterdir()) == []  # evaluation writes no run folder
+
+
+def test_a_test_set_of_the_runs_classes_is_labelled_by_its_class_list_and_evaluated(
+        short_run, sample_betons, tmp_path, capsys):
+    """ImageNet-V2 unpacks as folders 0 .. 999 (ILSVRC-2012's class indices), ImageNet-R and -A as
+    200 of its wnids' folders, with no train/ to take a class list from: the converter refused
+    them, and eval-only refused a run's weights on a .beton of some of their classes. With
+    --classes, the sample's val split laid out as ImageNet-V2 is gives the run's top-1 exactly;
+    three of its classes (one folder named by its wnid) are evaluated on their logits alone."""
+    summary, _ = short_run
+    run_dir = Path(summary['run_dir'])
+    classes = read_class_list(run_dir / 'classes.tsv')
+    test_set = tmp_path / 'v2'
+    for i, wnid in enumerate(classes):
+        shutil.copytree(SAMPLE / 'val' / wnid, test_set / str(i))
+
+    def convert(name):
+        out = tmp_path / name
+        assert write.cli(['--data-dir', str(test_set), '--split', 'val', '--max-res', '64',
+                          '--out', str(out), '--classes', str(run_dir / 'classes.tsv')]) == 0
+        return out, train.main(eval_config(sample_betons, tmp_path, run_dir / 'final_weights.pt',
+                                           f'--data.val_dataset={out}', '--logging.folder='))
+    out, result = convert('v2.beton')
+    assert read_class_list(class_list_path(out)) == classes
+    assert (result['val_count'], result['top_1'], result['top_5']) == (
+        100, summary['top_1'], summary['top_5'])
+    for i in range(3, 10):
+        shutil.rmtree(test_set / str(i))
+    (test_set / '1').rename(test_set / classes[1])
+    capsys.readouterr()
+    out, result = convert('some.beton')
+    assert read_class_list(class_list_path(out)) == classes[:3]
+    assert result['val_count'] == 30
+    printed = capsys.readouterr().out
+    assert (f'=> 7 of the 10 classes of {run_dir / "classes.tsv"} have no folder in {test_set}: '
+            f'the .beton\'s class list holds the other 3') in printed
+    assert (f'was trained on 10 classes, of which the 3 of {out} are evaluated (their logits '
+            f'alone') in printed
 
 
 def test_a_results_file_that_cannot_be_written_is_refused_before_any_work(sample_betons,

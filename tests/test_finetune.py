@@ -346,6 +346,34 @@ def test_weights_that_do_not_fit_for_eval_are_refused_naming_the_keys(tmp_path):
         weights.load_model(tmp_path / 'backbone.pt', num_classes=10, arch='resnet18')
 
 
+def test_a_runs_weights_are_evaluated_on_a_beton_of_some_of_their_classes(tmp_path):
+    """Weights saved with a class list (a run's) on a .beton of some of those classes, in any order
+    (ImageNet-A and -R: 200 of the 1,000 a model was trained on): their logits alone, as weights
+    of ILSVRC-2012's classes without a class list are evaluated. Refused before, as other
+    classes. A .beton with a class the weights lack is still refused."""
+    classes = [(f'n{i:08d}', f'class {i}') for i in range(10)]
+    weights.save_final_weights(resnet18(10, seed=1).state_dict(), tmp_path / 'final_weights.pt',
+                               classes=classes)
+    picked = [7, 2, 5]
+    (tmp_path / 'val.classes.tsv').write_text(''.join(f'{i}\t{classes[k][0]}\n'
+                                                      for i, k in enumerate(picked)))
+    kwargs = dict(arch='resnet18', use_blurpool=False, channels_last=False)
+    saved = weights.load_model(tmp_path / 'final_weights.pt', num_classes=3,
+                               beton=tmp_path / 'val.beton', **kwargs)
+    whole = weights.load_model(tmp_path / 'final_weights.pt', **kwargs)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(saved.model.eval()(images), whole.model.eval()(images)[:, picked])
+    assert [wnid for wnid, _ in saved.classes] == [classes[k][0] for k in picked]
+    assert saved.note == (f"note: {tmp_path / 'final_weights.pt'} was trained on 10 classes, of "
+                          f"which the 3 of {tmp_path / 'val.beton'} are evaluated (their logits "
+                          f"alone, as ImageNet-A and -R are)")
+    (tmp_path / 'val.classes.tsv').write_text('0\tn00000007\n1\tn00000010\n')
+    with pytest.raises(CheckpointError, match='was trained on other classes than'):
+        weights.load_model(tmp_path / 'final_weights.pt', num_classes=2,
+                           beton=tmp_path / 'val.beton', **kwargs)
+
+
 def test_training_starts_from_model_weights(sample_betons, tmp_path):
     """The run's model (10 classes of the sample) starts from a 7-class ResNet-18's weights."""
     source = resnet18(7, seed=3)
