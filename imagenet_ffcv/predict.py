@@ -32,6 +32,7 @@ import csv
 import io
 import os
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -170,16 +171,24 @@ def classify(model, x: torch.Tensor, *, classes: list, top: int, flip_tta: bool)
 
 def image_files(args: list) -> tuple:
     """``(files, empty)``: the command line's image arguments with each folder replaced by the
-    image files in it and its subfolders (``sources.images_in``), and the folders among them that
-    hold none."""
-    files, empty = [], []
+    image files in it and its subfolders (``sources.images_in``), each file once (a file given
+    again, by itself or in a folder, or through a link, is left out with a warning naming it),
+    and the folders among them that hold none."""
+    files, empty, seen, again = [], [], set(), []
     for arg in args:
-        if os.path.isdir(arg):
-            found = images_in(arg)
-            files += found
-            empty += [] if found else [arg]
-        else:
-            files.append(arg)
+        found = images_in(arg) if os.path.isdir(arg) else [arg]
+        empty += [] if found else [arg]
+        for file in found:
+            real = os.path.realpath(file)
+            if real in seen:
+                again.append(file)
+            else:
+                seen.add(real)
+                files.append(file)
+    if again:
+        warnings.warn(f'{len(again)} file(s) given more than once, classified once: '
+                      f'{", ".join(map(shown_path, again[:5]))}{" ..." if len(again) > 5 else ""}',
+                      stacklevel=2)
     return files, empty
 
 

@@ -474,7 +474,8 @@ def test_predict_names_a_bad_image_and_a_missing_class_list(short_run, tmp_path,
 def test_predict_classifies_the_images_of_a_folder_into_a_csv_file(short_run, tmp_path, capsys,
                                                                    monkeypatch):
     """A folder stands for the image files in it and its subfolders (by name; hidden files left
-    out, other files and links to images listed already left out and named). --csv writes a row
+    out, other files and links to images listed already left out and named; a file given again,
+    by itself, is classified once, with a warning: it had two rows). --csv writes a row
     per image, with the classes and scores predict() gives; an image that cannot be decoded has
     its error there, the others are classified. A --csv in a folder that does not exist is refused before any work (it failed
     after classifying every image), and so is one that is not a .csv file (``--csv *.jpg`` would
@@ -492,10 +493,11 @@ def test_predict_classifies_the_images_of_a_folder_into_a_csv_file(short_run, tm
     (photos / 'same.jpg').symlink_to('a.JPEG')
     out = tmp_path / 'predictions.csv'
     with pytest.warns(UserWarning) as warned:
-        assert predict.cli([str(photos), str(files[2]), '--weights', weights, '--top', '2',
-                            '--csv', str(out)]) == 1
+        assert predict.cli([str(photos), str(files[2]), str(photos / 'a.JPEG'), '--weights',
+                            weights, '--top', '2', '--csv', str(out)]) == 1
     assert [str(w.message).split(': ')[1].split(';')[0] for w in warned] == [
-        str(photos / 'notes.txt'), str(photos / 'same.jpg')]
+        str(photos / 'notes.txt'), str(photos / 'same.jpg'), str(photos / 'a.JPEG')]
+    assert str(warned[2].message).startswith('1 file(s) given more than once, classified once')
     assert str(warned[0].message).startswith('1 file whose extension is not one of')
     printed = capsys.readouterr()
     assert printed.out == f'=> 3 image(s) classified, 1 not (their error column says why): {out}\n'
