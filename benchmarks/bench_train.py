@@ -55,6 +55,7 @@ from common import (RESULTS, epoch_of, ffcv_stock_loader, image_sets, machine_li
                     write_csv)
 from imagenet_ffcv import engine, models
 from imagenet_ffcv.constants import PRECISIONS
+from imagenet_ffcv.precision import resolve_precision
 
 FEEDS = {'synthetic': 'synthetic (no loading)', 'ours': 'our loader',
          'ffcv_stock': 'ffcv stock loader'}
@@ -140,7 +141,7 @@ def measure(*, beton, feeds, arch, res_list, batch_size, steps, warmup, windows,
     ``compile_modes``: 0 the eager model, 1 ``models.compile_model`` of it (the same weights,
     trained on). ``settle``: untimed steps of a real feed before each of its windows
     (``common.measure_feeds``)."""
-    precision = engine.resolve_precision(amp, device)
+    precision = resolve_precision(amp, device)
     torch.backends.cudnn.benchmark = device.type == 'cuda'
     model = models.build_model(arch=arch, num_classes=1000, use_blurpool=True,
                                channels_last=True).to(device)

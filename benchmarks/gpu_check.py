@@ -469,7 +469,8 @@ def machine_info(args, work, sizes) -> list:
     import torch
 
     import ffcv
-    from imagenet_ffcv import engine, jpeg_region
+    from imagenet_ffcv import jpeg_region
+    from imagenet_ffcv.precision import native_bf16
     cuda = torch.cuda.is_available()
     if args.device == 'cuda' and not cuda:
         raise SystemExit('torch.cuda.is_available() is False: no usable GPU here')
@@ -478,7 +479,7 @@ def machine_info(args, work, sizes) -> list:
     if cuda:
         cap = torch.cuda.get_device_capability(0)
         extra = (f', compute capability {cap[0]}.{cap[1]}, bf16 '
-                 f'{"yes" if engine.native_bf16(torch.device("cuda", 0)) else "no"}')
+                 f'{"yes" if native_bf16(torch.device("cuda", 0)) else "no"}')
     versions = (f'Python {platform.python_version()}, torch {torch.__version__}, CUDA '
                 f'{torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, numba '
                 f'{numba.__version__}{extra}, {os.cpu_count()} CPU cores')
@@ -535,9 +536,9 @@ def loader_alone(args, work, sizes) -> list:
     import torch
 
     from common import our_loader, time_runs
-    from imagenet_ffcv import engine
+    from imagenet_ffcv.precision import resolve_precision
     device = torch.device(args.device)
-    dtype = engine.resolve_precision('auto', device).input_dtype
+    dtype = resolve_precision('auto', device).input_dtype
     workers = os.cpu_count()
     loader, decoder = our_loader(work / 'loader.beton', res=sizes.loader_res[0], workers=workers,
                                  batch_size=sizes.loader_batch, device=device, dtype=dtype)
@@ -604,9 +605,9 @@ def precision_name() -> str:
     """The mixed precision training.amp=auto picks here (bf16, fp16 or fp32)."""
     import torch
 
-    from imagenet_ffcv import engine
+    from imagenet_ffcv.precision import resolve_precision
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    return engine.resolve_precision('auto', device).name
+    return resolve_precision('auto', device).name
 
 
 def count_of(work, split) -> int:

@@ -434,9 +434,9 @@ def device_and_dtype(args) -> tuple:
     """The device and the images' dtype there (``training.amp=auto``: bf16 on a recent GPU)."""
     import torch
 
-    from imagenet_ffcv import engine
+    from imagenet_ffcv.precision import resolve_precision
     device = torch.device(args.device)
-    return device, engine.resolve_precision('auto', device).input_dtype
+    return device, resolve_precision('auto', device).input_dtype
 
 
 def build(arch, device):
@@ -489,8 +489,9 @@ class Trainer:
         import torch
 
         from imagenet_ffcv import engine
+        from imagenet_ffcv.precision import resolve_precision
         self.net, self.optimizer, self.engine, self.device = net, optimizer, engine, device
-        precision = engine.resolve_precision('auto', device)
+        precision = resolve_precision('auto', device)
         self.amp, self.dtype = precision.amp_dtype, precision.input_dtype
         self.loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=0.1)
 

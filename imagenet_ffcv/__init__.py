@@ -21,10 +21,10 @@ Training: ``config`` and ``config_schema`` (the configuration and its keys), ``c
 (``--config`` files: found, read once each key), ``config_warnings``
 (what a run's header warns of in a config that loads), ``preflight``
 (what a run needs of this machine, checked before it starts), ``models``,
-``optimizers``, ``schedules``, ``engine`` (training step and epoch, evaluation, mixed precision),
-``ema``, ``augment`` (RandAugment, TrivialAugmentWide, Random Erasing), ``mixup``, ``evaluate``
-(validation and eval-only), ``metrics``, ``distributed`` (torchrun), ``checkpoint`` (the
-checkpoint format, resume), ``torch_files`` (torch.save files read without running code),
+``optimizers``, ``schedules``, ``engine`` (training step and epoch, evaluation), ``precision``
+(mixed precision), ``ema``, ``augment`` (RandAugment, TrivialAugmentWide, Random Erasing),
+``mixup``, ``evaluate`` (validation and eval-only), ``metrics``, ``distributed`` (torchrun),
+``checkpoint`` (the checkpoint format, resume), ``torch_files`` (torch.save files read without running code),
 ``weights`` (final weights, models rebuilt from them), ``weights_metadata`` (the config and class
 list saved in them),
 ``finetune`` (training started from weights),

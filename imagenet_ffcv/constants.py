@@ -14,5 +14,5 @@ DECODERS = ('fused', 'fused_aa', 'ffcv')
 # torchvision ImageFolder's, and JPEG's other names (.jfif: browsers' "Save image as").
 IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.jpe', '.jfif', '.png', '.ppm', '.bmp', '.pgm', '.tif',
                     '.tiff', '.webp')
-# The mixed precisions (training.amp) engine.resolve_precision understands.
+# The mixed precisions (training.amp) precision.resolve_precision understands.
 PRECISIONS = ('auto', 'bf16', 'fp16', 'off')

@@ -1,5 +1,5 @@
-"""One training epoch and one evaluation pass, and the mixed precision they run in. The same code
-runs on CPU (fp32) and CUDA (bf16, or fp16 with loss scaling)."""
+"""One training epoch and one evaluation pass. The same code runs on CPU (fp32) and CUDA (bf16, or
+fp16 with loss scaling: ``precision``)."""
 import contextlib
 import itertools
 import time
@@ -12,51 +12,9 @@ import torchvision.transforms.functional as TF
 from tqdm import tqdm
 
 from . import distributed
-from .constants import DEFAULT_CROP_RATIO, PRECISIONS
-from .errors import ImagenetFfcvError, InputError
+from .constants import DEFAULT_CROP_RATIO
+from .errors import ImagenetFfcvError
 from .metrics import topk_correct
-
-
-@dataclass(frozen=True)
-class Precision:
-    """The mixed precision of a run: ``name`` 'bf16', 'fp16' or 'fp32'; ``amp_dtype`` the
-    autocast dtype (None: full precision); ``loss_scaling`` whether a ``torch.amp.GradScaler``
-    scales the loss (fp16 only); ``input_dtype`` the dtype the loader delivers images in on CUDA
-    (the autocast dtype, float32 without autocast; CPU batches are always float32)."""
-    name: str
-    amp_dtype: torch.dtype = None
-    loss_scaling: bool = False
-
-    @property
-    def input_dtype(self) -> torch.dtype:
-        return self.amp_dtype or torch.float32
-
-
-def resolve_precision(amp: str, device: torch.device) -> Precision:
-    """The precision ``training.amp`` asks for on ``device``: 'auto' is bf16 on a GPU that has it
-    (:func:`native_bf16`: Ampere and later), fp16 with loss scaling on older ones (V100, T4), and
-    fp32 on CPU; 'bf16', 'fp16' and 'off' (fp32) are taken as given, on any device.
-    Mixed-precision training as Micikevicius et al., "Mixed Precision Training" (2018), through
-    ``torch.autocast`` and ``torch.amp.GradScaler``. Raises ValueError for another name."""
-    if amp not in PRECISIONS:
-        raise InputError(f'amp={amp!r}: expected one of {", ".join(PRECISIONS)}')
-    if amp == 'auto':
-        if device.type != 'cuda':
-            amp = 'off'
-        else:
-            amp = 'bf16' if native_bf16(device) else 'fp16'
-    if amp == 'bf16':
-        return Precision('bf16', torch.bfloat16)
-    if amp == 'fp16':
-        return Precision('fp16', torch.float16, loss_scaling=True)
-    return Precision('fp32')
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether the CUDA GPU ``device`` computes in bfloat16 itself: compute capability 8.0
-    (Ampere) or later, or ROCm; not a V100 or T4, where ``torch.cuda.is_bf16_supported()`` is
-    true too (its default ``including_emulation``), but cuDNN has no bfloat16 convolutions."""
-    return bool(torch.version.hip) or torch.cuda.get_device_capability(device)[0] >= 8
 
 
 def flip_tta_logits(model, x: torch.Tensor, flip_tta: bool = True) -> torch.Tensor:
@@ -284,7 +242,7 @@ def train_one_epoch(*, model, loader, optimizer, loss_fn, lr_at, epoch: int, amp
     lr_at: function of the fractional epoch giving the LR; the optimizer step over iterations
     ``a..b-1`` takes ``lr_at(epoch + (a + b) / 2 / len(loader))`` (one batch a step: ``(i + 0.5) /
     len(loader)``), set on every parameter group before its first batch.
-    amp_dtype, scaler: the mixed precision (see :class:`Precision` and :func:`forward_backward`).
+    amp_dtype, scaler: the mixed precision (see ``precision.Precision`` and :func:`forward_backward`).
     options: clipping, augmentation, mixing, EMA, accumulation (:class:`StepOptions`; None: off).
     hooks: stop requests, corrupt records, checkpoints and live logs (:class:`EpochHooks`; None:
     none), their periods in iterations, run after the optimizer step that reaches one. A

@@ -12,6 +12,7 @@ from .constants import DEFAULT_CROP_RATIO
 from .errors import InputError
 from .files import check_writable_file, write_text_atomic
 from .holdout import holdout_record
+from .precision import resolve_precision
 from .run_dir import RunDir
 
 
@@ -153,7 +154,7 @@ def evaluate_weights(cfg, dist, command_line=frozenset()) -> dict:
         print(f'=> note: {cfg.data.val_dataset} was written with --split train: top-1 is measured '
               f'on training images')
     model = saved.model.to(dist.device)
-    precision = engine.resolve_precision(cfg.training.amp, dist.device)
+    precision = resolve_precision(cfg.training.amp, dist.device)
     torch.backends.cudnn.benchmark = dist.device.type == 'cuda'  # fixed shapes
     start = time.perf_counter()
     summary = {'weights': str(cfg.model.weights), 'val_dataset': str(cfg.data.val_dataset),

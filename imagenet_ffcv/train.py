@@ -29,6 +29,7 @@ from .ema import make_ema
 from .evaluate import evaluate_weights, make_val_loader, ten_crop_eval, validate_with_ema
 from .loggers import LiveLog
 from .mixup import batch_mixer
+from .precision import Precision, resolve_precision
 from .run_dir import RunDir, code_version
 from .signals import StopRequest
 
@@ -63,7 +64,7 @@ class Run:
     scaler: torch.amp.GradScaler  # fp16 loss scaling, else None
     options: engine.StepOptions  # gradient clipping, MixUp/CutMix, EMA
     loss_fn: torch.nn.Module
-    precision: engine.Precision
+    precision: Precision
     lr_at: partial  # fractional epoch -> LR
     res_at: partial  # epoch -> training resolution (px)
     classes: list  # [(wnid, name)] of the training .beton, or None
@@ -123,7 +124,7 @@ def build(cfg, dist, wall_start, launch: dict = None, resuming: bool = False) ->
     preflight.check_runnable(cfg, dist.device, dist.local_world_size)  # before any work
     num_classes = betons.num_classes(cfg.data.train_dataset, val_path=cfg.data.val_dataset,
                                       warn=dist.is_primary)  # each rank checks, rank 0 warns
-    precision = engine.resolve_precision(cfg.training.amp, dist.device)
+    precision = resolve_precision(cfg.training.amp, dist.device)
     torch.backends.cudnn.benchmark = dist.device.type == 'cuda'  # fixed shapes within an epoch
     torch.manual_seed(cfg.training.seed)  # the same initial weights on every rank
     res_at = partial(schedules.resolution_at, **config.resolution_kwargs(cfg))

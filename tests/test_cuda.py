@@ -26,6 +26,7 @@ import torch
 from conftest import REPO, SAMPLE, decoder_node, small_config
 from imagenet_ffcv import (betons, checkpoint, config, constants, distributed, engine, loaders,
                            models, predict, train)
+from imagenet_ffcv.precision import resolve_precision
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')]
@@ -358,7 +359,7 @@ def test_an_ema_update_after_the_first_does_not_wait_for_the_gpu():
 def test_a_training_step_on_cuda_lowers_the_loss_on_a_fixed_batch(amp):
     """engine.train_step with autocast (and a GradScaler for fp16): the loss of a fixed batch is
     lower after each step; the weights stay float32."""
-    precision = engine.resolve_precision(amp, CUDA)
+    precision = resolve_precision(amp, CUDA)
     torch.manual_seed(0)
     model = models.build_model(arch='resnet18', num_classes=10, use_blurpool=True,
                                channels_last=True).to(CUDA)
@@ -502,7 +503,7 @@ def test_a_checkpoint_written_on_cpu_resumes_on_cuda(sample_betons, tmp_path):
     assert Path(summary['run_dir']) == ckpt.parent and log_epochs(ckpt.parent) == [0, 1]
     resumed = checkpoint.load(ckpt)
     assert resumed['epoch'] == 2 and resumed['config']['derived']['device'].startswith('cuda')
-    assert resumed['config']['derived']['amp'] == engine.resolve_precision('auto', CUDA).name
+    assert resumed['config']['derived']['amp'] == resolve_precision('auto', CUDA).name
 
 
 @torch.no_grad()
@@ -510,7 +511,7 @@ def logits_on_both(weights, val_beton, res) -> tuple:
     """``(cpu, cuda, labels)``: the logits (N, classes) of the saved model on the val set with
     validation's flip TTA rule, on the CPU in fp32 (what eval-only computes on a CPU machine) and
     on CUDA in the precision ``training.amp=auto`` picks there, from the same CPU batches."""
-    precision = engine.resolve_precision('auto', CUDA)
+    precision = resolve_precision('auto', CUDA)
     on_cpu = weights.load_model(weights, num_classes=10).model.eval()
     on_cuda = weights.load_model(weights, num_classes=10).model.to(CUDA).eval()
     cpu, cuda, labels = [], [], []

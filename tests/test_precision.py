@@ -7,6 +7,7 @@ from torch import nn
 
 from conftest import small_config
 from imagenet_ffcv import checkpoint, distributed, engine, train
+from imagenet_ffcv.precision import Precision, resolve_precision
 from imagenet_ffcv.run_dir import RunDir
 
 
@@ -15,20 +16,20 @@ def test_auto_is_bf16_where_the_gpu_has_it_else_fp16_and_fp32_on_cpu(monkeypatch
     torch.cuda.is_bf16_supported() is true there too (it counts emulation: a T4 answers True),
     and cuDNN has no bf16 convolutions below 8.0."""
     cpu, gpu = torch.device('cpu'), torch.device('cuda', 1)  # this process's GPU: 1 of 0, 1
-    assert engine.resolve_precision('auto', cpu) == engine.Precision('fp32')
+    assert resolve_precision('auto', cpu) == Precision('fp32')
     monkeypatch.setattr(torch.version, 'hip', None)
     monkeypatch.setattr(torch.cuda, 'is_bf16_supported', lambda *a, **k: True)
     for other, this, expected in (((7, 5), (9, 0), 'bf16'), ((9, 0), (7, 5), 'fp16')):  # T4, H100
         monkeypatch.setattr(torch.cuda, 'get_device_capability',
                             lambda device, caps={0: other, 1: this}: caps[device.index])
-        assert engine.resolve_precision('auto', gpu).name == expected
-    fp16 = engine.resolve_precision('auto', gpu)
-    assert fp16 == engine.Precision('fp16', torch.float16, loss_scaling=True)
+        assert resolve_precision('auto', gpu).name == expected
+    fp16 = resolve_precision('auto', gpu)
+    assert fp16 == Precision('fp16', torch.float16, loss_scaling=True)
     assert fp16.input_dtype == torch.float16
-    assert engine.resolve_precision('off', gpu).input_dtype == torch.float32
-    assert engine.resolve_precision('bf16', cpu).amp_dtype == torch.bfloat16
+    assert resolve_precision('off', gpu).input_dtype == torch.float32
+    assert resolve_precision('bf16', cpu).amp_dtype == torch.bfloat16
     with pytest.raises(ValueError, match="amp='fp8'"):
-        engine.resolve_precision('fp8', cpu)
+        resolve_precision('fp8', cpu)
 
 
 def tiny_net():
@@ -39,7 +40,7 @@ def tiny_net():
 
 @pytest.mark.parametrize('amp', ['bf16', 'fp16', 'off'])
 def test_a_few_steps_in_each_precision_lower_the_loss_on_a_fixed_batch(amp):
-    precision = engine.resolve_precision(amp, torch.device('cpu'))
+    precision = resolve_precision(amp, torch.device('cpu'))
     model = tiny_net()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
     scaler = torch.amp.GradScaler('cpu') if precision.loss_scaling else None

@@ -8,6 +8,7 @@ import torch
 
 from conftest import REPO
 from imagenet_ffcv import config, distributed, engine, evaluate, metrics, models, schedules, train
+from imagenet_ffcv.precision import resolve_precision
 
 
 def test_poly_lr_values():
@@ -115,7 +116,7 @@ def test_ten_crop_views_have_the_side_of_the_centre_crop_validation(sample_beton
             return self.bias.expand(x.shape[0], 10)
 
     dist = distributed.from_env({})
-    precision = engine.resolve_precision(cfg.training.amp, dist.device)
+    precision = resolve_precision(cfg.training.amp, dist.device)
     evaluate.ten_crop_eval(cfg, dist, Recorder(), precision)
     assert len(seen) == 10 and {tuple(v.shape[1:]) for v in seen} == {(3, 48, 48)}
     corner, centre_view = seen[0], seen[4]  # torchvision's order: 4 corners, centre, flips
