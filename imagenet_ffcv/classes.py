@@ -3,6 +3,7 @@ every run folder as ``classes.tsv``), and the names of the 1,000 ILSVRC-2012 wni
 
 Class ``i`` is the ``i``-th wnid of the sorted train split (see ``sources``).
 """
+import re
 from pathlib import Path
 
 from .errors import CheckpointError, ImagenetFfcvError, InputError, MissingFileError
@@ -27,9 +28,14 @@ def ilsvrc_classes() -> list:
 def class_list_of(given: str) -> list:
     """``[(wnid, name), ...]`` of the converter's ``--classes``: ILSVRC-2012's classes for
     :data:`ILSVRC_CLASSES`, else those of the class list file ``given`` (:func:`read_class_names`:
-    ClassListError for another format, MissingFileError when it is not there)."""
+    ClassListError for another format, MissingFileError when it is not there), of a run folder
+    (its ``classes.tsv``) or of a .beton (the class list beside it)."""
     if given == ILSVRC_CLASSES:
         return ilsvrc_classes()
+    if Path(given).is_dir():
+        given = Path(given) / 'classes.tsv'
+    elif Path(given).suffix == '.beton':
+        given = class_list_path(given)
     if not Path(given).is_file():
         raise MissingFileError(f'--classes {given}: no such file; give a class list (the '
                                f'.classes.tsv beside a .beton, a run folder\'s classes.tsv) or '
@@ -40,20 +46,22 @@ def class_list_of(given: str) -> list:
 def folders_by_class_list(folders: list, class_list: list, split_dir) -> list:
     """``[(folder, wnid), ...]``: the class ``folders`` of ``split_dir`` labelled by ``class_list``
     (``[(wnid, name), ...]``, index = class) rather than by their sorted names, in the list's
-    order. A folder is named by a wnid of the list, or by its index in it (``0`` .. ``N-1``:
-    ImageNet-V2's folders, ILSVRC-2012's class indices). Raises InputError naming the folders
-    that are neither (their images would have no label), and two folders of one class."""
-    index = {wnid: i for i, (wnid, _) in enumerate(class_list)}
+    order. A folder is named by a wnid of the list, or by an ILSVRC-2012 class index (``0`` ..
+    ``999``, :func:`ilsvrc_classes`: ImageNet-V2's folders) whose wnid is in the list. Raises
+    InputError naming the folders that are neither (their images would have no label), and two
+    folders of one class."""
+    index, ilsvrc = {wnid: i for i, (wnid, _) in enumerate(class_list)}, ilsvrc_classes()
 
     def position(name):
-        numbered = name.isdigit() and str(int(name)) == name and int(name) < len(class_list)
-        return index.get(name, int(name) if numbered else None)
+        if name not in index and re.fullmatch(r'0|[1-9][0-9]{0,2}', name):
+            name = ilsvrc[int(name)][0]  # ImageNet-V2's folder of ILSVRC-2012's class int(name)
+        return index.get(name)
     unknown = [f for f in folders if position(f) is None]
     if unknown:
         raise InputError(f'{split_dir}: {", ".join(unknown[:5])}{" ..." if len(unknown) > 5 else ""}'
-                         f': not a class of the list given (--classes): neither a wnid of it nor '
-                         f'an index 0 .. {len(class_list) - 1}; move such folders out, or give '
-                         f'the class list they belong to')
+                         f': not a class of the list given (--classes): neither one of its wnids '
+                         f'nor an ILSVRC-2012 class index (0 .. 999) of one; move such folders '
+                         f'out, or give the class list they belong to')
     by_class = {}
     for folder in folders:
         by_class.setdefault(position(folder), []).append(folder)

@@ -31,8 +31,11 @@ def command_name(module: str) -> str:
     return os.path.basename(argv0)
 
 
-# The packages whose versions decide a run's results and speed, in --version's line
-VERSIONED = ('torch', 'torchvision', 'ffcv', 'numba', 'numpy', 'pillow', 'opencv-python')
+# The packages whose versions decide a run's results and speed, in --version's line (a tuple:
+# the distributions that provide one module, the first installed named)
+VERSIONED = ('torch', 'torchvision', 'ffcv', 'numba', 'numpy', 'pillow',
+             ('opencv-python', 'opencv-python-headless', 'opencv-contrib-python',
+              'opencv-contrib-python-headless'))
 
 
 def version_text() -> str:
@@ -49,15 +52,17 @@ def version_text() -> str:
     except JpegLibraryError as e:
         decoder = f'not usable: {e}'
 
-    def version(name):
-        try:
-            return importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            return 'not installed'
+    def version(names):
+        names = (names,) if isinstance(names, str) else names
+        for name in names:
+            try:
+                return f'{name} {importlib.metadata.version(name)}'
+            except importlib.metadata.PackageNotFoundError:
+                pass
+        return f'{names[0]} not installed'
     return (f'imagenet-ffcv {code["version"] or "(not installed)"}{commit} in {PACKAGE}\n'
             f'JPEG region decoder: {decoder}\n'
-            f'Python {platform.python_version()}, '
-            + ', '.join(f'{name} {version(name)}' for name in VERSIONED))
+            f'Python {platform.python_version()}, ' + ', '.join(map(version, VERSIONED)))
 
 
 class _Version(argparse.Action):

@@ -209,7 +209,7 @@ def unwritten_for(path):
         modified = path.stat().st_mtime
     except OSError:
         return None
-    probe = temporary_path(path.parent / 'clock', 'probe')  # not a kind the clean-ups delete
+    probe = temporary_path(path.parent / 'clock')  # a killed process's: deleted as a temporary
     try:
         probe.touch()
         now = probe.stat().st_mtime

@@ -185,11 +185,13 @@ def list_samples(split_dir, classes: list) -> list:
                       f'{" ..." if len(empty) > 5 else ""}; their classes keep their index but '
                       f'have no samples in this split', stacklevel=2)
     loose = sorted(e.name for e in entries if not e.name.startswith('.') and _kind(e) == 'file')
-    if samples and loose:
+    if samples and loose:  # (ImageNet-A's and -R's README.txt is no image: no advice then)
+        images = any(name.lower().endswith(IMAGE_EXTENSIONS + ('.tar',)) for name in loose)
         warnings.warn(f'{split_dir}: {len(loose)} file(s) in the split folder itself, outside the '
                       f'class folders, left out (no class): {", ".join(loose[:5])}'
-                      f'{" ..." if len(loose) > 5 else ""}; move images into their class folder '
-                      f'(an interrupted valprep.sh?) and extract tars into theirs', stacklevel=2)
+                      f'{" ..." if len(loose) > 5 else ""}' + (
+                          '; move images into their class folder (an interrupted valprep.sh?) '
+                          'and extract tars into theirs' if images else ''), stacklevel=2)
     present = {*folders, *broken}  # broken: named above
     absent = [w for w in classes if w not in present]
     if samples and absent:

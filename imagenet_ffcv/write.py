@@ -101,8 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument('--classes', metavar='FILE', default=None,
                    help='label the class folders by this class list (a .classes.tsv beside a '
                         f".beton, a run folder's classes.tsv; {ILSVRC_CLASSES}: ILSVRC-2012's "
-                        "1,000) instead of train/'s folders: each folder named by a wnid of it "
-                        "or by its index (ImageNet-V2's 0 .. 999); the split's folder is "
+                        "1,000; or a run folder, a .beton) instead of train/'s folders: each "
+                        'folder named by a wnid of it or by its ILSVRC-2012 class index '
+                        "(ImageNet-V2's 0 .. 999); the split's folder is "
                         'DATA_DIR/SPLIT, or DATA_DIR itself when there is none (a test set); the '
                         ".beton's class list: the list's classes that have a folder, in its order")
     p.add_argument('--verify', metavar='FILE', default=None,
@@ -180,8 +181,17 @@ def load_by_class_list(root, split: str, given: str) -> tuple:
     split_dir = root / split if (root / split).is_dir() else root
     if not split_dir.is_dir():
         raise MissingFileError(f'{split_dir}: no such folder; set --data-dir')
+    if split_dir == root and any((root / name).is_dir() for name in ('train', 'val')):
+        raise MissingFileError(f'{root / split}: {split} split folder not found (set --split, or '
+                               f'--data-dir to the folder of class folders itself)')
+
+    def is_folder(entry):  # a broken or looping link is not: list_samples names it
+        try:
+            return entry.is_dir()
+        except OSError:
+            return False
     folders = sorted(e.name for e in os.scandir(split_dir)
-                     if e.is_dir() and not e.name.startswith('.'))
+                     if not e.name.startswith('.') and is_folder(e))
     labelled = folders_by_class_list(folders, class_list, split_dir)
     samples = list_samples(split_dir, [folder for folder, _ in labelled])
     if len(labelled) < len(class_list):

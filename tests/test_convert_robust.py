@@ -895,6 +895,15 @@ def test_a_class_left_in_its_tar_is_refused_and_loose_files_are_named(tmp_path):
                                          r'class\): ILSVRC2012_val_00000007.JPEG, ILSVRC2012_val_'):
         samples = sources.list_samples(tmp_path / 'val', ['n01440764', 'n03417042'])
     assert len(samples) == 4
+    # no image among them (ImageNet-A's and -R's README.txt): named, with no advice on images
+    for name in ('ILSVRC2012_val_00000007.JPEG', 'ILSVRC2012_val_00000009.JPEG'):
+        (tmp_path / 'val' / name).unlink()
+    (tmp_path / 'val' / 'README.txt').write_text('about this test set')
+    with pytest.warns(UserWarning) as warned:
+        sources.list_samples(tmp_path / 'val', ['n01440764', 'n03417042'])
+    assert [str(w.message) for w in warned] == [
+        f'{tmp_path / "val"}: 1 file(s) in the split folder itself, outside the class folders, '
+        f'left out (no class): README.txt']
 
 
 def test_symlinked_class_folders_and_looping_links_are_refused_or_reported(tmp_path, capsys):
@@ -1527,21 +1536,31 @@ def test_another_machines_temporary_is_a_writers_until_unwritten_for_ten_minutes
     assert list(tmp_path.iterdir()) == []
 
 
-def test_folders_labelled_by_a_class_list_are_named_by_wnid_or_index(tmp_path):
-    """--classes: a folder is named by a wnid of the list or by its index (ImageNet-V2's 0 ..
-    999), listed in the list's order; a folder that is neither (an index out of range, one
-    written 07) or a second folder of one class is refused, naming them; so is a missing list."""
-    listed = [('n01', 'a'), ('n02', 'b'), ('n03', 'c')]
-    assert classes_module.folders_by_class_list(['2', 'n01'], listed, tmp_path) == [
-        ('n01', 'n01'), ('2', 'n03')]
+def test_folders_labelled_by_a_class_list_are_named_by_wnid_or_ilsvrc_index(tmp_path):
+    """--classes: a folder is named by a wnid of the list or by ILSVRC-2012's index of one
+    (ImageNet-V2's 0 .. 999: folder 5 is ILSVRC's class 5 whatever the list, which was taken
+    as the list's own class 5, labelling a run of other classes' images wrongly), listed in the
+    list's order; a folder that is neither (written 07, 1000, ², a class the list lacks) or a
+    second folder of one class is refused, naming them. The list may be given as a run folder
+    or a .beton; a missing one is named."""
+    ilsvrc = [wnid for wnid, _ in classes_module.ilsvrc_classes()]
+    listed = [(ilsvrc[5], 'a'), (ilsvrc[0], 'b'), (ilsvrc[217], 'c')]  # a run's own order
+    assert classes_module.folders_by_class_list(['217', '0', ilsvrc[5]], listed, tmp_path) == [
+        (ilsvrc[5], ilsvrc[5]), ('0', ilsvrc[0]), ('217', ilsvrc[217])]
     with pytest.raises(errors.InputError) as e:
-        classes_module.folders_by_class_list(['07', '3', 'n02', 'x'], listed, tmp_path)
-    assert str(e.value) == (f'{tmp_path}: 07, 3, x: not a class of the list given (--classes): '
-                            f'neither a wnid of it nor an index 0 .. 2; move such folders out, or '
-                            f'give the class list they belong to')
-    with pytest.raises(errors.InputError, match=r': 0 and n01 are both class 0 \(n01\) of the'):
-        classes_module.folders_by_class_list(['0', 'n01'], listed, tmp_path)
+        classes_module.folders_by_class_list(['07', '1', '1000', '5', 'x', '²'], listed, tmp_path)
+    assert str(e.value) == (f'{tmp_path}: 07, 1, 1000, x, ²: not a class of the list given '
+                            f'(--classes): neither one of its wnids nor an ILSVRC-2012 class '
+                            f'index (0 .. 999) of one; move such folders out, or give the class '
+                            f'list they belong to')
+    with pytest.raises(errors.InputError, match=rf': 0 and {ilsvrc[0]} are both class 1 '
+                                                rf'\({ilsvrc[0]}\) of the'):
+        classes_module.folders_by_class_list(['0', ilsvrc[0]], listed, tmp_path)
     assert len(classes_module.class_list_of('ilsvrc2012')) == 1000
+    write_class_list(tmp_path / 'classes.tsv', [w for w, _ in listed])
+    write_class_list(tmp_path / 'val.classes.tsv', [w for w, _ in listed])
+    for given in (tmp_path, tmp_path / 'val.beton'):  # a run folder, a .beton
+        assert [w for w, _ in classes_module.class_list_of(str(given))] == [w for w, _ in listed]
     with pytest.raises(errors.MissingFileError, match='--classes nowhere.tsv: no such file'):
         classes_module.class_list_of('nowhere.tsv')
 

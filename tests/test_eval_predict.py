@@ -18,8 +18,8 @@ from PIL import Image
 from conftest import REPO, SAMPLE, run_env, small_args, small_config
 from imagenet_ffcv import (engine, errors, holdout, loaders, metrics, models, predict, sources,
                            train, verify, weights, write)
-from imagenet_ffcv.classes import (class_list_path, read_class_list, read_class_names,
-                                   write_class_list)
+from imagenet_ffcv.classes import (class_list_path, ilsvrc_classes, read_class_list,
+                                   read_class_names, write_class_list)
 
 
 def eval_config(sample_betons, tmp_path, weights, *extra):
@@ -91,14 +91,16 @@ def test_a_test_set_of_the_runs_classes_is_labelled_by_its_class_list_and_evalua
     """ImageNet-V2 unpacks as folders 0 .. 999 (ILSVRC-2012's class indices), ImageNet-R and -A as
     200 of its wnids' folders, with no train/ to take a class list from: the converter refused
     them, and eval-only refused a run's weights on a .beton of some of their classes. With
-    --classes, the sample's val split laid out as ImageNet-V2 is gives the run's top-1 exactly;
-    three of its classes (one folder named by its wnid) are evaluated on their logits alone."""
+    --classes, the sample's val split laid out as ImageNet-V2 lays out its classes (folders
+    named by ILSVRC-2012's index) gives the run's top-1 exactly; three of its classes (one folder
+    named by its wnid) are evaluated on their logits alone."""
     summary, _ = short_run
     run_dir = Path(summary['run_dir'])
     classes = read_class_list(run_dir / 'classes.tsv')
+    ilsvrc = [wnid for wnid, _ in ilsvrc_classes()]
     test_set = tmp_path / 'v2'
-    for i, wnid in enumerate(classes):
-        shutil.copytree(SAMPLE / 'val' / wnid, test_set / str(i))
+    for wnid in classes:
+        shutil.copytree(SAMPLE / 'val' / wnid, test_set / str(ilsvrc.index(wnid)))
 
     def convert(name):
         out = tmp_path / name
@@ -110,9 +112,9 @@ def test_a_test_set_of_the_runs_classes_is_labelled_by_its_class_list_and_evalua
     assert read_class_list(class_list_path(out)) == classes
     assert (result['val_count'], result['top_1'], result['top_5']) == (
         100, summary['top_1'], summary['top_5'])
-    for i in range(3, 10):
-        shutil.rmtree(test_set / str(i))
-    (test_set / '1').rename(test_set / classes[1])
+    for wnid in classes[3:]:
+        shutil.rmtree(test_set / str(ilsvrc.index(wnid)))
+    (test_set / str(ilsvrc.index(classes[1]))).rename(test_set / classes[1])
     capsys.readouterr()
     out, result = convert('some.beton')
     assert read_class_list(class_list_path(out)) == classes[:3]
