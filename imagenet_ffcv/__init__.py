@@ -24,9 +24,9 @@ Training: ``config`` and ``config_schema`` (the configuration and its keys), ``c
 ``optimizers``, ``schedules``, ``engine`` (training step and epoch, evaluation), ``precision``
 (mixed precision), ``ema``, ``augment`` (RandAugment, TrivialAugmentWide, Random Erasing),
 ``mixup``, ``evaluate`` (validation and eval-only), ``metrics``, ``distributed`` (torchrun),
-``checkpoint`` (the checkpoint format, resume), ``torch_files`` (torch.save files read without running code),
-``weights`` (final weights, models rebuilt from them), ``weights_metadata`` (the config and class
-list saved in them),
+``checkpoint`` (the checkpoint format, resume), ``torch_files`` (torch.save files read without
+running code), ``weights`` (final weights, models rebuilt from them), ``weights_metadata`` (the
+config and class list saved in them),
 ``finetune`` (training started from weights),
 ``state_dicts`` (other tools' state dicts made torchvision's),
 ``signals`` (pre-emption and Ctrl-C), ``run_dir`` (the run folder), ``run_lock`` (its lock:
