@@ -58,10 +58,11 @@ def folders_by_class_list(folders: list, class_list: list, split_dir) -> list:
         return index.get(name)
     unknown = [f for f in folders if position(f) is None]
     if unknown:
-        raise InputError(f'{split_dir}: {", ".join(unknown[:5])}{" ..." if len(unknown) > 5 else ""}'
-                         f': not a class of the list given (--classes): neither one of its wnids '
-                         f'nor an ILSVRC-2012 class index (0 .. 999) of one; move such folders '
-                         f'out, or give the class list they belong to')
+        more = ' ...' if len(unknown) > 5 else ''
+        raise InputError(f'{split_dir}: {", ".join(unknown[:5])}{more}: not a class of the list '
+                         f'given (--classes): neither one of its wnids nor an ILSVRC-2012 class '
+                         f'index (0 .. 999) of one; move such folders out, or give the class '
+                         f'list they belong to')
     by_class = {}
     for folder in folders:
         by_class.setdefault(position(folder), []).append(folder)

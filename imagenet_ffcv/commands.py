@@ -44,8 +44,8 @@ def version_text() -> str:
     records them) and its folder; whether the JPEG region decoder is built (its library, else why
     not: ``jpeg_region.load_library``); Python's version and those of :data:`VERSIONED`."""
     code = code_version()
-    commit = (f' (git {code["git_commit"][:12]}{", with local changes" if code["git_dirty"] else ""})'
-              if code['git_commit'] else '')
+    changed = ', with local changes' if code['git_dirty'] else ''
+    commit = f' (git {code["git_commit"][:12]}{changed})' if code['git_commit'] else ''
     try:
         load_library()
         decoder = f'built, {library_path()}'
