@@ -9,7 +9,7 @@ import numpy as np
 from . import ffcv_import  # noqa: F401  (first: ffcv without its import-time compiling)
 from ffcv.reader import Reader
 
-from .classes import ClassListError, class_list_path, read_class_list
+from .classes import ClassListError, class_list_path, read_class_list, some_of
 from .records import IMAGE_METADATA, LABEL_METADATA
 from .holdout import check_holdouts
 from .verify import check_beton
@@ -57,7 +57,13 @@ def num_classes(beton_path, val_path=None, warn: bool = True) -> int:
             warnings.warn(f'{val_path} is the training .beton too: top-1 is measured on the '
                           f'training images')
     if val_path is not None and classes.exists() and class_list_path(val_path).exists():
-        if read_class_list(classes) != read_class_list(class_list_path(val_path)):
+        trained, validated = read_class_list(classes), read_class_list(class_list_path(val_path))
+        if validated != trained and some_of(validated, trained):
+            raise ClassListError(f'{val_path} holds {len(validated)} of the {len(trained)} classes '
+                                 f'of {beton_path} (a test set written with --classes): validate '
+                                 f'on a .beton of all of them, and evaluate the weights on this '
+                                 f'one with training.eval_only=1')
+        if validated != trained:
             raise ClassListError(f'{classes} and {class_list_path(val_path)} differ: the two '
                                  f'.beton files were written from different train splits, so '
                                  f'their class indices do not match; write both from the same '

@@ -64,7 +64,9 @@ def test_live_logs_that_fail_to_close_leave_the_run_folder_unlocked(sample_beton
 
 
 def test_train_and_val_betons_from_different_class_lists_are_refused(sample_betons, tmp_path):
-    """A val .beton written from another train split (other class list) would shift labels."""
+    """A val .beton written from another train split (other class list) would shift labels. One
+    of some of the training classes (a test set written with --classes, ImageNet-R's) is for
+    eval-only: said so (not "written from different train splits")."""
     import shutil
     val = tmp_path / 'val.beton'
     shutil.copy(sample_betons['val'], val)
@@ -73,6 +75,12 @@ def test_train_and_val_betons_from_different_class_lists_are_refused(sample_beto
     from imagenet_ffcv.classes import ClassListError  # the command's one line, not a traceback
     with pytest.raises(ClassListError, match='differ'):
         betons.num_classes(sample_betons['train'], val_path=val)
+    write_class_list(class_list_path(val), classes[:3])
+    with pytest.raises(ClassListError) as e:
+        betons.num_classes(sample_betons['train'], val_path=val)
+    assert str(e.value) == (f'{val} holds 3 of the 10 classes of {sample_betons["train"]} (a test '
+                            f'set written with --classes): validate on a .beton of all of them, '
+                            f'and evaluate the weights on this one with training.eval_only=1')
     assert betons.num_classes(sample_betons['train'], val_path=sample_betons['val']) == 10
 
 
