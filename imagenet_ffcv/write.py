@@ -99,13 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help='fail (writing nothing) if any image cannot be decoded or stored, '
                         'instead of skipping it and listing it in NAME.skipped.tsv')
     p.add_argument('--classes', metavar='FILE', default=None,
-                   help='label the class folders by this class list (a .classes.tsv beside a '
-                        f".beton, a run folder's classes.tsv; {ILSVRC_CLASSES}: ILSVRC-2012's "
-                        "1,000; or a run folder, a .beton) instead of train/'s folders: each "
-                        'folder named by a wnid of it or by its ILSVRC-2012 class index '
-                        "(ImageNet-V2's 0 .. 999); the split's folder is "
-                        'DATA_DIR/SPLIT, or DATA_DIR itself when there is none (a test set); the '
-                        ".beton's class list: the list's classes that have a folder, in its order")
+                   help="label the class folders by this class list (a run folder's, a "
+                        f".beton's, a class list file; {ILSVRC_CLASSES}: ILSVRC-2012's 1,000) "
+                        "instead of train/'s folders: each folder named by a wnid of it or by "
+                        "its ILSVRC-2012 class index (ImageNet-V2's 0 .. 999); the split's folder "
+                        'is DATA_DIR/SPLIT, or DATA_DIR itself when it has no train/ or val/ (a '
+                        "test set); the .beton's class list: the list's classes that have a "
+                        'folder, in its order')
     p.add_argument('--verify', metavar='FILE', default=None,
                    help='only read FILE back: counts, images per class, sizes, decode every '
                         'record; exit 1 on any problem')
