@@ -62,7 +62,7 @@ def num_classes(beton_path, val_path=None, warn: bool = True) -> int:
             raise ClassListError(f'{val_path} holds {len(validated)} of the {len(trained)} classes '
                                  f'of {beton_path} (a test set written with --classes): validate '
                                  f'on a .beton of all of them, and evaluate the weights on this '
-                                 f'one with training.eval_only=1')
+                                 f'one alone, in an eval-only run')
         if validated != trained:
             raise ClassListError(f'{classes} and {class_list_path(val_path)} differ: the two '
                                  f'.beton files were written from different train splits, so '

@@ -80,7 +80,7 @@ def test_train_and_val_betons_from_different_class_lists_are_refused(sample_beto
         betons.num_classes(sample_betons['train'], val_path=val)
     assert str(e.value) == (f'{val} holds 3 of the 10 classes of {sample_betons["train"]} (a test '
                             f'set written with --classes): validate on a .beton of all of them, '
-                            f'and evaluate the weights on this one with training.eval_only=1')
+                            f'and evaluate the weights on this one alone, in an eval-only run')
     assert betons.num_classes(sample_betons['train'], val_path=sample_betons['val']) == 10
 
 
