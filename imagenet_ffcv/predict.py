@@ -39,7 +39,7 @@ import torch
 from tqdm import tqdm
 
 from . import config, engine
-from .classes import read_class_names
+from .classes import ILSVRC_CLASSES, class_list_of
 from .commands import add_version_option, command_name, one_line_errors, one_line_warnings
 from .constants import IMAGE_EXTENSIONS
 from .errors import InputError, MissingFileError
@@ -69,7 +69,8 @@ def predict(paths: list, *, weights, top: int = 5, classes_path=None, res=None,
     largest shorter side stored in its val .beton (else 256, the converter's default);
     ``arch`` (None: resnet50) and ``blurpool`` are used only when no config is saved with the
     weights (``weights.load_model``; a note on stderr names those given otherwise).
-    Class names come from ``classes_path`` (a .classes.tsv; a warning on stderr when its wnids
+    Class names come from ``classes_path`` (a .classes.tsv, a run folder, a .beton or
+    'ilsvrc2012': ``classes.class_list_of``; a warning on stderr when its wnids
     are not those saved with the weights), else those saved with the weights.
     An image that cannot be read or decoded (or a folder) gives, in its place, its error
     (OSError or ValueError naming the file); the other images are classified.
@@ -78,7 +79,7 @@ def predict(paths: list, *, weights, top: int = 5, classes_path=None, res=None,
     A progress bar runs on stderr when it is a terminal.
     Raises CheckpointError for unusable weights, FileNotFoundError for a missing class list.
     """
-    classes = read_class_names(classes_path) if classes_path else None
+    classes = class_list_of(str(classes_path)) if classes_path else None
     saved = load_model(Path(weights), num_classes=len(classes) if classes else None,
                         arch=arch, use_blurpool=blurpool)
     if classes and saved.classes and [w for w, _ in classes] != [w for w, _ in saved.classes]:
@@ -230,8 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
                              'checkpoint.pt, final_weights.pt or final_weights.safetensors')
     parser.add_argument('--top', type=positive, default=5,
                         help='classes shown per image (default 5)')
-    parser.add_argument('--classes', help="class list (.classes.tsv) for the run's classes, "
-                                          "in place of the run's own (a warning when they differ)")
+    parser.add_argument('--classes', help="class list (a .classes.tsv, a run folder's, a .beton's; "
+                                          f"{ILSVRC_CLASSES}: ILSVRC-2012's 1,000) for the "
+                                          "weights' classes, in place of those saved with them "
+                                          '(a warning when they differ)')
     parser.add_argument('--res', type=int, help="input side in px (default: the run's "
                                                 "validation resolution; for weights without a "
                                                 f"saved config, {FOREIGN_WEIGHTS_EVAL['res']})")

@@ -557,7 +557,13 @@ def test_predict_warns_when_classes_replace_other_saved_classes(short_run, tmp_p
     image = sorted((SAMPLE / 'val').glob('*/*.JPEG'))[0]
     weights = Path(summary['run_dir']) / 'final_weights.pt'
     assert predict.cli([str(image), '--weights', str(weights), '--classes', str(run_list)]) == 0
-    assert 'warning' not in capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert 'warning' not in printed.err
+    out = printed.out
+    # a run folder's list, or a .beton's, as the converter's --classes takes them
+    for given in (run_list.parent, cfg.data.val_dataset):
+        assert predict.cli([str(image), '--weights', str(weights), '--classes', str(given)]) == 0
+        assert capsys.readouterr().out == out
     assert predict.cli([str(image), '--weights', str(weights), '--classes',
                         str(tmp_path / 'other.classes.tsv')]) == 0
     assert (f'warning: {tmp_path / "other.classes.tsv"} names other classes than those saved '
