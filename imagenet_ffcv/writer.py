@@ -27,6 +27,8 @@ from .files import (atomic_path, live_temporaries, remove_stale_temporaries, sho
 from .images import DEFAULT_JPEG_QUALITY, DEFAULT_RESTART_INTERVAL, encode_jpeg, load_image
 from .records import IMAGE_FIELD, LABEL_FIELD, MAX_SIDE, ImageFiles, image_field
 
+SHARED_MEMORY = '/dev/shm'  # where multiprocessing's SharedMemory lives on Linux (shm_open)
+
 
 class UnreadableImagesError(ImagenetFfcvError):
     """Images that could not be decoded or stored, ``failures``, a list of ``(path, reason)``;
@@ -159,6 +161,9 @@ def _check_workers(processes, done: int, total: int) -> None:
             if -code == signal.SIGKILL:
                 how += (' (often the kernel\'s out-of-memory killer: give it more memory or run '
                         'again with fewer --num-workers)')
+            elif -code == signal.SIGBUS:  # the records' table (check_shared_memory) or the file
+                how += f' (a mapped file ran out of room: is {SHARED_MEMORY} full?)'
+
         else:
             how = f'ended with exit code {code} (its error is printed above)'
         raise WriterProcessError(f'a writer process (pid {p.pid}) {how} after {done} of {total} '
@@ -216,6 +221,25 @@ def estimate_beton_bytes(samples: list, *, max_res: int, write_mode: str = 'jpg'
     p = {'jpg': 1.0, 'raw': 0.0}.get(write_mode, compress_probability)
     per_image = (p * jpg_total + (1 - p) * raw_total) / counted
     return int(len(samples) * (per_image * 1.25 + 64)) + 8 * 2 ** 20
+
+
+def check_shared_memory(needed: int) -> None:
+    """Raise InsufficientSpaceError, before the images are written, if :data:`SHARED_MEMORY` has
+    less than ``needed`` bytes free: ffcv's writer keeps its table of records there (a record of
+    24 bytes per image here: 29 MiB for ImageNet's train split), which its processes fill as they
+    go; with too little room one of them died by SIGBUS when it was full, late in the conversion.
+    Docker gives a container 64 MiB. Nothing is checked where the folder cannot be read (not
+    Linux)."""
+    try:
+        free = shutil.disk_usage(SHARED_MEMORY).free
+    except OSError:
+        return
+    if free < needed:
+        raise InsufficientSpaceError(
+            f'{SHARED_MEMORY}: {free / 2**20:.1f} MiB free, but the writer processes keep the '
+            f'table of the .beton\'s records there, {needed / 2**20:.1f} MiB: give it more room '
+            f'(docker run --shm-size=1g; on Kubernetes an emptyDir volume of medium Memory at '
+            f'{SHARED_MEMORY})')
 
 
 def check_free_space(out, needed: int) -> None:
@@ -281,6 +305,7 @@ def _write_once(samples, tmp, fields, num_workers, chunksize, failures_path, max
                 encoding):
     failures_path.unlink(missing_ok=True)
     writer = _Writer(str(tmp), fields, num_workers=max(1, min(num_workers, len(indices))))
+    check_shared_memory(len(indices) * writer.metadata_type.itemsize)
     dataset = ImageFiles(samples, max_res=max_res, failures_path=failures_path,
                          encoding=encoding, page_size=writer.page_size)
     writer.from_indexed_dataset(dataset, indices=np.asarray(indices), chunksize=chunksize)

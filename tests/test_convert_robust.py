@@ -468,6 +468,27 @@ def test_not_enough_disk_space(tmp_path, monkeypatch, capsys):
     assert 'GB free' in err and str(out.parent) in err and 'Traceback' not in err
     assert out.read_bytes() == b'previous'
     assert sorted(p.name for p in out.parent.iterdir()) == ['train.beton']
+    # /dev/shm holds ffcv's table of records (24 bytes an image): Docker's 64 MiB held 2.7M
+    # images' table; past it, a writer process died by SIGBUS late in the conversion
+    monkeypatch.setattr(shutil, 'disk_usage', lambda p: usage(
+        *((64 * 2 ** 20, 64 * 2 ** 20 - 100, 100) if str(p) == writer.SHARED_MEMORY
+          else (10 ** 12, 0, 10 ** 12))))
+    monkeypatch.setattr(writer.ImageFiles, '__getitem__', None)  # refused before any image
+    assert write.cli(['--data-dir', str(root), '--split', 'train', '--out', str(out),
+                      '--overwrite', '--num-workers', '1']) == 1
+    err = capsys.readouterr().err
+    assert (f': {writer.SHARED_MEMORY}: 0.0 MiB free, but the writer processes keep the table of '
+            f'the .beton\'s records there, 0.0 MiB: give it more room (docker run '
+            f'--shm-size=1g;') in err
+    assert sorted(p.name for p in out.parent.iterdir()) == ['train.beton']
+    monkeypatch.undo()
+
+    class Ended:
+        pid, exitcode = 12, -signal.SIGBUS
+    with pytest.raises(writer.WriterProcessError, match=r'a writer process \(pid 12\) was killed '
+                                                          r'by SIGBUS \(a mapped file ran out of '
+                                                          r'room: is /dev/shm full\?\) after 3'):
+        writer._check_workers([Ended()], 3, 5)
     monkeypatch.setattr(shutil, 'disk_usage', lambda p: usage(10 ** 12, 0, 10 ** 12))
     assert write.cli(['--data-dir', str(root), '--split', 'train', '--out', str(out),
                       '--overwrite', '--write-mode', 'raw', '--num-workers', '1']) == 0
