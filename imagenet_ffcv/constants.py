@@ -16,3 +16,8 @@ IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.jpe', '.jfif', '.png', '.ppm', '.bmp', '.
                     '.tiff', '.webp')
 # The mixed precisions (training.amp) precision.resolve_precision understands.
 PRECISIONS = ('auto', 'bf16', 'fp16', 'off')
+# Where shared memory lives on Linux (shm_open, multiprocessing's SharedMemory, NCCL's buffers): a
+# tmpfs, 64 MiB in a Docker container unless --shm-size says otherwise.
+SHARED_MEMORY = '/dev/shm'
+# The room NVIDIA's NCCL guide has a container give it (--shm-size=1g), bytes.
+NCCL_SHARED_MEMORY = 2 ** 30

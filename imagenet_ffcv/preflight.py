@@ -2,6 +2,8 @@
 the config asks for, and the memory ffcv's process cache would take. Each check fails before any
 work is done or any run folder is made (rules between keys: ``config``)."""
 import os
+import shutil
+import warnings
 from pathlib import Path
 
 import psutil
@@ -9,6 +11,7 @@ import torch
 
 from . import config, models, schedules
 from .config import ConfigError
+from .constants import NCCL_SHARED_MEMORY, SHARED_MEMORY
 from .optional import require
 from .verify import check_there
 
@@ -20,7 +23,8 @@ def check_runnable(cfg, device, processes_on_node: int = 1) -> None:
     training loader's process cache cannot have (:func:`check_process_cache`), or an optional
     package that is missing. Those are imported now (a timm model or LAMB: timm; W&B: wandb;
     TensorBoard), ``optional.MissingPackageError`` naming the key, the package and how to install
-    it. ``processes_on_node``: the processes of the job on this machine."""
+    it. ``processes_on_node``: the processes of the job on this machine; several on CUDA get
+    :func:`warn_of_little_shared_memory`."""
     for key, path in (('data.train_dataset', cfg.data.train_dataset),
                       ('data.val_dataset', cfg.data.val_dataset)):
         check_there(path, key)
@@ -29,6 +33,8 @@ def check_runnable(cfg, device, processes_on_node: int = 1) -> None:
                           f'this run is on {device.type}; set training.sync_bn=0 (one process '
                           'gains nothing from it)')
     check_process_cache(cfg, processes_on_node)
+    if device.type == 'cuda' and processes_on_node > 1:
+        warn_of_little_shared_memory(processes_on_node)
     if cfg.model.arch.startswith('timm:'):
         require('timm', f'model.arch={cfg.model.arch!r}')
     if cfg.training.optimizer == 'lamb':
@@ -38,6 +44,23 @@ def check_runnable(cfg, device, processes_on_node: int = 1) -> None:
     if cfg.logging.tensorboard:
         require('torch.utils.tensorboard', 'logging.tensorboard=1', package='tensorboard')
     check_model_takes(cfg)
+
+
+def warn_of_little_shared_memory(processes_on_node: int) -> None:
+    """A warning when :data:`constants.SHARED_MEMORY` has less than
+    :data:`constants.NCCL_SHARED_MEMORY` free: NCCL keeps the buffers between the processes of a
+    node there and fails to start with too little (NVIDIA's NCCL guide, "Troubleshooting: Shared
+    memory": a Docker container's 64 MiB; ``docker run --shm-size=1g --ulimit memlock=-1``).
+    Nothing where the folder cannot be read (not Linux)."""
+    try:
+        free = shutil.disk_usage(SHARED_MEMORY).free
+    except OSError:
+        return
+    if free < NCCL_SHARED_MEMORY:
+        warnings.warn(f'{SHARED_MEMORY} has {free / 2**20:.0f} MiB free: NCCL keeps the buffers '
+                      f'between the {processes_on_node} processes of this node there and fails to '
+                      f'start with too little; NVIDIA\'s NCCL guide gives a container docker run '
+                      f'--shm-size=1g --ulimit memlock=-1', stacklevel=2)
 
 
 def check_model_takes(cfg) -> None:

@@ -20,14 +20,13 @@ from ffcv.fields import IntField
 from ffcv.memory_allocator import MemoryAllocator
 from ffcv.writer import DatasetWriter
 
+from .constants import SHARED_MEMORY
 from .distributed import usable_cores
 from .errors import ImagenetFfcvError, InputError
 from .files import (atomic_path, live_temporaries, remove_stale_temporaries, shown_path,
                     temporary_path, unwritten_for, write_text_atomic)
 from .images import DEFAULT_JPEG_QUALITY, DEFAULT_RESTART_INTERVAL, encode_jpeg, load_image
 from .records import IMAGE_FIELD, LABEL_FIELD, MAX_SIDE, ImageFiles, image_field
-
-SHARED_MEMORY = '/dev/shm'  # where multiprocessing's SharedMemory lives on Linux (shm_open)
 
 
 class UnreadableImagesError(ImagenetFfcvError):

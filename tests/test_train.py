@@ -187,6 +187,32 @@ def test_a_process_cache_larger_than_the_memory_is_refused_before_any_work(sampl
     assert not (tmp_path / 'runs').exists()
 
 
+def test_several_cuda_processes_of_a_node_are_warned_of_a_small_dev_shm(sample_betons, tmp_path,
+                                                                         monkeypatch):
+    """NCCL keeps the buffers between a node's processes in /dev/shm and fails to start with too
+    little (NVIDIA's NCCL guide: a Docker container's 64 MiB; --shm-size=1g): a warning before
+    the run, for several processes on CUDA only (the check needs no GPU)."""
+    import shutil
+    import warnings
+    import torch
+    from imagenet_ffcv import preflight
+    monkeypatch.setattr(shutil, 'disk_usage', lambda p: SimpleNamespace(
+        total=64 * 2 ** 20, used=0, free=64 * 2 ** 20 if str(p) == '/dev/shm' else 2 ** 40))
+    cfg = small_config(sample_betons, tmp_path)
+    with pytest.warns(UserWarning) as warned:
+        preflight.check_runnable(cfg, torch.device('cuda'), processes_on_node=8)
+    assert [str(w.message) for w in warned] == [
+        '/dev/shm has 64 MiB free: NCCL keeps the buffers between the 8 processes of this node '
+        "there and fails to start with too little; NVIDIA's NCCL guide gives a container docker "
+        'run --shm-size=1g --ulimit memlock=-1']
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        preflight.check_runnable(cfg, torch.device('cuda'), processes_on_node=1)
+        preflight.check_runnable(cfg, torch.device('cpu'), processes_on_node=8)  # gloo
+        monkeypatch.setattr(shutil, 'disk_usage', lambda p: SimpleNamespace(free=2 ** 30))
+        preflight.check_runnable(cfg, torch.device('cuda'), processes_on_node=8)
+
+
 def test_the_memory_available_counts_a_cgroup_limit(tmp_path, monkeypatch):
     """Under a cgroup memory limit (SLURM's --mem, a container's), v2 or v1, the memory this
     process may take is the limit less what is in use but the page cache (active, as a .beton
