@@ -16,7 +16,7 @@ from .optional import require
 from .verify import check_there
 
 
-def check_runnable(cfg, device, processes_on_node: int = 1) -> None:
+def check_runnable(cfg, device, processes_on_node: int = 1, warn: bool = True) -> None:
     """Fail now when ``cfg`` asks for what this run cannot do: a .beton that is not there
     (MissingFileError naming its key: a path from a config file, not typed), a key the ``device``
     (``torch.device``) cannot run (``training.sync_bn`` off CUDA: ConfigError), memory the
@@ -24,7 +24,7 @@ def check_runnable(cfg, device, processes_on_node: int = 1) -> None:
     package that is missing. Those are imported now (a timm model or LAMB: timm; W&B: wandb;
     TensorBoard), ``optional.MissingPackageError`` naming the key, the package and how to install
     it. ``processes_on_node``: the processes of the job on this machine; several on CUDA get
-    :func:`warn_of_little_shared_memory`."""
+    :func:`warn_of_little_shared_memory` where ``warn`` (one process of each node)."""
     for key, path in (('data.train_dataset', cfg.data.train_dataset),
                       ('data.val_dataset', cfg.data.val_dataset)):
         check_there(path, key)
@@ -33,7 +33,7 @@ def check_runnable(cfg, device, processes_on_node: int = 1) -> None:
                           f'this run is on {device.type}; set training.sync_bn=0 (one process '
                           'gains nothing from it)')
     check_process_cache(cfg, processes_on_node)
-    if device.type == 'cuda' and processes_on_node > 1:
+    if warn and device.type == 'cuda' and processes_on_node > 1:
         warn_of_little_shared_memory(processes_on_node)
     if cfg.model.arch.startswith('timm:'):
         require('timm', f'model.arch={cfg.model.arch!r}')

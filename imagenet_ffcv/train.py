@@ -118,10 +118,10 @@ def train(cfg, dist, wall_start) -> dict:
 
 
 def build(cfg, dist, wall_start, launch: dict = None, resuming: bool = False) -> Run:
-    """A new run's loaders, model, optimizer, loss, schedules (``launch``: its torchrun job's);
-    ``resuming``: the model is not started from ``model.weights`` (the checkpoint's replace
-    them)."""
-    preflight.check_runnable(cfg, dist.device, dist.local_world_size)  # before any work
+    """A new run's loaders, model, optimizer, loss, schedules (``launch``: its torchrun job's),
+    once ``preflight`` has checked the machine (warning once per node); ``resuming``: the model
+    is not started from ``model.weights`` (the checkpoint's replace them)."""
+    preflight.check_runnable(cfg, dist.device, dist.local_world_size, warn=dist.local_rank == 0)
     num_classes = betons.num_classes(cfg.data.train_dataset, val_path=cfg.data.val_dataset,
                                       warn=dist.is_primary)  # each rank checks, rank 0 warns
     precision = resolve_precision(cfg.training.amp, dist.device)

@@ -191,7 +191,8 @@ def test_several_cuda_processes_of_a_node_are_warned_of_a_small_dev_shm(sample_b
                                                                          monkeypatch):
     """NCCL keeps the buffers between a node's processes in /dev/shm and fails to start with too
     little (NVIDIA's NCCL guide: a Docker container's 64 MiB; --shm-size=1g): a warning before
-    the run, for several processes on CUDA only (the check needs no GPU)."""
+    the run, for several processes on CUDA only, from one process of each node (the check needs
+    no GPU)."""
     import shutil
     import warnings
     import torch
@@ -208,6 +209,7 @@ def test_several_cuda_processes_of_a_node_are_warned_of_a_small_dev_shm(sample_b
     with warnings.catch_warnings():
         warnings.simplefilter('error')
         preflight.check_runnable(cfg, torch.device('cuda'), processes_on_node=1)
+        preflight.check_runnable(cfg, torch.device('cuda'), processes_on_node=8, warn=False)
         preflight.check_runnable(cfg, torch.device('cpu'), processes_on_node=8)  # gloo
         monkeypatch.setattr(shutil, 'disk_usage', lambda p: SimpleNamespace(free=2 ** 30))
         preflight.check_runnable(cfg, torch.device('cuda'), processes_on_node=8)
