@@ -32,15 +32,15 @@ def class_list_of(given: str) -> list:
     (its ``classes.tsv``) or of a .beton (the class list beside it)."""
     if given == ILSVRC_CLASSES:
         return ilsvrc_classes()
-    if Path(given).is_dir():
-        given = Path(given) / 'classes.tsv'
-    elif Path(given).suffix == '.beton':
-        given = class_list_path(given)
-    if not Path(given).is_file():
+    path = (Path(given) / 'classes.tsv' if Path(given).is_dir() else
+            class_list_path(given) if Path(given).suffix == '.beton' else Path(given))
+    if not path.is_file() and path != Path(given):
+        raise MissingFileError(f'--classes {given}: no class list there ({path})')
+    if not path.is_file():
         raise MissingFileError(f'--classes {given}: no such file; give a class list (the '
                                f'.classes.tsv beside a .beton, a run folder\'s classes.tsv) or '
                                f'{ILSVRC_CLASSES} for ILSVRC-2012\'s 1,000 classes')
-    return read_class_names(given)
+    return read_class_names(path)
 
 
 def folders_by_class_list(folders: list, class_list: list, split_dir) -> list:

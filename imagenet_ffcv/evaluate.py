@@ -1,12 +1,13 @@
-"""Validation as the trainer does it (centre crop, flip TTA, 10-crop), and eval-only
-(``training.eval_only=1``): the top-1/top-5 of saved weights on a val .beton."""
+"""Validation as the trainer does it (centre crop, flip TTA, 10-crop; after an epoch: the best
+top-1 and the target), and eval-only (``training.eval_only=1``): the top-1/top-5 of saved weights
+on a val .beton."""
 import json
 import time
 from pathlib import Path
 
 import torch
 
-from . import betons, config, distributed, engine, loaders, metrics, weights
+from . import betons, config, distributed, engine, loaders, metrics, models, weights
 from .config_schema import ARCH_KEY, BLURPOOL_KEY
 from .constants import DEFAULT_CROP_RATIO
 from .errors import InputError
@@ -93,6 +94,33 @@ def validated_otherwise(cfg, saved_config: dict) -> str:
     run, now = (_validation_values(config.saved_eval_kwargs(c))
                 for c in (saved_config, config.to_dict(cfg)))
     return ' '.join(f'{key}={value}' for key, value in run.items() if now[key] != value)
+
+
+def end_of_epoch_eval(run, epoch: int) -> dict:
+    """Validation of a training run (``train.Run``) after ``epoch``: after every epoch with
+    ``logging.log_level`` >= 1 (ffcv-imagenet's name for it) or a top-1 target, else after the
+    last one only; 10-crop too (if asked for) at the end. Records the best top-1 (and with
+    ``checkpoint.keep_best`` writes its weights) and the epoch that reaches the target. Returns
+    the metrics ({} when not validated)."""
+    cfg, last, progress = run.cfg, epoch == run.cfg.training.epochs - 1, run.progress
+    validate_every_epoch, target = bool(cfg.logging.log_level), cfg.training.target_top1
+    if not (validate_every_epoch or target > 0 or last):
+        return {}
+    val = validate_with_ema(cfg, run.model_without_ddp, run.options.ema, run.val_loader,
+                            run.precision, show_progress=run.dist.is_primary)
+    run.final_val = val
+    if progress.best_top1 is None or val['top_1'] > progress.best_top1:
+        progress.best_top1, progress.best_epoch = val['top_1'], epoch
+        if cfg.checkpoint.keep_best and run.run_dir:
+            run.run_dir.check_lock()
+            weights.save_final_weights(
+                models.unwrapped_state_dict(run.model_without_ddp), run.run_dir.best_weights,
+                config=run.resolved, classes=run.classes)
+    if target > 0 and val['top_1'] >= target and not progress.reached:
+        progress.reached = dict(epoch=epoch, time_to_target_s=time.perf_counter() - run.wall_start)
+    if (progress.reached or last) and cfg.validation.ten_crop:
+        val.update(ten_crop_eval(cfg, run.dist, run.model_without_ddp, run.precision))
+    return val
 
 
 def check_results_file(path) -> None:

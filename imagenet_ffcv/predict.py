@@ -187,7 +187,7 @@ def image_files(args: list) -> tuple:
                 seen.add(real)
                 files.append(file)
     if again:
-        warnings.warn(f'{len(again)} file(s) given more than once, classified once: '
+        warnings.warn(f'{len(again)} file(s) given more than once, taken once: '
                       f'{", ".join(map(shown_path, again[:5]))}{" ..." if len(again) > 5 else ""}',
                       stacklevel=2)
     return files, empty

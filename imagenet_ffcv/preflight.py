@@ -16,15 +16,14 @@ from .optional import require
 from .verify import check_there
 
 
-def check_runnable(cfg, device, processes_on_node: int = 1, warn: bool = True) -> None:
+def check_runnable(cfg, device, processes_on_node: int = 1) -> None:
     """Fail now when ``cfg`` asks for what this run cannot do: a .beton that is not there
     (MissingFileError naming its key: a path from a config file, not typed), a key the ``device``
     (``torch.device``) cannot run (``training.sync_bn`` off CUDA: ConfigError), memory the
     training loader's process cache cannot have (:func:`check_process_cache`), or an optional
     package that is missing. Those are imported now (a timm model or LAMB: timm; W&B: wandb;
     TensorBoard), ``optional.MissingPackageError`` naming the key, the package and how to install
-    it. ``processes_on_node``: the processes of the job on this machine; several on CUDA get
-    :func:`warn_of_little_shared_memory` where ``warn`` (one process of each node)."""
+    it. ``processes_on_node``: the processes of the job on this machine."""
     for key, path in (('data.train_dataset', cfg.data.train_dataset),
                       ('data.val_dataset', cfg.data.val_dataset)):
         check_there(path, key)
@@ -33,8 +32,6 @@ def check_runnable(cfg, device, processes_on_node: int = 1, warn: bool = True) -
                           f'this run is on {device.type}; set training.sync_bn=0 (one process '
                           'gains nothing from it)')
     check_process_cache(cfg, processes_on_node)
-    if warn and device.type == 'cuda' and processes_on_node > 1:
-        warn_of_little_shared_memory(processes_on_node)
     if cfg.model.arch.startswith('timm:'):
         require('timm', f'model.arch={cfg.model.arch!r}')
     if cfg.training.optimizer == 'lamb':
@@ -47,17 +44,19 @@ def check_runnable(cfg, device, processes_on_node: int = 1, warn: bool = True) -
 
 
 def warn_of_little_shared_memory(processes_on_node: int) -> None:
-    """A warning when :data:`constants.SHARED_MEMORY` has less than
-    :data:`constants.NCCL_SHARED_MEMORY` free: NCCL keeps the buffers between the processes of a
-    node there and fails to start with too little (NVIDIA's NCCL guide, "Troubleshooting: Shared
-    memory": a Docker container's 64 MiB; ``docker run --shm-size=1g --ulimit memlock=-1``).
-    Nothing where the folder cannot be read (not Linux)."""
+    """A warning when :data:`constants.SHARED_MEMORY` holds less than
+    :data:`constants.NCCL_SHARED_MEMORY` (its size, not what is free: NCCL's own segments and
+    others' take some of the recommended 1 GiB): NCCL keeps the buffers between the
+    ``processes_on_node`` processes of a node there and fails to start with too little (NVIDIA's
+    NCCL guide, "Troubleshooting: Shared memory": a Docker container's 64 MiB; ``docker run
+    --shm-size=1g --ulimit memlock=-1``). Called by one process of each node before NCCL starts
+    (``train.main``). Nothing where the folder cannot be read (not Linux)."""
     try:
-        free = shutil.disk_usage(SHARED_MEMORY).free
+        size = shutil.disk_usage(SHARED_MEMORY).total
     except OSError:
         return
-    if free < NCCL_SHARED_MEMORY:
-        warnings.warn(f'{SHARED_MEMORY} has {free / 2**20:.0f} MiB free: NCCL keeps the buffers '
+    if size < NCCL_SHARED_MEMORY:
+        warnings.warn(f'{SHARED_MEMORY} holds {size / 2**20:.0f} MiB: NCCL keeps the buffers '
                       f'between the {processes_on_node} processes of this node there and fails to '
                       f'start with too little; NVIDIA\'s NCCL guide gives a container docker run '
                       f'--shm-size=1g --ulimit memlock=-1', stacklevel=2)

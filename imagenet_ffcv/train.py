@@ -26,7 +26,7 @@ from .classes import class_list_path, read_class_names
 from .commands import one_line_errors, one_line_warnings, stops_on_ctrl_c
 from .config_warnings import header_warnings
 from .ema import make_ema
-from .evaluate import evaluate_weights, make_val_loader, ten_crop_eval, validate_with_ema
+from .evaluate import end_of_epoch_eval, evaluate_weights, make_val_loader
 from .loggers import LiveLog
 from .mixup import batch_mixer
 from .precision import Precision, resolve_precision
@@ -41,6 +41,8 @@ def main(cfg, command_line=frozenset()) -> dict:
     by a signal (SIGTERM, Ctrl-C), or finished with one in its last steps: exit_code 128 + it."""
     wall_start = time.perf_counter()
     dist = distributed.from_env()
+    if dist.device.type == 'cuda' and dist.local_world_size > 1 and dist.local_rank == 0:
+        preflight.warn_of_little_shared_memory(dist.local_world_size)  # before NCCL starts
     distributed.setup(dist, timeout_s=cfg.dist.timeout_s)
     try:
         if cfg.training.eval_only:
@@ -118,10 +120,10 @@ def train(cfg, dist, wall_start) -> dict:
 
 
 def build(cfg, dist, wall_start, launch: dict = None, resuming: bool = False) -> Run:
-    """A new run's loaders, model, optimizer, loss, schedules (``launch``: its torchrun job's),
-    once ``preflight`` has checked the machine (warning once per node); ``resuming``: the model
-    is not started from ``model.weights`` (the checkpoint's replace them)."""
-    preflight.check_runnable(cfg, dist.device, dist.local_world_size, warn=dist.local_rank == 0)
+    """A new run's loaders, model, optimizer, loss, schedules (``launch``: its torchrun job's);
+    ``resuming``: the model is not started from ``model.weights`` (the checkpoint's replace
+    them)."""
+    preflight.check_runnable(cfg, dist.device, dist.local_world_size)  # before any work
     num_classes = betons.num_classes(cfg.data.train_dataset, val_path=cfg.data.val_dataset,
                                       warn=dist.is_primary)  # each rank checks, rank 0 warns
     precision = resolve_precision(cfg.training.amp, dist.device)
@@ -295,32 +297,6 @@ def fit(run: Run):
                 if epoch < cfg.training.epochs - 1:
                     return False, stop
     return True, stop
-
-
-def end_of_epoch_eval(run: Run, epoch: int) -> dict:
-    """Validation after ``epoch``: after every epoch with ``logging.log_level`` >= 1
-    (ffcv-imagenet's name for it) or a top-1 target, else after the last one only; 10-crop too (if
-    asked for) at the end. Records the best top-1 (and with ``checkpoint.keep_best`` writes its
-    weights) and the epoch that reaches the target. Returns the metrics ({} when not validated)."""
-    cfg, last, progress = run.cfg, epoch == run.cfg.training.epochs - 1, run.progress
-    validate_every_epoch, target = bool(cfg.logging.log_level), cfg.training.target_top1
-    if not (validate_every_epoch or target > 0 or last):
-        return {}
-    val = validate_with_ema(cfg, run.model_without_ddp, run.options.ema, run.val_loader,
-                            run.precision, show_progress=run.dist.is_primary)
-    run.final_val = val
-    if progress.best_top1 is None or val['top_1'] > progress.best_top1:
-        progress.best_top1, progress.best_epoch = val['top_1'], epoch
-        if cfg.checkpoint.keep_best and run.run_dir:
-            run.run_dir.check_lock()
-            weights.save_final_weights(
-                models.unwrapped_state_dict(run.model_without_ddp), run.run_dir.best_weights,
-                config=run.resolved, classes=run.classes)
-    if target > 0 and val['top_1'] >= target and not progress.reached:
-        progress.reached = dict(epoch=epoch, time_to_target_s=time.perf_counter() - run.wall_start)
-    if (progress.reached or last) and cfg.validation.ten_crop:
-        val.update(ten_crop_eval(cfg, run.dist, run.model_without_ddp, run.precision))
-    return val
 
 
 def log_epoch(run: Run, epoch: int, res: int, stats: dict, val: dict) -> None:

@@ -162,7 +162,6 @@ def _check_workers(processes, done: int, total: int) -> None:
                         'again with fewer --num-workers)')
             elif -code == signal.SIGBUS:  # the records' table (check_shared_memory) or the file
                 how += f' (a mapped file ran out of room: is {SHARED_MEMORY} full?)'
-
         else:
             how = f'ended with exit code {code} (its error is printed above)'
         raise WriterProcessError(f'a writer process (pid {p.pid}) {how} after {done} of {total} '
@@ -304,7 +303,7 @@ def _write_once(samples, tmp, fields, num_workers, chunksize, failures_path, max
                 encoding):
     failures_path.unlink(missing_ok=True)
     writer = _Writer(str(tmp), fields, num_workers=max(1, min(num_workers, len(indices))))
-    check_shared_memory(len(indices) * writer.metadata_type.itemsize)
+    check_shared_memory(len(indices) * writer.metadata_type.itemsize + 2 ** 20)  # + a margin
     dataset = ImageFiles(samples, max_res=max_res, failures_path=failures_path,
                          encoding=encoding, page_size=writer.page_size)
     writer.from_indexed_dataset(dataset, indices=np.asarray(indices), chunksize=chunksize)
@@ -332,7 +331,7 @@ def write_beton(samples: list, out, *, max_res: int, write_mode: str = 'jpg',
     Temporaries that killed runs left of the same file are removed by the next run. An OSError
     without a file name (a full disk) is raised again naming ``out``.
     Before writing, the free space of that folder is checked against an estimate
-    (InsufficientSpaceError; ``check_space=False`` skips it).
+    (InsufficientSpaceError; ``check_space=False`` skips it; /dev/shm: :func:`check_shared_memory`).
 
     Files that cannot be decoded: with ``skip_unreadable=False`` raise UnreadableImagesError,
     writing nothing; with ``skip_unreadable=True`` they are left out (the other images keep their

@@ -478,7 +478,7 @@ def test_not_enough_disk_space(tmp_path, monkeypatch, capsys):
                       '--overwrite', '--num-workers', '1']) == 1
     err = capsys.readouterr().err
     assert (f': {writer.SHARED_MEMORY}: 0.0 MiB free, but the writer processes keep the table of '
-            f'the .beton\'s records there, 0.0 MiB: give it more room (docker run '
+            f'the .beton\'s records there, 1.0 MiB: give it more room (docker run '
             f'--shm-size=1g;') in err
     assert sorted(p.name for p in out.parent.iterdir()) == ['train.beton']
     monkeypatch.undo()
@@ -1584,6 +1584,10 @@ def test_folders_labelled_by_a_class_list_are_named_by_wnid_or_ilsvrc_index(tmp_
         assert [w for w, _ in classes_module.class_list_of(str(given))] == [w for w, _ in listed]
     with pytest.raises(errors.MissingFileError, match='--classes nowhere.tsv: no such file'):
         classes_module.class_list_of('nowhere.tsv')
+    with pytest.raises(errors.MissingFileError) as e:
+        classes_module.class_list_of(str(tmp_path / 'train.beton'))
+    assert str(e.value) == (f'--classes {tmp_path / "train.beton"}: no class list there '
+                            f'({tmp_path / "train.classes.tsv"})')
 
 
 def test_out_ending_in_a_slash_is_a_folder_and_a_full_disk_names_the_file(tmp_path, monkeypatch,

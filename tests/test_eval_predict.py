@@ -499,7 +499,7 @@ def test_predict_classifies_the_images_of_a_folder_into_a_csv_file(short_run, tm
                             weights, '--top', '2', '--csv', str(out)]) == 1
     assert [str(w.message).split(': ')[1].split(';')[0] for w in warned] == [
         str(photos / 'notes.txt'), str(photos / 'same.jpg'), str(photos / 'a.JPEG')]
-    assert str(warned[2].message).startswith('1 file(s) given more than once, classified once')
+    assert str(warned[2].message).startswith('1 file(s) given more than once, taken once')
     assert str(warned[0].message).startswith('1 file whose extension is not one of')
     printed = capsys.readouterr()
     assert printed.out == f'=> 3 image(s) classified, 1 not (their error column says why): {out}\n'

@@ -191,28 +191,45 @@ def test_several_cuda_processes_of_a_node_are_warned_of_a_small_dev_shm(sample_b
                                                                          monkeypatch):
     """NCCL keeps the buffers between a node's processes in /dev/shm and fails to start with too
     little (NVIDIA's NCCL guide: a Docker container's 64 MiB; --shm-size=1g): a warning before
-    the run, for several processes on CUDA only, from one process of each node (the check needs
-    no GPU)."""
+    NCCL starts (here the set-up fails as NCCL would), for several processes on CUDA only, from
+    one process of each node; not with the 1 GiB advised, part of it in use (the check needs no
+    GPU)."""
     import shutil
     import warnings
     import torch
-    from imagenet_ffcv import preflight
+    from imagenet_ffcv import distributed
+    usage = shutil.disk_usage
     monkeypatch.setattr(shutil, 'disk_usage', lambda p: SimpleNamespace(
-        total=64 * 2 ** 20, used=0, free=64 * 2 ** 20 if str(p) == '/dev/shm' else 2 ** 40))
+        total=64 * 2 ** 20, used=0, free=64 * 2 ** 20) if str(p) == '/dev/shm' else usage(p))
+
+    class NcclFailed(Exception):
+        pass
+
+    def fail(*args, **kwargs):
+        raise NcclFailed
+    monkeypatch.setattr(distributed, 'setup', fail)
     cfg = small_config(sample_betons, tmp_path)
-    with pytest.warns(UserWarning) as warned:
-        preflight.check_runnable(cfg, torch.device('cuda'), processes_on_node=8)
-    assert [str(w.message) for w in warned] == [
-        '/dev/shm has 64 MiB free: NCCL keeps the buffers between the 8 processes of this node '
-        "there and fails to start with too little; NVIDIA's NCCL guide gives a container docker "
-        'run --shm-size=1g --ulimit memlock=-1']
-    with warnings.catch_warnings():
-        warnings.simplefilter('error')
-        preflight.check_runnable(cfg, torch.device('cuda'), processes_on_node=1)
-        preflight.check_runnable(cfg, torch.device('cuda'), processes_on_node=8, warn=False)
-        preflight.check_runnable(cfg, torch.device('cpu'), processes_on_node=8)  # gloo
-        monkeypatch.setattr(shutil, 'disk_usage', lambda p: SimpleNamespace(free=2 ** 30))
-        preflight.check_runnable(cfg, torch.device('cuda'), processes_on_node=8)
+    for device, local_rank, processes, warned in [('cuda', 0, 8, True), ('cuda', 1, 8, False),
+                                                  ('cuda', 0, 1, False), ('cpu', 0, 8, False)]:
+        monkeypatch.setattr(distributed, 'from_env', lambda: distributed.DistInfo(
+            rank=local_rank, world_size=processes, local_rank=local_rank,
+            device=torch.device(device), local_world_size=processes))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter('always')
+            with pytest.raises(NcclFailed):
+                train.main(cfg)
+        assert [str(w.message) for w in caught] == (
+            ['/dev/shm holds 64 MiB: NCCL keeps the buffers between the 8 processes of this node '
+             "there and fails to start with too little; NVIDIA's NCCL guide gives a container "
+             'docker run --shm-size=1g --ulimit memlock=-1'] if warned else []), device
+    monkeypatch.setattr(shutil, 'disk_usage', lambda p: SimpleNamespace(
+        total=2 ** 30, used=2 ** 20, free=2 ** 30 - 2 ** 20))
+    with warnings.catch_warnings(record=True) as caught, pytest.raises(NcclFailed):
+        warnings.simplefilter('always')
+        monkeypatch.setattr(distributed, 'from_env', lambda: distributed.DistInfo(
+            rank=0, world_size=8, local_rank=0, device=torch.device('cuda'), local_world_size=8))
+        train.main(cfg)
+    assert caught == []
 
 
 def test_the_memory_available_counts_a_cgroup_limit(tmp_path, monkeypatch):
