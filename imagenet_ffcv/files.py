@@ -22,7 +22,8 @@ from .errors import InputError
 TEMPORARY_KINDS = ('partial', 'failures')  # .NAME.partial-HOST-PID, .NAME.failures-HOST-PID
 # A temporary of another machine (a node sharing the folder, a container with a host name of its
 # own), whose process cannot be looked up from here, is taken for a live writer's until it has not
-# been written for this long (seconds); the writers write theirs every few seconds.
+# been written for this long (seconds); a writer's grows by each 8 MiB page its processes fill
+# (docs/converting.md: at least every 0.3 s on photos with one process).
 OTHER_MACHINE_STALE_S = 600
 
 

@@ -9,8 +9,8 @@ default it is detected.
 
 Each image is resized so its shorter side is at most --max-res pixels (aspect ratio kept, never
 upscaled), the role of the classic `convert -resize "256^>"` step. Class i is the i-th wnid folder of
-the sorted *train* split, for both splits; the class list is written beside the .beton
-(train_256.beton -> train_256.classes.tsv). A data set without val/ can hold out a share of each
+the sorted *train* split, for both splits (unless --classes, below); the class list is written
+beside the .beton (train_256.beton -> train_256.classes.tsv). A data set without val/ can hold out a share of each
 class of train/ as its val split (--holdout 0.1, given for both splits; NAME.holdout.json beside
 each .beton records its --split and --holdout, and the trainer refuses a pair that differ).
 --classes FILE labels the class folders by a model's class list instead (a test set of its
@@ -54,9 +54,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=command_name('write'),
                                 description=__doc__.split('\n\n')[0].replace('``', ''))
     p.add_argument('--data-dir', default=os.environ.get('IMAGENET_DIR'),
-                   help='folder holding train/ and val/ (default: $IMAGENET_DIR)')
+                   help='folder holding train/ and val/, or, with --classes, the class folders '
+                        'of a test set (default: $IMAGENET_DIR)')
     p.add_argument('--split', choices=['train', 'val'],
-                   help='which split to convert (the class list always comes from train)')
+                   help='which split to convert (the class list comes from train, or from '
+                        '--classes)')
     p.add_argument('--layout', choices=('auto',) + LAYOUTS, default='auto',
                    help='input layout: folders (train/<wnid>/, val/<wnid>/), kaggle '
                         '(ILSVRC/Data/CLS-LOC/ + LOC_val_solution.csv), tars '
