@@ -179,12 +179,13 @@ def test_a_signal_during_validation_ends_the_run_after_the_epochs_checkpoint(
     143. It went on into epoch 1 until that epoch's first check (here its last step), then
     validated and finished it: a pre-empted job ran on for 10 more steps, a second checkpoint
     and, at a check window's end, a whole validation, past its grace time."""
-    validate = train.validate_with_ema
+    from imagenet_ffcv import evaluate
+    validate = evaluate.validate_with_ema
 
     def signalled(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)
         return validate(*args, **kwargs)
-    monkeypatch.setattr(train, 'validate_with_ema', signalled)
+    monkeypatch.setattr(evaluate, 'validate_with_ema', signalled)  # end_of_epoch_eval's
     summary = train.main(small_config(sample_betons, tmp_path, '--training.epochs=2',
                                       '--logging.log_level=1'))
     assert summary['stopped'] and summary['exit_code'] == 143
