@@ -19,7 +19,9 @@ from pathlib import Path
 
 from .errors import InputError
 
-TEMPORARY_KINDS = ('partial', 'failures')  # .NAME.partial-HOST-PID, .NAME.failures-HOST-PID
+# .NAME.partial-HOST-PID (atomic writes), .NAME.failures-HOST-PID (the writer's skipped images),
+# .NAME.claim-HOST-PID (a job's claim of a run folder's lock: run_lock)
+TEMPORARY_KINDS = ('partial', 'failures', 'claim')
 # A temporary of another machine (a node sharing the folder, a container with a host name of its
 # own), whose process cannot be looked up from here, is taken for a live writer's until it has not
 # been written for this long (seconds); a writer's grows by each 8 MiB page its processes fill
@@ -159,8 +161,9 @@ def pid_namespace():
 
 
 def remove_stale_temporaries(folder, name: str = '*',
-                             others_stale_s: float = OTHER_MACHINE_STALE_S) -> list:
-    """Delete the temporaries ``.NAME.partial-HOST-PID`` and ``.NAME.failures-HOST-PID`` in
+                             others_stale_s: float = OTHER_MACHINE_STALE_S,
+                             kinds: tuple = TEMPORARY_KINDS) -> list:
+    """Delete the temporaries ``.NAME.<kind>-HOST-PID`` (``kinds`` of :data:`TEMPORARY_KINDS`) in
     ``folder`` (of the file ``name``, or of any file for ``'*'``) that no process writes: this
     machine's whose process no longer runs, another machine's (a folder shared by nodes) not
     written for ``others_stale_s`` seconds by the folder's clock (:func:`unwritten_for`; None:
@@ -169,7 +172,7 @@ def remove_stale_temporaries(folder, name: str = '*',
     one's PID: no clock tells them apart in every container) are kept. Returns the removed
     paths."""
     removed = []
-    for tmp, pid, host in _others_temporaries(folder, name):
+    for tmp, pid, host in _others_temporaries(folder, name, kinds):
         if host is None:  # this machine's
             stale = not pid_alive(pid)
         else:
@@ -237,15 +240,15 @@ def _started_after(pid: int, path) -> bool:
     return time.time() - since_boot + start / os.sysconf('SC_CLK_TCK') > modified + 60
 
 
-def _others_temporaries(folder, name: str):
-    """Yield ``(path, pid, host)`` for each temporary in ``folder`` of the file ``name`` (``'*'``:
-    any) that names another process than this one: ``host`` None for this machine's (and for
+def _others_temporaries(folder, name: str, kinds: tuple = TEMPORARY_KINDS):
+    """Yield ``(path, pid, host)`` for each temporary (of ``kinds``) in ``folder`` of the file
+    ``name`` (``'*'``: any) that names another process than this one: ``host`` None for this machine's (and for
     the ``.NAME.partial-PID`` of earlier versions of this tool), else the other machine's name."""
     folder, here = Path(folder), host_name()
     if not folder.is_dir():
         return
     pattern = '*' if name == '*' else glob.escape(name)  # a name may hold [ ] * ?
-    for kind in TEMPORARY_KINDS:
+    for kind in kinds:
         for tmp in folder.glob(f'.{pattern}.{kind}-*'):
             host, _, pid = tmp.name.rpartition(f'.{kind}-')[2].rpartition('-')
             host = None if host in ('', here) else host

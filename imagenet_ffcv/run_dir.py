@@ -103,8 +103,9 @@ class RunDir:
         if run.is_finished:
             run.keep_finished_aside()
         run.keep_log_until(epoch)
-        # the lock is held: no other job writes here, whichever node its rank 0 ran on
-        remove_stale_temporaries(run.path, others_stale_s=None)
+        remove_stale_temporaries(run.path)  # (another node's job may wait for the lock: its claim)
+        # the lock is held: no other job writes the run's files, whichever node its rank 0 ran on
+        remove_stale_temporaries(run.path, others_stale_s=None, kinds=('partial',))
         if params is not None:
             params = {**params, 'logging': {**params.get('logging', {}),
                                             'run_name': run.run_name}}

@@ -61,7 +61,8 @@ def acquire(lock_file, run_path) -> 'Heartbeat':
     (:func:`check_held`)."""
     lock_file, me = Path(lock_file), lock_identity()
     # its own name: two containers on shared storage may run as the same PID
-    tmp = temporary_path(lock_file.with_name(f'{lock_file.name}.{uuid.uuid4().hex[:12]}'))
+    tmp = temporary_path(lock_file.with_name(f'{lock_file.name}.{uuid.uuid4().hex[:12]}'),
+                         'claim')
     try:
         while True:
             with open(tmp, 'w') as f:  # each try: another job's clean-up may have removed it

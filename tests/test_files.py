@@ -148,7 +148,9 @@ def test_stale_temporaries_of_dead_processes_go_and_those_of_live_ones_stay(tmp_
 def test_reopening_a_run_cuts_the_log_and_keeps_a_live_writers_temporary(tmp_path):
     """A resumed run deletes its killed start's temporaries, of this machine (its PID gone) and
     of another node (rank 0 moved there, SLURM's requeue): the run's lock is held, so none is a
-    writer's (kept, a checkpoint-sized file stayed for ever)."""
+    writer's (kept, a checkpoint-sized file stayed for ever). The claim of a job waiting for the
+    lock on another node stays (deleted between its writing and linking, that job failed with
+    ENOENT), a killed job's claim of this machine goes."""
     run = RunDir.create(tmp_path, params={'training': {'epochs': 3}})
     assert json.loads(run.params.read_text())['training']['epochs'] == 3
     for epoch in range(3):
@@ -156,12 +158,15 @@ def test_reopening_a_run_cuts_the_log_and_keeps_a_live_writers_temporary(tmp_pat
     live = run.path / f'.checkpoint.pt.partial-{os.getppid()}'
     dead = run.path / f'.checkpoint.pt.partial-{dead_pid()}'
     elsewhere = run.path / f'.checkpoint.pt.partial-other-node-{os.getppid()}'
-    for tmp in (live, dead, elsewhere):
+    waiting = run.path / f'.lock.0123456789ab.claim-other-node-{os.getppid()}'
+    killed = run.path / f'.lock.ba9876543210.claim-{files.host_name()}-{dead_pid()}'
+    for tmp in (live, dead, elsewhere, waiting, killed):
         tmp.write_text('')
     run.checkpoint.write_text('')
     again = RunDir.reopen(run.checkpoint, epoch=2)
     assert [r['epoch'] for r in again.read_log()] == [0, 1]
     assert live.exists() and not dead.exists() and not elsewhere.exists()
+    assert waiting.exists() and not killed.exists()
     assert latest_checkpoint(tmp_path) == run.checkpoint
     run.final_weights.write_text('')
     assert run.is_finished and latest_checkpoint(tmp_path) == run.checkpoint  # finished or not
