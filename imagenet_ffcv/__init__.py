@@ -23,7 +23,8 @@ Training: ``config`` and ``config_schema`` (the configuration and its keys), ``c
 (what a run needs of this machine, checked before it starts), ``models``,
 ``optimizers``, ``schedules``, ``engine`` (training step and epoch, evaluation), ``precision``
 (mixed precision), ``ema``, ``augment`` (RandAugment, TrivialAugmentWide, Random Erasing),
-``mixup``, ``evaluate`` (validation and eval-only), ``metrics``, ``distributed`` (torchrun),
+``mixup``, ``evaluate`` (validation and eval-only), ``metrics``, ``distributed`` (torchrun;
+``cores``: the cores a process may use),
 ``checkpoint`` (the checkpoint format, resume), ``torch_files`` (torch.save files read without
 running code), ``weights`` (final weights, models rebuilt from them), ``weights_metadata`` (the
 config and class list saved in them),

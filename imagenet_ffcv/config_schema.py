@@ -189,7 +189,8 @@ def _data_and_model_sections(section) -> None:
             val_dataset=Param(str, 'validation .beton file (required)', default=''),
             num_workers=Param(Or(Int(), OneOf(['auto'])),
                               "loader threads per process; 'auto': the cores this process may "
-                              'use, divided by the processes of this node that may use them too '
+                              "use (its affinity, SLURM's --cpus-per-task, a container's CPU "
+                              'quota), divided by the processes of this node that may use them too '
                               '(all of them unless each is bound to cores of its own), less one '
                               'for the training loop itself (at least 1)', default='auto'),
             in_memory=Param(Switch(), "ffcv's os_cache (ffcv-imagenet's name): 1: memory-map "

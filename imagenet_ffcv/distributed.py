@@ -17,6 +17,7 @@ import numba
 import torch
 import torch.distributed as dist
 
+from .cores import affinity, usable_cores
 from .errors import ImagenetFfcvError
 from .files import boot_id, process_start
 from .run_lock import rdzv_id
@@ -121,8 +122,8 @@ def loader_threads(num_workers, info: DistInfo) -> int:
     """The loader threads of this process for ``data.num_workers``: an int as it is, but at most
     the threads numba may start on this machine (``NUMBA_NUM_THREADS``, its CPU count; ffcv
     fails beyond it, so a config written for a bigger machine still runs); 'auto': the cores this
-    process may use (``os.sched_getaffinity``, which follows taskset, cgroups' cpusets and SLURM's
-    binding) divided by the processes that share them (:func:`core_sharers`), less one for the
+    process may use (``cores.usable_cores``: its affinity, SLURM's --cpus-per-task, a cgroup CPU
+    quota) divided by the processes that share them (:func:`core_sharers`), less one for the
     training loop itself, and at least 1. Call it on every rank: 'auto' takes a collective."""
     if num_workers != 'auto':
         return max(1, min(int(num_workers), numba.config.NUMBA_NUM_THREADS))
@@ -139,26 +140,11 @@ def core_sharers(info: DistInfo) -> int:
     if not (info.distributed and dist.is_initialized()):
         return info.local_world_size
     # the machine: its boot id (shared by its containers, which share its cores), else host name
-    mine = (boot_id() or socket.gethostname(), sorted(_cores()))
+    mine = (boot_id() or socket.gethostname(), sorted(affinity()))
     everyone = [None] * info.world_size
     dist.all_gather_object(everyone, mine)
     return sum(machine == mine[0] and not set(cores).isdisjoint(mine[1])
                for machine, cores in everyone)
-
-
-def _cores() -> set:
-    return os.sched_getaffinity(0) if hasattr(os, 'sched_getaffinity') else set(
-        range(os.cpu_count() or 1))
-
-
-def usable_cores() -> int:
-    """The cores this process may use (``os.sched_getaffinity``: taskset, cgroups' cpusets,
-    SLURM's binding; not a CPU quota such as docker's --cpus), not all of the machine's; in a
-    SLURM job step at most its SLURM_CPUS_PER_TASK (``--cpus-per-task``: a cluster that binds no
-    task to its cores leaves every core of the node in the affinity)."""
-    cores = len(_cores())
-    asked = os.environ.get('SLURM_CPUS_PER_TASK', '')
-    return min(cores, int(asked)) if asked.isdigit() and int(asked) > 0 else cores
 
 
 def setup(info: DistInfo, timeout_s: float = 300) -> None:

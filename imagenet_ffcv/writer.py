@@ -21,7 +21,7 @@ from ffcv.memory_allocator import MemoryAllocator
 from ffcv.writer import DatasetWriter
 
 from .constants import SHARED_MEMORY
-from .distributed import usable_cores
+from .cores import usable_cores
 from .errors import ImagenetFfcvError, InputError
 from .files import (atomic_path, live_temporaries, remove_stale_temporaries, shown_path,
                     temporary_path, unwritten_for, write_text_atomic)
@@ -321,7 +321,7 @@ def write_beton(samples: list, out, *, max_res: int, write_mode: str = 'jpg',
     storing a JPEG with probability ``compress_probability`` and raw pixels otherwise) and
     ``label`` (``IntField``). JPEGs are encoded by ``images.encode_jpeg`` at ``jpeg_quality``
     with a restart marker at most every ``restart_interval`` MCUs (0: none). ``num_workers``
-    processes (0: the cores it may use, ``distributed.usable_cores``) decode and encode.
+    processes (0: the cores it may use, ``cores.usable_cores``) decode and encode.
 
     The file is written under a temporary name (``.NAME.partial-HOST-PID``, a dot file) in the
     folder of ``out`` and renamed into place only when complete: a crash or kill leaves no file at

@@ -715,8 +715,9 @@ def test_num_workers_auto_shares_this_process_cores_among_the_node_processes(mon
     written for a 12-core machine runs on 2 cores)."""
     import numba
     import torch
-    from imagenet_ffcv import distributed
+    from imagenet_ffcv import cores, distributed
     monkeypatch.setattr(os, 'sched_getaffinity', lambda pid: set(range(16)))
+    monkeypatch.setattr(cores, 'cpu_quota', lambda: None)  # (a CI container's would count)
     monkeypatch.setattr(numba.config, 'NUMBA_NUM_THREADS', 16)
 
     def node(processes):
@@ -737,8 +738,9 @@ def test_num_workers_auto_shares_this_process_cores_among_the_node_processes(mon
 # the 16 cores that os.sched_getaffinity is made to return.
 TWO_RANKS_ON_16_CORES = """
 import os, numba, torch.distributed
-from imagenet_ffcv import distributed
+from imagenet_ffcv import cores, distributed
 numba.config.NUMBA_NUM_THREADS = 16
+cores.cpu_quota = lambda: None  # (a CI container's would count)
 info = distributed.from_env()
 distributed.setup(info, timeout_s=60)
 r = info.rank
@@ -756,14 +758,52 @@ def test_the_usable_cores_are_at_most_the_slurm_tasks_cpus(monkeypatch):
     """On a SLURM cluster that binds no task to its cores, the affinity holds the whole node:
     SLURM_CPUS_PER_TASK (--cpus-per-task) caps the count (the loader threads of 'auto', the
     converter's processes)."""
-    from imagenet_ffcv import distributed
-    monkeypatch.setattr(distributed, '_cores', lambda: set(range(64)))
+    from imagenet_ffcv import cores
+    monkeypatch.setattr(cores, 'affinity', lambda: set(range(64)))
+    monkeypatch.setattr(cores, 'cpu_quota', lambda: None)
     monkeypatch.delenv('SLURM_CPUS_PER_TASK', raising=False)
-    assert distributed.usable_cores() == 64
+    assert cores.usable_cores() == 64
     monkeypatch.setenv('SLURM_CPUS_PER_TASK', '16')
-    assert distributed.usable_cores() == 16
+    assert cores.usable_cores() == 16
     monkeypatch.setenv('SLURM_CPUS_PER_TASK', '128')  # never more than the affinity
-    assert distributed.usable_cores() == 64
+    assert cores.usable_cores() == 64
+
+
+@pytest.mark.parametrize('version', ['v2', 'v1'])
+def test_the_usable_cores_are_at_most_a_cgroups_cpu_quota(tmp_path, monkeypatch, version):
+    """A container's --cpus or a Kubernetes CPU limit is a cgroup CPU quota, which the affinity
+    does not show: a pod limited to 6.5 CPUs of a 64-core node took 64 cores for its loader
+    threads and writer processes, all throttled to 6.5 cores' time. The least quota of the
+    process's cgroup and those above it counts, in whole CPUs; none: the affinity."""
+    from imagenet_ffcv import cores
+    root = tmp_path / 'cgroup'
+    if version == 'v2':
+        (root / 'kubepods' / 'pod1').mkdir(parents=True)
+        (root / 'kubepods' / 'cpu.max').write_text('1600000 100000\n')  # 16 CPUs
+        (root / 'kubepods' / 'pod1' / 'cpu.max').write_text('650000 100000\n')
+        (tmp_path / 'self').write_text('0::/kubepods/pod1\n')
+        none = 'max 100000\n'
+    else:
+        (root / 'cpu,cpuacct' / 'docker' / 'abc').mkdir(parents=True)
+        for folder, quota in [(root / 'cpu,cpuacct' / 'docker', '-1'),
+                              (root / 'cpu,cpuacct' / 'docker' / 'abc', '650000')]:
+            (folder / 'cpu.cfs_quota_us').write_text(quota + '\n')
+            (folder / 'cpu.cfs_period_us').write_text('100000\n')
+        (tmp_path / 'self').write_text('4:memory:/docker/abc\n3:cpu,cpuacct:/docker/abc\n')
+        none = None
+    assert cores.cpu_quota(tmp_path / 'self', root) == 6.5
+    monkeypatch.setattr(cores, 'affinity', lambda: set(range(64)))
+    monkeypatch.setattr(cores, 'cpu_quota', lambda: 6.5)
+    assert cores.usable_cores() == 6
+    monkeypatch.setattr(cores, 'cpu_quota', lambda: 0.5)
+    assert cores.usable_cores() == 1
+    monkeypatch.undo()
+    if none:
+        (root / 'kubepods' / 'pod1' / 'cpu.max').write_text(none)
+        (root / 'kubepods' / 'cpu.max').write_text(none)
+    else:
+        (root / 'cpu,cpuacct' / 'docker' / 'abc' / 'cpu.cfs_quota_us').write_text('-1\n')
+    assert cores.cpu_quota(tmp_path / 'self', root) is None
 
 
 def test_num_workers_auto_divides_only_the_cores_a_process_shares():
