@@ -24,7 +24,7 @@ Training: ``config`` and ``config_schema`` (the configuration and its keys), ``c
 ``optimizers``, ``schedules``, ``engine`` (training step and epoch, evaluation), ``precision``
 (mixed precision), ``ema``, ``augment`` (RandAugment, TrivialAugmentWide, Random Erasing),
 ``mixup``, ``evaluate`` (validation and eval-only), ``metrics``, ``distributed`` (torchrun;
-``cores``: the cores a process may use),
+``cores``: the cores a process may use; ``cgroups``: the folders of its limits),
 ``checkpoint`` (the checkpoint format, resume), ``torch_files`` (torch.save files read without
 running code), ``weights`` (final weights, models rebuilt from them), ``weights_metadata`` (the
 config and class list saved in them),

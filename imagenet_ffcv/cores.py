@@ -6,6 +6,8 @@ import math
 import os
 from pathlib import Path
 
+from . import cgroups
+
 
 def affinity() -> set:
     """The cores this process may run on (``os.sched_getaffinity``; all of them where there is
@@ -32,24 +34,10 @@ def cpu_quota(proc_cgroup='/proc/self/cgroup', root='/sys/fs/cgroup'):
     run --cpus=4``), the least over its cgroup and each one above it; None without a quota.
     cgroup v2's ``cpu.max`` (``max 100000``: none; ``400000 100000``) or v1's
     ``cpu.cfs_quota_us`` (-1: none) over ``cpu.cfs_period_us``. ``proc_cgroup``, ``root``: where
-    the kernel says which cgroups this process is in, and where they are mounted."""
-    try:
-        lines = Path(proc_cgroup).read_text().splitlines()
-    except OSError:
-        return None
-    quotas = []
-    for line in lines:
-        _, controllers, path = line.split(':', 2)
-        if controllers and 'cpu' not in controllers.split(','):
-            continue  # v2: '' (one hierarchy); v1: 'cpu,cpuacct' or the like
-        top = Path(root, controllers)
-        folder = top / path.lstrip('/')
-        while True:
-            quotas.append(_quota(folder, v2=not controllers))
-            if folder == top or top not in folder.parents:
-                break
-            folder = folder.parent
-    quotas = [q for q in quotas if q]
+    the kernel says which cgroups this process is in, and where they are mounted
+    (``cgroups.folders``)."""
+    quotas = [q for folder, v2 in cgroups.folders('cpu', proc_cgroup, root)
+              if (q := _quota(folder, v2))]
     return min(quotas) if quotas else None
 
 

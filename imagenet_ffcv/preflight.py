@@ -4,12 +4,11 @@ work is done or any run folder is made (rules between keys: ``config``)."""
 import os
 import shutil
 import warnings
-from pathlib import Path
 
 import psutil
 import torch
 
-from . import config, models, schedules
+from . import cgroups, config, models, schedules
 from .config import ConfigError
 from .constants import NCCL_SHARED_MEMORY, SHARED_MEMORY
 from .optional import require
@@ -137,28 +136,15 @@ def memory_available(proc_cgroup='/proc/self/cgroup', root='/sys/fs/cgroup') -> 
     each one above it. ``proc_cgroup``, ``root``: where the kernel says which cgroups this
     process is in, and where they are mounted."""
     available = psutil.virtual_memory().available
-    try:
-        lines = Path(proc_cgroup).read_text().splitlines()
-    except OSError:
-        return available
-    for line in lines:
-        _, controllers, path = line.split(':', 2)
-        if controllers not in CGROUP_MEMORY_FILES:
-            continue
-        limit_file, usage_file, cache_keys = CGROUP_MEMORY_FILES[controllers]
-        top = Path(root, controllers)  # v2's controllers are '': the root itself
-        folder = top / path.lstrip('/')
-        while True:
-            try:
-                limit = int((folder / limit_file).read_text())
-                used = int((folder / usage_file).read_text())
-                stat = dict(entry.split() for entry in (folder / 'memory.stat').read_text()
-                            .splitlines() if entry.count(' ') == 1)
-                cache = sum(int(stat.get(key, 0)) for key in cache_keys)
-                available = min(available, limit - used + cache)
-            except (OSError, ValueError):  # no such file, or 'max': no limit here
-                pass
-            if folder == top or top not in folder.parents:
-                break
-            folder = folder.parent
+    for folder, v2 in cgroups.folders('memory', proc_cgroup, root):
+        limit_file, usage_file, cache_keys = CGROUP_MEMORY_FILES['' if v2 else 'memory']
+        try:
+            limit = int((folder / limit_file).read_text())
+            used = int((folder / usage_file).read_text())
+            stat = dict(entry.split() for entry in (folder / 'memory.stat').read_text()
+                        .splitlines() if entry.count(' ') == 1)
+            cache = sum(int(stat.get(key, 0)) for key in cache_keys)
+            available = min(available, limit - used + cache)
+        except (OSError, ValueError):  # no such file, or 'max': no limit here
+            pass
     return max(available, 0)
