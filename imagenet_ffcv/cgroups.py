@@ -16,10 +16,13 @@ def folders(controller: str, proc_cgroup='/proc/self/cgroup', root='/sys/fs/cgro
     except OSError:
         return
     for line in lines:
-        _, controllers, path = line.split(':', 2)
-        if controllers and controller not in controllers.split(','):
+        fields = line.split(':', 2)
+        if len(fields) != 3 or fields[1] and controller not in fields[1].split(','):
             continue  # v2: '' (one hierarchy); v1: 'memory', 'cpu,cpuacct', ...
+        _, controllers, path = fields
         top = Path(root, controllers)
+        if controllers and not top.is_dir():  # mounted as 'cpuacct,cpu', or only a 'cpu' link
+            top = Path(root, controller)
         folder = top / path.lstrip('/')
         while True:
             yield folder, not controllers

@@ -4,9 +4,23 @@ limit), which the affinity does not show: a pod limited to 8 CPUs on a 128-core 
 its loader threads and writer processes were throttled to 8 cores' time."""
 import math
 import os
-from pathlib import Path
+from typing import NamedTuple
 
 from . import cgroups
+
+
+class Quota(NamedTuple):
+    """A cgroup CPU quota: ``cpus`` the CPUs' time it allows (quota / period: 4.0 for ``docker
+    run --cpus=4``), ``cgroup`` the id of the cgroup that sets it (its folder's inode number: the
+    same from every container of the machine), which tells the processes that share it."""
+    cpus: float
+    cgroup: int
+
+    @property
+    def cores(self) -> int:
+        """Whole CPUs, at least one: rounded down, so that threads never outnumber the time they
+        get (a quota of 1.5 leaves half a CPU unused rather than throttle two)."""
+        return max(1, math.floor(self.cpus))
 
 
 def affinity() -> set:
@@ -16,23 +30,26 @@ def affinity() -> set:
         range(os.cpu_count() or 1))
 
 
-def usable_cores() -> int:
-    """The cores this process may use: its :func:`affinity`, at most its SLURM job step's
+def affinity_cores() -> int:
+    """The cores of this process's :func:`affinity`, at most its SLURM job step's
     SLURM_CPUS_PER_TASK (``--cpus-per-task``: a cluster that binds no task to its cores leaves
-    every core of the node in the affinity) and its cgroups' CPU quota (:func:`cpu_quota`, whole
-    CPUs, at least one)."""
+    every core of the node in the affinity)."""
     cores = len(affinity())
     asked = os.environ.get('SLURM_CPUS_PER_TASK', '')
-    if asked.isdigit() and int(asked) > 0:
-        cores = min(cores, int(asked))
+    return min(cores, int(asked)) if asked.isdigit() and int(asked) > 0 else cores
+
+
+def usable_cores() -> int:
+    """The cores this process may use alone: :func:`affinity_cores`, at most the whole CPUs of
+    its cgroups' CPU quota (:func:`cpu_quota`). (``distributed.loader_threads`` divides each
+    among the processes that share it.)"""
     quota = cpu_quota()
-    return min(cores, max(1, math.floor(quota))) if quota else cores
+    return min(affinity_cores(), quota.cores) if quota else affinity_cores()
 
 
 def cpu_quota(proc_cgroup='/proc/self/cgroup', root='/sys/fs/cgroup'):
-    """The CPUs' time this process's cgroups allow it, in CPUs (quota / period: 4.0 for ``docker
-    run --cpus=4``), the least over its cgroup and each one above it; None without a quota.
-    cgroup v2's ``cpu.max`` (``max 100000``: none; ``400000 100000``) or v1's
+    """The least :class:`Quota` of this process's cgroup and each one above it; None without a
+    quota. cgroup v2's ``cpu.max`` (``max 100000``: none; ``400000 100000``) or v1's
     ``cpu.cfs_quota_us`` (-1: none) over ``cpu.cfs_period_us``. ``proc_cgroup``, ``root``: where
     the kernel says which cgroups this process is in, and where they are mounted
     (``cgroups.folders``)."""
@@ -41,14 +58,16 @@ def cpu_quota(proc_cgroup='/proc/self/cgroup', root='/sys/fs/cgroup'):
     return min(quotas) if quotas else None
 
 
-def _quota(folder: Path, v2: bool):
-    """The quota the cgroup ``folder`` sets, in CPUs, or None (none set, or not readable)."""
+def _quota(folder, v2: bool):
+    """The :class:`Quota` the cgroup ``folder`` sets, or None (none set, or not readable)."""
     try:
         if v2:
             quota, period = (folder / 'cpu.max').read_text().split()
         else:
             quota = (folder / 'cpu.cfs_quota_us').read_text().strip()
             period = (folder / 'cpu.cfs_period_us').read_text().strip()
-        return int(quota) / int(period) if int(quota) > 0 else None
-    except (OSError, ValueError):  # no such file, or 'max': no quota here
+        if int(quota) <= 0:
+            return None
+        return Quota(int(quota) / int(period), folder.stat().st_ino)
+    except (OSError, ValueError, ZeroDivisionError):  # no such file, 'max': no quota here
         return None

@@ -17,7 +17,7 @@ import numba
 import torch
 import torch.distributed as dist
 
-from .cores import affinity, usable_cores
+from . import cores
 from .errors import ImagenetFfcvError
 from .files import boot_id, process_start
 from .run_lock import rdzv_id
@@ -121,30 +121,40 @@ def launch_identity(environ=None, agree_on: torch.device = None):
 def loader_threads(num_workers, info: DistInfo) -> int:
     """The loader threads of this process for ``data.num_workers``: an int as it is, but at most
     the threads numba may start on this machine (``NUMBA_NUM_THREADS``, its CPU count; ffcv
-    fails beyond it, so a config written for a bigger machine still runs); 'auto': the cores this
-    process may use (``cores.usable_cores``: its affinity, SLURM's --cpus-per-task, a cgroup CPU
-    quota) divided by the processes that share them (:func:`core_sharers`), less one for the
-    training loop itself, and at least 1. Call it on every rank: 'auto' takes a collective."""
+    fails beyond it, so a config written for a bigger machine still runs); 'auto': the cores of
+    this process's affinity (``cores.affinity_cores``: at most SLURM's --cpus-per-task) divided
+    by the processes that share them, and at most a cgroup CPU quota's whole CPUs
+    (``cores.cpu_quota``: a container's --cpus) divided by the processes under it
+    (:func:`core_sharers`), less one for the training loop itself, and at least 1. Call it on
+    every rank: 'auto' takes a collective."""
     if num_workers != 'auto':
         return max(1, min(int(num_workers), numba.config.NUMBA_NUM_THREADS))
-    return max(1, min(usable_cores() // core_sharers(info) - 1, numba.config.NUMBA_NUM_THREADS))
+    quota = cores.cpu_quota()
+    on_cores, under_quota = core_sharers(info, quota)
+    share = cores.affinity_cores() // on_cores
+    if quota:
+        share = min(share, quota.cores // under_quota)
+    return max(1, min(share - 1, numba.config.NUMBA_NUM_THREADS))
 
 
-def core_sharers(info: DistInfo) -> int:
-    """The processes of the job that may run on this process's cores, itself included: those of
-    this machine whose ``os.sched_getaffinity`` overlaps this one's, gathered from every rank
-    (``all_gather_object``; every rank must call it). A node's processes all share one set of
-    cores unless each is bound to cores of its own (torchrun's ``--numa-binding``, a numactl
-    wrapper): then each set is divided among fewer processes, or none. Without a process group
-    (one process, or before ``setup``): ``info.local_world_size``."""
+def core_sharers(info: DistInfo, quota=None) -> tuple:
+    """``(on_cores, under_quota)``: the processes of the job that may run on this process's
+    cores, itself included (those of this machine whose ``os.sched_getaffinity`` overlaps this
+    one's), and those under its CPU ``quota`` (``cores.Quota``: those of this machine whose
+    quota is set by the same cgroup), gathered from every rank (``all_gather_object``; every
+    rank must call it). A node's processes share one set of cores unless each is bound to cores
+    of its own (torchrun's ``--numa-binding``, a numactl wrapper), and one quota when they run in
+    one container, not when each runs in its own (a pod per GPU). Without a process group (one
+    process, or before ``setup``): ``info.local_world_size`` for both."""
     if not (info.distributed and dist.is_initialized()):
-        return info.local_world_size
+        return info.local_world_size, info.local_world_size
     # the machine: its boot id (shared by its containers, which share its cores), else host name
-    mine = (boot_id() or socket.gethostname(), sorted(affinity()))
+    mine = (boot_id() or socket.gethostname(), sorted(cores.affinity()), quota and quota.cgroup)
     everyone = [None] * info.world_size
     dist.all_gather_object(everyone, mine)
-    return sum(machine == mine[0] and not set(cores).isdisjoint(mine[1])
-               for machine, cores in everyone)
+    here = [(on, cgroup) for machine, on, cgroup in everyone if machine == mine[0]]
+    return (sum(not set(on).isdisjoint(mine[1]) for on, _ in here),
+            sum(cgroup == mine[2] for _, cgroup in here))
 
 
 def setup(info: DistInfo, timeout_s: float = 300) -> None:

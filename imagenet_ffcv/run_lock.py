@@ -71,11 +71,14 @@ def acquire(lock_file, run_path) -> 'Heartbeat':
                 os.fsync(f.fileno())
             try:
                 os.link(tmp, lock_file)
+            except FileNotFoundError:  # the claim deleted by another job's clean-up: made again
+                continue
+            except FileExistsError:
+                holder = read_lock(lock_file)
+            else:
                 heartbeat = Heartbeat(lock_file, me)
                 heartbeat.start()
                 return heartbeat
-            except FileExistsError:
-                holder = read_lock(lock_file)
             if holder is not None and holder != me:  # another job's (None: gone; own: made again)
                 ended = lock_ended(holder, me) or (
                     None if known_alive(holder, me) else heartbeat_stopped(

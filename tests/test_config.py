@@ -744,10 +744,19 @@ cores.cpu_quota = lambda: None  # (a CI container's would count)
 info = distributed.from_env()
 distributed.setup(info, timeout_s=60)
 r = info.rank
-for binding, cores in [('shared', range(16)), ('each its own 8', range(8 * r, 8 * r + 8)),
-                       ('overlapping', range(0, 12) if r == 0 else range(8, 16))]:
-    os.sched_getaffinity = lambda pid: set(cores)
+for binding, on in [('shared', range(16)), ('each its own 8', range(8 * r, 8 * r + 8)),
+                    ('overlapping', range(0, 12) if r == 0 else range(8, 16))]:
+    os.sched_getaffinity = lambda pid: set(on)
     print(binding, distributed.loader_threads('auto', info), flush=True)
+# a CPU quota of 6 CPUs: one container for both ranks, or one each (a pod per GPU); with each
+# rank bound to 8 cores of its own in one container of 6 CPUs
+os.sched_getaffinity = lambda pid: set(range(16))
+for where, cgroup in [('one container', 7), ('a container each', 7 + r)]:
+    cores.cpu_quota = lambda: cores.Quota(6.0, cgroup)
+    print(where, distributed.loader_threads('auto', info), flush=True)
+os.sched_getaffinity = lambda pid: set(range(8 * r, 8 * r + 8))
+cores.cpu_quota = lambda: cores.Quota(6.0, 7)
+print('bound, one container', distributed.loader_threads('auto', info), flush=True)
 torch.distributed.barrier()  # rank 0 hosts the store: neither leaves before the other is done
 distributed.cleanup()  # a process group left to the interpreter's exit may abort it
 """
@@ -791,11 +800,19 @@ def test_the_usable_cores_are_at_most_a_cgroups_cpu_quota(tmp_path, monkeypatch,
             (folder / 'cpu.cfs_period_us').write_text('100000\n')
         (tmp_path / 'self').write_text('4:memory:/docker/abc\n3:cpu,cpuacct:/docker/abc\n')
         none = None
-    assert cores.cpu_quota(tmp_path / 'self', root) == 6.5
+    quota = cores.cpu_quota(tmp_path / 'self', root)
+    assert quota.cpus == 6.5 and quota.cores == 6
+    assert quota.cgroup == (root / ('kubepods/pod1' if version == 'v2' else
+                                    'cpu,cpuacct/docker/abc')).stat().st_ino  # who shares it
+    if version == 'v1':  # mounted under another name than /proc's ('cpu'); a line cut short
+        (root / 'cpu,cpuacct').rename(root / 'cpu')
+        (tmp_path / 'self').write_text('garbled\n3:cpu,cpuacct:/docker/abc\n')
+        assert cores.cpu_quota(tmp_path / 'self', root).cpus == 6.5
+        (root / 'cpu').rename(root / 'cpu,cpuacct')
     monkeypatch.setattr(cores, 'affinity', lambda: set(range(64)))
-    monkeypatch.setattr(cores, 'cpu_quota', lambda: 6.5)
+    monkeypatch.setattr(cores, 'cpu_quota', lambda: cores.Quota(6.5, 1))
     assert cores.usable_cores() == 6
-    monkeypatch.setattr(cores, 'cpu_quota', lambda: 0.5)
+    monkeypatch.setattr(cores, 'cpu_quota', lambda: cores.Quota(0.5, 1))
     assert cores.usable_cores() == 1
     monkeypatch.undo()
     if none:
@@ -809,7 +826,8 @@ def test_the_usable_cores_are_at_most_a_cgroups_cpu_quota(tmp_path, monkeypatch,
 def test_num_workers_auto_divides_only_the_cores_a_process_shares():
     """Ranks bound to cores of their own (torchrun --numa-binding, numactl) each keep theirs:
     8 cores each gave 8 // 2 - 1 = 3 threads (the node's 2 processes assumed to share them), now
-    7; ranks that share all 16 cores or overlap still divide them."""
+    7; ranks that share all 16 cores or overlap still divide them. A CPU quota is divided among
+    the ranks under it: one container's among both, a container's each by its rank alone."""
     from conftest import free_port, run_env
     port = free_port()
     env = dict(run_env(), WORLD_SIZE='2', LOCAL_WORLD_SIZE='2', MASTER_ADDR='localhost',
@@ -823,8 +841,9 @@ def test_num_workers_auto_divides_only_the_cores_a_process_shares():
     assert [rank.returncode for rank in ranks] == [0, 0], outputs
     waiting = (f'=> rank 0: process group of 2 ranks (gloo) at localhost:{port}: waiting up to '
                '60 s for every rank to join\n')  # rank 0's, before the store waits
-    assert outputs == [waiting + 'shared 7\neach its own 8 7\noverlapping 5\n',
-                       'shared 7\neach its own 8 7\noverlapping 3\n']
+    quota = 'one container 2\na container each 5\nbound, one container 2\n'  # 6 // 2 - 1, 6 - 1
+    assert outputs == [waiting + 'shared 7\neach its own 8 7\noverlapping 5\n' + quota,
+                       'shared 7\neach its own 8 7\noverlapping 3\n' + quota]
     assert load_config(['--data.train_dataset=a', '--data.val_dataset=b', '--logging.folder=c',
                         '--data.num_workers=3']).data.num_workers == 3
 
