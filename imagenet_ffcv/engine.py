@@ -242,7 +242,7 @@ def train_one_epoch(*, model, loader, optimizer, loss_fn, lr_at, epoch: int, amp
     lr_at: function of the fractional epoch giving the LR; the optimizer step over iterations
     ``a..b-1`` takes ``lr_at(epoch + (a + b) / 2 / len(loader))`` (one batch a step: ``(i + 0.5) /
     len(loader)``), set on every parameter group before its first batch.
-    amp_dtype, scaler: the mixed precision (see ``precision.Precision`` and :func:`forward_backward`).
+    amp_dtype, scaler: the mixed precision (``precision.Precision``, :func:`forward_backward`).
     options: clipping, augmentation, mixing, EMA, accumulation (:class:`StepOptions`; None: off).
     hooks: stop requests, corrupt records, checkpoints and live logs (:class:`EpochHooks`; None:
     none), their periods in iterations, run after the optimizer step that reaches one. A

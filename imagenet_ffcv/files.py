@@ -175,9 +175,11 @@ def remove_stale_temporaries(folder, name: str = '*',
     for tmp, pid, host in _others_temporaries(folder, name, kinds):
         if host is None:  # this machine's
             stale = not pid_alive(pid)
+        elif others_stale_s is None:
+            stale = True
         else:
-            age = unwritten_for(tmp) if others_stale_s is not None else None
-            stale = others_stale_s is None or (age is not None and age > others_stale_s)
+            age = unwritten_for(tmp)
+            stale = age is not None and age > others_stale_s
         if stale:
             tmp.unlink(missing_ok=True)
             removed.append(tmp)
@@ -242,8 +244,9 @@ def _started_after(pid: int, path) -> bool:
 
 def _others_temporaries(folder, name: str, kinds: tuple = TEMPORARY_KINDS):
     """Yield ``(path, pid, host)`` for each temporary (of ``kinds``) in ``folder`` of the file
-    ``name`` (``'*'``: any) that names another process than this one: ``host`` None for this machine's (and for
-    the ``.NAME.partial-PID`` of earlier versions of this tool), else the other machine's name."""
+    ``name`` (``'*'``: any) that names another process than this one: ``host`` None for this
+    machine's (and for the ``.NAME.partial-PID`` of earlier versions of this tool), else the other
+    machine's name."""
     folder, here = Path(folder), host_name()
     if not folder.is_dir():
         return

@@ -44,7 +44,7 @@ def find_classes(train_dir) -> list:
         raise InputError(f'{train_dir}: {", ".join(broken[:5])} cannot be read (a broken or '
                          f'looping symbolic link?); were it a class folder, the classes after it '
                          f'would take other indices: fix or remove it')
-    classes, _ = _class_folders(entries)
+    classes, _ = class_folders(entries)
     packed = sorted(e.name for e in entries if WNID_TAR.fullmatch(e.name)
                     and e.name[:-4] not in classes and _kind(e) == 'file')
     if packed:  # a class not extracted yet (ImageNet's train tar holds one tar per class)
@@ -144,7 +144,7 @@ def list_samples(split_dir, classes: list) -> list:
         raise MissingFileError(f'{split_dir}: split folder not found')
     class_to_idx = {wnid: i for i, wnid in enumerate(classes)}
     entries = list(os.scandir(split_dir))
-    folders, hidden = _class_folders(entries)
+    folders, hidden = class_folders(entries)
     if hidden:
         warnings.warn(f'{split_dir}: hidden folder(s) {", ".join(hidden[:5])} left out: not '
                       f'classes', stacklevel=2)
@@ -247,7 +247,7 @@ def _raise_if_unknown(split_dir, folders: list, classes: list) -> None:
                              if cased else ''))
 
 
-def _class_folders(entries: list) -> tuple:
+def class_folders(entries: list) -> tuple:  # (write.py's --classes too)
     """``(names, hidden)``: the sorted names of the folders among a split folder's ``entries``
     (``os.scandir``'s), and of the hidden ones among them (a name starting with '.'), which are
     not in ``names``."""

@@ -344,8 +344,8 @@ def load_model(path, *, num_classes: int = None, beton=None, arch: str = None,
 
 def _class_subset(path, state: dict, structure: dict, beton, saved, num_classes,
                   head) -> tuple:
-    """``(model, indices, note)`` for weights whose classifier alone does not fit the class count asked
-    for, evaluated on ``beton``, a .beton of some of the classes they were trained on
+    """``(model, indices, note)`` for weights whose classifier alone does not fit the class count
+    asked for, evaluated on ``beton``, a .beton of some of the classes they were trained on
     (``classes.some_of``): those of the class list saved with them (``saved``), or, without one
     (None), ILSVRC-2012's 1,000 (the .beton's class list names ILSVRC wnids). Returns the model of
     ``structure`` (``build_model``'s keywords) for all those classes and the indices of the

@@ -10,9 +10,10 @@ default it is detected.
 Each image is resized so its shorter side is at most --max-res pixels (aspect ratio kept, never
 upscaled), the role of the classic `convert -resize "256^>"` step. Class i is the i-th wnid folder of
 the sorted *train* split, for both splits (unless --classes, below); the class list is written
-beside the .beton (train_256.beton -> train_256.classes.tsv). A data set without val/ can hold out a share of each
-class of train/ as its val split (--holdout 0.1, given for both splits; NAME.holdout.json beside
-each .beton records its --split and --holdout, and the trainer refuses a pair that differ).
+beside the .beton (train_256.beton -> train_256.classes.tsv). A data set without val/ can hold out
+a share of each class of train/ as its val split (--holdout 0.1, given for both splits;
+NAME.holdout.json beside each .beton records its --split and --holdout, and the trainer refuses a
+pair that differ).
 --classes FILE labels the class folders by a model's class list instead (a test set of its
 classes: ImageNet-V2, -Sketch, -R, -A, whose folders DATA_DIR/<wnid or index>/ may be given whole).
 
@@ -44,7 +45,7 @@ from .images import DEFAULT_JPEG_QUALITY, DEFAULT_MAX_RES, DEFAULT_RESTART_INTER
 from .ilsvrc import KAGGLE_DIR
 from .signals import Terminated, sigterm_raises
 from .holdout import held_out, write_holdout_record
-from .sources import LAYOUTS, list_samples, load_split
+from .sources import LAYOUTS, class_folders, list_samples, load_split
 from .verify import verify_beton
 from .writer import check_not_being_written, write_beton
 
@@ -147,14 +148,13 @@ def parse_args(argv):
     return args
 
 
-def check_out_outside_inputs(out, data_dir, whole: bool = False) -> None:
+def check_out_outside_inputs(out, data_dir, split_dir=None) -> None:
     """ValueError when ``out`` lies inside a split folder of ``data_dir`` (train/, val/ or Kaggle's
-    CLS-LOC tree; ``data_dir`` itself when ``whole``, a test set's class folders): the next run
-    would take its folder for a class, or its files for images."""
+    CLS-LOC tree; or ``split_dir``, a test set's folder of class folders): the next run would take
+    its folder for a class, or its files for images."""
     out = Path(out).resolve()
-    inside = [Path(data_dir)] if whole else []
     for inputs in (Path(data_dir) / 'train', Path(data_dir) / 'val', Path(data_dir) / KAGGLE_DIR,
-                   *inside):
+                   *([split_dir] if split_dir else [])):
         if inputs.resolve() in out.parents:
             raise InputError(f'--out {out} is inside the input folder {inputs}: write the .beton '
                              f'outside it (e.g. {Path(data_dir).resolve().parent / "betons"})')
@@ -172,28 +172,29 @@ def check_out_is_new(out, overwrite: bool) -> None:
                          'give --overwrite to replace it, or another --out')
 
 
-def load_by_class_list(root, split: str, given: str) -> tuple:
-    """``(classes, samples, names)`` (as ``sources.load_split``) of a split labelled by the class
-    list ``given`` (``--classes``: ``classes.class_list_of``) rather than by train/'s folders, its
-    folder ``root/split``, or ``root`` itself when there is none (a test set unpacked as
-    ``root/<class>/``: ImageNet-V2, -Sketch, -R, -A). ``classes``: the list's wnids that have a
-    folder there, in the list's order (``classes.folders_by_class_list``), labels their
-    positions."""
-    class_list, root = class_list_of(given), Path(root)
-    split_dir = root / split if (root / split).is_dir() else root
-    if not split_dir.is_dir():
-        raise MissingFileError(f'{split_dir}: no such folder; set --data-dir')
-    if split_dir == root and any((root / name).is_dir() for name in ('train', 'val')):
+def test_set_folder(root, split: str) -> Path:
+    """The folder of a split labelled by ``--classes``: ``root/split``, or ``root`` itself when it
+    has neither train/ nor val/ (a test set unpacked as ``root/<class>/``: ImageNet-V2, -Sketch,
+    -R, -A). MissingFileError when there is none."""
+    root = Path(root)
+    if (root / split).is_dir():
+        return root / split
+    if not root.is_dir():
+        raise MissingFileError(f'{root}: no such folder; set --data-dir')
+    if any((root / name).is_dir() for name in ('train', 'val')):
         raise MissingFileError(f'{root / split}: {split} split folder not found (set --split, or '
                                f'--data-dir to the folder of class folders itself)')
+    return root
 
-    def is_folder(entry):  # a broken or looping link is not: list_samples names it
-        try:
-            return entry.is_dir()
-        except OSError:
-            return False
-    folders = sorted(e.name for e in os.scandir(split_dir)
-                     if not e.name.startswith('.') and is_folder(e))
+
+def load_by_class_list(split_dir, given: str) -> tuple:
+    """``(classes, samples, names)`` (as ``sources.load_split``) of the split in ``split_dir``
+    (:func:`test_set_folder`) labelled by the class list ``given`` (``--classes``:
+    ``classes.class_list_of``) rather than by train/'s folders. ``classes``: the list's wnids
+    that have a folder there, in the list's order (``classes.folders_by_class_list``), labels
+    their positions."""
+    class_list = class_list_of(given)
+    folders, _ = class_folders(list(os.scandir(split_dir)))  # (hidden ones: list_samples names)
     labelled = folders_by_class_list(folders, class_list, split_dir)
     samples = list_samples(split_dir, [folder for folder, _ in labelled])
     if len(labelled) < len(class_list):
@@ -207,12 +208,11 @@ def load_by_class_list(root, split: str, given: str) -> tuple:
 def main(args) -> dict:
     """Write the .beton and its class list; returns the writer's stats plus 'classes'."""
     read = 'train' if args.holdout else args.split  # --holdout: both splits come from train/
-    check_out_outside_inputs(args.out, args.data_dir, whole=bool(args.classes) and not (
-        Path(args.data_dir) / read).is_dir())
+    split_dir = test_set_folder(args.data_dir, read) if args.classes else None
+    check_out_outside_inputs(args.out, args.data_dir, split_dir)
     check_out_is_new(args.out, args.overwrite)
     check_not_being_written(args.out)  # and again as it starts writing: listing takes minutes
-    classes, samples, names = (load_by_class_list(args.data_dir, read, args.classes)
-                               if args.classes else
+    classes, samples, names = (load_by_class_list(split_dir, args.classes) if args.classes else
                                load_split(Path(args.data_dir), read, args.layout))
     if args.holdout:
         samples = held_out(samples, args.holdout, args.split)

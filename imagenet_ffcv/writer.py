@@ -330,8 +330,8 @@ def write_beton(samples: list, out, *, max_res: int, write_mode: str = 'jpg',
     (InputError, :func:`check_not_being_written`).
     Temporaries that killed runs left of the same file are removed by the next run. An OSError
     without a file name (a full disk) is raised again naming ``out``.
-    Before writing, the free space of that folder is checked against an estimate
-    (InsufficientSpaceError; ``check_space=False`` skips it; /dev/shm: :func:`check_shared_memory`).
+    Before writing, that folder's free space against an estimate (``check_space=False`` skips it)
+    and the room in /dev/shm (:func:`check_shared_memory`) are checked (InsufficientSpaceError).
 
     Files that cannot be decoded: with ``skip_unreadable=False`` raise UnreadableImagesError,
     writing nothing; with ``skip_unreadable=True`` they are left out (the other images keep their
