@@ -4,8 +4,9 @@ itself is described in pyproject.toml.
 
 The library is loaded with ctypes (imagenet_ffcv/jpeg_region.py), not imported: it defines no Python
 module, only ``decode_region``, ``decode_region_scanlines``, ``resample_bilinear``, the profiling
-steps ``region_jpeg`` and ``entropy_decode``, and ``jpeg_region_source_sha256`` (the SHA-256 of the
-source it was built from, so that a library older than its source is noticed).
+steps ``region_jpeg`` and ``entropy_decode``, the converter's ``read_source_jpeg`` and
+``check_source_jpeg``, and ``jpeg_region_source_sha256`` (the SHA-256 of the source it was built
+from, so that a library older than its source is noticed).
 """
 import hashlib
 import os

@@ -13,7 +13,8 @@ decoding a loader's epoch), ``memory_readers`` (ffcv's readers of the .beton in 
 once per process),
 ``decoders`` (the fused crop/resize/flip/normalise decoders), ``image_decode`` (the decoders' path
 from one stored image to its crop's pixels), ``jpeg_region`` (the decoders' C part,
-``jpeg_region.c``: the JPEG region decoder and the common case of the resample), ``resampling``
+``jpeg_region.c``: the JPEG region decoder, the common case of the resample, and the
+converter's reading of source JPEGs), ``resampling``
 (their bilinear resample), ``crops`` (crops and flips from seed, epoch and sample), ``constants``,
 ``ffcv_import`` (ffcv imported without the numba compiling that importing it sets off; imported
 first by the modules that use ffcv).

@@ -1,16 +1,19 @@
 """Decoding any input image to RGB, the shorter-side resize and the JPEG encoding: what the writer
 stores, and what ``imagenet-ffcv-predict`` stores the same way before it decodes the image as the
 validation loader does (``image_decode.center_crop_pixels``)."""
+import functools
+import io
 import os
 import threading
 import warnings
 
 import cv2
 import numpy as np
-from PIL import ExifTags, Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 
 from .errors import InputError
 from .ilsvrc import open_image_source
+from .jpeg_region import JpegLibraryError, c_function, check_source_jpeg, read_source_jpeg
 
 
 # Images for the writer
@@ -71,13 +74,42 @@ def _opened(f, path) -> Image.Image:
             Image.MAX_IMAGE_PIXELS = limit
 
 
-def _check_decoded_size(im: Image.Image) -> None:
-    """ValueError when decoding ``im`` (after ``draft``, which decodes a JPEG
-    at 1/2, 1/4 or 1/8 of its size) would make more pixels than twice PIL's
+@functools.cache
+def jpeg_check_missing():
+    """Why JPEGs are decoded by PIL alone, unchecked (the region decoder's JpegLibraryError, as
+    text: it is not built, or built from another version of its source), or None."""
+    try:
+        c_function('read_source_jpeg')
+    except JpegLibraryError as e:
+        return str(e)
+    return None
+
+
+def _raise_if_damaged(state: str, message: str) -> None:
+    """InputError for libjpeg's verdict (``jpeg_region.check_source_jpeg``) on a damaged or
+    truncated JPEG."""
+    if state == 'damaged':
+        raise InputError(f'corrupt JPEG data ({message}): libjpeg fills what it cannot read '
+                         'with grey')
+    if state == 'truncated':
+        raise InputError('the JPEG is truncated: its data ends before its image does'
+                         + (f' ({message})' if message else ''))
+
+
+def draft_scale(size: tuple, target: tuple) -> int:
+    """The DCT scale denominator (1, 2, 4 or 8) at which PIL's ``draft`` decodes a JPEG of
+    ``size`` (width, height) for ``target``: the largest that keeps both sides at least the
+    target's."""
+    scale = min(size[0] // target[0], size[1] // target[1])
+    return next(s for s in (8, 4, 2, 1) if scale >= s)
+
+
+def _check_decoded_size(width: int, height: int) -> None:
+    """ValueError when decoding an image to ``width`` x ``height`` pixels (a JPEG's after its DCT
+    scaling, 1/2, 1/4 or 1/8 of its size) would make more pixels than twice PIL's
     ``Image.MAX_IMAGE_PIXELS`` (179 MP by default; None: no limit), where PIL refuses a file as a
     possible decompression bomb: a PNG or TIFF that large takes over 0.5 GB to decode."""
     limit = Image.MAX_IMAGE_PIXELS
-    width, height = im.size
     if limit is not None and width * height > 2 * limit:
         raise InputError(f'{width} x {height} px ({width * height / 1e6:.0f} MP) to '
                          f'decode, over the {2 * limit / 1e6:.0f} MP limit against '
@@ -90,15 +122,17 @@ def load_image(path, max_res: int) -> np.ndarray:
 
     Grayscale, CMYK, palette and alpha images are converted to RGB by PIL's ``convert('RGB')``;
     16-bit images are scaled to 8 bits (see :func:`_to_rgb`); an EXIF orientation tag is applied
-    (``ImageOps.exif_transpose``) before resizing. Large JPEGs are decoded at a reduced DCT scale
-    (PIL ``draft``) to no less than the target size, then resized by :func:`resize_rgb` to the size
-    :func:`shorter_side_size` gives for the file's own size (not the decoded one: libjpeg rounds a
-    scaled side up, which moved the longer side by up to 4 px). Images
-    smaller than ``max_res`` are kept as they are. Any image size is read, up to PIL's limit
-    against decompression bombs applied to the pixels decoded (:func:`_check_decoded_size`).
-    Returns a (H, W, 3) uint8 array. Raises OSError/ValueError for a file PIL cannot decode
-    completely: a truncated file is an error, never a partly grey image. PIL's warnings (corrupt
-    EXIF data, ...) are warned again naming ``path`` (PIL's name no file).
+    (as ``ImageOps.exif_transpose``) before resizing. Large JPEGs are decoded at a reduced DCT
+    scale (as PIL's ``draft``, :func:`draft_scale`) to no less than the target size, then resized
+    by :func:`resize_rgb` to the size :func:`shorter_side_size` gives for the file's own size (not
+    the decoded one: libjpeg rounds a scaled side up, which moved the longer side by up to 4 px).
+    Images smaller than ``max_res`` are kept as they are. Any image size is read, up to PIL's
+    limit against decompression bombs applied to the pixels decoded (:func:`_check_decoded_size`).
+    Returns a (H, W, 3) uint8 array. Raises OSError/ValueError for a file that cannot be decoded
+    completely: a truncated or damaged file is an error, never a partly grey image (libjpeg's
+    warnings, which PIL drops, are heard: :func:`_decoded`), while a JPEG that lacks only its
+    final EOI marker, which PIL refuses, is read. PIL's warnings (corrupt EXIF data, ...) are
+    warned again naming ``path`` (PIL's name no file).
     """
     caught = []
     try:
@@ -110,24 +144,64 @@ def load_image(path, max_res: int) -> np.ndarray:
             warnings.warn(f'{path}: {w.message}', w.category, stacklevel=2)
 
 
+# EXIF orientation -> the transpose that turns the image upright (PIL's ImageOps.exif_transpose)
+UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+           4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+           6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+           8: Image.Transpose.ROTATE_90}
+
+
 def _load_image(path, max_res: int) -> np.ndarray:
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # another library may have switched it on
-    with open_image_source(path) as f, _opened(f, path) as im:
+    with open_image_source(path) as f:
+        data = f.read()
+    with _opened(io.BytesIO(data), path) as im:
         stored = im.size
-        if shorter_side_size(*stored, max_res) != stored:
-            im.draft('RGB', shorter_side_size(*stored, max_res))
-        _check_decoded_size(im)
-        im.load()  # decodes everything: raises on truncated or corrupt data
-        turned = im.getexif().get(ExifTags.Base.Orientation, 1) in (5, 6, 7, 8)  # as exif_transpose
-        im = ImageOps.exif_transpose(im) or im
-        im = _to_rgb(im)
-        a = np.asarray(im)
-        size = shorter_side_size(*(stored[::-1] if turned else stored), max_res)
-        if size != im.size:
-            a = resize_rgb(a, size)
-        if a.ndim != 3 or a.shape[2] != 3 or a.dtype != np.uint8 or 0 in a.shape:
-            raise InputError(f'decoded to an unusable array {a.dtype} {a.shape}')
-        return a
+        a, orientation = _decoded(im, data, shorter_side_size(*stored, max_res))
+    if orientation in UPRIGHT:
+        a = np.asarray(Image.fromarray(a).transpose(UPRIGHT[orientation]))
+    turned = orientation in (5, 6, 7, 8)
+    size = shorter_side_size(*(stored[::-1] if turned else stored), max_res)
+    if size != a.shape[1::-1]:
+        a = resize_rgb(a, size)
+    if a.ndim != 3 or a.shape[2] != 3 or a.dtype != np.uint8 or 0 in a.shape:
+        raise InputError(f'decoded to an unusable array {a.dtype} {a.shape}')
+    return a
+
+
+def _decoded(im: Image.Image, data: bytes, target: tuple) -> tuple:
+    """``(pixels, orientation)``: the opened image ``im`` (``data``, its file's bytes) decoded
+    to RGB ((H, W, 3) uint8) at the DCT scale PIL's ``draft`` takes for ``target`` (width,
+    height) when it is a JPEG, and its EXIF orientation (1 when none). A JPEG PIL reads as RGB
+    or grayscale is decoded by libjpeg directly (``jpeg_region.read_source_jpeg``: PIL's very
+    pixels, about 10 % sooner), with libjpeg's warnings, which PIL drops, heard: damaged data
+    (which PIL fills with grey without a word) or a truncated file raise InputError, and a JPEG
+    whole but for its final EOI marker (which PIL refuses as truncated) is read. Any other JPEG
+    (CMYK) is checked the same way first (``check_source_jpeg``), then decoded by PIL, as any
+    other file is, and converted by :func:`_to_rgb`. Without the built region decoder
+    (:func:`jpeg_check_missing`), PIL alone decodes, unchecked."""
+    jpeg = im.format == 'JPEG' and data[:2] == b'\xff\xd8' and not jpeg_check_missing()
+    if jpeg and im.mode in ('RGB', 'L'):
+        denom = draft_scale(im.size, target) if target != im.size else 1
+        _check_decoded_size(-(-im.width // denom), -(-im.height // denom))
+        state, message, pixels = read_source_jpeg(data, height=im.height, width=im.width,
+                                                  denom=denom)
+        if pixels is not None:  # else libjpeg refused it: PIL says why as it fails
+            _raise_if_damaged(state, message)
+            return pixels, im.getexif().get(ExifTags.Base.Orientation, 1)
+    elif jpeg:
+        state, message = check_source_jpeg(data)
+        _raise_if_damaged(state, message)
+        if state == 'no EOI':  # PIL reads it with the marker
+            data += b'\xff\xd9'
+            with _opened(io.BytesIO(data), 'the JPEG with its EOI marker') as whole:
+                return _decoded(whole, data, target)
+    if target != im.size:
+        im.draft('RGB', target)
+    _check_decoded_size(*im.size)
+    im.load()  # decodes everything: raises on truncated or corrupt data
+    orientation = im.getexif().get(ExifTags.Base.Orientation, 1)
+    return np.asarray(_to_rgb(im)), orientation
 
 
 def resize_rgb(a: np.ndarray, size: tuple) -> np.ndarray:

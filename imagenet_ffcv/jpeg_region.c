@@ -772,3 +772,130 @@ int entropy_decode(const uint8_t *src, uint64_t size) {
     jpeg_abort_decompress(c);
     return c->err->num_warnings ? -5 : 0;
 }
+
+/* ---- The converter's reading of a source JPEG -------------------------------------------------
+ *
+ * PIL, which decodes the converter's other inputs, drops libjpeg's warnings: a JPEG whose
+ * entropy-coded data is damaged (a bad Huffman code, a segment that ends early) but ends in its
+ * EOI marker decodes without a word, the blocks libjpeg could not read filled with grey; and one
+ * that is whole but for its final EOI marker is refused as truncated. read_source_jpeg decodes
+ * a JPEG as PIL does (libjpeg's ISLOW IDCT and fancy upsampling, DCT-scaled as PIL's draft) and
+ * listens to libjpeg's warnings as it goes; check_source_jpeg only listens (for JPEGs PIL
+ * decodes, CMYK ones), decoding at 1/8 scale into one row: every scan's entropy-coded data read
+ * as at full size, the IDCT the DC term alone. */
+#include <jerror.h>
+
+struct check_errors {
+    struct jpeg_error_mgr pub;
+    jmp_buf jump;
+    int damaged;              /* libjpeg filled in data it could not read */
+    int ended;                /* the data ended before an EOI marker (JWRN_JPEG_EOF) */
+    char message[JMSG_LENGTH_MAX];  /* the first damage warning's text, or the error's */
+};
+
+static void check_error(j_common_ptr c) {
+    struct check_errors *e = (struct check_errors *)c->err;
+    c->err->format_message(c, e->message);
+    longjmp(e->jump, 1);
+}
+
+static void check_warning(j_common_ptr c, int level) {
+    struct check_errors *e = (struct check_errors *)c->err;
+    int code = c->err->msg_code;
+    if (level >= 0) return;  /* trace messages */
+    if (code == JWRN_JPEG_EOF) {
+        e->ended = 1;
+    } else if (code == JWRN_HIT_MARKER || code == JWRN_HUFF_BAD_CODE ||
+               code == JWRN_ARITH_BAD_CODE || code == JWRN_MUST_RESYNC) {
+        if (!e->damaged) c->err->format_message(c, e->message);
+        e->damaged = 1;
+    }  /* others (extraneous bytes before a marker, an unknown JFIF revision...) lose no pixel */
+}
+
+/* Whether every coefficient of the image was read: for a progressive JPEG, each one refined to
+ * its last bit (coef_bits 0, libjpeg's record of the scans read: what every progressive encoder
+ * sends); for a sequential one, the last scan read held every component (a JPEG of one scan per
+ * component that ends early has no such scan, and is taken as incomplete; one that was cut
+ * between such scans and given an EOI marker cannot be told from a whole one). */
+static int all_coefficients_read(struct jpeg_decompress_struct *c) {
+    if (!c->progressive_mode) return c->comps_in_scan == c->num_components;
+    for (int ci = 0; ci < c->num_components; ci++)
+        for (int k = 0; k < DCTSIZE2; k++)
+            if (c->coef_bits[ci][k] != 0) return 0;
+    return 1;
+}
+
+/* Decode the JPEG `src` (`size` bytes), any kind libjpeg reads (baseline, progressive, CMYK,
+ * arithmetic-coded...), scaled by 1/`denom` (1, 2, 4 or 8). With `dst`: as RGB (ISLOW IDCT,
+ * fancy upsampling: PIL's settings; a grayscale JPEG's channel thrice; CMYK cannot be) into
+ * `dst`, `capacity` bytes, info[0] <- its height, info[1] <- its width; without (NULL): in the
+ * JPEG's own colour space into one row, the fastest way (check_source_jpeg).
+ * Returns 0: intact (warnings that lose no pixel aside); 1: intact but for its missing EOI
+ * marker (every coefficient read, the data ending there); 2: damaged, libjpeg filled part of it
+ * with grey (`message` holds its first warning); 3: the data ends before the image does (a
+ * truncated file; or a progressive JPEG with an EOI marker but not every coefficient, cut
+ * between two scans); -1: libjpeg refuses it (`message` holds its error); -2: `capacity` is too
+ * small. `message`: JMSG_LENGTH_MAX (200) bytes. Thread-safe: a decompressor of its own per
+ * call. */
+int read_source_jpeg(const uint8_t *src, uint64_t size, uint32_t denom, uint8_t *dst,
+                     uint64_t capacity, int64_t *info, char *message) {
+    struct jpeg_decompress_struct c;
+    struct check_errors e;
+    JSAMPARRAY row = NULL;
+    memset(&e, 0, sizeof e);
+    c.err = jpeg_std_error(&e.pub);
+    e.pub.error_exit = check_error;
+    e.pub.emit_message = check_warning;
+    jpeg_create_decompress(&c);
+    if (setjmp(e.jump)) {
+        jpeg_destroy_decompress(&c);
+        memcpy(message, e.message, JMSG_LENGTH_MAX);
+        return -1;
+    }
+    jpeg_mem_src(&c, src, (unsigned long)size);
+    jpeg_read_header(&c, TRUE);
+    c.scale_num = 1;
+    c.scale_denom = denom;
+    if (dst) {
+        c.out_color_space = JCS_RGB;
+    } else {
+        c.out_color_space = c.jpeg_color_space;  /* no colour conversion */
+        c.dct_method = JDCT_IFAST;
+        c.do_fancy_upsampling = FALSE;
+    }
+    jpeg_start_decompress(&c);
+    uint64_t stride = (uint64_t)c.output_width * c.output_components;
+    if (dst) {
+        info[0] = c.output_height;
+        info[1] = c.output_width;
+        if (stride * c.output_height > capacity) {
+            jpeg_destroy_decompress(&c);
+            return -2;
+        }
+    } else {
+        row = (*c.mem->alloc_sarray)((j_common_ptr)&c, JPOOL_IMAGE, (JDIMENSION)stride, 1);
+    }
+    if (dst) {
+        JSAMPARRAY rows = (*c.mem->alloc_small)((j_common_ptr)&c, JPOOL_IMAGE,
+                                                c.output_height * sizeof(JSAMPROW));
+        for (JDIMENSION y = 0; y < c.output_height; y++) rows[y] = dst + stride * y;
+        while (c.output_scanline < c.output_height)
+            jpeg_read_scanlines(&c, rows + c.output_scanline,
+                                c.output_height - c.output_scanline);
+    } else {
+        while (c.output_scanline < c.output_height) jpeg_read_scanlines(&c, row, 1);
+    }
+    int whole = all_coefficients_read(&c);  /* before coef_bits is freed with the image */
+    int progressive = c.progressive_mode;
+    jpeg_finish_decompress(&c);
+    jpeg_destroy_decompress(&c);
+    memcpy(message, e.message, JMSG_LENGTH_MAX);
+    if (e.ended) return e.damaged || !whole ? 3 : 1;
+    if (e.damaged) return 2;
+    return progressive && !whole ? 3 : 0;
+}
+
+/* read_source_jpeg's verdict on the JPEG `src` without its pixels. */
+int check_source_jpeg(const uint8_t *src, uint64_t size, char *message) {
+    return read_source_jpeg(src, size, 8, NULL, 0, NULL, message);
+}

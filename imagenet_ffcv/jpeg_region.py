@@ -1,6 +1,7 @@
 """The region decoder built from ``jpeg_region.c`` at install time (setup.py), seen from Python:
 the library found and loaded with ctypes (refused when built from another version of its source),
-its functions typed, and ``decode_region`` for tests and benchmarks. The loaders' decoders
+its functions typed, ``decode_region`` for tests and benchmarks, and the converter's reading of
+a source JPEG (``read_source_jpeg``, ``check_source_jpeg``: ``images``). The loaders' decoders
 (``decoders``) call its functions from numba."""
 import ctypes
 import functools
@@ -69,6 +70,11 @@ SIGNATURES = {
     'decode_region_scanlines': (_REGION, ctypes.c_int),
     'region_jpeg': (_REGION, ctypes.c_int64),
     'entropy_decode': ([ctypes.c_void_p, ctypes.c_uint64], ctypes.c_int),  # src, size
+    # src, size, denom, dst, capacity, info, message
+    'read_source_jpeg': ([ctypes.c_char_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_void_p,
+                          ctypes.c_uint64, ctypes.c_void_p, ctypes.c_char_p], ctypes.c_int),
+    'check_source_jpeg': ([ctypes.c_char_p, ctypes.c_uint64, ctypes.c_char_p],  # src, size,
+                          ctypes.c_int),  # message
     # src, stride, row_index, row_weight, col_index, col_weight, first, count, dst, out_h, out_w,
     # mean, inv_std, normalize
     'resample_bilinear': ([ctypes.c_void_p, ctypes.c_uint64, ctypes.c_void_p, ctypes.c_void_p,
@@ -128,3 +134,45 @@ def decode_region(jpeg: np.ndarray, *, top: int, left: int, height: int, width: 
         raise InputError(f'decode_region failed with code {code} (-1 corrupt JPEG, -2 rectangle '
                          f'outside the image, -3 data ended early, -5 corrupt data)')
     return out[:height * info[1] * 3].reshape(height, int(info[1]), 3), int(info[0])
+
+
+# What read_source_jpeg's and check_source_jpeg's codes mean (jpeg_region.c says how each is found)
+SOURCE_JPEG_STATES = {0: 'intact', 1: 'no EOI', 2: 'damaged', 3: 'truncated', -1: 'refused'}
+
+
+def check_source_jpeg(data: bytes) -> tuple:
+    """libjpeg's verdict on a JPEG file's bytes, which PIL does not pass on: ``(state,
+    message)``, ``state`` one of 'intact'; 'no EOI' (whole but for its final EOI marker, which
+    PIL refuses as truncated); 'damaged' (entropy-coded data libjpeg could not read and fills
+    with grey, where PIL says nothing: a bad Huffman code, a segment that ends early;
+    ``message`` is libjpeg's first warning, e.g. 'Corrupt JPEG data: premature end of data
+    segment'); 'truncated' (the data ends before the image does); 'refused' (libjpeg's error,
+    in ``message``). Warnings that lose no pixel (extraneous bytes before a marker) leave a
+    JPEG 'intact'. The whole file is decoded at 1/8 scale (every scan's entropy-coded data read
+    as at full size). Raises JpegLibraryError when the library is not built.
+    """
+    message = ctypes.create_string_buffer(200)  # JMSG_LENGTH_MAX
+    code = c_function('check_source_jpeg')(data, len(data), message)
+    return SOURCE_JPEG_STATES[code], message.value.decode(errors='replace')
+
+
+def read_source_jpeg(data: bytes, *, height: int, width: int, denom: int) -> tuple:
+    """A JPEG file's bytes decoded as PIL decodes them (libjpeg's ISLOW IDCT and fancy
+    upsampling), DCT-scaled by 1/``denom`` (1, 2, 4 or 8) from its ``height`` x ``width``
+    pixels, with libjpeg's verdict: ``(state, message, pixels)``, ``state`` and ``message`` as
+    :func:`check_source_jpeg` gives them, ``pixels`` the (ceil(height / denom), ceil(width /
+    denom), 3) uint8 RGB array (a grayscale JPEG's channel thrice; grey where 'damaged' or
+    'truncated') or None when 'refused' (a CMYK JPEG among others). Raises JpegLibraryError
+    when the library is not built, ValueError when ``height`` and ``width`` are not the JPEG's.
+    """
+    shape = (-(-height // denom), -(-width // denom), 3)
+    pixels = np.empty(shape, np.uint8)
+    info = np.zeros(2, np.int64)
+    message = ctypes.create_string_buffer(200)  # JMSG_LENGTH_MAX
+    code = c_function('read_source_jpeg')(data, len(data), denom, pixels.ctypes.data,
+                                          pixels.nbytes, info.ctypes.data, message)
+    if code == -2 or (code >= 0 and tuple(info) != shape[:2]):
+        raise InputError(f'read_source_jpeg: the JPEG is {info[1]} x {info[0]} px at 1/{denom} '
+                         f'scale, not the {shape[1]} x {shape[0]} px asked for')
+    return (SOURCE_JPEG_STATES[code], message.value.decode(errors='replace'),
+            None if code == -1 else pixels)

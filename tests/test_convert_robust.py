@@ -87,6 +87,14 @@ def make_unusual(folder):
     # a very small image
     photo((20, 20), 4).save(folder / 'tiny.JPEG', quality=95)
     expected['tiny.JPEG'] = np.asarray(Image.open(folder / 'tiny.JPEG').convert('RGB'))
+    # a JPEG whole but for its final EOI marker (PIL alone refuses it as truncated), and one with
+    # bytes after its data before the EOI (libjpeg: 'extraneous bytes before marker 0xd9')
+    whole = (folder / 'tiny.JPEG').read_bytes()
+    assert whole.endswith(b'\xff\xd9')
+    (folder / 'no_eoi.JPEG').write_bytes(whole[:-2])
+    expected['no_eoi.JPEG'] = expected['tiny.JPEG']
+    (folder / 'extra_bytes.JPEG').write_bytes(whole[:-2] + b'\x00\x12\x34\xff\xd9')
+    expected['extra_bytes.JPEG'] = expected['tiny.JPEG']
     return expected
 
 
@@ -95,9 +103,11 @@ def make_bad(folder, good_jpeg):
     folder.mkdir(parents=True, exist_ok=True)
     raw = good_jpeg.read_bytes()
     (folder / 'truncated.JPEG').write_bytes(raw[:len(raw) // 2])
+    # cut, then ended with an EOI marker: PIL decodes it without a word, the rest grey
+    (folder / 'damaged.JPEG').write_bytes(raw[:len(raw) // 2] + b'\xff\xd9')
     (folder / 'zero.JPEG').write_bytes(b'')
     (folder / 'notes.jpg').write_text('not an image\n')
-    names = {'truncated.JPEG', 'zero.JPEG', 'notes.jpg'}
+    names = {'truncated.JPEG', 'damaged.JPEG', 'zero.JPEG', 'notes.jpg'}
     if os.geteuid() != 0:  # root reads a chmod 000 file anyway
         locked = folder / 'locked.JPEG'
         locked.write_bytes(raw)
@@ -174,10 +184,75 @@ def test_truncated_jpeg_is_detected(tmp_path):
     previous = ImageFile.LOAD_TRUNCATED_IMAGES
     try:
         ImageFile.LOAD_TRUNCATED_IMAGES = True  # even if another library switched it on
-        with pytest.raises(OSError, match='truncated'):
+        with pytest.raises(ValueError, match='truncated'):
             images.load_image(bad, max_res=64)
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = previous
+
+
+def test_jpegs_decode_to_the_pixels_pil_decodes_at_each_dct_scale(tmp_path):
+    # libjpeg read directly (jpeg_region.read_source_jpeg) gives PIL's own pixels: baseline and
+    # progressive, 4:2:0 and 4:4:4, grayscale, sides not multiples of 8, at scales 1 to 1/8
+    assert images.jpeg_check_missing() is None  # the region decoder is built: its way is taken
+    base = photo((203, 157), 0)
+    made = {'420.jpg': dict(quality=90), '444.jpg': dict(quality=95, subsampling=0),
+            'progressive.jpg': dict(quality=85, progressive=True)}
+    for name, options in made.items():
+        base.save(tmp_path / name, **options)
+    base.convert('L').save(tmp_path / 'gray.jpg', quality=90)
+    for name in [*made, 'gray.jpg']:
+        for max_res in (157, 78, 39, 19):  # DCT scale 1, 2, 4, 8
+            data = (tmp_path / name).read_bytes()
+            target = images.shorter_side_size(203, 157, max_res)
+            with Image.open(tmp_path / name) as im:
+                if target != im.size:
+                    im.draft('RGB', target)
+                expected = np.asarray(im.convert('RGB'))
+            with Image.open(tmp_path / name) as im:
+                got, orientation = images._decoded(im, data, target)
+            assert expected.shape[0] == -(-157 // images.draft_scale((203, 157), target))
+            assert np.array_equal(got, expected) and orientation == 1, (name, max_res)
+
+
+def test_damaged_jpeg_data_is_an_error_and_a_missing_eoi_marker_is_not(tmp_path, monkeypatch):
+    # Baseline and progressive JPEGs of the same photo, each: whole; cut inside its data and
+    # ended with an EOI marker (PIL decodes it without a word, grey where the data is missing);
+    # without its EOI marker alone (every pixel is there; PIL refuses it as truncated).
+    progressive = tmp_path / 'progressive.JPEG'
+    photo((120, 80), 0).save(progressive, quality=90, progressive=True)
+    for src in (sample_images(1)[0], progressive):
+        raw, whole = src.read_bytes(), np.asarray(Image.open(src).convert('RGB'))
+        damaged = tmp_path / f'damaged_{src.name}'
+        last_scan = raw.rindex(b'\xff\xda')  # SOS marker; a cut in the middle of its data:
+        damaged.write_bytes(raw[:(last_scan + len(raw)) // 2] + b'\xff\xd9')
+        with Image.open(damaged) as im:
+            grey = np.asarray(im.convert('RGB'))  # the premise: PIL raises nothing
+        assert grey.shape == whole.shape and not np.array_equal(grey, whole)
+        with pytest.raises(ValueError, match=r'^corrupt JPEG data \(Corrupt JPEG data: '
+                                             r'premature end of data segment\)'):
+            images.load_image(damaged, max_res=1000)
+        no_eoi = tmp_path / f'no_eoi_{src.name}'
+        no_eoi.write_bytes(raw[:-2])
+        with pytest.raises(OSError, match='truncated'):
+            Image.open(no_eoi).load()
+        assert np.array_equal(images.load_image(no_eoi, max_res=1000), whole)
+    # a progressive JPEG cut between two scans, with an EOI marker or not: its last refinements
+    # missing (PIL decodes the first without a word), no grey, but truncated all the same
+    for end in (b'', b'\xff\xd9'):
+        (tmp_path / 'between_scans.JPEG').write_bytes(raw[:last_scan] + end)
+        with pytest.raises(ValueError, match='the JPEG is truncated'):
+            images.load_image(tmp_path / 'between_scans.JPEG', max_res=1000)
+    # without the built region decoder, PIL alone judges, and the converter says so
+    monkeypatch.setattr(images, 'jpeg_check_missing', lambda: 'the decoder is not built')
+    assert images.load_image(tmp_path / f'damaged_{progressive.name}', max_res=1000).shape == (
+        80, 120, 3)
+    (tmp_path / 'data' / 'train' / 'n01').mkdir(parents=True)
+    shutil.copy(progressive, tmp_path / 'data' / 'train' / 'n01')
+    monkeypatch.setattr(write, 'jpeg_check_missing', images.jpeg_check_missing)
+    with pytest.warns(UserWarning, match=r'^the decoder is not built; until then, JPEG files are '
+                                         r'not checked: one with damaged data is stored'):
+        write.main(write.parse_args(['--data-dir', str(tmp_path / 'data'), '--split', 'train',
+                                     '--out', str(tmp_path / 'b.beton'), '--num-workers', '1']))
 
 
 def test_bad_files_skipped_labels_kept_and_reported(tmp_path):
@@ -200,6 +275,10 @@ def test_bad_files_skipped_labels_kept_and_reported(tmp_path):
     assert {r[0].split('/')[-1] for r in rows} == bad and all(r[1] for r in rows)
     reasons = {r[0].split('/')[-1]: r[1] for r in rows}
     assert reasons['zero.JPEG'].endswith('zero.JPEG\': it is empty (0 bytes)')
+    assert reasons['damaged.JPEG'] == ('InputError: corrupt JPEG data (Corrupt JPEG data: '
+                                       'premature end of data segment): libjpeg fills what it '
+                                       'cannot read with grey')
+    assert reasons['truncated.JPEG'].startswith('InputError: the JPEG is truncated')
     assert 'empty' not in reasons['notes.jpg']
     images, labels = stored_raw_images(out)
     kept = [(p, l) for p, l in samples if p.split('/')[-1] not in bad]
