@@ -6,7 +6,7 @@ Class ``i`` is the ``i``-th wnid of the sorted train split (see ``sources``).
 import re
 from pathlib import Path
 
-from .errors import CheckpointError, ImagenetFfcvError, InputError, MissingFileError
+from .errors import CheckpointError, ImagenetFfcvError, InputError, MissingFileError, first_few
 from .files import write_text_atomic
 
 WNID_NAMES_FILE = Path(__file__).with_name('imagenet_wnids.tsv')
@@ -58,8 +58,7 @@ def folders_by_class_list(folders: list, class_list: list, split_dir) -> list:
         return index.get(name)
     unknown = [f for f in folders if position(f) is None]
     if unknown:
-        more = ' ...' if len(unknown) > 5 else ''
-        raise InputError(f'{split_dir}: {", ".join(unknown[:5])}{more}: not a class of the list '
+        raise InputError(f'{split_dir}: {first_few(unknown)}: not a class of the list '
                          f'given (--classes): neither one of its wnids nor an ILSVRC-2012 class '
                          f'index (0 .. 999) of one; move such folders out, or give the class '
                          f'list they belong to')

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from . import cores
-from .errors import ImagenetFfcvError
+from .errors import ImagenetFfcvError, first_few
 from .files import boot_id, process_start
 from .run_lock import rdzv_id
 
@@ -364,7 +364,7 @@ def check_every_rank_sees(path, wait_s: float = 30) -> None:
     blind = [f'rank {rank} on {host}' for rank, (found, host) in enumerate(seen) if not found]
     if blind:
         raise NotSharedError(f'{path}, written by rank 0 on {seen[0][1]}, is not found by '
-                             f'{", ".join(blind[:4])}{" ..." if len(blind) > 4 else ""}: the run '
+                             f'{first_few(blind, 4)}: the run '
                              f'folder must be on a filesystem every node shares (a later start '
                              f'would find no checkpoint on another node and start the run over)')
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .classes import ilsvrc_classes
 from .constants import IMAGE_EXTENSIONS
-from .errors import InputError, MissingFileError
+from .errors import InputError, MissingFileError, first_few
 
 TRAIN_TAR, VAL_TAR = 'ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar'
 KAGGLE_DIR = Path('ILSVRC') / 'Data' / 'CLS-LOC'
@@ -110,8 +110,7 @@ def warn_not_images(other: list, stacklevel: int = 3) -> None:
     if other:
         files = '1 file' if len(other) == 1 else f'{len(other)} files'
         warnings.warn(f'{files} whose extension is not one of {", ".join(IMAGE_EXTENSIONS)} '
-                      f'left out: {", ".join(map(str, other[:5]))}'
-                      f'{" ..." if len(other) > 5 else ""}; convert them to one of those to '
+                      f'left out: {first_few(other)}; convert them to one of those to '
                       f'keep them', stacklevel=stacklevel)
 
 
@@ -149,7 +148,7 @@ def flat_val_samples(files: list, root, classes: list, where) -> list:
     absent = sorted(listed - present)
     if absent:  # of the train split's classes: a subset of ImageNet's classes is no gap
         warnings.warn(f'{where}: {len(absent)} of the {len(listed)} images {labels.name} labels '
-                      f'are not there ({", ".join(absent[:3])}{" ..." if len(absent) > 3 else ""})'
+                      f'are not there ({first_few(absent, 3)})'
                       f': the val split is incomplete (an archive unpacked in part?)',
                       stacklevel=2)
     return [(ref, label) for label, _, ref in sorted(samples)]

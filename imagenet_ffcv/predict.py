@@ -42,7 +42,7 @@ from . import config, engine
 from .classes import ILSVRC_CLASSES, class_list_of
 from .commands import add_version_option, command_name, one_line_errors, one_line_warnings
 from .constants import IMAGE_EXTENSIONS
-from .errors import InputError, MissingFileError
+from .errors import InputError, MissingFileError, first_few
 from .files import check_writable_file, shown_path, write_text_atomic
 from .image_decode import center_crop_pixels
 from .images import (DEFAULT_JPEG_QUALITY, DEFAULT_MAX_RES, DEFAULT_RESTART_INTERVAL, encode_jpeg,
@@ -188,7 +188,7 @@ def image_files(args: list) -> tuple:
                 files.append(file)
     if again:
         warnings.warn(f'{len(again)} file(s) given more than once, taken once: '
-                      f'{", ".join(map(shown_path, again[:5]))}{" ..." if len(again) > 5 else ""}',
+                      f'{first_few(map(shown_path, again))}',
                       stacklevel=2)
     return files, empty
 

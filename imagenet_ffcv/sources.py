@@ -14,7 +14,7 @@ from pathlib import Path
 
 from . import ilsvrc
 from .constants import IMAGE_EXTENSIONS
-from .errors import InputError, MissingFileError
+from .errors import InputError, MissingFileError, first_few
 from .ilsvrc import KAGGLE_DIR, TRAIN_TAR, VAL_TAR
 
 LAYOUTS = ('folders', 'kaggle', 'tars')
@@ -48,7 +48,7 @@ def find_classes(train_dir) -> list:
     packed = sorted(e.name for e in entries if WNID_TAR.fullmatch(e.name)
                     and e.name[:-4] not in classes and _kind(e) == 'file')
     if packed:  # a class not extracted yet (ImageNet's train tar holds one tar per class)
-        raise InputError(f'{train_dir}: {", ".join(packed[:5])}{" ..." if len(packed) > 5 else ""} '
+        raise InputError(f'{train_dir}: {first_few(packed)} '
                          f'not extracted: the class would be missing and the classes after it '
                          f'would take other indices; extract each into a folder of its name '
                          f'(mkdir {packed[0][:-4]} && tar xf {packed[0]} -C {packed[0][:-4]}) '
@@ -95,8 +95,8 @@ def _warn_alike(train_dir, classes: list) -> None:
         alike.setdefault(unicodedata.normalize('NFC', name).strip().casefold(), []).append(name)
     groups = [' and '.join(map(ascii, names)) for names in alike.values() if len(names) > 1]
     if groups:
-        warnings.warn(f'{train_dir}: class folders {"; ".join(groups[:5])}'
-                      f'{" ..." if len(groups) > 5 else ""} differ only in case, spaces at their '
+        warnings.warn(f'{train_dir}: class folders {first_few(groups, sep="; ")} differ only in '
+                      f'case, spaces at their '
                       f'ends or how Unicode writes their accents (NFC or NFD: they print alike): '
                       f'each is a class of its own; rename or merge them if they are one class',
                       stacklevel=3)
@@ -117,8 +117,8 @@ def _raise_if_flat(split_dir, entries: list) -> None:
         if inside.parts[-len(KAGGLE_DIR.parts):] == KAGGLE_DIR.parts:
             kaggle = f'--data-dir {inside.parents[len(KAGGLE_DIR.parts) - 1]} {kaggle}'
         raise InputError(
-            f'{split_dir}: {len(loose)} images lie in the folder itself ({", ".join(loose[:3])}'
-            f'{" ..." if len(loose) > 3 else ""}), not in class folders <wnid>/, so they have no '
+            f'{split_dir}: {len(loose)} images lie in the folder itself ({first_few(loose, 3)}), '
+            f'not in class folders <wnid>/, so they have no '
             f'labels. {how} from the raw tars (--layout tars) or from Kaggle\'s tree with '
             f'LOC_val_solution.csv ({kaggle})')
 
@@ -168,35 +168,27 @@ def list_samples(split_dir, classes: list) -> list:
                       f'at their own place in the split (a class folder, a folder reached twice, '
                       f'an image of another class, a folder holding class folders), left out so '
                       f'that no image is listed twice or with another label: '
-                      f'{", ".join(repeated[:5])}{" ..." if len(repeated) > 5 else ""}',
+                      f'{first_few(repeated)}',
                       stacklevel=2)
-    if unreadable:
-        warnings.warn(('1 entry is neither a readable file nor a folder (a broken or looping '
-                       'symbolic link: to a disk not mounted?), so the images it leads to are'
-                       if len(unreadable) == 1 else
-                       f'{len(unreadable)} entries are neither readable files nor folders (broken '
-                       f'or looping symbolic links: to a disk not mounted?), so the images they '
-                       f'lead to are') + f' left out: {", ".join(unreadable[:5])}'
-                      f'{" ..." if len(unreadable) > 5 else ""}', stacklevel=2)
+    _warn_of_unreadable(unreadable)
     ilsvrc.warn_not_images(other)
     if samples and empty:
         warnings.warn(f'{len(empty)} class folder(s) with no images (extensions '
-                      f'{", ".join(IMAGE_EXTENSIONS)}): {", ".join(empty[:5])}'
-                      f'{" ..." if len(empty) > 5 else ""}; their classes keep their index but '
+                      f'{", ".join(IMAGE_EXTENSIONS)}): {first_few(empty)}; their classes keep '
+                      f'their index but '
                       f'have no samples in this split', stacklevel=2)
     loose = sorted(e.name for e in entries if not e.name.startswith('.') and _kind(e) == 'file')
     if samples and loose:  # (ImageNet-A's and -R's README.txt is no image: no advice then)
         images = any(name.lower().endswith(IMAGE_EXTENSIONS + ('.tar',)) for name in loose)
         warnings.warn(f'{split_dir}: {len(loose)} file(s) in the split folder itself, outside the '
-                      f'class folders, left out (no class): {", ".join(loose[:5])}'
-                      f'{" ..." if len(loose) > 5 else ""}' + (
+                      f'class folders, left out (no class): {first_few(loose)}' + (
                           '; move images into their class folder (an interrupted valprep.sh?) '
                           'and extract tars into theirs' if images else ''), stacklevel=2)
     present = {*folders, *broken}  # broken: named above
     absent = [w for w in classes if w not in present]
     if samples and absent:
         warnings.warn(f'{split_dir}: {len(absent)} of the {len(classes)} train classes have no '
-                      f'folder here ({", ".join(absent[:5])}{" ..." if len(absent) > 5 else ""}); '
+                      f'folder here ({first_few(absent)}); '
                       f'the other classes keep their train indices', stacklevel=2)
     if not samples:
         _raise_if_flat(split_dir, entries)
@@ -215,15 +207,25 @@ def images_in(folder) -> list:
     unreadable, other, repeated = [], [], []
     files = _images_under(Path(folder), {real}, frozenset({real}), (unreadable, other, repeated))
     ilsvrc.warn_not_images(other)
-    if unreadable:
-        warnings.warn(f'{len(unreadable)} broken or looping symbolic link(s) left out: '
-                      f'{", ".join(unreadable[:5])}{" ..." if len(unreadable) > 5 else ""}',
-                      stacklevel=2)
+    _warn_of_unreadable(unreadable)
     if repeated:
         warnings.warn(f'{len(repeated)} symbolic link(s) to images or folders listed already left '
-                      f'out: {", ".join(repeated[:5])}{" ..." if len(repeated) > 5 else ""}',
+                      f'out: {first_few(repeated)}',
                       stacklevel=2)
     return files
+
+
+def _warn_of_unreadable(unreadable: list) -> None:
+    """The warning (to the caller of the caller) naming the ``unreadable`` entries of the
+    folders listed, left out: neither readable files nor folders (broken or looping symbolic
+    links)."""
+    if unreadable:
+        warnings.warn(('1 entry is neither a readable file nor a folder (a broken or looping '
+                       'symbolic link: to a disk not mounted?), so the images it leads to are'
+                       if len(unreadable) == 1 else
+                       f'{len(unreadable)} entries are neither readable files nor folders (broken '
+                       f'or looping symbolic links: to a disk not mounted?), so the images they '
+                       f'lead to are') + f' left out: {first_few(unreadable)}', stacklevel=3)
 
 
 def _raise_if_unknown(split_dir, folders: list, classes: list) -> None:

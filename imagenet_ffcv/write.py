@@ -41,7 +41,7 @@ from .classes import (ILSVRC_CLASSES, class_list_of, class_list_path, folders_by
                       read_class_list, write_class_list)
 from .commands import (add_version_option, command_name, one_line_errors, one_line_warnings,
                        stopped_by_ctrl_c)
-from .errors import InputError, MissingFileError
+from .errors import InputError, MissingFileError, first_few
 from .images import (DEFAULT_JPEG_QUALITY, DEFAULT_MAX_RES, DEFAULT_RESTART_INTERVAL,
                      jpeg_check_missing)
 from .ilsvrc import KAGGLE_DIR
@@ -247,8 +247,8 @@ def main(args) -> dict:
     if stats['skipped']:
         print(f'{command_name("write")}: warning: {stats["skipped"]} file(s) could not be decoded '
               f'and were skipped; see {stats["skipped_report"]}' + (
-                  f'; class(es) left with no image by them: {", ".join(emptied[:5])}'
-                  f'{" ..." if len(emptied) > 5 else ""}' if emptied else ''), file=sys.stderr)
+                  f'; class(es) left with no image by them: {first_few(emptied)}'
+                  if emptied else ''), file=sys.stderr)
     return stats
 
 

@@ -1907,3 +1907,10 @@ def test_a_class_tar_member_that_is_no_image_is_named_as_left_out(tmp_path):
         samples = ilsvrc.tar_train_samples(tmp_path, ['n01440764'])
     assert [(p.split('::')[1].split('@')[0], label) for p, label in samples] == [
         ('n01440764.tar/a.JPEG', 0)]
+
+
+def test_messages_name_the_first_few_of_a_list_then_dots():
+    assert errors.first_few(['a.JPEG', 'b.JPEG']) == 'a.JPEG, b.JPEG'
+    assert errors.first_few(map(str, range(7))) == '0, 1, 2, 3, 4 ...'  # any iterable
+    assert errors.first_few([Path('x'), 'y', 'z'], 2, sep='; ') == 'x; y ...'
+    assert errors.first_few(range(3), 3) == '0, 1, 2'

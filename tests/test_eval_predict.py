@@ -493,14 +493,19 @@ def test_predict_classifies_the_images_of_a_folder_into_a_csv_file(short_run, tm
     (photos / 'broken.jpg').write_bytes(b'not a jpeg')
     (photos / 'notes.txt').write_text('not an image')
     (photos / 'same.jpg').symlink_to('a.JPEG')
+    (photos / 'gone.jpg').symlink_to('nowhere.jpg')
     out = tmp_path / 'predictions.csv'
     with pytest.warns(UserWarning) as warned:
         assert predict.cli([str(photos), str(files[2]), str(photos / 'a.JPEG'), '--weights',
                             weights, '--top', '2', '--csv', str(out)]) == 1
-    assert [str(w.message).split(': ')[1].split(';')[0] for w in warned] == [
+    warned = [str(w.message) for w in warned]
+    assert warned.pop(1) == (f'1 entry is neither a readable file nor a folder (a broken or '
+                             f'looping symbolic link: to a disk not mounted?), so the images it '
+                             f'leads to are left out: {photos / "gone.jpg"}')  # as the converter
+    assert [message.split(': ')[1].split(';')[0] for message in warned] == [
         str(photos / 'notes.txt'), str(photos / 'same.jpg'), str(photos / 'a.JPEG')]
-    assert str(warned[2].message).startswith('1 file(s) given more than once, taken once')
-    assert str(warned[0].message).startswith('1 file whose extension is not one of')
+    assert warned[2].startswith('1 file(s) given more than once, taken once')
+    assert warned[0].startswith('1 file whose extension is not one of')
     printed = capsys.readouterr()
     assert printed.out == f'=> 3 image(s) classified, 1 not (their error column says why): {out}\n'
     assert f': {photos / "broken.jpg"}: cannot decode the image' in printed.err
