@@ -172,15 +172,17 @@ def _load_image(path, max_res: int) -> np.ndarray:
 def _decoded(im: Image.Image, data: bytes, target: tuple) -> tuple:
     """``(pixels, orientation)``: the opened image ``im`` (``data``, its file's bytes) decoded
     to RGB ((H, W, 3) uint8) at the DCT scale PIL's ``draft`` takes for ``target`` (width,
-    height) when it is a JPEG, and its EXIF orientation (1 when none). A JPEG PIL reads as RGB
-    or grayscale is decoded by libjpeg directly (``jpeg_region.read_source_jpeg``: PIL's very
+    height) when it is a JPEG, and its EXIF orientation (1 when none). A JPEG (or the first
+    image of an MPO file, as PIL reads it) PIL reads as RGB or grayscale is decoded by libjpeg
+    directly (``jpeg_region.read_source_jpeg``: PIL's very
     pixels, about 10 % sooner), with libjpeg's warnings, which PIL drops, heard: damaged data
     (which PIL fills with grey without a word) or a truncated file raise InputError, and a JPEG
     whole but for its final EOI marker (which PIL refuses as truncated) is read. Any other JPEG
     (CMYK) is checked the same way first (``check_source_jpeg``), then decoded by PIL, as any
     other file is, and converted by :func:`_to_rgb`. Without the built region decoder
     (:func:`jpeg_check_missing`), PIL alone decodes, unchecked."""
-    jpeg = im.format == 'JPEG' and data[:2] == b'\xff\xd8' and not jpeg_check_missing()
+    jpeg = (im.format in ('JPEG', 'MPO')  # MPO: a camera's JPEG with more images after it
+            and data[:2] == b'\xff\xd8' and not jpeg_check_missing())
     if jpeg and im.mode in ('RGB', 'L'):
         denom = draft_scale(im.size, target) if target != im.size else 1
         _check_decoded_size(-(-im.width // denom), -(-im.height // denom))

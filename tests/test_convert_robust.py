@@ -200,7 +200,10 @@ def test_jpegs_decode_to_the_pixels_pil_decodes_at_each_dct_scale(tmp_path):
     for name, options in made.items():
         base.save(tmp_path / name, **options)
     base.convert('L').save(tmp_path / 'gray.jpg', quality=90)
-    for name in [*made, 'gray.jpg']:
+    # a camera's MPO file (portrait-mode photos): PIL reads its first image
+    base.save(tmp_path / 'camera.jpg', 'MPO', save_all=True, append_images=[photo((40, 30), 1)])
+    assert Image.open(tmp_path / 'camera.jpg').format == 'MPO'
+    for name in [*made, 'gray.jpg', 'camera.jpg']:
         for max_res in (157, 78, 39, 19):  # DCT scale 1, 2, 4, 8
             data = (tmp_path / name).read_bytes()
             target = images.shorter_side_size(203, 157, max_res)
@@ -233,9 +236,22 @@ def test_damaged_jpeg_data_is_an_error_and_a_missing_eoi_marker_is_not(tmp_path,
             images.load_image(damaged, max_res=1000)
         no_eoi = tmp_path / f'no_eoi_{src.name}'
         no_eoi.write_bytes(raw[:-2])
-        with pytest.raises(OSError, match='truncated'):
-            Image.open(no_eoi).load()
+        with pytest.raises(OSError, match='truncated'), Image.open(no_eoi) as im:
+            im.load()
         assert np.array_equal(images.load_image(no_eoi, max_res=1000), whole)
+    # a camera's MPO file (portrait-mode photos) whose first image, the one PIL reads, has an EOI
+    # marker in the middle of its data: PIL decodes it without a word
+    mpo = tmp_path / 'camera.jpg'
+    photo((120, 80), 0).save(mpo, 'MPO', save_all=True, append_images=[photo((40, 30), 1)])
+    data = bytearray(mpo.read_bytes())
+    scan = data.index(b'\xff\xda')
+    middle = (scan + data.index(b'\xff\xd9', scan)) // 2
+    data[middle:middle + 2] = b'\xff\xd9'
+    mpo.write_bytes(bytes(data))
+    with Image.open(mpo) as im:
+        assert im.format == 'MPO' and np.asarray(im.convert('RGB')).shape == (80, 120, 3)
+    with pytest.raises(ValueError, match=r'^corrupt JPEG data \(Corrupt JPEG data: premature'):
+        images.load_image(mpo, max_res=1000)
     # a progressive JPEG cut between two scans, with an EOI marker or not: its last refinements
     # missing (PIL decodes the first without a word), no grey, but truncated all the same
     for end in (b'', b'\xff\xd9'):
