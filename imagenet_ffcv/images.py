@@ -129,9 +129,9 @@ def load_image(path, max_res: int) -> np.ndarray:
     Images smaller than ``max_res`` are kept as they are. Any image size is read, up to PIL's
     limit against decompression bombs applied to the pixels decoded (:func:`_check_decoded_size`).
     Returns a (H, W, 3) uint8 array. Raises OSError/ValueError for a file that cannot be decoded
-    completely: a truncated or damaged file is an error, never a partly grey image (libjpeg's
-    warnings, which PIL drops, are heard: :func:`_decoded`), while a JPEG that lacks only its
-    final EOI marker, which PIL refuses, is read. PIL's warnings (corrupt EXIF data, ...) are
+    completely: a truncated file is an error, and so is a JPEG whose damage libjpeg notices
+    (libjpeg's warnings, which PIL drops, are heard: :func:`_decoded`), never a partly grey
+    image, while a JPEG that lacks only its final EOI marker, which PIL refuses, is read. PIL's warnings (corrupt EXIF data, ...) are
     warned again naming ``path`` (PIL's name no file).
     """
     caught = []
@@ -174,11 +174,11 @@ def _decoded(im: Image.Image, data: bytes, target: tuple) -> tuple:
     to RGB ((H, W, 3) uint8) at the DCT scale PIL's ``draft`` takes for ``target`` (width,
     height) when it is a JPEG, and its EXIF orientation (1 when none). A JPEG (or the first
     image of an MPO file, as PIL reads it) PIL reads as RGB or grayscale is decoded by libjpeg
-    directly (``jpeg_region.read_source_jpeg``: PIL's very
-    pixels, about 10 % sooner), with libjpeg's warnings, which PIL drops, heard: damaged data
-    (which PIL fills with grey without a word) or a truncated file raise InputError, and a JPEG
-    whole but for its final EOI marker (which PIL refuses as truncated) is read. Any other JPEG
-    (CMYK) is checked the same way first (``check_source_jpeg``), then decoded by PIL, as any
+    directly (``jpeg_region.read_source_jpeg``: PIL's pixels, about 10 % sooner), with
+    libjpeg's warnings, which PIL drops, heard: damaged data libjpeg notices (which PIL fills
+    with grey without a word) or a truncated file raise InputError, and a JPEG whole but for
+    its final EOI marker (which PIL refuses as truncated) is read. Any other JPEG (CMYK) is
+    checked the same way first (``check_source_jpeg``), then decoded by PIL, as any
     other file is, and converted by :func:`_to_rgb`. Without the built region decoder
     (:func:`jpeg_check_missing`), PIL alone decodes, unchecked."""
     jpeg = (im.format in ('JPEG', 'MPO')  # MPO: a camera's JPEG with more images after it
@@ -188,7 +188,7 @@ def _decoded(im: Image.Image, data: bytes, target: tuple) -> tuple:
         _check_decoded_size(-(-im.width // denom), -(-im.height // denom))
         state, message, pixels = read_source_jpeg(data, height=im.height, width=im.width,
                                                   denom=denom)
-        if pixels is not None:  # else libjpeg refused it: PIL says why as it fails
+        if pixels is not None:  # else this libjpeg refused it: PIL's may read it, unchecked
             _raise_if_damaged(state, message)
             return pixels, im.getexif().get(ExifTags.Base.Orientation, 1)
     elif jpeg:

@@ -782,7 +782,12 @@ int entropy_decode(const uint8_t *src, uint64_t size) {
  * a JPEG as PIL does (libjpeg's ISLOW IDCT and fancy upsampling, DCT-scaled as PIL's draft) and
  * listens to libjpeg's warnings as it goes; check_source_jpeg only listens (for JPEGs PIL
  * decodes, CMYK ones), decoding at 1/8 scale into one row: every scan's entropy-coded data read
- * as at full size, the IDCT the DC term alone. */
+ * as at full size, the IDCT the DC term alone.
+ * What libjpeg notices is what is heard: most damage of a byte or two goes unseen (the Huffman
+ * decoder reads on, out of step, and at most finds bytes left over before the next marker:
+ * 'extraneous bytes', a warning whole files give too, so not taken for damage), and
+ * arithmetic-coded data that runs out is filled in without a warning (such a JPEG that ends
+ * early is taken as truncated, whatever it lacks; one with an EOI marker cannot be judged). */
 #include <jerror.h>
 
 struct check_errors {
@@ -809,14 +814,14 @@ static void check_warning(j_common_ptr c, int level) {
                code == JWRN_ARITH_BAD_CODE || code == JWRN_MUST_RESYNC) {
         if (!e->damaged) c->err->format_message(c, e->message);
         e->damaged = 1;
-    }  /* others (extraneous bytes before a marker, an unknown JFIF revision...) lose no pixel */
+    }  /* others (extraneous bytes before a marker, an unknown JFIF revision...): not damage */
 }
 
-/* Whether every coefficient of the image was read: for a progressive JPEG, each one refined to
- * its last bit (coef_bits 0, libjpeg's record of the scans read: what every progressive encoder
- * sends); for a sequential one, the last scan read held every component (a JPEG of one scan per
- * component that ends early has no such scan, and is taken as incomplete; one that was cut
- * between such scans and given an EOI marker cannot be told from a whole one). */
+/* Whether every coefficient of a JPEG whose data ended early was read, so that only its EOI
+ * marker is missing: for a progressive JPEG, each one refined to its last bit (coef_bits 0,
+ * libjpeg's record of the scans read; a legal progressive JPEG may stop short of that, but one
+ * that also lacks its EOI marker is taken as cut); for a sequential one, the last scan read held
+ * every component (a JPEG of one scan per component has no such scan, and is taken as cut). */
 static int all_coefficients_read(struct jpeg_decompress_struct *c) {
     if (!c->progressive_mode) return c->comps_in_scan == c->num_components;
     for (int ci = 0; ci < c->num_components; ci++)
@@ -830,12 +835,11 @@ static int all_coefficients_read(struct jpeg_decompress_struct *c) {
  * fancy upsampling: PIL's settings; a grayscale JPEG's channel thrice; CMYK cannot be) into
  * `dst`, `capacity` bytes, info[0] <- its height, info[1] <- its width; without (NULL): in the
  * JPEG's own colour space into one row, the fastest way (check_source_jpeg).
- * Returns 0: intact (warnings that lose no pixel aside); 1: intact but for its missing EOI
- * marker (every coefficient read, the data ending there); 2: damaged, libjpeg filled part of it
- * with grey (`message` holds its first warning); 3: the data ends before the image does (a
- * truncated file; or a progressive JPEG with an EOI marker but not every coefficient, cut
- * between two scans); -1: libjpeg refuses it (`message` holds its error); -2: `capacity` is too
- * small. `message`: JMSG_LENGTH_MAX (200) bytes. Thread-safe: a decompressor of its own per
+ * Returns 0: intact, as far as libjpeg can tell (warnings other than damage aside); 1: intact but
+ * for its missing EOI marker (every coefficient read, Huffman-coded, the data ending there); 2:
+ * damaged, libjpeg filled part of it with grey (`message` holds its first warning); 3: the data
+ * ends before the image does (a truncated file); -1: libjpeg refuses it (`message` holds its
+ * error); -2: `capacity` is too small. `message`: JMSG_LENGTH_MAX (200) bytes. Thread-safe: a decompressor of its own per
  * call. */
 int read_source_jpeg(const uint8_t *src, uint64_t size, uint32_t denom, uint8_t *dst,
                      uint64_t capacity, int64_t *info, char *message) {
@@ -885,14 +889,12 @@ int read_source_jpeg(const uint8_t *src, uint64_t size, uint32_t denom, uint8_t 
     } else {
         while (c.output_scanline < c.output_height) jpeg_read_scanlines(&c, row, 1);
     }
-    int whole = all_coefficients_read(&c);  /* before coef_bits is freed with the image */
-    int progressive = c.progressive_mode;
+    int whole = all_coefficients_read(&c) && !c.arith_code;  /* before coef_bits is freed */
     jpeg_finish_decompress(&c);
     jpeg_destroy_decompress(&c);
     memcpy(message, e.message, JMSG_LENGTH_MAX);
     if (e.ended) return e.damaged || !whole ? 3 : 1;
-    if (e.damaged) return 2;
-    return progressive && !whole ? 3 : 0;
+    return e.damaged ? 2 : 0;
 }
 
 /* read_source_jpeg's verdict on the JPEG `src` without its pixels. */
