@@ -154,10 +154,12 @@ UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
 def _load_image(path, max_res: int) -> np.ndarray:
     ImageFile.LOAD_TRUNCATED_IMAGES = False  # another library may have switched it on
     with open_image_source(path) as f:
-        data = f.read()
-    with _opened(io.BytesIO(data), path) as im:
-        stored = im.size
-        a, orientation = _decoded(im, data, shorter_side_size(*stored, max_res))
+        head = f.read(2)
+        data = head + f.read() if head == b'\xff\xd8' else None  # a JPEG's, for libjpeg
+        f.seek(0)
+        with _opened(io.BytesIO(data) if data else f, path) as im:
+            stored = im.size
+            a, orientation = _decoded(im, data, shorter_side_size(*stored, max_res))
     if orientation in UPRIGHT:
         a = np.asarray(Image.fromarray(a).transpose(UPRIGHT[orientation]))
     turned = orientation in (5, 6, 7, 8)
@@ -169,8 +171,9 @@ def _load_image(path, max_res: int) -> np.ndarray:
     return a
 
 
-def _decoded(im: Image.Image, data: bytes, target: tuple) -> tuple:
-    """``(pixels, orientation)``: the opened image ``im`` (``data``, its file's bytes) decoded
+def _decoded(im: Image.Image, data, target: tuple) -> tuple:
+    """``(pixels, orientation)``: the opened image ``im`` (``data``: its file's bytes when they
+    start as a JPEG's, else None) decoded
     to RGB ((H, W, 3) uint8) at the DCT scale PIL's ``draft`` takes for ``target`` (width,
     height) when it is a JPEG, and its EXIF orientation (1 when none). A JPEG (or the first
     image of an MPO file, as PIL reads it) PIL reads as RGB or grayscale is decoded by libjpeg
@@ -182,7 +185,7 @@ def _decoded(im: Image.Image, data: bytes, target: tuple) -> tuple:
     other file is, and converted by :func:`_to_rgb`. Without the built region decoder
     (:func:`jpeg_check_missing`), PIL alone decodes, unchecked."""
     jpeg = (im.format in ('JPEG', 'MPO')  # MPO: a camera's JPEG with more images after it
-            and data[:2] == b'\xff\xd8' and not jpeg_check_missing())
+            and data is not None and not jpeg_check_missing())
     if jpeg and im.mode in ('RGB', 'L'):
         denom = draft_scale(im.size, target) if target != im.size else 1
         _check_decoded_size(-(-im.width // denom), -(-im.height // denom))
