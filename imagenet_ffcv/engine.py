@@ -12,6 +12,7 @@ import torchvision.transforms.functional as TF
 from tqdm import tqdm
 
 from . import distributed
+from .commands import progress_bar
 from .constants import DEFAULT_CROP_RATIO
 from .errors import ImagenetFfcvError
 from .metrics import topk_correct
@@ -180,7 +181,7 @@ def _start_step(optimizer, lr: float) -> float:
 
 def _show(bar, *, loss, lr: float, img_per_s: float, eta_s: float) -> None:
     bar.set_postfix(loss=f'{float(loss):.3f}', lr=f'{lr:.3g}', img_per_s=f'{img_per_s:.0f}',
-                    eta=tqdm.format_interval(eta_s))
+                    eta=tqdm.format_interval(eta_s), refresh=False)  # shown at the bar's redraw
 
 
 @contextlib.contextmanager
@@ -192,7 +193,7 @@ def _progress(loader, first: int, *, desc: str, show: bool):
     the next epoch (tqdm closes what it iterates only when the bar is disabled)."""
     batches = (loader.epoch_from(first) if hasattr(loader, 'epoch_from') else
                itertools.islice(loader, first, None))
-    bar = tqdm(batches, desc=desc, total=len(loader), initial=first, disable=not show,
+    bar = progress_bar(batches, desc=desc, total=len(loader), initial=first, disable=not show,
                leave=False, dynamic_ncols=True)
     try:
         yield bar

@@ -36,11 +36,11 @@ import warnings
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 from . import config, engine
 from .classes import ILSVRC_CLASSES, class_list_of
-from .commands import add_version_option, command_name, one_line_errors, one_line_warnings
+from .commands import (add_version_option, command_name, one_line_errors, one_line_warnings,
+                       progress_bar)
 from .constants import IMAGE_EXTENSIONS
 from .errors import InputError, MissingFileError, first_few
 from .files import check_writable_file, shown_path, write_text_atomic
@@ -107,7 +107,7 @@ def predict(paths: list, *, weights, top: int = 5, classes_path=None, res=None,
     device = device or torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     model = saved.model.to(device).eval()
     results, batch = [None] * len(paths), {}  # batch: {index in paths: model input}
-    with tqdm(paths, unit='img', leave=False, disable=None) as bar:  # stderr, if a terminal
+    with progress_bar(paths, unit='img', leave=False, disable=None) as bar:  # if a terminal
         for i, path in enumerate(bar):
             try:
                 batch[i] = model_input(*image_record(path, max_res=max_res,

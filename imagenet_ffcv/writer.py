@@ -14,12 +14,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 from . import ffcv_import  # noqa: F401  (first: ffcv without its import-time compiling)
 from ffcv.fields import IntField
 from ffcv.memory_allocator import MemoryAllocator
 from ffcv.writer import DatasetWriter
 
+from .commands import progress_bar
 from .constants import SHARED_MEMORY
 from .cores import usable_cores
 from .errors import ImagenetFfcvError, InputError
@@ -130,7 +130,7 @@ def _wait_for_workers(processes, allocations, done, total: int) -> list:
     WriterProcessError once a process has ended with an error, or with exit code 0 without
     sending its allocations (the others then wait for ever to write their pages after its)."""
     gathered = []
-    with tqdm(total=total) as bar:
+    with progress_bar(total=total) as bar:
         while len(gathered) < len(processes):
             try:
                 gathered.append(allocations.get(timeout=0.1))

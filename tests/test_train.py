@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import REPO, SAMPLE, run_env, small_args, small_config
-from imagenet_ffcv import betons, config, train
+from imagenet_ffcv import betons, commands, config, train
 from imagenet_ffcv.classes import class_list_path, read_class_list, write_class_list
 
 
@@ -25,6 +25,19 @@ def test_cli_trains_and_prints_results_table(sample_betons, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert '| arch' in proc.stdout and 'top-1' in proc.stdout and 'resnet18' in proc.stdout
     assert '-> 0.03125 used' in proc.stdout  # lr 0.5 for batch 1024, scaled to batch 64
+    # stderr is no terminal: the epoch's and validation's bars are each drawn once ('%|'), then
+    # cleared, not redrawn up to 10 times a second (124 times over the demo's first 2 epochs)
+    assert proc.stderr.count('%|') == 2 and 'epoch 0:   0%|' in proc.stderr
+
+
+def test_progress_bars_redraw_once_a_minute_where_stderr_is_no_terminal(monkeypatch):
+    with commands.progress_bar(range(3)) as bar:  # pytest's stderr is no terminal
+        assert bar.mininterval == commands.LOG_REDRAW_S == 60
+    monkeypatch.setattr(sys.stderr, 'isatty', lambda: True, raising=False)
+    with commands.progress_bar(range(3)) as bar:
+        assert bar.mininterval == 0.1  # tqdm's
+    with commands.progress_bar(range(3), mininterval=5) as bar:
+        assert bar.mininterval == 5
 
 
 def test_live_logs_that_fail_to_start_leave_the_run_folder_unlocked(sample_betons, tmp_path,
