@@ -131,8 +131,8 @@ def load_image(path, max_res: int) -> np.ndarray:
     Returns a (H, W, 3) uint8 array. Raises OSError/ValueError for a file that cannot be decoded
     completely: a truncated file is an error, and so is a JPEG whose damage libjpeg notices
     (libjpeg's warnings, which PIL drops, are heard: :func:`_decoded`), never a partly grey
-    image, while a JPEG that lacks only its final EOI marker, which PIL refuses, is read. PIL's warnings (corrupt EXIF data, ...) are
-    warned again naming ``path`` (PIL's name no file).
+    image, while a JPEG that lacks only its final EOI marker, which PIL refuses, is read. PIL's
+    warnings (corrupt EXIF data, ...) are warned again naming ``path`` (PIL's name no file).
     """
     caught = []
     try:

@@ -817,13 +817,27 @@ static void check_warning(j_common_ptr c, int level) {
     }  /* others (extraneous bytes before a marker, an unknown JFIF revision...): not damage */
 }
 
-/* Whether every coefficient of a JPEG whose data ended early was read, so that only its EOI
- * marker is missing: for a progressive JPEG, each one refined to its last bit (coef_bits 0,
- * libjpeg's record of the scans read; a legal progressive JPEG may stop short of that, but one
- * that also lacks its EOI marker is taken as cut); for a sequential one, the last scan read held
- * every component (a JPEG of one scan per component has no such scan, and is taken as cut). */
+/* The components of the scans read, noted by libjpeg's progress monitor, which it calls before
+ * each row of input it reads (and each scanline it returns). */
+struct scans_seen {
+    struct jpeg_progress_mgr pub;
+    unsigned components;      /* bit k: component k was in a scan */
+};
+
+static void note_scan(j_common_ptr common) {
+    struct jpeg_decompress_struct *c = (struct jpeg_decompress_struct *)common;
+    struct scans_seen *seen = (struct scans_seen *)common->progress;
+    for (int i = 0; i < c->comps_in_scan; i++)
+        seen->components |= 1u << c->cur_comp_info[i]->component_index;
+}
+
+/* Whether every coefficient of the JPEG was read: for a progressive JPEG, each one refined to its
+ * last bit (coef_bits 0, libjpeg's record of the scans read; a legal progressive JPEG may stop
+ * short of that, so this is asked only of one whose data ended early); for a sequential one,
+ * every component was in a scan (scans_seen). */
 static int all_coefficients_read(struct jpeg_decompress_struct *c) {
-    if (!c->progressive_mode) return c->comps_in_scan == c->num_components;
+    if (!c->progressive_mode)
+        return ((struct scans_seen *)c->progress)->components == (1u << c->num_components) - 1;
     for (int ci = 0; ci < c->num_components; ci++)
         for (int k = 0; k < DCTSIZE2; k++)
             if (c->coef_bits[ci][k] != 0) return 0;
@@ -838,8 +852,9 @@ static int all_coefficients_read(struct jpeg_decompress_struct *c) {
  * Returns 0: intact, as far as libjpeg can tell (warnings other than damage aside); 1: intact but
  * for its missing EOI marker (every coefficient read, Huffman-coded, the data ending there); 2:
  * damaged, libjpeg filled part of it with grey (`message` holds its first warning); 3: the data
- * ends before the image does (a truncated file); -1: libjpeg refuses it (`message` holds its
- * error); -2: `capacity` is too small. `message`: JMSG_LENGTH_MAX (200) bytes. Thread-safe: a decompressor of its own per
+ * ends before the image does (a truncated file; or a sequential JPEG with a component in no
+ * scan, cut between scans); -1: libjpeg refuses it (`message` holds its error); -2: `capacity`
+ * is too small. `message`: JMSG_LENGTH_MAX (200) bytes. Thread-safe: a decompressor of its own per
  * call. */
 int read_source_jpeg(const uint8_t *src, uint64_t size, uint32_t denom, uint8_t *dst,
                      uint64_t capacity, int64_t *info, char *message) {
@@ -851,6 +866,10 @@ int read_source_jpeg(const uint8_t *src, uint64_t size, uint32_t denom, uint8_t 
     e.pub.error_exit = check_error;
     e.pub.emit_message = check_warning;
     jpeg_create_decompress(&c);
+    struct scans_seen seen;
+    memset(&seen, 0, sizeof seen);
+    seen.pub.progress_monitor = note_scan;
+    c.progress = &seen.pub;
     if (setjmp(e.jump)) {
         jpeg_destroy_decompress(&c);
         memcpy(message, e.message, JMSG_LENGTH_MAX);
@@ -889,11 +908,14 @@ int read_source_jpeg(const uint8_t *src, uint64_t size, uint32_t denom, uint8_t 
     } else {
         while (c.output_scanline < c.output_height) jpeg_read_scanlines(&c, row, 1);
     }
+    note_scan((j_common_ptr)&c);
+    /* a sequential JPEG codes every component in a scan: one that lacks one was cut */
+    int every = c.progressive_mode || all_coefficients_read(&c);
     int whole = all_coefficients_read(&c) && !c.arith_code;  /* before coef_bits is freed */
     jpeg_finish_decompress(&c);
     jpeg_destroy_decompress(&c);
     memcpy(message, e.message, JMSG_LENGTH_MAX);
-    if (e.ended) return e.damaged || !whole ? 3 : 1;
+    if (e.ended || !every) return e.damaged || !whole ? 3 : 1;
     return e.damaged ? 2 : 0;
 }
 

@@ -143,16 +143,16 @@ SOURCE_JPEG_STATES = {0: 'intact', 1: 'no EOI', 2: 'damaged', 3: 'truncated', -1
 def check_source_jpeg(data: bytes) -> tuple:
     """libjpeg's verdict on a JPEG file's bytes, which PIL does not pass on: ``(state,
     message)``, ``state`` one of 'intact' (as far as libjpeg can tell); 'no EOI' (whole but for
-    its final EOI marker, which PIL refuses as truncated; Huffman-coded, with a scan of every
-    component); 'damaged' (entropy-coded data libjpeg could not read and fills with grey, where
-    PIL says nothing: a bad Huffman code, a segment that ends early; ``message`` is libjpeg's
-    first warning, e.g. 'Corrupt JPEG data: premature end of data segment'); 'truncated' (the
-    data ends before the image does, or cannot be told whole: arithmetic-coded); 'refused'
-    (libjpeg's error, in ``message``). Damage libjpeg does not notice (most of a byte or two;
-    any in arithmetic-coded data) leaves a JPEG 'intact', and so does its warning of
-    'extraneous bytes' before a marker, which whole files give too. The whole file is decoded at
-    1/8 scale (every scan's entropy-coded data read as at full size). Raises JpegLibraryError
-    when the library is not built.
+    its final EOI marker, which PIL refuses as truncated; Huffman-coded); 'damaged'
+    (entropy-coded data libjpeg could not read and fills with grey, where PIL says nothing: a
+    bad Huffman code, a segment that ends early; ``message`` is libjpeg's first warning, e.g.
+    'Corrupt JPEG data: premature end of data segment'); 'truncated' (the data ends before the
+    image does, or cannot be told whole: arithmetic-coded; or a sequential JPEG with a component
+    in no scan); 'refused' (libjpeg's error, in ``message``). Damage libjpeg does not notice
+    (most of a byte or two; any in arithmetic-coded data) leaves a JPEG 'intact', and so does
+    its warning of 'extraneous bytes' before a marker, which whole files give too. The whole
+    file is decoded at 1/8 scale (every scan's entropy-coded data read as at full size). Raises
+    JpegLibraryError when the library is not built.
     """
     message = ctypes.create_string_buffer(200)  # JMSG_LENGTH_MAX
     code = c_function('check_source_jpeg')(data, len(data), message)
@@ -162,12 +162,13 @@ def check_source_jpeg(data: bytes) -> tuple:
 def read_source_jpeg(data: bytes, *, height: int, width: int, denom: int) -> tuple:
     """A JPEG file's bytes decoded as PIL decodes them (libjpeg's ISLOW IDCT and fancy
     upsampling; the same pixels where both libraries are libjpeg-turbo, but for the block
-    smoothing of a progressive JPEG whose scans stop short), DCT-scaled by 1/``denom`` (1, 2, 4 or 8) from its ``height`` x ``width``
-    pixels, with libjpeg's verdict: ``(state, message, pixels)``, ``state`` and ``message`` as
-    :func:`check_source_jpeg` gives them, ``pixels`` the (ceil(height / denom), ceil(width /
-    denom), 3) uint8 RGB array (a grayscale JPEG's channel thrice; grey where 'damaged' or
-    'truncated') or None when 'refused' (a CMYK JPEG among others). Raises JpegLibraryError
-    when the library is not built, ValueError when ``height`` and ``width`` are not the JPEG's.
+    smoothing of a progressive JPEG whose scans stop short), DCT-scaled by 1/``denom`` (1, 2, 4
+    or 8) from its ``height`` x ``width`` pixels, with libjpeg's verdict: ``(state, message,
+    pixels)``, ``state`` and ``message`` as :func:`check_source_jpeg` gives them, ``pixels`` the
+    (ceil(height / denom), ceil(width / denom), 3) uint8 RGB array (a grayscale JPEG's channel
+    thrice; grey where 'damaged' or 'truncated') or None when 'refused' (a CMYK JPEG among
+    others). Raises JpegLibraryError when the library is not built, ValueError when ``height``
+    and ``width`` are not the JPEG's.
     """
     shape = (-(-height // denom), -(-width // denom), 3)
     pixels = np.empty(shape, np.uint8)
