@@ -143,7 +143,7 @@ def flat_val_samples(files: list, root, classes: list, where) -> list:
         samples.append((class_to_idx[wnid], name.rsplit('/', 1)[-1], ref))
     if unlabelled:
         raise InputError(f'{where}: {len(unlabelled)} val image(s) have no label in {labels}: '
-                         f'{", ".join(unlabelled[:5])}')
+                         f'{first_few(unlabelled)}')
     listed = {image_id for image_id, wnid in solution.items() if wnid in class_to_idx}
     absent = sorted(listed - present)
     if absent:  # of the train split's classes: a subset of ImageNet's classes is no gap

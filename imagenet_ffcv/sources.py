@@ -41,7 +41,7 @@ def find_classes(train_dir) -> list:
     entries = list(os.scandir(train_dir))
     broken = sorted(e.name for e in entries if _kind(e) is None and not e.name.startswith('.'))
     if broken:
-        raise InputError(f'{train_dir}: {", ".join(broken[:5])} cannot be read (a broken or '
+        raise InputError(f'{train_dir}: {first_few(broken)} cannot be read (a broken or '
                          f'looping symbolic link?); were it a class folder, the classes after it '
                          f'would take other indices: fix or remove it')
     classes, _ = class_folders(entries)
@@ -79,7 +79,7 @@ def _check_class_names(train_dir, classes: list) -> None:
     bad = [repr(name) if utf8(name) else repr(os.fsencode(name)) for name in classes
            if not utf8(name) or any(c in name for c in '\t\n\r')]
     if bad:
-        raise InputError(f'{train_dir}: class folder name(s) {", ".join(bad[:5])} '
+        raise InputError(f'{train_dir}: class folder name(s) {first_few(bad)} '
                          f'{"are" if len(bad) > 1 else "is"} not valid UTF-8 or hold a tab or '
                          f'line break, which the class list (classes.tsv: UTF-8, a line per '
                          f'class, tab-separated) cannot hold: rename the folder(s) (for names '
@@ -146,7 +146,7 @@ def list_samples(split_dir, classes: list) -> list:
     entries = list(os.scandir(split_dir))
     folders, hidden = class_folders(entries)
     if hidden:
-        warnings.warn(f'{split_dir}: hidden folder(s) {", ".join(hidden[:5])} left out: not '
+        warnings.warn(f'{split_dir}: hidden folder(s) {first_few(hidden)} left out: not '
                       f'classes', stacklevel=2)
     _raise_if_unknown(split_dir, folders, classes)
     listed = _check_distinct_folders(split_dir, folders)  # real paths: links to them are repeats
@@ -239,13 +239,13 @@ def _raise_if_unknown(split_dir, folders: list, classes: list) -> None:
         alike = [f for f in unknown if unicodedata.normalize('NFC', f) in nfc]
         cased = [f'{f} and train/{c}' for f in unknown for c in classes if f.casefold() ==
                  c.casefold()]
-        raise InputError(f'{split_dir}: class folder(s) {", ".join(unknown[:5])} are not in the '
+        raise InputError(f'{split_dir}: class folder(s) {first_few(unknown)} are not in the '
                          f'train split, so their images have no class index; remove them or add '
                          f'the class to train/' + (
-                             f' ({", ".join(map(ascii, alike[:5]))} differ from a train folder '
+                             f' ({first_few(map(ascii, alike))} differ from a train folder '
                              f'only in how Unicode writes their accents (NFC or NFD; macOS '
                              f'writes NFD): rename one of them)' if alike else '') + (
-                             f' ({", ".join(cased[:5])} differ in case only: rename one)'
+                             f' ({first_few(cased)} differ in case only: rename one)'
                              if cased else ''))
 
 

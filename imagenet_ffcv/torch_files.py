@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import CheckpointError
+from .errors import CheckpointError, first_few
 
 # How a torch.save file starts: a zip archive (since torch 1.6), or the legacy format's pickle
 # (its PROTO opcode). Anything else (an HTML error page, garbage) is not a torch file at all.
@@ -57,7 +57,7 @@ def safe_torch_load(path, what: str = 'file'):
     top = members[0].split('/')[0] if members else ''  # torch.save: every record in one folder
     if f'{top}/data.pkl' not in members:  # its pickle
         raise CheckpointError(f'{path}: a zip archive, not one torch.save writes (it holds '
-                              f'{", ".join(members[:3]) or "nothing"}, not a folder of data.pkl '
+                              f'{first_few(members, 3) or "nothing"}, not a folder of data.pkl '
                               f'and tensors): give a weights file or a run folder')
     convert = ('use weights written by this tool (checkpoint.pt, final_weights.pt or '
                'final_weights.safetensors), or, for a file you trust, save its state dict alone '

@@ -25,7 +25,7 @@ from .classes import (check_same_classes, class_list_path, ilsvrc_classes, in_il
                       read_class_list, read_class_names, some_of)
 from .config import saved_model_kwargs
 from .config_schema import ARCH_KEY, nested_ffcv_imagenet_params
-from .errors import CheckpointError, MissingFileError
+from .errors import CheckpointError, MissingFileError, first_few
 from .files import atomic_path
 from .models import ClassSubset, build_model, classifier_keys, meta_model
 from .run_dir import RunDir
@@ -220,7 +220,7 @@ def _state_dict_in(content, path) -> dict:
     for key in STATE_DICT_KEYS if isinstance(content, dict) else ():
         if tensors(content.get(key)):
             return content[key]
-    held = (f'keys {", ".join(map(repr, list(content)[:8]))}' if content and isinstance(
+    held = (f'keys {first_few(map(repr, content), 8)}' if content and isinstance(
             content, dict) else f'an empty {type(content).__name__}' if isinstance(
             content, (dict, list)) else f'a {type(content).__name__}')
     raise CheckpointError(f'{path}: holds no state dict of tensors ({held}); save the model\'s '
