@@ -27,12 +27,23 @@ LOG_REDRAW_S = 60
 
 
 def progress_bar(iterable=None, **options) -> tqdm:
-    """tqdm's bar on stderr (``options`` are tqdm's), redrawn as tqdm redraws it (up to 10 times
-    a second) on a terminal, and at most every :data:`LOG_REDRAW_S` seconds where stderr is not
-    one: a long job's log keeps one line a minute of it instead of megabytes of redraws."""
-    if not sys.stderr.isatty():
+    """tqdm's bar (``options`` are tqdm's; on stderr unless ``file``), redrawn as tqdm redraws it
+    (up to 10 times a second) on a terminal or in a Jupyter kernel, and every
+    :data:`LOG_REDRAW_S` seconds (tqdm's ``mininterval`` and ``maxinterval``) in a file: a long
+    job's log keeps one line a minute of it instead of megabytes of redraws."""
+    if not options.get('disable') and not _interactive(options.get('file') or sys.stderr):
         options.setdefault('mininterval', LOG_REDRAW_S)
+        options.setdefault('maxinterval', LOG_REDRAW_S)  # tqdm's monitor thread redraws too
     return tqdm(iterable, **options)
+
+
+def _interactive(stream) -> bool:
+    """Whether ``stream`` is a terminal, or a Jupyter kernel's (which redraws a bar in place);
+    False for a file, a pipe, or no stream (None, closed)."""
+    try:
+        return bool(stream.isatty()) or 'ipykernel' in sys.modules
+    except (AttributeError, ValueError, OSError):
+        return False
 
 
 def command_name(module: str) -> str:

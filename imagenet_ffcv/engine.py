@@ -194,7 +194,7 @@ def _progress(loader, first: int, *, desc: str, show: bool):
     batches = (loader.epoch_from(first) if hasattr(loader, 'epoch_from') else
                itertools.islice(loader, first, None))
     bar = progress_bar(batches, desc=desc, total=len(loader), initial=first, disable=not show,
-               leave=False, dynamic_ncols=True)
+                       leave=False, dynamic_ncols=True)
     try:
         yield bar
     finally:

@@ -32,12 +32,22 @@ def test_cli_trains_and_prints_results_table(sample_betons, tmp_path):
 
 def test_progress_bars_redraw_once_a_minute_where_stderr_is_no_terminal(monkeypatch):
     with commands.progress_bar(range(3)) as bar:  # pytest's stderr is no terminal
-        assert bar.mininterval == commands.LOG_REDRAW_S == 60
-    monkeypatch.setattr(sys.stderr, 'isatty', lambda: True, raising=False)
-    with commands.progress_bar(range(3)) as bar:
-        assert bar.mininterval == 0.1  # tqdm's
+        # and tqdm's monitor thread redraws a bar not redrawn for maxinterval (10 s: 20 s after
+        # each minute's line, a second one)
+        assert bar.mininterval == bar.maxinterval == commands.LOG_REDRAW_S == 60
     with commands.progress_bar(range(3), mininterval=5) as bar:
         assert bar.mininterval == 5
+    monkeypatch.setattr(sys.stderr, 'isatty', lambda: True, raising=False)
+    with commands.progress_bar(range(3)) as bar:
+        assert (bar.mininterval, bar.maxinterval) == (0.1, 10)  # tqdm's
+    monkeypatch.setattr(sys.stderr, 'isatty', lambda: False, raising=False)
+    monkeypatch.setitem(sys.modules, 'ipykernel', sys)  # a Jupyter kernel redraws in place
+    with commands.progress_bar(range(3)) as bar:
+        assert bar.mininterval == 0.1
+    monkeypatch.delitem(sys.modules, 'ipykernel')
+    monkeypatch.setattr(sys, 'stderr', None)  # pythonw, 2>&-: a disabled bar, as tqdm's
+    with commands.progress_bar(range(3), disable=True) as bar:
+        assert list(bar) == [0, 1, 2]
 
 
 def test_live_logs_that_fail_to_start_leave_the_run_folder_unlocked(sample_betons, tmp_path,
