@@ -33,7 +33,7 @@ config and class list saved in them),
 ``state_dicts`` (other tools' state dicts made torchvision's),
 ``signals`` (pre-emption and Ctrl-C), ``run_dir`` (the run folder), ``run_lock`` (its lock:
 which job writes the run), ``loggers`` (TensorBoard, W&B), ``optional`` (optional packages),
-``files`` (atomic writes), ``errors`` (the base exception).
+``files`` (atomic writes), ``errors`` (the base exception; ``first_few``, how messages list names).
 
 Importing any module touches neither the disk nor global state.
 """

@@ -120,7 +120,8 @@ def _check_decoded_size(width: int, height: int) -> None:
 def load_image(path, max_res: int) -> np.ndarray:
     """Decode an image file to RGB with its shorter side at most ``max_res`` pixels.
 
-    Grayscale, CMYK, palette and alpha images are converted to RGB by PIL's ``convert('RGB')``;
+    Grayscale, CMYK, palette and alpha images are converted to RGB by PIL's ``convert('RGB')``
+    (a grayscale JPEG by libjpeg, to the same pixels);
     16-bit images are scaled to 8 bits (see :func:`_to_rgb`); an EXIF orientation tag is applied
     (as ``ImageOps.exif_transpose``) before resizing. Large JPEGs are decoded at a reduced DCT
     scale (as PIL's ``draft``, :func:`draft_scale`) to no less than the target size, then resized
@@ -130,9 +131,10 @@ def load_image(path, max_res: int) -> np.ndarray:
     limit against decompression bombs applied to the pixels decoded (:func:`_check_decoded_size`).
     Returns a (H, W, 3) uint8 array. Raises OSError/ValueError for a file that cannot be decoded
     completely: a truncated file is an error, and so is a JPEG whose damage libjpeg notices
-    (libjpeg's warnings, which PIL drops, are heard: :func:`_decoded`), never a partly grey
-    image, while a JPEG that lacks only its final EOI marker, which PIL refuses, is read. PIL's
-    warnings (corrupt EXIF data, ...) are warned again naming ``path`` (PIL's name no file).
+    (libjpeg's warnings, which PIL drops, are heard, with the built region decoder:
+    :func:`_decoded`; most damage of a byte or two is not noticed), while a JPEG that lacks
+    only its final EOI marker, which PIL refuses, is read. PIL's warnings (corrupt EXIF data,
+    ...) are warned again naming ``path`` (PIL's name no file).
     """
     caught = []
     try:

@@ -783,10 +783,11 @@ int entropy_decode(const uint8_t *src, uint64_t size) {
  * listens to libjpeg's warnings as it goes; check_source_jpeg only listens (for JPEGs PIL
  * decodes, CMYK ones), decoding at 1/8 scale into one row: every scan's entropy-coded data read
  * as at full size, the IDCT the DC term alone.
- * What libjpeg notices is what is heard: most damage of a byte or two goes unseen (the Huffman
- * decoder reads on, out of step, and at most finds bytes left over before the next marker:
- * 'extraneous bytes', a warning whole files give too, so not taken for damage), and
- * arithmetic-coded data that runs out is filled in without a warning (such a JPEG that ends
+ * What libjpeg notices is what is heard: most damage of a byte in a baseline JPEG's data goes
+ * unseen, about half in a progressive one's (the Huffman decoder reads on, out of step, and may
+ * find bytes left over before the next marker: 'extraneous bytes', a warning whole files give
+ * too, so not taken for damage), and arithmetic-coded data that runs out is filled in without a
+ * warning (such a JPEG that ends
  * early is taken as truncated, whatever it lacks; one with an EOI marker cannot be judged). */
 #include <jerror.h>
 

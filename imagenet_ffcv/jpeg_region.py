@@ -149,7 +149,8 @@ def check_source_jpeg(data: bytes) -> tuple:
     'Corrupt JPEG data: premature end of data segment'); 'truncated' (the data ends before the
     image does, or cannot be told whole: arithmetic-coded; or a sequential JPEG with a component
     in no scan); 'refused' (libjpeg's error, in ``message``). Damage libjpeg does not notice
-    (most of a byte or two; any in arithmetic-coded data) leaves a JPEG 'intact', and so does
+    (most of a byte in a baseline JPEG's data, about half in a progressive one's, almost any in
+    arithmetic-coded data that ends in its EOI marker) leaves a JPEG 'intact', and so does
     its warning of 'extraneous bytes' before a marker, which whole files give too. The whole
     file is decoded at 1/8 scale (every scan's entropy-coded data read as at full size). Raises
     JpegLibraryError when the library is not built.
