@@ -18,7 +18,9 @@ A checkpoint is one ``torch.save`` file, ``RUN_DIR/checkpoint.pt``, holding::
                   'epoch_so_far': within an epoch, rank 0's {'loss_sum', 'images', 'seconds'} of
                   it up to 'iteration', for its log line; else None,
                   'reached': {'epoch', 'time_to_target_s'} once training.target_top1 was
-                  reached, else None}}
+                  reached, else None,
+                  'val_pending': the validation of the epoch before 'epoch' was stopped by a
+                  signal (absent, as False, in older checkpoints)}}
 
 With ``checkpoint.keep_last=N`` the checkpoints written at the ends of the last N epochs stay
 beside it as ``RUN_DIR/checkpoint_epoch_<epochs done>.pt`` (:func:`keep_history`, timm's
@@ -54,7 +56,9 @@ class Progress:
     """Where a run stands (in its checkpoint): ``epoch``/``iteration`` the next step to train,
     ``epoch_so_far`` rank 0's figures of that epoch before it (train_one_epoch's ``so_far``);
     ``best_top1``/``best_epoch`` the best val top-1 (fraction) and its epoch; ``images`` and
-    ``train_seconds`` of the epochs done, all ranks; ``wall_time_s`` of earlier processes."""
+    ``train_seconds`` of the epochs done, all ranks; ``wall_time_s`` of earlier processes;
+    ``val_pending``: the epoch before ``epoch`` is trained but its validation was stopped by a
+    signal, so the resumed run validates it first (``evaluate.validate_pending``)."""
     epoch: int = 0
     iteration: int = 0
     best_top1: float = None
@@ -64,6 +68,7 @@ class Progress:
     wall_time_s: float = 0.0
     epoch_so_far: dict = None
     reached: dict = None  # {'epoch', 'time_to_target_s'} once validation top-1 reached the target
+    val_pending: bool = False
 
     def saved(self, epoch_so_far: dict, wall_time_s: float) -> dict:
         """The checkpoint's ``progress`` (:func:`training_state`), with ``epoch_so_far`` and
@@ -71,7 +76,8 @@ class Progress:
         **progress)`` reads it back."""
         return {'images': self.images, 'train_seconds': self.train_seconds,
                 'best_epoch': self.best_epoch, 'epoch_so_far': epoch_so_far,
-                'wall_time_s': wall_time_s, 'reached': self.reached}
+                'wall_time_s': wall_time_s, 'reached': self.reached,
+                'val_pending': self.val_pending}
 
     def rebatched(self, was: tuple, now: tuple) -> None:
         """Move a position saved at ``was = (batch size, processes)`` to ``now``'s (a resume forced

@@ -317,7 +317,7 @@ def train_one_epoch(*, model, loader, optimizer, loss_fn, lr_at, epoch: int, amp
 
 @torch.no_grad()
 def evaluate(*, model, loader, amp_dtype=None, flip_tta: bool = True, ten_crop: bool = False,
-             corrupt_record=None, progress: str = '') -> dict:
+             corrupt_record=None, progress: str = '', stop_requested: Callable = None) -> dict:
     """Top-1, top-5 and cross-entropy of ``model`` over ``loader`` (batches, with a length),
     summed over all ranks.
 
@@ -332,13 +332,20 @@ def evaluate(*, model, loader, amp_dtype=None, flip_tta: bool = True, ten_crop: 
     image instead: the same views for a square image, others for the rest.
     corrupt_record: as in :func:`train_one_epoch`, checked at the end (CorruptRecordError).
     progress: the label of a progress bar ('' : none).
+    stop_requested: ``() -> bool``, asked before each batch (a signal came: ``signals``); once
+    true on a rank, that rank's pass ends there, and the pass returns ``{'stopped': True}`` on
+    every rank (they agree in the final all-reduce).
     Returns ``{'top_1', 'top_5'}`` as fractions in [0, 1], ``'val_loss'`` and ``'count'`` (images).
     """
     model.eval()
     device = next(model.parameters()).device
     sums, count = torch.zeros(3, dtype=torch.float64, device=device), 0  # top-1/5 hits, loss
+    stopped = False
     with _progress(loader, 0, desc=progress, show=bool(progress)) as batches:
         for x, y in batches:
+            if stop_requested is not None and stop_requested():
+                stopped = True
+                break
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                 if ten_crop:
                     side = round(x.shape[-1] * DEFAULT_CROP_RATIO)
@@ -350,8 +357,11 @@ def evaluate(*, model, loader, amp_dtype=None, flip_tta: bool = True, ten_crop: 
                                F.cross_entropy(logits, y, reduction='sum').double().view(1)])
             count += y.shape[0]  # no wait for the GPU per batch
     corrupt = corrupt_record() if corrupt_record else None
-    sums = torch.cat([sums, sums.new_tensor([count, bool(corrupt)])])
-    top1, top5, loss, count, corrupt_ranks = distributed.all_reduce_sum(sums).tolist()
+    sums = torch.cat([sums, sums.new_tensor([count, bool(corrupt), stopped])])
+    top1, top5, loss, count, corrupt_ranks, stopped_ranks = distributed.all_reduce_sum(
+        sums).tolist()
     _raise_if_corrupt(corrupt, corrupt_ranks > 0)
+    if stopped_ranks:
+        return {'stopped': True}
     n = max(count, 1)
     return {'top_1': top1 / n, 'top_5': top5 / n, 'val_loss': loss / n, 'count': int(count)}

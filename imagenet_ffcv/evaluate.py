@@ -29,39 +29,52 @@ def make_val_loader(cfg, dist, precision, threads: int = None, **overrides):
                               dtype=precision.input_dtype)
 
 
-def validate(cfg, model, loader, precision, progress: str = '') -> dict:
+def validate(cfg, model, loader, precision, progress: str = '', stop_requested=None) -> dict:
     """Centre-crop top-1/top-5, loss and error rates of ``model`` on the val set (all ranks), with
     flip TTA when ``validation.lr_tta`` (ffcv-imagenet's name) is set; ``progress``: the label of
-    a progress bar ('': none)."""
-    val = metrics.with_error_rates(engine.evaluate(
+    a progress bar ('': none); ``{'stopped': True}`` when ``stop_requested`` ended it
+    (``engine.evaluate``)."""
+    val = engine.evaluate(
         model=model, loader=loader, amp_dtype=precision.amp_dtype,
         flip_tta=bool(cfg.validation.lr_tta), corrupt_record=loader.corrupt_record,
-        progress=progress))
+        progress=progress, stop_requested=stop_requested)
+    if val.get('stopped'):
+        return val
+    val = metrics.with_error_rates(val)
     val['val_count'] = val.pop('count')
     return val
 
 
-def validate_with_ema(cfg, model, ema, loader, precision, show_progress: bool = True) -> dict:
+def validate_with_ema(cfg, model, ema, loader, precision, show_progress: bool = True,
+                      stop_requested=None) -> dict:
     """:func:`validate` of ``model``, and of ``ema`` (an ``AveragedModel``; keys suffixed
-    ``_ema``) when it is not None."""
-    val = validate(cfg, model, loader, precision, progress='val' if show_progress else '')
-    if ema is not None:
+    ``_ema``) when it is not None; ``{'stopped': True}`` when ``stop_requested`` ended either."""
+    val = validate(cfg, model, loader, precision, progress='val' if show_progress else '',
+                   stop_requested=stop_requested)
+    if ema is not None and not val.get('stopped'):
         ema_val = validate(cfg, ema.module, loader, precision,
-                           progress='val (EMA)' if show_progress else '')
+                           progress='val (EMA)' if show_progress else '',
+                           stop_requested=stop_requested)
+        if ema_val.get('stopped'):
+            return ema_val
         val.update({f'{k}_ema': v for k, v in ema_val.items() if k != 'val_count'})
     return val
 
 
-def ten_crop_eval(cfg, dist, model, precision) -> dict:
+def ten_crop_eval(cfg, dist, model, precision, stop_requested=None) -> dict:
     """10-crop top-1/top-5 (and error rates) of ``model``, keys suffixed ``_10crop``: views of
     ``validation.resolution`` px (the side of the centre-crop validation's images), cut from whole
-    central squares of 256/224 times that side (``engine.evaluate``)."""
+    central squares of 256/224 times that side (``engine.evaluate``); ``{'stopped': True}`` when
+    ``stop_requested`` ended it."""
     square = round(cfg.validation.resolution / DEFAULT_CROP_RATIO)
     loader = make_val_loader(cfg, dist, precision, crop_ratio=1.0, res=square)
-    result = metrics.with_error_rates(engine.evaluate(
+    result = engine.evaluate(
         model=model, loader=loader, amp_dtype=precision.amp_dtype, ten_crop=True,
-        corrupt_record=loader.corrupt_record, progress='10-crop' if dist.is_primary else ''))
-    return {f'{k}_10crop': v for k, v in result.items() if k != 'count'}
+        corrupt_record=loader.corrupt_record, progress='10-crop' if dist.is_primary else '',
+        stop_requested=stop_requested)
+    if result.get('stopped'):
+        return result
+    return {f'{k}_10crop': v for k, v in metrics.with_error_rates(result).items() if k != 'count'}
 
 
 def _validation_values(evaluated: dict) -> dict:
@@ -96,18 +109,23 @@ def validated_otherwise(cfg, saved_config: dict) -> str:
     return ' '.join(f'{key}={value}' for key, value in run.items() if now[key] != value)
 
 
-def end_of_epoch_eval(run, epoch: int) -> dict:
+def end_of_epoch_eval(run, epoch: int, stop_requested=None) -> dict:
     """Validation of a training run (``train.Run``) after ``epoch``: after every epoch with
     ``logging.log_level`` >= 1 (ffcv-imagenet's name for it) or a top-1 target, else after the
     last one only; 10-crop too (if asked for) at the end. Records the best top-1 (and with
     ``checkpoint.keep_best`` writes its weights) and the epoch that reaches the target. Returns
-    the metrics ({} when not validated)."""
+    the metrics ({} when not validated); ``{'stopped': True}`` when ``stop_requested`` (a signal)
+    ended a pass, ``run.final_val`` then left None (a run resumed after its last epoch validates
+    in ``train.summarize``)."""
     cfg, last, progress = run.cfg, epoch == run.cfg.training.epochs - 1, run.progress
     validate_every_epoch, target = bool(cfg.logging.log_level), cfg.training.target_top1
     if not (validate_every_epoch or target > 0 or last):
         return {}
     val = validate_with_ema(cfg, run.model_without_ddp, run.options.ema, run.val_loader,
-                            run.precision, show_progress=run.dist.is_primary)
+                            run.precision, show_progress=run.dist.is_primary,
+                            stop_requested=stop_requested)
+    if val.get('stopped'):
+        return val
     run.final_val = val
     if progress.best_top1 is None or val['top_1'] > progress.best_top1:
         progress.best_top1, progress.best_epoch = val['top_1'], epoch
@@ -119,8 +137,34 @@ def end_of_epoch_eval(run, epoch: int) -> dict:
     if target > 0 and val['top_1'] >= target and not progress.reached:
         progress.reached = dict(epoch=epoch, time_to_target_s=time.perf_counter() - run.wall_start)
     if (progress.reached or last) and cfg.validation.ten_crop:
-        val.update(ten_crop_eval(cfg, run.dist, run.model_without_ddp, run.precision))
+        val.update(ten_crop_eval(cfg, run.dist, run.model_without_ddp, run.precision,
+                                 stop_requested))
+        if val.get('stopped'):
+            run.final_val = None
+            return {'stopped': True}
     return val
+
+
+def validate_pending(run, stop_requested, save_checkpoint) -> bool:
+    """The validation of the epoch before ``run.progress.epoch``, which a signal stopped
+    (``progress.val_pending``; :func:`end_of_epoch_eval`, as that epoch's would have run: best
+    top-1, ``keep_best``, the target, 10-crop after the last epoch), added to that epoch's
+    ``log.jsonl`` record and the live logs by rank 0, then the checkpoint written again without
+    the mark (``save_checkpoint(run, epoch, iteration)``: ``train.save_checkpoint``). Returns
+    False when ``stop_requested`` stopped it again (the checkpoint as it was)."""
+    epoch = run.progress.epoch - 1
+    val = end_of_epoch_eval(run, epoch, stop_requested)
+    if val.get('stopped'):
+        return False
+    if run.dist.is_primary:
+        record = run.run_dir.amend_log(epoch, val)
+        metrics.plot_log(run.run_dir.log, run.run_dir.plot)
+        run.live_log.epoch_scalars(epoch, record, step=run.global_step(epoch + 1, 0))
+        print(f'epoch {epoch}: top-1 {val["top_1"]:.4f} (its validation, stopped by a signal, '
+              f'done on resume)', flush=True)
+    run.progress.val_pending = False
+    save_checkpoint(run, epoch + 1, 0)
+    return True
 
 
 def check_results_file(path) -> None:

@@ -215,6 +215,16 @@ class RunDir:
                                       'the training), then resume')
         return records
 
+    def amend_log(self, epoch: int, values: dict) -> dict:
+        """Add ``values`` to ``epoch``'s record of ``log.jsonl`` (rewritten atomically: a
+        validation done after the epoch was logged, ``evaluate.validate_pending``); returns the
+        record."""
+        records = self.read_log()
+        record = next(r for r in records if r['epoch'] == epoch)
+        record.update(values)
+        write_text_atomic(self.log, ''.join(json.dumps(r) + '\n' for r in records))
+        return record
+
     def keep_log_until(self, epoch: int) -> None:
         """Drop the records of ``log.jsonl`` from ``epoch`` on, so that every epoch appears once
         after a resume."""

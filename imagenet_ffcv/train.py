@@ -26,7 +26,7 @@ from .classes import class_list_path, read_class_names
 from .commands import one_line_errors, one_line_warnings, stops_on_ctrl_c
 from .config_warnings import header_warnings
 from .ema import make_ema
-from .evaluate import end_of_epoch_eval, evaluate_weights, make_val_loader
+from .evaluate import end_of_epoch_eval, evaluate_weights, make_val_loader, validate_pending
 from .loggers import LiveLog
 from .mixup import batch_mixer
 from .precision import Precision, resolve_precision
@@ -248,15 +248,19 @@ def save_checkpoint(run: Run, epoch: int, iteration: int, so_far: dict = None) -
 
 
 def fit(run: Run):
-    """Train the epochs from ``run.progress`` on, validating as configured, a checkpoint after
-    each; a signal (SIGTERM, Ctrl-C) ends the current step with a checkpoint, or, during an
-    epoch's validation or checkpoint, the run after them. Returns ``(finished,
-    stop)``: whether training ended (last epoch, top-1 target; a signal in the last epoch's final
-    steps or validation lets it end) and the ``signals.StopRequest`` (true when a signal came)."""
+    """Train the epochs from ``run.progress`` on (first the validation a signal stopped, when
+    ``progress.val_pending``), validating as configured, a checkpoint after each; a signal
+    (SIGTERM, Ctrl-C) ends the current step with a checkpoint; the epoch's validation (or
+    10-crop) before its next batch, the epoch logged without it and its checkpoint marked
+    ``val_pending``; a checkpoint, the run after it. Returns ``(finished, stop)``: whether
+    training ended (last epoch, top-1 target, each validated) and the ``signals.StopRequest``
+    (true when a signal came)."""
     cfg, progress = run.cfg, run.progress
-    first_epoch = progress.epoch  # none after the one that reached the target (resumed):
-    end = cfg.training.epochs if progress.epochs_left(cfg.training.epochs) else 0
     with StopRequest() as stop:
+        if progress.val_pending and not validate_pending(run, stop.__bool__, save_checkpoint):
+            return False, stop
+        first_epoch = progress.epoch  # none after the one that reached the target (resumed):
+        end = cfg.training.epochs if progress.epochs_left(cfg.training.epochs) else 0
         for epoch in range(first_epoch, end):
             res = run.res_at(epoch)
             run.train_decoder.output_size = (res, res)
@@ -284,17 +288,18 @@ def fit(run: Run):
             distributed.broadcast_buffers(run.model_without_ddp)  # rank 0's BN statistics
             if run.options.ema is not None:
                 distributed.broadcast_buffers(run.options.ema.module)
-            val = end_of_epoch_eval(run, epoch)
-            log_epoch(run, epoch, res, stats, val)
+            val = end_of_epoch_eval(run, epoch, stop.__bool__)  # a signal stops it at a batch
+            progress.val_pending = bool(val.pop('stopped', False))  # then the resume validates
+            log_epoch(run, epoch, res, stats, {} if progress.val_pending else val)
             save_checkpoint(run, epoch + 1, 0)
-            if progress.reached:
+            if progress.reached and not progress.val_pending:
                 return True, stop
             # a signal during validation or the checkpoint ends the run here, on every rank, each
             signum = distributed.all_reduce_max(  # ending with that signal's exit status
                 torch.tensor([stop.signum or 0], device=run.dist.device))[0]
             if signum:
                 stop.agree(signum)
-                if epoch < cfg.training.epochs - 1:
+                if epoch < cfg.training.epochs - 1 or progress.val_pending:
                     return False, stop
     return True, stop
 

@@ -155,52 +155,107 @@ def test_a_rank_that_stops_for_another_ranks_signal_ends_as_stopped(sample_beton
     assert not (Path(summary['run_dir']) / 'final_weights.pt').exists()
 
 
-def test_a_signal_in_the_last_check_window_lets_the_run_finish_and_exit_as_signalled(
+def signal_as_it_starts(monkeypatch, module, name):
+    """SIGTERM to this process as ``module.name`` is first called (then it is put back)."""
+    original = getattr(module, name)
+
+    def signalled(*args, **kwargs):
+        monkeypatch.setattr(module, name, original)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+    monkeypatch.setattr(module, name, signalled)
+
+
+def test_a_signal_in_the_last_check_window_leaves_the_validation_to_the_resumed_run(
         sample_betons, tmp_path, monkeypatch, capsys):
     """SIGTERM while step 5 of the last epoch runs (10 steps, checked at the 10th): the epoch
-    ends, then validation and the final weights, as documented; the summary's exit status is now
-    143, where it was 0 (a job script or a shell loop of runs went on as if no signal had come;
-    after Ctrl-C the command ends by SIGINT: commands.stops_on_ctrl_c)."""
+    ends, its checkpoint is written marked val_pending, and the run stops, exit 143; resumed, it
+    trains nothing, validates that epoch (logging it once) and writes the final weights, ending
+    as an uninterrupted run. It used to validate (and, with it, 10-crop) before it stopped:
+    ImageNet's 50,000 images, ten times over for 10-crop, outlast a grace time such as SLURM's
+    30 s KillWait, whose SIGKILL then lost the epoch."""
     from torchrun_main import at_step
     from imagenet_ffcv import engine
+    args = ('--training.epochs=2', '--logging.log_level=1')
+    uninterrupted = train.main(small_config(sample_betons, tmp_path / 'whole', *args))
     for name in ('train_one_epoch', 'forward_backward'):  # at_step replaces them: put back after
         monkeypatch.setattr(engine, name, getattr(engine, name))
     at_step(lambda: os.kill(os.getpid(), signal.SIGTERM), epoch=1, step=5)
-    summary = train.main(small_config(sample_betons, tmp_path, '--training.epochs=2'))
-    assert summary['exit_code'] == 143 and summary['epochs'] == 2 and 'top_1' in summary
-    assert (Path(summary['run_dir']) / 'final_weights.pt').exists()
-    assert 'SIGTERM received' in capsys.readouterr().out
-    assert [r['epoch'] for r in log_of(Path(summary['run_dir']))] == [0, 1]
-
-
-def test_a_signal_during_validation_ends_the_run_after_the_epochs_checkpoint(
-        sample_betons, tmp_path, monkeypatch, capsys):
-    """SIGTERM while epoch 0 of 2 validates: the run stops after that epoch's checkpoint, exit
-    143. It went on into epoch 1 until that epoch's first check (here its last step), then
-    validated and finished it: a pre-empted job ran on for 10 more steps, a second checkpoint
-    and, at a check window's end, a whole validation, past its grace time."""
-    from imagenet_ffcv import evaluate
-    validate = evaluate.validate_with_ema
-
-    def signalled(*args, **kwargs):
-        os.kill(os.getpid(), signal.SIGTERM)
-        return validate(*args, **kwargs)
-    monkeypatch.setattr(evaluate, 'validate_with_ema', signalled)  # end_of_epoch_eval's
-    summary = train.main(small_config(sample_betons, tmp_path, '--training.epochs=2',
-                                      '--logging.log_level=1'))
+    summary = train.main(small_config(sample_betons, tmp_path / 'cut', *args))
     assert summary['stopped'] and summary['exit_code'] == 143
     run_dir = Path(summary['run_dir'])
     state = checkpoint.load(run_dir / 'checkpoint.pt')
-    assert (state['epoch'], state['iteration']) == (1, 0)
-    assert [r['epoch'] for r in log_of(run_dir)] == [0]
+    assert (state['epoch'], state['progress']['val_pending']) == (2, True)
     assert not (run_dir / 'final_weights.pt').exists()
     assert 'SIGTERM received' in capsys.readouterr().out
+    assert ['top_1' in r for r in log_of(run_dir)] == [True, False]
+    monkeypatch.undo()
+    resumed = train.main(small_config(sample_betons, tmp_path / 'cut', *args,
+                                      f'--resume={run_dir}'))
+    assert resumed['top_1'] == uninterrupted['top_1'] and 'stopped' not in resumed
+    assert resumed['weights_sha256'] == uninterrupted['weights_sha256']
+    assert (run_dir / 'final_weights.pt').exists()
+    assert [(r['epoch'], r['top_1']) for r in log_of(run_dir)] == [
+        (r['epoch'], r['top_1']) for r in log_of(Path(uninterrupted['run_dir']))]
+    assert 'epoch 1: top-1 ' in capsys.readouterr().out
+
+
+def test_a_signal_during_validation_stops_it_and_the_resume_validates_that_epoch_first(
+        sample_betons, tmp_path, monkeypatch, capsys):
+    """SIGTERM while epoch 0 of 3 validates, with a top-1 target that epoch reaches: the
+    validation stops before its next batch, the epoch is logged without it, its checkpoint is
+    marked val_pending and the run stops, exit 143. Resumed, the run validates epoch 0 first,
+    reaches the target there and ends as the uninterrupted run: same epoch, same weights, the
+    log's record completed. Before, the validation ran to its end; cut without the mark, the
+    resumed run reached the target an epoch later, with other weights."""
+    from imagenet_ffcv import evaluate
+    args = ('--training.epochs=3', '--training.target_top1=0.000001', '--logging.log_level=1')
+    uninterrupted = train.main(small_config(sample_betons, tmp_path / 'whole', *args))
+    assert (uninterrupted['target_reached_epoch'], uninterrupted['epochs']) == (0, 1)
+    signal_as_it_starts(monkeypatch, evaluate, 'validate_with_ema')
+    summary = train.main(small_config(sample_betons, tmp_path / 'cut', *args))
+    assert summary['stopped'] and summary['exit_code'] == 143
+    run_dir = Path(summary['run_dir'])
+    state = checkpoint.load(run_dir / 'checkpoint.pt')
+    assert (state['epoch'], state['iteration'], state['progress']['val_pending']) == (1, 0, True)
+    [record] = log_of(run_dir)
+    assert record['epoch'] == 0 and 'top_1' not in record and 'train_loss' in record
+    out = capsys.readouterr().out
+    assert 'SIGTERM received' in out and 'top-1 -' in out
+    resumed = train.main(small_config(sample_betons, tmp_path / 'cut', *args,
+                                      f'--resume={run_dir}'))
+    assert (resumed['target_reached_epoch'], resumed['epochs']) == (0, 1)
+    assert resumed['weights_sha256'] == uninterrupted['weights_sha256']
+    [record] = log_of(run_dir)
+    assert record['top_1'] == uninterrupted['top_1'] and 'train_loss' in record
+
+
+def test_a_signal_during_the_last_10_crop_leaves_it_to_the_resumed_run(
+        sample_betons, tmp_path, monkeypatch):
+    """SIGTERM as the 10-crop after the last epoch starts (its centre validation done): the
+    10-crop stops, the run stops unfinished (exit 143), not finished with the 10-crop left out
+    or done again regardless; resumed, it validates and 10-crops that epoch and writes the final
+    weights, the last record of the log holding both."""
+    from imagenet_ffcv import evaluate
+    args = ('--training.epochs=1', '--logging.log_level=1', '--validation.ten_crop=1',
+            '--checkpoint.keep_best=1')
+    signal_as_it_starts(monkeypatch, evaluate, 'ten_crop_eval')
+    summary = train.main(small_config(sample_betons, tmp_path, *args))
+    assert summary['stopped'] and summary['exit_code'] == 143
+    run_dir = Path(summary['run_dir'])
+    assert checkpoint.load(run_dir / 'checkpoint.pt')['progress']['val_pending']
+    assert not (run_dir / 'final_weights.pt').exists()
+    resumed = train.main(small_config(sample_betons, tmp_path, *args, f'--resume={run_dir}'))
+    assert 'top_1_10crop' in resumed and (run_dir / 'final_weights.pt').exists()
+    [record] = log_of(run_dir)
+    assert record['top_1'] == resumed['top_1'] and record['top_1_10crop'] == resumed[
+        'top_1_10crop']
 
 
 def test_a_signal_on_another_rank_in_the_last_epoch_ends_every_rank_with_its_status(
         sample_betons, tmp_path, monkeypatch):
-    """Ctrl-C reached another rank only, during the last epoch's validation: the run finishes
-    (final weights), and this rank too ends with that signal's status, 130, where it ended with 0
+    """Ctrl-C reached another rank only, after the last epoch's validation (during its
+    checkpoint): the run finishes (final weights), and this rank too ends with that signal's status, 130, where it ended with 0
     while the signalled rank ended with 130 (the job's status depended on which rank a launcher
     reported)."""
     from imagenet_ffcv import distributed

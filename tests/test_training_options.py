@@ -291,6 +291,23 @@ def test_epoch_bar_shows_the_whole_run_eta_and_validation_has_a_bar(capsys, monk
     assert capsys.readouterr().err == ''
 
 
+def test_a_stop_request_ends_an_evaluation_before_its_next_batch():
+    model, data = tiny_bn_net(), batches(10)
+    seen, asked = [], []
+    model.register_forward_hook(lambda module, inputs, output: seen.append(len(inputs[0])))
+
+    def after_three_batches():
+        asked.append(True)
+        return len(asked) > 3
+    assert engine.evaluate(model=model, loader=data, flip_tta=False,
+                           stop_requested=after_three_batches) == {'stopped': True}
+    assert seen == [8, 8, 8]  # three batches evaluated, the fourth not
+    seen.clear()
+    whole = engine.evaluate(model=model, loader=data, flip_tta=False,
+                            stop_requested=lambda: False)
+    assert whole['count'] == sum(seen) == 80 and 'stopped' not in whole
+
+
 def test_remaining_work_follows_the_resolution_schedule():
     res_at = {0: 160, 1: 160, 2: 192, 3: 224}.get
     assert schedules.remaining_work(0, epochs=4, res_at=res_at) == pytest.approx(
