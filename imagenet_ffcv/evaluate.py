@@ -115,8 +115,8 @@ def end_of_epoch_eval(run, epoch: int, stop_requested=None) -> dict:
     last one only; 10-crop too (if asked for) at the end. Records the best top-1 (and with
     ``checkpoint.keep_best`` writes its weights) and the epoch that reaches the target. Returns
     the metrics ({} when not validated); ``{'stopped': True}`` when ``stop_requested`` (a signal)
-    ended a pass, ``run.final_val`` then left None (a run resumed after its last epoch validates
-    in ``train.summarize``)."""
+    ended a pass, nothing recorded but what a centre pass before a stopped 10-crop found (the
+    resumed run validates the epoch again: :func:`validate_pending`)."""
     cfg, last, progress = run.cfg, epoch == run.cfg.training.epochs - 1, run.progress
     validate_every_epoch, target = bool(cfg.logging.log_level), cfg.training.target_top1
     if not (validate_every_epoch or target > 0 or last):
@@ -147,21 +147,24 @@ def end_of_epoch_eval(run, epoch: int, stop_requested=None) -> dict:
 
 def validate_pending(run, stop_requested, save_checkpoint) -> bool:
     """The validation of the epoch before ``run.progress.epoch``, which a signal stopped
-    (``progress.val_pending``; :func:`end_of_epoch_eval`, as that epoch's would have run: best
-    top-1, ``keep_best``, the target, 10-crop after the last epoch), added to that epoch's
-    ``log.jsonl`` record and the live logs by rank 0, then the checkpoint written again without
-    the mark (``save_checkpoint(run, epoch, iteration)``: ``train.save_checkpoint``). Returns
-    False when ``stop_requested`` stopped it again (the checkpoint as it was)."""
+    (``progress.val_pending``; :func:`end_of_epoch_eval`, as that epoch's would run under this
+    config: best top-1, ``keep_best``, the target, 10-crop; nothing where it validates no such
+    epoch), added to that epoch's ``log.jsonl`` record (``RunDir.amend_log``) and the live logs
+    by rank 0, then the checkpoint written again without the mark (``save_checkpoint(run,
+    epoch, iteration)``: ``train.save_checkpoint``). Returns False when ``stop_requested``
+    stopped it again (the checkpoint as it was)."""
     epoch = run.progress.epoch - 1
     val = end_of_epoch_eval(run, epoch, stop_requested)
     if val.get('stopped'):
         return False
-    if run.dist.is_primary:
-        record = run.run_dir.amend_log(epoch, val)
+    if val and run.dist.is_primary:
+        run.run_dir.amend_log(epoch, val)
         metrics.plot_log(run.run_dir.log, run.run_dir.plot)
-        run.live_log.epoch_scalars(epoch, record, step=run.global_step(epoch + 1, 0))
-        print(f'epoch {epoch}: top-1 {val["top_1"]:.4f} (its validation, stopped by a signal, '
-              f'done on resume)', flush=True)
+        # W&B holds the stopped process's row at the epoch's last step, and takes no step twice
+        run.live_log.epoch_scalars(epoch, val, step=run.global_step(epoch + 1, 0) + 1)
+        print(f'epoch {epoch}: top-1 {val["top_1"]:.4f}' + (
+            f' (EMA {val["top_1_ema"]:.4f})' if 'top_1_ema' in val else '')
+            + ' (its validation, stopped by a signal, done on resume)', flush=True)
     run.progress.val_pending = False
     save_checkpoint(run, epoch + 1, 0)
     return True

@@ -102,17 +102,19 @@ def model_complexity(model: torch.nn.Module, res: int) -> dict:
 def plot_log(log_path, png_path) -> None:
     """Plot a run's ``log.jsonl`` (one JSON record per epoch, see imagenet-ffcv-train) into a PNG of
     four panels against the epoch: train loss, validation top-1 (%), LR at the end of the epoch
-    and training resolution (px). Epochs without validation leave gaps in the top-1 panel."""
+    and training resolution (px). A value a record lacks leaves a gap (an epoch without
+    validation in the top-1 panel; a record of a validation alone, ``RunDir.amend_log``)."""
     import matplotlib  # heavy, and only needed here
     matplotlib.use('Agg')  # files only, no display
     import matplotlib.pyplot as plt
 
     records = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
     epochs = [r['epoch'] for r in records]
-    panels = [('train loss', [r['train_loss'] for r in records]),
-              ('top-1 (%)', [100 * r['top_1'] if 'top_1' in r else float('nan') for r in records]),
-              ('LR', [r['lr'] for r in records]),
-              ('resolution (px)', [r['res'] for r in records])]
+    nan = float('nan')
+    panels = [('train loss', [r.get('train_loss', nan) for r in records]),
+              ('top-1 (%)', [100 * r.get('top_1', nan) for r in records]),
+              ('LR', [r.get('lr', nan) for r in records]),
+              ('resolution (px)', [r.get('res', nan) for r in records])]
     fig, axes = plt.subplots(2, 2, figsize=(9, 6), sharex=True)
     for ax, (title, values) in zip(axes.flat, panels):
         ax.plot(epochs, values, marker='o', markersize=3)

@@ -215,15 +215,22 @@ class RunDir:
                                       'the training), then resume')
         return records
 
-    def amend_log(self, epoch: int, values: dict) -> dict:
-        """Add ``values`` to ``epoch``'s record of ``log.jsonl`` (rewritten atomically: a
-        validation done after the epoch was logged, ``evaluate.validate_pending``); returns the
-        record."""
+    def amend_log(self, epoch: int, values: dict) -> None:
+        """Add ``values`` to ``epoch``'s record of ``log.jsonl``, after its ``train_loss`` as
+        an epoch validated at once has them (a validation done after the epoch was logged:
+        ``evaluate.validate_pending``), or append them as its record when it has none (a log
+        deleted or cut); the file rewritten atomically, once the lock is checked."""
+        self.check_lock()
         records = self.read_log()
-        record = next(r for r in records if r['epoch'] == epoch)
-        record.update(values)
+        old = next((r for r in records if r['epoch'] == epoch), None)
+        if old is None:
+            records.append({'epoch': epoch, **values})
+        else:
+            keys = list(old)
+            cut = keys.index('train_loss') + 1 if 'train_loss' in keys else len(keys)
+            records[records.index(old)] = {**{k: old[k] for k in keys[:cut]}, **values,
+                                           **{k: old[k] for k in keys[cut:]}}
         write_text_atomic(self.log, ''.join(json.dumps(r) + '\n' for r in records))
-        return record
 
     def keep_log_until(self, epoch: int) -> None:
         """Drop the records of ``log.jsonl`` from ``epoch`` on, so that every epoch appears once

@@ -38,7 +38,8 @@ def main(cfg, command_line=frozenset()) -> dict:
     """Train as ``cfg`` (``config.load_config``) says, or evaluate ``model.weights`` (eval_only=1,
     validating as the run did but for the keys in ``command_line``: ``config.command_line_keys``);
     returns the summary (run folder, final top-1/top-5, wall time, ...) on every rank. A run stopped
-    by a signal (SIGTERM, Ctrl-C), or finished with one in its last steps: exit_code 128 + it."""
+    by a signal (SIGTERM, Ctrl-C), or finished with one during its last checkpoint: exit_code
+    128 + it."""
     wall_start = time.perf_counter()
     dist = distributed.from_env()
     if dist.device.type == 'cuda' and dist.local_world_size > 1 and dist.local_rank == 0:
@@ -258,6 +259,7 @@ def fit(run: Run):
     cfg, progress = run.cfg, run.progress
     with StopRequest() as stop:
         if progress.val_pending and not validate_pending(run, stop.__bool__, save_checkpoint):
+            _agree_on_signal(run, stop)
             return False, stop
         first_epoch = progress.epoch  # none after the one that reached the target (resumed):
         end = cfg.training.epochs if progress.epochs_left(cfg.training.epochs) else 0
@@ -288,20 +290,28 @@ def fit(run: Run):
             distributed.broadcast_buffers(run.model_without_ddp)  # rank 0's BN statistics
             if run.options.ema is not None:
                 distributed.broadcast_buffers(run.options.ema.module)
-            val = end_of_epoch_eval(run, epoch, stop.__bool__)  # a signal stops it at a batch
+            stopped = (lambda: True) if stats['stopped'] else stop.__bool__  # (agreed; this rank)
+            val = end_of_epoch_eval(run, epoch, stopped)  # a signal stops it at a batch
             progress.val_pending = bool(val.pop('stopped', False))  # then the resume validates
             log_epoch(run, epoch, res, stats, {} if progress.val_pending else val)
             save_checkpoint(run, epoch + 1, 0)
             if progress.reached and not progress.val_pending:
                 return True, stop
-            # a signal during validation or the checkpoint ends the run here, on every rank, each
-            signum = distributed.all_reduce_max(  # ending with that signal's exit status
-                torch.tensor([stop.signum or 0], device=run.dist.device))[0]
-            if signum:
-                stop.agree(signum)
-                if epoch < cfg.training.epochs - 1 or progress.val_pending:
-                    return False, stop
+            # a signal during validation or the checkpoint ends the run here, on every rank
+            if _agree_on_signal(run, stop) and (epoch < cfg.training.epochs - 1
+                                               or progress.val_pending):
+                return False, stop
     return True, stop
+
+
+def _agree_on_signal(run: Run, stop) -> int:
+    """The largest signal number any rank received (0: none), which every rank's ``stop`` then
+    takes (``StopRequest.agree``), so that each ends with that signal's exit status."""
+    signum = distributed.all_reduce_max(torch.tensor([stop.signum or 0],
+                                                     device=run.dist.device))[0]
+    if signum:
+        stop.agree(signum)
+    return signum
 
 
 def log_epoch(run: Run, epoch: int, res: int, stats: dict, val: dict) -> None:

@@ -230,6 +230,29 @@ def test_a_signal_during_validation_stops_it_and_the_resume_validates_that_epoch
     assert record['top_1'] == uninterrupted['top_1'] and 'train_loss' in record
 
 
+def test_a_pending_validation_resumes_with_its_log_deleted_or_a_config_that_skips_it(
+        sample_betons, tmp_path, monkeypatch):
+    """The resume of a run whose epoch-0 validation a signal stopped: with log.jsonl deleted,
+    the validation makes the epoch's record (it raised StopIteration); with
+    logging.log_level=0 (a change a resume takes), epoch 0 is not validated and the run goes on
+    (it raised KeyError: 'top_1')."""
+    from imagenet_ffcv import evaluate
+    args = ('--training.epochs=2', '--logging.log_level=1')
+    for folder, again in (('deleted', args), ('skipped', ('--training.epochs=2',
+                                                          '--logging.log_level=0'))):
+        signal_as_it_starts(monkeypatch, evaluate, 'validate_with_ema')
+        run_dir = Path(train.main(small_config(sample_betons, tmp_path / folder, *args))[
+            'run_dir'])
+        assert checkpoint.load(run_dir / 'checkpoint.pt')['progress']['val_pending']
+        if folder == 'deleted':
+            (run_dir / 'log.jsonl').unlink()
+        resumed = train.main(small_config(sample_betons, tmp_path / folder, *again,
+                                          f'--resume={run_dir}'))
+        assert 'top_1' in resumed and (run_dir / 'final_weights.pt').exists()
+        assert [(r['epoch'], 'top_1' in r) for r in log_of(run_dir)] == (
+            [(0, True), (1, True)] if folder == 'deleted' else [(0, False), (1, True)])
+
+
 def test_a_signal_during_the_last_10_crop_leaves_it_to_the_resumed_run(
         sample_betons, tmp_path, monkeypatch):
     """SIGTERM as the 10-crop after the last epoch starts (its centre validation done): the
