@@ -278,9 +278,9 @@ def test_a_signal_during_the_last_10_crop_leaves_it_to_the_resumed_run(
 def test_a_signal_on_another_rank_in_the_last_epoch_ends_every_rank_with_its_status(
         sample_betons, tmp_path, monkeypatch):
     """Ctrl-C reached another rank only, after the last epoch's validation (during its
-    checkpoint): the run finishes (final weights), and this rank too ends with that signal's status, 130, where it ended with 0
-    while the signalled rank ended with 130 (the job's status depended on which rank a launcher
-    reported)."""
+    checkpoint): the run finishes (final weights), and this rank too ends with that signal's
+    status, 130, where it ended with 0 while the signalled rank ended with 130 (the job's status
+    depended on which rank a launcher reported)."""
     from imagenet_ffcv import distributed
     all_reduce_min = distributed.all_reduce_min
 
