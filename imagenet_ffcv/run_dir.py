@@ -222,14 +222,15 @@ class RunDir:
         deleted or cut); the file rewritten atomically, once the lock is checked."""
         self.check_lock()
         records = self.read_log()
-        old = next((r for r in records if r['epoch'] == epoch), None)
-        if old is None:
+        at = next((i for i, r in enumerate(records) if r['epoch'] == epoch), None)
+        if at is None:
             records.append({'epoch': epoch, **values})
-        else:
+        else:  # values amended before (a resume killed before its checkpoint) are replaced
+            old = {k: v for k, v in records[at].items() if k not in values}
             keys = list(old)
             cut = keys.index('train_loss') + 1 if 'train_loss' in keys else len(keys)
-            records[records.index(old)] = {**{k: old[k] for k in keys[:cut]}, **values,
-                                           **{k: old[k] for k in keys[cut:]}}
+            records[at] = {**{k: old[k] for k in keys[:cut]}, **values,
+                           **{k: old[k] for k in keys[cut:]}}
         write_text_atomic(self.log, ''.join(json.dumps(r) + '\n' for r in records))
 
     def keep_log_until(self, epoch: int) -> None:

@@ -284,6 +284,7 @@ def fit(run: Run):
                     epoch, epochs=cfg.training.epochs, res_at=run.res_at))
             if stats['iterations_done'] < len(run.train_loader):  # stopped within the epoch
                 save_checkpoint(run, epoch, stats['iterations_done'], stats['so_far'])
+                _agree_on_signal(run, stop)
                 return False, stop
             progress.images += stats['images'] * run.dist.world_size
             progress.train_seconds += stats['seconds']
@@ -296,11 +297,13 @@ def fit(run: Run):
             log_epoch(run, epoch, res, stats, {} if progress.val_pending else val)
             save_checkpoint(run, epoch + 1, 0)
             if progress.reached and not progress.val_pending:
+                _agree_on_signal(run, stop)
                 return True, stop
             # a signal during validation or the checkpoint ends the run here, on every rank
             if _agree_on_signal(run, stop) and (epoch < cfg.training.epochs - 1
                                                or progress.val_pending):
                 return False, stop
+        _agree_on_signal(run, stop)  # (a resume that trained nothing: its signal, if one came)
     return True, stop
 
 

@@ -253,6 +253,43 @@ def test_a_pending_validation_resumes_with_its_log_deleted_or_a_config_that_skip
             [(0, True), (1, True)] if folder == 'deleted' else [(0, False), (1, True)])
 
 
+def test_a_run_that_finishes_after_another_ranks_signal_ends_with_its_status(
+        sample_betons, tmp_path, monkeypatch):
+    """Ctrl-C reached another rank only, as a run finished: by its top-1 target, or by the
+    resumed validation of its last epoch; this rank ends with 130 too (it ended with 0)."""
+    from imagenet_ffcv import distributed, evaluate
+    all_reduce_min = distributed.all_reduce_min
+
+    def another_rank_signalled(values):  # fit's one-value check: -(the largest signal number)
+        return [-signal.SIGINT] if values.numel() == 1 else all_reduce_min(values)
+    signal_as_it_starts(monkeypatch, evaluate, 'validate_with_ema')
+    pending = train.main(small_config(sample_betons, tmp_path / 'pending', '--training.epochs=1'))
+    run_dir = Path(pending['run_dir'])
+    monkeypatch.setattr(distributed, 'all_reduce_min', another_rank_signalled)
+    for summary in (train.main(small_config(sample_betons, tmp_path / 'target',
+                                            '--training.epochs=3',
+                                            '--training.target_top1=0.000001')),
+                    train.main(small_config(sample_betons, tmp_path / 'pending',
+                                            '--training.epochs=1', f'--resume={run_dir}'))):
+        assert summary['exit_code'] == 130 and 'top_1' in summary
+        assert (Path(summary['run_dir']) / 'final_weights.pt').exists()
+
+
+def test_amend_log_puts_a_validation_where_an_epoch_validated_at_once_has_it(tmp_path):
+    from imagenet_ffcv.run_dir import RunDir
+    run_dir = RunDir.create(tmp_path, params={}, run_name='a')
+    try:
+        run_dir.append_log({'epoch': 0, 'train_loss': 2.0, 'lr': 0.1})
+        run_dir.amend_log(0, {'top_1': 0.1, 'top_5': 0.5})
+        run_dir.amend_log(0, {'top_1': 0.2, 'top_1_10crop': 0.3})  # amended again: replaced
+        run_dir.amend_log(1, {'top_1': 0.4})  # no record (a log cut or deleted): one made
+        assert [list(r.items()) for r in run_dir.read_log()] == [
+            [('epoch', 0), ('train_loss', 2.0), ('top_1', 0.2), ('top_1_10crop', 0.3),
+             ('top_5', 0.5), ('lr', 0.1)], [('epoch', 1), ('top_1', 0.4)]]
+    finally:
+        run_dir.unlock()
+
+
 def test_a_signal_during_the_last_10_crop_leaves_it_to_the_resumed_run(
         sample_betons, tmp_path, monkeypatch):
     """SIGTERM as the 10-crop after the last epoch starts (its centre validation done): the
