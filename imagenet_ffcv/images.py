@@ -189,7 +189,7 @@ def _decoded(im: Image.Image, data, target: tuple) -> tuple:
     jpeg = (im.format in ('JPEG', 'MPO')  # MPO: a camera's JPEG with more images after it
             and data is not None and not jpeg_check_missing())
     if jpeg and im.mode in ('RGB', 'L'):
-        denom = draft_scale(im.size, target) if target != im.size else 1
+        denom = draft_scale(im.size, target)  # 1 where no shrink is asked for
         _check_decoded_size(-(-im.width // denom), -(-im.height // denom))
         state, message, pixels = read_source_jpeg(data, height=im.height, width=im.width,
                                                   denom=denom)

@@ -787,8 +787,8 @@ int entropy_decode(const uint8_t *src, uint64_t size) {
  * unseen, about half in a progressive one's (the Huffman decoder reads on, out of step, and may
  * find bytes left over before the next marker: 'extraneous bytes', a warning whole files give
  * too, so not taken for damage), and arithmetic-coded data that runs out is filled in without a
- * warning (such a JPEG that ends
- * early is taken as truncated, whatever it lacks; one with an EOI marker cannot be judged). */
+ * warning (such a JPEG that ends early is taken as truncated, whatever it lacks; one with an EOI
+ * marker cannot be judged). */
 #include <jerror.h>
 
 struct check_errors {
@@ -896,10 +896,6 @@ int read_source_jpeg(const uint8_t *src, uint64_t size, uint32_t denom, uint8_t 
             jpeg_destroy_decompress(&c);
             return -2;
         }
-    } else {
-        row = (*c.mem->alloc_sarray)((j_common_ptr)&c, JPOOL_IMAGE, (JDIMENSION)stride, 1);
-    }
-    if (dst) {
         JSAMPARRAY rows = (*c.mem->alloc_small)((j_common_ptr)&c, JPOOL_IMAGE,
                                                 c.output_height * sizeof(JSAMPROW));
         for (JDIMENSION y = 0; y < c.output_height; y++) rows[y] = dst + stride * y;
@@ -907,12 +903,14 @@ int read_source_jpeg(const uint8_t *src, uint64_t size, uint32_t denom, uint8_t 
             jpeg_read_scanlines(&c, rows + c.output_scanline,
                                 c.output_height - c.output_scanline);
     } else {
+        row = (*c.mem->alloc_sarray)((j_common_ptr)&c, JPOOL_IMAGE, (JDIMENSION)stride, 1);
         while (c.output_scanline < c.output_height) jpeg_read_scanlines(&c, row, 1);
     }
     note_scan((j_common_ptr)&c);
+    int all = all_coefficients_read(&c);  /* before coef_bits is freed with the image */
     /* a sequential JPEG codes every component in a scan: one that lacks one was cut */
-    int every = c.progressive_mode || all_coefficients_read(&c);
-    int whole = all_coefficients_read(&c) && !c.arith_code;  /* before coef_bits is freed */
+    int every = c.progressive_mode || all;
+    int whole = all && !c.arith_code;
     jpeg_finish_decompress(&c);
     jpeg_destroy_decompress(&c);
     memcpy(message, e.message, JMSG_LENGTH_MAX);

@@ -303,7 +303,8 @@ def fit(run: Run):
             if _agree_on_signal(run, stop) and (epoch < cfg.training.epochs - 1
                                                or progress.val_pending):
                 return False, stop
-        _agree_on_signal(run, stop)  # (a resume that trained nothing: its signal, if one came)
+        if end <= first_epoch:  # a resume that trained nothing: its signal, if one came
+            _agree_on_signal(run, stop)
     return True, stop
 
 

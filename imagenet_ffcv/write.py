@@ -222,8 +222,8 @@ def main(args) -> dict:
         keep = np.random.default_rng(0).choice(len(samples), min(args.subset, len(samples)),
                                                replace=False)
         samples = [samples[i] for i in sorted(keep)]
-    if jpeg_check_missing():
-        warnings.warn(f'{jpeg_check_missing()}; until then, JPEG files are not checked: one with '
+    if unchecked := jpeg_check_missing():
+        warnings.warn(f'{unchecked}; until then, JPEG files are not checked: one with '
                       'damaged data is stored with the grey libjpeg fills in, one missing only '
                       'its final EOI marker is skipped as truncated', stacklevel=2)
     stats = write_beton(samples, args.out, max_res=args.max_res, write_mode=args.write_mode,
