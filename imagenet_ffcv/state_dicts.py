@@ -5,6 +5,7 @@ import functools
 
 import torchvision
 
+from .errors import first_few
 from .models import classifier_keys, meta_model
 
 WRAPPER_PREFIXES = ('module.', '_orig_mod.')  # DistributedDataParallel's, torch.compile's
@@ -43,8 +44,8 @@ def _unblurred(state: dict) -> dict:
 
 def mismatch(state: dict, own: dict, ignore=frozenset()) -> str:
     """What keeps the state dict ``state`` from loading into a model whose state dict is ``own``,
-    the keys in ``ignore`` aside: ``'missing [...], unexpected [...], other shapes [...]'`` (at
-    most 5 keys each), or '' when every key is there with its shape."""
+    the keys in ``ignore`` aside: ``'missing [...], unexpected [...], other shapes [...]'`` (the first
+    5 keys of each, :func:`_keys`), or '' when every key is there with its shape."""
     missing = sorted(k for k in own.keys() - state.keys() - ignore  # older files lack BN's count:
                      if not k.endswith('.num_batches_tracked'))  # load_state_dict sets it to 0
     extra = sorted(state.keys() - own.keys() - ignore)
@@ -52,8 +53,15 @@ def mismatch(state: dict, own: dict, ignore=frozenset()) -> str:
                          if state[k].shape != own[k].shape)
     if not (missing or extra or wrong_shape):
         return ''
-    return (f'missing {missing[:5] or "none"}, unexpected {extra[:5] or "none"}, other shapes '
-            f'{wrong_shape[:5] or "none"}')
+    return (f'missing {_keys(missing)}, unexpected {_keys(extra)}, other shapes '
+            f'{_keys(wrong_shape)}')
+
+
+def _keys(keys: list) -> str:
+    """``keys`` as a message lists them: ``['a', 'b']``, the first 5 then ' ...' and how many
+    (``errors.first_few``); 'none' for none."""
+    more = f' ({len(keys)} in all)' if len(keys) > 5 else ''
+    return f'[{first_few(map(repr, keys))}]{more}' if keys else 'none'
 
 
 def without_prefix(state: dict, own: dict, ignore=frozenset()) -> tuple:

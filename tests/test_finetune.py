@@ -298,6 +298,13 @@ def test_weights_that_do_not_fit_for_eval_are_refused_naming_the_keys(tmp_path):
         f"{tmp_path / 'resnet34.pt'}: the weights do not fit resnet18 with 10 classes: missing "
         "['layer1.0.bn1.running_mean'], unexpected ['layer1.2.bn1.bias', ")
     assert "other shapes ['fc.bias', 'fc.weight']" in str(info.value)
+    # a list cut at 5 says so, and how many there are
+    own = build_model(arch='resnet18', num_classes=10, use_blurpool=False,
+                      channels_last=False).state_dict()
+    unexpected = sorted(state.keys() - own.keys())
+    assert len(unexpected) > 5
+    assert f"unexpected {unexpected[:5]}"[:-1] + f" ...] ({len(unexpected)} in all), " in str(
+        info.value)
     assert str(info.value).endswith('(resnet18 assumed: no config is saved with the weights; name '
                                     'their arch: predict --arch, eval-only --model.arch)')
     # whole, they fit another torchvision arch: named (the user had to guess it from the keys)
