@@ -7,7 +7,8 @@ Data: ``sources`` (input layouts, class folders, samples and labels), ``ilsvrc``
 tree, the raw ILSVRC-2012 tars and the devkit), ``holdout`` (a val split held out of train/),
 ``classes`` (class lists), ``images``
 (decoding to RGB, the shorter-side resize), ``records`` (an image's record in a .beton),
-``writer`` (writing .beton files), ``verify`` (reading them back), ``betons`` (what a .beton holds:
+``writer`` (writing .beton files; ``beton_out``: the checks of the path written and the
+files beside it), ``verify`` (reading them back), ``betons`` (what a .beton holds:
 samples, classes, image sides), ``loaders`` (the FFCV loaders), ``epoch_iterator`` (the thread
 decoding a loader's epoch), ``memory_readers`` (ffcv's readers of the .beton in memory, compiled
 once per process),

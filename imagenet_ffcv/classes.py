@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from .errors import CheckpointError, ImagenetFfcvError, InputError, MissingFileError, first_few
-from .files import write_text_atomic
+from .files import beside_beton, write_text_atomic
 
 WNID_NAMES_FILE = Path(__file__).with_name('imagenet_wnids.tsv')
 ILSVRC_CLASSES = 'ilsvrc2012'  # the converter's --classes value for ILSVRC-2012's 1,000 classes
@@ -73,9 +73,9 @@ def folders_by_class_list(folders: list, class_list: list, split_dir) -> list:
 
 
 def class_list_path(beton_path) -> Path:
-    """Where the class list of a .beton lives: ``train_256.beton`` -> ``train_256.classes.tsv``."""
-    beton_path = Path(beton_path)
-    return beton_path.with_name(beton_path.stem + '.classes.tsv')
+    """Where the class list of a .beton lives: ``train_256.beton`` -> ``train_256.classes.tsv``
+    (``files.beside_beton``)."""
+    return beside_beton(beton_path, '.classes.tsv')
 
 
 def write_class_list(path, classes: list, extra_names: dict = None) -> None:

@@ -14,6 +14,7 @@ import glob
 import os
 import re
 import socket
+import stat
 import time
 from pathlib import Path
 
@@ -36,6 +37,41 @@ def temporary_path(path, kind: str = 'partial') -> Path:
     return path.with_name(f'.{path.name}.{kind}-{host_name()}-{os.getpid()}')
 
 
+def beside_beton(beton_path, suffix: str) -> Path:
+    """A file written beside a .beton, named by ``suffix`` (``.classes.tsv``, ``.skipped.tsv``,
+    ``.holdout.json``): the .beton's name less a final ``.beton`` (``train_256.beton`` ->
+    ``train_256.classes.tsv``), any other name whole (``imagenet-1.0-train`` ->
+    ``imagenet-1.0-train.classes.tsv``; cut at its last dot, as ``Path.stem`` cuts, it gave
+    ``imagenet-1.0-val`` the same files). Only ``NAME`` and ``NAME.beton`` share them:
+    :func:`beton_twin`."""
+    beton_path = Path(beton_path)
+    name = beton_path.name
+    return beton_path.with_name(
+        (name[:-len('.beton')] if name.lower().endswith('.beton') else name) + suffix)
+
+
+def beton_twin(beton_path) -> Path:
+    """The other name whose files :func:`beside_beton` names alike: ``NAME`` for ``NAME.beton``,
+    ``NAME.beton`` for ``NAME``."""
+    beton_path = Path(beton_path)
+    name = beton_path.name
+    return beton_path.with_name(name[:-len('.beton')] if name.lower().endswith('.beton')
+                                else name + '.beton')
+
+
+def check_replaceable(path) -> None:
+    """InputError when ``path`` is something a new file must never be renamed over: a device, a
+    FIFO or a socket (``--out /dev/null`` for a trial run, as root, replaced the system's
+    /dev/null with a .beton). A regular file, a link and a missing path pass."""
+    try:
+        mode = os.lstat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    if not (stat.S_ISREG(mode) or stat.S_ISLNK(mode) or stat.S_ISDIR(mode)):
+        raise InputError(f'{path} is not a regular file (a device, a FIFO or a socket): give the '
+                         'path of a file to write')
+
+
 def host_name() -> str:
     """This machine's host name (``socket.gethostname()``; a container has its own unless it
     shares the host's) as temporaries carry it: characters other than letters, digits, ``.``
@@ -52,8 +88,10 @@ def atomic_path(path):
     private: safetensors writes mode 0600, which colleagues sharing a run folder cannot read;
     where the filesystem refuses a chmod the file keeps its mode) and renamed over ``path``. The
     temporary is removed in every case. Raises what the block or the filesystem raises (OSError:
-    disk full, no permission...)."""
+    disk full, no permission...); InputError, before the block, when ``path`` is a device, a
+    FIFO or a socket (:func:`check_replaceable`)."""
     path = Path(path)
+    check_replaceable(path)
     tmp = temporary_path(path)
     try:
         yield tmp
@@ -119,6 +157,13 @@ def shown_path(path) -> str:
     return os.fsencode(path).decode('utf-8', 'backslashreplace')
 
 
+def tsv_cell(text) -> str:
+    """``text`` (a path, or a message naming one) as a cell of a tab-separated line: as
+    :func:`shown_path` shows it, with a tab, newline or carriage return (which a file name may
+    hold) as ``\\t``, ``\\n``, ``\\r``, so that each line has its cells."""
+    return shown_path(text).translate({9: '\\t', 10: '\\n', 13: '\\r'})
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process with this PID runs on this machine (signal 0: nothing is sent)."""
     try:
@@ -136,10 +181,10 @@ def process_start(pid: int):
     this PID namespace, not Linux). Unlike a start time on the wall clock, it does not move when
     the clock is set; with :func:`boot_id` it tells a process from a later one given its PID."""
     try:
-        stat = Path(f'/proc/{pid}/stat').read_text()
+        fields = Path(f'/proc/{pid}/stat').read_text()
     except OSError:
         return None
-    return int(stat.rpartition(')')[2].split()[19])  # after the command name, which may hold ')'
+    return int(fields.rpartition(')')[2].split()[19])  # after the command name, which may hold ')'
 
 
 def boot_id():

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from . import ilsvrc
 from .errors import ImagenetFfcvError
-from .files import write_text_atomic
+from .files import beside_beton, write_text_atomic
 
 
 def held_out(samples: list, fraction: float, split: str) -> list:
@@ -40,9 +40,9 @@ class HoldoutMismatchError(ImagenetFfcvError, ValueError):
 
 def holdout_record_path(beton_path) -> Path:
     """Where the converter records which share of train/ a .beton holds out
-    (:func:`write_holdout_record`): ``val_256.beton`` -> ``val_256.holdout.json``."""
-    beton_path = Path(beton_path)
-    return beton_path.with_name(beton_path.stem + '.holdout.json')
+    (:func:`write_holdout_record`): ``val_256.beton`` -> ``val_256.holdout.json``
+    (``files.beside_beton``)."""
+    return beside_beton(beton_path, '.holdout.json')
 
 
 def write_holdout_record(beton_path, split: str, fraction: float) -> None:

@@ -31,7 +31,6 @@ import argparse
 import os
 import signal
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -39,6 +38,7 @@ import numpy as np
 
 from .classes import (ILSVRC_CLASSES, class_list_of, class_list_path, folders_by_class_list,
                       read_class_list, write_class_list)
+from .beton_out import check_not_being_written, check_out_is_new
 from .commands import (add_version_option, command_name, one_line_errors, one_line_warnings,
                        stopped_by_ctrl_c)
 from .errors import InputError, MissingFileError, first_few
@@ -49,7 +49,7 @@ from .signals import Terminated, sigterm_raises
 from .holdout import held_out, write_holdout_record
 from .sources import LAYOUTS, class_folders, list_samples, load_split
 from .verify import verify_beton
-from .writer import check_not_being_written, write_beton
+from .writer import write_beton
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,18 +160,6 @@ def check_out_outside_inputs(out, data_dir, split_dir=None) -> None:
         if inputs.resolve() in out.parents:
             raise InputError(f'--out {out} is inside the input folder {inputs}: write the .beton '
                              f'outside it (e.g. {Path(data_dir).resolve().parent / "betons"})')
-
-
-def check_out_is_new(out, overwrite: bool) -> None:
-    """InputError when the file ``out`` exists and ``overwrite`` is off: a wrong --out (the other
-    split's .beton, a class list, the default name of another data set's) was replaced, after
-    hours of converting, without a word. (A symbolic link or a folder at ``out`` is refused by
-    the writer, overwrite or not.)"""
-    if os.path.isfile(out) and not os.path.islink(out) and not overwrite:
-        stat = os.stat(out)
-        when = time.strftime('%Y-%m-%d %H:%M', time.localtime(stat.st_mtime))
-        raise InputError(f'--out {out} exists ({stat.st_size / 1e6:.1f} MB, modified {when}): '
-                         'give --overwrite to replace it, or another --out')
 
 
 def test_set_folder(root, split: str) -> Path:

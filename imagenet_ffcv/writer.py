@@ -19,12 +19,13 @@ from ffcv.fields import IntField
 from ffcv.memory_allocator import MemoryAllocator
 from ffcv.writer import DatasetWriter
 
+from .beton_out import BetonWriteError, check_out, skipped_report_path
 from .commands import progress_bar
 from .constants import SHARED_MEMORY
 from .cores import usable_cores
 from .errors import ImagenetFfcvError, InputError
-from .files import (atomic_path, live_temporaries, remove_stale_temporaries, shown_path,
-                    temporary_path, unwritten_for, write_text_atomic)
+from .files import (atomic_path, remove_stale_temporaries, shown_path, temporary_path,
+                    tsv_cell, write_text_atomic)
 from .images import DEFAULT_JPEG_QUALITY, DEFAULT_RESTART_INTERVAL, encode_jpeg, load_image
 from .records import IMAGE_FIELD, LABEL_FIELD, MAX_SIDE, ImageFiles, image_field
 
@@ -46,11 +47,6 @@ class UnreadableImagesError(ImagenetFfcvError):
 
 class InsufficientSpaceError(ImagenetFfcvError, OSError):
     """The target folder has less free space than the estimated size of the .beton."""
-
-
-class BetonWriteError(ImagenetFfcvError, OSError):
-    """The .beton cannot be written where it goes (no permission, a full disk, a size limit);
-    ``errno`` is the system's, the message names the file or folder and what to do."""
 
 
 class WriterProcessError(ImagenetFfcvError, ChildProcessError):
@@ -181,12 +177,6 @@ def read_failures(failures_path, samples: list) -> dict:
     return failures
 
 
-def skipped_report_path(beton_path) -> Path:
-    """Where skipped files are listed: ``train_256.beton`` -> ``train_256.skipped.tsv``."""
-    beton_path = Path(beton_path)
-    return beton_path.with_name(beton_path.stem + '.skipped.tsv')
-
-
 def estimate_beton_bytes(samples: list, *, max_res: int, write_mode: str = 'jpg',
                          compress_probability: float = 0.5,
                          jpeg_quality: int = DEFAULT_JPEG_QUALITY,
@@ -250,45 +240,6 @@ def check_free_space(out, needed: int) -> None:
             f'(estimated from a sample of the images); free some space or choose another --out')
 
 
-def _check_out(out: Path) -> None:
-    """Before any image is read: InputError when ``out`` is a folder or a symbolic link (the new
-    file would replace the link, its target keeping the old data), or is being written
-    (:func:`check_not_being_written`); OSError naming the folder of
-    ``out`` (created if missing) when no file can be created there (no permission, a read-only
-    or immutable folder)."""
-    if out.is_dir():
-        raise InputError(f'{out} is a folder: give the path of the .beton file to write, '
-                         f'e.g. {out / "train_256.beton"}')
-    if out.is_symlink():
-        raise InputError(f'{out} is a symbolic link (to {os.readlink(out)}): give the path of '
-                         f'the file itself, {out.resolve()}, or remove the link')
-    check_not_being_written(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    probe = temporary_path(out)
-    try:
-        probe.touch()
-        probe.unlink()
-    except OSError as e:
-        raise BetonWriteError(e.errno, f'{out.parent}: cannot write the .beton there '
-                                       f'({e.strerror}); choose another --out or make the folder '
-                                       f'writable') from None
-
-
-def check_not_being_written(out) -> None:
-    """InputError when another process is writing the .beton ``out``: its temporary is there
-    (``files.live_temporaries``: of a running process of this machine, or written within the last
-    ``files.OTHER_MACHINE_STALE_S`` by another machine sharing the folder; :func:`write_beton`
-    makes its own as it starts). The later of two conversions to one file replaced the other's
-    file unseen, after doubling the work; on another node it deleted the other's temporary."""
-    out = Path(out)
-    for tmp, pid, host in live_temporaries(out.parent, out.name):
-        writing = (f', writing {tmp}' if host is None else
-                   f' on {host}, which wrote {tmp} {unwritten_for(tmp) or 0:.0f} s ago')
-        raise InputError(f'{out}: another conversion to this file is running (process {pid}'
-                         f'{writing}): wait for it to end or choose another --out (if no '
-                         f'conversion runs, delete {tmp})')
-
-
 def _raise_naming(e: OSError, out: Path):
     """Raise ``e`` again, naming ``out`` when it names no file (a full disk, a size limit)."""
     if e.filename is not None or e.errno is None:
@@ -327,7 +278,7 @@ def write_beton(samples: list, out, *, max_res: int, write_mode: str = 'jpg',
     folder of ``out`` and renamed into place only when complete: a crash or kill leaves no file at
     ``out`` (or the previous complete one). It is made first, so that a conversion of the same
     file started meanwhile, on this machine or another sharing the folder, is refused
-    (InputError, :func:`check_not_being_written`).
+    (InputError, ``beton_out.check_not_being_written``).
     Temporaries that killed runs left of the same file are removed by the next run. An OSError
     without a file name (a full disk) is raised again naming ``out``.
     Before writing, that folder's free space against an estimate (``check_space=False`` skips it)
@@ -335,7 +286,7 @@ def write_beton(samples: list, out, *, max_res: int, write_mode: str = 'jpg',
 
     Files that cannot be decoded: with ``skip_unreadable=False`` raise UnreadableImagesError,
     writing nothing; with ``skip_unreadable=True`` they are left out (the other images keep their
-    labels), listed as ``path<TAB>reason`` in ``skipped_report_path(out)``, and counted in
+    labels), listed as ``path<TAB>reason`` in ``beton_out.skipped_report_path(out)``, and counted in
     ``'skipped'``. Only then is the file written a second time, without them.
     Returns ``{'images', 'skipped', 'skipped_files': [(path, reason)], 'skipped_report', 'bytes',
     'seconds', 'img_per_s'}``.
@@ -347,7 +298,7 @@ def write_beton(samples: list, out, *, max_res: int, write_mode: str = 'jpg',
     if restart_interval < 0:
         raise InputError(f'restart_interval={restart_interval}: must be >= 0 (0: no markers)')
     out = Path(out)
-    _check_out(out)
+    check_out(out)
     remove_stale_temporaries(out.parent, out.name)  # not others': another node may write them
     num_workers = num_workers or usable_cores()
     encoding = dict(write_mode=write_mode, jpeg_quality=jpeg_quality,
@@ -359,7 +310,7 @@ def write_beton(samples: list, out, *, max_res: int, write_mode: str = 'jpg',
     indices = list(range(len(samples)))
     try:
         with atomic_path(out) as tmp:
-            tmp.touch()  # the name is claimed: a conversion started now is refused (_check_out)
+            tmp.touch()  # the name is claimed: a conversion started now is refused (check_out)
             if check_space:  # + one partly filled 8 MiB ffcv page per worker
                 check_free_space(out, estimate_beton_bytes(samples, max_res=max_res, **encoding)
                                  + num_workers * 8 * 2 ** 20)
@@ -378,7 +329,7 @@ def write_beton(samples: list, out, *, max_res: int, write_mode: str = 'jpg',
         skipped_files = [skipped[i] for i in sorted(skipped)]  # once the .beton is in place:
         if skipped:  # a failed write keeps the previous .beton and its report
             write_text_atomic(report, ''.join(  # the path in the reason as in column 1
-                f'{shown_path(p)}\t{shown_path(r.replace(repr(str(p))[1:-1], str(p)))}\n'
+                f'{tsv_cell(p)}\t{tsv_cell(r.replace(repr(str(p))[1:-1], str(p)))}\n'
                 for p, r in skipped_files))
         else:
             report.unlink(missing_ok=True)  # a stale report of an earlier run would mislead

@@ -19,7 +19,7 @@ import pytest
 from PIL import Image, ImageFile, ImageOps
 
 from conftest import PYTHON, REPO, SAMPLE, dead_pid, run_env
-from imagenet_ffcv import (betons, constants, errors, files, holdout, ilsvrc, images,
+from imagenet_ffcv import (beton_out, betons, constants, errors, files, holdout, ilsvrc, images,
                            jpeg_region, sources, verify, write, writer)
 from imagenet_ffcv import classes as classes_module
 from imagenet_ffcv.classes import class_list_path, write_class_list
@@ -367,7 +367,7 @@ def test_bad_files_skipped_labels_kept_and_reported(tmp_path):
     stats = writer.write_beton(samples, out, max_res=1000, write_mode='raw', num_workers=2,
                              skip_unreadable=True)
     assert stats['skipped'] == len(bad) and stats['images'] == len(samples) - len(bad)
-    report = writer.skipped_report_path(out)
+    report = beton_out.skipped_report_path(out)
     assert report.name == 'train.skipped.tsv' and stats['skipped_report'] == str(report)
     rows = [line.split('\t') for line in report.read_text().splitlines()]
     assert {r[0].split('/')[-1] for r in rows} == bad and all(r[1] for r in rows)
@@ -388,6 +388,21 @@ def test_bad_files_skipped_labels_kept_and_reported(tmp_path):
         else:
             assert np.array_equal(img, np.asarray(Image.open(path).convert('RGB'))), name
     assert sorted(p.name for p in out.parent.iterdir()) == ['train.beton', 'train.skipped.tsv']
+    # a name with a tab or a newline: escaped, a line of two cells per file (the reason's path
+    # as column 1's)
+    for name in ('tab\there.JPEG', 'new\nline.JPEG'):
+        (root / 'train' / 'n02' / name).write_bytes(b'')
+    stats = writer.write_beton(sources.list_samples(root / 'train', classes), out, max_res=64,
+                               num_workers=1, skip_unreadable=True)
+    rows = [line.split('\t') for line in report.read_text().splitlines()]
+    assert len(rows) == stats['skipped'] == len(bad) + 2 and {len(r) for r in rows} == {2}
+    odd = {r[0]: r[1] for r in rows if r[0].endswith(('here.JPEG', 'line.JPEG'))}
+    assert sorted(odd) == [f"{root / 'train' / 'n02'}/{name}"
+                           for name in ('new\\nline.JPEG', 'tab\\there.JPEG')]
+    assert all(reason.endswith(f"'{path}': it is empty (0 bytes)")
+               for path, reason in odd.items())
+    for name in ('tab\there.JPEG', 'new\nline.JPEG'):
+        (root / 'train' / 'n02' / name).unlink()
     # a later clean run removes the stale report
     writer.write_beton(kept, out, max_res=64, num_workers=1, skip_unreadable=True)
     assert not report.exists()
@@ -411,7 +426,7 @@ def test_cli_skips_by_default_and_strict_fails(tmp_path, capsys):
     captured = capsys.readouterr()
     assert '4 images, 2 classes, 1 skipped' in captured.out
     assert 'train_32.skipped.tsv' in captured.out and 'zero.JPEG' not in captured.out
-    assert 'zero.JPEG' in writer.skipped_report_path(out).read_text()
+    assert 'zero.JPEG' in beton_out.skipped_report_path(out).read_text()
     assert betons.num_samples(out) == 4
     # a class whose every file is skipped is named (the summary counted it, '2 of 3 classes')
     (root / 'train' / 'n02').mkdir()
@@ -762,7 +777,7 @@ def test_kill_9_leaves_no_file_and_keeps_previous(tmp_path):
     assert out.read_bytes() == previous  # the complete previous file is untouched
     leftovers = [p.name for p in out.parent.iterdir() if p.name != 'train.beton']
     assert leftovers and all(name.startswith('.') for name in leftovers)  # hidden temporaries
-    assert not class_list_path(out).exists() and not writer.skipped_report_path(out).exists()
+    assert not class_list_path(out).exists() and not beton_out.skipped_report_path(out).exists()
     # the next run into the folder removes the dead writer's temporaries
     writer.write_beton(small, out, max_res=32, num_workers=1)
     assert sorted(p.name for p in out.parent.iterdir()) == ['train.beton']
@@ -1345,6 +1360,59 @@ def test_an_out_that_is_a_folder_gets_the_default_name_in_it_or_an_error_before_
     assert (folder / 'val.beton').is_symlink() and target.read_bytes() == b'old'
 
 
+def test_an_out_no_file_can_take_the_place_of_is_refused_before_any_work(tmp_path, monkeypatch):
+    """A FIFO (or a device: --out /dev/null as root was replaced by a .beton), a path under a
+    file, a name whose files beside it would be another .beton's, and a name too long for the
+    temporaries and the files beside it (it failed blaming the folder): each an InputError
+    naming the cause, before any image is read, and nothing changed."""
+    def no_image(*args):
+        raise AssertionError('an image was read')
+    monkeypatch.setattr(writer, 'load_image', no_image)
+    samples = sources.list_samples(SAMPLE / 'val', sources.find_classes(SAMPLE / 'train'))
+    fifo = tmp_path / 'fifo'
+    os.mkfifo(fifo)
+    with pytest.raises(errors.InputError, match=f'^{fifo} is not a regular file \\(a device, a '
+                                                'FIFO or a socket\\): give the path'):
+        writer.write_beton(samples, fifo, max_res=32, num_workers=1)
+    with pytest.raises(errors.InputError, match=f'^{fifo} is not a regular file'):
+        files.write_text_atomic(fifo, 'text')  # every atomic write: a class list, a checkpoint
+    assert fifo.is_fifo()
+    (tmp_path / 'notes.txt').write_text('a file')
+    under = tmp_path / 'notes.txt' / 'betons' / 'val.beton'
+    with pytest.raises(errors.InputError, match=f'^{under}: {tmp_path / "notes.txt"} is a file, '
+                                                'not a folder; give another --out$'):
+        writer.write_beton(samples, under, max_res=32, num_workers=1)
+    (tmp_path / 'val.beton').write_bytes(b'another')  # val.classes.tsv is its class list
+    with pytest.raises(errors.InputError, match=f'^{tmp_path / "val"}: {tmp_path / "val.beton"} '
+                                                'is there, and the files written beside a .beton'):
+        writer.write_beton(samples, tmp_path / 'val', max_res=32, num_workers=1)
+    long = tmp_path / ('a' * 236 + '.beton')  # a legal name; its temporaries are not
+    with pytest.raises(errors.InputError, match=f'^{long}: the name is too long: the converter '
+                                                f'writes .*, 2[67][0-9] bytes, and this folder '
+                                                f'takes names of at most 255; give a name at '
+                                                f'least [0-9]+ bytes shorter$'):
+        writer.write_beton(samples, long, max_res=32, num_workers=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['fifo', 'notes.txt', 'val.beton']
+
+
+def test_each_beton_name_has_its_own_files_beside_it(tmp_path, capsys):
+    """The files beside a .beton were named by Path.stem, cut at the last dot:
+    imagenet-1.0-train and imagenet-1.0-val shared imagenet-1.classes.tsv and
+    imagenet-1.holdout.json, and the trainer refused the pair as written with --split val."""
+    assert files.beside_beton('d/train_256.beton', '.classes.tsv') == Path(
+        'd/train_256.classes.tsv')
+    assert files.beside_beton('d/imagenet-1.0-val', '.holdout.json') == Path(
+        'd/imagenet-1.0-val.holdout.json')
+    outs = {split: tmp_path / f'imagenet-1.0-{split}' for split in ('train', 'val')}
+    for split, out in outs.items():
+        assert write.cli(['--data-dir', str(SAMPLE), '--split', split, '--holdout', '0.25',
+                          '--max-res', '32', '--num-workers', '1', '--out', str(out)]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f'imagenet-1.0-{split}{suffix}' for split in ('train', 'val')
+        for suffix in ('', '.classes.tsv', '.holdout.json')]
+    assert betons.num_classes(outs['train'], outs['val']) == 10  # their holdouts checked
+
+
 def test_the_writer_starts_a_process_per_core_it_may_use_not_per_core_of_the_machine(
         tmp_path, monkeypatch):
     """num_workers 0: as many writer processes as this process's CPU affinity allows (taskset,
@@ -1714,7 +1782,7 @@ def test_another_machines_temporary_is_a_writers_until_unwritten_for_ten_minutes
     assert files.remove_stale_temporaries(tmp_path) == [here]
     assert files.live_temporaries(tmp_path, 'train.beton') == [(there, dead, 'gpu-node-07.cluster')]
     with pytest.raises(errors.InputError) as e:
-        writer.check_not_being_written(out)
+        beton_out.check_not_being_written(out)
     assert re.fullmatch(
         f'{re.escape(str(out))}: another conversion to this file is running \\(process {dead} on '
         f'gpu-node-07.cluster, which wrote {re.escape(str(there))} [0-9] s ago\\): wait for it to '
@@ -1729,7 +1797,7 @@ def test_another_machines_temporary_is_a_writers_until_unwritten_for_ten_minutes
     past = time.time() - files.OTHER_MACHINE_STALE_S - 5
     os.utime(there, (past, past))
     assert files.live_temporaries(tmp_path, 'train.beton') == []
-    writer.check_not_being_written(out)
+    beton_out.check_not_being_written(out)
     assert files.remove_stale_temporaries(tmp_path) == [there]
     assert list(tmp_path.iterdir()) == []
 
