@@ -105,6 +105,25 @@ class _Version(argparse.Action):
         parser.exit()
 
 
+# The limits of the storage options the converter and predict share: {option: (least, most or
+# None, what the least means)}
+STORAGE_OPTION_RANGES = {'--max-res': (1, None, ''), '--jpeg-quality': (1, 100, ''),
+                         '--restart-interval': (0, None, ' (0: no markers)')}
+
+
+def check_ranges(parser: argparse.ArgumentParser, args, ranges: dict) -> None:
+    """``parser.error`` (exit status 2), naming it, for the first option of ``ranges``
+    (``{'--max-res': (least, most or None, note)}``) whose whole-number value in ``args`` (None:
+    not given) lies outside them: ``--max-res 0: must be >= 1`` (a value out of range was used as
+    something else: --max-res 0 as the default, -1 as a 1 x 1 image, OpenCV's quality 100 for
+    150)."""
+    for option, (least, most, note) in ranges.items():
+        value = getattr(args, option.lstrip('-').replace('-', '_'))
+        if value is not None and not least <= value <= (value if most is None else most):
+            parser.error(f'{option} {value}: must ' + (
+                f'be >= {least}' if most is None else f'lie in [{least}, {most}]') + note)
+
+
 def add_version_option(parser: argparse.ArgumentParser) -> None:
     """Give a command's ``parser`` the ``--version`` option (:func:`version_text`)."""
     parser.add_argument('--version', action=_Version)

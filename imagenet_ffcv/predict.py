@@ -39,8 +39,8 @@ import torch
 
 from . import config, engine
 from .classes import ILSVRC_CLASSES, class_list_of
-from .commands import (add_version_option, command_name, one_line_errors, one_line_warnings,
-                       progress_bar)
+from .commands import (STORAGE_OPTION_RANGES, add_version_option, check_ranges, command_name,
+                       one_line_errors, one_line_warnings, progress_bar)
 from .constants import IMAGE_EXTENSIONS
 from .errors import InputError, MissingFileError, first_few
 from .files import check_writable_file, shown_path, write_text_atomic
@@ -212,13 +212,6 @@ def write_csv(path, files: list, results: list, top: int) -> None:
     write_text_atomic(path, text.getvalue())
 
 
-def positive(text: str) -> int:
-    """An int >= 1 for argparse (ArgumentTypeError otherwise)."""
-    if not text.isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f'{text!r}: expected a whole number >= 1')
-    return int(text)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The options of ``imagenet-ffcv-predict``."""
     parser = argparse.ArgumentParser(prog=command_name('predict'),
@@ -229,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--weights', required=True,
                         help='a run folder (its final weights, else its checkpoint), '
                              'checkpoint.pt, final_weights.pt or final_weights.safetensors')
-    parser.add_argument('--top', type=positive, default=5,
+    parser.add_argument('--top', type=int, default=5,
                         help='classes shown per image (default 5)')
     parser.add_argument('--classes', help="class list (a .classes.tsv, a run folder's, a .beton's; "
                                           f"{ILSVRC_CLASSES}: ILSVRC-2012's 1,000) for the "
@@ -274,6 +267,8 @@ def cli(argv=None) -> int:
     error."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    check_ranges(parser, args, {**STORAGE_OPTION_RANGES, '--top': (1, None, ''),
+                                '--res': (1, None, '')})
     if args.csv:
         check_writable_file(args.csv, '.csv', f'--csv {args.csv}', hint=' (is it one of the '
                             'images? --csv takes the file name first)')

@@ -39,8 +39,8 @@ import numpy as np
 from .classes import (ILSVRC_CLASSES, class_list_of, class_list_path, folders_by_class_list,
                       read_class_list, write_class_list)
 from .beton_out import check_not_being_written, check_out_is_new
-from .commands import (add_version_option, command_name, one_line_errors, one_line_warnings,
-                       stopped_by_ctrl_c)
+from .commands import (STORAGE_OPTION_RANGES, add_version_option, check_ranges, command_name,
+                       one_line_errors, one_line_warnings, stopped_by_ctrl_c)
 from .errors import InputError, MissingFileError, first_few
 from .images import (DEFAULT_JPEG_QUALITY, DEFAULT_MAX_RES, DEFAULT_RESTART_INTERVAL,
                      jpeg_check_missing)
@@ -128,12 +128,8 @@ def parse_args(argv):
         p.error('--split is required (unless --verify FILE)')
     if not args.data_dir:
         p.error('--data-dir is required when $IMAGENET_DIR is not set')
-    if args.max_res < 1:
-        p.error(f'--max-res {args.max_res}: must be >= 1')
-    if args.restart_interval < 0:
-        p.error(f'--restart-interval {args.restart_interval}: must be >= 0 (0: no markers)')
-    if not 1 <= args.jpeg_quality <= 100:
-        p.error(f'--jpeg-quality {args.jpeg_quality}: must lie in [1, 100]')
+    check_ranges(p, args, {**STORAGE_OPTION_RANGES,
+                           '--num-workers': (0, None, ' (0: one per core this process may use)')})
     if not 0 <= args.holdout < 1:
         p.error(f'--holdout {args.holdout}: must lie in [0, 1) (0: off; 0.1: a tenth of each '
                 'class)')

@@ -467,6 +467,8 @@ def test_records_are_encode_jpeg_of_the_stored_pixels_with_restart_markers(tmp_p
     capsys.readouterr()
     for option, value, message in (('--restart-interval', '-1', 'must be >= 0'),
                                    ('--jpeg-quality', '150', r'must lie in [1, 100]'),
+                                   ('--max-res', '0', 'must be >= 1'),
+                                   ('--num-workers', '-1', 'must be >= 0 (0: one per core'),
                                    ('--subset', '-1', 'must be >= 1 (or 0: all the images)'),
                                    ('--compress-probability', '2.0', 'must lie in [0, 1]')):
         with pytest.raises(SystemExit):  # OpenCV used quality 100 for 150, --subset -1 all

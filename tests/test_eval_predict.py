@@ -473,6 +473,23 @@ def test_predict_names_a_bad_image_and_a_missing_class_list(short_run, tmp_path,
         predict.predict([bad], weights=plain)
 
 
+def test_predict_refuses_storage_options_out_of_range_before_reading_the_weights(capsys):
+    """--max-res 0 was taken as the default, -1 shrank each image to 1 x 1 px, --res 0 as the
+    run's resolution, --jpeg-quality 101 as OpenCV's 100: each refused as the converter refuses
+    it (exit status 2), before the weights are read."""
+    image = str(sorted((SAMPLE / 'val').glob('*/*.JPEG'))[0])
+    for option, value, message in (('--max-res', '0', 'must be >= 1'),
+                                   ('--max-res', '-1', 'must be >= 1'),
+                                   ('--res', '0', 'must be >= 1'),
+                                   ('--jpeg-quality', '101', 'must lie in [1, 100]'),
+                                   ('--restart-interval', '-2', 'must be >= 0 (0: no markers)'),
+                                   ('--top', '0', 'must be >= 1')):
+        with pytest.raises(SystemExit) as info:
+            predict.cli([image, '--weights', 'no-such.pt', option, value])
+        assert info.value.code == 2
+        assert f'{option} {value}: {message}' in capsys.readouterr().err
+
+
 def test_predict_classifies_the_images_of_a_folder_into_a_csv_file(short_run, tmp_path, capsys,
                                                                    monkeypatch):
     """A folder stands for the image files in it and its subfolders (by name; hidden files left
