@@ -28,8 +28,8 @@ Training: ``config`` and ``config_schema`` (the configuration and its keys), ``c
 ``mixup``, ``evaluate`` (validation and eval-only), ``metrics``, ``distributed`` (torchrun;
 ``cores``: the cores a process may use; ``cgroups``: the folders of its limits),
 ``checkpoint`` (the checkpoint format, resume), ``torch_files`` (torch.save files read without
-running code), ``weights`` (final weights, models rebuilt from them), ``weights_metadata`` (the
-config and class list saved in them),
+running code), ``safetensors_files`` (.safetensors files read), ``weights`` (final weights,
+models rebuilt from them), ``weights_metadata`` (the config and class list saved in them),
 ``finetune`` (training started from weights),
 ``state_dicts`` (other tools' state dicts made torchvision's),
 ``signals`` (pre-emption and Ctrl-C), ``run_dir`` (the run folder), ``run_lock`` (its lock:

@@ -339,6 +339,8 @@ def saved_eval_kwargs(saved: dict) -> dict:
 
 EVAL_KEYS = {'res': 'validation.resolution', 'flip_tta': 'validation.lr_tta',
              'decoder': 'data.decoder'}  # the keys of saved_eval_kwargs' values
+MODEL_KEYS = ('model.arch', 'training.use_blurpool', 'training.channels_last')  # saved_model_kwargs
+
 
 
 def step_option_kwargs(cfg: SimpleNamespace) -> dict:

@@ -36,16 +36,19 @@ def safe_torch_load(path, what: str = 'file'):
     loading: refused, nothing of it runs) or cannot be read: not a torch file (one that does not
     start as torch.save's files do, :data:`TORCH_FILE_STARTS`: :func:`not_a_torch_file` says
     what it is), a zip archive without its end (cut short in a copy or download), a zip archive
-    that torch.save did not write (no ``<folder>/data.pkl`` in it), or damaged."""
+    that torch.save did not write (no ``<folder>/data.pkl`` in it), a record of the archive
+    whose bytes do not match their CRC-32 (:func:`damaged_record`: torch.load does not check
+    them, and loaded such a file with other weights without a word), or damaged (a file of the
+    legacy format cut short, which has no end to look for, among them)."""
     try:
         with open(path, 'rb') as f:
             start = f.read(64)
         zipped = start.startswith(TORCH_FILE_STARTS[0])
         complete = not zipped or zipfile.is_zipfile(path)
-        members = ['t/data.pkl']  # a legacy file: no archive to look into
+        members, damaged = ['t/data.pkl'], None  # a legacy file: no archive to look into
         if zipped and complete:
             with zipfile.ZipFile(path) as archive:
-                members = archive.namelist()
+                members, damaged = archive.namelist(), damaged_record(archive)
     except (OSError, zipfile.BadZipFile) as e:
         raise CheckpointError(f'{path}: cannot read the {what} ({e})') from None
     if not start.startswith(TORCH_FILE_STARTS):
@@ -54,6 +57,10 @@ def safe_torch_load(path, what: str = 'file'):
         raise CheckpointError(f'{path}: incomplete: the zip archive torch.save writes, without '
                               f'its end ({Path(path).stat().st_size:,} bytes; a copy or download '
                               'cut short?): copy or download it again')
+    if damaged:
+        raise CheckpointError(f'{path}: damaged: the bytes of its record {damaged} do not match '
+                              'the checksum (CRC-32) torch.save wrote for them (a copy, download '
+                              'or disk that changed them?): copy or download it again')
     top = members[0].split('/')[0] if members else ''  # torch.save: every record in one folder
     if f'{top}/data.pkl' not in members:  # its pickle
         raise CheckpointError(f'{path}: a zip archive, not one torch.save writes (it holds '
@@ -70,6 +77,8 @@ def safe_torch_load(path, what: str = 'file'):
                 return torch.load(f, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.findall(r'GLOBAL (\S+)', str(e))
+        if found and not zipped and not _global_in(path, found[0]):  # a name cut by the end
+            raise CheckpointError(_legacy_damaged(path, f'its pickle ends in {found[0]}')) from None
         held = f'such as {found[0]}' if found else 'not tensors or plain values'
         raise CheckpointError(
             f'{path}: refused: the {what} holds Python objects ({held}); loading it could run '
@@ -78,15 +87,41 @@ def safe_torch_load(path, what: str = 'file'):
         if 'TorchScript' in str(e):
             raise CheckpointError(f'{path}: refused: a TorchScript archive (torch.jit.save), whose '
                                   f'code would run on loading: {convert}') from None
+        if not zipped:
+            raise CheckpointError(_legacy_damaged(path, f'{type(e).__name__}: {e}')) from e
         raise CheckpointError(f'{path}: cannot read the {what} ({type(e).__name__}: {e})') from e
+
+
+def _legacy_damaged(path, detail: str) -> str:
+    """The message for the legacy-format file ``path`` that fails to read (``detail``): such a
+    file has no end to look for, so one cut short fails in one of many ways."""
+    return (f'{path}: damaged or incomplete: a file of torch.save\'s legacy format (before torch '
+            f'1.6) that fails to read ({detail}; a copy or download cut short?): copy or '
+            'download it again')
+
+
+def _global_in(path, name: str) -> bool:
+    """Whether the legacy-format file ``path`` holds the whole GLOBAL opcode of ``name``
+    (``module.attribute`` as torch's refusal names it: ``c<module>\\n<attribute>\\n``). Cut short
+    inside one, a file's refusal named a part of it (``collections.Or``) as a global that would
+    run code."""
+    module, _, attribute = name.rpartition('.')
+    return f'c{module}\n{attribute}\n'.encode() in Path(path).read_bytes()
+
+
+def damaged_record(archive: zipfile.ZipFile):
+    """The name of the first record of ``archive`` (a torch.save zip file, open) whose bytes do
+    not match their CRC-32, or None. Reads the whole file once. A file saved without checksums
+    (``torch.serialization.set_crc32_options(False)``: every CRC 0) is not checked."""
+    if not any(info.CRC for info in archive.infolist()):
+        return None
+    return archive.testzip()
 
 
 def not_a_torch_file(path, start: bytes) -> str:
     """The error's message for ``path``, whose first bytes ``start`` are not a torch.save file's:
     what it is (empty, text, a .beton) and what to do."""
-    text = _text(start)
-    found = ('it is empty, 0 bytes' if not start else f'it is text: {text[:40]!r}' if text
-             else f'it starts with {start[:4]!r}')
+    found = what_it_is(start)
     suffix = Path(path).suffix.lower()
     advice = ('a .beton holds images, not weights: give a run folder or its final_weights.pt'
               if suffix == '.beton' else
@@ -94,6 +129,14 @@ def not_a_torch_file(path, start: bytes) -> str:
               'weights file' if suffix in ('.yaml', '.yml', '.json', '.tsv', '.jsonl') else
               'a failed download? re-download it')
     return f'{path}: not a PyTorch file ({found}, not as torch.save writes; {advice})'
+
+
+def what_it_is(start: bytes) -> str:
+    """What a file whose first bytes are ``start`` is, in words: 'it is empty, 0 bytes', 'it is
+    text: ...' (an HTML error page, a YAML file) or 'it starts with ...'."""
+    text = _text(start)
+    return ('it is empty, 0 bytes' if not start else f'it is text: {text[:40]!r}' if text
+            else f'it starts with {start[:4]!r}')
 
 
 def _text(start: bytes) -> str:

@@ -30,9 +30,10 @@ from .files import atomic_path
 from .models import ClassSubset, build_model, classifier_keys, meta_model
 from .run_dir import RunDir
 from .state_dicts import BLUR_FILTER, fit_advice, mismatch, unwrapped, without_prefix
-from .torch_files import TORCH_FILE_STARTS, safe_torch_load
-from .weights_metadata import (METADATA_KEY, SAFETENSORS_FORMAT, checked_classes, checked_config,
-                               described, parsed_json)
+from .safetensors_files import is_safetensors, read_safetensors
+from .torch_files import safe_torch_load
+from .weights_metadata import (DAMAGED, METADATA_KEY, SAFETENSORS_FORMAT, checked_classes,
+                               checked_config, described, parsed_json)
 
 
 def save_final_weights(state_dict: dict, path, *, config: dict = None, classes=None) -> Path:
@@ -59,20 +60,6 @@ def save_final_weights(state_dict: dict, path, *, config: dict = None, classes=N
     return safe_path
 
 
-def _load_safetensors(path) -> tuple:
-    """``(state_dict, config or None, classes or None)`` of a .safetensors weights file."""
-    try:
-        state = safetensors.torch.load_file(str(path), device='cpu')
-        with safetensors.safe_open(str(path), framework='pt') as f:
-            metadata = f.metadata() or {}
-    except Exception as e:
-        raise CheckpointError(f'{path}: ' + (
-            f'incomplete: its header names more bytes than the file holds ({path.stat().st_size:,}'
-            f' bytes; a copy or download cut short?): copy or download it again'
-            if _cut_short(path) else f'cannot read the weights ({type(e).__name__}: {e})')) from e
-    return (state, *described(metadata, path))
-
-
 class Weights(NamedTuple):
     """What :func:`load_weights` reads: ``state`` the state dict (torchvision's keys),
     ``config`` the run's resolved config and ``classes`` ``[(wnid, name), ...]`` (each None when
@@ -94,40 +81,6 @@ FOREIGN_WEIGHTS_EVAL = {'res': 224, 'flip_tta': True, 'decoder': 'fused'}
 # Where other tools' checkpoints keep EMA weights beside the model's (timm's 'state_dict_ema',
 # torchvision's references' 'model_ema'); this tool's checkpoint: 'ema'.
 EMA_KEYS = ('state_dict_ema', 'model_ema', 'ema')
-
-
-def _cut_short(path) -> bool:
-    """Whether the safetensors file ``path`` ends before the bytes its header names: its header
-    (an 8-byte little-endian length, then JSON) or the data after it, up to the largest end of a
-    tensor's ``data_offsets``."""
-    size = path.stat().st_size
-    with open(path, 'rb') as f:
-        length = int.from_bytes(f.read(8), 'little')
-        if f.read(1) != b'{':
-            return False  # no safetensors header at all
-        if 8 + length > size:
-            return True
-        try:
-            header = json.loads(b'{' + f.read(length - 1))
-            ends = [v['data_offsets'][1] for k, v in header.items() if k != '__metadata__']
-        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
-            return False
-    return 8 + length + max(ends, default=0) > size
-
-
-def is_safetensors(path) -> bool:
-    """Whether to read the file ``path`` as safetensors: by its first bytes (an 8-byte
-    little-endian header length, then the JSON header's '{'; torch.save's files start as
-    ``torch_files.TORCH_FILE_STARTS``), whatever its name; one that starts as neither (damaged,
-    empty), by its name."""
-    try:
-        with open(path, 'rb') as f:
-            start = f.read(9)
-    except OSError as e:
-        raise CheckpointError(f'{path}: cannot read the weights file ({e})') from None
-    if len(start) == 9 and start[8:9] == b'{' and int.from_bytes(start[:8], 'little') > 1:
-        return True
-    return Path(path).suffix == '.safetensors' and not start.startswith(TORCH_FILE_STARTS)
 
 
 def _ema_note(given, path, content) -> str:
@@ -172,7 +125,8 @@ def load_weights(path) -> Weights:
                               f'final_weights.pt/.safetensors, or a torch.save state dict')
     config = classes = content = None
     if is_safetensors(path):
-        state, config, classes = _load_safetensors(path)
+        state, metadata = read_safetensors(path)
+        config, classes = described(metadata, path)
     else:
         content = safe_torch_load(path, 'weights file')
         if is_checkpoint(content):
@@ -220,9 +174,11 @@ def _state_dict_in(content, path) -> dict:
     for key in STATE_DICT_KEYS if isinstance(content, dict) else ():
         if tensors(content.get(key)):
             return content[key]
-    held = (f'keys {first_few(map(repr, content), 8)}' if content and isinstance(
-            content, dict) else f'an empty {type(content).__name__}' if isinstance(
-            content, (dict, list)) else f'a {type(content).__name__}')
+    kind = type(content).__name__
+    held = (f'keys {first_few(map(repr, content), 8)}' if content and isinstance(content, dict)
+            else f'an empty {kind}' if isinstance(content, (dict, list, tuple)) and not content
+            else f'a {kind} of {len(content)}: {first_few((type(v).__name__ for v in content), 3)}'
+            if isinstance(content, (list, tuple)) else f'a {kind}')
     raise CheckpointError(f'{path}: holds no state dict of tensors ({held}); save the model\'s '
                           f'state dict alone (torch.save(model.state_dict(), "weights.pt"))')
 
@@ -308,6 +264,7 @@ def load_model(path, *, num_classes: int = None, beton=None, arch: str = None,
                                'of another tool, write one: a line "index<TAB>wnid" per class, '
                                'in label order)')
     classes = ilsvrc_classes() if ilsvrc else classes
+    asked = str(beton or ('the class list given' if num_classes else 'the class list saved'))
     num_classes = num_classes or len(classes)
     model = build_model(arch=structure['arch'], num_classes=num_classes,
                         use_blurpool=bool(structure['use_blurpool']),
@@ -315,7 +272,7 @@ def load_model(path, *, num_classes: int = None, beton=None, arch: str = None,
     problems, head, subset = mismatch(state, model.state_dict()), classifier_keys(model), None
     if problems and head and head <= state.keys() and not mismatch(state, model.state_dict(),
                                                                    ignore=head):
-        subset = _class_subset(path, state, structure, beton, classes, num_classes, head)
+        subset = _class_subset(path, state, structure, beton, classes, num_classes, head, asked)
         model, problems = subset[0], ''  # all the classes trained (else it raised) on some
     if problems:
         raise CheckpointError(f'{path}: the weights do not fit {structure["arch"]}' + (
@@ -342,8 +299,8 @@ def load_model(path, *, num_classes: int = None, beton=None, arch: str = None,
                       use_blurpool=bool(structure['use_blurpool']))
 
 
-def _class_subset(path, state: dict, structure: dict, beton, saved, num_classes,
-                  head) -> tuple:
+def _class_subset(path, state: dict, structure: dict, beton, saved, num_classes, head,
+                  asked: str) -> tuple:
     """``(model, indices, note)`` for weights whose classifier alone does not fit the class count
     asked for, evaluated on ``beton``, a .beton of some of the classes they were trained on
     (``classes.some_of``): those of the class list saved with them (``saved``), or, without one
@@ -351,15 +308,19 @@ def _class_subset(path, state: dict, structure: dict, beton, saved, num_classes,
     ``structure`` (``build_model``'s keywords) for all those classes and the indices of the
     .beton's classes among its outputs, in the .beton's order, for ``models.ClassSubset``, and a
     note saying so. Raises CheckpointError naming both class counts (``num_classes``: the one
-    asked for; ``head``: the classifier's keys) otherwise."""
+    asked for, by ``asked``, named in the message; ``head``: the classifier's keys) otherwise:
+    a file whose own class list and classifier differ is called damaged."""
     listed = class_list_path(beton) if beton else None
     wnids = read_class_list(listed) if listed and listed.is_file() else []
     index = {wnid: i for i, (wnid, _) in enumerate(saved or ilsvrc_classes())}
     outputs = max(state[k].shape[0] for k in head)
+    if asked == 'the class list saved':
+        raise CheckpointError(f'{path}: its classifier has {outputs} outputs, but the class list '
+                              f'saved with it names {num_classes} classes; {DAMAGED}')
     if outputs != len(index) or not some_of(wnids, list(index)):
         raise CheckpointError(
             f'{path}: its classifier has {outputs} outputs, but {num_classes} classes are asked '
-            f'for (those of {beton or "the class list given"}): use them on the '
+            f'for (those of {asked}): use them on the '
             f'classes they were trained on, or fine-tune them on these')
     trained = (f'was trained on {len(saved)} classes' if saved else 'has a classifier of 1,000 '
                'outputs and no class list: taken as ILSVRC-2012\'s classes')

@@ -4,11 +4,16 @@
 error naming it, not a model rebuilt wrongly)."""
 import json
 
-from .config import saved_eval_kwargs, saved_model_kwargs
+from .config import EVAL_KEYS, MODEL_KEYS, saved_eval_kwargs, saved_model_kwargs
+from .config_schema import declared
 from .errors import CheckpointError
 
 SAFETENSORS_FORMAT = 'imagenet_ffcv final weights'  # the metadata's 'format': config and classes
 METADATA_KEY = 'imagenet_ffcv'  # final_weights.pt: its metadata in the state dict's _metadata['']
+# The keys of a saved config that rebuild and evaluate the model (config.saved_model_kwargs and
+# saved_eval_kwargs), whose values checked_config checks
+RESOLUTION_KEY = EVAL_KEYS['res']
+SAVED_KEYS = (*MODEL_KEYS, *EVAL_KEYS.values())
 
 
 def described(metadata, path) -> tuple:
@@ -38,7 +43,9 @@ def checked_config(config, source):
     """``config`` (None, or a run's resolved config, ``{'section': {'key': value}}``, read from
     ``source``) when it holds what rebuilds and evaluates the model
     (``config.saved_model_kwargs``, ``config.saved_eval_kwargs``). Raises CheckpointError naming
-    ``source`` otherwise."""
+    ``source`` otherwise: a key missing, or a value of those keys (:data:`SAVED_KEYS`) that
+    its key's checker (``config_schema``) refuses, or a resolution that is not a whole number of
+    pixels > 0 (a string there failed, with a traceback, deep in the loader)."""
     if config is None:
         return None
     try:
@@ -48,6 +55,20 @@ def checked_config(config, source):
         raise CheckpointError(
             f'{source}: the saved config is not a resolved config of this tool '
             f'({type(e).__name__}: {e}); {DAMAGED}') from None
+    params = declared().entries
+    for key in SAVED_KEYS:
+        section, name = key.split('.')
+        if name not in config.get(section, {}):  # data.decoder: 'fused' before the key
+            continue
+        value = config[section][name]
+        try:
+            params[(section, name)].checker.check(value)
+            good = key != RESOLUTION_KEY or (type(value) is int and value > 0)
+        except (TypeError, ValueError):
+            good = False
+        if not good:
+            raise CheckpointError(f'{source}: the saved config\'s {key} is {value!r}, not a '
+                                  f'value of that key; {DAMAGED}')
     return config
 
 

@@ -60,6 +60,53 @@ def test_load_names_the_file_for_foreign_or_truncated_files(tmp_path):
         checkpoint.load(truncated)
 
 
+def test_a_file_whose_bytes_changed_or_of_the_legacy_format_cut_short_is_called_damaged(
+        tmp_path):
+    """torch.load checks no CRC-32: a .pt with 1,000 bytes zeroed in a tensor's record loaded,
+    with other weights, as checkpoint and as weights; a file saved without checksums still loads.
+    A legacy-format file cut short said 'IndexError: index out of range'. Weights of other kinds
+    and a web page named .safetensors are said as what they are."""
+    good = tmp_path / 'checkpoint.pt'
+    checkpoint.save({'format': 1, 'model': {'w': torch.arange(10_000.)}}, good)
+    data = bytearray(good.read_bytes())
+    middle = len(data) // 2  # in the tensor's record, after data.pkl
+    data[middle:middle + 1000] = bytes(1000)
+    damaged = tmp_path / 'damaged.pt'
+    damaged.write_bytes(data)
+    for load in (checkpoint.load, weights.load_weights):
+        with pytest.raises(checkpoint.CheckpointError, match=r'damaged.pt: damaged: the bytes of '
+                           r'its record archive/data/0 do not match the checksum \(CRC-32\)'):
+            load(damaged)
+    unchecked = tmp_path / 'unchecked.pt'
+    torch.serialization.set_crc32_options(False)
+    try:
+        torch.save({'fc.weight': torch.ones(2, 2)}, unchecked)
+    finally:
+        torch.serialization.set_crc32_options(True)
+    assert weights.load_weights(unchecked).state['fc.weight'].sum() == 4
+    legacy = tmp_path / 'legacy.pt'
+    torch.save({'fc.weight': torch.ones(100, 100)}, legacy, _use_new_zipfile_serialization=False)
+    full = legacy.read_bytes()
+    for size in (300, len(full) - 100):
+        legacy.write_bytes(full[:size])
+        with pytest.raises(checkpoint.CheckpointError, match=r'legacy.pt: damaged or incomplete: '
+                           r"a file of torch.save's legacy format \(before torch 1.6\) that "
+                           r'fails to read \(.*; a copy or download cut short\?\): copy or '
+                           r'download it again$'):
+            weights.load_weights(legacy)
+    listed = tmp_path / 'list.pt'
+    torch.save([{'fc.weight': torch.ones(2)}], listed)
+    with pytest.raises(checkpoint.CheckpointError, match=r'list.pt: holds no state dict of tensors '
+                                                         r'\(a list of 1: dict\)'):
+        weights.load_weights(listed)
+    page = tmp_path / 'final_weights.safetensors'
+    page.write_text('<!DOCTYPE html><html><body>Not Found</body></html>' * 3)
+    with pytest.raises(checkpoint.CheckpointError, match=r"safetensors: not a safetensors file "
+                       r"\(it is text: '<!DOCTYPE html><html><body>Not Found</bo', not a "
+                       r'safetensors header; a failed download\? re-download it\)$'):
+        weights.load_weights(page)
+
+
 def test_resume_auto_picks_the_latest_run_and_says_when_it_has_finished(tmp_path, capsys):
     """--resume auto: the latest run of that name, a note when it has finished, and one when
     there is none (a mistyped folder or run name in a requeued job started over without a
@@ -586,7 +633,8 @@ def test_final_weights_as_safetensors_carry_config_and_classes(tmp_path):
     assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
     assert safe.read_bytes()[8:9] == b'{'  # a JSON header, no pickle
     (tmp_path / 'bad.safetensors').write_bytes(b'not a safetensors file')
-    with pytest.raises(checkpoint.CheckpointError, match='bad.safetensors: cannot read'):
+    with pytest.raises(checkpoint.CheckpointError, match="bad.safetensors: not a safetensors file "
+                                                         r"\(it is text: 'not a safetensors"):
         weights.load_weights(tmp_path / 'bad.safetensors')
 
 
@@ -601,6 +649,15 @@ GOOD_CONFIG = {'model': {'arch': 'resnet18'}, 'training': {'use_blurpool': 1, 'c
     ('config', '[1]', 'final_weights.safetensors: the saved config is not a resolved config'),
     ('classes', '[["n01"], ["n02", "two"]]', 'final_weights.safetensors: the saved class list is '
                                              r'not \[\[wnid, name\], ...\]'),
+    # values of the wrong kind failed with a traceback (TypeError, AttributeError) or not at all
+    *[('config', json.dumps({**GOOD_CONFIG, section: {**GOOD_CONFIG.get(section, {}), key: bad}}),
+       f"final_weights.safetensors: the saved config's {section}.{key} is {bad!r}, not a value "
+       "of that key")
+      for section, key, bad in (('validation', 'resolution', 'abc'),
+                                ('validation', 'resolution', None),
+                                ('validation', 'resolution', 224.0),
+                                ('model', 'arch', 5), ('training', 'use_blurpool', 2),
+                                ('data', 'decoder', 'bogus'))],
     ('classes', '{"n01": "one"}', 'final_weights.safetensors: the saved class list is not'),
 ])
 def test_damaged_safetensors_metadata_is_an_error_naming_the_file(tmp_path, key, value, error):

@@ -284,6 +284,22 @@ def test_a_checkpoint_with_parts_missing_or_of_another_format_is_one_error(tmp_p
         assert torch.equal(model.fc.weight, state['fc.weight'])
 
 
+def test_weights_whose_own_class_list_and_classifier_differ_are_called_damaged(tmp_path):
+    """A file saving 5 classes beside a classifier of 10 outputs, read with no class list given:
+    the error blamed 'the class list given', which the user had not given."""
+    model = build_model(arch='resnet18', num_classes=10, use_blurpool=False, channels_last=False)
+    config = {'model': {'arch': 'resnet18'}, 'training': {'use_blurpool': 0, 'channels_last': 0},
+              'validation': {'resolution': 32, 'lr_tta': 0}}
+    path = weights.save_final_weights(model.state_dict(), tmp_path / 'final_weights.pt',
+                                      config=config,
+                                      classes=[[f'n0{i}', f'c{i}'] for i in range(5)])
+    for file in (path, tmp_path / 'final_weights.pt'):
+        with pytest.raises(CheckpointError, match=f'^{file}: its classifier has 10 outputs, but '
+                                                  'the class list saved with it names 5 classes; '
+                                                  "use the run's final_weights.pt"):
+            weights.load_model(file)
+
+
 def test_weights_that_do_not_fit_for_eval_are_refused_naming_the_keys(tmp_path):
     """load_model's error lists the missing, unexpected and wrongly shaped keys, as init_from's."""
     torch.manual_seed(0)
