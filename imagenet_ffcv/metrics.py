@@ -103,7 +103,8 @@ def plot_log(log_path, png_path) -> None:
     """Plot a run's ``log.jsonl`` (one JSON record per epoch, see imagenet-ffcv-train) into a PNG of
     four panels against the epoch: train loss, validation top-1 (%), LR at the end of the epoch
     and training resolution (px). A value a record lacks leaves a gap (an epoch without
-    validation in the top-1 panel; a record of a validation alone, ``RunDir.amend_log``)."""
+    validation in the top-1 panel; a record of a validation alone, ``RunDir.amend_log``). Raises
+    OSError naming ``png_path`` when it cannot be written (a full disk)."""
     import matplotlib  # heavy, and only needed here
     matplotlib.use('Agg')  # files only, no display
     import matplotlib.pyplot as plt
@@ -127,5 +128,9 @@ def plot_log(log_path, png_path) -> None:
     try:
         with atomic_path(png_path) as tmp:  # a full disk leaves the last plot, not half of one
             fig.savefig(tmp, dpi=100, format='png')
+    except OSError as e:  # a full disk named no file: the trainer said '[Errno 28] No space ...'
+        if e.filename is not None or e.errno is None:
+            raise
+        raise OSError(e.errno, e.strerror, str(png_path)) from e
     finally:
         plt.close(fig)

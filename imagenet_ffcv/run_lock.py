@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -124,11 +125,19 @@ def check_held(lock_file, heartbeat: 'Heartbeat', run_path) -> None:
 
 
 def release(lock_file, heartbeat: 'Heartbeat' = None) -> None:
-    """Stop ``heartbeat`` and remove ``lock_file`` if this process holds it."""
+    """Stop ``heartbeat`` and remove ``lock_file`` if this process holds it. A lock that cannot
+    be read or removed (a folder gone read-only, a network filesystem's error) is left with a
+    warning: the job that resumes the run takes it over (:func:`acquire`). Raises nothing, so
+    that the error that ends a run is the one told (a read-only run folder was told as its
+    lock's)."""
     if heartbeat is not None:
         heartbeat.stop()
-    if read_lock(lock_file) == (heartbeat.me if heartbeat is not None else lock_identity()):
-        Path(lock_file).unlink(missing_ok=True)
+    try:
+        if read_lock(lock_file) == (heartbeat.me if heartbeat is not None else lock_identity()):
+            Path(lock_file).unlink(missing_ok=True)
+    except OSError as e:
+        print(f'=> warning: {lock_file}: cannot remove this job\'s lock ({e.strerror}); the job '
+              'that resumes the run takes it over', file=sys.stderr, flush=True)
 
 
 class Heartbeat(threading.Thread):

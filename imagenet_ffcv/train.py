@@ -110,8 +110,9 @@ def train(cfg, dist, wall_start) -> dict:
             run.run_dir.path, tensorboard=bool(cfg.logging.tensorboard), config=run.resolved,
             wandb_project=cfg.logging.wandb_project, run_name=run.run_dir.path.name,
             resume_step=run.global_step(run.progress.epoch, run.progress.iteration)))
-        finished, stop = fit(run)
-        summary = summarize(run) if finished else stopped_summary(run, stop)  # signalled or not
+        with StopRequest() as stop:  # until the final weights: a signal after the last epoch
+            finished = fit(run, stop)  # lets the run finish (it killed it at once)
+            summary = summarize(run, stop) if finished else stopped_summary(run, stop)
         return {**summary, 'exit_code': stop.exit_code} if stop else summary
     finally:
         if run.run_dir:
@@ -248,64 +249,62 @@ def save_checkpoint(run: Run, epoch: int, iteration: int, so_far: dict = None) -
         tqdm.write(f'=> checkpoint: epoch {epoch}, iteration {iteration}')
 
 
-def fit(run: Run):
+def fit(run: Run, stop) -> bool:
     """Train the epochs from ``run.progress`` on (first the validation a signal stopped, when
     ``progress.val_pending``), validating as configured, a checkpoint after each; a signal
-    (SIGTERM, Ctrl-C) ends the current step with a checkpoint; the epoch's validation (or
-    10-crop) before its next batch, the epoch logged without it and its checkpoint marked
-    ``val_pending``; a checkpoint, the run after it. Returns ``(finished, stop)``: whether
-    training ended (last epoch, top-1 target, each validated) and the ``signals.StopRequest``
-    (true when a signal came)."""
+    (SIGTERM, Ctrl-C: ``stop``, the ``signals.StopRequest`` that catches them) ends the current
+    step with a checkpoint; the epoch's validation (or 10-crop) before its next batch, the epoch
+    logged without it and its checkpoint marked ``val_pending``; a checkpoint, the run after it.
+    Returns whether training ended (last epoch, top-1 target, each validated)."""
     cfg, progress = run.cfg, run.progress
-    with StopRequest() as stop:
-        if progress.val_pending and not validate_pending(run, stop.__bool__, save_checkpoint):
+    if progress.val_pending and not validate_pending(run, stop.__bool__, save_checkpoint):
+        _agree_on_signal(run, stop)
+        return False
+    first_epoch = progress.epoch  # none after the one that reached the target (resumed):
+    end = cfg.training.epochs if progress.epochs_left(cfg.training.epochs) else 0
+    for epoch in range(first_epoch, end):
+        res = run.res_at(epoch)
+        run.train_decoder.output_size = (res, res)
+        stats = engine.train_one_epoch(
+            model=run.model, loader=run.train_loader, optimizer=run.optimizer,
+            loss_fn=run.loss_fn, lr_at=run.lr_at, epoch=epoch,
+            amp_dtype=run.precision.amp_dtype, scaler=run.scaler, options=run.options,
+            hooks=engine.EpochHooks(
+                stop_requested=stop.__bool__, corrupt_record=run.train_loader.corrupt_record,
+                save_checkpoint=partial(save_checkpoint, run, epoch),
+                checkpoint_every=cfg.checkpoint.every_iters,
+                log_train=lambda done, values: run.live_log.train_scalars(  # rank 0's
+                    run.global_step(epoch, done), values),
+                log_every=cfg.logging.every_iters if run.live_log else 0),
+            show_progress=run.dist.is_primary,
+            start_iteration=progress.iteration if epoch == first_epoch else 0,
+            so_far=progress.epoch_so_far if epoch == first_epoch else None,
+            iterations_after=len(run.train_loader) * schedules.remaining_work(
+                epoch, epochs=cfg.training.epochs, res_at=run.res_at))
+        if stats['iterations_done'] < len(run.train_loader):  # stopped within the epoch
+            save_checkpoint(run, epoch, stats['iterations_done'], stats['so_far'])
             _agree_on_signal(run, stop)
-            return False, stop
-        first_epoch = progress.epoch  # none after the one that reached the target (resumed):
-        end = cfg.training.epochs if progress.epochs_left(cfg.training.epochs) else 0
-        for epoch in range(first_epoch, end):
-            res = run.res_at(epoch)
-            run.train_decoder.output_size = (res, res)
-            stats = engine.train_one_epoch(
-                model=run.model, loader=run.train_loader, optimizer=run.optimizer,
-                loss_fn=run.loss_fn, lr_at=run.lr_at, epoch=epoch,
-                amp_dtype=run.precision.amp_dtype, scaler=run.scaler, options=run.options,
-                hooks=engine.EpochHooks(
-                    stop_requested=stop.__bool__, corrupt_record=run.train_loader.corrupt_record,
-                    save_checkpoint=partial(save_checkpoint, run, epoch),
-                    checkpoint_every=cfg.checkpoint.every_iters,
-                    log_train=lambda done, values: run.live_log.train_scalars(  # rank 0's
-                        run.global_step(epoch, done), values),
-                    log_every=cfg.logging.every_iters if run.live_log else 0),
-                show_progress=run.dist.is_primary,
-                start_iteration=progress.iteration if epoch == first_epoch else 0,
-                so_far=progress.epoch_so_far if epoch == first_epoch else None,
-                iterations_after=len(run.train_loader) * schedules.remaining_work(
-                    epoch, epochs=cfg.training.epochs, res_at=run.res_at))
-            if stats['iterations_done'] < len(run.train_loader):  # stopped within the epoch
-                save_checkpoint(run, epoch, stats['iterations_done'], stats['so_far'])
-                _agree_on_signal(run, stop)
-                return False, stop
-            progress.images += stats['images'] * run.dist.world_size
-            progress.train_seconds += stats['seconds']
-            distributed.broadcast_buffers(run.model_without_ddp)  # rank 0's BN statistics
-            if run.options.ema is not None:
-                distributed.broadcast_buffers(run.options.ema.module)
-            stopped = (lambda: True) if stats['stopped'] else stop.__bool__  # (agreed; this rank)
-            val = end_of_epoch_eval(run, epoch, stopped)  # a signal stops it at a batch
-            progress.val_pending = bool(val.pop('stopped', False))  # then the resume validates
-            log_epoch(run, epoch, res, stats, {} if progress.val_pending else val)
-            save_checkpoint(run, epoch + 1, 0)
-            if progress.reached and not progress.val_pending:
-                _agree_on_signal(run, stop)
-                return True, stop
-            # a signal during validation or the checkpoint ends the run here, on every rank
-            if _agree_on_signal(run, stop) and (epoch < cfg.training.epochs - 1
-                                               or progress.val_pending):
-                return False, stop
-        if end <= first_epoch:  # a resume that trained nothing: its signal, if one came
+            return False
+        progress.images += stats['images'] * run.dist.world_size
+        progress.train_seconds += stats['seconds']
+        distributed.broadcast_buffers(run.model_without_ddp)  # rank 0's BN statistics
+        if run.options.ema is not None:
+            distributed.broadcast_buffers(run.options.ema.module)
+        stopped = (lambda: True) if stats['stopped'] else stop.__bool__  # (agreed; this rank)
+        val = end_of_epoch_eval(run, epoch, stopped)  # a signal stops it at a batch
+        progress.val_pending = bool(val.pop('stopped', False))  # then the resume validates
+        log_epoch(run, epoch, res, stats, {} if progress.val_pending else val)
+        save_checkpoint(run, epoch + 1, 0)
+        if progress.reached and not progress.val_pending:
             _agree_on_signal(run, stop)
-    return True, stop
+            return True
+        # a signal during validation or the checkpoint ends the run here, on every rank
+        if _agree_on_signal(run, stop) and (epoch < cfg.training.epochs - 1
+                                           or progress.val_pending):
+            return False
+    if end <= first_epoch:  # a resume that trained nothing: its signal, if one came
+        _agree_on_signal(run, stop)
+    return True
 
 
 def _agree_on_signal(run: Run, stop) -> int:
@@ -346,10 +345,11 @@ def stopped_summary(run: Run, stop) -> dict:
             'exit_code': stop.exit_code}
 
 
-def summarize(run: Run) -> dict:
+def summarize(run: Run, stop) -> dict:
     """The end of a finished run: final metrics, speed, size and cost of the model; rank 0 writes
     final_weights_ema.pt (with an EMA), then final_weights.pt (the run is finished), and prints the
-    results table."""
+    results table. A signal meanwhile (``stop``) is left for the end: the ranks then agree on it
+    (:func:`_agree_on_signal`)."""
     cfg, model, progress = run.cfg, run.model_without_ddp, run.progress
     reached = progress.reached or {}
     if run.final_val is None:  # resumed from the checkpoint after its last epoch (10-crop too)
@@ -375,6 +375,7 @@ def summarize(run: Run) -> dict:
         weights.save_final_weights(models.unwrapped_state_dict(model), run.run_dir.final_weights,
                                       config=run.resolved, classes=run.classes)
         print(metrics.results_table(summary))
+    _agree_on_signal(run, stop)
     return summary
 
 

@@ -62,3 +62,27 @@ def test_format_table_lines_equal_length():
     assert set(lines[1]) == {'|', '-'}
     assert lines[1].count('|') == 5
     assert lines[3].split('|')[1:-1] == [' resnet50 ', ' 8      ', ' 1 %     ', ' 3 s       ']
+
+
+def test_progress_png_that_cannot_be_written_is_named_and_the_last_one_kept(tmp_path,
+                                                                             monkeypatch):
+    """A full disk as progress.png is drawn: the trainer's one line said '[Errno 28] No space
+    left on device' alone, naming no file; the previous plot stays whole."""
+    import errno
+    import json
+    import matplotlib.figure
+    import pytest
+    from imagenet_ffcv.metrics import plot_log
+    log, png = tmp_path / 'log.jsonl', tmp_path / 'progress.png'
+    log.write_text(json.dumps({'epoch': 0, 'train_loss': 2.0, 'top_1': 0.1, 'lr': 0.1,
+                               'res': 160}) + '\n')
+    plot_log(log, png)
+    before = png.read_bytes()
+
+    def full_disk(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, 'No space left on device')
+    monkeypatch.setattr(matplotlib.figure.Figure, 'savefig', full_disk)
+    with pytest.raises(OSError) as info:
+        plot_log(log, png)
+    assert (info.value.errno, info.value.filename) == (errno.ENOSPC, str(png))
+    assert png.read_bytes() == before and sorted(tmp_path.iterdir()) == [log, png]

@@ -144,11 +144,10 @@ def test_a_finished_run_resumed_by_path_trains_nothing_unless_forced_further(
 def test_a_rank_that_stops_for_another_ranks_signal_ends_as_stopped(sample_betons, tmp_path,
                                                                      monkeypatch, capsys):
     """The ranks agree to stop when any of them got SIGTERM (a pre-emption notice that reached
-    one node), and fit returns its StopRequest on each. On a rank that got no signal itself that
-    object is false: the rank went on into the end of a finished run (validation, final weights),
-    and, its peers gone, failed in a collective. It now ends as stopped, exit 143."""
-    from imagenet_ffcv.signals import StopRequest
-    monkeypatch.setattr(train, 'fit', lambda run: (False, StopRequest()))  # no signal here
+    one node), and fit returns False on each. On a rank that got no signal itself its
+    StopRequest is false: the rank went on into the end of a finished run (validation, final
+    weights), and, its peers gone, failed in a collective. It now ends as stopped, exit 143."""
+    monkeypatch.setattr(train, 'fit', lambda run, stop: False)  # no signal here
     summary = train.main(small_config(sample_betons, tmp_path, '--training.epochs=1'))
     assert summary['stopped'] and summary['exit_code'] == 143
     assert 'stopped by a signal on another rank' in capsys.readouterr().out
@@ -310,6 +309,57 @@ def test_a_signal_during_the_last_10_crop_leaves_it_to_the_resumed_run(
     [record] = log_of(run_dir)
     assert record['top_1'] == resumed['top_1'] and record['top_1_10crop'] == resumed[
         'top_1_10crop']
+
+
+def test_a_signal_as_the_finished_run_writes_its_final_weights_lets_it_finish(
+        sample_betons, tmp_path, monkeypatch):
+    """SIGTERM after the last epoch's checkpoint, as the results are gathered: the run writes
+    results.json and its final weights, then ends with 143, as docs/training.md says. The
+    signal's handler was gone by then: SIGTERM killed the process, leaving no final weights and
+    its lock."""
+    from imagenet_ffcv import metrics
+
+    def killed(signum, frame):  # the default action, but a test failure rather than pytest's end
+        raise AssertionError('SIGTERM reached its default handler')
+    signal_as_it_starts(monkeypatch, metrics, 'model_complexity')
+    previous = signal.signal(signal.SIGTERM, killed)
+    try:
+        summary = train.main(small_config(sample_betons, tmp_path, '--training.epochs=1'))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    run_dir = Path(summary['run_dir'])
+    assert summary['exit_code'] == 143 and 'top_1' in summary and 'gmacs' in summary
+    assert sorted(p.name for p in run_dir.glob('[fl]*')) == [
+        'final_weights.pt', 'final_weights.safetensors', 'log.jsonl']  # no lock left
+    assert json.loads((run_dir / 'results.json').read_text())['top_1'] == summary['top_1']
+
+
+def test_a_run_folder_gone_read_only_is_told_by_the_write_that_failed_not_by_its_lock(
+        sample_betons, tmp_path, monkeypatch, capsys):
+    """The run folder turns immutable as epoch 0 is logged (a filesystem remounted read-only):
+    the error names log.jsonl, the write that failed; removing the lock then failed too, and its
+    error replaced the first one (the user was told of the lock). The lock is left, with a
+    warning, for the resumed run to take over."""
+    if subprocess.run(['chattr', '-i', str(tmp_path)], capture_output=True).returncode != 0:
+        pytest.skip('chattr is not available on this filesystem')
+    log_epoch, frozen = train.log_epoch, []
+
+    def read_only(run, *args):
+        frozen.append(run.run_dir.path)
+        subprocess.run(['chattr', '+i', str(run.run_dir.path)], check=True)
+        return log_epoch(run, *args)
+    monkeypatch.setattr(train, 'log_epoch', read_only)
+    try:
+        with pytest.raises(OSError) as info:
+            train.main(small_config(sample_betons, tmp_path, '--training.epochs=1'))
+    finally:
+        for path in frozen:
+            subprocess.run(['chattr', '-i', str(path)], check=True)
+    [run_dir] = frozen
+    assert info.value.filename == str(run_dir / 'log.jsonl')
+    assert (run_dir / 'lock').exists()
+    assert f"=> warning: {run_dir / 'lock'}: cannot remove this job's lock (Operation not " \
+        "permitted); the job that resumes the run takes it over" in capsys.readouterr().err
 
 
 def test_a_signal_on_another_rank_in_the_last_epoch_ends_every_rank_with_its_status(
