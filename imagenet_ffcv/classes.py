@@ -94,8 +94,8 @@ class ClassListError(ImagenetFfcvError, ValueError):
 def read_class_list(path) -> list:
     """The wnids of a class list written by :func:`write_class_list`, index order. Raises
     ClassListError naming the file, the line and the expected format for any other file (e.g.
-    ILSVRC's ``synset_words.txt``, ``wnid name`` lines, or not UTF-8 text), OSError when it
-    cannot be read."""
+    ILSVRC's ``synset_words.txt``, ``wnid name`` lines, or not UTF-8 text), for an empty one,
+    and for a wnid listed twice; OSError when it cannot be read."""
     try:
         with open(path, encoding='utf-8') as f:
             lines = [(n, line.rstrip('\n')) for n, line in enumerate(f, 1) if line.strip()]
@@ -103,13 +103,20 @@ def read_class_list(path) -> list:
         raise ClassListError(f'{path}: not UTF-8 text (byte {e.start}), so not a class list: give '
                              'the .classes.tsv that imagenet-ffcv-write writes beside the .beton'
                              ) from None
-    wnids = []
+    if not lines:
+        raise ClassListError(f'{path}: holds no class (empty); give the .classes.tsv that '
+                             'imagenet-ffcv-write writes beside the .beton')
+    wnids, line_of = [], {}
     for i, (n, line) in enumerate(lines):
         row = line.split('\t')
         if len(row) < 2 or not (row[0].strip().isdigit() and int(row[0]) == i):
             raise ClassListError(
                 f'{path}: line {n} is {line[:80]!r}, expected "{i}<TAB>wnid<TAB>name" (index, '
                 'wnid, name: the .classes.tsv that imagenet-ffcv-write writes beside the .beton)')
+        if row[1] in line_of:
+            raise ClassListError(f'{path}: line {n} names {row[1]} again (line {line_of[row[1]]}):'
+                                 ' two labels of one class; give each class once')
+        line_of[row[1]] = n
         wnids.append(row[1])
     return wnids
 

@@ -496,8 +496,8 @@ def test_predict_classifies_the_images_of_a_folder_into_a_csv_file(short_run, tm
     out, other files and links to images listed already left out and named; a file given again,
     by itself, is classified once, with a warning: it had two rows). --csv writes a row
     per image, with the classes and scores predict() gives; an image that cannot be decoded has
-    its error there, the others are classified. A --csv in a folder that does not exist is refused before any work (it failed
-    after classifying every image), and so is one that is not a .csv file (``--csv *.jpg`` would
+    its error there, the others are classified. A --csv in a folder that does not exist is
+    refused before any work (it failed after classifying every image), and so is one that is not a .csv file (``--csv *.jpg`` would
     have replaced the first image by the predictions)."""
     summary, _ = short_run
     weights = summary['run_dir']
@@ -609,6 +609,20 @@ def test_a_class_list_in_another_format_is_named_with_its_line(short_run, tmp_pa
     n = text.splitlines().index(line) + 1
     assert f'synset_words.txt: line {n} is {line!r}, expected "{n - 1}<TAB>wnid<TAB>name"' in \
         capsys.readouterr().err
+
+
+def test_an_empty_class_list_or_one_naming_a_class_twice_is_refused_naming_the_file(tmp_path):
+    """The converter's --classes took an empty file as a list of no classes (every folder then
+    'not a class of the list') and a wnid listed twice without a word (two labels of one class)."""
+    from imagenet_ffcv.classes import ClassListError, class_list_of
+    empty, twice = tmp_path / 'empty.tsv', tmp_path / 'twice.tsv'
+    empty.write_text('\n')
+    twice.write_text('0\tn01440764\ttench\n1\tn01443537\tgoldfish\n2\tn01440764\ttench\n')
+    with pytest.raises(ClassListError, match=f'^{empty}: holds no class \\(empty\\)'):
+        class_list_of(str(empty))
+    with pytest.raises(ClassListError, match=f'^{twice}: line 3 names n01440764 again \\(line 1\\):'
+                                             ' two labels of one class'):
+        class_list_of(str(twice))
 
 
 class FlipSensitive(torch.nn.Module):
