@@ -140,6 +140,9 @@ def check_there(path, key: str = '') -> None:
                  else '--data-dir DIR --split SPLIT')
         raise MissingFileError(f'{named}: a folder, not a .beton file; write one from its images '
                                f'with imagenet-ffcv-write {split} --out FILE.beton')
+    if path.exists() and not path.is_file():
+        raise MissingFileError(f'{named}: not a regular file (a device, a FIFO or a socket), so '
+                               'not a .beton file; give the path of one')
     if not path.is_file():
         where = '' if path.is_absolute() else f', looked for in {Path.cwd()}'
         raise MissingFileError(f'{named}: .beton file not found{where}; write it with '
@@ -170,18 +173,21 @@ def _read(path) -> tuple:
 def _open(path):
     """``(reader, image metadata, int64 labels)``; CorruptBetonError when unreadable."""
     size = Path(path).stat().st_size
-    if size >= HeaderType.itemsize:
-        header = np.fromfile(path, dtype=HeaderType, count=1)[0]
-        if header['version'] != CURRENT_VERSION:
-            raise CorruptBetonError(
-                f'{path}: not a .beton file (it does not start with the header of ffcv\'s format '
-                f'version {CURRENT_VERSION}: {header.tobytes()[:8].hex(" ")}); pass the '
-                f'file imagenet-ffcv-write wrote')
-        if header['alloc_table_ptr'] > size:
-            raise CorruptBetonError(
-                f'{path}: truncated: {size} bytes, but its header places the allocation table at '
-                f'byte {header["alloc_table_ptr"]}; copy it again or write it again with '
-                f'imagenet-ffcv-write')
+    if size < HeaderType.itemsize:
+        raise CorruptBetonError(f'{path}: truncated or not a .beton file: {size} bytes, fewer '
+                                f'than the {HeaderType.itemsize} of ffcv\'s header; copy it again '
+                                'or write it again with imagenet-ffcv-write')
+    header = np.fromfile(path, dtype=HeaderType, count=1)[0]
+    if header['version'] != CURRENT_VERSION:
+        raise CorruptBetonError(
+            f'{path}: not a .beton file (it does not start with the header of ffcv\'s format '
+            f'version {CURRENT_VERSION}: {header.tobytes()[:8].hex(" ")}); pass the '
+            f'file imagenet-ffcv-write wrote')
+    if header['alloc_table_ptr'] > size:
+        raise CorruptBetonError(
+            f'{path}: truncated: {size} bytes, but its header places the allocation table at '
+            f'byte {header["alloc_table_ptr"]}; copy it again or write it again with '
+            f'imagenet-ffcv-write')
     try:
         reader = Reader(str(path))
         md = reader.metadata

@@ -698,7 +698,8 @@ def test_a_truncated_file_or_not_a_beton_is_a_clear_error_at_loader_creation(sam
     cases = {'half.beton': (data[:len(data) // 2], 'truncated'),
              'cut.beton': (data[:-10], 'truncated'),
              'text.beton': (b'hello, not a beton\n' * 100, 'not a .beton file'),
-             'photo.jpg': (photo, 'not a .beton file')}
+             'photo.jpg': (photo, 'not a .beton file'),  # and cut within ffcv's header (it was
+             'stub.beton': (data[:20], 'truncated or not a .beton file: 20 bytes')}  # IndexError
     for name, (content, message) in cases.items():
         (tmp_path / name).write_bytes(content)
         for make in (lambda p: loaders.val_loader(path=p, batch_size=8, num_workers=1, res=32,
@@ -722,6 +723,8 @@ def test_a_truncated_file_or_not_a_beton_is_a_clear_error_at_loader_creation(sam
                                                 'from its images with imagenet-ffcv-write '
                                                 '--data-dir DIR --split SPLIT'):
         verify.verify_beton(SAMPLE / 'val' / 'n01440764')  # what --verify FOLDER reads
+    with pytest.raises(FileNotFoundError, match='^/dev/null: not a regular file'):  # not found
+        verify.verify_beton('/dev/null')
     with pytest.raises(FileNotFoundError, match='nowhere.beton: .beton file not found'):
         loaders.val_loader(path=tmp_path / 'nowhere.beton', batch_size=8, num_workers=1, res=32,
                            device=cpu)
