@@ -10,7 +10,7 @@ from .classes import in_ilsvrc_order, read_class_list
 from .config_schema import ARCH_KEY, BLURPOOL_KEY, RESET_HEAD_KEY
 from .errors import CheckpointError
 from .models import BlurPoolConv2d, classifier_keys, takes_blurpool
-from .state_dicts import fit_advice, mismatch, without_prefix
+from .state_dicts import fit_advice, mismatch, prefix_note, without_prefix
 from .weights import load_weights
 
 
@@ -35,7 +35,7 @@ def init_from(model: torch.nn.Module, path, *, reset_head: bool, class_list=None
     weight is missing, extra or of another shape (another architecture)."""
     state, _, saved, trained_blurred, note = load_weights(path)
     own, head = model.state_dict(), classifier_keys(model)
-    state, prefix = without_prefix(state, own, ignore=head)  # Lightning's 'model.'
+    state, prefix, left_out = without_prefix(state, own, ignore=head)  # Lightning's 'model.'
     ours = read_class_list(class_list) if class_list and Path(class_list).is_file() else None
     why = ('as asked' if reset_head else
            'the file has none' if head and not head & state.keys() else
@@ -53,7 +53,7 @@ def init_from(model: torch.nn.Module, path, *, reset_head: bool, class_list=None
             and not in_ilsvrc_order(class_list))  # torchvision's ImageNet weights on ImageNet)
     return (f"=> started from {path} ({len(state.keys() - reset)} tensors)" +
             (f'; classifier {", ".join(sorted(reset))} newly initialised ({why})' if reset else '')
-            + (f'; {prefix!r} removed from the start of every key' if prefix else '')
+            + (f'; {prefix_note(prefix, left_out)}' if prefix else '')
             + (f'\nnote: the classifier of {path} is loaded, its outputs taken as the dataset\'s '
                f'classes in their order: no class list came with the '
                f'{"dataset" if saved else "weights"} to check them by (--{RESET_HEAD_KEY}=1 '

@@ -65,17 +65,39 @@ def _keys(keys: list) -> str:
 
 
 def without_prefix(state: dict, own: dict, ignore=frozenset()) -> tuple:
-    """``(state, prefix)``: ``state`` with the dotted prefix that every key of it shares removed
-    (``model.`` of a PyTorch Lightning checkpoint, whose LightningModule holds the network as
-    ``self.model``; ``net.``, ``backbone.``) when that makes it fit ``own`` (:func:`mismatch`
-    with ``ignore``, e.g. the classifier's keys) and it did not fit before; else ``(state, '')``,
-    so a file that does not fit is told by its own keys."""
+    """``(state, prefix, left_out)``: when ``state`` does not fit ``own`` (:func:`mismatch` with
+    ``ignore``, e.g. the classifier's keys), the keys under a dotted prefix with it removed, if
+    they fit: the prefix every key shares (``model.`` of a PyTorch Lightning checkpoint, whose
+    LightningModule holds the network as ``self.model``; ``net.``, ``backbone.``), else the one
+    prefix of some keys whose keys fit (a LightningModule's loss or metric buffers beside its
+    network, ``criterion.weight``: refused before), the others ``left_out`` (sorted; two such
+    prefixes, ``model.`` and ``ema_model.``, are not chosen between). Else ``(state, '', [])``,
+    so a file that does not fit is told by its own keys. :func:`prefix_note` says what was done."""
     if mismatch(state, own, ignore):
         for prefix in _prefixes(state):  # 'model.encoder.' too long: 'model.'
             stripped = _stripped(state, prefix)
             if not mismatch(stripped, own, ignore):
-                return stripped, prefix
-    return state, ''
+                return stripped, prefix, []
+        fitting = [prefix for prefix in {key[:i + 1] for key in state
+                                         for i, c in enumerate(key) if c == '.'}
+                   if not mismatch(_stripped(state, prefix), own, ignore)]
+        if len(fitting) == 1:
+            [prefix] = fitting
+            return (_stripped(state, prefix), prefix,
+                    sorted(key for key in state if not key.startswith(prefix)))
+    return state, '', []
+
+
+def prefix_note(prefix: str, left_out: list, path=None) -> str:
+    """What :func:`without_prefix` did to the keys (of the file ``path``, when given), for a
+    note: '' when it did nothing."""
+    where = f' in {path}' if path else ''
+    if not prefix:
+        return ''
+    if not left_out:
+        return f'{prefix!r} removed from the start of every key{where}'
+    return (f'the keys under {prefix!r}{where} taken, that prefix removed; {len(left_out)} other '
+            f'key(s) left out: {first_few(left_out)}')
 
 
 def _prefixes(state: dict) -> list:
@@ -91,8 +113,8 @@ def _prefixes(state: dict) -> list:
 
 
 def _stripped(state: dict, prefix: str) -> dict:
-    """``state`` with ``prefix`` (which begins every key) removed from its keys."""
-    return {key[len(prefix):]: value for key, value in state.items()}
+    """The keys of ``state`` that begin with ``prefix``, with it removed."""
+    return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
 
 
 def fitting_archs(state: dict) -> list:

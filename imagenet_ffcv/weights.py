@@ -29,7 +29,8 @@ from .errors import CheckpointError, MissingFileError, first_few
 from .files import atomic_path
 from .models import ClassSubset, build_model, classifier_keys, meta_model
 from .run_dir import RunDir
-from .state_dicts import BLUR_FILTER, fit_advice, mismatch, unwrapped, without_prefix
+from .state_dicts import (BLUR_FILTER, fit_advice, mismatch, prefix_note, unwrapped,
+                          without_prefix)
 from .safetensors_files import is_safetensors, read_safetensors
 from .torch_files import safe_torch_load
 from .weights_metadata import (DAMAGED, METADATA_KEY, SAFETENSORS_FORMAT, checked_classes,
@@ -252,7 +253,8 @@ def load_model(path, *, num_classes: int = None, beton=None, arch: str = None,
         structure['use_blurpool'] = True
     probe = meta_model(arch=structure['arch'], num_classes=1, use_blurpool=False,
                        channels_last=False)
-    state, prefix = without_prefix(state, probe.state_dict(), ignore=classifier_keys(probe))
+    state, prefix, left_out = without_prefix(state, probe.state_dict(),
+                                             ignore=classifier_keys(probe))
     outputs = _outputs(state, probe) if num_classes is None and not classes else None
     ilsvrc = outputs == 1000
     headless = outputs == 0  # no classifier where arch has one:
@@ -287,8 +289,8 @@ def load_model(path, *, num_classes: int = None, beton=None, arch: str = None,
     unchecked = beton and not classes and head and not in_ilsvrc_order(class_list_path(beton))
     note = '\n'.join(filter(None, (
         note, subset and subset[2],
-        prefix and (f'note: {prefix!r} removed from the start of every key in {path} (a PyTorch '
-                    f'Lightning checkpoint\'s, say)'),
+        prefix and (f'note: {prefix_note(prefix, left_out, path)} (a PyTorch Lightning '
+                    f'checkpoint\'s, say)'),
         unchecked and (f'note: no class list is saved with {path}: its classifier\'s '
                        f'{num_classes} outputs are taken as the classes of {beton}, in their '
                        f'order'))))

@@ -881,6 +881,20 @@ def test_a_lightning_checkpoint_loads_and_keys_that_do_not_fit_are_named_first(t
         f"outputs are taken as the classes of {tmp_path / 'val.beton'}, in their order")
     with pytest.raises(FileNotFoundError, match='no class list for .*l.ckpt: none saved with it'):
         weights.load_model(lightning, arch='resnet18')  # 3 outputs: whose classes?
+    # a LightningModule with a loss's buffer beside its network: refused as another architecture
+    with_loss = tmp_path / 'loss.ckpt'
+    torch.save({'state_dict': {**{f'model.{k}': v for k, v in model.state_dict().items()},
+                               'criterion.weight': torch.ones(3)}}, with_loss)
+    saved = weights.load_model(with_loss, arch='resnet18', num_classes=3)
+    assert all(torch.equal(saved.model.state_dict()[k], v) for k, v in model.state_dict().items())
+    assert saved.note == (f"note: the keys under 'model.' in {with_loss} taken, that prefix "
+                          "removed; 1 other key(s) left out: criterion.weight (a PyTorch "
+                          "Lightning checkpoint's, say)")
+    # two networks whose keys both fit (a model and its EMA): not chosen between
+    torch.save({**{f'model.{k}': v for k, v in model.state_dict().items()},
+                **{f'ema_model.{k}': v for k, v in model.state_dict().items()}}, with_loss)
+    with pytest.raises(checkpoint.CheckpointError, match="unexpected \\['ema_model.bn1.bias'"):
+        weights.load_model(with_loss, arch='resnet18', num_classes=3)
     other = build_model(arch='resnet34', num_classes=3, use_blurpool=False, channels_last=False)
     torch.save({f'model.{k}': v for k, v in other.state_dict().items()}, tmp_path / 'o.ckpt')
     with pytest.raises(checkpoint.CheckpointError, match=r"o.ckpt: the weights do not fit "
