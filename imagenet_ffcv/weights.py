@@ -253,8 +253,7 @@ def load_model(path, *, num_classes: int = None, beton=None, arch: str = None,
         structure['use_blurpool'] = True
     probe = meta_model(arch=structure['arch'], num_classes=1, use_blurpool=False,
                        channels_last=False)
-    state, prefix, left_out = without_prefix(state, probe.state_dict(),
-                                             ignore=classifier_keys(probe))
+    state, prefix, left_out = without_prefix(state, probe.state_dict(), classifier_keys(probe))
     outputs = _outputs(state, probe) if num_classes is None and not classes else None
     ilsvrc = outputs == 1000
     headless = outputs == 0  # no classifier where arch has one:
