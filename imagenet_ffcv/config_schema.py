@@ -9,7 +9,7 @@ from fastargs.validation import And, Int, OneOf, Or
 
 from . import schedules
 from .constants import DECODERS, PRECISIONS
-from .errors import ImagenetFfcvError
+from .errors import ImagenetFfcvError, first_few
 from .optimizers import OPTIMIZERS
 
 
@@ -39,10 +39,16 @@ def file_values(content, params: dict, source) -> dict:
     (ffcv-imagenet's ``lr_tta: true``). Raises ConfigError naming ``source`` for content that is
     not a mapping, unknown keys, and, each taken without a word by fastargs, a number with a
     fraction for a whole-number key (``epochs: 3.7`` as 3), true/false for another key
-    (``epochs: true`` as 1) and a key with no value (as its default)."""
+    (``epochs: true`` as 1), a key with no value (as its default), and a section given a value
+    (``training: 5``)."""
     if not isinstance(content, dict):
         raise ConfigError(f'{source}: expected a mapping of sections, got {type(content).__name__}')
     sections = {key.split('.')[0] for key in params}
+    scalars = [f'{name}: {keys!r}' for name, keys in content.items()
+               if name in sections and keys is not None and not isinstance(keys, dict)]
+    if scalars:  # named as an unknown key 'training' (did you mean training.amp?)
+        raise ConfigError(f'{source}: {first_few(scalars)}: a section holds keys '
+                          '(training:\n  epochs: 16), not a value')
     flat = flatten({name: keys for name, keys in content.items()
                     if keys is not None or name not in sections})  # an unknown one is named
     unknown = [key for key in flat if key not in params]

@@ -333,6 +333,11 @@ def test_what_yaml_reads_but_the_user_did_not_mean_is_refused_naming_the_key(tmp
         odd = _write(tmp_path, f'training:\n  {content}\n  use_blurpool: yes\n', 'odd.yaml')
         with pytest.raises(ConfigError, match=re.escape(f'odd.yaml: {said}')):
             load_config(['--config', str(odd), *DATA])
+    scalar = _write(tmp_path, 'training: 5\nlr:\n  lr: 0.5\n', 'scalar.yaml')  # was 'unknown
+    with pytest.raises(ConfigError, match=re.escape(  # key(s) training (did you mean training.amp?)'
+            'scalar.yaml: training: 5: a section holds keys (training:\n  epochs: 16), not a '
+            'value')):
+        load_config(['--config', str(scalar), *DATA])
     on = _write(tmp_path, 'training:\n  use_blurpool: yes\n  distributed: true\n', 'on.yaml')
     cfg = load_config(['--config', str(on), *DATA, '--logging.folder=x'])
     assert cfg.training.use_blurpool == 1
