@@ -93,9 +93,11 @@ def _ema_note(given, path, content) -> str:
         return (f'note: {path} holds the plain weights; the run\'s EMA weights are '
                 f'{ema_file}: give that file to use them')
     if held == ['ema']:  # this tool's checkpoint
-        return (f'note: {path} also holds EMA weights; the plain weights are used (the run '
-                f'writes its EMA weights as {RunDir(path.parent).final_weights_ema.name} when '
-                f'it finishes)')
+        written = RunDir(path.parent).final_weights_ema
+        return (f'note: {path} also holds EMA weights; the plain weights are used (' + (
+            f'the run\'s EMA weights are {written}: give that file to use them)'
+            if written.is_file() else f'the run writes its EMA weights as {written.name} when '
+            'it finishes)'))
     save = (f'import argparse, torch; torch.serialization.add_safe_globals([argparse.Namespace]); '
             f'torch.save(torch.load({str(path)!r}, map_location="cpu")[{held[0]!r}], "ema.pt")'
             if held else '')  # (timm's and torchvision's reference scripts save their args)
