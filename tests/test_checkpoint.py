@@ -830,6 +830,7 @@ def test_weights_are_read_by_content_and_a_file_that_only_lies_in_a_run_folder_i
         model_state=model.state_dict(), optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
         epoch=1, iteration=0, config=None, classes=None, best_top1=None, progress={},
         ema=torch.optim.swa_utils.AveragedModel(model)), run / 'checkpoint.pt')
+    (run / 'final_weights_ema.pt').unlink()  # not finished yet
     assert weights.load_weights(run / 'checkpoint.pt').note == (
         f"note: {run / 'checkpoint.pt'} also holds EMA weights; the plain weights are used (the "
         f"run writes its EMA weights as final_weights_ema.pt when it finishes)")
