@@ -7,6 +7,10 @@ import os
 import signal
 import threading
 
+import torch
+
+from . import distributed
+
 
 class Terminated(BaseException):
     """SIGTERM (``kill``, ``timeout``, a SLURM job's end), raised wherever the main thread is, as
@@ -75,17 +79,20 @@ class StopRequest:
             raise KeyboardInterrupt
         self.signum = signum
         print(f'\n=> {signal.Signals(signum).name} received: finishing this step, then writing a '
-              'checkpoint' + (' (Ctrl-C again to abandon)' if signum == signal.SIGINT else ''),
-              flush=True)
+              'checkpoint (after the last epoch: the final weights)'
+              + (' (Ctrl-C again to abandon)' if signum == signal.SIGINT else ''), flush=True)
 
     def __bool__(self):
         return self.signum is not None or self.elsewhere is not None
 
-    def agree(self, signum: int) -> None:
-        """The ranks agreed to stop for the signal ``signum`` (the largest any rank received):
-        this rank too, when it reached another one only, so that every rank ends with the same
-        exit status."""
-        self.elsewhere = signum
+    def agree(self, device) -> int:
+        """The largest signal number any rank received (0: none; ``distributed.all_reduce_max``
+        on ``device``, which every rank must reach), which this rank takes too when it reached
+        another one only, so that every rank ends with the same exit status."""
+        signum = distributed.all_reduce_max(torch.tensor([self.signum or 0], device=device))[0]
+        if signum:
+            self.elsewhere = signum
+        return signum
 
     @property
     def name(self) -> str:

@@ -38,8 +38,8 @@ def main(cfg, command_line=frozenset()) -> dict:
     """Train as ``cfg`` (``config.load_config``) says, or evaluate ``model.weights`` (eval_only=1,
     validating as the run did but for the keys in ``command_line``: ``config.command_line_keys``);
     returns the summary (run folder, final top-1/top-5, wall time, ...) on every rank. A run stopped
-    by a signal (SIGTERM, Ctrl-C), or finished with one during its last checkpoint: exit_code
-    128 + it."""
+    by a signal (SIGTERM, Ctrl-C), or finished with one during its last checkpoint or as its
+    final weights were written: exit_code 128 + it."""
     wall_start = time.perf_counter()
     dist = distributed.from_env()
     if dist.device.type == 'cuda' and dist.local_world_size > 1 and dist.local_rank == 0:
@@ -258,7 +258,7 @@ def fit(run: Run, stop) -> bool:
     Returns whether training ended (last epoch, top-1 target, each validated)."""
     cfg, progress = run.cfg, run.progress
     if progress.val_pending and not validate_pending(run, stop.__bool__, save_checkpoint):
-        _agree_on_signal(run, stop)
+        stop.agree(run.dist.device)
         return False
     first_epoch = progress.epoch  # none after the one that reached the target (resumed):
     end = cfg.training.epochs if progress.epochs_left(cfg.training.epochs) else 0
@@ -283,7 +283,7 @@ def fit(run: Run, stop) -> bool:
                 epoch, epochs=cfg.training.epochs, res_at=run.res_at))
         if stats['iterations_done'] < len(run.train_loader):  # stopped within the epoch
             save_checkpoint(run, epoch, stats['iterations_done'], stats['so_far'])
-            _agree_on_signal(run, stop)
+            stop.agree(run.dist.device)
             return False
         progress.images += stats['images'] * run.dist.world_size
         progress.train_seconds += stats['seconds']
@@ -296,25 +296,15 @@ def fit(run: Run, stop) -> bool:
         log_epoch(run, epoch, res, stats, {} if progress.val_pending else val)
         save_checkpoint(run, epoch + 1, 0)
         if progress.reached and not progress.val_pending:
-            _agree_on_signal(run, stop)
+            stop.agree(run.dist.device)
             return True
         # a signal during validation or the checkpoint ends the run here, on every rank
-        if _agree_on_signal(run, stop) and (epoch < cfg.training.epochs - 1
+        if stop.agree(run.dist.device) and (epoch < cfg.training.epochs - 1
                                            or progress.val_pending):
             return False
     if end <= first_epoch:  # a resume that trained nothing: its signal, if one came
-        _agree_on_signal(run, stop)
+        stop.agree(run.dist.device)
     return True
-
-
-def _agree_on_signal(run: Run, stop) -> int:
-    """The largest signal number any rank received (0: none), which every rank's ``stop`` then
-    takes (``StopRequest.agree``), so that each ends with that signal's exit status."""
-    signum = distributed.all_reduce_max(torch.tensor([stop.signum or 0],
-                                                     device=run.dist.device))[0]
-    if signum:
-        stop.agree(signum)
-    return signum
 
 
 def log_epoch(run: Run, epoch: int, res: int, stats: dict, val: dict) -> None:
@@ -348,12 +338,17 @@ def stopped_summary(run: Run, stop) -> dict:
 def summarize(run: Run, stop) -> dict:
     """The end of a finished run: final metrics, speed, size and cost of the model; rank 0 writes
     final_weights_ema.pt (with an EMA), then final_weights.pt (the run is finished), and prints the
-    results table. A signal meanwhile (``stop``) is left for the end: the ranks then agree on it
-    (:func:`_agree_on_signal`)."""
+    results table; what rank 0 raises is raised on every rank (``distributed.on_rank_0``). A
+    signal meanwhile (``stop``) stops the validation of a run resumed after its last epoch, which
+    then ends as stopped (:func:`stopped_summary`; the next resume validates again); else it is
+    left for the end, the weights written: the ranks then agree on it (``StopRequest.agree``)."""
     cfg, model, progress = run.cfg, run.model_without_ddp, run.progress
     reached = progress.reached or {}
     if run.final_val is None:  # resumed from the checkpoint after its last epoch (10-crop too)
-        run.final_val = end_of_epoch_eval(run, reached.get('epoch', cfg.training.epochs - 1))
+        val = end_of_epoch_eval(run, reached.get('epoch', cfg.training.epochs - 1), stop.__bool__)
+        if val.get('stopped'):
+            stop.agree(run.dist.device)
+            return stopped_summary(run, stop)
     summary = {'run_dir': str(run.run_dir.path) if run.run_dir else None, 'arch': cfg.model.arch,
                'epochs': reached.get('epoch', cfg.training.epochs - 1) + 1, **run.final_val,
                'flip_tta': bool(cfg.validation.lr_tta), 'val_res': cfg.validation.resolution,
@@ -366,17 +361,22 @@ def summarize(run: Run, stop) -> dict:
                **metrics.model_complexity(model, cfg.validation.resolution)}
     if cfg.checkpoint.keep_best:
         summary.update(best_top1=progress.best_top1, best_epoch=progress.best_epoch)
-    if run.run_dir:
-        run.run_dir.write_results(summary)  # (checks the lock) before final_weights.pt, the
-        if run.options.ema is not None:  # mark of a finished run, which comes last
-            weights.save_final_weights(models.unwrapped_state_dict(run.options.ema),
-                                       run.run_dir.final_weights_ema, config=run.resolved,
-                                       classes=run.classes)
-        weights.save_final_weights(models.unwrapped_state_dict(model), run.run_dir.final_weights,
-                                      config=run.resolved, classes=run.classes)
-        print(metrics.results_table(summary))
-    _agree_on_signal(run, stop)
+    distributed.on_rank_0(partial(write_results, run, summary))
+    stop.agree(run.dist.device)
     return summary
+
+
+def write_results(run: Run, summary: dict) -> None:
+    """Rank 0: results.json (checking the lock), final_weights_ema.pt (with an EMA), then
+    final_weights.pt, the mark of a finished run, which comes last; the results table."""
+    run.run_dir.write_results(summary)
+    if run.options.ema is not None:
+        weights.save_final_weights(models.unwrapped_state_dict(run.options.ema),
+                                   run.run_dir.final_weights_ema, config=run.resolved,
+                                   classes=run.classes)
+    weights.save_final_weights(models.unwrapped_state_dict(run.model_without_ddp),
+                               run.run_dir.final_weights, config=run.resolved, classes=run.classes)
+    print(metrics.results_table(summary))
 
 
 @stops_on_ctrl_c('train', ' (a run keeps its last checkpoint: --resume auto)')

@@ -280,7 +280,7 @@ def test_ctrl_c_sets_the_stop_flag_and_a_second_one_abandons_at_once(capsys):
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.exit_code == 143
     assert capsys.readouterr().out == ('\n=> SIGTERM received: finishing this step, then writing '
-                                       'a checkpoint\n')
+                                       'a checkpoint (after the last epoch: the final weights)\n')
 
 
 def test_ctrl_c_outside_the_runs_handling_ends_the_trainer_in_one_line(monkeypatch, capsys):

@@ -17,10 +17,12 @@ from conftest import REPO, free_port, run_env
 pytestmark = pytest.mark.slow
 
 
-def trainer_args(betons, out, *extra, signal_at=None, pause_at=None):
+def trainer_args(betons, out, *extra, signal_at=None, pause_at=None, full_disk_at_the_end=False):
     """tests/torchrun_main.py's arguments; ``signal_at``: its ``NAME:EPOCH:STEP:RANK``,
-    ``pause_at``: its ``SECONDS:EPOCH:STEP:RANK``."""
-    actions = ([f'--send-signal={signal_at}'] if signal_at else []) + (
+    ``pause_at``: its ``SECONDS:EPOCH:STEP:RANK``; ``full_disk_at_the_end``: its
+    ``--full-disk-at-the-end``."""
+    actions = (['--full-disk-at-the-end'] if full_disk_at_the_end else []) + (
+        [f'--send-signal={signal_at}'] if signal_at else []) + (
         [f'--pause={pause_at}'] if pause_at else [])
     return ['tests/torchrun_main.py', str(out), *actions,
             f'--data.train_dataset={betons["train"]}',
@@ -160,6 +162,25 @@ def test_what_fails_on_rank_0_alone_is_raised_on_every_rank(tmp_path):
     assert [line for line in lines if 'NotSharedError' in line and error in line] != []
     assert {line.split(':')[0] for line in lines if 'NotSharedError' in line} == {'rank 0',
                                                                                   'rank 1'}
+
+
+def test_a_full_disk_as_rank_0_writes_the_final_weights_fails_every_rank_at_once(sample_betons,
+                                                                                 tmp_path):
+    """Rank 0 alone writes the finished run's results and final weights; the ranks then agree on
+    a signal that came meanwhile (a collective). A full disk there ended rank 0, and rank 1 failed
+    in that collective with 'Connection closed by peer' (with NCCL it would wait for the
+    timeout): each rank now names rank 0's error."""
+    start = time.time()
+    proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
+                           f'--master_port={free_port()}',
+                           *trainer_args(sample_betons, tmp_path, '--training.epochs=1',
+                                         '--dist.timeout_s=120', full_disk_at_the_end=True)],
+                          cwd=REPO, env=torchrun_env(tmp_path), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode != 0 and time.time() - start < 120
+    assert 'RankZeroError: rank 0 failed: OSError: [Errno 28] No space left on device' in \
+        proc.stderr, proc.stderr[-3000:]
+    assert 'Connection closed by peer' not in proc.stderr
 
 
 def test_a_dead_rank_makes_the_job_fail_quickly(sample_betons, tmp_path):

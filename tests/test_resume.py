@@ -334,14 +334,42 @@ def test_a_signal_as_the_finished_run_writes_its_final_weights_lets_it_finish(
     assert json.loads((run_dir / 'results.json').read_text())['top_1'] == summary['top_1']
 
 
+def test_a_signal_during_the_validation_of_a_run_resumed_after_its_last_epoch_stops_it(
+        sample_betons, tmp_path, monkeypatch):
+    """A run stopped after its last checkpoint, before its final weights, validates again when
+    resumed: a signal then stops that validation at its next batch (it ran to its end, 10-crop
+    too, outlasting a grace time such as SLURM's), the run ending as stopped, exit 143, without
+    final weights; the next resume finishes it."""
+    from imagenet_ffcv import evaluate
+
+    def full_disk(*args):
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(train, 'write_results', full_disk)
+    with pytest.raises(OSError):
+        train.main(small_config(sample_betons, tmp_path, '--training.epochs=1'))
+    monkeypatch.undo()
+    [run_dir] = [p for p in tmp_path.iterdir() if p.is_dir()]
+    signal_as_it_starts(monkeypatch, evaluate, 'validate_with_ema')
+    resume = ('--training.epochs=1', f'--resume={run_dir}')
+    summary = train.main(small_config(sample_betons, tmp_path, *resume))
+    assert summary['stopped'] and summary['exit_code'] == 143
+    assert not (run_dir / 'final_weights.pt').exists()
+    finished = train.main(small_config(sample_betons, tmp_path, *resume))
+    assert 'top_1' in finished and (run_dir / 'final_weights.pt').exists()
+
+
 def test_a_run_folder_gone_read_only_is_told_by_the_write_that_failed_not_by_its_lock(
         sample_betons, tmp_path, monkeypatch, capsys):
     """The run folder turns immutable as epoch 0 is logged (a filesystem remounted read-only):
     the error names log.jsonl, the write that failed; removing the lock then failed too, and its
     error replaced the first one (the user was told of the lock). The lock is left, with a
     warning, for the resumed run to take over."""
-    if subprocess.run(['chattr', '-i', str(tmp_path)], capture_output=True).returncode != 0:
-        pytest.skip('chattr is not available on this filesystem')
+    probe = tmp_path / 'probe'
+    probe.mkdir()
+    if subprocess.run(['chattr', '+i', str(probe)], capture_output=True).returncode != 0:
+        pytest.skip('chattr +i is not available here (a filesystem without it, or not root: it '
+                    'needs CAP_LINUX_IMMUTABLE)')
+    subprocess.run(['chattr', '-i', str(probe)], check=True)
     log_epoch, frozen = train.log_epoch, []
 
     def read_only(run, *args):
