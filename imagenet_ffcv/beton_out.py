@@ -5,9 +5,11 @@ import os
 import time
 from pathlib import Path
 
-from .errors import ImagenetFfcvError, InputError
-from .files import (beside_beton, beton_twin, check_replaceable, live_temporaries, temporary_path,
-                    unwritten_for)
+from .classes import class_list_path
+from .errors import ImagenetFfcvError, InputError, first_few
+from .files import (beside_beton, beton_twins, check_replaceable, live_temporaries,
+                    temporary_path, unwritten_for)
+from .holdout import holdout_record_path
 
 
 class BetonWriteError(ImagenetFfcvError, OSError):
@@ -35,35 +37,37 @@ def check_out_is_new(out, overwrite: bool) -> None:
 
 
 def check_out(out: Path) -> None:
-    """Before any image is read: InputError when ``out`` is a folder, a symbolic link (the new
-    file would replace the link, its target keeping the old data), a device, FIFO or socket
-    (``files.check_replaceable``), in a "folder" that is a file, named so that the files beside it
-    would be another .beton's (``files.beton_twin``) or so long that the converter's files
-    (:func:`longest_name`) cannot be created, or is being written
-    (:func:`check_not_being_written`); OSError naming the folder of
-    ``out`` (created if missing) when no file can be created there (no permission, a read-only
-    or immutable folder)."""
+    """Before any image is read: InputError when ``out`` is named so long that the converter's
+    files (:func:`longest_name`) cannot be created, is a folder, a symbolic link (the new file
+    would replace the link, its target keeping the old data), a device, FIFO or socket
+    (``files.check_replaceable``; the files beside it too), in a "folder" that is a file, named
+    so that the files beside it would be another .beton's (``files.beton_twins``), or is being
+    written (:func:`check_not_being_written`); OSError naming the folder of ``out`` (created if
+    missing) when no file can be created there (no permission, a read-only or immutable
+    folder)."""
+    folder = next((p for p in out.parents if p.exists()), Path('.'))
+    name, limit = longest_name(out), _name_max(folder)
+    if len(os.fsencode(name)) > limit:
+        raise InputError(f'{out}: the name is too long: the converter writes {name} beside it, '
+                         f'{len(os.fsencode(name))} bytes, and this folder takes names of at most '
+                         f'{limit}; give a name at least {len(os.fsencode(name)) - limit} bytes '
+                         f'shorter')
+    if not folder.is_dir():
+        raise InputError(f'{out}: {folder} is a file, not a folder; give another --out')
     if out.is_dir():
         raise InputError(f'{out} is a folder: give the path of the .beton file to write, '
                          f'e.g. {out / "train_256.beton"}')
     if out.is_symlink():
         raise InputError(f'{out} is a symbolic link (to {os.readlink(out)}): give the path of '
                          f'the file itself, {out.resolve()}, or remove the link')
-    check_replaceable(out)
-    if (file := next((p for p in out.parents if p.exists()), None)) and not file.is_dir():
-        raise InputError(f'{out}: {file} is a file, not a folder; give another --out')
-    if beton_twin(out).is_file():
-        raise InputError(f'{out}: {beton_twin(out)} is there, and the files written beside a '
-                         f'.beton ({skipped_report_path(out).name}, ...) would be both\'s; give '
-                         f'another --out')
+    for path in (out, *written_beside(out)):
+        check_replaceable(path)
+    if twins := beton_twins(out):
+        raise InputError(f'{out}: {first_few(twins)} is there, and the files written beside a '
+                         f'.beton ({class_list_path(out).name}, ...) would be both\'s; give '
+                         'another --out')
     check_not_being_written(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    name, limit = longest_name(out), _name_max(out.parent)
-    if len(os.fsencode(name)) > limit:
-        raise InputError(f'{out}: the name is too long: the converter writes {name} beside it, '
-                         f'{len(os.fsencode(name))} bytes, and this folder takes names of at most '
-                         f'{limit}; give a name at least {len(os.fsencode(name)) - limit} bytes '
-                         f'shorter')
     probe = temporary_path(out)
     try:
         probe.touch()
@@ -79,9 +83,14 @@ def longest_name(out: Path) -> str:
     (``files.temporary_path``) of the .beton, its list of skipped images and of the files beside
     it (``files.beside_beton``)."""
     return max((temporary_path(path, kind).name for path, kind in (
-        (out, 'failures'), (skipped_report_path(out), 'partial'),
-        (beside_beton(out, '.classes.tsv'), 'partial'),
-        (beside_beton(out, '.holdout.json'), 'partial'))), key=lambda n: len(os.fsencode(n)))
+        (out, 'failures'), *((path, 'partial') for path in written_beside(out)))),
+        key=lambda n: len(os.fsencode(n)))
+
+
+def written_beside(out: Path) -> tuple:
+    """The files the converter writes beside the .beton ``out`` (``files.beside_beton``): its
+    class list, its list of skipped images, its holdout record."""
+    return class_list_path(out), skipped_report_path(out), holdout_record_path(out)
 
 
 def _name_max(folder) -> int:

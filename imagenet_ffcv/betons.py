@@ -3,6 +3,7 @@ its classes (the class list beside it, else its labels) checked against its val 
 largest shorter side of its images."""
 import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 
@@ -28,10 +29,15 @@ def largest_shorter_side(beton_path) -> int:
 
 
 def _no_class_list(path) -> str:
-    """The warning for the .beton ``path`` without its class list beside it."""
+    """The warning for the .beton ``path`` without its class list beside it; it names the file
+    an older converter wrote for it when that is there (named by ``Path.stem``, which another
+    .beton's name could share: not read in its place)."""
+    older = Path(path).with_name(Path(path).stem + '.classes.tsv')
     return (f'{path}: no class list beside it ({class_list_path(path).name}, written with it by '
             f'imagenet-ffcv-write): its classes are labels 0..N-1 alone, checked against no other '
-            f'.beton or weights and named nowhere; copy it with the .beton')
+            f'.beton or weights and named nowhere; copy it with the .beton' + (
+                f' ({older.name}, there, is the name an older imagenet-ffcv-write gave it: '
+                f'rename it if it is this .beton\'s)' if older.is_file() else ''))
 
 
 def num_classes(beton_path, val_path=None, warn: bool = True) -> int:

@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from .errors import CheckpointError, ImagenetFfcvError, InputError, MissingFileError, first_few
-from .files import beside_beton, write_text_atomic
+from .files import beside_beton, beton_stem, write_text_atomic
 
 WNID_NAMES_FILE = Path(__file__).with_name('imagenet_wnids.tsv')
 ILSVRC_CLASSES = 'ilsvrc2012'  # the converter's --classes value for ILSVRC-2012's 1,000 classes
@@ -33,7 +33,8 @@ def class_list_of(given: str) -> list:
     if given == ILSVRC_CLASSES:
         return ilsvrc_classes()
     path = (Path(given) / 'classes.tsv' if Path(given).is_dir() else
-            class_list_path(given) if Path(given).suffix == '.beton' else Path(given))
+            class_list_path(given) if beton_stem(Path(given).name) != Path(given).name
+            else Path(given))
     if not path.is_file() and path != Path(given):
         raise MissingFileError(f'--classes {given}: no class list there ({path})')
     if not path.is_file():

@@ -37,26 +37,40 @@ def temporary_path(path, kind: str = 'partial') -> Path:
     return path.with_name(f'.{path.name}.{kind}-{host_name()}-{os.getpid()}')
 
 
+# What a .beton file's name ends in: ours, and ffcv-imagenet's (train_500_0.50_90.ffcv)
+BETON_SUFFIXES = ('.beton', '.ffcv')
+
+
+def beton_stem(name: str) -> str:
+    """A .beton's file ``name`` less its suffix (:data:`BETON_SUFFIXES`, any case), or whole
+    when it has none of them: the name the files beside it take (:func:`beside_beton`)."""
+    for suffix in BETON_SUFFIXES:
+        if name.lower().endswith(suffix) and len(name) > len(suffix):
+            return name[:-len(suffix)]
+    return name
+
+
 def beside_beton(beton_path, suffix: str) -> Path:
     """A file written beside a .beton, named by ``suffix`` (``.classes.tsv``, ``.skipped.tsv``,
-    ``.holdout.json``): the .beton's name less a final ``.beton`` (``train_256.beton`` ->
-    ``train_256.classes.tsv``), any other name whole (``imagenet-1.0-train`` ->
-    ``imagenet-1.0-train.classes.tsv``; cut at its last dot, as ``Path.stem`` cuts, it gave
-    ``imagenet-1.0-val`` the same files). Only ``NAME`` and ``NAME.beton`` share them:
-    :func:`beton_twin`."""
+    ``.holdout.json``) after :func:`beton_stem`: ``train_256.beton`` ->
+    ``train_256.classes.tsv``; ``imagenet-1.0-train`` -> ``imagenet-1.0-train.classes.tsv``
+    (cut at its last dot, as ``Path.stem`` cuts, it gave ``imagenet-1.0-val`` the same files).
+    Names of one stem share them: :func:`beton_twins`."""
     beton_path = Path(beton_path)
-    name = beton_path.name
-    return beton_path.with_name(
-        (name[:-len('.beton')] if name.lower().endswith('.beton') else name) + suffix)
+    return beton_path.with_name(beton_stem(beton_path.name) + suffix)
 
 
-def beton_twin(beton_path) -> Path:
-    """The other name whose files :func:`beside_beton` names alike: ``NAME`` for ``NAME.beton``,
-    ``NAME.beton`` for ``NAME``."""
+def beton_twins(beton_path) -> list:
+    """The other files in the folder of ``beton_path`` whose files beside them would be its own
+    (of the same :func:`beton_stem`: ``X``, ``X.beton``, ``X.BETON``, ``X.ffcv``)."""
     beton_path = Path(beton_path)
-    name = beton_path.name
-    return beton_path.with_name(name[:-len('.beton')] if name.lower().endswith('.beton')
-                                else name + '.beton')
+    stem = beton_stem(beton_path.name)
+    try:
+        entries = list(os.scandir(beton_path.parent))
+    except OSError:  # no folder yet
+        return []
+    return sorted(beton_path.with_name(e.name) for e in entries
+                  if e.name != beton_path.name and beton_stem(e.name) == stem and e.is_file())
 
 
 def check_replaceable(path) -> None:
@@ -141,7 +155,8 @@ def write_text_atomic(path, text: str) -> None:
 def check_writable_file(path, suffix: str, given: str, hint: str = '') -> None:
     """InputError, before any work, when ``path`` (``given`` names it in the message: the option
     or key and its value) is not a file named ``*<suffix>`` that can be written: another name
-    (``hint`` may say whose), a folder, or in a folder that is missing or not writable."""
+    (``hint`` may say whose), a folder, a device, FIFO or socket (:func:`check_replaceable`), or in
+    a folder that is missing or not writable."""
     folder = os.path.dirname(os.path.abspath(path))
     if not str(path).lower().endswith(suffix) or os.path.isdir(path):
         raise InputError(f'{given}: give the path of a {suffix} file to write{hint}')
@@ -149,6 +164,7 @@ def check_writable_file(path, suffix: str, given: str, hint: str = '') -> None:
         raise InputError(f'{given}: the folder {folder} does not exist; create it first')
     if not os.access(folder, os.W_OK):
         raise InputError(f'{given}: the folder {folder} is not writable')
+    check_replaceable(path)
 
 
 def shown_path(path) -> str:

@@ -3,6 +3,7 @@ weights files all come through :func:`safe_torch_load`, which tells a file that 
 damaged or partial one and one that is no torch file at all apart, naming the file."""
 import argparse
 import pickle
+import pickletools
 import re
 import warnings
 import zipfile
@@ -49,8 +50,10 @@ def safe_torch_load(path, what: str = 'file'):
         if zipped and complete:
             with zipfile.ZipFile(path) as archive:
                 members, damaged = archive.namelist(), damaged_record(archive)
-    except (OSError, zipfile.BadZipFile) as e:
-        raise CheckpointError(f'{path}: cannot read the {what} ({e})') from None
+    except Exception as e:  # noqa: BLE001 (a damaged archive's index: BadZipFile, EOFError,
+        # NotImplementedError for an odd compression, RuntimeError for an 'encrypted' record)
+        raise CheckpointError(f'{path}: cannot read the {what} ({type(e).__name__}: {e})'
+                              ) from None
     if not start.startswith(TORCH_FILE_STARTS):
         raise CheckpointError(not_a_torch_file(path, start))
     if not complete:  # torch said 'OSError: [Errno 22] Invalid argument' of such a file object
@@ -77,7 +80,7 @@ def safe_torch_load(path, what: str = 'file'):
                 return torch.load(f, map_location='cpu', weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.findall(r'GLOBAL (\S+)', str(e))
-        if found and not zipped and not _global_in(path, found[0]):  # a name cut by the end
+        if found and not zipped and _pickles_cut_short(path):  # a global's name cut by the end
             raise CheckpointError(_legacy_damaged(path, f'its pickle ends in {found[0]}')) from None
         held = f'such as {found[0]}' if found else 'not tensors or plain values'
         raise CheckpointError(
@@ -100,13 +103,20 @@ def _legacy_damaged(path, detail: str) -> str:
             'download it again')
 
 
-def _global_in(path, name: str) -> bool:
-    """Whether the legacy-format file ``path`` holds the whole GLOBAL opcode of ``name``
-    (``module.attribute`` as torch's refusal names it: ``c<module>\\n<attribute>\\n``). Cut short
-    inside one, a file's refusal named a part of it (``collections.Or``) as a global that would
-    run code."""
-    module, _, attribute = name.rpartition('.')
-    return f'c{module}\n{attribute}\n'.encode() in Path(path).read_bytes()
+def _pickles_cut_short(path) -> bool:
+    """Whether the legacy-format file ``path`` ends inside its first four pickles (its magic
+    number, protocol, system info, then the object: ``torch.serialization``'s legacy layout),
+    read opcode by opcode (``pickletools.genops``: nothing is built or run). Cut short inside a
+    global's name, a file's refusal named a part of it (``collections.Or``) as a global that
+    would run code."""
+    with open(path, 'rb') as f:
+        try:
+            for _ in range(4):
+                for _ in pickletools.genops(f):
+                    pass
+        except Exception:  # noqa: BLE001 (ValueError: the data ran out; others alike)
+            return True
+    return False
 
 
 def damaged_record(archive: zipfile.ZipFile):

@@ -33,7 +33,7 @@ from .state_dicts import (BLUR_FILTER, fit_advice, mismatch, prefix_note, unwrap
                           without_prefix)
 from .safetensors_files import is_safetensors, read_safetensors
 from .torch_files import safe_torch_load
-from .weights_metadata import (DAMAGED, METADATA_KEY, SAFETENSORS_FORMAT, checked_classes,
+from .weights_metadata import (METADATA_KEY, SAFETENSORS_FORMAT, checked_classes,
                                checked_config, described, parsed_json)
 
 
@@ -319,7 +319,9 @@ def _class_subset(path, state: dict, structure: dict, beton, saved, num_classes,
     outputs = max(state[k].shape[0] for k in head)
     if asked == 'the class list saved':
         raise CheckpointError(f'{path}: its classifier has {outputs} outputs, but the class list '
-                              f'saved with it names {num_classes} classes; {DAMAGED}')
+                              f'that comes with it (saved in it, or the classes.tsv beside it) '
+                              f'names {num_classes}: not the classes it was trained on; give '
+                              'those (predict --classes)')
     if outputs != len(index) or not some_of(wnids, list(index)):
         raise CheckpointError(
             f'{path}: its classifier has {outputs} outputs, but {num_classes} classes are asked '

@@ -84,7 +84,21 @@ def test_a_file_whose_bytes_changed_or_of_the_legacy_format_cut_short_is_called_
     finally:
         torch.serialization.set_crc32_options(True)
     assert weights.load_weights(unchecked).state['fc.weight'].sum() == 4
+    # the archive's index damaged: a record marked encrypted (RuntimeError, a traceback once the
+    # records' checksums were read)
+    index = bytearray(good.read_bytes())
+    entry = index.rfind(b'PK\x01\x02')  # the last central directory entry: its flags at +8
+    index[entry + 8] |= 1
+    damaged.write_bytes(index)
+    with pytest.raises(checkpoint.CheckpointError, match=r'damaged.pt: cannot read the checkpoint '
+                                                         r'\(RuntimeError: .*encrypted'):
+        checkpoint.load(damaged)
     legacy = tmp_path / 'legacy.pt'
+    for builtin in (frozenset([1]), range(3)):  # intact, refused as such, not called damaged
+        torch.save({'w': torch.ones(2), 'x': builtin}, legacy, _use_new_zipfile_serialization=False)
+        with pytest.raises(checkpoint.CheckpointError, match=r'legacy.pt: refused: the weights '
+                                                             r'file holds Python objects'):
+            weights.load_weights(legacy)
     torch.save({'fc.weight': torch.ones(100, 100)}, legacy, _use_new_zipfile_serialization=False)
     full = legacy.read_bytes()
     for size in (300, len(full) - 100):

@@ -1385,16 +1385,24 @@ def test_an_out_no_file_can_take_the_place_of_is_refused_before_any_work(tmp_pat
                                                 'not a folder; give another --out$'):
         writer.write_beton(samples, under, max_res=32, num_workers=1)
     (tmp_path / 'val.beton').write_bytes(b'another')  # val.classes.tsv is its class list
-    with pytest.raises(errors.InputError, match=f'^{tmp_path / "val"}: {tmp_path / "val.beton"} '
-                                                'is there, and the files written beside a .beton'):
-        writer.write_beton(samples, tmp_path / 'val', max_res=32, num_workers=1)
-    long = tmp_path / ('a' * 236 + '.beton')  # a legal name; its temporaries are not
-    with pytest.raises(errors.InputError, match=f'^{long}: the name is too long: the converter '
-                                                f'writes .*, 2[67][0-9] bytes, and this folder '
-                                                f'takes names of at most 255; give a name at '
-                                                f'least [0-9]+ bytes shorter$'):
-        writer.write_beton(samples, long, max_res=32, num_workers=1)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ['fifo', 'notes.txt', 'val.beton']
+    for out in ('val', 'val.BETON', 'val.ffcv'):  # (any case; ffcv-imagenet's suffix too)
+        with pytest.raises(errors.InputError, match=f'^{tmp_path / out}: {tmp_path / "val.beton"} '
+                                                    'is there, and the files written beside a '
+                                                    r'.beton \(val.classes.tsv, ...\)'):
+            writer.write_beton(samples, tmp_path / out, max_res=32, num_workers=1)
+    os.mkfifo(tmp_path / 'x.classes.tsv')  # a file written beside it: refused before, not after
+    with pytest.raises(errors.InputError, match='x.classes.tsv is not a regular file'):
+        writer.write_beton(samples, tmp_path / 'x.beton', max_res=32, num_workers=1)
+    for long in (tmp_path / ('a' * 236 + '.beton'),  # a legal name; its temporaries are not
+                 tmp_path / ('a' * 300 + '.beton')):  # no legal name (it failed in is_dir)
+        with pytest.raises(errors.InputError, match=f'^{long}: the name is too long: the '
+                                                    'converter writes .*, [23][0-9][0-9] bytes, '
+                                                    'and this folder takes names of at most '
+                                                    '255; give a name at least [0-9]+ bytes '
+                                                    'shorter$'):
+            writer.write_beton(samples, long, max_res=32, num_workers=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['fifo', 'notes.txt', 'val.beton',
+                                                          'x.classes.tsv']
 
 
 def test_each_beton_name_has_its_own_files_beside_it(tmp_path, capsys):
@@ -1405,6 +1413,9 @@ def test_each_beton_name_has_its_own_files_beside_it(tmp_path, capsys):
         'd/train_256.classes.tsv')
     assert files.beside_beton('d/imagenet-1.0-val', '.holdout.json') == Path(
         'd/imagenet-1.0-val.holdout.json')
+    assert files.beside_beton('d/train_500_0.50_90.FFCV', '.classes.tsv') == Path(
+        'd/train_500_0.50_90.classes.tsv')  # ffcv-imagenet's suffix, as Path.stem cut it
+    assert files.beside_beton('d/.beton', '.classes.tsv') == Path('d/.beton.classes.tsv')
     outs = {split: tmp_path / f'imagenet-1.0-{split}' for split in ('train', 'val')}
     for split, out in outs.items():
         assert write.cli(['--data-dir', str(SAMPLE), '--split', split, '--holdout', '0.25',

@@ -473,6 +473,17 @@ def test_predict_names_a_bad_image_and_a_missing_class_list(short_run, tmp_path,
         predict.predict([bad], weights=plain)
 
 
+def test_a_csv_that_is_a_fifo_is_refused_before_any_image_is_read(tmp_path, capsys):
+    """--csv a FIFO (or a device) passed the check of the file to write and was refused only by
+    the atomic write, after every image had been classified."""
+    fifo = tmp_path / 'out.csv'
+    os.mkfifo(fifo)
+    image = str(sorted((SAMPLE / 'val').glob('*/*.JPEG'))[0])
+    assert predict.cli([image, '--weights', 'no-such.pt', '--csv', str(fifo)]) == 1
+    assert f'{fifo} is not a regular file (a device, a FIFO or a socket)' in \
+        capsys.readouterr().err
+
+
 def test_predict_refuses_storage_options_out_of_range_before_reading_the_weights(capsys):
     """--max-res 0 was taken as the default, -1 shrank each image to 1 x 1 px, --res 0 as the
     run's resolution, --jpeg-quality 101 as OpenCV's 100: each refused as the converter refuses
