@@ -1424,6 +1424,15 @@ def test_each_beton_name_has_its_own_files_beside_it(tmp_path, capsys):
         f'imagenet-1.0-{split}{suffix}' for split in ('train', 'val')
         for suffix in ('', '.classes.tsv', '.holdout.json')]
     assert betons.num_classes(outs['train'], outs['val']) == 10  # their holdouts checked
+    old = tmp_path / 'old' / 'val.v1'  # converted when the class list was named by Path.stem
+    old.parent.mkdir()
+    shutil.copy(outs['val'], old)
+    shutil.copy(tmp_path / 'imagenet-1.0-val.classes.tsv', old.parent / 'val.classes.tsv')
+    with pytest.warns(UserWarning, match=r'val.v1: no class list beside it \(val.v1.classes.tsv,'
+                                         r'.* \(val.classes.tsv, there, is the name an older '
+                                         r"imagenet-ffcv-write gave it: rename it if it is this "
+                                         r"\.beton's\)"):
+        betons.num_classes(old)
 
 
 def test_the_writer_starts_a_process_per_core_it_may_use_not_per_core_of_the_machine(
