@@ -34,16 +34,17 @@ class RunLockedError(ImagenetFfcvError):
 def read_lock(lock_file):
     """What ``lock_file`` holds of the job that holds it (:func:`lock_identity`), None when there
     is none, {} when it is empty (what a power cut can leave of one); a lock this tool did not
-    write reads as ``{'pid': '?', 'host': '?'}``."""
+    write reads as ``{'pid': '?', 'host': '?'}`` (one that is not UTF-8 text too: it raised
+    UnicodeDecodeError wherever a lock is read)."""
     try:
-        text = Path(lock_file).read_text()
+        data = Path(lock_file).read_bytes()
     except FileNotFoundError:
         return None
-    if not text.strip():
+    if not data.strip():
         return {}
     try:
-        holder = json.loads(text)
-    except ValueError:
+        holder = json.loads(data.decode('utf-8'))
+    except ValueError:  # (UnicodeDecodeError is one)
         holder = None
     return holder if isinstance(holder, dict) and holder else {'pid': '?', 'host': '?'}
 

@@ -205,6 +205,11 @@ def test_a_run_folder_is_locked_by_its_job_and_a_dead_jobs_lock_is_taken_over(tm
     assert [r['epoch'] for r in again.read_log()] == [0]
     again.unlock()
     assert not again.lock_file.exists()
+    # a lock that is not UTF-8 text (not this tool's): read as such, not a UnicodeDecodeError
+    again.lock_file.write_bytes(b'\xff\xfe garbage')
+    assert run_lock.read_lock(again.lock_file) == {'pid': '?', 'host': '?'}
+    with pytest.raises(RunLockedError, match=r'PID \? on \?'):
+        RunDir.reopen(run.checkpoint, epoch=1)
 
 
 @pytest.mark.skipif(process_start(os.getpid()) is None, reason='needs Linux /proc')
