@@ -39,6 +39,7 @@ Resuming (``resume_step`` = the global iteration of the checkpoint, > 0):
 import json
 import numbers
 import re
+import sys
 from pathlib import Path
 
 from .optional import require
@@ -141,16 +142,24 @@ class LiveLog:
             self._wandb_step = max(self._wandb_step, step if step is not None else 0)
             self._wandb_run.log({**scalars, 'epoch': epoch}, step=self._wandb_step)
 
-    def close(self) -> None:
-        """Flush and close the event file and finish the W&B run; later calls do nothing."""
+    def close(self, quiet: bool = False) -> None:
+        """Flush and close the event file and finish the W&B run; later calls do nothing.
+        ``quiet``: what fails is printed as a warning on stderr, not raised (the run already ends
+        by an error, which it would replace: a folder gone read-only was told as TensorBoard's)."""
         writer, run = self._writer, self._wandb_run
         self._writer = self._wandb_run = None
         try:
-            if writer is not None:
-                writer.close()
-        finally:
-            if run is not None:
-                run.finish()
+            try:
+                if writer is not None:
+                    writer.close()
+            finally:
+                if run is not None:
+                    run.finish()
+        except Exception as e:
+            if not quiet:
+                raise
+            print(f'=> warning: closing the TensorBoard or W&B log failed too ({type(e).__name__}:'
+                  f' {e})', file=sys.stderr, flush=True)
 
     def __enter__(self) -> 'LiveLog':
         return self

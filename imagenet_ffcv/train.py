@@ -117,8 +117,8 @@ def train(cfg, dist, wall_start) -> dict:
     finally:
         if run.run_dir:
             run.run_dir.unlock()
-        if run.live_log:
-            run.live_log.close()
+        if run.live_log:  # quiet while an error ends the run: that error is the one told
+            run.live_log.close(quiet=sys.exc_info()[1] is not None)
 
 
 def build(cfg, dist, wall_start, launch: dict = None, resuming: bool = False) -> Run:

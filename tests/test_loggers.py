@@ -74,6 +74,34 @@ def test_tensorboard_tags_steps_values_and_config(tmp_path):
     assert written == {**CONFIG, 'data': {'path': str(REPO)}}  # not JSON: written as str
 
 
+def test_a_close_that_fails_while_an_error_ends_the_run_warns_instead_of_replacing_it(
+        tmp_path, capsys):
+    """The trainer closes its live logs as a run ends, an error or not; the close failing too (a
+    folder gone read-only) replaced the error that ended the run. Quiet, it is a warning; else it
+    is raised, and the W&B run is finished either way."""
+    class Failing:
+        def close(self):
+            raise OSError(30, 'Read-only file system')
+
+    class Run:
+        finished = False
+
+        def finish(self):
+            Run.finished = True
+    for quiet in (True, False):
+        log = LiveLog(tmp_path, tensorboard=False, config={})
+        log._writer, log._wandb_run, Run.finished = Failing(), Run(), False
+        if quiet:
+            log.close(quiet=True)
+            assert '=> warning: closing the TensorBoard or W&B log failed too (OSError: [Errno ' \
+                '30] Read-only file system)' in capsys.readouterr().err
+        else:
+            with pytest.raises(OSError, match='Read-only'):
+                log.close()
+        assert Run.finished
+        log.close()  # once closed, nothing more
+
+
 def test_resume_purges_the_iterations_after_the_checkpoint(tmp_path):
     """A log resumed at iteration 15 hides what the first start logged from step 15 on (step 20)
     in every tag, keeps step 10, adds no second config text; val/ points (step = epoch, below 15)
