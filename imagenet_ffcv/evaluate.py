@@ -3,6 +3,7 @@ top-1 and the target), and eval-only (``training.eval_only=1``): the top-1/top-5
 on a val .beton."""
 import json
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -109,6 +110,26 @@ def validated_otherwise(cfg, saved_config: dict) -> str:
     return ' '.join(f'{key}={value}' for key, value in run.items() if now[key] != value)
 
 
+def _save_best_weights(run) -> None:
+    """Rank 0: the model's weights as the run's best (``checkpoint.keep_best``)."""
+    run.run_dir.check_lock()
+    weights.save_final_weights(models.unwrapped_state_dict(run.model_without_ddp),
+                               run.run_dir.best_weights, config=run.resolved,
+                               classes=run.classes)
+
+
+def _log_pending(run, epoch: int, val: dict) -> None:
+    """Rank 0: the validation of ``epoch`` done on resume (:func:`validate_pending`) added to its
+    log.jsonl record, the plot, the live logs and the console."""
+    run.run_dir.amend_log(epoch, val)
+    metrics.plot_log(run.run_dir.log, run.run_dir.plot)
+    # W&B holds the stopped process's row at the epoch's last step, and takes no step twice
+    run.live_log.epoch_scalars(epoch, val, step=run.global_step(epoch + 1, 0) + 1)
+    print(f'epoch {epoch}: top-1 {val["top_1"]:.4f}' + (
+        f' (EMA {val["top_1_ema"]:.4f})' if 'top_1_ema' in val else '')
+        + ' (its validation, stopped by a signal, done on resume)', flush=True)
+
+
 def end_of_epoch_eval(run, epoch: int, stop_requested=None) -> dict:
     """Validation of a training run (``train.Run``) after ``epoch``: after every epoch with
     ``logging.log_level`` >= 1 (ffcv-imagenet's name for it) or a top-1 target, else after the
@@ -129,11 +150,8 @@ def end_of_epoch_eval(run, epoch: int, stop_requested=None) -> dict:
     run.final_val = val
     if progress.best_top1 is None or val['top_1'] > progress.best_top1:
         progress.best_top1, progress.best_epoch = val['top_1'], epoch
-        if cfg.checkpoint.keep_best and run.run_dir:
-            run.run_dir.check_lock()
-            weights.save_final_weights(
-                models.unwrapped_state_dict(run.model_without_ddp), run.run_dir.best_weights,
-                config=run.resolved, classes=run.classes)
+        if cfg.checkpoint.keep_best:  # rank 0 writes; its failure is raised on every rank
+            distributed.on_rank_0(partial(_save_best_weights, run))
     if target > 0 and val['top_1'] >= target and not progress.reached:
         progress.reached = dict(epoch=epoch, time_to_target_s=time.perf_counter() - run.wall_start)
     if (progress.reached or last) and cfg.validation.ten_crop:
@@ -157,14 +175,8 @@ def validate_pending(run, stop_requested, save_checkpoint) -> bool:
     val = end_of_epoch_eval(run, epoch, stop_requested)
     if val.get('stopped'):
         return False
-    if val and run.dist.is_primary:
-        run.run_dir.amend_log(epoch, val)
-        metrics.plot_log(run.run_dir.log, run.run_dir.plot)
-        # W&B holds the stopped process's row at the epoch's last step, and takes no step twice
-        run.live_log.epoch_scalars(epoch, val, step=run.global_step(epoch + 1, 0) + 1)
-        print(f'epoch {epoch}: top-1 {val["top_1"]:.4f}' + (
-            f' (EMA {val["top_1_ema"]:.4f})' if 'top_1_ema' in val else '')
-            + ' (its validation, stopped by a signal, done on resume)', flush=True)
+    if val:  # rank 0 logs; its failure is raised on every rank
+        distributed.on_rank_0(partial(_log_pending, run, epoch, val))
     run.progress.val_pending = False
     save_checkpoint(run, epoch + 1, 0)
     return True

@@ -78,8 +78,8 @@ class StopRequest:
         if self.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signum = signum
-        print(f'\n=> {signal.Signals(signum).name} received: finishing this step, then writing a '
-              'checkpoint (after the last epoch: the final weights)'
+        print(f'\n=> {signal.Signals(signum).name} received: finishing this step, then stopping '
+              'with a checkpoint to resume from (after the last epoch: with the final weights)'
               + (' (Ctrl-C again to abandon)' if signum == signal.SIGINT else ''), flush=True)
 
     def __bool__(self):

@@ -94,7 +94,7 @@ def prefix_note(prefix: str, left_out: list, path=None) -> str:
     where = f' in {path}' if path else ''
     if not prefix:
         return ''
-    if not left_out:
+    if not left_out:  # (a PyTorch Lightning checkpoint's 'model.', say)
         return f'{prefix!r} removed from the start of every key{where}'
     return (f'the keys under {prefix!r}{where} taken, that prefix removed; {len(left_out)} other '
             f'key(s) left out: {first_few(left_out)}')

@@ -2,6 +2,7 @@
 weights files all come through :func:`safe_torch_load`, which tells a file that would run code, a
 damaged or partial one and one that is no torch file at all apart, naming the file."""
 import argparse
+import os
 import pickle
 import pickletools
 import re
@@ -104,18 +105,22 @@ def _legacy_damaged(path, detail: str) -> str:
 
 
 def _pickles_cut_short(path) -> bool:
-    """Whether the legacy-format file ``path`` ends inside its first four pickles (its magic
-    number, protocol, system info, then the object: ``torch.serialization``'s legacy layout),
+    """Whether the legacy-format file ``path`` ends inside one of its first four pickles (its
+    magic number, protocol, system info, then the object: ``torch.serialization``'s legacy
+    layout; a plain ``pickle.dump`` file holds one),
     read opcode by opcode (``pickletools.genops``: nothing is built or run). Cut short inside a
     global's name, a file's refusal named a part of it (``collections.Or``) as a global that
     would run code."""
     with open(path, 'rb') as f:
-        try:
-            for _ in range(4):
+        size = os.fstat(f.fileno()).st_size
+        for _ in range(4):
+            if f.tell() >= size:  # it ends between two (a plain pickle.dump file: one)
+                return False
+            try:
                 for _ in pickletools.genops(f):
                     pass
-        except Exception:  # noqa: BLE001 (ValueError: the data ran out; others alike)
-            return True
+            except Exception:  # noqa: BLE001 (ValueError: the data ran out; others alike)
+                return True
     return False
 
 

@@ -231,10 +231,14 @@ def open_run_dir(run: Run, resume_path, loaded_ns: int = None) -> RunDir:
 
 
 def save_checkpoint(run: Run, epoch: int, iteration: int, so_far: dict = None) -> None:
-    """Rank 0 writes where the run stands (``iteration``, ``so_far`` of ``epoch``), all RNGs too."""
+    """Rank 0 writes where the run stands (``iteration``, ``so_far`` of ``epoch``), all RNGs too;
+    what it raises is raised on every rank (``distributed.on_rank_0``)."""
     rng = distributed.all_gather_object(checkpoint.rng_state())
-    if not run.dist.is_primary:
-        return
+    distributed.on_rank_0(partial(_write_checkpoint, run, epoch, iteration, so_far, rng))
+
+
+def _write_checkpoint(run: Run, epoch: int, iteration: int, so_far: dict, rng: list) -> None:
+    """Rank 0's part of :func:`save_checkpoint`."""
     state = checkpoint.training_state(
         model_state=models.unwrapped_state_dict(run.model), optimizer=run.optimizer, epoch=epoch,
         iteration=iteration, config=run.resolved, classes=run.classes,
@@ -293,7 +297,8 @@ def fit(run: Run, stop) -> bool:
         stopped = (lambda: True) if stats['stopped'] else stop.__bool__  # (agreed; this rank)
         val = end_of_epoch_eval(run, epoch, stopped)  # a signal stops it at a batch
         progress.val_pending = bool(val.pop('stopped', False))  # then the resume validates
-        log_epoch(run, epoch, res, stats, {} if progress.val_pending else val)
+        distributed.on_rank_0(partial(log_epoch, run, epoch, res, stats,
+                                      {} if progress.val_pending else val))
         save_checkpoint(run, epoch + 1, 0)
         if progress.reached and not progress.val_pending:
             stop.agree(run.dist.device)
@@ -309,8 +314,6 @@ def fit(run: Run, stop) -> bool:
 
 def log_epoch(run: Run, epoch: int, res: int, stats: dict, val: dict) -> None:
     """Rank 0: the epoch's record in log.jsonl, and its line on the console."""
-    if not run.dist.is_primary:
-        return
     images = stats['images'] * run.dist.world_size
     record = {'epoch': epoch, 'train_loss': stats['train_loss'], **val, 'lr': stats['lr'],
               'res': res, 'epoch_time_s': stats['seconds'],
@@ -325,12 +328,14 @@ def log_epoch(run: Run, epoch: int, res: int, stats: dict, val: dict) -> None:
           f'{record["train_img_per_s"]:.0f} img/s, {stats["seconds"]:.1f} s', flush=True)
 
 
-def stopped_summary(run: Run, stop) -> dict:
-    """The summary of a run stopped by a signal, its checkpoint written."""
+def stopped_summary(run: Run, stop, written: bool = True) -> dict:
+    """The summary of a run stopped by a signal, its checkpoint ``written`` (else left as it
+    was: a run resumed after its last epoch, stopped as it validated that epoch again)."""
     run_dir = run.run_dir
     if run_dir:
-        print(f'=> stopped by {stop.name}: checkpoint {run_dir.checkpoint} written; continue with '
-              f'--resume auto (or --resume {run_dir.checkpoint})', flush=True)
+        print(f'=> stopped by {stop.name}: checkpoint {run_dir.checkpoint} ' + (
+            'written' if written else 'as it was (before the final weights)') + '; continue '
+            f'with --resume auto (or --resume {run_dir.checkpoint})', flush=True)
     return {'run_dir': str(run_dir.path) if run_dir else None, 'stopped': True,
             'exit_code': stop.exit_code}
 
@@ -348,7 +353,7 @@ def summarize(run: Run, stop) -> dict:
         val = end_of_epoch_eval(run, reached.get('epoch', cfg.training.epochs - 1), stop.__bool__)
         if val.get('stopped'):
             stop.agree(run.dist.device)
-            return stopped_summary(run, stop)
+            return stopped_summary(run, stop, written=False)
     summary = {'run_dir': str(run.run_dir.path) if run.run_dir else None, 'arch': cfg.model.arch,
                'epochs': reached.get('epoch', cfg.training.epochs - 1) + 1, **run.final_val,
                'flip_tta': bool(cfg.validation.lr_tta), 'val_res': cfg.validation.resolution,

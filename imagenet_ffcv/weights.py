@@ -280,7 +280,8 @@ def load_model(path, *, num_classes: int = None, beton=None, arch: str = None,
     if problems:
         raise CheckpointError(f'{path}: the weights do not fit {structure["arch"]}' + (
                               '' if headless else f' with {num_classes} classes') +
-                              f': {problems}' + ('' if saved_config else
+                              f': {problems}' + (f' ({prefix_note(prefix, left_out)})' if prefix
+                                                 else '') + ('' if saved_config else
                               f' ({structure["arch"]} assumed: no config is saved with the '
                               f'weights; name their arch: predict --arch, eval-only '
                               f'--{ARCH_KEY}' + fit_advice(state, structure['arch']) + ')'))
@@ -290,8 +291,7 @@ def load_model(path, *, num_classes: int = None, beton=None, arch: str = None,
     unchecked = beton and not classes and head and not in_ilsvrc_order(class_list_path(beton))
     note = '\n'.join(filter(None, (
         note, subset and subset[2],
-        prefix and (f'note: {prefix_note(prefix, left_out, path)} (a PyTorch Lightning '
-                    f'checkpoint\'s, say)'),
+        prefix and f'note: {prefix_note(prefix, left_out, path)}',
         unchecked and (f'note: no class list is saved with {path}: its classifier\'s '
                        f'{num_classes} outputs are taken as the classes of {beton}, in their '
                        f'order'))))

@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import pickle
 import re
 import shlex
 import signal
@@ -93,6 +94,12 @@ def test_a_file_whose_bytes_changed_or_of_the_legacy_format_cut_short_is_called_
     with pytest.raises(checkpoint.CheckpointError, match=r'damaged.pt: cannot read the checkpoint '
                                                          r'\(RuntimeError: .*encrypted'):
         checkpoint.load(damaged)
+    plain = tmp_path / 'plain.pt'  # a plain pickle.dump file: one pickle, not torch's four
+    plain.write_bytes(pickle.dumps({'args': argparse.ArgumentError(None, 'x')}, protocol=2))
+    with pytest.raises(checkpoint.CheckpointError, match=r'plain.pt: refused: the weights file '
+                                                         r'holds Python objects \(such as '
+                                                         r'argparse.ArgumentError\)'):
+        weights.load_weights(plain)
     legacy = tmp_path / 'legacy.pt'
     for builtin in (frozenset([1]), range(3)):  # intact, refused as such, not called damaged
         torch.save({'w': torch.ones(2), 'x': builtin}, legacy, _use_new_zipfile_serialization=False)
@@ -293,8 +300,9 @@ def test_ctrl_c_sets_the_stop_flag_and_a_second_one_abandons_at_once(capsys):
     with signals.StopRequest() as stop:
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.exit_code == 143
-    assert capsys.readouterr().out == ('\n=> SIGTERM received: finishing this step, then writing '
-                                       'a checkpoint (after the last epoch: the final weights)\n')
+    assert capsys.readouterr().out == ('\n=> SIGTERM received: finishing this step, then stopping '
+                                       'with a checkpoint to resume from (after the last epoch: '
+                                       'with the final weights)\n')
 
 
 def test_ctrl_c_outside_the_runs_handling_ends_the_trainer_in_one_line(monkeypatch, capsys):
@@ -895,20 +903,27 @@ def test_a_lightning_checkpoint_loads_and_keys_that_do_not_fit_are_named_first(t
                                beton=tmp_path / 'val.beton')
     assert all(torch.equal(saved.model.state_dict()[k], v) for k, v in model.state_dict().items())
     assert saved.note == (
-        f"note: 'model.' removed from the start of every key in {lightning} (a PyTorch Lightning "
-        f"checkpoint's, say)\nnote: no class list is saved with {lightning}: its classifier's 3 "
+        f"note: 'model.' removed from the start of every key in {lightning}\nnote: no class list is saved with {lightning}: its classifier's 3 "
         f"outputs are taken as the classes of {tmp_path / 'val.beton'}, in their order")
     with pytest.raises(FileNotFoundError, match='no class list for .*l.ckpt: none saved with it'):
         weights.load_model(lightning, arch='resnet18')  # 3 outputs: whose classes?
-    # a LightningModule with a loss's buffer beside its network: refused as another architecture
+    # a LightningModule with a loss's buffer beside its network (it was refused as another
+    # architecture)
     with_loss = tmp_path / 'loss.ckpt'
     torch.save({'state_dict': {**{f'model.{k}': v for k, v in model.state_dict().items()},
                                'criterion.weight': torch.ones(3)}}, with_loss)
     saved = weights.load_model(with_loss, arch='resnet18', num_classes=3)
     assert all(torch.equal(saved.model.state_dict()[k], v) for k, v in model.state_dict().items())
     assert saved.note == (f"note: the keys under 'model.' in {with_loss} taken, that prefix "
-                          "removed; 1 other key(s) left out: criterion.weight (a PyTorch "
-                          "Lightning checkpoint's, say)")
+                          "removed; 1 other key(s) left out: criterion.weight")
+    # a segmentation model's backbone (torchvision's fcn_resnet50: 'backbone.' and 'classifier.'):
+    # refused for want of a classifier, naming the prefix removed (it named the keys alone)
+    torch.save({**{f'backbone.{k}': v for k, v in model.state_dict().items()
+                   if not k.startswith('fc.')}, 'classifier.0.weight': torch.ones(3)}, with_loss)
+    with pytest.raises(checkpoint.CheckpointError, match=r"missing \['fc.bias', 'fc.weight'\], "
+                       r"unexpected none, other shapes none \(the keys under 'backbone.' taken, "
+                       r"that prefix removed; 1 other key\(s\) left out: classifier.0.weight\)"):
+        weights.load_model(with_loss, arch='resnet18', num_classes=3)
     # two networks whose keys both fit (a model and its EMA): not chosen between
     torch.save({**{f'model.{k}': v for k, v in model.state_dict().items()},
                 **{f'ema_model.{k}': v for k, v in model.state_dict().items()}}, with_loss)

@@ -17,11 +17,10 @@ from conftest import REPO, free_port, run_env
 pytestmark = pytest.mark.slow
 
 
-def trainer_args(betons, out, *extra, signal_at=None, pause_at=None, full_disk_at_the_end=False):
+def trainer_args(betons, out, *extra, signal_at=None, pause_at=None, full_disk_in=None):
     """tests/torchrun_main.py's arguments; ``signal_at``: its ``NAME:EPOCH:STEP:RANK``,
-    ``pause_at``: its ``SECONDS:EPOCH:STEP:RANK``; ``full_disk_at_the_end``: its
-    ``--full-disk-at-the-end``."""
-    actions = (['--full-disk-at-the-end'] if full_disk_at_the_end else []) + (
+    ``pause_at``: its ``SECONDS:EPOCH:STEP:RANK``; ``full_disk_in``: its ``--full-disk-in``."""
+    actions = ([f'--full-disk-in={full_disk_in}'] if full_disk_in else []) + (
         [f'--send-signal={signal_at}'] if signal_at else []) + (
         [f'--pause={pause_at}'] if pause_at else [])
     return ['tests/torchrun_main.py', str(out), *actions,
@@ -164,17 +163,17 @@ def test_what_fails_on_rank_0_alone_is_raised_on_every_rank(tmp_path):
                                                                                   'rank 1'}
 
 
-def test_a_full_disk_as_rank_0_writes_the_final_weights_fails_every_rank_at_once(sample_betons,
-                                                                                 tmp_path):
-    """Rank 0 alone writes the finished run's results and final weights; the ranks then agree on
-    a signal that came meanwhile (a collective). A full disk there ended rank 0, and rank 1 failed
-    in that collective with 'Connection closed by peer' (with NCCL it would wait for the
-    timeout): each rank now names rank 0's error."""
+@pytest.mark.parametrize('writing', ['_write_checkpoint', 'write_results'])
+def test_a_full_disk_as_rank_0_writes_fails_every_rank_at_once(sample_betons, tmp_path, writing):
+    """Rank 0 alone writes a checkpoint, and the finished run's results and final weights; the
+    ranks then agree on a signal that came meanwhile (a collective). A full disk there ended rank
+    0, and rank 1 failed in that collective with 'Connection closed by peer' (with NCCL it would
+    wait for the timeout): each rank now names rank 0's error."""
     start = time.time()
     proc = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
                            f'--master_port={free_port()}',
                            *trainer_args(sample_betons, tmp_path, '--training.epochs=1',
-                                         '--dist.timeout_s=120', full_disk_at_the_end=True)],
+                                         '--dist.timeout_s=120', full_disk_in=writing)],
                           cwd=REPO, env=torchrun_env(tmp_path), capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode != 0 and time.time() - start < 120

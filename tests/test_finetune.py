@@ -284,7 +284,7 @@ def test_a_checkpoint_with_parts_missing_or_of_another_format_is_one_error(tmp_p
         assert torch.equal(model.fc.weight, state['fc.weight'])
 
 
-def test_weights_whose_own_class_list_and_classifier_differ_are_called_damaged(tmp_path):
+def test_weights_whose_own_class_list_and_classifier_differ_are_refused_saying_so(tmp_path):
     """A file saving 5 classes beside a classifier of 10 outputs, read with no class list given:
     the error blamed 'the class list given', which the user had not given."""
     model = build_model(arch='resnet18', num_classes=10, use_blurpool=False, channels_last=False)

@@ -335,7 +335,7 @@ def test_a_signal_as_the_finished_run_writes_its_final_weights_lets_it_finish(
 
 
 def test_a_signal_during_the_validation_of_a_run_resumed_after_its_last_epoch_stops_it(
-        sample_betons, tmp_path, monkeypatch):
+        sample_betons, tmp_path, monkeypatch, capsys):
     """A run stopped after its last checkpoint, before its final weights, validates again when
     resumed: a signal then stops that validation at its next batch (it ran to its end, 10-crop
     too, outlasting a grace time such as SLURM's), the run ending as stopped, exit 143, without
@@ -351,9 +351,14 @@ def test_a_signal_during_the_validation_of_a_run_resumed_after_its_last_epoch_st
     [run_dir] = [p for p in tmp_path.iterdir() if p.is_dir()]
     signal_as_it_starts(monkeypatch, evaluate, 'validate_with_ema')
     resume = ('--training.epochs=1', f'--resume={run_dir}')
+    before = (run_dir / 'checkpoint.pt').stat().st_mtime_ns
+    capsys.readouterr()
     summary = train.main(small_config(sample_betons, tmp_path, *resume))
     assert summary['stopped'] and summary['exit_code'] == 143
     assert not (run_dir / 'final_weights.pt').exists()
+    assert (run_dir / 'checkpoint.pt').stat().st_mtime_ns == before  # and it says so
+    assert (f"=> stopped by SIGTERM: checkpoint {run_dir / 'checkpoint.pt'} as it was (before "
+            'the final weights); continue') in capsys.readouterr().out
     finished = train.main(small_config(sample_betons, tmp_path, *resume))
     assert 'top_1' in finished and (run_dir / 'final_weights.pt').exists()
 

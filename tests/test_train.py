@@ -77,7 +77,7 @@ def test_live_logs_that_fail_to_close_leave_the_run_folder_unlocked(sample_beton
     that a later --resume on another host was refused)."""
     from imagenet_ffcv import loggers
 
-    def close_fails(self):
+    def close_fails(self, quiet=False):
         raise RuntimeError('wandb.finish failed')
     monkeypatch.setattr(loggers.LiveLog, 'close', close_fails)
     with pytest.raises(RuntimeError, match='wandb.finish failed'):

@@ -3,7 +3,7 @@ that stop or kill a run: writes this rank's process id to OUT_DIR/pid<RANK> when
 summary (weights hash, val count, top-1, a draw of torch's generator after the run) to
 OUT_DIR/rank<RANK>.json at the end, and exits with the run's exit code.
 
-    python tests/torchrun_main.py OUT_DIR [--full-disk-at-the-end]
+    python tests/torchrun_main.py OUT_DIR [--full-disk-in=FUNCTION]
         [--send-signal=NAME:EPOCH:STEP:RANK] [--pause=SECONDS:EPOCH:STEP:RANK] --section.key=...
     torchrun --nproc_per_node=2 tests/torchrun_main.py OUT_DIR ...
 
@@ -15,8 +15,9 @@ where the run was when the signal arrived, rather than guessing it from the time
 while another rank dies), until SECONDS have passed or SIGTERM (torchrun stopping it) has come, on
 which it exits at once with 128 + 15. With both, the signal waits until every rank named by
 ``--pause`` is in its pause (OUT_DIR/paused<RANK>), so that none of them is still in a collective
-of the step before. ``--full-disk-at-the-end``: rank 0's writing of the finished run's results
-and final weights (``train.write_results``) fails as a full disk makes it fail.
+of the step before. ``--full-disk-in=write_results``: rank 0's writing of the finished run's
+results and final weights (``train.write_results``; or of a checkpoint, ``_write_checkpoint``)
+fails as a full disk makes it fail.
 """
 import errno
 import json
@@ -74,12 +75,10 @@ if __name__ == '__main__':
     first_start = not (out_dir / f'pid{rank}').exists()
     (out_dir / f'pid{rank}').write_text(str(os.getpid()))
     actions = []
-    if args and args[0] == '--full-disk-at-the-end':
-        args.pop(0)
-
+    if args and args[0].startswith('--full-disk-in='):
         def full_disk(*_):
             raise OSError(errno.ENOSPC, 'No space left on device')
-        train.write_results = full_disk
+        setattr(train, args.pop(0).split('=', 1)[1], full_disk)
     while args and args[0].startswith(('--send-signal=', '--pause=')):
         option, value = args.pop(0).split('=', 1)
         actions.append((option, *value.split(':')))
