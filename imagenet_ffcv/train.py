@@ -104,6 +104,7 @@ def train(cfg, dist, wall_start) -> dict:
                                 say=dist.is_primary):
         return {'run_dir': str(resume_path.parent), 'finished_before': True}
     run.run_dir = distributed.on_rank_0(partial(open_run_dir, run, resume_path, loaded_ns))
+    failed = True  # until the run ends without an error: a close that fails then is not told
     try:  # the lock is given back however this ends (W&B failing to start or finish too)
         distributed.check_every_rank_sees(run.run_dir.params if run.run_dir else None)
         run.live_log = distributed.on_rank_0(lambda: LiveLog(
@@ -113,12 +114,13 @@ def train(cfg, dist, wall_start) -> dict:
         with StopRequest() as stop:  # until the final weights: a signal after the last epoch
             finished = fit(run, stop)  # lets the run finish (it killed it at once)
             summary = summarize(run, stop) if finished else stopped_summary(run, stop)
+        failed = False
         return {**summary, 'exit_code': stop.exit_code} if stop else summary
     finally:
         if run.run_dir:
             run.run_dir.unlock()
-        if run.live_log:  # quiet while an error ends the run: that error is the one told
-            run.live_log.close(quiet=sys.exc_info()[1] is not None)
+        if run.live_log:  # in place of the error that ends the run, which is the one told
+            run.live_log.close(quiet=failed)
 
 
 def build(cfg, dist, wall_start, launch: dict = None, resuming: bool = False) -> Run:
@@ -328,14 +330,12 @@ def log_epoch(run: Run, epoch: int, res: int, stats: dict, val: dict) -> None:
           f'{record["train_img_per_s"]:.0f} img/s, {stats["seconds"]:.1f} s', flush=True)
 
 
-def stopped_summary(run: Run, stop, written: bool = True) -> dict:
-    """The summary of a run stopped by a signal, its checkpoint ``written`` (else left as it
-    was: a run resumed after its last epoch, stopped as it validated that epoch again)."""
+def stopped_summary(run: Run, stop) -> dict:
+    """The summary of a run stopped by a signal; its checkpoint (as it stands) is where it resumes."""
     run_dir = run.run_dir
     if run_dir:
-        print(f'=> stopped by {stop.name}: checkpoint {run_dir.checkpoint} ' + (
-            'written' if written else 'as it was (before the final weights)') + '; continue '
-            f'with --resume auto (or --resume {run_dir.checkpoint})', flush=True)
+        print(f'=> stopped by {stop.name}: it resumes from {run_dir.checkpoint}; continue with '
+              f'--resume auto (or --resume {run_dir.checkpoint})', flush=True)
     return {'run_dir': str(run_dir.path) if run_dir else None, 'stopped': True,
             'exit_code': stop.exit_code}
 
@@ -353,7 +353,7 @@ def summarize(run: Run, stop) -> dict:
         val = end_of_epoch_eval(run, reached.get('epoch', cfg.training.epochs - 1), stop.__bool__)
         if val.get('stopped'):
             stop.agree(run.dist.device)
-            return stopped_summary(run, stop, written=False)
+            return stopped_summary(run, stop)
     summary = {'run_dir': str(run.run_dir.path) if run.run_dir else None, 'arch': cfg.model.arch,
                'epochs': reached.get('epoch', cfg.training.epochs - 1) + 1, **run.final_val,
                'flip_tta': bool(cfg.validation.lr_tta), 'val_res': cfg.validation.resolution,

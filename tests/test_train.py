@@ -74,16 +74,30 @@ def test_live_logs_that_fail_to_close_leave_the_run_folder_unlocked(sample_beton
                                                                     monkeypatch):
     """W&B or TensorBoard failing as the live logs close (W&B's finish with the network gone):
     the error comes out, and the run folder's lock was given back before (it was left behind, so
-    that a later --resume on another host was refused)."""
+    that a later --resume on another host was refused); also when train.main is called while
+    its caller handles another exception (sys.exc_info() took that for the run's end). When an
+    error ends the run, the close is quiet, so that error is the one raised."""
     from imagenet_ffcv import loggers
 
     def close_fails(self, quiet=False):
-        raise RuntimeError('wandb.finish failed')
+        if not quiet:
+            raise RuntimeError('wandb.finish failed')
     monkeypatch.setattr(loggers.LiveLog, 'close', close_fails)
     with pytest.raises(RuntimeError, match='wandb.finish failed'):
-        train.cli(small_args(sample_betons, tmp_path, '--training.epochs=1'))
-    [run_dir] = [p for p in tmp_path.iterdir() if p.is_dir()]
+        train.cli(small_args(sample_betons, tmp_path / 'a', '--training.epochs=1'))
+    [run_dir] = [p for p in (tmp_path / 'a').iterdir() if p.is_dir()]
     assert (run_dir / 'final_weights.pt').exists() and not (run_dir / 'lock').exists()
+    try:
+        raise ValueError('handled by the caller')
+    except ValueError:
+        with pytest.raises(RuntimeError, match='wandb.finish failed'):
+            train.main(small_config(sample_betons, tmp_path / 'b', '--training.epochs=1'))
+
+    def full_disk(*args):
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(train, 'write_results', full_disk)
+    with pytest.raises(OSError, match='No space left'):
+        train.main(small_config(sample_betons, tmp_path / 'c', '--training.epochs=1'))
 
 
 def test_train_and_val_betons_from_different_class_lists_are_refused(sample_betons, tmp_path):
