@@ -95,7 +95,8 @@ def _ema_note(given, path, content) -> str:
     if held == ['ema']:  # this tool's checkpoint
         written = RunDir(path.parent).final_weights_ema
         return (f'note: {path} also holds EMA weights; the plain weights are used (' + (
-            f'the run\'s final EMA weights, after its last epoch, are {written})'
+            f'the run\'s final EMA weights, after its last epoch, are {written}: give that file '
+            'to use them)'
             if written.is_file() else f'the run writes its EMA weights as {written.name} when '
             'it finishes)'))
     save = (f'import argparse, torch; torch.serialization.add_safe_globals([argparse.Namespace]); '

@@ -859,7 +859,8 @@ def test_weights_are_read_by_content_and_a_file_that_only_lies_in_a_run_folder_i
     (run / 'final_weights_ema.pt').write_bytes(b'')  # it has finished: they are there
     assert weights.load_weights(run / 'checkpoint.pt').note == (
         f"note: {run / 'checkpoint.pt'} also holds EMA weights; the plain weights are used (the "
-        f"run's final EMA weights, after its last epoch, are {run / 'final_weights_ema.pt'})")
+        f"run's final EMA weights, after its last epoch, are {run / 'final_weights_ema.pt'}: give "
+        "that file to use them)")
     (tmp_path / 'empty.pt').write_bytes(b'')
     with pytest.raises(checkpoint.CheckpointError, match=r'empty.pt: not a PyTorch file \(it is '
                                                          r'empty, 0 bytes, not as torch.save'):
