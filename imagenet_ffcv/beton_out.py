@@ -17,7 +17,6 @@ class BetonWriteError(ImagenetFfcvError, OSError):
     ``errno`` is the system's, the message names the file or folder and what to do."""
 
 
-
 def skipped_report_path(beton_path) -> Path:
     """Where skipped files are listed: ``train_256.beton`` -> ``train_256.skipped.tsv``
     (``files.beside_beton``)."""

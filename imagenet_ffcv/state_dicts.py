@@ -1,6 +1,7 @@
 """State dicts of other tools made torchvision's (DistributedDataParallel's and torch.compile's
 key prefixes, ffcv-imagenet's BlurPool layout, an EMA's count), and what keeps one from loading
 into a model: the key rules ``weights`` applies to every file it reads."""
+import collections
 import functools
 
 import torchvision
@@ -44,8 +45,8 @@ def _unblurred(state: dict) -> dict:
 
 def mismatch(state: dict, own: dict, ignore=frozenset()) -> str:
     """What keeps the state dict ``state`` from loading into a model whose state dict is ``own``,
-    the keys in ``ignore`` aside: ``'missing [...], unexpected [...], other shapes [...]'`` (the first
-    5 keys of each, :func:`_keys`), or '' when every key is there with its shape."""
+    the keys in ``ignore`` aside: ``'missing [...], unexpected [...], other shapes [...]'`` (the
+    first 5 keys of each, :func:`_keys`), or '' when every key is there with its shape."""
     missing = sorted(k for k in own.keys() - state.keys() - ignore  # older files lack BN's count:
                      if not k.endswith('.num_batches_tracked'))  # load_state_dict sets it to 0
     extra = sorted(state.keys() - own.keys() - ignore)
@@ -66,21 +67,19 @@ def _keys(keys: list) -> str:
 
 def without_prefix(state: dict, own: dict, ignore=frozenset()) -> tuple:
     """``(state, prefix, left_out)``: when ``state`` does not fit ``own`` (:func:`mismatch` with
-    ``ignore``, e.g. the classifier's keys), the keys under a dotted prefix with it removed, if
-    they fit: the prefix every key shares (``model.`` of a PyTorch Lightning checkpoint, whose
-    LightningModule holds the network as ``self.model``; ``net.``, ``backbone.``), else the one
-    prefix of some keys whose keys fit (a LightningModule's loss or metric buffers beside its
-    network, ``criterion.weight``: refused before), the others ``left_out`` (sorted; two such
-    prefixes, ``model.`` and ``ema_model.``, are not chosen between). Else ``(state, '', [])``,
-    so a file that does not fit is told by its own keys. :func:`prefix_note` says what was done."""
-    if mismatch(state, own, ignore):
-        for prefix in _prefixes(state):  # 'model.encoder.' too long: 'model.'
-            stripped = _stripped(state, prefix)
-            if not mismatch(stripped, own, ignore):
-                return stripped, prefix, []
-        fitting = [prefix for prefix in {key[:i + 1] for key in state
-                                         for i, c in enumerate(key) if c == '.'}
-                   if not mismatch(_stripped(state, prefix), own, ignore)]
+    ``ignore``, e.g. the classifier's keys), the keys under the one dotted prefix whose keys fit,
+    with it removed: one every key shares (``model.`` of a PyTorch Lightning checkpoint, whose
+    LightningModule holds the network as ``self.model``; ``net.``, ``backbone.``), or one of some
+    keys (a LightningModule's loss or metric buffers beside its network, ``criterion.weight``:
+    refused before), the others ``left_out`` (sorted; two such prefixes, ``model.`` and
+    ``ema_model.``, are not chosen between). Else ``(state, '', [])``, so a file that does not
+    fit is told by its own keys. :func:`prefix_note` says what was done."""
+    if mismatch(state, own, ignore):  # every dotted prefix of a key ('model.encoder.' too long)
+        under = collections.Counter(key[:i + 1] for key in state
+                                    for i, c in enumerate(key) if c == '.')
+        least = len([k for k in own.keys() - ignore if not k.endswith('.num_batches_tracked')])
+        fitting = [prefix for prefix, keys in under.items()  # (of too few keys: no fit)
+                   if keys >= least and not mismatch(_stripped(state, prefix), own, ignore)]
         if len(fitting) == 1:
             [prefix] = fitting
             return (_stripped(state, prefix), prefix,

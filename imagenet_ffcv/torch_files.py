@@ -107,10 +107,9 @@ def _legacy_damaged(path, detail: str) -> str:
 def _pickles_cut_short(path) -> bool:
     """Whether the legacy-format file ``path`` ends inside one of its first four pickles (its
     magic number, protocol, system info, then the object: ``torch.serialization``'s legacy
-    layout; a plain ``pickle.dump`` file holds one),
-    read opcode by opcode (``pickletools.genops``: nothing is built or run). Cut short inside a
-    global's name, a file's refusal named a part of it (``collections.Or``) as a global that
-    would run code."""
+    layout; a plain ``pickle.dump`` file holds one), read opcode by opcode
+    (``pickletools.genops``: nothing is built or run). Cut short inside a global's name, a
+    file's refusal named a part of it (``collections.Or``) as a global that would run code."""
     with open(path, 'rb') as f:
         size = os.fstat(f.fileno()).st_size
         for _ in range(4):

@@ -331,7 +331,7 @@ def log_epoch(run: Run, epoch: int, res: int, stats: dict, val: dict) -> None:
 
 
 def stopped_summary(run: Run, stop) -> dict:
-    """The summary of a run stopped by a signal; its checkpoint (as it stands) is where it resumes."""
+    """The summary of a run stopped by a signal; its checkpoint, as it stands, is its resume."""
     run_dir = run.run_dir
     if run_dir:
         print(f'=> stopped by {stop.name}: it resumes from {run_dir.checkpoint}; continue with '

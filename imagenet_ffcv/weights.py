@@ -268,7 +268,7 @@ def load_model(path, *, num_classes: int = None, beton=None, arch: str = None,
                                'of another tool, write one: a line "index<TAB>wnid" per class, '
                                'in label order)')
     classes = ilsvrc_classes() if ilsvrc else classes
-    asked = str(beton or ('the class list given' if num_classes else 'the class list saved'))
+    asked = str(beton) if beton else 'the class list given' if num_classes else None  # errors
     num_classes = num_classes or len(classes)
     model = build_model(arch=structure['arch'], num_classes=num_classes,
                         use_blurpool=bool(structure['use_blurpool']),
@@ -312,13 +312,14 @@ def _class_subset(path, state: dict, structure: dict, beton, saved, num_classes,
     ``structure`` (``build_model``'s keywords) for all those classes and the indices of the
     .beton's classes among its outputs, in the .beton's order, for ``models.ClassSubset``, and a
     note saying so. Raises CheckpointError naming both class counts (``num_classes``: the one
-    asked for, by ``asked``, named in the message; ``head``: the classifier's keys) otherwise:
-    a file whose own class list and classifier differ is called damaged."""
+    asked for, by ``asked``, named in the message: the .beton, 'the class list given', or None
+    for the class list that came with the weights; ``head``: the classifier's keys) otherwise,
+    saying so when that class list and the classifier differ."""
     listed = class_list_path(beton) if beton else None
     wnids = read_class_list(listed) if listed and listed.is_file() else []
     index = {wnid: i for i, (wnid, _) in enumerate(saved or ilsvrc_classes())}
     outputs = max(state[k].shape[0] for k in head)
-    if asked == 'the class list saved':
+    if asked is None:
         raise CheckpointError(f'{path}: its classifier has {outputs} outputs, but the class list '
                               f'that comes with it (saved in it, or the classes.tsv beside it) '
                               f'names {num_classes}: not the classes it was trained on; give '
